@@ -1,0 +1,54 @@
+"""Attention backend interface over a paged KV cache.
+
+KV cache layout, per layer: k_cache and v_cache of shape [num_blocks, block_size, num_kv_heads,
+head_dim]. A token's slot is block_id * block_size + offset. One head's vectors of a block are
+block_size rows of head_dim contiguous elements, so a kernel reads a block for all query heads of
+a KV group with unit-stride loads.
+
+A batch is flat: the new tokens of every sequence back to back (prefill chunks and decodes mixed).
+Sequence i owns query rows query_start_loc[i]:query_start_loc[i+1]; its context is seq_lens[i]
+tokens, the new ones last, so new token j sits at position seq_lens[i] - query_len + j.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    num_actual_tokens: int
+    slot_mapping: torch.Tensor      # [num_tokens] int64; -1 for padding (not written)
+    query_start_loc: torch.Tensor   # [num_seqs + 1] int32
+    seq_lens: torch.Tensor          # [num_seqs] int32
+    block_table: torch.Tensor       # [num_seqs, max_blocks_per_seq] int32
+    max_query_len: int
+    max_seq_len: int
+    # Host copies, for backends that loop on the host (the reference) and for launch sizing.
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+class AttentionBackend:
+    name = "base"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Write k/v of the new tokens into the cache, then attend causally. Returns [T, Hq, D]."""
+        raise NotImplementedError
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    if name == "torch_ref":
+        from sageinfer.attention.torch_ref import TorchRefBackend
+        return TorchRefBackend()
+    if name == "triton":
+        from sageinfer.attention.triton_backend import TritonBackend
+        return TritonBackend()
+    raise ValueError(f"attention backend must be 'torch_ref' or 'triton', got {name!r}")

@@ -1,0 +1,223 @@
+"""The engine: add_request / step / abort over the scheduler, the model runner and the detokenizer."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from sageinfer.config import EngineConfig, parse_dtype
+from sageinfer.engine.detokenizer import IncrementalDetokenizer
+from sageinfer.engine.request import Request
+from sageinfer.engine.scheduler import Scheduler
+from sageinfer.executor.model_runner import ModelRunner
+from sageinfer.kv_cache.manager import KVCacheManager
+from sageinfer.models.model_config import load_model_config
+from sageinfer.outputs import CompletionOutput, Logprob, RequestOutput
+from sageinfer.platforms import get_platform
+from sageinfer.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | dict
+
+
+@dataclass
+class _ParentRequest:
+    """A user request: its prompt and its n samples (children)."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+    detokenizers: list[IncrementalDetokenizer | None]
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+    num_prompt_tokens_computed: int
+    num_generated_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, show_progress: bool = True, attention_backend: str | None = None):
+        self.config = config
+        self.platform = get_platform(config.device)
+        self.model_config = load_model_config(config.model)
+        model_max_len = self.model_config.max_model_len
+        if self.model_config.sliding_window:  # no sliding-window attention yet: stay inside the window
+            model_max_len = min(model_max_len, self.model_config.sliding_window)
+        if config.max_model_len is not None and config.max_model_len > model_max_len:
+            raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the model's limit ({model_max_len})")
+        config.finalize(model_max_len)
+        torch.manual_seed(config.seed)
+        self.tokenizer = None if config.skip_tokenizer_init else _load_tokenizer(config.tokenizer)
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        dtype = parse_dtype(config.dtype, self.model_config.dtype)
+        self.runner = ModelRunner(config, self.model_config, self.platform, dtype, attention_backend, show_progress)
+        num_blocks = self.runner.determine_num_blocks()
+        capacity = (num_blocks - 1) * config.block_size
+        if capacity < config.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {max(capacity, 0)} tokens ({num_blocks} blocks of {config.block_size}), fewer "
+                f"than max_model_len ({config.max_model_len}): lower max_model_len or give the cache more memory")
+        self.runner.allocate_kv_cache(num_blocks)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks, config.block_size, capacity)
+        self.num_kv_blocks = num_blocks
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.kv_manager)
+        self.requests: dict[str, _ParentRequest] = {}
+        self.num_prompt_tokens_computed = 0
+        self.num_generated_tokens = 0
+
+    # ---- requests --------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer: pass {'prompt_token_ids': [...]} "
+                                 "when skip_tokenizer_init=True")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            vocab = self.model_config.vocab_size
+            if not isinstance(ids, (list, tuple)) or any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt_token_ids has ids outside [0, {vocab}): {bad[:5]}")
+            return prompt.get("prompt"), list(ids)
+        raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        prompt_text, prompt_ids = self.tokenize_prompt(prompt)
+        max_len = self.config.max_model_len
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) > max_len:
+            raise ValueError(f"the prompt is {len(prompt_ids)} tokens long, more than max_model_len ({max_len})")
+        children, detoks = [], []
+        for index in range(params.n):
+            child_params = params.clone_for_sample(index) if params.n > 1 else params
+            generator = None
+            if child_params.seed is not None:
+                generator = torch.Generator(device=self.runner.device).manual_seed(child_params.seed)
+            child = Request(f"{request_id}-{index}", request_id, index, prompt_ids, child_params,
+                            self.eos_token_ids, arrival_time, generator)
+            if index > 0:
+                child.leader = children[0]
+            children.append(child)
+            detoks.append(None if self.tokenizer is None else IncrementalDetokenizer(
+                self.tokenizer, prompt_ids, child_params.skip_special_tokens, child_params.stop,
+                child_params.include_stop_str_in_output))
+        self.requests[request_id] = _ParentRequest(request_id, prompt_text, prompt_ids, children, detoks)
+        for child in children:
+            self.scheduler.add_request(child)
+
+    def abort_request(self, request_id: str) -> None:
+        parent = self.requests.pop(request_id, None)
+        if parent is not None:
+            for child in parent.children:
+                self.scheduler.finish(child, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the loop --------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched.scheduled)
+        self.scheduler.update_after_step(sched)
+        self.num_prompt_tokens_computed += sum(
+            n for r, n in sched.scheduled if r.num_computed_tokens - n < r.num_prompt_tokens)
+        touched: dict[str, _ParentRequest] = {}
+        if result.sampler_output is not None:
+            out = result.sampler_output
+            token_ids = out.token_ids.tolist()  # the one device->host sync of the step
+            logprobs = out.logprobs.tolist() if out.logprobs is not None else None
+            lp_ids = out.logprob_token_ids.tolist() if out.logprob_token_ids is not None else None
+            ranks = out.sampled_ranks.tolist() if out.sampled_ranks is not None else None
+            for row, (request, token) in enumerate(zip(result.sampled_requests, token_ids)):
+                parent = self.requests[request.parent_id]
+                request.append_token(token)
+                self.num_generated_tokens += 1
+                if logprobs is not None and request.sampling_params.logprobs is not None:
+                    k = request.sampling_params.logprobs
+                    request.logprobs.append((lp_ids[row][:k + 1], logprobs[row][:k + 1], ranks[row]))
+                    request.cumulative_logprob += logprobs[row][0]
+                self._check_stop(request, parent.detokenizers[request.index], token)
+                touched[parent.request_id] = parent
+        return [self._make_output(p) for p in touched.values()]
+
+    def _check_stop(self, request: Request, detok: IncrementalDetokenizer | None, token: int) -> None:
+        params = request.sampling_params
+        past_min = request.num_output_tokens >= params.min_tokens
+        if past_min and not params.ignore_eos and token in request.eos_token_ids:
+            return self.scheduler.finish(request, "stop")
+        if past_min and token in params.all_stop_token_ids:
+            return self.scheduler.finish(request, "stop", token)
+        if detok is not None:
+            stop_str = detok.add_token(token, check_stop=past_min)
+            if stop_str is not None:
+                return self.scheduler.finish(request, "stop", stop_str)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.config.max_model_len
+        if request.num_output_tokens >= max_tokens or request.num_tokens >= self.config.max_model_len:
+            self.scheduler.finish(request, "length")
+
+    def _make_output(self, parent: _ParentRequest) -> RequestOutput:
+        outputs = []
+        for child, detok in zip(parent.children, parent.detokenizers):
+            outputs.append(CompletionOutput(
+                index=child.index, text=detok.text if detok is not None else "",
+                token_ids=list(child.output_token_ids),
+                cumulative_logprob=child.cumulative_logprob if child.sampling_params.logprobs is not None else None,
+                logprobs=self._logprobs(child, detok) if child.sampling_params.logprobs is not None else None,
+                finish_reason=child.finish_reason, stop_reason=child.stop_reason))
+        finished = all(c.is_finished for c in parent.children)
+        if finished:
+            self.requests.pop(parent.request_id, None)
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
+                             num_cached_tokens=parent.children[0].num_cached_tokens)
+
+    @staticmethod
+    def _logprobs(request: Request, detok: IncrementalDetokenizer | None) -> list[dict[int, Logprob]]:
+        result = []
+        for ids, values, sampled_rank in request.logprobs:
+            entry = {}
+            for j, (tid, lp) in enumerate(zip(ids, values)):
+                if tid in entry:
+                    continue
+                entry[tid] = Logprob(lp, sampled_rank if j == 0 else j,
+                                     detok.decode_token(tid) if detok is not None else None)
+            result.append(entry)
+        return result
+
+    def get_stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv_manager.pool.usage(), prefix_cache_hit_rate=self.kv_manager.prefix_hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_prompt_tokens_computed=self.num_prompt_tokens_computed,
+            num_generated_tokens=self.num_generated_tokens)
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not load a tokenizer from {path!r} ({exc}); "
+                         "pass skip_tokenizer_init=True to run on token ids") from exc

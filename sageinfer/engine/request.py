@@ -1,0 +1,70 @@
+"""One sequence's state in the engine (a request with n > 1 becomes n of these)."""
+from __future__ import annotations
+
+import enum
+import time
+
+import torch
+
+from sageinfer.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+class Request:
+    def __init__(self, request_id: str, parent_id: str, index: int, prompt_token_ids: list[int],
+                 sampling_params: SamplingParams, eos_token_ids: set[int], arrival_time: float | None = None,
+                 generator: torch.Generator | None = None):
+        self.request_id = request_id
+        self.parent_id = parent_id
+        self.index = index
+        self.prompt_token_ids = prompt_token_ids
+        self.sampling_params = sampling_params
+        self.eos_token_ids = eos_token_ids
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0      # prompt tokens served from the prefix cache at admission
+        self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []
+        self.num_registered_blocks = 0  # leading blocks already in the prefix-cache index
+        self.status = RequestStatus.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        self.generator = generator
+        self.num_preemptions = 0
+        self.logprobs: list = []        # per output token: list of (token_id, logprob, rank)
+        self.cumulative_logprob = 0.0
+        # A sibling of an n > 1 request waits for this one to compute the shared prompt.
+        self.leader: "Request | None" = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.all_token_ids.append(token_id)
+        self.output_token_ids.append(token_id)
+
+    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason

@@ -1,0 +1,170 @@
+"""Tensors in, tokens out: builds the flat batch, runs the model, samples on the device."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sageinfer.attention.backend import AttentionMetadata, get_attention_backend
+from sageinfer.config import EngineConfig
+from sageinfer.executor.sampling_inputs import build_sampling_batch
+from sageinfer.layers.sampler import Sampler, SamplerOutput
+from sageinfer.models.loader import load_model
+from sageinfer.models.model_config import ModelConfig
+from sageinfer.platforms.base import Platform
+from sageinfer.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    sampled_requests: list           # requests that produced a token this step
+    sampler_output: SamplerOutput | None
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, platform: Platform,
+                 dtype: torch.dtype, attention_backend: str | None = None, show_progress: bool = True):
+        self.config = config
+        self.model_config = model_config
+        self.platform = platform
+        self.device = platform.device() if config.device is None else torch.device(config.device)
+        self.dtype = dtype
+        self.block_size = config.block_size
+        self.backend = get_attention_backend(attention_backend or self._default_backend())
+        self.model = load_model(model_config, config.model, config.load_format, dtype, self.device,
+                                self.backend, seed=config.seed, show_progress=show_progress)
+        self.sampler = Sampler()
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _default_backend(self) -> str:
+        name = self.platform.preferred_attention_backend
+        if name == "triton":
+            try:
+                import sageinfer.attention.triton_backend  # noqa: F401
+            except ImportError:
+                return "torch_ref"
+        return name
+
+    # ---- KV cache ------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        m = self.model_config
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * m.num_hidden_layers * self.block_size * m.num_key_value_heads * m.head_dim * elem
+
+    def determine_num_blocks(self) -> int:
+        c = self.config
+        if c.num_gpu_blocks_override is not None:
+            return c.num_gpu_blocks_override
+        budget = c.kv_cache_memory_bytes or self.platform.default_kv_cache_bytes()
+        if budget is None:
+            budget = self._profile_free_memory()
+        return max(int(budget // self.kv_bytes_per_block()), 0)
+
+    @torch.inference_mode()
+    def _profile_free_memory(self) -> int:
+        """Run the largest batch once; what is left under the utilisation cap holds the KV cache."""
+        self.platform.synchronize()
+        self.platform.empty_cache()
+        self.platform.reset_peak_memory()
+        baseline = self.platform.memory_allocated()
+        num_tokens = min(self.config.max_num_batched_tokens, self.config.max_model_len * self.config.max_num_seqs)
+        # Sequences of up to 2048 tokens, each with its own blocks of a throw-away cache.
+        seq_len = min(num_tokens, 2048, self.config.max_model_len)
+        seq_lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
+        blocks_per_seq = -(-seq_len // self.block_size)
+        self.allocate_kv_cache(1 + blocks_per_seq * len(seq_lens))
+        dummy_kv_bytes = self.platform.memory_allocated() - baseline
+        scheduled = [(_ProfileSequence(n, list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq))), n)
+                     for i, n in enumerate(seq_lens)]
+        self.execute(scheduled)
+        self.platform.synchronize()
+        peak = self.platform.peak_memory_allocated() - dummy_kv_bytes
+        self.kv_caches = []
+        self.platform.empty_cache()
+        free, total = self.platform.mem_get_info()
+        used_by_others = total - free - self.platform.memory_allocated()
+        budget = total * self.config.gpu_memory_utilization - peak - used_by_others
+        logger.info("memory profile: peak %.2f GiB of %.2f GiB, KV budget %.2f GiB",
+                    peak / 2**30, total / 2**30, budget / 2**30)
+        return max(int(budget), 0)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        m = self.model_config
+        shape = (num_blocks, self.block_size, m.num_key_value_heads, m.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+                          for _ in range(m.num_hidden_layers)]
+
+    # ---- one step (hot path: keep per-token Python work out of here) ---------------------
+    def _prepare_inputs(self, scheduled: list) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list, list]:
+        bs = self.block_size
+        num_seqs = len(scheduled)
+        query_lens = np.fromiter((n for _, n in scheduled), dtype=np.int64, count=num_seqs)
+        starts = np.fromiter((r.num_computed_tokens for r, _ in scheduled), dtype=np.int64, count=num_seqs)
+        query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+        seq_lens = starts + query_lens
+        max_blocks = int((seq_lens.max() + bs - 1) // bs)
+        block_table = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+        input_ids = np.empty(num_tokens, dtype=np.int64)
+        sampled_requests, logits_indices = [], []
+        for i, (request, n) in enumerate(scheduled):
+            blocks = request.block_ids
+            block_table[i, :len(blocks)] = blocks
+            s = int(starts[i])
+            input_ids[query_start_loc[i]:query_start_loc[i + 1]] = request.all_token_ids[s:s + n]
+            if s + n == request.num_tokens:  # the last known token is computed: sample the next
+                sampled_requests.append(request)
+                logits_indices.append(int(query_start_loc[i + 1]) - 1)
+        seq_index = np.repeat(np.arange(num_seqs), query_lens)
+        positions = np.arange(num_tokens) - query_start_loc[seq_index] + starts[seq_index]
+        slot_mapping = block_table[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
+        dev = self.device
+        meta = AttentionMetadata(
+            num_actual_tokens=num_tokens,
+            slot_mapping=torch.from_numpy(slot_mapping).to(dev, non_blocking=True),
+            query_start_loc=torch.from_numpy(query_start_loc.astype(np.int32)).to(dev, non_blocking=True),
+            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev, non_blocking=True),
+            block_table=torch.from_numpy(block_table).to(dev, non_blocking=True),
+            max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()),
+            query_start_loc_cpu=query_start_loc.tolist(), seq_lens_cpu=seq_lens.tolist())
+        return (torch.from_numpy(input_ids).to(dev, non_blocking=True),
+                torch.from_numpy(positions).to(dev, non_blocking=True), meta, sampled_requests, logits_indices)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list) -> StepResult:
+        input_ids, positions, meta, sampled_requests, logits_indices = self._prepare_inputs(scheduled)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if not sampled_requests:
+            return StepResult([], None)
+        index = torch.tensor(logits_indices, dtype=torch.int64, device=self.device)
+        logits = self.model.compute_logits(hidden[index])
+        batch = build_sampling_batch(sampled_requests, self.model_config.vocab_size, self.device)
+        return StepResult(sampled_requests, self.sampler(logits, batch))
+
+
+class _ProfileSequence:
+    """A stand-in request for the memory-profiling run: greedy, all tokens new."""
+
+    def __init__(self, num_tokens: int, block_ids: list[int]):
+        self.all_token_ids = [0] * num_tokens
+        self.prompt_token_ids = self.all_token_ids
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0
+        self.block_ids = block_ids
+        self.sampling_params = SamplingParams(temperature=0.0)
+        self.generator = None
+        self.eos_token_ids: set[int] = set()
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return 0

@@ -1,0 +1,49 @@
+"""Turn the sampling parameters of the requests that sample this step into device tensors."""
+from __future__ import annotations
+
+import torch
+
+from sageinfer.layers.sampler import SamplingBatch
+
+
+def build_sampling_batch(requests: list, vocab_size: int, device: torch.device) -> SamplingBatch:
+    params = [r.sampling_params for r in requests]
+    num = len(requests)
+    top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
+    batch = SamplingBatch(
+        temperature=torch.tensor([0.0 if p.is_greedy else p.temperature for p in params], dtype=torch.float32),
+        top_k=torch.tensor(top_k, dtype=torch.int64),
+        top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
+        min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32),
+        generators=[r.generator for r in requests],
+        all_greedy=all(p.is_greedy for p in params),
+        needs_filter=any(not p.is_greedy and (k < vocab_size or p.top_p < 1.0 or p.min_p > 0.0)
+                         for p, k in zip(params, top_k)),
+        max_num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
+    )
+    if any(p.uses_penalties for p in params):
+        batch.presence_penalty = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32)
+        batch.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32)
+        batch.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32)
+        counts = torch.zeros(num, vocab_size, dtype=torch.float32)
+        prompt_mask = torch.zeros(num, vocab_size, dtype=torch.bool)
+        for row, r in enumerate(requests):
+            if r.output_token_ids:
+                out_ids = torch.tensor(r.output_token_ids, dtype=torch.int64)
+                counts[row].index_add_(0, out_ids, torch.ones(len(out_ids)))
+            prompt_mask[row, torch.tensor(r.prompt_token_ids, dtype=torch.int64)] = True
+        batch.output_token_counts, batch.prompt_token_mask = counts, prompt_mask
+    banned = [(row, t) for row, r in enumerate(requests)
+              if r.num_output_tokens < r.sampling_params.min_tokens
+              for t in sorted(r.sampling_params.all_stop_token_ids | (set() if r.sampling_params.ignore_eos else r.eos_token_ids))
+              if t < vocab_size]
+    if banned:
+        rows, tokens = zip(*banned)
+        batch.banned_rows = torch.tensor(rows, dtype=torch.int64)
+        batch.banned_tokens = torch.tensor(tokens, dtype=torch.int64)
+    for name in ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "output_token_counts", "prompt_token_mask", "banned_rows", "banned_tokens"):
+        value = getattr(batch, name)
+        if value is not None:
+            setattr(batch, name, value.to(device, non_blocking=True))
+    return batch

@@ -1,0 +1,68 @@
+"""`sageinfer` command line: generate (and, as they land, serve and bench)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sageinfer.gateway.engine_args import add_engine_args, engine_kwargs
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--n", type=int, default=1)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--sampling-seed", type=int, default=None)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--min-tokens", type=int, default=0)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from sageinfer import LLM, SamplingParams
+    params = SamplingParams(
+        n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        seed=args.sampling_seed, presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
+        stop=args.stop, ignore_eos=args.ignore_eos)
+    kwargs = engine_kwargs(args)
+    if not args.model:
+        print(f"note: no --model given; using the tiny random model at {kwargs['model']} "
+              "(random weights: the text is gibberish)", file=sys.stderr)
+    llm = LLM(**kwargs)
+    prompts = args.prompt or ["Hello, my name is"]
+    for output in llm.generate(prompts, params, use_tqdm=len(prompts) > 1):
+        for completion in output.outputs:
+            print(f"--- prompt: {output.prompt!r} (sample {completion.index}, finish: {completion.finish_reason})")
+            print(output.prompt + completion.text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sageinfer", description="sageInfer LLM inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate completions offline and print them")
+    gen.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    add_engine_args(gen)
+    _add_sampling_args(gen)
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

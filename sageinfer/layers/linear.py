@@ -1,0 +1,60 @@
+"""Linear layers that own their weight loading (stacked q/k/v and gate/up shards).
+
+Weights are created uninitialised (torch.empty): the loader fills them, so building an 8B model
+costs no init time and no second copy.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if param.shape != loaded.shape:
+            raise ValueError(f"weight shape {tuple(loaded.shape)} does not match {tuple(param.shape)}")
+        param.data.copy_(loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedLinear(Linear):
+    """Several projections of the same input in one matmul; shard_id picks the slice to load."""
+
+    def __init__(self, in_features: int, shard_sizes: dict, bias: bool = False):
+        super().__init__(in_features, sum(shard_sizes.values()), bias)
+        self.shard_offsets = {}
+        offset = 0
+        for shard_id, size in shard_sizes.items():
+            self.shard_offsets[shard_id] = (offset, size)
+            offset += size
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if shard_id is None:
+            return super().weight_loader(param, loaded)
+        offset, size = self.shard_offsets[shard_id]
+        target = param.data.narrow(0, offset, size)
+        if target.shape != loaded.shape:
+            raise ValueError(f"shard {shard_id!r}: weight shape {tuple(loaded.shape)} does not match {tuple(target.shape)}")
+        target.copy_(loaded)
+
+
+class QKVLinear(MergedLinear):
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool):
+        super().__init__(hidden_size, {"q": num_heads * head_dim, "k": num_kv_heads * head_dim,
+                                       "v": num_kv_heads * head_dim}, bias)
+        self.q_size = num_heads * head_dim
+        self.kv_size = num_kv_heads * head_dim

@@ -1,0 +1,112 @@
+"""Batched sampling on the device.
+
+Order, as in vLLM: penalties -> temperature -> top-k / top-p / min-p -> draw. A draw is
+argmax(probs / Exp(1) noise), which equals sampling from probs; each seeded request draws its noise
+from its own generator, so its tokens do not depend on the batch it runs in.
+Logprobs are of the raw model distribution (before penalties and temperature).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingBatch:
+    temperature: torch.Tensor          # [B] float32, 0 for greedy rows
+    top_k: torch.Tensor                # [B] int64, vocab size when disabled
+    top_p: torch.Tensor                # [B] float32
+    min_p: torch.Tensor                # [B] float32
+    generators: list                   # [B] torch.Generator or None
+    all_greedy: bool
+    needs_filter: bool                 # any row with top-k, top-p or min-p
+    # Penalties (None when no row uses them)
+    presence_penalty: torch.Tensor | None = None     # [B]
+    frequency_penalty: torch.Tensor | None = None    # [B]
+    repetition_penalty: torch.Tensor | None = None   # [B]
+    output_token_counts: torch.Tensor | None = None  # [B, V] counts of generated tokens
+    prompt_token_mask: torch.Tensor | None = None    # [B, V] bool
+    # Rows under min_tokens: token ids to ban this step, as (row, token) index pairs
+    banned_rows: torch.Tensor | None = None
+    banned_tokens: torch.Tensor | None = None
+    max_num_logprobs: int = -1         # -1: no row wants logprobs
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor                   # [B] int64
+    logprobs: torch.Tensor | None = None      # [B, 1 + k]: sampled token first, then the top k
+    logprob_token_ids: torch.Tensor | None = None  # [B, 1 + k]
+    sampled_ranks: torch.Tensor | None = None  # [B] rank of the sampled token (1 = most likely)
+
+
+def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    counts = b.output_token_counts
+    seen = (counts > 0) | b.prompt_token_mask
+    rep = b.repetition_penalty.unsqueeze(1)
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalised, logits)
+    logits = logits - b.frequency_penalty.unsqueeze(1) * counts
+    logits = logits - b.presence_penalty.unsqueeze(1) * (counts > 0).float()
+    return logits
+
+
+def filter_probs(probs: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """Zero the probabilities outside each row's top-k / top-p / min-p set (not renormalised)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    ranks = torch.arange(probs.shape[-1], device=probs.device).unsqueeze(0)
+    keep = ranks < b.top_k.unsqueeze(1)
+    sorted_probs = sorted_probs * keep
+    # top-p over the top-k survivors, renormalised, keeping the token that crosses the threshold.
+    mass = sorted_probs.sum(dim=-1, keepdim=True)
+    cum_before = (sorted_probs.cumsum(dim=-1) - sorted_probs) / mass
+    keep &= cum_before < b.top_p.unsqueeze(1)
+    keep &= sorted_probs >= b.min_p.unsqueeze(1) * sorted_probs[:, :1]
+    keep[:, 0] = True
+    return torch.zeros_like(probs).scatter_(1, order, sorted_probs * keep)
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
+        raw_logits = logits
+        if b.presence_penalty is not None:
+            logits = apply_penalties(logits, b)
+        if b.banned_rows is not None:
+            logits = logits.index_put((b.banned_rows, b.banned_tokens),
+                                      torch.tensor(float("-inf"), device=logits.device))
+        greedy_tokens = logits.argmax(dim=-1)
+        if b.all_greedy:
+            tokens = greedy_tokens
+        else:
+            temperature = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
+            probs = (logits / temperature.unsqueeze(1)).softmax(dim=-1)
+            if b.needs_filter:
+                probs = filter_probs(probs, b)
+            noise = self._exponential_noise(probs, b.generators)
+            sampled = (probs / noise).argmax(dim=-1)
+            tokens = torch.where(b.temperature > 0, sampled, greedy_tokens)
+        out = SamplerOutput(token_ids=tokens)
+        if b.max_num_logprobs >= 0:
+            self._add_logprobs(out, raw_logits, tokens, b.max_num_logprobs)
+        return out
+
+    @staticmethod
+    def _exponential_noise(probs: torch.Tensor, generators: list) -> torch.Tensor:
+        noise = torch.empty_like(probs).exponential_()
+        for row, gen in enumerate(generators):
+            if gen is not None:
+                noise[row].exponential_(generator=gen)
+        return noise
+
+    @staticmethod
+    def _add_logprobs(out: SamplerOutput, logits: torch.Tensor, tokens: torch.Tensor, k: int) -> None:
+        logprobs = logits.float().log_softmax(dim=-1)
+        sampled_lp = logprobs.gather(1, tokens.unsqueeze(1))
+        out.sampled_ranks = (logprobs > sampled_lp).sum(dim=-1) + 1
+        if k > 0:
+            top_lp, top_ids = logprobs.topk(k, dim=-1)
+            out.logprobs = torch.cat([sampled_lp, top_lp], dim=1)
+            out.logprob_token_ids = torch.cat([tokens.unsqueeze(1), top_ids], dim=1)
+        else:
+            out.logprobs, out.logprob_token_ids = sampled_lp, tokens.unsqueeze(1)

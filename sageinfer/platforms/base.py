@@ -1,0 +1,53 @@
+"""The questions the engine asks of a chip family. One subclass per family."""
+from __future__ import annotations
+
+import torch
+
+
+class Platform:
+    name: str = "base"
+    device_type: str = "cpu"
+    dist_backend: str = "gloo"
+    supports_graphs: bool = False
+    supports_triton: bool = False
+    # Name of the attention backend the engine picks by default on this platform.
+    preferred_attention_backend: str = "torch_ref"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return False
+
+    def device(self, index: int = 0) -> torch.device:
+        return torch.device(self.device_type, index) if self.device_type != "cpu" else torch.device("cpu")
+
+    def device_name(self) -> str:
+        return self.name
+
+    def synchronize(self) -> None:
+        pass
+
+    def mem_get_info(self) -> tuple[int, int]:
+        """(free, total) bytes of device memory."""
+        raise NotImplementedError
+
+    def reset_peak_memory(self) -> None:
+        pass
+
+    def peak_memory_allocated(self) -> int:
+        return 0
+
+    def memory_allocated(self) -> int:
+        return 0
+
+    def empty_cache(self) -> None:
+        pass
+
+    def default_kv_cache_bytes(self) -> int | None:
+        """Bytes for the KV cache when the user gives none and no profiling is done (None: profile)."""
+        return None
+
+    def graph_class(self):
+        raise NotImplementedError(f"{self.name} has no graph capture")
+
+    def stream(self):
+        return None

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import os
+
+from sageinfer.platforms.base import Platform
+
+
+class CpuPlatform(Platform):
+    name = "cpu"
+    device_type = "cpu"
+    dist_backend = "gloo"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    def mem_get_info(self) -> tuple[int, int]:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        return free, total
+
+    def default_kv_cache_bytes(self) -> int | None:
+        # Host memory is shared with everything else: a modest fixed budget, not a fraction.
+        return 1 << 30

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import torch
+
+from sageinfer.platforms.base import Platform
+
+
+class CudaPlatform(Platform):
+    name = "cuda"
+    device_type = "cuda"
+    dist_backend = "nccl"
+    supports_graphs = True
+    supports_triton = True
+    preferred_attention_backend = "triton"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return torch.cuda.is_available()
+
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name()
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def mem_get_info(self) -> tuple[int, int]:
+        return torch.cuda.mem_get_info()
+
+    def reset_peak_memory(self) -> None:
+        torch.cuda.reset_peak_memory_stats()
+
+    def peak_memory_allocated(self) -> int:
+        return torch.cuda.max_memory_allocated()
+
+    def memory_allocated(self) -> int:
+        return torch.cuda.memory_allocated()
+
+    def empty_cache(self) -> None:
+        torch.cuda.empty_cache()
+
+    def graph_class(self):
+        return torch.cuda.CUDAGraph
+
+    def graph_context(self, graph, pool=None, stream=None):
+        return torch.cuda.graph(graph, pool=pool, stream=stream)
+
+    def graph_pool_handle(self):
+        return torch.cuda.graph_pool_handle()
+
+    def stream(self):
+        return torch.cuda.Stream()
