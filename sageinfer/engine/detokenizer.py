@@ -42,6 +42,14 @@ class IncrementalDetokenizer:
             return self._truncate_at_stop(start)
         return None
 
+    def flush(self) -> None:
+        """At the end, release text held back for an unfinished character (it stays U+FFFD)."""
+        prefix_text = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
+        full_text = self._decode(self.token_ids[self.prefix_offset:])
+        if len(full_text) > len(prefix_text):
+            self.text += full_text[len(prefix_text):]
+        self.prefix_offset = self.read_offset = len(self.token_ids)
+
     def _truncate_at_stop(self, search_from: int) -> str | None:
         found = None
         for stop in self.stop:

@@ -158,7 +158,10 @@ class LLMEngine:
                     k = request.sampling_params.logprobs
                     request.logprobs.append((lp_ids[row][:k + 1], logprobs[row][:k + 1], ranks[row]))
                     request.cumulative_logprob += logprobs[row][0]
-                self._check_stop(request, parent.detokenizers[request.index], token)
+                detok = parent.detokenizers[request.index]
+                self._check_stop(request, detok, token)
+                if request.is_finished and detok is not None and request.finish_reason != "stop":
+                    detok.flush()
                 touched[parent.request_id] = parent
         return [self._make_output(p) for p in touched.values()]
 

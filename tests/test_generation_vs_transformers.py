@@ -1,0 +1,96 @@
+"""Greedy generation equals transformers' argmax, for every architecture and scheduling regime."""
+import numpy as np
+import pytest
+
+from sageinfer import LLM, SamplingParams
+from oracle import assert_greedy_matches_hf
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+PROMPT_LENS = [1, 7, 33, 150, 300]
+
+
+def _prompts(lengths, seed=0, vocab=500):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=n).tolist() for n in lengths]
+
+
+def _generate(model_dir, prompts, max_tokens=12, **kwargs):
+    kwargs.setdefault("num_gpu_blocks_override", 512)
+    llm = LLM(model_dir, dtype="float32", show_progress=False, **kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    llm.engine.kv_manager.pool.check_accounting()
+    return llm, outs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_batch_of_mixed_lengths_matches_transformers(model_dirs, arch):
+    prompts = _prompts(PROMPT_LENS, seed=ARCHS.index(arch))
+    _, outs = _generate(model_dirs[arch], prompts)
+    for prompt, out in zip(prompts, outs):
+        assert out.prompt_token_ids == prompt
+        assert len(out.outputs[0].token_ids) == 12 and out.outputs[0].finish_reason == "length"
+        assert_greedy_matches_hf(model_dirs[arch], prompt, out.outputs[0].token_ids)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_tiny_chunked_prefill_matches_transformers(model_dirs, arch):
+    prompts = _prompts(PROMPT_LENS, seed=10)
+    llm, outs = _generate(model_dirs[arch], prompts, max_num_batched_tokens=13, enable_prefix_caching=False)
+    for prompt, out in zip(prompts, outs):
+        assert_greedy_matches_hf(model_dirs[arch], prompt, out.outputs[0].token_ids)
+
+
+def test_preemption_under_tiny_kv_cache_keeps_output_correct(model_dirs):
+    model_dir = model_dirs["qwen2"]
+    prompts = _prompts([40, 60, 80, 100, 120, 30], seed=11)
+    # 19 usable blocks of 16 tokens = 304 tokens for ~430 prompt + 6*24 output tokens: must preempt.
+    llm, outs = _generate(model_dir, prompts, max_tokens=24, num_gpu_blocks_override=20, max_model_len=256,
+                          enable_prefix_caching=False)
+    assert llm.engine.scheduler.num_preemptions > 0
+    for prompt, out in zip(prompts, outs):
+        assert len(out.outputs[0].token_ids) == 24
+        assert_greedy_matches_hf(model_dir, prompt, out.outputs[0].token_ids)
+
+
+def test_preemption_with_prefix_caching_keeps_output_correct(model_dirs):
+    model_dir = model_dirs["llama"]
+    prompts = _prompts([40, 60, 80, 100, 120, 30], seed=12)
+    llm, outs = _generate(model_dir, prompts, max_tokens=24, num_gpu_blocks_override=20, max_model_len=256,
+                          max_num_batched_tokens=64)
+    assert llm.engine.scheduler.num_preemptions > 0
+    for prompt, out in zip(prompts, outs):
+        assert_greedy_matches_hf(model_dir, prompt, out.outputs[0].token_ids)
+
+
+def test_requests_arriving_while_others_run_are_correct(model_dirs):
+    model_dir = model_dirs["mistral"]
+    llm = LLM(model_dir, dtype="float32", num_gpu_blocks_override=512, max_num_batched_tokens=40,
+              show_progress=False)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    prompts = _prompts([50, 5, 90, 17, 64], seed=13)
+    finished = {}
+    pending = list(enumerate(prompts))
+    steps = 0
+    while pending or llm.engine.has_unfinished_requests():
+        if pending and steps % 3 == 0:  # a new request every third step
+            i, prompt = pending.pop(0)
+            llm.engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
+        for out in llm.engine.step():
+            if out.finished:
+                finished[int(out.request_id)] = out
+        steps += 1
+    assert sorted(finished) == list(range(len(prompts)))
+    for i, prompt in enumerate(prompts):
+        assert_greedy_matches_hf(model_dir, prompt, finished[i].outputs[0].token_ids)
+    llm.engine.kv_manager.pool.check_accounting()
+    assert llm.engine.kv_manager.pool.num_free_blocks == llm.engine.kv_manager.pool.usable_blocks
+
+
+def test_no_chunked_prefill_matches_transformers(model_dirs):
+    model_dir = model_dirs["qwen3"]
+    prompts = _prompts([3, 200, 45], seed=14)
+    _, outs = _generate(model_dir, prompts, enable_chunked_prefill=False, max_num_batched_tokens=256,
+                        max_model_len=256)
+    for prompt, out in zip(prompts, outs):
+        assert_greedy_matches_hf(model_dir, prompt, out.outputs[0].token_ids)

@@ -1,0 +1,116 @@
+"""Block pool accounting and prefix caching."""
+import numpy as np
+import pytest
+
+from sageinfer import LLM, SamplingParams
+from sageinfer.engine.request import Request
+from sageinfer.kv_cache.block_pool import BlockPool
+from sageinfer.kv_cache.manager import KVCacheManager
+
+
+def _request(ids, rid="r"):
+    return Request(rid, rid, 0, list(ids), SamplingParams(), set())
+
+
+def test_freed_blocks_return_to_the_pool_and_double_free_raises():
+    pool = BlockPool(8, enable_caching=True)
+    ids = pool.allocate(3)
+    assert pool.num_free_blocks == 4 and 0 not in ids
+    pool.free(ids)
+    pool.check_accounting()
+    assert pool.num_free_blocks == 7
+    with pytest.raises(RuntimeError, match="freed more often"):
+        pool.free([ids[0]])
+
+
+def test_allocation_beyond_free_blocks_is_refused_without_change():
+    kv = KVCacheManager(5, 4, enable_caching=False)
+    req = _request(range(20))
+    assert not kv.allocate_slots(req, 20)
+    assert req.block_ids == [] and kv.pool.num_free_blocks == 4
+    assert kv.allocate_slots(req, 16)
+    assert len(req.block_ids) == 4
+
+
+def test_full_blocks_are_found_again_by_an_equal_prefix():
+    kv = KVCacheManager(16, 4, enable_caching=True)
+    first = _request(range(10))
+    assert kv.allocate_slots(first, 10)
+    first.num_computed_tokens = 10
+    kv.cache_full_blocks(first)
+    kv.free(first)
+    second = _request(list(range(8)) + [99, 98, 97])
+    hits, num_hit = kv.get_computed_blocks(second)
+    assert num_hit == 8 and hits == first_blocks_prefix(kv, 2)
+    other = _request([1] + list(range(1, 11)))
+    assert kv.get_computed_blocks(other) == ([], 0)
+
+
+def first_blocks_prefix(kv, n):
+    return [kv.pool.cached[h] for h in list(kv.pool.cached)[:n]]
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_token():
+    kv = KVCacheManager(16, 4, enable_caching=True)
+    first = _request(range(8))
+    kv.allocate_slots(first, 8)
+    first.num_computed_tokens = 8
+    kv.cache_full_blocks(first)
+    kv.free(first)
+    _, num_hit = kv.get_computed_blocks(_request(range(8)))
+    assert num_hit == 4
+
+
+def test_eviction_reuses_least_recently_freed_blocks_leaves_first():
+    kv = KVCacheManager(5, 2, enable_caching=True)
+    a = _request(range(8), "a")
+    kv.allocate_slots(a, 8)
+    a_block_ids = list(a.block_ids)
+    a.num_computed_tokens = 8
+    kv.cache_full_blocks(a)
+    kv.free(a)  # freed tail first: block of tokens 6-7 is evicted first
+    b = _request([50, 51], "b")
+    kv.allocate_slots(b, 2)
+    assert b.block_ids == [a_block_ids[-1]]  # the leaf went first
+    hits, num_hit = kv.get_computed_blocks(_request(list(range(8)) + [1], "c"))
+    assert num_hit == 6  # the three parent blocks survive
+
+
+def _prompts(lengths, seed, prefix):
+    rng = np.random.default_rng(seed)
+    return [prefix + rng.integers(3, 500, size=n).tolist() for n in lengths]
+
+
+def test_shared_prefix_is_prefilled_once_and_outputs_are_unchanged(llama_dir):
+    prefix = np.random.default_rng(1).integers(3, 500, size=200).tolist()
+    prompts = _prompts([30, 45], seed=2, prefix=prefix)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    cached = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=256, show_progress=False)
+    plain = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=256, enable_prefix_caching=False,
+                show_progress=False)
+    first = cached.generate({"prompt_token_ids": prompts[0]}, params, use_tqdm=False)[0]
+    before = cached.engine.num_prompt_tokens_computed
+    second = cached.generate({"prompt_token_ids": prompts[1]}, params, use_tqdm=False)[0]
+    # 200 shared tokens = 12 full blocks of 16 (192 tokens) come from the cache.
+    assert second.num_cached_tokens == 192
+    assert cached.engine.num_prompt_tokens_computed - before == len(prompts[1]) - 192
+    expected = plain.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [first.outputs[0].token_ids, second.outputs[0].token_ids] == [e.outputs[0].token_ids for e in expected]
+    assert cached.engine.get_stats().prefix_cache_hit_rate == pytest.approx(192 / (len(prompts[0]) + len(prompts[1])))
+    cached.engine.kv_manager.pool.check_accounting()
+
+
+def test_eviction_under_memory_pressure_keeps_outputs_correct(llama_dir):
+    prompts = _prompts([40, 70, 20, 90, 55, 33], seed=3, prefix=list(range(3, 35)))
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    small = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=18, max_model_len=200,
+                max_num_batched_tokens=48, show_progress=False)
+    big = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=512, enable_prefix_caching=False,
+              show_progress=False)
+    outs = [small.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0] for p in prompts[:2]]
+    outs += small.generate([{"prompt_token_ids": p} for p in prompts[2:]], params, use_tqdm=False)
+    ref = big.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [r.outputs[0].token_ids for r in ref]
+    assert small.engine.kv_manager.pool.evictions > 0
+    small.engine.kv_manager.pool.check_accounting()
+    assert small.engine.kv_manager.pool.num_free_blocks == small.engine.kv_manager.pool.usable_blocks

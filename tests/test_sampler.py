@@ -1,0 +1,115 @@
+"""The sampler alone: filters, penalties and seeded draws on hand-made logits."""
+import torch
+
+from sageinfer.layers.sampler import Sampler, SamplingBatch, apply_penalties
+
+V = 10
+
+
+def _batch(rows, temperature=1.0, top_k=V, top_p=1.0, min_p=0.0, generators=None):
+    return SamplingBatch(
+        temperature=torch.full((rows,), temperature), top_k=torch.full((rows,), top_k, dtype=torch.int64),
+        top_p=torch.full((rows,), top_p), min_p=torch.full((rows,), min_p),
+        generators=generators or [None] * rows, all_greedy=temperature == 0.0,
+        needs_filter=top_k < V or top_p < 1.0 or min_p > 0.0)
+
+
+def _draw_counts(logits_row, draws=4000, **kwargs):
+    torch.manual_seed(0)
+    logits = logits_row.unsqueeze(0).repeat(draws, 1)
+    tokens = Sampler()(logits, _batch(draws, **kwargs)).token_ids
+    return torch.bincount(tokens, minlength=V)
+
+
+LOGITS = torch.tensor([3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5])
+
+
+def test_greedy_takes_the_argmax():
+    logits = torch.randn(5, V)
+    assert torch.equal(Sampler()(logits, _batch(5, temperature=0.0)).token_ids, logits.argmax(-1))
+
+
+def test_top_k_samples_only_the_k_most_likely():
+    counts = _draw_counts(LOGITS, top_k=3)
+    assert counts[3:].sum() == 0 and (counts[:3] > 0).all()
+
+
+def test_top_p_samples_only_the_nucleus():
+    probs = LOGITS.softmax(-1)
+    # Smallest prefix whose mass reaches 0.8
+    nucleus = int((probs.cumsum(-1) < 0.8).sum()) + 1
+    counts = _draw_counts(LOGITS, top_p=0.8)
+    assert counts[nucleus:].sum() == 0 and (counts[:nucleus] > 0).all()
+
+
+def test_min_p_drops_tokens_below_the_fraction_of_the_top():
+    probs = LOGITS.softmax(-1)
+    allowed = probs >= 0.2 * probs[0]
+    counts = _draw_counts(LOGITS, min_p=0.2)
+    assert counts[~allowed].sum() == 0 and (counts[allowed] > 0).all()
+
+
+def test_unfiltered_sampling_follows_the_softmax():
+    counts = _draw_counts(LOGITS, draws=20000)
+    freq = counts.float() / counts.sum()
+    assert torch.allclose(freq, LOGITS.softmax(-1), atol=0.015)
+
+
+def test_temperature_flattens_the_distribution():
+    hot = _draw_counts(LOGITS, temperature=5.0)
+    cold = _draw_counts(LOGITS, temperature=0.3)
+    assert hot[0] < cold[0] and hot[5:].sum() > cold[5:].sum()
+
+
+def test_seeded_rows_draw_the_same_tokens_in_any_batch():
+    logits = torch.randn(1, V)
+    alone = [Sampler()(logits, _batch(1, generators=[torch.Generator().manual_seed(7)])).token_ids.item()
+             for _ in range(1)]
+    gen_a, gen_b = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    first = [Sampler()(logits, _batch(1, generators=[gen_a])).token_ids.item() for _ in range(20)]
+    mixed = []
+    for _ in range(20):
+        batch_logits = torch.cat([torch.randn(3, V), logits])
+        mixed.append(Sampler()(batch_logits, _batch(4, generators=[None, None, None, gen_b])).token_ids[3].item())
+    assert first == mixed and alone[0] == first[0]
+
+
+def _penalty_batch(presence=0.0, frequency=0.0, repetition=1.0, output_counts=None, prompt_mask=None):
+    b = _batch(1)
+    b.presence_penalty = torch.tensor([presence])
+    b.frequency_penalty = torch.tensor([frequency])
+    b.repetition_penalty = torch.tensor([repetition])
+    b.output_token_counts = output_counts if output_counts is not None else torch.zeros(1, V)
+    b.prompt_token_mask = prompt_mask if prompt_mask is not None else torch.zeros(1, V, dtype=torch.bool)
+    return b
+
+
+def test_frequency_and_presence_penalties_subtract_as_defined():
+    counts = torch.zeros(1, V)
+    counts[0, 2] = 3
+    counts[0, 5] = 1
+    logits = torch.ones(1, V)
+    out = apply_penalties(logits, _penalty_batch(presence=0.5, frequency=0.25, output_counts=counts))
+    expected = torch.ones(1, V)
+    expected[0, 2] -= 0.5 + 0.75
+    expected[0, 5] -= 0.5 + 0.25
+    assert torch.allclose(out, expected)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits():
+    logits = torch.tensor([[2.0, -2.0, 2.0, -2.0] + [0.0] * (V - 4)])
+    prompt_mask = torch.zeros(1, V, dtype=torch.bool)
+    prompt_mask[0, 0] = prompt_mask[0, 1] = True
+    out = apply_penalties(logits, _penalty_batch(repetition=2.0, prompt_mask=prompt_mask))
+    assert out[0, :4].tolist() == [1.0, -4.0, 2.0, -2.0]
+
+
+def test_logprobs_report_sampled_token_and_top_k():
+    logits = torch.randn(2, V)
+    b = _batch(2, temperature=0.0)
+    b.max_num_logprobs = 3
+    out = Sampler()(logits, b)
+    ref = logits.log_softmax(-1)
+    assert torch.allclose(out.logprobs[:, 0], ref.gather(1, out.token_ids[:, None])[:, 0])
+    assert torch.allclose(out.logprobs[:, 1:], ref.topk(3, dim=-1).values)
+    assert out.sampled_ranks.tolist() == [1, 1]
