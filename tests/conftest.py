@@ -1,3 +1,14 @@
+import os
+
+# Without a GPU, Triton kernels run in the interpreter; it must be chosen before triton is imported.
+try:
+    import torch
+    _HAS_GPU = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _HAS_GPU = False
+if not _HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 from sageinfer.models.tiny import build_tiny_model

@@ -28,6 +28,7 @@ class AttentionMetadata:
     # Host copies, for backends that loop on the host (the reference) and for launch sizing.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    num_splits: int = 1             # split-KV factor for decode batches (Triton backend)
 
     @property
     def num_seqs(self) -> int:
@@ -37,11 +38,14 @@ class AttentionMetadata:
 class AttentionBackend:
     name = "base"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """Write k/v of the new tokens into the cache, then attend causally. Returns [T, Hq, D]."""
+    def forward(self, layer, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Apply the layer's q/k norm and rotary, write k/v of the new tokens into the cache, then
+        attend causally over the cache. layer: layers.attention.Attention. Returns [T, Hq, D]."""
         raise NotImplementedError
+
+    def plan(self, meta: AttentionMetadata, num_kv_heads: int) -> None:
+        """Fill backend-specific launch choices into meta (once per step, on the host)."""
 
 
 def get_attention_backend(name: str) -> AttentionBackend:

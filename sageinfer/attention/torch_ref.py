@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from sageinfer.attention.backend import AttentionBackend, AttentionMetadata
+from sageinfer.layers.norm import rms_norm_ref
 
 
 def write_kv_cache_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -44,6 +45,10 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 class TorchRefBackend(AttentionBackend):
     name = "torch_ref"
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+    def forward(self, layer, positions, q, k, v, k_cache, v_cache, meta):
+        if layer.q_norm is not None:
+            q = rms_norm_ref(q, layer.q_norm.weight, layer.q_norm.eps)
+            k = rms_norm_ref(k, layer.k_norm.weight, layer.k_norm.eps)
+        q, k = layer.rotary_emb(positions, q, k)
         write_kv_cache_ref(k, v, k_cache, v_cache, meta.slot_mapping)
-        return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+        return paged_attention_ref(q, k_cache, v_cache, meta, layer.scale)

@@ -37,6 +37,10 @@ class ModelRunner:
         self.backend = get_attention_backend(attention_backend or self._default_backend())
         self.model = load_model(model_config, config.model, config.load_format, dtype, self.device,
                                 self.backend, seed=config.seed, show_progress=show_progress)
+        use_triton = self.backend.name == "triton"
+        for module in self.model.modules():
+            if hasattr(module, "use_triton"):
+                module.use_triton = use_triton
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -133,6 +137,7 @@ class ModelRunner:
             block_table=torch.from_numpy(block_table).to(dev, non_blocking=True),
             max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=query_start_loc.tolist(), seq_lens_cpu=seq_lens.tolist())
+        self.backend.plan(meta, self.model_config.num_key_value_heads)
         return (torch.from_numpy(input_ids).to(dev, non_blocking=True),
                 torch.from_numpy(positions).to(dev, non_blocking=True), meta, sampled_requests, logits_indices)
 

@@ -17,9 +17,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+        self.use_triton = False  # set by the model runner from the platform's kernel choice
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
+        if self.use_triton:
+            from sageinfer.ops.rms_norm import rms_norm
+            return rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return rms_norm_ref(x, self.weight, self.eps)
         x = x + residual

@@ -1,0 +1,153 @@
+"""Paged attention in Triton: one kernel for prefill chunks and decodes of a mixed batch.
+
+Each program takes BLOCK_Q query tokens of one sequence and all GROUP query heads that share one KV
+head, packed as BLOCK_M = BLOCK_Q * GROUP rows, so every KV block is read once for the whole group.
+Keys are walked BLOCK_N at a time through the block table (online softmax in fp32, exp2 domain).
+With NUM_SPLITS > 1 (decode of few, long sequences) the KV range is cut into splits whose partial
+results a second small kernel merges ("flash-decoding"), so one sequence still fills the GPU.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    block_table_ptr, seq_lens_ptr, query_start_loc_ptr,
+    scale_log2,
+    stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
+    stride_c_block, stride_c_slot, stride_c_head, stride_bt,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    q_tile = tl.program_id(1)
+    kv_head = tl.program_id(2) // NUM_SPLITS
+    split = tl.program_id(2) % NUM_SPLITS
+
+    q_start = tl.load(query_start_loc_ptr + seq)
+    query_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if q_tile * BLOCK_Q >= query_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - query_len
+
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = q_tile * BLOCK_Q + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_valid = (rows < BLOCK_Q * GROUP) & (q_idx < query_len)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_valid = dims < HEAD_DIM
+    q_offs = (q_start + q_idx)[:, None] * stride_q_tok + head[:, None] * stride_q_head + dims[None, :]
+    q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+    q_pos = context_len + q_idx  # causal: a query sees keys at positions <= its own
+
+    kv_end = context_len + tl.minimum((q_tile + 1) * BLOCK_Q, query_len)
+    num_tiles = tl.cdiv(kv_end, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_start = split * tiles_per_split
+    tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    for tile in range(tile_start, tile_end):
+        k_idx = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_valid = k_idx < kv_end
+        page = tl.load(block_table_ptr + seq * stride_bt + k_idx // PAGE_SIZE, mask=k_valid, other=0)
+        slot_offs = page.to(tl.int64) * stride_c_block + (k_idx % PAGE_SIZE) * stride_c_slot + kv_head * stride_c_head
+        k = tl.load(k_cache_ptr + slot_offs[None, :] + dims[:, None],
+                    mask=k_valid[None, :] & dim_valid[:, None], other=0.0)
+        s = tl.dot(q, k) * scale_log2
+        visible = k_valid[None, :] & (k_idx[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + slot_offs[:, None] + dims[None, :],
+                    mask=k_valid[:, None] & dim_valid[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tok = q_start + q_idx
+    if NUM_SPLITS == 1:
+        o_offs = tok[:, None] * stride_o_tok + head[:, None] * stride_o_head + dims[None, :]
+        tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
+    else:
+        # part_out: [tokens, heads, splits, HEAD_DIM_PAD] fp32; part_lse: [tokens, heads, splits]
+        base = (tok * NUM_HEADS + head) * NUM_SPLITS + split
+        tl.store(part_out_ptr + base[:, None] * HEAD_DIM_PAD + dims[None, :], out, mask=row_valid[:, None])
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        tl.store(part_lse_ptr + base, lse, mask=row_valid)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, stride_o_tok, stride_o_head,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    tok = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    base = (tok * NUM_HEADS + head) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + base + splits)
+    m = tl.max(lse, 0)
+    w = tl.where(lse == float("-inf"), 0.0, tl.math.exp2(lse - m))
+    parts = tl.load(part_out_ptr + (base + splits)[:, None] * HEAD_DIM_PAD + dims[None, :])
+    out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(out_ptr + tok * stride_o_tok + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dims < HEAD_DIM)
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:
+    """Splits so that decode programs cover the GPU about twice, each split at least 256 keys."""
+    programs = num_seqs * num_kv_heads
+    if programs >= num_sms:
+        return 1
+    by_occupancy = triton.next_power_of_2(max(1, (2 * num_sms) // programs))
+    by_length = triton.next_power_of_2(max(1, max_seq_len // 256))
+    return max(1, min(by_occupancy, by_length, 64))
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                    block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                    num_seqs: int, max_query_len: int, scale: float, num_splits: int = 1) -> torch.Tensor:
+    """q, out: [T, Hq, D]; caches: [blocks, page, Hkv, D]. Writes out and returns it."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    if max_query_len == 1:
+        block_q = 1
+    else:
+        block_q = max(1, min(128 // group, triton.next_power_of_2(max_query_len)))
+    block_m = max(16, triton.next_power_of_2(block_q * group))
+    block_n = 64 if block_m >= 64 else 32
+    num_splits = num_splits if max_query_len == 1 else 1
+    grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
+    if num_splits > 1:
+        part_out = torch.empty(q.shape[0], num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(q.shape[0], num_heads, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, out, part_out, part_lse, block_table, seq_lens, query_start_loc,
+        scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        num_warps=4 if block_m <= 64 else 8, num_stages=2)
+    if num_splits > 1:
+        _merge_splits_kernel[(q.shape[0], num_heads)](
+            part_out, part_lse, out, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=num_splits)
+    return out

@@ -1,0 +1,37 @@
+"""Shared helpers for kernel tests: random paged batches and tolerances per dtype."""
+from __future__ import annotations
+
+import torch
+
+from sageinfer.attention.backend import AttentionMetadata
+
+TOL = {torch.float32: 2e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12)).item()
+
+
+def random_paged_batch(query_lens, context_lens, num_kv_heads, head_dim, page_size, dtype, device="cpu", seed=0):
+    """Caches filled with random values; each sequence owns a random, non-contiguous set of blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [q + c for q, c in zip(query_lens, context_lens)]
+    blocks_per_seq = [-(-s // page_size) for s in seq_lens]
+    num_blocks = 1 + sum(blocks_per_seq) + 3
+    perm = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    width = max(blocks_per_seq)
+    block_table = torch.zeros(len(seq_lens), width, dtype=torch.int32)
+    for i, n in enumerate(blocks_per_seq):
+        block_table[i, :n] = torch.tensor([perm.pop() for _ in range(n)], dtype=torch.int32)
+    shape = (num_blocks, page_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    qsl = [0]
+    for q in query_lens:
+        qsl.append(qsl[-1] + q)
+    meta = AttentionMetadata(
+        num_actual_tokens=qsl[-1], slot_mapping=torch.full((qsl[-1],), -1, dtype=torch.int64),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32), seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_table=block_table, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+        query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
+    return k_cache.to(device), v_cache.to(device), meta
