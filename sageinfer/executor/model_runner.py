@@ -43,6 +43,7 @@ class ModelRunner:
                 module.use_triton = use_triton
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.graphs = None  # executor.graph_runner.DecodeGraphs once captured
 
     def _default_backend(self) -> str:
         name = self.platform.preferred_attention_backend
@@ -103,8 +104,18 @@ class ModelRunner:
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(m.num_hidden_layers)]
 
+    def capture_graphs(self) -> float:
+        """Capture decode graphs if the platform can; returns the capture time in seconds."""
+        if self.config.enforce_eager or not self.platform.supports_graphs:
+            return 0.0
+        from sageinfer.executor.graph_runner import DecodeGraphs
+        self.graphs = DecodeGraphs(self.model, self.backend, self.platform, self.device, self.config.max_num_seqs,
+                                   self.config.max_model_len, self.block_size,
+                                   self.model_config.num_key_value_heads, self.kv_caches)
+        return self.graphs.capture_seconds
+
     # ---- one step (hot path: keep per-token Python work out of here) ---------------------
-    def _prepare_inputs(self, scheduled: list) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list, list]:
+    def _host_inputs(self, scheduled: list) -> HostInputs:
         bs = self.block_size
         num_seqs = len(scheduled)
         query_lens = np.fromiter((n for _, n in scheduled), dtype=np.int64, count=num_seqs)
@@ -121,36 +132,62 @@ class ModelRunner:
             blocks = request.block_ids
             block_table[i, :len(blocks)] = blocks
             s = int(starts[i])
-            input_ids[query_start_loc[i]:query_start_loc[i + 1]] = request.all_token_ids[s:s + n]
+            if n == 1:
+                input_ids[query_start_loc[i]] = request.all_token_ids[s]
+            else:
+                input_ids[query_start_loc[i]:query_start_loc[i + 1]] = request.all_token_ids[s:s + n]
             if s + n == request.num_tokens:  # the last known token is computed: sample the next
                 sampled_requests.append(request)
                 logits_indices.append(int(query_start_loc[i + 1]) - 1)
         seq_index = np.repeat(np.arange(num_seqs), query_lens)
         positions = np.arange(num_tokens) - query_start_loc[seq_index] + starts[seq_index]
         slot_mapping = block_table[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
+        return HostInputs(num_tokens, input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_table,
+                          int(query_lens.max()), sampled_requests, logits_indices)
+
+    def _eager_forward(self, host: HostInputs) -> torch.Tensor:
         dev = self.device
         meta = AttentionMetadata(
-            num_actual_tokens=num_tokens,
-            slot_mapping=torch.from_numpy(slot_mapping).to(dev, non_blocking=True),
-            query_start_loc=torch.from_numpy(query_start_loc.astype(np.int32)).to(dev, non_blocking=True),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev, non_blocking=True),
-            block_table=torch.from_numpy(block_table).to(dev, non_blocking=True),
-            max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()),
-            query_start_loc_cpu=query_start_loc.tolist(), seq_lens_cpu=seq_lens.tolist())
+            num_actual_tokens=host.num_tokens,
+            slot_mapping=torch.from_numpy(host.slot_mapping).to(dev, non_blocking=True),
+            query_start_loc=torch.from_numpy(host.query_start_loc.astype(np.int32)).to(dev, non_blocking=True),
+            seq_lens=torch.from_numpy(host.seq_lens.astype(np.int32)).to(dev, non_blocking=True),
+            block_table=torch.from_numpy(host.block_table).to(dev, non_blocking=True),
+            max_query_len=host.max_query_len, max_seq_len=int(host.seq_lens.max()),
+            query_start_loc_cpu=host.query_start_loc.tolist(), seq_lens_cpu=host.seq_lens.tolist())
         self.backend.plan(meta, self.model_config.num_key_value_heads)
-        return (torch.from_numpy(input_ids).to(dev, non_blocking=True),
-                torch.from_numpy(positions).to(dev, non_blocking=True), meta, sampled_requests, logits_indices)
+        input_ids = torch.from_numpy(host.input_ids).to(dev, non_blocking=True)
+        positions = torch.from_numpy(host.positions).to(dev, non_blocking=True)
+        return self.model(input_ids, positions, self.kv_caches, meta)
 
     @torch.inference_mode()
     def execute(self, scheduled: list) -> StepResult:
-        input_ids, positions, meta, sampled_requests, logits_indices = self._prepare_inputs(scheduled)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        if not sampled_requests:
+        host = self._host_inputs(scheduled)
+        if self.graphs is not None and self.graphs.can_run(len(scheduled), host.max_query_len):
+            hidden = self.graphs.run(host)
+        else:
+            hidden = self._eager_forward(host)
+        if not host.sampled_requests:
             return StepResult([], None)
-        index = torch.tensor(logits_indices, dtype=torch.int64, device=self.device)
+        index = torch.tensor(host.logits_indices, dtype=torch.int64).to(self.device, non_blocking=True)
         logits = self.model.compute_logits(hidden[index])
-        batch = build_sampling_batch(sampled_requests, self.model_config.vocab_size, self.device)
-        return StepResult(sampled_requests, self.sampler(logits, batch))
+        batch = build_sampling_batch(host.sampled_requests, self.model_config.vocab_size, self.device)
+        return StepResult(host.sampled_requests, self.sampler(logits, batch))
+
+
+@dataclass
+class HostInputs:
+    """One step's flat batch as host arrays, before it goes to the device."""
+    num_tokens: int
+    input_ids: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    query_start_loc: np.ndarray
+    seq_lens: np.ndarray
+    block_table: np.ndarray
+    max_query_len: int
+    sampled_requests: list
+    logits_indices: list
 
 
 class _ProfileSequence:

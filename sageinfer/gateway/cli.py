@@ -44,6 +44,29 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import json
+    from sageinfer import LLM
+    from sageinfer.bench.runs import run_latency, run_throughput
+    from sageinfer.bench.workloads import load_workloads
+    workloads = load_workloads(args.workloads_file)
+    if args.workload not in workloads:
+        raise ValueError(f"--workload must be one of {sorted(workloads)}, got {args.workload!r}")
+    workload = dict(workloads[args.workload])
+    if args.bench_kind != workload["kind"]:
+        raise ValueError(f"{args.workload} is a {workload['kind']} workload: use `sageinfer bench {workload['kind']}`")
+    for key in ("num_prompts", "input_len", "output_len"):
+        if getattr(args, key) is not None:
+            workload[key] = getattr(args, key)
+    llm = LLM(**engine_kwargs(args))
+    result = run_throughput(llm, workload) if args.bench_kind == "throughput" else run_latency(llm, workload)
+    print(json.dumps({"workload": args.workload, **result}, indent=1))
+    if args.result_file:
+        with open(args.result_file, "w") as f:
+            json.dump({"workload": workload, "result": result}, f, indent=1)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sageinfer", description="sageInfer LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     _add_sampling_args(gen)
     gen.set_defaults(func=_generate)
+    bench = sub.add_parser("bench", help="offline throughput / latency benchmarks on the standard workloads")
+    bench_sub = bench.add_subparsers(dest="bench_kind", required=True)
+    for kind, default in (("throughput", "T1-prefill-heavy"), ("latency", "L1-single-stream")):
+        p = bench_sub.add_parser(kind)
+        p.add_argument("--workload", default=default)
+        p.add_argument("--workloads-file", default=None, help="default: benchmarks/standard/workloads.json")
+        p.add_argument("--num-prompts", type=int, default=None)
+        p.add_argument("--input-len", type=int, default=None)
+        p.add_argument("--output-len", type=int, default=None)
+        p.add_argument("--result-file", default=None)
+        add_engine_args(p)
+        p.set_defaults(func=_bench)
     return parser
 
 

@@ -1,0 +1,99 @@
+"""Run the standard workloads in one process (one model load) and compare with vLLM's numbers.
+
+  python benchmarks/run_standard.py --workloads T1-prefill-heavy,T2-decode-heavy,L1-single-stream,L2-long-context \
+      --out result.json [engine flags, e.g. --max-num-seqs 1024 --max-num-batched-tokens 16384]
+
+Dummy weights of benchmarks/standard/qwen3-8b (bf16) unless --model says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from sageinfer import LLM  # noqa: E402
+from sageinfer.bench.roofline import decode_bandwidth_gbs, model_sizes, prefill_flops  # noqa: E402
+from sageinfer.bench.runs import run_latency, run_throughput  # noqa: E402
+from sageinfer.bench.workloads import STANDARD_DIR, load_anchors, load_workloads  # noqa: E402
+from sageinfer.gateway.engine_args import add_engine_args, engine_kwargs  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workloads", default="T1-prefill-heavy,T2-decode-heavy,L1-single-stream,L2-long-context")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--anchor-set", default="bf16", choices=["bf16", "fp8"])
+    add_engine_args(parser)
+    parser.set_defaults(model=os.path.join(STANDARD_DIR, "qwen3-8b"), load_format="dummy", skip_tokenizer_init=True,
+                        max_num_seqs=1024, max_num_batched_tokens=16384)
+    args = parser.parse_args()
+    workloads, anchors = load_workloads(), load_anchors()
+    anchor_w = anchors["workloads"] if args.anchor_set == "bf16" else anchors["fp8_weights_and_kv"]["workloads"]
+    ceilings = anchors["ceilings"]
+
+    start = time.perf_counter()
+    llm = LLM(**engine_kwargs(args))
+    startup = time.perf_counter() - start
+    engine = llm.engine
+    sizes = model_sizes(llm)
+    print(f"startup {startup:.1f} s; KV cache {engine.num_kv_blocks} blocks = "
+          f"{(engine.num_kv_blocks - 1) * engine.config.block_size} tokens; graph capture "
+          f"{engine.graph_capture_seconds:.1f} s; device {engine.platform.device_name()}", flush=True)
+
+    # Warm-up: compile kernels for the prefill and decode shapes outside the timed runs.
+    warm = {"seed": 99, "num_prompts": 8, "input_len": 300, "output_len": 8}
+    run_throughput(llm, warm, use_tqdm=False)
+
+    results = {}
+    for name in args.workloads.split(","):
+        w = workloads[name]
+        print(f"== {name}: {w}", flush=True)
+        if w["kind"] == "throughput":
+            r = run_throughput(llm, w)
+            tokens = r["prompt_tokens"] + r["generated_tokens"]
+            r["matmul_tflops"] = 2.0 * sizes["matmul_params"] * tokens / r["seconds"] / 1e12
+            r["matmul_fraction_of_ceiling"] = r["matmul_tflops"] * 1e12 / (ceilings["bf16_matmul_tflops"] * 1e12)
+            r["vs_vllm"] = r["total_tok_s"] / anchor_w[name]["total_tok_s"]
+        else:
+            r = run_latency(llm, w)
+            ctx = w["input_len"] + w["output_len"] // 2
+            r["decode_gbs"] = decode_bandwidth_gbs(sizes, r["tpot_s"], ctx, w["batch"])
+            r["decode_fraction_of_bandwidth"] = r["decode_gbs"] / ceilings["copy_bandwidth_gbs"]
+            r["prefill_tflops"] = prefill_flops(sizes, w["input_len"]) * w["batch"] / r["ttft_s"] / 1e12
+            r["prefill_fraction_of_matmul"] = r["prefill_tflops"] / ceilings["bf16_matmul_tflops"]
+            r["ttft_vs_vllm"] = r["ttft_s"] / anchor_w[name]["ttft_s"]
+            r["tpot_vs_vllm"] = r["tpot_s"] / anchor_w[name]["tpot_s"]
+        results[name] = r
+        print(json.dumps(r), flush=True)
+
+    print("\n| workload | result | vLLM | ratio | roofline |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, r in results.items():
+        a = anchor_w[name]
+        if "total_tok_s" in r:
+            print(f"| {name} | {r['total_tok_s']:.0f} tok/s | {a['total_tok_s']:.0f} tok/s | {r['vs_vllm']:.2f}x "
+                  f"| matmul {100 * r['matmul_fraction_of_ceiling']:.0f}% |")
+        else:
+            print(f"| {name} | TTFT {1e3 * r['ttft_s']:.1f} ms, TPOT {1e3 * r['tpot_s']:.2f} ms | TTFT "
+                  f"{1e3 * a['ttft_s']:.1f} ms, TPOT {1e3 * a['tpot_s']:.2f} ms | TTFT {r['ttft_vs_vllm']:.2f}x, "
+                  f"TPOT {r['tpot_vs_vllm']:.2f}x (lower is better) | decode BW "
+                  f"{100 * r['decode_fraction_of_bandwidth']:.0f}%, prefill {100 * r['prefill_fraction_of_matmul']:.0f}% |")
+    if args.out:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        record = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "git_commit": commit or None,
+                  "device": engine.platform.device_name(), "date": datetime.date.today().isoformat(),
+                  "startup_s": startup, "graph_capture_s": engine.graph_capture_seconds,
+                  "kv_cache_tokens": (engine.num_kv_blocks - 1) * engine.config.block_size,
+                  "engine_config": {k: str(v) for k, v in vars(engine.config).items()}, "results": results}
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
