@@ -1,0 +1,106 @@
+"""Where a step's time goes: wall time per engine step vs GPU kernel time, host phases, top kernels.
+
+  python benchmarks/profile_steps.py --batches 1,256 --input-len 512 [engine flags]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from sageinfer import LLM, SamplingParams  # noqa: E402
+from sageinfer.bench.workloads import STANDARD_DIR  # noqa: E402
+import sageinfer.executor.model_runner as model_runner  # noqa: E402
+from sageinfer.gateway.engine_args import add_engine_args, engine_kwargs  # noqa: E402
+
+host_time = collections.defaultdict(float)
+
+
+def timed(obj, name, label):
+    fn = getattr(obj, name)
+
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            host_time[label] += time.perf_counter() - t
+    setattr(obj, name, wrapper)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", default="1,256")
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--prefill-len", type=int, default=0, help="also profile one prefill of this length")
+    add_engine_args(parser)
+    parser.set_defaults(model=os.path.join(STANDARD_DIR, "qwen3-8b"), load_format="dummy", skip_tokenizer_init=True,
+                        max_num_seqs=1024, max_num_batched_tokens=16384)
+    args = parser.parse_args()
+    llm = LLM(**engine_kwargs(args))
+    engine, runner = llm.engine, llm.engine.runner
+    timed(engine.scheduler, "schedule", "schedule")
+    timed(engine.scheduler, "update_after_step", "update")
+    timed(runner, "_host_inputs", "host_inputs")
+    timed(runner, "execute", "execute")
+    timed(model_runner, "build_sampling_batch", "sampling_batch")
+    vocab = engine.model_config.vocab_size
+    for batch in [int(b) for b in args.batches.split(",")]:
+        gen = torch.Generator().manual_seed(batch)
+        for i in range(batch):
+            ids = torch.randint(1000, vocab - 1000, (args.input_len,), generator=gen).tolist()
+            engine.add_request(f"b{batch}-{i}", {"prompt_token_ids": ids},
+                               SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True))
+        while any(r.num_output_tokens == 0 for r in engine.scheduler.running) or engine.scheduler.waiting:
+            engine.step()
+        for _ in range(5):
+            engine.step()
+        host_time.clear()
+        steps = 40
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall = (time.perf_counter() - t) / steps
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                engine.step()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        gpu_total = sum(e.self_device_time_total for e in events) / 10 / 1e3  # ms per step
+        print(f"\n### decode batch {batch}, context ~{args.input_len}: wall {1e3 * wall:.2f} ms/step, "
+              f"GPU kernels {gpu_total:.2f} ms/step ({100 * gpu_total / (1e3 * wall):.0f}% busy)")
+        print("host phases per step (ms): " + ", ".join(f"{k} {1e3 * v / steps:.2f}" for k, v in host_time.items()))
+        print("| kernel | ms/step | share |\n| --- | --- | --- |")
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:14]:
+            ms = e.self_device_time_total / 10 / 1e3
+            print(f"| {e.key[:90]} | {ms:.3f} | {100 * ms / gpu_total:.1f}% |")
+        for rid in [f"b{batch}-{i}" for i in range(batch)]:
+            engine.abort_request(rid)
+    if args.prefill_len:
+        ids = torch.randint(1000, vocab - 1000, (args.prefill_len,)).tolist()
+        engine.add_request("warm", {"prompt_token_ids": ids[:-1]}, SamplingParams(max_tokens=1))
+        while engine.has_unfinished_requests():
+            engine.step()
+        engine.kv_manager.pool.reset_prefix_cache()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            engine.add_request("p", {"prompt_token_ids": ids}, SamplingParams(max_tokens=1))
+            while engine.has_unfinished_requests():
+                engine.step()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        total = sum(e.self_device_time_total for e in events) / 1e3
+        print(f"\n### prefill {args.prefill_len} tokens: GPU kernels {total:.1f} ms")
+        print("| kernel | ms | share |\n| --- | --- | --- |")
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
+            print(f"| {e.key[:90]} | {e.self_device_time_total / 1e3:.2f} | {100 * e.self_device_time_total / 1e3 / total:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
