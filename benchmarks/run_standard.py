@@ -29,10 +29,16 @@ def main() -> None:
     parser.add_argument("--workloads", default="T1-prefill-heavy,T2-decode-heavy,L1-single-stream,L2-long-context")
     parser.add_argument("--out", default=None)
     parser.add_argument("--anchor-set", default="bf16", choices=["bf16", "fp8"])
+    parser.add_argument("--prefill-attention-config", default=None, help="JSON file from tune_attention.py")
     add_engine_args(parser)
     parser.set_defaults(model=os.path.join(STANDARD_DIR, "qwen3-8b"), load_format="dummy", skip_tokenizer_init=True,
                         max_num_seqs=1024, max_num_batched_tokens=16384)
     args = parser.parse_args()
+    if args.prefill_attention_config:
+        import sageinfer.ops.paged_attention as pa
+        with open(args.prefill_attention_config) as f:
+            pa.PREFILL_CONFIG = json.load(f)
+        print("prefill attention config", pa.PREFILL_CONFIG)
     workloads, anchors = load_workloads(), load_anchors()
     anchor_w = anchors["workloads"] if args.anchor_set == "bf16" else anchors["fp8_weights_and_kv"]["workloads"]
     ceilings = anchors["ceilings"]

@@ -16,6 +16,29 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, block_table_ptr, seq, kv_head, kv_end, q_pos,
+                 dims, dim_valid, scale_log2, stride_c_block, stride_c_slot, stride_c_head, stride_bt,
+                 PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    k_idx = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_valid = k_idx < kv_end
+    page = tl.load(block_table_ptr + seq * stride_bt + k_idx // PAGE_SIZE, mask=k_valid, other=0)
+    slot_offs = page.to(tl.int64) * stride_c_block + (k_idx % PAGE_SIZE) * stride_c_slot + kv_head * stride_c_head
+    k = tl.load(k_cache_ptr + slot_offs[None, :] + dims[:, None], mask=k_valid[None, :] & dim_valid[:, None], other=0.0)
+    s = tl.dot(q, k) * scale_log2
+    if MASKED:
+        visible = k_valid[None, :] & (k_idx[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_cache_ptr + slot_offs[:, None] + dims[None, :], mask=k_valid[:, None] & dim_valid[None, :], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_table_ptr, seq_lens_ptr, query_start_loc_ptr,
@@ -23,7 +46,8 @@ def _paged_attention_kernel(
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
     stride_c_block, stride_c_slot, stride_c_head, stride_bt,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -52,29 +76,21 @@ def _paged_attention_kernel(
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     tile_start = split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
+    # Tiles wholly at or before the tile's first query position need no mask.
+    num_full = (context_len + q_tile * BLOCK_Q + 1) // BLOCK_N
+    mid = tl.maximum(tl.minimum(tile_end, num_full), tile_start)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    for tile in range(tile_start, tile_end):
-        k_idx = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_valid = k_idx < kv_end
-        page = tl.load(block_table_ptr + seq * stride_bt + k_idx // PAGE_SIZE, mask=k_valid, other=0)
-        slot_offs = page.to(tl.int64) * stride_c_block + (k_idx % PAGE_SIZE) * stride_c_slot + kv_head * stride_c_head
-        k = tl.load(k_cache_ptr + slot_offs[None, :] + dims[:, None],
-                    mask=k_valid[None, :] & dim_valid[:, None], other=0.0)
-        s = tl.dot(q, k) * scale_log2
-        visible = k_valid[None, :] & (k_idx[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + slot_offs[:, None] + dims[None, :],
-                    mask=k_valid[:, None] & dim_valid[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    for tile in range(tile_start, mid):
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, block_table_ptr, seq, kv_head,
+                                     kv_end, q_pos, dims, dim_valid, scale_log2, stride_c_block, stride_c_slot,
+                                     stride_c_head, stride_bt, PAGE_SIZE, BLOCK_N, False)
+    for tile in range(mid, tile_end):
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, block_table_ptr, seq, kv_head,
+                                     kv_end, q_pos, dims, dim_valid, scale_log2, stride_c_block, stride_c_slot,
+                                     stride_c_head, stride_bt, PAGE_SIZE, BLOCK_N, True)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tok = q_start + q_idx
@@ -118,20 +134,28 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     return max(1, min(by_occupancy, by_length, 64))
 
 
+# Launch configuration of prefill tiles: (query rows per program, keys per tile, warps, stages).
+PREFILL_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 2}
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                     block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                    num_seqs: int, max_query_len: int, scale: float, num_splits: int = 1) -> torch.Tensor:
+                    num_seqs: int, max_query_len: int, scale: float, num_splits: int = 1,
+                    config: dict | None = None) -> torch.Tensor:
     """q, out: [T, Hq, D]; caches: [blocks, page, Hkv, D]. Writes out and returns it."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    cfg = config or PREFILL_CONFIG
     if max_query_len == 1:
         block_q = 1
     else:
-        block_q = max(1, min(128 // group, triton.next_power_of_2(max_query_len)))
+        block_q = max(1, min(cfg["block_m"] // group, triton.next_power_of_2(max_query_len)))
     block_m = max(16, triton.next_power_of_2(block_q * group))
-    block_n = 64 if block_m >= 64 else 32
+    block_n = cfg["block_n"] if block_m >= 64 else 32
+    num_warps = cfg["num_warps"] if block_m >= 128 else 4
+    num_stages = cfg["num_stages"] if block_m >= 64 else 2
     num_splits = num_splits if max_query_len == 1 else 1
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
     if num_splits > 1:
@@ -145,7 +169,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        num_warps=4 if block_m <= 64 else 8, num_stages=2)
+        num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _merge_splits_kernel[(q.shape[0], num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1),
