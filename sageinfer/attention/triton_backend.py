@@ -28,4 +28,5 @@ class TritonBackend(AttentionBackend):
                        meta.slot_mapping, q_norm, k_norm, eps)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         return paged_attention(q, k_cache, v_cache, out, meta.block_table, meta.seq_lens, meta.query_start_loc,
-                               meta.num_seqs, meta.max_query_len, layer.scale, meta.num_splits)
+                               meta.num_seqs, meta.max_query_len, layer.scale, meta.num_splits,
+                               max_seq_len=meta.max_seq_len)
