@@ -45,6 +45,8 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = None
     kv_cache_memory_bytes: int | None = None
     enforce_eager: bool = False
+    # Launch step N+1 before reading step N's tokens (hides host work behind the device's).
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.tokenizer is None:

@@ -35,6 +35,14 @@ class _ParentRequest:
 
 
 @dataclass
+class _InFlight:
+    """A launched step whose sampled tokens have not been read yet."""
+    sampled_requests: list[Request]
+    sampler_output: object  # layers.sampler.SamplerOutput or None
+    token_indices: list[int]  # where each request's placeholder sits in its all_token_ids
+
+
+@dataclass
 class EngineStats:
     num_running: int
     num_waiting: int
@@ -78,6 +86,8 @@ class LLMEngine:
         self.requests: dict[str, _ParentRequest] = {}
         self.num_prompt_tokens_computed = 0
         self.num_generated_tokens = 0
+        self.async_scheduling = config.async_scheduling
+        self._in_flight: _InFlight | None = None
 
     # ---- requests --------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -136,39 +146,71 @@ class LLMEngine:
         return bool(self.requests)
 
     # ---- the loop --------------------------------------------------------------------
+    # Async scheduling: step N+1 is scheduled and launched before step N's tokens are read, so the
+    # host's work hides behind the device's. Tokens of step N are placeholders on the host until
+    # then; the runner takes them from the device. A request that turns out to have finished at step
+    # N computed one wasted token in step N+1, which is dropped.
     def step(self) -> list[RequestOutput]:
+        outputs = []
+        if self._in_flight is not None and any(r.sampling_params.uses_penalties
+                                               for r in self._in_flight.sampled_requests):
+            outputs += self._process(self._take_in_flight())  # penalties need the real token ids
         sched = self.scheduler.schedule()
-        if sched.is_empty:
+        launched = None
+        if not sched.is_empty:
+            prev = self._in_flight
+            prev_tokens = prev.sampler_output.token_ids if prev is not None and prev.sampler_output else None
+            result = self.runner.execute(sched.scheduled, prev_tokens)
+            self.scheduler.update_after_step(sched)
+            self.num_prompt_tokens_computed += sum(
+                n for r, n in sched.scheduled if r.num_computed_tokens - n < r.num_prompt_tokens)
+            launched = _InFlight(result.sampled_requests, result.sampler_output,
+                                 [r.append_placeholder(row) for row, r in enumerate(result.sampled_requests)])
+        previous, self._in_flight = self._in_flight, launched
+        if previous is not None:
+            outputs += self._process(previous)
+        if not self.async_scheduling and self._in_flight is not None:
+            outputs += self._process(self._take_in_flight())
+        return outputs
+
+    def _take_in_flight(self) -> "_InFlight":
+        step, self._in_flight = self._in_flight, None
+        return step
+
+    def _process(self, step: "_InFlight") -> list[RequestOutput]:
+        """Read a launched step's tokens (the one device->host sync) and apply them."""
+        out = step.sampler_output
+        if out is None:
             return []
-        result = self.runner.execute(sched.scheduled)
-        self.scheduler.update_after_step(sched)
-        self.num_prompt_tokens_computed += sum(
-            n for r, n in sched.scheduled if r.num_computed_tokens - n < r.num_prompt_tokens)
+        token_ids = out.token_ids.tolist()
+        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
+        lp_ids = out.logprob_token_ids.tolist() if out.logprob_token_ids is not None else None
+        ranks = out.sampled_ranks.tolist() if out.sampled_ranks is not None else None
         touched: dict[str, _ParentRequest] = {}
-        if result.sampler_output is not None:
-            out = result.sampler_output
-            token_ids = out.token_ids.tolist()  # the one device->host sync of the step
-            logprobs = out.logprobs.tolist() if out.logprobs is not None else None
-            lp_ids = out.logprob_token_ids.tolist() if out.logprob_token_ids is not None else None
-            ranks = out.sampled_ranks.tolist() if out.sampled_ranks is not None else None
-            for row, (request, token) in enumerate(zip(result.sampled_requests, token_ids)):
-                parent = self.requests[request.parent_id]
-                request.append_token(token)
-                self.num_generated_tokens += 1
-                if logprobs is not None and request.sampling_params.logprobs is not None:
-                    k = request.sampling_params.logprobs
-                    request.logprobs.append((lp_ids[row][:k + 1], logprobs[row][:k + 1], ranks[row]))
-                    request.cumulative_logprob += logprobs[row][0]
-                detok = parent.detokenizers[request.index]
-                self._check_stop(request, detok, token)
-                if request.is_finished and detok is not None and request.finish_reason != "stop":
+        for row, (request, token, index) in enumerate(zip(step.sampled_requests, token_ids, step.token_indices)):
+            parent = self.requests.get(request.parent_id)
+            if request.is_finished or parent is None:
+                continue
+            request.resolve_placeholder(index, token)
+            self.kv_manager.cache_full_blocks(request)
+            self.num_generated_tokens += 1
+            if logprobs is not None and request.sampling_params.logprobs is not None:
+                k = request.sampling_params.logprobs
+                request.logprobs.append((lp_ids[row][:k + 1], logprobs[row][:k + 1], ranks[row]))
+                request.cumulative_logprob += logprobs[row][0]
+            detok = parent.detokenizers[request.index]
+            self._check_stop(request, detok, token, index - request.num_prompt_tokens + 1)
+            if request.is_finished:
+                request.truncate_after(index)
+                if detok is not None and request.finish_reason != "stop":
                     detok.flush()
-                touched[parent.request_id] = parent
+            touched[parent.request_id] = parent
         return [self._make_output(p) for p in touched.values()]
 
-    def _check_stop(self, request: Request, detok: IncrementalDetokenizer | None, token: int) -> None:
+    def _check_stop(self, request: Request, detok: IncrementalDetokenizer | None, token: int,
+                    num_output: int) -> None:
         params = request.sampling_params
-        past_min = request.num_output_tokens >= params.min_tokens
+        past_min = num_output >= params.min_tokens
         if past_min and not params.ignore_eos and token in request.eos_token_ids:
             return self.scheduler.finish(request, "stop")
         if past_min and token in params.all_stop_token_ids:
@@ -178,7 +220,7 @@ class LLMEngine:
             if stop_str is not None:
                 return self.scheduler.finish(request, "stop", stop_str)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.config.max_model_len
-        if request.num_output_tokens >= max_tokens or request.num_tokens >= self.config.max_model_len:
+        if num_output >= max_tokens or request.num_prompt_tokens + num_output >= self.config.max_model_len:
             self.scheduler.finish(request, "length")
 
     def _make_output(self, parent: _ParentRequest) -> RequestOutput:

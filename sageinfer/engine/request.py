@@ -9,6 +9,9 @@ import torch
 from sageinfer.sampling_params import SamplingParams
 
 
+PLACEHOLDER = -1
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -43,6 +46,10 @@ class Request:
         self.cumulative_logprob = 0.0
         # A sibling of an n > 1 request waits for this one to compute the shared prompt.
         self.leader: "Request | None" = None
+        # Async scheduling: tokens sampled on the device but not yet read back sit at the tail of
+        # all_token_ids as PLACEHOLDER; last_sampled_row is the row of the newest in its step's output.
+        self.num_pending_tokens = 0
+        self.last_sampled_row = -1
 
     @property
     def num_tokens(self) -> int:
@@ -60,9 +67,34 @@ class Request:
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 
+    @property
+    def num_known_tokens(self) -> int:
+        return len(self.all_token_ids) - self.num_pending_tokens
+
     def append_token(self, token_id: int) -> None:
         self.all_token_ids.append(token_id)
         self.output_token_ids.append(token_id)
+
+    def append_placeholder(self, row: int) -> int:
+        """A token sampled on the device, to be resolved later; returns its index in all_token_ids."""
+        self.all_token_ids.append(PLACEHOLDER)
+        self.output_token_ids.append(PLACEHOLDER)
+        self.num_pending_tokens += 1
+        self.last_sampled_row = row
+        return len(self.all_token_ids) - 1
+
+    def resolve_placeholder(self, index: int, token_id: int) -> None:
+        self.all_token_ids[index] = token_id
+        self.output_token_ids[index - self.num_prompt_tokens] = token_id
+        self.num_pending_tokens -= 1
+
+    def truncate_after(self, index: int) -> None:
+        """Drop tokens after all_token_ids[index] (placeholders of steps run past the finish)."""
+        dropped = len(self.all_token_ids) - index - 1
+        if dropped > 0:
+            del self.all_token_ids[index + 1:]
+            del self.output_token_ids[len(self.output_token_ids) - dropped:]
+            self.num_pending_tokens = max(0, self.num_pending_tokens - dropped)
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.status = RequestStatus.FINISHED

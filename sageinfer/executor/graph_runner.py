@@ -23,6 +23,7 @@ class DecodeGraphs:
     def __init__(self, model, backend, platform, device, max_num_seqs: int, max_model_len: int,
                  block_size: int, num_kv_heads: int, kv_caches):
         self.sizes = graph_batch_sizes(max_num_seqs)
+        self.platform, self.device = platform, device
         self.max_batch = self.sizes[-1]
         max_blocks = -(-max_model_len // block_size)
         n = self.max_batch
@@ -55,18 +56,21 @@ class DecodeGraphs:
     def can_run(self, num_seqs: int, max_query_len: int) -> bool:
         return max_query_len == 1 and num_seqs <= self.max_batch
 
-    def run(self, host) -> torch.Tensor:
-        """host: executor.model_runner.HostInputs of a decode-only batch. Returns hidden [num_seqs, H]."""
+    def run(self, host, fill_pending) -> torch.Tensor:
+        """host: executor.model_runner.HostInputs of a decode-only batch; fill_pending(input_ids) writes
+        tokens still on the device into the input buffer. Returns hidden [num_seqs, H]."""
         num = host.num_tokens
         bs = next(s for s in self.sizes if s >= num)
         pad = bs - num
-        self.input_ids[:bs].copy_(torch.from_numpy(np.pad(host.input_ids, (0, pad))), non_blocking=True)
-        self.positions[:bs].copy_(torch.from_numpy(np.pad(host.positions, (0, pad))), non_blocking=True)
-        self.slot_mapping[:bs].copy_(torch.from_numpy(np.pad(host.slot_mapping, (0, pad), constant_values=-1)),
+        to_device = self.platform.to_device
+        self.input_ids[:bs].copy_(to_device(np.pad(host.input_ids, (0, pad)), self.device), non_blocking=True)
+        fill_pending(self.input_ids)
+        self.positions[:bs].copy_(to_device(np.pad(host.positions, (0, pad)), self.device), non_blocking=True)
+        self.slot_mapping[:bs].copy_(to_device(np.pad(host.slot_mapping, (0, pad), constant_values=-1), self.device),
                                      non_blocking=True)
-        self.seq_lens[:bs].copy_(torch.from_numpy(np.pad(host.seq_lens.astype(np.int32), (0, pad),
-                                                         constant_values=1)), non_blocking=True)
+        self.seq_lens[:bs].copy_(to_device(np.pad(host.seq_lens.astype(np.int32), (0, pad), constant_values=1),
+                                           self.device), non_blocking=True)
         width = host.block_table.shape[1]
-        self.block_table[:num, :width].copy_(torch.from_numpy(host.block_table), non_blocking=True)
+        self.block_table[:num, :width].copy_(to_device(host.block_table, self.device), non_blocking=True)
         self.graphs[bs].replay()
         return self.outputs[bs][:num]

@@ -128,48 +128,65 @@ class ModelRunner:
         block_table = np.zeros((num_seqs, max_blocks), dtype=np.int32)
         input_ids = np.empty(num_tokens, dtype=np.int64)
         sampled_requests, logits_indices = [], []
+        fill_index, fill_row = [], []
         for i, (request, n) in enumerate(scheduled):
             blocks = request.block_ids
             block_table[i, :len(blocks)] = blocks
             s = int(starts[i])
+            end = int(query_start_loc[i + 1])
             if n == 1:
-                input_ids[query_start_loc[i]] = request.all_token_ids[s]
+                input_ids[end - 1] = request.all_token_ids[s]
             else:
-                input_ids[query_start_loc[i]:query_start_loc[i + 1]] = request.all_token_ids[s:s + n]
-            if s + n == request.num_tokens:  # the last known token is computed: sample the next
+                input_ids[end - n:end] = request.all_token_ids[s:s + n]
+            if s + n == request.num_tokens:  # the last token is computed: sample the next
                 sampled_requests.append(request)
-                logits_indices.append(int(query_start_loc[i + 1]) - 1)
+                logits_indices.append(end - 1)
+                if request.num_pending_tokens:  # its input is still on the device (async scheduling)
+                    input_ids[end - 1] = 0
+                    fill_index.append(end - 1)
+                    fill_row.append(request.last_sampled_row)
         seq_index = np.repeat(np.arange(num_seqs), query_lens)
         positions = np.arange(num_tokens) - query_start_loc[seq_index] + starts[seq_index]
         slot_mapping = block_table[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
         return HostInputs(num_tokens, input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_table,
-                          int(query_lens.max()), sampled_requests, logits_indices)
+                          int(query_lens.max()), sampled_requests, logits_indices,
+                          np.array(fill_index, dtype=np.int64), np.array(fill_row, dtype=np.int64))
 
-    def _eager_forward(self, host: HostInputs) -> torch.Tensor:
-        dev = self.device
+    def _fill_pending(self, input_ids: torch.Tensor, host: HostInputs, prev_token_ids: torch.Tensor | None) -> None:
+        """Write tokens sampled by the previous, still unread step into this step's inputs, on the device."""
+        if len(host.fill_index):
+            index = self.platform.to_device(host.fill_index, self.device)
+            rows = self.platform.to_device(host.fill_row, self.device)
+            input_ids[index] = prev_token_ids[rows]
+
+    def _eager_forward(self, host: HostInputs, prev_token_ids: torch.Tensor | None) -> torch.Tensor:
+        dev, to_device = self.device, self.platform.to_device
         meta = AttentionMetadata(
             num_actual_tokens=host.num_tokens,
-            slot_mapping=torch.from_numpy(host.slot_mapping).to(dev, non_blocking=True),
-            query_start_loc=torch.from_numpy(host.query_start_loc.astype(np.int32)).to(dev, non_blocking=True),
-            seq_lens=torch.from_numpy(host.seq_lens.astype(np.int32)).to(dev, non_blocking=True),
-            block_table=torch.from_numpy(host.block_table).to(dev, non_blocking=True),
+            slot_mapping=to_device(host.slot_mapping, dev),
+            query_start_loc=to_device(host.query_start_loc.astype(np.int32), dev),
+            seq_lens=to_device(host.seq_lens.astype(np.int32), dev),
+            block_table=to_device(host.block_table, dev),
             max_query_len=host.max_query_len, max_seq_len=int(host.seq_lens.max()),
             query_start_loc_cpu=host.query_start_loc.tolist(), seq_lens_cpu=host.seq_lens.tolist())
         self.backend.plan(meta, self.model_config.num_key_value_heads)
-        input_ids = torch.from_numpy(host.input_ids).to(dev, non_blocking=True)
-        positions = torch.from_numpy(host.positions).to(dev, non_blocking=True)
+        input_ids = to_device(host.input_ids, dev)
+        self._fill_pending(input_ids, host, prev_token_ids)
+        positions = to_device(host.positions, dev)
         return self.model(input_ids, positions, self.kv_caches, meta)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list) -> StepResult:
+    def execute(self, scheduled: list, prev_token_ids: torch.Tensor | None = None) -> StepResult:
+        """Launch one step. prev_token_ids: the previous step's sampled tokens, still on the device,
+        for requests whose newest token is a placeholder. Nothing here waits for the device."""
         host = self._host_inputs(scheduled)
         if self.graphs is not None and self.graphs.can_run(len(scheduled), host.max_query_len):
-            hidden = self.graphs.run(host)
+            hidden = self.graphs.run(host, lambda ids: self._fill_pending(ids, host, prev_token_ids))
         else:
-            hidden = self._eager_forward(host)
+            hidden = self._eager_forward(host, prev_token_ids)
         if not host.sampled_requests:
             return StepResult([], None)
-        index = torch.tensor(host.logits_indices, dtype=torch.int64).to(self.device, non_blocking=True)
+        index = self.platform.to_device(np.array(host.logits_indices, dtype=np.int64), self.device)
         logits = self.model.compute_logits(hidden[index])
         batch = build_sampling_batch(host.sampled_requests, self.model_config.vocab_size, self.device)
         return StepResult(host.sampled_requests, self.sampler(logits, batch))
@@ -188,6 +205,8 @@ class HostInputs:
     max_query_len: int
     sampled_requests: list
     logits_indices: list
+    fill_index: np.ndarray  # flat token positions whose ids come from the previous step's device output
+    fill_row: np.ndarray    # ... and their rows in it
 
 
 class _ProfileSequence:
@@ -202,6 +221,7 @@ class _ProfileSequence:
         self.sampling_params = SamplingParams(temperature=0.0)
         self.generator = None
         self.eos_token_ids: set[int] = set()
+        self.num_pending_tokens = 0
 
     @property
     def num_tokens(self) -> int:

@@ -28,6 +28,8 @@ def build_sampling_batch(requests: list, vocab_size: int, device: torch.device) 
         counts = torch.zeros(num, vocab_size, dtype=torch.float32)
         prompt_mask = torch.zeros(num, vocab_size, dtype=torch.bool)
         for row, r in enumerate(requests):
+            if not r.sampling_params.uses_penalties:
+                continue  # neutral penalties; its newest tokens may still be placeholders
             if r.output_token_ids:
                 out_ids = torch.tensor(r.output_token_ids, dtype=torch.int64)
                 counts[row].index_add_(0, out_ids, torch.ones(len(out_ids)))

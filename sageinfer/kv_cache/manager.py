@@ -21,7 +21,8 @@ class KVCacheManager:
     def _update_hashes(self, request) -> None:
         bs = self.block_size
         tokens = request.all_token_ids
-        while (len(request.block_hashes) + 1) * bs <= len(tokens):
+        known = request.num_known_tokens  # placeholders of in-flight steps are never hashed
+        while (len(request.block_hashes) + 1) * bs <= known:
             i = len(request.block_hashes)
             parent = request.block_hashes[-1] if i else None
             request.block_hashes.append(hash_block(parent, tuple(tokens[i * bs:(i + 1) * bs])))

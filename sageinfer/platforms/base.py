@@ -51,3 +51,7 @@ class Platform:
 
     def stream(self):
         return None
+
+    def to_device(self, array, device: torch.device) -> torch.Tensor:
+        """A host numpy array on the device without blocking the host where the platform allows."""
+        return torch.from_numpy(array).to(device)

@@ -1,0 +1,46 @@
+"""Launching step N+1 before reading step N's tokens must not change any output."""
+import numpy as np
+
+from sageinfer import LLM, SamplingParams
+
+
+def _workload(tokenizer_vocab=500):
+    rng = np.random.default_rng(21)
+    prompts = [{"prompt_token_ids": rng.integers(3, tokenizer_vocab, size=n).tolist()}
+               for n in (5, 80, 33, 120, 2, 64, 17, 150)]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=25, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=30, frequency_penalty=1.0, repetition_penalty=1.3, ignore_eos=True),
+        SamplingParams(temperature=1.0, n=3, seed=7, max_tokens=12, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0.0, max_tokens=40, min_tokens=3, stop_token_ids=[7, 11, 13, 17, 19, 23]),
+        SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True),  # runs into max_model_len
+        SamplingParams(temperature=0.7, top_k=5, seed=9, max_tokens=18, ignore_eos=True, presence_penalty=0.5),
+        SamplingParams(temperature=0.0, max_tokens=15, stop=["a", "e"], ignore_eos=True),
+    ]
+    return prompts, params
+
+
+def _run(model_dir, async_scheduling, **kwargs):
+    llm = LLM(model_dir, dtype="float32", async_scheduling=async_scheduling, show_progress=False, **kwargs)
+    prompts, params = _workload()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    llm.engine.kv_manager.pool.check_accounting()
+    assert llm.engine.kv_manager.pool.num_free_blocks == llm.engine.kv_manager.pool.usable_blocks
+    return llm, [[(c.token_ids, c.text, c.finish_reason, c.stop_reason,
+                   None if c.logprobs is None else [sorted(e) for e in c.logprobs]) for c in o.outputs] for o in outs]
+
+
+def test_async_and_sync_steps_give_identical_outputs(llama_dir):
+    _, sync = _run(llama_dir, False, num_gpu_blocks_override=256, max_model_len=200)
+    _, asyn = _run(llama_dir, True, num_gpu_blocks_override=256, max_model_len=200)
+    assert asyn == sync
+    assert sync[5][0][2] == "length" and len(sync[5][0][0]) == 200 - 64
+
+
+def test_async_with_preemption_and_tiny_chunks_gives_identical_outputs(llama_dir):
+    kwargs = dict(num_gpu_blocks_override=16, max_model_len=200, max_num_batched_tokens=24)
+    _, sync = _run(llama_dir, False, **kwargs)
+    llm, asyn = _run(llama_dir, True, **kwargs)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert asyn == sync
