@@ -44,3 +44,15 @@ def test_async_with_preemption_and_tiny_chunks_gives_identical_outputs(llama_dir
     llm, asyn = _run(llama_dir, True, **kwargs)
     assert llm.engine.scheduler.num_preemptions > 0
     assert asyn == sync
+
+
+def test_a_request_at_its_token_limit_gets_no_extra_step(llama_dir):
+    llm = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+    launches = []
+    execute = llm.engine.runner.execute
+    llm.engine.runner.execute = lambda scheduled, prev=None: launches.append(len(scheduled)) or execute(scheduled, prev)
+    out = llm.generate({"prompt_token_ids": [3, 4, 5]}, SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 1 and launches == [1]
+    launches.clear()
+    llm.generate({"prompt_token_ids": [3, 4, 6]}, SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False)
+    assert launches == [1] * 5

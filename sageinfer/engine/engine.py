@@ -126,6 +126,8 @@ class LLMEngine:
                 generator = torch.Generator(device=self.runner.device).manual_seed(child_params.seed)
             child = Request(f"{request_id}-{index}", request_id, index, prompt_ids, child_params,
                             self.eos_token_ids, arrival_time, generator)
+            limit = max_len - len(prompt_ids)
+            child.max_output_tokens = max(1, min(child_params.max_tokens or limit, limit))
             if index > 0:
                 child.leader = children[0]
             children.append(child)

@@ -50,6 +50,8 @@ class Request:
         # all_token_ids as PLACEHOLDER; last_sampled_row is the row of the newest in its step's output.
         self.num_pending_tokens = 0
         self.last_sampled_row = -1
+        # Most output tokens it may produce (max_tokens and the context limit); set by the engine.
+        self.max_output_tokens = 1 << 62
 
     @property
     def num_tokens(self) -> int:

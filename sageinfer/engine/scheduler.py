@@ -51,6 +51,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if request.num_pending_tokens and request.num_output_tokens >= request.max_output_tokens:
+                i += 1  # finishes once its in-flight token is read: computing more would be wasted
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.kv.allocate_slots(request, num_new):
                 victim = self.running.pop()

@@ -188,7 +188,8 @@ class ModelRunner:
             return StepResult([], None)
         index = self.platform.to_device(np.array(host.logits_indices, dtype=np.int64), self.device)
         logits = self.model.compute_logits(hidden[index])
-        batch = build_sampling_batch(host.sampled_requests, self.model_config.vocab_size, self.device)
+        batch = build_sampling_batch(host.sampled_requests, self.model_config.vocab_size, self.device,
+                                     self.platform.to_device)
         return StepResult(host.sampled_requests, self.sampler(logits, batch))
 
 

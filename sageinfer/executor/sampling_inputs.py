@@ -6,7 +6,8 @@ import torch
 from sageinfer.layers.sampler import SamplingBatch
 
 
-def build_sampling_batch(requests: list, vocab_size: int, device: torch.device) -> SamplingBatch:
+def build_sampling_batch(requests: list, vocab_size: int, device: torch.device, to_device) -> SamplingBatch:
+    """to_device(host_tensor, device): the platform's non-blocking host->device copy."""
     params = [r.sampling_params for r in requests]
     num = len(requests)
     top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
@@ -47,5 +48,5 @@ def build_sampling_batch(requests: list, vocab_size: int, device: torch.device) 
                  "repetition_penalty", "output_token_counts", "prompt_token_mask", "banned_rows", "banned_tokens"):
         value = getattr(batch, name)
         if value is not None:
-            setattr(batch, name, value.to(device, non_blocking=True))
+            setattr(batch, name, to_device(value, device))
     return batch

@@ -74,7 +74,7 @@ class Sampler:
             logits = apply_penalties(logits, b)
         if b.banned_rows is not None:
             logits = logits.index_put((b.banned_rows, b.banned_tokens),
-                                      torch.tensor(float("-inf"), device=logits.device))
+                                      torch.full((), float("-inf"), device=logits.device))
         greedy_tokens = logits.argmax(dim=-1)
         if b.all_greedy:
             tokens = greedy_tokens

@@ -53,5 +53,6 @@ class Platform:
         return None
 
     def to_device(self, array, device: torch.device) -> torch.Tensor:
-        """A host numpy array on the device without blocking the host where the platform allows."""
-        return torch.from_numpy(array).to(device)
+        """A host array (numpy or CPU tensor) on the device, without blocking the host where the
+        platform allows."""
+        return torch.as_tensor(array).to(device)

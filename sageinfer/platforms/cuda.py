@@ -53,4 +53,4 @@ class CudaPlatform(Platform):
     def to_device(self, array, device: torch.device) -> torch.Tensor:
         # Pageable copies may wait for the stream; pinned ones don't. torch's caching host allocator
         # keeps each pinned buffer alive until its copy has run.
-        return torch.from_numpy(array).pin_memory().to(device, non_blocking=True)
+        return torch.as_tensor(array).pin_memory().to(device, non_blocking=True)
