@@ -184,10 +184,7 @@ class LLMEngine:
         out = step.sampler_output
         if out is None:
             return []
-        token_ids = out.token_ids.tolist()
-        logprobs = out.logprobs.tolist() if out.logprobs is not None else None
-        lp_ids = out.logprob_token_ids.tolist() if out.logprob_token_ids is not None else None
-        ranks = out.sampled_ranks.tolist() if out.sampled_ranks is not None else None
+        token_ids, logprobs, lp_ids, ranks = out.to_lists()
         touched: dict[str, _ParentRequest] = {}
         for row, (request, token, index) in enumerate(zip(step.sampled_requests, token_ids, step.token_indices)):
             parent = self.requests.get(request.parent_id)

@@ -190,7 +190,12 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[index])
         batch = build_sampling_batch(host.sampled_requests, self.model_config.vocab_size, self.device,
                                      self.platform.to_device)
-        return StepResult(host.sampled_requests, self.sampler(logits, batch))
+        out = self.sampler(logits, batch)
+        tensors = [out.token_ids]
+        if out.logprobs is not None:
+            tensors += [out.logprobs, out.logprob_token_ids, out.sampled_ranks]
+        out.host_copy = self.platform.to_host_async(tensors)
+        return StepResult(host.sampled_requests, out)
 
 
 @dataclass

@@ -39,6 +39,16 @@ class SamplerOutput:
     logprobs: torch.Tensor | None = None      # [B, 1 + k]: sampled token first, then the top k
     logprob_token_ids: torch.Tensor | None = None  # [B, 1 + k]
     sampled_ranks: torch.Tensor | None = None  # [B] rank of the sampled token (1 = most likely)
+    host_copy: object = None  # (host tensors, handle) of an async copy started by the runner
+
+    def to_lists(self) -> tuple[list, list | None, list | None, list | None]:
+        """token ids, logprobs, logprob token ids, ranks as Python lists (waits for the copy)."""
+        host, handle = self.host_copy
+        handle.synchronize()
+        lists = [t.tolist() for t in host]
+        if len(lists) == 1:
+            return lists[0], None, None, None
+        return tuple(lists)
 
 
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:

@@ -52,7 +52,17 @@ class Platform:
     def stream(self):
         return None
 
+    def to_host_async(self, tensors: list[torch.Tensor]):
+        """Start copying device tensors to the host; returns (host tensors, a handle whose
+        synchronize() waits for these copies only)."""
+        return [t.to("cpu") for t in tensors], _Done()
+
     def to_device(self, array, device: torch.device) -> torch.Tensor:
         """A host array (numpy or CPU tensor) on the device, without blocking the host where the
         platform allows."""
         return torch.as_tensor(array).to(device)
+
+
+class _Done:
+    def synchronize(self) -> None:
+        pass

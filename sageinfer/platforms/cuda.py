@@ -50,6 +50,16 @@ class CudaPlatform(Platform):
     def stream(self):
         return torch.cuda.Stream()
 
+    def to_host_async(self, tensors: list[torch.Tensor]):
+        # Enqueued right after the step that produced them, so waiting on the event does not wait
+        # for the next step, which is launched before these are read.
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        for h, t in zip(host, tensors):
+            h.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
     def to_device(self, array, device: torch.device) -> torch.Tensor:
         # Pageable copies may wait for the stream; pinned ones don't. torch's caching host allocator
         # keeps each pinned buffer alive until its copy has run.
