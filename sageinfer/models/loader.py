@@ -44,7 +44,7 @@ def iterate_safetensors(model_dir: str, show_progress: bool = True) -> Iterator[
 
 def _fill_dummy(model: torch.nn.Module, seed: int) -> None:
     # Small uniform values keep activations finite through many layers, like real checkpoints.
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # host-side draws, copied to the device
     for param in model.parameters():
         host = torch.empty(param.shape, dtype=torch.float32).uniform_(-1e-3, 1e-3, generator=gen) \
             if param.numel() < (1 << 24) else None

@@ -11,6 +11,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _rms_norm_halves(x1, x2, weight_ptr, d, dmask, eps, dtype, HEAD_DIM: tl.constexpr):
+    """Per-head RMSNorm of a head split in its two rotary halves (fp32 in, fp32 out, rounded as
+    transformers rounds: normalise, cast to the model dtype, scale)."""
+    half = HEAD_DIM // 2
+    rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM + eps)[:, None]
+    w1 = tl.load(weight_ptr + d, mask=dmask, other=0.0)[None, :]
+    w2 = tl.load(weight_ptr + half + d, mask=dmask, other=0.0)[None, :]
+    return ((x1 * rstd).to(dtype) * w1).to(tl.float32), ((x2 * rstd).to(dtype) * w2).to(tl.float32)
+
+
+@triton.jit
 def _rope_cache_kernel(
     positions_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     q_norm_ptr, k_norm_ptr, eps,
@@ -36,11 +47,7 @@ def _rope_cache_kernel(
     dtype = q1.dtype
     q1, q2 = q1.to(tl.float32), q2.to(tl.float32)
     if QK_NORM:
-        rstd = 1.0 / tl.sqrt((tl.sum(q1 * q1, 1) + tl.sum(q2 * q2, 1)) / HEAD_DIM + eps)[:, None]
-        w1 = tl.load(q_norm_ptr + d, mask=dmask, other=0.0)[None, :]
-        w2 = tl.load(q_norm_ptr + half + d, mask=dmask, other=0.0)[None, :]
-        q1 = ((q1 * rstd).to(dtype) * w1).to(tl.float32)
-        q2 = ((q2 * rstd).to(dtype) * w2).to(tl.float32)
+        q1, q2 = _rms_norm_halves(q1, q2, q_norm_ptr, d, dmask, eps, dtype, HEAD_DIM)
     tl.store(q_base, (q1 * cos - q2 * sin).to(dtype), mask=qmask)
     tl.store(q_base + half, (q2 * cos + q1 * sin).to(dtype), mask=qmask)
 
@@ -53,11 +60,7 @@ def _rope_cache_kernel(
     k1 = tl.load(k_base, mask=kmask, other=0.0).to(tl.float32)
     k2 = tl.load(k_base + half, mask=kmask, other=0.0).to(tl.float32)
     if QK_NORM:
-        rstd = 1.0 / tl.sqrt((tl.sum(k1 * k1, 1) + tl.sum(k2 * k2, 1)) / HEAD_DIM + eps)[:, None]
-        w1 = tl.load(k_norm_ptr + d, mask=dmask, other=0.0)[None, :]
-        w2 = tl.load(k_norm_ptr + half + d, mask=dmask, other=0.0)[None, :]
-        k1 = ((k1 * rstd).to(dtype) * w1).to(tl.float32)
-        k2 = ((k2 * rstd).to(dtype) * w2).to(tl.float32)
+        k1, k2 = _rms_norm_halves(k1, k2, k_norm_ptr, d, dmask, eps, dtype, HEAD_DIM)
     c_base = slot * stride_c_slot + kh[:, None] * stride_c_head + d[None, :]
     cache_ty = k_cache_ptr.dtype.element_ty
     tl.store(k_cache_ptr + c_base, (k1 * cos - k2 * sin).to(cache_ty), mask=kmask)
