@@ -234,8 +234,11 @@ class LLMEngine:
         finished = all(c.is_finished for c in parent.children)
         if finished:
             self.requests.pop(parent.request_id, None)
+        first = parent.children[0]
+        queue_time = (first.first_scheduled_time - first.arrival_time
+                      if first.first_scheduled_time is not None else None)
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
-                             num_cached_tokens=parent.children[0].num_cached_tokens)
+                             num_cached_tokens=first.num_cached_tokens, queue_time=queue_time)
 
     @staticmethod
     def _logprobs(request: Request, detok: IncrementalDetokenizer | None) -> list[dict[int, Logprob]]:

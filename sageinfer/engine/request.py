@@ -42,6 +42,7 @@ class Request:
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.generator = generator
         self.num_preemptions = 0
+        self.first_scheduled_time: float | None = None
         self.logprobs: list = []        # per output token: list of (token_id, logprob, rank)
         self.cumulative_logprob = 0.0
         # A sibling of an n > 1 request waits for this one to compute the shared prompt.

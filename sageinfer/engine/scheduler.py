@@ -11,6 +11,7 @@ Preempted requests go back to the front of the queue, so nobody starves.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -87,6 +88,7 @@ class Scheduler:
             if request.status == RequestStatus.WAITING:  # first admission, not a resume
                 self.kv.record_prefix_query(request.num_prompt_tokens, num_hit)
                 request.num_cached_tokens = num_hit
+                request.first_scheduled_time = time.monotonic()
             request.num_computed_tokens += num_hit
             request.status = RequestStatus.RUNNING
             self.running.append(request)

@@ -67,6 +67,64 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    import uvicorn
+
+    from sageinfer.config import EngineConfig
+    from sageinfer.engine.async_engine import AsyncEngine
+    from sageinfer.engine.engine import LLMEngine
+    from sageinfer.gateway.api_server import OpenAIServer, build_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.model_positional:
+        args.model = args.model_positional
+    kwargs = engine_kwargs(args)
+    attention_backend = kwargs.pop("attention_backend")
+    engine = LLMEngine(EngineConfig(**kwargs), attention_backend=attention_backend)
+    print(f"KV cache: {engine.num_kv_blocks - 1} blocks of {engine.config.block_size} tokens; "
+          f"max_model_len {engine.config.max_model_len}", flush=True)
+    chat_template = None
+    if args.chat_template:
+        if not os.path.isfile(args.chat_template):
+            raise ValueError(f"--chat-template: no such file {args.chat_template!r}")
+        with open(args.chat_template) as f:
+            chat_template = f.read()
+    async_engine = AsyncEngine(engine, max_waiting_requests=args.max_waiting_requests)
+    name = args.served_model_name or os.path.basename(os.path.normpath(kwargs["model"]))
+    app = build_app(OpenAIServer(async_engine, name, args.api_key, chat_template))
+    # SIGTERM: uvicorn stops accepting, lets open requests finish (up to the grace period, after which
+    # their streams are cancelled and the requests aborted), then the engine thread stops; exit 0.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=args.shutdown_grace_seconds)
+    _graceful_server_class()(config).run()
+    async_engine.shutdown()
+    return 0
+
+
+def _graceful_server_class():
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM after its graceful shutdown (exit by signal); a server that
+        shut down cleanly should exit 0 instead."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+    return GracefulServer
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sageinfer", description="sageInfer LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     _add_sampling_args(gen)
     gen.set_defaults(func=_generate)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("model_positional", nargs="?", default=None, metavar="MODEL")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None)
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--chat-template", default=None, help="a Jinja chat template file")
+    serve.add_argument("--max-waiting-requests", type=int, default=1024,
+                       help="requests beyond max_num_seqs + this get HTTP 503")
+    serve.add_argument("--shutdown-grace-seconds", type=float, default=30.0)
+    add_engine_args(serve)
+    serve.set_defaults(func=_serve)
     bench = sub.add_parser("bench", help="offline throughput / latency benchmarks on the standard workloads")
     bench_sub = bench.add_subparsers(dest="bench_kind", required=True)
     for kind, default in (("throughput", "T1-prefill-heavy"), ("latency", "L1-single-stream")):

@@ -1,0 +1,63 @@
+"""RequestOutput -> OpenAI JSON pieces (choices, logprobs, usage); no HTTP here."""
+from __future__ import annotations
+
+from sageinfer.outputs import CompletionOutput
+
+
+def completion_logprobs(c: CompletionOutput, start: int, end: int, k: int) -> dict:
+    """Legacy completions logprobs: the sampled tokens, their logprobs, and the top k (plus the
+    sampled token, as vLLM lists it) per position."""
+    tokens, token_lps, tops = [], [], []
+    for token_id, entry in zip(c.token_ids[start:end], (c.logprobs or [])[start:end]):
+        chosen = entry[token_id]
+        tokens.append(chosen.decoded_token or "")
+        token_lps.append(chosen.logprob)
+        ranked = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]
+        top = {(lp.decoded_token or ""): lp.logprob for _, lp in ranked}
+        top.setdefault(chosen.decoded_token or "", chosen.logprob)
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": []}
+
+
+def chat_logprobs(c: CompletionOutput, start: int, end: int, k: int) -> dict:
+    content = []
+    for token_id, entry in zip(c.token_ids[start:end], (c.logprobs or [])[start:end]):
+        chosen = entry[token_id]
+        token = chosen.decoded_token or ""
+        ranked = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]
+        content.append({"token": token, "logprob": chosen.logprob, "bytes": list(token.encode()),
+                         "top_logprobs": [{"token": lp.decoded_token or "", "logprob": lp.logprob,
+                                           "bytes": list((lp.decoded_token or "").encode())} for _, lp in ranked]})
+    return {"content": content}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class DeltaTracker:
+    """What of each choice's cumulative text has been sent. While a choice runs, the last
+    (longest stop string - 1) characters are held back: they may turn out to start a stop string."""
+
+    def __init__(self, holdback: int, with_logprobs: bool):
+        self.holdback = holdback
+        self.with_logprobs = with_logprobs  # then every new token is worth a chunk
+        self.sent_text: dict[int, int] = {}
+        self.sent_tokens: dict[int, int] = {}
+        self.finished: set[int] = set()
+
+    def delta(self, index: int, c: CompletionOutput) -> tuple[str, int, int, bool] | None:
+        """(new text, first new token, end token, finished now) or None if nothing to send."""
+        if index in self.finished:
+            return None
+        done = c.finish_reason is not None
+        sent = self.sent_text.get(index, 0)
+        upto = len(c.text) if done else max(sent, len(c.text) - self.holdback)
+        tok_start = self.sent_tokens.get(index, 0)
+        if upto == sent and not done and (not self.with_logprobs or len(c.token_ids) == tok_start):
+            return None
+        self.sent_text[index], self.sent_tokens[index] = upto, len(c.token_ids)
+        if done:
+            self.finished.add(index)
+        return c.text[sent:upto], tok_start, len(c.token_ids), done

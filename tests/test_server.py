@@ -1,0 +1,197 @@
+"""The OpenAI-compatible server against the official client, under load, and with bad input."""
+import asyncio
+import json
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from sageinfer import LLM, SamplingParams
+from server_util import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir):
+    srv = ServerProcess(llama_dir, "--max-num-seqs", "32")
+    yield srv
+    assert srv.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def offline(llama_dir):
+    return LLM(llama_dir, dtype="float32", num_gpu_blocks_override=400, show_progress=False)
+
+
+def test_completion_equals_offline_generate(client, offline):
+    out = client.completions.create(model="tiny", prompt="Hello, my name is", max_tokens=12, temperature=0)
+    ref = offline.generate("Hello, my name is", SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
+    assert out.choices[0].text == ref.outputs[0].text
+    assert out.choices[0].finish_reason == ref.outputs[0].finish_reason
+    assert out.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert out.usage.completion_tokens == len(ref.outputs[0].token_ids)
+
+
+def test_streamed_completion_concatenates_to_the_full_text_and_reports_usage(client):
+    full = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=20, temperature=0)
+    chunks = list(client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=20, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == full.choices[0].text
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+
+
+def test_chat_completion_streamed_and_not(client, offline):
+    messages = [{"role": "user", "content": "你好，世界"}]
+    full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True) if c.choices)
+    assert streamed == full.choices[0].message.content and full.choices[0].message.role == "assistant"
+    tok = offline.get_tokenizer()
+    ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+              add_special_tokens=False)["input_ids"]
+    ref = offline.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=10), use_tqdm=False)
+    assert full.choices[0].message.content == ref[0].outputs[0].text
+
+
+def test_n_stop_and_logprobs(client):
+    out = client.completions.create(model="tiny", prompt="The capital of", max_tokens=16, temperature=1.0, n=2,
+                                    seed=3, logprobs=2, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in out.choices) == [0, 1]
+    for c in out.choices:
+        assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == len(c.logprobs.top_logprobs) > 0
+        assert all(lp <= 0 for lp in c.logprobs.token_logprobs)
+    full = client.completions.create(model="tiny", prompt="The capital of", max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[3:5]
+    stopped = client.completions.create(model="tiny", prompt="The capital of", max_tokens=16, temperature=0,
+                                        stop=[stop], extra_body={"ignore_eos": True}).choices[0]
+    assert stopped.finish_reason == "stop" and stopped.text == full[:full.find(stop)]
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 for t in chat.choices[0].logprobs.content)
+
+
+def test_64_concurrent_streams_complete_with_correct_outputs(server, offline):
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 500, size=int(n)).tolist() for n in rng.integers(1, 200, size=64)]
+    max_tokens = [int(m) for m in rng.integers(1, 24, size=64)]
+    aclient = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key=server.api_key, max_retries=0)
+
+    async def one(prompt, n):
+        stream = await aclient.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0,
+                                                  stream=True, extra_body={"ignore_eos": True})
+        return "".join([c.choices[0].text async for c in stream if c.choices])
+
+    async def run_all():
+        return await asyncio.gather(*(one(p, n) for p, n in zip(prompts, max_tokens)))
+
+    texts = asyncio.run(run_all())
+    refs = offline.generate([{"prompt_token_ids": p} for p in prompts],
+                            [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in max_tokens],
+                            use_tqdm=False)
+    assert texts == [r.outputs[0].text for r in refs]
+
+
+def test_clients_disconnecting_mid_stream_leak_no_blocks(server):
+    async def disconnect_after_two_chunks(i):
+        async with httpx.AsyncClient(timeout=60) as http:
+            body = {"model": "tiny", "prompt": [5 + i] * 50, "max_tokens": 200, "stream": True, "ignore_eos": True}
+            async with http.stream("POST", server.base_url + "/v1/completions", json=body,
+                                   headers=server.headers) as resp:
+                assert resp.status_code == 200
+                seen = 0
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: "):
+                        seen += 1
+                        if seen == 2:
+                            return  # leaves the stream: the connection closes
+
+    async def run_all():
+        await asyncio.gather(*(disconnect_after_two_chunks(i) for i in range(12)))
+
+    asyncio.run(run_all())
+    for _ in range(100):
+        m = server.metrics()
+        if m["sageinfer:num_requests_running"] == 0 and m["sageinfer:num_requests_waiting"] == 0:
+            break
+        asyncio.run(asyncio.sleep(0.1))
+    assert m["sageinfer:num_requests_running"] == 0 and m["sageinfer:num_requests_waiting"] == 0
+    assert m["sageinfer:kv_cache_free_blocks"] == m["sageinfer:kv_cache_total_blocks"]
+    assert m["sageinfer:generation_tokens_total"] < 12 * 200  # they were aborted, not run to the end
+
+
+BAD_REQUESTS = [
+    ("wrong type", "/v1/completions", {"model": "tiny", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ("negative max_tokens", "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ("top_p out of range", "/v1/completions", {"model": "tiny", "prompt": "x", "top_p": 2}, 400, "top_p"),
+    ("empty messages", "/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+    ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model"),
+    ("oversized prompt", "/v1/completions", {"model": "tiny", "prompt": [5] * 5000}, 400, "prompt"),
+    ("missing prompt", "/v1/completions", {"model": "tiny"}, 400, "prompt"),
+    ("token id out of range", "/v1/completions", {"model": "tiny", "prompt": [10 ** 7]}, 400, "prompt"),
+    ("bad role", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400,
+     "messages"),
+]
+
+
+@pytest.mark.parametrize("name, path, body, status, param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(server, name, path, body, status, param):
+    resp = httpx.post(server.base_url + path, json=body, headers=server.headers, timeout=30)
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert error["message"] and param in (error.get("param") or "") + error["message"]
+    ok = httpx.post(server.base_url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
+                    headers=server.headers, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_invalid_json_and_wrong_key(server):
+    resp = httpx.post(server.base_url + "/v1/completions", content=b"{not json", timeout=30,
+                      headers={**server.headers, "Content-Type": "application/json"})
+    assert resp.status_code == 400 and "JSON" in resp.json()["error"]["message"]
+    resp = httpx.post(server.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=30,
+                      headers={"Authorization": "Bearer nope"})
+    assert resp.status_code == 401
+    assert httpx.get(server.base_url + "/health", timeout=30).status_code == 200
+
+
+def test_models_tokenize_detokenize(server, offline):
+    models = httpx.get(server.base_url + "/v1/models", headers=server.headers, timeout=30).json()
+    assert models["data"][0]["id"] == "tiny"
+    ids = httpx.post(server.base_url + "/tokenize", json={"prompt": "你好，世界"}, timeout=30).json()["tokens"]
+    assert ids == offline.get_tokenizer().encode("你好，世界")
+    text = httpx.post(server.base_url + "/detokenize", json={"tokens": ids}, timeout=30).json()["prompt"]
+    assert text == "你好，世界"
+
+
+def test_metrics_are_exposed_with_the_sageinfer_prefix(server):
+    text = httpx.get(server.base_url + "/metrics", timeout=30).text
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_hit_rate",
+                 "prompt_tokens_total", "generation_tokens_total", "num_preemptions_total",
+                 "time_to_first_token_seconds_bucket", "time_per_output_token_seconds_bucket",
+                 "e2e_request_latency_seconds_bucket", "request_queue_time_seconds_bucket"):
+        assert f"sageinfer:{name}" in text, name
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_zero(llama_dir):
+    srv = ServerProcess(llama_dir, api_key=None)
+    try:
+        with httpx.stream("POST", srv.base_url + "/v1/completions", timeout=60,
+                          json={"prompt": "hello", "max_tokens": 30, "stream": True, "ignore_eos": True}) as resp:
+            lines = resp.iter_lines()
+            next(lines)
+            srv.proc.terminate()  # SIGTERM while the stream is open
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        chunks = [json.loads(line[6:]) for line in rest[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    finally:
+        assert srv.stop() == 0
