@@ -195,3 +195,20 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(llama_dir):
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     finally:
         assert srv.stop() == 0
+
+
+def test_bench_serve_writes_a_complete_result_file(server, tmp_path):
+    import subprocess
+    import sys
+    result_file = tmp_path / "serve.json"
+    proc = subprocess.run([sys.executable, "-m", "sageinfer.gateway.cli", "bench", "serve", "--base-url",
+                           server.base_url, "--model", "tiny", "--api-key", server.api_key, "--input-len", "32",
+                           "--output-len", "8", "--num-prompts", "16", "--request-rate", "20", "--vocab-size", "512",
+                           "--goodput", "ttft:60000", "e2el:60000", "--result-file", str(result_file)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(result_file.read_text())
+    assert r["completed"] == 16 and r["failed"] == 0 and r["total_output_tokens"] == 16 * 8
+    for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+        assert set(r[metric]) == {"mean", "median", "p90", "p99"} and r[metric]["p99"] >= r[metric]["median"] > 0
+    assert r["goodput_req_s"] == pytest.approx(r["request_throughput"])

@@ -141,7 +141,8 @@ class OpenAIServer:
 
         if req.stream:
             async def events():
-                tracker = fmt.DeltaTracker(max((len(s) for s in params.stop), default=1) - 1, req.logprobs is not None)
+                tracker = fmt.DeltaTracker(max((len(s) for s in params.stop), default=1) - 1,
+                                           req.logprobs is not None or self.tokenizer is None)
                 completion_tokens = 0
                 async for i, out in self.merged(prompts, params, request_id):
                     for c in out.outputs:
@@ -184,7 +185,8 @@ class OpenAIServer:
 
         if req.stream:
             async def events():
-                tracker = fmt.DeltaTracker(max((len(s) for s in params.stop), default=1) - 1, req.logprobs)
+                tracker = fmt.DeltaTracker(max((len(s) for s in params.stop), default=1) - 1,
+                                           req.logprobs or self.tokenizer is None)
                 completion_tokens = 0
                 for index in range(params.n):
                     yield _sse({**base, "object": "chat.completion.chunk", "choices": [

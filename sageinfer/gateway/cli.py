@@ -145,8 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-grace-seconds", type=float, default=30.0)
     add_engine_args(serve)
     serve.set_defaults(func=_serve)
-    bench = sub.add_parser("bench", help="offline throughput / latency benchmarks on the standard workloads")
+    bench = sub.add_parser("bench", help="benchmarks: offline throughput / latency, or a serving benchmark")
     bench_sub = bench.add_subparsers(dest="bench_kind", required=True)
+    from sageinfer.bench.serve import add_serve_bench_args, main_from_args
+    serve_bench = bench_sub.add_parser("serve", help="load an OpenAI-compatible server and measure it")
+    add_serve_bench_args(serve_bench)
+    serve_bench.set_defaults(func=main_from_args)
     for kind, default in (("throughput", "T1-prefill-heavy"), ("latency", "L1-single-stream")):
         p = bench_sub.add_parser(kind)
         p.add_argument("--workload", default=default)

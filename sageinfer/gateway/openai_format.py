@@ -40,9 +40,9 @@ class DeltaTracker:
     """What of each choice's cumulative text has been sent. While a choice runs, the last
     (longest stop string - 1) characters are held back: they may turn out to start a stop string."""
 
-    def __init__(self, holdback: int, with_logprobs: bool):
+    def __init__(self, holdback: int, per_token: bool):
         self.holdback = holdback
-        self.with_logprobs = with_logprobs  # then every new token is worth a chunk
+        self.per_token = per_token  # every new token is worth a chunk (logprobs wanted, or no text)
         self.sent_text: dict[int, int] = {}
         self.sent_tokens: dict[int, int] = {}
         self.finished: set[int] = set()
@@ -55,7 +55,7 @@ class DeltaTracker:
         sent = self.sent_text.get(index, 0)
         upto = len(c.text) if done else max(sent, len(c.text) - self.holdback)
         tok_start = self.sent_tokens.get(index, 0)
-        if upto == sent and not done and (not self.with_logprobs or len(c.token_ids) == tok_start):
+        if upto == sent and not done and (not self.per_token or len(c.token_ids) == tok_start):
             return None
         self.sent_text[index], self.sent_tokens[index] = upto, len(c.token_ids)
         if done:

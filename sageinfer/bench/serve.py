@@ -1,0 +1,182 @@
+"""Serving benchmark against any OpenAI-compatible server (sageInfer's, vLLM's, ...).
+
+Poisson arrivals (or all at once with rate inf), every request streamed; reports request and token
+throughput, TTFT / TPOT / ITL / E2E statistics and goodput under SLOs. Prompts are random token ids
+sent as a token array to /v1/completions, so no tokenizer is needed on the client.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+from tqdm.auto import tqdm
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    prompt_len: int
+    output_tokens: int = 0
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def tpot(self) -> float | None:
+        return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+
+
+def random_prompts(num: int, input_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    low, high = (1000, vocab_size - 1000) if vocab_size > 2000 else (vocab_size // 4, 3 * vocab_size // 4)
+    return rng.integers(low, high, size=(num, input_len)).tolist()
+
+
+async def _one(http: httpx.AsyncClient, url: str, headers: dict, model: str, prompt: list[int],
+               output_len: int) -> RequestResult:
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    result = RequestResult(ok=False, prompt_len=len(prompt))
+    start = time.perf_counter()
+    last = None
+    chunks = 0
+    try:
+        async with http.stream("POST", url, json=body, headers=headers) as resp:
+            if resp.status_code != 200:
+                result.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode()[:200]}"
+                return result
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                payload = json.loads(line[6:])
+                if "error" in payload:
+                    result.error = payload["error"].get("message", "error event")
+                    return result
+                if payload.get("usage"):
+                    result.output_tokens = payload["usage"]["completion_tokens"]
+                if payload.get("choices"):
+                    now = time.perf_counter()
+                    if last is None:
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    last = now
+                    chunks += 1
+        result.e2e = time.perf_counter() - start
+        result.output_tokens = result.output_tokens or chunks
+        result.ok = True
+    except httpx.HTTPError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+async def run_benchmark(base_url: str, model: str, prompts: list[list[int]], output_len: int, request_rate: float,
+                        max_concurrency: int | None, api_key: str | None, seed: int,
+                        show_progress: bool = True) -> tuple[list[RequestResult], float]:
+    url = base_url.rstrip("/") + "/v1/completions"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    rng = np.random.default_rng(seed + 1)
+    gaps = rng.exponential(1.0 / request_rate, size=len(prompts)) if np.isfinite(request_rate) else np.zeros(len(prompts))
+    limit = asyncio.Semaphore(max_concurrency or len(prompts))
+    bar = tqdm(total=len(prompts), desc="Requests", unit="req", disable=not show_progress)
+    limits = httpx.Limits(max_connections=max_concurrency or len(prompts) + 8)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as http:
+        async def submit(prompt):
+            async with limit:
+                r = await _one(http, url, headers, model, prompt, output_len)
+            bar.update(1)
+            return r
+
+        start = time.perf_counter()
+        tasks = []
+        for prompt, gap in zip(prompts, gaps):
+            tasks.append(asyncio.create_task(submit(prompt)))
+            if gap:
+                await asyncio.sleep(gap)
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    bar.close()
+    return results, duration
+
+
+def _stats(values: list[float]) -> dict:
+    if not values:
+        return {"mean": None, "median": None, "p90": None, "p99": None}
+    arr = np.array(values) * 1e3
+    return {"mean": float(arr.mean()), "median": float(np.median(arr)), "p90": float(np.percentile(arr, 90)),
+            "p99": float(np.percentile(arr, 99))}
+
+
+def summarize(results: list[RequestResult], duration: float, slo_ms: dict[str, float]) -> dict:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_len for r in ok)
+
+    def meets(r: RequestResult) -> bool:
+        checks = {"ttft": r.ttft, "tpot": r.tpot or 0.0, "e2el": r.e2e}
+        return all(checks[k] * 1e3 <= v for k, v in slo_ms.items())
+
+    return {
+        "completed": len(ok), "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "duration_s": duration, "request_throughput": len(ok) / duration,
+        "output_throughput": out_tokens / duration, "total_token_throughput": (in_tokens + out_tokens) / duration,
+        "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
+        "ttft_ms": _stats([r.ttft for r in ok]), "tpot_ms": _stats([r.tpot for r in ok if r.tpot is not None]),
+        "itl_ms": _stats([x for r in ok for x in r.itl]), "e2el_ms": _stats([r.e2e for r in ok]),
+        "slo_ms": slo_ms, "goodput_req_s": sum(1 for r in ok if meets(r)) / duration if slo_ms else None,
+    }
+
+
+def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", default="random", choices=["random"])
+    p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf: all at once")
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--vocab-size", type=int, default=32000, help="random token ids are drawn below this")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--goodput", nargs="*", default=[], metavar="KEY:MS",
+                   help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:10000")
+    p.add_argument("--result-file", default=None)
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    slo = {}
+    for item in args.goodput:
+        key, _, value = item.partition(":")
+        if key not in ("ttft", "tpot", "e2el") or not value:
+            raise ValueError(f"--goodput entries look like ttft:500, tpot:50 or e2el:10000; got {item!r}")
+        slo[key] = float(value)
+    if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
+        raise ValueError("--num-prompts, --input-len and --output-len must be >= 1")
+    prompts = random_prompts(args.num_prompts, args.input_len, args.vocab_size, args.seed)
+    results, duration = asyncio.run(run_benchmark(args.base_url, args.model, prompts, args.output_len,
+                                                  args.request_rate, args.max_concurrency, args.api_key, args.seed))
+    summary = summarize(results, duration, slo)
+    summary.update({"base_url": args.base_url, "model": args.model, "input_len": args.input_len,
+                    "output_len": args.output_len, "num_prompts": args.num_prompts,
+                    "request_rate": args.request_rate, "max_concurrency": args.max_concurrency})
+    print(f"completed {summary['completed']}/{len(results)} in {duration:.2f} s: "
+          f"{summary['request_throughput']:.2f} req/s, {summary['output_throughput']:.1f} output tok/s")
+    for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+        s = summary[metric]
+        if s["mean"] is not None:
+            print(f"{metric:8s} mean {s['mean']:9.2f}  median {s['median']:9.2f}  p90 {s['p90']:9.2f}  "
+                  f"p99 {s['p99']:9.2f}")
+    if summary["goodput_req_s"] is not None:
+        print(f"goodput {summary['goodput_req_s']:.2f} req/s under {slo}")
+    if args.result_file:
+        with open(args.result_file, "w") as f:
+            json.dump(summary, f, indent=1)
+    return 0 if summary["failed"] == 0 else 1
