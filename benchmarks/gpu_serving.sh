@@ -17,10 +17,12 @@ grep -E "KV cache" "$OUT/server.log" | tail -2
 # Warm-up (kernel compilation for these shapes), not recorded.
 python3 -m sageinfer.gateway.cli bench serve --base-url http://127.0.0.1:8000 --model qwen3-8b-dummy \
   --input-len 1024 --output-len 16 --num-prompts 32 --vocab-size 151936 --seed 99 > /dev/null 2>&1
+seed=0
 for rate in ${RATES:-4 8 16 inf}; do
-  echo "== request rate $rate"
+  seed=$((seed + 1))  # distinct prompts per run: no run is served from an earlier run's prefix cache
+  echo "== request rate $rate (seed $seed)"
   python3 -m sageinfer.gateway.cli bench serve --base-url http://127.0.0.1:8000 --model qwen3-8b-dummy \
-    --input-len 1024 --output-len 128 --num-prompts 200 --request-rate "$rate" --vocab-size 151936 \
+    --input-len 1024 --output-len 128 --num-prompts 200 --request-rate "$rate" --vocab-size 151936 --seed "$seed" \
     --goodput ttft:500 tpot:50 --result-file "$OUT/serve_rate_$rate.json" 2>&1 | grep -v "req/s\]"
 done
 curl -s 127.0.0.1:8000/metrics | grep -E "^sageinfer:(kv_cache|num_requests|prefix_cache_hit|num_preemptions)" 
