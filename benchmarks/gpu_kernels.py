@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from kernels_util import random_paged_batch, rel_err  # noqa: E402
+from sageinfer.attention.backend import LayerKVCache
 from sageinfer.attention.torch_ref import paged_attention_ref  # noqa: E402
 from sageinfer.layers.norm import rms_norm_ref  # noqa: E402
 from sageinfer.ops.paged_attention import choose_num_splits, paged_attention  # noqa: E402
@@ -42,7 +43,7 @@ def attention_case(name, query_lens, context_lens, check=True):
     run()
     err = None
     if check:
-        ref = paged_attention_ref(q.float(), kc.float(), vc.float(), meta, d ** -0.5)
+        ref = paged_attention_ref(q.float(), LayerKVCache(kc.float(), vc.float()), meta, d ** -0.5)
         err = rel_err(out, ref)
     t = bench(run)
     kv_bytes = sum(s for s in meta.seq_lens_cpu) * hkv * d * 2 * 2

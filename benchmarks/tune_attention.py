@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from kernels_util import random_paged_batch, rel_err  # noqa: E402
+from sageinfer.attention.backend import LayerKVCache
 from sageinfer.attention.torch_ref import paged_attention_ref  # noqa: E402
 from sageinfer.ops.paged_attention import paged_attention  # noqa: E402
 
@@ -37,7 +38,7 @@ def main():
     # correctness of every config on a small case with context
     kc_s, vc_s, meta_s = random_paged_batch([300, 1, 77], [200, 50, 0], hkv, d, 16, torch.bfloat16, device="cuda")
     q_s = torch.randn(378, hq, d, device="cuda", dtype=torch.bfloat16)
-    ref_s = paged_attention_ref(q_s.float(), kc_s.float(), vc_s.float(), meta_s, d ** -0.5)
+    ref_s = paged_attention_ref(q_s.float(), LayerKVCache(kc_s.float(), vc_s.float()), meta_s, d ** -0.5)
     rows = []
     for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3)):
         cfg = {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}

@@ -47,6 +47,8 @@ class EngineConfig:
     enforce_eager: bool = False
     # Launch step N+1 before reading step N's tokens (hides host work behind the device's).
     async_scheduling: bool = True
+    # KV cache storage: "auto" (model dtype), "fp8" (e4m3, per-tensor scale), "int8" (per-token-head scales)
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.tokenizer is None:
@@ -63,6 +65,8 @@ class EngineConfig:
             raise ValueError(f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.kv_cache_dtype not in ("auto", "fp8", "int8"):
+            raise ValueError(f"kv_cache_dtype must be auto, fp8 or int8, got {self.kv_cache_dtype!r}")
         if self.trust_remote_code:
             raise ValueError("trust_remote_code=True is not supported: sageInfer runs only its own model code")
 

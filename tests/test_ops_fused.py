@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sageinfer.attention.backend import LayerKVCache
 from sageinfer.attention.torch_ref import write_kv_cache_ref
 from sageinfer.layers.norm import rms_norm_ref
 from sageinfer.layers.rotary import RotaryEmbedding
@@ -52,7 +53,7 @@ def test_rope_and_cache_write(heads, kv_heads, head_dim, qk_norm, dtype):
     q_ref, k_ref = rotary(positions, qr, kr)
     kc_ref = torch.zeros(blocks, page, kv_heads, head_dim, dtype=dtype, device=DEVICE)
     vc_ref = torch.zeros_like(kc_ref)
-    write_kv_cache_ref(k_ref, v, kc_ref, vc_ref, slots)
+    write_kv_cache_ref(k_ref, v, LayerKVCache(kc_ref, vc_ref), slots)
     kc, vc = torch.zeros_like(kc_ref), torch.zeros_like(vc_ref)
     out = rope_and_cache(positions, q, k, v, rotary.cos_sin_cache, kc, vc, slots, qw, kw, 1e-6)
     assert rel_err(out, q_ref) < TOL[dtype]

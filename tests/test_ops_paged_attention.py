@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from sageinfer.attention.backend import LayerKVCache
 from sageinfer.attention.torch_ref import paged_attention_ref
 from sageinfer.ops.paged_attention import paged_attention
 from kernels_util import DEVICE, TOL, random_paged_batch, rel_err
@@ -26,7 +27,7 @@ def test_paged_attention_matches_reference(case, dtype):
     k_cache, v_cache, meta = random_paged_batch(query_lens, context_lens, num_kv_heads, head_dim, page, dtype,
                                                 seed=hash(case) % 1000)
     q = torch.randn(sum(query_lens), num_heads, head_dim).to(dtype).to(DEVICE)
-    ref = paged_attention_ref(q.double(), k_cache.double(), v_cache.double(), meta, head_dim ** -0.5)
+    ref = paged_attention_ref(q.double(), LayerKVCache(k_cache.double(), v_cache.double()), meta, head_dim ** -0.5)
     out = torch.full_like(q, float("nan"))
     paged_attention(q, k_cache, v_cache, out, meta.block_table, meta.seq_lens, meta.query_start_loc,
                     meta.num_seqs, meta.max_query_len, head_dim ** -0.5)
@@ -39,7 +40,7 @@ def test_split_kv_decode_matches_reference(num_splits):
     query_lens, context_lens = [1, 1, 1], [3, 90, 150]
     k_cache, v_cache, meta = random_paged_batch(query_lens, context_lens, 2, 32, 16, torch.float32, seed=5)
     q = torch.randn(3, 4, 32, device=DEVICE)
-    ref = paged_attention_ref(q.double(), k_cache.double(), v_cache.double(), meta, 32 ** -0.5)
+    ref = paged_attention_ref(q.double(), LayerKVCache(k_cache.double(), v_cache.double()), meta, 32 ** -0.5)
     out = torch.full_like(q, float("nan"))
     paged_attention(q, k_cache, v_cache, out, meta.block_table, meta.seq_lens, meta.query_start_loc,
                     meta.num_seqs, 1, 32 ** -0.5, num_splits=num_splits)

@@ -1,3 +1,3 @@
-from sageinfer.attention.backend import AttentionBackend, AttentionMetadata, get_attention_backend
+from sageinfer.attention.backend import AttentionBackend, AttentionMetadata, LayerKVCache, get_attention_backend
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "get_attention_backend"]
+__all__ = ["AttentionBackend", "AttentionMetadata", "LayerKVCache", "get_attention_backend"]

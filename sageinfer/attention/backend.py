@@ -16,6 +16,28 @@ from dataclasses import dataclass
 import torch
 
 
+KV_CACHE_DTYPES = ("auto", "fp8", "int8")
+# Kernel-side code of each cache dtype (a Triton constexpr).
+KV_MODE = {"auto": 0, "fp8": 1, "int8": 2}
+
+
+@dataclass
+class LayerKVCache:
+    """One layer's paged KV cache. auto: the model dtype. fp8: e4m3 values times one per-tensor
+    scale. int8: symmetric int8 with a float32 scale per (token, kv head), in k_scale / v_scale of
+    shape [num_blocks, block_size, num_kv_heads]."""
+    k: torch.Tensor
+    v: torch.Tensor
+    dtype: str = "auto"
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+    fp8_scale: float = 1.0
+
+    @property
+    def mode(self) -> int:
+        return KV_MODE[self.dtype]
+
+
 @dataclass
 class AttentionMetadata:
     num_actual_tokens: int
@@ -39,7 +61,7 @@ class AttentionBackend:
     name = "base"
 
     def forward(self, layer, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+                cache: LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:
         """Apply the layer's q/k norm and rotary, write k/v of the new tokens into the cache, then
         attend causally over the cache. layer: layers.attention.Attention. Returns [T, Hq, D]."""
         raise NotImplementedError

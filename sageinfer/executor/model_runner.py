@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sageinfer.attention.backend import AttentionMetadata, get_attention_backend
+from sageinfer.attention.backend import AttentionMetadata, LayerKVCache, get_attention_backend
 from sageinfer.config import EngineConfig
 from sageinfer.executor.sampling_inputs import build_sampling_batch
 from sageinfer.layers.sampler import Sampler, SamplerOutput
@@ -42,7 +42,7 @@ class ModelRunner:
             if hasattr(module, "use_triton"):
                 module.use_triton = use_triton
         self.sampler = Sampler()
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_caches: list[LayerKVCache] = []
         self.graphs = None  # executor.graph_runner.DecodeGraphs once captured
 
     def _default_backend(self) -> str:
@@ -55,10 +55,14 @@ class ModelRunner:
         return name
 
     # ---- KV cache ------------------------------------------------------------------------
+    def kv_store_dtype(self) -> torch.dtype:
+        return {"auto": self.dtype, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[self.config.kv_cache_dtype]
+
     def kv_bytes_per_block(self) -> int:
         m = self.model_config
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * m.num_hidden_layers * self.block_size * m.num_key_value_heads * m.head_dim * elem
+        elem = torch.tensor([], dtype=self.kv_store_dtype()).element_size()
+        scale_bytes = 4 if self.config.kv_cache_dtype == "int8" else 0  # one fp32 scale per token and head
+        return 2 * m.num_hidden_layers * self.block_size * m.num_key_value_heads * (m.head_dim * elem + scale_bytes)
 
     def determine_num_blocks(self) -> int:
         c = self.config
@@ -100,8 +104,12 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         m = self.model_config
         shape = (num_blocks, self.block_size, m.num_key_value_heads, m.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+        mode, store = self.config.kv_cache_dtype, self.kv_store_dtype()
+
+        def scales():
+            return torch.zeros(shape[:3], dtype=torch.float32, device=self.device) if mode == "int8" else None
+        self.kv_caches = [LayerKVCache(torch.zeros(shape, dtype=store, device=self.device),
+                                       torch.zeros(shape, dtype=store, device=self.device), mode, scales(), scales())
                           for _ in range(m.num_hidden_layers)]
 
     def capture_graphs(self) -> float:

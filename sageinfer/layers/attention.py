@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sageinfer.attention.backend import AttentionBackend, AttentionMetadata
+from sageinfer.attention.backend import AttentionBackend, AttentionMetadata, LayerKVCache
 from sageinfer.layers.norm import RMSNorm
 from sageinfer.layers.rotary import RotaryEmbedding
 
@@ -20,7 +20,7 @@ class Attention(nn.Module):
         self.q_norm, self.k_norm = q_norm, k_norm
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                kv_cache: LayerKVCache, meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] before rotary; returns [T, Hq, D]."""
-        return backend.forward(self, positions, q, k, v, kv_cache[0], kv_cache[1], meta)
+        return backend.forward(self, positions, q, k, v, kv_cache, meta)

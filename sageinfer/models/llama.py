@@ -9,7 +9,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from sageinfer.attention.backend import AttentionBackend, AttentionMetadata
+from sageinfer.attention.backend import AttentionBackend, AttentionMetadata, LayerKVCache
 from sageinfer.layers.activation import SiluAndMul
 from sageinfer.layers.attention import Attention
 from sageinfer.layers.embedding import LMHead, VocabEmbedding
@@ -18,7 +18,7 @@ from sageinfer.layers.norm import RMSNorm
 from sageinfer.layers.rotary import RotaryEmbedding
 from sageinfer.models.model_config import ModelConfig
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
+KVCache = LayerKVCache
 
 
 class LlamaAttention(nn.Module):

@@ -16,15 +16,21 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, block_table_ptr, seq, kv_head, kv_end, q_pos,
-                 dims, dim_valid, scale_log2, stride_c_block, stride_c_slot, stride_c_head, stride_bt,
-                 PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+def _attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, seq,
+                 kv_head, kv_end, q_pos, dims, dim_valid, scale_log2, stride_c_block, stride_c_slot, stride_c_head,
+                 stride_bt, NUM_KV_HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr, KV_MODE: tl.constexpr):
     k_idx = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     k_valid = k_idx < kv_end
     page = tl.load(block_table_ptr + seq * stride_bt + k_idx // PAGE_SIZE, mask=k_valid, other=0)
     slot_offs = page.to(tl.int64) * stride_c_block + (k_idx % PAGE_SIZE) * stride_c_slot + kv_head * stride_c_head
     k = tl.load(k_cache_ptr + slot_offs[None, :] + dims[:, None], mask=k_valid[None, :] & dim_valid[:, None], other=0.0)
-    s = tl.dot(q, k) * scale_log2
+    # Quantised caches: int8 and fp8 values are exact in the query's dtype; scales are applied to
+    # the scores (K) and the probabilities (V) instead of to every element.
+    s = tl.dot(q, k.to(q.dtype)) * scale_log2
+    if KV_MODE == 2:
+        scale_offs = (page.to(tl.int64) * PAGE_SIZE + k_idx % PAGE_SIZE) * NUM_KV_HEADS + kv_head
+        s = s * tl.load(k_scale_ptr + scale_offs, mask=k_valid, other=0.0)[None, :]
     if MASKED:
         visible = k_valid[None, :] & (k_idx[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
@@ -34,20 +40,23 @@ def _attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, block_table_p
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_cache_ptr + slot_offs[:, None] + dims[None, :], mask=k_valid[:, None] & dim_valid[None, :], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    pv = p
+    if KV_MODE == 2:
+        pv = p * tl.load(v_scale_ptr + scale_offs, mask=k_valid, other=0.0)[None, :]
+    acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype))
     return m_new, l_i, acc
 
 
 @triton.jit
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    block_table_ptr, seq_lens_ptr, query_start_loc_ptr,
-    scale_log2,
+    block_table_ptr, seq_lens_ptr, query_start_loc_ptr, k_scale_ptr, v_scale_ptr,
+    scale_log2, out_scale,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
     stride_c_block, stride_c_slot, stride_c_head, stride_bt,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_MODE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -84,15 +93,17 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     for tile in range(tile_start, mid):
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, block_table_ptr, seq, kv_head,
-                                     kv_end, q_pos, dims, dim_valid, scale_log2, stride_c_block, stride_c_slot,
-                                     stride_c_head, stride_bt, PAGE_SIZE, BLOCK_N, False)
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                                     block_table_ptr, seq, kv_head, kv_end, q_pos, dims, dim_valid, scale_log2,
+                                     stride_c_block, stride_c_slot, stride_c_head, stride_bt, NUM_KV_HEADS, PAGE_SIZE,
+                                     BLOCK_N, False, KV_MODE)
     for tile in range(mid, tile_end):
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, block_table_ptr, seq, kv_head,
-                                     kv_end, q_pos, dims, dim_valid, scale_log2, stride_c_block, stride_c_slot,
-                                     stride_c_head, stride_bt, PAGE_SIZE, BLOCK_N, True)
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                                     block_table_ptr, seq, kv_head, kv_end, q_pos, dims, dim_valid, scale_log2,
+                                     stride_c_block, stride_c_slot, stride_c_head, stride_bt, NUM_KV_HEADS, PAGE_SIZE,
+                                     BLOCK_N, True, KV_MODE)
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None] * out_scale
     tok = q_start + q_idx
     if NUM_SPLITS == 1:
         o_offs = tok[:, None] * stride_o_tok + head[:, None] * stride_o_head + dims[None, :]
@@ -145,7 +156,9 @@ LONG_CONTEXT = 4096
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                     block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                     num_seqs: int, max_query_len: int, scale: float, num_splits: int = 1,
-                    config: dict | None = None, max_seq_len: int | None = None) -> torch.Tensor:
+                    config: dict | None = None, max_seq_len: int | None = None,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, kv_mode: int = 0,
+                    fp8_scale: float = 1.0) -> torch.Tensor:
     """q, out: [T, Hq, D]; caches: [blocks, page, Hkv, D]. Writes out and returns it."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -170,10 +183,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         part_out = part_lse = out  # unused
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_lse, block_table, seq_lens, query_start_loc,
-        scale * _LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
+        scale * _LOG2E * (fp8_scale if kv_mode == 1 else 1.0), fp8_scale if kv_mode == 1 else 1.0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
-        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits, NUM_KV_HEADS=num_kv_heads,
+        KV_MODE=kv_mode,
         num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _merge_splits_kernel[(q.shape[0], num_heads)](

@@ -22,13 +22,35 @@ def _rms_norm_halves(x1, x2, weight_ptr, d, dmask, eps, dtype, HEAD_DIM: tl.cons
 
 
 @triton.jit
+def _store_kv(cache_ptr, scale_ptr, c_base, half, scale_offs, mask, head_mask, x1, x2, fp8_inv_scale,
+              KV_MODE: tl.constexpr):
+    """Write one token's heads (two fp32 halves) in the cache dtype: 0 as is, 1 fp8 with a
+    per-tensor scale, 2 int8 with a scale per head (absmax / 127, rounded half away from zero)."""
+    cache_ty = cache_ptr.dtype.element_ty
+    if KV_MODE == 2:
+        scale = tl.maximum(tl.maximum(tl.max(tl.abs(x1), 1), tl.max(tl.abs(x2), 1)), 1e-8) / 127.0
+        y1, y2 = x1 / scale[:, None], x2 / scale[:, None]
+        tl.store(cache_ptr + c_base, tl.where(y1 >= 0, y1 + 0.5, y1 - 0.5).to(tl.int8), mask=mask)
+        tl.store(cache_ptr + c_base + half, tl.where(y2 >= 0, y2 + 0.5, y2 - 0.5).to(tl.int8), mask=mask)
+        tl.store(scale_ptr + scale_offs, scale, mask=head_mask)
+    elif KV_MODE == 1:
+        y1 = tl.minimum(tl.maximum(x1 * fp8_inv_scale, -448.0), 448.0)
+        y2 = tl.minimum(tl.maximum(x2 * fp8_inv_scale, -448.0), 448.0)
+        tl.store(cache_ptr + c_base, y1.to(cache_ty), mask=mask)
+        tl.store(cache_ptr + c_base + half, y2.to(cache_ty), mask=mask)
+    else:
+        tl.store(cache_ptr + c_base, x1.to(cache_ty), mask=mask)
+        tl.store(cache_ptr + c_base + half, x2.to(cache_ty), mask=mask)
+
+
+@triton.jit
 def _rope_cache_kernel(
     positions_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-    q_norm_ptr, k_norm_ptr, eps,
+    q_norm_ptr, k_norm_ptr, eps, k_scale_ptr, v_scale_ptr, fp8_inv_scale,
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
     stride_cs, stride_c_slot, stride_c_head,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
-    HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, QK_NORM: tl.constexpr,
+    HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, QK_NORM: tl.constexpr, KV_MODE: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     half = HEAD_DIM // 2
@@ -62,19 +84,25 @@ def _rope_cache_kernel(
     if QK_NORM:
         k1, k2 = _rms_norm_halves(k1, k2, k_norm_ptr, d, dmask, eps, dtype, HEAD_DIM)
     c_base = slot * stride_c_slot + kh[:, None] * stride_c_head + d[None, :]
-    cache_ty = k_cache_ptr.dtype.element_ty
-    tl.store(k_cache_ptr + c_base, (k1 * cos - k2 * sin).to(cache_ty), mask=kmask)
-    tl.store(k_cache_ptr + c_base + half, (k2 * cos + k1 * sin).to(cache_ty), mask=kmask)
     v_base = v_ptr + tok * stride_v_tok + kh[:, None] * stride_v_head + d[None, :]
-    tl.store(v_cache_ptr + c_base, tl.load(v_base, mask=kmask, other=0.0).to(cache_ty), mask=kmask)
-    tl.store(v_cache_ptr + c_base + half, tl.load(v_base + half, mask=kmask, other=0.0).to(cache_ty), mask=kmask)
+    r1, r2 = k1 * cos - k2 * sin, k2 * cos + k1 * sin
+    v1 = tl.load(v_base, mask=kmask, other=0.0).to(tl.float32)
+    v2 = tl.load(v_base + half, mask=kmask, other=0.0).to(tl.float32)
+    scale_offs = slot * NUM_KV_HEADS + kh  # scales: [blocks, page, kv heads], contiguous
+    _store_kv(k_cache_ptr, k_scale_ptr, c_base, half, scale_offs, kmask, kh < NUM_KV_HEADS, r1, r2, fp8_inv_scale,
+              KV_MODE)
+    _store_kv(v_cache_ptr, v_scale_ptr, c_base, half, scale_offs, kmask, kh < NUM_KV_HEADS, v1, v2, fp8_inv_scale,
+              KV_MODE)
 
 
 def rope_and_cache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    slot_mapping: torch.Tensor, q_norm_weight: torch.Tensor | None = None,
-                   k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
-    """q: [T, Hq, D] (rotated in place and returned), k/v: [T, Hkv, D] -> cache slots."""
+                   k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                   k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                   kv_mode: int = 0, fp8_scale: float = 1.0) -> torch.Tensor:
+    """q: [T, Hq, D] (rotated in place and returned), k/v: [T, Hkv, D] -> cache slots, quantised per
+    kv_mode (0 model dtype, 1 fp8 with fp8_scale, 2 int8 with per-token-head scales into k/v_scale)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1) and k_cache.stride() == v_cache.stride()
@@ -82,9 +110,10 @@ def rope_and_cache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     _rope_cache_kernel[(num_tokens,)](
         positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping,
         q_norm_weight if qk_norm else q, k_norm_weight if qk_norm else q, eps,
+        k_scale if k_scale is not None else q, v_scale if v_scale is not None else q, 1.0 / fp8_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos_sin_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HALF_PAD=triton.next_power_of_2(head_dim // 2), HEADS_PAD=triton.next_power_of_2(num_heads),
-        KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), QK_NORM=qk_norm)
+        KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), QK_NORM=qk_norm, KV_MODE=kv_mode)
     return q
