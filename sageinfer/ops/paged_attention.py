@@ -151,6 +151,10 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
 PREFILL_CONFIG = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2}
 SHORT_PREFILL_CONFIG = {"block_m": 128, "block_n": 32, "num_warps": 4, "num_stages": 3}
 LONG_CONTEXT = 4096
+# Decode programs (one query token x GROUP heads): keys per tile, warps, stages, per cache dtype mode.
+DECODE_CONFIG = {0: {"block_n": 32, "num_warps": 4, "num_stages": 2},
+                 1: {"block_n": 32, "num_warps": 4, "num_stages": 2},
+                 2: {"block_n": 32, "num_warps": 4, "num_stages": 2}}
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
@@ -171,9 +175,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     else:
         block_q = max(1, min(cfg["block_m"] // group, triton.next_power_of_2(max_query_len)))
     block_m = max(16, triton.next_power_of_2(block_q * group))
-    block_n = cfg["block_n"] if block_m >= 64 else 32
-    num_warps = cfg["num_warps"] if block_m >= 128 else 4
-    num_stages = cfg["num_stages"] if block_m >= 64 else 2
+    if max_query_len == 1:
+        dcfg = config or DECODE_CONFIG[kv_mode]
+        block_n, num_warps, num_stages = dcfg["block_n"], dcfg["num_warps"], dcfg["num_stages"]
+    else:
+        block_n = cfg["block_n"] if block_m >= 64 else 32
+        num_warps = cfg["num_warps"] if block_m >= 128 else 4
+        num_stages = cfg["num_stages"] if block_m >= 64 else 2
     num_splits = num_splits if max_query_len == 1 else 1
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
     if num_splits > 1:
