@@ -49,6 +49,8 @@ class EngineConfig:
     async_scheduling: bool = True
     # KV cache storage: "auto" (model dtype), "fp8" (e4m3, per-tensor scale), "int8" (per-token-head scales)
     kv_cache_dtype: str = "auto"
+    # Host memory (GiB) for the offload tier: evicted prefix blocks are kept there and brought back.
+    kv_offload_gb: float = 0.0
 
     def __post_init__(self) -> None:
         if self.tokenizer is None:
@@ -67,6 +69,10 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.kv_cache_dtype not in ("auto", "fp8", "int8"):
             raise ValueError(f"kv_cache_dtype must be auto, fp8 or int8, got {self.kv_cache_dtype!r}")
+        if self.kv_offload_gb < 0:
+            raise ValueError(f"kv_offload_gb must be >= 0, got {self.kv_offload_gb}")
+        if self.kv_offload_gb > 0 and not self.enable_prefix_caching:
+            raise ValueError("kv_offload_gb needs enable_prefix_caching=True (offloaded blocks are found by hash)")
         if self.trust_remote_code:
             raise ValueError("trust_remote_code=True is not supported: sageInfer runs only its own model code")
 

@@ -40,10 +40,10 @@ def test_full_blocks_are_found_again_by_an_equal_prefix():
     kv.cache_full_blocks(first)
     kv.free(first)
     second = _request(list(range(8)) + [99, 98, 97])
-    hits, num_hit = kv.get_computed_blocks(second)
-    assert num_hit == 8 and hits == first_blocks_prefix(kv, 2)
+    hit = kv.get_computed_blocks(second)
+    assert hit.num_tokens == 8 and hit.blocks == first_blocks_prefix(kv, 2)
     other = _request([1] + list(range(1, 11)))
-    assert kv.get_computed_blocks(other) == ([], 0)
+    assert kv.get_computed_blocks(other).num_tokens == 0
 
 
 def first_blocks_prefix(kv, n):
@@ -57,8 +57,7 @@ def test_a_fully_cached_prompt_still_computes_its_last_token():
     first.num_computed_tokens = 8
     kv.cache_full_blocks(first)
     kv.free(first)
-    _, num_hit = kv.get_computed_blocks(_request(range(8)))
-    assert num_hit == 4
+    assert kv.get_computed_blocks(_request(range(8))).num_tokens == 4
 
 
 def test_eviction_reuses_least_recently_freed_blocks_leaves_first():
@@ -72,8 +71,7 @@ def test_eviction_reuses_least_recently_freed_blocks_leaves_first():
     b = _request([50, 51], "b")
     kv.allocate_slots(b, 2)
     assert b.block_ids == [a_block_ids[-1]]  # the leaf went first
-    hits, num_hit = kv.get_computed_blocks(_request(list(range(8)) + [1], "c"))
-    assert num_hit == 6  # the three parent blocks survive
+    assert kv.get_computed_blocks(_request(list(range(8)) + [1], "c")).num_tokens == 6  # the parents survive
 
 
 def _prompts(lengths, seed, prefix):

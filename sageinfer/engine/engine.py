@@ -81,7 +81,13 @@ class LLMEngine:
         self.graph_capture_seconds = self.runner.capture_graphs()
         logger.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks, config.block_size, capacity)
         self.num_kv_blocks = num_blocks
-        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        connector = None
+        if config.kv_offload_gb > 0:
+            from sageinfer.transport.host_offload import HostOffloadConnector
+            host_blocks = int(config.kv_offload_gb * 2**30 // self.runner.kv_bytes_per_block())
+            connector = HostOffloadConnector(self.runner.kv_caches, host_blocks, self.platform)
+            logger.info("KV offload tier: %d host blocks", host_blocks)
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, connector)
         self.scheduler = Scheduler(config, self.kv_manager)
         self.requests: dict[str, _ParentRequest] = {}
         self.num_prompt_tokens_computed = 0
@@ -158,6 +164,7 @@ class LLMEngine:
                                                for r in self._in_flight.sampled_requests):
             outputs += self._process(self._take_in_flight())  # penalties need the real token ids
         sched = self.scheduler.schedule()
+        self.kv_manager.flush_transfers()  # offload-tier copies, ordered before this step's forward
         launched = None
         if not sched.is_empty:
             prev = self._in_flight

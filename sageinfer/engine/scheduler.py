@@ -77,12 +77,13 @@ class Scheduler:
             if self._waits_for_leader(request):
                 break
             fresh = request.num_computed_tokens == 0 and not request.block_ids
-            computed_blocks, num_hit = self.kv.get_computed_blocks(request) if fresh else ([], 0)
+            hit = self.kv.get_computed_blocks(request) if fresh else None
+            num_hit = hit.num_tokens if hit else 0
             num_new = request.num_tokens - request.num_computed_tokens - num_hit
             if not self.config.enable_chunked_prefill and num_new > budget:
                 break
             num_new = min(num_new, budget)
-            if not self.kv.allocate_slots(request, num_new, computed_blocks):
+            if not self.kv.allocate_slots(request, num_new, hit):
                 break
             self.waiting.popleft()
             if request.status == RequestStatus.WAITING:  # first admission, not a resume

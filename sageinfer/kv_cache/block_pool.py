@@ -30,6 +30,9 @@ class BlockPool:
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.evictions = 0  # cached blocks whose contents were dropped for reuse
+        # (block hash, block id) of cached blocks evicted since the last drain: an offload tier
+        # copies their contents out before the step that overwrites them runs.
+        self.evicted: list[tuple[int, int]] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -63,6 +66,7 @@ class BlockPool:
             if block.block_hash is not None:
                 if self.cached.get(block.block_hash) == block_id:
                     del self.cached[block.block_hash]
+                    self.evicted.append((block.block_hash, block_id))
                 block.block_hash = None
                 self.evictions += 1
             block.ref_count = 1

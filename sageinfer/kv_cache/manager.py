@@ -1,6 +1,8 @@
 """Which KV blocks each request holds; prefix-cache lookups and registration of full blocks."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from sageinfer.kv_cache.block_pool import BlockPool
 
 
@@ -9,10 +11,29 @@ def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
     return hash((parent_hash, token_ids))
 
 
+@dataclass
+class PrefixHit:
+    """The cached prefix of a request: device blocks that hold it, then blocks to bring back from
+    the offload tier (by hash) into fresh device blocks."""
+    blocks: list[int] = field(default_factory=list)
+    offloaded: list[int] = field(default_factory=list)
+    block_size: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return (len(self.blocks) + len(self.offloaded)) * self.block_size
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool):
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool, connector=None):
+        """connector: a transport.KVConnector holding evicted blocks (the offload tier), or None."""
+        if connector is not None and not enable_caching:
+            raise ValueError("the KV offload tier needs prefix caching (blocks are found by their hash)")
         self.block_size = block_size
         self.enable_caching = enable_caching
+        self.connector = connector
+        self.pending_loads: list[tuple[int, int]] = []  # (block hash, device block) to fill before the step
+        self.offload_hit_tokens = 0
         self.pool = BlockPool(num_blocks, enable_caching)
         # Prefix-cache statistics over admitted requests.
         self.prefix_queries = 0
@@ -27,48 +48,71 @@ class KVCacheManager:
             parent = request.block_hashes[-1] if i else None
             request.block_hashes.append(hash_block(parent, tuple(tokens[i * bs:(i + 1) * bs])))
 
-    def get_computed_blocks(self, request) -> tuple[list[int], int]:
+    def get_computed_blocks(self, request) -> PrefixHit:
         """Longest cached prefix of the request, in whole blocks; never all of its tokens, since
         the last token must be computed to get logits."""
+        hit = PrefixHit(block_size=self.block_size)
         if not self.enable_caching:
-            return [], 0
+            return hit
         self._update_hashes(request)
-        max_blocks = (request.num_tokens - 1) // self.block_size
-        hits = []
-        for block_hash in request.block_hashes[:max_blocks]:
+        candidates = request.block_hashes[:(request.num_tokens - 1) // self.block_size]
+        for block_hash in candidates:
             block_id = self.pool.lookup(block_hash)
             if block_id is None:
                 break
-            hits.append(block_id)
-        return hits, len(hits) * self.block_size
+            hit.blocks.append(block_id)
+        if self.connector is not None:
+            rest = candidates[len(hit.blocks):]
+            hit.offloaded = rest[:self.connector.contains_prefix(rest)]
+        return hit
 
     def record_prefix_query(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
         self.prefix_queries += num_prompt_tokens
         self.prefix_hits += num_hit_tokens
 
-    def _blocks_needed(self, request, num_new_tokens: int, computed_blocks) -> int:
-        computed = request.num_computed_tokens + len(computed_blocks) * self.block_size
-        held = len(request.block_ids) + len(computed_blocks)
-        return max(0, -(-(computed + num_new_tokens) // self.block_size) - held)
+    def _blocks_needed(self, request, num_new_tokens: int, hit: PrefixHit | None) -> int:
+        hit_tokens = hit.num_tokens if hit else 0
+        held = len(request.block_ids) + (len(hit.blocks) if hit else 0)
+        total = -(-(request.num_computed_tokens + hit_tokens + num_new_tokens) // self.block_size)
+        return max(0, total - held)
 
-    def can_allocate(self, request, num_new_tokens: int, computed_blocks: list[int] = ()) -> bool:
-        needed = self._blocks_needed(request, num_new_tokens, computed_blocks)
+    def can_allocate(self, request, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
+        needed = self._blocks_needed(request, num_new_tokens, hit)
         # Cached blocks that sit in the free queue stop being free once touched.
-        reclaimed = sum(1 for b in computed_blocks if self.pool.blocks[b].ref_count == 0)
+        reclaimed = sum(1 for b in hit.blocks if self.pool.blocks[b].ref_count == 0) if hit else 0
         return needed <= self.pool.num_free_blocks - reclaimed
 
-    def allocate_slots(self, request, num_new_tokens: int, computed_blocks: list[int] = ()) -> bool:
-        """Room for num_new_tokens more tokens after the computed ones (and after computed_blocks,
-        a prefix hit that the caller then counts as computed); False, changing nothing, if none."""
-        if not self.can_allocate(request, num_new_tokens, computed_blocks):
+    def allocate_slots(self, request, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
+        """Room for num_new_tokens more tokens after the computed ones (and after a prefix hit,
+        which the caller then counts as computed); False, changing nothing, if there is none."""
+        if not self.can_allocate(request, num_new_tokens, hit):
             return False
-        needed = self._blocks_needed(request, num_new_tokens, computed_blocks)
-        if computed_blocks:
-            self.pool.touch(list(computed_blocks))
-            request.block_ids.extend(computed_blocks)
+        needed = self._blocks_needed(request, num_new_tokens, hit)
+        if hit and hit.blocks:
+            self.pool.touch(list(hit.blocks))
+            request.block_ids.extend(hit.blocks)
             request.num_registered_blocks = len(request.block_ids)
-        request.block_ids.extend(self.pool.allocate(needed))
+        new_blocks = self.pool.allocate(needed)
+        if hit and hit.offloaded:  # the first new blocks are filled from the offload tier
+            self.pending_loads += zip(hit.offloaded, new_blocks[:len(hit.offloaded)])
+            self.offload_hit_tokens += len(hit.offloaded) * self.block_size
+        request.block_ids.extend(new_blocks)
         return True
+
+    def flush_transfers(self) -> None:
+        """Enqueue this step's copies before its forward: evicted blocks out first (a block may be
+        evicted and refilled in the same step), then offloaded blocks back in."""
+        if self.connector is None:
+            self.pool.evicted.clear()
+            return
+        if self.pool.evicted:
+            keys, blocks = zip(*self.pool.evicted)
+            self.pool.evicted.clear()
+            self.connector.save(list(keys), list(blocks), protected={k for k, _ in self.pending_loads})
+        if self.pending_loads:
+            keys, blocks = zip(*self.pending_loads)
+            self.pending_loads.clear()
+            self.connector.load(list(keys), list(blocks))
 
     def cache_full_blocks(self, request) -> None:
         """Register the request's blocks whose tokens are all computed, for later prefix hits."""

@@ -57,6 +57,10 @@ class Platform:
         synchronize() waits for these copies only)."""
         return [t.to("cpu") for t in tensors], _Done()
 
+    def host_buffer(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """Host memory that device copies can use asynchronously (pinned where the platform has it)."""
+        return torch.zeros(shape, dtype=dtype)
+
     def to_device(self, array, device: torch.device) -> torch.Tensor:
         """A host array (numpy or CPU tensor) on the device, without blocking the host where the
         platform allows."""

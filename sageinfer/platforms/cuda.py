@@ -60,6 +60,9 @@ class CudaPlatform(Platform):
         event.record()
         return host, event
 
+    def host_buffer(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype, pin_memory=True)
+
     def to_device(self, array, device: torch.device) -> torch.Tensor:
         # Pageable copies may wait for the stream; pinned ones don't. torch's caching host allocator
         # keeps each pinned buffer alive until its copy has run.

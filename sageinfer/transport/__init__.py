@@ -1,0 +1,3 @@
+from sageinfer.transport.base import KVConnector
+
+__all__ = ["KVConnector"]

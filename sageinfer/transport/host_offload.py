@@ -1,0 +1,72 @@
+"""Offload tier: KV blocks evicted from the device cache kept in a (pinned) host pool, LRU.
+
+The store mirrors the device cache's per-layer layout with one row per host slot, so a block moves
+as one contiguous copy per layer and tensor (values, and int8 scales where present).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from sageinfer.transport.base import KVConnector
+
+
+class HostOffloadConnector(KVConnector):
+    def __init__(self, kv_caches: list, num_host_blocks: int, platform):
+        if num_host_blocks < 1:
+            raise ValueError(f"the offload tier needs at least one block of host memory, got {num_host_blocks}")
+        self.kv_caches = kv_caches
+        self.num_host_blocks = num_host_blocks
+        self.platform = platform
+        self.stores = []  # per layer: the tensors of LayerKVCache that hold data, host side
+        for cache in kv_caches:
+            tensors = [t for t in (cache.k, cache.v, cache.k_scale, cache.v_scale) if t is not None]
+            self.stores.append([platform.host_buffer((num_host_blocks, *t.shape[1:]), t.dtype) for t in tensors])
+        self.slots: OrderedDict[int, int] = OrderedDict()  # key -> host slot, least recently used first
+        self.free_slots = list(range(num_host_blocks - 1, -1, -1))
+        self.saved_blocks = 0
+        self.loaded_blocks = 0
+
+    def _device_tensors(self, layer: int) -> list[torch.Tensor]:
+        cache = self.kv_caches[layer]
+        return [t for t in (cache.k, cache.v, cache.k_scale, cache.v_scale) if t is not None]
+
+    def contains_prefix(self, keys: list[int]) -> int:
+        n = 0
+        for key in keys:
+            if key not in self.slots:
+                break
+            n += 1
+        return n
+
+    def _take_slot(self, protected: set[int]) -> int | None:
+        if self.free_slots:
+            return self.free_slots.pop()
+        for key in self.slots:  # least recently used that no pending load needs
+            if key not in protected:
+                return self.slots.pop(key)
+        return None
+
+    def save(self, keys: list[int], block_ids: list[int], protected: set[int]) -> None:
+        for key, block_id in zip(keys, block_ids):
+            if key in self.slots:
+                self.slots.move_to_end(key)
+                continue
+            slot = self._take_slot(protected)
+            if slot is None:
+                return
+            for layer, store in enumerate(self.stores):
+                for host, device in zip(store, self._device_tensors(layer)):
+                    host[slot].copy_(device[block_id], non_blocking=True)
+            self.slots[key] = slot
+            self.saved_blocks += 1
+
+    def load(self, keys: list[int], block_ids: list[int]) -> None:
+        for key, block_id in zip(keys, block_ids):
+            slot = self.slots[key]
+            self.slots.move_to_end(key)
+            for layer, store in enumerate(self.stores):
+                for host, device in zip(store, self._device_tensors(layer)):
+                    device[block_id].copy_(host[slot], non_blocking=True)
+            self.loaded_blocks += 1

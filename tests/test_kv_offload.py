@@ -1,0 +1,40 @@
+"""Offload tier: evicted prefix blocks come back from host memory instead of being recomputed."""
+import numpy as np
+import pytest
+
+from sageinfer import LLM, SamplingParams
+
+
+def _run_sequence(model_dir, offload_gb):
+    rng = np.random.default_rng(41)
+    prefix = rng.integers(3, 500, size=200).tolist()
+    first = prefix + rng.integers(3, 500, size=30).tolist()
+    fillers = [rng.integers(3, 500, size=150).tolist() for _ in range(3)]
+    again = prefix + rng.integers(3, 500, size=40).tolist()
+    llm = LLM(model_dir, dtype="float32", num_gpu_blocks_override=24, max_model_len=300, show_progress=False,
+              kv_offload_gb=offload_gb)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    outs = [llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0] for p in [first] + fillers]
+    before = llm.engine.num_prompt_tokens_computed
+    last = llm.generate({"prompt_token_ids": again}, params, use_tqdm=False)[0]
+    llm.engine.kv_manager.pool.check_accounting()
+    return llm, outs + [last], llm.engine.num_prompt_tokens_computed - before, len(again)
+
+
+def test_evicted_prefix_comes_back_from_host_and_output_is_unchanged(llama_dir):
+    plain, plain_outs, plain_computed, n = _run_sequence(llama_dir, 0.0)
+    offload, offload_outs, offload_computed, _ = _run_sequence(llama_dir, 1 / 1024)  # 1 MiB of host memory
+    assert plain.engine.kv_manager.pool.evictions > 0
+    # Without the tier the shared 200-token prefix was evicted and is prefilled again ...
+    assert plain_outs[-1].num_cached_tokens == 0 and plain_computed == n
+    # ... with it, its 12 full blocks come back from host memory.
+    connector = offload.engine.kv_manager.connector
+    assert offload_outs[-1].num_cached_tokens == 192 and offload_computed == n - 192
+    assert connector.loaded_blocks == 12 and connector.saved_blocks >= 12
+    assert [o.outputs[0].token_ids for o in offload_outs] == [o.outputs[0].token_ids for o in plain_outs]
+
+
+def test_offload_needs_prefix_caching(llama_dir):
+    with pytest.raises(ValueError, match="enable_prefix_caching"):
+        LLM(llama_dir, num_gpu_blocks_override=64, enable_prefix_caching=False, kv_offload_gb=0.01,
+            show_progress=False)
