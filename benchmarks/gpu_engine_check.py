@@ -36,6 +36,14 @@ def main() -> None:
             except AssertionError as exc:
                 failures += 1
                 print(f"{arch} fp32 vs transformers: prompt len {len(p)}: {exc}")
+        assert fast.engine.runner.prefill_graphs is not None
+        for p in prompts:  # one at a time: whole-prompt prefills run as captured graphs
+            o = fast.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0]
+            try:
+                assert_greedy_matches_hf(path, p, o.outputs[0].token_ids, tie_tol=2e-2)
+            except AssertionError as exc:
+                failures += 1
+                print(f"{arch} single-prompt (prefill graph) vs transformers: prompt len {len(p)}: {exc}")
         bf_fast = LLM(path, dtype="bfloat16", num_gpu_blocks_override=256, show_progress=False)
         bf_ref = LLM(path, dtype="bfloat16", num_gpu_blocks_override=256, attention_backend="torch_ref",
                      enforce_eager=True, show_progress=False)

@@ -74,3 +74,67 @@ class DecodeGraphs:
         self.block_table[:num, :width].copy_(to_device(host.block_table, self.device), non_blocking=True)
         self.graphs[bs].replay()
         return self.outputs[bs][:num]
+
+
+def prefill_buckets(max_num_batched_tokens: int, max_model_len: int) -> list[int]:
+    limit = min(max_num_batched_tokens, max_model_len, 2048)
+    return [b for b in (64, 128, 256, 512, 1024, 2048) if b <= limit]
+
+
+class PrefillGraphs:
+    """Whole-prompt prefill of one sequence with no cached context, as captured graphs per token
+    bucket. A short prompt's eager prefill is bound by the host launching ~10 kernels per layer;
+    replaying a graph makes time to first token the device's time. The prompt is padded up to the
+    bucket: padded rows come after the real ones, so causality keeps them out of the real rows, and
+    their KV writes are skipped (slot -1)."""
+
+    def __init__(self, model, backend, platform, device, max_num_batched_tokens: int, max_model_len: int,
+                 block_size: int, num_kv_heads: int, kv_caches, pool=None):
+        self.sizes = prefill_buckets(max_num_batched_tokens, max_model_len)
+        self.platform, self.device = platform, device
+        n = self.sizes[-1] if self.sizes else 0
+        max_blocks = -(-max_model_len // block_size)
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.block_table = torch.zeros(1, max_blocks, dtype=torch.int32, device=device)
+        self.graphs: dict[int, object] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        start = time.perf_counter()
+        pool = pool or platform.graph_pool_handle()
+        for bs in reversed(self.sizes):
+            meta = AttentionMetadata(
+                num_actual_tokens=bs, slot_mapping=self.slot_mapping[:bs],
+                query_start_loc=torch.tensor([0, bs], dtype=torch.int32, device=device),
+                seq_lens=torch.tensor([bs], dtype=torch.int32, device=device), block_table=self.block_table,
+                max_query_len=bs, max_seq_len=bs, query_start_loc_cpu=[0, bs], seq_lens_cpu=[bs])
+            backend.plan(meta, num_kv_heads)
+            args = (self.input_ids[:bs], self.positions[:bs], kv_caches, meta)
+            model(*args)
+            graph = platform.graph_class()()
+            with platform.graph_context(graph, pool=pool):
+                self.outputs[bs] = model(*args)
+            self.graphs[bs] = graph
+        platform.synchronize()
+        self.capture_seconds = time.perf_counter() - start
+        logger.info("captured %d prefill graphs (up to %d tokens) in %.1f s", len(self.sizes), n, self.capture_seconds)
+
+    def can_run(self, scheduled: list, host) -> bool:
+        if len(scheduled) != 1 or not self.sizes:
+            return False
+        request, num_new = scheduled[0]
+        return request.num_computed_tokens == 0 and 1 < num_new <= self.sizes[-1] and not len(host.fill_index)
+
+    def run(self, host) -> torch.Tensor:
+        num = host.num_tokens
+        bs = next(s for s in self.sizes if s >= num)
+        pad = bs - num
+        to_device = self.platform.to_device
+        self.input_ids[:bs].copy_(to_device(np.pad(host.input_ids, (0, pad)), self.device), non_blocking=True)
+        self.positions[:bs].copy_(to_device(np.pad(host.positions, (0, pad)), self.device), non_blocking=True)
+        self.slot_mapping[:bs].copy_(to_device(np.pad(host.slot_mapping, (0, pad), constant_values=-1), self.device),
+                                     non_blocking=True)
+        width = host.block_table.shape[1]
+        self.block_table[:, :width].copy_(to_device(host.block_table, self.device), non_blocking=True)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:num]

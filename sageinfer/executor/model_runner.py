@@ -44,6 +44,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[LayerKVCache] = []
         self.graphs = None  # executor.graph_runner.DecodeGraphs once captured
+        self.prefill_graphs = None  # executor.graph_runner.PrefillGraphs once captured
 
     def _default_backend(self) -> str:
         name = self.platform.preferred_attention_backend
@@ -116,11 +117,14 @@ class ModelRunner:
         """Capture decode graphs if the platform can; returns the capture time in seconds."""
         if self.config.enforce_eager or not self.platform.supports_graphs:
             return 0.0
-        from sageinfer.executor.graph_runner import DecodeGraphs
+        from sageinfer.executor.graph_runner import DecodeGraphs, PrefillGraphs
         self.graphs = DecodeGraphs(self.model, self.backend, self.platform, self.device, self.config.max_num_seqs,
                                    self.config.max_model_len, self.block_size,
                                    self.model_config.num_key_value_heads, self.kv_caches)
-        return self.graphs.capture_seconds
+        self.prefill_graphs = PrefillGraphs(self.model, self.backend, self.platform, self.device,
+                                            self.config.max_num_batched_tokens, self.config.max_model_len,
+                                            self.block_size, self.model_config.num_key_value_heads, self.kv_caches)
+        return self.graphs.capture_seconds + self.prefill_graphs.capture_seconds
 
     # ---- one step (hot path: keep per-token Python work out of here) ---------------------
     def _host_inputs(self, scheduled: list) -> HostInputs:
@@ -190,6 +194,8 @@ class ModelRunner:
         host = self._host_inputs(scheduled)
         if self.graphs is not None and self.graphs.can_run(len(scheduled), host.max_query_len):
             hidden = self.graphs.run(host, lambda ids: self._fill_pending(ids, host, prev_token_ids))
+        elif self.prefill_graphs is not None and self.prefill_graphs.can_run(scheduled, host):
+            hidden = self.prefill_graphs.run(host)
         else:
             hidden = self._eager_forward(host, prev_token_ids)
         if not host.sampled_requests:
