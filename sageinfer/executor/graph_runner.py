@@ -100,10 +100,13 @@ class PrefillGraphs:
         self.block_table = torch.zeros(1, max_blocks, dtype=torch.int32, device=device)
         self.graphs: dict[int, object] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        # A graph reads its inputs at fixed addresses: every tensor it was captured with must live
+        # as long as it does (the per-bucket query_start_loc / seq_lens included).
+        self.metas: dict[int, AttentionMetadata] = {}
         start = time.perf_counter()
         pool = pool or platform.graph_pool_handle()
         for bs in reversed(self.sizes):
-            meta = AttentionMetadata(
+            meta = self.metas[bs] = AttentionMetadata(
                 num_actual_tokens=bs, slot_mapping=self.slot_mapping[:bs],
                 query_start_loc=torch.tensor([0, bs], dtype=torch.int32, device=device),
                 seq_lens=torch.tensor([bs], dtype=torch.int32, device=device), block_table=self.block_table,
