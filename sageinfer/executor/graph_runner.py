@@ -14,6 +14,15 @@ from sageinfer.attention.backend import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 
+def capture(platform, pool, model, args: tuple):
+    """Warm up (kernels compile outside the capture), then capture model(*args); (graph, output)."""
+    model(*args)
+    graph = platform.graph_class()()
+    with platform.graph_context(graph, pool=pool):
+        output = model(*args)
+    return graph, output
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, 513, 16))
     return [s for s in sizes if s <= max(max_num_seqs, 1)] or [1]
@@ -43,12 +52,9 @@ class DecodeGraphs:
                 seq_lens=self.seq_lens[:bs], block_table=self.block_table[:bs], max_query_len=1,
                 max_seq_len=max_model_len, query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs)
             backend.plan(meta, num_kv_heads)
-            args = (self.input_ids[:bs], self.positions[:bs], kv_caches, meta)
-            model(*args)  # warm-up: compiles kernels outside the capture
-            graph = platform.graph_class()()
-            with platform.graph_context(graph, pool=pool):
-                self.outputs[bs] = model(*args)
-            self.graphs[bs] = graph
+            # Decode metadata are views of the persistent buffers above: nothing else to keep alive.
+            self.graphs[bs], self.outputs[bs] = capture(
+                platform, pool, model, (self.input_ids[:bs], self.positions[:bs], kv_caches, meta))
         platform.synchronize()
         self.capture_seconds = time.perf_counter() - start
         logger.info("captured %d decode graphs (batch 1..%d) in %.1f s", len(self.sizes), n, self.capture_seconds)
@@ -112,12 +118,8 @@ class PrefillGraphs:
                 seq_lens=torch.tensor([bs], dtype=torch.int32, device=device), block_table=self.block_table,
                 max_query_len=bs, max_seq_len=bs, query_start_loc_cpu=[0, bs], seq_lens_cpu=[bs])
             backend.plan(meta, num_kv_heads)
-            args = (self.input_ids[:bs], self.positions[:bs], kv_caches, meta)
-            model(*args)
-            graph = platform.graph_class()()
-            with platform.graph_context(graph, pool=pool):
-                self.outputs[bs] = model(*args)
-            self.graphs[bs] = graph
+            self.graphs[bs], self.outputs[bs] = capture(
+                platform, pool, model, (self.input_ids[:bs], self.positions[:bs], kv_caches, meta))
         platform.synchronize()
         self.capture_seconds = time.perf_counter() - start
         logger.info("captured %d prefill graphs (up to %d tokens) in %.1f s", len(self.sizes), n, self.capture_seconds)

@@ -65,10 +65,6 @@ def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.
             model = model_cls(cfg, backend)
     finally:
         torch.set_default_dtype(previous)
-    # Buffers such as the rotary cache stay float32 for accuracy.
-    for module in model.modules():
-        if hasattr(module, "cos_sin_cache"):
-            module.cos_sin_cache = module.cos_sin_cache.float()
     if load_format == "dummy":
         _fill_dummy(model, seed)
     else:
