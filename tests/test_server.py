@@ -212,3 +212,21 @@ def test_bench_serve_writes_a_complete_result_file(server, tmp_path):
     for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
         assert set(r[metric]) == {"mean", "median", "p90", "p99"} and r[metric]["p99"] >= r[metric]["median"] > 0
     assert r["goodput_req_s"] == pytest.approx(r["request_throughput"])
+
+
+def test_requests_over_the_queue_limit_get_503_and_the_rest_complete(llama_dir):
+    srv = ServerProcess(llama_dir, "--max-num-seqs", "1", "--max-waiting-requests", "1", api_key=None)
+    try:
+        async def one(http, i):
+            return await http.post(srv.base_url + "/v1/completions", timeout=120,
+                                   json={"prompt": [5 + i] * 20, "max_tokens": 40, "ignore_eos": True})
+
+        async def run_all():
+            async with httpx.AsyncClient() as http:
+                return await asyncio.gather(*(one(http, i) for i in range(8)))
+
+        codes = sorted(r.status_code for r in asyncio.run(run_all()))
+        assert 503 in codes and 200 in codes and set(codes) <= {200, 503}, codes
+        assert httpx.get(srv.base_url + "/health", timeout=30).status_code == 200
+    finally:
+        assert srv.stop() == 0
