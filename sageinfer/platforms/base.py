@@ -57,6 +57,21 @@ class Platform:
         synchronize() waits for these copies only)."""
         return [t.to("cpu") for t in tensors], _Done()
 
+    def copy_stream_context(self, stream):
+        """Context in which enqueued copies go to stream (None: the current stream)."""
+        import contextlib
+        return contextlib.nullcontext()
+
+    def wait_for(self, stream) -> None:
+        """Make the current stream wait for all work enqueued so far on stream."""
+
+    def record_event(self):
+        """A marker of the work enqueued so far on the current stream (None where not needed)."""
+        return None
+
+    def wait_event(self, event) -> None:
+        """Make the current stream wait for the marked work."""
+
     def host_buffer(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         """Host memory that device copies can use asynchronously (pinned where the platform has it)."""
         return torch.zeros(shape, dtype=dtype)

@@ -60,6 +60,20 @@ class CudaPlatform(Platform):
         event.record()
         return host, event
 
+    def copy_stream_context(self, stream):
+        return torch.cuda.stream(stream)
+
+    def wait_for(self, stream) -> None:
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def record_event(self):
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def wait_event(self, event) -> None:
+        torch.cuda.current_stream().wait_event(event)
+
     def host_buffer(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, pin_memory=True)
 

@@ -27,6 +27,13 @@ class HostOffloadConnector(KVConnector):
         self.free_slots = list(range(num_host_blocks - 1, -1, -1))
         self.saved_blocks = 0
         self.loaded_blocks = 0
+        # Saves run on their own stream, overlapping the step in flight: the blocks they read are
+        # cached and free, so no launched step writes them, and every step before it has finished
+        # (its tokens were read). The next step waits for the saves before reusing the blocks.
+        # Loads stay on the compute stream: a block freed moments ago may still take an in-flight
+        # write (the wasted token of a request that just finished).
+        self.copy_stream = platform.stream()
+        self.loads_done = None  # a save may overwrite a host slot only after earlier loads read it
 
     def _device_tensors(self, layer: int) -> list[torch.Tensor]:
         cache = self.kv_caches[layer]
@@ -49,6 +56,14 @@ class HostOffloadConnector(KVConnector):
         return None
 
     def save(self, keys: list[int], block_ids: list[int], protected: set[int]) -> None:
+        with self.platform.copy_stream_context(self.copy_stream):
+            if self.loads_done is not None:
+                self.platform.wait_event(self.loads_done)
+            self._save(keys, block_ids, protected)
+        if self.copy_stream is not None:
+            self.platform.wait_for(self.copy_stream)
+
+    def _save(self, keys: list[int], block_ids: list[int], protected: set[int]) -> None:
         for key, block_id in zip(keys, block_ids):
             if key in self.slots:
                 self.slots.move_to_end(key)
@@ -70,3 +85,4 @@ class HostOffloadConnector(KVConnector):
                 for host, device in zip(store, self._device_tensors(layer)):
                     device[block_id].copy_(host[slot], non_blocking=True)
             self.loaded_blocks += 1
+        self.loads_done = self.platform.record_event()
