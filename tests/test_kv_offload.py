@@ -38,3 +38,24 @@ def test_offload_needs_prefix_caching(llama_dir):
     with pytest.raises(ValueError, match="enable_prefix_caching"):
         LLM(llama_dir, num_gpu_blocks_override=64, enable_prefix_caching=False, kv_offload_gb=0.01,
             show_progress=False)
+
+
+def _load_count(model_dir, num_requests):
+    rng = np.random.default_rng(43)
+    prefix = rng.integers(3, 500, size=96).tolist()
+    llm = LLM(model_dir, dtype="float32", num_gpu_blocks_override=20, max_model_len=300, show_progress=False,
+              kv_offload_gb=1 / 1024)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    llm.generate({"prompt_token_ids": prefix + [7, 8]}, params, use_tqdm=False)
+    llm.generate({"prompt_token_ids": rng.integers(3, 500, size=250).tolist()}, params, use_tqdm=False)  # evicts
+    outs = llm.generate([{"prompt_token_ids": prefix + [9 + i]} for i in range(num_requests)], params,
+                        use_tqdm=False)
+    assert all(o.num_cached_tokens == 96 for o in outs)
+    llm.engine.kv_manager.pool.check_accounting()
+    return llm.engine.kv_manager.connector.loaded_blocks
+
+
+def test_requests_admitted_together_load_an_offloaded_prefix_once(llama_dir):
+    alone = _load_count(llama_dir, 1)
+    assert alone > 0
+    assert _load_count(llama_dir, 3) == alone  # the other two share the loaded blocks

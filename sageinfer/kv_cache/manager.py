@@ -93,10 +93,16 @@ class KVCacheManager:
             request.block_ids.extend(hit.blocks)
             request.num_registered_blocks = len(request.block_ids)
         new_blocks = self.pool.allocate(needed)
-        if hit and hit.offloaded:  # the first new blocks are filled from the offload tier
-            self.pending_loads += zip(hit.offloaded, new_blocks[:len(hit.offloaded)])
-            self.offload_hit_tokens += len(hit.offloaded) * self.block_size
         request.block_ids.extend(new_blocks)
+        if hit and hit.offloaded:  # the first new blocks are filled from the offload tier
+            loaded = new_blocks[:len(hit.offloaded)]
+            self.pending_loads += zip(hit.offloaded, loaded)
+            self.offload_hit_tokens += len(hit.offloaded) * self.block_size
+            # Findable at once: a request admitted later in this step shares them instead of loading
+            # its own copy (the loads are enqueued before any step that reads them).
+            for block_id, block_hash in zip(loaded, hit.offloaded):
+                self.pool.cache_block(block_id, block_hash)
+            request.num_registered_blocks = len(hit.blocks) + len(hit.offloaded)
         return True
 
     def flush_transfers(self) -> None:
