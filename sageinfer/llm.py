@@ -57,6 +57,9 @@ class LLM:
             if not ids or len(ids) > self.engine.config.max_model_len:
                 raise ValueError(f"prompt of {len(ids)} tokens: it must have 1 to max_model_len "
                                  f"({self.engine.config.max_model_len}) tokens")
+        # Requests left by an interrupted earlier call are no one's anymore: abort them.
+        for request_id in list(self.engine.requests):
+            self.engine.abort_request(request_id)
         order = {}
         for prompt, params in zip(prompts, params_list):
             request_id = str(next(self._ids))

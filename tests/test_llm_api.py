@@ -182,3 +182,25 @@ def test_bad_prompt_ids_are_rejected(llm):
         llm.generate({"prompt_token_ids": [1, 10**6]}, use_tqdm=False)
     with pytest.raises(ValueError, match="empty|1 to"):
         llm.generate({"prompt_token_ids": []}, use_tqdm=False)
+
+
+def test_generate_after_an_interrupted_call_returns_only_its_own_outputs(llama_dir):
+    llm = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+    step = llm.engine.step
+    calls = {"n": 0}
+
+    def interrupted_step():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return step()
+    llm.engine.step = interrupted_step
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate({"prompt_token_ids": [3, 4, 5]}, SamplingParams(max_tokens=20, ignore_eos=True), use_tqdm=False)
+    llm.engine.step = step
+    out = llm.generate([{"prompt_token_ids": [6, 7]}], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert len(out) == 1 and out[0].prompt_token_ids == [6, 7] and len(out[0].outputs[0].token_ids) == 3
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    llm.engine.kv_manager.pool.check_accounting()
+    assert llm.engine.kv_manager.pool.num_free_blocks == llm.engine.kv_manager.pool.usable_blocks
