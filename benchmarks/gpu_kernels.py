@@ -63,7 +63,6 @@ def main():
     attention_case("prefill chunk 8192 after 24k", [8192], [24000], check=False)
     attention_case("mixed 4x1024 + 200 decodes", [1024] * 4 + [1] * 200, [0] * 4 + [700] * 200, check=False)
     for tokens in (1, 256, 8192):
-        x, r, w = (torch.randn(tokens, 4096, device=DEV, dtype=BF16) for _ in range(2)), None, None
         x, r = torch.randn(tokens, 4096, device=DEV, dtype=BF16), torch.randn(tokens, 4096, device=DEV, dtype=BF16)
         w = torch.rand(4096, device=DEV, dtype=BF16)
         out, _ = rms_norm(x, w, 1e-6, r)

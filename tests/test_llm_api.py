@@ -1,6 +1,5 @@
 """The offline API end to end: stops, min_tokens, n > 1, logprobs, seeds, text, errors."""
 import pytest
-import torch
 
 from sageinfer import LLM, SamplingParams
 from oracle import hf_logits

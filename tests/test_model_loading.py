@@ -4,12 +4,10 @@ import os
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from sageinfer import LLM, SamplingParams
 from sageinfer.models.model_config import load_model_config
-from sageinfer.models.tiny import build_tiny_model
 from oracle import assert_greedy_matches_hf
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -39,8 +39,17 @@ def write_kv_cache_ref(k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache, sl
             scales.view(-1, num_kv_heads)[slots] = scale
 
 
+def _gather_context(store: torch.Tensor, scales: torch.Tensor | None, blocks: torch.Tensor, seq_len: int,
+                    cache: LayerKVCache) -> torch.Tensor:
+    """One sequence's first seq_len cached vectors, dequantised: [seq_len, kv_heads, head_dim] fp32."""
+    num_kv_heads, head_dim = store.shape[2], store.shape[3]
+    values = store[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+    sc = scales[blocks].reshape(-1, num_kv_heads)[:seq_len] if scales is not None else None
+    return dequantize_kv_ref(values, sc, cache)
+
+
 def paged_attention_ref(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_heads = q.shape[1]
     block_size, num_kv_heads = cache.k.shape[1], cache.k.shape[2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
@@ -50,13 +59,8 @@ def paged_attention_ref(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMet
         query_len = end - start
         num_blocks = (seq_len + block_size - 1) // block_size
         blocks = meta.block_table[i, :num_blocks].long()
-
-        def gather(store, scales):
-            values = store[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-            sc = scales[blocks].reshape(-1, num_kv_heads)[:seq_len] if scales is not None else None
-            return dequantize_kv_ref(values, sc, cache).repeat_interleave(group, dim=1)  # [S, Hq, D]
-
-        keys, values = gather(cache.k, cache.k_scale), gather(cache.v, cache.v_scale)
+        keys = _gather_context(cache.k, cache.k_scale, blocks, seq_len, cache).repeat_interleave(group, dim=1)
+        values = _gather_context(cache.v, cache.v_scale, blocks, seq_len, cache).repeat_interleave(group, dim=1)
         queries = q[start:end].float()                    # [Q, Hq, D]
         scores = torch.einsum("qhd,khd->hqk", queries, keys) * scale
         q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)

@@ -112,7 +112,7 @@ class AsyncEngine:
         except BaseException as exc:  # keep the server answering: fail every open request with the reason
             logger.exception("engine loop stopped")
             self.error = exc
-            for request_id, stream in list(self._streams.items()):
+            for stream in list(self._streams.values()):
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, EngineDead(f"the engine stopped: {exc}"))
 
     def _drain_commands(self, block: bool) -> bool:
