@@ -1,6 +1,7 @@
 """Sampling parameters of one request, validated on construction."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
@@ -84,7 +85,6 @@ class SamplingParams:
 
     def clone_for_sample(self, index: int) -> "SamplingParams":
         """Params of the index-th of n samples: n=1, and a distinct seed if one was given."""
-        import copy
         child = copy.copy(self)
         child.n = 1
         if self.seed is not None:

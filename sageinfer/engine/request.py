@@ -74,10 +74,6 @@ class Request:
     def num_known_tokens(self) -> int:
         return len(self.all_token_ids) - self.num_pending_tokens
 
-    def append_token(self, token_id: int) -> None:
-        self.all_token_ids.append(token_id)
-        self.output_token_ids.append(token_id)
-
     def append_placeholder(self, row: int) -> int:
         """A token sampled on the device, to be resolved later; returns its index in all_token_ids."""
         self.all_token_ids.append(PLACEHOLDER)

@@ -23,6 +23,22 @@ def capture(platform, pool, model, args: tuple):
     return graph, output
 
 
+def capture_ladder(sizes: list[int], make_meta, model, backend, platform, num_kv_heads: int, input_ids: torch.Tensor,
+                   positions: torch.Tensor, kv_caches) -> tuple[dict, dict, float]:
+    """Capture one graph per size, largest first so smaller graphs reuse its memory.
+    make_meta(size) -> AttentionMetadata built on buffers that outlive the graphs.
+    Returns (graphs, outputs, seconds)."""
+    graphs, outputs = {}, {}
+    start = time.perf_counter()
+    pool = platform.graph_pool_handle()
+    for size in reversed(sizes):
+        meta = make_meta(size)
+        backend.plan(meta, num_kv_heads)
+        graphs[size], outputs[size] = capture(platform, pool, model, (input_ids[:size], positions[:size], kv_caches, meta))
+    platform.synchronize()
+    return graphs, outputs, time.perf_counter() - start
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, 513, 16))
     return [s for s in sizes if s <= max(max_num_seqs, 1)] or [1]
@@ -42,21 +58,14 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_table = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
-        self.graphs: dict[int, object] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        start = time.perf_counter()
-        pool = platform.graph_pool_handle()
-        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
-            meta = AttentionMetadata(
+
+        def make_meta(bs: int) -> AttentionMetadata:  # views of the persistent buffers above
+            return AttentionMetadata(
                 num_actual_tokens=bs, slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[:bs + 1],
                 seq_lens=self.seq_lens[:bs], block_table=self.block_table[:bs], max_query_len=1,
                 max_seq_len=max_model_len, query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs)
-            backend.plan(meta, num_kv_heads)
-            # Decode metadata are views of the persistent buffers above: nothing else to keep alive.
-            self.graphs[bs], self.outputs[bs] = capture(
-                platform, pool, model, (self.input_ids[:bs], self.positions[:bs], kv_caches, meta))
-        platform.synchronize()
-        self.capture_seconds = time.perf_counter() - start
+        self.graphs, self.outputs, self.capture_seconds = capture_ladder(
+            self.sizes, make_meta, model, backend, platform, num_kv_heads, self.input_ids, self.positions, kv_caches)
         logger.info("captured %d decode graphs (batch 1..%d) in %.1f s", len(self.sizes), n, self.capture_seconds)
 
     def can_run(self, num_seqs: int, max_query_len: int) -> bool:
@@ -95,7 +104,7 @@ class PrefillGraphs:
     their KV writes are skipped (slot -1)."""
 
     def __init__(self, model, backend, platform, device, max_num_batched_tokens: int, max_model_len: int,
-                 block_size: int, num_kv_heads: int, kv_caches, pool=None):
+                 block_size: int, num_kv_heads: int, kv_caches):
         self.sizes = prefill_buckets(max_num_batched_tokens, max_model_len)
         self.platform, self.device = platform, device
         n = self.sizes[-1] if self.sizes else 0
@@ -104,24 +113,19 @@ class PrefillGraphs:
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.block_table = torch.zeros(1, max_blocks, dtype=torch.int32, device=device)
-        self.graphs: dict[int, object] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
         # A graph reads its inputs at fixed addresses: every tensor it was captured with must live
         # as long as it does (the per-bucket query_start_loc / seq_lens included).
         self.metas: dict[int, AttentionMetadata] = {}
-        start = time.perf_counter()
-        pool = pool or platform.graph_pool_handle()
-        for bs in reversed(self.sizes):
+
+        def make_meta(bs: int) -> AttentionMetadata:
             meta = self.metas[bs] = AttentionMetadata(
                 num_actual_tokens=bs, slot_mapping=self.slot_mapping[:bs],
                 query_start_loc=torch.tensor([0, bs], dtype=torch.int32, device=device),
                 seq_lens=torch.tensor([bs], dtype=torch.int32, device=device), block_table=self.block_table,
                 max_query_len=bs, max_seq_len=bs, query_start_loc_cpu=[0, bs], seq_lens_cpu=[bs])
-            backend.plan(meta, num_kv_heads)
-            self.graphs[bs], self.outputs[bs] = capture(
-                platform, pool, model, (self.input_ids[:bs], self.positions[:bs], kv_caches, meta))
-        platform.synchronize()
-        self.capture_seconds = time.perf_counter() - start
+            return meta
+        self.graphs, self.outputs, self.capture_seconds = capture_ladder(
+            self.sizes, make_meta, model, backend, platform, num_kv_heads, self.input_ids, self.positions, kv_caches)
         logger.info("captured %d prefill graphs (up to %d tokens) in %.1f s", len(self.sizes), n, self.capture_seconds)
 
     def can_run(self, scheduled: list, host) -> bool:

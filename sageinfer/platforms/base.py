@@ -46,7 +46,14 @@ class Platform:
         """Bytes for the KV cache when the user gives none and no profiling is done (None: profile)."""
         return None
 
+    # Graph capture, where supports_graphs: the graph type, the capture context, a memory pool.
     def graph_class(self):
+        raise NotImplementedError(f"{self.name} has no graph capture")
+
+    def graph_context(self, graph, pool=None, stream=None):
+        raise NotImplementedError(f"{self.name} has no graph capture")
+
+    def graph_pool_handle(self):
         raise NotImplementedError(f"{self.name} has no graph capture")
 
     def stream(self):
