@@ -112,3 +112,20 @@ def test_eviction_under_memory_pressure_keeps_outputs_correct(llama_dir):
     assert small.engine.kv_manager.pool.evictions > 0
     small.engine.kv_manager.pool.check_accounting()
     assert small.engine.kv_manager.pool.num_free_blocks == small.engine.kv_manager.pool.usable_blocks
+
+
+def test_requests_admitted_together_compute_their_common_prefix_once(llama_dir):
+    """Blocks are findable once scheduled: the second of three prompts arriving together hits the
+    first's prefix in the same step, and the outputs equal those without caching."""
+    prefix = np.random.default_rng(4).integers(3, 500, size=200).tolist()
+    prompts = _prompts([30, 45, 12], seed=5, prefix=prefix)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    cached = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=256, show_progress=False)
+    plain = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=256, enable_prefix_caching=False,
+                show_progress=False)
+    outs = cached.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.num_cached_tokens for o in outs] == [0, 192, 192]
+    assert cached.engine.num_prompt_tokens_computed == sum(len(p) for p in prompts) - 2 * 192
+    expected = plain.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [e.outputs[0].token_ids for e in expected]
+    cached.engine.kv_manager.pool.check_accounting()

@@ -6,7 +6,8 @@ Policy, in one screen:
    hold them, the most recently arrived running request is preempted (blocks freed, progress reset;
    its generated tokens are kept and recomputed later as part of its prompt) until it fits.
 2. Then waiting requests, strictly FCFS, while budget, max_num_seqs and blocks allow. A prefix-cache
-   hit counts as computed. Without chunked prefill a prompt must fit the budget whole.
+   hit counts as computed; blocks that fill up in this step are findable at once, so requests with
+   a common prefix admitted in the same step compute it once. Without chunked prefill a prompt must fit the budget whole.
 Preempted requests go back to the front of the queue, so nobody starves.
 """
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Scheduler:
                     break
             else:
                 out.scheduled.append((request, num_new))
+                self.kv.cache_full_blocks(request, request.num_computed_tokens + num_new)
                 budget -= num_new
                 i += 1
         if not out.preempted:
@@ -94,6 +96,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.scheduled.append((request, num_new))
+            self.kv.cache_full_blocks(request, request.num_computed_tokens + num_new)
             budget -= num_new
         return budget
 

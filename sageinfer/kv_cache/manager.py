@@ -120,12 +120,16 @@ class KVCacheManager:
             self.pending_loads.clear()
             self.connector.load(list(keys), list(blocks))
 
-    def cache_full_blocks(self, request) -> None:
-        """Register the request's blocks whose tokens are all computed, for later prefix hits."""
+    def cache_full_blocks(self, request, num_tokens: int | None = None) -> None:
+        """Register the request's blocks whose tokens are all computed, for later prefix hits.
+        num_tokens: count tokens up to there as computed; the scheduler passes the end of the chunk
+        it just scheduled, so a request admitted later in the same step already shares those blocks
+        (every layer writes the whole step's KV before it attends, so they are filled in time)."""
         if not self.enable_caching:
             return
         self._update_hashes(request)
-        num_full = min(request.num_computed_tokens // self.block_size, len(request.block_hashes))
+        computed = request.num_computed_tokens if num_tokens is None else num_tokens
+        num_full = min(computed // self.block_size, len(request.block_hashes))
         for i in range(request.num_registered_blocks, num_full):
             self.pool.cache_block(request.block_ids[i], request.block_hashes[i])
         request.num_registered_blocks = max(request.num_registered_blocks, num_full)

@@ -1,0 +1,79 @@
+"""Where P1 (shared 2,000-token prefix, 200 requests) spends its time.
+
+  python benchmarks/probe_p1.py [--skip-engine]
+
+A: decode attention for 200 sequences of 2,264 tokens whose first 125 blocks are the same physical
+   blocks (as prefix caching leaves them) vs all-distinct blocks.
+B: the P1 workload end to end with 1 output token (prefill part) and with 128 (the whole thing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from sageinfer.ops.paged_attention import paged_attention
+
+
+def attention_probe(batch=200, ctx=2264, prefix_blocks=125, page=16, hq=32, hkv=8, d=128):
+    dev, dt = "cuda", torch.bfloat16
+    per_seq = -(-ctx // page)
+    num_blocks = 1 + batch * per_seq
+    kc = torch.randn(num_blocks, page, hkv, d, device=dev, dtype=dt)
+    vc = torch.randn_like(kc)
+    q = torch.randn(batch, hq, d, device=dev, dtype=dt)
+    out = torch.empty_like(q)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    qsl = torch.arange(batch + 1, dtype=torch.int32, device=dev)
+    distinct = (1 + torch.arange(batch * per_seq, dtype=torch.int32, device=dev)).view(batch, per_seq)
+    shared = distinct.clone()
+    shared[:, :prefix_blocks] = distinct[0, :prefix_blocks]
+    rows = {}
+    for name, table in (("distinct", distinct), ("shared-prefix", shared)):
+        def run(table=table):
+            paged_attention(q, kc, vc, out, table, seq_lens, qsl, batch, 1, d ** -0.5, 1)
+        t = triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median") * 1e-3
+        kv_bytes = batch * ctx * hkv * d * 2 * 2
+        rows[name] = {"us": t * 1e6, "logical_gbs": kv_bytes / t / 1e9}
+        print(f"decode attention b{batch} ctx{ctx} {name}: {t * 1e6:.0f} us, {kv_bytes / t / 1e9:.0f} GB/s logical")
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--skip-engine", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    result = {"attention": attention_probe()}
+    if not args.skip_engine:
+        from sageinfer import LLM
+        from sageinfer.bench.runs import run_throughput
+        from sageinfer.bench.workloads import STANDARD_DIR, load_workloads
+        llm = LLM(os.path.join(STANDARD_DIR, "qwen3-8b"), load_format="dummy", skip_tokenizer_init=True,
+                  max_num_seqs=1024, max_num_batched_tokens=16384)
+        run_throughput(llm, {"seed": 99, "num_prompts": 8, "input_len": 300, "output_len": 8}, use_tqdm=False)
+        w = dict(load_workloads()["P1-shared-prefix"])
+        for out_len, seed in ((1, 40), (128, 41), (128, 4)):
+            w.update(output_len=out_len, seed=seed)  # a fresh prefix each time: nothing cached from before
+            stats0 = llm.engine.num_prompt_tokens_computed
+            t = time.perf_counter()
+            r = run_throughput(llm, w, use_tqdm=False)
+            r["wall_s"] = time.perf_counter() - t
+            r["prompt_tokens_computed"] = llm.engine.num_prompt_tokens_computed - stats0
+            print(f"P1 output_len {out_len} seed {seed}: {r['seconds']:.3f} s, {r['total_tok_s']:.0f} tok/s, "
+                  f"prompt tokens computed {r['prompt_tokens_computed']}", flush=True)
+            result[f"p1_out{out_len}_seed{seed}"] = r
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
