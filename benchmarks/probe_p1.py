@@ -3,7 +3,8 @@
   python benchmarks/probe_p1.py [--skip-engine]
 
 A: decode attention for 200 sequences of 2,264 tokens whose first 125 blocks are the same physical
-   blocks (as prefix caching leaves them) vs all-distinct blocks.
+   blocks (as prefix caching leaves them) vs all-distinct blocks, and the cascade kernels (prefix
+   attended once, 1,920 tokens) with a few tile configurations.
 B: the P1 workload end to end with 1 output token (prefill part) and with 128 (the whole thing).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from sageinfer.ops.cascade_attention import prefix_attention, prefix_splits
 from sageinfer.ops.paged_attention import paged_attention
 
 
@@ -43,6 +45,26 @@ def attention_probe(batch=200, ctx=2264, prefix_blocks=125, page=16, hq=32, hkv=
         kv_bytes = batch * ctx * hkv * d * 2 * 2
         rows[name] = {"us": t * 1e6, "logical_gbs": kv_bytes / t / 1e9}
         print(f"decode attention b{batch} ctx{ctx} {name}: {t * 1e6:.0f} us, {kv_bytes / t / 1e9:.0f} GB/s logical")
+    ref = out.clone()
+    prefix_len = torch.tensor([prefix_blocks * page // 128 * 128], dtype=torch.int32, device=dev)
+    configs = [{"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": st}
+               for bm, bn, w, st in ((128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2),
+                                     (64, 128, 4, 2), (128, 32, 4, 4))]
+    for cfg in configs:
+        splits = prefix_splits(batch, hq // hkv, hkv, block_m=cfg["block_m"])
+
+        def cascade(cfg=cfg, splits=splits):
+            parts = prefix_attention(q, kc, vc, shared[0], prefix_len, d ** -0.5, splits, cfg)
+            paged_attention(q, kc, vc, out, shared, seq_lens, qsl, batch, 1, d ** -0.5, 1, prefix=(*parts, prefix_len))
+        try:
+            cascade()
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            t = triton.testing.do_bench(cascade, warmup=25, rep=200, return_mode="median") * 1e-3
+        except Exception as exc:  # noqa: BLE001  (a tile shape the device cannot hold)
+            print(f"cascade {cfg}: failed {type(exc).__name__}")
+            continue
+        rows[f"cascade {cfg} splits {splits}"] = {"us": t * 1e6, "rel_err_vs_plain": err}
+        print(f"cascade {cfg} splits {splits}: {t * 1e6:.0f} us, rel err vs plain {err:.1e}")
     return rows
 
 

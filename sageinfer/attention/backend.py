@@ -51,6 +51,9 @@ class AttentionMetadata:
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
     num_splits: int = 1             # split-KV factor for decode batches (Triton backend)
+    # Cascade decode: tokens at the start of every sequence held in the same blocks (those of row 0
+    # of block_table), as an int32 device tensor [1]; None when the step does not use it.
+    cascade_prefix_len: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -68,6 +71,11 @@ class AttentionBackend:
 
     def plan(self, meta: AttentionMetadata, num_kv_heads: int) -> None:
         """Fill backend-specific launch choices into meta (once per step, on the host)."""
+
+    def cascade_prefix_tokens(self, block_table, seq_lens, block_size: int, max_query_len: int) -> int:
+        """How many leading tokens, shared by every sequence of a step (numpy block table and
+        sequence lengths), to attend once for all; 0 if the backend would not use a shared prefix."""
+        return 0
 
 
 def get_attention_backend(name: str) -> AttentionBackend:

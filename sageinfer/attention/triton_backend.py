@@ -4,8 +4,13 @@ from __future__ import annotations
 import torch
 
 from sageinfer.attention.backend import AttentionBackend, AttentionMetadata
+from sageinfer.ops.cascade_attention import PREFIX_ALIGN, common_prefix_blocks, prefix_attention, prefix_splits
 from sageinfer.ops.paged_attention import choose_num_splits, paged_attention
 from sageinfer.ops.rope_cache import rope_and_cache
+
+# Cascade decode pays once a step has enough sequences reading a long enough common prefix.
+CASCADE_MIN_SEQS = 16
+CASCADE_MIN_PREFIX = 256
 
 
 class TritonBackend(AttentionBackend):
@@ -17,6 +22,14 @@ class TritonBackend(AttentionBackend):
     def plan(self, meta: AttentionMetadata, num_kv_heads: int) -> None:
         if meta.max_query_len == 1:
             meta.num_splits = choose_num_splits(meta.num_seqs, num_kv_heads, meta.max_seq_len, self.num_sms)
+        if meta.max_query_len != 1 or meta.num_splits != 1:
+            meta.cascade_prefix_len = None  # the merge lives in the one-split decode kernel
+
+    def cascade_prefix_tokens(self, block_table, seq_lens, block_size, max_query_len):
+        if max_query_len != 1 or len(seq_lens) < CASCADE_MIN_SEQS:
+            return 0
+        tokens = common_prefix_blocks(block_table, seq_lens, block_size) * block_size // PREFIX_ALIGN * PREFIX_ALIGN
+        return tokens if tokens >= CASCADE_MIN_PREFIX else 0
 
     def forward(self, layer, positions, q, k, v, cache, meta):
         q_norm = layer.q_norm.weight if layer.q_norm is not None else None
@@ -28,7 +41,12 @@ class TritonBackend(AttentionBackend):
                        meta.slot_mapping, q_norm, k_norm, eps, cache.k_scale, cache.v_scale, cache.mode,
                        cache.fp8_scale)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        prefix = None
+        if meta.cascade_prefix_len is not None and cache.mode == 0:
+            splits = prefix_splits(num_tokens, q.shape[1] // k.shape[1], k.shape[1], self.num_sms)
+            prefix = (*prefix_attention(q, cache.k, cache.v, meta.block_table[0], meta.cascade_prefix_len,
+                                        layer.scale, splits), meta.cascade_prefix_len)
         return paged_attention(q, cache.k, cache.v, out, meta.block_table, meta.seq_lens, meta.query_start_loc,
                                meta.num_seqs, meta.max_query_len, layer.scale, meta.num_splits,
                                max_seq_len=meta.max_seq_len, k_scale=cache.k_scale, v_scale=cache.v_scale,
-                               kv_mode=cache.mode, fp8_scale=cache.fp8_scale)
+                               kv_mode=cache.mode, fp8_scale=cache.fp8_scale, prefix=prefix)

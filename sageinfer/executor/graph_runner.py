@@ -58,12 +58,21 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_table = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
+        # Shared-prefix length for cascade decode; graphs whose backend plan keeps it read it each
+        # replay (0 = no shared prefix this step).
+        self.cascade_prefix_len = torch.zeros(1, dtype=torch.int32, device=device)
+        self.cascade_sizes: set[int] = set()
 
         def make_meta(bs: int) -> AttentionMetadata:  # views of the persistent buffers above
-            return AttentionMetadata(
+            meta = AttentionMetadata(
                 num_actual_tokens=bs, slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[:bs + 1],
                 seq_lens=self.seq_lens[:bs], block_table=self.block_table[:bs], max_query_len=1,
-                max_seq_len=max_model_len, query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs)
+                max_seq_len=max_model_len, query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs,
+                cascade_prefix_len=self.cascade_prefix_len)
+            backend.plan(meta, num_kv_heads)
+            if meta.cascade_prefix_len is not None:
+                self.cascade_sizes.add(bs)
+            return meta
         self.graphs, self.outputs, self.capture_seconds = capture_ladder(
             self.sizes, make_meta, model, backend, platform, num_kv_heads, self.input_ids, self.positions, kv_caches)
         logger.info("captured %d decode graphs (batch 1..%d) in %.1f s", len(self.sizes), n, self.capture_seconds)
@@ -87,6 +96,9 @@ class DecodeGraphs:
                                            self.device), non_blocking=True)
         width = host.block_table.shape[1]
         self.block_table[:num, :width].copy_(to_device(host.block_table, self.device), non_blocking=True)
+        if bs in self.cascade_sizes:
+            self.cascade_prefix_len.copy_(to_device(np.array([host.cascade_prefix_len], dtype=np.int32), self.device),
+                                          non_blocking=True)
         self.graphs[bs].replay()
         return self.outputs[bs][:num]
 

@@ -160,9 +160,11 @@ class ModelRunner:
         seq_index = np.repeat(np.arange(num_seqs), query_lens)
         positions = np.arange(num_tokens) - query_start_loc[seq_index] + starts[seq_index]
         slot_mapping = block_table[seq_index, positions // bs].astype(np.int64) * bs + positions % bs
+        max_query_len = int(query_lens.max())
         return HostInputs(num_tokens, input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_table,
-                          int(query_lens.max()), sampled_requests, logits_indices,
-                          np.array(fill_index, dtype=np.int64), np.array(fill_row, dtype=np.int64))
+                          max_query_len, sampled_requests, logits_indices,
+                          np.array(fill_index, dtype=np.int64), np.array(fill_row, dtype=np.int64),
+                          self.backend.cascade_prefix_tokens(block_table, seq_lens, bs, max_query_len))
 
     def _fill_pending(self, input_ids: torch.Tensor, host: HostInputs, prev_token_ids: torch.Tensor | None) -> None:
         """Write tokens sampled by the previous, still unread step into this step's inputs, on the device."""
@@ -180,7 +182,9 @@ class ModelRunner:
             seq_lens=to_device(host.seq_lens.astype(np.int32), dev),
             block_table=to_device(host.block_table, dev),
             max_query_len=host.max_query_len, max_seq_len=int(host.seq_lens.max()),
-            query_start_loc_cpu=host.query_start_loc.tolist(), seq_lens_cpu=host.seq_lens.tolist())
+            query_start_loc_cpu=host.query_start_loc.tolist(), seq_lens_cpu=host.seq_lens.tolist(),
+            cascade_prefix_len=(to_device(np.array([host.cascade_prefix_len], dtype=np.int32), dev)
+                                if host.cascade_prefix_len else None))
         self.backend.plan(meta, self.model_config.num_key_value_heads)
         input_ids = to_device(host.input_ids, dev)
         self._fill_pending(input_ids, host, prev_token_ids)
@@ -227,6 +231,7 @@ class HostInputs:
     logits_indices: list
     fill_index: np.ndarray  # flat token positions whose ids come from the previous step's device output
     fill_row: np.ndarray    # ... and their rows in it
+    cascade_prefix_len: int = 0  # leading tokens all sequences share, to attend once (0: none)
 
 
 class _ProfileSequence:

@@ -51,12 +51,13 @@ def _attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, 
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_table_ptr, seq_lens_ptr, query_start_loc_ptr, k_scale_ptr, v_scale_ptr,
+    prefix_out_ptr, prefix_lse_ptr, prefix_len_ptr, num_tokens,
     scale_log2, out_scale,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
     stride_c_block, stride_c_slot, stride_c_head, stride_bt,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_MODE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_MODE: tl.constexpr, PREFIX_SPLITS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -83,7 +84,10 @@ def _paged_attention_kernel(
     kv_end = context_len + tl.minimum((q_tile + 1) * BLOCK_Q, query_len)
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    tile_start = split * tiles_per_split
+    if PREFIX_SPLITS > 0:  # cascade decode: the shared prefix was attended by prefix_attention
+        tile_start = tl.load(prefix_len_ptr) // BLOCK_N
+    else:
+        tile_start = split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
     # Tiles wholly at or before the tile's first query position need no mask.
     num_full = (context_len + q_tile * BLOCK_Q + 1) // BLOCK_N
@@ -105,6 +109,24 @@ def _paged_attention_kernel(
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None] * out_scale
     tok = q_start + q_idx
+    if PREFIX_SPLITS > 0:  # merge with the prefix partials, weighted by their log-sum-exps
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        m = lse
+        for s in tl.static_range(PREFIX_SPLITS):
+            m = tl.maximum(m, tl.load(prefix_lse_ptr + (s * num_tokens + tok) * NUM_HEADS + head, mask=row_valid,
+                                      other=float("-inf")))
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.math.exp2(lse - m)
+        total = w
+        out = out * w[:, None]
+        for s in tl.static_range(PREFIX_SPLITS):
+            base = (s * num_tokens + tok) * NUM_HEADS + head
+            w = tl.math.exp2(tl.load(prefix_lse_ptr + base, mask=row_valid, other=float("-inf")) - m)
+            part = tl.load(prefix_out_ptr + base[:, None] * HEAD_DIM_PAD + dims[None, :], mask=row_valid[:, None],
+                           other=0.0)
+            out += part * w[:, None]
+            total += w
+        out = out / tl.where(total == 0.0, 1.0, total)[:, None]
     if NUM_SPLITS == 1:
         o_offs = tok[:, None] * stride_o_tok + head[:, None] * stride_o_head + dims[None, :]
         tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
@@ -163,8 +185,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     num_seqs: int, max_query_len: int, scale: float, num_splits: int = 1,
                     config: dict | None = None, max_seq_len: int | None = None,
                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, kv_mode: int = 0,
-                    fp8_scale: float = 1.0) -> torch.Tensor:
-    """q, out: [T, Hq, D]; caches: [blocks, page, Hkv, D]. Writes out and returns it."""
+                    fp8_scale: float = 1.0, prefix: tuple | None = None) -> torch.Tensor:
+    """q, out: [T, Hq, D]; caches: [blocks, page, Hkv, D]. Writes out and returns it.
+    prefix: (part_out, part_lse, prefix_len) from ops.cascade_attention.prefix_attention for a decode
+    batch (one split, bf16/fp16 cache): keys before prefix_len, a multiple of the key tile, are
+    taken from there instead of the cache."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -184,6 +209,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         num_warps = cfg["num_warps"] if block_m >= 128 else 4
         num_stages = cfg["num_stages"] if block_m >= 64 else 2
     num_splits = num_splits if max_query_len == 1 else 1
+    if prefix is not None and (max_query_len != 1 or num_splits != 1 or kv_mode != 0):
+        raise ValueError("cascade attention takes decode batches with one split and an unquantised cache")
+    prefix_out, prefix_lse, prefix_len = prefix if prefix is not None else (q, q, seq_lens)
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
     if num_splits > 1:
         part_out = torch.empty(q.shape[0], num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=q.device)
@@ -193,12 +221,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_lse, block_table, seq_lens, query_start_loc,
         k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
+        prefix_out, prefix_lse, prefix_len, q.shape[0],
         scale * _LOG2E * (fp8_scale if kv_mode == 1 else 1.0), fp8_scale if kv_mode == 1 else 1.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits, NUM_KV_HEADS=num_kv_heads,
-        KV_MODE=kv_mode,
+        KV_MODE=kv_mode, PREFIX_SPLITS=prefix_out.shape[0] if prefix is not None else 0,
         num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _merge_splits_kernel[(q.shape[0], num_heads)](

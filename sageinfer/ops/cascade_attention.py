@@ -1,0 +1,121 @@
+"""Cascade attention for decode batches whose sequences share a cached prefix (the same physical KV
+blocks, as prefix caching leaves them).
+
+Plain decode reads the shared prefix once per sequence. Here the prefix is attended once for all:
+the queries of every sequence that share a KV head are packed as rows of one matrix
+(batch x GROUP rows), so each prefix tile is loaded once per row tile and multiplied on the tensor
+cores, like a prefill. The result per (token, head) is a partial output with its log-sum-exp, per
+KV split; the decode kernel then attends each sequence's own suffix and merges the two
+(paged_attention with `prefix=`).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Rows (queries x heads of a group) per program, keys per tile; from the H100 sweep in
+# benchmarks/tune_cascade.py. PREFIX_ALIGN: the shared prefix is used in whole multiples of it, so
+# the decode kernel's suffix starts on one of its key-tile boundaries.
+PREFIX_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
+PREFIX_ALIGN = 128
+MAX_PREFIX_SPLITS = 16
+
+
+@triton.jit
+def _prefix_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, prefix_blocks_ptr, prefix_len_ptr, part_out_ptr, part_lse_ptr,
+    num_tokens, scale_log2,
+    stride_q_tok, stride_q_head, stride_c_block, stride_c_slot, stride_c_head,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    row_tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    prefix_len = tl.load(prefix_len_ptr)
+
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_valid = tok < num_tokens
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_valid = dims < HEAD_DIM
+    q = tl.load(q_ptr + tok[:, None] * stride_q_tok + head[:, None] * stride_q_head + dims[None, :],
+                mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+
+    num_tiles = tl.cdiv(prefix_len, BLOCK_N)
+    per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_start = split * per_split
+    tile_end = tl.minimum(tile_start + per_split, num_tiles)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    for tile in range(tile_start, tile_end):
+        k_idx = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_valid = k_idx < prefix_len
+        page = tl.load(prefix_blocks_ptr + k_idx // PAGE_SIZE, mask=k_valid, other=0)
+        slot = page.to(tl.int64) * stride_c_block + (k_idx % PAGE_SIZE) * stride_c_slot + kv_head * stride_c_head
+        k = tl.load(k_cache_ptr + slot[None, :] + dims[:, None], mask=k_valid[None, :] & dim_valid[:, None],
+                    other=0.0)
+        s = tl.dot(q, k.to(q.dtype)) * scale_log2
+        s = tl.where(k_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + slot[:, None] + dims[None, :], mask=k_valid[:, None] & dim_valid[None, :],
+                    other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    # part_out: [splits, tokens, heads, HEAD_DIM_PAD] fp32; part_lse: [splits, tokens, heads]
+    base = (split * num_tokens + tok) * NUM_HEADS + head
+    tl.store(part_out_ptr + base[:, None] * HEAD_DIM_PAD + dims[None, :], out, mask=row_valid[:, None])
+    tl.store(part_lse_ptr + base, lse, mask=row_valid)
+
+
+def prefix_splits(num_tokens: int, group: int, num_kv_heads: int, num_sms: int = 132,
+                  block_m: int | None = None) -> int:
+    """KV splits so that the prefix programs cover the GPU about twice."""
+    row_tiles = triton.cdiv(num_tokens * group, block_m or PREFIX_CONFIG["block_m"])
+    return max(1, min(MAX_PREFIX_SPLITS, (2 * num_sms) // (row_tiles * num_kv_heads)))
+
+
+def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_blocks: torch.Tensor,
+                     prefix_len: torch.Tensor, scale: float, num_splits: int,
+                     config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every query token (one per sequence) over the shared prefix, without a mask.
+
+    q: [T, Hq, D]; caches: [blocks, page, Hkv, D] in q's dtype; prefix_blocks: the prefix's block ids
+    (int32, any row of the shared block table); prefix_len: int32 tensor [1], tokens (0 = none).
+    Returns (part_out [splits, T, Hq, D_pad] fp32, part_lse [splits, T, Hq] fp32 in log2 units)."""
+    cfg = config or PREFIX_CONFIG
+    num_tokens, num_heads, head_dim = q.shape
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    part_out = torch.empty(num_splits, num_tokens, num_heads, head_dim_pad, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(num_tokens * group, cfg["block_m"]), num_kv_heads, num_splits)
+    _prefix_attention_kernel[grid](
+        q, k_cache, v_cache, prefix_blocks, prefix_len, part_out, part_lse, num_tokens, scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
+        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], NUM_SPLITS=num_splits,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return part_out, part_lse
+
+
+def common_prefix_blocks(block_table, seq_lens, block_size: int) -> int:
+    """Leading block ids that every row of a numpy block table shares, never reaching the block that
+    holds a sequence's newest token."""
+    first = block_table[0]
+    limit = int((seq_lens.min() - 1) // block_size)
+    if limit <= 0:
+        return 0
+    same = (block_table[:, :limit] == first[:limit]).all(axis=0)
+    return limit if same.all() else int(same.argmin())

@@ -1,0 +1,78 @@
+"""Cascade decode (shared prefix attended once, merged with each sequence's suffix) against the
+plain paged-attention reference."""
+import numpy as np
+import pytest
+import torch
+
+from sageinfer.attention.backend import LayerKVCache
+from sageinfer.attention.torch_ref import paged_attention_ref
+from sageinfer.ops.cascade_attention import common_prefix_blocks, prefix_attention
+from sageinfer.ops.paged_attention import paged_attention
+from kernels_util import DEVICE, TOL, random_paged_batch, rel_err
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+SMALL = {"block_m": 16, "block_n": 32, "num_warps": 4, "num_stages": 1}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prefix_tokens,num_splits,config", [(128, 1, SMALL), (256, 3, SMALL), (0, 2, SMALL),
+                                                              (256, 2, None)])
+def test_cascade_decode_matches_reference(dtype, prefix_tokens, num_splits, config):
+    page, num_heads, num_kv_heads, head_dim = 16, 8, 2, 32
+    context = [prefix_tokens + n for n in (1, 30, 77, 64, 130)]
+    k_cache, v_cache, meta = random_paged_batch([1] * len(context), context, num_kv_heads, head_dim, page, dtype,
+                                                seed=prefix_tokens + num_splits)
+    shared = 256 // page  # the tables share their first 256 tokens; the cascade uses prefix_tokens of them
+    meta.block_table[:, :shared] = meta.block_table[0, :shared].clone()
+    q = torch.randn(len(context), num_heads, head_dim).to(dtype).to(DEVICE)
+    ref = paged_attention_ref(q.double(), LayerKVCache(k_cache.double(), v_cache.double()), meta, head_dim ** -0.5)
+    prefix_len = torch.tensor([prefix_tokens], dtype=torch.int32, device=DEVICE)
+    part_out, part_lse = prefix_attention(q, k_cache, v_cache, meta.block_table[0], prefix_len, head_dim ** -0.5,
+                                          num_splits, config)
+    out = torch.full_like(q, float("nan"))
+    paged_attention(q, k_cache, v_cache, out, meta.block_table, meta.seq_lens, meta.query_start_loc, meta.num_seqs,
+                    1, head_dim ** -0.5, prefix=(part_out, part_lse, prefix_len))
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_cascade_refuses_what_it_cannot_merge():
+    k_cache, v_cache, meta = random_paged_batch([3], [0], 1, 16, 16, torch.float32)
+    q = torch.randn(3, 2, 16, device=DEVICE)
+    zero = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="decode batches"):
+        paged_attention(q, k_cache, v_cache, torch.empty_like(q), meta.block_table, meta.seq_lens,
+                        meta.query_start_loc, 1, 3, 0.25, prefix=(q, q, zero))
+
+
+def test_common_prefix_blocks_stops_at_the_first_difference_and_before_the_newest_token():
+    table = np.array([[5, 6, 7, 8], [5, 6, 7, 9], [5, 6, 2, 3]], dtype=np.int32)
+    assert common_prefix_blocks(table, np.array([60, 60, 60]), 16) == 2
+    assert common_prefix_blocks(table[:2], np.array([64, 64]), 16) == 3
+    assert common_prefix_blocks(table[:2], np.array([33, 64]), 16) == 2  # block 2 holds the newest token of row 0
+    assert common_prefix_blocks(table, np.array([1, 60, 60]), 16) == 0
+
+
+def test_engine_decodes_a_shared_prefix_batch_with_cascade_and_unchanged_outputs(llama_dir, monkeypatch):
+    """16 prompts on one 300-token prefix: their decode steps attend the prefix once (cascade), and
+    greedy outputs equal the reference backend's."""
+    import sageinfer.attention.triton_backend as triton_backend
+    from sageinfer import LLM, SamplingParams
+
+    calls = []
+    real = triton_backend.prefix_attention
+    monkeypatch.setattr(triton_backend, "prefix_attention",
+                        lambda *a, **k: calls.append(int(a[4].item())) or real(*a, **k))
+    rng = np.random.default_rng(7)
+    prefix = rng.integers(3, 500, size=300).tolist()
+    prompts = [prefix + rng.integers(3, 500, size=n).tolist() for n in range(1, 17)]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    outs = {}
+    for backend in ("triton", "torch_ref"):
+        llm = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=512, show_progress=False,
+                  attention_backend=backend)
+        outs[backend] = [o.outputs[0].token_ids for o in
+                         llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+        llm.engine.kv_manager.pool.check_accounting()
+    assert outs["triton"] == outs["torch_ref"]
+    assert calls and set(calls) == {256}  # 18 shared blocks of 16, used in whole 128-token tiles
