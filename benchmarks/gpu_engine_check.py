@@ -44,6 +44,19 @@ def main() -> None:
             except AssertionError as exc:
                 failures += 1
                 print(f"{arch} single-prompt (prefill graph) vs transformers: prompt len {len(p)}: {exc}")
+        # 72 prompts on one 300-token prefix: decode steps replay the batch-80 graph, which attends
+        # the shared prefix once (cascade) since 80 sequences x 2 KV heads need no KV splits.
+        shared = rng.integers(3, 500, size=300).tolist()
+        group = [shared + rng.integers(3, 500, size=n).tolist() for n in range(1, 73)]
+        casc = LLM(path, dtype="float32", num_gpu_blocks_override=1024, show_progress=False)
+        outs = casc.generate([{"prompt_token_ids": p} for p in group], params, use_tqdm=False)
+        assert 80 in casc.engine.runner.graphs.cascade_sizes, casc.engine.runner.graphs.cascade_sizes
+        for p, o in zip(group, outs):
+            try:
+                assert_greedy_matches_hf(path, p, o.outputs[0].token_ids, tie_tol=2e-2)
+            except AssertionError as exc:
+                failures += 1
+                print(f"{arch} shared-prefix batch (cascade decode graph) vs transformers: prompt len {len(p)}: {exc}")
         bf_fast = LLM(path, dtype="bfloat16", num_gpu_blocks_override=256, show_progress=False)
         bf_ref = LLM(path, dtype="bfloat16", num_gpu_blocks_override=256, attention_backend="torch_ref",
                      enforce_eager=True, show_progress=False)

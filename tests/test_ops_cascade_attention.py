@@ -70,7 +70,7 @@ def test_engine_decodes_a_shared_prefix_batch_with_cascade_and_unchanged_outputs
     outs = {}
     for backend in ("triton", "torch_ref"):
         llm = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=512, show_progress=False,
-                  attention_backend=backend)
+                  attention_backend=backend, enforce_eager=True)  # eager: the spy sees every step
         outs[backend] = [o.outputs[0].token_ids for o in
                          llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
         llm.engine.kv_manager.pool.check_accounting()
