@@ -1,6 +1,7 @@
 """Offload tier: evicted prefix blocks come back from host memory instead of being recomputed."""
 import numpy as np
 import pytest
+import torch
 
 from sageinfer import LLM, SamplingParams
 
@@ -59,3 +60,31 @@ def test_requests_admitted_together_load_an_offloaded_prefix_once(llama_dir):
     alone = _load_count(llama_dir, 1)
     assert alone > 0
     assert _load_count(llama_dir, 3) == alone  # the other two share the loaded blocks
+
+
+def test_connector_moves_blocks_in_runs_and_survives_a_batch_larger_than_the_host_pool():
+    """Blocks round-trip exactly (values and int8 scales), in runs of consecutive host slots, also
+    when one save holds more blocks than the pool (the oldest of the batch give way)."""
+    from sageinfer.attention.backend import LayerKVCache
+    from sageinfer.platforms.cpu import CpuPlatform
+    from sageinfer.transport.host_offload import HostOffloadConnector
+
+    gen = torch.Generator().manual_seed(0)
+    caches = [LayerKVCache(torch.randint(-127, 127, (12, 4, 2, 8), generator=gen, dtype=torch.int8),
+                           torch.randint(-127, 127, (12, 4, 2, 8), generator=gen, dtype=torch.int8), "int8",
+                           torch.rand(12, 4, 2, generator=gen), torch.rand(12, 4, 2, generator=gen))
+              for _ in range(3)]
+    original = [[t.clone() for t in (c.k, c.v, c.k_scale, c.v_scale)] for c in caches]
+    conn = HostOffloadConnector(caches, 4, CpuPlatform())
+    conn.save([101, 102, 103], [5, 2, 9], protected=set())
+    conn.save([104, 105, 106], [1, 7, 3], protected=set())  # needs 2 slots held by 101 and 102
+    assert conn.contains_prefix([103, 104, 105, 106]) == 4 and conn.contains_prefix([101]) == 0
+    conn.load([106, 103, 105, 104], [10, 11, 4, 8])
+    for layer, cache in enumerate(caches):
+        for now, before in zip((cache.k, cache.v, cache.k_scale, cache.v_scale), original[layer]):
+            assert torch.equal(now[[10, 11, 4, 8]], before[[3, 9, 7, 1]])
+    conn2 = HostOffloadConnector(caches, 2, CpuPlatform())
+    conn2.save([1, 2, 3], [1, 2, 3], protected=set())  # one batch over the pool: 1's slot goes to 3
+    assert conn2.contains_prefix([2]) == 1 and conn2.contains_prefix([3]) == 1 and conn2.contains_prefix([1]) == 0
+    conn2.load([3, 2], [6, 5])
+    assert torch.equal(caches[0].k[6], caches[0].k[3]) and torch.equal(caches[0].k[5], caches[0].k[2])

@@ -1,12 +1,14 @@
 """Offload tier: KV blocks evicted from the device cache kept in a (pinned) host pool, LRU.
 
-The store mirrors the device cache's per-layer layout with one row per host slot, so a block moves
-as one contiguous copy per layer and tensor (values, and int8 scales where present).
+The store mirrors the device cache's per-layer layout with one row per host slot. Copies are batched:
+blocks whose host slots are consecutive move as one run, i.e. per layer and tensor (values, and int8
+scales where present) one gather on the device and one copy across, whatever the number of blocks.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 from sageinfer.transport.base import KVConnector
@@ -64,25 +66,43 @@ class HostOffloadConnector(KVConnector):
             self.platform.wait_for(self.copy_stream)
 
     def _save(self, keys: list[int], block_ids: list[int], protected: set[int]) -> None:
+        moves = {}  # host slot -> device block; a slot retaken within the batch keeps its last block
         for key, block_id in zip(keys, block_ids):
             if key in self.slots:
                 self.slots.move_to_end(key)
                 continue
             slot = self._take_slot(protected)
             if slot is None:
-                return
+                break
+            self.slots[key] = slot
+            moves[slot] = block_id
+        for start, blocks in self._runs(list(moves.items())):
             for layer, store in enumerate(self.stores):
                 for host, device in zip(store, self._device_tensors(layer)):
-                    host[slot].copy_(device[block_id], non_blocking=True)
-            self.slots[key] = slot
-            self.saved_blocks += 1
+                    host[start:start + len(blocks)].copy_(device.index_select(0, blocks), non_blocking=True)
+        self.saved_blocks += len(moves)
 
     def load(self, keys: list[int], block_ids: list[int]) -> None:
+        moves = []
         for key, block_id in zip(keys, block_ids):
-            slot = self.slots[key]
+            moves.append((self.slots[key], block_id))
             self.slots.move_to_end(key)
+        for start, blocks in self._runs(moves):
             for layer, store in enumerate(self.stores):
                 for host, device in zip(store, self._device_tensors(layer)):
-                    device[block_id].copy_(host[slot], non_blocking=True)
-            self.loaded_blocks += 1
+                    staged = host[start:start + len(blocks)].to(device.device, non_blocking=True)
+                    device.index_copy_(0, blocks, staged)
+        self.loaded_blocks += len(moves)
         self.loads_done = self.platform.record_event()
+
+    def _runs(self, moves: list[tuple[int, int]]):
+        """(first host slot, device block ids as a device tensor) per run of consecutive host slots."""
+        moves = sorted(moves)
+        i = 0
+        while i < len(moves):
+            j = i + 1
+            while j < len(moves) and moves[j][0] == moves[j - 1][0] + 1:
+                j += 1
+            ids = np.array([block for _, block in moves[i:j]], dtype=np.int64)
+            yield moves[i][0], self.platform.to_device(ids, self.kv_caches[0].k.device)
+            i = j
