@@ -22,18 +22,20 @@ PREFIX_ALIGN = 128
 MAX_PREFIX_SPLITS = 16
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens", "num_splits"])
 def _prefix_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, prefix_blocks_ptr, prefix_len_ptr, part_out_ptr, part_lse_ptr,
-    num_tokens, scale_log2,
+    num_tokens, num_splits, scale_log2,
     stride_q_tok, stride_q_head, stride_c_block, stride_c_slot, stride_c_head,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     prefix_len = tl.load(prefix_len_ptr)
+    if prefix_len == 0:  # no shared prefix this step: the decode kernel reads no partials either
+        return
 
     rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     tok = rows // GROUP
@@ -45,7 +47,7 @@ def _prefix_attention_kernel(
                 mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
 
     num_tiles = tl.cdiv(prefix_len, BLOCK_N)
-    per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    per_split = tl.cdiv(num_tiles, num_splits)
     tile_start = split * per_split
     tile_end = tl.minimum(tile_start + per_split, num_tiles)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -102,10 +104,11 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_lse = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(num_tokens * group, cfg["block_m"]), num_kv_heads, num_splits)
     _prefix_attention_kernel[grid](
-        q, k_cache, v_cache, prefix_blocks, prefix_len, part_out, part_lse, num_tokens, scale * 1.4426950408889634,
+        q, k_cache, v_cache, prefix_blocks, prefix_len, part_out, part_lse, num_tokens, num_splits,
+        scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
-        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], NUM_SPLITS=num_splits,
+        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return part_out, part_lse
 

@@ -47,17 +47,19 @@ def _attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, 
     return m_new, l_i, acc
 
 
-@triton.jit
+# Sizes that change from step to step are not specialised on (value 1, divisibility by 16): each
+# new specialisation is a compilation in the middle of serving.
+@triton.jit(do_not_specialize=["num_tokens", "prefix_splits", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_table_ptr, seq_lens_ptr, query_start_loc_ptr, k_scale_ptr, v_scale_ptr,
-    prefix_out_ptr, prefix_lse_ptr, prefix_len_ptr, num_tokens,
+    prefix_out_ptr, prefix_lse_ptr, prefix_len_ptr, num_tokens, prefix_splits,
     scale_log2, out_scale,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
     stride_c_block, stride_c_slot, stride_c_head, stride_bt,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_MODE: tl.constexpr, PREFIX_SPLITS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_MODE: tl.constexpr, CASCADE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -84,8 +86,10 @@ def _paged_attention_kernel(
     kv_end = context_len + tl.minimum((q_tile + 1) * BLOCK_Q, query_len)
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    if PREFIX_SPLITS > 0:  # cascade decode: the shared prefix was attended by prefix_attention
-        tile_start = tl.load(prefix_len_ptr) // BLOCK_N
+    prefix_len = 0
+    if CASCADE:  # cascade decode: the shared prefix was attended by prefix_attention
+        prefix_len = tl.load(prefix_len_ptr)
+        tile_start = prefix_len // BLOCK_N
     else:
         tile_start = split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
@@ -109,17 +113,17 @@ def _paged_attention_kernel(
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None] * out_scale
     tok = q_start + q_idx
-    if PREFIX_SPLITS > 0:  # merge with the prefix partials, weighted by their log-sum-exps
+    if prefix_len > 0:  # merge with the prefix partials, weighted by their log-sum-exps
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
         m = lse
-        for s in tl.static_range(PREFIX_SPLITS):
+        for s in range(prefix_splits):
             m = tl.maximum(m, tl.load(prefix_lse_ptr + (s * num_tokens + tok) * NUM_HEADS + head, mask=row_valid,
                                       other=float("-inf")))
         m = tl.where(m == float("-inf"), 0.0, m)
         w = tl.math.exp2(lse - m)
         total = w
         out = out * w[:, None]
-        for s in tl.static_range(PREFIX_SPLITS):
+        for s in range(prefix_splits):
             base = (s * num_tokens + tok) * NUM_HEADS + head
             w = tl.math.exp2(tl.load(prefix_lse_ptr + base, mask=row_valid, other=float("-inf")) - m)
             part = tl.load(prefix_out_ptr + base[:, None] * HEAD_DIM_PAD + dims[None, :], mask=row_valid[:, None],
@@ -221,13 +225,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, part_out, part_lse, block_table, seq_lens, query_start_loc,
         k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
-        prefix_out, prefix_lse, prefix_len, q.shape[0],
+        prefix_out, prefix_lse, prefix_len, q.shape[0], prefix_out.shape[0] if prefix is not None else 0,
         scale * _LOG2E * (fp8_scale if kv_mode == 1 else 1.0), fp8_scale if kv_mode == 1 else 1.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits, NUM_KV_HEADS=num_kv_heads,
-        KV_MODE=kv_mode, PREFIX_SPLITS=prefix_out.shape[0] if prefix is not None else 0,
+        KV_MODE=kv_mode, CASCADE=prefix is not None,
         num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _merge_splits_kernel[(q.shape[0], num_heads)](
