@@ -53,10 +53,11 @@ def test_common_prefix_blocks_stops_at_the_first_difference_and_before_the_newes
     assert common_prefix_blocks(table, np.array([1, 60, 60]), 16) == 0
 
 
-def test_engine_decodes_a_shared_prefix_batch_with_cascade_and_unchanged_outputs(llama_dir, monkeypatch):
+def test_engine_decodes_a_shared_prefix_batch_with_cascade_and_matches_transformers(llama_dir, monkeypatch):
     """16 prompts on one 300-token prefix: their decode steps attend the prefix once (cascade), and
-    greedy outputs equal the reference backend's."""
+    every greedy token is transformers' argmax."""
     import sageinfer.attention.triton_backend as triton_backend
+    from oracle import assert_greedy_matches_hf
     from sageinfer import LLM, SamplingParams
 
     calls = []
@@ -67,12 +68,10 @@ def test_engine_decodes_a_shared_prefix_batch_with_cascade_and_unchanged_outputs
     prefix = rng.integers(3, 500, size=300).tolist()
     prompts = [prefix + rng.integers(3, 500, size=n).tolist() for n in range(1, 17)]
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    outs = {}
-    for backend in ("triton", "torch_ref"):
-        llm = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=512, show_progress=False,
-                  attention_backend=backend, enforce_eager=True)  # eager: the spy sees every step
-        outs[backend] = [o.outputs[0].token_ids for o in
-                         llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
-        llm.engine.kv_manager.pool.check_accounting()
-    assert outs["triton"] == outs["torch_ref"]
+    llm = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=512, show_progress=False,
+              attention_backend="triton", enforce_eager=True)  # eager: the spy sees every step
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    llm.engine.kv_manager.pool.check_accounting()
     assert calls and set(calls) == {256}  # 18 shared blocks of 16, used in whole 128-token tiles
+    for p, o in zip(prompts, outs):  # on a GPU, float32 dots run as tf32: allow near-ties there
+        assert_greedy_matches_hf(llama_dir, p, o.outputs[0].token_ids, tie_tol=2e-2 if DEVICE == "cuda" else 1e-4)

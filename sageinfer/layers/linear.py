@@ -21,6 +21,7 @@ class Linear(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.use_triton = False  # set by the model runner from the platform's kernel choice
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         if param.shape != loaded.shape:
@@ -28,7 +29,16 @@ class Linear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.use_triton)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_triton: bool) -> torch.Tensor:
+    """A single row (decode of one sequence) goes through the skinny Triton matmul, which streams the
+    weights faster than the library GEMM there (benchmarks/tune_gemv.py); the rest through torch."""
+    if use_triton and x.dim() == 2 and x.shape[0] == 1:
+        from sageinfer.ops.gemv import gemv
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class MergedLinear(Linear):

@@ -1,0 +1,23 @@
+"""Skinny decode matmul against torch."""
+import pytest
+import torch
+
+from sageinfer.ops.gemv import gemv
+from kernels_util import DEVICE, rel_err
+
+
+@pytest.mark.parametrize("m,n,k,bias", [(1, 40, 256, False), (3, 33, 200, True), (8, 64, 512, False),
+                                        (2, 17, 96, True)])
+def test_gemv_matches_torch(m, n, k, bias):
+    gen = torch.Generator().manual_seed(m * 100 + n)
+    x = torch.randn(m, k, generator=gen).to(DEVICE)
+    w = torch.randn(n, k, generator=gen).to(DEVICE)
+    b = torch.randn(n, generator=gen).to(DEVICE) if bias else None
+    out = gemv(x, w, b, config={"block_n": 16, "block_k": 128, "num_warps": 4, "num_stages": 2})
+    ref = torch.nn.functional.linear(x.double(), w.double(), b.double() if bias else None)
+    assert out.shape == (m, n) and rel_err(out, ref) < 1e-5
+
+
+def test_gemv_refuses_too_many_rows():
+    with pytest.raises(ValueError, match="up to 8 rows"):
+        gemv(torch.zeros(9, 16, device=DEVICE), torch.zeros(4, 16, device=DEVICE))
