@@ -60,20 +60,11 @@ def _paged_attention_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_MODE: tl.constexpr, CASCADE: tl.constexpr,
-    HEAVY_FIRST: tl.constexpr,
 ):
-    if HEAVY_FIRST:
-        # Prefill grid (heads, query tiles, sequences), last query tiles first: under the causal mask
-        # they have the most keys, and starting them early keeps the tail of the launch short.
-        seq = tl.program_id(2)
-        q_tile = tl.num_programs(1) - 1 - tl.program_id(1)
-        head_split = tl.program_id(0)
-    else:
-        seq = tl.program_id(0)
-        q_tile = tl.program_id(1)
-        head_split = tl.program_id(2)
-    kv_head = head_split // NUM_SPLITS
-    split = head_split % NUM_SPLITS
+    seq = tl.program_id(0)
+    q_tile = tl.program_id(1)
+    kv_head = tl.program_id(2) // NUM_SPLITS
+    split = tl.program_id(2) % NUM_SPLITS
 
     q_start = tl.load(query_start_loc_ptr + seq)
     query_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -222,13 +213,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         num_warps = cfg["num_warps"] if block_m >= 128 else 4
         num_stages = cfg["num_stages"] if block_m >= 64 else 2
     num_splits = num_splits if max_query_len == 1 else 1
-    heavy_first = max_query_len > 1 and cfg.get("heavy_first", True)
     if prefix is not None and (max_query_len != 1 or num_splits != 1 or kv_mode != 0):
         raise ValueError("cascade attention takes decode batches with one split and an unquantised cache")
     prefix_out, prefix_lse, prefix_len = prefix if prefix is not None else (q, q, seq_lens)
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
-    if heavy_first:
-        grid = grid[::-1]
     if num_splits > 1:
         part_out = torch.empty(q.shape[0], num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(q.shape[0], num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -243,7 +231,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits, NUM_KV_HEADS=num_kv_heads,
-        KV_MODE=kv_mode, CASCADE=prefix is not None, HEAVY_FIRST=heavy_first,
+        KV_MODE=kv_mode, CASCADE=prefix is not None,
         num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         _merge_splits_kernel[(q.shape[0], num_heads)](
