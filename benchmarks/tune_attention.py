@@ -21,7 +21,9 @@ from sageinfer.attention.backend import LayerKVCache
 from sageinfer.attention.torch_ref import paged_attention_ref  # noqa: E402
 from sageinfer.ops.paged_attention import paged_attention  # noqa: E402
 
-CASES = {"chunk 8192 after 24000": ([8192], [24000]), "16 x 1024": ([1024] * 16, [0] * 16)}
+# The two 16K chunks of the 32K-token L2 prompt, a chunk deep in a long context, and T1-like prompts.
+CASES = {"L2 chunk 1: 16384 new": ([16384], [0]), "L2 chunk 2: 15616 after 16384": ([15616], [16384]),
+         "chunk 8192 after 24000": ([8192], [24000]), "16 x 1024": ([1024] * 16, [0] * 16)}
 
 
 def main():
@@ -40,7 +42,7 @@ def main():
     q_s = torch.randn(378, hq, d, device="cuda", dtype=torch.bfloat16)
     ref_s = paged_attention_ref(q_s.float(), LayerKVCache(kc_s.float(), vc_s.float()), meta_s, d ** -0.5)
     rows = []
-    for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3)):
+    for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
         cfg = {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
         try:
             out_s = torch.empty_like(q_s)
