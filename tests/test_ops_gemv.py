@@ -21,3 +21,17 @@ def test_gemv_matches_torch(m, n, k, bias):
 def test_gemv_refuses_too_many_rows():
     with pytest.raises(ValueError, match="up to 8 rows"):
         gemv(torch.zeros(9, 16, device=DEVICE), torch.zeros(4, 16, device=DEVICE))
+
+
+@pytest.mark.parametrize("k", [256, 200])
+def test_gated_gemv_equals_silu_and_mul_then_gemv(k):
+    from sageinfer.ops.activation import silu_and_mul
+    gen = torch.Generator().manual_seed(k)
+    gate_up = torch.randn(1, 2 * k, generator=gen).to(DEVICE)
+    w = torch.randn(24, k, generator=gen).to(DEVICE)
+    cfg = {"block_n": 8, "block_k": 128, "num_warps": 4, "num_stages": 2}
+    fused = gemv(gate_up, w, config=cfg, gated=True)
+    ref = torch.nn.functional.linear(silu_and_mul(gate_up).double(), w.double())
+    assert rel_err(fused, ref) < 1e-5
+    with pytest.raises(ValueError, match="does not fit"):
+        gemv(gate_up, w, config=cfg)

@@ -31,6 +31,13 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.use_triton)
 
+    def forward_gated(self, gate_up: torch.Tensor, act: nn.Module) -> torch.Tensor:
+        """self(act(gate_up)) for an MLP's down projection; one row fuses the activation in."""
+        if self.use_triton and gate_up.dim() == 2 and gate_up.shape[0] == 1:
+            from sageinfer.ops.gemv import gemv
+            return gemv(gate_up, self.weight, self.bias, gated=True)
+        return self.forward(act(gate_up))
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_triton: bool) -> torch.Tensor:
     """A single row (decode of one sequence) goes through the skinny Triton matmul, which streams the

@@ -3,6 +3,8 @@
 At batch 1..8 a linear layer is a pass over its weights; this kernel is built to stream them at the
 memory's rate: each program owns BLOCK_N output features, walks K in BLOCK_K chunks (several loads
 in flight), and reduces x * w on the CUDA cores in fp32; no split-K pass, no second kernel.
+With gated=True the input is an MLP's [gate, up] projection and x = silu(gate) * up is formed on
+the fly (rounded as ops.activation rounds it), so the down projection needs no SiLU-and-mul launch.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ GEMV_CONFIG = {"block_n": 8, "block_k": 1024, "num_warps": 4, "num_stages": 4}
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr):
+                 EVEN_K: tl.constexpr, GATED: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -30,15 +32,20 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, s
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
-            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=row_mask[:, None],
-                        other=0.0)
-            x = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :], mask=m_mask[:, None], other=0.0)
+            w_mask = row_mask[:, None]
+            x_mask = m_mask[:, None]
         else:
             k_mask = ks < K
-            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + ks[None, :],
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            x = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                        other=0.0)
+            w_mask = row_mask[:, None] & k_mask[None, :]
+            x_mask = m_mask[:, None] & k_mask[None, :]
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=w_mask, other=0.0)
+        x_offs = ms[:, None] * stride_xm + ks[None, :]
+        if GATED:
+            gate = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32)
+            up = tl.load(x_ptr + K + x_offs, mask=x_mask, other=0.0)
+            x = (gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up
+        else:
+            x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0)
         acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
@@ -47,10 +54,13 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, s
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: dict | None = None) -> torch.Tensor:
-    """x: [M, K] with M <= MAX_ROWS, weight: [N, K] (rows contiguous), bias: [N] or None -> [M, N]."""
-    m, k = x.shape
-    n = weight.shape[0]
+         config: dict | None = None, gated: bool = False) -> torch.Tensor:
+    """x: [M, K] with M <= MAX_ROWS ([M, 2K] of [gate, up] when gated), weight: [N, K] (rows
+    contiguous), bias: [N] or None -> [M, N]."""
+    m = x.shape[0]
+    n, k = weight.shape
+    if x.shape[1] != (2 * k if gated else k):
+        raise ValueError(f"gemv: input {tuple(x.shape)} does not fit weight {tuple(weight.shape)} (gated={gated})")
     if m > MAX_ROWS or weight.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError(f"gemv takes up to {MAX_ROWS} rows with contiguous feature dims, got {tuple(x.shape)}")
     cfg = config or GEMV_CONFIG
@@ -61,5 +71,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(n, cfg["block_n"]),)](
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        EVEN_K=k % block_k == 0, GATED=gated, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
