@@ -51,6 +51,10 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     # Host memory (GiB) for the offload tier: evicted prefix blocks are kept there and brought back.
     kv_offload_gb: float = 0.0
+    # A waiting request is admitted only while every running one keeps room to generate this many
+    # more tokens (or up to its max_tokens, if sooner): fewer preemptions, whose recomputation is waste.
+    # 0 admits whatever fits now.
+    admission_lookahead_tokens: int = 256
 
     def __post_init__(self) -> None:
         if self.tokenizer is None:
@@ -69,6 +73,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.kv_cache_dtype not in ("auto", "fp8", "int8"):
             raise ValueError(f"kv_cache_dtype must be auto, fp8 or int8, got {self.kv_cache_dtype!r}")
+        if self.admission_lookahead_tokens < 0:
+            raise ValueError(f"admission_lookahead_tokens must be >= 0, got {self.admission_lookahead_tokens}")
         if self.kv_offload_gb < 0:
             raise ValueError(f"kv_offload_gb must be >= 0, got {self.kv_offload_gb}")
         if self.kv_offload_gb > 0 and not self.enable_prefix_caching:

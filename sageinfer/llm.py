@@ -21,7 +21,7 @@ class LLM:
                  num_gpu_blocks_override: int | None = None, kv_cache_memory_bytes: int | None = None,
                  device: str | None = None, enforce_eager: bool = False, attention_backend: str | None = None,
                  async_scheduling: bool = True, kv_cache_dtype: str = "auto", kv_offload_gb: float = 0.0,
-                 show_progress: bool = True):
+                 admission_lookahead_tokens: int = 256, show_progress: bool = True):
         config = EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
             block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -30,7 +30,8 @@ class LLM:
             load_format=load_format, trust_remote_code=trust_remote_code,
             num_gpu_blocks_override=num_gpu_blocks_override, kv_cache_memory_bytes=kv_cache_memory_bytes,
             device=device, enforce_eager=enforce_eager, async_scheduling=async_scheduling,
-            kv_cache_dtype=kv_cache_dtype, kv_offload_gb=kv_offload_gb)
+            kv_cache_dtype=kv_cache_dtype, kv_offload_gb=kv_offload_gb,
+            admission_lookahead_tokens=admission_lookahead_tokens)
         self.engine = LLMEngine(config, show_progress=show_progress, attention_backend=attention_backend)
         self._ids = itertools.count()
 

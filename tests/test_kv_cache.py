@@ -129,3 +129,48 @@ def test_requests_admitted_together_compute_their_common_prefix_once(llama_dir):
     expected = plain.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [e.outputs[0].token_ids for e in expected]
     cached.engine.kv_manager.pool.check_accounting()
+
+
+def _simulate(num_blocks, lookahead, prompts=6, prompt_len=40, out_len=24):
+    """Drive the scheduler alone (every scheduled token computed, one token sampled per finished
+    prefill/decode); returns (preemptions, prompt tokens computed, max running)."""
+    from sageinfer.config import EngineConfig
+    from sageinfer.engine.scheduler import Scheduler
+    config = EngineConfig(model="unused", max_num_seqs=64, max_num_batched_tokens=512,
+                          admission_lookahead_tokens=lookahead)
+    config.max_model_len = 512
+    kv = KVCacheManager(num_blocks, 4, enable_caching=False)
+    sched = Scheduler(config, kv)
+    rng = np.random.default_rng(0)
+    for i in range(prompts):
+        r = Request(f"r{i}", f"r{i}", 0, rng.integers(3, 500, size=prompt_len).tolist(),
+                    SamplingParams(max_tokens=out_len, ignore_eos=True), set())
+        r.max_output_tokens = out_len
+        sched.add_request(r)
+    computed, max_running = 0, 0
+    while sched.has_unfinished():
+        out = sched.schedule()
+        max_running = max(max_running, len(sched.running))
+        sched.update_after_step(out)
+        for r, n in out.scheduled:
+            if r.num_computed_tokens <= r.num_prompt_tokens or n > 1:
+                computed += n
+            if r.num_computed_tokens == r.num_tokens:
+                r.resolve_placeholder(r.append_placeholder(0), 7)
+                if r.num_output_tokens >= out_len:
+                    sched.finish(r, "length")
+        kv.pool.check_accounting()
+    return sched.num_preemptions, computed, max_running
+
+
+def test_admission_keeps_room_for_running_requests_to_grow():
+    """64 tokens of prompt+output per request, 30 blocks of 4 tokens: greedy admission runs all six
+    prompts at once and must preempt; with the lookahead it runs fewer at once, never preempts and
+    computes each prompt exactly once."""
+    greedy = _simulate(31, lookahead=0)
+    reserved = _simulate(31, lookahead=256)
+    assert greedy[0] > 0 and greedy[1] > 6 * 40
+    assert reserved[0] == 0 and reserved[1] == 6 * 40
+    assert reserved[2] < greedy[2]
+    # A single request whose growth exceeds the cache is still admitted when nothing else runs.
+    assert _simulate(20, lookahead=256, prompts=1, prompt_len=60, out_len=10)[0] == 0

@@ -5,7 +5,9 @@ Policy, in one screen:
    decode, the next chunk for a prefill), capped by the step's token budget. If the KV cache can't
    hold them, the most recently arrived running request is preempted (blocks freed, progress reset;
    its generated tokens are kept and recomputed later as part of its prompt) until it fits.
-2. Then waiting requests, strictly FCFS, while budget, max_num_seqs and blocks allow. A prefix-cache
+2. Then waiting requests, strictly FCFS, while budget, max_num_seqs and blocks allow, and while the
+   running requests keep room to grow by admission_lookahead_tokens each (a preempted request's
+   recomputation is pure waste; running a little below full memory costs less). A prefix-cache
    hit counts as computed; blocks that fill up in this step are findable at once, so requests with
    a common prefix admitted in the same step compute it once. Without chunked prefill a prompt must fit the budget whole.
 Preempted requests go back to the front of the queue, so nobody starves.
@@ -73,7 +75,19 @@ class Scheduler:
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         return out
 
+    def _growth_blocks(self, request, num_tokens: int) -> int:
+        """Blocks a request needs beyond those for num_tokens to go on for the admission lookahead."""
+        lookahead = self.config.admission_lookahead_tokens
+        target = min(request.num_prompt_tokens + request.max_output_tokens, request.num_tokens + lookahead)
+        bs = self.kv.block_size
+        return max(0, -(-target // bs) - -(-num_tokens // bs))
+
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        # Blocks held back for the running requests' next tokens (their slots for this step are taken).
+        reserve = 0
+        if self.config.admission_lookahead_tokens:
+            this_step = {id(r): n for r, n in out.scheduled}
+            reserve = sum(self._growth_blocks(r, r.num_computed_tokens + this_step.get(id(r), 0)) for r in self.running)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             if self._waits_for_leader(request):
@@ -85,8 +99,13 @@ class Scheduler:
             if not self.config.enable_chunked_prefill and num_new > budget:
                 break
             num_new = min(num_new, budget)
+            upto = request.num_computed_tokens + num_hit + num_new
+            growth = self._growth_blocks(request, upto) if self.config.admission_lookahead_tokens else 0
+            if self.running and not self.kv.can_allocate(request, num_new, hit, reserve=reserve + growth):
+                break
             if not self.kv.allocate_slots(request, num_new, hit):
                 break
+            reserve += growth
             self.waiting.popleft()
             if request.status == RequestStatus.WAITING:  # first admission, not a resume
                 self.kv.record_prefix_query(request.num_prompt_tokens, num_hit)

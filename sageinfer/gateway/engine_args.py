@@ -27,6 +27,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
     g.add_argument("--skip-tokenizer-init", action="store_true")
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "int8"])
     g.add_argument("--kv-offload-gb", type=float, default=0.0, help="host memory for evicted KV blocks")
+    g.add_argument("--admission-lookahead-tokens", type=int, default=256,
+                   help="admit a waiting request only while running ones keep room for this many more tokens")
     g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                    help="read each step's tokens before launching the next")
 
@@ -43,4 +45,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         kv_cache_memory_bytes=int(args.kv_cache_memory_gb * 2**30) if args.kv_cache_memory_gb else None,
         device=args.device, enforce_eager=args.enforce_eager, attention_backend=args.attention_backend,
         skip_tokenizer_init=args.skip_tokenizer_init, async_scheduling=args.async_scheduling,
-        kv_cache_dtype=args.kv_cache_dtype, kv_offload_gb=args.kv_offload_gb)
+        kv_cache_dtype=args.kv_cache_dtype, kv_offload_gb=args.kv_offload_gb,
+        admission_lookahead_tokens=args.admission_lookahead_tokens)

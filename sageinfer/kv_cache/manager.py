@@ -76,11 +76,12 @@ class KVCacheManager:
         total = -(-(request.num_computed_tokens + hit_tokens + num_new_tokens) // self.block_size)
         return max(0, total - held)
 
-    def can_allocate(self, request, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
+    def can_allocate(self, request, num_new_tokens: int, hit: PrefixHit | None = None, reserve: int = 0) -> bool:
+        """Whether the slots fit and leave at least reserve blocks free."""
         needed = self._blocks_needed(request, num_new_tokens, hit)
         # Cached blocks that sit in the free queue stop being free once touched.
         reclaimed = sum(1 for b in hit.blocks if self.pool.blocks[b].ref_count == 0) if hit else 0
-        return needed <= self.pool.num_free_blocks - reclaimed
+        return needed + reserve <= self.pool.num_free_blocks - reclaimed
 
     def allocate_slots(self, request, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
         """Room for num_new_tokens more tokens after the computed ones (and after a prefix hit,
