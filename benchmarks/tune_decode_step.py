@@ -5,6 +5,8 @@ weights / layers captured in one CUDA graph, so launch latency is gone and L2 ho
 
 1. Skinny matmul (ops/gemv.py) tile configurations per Qwen3-8B shape at M = 1, vs torch.
 2. Decode attention at batch 1 by split count, for a short (640) and a long (32,000) context.
+3. The chain of a step's skinny matmuls (qkv -> o -> gate_up -> gated down, 36 times), each reading
+   the one before, with and without programmatic dependent launch.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import sageinfer.ops.gemv as gemv_module
 from sageinfer.ops.gemv import gemv
 from sageinfer.ops.paged_attention import paged_attention
 
@@ -100,13 +103,43 @@ def tune_decode_attention(result: dict) -> None:
         torch.cuda.empty_cache()
 
 
+def chain(result: dict) -> None:
+    dev, dt = "cuda", torch.bfloat16
+    layers = [{name: torch.randn(n, k, device=dev, dtype=dt) * 0.02 for name, (n, k, _) in SHAPES.items()
+               if name != "lm_head"} for _ in range(LAYERS)]
+    x0 = torch.randn(1, 4096, device=dev, dtype=dt)
+
+    def step():
+        x = x0
+        for w in layers:
+            qkv = gemv(x, w["qkv"])
+            h = gemv(qkv[:, :4096], w["o"])
+            gate_up = gemv(h, w["gate_up"])
+            x = gemv(gate_up, w["down (gated)"], gated=True)
+        return x
+    nbytes = sum(w.numel() * 2 for layer in layers for w in layer.values())
+    for pdl in (False, True):
+        gemv_module.DEPENDENT_LAUNCH = pdl
+        t = graph_time(step)
+        result[f"dependent launch {pdl}"] = {"ms": t * 1e3, "tbs": nbytes / t / 1e12}
+        print(f"chain of 144 skinny matmuls, dependent launch {pdl}: {t * 1e3:.3f} ms ({nbytes / t / 1e12:.2f} TB/s)",
+              flush=True)
+    gemv_module.DEPENDENT_LAUNCH = False
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
+    parser.add_argument("--parts", default="attention,gemv,chain")
     args = parser.parse_args()
-    result = {"gemv": {}, "attention": {}}
-    tune_decode_attention(result["attention"])
-    tune_gemv(result["gemv"])
+    result = {"gemv": {}, "attention": {}, "chain": {}}
+    parts = args.parts.split(",")
+    if "chain" in parts:
+        chain(result["chain"])
+    if "attention" in parts:
+        tune_decode_attention(result["attention"])
+    if "gemv" in parts:
+        tune_gemv(result["gemv"])
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

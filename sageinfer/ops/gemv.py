@@ -13,23 +13,49 @@ import triton
 import triton.language as tl
 
 MAX_ROWS = 8
-# From benchmarks/tune_gemv.py on an H100 (bf16, Qwen3-8B shapes at M = 1): the layers of one decode
-# step in 6.90 ms against torch's 7.20 ms (lm_head 413 us = 3.0 TB/s, against 445 us). From M = 2 on
-# the library GEMM is faster (the x * w reduction stops being free), so the model uses this at M = 1.
-GEMV_CONFIG = {"block_n": 8, "block_k": 1024, "num_warps": 4, "num_stages": 4}
+# From benchmarks/tune_decode_step.py on an H100 (bf16, Qwen3-8B shapes at M = 1, 36 launches in one
+# graph): qkv 19.1 us (2.63 TB/s), o 13.8, gate_up 67.1 (3.0 TB/s), lm_head 396 (3.2 TB/s), each
+# 7-11% under torch's; the gated down projection 38.0 us against torch's SiLU-and-mul + GEMM 40.1.
+# From M = 2 on the library GEMM is faster (benchmarks/tune_gemv.py), so the model uses this at M = 1.
+GEMV_CONFIG = {"block_n": 4, "block_k": 2048, "num_warps": 4, "num_stages": 4}
+GATED_GEMV_CONFIG = {"block_n": 8, "block_k": 2048, "num_warps": 8, "num_stages": 3}
+
+
+# Programmatic dependent launch (Hopper on): a launch may start while the kernel before it finishes;
+# it requests its first weight chunk (which no earlier kernel writes), then waits for that kernel.
+# Set by the model runner from the platform.
+DEPENDENT_LAUNCH = False
+
+
+@triton.jit
+def _x_chunk(x_ptr, ms, ks, x_mask, stride_xm, K, GATED: tl.constexpr):
+    x_offs = ms[:, None] * stride_xm + ks[None, :]
+    if GATED:
+        gate = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + K + x_offs, mask=x_mask, other=0.0)
+        return ((gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up).to(tl.float32)
+    return tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, GATED: tl.constexpr):
+                 EVEN_K: tl.constexpr, GATED: tl.constexpr, USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     ms = tl.arange(0, BLOCK_M)
     m_mask = ms < M
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    ks = tl.arange(0, BLOCK_K)
+    k_mask = ks < K
+    w = tl.load(w_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    x = _x_chunk(x_ptr, ms, ks, m_mask[:, None] & k_mask[None, :], stride_xm, K, GATED)
+    acc = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
             w_mask = row_mask[:, None]
@@ -38,15 +64,9 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, s
             k_mask = ks < K
             w_mask = row_mask[:, None] & k_mask[None, :]
             x_mask = m_mask[:, None] & k_mask[None, :]
-        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wn + ks[None, :], mask=w_mask, other=0.0)
-        x_offs = ms[:, None] * stride_xm + ks[None, :]
-        if GATED:
-            gate = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32)
-            up = tl.load(x_ptr + K + x_offs, mask=x_mask, other=0.0)
-            x = (gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up
-        else:
-            x = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0)
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
+        x = _x_chunk(x_ptr, ms, ks, x_mask, stride_xm, K, GATED)
+        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -63,7 +83,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"gemv: input {tuple(x.shape)} does not fit weight {tuple(weight.shape)} (gated={gated})")
     if m > MAX_ROWS or weight.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError(f"gemv takes up to {MAX_ROWS} rows with contiguous feature dims, got {tuple(x.shape)}")
-    cfg = config or GEMV_CONFIG
+    cfg = config or (GATED_GEMV_CONFIG if gated else GEMV_CONFIG)
     block_m = max(1, triton.next_power_of_2(m))
     # Keep x * w tiles inside the registers as rows grow.
     block_k = max(64, cfg["block_k"] // block_m)
@@ -71,5 +91,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(n, cfg["block_n"]),)](
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, GATED=gated, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        EVEN_K=k % block_k == 0, GATED=gated, USE_PDL=DEPENDENT_LAUNCH, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **({"launch_pdl": True} if DEPENDENT_LAUNCH else {}))
     return y

@@ -168,7 +168,9 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
         return 1
     by_occupancy = triton.next_power_of_2(max(1, (2 * num_sms) // programs))
     by_length = triton.next_power_of_2(max(1, max_seq_len // 256))
-    return max(1, min(by_occupancy, by_length, 64))
+    # 32 at most: one sequence of 640 keys takes 8.3 us per layer with 32 splits, 9.9 with 64 (the
+    # merge reads every split); at 32,000 keys 32 and 64 are equal (benchmarks/tune_decode_step.py).
+    return max(1, min(by_occupancy, by_length, 32))
 
 
 # Launch configurations of prefill tiles, from benchmarks/tune_attention.py on an H100 (bf16, head dim

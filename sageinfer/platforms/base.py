@@ -13,6 +13,11 @@ class Platform:
     # Name of the attention backend the engine picks by default on this platform.
     preferred_attention_backend: str = "torch_ref"
 
+    def supports_dependent_launch(self) -> bool:
+        """Whether a kernel may start before the one it depends on has finished (and wait for it
+        inside), as NVIDIA's programmatic dependent launch allows from Hopper on."""
+        return False
+
     @classmethod
     def is_available(cls) -> bool:
         return False

@@ -20,6 +20,9 @@ class CudaPlatform(Platform):
     def device_name(self) -> str:
         return torch.cuda.get_device_name()
 
+    def supports_dependent_launch(self) -> bool:
+        return torch.cuda.get_device_capability()[0] >= 9
+
     def synchronize(self) -> None:
         torch.cuda.synchronize()
 
