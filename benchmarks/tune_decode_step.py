@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import sageinfer.ops.gemv as gemv_module
+from sageinfer.ops import launch
 from sageinfer.ops.gemv import gemv
 from sageinfer.ops.paged_attention import paged_attention
 
@@ -119,12 +119,12 @@ def chain(result: dict) -> None:
         return x
     nbytes = sum(w.numel() * 2 for layer in layers for w in layer.values())
     for pdl in (False, True):
-        gemv_module.DEPENDENT_LAUNCH = pdl
+        launch.DEPENDENT_LAUNCH = pdl
         t = graph_time(step)
         result[f"dependent launch {pdl}"] = {"ms": t * 1e3, "tbs": nbytes / t / 1e12}
         print(f"chain of 144 skinny matmuls, dependent launch {pdl}: {t * 1e3:.3f} ms ({nbytes / t / 1e12:.2f} TB/s)",
               flush=True)
-    gemv_module.DEPENDENT_LAUNCH = False
+    launch.DEPENDENT_LAUNCH = False
 
 
 def main():

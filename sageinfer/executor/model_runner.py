@@ -39,8 +39,8 @@ class ModelRunner:
                                 self.backend, seed=config.seed, show_progress=show_progress)
         use_triton = self.backend.name == "triton"
         if use_triton:
-            import sageinfer.ops.gemv as gemv
-            gemv.DEPENDENT_LAUNCH = platform.supports_dependent_launch()
+            from sageinfer.ops import launch
+            launch.DEPENDENT_LAUNCH = platform.supports_dependent_launch()
         for module in self.model.modules():
             if hasattr(module, "use_triton"):
                 module.use_triton = use_triton

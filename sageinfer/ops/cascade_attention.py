@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sageinfer.ops import launch
+
 # Rows (queries x heads of a group) per program, keys per tile; from the H100 sweep in
 # benchmarks/tune_cascade.py. PREFIX_ALIGN: the shared prefix is used in whole multiples of it, so
 # the decode kernel's suffix starts on one of its key-tile boundaries.
@@ -28,8 +30,9 @@ def _prefix_attention_kernel(
     num_tokens, num_splits, scale_log2,
     stride_q_tok, stride_q_head, stride_c_block, stride_c_slot, stride_c_head,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    launch.wait_for_previous_kernel(USE_PDL)
     row_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -108,8 +111,8 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
-        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], USE_PDL=launch.DEPENDENT_LAUNCH,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch.dependent_launch_kwargs())
     return part_out, part_lse
 
 

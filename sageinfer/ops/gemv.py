@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sageinfer.ops import launch
+
 MAX_ROWS = 8
 # From benchmarks/tune_decode_step.py on an H100 (bf16, Qwen3-8B shapes at M = 1, 36 launches in one
 # graph): qkv 19.1 us (2.63 TB/s), o 13.8, gate_up 67.1 (3.0 TB/s), lm_head 396 (3.2 TB/s), each
@@ -19,12 +21,6 @@ MAX_ROWS = 8
 # From M = 2 on the library GEMM is faster (benchmarks/tune_gemv.py), so the model uses this at M = 1.
 GEMV_CONFIG = {"block_n": 4, "block_k": 2048, "num_warps": 4, "num_stages": 4}
 GATED_GEMV_CONFIG = {"block_n": 8, "block_k": 2048, "num_warps": 8, "num_stages": 3}
-
-
-# Programmatic dependent launch (Hopper on): a launch may start while the kernel before it finishes;
-# it requests its first weight chunk (which no earlier kernel writes), then waits for that kernel.
-# Set by the model runner from the platform.
-DEPENDENT_LAUNCH = False
 
 
 @triton.jit
@@ -49,10 +45,10 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, s
     m_mask = ms < M
     ks = tl.arange(0, BLOCK_K)
     k_mask = ks < K
+    # Under dependent launch the first weight chunk (no kernel writes weights) is requested before
+    # waiting for the kernel that produces x.
     w = tl.load(w_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    launch.wait_for_previous_kernel(USE_PDL)
     x = _x_chunk(x_ptr, ms, ks, m_mask[:, None] & k_mask[None, :], stride_xm, K, GATED)
     acc = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     for k0 in range(BLOCK_K, K, BLOCK_K):
@@ -91,6 +87,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(n, cfg["block_n"]),)](
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, GATED=gated, USE_PDL=DEPENDENT_LAUNCH, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **({"launch_pdl": True} if DEPENDENT_LAUNCH else {}))
+        EVEN_K=k % block_k == 0, GATED=gated, USE_PDL=launch.DEPENDENT_LAUNCH, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **launch.dependent_launch_kwargs())
     return y

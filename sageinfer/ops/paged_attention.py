@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sageinfer.ops import launch
+
 _LOG2E = 1.4426950408889634
 
 
@@ -60,7 +62,9 @@ def _paged_attention_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_MODE: tl.constexpr, CASCADE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    launch.wait_for_previous_kernel(USE_PDL)
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
     kv_head = tl.program_id(2) // NUM_SPLITS
@@ -146,7 +150,9 @@ def _paged_attention_kernel(
 def _merge_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, stride_o_tok, stride_o_head,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    launch.wait_for_previous_kernel(USE_PDL)
     tok = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, NUM_SPLITS)
@@ -234,10 +240,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits, NUM_KV_HEADS=num_kv_heads,
-        KV_MODE=kv_mode, CASCADE=prefix is not None,
-        num_warps=num_warps, num_stages=num_stages)
+        KV_MODE=kv_mode, CASCADE=prefix is not None, USE_PDL=launch.DEPENDENT_LAUNCH,
+        num_warps=num_warps, num_stages=num_stages, **launch.dependent_launch_kwargs())
     if num_splits > 1:
         _merge_splits_kernel[(q.shape[0], num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=num_splits)
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=num_splits,
+            USE_PDL=launch.DEPENDENT_LAUNCH, **launch.dependent_launch_kwargs())
     return out

@@ -5,10 +5,13 @@ import torch
 import triton
 import triton.language as tl
 
+from sageinfer.ops import launch
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, stride_x, stride_r, stride_o,
-                     hidden, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     hidden, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    launch.wait_for_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -34,11 +37,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     warps = min(16, max(1, block // 256))
     if residual is None:
         _rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, out, out, x2.stride(0), 0, out.stride(0), hidden, eps,
-                                         HAS_RESIDUAL=False, BLOCK=block, num_warps=warps)
+                                         HAS_RESIDUAL=False, BLOCK=block, num_warps=warps,
+                                         USE_PDL=launch.DEPENDENT_LAUNCH, **launch.dependent_launch_kwargs())
         return out.view(x.shape)
     r2 = residual.reshape(-1, hidden)
     new_residual = torch.empty_like(r2)
     assert r2.stride(0) == new_residual.stride(0)
     _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, new_residual, x2.stride(0), r2.stride(0), out.stride(0),
-                                     hidden, eps, HAS_RESIDUAL=True, BLOCK=block, num_warps=warps)
+                                     hidden, eps, HAS_RESIDUAL=True, BLOCK=block, num_warps=warps,
+                                     USE_PDL=launch.DEPENDENT_LAUNCH, **launch.dependent_launch_kwargs())
     return out.view(x.shape), new_residual.view(x.shape)

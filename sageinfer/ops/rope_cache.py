@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sageinfer.ops import launch
+
 
 @triton.jit
 def _rms_norm_halves(x1, x2, weight_ptr, d, dmask, eps, dtype, HEAD_DIM: tl.constexpr):
@@ -51,7 +53,9 @@ def _rope_cache_kernel(
     stride_cs, stride_c_slot, stride_c_head,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
     HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, QK_NORM: tl.constexpr, KV_MODE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    launch.wait_for_previous_kernel(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     half = HEAD_DIM // 2
     pos = tl.load(positions_ptr + tok)
@@ -115,5 +119,6 @@ def rope_and_cache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         cos_sin_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HALF_PAD=triton.next_power_of_2(head_dim // 2), HEADS_PAD=triton.next_power_of_2(num_heads),
-        KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), QK_NORM=qk_norm, KV_MODE=kv_mode)
+        KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), QK_NORM=qk_norm, KV_MODE=kv_mode,
+        USE_PDL=launch.DEPENDENT_LAUNCH, **launch.dependent_launch_kwargs())
     return q
