@@ -38,9 +38,6 @@ class ModelRunner:
         self.model = load_model(model_config, config.model, config.load_format, dtype, self.device,
                                 self.backend, seed=config.seed, show_progress=show_progress)
         use_triton = self.backend.name == "triton"
-        if use_triton:
-            from sageinfer.ops import launch
-            launch.DEPENDENT_LAUNCH = platform.supports_dependent_launch()
         for module in self.model.modules():
             if hasattr(module, "use_triton"):
                 module.use_triton = use_triton
