@@ -7,7 +7,6 @@ weights / layers captured in one CUDA graph, so launch latency is gone and L2 ho
 2. Decode attention at batch 1 by split count, for a short (640) and a long (32,000) context.
 3. The chain of a step's skinny matmuls (qkv -> o -> gate_up -> gated down, 36 times), each reading
    the one before, with and without programmatic dependent launch.
-4. Decode batches of 64-512 rows: ops/skinny_gemm.py tile configurations vs torch per shape.
 """
 from __future__ import annotations
 
@@ -24,7 +23,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from sageinfer.ops import launch
 from sageinfer.ops.gemv import gemv
 from sageinfer.ops.paged_attention import paged_attention
-from sageinfer.ops.skinny_gemm import skinny_gemm
 
 SHAPES = {"qkv": (6144, 4096, False), "o": (4096, 4096, False), "gate_up": (24576, 4096, False),
           "down (gated)": (4096, 12288, True), "lm_head": (151936, 4096, False)}
@@ -105,47 +103,6 @@ def tune_decode_attention(result: dict) -> None:
         torch.cuda.empty_cache()
 
 
-def batch_gemm(result: dict) -> None:
-    dev, dt = "cuda", torch.bfloat16
-    configs = [{"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st}
-               for bm, bn, bk, w, st in ((64, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
-                                         (64, 256, 64, 8, 4), (128, 64, 128, 4, 4), (256, 128, 64, 8, 3))]
-    shapes = {name: (n, k) for name, (n, k, _) in SHAPES.items()}
-    shapes["down"] = shapes.pop("down (gated)")
-    step = {}
-    for name, (n, k) in shapes.items():
-        count = 1 if name == "lm_head" else LAYERS
-        weights = [torch.randn(n, k, device=dev, dtype=dt) * 0.02 for _ in range(count)]
-        for m in (64, 128, 256, 512):
-            x = torch.randn(m, k, device=dev, dtype=dt)
-            t_torch = graph_time(lambda: [torch.nn.functional.linear(x, w) for w in weights])  # noqa: B023
-            rows = []
-            for cfg in configs:
-                try:
-                    t = graph_time(lambda: [skinny_gemm(x, w, config=cfg) for w in weights])  # noqa: B023
-                except Exception as exc:  # noqa: BLE001  (tile over the device's resources)
-                    print(name, m, cfg, "failed", type(exc).__name__, flush=True)
-                    continue
-                rows.append((t, cfg))
-            rows.sort(key=lambda r: r[0])
-            err = ((skinny_gemm(x, weights[0], config=rows[0][1]).float()
-                    - torch.nn.functional.linear(x, weights[0]).float()).norm()
-                   / torch.nn.functional.linear(x, weights[0]).float().norm()).item()
-            result[f"{name} M{m}"] = {"torch_us": t_torch / count * 1e6, "best_us": rows[0][0] / count * 1e6,
-                                      "best": rows[0][1], "rel_err": err,
-                                      "all": [(t / count * 1e6, c) for t, c in rows]}
-            s = step.setdefault(m, [0.0, 0.0])
-            s[0] += t_torch
-            s[1] += rows[0][0]
-            print(f"M={m:3d} {name:8s} torch {t_torch / count * 1e6:7.1f} us  skinny {rows[0][0] / count * 1e6:7.1f} us "
-                  f"{rows[0][1]} err {err:.1e}", flush=True)
-        del weights
-        torch.cuda.empty_cache()
-    for m, (t_torch, t_ours) in step.items():
-        result[f"step M{m}"] = {"torch_ms": t_torch * 1e3, "skinny_ms": t_ours * 1e3}
-        print(f"M={m}: a step's linears (36 layers + lm_head): torch {t_torch * 1e3:.2f} ms, skinny {t_ours * 1e3:.2f} ms")
-
-
 def chain(result: dict) -> None:
     dev, dt = "cuda", torch.bfloat16
     layers = [{name: torch.randn(n, k, device=dev, dtype=dt) * 0.02 for name, (n, k, _) in SHAPES.items()
@@ -175,7 +132,7 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--parts", default="attention,gemv,chain")
     args = parser.parse_args()
-    result = {"gemv": {}, "attention": {}, "chain": {}, "batch": {}}
+    result = {"gemv": {}, "attention": {}, "chain": {}}
     parts = args.parts.split(",")
     if "chain" in parts:
         chain(result["chain"])
@@ -183,8 +140,7 @@ def main():
         tune_decode_attention(result["attention"])
     if "gemv" in parts:
         tune_gemv(result["gemv"])
-    if "batch" in parts:
-        batch_gemm(result["batch"])
+
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
