@@ -75,3 +75,33 @@ def test_engine_decodes_a_shared_prefix_batch_with_cascade_and_matches_transform
     assert calls and set(calls) == {256}  # 18 shared blocks of 16, used in whole 128-token tiles
     for p, o in zip(prompts, outs):  # on a GPU, float32 dots run as tf32: allow near-ties there
         assert_greedy_matches_hf(llama_dir, p, o.outputs[0].token_ids, tie_tol=2e-2 if DEVICE == "cuda" else 1e-4)
+
+
+QUANT_MODES = ["int8"] + (["fp8"] if DEVICE == "cuda" else [])  # fp8 loads need the GPU
+
+
+@pytest.mark.parametrize("mode", QUANT_MODES)
+def test_cascade_decode_on_a_quantised_cache_matches_reference(mode):
+    from sageinfer.attention.backend import KV_MODE
+    from sageinfer.attention.torch_ref import write_kv_cache_ref
+    store = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}[mode]
+    page, num_heads, num_kv_heads, head_dim = 16, 8, 2, 32
+    context = [256 + n for n in (1, 30, 77, 64)]
+    k_full, v_full, meta = random_paged_batch([1] * len(context), context, num_kv_heads, head_dim, page,
+                                              torch.float32, seed=21)
+    meta.block_table[:, :16] = meta.block_table[0, :16].clone()
+    shape = k_full.shape
+    scales = (lambda: torch.zeros(shape[:3], device=DEVICE)) if mode == "int8" else (lambda: None)
+    cache = LayerKVCache(torch.zeros(shape, dtype=store, device=DEVICE), torch.zeros(shape, dtype=store, device=DEVICE),
+                         mode, scales(), scales())
+    slots = torch.arange(shape[0] * page, device=DEVICE)
+    write_kv_cache_ref(k_full.view(-1, num_kv_heads, head_dim), v_full.view(-1, num_kv_heads, head_dim), cache, slots)
+    q = torch.randn(len(context), num_heads, head_dim, device=DEVICE)
+    ref = paged_attention_ref(q.double(), cache, meta, head_dim ** -0.5)
+    prefix_len = torch.tensor([256], dtype=torch.int32, device=DEVICE)
+    quant = dict(k_scale=cache.k_scale, v_scale=cache.v_scale, kv_mode=KV_MODE[mode], fp8_scale=cache.fp8_scale)
+    parts = prefix_attention(q, cache.k, cache.v, meta.block_table[0], prefix_len, head_dim ** -0.5, 2, SMALL, **quant)
+    out = torch.full_like(q, float("nan"))
+    paged_attention(q, cache.k, cache.v, out, meta.block_table, meta.seq_lens, meta.query_start_loc, meta.num_seqs,
+                    1, head_dim ** -0.5, prefix=(*parts, prefix_len), **quant)
+    assert rel_err(out, ref) < 2e-3

@@ -42,10 +42,11 @@ class TritonBackend(AttentionBackend):
                        cache.fp8_scale)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         prefix = None
-        if meta.cascade_prefix_len is not None and cache.mode == 0:
+        if meta.cascade_prefix_len is not None:
             splits = prefix_splits(num_tokens, q.shape[1] // k.shape[1], k.shape[1], self.num_sms)
             prefix = (*prefix_attention(q, cache.k, cache.v, meta.block_table[0], meta.cascade_prefix_len,
-                                        layer.scale, splits), meta.cascade_prefix_len)
+                                        layer.scale, splits, k_scale=cache.k_scale, v_scale=cache.v_scale,
+                                        kv_mode=cache.mode, fp8_scale=cache.fp8_scale), meta.cascade_prefix_len)
         return paged_attention(q, cache.k, cache.v, out, meta.block_table, meta.seq_lens, meta.query_start_loc,
                                meta.num_seqs, meta.max_query_len, layer.scale, meta.num_splits,
                                max_seq_len=meta.max_seq_len, k_scale=cache.k_scale, v_scale=cache.v_scale,

@@ -15,10 +15,12 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
+from sageinfer.ops.paged_attention import _LOG2E, _attend_tile
 
-# Rows (queries x heads of a group) per program, keys per tile; from the H100 sweep in
-# benchmarks/tune_cascade.py. PREFIX_ALIGN: the shared prefix is used in whole multiples of it, so
-# the decode kernel's suffix starts on one of its key-tile boundaries.
+# Rows (queries x heads of a group) per program, keys per tile; the H100 sweep in
+# benchmarks/probe_p1.py put six tile shapes within 149-161 us for prefix + suffix of 200 sequences.
+# PREFIX_ALIGN: the shared prefix is used in whole multiples of it, so prefix tiles are full and the
+# decode kernel's suffix starts on one of its key-tile boundaries.
 PREFIX_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
 PREFIX_ALIGN = 128
 MAX_PREFIX_SPLITS = 16
@@ -26,11 +28,12 @@ MAX_PREFIX_SPLITS = 16
 
 @triton.jit(do_not_specialize=["num_tokens", "num_splits"])
 def _prefix_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, prefix_blocks_ptr, prefix_len_ptr, part_out_ptr, part_lse_ptr,
-    num_tokens, num_splits, scale_log2,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, prefix_blocks_ptr, prefix_len_ptr,
+    part_out_ptr, part_lse_ptr, num_tokens, num_splits, scale_log2, out_scale,
     stride_q_tok, stride_q_head, stride_c_block, stride_c_slot, stride_c_head,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KV_MODE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     launch.wait_for_previous_kernel(USE_PDL)
     row_tile = tl.program_id(0)
@@ -49,7 +52,8 @@ def _prefix_attention_kernel(
     q = tl.load(q_ptr + tok[:, None] * stride_q_tok + head[:, None] * stride_q_head + dims[None, :],
                 mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
 
-    num_tiles = tl.cdiv(prefix_len, BLOCK_N)
+    # The prefix is a whole number of key tiles (PREFIX_ALIGN), so no tile needs a mask.
+    num_tiles = prefix_len // BLOCK_N
     per_split = tl.cdiv(num_tiles, num_splits)
     tile_start = split * per_split
     tile_end = tl.minimum(tile_start + per_split, num_tiles)
@@ -57,25 +61,14 @@ def _prefix_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     for tile in range(tile_start, tile_end):
-        k_idx = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_valid = k_idx < prefix_len
-        page = tl.load(prefix_blocks_ptr + k_idx // PAGE_SIZE, mask=k_valid, other=0)
-        slot = page.to(tl.int64) * stride_c_block + (k_idx % PAGE_SIZE) * stride_c_slot + kv_head * stride_c_head
-        k = tl.load(k_cache_ptr + slot[None, :] + dims[:, None], mask=k_valid[None, :] & dim_valid[:, None],
-                    other=0.0)
-        s = tl.dot(q, k.to(q.dtype)) * scale_log2
-        s = tl.where(k_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + slot[:, None] + dims[None, :], mask=k_valid[:, None] & dim_valid[None, :],
-                    other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                                     prefix_blocks_ptr, 0, kv_head, prefix_len, rows,  # rows: no mask reads it
+                                     dims, dim_valid, scale_log2,
+                                     stride_c_block, stride_c_slot, stride_c_head, 0, NUM_KV_HEADS, PAGE_SIZE,
+                                     BLOCK_N, False, KV_MODE)
 
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out = acc / tl.where(empty, 1.0, l_i)[:, None] * out_scale
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     # part_out: [splits, tokens, heads, HEAD_DIM_PAD] fp32; part_lse: [splits, tokens, heads]
     base = (split * num_tokens + tok) * NUM_HEADS + head
@@ -91,14 +84,18 @@ def prefix_splits(num_tokens: int, group: int, num_kv_heads: int, num_sms: int =
 
 
 def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_blocks: torch.Tensor,
-                     prefix_len: torch.Tensor, scale: float, num_splits: int,
-                     config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     prefix_len: torch.Tensor, scale: float, num_splits: int, config: dict | None = None,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, kv_mode: int = 0,
+                     fp8_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query token (one per sequence) over the shared prefix, without a mask.
 
-    q: [T, Hq, D]; caches: [blocks, page, Hkv, D] in q's dtype; prefix_blocks: the prefix's block ids
-    (int32, any row of the shared block table); prefix_len: int32 tensor [1], tokens (0 = none).
+    q: [T, Hq, D]; caches: [blocks, page, Hkv, D] in any cache dtype (kv_mode and scales as in
+    ops.paged_attention); prefix_blocks: the prefix's block ids (int32, any row of the shared block
+    table); prefix_len: int32 tensor [1], tokens, a multiple of PREFIX_ALIGN (0 = none).
     Returns (part_out [splits, T, Hq, D_pad] fp32, part_lse [splits, T, Hq] fp32 in log2 units)."""
     cfg = config or PREFIX_CONFIG
+    if PREFIX_ALIGN % cfg["block_n"]:
+        raise ValueError(f"prefix key tiles of {cfg['block_n']} do not divide PREFIX_ALIGN ({PREFIX_ALIGN})")
     num_tokens, num_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -106,13 +103,15 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_out = torch.empty(num_splits, num_tokens, num_heads, head_dim_pad, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(num_tokens * group, cfg["block_m"]), num_kv_heads, num_splits)
+    fp8 = fp8_scale if kv_mode == 1 else 1.0
     _prefix_attention_kernel[grid](
-        q, k_cache, v_cache, prefix_blocks, prefix_len, part_out, part_lse, num_tokens, num_splits,
-        scale * 1.4426950408889634,
+        q, k_cache, v_cache, k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
+        prefix_blocks, prefix_len, part_out, part_lse, num_tokens, num_splits, scale * _LOG2E * fp8, fp8,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
-        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], USE_PDL=launch.DEPENDENT_LAUNCH,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch.dependent_launch_kwargs())
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        PAGE_SIZE=page_size, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], KV_MODE=kv_mode,
+        USE_PDL=launch.DEPENDENT_LAUNCH, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **launch.dependent_launch_kwargs())
     return part_out, part_lse
 
 

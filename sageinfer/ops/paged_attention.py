@@ -201,8 +201,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     fp8_scale: float = 1.0, prefix: tuple | None = None) -> torch.Tensor:
     """q, out: [T, Hq, D]; caches: [blocks, page, Hkv, D]. Writes out and returns it.
     prefix: (part_out, part_lse, prefix_len) from ops.cascade_attention.prefix_attention for a decode
-    batch (one split, bf16/fp16 cache): keys before prefix_len, a multiple of the key tile, are
-    taken from there instead of the cache."""
+    batch with one split: keys before prefix_len, a multiple of the key tile, are taken from there
+    instead of the cache."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -222,8 +222,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         num_warps = cfg["num_warps"] if block_m >= 128 else 4
         num_stages = cfg["num_stages"] if block_m >= 64 else 2
     num_splits = num_splits if max_query_len == 1 else 1
-    if prefix is not None and (max_query_len != 1 or num_splits != 1 or kv_mode != 0):
-        raise ValueError("cascade attention takes decode batches with one split and an unquantised cache")
+    if prefix is not None and (max_query_len != 1 or num_splits != 1):
+        raise ValueError("cascade attention takes decode batches with one split")
     prefix_out, prefix_lse, prefix_len = prefix if prefix is not None else (q, q, seq_lens)
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
     if num_splits > 1:
