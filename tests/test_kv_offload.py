@@ -88,3 +88,43 @@ def test_connector_moves_blocks_in_runs_and_survives_a_batch_larger_than_the_hos
     assert conn2.contains_prefix([2]) == 1 and conn2.contains_prefix([3]) == 1 and conn2.contains_prefix([1]) == 0
     conn2.load([3, 2], [6, 5])
     assert torch.equal(caches[0].k[6], caches[0].k[3]) and torch.equal(caches[0].k[5], caches[0].k[2])
+
+
+def test_saves_of_blocks_freed_during_a_launched_step_wait_for_it():
+    """A block freed after the last launch (an aborted prefill chunk, a finished request's wasted
+    token) may still be written by that step: its save is ordered after the launched work."""
+    from sageinfer.engine.request import Request
+    from sageinfer.kv_cache.manager import KVCacheManager
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def contains_prefix(self, keys):
+            return 0
+
+        def save(self, keys, block_ids, protected, after_launched=False):
+            self.calls.append((sorted(block_ids), after_launched))
+
+        def load(self, keys, block_ids):
+            pass
+
+    def run(free_before_launch: bool):
+        recorder = Recorder()
+        kv = KVCacheManager(5, 4, enable_caching=True, connector=recorder)
+        a = Request("a", "a", 0, list(range(16)), SamplingParams(), set())
+        assert kv.allocate_slots(a, 16)
+        kv.cache_full_blocks(a, 16)
+        if free_before_launch:
+            kv.free(a)
+            kv.step_launched()
+        else:
+            kv.step_launched()
+            kv.free(a)  # e.g. aborted while the step that computes its chunk is in flight
+        b = Request("b", "b", 0, [99] * 16, SamplingParams(), set())
+        assert kv.allocate_slots(b, 16)  # evicts all of a's cached blocks
+        kv.flush_transfers()
+        return recorder.calls
+
+    assert run(free_before_launch=False) == [([1, 2, 3, 4], True)]
+    assert run(free_before_launch=True) == [([1, 2, 3, 4], False)]

@@ -170,6 +170,7 @@ class LLMEngine:
             prev = self._in_flight
             prev_tokens = prev.sampler_output.token_ids if prev is not None and prev.sampler_output else None
             result = self.runner.execute(sched.scheduled, prev_tokens)
+            self.kv_manager.step_launched()
             self.scheduler.update_after_step(sched)
             self.num_prompt_tokens_computed += sum(
                 n for r, n in sched.scheduled if r.num_computed_tokens - n < r.num_prompt_tokens)

@@ -33,6 +33,9 @@ class BlockPool:
         # (block hash, block id) of cached blocks evicted since the last drain: an offload tier
         # copies their contents out before the step that overwrites them runs.
         self.evicted: list[tuple[int, int]] = []
+        # Blocks freed since the last step was launched: that step may still be writing them (an
+        # aborted request's prefill chunk, a finished request's wasted token).
+        self.freed_since_launch: set[int] = set()
 
     @property
     def num_free_blocks(self) -> int:
@@ -82,6 +85,7 @@ class BlockPool:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_queue[block_id] = None
+                self.freed_since_launch.add(block_id)
 
     def cache_block(self, block_id: int, block_hash: int) -> None:
         if not self.enable_caching:

@@ -115,11 +115,18 @@ class KVCacheManager:
         if self.pool.evicted:
             keys, blocks = zip(*self.pool.evicted)
             self.pool.evicted.clear()
-            self.connector.save(list(keys), list(blocks), protected={k for k, _ in self.pending_loads})
+            # A block freed while the last launched step was in flight may still be written by it.
+            after_launched = any(b in self.pool.freed_since_launch for b in blocks)
+            self.connector.save(list(keys), list(blocks), protected={k for k, _ in self.pending_loads},
+                                after_launched=after_launched)
         if self.pending_loads:
             keys, blocks = zip(*self.pending_loads)
             self.pending_loads.clear()
             self.connector.load(list(keys), list(blocks))
+
+    def step_launched(self) -> None:
+        """Called once a step is enqueued: blocks freed from now on may still be written by it."""
+        self.pool.freed_since_launch.clear()
 
     def cache_full_blocks(self, request, num_tokens: int | None = None) -> None:
         """Register the request's blocks whose tokens are all computed, for later prefix hits.

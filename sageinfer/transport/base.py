@@ -8,9 +8,11 @@ class KVConnector:
         """How many of keys, from the first, the connector holds."""
         raise NotImplementedError
 
-    def save(self, keys: list[int], block_ids: list[int], protected: set[int]) -> None:
+    def save(self, keys: list[int], block_ids: list[int], protected: set[int], after_launched: bool = False) -> None:
         """Store device blocks under their keys (copies enqueued in stream order before later writes
-        to those blocks). Entries whose keys are in protected must not be dropped to make room."""
+        to those blocks). Entries whose keys are in protected must not be dropped to make room.
+        after_launched: some block may still be written by work already enqueued, so the copies must
+        follow it."""
         raise NotImplementedError
 
     def load(self, keys: list[int], block_ids: list[int]) -> None:

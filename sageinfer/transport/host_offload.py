@@ -30,8 +30,9 @@ class HostOffloadConnector(KVConnector):
         self.saved_blocks = 0
         self.loaded_blocks = 0
         # Saves run on their own stream, overlapping the step in flight: the blocks they read are
-        # cached and free, so no launched step writes them, and every step before it has finished
-        # (its tokens were read). The next step waits for the saves before reusing the blocks.
+        # cached and free, and were freed before that step was launched, so it does not write them
+        # (a block freed later may still take its writes: then the save waits for it,
+        # after_launched). The next step waits for the saves before reusing the blocks.
         # Loads stay on the compute stream: a block freed moments ago may still take an in-flight
         # write (the wasted token of a request that just finished).
         self.copy_stream = platform.stream()
@@ -57,8 +58,11 @@ class HostOffloadConnector(KVConnector):
                 return self.slots.pop(key)
         return None
 
-    def save(self, keys: list[int], block_ids: list[int], protected: set[int]) -> None:
+    def save(self, keys: list[int], block_ids: list[int], protected: set[int], after_launched: bool = False) -> None:
+        launched = self.platform.record_event() if after_launched else None
         with self.platform.copy_stream_context(self.copy_stream):
+            if launched is not None:
+                self.platform.wait_event(launched)
             if self.loads_done is not None:
                 self.platform.wait_event(self.loads_done)
             self._save(keys, block_ids, protected)
