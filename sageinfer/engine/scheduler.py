@@ -83,6 +83,8 @@ class Scheduler:
         return max(0, -(-target // bs) - -(-num_tokens // bs))
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        if not self.waiting:
+            return budget
         # Blocks held back for the running requests' next tokens (their slots for this step are taken).
         reserve = 0
         if self.config.admission_lookahead_tokens:
