@@ -9,7 +9,8 @@ Policy, in one screen:
    running requests keep room to grow by admission_lookahead_tokens each (a preempted request's
    recomputation is pure waste; running a little below full memory costs less). A prefix-cache
    hit counts as computed; blocks that fill up in this step are findable at once, so requests with
-   a common prefix admitted in the same step compute it once. Without chunked prefill a prompt must fit the budget whole.
+   a common prefix admitted in the same step compute it once. Without chunked prefill a prompt must
+   fit the budget whole.
 Preempted requests go back to the front of the queue, so nobody starves.
 """
 from __future__ import annotations
