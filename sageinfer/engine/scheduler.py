@@ -104,9 +104,8 @@ class Scheduler:
             num_new = min(num_new, budget)
             upto = request.num_computed_tokens + num_hit + num_new
             growth = self._growth_blocks(request, upto) if self.config.admission_lookahead_tokens else 0
-            if self.running and not self.kv.can_allocate(request, num_new, hit, reserve=reserve + growth):
-                break
-            if not self.kv.allocate_slots(request, num_new, hit):
+            # With nothing running, a request too large for its lookahead still gets its turn.
+            if not self.kv.allocate_slots(request, num_new, hit, reserve=reserve + growth if self.running else 0):
                 break
             reserve += growth
             self.waiting.popleft()
@@ -139,10 +138,9 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """Advance progress of what ran; register newly full blocks for prefix hits."""
+        """Advance progress of what ran (its full blocks were registered when it was scheduled)."""
         for request, num_new in out.scheduled:
             request.num_computed_tokens += num_new
-            self.kv.cache_full_blocks(request)
 
     def finish(self, request: Request, reason: str, stop_reason=None) -> None:
         """Finish (or abort) a request wherever it is and free its blocks."""

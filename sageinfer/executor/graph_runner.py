@@ -69,21 +69,20 @@ class DecodeGraphs:
         # Shared-prefix length for cascade decode; graphs whose backend plan keeps it read it each
         # replay (0 = no shared prefix this step).
         self.cascade_prefix_len = torch.zeros(1, dtype=torch.int32, device=device)
-        self.cascade_sizes: set[int] = set()
+        metas: dict[int, AttentionMetadata] = {}
 
         def make_meta(bs: int) -> AttentionMetadata:  # views of the persistent buffers above
-            meta = AttentionMetadata(
+            meta = metas[bs] = AttentionMetadata(
                 num_actual_tokens=bs, slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[:bs + 1],
                 seq_lens=self.seq_lens[:bs], block_table=self.block_table[:bs], max_query_len=1,
                 max_seq_len=max_model_len, query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs,
                 cascade_prefix_len=self.cascade_prefix_len)
-            backend.plan(meta, num_kv_heads)
-            if meta.cascade_prefix_len is not None:
-                self.cascade_sizes.add(bs)
             return meta
         self.graphs, self.outputs, self.capture_seconds = capture_ladder(
             self.sizes, make_meta, model, backend, platform, num_kv_heads, self.input_ids, self.positions, kv_caches,
             DEPENDENT_LAUNCH_MAX_DECODE_BATCH)
+        # The backend's plan keeps the cascade input only where its kernels can merge a prefix.
+        self.cascade_sizes = {bs for bs, meta in metas.items() if meta.cascade_prefix_len is not None}
         logger.info("captured %d decode graphs (batch 1..%d) in %.1f s", len(self.sizes), n, self.capture_seconds)
 
     def can_run(self, num_seqs: int, max_query_len: int) -> bool:

@@ -83,10 +83,11 @@ class KVCacheManager:
         reclaimed = sum(1 for b in hit.blocks if self.pool.blocks[b].ref_count == 0) if hit else 0
         return needed + reserve <= self.pool.num_free_blocks - reclaimed
 
-    def allocate_slots(self, request, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
+    def allocate_slots(self, request, num_new_tokens: int, hit: PrefixHit | None = None, reserve: int = 0) -> bool:
         """Room for num_new_tokens more tokens after the computed ones (and after a prefix hit,
-        which the caller then counts as computed); False, changing nothing, if there is none."""
-        if not self.can_allocate(request, num_new_tokens, hit):
+        which the caller then counts as computed), leaving at least reserve blocks free; False,
+        changing nothing, if there is none."""
+        if not self.can_allocate(request, num_new_tokens, hit, reserve):
             return False
         needed = self._blocks_needed(request, num_new_tokens, hit)
         if hit and hit.blocks:

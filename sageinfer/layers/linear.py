@@ -33,16 +33,20 @@ class Linear(nn.Module):
 
     def forward_gated(self, gate_up: torch.Tensor, act: nn.Module) -> torch.Tensor:
         """self(act(gate_up)) for an MLP's down projection; one row fuses the activation in."""
-        if self.use_triton and gate_up.dim() == 2 and gate_up.shape[0] == 1:
+        if _one_row(gate_up, self.use_triton):
             from sageinfer.ops.gemv import gemv
             return gemv(gate_up, self.weight, self.bias, gated=True)
         return self.forward(act(gate_up))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_triton: bool) -> torch.Tensor:
+def _one_row(x: torch.Tensor, use_triton: bool) -> bool:
     """A single row (decode of one sequence) goes through the skinny Triton matmul, which streams the
-    weights faster than the library GEMM there (benchmarks/tune_gemv.py); the rest through torch."""
-    if use_triton and x.dim() == 2 and x.shape[0] == 1:
+    weights faster than the library GEMM there (benchmarks/tune_decode_step.py); the rest through torch."""
+    return use_triton and x.dim() == 2 and x.shape[0] == 1
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_triton: bool) -> torch.Tensor:
+    if _one_row(x, use_triton):
         from sageinfer.ops.gemv import gemv
         return gemv(x, weight, bias)
     return F.linear(x, weight, bias)

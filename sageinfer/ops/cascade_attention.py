@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
-from sageinfer.ops.paged_attention import _LOG2E, _attend_tile
+from sageinfer.ops.paged_attention import LOG2E, attend_tile
 
 # Rows (queries x heads of a group) per program, keys per tile; the H100 sweep in
 # benchmarks/probe_p1.py put six tile shapes within 149-161 us for prefix + suffix of 200 sequences.
@@ -61,7 +61,7 @@ def _prefix_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     for tile in range(tile_start, tile_end):
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+        m_i, l_i, acc = attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                                      prefix_blocks_ptr, 0, kv_head, prefix_len, rows,  # rows: no mask reads it
                                      dims, dim_valid, scale_log2,
                                      stride_c_block, stride_c_slot, stride_c_head, 0, NUM_KV_HEADS, PAGE_SIZE,
@@ -106,11 +106,11 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     fp8 = fp8_scale if kv_mode == 1 else 1.0
     _prefix_attention_kernel[grid](
         q, k_cache, v_cache, k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
-        prefix_blocks, prefix_len, part_out, part_lse, num_tokens, num_splits, scale * _LOG2E * fp8, fp8,
+        prefix_blocks, prefix_len, part_out, part_lse, num_tokens, num_splits, scale * LOG2E * fp8, fp8,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         PAGE_SIZE=page_size, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], KV_MODE=kv_mode,
-        USE_PDL=launch.DEPENDENT_LAUNCH, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **launch.dependent_launch_kwargs())
     return part_out, part_lse
 

@@ -87,6 +87,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(n, cfg["block_n"]),)](
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, GATED=gated, USE_PDL=launch.DEPENDENT_LAUNCH, num_warps=cfg["num_warps"],
+        EVEN_K=k % block_k == 0, GATED=gated, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **launch.dependent_launch_kwargs())
     return y

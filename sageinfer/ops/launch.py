@@ -31,7 +31,8 @@ def dependent_launch(enabled: bool):
 
 
 def dependent_launch_kwargs() -> dict:
-    return {"launch_pdl": True} if DEPENDENT_LAUNCH else {}
+    """Launch arguments of a kernel with a USE_PDL constexpr: the constexpr and the launch flag."""
+    return {"USE_PDL": True, "launch_pdl": True} if DEPENDENT_LAUNCH else {"USE_PDL": False}
 
 
 @triton.jit

@@ -14,11 +14,11 @@ import triton.language as tl
 
 from sageinfer.ops import launch
 
-_LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, seq,
+def attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, seq,
                  kv_head, kv_end, q_pos, dims, dim_valid, scale_log2, stride_c_block, stride_c_slot, stride_c_head,
                  stride_bt, NUM_KV_HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                  MASKED: tl.constexpr, KV_MODE: tl.constexpr):
@@ -105,12 +105,12 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     for tile in range(tile_start, mid):
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+        m_i, l_i, acc = attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                                      block_table_ptr, seq, kv_head, kv_end, q_pos, dims, dim_valid, scale_log2,
                                      stride_c_block, stride_c_slot, stride_c_head, stride_bt, NUM_KV_HEADS, PAGE_SIZE,
                                      BLOCK_N, False, KV_MODE)
     for tile in range(mid, tile_end):
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+        m_i, l_i, acc = attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                                      block_table_ptr, seq, kv_head, kv_end, q_pos, dims, dim_valid, scale_log2,
                                      stride_c_block, stride_c_slot, stride_c_head, stride_bt, NUM_KV_HEADS, PAGE_SIZE,
                                      BLOCK_N, True, KV_MODE)
@@ -235,16 +235,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q, k_cache, v_cache, out, part_out, part_lse, block_table, seq_lens, query_start_loc,
         k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
         prefix_out, prefix_lse, prefix_len, q.shape[0], prefix_out.shape[0] if prefix is not None else 0,
-        scale * _LOG2E * (fp8_scale if kv_mode == 1 else 1.0), fp8_scale if kv_mode == 1 else 1.0,
+        scale * LOG2E * (fp8_scale if kv_mode == 1 else 1.0), fp8_scale if kv_mode == 1 else 1.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits, NUM_KV_HEADS=num_kv_heads,
-        KV_MODE=kv_mode, CASCADE=prefix is not None, USE_PDL=launch.DEPENDENT_LAUNCH,
-        num_warps=num_warps, num_stages=num_stages, **launch.dependent_launch_kwargs())
+        KV_MODE=kv_mode, CASCADE=prefix is not None, num_warps=num_warps, num_stages=num_stages,
+        **launch.dependent_launch_kwargs())
     if num_splits > 1:
         _merge_splits_kernel[(q.shape[0], num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=num_splits,
-            USE_PDL=launch.DEPENDENT_LAUNCH, **launch.dependent_launch_kwargs())
+            **launch.dependent_launch_kwargs())
     return out

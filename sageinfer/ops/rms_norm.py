@@ -38,12 +38,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if residual is None:
         _rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, out, out, x2.stride(0), 0, out.stride(0), hidden, eps,
                                          HAS_RESIDUAL=False, BLOCK=block, num_warps=warps,
-                                         USE_PDL=launch.DEPENDENT_LAUNCH, **launch.dependent_launch_kwargs())
+                                         **launch.dependent_launch_kwargs())
         return out.view(x.shape)
     r2 = residual.reshape(-1, hidden)
     new_residual = torch.empty_like(r2)
     assert r2.stride(0) == new_residual.stride(0)
     _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, new_residual, x2.stride(0), r2.stride(0), out.stride(0),
                                      hidden, eps, HAS_RESIDUAL=True, BLOCK=block, num_warps=warps,
-                                     USE_PDL=launch.DEPENDENT_LAUNCH, **launch.dependent_launch_kwargs())
+                                     **launch.dependent_launch_kwargs())
     return out.view(x.shape), new_residual.view(x.shape)

@@ -120,5 +120,5 @@ def rope_and_cache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HALF_PAD=triton.next_power_of_2(head_dim // 2), HEADS_PAD=triton.next_power_of_2(num_heads),
         KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), QK_NORM=qk_norm, KV_MODE=kv_mode,
-        USE_PDL=launch.DEPENDENT_LAUNCH, **launch.dependent_launch_kwargs())
+        **launch.dependent_launch_kwargs())
     return q
