@@ -105,3 +105,17 @@ def test_triton_path_matches_transformers(model_dirs, arch):
     assert llm.engine.runner.backend.name == "triton"
     for prompt, out in zip(prompts, outs):
         assert_greedy_matches_hf(model_dirs[arch], prompt, out.outputs[0].token_ids)
+
+
+def test_triton_path_with_page_aligned_prefill_matches_transformers(model_dirs, monkeypatch):
+    """Pages of 128 tokens take the page-aligned prefill kernel, chunked across page boundaries."""
+    from sageinfer.ops import prefill_attention as tile_prefill
+    calls = []
+    original = tile_prefill.prefill_attention
+    monkeypatch.setattr(tile_prefill, "prefill_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    prompts = _prompts([3, 150, 290], seed=16)
+    llm, outs = _generate(model_dirs["qwen3"], prompts, max_tokens=5, attention_backend="triton", block_size=128,
+                          num_gpu_blocks_override=16, max_num_batched_tokens=100)
+    assert calls, "the page-aligned prefill kernel was not used"
+    for prompt, out in zip(prompts, outs):
+        assert_greedy_matches_hf(model_dirs["qwen3"], prompt, out.outputs[0].token_ids)

@@ -78,11 +78,12 @@ class AttentionBackend:
         return 0
 
 
-def get_attention_backend(name: str) -> AttentionBackend:
+def get_attention_backend(name: str, platform=None) -> AttentionBackend:
     if name == "torch_ref":
         from sageinfer.attention.torch_ref import TorchRefBackend
         return TorchRefBackend()
     if name == "triton":
         from sageinfer.attention.triton_backend import TritonBackend
-        return TritonBackend()
+        tensor_copies = platform is not None and platform.supports_tensor_copies()
+        return TritonBackend(tile_prefill_config={"use_tma": tensor_copies})
     raise ValueError(f"attention backend must be 'torch_ref' or 'triton', got {name!r}")

@@ -5,6 +5,7 @@ import torch
 
 from sageinfer.attention.backend import AttentionBackend, AttentionMetadata
 from sageinfer.ops.cascade_attention import PREFIX_ALIGN, common_prefix_blocks, prefix_attention, prefix_splits
+from sageinfer.ops import prefill_attention as tile_prefill
 from sageinfer.ops.paged_attention import choose_num_splits, paged_attention
 from sageinfer.ops.rope_cache import rope_and_cache
 
@@ -16,8 +17,9 @@ CASCADE_MIN_PREFIX = 256
 class TritonBackend(AttentionBackend):
     name = "triton"
 
-    def __init__(self, num_sms: int = 132):
+    def __init__(self, num_sms: int = 132, tile_prefill_config: dict | None = None):
         self.num_sms = num_sms
+        self.tile_prefill_config = tile_prefill_config  # the platform's choice (tensor copies or not)
 
     def plan(self, meta: AttentionMetadata, num_kv_heads: int) -> None:
         if meta.max_query_len == 1:
@@ -41,6 +43,13 @@ class TritonBackend(AttentionBackend):
                        meta.slot_mapping, q_norm, k_norm, eps, cache.k_scale, cache.v_scale, cache.mode,
                        cache.fp8_scale)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        if meta.max_query_len > 1 and cache.mode == 0 and tile_prefill.supports(cache.k.shape[1], q.shape[2],
+                                                                                 cache.k.dtype):
+            # Pages of whole key tiles: one contiguous run of cache rows per tile (H100: ~460 against
+            # ~390 TFLOP/s for the per-key gather on the 16K chunks of a 32K prompt).
+            return tile_prefill.prefill_attention(q, cache.k, cache.v, out, meta.block_table, meta.seq_lens,
+                                                  meta.query_start_loc, meta.num_seqs, meta.max_query_len,
+                                                  layer.scale, config=self.tile_prefill_config)
         prefix = None
         if meta.cascade_prefix_len is not None:
             splits = prefix_splits(num_tokens, q.shape[1] // k.shape[1], k.shape[1], self.num_sms)

@@ -34,7 +34,7 @@ class ModelRunner:
         self.device = platform.device() if config.device is None else torch.device(config.device)
         self.dtype = dtype
         self.block_size = config.block_size
-        self.backend = get_attention_backend(attention_backend or self._default_backend())
+        self.backend = get_attention_backend(attention_backend or self._default_backend(), platform)
         self.model = load_model(model_config, config.model, config.load_format, dtype, self.device,
                                 self.backend, seed=config.seed, show_progress=show_progress)
         use_triton = self.backend.name == "triton"

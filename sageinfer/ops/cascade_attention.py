@@ -65,7 +65,7 @@ def _prefix_attention_kernel(
                                      prefix_blocks_ptr, 0, kv_head, prefix_len, rows,  # rows: no mask reads it
                                      dims, dim_valid, scale_log2,
                                      stride_c_block, stride_c_slot, stride_c_head, 0, NUM_KV_HEADS, PAGE_SIZE,
-                                     BLOCK_N, False, KV_MODE)
+                                     BLOCK_N, False, KV_MODE, HEAD_DIM != HEAD_DIM_PAD)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None] * out_scale

@@ -18,6 +18,11 @@ class Platform:
         inside), as NVIDIA's programmatic dependent launch allows from Hopper on."""
         return False
 
+    def supports_tensor_copies(self) -> bool:
+        """Whether Triton kernels may move tiles with tensor descriptors (a bulk tensor copy engine,
+        NVIDIA's TMA from Hopper on) instead of per-thread loads."""
+        return False
+
     @classmethod
     def is_available(cls) -> bool:
         return False

@@ -23,6 +23,9 @@ class CudaPlatform(Platform):
     def supports_dependent_launch(self) -> bool:
         return torch.cuda.get_device_capability()[0] >= 9
 
+    def supports_tensor_copies(self) -> bool:
+        return torch.cuda.get_device_capability()[0] >= 9
+
     def synchronize(self) -> None:
         torch.cuda.synchronize()
 

@@ -1,0 +1,152 @@
+"""Prefill attention over a paged cache whose pages hold whole key tiles.
+
+When a cache page holds a whole number of key tiles, each tile is one contiguous run of cache rows:
+one block-table read per tile instead of one per key, loads without per-key masks, and on chips with
+a tensor copy engine (USE_TMA) the tile moves as one bulk copy. Rows are packed as in
+ops.paged_attention (BLOCK_Q query tokens x GROUP heads of one KV head) and the causal band is walked
+in two loops: tiles wholly visible to every row of the program, then the masked tail.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sageinfer.ops import launch
+from sageinfer.ops.paged_attention import LOG2E
+
+
+@triton.jit
+def _load_tile(cache, row, col, stride_row, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    if USE_TMA:
+        tile = cache.load([row, col])
+    else:
+        offs = (row + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * stride_row + col + tl.arange(0, HEAD_DIM)[None, :]
+        tile = tl.load(cache + offs)
+    return tile
+
+
+@triton.jit
+def _tile_row(block_table_ptr, tile, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    key0 = tile * BLOCK_N
+    return tl.load(block_table_ptr + key0 // PAGE_SIZE) * PAGE_SIZE + key0 % PAGE_SIZE
+
+
+@triton.jit
+def _scores(q, k_cache, row, col, stride_row, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    k = _load_tile(k_cache, row, col, stride_row, BLOCK_N, HEAD_DIM, USE_TMA)
+    return tl.dot(q, k.T)
+
+
+@triton.jit
+def _update(s, m_i, l_i, acc, v_cache, row, col, tile, q_pos, kv_end, scale_log2, stride_row,
+            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    if MASKED:
+        k_idx = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        # Rows past the sequence's end in its last page were never written: their scores and values
+        # are masked out (0 * NaN would still poison the sum).
+        s = tl.where(k_idx[None, :] <= q_pos[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+    p = tl.math.exp2(s * scale_log2 - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_tile(v_cache, row, col, stride_row, BLOCK_N, HEAD_DIM, USE_TMA)
+    if MASKED:
+        v = tl.where((tile * BLOCK_N + tl.arange(0, BLOCK_N) < kv_end)[:, None], v, 0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit(do_not_specialize=["stride_bt"])
+def _prefill_attention_kernel(
+    q_ptr, k_cache, v_cache, out_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr, scale_log2,
+    stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_row, stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    launch.wait_for_previous_kernel(USE_PDL)
+    seq = tl.program_id(0)
+    q_tile = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    query_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    context_len = tl.load(seq_lens_ptr + seq) - query_len
+
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = q_tile * BLOCK_Q + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_valid = q_idx < query_len
+    dims = tl.arange(0, HEAD_DIM)
+    tok = (q_start + q_idx).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_q_tok + head[:, None] * stride_q_head + dims[None, :],
+                mask=row_valid[:, None], other=0.0)
+    q_pos = context_len + q_idx
+
+    kv_end = context_len + tl.minimum((q_tile + 1) * BLOCK_Q, query_len)
+    # Programs past a short sequence's last query run no tiles (no early exit: warp specialisation
+    # needs structured control flow).
+    num_tiles = tl.where(q_tile * BLOCK_Q < query_len, tl.cdiv(kv_end, BLOCK_N), 0)
+    num_full = tl.minimum((context_len + q_tile * BLOCK_Q + 1) // BLOCK_N, num_tiles)
+    table = block_table_ptr + seq.to(tl.int64) * stride_bt
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    col = kv_head * HEAD_DIM
+    for tile in tl.range(0, num_full, warp_specialize=WARP_SPECIALIZE):
+        row = _tile_row(table, tile, PAGE_SIZE, BLOCK_N)
+        s = _scores(q, k_cache, row, col, stride_row, BLOCK_N, HEAD_DIM, USE_TMA)
+        m_i, l_i, acc = _update(s, m_i, l_i, acc, v_cache, row, col, tile, q_pos, kv_end, scale_log2,
+                                stride_row, BLOCK_N, HEAD_DIM, False, USE_TMA)
+    for tile in range(num_full, num_tiles):
+        row = _tile_row(table, tile, PAGE_SIZE, BLOCK_N)
+        s = _scores(q, k_cache, row, col, stride_row, BLOCK_N, HEAD_DIM, USE_TMA)
+        m_i, l_i, acc = _update(s, m_i, l_i, acc, v_cache, row, col, tile, q_pos, kv_end, scale_log2,
+                                stride_row, BLOCK_N, HEAD_DIM, True, USE_TMA)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows of idle programs
+    tl.store(out_ptr + tok[:, None] * stride_o_tok + head[:, None] * stride_o_head + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+
+
+PREFILL_TILE_CONFIG = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "use_tma": False,
+                       "warp_specialize": False}
+
+
+def supports(page_size: int, head_dim: int, kv_dtype: torch.dtype, block_n: int | None = None) -> bool:
+    """Whether this kernel can serve a cache: pages of whole key tiles, a power-of-two head, bf16/fp16."""
+    block_n = block_n or PREFILL_TILE_CONFIG["block_n"]
+    return (page_size % block_n == 0 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+            and kv_dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                      block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                      num_seqs: int, max_query_len: int, scale: float, config: dict | None = None) -> torch.Tensor:
+    """q, out: [T, Hq, D]; caches: [blocks, page, Hkv, D] with page a multiple of the key tile."""
+    cfg = {**PREFILL_TILE_CONFIG, **(config or {})}
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_blocks, page_size, num_kv_heads = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    block_n = cfg["block_n"]
+    if not supports(page_size, head_dim, k_cache.dtype, block_n):
+        raise ValueError(f"prefill_attention needs pages of whole {block_n}-key tiles and a power-of-two head dim,"
+                         f" got page {page_size}, head dim {head_dim}, {k_cache.dtype}")
+    block_q = max(1, min(cfg["block_m"] // group, triton.next_power_of_2(max_query_len)))
+    block_m = max(16, triton.next_power_of_2(block_q * group))
+    stride_row = num_kv_heads * head_dim
+    if cfg["use_tma"]:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        rows = num_blocks * page_size
+        k_arg = TensorDescriptor(k_cache, [rows, stride_row], [stride_row, 1], [block_n, head_dim])
+        v_arg = TensorDescriptor(v_cache, [rows, stride_row], [stride_row, 1], [block_n, head_dim])
+    else:
+        k_arg, v_arg = k_cache, v_cache
+    grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    _prefill_attention_kernel[grid](
+        q, k_arg, v_arg, out, block_table, seq_lens, query_start_loc, scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), stride_row, block_table.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
+        USE_TMA=cfg["use_tma"], WARP_SPECIALIZE=cfg["warp_specialize"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **launch.dependent_launch_kwargs())
+    return out

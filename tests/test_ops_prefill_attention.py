@@ -1,0 +1,70 @@
+"""Page-aligned prefill attention against the torch reference (interpreter on CPU, compiled on GPU)."""
+import pytest
+import torch
+
+from sageinfer.attention.backend import LayerKVCache
+from sageinfer.attention.torch_ref import paged_attention_ref
+from sageinfer.ops.prefill_attention import prefill_attention, supports
+from kernels_util import DEVICE, TOL, random_paged_batch, rel_err
+
+CASES = {
+    # name: (query_lens, context_lens, num_heads, num_kv_heads, head_dim, page_size, block_n)
+    "prompts_of_many_lengths": ([5, 40, 1, 77], [0, 0, 0, 0], 4, 2, 32, 32, 32),
+    "chunk_after_cached_context": ([50, 3], [90, 64], 4, 1, 16, 64, 32),
+    "mha_two_tiles_per_page": ([70], [33], 2, 2, 32, 64, 32),
+    "decode_rows_in_the_batch": ([1, 1, 20], [17, 100, 5], 8, 2, 16, 32, 32),
+}
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def poison_unwritten_slots(k_cache, v_cache, meta):
+    """NaN in every cache row no sequence owns, so a read past a sequence's end shows up."""
+    owned = torch.zeros(k_cache.shape[0], k_cache.shape[1], dtype=torch.bool)
+    page = k_cache.shape[1]
+    for seq, length in enumerate(meta.seq_lens_cpu):
+        for pos in range(length):
+            owned[meta.block_table[seq, pos // page].item(), pos % page] = True
+    owned = owned.to(k_cache.device)
+    k_cache[~owned] = float("nan")
+    v_cache[~owned] = float("nan")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_prefill_attention_matches_reference(case, dtype):
+    query_lens, context_lens, num_heads, num_kv_heads, head_dim, page, block_n = CASES[case]
+    k_cache, v_cache, meta = random_paged_batch(query_lens, context_lens, num_kv_heads, head_dim, page, dtype,
+                                                seed=len(case))
+    poison_unwritten_slots(k_cache, v_cache, meta)
+    q = torch.randn(sum(query_lens), num_heads, head_dim).to(dtype).to(DEVICE)
+    ref = paged_attention_ref(q.double(), LayerKVCache(k_cache.double(), v_cache.double()), meta, head_dim ** -0.5)
+    out = torch.full_like(q, float("nan"))
+    prefill_attention(q, k_cache, v_cache, out, meta.block_table, meta.seq_lens, meta.query_start_loc,
+                      meta.num_seqs, meta.max_query_len, head_dim ** -0.5,
+                      config={"block_m": 32, "block_n": block_n, "num_warps": 4, "num_stages": 2})
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="tensor descriptors need a GPU with a copy engine")
+def test_prefill_attention_with_tensor_descriptors():
+    query_lens, context_lens = [300, 1, 129], [256, 40, 0]
+    k_cache, v_cache, meta = random_paged_batch(query_lens, context_lens, 8, 128, 128, torch.bfloat16, seed=9)
+    poison_unwritten_slots(k_cache, v_cache, meta)
+    q = torch.randn(sum(query_lens), 32, 128, device=DEVICE, dtype=torch.bfloat16)
+    ref = paged_attention_ref(q.double(), LayerKVCache(k_cache.double(), v_cache.double()), meta, 128 ** -0.5)
+    out = torch.full_like(q, float("nan"))
+    prefill_attention(q, k_cache, v_cache, out, meta.block_table, meta.seq_lens, meta.query_start_loc,
+                      meta.num_seqs, meta.max_query_len, 128 ** -0.5, config={"use_tma": True})
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+def test_unsupported_cache_is_refused():
+    assert not supports(16, 128, torch.bfloat16, block_n=64)
+    assert not supports(128, 96, torch.bfloat16)
+    assert not supports(128, 128, torch.int8)
+    k_cache, v_cache, meta = random_paged_batch([4], [0], 1, 16, 16, torch.float32)
+    q = torch.randn(4, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="whole"):
+        prefill_attention(q, k_cache, v_cache, torch.empty_like(q), meta.block_table, meta.seq_lens,
+                          meta.query_start_loc, 1, 4, 0.25, config={"block_n": 32})
