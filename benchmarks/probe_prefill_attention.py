@@ -1,6 +1,6 @@
-"""Prefill attention variants on the L2 prompt's chunks: paged kernel (pages of 16 and 128 keys), the
-page-aligned kernel with pointer loads, with tensor descriptors (TMA), with warp specialisation, and
-torch's SDPA backends on contiguous tensors as a reference for what this card allows.
+"""Prefill attention variants on the L2 prompt's chunks and on T1-like prompts: the per-key gather kernel
+(pages of 16), the page-aligned kernel in several tile shapes with pointer loads or tensor descriptors
+(TMA), and torch's SDPA backends on contiguous tensors as a reference for what this card allows.
 
   python benchmarks/probe_prefill_attention.py --out results.json
 """
@@ -24,16 +24,17 @@ from sageinfer.ops.paged_attention import paged_attention  # noqa: E402
 from sageinfer.ops.prefill_attention import prefill_attention  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
-CASES = {"chunk 1: 16384 new": ([16384], [0]), "chunk 2: 15616 after 16384": ([15616], [16384])}
+CASES = {"chunk 1: 16384 new": ([16384], [0]), "chunk 2: 15616 after 16384": ([15616], [16384]),
+         "16 x 1024 new (T1)": ([1024] * 16, [0] * 16)}
 
 
 def variants():
     yield "paged p16", 16, None
-    for tma, stages in ((False, 3), (True, 2), (True, 3), (True, 4)):
-        yield (f"tile {'tma' if tma else 'ptr'} m128 n128 w8 s{stages}", 128,
-               {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": stages, "use_tma": tma})
-    yield ("tile tma ws m128 n128 w8 s2", 128, {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2,
-                                                "use_tma": True, "warp_specialize": True})
+    for tma in (False, True):
+        for bm, bn, warps, stages in ((128, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (256, 64, 8, 3),
+                                      (64, 32, 4, 3)):
+            yield (f"tile {'tma' if tma else 'ptr'} m{bm} n{bn} w{warps} s{stages}", 128,
+                   {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages, "use_tma": tma})
 
 
 def run(fn, q, kc, vc, meta, cfg):

@@ -31,7 +31,7 @@ class EngineConfig:
     dtype: str | torch.dtype = "auto"
     seed: int = 0
     max_model_len: int | None = None
-    block_size: int = 16
+    block_size: int | None = None  # tokens per KV block; None: the platform's choice
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -59,7 +59,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.tokenizer is None:
             self.tokenizer = self.model
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+        if self.block_size is not None and (self.block_size < 1 or self.block_size & (self.block_size - 1)):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")

@@ -14,7 +14,7 @@ from sageinfer.sampling_params import SamplingParams
 
 class LLM:
     def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto", seed: int = 0,
-                 max_model_len: int | None = None, block_size: int = 16, max_num_seqs: int = 256,
+                 max_model_len: int | None = None, block_size: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  skip_tokenizer_init: bool = False, load_format: str = "auto", trust_remote_code: bool = False,

@@ -57,6 +57,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, show_progress: bool = True, attention_backend: str | None = None):
         self.config = config
         self.platform = get_platform(config.device)
+        if config.block_size is None:
+            config.block_size = self.platform.kv_block_size
         self.model_config = load_model_config(config.model)
         model_max_len = self.model_config.max_model_len
         if self.model_config.sliding_window:  # no sliding-window attention yet: stay inside the window

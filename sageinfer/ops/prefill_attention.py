@@ -62,8 +62,7 @@ def _prefill_attention_kernel(
     q_ptr, k_cache, v_cache, out_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr, scale_log2,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_row, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     launch.wait_for_previous_kernel(USE_PDL)
     seq = tl.program_id(0)
@@ -84,8 +83,7 @@ def _prefill_attention_kernel(
     q_pos = context_len + q_idx
 
     kv_end = context_len + tl.minimum((q_tile + 1) * BLOCK_Q, query_len)
-    # Programs past a short sequence's last query run no tiles (no early exit: warp specialisation
-    # needs structured control flow).
+    # Programs past a short sequence's last query run no tiles.
     num_tiles = tl.where(q_tile * BLOCK_Q < query_len, tl.cdiv(kv_end, BLOCK_N), 0)
     num_full = tl.minimum((context_len + q_tile * BLOCK_Q + 1) // BLOCK_N, num_tiles)
     table = block_table_ptr + seq.to(tl.int64) * stride_bt
@@ -94,7 +92,7 @@ def _prefill_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     col = kv_head * HEAD_DIM
-    for tile in tl.range(0, num_full, warp_specialize=WARP_SPECIALIZE):
+    for tile in range(0, num_full):
         row = _tile_row(table, tile, PAGE_SIZE, BLOCK_N)
         s = _scores(q, k_cache, row, col, stride_row, BLOCK_N, HEAD_DIM, USE_TMA)
         m_i, l_i, acc = _update(s, m_i, l_i, acc, v_cache, row, col, tile, q_pos, kv_end, scale_log2,
@@ -109,22 +107,39 @@ def _prefill_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
-PREFILL_TILE_CONFIG = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "use_tma": False,
-                       "warp_specialize": False}
+# Launch configurations from benchmarks/probe_prefill_attention.py on an H100 (bf16, head dim 128,
+# GQA 4), in TFLOP/s for the two 16K chunks of a 32K prompt / 16 prompts of 1024:
+#   128x128 tiles, 8 warps, 2 stages: 473 / 486 / 263 (pages of 128 keys or more)
+#   64x64 tiles, 4 warps, 2 stages:   455 / 468 / 304 (two programs per SM)
+#   per-key gather (ops.paged_attention, pages of 16): 399 / 414 / 275
+# Measured and dropped: warp specialisation (no change, and a compiler crash at 4 warps), 256-row
+# tiles, 32-key tiles with two or three programs per SM (all slower), and two exponentials per
+# instruction in bf16x2 (same speed: the softmax is not bound by the exponential unit alone).
+LONG_TILE_CONFIG = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2}
+TILE_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
+LONG_CONTEXT = 4096
+MIN_PAGE = TILE_CONFIG["block_n"]
 
 
-def supports(page_size: int, head_dim: int, kv_dtype: torch.dtype, block_n: int | None = None) -> bool:
+def choose_config(page_size: int, max_seq_len: int | None) -> dict:
+    if page_size % LONG_TILE_CONFIG["block_n"] == 0 and (max_seq_len or 0) >= LONG_CONTEXT:
+        return LONG_TILE_CONFIG
+    return TILE_CONFIG
+
+
+def supports(page_size: int, head_dim: int, kv_dtype: torch.dtype, block_n: int = MIN_PAGE) -> bool:
     """Whether this kernel can serve a cache: pages of whole key tiles, a power-of-two head, bf16/fp16."""
-    block_n = block_n or PREFILL_TILE_CONFIG["block_n"]
     return (page_size % block_n == 0 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
             and kv_dtype in (torch.float16, torch.bfloat16, torch.float32))
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                       block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                      num_seqs: int, max_query_len: int, scale: float, config: dict | None = None) -> torch.Tensor:
-    """q, out: [T, Hq, D]; caches: [blocks, page, Hkv, D] with page a multiple of the key tile."""
-    cfg = {**PREFILL_TILE_CONFIG, **(config or {})}
+                      num_seqs: int, max_query_len: int, scale: float, max_seq_len: int | None = None,
+                      config: dict | None = None) -> torch.Tensor:
+    """q, out: [T, Hq, D]; caches: [blocks, page, Hkv, D] with page a multiple of the key tile.
+    config: tile sizes, warps and stages to override, and use_tma (tensor descriptors for K and V)."""
+    cfg = {**choose_config(k_cache.shape[1], max_seq_len), "use_tma": False, **(config or {})}
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_blocks, page_size, num_kv_heads = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -147,6 +162,6 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         q, k_arg, v_arg, out, block_table, seq_lens, query_start_loc, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), stride_row, block_table.stride(0),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
-        USE_TMA=cfg["use_tma"], WARP_SPECIALIZE=cfg["warp_specialize"], num_warps=cfg["num_warps"],
+        USE_TMA=cfg["use_tma"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **launch.dependent_launch_kwargs())
     return out

@@ -12,6 +12,9 @@ class Platform:
     supports_triton: bool = False
     # Name of the attention backend the engine picks by default on this platform.
     preferred_attention_backend: str = "torch_ref"
+    # Tokens per KV-cache block unless the user says otherwise: the prefix-cache granularity, and
+    # the unit in which attention kernels find contiguous keys.
+    kv_block_size: int = 16
 
     def supports_dependent_launch(self) -> bool:
         """Whether a kernel may start before the one it depends on has finished (and wait for it

@@ -12,6 +12,10 @@ class CudaPlatform(Platform):
     supports_graphs = True
     supports_triton = True
     preferred_attention_backend = "triton"
+    # Blocks of 64 let prefill attention read each 64-key tile as one contiguous run (ops/prefill_attention):
+    # on an H100, 455-468 against 399-415 TFLOP/s on the 16K chunks of a 32K prompt and 304 against
+    # 275 on 16 prompts of 1024, at a prefix-cache granularity of 64 tokens instead of 16.
+    kv_block_size = 64
 
     @classmethod
     def is_available(cls) -> bool:
