@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: serve Qwen3-8B shapes (dummy weights) and load it with `sageinfer bench serve` at
 # several request rates; then P1 with prefix caching off. Carry .whl_serve when fastapi/uvicorn are
-# missing on the machine.
+# missing on the machine. SERVE_ARGS adds server flags (e.g. --block-size 16).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -9,7 +9,7 @@ if [ -d .whl_serve ] && ! python3 -c "import fastapi, uvicorn" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl_serve/*.whl && export PYTHONPATH=$PWD:/tmp/site
 fi
 python3 -m sageinfer.gateway.cli serve benchmarks/standard/qwen3-8b --load-format dummy --skip-tokenizer-init \
-  --served-model-name qwen3-8b-dummy --port 8000 --max-num-seqs 1024 --max-num-batched-tokens 16384 \
+  --served-model-name qwen3-8b-dummy --port 8000 --max-num-seqs 1024 --max-num-batched-tokens 16384 ${SERVE_ARGS:-} \
   > "$OUT/server.log" 2>&1 &
 server=$!
 for i in $(seq 1 240); do curl -sf 127.0.0.1:8000/health >/dev/null && break; sleep 1; done

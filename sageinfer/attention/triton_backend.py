@@ -21,6 +21,13 @@ class TritonBackend(AttentionBackend):
         self.num_sms = num_sms
         self.tile_prefill_config = tile_prefill_config  # the platform's choice (tensor copies or not)
 
+    def _tile_config(self, max_seq_len: int) -> dict:
+        # Tensor descriptors only where the kernel runs long: each launch encodes two of them on the
+        # host (H100: 46-87 us per launch against 29-34 with pointer loads), which eager mixed
+        # steps of a busy server would pay in every layer.
+        long = max_seq_len >= tile_prefill.LONG_CONTEXT
+        return {**self.tile_prefill_config, "use_tma": long and self.tile_prefill_config.get("use_tma", False)}
+
     def plan(self, meta: AttentionMetadata, num_kv_heads: int) -> None:
         if meta.max_query_len == 1:
             meta.num_splits = choose_num_splits(meta.num_seqs, num_kv_heads, meta.max_seq_len, self.num_sms)
@@ -50,7 +57,7 @@ class TritonBackend(AttentionBackend):
             return tile_prefill.prefill_attention(q, cache.k, cache.v, out, meta.block_table, meta.seq_lens,
                                                   meta.query_start_loc, meta.num_seqs, meta.max_query_len,
                                                   layer.scale, max_seq_len=meta.max_seq_len,
-                                                  config=self.tile_prefill_config)
+                                                  config=self._tile_config(meta.max_seq_len))
         prefix = None
         if meta.cascade_prefix_len is not None:
             splits = prefix_splits(num_tokens, q.shape[1] // k.shape[1], k.shape[1], self.num_sms)
