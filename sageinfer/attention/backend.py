@@ -84,6 +84,5 @@ def get_attention_backend(name: str, platform=None) -> AttentionBackend:
         return TorchRefBackend()
     if name == "triton":
         from sageinfer.attention.triton_backend import TritonBackend
-        tensor_copies = platform is not None and platform.supports_tensor_copies()
-        return TritonBackend(tile_prefill_config={"use_tma": tensor_copies})
+        return TritonBackend(tensor_copies=platform is not None and platform.supports_tensor_copies())
     raise ValueError(f"attention backend must be 'torch_ref' or 'triton', got {name!r}")

@@ -17,16 +17,9 @@ CASCADE_MIN_PREFIX = 256
 class TritonBackend(AttentionBackend):
     name = "triton"
 
-    def __init__(self, num_sms: int = 132, tile_prefill_config: dict | None = None):
+    def __init__(self, num_sms: int = 132, tensor_copies: bool = False):
         self.num_sms = num_sms
-        self.tile_prefill_config = tile_prefill_config  # the platform's choice (tensor copies or not)
-
-    def _tile_config(self, max_seq_len: int) -> dict:
-        # Tensor descriptors only where the kernel runs long: each launch encodes two of them on the
-        # host (H100: 46-87 us per launch against 29-34 with pointer loads), which eager mixed
-        # steps of a busy server would pay in every layer.
-        long = max_seq_len >= tile_prefill.LONG_CONTEXT
-        return {**self.tile_prefill_config, "use_tma": long and self.tile_prefill_config.get("use_tma", False)}
+        self.tensor_copies = tensor_copies  # the platform has a tensor copy engine
 
     def plan(self, meta: AttentionMetadata, num_kv_heads: int) -> None:
         if meta.max_query_len == 1:
@@ -57,7 +50,7 @@ class TritonBackend(AttentionBackend):
             return tile_prefill.prefill_attention(q, cache.k, cache.v, out, meta.block_table, meta.seq_lens,
                                                   meta.query_start_loc, meta.num_seqs, meta.max_query_len,
                                                   layer.scale, max_seq_len=meta.max_seq_len,
-                                                  config=self._tile_config(meta.max_seq_len))
+                                                  tensor_copies=self.tensor_copies)
         prefix = None
         if meta.cascade_prefix_len is not None:
             splits = prefix_splits(num_tokens, q.shape[1] // k.shape[1], k.shape[1], self.num_sms)

@@ -12,7 +12,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
     g.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: the platform's, 64 on CUDA)")
+    g.add_argument("--block-size", type=int, default=None,
+                   help="tokens per KV block (default: the platform's, 64 on CUDA)")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)

@@ -18,38 +18,48 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_key_rows(ptrs, k_valid, dim_valid, MASKED: tl.constexpr, DIM_PADDED: tl.constexpr):
+    """A tile's [keys, dims] rows, masked only where a key or a dim can be out of range."""
+    if MASKED:
+        rows = tl.load(ptrs, mask=k_valid[:, None] & dim_valid[None, :], other=0.0)
+    elif DIM_PADDED:
+        rows = tl.load(ptrs, mask=dim_valid[None, :], other=0.0)
+    else:
+        rows = tl.load(ptrs)
+    return rows
+
+
+@triton.jit
+def _load_per_key(ptrs, k_valid, MASKED: tl.constexpr):
+    """One value per key of the tile (its block id, its int8 scale)."""
+    if MASKED:
+        scales = tl.load(ptrs, mask=k_valid, other=0.0)
+    else:
+        scales = tl.load(ptrs)
+    return scales
+
+
+@triton.jit
 def attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, seq,
                 kv_head, kv_end, q_pos, dims, dim_valid, scale_log2, stride_c_block, stride_c_slot, stride_c_head,
                 stride_bt, NUM_KV_HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASKED: tl.constexpr, KV_MODE: tl.constexpr, DIM_PADDED: tl.constexpr):
     """One key tile of online softmax. Unmasked tiles (every key valid and visible to every row) load
-    without per-key masks and scale the scores inside one multiply-add: on an H100 this took prefill
-    tiles from ~370 to ~450 TFLOP/s (benchmarks/probe_prefill_attention.py)."""
+    without per-key masks and scale the scores inside one multiply-add; with K loaded key-major this
+    took the 16K chunks of a 32K prompt on an H100 from 362-380 to 392-416 TFLOP/s
+    (benchmarks/probe_prefill_attention.py)."""
     k_idx = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    if MASKED:
-        k_valid = k_idx < kv_end
-        page = tl.load(block_table_ptr + seq * stride_bt + k_idx // PAGE_SIZE, mask=k_valid, other=0)
-    else:
-        page = tl.load(block_table_ptr + seq * stride_bt + k_idx // PAGE_SIZE)
+    k_valid = k_idx < kv_end
+    page = _load_per_key(block_table_ptr + seq * stride_bt + k_idx // PAGE_SIZE, k_valid, MASKED)
     slot_offs = page.to(tl.int64) * stride_c_block + (k_idx % PAGE_SIZE) * stride_c_slot + kv_head * stride_c_head
     # K is loaded key-major like V (rows of contiguous dims) and transposed for the dot.
-    k_ptrs = k_cache_ptr + slot_offs[:, None] + dims[None, :]
-    v_ptrs = v_cache_ptr + slot_offs[:, None] + dims[None, :]
-    if MASKED:
-        k = tl.load(k_ptrs, mask=k_valid[:, None] & dim_valid[None, :], other=0.0)
-    elif DIM_PADDED:
-        k = tl.load(k_ptrs, mask=dim_valid[None, :], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
+    k = _load_key_rows(k_cache_ptr + slot_offs[:, None] + dims[None, :], k_valid, dim_valid, MASKED, DIM_PADDED)
     # Quantised caches: int8 and fp8 values are exact in the query's dtype; scales are applied to
     # the scores (K) and the probabilities (V) instead of to every element.
     s = tl.dot(q, k.to(q.dtype).T)
     if KV_MODE == 2:
         scale_offs = (page.to(tl.int64) * PAGE_SIZE + k_idx % PAGE_SIZE) * NUM_KV_HEADS + kv_head
-        if MASKED:
-            s = s * tl.load(k_scale_ptr + scale_offs, mask=k_valid, other=0.0)[None, :]
-        else:
-            s = s * tl.load(k_scale_ptr + scale_offs)[None, :]
+        s = s * _load_per_key(k_scale_ptr + scale_offs, k_valid, MASKED)[None, :]
     if MASKED:
         s = tl.where(k_valid[None, :] & (k_idx[None, :] <= q_pos[:, None]), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
@@ -57,18 +67,10 @@ def attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v
     p = tl.math.exp2(s * scale_log2 - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED:
-        v = tl.load(v_ptrs, mask=k_valid[:, None] & dim_valid[None, :], other=0.0)
-    elif DIM_PADDED:
-        v = tl.load(v_ptrs, mask=dim_valid[None, :], other=0.0)
-    else:
-        v = tl.load(v_ptrs)
+    v = _load_key_rows(v_cache_ptr + slot_offs[:, None] + dims[None, :], k_valid, dim_valid, MASKED, DIM_PADDED)
     pv = p
     if KV_MODE == 2:
-        if MASKED:
-            pv = p * tl.load(v_scale_ptr + scale_offs, mask=k_valid, other=0.0)[None, :]
-        else:
-            pv = p * tl.load(v_scale_ptr + scale_offs)[None, :]
+        pv = p * _load_per_key(v_scale_ptr + scale_offs, k_valid, MASKED)[None, :]
     acc = tl.dot(pv.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
     return m_new, l_i, acc
 

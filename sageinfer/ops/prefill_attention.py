@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sageinfer.ops import launch
-from sageinfer.ops.paged_attention import LOG2E
+from sageinfer.ops.paged_attention import LOG2E, LONG_CONTEXT
 
 
 @triton.jit
@@ -122,7 +123,6 @@ def _prefill_attention_kernel(
 # launching the heaviest query tiles of every head first (3-20% slower: more K/V in L2 at once).
 LONG_TILE_CONFIG = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2}
 TILE_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
-LONG_CONTEXT = 4096
 MIN_PAGE = TILE_CONFIG["block_n"]
 
 
@@ -141,10 +141,14 @@ def supports(page_size: int, head_dim: int, kv_dtype: torch.dtype, block_n: int 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                       block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                       num_seqs: int, max_query_len: int, scale: float, max_seq_len: int | None = None,
-                      config: dict | None = None) -> torch.Tensor:
+                      tensor_copies: bool = False, config: dict | None = None) -> torch.Tensor:
     """q, out: [T, Hq, D]; caches: [blocks, page, Hkv, D] with page a multiple of the key tile.
-    config: tile sizes, warps and stages to override, and use_tma (tensor descriptors for K and V)."""
-    cfg = {**choose_config(k_cache.shape[1], max_seq_len), "use_tma": False, **(config or {})}
+    tensor_copies: the platform has a tensor copy engine. Descriptors are then used from LONG_CONTEXT
+    keys on, where the kernel runs long: each launch encodes two of them on the host (H100: 46-87 us
+    per launch against 29-34 with pointer loads), which eager mixed steps would pay in every layer.
+    config: tile sizes, warps and stages to override, and use_tma to force the choice."""
+    long = (max_seq_len or 0) >= LONG_CONTEXT
+    cfg = {**choose_config(k_cache.shape[1], max_seq_len), "use_tma": tensor_copies and long, **(config or {})}
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_blocks, page_size, num_kv_heads = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -156,7 +160,6 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     block_m = max(16, triton.next_power_of_2(block_q * group))
     stride_row = num_kv_heads * head_dim
     if cfg["use_tma"]:
-        from triton.tools.tensor_descriptor import TensorDescriptor
         rows = num_blocks * page_size
         k_arg = TensorDescriptor(k_cache, [rows, stride_row], [stride_row, 1], [block_n, head_dim])
         v_arg = TensorDescriptor(v_cache, [rows, stride_row], [stride_row, 1], [block_n, head_dim])
