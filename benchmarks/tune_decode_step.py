@@ -6,7 +6,7 @@ weights / layers captured in one CUDA graph, so launch latency is gone and L2 ho
 1. Skinny matmul (ops/gemv.py) tile configurations per Qwen3-8B shape at M = 1, vs torch.
 2. Decode attention at batch 1 by split count, for a short (640) and a long (32,000) context.
 3. The chain of a step's skinny matmuls (qkv -> o -> gate_up -> gated down, 36 times), each reading
-   the one before, with and without programmatic dependent launch.
+   the one before, with and without programmatic dependent launch, with and without the norms.
 """
 from __future__ import annotations
 
@@ -104,26 +104,56 @@ def tune_decode_attention(result: dict) -> None:
 
 
 def chain(result: dict) -> None:
+    """A decode step's skinny matmuls and norms without attention: gemvs alone, with the residual
+    add + RMSNorm launched between them (the layer-by-layer path), with the norms folded into the
+    matmuls (LlamaDecoderLayer.forward_one_row)."""
+    from sageinfer.ops.gemv import GATED_GEMV_CONFIG, GEMV_CONFIG
+    from sageinfer.ops.rms_norm import rms_norm
     dev, dt = "cuda", torch.bfloat16
     layers = [{name: torch.randn(n, k, device=dev, dtype=dt) * 0.02 for name, (n, k, _) in SHAPES.items()
                if name != "lm_head"} for _ in range(LAYERS)]
+    norm_w = torch.ones(4096, device=dev, dtype=dt)
     x0 = torch.randn(1, 4096, device=dev, dtype=dt)
+    cfgs = {}
 
-    def step():
+    def gemvs_only():
         x = x0
         for w in layers:
-            qkv = gemv(x, w["qkv"])
-            h = gemv(qkv[:, :4096], w["o"])
-            gate_up = gemv(h, w["gate_up"])
-            x = gemv(gate_up, w["down (gated)"], gated=True)
+            qkv = gemv(x, w["qkv"], config=cfgs["plain"])
+            h = gemv(qkv[:, :4096], w["o"], config=cfgs["plain"])
+            gate_up = gemv(h, w["gate_up"], config=cfgs["plain"])
+            x = gemv(gate_up, w["down (gated)"], gated=True, config=cfgs["gated"])
         return x
+
+    def with_norm_kernels():
+        x, residual = x0, x0.clone()
+        for w in layers:
+            h, residual = rms_norm(x, norm_w, 1e-6, residual)
+            qkv = gemv(h, w["qkv"], config=cfgs["plain"])
+            o = gemv(qkv[:, :4096], w["o"], config=cfgs["plain"])
+            h, residual = rms_norm(o, norm_w, 1e-6, residual)
+            gate_up = gemv(h, w["gate_up"], config=cfgs["plain"])
+            x = gemv(gate_up, w["down (gated)"], gated=True, config=cfgs["gated"])
+        return x
+
+    def folded():
+        residual = x0.clone()
+        for w in layers:
+            qkv = gemv(residual, w["qkv"], config=cfgs["plain"], norm_weight=norm_w, eps=1e-6)
+            gemv(qkv[:, :4096], w["o"], config=cfgs["plain"], residual=residual)
+            gate_up = gemv(residual, w["gate_up"], config=cfgs["plain"], norm_weight=norm_w, eps=1e-6)
+            gemv(gate_up, w["down (gated)"], gated=True, config=cfgs["gated"], residual=residual)
+        return residual
+
     nbytes = sum(w.numel() * 2 for layer in layers for w in layer.values())
-    for pdl in (False, True):
-        launch.DEPENDENT_LAUNCH = pdl
-        t = graph_time(step)
-        result[f"dependent launch {pdl}"] = {"ms": t * 1e3, "tbs": nbytes / t / 1e12}
-        print(f"chain of 144 skinny matmuls, dependent launch {pdl}: {t * 1e3:.3f} ms ({nbytes / t / 1e12:.2f} TB/s)",
-              flush=True)
+    cfgs["plain"], cfgs["gated"] = GEMV_CONFIG, GATED_GEMV_CONFIG
+    for name, fn in (("gemvs only", gemvs_only), ("norm kernels", with_norm_kernels), ("folded norms", folded)):
+        for pdl in (False, True):
+            launch.DEPENDENT_LAUNCH = pdl
+            t = graph_time(fn)
+            key = f"{name}, dependent launch {pdl}"
+            result[key] = {"ms": t * 1e3, "tbs": nbytes / t / 1e12}
+            print(f"{key}: {t * 1e3:.3f} ms ({nbytes / t / 1e12:.2f} TB/s)", flush=True)
     launch.DEPENDENT_LAUNCH = False
 
 

@@ -119,3 +119,17 @@ def test_triton_path_with_page_aligned_prefill_matches_transformers(model_dirs, 
     assert calls, "the page-aligned prefill kernel was not used"
     for prompt, out in zip(prompts, outs):
         assert_greedy_matches_hf(model_dirs["qwen3"], prompt, out.outputs[0].token_ids)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_single_stream_decode_with_folded_norms_matches_transformers(model_dirs, arch, monkeypatch):
+    """One sequence decodes through the one-row matmuls that fold the residual add and RMSNorm in."""
+    from sageinfer.ops import gemv as gemv_module
+    folded = []
+    original = gemv_module.gemv
+    monkeypatch.setattr(gemv_module, "gemv", lambda *a, **k: (
+        folded.append(k.get("norm_weight") is not None or k.get("residual") is not None) or original(*a, **k)))
+    prompt = _prompts([9], seed=17)[0]
+    _, outs = _generate(model_dirs[arch], [prompt], max_tokens=4, attention_backend="triton")
+    assert sum(folded) >= 4 * 4, "decode steps did not fold norms into the matmuls"
+    assert_greedy_matches_hf(model_dirs[arch], prompt, outs[0].outputs[0].token_ids)

@@ -35,3 +35,38 @@ def test_gated_gemv_equals_silu_and_mul_then_gemv(k):
     assert rel_err(fused, ref) < 1e-5
     with pytest.raises(ValueError, match="does not fit"):
         gemv(gate_up, w, config=cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemv_with_folded_norm_equals_rms_norm_then_gemv(dtype):
+    from sageinfer.layers.norm import rms_norm_ref
+    gen = torch.Generator().manual_seed(7)
+    k = 200  # three chunks of 64 and a tail: the norm passes over chunks beyond the first two
+    x = (3 * torch.randn(1, k, generator=gen)).to(dtype).to(DEVICE)
+    norm_w = (1 + 0.1 * torch.randn(k, generator=gen)).to(dtype).to(DEVICE)
+    w = torch.randn(40, k, generator=gen).to(dtype).to(DEVICE)
+    cfg = {"block_n": 8, "block_k": 64, "num_warps": 4, "num_stages": 2}
+    out = gemv(x, w, config=cfg, norm_weight=norm_w, eps=1e-6)
+    normed = rms_norm_ref(x.cpu(), norm_w.cpu(), 1e-6)
+    ref = torch.nn.functional.linear(normed.double(), w.cpu().double())
+    assert rel_err(out.cpu(), ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+    with pytest.raises(ValueError, match="not normalised"):
+        gemv(torch.cat([x, x], 1), w, gated=True, norm_weight=norm_w)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_gemv_adds_into_residual_in_place(gated):
+    from sageinfer.ops.activation import silu_and_mul
+    gen = torch.Generator().manual_seed(11)
+    k, n = 96, 36
+    x = torch.randn(1, 2 * k if gated else k, generator=gen).to(DEVICE)
+    w = torch.randn(n, k, generator=gen).to(DEVICE)
+    residual = torch.randn(1, n, generator=gen).to(DEVICE)
+    before = residual.clone()
+    cfg = {"block_n": 8, "block_k": 64, "num_warps": 4, "num_stages": 2}
+    out = gemv(x, w, config=cfg, gated=gated, residual=residual)
+    inner = silu_and_mul(x) if gated else x
+    ref = before.double() + torch.nn.functional.linear(inner.double(), w.double())
+    assert out.data_ptr() == residual.data_ptr() and rel_err(residual, ref) < 1e-5
+    with pytest.raises(ValueError, match="does not fit"):
+        gemv(x, w, gated=gated, residual=torch.zeros(1, n + 1, device=DEVICE))

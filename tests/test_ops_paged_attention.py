@@ -45,3 +45,64 @@ def test_split_kv_decode_matches_reference(num_splits):
     paged_attention(q, k_cache, v_cache, out, meta.block_table, meta.seq_lens, meta.query_start_loc,
                     meta.num_seqs, 1, 32 ** -0.5, num_splits=num_splits)
     assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("kv_mode", [0, 2] + ([1] if DEVICE == "cuda" else []))  # fp8 needs the GPU
+def test_decode_with_rotary_inside_equals_rope_and_cache_then_attention(num_splits, qk_norm, kv_mode):
+    """rope=... normalises and rotates q in registers and writes the new k/v (int8 too) from the program
+    that reads the last key; the result must equal ops.rope_cache followed by plain attention."""
+    from sageinfer.layers.rotary import RotaryEmbedding
+    from sageinfer.ops.rope_cache import rope_and_cache
+    heads, kv_heads, head_dim, page, dtype = 8, 2, 32, 16, torch.float16
+    context_lens = [4, 70, 130, 0]  # the last sequence is a graph's padding row: slot -1, nothing written
+    k_cache, v_cache, meta = random_paged_batch([1] * 4, context_lens, kv_heads, head_dim, page, dtype, seed=9)
+    gen = torch.Generator().manual_seed(3)
+    rotary = RotaryEmbedding(head_dim, 512, 10000.0, None).to(DEVICE)
+    qkv = torch.randn(4, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype).to(DEVICE)
+    q, k, v = [t.view(4, -1, head_dim) for t in qkv.split([heads * head_dim, kv_heads * head_dim,
+                                                           kv_heads * head_dim], dim=-1)]
+    positions = torch.tensor(context_lens, device=DEVICE)
+    table = meta.block_table.cpu()
+    slots = torch.tensor([int(table[i, c // page]) * page + c % page for i, c in enumerate(context_lens)])
+    slots[3] = -1
+    slots = slots.to(DEVICE)
+    norms = [(1 + 0.2 * torch.randn(head_dim, generator=gen)).to(dtype).to(DEVICE) for _ in range(2)]
+    q_norm, k_norm = norms if qk_norm else (None, None)
+    scales = [torch.rand(k_cache.shape[:3], generator=gen).to(DEVICE) for _ in range(2)] if kv_mode == 2 else [None] * 2
+    if kv_mode == 2:
+        k_cache, v_cache = [(c.float() * 20).clamp(-127, 127).to(torch.int8) for c in (k_cache, v_cache)]
+    elif kv_mode == 1:
+        k_cache, v_cache = [c.to(torch.float8_e4m3fn) for c in (k_cache, v_cache)]
+
+    def caches():
+        return [t.clone() if t is not None else None for t in (k_cache, v_cache, *scales)]
+    kc, vc, ks, vs = caches()
+    q_rot = rope_and_cache(positions, q.clone(), k, v, rotary.cos_sin_cache, kc, vc, slots, q_norm, k_norm, 1e-6,
+                           ks, vs, kv_mode)
+    ref = torch.empty_like(q)
+    paged_attention(q_rot, kc, vc, ref, meta.block_table, meta.seq_lens, meta.query_start_loc, 4, 1,
+                    head_dim ** -0.5, num_splits=num_splits, k_scale=ks, v_scale=vs, kv_mode=kv_mode)
+    kc2, vc2, ks2, vs2 = caches()
+    out = torch.full_like(q, float("nan"))
+    q_before = q.clone()
+    paged_attention(q, kc2, vc2, out, meta.block_table, meta.seq_lens, meta.query_start_loc, 4, 1, head_dim ** -0.5,
+                    num_splits=num_splits, k_scale=ks2, v_scale=vs2, kv_mode=kv_mode,
+                    rope=(positions, k, v, rotary.cos_sin_cache, slots, q_norm, k_norm, 1e-6))
+    assert torch.equal(q, q_before)  # q itself is not rotated in place
+    for new, old in ((kc2, kc), (vc2, vc)):  # compared as bytes: fp8 has no equality kernel everywhere
+        assert torch.equal(new.view(torch.uint8), old.view(torch.uint8))
+    if kv_mode == 2:  # scales to fp32 rounding: the two kernels may contract rotary's multiply-adds apart
+        assert torch.allclose(ks2, ks, rtol=1e-5, atol=0) and torch.allclose(vs2, vs, rtol=1e-5, atol=0)
+    assert rel_err(out[:3], ref[:3]) < 1e-3
+
+
+def test_rotary_inside_attention_refuses_prefill():
+    k_cache, v_cache, meta = random_paged_batch([3], [0], 1, 16, 16, torch.float32)
+    q = torch.zeros(3, 2, 16, device=DEVICE)
+    rope = (torch.zeros(3, dtype=torch.int64, device=DEVICE), q[:, :1], q[:, :1], torch.zeros(8, 16, device=DEVICE),
+            torch.zeros(3, dtype=torch.int64, device=DEVICE), None, None, 1e-6)
+    with pytest.raises(ValueError, match="decode batches"):
+        paged_attention(q, k_cache, v_cache, torch.empty_like(q), meta.block_table, meta.seq_lens,
+                        meta.query_start_loc, 1, 3, 0.25, rope=rope)

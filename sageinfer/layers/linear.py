@@ -31,22 +31,37 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.use_triton)
 
-    def forward_gated(self, gate_up: torch.Tensor, act: nn.Module) -> torch.Tensor:
-        """self(act(gate_up)) for an MLP's down projection; one row fuses the activation in."""
-        if _one_row(gate_up, self.use_triton):
+    def forward_gated(self, gate_up: torch.Tensor, act: nn.Module, residual: torch.Tensor | None = None):
+        """self(act(gate_up)) for an MLP's down projection; one row fuses the activation in.
+        With residual: adds the result to it in place and returns it."""
+        if one_row(gate_up, self.use_triton):
             from sageinfer.ops.gemv import gemv
-            return gemv(gate_up, self.weight, self.bias, gated=True)
-        return self.forward(act(gate_up))
+            return gemv(gate_up, self.weight, self.bias, gated=True, residual=residual)
+        return self.add_into(act(gate_up), residual) if residual is not None else self.forward(act(gate_up))
+
+    def forward_normed(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """self(norm(x)) for an RMSNorm; one row normalises inside the matmul (no norm launch)."""
+        if one_row(x, self.use_triton):
+            from sageinfer.ops.gemv import gemv
+            return gemv(x, self.weight, self.bias, norm_weight=norm.weight, eps=norm.eps)
+        return self.forward(norm(x))
+
+    def add_into(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual += self(x), in place; returns residual."""
+        if one_row(x, self.use_triton):
+            from sageinfer.ops.gemv import gemv
+            return gemv(x, self.weight, self.bias, residual=residual)
+        return residual.add_(self.forward(x))
 
 
-def _one_row(x: torch.Tensor, use_triton: bool) -> bool:
+def one_row(x: torch.Tensor, use_triton: bool) -> bool:
     """A single row (decode of one sequence) goes through the skinny Triton matmul, which streams the
     weights faster than the library GEMM there (benchmarks/tune_decode_step.py); the rest through torch."""
     return use_triton and x.dim() == 2 and x.shape[0] == 1
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_triton: bool) -> torch.Tensor:
-    if _one_row(x, use_triton):
+    if one_row(x, use_triton):
         from sageinfer.ops.gemv import gemv
         return gemv(x, weight, bias)
     return F.linear(x, weight, bias)

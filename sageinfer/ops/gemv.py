@@ -5,6 +5,11 @@ memory's rate: each program owns BLOCK_N output features, walks K in BLOCK_K chu
 in flight), and reduces x * w on the CUDA cores in fp32; no split-K pass, no second kernel.
 With gated=True the input is an MLP's [gate, up] projection and x = silu(gate) * up is formed on
 the fly (rounded as ops.activation rounds it), so the down projection needs no SiLU-and-mul launch.
+
+The residual stream's add and RMSNorm fold in the same way, so a decoder layer at one row needs no
+norm launch: with norm_weight the input is the (already summed) residual stream and every program
+normalises it itself (one extra pass over K floats it reads anyway), rounded as ops.rms_norm rounds;
+with residual the result is added to that stream in place (each program owns its output features).
 """
 from __future__ import annotations
 
@@ -33,10 +38,23 @@ def _x_chunk(x_ptr, ms, ks, x_mask, stride_xm, K, GATED: tl.constexpr):
     return tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32)
 
 
+@triton.jit
+def _normed(x, rstd, norm_w_ptr, ks, K, dtype):
+    """RMSNorm of raw fp32 input values: normalise, round to the model dtype, scale (as ops.rms_norm)."""
+    norm_w = tl.load(norm_w_ptr + ks, mask=ks < K, other=0.0)
+    return ((x * rstd[:, None]).to(dtype) * norm_w[None, :]).to(tl.float32)
+
+
+@triton.jit
+def _dot_rows(x, w):
+    return tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+
+
 @triton.jit(do_not_specialize=["M"])
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, eps,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, GATED: tl.constexpr, USE_PDL: tl.constexpr):
+                 EVEN_K: tl.constexpr, GATED: tl.constexpr, PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr,
+                 USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -49,44 +67,82 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, s
     # waiting for the kernel that produces x.
     w = tl.load(w_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
     launch.wait_for_previous_kernel(USE_PDL)
-    x = _x_chunk(x_ptr, ms, ks, m_mask[:, None] & k_mask[None, :], stride_xm, K, GATED)
-    acc = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            w_mask = row_mask[:, None]
-            x_mask = m_mask[:, None]
-        else:
-            k_mask = ks < K
-            w_mask = row_mask[:, None] & k_mask[None, :]
-            x_mask = m_mask[:, None] & k_mask[None, :]
-        w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
-        x = _x_chunk(x_ptr, ms, ks, x_mask, stride_xm, K, GATED)
-        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if PRENORM:
+        # The first two chunks of x are fetched together and kept: the norm's sum of squares costs
+        # no extra round trip when K <= 2 * BLOCK_K (a 4096-wide hidden state in 2048-wide chunks).
+        ks1 = BLOCK_K + ks
+        x0 = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                     other=0.0)
+        x1 = tl.load(x_ptr + ms[:, None] * stride_xm + ks1[None, :], mask=m_mask[:, None] & (ks1 < K)[None, :],
+                     other=0.0).to(tl.float32)
+        dtype = x0.dtype
+        x0 = x0.to(tl.float32)
+        sum_sq = tl.sum(x0 * x0, 1) + tl.sum(x1 * x1, 1)
+        for k0 in range(2 * BLOCK_K, K, BLOCK_K):
+            kr = k0 + ks
+            xr = tl.load(x_ptr + ms[:, None] * stride_xm + kr[None, :], mask=m_mask[:, None] & (kr < K)[None, :],
+                         other=0.0).to(tl.float32)
+            sum_sq += tl.sum(xr * xr, 1)
+        rstd = 1.0 / tl.sqrt(sum_sq / K + eps)
+        acc = _dot_rows(_normed(x0, rstd, norm_w_ptr, ks, K, dtype), w)
+        w = tl.load(w_rows + ks1[None, :], mask=row_mask[:, None] & (ks1 < K)[None, :], other=0.0)
+        acc += _dot_rows(_normed(x1, rstd, norm_w_ptr, ks1, K, dtype), w)
+        for k0 in range(2 * BLOCK_K, K, BLOCK_K):
+            kr = k0 + ks
+            w = tl.load(w_rows + kr[None, :], mask=row_mask[:, None] & (kr < K)[None, :], other=0.0)
+            xr = tl.load(x_ptr + ms[:, None] * stride_xm + kr[None, :], mask=m_mask[:, None] & (kr < K)[None, :],
+                         other=0.0).to(tl.float32)
+            acc += _dot_rows(_normed(xr, rstd, norm_w_ptr, kr, K, dtype), w)
+    else:
+        acc = _dot_rows(_x_chunk(x_ptr, ms, ks, m_mask[:, None] & k_mask[None, :], stride_xm, K, GATED), w)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                w_mask = row_mask[:, None]
+                x_mask = m_mask[:, None]
+            else:
+                k_mask = ks < K
+                w_mask = row_mask[:, None] & k_mask[None, :]
+                x_mask = m_mask[:, None] & k_mask[None, :]
+            w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
+            acc += _dot_rows(_x_chunk(x_ptr, ms, ks, x_mask, stride_xm, K, GATED), w)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + ms[:, None] * stride_ym + rows[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & row_mask[None, :])
+    y_ptrs = y_ptr + ms[:, None] * stride_ym + rows[None, :]
+    y_mask = m_mask[:, None] & row_mask[None, :]
+    y = acc.to(y_ptr.dtype.element_ty)
+    if ADD_TO_Y:  # residual + layer output, rounded as two tensors of the model's dtype add
+        y = y + tl.load(y_ptrs, mask=y_mask, other=0.0)
+    tl.store(y_ptrs, y, mask=y_mask)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: dict | None = None, gated: bool = False) -> torch.Tensor:
+         config: dict | None = None, gated: bool = False, norm_weight: torch.Tensor | None = None,
+         eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, K] with M <= MAX_ROWS ([M, 2K] of [gate, up] when gated), weight: [N, K] (rows
-    contiguous), bias: [N] or None -> [M, N]."""
+    contiguous), bias: [N] or None -> [M, N].
+    norm_weight: x is RMS-normalised (eps) and scaled by it first, as ops.rms_norm does.
+    residual: [M, N]; the result is added to it in place and residual is returned."""
     m = x.shape[0]
     n, k = weight.shape
     if x.shape[1] != (2 * k if gated else k):
         raise ValueError(f"gemv: input {tuple(x.shape)} does not fit weight {tuple(weight.shape)} (gated={gated})")
     if m > MAX_ROWS or weight.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError(f"gemv takes up to {MAX_ROWS} rows with contiguous feature dims, got {tuple(x.shape)}")
+    if gated and norm_weight is not None:
+        raise ValueError("gemv: a gated input is not normalised")
+    if residual is not None and (residual.shape != (m, n) or residual.stride(1) != 1):
+        raise ValueError(f"gemv: residual {tuple(residual.shape)} does not fit output ({m}, {n})")
     cfg = config or (GATED_GEMV_CONFIG if gated else GEMV_CONFIG)
     block_m = max(1, triton.next_power_of_2(m))
     # Keep x * w tiles inside the registers as rows grow.
     block_k = max(64, cfg["block_k"] // block_m)
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = residual if residual is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, cfg["block_n"]),)](
-        x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight, y,
+        m, n, k, x.stride(0), weight.stride(0), y.stride(0), eps,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, GATED=gated, num_warps=cfg["num_warps"],
+        EVEN_K=k % block_k == 0, GATED=gated, PRENORM=norm_weight is not None, ADD_TO_Y=residual is not None,
+        num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **launch.dependent_launch_kwargs())
     return y

@@ -5,6 +5,9 @@ head, packed as BLOCK_M = BLOCK_Q * GROUP rows, so every KV block is read once f
 Keys are walked BLOCK_N at a time through the block table (online softmax in fp32, exp2 domain).
 With NUM_SPLITS > 1 (decode of few, long sequences) the KV range is cut into splits whose partial
 results a second small kernel merges ("flash-decoding"), so one sequence still fills the GPU.
+Decode steps may hand over q/k/v before rotary (rope=...): each program then normalises and rotates
+its own query rows, and the program that holds a sequence's last key writes the new k/v into the
+cache first, so the step needs no separate rotary + cache-write launch.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
+from sageinfer.ops.rope_cache import rms_norm_halves, store_kv
 
 LOG2E = 1.4426950408889634
 
@@ -75,6 +79,55 @@ def attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v
     return m_new, l_i, acc
 
 
+@triton.jit
+def _rotated_query(q_ptr, q_offs, rot_offs, row_valid, q_norm_ptr, cos_sin_ptr, pos, dims, eps,
+                   HEAD_DIM: tl.constexpr, QK_NORM: tl.constexpr):
+    """Query rows normalised (Qwen3's q norm) and rotated as ops.rope_cache does it, in registers.
+    Each element pairs with the one half a head away: out = x cos + partner sin (-sin in the first half)."""
+    half = HEAD_DIM // 2
+    partner = (dims + half) % HEAD_DIM
+    x = tl.load(q_ptr + q_offs, mask=row_valid[:, None], other=0.0)
+    dtype = x.dtype
+    x = x.to(tl.float32)
+    y = tl.load(q_ptr + rot_offs, mask=row_valid[:, None], other=0.0).to(tl.float32)
+    if QK_NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / HEAD_DIM + eps)[:, None]
+        x = ((x * rstd).to(dtype) * tl.load(q_norm_ptr + dims)[None, :]).to(tl.float32)
+        y = ((y * rstd).to(dtype) * tl.load(q_norm_ptr + partner)[None, :]).to(tl.float32)
+    cos = tl.load(cos_sin_ptr + pos + dims % half)[None, :]
+    sin = tl.load(cos_sin_ptr + pos + half + dims % half)[None, :]
+    return (x * cos + y * tl.where(dims < half, -sin, sin)).to(dtype)
+
+
+@triton.jit
+def _write_new_kv(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, k_norm_ptr, cos_sin_ptr, pos,
+                  slot, tok, kv_head, eps, fp8_inv_scale, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+                  stride_c_slot, stride_c_head, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  QK_NORM: tl.constexpr, KV_MODE: tl.constexpr):
+    """One token's k (normalised, rotated) and v of one KV head into its cache slot, as ops.rope_cache."""
+    half = HEAD_DIM // 2
+    d = tl.arange(0, HEAD_DIM // 2)
+    head_mask = tl.arange(0, 2) == 0  # a [2, half] tile with one live row: the helpers work on head rows
+    kh = kv_head + tl.arange(0, 2)
+    mask = head_mask[:, None] & (d < half)[None, :]
+    k_base = k_ptr + tok * stride_k_tok + kh[:, None] * stride_k_head + d[None, :]
+    k1 = tl.load(k_base, mask=mask, other=0.0)
+    dtype = k1.dtype
+    k1, k2 = k1.to(tl.float32), tl.load(k_base + half, mask=mask, other=0.0).to(tl.float32)
+    if QK_NORM:
+        k1, k2 = rms_norm_halves(k1, k2, k_norm_ptr, d, d < half, eps, dtype, HEAD_DIM)
+    cos = tl.load(cos_sin_ptr + pos + d)[None, :]
+    sin = tl.load(cos_sin_ptr + pos + half + d)[None, :]
+    v_base = v_ptr + tok * stride_v_tok + kh[:, None] * stride_v_head + d[None, :]
+    v1 = tl.load(v_base, mask=mask, other=0.0).to(tl.float32)
+    v2 = tl.load(v_base + half, mask=mask, other=0.0).to(tl.float32)
+    c_base = slot * stride_c_slot + kh[:, None] * stride_c_head + d[None, :]
+    scale_offs = slot * NUM_KV_HEADS + kh
+    store_kv(k_cache_ptr, k_scale_ptr, c_base, half, scale_offs, mask, head_mask, k1 * cos - k2 * sin,
+             k2 * cos + k1 * sin, fp8_inv_scale, KV_MODE)
+    store_kv(v_cache_ptr, v_scale_ptr, c_base, half, scale_offs, mask, head_mask, v1, v2, fp8_inv_scale, KV_MODE)
+
+
 # Sizes that change from step to step are not specialised on (value 1, divisibility by 16): each
 # new specialisation is a compilation in the middle of serving.
 @triton.jit(do_not_specialize=["num_tokens", "prefix_splits", "stride_bt"])
@@ -85,10 +138,12 @@ def _paged_attention_kernel(
     scale_log2, out_scale,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
     stride_c_block, stride_c_slot, stride_c_head, stride_bt,
+    positions_ptr, k_new_ptr, v_new_ptr, cos_sin_ptr, slot_mapping_ptr, q_norm_ptr, k_norm_ptr, eps, fp8_inv_scale,
+    stride_k_tok, stride_k_head, stride_v_tok, stride_v_head, stride_cs,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_MODE: tl.constexpr, CASCADE: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    ROPE: tl.constexpr, QK_NORM: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     launch.wait_for_previous_kernel(USE_PDL)
     seq = tl.program_id(0)
@@ -110,7 +165,14 @@ def _paged_attention_kernel(
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_valid = dims < HEAD_DIM
     q_offs = (q_start + q_idx)[:, None] * stride_q_tok + head[:, None] * stride_q_head + dims[None, :]
-    q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+    if ROPE:  # decode (one query token): q/k/v arrive before rotary
+        pos = tl.load(positions_ptr + q_start) * stride_cs
+        rot_offs = (q_start + q_idx)[:, None] * stride_q_tok + head[:, None] * stride_q_head + \
+            ((dims + HEAD_DIM // 2) % HEAD_DIM)[None, :]
+        q = _rotated_query(q_ptr, q_offs, rot_offs, row_valid, q_norm_ptr, cos_sin_ptr, pos, dims, eps, HEAD_DIM,
+                           QK_NORM)
+    else:
+        q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
     q_pos = context_len + q_idx  # causal: a query sees keys at positions <= its own
 
     kv_end = context_len + tl.minimum((q_tile + 1) * BLOCK_Q, query_len)
@@ -123,6 +185,14 @@ def _paged_attention_kernel(
     else:
         tile_start = split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
+    if ROPE:
+        slot = tl.load(slot_mapping_ptr + q_start)
+        if (tile_end == num_tiles) & (tile_start < tile_end) & (slot >= 0):  # this program reads the new key
+            _write_new_kv(k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, k_norm_ptr,
+                          cos_sin_ptr, pos, slot, q_start, kv_head, eps, fp8_inv_scale, stride_k_tok, stride_k_head,
+                          stride_v_tok, stride_v_head, stride_c_slot, stride_c_head, NUM_KV_HEADS, HEAD_DIM, QK_NORM,
+                          KV_MODE)
+        tl.debug_barrier()  # the whole program sees the new key before its tiles load it
     # Tiles wholly at or before the tile's first query position need no mask.
     num_full = (context_len + q_tile * BLOCK_Q + 1) // BLOCK_N
     mid = tl.maximum(tl.minimum(tile_end, num_full), tile_start)
@@ -224,11 +294,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     num_seqs: int, max_query_len: int, scale: float, num_splits: int = 1,
                     config: dict | None = None, max_seq_len: int | None = None,
                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, kv_mode: int = 0,
-                    fp8_scale: float = 1.0, prefix: tuple | None = None) -> torch.Tensor:
+                    fp8_scale: float = 1.0, prefix: tuple | None = None, rope: tuple | None = None) -> torch.Tensor:
     """q, out: [T, Hq, D]; caches: [blocks, page, Hkv, D]. Writes out and returns it.
     prefix: (part_out, part_lse, prefix_len) from ops.cascade_attention.prefix_attention for a decode
     batch with one split: keys before prefix_len, a multiple of the key tile, are taken from there
-    instead of the cache."""
+    instead of the cache.
+    rope: (positions, k, v, cos_sin_cache, slot_mapping, q_norm_weight, k_norm_weight, eps) for a decode
+    batch whose q, k, v ([T, H, D] views) are not yet rotated nor cached: done here, as
+    ops.rope_cache.rope_and_cache would (q is not written back)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -251,6 +324,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if prefix is not None and (max_query_len != 1 or num_splits != 1):
         raise ValueError("cascade attention takes decode batches with one split")
     prefix_out, prefix_lse, prefix_len = prefix if prefix is not None else (q, q, seq_lens)
+    if rope is not None and (max_query_len != 1 or prefix is not None or head_dim != head_dim_pad
+                             or k_cache.stride(0) != page_size * k_cache.stride(1)):
+        raise ValueError("rotary inside attention takes decode batches without cascade, power-of-two head dims and "
+                         "contiguous cache pages")
+    positions, k_new, v_new, cos_sin, slot_mapping, q_norm, k_norm, eps = rope if rope is not None else (
+        seq_lens, q, q, q, seq_lens, None, None, 0.0)
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
     if num_splits > 1:
         part_out = torch.empty(q.shape[0], num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=q.device)
@@ -264,9 +343,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         scale * LOG2E * (fp8_scale if kv_mode == 1 else 1.0), fp8_scale if kv_mode == 1 else 1.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        positions, k_new, v_new, cos_sin, slot_mapping, q_norm if q_norm is not None else q,
+        k_norm if k_norm is not None else q, eps, 1.0 / fp8_scale,
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos_sin.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits, NUM_KV_HEADS=num_kv_heads,
-        KV_MODE=kv_mode, CASCADE=prefix is not None, num_warps=num_warps, num_stages=num_stages,
+        KV_MODE=kv_mode, CASCADE=prefix is not None, ROPE=rope is not None, QK_NORM=q_norm is not None,
+        num_warps=num_warps, num_stages=num_stages,
         **launch.dependent_launch_kwargs())
     if num_splits > 1:
         _merge_splits_kernel[(q.shape[0], num_heads)](

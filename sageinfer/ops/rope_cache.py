@@ -13,7 +13,7 @@ from sageinfer.ops import launch
 
 
 @triton.jit
-def _rms_norm_halves(x1, x2, weight_ptr, d, dmask, eps, dtype, HEAD_DIM: tl.constexpr):
+def rms_norm_halves(x1, x2, weight_ptr, d, dmask, eps, dtype, HEAD_DIM: tl.constexpr):
     """Per-head RMSNorm of a head split in its two rotary halves (fp32 in, fp32 out, rounded as
     transformers rounds: normalise, cast to the model dtype, scale)."""
     half = HEAD_DIM // 2
@@ -24,7 +24,7 @@ def _rms_norm_halves(x1, x2, weight_ptr, d, dmask, eps, dtype, HEAD_DIM: tl.cons
 
 
 @triton.jit
-def _store_kv(cache_ptr, scale_ptr, c_base, half, scale_offs, mask, head_mask, x1, x2, fp8_inv_scale,
+def store_kv(cache_ptr, scale_ptr, c_base, half, scale_offs, mask, head_mask, x1, x2, fp8_inv_scale,
               KV_MODE: tl.constexpr):
     """Write one token's heads (two fp32 halves) in the cache dtype: 0 as is, 1 fp8 with a
     per-tensor scale, 2 int8 with a scale per head (absmax / 127, rounded half away from zero)."""
@@ -73,7 +73,7 @@ def _rope_cache_kernel(
     dtype = q1.dtype
     q1, q2 = q1.to(tl.float32), q2.to(tl.float32)
     if QK_NORM:
-        q1, q2 = _rms_norm_halves(q1, q2, q_norm_ptr, d, dmask, eps, dtype, HEAD_DIM)
+        q1, q2 = rms_norm_halves(q1, q2, q_norm_ptr, d, dmask, eps, dtype, HEAD_DIM)
     tl.store(q_base, (q1 * cos - q2 * sin).to(dtype), mask=qmask)
     tl.store(q_base + half, (q2 * cos + q1 * sin).to(dtype), mask=qmask)
 
@@ -86,16 +86,16 @@ def _rope_cache_kernel(
     k1 = tl.load(k_base, mask=kmask, other=0.0).to(tl.float32)
     k2 = tl.load(k_base + half, mask=kmask, other=0.0).to(tl.float32)
     if QK_NORM:
-        k1, k2 = _rms_norm_halves(k1, k2, k_norm_ptr, d, dmask, eps, dtype, HEAD_DIM)
+        k1, k2 = rms_norm_halves(k1, k2, k_norm_ptr, d, dmask, eps, dtype, HEAD_DIM)
     c_base = slot * stride_c_slot + kh[:, None] * stride_c_head + d[None, :]
     v_base = v_ptr + tok * stride_v_tok + kh[:, None] * stride_v_head + d[None, :]
     r1, r2 = k1 * cos - k2 * sin, k2 * cos + k1 * sin
     v1 = tl.load(v_base, mask=kmask, other=0.0).to(tl.float32)
     v2 = tl.load(v_base + half, mask=kmask, other=0.0).to(tl.float32)
     scale_offs = slot * NUM_KV_HEADS + kh  # scales: [blocks, page, kv heads], contiguous
-    _store_kv(k_cache_ptr, k_scale_ptr, c_base, half, scale_offs, kmask, kh < NUM_KV_HEADS, r1, r2, fp8_inv_scale,
+    store_kv(k_cache_ptr, k_scale_ptr, c_base, half, scale_offs, kmask, kh < NUM_KV_HEADS, r1, r2, fp8_inv_scale,
               KV_MODE)
-    _store_kv(v_cache_ptr, v_scale_ptr, c_base, half, scale_offs, kmask, kh < NUM_KV_HEADS, v1, v2, fp8_inv_scale,
+    store_kv(v_cache_ptr, v_scale_ptr, c_base, half, scale_offs, kmask, kh < NUM_KV_HEADS, v1, v2, fp8_inv_scale,
               KV_MODE)
 
 
