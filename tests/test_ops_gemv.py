@@ -70,3 +70,13 @@ def test_gemv_adds_into_residual_in_place(gated):
     assert out.data_ptr() == residual.data_ptr() and rel_err(residual, ref) < 1e-5
     with pytest.raises(ValueError, match="does not fit"):
         gemv(x, w, gated=gated, residual=torch.zeros(1, n + 1, device=DEVICE))
+
+
+def test_gemv_float32_output_is_rounded_through_the_weight_dtype():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 128, generator=gen).to(torch.float16).to(DEVICE)
+    w = torch.randn(24, 128, generator=gen).to(torch.float16).to(DEVICE)
+    cfg = {"block_n": 8, "block_k": 64, "num_warps": 4, "num_stages": 2}
+    out = gemv(x, w, config=cfg, out_dtype=torch.float32)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, gemv(x, w, config=cfg).float())

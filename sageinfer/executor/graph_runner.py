@@ -60,15 +60,18 @@ class DecodeGraphs:
         self.max_batch = self.sizes[-1]
         max_blocks = -(-max_model_len // block_size)
         n = self.max_batch
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.block_table = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
+        # Inputs that change every step sit in two packed buffers, each written by one host copy per
+        # step: [token ids, positions, slots] (int64) and [seq lens, cascade prefix length] (int32).
+        self.int64_inputs = torch.zeros(3, n, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.int64_inputs
+        self.slot_mapping.fill_(-1)
+        self.int32_inputs = torch.ones(n + 1, dtype=torch.int32, device=device)
+        self.seq_lens = self.int32_inputs[:n]
         # Shared-prefix length for cascade decode; graphs whose backend plan keeps it read it each
         # replay (0 = no shared prefix this step).
-        self.cascade_prefix_len = torch.zeros(1, dtype=torch.int32, device=device)
+        self.cascade_prefix_len = self.int32_inputs[n:]
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.block_table = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
         metas: dict[int, AttentionMetadata] = {}
 
         def make_meta(bs: int) -> AttentionMetadata:  # views of the persistent buffers above
@@ -93,20 +96,16 @@ class DecodeGraphs:
         tokens still on the device into the input buffer. Returns hidden [num_seqs, H]."""
         num = host.num_tokens
         bs = next(s for s in self.sizes if s >= num)
-        pad = bs - num
-        to_device = self.platform.to_device
-        self.input_ids[:bs].copy_(to_device(np.pad(host.input_ids, (0, pad)), self.device), non_blocking=True)
+        n = self.max_batch
+        int64_inputs = np.zeros((3, n), dtype=np.int64)
+        int64_inputs[0, :num], int64_inputs[1, :num] = host.input_ids, host.positions
+        int64_inputs[2, :num], int64_inputs[2, num:] = host.slot_mapping, -1
+        int32_inputs = np.ones(n + 1, dtype=np.int32)
+        int32_inputs[:num], int32_inputs[n] = host.seq_lens, host.cascade_prefix_len if bs in self.cascade_sizes else 0
+        self.platform.copy_to_device(self.int64_inputs, int64_inputs)
         fill_pending(self.input_ids)
-        self.positions[:bs].copy_(to_device(np.pad(host.positions, (0, pad)), self.device), non_blocking=True)
-        self.slot_mapping[:bs].copy_(to_device(np.pad(host.slot_mapping, (0, pad), constant_values=-1), self.device),
-                                     non_blocking=True)
-        self.seq_lens[:bs].copy_(to_device(np.pad(host.seq_lens.astype(np.int32), (0, pad), constant_values=1),
-                                           self.device), non_blocking=True)
-        width = host.block_table.shape[1]
-        self.block_table[:num, :width].copy_(to_device(host.block_table, self.device), non_blocking=True)
-        if bs in self.cascade_sizes:
-            self.cascade_prefix_len.copy_(to_device(np.array([host.cascade_prefix_len], dtype=np.int32), self.device),
-                                          non_blocking=True)
+        self.platform.copy_to_device(self.int32_inputs, int32_inputs)
+        self.platform.copy_to_device(self.block_table[:num, :host.block_table.shape[1]], host.block_table)
         self.graphs[bs].replay()
         return self.outputs[bs][:num]
 
@@ -159,12 +158,10 @@ class PrefillGraphs:
         num = host.num_tokens
         bs = next(s for s in self.sizes if s >= num)
         pad = bs - num
-        to_device = self.platform.to_device
-        self.input_ids[:bs].copy_(to_device(np.pad(host.input_ids, (0, pad)), self.device), non_blocking=True)
-        self.positions[:bs].copy_(to_device(np.pad(host.positions, (0, pad)), self.device), non_blocking=True)
-        self.slot_mapping[:bs].copy_(to_device(np.pad(host.slot_mapping, (0, pad), constant_values=-1), self.device),
-                                     non_blocking=True)
-        width = host.block_table.shape[1]
-        self.block_table[:, :width].copy_(to_device(host.block_table, self.device), non_blocking=True)
+        copy = self.platform.copy_to_device
+        copy(self.input_ids[:bs], np.pad(host.input_ids, (0, pad)))
+        copy(self.positions[:bs], np.pad(host.positions, (0, pad)))
+        copy(self.slot_mapping[:bs], np.pad(host.slot_mapping, (0, pad), constant_values=-1))
+        copy(self.block_table[:, :host.block_table.shape[1]], host.block_table)
         self.graphs[bs].replay()
         return self.outputs[bs][:num]

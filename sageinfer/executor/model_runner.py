@@ -204,8 +204,11 @@ class ModelRunner:
             hidden = self._eager_forward(host, prev_token_ids)
         if not host.sampled_requests:
             return StepResult([], None)
-        index = self.platform.to_device(np.array(host.logits_indices, dtype=np.int64), self.device)
-        logits = self.model.compute_logits(hidden[index])
+        if len(host.logits_indices) == hidden.shape[0] and host.logits_indices[-1] == hidden.shape[0] - 1:
+            sampled_hidden = hidden  # every row is sampled (a decode step): no gather, no index copy
+        else:
+            sampled_hidden = hidden[self.platform.to_device(np.array(host.logits_indices, dtype=np.int64), self.device)]
+        logits = self.model.compute_logits(sampled_hidden)
         batch = build_sampling_batch(host.sampled_requests, self.model_config.vocab_size, self.device,
                                      self.platform.to_device)
         out = self.sampler(logits, batch)

@@ -23,4 +23,4 @@ class LMHead(nn.Module):
         self.use_triton = False  # set by the model runner from the platform's kernel choice
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.weight, None, self.use_triton).float()
+        return linear(hidden, self.weight, None, self.use_triton, out_dtype=torch.float32)

@@ -60,11 +60,14 @@ def one_row(x: torch.Tensor, use_triton: bool) -> bool:
     return use_triton and x.dim() == 2 and x.shape[0] == 1
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_triton: bool) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_triton: bool,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x @ weight.T + bias, computed in the weight's dtype and returned as out_dtype (default: x's)."""
     if one_row(x, use_triton):
         from sageinfer.ops.gemv import gemv
-        return gemv(x, weight, bias)
-    return F.linear(x, weight, bias)
+        return gemv(x, weight, bias, out_dtype=out_dtype)
+    y = F.linear(x, weight, bias)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 class MergedLinear(Linear):

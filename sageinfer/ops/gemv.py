@@ -110,7 +110,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, stride_xm, 
         acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + ms[:, None] * stride_ym + rows[None, :]
     y_mask = m_mask[:, None] & row_mask[None, :]
-    y = acc.to(y_ptr.dtype.element_ty)
+    y = acc.to(w_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)  # rounded as the model's dtype rounds
     if ADD_TO_Y:  # residual + layer output, rounded as two tensors of the model's dtype add
         y = y + tl.load(y_ptrs, mask=y_mask, other=0.0)
     tl.store(y_ptrs, y, mask=y_mask)
@@ -118,11 +118,13 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, stride_xm, 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: dict | None = None, gated: bool = False, norm_weight: torch.Tensor | None = None,
-         eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+         eps: float = 0.0, residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x: [M, K] with M <= MAX_ROWS ([M, 2K] of [gate, up] when gated), weight: [N, K] (rows
     contiguous), bias: [N] or None -> [M, N].
     norm_weight: x is RMS-normalised (eps) and scaled by it first, as ops.rms_norm does.
-    residual: [M, N]; the result is added to it in place and residual is returned."""
+    residual: [M, N]; the result is added to it in place and residual is returned.
+    out_dtype: the output's dtype (values still rounded to the weight's dtype first), e.g. float32
+    logits without a separate cast."""
     m = x.shape[0]
     n, k = weight.shape
     if x.shape[1] != (2 * k if gated else k):
@@ -137,7 +139,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_m = max(1, triton.next_power_of_2(m))
     # Keep x * w tiles inside the registers as rows grow.
     block_k = max(64, cfg["block_k"] // block_m)
-    y = residual if residual is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = residual if residual is not None else torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, cfg["block_n"]),)](
         x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight, y,
         m, n, k, x.stride(0), weight.stride(0), y.stride(0), eps,

@@ -101,6 +101,11 @@ class Platform:
         platform allows."""
         return torch.as_tensor(array).to(device)
 
+    def copy_to_device(self, dst: torch.Tensor, array) -> None:
+        """Write a host array into an existing device tensor (one copy, no staging tensor on the
+        device), without blocking the host where the platform allows."""
+        dst.copy_(torch.as_tensor(array))
+
 
 class _Done:
     def synchronize(self) -> None:

@@ -91,3 +91,6 @@ class CudaPlatform(Platform):
         # Pageable copies may wait for the stream; pinned ones don't. torch's caching host allocator
         # keeps each pinned buffer alive until its copy has run.
         return torch.as_tensor(array).pin_memory().to(device, non_blocking=True)
+
+    def copy_to_device(self, dst: torch.Tensor, array) -> None:
+        dst.copy_(torch.as_tensor(array).pin_memory(), non_blocking=True)
