@@ -1,0 +1,104 @@
+"""The Hopper prefill kernel experiment (benchmarks/experiments/gluon_prefill_attention.py, Gluon) against the portable page-aligned
+kernel (ops/prefill_attention.py) on the L2 prompt's two chunks and T1-like prompts, pages of 64 and
+128 keys, after a correctness check against the torch reference with NaN in never-written cache slots.
+
+  python benchmarks/probe_hopper_attention.py --out results.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+from kernels_util import random_paged_batch, rel_err  # noqa: E402
+from sageinfer.attention.backend import LayerKVCache  # noqa: E402
+from sageinfer.attention.torch_ref import paged_attention_ref  # noqa: E402
+from sageinfer.ops import prefill_attention as portable  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "experiments"))
+import gluon_prefill_attention as hopper  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+CASES = {"chunk 1: 16384 new": ([16384], [0]), "chunk 2: 15616 after 16384": ([15616], [16384]),
+         "16 x 1024 new (T1)": ([1024] * 16, [0] * 16)}
+
+
+def poison_unwritten(kc, vc, meta):
+    """NaN in every slot of a sequence's pages at or past its length: a read past the end shows."""
+    page = kc.shape[1]
+    for i, n in enumerate(meta.seq_lens.tolist()):
+        last = meta.block_table[i, (n - 1) // page].item()
+        kc[last, (n - 1) % page + 1:] = float("nan")
+        vc[last, (n - 1) % page + 1:] = float("nan")
+
+
+def run(kind, q, kc, vc, meta, cfg=None):
+    out = torch.full_like(q, float("nan"))
+    args = (q, kc, vc, out, meta.block_table, meta.seq_lens, meta.query_start_loc, meta.num_seqs,
+            meta.max_query_len, D ** -0.5)
+    if kind == "hopper":
+        hopper.prefill_attention(*args, config=cfg)
+    else:
+        portable.prefill_attention(*args, max_seq_len=meta.max_seq_len, tensor_copies=True, config=cfg)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
+    rows = []
+    for page in (64, 128):
+        kc, vc, meta = random_paged_batch([300, 1, 129, 64, 7], [256, 40, 0, 1000, 5000], HKV, D, page,
+                                          torch.bfloat16, device="cuda", seed=1)
+        poison_unwritten(kc, vc, meta)
+        q = torch.randn(int(meta.query_start_loc[-1]), HQ, D, device="cuda", dtype=torch.bfloat16)
+        clean = [torch.nan_to_num(c) for c in (kc, vc)]
+        ref = paged_attention_ref(q.double(), LayerKVCache(clean[0].double(), clean[1].double()), meta, D ** -0.5)
+        variants = [(f"hopper gluon m{m} n{n} w{w}", "hopper", {"block_m": m, "block_n": n, "num_warps": w})
+                    for m, n, w in ((128, 128, 8), (64, 64, 4))]
+        variants += [
+                    ("portable tma m128 n128 w8 s2", "portable", dict(portable.LONG_TILE_CONFIG, use_tma=True)),
+                    ("portable tma m64 n64 w4 s2", "portable", dict(portable.TILE_CONFIG, use_tma=True))]
+        data = {}
+        for name, (ql, cl) in CASES.items():
+            kcb, vcb, mb = random_paged_batch(ql, cl, HKV, D, page, torch.bfloat16, device="cuda", seed=3)
+            qb = torch.randn(sum(ql), HQ, D, device="cuda", dtype=torch.bfloat16)
+            data[name] = (kcb, vcb, mb, qb, sum(4 * n * (c + (n + 1) / 2) * HQ * D for n, c in zip(ql, cl)))
+        for label, kind, cfg in variants:
+            if (kind == "portable" and page % cfg["block_n"]) or (
+                    kind == "hopper" and not hopper.supports(page, D, HQ, HKV, torch.bfloat16, cfg)):
+                continue
+            try:
+                err = rel_err(run(kind, q, kc, vc, meta, cfg), ref)
+                rates = []
+                for name, (kcb, vcb, mb, qb, flops) in data.items():
+                    t = triton.testing.do_bench(lambda: run(kind, qb, kcb, vcb, mb, cfg), warmup=20, rep=100,  # noqa: B023
+                                                return_mode="median") * 1e-3
+                    rates.append(flops / t / 1e12)
+                rows.append({"page": page, "variant": label, "rel_err": err, "tflops": rates})
+                print(f"page {page:3d} {label:30s} err {err:.1e} " + " ".join(f"{r:6.0f}" for r in rates), flush=True)
+            except Exception as exc:  # noqa: BLE001
+                rows.append({"page": page, "variant": label, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                print(f"page {page} {label} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+    print("\n| page | variant | rel err | " + " | ".join(f"{c} TFLOP/s" for c in CASES) + " |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in CASES) + " |")
+    for r in rows:
+        if "tflops" in r:
+            print(f"| {r['page']} | {r['variant']} | {r['rel_err']:.1e} | " + " | ".join(f"{x:.0f}" for x in r["tflops"])
+                  + " |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": triton.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
