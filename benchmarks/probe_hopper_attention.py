@@ -1,5 +1,5 @@
-"""The Hopper prefill kernel experiment (benchmarks/experiments/gluon_prefill_attention.py, Gluon) against the portable page-aligned
-kernel (ops/prefill_attention.py) on the L2 prompt's two chunks and T1-like prompts, pages of 64 and
+"""The Hopper prefill kernel experiment (benchmarks/experiments/gluon_prefill_attention.py, Gluon)
+against the portable page-aligned kernel (ops/prefill_attention.py) on the L2 prompt's two chunks and T1-like prompts, pages of 64 and
 128 keys, after a correctness check against the torch reference with NaN in never-written cache slots.
 
   python benchmarks/probe_hopper_attention.py --out results.json
@@ -92,8 +92,8 @@ def main():
     print("| --- | --- | --- | " + " | ".join("---" for _ in CASES) + " |")
     for r in rows:
         if "tflops" in r:
-            print(f"| {r['page']} | {r['variant']} | {r['rel_err']:.1e} | " + " | ".join(f"{x:.0f}" for x in r["tflops"])
-                  + " |")
+            rates = " | ".join(f"{x:.0f}" for x in r["tflops"])
+            print(f"| {r['page']} | {r['variant']} | {r['rel_err']:.1e} | {rates} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -89,7 +89,8 @@ def _zero_rows_past_end(v_tile, tile, kv_end, BLOCK_N: gl.constexpr, HEAD_DIM: g
 
 @gluon.jit
 def _step(tile, acc, p_prev, m_i, l_i, v_rows, k_rows, q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, table,
-          last_key, col, num_tiles, num_full, q_pos, kv_end, scale_log2, s_zero, s_layout: gl.constexpr, o_layout: gl.constexpr,
+          last_key, col, num_tiles, num_full, q_pos, kv_end, scale_log2, s_zero, s_layout: gl.constexpr,
+          o_layout: gl.constexpr,
           p_layout: gl.constexpr, PAGE_SIZE: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
           HEAD_DIM: gl.constexpr, MASKED: gl.constexpr, num_warps: gl.constexpr):
     """Key tile `tile`: S(tile) and P(tile - 1) V(tile - 1) on the tensor cores while the softmax of
