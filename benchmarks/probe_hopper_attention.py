@@ -1,6 +1,7 @@
 """The Hopper prefill kernel experiment (benchmarks/experiments/gluon_prefill_attention.py, Gluon)
-against the portable page-aligned kernel (ops/prefill_attention.py) on the L2 prompt's two chunks and T1-like prompts, pages of 64 and
-128 keys, after a correctness check against the torch reference with NaN in never-written cache slots.
+against the portable page-aligned kernel (ops/prefill_attention.py) on the L2 prompt's two chunks
+and T1-like prompts, pages of 64 and 128 keys, after a correctness check against the torch reference
+with NaN in never-written cache slots.
 
   python benchmarks/probe_hopper_attention.py --out results.json
 """
