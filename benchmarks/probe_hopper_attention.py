@@ -18,25 +18,14 @@ import triton
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from kernels_util import random_paged_batch, rel_err  # noqa: E402
+from kernels_util import poison_unwritten_slots, random_paged_batch, rel_err  # noqa: E402
 from sageinfer.attention.backend import LayerKVCache  # noqa: E402
 from sageinfer.attention.torch_ref import paged_attention_ref  # noqa: E402
 from sageinfer.ops import prefill_attention as portable  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "experiments"))
 import gluon_prefill_attention as hopper  # noqa: E402
 
-HQ, HKV, D = 32, 8, 128
-CASES = {"chunk 1: 16384 new": ([16384], [0]), "chunk 2: 15616 after 16384": ([15616], [16384]),
-         "16 x 1024 new (T1)": ([1024] * 16, [0] * 16)}
-
-
-def poison_unwritten(kc, vc, meta):
-    """NaN in every slot of a sequence's pages at or past its length: a read past the end shows."""
-    page = kc.shape[1]
-    for i, n in enumerate(meta.seq_lens.tolist()):
-        last = meta.block_table[i, (n - 1) // page].item()
-        kc[last, (n - 1) % page + 1:] = float("nan")
-        vc[last, (n - 1) % page + 1:] = float("nan")
+from probe_prefill_attention import CASES, D, HKV, HQ  # noqa: E402  (the same workloads)
 
 
 def run(kind, q, kc, vc, meta, cfg=None):
@@ -59,7 +48,7 @@ def main():
     for page in (64, 128):
         kc, vc, meta = random_paged_batch([300, 1, 129, 64, 7], [256, 40, 0, 1000, 5000], HKV, D, page,
                                           torch.bfloat16, device="cuda", seed=1)
-        poison_unwritten(kc, vc, meta)
+        poison_unwritten_slots(kc, vc, meta)
         q = torch.randn(int(meta.query_start_loc[-1]), HQ, D, device="cuda", dtype=torch.bfloat16)
         clean = [torch.nan_to_num(c) for c in (kc, vc)]
         ref = paged_attention_ref(q.double(), LayerKVCache(clean[0].double(), clean[1].double()), meta, D ** -0.5)

@@ -39,3 +39,15 @@ def random_paged_batch(query_lens, context_lens, num_kv_heads, head_dim, page_si
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device), block_table=block_table.to(device), max_query_len=max(query_lens), max_seq_len=max(seq_lens),
         query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
     return k_cache.to(device), v_cache.to(device), meta
+
+
+def poison_unwritten_slots(k_cache, v_cache, meta):
+    """NaN in every cache row no sequence owns, so a read past a sequence's end shows up."""
+    owned = torch.zeros(k_cache.shape[0], k_cache.shape[1], dtype=torch.bool)
+    page = k_cache.shape[1]
+    for seq, length in enumerate(meta.seq_lens_cpu):
+        for pos in range(length):
+            owned[meta.block_table[seq, pos // page].item(), pos % page] = True
+    owned = owned.to(k_cache.device)
+    k_cache[~owned] = float("nan")
+    v_cache[~owned] = float("nan")

@@ -5,7 +5,7 @@ import torch
 from sageinfer.attention.backend import LayerKVCache
 from sageinfer.attention.torch_ref import paged_attention_ref
 from sageinfer.ops.prefill_attention import prefill_attention, supports
-from kernels_util import DEVICE, TOL, random_paged_batch, rel_err
+from kernels_util import DEVICE, TOL, poison_unwritten_slots, random_paged_batch, rel_err
 
 CASES = {
     # name: (query_lens, context_lens, num_heads, num_kv_heads, head_dim, page_size, block_n)
@@ -15,18 +15,6 @@ CASES = {
     "decode_rows_in_the_batch": ([1, 1, 20], [17, 100, 5], 8, 2, 16, 32, 32),
 }
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-
-
-def poison_unwritten_slots(k_cache, v_cache, meta):
-    """NaN in every cache row no sequence owns, so a read past a sequence's end shows up."""
-    owned = torch.zeros(k_cache.shape[0], k_cache.shape[1], dtype=torch.bool)
-    page = k_cache.shape[1]
-    for seq, length in enumerate(meta.seq_lens_cpu):
-        for pos in range(length):
-            owned[meta.block_table[seq, pos // page].item(), pos % page] = True
-    owned = owned.to(k_cache.device)
-    k_cache[~owned] = float("nan")
-    v_cache[~owned] = float("nan")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

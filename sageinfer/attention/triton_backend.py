@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import torch
-import triton
 
 from sageinfer.attention.backend import AttentionBackend, AttentionMetadata
 from sageinfer.ops.cascade_attention import PREFIX_ALIGN, common_prefix_blocks, prefix_attention, prefix_splits
 from sageinfer.ops import prefill_attention as tile_prefill
-from sageinfer.ops.paged_attention import choose_num_splits, paged_attention
+from sageinfer.ops.paged_attention import choose_num_splits, paged_attention, rotary_inside_supported
 from sageinfer.ops.rope_cache import rope_and_cache
 
 # Cascade decode pays once a step has enough sequences reading a long enough common prefix.
@@ -45,17 +44,15 @@ class TritonBackend(AttentionBackend):
         num_tokens = meta.num_actual_tokens
         q, k, v = q[:num_tokens], k[:num_tokens], v[:num_tokens]
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        rope = None
         if (ROTARY_IN_DECODE_ATTENTION and meta.max_query_len == 1 and meta.cascade_prefix_len is None
-                and q.shape[2] == triton.next_power_of_2(q.shape[2])):
+                and rotary_inside_supported(q, cache.k)):
             rope = (positions[:num_tokens], k, v, layer.rotary_emb.cos_sin_cache, meta.slot_mapping, q_norm, k_norm,
                     eps)
-            return paged_attention(q, cache.k, cache.v, out, meta.block_table, meta.seq_lens, meta.query_start_loc,
-                                   meta.num_seqs, 1, layer.scale, meta.num_splits, max_seq_len=meta.max_seq_len,
-                                   k_scale=cache.k_scale, v_scale=cache.v_scale, kv_mode=cache.mode,
-                                   fp8_scale=cache.fp8_scale, rope=rope)
-        rope_and_cache(positions[:num_tokens], q, k, v, layer.rotary_emb.cos_sin_cache, cache.k, cache.v,
-                       meta.slot_mapping, q_norm, k_norm, eps, cache.k_scale, cache.v_scale, cache.mode,
-                       cache.fp8_scale)
+        else:
+            rope_and_cache(positions[:num_tokens], q, k, v, layer.rotary_emb.cos_sin_cache, cache.k, cache.v,
+                           meta.slot_mapping, q_norm, k_norm, eps, cache.k_scale, cache.v_scale, cache.mode,
+                           cache.fp8_scale)
         if meta.max_query_len > 1 and cache.mode == 0 and tile_prefill.supports(cache.k.shape[1], q.shape[2],
                                                                                  cache.k.dtype):
             # Pages of whole key tiles: one contiguous run of cache rows per tile (H100: 455-473 against
@@ -73,4 +70,4 @@ class TritonBackend(AttentionBackend):
         return paged_attention(q, cache.k, cache.v, out, meta.block_table, meta.seq_lens, meta.query_start_loc,
                                meta.num_seqs, meta.max_query_len, layer.scale, meta.num_splits,
                                max_seq_len=meta.max_seq_len, k_scale=cache.k_scale, v_scale=cache.v_scale,
-                               kv_mode=cache.mode, fp8_scale=cache.fp8_scale, prefix=prefix)
+                               kv_mode=cache.mode, fp8_scale=cache.fp8_scale, prefix=prefix, rope=rope)

@@ -35,22 +35,19 @@ class Linear(nn.Module):
         """self(act(gate_up)) for an MLP's down projection; one row fuses the activation in.
         With residual: adds the result to it in place and returns it."""
         if one_row(gate_up, self.use_triton):
-            from sageinfer.ops.gemv import gemv
-            return gemv(gate_up, self.weight, self.bias, gated=True, residual=residual)
+            return _gemv(gate_up, self.weight, self.bias, gated=True, residual=residual)
         return self.add_into(act(gate_up), residual) if residual is not None else self.forward(act(gate_up))
 
     def forward_normed(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """self(norm(x)) for an RMSNorm; one row normalises inside the matmul (no norm launch)."""
         if one_row(x, self.use_triton):
-            from sageinfer.ops.gemv import gemv
-            return gemv(x, self.weight, self.bias, norm_weight=norm.weight, eps=norm.eps)
+            return _gemv(x, self.weight, self.bias, norm_weight=norm.weight, eps=norm.eps)
         return self.forward(norm(x))
 
     def add_into(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual += self(x), in place; returns residual."""
         if one_row(x, self.use_triton):
-            from sageinfer.ops.gemv import gemv
-            return gemv(x, self.weight, self.bias, residual=residual)
+            return _gemv(x, self.weight, self.bias, residual=residual)
         return residual.add_(self.forward(x))
 
 
@@ -60,12 +57,16 @@ def one_row(x: torch.Tensor, use_triton: bool) -> bool:
     return use_triton and x.dim() == 2 and x.shape[0] == 1
 
 
+def _gemv(*args, **kwargs) -> torch.Tensor:
+    from sageinfer.ops.gemv import gemv  # Triton only where a one-row path is taken
+    return gemv(*args, **kwargs)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_triton: bool,
            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x @ weight.T + bias, computed in the weight's dtype and returned as out_dtype (default: x's)."""
     if one_row(x, use_triton):
-        from sageinfer.ops.gemv import gemv
-        return gemv(x, weight, bias, out_dtype=out_dtype)
+        return _gemv(x, weight, bias, out_dtype=out_dtype)
     y = F.linear(x, weight, bias)
     return y if out_dtype is None else y.to(out_dtype)
 

@@ -289,6 +289,15 @@ LONG_CONTEXT = 4096
 DECODE_CONFIG = {mode: {"block_n": 64, "num_warps": 2, "num_stages": 3} for mode in (0, 1, 2)}
 
 
+def rotary_inside_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether decode attention can take q/k/v before rotary (rope=...): head dims the kernel does not
+    pad (powers of two from 16: no padded lanes to pair) and cache pages laid out back to back (slots
+    address rows directly)."""
+    head_dim = q.shape[2]
+    return (head_dim == max(16, triton.next_power_of_2(head_dim))
+            and k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1))
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                     block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                     num_seqs: int, max_query_len: int, scale: float, num_splits: int = 1,
@@ -324,8 +333,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if prefix is not None and (max_query_len != 1 or num_splits != 1):
         raise ValueError("cascade attention takes decode batches with one split")
     prefix_out, prefix_lse, prefix_len = prefix if prefix is not None else (q, q, seq_lens)
-    if rope is not None and (max_query_len != 1 or prefix is not None or head_dim != head_dim_pad
-                             or k_cache.stride(0) != page_size * k_cache.stride(1)):
+    if rope is not None and (max_query_len != 1 or prefix is not None or not rotary_inside_supported(q, k_cache)):
         raise ValueError("rotary inside attention takes decode batches without cascade, power-of-two head dims and "
                          "contiguous cache pages")
     positions, k_new, v_new, cos_sin, slot_mapping, q_norm, k_norm, eps = rope if rope is not None else (
