@@ -16,6 +16,8 @@ import contextlib
 import triton
 import triton.language as tl
 
+from sageinfer.platforms.cuda_device import wait_grid_dependency_and_release_dependents
+
 DEPENDENT_LAUNCH = False
 
 
@@ -37,6 +39,5 @@ def dependent_launch_kwargs() -> dict:
 
 @triton.jit
 def wait_for_previous_kernel(USE_PDL: tl.constexpr):
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    if USE_PDL:  # only where the platform supports dependent launch
+        wait_grid_dependency_and_release_dependents()
