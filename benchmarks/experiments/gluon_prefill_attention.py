@@ -3,8 +3,8 @@ explicit-layout language), measured against the portable kernel by benchmarks/pr
 Result (H100, 2026-11-24-h100-gluon-prefill-attention.json): on the 16K chunks of a 32K prompt it
 matches ops.prefill_attention with 128-key tiles (465-475 / 485-491 TFLOP/s), and with 64x64 tiles
 on 64-token pages it is 0-4% faster there and 4-20% faster on 1K prompts; far from the ~540 TFLOP/s
-the L2 target needs, so the engine keeps the portable kernel. Kept to be built on (warp
-specialisation with a producer warp and ping-pong consumers is the next step).
+the L2 target needs. Its successor, with a copy warp and two ping-pong consumer warpgroups, reaches
+613-654 and is the engine's (sageinfer/platforms/hopper_attention.py).
 
 The portable kernel (ops.prefill_attention) leaves tensor-core work and softmax in lockstep: the
 compiler waits for every warpgroup MMA as soon as it is issued. Here the waits are ours, so each

@@ -84,5 +84,7 @@ def get_attention_backend(name: str, platform=None) -> AttentionBackend:
         return TorchRefBackend()
     if name == "triton":
         from sageinfer.attention.triton_backend import TritonBackend
-        return TritonBackend(tensor_copies=platform is not None and platform.supports_tensor_copies())
+        if platform is None:
+            return TritonBackend()
+        return TritonBackend(tensor_copies=platform.supports_tensor_copies(), long_prefill=platform.prefill_attention())
     raise ValueError(f"attention backend must be 'torch_ref' or 'triton', got {name!r}")

@@ -26,6 +26,12 @@ class Platform:
         NVIDIA's TMA from Hopper on) instead of per-thread loads."""
         return False
 
+    def prefill_attention(self):
+        """A chip-specific prefill attention kernel with ops.prefill_attention's contract, for long
+        prompts where it beats the portable one: an object with supports(page_size, head_dim,
+        num_heads, num_kv_heads, kv_dtype) and a call returning out, or None to fall back. None here."""
+        return None
+
     @classmethod
     def is_available(cls) -> bool:
         return False

@@ -30,6 +30,17 @@ class CudaPlatform(Platform):
     def supports_tensor_copies(self) -> bool:
         return torch.cuda.get_device_capability()[0] >= 9
 
+    def prefill_attention(self):
+        # Hopper only: the kernel is built on its warpgroup MMA and bulk tensor copies (Blackwell has
+        # neither in this form).
+        if torch.cuda.get_device_capability() != (9, 0):
+            return None
+        try:
+            from sageinfer.platforms.hopper_attention import HopperPrefillAttention
+        except ImportError:  # a Triton without Gluon
+            return None
+        return HopperPrefillAttention()
+
     def synchronize(self) -> None:
         torch.cuda.synchronize()
 

@@ -1,0 +1,99 @@
+"""The Hopper prefill kernel (platforms/hopper_attention.py) against the torch reference on an sm_90
+GPU, and on any machine: when the Triton backend hands a prefill to a platform kernel and when it
+falls back to the portable one."""
+import types
+
+import pytest
+import torch
+
+from sageinfer.attention.backend import LayerKVCache
+from sageinfer.attention.torch_ref import paged_attention_ref
+from sageinfer.attention.triton_backend import TritonBackend
+from sageinfer.layers.rotary import RotaryEmbedding
+from sageinfer.ops.paged_attention import LONG_CONTEXT
+from kernels_util import DEVICE, TOL, poison_unwritten_slots, random_paged_batch, rel_err
+
+ON_HOPPER = DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0)
+
+# Prompts, chunks after cached context, decode rows, tiles that run past a sequence's end (NaN there).
+QUERY_LENS, CONTEXT_LENS = [300, 1, 129, 64, 7, 200], [256, 40, 0, 1000, 5000, 64]
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="Gluon kernel for NVIDIA Hopper (sm_90)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("page", [64, 128, 256])
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(8, 8), (16, 8), (32, 8), (64, 8)])
+def test_hopper_prefill_matches_reference(num_heads, num_kv_heads, page, dtype):
+    from sageinfer.platforms import hopper_attention
+
+    k_cache, v_cache, meta = random_paged_batch(QUERY_LENS, CONTEXT_LENS, num_kv_heads, 128, page, dtype,
+                                                seed=page + num_heads)
+    poison_unwritten_slots(k_cache, v_cache, meta)
+    q = torch.randn(sum(QUERY_LENS), num_heads, 128, device=DEVICE, dtype=dtype)
+    clean = LayerKVCache(torch.nan_to_num(k_cache).double(), torch.nan_to_num(v_cache).double())
+    ref = paged_attention_ref(q.double(), clean, meta, 128 ** -0.5)
+    for config in ({}, {"pingpong": False}, {"block_n": 64, "stages": 4}):
+        out = torch.full_like(q, float("nan"))
+        hopper_attention.prefill_attention(q, k_cache, v_cache, out, meta.block_table, meta.seq_lens,
+                                           meta.query_start_loc, meta.num_seqs, meta.max_query_len, 128 ** -0.5,
+                                           config=config)
+        assert not out.isnan().any(), config
+        assert rel_err(out, ref) < TOL[dtype], config
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="Gluon kernel for NVIDIA Hopper (sm_90)")
+def test_hopper_prefill_refuses_what_it_cannot_serve():
+    from sageinfer.platforms import hopper_attention
+
+    assert not hopper_attention.supports(16, 128, 32, 8, torch.bfloat16)  # pages below one tile
+    assert not hopper_attention.supports(64, 64, 32, 8, torch.bfloat16)  # head dim
+    assert not hopper_attention.supports(64, 128, 48, 1, torch.bfloat16)  # 48 heads per KV head
+    assert not hopper_attention.supports(64, 128, 32, 8, torch.int8)
+
+
+class _FakeLongPrefill:
+    """Stands in for a platform kernel: records its calls, answers with `answer` (None = fall back)."""
+
+    def __init__(self, answer):
+        self.answer, self.calls = answer, 0
+
+    def supports(self, page_size, head_dim, num_heads, num_kv_heads, kv_dtype):
+        return page_size >= 64
+
+    def __call__(self, q, k_cache, v_cache, out, *args):
+        self.calls += 1
+        if self.answer is None:
+            return None
+        out.fill_(self.answer)
+        return out
+
+
+def _prefill_step(max_seq_len):
+    """A 5-token chunk after 3 cached tokens on a 128-token page cache; max_seq_len as the step claims."""
+    head_dim, heads, kv_heads = 16, 2, 1
+    k_cache, v_cache, meta = random_paged_batch([5], [3], kv_heads, head_dim, 128, torch.float32, seed=4)
+    meta.max_seq_len = max_seq_len
+    meta.slot_mapping = (meta.block_table[0, 0] * 128 + torch.arange(3, 8, device=DEVICE)).long()
+    layer = types.SimpleNamespace(q_norm=None, k_norm=None, scale=head_dim ** -0.5,
+                                  rotary_emb=RotaryEmbedding(head_dim, 64, 10000.0, None).to(DEVICE))
+    q, k, v = (torch.randn(5, n, head_dim, device=DEVICE) for n in (heads, kv_heads, kv_heads))
+    positions = torch.arange(3, 8, device=DEVICE)
+    return layer, positions, q, k, v, LayerKVCache(k_cache, v_cache), meta
+
+
+def test_long_prompts_go_to_the_platform_kernel():
+    fake = _FakeLongPrefill(answer=7.0)
+    layer, positions, q, k, v, cache, meta = _prefill_step(LONG_CONTEXT)
+    out = TritonBackend(long_prefill=fake).forward(layer, positions, q, k, v, cache, meta)
+    assert fake.calls == 1 and torch.all(out == 7.0)
+
+
+def test_short_prompts_and_refusals_use_the_portable_kernel():
+    for max_seq_len, answer in ((LONG_CONTEXT - 1, 7.0), (LONG_CONTEXT, None)):
+        fake = _FakeLongPrefill(answer=answer)
+        layer, positions, q, k, v, cache, meta = _prefill_step(max_seq_len)
+        out = TritonBackend(long_prefill=fake).forward(layer, positions, q, k, v, cache, meta)
+        # q was rotated in place and the chunk's k/v written to the cache: the reference reads both.
+        ref = paged_attention_ref(q, cache, meta, layer.scale)
+        assert fake.calls == (answer is None)
+        assert rel_err(out, ref) < TOL[torch.float32]
