@@ -1,8 +1,9 @@
-"""The Hopper prefill kernels in Gluon (sageinfer/platforms/hopper_attention.py, warp-specialised,
-used by the engine for long prompts; benchmarks/experiments/gluon_prefill_attention.py, the earlier
-single-partition experiment) against the portable page-aligned kernel (ops/prefill_attention.py)
-on the L2 prompt's two chunks and T1-like prompts, pages of 64 and 128 keys, after a
-correctness check against the torch reference with NaN in never-written cache slots.
+"""The Hopper prefill kernel in Gluon (sageinfer/platforms/hopper_attention.py, warp-specialised, used
+by the engine for long prompts) in several configurations against the portable page-aligned kernel
+(ops/prefill_attention.py) on the L2 prompt's two chunks and T1-like prompts, pages of 64 and 128
+keys, after a correctness check against the torch reference with NaN in never-written cache slots.
+The first, single-partition Gluon version (no warp specialisation) measured no faster than the
+portable kernel and was removed (2026-11-24-h100-gluon-prefill-attention.json).
 
   python benchmarks/probe_hopper_attention.py --out results.json
 """
@@ -23,8 +24,6 @@ from kernels_util import poison_unwritten_slots, random_paged_batch, rel_err  # 
 from sageinfer.attention.backend import LayerKVCache  # noqa: E402
 from sageinfer.attention.torch_ref import paged_attention_ref  # noqa: E402
 from sageinfer.ops import prefill_attention as portable  # noqa: E402
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "experiments"))
-import gluon_prefill_attention as hopper  # noqa: E402
 from sageinfer.platforms import hopper_attention as hopper_ws  # noqa: E402
 
 from probe_prefill_attention import CASES, D, HKV, HQ  # noqa: E402  (the same workloads)
@@ -34,9 +33,7 @@ def run(kind, q, kc, vc, meta, cfg=None):
     out = torch.full_like(q, float("nan"))
     args = (q, kc, vc, out, meta.block_table, meta.seq_lens, meta.query_start_loc, meta.num_seqs,
             meta.max_query_len, D ** -0.5)
-    if kind == "hopper":
-        hopper.prefill_attention(*args, config=cfg)
-    elif kind == "ws":
+    if kind == "ws":
         hopper_ws.prefill_attention(*args, config=cfg)
     else:
         portable.prefill_attention(*args, max_seq_len=meta.max_seq_len, tensor_copies=True, config=cfg)
@@ -59,8 +56,6 @@ def main():
         variants = [(f"ws n{n} s{st} {'pingpong' if pp else 'free'}", "ws",
                      {"block_n": n, "stages": st, "pingpong": pp})
                     for n, st, pp in ((128, 2, True), (128, 2, False), (64, 4, True), (64, 3, True), (64, 4, False))]
-        variants += [(f"hopper gluon m{m} n{n} w{w}", "hopper", {"block_m": m, "block_n": n, "num_warps": w})
-                     for m, n, w in ((128, 128, 8),)]
         variants += [
                     ("portable tma m128 n128 w8 s2", "portable", dict(portable.LONG_TILE_CONFIG, use_tma=True)),
                     ("portable tma m64 n64 w4 s2", "portable", dict(portable.TILE_CONFIG, use_tma=True))]
@@ -71,7 +66,6 @@ def main():
             data[name] = (kcb, vcb, mb, qb, sum(4 * n * (c + (n + 1) / 2) * HQ * D for n, c in zip(ql, cl)))
         for label, kind, cfg in variants:
             if (kind == "portable" and page % cfg["block_n"]) or (
-                    kind == "hopper" and not hopper.supports(page, D, HQ, HKV, torch.bfloat16, cfg)) or (
                     kind == "ws" and not hopper_ws.supports(page, D, HQ, HKV, torch.bfloat16, cfg)):
                 continue
             try:
