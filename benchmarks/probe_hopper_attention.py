@@ -43,10 +43,11 @@ def run(kind, q, kc, vc, meta, cfg=None):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
+    parser.add_argument("--pages", default="64,128", help="KV page sizes to measure, comma-separated")
     args = parser.parse_args()
     print(torch.__version__, triton.__version__, torch.cuda.get_device_name(), flush=True)
     rows = []
-    for page in (64, 128):
+    for page in [int(p) for p in args.pages.split(",")]:
         kc, vc, meta = random_paged_batch([300, 1, 129, 64, 7], [256, 40, 0, 1000, 5000], HKV, D, page,
                                           torch.bfloat16, device="cuda", seed=1)
         poison_unwritten_slots(kc, vc, meta)
@@ -55,7 +56,7 @@ def main():
         ref = paged_attention_ref(q.double(), LayerKVCache(clean[0].double(), clean[1].double()), meta, D ** -0.5)
         variants = [(f"ws n{n} s{st} {'pingpong' if pp else 'free'}", "ws",
                      {"block_n": n, "stages": st, "pingpong": pp})
-                    for n, st, pp in ((128, 2, True), (128, 2, False), (64, 4, True), (64, 3, True), (64, 4, False))]
+                    for n, st, pp in ((128, 2, True), (128, 2, False), (128, 3, True), (64, 4, True))]
         variants += [
                     ("portable tma m128 n128 w8 s2", "portable", dict(portable.LONG_TILE_CONFIG, use_tma=True)),
                     ("portable tma m64 n64 w4 s2", "portable", dict(portable.TILE_CONFIG, use_tma=True))]

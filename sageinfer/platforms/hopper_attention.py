@@ -30,7 +30,9 @@ from triton.language.core import _aggregate as aggregate
 
 LOG2E = 1.4426950408889634
 WG_ROWS = gl.constexpr(64)  # query rows per consumer warpgroup (one m64 wgmma)
-# 128-key tiles in two stages fill 180 KB of shared memory; 64-key tiles measured 545-576 TFLOP/s.
+# 128-key tiles in two stages: 164 KB of shared memory. Measured on the L2 chunks and no better within
+# the 1-4% spread between machines: three stages (230 KB), heavy query tiles launched first, turns not
+# enforced (2026-11-24-h100-hopper-ws-attention-v2.json); 64-key tiles were slower (545-576 TFLOP/s).
 CONFIG = {"block_n": 128, "stages": 2, "pingpong": True, "consumer_regs": 240, "copy_regs": 56}
 # Three warpgroups at launch (consumer, consumer, copy warp + idle): 65,536 / 384 registers each, which
 # the copy warp gives down to COPY_REGS and the consumers take up.
@@ -246,7 +248,11 @@ def _consumer(a, W: gl.constexpr):
     mbarrier.arrive(a.v_empty.index(last % a.STAGES), count=1)
 
     out = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
-    out = gl.convert_layout(out.to(dtype), io_layout)
+    # Through this warpgroup's Q buffer (its last reader, the last S product, is done): a layout
+    # conversion would take a scratch buffer of its own, shared memory the stages need.
+    q_smem.store(out.to(dtype))
+    gl.thread_barrier()
+    out = q_smem.load(io_layout)
     gl.store(a.out_ptr + tok[:, None] * a.stride_o_tok + head[:, None] * a.stride_o_head + dims[None, :], out,
              mask=live)
 
