@@ -53,6 +53,18 @@ def test_hopper_prefill_refuses_what_it_cannot_serve():
     assert not hopper_attention.supports(64, 128, 32, 8, torch.int8)
 
 
+def test_platform_offers_the_kernel_only_on_hopper_and_survives_a_failed_import(monkeypatch):
+    import sys
+
+    from sageinfer.platforms.cuda import CudaPlatform
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (10, 0))
+    assert CudaPlatform().prefill_attention() is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setitem(sys.modules, "sageinfer.platforms.hopper_attention", None)  # import fails
+    assert CudaPlatform().prefill_attention() is None
+
+
 class _FakeLongPrefill:
     """Stands in for a platform kernel: records its calls, answers with `answer` (None = fall back)."""
 

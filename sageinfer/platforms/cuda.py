@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from sageinfer.platforms.base import Platform
+
+logger = logging.getLogger(__name__)
 
 
 class CudaPlatform(Platform):
@@ -37,7 +41,9 @@ class CudaPlatform(Platform):
             return None
         try:
             from sageinfer.platforms.hopper_attention import HopperPrefillAttention
-        except ImportError:  # a Triton without Gluon
+        except Exception as exc:  # noqa: BLE001  (a Triton without Gluon, or with another Gluon API)
+            logger.warning("Hopper prefill attention unavailable, using the portable kernel: %s: %s",
+                           type(exc).__name__, exc)
             return None
         return HopperPrefillAttention()
 
