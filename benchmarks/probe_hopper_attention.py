@@ -10,7 +10,6 @@ portable kernel and was removed (2026-11-24-h100-gluon-prefill-attention.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -26,7 +25,7 @@ from sageinfer.attention.torch_ref import paged_attention_ref  # noqa: E402
 from sageinfer.ops import prefill_attention as portable  # noqa: E402
 from sageinfer.platforms import hopper_attention as hopper_ws  # noqa: E402
 
-from probe_prefill_attention import CASES, D, HKV, HQ  # noqa: E402  (the same workloads)
+from probe_prefill_attention import CASES, D, HKV, HQ, report  # noqa: E402  (the same workloads and table)
 
 
 def run(kind, q, kc, vc, meta, cfg=None):
@@ -81,16 +80,7 @@ def main():
             except Exception as exc:  # noqa: BLE001
                 rows.append({"page": page, "variant": label, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
                 print(f"page {page} {label} failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-    print("\n| page | variant | rel err | " + " | ".join(f"{c} TFLOP/s" for c in CASES) + " |")
-    print("| --- | --- | --- | " + " | ".join("---" for _ in CASES) + " |")
-    for r in rows:
-        if "tflops" in r:
-            rates = " | ".join(f"{x:.0f}" for x in r["tflops"])
-            print(f"| {r['page']} | {r['variant']} | {r['rel_err']:.1e} | {rates} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "triton": triton.__version__, "rows": rows}, f, indent=1)
+    report(rows, args.out, label_columns=("page", "variant"))
 
 
 if __name__ == "__main__":

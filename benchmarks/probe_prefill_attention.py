@@ -99,14 +99,20 @@ def main():
             print(f"sdpa {backend.name:22s} {flops / t / 1e12:6.0f} (chunk 1 shape, contiguous)", flush=True)
         except Exception as exc:
             print(f"sdpa {backend.name} failed: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
-    print("\n| variant | rel err | " + " | ".join(f"{c} TFLOP/s" for c in CASES) + " |")
-    print("| --- | --- | " + " | ".join("---" for _ in CASES) + " |")
+    report(rows, args.out)
+
+
+def report(rows, out, label_columns=("variant",)):
+    """A markdown table of the rows that ran (TFLOP/s per case), and the JSON record if out is given."""
+    heads = [*label_columns, "rel err", *(f"{c} TFLOP/s" for c in CASES)]
+    print("\n| " + " | ".join(heads) + " |")
+    print("|" + " --- |" * len(heads))
     for r in rows:
         if "tflops" in r:
-            print(f"| {r['variant']} | {r.get('rel_err', float('nan')):.1e} | "
-                  + " | ".join(f"{x:.0f}" for x in r["tflops"]) + " |")
-    if args.out:
-        with open(args.out, "w") as f:
+            cells = [str(r[c]) for c in label_columns] + [f"{r.get('rel_err', float('nan')):.1e}"]
+            print("| " + " | ".join(cells + [f"{x:.0f}" for x in r["tflops"]]) + " |")
+    if out:
+        with open(out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "triton": triton.__version__, "rows": rows}, f, indent=1)
 

@@ -96,7 +96,8 @@ class _Args(_ArgFields):
 
 @gluon.jit
 def _page_row(a, key):
-    """Cache row of key `key` (clamped to the sequence's last key, so any key is safe to ask for)."""
+    """Cache row of key `key`, a scalar or a vector (clamped to the sequence's last key, so any key is
+    safe to ask for)."""
     key = gl.minimum(key, a.seq_len - 1)
     return gl.load(a.table + key // a.PAGE_SIZE) * a.PAGE_SIZE + key % a.PAGE_SIZE
 
@@ -112,9 +113,7 @@ def _copy_partial_v(a, smem, tile):
     for c in gl.static_range(a.BLOCK_N // CHUNK):
         key = tile * a.BLOCK_N + c * CHUNK + rows
         live = key < a.seq_len
-        page = gl.load(a.table + gl.minimum(key, a.seq_len - 1) // a.PAGE_SIZE)
-        row = (page * a.PAGE_SIZE + key % a.PAGE_SIZE).to(gl.int64)
-        offs = row[:, None] * width + a.kv_head * a.HEAD_DIM + dims[None, :]
+        offs = _page_row(a, key).to(gl.int64)[:, None] * width + a.kv_head * a.HEAD_DIM + dims[None, :]
         smem.slice(c * CHUNK, CHUNK).store(gl.load(a.v_cache_ptr + offs, mask=live[:, None], other=0.0))
     fence_async_shared()
 
