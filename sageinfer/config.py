@@ -55,6 +55,8 @@ class EngineConfig:
     # more tokens (or up to its max_tokens, if sooner): fewer preemptions, whose recomputation is waste.
     # 0 admits whatever fits now.
     admission_lookahead_tokens: int = 256
+    # Most logprobs a request may ask for per token (vLLM's --max-logprobs); also capped by the vocabulary.
+    max_logprobs: int = 20
 
     def __post_init__(self) -> None:
         if self.tokenizer is None:
@@ -75,6 +77,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be auto, fp8 or int8, got {self.kv_cache_dtype!r}")
         if self.admission_lookahead_tokens < 0:
             raise ValueError(f"admission_lookahead_tokens must be >= 0, got {self.admission_lookahead_tokens}")
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if self.kv_offload_gb < 0:
             raise ValueError(f"kv_offload_gb must be >= 0, got {self.kv_offload_gb}")
         if self.kv_offload_gb > 0 and not self.enable_prefix_caching:

@@ -21,7 +21,7 @@ class LLM:
                  num_gpu_blocks_override: int | None = None, kv_cache_memory_bytes: int | None = None,
                  device: str | None = None, enforce_eager: bool = False, attention_backend: str | None = None,
                  async_scheduling: bool = True, kv_cache_dtype: str = "auto", kv_offload_gb: float = 0.0,
-                 admission_lookahead_tokens: int = 256, show_progress: bool = True):
+                 admission_lookahead_tokens: int = 256, max_logprobs: int = 20, show_progress: bool = True):
         config = EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
             block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -31,7 +31,7 @@ class LLM:
             num_gpu_blocks_override=num_gpu_blocks_override, kv_cache_memory_bytes=kv_cache_memory_bytes,
             device=device, enforce_eager=enforce_eager, async_scheduling=async_scheduling,
             kv_cache_dtype=kv_cache_dtype, kv_offload_gb=kv_offload_gb,
-            admission_lookahead_tokens=admission_lookahead_tokens)
+            admission_lookahead_tokens=admission_lookahead_tokens, max_logprobs=max_logprobs)
         self.engine = LLMEngine(config, show_progress=show_progress, attention_backend=attention_backend)
         self._ids = itertools.count()
 
@@ -52,7 +52,9 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts")
-        # Validate every prompt before any runs, so one bad prompt doesn't leave others queued.
+        # Validate every prompt and its params before any runs, so one bad one doesn't leave others queued.
+        for params in params_list:
+            self.engine.check_sampling_params(params)
         for prompt in prompts:
             _, ids = self.engine.tokenize_prompt(prompt)
             if not ids or len(ids) > self.engine.config.max_model_len:
@@ -66,6 +68,8 @@ class LLM:
             request_id = str(next(self._ids))
             order[request_id] = len(order)
             self.engine.add_request(request_id, prompt, params)
+        # A request whose own processing failed comes back finished, with finish_reason "error" and
+        # output.error saying why; the others are unaffected.
         results: list[RequestOutput | None] = [None] * len(prompts)
         with tqdm(total=len(prompts), desc="Generating", unit="req", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():

@@ -22,7 +22,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None = None
     logprobs: SampleLogprobs | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
 
     def finished(self) -> bool:
@@ -38,3 +38,4 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     queue_time: float | None = None  # seconds from arrival to first scheduling
+    error: str | None = None  # why the request failed (finish_reason "error"); the engine went on

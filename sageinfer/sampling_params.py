@@ -2,9 +2,18 @@
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+_INT_FIELDS = ("n", "top_k", "min_tokens")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass
@@ -43,13 +52,20 @@ class SamplingParams:
         def bad(name: str, value, allowed: str) -> ValueError:
             return ValueError(f"{name} must be {allowed}, got {value!r}")
 
-        if not isinstance(self.n, int) or self.n < 1:
+        for name in _FLOAT_FIELDS:  # NaN passes every range check below, so refuse it first
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+                raise bad(name, value, "a finite number")
+        for name in _INT_FIELDS:
+            if not _is_int(getattr(self, name)):
+                raise bad(name, getattr(self, name), "an integer")
+        if self.n < 1:
             raise bad("n", self.n, "an integer >= 1")
         if self.temperature < 0.0:
             raise bad("temperature", self.temperature, ">= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", self.top_p, "in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if self.top_k < 0:
             raise bad("top_k", self.top_k, "-1, 0 (disabled) or a positive integer")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", self.min_p, "in [0, 1]")
@@ -59,19 +75,20 @@ class SamplingParams:
             raise bad("frequency_penalty", self.frequency_penalty, "in [-2, 2]")
         if self.repetition_penalty <= 0.0:
             raise bad("repetition_penalty", self.repetition_penalty, "> 0")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", self.max_tokens, "an integer >= 1")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if self.min_tokens < 0:
             raise bad("min_tokens", self.min_tokens, "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", self.min_tokens, f"<= max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             raise bad("logprobs", self.logprobs, "an integer >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", self.seed, "an integer")
+        # Sample i of n draws with seed + i, which must still be a 64-bit generator seed.
+        if self.seed is not None and (not _is_int(self.seed) or not _INT64_MIN <= self.seed <= _INT64_MAX - self.n + 1):
+            raise bad("seed", self.seed, f"an integer in [{_INT64_MIN}, {_INT64_MAX - self.n + 1}]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", self.stop, "non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "non-negative integers")
 
     @property

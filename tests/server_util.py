@@ -17,34 +17,40 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model_dir: str, *extra: str, api_key: str | None = "sk-test"):
+    def __init__(self, model_dir: str, *extra: str, api_key: str | None = "sk-test", env: dict | None = None,
+                 startup_seconds: float = 300):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         args = [sys.executable, "-m", "sageinfer.gateway.cli", "serve", model_dir, "--port", str(self.port),
                 "--dtype", "float32", "--num-gpu-blocks-override", "400", "--served-model-name", "tiny", *extra]
-        if api_key:
+        if api_key and not (env and "SAGEINFER_API_KEY" in env):
             args += ["--api-key", api_key]
         self.log = open(os.path.join(os.path.dirname(model_dir), f"server-{self.port}.log"), "w")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + startup_seconds
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log.name}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log:\n{self.log_tail()}")
             try:
                 if httpx.get(self.base_url + "/health", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.3)
         self.stop()
-        raise RuntimeError("server did not become healthy in time")
+        raise RuntimeError(f"server did not become healthy in {startup_seconds} s; log:\n{self.log_tail()}")
+
+    def log_tail(self, num_chars: int = 3000) -> str:
+        self.log.flush()
+        with open(self.log.name) as f:
+            return f.read()[-num_chars:]
 
     @property
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def metrics(self) -> dict[str, float]:
-        text = httpx.get(self.base_url + "/metrics", timeout=10).text
+        text = httpx.get(self.base_url + "/metrics", headers=self.headers, timeout=10).text
         values = {}
         for line in text.splitlines():
             if line and not line.startswith("#") and "{" not in line:

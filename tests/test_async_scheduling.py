@@ -39,7 +39,7 @@ def test_async_and_sync_steps_give_identical_outputs(llama_dir):
 
 
 def test_async_with_preemption_and_tiny_chunks_gives_identical_outputs(llama_dir):
-    kwargs = dict(num_gpu_blocks_override=16, max_model_len=200, max_num_batched_tokens=24,
+    kwargs = dict(num_gpu_blocks_override=16, block_size=16, max_model_len=200, max_num_batched_tokens=24,
                   admission_lookahead_tokens=0)  # admit greedily: preemptions must happen
     _, sync = _run(llama_dir, False, **kwargs)
     llm, asyn = _run(llama_dir, True, **kwargs)

@@ -45,7 +45,7 @@ def test_preemption_under_tiny_kv_cache_keeps_output_correct(model_dirs):
     model_dir = model_dirs["qwen2"]
     prompts = _prompts([40, 60, 80, 100, 120, 30], seed=11)
     # 19 usable blocks of 16 tokens = 304 tokens for ~430 prompt + 6*24 output tokens: must preempt.
-    llm, outs = _generate(model_dir, prompts, max_tokens=24, num_gpu_blocks_override=20, max_model_len=256,
+    llm, outs = _generate(model_dir, prompts, max_tokens=24, num_gpu_blocks_override=20, block_size=16, max_model_len=256,
                           enable_prefix_caching=False, admission_lookahead_tokens=0)
     assert llm.engine.scheduler.num_preemptions > 0
     for prompt, out in zip(prompts, outs):
@@ -56,7 +56,7 @@ def test_preemption_under_tiny_kv_cache_keeps_output_correct(model_dirs):
 def test_preemption_with_prefix_caching_keeps_output_correct(model_dirs):
     model_dir = model_dirs["llama"]
     prompts = _prompts([40, 60, 80, 100, 120, 30], seed=12)
-    llm, outs = _generate(model_dir, prompts, max_tokens=24, num_gpu_blocks_override=20, max_model_len=256,
+    llm, outs = _generate(model_dir, prompts, max_tokens=24, num_gpu_blocks_override=20, block_size=16, max_model_len=256,
                           max_num_batched_tokens=64, admission_lookahead_tokens=0)
     assert llm.engine.scheduler.num_preemptions > 0
     for prompt, out in zip(prompts, outs):

@@ -101,7 +101,7 @@ def test_shared_prefix_is_prefilled_once_and_outputs_are_unchanged(llama_dir):
 def test_eviction_under_memory_pressure_keeps_outputs_correct(llama_dir):
     prompts = _prompts([40, 70, 20, 90, 55, 33], seed=3, prefix=list(range(3, 35)))
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
-    small = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=18, max_model_len=200,
+    small = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=18, block_size=16, max_model_len=200,
                 max_num_batched_tokens=48, show_progress=False)
     big = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=512, enable_prefix_caching=False,
               show_progress=False)

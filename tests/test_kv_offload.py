@@ -12,7 +12,7 @@ def _run_sequence(model_dir, offload_gb):
     first = prefix + rng.integers(3, 500, size=30).tolist()
     fillers = [rng.integers(3, 500, size=150).tolist() for _ in range(3)]
     again = prefix + rng.integers(3, 500, size=40).tolist()
-    llm = LLM(model_dir, dtype="float32", num_gpu_blocks_override=24, max_model_len=300, show_progress=False,
+    llm = LLM(model_dir, dtype="float32", num_gpu_blocks_override=24, block_size=16, max_model_len=300, show_progress=False,
               kv_offload_gb=offload_gb)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     outs = [llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0] for p in [first] + fillers]
@@ -44,7 +44,7 @@ def test_offload_needs_prefix_caching(llama_dir):
 def _load_count(model_dir, num_requests):
     rng = np.random.default_rng(43)
     prefix = rng.integers(3, 500, size=96).tolist()
-    llm = LLM(model_dir, dtype="float32", num_gpu_blocks_override=20, max_model_len=300, show_progress=False,
+    llm = LLM(model_dir, dtype="float32", num_gpu_blocks_override=20, block_size=16, max_model_len=300, show_progress=False,
               kv_offload_gb=1 / 1024)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     llm.generate({"prompt_token_ids": prefix + [7, 8]}, params, use_tqdm=False)

@@ -107,10 +107,12 @@ def test_logprobs_match_transformers(llm, llama_dir):
     out = _greedy(llm, {"prompt_token_ids": prompt}, max_tokens=5, logprobs=3, ignore_eos=True)
     assert len(out.logprobs) == 5
     ref = hf_logits(llama_dir, prompt + out.token_ids[:-1]).log_softmax(-1)
+    # float32 on the CPU agrees to rounding; GPU matmuls reduce in another order (and may use TF32).
+    tolerance = 1e-4 if llm.engine.platform.device_type == "cpu" else 3e-3
     for step, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
         row = ref[len(prompt) - 1 + step]
         assert token in entry and entry[token].rank == 1
-        assert abs(entry[token].logprob - row[token].item()) < 1e-4
+        assert abs(entry[token].logprob - row[token].item()) < tolerance
         top = row.topk(3)
         assert set(top.indices.tolist()) <= set(entry)
     assert out.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(out.token_ids, out.logprobs)))

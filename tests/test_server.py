@@ -166,14 +166,16 @@ def test_invalid_json_and_wrong_key(server):
 def test_models_tokenize_detokenize(server, offline):
     models = httpx.get(server.base_url + "/v1/models", headers=server.headers, timeout=30).json()
     assert models["data"][0]["id"] == "tiny"
-    ids = httpx.post(server.base_url + "/tokenize", json={"prompt": "你好，世界"}, timeout=30).json()["tokens"]
+    ids = httpx.post(server.base_url + "/tokenize", json={"prompt": "你好，世界"}, headers=server.headers,
+                     timeout=30).json()["tokens"]
     assert ids == offline.get_tokenizer().encode("你好，世界")
-    text = httpx.post(server.base_url + "/detokenize", json={"tokens": ids}, timeout=30).json()["prompt"]
+    text = httpx.post(server.base_url + "/detokenize", json={"tokens": ids}, headers=server.headers,
+                      timeout=30).json()["prompt"]
     assert text == "你好，世界"
 
 
 def test_metrics_are_exposed_with_the_sageinfer_prefix(server):
-    text = httpx.get(server.base_url + "/metrics", timeout=30).text
+    text = httpx.get(server.base_url + "/metrics", headers=server.headers, timeout=30).text
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_hit_rate",
                  "prompt_tokens_total", "generation_tokens_total", "num_preemptions_total",
                  "time_to_first_token_seconds_bucket", "time_per_output_token_seconds_bucket",

@@ -32,6 +32,7 @@ class _ParentRequest:
     children: list[Request]
     detokenizers: list[IncrementalDetokenizer | None]
     arrival_time: float = field(default_factory=time.monotonic)
+    error: str | None = None  # set when its own processing failed
 
 
 @dataclass
@@ -115,11 +116,20 @@ class LLMEngine:
             return prompt.get("prompt"), list(ids)
         raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
 
+    def check_sampling_params(self, params: SamplingParams) -> None:
+        """Limits that depend on the engine and the model, beyond SamplingParams' own checks."""
+        if params.logprobs is not None:
+            limit = min(self.config.max_logprobs, self.model_config.vocab_size)
+            if params.logprobs > limit:
+                raise ValueError(f"logprobs must be at most {limit} (max_logprobs {self.config.max_logprobs}, "
+                                 f"vocabulary {self.model_config.vocab_size}), got {params.logprobs}")
+
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
+        self.check_sampling_params(params)
         prompt_text, prompt_ids = self.tokenize_prompt(prompt)
         max_len = self.config.max_model_len
         if not prompt_ids:
@@ -200,21 +210,34 @@ class LLMEngine:
             parent = self.requests.get(request.parent_id)
             if request.is_finished or parent is None:
                 continue
+            touched[parent.request_id] = parent
             request.resolve_placeholder(index, token)
             self.kv_manager.cache_full_blocks(request)
             self.num_generated_tokens += 1
-            if logprobs is not None and request.sampling_params.logprobs is not None:
-                k = request.sampling_params.logprobs
-                request.logprobs.append((lp_ids[row][:k + 1], logprobs[row][:k + 1], ranks[row]))
-                request.cumulative_logprob += logprobs[row][0]
-            detok = parent.detokenizers[request.index]
-            self._check_stop(request, detok, token, index - request.num_prompt_tokens + 1)
-            if request.is_finished:
-                request.truncate_after(index)
-                if detok is not None and request.finish_reason != "stop":
-                    detok.flush()
-            touched[parent.request_id] = parent
+            # What follows depends on this request alone (its text, stop strings, logprobs): a failure
+            # here fails this request, not the engine.
+            try:
+                detok = parent.detokenizers[request.index]
+                if logprobs is not None and request.sampling_params.logprobs is not None:
+                    k = request.sampling_params.logprobs
+                    request.logprobs.append(_logprob_entry(lp_ids[row][:k + 1], logprobs[row][:k + 1], ranks[row],
+                                                           detok))
+                    request.cumulative_logprob += logprobs[row][0]
+                self._check_stop(request, detok, token, index - request.num_prompt_tokens + 1)
+                if request.is_finished:
+                    request.truncate_after(index)
+                    if detok is not None and request.finish_reason != "stop":
+                        detok.flush()
+            except Exception as exc:  # noqa: BLE001 - reported on the request
+                self._fail(parent, exc)
         return [self._make_output(p) for p in touched.values()]
+
+    def _fail(self, parent: _ParentRequest, exc: BaseException) -> None:
+        """End every sample of a request whose own processing raised; the engine goes on."""
+        logger.exception("request %s failed", parent.request_id, exc_info=exc)
+        parent.error = f"{type(exc).__name__}: {exc}"
+        for child in parent.children:
+            self.scheduler.finish(child, "error")
 
     def _check_stop(self, request: Request, detok: IncrementalDetokenizer | None, token: int,
                     num_output: int) -> None:
@@ -235,11 +258,12 @@ class LLMEngine:
     def _make_output(self, parent: _ParentRequest) -> RequestOutput:
         outputs = []
         for child, detok in zip(parent.children, parent.detokenizers):
+            wants_logprobs = child.sampling_params.logprobs is not None
             outputs.append(CompletionOutput(
                 index=child.index, text=detok.text if detok is not None else "",
                 token_ids=list(child.output_token_ids),
-                cumulative_logprob=child.cumulative_logprob if child.sampling_params.logprobs is not None else None,
-                logprobs=self._logprobs(child, detok) if child.sampling_params.logprobs is not None else None,
+                cumulative_logprob=child.cumulative_logprob if wants_logprobs else None,
+                logprobs=list(child.logprobs) if wants_logprobs else None,
                 finish_reason=child.finish_reason, stop_reason=child.stop_reason))
         finished = all(c.is_finished for c in parent.children)
         if finished:
@@ -248,20 +272,7 @@ class LLMEngine:
         queue_time = (first.first_scheduled_time - first.arrival_time
                       if first.first_scheduled_time is not None else None)
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
-                             num_cached_tokens=first.num_cached_tokens, queue_time=queue_time)
-
-    @staticmethod
-    def _logprobs(request: Request, detok: IncrementalDetokenizer | None) -> list[dict[int, Logprob]]:
-        result = []
-        for ids, values, sampled_rank in request.logprobs:
-            entry = {}
-            for j, (tid, lp) in enumerate(zip(ids, values)):
-                if tid in entry:
-                    continue
-                entry[tid] = Logprob(lp, sampled_rank if j == 0 else j,
-                                     detok.decode_token(tid) if detok is not None else None)
-            result.append(entry)
-        return result
+                             num_cached_tokens=first.num_cached_tokens, queue_time=queue_time, error=parent.error)
 
     def get_stats(self) -> EngineStats:
         return EngineStats(
@@ -270,6 +281,17 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             num_prompt_tokens_computed=self.num_prompt_tokens_computed,
             num_generated_tokens=self.num_generated_tokens)
+
+
+def _logprob_entry(ids: list[int], values: list[float], sampled_rank: int,
+                   detok: IncrementalDetokenizer | None) -> dict[int, Logprob]:
+    """One position's logprobs, built once when its token is read (not again on every step):
+    the sampled token first (with its rank), then the top k by rank."""
+    entry = {}
+    for j, (tid, lp) in enumerate(zip(ids, values)):
+        if tid not in entry:
+            entry[tid] = Logprob(lp, sampled_rank if j == 0 else j, detok.decode_token(tid) if detok is not None else None)
+    return entry
 
 
 def _load_tokenizer(path: str):

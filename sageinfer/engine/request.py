@@ -43,7 +43,7 @@ class Request:
         self.generator = generator
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
-        self.logprobs: list = []        # per output token: list of (token_id, logprob, rank)
+        self.logprobs: list = []        # per output token: {token_id: Logprob}, sampled token first
         self.cumulative_logprob = 0.0
         # A sibling of an n > 1 request waits for this one to compute the shared prompt.
         self.leader: "Request | None" = None

@@ -5,27 +5,35 @@ import asyncio
 import json
 import time
 import uuid
-from typing import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sageinfer.engine.async_engine import AsyncEngine, EngineDead, EngineOverloaded
+from sageinfer.engine.async_engine import (AsyncEngine, EngineDead, EngineOverloaded, RequestFailed, RequestStream,
+                                           ServerShuttingDown)
 from sageinfer.gateway import openai_format as fmt
+from sageinfer.gateway.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, error_body
 from sageinfer.gateway.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                         TokenizeRequest)
+
+# Exceptions that end a request with an OpenAI error: (HTTP status, error type).
+_ERROR_STATUS: dict[type, tuple[int, str]] = {
+    ValueError: (400, "BadRequestError"),
+    EngineOverloaded: (503, "ServiceUnavailableError"),
+    ServerShuttingDown: (503, "ServiceUnavailableError"),
+    RequestFailed: (500, "InternalServerError"),
+    EngineDead: (500, "InternalServerError"),
+}
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "BadRequestError"):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
-
-
-def _error_body(status: int, message: str, kind: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
 def _param_of(message: str) -> str | None:
@@ -35,16 +43,31 @@ def _param_of(message: str) -> str | None:
 
 
 class OpenAIServer:
-    def __init__(self, engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
-                 chat_template: str | None = None):
+    def __init__(self, engine: AsyncEngine, served_model_name: str, chat_template: str | None = None):
         self.engine = engine
         self.core = engine.engine
         self.tokenizer = self.core.tokenizer
         self.model_name = served_model_name
-        self.api_key = api_key
         if chat_template is not None and self.tokenizer is not None:
             self.tokenizer.chat_template = chat_template
         self.created = int(time.time())
+        # Tokenizing, chat templates and decoding run here, off the event loop (a long prompt must not
+        # stall /health or other requests). One thread: HF tokenizers are not safe to share between
+        # threads that encode at once.
+        self.tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sageinfer-tokenizer")
+        # No token covers more characters than the longest vocabulary entry, so a text longer than this
+        # has more tokens than the context holds; twice the bound leaves room for normalizers.
+        longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1) if self.tokenizer else 1
+        self.max_prompt_chars = 2 * longest * self.core.config.max_model_len
+
+    async def in_tokenizer_thread(self, fn: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, fn, *args)
+
+    def _check_text_length(self, num_chars: int, param: str) -> None:
+        """Refuse, before tokenizing it, a text that cannot fit the context whatever its tokens."""
+        if num_chars > self.max_prompt_chars:
+            raise APIError(400, f"the {param} has {num_chars} characters, more than any prompt of "
+                                f"{self.core.config.max_model_len} tokens (max_model_len) can have", param)
 
     # ---- request checks -----------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -56,6 +79,8 @@ class OpenAIServer:
         """Token ids (and text) of each prompt, checked against the context length."""
         encoded = []
         for prompt in prompts:
+            if isinstance(prompt, str):
+                self._check_text_length(len(prompt), "prompt")
             try:
                 text, ids = self.core.tokenize_prompt(prompt)
             except ValueError as exc:
@@ -79,6 +104,7 @@ class OpenAIServer:
             raise APIError(400, "the model has no chat template; start the server with --chat-template FILE",
                            "messages")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        self._check_text_length(sum(len(m["content"]) for m in messages), "messages")
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                       add_generation_prompt=req.add_generation_prompt)
@@ -89,20 +115,30 @@ class OpenAIServer:
         return {"prompt_token_ids": ids, "prompt": text}
 
     # ---- generation -------------------------------------------------------------------------
-    async def merged(self, prompts: list[dict], params, request_id: str) -> AsyncIterator[tuple[int, object]]:
-        """Outputs of several prompts' requests as they come: (prompt index, RequestOutput)."""
+    def start(self, prompts: list[dict], params, request_id: str) -> list[RequestStream]:
+        """Admit a request's prompts (x n) as a whole or not at all; no await in here, so no other
+        request is admitted between the check and the hand-off."""
+        self.core.check_sampling_params(params)
+        self.engine.check_accepting(len(prompts) * params.n)
+        return [self.engine.add(p["prompt_token_ids"], params, f"{request_id}-{i}", p["prompt"])
+                for i, p in enumerate(prompts)]
+
+    @staticmethod
+    async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, object]]:
+        """Outputs of several prompts' requests as they come: (prompt index, RequestOutput). Leaving
+        early (an error, a disconnect) aborts all of them."""
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(i: int, prompt: dict):
+        async def pump(i: int, stream: RequestStream):
             try:
-                async for out in self.engine.generate(prompt, params, f"{request_id}-{i}"):
+                async for out in stream:
                     await queue.put((i, out))
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
                 await queue.put((i, exc))
             finally:
                 await queue.put((i, None))
 
-        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prompts)]
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         remaining = len(tasks)
         try:
             while remaining:
@@ -114,6 +150,8 @@ class OpenAIServer:
                 else:
                     yield i, item
         finally:
+            for stream in streams:
+                stream.abort()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -122,16 +160,21 @@ class OpenAIServer:
         self.check_model(req.model)
         try:
             params = req.sampling_params()
-            prompts = self.encode_prompts(req.prompts())
+            raw_prompts = req.prompts()
         except ValueError as exc:
             raise APIError(400, str(exc), _param_of(str(exc))) from exc
-        self.engine.check_accepting(len(prompts) * params.n)
+        self.engine.check_accepting(len(raw_prompts) * params.n)  # refuse early what cannot be taken
+        prompts = await self.in_tokenizer_thread(self.encode_prompts, raw_prompts)
+        echo_text = [""] * len(prompts)
+        if req.echo:
+            echo_text = await self.in_tokenizer_thread(
+                lambda: [p["prompt"] or self._decode(p["prompt_token_ids"]) for p in prompts])
         request_id = f"cmpl-{uuid.uuid4().hex}"
+        streams = self.start(prompts, params, request_id)
         n = params.n
         k = req.logprobs or 0
         base = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": self.model_name}
         prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
-        echo_text = [(p["prompt"] or self._decode(p["prompt_token_ids"])) if req.echo else "" for p in prompts]
 
         def choice(i: int, c, text: str, start: int, end: int, finished: bool) -> dict:
             return {"index": i * n + c.index, "text": text,
@@ -144,7 +187,7 @@ class OpenAIServer:
                 tracker = fmt.DeltaTracker(max((len(s) for s in params.stop), default=1) - 1,
                                            req.logprobs is not None or self.tokenizer is None)
                 completion_tokens = 0
-                async for i, out in self.merged(prompts, params, request_id):
+                async for i, out in self.merged(streams):
                     for c in out.outputs:
                         index = i * n + c.index
                         first = index not in tracker.sent_tokens
@@ -159,9 +202,9 @@ class OpenAIServer:
                 if req.stream_options and req.stream_options.include_usage:
                     yield _sse({**base, "choices": [], "usage": fmt.usage(prompt_tokens, completion_tokens)})
                 yield "data: [DONE]\n\n"
-            return StreamingResponse(_with_error_event(events()), media_type="text/event-stream")
+            return _EngineStream(_with_error_event(events()), streams)
 
-        finals = await self._collect(prompts, params, request_id, raw)
+        finals = await self._collect(streams, raw)
         choices, completion_tokens = [], 0
         for i, out in enumerate(finals):
             for c in out.outputs:
@@ -176,9 +219,10 @@ class OpenAIServer:
             params = req.sampling_params(None)
         except ValueError as exc:
             raise APIError(400, str(exc), _param_of(str(exc))) from exc
-        prompt = self.chat_prompt(req)
         self.engine.check_accepting(params.n)
+        prompt = await self.in_tokenizer_thread(self.chat_prompt, req)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = self.start([prompt], params, request_id)
         k = req.top_logprobs or 0
         base = {"id": request_id, "created": int(time.time()), "model": self.model_name}
         prompt_tokens = len(prompt["prompt_token_ids"])
@@ -192,7 +236,7 @@ class OpenAIServer:
                     yield _sse({**base, "object": "chat.completion.chunk", "choices": [
                         {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None}]})
-                async for _, out in self.merged([prompt], params, request_id):
+                async for _, out in self.merged(streams):
                     for c in out.outputs:
                         d = tracker.delta(c.index, c)
                         if d is None:
@@ -208,45 +252,77 @@ class OpenAIServer:
                     yield _sse({**base, "object": "chat.completion.chunk", "choices": [],
                                 "usage": fmt.usage(prompt_tokens, completion_tokens)})
                 yield "data: [DONE]\n\n"
-            return StreamingResponse(_with_error_event(events()), media_type="text/event-stream")
+            return _EngineStream(_with_error_event(events()), streams)
 
-        (out,) = await self._collect([prompt], params, request_id, raw)
+        (out,) = await self._collect(streams, raw)
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": fmt.chat_logprobs(c, 0, len(c.token_ids), k) if req.logprobs else None,
                     "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
         return {**base, "object": "chat.completion", "choices": choices,
                 "usage": fmt.usage(prompt_tokens, sum(len(c.token_ids) for c in out.outputs))}
 
-    async def _collect(self, prompts: list[dict], params, request_id: str, raw: Request) -> list:
-        """Final outputs of all prompts; aborted if the client disconnects first."""
-        finals: list = [None] * len(prompts)
+    async def _collect(self, streams: list[RequestStream], raw: Request) -> list:
+        """Final outputs of all prompts; aborted as soon as the client disconnects."""
+        finals: list = [None] * len(streams)
 
         async def gather():
-            async for i, out in self.merged(prompts, params, request_id):
+            async for i, out in self.merged(streams):
                 finals[i] = out
 
-        task = asyncio.create_task(gather())
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.5)
-            if not task.done() and await raw.is_disconnected():
+        async def client_gone():
+            while (await raw.receive())["type"] != "http.disconnect":
+                await asyncio.sleep(0.01)
+
+        work, watch = asyncio.create_task(gather()), asyncio.create_task(client_gone())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, watch):
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                raise APIError(499, "client disconnected", kind="ClientDisconnected")
-        task.result()
+            await asyncio.gather(work, watch, return_exceptions=True)
+            for stream in streams:
+                stream.abort()
+        if not work.done() or work.cancelled():
+            raise APIError(499, "client disconnected", kind="ClientDisconnected")
+        work.result()
         return finals
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
 
+class _EngineStream(StreamingResponse):
+    """An SSE response that aborts its engine requests however it ends, also if it never started
+    (the client was gone before the headers went out)."""
+
+    def __init__(self, events: AsyncIterator[str], streams: list[RequestStream]):
+        super().__init__(events, media_type="text/event-stream")
+        self.streams = streams
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for stream in self.streams:
+                stream.abort()
+
+
+def _status_of(exc: BaseException) -> tuple[int, str]:
+    for kind, status in _ERROR_STATUS.items():
+        if isinstance(exc, kind):
+            return status
+    return 500, "InternalServerError"
+
+
 async def _with_error_event(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Once a stream has started its status is sent; a failure after that becomes an error event."""
+    """Once a stream has started its status is sent; a failure after that becomes an OpenAI error
+    event, and the stream still ends with [DONE]."""
     try:
         async for event in events:
             yield event
-    except (ValueError, EngineDead, EngineOverloaded) as exc:
-        status = 400 if isinstance(exc, ValueError) else 500
-        yield _sse(_error_body(status, str(exc), type(exc).__name__))
+    except Exception as exc:  # noqa: BLE001 - every failure is reported to the client
+        status, kind = _status_of(exc)
+        yield _sse(error_body(status, str(exc) or type(exc).__name__, kind))
         yield "data: [DONE]\n\n"
 
 
@@ -254,53 +330,47 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def build_app(server: OpenAIServer) -> FastAPI:
+def build_app(server: OpenAIServer, api_key: str | None = None, public_metrics: bool = False,
+              max_request_body_bytes: int = 32 * 2**20) -> FastAPI:
     app = FastAPI(title="sageInfer", docs_url=None, redoc_url=None)
-
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if server.api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization") != f"Bearer {server.api_key}":
-                return JSONResponse(_error_body(401, "Invalid or missing API key.", "AuthenticationError"),
-                                    status_code=401)
-        return await call_next(request)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_body_bytes)
+    if api_key:  # added last, so it runs first: no body is read for a caller without the key
+        app.add_middleware(APIKeyMiddleware, api_key=api_key,
+                           public_paths=("/health", "/metrics") if public_metrics else ("/health",))
 
     @app.exception_handler(APIError)
     async def api_error(_, exc: APIError):
-        return JSONResponse(_error_body(exc.status, exc.message, exc.kind, exc.param), status_code=exc.status)
+        return JSONResponse(error_body(exc.status, exc.message, exc.kind, exc.param), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {}
         if first.get("type") == "json_invalid":
-            return JSONResponse(_error_body(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
-                                            "BadRequestError"), status_code=400)
+            return JSONResponse(error_body(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
+                                           "BadRequestError"), status_code=400)
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         message = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
                             for e in errors[:5])
-        return JSONResponse(_error_body(400, message or "invalid request", "BadRequestError",
-                                        ".".join(loc) or None), status_code=400)
+        return JSONResponse(error_body(400, message or "invalid request", "BadRequestError",
+                                       ".".join(loc) or None), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, exc: StarletteHTTPException):
-        return JSONResponse(_error_body(exc.status_code, str(exc.detail), "HTTPError"), status_code=exc.status_code)
+        kind = "RequestTooLarge" if exc.status_code == 413 else "HTTPError"
+        return JSONResponse(error_body(exc.status_code, str(exc.detail), kind), status_code=exc.status_code)
 
-    @app.exception_handler(EngineOverloaded)
-    async def overloaded(_, exc: EngineOverloaded):
-        return JSONResponse(_error_body(503, str(exc), "ServiceUnavailableError"), status_code=503)
-
-    @app.exception_handler(EngineDead)
-    async def dead(_, exc: EngineDead):
-        return JSONResponse(_error_body(500, str(exc), "InternalServerError"), status_code=500)
-
-    @app.exception_handler(ValueError)
-    async def value_error(_, exc: ValueError):
-        return JSONResponse(_error_body(400, str(exc), "BadRequestError", _param_of(str(exc))), status_code=400)
+    for error_type in _ERROR_STATUS:
+        @app.exception_handler(error_type)
+        async def engine_error(_, exc: Exception):
+            status, kind = _status_of(exc)
+            param = _param_of(str(exc)) if status == 400 else None
+            return JSONResponse(error_body(status, str(exc), kind, param), status_code=status)
 
     @app.get("/health")
     async def health():
-        return Response(status_code=500 if server.engine.error is not None else 200)
+        healthy = server.engine.error is None and not server.engine.draining
+        return Response(status_code=200 if healthy else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -326,9 +396,12 @@ def build_app(server: OpenAIServer) -> FastAPI:
         if server.tokenizer is None:
             raise APIError(400, "the server runs without a tokenizer", "prompt")
         if req.messages is not None:
-            ids = server.chat_prompt(ChatCompletionRequest(messages=req.messages))["prompt_token_ids"]
+            chat_request = ChatCompletionRequest(messages=req.messages)
+            ids = (await server.in_tokenizer_thread(server.chat_prompt, chat_request))["prompt_token_ids"]
         elif req.prompt is not None:
-            ids = server.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            server._check_text_length(len(req.prompt), "prompt")
+            ids = await server.in_tokenizer_thread(
+                lambda: server.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
         else:
             raise APIError(400, "give prompt or messages", "prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": server.core.config.max_model_len}
@@ -341,6 +414,6 @@ def build_app(server: OpenAIServer) -> FastAPI:
         vocab = server.core.model_config.vocab_size
         if any(not 0 <= t < vocab for t in req.tokens):
             raise APIError(400, f"tokens must be ids in [0, {vocab})", "tokens")
-        return {"prompt": server.tokenizer.decode(req.tokens)}
+        return {"prompt": await server.in_tokenizer_thread(server.tokenizer.decode, req.tokens)}
 
     return app

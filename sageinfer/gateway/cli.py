@@ -77,10 +77,15 @@ def _serve(args: argparse.Namespace) -> int:
     from sageinfer.engine.async_engine import AsyncEngine
     from sageinfer.engine.engine import LLMEngine
     from sageinfer.gateway.api_server import OpenAIServer, build_app
+    from sageinfer.gateway.http_server import EngineServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.model_positional:
         args.model = args.model_positional
+    # The key from the environment keeps it out of the process list.
+    api_key = args.api_key or os.environ.get("SAGEINFER_API_KEY") or None
+    if args.max_request_body_bytes < 1024:
+        raise ValueError(f"--max-request-body-bytes must be >= 1024, got {args.max_request_body_bytes}")
     kwargs = engine_kwargs(args)
     attention_backend = kwargs.pop("attention_backend")
     engine = LLMEngine(EngineConfig(**kwargs), attention_backend=attention_backend)
@@ -94,35 +99,16 @@ def _serve(args: argparse.Namespace) -> int:
             chat_template = f.read()
     async_engine = AsyncEngine(engine, max_waiting_requests=args.max_waiting_requests)
     name = args.served_model_name or os.path.basename(os.path.normpath(kwargs["model"]))
-    app = build_app(OpenAIServer(async_engine, name, args.api_key, chat_template))
-    # SIGTERM: uvicorn stops accepting, lets open requests finish (up to the grace period, after which
-    # their streams are cancelled and the requests aborted), then the engine thread stops; exit 0.
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=args.shutdown_grace_seconds)
-    _graceful_server_class()(config).run()
+    app = build_app(OpenAIServer(async_engine, name, chat_template), api_key=api_key,
+                    public_metrics=args.public_metrics, max_request_body_bytes=args.max_request_body_bytes)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    server = EngineServer(config, async_engine, grace_seconds=args.shutdown_grace_seconds)
+    async_engine.on_dead = server.stop_on_dead_engine
+    if async_engine.error is not None:  # died before the callback was set
+        server.stop_on_dead_engine(async_engine.error)
+    server.run()
     async_engine.shutdown()
-    return 0
-
-
-def _graceful_server_class():
-    import contextlib
-    import signal
-
-    import uvicorn
-
-    class GracefulServer(uvicorn.Server):
-        """uvicorn re-raises SIGTERM after its graceful shutdown (exit by signal); a server that
-        shut down cleanly should exit 0 instead."""
-
-        @contextlib.contextmanager
-        def capture_signals(self):
-            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for sig, handler in original.items():
-                    signal.signal(sig, handler)
-    return GracefulServer
+    return server.exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model_positional", nargs="?", default=None, metavar="MODEL")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None)
+    serve.add_argument("--api-key", default=None,
+                       help="require this key on every route but /health (default: $SAGEINFER_API_KEY)")
+    serve.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
+    serve.add_argument("--max-request-body-bytes", type=int, default=32 * 2**20,
+                       help="larger request bodies get HTTP 413")
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--chat-template", default=None, help="a Jinja chat template file")
     serve.add_argument("--max-waiting-requests", type=int, default=1024,

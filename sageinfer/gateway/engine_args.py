@@ -30,6 +30,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
     g.add_argument("--kv-offload-gb", type=float, default=0.0, help="host memory for evicted KV blocks")
     g.add_argument("--admission-lookahead-tokens", type=int, default=256,
                    help="admit a waiting request only while running ones keep room for this many more tokens")
+    g.add_argument("--max-logprobs", type=int, default=20, help="most logprobs a request may ask for per token")
     g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                    help="read each step's tokens before launching the next")
 
@@ -47,4 +48,4 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         device=args.device, enforce_eager=args.enforce_eager, attention_backend=args.attention_backend,
         skip_tokenizer_init=args.skip_tokenizer_init, async_scheduling=args.async_scheduling,
         kv_cache_dtype=args.kv_cache_dtype, kv_offload_gb=args.kv_offload_gb,
-        admission_lookahead_tokens=args.admission_lookahead_tokens)
+        admission_lookahead_tokens=args.admission_lookahead_tokens, max_logprobs=args.max_logprobs)

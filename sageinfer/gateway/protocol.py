@@ -1,19 +1,46 @@
 """OpenAI request shapes (pydantic) and their mapping onto SamplingParams."""
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sageinfer.sampling_params import SamplingParams
 
 
-class StreamOptions(BaseModel):
+class _Strict(BaseModel):
+    # Types as sent: "10" is no integer, NaN and Infinity are no numbers. Unknown fields are dropped,
+    # not kept (a client's extra fields cost no memory beyond the body's size limit).
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (user, logit_bias...) are ignored
+# Fields that OpenAI and vLLM clients send for features this server does not have yet: a request
+# that needs one is refused (400) rather than answered as if it had been honoured. Each entry says
+# which values ask for nothing (clients often send those by default).
+_UNSUPPORTED_FIELDS = {
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "tools": lambda v: not v,
+    "tool_choice": lambda v: v is None or v == "none",
+    "functions": lambda v: not v,
+    "function_call": lambda v: v is None or v == "none",
+    "logit_bias": lambda v: not v,
+    "guided_json": lambda v: v is None,
+    "guided_regex": lambda v: v is None,
+    "guided_choice": lambda v: v is None,
+    "guided_grammar": lambda v: v is None,
+    "structured_outputs": lambda v: v is None,
+    "allowed_token_ids": lambda v: v is None,
+    "bad_words": lambda v: not v,
+    "prompt_logprobs": lambda v: v is None,
+    "best_of": lambda v: v is None or v == 1,
+}
+
+
+class _SamplingFields(_Strict):
 
     model: str | None = None
     n: int = 1
@@ -33,8 +60,28 @@ class _SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Accepted only with the values that ask for nothing (see _UNSUPPORTED_FIELDS).
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    logit_bias: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    prompt_logprobs: Any = None
+    best_of: Any = None
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        for name, asks_nothing in _UNSUPPORTED_FIELDS.items():
+            if not asks_nothing(getattr(self, name)):
+                raise ValueError(f"{name} is not supported by this server yet; leave it out")
         return SamplingParams(
             n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
@@ -70,14 +117,28 @@ class CompletionRequest(_SamplingFields):
         raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of lists")
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ContentPart(_Strict):
+    """An OpenAI content part; this server's models read text only."""
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> "ContentPart":
+        if self.type != "text":
+            raise ValueError(f"content parts of type {self.type!r} are not supported: the model reads text only")
+        if self.text is None:
+            raise ValueError("a text content part needs a string 'text'")
+        return self
+
+
+class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: Union[str, list[dict], None] = None
+    content: Union[str, list[ContentPart], None] = None
+    name: str | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # OpenAI content parts: keep the text parts
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
         return self.content or ""
 
 
@@ -96,13 +157,13 @@ class ChatCompletionRequest(_SamplingFields):
         return self._sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Strict):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Strict):
     model: str | None = None
     tokens: list[int]
