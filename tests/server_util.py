@@ -18,11 +18,13 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, model_dir: str, *extra: str, api_key: str | None = "sk-test", env: dict | None = None,
-                 startup_seconds: float = 300):
+                 startup_seconds: float = 300, entry: list[str] | None = None):
+        """entry: the command that takes serve's arguments (default: `python -m sageinfer.gateway.cli serve`)."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
-        args = [sys.executable, "-m", "sageinfer.gateway.cli", "serve", model_dir, "--port", str(self.port),
+        entry = entry or [sys.executable, "-m", "sageinfer.gateway.cli", "serve"]
+        args = [*entry, model_dir, "--port", str(self.port),
                 "--dtype", "float32", "--num-gpu-blocks-override", "400", "--served-model-name", "tiny", *extra]
         if api_key and not (env and "SAGEINFER_API_KEY" in env):
             args += ["--api-key", api_key]

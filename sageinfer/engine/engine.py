@@ -261,7 +261,8 @@ class LLMEngine:
             wants_logprobs = child.sampling_params.logprobs is not None
             outputs.append(CompletionOutput(
                 index=child.index, text=detok.text if detok is not None else "",
-                token_ids=list(child.output_token_ids),
+                # Tokens still on the device (async scheduling's placeholders) are not output yet.
+                token_ids=child.output_token_ids[:child.num_output_tokens - child.num_pending_tokens],
                 cumulative_logprob=child.cumulative_logprob if wants_logprobs else None,
                 logprobs=list(child.logprobs) if wants_logprobs else None,
                 finish_reason=child.finish_reason, stop_reason=child.stop_reason))

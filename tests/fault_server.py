@@ -1,0 +1,49 @@
+"""`sageinfer serve` with two faults planted, for the fault tests (run as a script, arguments as serve's).
+
+- A request whose prompt starts with DETOK_FAULT fails in its own detokenization (a per-request
+  failure: the engine must go on serving the others).
+- A step that holds a request whose prompt starts with STEP_FAULT raises (the engine loop dies: the
+  server must fail what is in flight and exit non-zero).
+"""
+import sys
+
+from sageinfer.engine import engine as engine_module
+from sageinfer.engine.detokenizer import IncrementalDetokenizer
+from sageinfer.gateway.cli import main
+
+DETOK_FAULT = [401, 402, 403]
+STEP_FAULT = [404, 405, 406]
+
+
+def _starts_with(ids, marker) -> bool:
+    return list(ids[:len(marker)]) == marker
+
+
+_original_init = IncrementalDetokenizer.__init__
+_original_add = IncrementalDetokenizer.add_token
+_original_step = engine_module.LLMEngine.step
+
+
+def _init(self, tokenizer, prompt_token_ids, *args, **kwargs):
+    _original_init(self, tokenizer, prompt_token_ids, *args, **kwargs)
+    self.planted_fault = _starts_with(prompt_token_ids, DETOK_FAULT)
+
+
+def _add_token(self, token_id, check_stop):
+    if self.planted_fault:
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "planted detokenizer fault")
+    return _original_add(self, token_id, check_stop)
+
+
+def _step(self):
+    if any(_starts_with(r.prompt_token_ids, STEP_FAULT) for r in self.scheduler.running):
+        raise RuntimeError("planted step fault")
+    return _original_step(self)
+
+
+IncrementalDetokenizer.__init__ = _init
+IncrementalDetokenizer.add_token = _add_token
+engine_module.LLMEngine.step = _step
+
+if __name__ == "__main__":
+    sys.exit(main(["serve", *sys.argv[1:]]))
