@@ -9,6 +9,7 @@ import torch
 
 from sageinfer.config import EngineConfig, parse_dtype
 from sageinfer.engine.detokenizer import IncrementalDetokenizer
+from sageinfer.engine.input_processor import InputProcessor, PromptType
 from sageinfer.engine.request import Request
 from sageinfer.engine.scheduler import Scheduler
 from sageinfer.executor.model_runner import ModelRunner
@@ -19,8 +20,6 @@ from sageinfer.platforms import get_platform
 from sageinfer.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-PromptType = str | dict
 
 
 @dataclass
@@ -72,6 +71,8 @@ class LLMEngine:
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, config.max_model_len,
+                                     config.max_logprobs)
         dtype = parse_dtype(config.dtype, self.model_config.dtype)
         self.runner = ModelRunner(config, self.model_config, self.platform, dtype, attention_backend, show_progress)
         num_blocks = self.runner.determine_num_blocks()
@@ -100,29 +101,10 @@ class LLMEngine:
 
     # ---- requests --------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("a text prompt needs a tokenizer: pass {'prompt_token_ids': [...]} "
-                                 "when skip_tokenizer_init=True")
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            ids = prompt["prompt_token_ids"]
-            vocab = self.model_config.vocab_size
-            if not isinstance(ids, (list, tuple)) or any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
-                raise ValueError("prompt_token_ids must be a list of integers")
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt_token_ids has ids outside [0, {vocab}): {bad[:5]}")
-            return prompt.get("prompt"), list(ids)
-        raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+        return self.inputs.tokenize_prompt(prompt)
 
     def check_sampling_params(self, params: SamplingParams) -> None:
-        """Limits that depend on the engine and the model, beyond SamplingParams' own checks."""
-        if params.logprobs is not None:
-            limit = min(self.config.max_logprobs, self.model_config.vocab_size)
-            if params.logprobs > limit:
-                raise ValueError(f"logprobs must be at most {limit} (max_logprobs {self.config.max_logprobs}, "
-                                 f"vocabulary {self.model_config.vocab_size}), got {params.logprobs}")
+        self.inputs.check_sampling_params(params)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
@@ -131,11 +113,8 @@ class LLMEngine:
         params = params or SamplingParams()
         self.check_sampling_params(params)
         prompt_text, prompt_ids = self.tokenize_prompt(prompt)
+        self.inputs.check_prompt_length(prompt_ids)
         max_len = self.config.max_model_len
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) > max_len:
-            raise ValueError(f"the prompt is {len(prompt_ids)} tokens long, more than max_model_len ({max_len})")
         children, detoks = [], []
         for index in range(params.n):
             child_params = params.clone_for_sample(index) if params.n > 1 else params

@@ -13,8 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sageinfer.engine.async_engine import (AsyncEngine, EngineDead, EngineOverloaded, RequestFailed, RequestStream,
-                                           ServerShuttingDown)
+from sageinfer.engine.frontend import (EngineDead, EngineFront, EngineOverloaded, RequestFailed, RequestStream,
+                                       ServerShuttingDown)
 from sageinfer.gateway import openai_format as fmt
 from sageinfer.gateway.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, error_body
 from sageinfer.gateway.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -43,10 +43,11 @@ def _param_of(message: str) -> str | None:
 
 
 class OpenAIServer:
-    def __init__(self, engine: AsyncEngine, served_model_name: str, chat_template: str | None = None):
+    def __init__(self, engine: EngineFront, served_model_name: str, chat_template: str | None = None):
         self.engine = engine
-        self.core = engine.engine
-        self.tokenizer = self.core.tokenizer
+        self.inputs = engine.inputs
+        self.max_model_len = engine.inputs.max_model_len
+        self.tokenizer = self.inputs.tokenizer
         self.model_name = served_model_name
         if chat_template is not None and self.tokenizer is not None:
             self.tokenizer.chat_template = chat_template
@@ -58,7 +59,7 @@ class OpenAIServer:
         # No token covers more characters than the longest vocabulary entry, so a text longer than this
         # has more tokens than the context holds; twice the bound leaves room for normalizers.
         longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1) if self.tokenizer else 1
-        self.max_prompt_chars = 2 * longest * self.core.config.max_model_len
+        self.max_prompt_chars = 2 * longest * self.max_model_len
 
     async def in_tokenizer_thread(self, fn: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, fn, *args)
@@ -67,7 +68,7 @@ class OpenAIServer:
         """Refuse, before tokenizing it, a text that cannot fit the context whatever its tokens."""
         if num_chars > self.max_prompt_chars:
             raise APIError(400, f"the {param} has {num_chars} characters, more than any prompt of "
-                                f"{self.core.config.max_model_len} tokens (max_model_len) can have", param)
+                                f"{self.max_model_len} tokens (max_model_len) can have", param)
 
     # ---- request checks -----------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -82,7 +83,7 @@ class OpenAIServer:
             if isinstance(prompt, str):
                 self._check_text_length(len(prompt), "prompt")
             try:
-                text, ids = self.core.tokenize_prompt(prompt)
+                text, ids = self.inputs.tokenize_prompt(prompt)
             except ValueError as exc:
                 raise APIError(400, str(exc), "prompt") from exc
             self._check_length(ids)
@@ -90,7 +91,7 @@ class OpenAIServer:
         return encoded
 
     def _check_length(self, ids: list[int]) -> None:
-        limit = self.core.config.max_model_len
+        limit = self.max_model_len
         if not ids:
             raise APIError(400, "The prompt is empty.", "prompt")
         if len(ids) > limit:
@@ -118,7 +119,7 @@ class OpenAIServer:
     def start(self, prompts: list[dict], params, request_id: str) -> list[RequestStream]:
         """Admit a request's prompts (x n) as a whole or not at all; no await in here, so no other
         request is admitted between the check and the hand-off."""
-        self.core.check_sampling_params(params)
+        self.inputs.check_sampling_params(params)
         self.engine.check_accepting(len(prompts) * params.n)
         return [self.engine.add(p["prompt_token_ids"], params, f"{request_id}-{i}", p["prompt"])
                 for i, p in enumerate(prompts)]
@@ -376,7 +377,7 @@ def build_app(server: OpenAIServer, api_key: str | None = None, public_metrics: 
     async def models():
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
                                             "owned_by": "sageinfer",
-                                            "max_model_len": server.core.config.max_model_len}]}
+                                            "max_model_len": server.max_model_len}]}
 
     @app.get("/metrics")
     async def metrics():
@@ -404,14 +405,14 @@ def build_app(server: OpenAIServer, api_key: str | None = None, public_metrics: 
                 lambda: server.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
         else:
             raise APIError(400, "give prompt or messages", "prompt")
-        return {"tokens": ids, "count": len(ids), "max_model_len": server.core.config.max_model_len}
+        return {"tokens": ids, "count": len(ids), "max_model_len": server.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
         server.check_model(req.model)
         if server.tokenizer is None:
             raise APIError(400, "the server runs without a tokenizer", "tokens")
-        vocab = server.core.model_config.vocab_size
+        vocab = server.inputs.vocab_size
         if any(not 0 <= t < vocab for t in req.tokens):
             raise APIError(400, f"tokens must be ids in [0, {vocab})", "tokens")
         return {"prompt": await server.in_tokenizer_thread(server.tokenizer.decode, req.tokens)}

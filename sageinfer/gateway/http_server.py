@@ -13,7 +13,7 @@ import signal
 
 import uvicorn
 
-from sageinfer.engine.async_engine import AsyncEngine, ServerShuttingDown
+from sageinfer.engine.frontend import EngineFront, ServerShuttingDown
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ _FLUSH_SECONDS = 5.0
 
 
 class EngineServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, grace_seconds: float):
+    def __init__(self, config: uvicorn.Config, engine: EngineFront, grace_seconds: float):
         config.timeout_graceful_shutdown = _FLUSH_SECONDS
         super().__init__(config)
         self.engine = engine

@@ -1,0 +1,49 @@
+"""What a request brings, checked and tokenized before it reaches the scheduler.
+
+Used by the engine itself and by a front end in another process, which holds the tokenizer and the
+limits but no model.
+"""
+from __future__ import annotations
+
+from sageinfer.sampling_params import SamplingParams
+
+PromptType = str | dict
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, max_logprobs: int):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.max_logprobs = max_logprobs
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer: pass {'prompt_token_ids': [...]} "
+                                 "when skip_tokenizer_init=True")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt_token_ids has ids outside [0, {self.vocab_size}): {bad[:5]}")
+            return prompt.get("prompt"), list(ids)
+        raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+
+    def check_prompt_length(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) > self.max_model_len:
+            raise ValueError(f"the prompt is {len(prompt_ids)} tokens long, more than max_model_len "
+                             f"({self.max_model_len})")
+
+    def check_sampling_params(self, params: SamplingParams) -> None:
+        """Limits that depend on the engine and the model, beyond SamplingParams' own checks."""
+        if params.logprobs is not None:
+            limit = min(self.max_logprobs, self.vocab_size)
+            if params.logprobs > limit:
+                raise ValueError(f"logprobs must be at most {limit} (max_logprobs {self.max_logprobs}, "
+                                 f"vocabulary {self.vocab_size}), got {params.logprobs}")
