@@ -1,4 +1,5 @@
 """`sageinfer serve` with two faults planted, for the fault tests (run as a script, arguments as serve's).
+The engine core process is spawned from this script too, so the faults are planted there as well.
 
 - A request whose prompt starts with DETOK_FAULT fails in its own detokenization (a per-request
   failure: the engine must go on serving the others).
@@ -8,6 +9,8 @@
 import sys
 
 from sageinfer.engine import engine as engine_module
+from sageinfer.engine.core_client import EngineCoreClient
+from sageinfer.engine.core_proc import run_engine_core
 from sageinfer.engine.detokenizer import IncrementalDetokenizer
 from sageinfer.gateway.cli import main
 
@@ -41,9 +44,15 @@ def _step(self):
     return _original_step(self)
 
 
+def faulty_core(*args):
+    """The engine core's entry point, from this module: importing it in the child plants the faults."""
+    run_engine_core(*args)
+
+
 IncrementalDetokenizer.__init__ = _init
 IncrementalDetokenizer.add_token = _add_token
 engine_module.LLMEngine.step = _step
+EngineCoreClient.core_main = staticmethod(faulty_core)
 
 if __name__ == "__main__":
     sys.exit(main(["serve", *sys.argv[1:]]))

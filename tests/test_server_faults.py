@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -389,8 +390,10 @@ def test_mixed_load_with_random_disconnects_loses_nothing(roomy_server):
 
 # ---- failures inside the engine -----------------------------------------------------------------
 
-def test_a_failing_request_fails_alone_and_a_dead_engine_exits_nonzero(llama_dir):
-    srv = ServerProcess(llama_dir, entry=[sys.executable, os.path.join(HERE, "fault_server.py")])
+@pytest.mark.parametrize("mode", ["engine core process", "engine thread"])
+def test_a_failing_request_fails_alone_and_a_dead_engine_exits_nonzero(llama_dir, mode):
+    extra = ["--engine-in-thread"] if mode == "engine thread" else []
+    srv = ServerProcess(llama_dir, *extra, entry=[sys.executable, os.path.join(HERE, "fault_server.py")])
     try:
         # One request's own failure (its detokenizer raises): 500 for it, the others are served.
         async def alongside():
@@ -425,6 +428,32 @@ def test_a_failing_request_fails_alone_and_a_dead_engine_exits_nonzero(llama_dir
         for resp in (killer, bystander):
             assert "planted step fault" in assert_error(resp, 500)["message"]
         assert srv.proc.wait(timeout=30) == 1
+    finally:
+        srv.stop()
+
+
+def test_kill_9_of_the_engine_core_fails_requests_and_the_server_exits_nonzero(llama_dir):
+    srv = ServerProcess(llama_dir, api_key=None)
+    try:
+        core_pid = int(re.search(r"engine core: process (\d+)", srv.log_tail(10**6)).group(1))
+        long_body = {"model": "tiny", "prompt": [5] * 10, "max_tokens": 1000, "ignore_eos": True}
+
+        async def run():
+            async with httpx.AsyncClient(timeout=60) as http:
+                plain = asyncio.create_task(http.post(srv.base_url + "/v1/completions", json=long_body))
+                async with http.stream("POST", srv.base_url + "/v1/completions",
+                                       json={**long_body, "stream": True}) as resp:
+                    lines = resp.aiter_lines()
+                    first = await lines.__anext__()
+                    os.kill(core_pid, signal.SIGKILL)
+                    killed = time.monotonic()
+                    rest = [first] + [line async for line in lines]
+                return await plain, [line[6:] for line in rest if line.startswith("data: ")], killed
+        plain, events, killed = asyncio.run(run())
+        assert "exited with code -9" in assert_error(plain, 500)["message"]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == 500
+        assert srv.proc.wait(timeout=30) == 1
+        assert time.monotonic() - killed < 10
     finally:
         srv.stop()
 

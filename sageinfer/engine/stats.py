@@ -34,8 +34,23 @@ class Histogram:
         return lines
 
 
+def engine_snapshot(engine) -> tuple[dict, dict]:
+    """The engine's gauges and counters, taken where the engine runs (its thread or process)."""
+    pool, kv = engine.kv_manager.pool, engine.kv_manager
+    gauges = dict(
+        num_requests_running=len(engine.scheduler.running), num_requests_waiting=len(engine.scheduler.waiting),
+        kv_cache_usage_perc=pool.usage(), kv_cache_free_blocks=pool.num_free_blocks,
+        kv_cache_total_blocks=pool.usable_blocks, prefix_cache_hit_rate=kv.prefix_hit_rate)
+    counters = dict(
+        prompt_tokens_total=engine.num_prompt_tokens_computed, generation_tokens_total=engine.num_generated_tokens,
+        num_preemptions_total=engine.scheduler.num_preemptions, prefix_cache_queries_total=kv.prefix_queries,
+        prefix_cache_hits_total=kv.prefix_hits)
+    return gauges, counters
+
+
 class EngineMetrics:
-    """Updated by the engine thread, read by /metrics; plain numbers, so a read needs no lock."""
+    """Updated by the engine's thread (or from the engine core's messages), read by /metrics; plain
+    numbers, so a read needs no lock."""
 
     def __init__(self):
         self.gauges = {"num_requests_running": 0, "num_requests_waiting": 0, "kv_cache_usage_perc": 0.0,
@@ -51,15 +66,11 @@ class EngineMetrics:
                                _LATENCY_BUCKETS)
 
     def observe_engine(self, engine) -> None:
-        pool, kv = engine.kv_manager.pool, engine.kv_manager
-        self.gauges.update(
-            num_requests_running=len(engine.scheduler.running), num_requests_waiting=len(engine.scheduler.waiting),
-            kv_cache_usage_perc=pool.usage(), kv_cache_free_blocks=pool.num_free_blocks,
-            kv_cache_total_blocks=pool.usable_blocks, prefix_cache_hit_rate=kv.prefix_hit_rate)
-        self.counters.update(
-            prompt_tokens_total=engine.num_prompt_tokens_computed, generation_tokens_total=engine.num_generated_tokens,
-            num_preemptions_total=engine.scheduler.num_preemptions, prefix_cache_queries_total=kv.prefix_queries,
-            prefix_cache_hits_total=kv.prefix_hits)
+        self.observe_snapshot(*engine_snapshot(engine))
+
+    def observe_snapshot(self, gauges: dict, counters: dict) -> None:
+        self.gauges.update(gauges)
+        self.counters.update(counters)
 
     def observe_finished(self, output, arrival: float, first_token: float | None, now: float,
                          num_prompt_tokens: int) -> None:

@@ -74,8 +74,6 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from sageinfer.config import EngineConfig
-    from sageinfer.engine.async_engine import AsyncEngine
-    from sageinfer.engine.engine import LLMEngine
     from sageinfer.gateway.api_server import OpenAIServer, build_app
     from sageinfer.gateway.http_server import EngineServer
 
@@ -88,26 +86,40 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-request-body-bytes must be >= 1024, got {args.max_request_body_bytes}")
     kwargs = engine_kwargs(args)
     attention_backend = kwargs.pop("attention_backend")
-    engine = LLMEngine(EngineConfig(**kwargs), attention_backend=attention_backend)
-    print(f"KV cache: {engine.num_kv_blocks - 1} blocks of {engine.config.block_size} tokens; "
-          f"max_model_len {engine.config.max_model_len}", flush=True)
+    config = EngineConfig(**kwargs)
+    if args.engine_in_thread:
+        from sageinfer.engine.async_engine import AsyncEngine
+        from sageinfer.engine.engine import LLMEngine
+        engine = LLMEngine(config, attention_backend=attention_backend)
+        front = AsyncEngine(engine, max_waiting_requests=args.max_waiting_requests)
+        num_blocks, block_size = engine.num_kv_blocks, engine.config.block_size
+    else:
+        from sageinfer.engine.core_client import EngineCoreClient
+        try:
+            front = EngineCoreClient(config, attention_backend, max_waiting_requests=args.max_waiting_requests)
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        num_blocks, block_size = front.ready.num_kv_blocks, front.ready.block_size
+        print(f"engine core: process {front.ready.pid}", flush=True)
+    print(f"KV cache: {num_blocks - 1} blocks of {block_size} tokens; "
+          f"max_model_len {front.inputs.max_model_len}", flush=True)
     chat_template = None
     if args.chat_template:
         if not os.path.isfile(args.chat_template):
             raise ValueError(f"--chat-template: no such file {args.chat_template!r}")
         with open(args.chat_template) as f:
             chat_template = f.read()
-    async_engine = AsyncEngine(engine, max_waiting_requests=args.max_waiting_requests)
     name = args.served_model_name or os.path.basename(os.path.normpath(kwargs["model"]))
-    app = build_app(OpenAIServer(async_engine, name, chat_template), api_key=api_key,
+    app = build_app(OpenAIServer(front, name, chat_template), api_key=api_key,
                     public_metrics=args.public_metrics, max_request_body_bytes=args.max_request_body_bytes)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
-    server = EngineServer(config, async_engine, grace_seconds=args.shutdown_grace_seconds)
-    async_engine.on_dead = server.stop_on_dead_engine
-    if async_engine.error is not None:  # died before the callback was set
-        server.stop_on_dead_engine(async_engine.error)
+    server = EngineServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"), front,
+                          grace_seconds=args.shutdown_grace_seconds)
+    front.on_dead = server.stop_on_dead_engine
+    if front.error is not None:  # died before the callback was set
+        server.stop_on_dead_engine(front.error)
     server.run()
-    async_engine.shutdown()
+    front.shutdown()
     return server.exit_code
 
 
@@ -133,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting-requests", type=int, default=1024,
                        help="requests beyond max_num_seqs + this get HTTP 503")
     serve.add_argument("--shutdown-grace-seconds", type=float, default=30.0)
+    serve.add_argument("--engine-in-thread", action="store_true",
+                       help="run the engine in a thread of the server process instead of its own process")
     add_engine_args(serve)
     serve.set_defaults(func=_serve)
     bench = sub.add_parser("bench", help="benchmarks: offline throughput / latency, or a serving benchmark")

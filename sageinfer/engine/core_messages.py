@@ -1,0 +1,143 @@
+"""Messages between the front end and the engine core process (msgspec, over ZMQ).
+
+Outputs cross as differences: each step sends a request's new tokens, logprobs and text, never what
+was sent before, so a step's message stays small however long the outputs grow. Text is sent as
+(characters of the earlier text that stand, new characters): a stop string found late cuts back text
+that had already gone out.
+"""
+from __future__ import annotations
+
+import msgspec
+
+from sageinfer.outputs import CompletionOutput, Logprob, RequestOutput
+from sageinfer.sampling_params import SamplingParams
+
+
+# ---- front -> core --------------------------------------------------------------------------
+class AddRequest(msgspec.Struct, tag=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    prompt: str | None
+    params: SamplingParams
+
+
+class AbortRequest(msgspec.Struct, tag=True):
+    request_id: str
+
+
+class Shutdown(msgspec.Struct, tag=True):
+    pass
+
+
+Command = AddRequest | AbortRequest | Shutdown
+
+
+# ---- core -> front --------------------------------------------------------------------------
+class Ready(msgspec.Struct, tag=True):
+    pid: int
+    max_model_len: int
+    vocab_size: int
+    max_num_seqs: int
+    num_kv_blocks: int
+    block_size: int
+
+
+class CompletionDelta(msgspec.Struct, array_like=True):
+    index: int
+    text_keep: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob]] | None
+    cumulative_logprob: float | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+class OutputDelta(msgspec.Struct, array_like=True):
+    request_id: str
+    completions: list[CompletionDelta]
+    finished: bool
+    num_cached_tokens: int
+    queue_time: float | None
+    error: str | None
+
+
+class StepOutputs(msgspec.Struct, tag=True):
+    outputs: list[OutputDelta]
+    gauges: dict[str, float]
+    counters: dict[str, float]
+
+
+class RequestError(msgspec.Struct, tag=True):
+    """A request that could not be added (bad_request: the request's fault, HTTP 400)."""
+    request_id: str
+    message: str
+    bad_request: bool
+
+
+class Dead(msgspec.Struct, tag=True):
+    reason: str
+
+
+CoreMessage = Ready | StepOutputs | RequestError | Dead
+
+
+class DeltaEncoder:
+    """Core side: what of each request's outputs has been sent."""
+
+    def __init__(self):
+        self._sent: dict[str, list[tuple[int, int]]] = {}  # request id -> per sample (tokens, characters)
+
+    def encode(self, output: RequestOutput) -> OutputDelta:
+        sent = self._sent.get(output.request_id) or [(0, 0)] * len(output.outputs)
+        completions, now_sent = [], []
+        for c, (num_tokens, num_chars) in zip(output.outputs, sent):
+            keep = min(num_chars, len(c.text))
+            completions.append(CompletionDelta(
+                c.index, keep, c.text[keep:], c.token_ids[num_tokens:],
+                c.logprobs[num_tokens:] if c.logprobs is not None else None, c.cumulative_logprob,
+                c.finish_reason, c.stop_reason))
+            now_sent.append((len(c.token_ids), len(c.text)))
+        if output.finished:
+            self._sent.pop(output.request_id, None)
+        else:
+            self._sent[output.request_id] = now_sent
+        return OutputDelta(output.request_id, completions, output.finished, output.num_cached_tokens,
+                           output.queue_time, output.error)
+
+    def forget(self, request_id: str) -> None:
+        self._sent.pop(request_id, None)
+
+
+class OutputAssembler:
+    """Front side: the cumulative RequestOutput of each request, rebuilt from its differences."""
+
+    def __init__(self):
+        self._requests: dict[str, tuple[str | None, list[int], list[CompletionOutput]]] = {}
+
+    def start(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], n: int) -> None:
+        self._requests[request_id] = (prompt, prompt_token_ids,
+                                      [CompletionOutput(i, "", []) for i in range(n)])
+
+    def forget(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+
+    def apply(self, delta: OutputDelta) -> RequestOutput | None:
+        entry = self._requests.get(delta.request_id)
+        if entry is None:  # aborted here while the core was still producing it
+            return None
+        prompt, prompt_ids, completions = entry
+        for d in delta.completions:
+            c = completions[d.index]
+            c.text = c.text[:d.text_keep] + d.text
+            c.token_ids = c.token_ids + d.token_ids  # a new list: outputs handed out earlier stay as they were
+            if d.logprobs is not None:
+                c.logprobs = (c.logprobs or []) + d.logprobs
+            c.cumulative_logprob, c.finish_reason, c.stop_reason = d.cumulative_logprob, d.finish_reason, d.stop_reason
+        if delta.finished:
+            self.forget(delta.request_id)
+        return RequestOutput(delta.request_id, prompt, prompt_ids,
+                             [CompletionOutput(c.index, c.text, c.token_ids, c.cumulative_logprob, c.logprobs,
+                                               c.finish_reason, c.stop_reason) for c in completions],
+                             delta.finished, delta.num_cached_tokens, delta.queue_time, delta.error)
+

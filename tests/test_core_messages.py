@@ -1,0 +1,35 @@
+"""Outputs cross the process boundary as differences and come back whole."""
+import msgspec
+
+from sageinfer import LLM, SamplingParams
+from sageinfer.engine import core_messages as msg
+
+
+def test_outputs_rebuilt_from_differences_equal_the_engines(llama_dir):
+    llm = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=256, show_progress=False)
+    engine = llm.engine
+    full = llm.generate("The capital of", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].text
+    requests = {
+        "stop": ("The capital of", SamplingParams(temperature=0, max_tokens=30, stop=[full[5:9]], ignore_eos=True)),
+        "logprobs-n": ("Hello", SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=25, logprobs=3,
+                                               ignore_eos=True)),
+        "chinese": ("你好，世界", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)),
+    }
+    encoder, decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(msg.CoreMessage)
+    deltas, assembler = msg.DeltaEncoder(), msg.OutputAssembler()
+    for request_id, (prompt, params) in requests.items():
+        engine.add_request(request_id, prompt, params)
+        parent = engine.requests[request_id]
+        assembler.start(request_id, prompt, parent.prompt_token_ids, params.n)
+    finished = set()
+    while engine.has_unfinished_requests():
+        originals = engine.step()
+        wire = decoder.decode(encoder.encode(msg.StepOutputs([deltas.encode(o) for o in originals], {}, {})))
+        for original, delta in zip(originals, wire.outputs):
+            rebuilt = assembler.apply(delta)
+            assert rebuilt == original
+            if rebuilt.finished:
+                finished.add(rebuilt.request_id)
+    assert finished == set(requests)
+    assert not deltas._sent and not assembler._requests  # nothing kept for finished requests
