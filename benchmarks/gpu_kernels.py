@@ -20,6 +20,9 @@ from sageinfer.layers.norm import rms_norm_ref  # noqa: E402
 from sageinfer.ops.paged_attention import choose_num_splits, paged_attention  # noqa: E402
 from sageinfer.ops.rms_norm import rms_norm  # noqa: E402
 from sageinfer.ops.activation import silu_and_mul  # noqa: E402
+from sageinfer.platforms import get_platform  # noqa: E402
+
+NUM_SMS = get_platform().num_compute_units()
 
 DEV, BF16 = "cuda", torch.bfloat16
 COPY_GBS, MATMUL_TFLOPS = 3011.0, 750.0
@@ -37,7 +40,7 @@ def attention_case(name, query_lens, context_lens, check=True):
         setattr(meta, f, getattr(meta, f).to(DEV))
     q = torch.randn(sum(query_lens), hq, d, device=DEV, dtype=BF16)
     out = torch.empty_like(q)
-    splits = choose_num_splits(meta.num_seqs, hkv, meta.max_seq_len) if meta.max_query_len == 1 else 1
+    splits = choose_num_splits(meta.num_seqs, hkv, meta.max_seq_len, NUM_SMS) if meta.max_query_len == 1 else 1
     run = lambda: paged_attention(q, kc, vc, out, meta.block_table, meta.seq_lens, meta.query_start_loc,  # noqa
                                   meta.num_seqs, meta.max_query_len, d ** -0.5, splits)
     run()

@@ -8,7 +8,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ -d .whl_serve ] && ! python3 -c "import fastapi, uvicorn" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl_serve/*.whl && export PYTHONPATH=$PWD:/tmp/site
 fi
-python3 -m sageinfer.gateway.cli serve benchmarks/standard/qwen3-8b --load-format dummy --skip-tokenizer-init \
+python3 -m sageinfer.gateway.cli serve sageinfer/bench/standard/qwen3-8b --load-format dummy --skip-tokenizer-init \
   --served-model-name qwen3-8b-dummy --port 8000 --max-num-seqs 1024 --max-num-batched-tokens 16384 ${SERVE_ARGS:-} \
   > "$OUT/server.log" 2>&1 &
 server=$!

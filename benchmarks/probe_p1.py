@@ -22,6 +22,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sageinfer.ops.cascade_attention import prefix_attention, prefix_splits
 from sageinfer.ops.paged_attention import paged_attention
+from sageinfer.platforms import get_platform  # noqa: E402
+
+NUM_SMS = get_platform().num_compute_units()
 
 
 def attention_probe(batch=200, ctx=2264, prefix_blocks=125, page=16, hq=32, hkv=8, d=128):
@@ -51,7 +54,7 @@ def attention_probe(batch=200, ctx=2264, prefix_blocks=125, page=16, hq=32, hkv=
                for bm, bn, w, st in ((128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2),
                                      (64, 128, 4, 2), (128, 32, 4, 4))]
     for cfg in configs:
-        splits = prefix_splits(batch, hq // hkv, hkv, block_m=cfg["block_m"])
+        splits = prefix_splits(batch, hq // hkv, hkv, NUM_SMS, block_m=cfg["block_m"])
 
         def cascade(cfg=cfg, splits=splits):
             parts = prefix_attention(q, kc, vc, shared[0], prefix_len, d ** -0.5, splits, cfg)

@@ -3,7 +3,7 @@
   python benchmarks/run_standard.py --workloads T1-prefill-heavy,T2-decode-heavy,L1-single-stream,L2-long-context \
       --out result.json [engine flags, e.g. --max-num-seqs 1024 --max-num-batched-tokens 16384]
 
-Dummy weights of benchmarks/standard/qwen3-8b (bf16) unless --model says otherwise.
+Dummy weights of sageinfer/bench/standard/qwen3-8b (bf16) unless --model says otherwise.
 """
 from __future__ import annotations
 

@@ -21,6 +21,9 @@ from kernels_util import random_paged_batch, rel_err  # noqa: E402
 from sageinfer.attention.backend import KV_MODE, LayerKVCache  # noqa: E402
 from sageinfer.attention.torch_ref import paged_attention_ref, write_kv_cache_ref  # noqa: E402
 from sageinfer.ops.paged_attention import choose_num_splits, paged_attention  # noqa: E402
+from sageinfer.platforms import get_platform  # noqa: E402
+
+NUM_SMS = get_platform().num_compute_units()
 
 STORE = {"auto": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}
 CASES = {"b256 ctx600": ([1] * 256, [600] * 256), "b1 ctx4096": ([1], [4095])}
@@ -60,7 +63,7 @@ def main():
                 res, err = [], None
                 for name, cache, meta, q, ref, nbytes in data:
                     out = torch.empty_like(q)
-                    splits = choose_num_splits(meta.num_seqs, 8, meta.max_seq_len)
+                    splits = choose_num_splits(meta.num_seqs, 8, meta.max_seq_len, NUM_SMS)
                     fn = lambda: paged_attention(q, cache.k, cache.v, out, meta.block_table, meta.seq_lens,  # noqa
                                                  meta.query_start_loc, meta.num_seqs, 1, 128 ** -0.5, splits, cfg,
                                                  k_scale=cache.k_scale, v_scale=cache.v_scale,

@@ -174,3 +174,18 @@ def test_admission_keeps_room_for_running_requests_to_grow():
     assert reserved[2] < greedy[2]
     # A single request whose growth exceeds the cache is still admitted when nothing else runs.
     assert _simulate(20, lookahead=256, prompts=1, prompt_len=60, out_len=10)[0] == 0
+
+
+def test_prefix_keys_are_chained_sha256_that_any_process_recomputes():
+    import subprocess
+    import sys
+    from sageinfer.kv_cache.manager import hash_block
+    first = hash_block(None, [1, 2, 3, 4])
+    second = hash_block(first, [5, 6, 7, 8])
+    assert len(first) == len(second) == 32
+    assert hash_block(hash_block(None, [9, 9, 9, 9]), [5, 6, 7, 8]) != second  # same block, other prefix
+    code = ("from sageinfer.kv_cache.manager import hash_block as h; "
+            "print(h(h(None, [1, 2, 3, 4]), [5, 6, 7, 8]).hex())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": "123", "PATH": ""})
+    assert other.stdout.strip() == second.hex()

@@ -86,5 +86,6 @@ def get_attention_backend(name: str, platform=None) -> AttentionBackend:
         from sageinfer.attention.triton_backend import TritonBackend
         if platform is None:
             return TritonBackend()
-        return TritonBackend(tensor_copies=platform.supports_tensor_copies(), long_prefill=platform.prefill_attention())
+        return TritonBackend(num_sms=platform.num_compute_units(), tensor_copies=platform.supports_tensor_copies(),
+                             long_prefill=platform.prefill_attention())
     raise ValueError(f"attention backend must be 'torch_ref' or 'triton', got {name!r}")

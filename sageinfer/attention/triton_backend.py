@@ -21,7 +21,10 @@ ROTARY_IN_DECODE_ATTENTION = True
 class TritonBackend(AttentionBackend):
     name = "triton"
 
-    def __init__(self, num_sms: int = 132, tensor_copies: bool = False, long_prefill=None):
+    def __init__(self, num_sms: int | None = None, tensor_copies: bool = False, long_prefill=None):
+        if num_sms is None:  # the current platform's (an H100 has 132 SMs)
+            from sageinfer.platforms import get_platform
+            num_sms = get_platform().num_compute_units()
         self.num_sms = num_sms
         self.tensor_copies = tensor_copies  # the platform has a tensor copy engine
         self.long_prefill = long_prefill  # the platform's own prefill kernel for long prompts, if any

@@ -6,7 +6,8 @@ import os
 
 import numpy as np
 
-STANDARD_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "standard")
+# Shipped with the package: workloads, vLLM anchors, and the configs of the benchmark models.
+STANDARD_DIR = os.path.join(os.path.dirname(__file__), "standard")
 
 
 def load_workloads(path: str | None = None) -> dict:

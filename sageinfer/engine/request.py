@@ -34,7 +34,7 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0      # prompt tokens served from the prefix cache at admission
         self.block_ids: list[int] = []
-        self.block_hashes: list[int] = []
+        self.block_hashes: list[bytes] = []
         self.num_registered_blocks = 0  # leading blocks already in the prefix-cache index
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None

@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     for kind, default in (("throughput", "T1-prefill-heavy"), ("latency", "L1-single-stream")):
         p = bench_sub.add_parser(kind)
         p.add_argument("--workload", default=default)
-        p.add_argument("--workloads-file", default=None, help="default: benchmarks/standard/workloads.json")
+        p.add_argument("--workloads-file", default=None, help="default: the standard workloads shipped in sageinfer/bench/standard")
         p.add_argument("--num-prompts", type=int, default=None)
         p.add_argument("--input-len", type=int, default=None)
         p.add_argument("--output-len", type=int, default=None)

@@ -16,7 +16,7 @@ class KVBlock:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
-        self.block_hash: int | None = None
+        self.block_hash: bytes | None = None
 
 
 class BlockPool:
@@ -28,7 +28,7 @@ class BlockPool:
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self.blocks[0].ref_count = 1  # null block, never freed
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.cached: dict[bytes, int] = {}  # block hash -> block id
         self.evictions = 0  # cached blocks whose contents were dropped for reuse
         # (block hash, block id) of cached blocks evicted since the last drain: an offload tier
         # copies their contents out before the step that overwrites them runs.
@@ -48,7 +48,7 @@ class BlockPool:
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.usable_blocks
 
-    def lookup(self, block_hash: int) -> int | None:
+    def lookup(self, block_hash: bytes) -> int | None:
         return self.cached.get(block_hash)
 
     def touch(self, block_ids: list[int]) -> None:
@@ -87,7 +87,7 @@ class BlockPool:
                 self.free_queue[block_id] = None
                 self.freed_since_launch.add(block_id)
 
-    def cache_block(self, block_id: int, block_hash: int) -> None:
+    def cache_block(self, block_id: int, block_hash: bytes) -> None:
         if not self.enable_caching:
             return
         block = self.blocks[block_id]

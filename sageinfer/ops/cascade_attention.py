@@ -76,7 +76,7 @@ def _prefix_attention_kernel(
     tl.store(part_lse_ptr + base, lse, mask=row_valid)
 
 
-def prefix_splits(num_tokens: int, group: int, num_kv_heads: int, num_sms: int = 132,
+def prefix_splits(num_tokens: int, group: int, num_kv_heads: int, num_sms: int,
                   block_m: int | None = None) -> int:
     """KV splits so that the prefix programs cover the GPU about twice."""
     row_tiles = triton.cdiv(num_tokens * group, block_m or PREFIX_CONFIG["block_m"])

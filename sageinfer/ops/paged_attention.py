@@ -263,7 +263,7 @@ def _merge_splits_kernel(
              mask=dims < HEAD_DIM)
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132) -> int:
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
     """Splits so that decode programs cover the GPU about twice, each split at least 256 keys."""
     programs = num_seqs * num_kv_heads
     if programs >= num_sms:

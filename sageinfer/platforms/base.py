@@ -16,6 +16,12 @@ class Platform:
     # the unit in which attention kernels find contiguous keys.
     kv_block_size: int = 16
 
+    def num_compute_units(self) -> int:
+        """Units that run kernel programs side by side (SMs on NVIDIA, AI cores on Ascend, CPU cores
+        here): kernels size their grids by it."""
+        import os
+        return os.cpu_count() or 1
+
     def supports_dependent_launch(self) -> bool:
         """Whether a kernel may start before the one it depends on has finished (and wait for it
         inside), as NVIDIA's programmatic dependent launch allows from Hopper on."""
