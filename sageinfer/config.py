@@ -1,7 +1,7 @@
 """Typed engine configuration, validated once; built from LLM(...) kwargs or CLI flags."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,39 +24,47 @@ def parse_dtype(dtype: str | torch.dtype, model_dtype: str | None) -> torch.dtyp
     return _DTYPES[dtype]
 
 
+def _option(default, help: str, choices: tuple | None = None):
+    """An engine option: its default, and the help (and choices) its CLI flag shows."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class EngineConfig:
+    """Every engine option, written once: `LLM(...)` takes them as keyword arguments and each CLI
+    command that builds an engine derives its flags from these fields (gateway/engine_args.py)."""
     model: str
-    tokenizer: str | None = None
-    dtype: str | torch.dtype = "auto"
-    seed: int = 0
-    max_model_len: int | None = None
-    block_size: int | None = None  # tokens per KV block; None: the platform's choice
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    skip_tokenizer_init: bool = False
-    load_format: str = "auto"
-    trust_remote_code: bool = False
-    device: str | None = None  # None: the platform's default device
+    tokenizer: str | None = _option(None, "tokenizer directory (default: the model's)")
+    dtype: str | torch.dtype = _option("auto", "auto, bfloat16, float16 or float32")
+    seed: int = _option(0, "seed of the global random state (unseeded sampling)")
+    max_model_len: int | None = _option(None, "context length (default: the model's)")
+    block_size: int | None = _option(None, "tokens per KV block (default: the platform's, 64 on CUDA)")
+    max_num_seqs: int = _option(256, "sequences that run at once")
+    max_num_batched_tokens: int | None = _option(None, "tokens computed per step (default: 8192 with chunked prefill)")
+    gpu_memory_utilization: float = _option(0.9, "share of the device's memory the engine may use")
+    enable_prefix_caching: bool = _option(True, "reuse the KV blocks of a repeated prefix")
+    enable_chunked_prefill: bool = _option(True, "split long prompts over several steps")
+    skip_tokenizer_init: bool = _option(False, "no tokenizer: prompts are token ids and outputs have no text")
+    load_format: str = _option("auto", "where the weights come from", LOAD_FORMATS)
+    trust_remote_code: bool = _option(False, "not supported: sageInfer runs only its own model code")
+    device: str | None = _option(None, "cpu or cuda (default: the first available platform)")
     # KV cache size given explicitly (CPU runs, tests): a block count or a byte budget.
-    num_gpu_blocks_override: int | None = None
-    kv_cache_memory_bytes: int | None = None
-    enforce_eager: bool = False
+    num_gpu_blocks_override: int | None = _option(None, "KV cache size in blocks (CPU runs, tests)")
+    kv_cache_memory_bytes: int | None = _option(None, "KV cache size in bytes (CPU runs)")
+    enforce_eager: bool = _option(False, "no graph capture")
     # Launch step N+1 before reading step N's tokens (hides host work behind the device's).
-    async_scheduling: bool = True
+    async_scheduling: bool = _option(True, "launch each step before reading the previous step's tokens")
     # KV cache storage: "auto" (model dtype), "fp8" (e4m3, per-tensor scale), "int8" (per-token-head scales)
-    kv_cache_dtype: str = "auto"
+    kv_cache_dtype: str = _option("auto", "KV cache storage", ("auto", "fp8", "int8"))
     # Host memory (GiB) for the offload tier: evicted prefix blocks are kept there and brought back.
-    kv_offload_gb: float = 0.0
+    kv_offload_gb: float = _option(0.0, "host memory (GiB) for evicted KV blocks")
     # A waiting request is admitted only while every running one keeps room to generate this many
     # more tokens (or up to its max_tokens, if sooner): fewer preemptions, whose recomputation is waste.
     # 0 admits whatever fits now.
-    admission_lookahead_tokens: int = 256
+    admission_lookahead_tokens: int = _option(
+        256, "admit a waiting request only while running ones keep room for this many more tokens")
     # Most logprobs a request may ask for per token (vLLM's --max-logprobs); also capped by the vocabulary.
-    max_logprobs: int = 20
+    max_logprobs: int = _option(20, "most logprobs a request may ask for per token")
 
     def __post_init__(self) -> None:
         if self.tokenizer is None:

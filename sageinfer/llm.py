@@ -1,6 +1,7 @@
 """The offline API: LLM(model=...).generate(prompts, sampling_params)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Sequence
 
@@ -13,25 +14,16 @@ from sageinfer.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str, tokenizer: str | None = None, dtype: str = "auto", seed: int = 0,
-                 max_model_len: int | None = None, block_size: int | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
-                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                 skip_tokenizer_init: bool = False, load_format: str = "auto", trust_remote_code: bool = False,
-                 num_gpu_blocks_override: int | None = None, kv_cache_memory_bytes: int | None = None,
-                 device: str | None = None, enforce_eager: bool = False, attention_backend: str | None = None,
-                 async_scheduling: bool = True, kv_cache_dtype: str = "auto", kv_offload_gb: float = 0.0,
-                 admission_lookahead_tokens: int = 256, max_logprobs: int = 20, show_progress: bool = True):
-        config = EngineConfig(
-            model=model, tokenizer=tokenizer, dtype=dtype, seed=seed, max_model_len=max_model_len,
-            block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
-            enable_chunked_prefill=enable_chunked_prefill, skip_tokenizer_init=skip_tokenizer_init,
-            load_format=load_format, trust_remote_code=trust_remote_code,
-            num_gpu_blocks_override=num_gpu_blocks_override, kv_cache_memory_bytes=kv_cache_memory_bytes,
-            device=device, enforce_eager=enforce_eager, async_scheduling=async_scheduling,
-            kv_cache_dtype=kv_cache_dtype, kv_offload_gb=kv_offload_gb,
-            admission_lookahead_tokens=admission_lookahead_tokens, max_logprobs=max_logprobs)
+    """Offline generation. Keyword arguments are EngineConfig's fields (max_num_seqs, dtype,
+    enable_prefix_caching, kv_cache_dtype, ...); attention_backend picks "torch_ref" or "triton"."""
+
+    def __init__(self, model: str, *, attention_backend: str | None = None, show_progress: bool = True,
+                 **engine_options):
+        known = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(engine_options) - known)
+        if unknown:
+            raise ValueError(f"unknown engine options {unknown}; the options are {sorted(known - {'model'})}")
+        config = EngineConfig(model=model, **engine_options)
         self.engine = LLMEngine(config, show_progress=show_progress, attention_backend=attention_backend)
         self._ids = itertools.count()
 

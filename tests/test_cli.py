@@ -29,3 +29,27 @@ def test_bench_throughput_runs_a_small_workload(llama_dir, tmp_path):
     import json
     r = json.loads(result_file.read_text())["result"]
     assert r["generated_tokens"] == 12 and r["total_tok_s"] > 0
+
+
+def test_every_engine_option_has_a_flag_and_reaches_the_config():
+    import dataclasses
+
+    from sageinfer.config import EngineConfig
+    from sageinfer.gateway.cli import build_parser
+    from sageinfer.gateway.engine_args import engine_kwargs
+    args = build_parser().parse_args(["generate", "--model", "m", "--max-num-seqs", "7", "--no-enable-prefix-caching",
+                                      "--kv-cache-dtype", "fp8", "--enforce-eager", "--kv-cache-memory-bytes", "4096"])
+    kwargs = engine_kwargs(args)
+    assert set(kwargs) == {f.name for f in dataclasses.fields(EngineConfig)} | {"attention_backend"}
+    assert (kwargs["max_num_seqs"], kwargs["enable_prefix_caching"], kwargs["kv_cache_dtype"], kwargs["enforce_eager"],
+            kwargs["kv_cache_memory_bytes"]) == (7, False, "fp8", True, 4096)
+    defaults = engine_kwargs(build_parser().parse_args(["generate", "--model", "m"]))
+    assert all(defaults[f.name] == f.default for f in dataclasses.fields(EngineConfig) if f.name != "model")
+
+
+def test_llm_names_an_unknown_option(llama_dir):
+    import pytest
+
+    from sageinfer import LLM
+    with pytest.raises(ValueError, match="max_num_seq'"):
+        LLM(llama_dir, max_num_seq=4)
