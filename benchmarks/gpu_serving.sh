@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One device call: serve Qwen3-8B shapes (dummy weights) and load it with `sageinfer bench serve` at
-# several request rates; then P1 with prefix caching off. Carry .whl_serve when fastapi/uvicorn are
-# missing on the machine. SERVE_ARGS adds server flags (e.g. --block-size 16).
+# several request rates; then P1 with prefix caching off. Carry .whl when the server's packages
+# (fastapi, uvicorn, pyzmq, msgspec) are missing on the machine. SERVE_ARGS adds server flags (e.g.
+# --block-size 16, --engine-in-thread); RATES picks the request rates.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if [ -d .whl_serve ] && ! python3 -c "import fastapi, uvicorn" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl_serve/*.whl && export PYTHONPATH=$PWD:/tmp/site
+if [ -d .whl ] && ! python3 -c "import fastapi, uvicorn, zmq, msgspec" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=$PWD:/tmp/site
 fi
 python3 -m sageinfer.gateway.cli serve sageinfer/bench/standard/qwen3-8b --load-format dummy --skip-tokenizer-init \
   --served-model-name qwen3-8b-dummy --port 8000 --max-num-seqs 1024 --max-num-batched-tokens 16384 ${SERVE_ARGS:-} \
