@@ -9,6 +9,7 @@ import torch
 
 from sageinfer.attention.backend import AttentionMetadata, LayerKVCache, get_attention_backend
 from sageinfer.config import EngineConfig
+from sageinfer.distributed.parallel_state import kv_head_range
 from sageinfer.executor.sampling_inputs import build_sampling_batch
 from sageinfer.layers.sampler import Sampler, SamplerOutput
 from sageinfer.models.loader import load_model
@@ -34,6 +35,8 @@ class ModelRunner:
         self.device = platform.device() if config.device is None else torch.device(config.device)
         self.dtype = dtype
         self.block_size = config.block_size
+        # KV heads this rank holds (all of them without tensor parallelism): the cache's shape and size.
+        self.num_kv_heads = kv_head_range(model_config.num_key_value_heads)[1]
         self.backend = get_attention_backend(attention_backend or self._default_backend(), platform)
         self.model = load_model(model_config, config.model, config.load_format, dtype, self.device,
                                 self.backend, seed=config.seed, show_progress=show_progress)
@@ -63,7 +66,7 @@ class ModelRunner:
         m = self.model_config
         elem = torch.tensor([], dtype=self.kv_store_dtype()).element_size()
         scale_bytes = 4 if self.config.kv_cache_dtype == "int8" else 0  # one fp32 scale per token and head
-        return 2 * m.num_hidden_layers * self.block_size * m.num_key_value_heads * (m.head_dim * elem + scale_bytes)
+        return 2 * m.num_hidden_layers * self.block_size * self.num_kv_heads * (m.head_dim * elem + scale_bytes)
 
     def determine_num_blocks(self) -> int:
         c = self.config
@@ -104,7 +107,7 @@ class ModelRunner:
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         m = self.model_config
-        shape = (num_blocks, self.block_size, m.num_key_value_heads, m.head_dim)
+        shape = (num_blocks, self.block_size, self.num_kv_heads, m.head_dim)
         mode, store = self.config.kv_cache_dtype, self.kv_store_dtype()
 
         def scales():
@@ -120,10 +123,10 @@ class ModelRunner:
         from sageinfer.executor.graph_runner import DecodeGraphs, PrefillGraphs
         self.graphs = DecodeGraphs(self.model, self.backend, self.platform, self.device, self.config.max_num_seqs,
                                    self.config.max_model_len, self.block_size,
-                                   self.model_config.num_key_value_heads, self.kv_caches)
+                                   self.num_kv_heads, self.kv_caches)
         self.prefill_graphs = PrefillGraphs(self.model, self.backend, self.platform, self.device,
                                             self.config.max_num_batched_tokens, self.config.max_model_len,
-                                            self.block_size, self.model_config.num_key_value_heads, self.kv_caches)
+                                            self.block_size, self.num_kv_heads, self.kv_caches)
         return self.graphs.capture_seconds + self.prefill_graphs.capture_seconds
 
     # ---- one step (hot path: keep per-token Python work out of here) ---------------------
@@ -185,7 +188,7 @@ class ModelRunner:
             query_start_loc_cpu=host.query_start_loc.tolist(), seq_lens_cpu=host.seq_lens.tolist(),
             cascade_prefix_len=(to_device(np.array([host.cascade_prefix_len], dtype=np.int32), dev)
                                 if host.cascade_prefix_len else None))
-        self.backend.plan(meta, self.model_config.num_key_value_heads)
+        self.backend.plan(meta, self.num_kv_heads)
         input_ids = to_device(host.input_ids, dev)
         self._fill_pending(input_ids, host, prev_token_ids)
         positions = to_device(host.positions, dev)

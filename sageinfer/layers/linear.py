@@ -1,4 +1,5 @@
-"""Linear layers that own their weight loading (stacked q/k/v and gate/up shards).
+"""Linear layers that own their weight loading (stacked q/k/v and gate/up shards, and each
+tensor-parallel rank's part).
 
 Weights are created uninitialised (torch.empty): the loader fills them, so building an 8B model
 costs no init time and no second copy.
@@ -9,44 +10,73 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from sageinfer.distributed.parallel_state import get_tp_group, kv_head_range
+
 
 class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    """parallel: None (the whole layer on every rank), "column" (output rows split over the
+    tensor-parallel ranks) or "row" (input columns split; each rank's partial product is summed over
+    the ranks, then the bias added once). Shapes given are the whole layer's; each rank keeps and
+    loads its part."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, parallel: str | None = None):
         super().__init__()
+        self.tp = get_tp_group()
+        self.parallel = parallel if self.tp.size > 1 else None
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        local_in = self.tp.split(in_features) if self.parallel == "row" else in_features
+        local_out = self.tp.split(out_features) if self.parallel == "column" else out_features
+        self.weight = nn.Parameter(torch.empty(local_out, local_in), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         if bias:
-            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias = nn.Parameter(torch.empty(local_out), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
         self.use_triton = False  # set by the model runner from the platform's kernel choice
 
+    def _rank_part(self, param: nn.Parameter, loaded: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a whole checkpoint tensor."""
+        if self.parallel == "column":
+            return loaded.narrow(0, self.tp.rank * param.shape[0], param.shape[0])
+        if self.parallel == "row" and loaded.dim() == 2:  # a row-parallel bias is whole on every rank
+            return loaded.narrow(1, self.tp.rank * param.shape[1], param.shape[1])
+        return loaded
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        loaded = self._rank_part(param, loaded)
         if param.shape != loaded.shape:
             raise ValueError(f"weight shape {tuple(loaded.shape)} does not match {tuple(param.shape)}")
         param.data.copy_(loaded)
 
+    @property
+    def reduces(self) -> bool:
+        """Whether the output is a sum over ranks (an all-reduce ends the layer)."""
+        return self.parallel == "row"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.use_triton)
+        if not self.reduces:
+            return linear(x, self.weight, self.bias, self.use_triton)
+        y = self.tp.all_reduce(linear(x, self.weight, None, self.use_triton))
+        return y if self.bias is None else y + self.bias
 
     def forward_gated(self, gate_up: torch.Tensor, act: nn.Module, residual: torch.Tensor | None = None):
         """self(act(gate_up)) for an MLP's down projection; one row fuses the activation in.
-        With residual: adds the result to it in place and returns it."""
-        if one_row(gate_up, self.use_triton):
+        With residual: adds the result to it in place and returns it. The fusions step aside where
+        an all-reduce must come between the matmul and the residual."""
+        if one_row(gate_up, self.use_triton) and not self.reduces:
             return _gemv(gate_up, self.weight, self.bias, gated=True, residual=residual)
         return self.add_into(act(gate_up), residual) if residual is not None else self.forward(act(gate_up))
 
     def forward_normed(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """self(norm(x)) for an RMSNorm; one row normalises inside the matmul (no norm launch)."""
-        if one_row(x, self.use_triton):
+        if one_row(x, self.use_triton) and not self.reduces:
             return _gemv(x, self.weight, self.bias, norm_weight=norm.weight, eps=norm.eps)
         return self.forward(norm(x))
 
     def add_into(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual += self(x), in place; returns residual."""
-        if one_row(x, self.use_triton):
+        if one_row(x, self.use_triton) and not self.reduces:
             return _gemv(x, self.weight, self.bias, residual=residual)
         return residual.add_(self.forward(x))
 
@@ -72,19 +102,34 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use
 
 
 class MergedLinear(Linear):
-    """Several projections of the same input in one matmul; shard_id picks the slice to load."""
+    """Several projections of the same input in one matmul; shard_id picks the slice to load. Column
+    parallel: each projection is split over the ranks, and a rank holds its part of each."""
 
-    def __init__(self, in_features: int, shard_sizes: dict, bias: bool = False):
+    def __init__(self, in_features: int, shard_sizes: dict, bias: bool = False, parallel: str | None = None):
+        tp = get_tp_group()
+        if parallel == "column" and tp.size > 1:
+            shard_sizes = {k: tp.split(v) for k, v in shard_sizes.items()}
+        else:
+            parallel = None
         super().__init__(in_features, sum(shard_sizes.values()), bias)
+        self.split_shards = parallel == "column"
         self.shard_offsets = {}
         offset = 0
         for shard_id, size in shard_sizes.items():
             self.shard_offsets[shard_id] = (offset, size)
             offset += size
 
+    def _shard_part(self, shard_id, loaded: torch.Tensor) -> torch.Tensor:
+        """This rank's part of one projection's whole checkpoint tensor."""
+        size = self.shard_offsets[shard_id][1]
+        return loaded.narrow(0, self.tp.rank * size, size) if self.split_shards else loaded
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         if shard_id is None:
+            if self.tp.size > 1:
+                raise ValueError("a fused checkpoint tensor cannot be split over tensor-parallel ranks yet")
             return super().weight_loader(param, loaded)
+        loaded = self._shard_part(shard_id, loaded)
         offset, size = self.shard_offsets[shard_id]
         target = param.data.narrow(0, offset, size)
         if target.shape != loaded.shape:
@@ -93,8 +138,20 @@ class MergedLinear(Linear):
 
 
 class QKVLinear(MergedLinear):
+    """q, k and v projections; with tensor parallelism a rank holds its query heads and the KV heads
+    they read (replicated when there are fewer KV heads than ranks)."""
+
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool):
-        super().__init__(hidden_size, {"q": num_heads * head_dim, "k": num_kv_heads * head_dim,
-                                       "v": num_kv_heads * head_dim}, bias)
-        self.q_size = num_heads * head_dim
-        self.kv_size = num_kv_heads * head_dim
+        tp = get_tp_group()
+        local_heads = tp.split(num_heads)
+        first_kv, local_kv = kv_head_range(num_kv_heads, tp)
+        super().__init__(hidden_size, {"q": local_heads * head_dim, "k": local_kv * head_dim,
+                                       "v": local_kv * head_dim}, bias)
+        self.q_size = local_heads * head_dim
+        self.kv_size = local_kv * head_dim
+        self.head_rows = {"q": tp.rank * self.q_size, "k": first_kv * head_dim, "v": first_kv * head_dim}
+
+    def _shard_part(self, shard_id, loaded: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return loaded
+        return loaded.narrow(0, self.head_rows[shard_id], self.shard_offsets[shard_id][1])

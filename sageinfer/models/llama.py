@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from sageinfer.attention.backend import AttentionBackend, AttentionMetadata, LayerKVCache
+from sageinfer.distributed.parallel_state import get_tp_group, kv_head_range
 from sageinfer.layers.activation import SiluAndMul
 from sageinfer.layers.attention import Attention
 from sageinfer.layers.embedding import LMHead, VocabEmbedding
@@ -24,9 +25,13 @@ KVCache = LayerKVCache
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.qkv_proj = QKVLinear(cfg.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, cfg.attention_bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        # This rank's heads (all of them at tp=1); KV heads replicated when fewer than the ranks.
+        tp = get_tp_group()
+        self.num_heads, self.head_dim = tp.split(cfg.num_attention_heads), cfg.head_dim
+        self.num_kv_heads = kv_head_range(cfg.num_key_value_heads, tp)[1]
+        self.qkv_proj = QKVLinear(cfg.hidden_size, self.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                  cfg.attention_bias)
+        self.o_proj = Linear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, bias=False, parallel="row")
         # Checkpoint names: self_attn.q_norm / k_norm (Qwen3); they live inside attn here.
         q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -51,8 +56,9 @@ class LlamaMLP(nn.Module):
         super().__init__()
         if cfg.hidden_act != "silu":
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (only silu)")
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate": cfg.intermediate_size, "up": cfg.intermediate_size})
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate": cfg.intermediate_size, "up": cfg.intermediate_size},
+                                         parallel="column")
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, parallel="row")
         self.act = SiluAndMul()
 
     def forward(self, x):

@@ -1,0 +1,56 @@
+"""The model split over tensor-parallel ranks (gloo on the CPU) generates what it does whole."""
+import numpy as np
+import pytest
+
+from oracle import assert_greedy_matches_hf
+from sageinfer import LLM, SamplingParams
+from sageinfer.models.model_config import load_model_config
+from tp_util import generate_tensor_parallel
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3"]  # qwen2: q/k/v biases and tied embeddings; qwen3: q/k norms
+
+
+def _prompts(seed, lengths=(5, 37, 12)):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 500, size=n).tolist() for n in lengths]
+
+
+def _whole(model_dir, prompts, max_tokens, **options):
+    llm = LLM(model_dir, dtype="float32", num_gpu_blocks_override=256, show_progress=False, **options)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_tp2_matches_tp1_and_transformers_for_every_architecture(model_dirs, tmp_path):
+    runs = [(model_dirs[arch], _prompts(i), 8, {}) for i, arch in enumerate(ARCHS)]
+    # One sequence on the Triton backend: its one-row decode fusions must step aside for the all-reduce.
+    runs.append((model_dirs["llama"], _prompts(9, (20,)), 6, {"attention_backend": "triton"}))
+    sharded = generate_tensor_parallel(2, runs, str(tmp_path))
+    for (model_dir, prompts, max_tokens, options), result in zip(runs, sharded):
+        cfg = load_model_config(model_dir)
+        d = cfg.head_dim
+        # Each rank holds half of the heads: 2 of 4 query heads, 1 of 2 KV heads.
+        assert result["shapes"] == {"qkv_rows": (2 + 1 + 1) * d, "o_cols": 2 * d, "kv_cache_heads": 1}
+        tokens = result["tokens"]
+        assert tokens == _whole(model_dir, prompts, max_tokens, **options)
+        for prompt, out in zip(prompts, tokens):
+            assert_greedy_matches_hf(model_dir, prompt, out)
+
+
+def test_tp4_replicates_kv_heads_fewer_than_ranks(model_dirs, tmp_path):
+    cfg = load_model_config(model_dirs["llama"])
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (4, 2)
+    prompts = _prompts(4)
+    (result,) = generate_tensor_parallel(4, [(model_dirs["llama"], prompts, 8, {})], str(tmp_path))
+    assert result["shapes"] == {"qkv_rows": 3 * cfg.head_dim, "o_cols": cfg.head_dim, "kv_cache_heads": 1}
+    assert result["tokens"] == _whole(model_dirs["llama"], prompts, 8)
+
+
+def test_heads_that_do_not_split_are_refused(model_dirs, tmp_path):
+    from sageinfer.distributed.parallel_state import TensorParallelGroup, kv_head_range
+    with pytest.raises(ValueError, match="does not split"):
+        TensorParallelGroup(rank=0, size=3).split(4)
+    with pytest.raises(ValueError, match="replicated evenly"):
+        kv_head_range(2, TensorParallelGroup(rank=0, size=3))
+    assert [kv_head_range(2, TensorParallelGroup(rank=r, size=4)) for r in range(4)] == [(0, 1), (0, 1), (1, 1), (1, 1)]
