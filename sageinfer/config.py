@@ -65,6 +65,8 @@ class EngineConfig:
         256, "admit a waiting request only while running ones keep room for this many more tokens")
     # Most logprobs a request may ask for per token (vLLM's --max-logprobs); also capped by the vocabulary.
     max_logprobs: int = _option(20, "most logprobs a request may ask for per token")
+    # Ranks the model is split over (heads, MLP columns, vocabulary), one process and device each.
+    tensor_parallel_size: int = _option(1, "ranks the model is split over, one device each")
 
     def __post_init__(self) -> None:
         if self.tokenizer is None:
@@ -87,6 +89,11 @@ class EngineConfig:
             raise ValueError(f"admission_lookahead_tokens must be >= 0, got {self.admission_lookahead_tokens}")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.kv_offload_gb > 0:
+            raise ValueError("kv_offload_gb is not supported with tensor_parallel_size > 1 yet (each rank's "
+                             "blocks would have to move)")
         if self.kv_offload_gb < 0:
             raise ValueError(f"kv_offload_gb must be >= 0, got {self.kv_offload_gb}")
         if self.kv_offload_gb > 0 and not self.enable_prefix_caching:

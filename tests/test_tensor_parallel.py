@@ -54,3 +54,31 @@ def test_heads_that_do_not_split_are_refused(model_dirs, tmp_path):
     with pytest.raises(ValueError, match="replicated evenly"):
         kv_head_range(2, TensorParallelGroup(rank=0, size=3))
     assert [kv_head_range(2, TensorParallelGroup(rank=r, size=4)) for r in range(4)] == [(0, 1), (0, 1), (1, 1), (1, 1)]
+
+
+def test_engine_with_worker_processes_matches_tp1(model_dirs):
+    """LLM(tensor_parallel_size=2): rank 1 in its own process, driven by step messages. Greedy, seeded
+    and unseeded sampling (the ranks' random states advance alike), n > 1, penalties, preemptions
+    under a small cache, chunked prefill and async scheduling: all as at tp=1."""
+    prompts = [{"prompt_token_ids": p} for p in _prompts(21, (5, 80, 33, 120, 2, 64))]
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=25, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=30, frequency_penalty=1.0, repetition_penalty=1.3,
+                             ignore_eos=True),
+              SamplingParams(temperature=1.0, n=3, max_tokens=12, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=40, min_tokens=3, stop_token_ids=[7, 11, 13]),
+              SamplingParams(temperature=0.7, top_k=5, max_tokens=18, ignore_eos=True)]
+    options = dict(dtype="float32", num_gpu_blocks_override=16, block_size=16, max_model_len=200,
+                   max_num_batched_tokens=24, admission_lookahead_tokens=0, show_progress=False)
+
+    def run(**extra):
+        llm = LLM(model_dirs["qwen3"], **options, **extra)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        preemptions = llm.engine.scheduler.num_preemptions
+        llm.engine.shutdown()
+        return [[(c.token_ids, c.finish_reason) for c in o.outputs] for o in outs], preemptions
+
+    sharded, preemptions = run(tensor_parallel_size=2)
+    whole, _ = run()
+    assert preemptions > 0
+    assert sharded == whole

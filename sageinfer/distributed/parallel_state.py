@@ -59,6 +59,14 @@ def init_tensor_parallel(rank: int, size: int, backend: str, init_method: str) -
     return _GROUP
 
 
+def destroy_tensor_parallel() -> None:
+    """Leave the group (an engine that shuts down); models built after this are whole again."""
+    global _GROUP
+    if _GROUP.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+    _GROUP = TensorParallelGroup()
+
+
 def kv_head_range(num_kv_heads: int, tp: TensorParallelGroup | None = None) -> tuple[int, int]:
     """(first, count) of the KV heads this rank holds. With fewer KV heads than ranks, each KV head is
     replicated on the ranks whose query heads read it."""

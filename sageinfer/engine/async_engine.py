@@ -34,6 +34,7 @@ class AsyncEngine(EngineFront):
         self._stop.set()
         self._commands.put(("wake",))
         self._thread.join(timeout)
+        self.engine.shutdown()
 
     # ---- the engine thread ----------------------------------------------------------------
     def _run(self) -> None:

@@ -8,6 +8,7 @@ called, as when it reports its own death.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import os
@@ -44,10 +45,14 @@ class EngineCoreClient(EngineFront):
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(msg.CoreMessage)
         # spawn, not fork: a forked child would inherit this process's threads and any device context.
+        # Not a daemon: it starts processes of its own (tensor-parallel ranks). It exits on Shutdown, on
+        # its own failure, or when it finds this process gone; atexit sends the Shutdown.
         self.process = multiprocessing.get_context("spawn").Process(
-            target=type(self).core_main, name="sageinfer-engine-core", daemon=True,
+            target=type(self).core_main, name="sageinfer-engine-core", daemon=False,
             args=(config, attention_backend, command_address, output_address, os.getpid()))
         self.process.start()
+        self._stopping = False
+        atexit.register(self.shutdown)
         ready = self._wait_ready(startup_timeout)
         tokenizer = None
         if not config.skip_tokenizer_init:
@@ -57,7 +62,6 @@ class EngineCoreClient(EngineFront):
                          ready.max_num_seqs, max_waiting_requests, on_dead)
         self.ready = ready
         self._assembler = msg.OutputAssembler()
-        self._stopping = False
         self._receiver = threading.Thread(target=self._receive, name="sageinfer-core-receiver", daemon=True)
         self._receiver.start()
 
@@ -92,6 +96,8 @@ class EngineCoreClient(EngineFront):
         self._commands.send(self._encoder.encode(message))
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        if self._context.closed:
+            return
         self._stopping = True
         if self.process.is_alive():
             try:
@@ -102,7 +108,8 @@ class EngineCoreClient(EngineFront):
             if self.process.is_alive():
                 self.process.kill()
                 self.process.join(timeout)
-        self._receiver.join(timeout)
+        if hasattr(self, "_receiver"):
+            self._receiver.join(timeout)
         self._close()
 
     def _close(self) -> None:

@@ -40,6 +40,7 @@ def run_engine_core(config: EngineConfig, attention_backend: str | None, command
                                               engine.model_config.vocab_size, engine.config.max_num_seqs,
                                               engine.num_kv_blocks, engine.config.block_size)))
         code = _loop(engine, commands, outputs, encoder, parent_pid)
+        engine.shutdown()
     except BaseException as exc:  # noqa: BLE001 - the engine is unusable: say why, then exit non-zero
         logger.exception("the engine core stopped")
         outputs.send(encoder.encode(msg.Dead(f"{type(exc).__name__}: {exc}")))

@@ -12,7 +12,9 @@ from sageinfer.engine.detokenizer import IncrementalDetokenizer
 from sageinfer.engine.input_processor import InputProcessor, PromptType
 from sageinfer.engine.request import Request
 from sageinfer.engine.scheduler import Scheduler
+from sageinfer.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
 from sageinfer.executor.model_runner import ModelRunner
+from sageinfer.executor.workers import TensorParallelWorkers, agree_on_num_blocks
 from sageinfer.kv_cache.manager import KVCacheManager
 from sageinfer.models.model_config import load_model_config
 from sageinfer.outputs import CompletionOutput, Logprob, RequestOutput
@@ -74,10 +76,17 @@ class LLMEngine:
         self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, config.max_model_len,
                                      config.max_logprobs)
         dtype = parse_dtype(config.dtype, self.model_config.dtype)
+        self.workers = None  # tensor-parallel ranks 1..N-1 (this process is rank 0)
+        if config.tensor_parallel_size > 1:
+            self.workers = TensorParallelWorkers(config, attention_backend, self.eos_token_ids)
+            init_tensor_parallel(0, config.tensor_parallel_size, self.platform.dist_backend, self.workers.init_method)
         self.runner = ModelRunner(config, self.model_config, self.platform, dtype, attention_backend, show_progress)
         num_blocks = self.runner.determine_num_blocks()
+        if self.workers is not None:
+            num_blocks = agree_on_num_blocks(num_blocks, self.runner.device)
         capacity = (num_blocks - 1) * config.block_size
         if capacity < config.max_model_len:
+            self.shutdown()
             raise ValueError(
                 f"the KV cache holds {max(capacity, 0)} tokens ({num_blocks} blocks of {config.block_size}), fewer "
                 f"than max_model_len ({config.max_model_len}): lower max_model_len or give the cache more memory")
@@ -141,6 +150,13 @@ class LLMEngine:
             for child in parent.children:
                 self.scheduler.finish(child, "abort")
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (they also stop when this process exits)."""
+        if self.workers is not None:
+            self.workers.shutdown()
+            self.workers = None
+            destroy_tensor_parallel()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
@@ -160,6 +176,8 @@ class LLMEngine:
         if not sched.is_empty:
             prev = self._in_flight
             prev_tokens = prev.sampler_output.token_ids if prev is not None and prev.sampler_output else None
+            if self.workers is not None:
+                self.workers.send_step(sched.scheduled, use_prev_tokens=prev_tokens is not None)
             result = self.runner.execute(sched.scheduled, prev_tokens)
             self.kv_manager.step_launched()
             self.scheduler.update_after_step(sched)

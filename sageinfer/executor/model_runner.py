@@ -9,7 +9,7 @@ import torch
 
 from sageinfer.attention.backend import AttentionMetadata, LayerKVCache, get_attention_backend
 from sageinfer.config import EngineConfig
-from sageinfer.distributed.parallel_state import kv_head_range
+from sageinfer.distributed.parallel_state import get_tp_group, kv_head_range
 from sageinfer.executor.sampling_inputs import build_sampling_batch
 from sageinfer.layers.sampler import Sampler, SamplerOutput
 from sageinfer.models.loader import load_model
@@ -32,7 +32,8 @@ class ModelRunner:
         self.config = config
         self.model_config = model_config
         self.platform = platform
-        self.device = platform.device() if config.device is None else torch.device(config.device)
+        # A tensor-parallel rank's own device (rank k on device k of the host).
+        self.device = platform.device(get_tp_group().rank) if config.device is None else torch.device(config.device)
         self.dtype = dtype
         self.block_size = config.block_size
         # KV heads this rank holds (all of them without tensor parallelism): the cache's shape and size.

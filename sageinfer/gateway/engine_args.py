@@ -26,12 +26,14 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
     for f in dataclasses.fields(EngineConfig):
         if f.name == "model":
             continue
-        flag, kind = "--" + f.name.replace("_", "-"), _flag_type(hints[f.name])
+        flags, kind = ["--" + f.name.replace("_", "-")], _flag_type(hints[f.name])
+        if f.name == "tensor_parallel_size":
+            flags.append("-tp")  # vLLM's short form
         help_text = f.metadata.get("help")
         if kind is bool:
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            g.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:
-            g.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"), help=help_text)
+            g.add_argument(*flags, type=kind, default=f.default, choices=f.metadata.get("choices"), help=help_text)
     g.add_argument("--attention-backend", default=None, choices=["torch_ref", "triton"])
 
 

@@ -16,6 +16,9 @@ class Platform:
     # the unit in which attention kernels find contiguous keys.
     kv_block_size: int = 16
 
+    def set_device(self, index: int) -> None:
+        """Make device `index` this process's current one (a tensor-parallel rank's)."""
+
     def num_compute_units(self) -> int:
         """Units that run kernel programs side by side (SMs on NVIDIA, AI cores on Ascend, CPU cores
         here): kernels size their grids by it."""

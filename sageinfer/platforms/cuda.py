@@ -28,6 +28,9 @@ class CudaPlatform(Platform):
     def device_name(self) -> str:
         return torch.cuda.get_device_name()
 
+    def set_device(self, index: int) -> None:
+        torch.cuda.set_device(index)
+
     def num_compute_units(self) -> int:
         return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 

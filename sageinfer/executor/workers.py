@@ -1,0 +1,140 @@
+"""Tensor-parallel ranks 1..N-1, each in a process of its own with its device and model shard.
+
+Rank 0 runs in the engine, beside the scheduler. Every step it sends the other ranks a step message
+(`step_message.StepMessage`, msgspec over a ZMQ socket per worker) and then all ranks run the same
+forward, meeting in the collectives. The ranks start with multiprocessing (spawn) on one host; they
+size the KV cache alike (the smallest any rank can hold) and capture the same graphs.
+
+A worker that dies leaves the others waiting in a collective that will never complete, so a watchdog
+ends the engine's process at once (exit 1): the server in front of it reports the death and exits.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import os
+import tempfile
+import threading
+import time
+
+import msgspec
+import torch
+import zmq
+
+from sageinfer.config import EngineConfig
+from sageinfer.executor import step_message as sm
+
+logger = logging.getLogger(__name__)
+
+_WATCH_SECONDS = 0.5
+
+
+def agree_on_num_blocks(num_blocks: int, device: torch.device) -> int:
+    """The smallest KV cache any rank can hold: the ranks' caches must be the same size."""
+    import torch.distributed as dist
+    value = torch.tensor([num_blocks], dtype=torch.int64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return int(value.item())
+
+
+class TensorParallelWorkers:
+    """Rank 0's handle on the other ranks."""
+
+    def __init__(self, config: EngineConfig, attention_backend: str | None, eos_token_ids: set[int]):
+        size = config.tensor_parallel_size
+        self._dir = tempfile.mkdtemp(prefix="sageinfer-tp-")
+        self.init_method = f"file://{self._dir}/rendezvous"
+        self._context = zmq.Context()
+        self._sockets, self.processes = [], []
+        ctx = multiprocessing.get_context("spawn")
+        for rank in range(1, size):
+            address = f"ipc://{self._dir}/rank{rank}"
+            socket = self._context.socket(zmq.PUSH)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.bind(address)
+            self._sockets.append(socket)
+            process = ctx.Process(target=run_worker, name=f"sageinfer-tp-rank{rank}", daemon=True,
+                                  args=(rank, config, attention_backend, sorted(eos_token_ids), self.init_method,
+                                        address, os.getpid()))
+            process.start()
+            logger.info("tensor-parallel rank %d: process %d", rank, process.pid)
+            self.processes.append(process)
+        self._encoder = msgspec.msgpack.Encoder()
+        self.builder = sm.StepMessageBuilder()
+        self._stopping = False
+        threading.Thread(target=self._watch, name="sageinfer-tp-watchdog", daemon=True).start()
+        atexit.register(self.shutdown)  # before multiprocessing ends the daemons, so the watchdog stays quiet
+
+    def send_step(self, scheduled: list, use_prev_tokens: bool) -> None:
+        data = self._encoder.encode(self.builder.build(scheduled, use_prev_tokens))
+        for socket in self._sockets:
+            socket.send(data)
+
+    def _watch(self) -> None:
+        while not self._stopping:
+            for rank, process in enumerate(self.processes, start=1):
+                if not process.is_alive() and not self._stopping:
+                    logger.error("tensor-parallel rank %d exited with code %s; the engine cannot go on",
+                                 rank, process.exitcode)
+                    os._exit(1)
+            time.sleep(_WATCH_SECONDS)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        data = self._encoder.encode(sm.Shutdown())
+        for socket in self._sockets:
+            try:
+                socket.send(data, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        for process in self.processes:
+            process.join(timeout)
+            if process.is_alive():
+                process.kill()
+        for socket in self._sockets:
+            socket.close(linger=0)
+        self._context.term()
+
+
+def run_worker(rank: int, config: EngineConfig, attention_backend: str | None, eos_token_ids: list[int],
+               init_method: str, address: str, parent_pid: int) -> None:
+    """A rank's process: join the group, build the shard, then run each step rank 0 announces."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s tp rank {rank}: %(message)s")
+    from sageinfer.config import parse_dtype
+    from sageinfer.distributed.parallel_state import init_tensor_parallel
+    from sageinfer.executor.model_runner import ModelRunner
+    from sageinfer.models.model_config import load_model_config
+    from sageinfer.platforms import get_platform
+
+    platform = get_platform(config.device)
+    platform.set_device(rank)
+    init_tensor_parallel(rank, config.tensor_parallel_size, platform.dist_backend, init_method)
+    torch.manual_seed(config.seed)  # the same random state as rank 0: unseeded draws agree
+    model_config = load_model_config(config.model)
+    runner = ModelRunner(config, model_config, platform, parse_dtype(config.dtype, model_config.dtype),
+                         attention_backend, show_progress=False)
+    runner.allocate_kv_cache(agree_on_num_blocks(runner.determine_num_blocks(), runner.device))
+    runner.capture_graphs()
+    context = zmq.Context()
+    socket = context.socket(zmq.PULL)
+    socket.connect(address)
+    decoder = msgspec.msgpack.Decoder(sm.WorkerCommand)
+    requests = sm.WorkerRequests(set(eos_token_ids), runner.device)
+    prev_tokens = None
+    while True:
+        if not socket.poll(1000):
+            if os.getppid() != parent_pid:
+                logger.error("rank 0 is gone; exiting")
+                os._exit(1)
+            continue
+        message = decoder.decode(socket.recv())
+        if isinstance(message, sm.Shutdown):
+            break
+        scheduled = requests.apply(message)
+        result = runner.execute(scheduled, prev_tokens if message.use_prev_tokens else None)
+        prev_tokens = result.sampler_output.token_ids if result.sampler_output is not None else None
+    socket.close(linger=0)
+    context.term()
