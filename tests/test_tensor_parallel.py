@@ -1,11 +1,11 @@
-"""The model split over tensor-parallel ranks (gloo on the CPU) generates what it does whole."""
+"""The model split over tensor-parallel ranks (worker processes on gloo, on the CPU) generates what
+it does whole."""
 import numpy as np
 import pytest
 
 from oracle import assert_greedy_matches_hf
 from sageinfer import LLM, SamplingParams
 from sageinfer.models.model_config import load_model_config
-from tp_util import generate_tensor_parallel
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]  # qwen2: q/k/v biases and tied embeddings; qwen3: q/k norms
 
@@ -15,39 +15,46 @@ def _prompts(seed, lengths=(5, 37, 12)):
     return [rng.integers(3, 500, size=n).tolist() for n in lengths]
 
 
-def _whole(model_dir, prompts, max_tokens, **options):
+def _generate(model_dir, prompts, max_tokens, **options):
+    """Greedy tokens, and rank 0's layer-0 shard shapes."""
     llm = LLM(model_dir, dtype="float32", num_gpu_blocks_override=256, show_progress=False, **options)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
-    return [o.outputs[0].token_ids for o in outs]
+    attn = llm.engine.runner.model.model.layers[0].self_attn
+    shapes = {"qkv_rows": attn.qkv_proj.weight.shape[0], "o_cols": attn.o_proj.weight.shape[1],
+              "kv_cache_heads": llm.engine.runner.kv_caches[0].k.shape[2]}
+    llm.engine.shutdown()
+    return [o.outputs[0].token_ids for o in outs], shapes
 
 
-def test_tp2_matches_tp1_and_transformers_for_every_architecture(model_dirs, tmp_path):
-    runs = [(model_dirs[arch], _prompts(i), 8, {}) for i, arch in enumerate(ARCHS)]
-    # One sequence on the Triton backend: its one-row decode fusions must step aside for the all-reduce.
-    runs.append((model_dirs["llama"], _prompts(9, (20,)), 6, {"attention_backend": "triton"}))
-    sharded = generate_tensor_parallel(2, runs, str(tmp_path))
-    for (model_dir, prompts, max_tokens, options), result in zip(runs, sharded):
-        cfg = load_model_config(model_dir)
-        d = cfg.head_dim
-        # Each rank holds half of the heads: 2 of 4 query heads, 1 of 2 KV heads.
-        assert result["shapes"] == {"qkv_rows": (2 + 1 + 1) * d, "o_cols": 2 * d, "kv_cache_heads": 1}
-        tokens = result["tokens"]
-        assert tokens == _whole(model_dir, prompts, max_tokens, **options)
-        for prompt, out in zip(prompts, tokens):
-            assert_greedy_matches_hf(model_dir, prompt, out)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tp2_matches_tp1_and_transformers(model_dirs, arch):
+    model_dir, prompts = model_dirs[arch], _prompts(ARCHS.index(arch))
+    tokens, shapes = _generate(model_dir, prompts, 8, tensor_parallel_size=2)
+    d = load_model_config(model_dir).head_dim
+    assert shapes == {"qkv_rows": (2 + 1 + 1) * d, "o_cols": 2 * d, "kv_cache_heads": 1}  # 2 of 4 q, 1 of 2 kv heads
+    assert tokens == _generate(model_dir, prompts, 8)[0]
+    for prompt, out in zip(prompts, tokens):
+        assert_greedy_matches_hf(model_dir, prompt, out)
 
 
-def test_tp4_replicates_kv_heads_fewer_than_ranks(model_dirs, tmp_path):
+def test_tp2_one_sequence_on_the_triton_backend(model_dirs):
+    """Single-sequence decode takes the one-row matmuls, whose fusions must step aside for the all-reduce."""
+    prompts = _prompts(9, (20,))
+    tokens, _ = _generate(model_dirs["llama"], prompts, 6, tensor_parallel_size=2, attention_backend="triton")
+    assert tokens == _generate(model_dirs["llama"], prompts, 6, attention_backend="triton")[0]
+
+
+def test_tp4_replicates_kv_heads_fewer_than_ranks(model_dirs):
     cfg = load_model_config(model_dirs["llama"])
     assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (4, 2)
     prompts = _prompts(4)
-    (result,) = generate_tensor_parallel(4, [(model_dirs["llama"], prompts, 8, {})], str(tmp_path))
-    assert result["shapes"] == {"qkv_rows": 3 * cfg.head_dim, "o_cols": cfg.head_dim, "kv_cache_heads": 1}
-    assert result["tokens"] == _whole(model_dirs["llama"], prompts, 8)
+    tokens, shapes = _generate(model_dirs["llama"], prompts, 8, tensor_parallel_size=4)
+    assert shapes == {"qkv_rows": 3 * cfg.head_dim, "o_cols": cfg.head_dim, "kv_cache_heads": 1}
+    assert tokens == _generate(model_dirs["llama"], prompts, 8)[0]
 
 
-def test_heads_that_do_not_split_are_refused(model_dirs, tmp_path):
+def test_heads_that_do_not_split_are_refused():
     from sageinfer.distributed.parallel_state import TensorParallelGroup, kv_head_range
     with pytest.raises(ValueError, match="does not split"):
         TensorParallelGroup(rank=0, size=3).split(4)
