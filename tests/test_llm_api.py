@@ -205,3 +205,20 @@ def test_generate_after_an_interrupted_call_returns_only_its_own_outputs(llama_d
         llm.engine.step()
     llm.engine.kv_manager.pool.check_accounting()
     assert llm.engine.kv_manager.pool.num_free_blocks == llm.engine.kv_manager.pool.usable_blocks
+
+
+def test_chat_renders_the_template_as_transformers_does(llm):
+    tok = llm.get_tokenizer()
+    one = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "你好"}]
+    two = [{"role": "user", "content": "hi"}]
+    params = SamplingParams(temperature=0, max_tokens=6)
+    outs = llm.chat([one, two], params, use_tqdm=False)
+    for conversation, out in zip([one, two], outs):
+        text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        assert out.prompt == text
+        ref = llm.generate({"prompt_token_ids": tok(text, add_special_tokens=False)["input_ids"]}, params,
+                           use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+    assert llm.chat(two, params, use_tqdm=False)[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+    with pytest.raises(ValueError, match="chat template"):
+        llm.chat(two, params, chat_template="{{ messages[5]['x'] }}", use_tqdm=False)

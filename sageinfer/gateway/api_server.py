@@ -99,19 +99,12 @@ class OpenAIServer:
                                 f"{len(ids)} tokens.", "prompt")
 
     def chat_prompt(self, req: ChatCompletionRequest) -> dict:
-        if self.tokenizer is None:
-            raise APIError(400, "chat needs a tokenizer; the server runs with --skip-tokenizer-init", "messages")
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise APIError(400, "the model has no chat template; start the server with --chat-template FILE",
-                           "messages")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         self._check_text_length(sum(len(m["content"]) for m in messages), "messages")
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=req.add_generation_prompt)
-        except Exception as exc:  # a template error is the request's fault (e.g. roles out of order)
-            raise APIError(400, f"the chat template could not render these messages: {exc}", "messages") from exc
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            text, ids = self.inputs.render_chat(messages, req.add_generation_prompt)
+        except ValueError as exc:
+            raise APIError(400, str(exc), "messages") from exc
         self._check_length(ids)
         return {"prompt_token_ids": ids, "prompt": text}
 
