@@ -232,3 +232,18 @@ def test_requests_over_the_queue_limit_get_503_and_the_rest_complete(llama_dir):
         assert httpx.get(srv.base_url + "/health", timeout=30).status_code == 200
     finally:
         assert srv.stop() == 0
+
+
+def test_completion_logprobs_give_each_tokens_text_offset(client):
+    for echo in (False, True):
+        out = client.completions.create(model="tiny", prompt="The capital of", max_tokens=12, temperature=0,
+                                        logprobs=1, echo=echo, extra_body={"ignore_eos": True}).choices[0]
+        lp = out.logprobs
+        start = len("The capital of") if echo else 0
+        assert lp.text_offset[0] == start and len(lp.text_offset) == len(lp.tokens)
+        assert all(b - a == len(t) for a, b, t in zip(lp.text_offset, lp.text_offset[1:], lp.tokens))
+        streamed = [o for c in client.completions.create(model="tiny", prompt="The capital of", max_tokens=12,
+                                                         temperature=0, logprobs=1, echo=echo, stream=True,
+                                                         extra_body={"ignore_eos": True})
+                    if c.choices for o in c.choices[0].logprobs.text_offset]
+        assert streamed == lp.text_offset

@@ -172,7 +172,8 @@ class OpenAIServer:
 
         def choice(i: int, c, text: str, start: int, end: int, finished: bool) -> dict:
             return {"index": i * n + c.index, "text": text,
-                    "logprobs": fmt.completion_logprobs(c, start, end, k) if req.logprobs is not None else None,
+                    "logprobs": (fmt.completion_logprobs(c, start, end, k, len(echo_text[i]))
+                                 if req.logprobs is not None else None),
                     "finish_reason": c.finish_reason if finished else None,
                     "stop_reason": c.stop_reason if finished else None}
 

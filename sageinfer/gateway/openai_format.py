@@ -4,19 +4,24 @@ from __future__ import annotations
 from sageinfer.outputs import CompletionOutput
 
 
-def completion_logprobs(c: CompletionOutput, start: int, end: int, k: int) -> dict:
-    """Legacy completions logprobs: the sampled tokens, their logprobs, and the top k (plus the
-    sampled token, as vLLM lists it) per position."""
-    tokens, token_lps, tops = [], [], []
+def completion_logprobs(c: CompletionOutput, start: int, end: int, k: int, text_start: int = 0) -> dict:
+    """Legacy completions logprobs: the sampled tokens, their logprobs, the top k (plus the sampled
+    token, as vLLM lists it) per position, and where each token's text starts in the choice's text
+    (text_start: characters before the completion, an echoed prompt)."""
+    offset = text_start + sum(len(entry[t].decoded_token or "")
+                              for t, entry in zip(c.token_ids[:start], (c.logprobs or [])[:start]))
+    tokens, token_lps, tops, offsets = [], [], [], []
     for token_id, entry in zip(c.token_ids[start:end], (c.logprobs or [])[start:end]):
         chosen = entry[token_id]
         tokens.append(chosen.decoded_token or "")
+        offsets.append(offset)
+        offset += len(tokens[-1])
         token_lps.append(chosen.logprob)
         ranked = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]
         top = {(lp.decoded_token or ""): lp.logprob for _, lp in ranked}
         top.setdefault(chosen.decoded_token or "", chosen.logprob)
         tops.append(top)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": []}
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 def chat_logprobs(c: CompletionOutput, start: int, end: int, k: int) -> dict:
