@@ -53,3 +53,10 @@ def test_llm_names_an_unknown_option(llama_dir):
     from sageinfer import LLM
     with pytest.raises(ValueError, match="max_num_seq'"):
         LLM(llama_dir, max_num_seq=4)
+
+
+def test_version_and_a_model_path_that_is_not_there():
+    version = _run("--version")
+    assert version.returncode == 0 and version.stdout.startswith("sageinfer ")
+    missing = _run("generate", "--model", "Qwen/Qwen3-8B", "--prompt", "x")
+    assert missing.returncode == 2 and "model hub ids are not supported here" in missing.stderr

@@ -118,13 +118,16 @@ def _serve(args: argparse.Namespace) -> int:
     front.on_dead = server.stop_on_dead_engine
     if front.error is not None:  # died before the callback was set
         server.stop_on_dead_engine(front.error)
+    print(f"serving {name!r} on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
     server.run()
     front.shutdown()
     return server.exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sageinfer import __version__
     parser = argparse.ArgumentParser(prog="sageinfer", description="sageInfer LLM inference engine")
+    parser.add_argument("--version", action="version", version=f"sageinfer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate completions offline and print them")
     gen.add_argument("--prompt", action="append", help="prompt text (repeatable)")

@@ -58,6 +58,9 @@ SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen
 
 
 def load_model_config(model_dir: str) -> ModelConfig:
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"no such directory {model_dir!r}; model hub ids are not supported here, pass a local "
+                         "directory with the model's config.json and weights")
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"model directory {model_dir!r} has no config.json")
