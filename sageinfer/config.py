@@ -65,6 +65,9 @@ class EngineConfig:
         256, "admit a waiting request only while running ones keep room for this many more tokens")
     # Most logprobs a request may ask for per token (vLLM's --max-logprobs); also capped by the vocabulary.
     max_logprobs: int = _option(20, "most logprobs a request may ask for per token")
+    # Sampling values for requests that give none: "auto" (the checkpoint's generation_config.json),
+    # "vllm" (none: SamplingParams' own defaults), or a directory holding a generation_config.json.
+    generation_config: str = _option("auto", "default sampling values: auto (the model's), vllm (none), or a directory")
     # Ranks the model is split over (heads, MLP columns, vocabulary), one process and device each.
     tensor_parallel_size: int = _option(1, "ranks the model is split over, one device each")
 

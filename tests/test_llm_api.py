@@ -222,3 +222,27 @@ def test_chat_renders_the_template_as_transformers_does(llm):
     assert llm.chat(two, params, use_tqdm=False)[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
     with pytest.raises(ValueError, match="chat template"):
         llm.chat(two, params, chat_template="{{ messages[5]['x'] }}", use_tqdm=False)
+
+
+def test_generation_config_gives_defaults_to_requests_that_give_none(llama_dir, tmp_path):
+    import json
+    import shutil
+
+    from sageinfer.gateway.protocol import CompletionRequest
+    model = tmp_path / "with-gen-config"
+    shutil.copytree(llama_dir, model)
+    gen = json.loads((model / "generation_config.json").read_text()) if (model / "generation_config.json").exists() else {}
+    gen.update(temperature=0.6, top_p=0.9, top_k=20, repetition_penalty=1.05)
+    (model / "generation_config.json").write_text(json.dumps(gen))
+    llm = LLM(str(model), dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+    default = llm.get_default_sampling_params()
+    assert (default.temperature, default.top_p, default.top_k, default.repetition_penalty) == (0.6, 0.9, 20, 1.05)
+    defaults = llm.engine.inputs.sampling_defaults
+    given = CompletionRequest(prompt="x", temperature=0.0, top_k=5).sampling_params(defaults)
+    assert (given.temperature, given.top_p, given.top_k, given.max_tokens) == (0.0, 0.9, 5, 16)
+    plain = LLM(str(model), dtype="float32", num_gpu_blocks_override=128, show_progress=False,
+                generation_config="vllm").get_default_sampling_params()
+    assert (plain.temperature, plain.top_k) == (1.0, 0)
+    with pytest.raises(ValueError, match="generation_config"):
+        LLM(str(model), dtype="float32", num_gpu_blocks_override=128, show_progress=False,
+            generation_config=str(tmp_path / "nowhere"))

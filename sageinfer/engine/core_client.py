@@ -24,6 +24,7 @@ from sageinfer.engine import core_messages as msg
 from sageinfer.engine.core_proc import run_engine_core
 from sageinfer.engine.frontend import EngineFront, RequestFailed
 from sageinfer.engine.input_processor import InputProcessor
+from sageinfer.models.generation_defaults import load_generation_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ class EngineCoreClient(EngineFront):
         if not config.skip_tokenizer_init:
             from sageinfer.engine.engine import _load_tokenizer
             tokenizer = _load_tokenizer(config.tokenizer)
-        super().__init__(InputProcessor(tokenizer, ready.vocab_size, ready.max_model_len, config.max_logprobs),
+        defaults = load_generation_defaults(config.model, config.generation_config)
+        super().__init__(InputProcessor(tokenizer, ready.vocab_size, ready.max_model_len, config.max_logprobs, defaults),
                          ready.max_num_seqs, max_waiting_requests, on_dead)
         self.ready = ready
         self._assembler = msg.OutputAssembler()

@@ -16,6 +16,7 @@ from sageinfer.distributed.parallel_state import destroy_tensor_parallel, init_t
 from sageinfer.executor.model_runner import ModelRunner
 from sageinfer.executor.workers import TensorParallelWorkers, agree_on_num_blocks
 from sageinfer.kv_cache.manager import KVCacheManager
+from sageinfer.models.generation_defaults import load_generation_defaults
 from sageinfer.models.model_config import load_model_config
 from sageinfer.outputs import CompletionOutput, Logprob, RequestOutput
 from sageinfer.platforms import get_platform
@@ -74,7 +75,8 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, config.max_model_len,
-                                     config.max_logprobs)
+                                     config.max_logprobs,
+                                     load_generation_defaults(config.model, config.generation_config))
         dtype = parse_dtype(config.dtype, self.model_config.dtype)
         self.workers = None  # tensor-parallel ranks 1..N-1 (this process is rank 0)
         if config.tensor_parallel_size > 1:

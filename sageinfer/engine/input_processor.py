@@ -11,8 +11,11 @@ PromptType = str | dict
 
 
 class InputProcessor:
-    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, max_logprobs: int):
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, max_logprobs: int,
+                 sampling_defaults: dict | None = None):
         self.tokenizer = tokenizer
+        # Sampling values for requests that give none (from the checkpoint's generation_config.json).
+        self.sampling_defaults = sampling_defaults or {}
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_logprobs = max_logprobs

@@ -153,7 +153,7 @@ class OpenAIServer:
     async def completions(self, req: CompletionRequest, raw: Request):
         self.check_model(req.model)
         try:
-            params = req.sampling_params()
+            params = req.sampling_params(self.inputs.sampling_defaults)
             raw_prompts = req.prompts()
         except ValueError as exc:
             raise APIError(400, str(exc), _param_of(str(exc))) from exc
@@ -211,7 +211,7 @@ class OpenAIServer:
     async def chat(self, req: ChatCompletionRequest, raw: Request):
         self.check_model(req.model)
         try:
-            params = req.sampling_params(None)
+            params = req.sampling_params(self.inputs.sampling_defaults)
         except ValueError as exc:
             raise APIError(400, str(exc), _param_of(str(exc))) from exc
         self.engine.check_accepting(params.n)

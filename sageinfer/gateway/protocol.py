@@ -53,7 +53,7 @@ class _SamplingFields(_Strict):
     stop_token_ids: list[int] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
@@ -78,28 +78,34 @@ class _SamplingFields(_Strict):
     prompt_logprobs: Any = None
     best_of: Any = None
 
-    def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling(self, max_tokens: int | None, logprobs: int | None, defaults: dict) -> SamplingParams:
+        """defaults: the server's values for fields the request leaves out (generation_config)."""
         for name, asks_nothing in _UNSUPPORTED_FIELDS.items():
             if not asks_nothing(getattr(self, name)):
                 raise ValueError(f"{name} is not supported by this server yet; leave it out")
+
+        def pick(name: str, neutral):
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, neutral)
         return SamplingParams(
-            n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
+            n=self.n, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0), top_k=pick("top_k", 0),
+            min_p=pick("min_p", 0.0), seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty, max_tokens=max_tokens, min_tokens=self.min_tokens,
+            repetition_penalty=pick("repetition_penalty", 1.0), max_tokens=max_tokens, min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output)
 
 
 class CompletionRequest(_SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = None  # OpenAI's default for completions is 16
     logprobs: int | None = None
     echo: bool = False
 
-    def sampling_params(self) -> SamplingParams:
-        return self._sampling(self.max_tokens, self.logprobs)
+    def sampling_params(self, defaults: dict | None = None) -> SamplingParams:
+        defaults = defaults or {}
+        max_tokens = self.max_tokens if self.max_tokens is not None else defaults.get("max_tokens", 16)
+        return self._sampling(max_tokens, self.logprobs, defaults)
 
     def prompts(self) -> list:
         """The prompt field as a list of engine prompts (strings or token-id dicts)."""
@@ -150,11 +156,13 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
 
-    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
+    def sampling_params(self, defaults: dict | None = None) -> SamplingParams:
+        """Without max_tokens a reply may run to the end of the context (or the checkpoint's max_new_tokens)."""
+        defaults = defaults or {}
+        max_tokens = self.max_completion_tokens or self.max_tokens or defaults.get("max_tokens")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
-        return self._sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        return self._sampling(max_tokens, (self.top_logprobs or 0) if self.logprobs else None, defaults)
 
 
 class TokenizeRequest(_Strict):
