@@ -35,6 +35,10 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Added to the logits of these token ids before sampling (OpenAI's logit_bias, in [-100, 100]).
+    logit_bias: dict[int, float] | None = None
+    # Only these token ids may be sampled.
+    allowed_token_ids: list[int] | None = None
     # Filled by the engine: eos ids of the model, so stop checks need no tokenizer.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -88,6 +92,16 @@ class SamplingParams:
             raise bad("seed", self.seed, f"an integer in [{_INT64_MIN}, {_INT64_MAX - self.n + 1}]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", self.stop, "non-empty strings")
+        if self.logit_bias is not None:
+            try:
+                self.logit_bias = {int(t): float(v) for t, v in self.logit_bias.items()}
+            except (TypeError, ValueError, AttributeError):
+                raise bad("logit_bias", self.logit_bias, "a map of token ids to numbers") from None
+            if any(t < 0 or not -100.0 <= v <= 100.0 for t, v in self.logit_bias.items()):
+                raise bad("logit_bias", self.logit_bias, "token ids >= 0 with biases in [-100, 100]")
+        if self.allowed_token_ids is not None and (
+                not self.allowed_token_ids or any(not _is_int(t) or t < 0 for t in self.allowed_token_ids)):
+            raise bad("allowed_token_ids", self.allowed_token_ids, "a non-empty list of token ids")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "non-negative integers")
 

@@ -113,3 +113,15 @@ def test_logprobs_report_sampled_token_and_top_k():
     assert torch.allclose(out.logprobs[:, 0], ref.gather(1, out.token_ids[:, None])[:, 0])
     assert torch.allclose(out.logprobs[:, 1:], ref.topk(3, dim=-1).values)
     assert out.sampled_ranks.tolist() == [1, 1]
+
+
+def test_logit_bias_and_allowed_token_ids_steer_the_draw():
+    logits = LOGITS.unsqueeze(0).repeat(3, 1)
+    b = _batch(3, temperature=0.0)
+    b.bias_rows, b.bias_tokens = torch.tensor([0, 1, 1]), torch.tensor([0, 0, 7])
+    b.bias_values = torch.tensor([-100.0, -100.0, 100.0])
+    b.allowed_mask = torch.ones(3, V, dtype=torch.bool)
+    b.allowed_mask[2] = False
+    b.allowed_mask[2, [4, 5]] = True
+    out = Sampler()(logits, b)
+    assert out.token_ids.tolist() == [1, 7, 4]  # argmax banned; a token forced; the best allowed one

@@ -247,3 +247,22 @@ def test_completion_logprobs_give_each_tokens_text_offset(client):
                                                          extra_body={"ignore_eos": True})
                     if c.choices for o in c.choices[0].logprobs.text_offset]
         assert streamed == lp.text_offset
+
+
+def test_logit_bias_and_allowed_token_ids_as_offline(client, offline):
+    def offline_tokens(**extra):
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, **extra)
+        return offline.generate("The capital of", params, use_tqdm=False)[0].outputs[0]
+
+    banned = offline_tokens().token_ids[0]
+    cases = [({"logit_bias": {str(banned): -100}}, {"logit_bias": {banned: -100}}),
+             ({"logit_bias": {"7": 100}}, {"logit_bias": {7: 100}}),
+             ({"allowed_token_ids": [7, 8, 9]}, {"allowed_token_ids": [7, 8, 9]})]
+    refs = []
+    for body_extra, params_extra in cases:
+        ref = offline_tokens(**params_extra)
+        out = client.completions.create(model="tiny", prompt="The capital of", max_tokens=8, temperature=0,
+                                        extra_body={"ignore_eos": True, **body_extra})
+        assert out.choices[0].text == ref.text
+        refs.append(ref.token_ids)
+    assert banned not in refs[0] and refs[1] == [7] * 8 and set(refs[2]) <= {7, 8, 9}

@@ -104,7 +104,11 @@ BAD_BODIES = [
     ("tools", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
      "tools"),
-    ("logit_bias", "/v1/completions", {"prompt": "hi", "logit_bias": {"5": 100}}, "logit_bias"),
+    ("logit_bias not a token id", "/v1/completions", {"prompt": "hi", "logit_bias": {"x": 5}}, "logit_bias"),
+    ("logit_bias outside the vocabulary", "/v1/completions", {"prompt": "hi", "logit_bias": {"99999": 5}},
+     "logit_bias"),
+    ("logit_bias over 100", "/v1/completions", {"prompt": "hi", "logit_bias": {"5": 150}}, "logit_bias"),
+    ("bad_words", "/v1/completions", {"prompt": "hi", "bad_words": ["a"]}, "bad_words"),
 ]
 
 

@@ -59,6 +59,9 @@ class InputProcessor:
 
     def check_sampling_params(self, params: SamplingParams) -> None:
         """Limits that depend on the engine and the model, beyond SamplingParams' own checks."""
+        for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or [])):
+            if any(t >= self.vocab_size for t in ids):
+                raise ValueError(f"{name} has token ids outside [0, {self.vocab_size})")
         if params.logprobs is not None:
             limit = min(self.max_logprobs, self.vocab_size)
             if params.logprobs > limit:

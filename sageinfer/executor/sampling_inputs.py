@@ -44,8 +44,22 @@ def build_sampling_batch(requests: list, vocab_size: int, device: torch.device, 
         rows, tokens = zip(*banned)
         batch.banned_rows = torch.tensor(rows, dtype=torch.int64)
         batch.banned_tokens = torch.tensor(tokens, dtype=torch.int64)
+    biased = [(row, t, v) for row, p in enumerate(params) if p.logit_bias for t, v in p.logit_bias.items()]
+    if biased:
+        rows, tokens, values = zip(*biased)
+        batch.bias_rows = torch.tensor(rows, dtype=torch.int64)
+        batch.bias_tokens = torch.tensor(tokens, dtype=torch.int64)
+        batch.bias_values = torch.tensor(values, dtype=torch.float32)
+    if any(p.allowed_token_ids for p in params):
+        mask = torch.ones(num, vocab_size, dtype=torch.bool)
+        for row, p in enumerate(params):
+            if p.allowed_token_ids:
+                mask[row] = False
+                mask[row, torch.tensor(p.allowed_token_ids, dtype=torch.int64)] = True
+        batch.allowed_mask = mask
     for name in ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty", "output_token_counts", "prompt_token_mask", "banned_rows", "banned_tokens"):
+                 "repetition_penalty", "output_token_counts", "prompt_token_mask", "banned_rows", "banned_tokens",
+                 "bias_rows", "bias_tokens", "bias_values", "allowed_mask"):
         value = getattr(batch, name)
         if value is not None:
             setattr(batch, name, to_device(value, device))

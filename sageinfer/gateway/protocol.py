@@ -27,13 +27,11 @@ _UNSUPPORTED_FIELDS = {
     "tool_choice": lambda v: v is None or v == "none",
     "functions": lambda v: not v,
     "function_call": lambda v: v is None or v == "none",
-    "logit_bias": lambda v: not v,
     "guided_json": lambda v: v is None,
     "guided_regex": lambda v: v is None,
     "guided_choice": lambda v: v is None,
     "guided_grammar": lambda v: v is None,
     "structured_outputs": lambda v: v is None,
-    "allowed_token_ids": lambda v: v is None,
     "bad_words": lambda v: not v,
     "prompt_logprobs": lambda v: v is None,
     "best_of": lambda v: v is None or v == 1,
@@ -67,13 +65,13 @@ class _SamplingFields(_Strict):
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    logit_bias: Any = None
+    logit_bias: dict[str, float] | None = None
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
     structured_outputs: Any = None
-    allowed_token_ids: Any = None
+    allowed_token_ids: list[int] | None = None
     bad_words: Any = None
     prompt_logprobs: Any = None
     best_of: Any = None
@@ -93,7 +91,8 @@ class _SamplingFields(_Strict):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=pick("repetition_penalty", 1.0), max_tokens=max_tokens, min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output)
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias=self.logit_bias or None, allowed_token_ids=self.allowed_token_ids)
 
 
 class CompletionRequest(_SamplingFields):

@@ -30,6 +30,11 @@ class SamplingBatch:
     # Rows under min_tokens: token ids to ban this step, as (row, token) index pairs
     banned_rows: torch.Tensor | None = None
     banned_tokens: torch.Tensor | None = None
+    # logit_bias as (row, token, bias) triples; allowed_token_ids as a [B, V] mask (True: may be sampled)
+    bias_rows: torch.Tensor | None = None
+    bias_tokens: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
+    allowed_mask: torch.Tensor | None = None
     max_num_logprobs: int = -1         # -1: no row wants logprobs
 
 
@@ -85,6 +90,10 @@ class Sampler:
         if b.banned_rows is not None:
             logits = logits.index_put((b.banned_rows, b.banned_tokens),
                                       torch.full((), float("-inf"), device=logits.device))
+        if b.bias_rows is not None:
+            logits = logits.index_put((b.bias_rows, b.bias_tokens), b.bias_values, accumulate=True)
+        if b.allowed_mask is not None:
+            logits = logits.masked_fill(~b.allowed_mask, float("-inf"))
         greedy_tokens = logits.argmax(dim=-1)
         if b.all_greedy:
             tokens = greedy_tokens
