@@ -16,6 +16,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """Sample name -> value of a Prometheus exposition (labels dropped: one model per server)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if not s.labels.keys() - {"model_name"}}
+
+
 class ServerProcess:
     def __init__(self, model_dir: str, *extra: str, api_key: str | None = "sk-test", env: dict | None = None,
                  startup_seconds: float = 300, entry: list[str] | None = None):
@@ -52,13 +59,7 @@ class ServerProcess:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def metrics(self) -> dict[str, float]:
-        text = httpx.get(self.base_url + "/metrics", headers=self.headers, timeout=10).text
-        values = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#") and "{" not in line:
-                name, value = line.rsplit(" ", 1)
-                values[name] = float(value)
-        return values
+        return parse_metrics(httpx.get(self.base_url + "/metrics", headers=self.headers, timeout=10).text)
 
     def stop(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:

@@ -174,13 +174,22 @@ def test_models_tokenize_detokenize(server, offline):
     assert text == "你好，世界"
 
 
-def test_metrics_are_exposed_with_the_sageinfer_prefix(server):
+def test_metrics_parse_as_prometheus_with_vllm_names_and_the_model_label(server):
+    from prometheus_client.parser import text_string_to_metric_families
     text = httpx.get(server.base_url + "/metrics", headers=server.headers, timeout=30).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
     for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_hit_rate",
-                 "prompt_tokens_total", "generation_tokens_total", "num_preemptions_total",
-                 "time_to_first_token_seconds_bucket", "time_per_output_token_seconds_bucket",
-                 "e2e_request_latency_seconds_bucket", "request_queue_time_seconds_bucket"):
-        assert f"sageinfer:{name}" in text, name
+                 "prompt_tokens", "generation_tokens", "num_preemptions", "time_to_first_token_seconds",
+                 "time_per_output_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+                 "request_queue_time_seconds", "request_prompt_tokens", "request_generation_tokens",
+                 "request_success", "cache_config_info"):
+        family = families[f"sageinfer:{name}"]
+        assert family.documentation, name
+        assert all(s.labels.get("model_name") == "tiny" for s in family.samples), name
+    assert families["sageinfer:generation_tokens"].samples[0].value > 0
+    info = families["sageinfer:cache_config_info"].samples[0].labels
+    assert info["block_size"] and info["num_gpu_blocks"] == "399"
+    assert "process_cpu_seconds" in families
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_zero(llama_dir):

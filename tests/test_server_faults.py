@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from fault_server import DETOK_FAULT, STEP_FAULT
-from server_util import ServerProcess
+from server_util import ServerProcess, parse_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OK_BODY = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
@@ -252,9 +252,7 @@ def test_admission_counts_prompts_times_n(server):
             async def watch():
                 nonlocal peak
                 while True:
-                    text = (await http.get(server.base_url + "/metrics", headers=server.headers)).text
-                    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-                              if line.startswith("sageinfer:num_requests_")}
+                    values = parse_metrics((await http.get(server.base_url + "/metrics", headers=server.headers)).text)
                     peak = max(peak, values["sageinfer:num_requests_running"]
                                + values["sageinfer:num_requests_waiting"])
                     await asyncio.sleep(0.02)

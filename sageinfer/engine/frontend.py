@@ -49,6 +49,8 @@ class _Stream:
     num_prompt_tokens: int
     num_seqs: int
     first_token_time: float | None = None
+    last_output_time: float = 0.0
+    num_tokens_seen: int = 0
 
 
 class RequestStream:
@@ -171,9 +173,13 @@ class EngineFront:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue
-            if stream.first_token_time is None and any(c.token_ids for c in output.outputs):
+            num_tokens = sum(len(c.token_ids) for c in output.outputs)
+            if stream.first_token_time is None and num_tokens:
                 stream.first_token_time = now
-                self.metrics.ttft.observe(now - stream.arrival)
+                self.metrics.observe_first_token(now - stream.arrival)
+            elif num_tokens > stream.num_tokens_seen:
+                self.metrics.observe_tokens(now - stream.last_output_time, num_tokens - stream.num_tokens_seen)
+            stream.last_output_time, stream.num_tokens_seen = now, num_tokens
             item: RequestOutput | BaseException = output
             if output.error is not None:
                 item = RequestFailed(f"the request failed: {output.error}")

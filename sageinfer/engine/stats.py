@@ -1,37 +1,35 @@
-"""Serving metrics in Prometheus text format, names prefixed `sageinfer:`."""
+"""Serving metrics through prometheus_client: names prefixed `sageinfer:` with vLLM's names after it
+(a vLLM Grafana dashboard works once the prefix is renamed), a `model_name` label on every series.
+
+The engine's own gauges and counters (running and waiting requests, KV blocks, tokens computed) are
+taken where the engine runs and mirrored here as a snapshot; request latencies are observed by the
+front end as outputs reach it.
+"""
 from __future__ import annotations
 
-import bisect
-import threading
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                     40.0, 80.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
-
-class Histogram:
-    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...]):
-        self.name, self.help, self.buckets = name, help_text, buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
-        self._lock = threading.Lock()
-
-    def observe(self, value: float) -> None:
-        with self._lock:
-            self.counts[bisect.bisect_left(self.buckets, value)] += 1
-            self.sum += value
-            self.count += 1
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        cumulative = 0
-        for bound, n in zip(self.buckets, self.counts):
-            cumulative += n
-            lines.append(f'{self.name}_bucket{{le="{bound}"}} {cumulative}')
-        lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
-        lines += [f"{self.name}_sum {self.sum}", f"{self.name}_count {self.count}"]
-        return lines
+_GAUGE_HELP = {
+    "num_requests_running": "Sequences in the running batch.",
+    "num_requests_waiting": "Sequences waiting to be scheduled.",
+    "kv_cache_usage_perc": "Share of KV cache blocks in use (1 = full).",
+    "kv_cache_free_blocks": "KV cache blocks free.",
+    "kv_cache_total_blocks": "KV cache blocks in all.",
+    "prefix_cache_hit_rate": "Share of prompt tokens served from the prefix cache.",
+}
+_COUNTER_HELP = {
+    "prompt_tokens_total": "Prompt tokens computed (prefix-cache hits excluded).",
+    "generation_tokens_total": "Tokens generated.",
+    "num_preemptions_total": "Sequences preempted (their KV cache freed, to be recomputed).",
+    "prefix_cache_queries_total": "Prompt tokens looked up in the prefix cache.",
+    "prefix_cache_hits_total": "Prompt tokens found in the prefix cache.",
+}
 
 
 def engine_snapshot(engine) -> tuple[dict, dict]:
@@ -48,50 +46,89 @@ def engine_snapshot(engine) -> tuple[dict, dict]:
     return gauges, counters
 
 
+class _SnapshotCollector:
+    """Exposes the latest engine snapshot at each scrape."""
+
+    def __init__(self, metrics: "EngineMetrics"):
+        self.metrics = metrics
+
+    def collect(self):
+        m = self.metrics
+        gauges, counters = m.snapshot
+        for name, help_text in _GAUGE_HELP.items():
+            family = GaugeMetricFamily(f"sageinfer:{name}", help_text, labels=["model_name"])
+            family.add_metric([m.model_name], float(gauges.get(name, 0)))
+            yield family
+        for name, help_text in _COUNTER_HELP.items():
+            family = CounterMetricFamily(f"sageinfer:{name}", help_text, labels=["model_name"])
+            family.add_metric([m.model_name], float(counters.get(name, 0)))
+            yield family
+        if m.cache_config:
+            info = GaugeMetricFamily("sageinfer:cache_config_info", "KV cache configuration (labels).",
+                                     labels=["model_name", *m.cache_config])
+            info.add_metric([m.model_name, *(str(v) for v in m.cache_config.values())], 1.0)
+            yield info
+
+
 class EngineMetrics:
-    """Updated by the engine's thread (or from the engine core's messages), read by /metrics; plain
-    numbers, so a read needs no lock."""
+    """Written by the engine's thread (or from the engine core's messages) and the front end, read
+    by /metrics. prometheus_client's metrics are thread-safe."""
 
-    def __init__(self):
-        self.gauges = {"num_requests_running": 0, "num_requests_waiting": 0, "kv_cache_usage_perc": 0.0,
-                       "kv_cache_free_blocks": 0, "kv_cache_total_blocks": 0, "prefix_cache_hit_rate": 0.0}
-        self.counters = {"prompt_tokens_total": 0, "generation_tokens_total": 0, "num_preemptions_total": 0,
-                         "prefix_cache_queries_total": 0, "prefix_cache_hits_total": 0}
-        self.finished: dict[str, int] = {}
-        self.ttft = Histogram("sageinfer:time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
-        self.tpot = Histogram("sageinfer:time_per_output_token_seconds", "Mean time per output token after the first.",
-                              _TPOT_BUCKETS)
-        self.e2e = Histogram("sageinfer:e2e_request_latency_seconds", "End-to-end request latency.", _LATENCY_BUCKETS)
-        self.queue = Histogram("sageinfer:request_queue_time_seconds", "Time from arrival to first scheduling.",
-                               _LATENCY_BUCKETS)
+    def __init__(self, model_name: str = ""):
+        self.model_name = model_name
+        self.cache_config: dict = {}  # e.g. block_size, num_gpu_blocks, cache_dtype
+        self.snapshot: tuple[dict, dict] = ({}, {})
+        self.registry = CollectorRegistry()
+        self.registry.register(_SnapshotCollector(self))
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes ...
+        r, labels = self.registry, ["model_name"]
+        self._ttft = Histogram("sageinfer:time_to_first_token_seconds", "Time to first token.", labels,
+                               buckets=_LATENCY_BUCKETS, registry=r)
+        self._tpot = Histogram("sageinfer:time_per_output_token_seconds",
+                               "Mean time per output token after the first, per request.", labels,
+                               buckets=_TPOT_BUCKETS, registry=r)
+        self._itl = Histogram("sageinfer:inter_token_latency_seconds", "Time between a request's output chunks, "
+                              "per token.", labels, buckets=_TPOT_BUCKETS, registry=r)
+        self._e2e = Histogram("sageinfer:e2e_request_latency_seconds", "End-to-end request latency.", labels,
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self._queue = Histogram("sageinfer:request_queue_time_seconds", "Time from arrival to first scheduling.",
+                                labels, buckets=_LATENCY_BUCKETS, registry=r)
+        self._prompt_tokens = Histogram("sageinfer:request_prompt_tokens", "Prompt tokens per request.", labels,
+                                        buckets=_TOKEN_BUCKETS, registry=r)
+        self._generation_tokens = Histogram("sageinfer:request_generation_tokens", "Tokens generated per request.",
+                                            labels, buckets=_TOKEN_BUCKETS, registry=r)
+        self._success = Counter("sageinfer:request_success", "Finished requests by reason.",
+                                ["model_name", "finished_reason"], registry=r)
 
+    # ---- the engine's side -----------------------------------------------------------------
     def observe_engine(self, engine) -> None:
         self.observe_snapshot(*engine_snapshot(engine))
 
     def observe_snapshot(self, gauges: dict, counters: dict) -> None:
-        self.gauges.update(gauges)
-        self.counters.update(counters)
+        self.snapshot = (gauges, counters)
+
+    # ---- the front end's side ----------------------------------------------------------------
+    def observe_first_token(self, seconds: float) -> None:
+        self._ttft.labels(self.model_name).observe(seconds)
+
+    def observe_tokens(self, seconds: float, num_tokens: int) -> None:
+        """num_tokens more output tokens, seconds after the request's previous output."""
+        if num_tokens > 0:
+            self._itl.labels(self.model_name).observe(seconds / num_tokens)
 
     def observe_finished(self, output, arrival: float, first_token: float | None, now: float,
                          num_prompt_tokens: int) -> None:
-        self.e2e.observe(now - arrival)
+        name = self.model_name
+        self._e2e.labels(name).observe(now - arrival)
         if output.queue_time is not None:
-            self.queue.observe(output.queue_time)
+            self._queue.labels(name).observe(output.queue_time)
         generated = max(len(c.token_ids) for c in output.outputs)
         if first_token is not None and generated > 1:
-            self.tpot.observe((now - first_token) / (generated - 1))
+            self._tpot.labels(name).observe((now - first_token) / (generated - 1))
+        self._prompt_tokens.labels(name).observe(num_prompt_tokens)
         for c in output.outputs:
-            self.finished[c.finish_reason or "unknown"] = self.finished.get(c.finish_reason or "unknown", 0) + 1
+            self._generation_tokens.labels(name).observe(len(c.token_ids))
+            self._success.labels(name, c.finish_reason or "unknown").inc()
 
-    def render(self) -> str:
-        lines = []
-        for name, value in self.gauges.items():
-            lines += [f"# TYPE sageinfer:{name} gauge", f"sageinfer:{name} {value}"]
-        for name, value in self.counters.items():
-            lines += [f"# TYPE sageinfer:{name} counter", f"sageinfer:{name} {value}"]
-        lines.append("# TYPE sageinfer:request_success_total counter")
-        for reason, n in sorted(self.finished.items()):
-            lines.append(f'sageinfer:request_success_total{{finished_reason="{reason}"}} {n}')
-        for hist in (self.ttft, self.tpot, self.e2e, self.queue):
-            lines += hist.render()
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -10,7 +10,8 @@ from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sageinfer.engine.frontend import (EngineDead, EngineFront, EngineOverloaded, RequestFailed, RequestStream,
@@ -49,6 +50,7 @@ class OpenAIServer:
         self.max_model_len = engine.inputs.max_model_len
         self.tokenizer = self.inputs.tokenizer
         self.model_name = served_model_name
+        engine.metrics.model_name = served_model_name
         if chat_template is not None and self.tokenizer is not None:
             self.tokenizer.chat_template = chat_template
         self.created = int(time.time())
@@ -375,7 +377,7 @@ def build_app(server: OpenAIServer, api_key: str | None = None, public_metrics: 
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(server.engine.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(server.engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):

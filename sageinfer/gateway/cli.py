@@ -102,6 +102,9 @@ def _serve(args: argparse.Namespace) -> int:
             return 1
         num_blocks, block_size = front.ready.num_kv_blocks, front.ready.block_size
         print(f"engine core: process {front.ready.pid}", flush=True)
+    front.metrics.cache_config = {"block_size": block_size, "num_gpu_blocks": num_blocks - 1,
+                                  "cache_dtype": config.kv_cache_dtype,
+                                  "enable_prefix_caching": config.enable_prefix_caching}
     print(f"KV cache: {num_blocks - 1} blocks of {block_size} tokens; "
           f"max_model_len {front.inputs.max_model_len}", flush=True)
     chat_template = None
