@@ -2,26 +2,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a dtype is parsed, not to read the options (CLI --help)
+    import torch
 
+# Names a dtype may be given by -> torch's name for it
 _DTYPES = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "float32": "float32", "fp32": "float32", "float": "float32",
 }
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 
 def parse_dtype(dtype: str | torch.dtype, model_dtype: str | None) -> torch.dtype:
     """'auto' takes the checkpoint's dtype (float32 checkpoints stay float32)."""
+    import torch
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         dtype = model_dtype or "bfloat16"
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
-    return _DTYPES[dtype]
+    return getattr(torch, _DTYPES[dtype])
 
 
 def _option(default, help: str, choices: tuple | None = None):

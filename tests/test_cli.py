@@ -60,3 +60,10 @@ def test_version_and_a_model_path_that_is_not_there():
     assert version.returncode == 0 and version.stdout.startswith("sageinfer ")
     missing = _run("generate", "--model", "Qwen/Qwen3-8B", "--prompt", "x")
     assert missing.returncode == 2 and "model hub ids are not supported here" in missing.stderr
+
+
+def test_help_imports_no_torch():
+    code = ("import sys; from sageinfer.gateway.cli import build_parser; build_parser(); "
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import typing
 
 from sageinfer.config import EngineConfig
 
 
-def _flag_type(hint) -> type:
-    """int, float, str or bool from a field's type (optional or not; a torch.dtype is given as text)."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+def _flag_type(annotation: str) -> type:
+    """int, float, str or bool from a field's annotation, read as text (optional or not; a torch.dtype
+    is given as text), so that building the flags imports no torch."""
+    names = {part.strip() for part in annotation.split("|")}
     for kind in (bool, int, float):
-        if kind in args:
+        if kind.__name__ in names:
             return kind
     return str
 
@@ -22,11 +22,10 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
     g = parser.add_argument_group("engine")
     g.add_argument("--model", required=model_required, default=None,
                    help="HF model directory (default: a tiny random model built and cached on first use)")
-    hints = typing.get_type_hints(EngineConfig)
     for f in dataclasses.fields(EngineConfig):
         if f.name == "model":
             continue
-        flags, kind = ["--" + f.name.replace("_", "-")], _flag_type(hints[f.name])
+        flags, kind = ["--" + f.name.replace("_", "-")], _flag_type(str(f.type))
         if f.name == "tensor_parallel_size":
             flags.append("-tp")  # vLLM's short form
         help_text = f.metadata.get("help")
