@@ -67,3 +67,8 @@ def test_help_imports_no_torch():
             "print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_quantization_flag_exists_and_refuses_with_the_reason(llama_dir):
+    result = _run("generate", "--model", llama_dir, "--prompt", "x", "--quantization", "fp8")
+    assert result.returncode == 2 and "quantization='fp8' is not supported yet" in result.stderr
