@@ -28,7 +28,8 @@ class ServerProcess:
                  startup_seconds: float = 300, entry: list[str] | None = None):
         """entry: the command that takes serve's arguments (default: `python -m sageinfer.gateway.cli serve`)."""
         self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        tls = "--ssl-certfile" in extra
+        self.base_url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.api_key = api_key
         entry = entry or [sys.executable, "-m", "sageinfer.gateway.cli", "serve"]
         args = [*entry, model_dir, "--port", str(self.port),
@@ -42,7 +43,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; log:\n{self.log_tail()}")
             try:
-                if httpx.get(self.base_url + "/health", timeout=1).status_code == 200:
+                if httpx.get(self.base_url + "/health", timeout=1, verify=not tls).status_code == 200:
                     return
             except httpx.HTTPError:
                 time.sleep(0.3)

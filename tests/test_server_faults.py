@@ -490,3 +490,31 @@ def test_sigterm_past_the_grace_period_ends_requests_with_openai_errors(llama_di
         assert srv.proc.wait(timeout=30) == 0
     finally:
         assert srv.stop() == 0
+
+
+# ---- deployment flags -------------------------------------------------------------------------------
+
+def test_tls_and_cors(llama_dir, tmp_path):
+    import subprocess
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    srv = ServerProcess(llama_dir, "--ssl-keyfile", str(key), "--ssl-certfile", str(cert),
+                        "--allowed-origins", "https://app.example")
+    try:
+        assert srv.base_url.startswith("https://")
+        import ssl
+        trusted = ssl.create_default_context(cafile=str(cert))  # the certificate checks out, not just TLS
+        ok = httpx.post(srv.base_url + "/v1/completions", json=OK_BODY, timeout=60, verify=trusted,
+                        headers={**srv.headers, "Origin": "https://app.example"})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "https://app.example"
+        preflight = httpx.options(srv.base_url + "/v1/completions", timeout=30, verify=False, headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert preflight.status_code == 200  # answered before the key is asked for
+        other = httpx.options(srv.base_url + "/v1/completions", timeout=30, verify=False, headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        assert srv.stop() == 0

@@ -82,6 +82,11 @@ def _serve(args: argparse.Namespace) -> int:
         args.model = args.model_positional
     # The key from the environment keeps it out of the process list.
     api_key = args.api_key or os.environ.get("SAGEINFER_API_KEY") or None
+    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+        raise ValueError("--ssl-keyfile and --ssl-certfile go together")
+    for path in filter(None, (args.ssl_keyfile, args.ssl_certfile)):
+        if not os.path.isfile(path):
+            raise ValueError(f"no such file {path!r}")
     if args.max_request_body_bytes < 1024:
         raise ValueError(f"--max-request-body-bytes must be >= 1024, got {args.max_request_body_bytes}")
     kwargs = engine_kwargs(args)
@@ -116,12 +121,19 @@ def _serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or os.path.basename(os.path.normpath(kwargs["model"]))
     app = build_app(OpenAIServer(front, name, chat_template), api_key=api_key,
                     public_metrics=args.public_metrics, max_request_body_bytes=args.max_request_body_bytes)
-    server = EngineServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"), front,
+    if args.allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=True)
+    uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                                    ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
+    server = EngineServer(uvicorn_config, front,
                           grace_seconds=args.shutdown_grace_seconds)
     front.on_dead = server.stop_on_dead_engine
     if front.error is not None:  # died before the callback was set
         server.stop_on_dead_engine(front.error)
-    print(f"serving {name!r} on http://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
+    scheme = "https" if args.ssl_certfile else "http"
+    print(f"serving {name!r} on {scheme}://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
     server.run()
     front.shutdown()
     return server.exit_code
@@ -151,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting-requests", type=int, default=1024,
                        help="requests beyond max_num_seqs + this get HTTP 503")
     serve.add_argument("--shutdown-grace-seconds", type=float, default=30.0)
+    serve.add_argument("--allowed-origins", nargs="*", default=None,
+                       help="origins a browser may call from (CORS), e.g. https://app.example or *")
+    serve.add_argument("--ssl-keyfile", default=None, help="TLS private key (with --ssl-certfile)")
+    serve.add_argument("--ssl-certfile", default=None, help="TLS certificate chain (with --ssl-keyfile)")
+    serve.add_argument("--uvicorn-log-level", default="warning",
+                       choices=["critical", "error", "warning", "info", "debug", "trace"])
     serve.add_argument("--engine-in-thread", action="store_true",
                        help="run the engine in a thread of the server process instead of its own process")
     add_engine_args(serve)
