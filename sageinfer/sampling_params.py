@@ -39,6 +39,10 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     # Only these token ids may be sampled.
     allowed_token_ids: list[int] | None = None
+    # Words that must not be generated (vLLM's bad_words): the last token of each is banned wherever
+    # the tokens before it were just generated. Tokenized by the engine into bad_words_token_ids.
+    bad_words: list[str] | None = None
+    bad_words_token_ids: list[list[int]] | None = None
     # Filled by the engine: eos ids of the model, so stop checks need no tokenizer.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -102,12 +106,20 @@ class SamplingParams:
         if self.allowed_token_ids is not None and (
                 not self.allowed_token_ids or any(not _is_int(t) or t < 0 for t in self.allowed_token_ids)):
             raise bad("allowed_token_ids", self.allowed_token_ids, "a non-empty list of token ids")
+        if self.bad_words is not None and any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            raise bad("bad_words", self.bad_words, "non-blank strings")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "non-negative integers")
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    @property
+    def needs_output_tokens(self) -> bool:
+        """Whether sampling reads the tokens generated so far (penalties, bad words): then a step can't
+        be launched before the previous one's tokens are known."""
+        return self.uses_penalties or bool(self.bad_words_token_ids)
 
     @property
     def uses_penalties(self) -> bool:

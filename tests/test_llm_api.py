@@ -246,3 +246,20 @@ def test_generation_config_gives_defaults_to_requests_that_give_none(llama_dir, 
     with pytest.raises(ValueError, match="generation_config"):
         LLM(str(model), dtype="float32", num_gpu_blocks_override=128, show_progress=False,
             generation_config=str(tmp_path / "nowhere"))
+
+
+def test_bad_words_are_never_generated(llm):
+    tok = llm.get_tokenizer()
+    plain = _greedy(llm, "The capital of", max_tokens=12, ignore_eos=True).token_ids
+    # A word of two tokens that greedy decoding produces, as the tokenizer reads it back.
+    word = next(tok.decode(plain[i:i + 2]) for i in range(len(plain) - 1)
+                if tok.encode(tok.decode(plain[i:i + 2]), add_special_tokens=False) == plain[i:i + 2]
+                and tok.decode(plain[i:i + 2]).strip())
+    banned = _greedy(llm, "The capital of", max_tokens=12, ignore_eos=True, bad_words=[word])
+    params = SamplingParams(bad_words=[word])
+    llm.engine.check_sampling_params(params)
+    assert params.bad_words_token_ids and all(
+        banned.token_ids[i:i + len(w)] != w for w in params.bad_words_token_ids for i in range(len(banned.token_ids)))
+    assert banned.token_ids != plain
+    with pytest.raises(ValueError, match="bad_words"):
+        SamplingParams(bad_words=[""])

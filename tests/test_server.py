@@ -275,3 +275,11 @@ def test_logit_bias_and_allowed_token_ids_as_offline(client, offline):
         assert out.choices[0].text == ref.text
         refs.append(ref.token_ids)
     assert banned not in refs[0] and refs[1] == [7] * 8 and set(refs[2]) <= {7, 8, 9}
+
+
+def test_bad_words_through_the_server_as_offline(client, offline):
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, bad_words=["the", "capital"])
+    ref = offline.generate("The capital of", params, use_tqdm=False)[0].outputs[0]
+    out = client.completions.create(model="tiny", prompt="The capital of", max_tokens=10, temperature=0,
+                                    extra_body={"ignore_eos": True, "bad_words": ["the", "capital"]})
+    assert out.choices[0].text == ref.text

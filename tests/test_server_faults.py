@@ -108,7 +108,8 @@ BAD_BODIES = [
     ("logit_bias outside the vocabulary", "/v1/completions", {"prompt": "hi", "logit_bias": {"99999": 5}},
      "logit_bias"),
     ("logit_bias over 100", "/v1/completions", {"prompt": "hi", "logit_bias": {"5": 150}}, "logit_bias"),
-    ("bad_words", "/v1/completions", {"prompt": "hi", "bad_words": ["a"]}, "bad_words"),
+    ("blank bad_words", "/v1/completions", {"prompt": "hi", "bad_words": [" "]}, "bad_words"),
+    ("prompt_logprobs", "/v1/completions", {"prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs"),
 ]
 
 

@@ -58,7 +58,14 @@ class InputProcessor:
                              f"({self.max_model_len})")
 
     def check_sampling_params(self, params: SamplingParams) -> None:
-        """Limits that depend on the engine and the model, beyond SamplingParams' own checks."""
+        """Limits that depend on the engine and the model, beyond SamplingParams' own checks; also
+        tokenizes bad_words (each as written and after a space, as it reads inside a text)."""
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError("bad_words needs a tokenizer; the engine runs with skip_tokenizer_init")
+            variants = {tuple(self.tokenizer.encode(text, add_special_tokens=False))
+                        for word in params.bad_words for text in (word, " " + word.lstrip())}
+            params.bad_words_token_ids = sorted(list(v) for v in variants if v)
         for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or [])):
             if any(t >= self.vocab_size for t in ids):
                 raise ValueError(f"{name} has token ids outside [0, {self.vocab_size})")

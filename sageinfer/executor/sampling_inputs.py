@@ -40,6 +40,7 @@ def build_sampling_batch(requests: list, vocab_size: int, device: torch.device, 
               if r.num_output_tokens < r.sampling_params.min_tokens
               for t in sorted(r.sampling_params.all_stop_token_ids | (set() if r.sampling_params.ignore_eos else r.eos_token_ids))
               if t < vocab_size]
+    banned += [(row, t) for row, r in enumerate(requests) for t in _bad_word_endings(r)]
     if banned:
         rows, tokens = zip(*banned)
         batch.banned_rows = torch.tensor(rows, dtype=torch.int64)
@@ -64,3 +65,12 @@ def build_sampling_batch(requests: list, vocab_size: int, device: torch.device, 
         if value is not None:
             setattr(batch, name, to_device(value, device))
     return batch
+
+
+def _bad_word_endings(request) -> set[int]:
+    """The last token of each bad word whose other tokens the request has just generated."""
+    words = request.sampling_params.bad_words_token_ids
+    if not words:
+        return set()
+    output = request.output_token_ids
+    return {w[-1] for w in words if len(w) <= len(output) + 1 and (len(w) == 1 or output[len(output) - len(w) + 1:] == w[:-1])}

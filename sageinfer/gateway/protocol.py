@@ -32,7 +32,6 @@ _UNSUPPORTED_FIELDS = {
     "guided_choice": lambda v: v is None,
     "guided_grammar": lambda v: v is None,
     "structured_outputs": lambda v: v is None,
-    "bad_words": lambda v: not v,
     "prompt_logprobs": lambda v: v is None,
     "best_of": lambda v: v is None or v == 1,
 }
@@ -72,7 +71,7 @@ class _SamplingFields(_Strict):
     guided_grammar: Any = None
     structured_outputs: Any = None
     allowed_token_ids: list[int] | None = None
-    bad_words: Any = None
+    bad_words: list[str] | None = None
     prompt_logprobs: Any = None
     best_of: Any = None
 
@@ -92,7 +91,8 @@ class _SamplingFields(_Strict):
             repetition_penalty=pick("repetition_penalty", 1.0), max_tokens=max_tokens, min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            logit_bias=self.logit_bias or None, allowed_token_ids=self.allowed_token_ids)
+            logit_bias=self.logit_bias or None, allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words or None)
 
 
 class CompletionRequest(_SamplingFields):
