@@ -283,3 +283,16 @@ def test_bad_words_through_the_server_as_offline(client, offline):
     out = client.completions.create(model="tiny", prompt="The capital of", max_tokens=10, temperature=0,
                                     extra_body={"ignore_eos": True, "bad_words": ["the", "capital"]})
     assert out.choices[0].text == ref.text
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(client, offline):
+    prompt = list(range(10, 60))
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
+                                    extra_body={"ignore_eos": True, "truncate_prompt_tokens": 20})
+    ref = offline.generate({"prompt_token_ids": prompt[-20:]}, SamplingParams(temperature=0, max_tokens=6,
+                                                                              ignore_eos=True), use_tqdm=False)[0]
+    assert out.usage.prompt_tokens == 20 and out.choices[0].text == ref.outputs[0].text
+    long_text = "lorem ipsum " * 2000  # more tokens than max_model_len, kept to its last 100
+    kept = client.completions.create(model="tiny", prompt=long_text, max_tokens=2,
+                                     extra_body={"truncate_prompt_tokens": 100})
+    assert kept.usage.prompt_tokens == 100

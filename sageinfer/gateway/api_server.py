@@ -78,16 +78,19 @@ class OpenAIServer:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
                            "model", "NotFoundError")
 
-    def encode_prompts(self, prompts: list) -> list[dict]:
-        """Token ids (and text) of each prompt, checked against the context length."""
+    def encode_prompts(self, prompts: list, truncate: int | None = None) -> list[dict]:
+        """Token ids (and text) of each prompt, checked against the context length; with truncate,
+        only the last `truncate` tokens are kept."""
         encoded = []
         for prompt in prompts:
-            if isinstance(prompt, str):
+            if isinstance(prompt, str) and truncate is None:
                 self._check_text_length(len(prompt), "prompt")
             try:
                 text, ids = self.inputs.tokenize_prompt(prompt)
             except ValueError as exc:
                 raise APIError(400, str(exc), "prompt") from exc
+            if truncate is not None and len(ids) > truncate:
+                text, ids = None, ids[-truncate:]
             self._check_length(ids)
             encoded.append({"prompt_token_ids": ids, "prompt": text})
         return encoded
@@ -102,11 +105,15 @@ class OpenAIServer:
 
     def chat_prompt(self, req: ChatCompletionRequest) -> dict:
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        self._check_text_length(sum(len(m["content"]) for m in messages), "messages")
+        truncate = req.truncate_prompt_tokens
+        if truncate is None:
+            self._check_text_length(sum(len(m["content"]) for m in messages), "messages")
         try:
             text, ids = self.inputs.render_chat(messages, req.add_generation_prompt)
         except ValueError as exc:
             raise APIError(400, str(exc), "messages") from exc
+        if truncate is not None and len(ids) > truncate:
+            text, ids = None, ids[-truncate:]
         self._check_length(ids)
         return {"prompt_token_ids": ids, "prompt": text}
 
@@ -160,7 +167,7 @@ class OpenAIServer:
         except ValueError as exc:
             raise APIError(400, str(exc), _param_of(str(exc))) from exc
         self.engine.check_accepting(len(raw_prompts) * params.n)  # refuse early what cannot be taken
-        prompts = await self.in_tokenizer_thread(self.encode_prompts, raw_prompts)
+        prompts = await self.in_tokenizer_thread(self.encode_prompts, raw_prompts, req.truncate_prompt_tokens)
         echo_text = [""] * len(prompts)
         if req.echo:
             echo_text = await self.in_tokenizer_thread(

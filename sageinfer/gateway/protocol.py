@@ -58,6 +58,8 @@ class _SamplingFields(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Keep only the last k prompt tokens (vLLM's truncate_prompt_tokens).
+    truncate_prompt_tokens: int | None = Field(default=None, ge=1)
     # Accepted only with the values that ask for nothing (see _UNSUPPORTED_FIELDS).
     response_format: Any = None
     tools: Any = None
