@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ssl-certfile", default=None, help="TLS certificate chain (with --ssl-keyfile)")
     serve.add_argument("--uvicorn-log-level", default="warning",
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+    serve.add_argument("--disable-log-requests", action="store_true",
+                       help="accepted for vLLM's launch scripts: this server does not log requests")
     serve.add_argument("--engine-in-thread", action="store_true",
                        help="run the engine in a thread of the server process instead of its own process")
     add_engine_args(serve)
