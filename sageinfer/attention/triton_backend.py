@@ -14,7 +14,7 @@ CASCADE_MIN_SEQS = 16
 CASCADE_MIN_PREFIX = 256
 # Decode steps without cascade rotate q/k and write the new k/v inside the attention kernel: one launch
 # per layer fewer. Single-stream Qwen3-8B on an H100: 6.02 -> 5.87 ms per token with the norms folded
-# into the matmuls too (benchmarks/probe_single_stream.py).
+# into the matmuls too (benchmarks/experiments/probe_single_stream.py).
 ROTARY_IN_DECODE_ATTENTION = True
 
 

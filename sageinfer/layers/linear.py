@@ -83,7 +83,7 @@ class Linear(nn.Module):
 
 def one_row(x: torch.Tensor, use_triton: bool) -> bool:
     """A single row (decode of one sequence) goes through the skinny Triton matmul, which streams the
-    weights faster than the library GEMM there (benchmarks/tune_decode_step.py); the rest through torch."""
+    weights faster than the library GEMM there (benchmarks/experiments/tune_decode_step.py); the rest through torch."""
     return use_triton and x.dim() == 2 and x.shape[0] == 1
 
 

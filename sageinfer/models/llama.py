@@ -87,7 +87,7 @@ class LlamaDecoderLayer(nn.Module):
         """One token (single-stream decode): the residual stream is summed in place by the matmuls
         that end each block, and each norm is folded into the matmul after it, so the layer launches
         no norm kernel. Qwen3-8B on an H100: 6.08 -> 5.92 ms per token with rotary still launched
-        apart, 5.87 with both fusions (benchmarks/probe_single_stream.py)."""
+        apart, 5.87 with both fusions (benchmarks/experiments/probe_single_stream.py)."""
         attn, mlp = self.self_attn, self.mlp
         qkv = attn.qkv_proj.forward_normed(residual, self.input_layernorm)
         attn.o_proj.add_into(attn.attend(positions, qkv, kv_cache, meta, backend), residual)

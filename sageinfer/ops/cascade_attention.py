@@ -18,7 +18,7 @@ from sageinfer.ops import launch
 from sageinfer.ops.paged_attention import LOG2E, attend_tile
 
 # Rows (queries x heads of a group) per program, keys per tile; the H100 sweep in
-# benchmarks/probe_p1.py put six tile shapes within 149-161 us for prefix + suffix of 200 sequences.
+# benchmarks/experiments/probe_p1.py put six tile shapes within 149-161 us for prefix + suffix of 200 sequences.
 # PREFIX_ALIGN: the shared prefix is used in whole multiples of it, so prefix tiles are full and the
 # decode kernel's suffix starts on one of its key-tile boundaries.
 PREFIX_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}

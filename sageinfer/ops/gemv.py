@@ -20,10 +20,10 @@ import triton.language as tl
 from sageinfer.ops import launch
 
 MAX_ROWS = 8
-# From benchmarks/tune_decode_step.py on an H100 (bf16, Qwen3-8B shapes at M = 1, 36 launches in one
+# From benchmarks/experiments/tune_decode_step.py on an H100 (bf16, Qwen3-8B shapes at M = 1, 36 launches in one
 # graph): qkv 19.1 us (2.63 TB/s), o 13.8, gate_up 67.1 (3.0 TB/s), lm_head 396 (3.2 TB/s),
 # each 7-11% faster than torch; the gated down projection 38.0 us against SiLU-and-mul + torch 40.1.
-# From M = 2 on the library GEMM is faster (benchmarks/tune_gemv.py), so the model uses this at M = 1.
+# From M = 2 on the library GEMM is faster (benchmarks/experiments/tune_gemv.py), so the model uses this at M = 1.
 GEMV_CONFIG = {"block_n": 4, "block_k": 2048, "num_warps": 4, "num_stages": 4}
 GATED_GEMV_CONFIG = {"block_n": 8, "block_k": 2048, "num_warps": 8, "num_stages": 3}
 

@@ -51,7 +51,7 @@ def attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v
     """One key tile of online softmax. Unmasked tiles (every key valid and visible to every row) load
     without per-key masks and scale the scores inside one multiply-add; with K loaded key-major this
     took the 16K chunks of a 32K prompt on an H100 from 362-380 to 392-416 TFLOP/s
-    (benchmarks/probe_prefill_attention.py)."""
+    (benchmarks/experiments/probe_prefill_attention.py)."""
     k_idx = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     k_valid = k_idx < kv_end
     page = _load_per_key(block_table_ptr + seq * stride_bt + k_idx // PAGE_SIZE, k_valid, MASKED)
@@ -271,11 +271,11 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     by_occupancy = triton.next_power_of_2(max(1, (2 * num_sms) // programs))
     by_length = triton.next_power_of_2(max(1, max_seq_len // 256))
     # 32 at most: one sequence of 640 keys takes 8.3 us per layer with 32 splits, 9.9 with 64 (the
-    # merge reads every split); at 32,000 keys 32 and 64 are equal (benchmarks/tune_decode_step.py).
+    # merge reads every split); at 32,000 keys 32 and 64 are equal (benchmarks/experiments/tune_decode_step.py).
     return max(1, min(by_occupancy, by_length, 32))
 
 
-# Launch configurations of prefill tiles, from benchmarks/tune_attention.py on an H100 (bf16, head dim
+# Launch configurations of prefill tiles, from benchmarks/experiments/tune_attention.py on an H100 (bf16, head dim
 # 128, GQA 4): long contexts want wide key tiles (362 / 377 TFLOP/s for the two 16K chunks of a 32K
 # prompt, 374 for 8192 queries after 24000 keys), short prompts narrow ones (265 TFLOP/s for 16 x 1024).
 # Launching the heaviest causal tiles first was tried and measured 1-3% slower.
@@ -283,7 +283,7 @@ PREFILL_CONFIG = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 
 SHORT_PREFILL_CONFIG = {"block_m": 128, "block_n": 32, "num_warps": 4, "num_stages": 3}
 LONG_CONTEXT = 4096
 # Decode programs (one query token x GROUP heads): keys per tile, warps, stages, per cache dtype mode.
-# From benchmarks/tune_decode_attention.py on an H100, batch 256 x 600 keys: bf16 2.72 TB/s (91% of
+# From benchmarks/experiments/tune_decode_attention.py on an H100, batch 256 x 600 keys: bf16 2.72 TB/s (91% of
 # the copy ceiling), int8 1.75 TB/s, fp8 1.67 TB/s of cache bytes; the quantised caches are bound by
 # the per-tile latency, not bandwidth, so they gain ~1.2x in speed while holding 2x the tokens.
 DECODE_CONFIG = {mode: {"block_n": 64, "num_warps": 2, "num_stages": 3} for mode in (0, 1, 2)}

@@ -112,7 +112,7 @@ def _prefill_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
-# Launch configurations from benchmarks/probe_prefill_attention.py on an H100 (bf16, head dim 128,
+# Launch configurations from benchmarks/experiments/probe_prefill_attention.py on an H100 (bf16, head dim 128,
 # GQA 4), in TFLOP/s for the two 16K chunks of a 32K prompt / 16 prompts of 1024:
 #   128x128 tiles, 8 warps, 2 stages: 473 / 486 / 263 (pages of 128 keys or more)
 #   64x64 tiles, 4 warps, 2 stages:   455 / 468 / 304 (two programs per SM)

@@ -10,7 +10,7 @@ With PINGPONG the two warpgroups take turns at issuing their matrix products (ea
 other's issue through an mbarrier), so the tensor cores run one warpgroup's products while the other
 computes its exponentials. The portable kernel (ops.prefill_attention) cannot express either split:
 its warps share one instruction stream. H100, 16K chunks of a 32K prompt: 613-654 TFLOP/s against
-460-487 (benchmarks/probe_hopper_attention.py).
+460-487 (benchmarks/experiments/probe_hopper_attention.py).
 
 Same contract as ops.prefill_attention: q, out [T, Hq, D]; caches [blocks, page, Hkv, D] in bf16 or
 fp16, head dim 128, pages of 64 keys or more. Cache rows past a sequence's end were never written and

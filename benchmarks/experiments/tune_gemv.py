@@ -1,6 +1,6 @@
 """Skinny decode matmul (ops/gemv.py) vs torch/cuBLAS on Qwen3-8B's layer shapes, on the GPU.
 
-  python benchmarks/tune_gemv.py [--out result.json]
+  python benchmarks/experiments/tune_gemv.py [--out result.json]
 
 Sweeps tile shapes at M = 1, then times the best at M = 1, 2, 4, 8 and sums one decode step's
 linear layers (36 x qkv, o, gate_up, down + lm_head).
@@ -16,7 +16,7 @@ import sys
 import torch
 import triton
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from sageinfer.ops.gemv import gemv
 

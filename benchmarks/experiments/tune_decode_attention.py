@@ -1,7 +1,7 @@
 """Sweep decode attention launch configs per KV cache dtype on the GPU (batch 256, context 600, and
 batch 1, context 4096); prints GB/s of KV read per config and the best per dtype.
 
-  python benchmarks/tune_decode_attention.py --out best_decode.json
+  python benchmarks/experiments/tune_decode_attention.py --out best_decode.json
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import sys
 import torch
 import triton
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 
 from kernels_util import random_paged_batch, rel_err  # noqa: E402
 from sageinfer.attention.backend import KV_MODE, LayerKVCache  # noqa: E402

@@ -5,7 +5,7 @@ phase B: 32 other conversations, which evict A's blocks from a 1,600-block (25,6
 phase A': a follow-up turn of every A conversation (its context again + 100 new tokens). Without
 the tier A' prefills all 32 contexts again; with it, their blocks come back from host memory.
 
-  python benchmarks/offload_effect.py --out offload.json
+  python benchmarks/experiments/offload_effect.py --out offload.json
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from sageinfer import LLM, SamplingParams  # noqa: E402
 from sageinfer.bench.workloads import STANDARD_DIR  # noqa: E402
@@ -76,7 +76,7 @@ def main():
     if args.out:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         with open(args.out, "w") as f:
-            json.dump({"command": "python3 benchmarks/offload_effect.py --out offload.json", "git_commit": commit or None,
+            json.dump({"command": "python3 benchmarks/experiments/offload_effect.py --out offload.json", "git_commit": commit or None,
                        "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
                        "results": results}, f, indent=1)
 

@@ -1,6 +1,6 @@
 """L1 (single stream) with and without programmatic dependent launch, each in a fresh engine.
 
-  python benchmarks/probe_dependent_launch.py --out result.json
+  python benchmarks/experiments/probe_dependent_launch.py --out result.json
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from sageinfer import LLM
 from sageinfer.bench.runs import run_latency, run_throughput

@@ -5,7 +5,7 @@ keys, after a correctness check against the torch reference with NaN in never-wr
 The first, single-partition Gluon version (no warp specialisation) measured no faster than the
 portable kernel and was removed (2026-11-24-h100-gluon-prefill-attention.json).
 
-  python benchmarks/probe_hopper_attention.py --out results.json
+  python benchmarks/experiments/probe_hopper_attention.py --out results.json
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import sys
 import torch
 import triton
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 
 from kernels_util import poison_unwritten_slots, random_paged_batch, rel_err  # noqa: E402
 from sageinfer.attention.backend import LayerKVCache  # noqa: E402

@@ -1,10 +1,10 @@
 """Single-stream decode (the L1 workload) with and without the one-row decode fusions, each variant in
 its own engine (graphs are captured with the fusions baked in).
 
-  python benchmarks/probe_single_stream.py --variant fused          # the default path
-  python benchmarks/probe_single_stream.py --variant norm-kernels   # residual add + RMSNorm launched apart
-  python benchmarks/probe_single_stream.py --variant rotary-kernel  # rotary + cache write launched apart
-  python benchmarks/probe_single_stream.py --variant unfused        # both launched apart
+  python benchmarks/experiments/probe_single_stream.py --variant fused          # the default path
+  python benchmarks/experiments/probe_single_stream.py --variant norm-kernels   # residual add + RMSNorm launched apart
+  python benchmarks/experiments/probe_single_stream.py --variant rotary-kernel  # rotary + cache write launched apart
+  python benchmarks/experiments/probe_single_stream.py --variant unfused        # both launched apart
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from sageinfer import LLM  # noqa: E402
 from sageinfer.bench.runs import run_latency  # noqa: E402

@@ -1,6 +1,6 @@
 """Time each engine step of single max_tokens=1 requests (TTFT anatomy), async vs sync scheduling.
 
-  python benchmarks/probe_ttft.py
+  python benchmarks/experiments/probe_ttft.py
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from sageinfer import LLM, SamplingParams  # noqa: E402
 from sageinfer.bench.workloads import STANDARD_DIR  # noqa: E402

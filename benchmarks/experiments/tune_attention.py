@@ -1,6 +1,6 @@
 """Sweep launch configurations of the prefill attention tiles on the GPU; print a table and the best.
 
-  python benchmarks/tune_attention.py --out best.json
+  python benchmarks/experiments/tune_attention.py --out best.json
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import sys
 import torch
 import triton
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 
 from kernels_util import random_paged_batch, rel_err  # noqa: E402
 from sageinfer.attention.backend import LayerKVCache

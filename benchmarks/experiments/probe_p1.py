@@ -1,6 +1,6 @@
 """Where P1 (shared 2,000-token prefix, 200 requests) spends its time.
 
-  python benchmarks/probe_p1.py [--skip-engine]
+  python benchmarks/experiments/probe_p1.py [--skip-engine]
 
 A: decode attention for 200 sequences of 2,264 tokens whose first 125 blocks are the same physical
    blocks (as prefix caching leaves them) vs all-distinct blocks, and the cascade kernels (prefix
@@ -18,7 +18,7 @@ import time
 import torch
 import triton
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from sageinfer.ops.cascade_attention import prefix_attention, prefix_splits
 from sageinfer.ops.paged_attention import paged_attention

@@ -1,7 +1,7 @@
 """Single-stream decode pieces timed the way a decode step runs them: 36 launches on distinct
 weights / layers captured in one CUDA graph, so launch latency is gone and L2 holds nothing.
 
-  python benchmarks/tune_decode_step.py --out result.json
+  python benchmarks/experiments/tune_decode_step.py --out result.json
 
 1. Skinny matmul (ops/gemv.py) tile configurations per Qwen3-8B shape at M = 1, vs torch.
 2. Decode attention at batch 1 by split count, for a short (640) and a long (32,000) context.
@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from sageinfer.ops import launch
 from sageinfer.ops.gemv import gemv

@@ -2,7 +2,7 @@
 GPU, and the host time of one launch: per-key gather kernel against the page-aligned kernel with
 pointer loads or tensor descriptors (whose launch encodes two descriptors on the host).
 
-  python benchmarks/probe_mixed_step_attention.py
+  python benchmarks/experiments/probe_mixed_step_attention.py
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import time
 import torch
 import triton
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 
 from kernels_util import random_paged_batch  # noqa: E402
 from sageinfer.ops.paged_attention import paged_attention  # noqa: E402

@@ -2,7 +2,7 @@
 (pages of 16), the page-aligned kernel in several tile shapes with pointer loads or tensor descriptors
 (TMA), and torch's SDPA backends on contiguous tensors as a reference for what this card allows.
 
-  python benchmarks/probe_prefill_attention.py --out results.json
+  python benchmarks/experiments/probe_prefill_attention.py --out results.json
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import sys
 import torch
 import triton
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 
 from kernels_util import random_paged_batch, rel_err  # noqa: E402
 from sageinfer.attention.backend import LayerKVCache  # noqa: E402
