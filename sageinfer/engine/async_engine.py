@@ -12,8 +12,7 @@ import queue
 import threading
 
 from sageinfer.engine.engine import LLMEngine
-from sageinfer.engine.frontend import (EngineDead, EngineFront, EngineOverloaded, RequestFailed,  # noqa: F401
-                                       RequestStream, ServerShuttingDown)
+from sageinfer.engine.frontend import EngineFront, RequestFailed
 
 logger = logging.getLogger(__name__)
 
@@ -70,21 +69,10 @@ class AsyncEngine(EngineFront):
             stream = self._streams.get(request_id)
             if stream is None:  # gone before it started
                 return
-            error = add_or_error(self.engine, request_id, prompt, params, stream.arrival)
+            error = self.engine.add_request_or_error(request_id, prompt, params, stream.arrival)
             if error is not None:
-                self._fail_request(request_id, error)
+                self._fail_request(request_id, error if isinstance(error, ValueError) else RequestFailed(
+                    f"the request could not be started: {type(error).__name__}: {error}"))
         elif kind == "abort":
             self.engine.abort_request(command[1])
 
-
-def add_or_error(engine: LLMEngine, request_id: str, prompt: dict, params, arrival: float | None) -> Exception | None:
-    """Add a request; a request that can't be added fails alone (the error to report, or None)."""
-    try:
-        engine.add_request(request_id, prompt, params, arrival_time=arrival)
-        return None
-    except Exception as exc:  # noqa: BLE001
-        engine.abort_request(request_id)  # whatever part of it was added
-        if isinstance(exc, ValueError):
-            return exc
-        logger.exception("request %s could not be added", request_id)
-        return RequestFailed(f"the request could not be started: {type(exc).__name__}: {exc}")

@@ -23,7 +23,7 @@ from sageinfer.config import EngineConfig
 from sageinfer.engine import core_messages as msg
 from sageinfer.engine.core_proc import run_engine_core
 from sageinfer.engine.frontend import EngineFront, RequestFailed
-from sageinfer.engine.input_processor import InputProcessor
+from sageinfer.engine.input_processor import InputProcessor, load_tokenizer
 from sageinfer.models.generation_defaults import load_generation_defaults
 
 logger = logging.getLogger(__name__)
@@ -57,8 +57,7 @@ class EngineCoreClient(EngineFront):
         ready = self._wait_ready(startup_timeout)
         tokenizer = None
         if not config.skip_tokenizer_init:
-            from sageinfer.engine.engine import _load_tokenizer
-            tokenizer = _load_tokenizer(config.tokenizer)
+            tokenizer = load_tokenizer(config.tokenizer)
         defaults = load_generation_defaults(config.model, config.generation_config)
         super().__init__(InputProcessor(tokenizer, ready.vocab_size, ready.max_model_len, config.max_logprobs, defaults),
                          ready.max_num_seqs, max_waiting_requests, on_dead)

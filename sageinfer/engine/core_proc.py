@@ -53,8 +53,6 @@ def run_engine_core(config: EngineConfig, attention_backend: str | None, command
 
 def _loop(engine, commands: zmq.Socket, outputs: zmq.Socket, encoder: msgspec.msgpack.Encoder,
           parent_pid: int) -> int:
-    from sageinfer.engine.async_engine import add_or_error
-
     decoder = msgspec.msgpack.Decoder(msg.Command)
     deltas = msg.DeltaEncoder()
     while True:
@@ -69,10 +67,12 @@ def _loop(engine, commands: zmq.Socket, outputs: zmq.Socket, encoder: msgspec.ms
                 changed = True
                 if isinstance(command, msg.AddRequest):
                     prompt = {"prompt_token_ids": command.prompt_token_ids, "prompt": command.prompt}
-                    error = add_or_error(engine, command.request_id, prompt, command.params, None)
+                    error = engine.add_request_or_error(command.request_id, prompt, command.params)
                     if error is not None:
-                        outputs.send(encoder.encode(msg.RequestError(command.request_id, str(error),
-                                                                     isinstance(error, ValueError))))
+                        bad_request = isinstance(error, ValueError)
+                        message = str(error) if bad_request else (
+                            f"the request could not be started: {type(error).__name__}: {error}")
+                        outputs.send(encoder.encode(msg.RequestError(command.request_id, message, bad_request)))
                 elif isinstance(command, msg.AbortRequest):
                     engine.abort_request(command.request_id)
                     deltas.forget(command.request_id)

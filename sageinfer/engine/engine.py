@@ -9,7 +9,7 @@ import torch
 
 from sageinfer.config import EngineConfig, parse_dtype
 from sageinfer.engine.detokenizer import IncrementalDetokenizer
-from sageinfer.engine.input_processor import InputProcessor, PromptType
+from sageinfer.engine.input_processor import InputProcessor, PromptType, load_tokenizer
 from sageinfer.engine.request import Request
 from sageinfer.engine.scheduler import Scheduler
 from sageinfer.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
@@ -70,7 +70,7 @@ class LLMEngine:
             raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the model's limit ({model_max_len})")
         config.finalize(model_max_len)
         torch.manual_seed(config.seed)
-        self.tokenizer = None if config.skip_tokenizer_init else _load_tokenizer(config.tokenizer)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -145,6 +145,19 @@ class LLMEngine:
         self.requests[request_id] = _ParentRequest(request_id, prompt_text, prompt_ids, children, detoks)
         for child in children:
             self.scheduler.add_request(child)
+
+    def add_request_or_error(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                             arrival_time: float | None = None) -> Exception | None:
+        """add_request for the serving loops: a request that can't be added fails alone. Returns why
+        (a ValueError is the request's fault), or None."""
+        try:
+            self.add_request(request_id, prompt, params, arrival_time)
+            return None
+        except Exception as exc:  # noqa: BLE001
+            self.abort_request(request_id)  # whatever part of it was added
+            if not isinstance(exc, ValueError):
+                logger.exception("request %s could not be added", request_id)
+            return exc
 
     def abort_request(self, request_id: str) -> None:
         parent = self.requests.pop(request_id, None)
@@ -293,11 +306,3 @@ def _logprob_entry(ids: list[int], values: list[float], sampled_rank: int,
             entry[tid] = Logprob(lp, sampled_rank if j == 0 else j, detok.decode_token(tid) if detok is not None else None)
     return entry
 
-
-def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"could not load a tokenizer from {path!r} ({exc}); "
-                         "pass skip_tokenizer_init=True to run on token ids") from exc

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from sageinfer.engine.input_processor import InputProcessor, PromptType
+from sageinfer.engine.input_processor import InputProcessor
 from sageinfer.engine.stats import EngineMetrics
 from sageinfer.outputs import RequestOutput
 from sageinfer.sampling_params import SamplingParams
@@ -140,16 +140,6 @@ class EngineFront:
         self._streams[request_id] = stream
         self._send(("add", request_id, {"prompt_token_ids": prompt_token_ids, "prompt": prompt_text}, params))
         return RequestStream(self, request_id, stream)
-
-    async def generate(self, prompt: PromptType, params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield cumulative outputs of one request until it finishes; abort it if the consumer leaves."""
-        prompt_text, prompt_ids = self.inputs.tokenize_prompt(prompt)
-        self.inputs.check_prompt_length(prompt_ids)
-        self.inputs.check_sampling_params(params)
-        self.check_accepting(params.n)
-        async for output in self.add(prompt_ids, params, request_id, prompt_text):
-            yield output
 
     def abort(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is not None:

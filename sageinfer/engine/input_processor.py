@@ -10,6 +10,15 @@ from sageinfer.sampling_params import SamplingParams
 PromptType = str | dict
 
 
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not load a tokenizer from {path!r} ({exc}); "
+                         "pass skip_tokenizer_init=True to run on token ids") from exc
+
+
 class InputProcessor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, max_logprobs: int,
                  sampling_defaults: dict | None = None):

@@ -89,11 +89,16 @@ class OpenAIServer:
                 text, ids = self.inputs.tokenize_prompt(prompt)
             except ValueError as exc:
                 raise APIError(400, str(exc), "prompt") from exc
-            if truncate is not None and len(ids) > truncate:
-                text, ids = None, ids[-truncate:]
-            self._check_length(ids)
-            encoded.append({"prompt_token_ids": ids, "prompt": text})
+            encoded.append(self._fit(text, ids, truncate))
         return encoded
+
+    def _fit(self, text: str | None, ids: list[int], truncate: int | None) -> dict:
+        """The engine prompt: the last `truncate` tokens if asked (the text no longer matches them then),
+        checked against the context length."""
+        if truncate is not None and len(ids) > truncate:
+            text, ids = None, ids[-truncate:]
+        self._check_length(ids)
+        return {"prompt_token_ids": ids, "prompt": text}
 
     def _check_length(self, ids: list[int]) -> None:
         limit = self.max_model_len
@@ -112,10 +117,7 @@ class OpenAIServer:
             text, ids = self.inputs.render_chat(messages, req.add_generation_prompt)
         except ValueError as exc:
             raise APIError(400, str(exc), "messages") from exc
-        if truncate is not None and len(ids) > truncate:
-            text, ids = None, ids[-truncate:]
-        self._check_length(ids)
-        return {"prompt_token_ids": ids, "prompt": text}
+        return self._fit(text, ids, truncate)
 
     # ---- generation -------------------------------------------------------------------------
     def start(self, prompts: list[dict], params, request_id: str) -> list[RequestStream]:

@@ -23,6 +23,8 @@ class Linear(nn.Module):
         super().__init__()
         self.tp = get_tp_group()
         self.parallel = parallel if self.tp.size > 1 else None
+        # Whether the output is a sum over ranks (an all-reduce ends the layer).
+        self.reduces = self.parallel == "row"
         self.in_features, self.out_features = in_features, out_features
         local_in = self.tp.split(in_features) if self.parallel == "row" else in_features
         local_out = self.tp.split(out_features) if self.parallel == "column" else out_features
@@ -48,11 +50,6 @@ class Linear(nn.Module):
         if param.shape != loaded.shape:
             raise ValueError(f"weight shape {tuple(loaded.shape)} does not match {tuple(param.shape)}")
         param.data.copy_(loaded)
-
-    @property
-    def reduces(self) -> bool:
-        """Whether the output is a sum over ranks (an all-reduce ends the layer)."""
-        return self.parallel == "row"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.reduces:
