@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from fault_server import DETOK_FAULT, STEP_FAULT
+from ranks import skip_unless_ranks
 from server_util import ServerProcess, parse_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -458,6 +459,8 @@ def long_requests_while(srv: ServerProcess, event) -> tuple:
 ])
 def test_kill_9_fails_requests_and_the_server_exits_nonzero(llama_dir, victim, pattern):
     extra = ["--tensor-parallel-size", "2"] if victim == "tensor-parallel worker" else []
+    if extra:
+        skip_unless_ranks(2)
     srv = ServerProcess(llama_dir, *extra, api_key=None)
     try:
         victim_pid = int(re.search(pattern, srv.log_tail(10**6)).group(1))

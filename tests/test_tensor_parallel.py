@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from oracle import assert_greedy_matches_hf
+from ranks import needs_ranks
 from sageinfer import LLM, SamplingParams
 from sageinfer.models.model_config import load_model_config
 
@@ -27,6 +28,7 @@ def _generate(model_dir, prompts, max_tokens, **options):
     return [o.outputs[0].token_ids for o in outs], shapes
 
 
+@needs_ranks(2)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tp2_matches_tp1_and_transformers(model_dirs, arch):
     model_dir, prompts = model_dirs[arch], _prompts(ARCHS.index(arch))
@@ -38,6 +40,7 @@ def test_tp2_matches_tp1_and_transformers(model_dirs, arch):
         assert_greedy_matches_hf(model_dir, prompt, out)
 
 
+@needs_ranks(2)
 def test_tp2_one_sequence_on_the_triton_backend(model_dirs):
     """Single-sequence decode takes the one-row matmuls, whose fusions must step aside for the all-reduce."""
     prompts = _prompts(9, (20,))
@@ -45,6 +48,7 @@ def test_tp2_one_sequence_on_the_triton_backend(model_dirs):
     assert tokens == _generate(model_dirs["llama"], prompts, 6, attention_backend="triton")[0]
 
 
+@needs_ranks(4)
 def test_tp4_replicates_kv_heads_fewer_than_ranks(model_dirs):
     cfg = load_model_config(model_dirs["llama"])
     assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (4, 2)
@@ -63,6 +67,7 @@ def test_heads_that_do_not_split_are_refused():
     assert [kv_head_range(2, TensorParallelGroup(rank=r, size=4)) for r in range(4)] == [(0, 1), (0, 1), (1, 1), (1, 1)]
 
 
+@needs_ranks(2)
 def test_engine_with_worker_processes_matches_tp1(model_dirs):
     """LLM(tensor_parallel_size=2): rank 1 in its own process, driven by step messages. Greedy, seeded
     and unseeded sampling (the ranks' random states advance alike), n > 1, penalties, preemptions
@@ -89,3 +94,29 @@ def test_engine_with_worker_processes_matches_tp1(model_dirs):
     whole, _ = run()
     assert preemptions > 0
     assert sharded == whole
+
+
+@needs_ranks(2)
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_dummy_weights_are_one_model_at_every_tp_size(model_dirs, arch):
+    """load_format='dummy' draws each checkpoint tensor whole and shards it like real weights, so
+    benchmarks at different tp sizes run the same model: same logprobs, same tokens."""
+    prompts = [{"prompt_token_ids": p} for p in _prompts(31, (7, 50))]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+
+    def run(**options):
+        llm = LLM(model_dirs[arch], dtype="float32", num_gpu_blocks_override=128, load_format="dummy",
+                  show_progress=False, **options)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        llm.engine.shutdown()
+        return ([o.outputs[0].token_ids for o in outs],
+                [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs])
+
+    tokens1, logprobs1 = run()
+    tokens2, logprobs2 = run(tensor_parallel_size=2)
+    assert tokens2 == tokens1
+    np.testing.assert_allclose(np.array(logprobs2), np.array(logprobs1), rtol=0, atol=1e-5)
+    other_seed = LLM(model_dirs[arch], dtype="float32", num_gpu_blocks_override=128, load_format="dummy", seed=1,
+                     show_progress=False).generate(prompts, params, use_tqdm=False)
+    assert [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+            for o in other_seed] != logprobs1  # the seed picks the weights

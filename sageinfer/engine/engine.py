@@ -80,6 +80,10 @@ class LLMEngine:
         dtype = parse_dtype(config.dtype, self.model_config.dtype)
         self.workers = None  # tensor-parallel ranks 1..N-1 (this process is rank 0)
         if config.tensor_parallel_size > 1:
+            visible = self.platform.device_count()
+            if visible is not None and visible < config.tensor_parallel_size:
+                raise ValueError(f"tensor_parallel_size {config.tensor_parallel_size} needs a device per rank; "
+                                 f"{visible} {self.platform.name} device(s) visible")
             self.workers = TensorParallelWorkers(config, attention_backend, self.eos_token_ids)
             init_tensor_parallel(0, config.tensor_parallel_size, self.platform.dist_backend, self.workers.init_method)
         self.runner = ModelRunner(config, self.model_config, self.platform, dtype, attention_backend, show_progress)

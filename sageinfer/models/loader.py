@@ -42,16 +42,21 @@ def iterate_safetensors(model_dir: str, show_progress: bool = True) -> Iterator[
                     bar.update(1)
 
 
-def _fill_dummy(model: torch.nn.Module, seed: int) -> None:
-    # Small uniform values keep activations finite through many layers, like real checkpoints.
-    gen = torch.Generator().manual_seed(seed)  # host-side draws, copied to the device
-    for param in model.parameters():
-        host = torch.empty(param.shape, dtype=torch.float32).uniform_(-1e-3, 1e-3, generator=gen) \
-            if param.numel() < (1 << 24) else None
-        if host is not None:
-            param.data.copy_(host)
-        else:  # big tensors are filled on the device to keep start-up quick
-            param.data.uniform_(-1e-3, 1e-3)
+def dummy_checkpoint(model_dir: str, seed: int, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random tensors under the checkpoint's own names and shapes (those of the transformers model
+    for the config, built without memory), each drawn whole from a generator seeded by its name.
+    They go through the same loaders as real weights, so every tensor-parallel size holds shards of
+    the same model and generates the same tokens."""
+    import zlib
+
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        reference = transformers.AutoModelForCausalLM.from_config(config)
+    for name, param in reference.state_dict().items():
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        # Small uniform values keep activations finite through many layers, like real checkpoints.
+        yield name, torch.empty(param.shape, dtype=torch.float32, device=device).uniform_(-1e-3, 1e-3, generator=gen)
 
 
 def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.dtype,
@@ -65,12 +70,11 @@ def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.
             model = model_cls(cfg, backend)
     finally:
         torch.set_default_dtype(previous)
-    if load_format == "dummy":
-        _fill_dummy(model, seed)
-    else:
-        loaded = model.load_weights(iterate_safetensors(model_dir, show_progress))
-        expected = {n for n, _ in model.named_parameters()}
-        missing = expected - loaded
-        if missing:
-            raise ValueError(f"checkpoint in {model_dir!r} lacks weights: {sorted(missing)[:5]}...")
+    weights = dummy_checkpoint(model_dir, seed, device) if load_format == "dummy" \
+        else iterate_safetensors(model_dir, show_progress)
+    with torch.no_grad():
+        loaded = model.load_weights(weights)
+    missing = {n for n, _ in model.named_parameters()} - loaded
+    if missing:
+        raise ValueError(f"checkpoint in {model_dir!r} lacks weights: {sorted(missing)[:5]}...")
     return model.eval()

@@ -19,6 +19,11 @@ class Platform:
     def set_device(self, index: int) -> None:
         """Make device `index` this process's current one (a tensor-parallel rank's)."""
 
+    def device_count(self) -> int | None:
+        """Devices this process can see, for one tensor-parallel rank each; None: no limit (CPU ranks
+        are processes)."""
+        return None
+
     def num_compute_units(self) -> int:
         """Units that run kernel programs side by side (SMs on NVIDIA, AI cores on Ascend, CPU cores
         here): kernels size their grids by it."""

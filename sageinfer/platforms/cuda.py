@@ -31,6 +31,9 @@ class CudaPlatform(Platform):
     def set_device(self, index: int) -> None:
         torch.cuda.set_device(index)
 
+    def device_count(self) -> int | None:
+        return torch.cuda.device_count()
+
     def num_compute_units(self) -> int:
         return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
