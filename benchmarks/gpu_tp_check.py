@@ -49,7 +49,7 @@ def _time_ms(fn, iters: int) -> float:
 def _collectives(rank: int, size: int, init: str, out: str) -> None:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=init, rank=rank, world_size=size)
-    rows = []
+    rows = _Rows(rank)
     for nbytes in SIZES:
         n = nbytes // 2
         x = torch.full((n,), float(rank + 1), dtype=torch.bfloat16, device="cuda")
@@ -83,6 +83,7 @@ def _collectives(rank: int, size: int, init: str, out: str) -> None:
             rows.append({"kind": "nccl in graph", "bytes": nbytes, "us": ms * 1e3, "correct": ok})
         except Exception as exc:  # noqa: BLE001  (recorded: whether NCCL captures is the question)
             rows.append({"kind": "nccl in graph", "bytes": nbytes, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        del graph  # a graph holding collectives keeps the communicator from being destroyed
     try:
         import torch.distributed._symmetric_memory as symm_mem
         name = dist.group.WORLD.group_name
@@ -102,6 +103,19 @@ def _collectives(rank: int, size: int, init: str, out: str) -> None:
             json.dump(rows, f)
     dist.barrier()
     dist.destroy_process_group()
+
+
+class _Rows(list):
+    """Rows printed as they come (rank 0), so a hang still shows how far it got."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def append(self, row) -> None:
+        super().append(row)
+        if self.rank == 0:
+            print(row, flush=True)
 
 
 def collectives(tp: int) -> list[dict]:
@@ -200,8 +214,6 @@ def main() -> None:
     parts = args.parts.split(",")
     if "collectives" in parts:
         result["collectives"] = collectives(args.tp)
-        for row in result["collectives"]:
-            print(row, flush=True)
     if "tiny" in parts:
         result["tiny_models"] = tiny_models(args.tp)
     if "agreement" in parts:

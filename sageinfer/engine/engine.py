@@ -174,6 +174,7 @@ class LLMEngine:
         if self.workers is not None:
             self.workers.shutdown()
             self.workers = None
+            self.runner.release_graphs()
             destroy_tensor_parallel()
 
     def has_unfinished_requests(self) -> bool:

@@ -117,6 +117,14 @@ class ModelRunner:
                                        torch.zeros(shape, dtype=store, device=self.device), mode, scales(), scales())
                           for _ in range(m.num_hidden_layers)]
 
+    def release_graphs(self) -> None:
+        """Drop the captured graphs. They hold the collectives' communicator: it can only be
+        destroyed (an engine's shutdown at tp > 1) once no graph refers to it."""
+        import gc
+        self.graphs = self.prefill_graphs = None
+        gc.collect()
+        self.platform.synchronize()
+
     def capture_graphs(self) -> float:
         """Capture decode graphs if the platform can; returns the capture time in seconds."""
         if self.config.enforce_eager or not self.platform.supports_graphs:

@@ -104,7 +104,7 @@ def run_worker(rank: int, config: EngineConfig, attention_backend: str | None, e
     """A rank's process: join the group, build the shard, then run each step rank 0 announces."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s tp rank {rank}: %(message)s")
     from sageinfer.config import parse_dtype
-    from sageinfer.distributed.parallel_state import init_tensor_parallel
+    from sageinfer.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
     from sageinfer.executor.model_runner import ModelRunner
     from sageinfer.models.model_config import load_model_config
     from sageinfer.platforms import get_platform
@@ -138,3 +138,5 @@ def run_worker(rank: int, config: EngineConfig, attention_backend: str | None, e
         prev_tokens = result.sampler_output.token_ids if result.sampler_output is not None else None
     socket.close(linger=0)
     context.term()
+    runner.release_graphs()
+    destroy_tensor_parallel()
