@@ -42,7 +42,8 @@ def iterate_safetensors(model_dir: str, show_progress: bool = True) -> Iterator[
                     bar.update(1)
 
 
-def dummy_checkpoint(model_dir: str, seed: int, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+def dummy_checkpoint(model_dir: str, architecture: str, seed: int,
+                     device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     """Random tensors under the checkpoint's own names and shapes (those of the transformers model
     for the config, built without memory), each drawn whole from a generator seeded by its name.
     They go through the same loaders as real weights, so every tensor-parallel size holds shards of
@@ -50,9 +51,9 @@ def dummy_checkpoint(model_dir: str, seed: int, device: torch.device) -> Iterato
     import zlib
 
     import transformers
-    config = transformers.AutoConfig.from_pretrained(model_dir)
+    reference_cls = getattr(transformers, architecture)  # by architecture: a config.json may lack model_type
     with torch.device("meta"):
-        reference = transformers.AutoModelForCausalLM.from_config(config)
+        reference = reference_cls(reference_cls.config_class.from_pretrained(model_dir))
     for name, param in reference.state_dict().items():
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         # Small uniform values keep activations finite through many layers, like real checkpoints.
@@ -70,7 +71,7 @@ def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.
             model = model_cls(cfg, backend)
     finally:
         torch.set_default_dtype(previous)
-    weights = dummy_checkpoint(model_dir, seed, device) if load_format == "dummy" \
+    weights = dummy_checkpoint(model_dir, cfg.architecture, seed, device) if load_format == "dummy" \
         else iterate_safetensors(model_dir, show_progress)
     with torch.no_grad():
         loaded = model.load_weights(weights)
