@@ -17,6 +17,33 @@ def _is_int(value) -> bool:
 
 
 @dataclass
+class StructuredOutputsParams:
+    """What the output must be, exactly one of: a JSON schema (text or a dict), any JSON object, a
+    regular expression, one of a list of strings, or an EBNF grammar (vLLM's StructuredOutputsParams)."""
+    json: str | dict | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError("structured outputs take exactly one of json, json_object, regex, choice or grammar; "
+                             f"got {given or 'none'}")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError("structured outputs: json must be a JSON schema, as a string or an object")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured outputs: {name} must be a non-empty string")
+        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
+                                        or any(not isinstance(c, str) for c in self.choice)):
+            raise ValueError("structured outputs: choice must be a non-empty list of strings")
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0
@@ -43,6 +70,8 @@ class SamplingParams:
     # the tokens before it were just generated. Tokenized by the engine into bad_words_token_ids.
     bad_words: list[str] | None = None
     bad_words_token_ids: list[list[int]] | None = None
+    # The output follows a grammar (JSON schema, regex, choice, EBNF): tokens outside it are masked.
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled by the engine: eos ids of the model, so stop checks need no tokenizer.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -108,6 +137,10 @@ class SamplingParams:
             raise bad("allowed_token_ids", self.allowed_token_ids, "a non-empty list of token ids")
         if self.bad_words is not None and any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
             raise bad("bad_words", self.bad_words, "non-blank strings")
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise bad("structured_outputs", self.structured_outputs, "a StructuredOutputsParams")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "non-negative integers")
 
@@ -117,9 +150,9 @@ class SamplingParams:
 
     @property
     def needs_output_tokens(self) -> bool:
-        """Whether sampling reads the tokens generated so far (penalties, bad words): then a step can't
-        be launched before the previous one's tokens are known."""
-        return self.uses_penalties or bool(self.bad_words_token_ids)
+        """Whether sampling reads the tokens generated so far (penalties, bad words, a grammar): then a
+        step can't be launched before the previous one's tokens are known."""
+        return self.uses_penalties or bool(self.bad_words_token_ids) or self.structured_outputs is not None
 
     @property
     def uses_penalties(self) -> bool:

@@ -13,7 +13,7 @@ from server_util import ServerProcess
 
 @pytest.fixture(scope="module")
 def server(llama_dir):
-    srv = ServerProcess(llama_dir, "--max-num-seqs", "32")
+    srv = ServerProcess(llama_dir, "--max-num-seqs", "32", "--enable-auto-tool-choice", "--tool-call-parser", "hermes")
     yield srv
     assert srv.stop() == 0
 
@@ -296,3 +296,89 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(client, offline):
     kept = client.completions.create(model="tiny", prompt=long_text, max_tokens=2,
                                      extra_body={"truncate_prompt_tokens": 100})
     assert kept.usage.prompt_tokens == 100
+
+
+def test_structured_output_through_the_openai_client(client):
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "sunny"],
+              "properties": {"city": {"enum": ["Paris", "Rome"]}, "sunny": {"type": "boolean"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "weather", "schema": schema, "strict": True}}
+    messages = [{"role": "user", "content": "Weather?"}]
+    for seed in range(3):
+        chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=40, temperature=1.0,
+                                              seed=seed, response_format=fmt)
+        obj = json.loads(chat.choices[0].message.content)
+        assert obj["city"] in ("Paris", "Rome") and isinstance(obj["sunny"], bool) and set(obj) == {"city", "sunny"}
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=40, temperature=1.0,
+                                            seed=9, response_format=fmt, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert set(json.loads(streamed)) == {"city", "sunny"}
+    choice = client.completions.create(model="tiny", prompt="Pick one:", max_tokens=10, temperature=1.0, seed=1,
+                                       extra_body={"guided_choice": ["alpha", "beta"]})
+    assert choice.choices[0].text in ("alpha", "beta")
+    regex = client.completions.create(model="tiny", prompt="Code:", max_tokens=10, temperature=1.0, seed=2,
+                                      extra_body={"structured_outputs": {"regex": "[A-Z]{2}[0-9]{2}"}})
+    assert len(regex.choices[0].text) == 4 and regex.choices[0].text[:2].isupper()
+    obj = client.chat.completions.create(model="tiny", messages=messages, max_tokens=60, temperature=0.5, seed=3,
+                                         response_format={"type": "json_object"})
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+
+
+TOOLS = [{"type": "function", "function": {
+             "name": "get_weather", "description": "The weather in a city",
+             "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+                            "additionalProperties": False}}},
+         {"type": "function", "function": {
+             "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                                                "required": ["zone"], "additionalProperties": False}}}]
+# The tiny random model would never write a call by itself: a regex makes it write one, which the
+# server must then parse as it parses a real model's (tool_choice "auto", Hermes format).
+CALL_REGEX = r'Checking\.<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)"\}\}\n</tool_call>'
+
+
+def test_tool_calls_auto_parsed_from_the_text_streamed_and_not(client):
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    out = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, max_tokens=200, seed=1,
+                                         extra_body={"guided_regex": CALL_REGEX})
+    message = out.choices[0].message
+    assert out.choices[0].finish_reason == "tool_calls" and message.content == "Checking."
+    (call,) = message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+    stream = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, max_tokens=200, seed=1,
+                                            stream=True, extra_body={"guided_regex": CALL_REGEX})
+    content, calls, reasons = "", [], []
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        calls += delta.tool_calls or []
+        reasons.append(chunk.choices[0].finish_reason)
+    assert content == "Checking." and reasons[-1] == "tool_calls"
+    assert [(c.index, c.function.name, c.function.arguments) for c in calls] == \
+        [(0, "get_weather", call.function.arguments)]
+    # The conversation goes on with the call and its result in the history.
+    history = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                          {"role": "tool", "tool_call_id": call.id, "content": '{"sunny": true}'}]
+    follow = client.chat.completions.create(model="tiny", messages=history, tools=TOOLS, max_tokens=5)
+    assert follow.choices[0].message.tool_calls is None
+
+
+def test_tool_choice_required_and_named_follow_the_schemas(client):
+    messages = [{"role": "user", "content": "Anything"}]
+    for seed in range(3):
+        out = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice="required",
+                                             max_tokens=120, temperature=1.0, seed=seed)
+        assert out.choices[0].finish_reason == "tool_calls" and out.choices[0].message.content is None
+        for call in out.choices[0].message.tool_calls:
+            args = json.loads(call.function.arguments)
+            assert (call.function.name, list(args)) in (("get_weather", ["city"]), ("get_time", ["zone"]))
+    named = {"type": "function", "function": {"name": "get_time"}}
+    for stream in (False, True):
+        out = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice=named,
+                                             max_tokens=40, temperature=1.0, seed=4, stream=stream)
+        if stream:
+            calls = [c for chunk in out for c in (chunk.choices[0].delta.tool_calls or [])]
+        else:
+            calls = out.choices[0].message.tool_calls
+        (call,) = calls
+        assert call.function.name == "get_time" and json.loads(call.function.arguments)["zone"] in ("UTC", "CET")

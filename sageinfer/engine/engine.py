@@ -113,6 +113,7 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.async_scheduling = config.async_scheduling
         self._in_flight: _InFlight | None = None
+        self.grammars = None  # structured_output.grammar.GrammarCompiler, made for the first request with one
 
     # ---- requests --------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -130,6 +131,7 @@ class LLMEngine:
         prompt_text, prompt_ids = self.tokenize_prompt(prompt)
         self.inputs.check_prompt_length(prompt_ids)
         max_len = self.config.max_model_len
+        grammar = self._compile_grammar(params) if params.structured_outputs is not None else None
         children, detoks = [], []
         for index in range(params.n):
             child_params = params.clone_for_sample(index) if params.n > 1 else params
@@ -140,6 +142,8 @@ class LLMEngine:
                             self.eos_token_ids, arrival_time, generator)
             limit = max_len - len(prompt_ids)
             child.max_output_tokens = max(1, min(child_params.max_tokens or limit, limit))
+            if grammar is not None:
+                child.grammar = self.grammars.matcher(grammar)
             if index > 0:
                 child.leader = children[0]
             children.append(child)
@@ -149,6 +153,14 @@ class LLMEngine:
         self.requests[request_id] = _ParentRequest(request_id, prompt_text, prompt_ids, children, detoks)
         for child in children:
             self.scheduler.add_request(child)
+
+    def _compile_grammar(self, params: SamplingParams):
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer; the engine runs with skip_tokenizer_init")
+        if self.grammars is None:
+            from sageinfer.structured_output.grammar import GrammarCompiler
+            self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+        return self.grammars.compile(params.structured_outputs)
 
     def add_request_or_error(self, request_id: str, prompt: PromptType, params: SamplingParams,
                              arrival_time: float | None = None) -> Exception | None:
@@ -196,6 +208,9 @@ class LLMEngine:
         if not sched.is_empty:
             prev = self._in_flight
             prev_tokens = prev.sampler_output.token_ids if prev is not None and prev.sampler_output else None
+            for request, _ in sched.scheduled:
+                if request.grammar is not None:  # its tokens so far are known: a grammar needs them
+                    request.grammar_bitmask = request.grammar.next_bitmask()
             if self.workers is not None:
                 self.workers.send_step(sched.scheduled, use_prev_tokens=prev_tokens is not None)
             result = self.runner.execute(sched.scheduled, prev_tokens)
@@ -240,7 +255,11 @@ class LLMEngine:
                     request.logprobs.append(_logprob_entry(lp_ids[row][:k + 1], logprobs[row][:k + 1], ranks[row],
                                                            detok))
                     request.cumulative_logprob += logprobs[row][0]
+                if request.grammar is not None:
+                    request.grammar.accept(token)
                 self._check_stop(request, detok, token, index - request.num_prompt_tokens + 1)
+                if not request.is_finished and request.grammar is not None and request.grammar.is_terminated:
+                    self.scheduler.finish(request, "stop")
                 if request.is_finished:
                     request.truncate_after(index)
                     if detok is not None and request.finish_reason != "stop":

@@ -46,7 +46,7 @@ class InputProcessor:
         raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    chat_template: str | None = None) -> tuple[str, list[int]]:
+                    chat_template: str | None = None, tools: list[dict] | None = None) -> tuple[str, list[int]]:
         """A conversation through the chat template: (text, token ids). ValueError if it can't be."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer; the engine runs with skip_tokenizer_init")
@@ -54,7 +54,7 @@ class InputProcessor:
             raise ValueError("the model has no chat template; pass one (--chat-template FILE, or chat_template=...)")
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template,
-                                                      add_generation_prompt=add_generation_prompt)
+                                                      add_generation_prompt=add_generation_prompt, tools=tools)
         except Exception as exc:  # a template error is the conversation's fault (e.g. roles out of order)
             raise ValueError(f"the chat template could not render these messages: {exc}") from exc
         return text, self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -53,6 +53,10 @@ class Request:
         self.last_sampled_row = -1
         # Most output tokens it may produce (max_tokens and the context limit); set by the engine.
         self.max_output_tokens = 1 << 62
+        # Structured output: its grammar position (structured_output.grammar.RequestGrammar), and the
+        # tokens allowed at its next draw (a packed bitmask row, filled before each step it samples in).
+        self.grammar = None
+        self.grammar_bitmask = None
 
     @property
     def num_tokens(self) -> int:

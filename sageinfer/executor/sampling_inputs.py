@@ -1,6 +1,7 @@
 """Turn the sampling parameters of the requests that sample this step into device tensors."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sageinfer.layers.sampler import SamplingBatch
@@ -58,9 +59,16 @@ def build_sampling_batch(requests: list, vocab_size: int, device: torch.device, 
                 mask[row] = False
                 mask[row, torch.tensor(p.allowed_token_ids, dtype=torch.int64)] = True
         batch.allowed_mask = mask
+    if any(r.grammar_bitmask is not None for r in requests):
+        rows = [r.grammar_bitmask for r in requests if r.grammar_bitmask is not None]
+        mask = np.full((num, len(rows[0])), -1, dtype=np.int32)  # all bits set: every token allowed
+        for row, r in enumerate(requests):
+            if r.grammar_bitmask is not None:
+                mask[row] = r.grammar_bitmask
+        batch.grammar_bitmask = torch.from_numpy(mask)
     for name in ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                  "repetition_penalty", "output_token_counts", "prompt_token_mask", "banned_rows", "banned_tokens",
-                 "bias_rows", "bias_tokens", "bias_values", "allowed_mask"):
+                 "bias_rows", "bias_tokens", "bias_values", "allowed_mask", "grammar_bitmask"):
         value = getattr(batch, name)
         if value is not None:
             setattr(batch, name, to_device(value, device))

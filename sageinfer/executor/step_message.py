@@ -10,6 +10,7 @@ inputs that are still on the device from its own previous step, as rank 0 does.
 from __future__ import annotations
 
 import msgspec
+import numpy as np
 import torch
 
 from sageinfer.sampling_params import SamplingParams
@@ -31,6 +32,7 @@ class ScheduledRequest(msgspec.Struct, array_like=True):
     block_ids: list[int]
     num_pending_tokens: int
     last_sampled_row: int
+    grammar_bitmask: bytes | None = None  # the tokens its grammar allows at this step's draw (packed int32)
 
 
 class StepMessage(msgspec.Struct, tag=True):
@@ -70,7 +72,8 @@ class StepMessageBuilder:
             blocks = request.block_ids if reset else request.block_ids[num_blocks:]
             items.append(ScheduledRequest(request.request_id, num_new, request.num_computed_tokens, known,
                                           request.all_token_ids[known:], reset, blocks, request.num_pending_tokens,
-                                          request.last_sampled_row))
+                                          request.last_sampled_row,
+                                          None if request.grammar_bitmask is None else request.grammar_bitmask.tobytes()))
             entry[1:] = [request.num_known_tokens, len(request.block_ids), request.num_preemptions]
         return StepMessage(new, finished, items, use_prev_tokens)
 
@@ -91,6 +94,7 @@ class WorkerRequest:
         self.num_computed_tokens = 0
         self.num_pending_tokens = 0
         self.last_sampled_row = -1
+        self.grammar_bitmask = None
 
     @property
     def num_tokens(self) -> int:
@@ -114,6 +118,7 @@ class WorkerRequest:
         self.num_computed_tokens = s.num_computed_tokens
         self.num_pending_tokens = s.num_pending_tokens
         self.last_sampled_row = s.last_sampled_row
+        self.grammar_bitmask = None if s.grammar_bitmask is None else np.frombuffer(s.grammar_bitmask, dtype=np.int32)
 
 
 class WorkerRequests:

@@ -20,6 +20,7 @@ from sageinfer.gateway import openai_format as fmt
 from sageinfer.gateway.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, error_body
 from sageinfer.gateway.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                         TokenizeRequest)
+from sageinfer.gateway.tool_calls import TOOL_PARSERS, ToolCallOutput
 
 # Exceptions that end a request with an OpenAI error: (HTTP status, error type).
 _ERROR_STATUS: dict[type, tuple[int, str]] = {
@@ -44,8 +45,11 @@ def _param_of(message: str) -> str | None:
 
 
 class OpenAIServer:
-    def __init__(self, engine: EngineFront, served_model_name: str, chat_template: str | None = None):
+    def __init__(self, engine: EngineFront, served_model_name: str, chat_template: str | None = None,
+                 tool_call_parser: str | None = None):
         self.engine = engine
+        # tool_choice "auto" reads tool calls out of the text with this parser (None: refused)
+        self.tool_parser = TOOL_PARSERS[tool_call_parser]() if tool_call_parser else None
         self.inputs = engine.inputs
         self.max_model_len = engine.inputs.max_model_len
         self.tokenizer = self.inputs.tokenizer
@@ -109,12 +113,12 @@ class OpenAIServer:
                                 f"{len(ids)} tokens.", "prompt")
 
     def chat_prompt(self, req: ChatCompletionRequest) -> dict:
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        messages = [m.for_template() for m in req.messages]
         truncate = req.truncate_prompt_tokens
         if truncate is None:
             self._check_text_length(sum(len(m["content"]) for m in messages), "messages")
         try:
-            text, ids = self.inputs.render_chat(messages, req.add_generation_prompt)
+            text, ids = self.inputs.render_chat(messages, req.add_generation_prompt, tools=req.tool_schemas())
         except ValueError as exc:
             raise APIError(400, str(exc), "messages") from exc
         return self._fit(text, ids, truncate)
@@ -225,6 +229,11 @@ class OpenAIServer:
             params = req.sampling_params(self.inputs.sampling_defaults)
         except ValueError as exc:
             raise APIError(400, str(exc), _param_of(str(exc))) from exc
+        tool_choice = req.effective_tool_choice
+        if tool_choice == "auto" and self.tool_parser is None:
+            raise APIError(400, 'tool_choice "auto" needs the server started with --enable-auto-tool-choice and '
+                                '--tool-call-parser', "tool_choice")
+        tools = ToolCallOutput(tool_choice, self.tool_parser)
         self.engine.check_accepting(params.n)
         prompt = await self.in_tokenizer_thread(self.chat_prompt, req)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -242,6 +251,7 @@ class OpenAIServer:
                     yield _sse({**base, "object": "chat.completion.chunk", "choices": [
                         {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None}]})
+                splitters = [tools.stream() for _ in range(params.n)]
                 async for _, out in self.merged(streams):
                     for c in out.outputs:
                         d = tracker.delta(c.index, c)
@@ -250,10 +260,11 @@ class OpenAIServer:
                         text, start, end, finished = d
                         if finished:
                             completion_tokens += len(c.token_ids)
+                        delta, finish_reason = splitters[c.index].delta(text, finished, c.finish_reason)
                         yield _sse({**base, "object": "chat.completion.chunk", "choices": [{
-                            "index": c.index, "delta": {"content": text} if text else {},
+                            "index": c.index, "delta": delta,
                             "logprobs": fmt.chat_logprobs(c, start, end, k) if req.logprobs else None,
-                            "finish_reason": c.finish_reason if finished else None}]})
+                            "finish_reason": finish_reason}]})
                 if req.stream_options and req.stream_options.include_usage:
                     yield _sse({**base, "object": "chat.completion.chunk", "choices": [],
                                 "usage": fmt.usage(prompt_tokens, completion_tokens)})
@@ -261,9 +272,12 @@ class OpenAIServer:
             return _EngineStream(_with_error_event(events()), streams)
 
         (out,) = await self._collect(streams, raw)
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": fmt.chat_logprobs(c, 0, len(c.token_ids), k) if req.logprobs else None,
-                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
+        choices = []
+        for c in out.outputs:
+            message, finish_reason = tools.message(c.text, c.finish_reason)
+            choices.append({"index": c.index, "message": message,
+                            "logprobs": fmt.chat_logprobs(c, 0, len(c.token_ids), k) if req.logprobs else None,
+                            "finish_reason": finish_reason, "stop_reason": c.stop_reason})
         return {**base, "object": "chat.completion", "choices": choices,
                 "usage": fmt.usage(prompt_tokens, sum(len(c.token_ids) for c in out.outputs))}
 

@@ -89,6 +89,9 @@ def _serve(args: argparse.Namespace) -> int:
             raise ValueError(f"no such file {path!r}")
     if args.max_request_body_bytes < 1024:
         raise ValueError(f"--max-request-body-bytes must be >= 1024, got {args.max_request_body_bytes}")
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes)")
+    tool_call_parser = args.tool_call_parser if args.enable_auto_tool_choice else None
     kwargs = engine_kwargs(args)
     attention_backend = kwargs.pop("attention_backend")
     config = EngineConfig(**kwargs)
@@ -119,7 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
         with open(args.chat_template) as f:
             chat_template = f.read()
     name = args.served_model_name or os.path.basename(os.path.normpath(kwargs["model"]))
-    app = build_app(OpenAIServer(front, name, chat_template), api_key=api_key,
+    app = build_app(OpenAIServer(front, name, chat_template, tool_call_parser), api_key=api_key,
                     public_metrics=args.public_metrics, max_request_body_bytes=args.max_request_body_bytes)
     if args.allowed_origins:
         from starlette.middleware.cors import CORSMiddleware
@@ -160,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="larger request bodies get HTTP 413")
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--chat-template", default=None, help="a Jinja chat template file")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='answer tool_choice "auto" by parsing tool calls out of the output (needs --tool-call-parser)')
+    serve.add_argument("--tool-call-parser", default=None, choices=["hermes"],
+                       help="the model's tool call format: hermes (Qwen 2.5 / 3, Hermes)")
     serve.add_argument("--max-waiting-requests", type=int, default=1024,
                        help="requests beyond max_num_seqs + this get HTTP 503")
     serve.add_argument("--shutdown-grace-seconds", type=float, default=30.0)

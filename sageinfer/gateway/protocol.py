@@ -5,7 +5,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sageinfer.sampling_params import SamplingParams
+from sageinfer.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 class _Strict(BaseModel):
@@ -22,16 +22,8 @@ class StreamOptions(_Strict):
 # that needs one is refused (400) rather than answered as if it had been honoured. Each entry says
 # which values ask for nothing (clients often send those by default).
 _UNSUPPORTED_FIELDS = {
-    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
-    "tools": lambda v: not v,
-    "tool_choice": lambda v: v is None or v == "none",
     "functions": lambda v: not v,
     "function_call": lambda v: v is None or v == "none",
-    "guided_json": lambda v: v is None,
-    "guided_regex": lambda v: v is None,
-    "guided_choice": lambda v: v is None,
-    "guided_grammar": lambda v: v is None,
-    "structured_outputs": lambda v: v is None,
     "prompt_logprobs": lambda v: v is None,
     "best_of": lambda v: v is None or v == 1,
 }
@@ -60,10 +52,9 @@ class _SamplingFields(_Strict):
     user: str | None = None
     # Keep only the last k prompt tokens (vLLM's truncate_prompt_tokens).
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)
-    # Accepted only with the values that ask for nothing (see _UNSUPPORTED_FIELDS).
+    # Structured output: OpenAI's response_format, vLLM's guided_* fields and structured_outputs.
     response_format: Any = None
-    tools: Any = None
-    tool_choice: Any = None
+    # Accepted only with the values that ask for nothing (see _UNSUPPORTED_FIELDS).
     functions: Any = None
     function_call: Any = None
     logit_bias: dict[str, float] | None = None
@@ -94,7 +85,42 @@ class _SamplingFields(_Strict):
             ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias=self.logit_bias or None, allowed_token_ids=self.allowed_token_ids,
-            bad_words=self.bad_words or None)
+            bad_words=self.bad_words or None, structured_outputs=self._structured_outputs())
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        """The one grammar the request asks for, from whichever field it uses."""
+        asked = {}
+        fmt = self.response_format
+        if fmt is not None:
+            kind = fmt.get("type") if isinstance(fmt, dict) else None
+            if kind == "json_schema":
+                spec = fmt.get("json_schema")
+                schema = spec.get("schema") if isinstance(spec, dict) else None
+                if not isinstance(schema, dict):
+                    raise ValueError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+                asked["response_format"] = {"json": schema}
+            elif kind == "json_object":
+                asked["response_format"] = {"json_object": True}
+            elif kind != "text":
+                raise ValueError(f"response_format type {kind!r} is not supported: use text, json_object or json_schema")
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                asked[name] = {key: getattr(self, name)}
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, dict):
+                raise ValueError("structured_outputs must be an object such as {'json': {...}} or {'regex': '...'}")
+            asked["structured_outputs"] = {k: v for k, v in self.structured_outputs.items() if v is not None}
+        if len(asked) > 1:
+            raise ValueError(f"ask for one structured output, not several: {', '.join(asked)}")
+        if not asked:
+            return None
+        (name, fields), = asked.items()
+        try:
+            return StructuredOutputsParams(**fields)
+        except TypeError:
+            raise ValueError(f"{name}: unknown fields {sorted(fields)}; use json, json_object, regex, choice "
+                             "or grammar") from None
 
 
 class CompletionRequest(_SamplingFields):
@@ -138,15 +164,68 @@ class ContentPart(_Strict):
         return self
 
 
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str
+
+
+class MessageToolCall(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None                 # a tool's answer to one of them
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def for_template(self) -> dict:
+        """As chat templates read it: tool call arguments as objects (templates write them with tojson)."""
+        message = {"role": self.role, "content": self.text()}
+        for key in ("name", "tool_call_id"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}} for c in self.tool_calls]
+        return message
+
+
+def _json_or_text(text: str):
+    import json
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class ToolFunction(_Strict):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: ToolFunction
+
+
+class NamedToolChoiceFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedToolChoiceFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -156,6 +235,40 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    # OpenAI's default: "auto" when tools are given, else "none"
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    def tool_schemas(self) -> list[dict] | None:
+        """The tools as chat templates take them."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        """tool_choice "required" or a named function: the output is the call(s), held to their schema."""
+        choice = self.effective_tool_choice
+        if choice in ("none", "auto"):
+            return super()._structured_outputs()
+        if not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if super()._structured_outputs() is not None:
+            raise ValueError("tool_choice 'required' or a named function cannot be combined with response_format "
+                             "or guided decoding")
+        by_name = {t.function.name: t.function for t in self.tools}
+        if isinstance(choice, NamedToolChoice):
+            function = by_name.get(choice.function.name)
+            if function is None:
+                raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools")
+            return StructuredOutputsParams(json=function.parameters or {"type": "object"})
+        calls = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
+                  "properties": {"name": {"enum": [f.name]}, "parameters": f.parameters or {"type": "object"}}}
+                 for f in by_name.values()]
+        return StructuredOutputsParams(json={"type": "array", "minItems": 1, "items": {"anyOf": calls}})
 
     def sampling_params(self, defaults: dict | None = None) -> SamplingParams:
         """Without max_tokens a reply may run to the end of the context (or the checkpoint's max_new_tokens)."""

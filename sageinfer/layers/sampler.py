@@ -35,6 +35,9 @@ class SamplingBatch:
     bias_tokens: torch.Tensor | None = None
     bias_values: torch.Tensor | None = None
     allowed_mask: torch.Tensor | None = None
+    # Structured output: [B, ceil(V / 32)] int32, bit t of a row set where token t may be drawn
+    # (all bits set in rows without a grammar)
+    grammar_bitmask: torch.Tensor | None = None
     max_num_logprobs: int = -1         # -1: no row wants logprobs
 
 
@@ -82,6 +85,13 @@ def filter_probs(probs: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(1, order, sorted_probs * keep)
 
 
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[B, W] packed int32 -> [B, vocab_size] bool (bit j of word w is token 32 w + j)."""
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1
+    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
         raw_logits = logits
@@ -94,6 +104,8 @@ class Sampler:
             logits = logits.index_put((b.bias_rows, b.bias_tokens), b.bias_values, accumulate=True)
         if b.allowed_mask is not None:
             logits = logits.masked_fill(~b.allowed_mask, float("-inf"))
+        if b.grammar_bitmask is not None:
+            logits = logits.masked_fill(~unpack_bitmask(b.grammar_bitmask, logits.shape[-1]), float("-inf"))
         greedy_tokens = logits.argmax(dim=-1)
         if b.all_greedy:
             tokens = greedy_tokens

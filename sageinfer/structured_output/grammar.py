@@ -1,0 +1,73 @@
+"""Grammars for structured output, on xgrammar: compiled once per spec (cached), a matcher per
+sample that follows its tokens and says, before each draw, which tokens may come next.
+
+The engine fills one bitmask row (a bit per token of the model's vocabulary, packed in int32) per
+grammar-bound request that samples in a step; the sampler masks the logits on the device, so
+requests with and without a grammar share the step.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+
+from sageinfer.sampling_params import StructuredOutputsParams
+
+
+def bitmask_width(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+class GrammarCompiler:
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: set[int]):
+        import xgrammar as xgr
+        self._xgr = xgr
+        self.vocab_size = vocab_size
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=sorted(stop_token_ids))
+        self._compiler = xgr.GrammarCompiler(info, max_threads=4, cache_enabled=True)
+
+    def compile(self, spec: StructuredOutputsParams):
+        """The compiled grammar; ValueError (the request's fault) for a spec that can't be compiled."""
+        try:
+            if spec.json is not None:
+                schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
+                # Fixed separators: free whitespace lets a weak model loop on blanks until max_tokens.
+                return self._compiler.compile_json_schema(schema, any_whitespace=False)
+            if spec.json_object:
+                return self._compiler.compile_builtin_json_grammar()
+            if spec.regex is not None:
+                return self._compiler.compile_regex(spec.regex)
+            if spec.choice is not None:
+                return self._compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in spec.choice))
+            return self._compiler.compile_grammar(spec.grammar)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            kind = next(n for n in ("json", "regex", "choice", "grammar") if getattr(spec, n) is not None) \
+                if not spec.json_object else "json_object"
+            reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(exc)).strip()  # xgrammar's time and source line
+            raise ValueError(f"structured outputs: the {kind} could not be compiled: {reason}") from None
+
+    def matcher(self, compiled) -> "RequestGrammar":
+        return RequestGrammar(self._xgr, compiled, self.vocab_size)
+
+
+class RequestGrammar:
+    """One sample's position in its grammar."""
+
+    def __init__(self, xgr, compiled, vocab_size: int):
+        self._matcher = xgr.GrammarMatcher(compiled)
+        self._buffer = xgr.allocate_token_bitmask(1, vocab_size)
+
+    def next_bitmask(self) -> np.ndarray:
+        """[width] int32: bit t of the row is set where token t may come next."""
+        self._matcher.fill_next_token_bitmask(self._buffer, 0)
+        return self._buffer[0].numpy().copy()
+
+    def accept(self, token: int) -> None:
+        if not self._matcher.accept_token(token):
+            raise RuntimeError(f"token {token} does not follow the request's grammar")
+
+    @property
+    def is_terminated(self) -> bool:
+        return self._matcher.is_terminated()

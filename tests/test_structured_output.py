@@ -1,0 +1,114 @@
+"""Structured output (xgrammar): what a request's grammar allows is all it generates, and requests
+with and without a grammar share steps without changing each other's tokens."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from ranks import needs_ranks
+from sageinfer import LLM, SamplingParams
+from sageinfer.layers.sampler import unpack_bitmask
+from sageinfer.sampling_params import StructuredOutputsParams
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["ok", "colour", "tags"],
+          "properties": {"ok": {"type": "boolean"}, "colour": {"enum": ["red", "green", "blue"]},
+                         "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}}}
+
+
+def _valid(obj) -> bool:
+    return (isinstance(obj, dict) and set(obj) == {"ok", "colour", "tags"} and isinstance(obj["ok"], bool)
+            and obj["colour"] in ("red", "green", "blue") and isinstance(obj["tags"], list)
+            and len(obj["tags"]) <= 3 and all(t in ("a", "b") for t in obj["tags"]))
+
+
+@pytest.fixture(scope="module")
+def llm(llama_dir):
+    return LLM(llama_dir, dtype="float32", num_gpu_blocks_override=256, show_progress=False)
+
+
+def _texts(llm, params, prompt="The answer:"):
+    outs = llm.generate([prompt] * len(params), params, use_tqdm=False)
+    return [(o.outputs[0].text, o.outputs[0].finish_reason) for o in outs]
+
+
+def test_json_schema_is_honoured_when_sampling(llm):
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=80, structured_outputs=StructuredOutputsParams(json=SCHEMA))
+              for s in range(6)]
+    for text, reason in _texts(llm, params):
+        assert reason == "stop", text
+        assert _valid(json.loads(text)), text
+
+
+def test_regex_choice_grammar_and_json_object(llm):
+    cases = [
+        (StructuredOutputsParams(regex=r"[0-9]{3}-[a-c]{2,4}"), lambda t: re.fullmatch(r"[0-9]{3}-[a-c]{2,4}", t)),
+        (StructuredOutputsParams(choice=["yes", "no", "it depends"]), lambda t: t in ("yes", "no", "it depends")),
+        (StructuredOutputsParams(grammar='root ::= "(" num ("+" num)* ")"\nnum ::= [1-9]'),
+         lambda t: re.fullmatch(r"\([1-9](\+[1-9])*\)", t)),
+        (StructuredOutputsParams(json_object=True), lambda t: isinstance(json.loads(t), dict)),
+    ]
+    for spec, check in cases:
+        params = [SamplingParams(temperature=0.9, seed=s, max_tokens=60, structured_outputs=spec) for s in range(4)]
+        for text, reason in _texts(llm, params):
+            if spec.json_object and reason == "length":
+                continue  # any JSON object may be longer than max_tokens; what was made must still be a prefix
+            assert reason == "stop" and check(text), (spec, text)
+
+
+def test_requests_with_and_without_a_grammar_share_steps(llm):
+    plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    alone = _texts(llm, [plain])[0]
+    mixed = _texts(llm, [plain, SamplingParams(temperature=0.7, seed=3, max_tokens=60,
+                                               structured_outputs=StructuredOutputsParams(json=SCHEMA)), plain])
+    assert mixed[0] == alone and mixed[2] == alone
+    assert _valid(json.loads(mixed[1][0]))
+
+
+def test_n_samples_each_follow_the_grammar(llm):
+    out = llm.generate("Pick:", SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10,
+                                               structured_outputs=StructuredOutputsParams(choice=["x", "yy", "zzz"])),
+                       use_tqdm=False)[0]
+    assert [c.text in ("x", "yy", "zzz") for c in out.outputs] == [True] * 3
+
+
+def test_bad_specs_are_value_errors(llm):
+    for spec in ({"regex": "[0-9"}, {"json": {"type": "objec"}}, {"grammar": "root ::= undefined_rule"}):
+        with pytest.raises(ValueError, match="could not be compiled"):
+            llm.generate("x", SamplingParams(structured_outputs=StructuredOutputsParams(**spec)), use_tqdm=False)
+    for fields in ({}, {"regex": "a", "choice": ["b"]}, {"choice": []}, {"json": 5}):
+        with pytest.raises(ValueError, match="structured outputs"):
+            StructuredOutputsParams(**fields)
+    assert llm.generate("still serving", SamplingParams(max_tokens=3), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_a_grammar_needs_a_tokenizer(llama_dir):
+    bare = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=128, skip_tokenizer_init=True, show_progress=False)
+    with pytest.raises(ValueError, match="tokenizer"):
+        bare.generate({"prompt_token_ids": [1, 2]},
+                      SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+")), use_tqdm=False)
+
+
+def test_unpack_bitmask_is_bit_t_of_word_t_over_32():
+    rng = np.random.default_rng(0)
+    allowed = rng.random((3, 70)) < 0.3
+    words = np.zeros((3, 3), dtype=np.uint32)
+    for row, t in zip(*np.nonzero(allowed)):
+        words[row, t // 32] |= np.uint32(1 << (t % 32))
+    unpacked = unpack_bitmask(torch.from_numpy(words.view(np.int32)), 70)
+    assert torch.equal(unpacked, torch.from_numpy(allowed))
+
+
+@needs_ranks(2)
+def test_tp2_follows_the_grammar_as_tp1(llama_dir):
+    params = [SamplingParams(temperature=0.8, seed=s, max_tokens=60, structured_outputs=StructuredOutputsParams(json=SCHEMA))
+              for s in range(3)] + [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)]
+    texts = {}
+    for tp in (1, 2):
+        engine = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=256, tensor_parallel_size=tp,
+                     show_progress=False)
+        texts[tp] = _texts(engine, params)
+        engine.engine.shutdown()
+    assert texts[2] == texts[1]
+    assert all(_valid(json.loads(t)) for t, _ in texts[2][:3])
