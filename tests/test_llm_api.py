@@ -222,6 +222,10 @@ def test_chat_renders_the_template_as_transformers_does(llm):
     assert llm.chat(two, params, use_tqdm=False)[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
     with pytest.raises(ValueError, match="chat template"):
         llm.chat(two, params, chat_template="{{ messages[5]['x'] }}", use_tqdm=False)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    with_tools = llm.chat(two, params, tools=tools, use_tqdm=False)[0]
+    assert with_tools.prompt == tok.apply_chat_template(two, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert '"get_weather"' in with_tools.prompt
 
 
 def test_generation_config_gives_defaults_to_requests_that_give_none(llama_dir, tmp_path):

@@ -182,7 +182,8 @@ def test_metrics_parse_as_prometheus_with_vllm_names_and_the_model_label(server)
                  "prompt_tokens", "generation_tokens", "num_preemptions", "time_to_first_token_seconds",
                  "time_per_output_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
                  "request_queue_time_seconds", "request_prompt_tokens", "request_generation_tokens",
-                 "request_success", "cache_config_info"):
+                 "request_success", "cache_config_info", "request_prefill_time_seconds",
+                 "request_decode_time_seconds", "request_inference_time_seconds", "tokens_per_second_per_device"):
         family = families[f"sageinfer:{name}"]
         assert family.documentation, name
         assert all(s.labels.get("model_name") == "tiny" for s in family.samples), name
@@ -190,6 +191,11 @@ def test_metrics_parse_as_prometheus_with_vllm_names_and_the_model_label(server)
     info = families["sageinfer:cache_config_info"].samples[0].labels
     assert info["block_size"] and info["num_gpu_blocks"] == "399"
     assert "process_cpu_seconds" in families
+    # The CPU has no datasheet peak: no utilisation share is made up; a GPU's are shares of its peak.
+    assert ("sageinfer:mfu" in families) == ("sageinfer:mbu" in families)
+    for name in ("sageinfer:mfu", "sageinfer:mbu"):
+        if name in families:
+            assert 0 <= families[name].samples[0].value < 1
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_zero(llama_dir):

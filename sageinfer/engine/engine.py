@@ -12,6 +12,7 @@ from sageinfer.engine.detokenizer import IncrementalDetokenizer
 from sageinfer.engine.input_processor import InputProcessor, PromptType, load_tokenizer
 from sageinfer.engine.request import Request
 from sageinfer.engine.scheduler import Scheduler
+from sageinfer.engine.utilization import UtilizationMeter
 from sageinfer.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
 from sageinfer.executor.model_runner import ModelRunner
 from sageinfer.executor.workers import TensorParallelWorkers, agree_on_num_blocks
@@ -114,6 +115,11 @@ class LLMEngine:
         self.async_scheduling = config.async_scheduling
         self._in_flight: _InFlight | None = None
         self.grammars = None  # structured_output.grammar.GrammarCompiler, made for the first request with one
+        tp = config.tensor_parallel_size
+        rank_weight_bytes = sum(p.numel() * p.element_size() for p in self.runner.model.parameters())
+        self.utilization = UtilizationMeter(self.model_config, rank_weight_bytes * tp,
+                                            self.runner.kv_bytes_per_block() / config.block_size * tp, tp,
+                                            *self.platform.peak_rates())
 
     # ---- requests --------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -213,6 +219,7 @@ class LLMEngine:
                     request.grammar_bitmask = request.grammar.next_bitmask()
             if self.workers is not None:
                 self.workers.send_step(sched.scheduled, use_prev_tokens=prev_tokens is not None)
+            self.utilization.record_step(sched.scheduled)
             result = self.runner.execute(sched.scheduled, prev_tokens)
             self.kv_manager.step_launched()
             self.scheduler.update_after_step(sched)

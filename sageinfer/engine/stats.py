@@ -22,6 +22,11 @@ _GAUGE_HELP = {
     "kv_cache_free_blocks": "KV cache blocks free.",
     "kv_cache_total_blocks": "KV cache blocks in all.",
     "prefix_cache_hit_rate": "Share of prompt tokens served from the prefix cache.",
+    "mfu": "Model FLOPs utilisation: the model FLOPs of the last 5 s of steps over the devices' peak "
+           "(dense bf16, datasheet; absent where the platform knows no peak). An estimate from the steps' shapes.",
+    "mbu": "Memory bandwidth utilisation: weights and KV cache bytes of the last 5 s of steps over the "
+           "devices' peak bandwidth (absent where the platform knows no peak).",
+    "tokens_per_second_per_device": "Tokens computed (prompt and generated) per second per device, last 5 s.",
 }
 _COUNTER_HELP = {
     "prompt_tokens_total": "Prompt tokens computed (prefix-cache hits excluded).",
@@ -38,7 +43,8 @@ def engine_snapshot(engine) -> tuple[dict, dict]:
     gauges = dict(
         num_requests_running=len(engine.scheduler.running), num_requests_waiting=len(engine.scheduler.waiting),
         kv_cache_usage_perc=pool.usage(), kv_cache_free_blocks=pool.num_free_blocks,
-        kv_cache_total_blocks=pool.usable_blocks, prefix_cache_hit_rate=kv.prefix_hit_rate)
+        kv_cache_total_blocks=pool.usable_blocks, prefix_cache_hit_rate=kv.prefix_hit_rate,
+        **engine.utilization.gauges())
     counters = dict(
         prompt_tokens_total=engine.num_prompt_tokens_computed, generation_tokens_total=engine.num_generated_tokens,
         num_preemptions_total=engine.scheduler.num_preemptions, prefix_cache_queries_total=kv.prefix_queries,
@@ -56,6 +62,8 @@ class _SnapshotCollector:
         m = self.metrics
         gauges, counters = m.snapshot
         for name, help_text in _GAUGE_HELP.items():
+            if name in ("mfu", "mbu") and name not in gauges:
+                continue  # no peak known for this device: no made-up share
             family = GaugeMetricFamily(f"sageinfer:{name}", help_text, labels=["model_name"])
             family.add_metric([m.model_name], float(gauges.get(name, 0)))
             yield family
@@ -97,6 +105,14 @@ class EngineMetrics:
                                         buckets=_TOKEN_BUCKETS, registry=r)
         self._generation_tokens = Histogram("sageinfer:request_generation_tokens", "Tokens generated per request.",
                                             labels, buckets=_TOKEN_BUCKETS, registry=r)
+        self._prefill = Histogram("sageinfer:request_prefill_time_seconds",
+                                  "From first scheduling to the first token (seen by the front end).", labels,
+                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self._decode = Histogram("sageinfer:request_decode_time_seconds", "From the first token to the last.",
+                                 labels, buckets=_LATENCY_BUCKETS, registry=r)
+        self._inference = Histogram("sageinfer:request_inference_time_seconds",
+                                    "From first scheduling to the last token.", labels, buckets=_LATENCY_BUCKETS,
+                                    registry=r)
         self._success = Counter("sageinfer:request_success", "Finished requests by reason.",
                                 ["model_name", "finished_reason"], registry=r)
 
@@ -122,6 +138,11 @@ class EngineMetrics:
         self._e2e.labels(name).observe(now - arrival)
         if output.queue_time is not None:
             self._queue.labels(name).observe(output.queue_time)
+            self._inference.labels(name).observe(max(now - arrival - output.queue_time, 0.0))
+            if first_token is not None:
+                self._prefill.labels(name).observe(max(first_token - arrival - output.queue_time, 0.0))
+        if first_token is not None:
+            self._decode.labels(name).observe(now - first_token)
         generated = max(len(c.token_ids) for c in output.outputs)
         if first_token is not None and generated > 1:
             self._tpot.labels(name).observe((now - first_token) / (generated - 1))

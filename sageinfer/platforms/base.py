@@ -19,6 +19,11 @@ class Platform:
     def set_device(self, index: int) -> None:
         """Make device `index` this process's current one (a tensor-parallel rank's)."""
 
+    def peak_rates(self) -> tuple[float | None, float | None]:
+        """(dense bf16 FLOP/s, memory bytes/s) of one device by its datasheet, for the utilisation
+        gauges; None where not known."""
+        return None, None
+
     def device_count(self) -> int | None:
         """Devices this process can see, for one tensor-parallel rank each; None: no limit (CPU ranks
         are processes)."""

@@ -31,6 +31,16 @@ class CudaPlatform(Platform):
     def set_device(self, index: int) -> None:
         torch.cuda.set_device(index)
 
+    # Datasheet dense bf16 FLOP/s and memory bandwidth, by a part of the device's name (first match).
+    _PEAKS = (("H200", 989e12, 4.8e12), ("H100 PCIe", 756e12, 2.0e12), ("H100 NVL", 835e12, 3.9e12),
+              ("H100", 989e12, 3.35e12), ("H800", 989e12, 3.35e12), ("H20", 148e12, 4.0e12),
+              ("A100-SXM4-80GB", 312e12, 2.04e12), ("A100", 312e12, 1.56e12), ("A800", 312e12, 2.04e12),
+              ("L40S", 362e12, 0.864e12), ("L4", 121e12, 0.3e12))
+
+    def peak_rates(self) -> tuple[float | None, float | None]:
+        name = self.device_name()
+        return next(((f, b) for part, f, b in self._PEAKS if part in name), (None, None))
+
     def device_count(self) -> int | None:
         return torch.cuda.device_count()
 
