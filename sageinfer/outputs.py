@@ -39,3 +39,6 @@ class RequestOutput:
     num_cached_tokens: int = 0
     queue_time: float | None = None  # seconds from arrival to first scheduling
     error: str | None = None  # why the request failed (finish_reason "error"); the engine went on
+    # With prompt_logprobs: per prompt token (None for the first) its logprob given those before it
+    # and the top k; set once the whole prompt is computed.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -60,6 +60,8 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    # Logprobs of each prompt token given the ones before it, with the top k (vLLM's prompt_logprobs).
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Added to the logits of these token ids before sampling (OpenAI's logit_bias, in [-100, 100]).
@@ -120,6 +122,8 @@ class SamplingParams:
             raise bad("min_tokens", self.min_tokens, f"<= max_tokens ({self.max_tokens})")
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             raise bad("logprobs", self.logprobs, "an integer >= 0")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
+            raise bad("prompt_logprobs", self.prompt_logprobs, "an integer >= 0")
         # Sample i of n draws with seed + i, which must still be a 64-bit generator seed.
         if self.seed is not None and (not _is_int(self.seed) or not _INT64_MIN <= self.seed <= _INT64_MAX - self.n + 1):
             raise bad("seed", self.seed, f"an integer in [{_INT64_MIN}, {_INT64_MAX - self.n + 1}]")

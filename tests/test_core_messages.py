@@ -15,6 +15,8 @@ def test_outputs_rebuilt_from_differences_equal_the_engines(llama_dir):
         "logprobs-n": ("Hello", SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=25, logprobs=3,
                                                ignore_eos=True)),
         "chinese": ("你好，世界", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)),
+        "prompt-logprobs": ("A longer prompt, whose logprobs come back once", SamplingParams(
+            temperature=0, max_tokens=5, prompt_logprobs=2, ignore_eos=True)),
     }
     encoder, decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(msg.CoreMessage)
     deltas, assembler = msg.DeltaEncoder(), msg.OutputAssembler()
@@ -32,4 +34,4 @@ def test_outputs_rebuilt_from_differences_equal_the_engines(llama_dir):
             if rebuilt.finished:
                 finished.add(rebuilt.request_id)
     assert finished == set(requests)
-    assert not deltas._sent and not assembler._requests  # nothing kept for finished requests
+    assert not deltas._sent and not deltas._prompt_logprobs_sent and not assembler._requests  # nothing kept for finished requests

@@ -388,3 +388,30 @@ def test_tool_choice_required_and_named_follow_the_schemas(client):
             calls = out.choices[0].message.tool_calls
         (call,) = calls
         assert call.function.name == "get_time" and json.loads(call.function.arguments)["zone"] in ("UTC", "CET")
+
+
+def test_echo_with_logprobs_scores_the_prompt_and_prompt_logprobs_as_vllm(client, offline):
+    """What evaluation harnesses send (echo, logprobs=1, max_tokens=1) to score a text."""
+    prompt = "The capital of France is Paris"
+    ref = offline.generate(prompt, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1),
+                           use_tqdm=False)[0]
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    lp = out.choices[0].logprobs
+    n = len(ref.prompt_token_ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.token_logprobs) == n + 1
+    assert "".join(lp.tokens[:n]) == prompt  # the echoed prompt, token by token
+    expected = [ref.prompt_logprobs[i][t].logprob for i, t in enumerate(ref.prompt_token_ids) if i]
+    np.testing.assert_allclose(lp.token_logprobs[1:n], expected, atol=1e-4)
+    assert lp.text_offset[:n] == [sum(len(t) for t in lp.tokens[:i]) for i in range(n)]
+    assert lp.text_offset[n] == len(prompt)  # the completion's token starts after the echoed prompt
+    raw = httpx.post(client.base_url.join("completions").__str__(), headers={"Authorization": f"Bearer {client.api_key}"},
+                     json={"model": "tiny", "prompt": prompt, "max_tokens": 1, "prompt_logprobs": 2}).json()
+    entries = raw["choices"][0]["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == n
+    first = ref.prompt_token_ids[1]
+    assert entries[1][str(first)]["logprob"] == pytest.approx(ref.prompt_logprobs[1][first].logprob, abs=1e-4)
+    chat = httpx.post(client.base_url.join("chat/completions").__str__(),
+                      headers={"Authorization": f"Bearer {client.api_key}"},
+                      json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                            "prompt_logprobs": 0}).json()
+    assert chat["prompt_logprobs"][0] is None and len(chat["prompt_logprobs"]) > 3

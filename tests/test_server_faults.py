@@ -125,7 +125,9 @@ BAD_BODIES = [
      "logit_bias"),
     ("logit_bias over 100", "/v1/completions", {"prompt": "hi", "logit_bias": {"5": 150}}, "logit_bias"),
     ("blank bad_words", "/v1/completions", {"prompt": "hi", "bad_words": [" "]}, "bad_words"),
-    ("prompt_logprobs", "/v1/completions", {"prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs"),
+    ("prompt_logprobs over max_logprobs", "/v1/completions", {"prompt": "hi", "prompt_logprobs": 50},
+     "prompt_logprobs"),
+    ("negative prompt_logprobs", "/v1/completions", {"prompt": "hi", "prompt_logprobs": -1}, "prompt_logprobs"),
 ]
 
 

@@ -60,6 +60,7 @@ class OutputDelta(msgspec.Struct, array_like=True):
     num_cached_tokens: int
     queue_time: float | None
     error: str | None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # sent once, when complete
 
 
 class StepOutputs(msgspec.Struct, tag=True):
@@ -87,6 +88,7 @@ class DeltaEncoder:
 
     def __init__(self):
         self._sent: dict[str, list[tuple[int, int]]] = {}  # request id -> per sample (tokens, characters)
+        self._prompt_logprobs_sent: set[str] = set()
 
     def encode(self, output: RequestOutput) -> OutputDelta:
         sent = self._sent.get(output.request_id) or [(0, 0)] * len(output.outputs)
@@ -98,26 +100,31 @@ class DeltaEncoder:
                 c.logprobs[num_tokens:] if c.logprobs is not None else None, c.cumulative_logprob,
                 c.finish_reason, c.stop_reason))
             now_sent.append((len(c.token_ids), len(c.text)))
+        prompt_logprobs = None
+        if output.prompt_logprobs is not None and output.request_id not in self._prompt_logprobs_sent:
+            prompt_logprobs = output.prompt_logprobs
+            self._prompt_logprobs_sent.add(output.request_id)
         if output.finished:
-            self._sent.pop(output.request_id, None)
+            self.forget(output.request_id)
         else:
             self._sent[output.request_id] = now_sent
         return OutputDelta(output.request_id, completions, output.finished, output.num_cached_tokens,
-                           output.queue_time, output.error)
+                           output.queue_time, output.error, prompt_logprobs)
 
     def forget(self, request_id: str) -> None:
         self._sent.pop(request_id, None)
+        self._prompt_logprobs_sent.discard(request_id)
 
 
 class OutputAssembler:
     """Front side: the cumulative RequestOutput of each request, rebuilt from its differences."""
 
     def __init__(self):
-        self._requests: dict[str, tuple[str | None, list[int], list[CompletionOutput]]] = {}
+        # request id -> [prompt, prompt token ids, samples, prompt logprobs]
+        self._requests: dict[str, list] = {}
 
     def start(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], n: int) -> None:
-        self._requests[request_id] = (prompt, prompt_token_ids,
-                                      [CompletionOutput(i, "", []) for i in range(n)])
+        self._requests[request_id] = [prompt, prompt_token_ids, [CompletionOutput(i, "", []) for i in range(n)], None]
 
     def forget(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
@@ -126,7 +133,9 @@ class OutputAssembler:
         entry = self._requests.get(delta.request_id)
         if entry is None:  # aborted here while the core was still producing it
             return None
-        prompt, prompt_ids, completions = entry
+        if delta.prompt_logprobs is not None:
+            entry[3] = delta.prompt_logprobs
+        prompt, prompt_ids, completions, prompt_logprobs = entry
         for d in delta.completions:
             c = completions[d.index]
             c.text = c.text[:d.text_keep] + d.text
@@ -139,5 +148,5 @@ class OutputAssembler:
         return RequestOutput(delta.request_id, prompt, prompt_ids,
                              [CompletionOutput(c.index, c.text, c.token_ids, c.cumulative_logprob, c.logprobs,
                                                c.finish_reason, c.stop_reason) for c in completions],
-                             delta.finished, delta.num_cached_tokens, delta.queue_time, delta.error)
+                             delta.finished, delta.num_cached_tokens, delta.queue_time, delta.error, prompt_logprobs)
 

@@ -36,6 +36,8 @@ class _ParentRequest:
     detokenizers: list[IncrementalDetokenizer | None]
     arrival_time: float = field(default_factory=time.monotonic)
     error: str | None = None  # set when its own processing failed
+    prompt_logprobs: list | None = None  # with prompt_logprobs: an entry per prompt position (None first)
+    num_prompt_logprobs: int = 0         # positions filled so far
 
 
 @dataclass
@@ -44,6 +46,7 @@ class _InFlight:
     sampled_requests: list[Request]
     sampler_output: object  # layers.sampler.SamplerOutput or None
     token_indices: list[int]  # where each request's placeholder sits in its all_token_ids
+    prompt_logprobs: object = None  # executor.prompt_logprobs.PromptLogprobsOutput of this step, if any
 
 
 @dataclass
@@ -156,7 +159,9 @@ class LLMEngine:
             detoks.append(None if self.tokenizer is None else IncrementalDetokenizer(
                 self.tokenizer, prompt_ids, child_params.skip_special_tokens, child_params.stop,
                 child_params.include_stop_str_in_output))
-        self.requests[request_id] = _ParentRequest(request_id, prompt_text, prompt_ids, children, detoks)
+        self.requests[request_id] = _ParentRequest(
+            request_id, prompt_text, prompt_ids, children, detoks,
+            prompt_logprobs=[None] * len(prompt_ids) if params.prompt_logprobs is not None else None)
         for child in children:
             self.scheduler.add_request(child)
 
@@ -226,7 +231,8 @@ class LLMEngine:
             self.num_prompt_tokens_computed += sum(
                 n for r, n in sched.scheduled if r.num_computed_tokens - n < r.num_prompt_tokens)
             launched = _InFlight(result.sampled_requests, result.sampler_output,
-                                 [r.append_placeholder(row) for row, r in enumerate(result.sampled_requests)])
+                                 [r.append_placeholder(row) for row, r in enumerate(result.sampled_requests)],
+                                 result.prompt_logprobs)
         previous, self._in_flight = self._in_flight, launched
         if previous is not None:
             outputs += self._process(previous)
@@ -240,6 +246,8 @@ class LLMEngine:
 
     def _process(self, step: "_InFlight") -> list[RequestOutput]:
         """Read a launched step's tokens (the one device->host sync) and apply them."""
+        if step.prompt_logprobs is not None:
+            self._add_prompt_logprobs(step.prompt_logprobs)
         out = step.sampler_output
         if out is None:
             return []
@@ -274,6 +282,26 @@ class LLMEngine:
             except Exception as exc:  # noqa: BLE001 - reported on the request
                 self._fail(parent, exc)
         return [self._make_output(p) for p in touched.values()]
+
+    def _add_prompt_logprobs(self, result) -> None:
+        """File a step's prompt logprobs by position (a recomputed prompt, after preemption, writes
+        the same entries again)."""
+        target_lp, ranks, top_lp, top_ids = result.to_lists()
+        row = 0
+        for request, first, count in result.spans:
+            parent = self.requests.get(request.parent_id)
+            if parent is not None and request.index == 0 and parent.prompt_logprobs is not None:
+                k = request.sampling_params.prompt_logprobs
+                detok = parent.detokenizers[0]
+                for j in range(count):
+                    position = first + j
+                    target = parent.prompt_token_ids[position]
+                    ids = [target] + (top_ids[row + j][:k] if k else [])
+                    values = [target_lp[row + j]] + (top_lp[row + j][:k] if k else [])
+                    if parent.prompt_logprobs[position] is None:
+                        parent.num_prompt_logprobs += 1
+                    parent.prompt_logprobs[position] = _logprob_entry(ids, values, ranks[row + j], detok)
+            row += count
 
     def _fail(self, parent: _ParentRequest, exc: BaseException) -> None:
         """End every sample of a request whose own processing raised; the engine goes on."""
@@ -315,8 +343,10 @@ class LLMEngine:
         first = parent.children[0]
         queue_time = (first.first_scheduled_time - first.arrival_time
                       if first.first_scheduled_time is not None else None)
+        complete = parent.prompt_logprobs is not None and parent.num_prompt_logprobs == len(parent.prompt_token_ids) - 1
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
-                             num_cached_tokens=first.num_cached_tokens, queue_time=queue_time, error=parent.error)
+                             num_cached_tokens=first.num_cached_tokens, queue_time=queue_time, error=parent.error,
+                             prompt_logprobs=parent.prompt_logprobs if complete else None)
 
     def get_stats(self) -> EngineStats:
         return EngineStats(

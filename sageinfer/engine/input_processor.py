@@ -78,8 +78,9 @@ class InputProcessor:
         for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or [])):
             if any(t >= self.vocab_size for t in ids):
                 raise ValueError(f"{name} has token ids outside [0, {self.vocab_size})")
-        if params.logprobs is not None:
-            limit = min(self.max_logprobs, self.vocab_size)
-            if params.logprobs > limit:
-                raise ValueError(f"logprobs must be at most {limit} (max_logprobs {self.max_logprobs}, "
-                                 f"vocabulary {self.vocab_size}), got {params.logprobs}")
+        limit = min(self.max_logprobs, self.vocab_size)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > limit:
+                raise ValueError(f"{name} must be at most {limit} (max_logprobs {self.max_logprobs}, "
+                                 f"vocabulary {self.vocab_size}), got {value}")

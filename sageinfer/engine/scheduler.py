@@ -96,7 +96,9 @@ class Scheduler:
             if self._waits_for_leader(request):
                 break
             fresh = request.num_computed_tokens == 0 and not request.block_ids
-            hit = self.kv.get_computed_blocks(request) if fresh else None
+            # Prompt logprobs need every prompt position computed: no prefix-cache hit for those.
+            wants_prompt = request.sampling_params.prompt_logprobs is not None
+            hit = self.kv.get_computed_blocks(request) if fresh and not wants_prompt else None
             num_hit = hit.num_tokens if hit else 0
             num_new = request.num_tokens - request.num_computed_tokens - num_hit
             if not self.config.enable_chunked_prefill and num_new > budget:

@@ -10,6 +10,8 @@ import torch
 from sageinfer.attention.backend import AttentionMetadata, LayerKVCache, get_attention_backend
 from sageinfer.config import EngineConfig
 from sageinfer.distributed.parallel_state import get_tp_group, kv_head_range
+from sageinfer.executor import prompt_logprobs
+from sageinfer.executor.prompt_logprobs import PromptLogprobsOutput
 from sageinfer.executor.sampling_inputs import build_sampling_batch
 from sageinfer.layers.sampler import Sampler, SamplerOutput
 from sageinfer.models.loader import load_model
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 class StepResult:
     sampled_requests: list           # requests that produced a token this step
     sampler_output: SamplerOutput | None
+    prompt_logprobs: PromptLogprobsOutput | None = None
 
 
 class ModelRunner:
@@ -208,14 +211,22 @@ class ModelRunner:
         """Launch one step. prev_token_ids: the previous step's sampled tokens, still on the device,
         for requests whose newest token is a placeholder. Nothing here waits for the device."""
         host = self._host_inputs(scheduled)
-        if self.graphs is not None and self.graphs.can_run(len(scheduled), host.max_query_len):
+        prompt_spans = None
+        if any(r.sampling_params.prompt_logprobs is not None for r, _ in scheduled):
+            prompt_spans = prompt_logprobs.find_spans(scheduled, host.seq_lens - np.diff(host.query_start_loc),
+                                                      host.query_start_loc)
+        if prompt_spans is not None:  # needs every row's hidden state: the graphs keep only what they sample
+            hidden = self._eager_forward(host, prev_token_ids)
+        elif self.graphs is not None and self.graphs.can_run(len(scheduled), host.max_query_len):
             hidden = self.graphs.run(host, lambda ids: self._fill_pending(ids, host, prev_token_ids))
         elif self.prefill_graphs is not None and self.prefill_graphs.can_run(scheduled, host):
             hidden = self.prefill_graphs.run(host)
         else:
             hidden = self._eager_forward(host, prev_token_ids)
+        prompt_out = None if prompt_spans is None else prompt_logprobs.compute(
+            self.model, hidden, prompt_spans, self.platform.to_device, self.platform.to_host_async)
         if not host.sampled_requests:
-            return StepResult([], None)
+            return StepResult([], None, prompt_out)
         if len(host.logits_indices) == hidden.shape[0] and host.logits_indices[-1] == hidden.shape[0] - 1:
             sampled_hidden = hidden  # every row is sampled (a decode step): no gather, no index copy
         else:
@@ -228,7 +239,7 @@ class ModelRunner:
         if out.logprobs is not None:
             tensors += [out.logprobs, out.logprob_token_ids, out.sampled_ranks]
         out.host_copy = self.platform.to_host_async(tensors)
-        return StepResult(host.sampled_requests, out)
+        return StepResult(host.sampled_requests, out, prompt_out)
 
 
 @dataclass

@@ -185,12 +185,20 @@ class OpenAIServer:
         base = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": self.model_name}
         prompt_tokens = sum(len(p["prompt_token_ids"]) for p in prompts)
 
-        def choice(i: int, c, text: str, start: int, end: int, finished: bool) -> dict:
-            return {"index": i * n + c.index, "text": text,
-                    "logprobs": (fmt.completion_logprobs(c, start, end, k, len(echo_text[i]))
-                                 if req.logprobs is not None else None),
+        def choice(i: int, out, c, text: str, start: int, end: int, finished: bool, first: bool) -> dict:
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = fmt.completion_logprobs(c, start, end, k, len(echo_text[i]))
+                if req.echo and first:  # the prompt's tokens come first, in the chunk that echoes it
+                    first_text = self._decode(out.prompt_token_ids[:1])
+                    logprobs = fmt.merge_logprobs(
+                        fmt.echo_logprobs(out.prompt_token_ids, out.prompt_logprobs, k, first_text), logprobs)
+            body = {"index": i * n + c.index, "text": text, "logprobs": logprobs,
                     "finish_reason": c.finish_reason if finished else None,
                     "stop_reason": c.stop_reason if finished else None}
+            if req.prompt_logprobs is not None and first:
+                body["prompt_logprobs"] = fmt.prompt_logprobs(out.prompt_logprobs)
+            return body
 
         if req.stream:
             async def events():
@@ -208,7 +216,7 @@ class OpenAIServer:
                         if finished:
                             completion_tokens += len(c.token_ids)
                         text = (echo_text[i] if first else "") + text
-                        yield _sse({**base, "choices": [choice(i, c, text, start, end, finished)]})
+                        yield _sse({**base, "choices": [choice(i, out, c, text, start, end, finished, first)]})
                 if req.stream_options and req.stream_options.include_usage:
                     yield _sse({**base, "choices": [], "usage": fmt.usage(prompt_tokens, completion_tokens)})
                 yield "data: [DONE]\n\n"
@@ -219,7 +227,7 @@ class OpenAIServer:
         for i, out in enumerate(finals):
             for c in out.outputs:
                 completion_tokens += len(c.token_ids)
-                choices.append(choice(i, c, echo_text[i] + c.text, 0, len(c.token_ids), True))
+                choices.append(choice(i, out, c, echo_text[i] + c.text, 0, len(c.token_ids), True, True))
         return {**base, "choices": sorted(choices, key=lambda x: x["index"]),
                 "usage": fmt.usage(prompt_tokens, completion_tokens)}
 
@@ -278,8 +286,11 @@ class OpenAIServer:
             choices.append({"index": c.index, "message": message,
                             "logprobs": fmt.chat_logprobs(c, 0, len(c.token_ids), k) if req.logprobs else None,
                             "finish_reason": finish_reason, "stop_reason": c.stop_reason})
-        return {**base, "object": "chat.completion", "choices": choices,
+        body = {**base, "object": "chat.completion", "choices": choices,
                 "usage": fmt.usage(prompt_tokens, sum(len(c.token_ids) for c in out.outputs))}
+        if req.prompt_logprobs is not None:
+            body["prompt_logprobs"] = fmt.prompt_logprobs(out.prompt_logprobs)
+        return body
 
     async def _collect(self, streams: list[RequestStream], raw: Request) -> list:
         """Final outputs of all prompts; aborted as soon as the client disconnects."""

@@ -24,6 +24,41 @@ def completion_logprobs(c: CompletionOutput, start: int, end: int, k: int, text_
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
+def prompt_logprobs(entries: list | None) -> list | None:
+    """vLLM's prompt_logprobs field: per prompt token None (the first) or {token id: logprob, rank, text}."""
+    if entries is None:
+        return None
+    return [None if entry is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank,
+                                                 "decoded_token": lp.decoded_token} for t, lp in entry.items()}
+            for entry in entries]
+
+
+def echo_logprobs(prompt_ids: list[int], entries: list | None, k: int, first_token_text: str) -> dict:
+    """Completions logprobs of an echoed prompt: its tokens, with no logprob for the first."""
+    tokens, token_lps, tops, offsets, offset = [], [], [], [], 0
+    for position, token_id in enumerate(prompt_ids):
+        entry = entries[position] if entries is not None else None
+        if entry is None:
+            tokens.append(first_token_text if position == 0 else "")
+            token_lps.append(None)
+            tops.append(None)
+        else:
+            chosen = entry[token_id]
+            tokens.append(chosen.decoded_token or "")
+            token_lps.append(chosen.logprob)
+            ranked = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]
+            top = {(lp.decoded_token or ""): lp.logprob for _, lp in ranked}
+            top.setdefault(chosen.decoded_token or "", chosen.logprob)
+            tops.append(top)
+        offsets.append(offset)
+        offset += len(tokens[-1])
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def merge_logprobs(first: dict, then: dict) -> dict:
+    return {key: first[key] + then[key] for key in first}
+
+
 def chat_logprobs(c: CompletionOutput, start: int, end: int, k: int) -> dict:
     content = []
     for token_id, entry in zip(c.token_ids[start:end], (c.logprobs or [])[start:end]):

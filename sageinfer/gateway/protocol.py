@@ -24,7 +24,6 @@ class StreamOptions(_Strict):
 _UNSUPPORTED_FIELDS = {
     "functions": lambda v: not v,
     "function_call": lambda v: v is None or v == "none",
-    "prompt_logprobs": lambda v: v is None,
     "best_of": lambda v: v is None or v == 1,
 }
 
@@ -65,7 +64,7 @@ class _SamplingFields(_Strict):
     structured_outputs: Any = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
-    prompt_logprobs: Any = None
+    prompt_logprobs: int | None = Field(default=None, ge=0)
     best_of: Any = None
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None, defaults: dict) -> SamplingParams:
@@ -85,7 +84,11 @@ class _SamplingFields(_Strict):
             ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias=self.logit_bias or None, allowed_token_ids=self.allowed_token_ids,
-            bad_words=self.bad_words or None, structured_outputs=self._structured_outputs())
+            bad_words=self.bad_words or None, structured_outputs=self._structured_outputs(),
+            prompt_logprobs=self._prompt_logprobs(logprobs))
+
+    def _prompt_logprobs(self, logprobs: int | None) -> int | None:
+        return self.prompt_logprobs
 
     def _structured_outputs(self) -> StructuredOutputsParams | None:
         """The one grammar the request asks for, from whichever field it uses."""
@@ -133,6 +136,12 @@ class CompletionRequest(_SamplingFields):
         defaults = defaults or {}
         max_tokens = self.max_tokens if self.max_tokens is not None else defaults.get("max_tokens", 16)
         return self._sampling(max_tokens, self.logprobs, defaults)
+
+    def _prompt_logprobs(self, logprobs: int | None) -> int | None:
+        # echo with logprobs lists the prompt's tokens too (how evaluation harnesses score a text)
+        if self.echo and logprobs is not None:
+            return max(logprobs, self.prompt_logprobs or 0)
+        return self.prompt_logprobs
 
     def prompts(self) -> list:
         """The prompt field as a list of engine prompts (strings or token-id dicts)."""
