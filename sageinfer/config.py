@@ -72,8 +72,10 @@ class EngineConfig:
     # Sampling values for requests that give none: "auto" (the checkpoint's generation_config.json),
     # "vllm" (none: SamplingParams' own defaults), or a directory holding a generation_config.json.
     generation_config: str = _option("auto", "default sampling values: auto (the model's), vllm (none), or a directory")
-    # Weight quantization method; none is built yet, so any value is refused with the reason.
-    quantization: str | None = _option(None, "weight quantization (fp8, int8, awq, gptq): not available yet")
+    # Weight quantization: None follows the checkpoint (its config.json's quantization_config);
+    # "fp8" quantizes a full-precision checkpoint at load time (layers/quantization/config.py).
+    quantization: str | None = _option(None, "weight quantization: fp8 (at load time), or the checkpoint's "
+                                             "(compressed-tensors FP8/INT8 W8A8) when not given")
     # Ranks the model is split over (heads, MLP columns, vocabulary), one process and device each.
     tensor_parallel_size: int = _option(1, "ranks the model is split over, one device each")
 
@@ -98,9 +100,9 @@ class EngineConfig:
             raise ValueError(f"admission_lookahead_tokens must be >= 0, got {self.admission_lookahead_tokens}")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
-        if self.quantization is not None:
-            raise ValueError(f"quantization={self.quantization!r} is not supported yet: sageInfer serves bf16/fp16/fp32 "
-                             "weights (the KV cache can be quantized with kv_cache_dtype fp8 or int8)")
+        if self.quantization not in (None, "fp8", "compressed-tensors"):
+            from sageinfer.layers.quantization.config import SUPPORTED
+            raise ValueError(f"quantization={self.quantization!r} is not supported; supported: {SUPPORTED}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.tensor_parallel_size > 1 and self.kv_offload_gb > 0:

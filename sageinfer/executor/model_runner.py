@@ -43,7 +43,8 @@ class ModelRunner:
         self.num_kv_heads = kv_head_range(model_config.num_key_value_heads)[1]
         self.backend = get_attention_backend(attention_backend or self._default_backend(), platform)
         self.model = load_model(model_config, config.model, config.load_format, dtype, self.device,
-                                self.backend, seed=config.seed, show_progress=show_progress)
+                                self.backend, seed=config.seed, show_progress=show_progress,
+                                quantization=config.quantization)
         use_triton = self.backend.name == "triton"
         for module in self.model.modules():
             if hasattr(module, "use_triton"):

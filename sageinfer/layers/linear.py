@@ -11,6 +11,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from sageinfer.distributed.parallel_state import get_tp_group, kv_head_range
+from sageinfer.layers.quantization.config import get_quant_config
 
 
 class Linear(nn.Module):
@@ -28,14 +29,47 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         local_in = self.tp.split(in_features) if self.parallel == "row" else in_features
         local_out = self.tp.split(out_features) if self.parallel == "column" else out_features
-        self.weight = nn.Parameter(torch.empty(local_out, local_in), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.shard_offsets: dict = {}  # merged layers: shard id -> (first row, rows)
+        quant = get_quant_config()
+        self.quant = None  # the quantization method (layers/quantization), None: full precision
+        if quant is not None:
+            from sageinfer.layers.quantization.w8a8 import W8A8Method
+            self.quant = W8A8Method(quant)
+            self.quant.create_weights(self, local_out, local_in)
+        else:
+            self.weight = nn.Parameter(torch.empty(local_out, local_in), requires_grad=False)
+            self.weight.weight_loader = self.weight_loader
         if bias:
             self.bias = nn.Parameter(torch.empty(local_out), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
         self.use_triton = False  # set by the model runner from the platform's kernel choice
+        # The one-row fusions (norm, activation, residual add inside the matmul) need the whole sum
+        # in full precision: not where an all-reduce follows, nor for quantized weights.
+        self.fusable = not self.reduces and self.quant is None
+
+    def drop_quantization(self) -> None:
+        """Keep this layer in full precision (a checkpoint's ignore list)."""
+        if self.quant is not None:
+            for name in ("weight_scale", "input_scale"):
+                if hasattr(self, name):
+                    delattr(self, name)
+            self.weight = nn.Parameter(torch.empty(self.weight.shape, dtype=torch.get_default_dtype(),
+                                                   device=self.weight.device), requires_grad=False)
+            self.weight.weight_loader = self.weight_loader
+            self.quant = None
+            self.fusable = not self.reduces
+
+    def process_after_loading(self) -> None:
+        if self.quant is not None:
+            self.quant.process_after_loading(self)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T (no bias), in x's dtype."""
+        if self.quant is not None:
+            return self.quant.apply(self, x)
+        return linear(x, self.weight, None, self.use_triton)
 
     def _rank_part(self, param: nn.Parameter, loaded: torch.Tensor) -> torch.Tensor:
         """This rank's part of a whole checkpoint tensor."""
@@ -52,28 +86,30 @@ class Linear(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.reduces:
+        if not self.reduces and self.quant is None:
             return linear(x, self.weight, self.bias, self.use_triton)
-        y = self.tp.all_reduce(linear(x, self.weight, None, self.use_triton))
+        y = self._matmul(x)
+        if self.reduces:
+            y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
     def forward_gated(self, gate_up: torch.Tensor, act: nn.Module, residual: torch.Tensor | None = None):
         """self(act(gate_up)) for an MLP's down projection; one row fuses the activation in.
         With residual: adds the result to it in place and returns it. The fusions step aside where
         an all-reduce must come between the matmul and the residual."""
-        if one_row(gate_up, self.use_triton) and not self.reduces:
+        if one_row(gate_up, self.use_triton) and self.fusable:
             return _gemv(gate_up, self.weight, self.bias, gated=True, residual=residual)
         return self.add_into(act(gate_up), residual) if residual is not None else self.forward(act(gate_up))
 
     def forward_normed(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """self(norm(x)) for an RMSNorm; one row normalises inside the matmul (no norm launch)."""
-        if one_row(x, self.use_triton) and not self.reduces:
+        if one_row(x, self.use_triton) and self.fusable:
             return _gemv(x, self.weight, self.bias, norm_weight=norm.weight, eps=norm.eps)
         return self.forward(norm(x))
 
     def add_into(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual += self(x), in place; returns residual."""
-        if one_row(x, self.use_triton) and not self.reduces:
+        if one_row(x, self.use_triton) and self.fusable:
             return _gemv(x, self.weight, self.bias, residual=residual)
         return residual.add_(self.forward(x))
 
@@ -110,7 +146,6 @@ class MergedLinear(Linear):
             parallel = None
         super().__init__(in_features, sum(shard_sizes.values()), bias)
         self.split_shards = parallel == "column"
-        self.shard_offsets = {}
         offset = 0
         for shard_id, size in shard_sizes.items():
             self.shard_offsets[shard_id] = (offset, size)

@@ -1,6 +1,7 @@
 """Build a model on its device and fill it from safetensors (one tensor at a time) or randomly."""
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -11,6 +12,8 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from sageinfer.attention.backend import AttentionBackend
+from sageinfer.layers.linear import Linear
+from sageinfer.layers.quantization.config import load_quant_config, set_quant_config
 from sageinfer.models.model_config import ModelConfig
 from sageinfer.models.registry import get_model_class
 
@@ -62,20 +65,47 @@ def dummy_checkpoint(model_dir: str, architecture: str, seed: int,
 
 def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.dtype,
                device: torch.device, backend: AttentionBackend, seed: int = 0,
-               show_progress: bool = True) -> torch.nn.Module:
+               show_progress: bool = True, quantization: str | None = None) -> torch.nn.Module:
+    quant = load_quant_config(model_dir, quantization)
+    if quant is not None and load_format == "dummy":  # random full-precision weights, quantized as loaded
+        quant = dataclasses.replace(quant, from_checkpoint=False, weight_strategy="channel", activation_dynamic=True)
     model_cls = get_model_class(cfg.architecture)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
+    set_quant_config(quant)
     try:
         with torch.device(device):
             model = model_cls(cfg, backend)
+            if quant is not None:
+                _keep_ignored_layers_whole(model, quant)
     finally:
+        set_quant_config(None)
         torch.set_default_dtype(previous)
     weights = dummy_checkpoint(model_dir, cfg.architecture, seed, device) if load_format == "dummy" \
         else iterate_safetensors(model_dir, show_progress)
     with torch.no_grad():
         loaded = model.load_weights(weights)
-    missing = {n for n, _ in model.named_parameters()} - loaded
-    if missing:
-        raise ValueError(f"checkpoint in {model_dir!r} lacks weights: {sorted(missing)[:5]}...")
+        missing = {n for n, _ in model.named_parameters()} - loaded
+        if missing:
+            raise ValueError(f"checkpoint in {model_dir!r} lacks weights: {sorted(missing)[:5]}...")
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.process_after_loading()
     return model.eval()
+
+
+# Merged layers and the checkpoint layers they hold (ignore lists name the checkpoint's).
+_MERGED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _keep_ignored_layers_whole(model: torch.nn.Module, quant) -> None:
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear) or module.quant is None:
+            continue
+        head, _, last = name.rpartition(".")
+        parts = [f"{head}.{p}" for p in _MERGED_PARTS.get(last, (last,))]
+        ignored = [quant.ignores(p) for p in parts]
+        if all(ignored):
+            module.drop_quantization()
+        elif any(ignored):
+            raise ValueError(f"the checkpoint quantizes some of {parts} but not all; they are one layer here")

@@ -1,0 +1,104 @@
+"""What quantization a model is built with: from config.json's `quantization_config` (the format of
+the checkpoint), or `quantization="fp8"` on a full-precision checkpoint (quantized at load time).
+
+Supported: compressed-tensors FP8 W8A8 (per-tensor or per-channel weight scales; dynamic per-token
+or static per-tensor activation scales) and INT8 W8A8 (per-channel symmetric weights, dynamic
+per-token activations); online FP8 (per-channel weights, dynamic per-token activations). Anything
+else is refused at start with what is supported.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+SUPPORTED = ("compressed-tensors: FP8 W8A8 (weights per tensor or per channel, activations dynamic per token "
+             "or static per tensor), INT8 W8A8 (symmetric weights per channel, activations dynamic per token); "
+             "quantization='fp8' on a bf16/fp16/fp32 checkpoint")
+
+
+@dataclass
+class QuantConfig:
+    scheme: str                     # "fp8" or "int8" (W8A8)
+    weight_strategy: str            # "tensor" or "channel": the checkpoint's weight scales
+    activation_dynamic: bool        # per-token scales at run time; else one static scale per layer
+    from_checkpoint: bool           # the checkpoint holds quantized tensors (else: quantize at load)
+    ignore: list[str] = field(default_factory=list)  # layer names kept in full precision
+
+    @property
+    def name(self) -> str:
+        return f"{self.scheme} W8A8 ({'checkpoint' if self.from_checkpoint else 'quantized at load time'})"
+
+    def ignores(self, layer_name: str) -> bool:
+        for pattern in self.ignore:
+            if pattern.startswith("re:"):
+                if re.fullmatch(pattern[3:], layer_name):
+                    return True
+            elif layer_name == pattern or fnmatch.fnmatch(layer_name, pattern) or layer_name.endswith("." + pattern):
+                return True
+        return False
+
+
+def _refuse(what: str) -> ValueError:
+    return ValueError(f"{what} is not supported; supported: {SUPPORTED}")
+
+
+def parse_quant_config(raw: dict | None, option: str | None) -> QuantConfig | None:
+    """raw: config.json's quantization_config (None: a full-precision checkpoint); option: the
+    user's `quantization` (None: whatever the checkpoint says)."""
+    if raw is None:
+        if option is None:
+            return None
+        if option == "fp8":
+            return QuantConfig("fp8", "channel", True, from_checkpoint=False)
+        raise _refuse(f"quantization={option!r} on a full-precision checkpoint")
+    method = raw.get("quant_method")
+    if option is not None and option != method:
+        raise ValueError(f"the checkpoint is quantized with {method!r}; quantization={option!r} does not match it")
+    if method != "compressed-tensors":
+        raise _refuse(f"quant_method {method!r}")
+    groups = list((raw.get("config_groups") or {}).values())
+    if len(groups) != 1:
+        raise _refuse(f"compressed-tensors with {len(groups)} config groups")
+    group = groups[0]
+    if [t for t in group.get("targets", []) if t != "Linear"]:
+        raise _refuse(f"compressed-tensors targets {group.get('targets')}")
+    weights, acts = group.get("weights") or {}, group.get("input_activations")
+    kind, bits = weights.get("type"), weights.get("num_bits")
+    if bits != 8 or kind not in ("float", "int") or acts is None or acts.get("num_bits") != 8 \
+            or acts.get("type") != kind:
+        raise _refuse(f"compressed-tensors weights {kind} {bits} bit with activations "
+                      f"{None if acts is None else (acts.get('type'), acts.get('num_bits'))}")
+    if not weights.get("symmetric", True) or (acts and not acts.get("symmetric", True)):
+        raise _refuse("asymmetric 8-bit compressed-tensors")
+    strategy = weights.get("strategy")
+    if strategy not in ("tensor", "channel") or (kind == "int" and strategy != "channel"):
+        raise _refuse(f"compressed-tensors {kind} weights with strategy {strategy!r}")
+    dynamic = bool(acts.get("dynamic"))
+    if dynamic and acts.get("strategy") != "token":
+        raise _refuse(f"dynamic activation strategy {acts.get('strategy')!r}")
+    if not dynamic and (kind == "int" or acts.get("strategy") != "tensor"):
+        raise _refuse(f"static {kind} activations with strategy {acts.get('strategy')!r}")
+    return QuantConfig("fp8" if kind == "float" else "int8", strategy, dynamic, True, list(raw.get("ignore") or []))
+
+
+def load_quant_config(model_dir: str, option: str | None) -> QuantConfig | None:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        raw = json.load(f).get("quantization_config")
+    return parse_quant_config(raw, option)
+
+
+# The config of the model being built: linear layers read it when they create their tensors, as they
+# read the tensor-parallel group.
+_CURRENT: QuantConfig | None = None
+
+
+def set_quant_config(config: QuantConfig | None) -> None:
+    global _CURRENT
+    _CURRENT = config
+
+
+def get_quant_config() -> QuantConfig | None:
+    return _CURRENT

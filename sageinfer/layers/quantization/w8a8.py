@@ -1,0 +1,104 @@
+"""8-bit weights and activations (FP8 e4m3 or INT8): weights with a scale per output channel,
+activations with a scale per token computed at run time (or one static scale from the checkpoint).
+
+The matmul runs on the 8-bit inputs: `torch._scaled_mm` (FP8, rowwise scales) or `torch._int_mm`
+(INT8, int32 accumulation, scales applied after), with a dequantizing fallback for shapes those
+refuse. A checkpoint's per-tensor weight scales are spread over their rows at load time, so one
+per-channel kernel serves both strategies, and a merged q/k/v or gate/up layer keeps each part's scale.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sageinfer.layers.quantization.config import QuantConfig
+
+_QMAX = {"fp8": 448.0, "int8": 127.0}
+_QDTYPE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+# INT8 activations span the whole range [-128, 127], as compressed-tensors (llm-compressor) calibrates
+# them: absmax maps to 127.5.
+_ACT_HALF_RANGE = {"fp8": 448.0, "int8": 127.5}
+
+
+def quantize_rows(x: torch.Tensor, scheme: str, activations: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (8-bit x, fp32 scale [M, 1]) with a scale per row (symmetric, absmax)."""
+    half_range = _ACT_HALF_RANGE[scheme] if activations else _QMAX[scheme]
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / half_range
+    return quantize_with(x, scale, scheme), scale
+
+
+def quantize_with(x: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
+    if scheme == "int8":
+        return (x.float() / scale).round().clamp(-128, 127).to(torch.int8)
+    return (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+
+
+def dequantized_matmul(xq, x_scale, wq, w_scale, out_dtype):
+    """The reference: what the 8-bit matmul computes, in fp32."""
+    return ((xq.float() * x_scale) @ (wq.float() * w_scale.view(-1, 1)).t()).to(out_dtype)
+
+
+class W8A8Method:
+    def __init__(self, config: QuantConfig):
+        self.config = config
+        self.scheme = config.scheme
+
+    # ---- tensors ---------------------------------------------------------------------------------
+    def create_weights(self, layer: nn.Module, local_out: int, local_in: int) -> None:
+        c = self.config
+        dtype = _QDTYPE[self.scheme] if c.from_checkpoint else torch.get_default_dtype()
+        layer.weight = nn.Parameter(torch.empty(local_out, local_in, dtype=dtype), requires_grad=False)
+        layer.weight.weight_loader = layer.weight_loader
+        if c.from_checkpoint:
+            layer.weight_scale = nn.Parameter(torch.zeros(local_out, dtype=torch.float32), requires_grad=False)
+            layer.weight_scale.weight_loader = self._scale_loader(layer)
+            if not c.activation_dynamic:
+                layer.input_scale = nn.Parameter(torch.zeros(1, dtype=torch.float32), requires_grad=False)
+                layer.input_scale.weight_loader = _max_loader
+
+    def _scale_loader(self, layer):
+        def load(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+            loaded = loaded.float()
+            if loaded.numel() == 1:  # one scale for the tensor (or this shard of a merged layer): its rows
+                rows = param.data if shard_id is None else param.data.narrow(0, *layer.shard_offsets[shard_id])
+                rows.fill_(loaded.item())
+            else:  # a scale per output channel: split and stacked like the weight's rows
+                layer.weight_loader(param, loaded.reshape(-1), shard_id)
+        return load
+
+    def process_after_loading(self, layer: nn.Module) -> None:
+        if not self.config.from_checkpoint:  # quantize the full-precision weights now
+            wq, scale = quantize_rows(layer.weight.data, self.scheme)
+            layer.weight = nn.Parameter(wq, requires_grad=False)
+            layer.weight_scale = nn.Parameter(scale.view(-1), requires_grad=False)
+        elif not bool((layer.weight_scale > 0).all()):
+            raise ValueError("a quantized layer's weight_scale is missing or not positive")
+
+    # ---- the matmul --------------------------------------------------------------------------------
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.config.activation_dynamic or not hasattr(layer, "input_scale"):
+            xq, x_scale = quantize_rows(x2, self.scheme, activations=True)
+        else:
+            x_scale = layer.input_scale.view(1, 1).expand(x2.shape[0], 1).contiguous()
+            xq = quantize_with(x2, x_scale, self.scheme)
+        y = self._matmul(xq, x_scale, layer.weight, layer.weight_scale, x.dtype)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    def _matmul(self, xq, x_scale, wq, w_scale, out_dtype):
+        m, k = xq.shape
+        n = wq.shape[0]
+        if self.scheme == "fp8" and (not xq.is_cuda or (k % 16 == 0 and n % 16 == 0)):
+            return torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=out_dtype)
+        if self.scheme == "int8" and (not xq.is_cuda or (k % 8 == 0 and n % 8 == 0)):
+            if xq.is_cuda and m <= 16:  # cuBLAS int8 needs more than 16 rows
+                xq = torch.cat([xq, xq.new_zeros(17 - m, k)])
+            acc = torch._int_mm(xq, wq.t())[:m]
+            return (acc.float() * x_scale * w_scale.view(1, -1)).to(out_dtype)
+        return dequantized_matmul(xq, x_scale, wq, w_scale, out_dtype)
+
+
+def _max_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    """A static input scale: merged parts share one input, so the largest of their scales serves all."""
+    param.data.fill_(max(float(param.data.item()), float(loaded.float().max())))

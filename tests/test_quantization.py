@@ -1,0 +1,143 @@
+"""8-bit weights and activations (FP8 and INT8 W8A8): compressed-tensors checkpoints as llm-compressor
+writes them, and FP8 quantized at load time. Oracle: transformers running the same checkpoint
+through compressed-tensors (which quantizes the activations as the scheme says)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from quant_checkpoints import dequantized_copy, write_compressed_tensors
+from ranks import needs_ranks
+from sageinfer import LLM, SamplingParams
+from sageinfer.layers.quantization.config import parse_quant_config
+from sageinfer.layers.quantization.w8a8 import W8A8Method, dequantized_matmul, quantize_rows
+
+PROMPT = np.random.default_rng(0).integers(3, 500, size=30).tolist()
+
+
+def _prompt_logprobs(path, **options):
+    llm = LLM(path, dtype="float32", num_gpu_blocks_override=128, show_progress=False, **options)
+    out = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=0),
+                       use_tqdm=False)[0]
+    llm.engine.shutdown()
+    return np.array([out.prompt_logprobs[i][PROMPT[i]].logprob for i in range(1, len(PROMPT))]), \
+        out.outputs[0].token_ids
+
+
+@pytest.fixture(scope="module")
+def checkpoints(llama_dir, tmp_path_factory):
+    """The tiny llama as compressed-tensors checkpoints of each scheme."""
+    root = tmp_path_factory.mktemp("quantized")
+    cases = {"fp8-channel": ("fp8", "channel", True), "fp8-tensor": ("fp8", "tensor", True),
+             "fp8-static": ("fp8", "tensor", False), "int8-channel": ("int8", "channel", True)}
+    return {name: write_compressed_tensors(llama_dir, str(root / name), *args) for name, args in cases.items()}
+
+
+# INT8: the same layer output exactly on the same input, but float noise of 1e-6 upstream (attention
+# kernels differ) can move an activation across a rounding edge, one step of 1/127.5 of its row's
+# largest value: up to 6e-3 in a logprob here, hence the looser bound.
+@pytest.mark.parametrize("name, tolerance", [("fp8-channel", 1e-4), ("fp8-tensor", 1e-4), ("fp8-static", 1e-4),
+                                             ("int8-channel", 1e-2)])
+def test_compressed_tensors_checkpoint_matches_transformers(checkpoints, name, tolerance):
+    pytest.importorskip("compressed_tensors")
+    from oracle import hf_logits
+    ours, _ = _prompt_logprobs(checkpoints[name])
+    ref = hf_logits(checkpoints[name], PROMPT).log_softmax(-1)
+    theirs = np.array([ref[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))])
+    np.testing.assert_allclose(ours, theirs, atol=tolerance)
+
+
+def test_fp8_at_load_time_equals_the_per_channel_checkpoint(checkpoints, tmp_path):
+    """Quantizing the checkpoint's own dequantized weights per channel gives back its 8-bit weights
+    and scales: the same model, so loading the format and quantizing at load time agree exactly."""
+    dense = dequantized_copy(checkpoints["fp8-channel"], str(tmp_path / "dense"))
+    from_checkpoint = _prompt_logprobs(checkpoints["fp8-channel"])
+    at_load = _prompt_logprobs(dense, quantization="fp8")
+    np.testing.assert_array_equal(from_checkpoint[0], at_load[0])
+    assert from_checkpoint[1] == at_load[1]
+
+
+def test_layers_hold_8_bit_weights_and_the_ignored_stay_whole(checkpoints, llama_dir, tmp_path):
+    llm = LLM(checkpoints["int8-channel"], dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+    layer = llm.engine.runner.model.model.layers[0]
+    assert layer.self_attn.qkv_proj.weight.dtype == torch.int8 and layer.mlp.down_proj.weight.dtype == torch.int8
+    assert layer.self_attn.qkv_proj.weight_scale.shape == (layer.self_attn.qkv_proj.weight.shape[0],)
+    # A checkpoint that keeps layer 0's MLP in full precision (names, fnmatch and re: patterns).
+    ignored = write_compressed_tensors(
+        llama_dir, str(tmp_path / "ignored"), "fp8",
+        ignore=("lm_head", "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"),
+        config_ignore=("lm_head", "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_*",
+                       "re:.*layers\\.0\\.mlp\\.down_proj"))
+    mixed = LLM(ignored, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+    layers = mixed.engine.runner.model.model.layers
+    assert layers[0].mlp.gate_up_proj.quant is None and layers[0].mlp.gate_up_proj.weight.dtype == torch.float32
+    assert layers[0].mlp.down_proj.quant is None and layers[0].mlp.down_proj.weight.dtype == torch.float32
+    assert layers[1].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
+    assert mixed.generate({"prompt_token_ids": PROMPT}, SamplingParams(max_tokens=3, ignore_eos=True),
+                          use_tqdm=False)[0].outputs[0].token_ids
+    half = write_compressed_tensors(llama_dir, str(tmp_path / "half"), "fp8",
+                                    ignore=("lm_head", "model.layers.0.self_attn.q_proj"))
+    with pytest.raises(ValueError, match="not all"):
+        LLM(half, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+def test_the_8_bit_matmul_is_its_dequantized_reference(scheme):
+    torch.manual_seed(0)
+    x, w = torch.randn(7, 128), torch.randn(96, 128) * torch.rand(96, 1) * 3
+    wq, ws = quantize_rows(w, scheme)
+    xq, xs = quantize_rows(x, scheme, activations=True)
+    method = W8A8Method(parse_quant_config(None, "fp8") if scheme == "fp8" else
+                        parse_quant_config(_ct_config("int", "channel", True), None))
+    got = method._matmul(xq, xs, wq, ws.view(-1), torch.float32)
+    torch.testing.assert_close(got, dequantized_matmul(xq, xs, wq, ws.view(-1), torch.float32), rtol=1e-5, atol=1e-4)
+    # and close to the full-precision product (8-bit rounding of both sides)
+    rel = (got - x @ w.t()).norm() / (x @ w.t()).norm()
+    assert rel < (0.05 if scheme == "fp8" else 0.02), rel
+
+
+def _ct_config(kind, strategy, dynamic, bits=8, symmetric=True, act_bits=8):
+    return {"quant_method": "compressed-tensors", "ignore": ["lm_head"], "config_groups": {"g": {
+        "targets": ["Linear"],
+        "weights": {"num_bits": bits, "type": kind, "symmetric": symmetric, "strategy": strategy},
+        "input_activations": {"num_bits": act_bits, "type": kind, "symmetric": True, "dynamic": dynamic,
+                              "strategy": "token" if dynamic else "tensor"}}}}
+
+
+@pytest.mark.parametrize("raw, option, says", [
+    ({"quant_method": "awq", "bits": 4}, None, "quant_method 'awq'"),
+    ({"quant_method": "gptq", "bits": 4}, None, "quant_method 'gptq'"),
+    (_ct_config("int", "group", True, bits=4), None, "int 4 bit"),
+    (_ct_config("int", "channel", True, symmetric=False), None, "asymmetric"),
+    (_ct_config("int", "tensor", True), None, "strategy 'tensor'"),
+    (None, "int8", "full-precision checkpoint"),
+    (_ct_config("float", "channel", True), "fp8", "does not match"),
+])
+def test_what_is_not_supported_is_refused_at_start_naming_what_is(raw, option, says):
+    with pytest.raises(ValueError, match=says) as info:
+        parse_quant_config(raw, option)
+    assert "supported" in str(info.value) or "does not match" in str(info.value)
+
+
+def test_dummy_weights_with_a_quantization_method(llama_dir):
+    llm = LLM(llama_dir, dtype="float32", load_format="dummy", quantization="fp8", num_gpu_blocks_override=128,
+              show_progress=False)
+    assert llm.engine.runner.model.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
+    out = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    with pytest.raises(ValueError, match="supported"):
+        LLM(llama_dir, quantization="awq", show_progress=False)
+
+
+@needs_ranks(2)
+def test_tp2_runs_the_quantized_checkpoint_as_tp1(checkpoints):
+    """A static input scale quantizes each rank's part of a row-parallel input as the whole: the same
+    numbers. Dynamic per-token scales come from each rank's part (as in vLLM): other rounding, so
+    those agree only to within the scheme's noise."""
+    one, two = (_prompt_logprobs(checkpoints["fp8-static"], tensor_parallel_size=tp) for tp in (1, 2))
+    np.testing.assert_allclose(one[0], two[0], atol=1e-4)
+    assert one[1] == two[1]
+    one, two = (_prompt_logprobs(checkpoints["fp8-channel"], tensor_parallel_size=tp) for tp in (1, 2))
+    np.testing.assert_allclose(one[0], two[0], atol=0.2)
