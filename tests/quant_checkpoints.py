@@ -77,3 +77,43 @@ def dequantized_copy(quantized: str, dst: str) -> str:
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
     return dst
+
+
+def write_w4a16(src: str, dst: str, group_size: int | None = 32, symmetric: bool = True) -> tuple[str, str]:
+    """compressed-tensors W4A16 (pack-quantized) made by the compressed-tensors library itself, and
+    beside it (dst + "-dense") the same model with the weights it encodes, in float32."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModelForCausalLM
+
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric,
+                            strategy="group" if group_size else "channel", group_size=group_size)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    apply_quantization_config(model, QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)}, ignore=["lm_head"]))
+    dense_modules = dict(dense.named_modules())
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not hasattr(module, "weight_scale"):
+                continue
+            w = module.weight.data
+            grouped = w.view(w.shape[0], -1, group_size or w.shape[1])
+            scale, zero = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args)
+            module.weight_scale.data.copy_(scale)
+            if hasattr(module, "weight_zero_point"):
+                module.weight_zero_point.data.copy_(zero)
+            dense_modules[name].weight.data.copy_(fake_quantize(
+                w, scale, getattr(module, "weight_zero_point", None), args))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    for model_, path in ((model, dst), (dense, dst + "-dense")):
+        model_.save_pretrained(path)
+        for name in os.listdir(src):
+            if name.startswith(("tokenizer", "special_tokens")):
+                shutil.copy(os.path.join(src, name), path)
+    compressor.update_config(dst)
+    return dst, dst + "-dense"

@@ -163,3 +163,49 @@ def test_perplexity_of_a_trained_model_barely_moves(tmp_path):
         path = write_compressed_tensors(dense, str(tmp_path / f"{scheme}-{strategy}"), scheme, strategy)
         ratios[f"{scheme} {strategy}"] = perplexity(path) / base
     assert all(r < (1.01 if name.startswith("int8") else 1.02) for name, r in ratios.items()), ratios
+
+
+@pytest.fixture(scope="module")
+def w4a16(tmp_path_factory):
+    pytest.importorskip("compressed_tensors")
+    from quant_checkpoints import write_w4a16
+    from sageinfer.models.tiny import build_tiny_model
+    root = tmp_path_factory.mktemp("w4a16")
+    src = build_tiny_model(str(root / "src"), "llama", hidden_size=128, num_heads=4, num_kv_heads=2)
+    return {"group-sym": write_w4a16(src, str(root / "group-sym"), 32, True),
+            "group-asym": write_w4a16(src, str(root / "group-asym"), 64, False),
+            "channel-sym": write_w4a16(src, str(root / "channel-sym"), None, True)}
+
+
+@pytest.mark.parametrize("name", ["group-sym", "group-asym", "channel-sym"])
+def test_w4a16_checkpoint_runs_the_weights_it_encodes(w4a16, name):
+    """The checkpoint as compressed-tensors writes it, against transformers running the weights it
+    encodes (4-bit weights, full-precision activations: equal up to float rounding)."""
+    from oracle import hf_logits
+    quantized, dense = w4a16[name]
+    ours, _ = _prompt_logprobs(quantized)
+    ref = hf_logits(dense, PROMPT).log_softmax(-1)
+    np.testing.assert_allclose(ours, [ref[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))], atol=1e-4)
+    llm = LLM(quantized, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+    proj = llm.engine.runner.model.model.layers[0].mlp.gate_up_proj
+    assert proj.weight_packed.dtype == torch.int32 and proj.weight_packed.shape[1] * 8 == 128
+    if name == "group-sym":  # transformers itself, through compressed-tensors, on the packed checkpoint
+        ref = hf_logits(quantized, PROMPT).log_softmax(-1)
+        np.testing.assert_allclose(ours, [ref[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))], atol=1e-4)
+
+
+@needs_ranks(2)
+def test_tp2_w4a16_equals_tp1(w4a16):
+    quantized, _ = w4a16["group-asym"]
+    one, two = (_prompt_logprobs(quantized, tensor_parallel_size=tp) for tp in (1, 2))
+    np.testing.assert_allclose(one[0], two[0], atol=1e-4)
+    assert one[1] == two[1]
+
+
+def test_w4a16_with_dummy_weights(w4a16):
+    quantized, _ = w4a16["group-sym"]
+    llm = LLM(quantized, dtype="float32", load_format="dummy", num_gpu_blocks_override=128, show_progress=False)
+    proj = llm.engine.runner.model.model.layers[0].self_attn.o_proj
+    assert proj.weight_packed.dtype == torch.int32 and not hasattr(proj, "weight")
+    assert len(llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(max_tokens=3, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0].token_ids) == 3

@@ -32,9 +32,11 @@ class Linear(nn.Module):
         self.shard_offsets: dict = {}  # merged layers: shard id -> (first row, rows)
         quant = get_quant_config()
         self.quant = None  # the quantization method (layers/quantization), None: full precision
+        self.local_shape = (local_out, local_in)
         if quant is not None:
+            from sageinfer.layers.quantization.w4a16 import W4A16Method
             from sageinfer.layers.quantization.w8a8 import W8A8Method
-            self.quant = W8A8Method(quant)
+            self.quant = W4A16Method(quant) if quant.scheme == "w4a16" else W8A8Method(quant)
             self.quant.create_weights(self, local_out, local_in)
         else:
             self.weight = nn.Parameter(torch.empty(local_out, local_in), requires_grad=False)
@@ -52,11 +54,12 @@ class Linear(nn.Module):
     def drop_quantization(self) -> None:
         """Keep this layer in full precision (a checkpoint's ignore list)."""
         if self.quant is not None:
-            for name in ("weight_scale", "input_scale"):
+            device = next(iter(self.parameters())).device
+            for name in ("weight", "weight_scale", "input_scale", "weight_packed", "weight_shape", "weight_zero_point"):
                 if hasattr(self, name):
                     delattr(self, name)
-            self.weight = nn.Parameter(torch.empty(self.weight.shape, dtype=torch.get_default_dtype(),
-                                                   device=self.weight.device), requires_grad=False)
+            self.weight = nn.Parameter(torch.empty(self.local_shape, dtype=torch.get_default_dtype(), device=device),
+                                       requires_grad=False)
             self.weight.weight_loader = self.weight_loader
             self.quant = None
             self.fusable = not self.reduces

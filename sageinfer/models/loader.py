@@ -68,7 +68,8 @@ def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.
                show_progress: bool = True, quantization: str | None = None) -> torch.nn.Module:
     quant = load_quant_config(model_dir, quantization)
     if quant is not None and load_format == "dummy":  # random full-precision weights, quantized as loaded
-        quant = dataclasses.replace(quant, from_checkpoint=False, weight_strategy="channel", activation_dynamic=True)
+        quant = dataclasses.replace(quant, from_checkpoint=False, weight_strategy="channel", activation_dynamic=True,
+                                    symmetric=True)
     model_cls = get_model_class(cfg.architecture)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

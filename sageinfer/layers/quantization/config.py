@@ -2,9 +2,10 @@
 the checkpoint), or `quantization="fp8"` on a full-precision checkpoint (quantized at load time).
 
 Supported: compressed-tensors FP8 W8A8 (per-tensor or per-channel weight scales; dynamic per-token
-or static per-tensor activation scales) and INT8 W8A8 (per-channel symmetric weights, dynamic
-per-token activations); online FP8 (per-channel weights, dynamic per-token activations). Anything
-else is refused at start with what is supported.
+or static per-tensor activation scales), INT8 W8A8 (per-channel symmetric weights, dynamic per-token
+activations) and W4A16 (pack-quantized, per group or channel, symmetric or asymmetric); online FP8
+(per-channel weights, dynamic per-token activations). Anything else is refused at start with what is
+supported.
 """
 from __future__ import annotations
 
@@ -15,17 +16,20 @@ import re
 from dataclasses import dataclass, field
 
 SUPPORTED = ("compressed-tensors: FP8 W8A8 (weights per tensor or per channel, activations dynamic per token "
-             "or static per tensor), INT8 W8A8 (symmetric weights per channel, activations dynamic per token); "
+             "or static per tensor), INT8 W8A8 (symmetric weights per channel, activations dynamic per token), "
+             "W4A16 pack-quantized (4-bit weights per group or channel, symmetric or asymmetric); "
              "quantization='fp8' on a bf16/fp16/fp32 checkpoint")
 
 
 @dataclass
 class QuantConfig:
-    scheme: str                     # "fp8" or "int8" (W8A8)
+    scheme: str                     # "fp8" or "int8" (W8A8), "w4a16"
     weight_strategy: str            # "tensor" or "channel": the checkpoint's weight scales
     activation_dynamic: bool        # per-token scales at run time; else one static scale per layer
     from_checkpoint: bool           # the checkpoint holds quantized tensors (else: quantize at load)
     ignore: list[str] = field(default_factory=list)  # layer names kept in full precision
+    group_size: int | None = None   # w4a16: columns per scale (None: one per output channel)
+    symmetric: bool = True          # w4a16: False when the checkpoint has zero points
 
     @property
     def name(self) -> str:
@@ -67,6 +71,8 @@ def parse_quant_config(raw: dict | None, option: str | None) -> QuantConfig | No
         raise _refuse(f"compressed-tensors targets {group.get('targets')}")
     weights, acts = group.get("weights") or {}, group.get("input_activations")
     kind, bits = weights.get("type"), weights.get("num_bits")
+    if bits == 4 and kind == "int" and acts is None:
+        return _parse_w4a16(raw, weights)
     if bits != 8 or kind not in ("float", "int") or acts is None or acts.get("num_bits") != 8 \
             or acts.get("type") != kind:
         raise _refuse(f"compressed-tensors weights {kind} {bits} bit with activations "
@@ -82,6 +88,20 @@ def parse_quant_config(raw: dict | None, option: str | None) -> QuantConfig | No
     if not dynamic and (kind == "int" or acts.get("strategy") != "tensor"):
         raise _refuse(f"static {kind} activations with strategy {acts.get('strategy')!r}")
     return QuantConfig("fp8" if kind == "float" else "int8", strategy, dynamic, True, list(raw.get("ignore") or []))
+
+
+def _parse_w4a16(raw: dict, weights: dict) -> QuantConfig:
+    if raw.get("format") not in (None, "pack-quantized"):
+        raise _refuse(f"compressed-tensors 4-bit format {raw.get('format')!r}")
+    strategy = weights.get("strategy")
+    if strategy not in ("group", "channel") or weights.get("actorder") not in (None, False, "static"):
+        raise _refuse(f"4-bit weights with strategy {strategy!r} and actorder {weights.get('actorder')!r}")
+    group = weights.get("group_size") if strategy == "group" else None
+    if strategy == "group" and (not isinstance(group, int) or group % 32):
+        raise _refuse(f"4-bit weights with group_size {group!r} (a multiple of 32)")
+    return QuantConfig("w4a16", strategy, activation_dynamic=False, from_checkpoint=True,
+                       ignore=list(raw.get("ignore") or []), group_size=group,
+                       symmetric=bool(weights.get("symmetric", True)))
 
 
 def load_quant_config(model_dir: str, option: str | None) -> QuantConfig | None:

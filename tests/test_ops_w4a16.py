@@ -1,0 +1,34 @@
+"""The 4-bit weight matmul against its dequantized torch reference."""
+import pytest
+import torch
+
+from kernels_util import DEVICE, rel_err
+from sageinfer.ops.w4a16 import dequantize, pack, unpack, w4a16_matmul
+
+
+def test_pack_and_unpack_are_inverse():
+    q = torch.randint(0, 16, (5, 64), dtype=torch.int32)
+    assert torch.equal(unpack(pack(q)), q)
+
+
+@pytest.mark.parametrize("m, n, k, group, asymmetric", [(1, 40, 256, 64, False), (5, 96, 128, 128, True),
+                                                         (33, 24, 192, 32, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_w4a16_matmul_matches_the_dequantized_weights(m, n, k, group, asymmetric, dtype):
+    if dtype == torch.float16 and DEVICE == "cpu" and m > 16:
+        pytest.skip("fp16 dots in the interpreter are slow; one fp16 case is enough on the CPU")
+    gen = torch.Generator().manual_seed(m + n + k)
+    packed = pack(torch.randint(0, 16, (n, k), generator=gen)).to(DEVICE)
+    scales = (torch.rand(n, k // group, generator=gen) * 0.02 + 0.001).to(DEVICE, dtype)
+    zeros = (torch.randint(-3, 4, (n, k // group), generator=gen) if asymmetric
+             else torch.zeros(n, k // group, dtype=torch.int64)).to(DEVICE, torch.int32)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    y = w4a16_matmul(x, packed, scales, zeros, group, block_k=32)
+    ref = x.double() @ dequantize(packed, scales, zeros, group, torch.float64).t()
+    assert y.dtype == dtype and rel_err(y, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_shapes_that_do_not_fit_are_refused():
+    with pytest.raises(ValueError, match="do not fit"):
+        w4a16_matmul(torch.zeros(1, 64, device=DEVICE), torch.zeros(8, 4, dtype=torch.int32, device=DEVICE),
+                     torch.ones(8, 1, device=DEVICE), torch.zeros(8, 1, dtype=torch.int32, device=DEVICE), 64)
