@@ -209,3 +209,13 @@ def test_w4a16_with_dummy_weights(w4a16):
     assert proj.weight_packed.dtype == torch.int32 and not hasattr(proj, "weight")
     assert len(llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(max_tokens=3, ignore_eos=True),
                             use_tqdm=False)[0].outputs[0].token_ids) == 3
+
+
+def test_quantized_weights_combine_with_a_quantized_kv_cache(checkpoints, w4a16):
+    for path in (checkpoints["fp8-channel"], checkpoints["int8-channel"], w4a16["group-sym"][0]):
+        llm = LLM(path, dtype="float32", num_gpu_blocks_override=128, kv_cache_dtype="int8", show_progress=False)
+        plain = _prompt_logprobs(path)[1]
+        out = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(temperature=0, max_tokens=4),
+                           use_tqdm=False)[0].outputs[0].token_ids
+        assert llm.engine.runner.kv_caches[0].k.dtype == torch.int8
+        assert len(out) == 4 and out[0] == plain[0]  # int8 K/V moves logits far less than the first token's margin

@@ -37,7 +37,8 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
 
 @triton.jit
 def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  PRECISION: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -54,7 +55,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_
         s = tl.load(s_ptr + ns * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + ns * stride_sn + g, mask=n_mask, other=0).to(tl.float32)
         w = ((q - z[:, None]) * s[:, None]).to(x.dtype)
-        acc += tl.dot(x, tl.trans(w))
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     tl.store(y_ptr + ms[:, None] * stride_ym + ns[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
@@ -74,5 +75,6 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _w4a16_kernel[grid](x, packed, scales.contiguous(), zeros.contiguous(), y, m, n, k, x.stride(0),
                         packed.stride(0), scales.stride(0), y.stride(0), GROUP=group_size, BLOCK_M=block_m,
-                        BLOCK_N=block_n, BLOCK_K=block_k)
+                        BLOCK_N=block_n, BLOCK_K=block_k,
+                        PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # fp32 models: exact fp32 sums
     return y
