@@ -117,3 +117,75 @@ def write_w4a16(src: str, dst: str, group_size: int | None = 32, symmetric: bool
                 shutil.copy(os.path.join(src, name), path)
     compressor.update_config(dst)
     return dst, dst + "-dense"
+
+
+_AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of an AWQ word holds column 8 c + _AWQ_PACK_ORDER[i]
+
+
+def _pack_rows(values: torch.Tensor) -> torch.Tensor:
+    """[R, C] in [0, 15] -> [R, C / 8] int32, column 8 c + j in nibble j of word c."""
+    from sageinfer.ops.w4a16 import pack
+    return pack(values)
+
+
+def write_gptq_or_awq(src: str, dst: str, method: str, group_size: int = 32, desc_act: bool = False,
+                      seed: int = 0) -> tuple[str, str]:
+    """GPTQ (original format) or AWQ (GEMM) 4-bit checkpoint, asymmetric groups, written by hand to the
+    formats' specification (their producing libraries need a GPU), and beside it (dst + "-dense") the
+    weights it encodes in float32."""
+    shutil.copytree(src, dst)
+    os.remove(os.path.join(dst, "model.safetensors"))
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    out, dense, orders = {}, {}, {}
+    for name, t in tensors.items():
+        layer = name.rsplit(".", 1)[0]
+        if not (name.endswith(".weight") and layer.split(".")[-1] in _LINEARS):
+            out[name] = dense[name] = t
+            continue
+        w = t.float()                                   # [N, K]
+        n, k = w.shape
+        if desc_act:  # act-order: each group is a scattered set of input columns, the same for layers
+            # that read the same input (GPTQ orders by that input's statistics)
+            key = (layer.rsplit(".", 1)[0], layer.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
+                   layer.split(".")[-1] in ("gate_proj", "up_proj"))
+            if key not in orders:
+                orders[key] = torch.randperm(k, generator=gen)
+            g_idx = torch.empty(k, dtype=torch.int32)
+            g_idx[orders[key]] = torch.arange(k, dtype=torch.int32) // group_size
+        else:
+            g_idx = torch.arange(k, dtype=torch.int32) // group_size
+        groups = k // group_size
+        lo = torch.stack([w[:, g_idx == g].amin(1) for g in range(groups)], 1).clamp(max=0)   # [N, G]
+        hi = torch.stack([w[:, g_idx == g].amax(1) for g in range(groups)], 1).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        zero = (-lo / scale).round().clamp(1, 15)       # GPTQ's original format stores zero - 1 >= 0
+        s_full, z_full = scale[:, g_idx.long()], zero[:, g_idx.long()]
+        q = (w / s_full + z_full).round().clamp(0, 15)
+        dense[name] = (q - z_full) * s_full
+        if method == "gptq":
+            out[layer + ".qweight"] = _pack_rows(q.to(torch.int32)).t().contiguous()       # [K / 8, N]
+            out[layer + ".qzeros"] = _pack_rows((zero - 1).t().to(torch.int32))            # [G, N / 8]
+            out[layer + ".scales"] = scale.t().contiguous().to(torch.float16)
+            out[layer + ".g_idx"] = g_idx
+            dense[name] = (q - z_full) * s_full.half().float()
+        else:
+            order = torch.tensor(_AWQ_PACK_ORDER)
+            q_kn = q.t().reshape(k, -1, 8)[:, :, order].reshape(k, n)
+            z_gn = zero.t().reshape(groups, -1, 8)[:, :, order].reshape(groups, n)
+            out[layer + ".qweight"] = _pack_rows(q_kn.to(torch.int32))                      # [K, N / 8]
+            out[layer + ".qzeros"] = _pack_rows(z_gn.to(torch.int32))                       # [G, N / 8]
+            out[layer + ".scales"] = scale.t().contiguous().to(torch.float16)
+            dense[name] = (q - z_full) * s_full.half().float()
+    save_file(out, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(dst, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = (
+        {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": desc_act, "sym": False,
+         "checkpoint_format": "gptq"} if method == "gptq" else
+        {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"})
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    shutil.copytree(src, dst + "-dense")
+    save_file(dense, os.path.join(dst + "-dense", "model.safetensors"))
+    return dst, dst + "-dense"

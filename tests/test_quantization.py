@@ -107,8 +107,10 @@ def _ct_config(kind, strategy, dynamic, bits=8, symmetric=True, act_bits=8):
 
 
 @pytest.mark.parametrize("raw, option, says", [
-    ({"quant_method": "awq", "bits": 4}, None, "quant_method 'awq'"),
-    ({"quant_method": "gptq", "bits": 4}, None, "quant_method 'gptq'"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, None, "AWQ version 'gemv'"),
+    ({"quant_method": "gptq", "bits": 8, "group_size": 128}, None, "gptq with 8 bits"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 100}, None, "group_size 100"),
+    ({"quant_method": "bitsandbytes"}, None, "quant_method 'bitsandbytes'"),
     (_ct_config("int", "group", True, bits=4), None, "int 4 bit"),
     (_ct_config("int", "channel", True, symmetric=False), None, "asymmetric"),
     (_ct_config("int", "tensor", True), None, "strategy 'tensor'"),
@@ -219,3 +221,30 @@ def test_quantized_weights_combine_with_a_quantized_kv_cache(checkpoints, w4a16)
                            use_tqdm=False)[0].outputs[0].token_ids
         assert llm.engine.runner.kv_caches[0].k.dtype == torch.int8
         assert len(out) == 4 and out[0] == plain[0]  # int8 K/V moves logits far less than the first token's margin
+
+
+@pytest.mark.parametrize("method, desc_act", [("gptq", False), ("gptq", True), ("awq", False)])
+def test_gptq_and_awq_checkpoints_run_the_weights_they_encode(llama_dir, tmp_path, method, desc_act):
+    """Written by hand to the formats' layouts (their producing libraries need a GPU): 4-bit
+    asymmetric groups of 32 (scattered over the input columns with desc_act)."""
+    from oracle import hf_logits
+    from quant_checkpoints import write_gptq_or_awq
+    quantized, dense = write_gptq_or_awq(llama_dir, str(tmp_path / method), method, desc_act=desc_act)
+    ours, tokens = _prompt_logprobs(quantized)
+    ref = hf_logits(dense, PROMPT).log_softmax(-1)
+    np.testing.assert_allclose(ours, [ref[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))], atol=1e-4)
+    layer = LLM(quantized, dtype="float32", num_gpu_blocks_override=128, show_progress=False
+                ).engine.runner.model.model.layers[0].self_attn.qkv_proj
+    assert layer.qweight.dtype == torch.int32 and hasattr(layer, "input_order") == desc_act
+
+
+@needs_ranks(2)
+def test_tp2_gptq_and_awq_as_tp1_and_act_order_refused(llama_dir, tmp_path):
+    from quant_checkpoints import write_gptq_or_awq
+    for method in ("gptq", "awq"):
+        quantized, _ = write_gptq_or_awq(llama_dir, str(tmp_path / method), method)
+        one, two = (_prompt_logprobs(quantized, tensor_parallel_size=tp) for tp in (1, 2))
+        np.testing.assert_allclose(one[0], two[0], atol=1e-4)
+    act_order, _ = write_gptq_or_awq(llama_dir, str(tmp_path / "act-order"), "gptq", desc_act=True)
+    with pytest.raises(Exception, match="desc_act"):
+        _prompt_logprobs(act_order, tensor_parallel_size=2)

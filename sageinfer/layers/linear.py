@@ -55,9 +55,10 @@ class Linear(nn.Module):
         """Keep this layer in full precision (a checkpoint's ignore list)."""
         if self.quant is not None:
             device = next(iter(self.parameters())).device
-            for name in ("weight", "weight_scale", "input_scale", "weight_packed", "weight_shape", "weight_zero_point"):
-                if hasattr(self, name):
-                    delattr(self, name)
+            quantized = [n for n, _ in [*self.named_parameters(recurse=False), *self.named_buffers(recurse=False)]
+                         if n != "bias"]
+            for name in quantized:
+                delattr(self, name)
             self.weight = nn.Parameter(torch.empty(self.local_shape, dtype=torch.get_default_dtype(), device=device),
                                        requires_grad=False)
             self.weight.weight_loader = self.weight_loader

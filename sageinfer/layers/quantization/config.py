@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 SUPPORTED = ("compressed-tensors: FP8 W8A8 (weights per tensor or per channel, activations dynamic per token "
              "or static per tensor), INT8 W8A8 (symmetric weights per channel, activations dynamic per token), "
-             "W4A16 pack-quantized (4-bit weights per group or channel, symmetric or asymmetric); "
+             "W4A16 pack-quantized (4-bit weights per group or channel, symmetric or asymmetric); GPTQ 4-bit "
+             "(groups or channel-wise, desc_act true or false); AWQ 4-bit GEMM; "
              "quantization='fp8' on a bf16/fp16/fp32 checkpoint")
 
 
@@ -30,6 +31,9 @@ class QuantConfig:
     ignore: list[str] = field(default_factory=list)  # layer names kept in full precision
     group_size: int | None = None   # w4a16: columns per scale (None: one per output channel)
     symmetric: bool = True          # w4a16: False when the checkpoint has zero points
+    format: str = "compressed-tensors"  # w4a16: the checkpoint's layout (compressed-tensors, gptq, awq)
+    desc_act: bool = False          # gptq: input columns out of group order (act-order)
+    gptq_v2: bool = False           # gptq: zero points stored as they are (not minus one)
 
     @property
     def name(self) -> str:
@@ -61,6 +65,8 @@ def parse_quant_config(raw: dict | None, option: str | None) -> QuantConfig | No
     method = raw.get("quant_method")
     if option is not None and option != method:
         raise ValueError(f"the checkpoint is quantized with {method!r}; quantization={option!r} does not match it")
+    if method in ("gptq", "awq"):
+        return _parse_gptq_awq(raw, method)
     if method != "compressed-tensors":
         raise _refuse(f"quant_method {method!r}")
     groups = list((raw.get("config_groups") or {}).values())
@@ -88,6 +94,27 @@ def parse_quant_config(raw: dict | None, option: str | None) -> QuantConfig | No
     if not dynamic and (kind == "int" or acts.get("strategy") != "tensor"):
         raise _refuse(f"static {kind} activations with strategy {acts.get('strategy')!r}")
     return QuantConfig("fp8" if kind == "float" else "int8", strategy, dynamic, True, list(raw.get("ignore") or []))
+
+
+def _parse_gptq_awq(raw: dict, method: str) -> QuantConfig:
+    bits, group = raw.get("bits", raw.get("w_bit")), raw.get("group_size", raw.get("q_group_size"))
+    if bits != 4:
+        raise _refuse(f"{method} with {bits} bits")
+    if group in (-1, None):
+        group = None
+    elif not isinstance(group, int) or group % 32:
+        raise _refuse(f"{method} with group_size {group!r} (a multiple of 32, or -1)")
+    if method == "awq":
+        version = str(raw.get("version", "gemm")).lower()
+        if version != "gemm" or not raw.get("zero_point", True):
+            raise _refuse(f"AWQ version {version!r} with zero_point {raw.get('zero_point')!r} (GEMM with zero points)")
+        return QuantConfig("w4a16", "group", False, True, ignore=list(raw.get("modules_to_not_convert") or []),
+                           group_size=group, symmetric=False, format="awq")
+    fmt = raw.get("checkpoint_format", "gptq")
+    if fmt not in ("gptq", "gptq_v2"):
+        raise _refuse(f"GPTQ checkpoint_format {fmt!r}")
+    return QuantConfig("w4a16", "group", False, True, group_size=group, symmetric=bool(raw.get("sym", True)),
+                       format="gptq", desc_act=bool(raw.get("desc_act", False)), gptq_v2=fmt == "gptq_v2")
 
 
 def _parse_w4a16(raw: dict, weights: dict) -> QuantConfig:

@@ -1,9 +1,18 @@
-"""4-bit weights, 16-bit activations (compressed-tensors pack-quantized, as llm-compressor's W4A16
-recipes write it): `weight_packed` [out, in / 8] int32, `weight_scale` [out, groups], and for
-asymmetric schemes `weight_zero_point` [out / 8, groups] packed along the output rows.
+"""4-bit weights, 16-bit activations, from the checkpoint formats that carry them:
 
-Small batches (decode) run the Triton kernel on the packed words; larger ones unpack the layer's
-weights once and use the library GEMM, where the arithmetic, not the bytes, sets the pace.
+- compressed-tensors pack-quantized (llm-compressor's W4A16): `weight_packed` [out, in / 8] int32
+  packed along the input, `weight_scale` [out, groups], for asymmetric schemes `weight_zero_point`
+  [out / 8, groups] packed along the output, every 4-bit value stored with an offset of 8;
+- GPTQ: `qweight` [in / 8, out] packed along the input, `scales` [groups, out], `qzeros` [groups,
+  out / 8] packed along the output (stored minus one in the original format), `g_idx` [in] (the group
+  of each input column: out of order with desc_act);
+- AWQ (GEMM layout): `qweight` [in, out / 8] and `qzeros` [groups, out / 8] packed along the output in
+  the order 0 2 4 6 1 3 5 7, `scales` [groups, out].
+
+Each is converted as it loads into one layout (packed [out, in / 8] along the input, scales and
+signed zero points [out, groups]; ops/w4a16.py), so one kernel serves all. Small batches (decode)
+run the Triton kernel on the packed words; larger ones unpack the layer's weights once and use the
+library GEMM, where the arithmetic, not the bytes, sets the pace.
 """
 from __future__ import annotations
 
@@ -15,64 +24,143 @@ from sageinfer.ops.w4a16 import dequantize, pack, unpack
 
 # Up to this many rows the packed-weight kernel; beyond, unpack and the library GEMM.
 _KERNEL_MAX_ROWS = 64
+_AWQ_COLUMN_OF_NIBBLE = [0, 4, 1, 5, 2, 6, 3, 7]  # column j of a word sits at nibble _AWQ_...[j]
+
+
+def _awq_unpack(words: torch.Tensor) -> torch.Tensor:
+    """[rows, cols / 8] AWQ words -> [rows, cols] values in column order."""
+    nibbles = unpack(words).view(words.shape[0], -1, 8)
+    return nibbles[:, :, _AWQ_COLUMN_OF_NIBBLE].reshape(words.shape[0], -1)
+
+
+class _CompressedTensors:
+    names = ("weight_packed", "weight_scale", "weight_zero_point")
+
+    def packed(self, t):
+        return t
+
+    def scales(self, t):
+        return t
+
+    def zeros(self, t):
+        return unpack(t.t().contiguous()).t() - 8
+
+
+class _GPTQ:
+    names = ("qweight", "scales", "qzeros")
+
+    def __init__(self, v2: bool):
+        self.zero_offset = 0 if v2 else 1  # the original format stores each zero point minus one
+
+    def packed(self, t):
+        return t.t()
+
+    def scales(self, t):
+        return t.t()
+
+    def zeros(self, t):
+        return unpack(t).t() + self.zero_offset - 8
+
+
+class _AWQ:
+    names = ("qweight", "scales", "qzeros")
+
+    def packed(self, t):
+        return pack(_awq_unpack(t).t().contiguous())
+
+    def scales(self, t):
+        return t.t()
+
+    def zeros(self, t):
+        return _awq_unpack(t).t() - 8
 
 
 class W4A16Method:
     def __init__(self, config: QuantConfig):
         self.config = config
+        self.format = {"compressed-tensors": _CompressedTensors(), "gptq": _GPTQ(config.gptq_v2),
+                       "awq": _AWQ()}[config.format]
+        self.packed_name, self.scale_name, self.zero_name = self.format.names
 
     def create_weights(self, layer: nn.Module, local_out: int, local_in: int) -> None:
-        group = self.config.group_size or local_in
+        c = self.config
+        group = c.group_size or local_in
         if local_in % 8 or local_in % group:
             raise ValueError(f"4-bit weights: {local_in} input features per rank do not hold whole groups of {group}")
         self.group = group
         groups = local_in // group
-        if not self.config.from_checkpoint:  # full-precision weights (dummy ones), quantized after loading
+        if not c.from_checkpoint:  # full-precision weights (dummy ones), quantized after loading
             layer.weight = nn.Parameter(torch.empty(local_out, local_in), requires_grad=False)
             layer.weight.weight_loader = layer.weight_loader
             return
-        layer.weight_packed = nn.Parameter(torch.empty(local_out, local_in // 8, dtype=torch.int32), requires_grad=False)
-        layer.weight_packed.weight_loader = layer.weight_loader
-        layer.weight_scale = nn.Parameter(torch.empty(local_out, groups), requires_grad=False)
-        layer.weight_scale.weight_loader = layer.weight_loader
-        layer.weight_shape = nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)
-        layer.weight_shape.weight_loader = _ignore
-        if self.config.symmetric:
-            layer.register_buffer("weight_zero_point", torch.zeros(local_out, groups, dtype=torch.int32))
+        f = self.format
+        self._param(layer, self.packed_name, torch.empty(local_out, local_in // 8, dtype=torch.int32), f.packed)
+        self._param(layer, self.scale_name, torch.empty(local_out, groups), f.scales)
+        if c.symmetric and c.format == "compressed-tensors":
+            layer.register_buffer(self.zero_name, torch.zeros(local_out, groups, dtype=torch.int32))
         else:
-            layer.weight_zero_point = nn.Parameter(torch.zeros(local_out, groups, dtype=torch.int32),
-                                                   requires_grad=False)
+            self._param(layer, self.zero_name, torch.zeros(local_out, groups, dtype=torch.int32), f.zeros)
+        if c.format == "compressed-tensors":
+            self._param(layer, "weight_shape", torch.zeros(2, dtype=torch.int64), None)
+        if c.format == "gptq":
+            if c.desc_act and layer.parallel == "row":
+                raise ValueError("GPTQ with desc_act (act-order) cannot split a layer's input over tensor-parallel "
+                                 "ranks yet; use tensor_parallel_size=1 or a checkpoint without desc_act")
+            self._param(layer, "g_idx", torch.zeros(local_in, dtype=torch.int32), None if not c.desc_act else "keep")
 
-            def load_zero_points(param, loaded, shard_id=None):
-                # packed along the output rows, eight to a word, stored with an offset of 8 (output
-                # sizes are multiples of 8, so no row is padding)
-                layer.weight_loader(param, (unpack(loaded.t().contiguous()).t() - 8).contiguous(), shard_id)
-            layer.weight_zero_point.weight_loader = load_zero_points
+    @staticmethod
+    def _param(layer, name, tensor, convert) -> None:
+        """A parameter under the checkpoint's name whose loader converts the checkpoint's layout."""
+        param = nn.Parameter(tensor, requires_grad=False)
+        setattr(layer, name, param)
+        if convert is None:  # known already (weight_shape) or not needed (g_idx in order)
+            param.weight_loader = lambda p, loaded, shard_id=None: None
+        elif convert == "keep":  # g_idx: parts of a merged layer read one input, so one order
+            def keep(p, loaded, shard_id=None):
+                if getattr(p, "loaded", False) and not torch.equal(p.data, loaded.to(p.dtype)):
+                    raise ValueError("GPTQ g_idx differs between parts of a merged layer (q/k/v or gate/up)")
+                p.data.copy_(loaded)
+                p.loaded = True
+            param.weight_loader = keep
+        else:
+            param.weight_loader = lambda p, loaded, shard_id=None: layer.weight_loader(
+                p, convert(loaded).contiguous().to(p.dtype), shard_id)
 
     def process_after_loading(self, layer: nn.Module) -> None:
-        if self.config.from_checkpoint:
-            return
+        c = self.config
+        if not c.from_checkpoint:
+            return self._quantize(layer)
+        if c.format == "gptq" and c.desc_act:  # put each group's columns together; inputs follow at run time
+            g_idx = layer.g_idx.data.long()
+            order = torch.argsort(g_idx, stable=True)
+            if bool((torch.bincount(g_idx) != self.group).any()):
+                raise ValueError("GPTQ g_idx does not give every group the same number of columns")
+            if not torch.equal(order, torch.arange(len(order), device=order.device)):
+                packed = getattr(layer, self.packed_name)
+                packed.data = pack(unpack(packed.data)[:, order])
+                layer.register_buffer("input_order", order)
+
+    def _quantize(self, layer: nn.Module) -> None:
         dtype = layer.weight.dtype
         w = layer.weight.data.float()
         grouped = w.view(w.shape[0], -1, self.group)
         scale = grouped.abs().amax(dim=-1).clamp(min=1e-12) / 7.5  # symmetric: [-8, 7] spans 15 steps
         q = (grouped / scale.unsqueeze(-1)).round().clamp(-8, 7) + 8
         del layer.weight
-        layer.weight_packed = nn.Parameter(pack(q.view(w.shape[0], -1)), requires_grad=False)
-        layer.weight_scale = nn.Parameter(scale.to(dtype), requires_grad=False)
-        layer.register_buffer("weight_zero_point", torch.zeros_like(scale, dtype=torch.int32))
+        setattr(layer, self.packed_name, nn.Parameter(pack(q.view(w.shape[0], -1)), requires_grad=False))
+        setattr(layer, self.scale_name, nn.Parameter(scale.to(dtype), requires_grad=False))
+        layer.register_buffer(self.zero_name, torch.zeros_like(scale, dtype=torch.int32))
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        order = getattr(layer, "input_order", None)
+        if order is not None:
+            x2 = x2.index_select(1, order)
+        packed, scales, zeros = (getattr(layer, n) for n in (self.packed_name, self.scale_name, self.zero_name))
         if x2.is_cuda and x2.shape[0] <= _KERNEL_MAX_ROWS:
             from sageinfer.ops.w4a16 import w4a16_matmul
-            y = w4a16_matmul(x2, layer.weight_packed, layer.weight_scale, layer.weight_zero_point, self.group)
+            y = w4a16_matmul(x2, packed, scales, zeros, self.group)
         else:
-            w = dequantize(layer.weight_packed, layer.weight_scale, layer.weight_zero_point, self.group, x.dtype)
-            y = torch.nn.functional.linear(x2, w)
+            y = torch.nn.functional.linear(x2, dequantize(packed, scales, zeros, self.group, x.dtype))
         return y.reshape(*shape[:-1], y.shape[-1])
-
-
-def _ignore(param, loaded, shard_id=None) -> None:
-    """weight_shape: the checkpoint's record of the unpacked shape, which the layer knows already."""
