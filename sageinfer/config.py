@@ -100,7 +100,7 @@ class EngineConfig:
             raise ValueError(f"admission_lookahead_tokens must be >= 0, got {self.admission_lookahead_tokens}")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
-        if self.quantization not in (None, "fp8", "compressed-tensors"):
+        if self.quantization not in (None, "fp8", "compressed-tensors", "gptq", "awq"):
             from sageinfer.layers.quantization.config import SUPPORTED
             raise ValueError(f"quantization={self.quantization!r} is not supported; supported: {SUPPORTED}")
         if self.tensor_parallel_size < 1:

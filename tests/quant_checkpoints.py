@@ -124,7 +124,7 @@ _AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of an AWQ word holds colu
 
 def _pack_rows(values: torch.Tensor) -> torch.Tensor:
     """[R, C] in [0, 15] -> [R, C / 8] int32, column 8 c + j in nibble j of word c."""
-    from sageinfer.ops.w4a16 import pack
+    from sageinfer.ops.weight_only import pack
     return pack(values)
 
 
@@ -184,6 +184,37 @@ def write_gptq_or_awq(src: str, dst: str, method: str, group_size: int = 32, des
         {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": desc_act, "sym": False,
          "checkpoint_format": "gptq"} if method == "gptq" else
         {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"})
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    shutil.copytree(src, dst + "-dense")
+    save_file(dense, os.path.join(dst + "-dense", "model.safetensors"))
+    return dst, dst + "-dense"
+
+
+def write_fp8_blocks(src: str, dst: str, block: int = 32) -> tuple[str, str]:
+    """quant_method "fp8" with weight_block_size [b, b] (the layout of Qwen3's and DeepSeek's FP8
+    releases): FP8 `weight` and `weight_scale_inv` per tile; beside it the weights it encodes."""
+    shutil.copytree(src, dst)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    out, dense = {}, {}
+    for name, t in tensors.items():
+        layer = name.rsplit(".", 1)[0]
+        if not (name.endswith(".weight") and layer.split(".")[-1] in _LINEARS):
+            out[name] = dense[name] = t
+            continue
+        w = t.float()
+        n, k = w.shape
+        tiles = w.view(n // block, block, k // block, block)
+        scale = tiles.abs().amax(dim=(1, 3)) / 448.0
+        q = (tiles / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+        out[name] = q.view(n, k)
+        out[layer + ".weight_scale_inv"] = scale
+        dense[name] = (q.float() * scale[:, None, :, None]).view(n, k)
+    save_file(out, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(dst, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block]}
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
     shutil.copytree(src, dst + "-dense")

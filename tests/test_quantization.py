@@ -248,3 +248,25 @@ def test_tp2_gptq_and_awq_as_tp1_and_act_order_refused(llama_dir, tmp_path):
     act_order, _ = write_gptq_or_awq(llama_dir, str(tmp_path / "act-order"), "gptq", desc_act=True)
     with pytest.raises(Exception, match="desc_act"):
         _prompt_logprobs(act_order, tensor_parallel_size=2)
+
+
+def test_block_fp8_checkpoint_runs_the_weights_it_encodes(llama_dir, tmp_path):
+    from oracle import hf_logits
+    from quant_checkpoints import write_fp8_blocks
+    quantized, dense = write_fp8_blocks(llama_dir, str(tmp_path / "fp8-blocks"))
+    ours, _ = _prompt_logprobs(quantized)
+    ref = hf_logits(dense, PROMPT).log_softmax(-1)
+    np.testing.assert_allclose(ours, [ref[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))], atol=1e-4)
+    layer = LLM(quantized, dtype="float32", num_gpu_blocks_override=128, show_progress=False
+                ).engine.runner.model.model.layers[0].self_attn.qkv_proj
+    assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale_inv.shape[0] == layer.weight.shape[0]
+    dummy = LLM(quantized, dtype="float32", load_format="dummy", num_gpu_blocks_override=128, show_progress=False)
+    assert dummy.engine.runner.model.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
+
+
+@needs_ranks(2)
+def test_tp2_block_fp8_as_tp1(llama_dir, tmp_path):
+    from quant_checkpoints import write_fp8_blocks
+    quantized, _ = write_fp8_blocks(llama_dir, str(tmp_path / "fp8-blocks"))
+    one, two = (_prompt_logprobs(quantized, tensor_parallel_size=tp) for tp in (1, 2))
+    np.testing.assert_allclose(one[0], two[0], atol=1e-4)

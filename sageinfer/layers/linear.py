@@ -34,9 +34,11 @@ class Linear(nn.Module):
         self.quant = None  # the quantization method (layers/quantization), None: full precision
         self.local_shape = (local_out, local_in)
         if quant is not None:
+            from sageinfer.layers.quantization.fp8_block import Fp8BlockMethod
             from sageinfer.layers.quantization.w4a16 import W4A16Method
             from sageinfer.layers.quantization.w8a8 import W8A8Method
-            self.quant = W4A16Method(quant) if quant.scheme == "w4a16" else W8A8Method(quant)
+            method = {"w4a16": W4A16Method, "fp8-block": Fp8BlockMethod}.get(quant.scheme, W8A8Method)
+            self.quant = method(quant)
             self.quant.create_weights(self, local_out, local_in)
         else:
             self.weight = nn.Parameter(torch.empty(local_out, local_in), requires_grad=False)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 SUPPORTED = ("compressed-tensors: FP8 W8A8 (weights per tensor or per channel, activations dynamic per token "
              "or static per tensor), INT8 W8A8 (symmetric weights per channel, activations dynamic per token), "
              "W4A16 pack-quantized (4-bit weights per group or channel, symmetric or asymmetric); GPTQ 4-bit "
-             "(groups or channel-wise, desc_act true or false); AWQ 4-bit GEMM; "
+             "(groups or channel-wise, desc_act true or false); AWQ 4-bit GEMM; fp8 (block-quantized weights, or "
+             "per tensor with static or dynamic activations); "
              "quantization='fp8' on a bf16/fp16/fp32 checkpoint")
 
 
@@ -67,6 +68,8 @@ def parse_quant_config(raw: dict | None, option: str | None) -> QuantConfig | No
         raise ValueError(f"the checkpoint is quantized with {method!r}; quantization={option!r} does not match it")
     if method in ("gptq", "awq"):
         return _parse_gptq_awq(raw, method)
+    if method == "fp8":
+        return _parse_fp8(raw)
     if method != "compressed-tensors":
         raise _refuse(f"quant_method {method!r}")
     groups = list((raw.get("config_groups") or {}).values())
@@ -94,6 +97,21 @@ def parse_quant_config(raw: dict | None, option: str | None) -> QuantConfig | No
     if not dynamic and (kind == "int" or acts.get("strategy") != "tensor"):
         raise _refuse(f"static {kind} activations with strategy {acts.get('strategy')!r}")
     return QuantConfig("fp8" if kind == "float" else "int8", strategy, dynamic, True, list(raw.get("ignore") or []))
+
+
+def _parse_fp8(raw: dict) -> QuantConfig:
+    """quant_method "fp8": block-quantized weights (weight_block_size), or one scale per tensor with
+    static or dynamic activation scales (the older FP8 checkpoints)."""
+    scheme = raw.get("activation_scheme", "dynamic")
+    if scheme not in ("dynamic", "static") or raw.get("fmt", "e4m3") != "e4m3":
+        raise _refuse(f"fp8 with activation_scheme {scheme!r} and fmt {raw.get('fmt')!r}")
+    ignore = list(raw.get("ignored_layers") or raw.get("modules_to_not_convert") or [])
+    block = raw.get("weight_block_size")
+    if block is None:
+        return QuantConfig("fp8", "tensor", scheme == "dynamic", True, ignore)
+    if len(block) != 2 or block[0] != block[1] or block[0] % 32 or scheme != "dynamic":
+        raise _refuse(f"fp8 weight_block_size {block} with {scheme} activations (square blocks, a multiple of 32)")
+    return QuantConfig("fp8-block", "block", True, True, ignore, group_size=block[0])
 
 
 def _parse_gptq_awq(raw: dict, method: str) -> QuantConfig:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from sageinfer.layers.quantization.config import QuantConfig
-from sageinfer.ops.w4a16 import dequantize, pack, unpack
+from sageinfer.ops.weight_only import dequantize, pack, unpack
 
 # Up to this many rows the packed-weight kernel; beyond, unpack and the library GEMM.
 _KERNEL_MAX_ROWS = 64
@@ -159,7 +159,7 @@ class W4A16Method:
             x2 = x2.index_select(1, order)
         packed, scales, zeros = (getattr(layer, n) for n in (self.packed_name, self.scale_name, self.zero_name))
         if x2.is_cuda and x2.shape[0] <= _KERNEL_MAX_ROWS:
-            from sageinfer.ops.w4a16 import w4a16_matmul
+            from sageinfer.ops.weight_only import w4a16_matmul
             y = w4a16_matmul(x2, packed, scales, zeros, self.group)
         else:
             y = torch.nn.functional.linear(x2, dequantize(packed, scales, zeros, self.group, x.dtype))

@@ -1,10 +1,12 @@
-"""4-bit weights, 16-bit activations: y[M, N] = x[M, K] @ W[N, K]^T with W stored as 4-bit
-integers, eight to an int32 along K (nibble j of word w is column 8 w + j), a scale and a zero point
-per group of `group_size` columns and output row: W[n, k] = (q[n, k] - 8 - zero[n, k // g]) * scale[n, k // g].
+"""Weight-only quantized matmuls: y[M, N] = x[M, K] @ W[N, K]^T with W stored in fewer bits and
+expanded in registers, so a matmul moves fewer bytes than a 16-bit weight would: what makes
+single-stream decode faster. Each kernel has its torch reference (the path for large batches and for
+devices without Triton).
 
-The kernel reads the packed words and unpacks them in registers, so a matmul moves a quarter of the
-bytes a 16-bit weight would: what makes single-stream decode faster. `dequantize` is its torch
-reference and the path for devices without Triton.
+- 4-bit: integers, eight to an int32 along K (nibble j of word w is column 8 w + j), a scale and a
+  zero point per group of `group_size` columns and output row:
+  W[n, k] = (q[n, k] - 8 - zero[n, k // g]) * scale[n, k // g].
+- 8-bit FP8 (e4m3) with a scale per block x block tile, as block-quantized FP8 checkpoints hold them.
 """
 from __future__ import annotations
 
@@ -77,4 +79,52 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
                         packed.stride(0), scales.stride(0), y.stride(0), GROUP=group_size, BLOCK_M=block_m,
                         BLOCK_N=block_n, BLOCK_K=block_k,
                         PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # fp32 models: exact fp32 sums
+    return y
+
+
+@triton.jit
+def _w8a16_block_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+                        BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = ms < M, ns < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        x = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        raw = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+        q = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        s = tl.load(s_ptr + ns * stride_sn + k0 // BLOCK, mask=n_mask, other=0.0)  # BLOCK_K divides BLOCK
+        w = (q * s[:, None]).to(x.dtype)
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+    tl.store(y_ptr + ms[:, None] * stride_ym + ns[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
+    """FP8 weight [N, K] with the scale of each row's block x block tiles, [N, ceil(K / b)] -> [N, K]."""
+    k = weight.shape[1]
+    return (weight.float() * scale.float().repeat_interleave(block, 1)[:, :k]).to(dtype)
+
+
+def w8a16_block_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: int,
+                       block_m: int = 16, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+    """x [M, K] @ (FP8 weight [N, K] x its block scales, given per row: [N, ceil(K / block)])^T -> [M, N]
+    in x's dtype: the weights stream at one byte each and are scaled in registers."""
+    m, k = x.shape
+    n = weight.shape[0]
+    block_k = min(block_k, block)
+    if weight.shape[1] != k or block % block_k or scale.shape != (n, (k + block - 1) // block):
+        raise ValueError(f"w8a16: x {tuple(x.shape)}, weight {tuple(weight.shape)}, scale {tuple(scale.shape)} "
+                         f"and block {block} do not fit")
+    x = x.contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _w8a16_block_kernel[grid](x, weight.view(torch.uint8), scale.float().contiguous(), y, m, n, k, x.stride(0),
+                              weight.stride(0), scale.stride(0), y.stride(0), BLOCK=block, BLOCK_M=block_m,
+                              BLOCK_N=block_n, BLOCK_K=block_k,
+                              PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
     return y

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kernels_util import DEVICE, rel_err
-from sageinfer.ops.w4a16 import dequantize, pack, unpack, w4a16_matmul
+from sageinfer.ops.weight_only import dequantize, pack, unpack, w4a16_matmul
 
 
 def test_pack_and_unpack_are_inverse():
@@ -32,3 +32,16 @@ def test_shapes_that_do_not_fit_are_refused():
     with pytest.raises(ValueError, match="do not fit"):
         w4a16_matmul(torch.zeros(1, 64, device=DEVICE), torch.zeros(8, 4, dtype=torch.int32, device=DEVICE),
                      torch.ones(8, 1, device=DEVICE), torch.zeros(8, 1, dtype=torch.int32, device=DEVICE), 64)
+
+
+@pytest.mark.parametrize("m, n, k, block", [(1, 64, 128, 32), (20, 96, 64, 64), (3, 40, 96, 32)])
+def test_fp8_block_matmul_matches_the_dequantized_weights(m, n, k, block):
+    from sageinfer.ops.weight_only import dequantize_fp8_blocks, w8a16_block_matmul
+    gen = torch.Generator().manual_seed(m * n + k)
+    weight = (torch.randn(n, k, generator=gen) * 50).to(torch.float8_e4m3fn).to(DEVICE)
+    tiles = torch.rand((n + block - 1) // block, (k + block - 1) // block, generator=gen) * 0.01
+    scale = tiles.repeat_interleave(block, 0)[:n].to(DEVICE)  # each row carries its tiles' scales
+    x = torch.randn(m, k, generator=gen).to(DEVICE)
+    y = w8a16_block_matmul(x, weight, scale, block, block_k=32)
+    ref = x.double() @ dequantize_fp8_blocks(weight, scale, block, torch.float64).t()
+    assert rel_err(y, ref) < 1e-5

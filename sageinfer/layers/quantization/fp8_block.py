@@ -1,0 +1,68 @@
+"""Block-quantized FP8 checkpoints (`quant_method: "fp8"` with `weight_block_size`, as the official
+FP8 releases of Qwen3 and DeepSeek hold them): FP8 e4m3 `weight` [out, in] and `weight_scale_inv`
+[out / b, in / b], the multiplier of each b x b tile.
+
+Kept as FP8 (one byte a weight) with each tile's scale spread over its rows, so tensor-parallel
+splits and merged q/k/v or gate/up parts cut the scales exactly as the weight. Small batches run a
+Triton kernel that scales the FP8 tiles in registers (half the bytes of bf16 per decode step);
+larger ones expand the layer to the activations' dtype and use the library GEMM. Activations stay
+in 16 bits: an FP8 x FP8 block-scaled GEMM for prefill is not built yet.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sageinfer.layers.quantization.config import QuantConfig
+from sageinfer.ops.weight_only import dequantize_fp8_blocks
+
+_KERNEL_MAX_ROWS = 64
+
+
+class Fp8BlockMethod:
+    def __init__(self, config: QuantConfig):
+        self.config = config
+        self.block = config.group_size
+
+    def create_weights(self, layer: nn.Module, local_out: int, local_in: int) -> None:
+        b = self.block
+        if local_in % b:
+            raise ValueError(f"block FP8: {local_in} input features per rank do not hold whole {b}-wide blocks")
+        if not self.config.from_checkpoint:  # full-precision weights (dummy ones), quantized after loading
+            layer.weight = nn.Parameter(torch.empty(local_out, local_in), requires_grad=False)
+            layer.weight.weight_loader = layer.weight_loader
+            return
+        layer.weight = nn.Parameter(torch.empty(local_out, local_in, dtype=torch.float8_e4m3fn), requires_grad=False)
+        layer.weight.weight_loader = layer.weight_loader
+        layer.weight_scale_inv = nn.Parameter(torch.empty(local_out, local_in // b, dtype=torch.float32),
+                                              requires_grad=False)
+
+        def load_scales(param, loaded, shard_id=None):
+            # each tile's scale on each of its rows (output sizes are whole blocks in these checkpoints;
+            # one that is not fails the shape check of the rows it loads into)
+            layer.weight_loader(param, loaded.float().repeat_interleave(b, 0).contiguous(), shard_id)
+        layer.weight_scale_inv.weight_loader = load_scales
+
+    def process_after_loading(self, layer: nn.Module) -> None:
+        if self.config.from_checkpoint:
+            return
+        b = self.block
+        dtype_weight = layer.weight.data.float()
+        n, k = dtype_weight.shape
+        tiles = nn.functional.pad(dtype_weight, (0, 0, 0, (-n) % b)).view(-1, b, k // b, b)
+        scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0          # [n / b, k / b]
+        rows = scale.repeat_interleave(b, 0)[:n]
+        q = (dtype_weight / rows.repeat_interleave(b, 1)).clamp(-448, 448).to(torch.float8_e4m3fn)
+        layer.weight = nn.Parameter(q, requires_grad=False)
+        layer.weight_scale_inv = nn.Parameter(rows.contiguous(), requires_grad=False)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.is_cuda and x2.shape[0] <= _KERNEL_MAX_ROWS:
+            from sageinfer.ops.weight_only import w8a16_block_matmul
+            y = w8a16_block_matmul(x2, layer.weight, layer.weight_scale_inv, self.block)
+        else:
+            y = nn.functional.linear(x2, dequantize_fp8_blocks(layer.weight, layer.weight_scale_inv, self.block,
+                                                               x.dtype))
+        return y.reshape(*shape[:-1], y.shape[-1])
