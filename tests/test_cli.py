@@ -73,4 +73,4 @@ def test_quantization_flag_quantizes_or_refuses_with_what_is_supported(llama_dir
     result = _run("generate", "--model", llama_dir, "--prompt", "x", "--quantization", "fp8", "--max-tokens", "3")
     assert result.returncode == 0, result.stderr
     result = _run("generate", "--model", llama_dir, "--prompt", "x", "--quantization", "awq")
-    assert result.returncode == 2 and "quantization='awq' is not supported; supported:" in result.stderr
+    assert result.returncode == 2 and "quantization='awq' on a full-precision checkpoint is not supported; supported:" in result.stderr
