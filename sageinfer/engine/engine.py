@@ -90,7 +90,12 @@ class LLMEngine:
                                  f"{visible} {self.platform.name} device(s) visible")
             self.workers = TensorParallelWorkers(config, attention_backend, self.eos_token_ids)
             init_tensor_parallel(0, config.tensor_parallel_size, self.platform.dist_backend, self.workers.init_method)
-        self.runner = ModelRunner(config, self.model_config, self.platform, dtype, attention_backend, show_progress)
+        try:
+            self.runner = ModelRunner(config, self.model_config, self.platform, dtype, attention_backend,
+                                      show_progress)
+        except BaseException:
+            self.shutdown_workers_only()  # the others fail the same way: stop them, raise the reason here
+            raise
         num_blocks = self.runner.determine_num_blocks()
         if self.workers is not None:
             num_blocks = agree_on_num_blocks(num_blocks, self.runner.device)
@@ -102,6 +107,8 @@ class LLMEngine:
                 f"than max_model_len ({config.max_model_len}): lower max_model_len or give the cache more memory")
         self.runner.allocate_kv_cache(num_blocks)
         self.graph_capture_seconds = self.runner.capture_graphs()
+        if self.workers is not None:
+            self.workers.started = True
         logger.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks, config.block_size, capacity)
         self.num_kv_blocks = num_blocks
         connector = None
@@ -191,6 +198,12 @@ class LLMEngine:
         if parent is not None:
             for child in parent.children:
                 self.scheduler.finish(child, "abort")
+
+    def shutdown_workers_only(self) -> None:
+        if self.workers is not None:
+            self.workers.shutdown(timeout=2.0)
+            self.workers = None
+            destroy_tensor_parallel()
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (they also stop when this process exits)."""

@@ -28,6 +28,10 @@ from sageinfer.executor import step_message as sm
 logger = logging.getLogger(__name__)
 
 _WATCH_SECONDS = 0.5
+# A rank that dies while the engine starts has usually hit what rank 0 is about to hit too (a bad
+# checkpoint, too little memory): rank 0 gets this long to raise its own error before the watchdog
+# ends the process (a collective waiting for the dead rank would never return).
+_START_GRACE_SECONDS = 10.0
 
 
 def agree_on_num_blocks(num_blocks: int, device: torch.device) -> int:
@@ -63,6 +67,7 @@ class TensorParallelWorkers:
         self._encoder = msgspec.msgpack.Encoder()
         self.builder = sm.StepMessageBuilder()
         self._stopping = False
+        self.started = False  # set by the engine once every rank is up: then a death ends it at once
         threading.Thread(target=self._watch, name="sageinfer-tp-watchdog", daemon=True).start()
         atexit.register(self.shutdown)  # before multiprocessing ends the daemons, so the watchdog stays quiet
 
@@ -74,6 +79,10 @@ class TensorParallelWorkers:
     def _watch(self) -> None:
         while not self._stopping:
             for rank, process in enumerate(self.processes, start=1):
+                if not process.is_alive() and not self._stopping and not self.started:
+                    deadline = time.monotonic() + _START_GRACE_SECONDS
+                    while time.monotonic() < deadline and not self._stopping:
+                        time.sleep(0.1)
                 if not process.is_alive() and not self._stopping:
                     logger.error("tensor-parallel rank %d exited with code %s; the engine cannot go on",
                                  rank, process.exitcode)
