@@ -25,9 +25,9 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 class ServerProcess:
     def __init__(self, model_dir: str, *extra: str, api_key: str | None = "sk-test", env: dict | None = None,
-                 startup_seconds: float = 300, entry: list[str] | None = None):
+                 startup_seconds: float = 300, entry: list[str] | None = None, port: int | None = None):
         """entry: the command that takes serve's arguments (default: `python -m sageinfer.gateway.cli serve`)."""
-        self.port = free_port()
+        self.port = port or free_port()
         tls = "--ssl-certfile" in extra
         self.base_url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.api_key = api_key

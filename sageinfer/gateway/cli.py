@@ -142,6 +142,26 @@ def _serve(args: argparse.Namespace) -> int:
     return server.exit_code
 
 
+def _router(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from sageinfer.router.app import build_router_app
+    from sageinfer.router.backends import BackendPool
+    from sageinfer.router.policies import Policy
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for url in args.backend:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"--backend must be an http(s) URL, got {url!r}")
+    pool = BackendPool(args.backend, check_interval=args.health_check_interval)
+    app = build_router_app(pool, Policy(args.policy))
+    print(f"routing ({args.policy}) over {len(args.backend)} instance(s) on http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sageinfer import __version__
     parser = argparse.ArgumentParser(prog="sageinfer", description="sageInfer LLM inference engine")
@@ -182,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the engine in a thread of the server process instead of its own process")
     add_engine_args(serve)
     serve.set_defaults(func=_serve)
+    router = sub.add_parser("router", help="one OpenAI-compatible front door over several instances")
+    router.add_argument("--backend", action="append", required=True, metavar="URL",
+                        help="an instance's base URL, e.g. http://127.0.0.1:8001 (repeatable)")
+    router.add_argument("--policy", default="least_load", choices=["round_robin", "least_load", "session"],
+                        help="session: a request's x-session-id header or `user` field keeps it on one instance")
+    router.add_argument("--host", default="127.0.0.1")
+    router.add_argument("--port", type=int, default=8000)
+    router.add_argument("--health-check-interval", type=float, default=1.0, help="seconds between checks")
+    router.set_defaults(func=_router)
     bench = sub.add_parser("bench", help="benchmarks: offline throughput / latency, or a serving benchmark")
     bench_sub = bench.add_subparsers(dest="bench_kind", required=True)
     from sageinfer.bench.serve import add_serve_bench_args, main_from_args

@@ -1,0 +1,92 @@
+"""The instances behind the router: their health and load, kept current by a background loop that
+asks each one's /health and reads its own /metrics (running and waiting requests), so load-aware
+policies act on what the instances report, not on guesses."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+# Gauges read from an instance's /metrics: sageInfer's names, and vLLM's for vLLM instances.
+_LOAD_GAUGES = {"num_requests_running", "num_requests_waiting"}
+
+
+@dataclass
+class Backend:
+    url: str
+    healthy: bool = False
+    reported_load: float = 0.0   # running + waiting, from its /metrics at the last check
+    in_flight: int = 0           # requests this router has open on it now
+    last_seen: float = 0.0
+    served: int = 0
+    failures: int = 0
+
+    @property
+    def load(self) -> float:
+        # The report lags by up to a check interval; the router's own count does not.
+        return max(self.reported_load, self.in_flight)
+
+
+@dataclass
+class BackendPool:
+    urls: list[str]
+    check_interval: float = 1.0
+    timeout: float = 2.0
+    backends: list[Backend] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.backends = [Backend(u.rstrip("/")) for u in self.urls]
+        self._task: asyncio.Task | None = None
+
+    def healthy(self) -> list[Backend]:
+        return [b for b in self.backends if b.healthy]
+
+    def mark_down(self, backend: Backend, why: str) -> None:
+        if backend.healthy:
+            logger.warning("backend %s is down: %s", backend.url, why)
+        backend.healthy = False
+        backend.failures += 1
+
+    async def check(self, client: httpx.AsyncClient, backend: Backend) -> None:
+        try:
+            health = await client.get(backend.url + "/health", timeout=self.timeout)
+            up = health.status_code == 200
+        except httpx.HTTPError as exc:
+            up, health = False, exc
+        if not up:
+            return self.mark_down(backend, f"/health: {health}")
+        if not backend.healthy:
+            logger.info("backend %s is up", backend.url)
+        backend.healthy, backend.last_seen = True, time.monotonic()
+        try:
+            text = (await client.get(backend.url + "/metrics", timeout=self.timeout)).text
+            backend.reported_load = _load_from_metrics(text)
+        except (httpx.HTTPError, ValueError):
+            pass  # a server without readable metrics is still served by round robin
+
+    async def run_checks(self) -> None:
+        async with httpx.AsyncClient() as client:
+            while True:
+                await asyncio.gather(*(self.check(client, b) for b in self.backends))
+                await asyncio.sleep(self.check_interval)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run_checks())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+def _load_from_metrics(text: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+    load = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name.split(":")[-1] in _LOAD_GAUGES:
+            load += sum(s.value for s in family.samples)
+    return load

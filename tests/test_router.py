@@ -1,0 +1,127 @@
+"""The router over tiny instances on loopback: answers as the instances do, spreads the load by its
+policy, keeps sessions together, and routes around an instance that dies."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from server_util import ServerProcess, free_port
+
+
+class RouterProcess:
+    def __init__(self, backends: list[str], policy: str):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "sageinfer.gateway.cli", "router", "--port", str(self.port), "--policy", policy,
+                "--health-check-interval", "0.3"] + [a for url in backends for a in ("--backend", url)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.base_url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("the router did not become healthy")
+
+    def served(self) -> dict[str, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+        text = httpx.get(self.base_url + "/metrics", timeout=10).text
+        return {s.labels["backend"]: s.value for f in text_string_to_metric_families(text)
+                if f.name == "sageinfer_router:requests" for s in f.samples if s.name.endswith("_total")}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def instances(llama_dir):
+    servers = [ServerProcess(llama_dir, api_key=None) for _ in range(2)]
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+def _complete(base_url: str, prompt: str, **extra) -> str:
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0)
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
+                                    extra_body={"ignore_eos": True}, **extra)
+    return out.choices[0].text
+
+
+def test_round_robin_answers_as_the_instances_and_uses_both(instances):
+    router = RouterProcess([s.base_url for s in instances], "round_robin")
+    try:
+        direct = _complete(instances[0].base_url, "The capital of")
+        assert [_complete(router.base_url, "The capital of") for _ in range(4)] == [direct] * 4
+        client = openai.OpenAI(base_url=router.base_url + "/v1", api_key="none", max_retries=0)
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model="tiny", prompt="The capital of", max_tokens=6, temperature=0, stream=True,
+            extra_body={"ignore_eos": True}))
+        assert streamed == direct
+        assert client.models.list().data[0].id == "tiny"
+        served = router.served()
+        assert sorted(served.values()) == [2, 3]
+    finally:
+        router.stop()
+
+
+def test_least_load_spreads_concurrent_requests_and_sessions_stay_together(instances):
+    router = RouterProcess([s.base_url for s in instances], "least_load")
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: _complete(router.base_url, f"prompt {i}"), range(16)))
+        assert min(router.served().values()) >= 5  # 16 requests, 8 at a time, over two instances
+    finally:
+        router.stop()
+    router = RouterProcess([s.base_url for s in instances], "session")
+    try:
+        for user in ("alice", "bob", "carol", "dave"):
+            before = router.served()
+            for _ in range(3):
+                _complete(router.base_url, "hi", user=user)
+            after = router.served()
+            assert sorted(after[b] - before.get(b, 0) for b in after) in ([0, 3], [3])  # all on one instance
+    finally:
+        router.stop()
+
+
+def test_an_instance_that_dies_is_routed_around_and_rejoins(llama_dir):
+    a, b = ServerProcess(llama_dir, api_key=None), ServerProcess(llama_dir, api_key=None)
+    router = RouterProcess([a.base_url, b.base_url], "round_robin")
+    try:
+        os.kill(a.proc.pid, signal.SIGKILL)
+        a.proc.wait()
+        # Right after the kill the router may still pick it: the request moves to the live one.
+        for i in range(6):
+            _complete(router.base_url, f"after {i}")  # raises if any request fails
+        deadline = time.monotonic() + 5
+        while httpx.get(router.base_url + "/metrics").text.count('backend_healthy{backend="' + a.base_url + '"} 0.0') == 0:
+            assert time.monotonic() < deadline, "the dead instance is still in rotation"
+            time.sleep(0.2)
+        os.kill(b.proc.pid, signal.SIGKILL)
+        b.proc.wait()
+        time.sleep(1.0)
+        assert httpx.post(router.base_url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 503
+        a2 = ServerProcess(llama_dir, api_key=None, port=a.port)  # back on its address
+        try:
+            deadline = time.monotonic() + 10
+            while httpx.get(router.base_url + "/health").status_code != 200:
+                assert time.monotonic() < deadline, "the restarted instance did not rejoin"
+                time.sleep(0.2)
+            _complete(router.base_url, "back")
+        finally:
+            a2.stop()
+    finally:
+        router.stop()
+        a.stop()
+        b.stop()
