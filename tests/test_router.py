@@ -125,3 +125,25 @@ def test_an_instance_that_dies_is_routed_around_and_rejoins(llama_dir):
         router.stop()
         a.stop()
         b.stop()
+
+
+def test_prefix_policy_sends_a_shared_prefix_where_it_is_cached(instances):
+    """Three conversations that each revisit a long prefix, interleaved: round robin computes each
+    prefix on both instances, the prefix policy on one (prefix-cache hits read from the instances)."""
+    def hits():
+        return sum(s.metrics().get("sageinfer:prefix_cache_hits_total", 0) for s in instances)
+
+    gained = {}
+    for policy in ("round_robin", "prefix"):
+        router = RouterProcess([s.base_url for s in instances], policy)
+        try:
+            prefixes = [f"{policy} conversation {g}: " + "the quick brown fox jumps over the lazy dog " * 15
+                        for g in range(3)]
+            before = hits()
+            for turn in range(4):
+                for prefix in prefixes:
+                    _complete(router.base_url, prefix + f"turn {turn}")
+            gained[policy] = hits() - before
+        finally:
+            router.stop()
+    assert gained["prefix"] > 1.3 * gained["round_robin"], gained

@@ -205,8 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     router = sub.add_parser("router", help="one OpenAI-compatible front door over several instances")
     router.add_argument("--backend", action="append", required=True, metavar="URL",
                         help="an instance's base URL, e.g. http://127.0.0.1:8001 (repeatable)")
-    router.add_argument("--policy", default="least_load", choices=["round_robin", "least_load", "session"],
-                        help="session: a request's x-session-id header or `user` field keeps it on one instance")
+    router.add_argument("--policy", default="least_load", choices=["round_robin", "least_load", "session", "prefix"],
+                        help="session: a request's x-session-id header or `user` field keeps it on one instance; "
+                             "prefix: where the longest prefix of the prompt was sent before, unless that "
+                             "instance is much busier")
     router.add_argument("--host", default="127.0.0.1")
     router.add_argument("--port", type=int, default=8000)
     router.add_argument("--health-check-interval", type=float, default=1.0, help="seconds between checks")

@@ -62,9 +62,9 @@ def build_router_app(pool: BackendPool, policy: Policy, max_attempts: int = 3) -
 
     app = FastAPI(title="sageInfer router", lifespan=lifespan)
 
-    def choose(tried: set[str], session: str | None) -> Backend | None:
+    def choose(tried: set[str], session: str | None, body: dict) -> Backend | None:
         candidates = [b for b in pool.healthy() if b.url not in tried]
-        return policy.pick(candidates, session) if candidates else None
+        return policy.pick(candidates, session, body) if candidates else None
 
     async def forward(path: str, raw: Request):
         body = await raw.body()
@@ -80,7 +80,7 @@ def build_router_app(pool: BackendPool, policy: Policy, max_attempts: int = 3) -
         headers = {k: v for k, v in raw.headers.items() if k.lower() in _PASSED_HEADERS}
         tried: set[str] = set()
         for _ in range(max_attempts):
-            backend = choose(tried, session)
+            backend = choose(tried, session, parsed)
             if backend is None:
                 break
             tried.add(backend.url)
