@@ -147,3 +147,26 @@ def test_prefix_policy_sends_a_shared_prefix_where_it_is_cached(instances):
         finally:
             router.stop()
     assert gained["prefix"] > 1.3 * gained["round_robin"], gained
+
+
+def test_instances_join_and_leave_at_run_time(instances):
+    router = RouterProcess([instances[0].base_url], "round_robin")
+    try:
+        added = httpx.post(router.base_url + "/router/backends", json={"url": instances[1].base_url})
+        assert added.status_code == 200 and added.json()["backends"] == 2
+        deadline = time.monotonic() + 5
+        while not all(b["healthy"] for b in httpx.get(router.base_url + "/router/backends").json()):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        for i in range(4):
+            _complete(router.base_url, f"joined {i}")
+        assert sorted(router.served().values()) == [2, 2]
+        assert httpx.request("DELETE", router.base_url + "/router/backends",
+                             json={"url": instances[0].base_url}).status_code == 200
+        _complete(router.base_url, "one left")
+        assert router.served()[instances[1].base_url] == 3
+        assert httpx.post(router.base_url + "/router/backends", json={"url": "ftp://x"}).status_code == 400
+        assert httpx.request("DELETE", router.base_url + "/router/backends",
+                             json={"url": "http://nowhere:1"}).status_code == 404
+    finally:
+        router.stop()

@@ -125,6 +125,28 @@ def build_router_app(pool: BackendPool, policy: Policy, max_attempts: int = 3) -
                 pool.mark_down(backend, str(exc))
         return _error(503, "no instance is available", "ServiceUnavailableError")
 
+    # Instances join and leave at run time (a launcher, an autoscaler): POST or DELETE {"url": ...}.
+    @app.get("/router/backends")
+    async def list_backends():
+        return [{"url": b.url, "healthy": b.healthy, "load": b.load, "served": b.served} for b in pool.backends]
+
+    @app.post("/router/backends")
+    async def add_backend(raw: Request):
+        url = await _url_of(raw)
+        if isinstance(url, JSONResponse):
+            return url
+        pool.add(url)
+        return {"url": url.rstrip("/"), "backends": len(pool.backends)}
+
+    @app.delete("/router/backends")
+    async def remove_backend(raw: Request):
+        url = await _url_of(raw)
+        if isinstance(url, JSONResponse):
+            return url
+        if not pool.remove(url):
+            return _error(404, f"no instance {url!r} in the pool", "NotFoundError")
+        return {"url": url, "backends": len(pool.backends)}
+
     @app.get("/health")
     async def health():
         up = len(pool.healthy())
@@ -135,6 +157,16 @@ def build_router_app(pool: BackendPool, policy: Policy, max_attempts: int = 3) -
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _url_of(raw: Request):
+    try:
+        url = (await raw.json()).get("url")
+    except (ValueError, AttributeError):
+        url = None
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        return _error(400, "send {\"url\": \"http(s)://host:port\"}", "BadRequestError")
+    return url
 
 
 async def _relay(upstream: httpx.Response, backend: Backend, pool: BackendPool):

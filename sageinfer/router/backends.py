@@ -43,6 +43,20 @@ class BackendPool:
         self.backends = [Backend(u.rstrip("/")) for u in self.urls]
         self._task: asyncio.Task | None = None
 
+    def add(self, url: str) -> Backend:
+        url = url.rstrip("/")
+        for b in self.backends:
+            if b.url == url:
+                return b
+        backend = Backend(url)
+        self.backends.append(backend)  # in rotation once its first health check passes
+        return backend
+
+    def remove(self, url: str) -> bool:
+        before = len(self.backends)
+        self.backends = [b for b in self.backends if b.url != url.rstrip("/")]
+        return len(self.backends) < before
+
     def healthy(self) -> list[Backend]:
         return [b for b in self.backends if b.healthy]
 
