@@ -1,8 +1,6 @@
 """8-bit weights and activations (FP8 and INT8 W8A8): compressed-tensors checkpoints as llm-compressor
 writes them, and FP8 quantized at load time. Oracle: transformers running the same checkpoint
 through compressed-tensors (which quantizes the activations as the scheme says)."""
-import json
-import os
 
 import numpy as np
 import pytest

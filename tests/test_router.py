@@ -1,6 +1,7 @@
 """The router over tiny instances on loopback: answers as the instances do, spreads the load by its
 policy, keeps sessions together, and routes around an instance that dies."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -170,3 +171,47 @@ def test_instances_join_and_leave_at_run_time(instances):
                              json={"url": "http://nowhere:1"}).status_code == 404
     finally:
         router.stop()
+
+
+def test_launch_starts_instances_and_the_router_and_restarts_a_dead_instance(llama_dir, tmp_path):
+    from sageinfer.router.launcher import device_groups
+    assert device_groups(0, 3, 1) == [None, None, None]
+    assert device_groups(4, 2, 2) == ["0,1", "2,3"] and device_groups(2, 3, 1) == ["0", "1", "0"]
+    with pytest.raises(ValueError, match="needs 2 devices"):
+        device_groups(1, 1, 2)
+    port, first = free_port(), free_port()
+    log = open(tmp_path / "launcher.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "sageinfer.gateway.cli", "launch", llama_dir, "--instances", "2",
+                             "--port", str(port), "--first-instance-port", str(first), "--policy", "round_robin",
+                             "--log-dir", str(tmp_path), "--", "--dtype", "float32", "--num-gpu-blocks-override", "200",
+                             "--served-model-name", "tiny"], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+
+    def wait_all_healthy(seconds):
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                listed = httpx.get(base + "/router/backends", timeout=2).json()
+                if len(listed) == 2 and all(b["healthy"] for b in listed):
+                    return
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "launcher.log").read_text()[-3000:]
+            time.sleep(0.3)
+
+    try:
+        wait_all_healthy(120)
+        for i in range(4):
+            _complete(base, f"launched {i}")
+        assert sorted(b["served"] for b in httpx.get(base + "/router/backends").json()) == [2, 2]
+        started = re.findall(rf"instance on port {first} .*: process (\d+)", (tmp_path / "launcher.log").read_text())
+        os.kill(int(started[-1]), signal.SIGKILL)
+        _complete(base, "while one restarts")  # the other serves meanwhile
+        time.sleep(1.0)
+        wait_all_healthy(120)  # the launcher started it again and the router took it back
+        assert len(re.findall(rf"instance on port {first} .*: process", (tmp_path / "launcher.log").read_text())) == 2
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        log.close()
+    assert proc.returncode == 0

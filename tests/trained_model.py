@@ -2,7 +2,6 @@
 structure (random weights cannot tell a good quantization scheme from a bad one)."""
 from __future__ import annotations
 
-import os
 
 import torch
 

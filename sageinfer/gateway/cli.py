@@ -147,6 +147,7 @@ def _router(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from sageinfer.gateway.uvicorn_server import CleanExitServer
     from sageinfer.router.app import build_router_app
     from sageinfer.router.backends import BackendPool
     from sageinfer.router.policies import Policy
@@ -158,8 +159,13 @@ def _router(args: argparse.Namespace) -> int:
     pool = BackendPool(args.backend, check_interval=args.health_check_interval)
     app = build_router_app(pool, Policy(args.policy))
     print(f"routing ({args.policy}) over {len(args.backend)} instance(s) on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    CleanExitServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from sageinfer.router.launcher import run
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--port", type=int, default=8000)
     router.add_argument("--health-check-interval", type=float, default=1.0, help="seconds between checks")
     router.set_defaults(func=_router)
+    launch = sub.add_parser("launch", help="several instances of one model on this host, and the router in front")
+    launch.add_argument("model")
+    launch.add_argument("--instances", type=int, default=2)
+    launch.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="devices per instance")
+    launch.add_argument("--policy", default="prefix", choices=["round_robin", "least_load", "session", "prefix"])
+    launch.add_argument("--host", default="127.0.0.1")
+    launch.add_argument("--port", type=int, default=8000, help="the router's; instances take the ports after it")
+    launch.add_argument("--first-instance-port", type=int, default=None)
+    launch.add_argument("--log-dir", default=None, help="where each instance's log goes (default: a new temp dir)")
+    launch.set_defaults(func=_launch, serve_args=[])  # flags after `--` go to every instance's serve
     bench = sub.add_parser("bench", help="benchmarks: offline throughput / latency, or a serving benchmark")
     bench_sub = bench.add_subparsers(dest="bench_kind", required=True)
     from sageinfer.bench.serve import add_serve_bench_args, main_from_args
@@ -233,7 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed_on = []  # `sageinfer launch ... -- FLAGS`: FLAGS are every instance's, not launch's
+    if argv[:1] == ["launch"] and "--" in argv:
+        cut = argv.index("--")
+        argv, passed_on = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    if passed_on:
+        args.serve_args = passed_on
     try:
         return args.func(args)
     except ValueError as exc:

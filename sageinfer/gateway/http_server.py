@@ -7,13 +7,12 @@ A dead engine stops the server the same way and the process exits 1, so that it 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 
 import uvicorn
 
 from sageinfer.engine.frontend import EngineFront, ServerShuttingDown
+from sageinfer.gateway.uvicorn_server import CleanExitServer
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +20,7 @@ logger = logging.getLogger(__name__)
 _FLUSH_SECONDS = 5.0
 
 
-class EngineServer(uvicorn.Server):
+class EngineServer(CleanExitServer):
     def __init__(self, config: uvicorn.Config, engine: EngineFront, grace_seconds: float):
         config.timeout_graceful_shutdown = _FLUSH_SECONDS
         super().__init__(config)
@@ -34,17 +33,6 @@ class EngineServer(uvicorn.Server):
         logger.error("the engine died (%s: %s); the server exits with status 1", type(exc).__name__, exc)
         self.exit_code = 1
         self.should_exit = True  # uvicorn's main loop polls this
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        # uvicorn re-raises the signal after a graceful shutdown (exit by signal); a server that shut
-        # down cleanly exits 0 instead.
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in original.items():
-                signal.signal(sig, handler)
 
     async def shutdown(self, sockets=None) -> None:
         for server in self.servers:

@@ -1,0 +1,144 @@
+"""`sageinfer launch`: several instances of one model on this host and the router in front of them,
+for a user with one box. Each instance is a `sageinfer serve` process on its own port and device
+group (CUDA_VISIBLE_DEVICES); instances that must share a device split its memory. An instance that
+exits is started again (the router takes it back once it answers); SIGTERM stops them all.
+Several hosts are a job for an existing orchestrator, not this launcher.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+
+logger = logging.getLogger(__name__)
+# An instance that exits is started again after 2 s, then 4, 8 ... up to a minute while it keeps
+# failing; one that stayed up a minute starts from 2 s again.
+_RESTART_BACKOFF_SECONDS, _MAX_BACKOFF_SECONDS = 2.0, 60.0
+
+
+def device_groups(num_devices: int, instances: int, tp: int) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES per instance: whole groups of tp devices while there are enough, else
+    instances share groups round-robin (None: no devices, the CPU)."""
+    if num_devices == 0:
+        return [None] * instances
+    if num_devices < tp:
+        raise ValueError(f"tensor_parallel_size {tp} needs {tp} devices; {num_devices} visible")
+    groups = [",".join(str(g * tp + i) for i in range(tp)) for g in range(num_devices // tp)]
+    return [groups[i % len(groups)] for i in range(instances)]
+
+
+class Instance:
+    def __init__(self, args: list[str], port: int, devices: str | None, log_dir: str):
+        self.port, self.devices = port, devices
+        self.url = f"http://127.0.0.1:{port}"
+        self.args = args
+        self.log_path = os.path.join(log_dir, f"instance-{port}.log")
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+        self.started_at = 0.0
+        self.backoff = _RESTART_BACKOFF_SECONDS
+        self.restart_at: float | None = None
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        if self.devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.devices
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.started_at, self.restart_at = time.monotonic(), None
+        logger.info("instance on port %d (devices %s): process %d, log %s", self.port, self.devices,
+                    self.proc.pid, self.log_path)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+class Launcher:
+    def __init__(self, model: str, instances: int, first_port: int, tp: int, serve_args: list[str],
+                 log_dir: str, num_devices: int):
+        groups = device_groups(num_devices, instances, tp)
+        sharing = len(set(groups)) < len(groups) and groups[0] is not None
+        extra = list(serve_args)
+        if sharing and not any(a.startswith("--gpu-memory-utilization") for a in extra):
+            share = max(groups.count(g) for g in set(groups))
+            extra += ["--gpu-memory-utilization", f"{0.9 / share:.3f}"]  # instances on one device split it
+        base = [sys.executable, "-m", "sageinfer.gateway.cli", "serve", model, "--tensor-parallel-size", str(tp)]
+        self.instances = [Instance(base + ["--port", str(first_port + i)] + extra, first_port + i, g, log_dir)
+                          for i, g in enumerate(groups)]
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        for instance in self.instances:
+            instance.start()
+        threading.Thread(target=self._supervise, name="sageinfer-launch-supervisor", daemon=True).start()
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(0.5):
+            now = time.monotonic()
+            for instance in self.instances:
+                code = instance.proc.poll() if instance.proc is not None else None
+                if code is None or self._stopping.is_set():
+                    continue
+                if instance.restart_at is None:
+                    if now - instance.started_at > _MAX_BACKOFF_SECONDS:
+                        instance.backoff = _RESTART_BACKOFF_SECONDS
+                    instance.restart_at = now + instance.backoff
+                    logger.error("instance on port %d exited with %s; starting it again in %.0f s (log %s)",
+                                 instance.port, code, instance.backoff, instance.log_path)
+                    instance.backoff = min(2 * instance.backoff, _MAX_BACKOFF_SECONDS)
+                elif now >= instance.restart_at:
+                    instance.restarts += 1
+                    instance.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for instance in self.instances:
+            instance.stop()
+
+
+def visible_devices() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
+
+
+def run(args) -> int:
+    import tempfile
+
+    import uvicorn
+
+    from sageinfer.gateway.uvicorn_server import CleanExitServer
+    from sageinfer.router.app import build_router_app
+    from sageinfer.router.backends import BackendPool
+    from sageinfer.router.policies import Policy
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.instances < 1:
+        raise ValueError(f"--instances must be >= 1, got {args.instances}")
+    log_dir = args.log_dir or tempfile.mkdtemp(prefix="sageinfer-launch-")
+    os.makedirs(log_dir, exist_ok=True)
+    launcher = Launcher(args.model, args.instances, args.first_instance_port or args.port + 1,
+                        args.tensor_parallel_size, args.serve_args, log_dir, visible_devices())
+    launcher.start()
+    pool = BackendPool([i.url for i in launcher.instances], check_interval=1.0)
+    print(f"launched {args.instances} instance(s) of {args.model} (logs in {log_dir}); router ({args.policy}) on "
+          f"http://{args.host}:{args.port}", flush=True)
+    config = uvicorn.Config(build_router_app(pool, Policy(args.policy)), host=args.host, port=args.port,
+                            log_level="warning")
+    try:
+        CleanExitServer(config).run()  # returns on SIGTERM / SIGINT
+    finally:
+        launcher.stop()
+    return 0
+
+
