@@ -1,6 +1,8 @@
-"""8-bit weights and activations (FP8 and INT8 W8A8): compressed-tensors checkpoints as llm-compressor
-writes them, and FP8 quantized at load time. Oracle: transformers running the same checkpoint
-through compressed-tensors (which quantizes the activations as the scheme says)."""
+"""Quantized weights from their checkpoint formats: FP8 and INT8 W8A8 (compressed-tensors, as
+llm-compressor writes them, and FP8 quantized at load time), W4A16 (compressed-tensors
+pack-quantized, GPTQ, AWQ) and block-quantized FP8. Oracles: transformers running the same
+checkpoint through compressed-tensors where it can (it quantizes the activations as the scheme
+says), else transformers running the weights the checkpoint encodes."""
 
 import numpy as np
 import pytest
