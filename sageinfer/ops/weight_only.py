@@ -38,9 +38,11 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
 
 
 @triton.jit
-def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  PRECISION: tl.constexpr):
+def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+                        INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """INT4: packed words, a scale and zero point per GROUP columns; else FP8 bytes with the scale
+    of each GROUP-wide tile of the row. BLOCK_K divides GROUP: one scale column per K tile."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -50,16 +52,30 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
         x = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        wmask = n_mask[:, None] & k_mask[None, :]
-        words = tl.load(w_ptr + ns[:, None] * stride_wn + (ks // 8)[None, :], mask=wmask, other=0)
-        q = ((words >> ((ks % 8) * 4)[None, :]) & 0xF).to(tl.float32) - 8.0
-        g = k0 // GROUP  # BLOCK_K divides GROUP: one group per tile
-        s = tl.load(s_ptr + ns * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + ns * stride_sn + g, mask=n_mask, other=0).to(tl.float32)
-        w = ((q - z[:, None]) * s[:, None]).to(x.dtype)
+        w_mask = n_mask[:, None] & k_mask[None, :]
+        s = tl.load(s_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
+        if INT4:
+            words = tl.load(w_ptr + ns[:, None] * stride_wn + (ks // 8)[None, :], mask=w_mask, other=0)
+            q = ((words >> ((ks % 8) * 4)[None, :]) & 0xF).to(tl.float32) - 8.0
+            z = tl.load(z_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0).to(tl.float32)
+            q = q - z[:, None]
+        else:
+            raw = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :], mask=w_mask, other=0)
+            q = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        w = (q * s[:, None]).to(x.dtype)
         acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     tl.store(y_ptr + ms[:, None] * stride_ym + ns[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _launch(x, w, scales, zeros, int4: bool, group: int, n: int, block_m: int, block_n: int, block_k: int):
+    m, k = x.shape
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _weight_only_kernel[grid](x, w, scales, zeros, y, m, n, k, x.stride(0), w.stride(0), scales.stride(0),
+                              y.stride(0), INT4=int4, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                              PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # fp32 models: exact sums
+    return y
 
 
 def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -72,36 +88,8 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     if packed.shape[1] * 8 != k or group_size % block_k or k % group_size or scales.shape != (n, k // group_size):
         raise ValueError(f"w4a16: x {tuple(x.shape)}, packed {tuple(packed.shape)}, scales {tuple(scales.shape)} "
                          f"and group {group_size} do not fit")
-    x = x.contiguous()
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _w4a16_kernel[grid](x, packed, scales.contiguous(), zeros.contiguous(), y, m, n, k, x.stride(0),
-                        packed.stride(0), scales.stride(0), y.stride(0), GROUP=group_size, BLOCK_M=block_m,
-                        BLOCK_N=block_n, BLOCK_K=block_k,
-                        PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # fp32 models: exact fp32 sums
-    return y
-
-
-@triton.jit
-def _w8a16_block_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                        BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PRECISION: tl.constexpr):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask, n_mask = ms < M, ns < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
-        x = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        raw = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
-        q = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        s = tl.load(s_ptr + ns * stride_sn + k0 // BLOCK, mask=n_mask, other=0.0)  # BLOCK_K divides BLOCK
-        w = (q * s[:, None]).to(x.dtype)
-        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
-    tl.store(y_ptr + ms[:, None] * stride_ym + ns[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    return _launch(x.contiguous(), packed, scales.contiguous(), zeros.contiguous(), True, group_size, n, block_m,
+                   block_n, block_k)
 
 
 def dequantize_fp8_blocks(weight: torch.Tensor, scale: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
@@ -120,11 +108,5 @@ def w8a16_block_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     if weight.shape[1] != k or block % block_k or scale.shape != (n, (k + block - 1) // block):
         raise ValueError(f"w8a16: x {tuple(x.shape)}, weight {tuple(weight.shape)}, scale {tuple(scale.shape)} "
                          f"and block {block} do not fit")
-    x = x.contiguous()
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _w8a16_block_kernel[grid](x, weight.view(torch.uint8), scale.float().contiguous(), y, m, n, k, x.stride(0),
-                              weight.stride(0), scale.stride(0), y.stride(0), BLOCK=block, BLOCK_M=block_m,
-                              BLOCK_N=block_n, BLOCK_K=block_k,
-                              PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
-    return y
+    scale = scale.float().contiguous()
+    return _launch(x.contiguous(), weight.view(torch.uint8), scale, scale, False, block, n, block_m, block_n, block_k)
