@@ -78,6 +78,10 @@ class EngineConfig:
                                              "(compressed-tensors FP8/INT8 W8A8) when not given")
     # Ranks the model is split over (heads, MLP columns, vocabulary), one process and device each.
     tensor_parallel_size: int = _option(1, "ranks the model is split over, one device each")
+    # How ranks 1..N-1 start: "mp" (processes on this host) or "ray" (Ray actors, on any host of a
+    # Ray cluster: RAY_ADDRESS, or a local head).
+    distributed_executor_backend: str = _option("mp", "how tensor-parallel ranks start: mp (processes on this "
+                                                      "host) or ray (actors of a Ray cluster)", ("mp", "ray"))
 
     def __post_init__(self) -> None:
         if self.tokenizer is None:
@@ -103,6 +107,8 @@ class EngineConfig:
         if self.quantization not in (None, "fp8", "compressed-tensors", "gptq", "awq"):
             from sageinfer.layers.quantization.config import SUPPORTED
             raise ValueError(f"quantization={self.quantization!r} is not supported; supported: {SUPPORTED}")
+        if self.distributed_executor_backend not in ("mp", "ray"):
+            raise ValueError(f"distributed_executor_backend must be mp or ray, got {self.distributed_executor_backend!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.tensor_parallel_size > 1 and self.kv_offload_gb > 0:

@@ -120,3 +120,23 @@ def test_dummy_weights_are_one_model_at_every_tp_size(model_dirs, arch):
                      show_progress=False).generate(prompts, params, use_tqdm=False)
     assert [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
             for o in other_seed] != logprobs1  # the seed picks the weights
+
+
+@needs_ranks(2)
+def test_ranks_as_ray_actors_on_a_local_head(model_dirs):
+    """distributed_executor_backend='ray': rank 1 is a Ray actor (a local head here), steps and the
+    rendezvous over TCP; the same tokens as the process backend."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed")
+    prompts = _prompts(17, (9, 40))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    try:
+        llm = LLM(model_dirs["qwen3"], dtype="float32", num_gpu_blocks_override=256, tensor_parallel_size=2,
+                  distributed_executor_backend="ray", show_progress=False)
+        assert type(llm.engine.workers.ranks).__name__ == "RayRanks"
+        assert llm.engine.workers.init_method.startswith("tcp://")
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        llm.engine.shutdown()
+        assert [o.outputs[0].token_ids for o in outs] == _generate(model_dirs["qwen3"], prompts, 8,
+                                                                   tensor_parallel_size=2)[0]
+    finally:
+        ray.shutdown()

@@ -47,23 +47,27 @@ class TensorParallelWorkers:
 
     def __init__(self, config: EngineConfig, attention_backend: str | None, eos_token_ids: set[int]):
         size = config.tensor_parallel_size
-        self._dir = tempfile.mkdtemp(prefix="sageinfer-tp-")
-        self.init_method = f"file://{self._dir}/rendezvous"
+        ray_backend = config.distributed_executor_backend == "ray"
         self._context = zmq.Context()
-        self._sockets, self.processes = [], []
-        ctx = multiprocessing.get_context("spawn")
-        for rank in range(1, size):
-            address = f"ipc://{self._dir}/rank{rank}"
+        self._sockets = []
+        if ray_backend:  # ranks anywhere in a Ray cluster: TCP for the steps and the rendezvous
+            from sageinfer.executor.ray_ranks import RayRanks, node_address
+            host = node_address()
+            self.init_method = f"tcp://{host}:{_free_port()}"
+            addresses = [f"tcp://{host}:{_free_port()}" for _ in range(1, size)]
+            self.ranks = RayRanks(config)
+        else:  # ranks on this host: processes, a Unix socket each, a rendezvous file
+            directory = tempfile.mkdtemp(prefix="sageinfer-tp-")
+            self.init_method = f"file://{directory}/rendezvous"
+            addresses = [f"ipc://{directory}/rank{rank}" for rank in range(1, size)]
+            self.ranks = ProcessRanks()
+        for rank, address in enumerate(addresses, start=1):
             socket = self._context.socket(zmq.PUSH)
             socket.setsockopt(zmq.LINGER, 0)
-            socket.bind(address)
+            socket.bind(address if not ray_backend else "tcp://*:" + address.rsplit(":", 1)[1])
             self._sockets.append(socket)
-            process = ctx.Process(target=run_worker, name=f"sageinfer-tp-rank{rank}", daemon=True,
-                                  args=(rank, config, attention_backend, sorted(eos_token_ids), self.init_method,
-                                        address, os.getpid()))
-            process.start()
-            logger.info("tensor-parallel rank %d: process %d", rank, process.pid)
-            self.processes.append(process)
+            self.ranks.start(rank, (rank, config, attention_backend, sorted(eos_token_ids), self.init_method, address,
+                                    None if ray_backend else os.getpid()))
         self._encoder = msgspec.msgpack.Encoder()
         self.builder = sm.StepMessageBuilder()
         self._stopping = False
@@ -78,14 +82,14 @@ class TensorParallelWorkers:
 
     def _watch(self) -> None:
         while not self._stopping:
-            for rank, process in enumerate(self.processes, start=1):
-                if not process.is_alive() and not self._stopping and not self.started:
+            for rank in range(1, len(self._sockets) + 1):
+                if not self.ranks.alive(rank) and not self._stopping and not self.started:
                     deadline = time.monotonic() + _START_GRACE_SECONDS
                     while time.monotonic() < deadline and not self._stopping:
                         time.sleep(0.1)
-                if not process.is_alive() and not self._stopping:
-                    logger.error("tensor-parallel rank %d exited with code %s; the engine cannot go on",
-                                 rank, process.exitcode)
+                if not self.ranks.alive(rank) and not self._stopping:
+                    logger.error("tensor-parallel rank %d is gone (%s); the engine cannot go on", rank,
+                                 self.ranks.why(rank))
                     os._exit(1)
             time.sleep(_WATCH_SECONDS)
 
@@ -99,18 +103,50 @@ class TensorParallelWorkers:
                 socket.send(data, zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
-        for process in self.processes:
-            process.join(timeout)
-            if process.is_alive():
-                process.kill()
+        self.ranks.stop(timeout)
         for socket in self._sockets:
             socket.close(linger=0)
         self._context.term()
 
 
+class ProcessRanks:
+    """Ranks as spawned processes on this host."""
+
+    def __init__(self):
+        self.processes: dict[int, multiprocessing.Process] = {}
+
+    def start(self, rank: int, args: tuple) -> None:
+        process = multiprocessing.get_context("spawn").Process(target=run_worker, name=f"sageinfer-tp-rank{rank}",
+                                                               daemon=True, args=args)
+        process.start()
+        logger.info("tensor-parallel rank %d: process %d", rank, process.pid)
+        self.processes[rank] = process
+
+    def alive(self, rank: int) -> bool:
+        return self.processes[rank].is_alive()
+
+    def why(self, rank: int) -> str:
+        return f"exit code {self.processes[rank].exitcode}"
+
+    def stop(self, timeout: float) -> None:
+        for process in self.processes.values():
+            process.join(timeout)
+            if process.is_alive():
+                process.kill()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def run_worker(rank: int, config: EngineConfig, attention_backend: str | None, eos_token_ids: list[int],
-               init_method: str, address: str, parent_pid: int) -> None:
-    """A rank's process: join the group, build the shard, then run each step rank 0 announces."""
+               init_method: str, address: str, parent_pid: int | None, device_index: int | None = None) -> None:
+    """A rank's process: join the group, build the shard, then run each step rank 0 announces.
+    parent_pid: rank 0's, watched (None where another system owns the process, as Ray does);
+    device_index: the device to use (default: the rank's own)."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s tp rank {rank}: %(message)s")
     from sageinfer.config import parse_dtype
     from sageinfer.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
@@ -119,7 +155,7 @@ def run_worker(rank: int, config: EngineConfig, attention_backend: str | None, e
     from sageinfer.platforms import get_platform
 
     platform = get_platform(config.device)
-    platform.set_device(rank)
+    platform.set_device(rank if device_index is None else device_index)
     init_tensor_parallel(rank, config.tensor_parallel_size, platform.dist_backend, init_method)
     torch.manual_seed(config.seed)  # the same random state as rank 0: unseeded draws agree
     model_config = load_model_config(config.model)
@@ -135,7 +171,7 @@ def run_worker(rank: int, config: EngineConfig, attention_backend: str | None, e
     prev_tokens = None
     while True:
         if not socket.poll(1000):
-            if os.getppid() != parent_pid:
+            if parent_pid is not None and os.getppid() != parent_pid:
                 logger.error("rank 0 is gone; exiting")
                 os._exit(1)
             continue

@@ -1,0 +1,74 @@
+"""Tensor-parallel ranks 1..N-1 as Ray actors (`distributed_executor_backend="ray"`), for ranks on
+several hosts of a Ray cluster (or a local Ray head): Ray places them and gives each its device;
+rank 0 stays in the engine's process. Steps and the torch.distributed rendezvous go over TCP.
+
+Connects to the cluster named by RAY_ADDRESS, or starts a local head. The actors belong to the
+engine's process: Ray ends them when it exits.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("distributed_executor_backend='ray' needs Ray: pip install ray") from None
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+    return ray
+
+
+def node_address() -> str:
+    """This host's address as the other ranks reach it."""
+    return _ray().util.get_node_ip_address()
+
+
+class RayRanks:
+    def __init__(self, config):
+        ray = _ray()
+        from sageinfer.platforms import get_platform
+        self.uses_gpus = get_platform(config.device).device_type == "cuda"
+        needed = config.tensor_parallel_size - 1
+        if self.uses_gpus and ray.cluster_resources().get("GPU", 0) < needed:
+            raise ValueError(f"the Ray cluster has {ray.cluster_resources().get('GPU', 0)} GPUs; "
+                             f"tensor_parallel_size {config.tensor_parallel_size} needs {needed} beside this process's")
+
+        @ray.remote(num_gpus=1 if self.uses_gpus else 0, num_cpus=0)
+        class RankActor:
+            def run(self, args: tuple) -> None:
+                from sageinfer.executor.workers import run_worker
+                run_worker(*args)
+
+        self._actor_class = RankActor
+        self.actors, self.loops = {}, {}
+
+    def start(self, rank: int, args: tuple) -> None:
+        actor = self._actor_class.options(name=None).remote()
+        # The actor's GPU is its device 0 (Ray narrows CUDA_VISIBLE_DEVICES to it).
+        self.actors[rank] = actor
+        self.loops[rank] = actor.run.remote(args + ((0 if self.uses_gpus else None),))
+        logger.info("tensor-parallel rank %d: Ray actor %s", rank, actor)
+
+    def alive(self, rank: int) -> bool:
+        ray = _ray()
+        done, _ = ray.wait([self.loops[rank]], timeout=0)
+        return not done  # the loop returns only at shutdown, or with the actor's failure
+
+    def why(self, rank: int) -> str:
+        ray = _ray()
+        try:
+            ray.get(self.loops[rank], timeout=0)
+            return "its loop returned"
+        except Exception as exc:  # noqa: BLE001 - the actor's own failure, reported
+            return f"{type(exc).__name__}: {exc}"[:500]
+
+    def stop(self, timeout: float) -> None:
+        ray = _ray()
+        ray.wait(list(self.loops.values()), num_returns=len(self.loops), timeout=timeout)
+        for actor in self.actors.values():
+            ray.kill(actor)
