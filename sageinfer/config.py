@@ -51,7 +51,8 @@ class EngineConfig:
     skip_tokenizer_init: bool = _option(False, "no tokenizer: prompts are token ids and outputs have no text")
     load_format: str = _option("auto", "where the weights come from", LOAD_FORMATS)
     trust_remote_code: bool = _option(False, "not supported: sageInfer runs only its own model code")
-    device: str | None = _option(None, "cpu or cuda (default: the first available platform)")
+    device: str | None = _option(None, "the platform: cpu, cuda, rocm or a plugin's (default: $SAGEINFER_PLATFORM, "
+                                       "else the first available)")
     # KV cache size given explicitly (CPU runs, tests): a block count or a byte budget.
     num_gpu_blocks_override: int | None = _option(None, "KV cache size in blocks (CPU runs, tests)")
     kv_cache_memory_bytes: int | None = _option(None, "KV cache size in bytes (CPU runs)")

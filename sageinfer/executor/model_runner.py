@@ -36,7 +36,10 @@ class ModelRunner:
         self.model_config = model_config
         self.platform = platform
         # A tensor-parallel rank's own device (rank k on device k of the host).
-        self.device = platform.device(get_tp_group().rank) if config.device is None else torch.device(config.device)
+        # "cuda:1" names the device of a single-rank engine; tensor-parallel ranks take their own
+        tp = get_tp_group()
+        named = config.device.split(":")[1] if config.device and ":" in config.device and tp.size == 1 else None
+        self.device = platform.device(int(named) if named is not None else tp.rank)
         self.dtype = dtype
         self.block_size = config.block_size
         # KV heads this rank holds (all of them without tensor parallelism): the cache's shape and size.

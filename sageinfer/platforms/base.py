@@ -12,6 +12,8 @@ class Platform:
     supports_triton: bool = False
     # Name of the attention backend the engine picks by default on this platform.
     preferred_attention_backend: str = "torch_ref"
+    # Probing order among available platforms: higher first (accelerators before the CPU).
+    priority: int = 0
     # Tokens per KV-cache block unless the user says otherwise: the prefix-cache granularity, and
     # the unit in which attention kernels find contiguous keys.
     kv_block_size: int = 16

@@ -9,6 +9,7 @@ class CpuPlatform(Platform):
     name = "cpu"
     device_type = "cpu"
     dist_backend = "gloo"
+    priority = -100  # always available: the last resort
 
     @classmethod
     def is_available(cls) -> bool:

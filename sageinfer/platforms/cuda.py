@@ -21,9 +21,12 @@ class CudaPlatform(Platform):
     # 275 on 16 prompts of 1024, at a prefix-cache granularity of 64 tokens instead of 16.
     kv_block_size = 64
 
+    priority = 10
+
     @classmethod
     def is_available(cls) -> bool:
-        return torch.cuda.is_available()
+        # A ROCm build answers to torch.cuda too: that is the rocm platform's.
+        return torch.cuda.is_available() and getattr(torch.version, "hip", None) is None
 
     def device_name(self) -> str:
         return torch.cuda.get_device_name()
