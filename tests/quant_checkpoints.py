@@ -122,17 +122,12 @@ def write_w4a16(src: str, dst: str, group_size: int | None = 32, symmetric: bool
 _AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of an AWQ word holds column 8 c + _AWQ_PACK_ORDER[i]
 
 
-def _pack_rows(values: torch.Tensor) -> torch.Tensor:
-    """[R, C] in [0, 15] -> [R, C / 8] int32, column 8 c + j in nibble j of word c."""
-    from sageinfer.ops.weight_only import pack
-    return pack(values)
-
-
 def write_gptq_or_awq(src: str, dst: str, method: str, group_size: int = 32, desc_act: bool = False,
                       seed: int = 0) -> tuple[str, str]:
     """GPTQ (original format) or AWQ (GEMM) 4-bit checkpoint, asymmetric groups, written by hand to the
     formats' specification (their producing libraries need a GPU), and beside it (dst + "-dense") the
     weights it encodes in float32."""
+    from sageinfer.ops.weight_only import pack
     shutil.copytree(src, dst)
     os.remove(os.path.join(dst, "model.safetensors"))
     tensors = load_file(os.path.join(src, "model.safetensors"))
@@ -164,8 +159,8 @@ def write_gptq_or_awq(src: str, dst: str, method: str, group_size: int = 32, des
         q = (w / s_full + z_full).round().clamp(0, 15)
         dense[name] = (q - z_full) * s_full
         if method == "gptq":
-            out[layer + ".qweight"] = _pack_rows(q.to(torch.int32)).t().contiguous()       # [K / 8, N]
-            out[layer + ".qzeros"] = _pack_rows((zero - 1).t().to(torch.int32))            # [G, N / 8]
+            out[layer + ".qweight"] = pack(q.to(torch.int32)).t().contiguous()       # [K / 8, N]
+            out[layer + ".qzeros"] = pack((zero - 1).t().to(torch.int32))            # [G, N / 8]
             out[layer + ".scales"] = scale.t().contiguous().to(torch.float16)
             out[layer + ".g_idx"] = g_idx
             dense[name] = (q - z_full) * s_full.half().float()
@@ -173,8 +168,8 @@ def write_gptq_or_awq(src: str, dst: str, method: str, group_size: int = 32, des
             order = torch.tensor(_AWQ_PACK_ORDER)
             q_kn = q.t().reshape(k, -1, 8)[:, :, order].reshape(k, n)
             z_gn = zero.t().reshape(groups, -1, 8)[:, :, order].reshape(groups, n)
-            out[layer + ".qweight"] = _pack_rows(q_kn.to(torch.int32))                      # [K, N / 8]
-            out[layer + ".qzeros"] = _pack_rows(z_gn.to(torch.int32))                       # [G, N / 8]
+            out[layer + ".qweight"] = pack(q_kn.to(torch.int32))                      # [K, N / 8]
+            out[layer + ".qzeros"] = pack(z_gn.to(torch.int32))                       # [G, N / 8]
             out[layer + ".scales"] = scale.t().contiguous().to(torch.float16)
             dense[name] = (q - z_full) * s_full.half().float()
     save_file(out, os.path.join(dst, "model.safetensors"))

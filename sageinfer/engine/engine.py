@@ -5,6 +5,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from sageinfer.config import EngineConfig, parse_dtype
@@ -94,7 +95,7 @@ class LLMEngine:
             self.runner = ModelRunner(config, self.model_config, self.platform, dtype, attention_backend,
                                       show_progress)
         except BaseException:
-            self.shutdown_workers_only()  # the others fail the same way: stop them, raise the reason here
+            self.shutdown(timeout=2.0)  # the others fail the same way: stop them, raise the reason here
             raise
         num_blocks = self.runner.determine_num_blocks()
         if self.workers is not None:
@@ -199,18 +200,13 @@ class LLMEngine:
             for child in parent.children:
                 self.scheduler.finish(child, "abort")
 
-    def shutdown_workers_only(self) -> None:
-        if self.workers is not None:
-            self.workers.shutdown(timeout=2.0)
-            self.workers = None
-            destroy_tensor_parallel()
-
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the tensor-parallel workers, if any (they also stop when this process exits)."""
         if self.workers is not None:
-            self.workers.shutdown()
+            self.workers.shutdown(timeout)
             self.workers = None
-            self.runner.release_graphs()
+            if getattr(self, "runner", None) is not None:  # (none when the model failed to build)
+                self.runner.release_graphs()
             destroy_tensor_parallel()
 
     def has_unfinished_requests(self) -> bool:
@@ -232,13 +228,15 @@ class LLMEngine:
         if not sched.is_empty:
             prev = self._in_flight
             prev_tokens = prev.sampler_output.token_ids if prev is not None and prev.sampler_output else None
-            for request, _ in sched.scheduled:
-                if request.grammar is not None:  # its tokens so far are known: a grammar needs them
-                    request.grammar_bitmask = request.grammar.next_bitmask()
+            if self.grammars is not None:  # some request has had a grammar: fill the rows of those scheduled
+                for request, _ in sched.scheduled:
+                    if request.grammar is not None:  # its tokens so far are known: a grammar needs them
+                        request.grammar_bitmask = request.grammar.next_bitmask()
             if self.workers is not None:
                 self.workers.send_step(sched.scheduled, use_prev_tokens=prev_tokens is not None)
-            self.utilization.record_step(sched.scheduled)
             result = self.runner.execute(sched.scheduled, prev_tokens)
+            host = result.host
+            self.utilization.record_step(np.diff(host.query_start_loc), host.seq_lens, len(host.logits_indices))
             self.kv_manager.step_launched()
             self.scheduler.update_after_step(sched)
             self.num_prompt_tokens_computed += sum(

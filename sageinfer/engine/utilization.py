@@ -11,6 +11,8 @@ from __future__ import annotations
 import collections
 import time
 
+import numpy as np
+
 
 class UtilizationMeter:
     def __init__(self, model_config, weight_bytes: int, kv_bytes_per_token: float, num_devices: int,
@@ -29,15 +31,12 @@ class UtilizationMeter:
         self.window = window_seconds
         self._steps: collections.deque = collections.deque()  # (time, flops, bytes, tokens)
 
-    def record_step(self, scheduled: list) -> None:
-        """scheduled: (request, new tokens) with num_computed_tokens as before the step."""
-        tokens, pairs, kv_tokens, num_sampled = 0, 0.0, 0, 0
-        for request, n in scheduled:
-            context = request.num_computed_tokens
-            tokens += n
-            num_sampled += context + n >= request.num_tokens  # its last token is computed: a row of the LM head
-            pairs += n * (context + (n + 1) / 2)  # causal: query i sees context + i keys
-            kv_tokens += context + n
+    def record_step(self, query_lens: np.ndarray, seq_lens: np.ndarray, num_sampled: int) -> None:
+        """A launched step from the runner's own arrays: each sequence's new tokens and its length
+        after them; num_sampled rows of the LM head."""
+        tokens = int(query_lens.sum())
+        pairs = float((query_lens * (seq_lens - (query_lens - 1) / 2)).sum())  # causal: query i sees context + i keys
+        kv_tokens = int(seq_lens.sum())
         flops = tokens * self.linear_flops_per_token + num_sampled * self.head_flops_per_row \
             + pairs * self.attention_flops_per_pair
         moved = self.weight_bytes + kv_tokens * self.kv_bytes_per_token

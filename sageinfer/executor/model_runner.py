@@ -27,6 +27,7 @@ class StepResult:
     sampled_requests: list           # requests that produced a token this step
     sampler_output: SamplerOutput | None
     prompt_logprobs: PromptLogprobsOutput | None = None
+    host: HostInputs | None = None  # the step's shapes (for the engine's utilisation gauges)
 
 
 class ModelRunner:
@@ -160,7 +161,9 @@ class ModelRunner:
         input_ids = np.empty(num_tokens, dtype=np.int64)
         sampled_requests, logits_indices = [], []
         fill_index, fill_row = [], []
+        wants_prompt_logprobs = False
         for i, (request, n) in enumerate(scheduled):
+            wants_prompt_logprobs |= request.sampling_params.prompt_logprobs is not None
             blocks = request.block_ids
             block_table[i, :len(blocks)] = blocks
             s = int(starts[i])
@@ -183,7 +186,8 @@ class ModelRunner:
         return HostInputs(num_tokens, input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_table,
                           max_query_len, sampled_requests, logits_indices,
                           np.array(fill_index, dtype=np.int64), np.array(fill_row, dtype=np.int64),
-                          self.backend.cascade_prefix_tokens(block_table, seq_lens, bs, max_query_len))
+                          self.backend.cascade_prefix_tokens(block_table, seq_lens, bs, max_query_len),
+                          wants_prompt_logprobs)
 
     def _fill_pending(self, input_ids: torch.Tensor, host: HostInputs, prev_token_ids: torch.Tensor | None) -> None:
         """Write tokens sampled by the previous, still unread step into this step's inputs, on the device."""
@@ -216,7 +220,7 @@ class ModelRunner:
         for requests whose newest token is a placeholder. Nothing here waits for the device."""
         host = self._host_inputs(scheduled)
         prompt_spans = None
-        if any(r.sampling_params.prompt_logprobs is not None for r, _ in scheduled):
+        if host.wants_prompt_logprobs:
             prompt_spans = prompt_logprobs.find_spans(scheduled, host.seq_lens - np.diff(host.query_start_loc),
                                                       host.query_start_loc)
         if prompt_spans is not None:  # needs every row's hidden state: the graphs keep only what they sample
@@ -230,7 +234,7 @@ class ModelRunner:
         prompt_out = None if prompt_spans is None else prompt_logprobs.compute(
             self.model, hidden, prompt_spans, self.platform.to_device, self.platform.to_host_async)
         if not host.sampled_requests:
-            return StepResult([], None, prompt_out)
+            return StepResult([], None, prompt_out, host)
         if len(host.logits_indices) == hidden.shape[0] and host.logits_indices[-1] == hidden.shape[0] - 1:
             sampled_hidden = hidden  # every row is sampled (a decode step): no gather, no index copy
         else:
@@ -243,7 +247,7 @@ class ModelRunner:
         if out.logprobs is not None:
             tensors += [out.logprobs, out.logprob_token_ids, out.sampled_ranks]
         out.host_copy = self.platform.to_host_async(tensors)
-        return StepResult(host.sampled_requests, out, prompt_out)
+        return StepResult(host.sampled_requests, out, prompt_out, host)
 
 
 @dataclass
@@ -262,6 +266,7 @@ class HostInputs:
     fill_index: np.ndarray  # flat token positions whose ids come from the previous step's device output
     fill_row: np.ndarray    # ... and their rows in it
     cascade_prefix_len: int = 0  # leading tokens all sequences share, to attend once (0: none)
+    wants_prompt_logprobs: bool = False  # a scheduled request asks for the logprobs of its prompt
 
 
 class _ProfileSequence:

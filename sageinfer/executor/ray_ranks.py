@@ -32,26 +32,31 @@ class RayRanks:
     def __init__(self, config):
         ray = _ray()
         from sageinfer.platforms import get_platform
-        self.uses_gpus = get_platform(config.device).device_type == "cuda"
+        resource = get_platform(config.device).ray_device_resource
+        self.uses_devices = resource is not None
         needed = config.tensor_parallel_size - 1
-        if self.uses_gpus and ray.cluster_resources().get("GPU", 0) < needed:
-            raise ValueError(f"the Ray cluster has {ray.cluster_resources().get('GPU', 0)} GPUs; "
+        if resource is not None and ray.cluster_resources().get(resource, 0) < needed:
+            raise ValueError(f"the Ray cluster has {ray.cluster_resources().get(resource, 0)} {resource}s; "
                              f"tensor_parallel_size {config.tensor_parallel_size} needs {needed} beside this process's")
 
-        @ray.remote(num_gpus=1 if self.uses_gpus else 0, num_cpus=0)
         class RankActor:
             def run(self, args: tuple) -> None:
                 from sageinfer.executor.workers import run_worker
                 run_worker(*args)
 
-        self._actor_class = RankActor
+        options = {"num_cpus": 0}
+        if resource == "GPU":
+            options["num_gpus"] = 1
+        elif resource is not None:
+            options["resources"] = {resource: 1}
+        self._actor_class = ray.remote(**options)(RankActor)
         self.actors, self.loops = {}, {}
 
     def start(self, rank: int, args: tuple) -> None:
         actor = self._actor_class.options(name=None).remote()
-        # The actor's GPU is its device 0 (Ray narrows CUDA_VISIBLE_DEVICES to it).
+        # The actor's device is its device 0 (Ray narrows the visible devices to it).
         self.actors[rank] = actor
-        self.loops[rank] = actor.run.remote(args + ((0 if self.uses_gpus else None),))
+        self.loops[rank] = actor.run.remote(args + ((0 if self.uses_devices else None),))
         logger.info("tensor-parallel rank %d: Ray actor %s", rank, actor)
 
     def alive(self, rank: int) -> bool:

@@ -41,8 +41,7 @@ class Linear(nn.Module):
             self.quant = method(quant)
             self.quant.create_weights(self, local_out, local_in)
         else:
-            self.weight = nn.Parameter(torch.empty(local_out, local_in), requires_grad=False)
-            self.weight.weight_loader = self.weight_loader
+            self.new_weight()
         if bias:
             self.bias = nn.Parameter(torch.empty(local_out), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
@@ -61,11 +60,15 @@ class Linear(nn.Module):
                          if n != "bias"]
             for name in quantized:
                 delattr(self, name)
-            self.weight = nn.Parameter(torch.empty(self.local_shape, dtype=torch.get_default_dtype(), device=device),
-                                       requires_grad=False)
-            self.weight.weight_loader = self.weight_loader
+            self.new_weight(torch.get_default_dtype(), device)
             self.quant = None
             self.fusable = not self.reduces
+
+    def new_weight(self, dtype: torch.dtype | None = None, device=None) -> None:
+        """The layer's [out, in] weight for this rank, empty, loaded like a checkpoint tensor (a
+        quantization method passes its 8-bit dtype, or none for weights it quantizes after loading)."""
+        self.weight = nn.Parameter(torch.empty(self.local_shape, dtype=dtype, device=device), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
 
     def process_after_loading(self) -> None:
         if self.quant is not None:

@@ -14,6 +14,8 @@ class Platform:
     preferred_attention_backend: str = "torch_ref"
     # Probing order among available platforms: higher first (accelerators before the CPU).
     priority: int = 0
+    # The Ray resource one rank's device is (None: ranks need no device resource, as on the CPU).
+    ray_device_resource: str | None = None
     # Tokens per KV-cache block unless the user says otherwise: the prefix-cache granularity, and
     # the unit in which attention kernels find contiguous keys.
     kv_block_size: int = 16

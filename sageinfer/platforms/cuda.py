@@ -22,6 +22,7 @@ class CudaPlatform(Platform):
     kv_block_size = 64
 
     priority = 10
+    ray_device_resource = "GPU"
 
     @classmethod
     def is_available(cls) -> bool:

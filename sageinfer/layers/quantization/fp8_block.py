@@ -28,12 +28,10 @@ class Fp8BlockMethod:
         b = self.block
         if local_in % b:
             raise ValueError(f"block FP8: {local_in} input features per rank do not hold whole {b}-wide blocks")
-        if not self.config.from_checkpoint:  # full-precision weights (dummy ones), quantized after loading
-            layer.weight = nn.Parameter(torch.empty(local_out, local_in), requires_grad=False)
-            layer.weight.weight_loader = layer.weight_loader
+        # FP8 from the checkpoint, or full-precision (dummy) weights quantized after loading
+        layer.new_weight(torch.float8_e4m3fn if self.config.from_checkpoint else None)
+        if not self.config.from_checkpoint:
             return
-        layer.weight = nn.Parameter(torch.empty(local_out, local_in, dtype=torch.float8_e4m3fn), requires_grad=False)
-        layer.weight.weight_loader = layer.weight_loader
         layer.weight_scale_inv = nn.Parameter(torch.empty(local_out, local_in // b, dtype=torch.float32),
                                               requires_grad=False)
 

@@ -90,9 +90,7 @@ class W4A16Method:
         self.group = group
         groups = local_in // group
         if not c.from_checkpoint:  # full-precision weights (dummy ones), quantized after loading
-            layer.weight = nn.Parameter(torch.empty(local_out, local_in), requires_grad=False)
-            layer.weight.weight_loader = layer.weight_loader
-            return
+            return layer.new_weight()
         f = self.format
         self._param(layer, self.packed_name, torch.empty(local_out, local_in // 8, dtype=torch.int32), f.packed)
         self._param(layer, self.scale_name, torch.empty(local_out, groups), f.scales)

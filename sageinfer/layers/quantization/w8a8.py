@@ -46,9 +46,7 @@ class W8A8Method:
     # ---- tensors ---------------------------------------------------------------------------------
     def create_weights(self, layer: nn.Module, local_out: int, local_in: int) -> None:
         c = self.config
-        dtype = _QDTYPE[self.scheme] if c.from_checkpoint else torch.get_default_dtype()
-        layer.weight = nn.Parameter(torch.empty(local_out, local_in, dtype=dtype), requires_grad=False)
-        layer.weight.weight_loader = layer.weight_loader
+        layer.new_weight(_QDTYPE[self.scheme] if c.from_checkpoint else None)
         if c.from_checkpoint:
             layer.weight_scale = nn.Parameter(torch.zeros(local_out, dtype=torch.float32), requires_grad=False)
             layer.weight_scale.weight_loader = self._scale_loader(layer)
