@@ -189,3 +189,17 @@ def test_prefix_keys_are_chained_sha256_that_any_process_recomputes():
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": "123", "PATH": ""})
     assert other.stdout.strip() == second.hex()
+
+
+def test_without_a_kv_budget_the_memory_profile_runs_and_sizes_the_cache(llama_dir, monkeypatch):
+    """GPUs size the KV cache by profiling the largest batch (CPUs have a fixed budget): the profile
+    run goes through the same step path as requests, grammar rows and all."""
+    from sageinfer.platforms.cpu import CpuPlatform
+    monkeypatch.setattr(CpuPlatform, "default_kv_cache_bytes", lambda self: None)
+    monkeypatch.setattr(CpuPlatform, "mem_get_info", lambda self: (1 << 30, 1 << 30))
+    llm = LLM(llama_dir, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=256,
+              gpu_memory_utilization=0.5, show_progress=False)
+    per_block = llm.engine.runner.kv_bytes_per_block()
+    assert llm.engine.num_kv_blocks == (1 << 29) // per_block  # half of the "device", nothing else on it
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3

@@ -282,6 +282,8 @@ class _ProfileSequence:
         self.generator = None
         self.eos_token_ids: set[int] = set()
         self.num_pending_tokens = 0
+        self.last_sampled_row = -1
+        self.grammar_bitmask = None
 
     @property
     def num_tokens(self) -> int:

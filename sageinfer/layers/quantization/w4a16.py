@@ -115,7 +115,7 @@ class W4A16Method:
             param.weight_loader = lambda p, loaded, shard_id=None: None
         elif convert == "keep":  # g_idx: parts of a merged layer read one input, so one order
             def keep(p, loaded, shard_id=None):
-                if getattr(p, "loaded", False) and not torch.equal(p.data, loaded.to(p.dtype)):
+                if getattr(p, "loaded", False) and not torch.equal(p.data, loaded.to(p.device, p.dtype)):
                     raise ValueError("GPTQ g_idx differs between parts of a merged layer (q/k/v or gate/up)")
                 p.data.copy_(loaded)
                 p.loaded = True

@@ -87,8 +87,9 @@ class W8A8Method:
     def _matmul(self, xq, x_scale, wq, w_scale, out_dtype):
         m, k = xq.shape
         n = wq.shape[0]
-        # On the GPU rowwise-scaled FP8 GEMMs write bf16 only; fp32 models take the reference path.
-        if self.scheme == "fp8" and (not xq.is_cuda or (k % 16 == 0 and n % 16 == 0 and out_dtype == torch.bfloat16)):
+        # On the GPU rowwise-scaled FP8 GEMMs write bf16 only; fp32 models take the reference path, and
+        # so does the CPU (its FP8 GEMM takes one scale per tensor in some torch releases).
+        if self.scheme == "fp8" and xq.is_cuda and k % 16 == 0 and n % 16 == 0 and out_dtype == torch.bfloat16:
             return torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=out_dtype)
         if self.scheme == "int8" and (not xq.is_cuda or (k % 8 == 0 and n % 8 == 0)):
             if xq.is_cuda and m <= 16:  # cuBLAS int8 needs more than 16 rows
