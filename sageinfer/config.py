@@ -83,8 +83,18 @@ class EngineConfig:
     # Ray cluster: RAY_ADDRESS, or a local head).
     distributed_executor_backend: str = _option("mp", "how tensor-parallel ranks start: mp (processes on this "
                                                       "host) or ray (actors of a Ray cluster)", ("mp", "ray"))
+    # Prefill/decode separation: the connector that moves KV between instances and this one's role
+    # (vLLM's --kv-transfer-config JSON; transport/kv_transfer_config.py).
+    kv_transfer_config: str | None = _option(None, "KV transfer between instances (PD), JSON: {\"kv_connector\": "
+                                                   "\"SharedMemoryConnector\" | \"NixlConnector\", \"kv_role\": "
+                                                   "\"kv_producer\" | \"kv_consumer\" | \"kv_both\"}")
 
     def __post_init__(self) -> None:
+        from sageinfer.transport.kv_transfer_config import parse_kv_transfer_config
+        self.kv_transfer_config = parse_kv_transfer_config(self.kv_transfer_config)
+        if self.kv_transfer_config is not None and self.tensor_parallel_size > 1:
+            raise ValueError("kv_transfer_config is not supported with tensor_parallel_size > 1 yet (the "
+                             "connector runs beside rank 0's cache only)")
         if self.tokenizer is None:
             self.tokenizer = self.model
         if self.block_size is not None and (self.block_size < 1 or self.block_size & (self.block_size - 1)):

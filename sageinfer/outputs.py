@@ -42,3 +42,6 @@ class RequestOutput:
     # With prompt_logprobs: per prompt token (None for the first) its logprob given those before it
     # and the top k; set once the whole prompt is computed.
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # Prefill/decode separation: on a prefill instance, what a decode instance needs to load this
+    # request's prompt KV (set on the finished output).
+    kv_transfer_params: dict | None = None

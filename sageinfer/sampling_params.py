@@ -74,6 +74,10 @@ class SamplingParams:
     bad_words_token_ids: list[list[int]] | None = None
     # The output follows a grammar (JSON schema, regex, choice, EBNF): tokens outside it are masked.
     structured_outputs: StructuredOutputsParams | None = None
+    # Prefill/decode separation (vLLM's kv_transfer_params): {"do_remote_decode": true} on a prefill
+    # instance keeps the prompt's KV for a decode instance; the params that prefill returns, given to a
+    # decode instance, load that KV instead of computing it.
+    kv_transfer_params: dict | None = None
     # Filled by the engine: eos ids of the model, so stop checks need no tokenizer.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -147,6 +151,8 @@ class SamplingParams:
             raise bad("structured_outputs", self.structured_outputs, "a StructuredOutputsParams")
         if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "non-negative integers")
+        if self.kv_transfer_params is not None and not isinstance(self.kv_transfer_params, dict):
+            raise bad("kv_transfer_params", self.kv_transfer_params, "a JSON object")
 
     @property
     def is_greedy(self) -> bool:

@@ -119,7 +119,14 @@ class LLMEngine:
             connector = HostOffloadConnector(self.runner.kv_caches, host_blocks, self.platform)
             logger.info("KV offload tier: %d host blocks", host_blocks)
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, connector)
-        self.scheduler = Scheduler(config, self.kv_manager)
+        self.kv_transfer = None
+        if config.kv_transfer_config is not None:
+            from sageinfer.transport.kv_transfer_config import build_connector
+            self.kv_transfer = build_connector(config.kv_transfer_config, self.runner.kv_caches, config.block_size,
+                                              self.platform)
+            logger.info("KV transfer: %s as %s (engine %s)", config.kv_transfer_config["kv_connector"],
+                        config.kv_transfer_config["kv_role"], config.kv_transfer_config["engine_id"])
+        self.scheduler = Scheduler(config, self.kv_manager, self.kv_transfer)
         self.requests: dict[str, _ParentRequest] = {}
         self.num_prompt_tokens_computed = 0
         self.num_generated_tokens = 0
@@ -149,6 +156,7 @@ class LLMEngine:
         self.inputs.check_prompt_length(prompt_ids)
         max_len = self.config.max_model_len
         grammar = self._compile_grammar(params) if params.structured_outputs is not None else None
+        remote_kv = self._remote_kv_of(params)
         children, detoks = [], []
         for index in range(params.n):
             child_params = params.clone_for_sample(index) if params.n > 1 else params
@@ -162,7 +170,9 @@ class LLMEngine:
             if grammar is not None:
                 child.grammar = self.grammars.matcher(grammar)
             if index > 0:
-                child.leader = children[0]
+                child.leader = children[0]  # and shares the prompt's blocks, loaded or computed by the leader
+            else:
+                child.remote_kv = remote_kv
             children.append(child)
             detoks.append(None if self.tokenizer is None else IncrementalDetokenizer(
                 self.tokenizer, prompt_ids, child_params.skip_special_tokens, child_params.stop,
@@ -172,6 +182,26 @@ class LLMEngine:
             prompt_logprobs=[None] * len(prompt_ids) if params.prompt_logprobs is not None else None)
         for child in children:
             self.scheduler.add_request(child)
+
+    def _remote_kv_of(self, params: SamplingParams) -> dict | None:
+        """The prefill instance's kv_transfer_params to load this prompt's KV from, if any; a request
+        that asks for a role this instance doesn't have is refused."""
+        wanted = params.kv_transfer_params
+        if not wanted:
+            return None
+        if self.kv_transfer is None:
+            raise ValueError("kv_transfer_params: this instance was started without --kv-transfer-config")
+        if wanted.get("do_remote_decode") and not self.kv_transfer.is_producer:
+            raise ValueError("kv_transfer_params: do_remote_decode needs a kv_producer or kv_both instance")
+        if not wanted.get("do_remote_prefill"):
+            return None
+        if not self.kv_transfer.is_consumer:
+            raise ValueError("kv_transfer_params: do_remote_prefill needs a kv_consumer or kv_both instance")
+        if wanted.get("kv_connector") not in (None, self.kv_transfer.name):
+            raise ValueError(f"kv_transfer_params come from a {wanted.get('kv_connector')}; this instance "
+                             f"uses {self.kv_transfer.name}")
+        # Prompt logprobs need every prompt position computed here.
+        return None if params.prompt_logprobs is not None else wanted
 
     def _compile_grammar(self, params: SamplingParams):
         if self.tokenizer is None:
@@ -201,7 +231,11 @@ class LLMEngine:
                 self.scheduler.finish(child, "abort")
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the tensor-parallel workers, if any (they also stop when this process exits)."""
+        """Stop the tensor-parallel workers, if any (they also stop when this process exits), and
+        the KV transfer connector."""
+        if getattr(self, "kv_transfer", None) is not None:
+            self.kv_transfer.close()
+            self.kv_transfer = None
         if self.workers is not None:
             self.workers.shutdown(timeout)
             self.workers = None
@@ -211,6 +245,10 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def has_pending_transfers(self) -> bool:
+        """KV still to be sent or loaded (a serving loop keeps stepping to move it along)."""
+        return self.scheduler.has_pending_transfers
 
     # ---- the loop --------------------------------------------------------------------
     # Async scheduling: step N+1 is scheduled and launched before step N's tokens are read, so the
@@ -244,6 +282,8 @@ class LLMEngine:
             launched = _InFlight(result.sampled_requests, result.sampler_output,
                                  [r.append_placeholder(row) for row, r in enumerate(result.sampled_requests)],
                                  result.prompt_logprobs)
+        elif self.scheduler.has_pending_transfers and self._in_flight is None:
+            time.sleep(0.0005)  # only KV transfers to wait for: poll them without spinning a core
         previous, self._in_flight = self._in_flight, launched
         if previous is not None:
             outputs += self._process(previous)
@@ -357,7 +397,8 @@ class LLMEngine:
         complete = parent.prompt_logprobs is not None and parent.num_prompt_logprobs == len(parent.prompt_token_ids) - 1
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
                              num_cached_tokens=first.num_cached_tokens, queue_time=queue_time, error=parent.error,
-                             prompt_logprobs=parent.prompt_logprobs if complete else None)
+                             prompt_logprobs=parent.prompt_logprobs if complete else None,
+                             kv_transfer_params=first.kv_transfer_params_out if finished else None)
 
     def get_stats(self) -> EngineStats:
         return EngineStats(

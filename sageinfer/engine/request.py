@@ -16,6 +16,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # holds blocks that its prompt's KV is arriving in
     FINISHED = "finished"
 
 
@@ -57,6 +58,12 @@ class Request:
         # tokens allowed at its next draw (a packed bitmask row, filled before each step it samples in).
         self.grammar = None
         self.grammar_bitmask = None
+        # Prefill/decode separation: the prefill instance's kv_transfer_params, while this request's
+        # prompt KV is still to be loaded from there (None once loaded, or given up and computed here);
+        # the tokens its load brings; and, on a prefill instance, the params handed to decode.
+        self.remote_kv: dict | None = None
+        self.remote_kv_tokens = 0
+        self.kv_transfer_params_out: dict | None = None
 
     @property
     def num_tokens(self) -> int:

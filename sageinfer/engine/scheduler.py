@@ -12,16 +12,23 @@ Policy, in one screen:
    a common prefix admitted in the same step compute it once. Without chunked prefill a prompt must
    fit the budget whole.
 Preempted requests go back to the front of the queue, so nobody starves.
+3. Prefill/decode separation (a kv_transfer connector): a request whose prompt KV is on a prefill
+   instance is admitted into blocks for it and waits there, out of the batch, while it arrives; then
+   it runs, computing only the prompt's last tokens. A load that fails makes it compute the prompt
+   here. On the prefill side, a finished request's blocks stay held while the connector sends them.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from sageinfer.config import EngineConfig
 from sageinfer.engine.request import Request, RequestStatus
-from sageinfer.kv_cache.manager import KVCacheManager
+from sageinfer.kv_cache.manager import KVCacheManager, PrefixHit
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,20 +44,33 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, kv_manager: KVCacheManager):
+    def __init__(self, config: EngineConfig, kv_manager: KVCacheManager, kv_transfer=None):
+        """kv_transfer: a transport.remote_kv.RemoteKVConnector (prefill/decode separation), or None."""
         self.config = config
         self.kv = kv_manager
+        self.kv_transfer = kv_transfer
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.loading: dict[str, Request] = {}  # consumer: prompt KV arriving into their blocks
+        self.sending: dict[str, Request] = {}  # producer: finished, blocks held until their KV is read
+        self.num_remote_kv_loads = 0
+        self.num_remote_kv_failures = 0
+        self.num_remote_kv_tokens = 0
 
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
+
+    @property
+    def has_pending_transfers(self) -> bool:
+        return bool(self.loading or self.sending)
 
     def schedule(self) -> SchedulerOutput:
+        if self.kv_transfer is not None:
+            self._poll_transfers()
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         i = 0
@@ -91,7 +111,7 @@ class Scheduler:
         if self.config.admission_lookahead_tokens:
             this_step = {id(r): n for r, n in out.scheduled}
             reserve = sum(self._growth_blocks(r, r.num_computed_tokens + this_step.get(id(r), 0)) for r in self.running)
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) + len(self.loading) < self.config.max_num_seqs:
             request = self.waiting[0]
             if self._waits_for_leader(request):
                 break
@@ -100,6 +120,12 @@ class Scheduler:
             wants_prompt = request.sampling_params.prompt_logprobs is not None
             hit = self.kv.get_computed_blocks(request) if fresh and not wants_prompt else None
             num_hit = hit.num_tokens if hit else 0
+            if request.remote_kv is not None and fresh:
+                started = self._start_remote_load(request, hit, reserve)
+                if started is None:
+                    break  # no room for its blocks yet
+                if started:
+                    continue
             num_new = request.num_tokens - request.num_computed_tokens - num_hit
             if not self.config.enable_chunked_prefill and num_new > budget:
                 break
@@ -122,6 +148,87 @@ class Scheduler:
             self.kv.cache_full_blocks(request, request.num_computed_tokens + num_new)
             budget -= num_new
         return budget
+
+    def _start_remote_load(self, request: Request, hit: PrefixHit | None, reserve: int) -> bool | None:
+        """Admit a request whose prompt KV is on a prefill instance into blocks for it and start the
+        load (True); False if there is nothing to load (it goes on as any request); None if its blocks
+        don't fit now. Whole blocks only, and never the last prompt token (its logits are needed)."""
+        bs = self.kv.block_size
+        offered = int(request.remote_kv.get("remote_num_tokens") or 0)
+        usable = min(offered, request.num_prompt_tokens - 1) // bs * bs
+        local = PrefixHit(blocks=list(hit.blocks), block_size=bs) if hit else PrefixHit(block_size=bs)
+        start = local.num_tokens
+        if usable <= start:
+            request.remote_kv = None
+            return False
+        if not self.kv.allocate_slots(request, usable - start, local, reserve=reserve if self.running else 0):
+            return None
+        self.waiting.popleft()
+        if request.status == RequestStatus.WAITING:
+            self.kv.record_prefix_query(request.num_prompt_tokens, start)
+            request.num_cached_tokens = start
+            request.first_scheduled_time = time.monotonic()
+        request.num_computed_tokens = start
+        try:
+            self.kv_transfer.start_load(request.request_id, request.remote_kv,
+                                        request.block_ids[start // bs:usable // bs], start)
+        except Exception as exc:  # noqa: BLE001 - this request computes its prompt instead
+            self._remote_load_failed(request, f"{type(exc).__name__}: {exc}")
+            return True
+        request.remote_kv_tokens = usable
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.loading[request.request_id] = request
+        return True
+
+    def _remote_load_failed(self, request: Request, reason: str) -> None:
+        logger.warning("request %s: its prompt's KV could not be loaded from the prefill instance (%s); "
+                       "computing it here", request.request_id, reason)
+        self.num_remote_kv_failures += 1
+        self.kv.free(request)
+        request.remote_kv = None
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED  # admitted again from the front, as a resumed request
+        self.waiting.appendleft(request)
+
+    def _poll_transfers(self) -> None:
+        for request_id in self.kv_transfer.poll_sent():
+            request = self.sending.pop(request_id, None)
+            if request is not None and request.block_ids:
+                self.kv.free(request)
+        for request_id, error in self.kv_transfer.poll_loaded():
+            request = self.loading.pop(request_id, None)
+            if request is None:
+                continue
+            if request.is_finished:  # aborted while its KV arrived
+                self.kv.free(request)
+            elif error is not None:
+                self._remote_load_failed(request, error)
+            else:
+                self.num_remote_kv_loads += 1
+                self.num_remote_kv_tokens += request.remote_kv_tokens - request.num_computed_tokens
+                request.num_computed_tokens = request.remote_kv_tokens
+                request.remote_kv = None
+                request.status = RequestStatus.RUNNING
+                self.kv.cache_full_blocks(request)  # the loaded blocks serve later prefix hits too
+                self.running.append(request)  # its remaining prompt tokens run as a prefill chunk
+
+    def _send_kv(self, request: Request) -> bool:
+        """A finished prefill whose KV a decode instance will read: hand it to the connector and say
+        whether its blocks stay held."""
+        params = request.sampling_params.kv_transfer_params
+        if (self.kv_transfer is None or not self.kv_transfer.is_producer or not params
+                or not params.get("do_remote_decode") or request.finish_reason not in ("stop", "length")):
+            return False
+        num_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)
+        try:
+            held, request.kv_transfer_params_out = self.kv_transfer.send(request.request_id, request.block_ids,
+                                                                         num_tokens)
+        except Exception:  # noqa: BLE001 - the decode instance will compute the prompt itself
+            logger.exception("request %s: its KV could not be offered for transfer", request.request_id)
+            return False
+        if held:
+            self.sending[request.request_id] = request
+        return held
 
     @staticmethod
     def _waits_for_leader(request: Request) -> bool:
@@ -148,10 +255,16 @@ class Scheduler:
         """Finish (or abort) a request wherever it is and free its blocks."""
         if request.is_finished:
             return
+        if request.request_id in self.loading:
+            request.finish(reason, stop_reason)
+            if self.kv_transfer.cancel_load(request.request_id):
+                del self.loading[request.request_id]
+                self.kv.free(request)
+            return  # else its blocks are freed once the transfer writing them has ended
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
         request.finish(reason, stop_reason)
-        if request.block_ids:
+        if request.block_ids and not self._send_kv(request):
             self.kv.free(request)

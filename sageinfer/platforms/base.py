@@ -121,6 +121,10 @@ class Platform:
     def wait_event(self, event) -> None:
         """Make the current stream wait for the marked work."""
 
+    def kv_transfer_memory_type(self) -> str:
+        """How a KV transfer library (NIXL) names the memory the KV cache lives in."""
+        return "VRAM"
+
     def host_buffer(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         """Host memory that device copies can use asynchronously (pinned where the platform has it)."""
         return torch.zeros(shape, dtype=dtype)

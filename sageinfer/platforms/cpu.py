@@ -20,6 +20,9 @@ class CpuPlatform(Platform):
         free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
         return free, total
 
+    def kv_transfer_memory_type(self) -> str:
+        return "DRAM"
+
     def default_kv_cache_bytes(self) -> int | None:
         # Host memory is shared with everything else: a modest fixed budget, not a fraction.
         return 1 << 30

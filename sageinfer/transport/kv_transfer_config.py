@@ -1,0 +1,55 @@
+"""--kv-transfer-config: which connector moves KV between instances, and this instance's role in it.
+vLLM's field names, so that deployment recipes carry over:
+  {"kv_connector": "SharedMemoryConnector" | "NixlConnector", "kv_role": "kv_producer" | "kv_consumer" |
+   "kv_both", "engine_id": ..., "kv_connector_extra_config": {...}}
+"""
+from __future__ import annotations
+
+import json
+import uuid
+
+CONNECTORS = {
+    # same host: KV staged in shared host memory (/dev/shm), token-major, so block sizes may differ
+    "SharedMemoryConnector": "sageinfer.transport.shm_connector",
+    # any host: NIXL (UCX: RDMA where the machine has it, TCP or shared memory where it does not)
+    "NixlConnector": "sageinfer.transport.nixl_connector",
+}
+ALIASES = {"shm": "SharedMemoryConnector", "nixl": "NixlConnector"}
+ROLES = ("kv_producer", "kv_consumer", "kv_both")
+
+
+def parse_kv_transfer_config(value) -> dict | None:
+    """A validated dict (defaults filled in) from JSON text or a dict; None stays None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"kv_transfer_config is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError("kv_transfer_config must be a JSON object")
+    known = {"kv_connector", "kv_role", "engine_id", "kv_connector_extra_config", "kv_rank", "kv_parallel_size",
+             "kv_ip", "kv_port", "kv_buffer_device"}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"kv_transfer_config: unknown field(s) {unknown}; known: {sorted(known)}")
+    connector = ALIASES.get(value.get("kv_connector"), value.get("kv_connector"))
+    if connector not in CONNECTORS:
+        raise ValueError(f"kv_transfer_config: kv_connector {value.get('kv_connector')!r} is not supported; "
+                         f"supported: {sorted(CONNECTORS)}")
+    role = value.get("kv_role")
+    if role not in ROLES:
+        raise ValueError(f"kv_transfer_config: kv_role must be one of {list(ROLES)}, got {role!r}")
+    extra = value.get("kv_connector_extra_config") or {}
+    if not isinstance(extra, dict):
+        raise ValueError("kv_transfer_config: kv_connector_extra_config must be a JSON object")
+    return {"kv_connector": connector, "kv_role": role, "engine_id": str(value.get("engine_id") or uuid.uuid4().hex),
+            "kv_connector_extra_config": dict(extra)}
+
+
+def build_connector(config: dict, kv_caches: list, block_size: int, platform):
+    """The configured transport.remote_kv.RemoteKVConnector over this instance's cache."""
+    import importlib
+    module = importlib.import_module(CONNECTORS[config["kv_connector"]])
+    return getattr(module, config["kv_connector"])(config, kv_caches, block_size, platform)

@@ -1,0 +1,92 @@
+"""Prefill/decode separation's connector: a request's prompt KV leaves a prefill instance (producer)
+and arrives in a decode instance's blocks (consumer). The scheduler drives it:
+
+  producer   send(request, blocks, tokens) when a request marked do_remote_decode finishes: returns
+             whether its blocks stay held, and the kv_transfer_params the decode instance needs;
+             poll_sent() names requests whose held blocks may now be freed (read, or given up on).
+  consumer   start_load(request, params, blocks, first_token) into blocks the scheduler allocated
+             (the request waits meanwhile, holding them); poll_loaded() names loads that ended, with
+             None or the reason they failed (the request then computes its prompt itself);
+             cancel_load(request) when it is aborted: True if its blocks may be freed at once.
+
+Backends: shm_connector (same host, staged in shared host memory), nixl_connector (NIXL).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def kv_tensors(kv_caches: list) -> list[torch.Tensor]:
+    """Every tensor of the paged cache that holds data, layer by layer: K, V (and int8 scales)."""
+    out = []
+    for cache in kv_caches:
+        out += [t for t in (cache.k, cache.v, cache.k_scale, cache.v_scale) if t is not None]
+    return out
+
+
+def kv_layout(kv_caches: list) -> dict:
+    """What a peer's cache must equal for its KV to be usable here: per tensor the dtype and the shape
+    of one token's entry, and the per-tensor FP8 scales."""
+    return {"tensors": [[str(t.dtype).removeprefix("torch."), list(t.shape[2:])] for t in kv_tensors(kv_caches)],
+            "fp8_scales": [float(c.fp8_scale) for c in kv_caches]}
+
+
+def layout_mismatch(ours: dict, theirs: dict | None) -> str | None:
+    """Why a peer's KV can't be used here, or None."""
+    if not isinstance(theirs, dict):
+        return "kv_transfer_params carry no KV layout"
+    if theirs.get("tensors") != ours["tensors"]:
+        return (f"the prefill instance's KV cache differs (layers, KV heads, head size or kv_cache_dtype): "
+                f"{len(theirs.get('tensors') or [])} tensors {(theirs.get('tensors') or [None])[0]} vs "
+                f"{len(ours['tensors'])} tensors {ours['tensors'][0]} here")
+    if theirs.get("fp8_scales") != ours["fp8_scales"]:
+        return "the prefill instance's FP8 KV scales differ from this instance's"
+    return None
+
+
+class RemoteKVConnector:
+    name = ""
+
+    def __init__(self, config: dict, kv_caches: list, block_size: int, platform):
+        self.config = config
+        self.role = config["kv_role"]
+        self.engine_id = config["engine_id"]
+        self.extra = config["kv_connector_extra_config"]
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.platform = platform
+        self.layout = kv_layout(kv_caches)
+
+    @property
+    def is_producer(self) -> bool:
+        return self.role in ("kv_producer", "kv_both")
+
+    @property
+    def is_consumer(self) -> bool:
+        return self.role in ("kv_consumer", "kv_both")
+
+    def base_params(self, request_id: str, num_tokens: int) -> dict:
+        return {"do_remote_prefill": True, "kv_connector": self.name, "remote_engine_id": self.engine_id,
+                "remote_request_id": request_id, "remote_num_tokens": num_tokens,
+                "remote_block_size": self.block_size, "remote_layout": self.layout}
+
+    # ---- producer ----
+    def send(self, request_id: str, block_ids: list[int], num_tokens: int) -> tuple[bool, dict]:
+        raise NotImplementedError
+
+    def poll_sent(self) -> list[str]:
+        return []
+
+    # ---- consumer ----
+    def start_load(self, request_id: str, params: dict, block_ids: list[int], first_token: int) -> None:
+        """Raises ValueError (the reason) if the KV can't be loaded at all."""
+        raise NotImplementedError
+
+    def poll_loaded(self) -> list[tuple[str, str | None]]:
+        return []
+
+    def cancel_load(self, request_id: str) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass

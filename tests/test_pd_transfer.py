@@ -1,0 +1,164 @@
+"""Prefill/decode separation at the engine level: a prefill engine (kv_producer) computes prompts and
+hands their KV over, a decode engine (kv_consumer) loads it and generates; outputs must be those of
+one engine alone, and no block may stay held on either side, whatever fails."""
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+from sageinfer import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def _connector_config(connector, role, tmp_path, **extra):
+    extra = dict(extra)
+    if connector == "SharedMemoryConnector":
+        extra.setdefault("shm_dir", str(tmp_path))
+    return json.dumps({"kv_connector": connector, "kv_role": role, "kv_connector_extra_config": extra})
+
+
+def _engine(model, connector, role, tmp_path, block_size=16, **extra):
+    return LLM(model, dtype="float32", num_gpu_blocks_override=96, block_size=block_size, max_model_len=512,
+               show_progress=False,
+               attention_backend="torch_ref", kv_transfer_config=_connector_config(connector, role, tmp_path, **extra))
+
+
+def _prompts(count=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 500, size=int(n)).tolist() for n in rng.integers(20, 90, size=count)]
+
+
+def _prefill(engine, prompts):
+    outs = engine.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(temperature=0, max_tokens=1, kv_transfer_params={"do_remote_decode": True}),
+                           use_tqdm=False)
+    return [o.kv_transfer_params for o in outs]
+
+
+def _decode(engine, prompts, params_list, sampling=GREEDY):
+    requests = []
+    for prompt, params in zip(prompts, params_list):
+        p = sampling.clone_for_sample(0)
+        p.kv_transfer_params = params
+        requests.append(p)
+    return [o.outputs[0].token_ids for o in engine.generate([{"prompt_token_ids": p} for p in prompts], requests,
+                                                             use_tqdm=False)]
+
+
+def _free_blocks(engine):
+    return engine.engine.kv_manager.pool.num_free_blocks
+
+
+def _settle(engine, seconds=5.0):
+    """Step an idle engine until its transfers are done (the serving loop does this by itself)."""
+    deadline = time.monotonic() + seconds
+    while engine.engine.has_pending_transfers() and time.monotonic() < deadline:
+        engine.engine.step()
+
+
+def _backends():
+    out = ["SharedMemoryConnector"]
+    try:
+        import nixl._api  # noqa: F401
+        out.append("NixlConnector")
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(llama_dir):
+    plain = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=96, block_size=16, show_progress=False,
+                attention_backend="torch_ref")
+    prompts = _prompts()
+    return prompts, [o.outputs[0].token_ids for o in plain.generate(
+        [{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("connector", _backends())
+def test_decode_with_transferred_kv_equals_one_engine(llama_dir, tmp_path, reference, connector):
+    prompts, expected = reference
+    prefill = _engine(llama_dir, connector, "kv_producer", tmp_path)
+    decode = _engine(llama_dir, connector, "kv_consumer", tmp_path)
+    free_p, free_d = _free_blocks(prefill), _free_blocks(decode)
+    params = _prefill(prefill, prompts)
+    assert all(p["do_remote_prefill"] and p["remote_num_tokens"] == len(q) // 16 * 16 for p, q in zip(params, prompts))
+    assert _decode(decode, prompts, params) == expected
+    sched = decode.engine.scheduler
+    assert sched.num_remote_kv_loads == len(prompts) and sched.num_remote_kv_failures == 0
+    # every prompt token but the last few came over: the decode engine computed only the rest
+    assert sched.num_remote_kv_tokens == sum((len(q) - 1) // 16 * 16 for q in prompts)
+    _settle(prefill)
+    assert _free_blocks(prefill) == free_p and _free_blocks(decode) == free_d
+    if connector == "SharedMemoryConnector":
+        assert not os.listdir(tmp_path / "sageinfer-kv")  # every staged file was read and removed
+
+
+def test_block_sizes_may_differ_through_shared_memory(llama_dir, tmp_path, reference):
+    prompts, expected = reference
+    prefill = _engine(llama_dir, "SharedMemoryConnector", "kv_producer", tmp_path, block_size=16)
+    decode = _engine(llama_dir, "SharedMemoryConnector", "kv_consumer", tmp_path, block_size=8)
+    assert _decode(decode, prompts, _prefill(prefill, prompts)) == expected
+    assert decode.engine.scheduler.num_remote_kv_loads == len(prompts)
+
+
+@pytest.mark.parametrize("connector", _backends())
+def test_kv_that_cannot_be_loaded_is_recomputed(llama_dir, tmp_path, reference, connector):
+    """A decode instance that cannot get the KV (the prefill instance died, or its KV is gone)
+    computes the prompt itself: the same outputs, and no block held on either side."""
+    prompts, expected = reference
+    prefill = _engine(llama_dir, connector, "kv_producer", tmp_path, abort_timeout_s=0.5)
+    decode = _engine(llama_dir, connector, "kv_consumer", tmp_path, load_timeout_s=5)
+    free_p, free_d = _free_blocks(prefill), _free_blocks(decode)
+    params = _prefill(prefill, prompts)
+    if connector == "SharedMemoryConnector":
+        os.remove(params[0]["path"])  # the staged KV is gone
+        params[1]["path"] = params[1]["path"] + ".truncated"
+        open(params[1]["path"], "wb").write(b"\0" * 10)
+    else:
+        params[0]["remote_block_ids"] = params[0]["remote_block_ids"][:1]  # offers too little
+        params[1]["remote_agent_metadata"] = "bm90IGFuIGFnZW50"  # a prefill instance that is not there
+    params[2]["remote_layout"] = {"tensors": [["float16", [1, 1]]], "fp8_scales": [1.0]}  # another model
+    assert _decode(decode, prompts, params) == expected
+    sched = decode.engine.scheduler
+    assert sched.num_remote_kv_failures == 3 and sched.num_remote_kv_loads == len(prompts) - 3
+    _settle(prefill)
+    assert _free_blocks(prefill) == free_p and _free_blocks(decode) == free_d
+
+
+@pytest.mark.parametrize("connector", _backends())
+def test_a_request_aborted_while_its_kv_arrives_frees_its_blocks(llama_dir, tmp_path, reference, connector):
+    prompts, _ = reference
+    prefill = _engine(llama_dir, connector, "kv_producer", tmp_path, abort_timeout_s=0.5)
+    decode = _engine(llama_dir, connector, "kv_consumer", tmp_path)
+    free_p, free_d = _free_blocks(prefill), _free_blocks(decode)
+    params = _prefill(prefill, prompts[:2])
+    for i, (prompt, p) in enumerate(zip(prompts[:2], params)):
+        sp = GREEDY.clone_for_sample(0)
+        sp.kv_transfer_params = p
+        decode.engine.add_request(f"r{i}", {"prompt_token_ids": prompt}, sp)
+    decode.engine.step()  # admitted: blocks allocated, loads started
+    assert decode.engine.scheduler.loading
+    decode.engine.abort_request("r0")  # the client went away
+    for _ in range(200):
+        if not decode.engine.has_unfinished_requests() and not decode.engine.has_pending_transfers():
+            break
+        decode.engine.step()
+    _settle(prefill)
+    assert _free_blocks(prefill) == free_p and _free_blocks(decode) == free_d
+
+
+def test_requests_for_a_role_the_instance_lacks_are_refused(llama_dir, tmp_path):
+    plain = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=96, max_model_len=512, show_progress=False)
+    consumer = _engine(llama_dir, "SharedMemoryConnector", "kv_consumer", tmp_path)
+    with pytest.raises(ValueError, match="without --kv-transfer-config"):
+        plain.generate({"prompt_token_ids": [5, 6]}, SamplingParams(kv_transfer_params={"do_remote_decode": True}),
+                       use_tqdm=False)
+    with pytest.raises(ValueError, match="kv_producer"):
+        consumer.generate({"prompt_token_ids": [5, 6]}, SamplingParams(kv_transfer_params={"do_remote_decode": True}),
+                          use_tqdm=False)
+    with pytest.raises(ValueError, match="kv_role must be one of"):
+        LLM(llama_dir, kv_transfer_config='{"kv_connector": "SharedMemoryConnector", "kv_role": "prefill"}')
