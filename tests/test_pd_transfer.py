@@ -62,7 +62,8 @@ def _settle(engine, seconds=5.0):
 def _backends():
     out = ["SharedMemoryConnector"]
     try:
-        import nixl._api  # noqa: F401
+        from sageinfer.transport.nixl_connector import _nixl_api
+        _nixl_api()
         out.append("NixlConnector")
     except Exception:  # noqa: BLE001
         pass

@@ -39,9 +39,10 @@ class AsyncEngine(EngineFront):
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                if self._drain_commands(block=not self.engine.has_unfinished_requests()):
+                idle = not self.engine.has_unfinished_requests() and not self.engine.has_pending_transfers()
+                if self._drain_commands(block=idle):
                     self.metrics.observe_engine(self.engine)  # aborts free blocks even when idle
-                if self.engine.has_unfinished_requests():
+                if self.engine.has_unfinished_requests() or self.engine.has_pending_transfers():
                     outputs = self.engine.step()
                     self._deliver(outputs)
                     self.metrics.observe_engine(self.engine)

@@ -61,6 +61,7 @@ class OutputDelta(msgspec.Struct, array_like=True):
     queue_time: float | None
     error: str | None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # sent once, when complete
+    kv_transfer_params: dict | None = None  # prefill/decode separation: set on a finished prefill
 
 
 class StepOutputs(msgspec.Struct, tag=True):
@@ -109,7 +110,7 @@ class DeltaEncoder:
         else:
             self._sent[output.request_id] = now_sent
         return OutputDelta(output.request_id, completions, output.finished, output.num_cached_tokens,
-                           output.queue_time, output.error, prompt_logprobs)
+                           output.queue_time, output.error, prompt_logprobs, output.kv_transfer_params)
 
     def forget(self, request_id: str) -> None:
         self._sent.pop(request_id, None)
@@ -148,5 +149,6 @@ class OutputAssembler:
         return RequestOutput(delta.request_id, prompt, prompt_ids,
                              [CompletionOutput(c.index, c.text, c.token_ids, c.cumulative_logprob, c.logprobs,
                                                c.finish_reason, c.stop_reason) for c in completions],
-                             delta.finished, delta.num_cached_tokens, delta.queue_time, delta.error, prompt_logprobs)
+                             delta.finished, delta.num_cached_tokens, delta.queue_time, delta.error, prompt_logprobs,
+                             delta.kv_transfer_params)
 

@@ -21,6 +21,7 @@ from sageinfer.engine.stats import engine_snapshot
 logger = logging.getLogger("sageinfer.engine_core")
 
 _IDLE_POLL_MS = 100
+_TRANSFER_POLL_MS = 5
 
 
 def run_engine_core(config: EngineConfig, attention_backend: str | None, command_address: str,
@@ -57,8 +58,9 @@ def _loop(engine, commands: zmq.Socket, outputs: zmq.Socket, encoder: msgspec.ms
     deltas = msg.DeltaEncoder()
     while True:
         busy = engine.has_unfinished_requests()
+        transfers = engine.has_pending_transfers()  # KV held for, or arriving from, another instance
         changed = False
-        if commands.poll(0 if busy else _IDLE_POLL_MS):
+        if commands.poll(0 if busy else (_TRANSFER_POLL_MS if transfers else _IDLE_POLL_MS)):
             while True:
                 try:
                     command = decoder.decode(commands.recv(zmq.NOBLOCK))
@@ -81,8 +83,9 @@ def _loop(engine, commands: zmq.Socket, outputs: zmq.Socket, encoder: msgspec.ms
         elif not busy and os.getppid() != parent_pid:
             logger.error("the front end is gone; the engine core exits")
             return 1
-        step_outputs = engine.step() if engine.has_unfinished_requests() else []
-        if step_outputs or changed:  # aborts free blocks even when idle: the gauges must say so
+        step_outputs = engine.step() if engine.has_unfinished_requests() or transfers else []
+        # Aborts, and KV transfers that end, free blocks even when idle: the gauges must say so.
+        if step_outputs or changed or (transfers and not engine.has_pending_transfers()):
             gauges, counters = engine_snapshot(engine)
             outputs.send(encoder.encode(msg.StepOutputs([deltas.encode(o) for o in step_outputs], gauges,
                                                         counters)))

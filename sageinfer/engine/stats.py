@@ -34,6 +34,10 @@ _COUNTER_HELP = {
     "num_preemptions_total": "Sequences preempted (their KV cache freed, to be recomputed).",
     "prefix_cache_queries_total": "Prompt tokens looked up in the prefix cache.",
     "prefix_cache_hits_total": "Prompt tokens found in the prefix cache.",
+    "kv_transfer_loads_total": "Prompts whose KV was loaded from a prefill instance (PD).",
+    "kv_transfer_load_failures_total": "Prompt KV loads from a prefill instance that failed (the prompt was "
+                                       "computed here instead).",
+    "kv_transfer_loaded_tokens_total": "Prompt tokens whose KV was loaded from a prefill instance.",
 }
 
 
@@ -48,7 +52,9 @@ def engine_snapshot(engine) -> tuple[dict, dict]:
     counters = dict(
         prompt_tokens_total=engine.num_prompt_tokens_computed, generation_tokens_total=engine.num_generated_tokens,
         num_preemptions_total=engine.scheduler.num_preemptions, prefix_cache_queries_total=kv.prefix_queries,
-        prefix_cache_hits_total=kv.prefix_hits)
+        prefix_cache_hits_total=kv.prefix_hits, kv_transfer_loads_total=engine.scheduler.num_remote_kv_loads,
+        kv_transfer_load_failures_total=engine.scheduler.num_remote_kv_failures,
+        kv_transfer_loaded_tokens_total=engine.scheduler.num_remote_kv_tokens)
     return gauges, counters
 
 

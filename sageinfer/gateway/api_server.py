@@ -170,6 +170,8 @@ class OpenAIServer:
         try:
             params = req.sampling_params(self.inputs.sampling_defaults)
             raw_prompts = req.prompts()
+            if params.kv_transfer_params and len(raw_prompts) > 1:
+                raise ValueError("kv_transfer_params go with a single prompt")
         except ValueError as exc:
             raise APIError(400, str(exc), _param_of(str(exc))) from exc
         self.engine.check_accepting(len(raw_prompts) * params.n)  # refuse early what cannot be taken
@@ -228,8 +230,11 @@ class OpenAIServer:
             for c in out.outputs:
                 completion_tokens += len(c.token_ids)
                 choices.append(choice(i, out, c, echo_text[i] + c.text, 0, len(c.token_ids), True, True))
-        return {**base, "choices": sorted(choices, key=lambda x: x["index"]),
+        body = {**base, "choices": sorted(choices, key=lambda x: x["index"]),
                 "usage": fmt.usage(prompt_tokens, completion_tokens)}
+        if len(finals) == 1 and finals[0].kv_transfer_params is not None:
+            body["kv_transfer_params"] = finals[0].kv_transfer_params  # for the decode instance (PD)
+        return body
 
     async def chat(self, req: ChatCompletionRequest, raw: Request):
         self.check_model(req.model)
@@ -290,6 +295,8 @@ class OpenAIServer:
                 "usage": fmt.usage(prompt_tokens, sum(len(c.token_ids) for c in out.outputs))}
         if req.prompt_logprobs is not None:
             body["prompt_logprobs"] = fmt.prompt_logprobs(out.prompt_logprobs)
+        if out.kv_transfer_params is not None:
+            body["kv_transfer_params"] = out.kv_transfer_params  # for the decode instance (PD)
         return body
 
     async def _collect(self, streams: list[RequestStream], raw: Request) -> list:

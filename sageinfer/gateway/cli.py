@@ -163,6 +163,27 @@ def _router(args: argparse.Namespace) -> int:
     return 0
 
 
+def _proxy(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from sageinfer.gateway.uvicorn_server import CleanExitServer
+    from sageinfer.router.backends import BackendPool
+    from sageinfer.router.pd_proxy import build_pd_proxy_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for url in args.prefill + args.decode:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"--prefill and --decode take http(s) URLs, got {url!r}")
+    app = build_pd_proxy_app(BackendPool(args.prefill, check_interval=args.health_check_interval),
+                             BackendPool(args.decode, check_interval=args.health_check_interval))
+    print(f"PD proxy: {len(args.prefill)} prefill and {len(args.decode)} decode instance(s) on "
+          f"http://{args.host}:{args.port}", flush=True)
+    CleanExitServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
+    return 0
+
+
 def _launch(args: argparse.Namespace) -> int:
     from sageinfer.router.launcher import run
     return run(args)
@@ -219,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--port", type=int, default=8000)
     router.add_argument("--health-check-interval", type=float, default=1.0, help="seconds between checks")
     router.set_defaults(func=_router)
+    proxy = sub.add_parser("proxy", help="prefill/decode separation: prefill on some instances, decode on others")
+    proxy.add_argument("--prefill", nargs="+", action="extend", required=True, metavar="URL",
+                       help="prefill instances (served with --kv-transfer-config ... kv_producer)")
+    proxy.add_argument("--decode", nargs="+", action="extend", required=True, metavar="URL",
+                       help="decode instances (served with --kv-transfer-config ... kv_consumer)")
+    proxy.add_argument("--host", default="127.0.0.1")
+    proxy.add_argument("--port", type=int, default=8000)
+    proxy.add_argument("--health-check-interval", type=float, default=1.0, help="seconds between checks")
+    proxy.set_defaults(func=_proxy)
     launch = sub.add_parser("launch", help="several instances of one model on this host, and the router in front")
     launch.add_argument("model")
     launch.add_argument("--instances", type=int, default=2)

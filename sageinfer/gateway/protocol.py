@@ -66,6 +66,8 @@ class _SamplingFields(_Strict):
     bad_words: list[str] | None = None
     prompt_logprobs: int | None = Field(default=None, ge=0)
     best_of: Any = None
+    # Prefill/decode separation (vLLM's field): set by a PD proxy, passed through to the engine.
+    kv_transfer_params: dict[str, Any] | None = None
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None, defaults: dict) -> SamplingParams:
         """defaults: the server's values for fields the request leaves out (generation_config)."""
@@ -85,7 +87,7 @@ class _SamplingFields(_Strict):
             include_stop_str_in_output=self.include_stop_str_in_output,
             logit_bias=self.logit_bias or None, allowed_token_ids=self.allowed_token_ids,
             bad_words=self.bad_words or None, structured_outputs=self._structured_outputs(),
-            prompt_logprobs=self._prompt_logprobs(logprobs))
+            prompt_logprobs=self._prompt_logprobs(logprobs), kv_transfer_params=self.kv_transfer_params)
 
     def _prompt_logprobs(self, logprobs: int | None) -> int | None:
         return self.prompt_logprobs

@@ -23,15 +23,27 @@ from sageinfer.transport.remote_kv import RemoteKVConnector, kv_tensors, layout_
 logger = logging.getLogger(__name__)
 
 
+def _nixl_api():
+    """NIXL's agent classes: from the nixl package, or straight from the build for this CUDA major
+    (nixl-cu12 / nixl-cu13; the nixl package itself pulls in both)."""
+    for module in ("nixl._api", "nixl_cu12._api", "nixl_cu13._api"):
+        try:
+            api = __import__(module, fromlist=["nixl_agent"])
+            return api.nixl_agent, api.nixl_agent_config
+        except ImportError as exc:
+            error = exc
+    raise error
+
+
 class NixlConnector(RemoteKVConnector):
     name = "NixlConnector"
 
     def __init__(self, config: dict, kv_caches: list, block_size: int, platform):
         super().__init__(config, kv_caches, block_size, platform)
         try:
-            from nixl._api import nixl_agent, nixl_agent_config
+            nixl_agent, nixl_agent_config = _nixl_api()
         except ImportError as exc:
-            raise ValueError(f"kv_connector NixlConnector needs the nixl package (pip install nixl): {exc}") from None
+            raise ValueError(f"kv_connector NixlConnector needs NIXL (pip install 'sageinfer[nixl]'): {exc}") from None
         backends = self.extra.get("backends") or ["UCX"]
         self.agent = nixl_agent(f"{self.engine_id}-{id(self):x}", nixl_agent_config(backends=list(backends)))
         self.tensors = kv_tensors(kv_caches)

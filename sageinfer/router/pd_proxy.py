@@ -1,0 +1,180 @@
+"""The prefill/decode proxy: an OpenAI-compatible front door over prefill instances (kv_producer)
+and decode instances (kv_consumer). Each completion or chat request is first sent to the least
+loaded prefill instance with one token to generate and {"do_remote_decode": true}; the
+kv_transfer_params it answers with go, with the original request, to the least loaded decode
+instance, whose answer (streamed or not) is the client's.
+
+Faults: a prefill instance that cannot be reached or fails is marked down and the request goes to
+another; with none left, the decode instance computes the prompt itself (slower, same answer). A
+decode instance that cannot be reached is marked down and another one is tried. A client that goes
+away closes the decode stream, which aborts the request there; the prefill instance's KV is dropped
+by its connector (read, expired, or freed at once for shared memory).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+
+from sageinfer.router.app import _PASSED_HEADERS, _error, _relay
+from sageinfer.router.backends import Backend, BackendPool
+from sageinfer.router.policies import Policy
+
+logger = logging.getLogger(__name__)
+_CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError)
+
+
+def _prefill_body(body: dict) -> dict:
+    """The request as the prefill instance sees it: one token, no stream, and the KV kept for decode."""
+    out = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    out["max_tokens"] = 1
+    if "max_completion_tokens" in out:
+        out["max_completion_tokens"] = 1
+    out["min_tokens"] = 0
+    out["n"] = 1
+    out["kv_transfer_params"] = {"do_remote_decode": True}
+    return out
+
+
+class _Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("sageinfer_pd_proxy:requests", "Requests, by the path they took.", ["path"],
+                                registry=self.registry)
+
+
+def build_pd_proxy_app(prefill: BackendPool, decode: BackendPool, max_attempts: int = 3) -> FastAPI:
+    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
+    policy = Policy("least_load")
+    metrics = _Metrics()
+
+    @asynccontextmanager
+    async def lifespan(_):
+        prefill.start()
+        decode.start()
+        yield
+        await prefill.stop()
+        await decode.stop()
+        await client.aclose()
+
+    app = FastAPI(title="sageInfer PD proxy", lifespan=lifespan)
+
+    def pick(pool: BackendPool, tried: set[str]) -> Backend | None:
+        candidates = [b for b in pool.healthy() if b.url not in tried]
+        return policy.pick(candidates, None) if candidates else None
+
+    async def run_prefill(path: str, body: dict, headers: dict):
+        """The prefill instance's kv_transfer_params; None if none could serve; a Response if the
+        request itself was refused (the client's fault: said as the instance said it)."""
+        tried: set[str] = set()
+        for _ in range(max_attempts):
+            backend = pick(prefill, tried)
+            if backend is None:
+                return None
+            tried.add(backend.url)
+            backend.in_flight += 1
+            try:
+                resp = await client.post(backend.url + path, json=_prefill_body(body), headers=headers)
+            except _CONNECT_ERRORS as exc:
+                prefill.mark_down(backend, f"{type(exc).__name__}: {exc}")
+                continue
+            finally:
+                backend.in_flight -= 1
+            if 400 <= resp.status_code < 500:
+                return Response(resp.content, status_code=resp.status_code, media_type="application/json")
+            if resp.status_code != 200:
+                logger.warning("prefill instance %s answered %d; trying another", backend.url, resp.status_code)
+                continue
+            params = resp.json().get("kv_transfer_params")
+            if not isinstance(params, dict):
+                logger.warning("prefill instance %s returned no kv_transfer_params (is it a kv_producer?)",
+                               backend.url)
+                return None
+            return params
+        return None
+
+    async def forward(path: str, raw: Request):
+        try:
+            body = json.loads(await raw.body() or b"{}")
+        except ValueError:
+            return _error(400, "the request body is not valid JSON", "BadRequestError")
+        if not isinstance(body, dict):
+            return _error(400, "the request body must be a JSON object", "BadRequestError")
+        headers = {k: v for k, v in raw.headers.items() if k.lower() in _PASSED_HEADERS}
+        params = await run_prefill(path, body, headers)
+        if isinstance(params, Response):
+            return params
+        metrics.requests.labels("pd" if params is not None else "decode_only").inc()
+        decode_body = dict(body)
+        if params is not None:
+            decode_body["kv_transfer_params"] = params
+        else:
+            decode_body.pop("kv_transfer_params", None)
+            logger.warning("no prefill instance served the request: the decode instance computes the prompt")
+        content = json.dumps(decode_body).encode()
+        headers["content-type"] = "application/json"
+        stream = bool(body.get("stream"))
+        tried: set[str] = set()
+        for _ in range(max_attempts):
+            backend = pick(decode, tried)
+            if backend is None:
+                break
+            tried.add(backend.url)
+            backend.in_flight += 1
+            try:
+                upstream = await client.send(client.build_request("POST", backend.url + path, content=content,
+                                                                  headers=headers), stream=True)
+            except _CONNECT_ERRORS as exc:
+                backend.in_flight -= 1
+                decode.mark_down(backend, f"{type(exc).__name__}: {exc}")
+                continue
+            if not stream or upstream.status_code != 200:
+                try:
+                    data = await upstream.aread()
+                finally:
+                    await upstream.aclose()
+                    backend.in_flight -= 1
+                return Response(data, status_code=upstream.status_code,
+                                media_type=upstream.headers.get("content-type"))
+            return StreamingResponse(_relay(upstream, backend, decode), media_type="text/event-stream")
+        return _error(503, "no decode instance is available to serve the request", "ServiceUnavailableError")
+
+    @app.post("/v1/completions")
+    async def completions(raw: Request):
+        return await forward("/v1/completions", raw)
+
+    @app.post("/v1/chat/completions")
+    async def chat(raw: Request):
+        return await forward("/v1/chat/completions", raw)
+
+    @app.get("/v1/models")
+    async def models(raw: Request):
+        headers = {k: v for k, v in raw.headers.items() if k.lower() == "authorization"}
+        for backend in decode.healthy():
+            try:
+                resp = await client.get(backend.url + "/v1/models", headers=headers, timeout=5.0)
+                return Response(resp.content, status_code=resp.status_code, media_type="application/json")
+            except httpx.HTTPError as exc:
+                decode.mark_down(backend, str(exc))
+        return _error(503, "no decode instance is available", "ServiceUnavailableError")
+
+    @app.get("/health")
+    async def health():
+        up_p, up_d = len(prefill.healthy()), len(decode.healthy())
+        return JSONResponse({"healthy_prefill": up_p, "healthy_decode": up_d}, status_code=200 if up_d else 503)
+
+    @app.get("/pd/instances")
+    async def instances():
+        return {role: [{"url": b.url, "healthy": b.healthy, "load": b.load, "served": b.served}
+                       for b in pool.backends] for role, pool in (("prefill", prefill), ("decode", decode))}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

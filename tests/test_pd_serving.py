@@ -1,0 +1,126 @@
+"""Prefill/decode separation served: a prefill and a decode instance and `sageinfer proxy` on
+loopback answer as one instance does (streaming too), the KV really comes over, and a prefill
+instance that dies leaves the decode instance computing the prompt itself."""
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from server_util import ServerProcess, free_port, parse_metrics
+
+CONNECTORS = ["SharedMemoryConnector", "NixlConnector"]
+
+
+class ProxyProcess:
+    def __init__(self, prefill: list[str], decode: list[str]):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "sageinfer.gateway.cli", "proxy", "--port", str(self.port),
+                "--health-check-interval", "0.3", "--prefill", *prefill, "--decode", *decode]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.base_url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("the proxy did not become healthy")
+
+    def paths(self) -> dict[str, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+        text = httpx.get(self.base_url + "/metrics", timeout=10).text
+        return {s.labels["path"]: s.value for f in text_string_to_metric_families(text)
+                if f.name == "sageinfer_pd_proxy:requests" for s in f.samples if s.name.endswith("_total")}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module", params=CONNECTORS)
+def pd(request, llama_dir, tmp_path_factory):
+    if request.param == "NixlConnector":
+        try:
+            from sageinfer.transport.nixl_connector import _nixl_api
+            _nixl_api()
+        except ImportError:
+            pytest.skip("NIXL is not installed")
+    shm = str(tmp_path_factory.mktemp("shm"))
+
+    def config(role):
+        return json.dumps({"kv_connector": request.param, "kv_role": role,
+                           "kv_connector_extra_config": {"shm_dir": shm}})
+    prefill = ServerProcess(llama_dir, "--kv-transfer-config", config("kv_producer"), api_key=None)
+    decode = ServerProcess(llama_dir, "--kv-transfer-config", config("kv_consumer"), api_key=None)
+    proxy = ProxyProcess([prefill.base_url], [decode.base_url])
+    yield prefill, decode, proxy
+    proxy.stop()
+    decode.stop()
+    prefill.stop()
+
+
+PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs far away into the forest where"
+
+
+def _metrics(server) -> dict:
+    return parse_metrics(httpx.get(server.base_url + "/metrics", timeout=10).text)
+
+
+def test_proxy_answers_as_one_instance_with_the_kv_moved(pd):
+    """Each prompt goes through the proxy first (the decode instance has never seen it, so its KV can
+    only come from the prefill instance), then straight to the decode instance for the reference."""
+    prefill, decode, proxy = pd
+    direct = openai.OpenAI(base_url=decode.base_url + "/v1", api_key="none", max_retries=0)
+    via = openai.OpenAI(base_url=proxy.base_url + "/v1", api_key="none", max_retries=0)
+    loads_before = _metrics(decode)["sageinfer:kv_transfer_loads_total"]
+
+    def args(tag):
+        return dict(model="tiny", prompt=f"{tag}: {PROMPT}", max_tokens=10, temperature=0,
+                    extra_body={"ignore_eos": True})
+    got = via.completions.create(**args("plain")).choices[0].text
+    assert got == direct.completions.create(**args("plain")).choices[0].text
+    streamed = "".join(c.choices[0].text for c in via.completions.create(stream=True, **args("streamed")))
+    assert streamed == direct.completions.create(**args("streamed")).choices[0].text
+    chat_args = dict(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=8, temperature=0,
+                     extra_body={"ignore_eos": True})
+    got = via.chat.completions.create(**chat_args).choices[0].message.content
+    assert got == direct.chat.completions.create(**chat_args).choices[0].message.content
+    after = _metrics(decode)
+    assert after["sageinfer:kv_transfer_loads_total"] - loads_before == 3
+    assert after["sageinfer:kv_transfer_load_failures_total"] == 0
+    assert proxy.paths() == {"pd": 3.0}
+    # nothing stays held: every block free again on both sides
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        gauges = [_metrics(s) for s in (prefill, decode)]
+        if all(g["sageinfer:kv_cache_free_blocks"] == g["sageinfer:kv_cache_total_blocks"] for g in gauges):
+            break
+        time.sleep(0.2)
+    for g in gauges:
+        assert g["sageinfer:kv_cache_free_blocks"] == g["sageinfer:kv_cache_total_blocks"]
+
+
+def test_bad_requests_get_the_instances_own_400(pd):
+    _, _, proxy = pd
+    resp = httpx.post(proxy.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x", "temperature": -1},
+                      timeout=30)
+    assert resp.status_code == 400 and "temperature" in resp.json()["error"]["message"]
+    assert httpx.post(proxy.base_url + "/v1/completions", content=b"{not json", timeout=30).status_code == 400
+
+
+def test_a_dead_prefill_instance_leaves_decode_computing_the_prompt(pd):
+    prefill, decode, proxy = pd
+    direct = openai.OpenAI(base_url=decode.base_url + "/v1", api_key="none", max_retries=0)
+    args = dict(model="tiny", prompt=PROMPT + " again", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    expected = direct.completions.create(**args).choices[0].text
+    prefill.stop()
+    via = openai.OpenAI(base_url=proxy.base_url + "/v1", api_key="none", max_retries=0)
+    assert via.completions.create(**args).choices[0].text == expected
+    assert proxy.paths().get("decode_only") == 1.0
