@@ -108,10 +108,11 @@ class ModelRunner:
         self.kv_caches = []
         self.platform.empty_cache()
         free, total = self.platform.mem_get_info()
-        used_by_others = total - free - self.platform.memory_allocated()
-        budget = total * self.config.gpu_memory_utilization - peak - used_by_others
-        logger.info("memory profile: peak %.2f GiB of %.2f GiB, KV budget %.2f GiB",
-                    peak / 2**30, total / 2**30, budget / 2**30)
+        # gpu_memory_utilization is this instance's share (as in vLLM): another instance on the same
+        # device (a prefill beside a decode) does not shrink it, but no budget exceeds what is free.
+        budget = min(total * self.config.gpu_memory_utilization - peak, free - 0.02 * total)
+        logger.info("memory profile: peak %.2f GiB of %.2f GiB (%.2f GiB free), KV budget %.2f GiB",
+                    peak / 2**30, total / 2**30, free / 2**30, budget / 2**30)
         return max(int(budget), 0)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:

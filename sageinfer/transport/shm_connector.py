@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -50,7 +51,12 @@ class SharedMemoryConnector(RemoteKVConnector):
         tokens = nb * self.block_size
         path = os.path.join(self.dir, f"{self.engine_id}-{uuid.uuid4().hex}.kv")
         if tokens:
-            buf = torch.from_file(path, shared=True, size=tokens * sum(self.token_bytes), dtype=torch.uint8)
+            needed = tokens * sum(self.token_bytes)
+            free = shutil.disk_usage(self.dir).free
+            if free < needed:  # writing past a full tmpfs would kill the process (SIGBUS), not raise
+                raise ValueError(f"{self.dir} has {free / 2**30:.2f} GiB free, {needed / 2**30:.2f} GiB needed to "
+                                 f"stage this prompt's KV (give the container more /dev/shm, or set shm_dir)")
+            buf = torch.from_file(path, shared=True, size=needed, dtype=torch.uint8)
             ids, offset = self._device_ids(block_ids[:nb]), 0
             for t, per_token in zip(self.tensors, self.token_bytes):
                 size = tokens * per_token

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One device call for prefill/decode separation on one GPU: the transfer bandwidth of a 32K-token
+# prompt's KV (Qwen3-8B shapes), then the serving benchmark (1024 in / 128 out) against one instance
+# with 0.9 of the card, and against a prefill and a decode instance with 0.45 each behind
+# `sageinfer proxy` (shared-memory connector). Carry .whl for the server's packages. Logs and JSON in $OUT.
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+MODEL=sageinfer/bench/standard/qwen3-8b
+RATES=${RATES:-8 16}
+NUM=${NUM_PROMPTS:-150}
+echo "/dev/shm: $(df -h /dev/shm | tail -1)"
+timeout 120 python3 benchmarks/pd_transfer_bandwidth.py --result-file "$OUT/pd_bandwidth.json" 2>&1 | tail -5
+serve() {  # port, memory share, extra flags...
+  local port=$1 share=$2; shift 2
+  python3 -m sageinfer.gateway.cli serve $MODEL --load-format dummy --skip-tokenizer-init --served-model-name m \
+    --port "$port" --max-num-seqs 256 --max-num-batched-tokens 16384 --gpu-memory-utilization "$share" "$@" \
+    > "$OUT/server_$port.log" 2>&1 &
+}
+wait_up() { for i in $(seq 1 180); do curl -sf "127.0.0.1:$1/health" >/dev/null && return 0; sleep 1; done; return 1; }
+bench() {  # url, tag
+  python3 -m sageinfer.gateway.cli bench serve --base-url "$1" --model m --input-len 1024 --output-len 16 \
+    --num-prompts 24 --vocab-size 151936 --seed 99 > /dev/null 2>&1  # warm-up, not recorded
+  local seed=0
+  for rate in $RATES; do
+    seed=$((seed + 1))
+    echo "== $2, request rate $rate"
+    timeout 120 python3 -m sageinfer.gateway.cli bench serve --base-url "$1" --model m --input-len 1024 \
+      --output-len 128 --num-prompts "$NUM" --request-rate "$rate" --vocab-size 151936 --seed "$seed" \
+      --result-file "$OUT/pd_serve_${2}_$rate.json" 2>&1 | grep -E "throughput|TTFT|TPOT|failed" | head -8
+  done
+}
+serve 8100 0.9; single=$!
+wait_up 8100 && bench http://127.0.0.1:8100 single || tail -5 "$OUT/server_8100.log"
+kill -TERM $single; wait $single
+KV='{"kv_connector": "SharedMemoryConnector", "kv_connector_extra_config": {"shm_dir": "/tmp"}, "kv_role": '
+[ "$(df --output=avail -k /dev/shm | tail -1)" -gt 20000000 ] && KV='{"kv_connector": "SharedMemoryConnector", "kv_role": '
+serve 8201 0.45 --kv-transfer-config "$KV\"kv_producer\"}"; p=$!
+sleep 20  # one start at a time: each profiles the memory the other leaves
+serve 8202 0.45 --kv-transfer-config "$KV\"kv_consumer\"}"; d=$!
+wait_up 8201 && wait_up 8202 || { tail -5 "$OUT"/server_820*.log; }
+python3 -m sageinfer.gateway.cli proxy --prefill http://127.0.0.1:8201 --decode http://127.0.0.1:8202 --port 8200 \
+  > "$OUT/proxy.log" 2>&1 & proxy=$!
+wait_up 8200 && bench http://127.0.0.1:8200 pd
+curl -s 127.0.0.1:8202/metrics | grep -E "^sageinfer:kv_transfer"
+curl -s 127.0.0.1:8200/metrics | grep -E "^sageinfer_pd_proxy"
+kill -TERM $proxy $p $d; wait
