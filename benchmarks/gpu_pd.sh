@@ -10,7 +10,7 @@ MODEL=sageinfer/bench/standard/qwen3-8b
 RATES=${RATES:-8 16}
 NUM=${NUM_PROMPTS:-150}
 echo "/dev/shm: $(df -h /dev/shm | tail -1)"
-timeout 120 python3 benchmarks/pd_transfer_bandwidth.py --result-file "$OUT/pd_bandwidth.json" 2>&1 | tail -5
+timeout ${BANDWIDTH_SECONDS:-120} python3 benchmarks/pd_transfer_bandwidth.py --repeats ${REPEATS:-3} --result-file "$OUT/pd_bandwidth.json" 2>&1 | tail -5
 serve() {  # port, memory share, extra flags...
   local port=$1 share=$2; shift 2
   python3 -m sageinfer.gateway.cli serve $MODEL --load-format dummy --skip-tokenizer-init --served-model-name m \
@@ -30,9 +30,11 @@ bench() {  # url, tag
       --result-file "$OUT/pd_serve_${2}_$rate.json" 2>&1 | grep -E "throughput|TTFT|TPOT|failed" | head -8
   done
 }
-serve 8100 0.9; single=$!
-wait_up 8100 && bench http://127.0.0.1:8100 single || tail -5 "$OUT/server_8100.log"
-kill -TERM $single; wait $single
+if [ "${SKIP_SINGLE:-0}" != 1 ]; then
+  serve 8100 0.9; single=$!
+  wait_up 8100 && bench http://127.0.0.1:8100 single || tail -5 "$OUT/server_8100.log"
+  kill -TERM $single; wait $single
+fi
 KV='{"kv_connector": "SharedMemoryConnector", "kv_connector_extra_config": {"shm_dir": "/tmp"}, "kv_role": '
 [ "$(df --output=avail -k /dev/shm | tail -1)" -gt 20000000 ] && KV='{"kv_connector": "SharedMemoryConnector", "kv_role": '
 serve 8201 0.45 --kv-transfer-config "$KV\"kv_producer\"}"; p=$!

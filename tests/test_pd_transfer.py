@@ -35,6 +35,7 @@ def _prefill(engine, prompts):
     outs = engine.generate([{"prompt_token_ids": p} for p in prompts],
                            SamplingParams(temperature=0, max_tokens=1, kv_transfer_params={"do_remote_decode": True}),
                            use_tqdm=False)
+    _settle(engine)  # the KV is staged (shared memory) or held (NIXL) before the tests meddle with it
     return [o.kv_transfer_params for o in outs]
 
 

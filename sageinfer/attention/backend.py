@@ -62,6 +62,7 @@ class AttentionMetadata:
 
 class AttentionBackend:
     name = "base"
+    graph_capturable = True  # its forward may be captured in a device graph
 
     def forward(self, layer, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 cache: LayerKVCache, meta: AttentionMetadata) -> torch.Tensor:

@@ -73,6 +73,7 @@ def paged_attention_ref(q: torch.Tensor, cache: LayerKVCache, meta: AttentionMet
 
 class TorchRefBackend(AttentionBackend):
     name = "torch_ref"
+    graph_capturable = False  # loops on the host over each sequence's lengths
 
     def forward(self, layer, positions, q, k, v, cache, meta):
         if layer.q_norm is not None:

@@ -136,7 +136,7 @@ class ModelRunner:
 
     def capture_graphs(self) -> float:
         """Capture decode graphs if the platform can; returns the capture time in seconds."""
-        if self.config.enforce_eager or not self.platform.supports_graphs:
+        if self.config.enforce_eager or not self.platform.supports_graphs or not self.backend.graph_capturable:
             return 0.0
         from sageinfer.executor.graph_runner import DecodeGraphs, PrefillGraphs
         self.graphs = DecodeGraphs(self.model, self.backend, self.platform, self.device, self.config.max_num_seqs,
