@@ -41,12 +41,14 @@ def checkpoints(llama_dir, tmp_path_factory):
 # INT8: the same layer output exactly on the same input, but float noise of 1e-6 upstream (attention
 # kernels differ) can move an activation across a rounding edge, one step of 1/127.5 of its row's
 # largest value: up to 6e-3 in a logprob here, hence the looser bound. On a GPU the matmuls sum in
-# another order than the CPU oracle, so FP8 activations (a step is 1/8 of a value) cross edges too.
+# another order than the CPU oracle, so more activations cross edges (INT8 up to 0.021 measured on an
+# H100), FP8 ones too (a step is 1/8 of a value). A wrongly loaded layer moves logprobs by whole units.
 _FP8 = 5e-2 if torch.cuda.is_available() else 1e-4
+_INT8 = 5e-2 if torch.cuda.is_available() else 1e-2
 
 
 @pytest.mark.parametrize("name, tolerance", [("fp8-channel", _FP8), ("fp8-tensor", _FP8), ("fp8-static", _FP8),
-                                             ("int8-channel", 1e-2)])
+                                             ("int8-channel", _INT8)])
 def test_compressed_tensors_checkpoint_matches_transformers(checkpoints, name, tolerance):
     pytest.importorskip("compressed_tensors")
     from oracle import hf_logits
