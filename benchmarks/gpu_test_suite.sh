@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The whole test suite on a GPU machine. With two GPUs or more it runs in three parts: the engine
-# tests on GPU 0 beside the server tests on GPU 1, then the tensor-parallel tests across all GPUs.
-# Logs go to $OUT; the exit status is the worst part's.
+# The whole test suite on a GPU machine, in two groups of about 7 minutes on two GPUs (one device call
+# each; GROUP=1 or GROUP=2, default both):
+#   group 1: the engine tests, split in two halves by file, one half per GPU
+#   group 2: the server tests on GPU 0 beside the router and PD-serving tests on GPU 1, then the
+#            tensor-parallel tests across all GPUs
+# With one GPU the parts of a group run one after the other. Logs go to $OUT; the exit status is the
+# worst part's.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -10,22 +14,44 @@ export PYTHONUNBUFFERED=1
 # part cut short still lists its failures; -v logs each test as it ends.
 PYTEST="python3 -m pytest -v -rfE --tb=short --durations=20 -p no:cacheprovider -o faulthandler_timeout=240"
 PART=${PART_SECONDS:-420}
+GROUP=${GROUP:-all}
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
-if [ "$gpus" -lt 2 ]; then
-  timeout -s INT -k 20 "$PART" $PYTEST tests 2>&1 | tee "$OUT/tests.log" | tail -15
-  exit "${PIPESTATUS[0]}"
+SERVING="tests/test_server.py tests/test_server_faults.py"
+ROUTING="tests/test_router.py tests/test_pd_serving.py"
+ENGINE=$(ls tests/test_*.py | grep -v -E "test_(server|server_faults|router|pd_serving|tensor_parallel)\.py")
+half=$(( $(echo "$ENGINE" | wc -l) / 2 ))
+ENGINE_A=$(echo "$ENGINE" | head -n "$half")
+ENGINE_B=$(echo "$ENGINE" | tail -n +"$((half + 1))")
+worst=0
+part() {  # name, gpu, tests... (in the background when there are two GPUs)
+  local name=$1 gpu=$2; shift 2
+  CUDA_VISIBLE_DEVICES=$gpu timeout -s INT -k 20 "$PART" $PYTEST "$@" > "$OUT/tests_$name.log" 2>&1
+}
+pair() {  # two parts side by side on two GPUs, or one after the other
+  if [ "$gpus" -ge 2 ]; then
+    part "$1" 0 $2 & local first=$!
+    part "$3" 1 $4 & local second=$!
+    wait $first; local a=$?; wait $second; local b=$?
+  else
+    part "$1" 0 $2; local a=$?; part "$3" 0 $4; local b=$?
+  fi
+  worst=$(( worst > a ? worst : a )); worst=$(( worst > b ? worst : b ))
+}
+ran=""
+if [ "$GROUP" = 1 ] || [ "$GROUP" = all ]; then
+  pair engine_a "$ENGINE_A" engine_b "$ENGINE_B"; ran="$ran engine_a engine_b"
 fi
-CUDA_VISIBLE_DEVICES=0 timeout -s INT -k 20 "$PART" $PYTEST tests --ignore=tests/test_server.py --ignore=tests/test_server_faults.py \
-  --ignore=tests/test_tensor_parallel.py > "$OUT/tests_engine.log" 2>&1 &
-engine=$!
-CUDA_VISIBLE_DEVICES=1 timeout -s INT -k 20 "$PART" $PYTEST tests/test_server.py tests/test_server_faults.py > "$OUT/tests_server.log" 2>&1 &
-server=$!
-wait $engine; rc_engine=$?
-wait $server; rc_server=$?
-timeout -s INT -k 20 "$PART" $PYTEST tests/test_tensor_parallel.py tests/test_quantization.py tests/test_structured_output.py \
-  tests/test_prompt_logprobs.py tests/test_server_faults.py -k "tensor_parallel or worker or tp2" \
-  > "$OUT/tests_tp.log" 2>&1; rc_tp=$?
-for part in engine server tp; do
-  echo "== $part"; grep -E "^(FAILED|ERROR)" "$OUT/tests_$part.log" | head -20; grep -E "^=+ .*(passed|failed|error)" "$OUT/tests_$part.log" | tail -1 "$OUT/tests_$part.log"
+if [ "$GROUP" = 2 ] || [ "$GROUP" = all ]; then
+  pair server "$SERVING" routing "$ROUTING"; ran="$ran server routing"
+  if [ "$gpus" -ge 2 ]; then
+    timeout -s INT -k 20 "$PART" $PYTEST tests/test_tensor_parallel.py tests/test_quantization.py \
+      tests/test_structured_output.py tests/test_prompt_logprobs.py tests/test_server_faults.py \
+      -k "tensor_parallel or worker or tp2" > "$OUT/tests_tp.log" 2>&1
+    rc=$?; worst=$(( worst > rc ? worst : rc )); ran="$ran tp"
+  fi
+fi
+for name in $ran; do
+  echo "== $name"; grep -E "^(FAILED|ERROR)" "$OUT/tests_$name.log" | head -20
+  grep -E "^=+ .*(passed|failed|error)" "$OUT/tests_$name.log" | tail -1
 done
-exit $(( rc_engine > rc_server ? (rc_engine > rc_tp ? rc_engine : rc_tp) : (rc_server > rc_tp ? rc_server : rc_tp) ))
+exit $worst

@@ -44,9 +44,13 @@ class RouterProcess:
         self.proc.wait(10)
 
 
+# Routing needs no decode graphs: eager instances start in seconds on a GPU too (capture takes ~30 s).
+EAGER = "--enforce-eager"
+
+
 @pytest.fixture(scope="module")
 def instances(llama_dir):
-    servers = [ServerProcess(llama_dir, api_key=None) for _ in range(2)]
+    servers = [ServerProcess(llama_dir, EAGER, api_key=None) for _ in range(2)]
     yield servers
     for s in servers:
         s.stop()
@@ -97,7 +101,7 @@ def test_least_load_spreads_concurrent_requests_and_sessions_stay_together(insta
 
 
 def test_an_instance_that_dies_is_routed_around_and_rejoins(llama_dir):
-    a, b = ServerProcess(llama_dir, api_key=None), ServerProcess(llama_dir, api_key=None)
+    a, b = ServerProcess(llama_dir, EAGER, api_key=None), ServerProcess(llama_dir, EAGER, api_key=None)
     router = RouterProcess([a.base_url, b.base_url], "round_robin")
     try:
         os.kill(a.proc.pid, signal.SIGKILL)
@@ -113,7 +117,7 @@ def test_an_instance_that_dies_is_routed_around_and_rejoins(llama_dir):
         b.proc.wait()
         time.sleep(1.0)
         assert httpx.post(router.base_url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 503
-        a2 = ServerProcess(llama_dir, api_key=None, port=a.port)  # back on its address
+        a2 = ServerProcess(llama_dir, EAGER, api_key=None, port=a.port)  # back on its address
         try:
             deadline = time.monotonic() + 10
             while httpx.get(router.base_url + "/health").status_code != 200:
