@@ -12,7 +12,7 @@ import pytest
 
 from server_util import ServerProcess, free_port, parse_metrics
 
-CONNECTORS = ["SharedMemoryConnector", "NixlConnector"]
+CONNECTORS = ["SharedMemoryConnector", "NixlConnector", "TorchDistributedConnector"]
 
 
 class ProxyProcess:

@@ -3,6 +3,7 @@ hands their KV over, a decode engine (kv_consumer) loads it and generates; outpu
 one engine alone, and no block may stay held on either side, whatever fails."""
 import json
 import os
+import socket
 import time
 
 import numpy as np
@@ -35,7 +36,8 @@ def _prefill(engine, prompts):
     outs = engine.generate([{"prompt_token_ids": p} for p in prompts],
                            SamplingParams(temperature=0, max_tokens=1, kv_transfer_params={"do_remote_decode": True}),
                            use_tqdm=False)
-    _settle(engine)  # the KV is staged (shared memory) or held (NIXL) before the tests meddle with it
+    if engine.engine.kv_transfer.name == "SharedMemoryConnector":
+        _settle(engine)  # the files are complete before the tests meddle with them
     return [o.kv_transfer_params for o in outs]
 
 
@@ -61,7 +63,7 @@ def _settle(engine, seconds=5.0):
 
 
 def _backends():
-    out = ["SharedMemoryConnector"]
+    out = ["SharedMemoryConnector", "TorchDistributedConnector"]
     try:
         from sageinfer.transport.nixl_connector import _nixl_api
         _nixl_api()
@@ -120,9 +122,14 @@ def test_kv_that_cannot_be_loaded_is_recomputed(llama_dir, tmp_path, reference, 
         os.remove(params[0]["path"])  # the staged KV is gone
         params[1]["path"] = params[1]["path"] + ".truncated"
         open(params[1]["path"], "wb").write(b"\0" * 10)
-    else:
+    elif connector == "NixlConnector":
         params[0]["remote_block_ids"] = params[0]["remote_block_ids"][:1]  # offers too little
         params[1]["remote_agent_metadata"] = "bm90IGFuIGFnZW50"  # a prefill instance that is not there
+    else:
+        params[0]["remote_request_id"] = "never-offered"  # the prefill instance holds nothing for it
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            params[1]["remote_port"] = s.getsockname()[1]  # a prefill instance that is not there
     params[2]["remote_layout"] = {"tensors": [["float16", [1, 1]]], "fp8_scales": [1.0]}  # another model
     assert _decode(decode, prompts, params) == expected
     sched = decode.engine.scheduler

@@ -1,6 +1,6 @@
 """--kv-transfer-config: which connector moves KV between instances, and this instance's role in it.
 vLLM's field names, so that deployment recipes carry over:
-  {"kv_connector": "SharedMemoryConnector" | "NixlConnector", "kv_role": "kv_producer" | "kv_consumer" |
+  {"kv_connector": "SharedMemoryConnector" | "NixlConnector" | "TorchDistributedConnector", "kv_role": "kv_producer" | "kv_consumer" |
    "kv_both", "engine_id": ..., "kv_connector_extra_config": {...}}
 """
 from __future__ import annotations
@@ -13,8 +13,10 @@ CONNECTORS = {
     "SharedMemoryConnector": "sageinfer.transport.shm_connector",
     # any host: NIXL (UCX: RDMA where the machine has it, TCP or shared memory where it does not)
     "NixlConnector": "sageinfer.transport.nixl_connector",
+    # any platform: torch.distributed point-to-point between the pair (gloo, NCCL, a vendor's library)
+    "TorchDistributedConnector": "sageinfer.transport.torch_dist_connector",
 }
-ALIASES = {"shm": "SharedMemoryConnector", "nixl": "NixlConnector"}
+ALIASES = {"shm": "SharedMemoryConnector", "nixl": "NixlConnector", "torch_dist": "TorchDistributedConnector"}
 ROLES = ("kv_producer", "kv_consumer", "kv_both")
 
 
