@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sageinfer import LLM  # noqa: E402
 from sageinfer.bench.roofline import decode_bandwidth_gbs, model_sizes, prefill_flops  # noqa: E402
+from sageinfer.bench.mixed import MIXES  # noqa: E402
 from sageinfer.bench.runs import run_latency, run_throughput  # noqa: E402
 from sageinfer.bench.workloads import STANDARD_DIR, load_anchors, load_workloads  # noqa: E402
 from sageinfer.gateway.engine_args import add_engine_args, engine_kwargs  # noqa: E402
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--anchor-set", default="bf16", choices=["bf16", "fp8"])
     parser.add_argument("--prefill-attention-config", default=None, help="JSON file from tune_attention.py")
+    parser.add_argument("--mix-prompts", type=int, default=2000, help="requests of a mixed-length workload")
     add_engine_args(parser)
     parser.set_defaults(model=os.path.join(STANDARD_DIR, "qwen3-8b"), load_format="dummy", skip_tokenizer_init=True,
                         max_num_seqs=1024, max_num_batched_tokens=16384)
@@ -40,6 +42,8 @@ def main() -> None:
             pa.PREFILL_CONFIG = json.load(f)
         print("prefill attention config", pa.PREFILL_CONFIG)
     workloads, anchors = load_workloads(), load_anchors()
+    for mix in MIXES:  # mixed lengths (sageinfer/bench/mixed.py): --workloads chat-mix,summarize-mix
+        workloads[mix] = {"kind": "throughput", "mix": mix, "num_prompts": args.mix_prompts, "seed": 0}
     anchor_w = anchors["workloads"] if args.anchor_set == "bf16" else anchors["fp8_weights_and_kv"]["workloads"]
     ceilings = anchors["ceilings"]
 
@@ -65,7 +69,8 @@ def main() -> None:
             tokens = r["prompt_tokens"] + r["generated_tokens"]
             r["matmul_tflops"] = 2.0 * sizes["matmul_params"] * tokens / r["seconds"] / 1e12
             r["matmul_fraction_of_ceiling"] = r["matmul_tflops"] * 1e12 / (ceilings["bf16_matmul_tflops"] * 1e12)
-            r["vs_vllm"] = r["total_tok_s"] / anchor_w[name]["total_tok_s"]
+            if name in anchor_w:  # the mixes have no shared anchor: run vLLM beside them on the device
+                r["vs_vllm"] = r["total_tok_s"] / anchor_w[name]["total_tok_s"]
         else:
             r = run_latency(llm, w)
             ctx = w["input_len"] + w["output_len"] // 2

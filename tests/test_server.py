@@ -229,6 +229,17 @@ def test_bench_serve_writes_a_complete_result_file(server, tmp_path):
     for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
         assert set(r[metric]) == {"mean", "median", "p90", "p99"} and r[metric]["p99"] >= r[metric]["median"] > 0
     assert r["goodput_req_s"] == pytest.approx(r["request_throughput"])
+    # a mixed-length workload: each request its own lengths, cut to the model's length
+    from sageinfer.bench.mixed import mixed_lengths
+    proc = subprocess.run([sys.executable, "-m", "sageinfer.gateway.cli", "bench", "serve", "--base-url",
+                           server.base_url, "--model", "tiny", "--api-key", server.api_key, "--dataset", "chat-mix",
+                           "--max-model-len", "256", "--num-prompts", "10", "--vocab-size", "512",
+                           "--result-file", str(result_file)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(result_file.read_text())
+    prompts, outputs = mixed_lengths("chat-mix", 10, seed=0, max_model_len=256)
+    assert r["dataset"] == "chat-mix" and r["completed"] == 10
+    assert r["total_output_tokens"] == sum(outputs) and r["total_input_tokens"] == sum(prompts)
 
 
 def test_requests_over_the_queue_limit_get_503_and_the_rest_complete(llama_dir):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import statistics
 import time
 
+from sageinfer.bench.mixed import mixed_prompts
 from sageinfer.bench.workloads import make_prompts
 from sageinfer.sampling_params import SamplingParams
 
@@ -13,14 +14,19 @@ def _params(max_tokens: int) -> SamplingParams:
 
 
 def run_throughput(llm, workload: dict, use_tqdm: bool = True) -> dict:
+    """A standard workload, or a mixed-length one ({"mix": name, "num_prompts", "seed"}: bench/mixed.py)."""
     vocab = llm.engine.model_config.vocab_size
-    prompts = make_prompts(workload, vocab)
-    out_len = workload["output_len"]
+    if "mix" in workload:
+        prompts, out_lens = mixed_prompts(workload["mix"], workload["num_prompts"], vocab, workload.get("seed", 0),
+                                          llm.engine.config.max_model_len)
+    else:
+        prompts = make_prompts(workload, vocab)
+        out_lens = [workload["output_len"]] * len(prompts)
     start = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], _params(out_len), use_tqdm=use_tqdm)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], [_params(n) for n in out_lens], use_tqdm=use_tqdm)
     seconds = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
-    assert generated == out_len * len(prompts), "a request stopped early"
+    assert generated == sum(out_lens), "a request stopped early"
     prompt_tokens = sum(len(p) for p in prompts)
     return {"seconds": seconds, "total_tok_s": (prompt_tokens + generated) / seconds,
             "output_tok_s": generated / seconds, "req_s": len(prompts) / seconds,

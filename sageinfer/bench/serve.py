@@ -16,6 +16,8 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
+from sageinfer.bench.mixed import MIXES, mixed_prompts
+
 
 @dataclass
 class RequestResult:
@@ -76,9 +78,11 @@ async def _one(http: httpx.AsyncClient, url: str, headers: dict, model: str, pro
     return result
 
 
-async def run_benchmark(base_url: str, model: str, prompts: list[list[int]], output_len: int, request_rate: float,
-                        max_concurrency: int | None, api_key: str | None, seed: int,
+async def run_benchmark(base_url: str, model: str, prompts: list[list[int]], output_len: int | list[int],
+                        request_rate: float, max_concurrency: int | None, api_key: str | None, seed: int,
                         show_progress: bool = True) -> tuple[list[RequestResult], float]:
+    """output_len: one for all requests, or each request's own."""
+    output_lens = output_len if isinstance(output_len, list) else [output_len] * len(prompts)
     url = base_url.rstrip("/") + "/v1/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     rng = np.random.default_rng(seed + 1)
@@ -87,16 +91,16 @@ async def run_benchmark(base_url: str, model: str, prompts: list[list[int]], out
     bar = tqdm(total=len(prompts), desc="Requests", unit="req", disable=not show_progress)
     limits = httpx.Limits(max_connections=max_concurrency or len(prompts) + 8)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as http:
-        async def submit(prompt):
+        async def submit(prompt, out_len):
             async with limit:
-                r = await _one(http, url, headers, model, prompt, output_len)
+                r = await _one(http, url, headers, model, prompt, out_len)
             bar.update(1)
             return r
 
         start = time.perf_counter()
         tasks = []
-        for prompt, gap in zip(prompts, gaps):
-            tasks.append(asyncio.create_task(submit(prompt)))
+        for prompt, out_len, gap in zip(prompts, output_lens, gaps):
+            tasks.append(asyncio.create_task(submit(prompt, out_len)))
             if gap:
                 await asyncio.sleep(gap)
         results = await asyncio.gather(*tasks)
@@ -137,7 +141,10 @@ def summarize(results: list[RequestResult], duration: float, slo_ms: dict[str, f
 def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", required=True)
     p.add_argument("--model", required=True)
-    p.add_argument("--dataset", default="random", choices=["random"])
+    p.add_argument("--dataset", default="random", choices=["random", *MIXES],
+                   help="random: --input-len / --output-len for every request; a mix draws each request's "
+                        "lengths (sageinfer/bench/mixed.py)")
+    p.add_argument("--max-model-len", type=int, default=None, help="a mix's requests are shortened to fit this")
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-prompts", type=int, default=200)
@@ -160,13 +167,20 @@ def main_from_args(args: argparse.Namespace) -> int:
         slo[key] = float(value)
     if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
         raise ValueError("--num-prompts, --input-len and --output-len must be >= 1")
-    prompts = random_prompts(args.num_prompts, args.input_len, args.vocab_size, args.seed)
-    results, duration = asyncio.run(run_benchmark(args.base_url, args.model, prompts, args.output_len,
+    if args.dataset == "random":
+        prompts = random_prompts(args.num_prompts, args.input_len, args.vocab_size, args.seed)
+        output_lens = args.output_len
+    else:
+        prompts, output_lens = mixed_prompts(args.dataset, args.num_prompts, args.vocab_size, args.seed,
+                                             args.max_model_len)
+    results, duration = asyncio.run(run_benchmark(args.base_url, args.model, prompts, output_lens,
                                                   args.request_rate, args.max_concurrency, args.api_key, args.seed))
     summary = summarize(results, duration, slo)
-    summary.update({"base_url": args.base_url, "model": args.model, "input_len": args.input_len,
-                    "output_len": args.output_len, "num_prompts": args.num_prompts,
-                    "request_rate": args.request_rate, "max_concurrency": args.max_concurrency})
+    summary.update({"base_url": args.base_url, "model": args.model, "dataset": args.dataset,
+                    "input_len": args.input_len if args.dataset == "random" else None,
+                    "output_len": args.output_len if args.dataset == "random" else None,
+                    "num_prompts": args.num_prompts, "request_rate": args.request_rate,
+                    "max_concurrency": args.max_concurrency})
     print(f"completed {summary['completed']}/{len(results)} in {duration:.2f} s: "
           f"{summary['request_throughput']:.2f} req/s, {summary['output_throughput']:.1f} output tok/s")
     for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):

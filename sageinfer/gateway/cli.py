@@ -49,7 +49,10 @@ def _bench(args: argparse.Namespace) -> int:
     from sageinfer import LLM
     from sageinfer.bench.runs import run_latency, run_throughput
     from sageinfer.bench.workloads import load_workloads
+    from sageinfer.bench.mixed import MIXES
     workloads = load_workloads(args.workloads_file)
+    for mix in MIXES:  # mixed-length throughput workloads: a thousand requests unless --num-prompts says
+        workloads.setdefault(mix, {"kind": "throughput", "mix": mix, "num_prompts": 1000, "seed": 0})
     if args.workload not in workloads:
         raise ValueError(f"--workload must be one of {sorted(workloads)}, got {args.workload!r}")
     workload = dict(workloads[args.workload])
