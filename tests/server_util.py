@@ -72,3 +72,35 @@ class ServerProcess:
                 self.proc.wait()
         self.log.close()
         return self.proc.returncode
+
+
+class CliProcess:
+    """A `sageinfer` command serving HTTP (router, proxy) on a free loopback port, once /health is 200."""
+
+    def __init__(self, *command: str, startup_seconds: float = 60):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "sageinfer.gateway.cli", *command, "--port", str(self.port),
+                "--health-check-interval", "0.3"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + startup_seconds
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.base_url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"`sageinfer {command[0]}` did not become healthy")
+
+    def counter(self, family: str, label: str) -> dict[str, float]:
+        """label value -> count, of one counter family in /metrics."""
+        from prometheus_client.parser import text_string_to_metric_families
+        text = httpx.get(self.base_url + "/metrics", timeout=10).text
+        return {s.labels[label]: s.value for f in text_string_to_metric_families(text)
+                if f.name == family for s in f.samples if s.name.endswith("_total")}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)

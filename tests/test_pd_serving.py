@@ -2,46 +2,23 @@
 loopback answer as one instance does (streaming too), the KV really comes over, and a prefill
 instance that dies leaves the decode instance computing the prompt itself."""
 import json
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
 import pytest
 
-from server_util import ServerProcess, free_port, parse_metrics
+from server_util import CliProcess, ServerProcess, parse_metrics
 
 CONNECTORS = ["SharedMemoryConnector", "NixlConnector", "TorchDistributedConnector"]
 
 
-class ProxyProcess:
+class ProxyProcess(CliProcess):
     def __init__(self, prefill: list[str], decode: list[str]):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "sageinfer.gateway.cli", "proxy", "--port", str(self.port),
-                "--health-check-interval", "0.3", "--prefill", *prefill, "--decode", *decode]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.base_url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("the proxy did not become healthy")
+        super().__init__("proxy", "--prefill", *prefill, "--decode", *decode)
 
     def paths(self) -> dict[str, float]:
-        from prometheus_client.parser import text_string_to_metric_families
-        text = httpx.get(self.base_url + "/metrics", timeout=10).text
-        return {s.labels["path"]: s.value for f in text_string_to_metric_families(text)
-                if f.name == "sageinfer_pd_proxy:requests" for s in f.samples if s.name.endswith("_total")}
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        return self.counter("sageinfer_pd_proxy:requests", "path")
 
 
 @pytest.fixture(scope="module", params=CONNECTORS)

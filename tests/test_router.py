@@ -12,36 +12,15 @@ import httpx
 import openai
 import pytest
 
-from server_util import ServerProcess, free_port
+from server_util import CliProcess, ServerProcess, free_port
 
 
-class RouterProcess:
+class RouterProcess(CliProcess):
     def __init__(self, backends: list[str], policy: str):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "sageinfer.gateway.cli", "router", "--port", str(self.port), "--policy", policy,
-                "--health-check-interval", "0.3"] + [a for url in backends for a in ("--backend", url)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.base_url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("the router did not become healthy")
+        super().__init__("router", "--policy", policy, *[a for url in backends for a in ("--backend", url)])
 
     def served(self) -> dict[str, float]:
-        from prometheus_client.parser import text_string_to_metric_families
-        text = httpx.get(self.base_url + "/metrics", timeout=10).text
-        return {s.labels["backend"]: s.value for f in text_string_to_metric_families(text)
-                if f.name == "sageinfer_router:requests" for s in f.samples if s.name.endswith("_total")}
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+        return self.counter("sageinfer_router:requests", "backend")
 
 
 # Routing needs no decode graphs: eager instances start in seconds on a GPU too (capture takes ~30 s).

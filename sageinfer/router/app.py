@@ -7,26 +7,22 @@ Headers such as the API key pass through to the instances.
 """
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from sageinfer.router.backends import Backend, BackendPool
+from sageinfer.router.forwarding import error as _error
+from sageinfer.router.forwarding import add_openai_routes, forward_to_pool, json_body
 from sageinfer.router.policies import Policy
 
 logger = logging.getLogger(__name__)
 _PASSED_HEADERS = ("authorization", "content-type", "x-request-id")
 _SESSION_HEADER = "x-session-id"
-
-
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
-                        status_code=status)
 
 
 class _Metrics:
@@ -67,63 +63,23 @@ def build_router_app(pool: BackendPool, policy: Policy, max_attempts: int = 3) -
         return policy.pick(candidates, session, body) if candidates else None
 
     async def forward(path: str, raw: Request):
-        body = await raw.body()
-        try:
-            parsed = json.loads(body or b"{}")
-        except ValueError:
-            return _error(400, "the request body is not valid JSON", "BadRequestError")
-        if not isinstance(parsed, dict):
-            return _error(400, "the request body must be a JSON object", "BadRequestError")
+        got = await json_body(raw)
+        if isinstance(got, JSONResponse):
+            return got
+        body, parsed = got
         stream = bool(parsed.get("stream"))
         session = raw.headers.get(_SESSION_HEADER) or (parsed.get("user") if isinstance(parsed.get("user"), str)
                                                        else None)
         headers = {k: v for k, v in raw.headers.items() if k.lower() in _PASSED_HEADERS}
-        tried: set[str] = set()
-        for _ in range(max_attempts):
-            backend = choose(tried, session, parsed)
-            if backend is None:
-                break
-            tried.add(backend.url)
-            backend.in_flight += 1
-            try:
-                upstream = await client.send(client.build_request("POST", backend.url + path, content=body,
-                                                                  headers=headers), stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
-                backend.in_flight -= 1
-                pool.mark_down(backend, f"{type(exc).__name__}: {exc}")
-                metrics.retries.inc()
-                continue
+
+        def served(backend: Backend) -> None:
             backend.served += 1
             metrics.requests.labels(backend.url).inc()
-            if not stream or upstream.status_code != 200:
-                try:
-                    content = await upstream.aread()
-                finally:
-                    await upstream.aclose()
-                    backend.in_flight -= 1
-                return Response(content, status_code=upstream.status_code,
-                                media_type=upstream.headers.get("content-type"))
-            return StreamingResponse(_relay(upstream, backend, pool), media_type="text/event-stream")
-        return _error(503, "no instance is available to serve the request", "ServiceUnavailableError")
+        answer = await forward_to_pool(client, pool, lambda tried: choose(tried, session, parsed), path, body,
+                                       headers, stream, max_attempts, on_sent=served, on_retry=metrics.retries.inc)
+        return answer or _error(503, "no instance is available to serve the request", "ServiceUnavailableError")
 
-    @app.post("/v1/completions")
-    async def completions(raw: Request):
-        return await forward("/v1/completions", raw)
-
-    @app.post("/v1/chat/completions")
-    async def chat(raw: Request):
-        return await forward("/v1/chat/completions", raw)
-
-    @app.get("/v1/models")
-    async def models(raw: Request):
-        headers = {k: v for k, v in raw.headers.items() if k.lower() == "authorization"}
-        for backend in pool.healthy():
-            try:
-                resp = await client.get(backend.url + "/v1/models", headers=headers, timeout=5.0)
-                return Response(resp.content, status_code=resp.status_code, media_type="application/json")
-            except httpx.HTTPError as exc:
-                pool.mark_down(backend, str(exc))
-        return _error(503, "no instance is available", "ServiceUnavailableError")
+    add_openai_routes(app, forward, client, pool)
 
     # Instances join and leave at run time (a launcher, an autoscaler): POST or DELETE {"url": ...}.
     @app.get("/router/backends")
@@ -167,19 +123,3 @@ async def _url_of(raw: Request):
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         return _error(400, "send {\"url\": \"http(s)://host:port\"}", "BadRequestError")
     return url
-
-
-async def _relay(upstream: httpx.Response, backend: Backend, pool: BackendPool):
-    """The instance's server-sent events as they come; a stream cut off mid-way ends with an error
-    event and [DONE], as the instances themselves end a failed stream."""
-    try:
-        async for chunk in upstream.aiter_raw():
-            yield chunk
-    except httpx.HTTPError as exc:
-        pool.mark_down(backend, f"stream cut off: {exc}")
-        error = {"error": {"message": f"the instance serving this request failed: {type(exc).__name__}",
-                           "type": "InternalServerError", "param": None, "code": 500}}
-        yield f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode()
-    finally:
-        backend.in_flight -= 1
-        await upstream.aclose()

@@ -18,15 +18,16 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
-from sageinfer.router.app import _PASSED_HEADERS, _error, _relay
+from sageinfer.router.app import _PASSED_HEADERS
 from sageinfer.router.backends import Backend, BackendPool
+from sageinfer.router.forwarding import CONNECT_ERRORS, add_openai_routes, forward_to_pool, json_body
+from sageinfer.router.forwarding import error as _error
 from sageinfer.router.policies import Policy
 
 logger = logging.getLogger(__name__)
-_CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError)
 
 
 def _prefill_body(body: dict) -> dict:
@@ -80,7 +81,7 @@ def build_pd_proxy_app(prefill: BackendPool, decode: BackendPool, max_attempts: 
             backend.in_flight += 1
             try:
                 resp = await client.post(backend.url + path, json=_prefill_body(body), headers=headers)
-            except _CONNECT_ERRORS as exc:
+            except CONNECT_ERRORS as exc:
                 prefill.mark_down(backend, f"{type(exc).__name__}: {exc}")
                 continue
             finally:
@@ -99,12 +100,10 @@ def build_pd_proxy_app(prefill: BackendPool, decode: BackendPool, max_attempts: 
         return None
 
     async def forward(path: str, raw: Request):
-        try:
-            body = json.loads(await raw.body() or b"{}")
-        except ValueError:
-            return _error(400, "the request body is not valid JSON", "BadRequestError")
-        if not isinstance(body, dict):
-            return _error(400, "the request body must be a JSON object", "BadRequestError")
+        got = await json_body(raw)
+        if isinstance(got, JSONResponse):
+            return got
+        _, body = got
         headers = {k: v for k, v in raw.headers.items() if k.lower() in _PASSED_HEADERS}
         params = await run_prefill(path, body, headers)
         if isinstance(params, Response):
@@ -116,52 +115,13 @@ def build_pd_proxy_app(prefill: BackendPool, decode: BackendPool, max_attempts: 
         else:
             decode_body.pop("kv_transfer_params", None)
             logger.warning("no prefill instance served the request: the decode instance computes the prompt")
-        content = json.dumps(decode_body).encode()
         headers["content-type"] = "application/json"
-        stream = bool(body.get("stream"))
-        tried: set[str] = set()
-        for _ in range(max_attempts):
-            backend = pick(decode, tried)
-            if backend is None:
-                break
-            tried.add(backend.url)
-            backend.in_flight += 1
-            try:
-                upstream = await client.send(client.build_request("POST", backend.url + path, content=content,
-                                                                  headers=headers), stream=True)
-            except _CONNECT_ERRORS as exc:
-                backend.in_flight -= 1
-                decode.mark_down(backend, f"{type(exc).__name__}: {exc}")
-                continue
-            if not stream or upstream.status_code != 200:
-                try:
-                    data = await upstream.aread()
-                finally:
-                    await upstream.aclose()
-                    backend.in_flight -= 1
-                return Response(data, status_code=upstream.status_code,
-                                media_type=upstream.headers.get("content-type"))
-            return StreamingResponse(_relay(upstream, backend, decode), media_type="text/event-stream")
-        return _error(503, "no decode instance is available to serve the request", "ServiceUnavailableError")
+        answer = await forward_to_pool(client, decode, lambda tried: pick(decode, tried), path,
+                                       json.dumps(decode_body).encode(), headers, bool(body.get("stream")),
+                                       max_attempts)
+        return answer or _error(503, "no decode instance is available to serve the request", "ServiceUnavailableError")
 
-    @app.post("/v1/completions")
-    async def completions(raw: Request):
-        return await forward("/v1/completions", raw)
-
-    @app.post("/v1/chat/completions")
-    async def chat(raw: Request):
-        return await forward("/v1/chat/completions", raw)
-
-    @app.get("/v1/models")
-    async def models(raw: Request):
-        headers = {k: v for k, v in raw.headers.items() if k.lower() == "authorization"}
-        for backend in decode.healthy():
-            try:
-                resp = await client.get(backend.url + "/v1/models", headers=headers, timeout=5.0)
-                return Response(resp.content, status_code=resp.status_code, media_type="application/json")
-            except httpx.HTTPError as exc:
-                decode.mark_down(backend, str(exc))
-        return _error(503, "no decode instance is available", "ServiceUnavailableError")
+    add_openai_routes(app, forward, client, decode)
 
     @app.get("/health")
     async def health():

@@ -78,14 +78,7 @@ class NixlConnector(RemoteKVConnector):
                 request_id = message.decode(errors="replace")
                 if self.held.pop(request_id, None) is not None:
                     done.append(request_id)
-        now = time.monotonic()
-        for request_id, deadline in list(self.held.items()):
-            if now > deadline:
-                logger.warning("KV of request %s was not read within %.0f s: its blocks are freed", request_id,
-                               self.timeout)
-                del self.held[request_id]
-                done.append(request_id)
-        return done
+        return done + self.expire(self.held, lambda deadline: deadline, self.timeout)
 
     # ---- consumer ----
     def _peer(self, metadata: str) -> str:

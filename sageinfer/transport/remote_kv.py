@@ -13,7 +13,12 @@ Backends: shm_connector (same host, staged in shared host memory), nixl_connecto
 """
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def kv_tensors(kv_caches: list) -> list[torch.Tensor]:
@@ -76,6 +81,16 @@ class RemoteKVConnector:
 
     def poll_sent(self) -> list[str]:
         return []
+
+    @staticmethod
+    def expire(held: dict, deadline_of, timeout: float) -> list[str]:
+        """Remove and return the held requests past their deadline: no decode instance read their KV."""
+        now = time.monotonic()
+        gone = [request_id for request_id, entry in held.items() if now > deadline_of(entry)]
+        for request_id in gone:
+            logger.warning("KV of request %s was not read within %.0f s: its blocks are freed", request_id, timeout)
+            del held[request_id]
+        return gone
 
     # ---- consumer ----
     def start_load(self, request_id: str, params: dict, block_ids: list[int], first_token: int) -> None:

@@ -59,6 +59,7 @@ class TorchDistributedConnector(RemoteKVConnector):
         self.backend = self.extra.get("backend") or platform.dist_backend
         self.timeout = datetime.timedelta(seconds=float(self.extra.get("connect_timeout_s", 30)))
         self.abort_timeout = float(self.extra.get("abort_timeout_s", 120))
+        self.load_timeout = float(self.extra.get("load_timeout_s", 60))
         self.host = self.extra.get("host", "127.0.0.1")
         self.lock = threading.Lock()
         self.offers: dict[str, tuple[list[int], int, float]] = {}  # request -> (blocks, tokens, deadline)
@@ -87,16 +88,9 @@ class TorchDistributedConnector(RemoteKVConnector):
         return True, params
 
     def poll_sent(self) -> list[str]:
-        now = time.monotonic()
         with self.lock:
             done, self.sent = self.sent, []
-            for request_id, (_, _, deadline) in list(self.offers.items()):
-                if now > deadline:
-                    logger.warning("KV of request %s was not read within %.0f s: its blocks are freed", request_id,
-                                   self.abort_timeout)
-                    del self.offers[request_id]
-                    done.append(request_id)
-        return done
+            return done + self.expire(self.offers, lambda offer: offer[2], self.abort_timeout)
 
     def _accept(self) -> None:
         while not self.closed:
@@ -163,16 +157,23 @@ class TorchDistributedConnector(RemoteKVConnector):
         if link is None or not link.alive:
             link = self.links[address] = _Link(self, address, int(params.get("remote_store_port") or 0))
         future: Future = Future()
-        link.jobs.put((str(params.get("remote_request_id")), first_token, count, list(block_ids), future))
+        future.deadline = time.monotonic() + self.load_timeout
+        future.abandoned = False  # set when given up on: a late answer must not write the blocks
+        link.submit((str(params.get("remote_request_id")), first_token, count, list(block_ids), future))
         self.loads[request_id] = future
 
     def poll_loaded(self) -> list[tuple[str, str | None]]:
         done = []
+        now = time.monotonic()
         for request_id, future in list(self.loads.items()):
             if future.done():
                 del self.loads[request_id]
                 error = None if future.cancelled() else future.exception()
                 done.append((request_id, None if error is None else f"{type(error).__name__}: {error}"))
+            elif now > future.deadline:
+                future.abandoned = True
+                del self.loads[request_id]
+                done.append((request_id, f"the transfer did not end within {self.load_timeout:.0f} s"))
         return done
 
     def cancel_load(self, request_id: str) -> bool:
@@ -199,6 +200,7 @@ class _Link:
         self.store_port = store_port
         self.jobs: queue.Queue = queue.Queue()
         self.alive = True
+        self.lock = threading.Lock()  # a job is queued only while the thread still takes jobs
         self.sock = None
         threading.Thread(target=self._run, name=f"kv-dist-link-{address[1]}", daemon=True).start()
 
@@ -227,7 +229,8 @@ class _Link:
                 for t in o.tensors:
                     buf = torch.empty((count, *t.shape[2:]), dtype=t.dtype, device=t.device)
                     group.recv([buf], 0, 0).wait()
-                    t.index_copy_(0, ids, buf.view(len(block_ids), o.block_size, *t.shape[2:]))
+                    if not future.abandoned:  # given up on: its blocks may belong to another request now
+                        t.index_copy_(0, ids, buf.view(len(block_ids), o.block_size, *t.shape[2:]))
                 o.platform.synchronize()
                 future.set_result(None)
             except ValueError as exc:
@@ -236,8 +239,16 @@ class _Link:
                 future.set_exception(exc)
                 return self._fail_all(exc)
 
+    def submit(self, job: tuple) -> None:
+        with self.lock:
+            if self.alive:
+                return self.jobs.put(job)
+        if job[-1].set_running_or_notify_cancel():
+            job[-1].set_exception(ConnectionError("the link to the prefill instance is closed"))
+
     def _fail_all(self, exc: BaseException) -> None:
-        self.alive = False
+        with self.lock:
+            self.alive = False
         while True:
             try:
                 *_, future = self.jobs.get_nowait()
@@ -247,7 +258,8 @@ class _Link:
                 future.set_exception(ConnectionError(f"no link to the prefill instance: {exc}"))
 
     def close(self) -> None:
-        self.alive = False
+        with self.lock:
+            self.alive = False
         self.jobs.put((None, 0, 0, [], None))
         if self.sock is not None:
             try:
