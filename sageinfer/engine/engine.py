@@ -65,6 +65,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, show_progress: bool = True, attention_backend: str | None = None):
         self.config = config
         self.platform = get_platform(config.device)
+        self.platform.check_config(config)
         if config.block_size is None:
             config.block_size = self.platform.kv_block_size
         self.model_config = load_model_config(config.model)

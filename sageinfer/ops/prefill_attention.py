@@ -11,7 +11,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+try:  # host-side tensor descriptors (Triton 3.3 on); a vendor's older Triton has none: no bulk copies there
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 from sageinfer.ops import launch
 from sageinfer.ops.paged_attention import LOG2E, LONG_CONTEXT
@@ -148,7 +151,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     per launch against 29-34 with pointer loads), which eager mixed steps would pay in every layer.
     config: tile sizes, warps and stages to override, and use_tma to force the choice."""
     long = (max_seq_len or 0) >= LONG_CONTEXT
-    cfg = {**choose_config(k_cache.shape[1], max_seq_len), "use_tma": tensor_copies and long, **(config or {})}
+    cfg = {**choose_config(k_cache.shape[1], max_seq_len), "use_tma": tensor_copies and long and TensorDescriptor
+           is not None, **(config or {})}
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_blocks, page_size, num_kv_heads = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads

@@ -12,16 +12,21 @@ import logging
 import os
 from importlib.metadata import entry_points
 
+from sageinfer.platforms.ascend import AscendPlatform
 from sageinfer.platforms.base import Platform
+from sageinfer.platforms.cambricon import CambriconPlatform
 from sageinfer.platforms.cpu import CpuPlatform
 from sageinfer.platforms.cuda import CudaPlatform
+from sageinfer.platforms.kunlun import KunlunPlatform
 from sageinfer.platforms.rocm import RocmPlatform
 
 logger = logging.getLogger(__name__)
 PLUGIN_GROUP = "sageinfer.platform_plugins"
 ENV_VAR = "SAGEINFER_PLATFORM"
 # The in-tree platforms, for a source tree whose entry points are not installed.
-_IN_TREE: dict[str, type[Platform]] = {"rocm": RocmPlatform, "cuda": CudaPlatform, "cpu": CpuPlatform}
+_IN_TREE: dict[str, type[Platform]] = {"ascend": AscendPlatform, "cambricon": CambriconPlatform,
+                                       "kunlun": KunlunPlatform, "rocm": RocmPlatform, "cuda": CudaPlatform,
+                                       "cpu": CpuPlatform}
 
 _current: Platform | None = None
 

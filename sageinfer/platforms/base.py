@@ -49,6 +49,21 @@ class Platform:
         NVIDIA's TMA from Hopper on) instead of per-thread loads."""
         return False
 
+    # Whether the chip has FP8 matmuls (None: ask supports_fp8). Where it has none, 8-bit weights and
+    # KV caches are INT8, and FP8 is refused at start.
+    fp8: bool | None = None
+
+    def supports_fp8(self) -> bool:
+        return bool(self.fp8)
+
+    def check_config(self, config) -> None:
+        """Refuse at start, with the alternative, what the chip can't do."""
+        if not self.supports_fp8():
+            for field, value in (("kv_cache_dtype", config.kv_cache_dtype), ("quantization", config.quantization)):
+                if value == "fp8":
+                    raise ValueError(f"{field}='fp8' needs FP8 matmuls, which the {self.name} platform does not have; "
+                                     f"use int8 (kv_cache_dtype='int8', or an INT8 W8A8 checkpoint)")
+
     def prefill_attention(self):
         """A chip-specific prefill attention kernel with ops.prefill_attention's contract, for long
         prompts where it beats the portable one: an object with supports(page_size, head_dim,

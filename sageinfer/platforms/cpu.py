@@ -10,6 +10,7 @@ class CpuPlatform(Platform):
     device_type = "cpu"
     dist_backend = "gloo"
     priority = -100  # always available: the last resort
+    fp8 = True  # through the reference (dequantizing) paths
 
     @classmethod
     def is_available(cls) -> bool:

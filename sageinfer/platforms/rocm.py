@@ -24,6 +24,9 @@ class RocmPlatform(CudaPlatform):
     def supports_tensor_copies(self) -> bool:
         return False
 
+    def supports_fp8(self) -> bool:
+        return False  # MI300's FP8 is the e4m3fnuz variant, which these kernels don't speak yet
+
     def prefill_attention(self):
         return None  # the platform kernel is written for Hopper's tensor cores and copy engine
 
