@@ -112,12 +112,14 @@ def test_a_vendor_module_without_graphs_runs_eager(monkeypatch, fresh_selection)
 
 def test_stand_in_kunlunxin_build_is_the_kunlun_platform_not_cuda(monkeypatch, fresh_selection):
     """Kunlunxin's PyTorch answers to torch.cuda (CUDA-compatible mode, BKCL behind "nccl"); its
-    torch_xmlir package tells it apart."""
+    torch_xmlir package tells it apart, and the kunlun platform is chosen before cuda."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert CudaPlatform.is_available() and not KunlunPlatform.is_available()
+    assert platforms.get_platform().name == "cuda"
+    monkeypatch.setattr(platforms, "_current", None)
     _install(monkeypatch, "torch_xmlir", "xmlir_unused", None)
-    assert KunlunPlatform.is_available() and not CudaPlatform.is_available()
-    assert platforms.get_platform().name == "kunlun"
+    assert KunlunPlatform.is_available() and KunlunPlatform.priority > CudaPlatform.priority
+    assert platforms.get_platform().name == "kunlun"  # chosen before cuda, which answers too
     k = KunlunPlatform()
     assert k.device_type == "cuda" and k.dist_backend == "nccl" and not k.supports_fp8()
     assert not k.supports_dependent_launch() and not k.supports_tensor_copies() and k.prefill_attention() is None

@@ -24,16 +24,14 @@ class CudaPlatform(Platform):
     priority = 10
     ray_device_resource = "GPU"
 
+    # The FP8 paths check the GPU themselves (rowwise-scaled FP8 GEMMs from Ada and Hopper on).
+    fp8 = True
+
     @classmethod
     def is_available(cls) -> bool:
-        # A ROCm build answers to torch.cuda too (the rocm platform's), and so does Kunlunxin's
-        # CUDA-compatible build (the kunlun platform's, known by its torch_xmlir package).
-        import importlib.util
-        return (torch.cuda.is_available() and getattr(torch.version, "hip", None) is None
-                and importlib.util.find_spec("torch_xmlir") is None)
-
-    def supports_fp8(self) -> bool:
-        return torch.cuda.get_device_capability() >= (8, 9)  # Ada and Hopper on
+        # A ROCm build answers to torch.cuda too: that is the rocm platform's. (Kunlunxin's
+        # CUDA-compatible build does as well; the kunlun platform, of higher priority, is chosen there.)
+        return torch.cuda.is_available() and getattr(torch.version, "hip", None) is None
 
     def device_name(self) -> str:
         return torch.cuda.get_device_name()

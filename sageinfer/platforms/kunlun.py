@@ -1,8 +1,9 @@
 """Kunlunxin XPUs (P800 and after) through Kunlunxin's PyTorch build and its torch_xmlir package. That
 build runs in CUDA-compatible mode: tensors live on the "cuda" device, torch.cuda answers for memory,
 streams and graphs, and the "nccl" backend name reaches BKCL underneath (as vLLM-Kunlun's platform
-and Kunlunxin's deployment notes use it). So this is the CUDA platform told apart by torch_xmlir,
-with what only NVIDIA has turned off. Not yet run on a Kunlunxin machine.
+and Kunlunxin's deployment notes use it). So this is the CUDA platform told apart by torch_xmlir
+(chosen before cuda by its priority), with what only NVIDIA has turned off. Not yet run on a
+Kunlunxin machine.
 """
 from __future__ import annotations
 
