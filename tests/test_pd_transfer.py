@@ -171,3 +171,13 @@ def test_requests_for_a_role_the_instance_lacks_are_refused(llama_dir, tmp_path)
                           use_tqdm=False)
     with pytest.raises(ValueError, match="kv_role must be one of"):
         LLM(llama_dir, kv_transfer_config='{"kv_connector": "SharedMemoryConnector", "kv_role": "prefill"}')
+
+
+def test_a_prompt_sampled_n_times_is_offered_once(llama_dir, tmp_path):
+    prefill = _engine(llama_dir, "SharedMemoryConnector", "kv_producer", tmp_path)
+    out = prefill.generate({"prompt_token_ids": list(range(5, 60))},
+                           SamplingParams(n=2, temperature=1.0, max_tokens=1,
+                                          kv_transfer_params={"do_remote_decode": True}), use_tqdm=False)[0]
+    _settle(prefill)
+    assert out.kv_transfer_params["remote_num_tokens"] == 48
+    assert os.listdir(tmp_path / "sageinfer-kv") == [os.path.basename(out.kv_transfer_params["path"])]

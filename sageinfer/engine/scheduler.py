@@ -216,7 +216,7 @@ class Scheduler:
         """A finished prefill whose KV a decode instance will read: hand it to the connector and say
         whether its blocks stay held."""
         params = request.sampling_params.kv_transfer_params
-        if (self.kv_transfer is None or not self.kv_transfer.is_producer or not params
+        if (self.kv_transfer is None or not self.kv_transfer.is_producer or not params or request.index != 0
                 or not params.get("do_remote_decode") or request.finish_reason not in ("stop", "length")):
             return False
         num_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)
