@@ -2,20 +2,23 @@
 loopback answer as one instance does (streaming too), the KV really comes over, and a prefill
 instance that dies leaves the decode instance computing the prompt itself."""
 import json
+import subprocess
+import sys
 import time
 
 import httpx
 import openai
 import pytest
 
-from server_util import CliProcess, ServerProcess, parse_metrics
+from server_util import CliProcess, ServerProcess, free_port, parse_metrics
 
 CONNECTORS = ["SharedMemoryConnector", "NixlConnector", "TorchDistributedConnector"]
 
 
 class ProxyProcess(CliProcess):
-    def __init__(self, prefill: list[str], decode: list[str]):
-        super().__init__("proxy", "--prefill", *prefill, "--decode", *decode)
+    def __init__(self, prefill: list[str], decode: list[str], command: str = "proxy"):
+        """command: `proxy`, or `router` given PD pools (the same front door)."""
+        super().__init__(command, "--prefill", *prefill, "--decode", *decode)
 
     def paths(self) -> dict[str, float]:
         return self.counter("sageinfer_pd_proxy:requests", "path")
@@ -36,7 +39,7 @@ def pd(request, llama_dir, tmp_path_factory):
                            "kv_connector_extra_config": {"shm_dir": shm}})
     prefill = ServerProcess(llama_dir, "--kv-transfer-config", config("kv_producer"), api_key=None)
     decode = ServerProcess(llama_dir, "--kv-transfer-config", config("kv_consumer"), api_key=None)
-    proxy = ProxyProcess([prefill.base_url], [decode.base_url])
+    proxy = ProxyProcess([prefill.base_url], [decode.base_url], "router" if request.param == "NixlConnector" else "proxy")
     yield prefill, decode, proxy
     proxy.stop()
     decode.stop()
@@ -101,3 +104,40 @@ def test_a_dead_prefill_instance_leaves_decode_computing_the_prompt(pd):
     via = openai.OpenAI(base_url=proxy.base_url + "/v1", api_key="none", max_retries=0)
     assert via.completions.create(**args).choices[0].text == expected
     assert proxy.paths().get("decode_only") == 1.0
+
+
+def test_launch_pd_starts_prefill_and_decode_instances_behind_the_proxy(llama_dir, tmp_path):
+    """`sageinfer launch --pd 1:2`: one prefill and two decode instances and the PD proxy, xPyD."""
+    port, first = free_port(), free_port()
+    log = open(tmp_path / "launcher.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "sageinfer.gateway.cli", "launch", llama_dir, "--pd", "1:2",
+                             "--port", str(port), "--first-instance-port", str(first), "--log-dir", str(tmp_path),
+                             "--", "--dtype", "float32", "--num-gpu-blocks-override", "200", "--served-model-name",
+                             "tiny"], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                listed = httpx.get(base + "/pd/instances", timeout=2).json()
+                if all(b["healthy"] for side in listed.values() for b in side) and len(listed["decode"]) == 2:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "launcher.log").read_text()[-3000:]
+            time.sleep(0.3)
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+        texts = [client.completions.create(model="tiny", prompt=f"{i}: {PROMPT}", max_tokens=6, temperature=0,
+                                           extra_body={"ignore_eos": True}).choices[0].text for i in range(4)]
+        listed = httpx.get(base + "/pd/instances", timeout=2).json()
+        assert [b["served"] for b in listed["decode"]] and sum(b["served"] for b in listed["decode"]) == 4
+        direct = openai.OpenAI(base_url=listed["decode"][0]["url"] + "/v1", api_key="none", max_retries=0)
+        assert texts[3] == direct.completions.create(model="tiny", prompt=f"3: {PROMPT}", max_tokens=6, temperature=0,
+                                                     extra_body={"ignore_eos": True}).choices[0].text
+        loads = sum(parse_metrics(httpx.get(b["url"] + "/metrics", timeout=10).text)["sageinfer:kv_transfer_loads_total"]
+                    for b in listed["decode"])
+        assert loads == 4
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        log.close()

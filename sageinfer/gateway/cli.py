@@ -156,33 +156,24 @@ def _router(args: argparse.Namespace) -> int:
     from sageinfer.router.policies import Policy
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for url in args.backend:
+    if bool(args.prefill) != bool(args.decode) or not (args.backend or args.prefill):
+        raise ValueError("give --backend URLs, or PD pools: --prefill URLs and --decode URLs")
+    for url in args.backend + args.prefill + args.decode:
         if not url.startswith(("http://", "https://")):
-            raise ValueError(f"--backend must be an http(s) URL, got {url!r}")
-    pool = BackendPool(args.backend, check_interval=args.health_check_interval)
-    app = build_router_app(pool, Policy(args.policy))
-    print(f"routing ({args.policy}) over {len(args.backend)} instance(s) on http://{args.host}:{args.port}", flush=True)
-    CleanExitServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
-    return 0
-
-
-def _proxy(args: argparse.Namespace) -> int:
-    import logging
-
-    import uvicorn
-
-    from sageinfer.gateway.uvicorn_server import CleanExitServer
-    from sageinfer.router.backends import BackendPool
-    from sageinfer.router.pd_proxy import build_pd_proxy_app
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for url in args.prefill + args.decode:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"--prefill and --decode take http(s) URLs, got {url!r}")
-    app = build_pd_proxy_app(BackendPool(args.prefill, check_interval=args.health_check_interval),
-                             BackendPool(args.decode, check_interval=args.health_check_interval))
-    print(f"PD proxy: {len(args.prefill)} prefill and {len(args.decode)} decode instance(s) on "
-          f"http://{args.host}:{args.port}", flush=True)
+            raise ValueError(f"--backend, --prefill and --decode take http(s) URLs, got {url!r}")
+    if args.prefill:  # PD pools: the PD flow across them, each side by load
+        from sageinfer.router.pd_proxy import build_pd_proxy_app
+        if args.backend:
+            raise ValueError("--backend cannot be mixed with PD pools (--prefill / --decode)")
+        app = build_pd_proxy_app(BackendPool(args.prefill, check_interval=args.health_check_interval),
+                                 BackendPool(args.decode, check_interval=args.health_check_interval))
+        print(f"routing PD over {len(args.prefill)} prefill and {len(args.decode)} decode instance(s) on "
+              f"http://{args.host}:{args.port}", flush=True)
+    else:
+        app = build_router_app(BackendPool(args.backend, check_interval=args.health_check_interval),
+                               Policy(args.policy))
+        print(f"routing ({args.policy}) over {len(args.backend)} instance(s) on http://{args.host}:{args.port}",
+              flush=True)
     CleanExitServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
     return 0
 
@@ -233,7 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     serve.set_defaults(func=_serve)
     router = sub.add_parser("router", help="one OpenAI-compatible front door over several instances")
-    router.add_argument("--backend", action="append", required=True, metavar="URL",
+    router.add_argument("--prefill", nargs="+", action="extend", default=[], metavar="URL",
+                        help="PD pools: prefill instances (kv_producer); with --decode, instead of --backend")
+    router.add_argument("--decode", nargs="+", action="extend", default=[], metavar="URL",
+                        help="PD pools: decode instances (kv_consumer)")
+    router.add_argument("--backend", action="append", default=[], metavar="URL",
                         help="an instance's base URL, e.g. http://127.0.0.1:8001 (repeatable)")
     router.add_argument("--policy", default="least_load", choices=["round_robin", "least_load", "session", "prefix"],
                         help="session: a request's x-session-id header or `user` field keeps it on one instance; "
@@ -251,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--host", default="127.0.0.1")
     proxy.add_argument("--port", type=int, default=8000)
     proxy.add_argument("--health-check-interval", type=float, default=1.0, help="seconds between checks")
-    proxy.set_defaults(func=_proxy)
+    proxy.set_defaults(func=_router, backend=[], policy="least_load")  # the router over PD pools
     launch = sub.add_parser("launch", help="several instances of one model on this host, and the router in front")
     launch.add_argument("model")
     launch.add_argument("--instances", type=int, default=2)
@@ -261,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--port", type=int, default=8000, help="the router's; instances take the ports after it")
     launch.add_argument("--first-instance-port", type=int, default=None)
     launch.add_argument("--log-dir", default=None, help="where each instance's log goes (default: a new temp dir)")
+    launch.add_argument("--pd", default=None, metavar="P:D",
+                        help="prefill/decode separation: P prefill and D decode instances behind the PD proxy")
+    launch.add_argument("--kv-connector", default="SharedMemoryConnector",
+                        choices=["SharedMemoryConnector", "NixlConnector", "TorchDistributedConnector"],
+                        help="how KV moves between the --pd instances")
     launch.set_defaults(func=_launch, serve_args=[])  # flags after `--` go to every instance's serve
     bench = sub.add_parser("bench", help="benchmarks: offline throughput / latency, or a serving benchmark")
     bench_sub = bench.add_subparsers(dest="bench_kind", required=True)

@@ -1,11 +1,12 @@
-"""`sageinfer launch`: several instances of one model on this host and the router in front of them,
-for a user with one box. Each instance is a `sageinfer serve` process on its own port and device
+"""`sageinfer launch`: several instances of one model on this host and the router in front of them
+(or, with --pd P:D, P prefill and D decode instances and the PD proxy), for a user with one box. Each instance is a `sageinfer serve` process on its own port and device
 group (CUDA_VISIBLE_DEVICES); instances that must share a device split its memory. An instance that
 exits is started again (the router takes it back once it answers); SIGTERM stops them all.
 Several hosts are a job for an existing orchestrator, not this launcher.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -63,7 +64,8 @@ class Instance:
 
 class Launcher:
     def __init__(self, model: str, instances: int, first_port: int, tp: int, serve_args: list[str],
-                 log_dir: str, num_devices: int):
+                 log_dir: str, num_devices: int, instance_args: list[list[str]] | None = None):
+        """instance_args: flags for each instance on top of serve_args (a PD role, say)."""
         groups = device_groups(num_devices, instances, tp)
         sharing = len(set(groups)) < len(groups) and groups[0] is not None
         extra = list(serve_args)
@@ -71,7 +73,8 @@ class Launcher:
             share = max(groups.count(g) for g in set(groups))
             extra += ["--gpu-memory-utilization", f"{0.9 / share:.3f}"]  # instances on one device split it
         base = [sys.executable, "-m", "sageinfer.gateway.cli", "serve", model, "--tensor-parallel-size", str(tp)]
-        self.instances = [Instance(base + ["--port", str(first_port + i)] + extra, first_port + i, g, log_dir)
+        own = instance_args or [[] for _ in groups]
+        self.instances = [Instance(base + ["--port", str(first_port + i)] + extra + own[i], first_port + i, g, log_dir)
                           for i, g in enumerate(groups)]
         self._stopping = threading.Event()
 
@@ -104,6 +107,17 @@ class Launcher:
             instance.stop()
 
 
+def pd_roles(spec: str) -> list[str]:
+    """"P:D" -> P kv_producer then D kv_consumer instances."""
+    try:
+        prefill, decode = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"--pd takes prefill:decode instance counts such as 1:2, got {spec!r}") from None
+    if prefill < 1 or decode < 1:
+        raise ValueError(f"--pd needs at least one prefill and one decode instance, got {spec!r}")
+    return ["kv_producer"] * prefill + ["kv_consumer"] * decode
+
+
 def visible_devices() -> int:
     try:
         import torch
@@ -123,18 +137,32 @@ def run(args) -> int:
     from sageinfer.router.policies import Policy
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.instances < 1:
-        raise ValueError(f"--instances must be >= 1, got {args.instances}")
+    roles = pd_roles(args.pd) if args.pd else None
+    instances = len(roles) if roles else args.instances
+    if instances < 1:
+        raise ValueError(f"--instances must be >= 1, got {instances}")
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="sageinfer-launch-")
     os.makedirs(log_dir, exist_ok=True)
-    launcher = Launcher(args.model, args.instances, args.first_instance_port or args.port + 1,
-                        args.tensor_parallel_size, args.serve_args, log_dir, visible_devices())
+    instance_args = None
+    if roles:
+        instance_args = [["--kv-transfer-config", json.dumps({"kv_connector": args.kv_connector, "kv_role": role})]
+                         for role in roles]
+    launcher = Launcher(args.model, instances, args.first_instance_port or args.port + 1,
+                        args.tensor_parallel_size, args.serve_args, log_dir, visible_devices(), instance_args)
     launcher.start()
-    pool = BackendPool([i.url for i in launcher.instances], check_interval=1.0)
-    print(f"launched {args.instances} instance(s) of {args.model} (logs in {log_dir}); router ({args.policy}) on "
+    if roles:
+        from sageinfer.router.pd_proxy import build_pd_proxy_app
+        urls = {role: [i.url for i, r in zip(launcher.instances, roles) if r == role]
+                for role in ("kv_producer", "kv_consumer")}
+        app = build_pd_proxy_app(BackendPool(urls["kv_producer"], check_interval=1.0),
+                                 BackendPool(urls["kv_consumer"], check_interval=1.0))
+        front = f"PD proxy over {args.pd} (prefill:decode, {args.kv_connector})"
+    else:
+        app = build_router_app(BackendPool([i.url for i in launcher.instances], check_interval=1.0), Policy(args.policy))
+        front = f"router ({args.policy})"
+    print(f"launched {instances} instance(s) of {args.model} (logs in {log_dir}); {front} on "
           f"http://{args.host}:{args.port}", flush=True)
-    config = uvicorn.Config(build_router_app(pool, Policy(args.policy)), host=args.host, port=args.port,
-                            log_level="warning")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
     try:
         CleanExitServer(config).run()  # returns on SIGTERM / SIGINT
     finally:

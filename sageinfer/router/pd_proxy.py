@@ -42,6 +42,10 @@ def _prefill_body(body: dict) -> dict:
     return out
 
 
+def _count(backend: Backend) -> None:
+    backend.served += 1
+
+
 class _Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
@@ -91,6 +95,7 @@ def build_pd_proxy_app(prefill: BackendPool, decode: BackendPool, max_attempts: 
             if resp.status_code != 200:
                 logger.warning("prefill instance %s answered %d; trying another", backend.url, resp.status_code)
                 continue
+            backend.served += 1
             params = resp.json().get("kv_transfer_params")
             if not isinstance(params, dict):
                 logger.warning("prefill instance %s returned no kv_transfer_params (is it a kv_producer?)",
@@ -118,7 +123,7 @@ def build_pd_proxy_app(prefill: BackendPool, decode: BackendPool, max_attempts: 
         headers["content-type"] = "application/json"
         answer = await forward_to_pool(client, decode, lambda tried: pick(decode, tried), path,
                                        json.dumps(decode_body).encode(), headers, bool(body.get("stream")),
-                                       max_attempts)
+                                       max_attempts, on_sent=_count)
         return answer or _error(503, "no decode instance is available to serve the request", "ServiceUnavailableError")
 
     add_openai_routes(app, forward, client, decode)
