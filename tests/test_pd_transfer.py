@@ -181,3 +181,14 @@ def test_a_prompt_sampled_n_times_is_offered_once(llama_dir, tmp_path):
     _settle(prefill)
     assert out.kv_transfer_params["remote_num_tokens"] == 48
     assert os.listdir(tmp_path / "sageinfer-kv") == [os.path.basename(out.kv_transfer_params["path"])]
+
+
+def test_staged_kv_never_read_is_removed_after_its_ttl(llama_dir, tmp_path):
+    prefill = _engine(llama_dir, "SharedMemoryConnector", "kv_producer", tmp_path, staged_ttl_s=0.3)
+    _prefill(prefill, _prompts(2))
+    assert len(os.listdir(tmp_path / "sageinfer-kv")) == 2  # no decode instance came for them
+    deadline = time.monotonic() + 5
+    while os.listdir(tmp_path / "sageinfer-kv") and time.monotonic() < deadline:
+        prefill.engine.kv_transfer.poll_sent()
+        time.sleep(0.05)
+    assert not os.listdir(tmp_path / "sageinfer-kv")

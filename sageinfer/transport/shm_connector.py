@@ -44,7 +44,6 @@ class SharedMemoryConnector(RemoteKVConnector):
         self.token_bytes = [t[0, 0].numel() * t.element_size() for t in self.tensors]
         self.workers = ThreadPoolExecutor(max_workers=int(self.extra.get("threads", 4)), thread_name_prefix="kv-shm")
         self.sending: dict[str, Future] = {}  # request -> its file being written (its blocks held)
-        self.staged: dict[str, float] = {}    # files written and not yet known to be read -> when
         self.loads: dict[str, tuple[Future, str]] = {}  # request -> (its blocks being filled, file)
 
     def _device_ids(self, block_ids: list[int]) -> torch.Tensor:
@@ -92,13 +91,7 @@ class SharedMemoryConnector(RemoteKVConnector):
                 if future.exception() is not None:
                     logger.error("request %s: staging its KV failed: %s", request_id, future.exception())
                 done.append(request_id)  # the blocks may go: their KV is in the file (or never will be)
-        now = time.monotonic()
-        for request_id in done:
-            self.staged[request_id] = now
-        for request_id, when in list(self.staged.items()):
-            if now - when > self.ttl:
-                del self.staged[request_id]
-        self._remove_expired(now)
+        self._remove_expired(time.monotonic())
         return done
 
     def _remove_expired(self, now: float) -> None:
