@@ -16,6 +16,7 @@ class AscendPlatform(DeviceModulePlatform):
     vendor_module = "torch_npu"
     graph_class_name = "NPUGraph"
     ray_device_resource = "NPU"
+    visible_devices_env = "ASCEND_RT_VISIBLE_DEVICES"
     # vllm-ascend's attention kernels take blocks of 128 tokens; the portable kernels take any size,
     # and 128 keeps a prefix-cache hit a whole number of the vendor kernels' blocks.
     kv_block_size = 128

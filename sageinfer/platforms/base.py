@@ -16,6 +16,9 @@ class Platform:
     priority: int = 0
     # The Ray resource one rank's device is (None: ranks need no device resource, as on the CPU).
     ray_device_resource: str | None = None
+    # The environment variable that limits a process to some of the devices ("0,1"), for launchers
+    # that give each instance its own devices (None: no devices to split, as on the CPU).
+    visible_devices_env: str | None = None
     # Tokens per KV-cache block unless the user says otherwise: the prefix-cache granularity, and
     # the unit in which attention kernels find contiguous keys.
     kv_block_size: int = 16

@@ -15,4 +15,5 @@ class CambriconPlatform(DeviceModulePlatform):
     vendor_module = "torch_mlu"
     graph_class_name = "MLUGraph"
     ray_device_resource = "MLU"
+    visible_devices_env = "MLU_VISIBLE_DEVICES"
     fp8 = False  # MLU370 / MLU590 have no FP8 matmul: INT8 for 8-bit weights and KV

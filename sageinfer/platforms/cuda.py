@@ -23,6 +23,7 @@ class CudaPlatform(Platform):
 
     priority = 10
     ray_device_resource = "GPU"
+    visible_devices_env = "CUDA_VISIBLE_DEVICES"  # ROCm honours it too
 
     # The FP8 paths check the GPU themselves (rowwise-scaled FP8 GEMMs from Ada and Hopper on).
     fp8 = True

@@ -1,6 +1,7 @@
 """`sageinfer launch`: several instances of one model on this host and the router in front of them
 (or, with --pd P:D, P prefill and D decode instances and the PD proxy), for a user with one box. Each instance is a `sageinfer serve` process on its own port and device
-group (CUDA_VISIBLE_DEVICES); instances that must share a device split its memory. An instance that
+group (the platform's visible-devices variable, CUDA_VISIBLE_DEVICES on NVIDIA); instances that must
+share a device split its memory. An instance that
 exits is started again (the router takes it back once it answers); SIGTERM stops them all.
 Several hosts are a job for an existing orchestrator, not this launcher.
 """
@@ -21,7 +22,7 @@ _RESTART_BACKOFF_SECONDS, _MAX_BACKOFF_SECONDS = 2.0, 60.0
 
 
 def device_groups(num_devices: int, instances: int, tp: int) -> list[str | None]:
-    """CUDA_VISIBLE_DEVICES per instance: whole groups of tp devices while there are enough, else
+    """The visible devices of each instance: whole groups of tp devices while there are enough, else
     instances share groups round-robin (None: no devices, the CPU)."""
     if num_devices == 0:
         return [None] * instances
@@ -32,8 +33,8 @@ def device_groups(num_devices: int, instances: int, tp: int) -> list[str | None]
 
 
 class Instance:
-    def __init__(self, args: list[str], port: int, devices: str | None, log_dir: str):
-        self.port, self.devices = port, devices
+    def __init__(self, args: list[str], port: int, devices: str | None, log_dir: str, devices_env: str | None = None):
+        self.port, self.devices, self.devices_env = port, devices, devices_env
         self.url = f"http://127.0.0.1:{port}"
         self.args = args
         self.log_path = os.path.join(log_dir, f"instance-{port}.log")
@@ -45,8 +46,8 @@ class Instance:
 
     def start(self) -> None:
         env = dict(os.environ)
-        if self.devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = self.devices
+        if self.devices is not None and self.devices_env:
+            env[self.devices_env] = self.devices
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.started_at, self.restart_at = time.monotonic(), None
@@ -64,8 +65,10 @@ class Instance:
 
 class Launcher:
     def __init__(self, model: str, instances: int, first_port: int, tp: int, serve_args: list[str],
-                 log_dir: str, num_devices: int, instance_args: list[list[str]] | None = None):
-        """instance_args: flags for each instance on top of serve_args (a PD role, say)."""
+                 log_dir: str, num_devices: int, instance_args: list[list[str]] | None = None,
+                 devices_env: str | None = None):
+        """instance_args: flags for each instance on top of serve_args (a PD role, say); devices_env:
+        the platform's variable that gives an instance its devices."""
         groups = device_groups(num_devices, instances, tp)
         sharing = len(set(groups)) < len(groups) and groups[0] is not None
         extra = list(serve_args)
@@ -74,8 +77,8 @@ class Launcher:
             extra += ["--gpu-memory-utilization", f"{0.9 / share:.3f}"]  # instances on one device split it
         base = [sys.executable, "-m", "sageinfer.gateway.cli", "serve", model, "--tensor-parallel-size", str(tp)]
         own = instance_args or [[] for _ in groups]
-        self.instances = [Instance(base + ["--port", str(first_port + i)] + extra + own[i], first_port + i, g, log_dir)
-                          for i, g in enumerate(groups)]
+        self.instances = [Instance(base + ["--port", str(first_port + i)] + extra + own[i], first_port + i, g, log_dir,
+                                   devices_env) for i, g in enumerate(groups)]
         self._stopping = threading.Event()
 
     def start(self) -> None:
@@ -118,14 +121,6 @@ def pd_roles(spec: str) -> list[str]:
     return ["kv_producer"] * prefill + ["kv_consumer"] * decode
 
 
-def visible_devices() -> int:
-    try:
-        import torch
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except ImportError:
-        return 0
-
-
 def run(args) -> int:
     import tempfile
 
@@ -147,8 +142,11 @@ def run(args) -> int:
     if roles:
         instance_args = [["--kv-transfer-config", json.dumps({"kv_connector": args.kv_connector, "kv_role": role})]
                          for role in roles]
+    from sageinfer.platforms import get_platform
+    platform = get_platform()
     launcher = Launcher(args.model, instances, args.first_instance_port or args.port + 1,
-                        args.tensor_parallel_size, args.serve_args, log_dir, visible_devices(), instance_args)
+                        args.tensor_parallel_size, args.serve_args, log_dir, platform.device_count() or 0,
+                        instance_args, platform.visible_devices_env)
     launcher.start()
     if roles:
         from sageinfer.router.pd_proxy import build_pd_proxy_app

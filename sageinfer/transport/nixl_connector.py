@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from sageinfer.transport.remote_kv import RemoteKVConnector, kv_tensors, layout_mismatch
+from sageinfer.transport.remote_kv import RemoteKVConnector, kv_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,6 @@ class NixlConnector(RemoteKVConnector):
         self.block_bytes = [t[0].numel() * t.element_size() for t in self.tensors]
         self.bases = [t.data_ptr() for t in self.tensors]
         self.metadata = base64.b64encode(self.agent.get_agent_metadata()).decode()
-        self.timeout = float(self.extra.get("abort_timeout_s", 120))
-        self.load_timeout = float(self.extra.get("load_timeout_s", 60))
         self.held: dict[str, float] = {}  # request -> when its blocks are freed unread
         self.peers: dict[str, str] = {}   # digest of a producer's metadata -> its agent name here
         self.loads: dict[str, tuple] = {}  # request -> (transfer handle, peer, remote request id, deadline)
@@ -68,7 +66,7 @@ class NixlConnector(RemoteKVConnector):
                       remote_device_id=self.device_id)
         if not nb:
             return False, params
-        self.held[request_id] = time.monotonic() + self.timeout
+        self.held[request_id] = time.monotonic() + self.abort_timeout
         return True, params
 
     def poll_sent(self) -> list[str]:
@@ -78,7 +76,7 @@ class NixlConnector(RemoteKVConnector):
                 request_id = message.decode(errors="replace")
                 if self.held.pop(request_id, None) is not None:
                     done.append(request_id)
-        return done + self.expire(self.held, lambda deadline: deadline, self.timeout)
+        return done + self.expire(self.held, lambda deadline: deadline, self.abort_timeout)
 
     # ---- consumer ----
     def _peer(self, metadata: str) -> str:
@@ -88,7 +86,7 @@ class NixlConnector(RemoteKVConnector):
         return self.peers[key]
 
     def start_load(self, request_id: str, params: dict, block_ids: list[int], first_token: int) -> None:
-        reason = layout_mismatch(self.layout, params.get("remote_layout"))
+        reason = self.offer_mismatch(params, first_token, len(block_ids) * self.block_size)
         if reason is None and params.get("remote_block_size") != self.block_size:
             reason = (f"NixlConnector moves whole blocks: the prefill instance's block size "
                       f"{params.get('remote_block_size')} differs from this instance's {self.block_size}")

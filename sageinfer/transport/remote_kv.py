@@ -61,6 +61,10 @@ class RemoteKVConnector:
         self.block_size = block_size
         self.platform = platform
         self.layout = kv_layout(kv_caches)
+        # Held KV that no decode instance read is freed after abort_timeout_s; a load that has not
+        # ended after load_timeout_s is given up (the request computes its prompt).
+        self.abort_timeout = float(self.extra.get("abort_timeout_s", 120))
+        self.load_timeout = float(self.extra.get("load_timeout_s", 60))
 
     @property
     def is_producer(self) -> bool:
@@ -69,6 +73,13 @@ class RemoteKVConnector:
     @property
     def is_consumer(self) -> bool:
         return self.role in ("kv_consumer", "kv_both")
+
+    def offer_mismatch(self, params: dict, first_token: int, num_tokens: int) -> str | None:
+        """Why a prefill instance's offer can't fill these tokens here, or None."""
+        reason = layout_mismatch(self.layout, params.get("remote_layout"))
+        if reason is None and first_token + num_tokens > int(params.get("remote_num_tokens") or 0):
+            reason = "the prefill instance offers fewer tokens than asked for"
+        return reason
 
     def base_params(self, request_id: str, num_tokens: int) -> dict:
         return {"do_remote_prefill": True, "kv_connector": self.name, "remote_engine_id": self.engine_id,

@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from sageinfer.transport.remote_kv import RemoteKVConnector, kv_tensors, layout_mismatch
+from sageinfer.transport.remote_kv import RemoteKVConnector, kv_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ class SharedMemoryConnector(RemoteKVConnector):
         self.dir = os.path.join(self.extra.get("shm_dir") or _default_dir(), "sageinfer-kv")
         os.makedirs(self.dir, exist_ok=True)
         self.ttl = float(self.extra.get("staged_ttl_s", 300))
-        self.load_timeout = float(self.extra.get("load_timeout_s", 60))
         self.tensors = kv_tensors(kv_caches)
         self.token_bytes = [t[0, 0].numel() * t.element_size() for t in self.tensors]
         self.workers = ThreadPoolExecutor(max_workers=int(self.extra.get("threads", 4)), thread_name_prefix="kv-shm")
@@ -111,13 +110,10 @@ class SharedMemoryConnector(RemoteKVConnector):
 
     # ---- consumer ----
     def start_load(self, request_id: str, params: dict, block_ids: list[int], first_token: int) -> None:
-        reason = layout_mismatch(self.layout, params.get("remote_layout"))
+        reason = self.offer_mismatch(params, first_token, len(block_ids) * self.block_size)
         path = params.get("path")
         if reason is None and (not isinstance(path, str) or os.path.dirname(path) != self.dir):
             reason = f"the staged KV is not under this host's {self.dir}"
-        num_tokens = len(block_ids) * self.block_size
-        if reason is None and first_token + num_tokens > int(params.get("remote_num_tokens", 0)):
-            reason = "the staged KV holds fewer tokens than asked for"
         if reason is not None:
             if isinstance(path, str) and os.path.dirname(path) == self.dir:
                 _remove(path)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sageinfer.transport.remote_kv import RemoteKVConnector, kv_tensors, layout_mismatch
+from sageinfer.transport.remote_kv import RemoteKVConnector, kv_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +57,7 @@ class TorchDistributedConnector(RemoteKVConnector):
         super().__init__(config, kv_caches, block_size, platform)
         self.tensors = kv_tensors(kv_caches)
         self.backend = self.extra.get("backend") or platform.dist_backend
-        self.timeout = datetime.timedelta(seconds=float(self.extra.get("connect_timeout_s", 30)))
-        self.abort_timeout = float(self.extra.get("abort_timeout_s", 120))
-        self.load_timeout = float(self.extra.get("load_timeout_s", 60))
+        self.connect_timeout = datetime.timedelta(seconds=float(self.extra.get("connect_timeout_s", 30)))
         self.host = self.extra.get("host", "127.0.0.1")
         self.lock = threading.Lock()
         self.offers: dict[str, tuple[list[int], int, float]] = {}  # request -> (blocks, tokens, deadline)
@@ -69,7 +67,7 @@ class TorchDistributedConnector(RemoteKVConnector):
         self.closed = False
         if self.is_producer:
             self.store = dist.TCPStore(self.host, int(self.extra.get("store_port", 0)), None, True,
-                                       timeout=self.timeout, wait_for_workers=False)
+                                       timeout=self.connect_timeout, wait_for_workers=False)
             self.listener = socket.create_server((self.host, int(self.extra.get("port", 0))))
             self.port = self.listener.getsockname()[1]
             self.pairs = 0
@@ -110,7 +108,7 @@ class TorchDistributedConnector(RemoteKVConnector):
                 _recv_json(reader)  # hello
                 prefix = f"{self.engine_id}-pair{pair}"
                 _send_json(conn, {"pair": prefix})
-                group = _process_group(self.backend, dist.PrefixStore(prefix, self.store), 0, self.timeout)
+                group = _process_group(self.backend, dist.PrefixStore(prefix, self.store), 0, self.connect_timeout)
                 while not self.closed:
                     ask = _recv_json(reader)
                     with self.lock:
@@ -144,10 +142,8 @@ class TorchDistributedConnector(RemoteKVConnector):
 
     # ---- consumer ----
     def start_load(self, request_id: str, params: dict, block_ids: list[int], first_token: int) -> None:
-        reason = layout_mismatch(self.layout, params.get("remote_layout"))
         count = len(block_ids) * self.block_size
-        if reason is None and first_token + count > int(params.get("remote_num_tokens") or 0):
-            reason = "the prefill instance offers fewer tokens than asked for"
+        reason = self.offer_mismatch(params, first_token, count)
         address = (params.get("remote_host"), params.get("remote_port"))
         if reason is None and not (isinstance(address[0], str) and isinstance(address[1], int)):
             reason = "kv_transfer_params carry no address of the prefill instance"
@@ -207,12 +203,12 @@ class _Link:
     def _run(self) -> None:
         o = self.owner
         try:
-            self.sock = socket.create_connection(self.address, timeout=o.timeout.total_seconds())
+            self.sock = socket.create_connection(self.address, timeout=o.connect_timeout.total_seconds())
             reader = self.sock.makefile("rb")
             _send_json(self.sock, {"hello": o.engine_id})
             prefix = _recv_json(reader)["pair"]
-            store = dist.TCPStore(self.address[0], self.store_port, None, False, timeout=o.timeout)
-            group = _process_group(o.backend, dist.PrefixStore(prefix, store), 1, o.timeout)
+            store = dist.TCPStore(self.address[0], self.store_port, None, False, timeout=o.connect_timeout)
+            group = _process_group(o.backend, dist.PrefixStore(prefix, store), 1, o.connect_timeout)
             self.sock.settimeout(None)
         except Exception as exc:  # noqa: BLE001 - every load queued here fails with the reason
             return self._fail_all(exc)
