@@ -5,8 +5,12 @@ The engine core process is spawned from this script too, so the faults are plant
   failure: the engine must go on serving the others).
 - A step that holds a request whose prompt starts with STEP_FAULT raises (the engine loop dies: the
   server must fail what is in flight and exit non-zero).
+- A step that holds a request whose prompt starts with SLOW_STEPS takes 5 ms more: such a request
+  outlasts a shutdown's grace period or a kill on any device (a GPU decodes the tiny model in well
+  under a millisecond a token).
 """
 import sys
+import time
 
 from sageinfer.engine import engine as engine_module
 from sageinfer.engine.core_client import EngineCoreClient
@@ -16,6 +20,7 @@ from sageinfer.gateway.cli import main
 
 DETOK_FAULT = [401, 402, 403]
 STEP_FAULT = [404, 405, 406]
+SLOW_STEPS = [407, 408, 409]
 
 
 def _starts_with(ids, marker) -> bool:
@@ -41,6 +46,8 @@ def _add_token(self, token_id, check_stop):
 def _step(self):
     if any(_starts_with(r.prompt_token_ids, STEP_FAULT) for r in self.scheduler.running):
         raise RuntimeError("planted step fault")
+    if any(_starts_with(r.prompt_token_ids, SLOW_STEPS) for r in self.scheduler.running):
+        time.sleep(0.005)
     return _original_step(self)
 
 

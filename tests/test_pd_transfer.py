@@ -101,6 +101,18 @@ def test_decode_with_transferred_kv_equals_one_engine(llama_dir, tmp_path, refer
         assert not os.listdir(tmp_path / "sageinfer-kv")  # every staged file was read and removed
 
 
+def test_a_pair_on_one_device_goes_over_host_memory(llama_dir, tmp_path, reference, monkeypatch):
+    """NCCL refuses two ranks on one GPU: instances that share a device pair over gloo instead."""
+    prompts, expected = reference
+    prefill = _engine(llama_dir, "TorchDistributedConnector", "kv_producer", tmp_path, backend="nccl")
+    decode = _engine(llama_dir, "TorchDistributedConnector", "kv_consumer", tmp_path, backend="nccl")
+    platform = prefill.engine.kv_transfer.platform
+    monkeypatch.setattr(type(platform), "device_uuid", lambda self, device: "GPU-one-and-the-same")
+    assert prefill.engine.kv_transfer._pair_backend("GPU-another") == "nccl"
+    assert _decode(decode, prompts, _prefill(prefill, prompts)) == expected
+    assert decode.engine.scheduler.num_remote_kv_failures == 0
+
+
 def test_block_sizes_may_differ_through_shared_memory(llama_dir, tmp_path, reference):
     prompts, expected = reference
     prefill = _engine(llama_dir, "SharedMemoryConnector", "kv_producer", tmp_path, block_size=16)

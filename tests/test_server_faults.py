@@ -15,11 +15,12 @@ import time
 import httpx
 import pytest
 
-from fault_server import DETOK_FAULT, STEP_FAULT
+from fault_server import DETOK_FAULT, SLOW_STEPS, STEP_FAULT
 from ranks import skip_unless_ranks
 from server_util import ServerProcess, parse_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+FAULT_SERVER = [sys.executable, os.path.join(HERE, "fault_server.py")]  # serve, with the faults planted
 OK_BODY = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
 
 
@@ -414,7 +415,7 @@ def test_mixed_load_with_random_disconnects_loses_nothing(roomy_server):
 @pytest.mark.parametrize("mode", ["engine core process", "engine thread"])
 def test_a_failing_request_fails_alone_and_a_dead_engine_exits_nonzero(llama_dir, mode):
     extra = ["--engine-in-thread"] if mode == "engine thread" else []
-    srv = ServerProcess(llama_dir, *extra, entry=[sys.executable, os.path.join(HERE, "fault_server.py")])
+    srv = ServerProcess(llama_dir, *extra, entry=FAULT_SERVER)
     try:
         # One request's own failure (its detokenizer raises): 500 for it, the others are served.
         async def alongside():
@@ -454,9 +455,9 @@ def test_a_failing_request_fails_alone_and_a_dead_engine_exits_nonzero(llama_dir
 
 
 def long_requests_while(srv: ServerProcess, event) -> tuple:
-    """A long plain request and a long stream; event() once the stream has started. Returns the plain
-    response and the stream's data payloads (as text)."""
-    long_body = {"model": "tiny", "prompt": [5] * 10, "max_tokens": 1000, "ignore_eos": True}
+    """A long plain request and a long stream (slowed down where srv plants faults); event() once the
+    stream has started. Returns the plain response and the stream's data payloads (as text)."""
+    long_body = {"model": "tiny", "prompt": SLOW_STEPS + [5] * 10, "max_tokens": 1000, "ignore_eos": True}
 
     async def run():
         async with httpx.AsyncClient(timeout=60) as http:
@@ -478,7 +479,7 @@ def test_kill_9_fails_requests_and_the_server_exits_nonzero(llama_dir, victim, p
     extra = ["--tensor-parallel-size", "2"] if victim == "tensor-parallel worker" else []
     if extra:
         skip_unless_ranks(2)
-    srv = ServerProcess(llama_dir, *extra, api_key=None)
+    srv = ServerProcess(llama_dir, *extra, api_key=None, entry=FAULT_SERVER)
     try:
         victim_pid = int(re.search(pattern, srv.log_tail(10**6)).group(1))
         killed = []
@@ -501,7 +502,7 @@ def test_kill_9_fails_requests_and_the_server_exits_nonzero(llama_dir, victim, p
 # ---- shutdown -----------------------------------------------------------------------------------
 
 def test_sigterm_past_the_grace_period_ends_requests_with_openai_errors(llama_dir):
-    srv = ServerProcess(llama_dir, "--shutdown-grace-seconds", "1", api_key=None)
+    srv = ServerProcess(llama_dir, "--shutdown-grace-seconds", "1", api_key=None, entry=FAULT_SERVER)
     try:
         plain, events = long_requests_while(srv, lambda: srv.proc.send_signal(signal.SIGTERM))
         error = assert_error(plain, 503, "shut down")

@@ -127,7 +127,11 @@ def test_stand_in_kunlunxin_build_is_the_kunlun_platform_not_cuda(monkeypatch, f
 
 
 def test_every_platform_is_registered_through_the_entry_points():
-    from importlib.metadata import entry_points
+    from importlib.metadata import PackageNotFoundError, distribution, entry_points
+    try:
+        distribution("sageinfer")
+    except PackageNotFoundError:  # run from a source tree on the path: there is no metadata to read
+        pytest.skip("sageinfer is not installed (pip install -e .): no entry points to read")
     names = {e.name for e in entry_points(group=platforms.PLUGIN_GROUP)}
     assert {"ascend", "cambricon", "kunlun", "rocm", "cuda", "cpu"} <= names
 

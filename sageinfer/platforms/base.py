@@ -83,6 +83,11 @@ class Platform:
     def device_name(self) -> str:
         return self.name
 
+    def device_uuid(self, device: torch.device) -> str | None:
+        """An identity of the physical device that two processes can compare (they may number it
+        differently), or None where there is none to tell (the CPU)."""
+        return None
+
     def synchronize(self) -> None:
         pass
 

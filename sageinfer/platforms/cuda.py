@@ -40,6 +40,9 @@ class CudaPlatform(Platform):
     def set_device(self, index: int) -> None:
         torch.cuda.set_device(index)
 
+    def device_uuid(self, device: torch.device) -> str | None:
+        return str(torch.cuda.get_device_properties(device).uuid)
+
     # Datasheet dense bf16 FLOP/s and memory bandwidth, by a part of the device's name (first match).
     _PEAKS = (("H200", 989e12, 4.8e12), ("H100 PCIe", 756e12, 2.0e12), ("H100 NVL", 835e12, 3.9e12),
               ("H100", 989e12, 3.35e12), ("H800", 989e12, 3.35e12), ("H20", 148e12, 4.0e12),

@@ -5,9 +5,10 @@ The prefill instance listens on a TCP port for decode instances and hosts a TCPS
 instance that first needs KV from it connects, and the two form a process group of their own (two
 ranks, not the instances' tensor-parallel groups). Each load is a request over that connection
 (which prompt, which tokens) answered by one send per cache tensor; the prefill instance then frees
-the request's blocks. Tokens are sent token-major, so block sizes may differ. A process group joins
-two processes on two devices: with NCCL, the prefill and decode instances may not share a GPU (the
-shared-memory connector serves that case).
+the request's blocks. Tokens are sent token-major, so block sizes may differ. A device's collective
+library joins two processes on two devices only (NCCL refuses two ranks on one GPU): a pair whose
+instances share a device goes over gloo through host memory instead (the shared-memory connector
+serves that case faster).
 """
 from __future__ import annotations
 
@@ -105,10 +106,11 @@ class TorchDistributedConnector(RemoteKVConnector):
         """One decode instance: form the pair's group, then answer its reads one after another."""
         try:
             with conn, conn.makefile("rb") as reader:
-                _recv_json(reader)  # hello
+                hello = _recv_json(reader)
                 prefix = f"{self.engine_id}-pair{pair}"
-                _send_json(conn, {"pair": prefix})
-                group = _process_group(self.backend, dist.PrefixStore(prefix, self.store), 0, self.connect_timeout)
+                backend = self._pair_backend(hello.get("device"))
+                _send_json(conn, {"pair": prefix, "backend": backend})
+                group = _process_group(backend, dist.PrefixStore(prefix, self.store), 0, self.connect_timeout)
                 while not self.closed:
                     ask = _recv_json(reader)
                     with self.lock:
@@ -122,7 +124,7 @@ class TorchDistributedConnector(RemoteKVConnector):
                         _send_json(conn, {"error": "fewer tokens held than asked for"})
                         continue
                     _send_json(conn, {"ok": True})
-                    self._send_tokens(group, blocks, first, count)
+                    self._send_tokens(group, backend, blocks, first, count)
                     with self.lock:  # sent: the blocks may go
                         if self.offers.pop(ask["request"], None) is not None:
                             self.sent.append(ask["request"])
@@ -130,13 +132,22 @@ class TorchDistributedConnector(RemoteKVConnector):
             if not self.closed:
                 logger.warning("KV pair %d closed: %s", pair, exc)
 
-    def _send_tokens(self, group, blocks: list[int], first: int, count: int) -> None:
+    def _pair_backend(self, peer_device: str | None) -> str:
+        here = self.platform.device_uuid(self.tensors[0].device) if self.tensors else None
+        if self.backend != "gloo" and here is not None and here == peer_device:
+            logger.info("KV pair on one device (%s): over gloo through host memory", here)
+            return "gloo"
+        return self.backend
+
+    def _send_tokens(self, group, backend: str, blocks: list[int], first: int, count: int) -> None:
         bs = self.block_size
         b0, b1 = first // bs, -(-(first + count) // bs)
         ids = self.platform.to_device(np.asarray(blocks[b0:b1], dtype=np.int64), self.tensors[0].device)
         skip = first - b0 * bs
         for t in self.tensors:
             tokens = t.index_select(0, ids).reshape(-1, *t.shape[2:])[skip:skip + count].contiguous()
+            if backend == "gloo":  # gloo moves host memory only
+                tokens = tokens.cpu()
             group.send([tokens], 1, 0).wait()
         self.platform.synchronize()
 
@@ -205,10 +216,12 @@ class _Link:
         try:
             self.sock = socket.create_connection(self.address, timeout=o.connect_timeout.total_seconds())
             reader = self.sock.makefile("rb")
-            _send_json(self.sock, {"hello": o.engine_id})
-            prefix = _recv_json(reader)["pair"]
+            device = o.platform.device_uuid(o.tensors[0].device) if o.tensors else None
+            _send_json(self.sock, {"hello": o.engine_id, "device": device})
+            answer = _recv_json(reader)
+            prefix, backend = answer["pair"], answer.get("backend", o.backend)
             store = dist.TCPStore(self.address[0], self.store_port, None, False, timeout=o.connect_timeout)
-            group = _process_group(o.backend, dist.PrefixStore(prefix, store), 1, o.connect_timeout)
+            group = _process_group(backend, dist.PrefixStore(prefix, store), 1, o.connect_timeout)
             self.sock.settimeout(None)
         except Exception as exc:  # noqa: BLE001 - every load queued here fails with the reason
             return self._fail_all(exc)
@@ -223,9 +236,11 @@ class _Link:
                     raise ValueError(answer["error"])
                 ids = o.platform.to_device(np.asarray(block_ids, dtype=np.int64), o.tensors[0].device)
                 for t in o.tensors:
-                    buf = torch.empty((count, *t.shape[2:]), dtype=t.dtype, device=t.device)
+                    buf = torch.empty((count, *t.shape[2:]), dtype=t.dtype,
+                                      device="cpu" if backend == "gloo" else t.device)
                     group.recv([buf], 0, 0).wait()
                     if not future.abandoned:  # given up on: its blocks may belong to another request now
+                        buf = buf.to(t.device)
                         t.index_copy_(0, ids, buf.view(len(block_ids), o.block_size, *t.shape[2:]))
                 o.platform.synchronize()
                 future.set_result(None)
