@@ -89,9 +89,19 @@ class EngineConfig:
                                                    "\"SharedMemoryConnector\" | \"NixlConnector\", \"kv_role\": "
                                                    "\"kv_producer\" | \"kv_consumer\" | \"kv_both\"}")
 
+    # Publish what the prefix cache gains and drops over ZMQ, for cache-aware routing (vLLM's
+    # --kv-events-config JSON; transport/kv_events.py).
+    kv_events_config: str | None = _option(None, "KV cache events over ZMQ, JSON: {\"enable_kv_cache_events\": true, "
+                                                 "\"endpoint\": \"tcp://*:5557\", \"replay_endpoint\": "
+                                                 "\"tcp://*:5558\", \"topic\": \"\"}")
+
     def __post_init__(self) -> None:
+        from sageinfer.transport.kv_events import parse_kv_events_config
         from sageinfer.transport.kv_transfer_config import parse_kv_transfer_config
         self.kv_transfer_config = parse_kv_transfer_config(self.kv_transfer_config)
+        self.kv_events_config = parse_kv_events_config(self.kv_events_config)
+        if self.kv_events_config is not None and not self.enable_prefix_caching:
+            raise ValueError("kv_events_config: KV events describe the prefix cache; enable prefix caching")
         if self.kv_transfer_config is not None and self.tensor_parallel_size > 1:
             raise ValueError("kv_transfer_config is not supported with tensor_parallel_size > 1 yet (the "
                              "connector runs beside rank 0's cache only)")

@@ -1,5 +1,6 @@
 """The router over tiny instances on loopback: answers as the instances do, spreads the load by its
 policy, keeps sessions together, and routes around an instance that dies."""
+import json
 import os
 import re
 import signal
@@ -131,6 +132,61 @@ def test_prefix_policy_sends_a_shared_prefix_where_it_is_cached(instances):
         finally:
             router.stop()
     assert gained["prefix"] > 1.3 * gained["round_robin"], gained
+
+
+def test_prefix_policy_follows_the_blocks_the_instances_report(llama_dir):
+    """Instances publish their KV events; the router tokenizes each request as they do and sends it
+    where the most of its prefix is cached: prompts and chats that revisit their prefix hit the
+    cache more than under round robin, and the router's expected hits are real hits."""
+    def events_config():
+        return json.dumps({"enable_kv_cache_events": True, "endpoint": f"tcp://127.0.0.1:{free_port()}",
+                           "replay_endpoint": f"tcp://127.0.0.1:{free_port()}"})
+    servers = [ServerProcess(llama_dir, EAGER, "--kv-events-config", events_config(), api_key=None) for _ in range(2)]
+    urls = [s.base_url for s in servers]
+    try:
+        def hits():
+            return sum(s.metrics().get("sageinfer:prefix_cache_hits_total", 0) for s in servers)
+
+        gained = {}
+        for policy in ("round_robin", "prefix"):
+            extra = ("--tokenizer", llama_dir) if policy == "prefix" else ()
+            router = CliProcess("router", "--policy", policy, *extra, *[a for u in urls for a in ("--backend", u)])
+            try:
+                if policy == "prefix":
+                    deadline = time.monotonic() + 20
+                    while not all(v["synced"] for v in httpx.get(router.base_url + "/router/kv_index").json().values()):
+                        assert time.monotonic() < deadline, "the router did not sync with the instances' events"
+                        time.sleep(0.2)
+                prefixes = [f"{policy} conversation {g}: " + "the quick brown fox jumps over the lazy dog " * 15
+                            for g in range(2)]  # and a chat: three a turn, so round robin moves each
+                chat = openai.OpenAI(base_url=router.base_url + "/v1", api_key="none", max_retries=0)
+                history = [{"role": "system", "content": f"{policy}: " + "you answer briefly and well. " * 20}]
+                before = hits()
+                for turn in range(4):
+                    for prefix in prefixes:
+                        _complete(router.base_url, prefix + f"turn {turn}")
+                        time.sleep(0.05)  # the events of the last request reach the router
+                    history.append({"role": "user", "content": f"question {turn}"})
+                    answer = chat.chat.completions.create(model="tiny", messages=history, max_tokens=4,
+                                                          temperature=0).choices[0].message.content
+                    history.append({"role": "assistant", "content": answer})
+                gained[policy] = hits() - before
+                if policy == "prefix":
+                    reasons = router.counter("sageinfer_router:routing_decisions", "reason")
+                    metrics = httpx.get(router.base_url + "/metrics").text
+                    expected = float(re.search(r"^sageinfer_router:prefix_hit_tokens_total (\S+)", metrics, re.M)[1])
+                    index = httpx.get(router.base_url + "/router/kv_index").json()
+            finally:
+                router.stop()
+        assert gained["prefix"] > 1.3 * gained["round_robin"], gained
+        assert reasons.get("prefix", 0) >= 9, reasons  # each text prefix and the chat after its first turn
+        # what the router expected to hit, the instances did hit (they may hit more: blocks of the
+        # current turn's own earlier tokens, or blocks the router had not heard of yet)
+        assert 0.8 * gained["prefix"] <= expected <= gained["prefix"], (expected, gained)  # equal when run here
+        assert set(index) == set(urls) and all(v["blocks"] > 0 and v["block_size"] for v in index.values())
+    finally:
+        for s in servers:
+            s.stop()
 
 
 def test_instances_join_and_leave_at_run_time(instances):

@@ -127,6 +127,17 @@ class LLMEngine:
                                               self.platform)
             logger.info("KV transfer: %s as %s (engine %s)", config.kv_transfer_config["kv_connector"],
                         config.kv_transfer_config["kv_role"], config.kv_transfer_config["engine_id"])
+        self.kv_events = None
+        if config.kv_events_config is not None:
+            from sageinfer.transport.kv_events import KVEventPublisher
+            self.kv_manager.enable_events()
+            try:
+                self.kv_events = KVEventPublisher(config.kv_events_config, config.block_size)
+            except ValueError:
+                self.shutdown()  # the ranks and the transfer connector stop too
+                raise
+            logger.info("KV events: %s (snapshots: %s)", config.kv_events_config["endpoint"],
+                        config.kv_events_config["replay_endpoint"])
         self.scheduler = Scheduler(config, self.kv_manager, self.kv_transfer)
         self.requests: dict[str, _ParentRequest] = {}
         self.num_prompt_tokens_computed = 0
@@ -237,6 +248,9 @@ class LLMEngine:
         if getattr(self, "kv_transfer", None) is not None:
             self.kv_transfer.close()
             self.kv_transfer = None
+        if getattr(self, "kv_events", None) is not None:
+            self.kv_events.close()
+            self.kv_events = None
         if self.workers is not None:
             self.workers.shutdown(timeout)
             self.workers = None
@@ -290,6 +304,8 @@ class LLMEngine:
             outputs += self._process(previous)
         if not self.async_scheduling and self._in_flight is not None:
             outputs += self._process(self._take_in_flight())
+        if self.kv_events is not None:
+            self.kv_events.publish(self.kv_manager.take_events())
         return outputs
 
     def _take_in_flight(self) -> "_InFlight":

@@ -369,12 +369,13 @@ def _sse(payload: dict) -> str:
 
 
 def build_app(server: OpenAIServer, api_key: str | None = None, public_metrics: bool = False,
-              max_request_body_bytes: int = 32 * 2**20) -> FastAPI:
+              max_request_body_bytes: int = 32 * 2**20, kv_events: dict | None = None) -> FastAPI:
+    """kv_events: where the engine publishes its KV cache events (with its block size), for routers."""
     app = FastAPI(title="sageInfer", docs_url=None, redoc_url=None)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_body_bytes)
     if api_key:  # added last, so it runs first: no body is read for a caller without the key
         app.add_middleware(APIKeyMiddleware, api_key=api_key,
-                           public_paths=("/health", "/metrics") if public_metrics else ("/health",))
+                           public_paths=("/health", "/metrics", "/kv_events") if public_metrics else ("/health",))
 
     @app.exception_handler(APIError)
     async def api_error(_, exc: APIError):
@@ -409,6 +410,13 @@ def build_app(server: OpenAIServer, api_key: str | None = None, public_metrics: 
     async def health():
         healthy = server.engine.error is None and not server.engine.draining
         return Response(status_code=200 if healthy else 503)
+
+    @app.get("/kv_events")
+    async def kv_events_endpoints():
+        if kv_events is None:
+            return JSONResponse(error_body(404, "this instance publishes no KV events (--kv-events-config)",
+                                           "NotFoundError"), status_code=404)
+        return {k: kv_events[k] for k in ("endpoint", "replay_endpoint", "topic", "block_size")}
 
     @app.get("/v1/models")
     async def models():

@@ -126,7 +126,9 @@ def _serve(args: argparse.Namespace) -> int:
             chat_template = f.read()
     name = args.served_model_name or os.path.basename(os.path.normpath(kwargs["model"]))
     app = build_app(OpenAIServer(front, name, chat_template, tool_call_parser), api_key=api_key,
-                    public_metrics=args.public_metrics, max_request_body_bytes=args.max_request_body_bytes)
+                    public_metrics=args.public_metrics, max_request_body_bytes=args.max_request_body_bytes,
+                    kv_events=None if config.kv_events_config is None else {**config.kv_events_config,
+                                                                            "block_size": block_size})
     if args.allowed_origins:
         from starlette.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_methods=["*"],
@@ -171,7 +173,7 @@ def _router(args: argparse.Namespace) -> int:
               f"http://{args.host}:{args.port}", flush=True)
     else:
         app = build_router_app(BackendPool(args.backend, check_interval=args.health_check_interval),
-                               Policy(args.policy))
+                               Policy(args.policy, tokenizer=args.tokenizer))
         print(f"routing ({args.policy}) over {len(args.backend)} instance(s) on http://{args.host}:{args.port}",
               flush=True)
     CleanExitServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
@@ -234,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="session: a request's x-session-id header or `user` field keeps it on one instance; "
                              "prefix: where the longest prefix of the prompt was sent before, unless that "
                              "instance is much busier")
+    router.add_argument("--tokenizer", default=None, metavar="DIR",
+                        help="the instances' tokenizer (their model directory): the prefix policy then follows the "
+                             "KV events of instances started with --kv-events-config and routes by the blocks they "
+                             "hold; without it, by where the router sent each text before")
     router.add_argument("--host", default="127.0.0.1")
     router.add_argument("--port", type=int, default=8000)
     router.add_argument("--health-check-interval", type=float, default=1.0, help="seconds between checks")
@@ -246,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--host", default="127.0.0.1")
     proxy.add_argument("--port", type=int, default=8000)
     proxy.add_argument("--health-check-interval", type=float, default=1.0, help="seconds between checks")
-    proxy.set_defaults(func=_router, backend=[], policy="least_load")  # the router over PD pools
+    proxy.set_defaults(func=_router, backend=[], policy="least_load", tokenizer=None)  # the router over PD pools
     launch = sub.add_parser("launch", help="several instances of one model on this host, and the router in front")
     launch.add_argument("model")
     launch.add_argument("--instances", type=int, default=2)

@@ -36,6 +36,9 @@ class BlockPool:
         # Blocks freed since the last step was launched: that step may still be writing them (an
         # aborted request's prefill chunk, a finished request's wasted token).
         self.freed_since_launch: set[int] = set()
+        # Changes to the prefix index in order, for KV events (None: nobody listens): ("removed", hash)
+        # here, ("stored", ...) from the manager, which knows the tokens.
+        self.events: list[tuple] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -70,6 +73,8 @@ class BlockPool:
                 if self.cached.get(block.block_hash) == block_id:
                     del self.cached[block.block_hash]
                     self.evicted.append((block.block_hash, block_id))
+                    if self.events is not None:
+                        self.events.append(("removed", block.block_hash))
                 block.block_hash = None
                 self.evictions += 1
             block.ref_count = 1
@@ -87,19 +92,22 @@ class BlockPool:
                 self.free_queue[block_id] = None
                 self.freed_since_launch.add(block_id)
 
-    def cache_block(self, block_id: int, block_hash: bytes) -> None:
+    def cache_block(self, block_id: int, block_hash: bytes) -> bool:
+        """Register a full block under its hash; True if the index gained the hash."""
         if not self.enable_caching:
-            return
+            return False
         block = self.blocks[block_id]
         if block.block_hash is not None:
-            return
+            return False
         block.block_hash = block_hash
-        self.cached.setdefault(block_hash, block_id)
+        return self.cached.setdefault(block_hash, block_id) == block_id
 
     def reset_prefix_cache(self) -> None:
         for block in self.blocks:
             block.block_hash = None
         self.cached.clear()
+        if self.events is not None:
+            self.events.append(("cleared",))
 
     def check_accounting(self) -> None:
         """Every block is either referenced or free, never both; raises on a leak or double free."""

@@ -109,8 +109,8 @@ class KVCacheManager:
             self.offload_hit_tokens += len(hit.offloaded) * self.block_size
             # Findable at once: a request admitted later in this step shares them instead of loading
             # its own copy (the loads are enqueued before any step that reads them).
-            for block_id, block_hash in zip(loaded, hit.offloaded):
-                self.pool.cache_block(block_id, block_hash)
+            for i, (block_id, block_hash) in enumerate(zip(loaded, hit.offloaded), start=len(hit.blocks)):
+                self._cache_block(request, i, block_id, block_hash)
             request.num_registered_blocks = len(hit.blocks) + len(hit.offloaded)
         return True
 
@@ -147,8 +147,29 @@ class KVCacheManager:
         computed = request.num_computed_tokens if num_tokens is None else num_tokens
         num_full = min(computed // self.block_size, len(request.block_hashes))
         for i in range(request.num_registered_blocks, num_full):
-            self.pool.cache_block(request.block_ids[i], request.block_hashes[i])
+            self._cache_block(request, i, request.block_ids[i], request.block_hashes[i])
         request.num_registered_blocks = max(request.num_registered_blocks, num_full)
+
+    def _cache_block(self, request, index: int, block_id: int, block_hash: bytes) -> None:
+        """Register the request's block `index`; a KV event when the index gains it."""
+        if self.pool.cache_block(block_id, block_hash) and self.pool.events is not None:
+            bs = self.block_size
+            parent = request.block_hashes[index - 1] if index else None
+            self.pool.events.append(("stored", block_hash, parent, request.all_token_ids[index * bs:(index + 1) * bs]))
+
+    def enable_events(self) -> None:
+        """Start recording what enters and leaves the prefix index (take_events drains it)."""
+        if self.enable_caching:
+            self.pool.events = []
+
+    def take_events(self) -> list[tuple]:
+        """The prefix index's changes since the last call, in order: ("stored", hash, parent hash,
+        tokens), ("removed", hash), ("cleared",)."""
+        events = self.pool.events
+        if not events:
+            return []
+        self.pool.events = []
+        return events
 
     def free(self, request) -> None:
         self.pool.free(list(reversed(request.block_ids)))

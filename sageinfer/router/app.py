@@ -36,7 +36,21 @@ class _Metrics:
                              ["backend"], registry=self.registry)
         self.load = Gauge("sageinfer_router:backend_load", "Running and waiting requests an instance reports "
                           "(or the router has open on it, if more).", ["backend"], registry=self.registry)
+        self.decisions = Counter("sageinfer_router:routing_decisions", "Requests routed, by the policy's reason "
+                                 "(prefix: to the instance holding its prefix; least_load, round_robin, session).",
+                                 ["reason"], registry=self.registry)
+        self.prefix_query_tokens = Counter("sageinfer_router:prefix_query_tokens", "Prompt tokens the prefix "
+                                           "policy measured against the instances' KV events.", registry=self.registry)
+        self.prefix_hit_tokens = Counter("sageinfer_router:prefix_hit_tokens", "Of those, tokens the chosen "
+                                         "instance reported holding (the router's expected prefix hits).",
+                                         registry=self.registry)
         self.pool = pool
+
+    def decision(self, reason: str, hit_tokens: int, prompt_tokens: int) -> None:
+        self.decisions.labels(reason).inc()
+        if prompt_tokens:
+            self.prefix_query_tokens.inc(prompt_tokens)
+            self.prefix_hit_tokens.inc(hit_tokens)
 
     def render(self) -> bytes:
         for b in self.pool.backends:
@@ -47,6 +61,8 @@ class _Metrics:
 
 def build_router_app(pool: BackendPool, policy: Policy, max_attempts: int = 3) -> FastAPI:
     metrics = _Metrics(pool)
+    policy.on_decision = metrics.decision
+    pool.kv_index = policy.kv_index  # the instances' KV events, where the policy reads them
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
 
     @asynccontextmanager
@@ -85,6 +101,15 @@ def build_router_app(pool: BackendPool, policy: Policy, max_attempts: int = 3) -
     @app.get("/router/backends")
     async def list_backends():
         return [{"url": b.url, "healthy": b.healthy, "load": b.load, "served": b.served} for b in pool.backends]
+
+    @app.get("/router/kv_index")
+    async def kv_index():
+        """What the router knows of each instance's prefix cache from its KV events."""
+        index = policy.kv_index
+        if index is None:
+            return _error(404, "the router follows no KV events (--policy prefix --tokenizer DIR)", "NotFoundError")
+        return {url: {"synced": state.synced, "blocks": len(state.hashes), "block_size": state.block_size}
+                for url, state in index.instances.items()}
 
     @app.post("/router/backends")
     async def add_backend(raw: Request):

@@ -42,6 +42,7 @@ class BackendPool:
     def __post_init__(self):
         self.backends = [Backend(u.rstrip("/")) for u in self.urls]
         self._task: asyncio.Task | None = None
+        self.kv_index = None  # router.kv_index.KVEventIndex: follows the KV events of instances that publish them
 
     def add(self, url: str) -> Backend:
         url = url.rstrip("/")
@@ -55,6 +56,8 @@ class BackendPool:
     def remove(self, url: str) -> bool:
         before = len(self.backends)
         self.backends = [b for b in self.backends if b.url != url.rstrip("/")]
+        if self.kv_index is not None:
+            self.kv_index.forget(url.rstrip("/"))
         return len(self.backends) < before
 
     def healthy(self) -> list[Backend]:
@@ -65,6 +68,8 @@ class BackendPool:
             logger.warning("backend %s is down: %s", backend.url, why)
         backend.healthy = False
         backend.failures += 1
+        if self.kv_index is not None:
+            self.kv_index.mark_stale(backend.url)
 
     async def check(self, client: httpx.AsyncClient, backend: Backend) -> None:
         try:
@@ -82,6 +87,13 @@ class BackendPool:
             backend.reported_load = _load_from_metrics(text)
         except (httpx.HTTPError, ValueError):
             pass  # a server without readable metrics is still served by round robin
+        if self.kv_index is not None and not self.kv_index.is_following(backend.url):
+            try:
+                answer = await client.get(backend.url + "/kv_events", timeout=self.timeout)
+                if answer.status_code == 200:
+                    self.kv_index.follow(backend.url, answer.json())
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                logger.warning("backend %s: its KV event endpoints could not be read: %s", backend.url, exc)
 
     async def run_checks(self) -> None:
         async with httpx.AsyncClient() as client:
@@ -95,6 +107,8 @@ class BackendPool:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self.kv_index is not None:
+            await self.kv_index.close()
 
 
 def _load_from_metrics(text: str) -> float:

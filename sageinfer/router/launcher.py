@@ -110,6 +110,13 @@ class Launcher:
             instance.stop()
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def pd_roles(spec: str) -> list[str]:
     """"P:D" -> P kv_producer then D kv_consumer instances."""
     try:
@@ -142,6 +149,18 @@ def run(args) -> int:
     if roles:
         instance_args = [["--kv-transfer-config", json.dumps({"kv_connector": args.kv_connector, "kv_role": role})]
                          for role in roles]
+    policy = None
+    if not roles and args.policy == "prefix":  # each instance publishes its KV events; the router follows them
+        if any(a.startswith("--kv-events-config") for a in args.serve_args):
+            raise ValueError("launch gives each instance its own --kv-events-config; do not pass one")
+        try:
+            policy = Policy("prefix", tokenizer=args.model)
+        except ValueError as exc:
+            logger.warning("no tokenizer in %s (%s): the prefix policy goes by the router's own record", args.model, exc)
+        else:
+            instance_args = [["--kv-events-config", json.dumps({
+                "enable_kv_cache_events": True, "endpoint": f"tcp://127.0.0.1:{free_port()}",
+                "replay_endpoint": f"tcp://127.0.0.1:{free_port()}"})] for _ in range(instances)]
     from sageinfer.platforms import get_platform
     platform = get_platform()
     launcher = Launcher(args.model, instances, args.first_instance_port or args.port + 1,
@@ -156,7 +175,8 @@ def run(args) -> int:
                                  BackendPool(urls["kv_consumer"], check_interval=1.0))
         front = f"PD proxy over {args.pd} (prefill:decode, {args.kv_connector})"
     else:
-        app = build_router_app(BackendPool([i.url for i in launcher.instances], check_interval=1.0), Policy(args.policy))
+        app = build_router_app(BackendPool([i.url for i in launcher.instances], check_interval=1.0),
+                               policy or Policy(args.policy))
         front = f"router ({args.policy})"
     print(f"launched {instances} instance(s) of {args.model} (logs in {log_dir}); {front} on "
           f"http://{args.host}:{args.port}", flush=True)

@@ -14,22 +14,36 @@ PREFIX_BALANCE_SLACK = 4
 
 
 class Policy:
-    def __init__(self, name: str):
+    def __init__(self, name: str, tokenizer: str | None = None):
+        """tokenizer: the instances' tokenizer directory; with it the prefix policy measures prompts
+        against the blocks the instances report holding (their KV events), without it against the
+        router's own record of where it sent which text."""
         if name not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {name!r}")
         self.name = name
         self._turn = itertools.count()
         self.index = PrefixIndex()
+        self.kv_index = None
+        self.tokenizer = None
+        if name == "prefix" and tokenizer:
+            from sageinfer.router.kv_index import KVEventIndex, RouterTokenizer
+            self.kv_index = KVEventIndex()
+            self.tokenizer = RouterTokenizer(tokenizer)
+        # on_decision(reason, expected hit tokens, prompt tokens): the router's metrics
+        self.on_decision = lambda reason, hit, total: None
 
     def pick(self, healthy: list[Backend], session: str | None, body: dict | None = None) -> Backend:
         if self.name == "prefix":
             return self._by_prefix(healthy, body or {})
         if self.name == "least_load":
+            self.on_decision("least_load", 0, 0)
             return self._least_load(healthy)
         if self.name == "session" and session is not None:
             # Rendezvous hashing: a session stays on its instance while that one is up, and only the
             # sessions of an instance that leaves move.
+            self.on_decision("session", 0, 0)
             return max(healthy, key=lambda b: hashlib.sha256(f"{session}\0{b.url}".encode()).digest())
+        self.on_decision(self.name if self.name != "session" else "round_robin", 0, 0)
         return healthy[next(self._turn) % len(healthy)]
 
     def _least_load(self, healthy: list[Backend]) -> Backend:
@@ -38,6 +52,10 @@ class Policy:
         return min(healthy, key=lambda b: (b.load, (healthy.index(b) - turn) % len(healthy)))
 
     def _by_prefix(self, healthy: list[Backend], body: dict) -> Backend:
+        if self.kv_index is not None and any(self.kv_index.has_events(b.url) for b in healthy):
+            ids = self.tokenizer.token_ids(body)
+            if ids:
+                return self._by_reported_blocks(healthy, ids)
         key = prompt_key(body)
         hashes = chunk_hashes(key) if key else []
         by_url = {b.url: b for b in healthy}
@@ -45,4 +63,18 @@ class Policy:
         least = self._least_load(healthy)
         chosen = by_url[owner] if owner and by_url[owner].load <= least.load + PREFIX_BALANCE_SLACK else least
         self.index.record(hashes, chosen.url)
+        self.on_decision("prefix" if chosen.url == owner else "least_load", 0, 0)
         return chosen
+
+    def _by_reported_blocks(self, healthy: list[Backend], ids: list[int]) -> Backend:
+        """The instance whose cache holds the longest leading part of the prompt (by its own KV
+        events), unless it is far busier than the least busy one."""
+        held = self.kv_index.match(ids, [b.url for b in healthy])
+        least = self._least_load(healthy)
+        best = max(healthy, key=lambda b: (held.get(b.url, 0), -b.load))
+        hit = held.get(best.url, 0)
+        if hit and best.load <= least.load + PREFIX_BALANCE_SLACK:
+            self.on_decision("prefix", hit, len(ids))
+            return best
+        self.on_decision("least_load", held.get(least.url, 0), len(ids))
+        return least

@@ -1,0 +1,133 @@
+"""KV cache events: an engine publishes over ZMQ what its prefix cache gains and drops, keyed by the
+prefix cache's own block hashes, and answers snapshots of what it holds; the stream and the
+snapshots must agree with the block pool at every point."""
+import json
+import socket
+import time
+
+import pytest
+import zmq
+
+from sageinfer import LLM, SamplingParams
+from sageinfer.kv_cache.manager import hash_block
+from sageinfer.router.kv_index import InstanceBlocks, prompt_hashes
+from sageinfer.transport.kv_events import (AllBlocksCleared, BlockRemoved, BlockStored, decode_batch,
+                                           events_from_changes, parse_kv_events_config)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_changes_become_events_and_chains_merge():
+    a, b, c = b"a" * 32, b"b" * 32, b"c" * 32
+    events = events_from_changes([("stored", a, None, [1, 2]), ("stored", b, a, [3, 4]), ("removed", c),
+                                  ("removed", a), ("stored", c, None, [5, 6]), ("cleared",)], block_size=2)
+    assert events == [BlockStored([a, b], None, [1, 2, 3, 4], 2), BlockRemoved([c, a]),
+                      BlockStored([c], None, [5, 6], 2), AllBlocksCleared()]
+
+
+def test_the_config_takes_vllms_fields_and_refuses_others():
+    assert parse_kv_events_config(None) is None
+    assert parse_kv_events_config('{"enable_kv_cache_events": false}') is None
+    config = parse_kv_events_config('{"enable_kv_cache_events": true, "endpoint": "tcp://*:6000"}')
+    assert config["replay_endpoint"] == "tcp://*:6001" and parse_kv_events_config(config) == config
+    with pytest.raises(ValueError, match="unknown field"):
+        parse_kv_events_config('{"enable_kv_cache_events": true, "port": 1}')
+    with pytest.raises(ValueError, match="publisher"):
+        parse_kv_events_config('{"enable_kv_cache_events": true, "publisher": "kafka"}')
+    with pytest.raises(ValueError, match="prefix caching"):
+        LLM("unused", kv_events_config='{"enable_kv_cache_events": true}', enable_prefix_caching=False)
+
+
+class _Listener:
+    """A subscriber as a router runs one: the stream, and snapshots on request."""
+
+    def __init__(self, config: dict):
+        self.context = zmq.Context()
+        self.sub = self.context.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.connect(config["endpoint"])
+        self.replay = config["replay_endpoint"]
+        self.last_seq = 0
+        self.state = InstanceBlocks()
+        time.sleep(0.3)  # a SUB socket misses what is sent before it has joined
+
+    def drain(self, seconds: float = 1.0) -> list:
+        """Events that arrive within the time, applied to the listener's copy (in order, no gap)."""
+        events, deadline = [], time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.sub.poll(50):
+                _, seq, payload = self.sub.recv_multipart()
+                seq = int.from_bytes(seq, "big")
+                assert seq == self.last_seq + 1, (seq, self.last_seq)
+                self.last_seq = seq
+                batch = decode_batch(payload)
+                self.state.apply(batch)
+                events += batch.events
+        return events
+
+    def snapshot(self) -> tuple[int, set]:
+        dealer = self.context.socket(zmq.DEALER)
+        dealer.connect(self.replay)
+        dealer.send_multipart([b"", b"snapshot"])
+        assert dealer.poll(5000)
+        _, seq, payload = dealer.recv_multipart()
+        dealer.close(linger=0)
+        state = InstanceBlocks()
+        state.apply(decode_batch(payload))
+        return int.from_bytes(seq, "big"), state.hashes
+
+    def close(self):
+        self.context.destroy(linger=0)
+
+
+def test_the_engine_publishes_what_its_prefix_cache_gains_and_drops(llama_dir):
+    config = {"enable_kv_cache_events": True, "endpoint": f"tcp://127.0.0.1:{_free_port()}",
+              "replay_endpoint": f"tcp://127.0.0.1:{_free_port()}"}
+    llm = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=20, block_size=16, max_model_len=256,
+              kv_events_config=json.dumps(config), show_progress=False)
+    listener = _Listener(parse_kv_events_config(config))
+    pool = llm.engine.kv_manager.pool
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    try:
+        prompt = list(range(10, 80))  # 70 tokens: 4 full blocks, 74 with the generated ones
+        llm.generate({"prompt_token_ids": prompt}, greedy, use_tqdm=False)
+        stored = [e for e in listener.drain() if isinstance(e, BlockStored)]
+        chain = prompt_hashes(prompt + [0], 16)  # the 4 blocks of the prompt's first 64 tokens
+        assert [h for e in stored for h in e.block_hashes] == chain
+        assert stored[0].parent_block_hash is None and stored[0].token_ids[:16] == prompt[:16]
+        assert chain[1] == hash_block(chain[0], prompt[16:32])  # the engine's own keys, recomputable
+        assert listener.state.hashes == set(pool.cached)
+        seq, held = listener.snapshot()
+        assert seq == listener.last_seq and held == set(pool.cached)
+
+        # Other prompts through a 19-block cache evict blocks of the first prompt, and say so.
+        for start in (100, 200, 300):
+            llm.generate({"prompt_token_ids": list(range(start, start + 90))}, greedy, use_tqdm=False)
+        removed = {h for e in listener.drain() if isinstance(e, BlockRemoved) for h in e.block_hashes}
+        evicted = set(chain) - set(pool.cached)  # leaves go first: the prompt's last blocks at least
+        assert evicted and evicted <= removed
+        assert listener.state.hashes == set(pool.cached)
+        assert listener.snapshot()[1] == set(pool.cached)
+
+        pool.reset_prefix_cache()  # cleared: one event says so
+        llm.engine.step()
+        assert any(isinstance(e, AllBlocksCleared) for e in listener.drain()) and not listener.state.hashes
+    finally:
+        listener.close()
+        llm.engine.shutdown()
+
+
+def test_a_port_in_use_is_a_clear_error(llama_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = {"enable_kv_cache_events": True, "endpoint": f"tcp://127.0.0.1:{port}"}
+        with pytest.raises(ValueError, match="cannot bind"):
+            LLM(llama_dir, dtype="float32", num_gpu_blocks_override=20, max_model_len=256,
+                kv_events_config=json.dumps(config),
+                show_progress=False)
