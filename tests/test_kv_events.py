@@ -10,7 +10,7 @@ import zmq
 
 from sageinfer import LLM, SamplingParams
 from sageinfer.kv_cache.manager import hash_block
-from sageinfer.router.kv_index import InstanceBlocks, prompt_hashes
+from sageinfer.router.kv_index import InstanceBlocks, KVEventIndex, prompt_hashes
 from sageinfer.transport.kv_events import (AllBlocksCleared, BlockRemoved, BlockStored, decode_batch,
                                            events_from_changes, parse_kv_events_config)
 
@@ -78,7 +78,7 @@ class _Listener:
         dealer.close(linger=0)
         state = InstanceBlocks()
         state.apply(decode_batch(payload))
-        return int.from_bytes(seq, "big"), state.hashes
+        return int.from_bytes(seq, "big"), state
 
     def close(self):
         self.context.destroy(linger=0)
@@ -100,9 +100,9 @@ def test_the_engine_publishes_what_its_prefix_cache_gains_and_drops(llama_dir):
         assert [h for e in stored for h in e.block_hashes] == chain
         assert stored[0].parent_block_hash is None and stored[0].token_ids[:16] == prompt[:16]
         assert chain[1] == hash_block(chain[0], prompt[16:32])  # the engine's own keys, recomputable
-        assert listener.state.hashes == set(pool.cached)
+        assert listener.state.blocks("GPU") == set(pool.cached)
         seq, held = listener.snapshot()
-        assert seq == listener.last_seq and held == set(pool.cached)
+        assert seq == listener.last_seq and held.blocks("GPU") == set(pool.cached)
 
         # Other prompts through a 19-block cache evict blocks of the first prompt, and say so.
         for start in (100, 200, 300):
@@ -110,12 +110,12 @@ def test_the_engine_publishes_what_its_prefix_cache_gains_and_drops(llama_dir):
         removed = {h for e in listener.drain() if isinstance(e, BlockRemoved) for h in e.block_hashes}
         evicted = set(chain) - set(pool.cached)  # leaves go first: the prompt's last blocks at least
         assert evicted and evicted <= removed
-        assert listener.state.hashes == set(pool.cached)
-        assert listener.snapshot()[1] == set(pool.cached)
+        assert listener.state.blocks("GPU") == set(pool.cached)
+        assert listener.snapshot()[1].blocks("GPU") == set(pool.cached)
 
         pool.reset_prefix_cache()  # cleared: one event says so
         llm.engine.step()
-        assert any(isinstance(e, AllBlocksCleared) for e in listener.drain()) and not listener.state.hashes
+        assert any(isinstance(e, AllBlocksCleared) for e in listener.drain()) and not listener.state.blocks("GPU")
     finally:
         listener.close()
         llm.engine.shutdown()
@@ -131,3 +131,32 @@ def test_a_port_in_use_is_a_clear_error(llama_dir):
             LLM(llama_dir, dtype="float32", num_gpu_blocks_override=20, max_model_len=256,
                 kv_events_config=json.dumps(config),
                 show_progress=False)
+
+
+def test_the_offload_tier_publishes_its_blocks_too(llama_dir):
+    """Blocks evicted to host memory stay prefix hits there: they are published as held on the CPU,
+    and a router counts them (the device index alone would say they are gone)."""
+    config = {"enable_kv_cache_events": True, "endpoint": f"tcp://127.0.0.1:{_free_port()}",
+              "replay_endpoint": f"tcp://127.0.0.1:{_free_port()}"}
+    llm = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=20, block_size=16, max_model_len=256,
+              kv_offload_gb=0.001, kv_events_config=json.dumps(config), show_progress=False)
+    listener = _Listener(parse_kv_events_config(config))
+    manager, greedy = llm.engine.kv_manager, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    try:
+        first = list(range(10, 80))
+        for prompt in (first, *(list(range(s, s + 90)) for s in (100, 200, 300))):
+            llm.generate({"prompt_token_ids": prompt}, greedy, use_tqdm=False)
+        listener.drain()
+        host = set(manager.connector.slots)
+        assert host and listener.state.blocks("CPU") == host
+        assert listener.state.blocks("GPU") == set(manager.pool.cached)
+        assert listener.snapshot()[1].blocks("CPU") == host
+        chain = prompt_hashes(first + [0], 16)
+        assert set(chain) - set(manager.pool.cached) <= host  # what left the device went to the host
+        index = KVEventIndex()
+        index.instances["a"] = listener.state
+        listener.state.synced = True
+        assert index.match(first + [0], ["a"]) == {"a": 64}  # all 4 blocks: on the device or the host
+    finally:
+        listener.close()
+        llm.engine.shutdown()

@@ -158,18 +158,23 @@ class KVCacheManager:
             self.pool.events.append(("stored", block_hash, parent, request.all_token_ids[index * bs:(index + 1) * bs]))
 
     def enable_events(self) -> None:
-        """Start recording what enters and leaves the prefix index (take_events drains it)."""
+        """Start recording what enters and leaves the prefix index and the offload tier (take_events
+        drains it); both write one list, so the order holds across them."""
         if self.enable_caching:
             self.pool.events = []
+            if self.connector is not None:
+                self.connector.events = self.pool.events
 
     def take_events(self) -> list[tuple]:
-        """The prefix index's changes since the last call, in order: ("stored", hash, parent hash,
-        tokens), ("removed", hash), ("cleared",)."""
+        """The changes since the last call, in order: ("stored", hash, parent hash, tokens),
+        ("removed", hash), ("cleared",) of the device cache; ("stored_host", hash), ("removed_host",
+        hash) of the offload tier."""
         events = self.pool.events
         if not events:
             return []
-        self.pool.events = []
-        return events
+        taken = list(events)
+        events.clear()
+        return taken
 
     def free(self, request) -> None:
         self.pool.free(list(reversed(request.block_ids)))

@@ -108,7 +108,8 @@ def build_router_app(pool: BackendPool, policy: Policy, max_attempts: int = 3) -
         index = policy.kv_index
         if index is None:
             return _error(404, "the router follows no KV events (--policy prefix --tokenizer DIR)", "NotFoundError")
-        return {url: {"synced": state.synced, "blocks": len(state.hashes), "block_size": state.block_size}
+        return {url: {"synced": state.synced, "blocks": len(state.blocks("GPU")),
+                      "host_blocks": len(state.blocks("CPU")), "block_size": state.block_size}
                 for url, state in index.instances.items()}
 
     @app.post("/router/backends")

@@ -23,20 +23,27 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class InstanceBlocks:
-    """One instance's cached blocks, as its events and snapshots say."""
-    hashes: set[bytes] = field(default_factory=set)
+    """One instance's cached blocks by medium (GPU: its device cache, CPU: its host offload tier), as
+    its events and snapshots say. A block held on either is a prefix hit there."""
+    media: dict[str, set[bytes]] = field(default_factory=dict)
     block_size: int | None = None
     synced: bool = False  # a snapshot has been applied and no message missed since
 
     def apply(self, batch: KVEventBatch) -> None:
         for event in batch.events:
             if isinstance(event, BlockStored):
-                self.hashes.update(event.block_hashes)
+                self.media.setdefault(event.medium, set()).update(event.block_hashes)
                 self.block_size = event.block_size
             elif isinstance(event, BlockRemoved):
-                self.hashes.difference_update(event.block_hashes)
+                self.media.get(event.medium, set()).difference_update(event.block_hashes)
             elif isinstance(event, AllBlocksCleared):
-                self.hashes.clear()
+                self.media.clear()
+
+    def holds(self, block_hash: bytes) -> bool:
+        return any(block_hash in held for held in self.media.values())
+
+    def blocks(self, medium: str = "GPU") -> set[bytes]:
+        return self.media.get(medium, set())
 
 
 def prompt_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
@@ -64,7 +71,7 @@ class KVEventIndex:
                 continue
             hashes = by_size.setdefault(state.block_size, prompt_hashes(token_ids, state.block_size))
             n = 0
-            while n < len(hashes) and hashes[n] in state.hashes:
+            while n < len(hashes) and state.holds(hashes[n]):
                 n += 1
             out[url] = n * state.block_size
         return out
@@ -99,7 +106,7 @@ class KVEventIndex:
         state = self.instances.get(url)
         if state is not None:
             state.synced = False
-            state.hashes.clear()
+            state.media.clear()
 
     async def close(self) -> None:
         for url in list(self._tasks):
@@ -156,7 +163,7 @@ class KVEventIndex:
             dealer.close(linger=0)
         if not seq_bytes:
             return None
-        state.hashes.clear()
+        state.media.clear()
         state.apply(decode_batch(payload))
         state.synced = True
         return int.from_bytes(seq_bytes, "big")

@@ -37,6 +37,9 @@ class HostOffloadConnector(KVConnector):
         # write (the wasted token of a request that just finished).
         self.copy_stream = platform.stream()
         self.loads_done = None  # a save may overwrite a host slot only after earlier loads read it
+        # Keys gained and dropped, in order, for KV events (None: nobody listens): ("stored_host",
+        # key), ("removed_host", key); the cache manager shares its list here.
+        self.events: list[tuple] | None = None
 
     def _device_tensors(self, layer: int) -> list[torch.Tensor]:
         cache = self.kv_caches[layer]
@@ -55,6 +58,8 @@ class HostOffloadConnector(KVConnector):
             return self.free_slots.pop()
         for key in self.slots:  # least recently used that no pending load needs
             if key not in protected:
+                if self.events is not None:
+                    self.events.append(("removed_host", key))
                 return self.slots.pop(key)
         return None
 
@@ -80,6 +85,8 @@ class HostOffloadConnector(KVConnector):
                 break
             self.slots[key] = slot
             moves[slot] = block_id
+            if self.events is not None:
+                self.events.append(("stored_host", key))
         for start, blocks in self._runs(list(moves.items())):
             for layer, store in enumerate(self.stores):
                 for host, device in zip(store, self._device_tensors(layer)):

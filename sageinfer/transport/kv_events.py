@@ -68,16 +68,22 @@ def events_from_changes(changes: list[tuple], block_size: int) -> list[KVEvent]:
         kind, last = change[0], events[-1] if events else None
         if kind == "stored":
             _, block_hash, parent, tokens = change
-            if isinstance(last, BlockStored) and last.block_hashes[-1] == parent:
+            if isinstance(last, BlockStored) and last.medium == "GPU" and last.block_hashes[-1] == parent:
                 last.block_hashes.append(block_hash)
                 last.token_ids.extend(tokens)
             else:
                 events.append(BlockStored([block_hash], parent, list(tokens), block_size))
-        elif kind == "removed":
-            if isinstance(last, BlockRemoved):
+        elif kind == "stored_host":  # a device block's copy in host memory (the offload tier knows no tokens)
+            if isinstance(last, BlockStored) and last.medium == "CPU":
                 last.block_hashes.append(change[1])
             else:
-                events.append(BlockRemoved([change[1]]))
+                events.append(BlockStored([change[1]], None, [], block_size, medium="CPU"))
+        elif kind in ("removed", "removed_host"):
+            medium = "GPU" if kind == "removed" else "CPU"
+            if isinstance(last, BlockRemoved) and last.medium == medium:
+                last.block_hashes.append(change[1])
+            else:
+                events.append(BlockRemoved([change[1]], medium=medium))
         else:
             events.append(AllBlocksCleared())
     return events
@@ -128,7 +134,7 @@ class KVEventPublisher:
         self.block_size = block_size
         self.topic = config["topic"].encode()
         self.pending: queue.Queue = queue.Queue()
-        self.held: dict[bytes, BlockStored] = {}  # hash -> the one-block event that stored it
+        self.held: dict[tuple[str, bytes], BlockStored] = {}  # (medium, hash) -> the one-block event that stored it
         self.seq = 0
         self.closed = threading.Event()
         self.context = zmq.Context()
@@ -173,12 +179,13 @@ class KVEventPublisher:
             if isinstance(event, BlockStored):
                 bs, parent = event.block_size, event.parent_block_hash
                 for i, h in enumerate(event.block_hashes):
-                    self.held[h] = BlockStored([h], parent, event.token_ids[i * bs:(i + 1) * bs], bs, event.medium)
+                    self.held[event.medium, h] = BlockStored([h], parent, event.token_ids[i * bs:(i + 1) * bs], bs,
+                                                             event.medium)
                     parent = h
             elif isinstance(event, BlockRemoved):
                 for h in event.block_hashes:
-                    self.held.pop(h, None)
-            else:
+                    self.held.pop((event.medium, h), None)
+            else:  # a subscriber forgets every medium (a host copy left is merely not routed to)
                 self.held.clear()
         self.seq += 1
         self.pub.send_multipart([self.topic, self.seq.to_bytes(8, "big"),
