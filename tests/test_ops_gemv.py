@@ -80,3 +80,27 @@ def test_gemv_float32_output_is_rounded_through_the_weight_dtype():
     out = gemv(x, w, config=cfg, out_dtype=torch.float32)
     assert out.dtype == torch.float32
     assert torch.equal(out, gemv(x, w, config=cfg).float())
+
+
+@pytest.mark.parametrize("wdtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("gated", [False, True])
+def test_gemv_reads_8bit_weights_with_a_scale_per_row(wdtype, gated):
+    """An FP8 or INT8 weight with its per-row scale: the product of the weights it encodes, rounded
+    to the input's dtype (fp16 here)."""
+    gen = torch.Generator().manual_seed(7)
+    m, n, k = 2, 24, 256
+    full = torch.randn(n, k, generator=gen)
+    scale = full.abs().amax(1) / (127.0 if wdtype == torch.int8 else 448.0)
+    q = (full / scale[:, None])
+    q = q.round().clamp(-127, 127).to(wdtype) if wdtype == torch.int8 else q.to(wdtype)
+    x = torch.randn(m, 2 * k if gated else k, generator=gen).half()
+    cfg = {"block_n": 8, "block_k": 128, "num_warps": 4, "num_stages": 2}
+    out = gemv(x.to(DEVICE), q.to(DEVICE), config=cfg, gated=gated, weight_scale=scale.to(DEVICE))
+    inp = x.float()
+    if gated:
+        gate, up = inp[:, :k], inp[:, k:]
+        inp = ((gate / (1 + torch.exp(-gate))).half() * up.half()).float()
+    ref = inp.double() @ (q.double() * scale.double()[:, None]).t()
+    assert out.dtype == torch.float16 and rel_err(out.float().cpu(), ref) < 2e-3
+    with pytest.raises(ValueError, match="weight_scale"):
+        gemv(x.to(DEVICE), q.to(DEVICE), gated=gated, weight_scale=scale[:-1].to(DEVICE))

@@ -69,6 +69,31 @@ def test_fp8_at_load_time_equals_the_per_channel_checkpoint(checkpoints, tmp_pat
     assert from_checkpoint[1] == at_load[1]
 
 
+@pytest.mark.parametrize("name", ["fp8-channel"])  # INT8 weights in the same kernel: tests/test_ops_gemv.py
+def test_one_row_reads_8_bit_weights_as_the_model_they_encode(checkpoints, tmp_path, monkeypatch, name):
+    """At one row the 8-bit layers go through the skinny kernel with their per-row scales (16-bit
+    activations, the norm, activation and residual folded in): a one-token prompt and its decode
+    steps equal the dequantized model's, which takes the same kernel with whole weights."""
+    from sageinfer.ops import gemv as gemv_module
+    calls, original = [], gemv_module.gemv
+    monkeypatch.setattr(gemv_module, "gemv", lambda *a, **k: (calls.append(k), original(*a, **k))[1])
+    sampling = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=0)
+    outs = {}
+    for which, path in (("quantized", checkpoints[name]), ("dense", dequantized_copy(checkpoints[name],
+                                                                                      str(tmp_path / "dense")))):
+        llm = LLM(path, dtype="float32", num_gpu_blocks_override=128, attention_backend="triton", enforce_eager=True,
+                  show_progress=False)
+        out = llm.generate({"prompt_token_ids": PROMPT[:1]}, sampling, use_tqdm=False)[0].outputs[0]
+        outs[which] = (out.token_ids, [lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids)])
+        llm.engine.shutdown()
+        if which == "quantized":
+            scaled = [k for k in calls if k.get("weight_scale") is not None]
+            assert any("norm_weight" in k for k in scaled) and any(k.get("gated") for k in scaled)
+            assert any(k.get("residual") is not None for k in scaled)
+    assert outs["quantized"][0] == outs["dense"][0]
+    np.testing.assert_allclose(outs["quantized"][1], outs["dense"][1], atol=1e-4)
+
+
 def test_layers_hold_8_bit_weights_and_the_ignored_stay_whole(checkpoints, llama_dir, tmp_path):
     llm = LLM(checkpoints["int8-channel"], dtype="float32", num_gpu_blocks_override=128, show_progress=False)
     layer = llm.engine.runner.model.model.layers[0]

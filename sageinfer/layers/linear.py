@@ -48,9 +48,6 @@ class Linear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.use_triton = False  # set by the model runner from the platform's kernel choice
-        # The one-row fusions (norm, activation, residual add inside the matmul) need the whole sum
-        # in full precision: not where an all-reduce follows, nor for quantized weights.
-        self.fusable = not self.reduces and self.quant is None
 
     def drop_quantization(self) -> None:
         """Keep this layer in full precision (a checkpoint's ignore list)."""
@@ -62,7 +59,6 @@ class Linear(nn.Module):
                 delattr(self, name)
             self.new_weight(torch.get_default_dtype(), device)
             self.quant = None
-            self.fusable = not self.reduces
 
     def new_weight(self, dtype: torch.dtype | None = None, device=None) -> None:
         """The layer's [out, in] weight for this rank, empty, loaded like a checkpoint tensor (a
@@ -102,24 +98,37 @@ class Linear(nn.Module):
             y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
+    def fused_one_row(self, x: torch.Tensor) -> dict | None:
+        """The one-row kernel's weight arguments where it may fold a norm, an activation or the
+        residual add into this layer's matmul for x; None where it may not: an all-reduce must come
+        between the matmul and the rest, or the quantization has no per-row form (ops/gemv.py)."""
+        if self.reduces or not one_row(x, self.use_triton):
+            return None
+        if self.quant is None:
+            return {"weight": self.weight}
+        scale = getattr(self.quant, "one_row_scale", lambda layer: None)(self)
+        return None if scale is None else {"weight": self.weight, "weight_scale": scale}
+
     def forward_gated(self, gate_up: torch.Tensor, act: nn.Module, residual: torch.Tensor | None = None):
         """self(act(gate_up)) for an MLP's down projection; one row fuses the activation in.
-        With residual: adds the result to it in place and returns it. The fusions step aside where
-        an all-reduce must come between the matmul and the residual."""
-        if one_row(gate_up, self.use_triton) and self.fusable:
-            return _gemv(gate_up, self.weight, self.bias, gated=True, residual=residual)
+        With residual: adds the result to it in place and returns it."""
+        fused = self.fused_one_row(gate_up)
+        if fused is not None:
+            return _gemv(gate_up, bias=self.bias, gated=True, residual=residual, **fused)
         return self.add_into(act(gate_up), residual) if residual is not None else self.forward(act(gate_up))
 
     def forward_normed(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """self(norm(x)) for an RMSNorm; one row normalises inside the matmul (no norm launch)."""
-        if one_row(x, self.use_triton) and self.fusable:
-            return _gemv(x, self.weight, self.bias, norm_weight=norm.weight, eps=norm.eps)
+        fused = self.fused_one_row(x)
+        if fused is not None:
+            return _gemv(x, bias=self.bias, norm_weight=norm.weight, eps=norm.eps, **fused)
         return self.forward(norm(x))
 
     def add_into(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual += self(x), in place; returns residual."""
-        if one_row(x, self.use_triton) and self.fusable:
-            return _gemv(x, self.weight, self.bias, residual=residual)
+        fused = self.fused_one_row(x)
+        if fused is not None:
+            return _gemv(x, bias=self.bias, residual=residual, **fused)
         return residual.add_(self.forward(x))
 
 

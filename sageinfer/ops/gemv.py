@@ -6,6 +6,11 @@ in flight), and reduces x * w on the CUDA cores in fp32; no split-K pass, no sec
 With gated=True the input is an MLP's [gate, up] projection and x = silu(gate) * up is formed on
 the fly (rounded as ops.activation rounds it), so the down projection needs no SiLU-and-mul launch.
 
+Weights may be 8-bit (FP8 e4m3 or INT8) with a scale per output feature (weight_scale): the kernel
+reads them as they are stored, half the bytes of 16-bit ones, and scales each output, so quantized
+layers decode at the memory's rate with 16-bit activations (weight-only arithmetic, no activation
+quantization).
+
 The residual stream's add and RMSNorm fold in the same way, so a decoder layer at one row needs no
 norm launch: with norm_weight the input is the (already summed) residual stream and every program
 normalises it itself (one extra pass over K floats it reads anyway), rounded as ops.rms_norm rounds;
@@ -51,8 +56,8 @@ def _dot_rows(x, w):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, eps,
-                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, eps,
+                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, GATED: tl.constexpr, PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr,
                  USE_PDL: tl.constexpr):
     pid = tl.program_id(0)
@@ -106,11 +111,13 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, stride_xm, 
                 x_mask = m_mask[:, None] & k_mask[None, :]
             w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
             acc += _dot_rows(_x_chunk(x_ptr, ms, ks, x_mask, stride_xm, K, GATED), w)
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + ms[:, None] * stride_ym + rows[None, :]
     y_mask = m_mask[:, None] & row_mask[None, :]
-    y = acc.to(w_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)  # rounded as the model's dtype rounds
+    y = acc.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)  # rounded as the model's dtype rounds
     if ADD_TO_Y:  # residual + layer output, rounded as two tensors of the model's dtype add
         y = y + tl.load(y_ptrs, mask=y_mask, other=0.0)
     tl.store(y_ptrs, y, mask=y_mask)
@@ -118,12 +125,14 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, stride_xm, 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: dict | None = None, gated: bool = False, norm_weight: torch.Tensor | None = None,
-         eps: float = 0.0, residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+         eps: float = 0.0, residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+         weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, K] with M <= MAX_ROWS ([M, 2K] of [gate, up] when gated), weight: [N, K] (rows
     contiguous), bias: [N] or None -> [M, N].
+    weight_scale: [N] float32, the scale of each 8-bit weight row (output = (x @ weight.T) * scale).
     norm_weight: x is RMS-normalised (eps) and scaled by it first, as ops.rms_norm does.
     residual: [M, N]; the result is added to it in place and residual is returned.
-    out_dtype: the output's dtype (values still rounded to the weight's dtype first), e.g. float32
+    out_dtype: the output's dtype (values still rounded to the input's dtype first), e.g. float32
     logits without a separate cast."""
     m = x.shape[0]
     n, k = weight.shape
@@ -135,15 +144,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError("gemv: a gated input is not normalised")
     if residual is not None and (residual.shape != (m, n) or residual.stride(1) != 1):
         raise ValueError(f"gemv: residual {tuple(residual.shape)} does not fit output ({m}, {n})")
+    if weight_scale is not None and weight_scale.numel() != n:
+        raise ValueError(f"gemv: weight_scale has {weight_scale.numel()} values for {n} rows")
     cfg = config or (GATED_GEMV_CONFIG if gated else GEMV_CONFIG)
     block_m = max(1, triton.next_power_of_2(m))
     # Keep x * w tiles inside the registers as rows grow.
     block_k = max(64, cfg["block_k"] // block_m)
     y = residual if residual is not None else torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, cfg["block_n"]),)](
-        x, weight, bias if bias is not None else weight, norm_weight if norm_weight is not None else weight, y,
+        x, weight, weight_scale if weight_scale is not None else x, bias if bias is not None else x,
+        norm_weight if norm_weight is not None else x, y,
         m, n, k, x.stride(0), weight.stride(0), y.stride(0), eps,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=block_k,
+        HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=block_k,
         EVEN_K=k % block_k == 0, GATED=gated, PRENORM=norm_weight is not None, ADD_TO_Y=residual is not None,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **launch.dependent_launch_kwargs())

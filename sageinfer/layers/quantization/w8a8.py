@@ -73,9 +73,20 @@ class W8A8Method:
             raise ValueError("a quantized layer's weight_scale is missing or not positive")
 
     # ---- the matmul --------------------------------------------------------------------------------
+    def one_row_scale(self, layer: nn.Module) -> torch.Tensor | None:
+        """One row (decode of one sequence) reads the 8-bit weights in the skinny kernel with 16-bit
+        activations and the per-row scales (ops/gemv.py): half the bytes of a 16-bit layer, no
+        activation quantization pass, and the norm and residual fusions of 16-bit layers."""
+        return layer.weight_scale if layer.weight.dtype in (torch.float8_e4m3fn, torch.int8) else None
+
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        from sageinfer.layers.linear import one_row
+        if one_row(x2, layer.use_triton):
+            from sageinfer.ops.gemv import gemv
+            y = gemv(x2, layer.weight, weight_scale=self.one_row_scale(layer))
+            return y.reshape(*shape[:-1], y.shape[-1])
         if self.config.activation_dynamic or not hasattr(layer, "input_scale"):
             xq, x_scale = quantize_rows(x2, self.scheme, activations=True)
         else:
