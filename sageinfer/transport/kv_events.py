@@ -12,13 +12,14 @@ The events carry the cached prompts' token ids: bind the endpoints to a private 
 """
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 import time
 
 import msgspec
+
+from sageinfer.transport.json_options import json_object_option
 
 logger = logging.getLogger(__name__)
 
@@ -92,20 +93,11 @@ def events_from_changes(changes: list[tuple], block_size: int) -> list[KVEvent]:
 def parse_kv_events_config(value) -> dict | None:
     """--kv-events-config (JSON text or a dict, vLLM's fields) validated, defaults filled in; None when
     events are off."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            raise ValueError(f"kv_events_config is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError("kv_events_config must be a JSON object")
     known = {"enable_kv_cache_events", "publisher", "endpoint", "replay_endpoint", "topic", "buffer_steps", "hwm",
              "max_queue_size"}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ValueError(f"kv_events_config: unknown field(s) {unknown}; known: {sorted(known)}")
+    value = json_object_option(value, "kv_events_config", known)
+    if value is None:
+        return None
     if not value.get("enable_kv_cache_events", False) or value.get("publisher", "zmq") == "null":
         return None
     if value.get("publisher", "zmq") != "zmq":

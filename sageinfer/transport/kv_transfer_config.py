@@ -5,8 +5,9 @@ vLLM's field names, so that deployment recipes carry over:
 """
 from __future__ import annotations
 
-import json
 import uuid
+
+from sageinfer.transport.json_options import json_object_option
 
 CONNECTORS = {
     # same host: KV staged in shared host memory (/dev/shm), token-major, so block sizes may differ
@@ -22,20 +23,11 @@ ROLES = ("kv_producer", "kv_consumer", "kv_both")
 
 def parse_kv_transfer_config(value) -> dict | None:
     """A validated dict (defaults filled in) from JSON text or a dict; None stays None."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            raise ValueError(f"kv_transfer_config is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError("kv_transfer_config must be a JSON object")
     known = {"kv_connector", "kv_role", "engine_id", "kv_connector_extra_config", "kv_rank", "kv_parallel_size",
              "kv_ip", "kv_port", "kv_buffer_device"}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ValueError(f"kv_transfer_config: unknown field(s) {unknown}; known: {sorted(known)}")
+    value = json_object_option(value, "kv_transfer_config", known)
+    if value is None:
+        return None
     connector = ALIASES.get(value.get("kv_connector"), value.get("kv_connector"))
     if connector not in CONNECTORS:
         raise ValueError(f"kv_transfer_config: kv_connector {value.get('kv_connector')!r} is not supported; "
