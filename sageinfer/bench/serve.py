@@ -41,9 +41,9 @@ def random_prompts(num: int, input_len: int, vocab_size: int, seed: int) -> list
 
 
 async def _one(http: httpx.AsyncClient, url: str, headers: dict, model: str, prompt: list[int],
-               output_len: int) -> RequestResult:
+               output_len: int, extra: dict | None = None) -> RequestResult:
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream_options": {"include_usage": True}, **(extra or {})}
     result = RequestResult(ok=False, prompt_len=len(prompt))
     start = time.perf_counter()
     last = None
@@ -141,9 +141,12 @@ def summarize(results: list[RequestResult], duration: float, slo_ms: dict[str, f
 def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", required=True)
     p.add_argument("--model", required=True)
-    p.add_argument("--dataset", default="random", choices=["random", *MIXES],
+    p.add_argument("--dataset", default="random", choices=["random", *MIXES, "multi-turn"],
                    help="random: --input-len / --output-len for every request; a mix draws each request's "
-                        "lengths (sageinfer/bench/mixed.py)")
+                        "lengths (sageinfer/bench/mixed.py); multi-turn: --num-prompts conversations of --turns "
+                        "turns, each opening with its own --input-len prefix (sageinfer/bench/multiturn.py)")
+    p.add_argument("--turns", type=int, default=4, help="multi-turn: turns of each conversation")
+    p.add_argument("--user-len", type=int, default=64, help="multi-turn: tokens of each new user message")
     p.add_argument("--max-model-len", type=int, default=None, help="a mix's requests are shortened to fit this")
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=128)
@@ -167,23 +170,39 @@ def main_from_args(args: argparse.Namespace) -> int:
         slo[key] = float(value)
     if args.num_prompts < 1 or args.input_len < 1 or args.output_len < 1:
         raise ValueError("--num-prompts, --input-len and --output-len must be >= 1")
-    if args.dataset == "random":
-        prompts = random_prompts(args.num_prompts, args.input_len, args.vocab_size, args.seed)
-        output_lens = args.output_len
+    extra = {}
+    if args.dataset == "multi-turn":
+        from sageinfer.bench.multiturn import conversations, run_conversations, turn_split
+        sessions = conversations(args.num_prompts, args.turns, args.input_len, args.user_len, args.output_len,
+                                 args.vocab_size, args.seed)
+        by_session, duration = asyncio.run(run_conversations(args.base_url, args.model, sessions, args.output_len,
+                                                             args.max_concurrency, args.api_key))
+        results = [r for s in by_session for r in s]
+        results += [RequestResult(ok=False, prompt_len=0, error="an earlier turn of its conversation failed")
+                    for s, prompts in zip(by_session, sessions) for _ in range(len(prompts) - len(s))]
+        extra = {"turns": args.turns, "user_len": args.user_len, **turn_split(by_session)}
     else:
-        prompts, output_lens = mixed_prompts(args.dataset, args.num_prompts, args.vocab_size, args.seed,
-                                             args.max_model_len)
-    results, duration = asyncio.run(run_benchmark(args.base_url, args.model, prompts, output_lens,
-                                                  args.request_rate, args.max_concurrency, args.api_key, args.seed))
+        if args.dataset == "random":
+            prompts = random_prompts(args.num_prompts, args.input_len, args.vocab_size, args.seed)
+            output_lens = args.output_len
+        else:
+            prompts, output_lens = mixed_prompts(args.dataset, args.num_prompts, args.vocab_size, args.seed,
+                                                 args.max_model_len)
+        results, duration = asyncio.run(run_benchmark(args.base_url, args.model, prompts, output_lens,
+                                                      args.request_rate, args.max_concurrency, args.api_key,
+                                                      args.seed))
     summary = summarize(results, duration, slo)
+    summary.update(extra)
     summary.update({"base_url": args.base_url, "model": args.model, "dataset": args.dataset,
-                    "input_len": args.input_len if args.dataset == "random" else None,
-                    "output_len": args.output_len if args.dataset == "random" else None,
+                    "input_len": args.input_len if args.dataset in ("random", "multi-turn") else None,
+                    "output_len": args.output_len if args.dataset in ("random", "multi-turn") else None,
                     "num_prompts": args.num_prompts, "request_rate": args.request_rate,
                     "max_concurrency": args.max_concurrency})
     print(f"completed {summary['completed']}/{len(results)} in {duration:.2f} s: "
           f"{summary['request_throughput']:.2f} req/s, {summary['output_throughput']:.1f} output tok/s")
-    for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+    for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms", "first_turn_ttft_ms", "later_turn_ttft_ms"):
+        if metric not in summary:
+            continue
         s = summary[metric]
         if s["mean"] is not None:
             print(f"{metric:8s} mean {s['mean']:9.2f}  median {s['median']:9.2f}  p90 {s['p90']:9.2f}  "
