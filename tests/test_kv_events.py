@@ -160,3 +160,24 @@ def test_the_offload_tier_publishes_its_blocks_too(llama_dir):
     finally:
         listener.close()
         llm.engine.shutdown()
+
+
+def test_the_prefix_policy_follows_reported_blocks_and_the_load():
+    """Without a tokenizer, token-id prompts are measured against the instances' reported blocks;
+    the instance holding more of the prefix wins unless it is far busier; text goes by the router's
+    own record."""
+    from sageinfer.router.backends import Backend
+    from sageinfer.router.policies import PREFIX_BALANCE_SLACK, Policy
+    policy = Policy("prefix", kv_events=True)
+    decisions = []
+    policy.on_decision = lambda reason, hit, total: decisions.append((reason, hit, total))
+    a, b = Backend("http://a", healthy=True), Backend("http://b", healthy=True)
+    prompt = list(range(100, 180))  # 80 tokens: 4 blocks of 16 can hit
+    for url, blocks in (("http://a", 1), ("http://b", 3)):
+        state = policy.kv_index.instances[url] = InstanceBlocks(block_size=16, synced=True)
+        state.media["GPU"] = set(prompt_hashes(prompt, 16)[:blocks])
+    assert policy.pick([a, b], None, {"prompt": prompt}) is b and decisions[-1] == ("prefix", 48, 80)
+    b.in_flight = PREFIX_BALANCE_SLACK + 1  # far busier than a: the load wins
+    assert policy.pick([a, b], None, {"prompt": prompt}) is a and decisions[-1][0] == "least_load"
+    policy.pick([a, b], None, {"prompt": "a text prompt"})  # no tokenizer: the router's own record
+    assert decisions[-1] == ("least_load", 0, 0)

@@ -173,7 +173,7 @@ def _router(args: argparse.Namespace) -> int:
               f"http://{args.host}:{args.port}", flush=True)
     else:
         app = build_router_app(BackendPool(args.backend, check_interval=args.health_check_interval),
-                               Policy(args.policy, tokenizer=args.tokenizer))
+                               Policy(args.policy, kv_events=args.kv_events, tokenizer=args.tokenizer))
         print(f"routing ({args.policy}) over {len(args.backend)} instance(s) on http://{args.host}:{args.port}",
               flush=True)
     CleanExitServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
@@ -236,10 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="session: a request's x-session-id header or `user` field keeps it on one instance; "
                              "prefix: where the longest prefix of the prompt was sent before, unless that "
                              "instance is much busier")
+    router.add_argument("--kv-events", action="store_true",
+                        help="prefix policy: follow the KV events of instances started with --kv-events-config and "
+                             "route by the blocks they hold (without: by where the router sent each text before)")
     router.add_argument("--tokenizer", default=None, metavar="DIR",
-                        help="the instances' tokenizer (their model directory): the prefix policy then follows the "
-                             "KV events of instances started with --kv-events-config and routes by the blocks they "
-                             "hold; without it, by where the router sent each text before")
+                        help="the instances' tokenizer (their model directory), to measure text prompts and chats "
+                             "against their KV events (implies --kv-events; token-id prompts need none)")
     router.add_argument("--host", default="127.0.0.1")
     router.add_argument("--port", type=int, default=8000)
     router.add_argument("--health-check-interval", type=float, default=1.0, help="seconds between checks")
@@ -252,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--host", default="127.0.0.1")
     proxy.add_argument("--port", type=int, default=8000)
     proxy.add_argument("--health-check-interval", type=float, default=1.0, help="seconds between checks")
-    proxy.set_defaults(func=_router, backend=[], policy="least_load", tokenizer=None)  # the router over PD pools
+    proxy.set_defaults(func=_router, backend=[], policy="least_load", tokenizer=None, kv_events=False)  # the router over PD pools
     launch = sub.add_parser("launch", help="several instances of one model on this host, and the router in front")
     launch.add_argument("model")
     launch.add_argument("--instances", type=int, default=2)

@@ -179,21 +179,22 @@ def _reachable(address: str, host: str) -> str:
 
 
 class RouterTokenizer:
-    """Tokenizes requests as the instances do: completions' prompts, and chats through the template."""
+    """Tokenizes requests as the instances do: completions' prompts, and chats through the template.
+    Without a tokenizer only prompts sent as token ids are measured."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str | None):
         from sageinfer.engine.input_processor import load_tokenizer
-        self.tokenizer = load_tokenizer(path)
+        self.tokenizer = load_tokenizer(path) if path else None
 
     def token_ids(self, body: dict) -> list[int] | None:
         try:
             if "messages" in body:
-                return self._chat(body)
+                return self._chat(body) if self.tokenizer is not None else None
             prompt = body.get("prompt")
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
                 prompt = prompt[0]  # several prompts: the first stands for the batch
             if isinstance(prompt, str):
-                return self.tokenizer.encode(prompt)
+                return self.tokenizer.encode(prompt) if self.tokenizer is not None else None
             if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
                 return prompt
         except Exception as exc:  # noqa: BLE001 - a request the router can't render is routed by load

@@ -154,13 +154,13 @@ def run(args) -> int:
         if any(a.startswith("--kv-events-config") for a in args.serve_args):
             raise ValueError("launch gives each instance its own --kv-events-config; do not pass one")
         try:
-            policy = Policy("prefix", tokenizer=args.model)
-        except ValueError as exc:
-            logger.warning("no tokenizer in %s (%s): the prefix policy goes by the router's own record", args.model, exc)
-        else:
-            instance_args = [["--kv-events-config", json.dumps({
-                "enable_kv_cache_events": True, "endpoint": f"tcp://127.0.0.1:{free_port()}",
-                "replay_endpoint": f"tcp://127.0.0.1:{free_port()}"})] for _ in range(instances)]
+            policy = Policy("prefix", kv_events=True, tokenizer=args.model)
+        except ValueError as exc:  # (a model directory of dummy weights, say)
+            logger.warning("no tokenizer in %s (%s): the router measures token-id prompts only", args.model, exc)
+            policy = Policy("prefix", kv_events=True)
+        instance_args = [["--kv-events-config", json.dumps({
+            "enable_kv_cache_events": True, "endpoint": f"tcp://127.0.0.1:{free_port()}",
+            "replay_endpoint": f"tcp://127.0.0.1:{free_port()}"})] for _ in range(instances)]
     from sageinfer.platforms import get_platform
     platform = get_platform()
     launcher = Launcher(args.model, instances, args.first_instance_port or args.port + 1,

@@ -14,10 +14,11 @@ PREFIX_BALANCE_SLACK = 4
 
 
 class Policy:
-    def __init__(self, name: str, tokenizer: str | None = None):
-        """tokenizer: the instances' tokenizer directory; with it the prefix policy measures prompts
-        against the blocks the instances report holding (their KV events), without it against the
-        router's own record of where it sent which text."""
+    def __init__(self, name: str, kv_events: bool = False, tokenizer: str | None = None):
+        """kv_events (implied by tokenizer): the prefix policy measures prompts against the blocks
+        the instances report holding (their KV events) rather than against the router's own record
+        of where it sent which text; tokenizer: the instances' tokenizer directory, for text prompts
+        and chats (token-id prompts need none)."""
         if name not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {name!r}")
         self.name = name
@@ -25,7 +26,7 @@ class Policy:
         self.index = PrefixIndex()
         self.kv_index = None
         self.tokenizer = None
-        if name == "prefix" and tokenizer:
+        if name == "prefix" and (kv_events or tokenizer):
             from sageinfer.router.kv_index import KVEventIndex, RouterTokenizer
             self.kv_index = KVEventIndex()
             self.tokenizer = RouterTokenizer(tokenizer)
