@@ -109,6 +109,10 @@ class LLMEngine:
                 f"than max_model_len ({config.max_model_len}): lower max_model_len or give the cache more memory")
         self.runner.allocate_kv_cache(num_blocks)
         self.graph_capture_seconds = self.runner.capture_graphs()
+        # (tensor-parallel ranks would have to run it too: not yet)
+        self.warm_up_seconds = self.runner.warm_up_long_prefill(num_blocks) if self.workers is None else 0.0
+        if self.warm_up_seconds:
+            logger.info("long-prompt kernels warmed up in %.1f s", self.warm_up_seconds)
         if self.workers is not None:
             self.workers.started = True
         logger.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks, config.block_size, capacity)

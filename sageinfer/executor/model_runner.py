@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,6 +134,30 @@ class ModelRunner:
         self.graphs = self.prefill_graphs = None
         gc.collect()
         self.platform.synchronize()
+
+    @torch.inference_mode()
+    def warm_up_long_prefill(self, num_blocks: int) -> float:
+        """Run the steps of a long prompt once before serving, so that the first user to send one
+        pays no kernel compilation (from LONG_CONTEXT tokens attention takes other tiles, and the
+        platform's long-prompt kernel where it has one): a chunk of new tokens, then a chunk of
+        another length after it as context (integer arguments compile apart by divisibility). The
+        blocks written hold nothing a request reads: they are free and carry no prefix-cache key.
+        Returns the seconds spent (0 where nothing to warm: other backends, a short max_model_len)."""
+        from sageinfer.ops.paged_attention import LONG_CONTEXT
+        total = min(self.config.max_model_len, 2 * self.config.max_num_batched_tokens)
+        if self.backend.name != "triton" or total < LONG_CONTEXT or -(-total // self.block_size) > num_blocks - 1:
+            return 0.0
+        start = time.perf_counter()
+        first = min(self.config.max_num_batched_tokens, total)
+        rest = total - first
+        if rest and rest % 16 == 0:
+            rest -= 1  # the second chunk's lengths are not multiples of 16, the first chunk's (usually) are
+        blocks = list(range(1, 1 + -(-(first + rest) // self.block_size)))
+        self.execute([(_ProfileSequence(first, blocks[:-(-first // self.block_size)]), first)])
+        if rest:
+            self.execute([(_ProfileSequence(first + rest, blocks, num_computed_tokens=first), rest)])
+        self.platform.synchronize()
+        return time.perf_counter() - start
 
     def capture_graphs(self) -> float:
         """Capture decode graphs if the platform can; returns the capture time in seconds."""
@@ -271,13 +296,14 @@ class HostInputs:
 
 
 class _ProfileSequence:
-    """A stand-in request for the memory-profiling run: greedy, all tokens new."""
+    """A stand-in request for the memory-profiling run and the warm-up: greedy, the tokens after
+    num_computed_tokens new."""
 
-    def __init__(self, num_tokens: int, block_ids: list[int]):
+    def __init__(self, num_tokens: int, block_ids: list[int], num_computed_tokens: int = 0):
         self.all_token_ids = [0] * num_tokens
         self.prompt_token_ids = self.all_token_ids
         self.output_token_ids: list[int] = []
-        self.num_computed_tokens = 0
+        self.num_computed_tokens = num_computed_tokens
         self.block_ids = block_ids
         self.sampling_params = SamplingParams(temperature=0.0)
         self.generator = None
