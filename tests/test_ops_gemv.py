@@ -104,3 +104,29 @@ def test_gemv_reads_8bit_weights_with_a_scale_per_row(wdtype, gated):
     assert out.dtype == torch.float16 and rel_err(out.float().cpu(), ref) < 2e-3
     with pytest.raises(ValueError, match="weight_scale"):
         gemv(x.to(DEVICE), q.to(DEVICE), gated=gated, weight_scale=scale[:-1].to(DEVICE))
+
+
+@pytest.mark.parametrize("mode", ["plain", "gated", "normed"])
+def test_gemv_scales_each_group_of_a_block_quantized_weight(mode):
+    """Block FP8: a scale per row and group of 64 input features, applied to the weight chunks in
+    registers; every path that reads weights (the norm's first two chunks and the rest too)."""
+    gen = torch.Generator().manual_seed(11)
+    m, n, k, g = 1, 24, 512, 64
+    full = torch.randn(n, k, generator=gen)
+    scale = full.view(n, k // g, g).abs().amax(2) / 448.0
+    q = (full / scale.repeat_interleave(g, 1)).to(torch.float8_e4m3fn)
+    x = torch.randn(m, 2 * k if mode == "gated" else k, generator=gen).half()
+    norm_w = (torch.rand(k, generator=gen) + 0.5).half()
+    cfg = {"block_n": 8, "block_k": 128, "num_warps": 4, "num_stages": 2}
+    kwargs = {"gated": True} if mode == "gated" else {"norm_weight": norm_w.to(DEVICE), "eps": 1e-6} if mode == "normed" else {}
+    out = gemv(x.to(DEVICE), q.to(DEVICE), config=cfg, weight_scale=scale.to(DEVICE), **kwargs)
+    inp = x.float()
+    if mode == "gated":
+        gate, up = inp[:, :k], inp[:, k:]
+        inp = ((gate / (1 + torch.exp(-gate))).half() * up.half()).float()
+    elif mode == "normed":
+        inp = ((inp * torch.rsqrt(inp.pow(2).mean(1, keepdim=True) + 1e-6)).half() * norm_w).float()
+    ref = inp.double() @ (q.double() * scale.double().repeat_interleave(g, 1)).t()
+    assert rel_err(out.float().cpu(), ref) < 2e-3
+    with pytest.raises(ValueError, match="weight_scale"):
+        gemv(x.to(DEVICE), q.to(DEVICE), weight_scale=scale.t().contiguous().to(DEVICE), **kwargs)

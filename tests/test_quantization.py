@@ -69,8 +69,8 @@ def test_fp8_at_load_time_equals_the_per_channel_checkpoint(checkpoints, tmp_pat
     assert from_checkpoint[1] == at_load[1]
 
 
-@pytest.mark.parametrize("name", ["fp8-channel"])  # INT8 weights in the same kernel: tests/test_ops_gemv.py
-def test_one_row_reads_8_bit_weights_as_the_model_they_encode(checkpoints, tmp_path, monkeypatch, name):
+@pytest.mark.parametrize("name", ["fp8-channel", "fp8-block"])  # INT8 in the same kernel: tests/test_ops_gemv.py
+def test_one_row_reads_8_bit_weights_as_the_model_they_encode(checkpoints, llama_dir, tmp_path, monkeypatch, name):
     """At one row the 8-bit layers go through the skinny kernel with their per-row scales (16-bit
     activations, the norm, activation and residual folded in): a one-token prompt and its decode
     steps equal the dequantized model's, which takes the same kernel with whole weights."""
@@ -79,8 +79,12 @@ def test_one_row_reads_8_bit_weights_as_the_model_they_encode(checkpoints, tmp_p
     monkeypatch.setattr(gemv_module, "gemv", lambda *a, **k: (calls.append(k), original(*a, **k))[1])
     sampling = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=0)
     outs = {}
-    for which, path in (("quantized", checkpoints[name]), ("dense", dequantized_copy(checkpoints[name],
-                                                                                      str(tmp_path / "dense")))):
+    if name == "fp8-block":
+        from quant_checkpoints import write_fp8_blocks
+        quantized, dense = write_fp8_blocks(llama_dir, str(tmp_path / "fp8-blocks"))
+    else:
+        quantized, dense = checkpoints[name], dequantized_copy(checkpoints[name], str(tmp_path / "dense"))
+    for which, path in (("quantized", quantized), ("dense", dense)):
         llm = LLM(path, dtype="float32", num_gpu_blocks_override=128, attention_backend="triton", enforce_eager=True,
                   show_progress=False)
         out = llm.generate({"prompt_token_ids": PROMPT[:1]}, sampling, use_tqdm=False)[0].outputs[0]

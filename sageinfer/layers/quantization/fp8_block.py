@@ -3,8 +3,9 @@ FP8 releases of Qwen3 and DeepSeek hold them): FP8 e4m3 `weight` [out, in] and `
 [out / b, in / b], the multiplier of each b x b tile.
 
 Kept as FP8 (one byte a weight) with each tile's scale spread over its rows, so tensor-parallel
-splits and merged q/k/v or gate/up parts cut the scales exactly as the weight. Small batches run a
-Triton kernel that scales the FP8 tiles in registers (half the bytes of bf16 per decode step);
+splits and merged q/k/v or gate/up parts cut the scales exactly as the weight. One row (decode of one
+sequence) takes the skinny GEMV with the tiles' scales and the 16-bit layers' fusions; small batches
+a Triton kernel that scales the FP8 tiles in registers (half the bytes of bf16 per decode step);
 larger ones expand the layer to the activations' dtype and use the library GEMM. Activations stay
 in 16 bits: an FP8 x FP8 block-scaled GEMM for prefill is not built yet.
 """
@@ -54,10 +55,19 @@ class Fp8BlockMethod:
         layer.weight = nn.Parameter(q, requires_grad=False)
         layer.weight_scale_inv = nn.Parameter(rows.contiguous(), requires_grad=False)
 
+    def one_row_scale(self, layer: nn.Module) -> torch.Tensor:
+        """One row goes through the skinny kernel with each tile's scale applied to the weight chunks
+        in registers (ops/gemv.py), with the norm and residual fusions of 16-bit layers."""
+        return layer.weight_scale_inv
+
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.is_cuda and x2.shape[0] <= _KERNEL_MAX_ROWS:
+        from sageinfer.layers.linear import one_row
+        if one_row(x2, layer.use_triton):
+            from sageinfer.ops.gemv import gemv
+            y = gemv(x2, layer.weight, weight_scale=layer.weight_scale_inv)
+        elif x2.is_cuda and x2.shape[0] <= _KERNEL_MAX_ROWS:
             from sageinfer.ops.weight_only import w8a16_block_matmul
             y = w8a16_block_matmul(x2, layer.weight, layer.weight_scale_inv, self.block)
         else:
