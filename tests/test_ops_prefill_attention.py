@@ -34,6 +34,26 @@ def test_prefill_attention_matches_reference(case, dtype):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("case", ["prompts_of_many_lengths", "chunk_after_cached_context", "decode_rows_in_the_batch"])
+def test_prefill_attention_reads_an_fp8_cache(case):
+    """FP8 e4m3 values times one scale: the attention of the values the cache encodes."""
+    query_lens, context_lens, num_heads, num_kv_heads, head_dim, page, block_n = CASES[case]
+    k_cache, v_cache, meta = random_paged_batch(query_lens, context_lens, num_kv_heads, head_dim, page, torch.float32,
+                                                seed=len(case))
+    scale = float(max(k_cache.abs().max(), v_cache.abs().max())) / 448.0
+    poison_unwritten_slots(k_cache, v_cache, meta)  # NaN stays NaN in FP8
+    k8, v8 = (c.div(scale).to(torch.float8_e4m3fn) for c in (k_cache, v_cache))
+    q = torch.randn(sum(query_lens), num_heads, head_dim).half().to(DEVICE)
+    ref = paged_attention_ref(q.double(), LayerKVCache(k8.double() * scale, v8.double() * scale), meta,
+                              head_dim ** -0.5)
+    out = torch.full_like(q, float("nan"))
+    prefill_attention(q, k8, v8, out, meta.block_table, meta.seq_lens, meta.query_start_loc, meta.num_seqs,
+                      meta.max_query_len, head_dim ** -0.5, kv_scale=scale,
+                      config={"block_m": 32, "block_n": block_n, "num_warps": 4, "num_stages": 2})
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOL[torch.float16]
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="tensor descriptors need a GPU with a copy engine")
 def test_prefill_attention_with_tensor_descriptors():
     query_lens, context_lens = [300, 1, 129], [256, 40, 0]
@@ -50,7 +70,7 @@ def test_prefill_attention_with_tensor_descriptors():
 def test_unsupported_cache_is_refused():
     assert not supports(16, 128, torch.bfloat16, block_n=64)
     assert not supports(128, 96, torch.bfloat16)
-    assert not supports(128, 128, torch.int8)
+    assert not supports(128, 128, torch.int8) and supports(128, 128, torch.float8_e4m3fn)
     k_cache, v_cache, meta = random_paged_batch([4], [0], 1, 16, 16, torch.float32)
     q = torch.randn(4, 1, 16, device=DEVICE)
     with pytest.raises(ValueError, match="whole"):

@@ -2,7 +2,9 @@
 
 When a cache page holds a whole number of key tiles, each tile is one contiguous run of cache rows:
 one block-table read per tile instead of one per key, loads without per-key masks, and on chips with
-a tensor copy engine (USE_TMA) the tile moves as one bulk copy. Rows are packed as in
+a tensor copy engine (USE_TMA) the tile moves as one bulk copy. An FP8 cache (e4m3 values times one
+scale) is read as stored, half the bytes, and widened in registers: the scale folds into the
+softmax's for K and into the output for V. Rows are packed as in
 ops.paged_attention (BLOCK_Q query tokens x GROUP heads of one KV head) and the causal band is walked
 in two loops: tiles wholly visible to every row of the program, then the masked tail.
 """
@@ -39,11 +41,11 @@ def _tile_row(block_table_ptr, tile, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.conste
 @triton.jit
 def _scores(q, k_cache, row, col, stride_row, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
     k = _load_tile(k_cache, row, col, stride_row, BLOCK_N, HEAD_DIM, USE_TMA)
-    return tl.dot(q, k.T)
+    return tl.dot(q, k.to(q.dtype).T)  # (a no-op but for an FP8 cache)
 
 
 @triton.jit
-def _update(s, m_i, l_i, acc, v_cache, row, col, tile, q_pos, kv_end, scale_log2, stride_row,
+def _update(s, m_i, l_i, acc, v_cache, row, col, tile, q_pos, kv_end, scale_log2, stride_row, dtype,
             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
     if MASKED:
         k_idx = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -54,7 +56,7 @@ def _update(s, m_i, l_i, acc, v_cache, row, col, tile, q_pos, kv_end, scale_log2
     p = tl.math.exp2(s * scale_log2 - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_tile(v_cache, row, col, stride_row, BLOCK_N, HEAD_DIM, USE_TMA)
+    v = _load_tile(v_cache, row, col, stride_row, BLOCK_N, HEAD_DIM, USE_TMA).to(dtype)
     if MASKED:
         v = tl.where((tile * BLOCK_N + tl.arange(0, BLOCK_N) < kv_end)[:, None], v, 0.0)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -63,7 +65,7 @@ def _update(s, m_i, l_i, acc, v_cache, row, col, tile, q_pos, kv_end, scale_log2
 
 @triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_attention_kernel(
-    q_ptr, k_cache, v_cache, out_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr, scale_log2,
+    q_ptr, k_cache, v_cache, out_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr, scale_log2, v_scale,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_row, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, USE_PDL: tl.constexpr,
@@ -104,13 +106,13 @@ def _prefill_attention_kernel(
         row = _tile_row(table, tile, PAGE_SIZE, BLOCK_N)
         s = _scores(q, k_cache, row, col, stride_row, BLOCK_N, HEAD_DIM, USE_TMA)
         m_i, l_i, acc = _update(s, m_i, l_i, acc, v_cache, row, col, tile, q_pos, kv_end, scale_log2,
-                                stride_row, BLOCK_N, HEAD_DIM, False, USE_TMA)
+                                stride_row, q.dtype, BLOCK_N, HEAD_DIM, False, USE_TMA)
     for tile in range(num_full, num_tiles):
         row = _tile_row(table, tile, PAGE_SIZE, BLOCK_N)
         s = _scores(q, k_cache, row, col, stride_row, BLOCK_N, HEAD_DIM, USE_TMA)
         m_i, l_i, acc = _update(s, m_i, l_i, acc, v_cache, row, col, tile, q_pos, kv_end, scale_log2,
-                                stride_row, BLOCK_N, HEAD_DIM, True, USE_TMA)
-    out = acc / l_i[:, None]
+                                stride_row, q.dtype, BLOCK_N, HEAD_DIM, True, USE_TMA)
+    out = acc * (v_scale / l_i)[:, None]
     tl.store(out_ptr + tok[:, None] * stride_o_tok + head[:, None] * stride_o_head + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
@@ -136,23 +138,27 @@ def choose_config(page_size: int, max_seq_len: int | None) -> dict:
 
 
 def supports(page_size: int, head_dim: int, kv_dtype: torch.dtype, block_n: int = MIN_PAGE) -> bool:
-    """Whether this kernel can serve a cache: pages of whole key tiles, a power-of-two head, bf16/fp16."""
+    """Whether this kernel can serve a cache: pages of whole key tiles, a power-of-two head, 16/32-bit
+    or FP8 e4m3 values."""
     return (page_size % block_n == 0 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
-            and kv_dtype in (torch.float16, torch.bfloat16, torch.float32))
+            and kv_dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn))
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                       block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                       num_seqs: int, max_query_len: int, scale: float, max_seq_len: int | None = None,
-                      tensor_copies: bool = False, config: dict | None = None) -> torch.Tensor:
+                      tensor_copies: bool = False, config: dict | None = None, kv_scale: float = 1.0) -> torch.Tensor:
     """q, out: [T, Hq, D]; caches: [blocks, page, Hkv, D] with page a multiple of the key tile.
+    kv_scale: what an FP8 cache's values are multiplied by (its per-tensor scale).
     tensor_copies: the platform has a tensor copy engine. Descriptors are then used from LONG_CONTEXT
     keys on, where the kernel runs long: each launch encodes two of them on the host (H100: 46-87 us
     per launch against 29-34 with pointer loads), which eager mixed steps would pay in every layer.
     config: tile sizes, warps and stages to override, and use_tma to force the choice."""
     long = (max_seq_len or 0) >= LONG_CONTEXT
-    cfg = {**choose_config(k_cache.shape[1], max_seq_len), "use_tma": tensor_copies and long and TensorDescriptor
-           is not None, **(config or {})}
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    # (bulk copies of FP8 tiles are not measured yet: pointer loads for those)
+    cfg = {**choose_config(k_cache.shape[1], max_seq_len), "use_tma": tensor_copies and long and not fp8
+           and TensorDescriptor is not None, **(config or {})}
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_blocks, page_size, num_kv_heads = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -171,7 +177,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         k_arg, v_arg = k_cache, v_cache
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
     _prefill_attention_kernel[grid](
-        q, k_arg, v_arg, out, block_table, seq_lens, query_start_loc, scale * LOG2E,
+        q, k_arg, v_arg, out, block_table, seq_lens, query_start_loc, scale * LOG2E * (kv_scale if fp8 else 1.0),
+        kv_scale if fp8 else 1.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), stride_row, block_table.stride(0),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         USE_TMA=cfg["use_tma"], num_warps=cfg["num_warps"],
