@@ -54,7 +54,8 @@ def main() -> None:
     sizes = model_sizes(llm)
     print(f"startup {startup:.1f} s; KV cache {engine.num_kv_blocks} blocks = "
           f"{(engine.num_kv_blocks - 1) * engine.config.block_size} tokens; graph capture "
-          f"{engine.graph_capture_seconds:.1f} s; device {engine.platform.device_name()}", flush=True)
+          f"{engine.graph_capture_seconds:.1f} s; long-prompt warm-up {engine.warm_up_seconds:.1f} s; device "
+          f"{engine.platform.device_name()}", flush=True)
 
     # Warm-up: compile kernels for the prefill and decode shapes outside the timed runs.
     warm = {"seed": 99, "num_prompts": 8, "input_len": 300, "output_len": 8}
@@ -100,6 +101,7 @@ def main() -> None:
         record = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "git_commit": commit or None,
                   "device": engine.platform.device_name(), "date": datetime.date.today().isoformat(),
                   "startup_s": startup, "graph_capture_s": engine.graph_capture_seconds,
+                  "warm_up_s": engine.warm_up_seconds,
                   "kv_cache_tokens": (engine.num_kv_blocks - 1) * engine.config.block_size,
                   "engine_config": {k: str(v) for k, v in vars(engine.config).items()}, "results": results}
         with open(args.out, "w") as f:
