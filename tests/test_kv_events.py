@@ -181,3 +181,60 @@ def test_the_prefix_policy_follows_reported_blocks_and_the_load():
     assert policy.pick([a, b], None, {"prompt": prompt}) is a and decisions[-1][0] == "least_load"
     policy.pick([a, b], None, {"prompt": "a text prompt"})  # no tokenizer: the router's own record
     assert decisions[-1] == ("least_load", 0, 0)
+
+
+def test_the_router_index_follows_a_publisher_and_resyncs_after_a_gap():
+    """The router's subscription: a snapshot first, then the stream; a gap in the sequence numbers
+    (a dropped message) makes it start over from a snapshot, so it ends equal to the publisher."""
+    import asyncio
+
+    from sageinfer.transport.kv_events import KVEventPublisher
+
+    config = parse_kv_events_config({"enable_kv_cache_events": True, "endpoint": f"tcp://127.0.0.1:{_free_port()}",
+                                     "replay_endpoint": f"tcp://127.0.0.1:{_free_port()}"})
+    publisher = KVEventPublisher(config, block_size=16)
+    a, b, c = (hash_block(None, [i] * 16) for i in range(3))
+
+    async def scenario():
+        index = KVEventIndex()
+        publisher.publish([("stored", a, None, [0] * 16)])  # before the router came: in its snapshot
+        await asyncio.sleep(0.1)
+        index.follow("http://127.0.0.1:1", {"endpoint": config["endpoint"].replace("127.0.0.1", "*"),
+                                          "replay_endpoint": config["replay_endpoint"], "block_size": 16})
+
+        async def until(condition):
+            for _ in range(100):
+                if condition():
+                    return True
+                await asyncio.sleep(0.05)
+            return False
+        state = index.instances["http://127.0.0.1:1"]
+        assert await until(lambda: state.synced and state.blocks("GPU") == {a})
+        await asyncio.sleep(0.3)  # the subscription has joined
+        publisher.publish([("stored", b, None, [1] * 16)])
+        assert await until(lambda: state.blocks("GPU") == {a, b})
+        real = publisher.pub
+        publisher.pub = _Dropping(real)  # the next batch is lost on the way (as a full queue drops it)
+        publisher.publish([("removed", a)])
+        assert await until(lambda: publisher.pub.dropped)
+        publisher.pub = real
+        publisher.publish([("stored", c, None, [2] * 16)])
+        # only a snapshot can tell the router that a went: the gap makes it take one
+        assert await until(lambda: state.synced and state.blocks("GPU") == {b, c})
+        assert index.match([2] * 16 + [9], ["http://127.0.0.1:1"]) == {"http://127.0.0.1:1": 16}
+        await index.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        publisher.close()
+
+
+class _Dropping:
+    """A PUB socket that loses what it is given."""
+
+    def __init__(self, socket):
+        self.socket, self.dropped = socket, 0
+
+    def send_multipart(self, frames):
+        self.dropped += 1
