@@ -73,6 +73,9 @@ class Linear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ weight.T (no bias), in x's dtype."""
         if self.quant is not None:
+            one_row_weight = self._one_row_weight(x)
+            if one_row_weight is not None:  # 8-bit weights with their scales in the skinny kernel
+                return _gemv(x, **one_row_weight)
             return self.quant.apply(self, x)
         return linear(x, self.weight, None, self.use_triton)
 
@@ -98,16 +101,21 @@ class Linear(nn.Module):
             y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
-    def fused_one_row(self, x: torch.Tensor) -> dict | None:
-        """The one-row kernel's weight arguments where it may fold a norm, an activation or the
-        residual add into this layer's matmul for x; None where it may not: an all-reduce must come
-        between the matmul and the rest, or the quantization has no per-row form (ops/gemv.py)."""
-        if self.reduces or not one_row(x, self.use_triton):
+    def _one_row_weight(self, x: torch.Tensor) -> dict | None:
+        """The one-row kernel's weight arguments for x (ops/gemv.py), or None: x is not one row, or
+        the quantization has no per-row form."""
+        if not one_row(x, self.use_triton):
             return None
         if self.quant is None:
             return {"weight": self.weight}
         scale = getattr(self.quant, "one_row_scale", lambda layer: None)(self)
         return None if scale is None else {"weight": self.weight, "weight_scale": scale}
+
+    def fused_one_row(self, x: torch.Tensor) -> dict | None:
+        """The one-row kernel's weight arguments where it may fold a norm, an activation or the
+        residual add into this layer's matmul for x; None also where an all-reduce must come between
+        the matmul and the rest."""
+        return None if self.reduces else self._one_row_weight(x)
 
     def forward_gated(self, gate_up: torch.Tensor, act: nn.Module, residual: torch.Tensor | None = None):
         """self(act(gate_up)) for an MLP's down projection; one row fuses the activation in.

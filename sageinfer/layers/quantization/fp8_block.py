@@ -63,11 +63,7 @@ class Fp8BlockMethod:
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        from sageinfer.layers.linear import one_row
-        if one_row(x2, layer.use_triton):
-            from sageinfer.ops.gemv import gemv
-            y = gemv(x2, layer.weight, weight_scale=layer.weight_scale_inv)
-        elif x2.is_cuda and x2.shape[0] <= _KERNEL_MAX_ROWS:
+        if x2.is_cuda and x2.shape[0] <= _KERNEL_MAX_ROWS:
             from sageinfer.ops.weight_only import w8a16_block_matmul
             y = w8a16_block_matmul(x2, layer.weight, layer.weight_scale_inv, self.block)
         else:

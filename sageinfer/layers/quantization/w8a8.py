@@ -82,11 +82,6 @@ class W8A8Method:
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        from sageinfer.layers.linear import one_row
-        if one_row(x2, layer.use_triton):
-            from sageinfer.ops.gemv import gemv
-            y = gemv(x2, layer.weight, weight_scale=self.one_row_scale(layer))
-            return y.reshape(*shape[:-1], y.shape[-1])
         if self.config.activation_dynamic or not hasattr(layer, "input_scale"):
             xq, x_scale = quantize_rows(x2, self.scheme, activations=True)
         else:
