@@ -130,3 +130,35 @@ def test_gemv_scales_each_group_of_a_block_quantized_weight(mode):
     assert rel_err(out.float().cpu(), ref) < 2e-3
     with pytest.raises(ValueError, match="weight_scale"):
         gemv(x.to(DEVICE), q.to(DEVICE), weight_scale=scale.t().contiguous().to(DEVICE), **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["plain", "gated", "normed"])
+@pytest.mark.parametrize("zeros", [False, True])
+def test_gemv_unpacks_4bit_weights_with_group_scales_and_zero_points(mode, zeros):
+    """W4A16's packed words (eight nibbles along the input, stored plus 8) with a scale and, for
+    asymmetric schemes, a zero point per row and group: the weights ops/weight_only.dequantize
+    gives, through every path that reads weights, K not a multiple of the chunk included."""
+    from sageinfer.ops.weight_only import dequantize, pack
+    gen = torch.Generator().manual_seed(13)
+    n, k, g = 24, 640, 64
+    q = torch.randint(0, 16, (n, k), generator=gen)
+    scale = (torch.rand(n, k // g, generator=gen) + 0.1) / 8
+    zero = torch.randint(-3, 4, (n, k // g), generator=gen, dtype=torch.int32) if zeros else None
+    packed = pack(q)
+    x = torch.randn(1, 2 * k if mode == "gated" else k, generator=gen).half()
+    norm_w = (torch.rand(k, generator=gen) + 0.5).half()
+    cfg = {"block_n": 8, "block_k": 256, "num_warps": 4, "num_stages": 2}
+    kwargs = {"gated": True} if mode == "gated" else {"norm_weight": norm_w.to(DEVICE), "eps": 1e-6} if mode == "normed" else {}
+    out = gemv(x.to(DEVICE), packed.to(DEVICE), config=cfg, weight_scale=scale.to(DEVICE),
+               weight_zero=zero.to(DEVICE) if zeros else None, int4=True, **kwargs)
+    inp = x.float()
+    if mode == "gated":
+        gate, up = inp[:, :k], inp[:, k:]
+        inp = ((gate / (1 + torch.exp(-gate))).half() * up.half()).float()
+    elif mode == "normed":
+        inp = ((inp * torch.rsqrt(inp.pow(2).mean(1, keepdim=True) + 1e-6)).half() * norm_w).float()
+    weight = dequantize(packed, scale, zero if zeros else torch.zeros_like(scale, dtype=torch.int32), g, torch.float64)
+    ref = inp.double() @ weight.t()
+    assert rel_err(out.float().cpu(), ref) < 2e-3
+    with pytest.raises(ValueError, match="4-bit weights"):
+        gemv(x.to(DEVICE), packed.to(DEVICE), int4=True, **kwargs)

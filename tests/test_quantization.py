@@ -69,11 +69,12 @@ def test_fp8_at_load_time_equals_the_per_channel_checkpoint(checkpoints, tmp_pat
     assert from_checkpoint[1] == at_load[1]
 
 
-@pytest.mark.parametrize("name", ["fp8-channel", "fp8-block"])  # INT8 in the same kernel: tests/test_ops_gemv.py
-def test_one_row_reads_8_bit_weights_as_the_model_they_encode(checkpoints, llama_dir, tmp_path, monkeypatch, name):
-    """At one row the 8-bit layers go through the skinny kernel with their per-row scales (16-bit
-    activations, the norm, activation and residual folded in): a one-token prompt and its decode
-    steps equal the dequantized model's, which takes the same kernel with whole weights."""
+@pytest.mark.parametrize("name", ["fp8-channel", "fp8-block", "w4a16-group-asym"])  # INT8: tests/test_ops_gemv.py
+def test_one_row_reads_quantized_weights_as_the_model_they_encode(checkpoints, llama_dir, tmp_path, monkeypatch,
+                                                                    request, name):
+    """At one row the 8- and 4-bit layers go through the skinny kernel with their scales (and zero
+    points; 16-bit activations, the norm, activation and residual folded in): a one-token prompt and
+    its decode steps equal the dequantized model's, which takes the same kernel with whole weights."""
     from sageinfer.ops import gemv as gemv_module
     calls, original = [], gemv_module.gemv
     monkeypatch.setattr(gemv_module, "gemv", lambda *a, **k: (calls.append(k), original(*a, **k))[1])
@@ -82,6 +83,8 @@ def test_one_row_reads_8_bit_weights_as_the_model_they_encode(checkpoints, llama
     if name == "fp8-block":
         from quant_checkpoints import write_fp8_blocks
         quantized, dense = write_fp8_blocks(llama_dir, str(tmp_path / "fp8-blocks"))
+    elif name.startswith("w4a16"):
+        quantized, dense = request.getfixturevalue("w4a16")[name.removeprefix("w4a16-")]
     else:
         quantized, dense = checkpoints[name], dequantized_copy(checkpoints[name], str(tmp_path / "dense"))
     for which, path in (("quantized", quantized), ("dense", dense)):
@@ -325,3 +328,25 @@ def test_tp2_block_fp8_as_tp1(llama_dir, tmp_path):
     quantized, _ = write_fp8_blocks(llama_dir, str(tmp_path / "fp8-blocks"))
     one, two = (_prompt_logprobs(quantized, tensor_parallel_size=tp) for tp in (1, 2))
     np.testing.assert_allclose(one[0], two[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 20])
+def test_a_w4a16_layer_with_kernels_is_its_dequantized_weight(rows):
+    """A 4-bit layer where the platform runs Triton: a few rows through the skinny kernel, up to 64
+    through the tiled one, each the product with the weights the packed words encode."""
+    from sageinfer.layers.linear import Linear
+    from sageinfer.layers.quantization import QuantConfig, set_quant_config
+    from sageinfer.ops.weight_only import dequantize, pack
+    gen = torch.Generator().manual_seed(rows)
+    set_quant_config(QuantConfig("w4a16", "group", False, True, group_size=64, symmetric=False, format="gptq"))
+    try:
+        layer = Linear(256, 48)
+    finally:
+        set_quant_config(None)
+    layer.qweight.data = pack(torch.randint(0, 16, (48, 256), generator=gen))
+    layer.scales.data = torch.rand(48, 4, generator=gen) / 8
+    layer.qzeros.data = torch.randint(-3, 4, (48, 4), generator=gen, dtype=torch.int32)
+    layer.use_triton = True
+    x = torch.randn(rows, 256, generator=gen)
+    ref = x.double() @ dequantize(layer.qweight, layer.scales, layer.qzeros, 64, torch.float64).t()
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-4, atol=1e-4)

@@ -40,7 +40,7 @@ def conversations(num_sessions: int, turns: int, prefix_len: int, user_len: int,
 
 async def run_conversations(base_url: str, model: str, sessions: list[list[list[int]]], output_len: int,
                             max_concurrency: int | None, api_key: str | None,
-                            show_progress: bool = True) -> tuple[list[list[RequestResult]], float]:
+                            show_progress: bool = True, text: bool = False) -> tuple[list[list[RequestResult]], float]:
     """Each session's turns one after another; sessions side by side. Returns the results by session."""
     url = base_url.rstrip("/") + "/v1/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -53,7 +53,7 @@ async def run_conversations(base_url: str, model: str, sessions: list[list[list[
             async with limit:
                 for prompt in prompts:
                     result = await _one(http, url, headers, model, prompt, output_len,
-                                        extra={"user": f"session-{index}"})
+                                        extra={"user": f"session-{index}"}, text=text)
                     results.append(result)
                     bar.update(1)
                     if not result.ok:

@@ -40,9 +40,16 @@ def random_prompts(num: int, input_len: int, vocab_size: int, seed: int) -> list
     return rng.integers(low, high, size=(num, input_len)).tolist()
 
 
+def as_text(prompt: list[int]) -> str:
+    """Token ids as text of numbered words ("t17 t4032 ..."), for front ends that read text (a
+    router matching prefixes by characters); benchmarks/word_tokenizer.py's tokenizer maps each word
+    back to its id."""
+    return " ".join(f"t{i}" for i in prompt)
+
+
 async def _one(http: httpx.AsyncClient, url: str, headers: dict, model: str, prompt: list[int],
-               output_len: int, extra: dict | None = None) -> RequestResult:
-    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0, "stream": True,
+               output_len: int, extra: dict | None = None, text: bool = False) -> RequestResult:
+    body = {"model": model, "prompt": as_text(prompt) if text else prompt, "max_tokens": output_len, "temperature": 0.0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}, **(extra or {})}
     result = RequestResult(ok=False, prompt_len=len(prompt))
     start = time.perf_counter()
@@ -148,6 +155,9 @@ def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--turns", type=int, default=4, help="multi-turn: turns of each conversation")
     p.add_argument("--user-len", type=int, default=64, help="multi-turn: tokens of each new user message")
     p.add_argument("--max-model-len", type=int, default=None, help="a mix's requests are shortened to fit this")
+    p.add_argument("--text-prompts", action="store_true",
+                   help="multi-turn: send each prompt as text of numbered words (t<id>), for routers that match "
+                        "text; the model directory needs benchmarks/word_tokenizer.py's tokenizer")
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-prompts", type=int, default=200)
@@ -176,11 +186,13 @@ def main_from_args(args: argparse.Namespace) -> int:
         sessions = conversations(args.num_prompts, args.turns, args.input_len, args.user_len, args.output_len,
                                  args.vocab_size, args.seed)
         by_session, duration = asyncio.run(run_conversations(args.base_url, args.model, sessions, args.output_len,
-                                                             args.max_concurrency, args.api_key))
+                                                             args.max_concurrency, args.api_key,
+                                                             text=args.text_prompts))
         results = [r for s in by_session for r in s]
         results += [RequestResult(ok=False, prompt_len=0, error="an earlier turn of its conversation failed")
                     for s, prompts in zip(by_session, sessions) for _ in range(len(prompts) - len(s))]
-        extra = {"turns": args.turns, "user_len": args.user_len, **turn_split(by_session)}
+        extra = {"turns": args.turns, "user_len": args.user_len, "text_prompts": args.text_prompts,
+                 **turn_split(by_session)}
     else:
         if args.dataset == "random":
             prompts = random_prompts(args.num_prompts, args.input_len, args.vocab_size, args.seed)

@@ -74,7 +74,7 @@ class Linear(nn.Module):
         """x @ weight.T (no bias), in x's dtype."""
         if self.quant is not None:
             one_row_weight = self._one_row_weight(x)
-            if one_row_weight is not None:  # 8-bit weights with their scales in the skinny kernel
+            if one_row_weight is not None:  # 8- or 4-bit weights with their scales in the skinny kernel
                 return _gemv(x, **one_row_weight)
             return self.quant.apply(self, x)
         return linear(x, self.weight, None, self.use_triton)
@@ -108,8 +108,7 @@ class Linear(nn.Module):
             return None
         if self.quant is None:
             return {"weight": self.weight}
-        scale = getattr(self.quant, "one_row_scale", lambda layer: None)(self)
-        return None if scale is None else {"weight": self.weight, "weight_scale": scale}
+        return getattr(self.quant, "one_row_args", lambda layer: None)(self)
 
     def fused_one_row(self, x: torch.Tensor) -> dict | None:
         """The one-row kernel's weight arguments where it may fold a norm, an activation or the

@@ -55,10 +55,10 @@ class Fp8BlockMethod:
         layer.weight = nn.Parameter(q, requires_grad=False)
         layer.weight_scale_inv = nn.Parameter(rows.contiguous(), requires_grad=False)
 
-    def one_row_scale(self, layer: nn.Module) -> torch.Tensor:
+    def one_row_args(self, layer: nn.Module) -> dict:
         """One row goes through the skinny kernel with each tile's scale applied to the weight chunks
         in registers (ops/gemv.py), with the norm and residual fusions of 16-bit layers."""
-        return layer.weight_scale_inv
+        return {"weight": layer.weight, "weight_scale": layer.weight_scale_inv}
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

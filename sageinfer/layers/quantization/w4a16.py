@@ -10,9 +10,10 @@
   the order 0 2 4 6 1 3 5 7, `scales` [groups, out].
 
 Each is converted as it loads into one layout (packed [out, in / 8] along the input, scales and
-signed zero points [out, groups]; ops/w4a16.py), so one kernel serves all. Small batches (decode)
-run the Triton kernel on the packed words; larger ones unpack the layer's weights once and use the
-library GEMM, where the arithmetic, not the bytes, sets the pace.
+signed zero points [out, groups]; ops/weight_only.py), so one kernel serves all. Up to 8 rows (decode)
+read the packed words in the skinny kernel (ops/gemv.py: many programs, few steps each), up to 64 in
+the tiled Triton kernel; larger batches unpack the layer's weights and use the library GEMM, where
+the arithmetic, not the bytes, sets the pace.
 """
 from __future__ import annotations
 
@@ -20,10 +21,13 @@ import torch
 from torch import nn
 
 from sageinfer.layers.quantization.config import QuantConfig
+from sageinfer.ops.gemv import MAX_ROWS as GEMV_MAX_ROWS, gemv
 from sageinfer.ops.weight_only import dequantize, pack, unpack
 
 # Up to this many rows the packed-weight kernel; beyond, unpack and the library GEMM.
 _KERNEL_MAX_ROWS = 64
+# The one-row kernel reads whole groups in each chunk: wider groups (channel-wise) take the kernel above.
+_ONE_ROW_MAX_GROUP = 1024
 _AWQ_COLUMN_OF_NIBBLE = [0, 4, 1, 5, 2, 6, 3, 7]  # column j of a word sits at nibble _AWQ_...[j]
 
 
@@ -149,6 +153,21 @@ class W4A16Method:
         setattr(layer, self.scale_name, nn.Parameter(scale.to(dtype), requires_grad=False))
         layer.register_buffer(self.zero_name, torch.zeros_like(scale, dtype=torch.int32))
 
+    def one_row_args(self, layer: nn.Module) -> dict | None:
+        """One row (decode of one sequence) reads the packed words in the skinny kernel (ops/gemv.py),
+        unpacking and scaling each group in registers, with the norm and residual fusions of 16-bit
+        layers; not where the inputs must be reordered first (act-order) or a group is too wide for
+        the kernel's chunks."""
+        return None if hasattr(layer, "input_order") else self._gemv_args(layer)
+
+    def _gemv_args(self, layer: nn.Module) -> dict | None:
+        if self.group > _ONE_ROW_MAX_GROUP or self.group & (self.group - 1):
+            return None
+        c = self.config
+        no_zeros = not c.from_checkpoint or (c.symmetric and c.format == "compressed-tensors")  # zeros held as 0
+        return {"weight": getattr(layer, self.packed_name), "weight_scale": getattr(layer, self.scale_name),
+                "weight_zero": None if no_zeros else getattr(layer, self.zero_name), "int4": True}
+
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -156,7 +175,11 @@ class W4A16Method:
         if order is not None:
             x2 = x2.index_select(1, order)
         packed, scales, zeros = (getattr(layer, n) for n in (self.packed_name, self.scale_name, self.zero_name))
-        if x2.is_cuda and x2.shape[0] <= _KERNEL_MAX_ROWS:
+        kernels = layer.use_triton  # the platform's kernel choice (Triton)
+        gemv_args = self._gemv_args(layer) if kernels and x2.shape[0] <= GEMV_MAX_ROWS else None
+        if gemv_args is not None:  # a few rows: the tiled kernel below is bound by its loop's latency there
+            y = gemv(x2.contiguous(), **gemv_args)
+        elif kernels and x2.shape[0] <= _KERNEL_MAX_ROWS:
             from sageinfer.ops.weight_only import w4a16_matmul
             y = w4a16_matmul(x2, packed, scales, zeros, self.group)
         else:

@@ -73,11 +73,13 @@ class W8A8Method:
             raise ValueError("a quantized layer's weight_scale is missing or not positive")
 
     # ---- the matmul --------------------------------------------------------------------------------
-    def one_row_scale(self, layer: nn.Module) -> torch.Tensor | None:
+    def one_row_args(self, layer: nn.Module) -> dict | None:
         """One row (decode of one sequence) reads the 8-bit weights in the skinny kernel with 16-bit
         activations and the per-row scales (ops/gemv.py): half the bytes of a 16-bit layer, no
         activation quantization pass, and the norm and residual fusions of 16-bit layers."""
-        return layer.weight_scale if layer.weight.dtype in (torch.float8_e4m3fn, torch.int8) else None
+        if layer.weight.dtype not in (torch.float8_e4m3fn, torch.int8):
+            return None
+        return {"weight": layer.weight, "weight_scale": layer.weight_scale}
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
