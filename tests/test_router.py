@@ -60,6 +60,19 @@ def test_round_robin_answers_as_the_instances_and_uses_both(instances):
         router.stop()
 
 
+def test_an_instances_load_is_the_routers_open_requests_plus_others_reported():
+    """A report lags by a check interval: the router's own requests that ended since it was read no
+    longer count (they made least-load send a burst all to one instance under a loaded machine),
+    while work the instance reported beyond this router's (other clients') still does."""
+    from sageinfer.router.backends import Backend
+    b = Backend("http://x", reported_load=8, in_flight_at_report=8)
+    assert b.load == 0  # all eight were ours and have ended
+    b.in_flight = 3
+    assert b.load == 3
+    b.reported_load, b.in_flight_at_report = 6, 2  # four of another client's at the last report
+    assert b.load == 7
+
+
 def test_least_load_spreads_concurrent_requests_and_sessions_stay_together(instances):
     router = RouterProcess([s.base_url for s in instances], "least_load")
     try:

@@ -34,8 +34,8 @@ class _Metrics:
                                "could not be reached.", registry=self.registry)
         self.healthy = Gauge("sageinfer_router:backend_healthy", "1 while an instance answers its health check.",
                              ["backend"], registry=self.registry)
-        self.load = Gauge("sageinfer_router:backend_load", "Running and waiting requests an instance reports "
-                          "(or the router has open on it, if more).", ["backend"], registry=self.registry)
+        self.load = Gauge("sageinfer_router:backend_load", "The router's open requests on an instance plus "
+                          "the running and waiting requests it last reported beyond those.", ["backend"], registry=self.registry)
         self.decisions = Counter("sageinfer_router:routing_decisions", "Requests routed, by the policy's reason "
                                  "(prefix: to the instance holding its prefix; least_load, round_robin, session).",
                                  ["reason"], registry=self.registry)

@@ -22,14 +22,17 @@ class Backend:
     healthy: bool = False
     reported_load: float = 0.0   # running + waiting, from its /metrics at the last check
     in_flight: int = 0           # requests this router has open on it now
+    in_flight_at_report: int = 0  # ... when that report was read
     last_seen: float = 0.0
     served: int = 0
     failures: int = 0
 
     @property
     def load(self) -> float:
-        # The report lags by up to a check interval; the router's own count does not.
-        return max(self.reported_load, self.in_flight)
+        """This router's open requests, now, plus what the last report held beyond those (other
+        clients' work). The report lags by up to a check interval: requests of this router that
+        ended since must not count, or one busy moment steers everything to the other instances."""
+        return self.in_flight + max(0.0, self.reported_load - self.in_flight_at_report)
 
 
 @dataclass
@@ -85,6 +88,7 @@ class BackendPool:
         try:
             text = (await client.get(backend.url + "/metrics", timeout=self.timeout)).text
             backend.reported_load = _load_from_metrics(text)
+            backend.in_flight_at_report = backend.in_flight
         except (httpx.HTTPError, ValueError):
             pass  # a server without readable metrics is still served by round robin
         if self.kv_index is not None and not self.kv_index.is_following(backend.url):
