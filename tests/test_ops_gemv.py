@@ -106,6 +106,18 @@ def test_gemv_reads_8bit_weights_with_a_scale_per_row(wdtype, gated):
         gemv(x.to(DEVICE), q.to(DEVICE), gated=gated, weight_scale=scale[:-1].to(DEVICE))
 
 
+def _mode_input(x: torch.Tensor, k: int, mode: str, norm_w: torch.Tensor) -> torch.Tensor:
+    """What the kernel multiplies in each mode, rounded as the model's fp16 ops round: the input,
+    silu(gate) * up, or the RMS-normalised input scaled by norm_w (eps 1e-6)."""
+    inp = x.float()
+    if mode == "gated":
+        gate, up = inp[:, :k], inp[:, k:]
+        return ((gate / (1 + torch.exp(-gate))).half() * up.half()).float()
+    if mode == "normed":
+        return ((inp * torch.rsqrt(inp.pow(2).mean(1, keepdim=True) + 1e-6)).half() * norm_w).float()
+    return inp
+
+
 @pytest.mark.parametrize("mode", ["plain", "gated", "normed"])
 def test_gemv_scales_each_group_of_a_block_quantized_weight(mode):
     """Block FP8: a scale per row and group of 64 input features, applied to the weight chunks in
@@ -120,12 +132,7 @@ def test_gemv_scales_each_group_of_a_block_quantized_weight(mode):
     cfg = {"block_n": 8, "block_k": 128, "num_warps": 4, "num_stages": 2}
     kwargs = {"gated": True} if mode == "gated" else {"norm_weight": norm_w.to(DEVICE), "eps": 1e-6} if mode == "normed" else {}
     out = gemv(x.to(DEVICE), q.to(DEVICE), config=cfg, weight_scale=scale.to(DEVICE), **kwargs)
-    inp = x.float()
-    if mode == "gated":
-        gate, up = inp[:, :k], inp[:, k:]
-        inp = ((gate / (1 + torch.exp(-gate))).half() * up.half()).float()
-    elif mode == "normed":
-        inp = ((inp * torch.rsqrt(inp.pow(2).mean(1, keepdim=True) + 1e-6)).half() * norm_w).float()
+    inp = _mode_input(x, k, mode, norm_w)
     ref = inp.double() @ (q.double() * scale.double().repeat_interleave(g, 1)).t()
     assert rel_err(out.float().cpu(), ref) < 2e-3
     with pytest.raises(ValueError, match="weight_scale"):
@@ -151,12 +158,7 @@ def test_gemv_unpacks_4bit_weights_with_group_scales_and_zero_points(mode, zeros
     kwargs = {"gated": True} if mode == "gated" else {"norm_weight": norm_w.to(DEVICE), "eps": 1e-6} if mode == "normed" else {}
     out = gemv(x.to(DEVICE), packed.to(DEVICE), config=cfg, weight_scale=scale.to(DEVICE),
                weight_zero=zero.to(DEVICE) if zeros else None, int4=True, **kwargs)
-    inp = x.float()
-    if mode == "gated":
-        gate, up = inp[:, :k], inp[:, k:]
-        inp = ((gate / (1 + torch.exp(-gate))).half() * up.half()).float()
-    elif mode == "normed":
-        inp = ((inp * torch.rsqrt(inp.pow(2).mean(1, keepdim=True) + 1e-6)).half() * norm_w).float()
+    inp = _mode_input(x, k, mode, norm_w)
     weight = dequantize(packed, scale, zero if zeros else torch.zeros_like(scale, dtype=torch.int32), g, torch.float64)
     ref = inp.double() @ weight.t()
     assert rel_err(out.float().cpu(), ref) < 2e-3
