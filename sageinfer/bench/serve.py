@@ -49,7 +49,8 @@ def as_text(prompt: list[int]) -> str:
 
 async def _one(http: httpx.AsyncClient, url: str, headers: dict, model: str, prompt: list[int],
                output_len: int, extra: dict | None = None, text: bool = False) -> RequestResult:
-    body = {"model": model, "prompt": as_text(prompt) if text else prompt, "max_tokens": output_len, "temperature": 0.0, "stream": True,
+    body = {"model": model, "prompt": as_text(prompt) if text else prompt, "max_tokens": output_len,
+            "temperature": 0.0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}, **(extra or {})}
     result = RequestResult(ok=False, prompt_len=len(prompt))
     start = time.perf_counter()
