@@ -267,3 +267,45 @@ def test_launch_starts_instances_and_the_router_and_restarts_a_dead_instance(lla
         proc.wait(60)
         log.close()
     assert proc.returncode == 0
+
+
+def test_launch_on_ray_places_instances_as_actors_and_the_router_follows_their_events(llama_dir, tmp_path):
+    """`launch --ray` on a local Ray head (hosts of a cluster in production): each instance a Ray
+    actor serving on its node's address and a port of that node, publishing KV events there; the
+    prefix router follows them, and SIGTERM stops the instances with the launcher."""
+    pytest.importorskip("ray")
+    port = free_port()
+    log = open(tmp_path / "launcher.log", "w")
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_DISABLE_USAGE_STATS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sageinfer.gateway.cli", "launch", llama_dir, "--instances", "2",
+                             "--ray", "--port", str(port), "--", "--dtype", "float32", "--num-gpu-blocks-override", "200",
+                             "--served-model-name", "tiny"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300  # a Ray head, then two instances, on a 2-core machine
+        while True:
+            try:
+                listed = httpx.get(base + "/router/backends", timeout=2).json()
+                index = httpx.get(base + "/router/kv_index", timeout=2).json()
+                if len(listed) == 2 and all(b["healthy"] for b in listed) and len(index) == 2:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "launcher.log").read_text()[-3000:]
+            time.sleep(0.5)
+        urls = [b["url"] for b in listed]
+        assert len(set(urls)) == 2 and all(not u.startswith("http://127.0.0.1:" + str(port)) for u in urls)
+        shared = "The same long opening of every request here, long enough for whole blocks " * 6
+        answers = [_complete(base, shared + f"question {i}") for i in range(4)]
+        assert all(isinstance(a, str) for a in answers)
+        metrics = httpx.get(base + "/metrics").text
+        hits = sum(float(v) for v in re.findall(r"^sageinfer_router:prefix_hit_tokens_total (\S+)", metrics, re.M))
+        assert hits > 0, metrics  # the router saw the instances' stored blocks through their events
+    finally:
+        proc.terminate()
+        proc.wait(90)
+        log.close()
+    assert proc.returncode == 0, (tmp_path / "launcher.log").read_text()[-3000:]
+    for url in urls:  # the actors' serve processes ended with the launcher
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url + "/health", timeout=2)

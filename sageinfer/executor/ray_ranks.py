@@ -13,7 +13,7 @@ import os
 logger = logging.getLogger(__name__)
 
 
-def _ray():
+def ray_cluster():
     try:
         import ray
     except ImportError:
@@ -25,12 +25,12 @@ def _ray():
 
 def node_address() -> str:
     """This host's address as the other ranks reach it."""
-    return _ray().util.get_node_ip_address()
+    return ray_cluster().util.get_node_ip_address()
 
 
 class RayRanks:
     def __init__(self, config):
-        ray = _ray()
+        ray = ray_cluster()
         from sageinfer.platforms import get_platform
         resource = get_platform(config.device).ray_device_resource
         self.uses_devices = resource is not None
@@ -60,12 +60,12 @@ class RayRanks:
         logger.info("tensor-parallel rank %d: Ray actor %s", rank, actor)
 
     def alive(self, rank: int) -> bool:
-        ray = _ray()
+        ray = ray_cluster()
         done, _ = ray.wait([self.loops[rank]], timeout=0)
         return not done  # the loop returns only at shutdown, or with the actor's failure
 
     def why(self, rank: int) -> str:
-        ray = _ray()
+        ray = ray_cluster()
         try:
             ray.get(self.loops[rank], timeout=0)
             return "its loop returned"
@@ -73,7 +73,7 @@ class RayRanks:
             return f"{type(exc).__name__}: {exc}"[:500]
 
     def stop(self, timeout: float) -> None:
-        ray = _ray()
+        ray = ray_cluster()
         ray.wait(list(self.loops.values()), num_returns=len(self.loops), timeout=timeout)
         for actor in self.actors.values():
             ray.kill(actor)

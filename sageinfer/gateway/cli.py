@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--port", type=int, default=8000, help="the router's; instances take the ports after it")
     launch.add_argument("--first-instance-port", type=int, default=None)
     launch.add_argument("--log-dir", default=None, help="where each instance's log goes (default: a new temp dir)")
+    launch.add_argument("--ray", action="store_true",
+                        help="start the instances as Ray actors on the hosts of the Ray cluster RAY_ADDRESS names "
+                             "(or a local head), each with its -tp devices; the router stays on this host")
     launch.add_argument("--pd", default=None, metavar="P:D",
                         help="prefill/decode separation: P prefill and D decode instances behind the PD proxy")
     launch.add_argument("--kv-connector", default="SharedMemoryConnector",

@@ -3,7 +3,8 @@
 group (the platform's visible-devices variable, CUDA_VISIBLE_DEVICES on NVIDIA); instances that must
 share a device split its memory. An instance that
 exits is started again (the router takes it back once it answers); SIGTERM stops them all.
-Several hosts are a job for an existing orchestrator, not this launcher.
+Several hosts: with --ray the instances are Ray actors placed on the cluster's hosts
+(router/ray_instances.py), supervised the same way.
 """
 from __future__ import annotations
 
@@ -54,6 +55,9 @@ class Instance:
         logger.info("instance on port %d (devices %s): process %d, log %s", self.port, self.devices,
                     self.proc.pid, self.log_path)
 
+    def poll(self) -> int | None:
+        return self.proc.poll() if self.proc is not None else None
+
     def stop(self, timeout: float = 30.0) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -66,20 +70,27 @@ class Instance:
 class Launcher:
     def __init__(self, model: str, instances: int, first_port: int, tp: int, serve_args: list[str],
                  log_dir: str, num_devices: int, instance_args: list[list[str]] | None = None,
-                 devices_env: str | None = None):
+                 devices_env: str | None = None, ray_devices: str | None = None, kv_events: bool = False):
         """instance_args: flags for each instance on top of serve_args (a PD role, say); devices_env:
-        the platform's variable that gives an instance its devices."""
+        the platform's variable that gives an instance its devices. ray_devices: start the instances as
+        Ray actors holding tp of the cluster's devices of that resource ("GPU"; "" for none), each
+        publishing its KV events on its node if kv_events."""
+        self._stopping = threading.Event()
+        base = [sys.executable, "-m", "sageinfer.gateway.cli", "serve", model, "--tensor-parallel-size", str(tp)]
+        own = instance_args or [[] for _ in range(instances)]
+        if ray_devices is not None:
+            from sageinfer.router.ray_instances import RayInstance
+            self.instances = [RayInstance(base + list(serve_args) + own[i], i, tp, ray_devices or None, kv_events)
+                              for i in range(instances)]
+            return
         groups = device_groups(num_devices, instances, tp)
         sharing = len(set(groups)) < len(groups) and groups[0] is not None
         extra = list(serve_args)
         if sharing and not any(a.startswith("--gpu-memory-utilization") for a in extra):
             share = max(groups.count(g) for g in set(groups))
             extra += ["--gpu-memory-utilization", f"{0.9 / share:.3f}"]  # instances on one device split it
-        base = [sys.executable, "-m", "sageinfer.gateway.cli", "serve", model, "--tensor-parallel-size", str(tp)]
-        own = instance_args or [[] for _ in groups]
         self.instances = [Instance(base + ["--port", str(first_port + i)] + extra + own[i], first_port + i, g, log_dir,
                                    devices_env) for i, g in enumerate(groups)]
-        self._stopping = threading.Event()
 
     def start(self) -> None:
         for instance in self.instances:
@@ -90,15 +101,15 @@ class Launcher:
         while not self._stopping.wait(0.5):
             now = time.monotonic()
             for instance in self.instances:
-                code = instance.proc.poll() if instance.proc is not None else None
+                code = instance.poll()
                 if code is None or self._stopping.is_set():
                     continue
                 if instance.restart_at is None:
                     if now - instance.started_at > _MAX_BACKOFF_SECONDS:
                         instance.backoff = _RESTART_BACKOFF_SECONDS
                     instance.restart_at = now + instance.backoff
-                    logger.error("instance on port %d exited with %s; starting it again in %.0f s (log %s)",
-                                 instance.port, code, instance.backoff, instance.log_path)
+                    logger.error("instance %s exited with %s; starting it again in %.0f s (log %s)",
+                                 instance.url, code, instance.backoff, instance.log_path)
                     instance.backoff = min(2 * instance.backoff, _MAX_BACKOFF_SECONDS)
                 elif now >= instance.restart_at:
                     instance.restarts += 1
@@ -150,6 +161,7 @@ def run(args) -> int:
         instance_args = [["--kv-transfer-config", json.dumps({"kv_connector": args.kv_connector, "kv_role": role})]
                          for role in roles]
     policy = None
+    ray_mode = getattr(args, "ray", False)
     if not roles and args.policy == "prefix":  # each instance publishes its KV events; the router follows them
         if any(a.startswith("--kv-events-config") for a in args.serve_args):
             raise ValueError("launch gives each instance its own --kv-events-config; do not pass one")
@@ -158,14 +170,17 @@ def run(args) -> int:
         except ValueError as exc:  # (a model directory of dummy weights, say)
             logger.warning("no tokenizer in %s (%s): the router measures token-id prompts only", args.model, exc)
             policy = Policy("prefix", kv_events=True)
-        instance_args = [["--kv-events-config", json.dumps({
-            "enable_kv_cache_events": True, "endpoint": f"tcp://127.0.0.1:{free_port()}",
-            "replay_endpoint": f"tcp://127.0.0.1:{free_port()}"})] for _ in range(instances)]
+        if not ray_mode:  # (Ray actors choose their ports on their own nodes)
+            instance_args = [["--kv-events-config", json.dumps({
+                "enable_kv_cache_events": True, "endpoint": f"tcp://127.0.0.1:{free_port()}",
+                "replay_endpoint": f"tcp://127.0.0.1:{free_port()}"})] for _ in range(instances)]
     from sageinfer.platforms import get_platform
     platform = get_platform()
     launcher = Launcher(args.model, instances, args.first_instance_port or args.port + 1,
                         args.tensor_parallel_size, args.serve_args, log_dir, platform.device_count() or 0,
-                        instance_args, platform.visible_devices_env)
+                        instance_args, platform.visible_devices_env,
+                        ray_devices=(platform.ray_device_resource or "") if ray_mode else None,
+                        kv_events=policy is not None)
     launcher.start()
     if roles:
         from sageinfer.router.pd_proxy import build_pd_proxy_app

@@ -1,0 +1,112 @@
+"""`sageinfer launch --ray`: the instances as Ray actors, on whichever hosts of a Ray cluster have
+their devices (the cluster RAY_ADDRESS names, or a local head). Each actor runs `sageinfer serve` as
+a child process on its node, with the devices Ray gave it, on a free port of that node, listening on
+its address; the router (on this host) reaches it there. The actor's handle gives the launcher the
+same start / poll / stop it has for a local process, so supervision and restarts are the same.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+logger = logging.getLogger(__name__)
+
+
+class _ServeProcess:
+    """Lives in the Ray actor: one `sageinfer serve` child process on the actor's node."""
+
+    def __init__(self):
+        self.proc = None
+        self.placed: tuple[list[str], str, str] | None = None  # the command, URL and log, once chosen
+
+    def start(self, args: list[str], kv_events: bool, log_name: str) -> tuple[str, str]:
+        """Start the process; again after an exit, on the same port (the router knows that URL)."""
+        import os
+        import socket
+        import subprocess
+        import tempfile
+
+        import ray
+
+        def free_port() -> int:
+            with socket.socket() as s:
+                s.bind(("", 0))
+                return s.getsockname()[1]
+
+        if self.placed is None:
+            host = ray.util.get_node_ip_address()
+            port = free_port()
+            args = args + ["--host", host, "--port", str(port)]
+            if kv_events:  # published on this node's address, where the router subscribes
+                args += ["--kv-events-config", json.dumps({
+                    "enable_kv_cache_events": True, "endpoint": f"tcp://{host}:{free_port()}",
+                    "replay_endpoint": f"tcp://{host}:{free_port()}"})]
+            self.placed = (args, f"http://{host}:{port}", os.path.join(tempfile.gettempdir(), log_name))
+        args, url, log_path = self.placed
+        with open(log_path, "a") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        return url, log_path
+
+    def poll(self):
+        return None if self.proc is None else self.proc.poll()
+
+    def stop(self, timeout: float) -> None:
+        import subprocess
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+class RayInstance:
+    """One instance as a Ray actor holding `tp` of the cluster's devices (none on CPU platforms)."""
+
+    def __init__(self, args: list[str], index: int, tp: int, device_resource: str | None, kv_events: bool):
+        from sageinfer.executor.ray_ranks import ray_cluster
+        ray = ray_cluster()
+        options = {"num_cpus": 0}
+        if device_resource == "GPU":
+            options["num_gpus"] = tp
+        elif device_resource is not None:
+            options["resources"] = {device_resource: tp}
+        have = ray.cluster_resources().get(device_resource, 0) if device_resource else None
+        if have is not None and have < tp:
+            raise ValueError(f"the Ray cluster has {have} {device_resource}s; an instance needs {tp}")
+        self._ray, self._actor_class = ray, ray.remote(**options)(_ServeProcess)
+        self.args, self.index, self.kv_events = args, index, kv_events
+        self.actor = None
+        self.url = self.port = self.log_path = None
+        self.restarts, self.started_at = 0, 0.0
+        self.backoff, self.restart_at = 2.0, None
+
+    def start(self) -> None:
+        """Start (or, after an exit, start again) and wait until the actor has placed the process."""
+        if self.actor is None:
+            self.actor = self._actor_class.remote()
+        url, self.log_path = self._ray.get(self.actor.start.remote(
+            self.args, self.kv_events, f"sageinfer-instance-{self.index}.log"))
+        if self.url is not None and url != self.url:  # (a new actor: its node was lost)
+            logger.error("instance %d now serves on %s; the router keeps %s", self.index, url, self.url)
+        self.url = self.url or url
+        self.port = int(self.url.rsplit(":", 1)[1])
+        self.started_at, self.restart_at = time.monotonic(), None
+        logger.info("instance %d: Ray actor, %s, log %s", self.index, self.url, self.log_path)
+
+    def poll(self):
+        """The process's exit code, None while it runs; -1 once the actor (or its node) is gone."""
+        try:
+            return self._ray.get(self.actor.poll.remote(), timeout=10)
+        except Exception as exc:  # a lost node or actor: a new actor, wherever Ray places it
+            logger.error("instance %d: its Ray actor is gone (%s)", self.index, exc)
+            self.actor = None
+            return -1
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.actor is not None:
+            try:
+                self._ray.get(self.actor.stop.remote(timeout), timeout=timeout + 5)
+            except Exception as exc:
+                logger.warning("instance %d: stopping its Ray actor: %s", self.index, exc)
