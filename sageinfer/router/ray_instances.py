@@ -52,13 +52,8 @@ class _ServeProcess:
         return None if self.proc is None else self.proc.poll()
 
     def stop(self, timeout: float) -> None:
-        import subprocess
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        from sageinfer.router.launcher import stop_process
+        stop_process(self.proc, timeout)
 
 
 class RayInstance:
