@@ -92,6 +92,8 @@ class RayInstance:
 
     def poll(self):
         """The process's exit code, None while it runs; -1 once the actor (or its node) is gone."""
+        if self.actor is None:
+            return -1
         try:
             return self._ray.get(self.actor.poll.remote(), timeout=10)
         except Exception as exc:  # a lost node or actor: a new actor, wherever Ray places it
