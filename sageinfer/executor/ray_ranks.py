@@ -23,6 +23,22 @@ def ray_cluster():
     return ray
 
 
+def device_actor_options(resource: str | None, per_actor: int, total: int, what: str) -> dict:
+    """ray.remote options for an actor holding per_actor devices of the platform's Ray resource
+    (None: no devices); raises, saying what, when the cluster has fewer than total of them."""
+    options = {"num_cpus": 0}
+    if resource is None:
+        return options
+    have = ray_cluster().cluster_resources().get(resource, 0)
+    if have < total:
+        raise ValueError(f"the Ray cluster has {have} {resource}s; {what}")
+    if resource == "GPU":
+        options["num_gpus"] = per_actor
+    else:
+        options["resources"] = {resource: per_actor}
+    return options
+
+
 def node_address() -> str:
     """This host's address as the other ranks reach it."""
     return ray_cluster().util.get_node_ip_address()
@@ -35,20 +51,15 @@ class RayRanks:
         resource = get_platform(config.device).ray_device_resource
         self.uses_devices = resource is not None
         needed = config.tensor_parallel_size - 1
-        if resource is not None and ray.cluster_resources().get(resource, 0) < needed:
-            raise ValueError(f"the Ray cluster has {ray.cluster_resources().get(resource, 0)} {resource}s; "
-                             f"tensor_parallel_size {config.tensor_parallel_size} needs {needed} beside this process's")
+        options = device_actor_options(resource, 1, needed,
+                                       f"tensor_parallel_size {config.tensor_parallel_size} needs {needed} "
+                                       "beside this process's")
 
         class RankActor:
             def run(self, args: tuple) -> None:
                 from sageinfer.executor.workers import run_worker
                 run_worker(*args)
 
-        options = {"num_cpus": 0}
-        if resource == "GPU":
-            options["num_gpus"] = 1
-        elif resource is not None:
-            options["resources"] = {resource: 1}
         self._actor_class = ray.remote(**options)(RankActor)
         self.actors, self.loops = {}, {}
 

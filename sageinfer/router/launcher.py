@@ -126,11 +126,19 @@ class Launcher:
             instance.stop()
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     import socket
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def kv_events_args(host: str) -> list[str]:
+    """An instance's --kv-events-config: events and snapshots on free ports of host, its address as
+    the router reaches it."""
+    return ["--kv-events-config", json.dumps({
+        "enable_kv_cache_events": True, "endpoint": f"tcp://{host}:{free_port(host)}",
+        "replay_endpoint": f"tcp://{host}:{free_port(host)}"})]
 
 
 def pd_roles(spec: str) -> list[str]:
@@ -176,9 +184,7 @@ def run(args) -> int:
             logger.warning("no tokenizer in %s (%s): the router measures token-id prompts only", args.model, exc)
             policy = Policy("prefix", kv_events=True)
         if not ray_mode:  # (Ray actors choose their ports on their own nodes)
-            instance_args = [["--kv-events-config", json.dumps({
-                "enable_kv_cache_events": True, "endpoint": f"tcp://127.0.0.1:{free_port()}",
-                "replay_endpoint": f"tcp://127.0.0.1:{free_port()}"})] for _ in range(instances)]
+            instance_args = [kv_events_args("127.0.0.1") for _ in range(instances)]
     from sageinfer.platforms import get_platform
     platform = get_platform()
     launcher = Launcher(args.model, instances, args.first_instance_port or args.port + 1,

@@ -6,9 +6,13 @@ same start / poll / stop it has for a local process, so supervision and restarts
 """
 from __future__ import annotations
 
-import json
 import logging
+import os
+import subprocess
+import tempfile
 import time
+
+from sageinfer.router.launcher import free_port, kv_events_args, stop_process
 
 logger = logging.getLogger(__name__)
 
@@ -22,26 +26,13 @@ class _ServeProcess:
 
     def start(self, args: list[str], kv_events: bool, log_name: str) -> tuple[str, str]:
         """Start the process; again after an exit, on the same port (the router knows that URL)."""
-        import os
-        import socket
-        import subprocess
-        import tempfile
-
-        import ray
-
-        def free_port() -> int:
-            with socket.socket() as s:
-                s.bind(("", 0))
-                return s.getsockname()[1]
-
         if self.placed is None:
+            import ray
             host = ray.util.get_node_ip_address()
-            port = free_port()
+            port = free_port(host)
             args = args + ["--host", host, "--port", str(port)]
             if kv_events:  # published on this node's address, where the router subscribes
-                args += ["--kv-events-config", json.dumps({
-                    "enable_kv_cache_events": True, "endpoint": f"tcp://{host}:{free_port()}",
-                    "replay_endpoint": f"tcp://{host}:{free_port()}"})]
+                args += kv_events_args(host)
             self.placed = (args, f"http://{host}:{port}", os.path.join(tempfile.gettempdir(), log_name))
         args, url, log_path = self.placed
         with open(log_path, "a") as log:
@@ -52,7 +43,6 @@ class _ServeProcess:
         return None if self.proc is None else self.proc.poll()
 
     def stop(self, timeout: float) -> None:
-        from sageinfer.router.launcher import stop_process
         stop_process(self.proc, timeout)
 
 
@@ -60,16 +50,9 @@ class RayInstance:
     """One instance as a Ray actor holding `tp` of the cluster's devices (none on CPU platforms)."""
 
     def __init__(self, args: list[str], index: int, tp: int, device_resource: str | None, kv_events: bool):
-        from sageinfer.executor.ray_ranks import ray_cluster
+        from sageinfer.executor.ray_ranks import device_actor_options, ray_cluster
         ray = ray_cluster()
-        options = {"num_cpus": 0}
-        if device_resource == "GPU":
-            options["num_gpus"] = tp
-        elif device_resource is not None:
-            options["resources"] = {device_resource: tp}
-        have = ray.cluster_resources().get(device_resource, 0) if device_resource else None
-        if have is not None and have < tp:
-            raise ValueError(f"the Ray cluster has {have} {device_resource}s; an instance needs {tp}")
+        options = device_actor_options(device_resource, tp, tp, f"an instance needs {tp}")
         self._ray, self._actor_class = ray, ray.remote(**options)(_ServeProcess)
         self.args, self.index, self.kv_events = args, index, kv_events
         self.actor = None
