@@ -111,3 +111,54 @@ def test_short_prompts_and_refusals_use_the_portable_kernel():
         ref = paged_attention_ref(q, cache, meta, layer.scale)
         assert fake.calls == (answer is None)
         assert rel_err(out, ref) < TOL[torch.float32]
+
+
+class _WidenedPrefill:
+    """A platform kernel on 16/32-bit pages only, computed by the portable kernel; records the pages' dtype."""
+
+    def __init__(self):
+        self.dtypes = []
+
+    def supports(self, page_size, head_dim, num_heads, num_kv_heads, kv_dtype):
+        return kv_dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+    def __call__(self, q, k_cache, v_cache, out, block_table, seq_lens, query_start_loc, num_seqs, max_query_len,
+                 scale):
+        from sageinfer.ops.prefill_attention import prefill_attention
+        self.dtypes.append(k_cache.dtype)
+        return prefill_attention(q, k_cache, v_cache, out, block_table, seq_lens, query_start_loc, num_seqs,
+                                 max_query_len, scale)
+
+
+@pytest.mark.parametrize("fp8_scale", [1.0, 0.5])
+def test_an_fp8_cache_reaches_the_platform_kernel_on_widened_pages(monkeypatch, fp8_scale):
+    """Long prefills over an FP8 cache copy the step's pages into the model dtype and run the platform
+    kernel on them: the same attention as the reference over the FP8 cache, two sequences of several pages."""
+    import sageinfer.attention.triton_backend as tb
+    monkeypatch.setattr(tb, "LONG_CONTEXT", 64)
+    head_dim, heads, kv_heads, page = 16, 4, 2, 64
+    query_lens, context_lens = [40, 9], [100, 70]
+    k32, v32, meta = random_paged_batch(query_lens, context_lens, kv_heads, head_dim, page, torch.float32, seed=6)
+    cache = LayerKVCache((k32 / fp8_scale).to(torch.float8_e4m3fn), (v32 / fp8_scale).to(torch.float8_e4m3fn),
+                         "fp8", fp8_scale=fp8_scale)
+    # The chunks' own slots (written by the cache write before attention) follow each context.
+    slots = []
+    for i, (q_len, ctx) in enumerate(zip(query_lens, context_lens)):
+        pos = torch.arange(ctx, ctx + q_len)
+        slots.append(meta.block_table[i, pos // page].cpu().long() * page + pos % page)
+    meta.slot_mapping = torch.cat(slots).to(DEVICE)
+    layer = types.SimpleNamespace(q_norm=None, k_norm=None, scale=head_dim ** -0.5,
+                                  rotary_emb=RotaryEmbedding(head_dim, 256, 10000.0, None).to(DEVICE))
+    total = sum(query_lens)
+    q, k, v = (torch.randn(total, n, head_dim, device=DEVICE) for n in (heads, kv_heads, kv_heads))
+    positions = torch.cat([torch.arange(c, c + n) for n, c in zip(query_lens, context_lens)]).to(DEVICE)
+    platform_kernel = _WidenedPrefill()
+    for limit, widened in ((tb.WIDEN_FP8_MAX_TOKENS, [torch.float32]), (100, [])):
+        # over the token limit, the portable kernel reads the FP8 pages as stored
+        monkeypatch.setattr(tb, "WIDEN_FP8_MAX_TOKENS", limit)
+        platform_kernel.dtypes, meta.packed_pages = [], None
+        q_step = q.clone()  # rotated in place by the step
+        out = TritonBackend(long_prefill=platform_kernel).forward(layer, positions, q_step, k.clone(), v.clone(),
+                                                                  cache, meta)
+        assert platform_kernel.dtypes == widened
+        assert rel_err(out, paged_attention_ref(q_step.double(), cache, meta, layer.scale)) < TOL[torch.float32]

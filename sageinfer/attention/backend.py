@@ -54,6 +54,9 @@ class AttentionMetadata:
     # Cascade decode: tokens at the start of every sequence held in the same blocks (those of row 0
     # of block_table), as an int32 device tensor [1]; None when the step does not use it.
     cascade_prefix_len: torch.Tensor | None = None
+    # The step's pages packed for a backend that copies them (source positions in block_table, a table
+    # over the copies); filled by the backend on first use in a step.
+    packed_pages: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -18,6 +18,35 @@ CASCADE_MIN_PREFIX = 256
 ROTARY_IN_DECODE_ATTENTION = True
 
 
+# Widened copies of an FP8 cache's pages are made for long prefills of at most this many context tokens
+# in the step (Qwen3-8B shapes: 256 MB per layer at 64K tokens, freed after the layer).
+WIDEN_FP8_MAX_TOKENS = 65536
+
+
+def widened_pages(cache, meta, dtype):
+    """The pages that the step's sequences read, copied out of an FP8 cache into `dtype` (times the
+    cache's scale) and packed: (keys, values, a block table over the packed pages). The page list is
+    built once per step."""
+    page_size = cache.k.shape[1]
+    if meta.packed_pages is None:
+        counts = torch.tensor([-(-n // page_size) for n in meta.seq_lens_cpu])
+        width = meta.block_table.shape[1]
+        starts = torch.cumsum(counts, 0) - counts
+        within = torch.arange(int(counts.sum())) - torch.repeat_interleave(starts, counts)
+        rows = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        table = torch.zeros(len(counts), int(counts.max()), dtype=torch.int32)
+        table[rows, within] = torch.arange(int(counts.sum()), dtype=torch.int32)
+        device = cache.k.device
+        meta.packed_pages = ((rows * width + within).to(device), table.to(device))
+    index, table = meta.packed_pages
+    pages = meta.block_table.reshape(-1)[index].long()
+    k, v = cache.k[pages].to(dtype), cache.v[pages].to(dtype)
+    if cache.fp8_scale != 1.0:
+        k.mul_(cache.fp8_scale)
+        v.mul_(cache.fp8_scale)
+    return k, v, table
+
+
 class TritonBackend(AttentionBackend):
     name = "triton"
 
@@ -41,6 +70,22 @@ class TritonBackend(AttentionBackend):
         tokens = common_prefix_blocks(block_table, seq_lens, block_size) * block_size // PREFIX_ALIGN * PREFIX_ALIGN
         return tokens if tokens >= CASCADE_MIN_PREFIX else 0
 
+    def _long_prefill(self, q, cache, out, meta, scale):
+        """The platform's long-prompt kernel (H100, 16K chunks of a 32K prompt: 613-654 against 460-487
+        TFLOP/s for the portable kernel; long prompts only: each launch encodes two tensor maps on the
+        host). It reads 16-bit pages: an FP8 cache's pages of the step are widened first, when they are
+        few enough (H200, a 16K chunk after 16K cached tokens: the portable kernel reading FP8 took 332
+        ms of attention against 135 for this kernel on 16-bit pages; widening costs one copy per layer)."""
+        k_cache, v_cache, block_table = cache.k, cache.v, meta.block_table
+        if cache.mode == 1:
+            if sum(meta.seq_lens_cpu) > WIDEN_FP8_MAX_TOKENS:
+                return None
+            k_cache, v_cache, block_table = widened_pages(cache, meta, q.dtype)
+        elif cache.k.dtype != q.dtype:
+            return None
+        return self.long_prefill(q, k_cache, v_cache, out, block_table, meta.seq_lens, meta.query_start_loc,
+                                 meta.num_seqs, meta.max_query_len, scale)
+
     def forward(self, layer, positions, q, k, v, cache, meta):
         q_norm = layer.q_norm.weight if layer.q_norm is not None else None
         k_norm = layer.k_norm.weight if layer.k_norm is not None else None
@@ -59,12 +104,9 @@ class TritonBackend(AttentionBackend):
                            cache.fp8_scale)
         if meta.max_query_len > 1 and cache.mode in (0, 1):  # 16-bit or FP8 values (not INT8's per-token scales)
             page_size, head_dim = cache.k.shape[1], q.shape[2]
-            if (cache.mode == 0 and meta.max_seq_len >= LONG_CONTEXT and self.long_prefill is not None
-                    and self.long_prefill.supports(page_size, head_dim, q.shape[1], cache.k.shape[2], cache.k.dtype)):
-                # H100, 16K chunks of a 32K prompt: 613-654 against 460-487 TFLOP/s for the portable kernel.
-                # Long prompts only: each launch encodes two tensor maps on the host.
-                done = self.long_prefill(q, cache.k, cache.v, out, meta.block_table, meta.seq_lens,
-                                         meta.query_start_loc, meta.num_seqs, meta.max_query_len, layer.scale)
+            if (meta.max_seq_len >= LONG_CONTEXT and self.long_prefill is not None
+                    and self.long_prefill.supports(page_size, head_dim, q.shape[1], cache.k.shape[2], q.dtype)):
+                done = self._long_prefill(q, cache, out, meta, layer.scale)
                 if done is not None:
                     return done
             if tile_prefill.supports(page_size, head_dim, cache.k.dtype):

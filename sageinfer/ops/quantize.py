@@ -1,0 +1,73 @@
+"""Activations to 8 bits (FP8 e4m3 or INT8) with a scale per row, in one kernel.
+
+The same arithmetic as the torch reference in `layers/quantization/w8a8.py` (absmax / half range,
+x / scale, clamp), done in one launch instead of the six or seven elementwise and reduction kernels
+that the torch version costs: in a W8A8 layer those took as long as the 8-bit GEMM itself. INT8
+rounds half away from zero (the torch reference rounds half to even: they differ only on exact ties).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_QDTYPE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+
+
+@triton.jit
+def _round_to_e4m3(y):
+    """y (fp32, |y| <= 448) rounded to nearest even on the e4m3 grid, so that the cast to FP8 is exact
+    whatever rounding a backend's conversion does (the Triton interpreter's does not carry into the
+    exponent). Normal range: keep 3 mantissa bits; below 2**-6 the subnormal step is 2**-9."""
+    bits = y.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 = 0xFFF00000
+    normal = bits.to(tl.float32, bitcast=True)
+    subnormal = (y + 24576.0) - 24576.0  # 24576 = 1.5 * 2**14 has a step of 2**-9
+    return tl.where(tl.abs(y) < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, static_scale_ptr, k, stride_x, stride_q, half_range,
+                          INT8: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    q_row = q_ptr + row * stride_q
+    if STATIC:
+        scale = tl.load(static_scale_ptr).to(tl.float32)
+    else:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, k, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            v = tl.load(x_row + cols, mask=cols < k, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(v))
+        scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / half_range
+    tl.store(scale_ptr + row, scale)
+    for start in range(0, k, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < k
+        y = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32) / scale
+        if INT8:
+            y = (y + 12582912.0) - 12582912.0  # 1.5 * 2**23: rounds to an integer, half to even
+            y = tl.minimum(tl.maximum(y, -128.0), 127.0)
+            tl.store(q_row + cols, y.to(tl.int8), mask=mask)
+        else:
+            y = _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
+            tl.store(q_row + cols, y.to(tl.float8e4nv), mask=mask)
+
+
+def quantize_rows_kernel(x: torch.Tensor, scheme: str, half_range: float,
+                         static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (rows contiguous) -> (8-bit x [M, K], fp32 scale [M, 1]). With static_scale (one
+    element), every row takes that scale; otherwise each row's absmax / half_range."""
+    if x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError("quantize_rows_kernel takes a 2-D tensor with contiguous rows")
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=_QDTYPE[scheme], device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, scale
+    block = min(2048, triton.next_power_of_2(k))
+    static = static_scale if static_scale is not None else scale
+    _quantize_rows_kernel[(m,)](x, q, scale, static, k, x.stride(0), q.stride(0), float(half_range),
+                                INT8=scheme == "int8", STATIC=static_scale is not None, BLOCK=block, num_warps=4)
+    return q, scale
