@@ -40,12 +40,13 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, static_scale_ptr, k, stride_x
             cols = start + tl.arange(0, BLOCK)
             v = tl.load(x_row + cols, mask=cols < k, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(v))
-        scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / half_range
+        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), half_range)
     tl.store(scale_ptr + row, scale)
     for start in range(0, k, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < k
-        y = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32) / scale
+        # IEEE division, as torch: the default one is approximate on NVIDIA and moves rounding ties
+        y = tl.math.div_rn(tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32), scale)
         if INT8:
             y = (y + 12582912.0) - 12582912.0  # 1.5 * 2**23: rounds to an integer, half to even
             y = tl.minimum(tl.maximum(y, -128.0), 127.0)
