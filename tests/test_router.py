@@ -225,6 +225,32 @@ def test_instances_join_and_leave_at_run_time(instances):
         router.stop()
 
 
+def test_an_instance_moved_to_another_node_replaces_its_old_url_in_the_router(instances, monkeypatch):
+    """A Ray instance whose node was lost starts again elsewhere: the launcher's on_moved takes the old
+    URL out of the router's pool and puts the new one in (Ray and the move are stand-ins here)."""
+    import types
+    import sageinfer.executor.ray_ranks as ray_ranks
+    from sageinfer.router.launcher import router_follows_moves
+    from sageinfer.router.ray_instances import RayInstance
+
+    placed = iter([(instances[0].base_url, "log"), (instances[1].base_url, "log")])
+    actor = types.SimpleNamespace(start=types.SimpleNamespace(remote=lambda *a: next(placed)))
+    fake_ray = types.SimpleNamespace(get=lambda ref, timeout=None: ref,
+                                     remote=lambda **opts: (lambda cls: types.SimpleNamespace(remote=lambda: actor)))
+    monkeypatch.setattr(ray_ranks, "ray_cluster", lambda: fake_ray)
+    router = RouterProcess([instances[0].base_url], "round_robin")
+    try:
+        instance = RayInstance(["serve"], 0, 1, None, False, on_moved=router_follows_moves(router.base_url))
+        instance.start()
+        assert instance.url == instances[0].base_url
+        instance.start()  # its actor was lost and the new one serves on another node
+        assert instance.url == instances[1].base_url
+        pool = httpx.get(router.base_url + "/router/backends").json()
+        assert [b["url"] for b in pool] == [instances[1].base_url]
+    finally:
+        router.stop()
+
+
 def test_launch_starts_instances_and_the_router_and_restarts_a_dead_instance(llama_dir, tmp_path):
     from sageinfer.router.launcher import device_groups
     assert device_groups(0, 3, 1) == [None, None, None]

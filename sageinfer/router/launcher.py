@@ -75,18 +75,20 @@ def stop_process(proc: subprocess.Popen | None, timeout: float) -> None:
 class Launcher:
     def __init__(self, model: str, instances: int, first_port: int, tp: int, serve_args: list[str],
                  log_dir: str, num_devices: int, instance_args: list[list[str]] | None = None,
-                 devices_env: str | None = None, ray_devices: str | None = None, kv_events: bool = False):
+                 devices_env: str | None = None, ray_devices: str | None = None, kv_events: bool = False,
+                 on_moved=None):
         """instance_args: flags for each instance on top of serve_args (a PD role, say); devices_env:
         the platform's variable that gives an instance its devices. ray_devices: start the instances as
         Ray actors holding tp of the cluster's devices of that resource ("GPU"; "" for none), each
-        publishing its KV events on its node if kv_events."""
+        publishing its KV events on its node if kv_events; on_moved(old_url, new_url) hears of an
+        actor started again on another node."""
         self._stopping = threading.Event()
         base = [sys.executable, "-m", "sageinfer.gateway.cli", "serve", model, "--tensor-parallel-size", str(tp)]
         own = instance_args or [[] for _ in range(instances)]
         if ray_devices is not None:
             from sageinfer.router.ray_instances import RayInstance
-            self.instances = [RayInstance(base + list(serve_args) + own[i], i, tp, ray_devices or None, kv_events)
-                              for i in range(instances)]
+            self.instances = [RayInstance(base + list(serve_args) + own[i], i, tp, ray_devices or None, kv_events,
+                                          on_moved) for i in range(instances)]
             return
         groups = device_groups(num_devices, instances, tp)
         sharing = len(set(groups)) < len(groups) and groups[0] is not None
@@ -124,6 +126,21 @@ class Launcher:
         self._stopping.set()
         for instance in self.instances:
             instance.stop()
+
+
+def router_follows_moves(router_url: str):
+    """on_moved for a launcher in front of a router: the instance's old URL leaves the router's pool and
+    the new one joins, through the router's own DELETE / POST /router/backends (called from the
+    supervisor's thread, so the router's event loop does the change)."""
+    def moved(old: str, new: str) -> None:
+        import httpx
+        try:
+            httpx.request("DELETE", router_url + "/router/backends", json={"url": old}, timeout=5)
+            httpx.post(router_url + "/router/backends", json={"url": new}, timeout=5).raise_for_status()
+            logger.warning("an instance moved from %s to %s; the router follows", old, new)
+        except httpx.HTTPError as exc:
+            logger.error("an instance moved from %s to %s; telling the router failed: %s", old, new, exc)
+    return moved
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -191,7 +208,9 @@ def run(args) -> int:
                         args.tensor_parallel_size, args.serve_args, log_dir, platform.device_count() or 0,
                         instance_args, platform.visible_devices_env,
                         ray_devices=(platform.ray_device_resource or "") if ray_mode else None,
-                        kv_events=policy is not None)
+                        kv_events=policy is not None,
+                        on_moved=None if roles else router_follows_moves(
+                            f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::', '') else args.host}:{args.port}"))
     launcher.start()
     if roles:
         from sageinfer.router.pd_proxy import build_pd_proxy_app

@@ -49,12 +49,14 @@ class _ServeProcess:
 class RayInstance:
     """One instance as a Ray actor holding `tp` of the cluster's devices (none on CPU platforms)."""
 
-    def __init__(self, args: list[str], index: int, tp: int, device_resource: str | None, kv_events: bool):
+    def __init__(self, args: list[str], index: int, tp: int, device_resource: str | None, kv_events: bool,
+                 on_moved=None):
+        """on_moved(old_url, new_url): called when a new actor (its node was lost) serves elsewhere."""
         from sageinfer.executor.ray_ranks import device_actor_options, ray_cluster
         ray = ray_cluster()
         options = device_actor_options(device_resource, tp, tp, f"an instance needs {tp}")
         self._ray, self._actor_class = ray, ray.remote(**options)(_ServeProcess)
-        self.args, self.index, self.kv_events = args, index, kv_events
+        self.args, self.index, self.kv_events, self.on_moved = args, index, kv_events, on_moved
         self.actor = None
         self.url = self.port = self.log_path = None
         self.restarts, self.started_at = 0, 0.0
@@ -66,10 +68,13 @@ class RayInstance:
             self.actor = self._actor_class.remote()
         url, self.log_path = self._ray.get(self.actor.start.remote(
             self.args, self.kv_events, f"sageinfer-instance-{self.index}.log"))
-        if self.url is not None and url != self.url:  # (a new actor: its node was lost)
-            logger.error("instance %d now serves on %s; the router keeps %s", self.index, url, self.url)
-        self.url = self.url or url
-        self.port = int(self.url.rsplit(":", 1)[1])
+        old, self.url = self.url, url
+        self.port = int(url.rsplit(":", 1)[1])
+        if old is not None and url != old:  # (a new actor: its node was lost)
+            if self.on_moved is not None:
+                self.on_moved(old, url)
+            else:
+                logger.error("instance %d now serves on %s; the front keeps %s", self.index, url, old)
         self.started_at, self.restart_at = time.monotonic(), None
         logger.info("instance %d: Ray actor, %s, log %s", self.index, self.url, self.log_path)
 
