@@ -2,8 +2,9 @@
 
 The same arithmetic as the torch reference in `layers/quantization/w8a8.py` (absmax / half range,
 x / scale, clamp), done in one launch instead of the six or seven elementwise and reduction kernels
-that the torch version costs: in a W8A8 layer those took as long as the 8-bit GEMM itself. INT8
-rounds half away from zero (the torch reference rounds half to even: they differ only on exact ties).
+that the torch version costs: in a W8A8 layer those took as long as the 8-bit GEMM itself. Division
+and rounding are IEEE and done before the cast (half to even, as torch), so every backend stores the
+values the reference does.
 """
 from __future__ import annotations
 

@@ -204,13 +204,13 @@ def run(args) -> int:
             instance_args = [kv_events_args("127.0.0.1") for _ in range(instances)]
     from sageinfer.platforms import get_platform
     platform = get_platform()
+    router_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host  # how this host reaches it
     launcher = Launcher(args.model, instances, args.first_instance_port or args.port + 1,
                         args.tensor_parallel_size, args.serve_args, log_dir, platform.device_count() or 0,
                         instance_args, platform.visible_devices_env,
                         ray_devices=(platform.ray_device_resource or "") if ray_mode else None,
                         kv_events=policy is not None,
-                        on_moved=None if roles else router_follows_moves(
-                            f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::', '') else args.host}:{args.port}"))
+                        on_moved=None if roles else router_follows_moves(f"http://{router_host}:{args.port}"))
     launcher.start()
     if roles:
         from sageinfer.router.pd_proxy import build_pd_proxy_app
