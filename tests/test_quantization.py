@@ -125,6 +125,22 @@ def test_layers_hold_8_bit_weights_and_the_ignored_stay_whole(checkpoints, llama
         LLM(half, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
 
 
+def test_int8_checkpoint_on_the_portable_kernel_scores_as_the_library_gemm(checkpoints, monkeypatch):
+    """A chip without a library INT8 GEMM runs the Triton INT8 kernel (ops/int8_matmul.py) in every W8A8
+    layer (forced here, kernels through the platform's Triton choice): the model scores the prompt as
+    with torch._int_mm (itself checked against transformers above); the int32 sums are exact, so only
+    float rounding of the scaling may differ."""
+    import sageinfer.layers.quantization.w8a8 as w8a8
+    runs = {}
+    for path in ("library", "triton"):
+        seen = []
+        monkeypatch.setattr(w8a8, "int8_path", lambda device_type, k, n, use_triton: (seen.append(use_triton), path)[1])
+        runs[path] = _prompt_logprobs(checkpoints["int8-channel"], attention_backend="triton", enforce_eager=True)
+        assert seen and all(seen)
+    np.testing.assert_allclose(runs["triton"][0], runs["library"][0], atol=1e-5)
+    assert runs["triton"][1] == runs["library"][1]
+
+
 @pytest.mark.parametrize("scheme", ["fp8", "int8"])
 def test_the_8_bit_matmul_is_its_dequantized_reference(scheme):
     """On a GPU the 8-bit GEMMs themselves (bf16 out for FP8), on the CPU the reference path."""

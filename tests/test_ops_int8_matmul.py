@@ -1,0 +1,40 @@
+"""The portable INT8 matmul (int32 accumulation, per-row x per-channel scales) against torch."""
+import pytest
+import torch
+
+from kernels_util import DEVICE, rel_err
+from sageinfer.layers.quantization.w8a8 import dequantized_matmul
+from sageinfer.ops.int8_matmul import int8_matmul
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 40, 96), (70, 130, 200), (5, 64, 64)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_int8_matmul_matches_the_exact_product(m, n, k, out_dtype):
+    gen = torch.Generator().manual_seed(m * n + k)
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
+    wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    x_scale = torch.rand(m, 1, generator=gen) * 0.01 + 1e-3
+    w_scale = torch.rand(n, generator=gen) * 0.01 + 1e-3
+    y = int8_matmul(xq.to(DEVICE), x_scale.to(DEVICE), wq.to(DEVICE), w_scale.to(DEVICE), out_dtype)
+    exact = (xq.double() @ wq.double().t()) * x_scale.double() * w_scale.double().view(1, -1)
+    assert y.dtype == out_dtype and y.shape == (m, n)
+    assert rel_err(y.cpu(), exact) < (1e-6 if out_dtype == torch.float32 else 1e-2)
+    assert rel_err(y.cpu().float(), dequantized_matmul(xq, x_scale, wq, w_scale, torch.float32)) < 1e-2
+
+
+def test_what_it_cannot_take_is_refused():
+    with pytest.raises(ValueError, match="int8"):
+        int8_matmul(torch.zeros(2, 8, device=DEVICE), torch.ones(2, 1, device=DEVICE),
+                    torch.zeros(4, 8, dtype=torch.int8, device=DEVICE), torch.ones(4, device=DEVICE), torch.float32)
+    with pytest.raises(ValueError, match="contiguous"):
+        int8_matmul(torch.zeros(8, 2, dtype=torch.int8, device=DEVICE).t(), torch.ones(2, 1, device=DEVICE),
+                    torch.zeros(4, 8, dtype=torch.int8, device=DEVICE), torch.ones(4, device=DEVICE), torch.float32)
+
+
+def test_chips_without_a_library_int8_gemm_take_the_kernel():
+    from sageinfer.layers.quantization.w8a8 import int8_path
+    assert int8_path("cpu", 60, 60, True) == "library"
+    assert int8_path("cuda", 64, 128, True) == "library"
+    assert int8_path("cuda", 60, 128, True) == "reference"  # cuBLAS wants steps of 8
+    assert int8_path("npu", 64, 128, True) == "triton" and int8_path("mlu", 64, 128, True) == "triton"
+    assert int8_path("npu", 64, 128, False) == "reference"  # no Triton there: the dequantized product
