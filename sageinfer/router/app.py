@@ -74,9 +74,9 @@ def build_router_app(pool: BackendPool, policy: Policy, max_attempts: int = 3) -
 
     app = FastAPI(title="sageInfer router", lifespan=lifespan)
 
-    def choose(tried: set[str], session: str | None, body: dict) -> Backend | None:
+    def choose(tried: set[str], session: str | None, body: dict, token_ids: list[int] | None) -> Backend | None:
         candidates = [b for b in pool.healthy() if b.url not in tried]
-        return policy.pick(candidates, session, body) if candidates else None
+        return policy.pick(candidates, session, body, token_ids) if candidates else None
 
     async def forward(path: str, raw: Request):
         got = await json_body(raw)
@@ -91,8 +91,10 @@ def build_router_app(pool: BackendPool, policy: Policy, max_attempts: int = 3) -
         def served(backend: Backend) -> None:
             backend.served += 1
             metrics.requests.labels(backend.url).inc()
-        answer = await forward_to_pool(client, pool, lambda tried: choose(tried, session, parsed), path, body,
-                                       headers, stream, max_attempts, on_sent=served, on_retry=metrics.retries.inc)
+        token_ids = await policy.token_ids(parsed)
+        answer = await forward_to_pool(client, pool, lambda tried: choose(tried, session, parsed, token_ids), path,
+                                       body, headers, stream, max_attempts, on_sent=served,
+                                       on_retry=metrics.retries.inc)
         return answer or _error(503, "no instance is available to serve the request", "ServiceUnavailableError")
 
     add_openai_routes(app, forward, client, pool)

@@ -1,6 +1,7 @@
 """Which healthy instance takes a request."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 
@@ -33,9 +34,19 @@ class Policy:
         # on_decision(reason, expected hit tokens, prompt tokens): the router's metrics
         self.on_decision = lambda reason, hit, total: None
 
-    def pick(self, healthy: list[Backend], session: str | None, body: dict | None = None) -> Backend:
+    async def token_ids(self, body: dict) -> list[int] | None:
+        """The request's token ids where the prefix policy will measure them against the instances'
+        KV events, tokenized on a worker thread (a fast tokenizer releases the GIL): a long prompt does
+        not hold up the event loop that proxies every other stream. None where not needed."""
+        if self.kv_index is None or not self.kv_index.instances:
+            return None
+        return await asyncio.to_thread(self.tokenizer.token_ids, body)
+
+    def pick(self, healthy: list[Backend], session: str | None, body: dict | None = None,
+             token_ids: list[int] | None = None) -> Backend:
+        """token_ids: the request's, from token_ids(body), if already known."""
         if self.name == "prefix":
-            return self._by_prefix(healthy, body or {})
+            return self._by_prefix(healthy, body or {}, token_ids)
         if self.name == "least_load":
             self.on_decision("least_load", 0, 0)
             return self._least_load(healthy)
@@ -52,9 +63,9 @@ class Policy:
         turn = next(self._turn)
         return min(healthy, key=lambda b: (b.load, (healthy.index(b) - turn) % len(healthy)))
 
-    def _by_prefix(self, healthy: list[Backend], body: dict) -> Backend:
+    def _by_prefix(self, healthy: list[Backend], body: dict, token_ids: list[int] | None) -> Backend:
         if self.kv_index is not None and any(self.kv_index.has_events(b.url) for b in healthy):
-            ids = self.tokenizer.token_ids(body)
+            ids = token_ids if token_ids is not None else self.tokenizer.token_ids(body)
             if ids:
                 return self._by_reported_blocks(healthy, ids)
         key = prompt_key(body)
