@@ -2,9 +2,9 @@
 (or, with --pd P:D, P prefill and D decode instances and the PD proxy), for a user with one box.
 Each instance is a `sageinfer serve` process on its own port and device group (the platform's
 visible-devices variable, CUDA_VISIBLE_DEVICES on NVIDIA); instances that must share a device split
-its memory. An instance that exits is started again (the router takes it back once it answers); SIGTERM stops them all.
-Several hosts: with --ray the instances are Ray actors placed on the cluster's hosts
-(router/ray_instances.py), supervised the same way.
+its memory. An instance that exits is started again (the router takes it back once it answers);
+SIGTERM stops them all. Several hosts: with --ray the instances are Ray actors placed on the
+cluster's hosts (router/ray_instances.py), supervised the same way.
 """
 from __future__ import annotations
 
