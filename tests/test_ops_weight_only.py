@@ -45,3 +45,39 @@ def test_fp8_block_matmul_matches_the_dequantized_weights(m, n, k, block):
     y = w8a16_block_matmul(x, weight, scale, block, block_k=32)
     ref = x.double() @ dequantize_fp8_blocks(weight, scale, block, torch.float64).t()
     assert rel_err(y, ref) < 1e-5
+
+
+def _same_weight(got, ref):
+    """Equal in fp32; in bf16 equal on the GPU, within one bf16 step in the interpreter (its fp32 -> bf16
+    cast truncates where torch rounds to nearest)."""
+    if got.dtype == torch.bfloat16 and DEVICE == "cpu":
+        torch.testing.assert_close(got.float(), ref.float(), rtol=2 ** -7, atol=0)
+    else:
+        assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("n, k, group, asymmetric", [(40, 256, 64, False), (96, 384, 128, True), (24, 96, 96, True)])
+def test_one_pass_dequantization_is_the_reference(n, k, group, asymmetric):
+    """What batches above the kernels' rows multiply with the library GEMM: the 4-bit weight expanded in
+    one Triton pass, equal to the torch reference."""
+    from sageinfer.ops.weight_only import dequantize_kernel
+    gen = torch.Generator().manual_seed(n + k)
+    packed = pack(torch.randint(0, 16, (n, k), generator=gen))
+    scales = torch.rand(n, k // group, generator=gen) * 0.02 + 0.001
+    zeros = (torch.randint(-3, 4, (n, k // group), generator=gen) if asymmetric
+             else torch.zeros(n, k // group, dtype=torch.int64)).to(torch.int32)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = dequantize_kernel(packed.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), group, dtype)
+        assert got.dtype == dtype
+        _same_weight(got.cpu(), dequantize(packed, scales, zeros, group, dtype))
+
+
+@pytest.mark.parametrize("n, k, block", [(64, 128, 32), (100, 200, 64)])
+def test_one_pass_fp8_block_dequantization_is_the_reference(n, k, block):
+    from sageinfer.ops.weight_only import dequantize_fp8_blocks, dequantize_fp8_blocks_kernel
+    gen = torch.Generator().manual_seed(n * k)
+    weight = (torch.randn(n, k, generator=gen) * 50).to(torch.float8_e4m3fn)
+    scale = torch.rand(n, (k + block - 1) // block, generator=gen) * 0.01
+    for dtype in (torch.float32, torch.bfloat16):
+        got = dequantize_fp8_blocks_kernel(weight.to(DEVICE), scale.to(DEVICE), block, dtype)
+        _same_weight(got.cpu(), dequantize_fp8_blocks(weight, scale, block, dtype))

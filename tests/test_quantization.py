@@ -346,10 +346,11 @@ def test_tp2_block_fp8_as_tp1(llama_dir, tmp_path):
     np.testing.assert_allclose(one[0], two[0], atol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 20])
+@pytest.mark.parametrize("rows", [1, 3, 8, 20, 80])
 def test_a_w4a16_layer_with_kernels_is_its_dequantized_weight(rows):
     """A 4-bit layer where the platform runs Triton: a few rows through the skinny kernel, up to 64
-    through the tiled one, each the product with the weights the packed words encode."""
+    through the tiled one, more through the weight expanded in one pass, each the product with the
+    weights the packed words encode."""
     from sageinfer.layers.linear import Linear
     from sageinfer.layers.quantization import QuantConfig, set_quant_config
     from sageinfer.ops.weight_only import dequantize, pack

@@ -38,6 +38,23 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
 
 
 @triton.jit
+def _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, stride_sn,
+                 INT4: tl.constexpr, GROUP: tl.constexpr):
+    """Rows ns x columns ks (one group: k0 // GROUP) of the weight, expanded to fp32 and scaled."""
+    w_mask = n_mask[:, None] & k_mask[None, :]
+    s = tl.load(s_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
+    if INT4:
+        words = tl.load(w_ptr + ns[:, None] * stride_wn + (ks // 8)[None, :], mask=w_mask, other=0)
+        q = ((words >> ((ks % 8) * 4)[None, :]) & 0xF).to(tl.float32) - 8.0
+        z = tl.load(z_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0).to(tl.float32)
+        q = q - z[:, None]
+    else:
+        raw = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :], mask=w_mask, other=0)
+        q = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return q * s[:, None]
+
+
+@triton.jit
 def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
                         INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
@@ -52,20 +69,54 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, s
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
         x = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = n_mask[:, None] & k_mask[None, :]
-        s = tl.load(s_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
-        if INT4:
-            words = tl.load(w_ptr + ns[:, None] * stride_wn + (ks // 8)[None, :], mask=w_mask, other=0)
-            q = ((words >> ((ks % 8) * 4)[None, :]) & 0xF).to(tl.float32) - 8.0
-            z = tl.load(z_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0).to(tl.float32)
-            q = q - z[:, None]
-        else:
-            raw = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :], mask=w_mask, other=0)
-            q = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        w = (q * s[:, None]).to(x.dtype)
+        w = _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, stride_sn, INT4, GROUP).to(x.dtype)
         acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     tl.store(y_ptr + ms[:, None] * stride_ym + ns[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
+                       INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    ks = k0 + tl.arange(0, BLOCK_K)
+    n_mask, k_mask = ns < N, ks < K
+    w = _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, stride_sn, INT4, GROUP)
+    tl.store(out_ptr + ns.to(tl.int64)[:, None] * stride_on + ks[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=n_mask[:, None] & k_mask[None, :])
+
+
+def _dequantize_launch(w, scales, zeros, int4: bool, group: int, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The whole weight expanded in one pass (reads its bytes once, writes dtype once): what larger
+    batches multiply with the library GEMM, instead of the torch reference's several fp32 passes."""
+    out = torch.empty(n, k, dtype=dtype, device=w.device)
+    block_n, block_k = 32, min(128, group & -group)  # a power of two that divides the group
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    _dequantize_kernel[grid](w, scales, zeros, out, n, k, w.stride(0), scales.stride(0), out.stride(0),
+                             INT4=int4, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
+
+
+def dequantize_kernel(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize` in one Triton pass."""
+    n, k = packed.shape[0], packed.shape[1] * 8
+    if k % group_size or scales.shape != (n, k // group_size):
+        raise ValueError(f"dequantize: packed {tuple(packed.shape)}, scales {tuple(scales.shape)} and group "
+                         f"{group_size} do not fit")
+    return _dequantize_launch(packed, scales.contiguous(), zeros.contiguous(), True, group_size, n, k, dtype)
+
+
+def dequantize_fp8_blocks_kernel(weight: torch.Tensor, scale: torch.Tensor, block: int,
+                                 dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize_fp8_blocks` in one Triton pass."""
+    n, k = weight.shape
+    if scale.shape != (n, (k + block - 1) // block):
+        raise ValueError(f"dequantize_fp8_blocks: weight {tuple(weight.shape)}, scale {tuple(scale.shape)} and "
+                         f"block {block} do not fit")
+    scale = scale.float().contiguous()
+    return _dequantize_launch(weight.view(torch.uint8), scale, scale, False, block, n, k, dtype)
 
 
 def _launch(x, w, scales, zeros, int4: bool, group: int, n: int, block_m: int, block_n: int, block_k: int):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sageinfer.layers.quantization.config import QuantConfig
-from sageinfer.ops.weight_only import dequantize_fp8_blocks
+from sageinfer.ops.weight_only import dequantize_fp8_blocks, dequantize_fp8_blocks_kernel
 
 _KERNEL_MAX_ROWS = 64
 
@@ -66,7 +66,7 @@ class Fp8BlockMethod:
         if x2.is_cuda and x2.shape[0] <= _KERNEL_MAX_ROWS:
             from sageinfer.ops.weight_only import w8a16_block_matmul
             y = w8a16_block_matmul(x2, layer.weight, layer.weight_scale_inv, self.block)
-        else:
-            y = nn.functional.linear(x2, dequantize_fp8_blocks(layer.weight, layer.weight_scale_inv, self.block,
-                                                               x.dtype))
+        else:  # the weight expanded (in one pass where kernels run) for the library GEMM
+            expand = dequantize_fp8_blocks_kernel if layer.use_triton else dequantize_fp8_blocks
+            y = nn.functional.linear(x2, expand(layer.weight, layer.weight_scale_inv, self.block, x.dtype))
         return y.reshape(*shape[:-1], y.shape[-1])

@@ -22,7 +22,7 @@ from torch import nn
 
 from sageinfer.layers.quantization.config import QuantConfig
 from sageinfer.ops.gemv import MAX_ROWS as GEMV_MAX_ROWS, gemv
-from sageinfer.ops.weight_only import dequantize, pack, unpack
+from sageinfer.ops.weight_only import dequantize, dequantize_kernel, pack, unpack
 
 # Up to this many rows the packed-weight kernel; beyond, unpack and the library GEMM.
 _KERNEL_MAX_ROWS = 64
@@ -192,6 +192,7 @@ class W4A16Method:
         elif kernels and x2.shape[0] <= _KERNEL_MAX_ROWS:
             from sageinfer.ops.weight_only import w4a16_matmul
             y = w4a16_matmul(x2, packed, scales, zeros, self.group, **_tiles(x2.shape[0]))
-        else:
-            y = torch.nn.functional.linear(x2, dequantize(packed, scales, zeros, self.group, x.dtype))
+        else:  # the weight expanded (in one pass where kernels run) for the library GEMM
+            expand = dequantize_kernel if kernels else dequantize
+            y = torch.nn.functional.linear(x2, expand(packed, scales, zeros, self.group, x.dtype))
         return y.reshape(*shape[:-1], y.shape[-1])
