@@ -32,9 +32,10 @@ def test_what_it_cannot_take_is_refused():
 
 
 def test_chips_without_a_library_int8_gemm_take_the_kernel():
-    from sageinfer.layers.quantization.w8a8 import int8_path
-    assert int8_path("cpu", 60, 60, True) == "library"
-    assert int8_path("cuda", 64, 128, True) == "library"
-    assert int8_path("cuda", 60, 128, True) == "reference"  # cuBLAS wants steps of 8
-    assert int8_path("npu", 64, 128, True) == "triton" and int8_path("mlu", 64, 128, True) == "triton"
-    assert int8_path("npu", 64, 128, False) == "reference"  # no Triton there: the dequantized product
+    from sageinfer.platforms.base import Platform
+    from sageinfer.platforms.cpu import CpuPlatform
+    from sageinfer.platforms.cuda import CudaPlatform
+    x, w = torch.zeros(3, 60, dtype=torch.int8), torch.zeros(60, 60, dtype=torch.int8)
+    assert CpuPlatform().int8_matmul(x, w) is not None  # the library GEMM
+    assert CudaPlatform().int8_matmul(x, w) is None and not CudaPlatform.portable_int8_kernel  # the reference
+    assert Platform().int8_matmul(x, w) is None and Platform.portable_int8_kernel  # other chips: the kernel

@@ -13,6 +13,7 @@ from ranks import needs_ranks
 from sageinfer import LLM, SamplingParams
 from sageinfer.layers.quantization.config import parse_quant_config
 from sageinfer.layers.quantization.w8a8 import W8A8Method, dequantized_matmul, quantize_rows
+from sageinfer.platforms import get_platform
 
 PROMPT = np.random.default_rng(0).integers(3, 500, size=30).tolist()
 
@@ -130,13 +131,18 @@ def test_int8_checkpoint_on_the_portable_kernel_scores_as_the_library_gemm(check
     layer (forced here, kernels through the platform's Triton choice): the model scores the prompt as
     with torch._int_mm (itself checked against transformers above); the int32 sums are exact, so only
     float rounding of the scaling may differ."""
-    import sageinfer.layers.quantization.w8a8 as w8a8
+    from sageinfer.platforms.cpu import CpuPlatform
     runs = {}
     for path in ("library", "triton"):
         seen = []
-        monkeypatch.setattr(w8a8, "int8_path", lambda device_type, k, n, use_triton: (seen.append(use_triton), path)[1])
+        library = CpuPlatform.int8_matmul
+
+        def int8_matmul(self, xq, wq, path=path, seen=seen):
+            seen.append(path)
+            return library(self, xq, wq) if path == "library" else None  # None: no library GEMM here
+        monkeypatch.setattr(CpuPlatform, "int8_matmul", int8_matmul)
         runs[path] = _prompt_logprobs(checkpoints["int8-channel"], attention_backend="triton", enforce_eager=True)
-        assert seen and all(seen)
+        assert seen
     np.testing.assert_allclose(runs["triton"][0], runs["library"][0], atol=1e-5)
     assert runs["triton"][1] == runs["library"][1]
 
@@ -152,7 +158,7 @@ def test_the_8_bit_matmul_is_its_dequantized_reference(scheme):
     xq, xs = quantize_rows(x, scheme, activations=True)
     method = W8A8Method(parse_quant_config(None, "fp8") if scheme == "fp8" else
                         parse_quant_config(_ct_config("int", "channel", True), None))
-    got = method._matmul(xq, xs, wq, ws.view(-1), out).float()
+    got = method._matmul(xq, xs, wq, ws.view(-1), out, get_platform()).float()
     want = dequantized_matmul(xq, xs, wq, ws.view(-1), out).float()
     torch.testing.assert_close(got, want, rtol=1e-5 if out == torch.float32 else 1e-2, atol=1e-4 if out == torch.float32 else 2e-2)
     # and close to the full-precision product (8-bit rounding of both sides)

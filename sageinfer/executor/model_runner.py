@@ -54,6 +54,8 @@ class ModelRunner:
         for module in self.model.modules():
             if hasattr(module, "use_triton"):
                 module.use_triton = use_triton
+            if hasattr(module, "platform"):
+                module.platform = platform
         self.sampler = Sampler()
         self.kv_caches: list[LayerKVCache] = []
         self.graphs = None  # executor.graph_runner.DecodeGraphs once captured

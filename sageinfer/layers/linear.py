@@ -48,6 +48,7 @@ class Linear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.use_triton = False  # set by the model runner from the platform's kernel choice
+        self.platform = None  # set by the model runner: the chip's library GEMMs (8-bit layers)
 
     def drop_quantization(self) -> None:
         """Keep this layer in full precision (a checkpoint's ignore list)."""

@@ -67,6 +67,20 @@ class Platform:
                     raise ValueError(f"{field}='fp8' needs FP8 matmuls, which the {self.name} platform does not have; "
                                      f"use int8 (kv_cache_dtype='int8', or an INT8 W8A8 checkpoint)")
 
+    # Whether W8A8 layers may run the portable Triton INT8 kernel where int8_matmul has no library GEMM.
+    portable_int8_kernel: bool = True
+
+    def int8_matmul(self, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor | None:
+        """xq [M, K] @ wq [N, K]^T in int32 through the chip's library INT8 GEMM, or None where it has
+        none for these shapes (the layers then run the Triton kernel or the reference)."""
+        return None
+
+    def fp8_scaled_matmul(self, xq: torch.Tensor, wq: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                          out_dtype: torch.dtype) -> torch.Tensor | None:
+        """(xq * x_scale [M, 1]) @ (wq * w_scale [N])^T in out_dtype through the chip's library FP8 GEMM
+        with rowwise scales, or None where it has none for these shapes and dtype."""
+        return None
+
     def prefill_attention(self):
         """A chip-specific prefill attention kernel with ops.prefill_attention's contract, for long
         prompts where it beats the portable one: an object with supports(page_size, head_dim,

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from sageinfer.platforms.base import Platform
 
 
@@ -15,6 +17,9 @@ class CpuPlatform(Platform):
     @classmethod
     def is_available(cls) -> bool:
         return True
+
+    def int8_matmul(self, xq, wq):
+        return torch._int_mm(xq, wq.t())
 
     def mem_get_info(self) -> tuple[int, int]:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -65,6 +65,23 @@ class CudaPlatform(Platform):
     def supports_tensor_copies(self) -> bool:
         return torch.cuda.get_device_capability()[0] >= 9
 
+    # cuBLAS serves the shapes that matter; the Triton INT8 kernel is not measured here yet.
+    portable_int8_kernel = False
+
+    def int8_matmul(self, xq, wq):
+        m, k = xq.shape
+        if k % 8 or wq.shape[0] % 8:  # cuBLAS takes shapes in steps of 8
+            return None
+        if m <= 16:  # and more than 16 rows
+            xq = torch.cat([xq, xq.new_zeros(17 - m, k)])
+        return torch._int_mm(xq, wq.t())[:m]
+
+    def fp8_scaled_matmul(self, xq, wq, x_scale, w_scale, out_dtype):
+        # Rowwise-scaled FP8 GEMMs take shapes in steps of 16 and write bf16 only.
+        if xq.shape[1] % 16 or wq.shape[0] % 16 or out_dtype != torch.bfloat16:
+            return None
+        return torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=out_dtype)
+
     def prefill_attention(self):
         # Hopper only: the kernel is built on its warpgroup MMA and bulk tensor copies (Blackwell has
         # neither in this form).

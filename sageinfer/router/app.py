@@ -35,7 +35,8 @@ class _Metrics:
         self.healthy = Gauge("sageinfer_router:backend_healthy", "1 while an instance answers its health check.",
                              ["backend"], registry=self.registry)
         self.load = Gauge("sageinfer_router:backend_load", "The router's open requests on an instance plus "
-                          "the running and waiting requests it last reported beyond those.", ["backend"], registry=self.registry)
+                          "the running and waiting requests it last reported beyond those.", ["backend"],
+                          registry=self.registry)
         self.decisions = Counter("sageinfer_router:routing_decisions", "Requests routed, by the policy's reason "
                                  "(prefix: to the instance holding its prefix; least_load, round_robin, session).",
                                  ["reason"], registry=self.registry)

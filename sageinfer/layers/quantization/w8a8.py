@@ -15,6 +15,7 @@ from torch import nn
 from sageinfer.layers.quantization.config import QuantConfig
 from sageinfer.ops.int8_matmul import int8_matmul
 from sageinfer.ops.quantize import quantize_rows_kernel
+from sageinfer.platforms import get_platform
 
 _QMAX = {"fp8": 448.0, "int8": 127.0}
 _QDTYPE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
@@ -96,35 +97,22 @@ class W8A8Method:
         else:
             x_scale = layer.input_scale.view(1, 1).expand(x2.shape[0], 1).contiguous()
             xq = quantize_with(x2, x_scale, self.scheme)
-        y = self._matmul(xq, x_scale, layer.weight, layer.weight_scale, x.dtype, layer.use_triton)
+        y = self._matmul(xq, x_scale, layer.weight, layer.weight_scale, x.dtype, layer.platform or get_platform(),
+                         layer.use_triton)
         return y.reshape(*shape[:-1], y.shape[-1])
 
-    def _matmul(self, xq, x_scale, wq, w_scale, out_dtype, use_triton: bool = False):
-        m, k = xq.shape
-        n = wq.shape[0]
-        # On the GPU rowwise-scaled FP8 GEMMs write bf16 only; fp32 models take the reference path, and
-        # so does the CPU (its FP8 GEMM takes one scale per tensor in some torch releases).
-        if self.scheme == "fp8" and xq.is_cuda and k % 16 == 0 and n % 16 == 0 and out_dtype == torch.bfloat16:
-            return torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=out_dtype)
-        path = int8_path(xq.device.type, k, n, use_triton) if self.scheme == "int8" else "reference"
-        if path == "library":
-            if xq.is_cuda and m <= 16:  # cuBLAS int8 needs more than 16 rows
-                xq = torch.cat([xq, xq.new_zeros(17 - m, k)])
-            acc = torch._int_mm(xq, wq.t())[:m]
+    def _matmul(self, xq, x_scale, wq, w_scale, out_dtype, platform, use_triton: bool = False):
+        """The chip's library 8-bit GEMM (the platform's), else for INT8 the Triton kernel where kernels
+        run (ops/int8_matmul.py: the domestic accelerators), else the dequantized reference."""
+        if self.scheme == "fp8":
+            y = platform.fp8_scaled_matmul(xq, wq, x_scale, w_scale, out_dtype)
+            return y if y is not None else dequantized_matmul(xq, x_scale, wq, w_scale, out_dtype)
+        acc = platform.int8_matmul(xq, wq)
+        if acc is not None:
             return (acc.float() * x_scale * w_scale.view(1, -1)).to(out_dtype)
-        if path == "triton":
+        if use_triton and platform.portable_int8_kernel:
             return int8_matmul(xq, x_scale, wq, w_scale, out_dtype)
         return dequantized_matmul(xq, x_scale, wq, w_scale, out_dtype)
-
-
-def int8_path(device_type: str, k: int, n: int, use_triton: bool) -> str:
-    """Which INT8 product a layer runs: "library" (torch._int_mm: the CPU, and NVIDIA's cuBLAS for
-    shapes in steps of 8), "triton" (ops/int8_matmul.py, on chips that run Triton kernels: the domestic
-    accelerators), or "reference" (the dequantized product)."""
-    if device_type == "cpu" or (device_type == "cuda" and k % 8 == 0 and n % 8 == 0):
-        return "library"
-    # (not measured on NVIDIA yet: shapes cuBLAS refuses keep the reference there)
-    return "triton" if use_triton and device_type != "cuda" else "reference"
 
 
 def _max_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
