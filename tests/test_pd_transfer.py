@@ -18,6 +18,8 @@ def _connector_config(connector, role, tmp_path, **extra):
     extra = dict(extra)
     if connector == "SharedMemoryConnector":
         extra.setdefault("shm_dir", str(tmp_path))
+    if connector == "DeviceIpcConnector":
+        extra.setdefault("ipc_dir", str(tmp_path))
     return json.dumps({"kv_connector": connector, "kv_role": role, "kv_connector_extra_config": extra})
 
 
@@ -63,7 +65,7 @@ def _settle(engine, seconds=5.0):
 
 
 def _backends():
-    out = ["SharedMemoryConnector", "TorchDistributedConnector"]
+    out = ["DeviceIpcConnector", "SharedMemoryConnector", "TorchDistributedConnector"]
     try:
         from sageinfer.transport.nixl_connector import _nixl_api
         _nixl_api()
@@ -113,10 +115,12 @@ def test_a_pair_on_one_device_goes_over_host_memory(llama_dir, tmp_path, referen
     assert decode.engine.scheduler.num_remote_kv_failures == 0
 
 
-def test_block_sizes_may_differ_through_shared_memory(llama_dir, tmp_path, reference):
+@pytest.mark.parametrize("connector,prefill_block,decode_block", [
+    ("SharedMemoryConnector", 16, 8), ("DeviceIpcConnector", 16, 8), ("DeviceIpcConnector", 8, 32)])
+def test_block_sizes_may_differ(llama_dir, tmp_path, reference, connector, prefill_block, decode_block):
     prompts, expected = reference
-    prefill = _engine(llama_dir, "SharedMemoryConnector", "kv_producer", tmp_path, block_size=16)
-    decode = _engine(llama_dir, "SharedMemoryConnector", "kv_consumer", tmp_path, block_size=8)
+    prefill = _engine(llama_dir, connector, "kv_producer", tmp_path, block_size=prefill_block)
+    decode = _engine(llama_dir, connector, "kv_consumer", tmp_path, block_size=decode_block)
     assert _decode(decode, prompts, _prefill(prefill, prompts)) == expected
     assert decode.engine.scheduler.num_remote_kv_loads == len(prompts)
 
@@ -134,6 +138,9 @@ def test_kv_that_cannot_be_loaded_is_recomputed(llama_dir, tmp_path, reference, 
         os.remove(params[0]["path"])  # the staged KV is gone
         params[1]["path"] = params[1]["path"] + ".truncated"
         open(params[1]["path"], "wb").write(b"\0" * 10)
+    elif connector == "DeviceIpcConnector":
+        params[0]["remote_key"] = "0" * 32  # an offer the prefill instance never made
+        params[1]["remote_engine_id"] = "not-on-this-host"  # a prefill instance that is not there
     elif connector == "NixlConnector":
         params[0]["remote_block_ids"] = params[0]["remote_block_ids"][:1]  # offers too little
         params[1]["remote_agent_metadata"] = "bm90IGFuIGFnZW50"  # a prefill instance that is not there

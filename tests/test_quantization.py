@@ -131,16 +131,17 @@ def test_int8_checkpoint_on_the_portable_kernel_scores_as_the_library_gemm(check
     layer (forced here, kernels through the platform's Triton choice): the model scores the prompt as
     with torch._int_mm (itself checked against transformers above); the int32 sums are exact, so only
     float rounding of the scaling may differ."""
-    from sageinfer.platforms.cpu import CpuPlatform
+    from sageinfer.platforms import get_platform
+    platform_class = type(get_platform())  # the CPU's, or the GPU's when the suite runs there
     runs = {}
     for path in ("library", "triton"):
         seen = []
-        library = CpuPlatform.int8_matmul
+        library = platform_class.int8_matmul
 
         def int8_matmul(self, xq, wq, path=path, seen=seen):
             seen.append(path)
             return library(self, xq, wq) if path == "library" else None  # None: no library GEMM here
-        monkeypatch.setattr(CpuPlatform, "int8_matmul", int8_matmul)
+        monkeypatch.setattr(platform_class, "int8_matmul", int8_matmul)
         runs[path] = _prompt_logprobs(checkpoints["int8-channel"], attention_backend="triton", enforce_eager=True)
         assert seen
     np.testing.assert_allclose(runs["triton"][0], runs["library"][0], atol=1e-5)

@@ -269,9 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "(or a local head), each with its -tp devices; the router stays on this host")
     launch.add_argument("--pd", default=None, metavar="P:D",
                         help="prefill/decode separation: P prefill and D decode instances behind the PD proxy")
-    launch.add_argument("--kv-connector", default="SharedMemoryConnector",
-                        choices=["SharedMemoryConnector", "NixlConnector", "TorchDistributedConnector"],
-                        help="how KV moves between the --pd instances")
+    launch.add_argument("--kv-connector", default=None,
+                        choices=["DeviceIpcConnector", "SharedMemoryConnector", "NixlConnector",
+                                 "TorchDistributedConnector"],
+                        help="how KV moves between the --pd instances (default: DeviceIpcConnector, device to "
+                             "device on this host; TorchDistributedConnector with --ray, whose hosts may differ)")
     launch.set_defaults(func=_launch, serve_args=[])  # flags after `--` go to every instance's serve
     bench = sub.add_parser("bench", help="benchmarks: offline throughput / latency, or a serving benchmark")
     bench_sub = bench.add_subparsers(dest="bench_kind", required=True)

@@ -158,6 +158,16 @@ class Platform:
     def wait_event(self, event) -> None:
         """Make the current stream wait for the marked work."""
 
+    def share_memory_handle(self, tensor: torch.Tensor) -> dict:
+        """A picklable description through which another process on this host maps tensor's memory
+        (KV transfer device to device, no copy through the host). May move tensor's storage in place
+        into shareable memory; views of it follow."""
+        raise NotImplementedError(f"{self.name} cannot share device memory between processes")
+
+    def open_memory_handle(self, handle: dict) -> torch.Tensor:
+        """The tensor another process described with share_memory_handle, mapped here."""
+        raise NotImplementedError(f"{self.name} cannot share device memory between processes")
+
     def kv_transfer_memory_type(self) -> str:
         """How a KV transfer library (NIXL) names the memory the KV cache lives in."""
         return "VRAM"

@@ -43,6 +43,24 @@ class CudaPlatform(Platform):
     def device_uuid(self, device: torch.device) -> str | None:
         return str(torch.cuda.get_device_properties(device).uuid)
 
+    def share_memory_handle(self, tensor):
+        # CUDA IPC: a handle of the allocation holding tensor (torch's own export, as for tensors sent
+        # between torch.multiprocessing workers), and the GPU named so a process that numbers it
+        # differently (CUDA_VISIBLE_DEVICES) finds it.
+        from torch.multiprocessing.reductions import reduce_tensor
+        _, args = reduce_tensor(tensor)
+        return {"ipc_args": args, "device_uuid": self.device_uuid(tensor.device)}
+
+    def open_memory_handle(self, handle):
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+        index = next((i for i in range(torch.cuda.device_count())
+                      if self.device_uuid(torch.device("cuda", i)) == handle["device_uuid"]), None)
+        if index is None:
+            raise ValueError(f"GPU {handle['device_uuid']} is not visible to this process (CUDA_VISIBLE_DEVICES)")
+        args = list(handle["ipc_args"])
+        args[6] = index  # the device, as numbered here
+        return rebuild_cuda_tensor(*args)
+
     # Datasheet dense bf16 FLOP/s and memory bandwidth, by a part of the device's name (first match).
     _PEAKS = (("H200", 989e12, 4.8e12), ("H100 PCIe", 756e12, 2.0e12), ("H100 NVL", 835e12, 3.9e12),
               ("H100", 989e12, 3.35e12), ("H800", 989e12, 3.35e12), ("H20", 148e12, 4.0e12),

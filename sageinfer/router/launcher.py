@@ -187,6 +187,8 @@ def run(args) -> int:
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="sageinfer-launch-")
     os.makedirs(log_dir, exist_ok=True)
     instance_args = None
+    if roles and args.kv_connector is None:
+        args.kv_connector = "TorchDistributedConnector" if getattr(args, "ray", False) else "DeviceIpcConnector"
     if roles:
         instance_args = [["--kv-transfer-config", json.dumps({"kv_connector": args.kv_connector, "kv_role": role})]
                          for role in roles]

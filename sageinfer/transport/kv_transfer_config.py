@@ -1,6 +1,7 @@
 """--kv-transfer-config: which connector moves KV between instances, and this instance's role in it.
 vLLM's field names, so that deployment recipes carry over:
-  {"kv_connector": "SharedMemoryConnector" | "NixlConnector" | "TorchDistributedConnector", "kv_role": "kv_producer" | "kv_consumer" |
+  {"kv_connector": "DeviceIpcConnector" | "SharedMemoryConnector" | "NixlConnector" | "TorchDistributedConnector",
+   "kv_role": "kv_producer" | "kv_consumer" |
    "kv_both", "engine_id": ..., "kv_connector_extra_config": {...}}
 """
 from __future__ import annotations
@@ -10,6 +11,9 @@ import uuid
 from sageinfer.transport.json_options import json_object_option
 
 CONNECTORS = {
+    # same host: the decode instance maps the prefill instance's cache (CUDA IPC) and copies device to
+    # device; block sizes may differ
+    "DeviceIpcConnector": "sageinfer.transport.ipc_connector",
     # same host: KV staged in shared host memory (/dev/shm), token-major, so block sizes may differ
     "SharedMemoryConnector": "sageinfer.transport.shm_connector",
     # any host: NIXL (UCX: RDMA where the machine has it, TCP or shared memory where it does not)
@@ -17,7 +21,7 @@ CONNECTORS = {
     # any platform: torch.distributed point-to-point between the pair (gloo, NCCL, a vendor's library)
     "TorchDistributedConnector": "sageinfer.transport.torch_dist_connector",
 }
-ALIASES = {"shm": "SharedMemoryConnector", "nixl": "NixlConnector", "torch_dist": "TorchDistributedConnector"}
+ALIASES = {"ipc": "DeviceIpcConnector", "shm": "SharedMemoryConnector", "nixl": "NixlConnector", "torch_dist": "TorchDistributedConnector"}
 ROLES = ("kv_producer", "kv_consumer", "kv_both")
 
 

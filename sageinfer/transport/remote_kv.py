@@ -9,7 +9,8 @@ and arrives in a decode instance's blocks (consumer). The scheduler drives it:
              None or the reason they failed (the request then computes its prompt itself);
              cancel_load(request) when it is aborted: True if its blocks may be freed at once.
 
-Backends: shm_connector (same host, staged in shared host memory), nixl_connector (NIXL).
+Backends: ipc_connector (same host, device to device), shm_connector (same host, staged in shared host
+memory), nixl_connector (NIXL), torch_dist_connector (torch.distributed point-to-point).
 """
 from __future__ import annotations
 

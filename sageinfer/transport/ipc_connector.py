@@ -1,0 +1,287 @@
+"""Same-host KV transfer device to device: the prefill instance exports its KV cache once (CUDA IPC
+handles on NVIDIA and AMD GPUs, a shared-memory mapping on the CPU: the platform's
+share_memory_handle), a decode instance maps it and copies a prompt's tokens straight from the
+producer's blocks into its own (one gather per cache tensor, on the same GPU or from an NVLink peer).
+Nothing is staged: the KV crosses once, at the device's copy bandwidth.
+
+The producer holds a request's blocks until the consumer has read them. They agree through files in
+a private directory of this host, `{engine}/{key}.offer|.claim|.done`:
+  - the producer writes .offer (which of its blocks hold the prompt): the consumer reads only what an
+    offer names, whatever the request's kv_transfer_params say;
+  - the consumer creates .claim (O_EXCL) before it reads; the producer creates it when it stops
+    holding (abort_timeout_s): whoever is first decides, so blocks being read are never freed;
+  - the consumer creates .done when it has read (or failed): the producer frees the blocks;
+  - a consumer that claimed and died: the producer frees load_timeout_s after the claim.
+Files older than any live offer are swept, and those of a producer process that is gone. Block sizes
+may differ (copies in runs of their common divisor).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from sageinfer.transport.remote_kv import RemoteKVConnector, kv_tensors
+
+logger = logging.getLogger(__name__)
+_NAME = re.compile(r"[0-9A-Za-z_.-]{1,128}")
+
+
+def _default_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def _create(path: str) -> bool:
+    """Create path if no one has: True if this call did."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _abandoned(engine_dir: str) -> bool:
+    """Whether a producer's directory outlived it: the process its handles name is gone (or it never
+    wrote them, long ago)."""
+    try:
+        with open(os.path.join(engine_dir, "handles"), "rb") as f:
+            return not _alive(int(pickle.load(f)["pid"]))
+    except FileNotFoundError:
+        return time.time() - os.path.getmtime(engine_dir) > 600
+    except Exception:  # noqa: BLE001 - an unreadable file: no live owner to protect
+        return True
+
+
+def _runs(block_ids: list[int], block_size: int, first: int, count: int, run: int) -> np.ndarray:
+    """Indexes of the runs of `run` tokens that hold tokens [first, first + count) of a prompt stored
+    in block_ids (block i holding tokens [i * block_size, (i + 1) * block_size)), in a cache viewed as
+    [blocks * block_size / run, run, ...]."""
+    token = np.arange(first, first + count, run)
+    per_block = block_size // run
+    return np.asarray(block_ids, dtype=np.int64)[token // block_size] * per_block + (token % block_size) // run
+
+
+class DeviceIpcConnector(RemoteKVConnector):
+    name = "DeviceIpcConnector"
+
+    def __init__(self, config: dict, kv_caches: list, block_size: int, platform):
+        super().__init__(config, kv_caches, block_size, platform)
+        if not _NAME.fullmatch(self.engine_id) or self.engine_id.startswith("."):
+            raise ValueError(f"DeviceIpcConnector: engine_id {self.engine_id!r} must be letters, digits, '_', '.', '-'")
+        self.dir = os.path.join(self.extra.get("ipc_dir") or _default_dir(), f"sageinfer-ipc-{os.getuid()}")
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        if self.is_producer:
+            os.makedirs(os.path.join(self.dir, self.engine_id), exist_ok=True)
+        if os.stat(self.dir).st_uid != os.getuid() or os.stat(self.dir).st_mode & 0o077:
+            raise ValueError(f"DeviceIpcConnector: {self.dir} must be this user's alone (mode 0700)")
+        self.tensors = kv_tensors(kv_caches)
+        self.held: dict[str, tuple[str, float]] = {}  # request -> (key, when the offer expires, monotonic)
+        self.claimed_at: dict[str, float] = {}  # request -> when a consumer's claim was first seen
+        self.loads: dict[str, tuple[Future, str]] = {}  # request -> (its copy, marker prefix)
+        self.peers: dict[str, tuple[int, list[torch.Tensor]]] = {}  # engine -> (pid, its mapped cache)
+        self.workers = ThreadPoolExecutor(max_workers=int(self.extra.get("threads", 2)), thread_name_prefix="kv-ipc")
+        self.stream = platform.stream() if self.is_consumer else None
+        if self.is_producer:
+            try:
+                handles = [platform.share_memory_handle(t) for t in self.tensors]
+            except NotImplementedError as exc:
+                raise ValueError(f"DeviceIpcConnector: {exc}; use SharedMemoryConnector or "
+                                 f"TorchDistributedConnector on this platform") from exc
+            _LOCAL[self.engine_id] = self.tensors
+            part = self._handles_path(self.engine_id) + f".{os.getpid()}.part"
+            with open(part, "wb") as f:
+                pickle.dump({"pid": os.getpid(), "handles": handles}, f)
+            os.replace(part, self._handles_path(self.engine_id))
+
+    def _handles_path(self, engine_id: str) -> str:
+        return os.path.join(self.dir, engine_id, "handles")
+
+    def _marker(self, engine_id: str, key: str) -> str:
+        return os.path.join(self.dir, engine_id, key)
+
+    # ---- producer ----
+    def send(self, request_id: str, block_ids: list[int], num_tokens: int) -> tuple[bool, dict]:
+        nb = num_tokens // self.block_size
+        params = self.base_params(request_id, nb * self.block_size)
+        if not nb:
+            return False, params
+        key = uuid.uuid4().hex
+        marker = self._marker(self.engine_id, key)
+        with open(marker + ".part", "w") as f:
+            json.dump({"block_ids": list(block_ids[:nb]), "num_tokens": nb * self.block_size}, f)
+        os.replace(marker + ".part", marker + ".offer")
+        params["remote_key"] = key
+        self.held[request_id] = (key, time.monotonic() + self.abort_timeout)
+        return True, params
+
+    def poll_sent(self) -> list[str]:
+        if not self.is_producer:
+            return []
+        done, now = [], time.monotonic()
+        for request_id, (key, expires) in list(self.held.items()):
+            marker = self._marker(self.engine_id, key)
+            if os.path.exists(marker + ".done"):
+                _remove(marker + ".done")
+                _remove(marker + ".claim")
+            elif now <= expires:
+                continue
+            elif _create(marker + ".claim"):  # no consumer came: this producer stops holding
+                logger.warning("KV of request %s was not read within %.0f s: its blocks are freed",
+                               request_id, self.abort_timeout)
+            elif now - self.claimed_at.setdefault(request_id, now) <= self.load_timeout:
+                continue  # a consumer is reading it
+            else:
+                logger.warning("request %s: the decode instance that began reading its KV never finished: "
+                               "its blocks are freed", request_id)
+            _remove(marker + ".offer")
+            del self.held[request_id]
+            self.claimed_at.pop(request_id, None)
+            done.append(request_id)
+        self._sweep()
+        return done
+
+    def _sweep(self) -> None:
+        """Files of this producer older than any offer it still holds go (a claim marker left by a
+        consumer that came too late, say), and every file of a producer process that is gone."""
+        now = time.monotonic()
+        if now < getattr(self, "_next_sweep", 0.0):
+            return
+        self._next_sweep = now + 10.0
+        cutoff = time.time() - self.abort_timeout - self.load_timeout - 60
+        for engine in os.listdir(self.dir):
+            try:
+                if engine != self.engine_id and _abandoned(os.path.join(self.dir, engine)):
+                    shutil.rmtree(os.path.join(self.dir, engine), ignore_errors=True)
+            except FileNotFoundError:
+                pass
+        own = os.path.join(self.dir, self.engine_id)
+        for name in os.listdir(own):
+            try:
+                if name != "handles" and os.path.getmtime(os.path.join(own, name)) < cutoff:
+                    _remove(os.path.join(own, name))
+            except FileNotFoundError:
+                pass
+
+    # ---- consumer ----
+    def start_load(self, request_id: str, params: dict, block_ids: list[int], first_token: int) -> None:
+        count = len(block_ids) * self.block_size
+        reason = self.offer_mismatch(params, first_token, count)
+        engine, key, remote_bs = params.get("remote_engine_id"), params.get("remote_key"), params.get("remote_block_size")
+        if reason is None and not (isinstance(engine, str) and _NAME.fullmatch(engine) and not engine.startswith(".")
+                                   and isinstance(key, str) and _NAME.fullmatch(key) and key != "handles"):
+            reason = "kv_transfer_params name no DeviceIpcConnector offer (remote_engine_id, remote_key)"
+        if reason is None and not (isinstance(remote_bs, int) and remote_bs > 0):
+            reason = "kv_transfer_params carry no remote_block_size"
+        if reason is None and not os.path.exists(self._handles_path(engine)):
+            reason = f"no prefill instance {engine!r} has exported its KV cache on this host ({self.dir})"
+        if reason is not None:
+            raise ValueError(reason)
+        marker = self._marker(engine, key)
+        future = self.workers.submit(self._load, engine, marker, remote_bs, first_token, block_ids)
+        self.loads[request_id] = (future, marker)
+
+    def _peer(self, engine: str) -> list[torch.Tensor]:
+        """The producer's cache tensors, mapped here (once per producer process)."""
+        with open(self._handles_path(engine), "rb") as f:
+            exported = pickle.load(f)  # written by a process of this user, in a directory only it may write
+        pid = exported["pid"]
+        if pid == os.getpid():  # both roles in one process: no mapping needed (nor allowed, for CUDA IPC)
+            return _LOCAL[engine]
+        if not _alive(pid):  # (its memory must not be read once it is gone)
+            raise ValueError(f"the prefill instance {engine!r} (pid {pid}) is gone")
+        cached = self.peers.get(engine)
+        if cached is None or cached[0] != pid:
+            tensors = [self.platform.open_memory_handle(h) for h in exported["handles"]]
+            self.peers[engine] = cached = (pid, tensors)
+        return cached[1]
+
+    def _load(self, engine: str, marker: str, remote_bs: int, first: int, block_ids: list[int]) -> None:
+        if not os.path.exists(marker + ".offer"):
+            raise ValueError("the prefill instance holds no KV under this key (never offered, or already freed)")
+        if not _create(marker + ".claim"):
+            raise ValueError("this prompt's KV was already read, or given up by the prefill instance")
+        try:
+            with open(marker + ".offer") as f:
+                offer = json.load(f)  # read after the claim: the blocks it names stay held now
+            remote_blocks = offer["block_ids"]
+            count = len(block_ids) * self.block_size
+            if first + count > offer["num_tokens"] or len(remote_blocks) * remote_bs < offer["num_tokens"]:
+                raise ValueError("the prefill instance's offer holds fewer tokens than asked for")
+            source = self._peer(engine)
+            if len(source) != len(self.tensors):
+                raise ValueError("the prefill instance's exported cache does not match its offer")
+            run = math.gcd(self.block_size, remote_bs, first)
+            src_runs = _runs(remote_blocks, remote_bs, first, count, run)
+            dst_runs = _runs(block_ids, self.block_size, 0, count, run)
+            with self.platform.copy_stream_context(self.stream):
+                src_idx = torch.from_numpy(src_runs).to(source[0].device, non_blocking=False)
+                dst_idx = torch.from_numpy(dst_runs).to(self.tensors[0].device, non_blocking=False)
+                for s, d in zip(source, self.tensors):
+                    tail = d.shape[2:]
+                    rows = s.view(-1, run, *tail).index_select(0, src_idx)
+                    d.view(-1, run, *tail).index_copy_(0, dst_idx, rows.to(d.device))
+            if self.stream is not None:
+                self.stream.synchronize()  # filled before the engine is told (and schedules a step on them)
+        finally:
+            _create(marker + ".done")  # the producer may free its blocks
+
+    def poll_loaded(self) -> list[tuple[str, str | None]]:
+        done = []
+        for request_id, (future, _) in list(self.loads.items()):
+            if not future.done():
+                continue
+            del self.loads[request_id]
+            error = None if future.cancelled() else future.exception()
+            done.append((request_id, None if error is None else f"{type(error).__name__}: {error}"))
+        return done
+
+    def cancel_load(self, request_id: str) -> bool:
+        future, marker = self.loads.get(request_id, (None, None))
+        if future is None:
+            return True
+        if future.cancel():  # not started: nothing writes the blocks; the producer may free its own
+            del self.loads[request_id]
+            if _create(marker + ".claim"):
+                _create(marker + ".done")
+            return True
+        return False  # being copied: the blocks are freed when poll_loaded reports it
+
+    def close(self) -> None:
+        self.workers.shutdown(wait=True, cancel_futures=True)
+        if self.is_producer and _LOCAL.get(self.engine_id) is self.tensors:
+            del _LOCAL[self.engine_id]
+            shutil.rmtree(os.path.join(self.dir, self.engine_id), ignore_errors=True)
+
+
+# The caches exported by this process, by engine id (a consumer in the same process reads them directly).
+_LOCAL: dict[str, list[torch.Tensor]] = {}
