@@ -2,15 +2,18 @@
 # One device call for prefill/decode separation on one GPU: the transfer bandwidth of a 32K-token
 # prompt's KV (Qwen3-8B shapes), then the serving benchmark (1024 in / 128 out) against one instance
 # with 0.9 of the card, and against a prefill and a decode instance with 0.45 each behind
-# `sageinfer proxy` (shared-memory connector). Carry .whl for the server's packages. Logs and JSON in $OUT.
+# `sageinfer proxy` (CONNECTOR, default DeviceIpcConnector), at RATES and then the long-prompt mix
+# (one request in ten 8K-32K tokens) at MIX_RATE. Carry .whl for the server's packages. Logs and JSON
+# in $OUT.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 MODEL=sageinfer/bench/standard/qwen3-8b
 RATES=${RATES:-8 16}
 NUM=${NUM_PROMPTS:-150}
+CONNECTOR=${CONNECTOR:-DeviceIpcConnector}
 echo "/dev/shm: $(df -h /dev/shm | tail -1)"
-timeout ${BANDWIDTH_SECONDS:-120} python3 benchmarks/pd_transfer_bandwidth.py --repeats ${REPEATS:-3} --result-file "$OUT/pd_bandwidth.json" 2>&1 | tail -5
+timeout ${BANDWIDTH_SECONDS:-120} python3 benchmarks/pd_transfer_bandwidth.py --connector $CONNECTOR --repeats ${REPEATS:-3} --result-file "$OUT/pd_bandwidth.json" 2>&1 | tail -5
 serve() {  # port, memory share, extra flags...
   local port=$1 share=$2; shift 2
   python3 -m sageinfer.gateway.cli serve $MODEL --load-format dummy --skip-tokenizer-init --served-model-name m \
@@ -29,14 +32,22 @@ bench() {  # url, tag
       --output-len 128 --num-prompts "$NUM" --request-rate "$rate" --vocab-size 151936 --seed "$seed" \
       --result-file "$OUT/pd_serve_${2}_$rate.json" 2>&1 | grep -E "throughput|TTFT|TPOT|failed" | head -8
   done
+  if [ -n "${MIX_RATE:-}" ]; then
+    echo "== $2, long-mix at $MIX_RATE req/s"
+    timeout 200 python3 -m sageinfer.gateway.cli bench serve --base-url "$1" --model m --dataset long-mix \
+      --num-prompts "${MIX_PROMPTS:-150}" --request-rate "$MIX_RATE" --vocab-size 151936 --seed 7 \
+      --result-file "$OUT/pd_serve_${2}_long-mix.json" 2>&1 | grep -E "throughput|TTFT|TPOT|failed" | head -8
+  fi
 }
 if [ "${SKIP_SINGLE:-0}" != 1 ]; then
   serve 8100 0.9; single=$!
   wait_up 8100 && bench http://127.0.0.1:8100 single || tail -5 "$OUT/server_8100.log"
   kill -TERM $single; wait $single
 fi
-KV='{"kv_connector": "SharedMemoryConnector", "kv_connector_extra_config": {"shm_dir": "/tmp"}, "kv_role": '
-[ "$(df --output=avail -k /dev/shm | tail -1)" -gt 20000000 ] && KV='{"kv_connector": "SharedMemoryConnector", "kv_role": '
+KV="{\"kv_connector\": \"$CONNECTOR\", \"kv_role\": "
+if [ "$CONNECTOR" = SharedMemoryConnector ] && [ "$(df --output=avail -k /dev/shm | tail -1)" -lt 20000000 ]; then
+  KV='{"kv_connector": "SharedMemoryConnector", "kv_connector_extra_config": {"shm_dir": "/tmp"}, "kv_role": '
+fi
 serve 8201 0.45 --kv-transfer-config "$KV\"kv_producer\"}"; p=$!
 sleep 20  # one start at a time: each profiles the memory the other leaves
 serve 8202 0.45 --kv-transfer-config "$KV\"kv_consumer\"}"; d=$!

@@ -13,6 +13,7 @@ from ranks import needs_ranks
 from sageinfer import LLM, SamplingParams
 from sageinfer.layers.quantization.config import parse_quant_config
 from sageinfer.layers.quantization.w8a8 import W8A8Method, dequantized_matmul, quantize_rows
+from sageinfer.layers.quantization import w8a8
 from sageinfer.platforms import get_platform
 
 PROMPT = np.random.default_rng(0).integers(3, 500, size=30).tolist()
@@ -131,19 +132,21 @@ def test_int8_checkpoint_on_the_portable_kernel_scores_as_the_library_gemm(check
     layer (forced here, kernels through the platform's Triton choice): the model scores the prompt as
     with torch._int_mm (itself checked against transformers above); the int32 sums are exact, so only
     float rounding of the scaling may differ."""
-    from sageinfer.platforms import get_platform
     platform_class = type(get_platform())  # the CPU's, or the GPU's when the suite runs there
     runs = {}
+    kernel, library = w8a8.int8_matmul, platform_class.int8_matmul
     for path in ("library", "triton"):
         seen = []
-        library = platform_class.int8_matmul
 
         def int8_matmul(self, xq, wq, path=path, seen=seen):
             seen.append(path)
             return library(self, xq, wq) if path == "library" else None  # None: no library GEMM here
         monkeypatch.setattr(platform_class, "int8_matmul", int8_matmul)
+        monkeypatch.setattr(platform_class, "portable_int8_kernel", True)  # (NVIDIA's platform keeps cuBLAS)
+        kernel_calls = []
+        monkeypatch.setattr(w8a8, "int8_matmul", lambda *a, calls=kernel_calls, **k: calls.append(1) or kernel(*a, **k))
         runs[path] = _prompt_logprobs(checkpoints["int8-channel"], attention_backend="triton", enforce_eager=True)
-        assert seen
+        assert seen and bool(kernel_calls) == (path == "triton")
     np.testing.assert_allclose(runs["triton"][0], runs["library"][0], atol=1e-5)
     assert runs["triton"][1] == runs["library"][1]
 
