@@ -3,7 +3,10 @@ hands their KV over, a decode engine (kv_consumer) loads it and generates; outpu
 one engine alone, and no block may stay held on either side, whatever fails."""
 import json
 import os
+import pickle
 import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -211,3 +214,49 @@ def test_staged_kv_never_read_is_removed_after_its_ttl(llama_dir, tmp_path):
         prefill.engine.kv_transfer.poll_sent()
         time.sleep(0.05)
     assert not os.listdir(tmp_path / "sageinfer-kv")
+
+
+def _ipc_dir(engine) -> str:
+    connector = engine.engine.kv_transfer
+    return os.path.join(connector.dir, connector.engine_id)
+
+
+def test_ipc_kv_of_a_producer_process_that_is_gone_is_not_read(llama_dir, tmp_path, reference):
+    """The handles name a process that has exited: its memory must not be read; the decode instance
+    computes the prompt (the same outputs), and a live producer's sweep removes the dead one's files."""
+    prompts, expected = reference
+    prefill = _engine(llama_dir, "DeviceIpcConnector", "kv_producer", tmp_path)
+    decode = _engine(llama_dir, "DeviceIpcConnector", "kv_consumer", tmp_path)
+    params = _prefill(prefill, prompts[:2])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with open(os.path.join(_ipc_dir(prefill), "handles"), "wb") as f:
+        pickle.dump({"pid": gone.pid, "handles": []}, f)
+    assert _decode(decode, prompts[:2], params) == expected[:2]
+    assert decode.engine.scheduler.num_remote_kv_failures == 2
+    other = _engine(llama_dir, "DeviceIpcConnector", "kv_producer", tmp_path)
+    other.engine.kv_transfer.poll_sent()
+    assert not os.path.exists(_ipc_dir(prefill)) and os.path.exists(_ipc_dir(other))
+
+
+def test_ipc_blocks_being_read_are_not_freed_and_expired_ones_are_not_read(llama_dir, tmp_path, reference):
+    """Claims decide between a consumer that reads and a producer that stops holding: a claimed offer
+    stays held past abort_timeout_s (for load_timeout_s more), and an offer the producer gave up is
+    never read (the decode instance computes the prompt)."""
+    prompts, expected = reference
+    prefill = _engine(llama_dir, "DeviceIpcConnector", "kv_producer", tmp_path, abort_timeout_s=0.3,
+                      load_timeout_s=1.0)
+    decode = _engine(llama_dir, "DeviceIpcConnector", "kv_consumer", tmp_path)
+    free_p, free_d = _free_blocks(prefill), _free_blocks(decode)
+    params = _prefill(prefill, prompts[:2])
+    reading = os.path.join(_ipc_dir(prefill), params[0]["remote_key"])
+    open(reading + ".claim", "w").close()  # a consumer in the middle of reading prompt 0's blocks
+    time.sleep(0.5)
+    _settle(prefill, 0.2)
+    assert list(prefill.engine.scheduler.sending) == ["0-0"]  # prompt 1's freed at its timeout, 0's held
+    assert os.path.exists(os.path.join(_ipc_dir(prefill), params[1]["remote_key"] + ".claim"))
+    time.sleep(1.1)
+    _settle(prefill, 0.5)  # the reader never finished: freed after load_timeout_s
+    assert _free_blocks(prefill) == free_p
+    assert _decode(decode, prompts[:2], params) == expected[:2]  # both given up: computed here
+    assert decode.engine.scheduler.num_remote_kv_failures == 2 and _free_blocks(decode) == free_d

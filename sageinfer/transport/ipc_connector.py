@@ -156,7 +156,7 @@ class DeviceIpcConnector(RemoteKVConnector):
             elif now <= expires:
                 continue
             elif _create(marker + ".claim"):  # no consumer came: this producer stops holding
-                logger.warning("KV of request %s was not read within %.0f s: its blocks are freed",
+                logger.warning("KV of request %s was not read within %g s: its blocks are freed",
                                request_id, self.abort_timeout)
             elif now - self.claimed_at.setdefault(request_id, now) <= self.load_timeout:
                 continue  # a consumer is reading it
