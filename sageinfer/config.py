@@ -103,9 +103,13 @@ class EngineConfig:
         self.kv_events_config = parse_kv_events_config(self.kv_events_config)
         if self.kv_events_config is not None and not self.enable_prefix_caching:
             raise ValueError("kv_events_config: KV events describe the prefix cache; enable prefix caching")
-        if self.kv_transfer_config is not None and self.tensor_parallel_size > 1:
-            raise ValueError("kv_transfer_config is not supported with tensor_parallel_size > 1 yet (the "
-                             "connector runs beside rank 0's cache only)")
+        connector = (self.kv_transfer_config or {}).get("kv_connector")
+        if self.tensor_parallel_size > 1 and connector is not None and connector != "DeviceIpcConnector":
+            raise ValueError(f"kv_transfer_config: {connector} moves rank 0's cache only; with tensor_parallel_size "
+                             f"> 1 use DeviceIpcConnector (it moves every rank's)")
+        if self.tensor_parallel_size > 1 and connector is not None and self.distributed_executor_backend != "mp":
+            raise ValueError("kv_transfer_config: DeviceIpcConnector needs every rank on this host "
+                             "(distributed_executor_backend mp)")
         if self.tokenizer is None:
             self.tokenizer = self.model
         if self.block_size is not None and (self.block_size < 1 or self.block_size & (self.block_size - 1)):

@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from ranks import needs_ranks
 from server_util import CliProcess, ServerProcess, free_port, parse_metrics
 
 CONNECTORS = ["DeviceIpcConnector", "SharedMemoryConnector", "NixlConnector", "TorchDistributedConnector"]
@@ -141,3 +142,30 @@ def test_launch_pd_starts_prefill_and_decode_instances_behind_the_proxy(llama_di
         proc.terminate()
         proc.wait(60)
         log.close()
+
+
+@needs_ranks(2)
+def test_tensor_parallel_instances_move_every_ranks_kv(llama_dir, tmp_path):
+    """A prefill and a decode instance of tensor parallel size 2 (DeviceIpcConnector: the decode
+    instance's rank 0 copies each rank's shard from the prefill instance's rank of the same number).
+    The reference is the prefill instance computing the whole answer itself."""
+    def config(role):
+        return json.dumps({"kv_connector": "DeviceIpcConnector", "kv_role": role,
+                           "kv_connector_extra_config": {"ipc_dir": str(tmp_path)}})
+    servers = [ServerProcess(llama_dir, "--tensor-parallel-size", "2", "--kv-transfer-config", config(role),
+                             api_key=None) for role in ("kv_producer", "kv_consumer")]
+    proxy = ProxyProcess([servers[0].base_url], [servers[1].base_url])
+    try:
+        reference = openai.OpenAI(base_url=servers[0].base_url + "/v1", api_key="none", max_retries=0)
+        via = openai.OpenAI(base_url=proxy.base_url + "/v1", api_key="none", max_retries=0)
+        for tag in ("first", "second"):
+            args = dict(model="tiny", prompt=f"{tag}: {PROMPT} {PROMPT}", max_tokens=10, temperature=0,
+                        extra_body={"ignore_eos": True})
+            assert via.completions.create(**args).choices[0].text == reference.completions.create(**args).choices[0].text
+        loaded = _metrics(servers[1])
+        assert loaded["sageinfer:kv_transfer_loads_total"] == 2 and loaded["sageinfer:kv_transfer_load_failures_total"] == 0
+        assert proxy.paths() == {"pd": 2.0}
+    finally:
+        proxy.stop()
+        for server in servers:
+            server.stop()

@@ -230,7 +230,7 @@ def test_ipc_kv_of_a_producer_process_that_is_gone_is_not_read(llama_dir, tmp_pa
     params = _prefill(prefill, prompts[:2])
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    with open(os.path.join(_ipc_dir(prefill), "handles"), "wb") as f:
+    with open(os.path.join(_ipc_dir(prefill), "handles.0"), "wb") as f:
         pickle.dump({"pid": gone.pid, "handles": []}, f)
     assert _decode(decode, prompts[:2], params) == expected[:2]
     assert decode.engine.scheduler.num_remote_kv_failures == 2
@@ -260,3 +260,18 @@ def test_ipc_blocks_being_read_are_not_freed_and_expired_ones_are_not_read(llama
     assert _free_blocks(prefill) == free_p
     assert _decode(decode, prompts[:2], params) == expected[:2]  # both given up: computed here
     assert decode.engine.scheduler.num_remote_kv_failures == 2 and _free_blocks(decode) == free_d
+
+
+def test_tensor_parallel_sizes_must_agree(llama_dir, tmp_path, reference):
+    """Only DeviceIpcConnector moves every rank's cache; an offer from an instance of another tensor
+    parallel size is refused per request (the prompt computed here)."""
+    with pytest.raises(ValueError, match="use DeviceIpcConnector"):
+        LLM(llama_dir, tensor_parallel_size=2,
+            kv_transfer_config='{"kv_connector": "SharedMemoryConnector", "kv_role": "kv_producer"}')
+    prompts, expected = reference
+    prefill = _engine(llama_dir, "DeviceIpcConnector", "kv_producer", tmp_path)
+    decode = _engine(llama_dir, "DeviceIpcConnector", "kv_consumer", tmp_path)
+    params = _prefill(prefill, prompts[:1])
+    params[0]["remote_tp_size"] = 2
+    assert _decode(decode, prompts[:1], params) == expected[:1]
+    assert decode.engine.scheduler.num_remote_kv_failures == 1

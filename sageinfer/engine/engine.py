@@ -128,7 +128,7 @@ class LLMEngine:
         if config.kv_transfer_config is not None:
             from sageinfer.transport.kv_transfer_config import build_connector
             self.kv_transfer = build_connector(config.kv_transfer_config, self.runner.kv_caches, config.block_size,
-                                              self.platform)
+                                              self.platform, config.tensor_parallel_size)
             logger.info("KV transfer: %s as %s (engine %s)", config.kv_transfer_config["kv_connector"],
                         config.kv_transfer_config["kv_role"], config.kv_transfer_config["engine_id"])
         self.kv_events = None

@@ -135,7 +135,8 @@ class Platform:
     def graph_pool_handle(self):
         raise NotImplementedError(f"{self.name} has no graph capture")
 
-    def stream(self):
+    def stream(self, device: torch.device | None = None):
+        """A new stream on device (default: the current one), or None where the platform has none."""
         return None
 
     def to_host_async(self, tensors: list[torch.Tensor]):

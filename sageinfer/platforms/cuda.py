@@ -140,8 +140,8 @@ class CudaPlatform(Platform):
     def graph_pool_handle(self):
         return torch.cuda.graph_pool_handle()
 
-    def stream(self):
-        return torch.cuda.Stream()
+    def stream(self, device=None):
+        return torch.cuda.Stream(device=device)
 
     def to_host_async(self, tensors: list[torch.Tensor]):
         # Enqueued right after the step that produced them, so waiting on the event does not wait

@@ -72,8 +72,8 @@ class DeviceModulePlatform(Platform):
     def graph_pool_handle(self):
         return self.api.graph_pool_handle()
 
-    def stream(self):
-        return self.api.Stream()
+    def stream(self, device=None):
+        return self.api.Stream(device=device)
 
     def copy_stream_context(self, stream):
         return self.api.stream(stream)

@@ -14,6 +14,11 @@ a private directory of this host, `{engine}/{key}.offer|.claim|.done`:
   - a consumer that claimed and died: the producer frees load_timeout_s after the claim.
 Files older than any live offer are swept, and those of a producer process that is gone. Block sizes
 may differ (copies in runs of their common divisor).
+
+Tensor parallelism: every rank exports its cache (`handles.{rank}`), and the decode instance's rank 0
+copies each rank's shard from the prefill instance's rank of the same number into its own rank's
+cache, all from its thread (so the ranks must be on this host, and their devices visible to rank 0:
+on a GPU, rank 0 then holds a context on each of them). The two instances' sizes must be equal.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from sageinfer.transport.remote_kv import RemoteKVConnector, kv_tensors
 
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"[0-9A-Za-z_.-]{1,128}")
+_KEY = re.compile(r"[0-9a-f]{1,64}")
 
 
 def _default_dir() -> str:
@@ -70,11 +76,43 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _directory(config: dict) -> str:
+    """This user's private directory of exported caches and offers (made if missing)."""
+    extra = config["kv_connector_extra_config"]
+    engine_id = config["engine_id"]
+    if not _NAME.fullmatch(engine_id) or engine_id.startswith("."):
+        raise ValueError(f"DeviceIpcConnector: engine_id {engine_id!r} must be letters, digits, '_', '.', '-'")
+    root = os.path.join(extra.get("ipc_dir") or _default_dir(), f"sageinfer-ipc-{os.getuid()}")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    if os.stat(root).st_uid != os.getuid() or os.stat(root).st_mode & 0o077:
+        raise ValueError(f"DeviceIpcConnector: {root} must be this user's alone (mode 0700)")
+    os.makedirs(os.path.join(root, engine_id), exist_ok=True)
+    return root
+
+
+def _export(root: str, engine_id: str, rank: int, tensors: list[torch.Tensor], platform) -> None:
+    """Write the handles through which other processes of this host map a rank's cache."""
+    try:
+        handles = [platform.share_memory_handle(t) for t in tensors]
+    except NotImplementedError as exc:
+        raise ValueError(f"DeviceIpcConnector: {exc}; use SharedMemoryConnector or TorchDistributedConnector "
+                         f"on this platform") from exc
+    path = os.path.join(root, engine_id, f"handles.{rank}")
+    with open(f"{path}.{os.getpid()}.part", "wb") as f:
+        pickle.dump({"pid": os.getpid(), "handles": handles}, f)
+    os.replace(f"{path}.{os.getpid()}.part", path)
+
+
+def export_rank_cache(config: dict, kv_caches: list, platform, rank: int) -> None:
+    """A tensor-parallel rank's cache (rank > 0), for the connector on rank 0."""
+    _export(_directory(config), config["engine_id"], rank, kv_tensors(kv_caches), platform)
+
+
 def _abandoned(engine_dir: str) -> bool:
     """Whether a producer's directory outlived it: the process its handles name is gone (or it never
     wrote them, long ago)."""
     try:
-        with open(os.path.join(engine_dir, "handles"), "rb") as f:
+        with open(os.path.join(engine_dir, "handles.0"), "rb") as f:
             return not _alive(int(pickle.load(f)["pid"]))
     except FileNotFoundError:
         return time.time() - os.path.getmtime(engine_dir) > 600
@@ -94,37 +132,22 @@ def _runs(block_ids: list[int], block_size: int, first: int, count: int, run: in
 class DeviceIpcConnector(RemoteKVConnector):
     name = "DeviceIpcConnector"
 
-    def __init__(self, config: dict, kv_caches: list, block_size: int, platform):
+    def __init__(self, config: dict, kv_caches: list, block_size: int, platform, tensor_parallel_size: int = 1):
         super().__init__(config, kv_caches, block_size, platform)
-        if not _NAME.fullmatch(self.engine_id) or self.engine_id.startswith("."):
-            raise ValueError(f"DeviceIpcConnector: engine_id {self.engine_id!r} must be letters, digits, '_', '.', '-'")
-        self.dir = os.path.join(self.extra.get("ipc_dir") or _default_dir(), f"sageinfer-ipc-{os.getuid()}")
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        if self.is_producer:
-            os.makedirs(os.path.join(self.dir, self.engine_id), exist_ok=True)
-        if os.stat(self.dir).st_uid != os.getuid() or os.stat(self.dir).st_mode & 0o077:
-            raise ValueError(f"DeviceIpcConnector: {self.dir} must be this user's alone (mode 0700)")
+        self.dir = _directory(config)
+        self.tp = tensor_parallel_size
         self.tensors = kv_tensors(kv_caches)
         self.held: dict[str, tuple[str, float]] = {}  # request -> (key, when the offer expires, monotonic)
         self.claimed_at: dict[str, float] = {}  # request -> when a consumer's claim was first seen
         self.loads: dict[str, tuple[Future, str]] = {}  # request -> (its copy, marker prefix)
-        self.peers: dict[str, tuple[int, list[torch.Tensor]]] = {}  # engine -> (pid, its mapped cache)
+        self.mapped: dict[tuple[str, int], tuple[int, list[torch.Tensor]]] = {}  # (engine, rank) -> (pid, cache)
+        self.streams: dict[torch.device, object] = {}
         self.workers = ThreadPoolExecutor(max_workers=int(self.extra.get("threads", 2)), thread_name_prefix="kv-ipc")
-        self.stream = platform.stream() if self.is_consumer else None
-        if self.is_producer:
-            try:
-                handles = [platform.share_memory_handle(t) for t in self.tensors]
-            except NotImplementedError as exc:
-                raise ValueError(f"DeviceIpcConnector: {exc}; use SharedMemoryConnector or "
-                                 f"TorchDistributedConnector on this platform") from exc
-            _LOCAL[self.engine_id] = self.tensors
-            part = self._handles_path(self.engine_id) + f".{os.getpid()}.part"
-            with open(part, "wb") as f:
-                pickle.dump({"pid": os.getpid(), "handles": handles}, f)
-            os.replace(part, self._handles_path(self.engine_id))
+        _export(self.dir, self.engine_id, 0, self.tensors, platform)
+        _LOCAL[self.engine_id] = self.tensors
 
-    def _handles_path(self, engine_id: str) -> str:
-        return os.path.join(self.dir, engine_id, "handles")
+    def _handles_path(self, engine_id: str, rank: int = 0) -> str:
+        return os.path.join(self.dir, engine_id, f"handles.{rank}")
 
     def _marker(self, engine_id: str, key: str) -> str:
         return os.path.join(self.dir, engine_id, key)
@@ -140,7 +163,7 @@ class DeviceIpcConnector(RemoteKVConnector):
         with open(marker + ".part", "w") as f:
             json.dump({"block_ids": list(block_ids[:nb]), "num_tokens": nb * self.block_size}, f)
         os.replace(marker + ".part", marker + ".offer")
-        params["remote_key"] = key
+        params.update(remote_key=key, remote_tp_size=self.tp)
         self.held[request_id] = (key, time.monotonic() + self.abort_timeout)
         return True, params
 
@@ -187,7 +210,7 @@ class DeviceIpcConnector(RemoteKVConnector):
         own = os.path.join(self.dir, self.engine_id)
         for name in os.listdir(own):
             try:
-                if name != "handles" and os.path.getmtime(os.path.join(own, name)) < cutoff:
+                if not name.startswith("handles.") and os.path.getmtime(os.path.join(own, name)) < cutoff:
                     _remove(os.path.join(own, name))
             except FileNotFoundError:
                 pass
@@ -198,8 +221,11 @@ class DeviceIpcConnector(RemoteKVConnector):
         reason = self.offer_mismatch(params, first_token, count)
         engine, key, remote_bs = params.get("remote_engine_id"), params.get("remote_key"), params.get("remote_block_size")
         if reason is None and not (isinstance(engine, str) and _NAME.fullmatch(engine) and not engine.startswith(".")
-                                   and isinstance(key, str) and _NAME.fullmatch(key) and key != "handles"):
+                                   and isinstance(key, str) and _KEY.fullmatch(key)):
             reason = "kv_transfer_params name no DeviceIpcConnector offer (remote_engine_id, remote_key)"
+        if reason is None and params.get("remote_tp_size", 1) != self.tp:
+            reason = (f"the prefill instance runs tensor parallel size {params.get('remote_tp_size', 1)}, this one "
+                      f"{self.tp}: DeviceIpcConnector needs the same size on both")
         if reason is None and not (isinstance(remote_bs, int) and remote_bs > 0):
             reason = "kv_transfer_params carry no remote_block_size"
         if reason is None and not os.path.exists(self._handles_path(engine)):
@@ -210,20 +236,30 @@ class DeviceIpcConnector(RemoteKVConnector):
         future = self.workers.submit(self._load, engine, marker, remote_bs, first_token, block_ids)
         self.loads[request_id] = (future, marker)
 
-    def _peer(self, engine: str) -> list[torch.Tensor]:
-        """The producer's cache tensors, mapped here (once per producer process)."""
-        with open(self._handles_path(engine), "rb") as f:
-            exported = pickle.load(f)  # written by a process of this user, in a directory only it may write
+    def _cache(self, engine: str, rank: int) -> list[torch.Tensor]:
+        """A rank's cache tensors of an instance on this host, mapped here (once per process of it)."""
+        if engine == self.engine_id and rank == 0:
+            return self.tensors
+        try:
+            with open(self._handles_path(engine, rank), "rb") as f:
+                exported = pickle.load(f)  # written by a process of this user, in a directory only it may write
+        except FileNotFoundError:
+            raise ValueError(f"rank {rank} of instance {engine!r} has not exported its KV cache") from None
         pid = exported["pid"]
-        if pid == os.getpid():  # both roles in one process: no mapping needed (nor allowed, for CUDA IPC)
+        if pid == os.getpid():  # both instances in one process: no mapping needed (nor allowed, for CUDA IPC)
             return _LOCAL[engine]
         if not _alive(pid):  # (its memory must not be read once it is gone)
-            raise ValueError(f"the prefill instance {engine!r} (pid {pid}) is gone")
-        cached = self.peers.get(engine)
+            raise ValueError(f"rank {rank} of instance {engine!r} (pid {pid}) is gone")
+        cached = self.mapped.get((engine, rank))
         if cached is None or cached[0] != pid:
             tensors = [self.platform.open_memory_handle(h) for h in exported["handles"]]
-            self.peers[engine] = cached = (pid, tensors)
+            self.mapped[(engine, rank)] = cached = (pid, tensors)
         return cached[1]
+
+    def _stream(self, device: torch.device):
+        if device not in self.streams:
+            self.streams[device] = self.platform.stream(device)
+        return self.streams[device]
 
     def _load(self, engine: str, marker: str, remote_bs: int, first: int, block_ids: list[int]) -> None:
         if not os.path.exists(marker + ".offer"):
@@ -237,21 +273,25 @@ class DeviceIpcConnector(RemoteKVConnector):
             count = len(block_ids) * self.block_size
             if first + count > offer["num_tokens"] or len(remote_blocks) * remote_bs < offer["num_tokens"]:
                 raise ValueError("the prefill instance's offer holds fewer tokens than asked for")
-            source = self._peer(engine)
-            if len(source) != len(self.tensors):
+            pairs = [(self._cache(engine, rank), self._cache(self.engine_id, rank)) for rank in range(self.tp)]
+            if any(len(source) != len(self.tensors) or len(target) != len(self.tensors) for source, target in pairs):
                 raise ValueError("the prefill instance's exported cache does not match its offer")
             run = math.gcd(self.block_size, remote_bs, first)
-            src_runs = _runs(remote_blocks, remote_bs, first, count, run)
-            dst_runs = _runs(block_ids, self.block_size, 0, count, run)
-            with self.platform.copy_stream_context(self.stream):
-                src_idx = torch.from_numpy(src_runs).to(source[0].device, non_blocking=False)
-                dst_idx = torch.from_numpy(dst_runs).to(self.tensors[0].device, non_blocking=False)
-                for s, d in zip(source, self.tensors):
-                    tail = d.shape[2:]
-                    rows = s.view(-1, run, *tail).index_select(0, src_idx)
-                    d.view(-1, run, *tail).index_copy_(0, dst_idx, rows.to(d.device))
-            if self.stream is not None:
-                self.stream.synchronize()  # filled before the engine is told (and schedules a step on them)
+            src_runs = torch.from_numpy(_runs(remote_blocks, remote_bs, first, count, run))
+            dst_runs = torch.from_numpy(_runs(block_ids, self.block_size, 0, count, run))
+            streams = []
+            for source, target in pairs:  # rank by rank: its shard, from the same rank of the prefill instance
+                stream = self._stream(target[0].device)
+                streams.append(stream)
+                with self.platform.copy_stream_context(stream):
+                    src_idx, dst_idx = src_runs.to(source[0].device), dst_runs.to(target[0].device)
+                    for s, d in zip(source, target):
+                        tail = d.shape[2:]
+                        rows = s.view(-1, run, *tail).index_select(0, src_idx)
+                        d.view(-1, run, *tail).index_copy_(0, dst_idx, rows.to(d.device))
+            for stream in streams:
+                if stream is not None:
+                    stream.synchronize()  # filled before the engine is told (and schedules a step on them)
         finally:
             _create(marker + ".done")  # the producer may free its blocks
 
@@ -278,7 +318,7 @@ class DeviceIpcConnector(RemoteKVConnector):
 
     def close(self) -> None:
         self.workers.shutdown(wait=True, cancel_futures=True)
-        if self.is_producer and _LOCAL.get(self.engine_id) is self.tensors:
+        if _LOCAL.get(self.engine_id) is self.tensors:
             del _LOCAL[self.engine_id]
             shutil.rmtree(os.path.join(self.dir, self.engine_id), ignore_errors=True)
 

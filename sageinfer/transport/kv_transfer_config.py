@@ -46,8 +46,21 @@ def parse_kv_transfer_config(value) -> dict | None:
             "kv_connector_extra_config": dict(extra)}
 
 
-def build_connector(config: dict, kv_caches: list, block_size: int, platform):
-    """The configured transport.remote_kv.RemoteKVConnector over this instance's cache."""
+def build_connector(config: dict, kv_caches: list, block_size: int, platform, tensor_parallel_size: int = 1):
+    """The configured transport.remote_kv.RemoteKVConnector over this instance's cache (rank 0's; the
+    connector reaches the other ranks' where it supports tensor parallelism)."""
     import importlib
     module = importlib.import_module(CONNECTORS[config["kv_connector"]])
-    return getattr(module, config["kv_connector"])(config, kv_caches, block_size, platform)
+    connector_class = getattr(module, config["kv_connector"])
+    if tensor_parallel_size > 1:
+        return connector_class(config, kv_caches, block_size, platform, tensor_parallel_size=tensor_parallel_size)
+    return connector_class(config, kv_caches, block_size, platform)
+
+
+def export_rank_cache(config: dict, kv_caches: list, platform, rank: int) -> None:
+    """On a tensor-parallel rank other than 0: make its cache reachable to the connector on rank 0,
+    where the connector needs that (DeviceIpcConnector)."""
+    import importlib
+    module = importlib.import_module(CONNECTORS[config["kv_connector"]])
+    if hasattr(module, "export_rank_cache"):
+        module.export_rank_cache(config, kv_caches, platform, rank)
