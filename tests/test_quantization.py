@@ -380,3 +380,26 @@ def test_a_w4a16_layer_with_kernels_is_its_dequantized_weight(rows):
     # On a GPU the tiled kernel's float32 dots run in tf32.
     tol = 1e-2 if DEVICE != "cpu" else 1e-4
     torch.testing.assert_close(layer(x.to(DEVICE)).double().cpu(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("rows", [3, 20, 80])
+def test_a_block_fp8_layer_with_kernels_is_its_dequantized_weight(rows):
+    """A block-FP8 layer where the platform runs Triton: up to 64 rows through the kernel that scales
+    the FP8 tiles in registers, more through the weight expanded in one pass."""
+    from sageinfer.layers.linear import Linear
+    from sageinfer.layers.quantization import QuantConfig, set_quant_config
+    from sageinfer.ops.weight_only import dequantize_fp8_blocks
+    gen = torch.Generator().manual_seed(rows)
+    set_quant_config(QuantConfig("fp8-block", "block", True, True, group_size=32))
+    try:
+        layer = Linear(128, 64)
+    finally:
+        set_quant_config(None)
+    from kernels_util import DEVICE
+    layer.weight.data = (torch.randn(64, 128, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    layer.weight_scale_inv.data = (torch.rand(2, 4, generator=gen) / 50).repeat_interleave(32, 0)
+    layer.to(DEVICE).use_triton = True
+    x = torch.randn(rows, 128, generator=gen)
+    ref = x.double() @ dequantize_fp8_blocks(layer.weight.cpu(), layer.weight_scale_inv.cpu(), 32, torch.float64).t()
+    tol = 1e-2 if DEVICE != "cpu" else 1e-4  # (tf32 dots on a GPU)
+    torch.testing.assert_close(layer(x.to(DEVICE)).double().cpu(), ref, rtol=tol, atol=tol)

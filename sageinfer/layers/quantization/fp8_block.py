@@ -63,7 +63,7 @@ class Fp8BlockMethod:
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.is_cuda and x2.shape[0] <= _KERNEL_MAX_ROWS:
+        if layer.use_triton and x2.shape[0] <= _KERNEL_MAX_ROWS:  # the platform runs Triton kernels
             from sageinfer.ops.weight_only import w8a16_block_matmul
             y = w8a16_block_matmul(x2, layer.weight, layer.weight_scale_inv, self.block)
         else:  # the weight expanded (in one pass where kernels run) for the library GEMM
