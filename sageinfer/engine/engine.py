@@ -109,8 +109,10 @@ class LLMEngine:
                 f"than max_model_len ({config.max_model_len}): lower max_model_len or give the cache more memory")
         self.runner.allocate_kv_cache(num_blocks)
         self.graph_capture_seconds = self.runner.capture_graphs()
-        # (tensor-parallel ranks would have to run it too: not yet)
-        self.warm_up_seconds = self.runner.warm_up_long_prefill(num_blocks) if self.workers is None else 0.0
+        warm_up = self.runner.long_prefill_warm_up(num_blocks)
+        if warm_up is not None and self.workers is not None:
+            self.workers.send_warm_up(*warm_up)  # every rank runs the same steps, with rank 0
+        self.warm_up_seconds = self.runner.warm_up_long_prefill(*warm_up) if warm_up is not None else 0.0
         if self.warm_up_seconds:
             logger.info("long-prompt kernels warmed up in %.1f s", self.warm_up_seconds)
         if self.workers is not None:

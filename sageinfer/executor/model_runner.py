@@ -138,22 +138,27 @@ class ModelRunner:
         self.platform.synchronize()
 
     @torch.inference_mode()
-    def warm_up_long_prefill(self, num_blocks: int) -> float:
-        """Run the steps of a long prompt once before serving, so that the first user to send one
+    def long_prefill_warm_up(self, num_blocks: int) -> tuple[int, int] | None:
+        """The steps of a long prompt to run once before serving, so that the first user to send one
         pays no kernel compilation (from LONG_CONTEXT tokens attention takes other tiles, and the
         platform's long-prompt kernel where it has one): a chunk of new tokens, then a chunk of
-        another length after it as context (integer arguments compile apart by divisibility). The
-        blocks written hold nothing a request reads: they are free and carry no prefix-cache key.
-        Returns the seconds spent (0 where nothing to warm: other backends, a short max_model_len)."""
+        another length after it as context (integer arguments compile apart by divisibility). None
+        where there is nothing to warm (other backends, a short max_model_len). Rank 0 decides; the
+        other ranks run what it sends (their steps' collectives must pair with its)."""
         from sageinfer.ops.paged_attention import LONG_CONTEXT
         total = min(self.config.max_model_len, 2 * self.config.max_num_batched_tokens)
         if self.backend.name != "triton" or total < LONG_CONTEXT or -(-total // self.block_size) > num_blocks - 1:
-            return 0.0
-        start = time.perf_counter()
+            return None
         first = min(self.config.max_num_batched_tokens, total)
         rest = total - first
         if rest and rest % 16 == 0:
             rest -= 1  # the second chunk's lengths are not multiples of 16, the first chunk's (usually) are
+        return first, rest
+
+    def warm_up_long_prefill(self, first: int, rest: int) -> float:
+        """Run the warm-up's chunks (long_prefill_warm_up); the seconds spent. The blocks written hold
+        nothing a request reads: they are free and carry no prefix-cache key."""
+        start = time.perf_counter()
         blocks = list(range(1, 1 + -(-(first + rest) // self.block_size)))
         self.execute([(_ProfileSequence(first, blocks[:-(-first // self.block_size)]), first)])
         if rest:

@@ -46,7 +46,13 @@ class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
-WorkerCommand = StepMessage | Shutdown
+class WarmUp(msgspec.Struct, tag=True):
+    """Run the long-prompt warm-up chunks rank 0 chose (ModelRunner.long_prefill_warm_up)."""
+    first: int
+    rest: int
+
+
+WorkerCommand = StepMessage | Shutdown | WarmUp
 
 
 class StepMessageBuilder:

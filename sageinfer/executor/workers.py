@@ -76,7 +76,13 @@ class TensorParallelWorkers:
         atexit.register(self.shutdown)  # before multiprocessing ends the daemons, so the watchdog stays quiet
 
     def send_step(self, scheduled: list, use_prev_tokens: bool) -> None:
-        data = self._encoder.encode(self.builder.build(scheduled, use_prev_tokens))
+        self._send(self.builder.build(scheduled, use_prev_tokens))
+
+    def send_warm_up(self, first: int, rest: int) -> None:
+        self._send(sm.WarmUp(first, rest))
+
+    def _send(self, message) -> None:
+        data = self._encoder.encode(message)
         for socket in self._sockets:
             socket.send(data)
 
@@ -181,6 +187,9 @@ def run_worker(rank: int, config: EngineConfig, attention_backend: str | None, e
         message = decoder.decode(socket.recv())
         if isinstance(message, sm.Shutdown):
             break
+        if isinstance(message, sm.WarmUp):
+            runner.warm_up_long_prefill(message.first, message.rest)
+            continue
         scheduled = requests.apply(message)
         result = runner.execute(scheduled, prev_tokens if message.use_prev_tokens else None)
         prev_tokens = result.sampler_output.token_ids if result.sampler_output is not None else None
