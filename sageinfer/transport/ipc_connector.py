@@ -12,8 +12,8 @@ a private directory of this host, `{engine}/{key}.offer|.claim|.done`:
     holding (abort_timeout_s): whoever is first decides, so blocks being read are never freed;
   - the consumer creates .done when it has read (or failed): the producer frees the blocks;
   - a consumer that claimed and died: the producer frees load_timeout_s after the claim.
-Files older than any live offer are swept, and those of a producer process that is gone. Block sizes
-may differ (copies in runs of their common divisor).
+Files older than any live offer are swept, and every file of an instance whose process is gone.
+Block sizes may differ (copies in runs of their common divisor).
 
 Tensor parallelism: every rank exports its cache (`handles.{rank}`), and the decode instance's rank 0
 copies each rank's shard from the prefill instance's rank of the same number into its own rank's
@@ -49,11 +49,12 @@ def _default_dir() -> str:
 
 
 def _create(path: str) -> bool:
-    """Create path if no one has: True if this call did."""
+    """Create path if no one has: True if this call did (False too where its directory has gone: the
+    instance that offered closed)."""
     try:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         return True
-    except FileExistsError:
+    except (FileExistsError, FileNotFoundError):
         return False
 
 
@@ -195,7 +196,7 @@ class DeviceIpcConnector(RemoteKVConnector):
 
     def _sweep(self) -> None:
         """Files of this producer older than any offer it still holds go (a claim marker left by a
-        consumer that came too late, say), and every file of a producer process that is gone."""
+        consumer that came too late, say), and every file of an instance whose process is gone."""
         now = time.monotonic()
         if now < getattr(self, "_next_sweep", 0.0):
             return
