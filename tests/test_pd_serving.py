@@ -145,15 +145,16 @@ def test_launch_pd_starts_prefill_and_decode_instances_behind_the_proxy(llama_di
 
 
 @needs_ranks(2)
-def test_tensor_parallel_instances_move_every_ranks_kv(llama_dir, tmp_path):
-    """A prefill and a decode instance of tensor parallel size 2 (DeviceIpcConnector: the decode
-    instance's rank 0 copies each rank's shard from the prefill instance's rank of the same number).
-    The reference is the prefill instance computing the whole answer itself."""
+@pytest.mark.parametrize("prefill_tp,decode_tp", [(2, 2), (1, 2), (2, 1)])
+def test_tensor_parallel_instances_move_every_ranks_kv(llama_dir, tmp_path, prefill_tp, decode_tp):
+    """Prefill and decode instances of tensor parallel sizes 1 or 2 (DeviceIpcConnector: the decode
+    instance's rank 0 fills each of its ranks' KV heads from the prefill rank that holds them). The
+    reference is the prefill instance computing the whole answer itself."""
     def config(role):
         return json.dumps({"kv_connector": "DeviceIpcConnector", "kv_role": role,
                            "kv_connector_extra_config": {"ipc_dir": str(tmp_path)}})
-    servers = [ServerProcess(llama_dir, "--tensor-parallel-size", "2", "--kv-transfer-config", config(role),
-                             api_key=None) for role in ("kv_producer", "kv_consumer")]
+    servers = [ServerProcess(llama_dir, "--tensor-parallel-size", str(tp), "--kv-transfer-config", config(role),
+                             api_key=None) for role, tp in (("kv_producer", prefill_tp), ("kv_consumer", decode_tp))]
     proxy = ProxyProcess([servers[0].base_url], [servers[1].base_url])
     try:
         reference = openai.OpenAI(base_url=servers[0].base_url + "/v1", api_key="none", max_retries=0)

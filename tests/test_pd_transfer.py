@@ -262,16 +262,19 @@ def test_ipc_blocks_being_read_are_not_freed_and_expired_ones_are_not_read(llama
     assert decode.engine.scheduler.num_remote_kv_failures == 2 and _free_blocks(decode) == free_d
 
 
-def test_tensor_parallel_sizes_must_agree(llama_dir, tmp_path, reference):
-    """Only DeviceIpcConnector moves every rank's cache; an offer from an instance of another tensor
-    parallel size is refused per request (the prompt computed here)."""
+def test_only_the_ipc_connector_takes_tensor_parallel_instances_and_heads_must_cover(llama_dir, tmp_path, reference):
+    """Only DeviceIpcConnector moves every rank's cache (tensor-parallel sizes may differ: heads are
+    matched by their index in the model); an offer whose ranks do not hold every KV head this instance
+    needs is refused per request (the prompt computed here)."""
     with pytest.raises(ValueError, match="use DeviceIpcConnector"):
         LLM(llama_dir, tensor_parallel_size=2,
             kv_transfer_config='{"kv_connector": "SharedMemoryConnector", "kv_role": "kv_producer"}')
     prompts, expected = reference
     prefill = _engine(llama_dir, "DeviceIpcConnector", "kv_producer", tmp_path)
     decode = _engine(llama_dir, "DeviceIpcConnector", "kv_consumer", tmp_path)
-    params = _prefill(prefill, prompts[:1])
-    params[0]["remote_tp_size"] = 2
-    assert _decode(decode, prompts[:1], params) == expected[:1]
-    assert decode.engine.scheduler.num_remote_kv_failures == 1
+    params = _prefill(prefill, prompts[:2])
+    heads = params[0]["remote_kv_heads"][0][1]
+    params[0]["remote_kv_heads"] = [[0, heads - 1]]  # one head short
+    params[1]["remote_kv_heads"] = [[0, heads // 2], [heads // 2, heads - heads // 2]]  # a rank 1 that is not there
+    assert _decode(decode, prompts[:2], params) == expected[:2]
+    assert decode.engine.scheduler.num_remote_kv_failures == 2

@@ -129,8 +129,12 @@ class LLMEngine:
         self.kv_transfer = None
         if config.kv_transfer_config is not None:
             from sageinfer.transport.kv_transfer_config import build_connector
+            from sageinfer.distributed.parallel_state import TensorParallelGroup, kv_head_range
+            tp = config.tensor_parallel_size
+            heads = [kv_head_range(self.model_config.num_key_value_heads, TensorParallelGroup(rank, tp))
+                     for rank in range(tp)]
             self.kv_transfer = build_connector(config.kv_transfer_config, self.runner.kv_caches, config.block_size,
-                                              self.platform, config.tensor_parallel_size)
+                                              self.platform, tp, heads)
             logger.info("KV transfer: %s as %s (engine %s)", config.kv_transfer_config["kv_connector"],
                         config.kv_transfer_config["kv_role"], config.kv_transfer_config["engine_id"])
         self.kv_events = None

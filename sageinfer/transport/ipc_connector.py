@@ -16,9 +16,10 @@ Files older than any live offer are swept, and every file of an instance whose p
 Block sizes may differ (copies in runs of their common divisor).
 
 Tensor parallelism: every rank exports its cache (`handles.{rank}`), and the decode instance's rank 0
-copies each rank's shard from the prefill instance's rank of the same number into its own rank's
-cache, all from its thread (so the ranks must be on this host, and their devices visible to rank 0:
-on a GPU, rank 0 then holds a context on each of them). The two instances' sizes must be equal.
+fills each of its ranks' KV heads from whichever rank of the prefill instance holds them, all from
+its thread (so the ranks must be on this host, and their devices visible to rank 0: on a GPU, rank 0
+then holds a context on each of them). The two tensor-parallel sizes may differ: heads are copied by
+their index in the model, so a prefill instance at tp=1 serves decode instances at tp=2, and so on.
 """
 from __future__ import annotations
 
@@ -121,6 +122,23 @@ def _abandoned(engine_dir: str) -> bool:
         return True
 
 
+def _head_plan(ours: tuple[int, int], theirs: list) -> list[tuple[int, int, int, int]] | None:
+    """How one rank's KV heads (first, count of the model's) come from ranks holding theirs[q] =
+    (first, count) each: [(rank q, its first local head, our first local head, heads)], in runs as long
+    as one rank holds them; None if some head is held by none."""
+    first, count = ours
+    plan, head = [], first
+    while head < first + count:
+        holder = next((q for q, (f, c) in enumerate(theirs) if f <= head < f + c), None)
+        if holder is None:
+            return None
+        f, c = theirs[holder]
+        n = min(first + count, f + c) - head
+        plan.append((holder, head - f, head - first, n))
+        head += n
+    return plan
+
+
 def _runs(block_ids: list[int], block_size: int, first: int, count: int, run: int) -> np.ndarray:
     """Indexes of the runs of `run` tokens that hold tokens [first, first + count) of a prompt stored
     in block_ids (block i holding tokens [i * block_size, (i + 1) * block_size)), in a cache viewed as
@@ -133,11 +151,15 @@ def _runs(block_ids: list[int], block_size: int, first: int, count: int, run: in
 class DeviceIpcConnector(RemoteKVConnector):
     name = "DeviceIpcConnector"
 
-    def __init__(self, config: dict, kv_caches: list, block_size: int, platform, tensor_parallel_size: int = 1):
+    def __init__(self, config: dict, kv_caches: list, block_size: int, platform, tensor_parallel_size: int = 1,
+                 kv_heads_by_rank: list[tuple[int, int]] | None = None):
+        """kv_heads_by_rank: per rank, (first, count) of the model's KV heads its cache holds (default:
+        one rank holding all)."""
         super().__init__(config, kv_caches, block_size, platform)
         self.dir = _directory(config)
         self.tp = tensor_parallel_size
         self.tensors = kv_tensors(kv_caches)
+        self.kv_heads = [tuple(r) for r in kv_heads_by_rank] if kv_heads_by_rank else [(0, self.tensors[0].shape[2])]
         self.held: dict[str, tuple[str, float]] = {}  # request -> (key, when the offer expires, monotonic)
         self.claimed_at: dict[str, float] = {}  # request -> when a consumer's claim was first seen
         self.loads: dict[str, tuple[Future, str]] = {}  # request -> (its copy, marker prefix)
@@ -164,7 +186,7 @@ class DeviceIpcConnector(RemoteKVConnector):
         with open(marker + ".part", "w") as f:
             json.dump({"block_ids": list(block_ids[:nb]), "num_tokens": nb * self.block_size}, f)
         os.replace(marker + ".part", marker + ".offer")
-        params.update(remote_key=key, remote_tp_size=self.tp)
+        params.update(remote_key=key, remote_tp_size=self.tp, remote_kv_heads=[list(r) for r in self.kv_heads])
         self.held[request_id] = (key, time.monotonic() + self.abort_timeout)
         return True, params
 
@@ -224,9 +246,6 @@ class DeviceIpcConnector(RemoteKVConnector):
         if reason is None and not (isinstance(engine, str) and _NAME.fullmatch(engine) and not engine.startswith(".")
                                    and isinstance(key, str) and _KEY.fullmatch(key)):
             reason = "kv_transfer_params name no DeviceIpcConnector offer (remote_engine_id, remote_key)"
-        if reason is None and params.get("remote_tp_size", 1) != self.tp:
-            reason = (f"the prefill instance runs tensor parallel size {params.get('remote_tp_size', 1)}, this one "
-                      f"{self.tp}: DeviceIpcConnector needs the same size on both")
         if reason is None and not (isinstance(remote_bs, int) and remote_bs > 0):
             reason = "kv_transfer_params carry no remote_block_size"
         if reason is None and not os.path.exists(self._handles_path(engine)):
@@ -234,7 +253,8 @@ class DeviceIpcConnector(RemoteKVConnector):
         if reason is not None:
             raise ValueError(reason)
         marker = self._marker(engine, key)
-        future = self.workers.submit(self._load, engine, marker, remote_bs, first_token, block_ids)
+        plans = [_head_plan(ours, params["remote_kv_heads"]) for ours in self.kv_heads]
+        future = self.workers.submit(self._load, engine, marker, remote_bs, first_token, block_ids, plans)
         self.loads[request_id] = (future, marker)
 
     def _cache(self, engine: str, rank: int) -> list[torch.Tensor]:
@@ -262,7 +282,32 @@ class DeviceIpcConnector(RemoteKVConnector):
             self.streams[device] = self.platform.stream(device)
         return self.streams[device]
 
-    def _load(self, engine: str, marker: str, remote_bs: int, first: int, block_ids: list[int]) -> None:
+    def offer_mismatch(self, params: dict, first_token: int, num_tokens: int) -> str | None:
+        """As the base's, but per model rather than per rank: the instances' tensor-parallel sizes may
+        differ, so their caches must agree in all but how many KV heads each rank holds."""
+        theirs, heads = params.get("remote_layout"), params.get("remote_kv_heads")
+        if not isinstance(theirs, dict) or not isinstance(theirs.get("tensors"), list):
+            return "kv_transfer_params carry no KV layout"
+        if not (isinstance(heads, list) and heads and all(
+                isinstance(h, list) and len(h) == 2 and all(isinstance(v, int) and v >= 0 for v in h) for h in heads)):
+            return "kv_transfer_params carry no remote_kv_heads"
+
+        def per_model(tensors):
+            return [[dtype, shape[1:]] if isinstance(shape, list) else None for dtype, shape in tensors]
+        if per_model(theirs["tensors"]) != per_model(self.layout["tensors"]) or theirs.get("fp8_scales") != \
+                self.layout["fp8_scales"]:
+            return (f"the prefill instance's KV cache differs (layers, head size, kv_cache_dtype or FP8 scales): "
+                    f"{len(theirs['tensors'])} tensors {(theirs['tensors'] or [None])[0]} vs "
+                    f"{len(self.layout['tensors'])} tensors {self.layout['tensors'][0]} here")
+        total = max(f + c for f, c in self.kv_heads)
+        if max(f + c for f, c in heads) != total or any(_head_plan(ours, heads) is None for ours in self.kv_heads):
+            return f"the prefill instance's model has other KV heads ({heads}) than this one ({total})"
+        if first_token + num_tokens > int(params.get("remote_num_tokens") or 0):
+            return "the prefill instance offers fewer tokens than asked for"
+        return None
+
+    def _load(self, engine: str, marker: str, remote_bs: int, first: int, block_ids: list[int],
+              plans: list[list[tuple[int, int, int, int]]]) -> None:
         if not os.path.exists(marker + ".offer"):
             raise ValueError("the prefill instance holds no KV under this key (never offered, or already freed)")
         if not _create(marker + ".claim"):
@@ -274,22 +319,25 @@ class DeviceIpcConnector(RemoteKVConnector):
             count = len(block_ids) * self.block_size
             if first + count > offer["num_tokens"] or len(remote_blocks) * remote_bs < offer["num_tokens"]:
                 raise ValueError("the prefill instance's offer holds fewer tokens than asked for")
-            pairs = [(self._cache(engine, rank), self._cache(self.engine_id, rank)) for rank in range(self.tp)]
-            if any(len(source) != len(self.tensors) or len(target) != len(self.tensors) for source, target in pairs):
-                raise ValueError("the prefill instance's exported cache does not match its offer")
             run = math.gcd(self.block_size, remote_bs, first)
             src_runs = torch.from_numpy(_runs(remote_blocks, remote_bs, first, count, run))
             dst_runs = torch.from_numpy(_runs(block_ids, self.block_size, 0, count, run))
             streams = []
-            for source, target in pairs:  # rank by rank: its shard, from the same rank of the prefill instance
+            for rank, plan in enumerate(plans):  # each rank's heads, from the prefill ranks that hold them
+                target = self._cache(self.engine_id, rank)
                 stream = self._stream(target[0].device)
                 streams.append(stream)
                 with self.platform.copy_stream_context(stream):
-                    src_idx, dst_idx = src_runs.to(source[0].device), dst_runs.to(target[0].device)
-                    for s, d in zip(source, target):
-                        tail = d.shape[2:]
-                        rows = s.view(-1, run, *tail).index_select(0, src_idx)
-                        d.view(-1, run, *tail).index_copy_(0, dst_idx, rows.to(d.device))
+                    dst_idx = dst_runs.to(target[0].device)
+                    for source_rank, src_head, dst_head, heads in plan:
+                        source = self._cache(engine, source_rank)
+                        if len(source) != len(target):
+                            raise ValueError("the prefill instance's exported cache does not match its offer")
+                        src_idx = src_runs.to(source[0].device)
+                        for s, d in zip(source, target):
+                            rows = s.view(-1, run, *s.shape[2:])[:, :, src_head:src_head + heads].index_select(0, src_idx)
+                            d.view(-1, run, *d.shape[2:])[:, :, dst_head:dst_head + heads].index_copy_(
+                                0, dst_idx, rows.to(d.device))
             for stream in streams:
                 if stream is not None:
                     stream.synchronize()  # filled before the engine is told (and schedules a step on them)

@@ -46,14 +46,16 @@ def parse_kv_transfer_config(value) -> dict | None:
             "kv_connector_extra_config": dict(extra)}
 
 
-def build_connector(config: dict, kv_caches: list, block_size: int, platform, tensor_parallel_size: int = 1):
+def build_connector(config: dict, kv_caches: list, block_size: int, platform, tensor_parallel_size: int = 1,
+                    kv_heads_by_rank: list[tuple[int, int]] | None = None):
     """The configured transport.remote_kv.RemoteKVConnector over this instance's cache (rank 0's; the
-    connector reaches the other ranks' where it supports tensor parallelism)."""
+    connector reaches the other ranks' where it supports tensor parallelism). kv_heads_by_rank: per
+    rank, (first, count) of the model's KV heads it holds."""
     import importlib
     module = importlib.import_module(CONNECTORS[config["kv_connector"]])
     connector_class = getattr(module, config["kv_connector"])
-    if tensor_parallel_size > 1:
-        return connector_class(config, kv_caches, block_size, platform, tensor_parallel_size=tensor_parallel_size)
+    if config["kv_connector"] == "DeviceIpcConnector":
+        return connector_class(config, kv_caches, block_size, platform, tensor_parallel_size, kv_heads_by_rank)
     return connector_class(config, kv_caches, block_size, platform)
 
 
