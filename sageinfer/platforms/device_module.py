@@ -73,7 +73,7 @@ class DeviceModulePlatform(Platform):
         return self.api.graph_pool_handle()
 
     def stream(self, device=None):
-        return self.api.Stream(device=device)
+        return self.api.Stream() if device is None else self.api.Stream(device=device)
 
     def copy_stream_context(self, stream):
         return self.api.stream(stream)
