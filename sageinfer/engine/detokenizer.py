@@ -3,8 +3,19 @@
 Text is the difference between decoding a short window of tokens with and without the newest ones;
 a window that ends inside a multi-byte character decodes to U+FFFD and is held back until the
 character completes, so Chinese text comes out whole.
+
+Fast tokenizers (a Rust `tokenizers.Tokenizer` behind the Hugging Face one) take the same steps in
+Rust instead (`DecodeStream`, primed with the prompt's last tokens): one call per token instead of
+two decodes of the window, which matters because every sampled token of every running request
+passes here on the engine's loop.
 """
 from __future__ import annotations
+
+try:
+    from tokenizers import Tokenizer as _RustTokenizer
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # pragma: no cover - tokenizers is a dependency; a build without DecodeStream decodes windows
+    DecodeStream = None
 
 # Tokens of context kept before the unread ones, so that merges at the seam decode as in full text.
 _CONTEXT_TOKENS = 5
@@ -22,6 +33,12 @@ class IncrementalDetokenizer:
         self.stop = stop
         self.include_stop = include_stop_str_in_output
         self.max_stop_len = max((len(s) for s in stop), default=0)
+        self.rust = _rust_tokenizer(tokenizer)
+        self.stream = None
+        context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        # (a prompt that ends inside a character: the stream would repeat its text; windows do not)
+        if self.rust is not None and not self.rust.decode(context, skip_special_tokens).endswith("\ufffd"):
+            self.stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -29,13 +46,24 @@ class IncrementalDetokenizer:
     def add_token(self, token_id: int, check_stop: bool) -> str | None:
         """Append a token's text; returns the stop string if one now appears in the output."""
         self.token_ids.append(token_id)
-        prefix_text = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
-        full_text = self._decode(self.token_ids[self.prefix_offset:])
-        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
-            return None
-        delta = full_text[len(prefix_text):]
-        self.prefix_offset = self.read_offset
-        self.read_offset = len(self.token_ids)
+        if self.stream is not None:
+            try:
+                delta = self.stream.step(self.rust, token_id)
+            except Exception:  # noqa: BLE001 - a sequence the stream cannot take: the window method from here on
+                self.stream = None
+                return self.add_token(self.token_ids.pop(), check_stop)
+            if not delta:
+                return None
+            self.prefix_offset = self.read_offset  # as the window method keeps them (flush decodes a window)
+            self.read_offset = len(self.token_ids)
+        else:
+            prefix_text = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
+            full_text = self._decode(self.token_ids[self.prefix_offset:])
+            if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
+                return None
+            delta = full_text[len(prefix_text):]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.token_ids)
         start = max(len(self.text) - self.max_stop_len + 1, 0)
         self.text += delta
         if check_stop and self.stop:
@@ -64,3 +92,13 @@ class IncrementalDetokenizer:
 
     def decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _rust_tokenizer(tokenizer):
+    """The Rust tokenizer behind a fast Hugging Face one, where DecodeStream gives the text its own
+    decode would (no clean-up of spaces around punctuation, which DecodeStream does not do)."""
+    rust = getattr(tokenizer, "_tokenizer", None)
+    if DecodeStream is None or not isinstance(rust, _RustTokenizer) or getattr(
+            tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    return rust
