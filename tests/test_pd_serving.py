@@ -17,9 +17,9 @@ CONNECTORS = ["DeviceIpcConnector", "SharedMemoryConnector", "NixlConnector", "T
 
 
 class ProxyProcess(CliProcess):
-    def __init__(self, prefill: list[str], decode: list[str], command: str = "proxy"):
+    def __init__(self, prefill: list[str], decode: list[str], command: str = "proxy", *extra: str):
         """command: `proxy`, or `router` given PD pools (the same front door)."""
-        super().__init__(command, "--prefill", *prefill, "--decode", *decode)
+        super().__init__(command, "--prefill", *prefill, "--decode", *decode, *extra)
 
     def paths(self) -> dict[str, float]:
         return self.counter("sageinfer_pd_proxy:requests", "path")
@@ -86,6 +86,29 @@ def test_proxy_answers_as_one_instance_with_the_kv_moved(pd):
         time.sleep(0.2)
     for g in gauges:
         assert g["sageinfer:kv_cache_free_blocks"] == g["sageinfer:kv_cache_total_blocks"]
+
+
+def test_short_prompts_may_skip_the_prefill_instances(pd):
+    """--max-local-prefill-tokens N: a prompt of at most N tokens (counted by a decode instance's
+    /tokenize, or here for token ids) is computed by the decode instance itself; longer ones take the
+    prefill instances. The answers are the same either way."""
+    prefill, decode, _ = pd
+    proxy = ProxyProcess([prefill.base_url], [decode.base_url], "proxy", "--max-local-prefill-tokens", "24")
+    try:
+        via = openai.OpenAI(base_url=proxy.base_url + "/v1", api_key="none", max_retries=0)
+        direct = openai.OpenAI(base_url=decode.base_url + "/v1", api_key="none", max_retries=0)
+        loads = _metrics(decode)["sageinfer:kv_transfer_loads_total"]
+        cases = [("short text", "Hello there", "local_prefill"), ("long text", f"long: {PROMPT} {PROMPT}", "pd"),
+                 ("short ids", list(range(5, 25)), "local_prefill"), ("long ids", list(range(5, 45)), "pd")]
+        for _, prompt, _ in cases:
+            args = dict(model="tiny", prompt=prompt, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+            assert via.completions.create(**args).choices[0].text == direct.completions.create(**args).choices[0].text
+        chat = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
+        via.chat.completions.create(**chat)
+        assert proxy.paths() == {"local_prefill": 3.0, "pd": 2.0}
+        assert _metrics(decode)["sageinfer:kv_transfer_loads_total"] - loads == 2
+    finally:
+        proxy.stop()
 
 
 def test_bad_requests_get_the_instances_own_400(pd):

@@ -147,6 +147,12 @@ def _serve(args: argparse.Namespace) -> int:
     return server.exit_code
 
 
+def _local_prefill_option(parser) -> None:
+    parser.add_argument("--max-local-prefill-tokens", type=int, default=0, metavar="N",
+                        help="PD pools: prompts of at most N tokens skip the prefill instances, the decode instance "
+                             "computes them itself (0: every prompt through a prefill instance)")
+
+
 def _router(args: argparse.Namespace) -> int:
     import logging
 
@@ -168,7 +174,8 @@ def _router(args: argparse.Namespace) -> int:
         if args.backend:
             raise ValueError("--backend cannot be mixed with PD pools (--prefill / --decode)")
         app = build_pd_proxy_app(BackendPool(args.prefill, check_interval=args.health_check_interval),
-                                 BackendPool(args.decode, check_interval=args.health_check_interval))
+                                 BackendPool(args.decode, check_interval=args.health_check_interval),
+                                 max_local_prefill_tokens=args.max_local_prefill_tokens)
         print(f"routing PD over {len(args.prefill)} prefill and {len(args.decode)} decode instance(s) on "
               f"http://{args.host}:{args.port}", flush=True)
     else:
@@ -245,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--host", default="127.0.0.1")
     router.add_argument("--port", type=int, default=8000)
     router.add_argument("--health-check-interval", type=float, default=1.0, help="seconds between checks")
+    _local_prefill_option(router)
     router.set_defaults(func=_router)
     proxy = sub.add_parser("proxy", help="prefill/decode separation: prefill on some instances, decode on others")
     proxy.add_argument("--prefill", nargs="+", action="extend", required=True, metavar="URL",
@@ -254,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--host", default="127.0.0.1")
     proxy.add_argument("--port", type=int, default=8000)
     proxy.add_argument("--health-check-interval", type=float, default=1.0, help="seconds between checks")
+    _local_prefill_option(proxy)
     proxy.set_defaults(func=_router, backend=[], policy="least_load", tokenizer=None, kv_events=False)  # the router over PD pools
     launch = sub.add_parser("launch", help="several instances of one model on this host, and the router in front")
     launch.add_argument("model")
@@ -274,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "TorchDistributedConnector"],
                         help="how KV moves between the --pd instances (default: DeviceIpcConnector, device to "
                              "device on this host; TorchDistributedConnector with --ray, whose hosts may differ)")
+    _local_prefill_option(launch)
     launch.set_defaults(func=_launch, serve_args=[])  # flags after `--` go to every instance's serve
     bench = sub.add_parser("bench", help="benchmarks: offline throughput / latency, or a serving benchmark")
     bench_sub = bench.add_subparsers(dest="bench_kind", required=True)

@@ -219,7 +219,8 @@ def run(args) -> int:
         urls = {role: [i.url for i, r in zip(launcher.instances, roles) if r == role]
                 for role in ("kv_producer", "kv_consumer")}
         app = build_pd_proxy_app(BackendPool(urls["kv_producer"], check_interval=1.0),
-                                 BackendPool(urls["kv_consumer"], check_interval=1.0))
+                                 BackendPool(urls["kv_consumer"], check_interval=1.0),
+                                 max_local_prefill_tokens=getattr(args, "max_local_prefill_tokens", 0))
         front = f"PD proxy over {args.pd} (prefill:decode, {args.kv_connector})"
     else:
         app = build_router_app(BackendPool([i.url for i in launcher.instances], check_interval=1.0),

@@ -4,6 +4,12 @@ loaded prefill instance with one token to generate and {"do_remote_decode": true
 kv_transfer_params it answers with go, with the original request, to the least loaded decode
 instance, whose answer (streamed or not) is the client's.
 
+With max_local_prefill_tokens, prompts of at most that many tokens skip the prefill instances: the
+decode instance computes them itself (a short prefill costs a decode batch little, while the trip
+through a prefill instance costs it a round trip and the transfer), so only long prompts, the ones
+that would stall a decode batch, are separated. The count comes from a decode instance's /tokenize
+(token-id prompts are counted here); a prompt that cannot be counted takes the prefill instances.
+
 Faults: a prefill instance that cannot be reached or fails is marked down and the request goes to
 another; with none left, the decode instance computes the prompt itself (slower, same answer). A
 decode instance that cannot be reached is marked down and another one is tried. A client that goes
@@ -53,7 +59,10 @@ class _Metrics:
                                 registry=self.registry)
 
 
-def build_pd_proxy_app(prefill: BackendPool, decode: BackendPool, max_attempts: int = 3) -> FastAPI:
+def build_pd_proxy_app(prefill: BackendPool, decode: BackendPool, max_attempts: int = 3,
+                       max_local_prefill_tokens: int = 0) -> FastAPI:
+    if max_local_prefill_tokens < 0:
+        raise ValueError(f"max_local_prefill_tokens must be >= 0, got {max_local_prefill_tokens}")
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
     policy = Policy("least_load")
     metrics = _Metrics()
@@ -104,22 +113,51 @@ def build_pd_proxy_app(prefill: BackendPool, decode: BackendPool, max_attempts: 
             return params
         return None
 
+    async def prompt_tokens(path: str, body: dict, headers: dict) -> int | None:
+        """How many tokens the request's prompt has (None: not known)."""
+        prompt = body.get("prompt")
+        if path.endswith("/completions") and "chat" not in path:
+            if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+                return len(prompt)
+            if not isinstance(prompt, str):
+                return None  # a batch of prompts: each goes as it would without the threshold
+            query = {"model": body.get("model"), "prompt": prompt}
+        elif isinstance(body.get("messages"), list):
+            query = {"model": body.get("model"), "messages": body["messages"]}
+        else:
+            return None
+        backend = pick(decode, set())
+        if backend is None:
+            return None
+        try:
+            resp = await client.post(backend.url + "/tokenize", json=query, headers=headers)
+        except CONNECT_ERRORS:
+            return None
+        count = resp.json().get("count") if resp.status_code == 200 else None
+        return count if isinstance(count, int) else None
+
     async def forward(path: str, raw: Request):
         got = await json_body(raw)
         if isinstance(got, JSONResponse):
             return got
         _, body = got
         headers = {k: v for k, v in raw.headers.items() if k.lower() in _PASSED_HEADERS}
-        params = await run_prefill(path, body, headers)
-        if isinstance(params, Response):
-            return params
-        metrics.requests.labels("pd" if params is not None else "decode_only").inc()
+        tokens = await prompt_tokens(path, body, headers) if max_local_prefill_tokens > 0 else None
+        if tokens is not None and tokens <= max_local_prefill_tokens:
+            params, label = None, "local_prefill"
+        else:
+            params = await run_prefill(path, body, headers)
+            if isinstance(params, Response):
+                return params
+            label = "pd" if params is not None else "decode_only"
+            if params is None:
+                logger.warning("no prefill instance served the request: the decode instance computes the prompt")
+        metrics.requests.labels(label).inc()
         decode_body = dict(body)
         if params is not None:
             decode_body["kv_transfer_params"] = params
         else:
             decode_body.pop("kv_transfer_params", None)
-            logger.warning("no prefill instance served the request: the decode instance computes the prompt")
         headers["content-type"] = "application/json"
         answer = await forward_to_pool(client, decode, lambda tried: pick(decode, tried), path,
                                        json.dumps(decode_body).encode(), headers, bool(body.get("stream")),
