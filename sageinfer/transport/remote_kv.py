@@ -115,5 +115,18 @@ class RemoteKVConnector:
     def cancel_load(self, request_id: str) -> bool:
         return True
 
+    @staticmethod
+    def take_finished(loads: dict) -> list[tuple[str, str | None]]:
+        """Remove and return the loads whose future (the first of each entry) has ended, each with
+        None or why it failed."""
+        done = []
+        for request_id, (future, *_) in list(loads.items()):
+            if not future.done():
+                continue
+            del loads[request_id]
+            error = None if future.cancelled() else future.exception()
+            done.append((request_id, None if error is None else f"{type(error).__name__}: {error}"))
+        return done
+
     def close(self) -> None:
         pass

@@ -147,14 +147,7 @@ class SharedMemoryConnector(RemoteKVConnector):
             _remove(path)
 
     def poll_loaded(self) -> list[tuple[str, str | None]]:
-        done = []
-        for request_id, (future, _) in list(self.loads.items()):
-            if not future.done():
-                continue
-            del self.loads[request_id]
-            error = None if future.cancelled() else future.exception()
-            done.append((request_id, None if error is None else f"{type(error).__name__}: {error}"))
-        return done
+        return self.take_finished(self.loads)
 
     def cancel_load(self, request_id: str) -> bool:
         future, path = self.loads.get(request_id, (None, None))
