@@ -1,5 +1,6 @@
 """On the GPU: the engine's fast path (Triton kernels, decode graphs) against transformers and
-against the plain-torch reference path, on tiny random models.
+against the plain-torch reference path, on tiny random models; last, Llama-3.1's long context
+(prompts of 64K and 128K tokens, VERY_LONG="65536,131072" to change them; "" to skip).
 
   python benchmarks/gpu_engine_check.py
 """
@@ -56,6 +57,8 @@ def main() -> None:
         print(f"{arch}: fp32 fast path vs transformers checked on {len(prompts)} prompts; bf16 fast vs "
               f"reference token agreement {agree:.3f}, first divergence per prompt {first_diff}")
     failures += check_long_prompts(root, rng)
+    lengths = [int(n) for n in os.environ.get("VERY_LONG", "65536,131072").split(",") if n]
+    failures += check_very_long_prompts(root, rng, lengths)
     print("ENGINE CHECK", "FAILED" if failures else "PASSED", f"({failures} failures)")
 
 
@@ -87,6 +90,38 @@ def check_long_prompts(root, rng) -> int:
         failures += count_mismatches(path, prompts, outs, f"long prompts in chunks of {chunk} vs transformers")
         print(f"long prompts in chunks of {chunk}: platform prefill kernel "
               f"{'none' if kernel is None else 'used' if kernel.enabled else 'DISABLED after an error'}")
+    return failures
+
+
+def check_very_long_prompts(root, rng, lengths: list[int]) -> int:
+    """Llama-3.1's long context on a tiny model of its shape of attention: llama3 rope scaling (factor
+    8 over 8,192 positions, to 131,072), head dim 128, a prompt of each length in chunks of 16,384,
+    against transformers at the same length (on the same device, sdpa attention, float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    if not lengths:
+        return 0
+    path = build_tiny_model(os.path.join(root, "llama31-long"), "llama", hidden_size=256, num_heads=2, num_kv_heads=1,
+                            max_position_embeddings=131072,
+                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    oracle = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").to(device).eval()
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    failures = 0
+    for n in lengths:
+        prompt = rng.integers(3, 500, size=n).tolist()
+        llm = LLM(path, dtype="float32", max_model_len=n + 16, max_num_batched_tokens=16384,
+                  num_gpu_blocks_override=(n + 16) // 16 + 64, block_size=16, show_progress=False)
+        out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0].token_ids
+        llm.engine.shutdown()
+        with torch.no_grad():
+            logits = oracle(torch.tensor([prompt + out[:-1]], device=device)).logits[0, n - 1:].float().cpu()
+        bad = [(step, token, int(row.argmax())) for step, (token, row) in enumerate(zip(out, logits))
+               if token != int(row.argmax()) and row[token] < row.max() - 2e-2]  # (tf32 dots: near-ties pass)
+        failures += bool(bad)
+        print(f"llama3-scaled rope, {n}-token prompt: {'MISMATCH ' + str(bad) if bad else 'greedy tokens match'} "
+              f"transformers")
     return failures
 
 
