@@ -137,9 +137,6 @@ class EngineConfig:
             raise ValueError(f"distributed_executor_backend must be mp or ray, got {self.distributed_executor_backend!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.tensor_parallel_size > 1 and self.kv_offload_gb > 0:
-            raise ValueError("kv_offload_gb is not supported with tensor_parallel_size > 1 yet (each rank's "
-                             "blocks would have to move)")
         if self.kv_offload_gb < 0:
             raise ValueError(f"kv_offload_gb must be >= 0, got {self.kv_offload_gb}")
         if self.kv_offload_gb > 0 and not self.enable_prefix_caching:

@@ -3,17 +3,18 @@ import numpy as np
 import pytest
 import torch
 
+from ranks import needs_ranks
 from sageinfer import LLM, SamplingParams
 
 
-def _run_sequence(model_dir, offload_gb):
+def _run_sequence(model_dir, offload_gb, **options):
     rng = np.random.default_rng(41)
     prefix = rng.integers(3, 500, size=200).tolist()
     first = prefix + rng.integers(3, 500, size=30).tolist()
     fillers = [rng.integers(3, 500, size=150).tolist() for _ in range(3)]
     again = prefix + rng.integers(3, 500, size=40).tolist()
     llm = LLM(model_dir, dtype="float32", num_gpu_blocks_override=24, block_size=16, max_model_len=300, show_progress=False,
-              kv_offload_gb=offload_gb)
+              kv_offload_gb=offload_gb, **options)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     outs = [llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0] for p in [first] + fillers]
     before = llm.engine.num_prompt_tokens_computed
@@ -128,3 +129,15 @@ def test_saves_of_blocks_freed_during_a_launched_step_wait_for_it():
 
     assert run(free_before_launch=False) == [([1, 2, 3, 4], True)]
     assert run(free_before_launch=True) == [([1, 2, 3, 4], False)]
+
+
+@needs_ranks(2)
+def test_offload_at_tensor_parallel_size_2(model_dirs):
+    """Each rank keeps its shard of the offloaded blocks; the other ranks replay rank 0's copies (from
+    the step messages): the evicted prefix comes back from host memory on both, outputs as at tp=1."""
+    _, expected, _, n = _run_sequence(model_dirs["llama"], 1 / 1024)
+    sharded, outs, computed, _ = _run_sequence(model_dirs["llama"], 1 / 1024, tensor_parallel_size=2)
+    assert outs[-1].num_cached_tokens == 192 and computed == n - 192
+    assert sharded.engine.kv_manager.connector.loaded_blocks == 12
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in expected]
+    sharded.engine.shutdown()

@@ -122,8 +122,13 @@ class LLMEngine:
         connector = None
         if config.kv_offload_gb > 0:
             from sageinfer.transport.host_offload import HostOffloadConnector
-            host_blocks = int(config.kv_offload_gb * 2**30 // self.runner.kv_bytes_per_block())
+            # kv_offload_gb is the instance's: each rank holds its shard of every block
+            host_blocks = int(config.kv_offload_gb * 2**30 // (self.runner.kv_bytes_per_block()
+                                                               * config.tensor_parallel_size))
             connector = HostOffloadConnector(self.runner.kv_caches, host_blocks, self.platform)
+            if self.workers is not None:
+                from sageinfer.executor.offload_mirror import MirroredOffload
+                connector = MirroredOffload(connector)  # the other ranks replay its copies
             logger.info("KV offload tier: %d host blocks", host_blocks)
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, connector)
         self.kv_transfer = None
@@ -296,7 +301,8 @@ class LLMEngine:
                     if request.grammar is not None:  # its tokens so far are known: a grammar needs them
                         request.grammar_bitmask = request.grammar.next_bitmask()
             if self.workers is not None:
-                self.workers.send_step(sched.scheduled, use_prev_tokens=prev_tokens is not None)
+                offload = self.kv_manager.connector.take_ops() if hasattr(self.kv_manager.connector, "take_ops") else None
+                self.workers.send_step(sched.scheduled, use_prev_tokens=prev_tokens is not None, offload=offload)
             result = self.runner.execute(sched.scheduled, prev_tokens)
             host = result.host
             self.utilization.record_step(np.diff(host.query_start_loc), host.seq_lens, len(host.logits_indices))

@@ -13,6 +13,7 @@ import msgspec
 import numpy as np
 import torch
 
+from sageinfer.executor.offload_mirror import OffloadOp
 from sageinfer.sampling_params import SamplingParams
 
 
@@ -40,6 +41,7 @@ class StepMessage(msgspec.Struct, tag=True):
     finished: list[str]
     scheduled: list[ScheduledRequest]
     use_prev_tokens: bool     # the step takes device-side inputs from the previous step's samples
+    offload: list[OffloadOp] = []  # the offload tier's copies rank 0 made since the last step, in order
 
 
 class Shutdown(msgspec.Struct, tag=True):
@@ -62,7 +64,7 @@ class StepMessageBuilder:
         # request id -> [request, tokens known to the workers, blocks sent, preemptions seen]
         self._sent: dict[str, list] = {}
 
-    def build(self, scheduled: list, use_prev_tokens: bool) -> StepMessage:
+    def build(self, scheduled: list, use_prev_tokens: bool, offload: list | None = None) -> StepMessage:
         finished = [rid for rid, entry in self._sent.items() if entry[0].is_finished]
         for rid in finished:
             del self._sent[rid]
@@ -81,7 +83,7 @@ class StepMessageBuilder:
                                           request.last_sampled_row,
                                           None if request.grammar_bitmask is None else request.grammar_bitmask.tobytes()))
             entry[1:] = [request.num_known_tokens, len(request.block_ids), request.num_preemptions]
-        return StepMessage(new, finished, items, use_prev_tokens)
+        return StepMessage(new, finished, items, use_prev_tokens, offload or [])
 
 
 class WorkerRequest:

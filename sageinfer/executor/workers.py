@@ -24,6 +24,7 @@ import zmq
 
 from sageinfer.config import EngineConfig
 from sageinfer.executor import step_message as sm
+from sageinfer.executor.offload_mirror import replay
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +76,8 @@ class TensorParallelWorkers:
         threading.Thread(target=self._watch, name="sageinfer-tp-watchdog", daemon=True).start()
         atexit.register(self.shutdown)  # before multiprocessing ends the daemons, so the watchdog stays quiet
 
-    def send_step(self, scheduled: list, use_prev_tokens: bool) -> None:
-        self._send(self.builder.build(scheduled, use_prev_tokens))
+    def send_step(self, scheduled: list, use_prev_tokens: bool, offload: list | None = None) -> None:
+        self._send(self.builder.build(scheduled, use_prev_tokens, offload))
 
     def send_warm_up(self, first: int, rest: int) -> None:
         self._send(sm.WarmUp(first, rest))
@@ -178,6 +179,7 @@ def run_worker(rank: int, config: EngineConfig, attention_backend: str | None, e
     decoder = msgspec.msgpack.Decoder(sm.WorkerCommand)
     requests = sm.WorkerRequests(set(eos_token_ids), runner.device)
     prev_tokens = None
+    offload = None  # this rank's offload tier, built at rank 0's first copy
     while True:
         if not socket.poll(1000):
             if parent_pid is not None and os.getppid() != parent_pid:
@@ -190,6 +192,8 @@ def run_worker(rank: int, config: EngineConfig, attention_backend: str | None, e
         if isinstance(message, sm.WarmUp):
             runner.warm_up_long_prefill(message.first, message.rest)
             continue
+        if message.offload:  # rank 0's offload copies, before this step as there
+            offload = replay(offload, message.offload, runner.kv_caches, platform)
         scheduled = requests.apply(message)
         result = runner.execute(scheduled, prev_tokens if message.use_prev_tokens else None)
         prev_tokens = result.sampler_output.token_ids if result.sampler_output is not None else None
