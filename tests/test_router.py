@@ -36,9 +36,9 @@ def instances(llama_dir):
         s.stop()
 
 
-def _complete(base_url: str, prompt: str, **extra) -> str:
+def _complete(base_url: str, prompt: str, max_tokens: int = 6, **extra) -> str:
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0)
-    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0,
                                     extra_body={"ignore_eos": True}, **extra)
     return out.choices[0].text
 
@@ -76,9 +76,12 @@ def test_an_instances_load_is_the_routers_open_requests_plus_others_reported():
 def test_least_load_spreads_concurrent_requests_and_sessions_stay_together(instances):
     router = RouterProcess([s.base_url for s in instances], "least_load")
     try:
+        # 16 requests, 8 at a time, long enough that each wave is in flight together: the first eight
+        # split evenly whatever the instances' speeds (on a loaded machine one may be slower, and the
+        # rest then rightly go more to the other)
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda i: _complete(router.base_url, f"prompt {i}"), range(16)))
-        assert min(router.served().values()) >= 5  # 16 requests, 8 at a time, over two instances
+            list(pool.map(lambda i: _complete(router.base_url, f"prompt {i}", max_tokens=48), range(16)))
+        assert min(router.served().values()) >= 4
     finally:
         router.stop()
     router = RouterProcess([s.base_url for s in instances], "session")
