@@ -3,8 +3,9 @@
 # prompt's KV (Qwen3-8B shapes), then the serving benchmark (1024 in / 128 out) against one instance
 # with 0.9 of the card, and against a prefill and a decode instance with 0.45 each behind
 # `sageinfer proxy` (CONNECTOR, default DeviceIpcConnector), at RATES and then the long-prompt mix
-# (one request in ten 8K-32K tokens) at MIX_RATE. Carry .whl for the server's packages. Logs and JSON
-# in $OUT.
+# (one request in ten 8K-32K tokens) at MIX_RATE. LOCAL_PREFILL=N: prompts of at most N tokens skip the
+# prefill instance (the proxy's --max-local-prefill-tokens). Carry .whl for the server's packages. Logs
+# and JSON in $OUT.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -53,6 +54,7 @@ sleep 20  # one start at a time: each profiles the memory the other leaves
 serve 8202 0.45 --kv-transfer-config "$KV\"kv_consumer\"}"; d=$!
 wait_up 8201 && wait_up 8202 || { tail -5 "$OUT"/server_820*.log; }
 python3 -m sageinfer.gateway.cli proxy --prefill http://127.0.0.1:8201 --decode http://127.0.0.1:8202 --port 8200 \
+  --max-local-prefill-tokens "${LOCAL_PREFILL:-0}" \
   > "$OUT/proxy.log" 2>&1 & proxy=$!
 wait_up 8200 && bench http://127.0.0.1:8200 pd
 curl -s 127.0.0.1:8202/metrics | grep -E "^sageinfer:kv_transfer"
