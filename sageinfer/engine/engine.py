@@ -119,7 +119,7 @@ class LLMEngine:
             self.workers.started = True
         logger.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks, config.block_size, capacity)
         self.num_kv_blocks = num_blocks
-        connector = None
+        connector = self.offload_mirror = None
         if config.kv_offload_gb > 0:
             from sageinfer.transport.host_offload import HostOffloadConnector
             # kv_offload_gb is the instance's: each rank holds its shard of every block
@@ -128,7 +128,7 @@ class LLMEngine:
             connector = HostOffloadConnector(self.runner.kv_caches, host_blocks, self.platform)
             if self.workers is not None:
                 from sageinfer.executor.offload_mirror import MirroredOffload
-                connector = MirroredOffload(connector)  # the other ranks replay its copies
+                connector = self.offload_mirror = MirroredOffload(connector)  # the other ranks replay its copies
             logger.info("KV offload tier: %d host blocks", host_blocks)
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, connector)
         self.kv_transfer = None
@@ -301,7 +301,7 @@ class LLMEngine:
                     if request.grammar is not None:  # its tokens so far are known: a grammar needs them
                         request.grammar_bitmask = request.grammar.next_bitmask()
             if self.workers is not None:
-                offload = self.kv_manager.connector.take_ops() if hasattr(self.kv_manager.connector, "take_ops") else None
+                offload = self.offload_mirror.take_ops() if self.offload_mirror is not None else None
                 self.workers.send_step(sched.scheduled, use_prev_tokens=prev_tokens is not None, offload=offload)
             result = self.runner.execute(sched.scheduled, prev_tokens)
             host = result.host

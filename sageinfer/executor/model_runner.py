@@ -137,7 +137,6 @@ class ModelRunner:
         gc.collect()
         self.platform.synchronize()
 
-    @torch.inference_mode()
     def long_prefill_warm_up(self, num_blocks: int) -> tuple[int, int] | None:
         """The steps of a long prompt to run once before serving, so that the first user to send one
         pays no kernel compilation (from LONG_CONTEXT tokens attention takes other tiles, and the
@@ -155,6 +154,7 @@ class ModelRunner:
             rest -= 1  # the second chunk's lengths are not multiples of 16, the first chunk's (usually) are
         return first, rest
 
+    @torch.inference_mode()
     def warm_up_long_prefill(self, first: int, rest: int) -> float:
         """Run the warm-up's chunks (long_prefill_warm_up); the seconds spent. The blocks written hold
         nothing a request reads: they are free and carry no prefix-cache key."""
