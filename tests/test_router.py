@@ -255,11 +255,16 @@ def test_an_instance_moved_to_another_node_replaces_its_old_url_in_the_router(in
 
 
 def test_launch_starts_instances_and_the_router_and_restarts_a_dead_instance(llama_dir, tmp_path):
-    from sageinfer.router.launcher import device_groups
+    from sageinfer.router.launcher import child_devices, device_groups, with_peers_visible
     assert device_groups(0, 3, 1) == [None, None, None]
     assert device_groups(4, 2, 2) == ["0,1", "2,3"] and device_groups(2, 3, 1) == ["0", "1", "0"]
     with pytest.raises(ValueError, match="needs 2 devices"):
         device_groups(1, 1, 2)
+    # PD over DeviceIpcConnector: own devices first (the ranks use those), the peers' after them
+    assert with_peers_visible(["0,1", "2,3"], 4) == ["0,1,2,3", "2,3,0,1"] and with_peers_visible([None], 0) == [None]
+    # a launcher that itself sees only some devices names them to its instances as it sees them
+    assert child_devices("0,1", "4,5,6,7") == "4,5" and child_devices("1", None) == "1"
+    assert child_devices("1,0", "GPU-a, GPU-b") == "GPU-b,GPU-a"
     port, first = free_port(), free_port()
     log = open(tmp_path / "launcher.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "sageinfer.gateway.cli", "launch", llama_dir, "--instances", "2",

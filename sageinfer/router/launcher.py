@@ -33,6 +33,22 @@ def device_groups(num_devices: int, instances: int, tp: int) -> list[str | None]
     return [groups[i % len(groups)] for i in range(instances)]
 
 
+def with_peers_visible(groups: list[str | None], num_devices: int) -> list[str | None]:
+    """Each instance's own devices first (its ranks use those), then every other device, so that it
+    can map a peer instance's memory (DeviceIpcConnector between instances on different devices)."""
+    return [None if g is None else ",".join(g.split(",") + [str(d) for d in range(num_devices)
+                                                            if str(d) not in g.split(",")]) for g in groups]
+
+
+def child_devices(devices: str, inherited: str | None) -> str:
+    """An instance's device indexes (counted among the devices this process sees) in the names its
+    own visible-devices variable takes: this process may see only some devices itself."""
+    names = [n.strip() for n in (inherited or "").split(",") if n.strip()]
+    if not names:
+        return devices
+    return ",".join(names[int(i)] for i in devices.split(","))
+
+
 class Instance:
     def __init__(self, args: list[str], port: int, devices: str | None, log_dir: str, devices_env: str | None = None):
         self.port, self.devices, self.devices_env = port, devices, devices_env
@@ -48,7 +64,7 @@ class Instance:
     def start(self) -> None:
         env = dict(os.environ)
         if self.devices is not None and self.devices_env:
-            env[self.devices_env] = self.devices
+            env[self.devices_env] = child_devices(self.devices, os.environ.get(self.devices_env))
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.started_at, self.restart_at = time.monotonic(), None
@@ -76,9 +92,10 @@ class Launcher:
     def __init__(self, model: str, instances: int, first_port: int, tp: int, serve_args: list[str],
                  log_dir: str, num_devices: int, instance_args: list[list[str]] | None = None,
                  devices_env: str | None = None, ray_devices: str | None = None, kv_events: bool = False,
-                 on_moved=None):
+                 on_moved=None, peers_visible: bool = False):
         """instance_args: flags for each instance on top of serve_args (a PD role, say); devices_env:
-        the platform's variable that gives an instance its devices. ray_devices: start the instances as
+        the platform's variable that gives an instance its devices; peers_visible: each instance sees
+        the others' devices too, after its own (for device-to-device KV transfer). ray_devices: start the instances as
         Ray actors holding tp of the cluster's devices of that resource ("GPU"; "" for none), each
         publishing its KV events on its node if kv_events; on_moved(old_url, new_url) hears of an
         actor started again on another node."""
@@ -92,6 +109,8 @@ class Launcher:
             return
         groups = device_groups(num_devices, instances, tp)
         sharing = len(set(groups)) < len(groups) and groups[0] is not None
+        if peers_visible:
+            groups = with_peers_visible(groups, num_devices)
         extra = list(serve_args)
         if sharing and not any(a.startswith("--gpu-memory-utilization") for a in extra):
             share = max(groups.count(g) for g in set(groups))
@@ -212,7 +231,8 @@ def run(args) -> int:
                         instance_args, platform.visible_devices_env,
                         ray_devices=(platform.ray_device_resource or "") if ray_mode else None,
                         kv_events=policy is not None,
-                        on_moved=None if roles else router_follows_moves(f"http://{router_host}:{args.port}"))
+                        on_moved=None if roles else router_follows_moves(f"http://{router_host}:{args.port}"),
+                        peers_visible=bool(roles) and args.kv_connector == "DeviceIpcConnector")
     launcher.start()
     if roles:
         from sageinfer.router.pd_proxy import build_pd_proxy_app
