@@ -278,3 +278,27 @@ def test_only_the_ipc_connector_takes_tensor_parallel_instances_and_heads_must_c
     params[1]["remote_kv_heads"] = [[0, heads // 2], [heads // 2, heads - heads // 2]]  # a rank 1 that is not there
     assert _decode(decode, prompts[:2], params) == expected[:2]
     assert decode.engine.scheduler.num_remote_kv_failures == 2
+
+
+def test_ipc_head_plans_and_token_runs():
+    """Which prefill rank fills which of a decode rank's KV heads, replicated heads included (fewer KV
+    heads than ranks), and the runs of tokens a prompt's blocks hold."""
+    from sageinfer.distributed.parallel_state import TensorParallelGroup, kv_head_range
+    from sageinfer.transport.ipc_connector import _head_plan, _runs
+
+    def ranks(heads, tp):
+        return [kv_head_range(heads, TensorParallelGroup(r, tp)) for r in range(tp)]
+    # 8 heads, prefill tp=2 (4 each), decode tp=4 (2 each): halves of the prefill ranks' heads
+    assert [_head_plan(d, ranks(8, 2)) for d in ranks(8, 4)] == [
+        [(0, 0, 0, 2)], [(0, 2, 0, 2)], [(1, 0, 0, 2)], [(1, 2, 0, 2)]]
+    # decode tp=1 from prefill tp=4: four runs, one from each rank
+    assert _head_plan(ranks(8, 1)[0], ranks(8, 4)) == [(q, 0, 2 * q, 2) for q in range(4)]
+    # 2 heads replicated over 4 prefill ranks (0, 0, 1, 1): a decode rank holding both takes head 1 from
+    # the first rank that holds it
+    assert ranks(2, 4) == [(0, 1), (0, 1), (1, 1), (1, 1)]
+    assert _head_plan((0, 2), ranks(2, 4)) == [(0, 0, 0, 1), (2, 0, 1, 1)]
+    assert [_head_plan(d, ranks(2, 1)) for d in ranks(2, 4)] == [[(0, 0, 0, 1)], [(0, 0, 0, 1)],
+                                                                 [(0, 1, 0, 1)], [(0, 1, 0, 1)]]
+    assert _head_plan((0, 3), [(0, 2)]) is None  # a head no prefill rank holds
+    # tokens [16, 48) of a prompt in blocks [7, 3, 9] of 16, in runs of 8: block 3's two, block 9's two
+    assert _runs([7, 3, 9], 16, 16, 32, 8).tolist() == [6, 7, 18, 19]
