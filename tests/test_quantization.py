@@ -403,3 +403,48 @@ def test_a_block_fp8_layer_with_kernels_is_its_dequantized_weight(rows):
     ref = x.double() @ dequantize_fp8_blocks(layer.weight.cpu(), layer.weight_scale_inv.cpu(), 32, torch.float64).t()
     tol = 1e-2 if DEVICE != "cpu" else 1e-4  # (tf32 dots on a GPU)
     torch.testing.assert_close(layer(x.to(DEVICE)).double().cpu(), ref, rtol=tol, atol=tol)
+
+
+def test_activations_quantized_per_token_and_128_columns():
+    from sageinfer.layers.quantization.fp8_block import quantize_groups
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 256, generator=gen) * torch.tensor([1.0, 100.0]).repeat_interleave(128)
+    xq, scale = quantize_groups(x, 128)
+    assert xq.dtype == torch.float8_e4m3fn and scale.shape == (5, 2)
+    torch.testing.assert_close(scale, x.view(5, 2, 128).abs().amax(-1) / 448)
+    back = xq.float() * scale.repeat_interleave(128, 1)
+    assert float(((back - x).abs() / x.abs().clamp(min=1e-3)).median()) < 0.04  # e4m3: 3 mantissa bits
+
+
+def test_a_block_fp8_layer_above_64_rows_takes_the_platforms_block_gemm(monkeypatch):
+    """Where the platform has a block-scaled FP8 GEMM (NVIDIA: cuBLAS through torch's scaled_mm,
+    checked once against the dequantized product), layers of 128 x 128 tiles give it their activations
+    per token and 128 columns and one scale per tile; the product is the expanded layer's within what
+    quantizing the activations costs. Here a stand-in GEMM computes the block-scaled product itself."""
+    from sageinfer.layers.linear import Linear
+    from sageinfer.layers.quantization import QuantConfig, set_quant_config
+    from sageinfer.ops.weight_only import dequantize_fp8_blocks
+    from sageinfer.platforms.cpu import CpuPlatform
+    calls = []
+
+    def block_gemm(self, xq, x_scale, wq, w_scale, out_dtype):
+        calls.append((tuple(x_scale.shape), tuple(w_scale.shape)))
+        tiles = w_scale.repeat_interleave(128, 0).repeat_interleave(128, 1)
+        return ((xq.float() * x_scale.repeat_interleave(128, 1)) @ (wq.float() * tiles).t()).to(out_dtype)
+    monkeypatch.setattr(CpuPlatform, "supports_fp8_block_gemm", lambda self: True)
+    monkeypatch.setattr(CpuPlatform, "fp8_block_matmul", block_gemm)
+    gen = torch.Generator().manual_seed(1)
+    set_quant_config(QuantConfig("fp8-block", "block", True, True, group_size=128))
+    try:
+        layer = Linear(256, 384)
+    finally:
+        set_quant_config(None)
+    layer.weight.data = (torch.randn(384, 256, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    layer.weight_scale_inv.data = (torch.rand(3, 2, generator=gen) / 50).repeat_interleave(128, 0)
+    layer.platform = CpuPlatform()
+    layer.quant.prepare(layer)
+    x = torch.randn(80, 256, generator=gen)
+    ref = x @ dequantize_fp8_blocks(layer.weight, layer.weight_scale_inv, 128, torch.float32).t()
+    y = layer(x)
+    assert calls == [((80, 2), (3, 2))]
+    assert float((y - ref).abs().max()) < 0.05 * float(ref.abs().max())

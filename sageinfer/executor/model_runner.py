@@ -56,6 +56,8 @@ class ModelRunner:
                 module.use_triton = use_triton
             if hasattr(module, "platform"):
                 module.platform = platform
+                if hasattr(getattr(module, "quant", None), "prepare"):
+                    module.quant.prepare(module)  # (the platform's choices, made before any graph)
         self.sampler = Sampler()
         self.kv_caches: list[LayerKVCache] = []
         self.graphs = None  # executor.graph_runner.DecodeGraphs once captured

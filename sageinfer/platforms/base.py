@@ -81,6 +81,17 @@ class Platform:
         with rowwise scales, or None where it has none for these shapes and dtype."""
         return None
 
+    def supports_fp8_block_gemm(self) -> bool:
+        """Whether fp8_block_matmul runs here (asked once per layer before serving, outside graphs)."""
+        return False
+
+    def fp8_block_matmul(self, xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                         out_dtype: torch.dtype) -> torch.Tensor | None:
+        """Block-scaled FP8 GEMM, as DeepSeek's and Qwen3's FP8 checkpoints are laid out: xq [M, K] with
+        x_scale [M, K / 128] (per token and 128 columns), wq [N, K] with w_scale [N / 128, K / 128] (per
+        128 x 128 tile), out [M, N] in out_dtype; None where the chip's library has none for these."""
+        return None
+
     def prefill_attention(self):
         """A chip-specific prefill attention kernel with ops.prefill_attention's contract, for long
         prompts where it beats the portable one: an object with supports(page_size, head_dim,

@@ -100,6 +100,61 @@ class CudaPlatform(Platform):
             return None
         return torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1), out_dtype=out_dtype)
 
+    def supports_fp8_block_gemm(self) -> bool:
+        # cuBLAS's block-scaled FP8 GEMM (CUDA 12.9 on, Hopper), through torch's scaled_mm. Checked once
+        # against the dequantized product: a torch or driver without it, or one that answers wrong,
+        # leaves the layers to expand their weights.
+        if not hasattr(self, "_block_fp8_ok"):
+            self._block_fp8_ok = self._probe_fp8_block_gemm()
+        return self._block_fp8_ok
+
+    def _probe_fp8_block_gemm(self) -> bool:
+        import torch.nn.functional as F
+        if not hasattr(F, "scaled_mm") or torch.cuda.get_device_capability() != (9, 0):
+            return False
+        try:
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            m, n, k = 20, 256, 384
+            xq = torch.randn(m, k, device="cuda", generator=gen).to(torch.float8_e4m3fn)
+            wq = torch.randn(n, k, device="cuda", generator=gen).to(torch.float8_e4m3fn)
+            x_scale = torch.rand(m, k // 128, device="cuda", generator=gen) + 0.5
+            w_scale = torch.rand(n // 128, k // 128, device="cuda", generator=gen) + 0.5
+            got = self._fp8_block_gemm(xq, x_scale, wq, w_scale, torch.bfloat16).float()
+            want = (xq.float() * x_scale.repeat_interleave(128, 1)) @ (
+                wq.float() * w_scale.repeat_interleave(128, 0).repeat_interleave(128, 1)).t()
+            ok = bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().mean())))
+        except Exception as exc:  # noqa: BLE001 - no such GEMM here: the layers expand their weights
+            logger.info("block-scaled FP8 GEMM not available (%s); block-FP8 layers expand their weights", exc)
+            return False
+        if not ok:
+            logger.warning("block-scaled FP8 GEMM disagrees with the dequantized product; not used")
+        return ok
+
+    def fp8_block_matmul(self, xq, x_scale, wq, w_scale, out_dtype):
+        if xq.shape[1] % 128 or wq.shape[0] % 128 or out_dtype != torch.bfloat16 or not self.supports_fp8_block_gemm():
+            return None
+        try:
+            return self._fp8_block_gemm(xq, x_scale, wq, w_scale, out_dtype)
+        except RuntimeError as exc:  # shapes the library refuses: expand from now on rather than fail the step
+            logger.warning("block-scaled FP8 GEMM refused %s x %s (%s); block-FP8 layers expand their weights",
+                           tuple(xq.shape), tuple(wq.shape), exc)
+            self._block_fp8_ok = False
+            return None
+
+    @staticmethod
+    def _fp8_block_gemm(xq, x_scale, wq, w_scale, out_dtype):
+        import torch.nn.functional as F
+        m = xq.shape[0]
+        if m % 4:  # rows in fours; the activation scales M-major; the tile scales' K padded to fours
+            xq = torch.cat([xq, xq.new_zeros(4 - m % 4, xq.shape[1])])
+            x_scale = torch.cat([x_scale, x_scale.new_ones(4 - m % 4, x_scale.shape[1])])
+        kb = w_scale.shape[1]
+        if kb % 4:
+            w_scale = torch.nn.functional.pad(w_scale, (0, 4 - kb % 4), value=1.0)
+        out = F.scaled_mm(xq, wq.t(), x_scale.t().contiguous().t(), F.ScalingType.BlockWise1x128, w_scale.t(),
+                          F.ScalingType.BlockWise128x128, output_dtype=out_dtype)
+        return out[:m]
+
     def prefill_attention(self):
         # Hopper only: the kernel is built on its warpgroup MMA and bulk tensor copies (Blackwell has
         # neither in this form).

@@ -5,9 +5,10 @@ FP8 releases of Qwen3 and DeepSeek hold them): FP8 e4m3 `weight` [out, in] and `
 Kept as FP8 (one byte a weight) with each tile's scale spread over its rows, so tensor-parallel
 splits and merged q/k/v or gate/up parts cut the scales exactly as the weight. One row (decode of one
 sequence) takes the skinny GEMV with the tiles' scales and the 16-bit layers' fusions; small batches
-a Triton kernel that scales the FP8 tiles in registers (half the bytes of bf16 per decode step);
-larger ones expand the layer to the activations' dtype and use the library GEMM. Activations stay
-in 16 bits: an FP8 x FP8 block-scaled GEMM for prefill is not built yet.
+a Triton kernel that scales the FP8 tiles in registers (half the bytes of bf16 per decode step).
+Larger ones go to the chip's block-scaled FP8 GEMM where the platform has one (activations quantized
+per token and 128 columns, as these checkpoints were made for); elsewhere the layer is expanded to
+the activations' dtype for the library GEMM.
 """
 from __future__ import annotations
 
@@ -55,6 +56,14 @@ class Fp8BlockMethod:
         layer.weight = nn.Parameter(q, requires_grad=False)
         layer.weight_scale_inv = nn.Parameter(rows.contiguous(), requires_grad=False)
 
+    def prepare(self, layer: nn.Module) -> None:
+        """Before serving (outside graphs): the tiles' scales one per tile, for the platform's
+        block-scaled GEMM where it has one for 128 x 128 tiles."""
+        layer.weight_scale_block = None
+        n = layer.weight.shape[0]
+        if self.block == 128 and n % 128 == 0 and layer.platform is not None and layer.platform.supports_fp8_block_gemm():
+            layer.weight_scale_block = layer.weight_scale_inv[::128].contiguous()
+
     def one_row_args(self, layer: nn.Module) -> dict:
         """One row goes through the skinny kernel with each tile's scale applied to the weight chunks
         in registers (ops/gemv.py), with the norm and residual fusions of 16-bit layers."""
@@ -63,10 +72,24 @@ class Fp8BlockMethod:
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        y = None
         if layer.use_triton and x2.shape[0] <= _KERNEL_MAX_ROWS:  # the platform runs Triton kernels
             from sageinfer.ops.weight_only import w8a16_block_matmul
             y = w8a16_block_matmul(x2, layer.weight, layer.weight_scale_inv, self.block)
-        else:  # the weight expanded (in one pass where kernels run) for the library GEMM
+        elif getattr(layer, "weight_scale_block", None) is not None:
+            xq, x_scale = quantize_groups(x2, 128)
+            y = layer.platform.fp8_block_matmul(xq, x_scale, layer.weight, layer.weight_scale_block, x.dtype)
+        if y is None:  # the weight expanded (in one pass where kernels run) for the library GEMM
             expand = dequantize_fp8_blocks_kernel if layer.use_triton else dequantize_fp8_blocks
             y = nn.functional.linear(x2, expand(layer.weight, layer.weight_scale_inv, self.block, x.dtype))
         return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def quantize_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] to FP8 e4m3 per token and `group` columns: (xq [M, K], scales [M, K / group]) with
+    x ~= xq * scale, each group's largest magnitude at the format's largest value."""
+    m, k = x.shape
+    groups = x.float().view(m, k // group, group)
+    scale = groups.abs().amax(-1).clamp(min=1e-12) / 448.0
+    xq = (groups / scale.unsqueeze(-1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(m, k)
+    return xq, scale
