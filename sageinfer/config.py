@@ -86,8 +86,8 @@ class EngineConfig:
     # Prefill/decode separation: the connector that moves KV between instances and this one's role
     # (vLLM's --kv-transfer-config JSON; transport/kv_transfer_config.py).
     kv_transfer_config: str | None = _option(None, "KV transfer between instances (PD), JSON: {\"kv_connector\": "
-                                                   "\"DeviceIpcConnector\" | \"SharedMemoryConnector\" | \"NixlConnector\" | "
-                                                   "\"TorchDistributedConnector\", \"kv_role\": "
+                                                   "\"DeviceIpcConnector\" | \"SharedMemoryConnector\" | "
+                                                   "\"NixlConnector\" | \"TorchDistributedConnector\", \"kv_role\": "
                                                    "\"kv_producer\" | \"kv_consumer\" | \"kv_both\"}")
 
     # Publish what the prefix cache gains and drops over ZMQ, for cache-aware routing (vLLM's

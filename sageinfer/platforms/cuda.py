@@ -131,7 +131,9 @@ class CudaPlatform(Platform):
         return ok
 
     def fp8_block_matmul(self, xq, x_scale, wq, w_scale, out_dtype):
-        if xq.shape[1] % 128 or wq.shape[0] % 128 or out_dtype != torch.bfloat16 or not self.supports_fp8_block_gemm():
+        if xq.shape[1] % 128 or wq.shape[0] % 128 or out_dtype != torch.bfloat16:
+            return None
+        if not self.supports_fp8_block_gemm():
             return None
         try:
             return self._fp8_block_gemm(xq, x_scale, wq, w_scale, out_dtype)

@@ -60,8 +60,9 @@ class Fp8BlockMethod:
         """Before serving (outside graphs): the tiles' scales one per tile, for the platform's
         block-scaled GEMM where it has one for 128 x 128 tiles."""
         layer.weight_scale_block = None
-        n = layer.weight.shape[0]
-        if self.block == 128 and n % 128 == 0 and layer.platform is not None and layer.platform.supports_fp8_block_gemm():
+        platform = layer.platform
+        if self.block == 128 and layer.weight.shape[0] % 128 == 0 and platform is not None \
+                and platform.supports_fp8_block_gemm():
             layer.weight_scale_block = layer.weight_scale_inv[::128].contiguous()
 
     def one_row_args(self, layer: nn.Module) -> dict:
