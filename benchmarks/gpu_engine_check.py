@@ -105,7 +105,8 @@ def check_very_long_prompts(root, rng, lengths: list[int]) -> int:
                             max_position_embeddings=131072,
                             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from sageinfer.platforms import get_platform
+    device = get_platform().device(0)
     oracle = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     oracle = oracle.to(device).eval()
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)

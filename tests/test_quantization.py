@@ -382,22 +382,30 @@ def test_a_w4a16_layer_with_kernels_is_its_dequantized_weight(rows):
     torch.testing.assert_close(layer(x.to(DEVICE)).double().cpu(), ref, rtol=tol, atol=tol)
 
 
+def _block_fp8_layer(in_features: int, out_features: int, block: int, gen: torch.Generator):
+    """A block-FP8 linear layer with random FP8 weights and a random scale per block x block tile."""
+    from sageinfer.layers.linear import Linear
+    from sageinfer.layers.quantization import QuantConfig, set_quant_config
+    set_quant_config(QuantConfig("fp8-block", "block", True, True, group_size=block))
+    try:
+        layer = Linear(in_features, out_features)
+    finally:
+        set_quant_config(None)
+    layer.weight.data = (torch.randn(out_features, in_features, generator=gen) * 100).clamp(-448, 448).to(
+        torch.float8_e4m3fn)
+    tiles = torch.rand(out_features // block, in_features // block, generator=gen) / 50
+    layer.weight_scale_inv.data = tiles.repeat_interleave(block, 0)
+    return layer
+
+
 @pytest.mark.parametrize("rows", [3, 20, 80])
 def test_a_block_fp8_layer_with_kernels_is_its_dequantized_weight(rows):
     """A block-FP8 layer where the platform runs Triton: up to 64 rows through the kernel that scales
     the FP8 tiles in registers, more through the weight expanded in one pass."""
-    from sageinfer.layers.linear import Linear
-    from sageinfer.layers.quantization import QuantConfig, set_quant_config
+    from kernels_util import DEVICE
     from sageinfer.ops.weight_only import dequantize_fp8_blocks
     gen = torch.Generator().manual_seed(rows)
-    set_quant_config(QuantConfig("fp8-block", "block", True, True, group_size=32))
-    try:
-        layer = Linear(128, 64)
-    finally:
-        set_quant_config(None)
-    from kernels_util import DEVICE
-    layer.weight.data = (torch.randn(64, 128, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
-    layer.weight_scale_inv.data = (torch.rand(2, 4, generator=gen) / 50).repeat_interleave(32, 0)
+    layer = _block_fp8_layer(128, 64, 32, gen)
     layer.to(DEVICE).use_triton = True
     x = torch.randn(rows, 128, generator=gen)
     ref = x.double() @ dequantize_fp8_blocks(layer.weight.cpu(), layer.weight_scale_inv.cpu(), 32, torch.float64).t()
@@ -421,26 +429,18 @@ def test_a_block_fp8_layer_above_64_rows_takes_the_platforms_block_gemm(monkeypa
     checked once against the dequantized product), layers of 128 x 128 tiles give it their activations
     per token and 128 columns and one scale per tile; the product is the expanded layer's within what
     quantizing the activations costs. Here a stand-in GEMM computes the block-scaled product itself."""
-    from sageinfer.layers.linear import Linear
-    from sageinfer.layers.quantization import QuantConfig, set_quant_config
     from sageinfer.ops.weight_only import dequantize_fp8_blocks
     from sageinfer.platforms.cpu import CpuPlatform
     calls = []
 
     def block_gemm(self, xq, x_scale, wq, w_scale, out_dtype):
         calls.append((tuple(x_scale.shape), tuple(w_scale.shape)))
-        tiles = w_scale.repeat_interleave(128, 0).repeat_interleave(128, 1)
-        return ((xq.float() * x_scale.repeat_interleave(128, 1)) @ (wq.float() * tiles).t()).to(out_dtype)
+        w = dequantize_fp8_blocks(wq, w_scale.repeat_interleave(128, 0), 128, torch.float32)
+        return ((xq.float() * x_scale.repeat_interleave(128, 1)) @ w.t()).to(out_dtype)
     monkeypatch.setattr(CpuPlatform, "supports_fp8_block_gemm", lambda self: True)
     monkeypatch.setattr(CpuPlatform, "fp8_block_matmul", block_gemm)
     gen = torch.Generator().manual_seed(1)
-    set_quant_config(QuantConfig("fp8-block", "block", True, True, group_size=128))
-    try:
-        layer = Linear(256, 384)
-    finally:
-        set_quant_config(None)
-    layer.weight.data = (torch.randn(384, 256, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
-    layer.weight_scale_inv.data = (torch.rand(3, 2, generator=gen) / 50).repeat_interleave(128, 0)
+    layer = _block_fp8_layer(256, 384, 128, gen)
     layer.platform = CpuPlatform()
     layer.quant.prepare(layer)
     x = torch.randn(80, 256, generator=gen)

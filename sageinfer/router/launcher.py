@@ -36,8 +36,10 @@ def device_groups(num_devices: int, instances: int, tp: int) -> list[str | None]
 def with_peers_visible(groups: list[str | None], num_devices: int) -> list[str | None]:
     """Each instance's own devices first (its ranks use those), then every other device, so that it
     can map a peer instance's memory (DeviceIpcConnector between instances on different devices)."""
-    return [None if g is None else ",".join(g.split(",") + [str(d) for d in range(num_devices)
-                                                            if str(d) not in g.split(",")]) for g in groups]
+    def order(group: str) -> str:
+        own = group.split(",")
+        return ",".join(own + [str(d) for d in range(num_devices) if str(d) not in own])
+    return [None if g is None else order(g) for g in groups]
 
 
 def child_devices(devices: str, inherited: str | None) -> str:
@@ -95,10 +97,10 @@ class Launcher:
                  on_moved=None, peers_visible: bool = False):
         """instance_args: flags for each instance on top of serve_args (a PD role, say); devices_env:
         the platform's variable that gives an instance its devices; peers_visible: each instance sees
-        the others' devices too, after its own (for device-to-device KV transfer). ray_devices: start the instances as
-        Ray actors holding tp of the cluster's devices of that resource ("GPU"; "" for none), each
-        publishing its KV events on its node if kv_events; on_moved(old_url, new_url) hears of an
-        actor started again on another node."""
+        the others' devices too, after its own (for device-to-device KV transfer). ray_devices: start
+        the instances as Ray actors holding tp of the cluster's devices of that resource ("GPU"; "" for
+        none), each publishing its KV events on its node if kv_events; on_moved(old_url, new_url)
+        hears of an actor started again on another node."""
         self._stopping = threading.Event()
         base = [sys.executable, "-m", "sageinfer.gateway.cli", "serve", model, "--tensor-parallel-size", str(tp)]
         own = instance_args or [[] for _ in range(instances)]

@@ -163,7 +163,8 @@ class DeviceIpcConnector(RemoteKVConnector):
         self.held: dict[str, tuple[str, float]] = {}  # request -> (key, when the offer expires, monotonic)
         self.claimed_at: dict[str, float] = {}  # request -> when a consumer's claim was first seen
         self.loads: dict[str, tuple[Future, str]] = {}  # request -> (its copy, marker prefix)
-        self.mapped: dict[tuple[str, int], tuple[int, list[torch.Tensor]]] = {}  # (engine, rank) -> (pid, cache)
+        # (engine, rank) -> (its handles file's inode and mtime, its pid, its cache mapped here)
+        self.mapped: dict[tuple[str, int], tuple[tuple, int, list[torch.Tensor]]] = {}
         self.streams: dict[torch.device, object] = {}
         self.workers = ThreadPoolExecutor(max_workers=int(self.extra.get("threads", 2)), thread_name_prefix="kv-ipc")
         _export(self.dir, self.engine_id, 0, self.tensors, platform)
@@ -250,32 +251,40 @@ class DeviceIpcConnector(RemoteKVConnector):
             reason = "kv_transfer_params carry no remote_block_size"
         if reason is None and not os.path.exists(self._handles_path(engine)):
             reason = f"no prefill instance {engine!r} has exported its KV cache on this host ({self.dir})"
+        plans = [] if reason else [_head_plan(ours, params["remote_kv_heads"]) for ours in self.kv_heads]
+        if None in plans:
+            reason = f"the prefill instance's ranks hold not every KV head this one needs ({params['remote_kv_heads']})"
         if reason is not None:
             raise ValueError(reason)
         marker = self._marker(engine, key)
-        plans = [_head_plan(ours, params["remote_kv_heads"]) for ours in self.kv_heads]
         future = self.workers.submit(self._load, engine, marker, remote_bs, first_token, block_ids, plans)
         self.loads[request_id] = (future, marker)
 
     def _cache(self, engine: str, rank: int) -> list[torch.Tensor]:
-        """A rank's cache tensors of an instance on this host, mapped here (once per process of it)."""
+        """A rank's cache tensors of an instance on this host, mapped here (once per process of it: the
+        handles file is read again only when it has been rewritten)."""
         if engine == self.engine_id and rank == 0:
             return self.tensors
+        path = self._handles_path(engine, rank)
         try:
-            with open(self._handles_path(engine, rank), "rb") as f:
-                exported = pickle.load(f)  # written by a process of this user, in a directory only it may write
+            stat = os.stat(path)
         except FileNotFoundError:
             raise ValueError(f"rank {rank} of instance {engine!r} has not exported its KV cache") from None
-        pid = exported["pid"]
-        if pid == os.getpid():  # both instances in one process: no mapping needed (nor allowed, for CUDA IPC)
-            return _LOCAL[engine]
-        if not _alive(pid):  # (its memory must not be read once it is gone)
-            raise ValueError(f"rank {rank} of instance {engine!r} (pid {pid}) is gone")
+        identity = (stat.st_ino, stat.st_mtime_ns)
         cached = self.mapped.get((engine, rank))
-        if cached is None or cached[0] != pid:
-            tensors = [self.platform.open_memory_handle(h) for h in exported["handles"]]
-            self.mapped[(engine, rank)] = cached = (pid, tensors)
-        return cached[1]
+        if cached is None or cached[0] != identity:
+            with open(path, "rb") as f:
+                exported = pickle.load(f)  # written by a process of this user, in a directory only it may write
+            pid = exported["pid"]
+            if not _alive(pid):
+                raise ValueError(f"rank {rank} of instance {engine!r} (pid {pid}) is gone")
+            # both instances in one process: no mapping needed (nor allowed, for CUDA IPC)
+            tensors = _LOCAL[engine] if pid == os.getpid() else [self.platform.open_memory_handle(h)
+                                                                 for h in exported["handles"]]
+            cached = self.mapped[(engine, rank)] = (identity, pid, tensors)
+        elif not _alive(cached[1]):  # (its memory must not be read once it is gone)
+            raise ValueError(f"rank {rank} of instance {engine!r} (pid {cached[1]}) is gone")
+        return cached[2]
 
     def _stream(self, device: torch.device):
         if device not in self.streams:
@@ -300,7 +309,7 @@ class DeviceIpcConnector(RemoteKVConnector):
                     f"{len(theirs['tensors'])} tensors {(theirs['tensors'] or [None])[0]} vs "
                     f"{len(self.layout['tensors'])} tensors {self.layout['tensors'][0]} here")
         total = max(f + c for f, c in self.kv_heads)
-        if max(f + c for f, c in heads) != total or any(_head_plan(ours, heads) is None for ours in self.kv_heads):
+        if max(f + c for f, c in heads) != total:
             return f"the prefill instance's model has other KV heads ({heads}) than this one ({total})"
         if first_token + num_tokens > int(params.get("remote_num_tokens") or 0):
             return "the prefill instance offers fewer tokens than asked for"

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from sageinfer.layers.quantization.config import QuantConfig
+from sageinfer.layers.quantization.w8a8 import quantize_rows
+from sageinfer.ops.quantize import quantize_rows_kernel
 from sageinfer.ops.weight_only import dequantize_fp8_blocks, dequantize_fp8_blocks_kernel
 
 _KERNEL_MAX_ROWS = 64
@@ -30,6 +32,7 @@ class Fp8BlockMethod:
         b = self.block
         if local_in % b:
             raise ValueError(f"block FP8: {local_in} input features per rank do not hold whole {b}-wide blocks")
+        layer.weight_scale_block = None  # one scale per tile, for the platform's block GEMM (prepare)
         # FP8 from the checkpoint, or full-precision (dummy) weights quantized after loading
         layer.new_weight(torch.float8_e4m3fn if self.config.from_checkpoint else None)
         if not self.config.from_checkpoint:
@@ -59,7 +62,6 @@ class Fp8BlockMethod:
     def prepare(self, layer: nn.Module) -> None:
         """Before serving (outside graphs): the tiles' scales one per tile, for the platform's
         block-scaled GEMM where it has one for 128 x 128 tiles."""
-        layer.weight_scale_block = None
         platform = layer.platform
         if self.block == 128 and layer.weight.shape[0] % 128 == 0 and platform is not None \
                 and platform.supports_fp8_block_gemm():
@@ -77,8 +79,8 @@ class Fp8BlockMethod:
         if layer.use_triton and x2.shape[0] <= _KERNEL_MAX_ROWS:  # the platform runs Triton kernels
             from sageinfer.ops.weight_only import w8a16_block_matmul
             y = w8a16_block_matmul(x2, layer.weight, layer.weight_scale_inv, self.block)
-        elif getattr(layer, "weight_scale_block", None) is not None:
-            xq, x_scale = quantize_groups(x2, 128)
+        elif layer.weight_scale_block is not None:
+            xq, x_scale = quantize_groups(x2, 128, layer.use_triton)
             y = layer.platform.fp8_block_matmul(xq, x_scale, layer.weight, layer.weight_scale_block, x.dtype)
         if y is None:  # the weight expanded (in one pass where kernels run) for the library GEMM
             expand = dequantize_fp8_blocks_kernel if layer.use_triton else dequantize_fp8_blocks
@@ -86,11 +88,10 @@ class Fp8BlockMethod:
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
-def quantize_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] to FP8 e4m3 per token and `group` columns: (xq [M, K], scales [M, K / group]) with
-    x ~= xq * scale, each group's largest magnitude at the format's largest value."""
+def quantize_groups(x: torch.Tensor, group: int, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] to FP8 e4m3 per token and `group` columns: (xq [M, K], scales [M, K / group]), each
+    group a row of W8A8's per-row quantization (its one-launch kernel where the platform runs Triton)."""
     m, k = x.shape
-    groups = x.float().view(m, k // group, group)
-    scale = groups.abs().amax(-1).clamp(min=1e-12) / 448.0
-    xq = (groups / scale.unsqueeze(-1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(m, k)
-    return xq, scale
+    rows = x.reshape(m * k // group, group)
+    xq, scale = quantize_rows_kernel(rows.contiguous(), "fp8", 448.0) if kernel else quantize_rows(rows, "fp8")
+    return xq.view(m, k), scale.view(m, k // group)
