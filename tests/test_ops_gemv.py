@@ -139,28 +139,40 @@ def test_gemv_scales_each_group_of_a_block_quantized_weight(mode):
         gemv(x.to(DEVICE), q.to(DEVICE), weight_scale=scale.t().contiguous().to(DEVICE), **kwargs)
 
 
-@pytest.mark.parametrize("mode", ["plain", "gated", "normed"])
-@pytest.mark.parametrize("zeros", [False, True])
-def test_gemv_unpacks_4bit_weights_with_group_scales_and_zero_points(mode, zeros):
-    """W4A16's packed words (eight nibbles along the input, stored plus 8) with a scale and, for
-    asymmetric schemes, a zero point per row and group: the weights ops/weight_only.dequantize
-    gives, through every path that reads weights, K not a multiple of the chunk included."""
-    from sageinfer.ops.weight_only import dequantize, pack
-    gen = torch.Generator().manual_seed(13)
-    n, k, g = 24, 640, 64
+@pytest.mark.parametrize("mode", ["plain", "gated", "normed", "residual"])
+@pytest.mark.parametrize("zeros, rows, k, g", [(False, 1, 640, 64), (True, 1, 640, 64), (True, 3, 768, 96)])
+def test_gemv_unpacks_4bit_weights_with_group_scales_and_zero_points(mode, zeros, rows, k, g):
+    """W4A16's packed words (eight nibbles along the input, interleaved in slices, stored plus 8)
+    with a scale and, for asymmetric schemes, a zero point per row and group: the weights
+    ops/weight_only.dequantize gives, with the gated input, the folded norm and the residual add;
+    a group of several slices (k 640: slices of 16 in groups of 64) and groups that are not a power
+    of two (k 768: slices of 32 in groups of 96)."""
+    from sageinfer.ops.weight_only import dequantize, pack, slice_width_for
+    gen = torch.Generator().manual_seed(13 + rows)
+    n = 24
+    s = slice_width_for(k, g)
+    assert s == (16 if k == 640 else 32)
     q = torch.randint(0, 16, (n, k), generator=gen)
     scale = (torch.rand(n, k // g, generator=gen) + 0.1) / 8
     zero = torch.randint(-3, 4, (n, k // g), generator=gen, dtype=torch.int32) if zeros else None
-    packed = pack(q)
-    x = torch.randn(1, 2 * k if mode == "gated" else k, generator=gen).half()
+    packed = pack(q, s)
+    x = torch.randn(rows, 2 * k if mode == "gated" else k, generator=gen).half()
     norm_w = (torch.rand(k, generator=gen) + 0.5).half()
-    cfg = {"block_n": 8, "block_k": 256, "num_warps": 4, "num_stages": 2}
-    kwargs = {"gated": True} if mode == "gated" else {"norm_weight": norm_w.to(DEVICE), "eps": 1e-6} if mode == "normed" else {}
+    residual = torch.randn(rows, n, generator=gen).half()
+    cfg = {"block_n": 8, "num_warps": 4, "num_stages": 1}
+    kwargs = ({"gated": True} if mode == "gated" else {"norm_weight": norm_w.to(DEVICE), "eps": 1e-6}
+              if mode == "normed" else {"residual": residual.clone().to(DEVICE)} if mode == "residual" else {})
     out = gemv(x.to(DEVICE), packed.to(DEVICE), config=cfg, weight_scale=scale.to(DEVICE),
-               weight_zero=zero.to(DEVICE) if zeros else None, int4=True, **kwargs)
+               weight_zero=zero.to(DEVICE) if zeros else None, int4=True, slice_width=s, **kwargs)
     inp = _mode_input(x, k, mode, norm_w)
-    weight = dequantize(packed, scale, zero if zeros else torch.zeros_like(scale, dtype=torch.int32), g, torch.float64)
+    weight = dequantize(packed, scale, zero if zeros else torch.zeros_like(scale, dtype=torch.int32), g,
+                        torch.float64, s)
     ref = inp.double() @ weight.t()
+    if mode == "residual":
+        ref = ref + residual.double()
+        assert out.data_ptr() == kwargs["residual"].data_ptr()
     assert rel_err(out.float().cpu(), ref) < 2e-3
     with pytest.raises(ValueError, match="4-bit weights"):
         gemv(x.to(DEVICE), packed.to(DEVICE), int4=True, **kwargs)
+    with pytest.raises(ValueError, match="slices"):
+        gemv(x.to(DEVICE), packed.to(DEVICE), weight_scale=scale.to(DEVICE), int4=True, slice_width=1, **kwargs)

@@ -6,25 +6,44 @@ from kernels_util import DEVICE, rel_err
 from sageinfer.ops.weight_only import dequantize, pack, unpack, w4a16_matmul
 
 
-def test_pack_and_unpack_are_inverse():
-    q = torch.randint(0, 16, (5, 64), dtype=torch.int32)
-    assert torch.equal(unpack(pack(q)), q)
+@pytest.mark.parametrize("slice_width", [1, 2, 8])
+def test_pack_and_unpack_are_inverse(slice_width):
+    q = torch.randint(0, 16, (5, 128), dtype=torch.int32)
+    assert torch.equal(unpack(pack(q, slice_width), slice_width), q)
 
 
-@pytest.mark.parametrize("m, n, k, group, asymmetric", [(1, 40, 256, 64, False), (5, 96, 128, 128, True),
-                                                         (33, 24, 192, 32, True)])
+def test_interleaved_words_hold_a_column_of_each_slice():
+    """In each run of 8 S columns, nibble j of word w is column j S + w."""
+    s, k = 4, 64
+    q = (torch.arange(k) % 16).repeat(3, 1)
+    words = pack(q, s)
+    for run in range(k // (8 * s)):
+        for w in range(s):
+            for j in range(8):
+                assert (words[0, run * s + w].item() >> (4 * j)) & 0xF == q[0, run * 8 * s + j * s + w]
+
+
+def test_slice_width_divides_the_group_and_tiles_the_input():
+    from sageinfer.ops.weight_only import slice_width_for
+    assert slice_width_for(4096, 128) == 128 and slice_width_for(12288, 12288) == 128
+    assert slice_width_for(640, 64) == 16 and slice_width_for(4096, 32) == 32 and slice_width_for(200, 40) == 1
+
+
+@pytest.mark.parametrize("m, n, k, group, asymmetric, slice_width", [
+    (1, 40, 256, 64, False, 1), (5, 96, 128, 128, True, 16), (33, 24, 192, 32, True, 8), (3, 24, 512, 64, True, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_w4a16_matmul_matches_the_dequantized_weights(m, n, k, group, asymmetric, dtype):
+def test_w4a16_matmul_matches_the_dequantized_weights(m, n, k, group, asymmetric, slice_width, dtype):
+    """Tiles within one slice (contiguous words) and across slices (a word per column)."""
     if dtype == torch.float16 and DEVICE == "cpu" and m > 16:
         pytest.skip("fp16 dots in the interpreter are slow; one fp16 case is enough on the CPU")
     gen = torch.Generator().manual_seed(m + n + k)
-    packed = pack(torch.randint(0, 16, (n, k), generator=gen)).to(DEVICE)
+    packed = pack(torch.randint(0, 16, (n, k), generator=gen), slice_width).to(DEVICE)
     scales = (torch.rand(n, k // group, generator=gen) * 0.02 + 0.001).to(DEVICE, dtype)
     zeros = (torch.randint(-3, 4, (n, k // group), generator=gen) if asymmetric
              else torch.zeros(n, k // group, dtype=torch.int64)).to(DEVICE, torch.int32)
     x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
-    y = w4a16_matmul(x, packed, scales, zeros, group, block_k=32)
-    ref = x.double() @ dequantize(packed, scales, zeros, group, torch.float64).t()
+    y = w4a16_matmul(x, packed, scales, zeros, group, block_k=32, slice_width=slice_width)
+    ref = x.double() @ dequantize(packed, scales, zeros, group, torch.float64, slice_width).t()
     assert y.dtype == dtype and rel_err(y, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
 
 
@@ -56,20 +75,22 @@ def _same_weight(got, ref):
         assert torch.equal(got, ref)
 
 
-@pytest.mark.parametrize("n, k, group, asymmetric", [(40, 256, 64, False), (96, 384, 128, True), (24, 96, 96, True)])
-def test_one_pass_dequantization_is_the_reference(n, k, group, asymmetric):
+@pytest.mark.parametrize("n, k, group, asymmetric, slice_width", [
+    (40, 256, 64, False, 1), (96, 384, 128, True, 16), (24, 96, 96, True, 4), (20, 512, 128, True, 32)])
+def test_one_pass_dequantization_is_the_reference(n, k, group, asymmetric, slice_width):
     """What batches above the kernels' rows multiply with the library GEMM: the 4-bit weight expanded in
-    one Triton pass, equal to the torch reference."""
+    one Triton pass (a run of slices per program, or a word per column for narrow slices), equal to
+    the torch reference."""
     from sageinfer.ops.weight_only import dequantize_kernel
     gen = torch.Generator().manual_seed(n + k)
-    packed = pack(torch.randint(0, 16, (n, k), generator=gen))
+    packed = pack(torch.randint(0, 16, (n, k), generator=gen), slice_width)
     scales = torch.rand(n, k // group, generator=gen) * 0.02 + 0.001
     zeros = (torch.randint(-3, 4, (n, k // group), generator=gen) if asymmetric
              else torch.zeros(n, k // group, dtype=torch.int64)).to(torch.int32)
     for dtype in (torch.float32, torch.bfloat16):
-        got = dequantize_kernel(packed.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), group, dtype)
+        got = dequantize_kernel(packed.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), group, dtype, slice_width)
         assert got.dtype == dtype
-        _same_weight(got.cpu(), dequantize(packed, scales, zeros, group, dtype))
+        _same_weight(got.cpu(), dequantize(packed, scales, zeros, group, dtype, slice_width))
 
 
 @pytest.mark.parametrize("n, k, block", [(64, 128, 32), (100, 200, 64)])

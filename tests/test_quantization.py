@@ -371,12 +371,15 @@ def test_a_w4a16_layer_with_kernels_is_its_dequantized_weight(rows):
     finally:
         set_quant_config(None)
     from kernels_util import DEVICE
-    layer.qweight.data = pack(torch.randint(0, 16, (48, 256), generator=gen))
+    layer.qweight.data = pack(torch.randint(0, 16, (48, 256), generator=gen))  # as loaded: columns in order
     layer.scales.data = torch.rand(48, 4, generator=gen) / 8
     layer.qzeros.data = torch.randint(-3, 4, (48, 4), generator=gen, dtype=torch.int32)
+    ref = dequantize(layer.qweight.data, layer.scales.data, layer.qzeros.data, 64, torch.float64)
+    layer.process_after_loading()  # interleaved for the kernels
+    assert layer.quant.slice_width == 32
     layer.to(DEVICE).use_triton = True
     x = torch.randn(rows, 256, generator=gen)
-    ref = x.double() @ dequantize(layer.qweight.cpu(), layer.scales.cpu(), layer.qzeros.cpu(), 64, torch.float64).t()
+    ref = x.double() @ ref.t()
     # On a GPU the tiled kernel's float32 dots run in tf32.
     tol = 1e-2 if DEVICE != "cpu" else 1e-4
     torch.testing.assert_close(layer(x.to(DEVICE)).double().cpu(), ref, rtol=tol, atol=tol)

@@ -7,11 +7,11 @@ With gated=True the input is an MLP's [gate, up] projection and x = silu(gate) *
 the fly (rounded as ops.activation rounds it), so the down projection needs no SiLU-and-mul launch.
 
 Weights may be 8-bit (FP8 e4m3 or INT8) with a scale per output feature, or per output feature and
-group of input features (block FP8's tiles spread over their rows), or 4-bit integers packed eight to
-an int32 along the input (ops/weight_only.py's layout) with a scale and zero point per group: the
-kernel reads them as they are stored, a half or a quarter of the bytes of 16-bit ones, and scales the
-outputs (or each group of a weight chunk in registers), so quantized layers decode at the memory's
-rate with 16-bit activations (weight-only arithmetic, no activation quantization).
+group of input features (block FP8's tiles spread over their rows): the kernel reads them as they
+are stored, half the bytes of 16-bit ones, and scales the outputs (or each group of a weight chunk in
+registers), so quantized layers decode at the memory's rate with 16-bit activations (weight-only
+arithmetic, no activation quantization). 4-bit integers packed eight to an int32 (ops/weight_only.py's
+interleaved layout) take their own kernel under the same contract (ops/gemv_int4.py).
 
 The residual stream's add and RMSNorm fold in the same way, so a decoder layer at one row needs no
 norm launch: with norm_weight the input is the (already summed) residual stream and every program
@@ -33,9 +33,6 @@ MAX_ROWS = 8
 # From M = 2 on the library GEMM is faster (benchmarks/experiments/tune_gemv.py), so the model uses this at M = 1.
 GEMV_CONFIG = {"block_n": 4, "block_k": 2048, "num_warps": 4, "num_stages": 4}
 GATED_GEMV_CONFIG = {"block_n": 8, "block_k": 2048, "num_warps": 8, "num_stages": 3}
-# 4-bit words: the best of six tried on an H200 at Qwen3-8B shapes, one row (qkv 21 us, o 19, gate_up 68,
-# down 46; the 8-bit/16-bit config above took 46, 46, 75, 51): unpacking, not the bytes, sets the pace.
-INT4_GEMV_CONFIG = {"block_n": 4, "block_k": 1024, "num_warps": 4, "num_stages": 4}
 
 
 @triton.jit
@@ -61,33 +58,24 @@ def _dot_rows(x, w):
 
 
 @triton.jit
-def _load_w(w_rows, ks, mask, scale_rows, zero_rows, k0, row_mask, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-            SCALE_GROUP: tl.constexpr, INT4: tl.constexpr, HAS_ZERO: tl.constexpr):
+def _load_w(w_rows, ks, mask, scale_rows, k0, row_mask, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+            SCALE_GROUP: tl.constexpr):
     """A weight chunk [BLOCK_N, BLOCK_K] from column k0; with SCALE_GROUP, each group of that many
-    columns multiplied by its row's scale (INT4: the nibbles unpacked, less 8 and the group's zero point)."""
-    if INT4:
-        words_at = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        words = tl.load(w_rows + words_at[None, :], mask=row_mask[:, None] & (words_at < K // 8)[None, :], other=0)
-        shifts = tl.arange(0, 8) * 4
-        w = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, BLOCK_K)).to(tl.float32) - 8.0
-    else:
-        w = tl.load(w_rows + ks[None, :], mask=mask, other=0.0)
+    columns multiplied by its row's scale."""
+    w = tl.load(w_rows + ks[None, :], mask=mask, other=0.0)
     if SCALE_GROUP:
         groups = k0 // SCALE_GROUP + tl.arange(0, BLOCK_K // SCALE_GROUP)
         group_mask = row_mask[:, None] & (groups < K // SCALE_GROUP)[None, :]
         s = tl.load(scale_rows + groups[None, :], mask=group_mask, other=0.0).to(tl.float32)
         w = tl.reshape(w.to(tl.float32), (BLOCK_N, BLOCK_K // SCALE_GROUP, SCALE_GROUP))
-        if HAS_ZERO:
-            z = tl.load(zero_rows + groups[None, :], mask=group_mask, other=0).to(tl.float32)
-            w = w - z[:, :, None]
         w = tl.reshape(w * s[:, :, None], (BLOCK_N, BLOCK_K))
     return w
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, stride_xm, stride_wn,
-                 stride_ym, stride_sn, eps, HAS_SCALE: tl.constexpr, SCALE_GROUP: tl.constexpr, INT4: tl.constexpr,
-                 HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, stride_xm, stride_wn,
+                 stride_ym, stride_sn, eps, HAS_SCALE: tl.constexpr, SCALE_GROUP: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, GATED: tl.constexpr, PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr,
                  USE_PDL: tl.constexpr):
@@ -96,15 +84,14 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y_ptr,
     row_mask = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     scale_rows = scale_ptr + rows[:, None].to(tl.int64) * stride_sn
-    zero_rows = zero_ptr + rows[:, None].to(tl.int64) * stride_sn  # zero points share the scales' layout
     ms = tl.arange(0, BLOCK_M)
     m_mask = ms < M
     ks = tl.arange(0, BLOCK_K)
     k_mask = ks < K
     # Under dependent launch the first weight chunk (no kernel writes weights) is requested before
     # waiting for the kernel that produces x.
-    w = _load_w(w_rows, ks, row_mask[:, None] & k_mask[None, :], scale_rows, zero_rows, 0, row_mask, K, BLOCK_N,
-                BLOCK_K, SCALE_GROUP, INT4, HAS_ZERO)
+    w = _load_w(w_rows, ks, row_mask[:, None] & k_mask[None, :], scale_rows, 0, row_mask, K, BLOCK_N,
+                BLOCK_K, SCALE_GROUP)
     launch.wait_for_previous_kernel(USE_PDL)
     if PRENORM:
         # The first two chunks of x are fetched together and kept: the norm's sum of squares costs
@@ -124,13 +111,13 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y_ptr,
             sum_sq += tl.sum(xr * xr, 1)
         rstd = 1.0 / tl.sqrt(sum_sq / K + eps)
         acc = _dot_rows(_normed(x0, rstd, norm_w_ptr, ks, K, dtype), w)
-        w = _load_w(w_rows, ks1, row_mask[:, None] & (ks1 < K)[None, :], scale_rows, zero_rows, BLOCK_K, row_mask,
-                    K, BLOCK_N, BLOCK_K, SCALE_GROUP, INT4, HAS_ZERO)
+        w = _load_w(w_rows, ks1, row_mask[:, None] & (ks1 < K)[None, :], scale_rows, BLOCK_K, row_mask,
+                    K, BLOCK_N, BLOCK_K, SCALE_GROUP)
         acc += _dot_rows(_normed(x1, rstd, norm_w_ptr, ks1, K, dtype), w)
         for k0 in range(2 * BLOCK_K, K, BLOCK_K):
             kr = k0 + ks
-            w = _load_w(w_rows, kr, row_mask[:, None] & (kr < K)[None, :], scale_rows, zero_rows, k0, row_mask, K,
-                        BLOCK_N, BLOCK_K, SCALE_GROUP, INT4, HAS_ZERO)
+            w = _load_w(w_rows, kr, row_mask[:, None] & (kr < K)[None, :], scale_rows, k0, row_mask, K,
+                        BLOCK_N, BLOCK_K, SCALE_GROUP)
             xr = tl.load(x_ptr + ms[:, None] * stride_xm + kr[None, :], mask=m_mask[:, None] & (kr < K)[None, :],
                          other=0.0).to(tl.float32)
             acc += _dot_rows(_normed(xr, rstd, norm_w_ptr, kr, K, dtype), w)
@@ -145,8 +132,7 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y_ptr,
                 k_mask = ks < K
                 w_mask = row_mask[:, None] & k_mask[None, :]
                 x_mask = m_mask[:, None] & k_mask[None, :]
-            w = _load_w(w_rows, ks, w_mask, scale_rows, zero_rows, k0, row_mask, K, BLOCK_N, BLOCK_K, SCALE_GROUP,
-                        INT4, HAS_ZERO)
+            w = _load_w(w_rows, ks, w_mask, scale_rows, k0, row_mask, K, BLOCK_N, BLOCK_K, SCALE_GROUP)
             acc += _dot_rows(_x_chunk(x_ptr, ms, ks, x_mask, stride_xm, K, GATED), w)
     if HAS_SCALE and not SCALE_GROUP:
         acc *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
@@ -164,14 +150,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          config: dict | None = None, gated: bool = False, norm_weight: torch.Tensor | None = None,
          eps: float = 0.0, residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
          weight_scale: torch.Tensor | None = None, weight_zero: torch.Tensor | None = None,
-         int4: bool = False) -> torch.Tensor:
+         int4: bool = False, slice_width: int = 1) -> torch.Tensor:
     """x: [M, K] with M <= MAX_ROWS ([M, 2K] of [gate, up] when gated), weight: [N, K] (rows
     contiguous), bias: [N] or None -> [M, N].
     weight_scale: the scale of each 8-bit weight row ([N]: output = (x @ weight.T) * scale), or of
     each row's groups of K / G consecutive input features ([N, G]: block FP8, 4-bit groups).
-    int4: weight is [N, K / 8] int32, eight 4-bit values to a word along the input (value j of word w
-    is column 8 w + j), each stored plus 8; weight_scale [N, G] is required and weight_zero [N, G]
-    (integers, subtracted before scaling) optional.
+    int4: weight is [N, K / 8] int32, eight 4-bit values to a word along the input, interleaved in
+    slices of slice_width columns (ops/weight_only.py), each stored plus 8; weight_scale [N, G] is
+    required and weight_zero [N, G] (integers, subtracted before scaling) optional.
     norm_weight: x is RMS-normalised (eps) and scaled by it first, as ops.rms_norm does.
     residual: [M, N]; the result is added to it in place and residual is returned.
     out_dtype: the output's dtype (values still rounded to the input's dtype first), e.g. float32
@@ -202,7 +188,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if weight_zero is not None and (weight_zero.shape != weight_scale.shape
                                     or weight_zero.stride() != weight_scale.stride() or not group):
         raise ValueError(f"gemv: weight_zero {tuple(weight_zero.shape)} must match the grouped weight_scale's layout")
-    cfg = config or (GATED_GEMV_CONFIG if gated else INT4_GEMV_CONFIG if int4 else GEMV_CONFIG)
+    y = residual if residual is not None else torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    if int4:
+        from sageinfer.ops.gemv_int4 import int4_gemv
+        return int4_gemv(x, weight, weight_scale, weight_zero, group, slice_width, y, bias, gated, norm_weight, eps,
+                         residual is not None, config)
+    cfg = config or (GATED_GEMV_CONFIG if gated else GEMV_CONFIG)
     block_m = max(1, triton.next_power_of_2(m))
     # Keep x * w tiles inside the registers as rows grow.
     block_k = max(64, cfg["block_k"] // block_m)
@@ -210,12 +201,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         if group & (group - 1):
             raise ValueError(f"gemv: scale groups of {group} input features; powers of two only")
         block_k = max(block_k, group)  # whole groups in each chunk
-    y = residual if residual is not None else torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, cfg["block_n"]),)](
-        x, weight, weight_scale if weight_scale is not None else x, weight_zero if weight_zero is not None else x,
+        x, weight, weight_scale if weight_scale is not None else x,
         bias if bias is not None else x, norm_weight if norm_weight is not None else x, y,
         m, n, k, x.stride(0), weight.stride(0), y.stride(0), weight_scale.stride(0) if group else 0, eps,
-        HAS_SCALE=weight_scale is not None, SCALE_GROUP=group, INT4=int4, HAS_ZERO=weight_zero is not None,
+        HAS_SCALE=weight_scale is not None, SCALE_GROUP=group,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=block_k,
         EVEN_K=k % block_k == 0, GATED=gated, PRENORM=norm_weight is not None, ADD_TO_Y=residual is not None,
         num_warps=cfg["num_warps"],

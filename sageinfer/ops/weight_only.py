@@ -3,9 +3,12 @@ expanded in registers, so a matmul moves fewer bytes than a 16-bit weight would:
 single-stream decode faster. Each kernel has its torch reference (the path for large batches and for
 devices without Triton).
 
-- 4-bit: integers, eight to an int32 along K (nibble j of word w is column 8 w + j), a scale and a
-  zero point per group of `group_size` columns and output row:
-  W[n, k] = (q[n, k] - 8 - zero[n, k // g]) * scale[n, k // g].
+- 4-bit: integers, eight to an int32 along K, a scale and a zero point per group of `group_size`
+  columns and output row: W[n, k] = (q[n, k] - 8 - zero[n, k // g]) * scale[n, k // g]. The words
+  are interleaved in slices of S columns: in each run of 8 S columns, nibble j of word w is column
+  j S + w. A kernel then unpacks nibble j of a row of words into S consecutive columns with one
+  shift for all (no regrouping of registers); S = 1 is the plain order (nibble j of word w is
+  column 8 w + j), what checkpoints store.
 - 8-bit FP8 (e4m3) with a scale per block x block tile, as block-quantized FP8 checkpoints hold them.
 """
 from __future__ import annotations
@@ -15,37 +18,67 @@ import triton
 import triton.language as tl
 
 
-def unpack(packed: torch.Tensor) -> torch.Tensor:
-    """[N, K / 8] int32 -> [N, K] int32 nibbles in [0, 15]."""
+def slice_width_for(k: int, group: int, widest: int = 128) -> int:
+    """The widest power-of-two slice, at most `widest`, that divides the group and whose runs of 8 S
+    columns tile k: each slice then lies in one scale group."""
+    s = widest
+    while s > 1 and (group % s or k % (8 * s)):
+        s //= 2
+    return s
+
+
+def unpack(packed: torch.Tensor, slice_width: int = 1) -> torch.Tensor:
+    """[N, K / 8] int32 -> [N, K] int32 nibbles in [0, 15], in column order."""
     shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
-    return ((packed.unsqueeze(-1) >> shifts) & 0xF).reshape(packed.shape[0], -1)
+    q = (packed.unsqueeze(-1) >> shifts) & 0xF  # [N, words, nibble]
+    if slice_width > 1:  # words (run, w), nibble j -> column (run, j, w)
+        q = q.view(packed.shape[0], -1, slice_width, 8).transpose(2, 3)
+    return q.reshape(packed.shape[0], -1)
 
 
-def pack(q: torch.Tensor) -> torch.Tensor:
+def pack(q: torch.Tensor, slice_width: int = 1) -> torch.Tensor:
     """[N, K] values in [0, 15] -> [N, K / 8] int32 (the inverse of unpack)."""
-    q = q.to(torch.int64).reshape(q.shape[0], -1, 8)
+    q = q.to(torch.int64)
+    if slice_width > 1:
+        q = q.reshape(q.shape[0], -1, 8, slice_width).transpose(2, 3)
+    q = q.reshape(q.shape[0], -1, 8)
     shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
     words = (q << shifts).sum(-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-               dtype: torch.dtype) -> torch.Tensor:
-    q = unpack(packed).float() - 8.0
+               dtype: torch.dtype, slice_width: int = 1) -> torch.Tensor:
+    q = unpack(packed, slice_width).float() - 8.0
     z = zeros.float().repeat_interleave(group_size, dim=1)
     s = scales.float().repeat_interleave(group_size, dim=1)
     return ((q - z) * s).to(dtype)
 
 
 @triton.jit
+def nibbles_as_float(words, shift):
+    """The 4-bit values at `shift` of int32 words as exact fp32 in [0, 15]: the nibble is placed
+    under the exponent of 2^23 and 2^23 subtracted (two integer-free ops instead of a slow int to
+    float conversion)."""
+    bits = ((words >> shift) & 0xF) | 0x4B000000
+    return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, stride_sn,
-                 INT4: tl.constexpr, GROUP: tl.constexpr):
+                 INT4: tl.constexpr, GROUP: tl.constexpr, SLICE: tl.constexpr, BLOCK_K: tl.constexpr):
     """Rows ns x columns ks (one group: k0 // GROUP) of the weight, expanded to fp32 and scaled."""
     w_mask = n_mask[:, None] & k_mask[None, :]
     s = tl.load(s_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
     if INT4:
-        words = tl.load(w_ptr + ns[:, None] * stride_wn + (ks // 8)[None, :], mask=w_mask, other=0)
-        q = ((words >> ((ks % 8) * 4)[None, :]) & 0xF).to(tl.float32) - 8.0
+        if SLICE % BLOCK_K == 0:  # the tile lies in one slice: contiguous words, one shift
+            word = (k0 // (8 * SLICE)) * SLICE + k0 % SLICE + tl.arange(0, BLOCK_K)
+            shift = ((k0 // SLICE) % 8) * 4
+        else:  # column c: word (c // 8 S) S + c % S, nibble (c // S) % 8
+            word = (ks // (8 * SLICE)) * SLICE + ks % SLICE
+            shift = (((ks // SLICE) % 8) * 4)[None, :]
+        words = tl.load(w_ptr + ns[:, None] * stride_wn + word[None, :], mask=w_mask, other=0)
+        q = nibbles_as_float(words, shift) - 8.0
         z = tl.load(z_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0).to(tl.float32)
         q = q - z[:, None]
     else:
@@ -56,8 +89,8 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, str
 
 @triton.jit
 def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                        INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                        INT4: tl.constexpr, GROUP: tl.constexpr, SLICE: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """INT4: packed words, a scale and zero point per GROUP columns; else FP8 bytes with the scale
     of each GROUP-wide tile of the row. BLOCK_K divides GROUP: one scale column per K tile."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -69,7 +102,8 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, s
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
         x = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w = _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, stride_sn, INT4, GROUP).to(x.dtype)
+        w = _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, stride_sn, INT4, GROUP, SLICE,
+                         BLOCK_K).to(x.dtype)
         acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     tl.store(y_ptr + ms[:, None] * stride_ym + ns[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
@@ -77,35 +111,73 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, s
 
 @triton.jit
 def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
-                       INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       INT4: tl.constexpr, GROUP: tl.constexpr, SLICE: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
     ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     ks = k0 + tl.arange(0, BLOCK_K)
     n_mask, k_mask = ns < N, ks < K
-    w = _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, stride_sn, INT4, GROUP)
+    w = _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, stride_sn, INT4, GROUP, SLICE,
+                     BLOCK_K)
     tl.store(out_ptr + ns.to(tl.int64)[:, None] * stride_on + ks[None, :], w.to(out_ptr.dtype.element_ty),
              mask=n_mask[:, None] & k_mask[None, :])
 
 
-def _dequantize_launch(w, scales, zeros, int4: bool, group: int, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+@triton.jit
+def _int4_dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, stride_wn, stride_sn, stride_on, GROUP: tl.constexpr,
+                            SLICE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One run of 8 SLICE columns of BLOCK_N rows: each word read once, its eight nibbles written as
+    eight slices of consecutive columns."""
+    ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    run = tl.program_id(1)
+    n_mask = ns < N
+    ws = tl.arange(0, SLICE)
+    words = tl.load(w_ptr + ns.to(tl.int64)[:, None] * stride_wn + (run * SLICE + ws)[None, :],
+                    mask=n_mask[:, None], other=0)
+    out_rows = out_ptr + ns.to(tl.int64)[:, None] * stride_on
+    for j in tl.static_range(8):
+        k0 = (run * 8 + j) * SLICE
+        s = tl.load(s_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0).to(tl.float32)
+        w = (nibbles_as_float(words, 4 * j) - (8.0 + z)[:, None]) * s[:, None]
+        tl.store(out_rows + (k0 + ws)[None, :], w.to(out_ptr.dtype.element_ty), mask=n_mask[:, None])
+
+
+# Below this slice width the one-pass expansion reads each word per column instead.
+_MIN_RUN_SLICE = 16
+
+
+def _dequantize_launch(w, scales, zeros, int4: bool, group: int, n: int, k: int, dtype: torch.dtype,
+                       slice_width: int = 1) -> torch.Tensor:
     """The whole weight expanded in one pass (reads its bytes once, writes dtype once): what larger
     batches multiply with the library GEMM, instead of the torch reference's several fp32 passes."""
     out = torch.empty(n, k, dtype=dtype, device=w.device)
+    if int4 and slice_width >= _MIN_RUN_SLICE:
+        block_n = 16
+        _int4_dequantize_kernel[(triton.cdiv(n, block_n), k // (8 * slice_width))](
+            w, scales, zeros, out, n, w.stride(0), scales.stride(0), out.stride(0), GROUP=group, SLICE=slice_width,
+            BLOCK_N=block_n)
+        return out
     block_n, block_k = 32, min(128, group & -group)  # a power of two that divides the group
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     _dequantize_kernel[grid](w, scales, zeros, out, n, k, w.stride(0), scales.stride(0), out.stride(0),
-                             INT4=int4, GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k)
+                             INT4=int4, GROUP=group, SLICE=slice_width, BLOCK_N=block_n, BLOCK_K=block_k)
     return out
 
 
-def dequantize_kernel(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                      dtype: torch.dtype) -> torch.Tensor:
-    """`dequantize` in one Triton pass."""
+def _check_int4(packed, scales, group_size, slice_width, what: str) -> None:
     n, k = packed.shape[0], packed.shape[1] * 8
-    if k % group_size or scales.shape != (n, k // group_size):
-        raise ValueError(f"dequantize: packed {tuple(packed.shape)}, scales {tuple(scales.shape)} and group "
-                         f"{group_size} do not fit")
-    return _dequantize_launch(packed, scales.contiguous(), zeros.contiguous(), True, group_size, n, k, dtype)
+    if k % group_size or scales.shape != (n, k // group_size) or k % (8 * slice_width) or group_size % slice_width:
+        raise ValueError(f"{what}: packed {tuple(packed.shape)}, scales {tuple(scales.shape)}, group {group_size} "
+                         f"and slice width {slice_width} do not fit")
+
+
+def dequantize_kernel(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                      dtype: torch.dtype, slice_width: int = 1) -> torch.Tensor:
+    """`dequantize` in one Triton pass."""
+    _check_int4(packed, scales, group_size, slice_width, "dequantize")
+    return _dequantize_launch(packed, scales.contiguous(), zeros.contiguous(), True, group_size, packed.shape[0],
+                              packed.shape[1] * 8, dtype, slice_width)
 
 
 def dequantize_fp8_blocks_kernel(weight: torch.Tensor, scale: torch.Tensor, block: int,
@@ -119,28 +191,31 @@ def dequantize_fp8_blocks_kernel(weight: torch.Tensor, scale: torch.Tensor, bloc
     return _dequantize_launch(weight.view(torch.uint8), scale, scale, False, block, n, k, dtype)
 
 
-def _launch(x, w, scales, zeros, int4: bool, group: int, n: int, block_m: int, block_n: int, block_k: int):
+def _launch(x, w, scales, zeros, int4: bool, group: int, n: int, block_m: int, block_n: int, block_k: int,
+            slice_width: int = 1):
     m, k = x.shape
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _weight_only_kernel[grid](x, w, scales, zeros, y, m, n, k, x.stride(0), w.stride(0), scales.stride(0),
-                              y.stride(0), INT4=int4, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                              y.stride(0), INT4=int4, GROUP=group, SLICE=slice_width, BLOCK_M=block_m,
+                              BLOCK_N=block_n, BLOCK_K=block_k,
                               PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # fp32 models: exact sums
     return y
 
 
 def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 group_size: int, block_m: int = 16, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
-    """x [M, K] (16- or 32-bit floats), packed [N, K / 8] int32, scales [N, K / group] (x's dtype or
-    fp32), zeros [N, K / group] int (0 for symmetric) -> [M, N] in x's dtype."""
+                 group_size: int, block_m: int = 16, block_n: int = 64, block_k: int = 64,
+                 slice_width: int = 1) -> torch.Tensor:
+    """x [M, K] (16- or 32-bit floats), packed [N, K / 8] int32 (interleaved by slice_width),
+    scales [N, K / group] (x's dtype or fp32), zeros [N, K / group] int (0 for symmetric) -> [M, N]
+    in x's dtype."""
     m, k = x.shape
-    n = packed.shape[0]
     block_k = min(block_k, group_size)
-    if packed.shape[1] * 8 != k or group_size % block_k or k % group_size or scales.shape != (n, k // group_size):
-        raise ValueError(f"w4a16: x {tuple(x.shape)}, packed {tuple(packed.shape)}, scales {tuple(scales.shape)} "
-                         f"and group {group_size} do not fit")
-    return _launch(x.contiguous(), packed, scales.contiguous(), zeros.contiguous(), True, group_size, n, block_m,
-                   block_n, block_k)
+    _check_int4(packed, scales, group_size, slice_width, "w4a16")
+    if packed.shape[1] * 8 != k or group_size % block_k:
+        raise ValueError(f"w4a16: x {tuple(x.shape)}, packed {tuple(packed.shape)} and group {group_size} do not fit")
+    return _launch(x.contiguous(), packed, scales.contiguous(), zeros.contiguous(), True, group_size,
+                   packed.shape[0], block_m, block_n, block_k, slice_width)
 
 
 def dequantize_fp8_blocks(weight: torch.Tensor, scale: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:

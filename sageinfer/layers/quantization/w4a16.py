@@ -9,8 +9,9 @@
 - AWQ (GEMM layout): `qweight` [in, out / 8] and `qzeros` [groups, out / 8] packed along the output in
   the order 0 2 4 6 1 3 5 7, `scales` [groups, out].
 
-Each is converted as it loads into one layout (packed [out, in / 8] along the input, scales and
-signed zero points [out, groups]; ops/weight_only.py), so one kernel serves all. Up to 8 rows (decode)
+Each is converted as it loads into one layout (packed [out, in / 8] along the input, interleaved in
+slices of up to 128 columns, scales and signed zero points [out, groups]; ops/weight_only.py), so
+one kernel serves all. Up to 8 rows (decode)
 read the packed words in the skinny kernel (ops/gemv.py: many programs, few steps each), up to 64 in
 the tiled Triton kernel; larger batches unpack the layer's weights and use the library GEMM, where
 the arithmetic, not the bytes, sets the pace.
@@ -22,12 +23,13 @@ from torch import nn
 
 from sageinfer.layers.quantization.config import QuantConfig
 from sageinfer.ops.gemv import MAX_ROWS as GEMV_MAX_ROWS, gemv
-from sageinfer.ops.weight_only import dequantize, dequantize_kernel, pack, unpack
+from sageinfer.ops.weight_only import dequantize, dequantize_kernel, pack, slice_width_for, unpack
 
 # Up to this many rows the packed-weight kernel; beyond, unpack and the library GEMM.
 _KERNEL_MAX_ROWS = 64
-# The one-row kernel reads whole groups in each chunk: wider groups (channel-wise) take the kernel above.
-_ONE_ROW_MAX_GROUP = 1024
+# The one-row kernel unpacks a slice of columns per shift: narrower slices (odd input sizes) take the
+# tiled kernel.
+_ONE_ROW_MIN_SLICE = 16
 
 
 def _tiles(rows: int) -> dict:
@@ -102,6 +104,7 @@ class W4A16Method:
         if local_in % 8 or local_in % group:
             raise ValueError(f"4-bit weights: {local_in} input features per rank do not hold whole groups of {group}")
         self.group = group
+        self.slice_width = slice_width_for(local_in, group)
         groups = local_in // group
         if not c.from_checkpoint:  # full-precision weights (dummy ones), quantized after loading
             return layer.new_weight()
@@ -142,15 +145,17 @@ class W4A16Method:
         c = self.config
         if not c.from_checkpoint:
             return self._quantize(layer)
+        packed = getattr(layer, self.packed_name)
+        columns = unpack(packed.data)
         if c.format == "gptq" and c.desc_act:  # put each group's columns together; inputs follow at run time
             g_idx = layer.g_idx.data.long()
             order = torch.argsort(g_idx, stable=True)
             if bool((torch.bincount(g_idx) != self.group).any()):
                 raise ValueError("GPTQ g_idx does not give every group the same number of columns")
             if not torch.equal(order, torch.arange(len(order), device=order.device)):
-                packed = getattr(layer, self.packed_name)
-                packed.data = pack(unpack(packed.data)[:, order])
+                columns = columns[:, order]
                 layer.register_buffer("input_order", order)
+        packed.data = pack(columns, self.slice_width)
 
     def _quantize(self, layer: nn.Module) -> None:
         dtype = layer.weight.dtype
@@ -159,7 +164,8 @@ class W4A16Method:
         scale = grouped.abs().amax(dim=-1).clamp(min=1e-12) / 7.5  # symmetric: [-8, 7] spans 15 steps
         q = (grouped / scale.unsqueeze(-1)).round().clamp(-8, 7) + 8
         del layer.weight
-        setattr(layer, self.packed_name, nn.Parameter(pack(q.view(w.shape[0], -1)), requires_grad=False))
+        packed = pack(q.view(w.shape[0], -1), self.slice_width)
+        setattr(layer, self.packed_name, nn.Parameter(packed, requires_grad=False))
         setattr(layer, self.scale_name, nn.Parameter(scale.to(dtype), requires_grad=False))
         layer.register_buffer(self.zero_name, torch.zeros_like(scale, dtype=torch.int32))
 
@@ -171,12 +177,13 @@ class W4A16Method:
         return None if hasattr(layer, "input_order") else self._gemv_args(layer)
 
     def _gemv_args(self, layer: nn.Module) -> dict | None:
-        if self.group > _ONE_ROW_MAX_GROUP or self.group & (self.group - 1):
+        if self.slice_width < _ONE_ROW_MIN_SLICE:
             return None
         c = self.config
         no_zeros = not c.from_checkpoint or (c.symmetric and c.format == "compressed-tensors")  # zeros held as 0
         return {"weight": getattr(layer, self.packed_name), "weight_scale": getattr(layer, self.scale_name),
-                "weight_zero": None if no_zeros else getattr(layer, self.zero_name), "int4": True}
+                "weight_zero": None if no_zeros else getattr(layer, self.zero_name), "int4": True,
+                "slice_width": self.slice_width}
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -191,8 +198,9 @@ class W4A16Method:
             y = gemv(x2.contiguous(), **gemv_args)
         elif kernels and x2.shape[0] <= _KERNEL_MAX_ROWS:
             from sageinfer.ops.weight_only import w4a16_matmul
-            y = w4a16_matmul(x2, packed, scales, zeros, self.group, **_tiles(x2.shape[0]))
+            y = w4a16_matmul(x2, packed, scales, zeros, self.group, slice_width=self.slice_width,
+                             **_tiles(x2.shape[0]))
         else:  # the weight expanded (in one pass where kernels run) for the library GEMM
             expand = dequantize_kernel if kernels else dequantize
-            y = torch.nn.functional.linear(x2, expand(packed, scales, zeros, self.group, x.dtype))
+            y = torch.nn.functional.linear(x2, expand(packed, scales, zeros, self.group, x.dtype, self.slice_width))
         return y.reshape(*shape[:-1], y.shape[-1])
