@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -103,9 +104,11 @@ class CudaPlatform(Platform):
     def supports_fp8_block_gemm(self) -> bool:
         # cuBLAS's block-scaled FP8 GEMM (CUDA 12.9 on, Hopper), through torch's scaled_mm. Checked once
         # against the dequantized product: a torch or driver without it, or one that answers wrong,
-        # leaves the layers to expand their weights.
+        # leaves the layers to expand their weights. SAGEINFER_FP8_BLOCK_GEMM=0 leaves them so anyway
+        # (to compare the two paths).
         if not hasattr(self, "_block_fp8_ok"):
-            self._block_fp8_ok = self._probe_fp8_block_gemm()
+            wanted = os.environ.get("SAGEINFER_FP8_BLOCK_GEMM", "1") != "0"
+            self._block_fp8_ok = wanted and self._probe_fp8_block_gemm()
         return self._block_fp8_ok
 
     def _probe_fp8_block_gemm(self) -> bool:

@@ -1,0 +1,117 @@
+"""4-bit weight matmuls (W4A16, group 128) at Qwen3-8B's layer shapes, on the GPU: the one-row kernel's
+tiles, then every path by rows against bf16 weights through the same paths.
+
+  python benchmarks/experiments/tune_int4_gemv.py [--out result.json]
+
+Sweeps ops/gemv_int4.py's configuration (rows per program, warps, stages) and the slice width at one
+row, summing one decode step's four matmuls x 36 layers; then times, by rows, the skinny kernel (up
+to 8), the tiled kernel (ops/weight_only.w4a16_matmul) and the one-pass expansion + library GEMM,
+each checked against the dequantized weights.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from sageinfer.ops.gemv import gemv  # noqa: E402
+from sageinfer.ops.weight_only import dequantize_kernel, pack, w4a16_matmul  # noqa: E402
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}
+LAYERS, GROUP = 36, 128
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=20, rep=100, return_mode="median") * 1e-3
+
+
+def make(n: int, k: int, slice_width: int, dev: str):
+    q = torch.randint(0, 16, (n, k), device=dev)
+    scales = (torch.rand(n, k // GROUP, device=dev) * 0.002 + 0.0005).to(torch.bfloat16)
+    zeros = torch.zeros(n, k // GROUP, dtype=torch.int32, device=dev)
+    dense = ((q.float() - 8) * scales.float().repeat_interleave(GROUP, 1)).to(torch.bfloat16)
+    return pack(q, slice_width), scales, zeros, dense
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    dev, dt = "cuda", torch.bfloat16
+    result = {"sweep": [], "by_rows": {}}
+    layers = {s: {name: make(n, k, s, dev) for name, (n, k) in SHAPES.items()} for s in (64, 128)}
+    xs = {name: torch.randn(1, k, device=dev, dtype=dt) for name, (n, k) in SHAPES.items()}
+    bf16 = sum(bench(lambda: gemv(xs[nm], layers[128][nm][3])) for nm in SHAPES) * LAYERS  # noqa: B023
+    print(f"bf16 weights through gemv, one row: {bf16 * 1e3:.3f} ms a step's matmuls", flush=True)
+    result["bf16_one_row_ms"] = bf16 * 1e3
+    configs = itertools.product((64, 128), (2, 4, 8, 16), (2, 4, 8), (1, 2))
+    for s, bn, warps, stages in configs:
+        cfg = {"block_n": bn, "num_warps": warps, "num_stages": stages}
+        times = {}
+        try:
+            for name in SHAPES:
+                packed, scales, zeros, _ = layers[s][name]
+                times[name] = bench(lambda: gemv(xs[name], packed, config=cfg, weight_scale=scales,  # noqa: B023
+                                                 int4=True, slice_width=s))
+        except Exception as exc:  # noqa: BLE001  (resources exceeded for this tile)
+            print(s, cfg, "failed", type(exc).__name__, flush=True)
+            continue
+        total = sum(times.values()) * LAYERS
+        result["sweep"].append({"slice": s, **cfg, "us": {k: v * 1e6 for k, v in times.items()}, "ms": total * 1e3})
+        print(f"S={s:3d} {cfg}: " + " ".join(f"{k} {v * 1e6:6.1f}" for k, v in times.items())
+              + f"  step {total * 1e3:.3f} ms", flush=True)
+    best = min(result["sweep"], key=lambda r: r["ms"])
+    result["best"] = best
+    cfg = {k: best[k] for k in ("block_n", "num_warps", "num_stages")}
+    s = best["slice"]
+    print("best", best, flush=True)
+    print("| rows | path | qkv | o | gate_up | down | GB/s of 4-bit words (gate_up) | bf16 (same rows) | err |")
+    for rows in (1, 2, 4, 8, 16, 32, 64, 256, 4096):
+        for path in ("gemv", "tiled", "expand"):
+            if (path == "gemv" and rows > 8) or (path == "tiled" and rows > 64):
+                continue
+            line = {}
+            for name, (n, k) in SHAPES.items():
+                packed, scales, zeros, dense = layers[s][name]
+                x = torch.randn(rows, k, device=dev, dtype=dt)
+                if path == "gemv":
+                    fn = lambda: gemv(x, packed, config=cfg, weight_scale=scales, int4=True, slice_width=s)  # noqa: E731,B023
+                    ref_fn = lambda: gemv(x, dense)  # noqa: E731,B023
+                elif path == "tiled":
+                    tiles = {"block_m": 16, "block_n": 32, "block_k": 128} if rows <= 16 else \
+                        {"block_m": 64, "block_n": 128, "block_k": 64}
+                    fn = lambda: w4a16_matmul(x, packed, scales, zeros, GROUP, slice_width=s, **tiles)  # noqa: E731,B023
+                    ref_fn = lambda: torch.nn.functional.linear(x, dense)  # noqa: E731,B023
+                else:
+                    fn = lambda: torch.nn.functional.linear(  # noqa: E731
+                        x, dequantize_kernel(packed, scales, zeros, GROUP, dt, s))  # noqa: B023
+                    ref_fn = lambda: torch.nn.functional.linear(x, dense)  # noqa: E731,B023
+                err = rel_err(fn(), torch.nn.functional.linear(x.float(), dense.float()))
+                line[name] = {"us": bench(fn) * 1e6, "bf16_us": bench(ref_fn) * 1e6, "err": err}
+            gbs = SHAPES["gate_up"][0] * SHAPES["gate_up"][1] / 2 / (line["gate_up"]["us"] * 1e-6) / 1e9
+            result["by_rows"][f"{rows} {path}"] = line
+            print(f"| {rows} | {path} | " + " | ".join(f"{v['us']:.1f}" for v in line.values())
+                  + f" | {gbs:.0f} | " + " / ".join(f"{v['bf16_us']:.1f}" for v in line.values())
+                  + f" | {max(v['err'] for v in line.values()):.1e} |", flush=True)
+    expand = {name: bench(lambda: dequantize_kernel(*layers[s][name][:3], GROUP, dt, s)) * 1e6  # noqa: B023
+              for name in SHAPES}
+    result["expand_only_us"] = expand
+    print("one-pass expansion alone (us):", {k: round(v, 1) for k, v in expand.items()})
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
