@@ -358,9 +358,9 @@ def test_tp2_block_fp8_as_tp1(llama_dir, tmp_path):
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 20, 80])
 def test_a_w4a16_layer_with_kernels_is_its_dequantized_weight(rows):
-    """A 4-bit layer where the platform runs Triton: a few rows through the skinny kernel, up to 64
-    through the tiled one, more through the weight expanded in one pass, each the product with the
-    weights the packed words encode."""
+    """A 4-bit layer where the platform runs Triton: up to 8 rows through the skinny kernel, more
+    through the weight expanded in one pass, each the product with the weights the packed words
+    encode."""
     from sageinfer.layers.linear import Linear
     from sageinfer.layers.quantization import QuantConfig, set_quant_config
     from sageinfer.ops.weight_only import dequantize, pack

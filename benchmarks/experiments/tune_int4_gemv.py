@@ -1,12 +1,14 @@
 """4-bit weight matmuls (W4A16, group 128) at Qwen3-8B's layer shapes, on the GPU: the one-row kernel's
-tiles, then every path by rows against bf16 weights through the same paths.
+tiles, then the 4-bit paths by rows against bf16 weights through the same paths.
 
-  python benchmarks/experiments/tune_int4_gemv.py [--out result.json]
+  python benchmarks/experiments/tune_int4_gemv.py [--out result.json] [--rows 1,2,4,8,16,64,4096]
 
-Sweeps ops/gemv_int4.py's configuration (rows per program, warps, stages) and the slice width at one
-row, summing one decode step's four matmuls x 36 layers; then times, by rows, the skinny kernel (up
-to 8), the tiled kernel (ops/weight_only.w4a16_matmul) and the one-pass expansion + library GEMM,
-each checked against the dequantized weights.
+Each layer is timed as a decode step calls it at one row: qkv and gate_up with the RMSNorm folded in,
+o with the residual add, down with SiLU-and-mul and the residual add. Sweeps ops/gemv_int4.py's
+configuration (rows per program, warps, stages) and the slice width at one row, summing the four
+matmuls x 36 layers; then times, by rows, the skinny kernel (up to 8 rows), the tiled kernel
+(ops/weight_only.w4a16_matmul, up to 64) and the one-pass expansion + library GEMM, each checked
+against the dequantized weights.
 """
 from __future__ import annotations
 
@@ -44,26 +46,39 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def step_call(name: str, rows: int, k: int, dev: str, dt):
+    """The input and the fusion arguments a decode step gives this layer."""
+    x = torch.randn(rows, 2 * k if name == "down" else k, device=dev, dtype=dt)
+    n = SHAPES[name][0]
+    if name in ("qkv", "gate_up"):
+        return x, {"norm_weight": torch.ones(k, device=dev, dtype=dt), "eps": 1e-6}
+    return x, {"gated": name == "down", "residual": torch.zeros(rows, n, device=dev, dtype=dt)}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
+    parser.add_argument("--rows", default="1,2,4,8,16,64,4096")
     args = parser.parse_args()
     dev, dt = "cuda", torch.bfloat16
     result = {"sweep": [], "by_rows": {}}
     layers = {s: {name: make(n, k, s, dev) for name, (n, k) in SHAPES.items()} for s in (64, 128)}
-    xs = {name: torch.randn(1, k, device=dev, dtype=dt) for name, (n, k) in SHAPES.items()}
-    bf16 = sum(bench(lambda: gemv(xs[nm], layers[128][nm][3])) for nm in SHAPES) * LAYERS  # noqa: B023
-    print(f"bf16 weights through gemv, one row: {bf16 * 1e3:.3f} ms a step's matmuls", flush=True)
-    result["bf16_one_row_ms"] = bf16 * 1e3
-    configs = itertools.product((64, 128), (2, 4, 8, 16), (2, 4, 8), (1, 2))
+    calls = {name: step_call(name, 1, k, dev, dt) for name, (n, k) in SHAPES.items()}
+    bf16 = {nm: bench(lambda: gemv(calls[nm][0], layers[128][nm][3], **calls[nm][1])) for nm in SHAPES}  # noqa: B023
+    print("bf16 weights through gemv, one row (us):", {k: round(v * 1e6, 1) for k, v in bf16.items()},
+          f"step {sum(bf16.values()) * LAYERS * 1e3:.3f} ms", flush=True)
+    result["bf16_one_row_us"] = {k: v * 1e6 for k, v in bf16.items()}
+    configs = [(128, bn, w, st) for bn, w, st in itertools.product((4, 8, 16, 32), (4, 8), (1, 2))]
+    configs += [(64, bn, w, 1) for bn, w in itertools.product((8, 16), (4, 8))]
     for s, bn, warps, stages in configs:
         cfg = {"block_n": bn, "num_warps": warps, "num_stages": stages}
         times = {}
         try:
             for name in SHAPES:
-                packed, scales, zeros, _ = layers[s][name]
-                times[name] = bench(lambda: gemv(xs[name], packed, config=cfg, weight_scale=scales,  # noqa: B023
-                                                 int4=True, slice_width=s))
+                packed, scales, _, _ = layers[s][name]
+                x, kw = calls[name]
+                times[name] = bench(lambda: gemv(x, packed, config=cfg, weight_scale=scales,  # noqa: B023
+                                                 int4=True, slice_width=s, **kw))  # noqa: B023
         except Exception as exc:  # noqa: BLE001  (resources exceeded for this tile)
             print(s, cfg, "failed", type(exc).__name__, flush=True)
             continue
@@ -77,7 +92,7 @@ def main():
     s = best["slice"]
     print("best", best, flush=True)
     print("| rows | path | qkv | o | gate_up | down | GB/s of 4-bit words (gate_up) | bf16 (same rows) | err |")
-    for rows in (1, 2, 4, 8, 16, 32, 64, 256, 4096):
+    for rows in (int(r) for r in args.rows.split(",")):
         for path in ("gemv", "tiled", "expand"):
             if (path == "gemv" and rows > 8) or (path == "tiled" and rows > 64):
                 continue
@@ -104,10 +119,6 @@ def main():
             print(f"| {rows} | {path} | " + " | ".join(f"{v['us']:.1f}" for v in line.values())
                   + f" | {gbs:.0f} | " + " / ".join(f"{v['bf16_us']:.1f}" for v in line.values())
                   + f" | {max(v['err'] for v in line.values()):.1e} |", flush=True)
-    expand = {name: bench(lambda: dequantize_kernel(*layers[s][name][:3], GROUP, dt, s)) * 1e6  # noqa: B023
-              for name in SHAPES}
-    result["expand_only_us"] = expand
-    print("one-pass expansion alone (us):", {k: round(v, 1) for k, v in expand.items()})
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -16,11 +16,26 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
-from sageinfer.ops.gemv import _normed, _x_chunk
 from sageinfer.ops.weight_only import nibbles_as_float
 
 # Tuned on an H200 at Qwen3-8B shapes, one row (benchmarks/experiments/tune_int4_gemv.py).
 INT4_GEMV_CONFIG = {"block_n": 4, "num_warps": 4, "num_stages": 1}
+
+
+@triton.jit
+def _x_slice(x_ptr, ms3, ks3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED: tl.constexpr, PRENORM: tl.constexpr):
+    """Input columns ks3 [1, 1, S] of rows ms3 [BLOCK_M, 1, 1] as fp32, formed as ops/gemv.py forms
+    them: silu(gate) * up for a gated input, the RMS-normalised row scaled by norm_w with PRENORM."""
+    offs = ms3 * stride_xm + ks3
+    if GATED:
+        gate = tl.load(x_ptr + offs, mask=m_mask3, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + K + offs, mask=m_mask3, other=0.0)
+        return ((gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=m_mask3, other=0.0)
+    if PRENORM:
+        norm_w = tl.load(norm_w_ptr + ks3)
+        return ((x.to(tl.float32) * rstd3).to(x.dtype) * norm_w).to(tl.float32)
+    return x.to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -28,52 +43,49 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
                       stride_ym, stride_sn, eps, GROUP: tl.constexpr, SLICE: tl.constexpr, HAS_ZERO: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr,
                       PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr, USE_PDL: tl.constexpr):
+    # Every tensor is made in the accumulator's 3-D shape [rows of x, output features, slice] from
+    # its pointers, so no value changes layout inside the loop.
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
-    scale_rows = scale_ptr + rows.to(tl.int64) * stride_sn
-    zero_rows = zero_ptr + rows.to(tl.int64) * stride_sn  # zero points share the scales' layout
+    rows3 = rows[None, :, None].to(tl.int64)
+    row_mask3 = row_mask[None, :, None]
     ms = tl.arange(0, BLOCK_M)
-    m_mask = ms < M
-    ws = tl.arange(0, SLICE)
+    ms3 = ms[:, None, None]
+    m_mask3 = ms3 < M
+    ws3 = tl.arange(0, SLICE)[None, None, :]
+    w_rows = w_ptr + rows3 * stride_wn
     RUN: tl.constexpr = 8 * SLICE
     # The first run's words (no kernel writes weights) are requested before waiting for x's producer.
-    words = tl.load(w_rows + ws[None, :], mask=row_mask[:, None], other=0)
+    words = tl.load(w_rows + ws3, mask=row_mask3, other=0)
     launch.wait_for_previous_kernel(USE_PDL)
-    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rstd3 = tl.zeros((BLOCK_M, 1, 1), dtype=tl.float32)
     if PRENORM:
-        sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, RUN):
-            kr = k0 + tl.arange(0, RUN)
-            xr = tl.load(x_ptr + ms[:, None] * stride_xm + kr[None, :], mask=m_mask[:, None], other=0.0)
-            xr = xr.to(tl.float32)
-            sum_sq += tl.sum(xr * xr, 1)
-        rstd = 1.0 / tl.sqrt(sum_sq / K + eps)
+        sum_sq = tl.zeros((BLOCK_M, 1, 1), dtype=tl.float32)
+        for k0 in range(0, K, RUN):  # wide chunks: few round trips
+            kr = k0 + tl.arange(0, RUN)[None, None, :]
+            xr = tl.load(x_ptr + ms3 * stride_xm + kr, mask=m_mask3, other=0.0).to(tl.float32)
+            sum_sq += tl.sum(xr * xr, 2, keep_dims=True)
+        rstd3 = 1.0 / tl.sqrt(sum_sq / K + eps)
     acc = tl.zeros((BLOCK_M, BLOCK_N, SLICE), dtype=tl.float32)
     for k0 in range(0, K, RUN):
         run_words = words
         # K is a whole number of runs: the next run's words, if any, in flight while this one is used.
-        next_words = k0 // 8 + SLICE + ws
-        words = tl.load(w_rows + next_words[None, :], mask=row_mask[:, None] & (next_words < K // 8)[None, :],
-                        other=0)
+        next_words = k0 // 8 + SLICE + ws3
+        words = tl.load(w_rows + next_words, mask=row_mask3 & (next_words < K // 8), other=0)
         for j in tl.static_range(8):
-            ks = k0 + j * SLICE + ws
-            x = _x_chunk(x_ptr, ms, ks, m_mask[:, None], stride_xm, K, GATED)
-            if PRENORM:
-                x = _normed(x, rstd, norm_w_ptr, ks, K, x_ptr.dtype.element_ty)
+            x = _x_slice(x_ptr, ms3, k0 + j * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED, PRENORM)
             group = (k0 + j * SLICE) // GROUP
-            s = tl.load(scale_rows + group, mask=row_mask, other=0.0).to(tl.float32)
+            s = tl.load(scale_ptr + rows3 * stride_sn + group, mask=row_mask3, other=0.0).to(tl.float32)
             offset = 8.0
             if HAS_ZERO:
-                offset += tl.load(zero_rows + group, mask=row_mask, other=0).to(tl.float32)
-            w = nibbles_as_float(run_words, 4 * j) * s[:, None] - (offset * s)[:, None]
-            acc += x[:, None, :] * w[None, :, :]
+                offset += tl.load(zero_ptr + rows3 * stride_sn + group, mask=row_mask3, other=0).to(tl.float32)
+            acc += x * (nibbles_as_float(run_words, 4 * j) * s - offset * s)
     y_acc = tl.sum(acc, 2)
     if HAS_BIAS:
         y_acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + ms[:, None] * stride_ym + rows[None, :]
-    y_mask = m_mask[:, None] & row_mask[None, :]
+    y_mask = (ms < M)[:, None] & row_mask[None, :]
     y = y_acc.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)  # rounded as the model's dtype rounds
     if ADD_TO_Y:  # residual + layer output, rounded as two tensors of the model's dtype add
         y = y + tl.load(y_ptrs, mask=y_mask, other=0.0)

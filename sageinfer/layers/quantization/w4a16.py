@@ -11,10 +11,10 @@
 
 Each is converted as it loads into one layout (packed [out, in / 8] along the input, interleaved in
 slices of up to 128 columns, scales and signed zero points [out, groups]; ops/weight_only.py), so
-one kernel serves all. Up to 8 rows (decode)
-read the packed words in the skinny kernel (ops/gemv.py: many programs, few steps each), up to 64 in
-the tiled Triton kernel; larger batches unpack the layer's weights and use the library GEMM, where
-the arithmetic, not the bytes, sets the pace.
+one kernel serves all. Up to 8 rows (decode) read the packed words in the skinny kernel
+(ops/gemv_int4.py); more rows expand the layer's weights in one pass and use the library GEMM (on
+an H200 at Qwen3-8B shapes the tiled Triton kernel took 5x the expansion's time at 16 to 64 rows:
+benchmarks/results/2026-12-01-h200-w4a16.md).
 """
 from __future__ import annotations
 
@@ -25,19 +25,9 @@ from sageinfer.layers.quantization.config import QuantConfig
 from sageinfer.ops.gemv import MAX_ROWS as GEMV_MAX_ROWS, gemv
 from sageinfer.ops.weight_only import dequantize, dequantize_kernel, pack, slice_width_for, unpack
 
-# Up to this many rows the packed-weight kernel; beyond, unpack and the library GEMM.
-_KERNEL_MAX_ROWS = 64
 # The one-row kernel unpacks a slice of columns per shift: narrower slices (odd input sizes) take the
-# tiled kernel.
+# expansion.
 _ONE_ROW_MIN_SLICE = 16
-
-
-def _tiles(rows: int) -> dict:
-    """The tiled kernel's tiles by rows, from an H200 at Qwen3-8B shapes (16 rows: 2.1 ms for a layer's
-    four matmuls against 2.7 with 16x64x64 tiles; 64 rows: 3.3 ms against 7.6, and 4.3 unpacking
-    the weights for the library GEMM)."""
-    return {"block_m": 16, "block_n": 32, "block_k": 128} if rows <= 16 else \
-        {"block_m": 64, "block_n": 128, "block_k": 64}
 
 
 _AWQ_COLUMN_OF_NIBBLE = [0, 4, 1, 5, 2, 6, 3, 7]  # column j of a word sits at nibble _AWQ_...[j]
@@ -194,12 +184,8 @@ class W4A16Method:
         packed, scales, zeros = (getattr(layer, n) for n in (self.packed_name, self.scale_name, self.zero_name))
         kernels = layer.use_triton  # the platform's kernel choice (Triton)
         gemv_args = self._gemv_args(layer) if kernels and x2.shape[0] <= GEMV_MAX_ROWS else None
-        if gemv_args is not None:  # a few rows: the tiled kernel below is bound by its loop's latency there
+        if gemv_args is not None:
             y = gemv(x2.contiguous(), **gemv_args)
-        elif kernels and x2.shape[0] <= _KERNEL_MAX_ROWS:
-            from sageinfer.ops.weight_only import w4a16_matmul
-            y = w4a16_matmul(x2, packed, scales, zeros, self.group, slice_width=self.slice_width,
-                             **_tiles(x2.shape[0]))
         else:  # the weight expanded (in one pass where kernels run) for the library GEMM
             expand = dequantize_kernel if kernels else dequantize
             y = torch.nn.functional.linear(x2, expand(packed, scales, zeros, self.group, x.dtype, self.slice_width))
