@@ -1,9 +1,9 @@
-"""The 4-bit weight matmul against its dequantized torch reference."""
+"""The weight-only kernels (4-bit expansion, block-FP8 matmul) against their torch references."""
 import pytest
 import torch
 
 from kernels_util import DEVICE, rel_err
-from sageinfer.ops.weight_only import dequantize, pack, unpack, w4a16_matmul
+from sageinfer.ops.weight_only import dequantize, pack, unpack
 
 
 @pytest.mark.parametrize("slice_width", [1, 2, 8])
@@ -29,28 +29,15 @@ def test_slice_width_divides_the_group_and_tiles_the_input():
     assert slice_width_for(640, 64) == 16 and slice_width_for(4096, 32) == 32 and slice_width_for(200, 40) == 1
 
 
-@pytest.mark.parametrize("m, n, k, group, asymmetric, slice_width", [
-    (1, 40, 256, 64, False, 1), (5, 96, 128, 128, True, 16), (33, 24, 192, 32, True, 8), (3, 24, 512, 64, True, 64)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_w4a16_matmul_matches_the_dequantized_weights(m, n, k, group, asymmetric, slice_width, dtype):
-    """Tiles within one slice (contiguous words) and across slices (a word per column)."""
-    if dtype == torch.float16 and DEVICE == "cpu" and m > 16:
-        pytest.skip("fp16 dots in the interpreter are slow; one fp16 case is enough on the CPU")
-    gen = torch.Generator().manual_seed(m + n + k)
-    packed = pack(torch.randint(0, 16, (n, k), generator=gen), slice_width).to(DEVICE)
-    scales = (torch.rand(n, k // group, generator=gen) * 0.02 + 0.001).to(DEVICE, dtype)
-    zeros = (torch.randint(-3, 4, (n, k // group), generator=gen) if asymmetric
-             else torch.zeros(n, k // group, dtype=torch.int64)).to(DEVICE, torch.int32)
-    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
-    y = w4a16_matmul(x, packed, scales, zeros, group, block_k=32, slice_width=slice_width)
-    ref = x.double() @ dequantize(packed, scales, zeros, group, torch.float64, slice_width).t()
-    assert y.dtype == dtype and rel_err(y, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
-
-
-def test_shapes_that_do_not_fit_are_refused():
-    with pytest.raises(ValueError, match="do not fit"):
-        w4a16_matmul(torch.zeros(1, 64, device=DEVICE), torch.zeros(8, 4, dtype=torch.int32, device=DEVICE),
-                     torch.ones(8, 1, device=DEVICE), torch.zeros(8, 1, dtype=torch.int32, device=DEVICE), 64)
+def test_packed_shapes_that_do_not_fit_are_refused():
+    from sageinfer.ops.weight_only import dequantize_kernel
+    packed = torch.zeros(8, 32, dtype=torch.int32, device=DEVICE)  # 256 input features
+    with pytest.raises(ValueError, match="do not fit"):  # scales for another number of groups
+        dequantize_kernel(packed, torch.ones(8, 3, device=DEVICE), torch.zeros(8, 3, dtype=torch.int32, device=DEVICE),
+                          64, torch.float32)
+    with pytest.raises(ValueError, match="do not fit"):  # runs of 8 x 64 columns do not tile 256
+        dequantize_kernel(packed, torch.ones(8, 2, device=DEVICE), torch.zeros(8, 2, dtype=torch.int32, device=DEVICE),
+                          128, torch.float32, slice_width=64)
 
 
 @pytest.mark.parametrize("m, n, k, block", [(1, 64, 128, 32), (20, 96, 64, 64), (3, 40, 96, 32)])

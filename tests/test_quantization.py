@@ -380,7 +380,7 @@ def test_a_w4a16_layer_with_kernels_is_its_dequantized_weight(rows):
     layer.to(DEVICE).use_triton = True
     x = torch.randn(rows, 256, generator=gen)
     ref = x.double() @ ref.t()
-    # On a GPU the tiled kernel's float32 dots run in tf32.
+    # On a GPU float32 products may run in tf32.
     tol = 1e-2 if DEVICE != "cpu" else 1e-4
     torch.testing.assert_close(layer(x.to(DEVICE)).double().cpu(), ref, rtol=tol, atol=tol)
 

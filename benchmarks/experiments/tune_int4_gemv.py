@@ -6,8 +6,8 @@ tiles, then the 4-bit paths by rows against bf16 weights through the same paths.
 Each layer is timed as a decode step calls it at one row: qkv and gate_up with the RMSNorm folded in,
 o with the residual add, down with SiLU-and-mul and the residual add. Sweeps ops/gemv_int4.py's
 configuration (rows per program, warps, stages) and the slice width at one row, summing the four
-matmuls x 36 layers; then times, by rows, the skinny kernel (up to 8 rows), the tiled kernel
-(ops/weight_only.w4a16_matmul, up to 64) and the one-pass expansion + library GEMM, each checked
+matmuls x 36 layers; then times, by rows, the skinny kernel (up to 8 rows; with --no-sweep in the
+engine's configuration for each row count) and the one-pass expansion + library GEMM, each checked
 against the dequantized weights.
 """
 from __future__ import annotations
@@ -24,7 +24,8 @@ import triton
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from sageinfer.ops.gemv import gemv  # noqa: E402
-from sageinfer.ops.weight_only import dequantize_kernel, pack, w4a16_matmul  # noqa: E402
+from sageinfer.ops.gemv_int4 import INT4_GEMV_CONFIG  # noqa: E402
+from sageinfer.ops.weight_only import dequantize_kernel, pack  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}
 LAYERS, GROUP = 36, 128
@@ -59,6 +60,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     parser.add_argument("--rows", default="1,2,4,8,16,64,4096")
+    parser.add_argument("--no-sweep", action="store_true", help="time ops/gemv_int4.py's configuration only")
     args = parser.parse_args()
     dev, dt = "cuda", torch.bfloat16
     result = {"sweep": [], "by_rows": {}}
@@ -70,6 +72,8 @@ def main():
     result["bf16_one_row_us"] = {k: v * 1e6 for k, v in bf16.items()}
     configs = [(128, bn, w, st) for bn, w, st in itertools.product((4, 8, 16, 32), (4, 8), (1, 2))]
     configs += [(64, bn, w, 1) for bn, w in itertools.product((8, 16), (4, 8))]
+    if args.no_sweep:
+        configs = [(128, INT4_GEMV_CONFIG["block_n"], INT4_GEMV_CONFIG["num_warps"], INT4_GEMV_CONFIG["num_stages"])]
     for s, bn, warps, stages in configs:
         cfg = {"block_n": bn, "num_warps": warps, "num_stages": stages}
         times = {}
@@ -88,13 +92,13 @@ def main():
               + f"  step {total * 1e3:.3f} ms", flush=True)
     best = min(result["sweep"], key=lambda r: r["ms"])
     result["best"] = best
-    cfg = {k: best[k] for k in ("block_n", "num_warps", "num_stages")}
+    cfg = None if args.no_sweep else {k: best[k] for k in ("block_n", "num_warps", "num_stages")}
     s = best["slice"]
     print("best", best, flush=True)
     print("| rows | path | qkv | o | gate_up | down | GB/s of 4-bit words (gate_up) | bf16 (same rows) | err |")
     for rows in (int(r) for r in args.rows.split(",")):
-        for path in ("gemv", "tiled", "expand"):
-            if (path == "gemv" and rows > 8) or (path == "tiled" and rows > 64):
+        for path in ("gemv", "expand"):
+            if path == "gemv" and rows > 8:
                 continue
             line = {}
             for name, (n, k) in SHAPES.items():
@@ -103,11 +107,6 @@ def main():
                 if path == "gemv":
                     fn = lambda: gemv(x, packed, config=cfg, weight_scale=scales, int4=True, slice_width=s)  # noqa: E731,B023
                     ref_fn = lambda: gemv(x, dense)  # noqa: E731,B023
-                elif path == "tiled":
-                    tiles = {"block_m": 16, "block_n": 32, "block_k": 128} if rows <= 16 else \
-                        {"block_m": 64, "block_n": 128, "block_k": 64}
-                    fn = lambda: w4a16_matmul(x, packed, scales, zeros, GROUP, slice_width=s, **tiles)  # noqa: E731,B023
-                    ref_fn = lambda: torch.nn.functional.linear(x, dense)  # noqa: E731,B023
                 else:
                     fn = lambda: torch.nn.functional.linear(  # noqa: E731
                         x, dequantize_kernel(packed, scales, zeros, GROUP, dt, s))  # noqa: B023

@@ -18,8 +18,11 @@ import triton.language as tl
 from sageinfer.ops import launch
 from sageinfer.ops.weight_only import nibbles_as_float
 
-# Tuned on an H200 at Qwen3-8B shapes, one row (benchmarks/experiments/tune_int4_gemv.py).
-INT4_GEMV_CONFIG = {"block_n": 4, "num_warps": 4, "num_stages": 1}
+# The best of 20 tried on an H200 at Qwen3-8B shapes, one row, each layer with its decode-step fusions
+# (benchmarks/experiments/tune_int4_gemv.py; 5.0 ms for 36 layers' four matmuls against 5.5 for bf16
+# weights through ops/gemv.py). block_n is for one row: more rows take fewer output features per
+# program, so that the [rows, block_n, slice] accumulator stays in registers.
+INT4_GEMV_CONFIG = {"block_n": 32, "num_warps": 8, "num_stages": 2}
 
 
 @triton.jit
@@ -100,13 +103,14 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     if slice_width < 2 or k % (8 * slice_width) or group % slice_width:
         raise ValueError(f"gemv: 4-bit words interleaved in slices of {slice_width} do not tile {k} input features "
                          f"in groups of {group}")
-    cfg = config or INT4_GEMV_CONFIG
+    block_m = max(1, triton.next_power_of_2(m))
+    cfg = config or dict(INT4_GEMV_CONFIG, block_n=max(4, INT4_GEMV_CONFIG["block_n"] // block_m))
     _int4_gemv_kernel[(triton.cdiv(n, cfg["block_n"]),)](
         x, weight, weight_scale, weight_zero if weight_zero is not None else weight_scale,
         bias if bias is not None else x, norm_weight if norm_weight is not None else x, y,
         m, n, k, x.stride(0), weight.stride(0), y.stride(0), weight_scale.stride(0), eps,
         GROUP=group, SLICE=slice_width, HAS_ZERO=weight_zero is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=cfg["block_n"], GATED=gated,
+        BLOCK_M=block_m, BLOCK_N=cfg["block_n"], GATED=gated,
         PRENORM=norm_weight is not None, ADD_TO_Y=add_to_y, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **launch.dependent_launch_kwargs())
     return y

@@ -203,21 +203,6 @@ def _launch(x, w, scales, zeros, int4: bool, group: int, n: int, block_m: int, b
     return y
 
 
-def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 group_size: int, block_m: int = 16, block_n: int = 64, block_k: int = 64,
-                 slice_width: int = 1) -> torch.Tensor:
-    """x [M, K] (16- or 32-bit floats), packed [N, K / 8] int32 (interleaved by slice_width),
-    scales [N, K / group] (x's dtype or fp32), zeros [N, K / group] int (0 for symmetric) -> [M, N]
-    in x's dtype."""
-    m, k = x.shape
-    block_k = min(block_k, group_size)
-    _check_int4(packed, scales, group_size, slice_width, "w4a16")
-    if packed.shape[1] * 8 != k or group_size % block_k:
-        raise ValueError(f"w4a16: x {tuple(x.shape)}, packed {tuple(packed.shape)} and group {group_size} do not fit")
-    return _launch(x.contiguous(), packed, scales.contiguous(), zeros.contiguous(), True, group_size,
-                   packed.shape[0], block_m, block_n, block_k, slice_width)
-
-
 def dequantize_fp8_blocks(weight: torch.Tensor, scale: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
     """FP8 weight [N, K] with the scale of each row's block x block tiles, [N, ceil(K / b)] -> [N, K]."""
     k = weight.shape[1]
