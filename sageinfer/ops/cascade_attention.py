@@ -102,6 +102,11 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     part_out = torch.empty(num_splits, num_tokens, num_heads, head_dim_pad, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
+    block_n, num_stages = cfg["block_n"], cfg["num_stages"]
+    if config is None:  # halving a key tile keeps it a divisor of PREFIX_ALIGN
+        block_n, num_stages = launch.fit_key_tiles(cfg["block_m"], block_n, num_stages, head_dim_pad,
+                                                   max(q.element_size(), k_cache.element_size()),
+                                                   launch.shared_memory_limit(q.device.index or 0))
     grid = (triton.cdiv(num_tokens * group, cfg["block_m"]), num_kv_heads, num_splits)
     fp8 = fp8_scale if kv_mode == 1 else 1.0
     _prefix_attention_kernel[grid](
@@ -109,8 +114,8 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         prefix_blocks, prefix_len, part_out, part_lse, num_tokens, num_splits, scale * LOG2E * fp8, fp8,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        PAGE_SIZE=page_size, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], KV_MODE=kv_mode,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PAGE_SIZE=page_size, BLOCK_M=cfg["block_m"], BLOCK_N=block_n, KV_MODE=kv_mode,
+        num_warps=cfg["num_warps"], num_stages=num_stages,
         **launch.dependent_launch_kwargs())
     return part_out, part_lse
 

@@ -12,6 +12,8 @@ H100); at decode batch 256 it measured ~1% slower and stays off.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 
 import triton
 import triton.language as tl
@@ -41,3 +43,33 @@ def dependent_launch_kwargs() -> dict:
 def wait_for_previous_kernel(USE_PDL: tl.constexpr):
     if USE_PDL:  # only where the platform supports dependent launch
         wait_grid_dependency_and_release_dependents()
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_limit(device_index: int) -> int | None:
+    """Bytes of shared memory one program may take on this device, from Triton's driver; None where
+    no driver says (the interpreter)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    try:
+        return int(triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+    except Exception:  # noqa: BLE001 - a backend without the query: no limit known
+        return None
+
+
+def fit_key_tiles(block_m: int, block_n: int, num_stages: int, head_dim: int, element_size: int,
+                  limit: int | None) -> tuple[int, int]:
+    """(block_n, num_stages) of an attention kernel whose query tile [block_m, head_dim] stays while
+    key and value tiles [block_n, head_dim] are pipelined over num_stages - 1 buffers, shrunk (stages
+    first, then key tiles) until they fit in `limit` bytes: tiles tuned for 16-bit caches overflow
+    with 32-bit ones."""
+    def need(n, stages):
+        return (block_m + 2 * n * max(1, stages - 1)) * head_dim * element_size + 4096  # + the compiler's own
+    while limit is not None and need(block_n, num_stages) > limit:
+        if num_stages > 2:
+            num_stages -= 1
+        elif block_n > 16:
+            block_n //= 2
+        else:
+            break
+    return block_n, num_stages

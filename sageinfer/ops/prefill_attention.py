@@ -168,6 +168,11 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                          f" got page {page_size}, head dim {head_dim}, {k_cache.dtype}")
     block_q = max(1, min(cfg["block_m"] // group, triton.next_power_of_2(max_query_len)))
     block_m = max(16, triton.next_power_of_2(block_q * group))
+    num_stages = cfg["num_stages"]
+    if config is None:  # halving a key tile keeps it a divisor of the page
+        block_n, num_stages = launch.fit_key_tiles(block_m, block_n, num_stages, head_dim,
+                                                   max(q.element_size(), k_cache.element_size()),
+                                                   launch.shared_memory_limit(q.device.index or 0))
     stride_row = num_kv_heads * head_dim
     if cfg["use_tma"]:
         rows = num_blocks * page_size
@@ -182,5 +187,5 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), stride_row, block_table.stride(0),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         USE_TMA=cfg["use_tma"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **launch.dependent_launch_kwargs())
+        num_stages=num_stages, **launch.dependent_launch_kwargs())
     return out
