@@ -109,11 +109,11 @@ def test_rotary_inside_attention_refuses_prefill():
 
 
 def test_key_tiles_shrink_to_the_shared_memory_of_the_device():
-    """Tiles tuned for 16-bit caches: a float32 model with 128-wide heads asked an H200 for 321 KB of
-    shared memory (232,448 bytes there) and failed to launch. Stages go first, then key tiles."""
+    """Tiles tuned for 16-bit caches: a float32 model with 128-wide heads asked an H200 for 320 KB of
+    shared memory (232,448 bytes there) and failed to launch; 128 x 64 tiles take 192 KB."""
     from sageinfer.ops.launch import fit_key_tiles
-    h200 = 232448
+    h200, a100 = 232448, 166912
     assert fit_key_tiles(128, 128, 3, 128, 2, h200) == (128, 3)  # bf16: as tuned
-    assert fit_key_tiles(128, 128, 3, 128, 4, h200) == (128, 2)
-    assert fit_key_tiles(128, 128, 3, 128, 4, 101376) == (16, 2)  # a card with 99 KB
+    assert fit_key_tiles(128, 128, 3, 128, 4, h200) == (64, 3)
+    assert fit_key_tiles(128, 128, 3, 128, 4, a100) == (32, 3)
     assert fit_key_tiles(128, 128, 3, 128, 4, None) == (128, 3)  # no limit known (the interpreter)
