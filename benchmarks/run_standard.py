@@ -11,12 +11,12 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from provenance import source_version  # noqa: E402
 from sageinfer import LLM  # noqa: E402
 from sageinfer.bench.roofline import decode_bandwidth_gbs, model_sizes, prefill_flops  # noqa: E402
 from sageinfer.bench.mixed import MIXES  # noqa: E402
@@ -97,8 +97,7 @@ def main() -> None:
                   f"TPOT {r['tpot_vs_vllm']:.2f}x (lower is better) | decode BW "
                   f"{100 * r['decode_fraction_of_bandwidth']:.0f}%, prefill {100 * r['prefill_fraction_of_matmul']:.0f}% |")
     if args.out:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        record = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "git_commit": commit or None,
+        record = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), **source_version(),
                   "device": engine.platform.device_name(), "date": datetime.date.today().isoformat(),
                   "startup_s": startup, "graph_capture_s": engine.graph_capture_seconds,
                   "warm_up_s": engine.warm_up_seconds,
