@@ -5,10 +5,10 @@ tiles, then the 4-bit paths by rows against bf16 weights through the same paths.
 
 Each layer is timed as a decode step calls it at one row: qkv and gate_up with the RMSNorm folded in,
 o with the residual add, down with SiLU-and-mul and the residual add. Sweeps ops/gemv_int4.py's
-configuration (rows per program, warps, stages) and the slice width at one row, summing the four
-matmuls x 36 layers; then times, by rows, the skinny kernel (up to 8 rows; with --no-sweep in the
-engine's configuration for each row count) and the one-pass expansion + library GEMM, each checked
-against the dequantized weights.
+configuration (rows per program, warps, stages; the CUDA-core and the tensor-core kernel) at one
+row, summing the four matmuls x 36 layers; then times, by rows, the skinny kernel (up to 8 rows; with
+--no-sweep in the engine's configuration for each row count) and the one-pass expansion + library
+GEMM, each checked against the dequantized weights.
 """
 from __future__ import annotations
 
@@ -64,18 +64,19 @@ def main():
     args = parser.parse_args()
     dev, dt = "cuda", torch.bfloat16
     result = {"sweep": [], "by_rows": {}}
-    layers = {s: {name: make(n, k, s, dev) for name, (n, k) in SHAPES.items()} for s in (64, 128)}
+    layers = {128: {name: make(n, k, 128, dev) for name, (n, k) in SHAPES.items()}}
     calls = {name: step_call(name, 1, k, dev, dt) for name, (n, k) in SHAPES.items()}
     bf16 = {nm: bench(lambda: gemv(calls[nm][0], layers[128][nm][3], **calls[nm][1])) for nm in SHAPES}  # noqa: B023
     print("bf16 weights through gemv, one row (us):", {k: round(v * 1e6, 1) for k, v in bf16.items()},
           f"step {sum(bf16.values()) * LAYERS * 1e3:.3f} ms", flush=True)
     result["bf16_one_row_us"] = {k: v * 1e6 for k, v in bf16.items()}
-    configs = [(128, bn, w, st) for bn, w, st in itertools.product((4, 8, 16, 32), (4, 8), (1, 2))]
-    configs += [(64, bn, w, 1) for bn, w in itertools.product((8, 16), (4, 8))]
+    configs = [(128, bn, w, st, False) for bn, w, st in itertools.product((8, 16, 32), (4, 8), (1, 2))]
+    configs += [(128, bn, w, st, True) for bn, w, st in itertools.product((64, 128), (4, 8), (2, 3))]
     if args.no_sweep:
-        configs = [(128, INT4_GEMV_CONFIG["block_n"], INT4_GEMV_CONFIG["num_warps"], INT4_GEMV_CONFIG["num_stages"])]
-    for s, bn, warps, stages in configs:
-        cfg = {"block_n": bn, "num_warps": warps, "num_stages": stages}
+        configs = [(128, INT4_GEMV_CONFIG["block_n"], INT4_GEMV_CONFIG["num_warps"], INT4_GEMV_CONFIG["num_stages"],
+                    bool(INT4_GEMV_CONFIG.get("mma")))]
+    for s, bn, warps, stages, mma in configs:
+        cfg = {"block_n": bn, "num_warps": warps, "num_stages": stages, "mma": mma}
         times = {}
         try:
             for name in SHAPES:
@@ -88,11 +89,11 @@ def main():
             continue
         total = sum(times.values()) * LAYERS
         result["sweep"].append({"slice": s, **cfg, "us": {k: v * 1e6 for k, v in times.items()}, "ms": total * 1e3})
-        print(f"S={s:3d} {cfg}: " + " ".join(f"{k} {v * 1e6:6.1f}" for k, v in times.items())
+        print(f"{cfg}: " + " ".join(f"{k} {v * 1e6:6.1f}" for k, v in times.items())
               + f"  step {total * 1e3:.3f} ms", flush=True)
     best = min(result["sweep"], key=lambda r: r["ms"])
     result["best"] = best
-    cfg = None if args.no_sweep else {k: best[k] for k in ("block_n", "num_warps", "num_stages")}
+    cfg = None if args.no_sweep else {k: best[k] for k in ("block_n", "num_warps", "num_stages", "mma")}
     s = best["slice"]
     print("best", best, flush=True)
     print("| rows | path | qkv | o | gate_up | down | GB/s of 4-bit words (gate_up) | bf16 (same rows) | err |")

@@ -8,6 +8,9 @@ of the eight nibbles takes one shift and a float trick to get S consecutive colu
 them by their group's scale less the zero point, and accumulates x * w element-wise; one reduction
 at the end. No int-to-float conversion, no regrouping of registers: at one row that is what held
 the plain layout's kernel to a fifth of the memory's rate.
+
+A second kernel does the same on the tensor cores (rows padded to 16, the weights dequantized in
+registers as the MMA's first operand): fewer instructions a weight, and 2-8 rows cost what one does.
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ from sageinfer.ops.weight_only import nibbles_as_float
 # The best of 20 tried on an H200 at Qwen3-8B shapes, one row, each layer with its decode-step fusions
 # (benchmarks/experiments/tune_int4_gemv.py; 5.0 ms for 36 layers' four matmuls against 5.5 for bf16
 # weights through ops/gemv.py). block_n is for one row: more rows take fewer output features per
-# program, so that the [rows, block_n, slice] accumulator stays in registers.
+# program, so that the [rows, block_n, slice] accumulator stays in registers. "mma": True takes the
+# tensor-core kernel instead (compiled for sm_90: about 5.4 instructions a weight in its loop against
+# 8 here; not yet timed on a GPU).
 INT4_GEMV_CONFIG = {"block_n": 32, "num_warps": 8, "num_stages": 2}
 
 
@@ -95,6 +100,96 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
     tl.store(y_ptrs, y, mask=y_mask)
 
 
+@triton.jit
+def _xt_slice(x_ptr, ks, ms, m_mask, stride_xm, K, rstd, norm_w_ptr, GATED: tl.constexpr, PRENORM: tl.constexpr):
+    """Input columns ks [S, 1] of rows ms [1, 16] (rows past M zero), transposed for the MMA, in x's
+    dtype as ops.activation / ops.rms_norm would hand them to a matmul."""
+    offs = ms * stride_xm + ks
+    x = tl.load(x_ptr + offs, mask=m_mask, other=0.0)
+    if GATED:
+        up = tl.load(x_ptr + K + offs, mask=m_mask, other=0.0)
+        gate = x.to(tl.float32)
+        return (gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up
+    if PRENORM:
+        return (x.to(tl.float32) * rstd).to(x.dtype) * tl.load(norm_w_ptr + ks)
+    return x
+
+
+@triton.jit(do_not_specialize=["M"])
+def _int4_gemv_mma_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, stride_xm,
+                          stride_wn, stride_ym, stride_sn, eps, GROUP: tl.constexpr, SLICE: tl.constexpr,
+                          HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                          GATED: tl.constexpr, PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr, USE_PDL: tl.constexpr):
+    """The same contract on the tensor cores: y^T [BLOCK_N, 16] = W x^T with the rows of x padded to 16,
+    the weights dequantized in registers as the MMA's first operand. Nibbles come out of a word by
+    masking under the exponent of 2^23 (the word's low 20 bits, then its high 12): float j minus
+    float j - 1 is nibble j times 16^j exactly, so one mask and one subtraction a weight, no shifts;
+    the power of 16 is folded into the group's scale. Weights are rounded to x's dtype as the
+    dequantized reference rounds them."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
+    ws = tl.arange(0, SLICE)
+    ms = tl.arange(0, 16)[None, :]
+    m_mask = ms < M
+    RUN: tl.constexpr = 8 * SLICE
+    launch.wait_for_previous_kernel(USE_PDL)
+    rstd = tl.zeros((1, 16), dtype=tl.float32)
+    if PRENORM:
+        CHUNK: tl.constexpr = 256
+        sum_sq = tl.zeros((16,), dtype=tl.float32)
+        for k0 in range(0, K, CHUNK):
+            kc = k0 + tl.arange(0, CHUNK)[:, None]
+            xc = tl.load(x_ptr + ms * stride_xm + kc, mask=m_mask & (kc < K), other=0.0).to(tl.float32)
+            sum_sq += tl.sum(xc * xc, 0)
+        rstd = (1.0 / tl.sqrt(sum_sq / K + eps))[None, :]
+    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    for k0 in range(0, K, RUN):
+        run_words = tl.load(w_rows + (k0 // 8 + ws)[None, :], mask=row_mask[:, None], other=0)
+        low = (run_words & 0xFFFFF) | 0x4B000000  # nibbles 0-4 under 2^23's exponent
+        high = ((run_words >> 20) & 0xFFF) | 0x4B000000  # nibbles 5-7
+        below = 8388608.0  # float j - 1 (2^23 with no nibble yet)
+        for j in tl.static_range(8):
+            if j < 5:
+                place = 4 * j
+                word = low
+            else:
+                place = 4 * (j - 5)
+                word = high
+            if j == 4 or j == 7:
+                upto = word.to(tl.float32, bitcast=True)
+            else:  # the exponent's bits (0xFF800000 as int32) and nibbles up to this one
+                upto = (word & (-8388608 | ((16 << place) - 1))).to(tl.float32, bitcast=True)
+            if j == 5:
+                below = 8388608.0
+            group = (k0 + j * SLICE) // GROUP
+            s = tl.load(scale_ptr + rows * stride_sn + group, mask=row_mask, other=0.0)
+            # (nibble - 8 - zero) * 16^place, exact, then times scale / 16^place (exact in any float)
+            if HAS_ZERO:
+                zero = tl.load(zero_ptr + rows * stride_sn + group, mask=row_mask, other=0).to(tl.float32)
+                q = upto - below - ((8.0 + zero) * (1 << place))[:, None]
+            else:
+                q = upto - (below + 8.0 * (1 << place))
+            below = upto
+            dtype = x_ptr.dtype.element_ty
+            if dtype == tl.float16:  # 16^place would overflow fp16: unscaled first (in fp32, exact)
+                w = (q * (1.0 / (1 << place))).to(dtype) * s.to(dtype)[:, None]
+            else:
+                w = q.to(dtype) * (s.to(tl.float32) * (1.0 / (1 << place))).to(dtype)[:, None]
+            xt = _xt_slice(x_ptr, (k0 + j * SLICE + ws)[:, None], ms, m_mask, stride_xm, K, rstd, norm_w_ptr,
+                           GATED, PRENORM)
+            acc = tl.dot(w, xt, acc, input_precision="ieee" if x_ptr.dtype.element_ty == tl.float32 else "tf32")
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + ms * stride_ym + rows[:, None]
+    y_mask = m_mask & row_mask[:, None]
+    y = acc.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)  # rounded as the model's dtype rounds
+    if ADD_TO_Y:
+        y = y + tl.load(y_ptrs, mask=y_mask, other=0.0)
+    tl.store(y_ptrs, y, mask=y_mask)
+
+
 def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, weight_zero: torch.Tensor | None,
               group: int, slice_width: int, y: torch.Tensor, bias: torch.Tensor | None, gated: bool,
               norm_weight: torch.Tensor | None, eps: float, add_to_y: bool, config: dict | None) -> torch.Tensor:
@@ -104,13 +199,18 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
         raise ValueError(f"gemv: 4-bit words interleaved in slices of {slice_width} do not tile {k} input features "
                          f"in groups of {group}")
     block_m = max(1, triton.next_power_of_2(m))
-    cfg = config or dict(INT4_GEMV_CONFIG, block_n=max(4, INT4_GEMV_CONFIG["block_n"] // block_m))
-    _int4_gemv_kernel[(triton.cdiv(n, cfg["block_n"]),)](
-        x, weight, weight_scale, weight_zero if weight_zero is not None else weight_scale,
-        bias if bias is not None else x, norm_weight if norm_weight is not None else x, y,
-        m, n, k, x.stride(0), weight.stride(0), y.stride(0), weight_scale.stride(0), eps,
-        GROUP=group, SLICE=slice_width, HAS_ZERO=weight_zero is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=cfg["block_n"], GATED=gated,
-        PRENORM=norm_weight is not None, ADD_TO_Y=add_to_y, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **launch.dependent_launch_kwargs())
+    cfg = config or (INT4_GEMV_CONFIG if INT4_GEMV_CONFIG.get("mma")  # rows are padded to 16 there anyway
+                     else dict(INT4_GEMV_CONFIG, block_n=max(4, INT4_GEMV_CONFIG["block_n"] // block_m)))
+    args = (x, weight, weight_scale, weight_zero if weight_zero is not None else weight_scale,
+            bias if bias is not None else x, norm_weight if norm_weight is not None else x, y,
+            m, n, k, x.stride(0), weight.stride(0), y.stride(0), weight_scale.stride(0), eps)
+    flags = dict(GROUP=group, SLICE=slice_width, HAS_ZERO=weight_zero is not None, HAS_BIAS=bias is not None,
+                 BLOCK_N=cfg["block_n"], GATED=gated, PRENORM=norm_weight is not None, ADD_TO_Y=add_to_y,
+                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch.dependent_launch_kwargs())
+    if cfg.get("mma"):
+        if cfg["block_n"] < 16 or slice_width < 16:
+            raise ValueError("gemv: the tensor-core 4-bit kernel takes blocks of at least 16 features and slices of 16")
+        _int4_gemv_mma_kernel[(triton.cdiv(n, cfg["block_n"]),)](*args, **flags)
+    else:
+        _int4_gemv_kernel[(triton.cdiv(n, cfg["block_n"]),)](*args, BLOCK_M=block_m, **flags)
     return y
