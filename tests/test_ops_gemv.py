@@ -182,3 +182,23 @@ def test_gemv_unpacks_4bit_weights_with_group_scales_and_zero_points(mode, zeros
         with pytest.raises(ValueError, match="tensor-core"):
             gemv(x.to(DEVICE), packed.to(DEVICE), config=dict(cfg, block_n=8), weight_scale=scale.to(DEVICE),
                  int4=True, slice_width=s, **kwargs)
+
+
+@pytest.mark.parametrize("rows", [5, 20, 70])
+def test_4bit_tensor_core_matmul_takes_any_number_of_rows(rows):
+    """Beyond the skinny kernel's rows: tiles of 16 or 32 rows of x over the packed words, equal to the
+    dequantized fp16 weights' product (rows past a tile's end masked)."""
+    from sageinfer.ops.gemv_int4 import w4a16_mma_matmul
+    from sageinfer.ops.weight_only import dequantize, pack
+    gen = torch.Generator().manual_seed(rows)
+    n, k, g, s = 40, 256, 64, 32
+    packed = pack(torch.randint(0, 16, (n, k), generator=gen), s)
+    scale = ((torch.rand(n, k // g, generator=gen) + 0.1) / 8).half()
+    zero = torch.randint(-3, 4, (n, k // g), generator=gen, dtype=torch.int32)
+    x = torch.randn(rows, k, generator=gen).half()
+    out = w4a16_mma_matmul(x.to(DEVICE), packed.to(DEVICE), scale.to(DEVICE), zero.to(DEVICE), g, s)
+    weight = dequantize(packed, scale, zero, g, torch.float16, s)  # rounded as the kernel rounds it
+    ref = x.double() @ weight.double().t()
+    assert out.shape == (rows, n) and rel_err(out.float().cpu(), ref) < 2e-3
+    with pytest.raises(ValueError, match="do not fit"):
+        w4a16_mma_matmul(x.to(DEVICE), packed.to(DEVICE), scale.to(DEVICE), zero.to(DEVICE), g, 8)

@@ -7,8 +7,9 @@ Each layer is timed as a decode step calls it at one row: qkv and gate_up with t
 o with the residual add, down with SiLU-and-mul and the residual add. Sweeps ops/gemv_int4.py's
 configuration (rows per program, warps, stages; the CUDA-core and the tensor-core kernel) at one
 row, summing the four matmuls x 36 layers; then times, by rows, the skinny kernel (up to 8 rows; with
---no-sweep in the engine's configuration for each row count) and the one-pass expansion + library
-GEMM, each checked against the dequantized weights.
+--no-sweep in the engine's configuration for each row count), the tensor-core matmul
+(ops/gemv_int4.w4a16_mma_matmul, up to 256 rows) and the one-pass expansion + library GEMM, each
+checked against the dequantized weights.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import triton
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from sageinfer.ops.gemv import gemv  # noqa: E402
-from sageinfer.ops.gemv_int4 import INT4_GEMV_CONFIG  # noqa: E402
+from sageinfer.ops.gemv_int4 import INT4_GEMV_CONFIG, w4a16_mma_matmul  # noqa: E402
 from sageinfer.ops.weight_only import dequantize_kernel, pack  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}
@@ -98,8 +99,8 @@ def main():
     print("best", best, flush=True)
     print("| rows | path | qkv | o | gate_up | down | GB/s of 4-bit words (gate_up) | bf16 (same rows) | err |")
     for rows in (int(r) for r in args.rows.split(",")):
-        for path in ("gemv", "expand"):
-            if path == "gemv" and rows > 8:
+        for path in ("gemv", "mma", "expand"):
+            if (path == "gemv" and rows > 8) or (path == "mma" and rows > 256):
                 continue
             line = {}
             for name, (n, k) in SHAPES.items():
@@ -108,6 +109,9 @@ def main():
                 if path == "gemv":
                     fn = lambda: gemv(x, packed, config=cfg, weight_scale=scales, int4=True, slice_width=s)  # noqa: E731,B023
                     ref_fn = lambda: gemv(x, dense)  # noqa: E731,B023
+                elif path == "mma":
+                    fn = lambda: w4a16_mma_matmul(x, packed, scales, None, GROUP, s)  # noqa: E731,B023
+                    ref_fn = lambda: torch.nn.functional.linear(x, dense)  # noqa: E731,B023
                 else:
                     fn = lambda: torch.nn.functional.linear(  # noqa: E731
                         x, dequantize_kernel(packed, scales, zeros, GROUP, dt, s))  # noqa: B023

@@ -119,8 +119,10 @@ def _xt_slice(x_ptr, ks, ms, m_mask, stride_xm, K, rstd, norm_w_ptr, GATED: tl.c
 def _int4_gemv_mma_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, stride_xm,
                           stride_wn, stride_ym, stride_sn, eps, GROUP: tl.constexpr, SLICE: tl.constexpr,
                           HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          GATED: tl.constexpr, PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr, USE_PDL: tl.constexpr):
-    """The same contract on the tensor cores: y^T [BLOCK_N, 16] = W x^T with the rows of x padded to 16,
+                          GATED: tl.constexpr, PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr, USE_PDL: tl.constexpr,
+                          BLOCK_M: tl.constexpr = 16):
+    """The same contract on the tensor cores: y^T [BLOCK_N, BLOCK_M] = W x^T for BLOCK_M rows of x
+    (16 or 32: rows past M are zeros; more than MAX_ROWS through w4a16_mma_matmul, without fusions),
     the weights dequantized in registers as the MMA's first operand. Nibbles come out of a word by
     masking under the exponent of 2^23 (the word's low 20 bits, then its high 12): float j minus
     float j - 1 is nibble j times 16^j exactly, so one mask and one subtraction a weight, no shifts;
@@ -131,20 +133,20 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_pt
     row_mask = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     ws = tl.arange(0, SLICE)
-    ms = tl.arange(0, 16)[None, :]
+    ms = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M))[None, :]
     m_mask = ms < M
     RUN: tl.constexpr = 8 * SLICE
     launch.wait_for_previous_kernel(USE_PDL)
-    rstd = tl.zeros((1, 16), dtype=tl.float32)
+    rstd = tl.zeros((1, BLOCK_M), dtype=tl.float32)
     if PRENORM:
         CHUNK: tl.constexpr = 256
-        sum_sq = tl.zeros((16,), dtype=tl.float32)
+        sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, CHUNK):
             kc = k0 + tl.arange(0, CHUNK)[:, None]
             xc = tl.load(x_ptr + ms * stride_xm + kc, mask=m_mask & (kc < K), other=0.0).to(tl.float32)
             sum_sq += tl.sum(xc * xc, 0)
         rstd = (1.0 / tl.sqrt(sum_sq / K + eps))[None, :]
-    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, RUN):
         run_words = tl.load(w_rows + (k0 // 8 + ws)[None, :], mask=row_mask[:, None], other=0)
         low = (run_words & 0xFFFFF) | 0x4B000000  # nibbles 0-4 under 2^23's exponent
@@ -213,4 +215,31 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
         _int4_gemv_mma_kernel[(triton.cdiv(n, cfg["block_n"]),)](*args, **flags)
     else:
         _int4_gemv_kernel[(triton.cdiv(n, cfg["block_n"]),)](*args, BLOCK_M=block_m, **flags)
+    return y
+
+
+def w4a16_mma_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     weight_zero: torch.Tensor | None, group: int, slice_width: int,
+                     config: dict | None = None) -> torch.Tensor:
+    """x [M, K] @ the 4-bit weight [N, K / 8] (interleaved words, scales and zero points [N, K / group])
+    -> [M, N] in x's dtype, on the tensor cores for any M: rows in tiles of 16 or 32, each tile reading
+    the packed words once. What batches beyond the skinny kernel's rows may take instead of expanding
+    the weights (not yet timed against that: benchmarks/experiments/tune_int4_gemv.py)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.dtype != torch.int32 or weight.shape[1] * 8 != k or weight_scale.shape != (n, k // group) \
+            or slice_width < 16 or k % (8 * slice_width) or group % slice_width:
+        raise ValueError(f"w4a16: x {tuple(x.shape)}, packed {tuple(weight.shape)}, scales "
+                         f"{tuple(weight_scale.shape)}, group {group} and slices of {slice_width} do not fit")
+    cfg = config or {"block_n": 64, "num_warps": 4, "num_stages": 2}
+    block_m = min(32, max(16, triton.next_power_of_2(m)))  # 64 rows at 2 stages: 288 KB of shared memory
+    x = x.contiguous()
+    weight_scale = weight_scale.contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _int4_gemv_mma_kernel[(triton.cdiv(n, cfg["block_n"]), triton.cdiv(m, block_m))](
+        x, weight, weight_scale, weight_zero.contiguous() if weight_zero is not None else weight_scale, x, x, y,
+        m, n, k, x.stride(0), weight.stride(0), y.stride(0), weight_scale.stride(0), 0.0,
+        GROUP=group, SLICE=slice_width, HAS_ZERO=weight_zero is not None, HAS_BIAS=False, BLOCK_N=cfg["block_n"],
+        GATED=False, PRENORM=False, ADD_TO_Y=False, USE_PDL=False, BLOCK_M=block_m, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return y
