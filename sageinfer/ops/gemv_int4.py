@@ -31,6 +31,24 @@ INT4_GEMV_CONFIG = {"block_n": 32, "num_warps": 8, "num_stages": 2}
 
 
 @triton.jit
+def _nibble_planes(words):
+    """Each word's nibbles under the exponent of 2^23 (whose unit is 1): nibbles 0-4 (bits 0-19) and
+    nibbles 5-7 (bits 20-31 moved down)."""
+    return (words & 0xFFFFF) | 0x4B000000, ((words >> 20) & 0xFFF) | 0x4B000000
+
+
+@triton.jit
+def _nibble_times_place(low, high, J: tl.constexpr):
+    """2^23 + nibbles 0..J of their plane, as floats: less the same for J - 1 (2^23 where J starts a
+    plane), nibble J times 16^(J % 5) exactly. One mask a nibble, no shift: the mask keeps the
+    exponent's bits (0xFF800000, as int32) and the nibbles up to J."""
+    plane = low if J < 5 else high
+    if J == 4 or J == 7:  # the whole plane
+        return plane.to(tl.float32, bitcast=True)
+    return (plane & (-8388608 | ((16 << (4 * (J % 5))) - 1))).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _x_slice(x_ptr, ms3, ks3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED: tl.constexpr, PRENORM: tl.constexpr):
     """Input columns ks3 [1, 1, S] of rows ms3 [BLOCK_M, 1, 1] as fp32, formed as ops/gemv.py forms
     them: silu(gate) * up for a gated input, the RMS-normalised row scaled by norm_w with PRENORM."""
@@ -81,6 +99,8 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
         # K is a whole number of runs: the next run's words, if any, in flight while this one is used.
         next_words = k0 // 8 + SLICE + ws3
         words = tl.load(w_rows + next_words, mask=row_mask3 & (next_words < K // 8), other=0)
+        low, high = _nibble_planes(run_words)
+        below = 8388608.0
         for j in tl.static_range(8):
             x = _x_slice(x_ptr, ms3, k0 + j * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED, PRENORM)
             group = (k0 + j * SLICE) // GROUP
@@ -88,7 +108,12 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
             offset = 8.0
             if HAS_ZERO:
                 offset += tl.load(zero_ptr + rows3 * stride_sn + group, mask=row_mask3, other=0).to(tl.float32)
-            acc += x * (nibbles_as_float(run_words, 4 * j) * s - offset * s)
+            if j == 5:
+                below = 8388608.0
+            upto, place = _nibble_times_place(low, high, j), 4 * (j % 5)
+            # (nibble * 16^place) * (scale / 16^place) - (8 + zero) * scale: one subtraction, one FMA
+            acc += x * ((upto - below) * (s * (1.0 / (1 << place))) - offset * s)
+            below = upto
     y_acc = tl.sum(acc, 2)
     if HAS_BIAS:
         y_acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
@@ -149,22 +174,12 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_pt
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, RUN):
         run_words = tl.load(w_rows + (k0 // 8 + ws)[None, :], mask=row_mask[:, None], other=0)
-        low = (run_words & 0xFFFFF) | 0x4B000000  # nibbles 0-4 under 2^23's exponent
-        high = ((run_words >> 20) & 0xFFF) | 0x4B000000  # nibbles 5-7
-        below = 8388608.0  # float j - 1 (2^23 with no nibble yet)
+        low, high = _nibble_planes(run_words)
+        below = 8388608.0
         for j in tl.static_range(8):
-            if j < 5:
-                place = 4 * j
-                word = low
-            else:
-                place = 4 * (j - 5)
-                word = high
-            if j == 4 or j == 7:
-                upto = word.to(tl.float32, bitcast=True)
-            else:  # the exponent's bits (0xFF800000 as int32) and nibbles up to this one
-                upto = (word & (-8388608 | ((16 << place) - 1))).to(tl.float32, bitcast=True)
             if j == 5:
                 below = 8388608.0
+            upto, place = _nibble_times_place(low, high, j), 4 * (j % 5)
             group = (k0 + j * SLICE) // GROUP
             s = tl.load(scale_ptr + rows * stride_sn + group, mask=row_mask, other=0.0)
             # (nibble - 8 - zero) * 16^place, exact, then times scale / 16^place (exact in any float)
