@@ -108,10 +108,12 @@ def test_int8_cache_holds_about_twice_the_tokens_of_a_float16_cache(llama_dir):
     assert ratio == pytest.approx(2 * head_dim / (head_dim + 4), rel=0.02)
 
 
-def test_an_fp8_cache_takes_the_tiled_prefill_and_reads_as_the_per_key_kernel(llama_dir, monkeypatch):
-    """Prefill over an FP8 cache goes through the page-tiled kernel (FP8 read as stored, widened in
-    registers) and scores the prompt as the per-key kernel, which served it before, does over the same
-    cache (the reference writes the cache with other roundings, which move FP8 values a step)."""
+@pytest.mark.parametrize("mode", MODES)
+def test_a_quantized_cache_takes_the_tiled_prefill_and_reads_as_the_per_key_kernel(llama_dir, monkeypatch, mode):
+    """Prefill over an FP8 or INT8 cache goes through the page-tiled kernel (values read as stored,
+    widened in registers, INT8's per-token scales on scores and probabilities) and scores the prompt
+    as the per-key kernel, which served it before, does over the same cache (the reference writes the
+    cache with other roundings, which move quantized values a step)."""
     from sageinfer.ops import prefill_attention as tile_prefill
     calls, original, supports = [], tile_prefill.prefill_attention, tile_prefill.supports
     monkeypatch.setattr(tile_prefill, "prefill_attention",
@@ -121,10 +123,10 @@ def test_an_fp8_cache_takes_the_tiled_prefill_and_reads_as_the_per_key_kernel(ll
     runs = []
     for tiled in (False, True):
         monkeypatch.setattr(tile_prefill, "supports", supports if tiled else lambda *a, **k: False)
-        llm = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=32, block_size=64, kv_cache_dtype="fp8",
+        llm = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=32, block_size=64, kv_cache_dtype=mode,
                   max_model_len=512, max_num_batched_tokens=64, attention_backend="triton", enforce_eager=True,
                   show_progress=False)
         out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
         runs.append([out.prompt_logprobs[i][prompt[i]].logprob for i in range(1, len(prompt))])
-        assert bool(calls) == tiled and set(calls) <= {torch.float8_e4m3fn}
+        assert bool(calls) == tiled and set(calls) <= {STORE[mode]}
     np.testing.assert_allclose(runs[1], runs[0], atol=2e-3 if DEVICE == "cuda" else 1e-4)

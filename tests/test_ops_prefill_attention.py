@@ -54,6 +54,35 @@ def test_prefill_attention_reads_an_fp8_cache(case):
     assert rel_err(out, ref) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("case", ["prompts_of_many_lengths", "chunk_after_cached_context", "decode_rows_in_the_batch"])
+def test_prefill_attention_reads_an_int8_cache(case):
+    """INT8 values with a scale per token and KV head: the attention of the values the cache encodes;
+    the scales of rows no sequence owns are NaN, and are never read into the result."""
+    query_lens, context_lens, num_heads, num_kv_heads, head_dim, page, block_n = CASES[case]
+    k_cache, v_cache, meta = random_paged_batch(query_lens, context_lens, num_kv_heads, head_dim, page, torch.float32,
+                                                seed=len(case))
+    gen = torch.Generator().manual_seed(5)
+    k8, v8 = ((c.cpu() * 40).clamp(-127, 127).round().to(torch.int8).to(DEVICE) for c in (k_cache, v_cache))
+    ks, vs = ((torch.rand(k_cache.shape[:3], generator=gen) / 40 + 0.005).to(DEVICE) for _ in range(2))
+    nan_k, nan_v = ks[..., None].expand(k_cache.shape).clone(), vs[..., None].expand(v_cache.shape).clone()
+    poison_unwritten_slots(nan_k, nan_v, meta)  # the rows no sequence owns
+    ks, vs = nan_k[..., 0].contiguous(), nan_v[..., 0].contiguous()
+    q = torch.randn(sum(query_lens), num_heads, head_dim).half().to(DEVICE)
+    owned = ~ks.isnan()
+    kd = torch.where(owned[..., None], k8.double() * ks.double()[..., None], 0.0)
+    vd = torch.where(owned[..., None], v8.double() * vs.double()[..., None], 0.0)
+    ref = paged_attention_ref(q.double(), LayerKVCache(kd, vd), meta, head_dim ** -0.5)
+    out = torch.full_like(q, float("nan"))
+    prefill_attention(q, k8, v8, out, meta.block_table, meta.seq_lens, meta.query_start_loc, meta.num_seqs,
+                      meta.max_query_len, head_dim ** -0.5, k_scale=ks, v_scale=vs,
+                      config={"block_m": 32, "block_n": block_n, "num_warps": 4, "num_stages": 2})
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOL[torch.float16]
+    with pytest.raises(ValueError, match="INT8"):
+        prefill_attention(q, k8, v8, out, meta.block_table, meta.seq_lens, meta.query_start_loc, meta.num_seqs,
+                          meta.max_query_len, head_dim ** -0.5)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="tensor descriptors need a GPU with a copy engine")
 def test_prefill_attention_with_tensor_descriptors():
     query_lens, context_lens = [300, 1, 129], [256, 40, 0]
@@ -70,7 +99,8 @@ def test_prefill_attention_with_tensor_descriptors():
 def test_unsupported_cache_is_refused():
     assert not supports(16, 128, torch.bfloat16, block_n=64)
     assert not supports(128, 96, torch.bfloat16)
-    assert not supports(128, 128, torch.int8) and supports(128, 128, torch.float8_e4m3fn)
+    assert not supports(128, 128, torch.int16) and supports(128, 128, torch.float8_e4m3fn)
+    assert supports(128, 128, torch.int8)
     k_cache, v_cache, meta = random_paged_batch([4], [0], 1, 16, 16, torch.float32)
     q = torch.randn(4, 1, 16, device=DEVICE)
     with pytest.raises(ValueError, match="whole"):

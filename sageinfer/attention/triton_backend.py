@@ -102,7 +102,7 @@ class TritonBackend(AttentionBackend):
             rope_and_cache(positions[:num_tokens], q, k, v, layer.rotary_emb.cos_sin_cache, cache.k, cache.v,
                            meta.slot_mapping, q_norm, k_norm, eps, cache.k_scale, cache.v_scale, cache.mode,
                            cache.fp8_scale)
-        if meta.max_query_len > 1 and cache.mode in (0, 1):  # 16-bit or FP8 values (not INT8's per-token scales)
+        if meta.max_query_len > 1:
             page_size, head_dim = cache.k.shape[1], q.shape[2]
             if (meta.max_seq_len >= LONG_CONTEXT and self.long_prefill is not None
                     and self.long_prefill.supports(page_size, head_dim, q.shape[1], cache.k.shape[2], q.dtype)):
@@ -115,7 +115,8 @@ class TritonBackend(AttentionBackend):
                 return tile_prefill.prefill_attention(q, cache.k, cache.v, out, meta.block_table, meta.seq_lens,
                                                       meta.query_start_loc, meta.num_seqs, meta.max_query_len,
                                                       layer.scale, max_seq_len=meta.max_seq_len,
-                                                      tensor_copies=self.tensor_copies, kv_scale=cache.fp8_scale)
+                                                      tensor_copies=self.tensor_copies, kv_scale=cache.fp8_scale,
+                                                      k_scale=cache.k_scale, v_scale=cache.v_scale)
         prefix = None
         if meta.cascade_prefix_len is not None:
             splits = prefix_splits(num_tokens, q.shape[1] // k.shape[1], k.shape[1], self.num_sms)

@@ -4,7 +4,8 @@ When a cache page holds a whole number of key tiles, each tile is one contiguous
 one block-table read per tile instead of one per key, loads without per-key masks, and on chips with
 a tensor copy engine (USE_TMA) the tile moves as one bulk copy. An FP8 cache (e4m3 values times one
 scale) is read as stored, half the bytes, and widened in registers: the scale folds into the
-softmax's for K and into the output for V. Rows are packed as in
+softmax's for K and into the output for V. An INT8 cache (a scale per token and KV head) likewise:
+each key's scale multiplies its scores, each value's its probabilities. Rows are packed as in
 ops.paged_attention (BLOCK_Q query tokens x GROUP heads of one KV head) and the causal band is walked
 in two loops: tiles wholly visible to every row of the program, then the masked tail.
 """
@@ -39,14 +40,27 @@ def _tile_row(block_table_ptr, tile, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _scores(q, k_cache, row, col, stride_row, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
-    k = _load_tile(k_cache, row, col, stride_row, BLOCK_N, HEAD_DIM, USE_TMA)
-    return tl.dot(q, k.to(q.dtype).T)  # (a no-op but for an FP8 cache)
+def _token_scales(scale_ptr, row, kv_head, valid, NUM_KV_HEADS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """An INT8 cache's scales of the tile's keys ([cache rows, KV heads]); 0 past the sequence's end
+    (rows never written: their scale may be anything)."""
+    offs = (row + tl.arange(0, BLOCK_N)).to(tl.int64) * NUM_KV_HEADS + kv_head
+    return tl.where(valid, tl.load(scale_ptr + offs), 0.0)
 
 
 @triton.jit
-def _update(s, m_i, l_i, acc, v_cache, row, col, tile, q_pos, kv_end, scale_log2, stride_row, dtype,
-            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+def _scores(q, k_cache, k_scale_ptr, row, col, kv_head, valid, stride_row, NUM_KV_HEADS: tl.constexpr,
+            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, INT8: tl.constexpr):
+    k = _load_tile(k_cache, row, col, stride_row, BLOCK_N, HEAD_DIM, USE_TMA)
+    s = tl.dot(q, k.to(q.dtype).T)  # (a no-op but for a quantized cache: int8 and e4m3 values are exact)
+    if INT8:
+        s = s * _token_scales(k_scale_ptr, row, kv_head, valid, NUM_KV_HEADS, BLOCK_N)[None, :]
+    return s
+
+
+@triton.jit
+def _update(s, m_i, l_i, acc, v_cache, v_scale_ptr, row, col, kv_head, tile, q_pos, kv_end, scale_log2, stride_row,
+            dtype, NUM_KV_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+            USE_TMA: tl.constexpr, INT8: tl.constexpr):
     if MASKED:
         k_idx = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         # Rows past the sequence's end in its last page were never written: their scores and values
@@ -59,16 +73,21 @@ def _update(s, m_i, l_i, acc, v_cache, row, col, tile, q_pos, kv_end, scale_log2
     v = _load_tile(v_cache, row, col, stride_row, BLOCK_N, HEAD_DIM, USE_TMA).to(dtype)
     if MASKED:
         v = tl.where((tile * BLOCK_N + tl.arange(0, BLOCK_N) < kv_end)[:, None], v, 0.0)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    pv = p
+    if INT8:
+        valid = tile * BLOCK_N + tl.arange(0, BLOCK_N) < kv_end
+        pv = p * _token_scales(v_scale_ptr, row, kv_head, valid, NUM_KV_HEADS, BLOCK_N)[None, :]
+    acc = tl.dot(pv.to(v.dtype), v, acc * alpha[:, None])
     return m_new, l_i, acc
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_attention_kernel(
     q_ptr, k_cache, v_cache, out_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr, scale_log2, v_scale,
-    stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_row, stride_bt,
+    k_scale_ptr, v_scale_ptr, stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_row, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr = 1, INT8: tl.constexpr = False,
 ):
     launch.wait_for_previous_kernel(USE_PDL)
     seq = tl.program_id(0)
@@ -104,14 +123,17 @@ def _prefill_attention_kernel(
     col = kv_head * HEAD_DIM
     for tile in range(0, num_full):
         row = _tile_row(table, tile, PAGE_SIZE, BLOCK_N)
-        s = _scores(q, k_cache, row, col, stride_row, BLOCK_N, HEAD_DIM, USE_TMA)
-        m_i, l_i, acc = _update(s, m_i, l_i, acc, v_cache, row, col, tile, q_pos, kv_end, scale_log2,
-                                stride_row, q.dtype, BLOCK_N, HEAD_DIM, False, USE_TMA)
+        s = _scores(q, k_cache, k_scale_ptr, row, col, kv_head, True, stride_row, NUM_KV_HEADS, BLOCK_N, HEAD_DIM,
+                    USE_TMA, INT8)
+        m_i, l_i, acc = _update(s, m_i, l_i, acc, v_cache, v_scale_ptr, row, col, kv_head, tile, q_pos, kv_end,
+                                scale_log2, stride_row, q.dtype, NUM_KV_HEADS, BLOCK_N, HEAD_DIM, False, USE_TMA, INT8)
     for tile in range(num_full, num_tiles):
         row = _tile_row(table, tile, PAGE_SIZE, BLOCK_N)
-        s = _scores(q, k_cache, row, col, stride_row, BLOCK_N, HEAD_DIM, USE_TMA)
-        m_i, l_i, acc = _update(s, m_i, l_i, acc, v_cache, row, col, tile, q_pos, kv_end, scale_log2,
-                                stride_row, q.dtype, BLOCK_N, HEAD_DIM, True, USE_TMA)
+        valid = tile * BLOCK_N + tl.arange(0, BLOCK_N) < kv_end
+        s = _scores(q, k_cache, k_scale_ptr, row, col, kv_head, valid, stride_row, NUM_KV_HEADS, BLOCK_N, HEAD_DIM,
+                    USE_TMA, INT8)
+        m_i, l_i, acc = _update(s, m_i, l_i, acc, v_cache, v_scale_ptr, row, col, kv_head, tile, q_pos, kv_end,
+                                scale_log2, stride_row, q.dtype, NUM_KV_HEADS, BLOCK_N, HEAD_DIM, True, USE_TMA, INT8)
     out = acc * (v_scale / l_i)[:, None]
     tl.store(out_ptr + tok[:, None] * stride_o_tok + head[:, None] * stride_o_head + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
@@ -138,26 +160,33 @@ def choose_config(page_size: int, max_seq_len: int | None) -> dict:
 
 
 def supports(page_size: int, head_dim: int, kv_dtype: torch.dtype, block_n: int = MIN_PAGE) -> bool:
-    """Whether this kernel can serve a cache: pages of whole key tiles, a power-of-two head, 16/32-bit
-    or FP8 e4m3 values."""
+    """Whether this kernel can serve a cache: pages of whole key tiles, a power-of-two head, 16/32-bit,
+    FP8 e4m3 or INT8 (with its scales) values."""
     return (page_size % block_n == 0 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
-            and kv_dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn))
+            and kv_dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn, torch.int8))
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                       block_table: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                       num_seqs: int, max_query_len: int, scale: float, max_seq_len: int | None = None,
-                      tensor_copies: bool = False, config: dict | None = None, kv_scale: float = 1.0) -> torch.Tensor:
+                      tensor_copies: bool = False, config: dict | None = None, kv_scale: float = 1.0,
+                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q, out: [T, Hq, D]; caches: [blocks, page, Hkv, D] with page a multiple of the key tile.
     kv_scale: what an FP8 cache's values are multiplied by (its per-tensor scale).
+    k_scale, v_scale: an INT8 cache's scales, [blocks, page, Hkv] float32.
     tensor_copies: the platform has a tensor copy engine. Descriptors are then used from LONG_CONTEXT
     keys on, where the kernel runs long: each launch encodes two of them on the host (H100: 46-87 us
     per launch against 29-34 with pointer loads), which eager mixed steps would pay in every layer.
     config: tile sizes, warps and stages to override, and use_tma to force the choice."""
     long = (max_seq_len or 0) >= LONG_CONTEXT
     fp8 = k_cache.dtype == torch.float8_e4m3fn
-    # (bulk copies of FP8 tiles are not measured yet: pointer loads for those)
-    cfg = {**choose_config(k_cache.shape[1], max_seq_len), "use_tma": tensor_copies and long and not fp8
+    int8 = k_cache.dtype == torch.int8
+    if int8 and (k_scale is None or v_scale is None or k_scale.shape != k_cache.shape[:3]
+                 or not k_scale.is_contiguous() or not v_scale.is_contiguous()):
+        raise ValueError("prefill_attention: an INT8 cache needs its k_scale and v_scale, [blocks, page, KV heads], "
+                         "contiguous")
+    # (bulk copies of FP8 and INT8 tiles are not measured yet: pointer loads for those)
+    cfg = {**choose_config(k_cache.shape[1], max_seq_len), "use_tma": tensor_copies and long and not (fp8 or int8)
            and TensorDescriptor is not None, **(config or {})}
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_blocks, page_size, num_kv_heads = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
@@ -183,9 +212,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
     _prefill_attention_kernel[grid](
         q, k_arg, v_arg, out, block_table, seq_lens, query_start_loc, scale * LOG2E * (kv_scale if fp8 else 1.0),
-        kv_scale if fp8 else 1.0,
+        kv_scale if fp8 else 1.0, k_scale if int8 else q, v_scale if int8 else q,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), stride_row, block_table.stride(0),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
-        USE_TMA=cfg["use_tma"], num_warps=cfg["num_warps"],
+        USE_TMA=cfg["use_tma"], NUM_KV_HEADS=num_kv_heads, INT8=int8, num_warps=cfg["num_warps"],
         num_stages=num_stages, **launch.dependent_launch_kwargs())
     return out
