@@ -25,6 +25,7 @@ class LLM:
             raise ValueError(f"unknown engine options {unknown}; the options are {sorted(known - {'model'})}")
         config = EngineConfig(model=model, **engine_options)
         self.engine = LLMEngine(config, show_progress=show_progress, attention_backend=attention_backend)
+        self.engine.output_kind = "final"  # generate() returns finished requests only
         self._ids = itertools.count()
 
     def get_tokenizer(self):

@@ -85,21 +85,23 @@ CoreMessage = Ready | StepOutputs | RequestError | Dead
 
 
 class DeltaEncoder:
-    """Core side: what of each request's outputs has been sent."""
+    """Core side: what of each request's outputs has been sent. token_deltas: the outputs given
+    already hold only their new tokens and logprobs (an engine whose output_kind is "delta")."""
 
-    def __init__(self):
+    def __init__(self, token_deltas: bool = False):
         self._sent: dict[str, list[tuple[int, int]]] = {}  # request id -> per sample (tokens, characters)
         self._prompt_logprobs_sent: set[str] = set()
+        self.token_deltas = token_deltas
 
     def encode(self, output: RequestOutput) -> OutputDelta:
         sent = self._sent.get(output.request_id) or [(0, 0)] * len(output.outputs)
         completions, now_sent = [], []
         for c, (num_tokens, num_chars) in zip(output.outputs, sent):
             keep = min(num_chars, len(c.text))
-            completions.append(CompletionDelta(
-                c.index, keep, c.text[keep:], c.token_ids[num_tokens:],
-                c.logprobs[num_tokens:] if c.logprobs is not None else None, c.cumulative_logprob,
-                c.finish_reason, c.stop_reason))
+            tokens, logprobs = (c.token_ids, c.logprobs) if self.token_deltas else (
+                c.token_ids[num_tokens:], c.logprobs[num_tokens:] if c.logprobs is not None else None)
+            completions.append(CompletionDelta(c.index, keep, c.text[keep:], tokens, logprobs, c.cumulative_logprob,
+                                               c.finish_reason, c.stop_reason))
             now_sent.append((len(c.token_ids), len(c.text)))
         prompt_logprobs = None
         if output.prompt_logprobs is not None and output.request_id not in self._prompt_logprobs_sent:

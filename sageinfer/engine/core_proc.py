@@ -55,7 +55,8 @@ def run_engine_core(config: EngineConfig, attention_backend: str | None, command
 def _loop(engine, commands: zmq.Socket, outputs: zmq.Socket, encoder: msgspec.msgpack.Encoder,
           parent_pid: int) -> int:
     decoder = msgspec.msgpack.Decoder(msg.Command)
-    deltas = msg.DeltaEncoder()
+    engine.output_kind = "delta"  # only what is new crosses to the front end: no whole outputs a step
+    deltas = msg.DeltaEncoder(token_deltas=True)
     while True:
         busy = engine.has_unfinished_requests()
         transfers = engine.has_pending_transfers()  # KV held for, or arriving from, another instance

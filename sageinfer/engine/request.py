@@ -46,6 +46,7 @@ class Request:
         self.first_scheduled_time: float | None = None
         self.logprobs: list = []        # per output token: {token_id: Logprob}, sampled token first
         self.cumulative_logprob = 0.0
+        self.num_reported_tokens = 0    # output tokens already handed out (engines that output differences)
         # A sibling of an n > 1 request waits for this one to compute the shared prompt.
         self.leader: "Request | None" = None
         # Async scheduling: tokens sampled on the device but not yet read back sit at the tail of
