@@ -4,10 +4,10 @@ words interleaved in slices of S columns.
 
 Each program owns BLOCK_N output features and walks K a run of 8 S columns at a time: it loads the
 run's [BLOCK_N, S] words once (the next run's are requested before this one is used), and for each
-of the eight nibbles takes one shift and a float trick to get S consecutive columns, multiplies
-them by their group's scale less the zero point, and accumulates x * w element-wise; one reduction
-at the end. No int-to-float conversion, no regrouping of registers: at one row that is what held
-the plain layout's kernel to a fifth of the memory's rate.
+of the eight nibbles takes one mask and one subtraction to get S consecutive columns as floats,
+multiplies them by their group's scale less the zero point, and accumulates x * w element-wise; one
+reduction at the end. No int-to-float conversion, no regrouping of registers: at one row that is
+what held the plain layout's kernel to a fifth of the memory's rate.
 
 A second kernel does the same on the tensor cores (rows padded to 16, the weights dequantized in
 registers as the MMA's first operand): fewer instructions a weight, and 2-8 rows cost what one does.
@@ -19,7 +19,6 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
-from sageinfer.ops.weight_only import nibbles_as_float
 
 # The best of 20 tried on an H200 at Qwen3-8B shapes, one row, each layer with its decode-step fusions
 # (benchmarks/experiments/tune_int4_gemv.py; 5.0 ms for 36 layers' four matmuls against 5.5 for bf16

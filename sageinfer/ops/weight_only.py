@@ -7,7 +7,7 @@ devices without Triton).
   columns and output row: W[n, k] = (q[n, k] - 8 - zero[n, k // g]) * scale[n, k // g]. The words
   are interleaved in slices of S columns: in each run of 8 S columns, nibble j of word w is column
   j S + w. A kernel then unpacks nibble j of a row of words into S consecutive columns with one
-  shift for all (no regrouping of registers); S = 1 is the plain order (nibble j of word w is
+  operation for all (no regrouping of registers); S = 1 is the plain order (nibble j of word w is
   column 8 w + j), what checkpoints store.
 - 8-bit FP8 (e4m3) with a scale per block x block tile, as block-quantized FP8 checkpoints hold them.
 """
@@ -191,13 +191,12 @@ def dequantize_fp8_blocks_kernel(weight: torch.Tensor, scale: torch.Tensor, bloc
     return _dequantize_launch(weight.view(torch.uint8), scale, scale, False, block, n, k, dtype)
 
 
-def _launch(x, w, scales, zeros, int4: bool, group: int, n: int, block_m: int, block_n: int, block_k: int,
-            slice_width: int = 1):
+def _launch_fp8_blocks(x, w, scales, group: int, n: int, block_m: int, block_n: int, block_k: int):
     m, k = x.shape
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _weight_only_kernel[grid](x, w, scales, zeros, y, m, n, k, x.stride(0), w.stride(0), scales.stride(0),
-                              y.stride(0), INT4=int4, GROUP=group, SLICE=slice_width, BLOCK_M=block_m,
+    _weight_only_kernel[grid](x, w, scales, scales, y, m, n, k, x.stride(0), w.stride(0), scales.stride(0),
+                              y.stride(0), INT4=False, GROUP=group, SLICE=1, BLOCK_M=block_m,
                               BLOCK_N=block_n, BLOCK_K=block_k,
                               PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # fp32 models: exact sums
     return y
@@ -220,4 +219,4 @@ def w8a16_block_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         raise ValueError(f"w8a16: x {tuple(x.shape)}, weight {tuple(weight.shape)}, scale {tuple(scale.shape)} "
                          f"and block {block} do not fit")
     scale = scale.float().contiguous()
-    return _launch(x.contiguous(), weight.view(torch.uint8), scale, scale, False, block, n, block_m, block_n, block_k)
+    return _launch_fp8_blocks(x.contiguous(), weight.view(torch.uint8), scale, block, n, block_m, block_n, block_k)

@@ -25,8 +25,8 @@ from sageinfer.layers.quantization.config import QuantConfig
 from sageinfer.ops.gemv import MAX_ROWS as GEMV_MAX_ROWS, gemv
 from sageinfer.ops.weight_only import dequantize, dequantize_kernel, pack, slice_width_for, unpack
 
-# The one-row kernel unpacks a slice of columns per shift: narrower slices (odd input sizes) take the
-# expansion.
+# The one-row kernel unpacks a slice of columns at a time: narrower slices (odd input sizes) take
+# the expansion.
 _ONE_ROW_MIN_SLICE = 16
 
 
