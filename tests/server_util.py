@@ -1,7 +1,9 @@
 """Start `sageinfer serve` in a subprocess on a free loopback port and wait until it is healthy."""
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -14,6 +16,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive free ports, below Linux's ephemeral range (32768 on), where
+    no bind to port 0 and no outgoing connection takes one meanwhile: `launch` numbers its instances'
+    ports from the first (a port after a free_port() was once taken by the time an instance bound it)."""
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(20000, 32768 - count)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(first, first + count):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError(f"no run of {count} free ports found")
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from ranks import needs_ranks
-from server_util import CliProcess, ServerProcess, free_port, parse_metrics
+from server_util import CliProcess, ServerProcess, free_port, free_port_run, parse_metrics
 
 CONNECTORS = ["DeviceIpcConnector", "SharedMemoryConnector", "NixlConnector", "TorchDistributedConnector"]
 
@@ -133,7 +133,7 @@ def test_a_dead_prefill_instance_leaves_decode_computing_the_prompt(pd):
 
 def test_launch_pd_starts_prefill_and_decode_instances_behind_the_proxy(llama_dir, tmp_path):
     """`sageinfer launch --pd 1:2`: one prefill and two decode instances and the PD proxy, xPyD."""
-    port, first = free_port(), free_port()
+    port, first = free_port(), free_port_run(3)
     log = open(tmp_path / "launcher.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "sageinfer.gateway.cli", "launch", llama_dir, "--pd", "1:2",
                              "--port", str(port), "--first-instance-port", str(first), "--log-dir", str(tmp_path),

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from server_util import CliProcess, ServerProcess, free_port
+from server_util import CliProcess, ServerProcess, free_port, free_port_run
 
 
 class RouterProcess(CliProcess):
@@ -265,7 +265,7 @@ def test_launch_starts_instances_and_the_router_and_restarts_a_dead_instance(lla
     # a launcher that itself sees only some devices names them to its instances as it sees them
     assert child_devices("0,1", "4,5,6,7") == "4,5" and child_devices("1", None) == "1"
     assert child_devices("1,0", "GPU-a, GPU-b") == "GPU-b,GPU-a"
-    port, first = free_port(), free_port()
+    port, first = free_port(), free_port_run(2)
     log = open(tmp_path / "launcher.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "sageinfer.gateway.cli", "launch", llama_dir, "--instances", "2",
                              "--port", str(port), "--first-instance-port", str(first), "--policy", "round_robin",
