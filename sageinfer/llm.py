@@ -24,8 +24,9 @@ class LLM:
         if unknown:
             raise ValueError(f"unknown engine options {unknown}; the options are {sorted(known - {'model'})}")
         config = EngineConfig(model=model, **engine_options)
-        self.engine = LLMEngine(config, show_progress=show_progress, attention_backend=attention_backend)
-        self.engine.output_kind = "final"  # generate() returns finished requests only
+        # generate() returns finished requests only
+        self.engine = LLMEngine(config, show_progress=show_progress, attention_backend=attention_backend,
+                                output_kind="final")
         self._ids = itertools.count()
 
     def get_tokenizer(self):

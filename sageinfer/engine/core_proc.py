@@ -36,7 +36,8 @@ def run_engine_core(config: EngineConfig, attention_backend: str | None, command
     encoder = msgspec.msgpack.Encoder()
     try:
         from sageinfer.engine.engine import LLMEngine
-        engine = LLMEngine(config, show_progress=False, attention_backend=attention_backend)
+        # only what is new crosses to the front end: no whole outputs a step
+        engine = LLMEngine(config, show_progress=False, attention_backend=attention_backend, output_kind="delta")
         outputs.send(encoder.encode(msg.Ready(os.getpid(), engine.config.max_model_len,
                                               engine.model_config.vocab_size, engine.config.max_num_seqs,
                                               engine.num_kv_blocks, engine.config.block_size)))
@@ -55,8 +56,7 @@ def run_engine_core(config: EngineConfig, attention_backend: str | None, command
 def _loop(engine, commands: zmq.Socket, outputs: zmq.Socket, encoder: msgspec.msgpack.Encoder,
           parent_pid: int) -> int:
     decoder = msgspec.msgpack.Decoder(msg.Command)
-    engine.output_kind = "delta"  # only what is new crosses to the front end: no whole outputs a step
-    deltas = msg.DeltaEncoder(token_deltas=True)
+    deltas = msg.DeltaEncoder(token_deltas=engine.output_kind == "delta")
     while True:
         busy = engine.has_unfinished_requests()
         transfers = engine.has_pending_transfers()  # KV held for, or arriving from, another instance

@@ -62,7 +62,8 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, show_progress: bool = True, attention_backend: str | None = None):
+    def __init__(self, config: EngineConfig, show_progress: bool = True, attention_backend: str | None = None,
+                 output_kind: str = "cumulative"):
         self.config = config
         self.platform = get_platform(config.device)
         self.platform.check_config(config)
@@ -160,7 +161,7 @@ class LLMEngine:
         # core process, which sends differences); "final", only finished requests (an offline batch).
         # Whole outputs at every step cost O(tokens) each: 3 -> 14 ms a step on a CPU for 256
         # sequences as they grew to 950 tokens.
-        self.output_kind = "cumulative"
+        self.output_kind = output_kind
         self.num_prompt_tokens_computed = 0
         self.num_generated_tokens = 0
         self.async_scheduling = config.async_scheduling

@@ -104,9 +104,7 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_lse = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
     block_n, num_stages = cfg["block_n"], cfg["num_stages"]
     if config is None:  # halving a key tile keeps it a divisor of PREFIX_ALIGN
-        block_n, num_stages = launch.fit_key_tiles(cfg["block_m"], block_n, num_stages, head_dim_pad,
-                                                   max(q.element_size(), k_cache.element_size()),
-                                                   launch.shared_memory_limit(q.device.index or 0))
+        block_n, num_stages = launch.fit_key_tiles_for(q, k_cache, cfg["block_m"], block_n, num_stages, head_dim_pad)
     grid = (triton.cdiv(num_tokens * group, cfg["block_m"]), num_kv_heads, num_splits)
     fp8 = fp8_scale if kv_mode == 1 else 1.0
     _prefix_attention_kernel[grid](

@@ -36,20 +36,32 @@ GATED_GEMV_CONFIG = {"block_n": 8, "block_k": 2048, "num_warps": 8, "num_stages"
 
 
 @triton.jit
+def silu_times(gate, up):
+    """silu(gate) * up from fp32 gate values, rounded as ops.activation rounds it (in up's dtype)."""
+    return (gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up
+
+
+@triton.jit
+def rms_scaled(x, rstd, norm_w, dtype):
+    """RMSNorm of raw fp32 values with their rstd: normalise, round to dtype, scale (as ops.rms_norm)."""
+    return (x * rstd).to(dtype) * norm_w
+
+
+@triton.jit
 def _x_chunk(x_ptr, ms, ks, x_mask, stride_xm, K, GATED: tl.constexpr):
     x_offs = ms[:, None] * stride_xm + ks[None, :]
     if GATED:
         gate = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + K + x_offs, mask=x_mask, other=0.0)
-        return ((gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up).to(tl.float32)
+        return silu_times(gate, up).to(tl.float32)
     return tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _normed(x, rstd, norm_w_ptr, ks, K, dtype):
-    """RMSNorm of raw fp32 input values: normalise, round to the model dtype, scale (as ops.rms_norm)."""
+    """RMSNorm of raw fp32 input values (rms_scaled), in fp32."""
     norm_w = tl.load(norm_w_ptr + ks, mask=ks < K, other=0.0)
-    return ((x * rstd[:, None]).to(dtype) * norm_w[None, :]).to(tl.float32)
+    return rms_scaled(x, rstd[:, None], norm_w[None, :], dtype).to(tl.float32)
 
 
 @triton.jit

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
+from sageinfer.ops.gemv import rms_scaled, silu_times
+from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_times_place
 
 # The best of 20 tried on an H200 at Qwen3-8B shapes, one row, each layer with its decode-step fusions
 # (benchmarks/experiments/tune_int4_gemv.py; 5.0 ms for 36 layers' four matmuls against 5.5 for bf16
@@ -30,24 +32,6 @@ INT4_GEMV_CONFIG = {"block_n": 32, "num_warps": 8, "num_stages": 2}
 
 
 @triton.jit
-def _nibble_planes(words):
-    """Each word's nibbles under the exponent of 2^23 (whose unit is 1): nibbles 0-4 (bits 0-19) and
-    nibbles 5-7 (bits 20-31 moved down)."""
-    return (words & 0xFFFFF) | 0x4B000000, ((words >> 20) & 0xFFF) | 0x4B000000
-
-
-@triton.jit
-def _nibble_times_place(low, high, J: tl.constexpr):
-    """2^23 + nibbles 0..J of their plane, as floats: less the same for J - 1 (2^23 where J starts a
-    plane), nibble J times 16^(J % 5) exactly. One mask a nibble, no shift: the mask keeps the
-    exponent's bits (0xFF800000, as int32) and the nibbles up to J."""
-    plane = low if J < 5 else high
-    if J == 4 or J == 7:  # the whole plane
-        return plane.to(tl.float32, bitcast=True)
-    return (plane & (-8388608 | ((16 << (4 * (J % 5))) - 1))).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _x_slice(x_ptr, ms3, ks3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED: tl.constexpr, PRENORM: tl.constexpr):
     """Input columns ks3 [1, 1, S] of rows ms3 [BLOCK_M, 1, 1] as fp32, formed as ops/gemv.py forms
     them: silu(gate) * up for a gated input, the RMS-normalised row scaled by norm_w with PRENORM."""
@@ -55,11 +39,10 @@ def _x_slice(x_ptr, ms3, ks3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED: t
     if GATED:
         gate = tl.load(x_ptr + offs, mask=m_mask3, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + K + offs, mask=m_mask3, other=0.0)
-        return ((gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up).to(tl.float32)
+        return silu_times(gate, up).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=m_mask3, other=0.0)
     if PRENORM:
-        norm_w = tl.load(norm_w_ptr + ks3)
-        return ((x.to(tl.float32) * rstd3).to(x.dtype) * norm_w).to(tl.float32)
+        return rms_scaled(x.to(tl.float32), rstd3, tl.load(norm_w_ptr + ks3), x.dtype).to(tl.float32)
     return x.to(tl.float32)
 
 
@@ -98,7 +81,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
         # K is a whole number of runs: the next run's words, if any, in flight while this one is used.
         next_words = k0 // 8 + SLICE + ws3
         words = tl.load(w_rows + next_words, mask=row_mask3 & (next_words < K // 8), other=0)
-        low, high = _nibble_planes(run_words)
+        low, high = nibble_planes(run_words)
         below = 8388608.0
         for j in tl.static_range(8):
             x = _x_slice(x_ptr, ms3, k0 + j * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED, PRENORM)
@@ -109,7 +92,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
                 offset += tl.load(zero_ptr + rows3 * stride_sn + group, mask=row_mask3, other=0).to(tl.float32)
             if j == 5:
                 below = 8388608.0
-            upto, place = _nibble_times_place(low, high, j), 4 * (j % 5)
+            upto, place = nibble_times_place(low, high, j), 4 * (j % 5)
             # (nibble * 16^place) * (scale / 16^place) - (8 + zero) * scale: one subtraction, one FMA
             acc += x * ((upto - below) * (s * (1.0 / (1 << place))) - offset * s)
             below = upto
@@ -131,11 +114,9 @@ def _xt_slice(x_ptr, ks, ms, m_mask, stride_xm, K, rstd, norm_w_ptr, GATED: tl.c
     offs = ms * stride_xm + ks
     x = tl.load(x_ptr + offs, mask=m_mask, other=0.0)
     if GATED:
-        up = tl.load(x_ptr + K + offs, mask=m_mask, other=0.0)
-        gate = x.to(tl.float32)
-        return (gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up
+        return silu_times(x.to(tl.float32), tl.load(x_ptr + K + offs, mask=m_mask, other=0.0))
     if PRENORM:
-        return (x.to(tl.float32) * rstd).to(x.dtype) * tl.load(norm_w_ptr + ks)
+        return rms_scaled(x.to(tl.float32), rstd, tl.load(norm_w_ptr + ks), x.dtype)
     return x
 
 
@@ -173,12 +154,12 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_pt
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(0, K, RUN):
         run_words = tl.load(w_rows + (k0 // 8 + ws)[None, :], mask=row_mask[:, None], other=0)
-        low, high = _nibble_planes(run_words)
+        low, high = nibble_planes(run_words)
         below = 8388608.0
         for j in tl.static_range(8):
             if j == 5:
                 below = 8388608.0
-            upto, place = _nibble_times_place(low, high, j), 4 * (j % 5)
+            upto, place = nibble_times_place(low, high, j), 4 * (j % 5)
             group = (k0 + j * SLICE) // GROUP
             s = tl.load(scale_ptr + rows * stride_sn + group, mask=row_mask, other=0.0)
             # (nibble - 8 - zero) * 16^place, exact, then times scale / 16^place (exact in any float)
@@ -241,10 +222,10 @@ def w4a16_mma_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     the weights (not yet timed against that: benchmarks/experiments/tune_int4_gemv.py)."""
     m, k = x.shape
     n = weight.shape[0]
-    if weight.dtype != torch.int32 or weight.shape[1] * 8 != k or weight_scale.shape != (n, k // group) \
-            or slice_width < 16 or k % (8 * slice_width) or group % slice_width:
-        raise ValueError(f"w4a16: x {tuple(x.shape)}, packed {tuple(weight.shape)}, scales "
-                         f"{tuple(weight_scale.shape)}, group {group} and slices of {slice_width} do not fit")
+    check_int4_layout(weight, weight_scale, group, slice_width, "w4a16")
+    if weight.dtype != torch.int32 or weight.shape[1] * 8 != k or slice_width < 16:
+        raise ValueError(f"w4a16: x {tuple(x.shape)}, packed {tuple(weight.shape)} {weight.dtype} and slices of "
+                         f"{slice_width} (16 at least) do not fit")
     cfg = config or {"block_n": 64, "num_warps": 4, "num_stages": 2}
     block_m = min(32, max(16, triton.next_power_of_2(m)))  # 64 rows at 2 stages: 288 KB of shared memory
     x = x.contiguous()

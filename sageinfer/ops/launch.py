@@ -74,3 +74,10 @@ def fit_key_tiles(block_m: int, block_n: int, num_stages: int, head_dim: int, el
         else:
             break
     return block_n, num_stages
+
+
+def fit_key_tiles_for(q, k_cache, block_m: int, block_n: int, num_stages: int, head_dim: int) -> tuple[int, int]:
+    """fit_key_tiles for an attention launch over q and a cache: the wider element of the two, the
+    limit of q's device."""
+    return fit_key_tiles(block_m, block_n, num_stages, head_dim, max(q.element_size(), k_cache.element_size()),
+                         shared_memory_limit(q.device.index or 0))

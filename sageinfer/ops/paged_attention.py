@@ -330,9 +330,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         num_warps = cfg["num_warps"] if block_m >= 128 else 4
         num_stages = cfg["num_stages"] if block_m >= 64 else 2
         if config is None:
-            block_n, num_stages = launch.fit_key_tiles(
-                block_m, block_n, num_stages, head_dim_pad, max(q.element_size(), k_cache.element_size()),
-                launch.shared_memory_limit(q.device.index or 0))
+            block_n, num_stages = launch.fit_key_tiles_for(q, k_cache, block_m, block_n, num_stages, head_dim_pad)
     num_splits = num_splits if max_query_len == 1 else 1
     if prefix is not None and (max_query_len != 1 or num_splits != 1):
         raise ValueError("cascade attention takes decode batches with one split")

@@ -199,9 +199,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     block_m = max(16, triton.next_power_of_2(block_q * group))
     num_stages = cfg["num_stages"]
     if config is None:  # halving a key tile keeps it a divisor of the page
-        block_n, num_stages = launch.fit_key_tiles(block_m, block_n, num_stages, head_dim,
-                                                   max(q.element_size(), k_cache.element_size()),
-                                                   launch.shared_memory_limit(q.device.index or 0))
+        block_n, num_stages = launch.fit_key_tiles_for(q, k_cache, block_m, block_n, num_stages, head_dim)
     stride_row = num_kv_heads * head_dim
     if cfg["use_tma"]:
         rows = num_blocks * page_size

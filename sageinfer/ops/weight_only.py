@@ -65,6 +65,24 @@ def nibbles_as_float(words, shift):
 
 
 @triton.jit
+def nibble_planes(words):
+    """Each word's nibbles under the exponent of 2^23 (whose unit is 1): nibbles 0-4 (bits 0-19) and
+    nibbles 5-7 (bits 20-31 moved down)."""
+    return (words & 0xFFFFF) | 0x4B000000, ((words >> 20) & 0xFFF) | 0x4B000000
+
+
+@triton.jit
+def nibble_times_place(low, high, J: tl.constexpr):
+    """2^23 + nibbles 0..J of their plane, as floats: less the same for J - 1 (2^23 where J starts a
+    plane), nibble J times 16^(J % 5) exactly. One mask a nibble, no shift: the mask keeps the
+    exponent's bits (0xFF800000, as int32) and the nibbles up to J."""
+    plane = low if J < 5 else high
+    if J == 4 or J == 7:  # the whole plane
+        return plane.to(tl.float32, bitcast=True)
+    return (plane & (-8388608 | ((16 << (4 * (J % 5))) - 1))).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, stride_sn,
                  INT4: tl.constexpr, GROUP: tl.constexpr, SLICE: tl.constexpr, BLOCK_K: tl.constexpr):
     """Rows ns x columns ks (one group: k0 // GROUP) of the weight, expanded to fp32 and scaled."""
@@ -165,7 +183,8 @@ def _dequantize_launch(w, scales, zeros, int4: bool, group: int, n: int, k: int,
     return out
 
 
-def _check_int4(packed, scales, group_size, slice_width, what: str) -> None:
+def check_int4_layout(packed, scales, group_size, slice_width, what: str) -> None:
+    """Packed 4-bit words, their scales, group and slice width agree (one scale group a slice)."""
     n, k = packed.shape[0], packed.shape[1] * 8
     if k % group_size or scales.shape != (n, k // group_size) or k % (8 * slice_width) or group_size % slice_width:
         raise ValueError(f"{what}: packed {tuple(packed.shape)}, scales {tuple(scales.shape)}, group {group_size} "
@@ -175,7 +194,7 @@ def _check_int4(packed, scales, group_size, slice_width, what: str) -> None:
 def dequantize_kernel(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                       dtype: torch.dtype, slice_width: int = 1) -> torch.Tensor:
     """`dequantize` in one Triton pass."""
-    _check_int4(packed, scales, group_size, slice_width, "dequantize")
+    check_int4_layout(packed, scales, group_size, slice_width, "dequantize")
     return _dequantize_launch(packed, scales.contiguous(), zeros.contiguous(), True, group_size, packed.shape[0],
                               packed.shape[1] * 8, dtype, slice_width)
 
