@@ -42,8 +42,8 @@ pair() {  # two parts side by side on two GPUs, or one after the other
 ran=""
 if [ "$GROUP" = shared ]; then
   part engine_a 0 $ENGINE_A & p1=$!
-  part engine_b 0 $ENGINE_B tests/test_pd_serving.py & p2=$!
-  part routing 0 tests/test_router.py tests/test_tensor_parallel.py & p3=$!
+  part engine_b 0 $ENGINE_B & p2=$!
+  part routing 0 tests/test_router.py tests/test_pd_serving.py tests/test_tensor_parallel.py & p3=$!
   part server 0 $SERVING & p4=$!
   for p in $p1 $p2 $p3 $p4; do wait $p; rc=$?; worst=$(( worst > rc ? worst : rc )); done
   ran="engine_a engine_b routing server"

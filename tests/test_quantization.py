@@ -356,11 +356,15 @@ def test_tp2_block_fp8_as_tp1(llama_dir, tmp_path):
     np.testing.assert_allclose(one[0], two[0], atol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 20, 80])
-def test_a_w4a16_layer_with_kernels_is_its_dequantized_weight(rows):
-    """A 4-bit layer where the platform runs Triton: up to 8 rows through the skinny kernel, more
-    through the weight expanded in one pass, each the product with the weights the packed words
-    encode."""
+@pytest.mark.parametrize("rows", [1, 3, 8, 20, 32, 33, 80])
+def test_a_w4a16_layer_with_kernels_is_its_dequantized_weight(rows, monkeypatch):
+    """A 4-bit layer where the platform runs Triton: one row through the skinny kernel, 2 to 32 rows
+    through its tensor-core form, more through the weight expanded in one pass, each the product with
+    the weights the packed words encode."""
+    from sageinfer.layers.quantization import w4a16
+    tensor_core_calls = []
+    tensor_core = w4a16.w4a16_mma_matmul
+    monkeypatch.setattr(w4a16, "w4a16_mma_matmul", lambda *a: tensor_core_calls.append(a) or tensor_core(*a))
     from sageinfer.layers.linear import Linear
     from sageinfer.layers.quantization import QuantConfig, set_quant_config
     from sageinfer.ops.weight_only import dequantize, pack
@@ -383,6 +387,7 @@ def test_a_w4a16_layer_with_kernels_is_its_dequantized_weight(rows):
     # On a GPU float32 products may run in tf32.
     tol = 1e-2 if DEVICE != "cpu" else 1e-4
     torch.testing.assert_close(layer(x.to(DEVICE)).double().cpu(), ref, rtol=tol, atol=tol)
+    assert len(tensor_core_calls) == (1 if 2 <= rows <= 32 else 0)
 
 
 def _block_fp8_layer(in_features: int, out_features: int, block: int, gen: torch.Generator):

@@ -6,10 +6,10 @@ tiles, then the 4-bit paths by rows against bf16 weights through the same paths.
 Each layer is timed as a decode step calls it at one row: qkv and gate_up with the RMSNorm folded in,
 o with the residual add, down with SiLU-and-mul and the residual add. Sweeps ops/gemv_int4.py's
 configuration (rows per program, warps, stages; the CUDA-core and the tensor-core kernel) at one
-row, summing the four matmuls x 36 layers; then times, by rows, the skinny kernel (up to 8 rows; with
---no-sweep in the engine's configuration for each row count), the tensor-core matmul
-(ops/gemv_int4.w4a16_mma_matmul, up to 256 rows) and the one-pass expansion + library GEMM, each
-checked against the dequantized weights.
+row, summing the four matmuls x 36 layers; then times, by rows, the skinny kernel (up to 8 rows, the
+best tile divided by rows as the engine does; with --no-sweep the engine's configuration), the
+tensor-core matmul (ops/gemv_int4.w4a16_mma_matmul, up to 256 rows; the engine's block_n, then 32
+and 64) and the one-pass expansion + library GEMM, each checked against the dequantized weights.
 """
 from __future__ import annotations
 
@@ -99,18 +99,21 @@ def main():
     print("best", best, flush=True)
     print("| rows | path | qkv | o | gate_up | down | GB/s of 4-bit words (gate_up) | bf16 (same rows) | err |")
     for rows in (int(r) for r in args.rows.split(",")):
-        for path in ("gemv", "mma", "expand"):
-            if (path == "gemv" and rows > 8) or (path == "mma" and rows > 256):
+        for path in ("gemv", "mma", "mma bn32", "mma bn64", "expand"):
+            if (path == "gemv" and rows > 8) or (path.startswith("mma") and rows > 256):
                 continue
+            # The engine's division of block_n by rows (ops/gemv_int4.int4_gemv).
+            row_cfg = cfg and dict(cfg, block_n=max(4, cfg["block_n"] // triton.next_power_of_2(rows)))
+            mma_cfg = {"block_n": int(path[-2:]), "num_warps": 4, "num_stages": 2} if path[-2:].isdigit() else None
             line = {}
             for name, (n, k) in SHAPES.items():
                 packed, scales, zeros, dense = layers[s][name]
                 x = torch.randn(rows, k, device=dev, dtype=dt)
                 if path == "gemv":
-                    fn = lambda: gemv(x, packed, config=cfg, weight_scale=scales, int4=True, slice_width=s)  # noqa: E731,B023
+                    fn = lambda: gemv(x, packed, config=row_cfg, weight_scale=scales, int4=True, slice_width=s)  # noqa: E731,B023
                     ref_fn = lambda: gemv(x, dense)  # noqa: E731,B023
-                elif path == "mma":
-                    fn = lambda: w4a16_mma_matmul(x, packed, scales, None, GROUP, s)  # noqa: E731,B023
+                elif path.startswith("mma"):  # the engine's block_n, or the one named
+                    fn = lambda: w4a16_mma_matmul(x, packed, scales, None, GROUP, s, mma_cfg)  # noqa: E731,B023
                     ref_fn = lambda: torch.nn.functional.linear(x, dense)  # noqa: E731,B023
                 else:
                     fn = lambda: torch.nn.functional.linear(  # noqa: E731

@@ -218,16 +218,19 @@ def w4a16_mma_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
                      config: dict | None = None) -> torch.Tensor:
     """x [M, K] @ the 4-bit weight [N, K / 8] (interleaved words, scales and zero points [N, K / group])
     -> [M, N] in x's dtype, on the tensor cores for any M: rows in tiles of 16 or 32, each tile reading
-    the packed words once. What batches beyond the skinny kernel's rows may take instead of expanding
-    the weights (not yet timed against that: benchmarks/experiments/tune_int4_gemv.py)."""
+    the packed words once. W4A16 layers take it for 2 to 32 rows (w4a16.py)."""
     m, k = x.shape
     n = weight.shape[0]
     check_int4_layout(weight, weight_scale, group, slice_width, "w4a16")
     if weight.dtype != torch.int32 or weight.shape[1] * 8 != k or slice_width < 16:
         raise ValueError(f"w4a16: x {tuple(x.shape)}, packed {tuple(weight.shape)} {weight.dtype} and slices of "
                          f"{slice_width} (16 at least) do not fit")
-    cfg = config or {"block_n": 64, "num_warps": 4, "num_stages": 2}
     block_m = min(32, max(16, triton.next_power_of_2(m)))  # 64 rows at 2 stages: 288 KB of shared memory
+    # 64 features a program where that still gives every processor a program; 32 below (a 4096-wide
+    # layer at 64 would leave half an H200's 132 processors idle).
+    processors = launch.processor_count(x.device.index or 0) if x.is_cuda else None
+    wide = processors is None or triton.cdiv(n, 64) * triton.cdiv(m, block_m) >= processors
+    cfg = config or {"block_n": 64 if wide else 32, "num_warps": 4, "num_stages": 2}
     x = x.contiguous()
     weight_scale = weight_scale.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)

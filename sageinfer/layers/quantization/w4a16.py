@@ -11,23 +11,31 @@
 
 Each is converted as it loads into one layout (packed [out, in / 8] along the input, interleaved in
 slices of up to 128 columns, scales and signed zero points [out, groups]; ops/weight_only.py), so
-one kernel serves all. Up to 8 rows (decode) read the packed words in the skinny kernel
-(ops/gemv_int4.py); more rows expand the layer's weights in one pass and use the library GEMM (on
-an H200 at Qwen3-8B shapes the tiled Triton kernel took 5x the expansion's time at 16 to 64 rows:
-benchmarks/results/2026-12-01-h200-w4a16.md).
+one kernel serves all. One row (decode of one sequence) reads the packed words in the skinny kernel
+(ops/gemv_int4.py), 2 to 32 rows in its tensor-core form; more rows expand the layer's weights in one
+pass and use the library GEMM (on an H200 at Qwen3-8B shapes the tiled Triton kernel took 5x the
+expansion's time at 16 to 64 rows: benchmarks/results/2026-12-01-h200-w4a16.md).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
 
 from sageinfer.layers.quantization.config import QuantConfig
-from sageinfer.ops.gemv import MAX_ROWS as GEMV_MAX_ROWS, gemv
+from sageinfer.ops.gemv import gemv
+from sageinfer.ops.gemv_int4 import w4a16_mma_matmul
 from sageinfer.ops.weight_only import dequantize, dequantize_kernel, pack, slice_width_for, unpack
 
 # The one-row kernel unpacks a slice of columns at a time: narrower slices (odd input sizes) take
 # the expansion.
 _ONE_ROW_MIN_SLICE = 16
+# 2 to 32 rows take the tensor-core kernel: on an H200 at Qwen3-8B shapes it held gate_up at ~50 us
+# from 1 to 16 rows, where the CUDA-core kernel took 98-212 us and the expansion 134 us; at 64 rows
+# (two tiles of 32) it equalled the expansion (benchmarks/results/2026-12-01-h200-w4a16-rows.md).
+# SAGEINFER_W4A16_MMA_MAX_ROWS=0 sends those rows to the expansion instead, to compare.
+_MMA_MAX_ROWS = int(os.environ.get("SAGEINFER_W4A16_MMA_MAX_ROWS", "32"))
 
 
 _AWQ_COLUMN_OF_NIBBLE = [0, 4, 1, 5, 2, 6, 3, 7]  # column j of a word sits at nibble _AWQ_...[j]
@@ -183,9 +191,13 @@ class W4A16Method:
             x2 = x2.index_select(1, order)
         packed, scales, zeros = (getattr(layer, n) for n in (self.packed_name, self.scale_name, self.zero_name))
         kernels = layer.use_triton  # the platform's kernel choice (Triton)
-        gemv_args = self._gemv_args(layer) if kernels and x2.shape[0] <= GEMV_MAX_ROWS else None
-        if gemv_args is not None:
+        rows = x2.shape[0]
+        gemv_args = self._gemv_args(layer) if kernels and rows <= max(1, _MMA_MAX_ROWS) else None
+        if gemv_args is not None and rows == 1:
             y = gemv(x2.contiguous(), **gemv_args)
+        elif gemv_args is not None:
+            y = w4a16_mma_matmul(x2, gemv_args["weight"], gemv_args["weight_scale"], gemv_args["weight_zero"],
+                                 self.group, self.slice_width)
         else:  # the weight expanded (in one pass where kernels run) for the library GEMM
             expand = dequantize_kernel if kernels else dequantize
             y = torch.nn.functional.linear(x2, expand(packed, scales, zeros, self.group, x.dtype, self.slice_width))
