@@ -226,10 +226,11 @@ def w4a16_mma_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         raise ValueError(f"w4a16: x {tuple(x.shape)}, packed {tuple(weight.shape)} {weight.dtype} and slices of "
                          f"{slice_width} (16 at least) do not fit")
     block_m = min(32, max(16, triton.next_power_of_2(m)))  # 64 rows at 2 stages: 288 KB of shared memory
-    # 64 features a program where that still gives every processor a program; 32 below (a 4096-wide
-    # layer at 64 would leave half an H200's 132 processors idle).
+    # 64 features a program, except for 16-row tiles where that leaves processors without a program:
+    # on an H200 (132) a 4096-wide down projection took 56-57 us at 32 against 63-68 at 64 for 1 to 16
+    # rows, but 95 against 68 at 32 rows (benchmarks/results/2026-12-01-h200-w4a16-rows.md).
     processors = launch.processor_count(x.device.index or 0) if x.is_cuda else None
-    wide = processors is None or triton.cdiv(n, 64) * triton.cdiv(m, block_m) >= processors
+    wide = processors is None or block_m > 16 or triton.cdiv(n, 64) >= processors
     cfg = config or {"block_n": 64 if wide else 32, "num_warps": 4, "num_stages": 2}
     x = x.contiguous()
     weight_scale = weight_scale.contiguous()
