@@ -35,6 +35,30 @@ def test_paged_attention_matches_reference(case, dtype):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="fp8 conversions need the GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["mixed_prefill_and_decode", "decode_only_gqa"])
+def test_fp8_cache_matches_the_reference_over_its_values(case, dtype):
+    """An FP8 cache with its per-tensor scale: a bf16 query runs the dots in fp16 (scaled by 2^-8),
+    which must hold large queries (|q| past fp16's 65,504) and small ones."""
+    query_lens, context_lens, num_heads, num_kv_heads, head_dim, page = CASES[case]
+    k_cache, v_cache, meta = random_paged_batch(query_lens, context_lens, num_kv_heads, head_dim, page, torch.float32,
+                                                seed=7)
+    fp8_scale = 0.05
+    k8, v8 = ((c / fp8_scale).to(torch.float8_e4m3fn) for c in (k_cache, v_cache))
+    q = torch.randn(sum(query_lens), num_heads, head_dim, device=DEVICE)
+    if dtype == torch.bfloat16:
+        q[0, 0, :4] = torch.tensor([9e4, -7e4, 1e-4, -3e-6])  # beyond fp16's range, and tiny
+    q = q.to(dtype)
+    cache = LayerKVCache(k8.double() * fp8_scale, v8.double() * fp8_scale)
+    ref = paged_attention_ref(q.double(), cache, meta, head_dim ** -0.5)
+    out = torch.full_like(q, float("nan"))
+    paged_attention(q, k8, v8, out, meta.block_table, meta.seq_lens, meta.query_start_loc, meta.num_seqs,
+                    meta.max_query_len, head_dim ** -0.5, kv_mode=1, fp8_scale=fp8_scale)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOL[dtype]
+
+
 @pytest.mark.parametrize("num_splits", [2, 4])
 def test_split_kv_decode_matches_reference(num_splits):
     query_lens, context_lens = [1, 1, 1], [3, 90, 150]
