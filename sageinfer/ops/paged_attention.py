@@ -19,7 +19,7 @@ from sageinfer.ops import launch
 from sageinfer.ops.rope_cache import rms_norm_halves, store_kv
 
 LOG2E = 1.4426950408889634
-FP8_QUERY_SCALE = tl.constexpr(256.0)  # a bf16 query over an FP8 cache is divided by it to run the dots in fp16
+FP8_QUERY_SCALE = 256.0  # a bf16 query over an FP8 cache is divided by it to run the dots in fp16
 
 
 @triton.jit
@@ -136,7 +136,7 @@ def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_table_ptr, seq_lens_ptr, query_start_loc_ptr, k_scale_ptr, v_scale_ptr,
     prefix_out_ptr, prefix_lse_ptr, prefix_len_ptr, num_tokens, prefix_splits,
-    scale_log2, out_scale,
+    scale_log2, out_scale, fp8_query_scale,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
     stride_c_block, stride_c_slot, stride_c_head, stride_bt,
     positions_ptr, k_new_ptr, v_new_ptr, cos_sin_ptr, slot_mapping_ptr, q_norm_ptr, k_norm_ptr, eps, fp8_inv_scale,
@@ -178,8 +178,10 @@ def _paged_attention_kernel(
         # FP8 caches with a bf16 query: the dots in fp16, since fp8 -> fp16 is one native conversion a
         # pair of values where fp8 -> bf16 goes through fp32 (compiled for sm_90: 1,453 instructions a
         # 64-key tile against 613 for a bf16 cache). q times 2^-8 (exact; scale_log2 gives it back)
-        # keeps any |q| below 2^24 finite in fp16, with at least bf16's precision above 2^-6.
-        q = (q.to(tl.float32) * (1.0 / FP8_QUERY_SCALE)).to(tl.float16)
+        # keeps any |q| below 2^24 finite in fp16, with at least bf16's precision above 2^-6. The factor
+        # comes as an argument: as a constant the compiler multiplied after narrowing to fp16, where a
+        # |q| past 65,504 had already become inf.
+        q = (q.to(tl.float32) * fp8_query_scale).to(tl.float16)
     q_pos = context_len + q_idx  # causal: a query sees keys at positions <= its own
 
     kv_end = context_len + tl.minimum((q_tile + 1) * BLOCK_Q, query_len)
@@ -357,8 +359,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q, k_cache, v_cache, out, part_out, part_lse, block_table, seq_lens, query_start_loc,
         k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
         prefix_out, prefix_lse, prefix_len, q.shape[0], prefix_out.shape[0] if prefix is not None else 0,
-        scale * LOG2E * (fp8_scale * (FP8_QUERY_SCALE.value if q.dtype == torch.bfloat16 else 1.0) if kv_mode == 1 else 1.0),
-        fp8_scale if kv_mode == 1 else 1.0,
+        scale * LOG2E * (fp8_scale * (FP8_QUERY_SCALE if q.dtype == torch.bfloat16 else 1.0) if kv_mode == 1 else 1.0),
+        fp8_scale if kv_mode == 1 else 1.0, 1.0 / FP8_QUERY_SCALE,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         positions, k_new, v_new, cos_sin, slot_mapping, q_norm if q_norm is not None else q,
