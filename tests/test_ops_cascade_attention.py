@@ -80,8 +80,10 @@ def test_engine_decodes_a_shared_prefix_batch_with_cascade_and_matches_transform
 QUANT_MODES = ["int8"] + (["fp8"] if DEVICE == "cuda" else [])  # fp8 loads need the GPU
 
 
+@pytest.mark.parametrize("q_dtype", [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else []))
 @pytest.mark.parametrize("mode", QUANT_MODES)
-def test_cascade_decode_on_a_quantised_cache_matches_reference(mode):
+def test_cascade_decode_on_a_quantised_cache_matches_reference(mode, q_dtype):
+    """(A bf16 query over an FP8 cache takes both kernels' fp16 dots.)"""
     from sageinfer.attention.backend import KV_MODE
     from sageinfer.attention.torch_ref import write_kv_cache_ref
     store = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}[mode]
@@ -96,7 +98,7 @@ def test_cascade_decode_on_a_quantised_cache_matches_reference(mode):
                          mode, scales(), scales())
     slots = torch.arange(shape[0] * page, device=DEVICE)
     write_kv_cache_ref(k_full.view(-1, num_kv_heads, head_dim), v_full.view(-1, num_kv_heads, head_dim), cache, slots)
-    q = torch.randn(len(context), num_heads, head_dim, device=DEVICE)
+    q = torch.randn(len(context), num_heads, head_dim, device=DEVICE).to(q_dtype)
     ref = paged_attention_ref(q.double(), cache, meta, head_dim ** -0.5)
     prefix_len = torch.tensor([256], dtype=torch.int32, device=DEVICE)
     quant = dict(k_scale=cache.k_scale, v_scale=cache.v_scale, kv_mode=KV_MODE[mode], fp8_scale=cache.fp8_scale)
@@ -104,4 +106,4 @@ def test_cascade_decode_on_a_quantised_cache_matches_reference(mode):
     out = torch.full_like(q, float("nan"))
     paged_attention(q, cache.k, cache.v, out, meta.block_table, meta.seq_lens, meta.query_start_loc, meta.num_seqs,
                     1, head_dim ** -0.5, prefix=(*parts, prefix_len), **quant)
-    assert rel_err(out, ref) < 2e-3
+    assert rel_err(out, ref) < (2e-3 if q_dtype == torch.float32 else 2e-2)

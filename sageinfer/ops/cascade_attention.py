@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
-from sageinfer.ops.paged_attention import LOG2E, attend_tile
+from sageinfer.ops.paged_attention import LOG2E, attend_tile, fp8_query_factor, query_for_cache
 
 # Rows (queries x heads of a group) per program, keys per tile; the H100 sweep in
 # benchmarks/experiments/probe_p1.py put six tile shapes within 149-161 us for prefix + suffix of 200 sequences.
@@ -29,7 +29,7 @@ MAX_PREFIX_SPLITS = 16
 @triton.jit(do_not_specialize=["num_tokens", "num_splits"])
 def _prefix_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, prefix_blocks_ptr, prefix_len_ptr,
-    part_out_ptr, part_lse_ptr, num_tokens, num_splits, scale_log2, out_scale,
+    part_out_ptr, part_lse_ptr, num_tokens, num_splits, scale_log2, out_scale, fp8_query_scale,
     stride_q_tok, stride_q_head, stride_c_block, stride_c_slot, stride_c_head,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -51,6 +51,7 @@ def _prefix_attention_kernel(
     dim_valid = dims < HEAD_DIM
     q = tl.load(q_ptr + tok[:, None] * stride_q_tok + head[:, None] * stride_q_head + dims[None, :],
                 mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+    q = query_for_cache(q, fp8_query_scale, KV_MODE)
 
     # The prefix is a whole number of key tiles (PREFIX_ALIGN), so no tile needs a mask.
     num_tiles = prefix_len // BLOCK_N
@@ -109,7 +110,8 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     fp8 = fp8_scale if kv_mode == 1 else 1.0
     _prefix_attention_kernel[grid](
         q, k_cache, v_cache, k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
-        prefix_blocks, prefix_len, part_out, part_lse, num_tokens, num_splits, scale * LOG2E * fp8, fp8,
+        prefix_blocks, prefix_len, part_out, part_lse, num_tokens, num_splits,
+        scale * LOG2E * fp8 * fp8_query_factor(q, kv_mode), fp8, 1.0 / fp8_query_factor(q, kv_mode),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         PAGE_SIZE=page_size, BLOCK_M=cfg["block_m"], BLOCK_N=block_n, KV_MODE=kv_mode,
