@@ -229,7 +229,7 @@ def w4a16_mma_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     # 64 features a program, except for 16-row tiles where that leaves processors without a program:
     # on an H200 (132) a 4096-wide down projection took 56-57 us at 32 against 63-68 at 64 for 1 to 16
     # rows, but 95 against 68 at 32 rows (benchmarks/results/2026-12-01-h200-w4a16-rows.md).
-    processors = launch.processor_count(x.device.index or 0) if x.is_cuda else None
+    processors = launch.processor_count(x.device.index or 0)
     wide = processors is None or block_m > 16 or triton.cdiv(n, 64) >= processors
     cfg = config or {"block_n": 64 if wide else 32, "num_warps": 4, "num_stages": 2}
     x = x.contiguous()
