@@ -83,8 +83,9 @@ def attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v
 @triton.jit
 def query_for_cache(q, fp8_query_scale, KV_MODE: tl.constexpr):
     """The query as the tiles' dots take it. FP8 caches with a bf16 query: fp16, since fp8 -> fp16 is
-    one native conversion a pair of values where fp8 -> bf16 goes through fp32 (compiled for sm_90: a
-    64-key decode tile took 1,453 instructions against 1,037 so and 613 for a bf16 cache). q times
+    one native conversion a pair of values where fp8 -> bf16 goes through fp32 (compiled for sm_90, a
+    64-key decode tile: 1,453 instructions through bf16, 1,037 through fp16, 613 over a bf16 cache;
+    on an H200 178 -> 140 us a layer at batch 256 x 640 keys, bf16 cache 173 us). q times
     fp8_query_scale (2^-8, exact; the launcher gives it back in the scores' scale) keeps any |q| below
     2^24 finite in fp16, with at least bf16's precision above 2^-6. The factor is an argument: as a
     constant the compiler multiplied after narrowing to fp16, where a |q| past 65,504 was already inf."""
