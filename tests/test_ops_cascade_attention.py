@@ -77,13 +77,15 @@ def test_engine_decodes_a_shared_prefix_batch_with_cascade_and_matches_transform
         assert_greedy_matches_hf(llama_dir, p, o.outputs[0].token_ids, tie_tol=2e-2 if DEVICE == "cuda" else 1e-4)
 
 
-QUANT_MODES = ["int8"] + (["fp8"] if DEVICE == "cuda" else [])  # fp8 loads need the GPU
+QUANT_MODES = ["int8", "fp8"]
 
 
-@pytest.mark.parametrize("q_dtype", [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", QUANT_MODES)
 def test_cascade_decode_on_a_quantised_cache_matches_reference(mode, q_dtype):
     """(A bf16 query over an FP8 cache takes both kernels' fp16 dots.)"""
+    if q_dtype == torch.bfloat16 and mode == "int8" and DEVICE == "cpu":
+        pytest.skip("bf16 dots are wrong in the interpreter")
     from sageinfer.attention.backend import KV_MODE
     from sageinfer.attention.torch_ref import write_kv_cache_ref
     store = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}[mode]

@@ -35,7 +35,6 @@ def test_paged_attention_matches_reference(case, dtype):
     assert rel_err(out, ref) < TOL[dtype]
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="fp8 conversions need the GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", ["mixed_prefill_and_decode", "decode_only_gqa"])
 def test_fp8_cache_matches_the_reference_over_its_values(case, dtype):

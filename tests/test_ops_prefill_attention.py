@@ -34,16 +34,21 @@ def test_prefill_attention_matches_reference(case, dtype):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("q_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", ["prompts_of_many_lengths", "chunk_after_cached_context", "decode_rows_in_the_batch"])
-def test_prefill_attention_reads_an_fp8_cache(case):
-    """FP8 e4m3 values times one scale: the attention of the values the cache encodes."""
+def test_prefill_attention_reads_an_fp8_cache(case, q_dtype):
+    """FP8 e4m3 values times one scale: the attention of the values the cache encodes (a bf16 query,
+    also past fp16's range, through the fp16 dots)."""
     query_lens, context_lens, num_heads, num_kv_heads, head_dim, page, block_n = CASES[case]
     k_cache, v_cache, meta = random_paged_batch(query_lens, context_lens, num_kv_heads, head_dim, page, torch.float32,
                                                 seed=len(case))
     scale = float(max(k_cache.abs().max(), v_cache.abs().max())) / 448.0
     poison_unwritten_slots(k_cache, v_cache, meta)  # NaN stays NaN in FP8
     k8, v8 = (c.div(scale).to(torch.float8_e4m3fn) for c in (k_cache, v_cache))
-    q = torch.randn(sum(query_lens), num_heads, head_dim).half().to(DEVICE)
+    q = torch.randn(sum(query_lens), num_heads, head_dim)
+    if q_dtype == torch.bfloat16:
+        q[0, 0, :3] = torch.tensor([8e4, -1e-4, 3e-6])
+    q = q.to(q_dtype).to(DEVICE)
     ref = paged_attention_ref(q.double(), LayerKVCache(k8.double() * scale, v8.double() * scale), meta,
                               head_dim ** -0.5)
     out = torch.full_like(q, float("nan"))
@@ -51,7 +56,7 @@ def test_prefill_attention_reads_an_fp8_cache(case):
                       meta.max_query_len, head_dim ** -0.5, kv_scale=scale,
                       config={"block_m": 32, "block_n": block_n, "num_warps": 4, "num_stages": 2})
     assert not out.isnan().any()
-    assert rel_err(out, ref) < TOL[torch.float16]
+    assert rel_err(out, ref) < TOL[q_dtype]
 
 
 @pytest.mark.parametrize("case", ["prompts_of_many_lengths", "chunk_after_cached_context", "decode_rows_in_the_batch"])

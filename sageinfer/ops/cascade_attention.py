@@ -51,7 +51,7 @@ def _prefix_attention_kernel(
     dim_valid = dims < HEAD_DIM
     q = tl.load(q_ptr + tok[:, None] * stride_q_tok + head[:, None] * stride_q_head + dims[None, :],
                 mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
-    q = query_for_cache(q, fp8_query_scale, KV_MODE)
+    q = query_for_cache(q, fp8_query_scale, KV_MODE == 1)
 
     # The prefix is a whole number of key tiles (PREFIX_ALIGN), so no tile needs a mask.
     num_tiles = prefix_len // BLOCK_N
@@ -111,7 +111,7 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _prefix_attention_kernel[grid](
         q, k_cache, v_cache, k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
         prefix_blocks, prefix_len, part_out, part_lse, num_tokens, num_splits,
-        scale * LOG2E * fp8 * fp8_query_factor(q, kv_mode), fp8, 1.0 / fp8_query_factor(q, kv_mode),
+        scale * LOG2E * fp8 * fp8_query_factor(q, kv_mode == 1), fp8, 1.0 / fp8_query_factor(q, kv_mode == 1),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         PAGE_SIZE=page_size, BLOCK_M=cfg["block_m"], BLOCK_N=block_n, KV_MODE=kv_mode,

@@ -81,7 +81,7 @@ def attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v
 
 
 @triton.jit
-def query_for_cache(q, fp8_query_scale, KV_MODE: tl.constexpr):
+def query_for_cache(q, fp8_query_scale, FP8_CACHE: tl.constexpr):
     """The query as the tiles' dots take it. FP8 caches with a bf16 query: fp16, since fp8 -> fp16 is
     one native conversion a pair of values where fp8 -> bf16 goes through fp32 (compiled for sm_90, a
     64-key decode tile: 1,453 instructions through bf16, 1,037 through fp16, 613 over a bf16 cache;
@@ -89,15 +89,15 @@ def query_for_cache(q, fp8_query_scale, KV_MODE: tl.constexpr):
     fp8_query_scale (2^-8, exact; the launcher gives it back in the scores' scale) keeps any |q| below
     2^24 finite in fp16, with at least bf16's precision above 2^-6. The factor is an argument: as a
     constant the compiler multiplied after narrowing to fp16, where a |q| past 65,504 was already inf."""
-    if KV_MODE == 1:
+    if FP8_CACHE:
         if q.dtype == tl.bfloat16:
             q = (q.to(tl.float32) * fp8_query_scale).to(tl.float16)
     return q
 
 
-def fp8_query_factor(q: torch.Tensor, kv_mode: int) -> float:
+def fp8_query_factor(q: torch.Tensor, fp8_cache: bool) -> float:
     """What query_for_cache divides q by (the launcher multiplies the scores' scale by it)."""
-    return FP8_QUERY_SCALE if kv_mode == 1 and q.dtype == torch.bfloat16 else 1.0
+    return FP8_QUERY_SCALE if fp8_cache and q.dtype == torch.bfloat16 else 1.0
 
 
 @triton.jit
@@ -194,7 +194,7 @@ def _paged_attention_kernel(
                            QK_NORM)
     else:
         q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
-    q = query_for_cache(q, fp8_query_scale, KV_MODE)
+    q = query_for_cache(q, fp8_query_scale, KV_MODE == 1)
     q_pos = context_len + q_idx  # causal: a query sees keys at positions <= its own
 
     kv_end = context_len + tl.minimum((q_tile + 1) * BLOCK_Q, query_len)
@@ -372,8 +372,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q, k_cache, v_cache, out, part_out, part_lse, block_table, seq_lens, query_start_loc,
         k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
         prefix_out, prefix_lse, prefix_len, q.shape[0], prefix_out.shape[0] if prefix is not None else 0,
-        scale * LOG2E * (fp8_scale * fp8_query_factor(q, kv_mode) if kv_mode == 1 else 1.0),
-        fp8_scale if kv_mode == 1 else 1.0, 1.0 / fp8_query_factor(q, kv_mode),
+        scale * LOG2E * (fp8_scale * fp8_query_factor(q, kv_mode == 1) if kv_mode == 1 else 1.0),
+        fp8_scale if kv_mode == 1 else 1.0, 1.0 / fp8_query_factor(q, kv_mode == 1),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         positions, k_new, v_new, cos_sin, slot_mapping, q_norm if q_norm is not None else q,

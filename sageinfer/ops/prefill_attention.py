@@ -20,7 +20,7 @@ except ImportError:
     TensorDescriptor = None
 
 from sageinfer.ops import launch
-from sageinfer.ops.paged_attention import LOG2E, LONG_CONTEXT
+from sageinfer.ops.paged_attention import LOG2E, LONG_CONTEXT, fp8_query_factor, query_for_cache
 
 
 @triton.jit
@@ -84,10 +84,10 @@ def _update(s, m_i, l_i, acc, v_cache, v_scale_ptr, row, col, kv_head, tile, q_p
 @triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_attention_kernel(
     q_ptr, k_cache, v_cache, out_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr, scale_log2, v_scale,
-    k_scale_ptr, v_scale_ptr, stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_row, stride_bt,
+    fp8_query_scale, k_scale_ptr, v_scale_ptr, stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_row, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, USE_PDL: tl.constexpr,
-    NUM_KV_HEADS: tl.constexpr = 1, INT8: tl.constexpr = False,
+    NUM_KV_HEADS: tl.constexpr = 1, INT8: tl.constexpr = False, FP8: tl.constexpr = False,
 ):
     launch.wait_for_previous_kernel(USE_PDL)
     seq = tl.program_id(0)
@@ -110,6 +110,7 @@ def _prefill_attention_kernel(
     tok = (q_start + q_idx).to(tl.int64)
     q = tl.load(q_ptr + tok[:, None] * stride_q_tok + head[:, None] * stride_q_head + dims[None, :],
                 mask=row_valid[:, None], other=0.0)
+    q = query_for_cache(q, fp8_query_scale, FP8)
     q_pos = context_len + q_idx
 
     kv_end = context_len + tl.minimum((q_tile + 1) * BLOCK_Q, query_len)
@@ -209,10 +210,11 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         k_arg, v_arg = k_cache, v_cache
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
     _prefill_attention_kernel[grid](
-        q, k_arg, v_arg, out, block_table, seq_lens, query_start_loc, scale * LOG2E * (kv_scale if fp8 else 1.0),
-        kv_scale if fp8 else 1.0, k_scale if int8 else q, v_scale if int8 else q,
+        q, k_arg, v_arg, out, block_table, seq_lens, query_start_loc,
+        scale * LOG2E * (kv_scale * fp8_query_factor(q, True) if fp8 else 1.0), kv_scale if fp8 else 1.0,
+        1.0 / fp8_query_factor(q, fp8), k_scale if int8 else q, v_scale if int8 else q,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), stride_row, block_table.stride(0),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
-        USE_TMA=cfg["use_tma"], NUM_KV_HEADS=num_kv_heads, INT8=int8, num_warps=cfg["num_warps"],
+        USE_TMA=cfg["use_tma"], NUM_KV_HEADS=num_kv_heads, INT8=int8, FP8=fp8, num_warps=cfg["num_warps"],
         num_stages=num_stages, **launch.dependent_launch_kwargs())
     return out
