@@ -130,17 +130,24 @@ class _WidenedPrefill:
                                  max_query_len, scale)
 
 
-@pytest.mark.parametrize("fp8_scale", [1.0, 0.5])
+@pytest.mark.parametrize("fp8_scale", [1.0, 0.5, "int8"])
 def test_an_fp8_cache_reaches_the_platform_kernel_on_widened_pages(monkeypatch, fp8_scale):
-    """Long prefills over an FP8 cache copy the step's pages into the model dtype and run the platform
-    kernel on them: the same attention as the reference over the FP8 cache, two sequences of several pages."""
+    """Long prefills over an FP8 (or INT8) cache copy the step's pages into the model dtype and run the
+    platform kernel on them: the same attention as the reference over the quantized cache, two
+    sequences of several pages (INT8: the scales of rows nothing wrote are NaN)."""
     import sageinfer.attention.triton_backend as tb
     monkeypatch.setattr(tb, "LONG_CONTEXT", 64)
     head_dim, heads, kv_heads, page = 16, 4, 2, 64
     query_lens, context_lens = [40, 9], [100, 70]
     k32, v32, meta = random_paged_batch(query_lens, context_lens, kv_heads, head_dim, page, torch.float32, seed=6)
-    cache = LayerKVCache((k32 / fp8_scale).to(torch.float8_e4m3fn), (v32 / fp8_scale).to(torch.float8_e4m3fn),
-                         "fp8", fp8_scale=fp8_scale)
+    if fp8_scale == "int8":
+        scales = [c.abs().amax(-1).clamp(min=1e-6) / 127.0 for c in (k32, v32)]
+        k8, v8 = ((c / s.unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8) for c, s in zip((k32, v32), scales))
+        poison_unwritten_slots(*scales, meta)  # no write set the scales of rows past a sequence's end
+        cache = LayerKVCache(k8, v8, "int8", scales[0], scales[1])
+    else:
+        cache = LayerKVCache((k32 / fp8_scale).to(torch.float8_e4m3fn), (v32 / fp8_scale).to(torch.float8_e4m3fn),
+                             "fp8", fp8_scale=fp8_scale)
     # The chunks' own slots (written by the cache write before attention) follow each context.
     slots = []
     for i, (q_len, ctx) in enumerate(zip(query_lens, context_lens)):

@@ -18,15 +18,23 @@ CASCADE_MIN_PREFIX = 256
 ROTARY_IN_DECODE_ATTENTION = True
 
 
-# Widened copies of an FP8 cache's pages are made for long prefills of at most this many context tokens
-# in the step (Qwen3-8B shapes: 256 MB per layer at 64K tokens, freed after the layer).
+# Widened copies of a quantized cache's pages are made for long prefills of at most this many context
+# tokens in the step (Qwen3-8B shapes: 256 MB per layer at 64K tokens, freed after the layer).
 WIDEN_FP8_MAX_TOKENS = 65536
 
 
+def _times_token_scales(values: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tensor:
+    """INT8 pages [pages, page, heads, dim] times their per-token-head scales, in fp32, as `dtype`;
+    a scale no write has set (rows past a sequence's end) counts as 0, so that those rows, masked in
+    the attention, hold no NaN to poison it (0 * NaN)."""
+    scales = torch.nan_to_num(scales.float(), nan=0.0, posinf=0.0, neginf=0.0)
+    return (values.float() * scales.unsqueeze(-1)).to(dtype)
+
+
 def widened_pages(cache, meta, dtype):
-    """The pages that the step's sequences read, copied out of an FP8 cache into `dtype` (times the
-    cache's scale) and packed: (keys, values, a block table over the packed pages). The page list is
-    built once per step."""
+    """The pages that the step's sequences read, copied out of an FP8 or INT8 cache into `dtype`
+    (times the cache's scales) and packed: (keys, values, a block table over the packed pages). The
+    page list is built once per step."""
     page_size = cache.k.shape[1]
     if meta.packed_pages is None:
         counts = torch.tensor([-(-n // page_size) for n in meta.seq_lens_cpu])
@@ -40,6 +48,9 @@ def widened_pages(cache, meta, dtype):
         meta.packed_pages = ((rows * width + within).to(device), table.to(device))
     index, table = meta.packed_pages
     pages = meta.block_table.reshape(-1)[index].long()
+    if cache.mode == 2:
+        return (_times_token_scales(cache.k[pages], cache.k_scale[pages], dtype),
+                _times_token_scales(cache.v[pages], cache.v_scale[pages], dtype), table)
     k, v = cache.k[pages].to(dtype), cache.v[pages].to(dtype)
     if cache.fp8_scale != 1.0:
         k.mul_(cache.fp8_scale)
@@ -73,11 +84,12 @@ class TritonBackend(AttentionBackend):
     def _long_prefill(self, q, cache, out, meta, scale):
         """The platform's long-prompt kernel (H100, 16K chunks of a 32K prompt: 613-654 against 460-487
         TFLOP/s for the portable kernel; long prompts only: each launch encodes two tensor maps on the
-        host). It reads 16-bit pages: an FP8 cache's pages of the step are widened first, when they are
-        few enough (H200, a 16K chunk after 16K cached tokens: the portable kernel reading FP8 took 332
-        ms of attention against 135 for this kernel on 16-bit pages; widening costs one copy per layer)."""
+        host). It reads 16-bit pages: an FP8 or INT8 cache's pages of the step are widened first, when
+        they are few enough (H200, a 16K chunk after 16K cached tokens: the portable kernel reading FP8
+        took 332 ms of attention against 135 for this kernel on 16-bit pages; widening costs one copy
+        per layer; INT8 widened the same way, not timed)."""
         k_cache, v_cache, block_table = cache.k, cache.v, meta.block_table
-        if cache.mode == 1:
+        if cache.mode in (1, 2):
             if sum(meta.seq_lens_cpu) > WIDEN_FP8_MAX_TOKENS:
                 return None
             k_cache, v_cache, block_table = widened_pages(cache, meta, q.dtype)
