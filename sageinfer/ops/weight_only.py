@@ -107,10 +107,16 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, str
 
 @triton.jit
 def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                        INT4: tl.constexpr, GROUP: tl.constexpr, SLICE: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                        x_scale, INT4: tl.constexpr, GROUP: tl.constexpr, SLICE: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                        FP16_DOT: tl.constexpr = False):
     """INT4: packed words, a scale and zero point per GROUP columns; else FP8 bytes with the scale
-    of each GROUP-wide tile of the row. BLOCK_K divides GROUP: one scale column per K tile."""
+    of each GROUP-wide tile of the row. BLOCK_K divides GROUP: one scale column per K tile.
+    FP16_DOT (FP8 with 16-bit x): the dot in fp16 on the raw FP8 values (fp8 -> fp16 is one native
+    conversion a pair; to bf16 or fp32 it took two more instructions a weight and the scale a third,
+    compiled for sm_90), x times x_scale (2^-8 for bf16, exact, so that fp16 holds any |x| below
+    2^24; an argument, since the compiler moves a constant factor past the narrowing), each K tile's
+    product then times its scale."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -120,9 +126,18 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, s
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
         x = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w = _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, stride_sn, INT4, GROUP, SLICE,
-                         BLOCK_K).to(x.dtype)
-        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+        if FP16_DOT:
+            if x.dtype == tl.bfloat16:
+                x = (x.to(tl.float32) * x_scale).to(tl.float16)
+            raw = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                          other=0)
+            w = raw.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+            s = tl.load(s_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
+            acc += tl.dot(x, tl.trans(w)) * (s / x_scale)[None, :]
+        else:
+            w = _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, stride_sn, INT4, GROUP, SLICE,
+                             BLOCK_K).to(x.dtype)
+            acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     tl.store(y_ptr + ms[:, None] * stride_ym + ns[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
@@ -214,10 +229,12 @@ def _launch_fp8_blocks(x, w, scales, group: int, n: int, block_m: int, block_n: 
     m, k = x.shape
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    fp16_dot = x.dtype in (torch.bfloat16, torch.float16)
     _weight_only_kernel[grid](x, w, scales, scales, y, m, n, k, x.stride(0), w.stride(0), scales.stride(0),
-                              y.stride(0), INT4=False, GROUP=group, SLICE=1, BLOCK_M=block_m,
-                              BLOCK_N=block_n, BLOCK_K=block_k,
-                              PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # fp32 models: exact sums
+                              y.stride(0), 1.0 / 256 if x.dtype == torch.bfloat16 else 1.0, INT4=False, GROUP=group,
+                              SLICE=1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                              PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 models: exact sums
+                              FP16_DOT=fp16_dot)
     return y
 
 
