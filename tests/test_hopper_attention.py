@@ -160,9 +160,9 @@ def test_an_fp8_cache_reaches_the_platform_kernel_on_widened_pages(monkeypatch, 
     q, k, v = (torch.randn(total, n, head_dim, device=DEVICE) for n in (heads, kv_heads, kv_heads))
     positions = torch.cat([torch.arange(c, c + n) for n, c in zip(query_lens, context_lens)]).to(DEVICE)
     platform_kernel = _WidenedPrefill()
-    for limit, widened in ((tb.WIDEN_FP8_MAX_TOKENS, [torch.float32]), (100, [])):
+    for limit, widened in ((tb.WIDEN_MAX_TOKENS, [torch.float32]), (100, [])):
         # over the token limit, the portable kernel reads the FP8 pages as stored
-        monkeypatch.setattr(tb, "WIDEN_FP8_MAX_TOKENS", limit)
+        monkeypatch.setattr(tb, "WIDEN_MAX_TOKENS", limit)
         platform_kernel.dtypes, meta.packed_pages = [], None
         q_step = q.clone()  # rotated in place by the step
         out = TritonBackend(long_prefill=platform_kernel).forward(layer, positions, q_step, k.clone(), v.clone(),

@@ -20,7 +20,7 @@ ROTARY_IN_DECODE_ATTENTION = True
 
 # Widened copies of a quantized cache's pages are made for long prefills of at most this many context
 # tokens in the step (Qwen3-8B shapes: 256 MB per layer at 64K tokens, freed after the layer).
-WIDEN_FP8_MAX_TOKENS = 65536
+WIDEN_MAX_TOKENS = 65536
 
 
 def _times_token_scales(values: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tensor:
@@ -90,7 +90,7 @@ class TritonBackend(AttentionBackend):
         per layer; INT8 widened the same way, not timed)."""
         k_cache, v_cache, block_table = cache.k, cache.v, meta.block_table
         if cache.mode in (1, 2):
-            if sum(meta.seq_lens_cpu) > WIDEN_FP8_MAX_TOKENS:
+            if sum(meta.seq_lens_cpu) > WIDEN_MAX_TOKENS:
                 return None
             k_cache, v_cache, block_table = widened_pages(cache, meta, q.dtype)
         elif cache.k.dtype != q.dtype:

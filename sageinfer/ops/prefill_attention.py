@@ -84,7 +84,8 @@ def _update(s, m_i, l_i, acc, v_cache, v_scale_ptr, row, col, kv_head, tile, q_p
 @triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_attention_kernel(
     q_ptr, k_cache, v_cache, out_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr, scale_log2, v_scale,
-    fp8_query_scale, k_scale_ptr, v_scale_ptr, stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_row, stride_bt,
+    fp8_query_scale, k_scale_ptr, v_scale_ptr, stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_row,
+    stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, USE_PDL: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr = 1, INT8: tl.constexpr = False, FP8: tl.constexpr = False,
