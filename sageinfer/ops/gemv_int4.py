@@ -26,8 +26,8 @@ from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_t
 # (benchmarks/experiments/tune_int4_gemv.py; 5.0 ms for 36 layers' four matmuls against 5.5 for bf16
 # weights through ops/gemv.py). block_n is for one row: more rows take fewer output features per
 # program, so that the [rows, block_n, slice] accumulator stays in registers. "mma": True takes the
-# tensor-core kernel instead (compiled for sm_90: about 5.4 instructions a weight in its loop against
-# 8 here; not yet timed on a GPU).
+# tensor-core kernel instead: at one row it measured slower (the four matmuls 161.6 against 101.5 us
+# on an H200), from 2 rows faster, which is where W4A16 layers use it (w4a16_mma_matmul).
 INT4_GEMV_CONFIG = {"block_n": 32, "num_warps": 8, "num_stages": 2}
 
 
