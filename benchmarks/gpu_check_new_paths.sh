@@ -18,8 +18,8 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE -o faulthandler_timeou
   tests/test_ops_cascade_attention.py tests/test_ops_prefill_attention.py tests/test_hopper_attention.py \
   tests/test_ops_gemv.py tests/test_ops_weight_only.py > "$OUT/tests.log" 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -12
-timeout 120 python3 benchmarks/experiments/tune_decode_attention.py --out "$OUT/decode_attention.json" 2>&1 \
-  | grep -v Warn | tail -12
+timeout 150 python3 benchmarks/experiments/tune_decode_attention.py --modes fp8,auto --out "$OUT/decode_attention.json" \
+  2>&1 | grep -v Warn | tail -12
 for kv in int8 fp8; do
   echo "== L2, KV cache $kv"
   timeout 100 python3 benchmarks/run_standard.py --workloads L2-long-context --kv-cache-dtype "$kv" \

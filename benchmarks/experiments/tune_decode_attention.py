@@ -1,7 +1,7 @@
 """Sweep decode attention launch configs per KV cache dtype on the GPU (batch 256, context 600, and
 batch 1, context 4096); prints GB/s of KV read per config and the best per dtype.
 
-  python benchmarks/experiments/tune_decode_attention.py --out best_decode.json
+  python benchmarks/experiments/tune_decode_attention.py --out best_decode.json [--modes fp8,auto]
 """
 from __future__ import annotations
 
@@ -43,10 +43,11 @@ def make_cache(k, v, mode):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
+    parser.add_argument("--modes", default="auto,int8,fp8", help="cache dtypes to sweep, in this order")
     args = parser.parse_args()
     best = {}
     print("| dtype | block_n | warps | stages | rel err | " + " | ".join(f"{c} GB/s" for c in CASES) + " |")
-    for mode in ("auto", "int8", "fp8"):
+    for mode in args.modes.split(","):
         data = []
         for name, (ql, cl) in CASES.items():
             k, v, meta = random_paged_batch(ql, cl, 8, 128, 16, torch.bfloat16, device="cuda", seed=2)
