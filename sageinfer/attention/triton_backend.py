@@ -23,12 +23,16 @@ ROTARY_IN_DECODE_ATTENTION = True
 WIDEN_MAX_TOKENS = 65536
 
 
-def _times_token_scales(values: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tensor:
-    """INT8 pages [pages, page, heads, dim] times their per-token-head scales, in fp32, as `dtype`;
-    a scale no write has set (rows past a sequence's end) counts as 0, so that those rows, masked in
-    the attention, hold no NaN to poison it (0 * NaN)."""
-    scales = torch.nan_to_num(scales.float(), nan=0.0, posinf=0.0, neginf=0.0)
-    return (values.float() * scales.unsqueeze(-1)).to(dtype)
+def _times_token_scales(values: torch.Tensor, scales: torch.Tensor, dtype, pages_at_once: int = 64) -> torch.Tensor:
+    """INT8 pages [pages, page, heads, dim] times their per-token-head scales, in fp32 a few pages at a
+    time (no fp32 copy of them all beside the result), as `dtype`; a scale no write has set (rows past
+    a sequence's end) counts as 0, so that those rows, masked in the attention, hold no NaN to poison
+    it (0 * NaN)."""
+    out = torch.empty(values.shape, dtype=dtype, device=values.device)
+    for i in range(0, values.shape[0], pages_at_once):
+        part = torch.nan_to_num(scales[i:i + pages_at_once].float(), nan=0.0, posinf=0.0, neginf=0.0)
+        out[i:i + pages_at_once] = values[i:i + pages_at_once].float() * part.unsqueeze(-1)
+    return out
 
 
 def widened_pages(cache, meta, dtype):
