@@ -364,7 +364,8 @@ def test_a_w4a16_layer_with_kernels_is_its_dequantized_weight(rows, monkeypatch)
     from sageinfer.layers.quantization import w4a16
     tensor_core_calls = []
     tensor_core = w4a16.w4a16_mma_matmul
-    monkeypatch.setattr(w4a16, "w4a16_mma_matmul", lambda *a: tensor_core_calls.append(a) or tensor_core(*a))
+    monkeypatch.setattr(w4a16, "w4a16_mma_matmul",
+                        lambda *a, **k: tensor_core_calls.append(a) or tensor_core(*a, **k))
     from sageinfer.layers.linear import Linear
     from sageinfer.layers.quantization import QuantConfig, set_quant_config
     from sageinfer.ops.weight_only import dequantize, pack

@@ -25,6 +25,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from sageinfer.ops.gemv import gemv  # noqa: E402
 from sageinfer.ops.gemv_int4 import w4a16_mma_matmul  # noqa: E402
 from sageinfer.ops.weight_only import dequantize_kernel, pack  # noqa: E402
+from sageinfer.platforms import get_platform  # noqa: E402
+from tune_decode_step import graph_time  # noqa: E402  (this folder: the same timing of one graph)
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}
 LAYERS, GROUP, SLICE = 36, 128, 128
@@ -42,7 +44,7 @@ def make_layer(dev: str):
     return out
 
 
-def layer_calls(path: str, rows: int, layer: dict, dev: str):
+def layer_calls(path: str, rows: int, layer: dict, dev: str, num_sms: int | None = None):
     """The four matmuls of one layer for this path, as closures over their inputs."""
     dt = torch.bfloat16
     calls = []
@@ -63,7 +65,8 @@ def layer_calls(path: str, rows: int, layer: dict, dev: str):
                                                                        slice_width=SLICE, **f))
         elif path.startswith("mma"):
             cfg = {"block_n": int(path[6:]), "num_warps": 4, "num_stages": 2} if path != "mma" else None
-            calls.append(lambda x=x, p=packed, s=scales, c=cfg: w4a16_mma_matmul(x, p, s, None, GROUP, SLICE, c))
+            calls.append(lambda x=x, p=packed, s=scales, c=cfg: w4a16_mma_matmul(x, p, s, None, GROUP, SLICE, c,
+                                                                                 num_sms))
         elif path == "expand":
             calls.append(lambda x=x, p=packed, s=scales, z=zeros: torch.nn.functional.linear(
                 x, dequantize_kernel(p, s, z, GROUP, dt, SLICE)))
@@ -74,31 +77,6 @@ def layer_calls(path: str, rows: int, layer: dict, dev: str):
     return calls
 
 
-def time_graph(calls, replays: int = 20, repeats: int = 5) -> float:
-    """Median over repeats of the mean replay time (s) of one graph of all the calls."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for fn in calls:  # compile and warm outside the graph
-            fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3 / replays)
-    return sorted(times)[len(times) // 2]
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="1,2,8,16,32")
@@ -106,6 +84,7 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     dev = "cuda"
+    num_sms = get_platform().num_compute_units()  # as the engine's W4A16 layers pass it
     layers = [make_layer(dev) for _ in range(LAYERS)]
     words = sum(p.numel() * 4 for p, *_ in layers[0].values()) * LAYERS
     print(f"{LAYERS} layers, {words / 1e9:.2f} GB of 4-bit words a step", flush=True)
@@ -116,9 +95,9 @@ def main():
         for path in args.paths.split(","):
             if path == "gemv" and rows > 8:
                 continue
-            calls = [c for layer in layers for c in layer_calls(path, rows, layer, dev)]
+            calls = [c for layer in layers for c in layer_calls(path, rows, layer, dev, num_sms)]
             try:
-                t = time_graph(calls)
+                t = graph_time(lambda: [fn() for fn in calls], reps=50)  # noqa: B023
             except Exception as exc:  # noqa: BLE001 (a tile past the device's resources)
                 print(f"| {rows} | {path} | failed: {type(exc).__name__} | |", flush=True)
                 continue

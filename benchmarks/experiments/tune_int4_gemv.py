@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from sageinfer.ops.gemv import gemv  # noqa: E402
 from sageinfer.ops.gemv_int4 import INT4_GEMV_CONFIG, w4a16_mma_matmul  # noqa: E402
 from sageinfer.ops.weight_only import dequantize_kernel, pack  # noqa: E402
+from sageinfer.platforms import get_platform  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}
 LAYERS, GROUP = 36, 128
@@ -64,6 +65,7 @@ def main():
     parser.add_argument("--no-sweep", action="store_true", help="time ops/gemv_int4.py's configuration only")
     args = parser.parse_args()
     dev, dt = "cuda", torch.bfloat16
+    num_sms = get_platform().num_compute_units()  # as the engine's W4A16 layers pass it
     result = {"sweep": [], "by_rows": {}}
     layers = {128: {name: make(n, k, 128, dev) for name, (n, k) in SHAPES.items()}}
     calls = {name: step_call(name, 1, k, dev, dt) for name, (n, k) in SHAPES.items()}
@@ -113,7 +115,7 @@ def main():
                     fn = lambda: gemv(x, packed, config=row_cfg, weight_scale=scales, int4=True, slice_width=s)  # noqa: E731,B023
                     ref_fn = lambda: gemv(x, dense)  # noqa: E731,B023
                 elif path.startswith("mma"):  # the engine's block_n, or the one named
-                    fn = lambda: w4a16_mma_matmul(x, packed, scales, None, GROUP, s, mma_cfg)  # noqa: E731,B023
+                    fn = lambda: w4a16_mma_matmul(x, packed, scales, None, GROUP, s, mma_cfg, num_sms)  # noqa: E731,B023
                     ref_fn = lambda: torch.nn.functional.linear(x, dense)  # noqa: E731,B023
                 else:
                     fn = lambda: torch.nn.functional.linear(  # noqa: E731

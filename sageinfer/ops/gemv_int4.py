@@ -215,10 +215,11 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
 
 def w4a16_mma_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      weight_zero: torch.Tensor | None, group: int, slice_width: int,
-                     config: dict | None = None) -> torch.Tensor:
+                     config: dict | None = None, num_sms: int | None = None) -> torch.Tensor:
     """x [M, K] @ the 4-bit weight [N, K / 8] (interleaved words, scales and zero points [N, K / group])
     -> [M, N] in x's dtype, on the tensor cores for any M: rows in tiles of 16 or 32, each tile reading
-    the packed words once. W4A16 layers take it for 2 to 32 rows (w4a16.py)."""
+    the packed words once. W4A16 layers take it for 2 to 32 rows (w4a16.py). num_sms: the platform's
+    compute units (num_compute_units), which the tile width follows."""
     m, k = x.shape
     n = weight.shape[0]
     check_int4_layout(weight, weight_scale, group, slice_width, "w4a16")
@@ -229,8 +230,7 @@ def w4a16_mma_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     # 64 features a program, except for 16-row tiles where that leaves processors without a program:
     # on an H200 (132) a 4096-wide down projection took 56-57 us at 32 against 63-68 at 64 for 1 to 16
     # rows, but 95 against 68 at 32 rows (benchmarks/results/2026-12-01-h200-w4a16-rows.md).
-    processors = launch.processor_count(x.device.index or 0)
-    wide = processors is None or block_m > 16 or triton.cdiv(n, 64) >= processors
+    wide = num_sms is None or block_m > 16 or triton.cdiv(n, 64) >= num_sms
     cfg = config or {"block_n": 64 if wide else 32, "num_warps": 4, "num_stages": 2}
     x = x.contiguous()
     weight_scale = weight_scale.contiguous()

@@ -57,18 +57,6 @@ def shared_memory_limit(device_index: int) -> int | None:
         return None
 
 
-@functools.lru_cache(maxsize=None)
-def processor_count(device_index: int) -> int | None:
-    """Streaming multiprocessors (compute units) of this device, from Triton's driver; None where no
-    driver says (the interpreter)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    try:
-        return int(triton.runtime.driver.active.utils.get_device_properties(device_index)["multiprocessor_count"])
-    except Exception:  # noqa: BLE001 - a backend without the query
-        return None
-
-
 def fit_key_tiles(block_m: int, block_n: int, num_stages: int, head_dim: int, element_size: int,
                   limit: int | None) -> tuple[int, int]:
     """(block_n, num_stages) of an attention kernel whose query tile [block_m, head_dim] stays in

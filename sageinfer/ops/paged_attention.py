@@ -16,10 +16,10 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
+from sageinfer.ops.fp16_operand import fp16_operand, fp16_operand_factor
 from sageinfer.ops.rope_cache import rms_norm_halves, store_kv
 
 LOG2E = 1.4426950408889634
-FP8_QUERY_SCALE = 256.0  # a bf16 query over an FP8 cache is divided by it to run the dots in fp16
 
 
 @triton.jit
@@ -82,22 +82,15 @@ def attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v
 
 @triton.jit
 def query_for_cache(q, fp8_query_scale, FP8_CACHE: tl.constexpr):
-    """The query as the tiles' dots take it. FP8 caches with a bf16 query: fp16, since fp8 -> fp16 is
-    one native conversion a pair of values where fp8 -> bf16 goes through fp32 (compiled for sm_90, a
-    64-key decode tile: 1,453 instructions through bf16, 1,037 through fp16, 613 over a bf16 cache;
-    on an H200 178 -> 140 us a layer at batch 256 x 640 keys, bf16 cache 173 us). q times
-    fp8_query_scale (2^-8, exact; the launcher gives it back in the scores' scale) keeps any |q| below
-    2^24 finite in fp16, with at least bf16's precision above 2^-6. The factor is an argument: as a
-    constant the compiler multiplied after narrowing to fp16, where a |q| past 65,504 was already inf."""
+    """The query as the tiles' dots take it: over an FP8 cache in fp16 (ops/fp16_operand.py)."""
     if FP8_CACHE:
-        if q.dtype == tl.bfloat16:
-            q = (q.to(tl.float32) * fp8_query_scale).to(tl.float16)
+        q = fp16_operand(q, fp8_query_scale)
     return q
 
 
 def fp8_query_factor(q: torch.Tensor, fp8_cache: bool) -> float:
     """What query_for_cache divides q by (the launcher multiplies the scores' scale by it)."""
-    return FP8_QUERY_SCALE if fp8_cache and q.dtype == torch.bfloat16 else 1.0
+    return fp16_operand_factor(q) if fp8_cache else 1.0
 
 
 @triton.jit

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sageinfer.ops.fp16_operand import fp16_operand, fp16_operand_factor
+
 
 def slice_width_for(k: int, group: int, widest: int = 128) -> int:
     """The widest power-of-two slice, at most `widest`, that divides the group and whose runs of 8 S
@@ -112,11 +114,9 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, s
                         FP16_DOT: tl.constexpr = False):
     """INT4: packed words, a scale and zero point per GROUP columns; else FP8 bytes with the scale
     of each GROUP-wide tile of the row. BLOCK_K divides GROUP: one scale column per K tile.
-    FP16_DOT (FP8 with 16-bit x): the dot in fp16 on the raw FP8 values (fp8 -> fp16 is one native
-    conversion a pair; to bf16 or fp32 it took two more instructions a weight and the scale a third,
-    compiled for sm_90), x times x_scale (2^-8 for bf16, exact, so that fp16 holds any |x| below
-    2^24; an argument, since the compiler moves a constant factor past the narrowing), each K tile's
-    product then times its scale."""
+    FP16_DOT (FP8 with 16-bit x): the dot in fp16 on the raw FP8 values and x (ops/fp16_operand.py;
+    widening each weight to fp32, scaling and narrowing it took three instructions more a weight),
+    each K tile's product then times its scale and 1 / x_scale."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -127,8 +127,7 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, s
         k_mask = ks < K
         x = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if FP16_DOT:
-            if x.dtype == tl.bfloat16:
-                x = (x.to(tl.float32) * x_scale).to(tl.float16)
+            x = fp16_operand(x, x_scale)
             raw = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :], mask=n_mask[:, None] & k_mask[None, :],
                           other=0)
             w = raw.to(tl.float8e4nv, bitcast=True).to(tl.float16)
@@ -231,7 +230,7 @@ def _launch_fp8_blocks(x, w, scales, group: int, n: int, block_m: int, block_n: 
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     fp16_dot = x.dtype in (torch.bfloat16, torch.float16)
     _weight_only_kernel[grid](x, w, scales, scales, y, m, n, k, x.stride(0), w.stride(0), scales.stride(0),
-                              y.stride(0), 1.0 / 256 if x.dtype == torch.bfloat16 else 1.0, INT4=False, GROUP=group,
+                              y.stride(0), 1.0 / fp16_operand_factor(x), INT4=False, GROUP=group,
                               SLICE=1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                               PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 models: exact sums
                               FP16_DOT=fp16_dot)

@@ -95,6 +95,7 @@ class W4A16Method:
         self.format = {"compressed-tensors": _CompressedTensors(), "gptq": _GPTQ(config.gptq_v2),
                        "awq": _AWQ()}[config.format]
         self.packed_name, self.scale_name, self.zero_name = self.format.names
+        self.num_sms = None  # the platform's compute units, once prepare() has run
 
     def create_weights(self, layer: nn.Module, local_out: int, local_in: int) -> None:
         c = self.config
@@ -167,6 +168,10 @@ class W4A16Method:
         setattr(layer, self.scale_name, nn.Parameter(scale.to(dtype), requires_grad=False))
         layer.register_buffer(self.zero_name, torch.zeros_like(scale, dtype=torch.int32))
 
+    def prepare(self, layer: nn.Module) -> None:
+        """Before serving: the platform's compute units, which the tensor-core matmul's tiles follow."""
+        self.num_sms = layer.platform.num_compute_units()
+
     def one_row_args(self, layer: nn.Module) -> dict | None:
         """One row (decode of one sequence) reads the packed words in the skinny kernel (ops/gemv.py),
         unpacking and scaling each group in registers, with the norm and residual fusions of 16-bit
@@ -197,7 +202,7 @@ class W4A16Method:
             y = gemv(x2.contiguous(), **gemv_args)
         elif gemv_args is not None:
             y = w4a16_mma_matmul(x2, gemv_args["weight"], gemv_args["weight_scale"], gemv_args["weight_zero"],
-                                 self.group, self.slice_width)
+                                 self.group, self.slice_width, num_sms=self.num_sms)
         else:  # the weight expanded (in one pass where kernels run) for the library GEMM
             expand = dequantize_kernel if kernels else dequantize
             y = torch.nn.functional.linear(x2, expand(packed, scales, zeros, self.group, x.dtype, self.slice_width))
