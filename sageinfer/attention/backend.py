@@ -57,10 +57,38 @@ class AttentionMetadata:
     # The step's pages packed for a backend that copies them (source positions in block_table, a table
     # over the copies); filled by the backend on first use in a step.
     packed_pages: tuple[torch.Tensor, torch.Tensor] | None = None
+    # A mixed step cut in two for a backend that attends the single-token sequences (decodes, leading
+    # the batch) with its decode kernel and the rest with its prefill kernel: (decode part, rest).
+    parts: tuple["AttentionMetadata", "AttentionMetadata"] | None = None
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)
+
+    def leading_single_token_seqs(self) -> int:
+        """How many sequences at the start of the batch have one new token."""
+        qsl = self.query_start_loc_cpu
+        n = 0
+        while n < self.num_seqs and qsl[n + 1] - qsl[n] == 1:
+            n += 1
+        return n
+
+    def split_at(self, n: int) -> tuple["AttentionMetadata", "AttentionMetadata"]:
+        """Sequences [0, n) and [n, num_seqs) as batches of their own; their query rows are rows
+        [0, t) and [t, num_actual_tokens) of this batch's, t = query_start_loc_cpu[n]."""
+        qsl, t = self.query_start_loc_cpu, self.query_start_loc_cpu[n]
+
+        def part(lo: int, hi: int, rebase: int) -> AttentionMetadata:
+            starts = qsl[lo:hi + 1]
+            loc = self.query_start_loc[lo:hi + 1]
+            return AttentionMetadata(
+                num_actual_tokens=starts[-1] - starts[0], slot_mapping=self.slot_mapping[starts[0]:starts[-1]],
+                query_start_loc=loc - rebase if rebase else loc, seq_lens=self.seq_lens[lo:hi],
+                block_table=self.block_table[lo:hi],
+                max_query_len=max(b - a for a, b in zip(starts, starts[1:])),
+                max_seq_len=max(self.seq_lens_cpu[lo:hi]), query_start_loc_cpu=[x - rebase for x in starts],
+                seq_lens_cpu=self.seq_lens_cpu[lo:hi])
+        return part(0, n, 0), part(n, self.num_seqs, t)
 
 
 class AttentionBackend:

@@ -78,6 +78,14 @@ class TritonBackend(AttentionBackend):
             meta.num_splits = choose_num_splits(meta.num_seqs, num_kv_heads, meta.max_seq_len, self.num_sms)
         if meta.max_query_len != 1 or meta.num_splits != 1:
             meta.cascade_prefix_len = None  # the merge lives in the one-split decode kernel
+        if meta.max_query_len > 1 and meta.parts is None:
+            # A mixed step's decodes (the runner puts them first) go to the decode kernel: in a prefill
+            # kernel each takes a query tile of its own for one row (H200, chat-mix: the Hopper prefill
+            # kernel was half of the GPU time of its mixed steps).
+            decodes = meta.leading_single_token_seqs()
+            if 0 < decodes < meta.num_seqs:
+                meta.parts = meta.split_at(decodes)
+                self.plan(meta.parts[0], num_kv_heads)
 
     def cascade_prefix_tokens(self, block_table, seq_lens, block_size, max_query_len):
         if max_query_len != 1 or len(seq_lens) < CASCADE_MIN_SEQS:
@@ -118,6 +126,17 @@ class TritonBackend(AttentionBackend):
             rope_and_cache(positions[:num_tokens], q, k, v, layer.rotary_emb.cos_sin_cache, cache.k, cache.v,
                            meta.slot_mapping, q_norm, k_norm, eps, cache.k_scale, cache.v_scale, cache.mode,
                            cache.fp8_scale)
+        if meta.parts is not None:
+            decodes = meta.parts[0].num_actual_tokens
+            for part, rows in zip(meta.parts, (slice(0, decodes), slice(decodes, num_tokens))):
+                self._attend(layer, q[rows], out[rows], cache, part, None)
+            return out
+        return self._attend(layer, q, out, cache, meta, rope)
+
+    def _attend(self, layer, q, out, cache, meta, rope):
+        """Attention of a batch whose new keys and values are in the cache (or, with rope, are written
+        by the decode kernel)."""
+        num_tokens = q.shape[0]
         if meta.max_query_len > 1:
             page_size, head_dim = cache.k.shape[1], q.shape[2]
             if (meta.max_seq_len >= LONG_CONTEXT and self.long_prefill is not None
@@ -135,7 +154,8 @@ class TritonBackend(AttentionBackend):
                                                       k_scale=cache.k_scale, v_scale=cache.v_scale)
         prefix = None
         if meta.cascade_prefix_len is not None:
-            splits = prefix_splits(num_tokens, q.shape[1] // k.shape[1], k.shape[1], self.num_sms)
+            num_kv_heads = cache.k.shape[2]
+            splits = prefix_splits(num_tokens, q.shape[1] // num_kv_heads, num_kv_heads, self.num_sms)
             prefix = (*prefix_attention(q, cache.k, cache.v, meta.block_table[0], meta.cascade_prefix_len,
                                         layer.scale, splits, k_scale=cache.k_scale, v_scale=cache.v_scale,
                                         kv_mode=cache.mode, fp8_scale=cache.fp8_scale), meta.cascade_prefix_len)

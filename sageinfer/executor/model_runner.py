@@ -253,6 +253,7 @@ class ModelRunner:
     def execute(self, scheduled: list, prev_token_ids: torch.Tensor | None = None) -> StepResult:
         """Launch one step. prev_token_ids: the previous step's sampled tokens, still on the device,
         for requests whose newest token is a placeholder. Nothing here waits for the device."""
+        scheduled = single_token_first(scheduled)
         host = self._host_inputs(scheduled)
         prompt_spans = None
         if host.wants_prompt_logprobs:
@@ -283,6 +284,14 @@ class ModelRunner:
             tensors += [out.logprobs, out.logprob_token_ids, out.sampled_ranks]
         out.host_copy = self.platform.to_host_async(tensors)
         return StepResult(host.sampled_requests, out, prompt_out, host)
+
+
+def single_token_first(scheduled: list) -> list:
+    """The step's sequences with one new token (decodes) ahead of the others, each group in its
+    order: an attention backend can then give a mixed step's decodes to its decode kernel."""
+    if all(n == 1 for _, n in scheduled) or all(n != 1 for _, n in scheduled):
+        return scheduled
+    return [s for s in scheduled if s[1] == 1] + [s for s in scheduled if s[1] != 1]
 
 
 @dataclass

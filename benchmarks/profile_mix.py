@@ -1,0 +1,124 @@
+"""Where a mixed-length workload's time goes: steps by the path they ran (decode graph, prefill graph,
+eager) with their share of the wall time and tokens, and the GPU kernels of a window of steps with how
+busy the device was in it.
+
+  python benchmarks/profile_mix.py --mix chat-mix --num-prompts 1000 --window 200:300 [engine flags]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from sageinfer import LLM, SamplingParams  # noqa: E402
+from sageinfer.bench.mixed import MIXES, mixed_prompts  # noqa: E402
+from sageinfer.bench.workloads import STANDARD_DIR  # noqa: E402
+from sageinfer.gateway.engine_args import add_engine_args, engine_kwargs  # noqa: E402
+
+
+def count_paths(runner, last: list):
+    """Wrap the runner's three forward paths so each step notes which one it took."""
+    for owner, name, label in ((runner.graphs, "run", "decode graph"), (runner.prefill_graphs, "run", "prefill graph"),
+                               (runner, "_eager_forward", "eager")):
+        if owner is None:
+            continue
+        fn = getattr(owner, name)
+
+        def wrapper(*a, _fn=fn, _label=label, **k):
+            last[0] = _label
+            return _fn(*a, **k)
+        setattr(owner, name, wrapper)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mix", default="chat-mix", choices=sorted(MIXES))
+    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--mix-seed", type=int, default=0)
+    parser.add_argument("--window", default="200:300", help="steps whose GPU kernels are profiled")
+    add_engine_args(parser)
+    parser.set_defaults(model=os.path.join(STANDARD_DIR, "qwen3-8b"), load_format="dummy", skip_tokenizer_init=True,
+                        max_num_seqs=1024, max_num_batched_tokens=16384)
+    args = parser.parse_args()
+    llm = LLM(**engine_kwargs(args))
+    engine, runner = llm.engine, llm.engine.runner
+    vocab = engine.model_config.vocab_size
+    warm = torch.Generator().manual_seed(99)
+    for i in range(8):  # compile the prefill and decode shapes outside the timed run
+        ids = torch.randint(1000, vocab - 1000, (300,), generator=warm).tolist()
+        engine.add_request(f"warm{i}", {"prompt_token_ids": ids}, SamplingParams(temperature=0.0, max_tokens=8,
+                                                                                   ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    last = [None]
+    count_paths(runner, last)
+    prompts, out_lens = mixed_prompts(args.mix, args.num_prompts, vocab, args.mix_seed, engine.config.max_model_len)
+    for i, (p, n) in enumerate(zip(prompts, out_lens)):
+        engine.add_request(f"m{i}", {"prompt_token_ids": p},
+                           SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+    first, end = (int(x) for x in args.window.split(":"))
+    stats = collections.defaultdict(lambda: np.zeros(4))  # path -> steps, seconds, tokens, sequences
+    sched_seconds = 0.0
+    schedule = engine.scheduler.schedule
+
+    def timed_schedule(*a, **k):
+        nonlocal sched_seconds
+        t = time.perf_counter()
+        out = schedule(*a, **k)
+        sched_seconds += time.perf_counter() - t
+        last.append((out.num_batched_tokens, len(out.scheduled)))
+        return out
+    engine.scheduler.schedule = timed_schedule
+    prof, window_wall, step = None, 0.0, 0
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        if step == first and torch.cuda.is_available():  # kernel times need a GPU
+            sync()
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            prof.__enter__()
+            window_start = time.perf_counter()
+        last[:] = [None]
+        t = time.perf_counter()
+        engine.step()
+        seconds = time.perf_counter() - t
+        tokens, seqs = last[1] if len(last) > 1 else (0, 0)
+        stats[last[0] or "none"] += (1, seconds, tokens, seqs)
+        step += 1
+        if step == end and prof is not None:
+            sync()
+            window_wall = time.perf_counter() - window_start
+            prof.__exit__(None, None, None)
+    wall = time.perf_counter() - start
+    total_tokens = sum(len(p) for p in prompts) + sum(out_lens)
+    print(f"\n## {args.mix}, {args.num_prompts} requests: {wall:.1f} s, {total_tokens / wall:.0f} tok/s, "
+          f"{step} steps, schedule {sched_seconds:.1f} s")
+    print("| path | steps | wall s | share | tokens/step | seqs/step | ms/step |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for path, (n, s, tok, seqs) in sorted(stats.items(), key=lambda kv: -kv[1][1]):
+        print(f"| {path} | {n:.0f} | {s:.1f} | {100 * s / wall:.0f}% | {tok / n:.0f} | {seqs / n:.0f} "
+              f"| {1e3 * s / n:.2f} |")
+    if window_wall:
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        gpu = sum(e.self_device_time_total for e in events) / 1e6
+        print(f"\n### steps {first}-{end}: wall {window_wall:.2f} s, GPU kernels {gpu:.2f} s "
+              f"({100 * gpu / window_wall:.0f}% busy)")
+        print("| kernel | s | share | calls |\n| --- | --- | --- | --- |")
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:16]:
+            s = e.self_device_time_total / 1e6
+            print(f"| {e.key[:90]} | {s:.3f} | {100 * s / gpu:.1f}% | {e.count} |")
+
+
+if __name__ == "__main__":
+    main()
