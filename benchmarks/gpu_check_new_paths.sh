@@ -2,23 +2,27 @@
 # One device call on one GPU (about 10 minutes; in order of need, so a time limit cuts the last): the
 # paths built since the last GPU run, tested there and timed.
 #   - tests: a mixed step's decodes on the decode kernel, the rest on a prefill kernel (the runner
-#     puts single-token sequences first)
-#   - the mixes offline with where their time goes (profile_mix.py): chat, summarize, long
-#   - chat-mix with FP8 and INT8 KV caches beside bf16 (a quantized cache should never be slower)
+#     puts single-token sequences first); decode splits of a least size (ragged batches)
+#   - decode attention of ragged batches, no split against splits of at least N keys (one layer)
+#   - chat-mix offline with where its time goes (profile_mix.py): as it is, with ragged decode splits
+#     (SAGEINFER_RAGGED_DECODE_SPLITS=8), with an FP8 cache; then summarize-mix, long-mix, INT8
 # Carry .whl where the project's packages are missing (see benchmarks/gpu_test_suite.sh).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE -o faulthandler_timeout=120 \
-  tests/test_mixed_step_attention.py tests/test_generation_vs_transformers.py -k "mixed or triton" > "$OUT/tests.log" 2>&1
+  tests/test_attention_step_plans.py tests/test_ops_paged_attention.py tests/test_generation_vs_transformers.py -k "split or mixed or triton or ragged" \
+  > "$OUT/tests.log" 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -12
+timeout 90 python3 benchmarks/experiments/probe_ragged_decode.py 2>&1 | grep -v Warn | tee "$OUT/ragged_decode.txt"
 # Headline, steps by path and the window's busy line of each run; the kernel tables stay in $OUT.
 keep() { grep -E "^## |^\| (eager|decode graph|prefill graph) |^### "; }
-for run in chat-mix:1000:150:250:auto summarize-mix:300:100:200:auto long-mix:300:100:200:auto \
-           chat-mix:1000:150:250:fp8 chat-mix:1000:150:250:int8; do
-  IFS=: read -r mix n first end kv <<< "$run"
-  echo "== $mix, KV cache $kv"
-  timeout 170 python3 benchmarks/profile_mix.py --mix "$mix" --num-prompts "$n" --window "$first:$end" \
-    --kv-cache-dtype "$kv" > "$OUT/profile-$mix-$kv.txt" 2>&1
-  keep < "$OUT/profile-$mix-$kv.txt"
+# (the windows of 2026-12-01-h200-mixed-steps.md's profiles)
+for run in chat-mix:1000:150:auto:0 chat-mix:1000:150:auto:8 chat-mix:1000:150:fp8:0 summarize-mix:300:100:auto:0 \
+           long-mix:300:100:auto:0 chat-mix:1000:150:int8:0; do
+  IFS=: read -r mix n first kv ragged <<< "$run"
+  echo "== $mix, KV cache $kv, ragged decode splits $ragged"
+  SAGEINFER_RAGGED_DECODE_SPLITS=$ragged timeout 170 python3 benchmarks/profile_mix.py --mix "$mix" --num-prompts "$n" \
+    --window "$first:$((first + 100))" --kv-cache-dtype "$kv" > "$OUT/profile-$mix-$kv-$ragged.txt" 2>&1
+  keep < "$OUT/profile-$mix-$kv-$ragged.txt"
 done

@@ -94,7 +94,11 @@ def main():
         engine.step()
         seconds = time.perf_counter() - t
         tokens, seqs = last[1] if len(last) > 1 else (0, 0)
-        stats[last[0] or "none"] += (1, seconds, tokens, seqs)
+        path = last[0] or "none"
+        if path == "decode graph":  # by batch size: a large batch of ragged lengths waits on its longest
+            bucket = next((b for b in (16, 64, 256) if seqs <= b), None)
+            path += f" <={bucket}" if bucket else " >256"
+        stats[path] += (1, seconds, tokens, seqs)
         step += 1
         if step == end and prof is not None:
             sync()

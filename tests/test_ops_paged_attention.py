@@ -70,10 +70,28 @@ def test_split_kv_decode_matches_reference(num_splits):
     assert rel_err(out, ref) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("min_split_keys", [64, 128, 4096])
+def test_splits_of_a_least_size_match_reference(min_split_keys):
+    """Splits of at least min_split_keys: a short sequence uses one split, a long one all of them; the
+    splits a sequence leaves unused write nothing (their partials stay NaN) and the merge skips them."""
+    context_lens = [2, 63, 64, 299, 1000, 0]
+    k_cache, v_cache, meta = random_paged_batch([1] * 6, context_lens, 2, 32, 16, torch.float32, seed=6)
+    q = torch.randn(6, 4, 32, device=DEVICE)
+    ref = paged_attention_ref(q.double(), LayerKVCache(k_cache.double(), v_cache.double()), meta, 32 ** -0.5)
+    out = torch.full_like(q, float("nan"))
+    empty = torch.empty
+    with pytest.MonkeyPatch.context() as mp:  # the partials start as NaN, not as whatever memory held
+        mp.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+        paged_attention(q, k_cache, v_cache, out, meta.block_table, meta.seq_lens, meta.query_start_loc,
+                        meta.num_seqs, 1, 32 ** -0.5, num_splits=4, min_split_keys=min_split_keys)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("num_splits, min_split_keys", [(1, 0), (4, 0), (4, 64)])
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("kv_mode", [0, 2] + ([1] if DEVICE == "cuda" else []))  # fp8 needs the GPU
-def test_decode_with_rotary_inside_equals_rope_and_cache_then_attention(num_splits, qk_norm, kv_mode):
+def test_decode_with_rotary_inside_equals_rope_and_cache_then_attention(num_splits, min_split_keys, qk_norm,
+                                                                        kv_mode):
     """rope=... normalises and rotates q in registers and writes the new k/v (int8 too) from the program
     that reads the last key; the result must equal ops.rope_cache followed by plain attention."""
     from sageinfer.layers.rotary import RotaryEmbedding
@@ -112,7 +130,8 @@ def test_decode_with_rotary_inside_equals_rope_and_cache_then_attention(num_spli
     q_before = q.clone()
     paged_attention(q, kc2, vc2, out, meta.block_table, meta.seq_lens, meta.query_start_loc, 4, 1, head_dim ** -0.5,
                     num_splits=num_splits, k_scale=ks2, v_scale=vs2, kv_mode=kv_mode,
-                    rope=(positions, k, v, rotary.cos_sin_cache, slots, q_norm, k_norm, 1e-6))
+                    rope=(positions, k, v, rotary.cos_sin_cache, slots, q_norm, k_norm, 1e-6),
+                    min_split_keys=min_split_keys)
     assert torch.equal(q, q_before)  # q itself is not rotated in place
     for new, old in ((kc2, kc), (vc2, vc)):  # compared as bytes: fp8 has no equality kernel everywhere
         assert torch.equal(new.view(torch.uint8), old.view(torch.uint8))

@@ -1,6 +1,8 @@
 """Triton backend: fused norm/rotary/cache write, then one paged-attention launch for the batch."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from sageinfer.attention.backend import AttentionBackend, AttentionMetadata
@@ -16,6 +18,15 @@ CASCADE_MIN_PREFIX = 256
 # per layer fewer. Single-stream Qwen3-8B on an H100: 6.02 -> 5.87 ms per token with the norms folded
 # into the matmuls too (benchmarks/experiments/probe_single_stream.py).
 ROTARY_IN_DECODE_ATTENTION = True
+
+
+# Decode batches large enough to fill the GPU without split-KV still wait on their longest sequence,
+# whose keys one program per KV head walks alone. With SAGEINFER_RAGGED_DECODE_SPLITS=n (n > 1) such
+# batches are split in up to n splits of at least SAGEINFER_RAGGED_MIN_KEYS keys: short sequences keep
+# one split, long ones are spread. Off by default until measured on a GPU; where it applies, a decode
+# graph gives up cascade attention (its kernel merges a shared prefix only without splits).
+RAGGED_DECODE_SPLITS = int(os.environ.get("SAGEINFER_RAGGED_DECODE_SPLITS", "0"))
+RAGGED_MIN_KEYS = int(os.environ.get("SAGEINFER_RAGGED_MIN_KEYS", "1024"))
 
 
 # Widened copies of a quantized cache's pages are made for long prefills of at most this many context
@@ -76,6 +87,8 @@ class TritonBackend(AttentionBackend):
     def plan(self, meta: AttentionMetadata, num_kv_heads: int) -> None:
         if meta.max_query_len == 1:
             meta.num_splits = choose_num_splits(meta.num_seqs, num_kv_heads, meta.max_seq_len, self.num_sms)
+            if RAGGED_DECODE_SPLITS > 1 and meta.num_splits == 1 and meta.max_seq_len > RAGGED_MIN_KEYS:
+                meta.num_splits, meta.min_split_keys = RAGGED_DECODE_SPLITS, RAGGED_MIN_KEYS
         if meta.max_query_len != 1 or meta.num_splits != 1:
             meta.cascade_prefix_len = None  # the merge lives in the one-split decode kernel
         if meta.max_query_len > 1 and meta.parts is None:
@@ -162,4 +175,5 @@ class TritonBackend(AttentionBackend):
         return paged_attention(q, cache.k, cache.v, out, meta.block_table, meta.seq_lens, meta.query_start_loc,
                                meta.num_seqs, meta.max_query_len, layer.scale, meta.num_splits,
                                max_seq_len=meta.max_seq_len, k_scale=cache.k_scale, v_scale=cache.v_scale,
-                               kv_mode=cache.mode, fp8_scale=cache.fp8_scale, prefix=prefix, rope=rope)
+                               kv_mode=cache.mode, fp8_scale=cache.fp8_scale, prefix=prefix, rope=rope,
+                               min_split_keys=meta.min_split_keys)

@@ -157,7 +157,7 @@ def _paged_attention_kernel(
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_MODE: tl.constexpr, CASCADE: tl.constexpr,
-    ROPE: tl.constexpr, QK_NORM: tl.constexpr, USE_PDL: tl.constexpr,
+    ROPE: tl.constexpr, QK_NORM: tl.constexpr, USE_PDL: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr = 0,
 ):
     launch.wait_for_previous_kernel(USE_PDL)
     seq = tl.program_id(0)
@@ -192,7 +192,7 @@ def _paged_attention_kernel(
 
     kv_end = context_len + tl.minimum((q_tile + 1) * BLOCK_Q, query_len)
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tiles_per_split = _tiles_per_split(num_tiles, NUM_SPLITS, MIN_SPLIT_TILES)
     prefix_len = 0
     if CASCADE:  # cascade decode: the shared prefix was attended by prefix_attention
         prefix_len = tl.load(prefix_len_ptr)
@@ -200,6 +200,9 @@ def _paged_attention_kernel(
     else:
         tile_start = split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
+    if MIN_SPLIT_TILES > 0:
+        if tile_start >= tile_end:  # a short sequence's unused split: the merge does not read it
+            return
     if ROPE:
         slot = tl.load(slot_mapping_ptr + q_start)
         if (tile_end == num_tiles) & (tile_start < tile_end) & (slot >= 0):  # this program reads the new key
@@ -258,10 +261,20 @@ def _paged_attention_kernel(
 
 
 @triton.jit
+def _tiles_per_split(num_tiles, NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr):
+    """Key tiles of each split: the sequence cut evenly in NUM_SPLITS, or with MIN_SPLIT_TILES > 0 in
+    splits of at least that many tiles (a short sequence then uses fewer splits than the batch's)."""
+    per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    if MIN_SPLIT_TILES > 0:
+        per_split = tl.maximum(per_split, MIN_SPLIT_TILES)
+    return per_split
+
+
+@triton.jit
 def _merge_splits_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, stride_o_tok, stride_o_head,
+    part_out_ptr, part_lse_ptr, out_ptr, seq_lens_ptr, stride_o_tok, stride_o_head,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     launch.wait_for_previous_kernel(USE_PDL)
     tok = tl.program_id(0)
@@ -269,10 +282,16 @@ def _merge_splits_kernel(
     splits = tl.arange(0, NUM_SPLITS)
     dims = tl.arange(0, HEAD_DIM_PAD)
     base = (tok * NUM_HEADS + head) * NUM_SPLITS
-    lse = tl.load(part_lse_ptr + base + splits)
+    if MIN_SPLIT_TILES > 0:  # decode: token tok is sequence tok; its unused splits wrote nothing
+        num_tiles = tl.cdiv(tl.load(seq_lens_ptr + tok), BLOCK_N)
+        used = splits < tl.maximum(tl.cdiv(num_tiles, _tiles_per_split(num_tiles, NUM_SPLITS, MIN_SPLIT_TILES)), 1)
+    else:
+        used = splits < NUM_SPLITS
+    lse = tl.load(part_lse_ptr + base + splits, mask=used, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.where(lse == float("-inf"), 0.0, tl.math.exp2(lse - m))
-    parts = tl.load(part_out_ptr + (base + splits)[:, None] * HEAD_DIM_PAD + dims[None, :])
+    parts = tl.load(part_out_ptr + (base + splits)[:, None] * HEAD_DIM_PAD + dims[None, :], mask=used[:, None],
+                    other=0.0)
     out = tl.sum(parts * w[:, None], 0) / tl.sum(w, 0)
     tl.store(out_ptr + tok * stride_o_tok + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty),
              mask=dims < HEAD_DIM)
@@ -318,14 +337,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     num_seqs: int, max_query_len: int, scale: float, num_splits: int = 1,
                     config: dict | None = None, max_seq_len: int | None = None,
                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, kv_mode: int = 0,
-                    fp8_scale: float = 1.0, prefix: tuple | None = None, rope: tuple | None = None) -> torch.Tensor:
+                    fp8_scale: float = 1.0, prefix: tuple | None = None, rope: tuple | None = None,
+                    min_split_keys: int = 0) -> torch.Tensor:
     """q, out: [T, Hq, D]; caches: [blocks, page, Hkv, D]. Writes out and returns it.
     prefix: (part_out, part_lse, prefix_len) from ops.cascade_attention.prefix_attention for a decode
     batch with one split: keys before prefix_len, a multiple of the key tile, are taken from there
     instead of the cache.
     rope: (positions, k, v, cos_sin_cache, slot_mapping, q_norm_weight, k_norm_weight, eps) for a decode
     batch whose q, k, v ([T, H, D] views) are not yet rotated nor cached: done here, as
-    ops.rope_cache.rope_and_cache would (q is not written back)."""
+    ops.rope_cache.rope_and_cache would (q is not written back).
+    min_split_keys: a decode batch's splits hold at least this many keys (rounded up to key tiles), so
+    that a short sequence uses fewer of num_splits than a long one (0: every sequence cut in num_splits)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -347,6 +369,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if config is None:
             block_n, num_stages = launch.fit_key_tiles_for(q, k_cache, block_m, block_n, num_stages, head_dim_pad)
     num_splits = num_splits if max_query_len == 1 else 1
+    min_split_tiles = triton.cdiv(min_split_keys, block_n) if num_splits > 1 else 0
     if prefix is not None and (max_query_len != 1 or num_splits != 1):
         raise ValueError("cascade attention takes decode batches with one split")
     prefix_out, prefix_lse, prefix_len = prefix if prefix is not None else (q, q, seq_lens)
@@ -375,11 +398,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits, NUM_KV_HEADS=num_kv_heads,
         KV_MODE=kv_mode, CASCADE=prefix is not None, ROPE=rope is not None, QK_NORM=q_norm is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        MIN_SPLIT_TILES=min_split_tiles, num_warps=num_warps, num_stages=num_stages,
         **launch.dependent_launch_kwargs())
     if num_splits > 1:
         _merge_splits_kernel[(q.shape[0], num_heads)](
-            part_out, part_lse, out, out.stride(0), out.stride(1),
+            part_out, part_lse, out, seq_lens, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=num_splits,
+            BLOCK_N=block_n, MIN_SPLIT_TILES=min_split_tiles,
             **launch.dependent_launch_kwargs())
     return out

@@ -1,5 +1,6 @@
-"""A mixed step (decodes beside prefill chunks) in the Triton backend: the decodes, which the runner
-puts first, go to the decode kernel and the rest to a prefill kernel; the result is the reference's."""
+"""How the Triton backend cuts a step's attention, and that the result stays the reference's: a mixed
+step (decodes beside prefill chunks) sends its decodes, which the runner puts first, to the decode
+kernel and the rest to a prefill kernel; a large decode batch may be split in splits of a least size."""
 import types
 
 import numpy as np
@@ -122,3 +123,27 @@ def test_mixed_steps_generate_what_transformers_does(model_dirs, monkeypatch):
     assert any(splits), "no step was a mixed one"
     for prompt, out in zip(prompts, outs):
         assert_greedy_matches_hf(model_dirs["qwen3"], prompt, out.outputs[0].token_ids)
+
+
+def test_ragged_decode_splits_generate_what_transformers_does(model_dirs, monkeypatch):
+    """Decode batches split in splits of a least size (SAGEINFER_RAGGED_DECODE_SPLITS): short and long
+    sequences side by side, greedy output as transformers'."""
+    monkeypatch.setattr(triton_backend, "RAGGED_DECODE_SPLITS", 4)
+    monkeypatch.setattr(triton_backend, "RAGGED_MIN_KEYS", 32)
+    ragged = []
+    plan = TritonBackend.plan
+
+    def recording_plan(self, meta, num_kv_heads):
+        self.num_sms = 1  # every decode batch fills this "GPU": no split-KV by occupancy
+        plan(self, meta, num_kv_heads)
+        ragged.append(meta.min_split_keys == 32 and meta.num_splits == 4)
+    monkeypatch.setattr(TritonBackend, "plan", recording_plan)
+    rng = np.random.default_rng(22)
+    prompts = [rng.integers(3, 500, size=n).tolist() for n in (150, 5, 40, 9)]
+    llm = LLM(model_dirs["llama"], dtype="float32", attention_backend="triton", num_gpu_blocks_override=64,
+              max_model_len=256, show_progress=False)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert any(ragged), "no decode batch was split"
+    for prompt, out in zip(prompts, outs):
+        assert_greedy_matches_hf(model_dirs["llama"], prompt, out.outputs[0].token_ids)
