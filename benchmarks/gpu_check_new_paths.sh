@@ -16,7 +16,7 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE -o faulthandler_timeou
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -12
 timeout 90 python3 benchmarks/experiments/probe_ragged_decode.py 2>&1 | grep -v Warn | tee "$OUT/ragged_decode.txt"
 # Headline, steps by path and the window's busy line of each run; the kernel tables stay in $OUT.
-keep() { grep -E "^## |^\| (eager|decode graph|prefill graph) |^### "; }
+keep() { grep -E "^## |^\| (eager|decode graph|prefill graph)|^### "; }
 # (the windows of 2026-12-01-h200-mixed-steps.md's profiles)
 for run in chat-mix:1000:150:auto:0 chat-mix:1000:150:auto:8 chat-mix:1000:150:fp8:0 summarize-mix:300:100:auto:0 \
            long-mix:300:100:auto:0 chat-mix:1000:150:int8:0; do

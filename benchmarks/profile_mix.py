@@ -95,6 +95,8 @@ def main():
         seconds = time.perf_counter() - t
         tokens, seqs = last[1] if len(last) > 1 else (0, 0)
         path = last[0] or "none"
+        if path == "eager":  # a decode batch past the largest graph, or a step with prefill chunks
+            path += " decode" if tokens == seqs else " mixed"
         if path == "decode graph":  # by batch size: a large batch of ragged lengths waits on its longest
             bucket = next((b for b in (16, 64, 256) if seqs <= b), None)
             path += f" <={bucket}" if bucket else " >256"
