@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sageinfer import LLM, SamplingParams  # noqa: E402
 from sageinfer.bench.mixed import MIXES, mixed_prompts  # noqa: E402
-from sageinfer.bench.workloads import STANDARD_DIR  # noqa: E402
-from sageinfer.gateway.engine_args import add_engine_args, engine_kwargs  # noqa: E402
+from sageinfer.gateway.engine_args import engine_kwargs  # noqa: E402
+from standard_args import add_standard_engine_args  # noqa: E402
 
 
 def count_paths(runner, last: list):
@@ -48,9 +48,7 @@ def main():
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--mix-seed", type=int, default=0)
     parser.add_argument("--window", default="200:300", help="steps whose GPU kernels are profiled")
-    add_engine_args(parser)
-    parser.set_defaults(model=os.path.join(STANDARD_DIR, "qwen3-8b"), load_format="dummy", skip_tokenizer_init=True,
-                        max_num_seqs=1024, max_num_batched_tokens=16384)
+    add_standard_engine_args(parser)
     args = parser.parse_args()
     llm = LLM(**engine_kwargs(args))
     engine, runner = llm.engine, llm.engine.runner

@@ -15,9 +15,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sageinfer import LLM, SamplingParams  # noqa: E402
-from sageinfer.bench.workloads import STANDARD_DIR  # noqa: E402
 import sageinfer.executor.model_runner as model_runner  # noqa: E402
-from sageinfer.gateway.engine_args import add_engine_args, engine_kwargs  # noqa: E402
+from sageinfer.gateway.engine_args import engine_kwargs  # noqa: E402
+from standard_args import add_standard_engine_args  # noqa: E402
 
 host_time = collections.defaultdict(float)
 
@@ -39,9 +39,7 @@ def main():
     parser.add_argument("--batches", default="1,256")
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--prefill-len", type=int, default=0, help="also profile one prefill of this length")
-    add_engine_args(parser)
-    parser.set_defaults(model=os.path.join(STANDARD_DIR, "qwen3-8b"), load_format="dummy", skip_tokenizer_init=True,
-                        max_num_seqs=1024, max_num_batched_tokens=16384)
+    add_standard_engine_args(parser)
     args = parser.parse_args()
     llm = LLM(**engine_kwargs(args))
     engine, runner = llm.engine, llm.engine.runner

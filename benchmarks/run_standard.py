@@ -21,8 +21,9 @@ from sageinfer import LLM  # noqa: E402
 from sageinfer.bench.roofline import decode_bandwidth_gbs, model_sizes, prefill_flops  # noqa: E402
 from sageinfer.bench.mixed import MIXES  # noqa: E402
 from sageinfer.bench.runs import run_latency, run_throughput  # noqa: E402
-from sageinfer.bench.workloads import STANDARD_DIR, load_anchors, load_workloads  # noqa: E402
-from sageinfer.gateway.engine_args import add_engine_args, engine_kwargs  # noqa: E402
+from sageinfer.bench.workloads import load_anchors, load_workloads  # noqa: E402
+from sageinfer.gateway.engine_args import engine_kwargs  # noqa: E402
+from standard_args import add_standard_engine_args  # noqa: E402
 
 
 def main() -> None:
@@ -32,9 +33,7 @@ def main() -> None:
     parser.add_argument("--anchor-set", default="bf16", choices=["bf16", "fp8"])
     parser.add_argument("--prefill-attention-config", default=None, help="JSON file from tune_attention.py")
     parser.add_argument("--mix-prompts", type=int, default=2000, help="requests of a mixed-length workload")
-    add_engine_args(parser)
-    parser.set_defaults(model=os.path.join(STANDARD_DIR, "qwen3-8b"), load_format="dummy", skip_tokenizer_init=True,
-                        max_num_seqs=1024, max_num_batched_tokens=16384)
+    add_standard_engine_args(parser)
     args = parser.parse_args()
     if args.prefill_attention_config:
         import sageinfer.ops.paged_attention as pa

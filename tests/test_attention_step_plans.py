@@ -4,7 +4,6 @@ kernel and the rest to a prefill kernel; a large decode batch may be split in sp
 import types
 
 import numpy as np
-import pytest
 import torch
 
 from sageinfer import LLM, SamplingParams
