@@ -1,0 +1,90 @@
+"""The mixed-length workloads (sageinfer/bench/mixed.py) offline, on vLLM or sageInfer: the same
+prompts, output lengths and scheduler limits for both, dummy weights, all requests at once.
+
+  python benchmarks/mixes_offline.py --engine vllm|sageinfer --model DIR [--mixes chat-mix:1000,...]
+      [--kv-cache-dtype fp8] [--out r.json]
+
+On the GPU machine with vLLM carried (../shared/bench/vllm-on-device.md), one engine per process:
+  PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 \
+      python3 benchmarks/mixes_offline.py --engine vllm --model sageinfer/bench/standard/qwen3-8b --out v.json
+  python3 benchmarks/mixes_offline.py --engine sageinfer --model sageinfer/bench/standard/qwen3-8b --out s.json Prompts are cut to --max-model-len (default Qwen3-8B's 40,960, vLLM's default for it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from sageinfer.bench.mixed import mixed_prompts  # noqa: E402
+
+MAX_MODEL_LEN = 40960
+LIMITS = {"max_num_seqs": 1024, "max_num_batched_tokens": 16384}  # vLLM 0.26's H100 defaults
+
+
+def make_llm(engine: str, model: str, kv_cache_dtype: str, max_model_len: int):
+    kwargs = dict(model=model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
+                  gpu_memory_utilization=0.90, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len, **LIMITS)
+    if engine == "vllm":
+        from vllm import LLM, SamplingParams
+
+        def params(n):
+            return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
+    else:
+        from sageinfer import LLM, SamplingParams
+
+        def params(n):
+            return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    return LLM(**kwargs), params
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--engine", required=True, choices=["vllm", "sageinfer"])
+    parser.add_argument("--model", required=True, help="model directory (config.json; dummy weights)")
+    parser.add_argument("--mixes", default="chat-mix:1000,summarize-mix:300,long-mix:300")
+    parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
+    start = time.perf_counter()
+    llm, params = make_llm(args.engine, args.model, args.kv_cache_dtype, args.max_model_len)
+    record = {"engine": args.engine, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
+              "startup_s": time.perf_counter() - start, "kv_cache_dtype": args.kv_cache_dtype, "mixes": {}}
+    if args.engine == "sageinfer":
+        sys.path.insert(0, os.path.dirname(__file__))
+        from provenance import source_version
+        record.update(source_version())
+    else:
+        import vllm
+        record["vllm"] = vllm.__version__
+    warm, _ = mixed_prompts("chat-mix", 16, vocab, 99, 2048)
+    llm.generate([{"prompt_token_ids": p} for p in warm], params(16), use_tqdm=False)
+    print(f"| engine | mix | requests | seconds | tok/s | output tok/s |  (startup {record['startup_s']:.0f} s)")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for spec in args.mixes.split(","):
+        name, num = spec.split(":")
+        prompts, out_lens = mixed_prompts(name, int(num), vocab, args.seed, args.max_model_len)
+        t = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], [params(n) for n in out_lens],
+                            use_tqdm=False)
+        seconds = time.perf_counter() - t
+        generated = sum(len(o.outputs[0].token_ids) for o in outs)
+        assert generated == sum(out_lens), "a request stopped early"
+        tokens = sum(len(p) for p in prompts) + generated
+        record["mixes"][name] = {"requests": int(num), "seconds": seconds, "total_tok_s": tokens / seconds,
+                                 "output_tok_s": generated / seconds}
+        print(f"| {args.engine} | {name} | {num} | {seconds:.1f} | {tokens / seconds:.0f} | "
+              f"{generated / seconds:.0f} |", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
