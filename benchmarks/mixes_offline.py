@@ -7,7 +7,8 @@ prompts, output lengths and scheduler limits for both, dummy weights, all reques
 On the GPU machine with vLLM carried (../shared/bench/vllm-on-device.md), one engine per process:
   PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 \
       python3 benchmarks/mixes_offline.py --engine vllm --model sageinfer/bench/standard/qwen3-8b --out v.json
-  python3 benchmarks/mixes_offline.py --engine sageinfer --model sageinfer/bench/standard/qwen3-8b --out s.json Prompts are cut to --max-model-len (default Qwen3-8B's 40,960, vLLM's default for it).
+  python3 benchmarks/mixes_offline.py --engine sageinfer --model sageinfer/bench/standard/qwen3-8b --out s.json
+Prompts are cut to --max-model-len (default Qwen3-8B's 40,960, vLLM's default for it).
 """
 from __future__ import annotations
 
