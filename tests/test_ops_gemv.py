@@ -204,3 +204,21 @@ def test_4bit_tensor_core_matmul_takes_any_number_of_rows(rows):
     assert out.shape == (rows, n) and rel_err(out.float().cpu(), ref) < 2e-3
     with pytest.raises(ValueError, match="do not fit"):
         w4a16_mma_matmul(x.to(DEVICE), packed.to(DEVICE), scale.to(DEVICE), zero.to(DEVICE), g, 8)
+
+
+@pytest.mark.parametrize("split_k, num_sms", [(2, None), (3, None), (0, 64), (9, None)])
+def test_4bit_tensor_core_matmul_split_over_input_features(split_k, num_sms):
+    """Programs over parts of K too (0: as many as fill twice the compute units; more parts than runs
+    of 8 slices clip to the runs), the parts' fp32 sums added: the dequantized weights' product."""
+    from sageinfer.ops.gemv_int4 import w4a16_mma_matmul
+    from sageinfer.ops.weight_only import dequantize, pack
+    gen = torch.Generator().manual_seed(split_k)
+    n, k, g, s = 40, 1024, 64, 32  # four runs of 8 slices of 32 columns
+    packed = pack(torch.randint(0, 16, (n, k), generator=gen), s)
+    scale = ((torch.rand(n, k // g, generator=gen) + 0.1) / 8).half()
+    zero = torch.randint(-3, 4, (n, k // g), generator=gen, dtype=torch.int32)
+    x = torch.randn(6, k, generator=gen).half()
+    out = w4a16_mma_matmul(x.to(DEVICE), packed.to(DEVICE), scale.to(DEVICE), zero.to(DEVICE), g, s,
+                           num_sms=num_sms, split_k=split_k)
+    ref = x.double() @ dequantize(packed, scale, zero, g, torch.float16, s).double().t()
+    assert out.shape == (6, n) and out.dtype == torch.float16 and rel_err(out.float().cpu(), ref) < 2e-3

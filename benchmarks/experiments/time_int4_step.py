@@ -7,7 +7,8 @@ step replayed is what TPOT sees.
 
 Paths, per row count: "gemv" (ops/gemv_int4.py's CUDA-core kernel; at one row with the decode step's
 fusions: RMSNorm into qkv and gate_up, the residual into o, SiLU-and-mul and the residual into down),
-"mma bnN" (the tensor-core matmul with N features a program; "mma" the engine's choice), "expand"
+"mma bnN" (the tensor-core matmul with N features a program; "mma" the engine's choice; "mma split"
+with programs over parts of K too, as many as fill twice the processors), "expand"
 (one-pass expansion + library GEMM), and bf16 weights through the engine's path for them (gemv at one
 row, the library GEMM above).
 """
@@ -64,9 +65,10 @@ def layer_calls(path: str, rows: int, layer: dict, dev: str, num_sms: int | None
             calls.append(lambda x=x, p=packed, s=scales, f=fused: gemv(x, p, weight_scale=s, int4=True,
                                                                        slice_width=SLICE, **f))
         elif path.startswith("mma"):
-            cfg = {"block_n": int(path[6:]), "num_warps": 4, "num_stages": 2} if path != "mma" else None
-            calls.append(lambda x=x, p=packed, s=scales, c=cfg: w4a16_mma_matmul(x, p, s, None, GROUP, SLICE, c,
-                                                                                 num_sms))
+            cfg = {"block_n": int(path[6:]), "num_warps": 4, "num_stages": 2} if path.startswith("mma bn") else None
+            split = 0 if path == "mma split" else 1
+            calls.append(lambda x=x, p=packed, s=scales, c=cfg, sk=split: w4a16_mma_matmul(
+                x, p, s, None, GROUP, SLICE, c, num_sms, split_k=sk))
         elif path == "expand":
             calls.append(lambda x=x, p=packed, s=scales, z=zeros: torch.nn.functional.linear(
                 x, dequantize_kernel(p, s, z, GROUP, dt, SLICE)))
@@ -80,7 +82,7 @@ def layer_calls(path: str, rows: int, layer: dict, dev: str, num_sms: int | None
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="1,2,8,16,32")
-    parser.add_argument("--paths", default="gemv,mma,mma bn32,mma bn64,expand,bf16")
+    parser.add_argument("--paths", default="gemv,mma,mma split,mma bn32,mma bn64,expand,bf16")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     dev = "cuda"

@@ -125,9 +125,11 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_pt
                           stride_wn, stride_ym, stride_sn, eps, GROUP: tl.constexpr, SLICE: tl.constexpr,
                           HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                           GATED: tl.constexpr, PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr, USE_PDL: tl.constexpr,
-                          BLOCK_M: tl.constexpr = 16):
+                          BLOCK_M: tl.constexpr = 16, k_per_split=0, SPLIT_K: tl.constexpr = False):
     """The same contract on the tensor cores: y^T [BLOCK_N, BLOCK_M] = W x^T for BLOCK_M rows of x
     (16 or 32: rows past M are zeros; more than MAX_ROWS through w4a16_mma_matmul, without fusions),
+    with SPLIT_K over input features k_per_split at a time (program_id(2)), each part's fp32 sum
+    stored in its own [M, N] plane of y (no bias, no residual: w4a16_mma_matmul adds the planes),
     the weights dequantized in registers as the MMA's first operand. Nibbles come out of a word by
     masking under the exponent of 2^23 (the word's low 20 bits, then its high 12): float j minus
     float j - 1 is nibble j times 16^j exactly, so one mask and one subtraction a weight, no shifts;
@@ -152,7 +154,11 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_pt
             sum_sq += tl.sum(xc * xc, 0)
         rstd = (1.0 / tl.sqrt(sum_sq / K + eps))[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, K, RUN):
+    k_lo, k_hi = 0, K
+    if SPLIT_K:
+        k_lo = tl.program_id(2) * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, RUN):
         run_words = tl.load(w_rows + (k0 // 8 + ws)[None, :], mask=row_mask[:, None], other=0)
         low, high = nibble_planes(run_words)
         below = 8388608.0
@@ -177,6 +183,10 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_pt
             xt = _xt_slice(x_ptr, (k0 + j * SLICE + ws)[:, None], ms, m_mask, stride_xm, K, rstd, norm_w_ptr,
                            GATED, PRENORM)
             acc = tl.dot(w, xt, acc, input_precision="ieee" if x_ptr.dtype.element_ty == tl.float32 else "tf32")
+    if SPLIT_K:
+        part = y_ptr + tl.program_id(2).to(tl.int64) * M * N + ms * stride_ym + rows[:, None]
+        tl.store(part, acc, mask=m_mask & row_mask[:, None])
+        return
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + ms * stride_ym + rows[:, None]
@@ -215,11 +225,13 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
 
 def w4a16_mma_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      weight_zero: torch.Tensor | None, group: int, slice_width: int,
-                     config: dict | None = None, num_sms: int | None = None) -> torch.Tensor:
+                     config: dict | None = None, num_sms: int | None = None, split_k: int = 1) -> torch.Tensor:
     """x [M, K] @ the 4-bit weight [N, K / 8] (interleaved words, scales and zero points [N, K / group])
     -> [M, N] in x's dtype, on the tensor cores for any M: rows in tiles of 16 or 32, each tile reading
     the packed words once. W4A16 layers take it for 2 to 32 rows (w4a16.py). num_sms: the platform's
-    compute units (num_compute_units), which the tile width follows."""
+    compute units (num_compute_units), which the tile width follows. split_k: programs over parts of
+    the input features too, their fp32 sums added after (1: none; 0: as many parts as bring the
+    programs to twice the compute units, where num_sms is known)."""
     m, k = x.shape
     n = weight.shape[0]
     check_int4_layout(weight, weight_scale, group, slice_width, "w4a16")
@@ -234,11 +246,20 @@ def w4a16_mma_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     cfg = config or {"block_n": 64 if wide else 32, "num_warps": 4, "num_stages": 2}
     x = x.contiguous()
     weight_scale = weight_scale.contiguous()
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _int4_gemv_mma_kernel[(triton.cdiv(n, cfg["block_n"]), triton.cdiv(m, block_m))](
+    grid = (triton.cdiv(n, cfg["block_n"]), triton.cdiv(m, block_m))
+    run = 8 * slice_width  # the kernel's step along K
+    if split_k == 0:
+        split_k = triton.cdiv(2 * num_sms, grid[0] * grid[1]) if num_sms else 1
+    k_per_split = triton.cdiv(k // run, max(1, min(split_k, k // run))) * run
+    parts = triton.cdiv(k, k_per_split)
+    if parts > 1:
+        y = torch.empty(parts, m, n, dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    _int4_gemv_mma_kernel[grid + (parts,)](
         x, weight, weight_scale, weight_zero.contiguous() if weight_zero is not None else weight_scale, x, x, y,
-        m, n, k, x.stride(0), weight.stride(0), y.stride(0), weight_scale.stride(0), 0.0,
+        m, n, k, x.stride(0), weight.stride(0), n, weight_scale.stride(0), 0.0,
         GROUP=group, SLICE=slice_width, HAS_ZERO=weight_zero is not None, HAS_BIAS=False, BLOCK_N=cfg["block_n"],
         GATED=False, PRENORM=False, ADD_TO_Y=False, USE_PDL=False, BLOCK_M=block_m, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
-    return y
+        num_stages=cfg["num_stages"], k_per_split=k_per_split, SPLIT_K=parts > 1)
+    return y.sum(0).to(x.dtype) if parts > 1 else y

@@ -36,6 +36,11 @@ _ONE_ROW_MIN_SLICE = 16
 # (two tiles of 32) it equalled the expansion (benchmarks/results/2026-12-01-h200-w4a16-rows.md).
 # SAGEINFER_W4A16_MMA_MAX_ROWS=0 sends those rows to the expansion instead, to compare.
 _MMA_MAX_ROWS = int(os.environ.get("SAGEINFER_W4A16_MMA_MAX_ROWS", "32"))
+# Those rows' matmuls as few as 64-96 programs (o, down and qkv at Qwen3-8B shapes) leave an H200's 132
+# processors half idle; SAGEINFER_W4A16_SPLIT_K=0 splits them over input features too, to fill twice
+# the processors (w4a16_mma_matmul's split_k). 1, no split, until timed on a GPU
+# (benchmarks/experiments/time_int4_step.py, path "mma split").
+_SPLIT_K = int(os.environ.get("SAGEINFER_W4A16_SPLIT_K", "1"))
 
 
 _AWQ_COLUMN_OF_NIBBLE = [0, 4, 1, 5, 2, 6, 3, 7]  # column j of a word sits at nibble _AWQ_...[j]
@@ -202,7 +207,7 @@ class W4A16Method:
             y = gemv(x2.contiguous(), **gemv_args)
         elif gemv_args is not None:
             y = w4a16_mma_matmul(x2, gemv_args["weight"], gemv_args["weight_scale"], gemv_args["weight_zero"],
-                                 self.group, self.slice_width, num_sms=self.num_sms)
+                                 self.group, self.slice_width, num_sms=self.num_sms, split_k=_SPLIT_K)
         else:  # the weight expanded (in one pass where kernels run) for the library GEMM
             expand = dequantize_kernel if kernels else dequantize
             y = torch.nn.functional.linear(x2, expand(packed, scales, zeros, self.group, x.dtype, self.slice_width))
