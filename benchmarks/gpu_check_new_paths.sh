@@ -4,7 +4,8 @@
 #   - tests: a mixed step's decodes on the decode kernel, the rest on a prefill kernel (the runner
 #     puts single-token sequences first); decode splits of a least size (ragged batches)
 #   - decode attention of ragged batches, no split against splits of at least N keys (one layer)
-#   - W4A16's 2-32 row matmuls split over input features too (SAGEINFER_W4A16_SPLIT_K=0), a whole step
+#   - W4A16's matmuls split over input features too, a whole step: one row (SAGEINFER_INT4_GEMV_MIN_PROGRAMS)
+#     and 2-32 rows (SAGEINFER_W4A16_SPLIT_K=0)
 #   - chat-mix offline with where its time goes (profile_mix.py): as it is, with ragged decode splits
 #     (SAGEINFER_RAGGED_DECODE_SPLITS=8), with an FP8 cache; then summarize-mix, long-mix, INT8
 # Carry .whl where the project's packages are missing (see benchmarks/gpu_test_suite.sh).
@@ -17,7 +18,8 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider -rfE -o faulthandler_timeou
   > "$OUT/tests.log" 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -12
 timeout 90 python3 benchmarks/experiments/probe_ragged_decode.py 2>&1 | grep -v Warn | tee "$OUT/ragged_decode.txt"
-timeout 90 python3 benchmarks/experiments/time_int4_step.py --rows 2,8,16,32 --paths "mma,mma split,bf16" \
+timeout 120 python3 benchmarks/experiments/time_int4_step.py --rows 1,2,8,16,32 \
+  --paths "gemv,gemv split,mma,mma split,bf16" \
   --out "$OUT/int4_step_split.json" 2>&1 | grep -v Warn
 # Headline, steps by path and the window's busy line of each run; the kernel tables stay in $OUT.
 keep() { grep -E "^## |^\| (eager|decode graph|prefill graph)|^### "; }

@@ -6,7 +6,8 @@ step replayed is what TPOT sees.
   python benchmarks/experiments/time_int4_step.py [--rows 1,2,8,16,32] [--out result.json]
 
 Paths, per row count: "gemv" (ops/gemv_int4.py's CUDA-core kernel; at one row with the decode step's
-fusions: RMSNorm into qkv and gate_up, the residual into o, SiLU-and-mul and the residual into down),
+fusions: RMSNorm into qkv and gate_up, the residual into o, SiLU-and-mul and the residual into down;
+"gemv split" over parts of K too, for twice the processors' programs),
 "mma bnN" (the tensor-core matmul with N features a program; "mma" the engine's choice; "mma split"
 with programs over parts of K too, as many as fill twice the processors), "expand"
 (one-pass expansion + library GEMM), and bf16 weights through the engine's path for them (gemv at one
@@ -24,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from sageinfer.ops.gemv import gemv  # noqa: E402
-from sageinfer.ops.gemv_int4 import w4a16_mma_matmul  # noqa: E402
+from sageinfer.ops.gemv_int4 import INT4_GEMV_CONFIG, w4a16_mma_matmul  # noqa: E402
 from sageinfer.ops.weight_only import dequantize_kernel, pack  # noqa: E402
 from sageinfer.platforms import get_platform  # noqa: E402
 from tune_decode_step import graph_time  # noqa: E402  (this folder: the same timing of one graph)
@@ -54,16 +55,18 @@ def layer_calls(path: str, rows: int, layer: dict, dev: str, num_sms: int | None
         width = 2 * k if name == "down" else k
         x = torch.randn(rows, width, device=dev, dtype=dt) * 0.1
         fused = {}
-        if rows == 1 and path in ("gemv", "bf16"):  # the decode step's fusions at one row
+        if rows == 1 and path in ("gemv", "gemv split", "bf16"):  # the decode step's fusions at one row
             if name in ("qkv", "gate_up"):
                 fused = {"norm_weight": torch.ones(k, device=dev, dtype=dt), "eps": 1e-6}
             else:
                 fused = {"gated": name == "down", "residual": torch.zeros(rows, n, device=dev, dtype=dt)}
         elif name == "down":
             x = x[:, :k].contiguous()  # above one row the activation runs on its own: the input is k wide
-        if path == "gemv":
-            calls.append(lambda x=x, p=packed, s=scales, f=fused: gemv(x, p, weight_scale=s, int4=True,
-                                                                       slice_width=SLICE, **f))
+        if path.startswith("gemv"):  # "gemv split": over parts of K too, to twice the processors' programs
+            cfg = dict(INT4_GEMV_CONFIG, block_n=max(4, INT4_GEMV_CONFIG["block_n"] // rows),
+                       min_programs=2 * num_sms if path == "gemv split" else 0)
+            calls.append(lambda x=x, p=packed, s=scales, f=fused, c=cfg: gemv(x, p, weight_scale=s, int4=True,
+                                                                              slice_width=SLICE, config=c, **f))
         elif path.startswith("mma"):
             cfg = {"block_n": int(path[6:]), "num_warps": 4, "num_stages": 2} if path.startswith("mma bn") else None
             split = 0 if path == "mma split" else 1
@@ -82,7 +85,7 @@ def layer_calls(path: str, rows: int, layer: dict, dev: str, num_sms: int | None
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="1,2,8,16,32")
-    parser.add_argument("--paths", default="gemv,mma,mma split,mma bn32,mma bn64,expand,bf16")
+    parser.add_argument("--paths", default="gemv,gemv split,mma,mma split,mma bn32,mma bn64,expand,bf16")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     dev = "cuda"
@@ -95,7 +98,7 @@ def main():
     print("| --- | --- | --- | --- |")
     for rows in (int(r) for r in args.rows.split(",")):
         for path in args.paths.split(","):
-            if path == "gemv" and rows > 8:
+            if path.startswith("gemv") and rows > 8:
                 continue
             calls = [c for layer in layers for c in layer_calls(path, rows, layer, dev, num_sms)]
             try:

@@ -14,6 +14,8 @@ registers as the MMA's first operand): fewer instructions a weight, and 2-8 rows
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -28,7 +30,11 @@ from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_t
 # program, so that the [rows, block_n, slice] accumulator stays in registers. "mma": True takes the
 # tensor-core kernel instead: at one row it measured slower (the four matmuls 161.6 against 101.5 us
 # on an H200), from 2 rows faster, which is where W4A16 layers use it (w4a16_mma_matmul).
-INT4_GEMV_CONFIG = {"block_n": 32, "num_warps": 8, "num_stages": 2}
+# "min_programs": split K too where the output tiles are fewer (o and down: 128 programs on an H200's
+# 132 processors); SAGEINFER_INT4_GEMV_MIN_PROGRAMS sets it, 0 (no split) until timed on a GPU
+# (time_int4_step.py's path "gemv split").
+INT4_GEMV_CONFIG = {"block_n": 32, "num_warps": 8, "num_stages": 2,
+                    "min_programs": int(os.environ.get("SAGEINFER_INT4_GEMV_MIN_PROGRAMS", "0"))}
 
 
 @triton.jit
@@ -50,7 +56,11 @@ def _x_slice(x_ptr, ms3, ks3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED: t
 def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, stride_xm, stride_wn,
                       stride_ym, stride_sn, eps, GROUP: tl.constexpr, SLICE: tl.constexpr, HAS_ZERO: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr,
-                      PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr, USE_PDL: tl.constexpr):
+                      PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr, USE_PDL: tl.constexpr,
+                      part_ptr=None, counter_ptr=None, k_per_split=0, SPLITS: tl.constexpr = 1):
+    """SPLITS > 1: programs over parts of K too (program_id(1)); each stores its fp32 sums in its own
+    [M, N] plane of part_ptr and counts itself in counter_ptr[program_id(0)]; the part that counts
+    last adds the planes, finishes the output as one program would, and sets the count back to 0."""
     # Every tensor is made in the accumulator's 3-D shape [rows of x, output features, slice] from
     # its pointers, so no value changes layout inside the loop.
     pid = tl.program_id(0)
@@ -64,8 +74,12 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
     ws3 = tl.arange(0, SLICE)[None, None, :]
     w_rows = w_ptr + rows3 * stride_wn
     RUN: tl.constexpr = 8 * SLICE
+    k_lo, k_hi = 0, K
+    if SPLITS > 1:
+        k_lo = tl.program_id(1) * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
     # The first run's words (no kernel writes weights) are requested before waiting for x's producer.
-    words = tl.load(w_rows + ws3, mask=row_mask3, other=0)
+    words = tl.load(w_rows + k_lo // 8 + ws3, mask=row_mask3, other=0)
     launch.wait_for_previous_kernel(USE_PDL)
     rstd3 = tl.zeros((BLOCK_M, 1, 1), dtype=tl.float32)
     if PRENORM:
@@ -76,7 +90,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
             sum_sq += tl.sum(xr * xr, 2, keep_dims=True)
         rstd3 = 1.0 / tl.sqrt(sum_sq / K + eps)
     acc = tl.zeros((BLOCK_M, BLOCK_N, SLICE), dtype=tl.float32)
-    for k0 in range(0, K, RUN):
+    for k0 in range(k_lo, k_hi, RUN):
         run_words = words
         # K is a whole number of runs: the next run's words, if any, in flight while this one is used.
         next_words = k0 // 8 + SLICE + ws3
@@ -97,10 +111,20 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
             acc += x * ((upto - below) * (s * (1.0 / (1 << place))) - offset * s)
             below = upto
     y_acc = tl.sum(acc, 2)
+    y_mask = (ms < M)[:, None] & row_mask[None, :]
+    if SPLITS > 1:
+        planes = part_ptr + ms[:, None] * N + rows[None, :]
+        tl.store(planes + tl.program_id(1) * M * N, y_acc, mask=y_mask)
+        tl.debug_barrier()  # every thread's stores before the count that releases them
+        if tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu") != SPLITS - 1:
+            return
+        y_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for part in tl.static_range(SPLITS):  # past L1: other processors wrote these
+            y_acc += tl.load(planes + part * M * N, mask=y_mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(counter_ptr + pid, 0)  # ready for the next launch (a graph replays this one)
     if HAS_BIAS:
         y_acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + ms[:, None] * stride_ym + rows[None, :]
-    y_mask = (ms < M)[:, None] & row_mask[None, :]
     y = y_acc.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)  # rounded as the model's dtype rounds
     if ADD_TO_Y:  # residual + layer output, rounded as two tensors of the model's dtype add
         y = y + tl.load(y_ptrs, mask=y_mask, other=0.0)
@@ -208,6 +232,7 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     block_m = max(1, triton.next_power_of_2(m))
     cfg = config or (INT4_GEMV_CONFIG if INT4_GEMV_CONFIG.get("mma")  # rows are padded to 16 there anyway
                      else dict(INT4_GEMV_CONFIG, block_n=max(4, INT4_GEMV_CONFIG["block_n"] // block_m)))
+    min_programs = 0 if cfg.get("mma") else cfg.get("min_programs", 0)
     args = (x, weight, weight_scale, weight_zero if weight_zero is not None else weight_scale,
             bias if bias is not None else x, norm_weight if norm_weight is not None else x, y,
             m, n, k, x.stride(0), weight.stride(0), y.stride(0), weight_scale.stride(0), eps)
@@ -219,8 +244,33 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
             raise ValueError("gemv: the tensor-core 4-bit kernel takes blocks of at least 16 features and slices of 16")
         _int4_gemv_mma_kernel[(triton.cdiv(n, cfg["block_n"]),)](*args, **flags)
     else:
-        _int4_gemv_kernel[(triton.cdiv(n, cfg["block_n"]),)](*args, BLOCK_M=block_m, **flags)
+        tiles = triton.cdiv(n, cfg["block_n"])
+        runs = k // (8 * slice_width)
+        splits = min(runs, triton.cdiv(min_programs, tiles)) if min_programs > tiles else 1
+        if splits > 1:
+            k_per_split = triton.cdiv(runs, splits) * 8 * slice_width
+            splits = triton.cdiv(k, k_per_split)
+        if splits > 1:
+            parts = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+            _int4_gemv_kernel[(tiles, splits)](*args, BLOCK_M=block_m, part_ptr=parts,
+                                               counter_ptr=_split_counters(tiles, x.device),
+                                               k_per_split=k_per_split, SPLITS=splits, **flags)
+        else:
+            _int4_gemv_kernel[(tiles,)](*args, BLOCK_M=block_m, **flags)
     return y
+
+
+_COUNTERS: dict = {}
+
+
+def _split_counters(tiles: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counts, one per output tile, that a split launch leaves zeroed again: made once per
+    device (grown when a launch needs more), so that no launch pays for a memset. Launches on one stream
+    take turns with them."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < tiles:
+        counters = _COUNTERS[device] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    return counters
 
 
 def w4a16_mma_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
