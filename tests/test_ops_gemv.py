@@ -218,7 +218,8 @@ def test_4bit_tensor_core_matmul_takes_any_number_of_rows(rows):
 @pytest.mark.parametrize("split_k, num_sms", [(2, None), (3, None), (0, 64), (9, None)])
 def test_4bit_tensor_core_matmul_split_over_input_features(split_k, num_sms):
     """Programs over parts of K too (0: as many as fill twice the compute units; more parts than runs
-    of 8 slices clip to the runs), the parts' fp32 sums added: the dequantized weights' product."""
+    of 8 slices clip to the runs), the last part of a tile adding the others' fp32 sums: the
+    dequantized weights' product, the same at a second launch."""
     from sageinfer.ops.gemv_int4 import w4a16_mma_matmul
     from sageinfer.ops.weight_only import dequantize, pack
     gen = torch.Generator().manual_seed(split_k)
@@ -231,3 +232,7 @@ def test_4bit_tensor_core_matmul_split_over_input_features(split_k, num_sms):
                            num_sms=num_sms, split_k=split_k)
     ref = x.double() @ dequantize(packed, scale, zero, g, torch.float16, s).double().t()
     assert out.shape == (6, n) and out.dtype == torch.float16 and rel_err(out.float().cpu(), ref) < 2e-3
+    from sageinfer.ops.gemv_int4 import _COUNTERS
+    assert all(not c.any() for c in _COUNTERS.values())  # left at zero for the next launch
+    assert torch.equal(out, w4a16_mma_matmul(x.to(DEVICE), packed.to(DEVICE), scale.to(DEVICE), zero.to(DEVICE), g,
+                                             s, num_sms=num_sms, split_k=split_k))

@@ -52,6 +52,22 @@ def _x_slice(x_ptr, ms3, ks3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED: t
     return x.to(tl.float32)
 
 
+@triton.jit
+def _add_parts(acc, planes, mask, counter, plane_size, part, SPLITS: tl.constexpr):
+    """Split-K without a second launch: store this part's fp32 sums in its plane and count it; returns
+    the count before (SPLITS - 1: this part came last) and, for the last part, the sum of all planes.
+    The last part sets the count back to 0 for the next launch (a graph replays the same counts)."""
+    tl.store(planes + part * plane_size, acc, mask=mask)
+    tl.debug_barrier()  # every thread's stores before the count that releases them
+    count = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+    total = tl.zeros_like(acc)
+    if count == SPLITS - 1:
+        for p in tl.static_range(SPLITS):  # past L1: other processors wrote these
+            total += tl.load(planes + p * plane_size, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(counter, 0)
+    return count, total
+
+
 @triton.jit(do_not_specialize=["M"])
 def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, stride_xm, stride_wn,
                       stride_ym, stride_sn, eps, GROUP: tl.constexpr, SLICE: tl.constexpr, HAS_ZERO: tl.constexpr,
@@ -113,15 +129,10 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
     y_acc = tl.sum(acc, 2)
     y_mask = (ms < M)[:, None] & row_mask[None, :]
     if SPLITS > 1:
-        planes = part_ptr + ms[:, None] * N + rows[None, :]
-        tl.store(planes + tl.program_id(1) * M * N, y_acc, mask=y_mask)
-        tl.debug_barrier()  # every thread's stores before the count that releases them
-        if tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu") != SPLITS - 1:
+        count, y_acc = _add_parts(y_acc, part_ptr + ms[:, None] * N + rows[None, :], y_mask, counter_ptr + pid,
+                                  M * N, tl.program_id(1), SPLITS)
+        if count != SPLITS - 1:
             return
-        y_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for part in tl.static_range(SPLITS):  # past L1: other processors wrote these
-            y_acc += tl.load(planes + part * M * N, mask=y_mask, other=0.0, cache_modifier=".cg")
-        tl.atomic_xchg(counter_ptr + pid, 0)  # ready for the next launch (a graph replays this one)
     if HAS_BIAS:
         y_acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + ms[:, None] * stride_ym + rows[None, :]
@@ -149,11 +160,12 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_pt
                           stride_wn, stride_ym, stride_sn, eps, GROUP: tl.constexpr, SLICE: tl.constexpr,
                           HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                           GATED: tl.constexpr, PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr, USE_PDL: tl.constexpr,
-                          BLOCK_M: tl.constexpr = 16, k_per_split=0, SPLIT_K: tl.constexpr = False):
+                          BLOCK_M: tl.constexpr = 16, part_ptr=None, counter_ptr=None, k_per_split=0,
+                          SPLITS: tl.constexpr = 1):
     """The same contract on the tensor cores: y^T [BLOCK_N, BLOCK_M] = W x^T for BLOCK_M rows of x
     (16 or 32: rows past M are zeros; more than MAX_ROWS through w4a16_mma_matmul, without fusions),
-    with SPLIT_K over input features k_per_split at a time (program_id(2)), each part's fp32 sum
-    stored in its own [M, N] plane of y (no bias, no residual: w4a16_mma_matmul adds the planes),
+    with SPLITS > 1 over input features k_per_split at a time (program_id(2)) as _int4_gemv_kernel
+    splits them (the part that counts last adds the others' fp32 planes and finishes the output),
     the weights dequantized in registers as the MMA's first operand. Nibbles come out of a word by
     masking under the exponent of 2^23 (the word's low 20 bits, then its high 12): float j minus
     float j - 1 is nibble j times 16^j exactly, so one mask and one subtraction a weight, no shifts;
@@ -179,7 +191,7 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_pt
         rstd = (1.0 / tl.sqrt(sum_sq / K + eps))[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     k_lo, k_hi = 0, K
-    if SPLIT_K:
+    if SPLITS > 1:
         k_lo = tl.program_id(2) * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
     for k0 in range(k_lo, k_hi, RUN):
@@ -207,10 +219,12 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_pt
             xt = _xt_slice(x_ptr, (k0 + j * SLICE + ws)[:, None], ms, m_mask, stride_xm, K, rstd, norm_w_ptr,
                            GATED, PRENORM)
             acc = tl.dot(w, xt, acc, input_precision="ieee" if x_ptr.dtype.element_ty == tl.float32 else "tf32")
-    if SPLIT_K:
-        part = y_ptr + tl.program_id(2).to(tl.int64) * M * N + ms * stride_ym + rows[:, None]
-        tl.store(part, acc, mask=m_mask & row_mask[:, None])
-        return
+    if SPLITS > 1:
+        tile = pid + tl.program_id(1) * tl.num_programs(0)
+        count, acc = _add_parts(acc, part_ptr + ms * N + rows[:, None], m_mask & row_mask[:, None],
+                                counter_ptr + tile, M * N, tl.program_id(2), SPLITS)
+        if count != SPLITS - 1:
+            return
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + ms * stride_ym + rows[:, None]
@@ -280,8 +294,8 @@ def w4a16_mma_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     -> [M, N] in x's dtype, on the tensor cores for any M: rows in tiles of 16 or 32, each tile reading
     the packed words once. W4A16 layers take it for 2 to 32 rows (w4a16.py). num_sms: the platform's
     compute units (num_compute_units), which the tile width follows. split_k: programs over parts of
-    the input features too, their fp32 sums added after (1: none; 0: as many parts as bring the
-    programs to twice the compute units, where num_sms is known)."""
+    the input features too, the last part of a tile adding the others' fp32 sums (1: none; 0: as many
+    parts as bring the programs to twice the compute units, where num_sms is known)."""
     m, k = x.shape
     n = weight.shape[0]
     check_int4_layout(weight, weight_scale, group, slice_width, "w4a16")
@@ -302,14 +316,15 @@ def w4a16_mma_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         split_k = triton.cdiv(2 * num_sms, grid[0] * grid[1]) if num_sms else 1
     k_per_split = triton.cdiv(k // run, max(1, min(split_k, k // run))) * run
     parts = triton.cdiv(k, k_per_split)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    split = {}
     if parts > 1:
-        y = torch.empty(parts, m, n, dtype=torch.float32, device=x.device)
-    else:
-        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        split = dict(part_ptr=torch.empty(parts, m, n, dtype=torch.float32, device=x.device),
+                     counter_ptr=_split_counters(grid[0] * grid[1], x.device), k_per_split=k_per_split, SPLITS=parts)
     _int4_gemv_mma_kernel[grid + (parts,)](
         x, weight, weight_scale, weight_zero.contiguous() if weight_zero is not None else weight_scale, x, x, y,
-        m, n, k, x.stride(0), weight.stride(0), n, weight_scale.stride(0), 0.0,
+        m, n, k, x.stride(0), weight.stride(0), y.stride(0), weight_scale.stride(0), 0.0,
         GROUP=group, SLICE=slice_width, HAS_ZERO=weight_zero is not None, HAS_BIAS=False, BLOCK_N=cfg["block_n"],
         GATED=False, PRENORM=False, ADD_TO_Y=False, USE_PDL=False, BLOCK_M=block_m, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], k_per_split=k_per_split, SPLIT_K=parts > 1)
-    return y.sum(0).to(x.dtype) if parts > 1 else y
+        num_stages=cfg["num_stages"], **split)
+    return y
