@@ -275,15 +275,18 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
 
 
 _COUNTERS: dict = {}
+_OUTGROWN: list = []  # counts a captured graph may still use: never freed
 
 
 def _split_counters(tiles: int, device: torch.device) -> torch.Tensor:
     """Zeroed int32 counts, one per output tile, that a split launch leaves zeroed again: made once per
-    device (grown when a launch needs more), so that no launch pays for a memset. Launches on one stream
-    take turns with them."""
+    device (a larger set when a launch needs more), so that no launch pays for a memset. Launches on
+    one stream take turns with them."""
     counters = _COUNTERS.get(device)
     if counters is None or counters.numel() < tiles:
-        counters = _COUNTERS[device] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        if counters is not None:
+            _OUTGROWN.append(counters)
+        counters = _COUNTERS[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
     return counters
 
 
