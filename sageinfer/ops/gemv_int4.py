@@ -73,7 +73,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
                       stride_ym, stride_sn, eps, GROUP: tl.constexpr, SLICE: tl.constexpr, HAS_ZERO: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr,
                       PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr, USE_PDL: tl.constexpr,
-                      part_ptr=None, counter_ptr=None, k_per_split=0, SPLITS: tl.constexpr = 1):
+                      part_ptr, counter_ptr, k_per_split, SPLITS: tl.constexpr):
     """SPLITS > 1: programs over parts of K too (program_id(1)); each stores its fp32 sums in its own
     [M, N] plane of part_ptr and counts itself in counter_ptr[program_id(0)]; the part that counts
     last adds the planes, finishes the output as one program would, and sets the count back to 0."""
@@ -160,8 +160,7 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_pt
                           stride_wn, stride_ym, stride_sn, eps, GROUP: tl.constexpr, SLICE: tl.constexpr,
                           HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                           GATED: tl.constexpr, PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr, USE_PDL: tl.constexpr,
-                          BLOCK_M: tl.constexpr = 16, part_ptr=None, counter_ptr=None, k_per_split=0,
-                          SPLITS: tl.constexpr = 1):
+                          part_ptr, counter_ptr, k_per_split, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr = 16):
     """The same contract on the tensor cores: y^T [BLOCK_N, BLOCK_M] = W x^T for BLOCK_M rows of x
     (16 or 32: rows past M are zeros; more than MAX_ROWS through w4a16_mma_matmul, without fusions),
     with SPLITS > 1 over input features k_per_split at a time (program_id(2)) as _int4_gemv_kernel
@@ -250,13 +249,14 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     args = (x, weight, weight_scale, weight_zero if weight_zero is not None else weight_scale,
             bias if bias is not None else x, norm_weight if norm_weight is not None else x, y,
             m, n, k, x.stride(0), weight.stride(0), y.stride(0), weight_scale.stride(0), eps)
+    no_split = dict(part_ptr=y, counter_ptr=y, k_per_split=k, SPLITS=1)  # (pointers unused)
     flags = dict(GROUP=group, SLICE=slice_width, HAS_ZERO=weight_zero is not None, HAS_BIAS=bias is not None,
                  BLOCK_N=cfg["block_n"], GATED=gated, PRENORM=norm_weight is not None, ADD_TO_Y=add_to_y,
                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch.dependent_launch_kwargs())
     if cfg.get("mma"):
         if cfg["block_n"] < 16 or slice_width < 16:
             raise ValueError("gemv: the tensor-core 4-bit kernel takes blocks of at least 16 features and slices of 16")
-        _int4_gemv_mma_kernel[(triton.cdiv(n, cfg["block_n"]),)](*args, **flags)
+        _int4_gemv_mma_kernel[(triton.cdiv(n, cfg["block_n"]),)](*args, **no_split, **flags)
     else:
         tiles = triton.cdiv(n, cfg["block_n"])
         runs = k // (8 * slice_width)
@@ -270,7 +270,7 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                                                counter_ptr=_split_counters(tiles, x.device),
                                                k_per_split=k_per_split, SPLITS=splits, **flags)
         else:
-            _int4_gemv_kernel[(tiles,)](*args, BLOCK_M=block_m, **flags)
+            _int4_gemv_kernel[(tiles,)](*args, BLOCK_M=block_m, **no_split, **flags)
     return y
 
 
@@ -320,7 +320,7 @@ def w4a16_mma_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     k_per_split = triton.cdiv(k // run, max(1, min(split_k, k // run))) * run
     parts = triton.cdiv(k, k_per_split)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    split = {}
+    split = dict(part_ptr=y, counter_ptr=y, k_per_split=k, SPLITS=1)  # (pointers unused)
     if parts > 1:
         split = dict(part_ptr=torch.empty(parts, m, n, dtype=torch.float32, device=x.device),
                      counter_ptr=_split_counters(grid[0] * grid[1], x.device), k_per_split=k_per_split, SPLITS=parts)
