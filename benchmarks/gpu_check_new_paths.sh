@@ -8,6 +8,7 @@
 #     and 2-32 rows (SAGEINFER_W4A16_SPLIT_K=0)
 #   - chat-mix offline with where its time goes (profile_mix.py): as it is, with ragged decode splits
 #     (SAGEINFER_RAGGED_DECODE_SPLITS=8), with an FP8 cache; then summarize-mix, long-mix, INT8
+#   - block FP8 T2 at 32 sequences with and without its split over K (SAGEINFER_FP8_BLOCK_MIN_PROGRAMS)
 # Carry .whl where the project's packages are missing (see benchmarks/gpu_test_suite.sh).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
@@ -31,4 +32,11 @@ for run in chat-mix:1000:150:auto:0 chat-mix:1000:150:auto:8 chat-mix:1000:150:f
   SAGEINFER_RAGGED_DECODE_SPLITS=$ragged timeout 170 python3 benchmarks/profile_mix.py --mix "$mix" --num-prompts "$n" \
     --window "$first:$((first + 100))" --kv-cache-dtype "$kv" > "$OUT/profile-$mix-$kv-$ragged.txt" 2>&1
   keep < "$OUT/profile-$mix-$kv-$ragged.txt"
+done
+# Block FP8 at 32 sequences (2-64 rows: the small-batch kernel), without and with its split over K.
+for min_programs in 0 264; do
+  echo "== T2 at 32 sequences, block FP8, SAGEINFER_FP8_BLOCK_MIN_PROGRAMS=$min_programs"
+  SAGEINFER_FP8_BLOCK_MIN_PROGRAMS=$min_programs timeout 150 python3 benchmarks/run_standard.py \
+    --model sageinfer/bench/standard/qwen3-8b-fp8-block --workloads T2-decode-heavy --max-num-seqs 32 \
+    --out "$OUT/t2-seqs32-fp8-block-split$min_programs.json" 2>&1 | grep -E "^\| T2|Error" | cut -c1-300
 done

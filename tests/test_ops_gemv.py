@@ -179,7 +179,7 @@ def test_gemv_unpacks_4bit_weights_with_group_scales_and_zero_points(mode, zeros
         assert out.data_ptr() == kwargs["residual"].data_ptr()
     assert rel_err(out.float().cpu(), ref) < 2e-3
     if mma == "split":  # the counts are left at zero for the next launch, which gives the same output
-        from sageinfer.ops.gemv_int4 import _COUNTERS
+        from sageinfer.ops.split_k import _COUNTERS
         assert not _COUNTERS[out.device].any()
         if mode != "residual":
             again = gemv(x.to(DEVICE), packed.to(DEVICE), config=cfg, weight_scale=scale.to(DEVICE),
@@ -232,7 +232,7 @@ def test_4bit_tensor_core_matmul_split_over_input_features(split_k, num_sms):
                            num_sms=num_sms, split_k=split_k)
     ref = x.double() @ dequantize(packed, scale, zero, g, torch.float16, s).double().t()
     assert out.shape == (6, n) and out.dtype == torch.float16 and rel_err(out.float().cpu(), ref) < 2e-3
-    from sageinfer.ops.gemv_int4 import _COUNTERS
+    from sageinfer.ops.split_k import _COUNTERS
     assert all(not c.any() for c in _COUNTERS.values())  # left at zero for the next launch
     assert torch.equal(out, w4a16_mma_matmul(x.to(DEVICE), packed.to(DEVICE), scale.to(DEVICE), zero.to(DEVICE), g,
                                              s, num_sms=num_sms, split_k=split_k))

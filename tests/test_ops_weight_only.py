@@ -40,11 +40,12 @@ def test_packed_shapes_that_do_not_fit_are_refused():
                           128, torch.float32, slice_width=64)
 
 
+@pytest.mark.parametrize("min_programs", [0, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m, n, k, block", [(1, 64, 128, 32), (20, 96, 64, 64), (3, 40, 96, 32)])
-def test_fp8_block_matmul_matches_the_dequantized_weights(m, n, k, block, dtype):
+def test_fp8_block_matmul_matches_the_dequantized_weights(m, n, k, block, dtype, min_programs):
     """16-bit inputs take the fp16 dot on the raw FP8 values (bf16 ones scaled by 2^-8: here past
-    fp16's range too)."""
+    fp16's range too); min_programs 8 splits K in 2-3 parts (ops/split_k.py)."""
     from sageinfer.ops.weight_only import dequantize_fp8_blocks, w8a16_block_matmul
     gen = torch.Generator().manual_seed(m * n + k)
     weight = (torch.randn(n, k, generator=gen) * 50).to(torch.float8_e4m3fn).to(DEVICE)
@@ -54,7 +55,7 @@ def test_fp8_block_matmul_matches_the_dequantized_weights(m, n, k, block, dtype)
     if dtype == torch.bfloat16:
         x[0, :3] = torch.tensor([9e4, -1e-4, 2e-6])
     x = x.to(dtype).to(DEVICE)
-    y = w8a16_block_matmul(x, weight, scale, block, block_k=32)
+    y = w8a16_block_matmul(x, weight, scale, block, block_k=32, min_programs=min_programs)
     ref = x.double() @ dequantize_fp8_blocks(weight, scale, block, torch.float64).t()
     assert y.dtype == dtype and rel_err(y, ref) < (1e-5 if dtype == torch.float32 else TOL[dtype])
 

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from sageinfer.ops import launch
 from sageinfer.ops.gemv import rms_scaled, silu_times
+from sageinfer.ops.split_k import add_parts, split_counters
 from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_times_place
 
 # The best of 20 tried on an H200 at Qwen3-8B shapes, one row, each layer with its decode-step fusions
@@ -50,22 +51,6 @@ def _x_slice(x_ptr, ms3, ks3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED: t
     if PRENORM:
         return rms_scaled(x.to(tl.float32), rstd3, tl.load(norm_w_ptr + ks3), x.dtype).to(tl.float32)
     return x.to(tl.float32)
-
-
-@triton.jit
-def _add_parts(acc, planes, mask, counter, plane_size, part, SPLITS: tl.constexpr):
-    """Split-K without a second launch: store this part's fp32 sums in its plane and count it; returns
-    the count before (SPLITS - 1: this part came last) and, for the last part, the sum of all planes.
-    The last part sets the count back to 0 for the next launch (a graph replays the same counts)."""
-    tl.store(planes + part * plane_size, acc, mask=mask)
-    tl.debug_barrier()  # every thread's stores before the count that releases them
-    count = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-    total = tl.zeros_like(acc)
-    if count == SPLITS - 1:
-        for p in tl.static_range(SPLITS):  # past L1: other processors wrote these
-            total += tl.load(planes + p * plane_size, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.atomic_xchg(counter, 0)
-    return count, total
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -129,7 +114,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
     y_acc = tl.sum(acc, 2)
     y_mask = (ms < M)[:, None] & row_mask[None, :]
     if SPLITS > 1:
-        count, y_acc = _add_parts(y_acc, part_ptr + ms[:, None] * N + rows[None, :], y_mask, counter_ptr + pid,
+        count, y_acc = add_parts(y_acc, part_ptr + ms[:, None] * N + rows[None, :], y_mask, counter_ptr + pid,
                                   M * N, tl.program_id(1), SPLITS)
         if count != SPLITS - 1:
             return
@@ -220,7 +205,7 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_pt
             acc = tl.dot(w, xt, acc, input_precision="ieee" if x_ptr.dtype.element_ty == tl.float32 else "tf32")
     if SPLITS > 1:
         tile = pid + tl.program_id(1) * tl.num_programs(0)
-        count, acc = _add_parts(acc, part_ptr + ms * N + rows[:, None], m_mask & row_mask[:, None],
+        count, acc = add_parts(acc, part_ptr + ms * N + rows[:, None], m_mask & row_mask[:, None],
                                 counter_ptr + tile, M * N, tl.program_id(2), SPLITS)
         if count != SPLITS - 1:
             return
@@ -267,27 +252,11 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
         if splits > 1:
             parts = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
             _int4_gemv_kernel[(tiles, splits)](*args, BLOCK_M=block_m, part_ptr=parts,
-                                               counter_ptr=_split_counters(tiles, x.device),
+                                               counter_ptr=split_counters(tiles, x.device),
                                                k_per_split=k_per_split, SPLITS=splits, **flags)
         else:
             _int4_gemv_kernel[(tiles,)](*args, BLOCK_M=block_m, **no_split, **flags)
     return y
-
-
-_COUNTERS: dict = {}
-_OUTGROWN: list = []  # counts a captured graph may still use: never freed
-
-
-def _split_counters(tiles: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 counts, one per output tile, that a split launch leaves zeroed again: made once per
-    device (a larger set when a launch needs more), so that no launch pays for a memset. Launches on
-    one stream take turns with them."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < tiles:
-        if counters is not None:
-            _OUTGROWN.append(counters)
-        counters = _COUNTERS[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-    return counters
 
 
 def w4a16_mma_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -323,7 +292,7 @@ def w4a16_mma_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     split = dict(part_ptr=y, counter_ptr=y, k_per_split=k, SPLITS=1)  # (pointers unused)
     if parts > 1:
         split = dict(part_ptr=torch.empty(parts, m, n, dtype=torch.float32, device=x.device),
-                     counter_ptr=_split_counters(grid[0] * grid[1], x.device), k_per_split=k_per_split, SPLITS=parts)
+                     counter_ptr=split_counters(grid[0] * grid[1], x.device), k_per_split=k_per_split, SPLITS=parts)
     _int4_gemv_mma_kernel[grid + (parts,)](
         x, weight, weight_scale, weight_zero.contiguous() if weight_zero is not None else weight_scale, x, x, y,
         m, n, k, x.stride(0), weight.stride(0), y.stride(0), weight_scale.stride(0), 0.0,

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops.fp16_operand import fp16_operand, fp16_operand_factor
+from sageinfer.ops.split_k import add_parts, split_counters
 
 
 def slice_width_for(k: int, group: int, widest: int = 128) -> int:
@@ -109,20 +110,26 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, str
 
 @triton.jit
 def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                        x_scale, INT4: tl.constexpr, GROUP: tl.constexpr, SLICE: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                        FP16_DOT: tl.constexpr = False):
+                        x_scale, part_ptr, counter_ptr, k_per_split, INT4: tl.constexpr, GROUP: tl.constexpr,
+                        SLICE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PRECISION: tl.constexpr, FP16_DOT: tl.constexpr = False, SPLITS: tl.constexpr = 1):
     """INT4: packed words, a scale and zero point per GROUP columns; else FP8 bytes with the scale
     of each GROUP-wide tile of the row. BLOCK_K divides GROUP: one scale column per K tile.
     FP16_DOT (FP8 with 16-bit x): the dot in fp16 on the raw FP8 values and x (ops/fp16_operand.py;
     widening each weight to fp32, scaling and narrowing it took three instructions more a weight),
-    each K tile's product then times its scale and 1 / x_scale."""
+    each K tile's product then times its scale and 1 / x_scale.
+    SPLITS > 1: programs over parts of K too, k_per_split at a time (program_id(2)), finished in the
+    same launch by the part that comes last (ops/split_k.py)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = ms < M, ns < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo, k_hi = 0, K
+    if SPLITS > 1:
+        k_lo = tl.program_id(2) * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
         x = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
@@ -137,6 +144,11 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, s
             w = _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, stride_sn, INT4, GROUP, SLICE,
                              BLOCK_K).to(x.dtype)
             acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+    if SPLITS > 1:
+        count, acc = add_parts(acc, part_ptr + ms[:, None] * N + ns[None, :], m_mask[:, None] & n_mask[None, :],
+                               counter_ptr + pid_m * tl.num_programs(1) + pid_n, M * N, tl.program_id(2), SPLITS)
+        if count != SPLITS - 1:
+            return
     tl.store(y_ptr + ms[:, None] * stride_ym + ns[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_mask[:, None] & n_mask[None, :])
 
@@ -224,16 +236,23 @@ def dequantize_fp8_blocks_kernel(weight: torch.Tensor, scale: torch.Tensor, bloc
     return _dequantize_launch(weight.view(torch.uint8), scale, scale, False, block, n, k, dtype)
 
 
-def _launch_fp8_blocks(x, w, scales, group: int, n: int, block_m: int, block_n: int, block_k: int):
+def _launch_fp8_blocks(x, w, scales, group: int, n: int, block_m: int, block_n: int, block_k: int,
+                       min_programs: int = 0):
     m, k = x.shape
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    tiles, steps = grid[0] * grid[1], triton.cdiv(k, block_k)
+    splits = min(steps, triton.cdiv(min_programs, tiles)) if min_programs > tiles else 1
+    k_per_split = triton.cdiv(steps, splits) * block_k
+    splits = triton.cdiv(k, k_per_split)
+    parts, counters = (y, y) if splits == 1 else (
+        torch.empty(splits, m, n, dtype=torch.float32, device=x.device), split_counters(tiles, x.device))
     fp16_dot = x.dtype in (torch.bfloat16, torch.float16)
-    _weight_only_kernel[grid](x, w, scales, scales, y, m, n, k, x.stride(0), w.stride(0), scales.stride(0),
-                              y.stride(0), 1.0 / fp16_operand_factor(x), INT4=False, GROUP=group,
-                              SLICE=1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                              PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 models: exact sums
-                              FP16_DOT=fp16_dot)
+    _weight_only_kernel[grid + (splits,)](
+        x, w, scales, scales, y, m, n, k, x.stride(0), w.stride(0), scales.stride(0), y.stride(0),
+        1.0 / fp16_operand_factor(x), parts, counters, k_per_split, INT4=False, GROUP=group, SLICE=1, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32: exact
+        FP16_DOT=fp16_dot, SPLITS=splits)
     return y
 
 
@@ -244,9 +263,10 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale: torch.Tensor, block: int,
 
 
 def w8a16_block_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: int,
-                       block_m: int = 16, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+                       block_m: int = 16, block_n: int = 64, block_k: int = 64, min_programs: int = 0) -> torch.Tensor:
     """x [M, K] @ (FP8 weight [N, K] x its block scales, given per row: [N, ceil(K / block)])^T -> [M, N]
-    in x's dtype: the weights stream at one byte each and are scaled in registers."""
+    in x's dtype: the weights stream at one byte each and are scaled in registers. min_programs: split
+    K too where the output tiles are fewer (0: never)."""
     m, k = x.shape
     n = weight.shape[0]
     block_k = min(block_k, block)
@@ -254,4 +274,5 @@ def w8a16_block_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         raise ValueError(f"w8a16: x {tuple(x.shape)}, weight {tuple(weight.shape)}, scale {tuple(scale.shape)} "
                          f"and block {block} do not fit")
     scale = scale.float().contiguous()
-    return _launch_fp8_blocks(x.contiguous(), weight.view(torch.uint8), scale, block, n, block_m, block_n, block_k)
+    return _launch_fp8_blocks(x.contiguous(), weight.view(torch.uint8), scale, block, n, block_m, block_n, block_k,
+                              min_programs)

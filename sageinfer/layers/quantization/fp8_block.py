@@ -12,6 +12,8 @@ the activations' dtype for the library GEMM.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -21,6 +23,10 @@ from sageinfer.ops.quantize import quantize_rows_kernel
 from sageinfer.ops.weight_only import dequantize_fp8_blocks, dequantize_fp8_blocks_kernel
 
 _KERNEL_MAX_ROWS = 64
+# Those rows' matmuls as few as 64 programs (o and down at Qwen3-8B shapes, 16 rows): with
+# SAGEINFER_FP8_BLOCK_MIN_PROGRAMS=n the kernel splits K too up to n programs (e.g. 264, twice an
+# H200's processors); 0, no split, until timed on a GPU.
+_MIN_PROGRAMS = int(os.environ.get("SAGEINFER_FP8_BLOCK_MIN_PROGRAMS", "0"))
 
 
 class Fp8BlockMethod:
@@ -78,7 +84,7 @@ class Fp8BlockMethod:
         y = None
         if layer.use_triton and x2.shape[0] <= _KERNEL_MAX_ROWS:  # the platform runs Triton kernels
             from sageinfer.ops.weight_only import w8a16_block_matmul
-            y = w8a16_block_matmul(x2, layer.weight, layer.weight_scale_inv, self.block)
+            y = w8a16_block_matmul(x2, layer.weight, layer.weight_scale_inv, self.block, min_programs=_MIN_PROGRAMS)
         elif layer.weight_scale_block is not None:
             xq, x_scale = quantize_groups(x2, 128, layer.use_triton)
             y = layer.platform.fp8_block_matmul(xq, x_scale, layer.weight, layer.weight_scale_block, x.dtype)
