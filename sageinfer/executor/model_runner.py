@@ -289,9 +289,10 @@ class ModelRunner:
 def single_token_first(scheduled: list) -> list:
     """The step's sequences with one new token (decodes) ahead of the others, each group in its
     order: an attention backend can then give a mixed step's decodes to its decode kernel."""
-    if all(n == 1 for _, n in scheduled) or all(n != 1 for _, n in scheduled):
+    decodes = [s for s in scheduled if s[1] == 1]
+    if len(decodes) in (0, len(scheduled)):
         return scheduled
-    return [s for s in scheduled if s[1] == 1] + [s for s in scheduled if s[1] != 1]
+    return decodes + [s for s in scheduled if s[1] != 1]
 
 
 @dataclass

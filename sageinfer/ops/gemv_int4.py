@@ -22,7 +22,7 @@ import triton.language as tl
 
 from sageinfer.ops import launch
 from sageinfer.ops.gemv import rms_scaled, silu_times
-from sageinfer.ops.split_k import add_parts, split_counters
+from sageinfer.ops.split_k import add_parts, split_launch
 from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_times_place
 
 # The best of 20 tried on an H200 at Qwen3-8B shapes, one row, each layer with its decode-step fusions
@@ -234,28 +234,18 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     args = (x, weight, weight_scale, weight_zero if weight_zero is not None else weight_scale,
             bias if bias is not None else x, norm_weight if norm_weight is not None else x, y,
             m, n, k, x.stride(0), weight.stride(0), y.stride(0), weight_scale.stride(0), eps)
-    no_split = dict(part_ptr=y, counter_ptr=y, k_per_split=k, SPLITS=1)  # (pointers unused)
     flags = dict(GROUP=group, SLICE=slice_width, HAS_ZERO=weight_zero is not None, HAS_BIAS=bias is not None,
                  BLOCK_N=cfg["block_n"], GATED=gated, PRENORM=norm_weight is not None, ADD_TO_Y=add_to_y,
                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch.dependent_launch_kwargs())
     if cfg.get("mma"):
         if cfg["block_n"] < 16 or slice_width < 16:
             raise ValueError("gemv: the tensor-core 4-bit kernel takes blocks of at least 16 features and slices of 16")
+        _, no_split = split_launch(1, k, k, m, n, 0, y)
         _int4_gemv_mma_kernel[(triton.cdiv(n, cfg["block_n"]),)](*args, **no_split, **flags)
     else:
         tiles = triton.cdiv(n, cfg["block_n"])
-        runs = k // (8 * slice_width)
-        splits = min(runs, triton.cdiv(min_programs, tiles)) if min_programs > tiles else 1
-        if splits > 1:
-            k_per_split = triton.cdiv(runs, splits) * 8 * slice_width
-            splits = triton.cdiv(k, k_per_split)
-        if splits > 1:
-            parts = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-            _int4_gemv_kernel[(tiles, splits)](*args, BLOCK_M=block_m, part_ptr=parts,
-                                               counter_ptr=split_counters(tiles, x.device),
-                                               k_per_split=k_per_split, SPLITS=splits, **flags)
-        else:
-            _int4_gemv_kernel[(tiles,)](*args, BLOCK_M=block_m, **no_split, **flags)
+        parts, split = split_launch(tiles, 8 * slice_width, k, m, n, min_programs, y)
+        _int4_gemv_kernel[(tiles, parts)](*args, BLOCK_M=block_m, **split, **flags)
     return y
 
 
@@ -283,16 +273,10 @@ def w4a16_mma_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     x = x.contiguous()
     weight_scale = weight_scale.contiguous()
     grid = (triton.cdiv(n, cfg["block_n"]), triton.cdiv(m, block_m))
-    run = 8 * slice_width  # the kernel's step along K
-    if split_k == 0:
-        split_k = triton.cdiv(2 * num_sms, grid[0] * grid[1]) if num_sms else 1
-    k_per_split = triton.cdiv(k // run, max(1, min(split_k, k // run))) * run
-    parts = triton.cdiv(k, k_per_split)
+    tiles = grid[0] * grid[1]
+    min_programs = split_k * tiles if split_k else 2 * num_sms if num_sms else 0
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    split = dict(part_ptr=y, counter_ptr=y, k_per_split=k, SPLITS=1)  # (pointers unused)
-    if parts > 1:
-        split = dict(part_ptr=torch.empty(parts, m, n, dtype=torch.float32, device=x.device),
-                     counter_ptr=split_counters(grid[0] * grid[1], x.device), k_per_split=k_per_split, SPLITS=parts)
+    parts, split = split_launch(tiles, 8 * slice_width, k, m, n, min_programs, y)
     _int4_gemv_mma_kernel[grid + (parts,)](
         x, weight, weight_scale, weight_zero.contiguous() if weight_zero is not None else weight_scale, x, x, y,
         m, n, k, x.stride(0), weight.stride(0), y.stride(0), weight_scale.stride(0), 0.0,

@@ -38,3 +38,19 @@ def split_counters(tiles: int, device: torch.device) -> torch.Tensor:
             _OUTGROWN.append(counters)
         counters = _COUNTERS[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
     return counters
+
+
+def split_launch(tiles: int, step: int, k: int, m: int, n: int, min_programs: int,
+                 unused: torch.Tensor) -> tuple[int, dict]:
+    """How a launch of `tiles` output tiles over K (walked `step` at a time) splits: (parts, the split
+    arguments of the kernel). K is cut in as many parts as bring the programs to min_programs (one
+    part where the tiles are already as many), each a whole number of steps; with one part `unused`
+    (any tensor) stands in for the planes and counts."""
+    steps = triton.cdiv(k, step)
+    parts = min(steps, triton.cdiv(min_programs, tiles)) if min_programs > tiles else 1
+    k_per_split = triton.cdiv(steps, parts) * step
+    parts = triton.cdiv(k, k_per_split)
+    if parts == 1:
+        return 1, dict(part_ptr=unused, counter_ptr=unused, k_per_split=k_per_split, SPLITS=1)
+    return parts, dict(part_ptr=torch.empty(parts, m, n, dtype=torch.float32, device=unused.device),
+                       counter_ptr=split_counters(tiles, unused.device), k_per_split=k_per_split, SPLITS=parts)

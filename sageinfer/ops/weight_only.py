@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops.fp16_operand import fp16_operand, fp16_operand_factor
-from sageinfer.ops.split_k import add_parts, split_counters
+from sageinfer.ops.split_k import add_parts, split_launch
 
 
 def slice_width_for(k: int, group: int, widest: int = 128) -> int:
@@ -241,18 +241,13 @@ def _launch_fp8_blocks(x, w, scales, group: int, n: int, block_m: int, block_n: 
     m, k = x.shape
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    tiles, steps = grid[0] * grid[1], triton.cdiv(k, block_k)
-    splits = min(steps, triton.cdiv(min_programs, tiles)) if min_programs > tiles else 1
-    k_per_split = triton.cdiv(steps, splits) * block_k
-    splits = triton.cdiv(k, k_per_split)
-    parts, counters = (y, y) if splits == 1 else (
-        torch.empty(splits, m, n, dtype=torch.float32, device=x.device), split_counters(tiles, x.device))
+    parts, split = split_launch(grid[0] * grid[1], block_k, k, m, n, min_programs, y)
     fp16_dot = x.dtype in (torch.bfloat16, torch.float16)
-    _weight_only_kernel[grid + (splits,)](
+    _weight_only_kernel[grid + (parts,)](
         x, w, scales, scales, y, m, n, k, x.stride(0), w.stride(0), scales.stride(0), y.stride(0),
-        1.0 / fp16_operand_factor(x), parts, counters, k_per_split, INT4=False, GROUP=group, SLICE=1, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32: exact
-        FP16_DOT=fp16_dot, SPLITS=splits)
+        1.0 / fp16_operand_factor(x), INT4=False, GROUP=group, SLICE=1, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 models: exact sums
+        FP16_DOT=fp16_dot, **split)
     return y
 
 
