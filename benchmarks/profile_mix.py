@@ -3,11 +3,16 @@ eager) with their share of the wall time and tokens, and the GPU kernels of a wi
 busy the device was in it.
 
   python benchmarks/profile_mix.py --mix chat-mix --num-prompts 1000 --window 200:300 [engine flags]
+
+--passes 2 runs the mix twice in one process: the first pass pays the Triton compiles of shapes the
+start-up did not see (listed with their seconds), the second shows the warm engine; the window is
+profiled in the last pass.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import sys
 import time
@@ -21,6 +26,7 @@ from sageinfer import LLM, SamplingParams  # noqa: E402
 from sageinfer.bench.mixed import MIXES, mixed_prompts  # noqa: E402
 from sageinfer.gateway.engine_args import engine_kwargs  # noqa: E402
 from standard_args import add_standard_engine_args  # noqa: E402
+from triton_compiles import CompileLog  # noqa: E402
 
 
 def count_paths(runner, last: list):
@@ -48,6 +54,8 @@ def main():
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--mix-seed", type=int, default=0)
     parser.add_argument("--window", default="200:300", help="steps whose GPU kernels are profiled")
+    parser.add_argument("--passes", type=int, default=1, help="runs of the mix in one process")
+    parser.add_argument("--compiles-out", help="JSON file of each pass's compiles with the signatures that missed")
     add_standard_engine_args(parser)
     args = parser.parse_args()
     llm = LLM(**engine_kwargs(args))
@@ -62,23 +70,41 @@ def main():
         engine.step()
     last = [None]
     count_paths(runner, last)
-    prompts, out_lens = mixed_prompts(args.mix, args.num_prompts, vocab, args.mix_seed, engine.config.max_model_len)
-    for i, (p, n) in enumerate(zip(prompts, out_lens)):
-        engine.add_request(f"m{i}", {"prompt_token_ids": p},
-                           SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
-    first, end = (int(x) for x in args.window.split(":"))
-    stats = collections.defaultdict(lambda: np.zeros(4))  # path -> steps, seconds, tokens, sequences
-    sched_seconds = 0.0
+    sched = {"seconds": 0.0}
     schedule = engine.scheduler.schedule
 
     def timed_schedule(*a, **k):
-        nonlocal sched_seconds
         t = time.perf_counter()
         out = schedule(*a, **k)
-        sched_seconds += time.perf_counter() - t
+        sched["seconds"] += time.perf_counter() - t
         last.append((out.num_batched_tokens, len(out.scheduled)))
         return out
     engine.scheduler.schedule = timed_schedule
+    compiles, signatures = CompileLog(), {}
+    for n in range(1, args.passes + 1):
+        compiles.reset()
+        sched["seconds"] = 0.0
+        run_pass(engine, args, vocab, last, sched, window=args.window if n == args.passes else None,
+                 label=f"pass {n}/{args.passes}" if args.passes > 1 else "")
+        count, seconds = compiles.total()
+        print(f"\nTriton compiles in this pass: {count}, {seconds:.1f} s")
+        if count:
+            print(compiles.table())
+        signatures[f"pass {n}"] = dict(compiles.signatures)
+    compiles.close()
+    if args.compiles_out:
+        with open(args.compiles_out, "w") as f:
+            json.dump(signatures, f, indent=1)
+
+
+def run_pass(engine, args, vocab, last, sched, window, label):
+    prompts, out_lens = mixed_prompts(args.mix, args.num_prompts, vocab, args.mix_seed, engine.config.max_model_len)
+    tag = label.replace(" ", "").replace("/", "of")
+    for i, (p, n) in enumerate(zip(prompts, out_lens)):
+        engine.add_request(f"m{tag}-{i}", {"prompt_token_ids": p},
+                           SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+    first, end = (int(x) for x in window.split(":")) if window else (-1, -1)
+    stats = collections.defaultdict(lambda: np.zeros(4))  # path -> steps, seconds, tokens, sequences
     prof, window_wall, step = None, 0.0, 0
     start = time.perf_counter()
     while engine.has_unfinished_requests():
@@ -106,8 +132,8 @@ def main():
             prof.__exit__(None, None, None)
     wall = time.perf_counter() - start
     total_tokens = sum(len(p) for p in prompts) + sum(out_lens)
-    print(f"\n## {args.mix}, {args.num_prompts} requests: {wall:.1f} s, {total_tokens / wall:.0f} tok/s, "
-          f"{step} steps, schedule {sched_seconds:.1f} s")
+    print(f"\n## {args.mix}, {args.num_prompts} requests{', ' + label if label else ''}: {wall:.1f} s, "
+          f"{total_tokens / wall:.0f} tok/s, {step} steps, schedule {sched['seconds']:.1f} s")
     print("| path | steps | wall s | share | tokens/step | seqs/step | ms/step |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for path, (n, s, tok, seqs) in sorted(stats.items(), key=lambda kv: -kv[1][1]):

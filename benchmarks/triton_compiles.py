@@ -1,0 +1,51 @@
+"""Which Triton kernels compile while a benchmark runs, how often and for how long: a first request of a
+new shape pays its kernel's compile (or its load from the disk cache) in its own latency."""
+from __future__ import annotations
+
+import collections
+import time
+
+import triton
+
+
+class CompileLog:
+    """Notes each in-process kernel-cache miss (a compile, or a load from the disk cache) by kernel name,
+    with its seconds and the argument signature that missed."""
+
+    def __init__(self):
+        self.count = collections.Counter()
+        self.seconds = collections.Counter()
+        self.signatures = collections.defaultdict(list)
+        self._started = None
+        runtime = triton.knobs.runtime
+        self._previous = (runtime.jit_cache_hook, runtime.jit_post_compile_hook)
+        runtime.jit_cache_hook = self._before
+        runtime.jit_post_compile_hook = self._after
+
+    def _before(self, *, fn, repr, **_):
+        self._started = (fn.name, repr, time.perf_counter())
+        return False  # compile as usual
+
+    def _after(self, *, fn, **_):
+        if self._started is None or self._started[0] != fn.name:
+            return
+        name, signature, t = self._started
+        self.count[name] += 1
+        self.seconds[name] += time.perf_counter() - t
+        self.signatures[name].append(signature)
+        self._started = None
+
+    def reset(self):
+        self.count.clear(), self.seconds.clear(), self.signatures.clear()
+
+    def total(self) -> tuple[int, float]:
+        return sum(self.count.values()), sum(self.seconds.values())
+
+    def table(self, top: int = 12) -> str:
+        rows = ["| kernel | compiles | s |", "| --- | --- | --- |"]
+        for name, s in self.seconds.most_common(top):
+            rows.append(f"| {name} | {self.count[name]} | {s:.2f} |")
+        return "\n".join(rows)
+
+    def close(self):
+        triton.knobs.runtime.jit_cache_hook, triton.knobs.runtime.jit_post_compile_hook = self._previous
