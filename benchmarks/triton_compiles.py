@@ -22,9 +22,24 @@ class CompileLog:
         runtime.jit_cache_hook = self._before
         runtime.jit_post_compile_hook = self._after
 
-    def _before(self, *, fn, repr, **_):
-        self._started = (fn.name, repr, time.perf_counter())
+    def _before(self, *, fn, compile, **_):
+        try:
+            signature = self._describe(fn, compile)
+        except Exception as e:  # a triton whose hook arguments differ: the count and seconds still hold
+            signature = f"(not described: {e!r})"
+        self._started = (fn.name, signature, time.perf_counter())
         return False  # compile as usual
+
+    @staticmethod
+    def _describe(fn, compile) -> str:
+        """What tells two compiles of one kernel apart: its constexpr values and the specialised
+        attributes of its other arguments (value 1, divisibility or alignment by 16)."""
+        names = [p.name for p in fn.jit_function.params]
+        constants = {names[k[0]] if isinstance(k, tuple) and len(k) == 1 else str(k): v
+                     for k, v in compile["constants"].items()}
+        attrs = {names[k[0]] if isinstance(k, tuple) and len(k) == 1 else str(k): v
+                 for config in compile["configs"] for k, v in dict(config).items()}
+        return f"constants {constants} attributes {attrs}"
 
     def _after(self, *, fn, **_):
         if self._started is None or self._started[0] != fn.name:

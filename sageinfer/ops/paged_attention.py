@@ -144,7 +144,8 @@ def _write_new_kv(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_p
 
 # Sizes that change from step to step are not specialised on (value 1, divisibility by 16): each
 # new specialisation is a compilation in the middle of serving.
-@triton.jit(do_not_specialize=["num_tokens", "prefix_splits", "stride_bt"])
+@triton.jit(do_not_specialize=["num_tokens", "prefix_splits", "stride_bt", "block_table_ptr", "seq_lens_ptr",
+                                "query_start_loc_ptr"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_table_ptr, seq_lens_ptr, query_start_loc_ptr, k_scale_ptr, v_scale_ptr,
@@ -270,7 +271,7 @@ def _tiles_per_split(num_tiles, NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.co
     return per_split
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_lens_ptr"])
 def _merge_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, seq_lens_ptr, stride_o_tok, stride_o_head,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,

@@ -81,7 +81,9 @@ def _update(s, m_i, l_i, acc, v_cache, v_scale_ptr, row, col, kv_head, tile, q_p
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["stride_bt"])
+# A mixed step's prefill part reads its metadata from slices that start at any sequence: pointers that
+# are not specialised on alignment (scalar loads gain nothing from it) compile once, not per offset.
+@triton.jit(do_not_specialize=["stride_bt", "block_table_ptr", "seq_lens_ptr", "query_start_loc_ptr"])
 def _prefill_attention_kernel(
     q_ptr, k_cache, v_cache, out_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr, scale_log2, v_scale,
     fp8_query_scale, k_scale_ptr, v_scale_ptr, stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_row,

@@ -266,7 +266,8 @@ def _consumer_1(a):
     _consumer(a, 1)
 
 
-@gluon.jit(do_not_specialize=["stride_bt"])
+# Metadata pointers unspecialised on alignment: a mixed step's prefill part slices them at any sequence.
+@gluon.jit(do_not_specialize=["stride_bt", "block_table_ptr", "seq_lens_ptr", "query_start_loc_ptr"])
 def _ws_prefill_kernel(
     q_ptr, k_desc, v_desc, v_cache_ptr, out_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr, scale_log2,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_bt,
