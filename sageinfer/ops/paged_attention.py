@@ -250,7 +250,10 @@ def _paged_attention_kernel(
             out += part * w[:, None]
             total += w
         out = out / tl.where(total == 0.0, 1.0, total)[:, None]
-    if NUM_SPLITS == 1:
+    # Splits of a least size: a sequence that one split covers writes its output itself and the merge
+    # passes it by (a batch whose sequences are all short then costs little more than no split).
+    whole = (MIN_SPLIT_TILES > 0) & (tiles_per_split >= num_tiles)
+    if NUM_SPLITS == 1 or whole:
         o_offs = tok[:, None] * stride_o_tok + head[:, None] * stride_o_head + dims[None, :]
         tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
     else:
@@ -285,7 +288,10 @@ def _merge_splits_kernel(
     base = (tok * NUM_HEADS + head) * NUM_SPLITS
     if MIN_SPLIT_TILES > 0:  # decode: token tok is sequence tok; its unused splits wrote nothing
         num_tiles = tl.cdiv(tl.load(seq_lens_ptr + tok), BLOCK_N)
-        used = splits < tl.maximum(tl.cdiv(num_tiles, _tiles_per_split(num_tiles, NUM_SPLITS, MIN_SPLIT_TILES)), 1)
+        num_used = tl.cdiv(num_tiles, _tiles_per_split(num_tiles, NUM_SPLITS, MIN_SPLIT_TILES))
+        if num_used <= 1:  # its one split wrote the output
+            return
+        used = splits < num_used
     else:
         used = splits < NUM_SPLITS
     lse = tl.load(part_lse_ptr + base + splits, mask=used, other=float("-inf"))
