@@ -116,6 +116,10 @@ class LLMEngine:
         self.warm_up_seconds = self.runner.warm_up_long_prefill(*warm_up) if warm_up is not None else 0.0
         if self.warm_up_seconds:
             logger.info("long-prompt kernels warmed up in %.1f s", self.warm_up_seconds)
+        decode_seconds = self.runner.warm_up_decode_kernels()  # no collectives: each rank warms its own
+        if decode_seconds:
+            logger.info("decode-attention variants warmed up in %.1f s", decode_seconds)
+        self.warm_up_seconds += decode_seconds
         if self.workers is not None:
             self.workers.started = True
         logger.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks, config.block_size, capacity)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -21,6 +22,9 @@ from sageinfer.platforms.base import Platform
 from sageinfer.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+# Compile at start-up the decode-attention variants a step can reach outside the graphs (a first
+# request must not pay a kernel's compilation); SAGEINFER_DECODE_WARM_UP=0 skips it.
+DECODE_WARM_UP = os.environ.get("SAGEINFER_DECODE_WARM_UP", "1") != "0"
 
 
 @dataclass
@@ -165,6 +169,23 @@ class ModelRunner:
         self.execute([(_ProfileSequence(first, blocks[:-(-first // self.block_size)]), first)])
         if rest:
             self.execute([(_ProfileSequence(first + rest, blocks, num_computed_tokens=first), rest)])
+        self.platform.synchronize()
+        return time.perf_counter() - start
+
+    def warm_up_decode_kernels(self) -> float:
+        """Compile the decode-attention launches a step can choose outside the graphs
+        (attention/decode_warm_up.py); the seconds spent. Not where kernels are interpreted (nothing
+        compiles), with other backends, or with SAGEINFER_DECODE_WARM_UP=0."""
+        if self.backend.name != "triton" or self.device.type == "cpu" or not DECODE_WARM_UP:
+            return 0.0
+        from sageinfer.attention.decode_warm_up import decode_plans, warm_up_decode_kernels
+        from sageinfer.layers.attention import Attention
+        start = time.perf_counter()
+        layer = next(m for m in self.model.modules() if isinstance(m, Attention))
+        eager_from = 1 if self.graphs is None else self.graphs.max_batch + 1
+        plans = decode_plans(self.backend, self.config.max_num_seqs, self.config.max_model_len, self.num_kv_heads,
+                             eager_from)
+        warm_up_decode_kernels(self.backend, layer, self.kv_caches[0], plans, self.device, self.dtype)
         self.platform.synchronize()
         return time.perf_counter() - start
 

@@ -173,6 +173,7 @@ def run_worker(rank: int, config: EngineConfig, attention_backend: str | None, e
         from sageinfer.transport.kv_transfer_config import export_rank_cache
         export_rank_cache(config.kv_transfer_config, runner.kv_caches, platform, rank)
     runner.capture_graphs()
+    runner.warm_up_decode_kernels()  # this rank's own compiles; rank 0 warms its own alike
     context = zmq.Context()
     socket = context.socket(zmq.PULL)
     socket.connect(address)

@@ -1,0 +1,70 @@
+"""Compile, before serving, every decode-attention launch the Triton backend's plan can choose outside
+the captured graphs: a mixed step's decodes (attended apart from its prefill chunks) and eager decode
+batches larger than the largest graph. Each choice (splits, least keys per split) is a kernel variant
+of its own, and its first launch compiles it: on an H200 a first pass of a conversation-like mix paid
+1.6 s for one such variant in the middle of serving, a second pass another 1.7 s for two more.
+
+One launch per variant, of one sequence through one layer's cache, writing nothing to the cache (its
+slot is -1); kernels already compiled (the graphs' own) cost a launch only."""
+from __future__ import annotations
+
+import torch
+
+from sageinfer.attention.backend import AttentionMetadata
+
+
+def _lengths(max_model_len: int) -> list[int]:
+    """Context lengths on both sides of every power of two up to max_model_len: the plan's choices
+    change only at such bounds (splits by length) and at the ragged split's least keys."""
+    lengths = {1, max_model_len}
+    k = 1
+    while k <= max_model_len:
+        lengths.update((k - 1, k, k + 1))
+        k *= 2
+    return sorted(x for x in lengths if 1 <= x <= max_model_len)
+
+
+def decode_plans(backend, max_num_seqs: int, max_model_len: int, num_kv_heads: int,
+                 eager_decode_from: int) -> set[tuple[int, int, bool]]:
+    """(num_splits, min_split_keys, whole_step) of every decode launch the backend's plan can choose:
+    whole_step False for a mixed step's decodes (1 to max_num_seqs - 1 of them: their rotary and
+    cache write done before), True for an eager decode step of eager_decode_from to max_num_seqs
+    sequences (rotary inside the kernel where it can)."""
+    from sageinfer.attention import triton_backend
+    extra = {triton_backend.RAGGED_MIN_KEYS, triton_backend.RAGGED_MIN_KEYS + 1}
+    lengths = sorted(set(_lengths(max_model_len)) | {x for x in extra if x <= max_model_len})
+    plans = set()
+    for num_seqs in range(1, max_num_seqs + 1):
+        kinds = ([False] if num_seqs < max_num_seqs else []) + ([True] if num_seqs >= eager_decode_from else [])
+        if not kinds:
+            continue
+        seq_lens = [1] * num_seqs
+        for length in lengths:
+            meta = AttentionMetadata(0, None, None, None, None, max_query_len=1, max_seq_len=length,
+                                     query_start_loc_cpu=[], seq_lens_cpu=seq_lens)
+            backend.plan(meta, num_kv_heads)
+            plans.update((meta.num_splits, meta.min_split_keys, whole) for whole in kinds)
+    return plans
+
+
+@torch.inference_mode()
+def warm_up_decode_kernels(backend, layer, cache, plans, device, dtype) -> None:
+    """Launch the decode attention of each plan once (layer: layers.attention.Attention, cache: its
+    LayerKVCache, dtype: the model's), as a step would: the same constexprs and argument kinds, so the
+    same compile."""
+    heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    page = cache.k.shape[1]
+    for num_splits, min_split_keys, whole_step in sorted(plans):
+        meta = AttentionMetadata(
+            num_actual_tokens=1, slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=device),
+            query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=device),
+            seq_lens=torch.full((1,), page, dtype=torch.int32, device=device),
+            block_table=torch.zeros((1, 1), dtype=torch.int32, device=device), max_query_len=1, max_seq_len=page,
+            query_start_loc_cpu=[0, 1], seq_lens_cpu=[page], num_splits=num_splits, min_split_keys=min_split_keys)
+        q = torch.zeros(1, heads, dim, dtype=dtype, device=device)
+        if whole_step:
+            k = torch.zeros(1, kv_heads, dim, dtype=dtype, device=device)
+            backend.forward(layer, torch.zeros(1, dtype=torch.int64, device=device), q, k, torch.zeros_like(k),
+                            cache, meta)
+        else:
+            backend._attend(layer, q, torch.empty_like(q), cache, meta, None)

@@ -1,0 +1,89 @@
+"""The start-up's decode-attention warm-up (attention/decode_warm_up.py): it holds every choice the
+Triton backend's plan can make for a decode batch, and a step's decode launches compile nothing that
+the warm-up did not (the same constexprs and the same specialisation of every other argument)."""
+import numpy as np
+import pytest
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend
+
+from sageinfer import LLM, SamplingParams
+from sageinfer.attention import triton_backend
+from sageinfer.attention.backend import AttentionMetadata
+from sageinfer.attention.decode_warm_up import decode_plans, warm_up_decode_kernels
+from sageinfer.attention.triton_backend import TritonBackend
+from sageinfer.layers.attention import Attention
+from sageinfer.ops import paged_attention as pa
+
+
+@pytest.mark.parametrize("num_sms, ragged", [(132, 8), (132, 0), (8, 8)])
+def test_decode_plans_hold_every_choice_of_the_plan(monkeypatch, num_sms, ragged):
+    monkeypatch.setattr(triton_backend, "RAGGED_DECODE_SPLITS", ragged)
+    backend = TritonBackend(num_sms=num_sms)
+    max_num_seqs, max_model_len, kv_heads = 300, 9000, 8
+    plans = decode_plans(backend, max_num_seqs, max_model_len, kv_heads, eager_decode_from=200)
+    rng = np.random.default_rng(0)
+    for _ in range(3000):
+        num_seqs = int(rng.integers(1, max_num_seqs + 1))
+        longest = int(rng.integers(1, max_model_len + 1))
+        meta = AttentionMetadata(0, None, None, None, None, max_query_len=1, max_seq_len=longest,
+                                 query_start_loc_cpu=[], seq_lens_cpu=[1] * num_seqs)
+        backend.plan(meta, kv_heads)
+        choice = (meta.num_splits, meta.min_split_keys)
+        if num_seqs < max_num_seqs:  # a mixed step's decodes
+            assert (*choice, False) in plans, (num_seqs, longest)
+        if num_seqs >= 200:  # a decode step past the graphs
+            assert (*choice, True) in plans, (num_seqs, longest)
+    assert {whole for *_, whole in plans} == {False, True} and any(s > 1 for s, _, _ in plans)
+
+
+def _launch_key(kernel, args, kwargs) -> tuple:
+    """What a launch compiles by: its constexprs and launch options, and the specialisation of every
+    other argument (as Triton's JIT computes it, with the kernel's do_not_specialize)."""
+    names = kernel.arg_names
+    unspecialised = set(getattr(kernel, "do_not_specialize", None) or kernel.kwargs.get("do_not_specialize") or [])
+    spec = tuple(native_specialize_impl(BaseBackend, a, False, n not in unspecialised, True)
+                 for n, a in zip(names, args))
+    return kernel.fn.__name__, tuple(sorted((k, str(v)) for k, v in kwargs.items())), spec
+
+
+def _record(monkeypatch, name: str, seen: set) -> None:
+    kernel = getattr(pa, name)
+
+    class Recorder:
+        def __getitem__(self, grid):
+            launch = kernel[grid]
+
+            def run(*args, **kwargs):
+                if kwargs.get("BLOCK_Q", 1) == 1:  # decode launches (prefill chunks take wider query tiles)
+                    seen.add(_launch_key(kernel, args, kwargs))
+                return launch(*args, **kwargs)
+            return run
+    monkeypatch.setattr(pa, name, Recorder())
+
+
+def test_a_steps_decode_launches_compile_nothing_the_warm_up_did_not(model_dirs, monkeypatch):
+    monkeypatch.setattr(triton_backend, "RAGGED_MIN_KEYS", 32)
+    llm = LLM(model_dirs["qwen3"], dtype="float32", attention_backend="triton", num_gpu_blocks_override=64,
+              max_model_len=256, max_num_seqs=8, max_num_batched_tokens=24, enforce_eager=True, show_progress=False)
+    runner = llm.engine.runner
+    runner.backend.num_sms = 12  # small decode batches split by occupancy, larger ones by raggedness
+    warmed, stepped = set(), set()
+    for name in ("_paged_attention_kernel", "_merge_splits_kernel"):
+        _record(monkeypatch, name, warmed)
+    layer = next(m for m in runner.model.modules() if isinstance(m, Attention))
+    before = runner.kv_caches[0].k.clone()
+    plans = decode_plans(runner.backend, 8, 256, runner.num_kv_heads, eager_decode_from=1)
+    warm_up_decode_kernels(runner.backend, layer, runner.kv_caches[0], plans, runner.device, runner.dtype)
+    assert runner.kv_caches[0].k.equal(before), "the warm-up wrote into the cache"
+    assert len({key[:2] for key in warmed if key[0] == "_paged_attention_kernel"}) == len(plans)
+    monkeypatch.undo()
+    monkeypatch.setattr(triton_backend, "RAGGED_MIN_KEYS", 32)
+    for name in ("_paged_attention_kernel", "_merge_splits_kernel"):
+        _record(monkeypatch, name, stepped)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 500, size=n).tolist() for n in (70, 3, 9, 40, 5, 120)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert any(dict(key[1]).get("NUM_SPLITS") not in (None, "1") for key in stepped), "no step split its decodes"
+    missing = stepped - warmed
+    assert not missing, f"{len(missing)} decode launches of the steps were not warmed up: {sorted(missing)[:2]}"
