@@ -56,6 +56,9 @@ def main():
     parser.add_argument("--window", default="200:300", help="steps whose GPU kernels are profiled")
     parser.add_argument("--passes", type=int, default=1, help="runs of the mix in one process")
     parser.add_argument("--compiles-out", help="JSON file of each pass's compiles with the signatures that missed")
+    parser.add_argument("--profile-eager-decode", type=int, default=0, metavar="N",
+                        help="also profile the GPU kernels of the last pass's first N decode steps past the "
+                             "largest graph, one step at a time")
     add_standard_engine_args(parser)
     args = parser.parse_args()
     llm = LLM(**engine_kwargs(args))
@@ -73,31 +76,75 @@ def main():
     sched = {"seconds": 0.0}
     schedule = engine.scheduler.schedule
 
+    largest_graph = runner.graphs.max_batch if runner.graphs is not None else 0
+    eager = EagerDecodeProfile(args.profile_eager_decode)
+
     def timed_schedule(*a, **k):
         t = time.perf_counter()
         out = schedule(*a, **k)
         sched["seconds"] += time.perf_counter() - t
         last.append((out.num_batched_tokens, len(out.scheduled)))
+        if eager.armed and out.num_batched_tokens == len(out.scheduled) > largest_graph:
+            eager.start()
         return out
     engine.scheduler.schedule = timed_schedule
     compiles, signatures = CompileLog(), {}
     for n in range(1, args.passes + 1):
         compiles.reset()
         sched["seconds"] = 0.0
+        eager.armed = n == args.passes and eager.wanted > 0 and torch.cuda.is_available()  # kernel times need a GPU
         run_pass(engine, args, vocab, last, sched, window=args.window if n == args.passes else None,
-                 label=f"pass {n}/{args.passes}" if args.passes > 1 else "")
+                 label=f"pass {n}/{args.passes}" if args.passes > 1 else "", after_step=eager.stop)
         count, seconds = compiles.total()
         print(f"\nTriton compiles in this pass: {count}, {seconds:.1f} s")
         if count:
             print(compiles.table())
         signatures[f"pass {n}"] = dict(compiles.signatures)
     compiles.close()
+    eager.report()
     if args.compiles_out:
         with open(args.compiles_out, "w") as f:
             json.dump(signatures, f, indent=1)
 
 
-def run_pass(engine, args, vocab, last, sched, window, label):
+class EagerDecodeProfile:
+    """GPU kernels of the first N decode steps that run eagerly (more sequences than the largest graph),
+    each profiled alone: the profiler starts once such a step is scheduled and stops when it is done."""
+
+    def __init__(self, wanted: int):
+        self.wanted, self.armed, self.prof = wanted, False, None
+        self.steps, self.wall, self.kernels = 0, 0.0, collections.defaultdict(lambda: np.zeros(2))
+
+    def start(self):
+        sync()
+        self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        self.prof.__enter__()
+        self.t = time.perf_counter()
+
+    def stop(self):
+        if self.prof is None:
+            return
+        sync()
+        self.wall += time.perf_counter() - self.t
+        self.prof.__exit__(None, None, None)
+        for e in self.prof.key_averages():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                self.kernels[e.key] += (e.self_device_time_total / 1e6, e.count)
+        self.prof, self.steps = None, self.steps + 1
+        self.armed = self.steps < self.wanted
+
+    def report(self):
+        if not self.steps:
+            return
+        gpu = sum(s for s, _ in self.kernels.values())
+        print(f"\n### {self.steps} eager decode steps: wall {self.wall:.2f} s, GPU kernels {gpu:.2f} s "
+              f"({100 * gpu / self.wall:.0f}% busy)")
+        print("| kernel | s | share | calls |\n| --- | --- | --- | --- |")
+        for name, (s, count) in sorted(self.kernels.items(), key=lambda kv: -kv[1][0])[:16]:
+            print(f"| {name[:90]} | {s:.3f} | {100 * s / gpu:.1f}% | {count:.0f} |")
+
+
+def run_pass(engine, args, vocab, last, sched, window, label, after_step=lambda: None):
     prompts, out_lens = mixed_prompts(args.mix, args.num_prompts, vocab, args.mix_seed, engine.config.max_model_len)
     tag = label.replace(" ", "").replace("/", "of")
     for i, (p, n) in enumerate(zip(prompts, out_lens)):
@@ -116,6 +163,7 @@ def run_pass(engine, args, vocab, last, sched, window, label):
         last[:] = [None]
         t = time.perf_counter()
         engine.step()
+        after_step()
         seconds = time.perf_counter() - t
         tokens, seqs = last[1] if len(last) > 1 else (0, 0)
         path = last[0] or "none"
