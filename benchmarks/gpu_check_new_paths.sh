@@ -2,7 +2,8 @@
 # The paths built since the last GPU run, tested there and timed, on one GPU in device calls of about
 # 8 minutes: PART=1 (tests; start-up with an empty and a filled Triton cache; ragged decode probe;
 # chat-mix in two passes from an empty cache with its compiles and eager decode steps profiled),
-# PART=2 (T2 and P1 with ragged decode splits on, as by default, and off).
+# PART=2 (T2 and P1 with ragged decode splits on, as by default, and off; chat-mix with graphs up to
+# 1,024 sequences: its decode steps past 512 ran eagerly at 73 ms for ~565 sequences).
 #   - the start-up's decode-attention warm-up (attention/decode_warm_up.py): its seconds on an empty
 #     cache (startup_s, warm_up_s of the JSON) and whether a mix's passes still compile anything
 #   - ragged decode splits: a sequence one split covers writes its output itself (uniform batches of
@@ -42,4 +43,8 @@ if [ "$PART" = 2 ]; then
         --out "$OUT/$workload-ragged$ragged.json" 2>&1 | headline
     done
   done
+  echo "== chat-mix, --max-graph-batch-size 1024 (second pass)"
+  timeout 240 python3 benchmarks/profile_mix.py --mix chat-mix --num-prompts 1000 --window 150:250 --passes 2 \
+    --max-graph-batch-size 1024 > "$OUT/chat-mix-graphs1024.txt" 2>&1
+  grep -E "^## |^\| (eager|decode graph)|^Triton" "$OUT/chat-mix-graphs1024.txt"
 fi

@@ -57,6 +57,9 @@ class EngineConfig:
     num_gpu_blocks_override: int | None = _option(None, "KV cache size in blocks (CPU runs, tests)")
     kv_cache_memory_bytes: int | None = _option(None, "KV cache size in bytes (CPU runs)")
     enforce_eager: bool = _option(False, "no graph capture")
+    # Decode batches past the largest graph run eagerly (vLLM's max_cudagraph_capture_size, SGLang's
+    # --cuda-graph-max-bs); each size captured costs start-up time and a little memory.
+    max_graph_batch_size: int = _option(512, "largest decode batch captured in a graph (larger ones run eagerly)")
     # Launch step N+1 before reading step N's tokens (hides host work behind the device's).
     async_scheduling: bool = _option(True, "launch each step before reading the previous step's tokens")
     # KV cache storage: "auto" (model dtype), "fp8" (e4m3, per-tensor scale), "int8" (per-token-head scales)
@@ -116,6 +119,8 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_graph_batch_size < 1:
+            raise ValueError(f"max_graph_batch_size must be >= 1, got {self.max_graph_batch_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.load_format not in LOAD_FORMATS:

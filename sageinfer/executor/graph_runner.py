@@ -47,15 +47,21 @@ def capture_ladder(sizes: list[int], make_meta, model, backend, platform, num_kv
     return graphs, outputs, time.perf_counter() - start
 
 
-def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    sizes = [1, 2, 4, 8] + list(range(16, 513, 16))
-    return [s for s in sizes if s <= max(max_num_seqs, 1)] or [1]
+def graph_batch_sizes(max_num_seqs: int, max_graph_batch: int = 512) -> list[int]:
+    """Decode batch sizes to capture: 1, 2, 4, 8, then every 16 to 512 and every 32 beyond, up to
+    max_graph_batch; the first of them that holds max_num_seqs ends the list (a batch pads up to the
+    next size, so max_num_seqs = 20 runs in the graph of 32 rather than eagerly)."""
+    ladder = [1, 2, 4, 8] + list(range(16, 513, 16)) + list(range(544, max(max_graph_batch, 1) + 1, 32))
+    ladder = [s for s in ladder if s <= max(max_graph_batch, 1)]
+    sizes = [s for s in ladder if s < max_num_seqs]
+    sizes += [s for s in ladder if s >= max_num_seqs][:1]
+    return sizes or [1]
 
 
 class DecodeGraphs:
     def __init__(self, model, backend, platform, device, max_num_seqs: int, max_model_len: int,
-                 block_size: int, num_kv_heads: int, kv_caches):
-        self.sizes = graph_batch_sizes(max_num_seqs)
+                 block_size: int, num_kv_heads: int, kv_caches, max_graph_batch: int = 512):
+        self.sizes = graph_batch_sizes(max_num_seqs, max_graph_batch)
         self.platform, self.device = platform, device
         self.max_batch = self.sizes[-1]
         max_blocks = -(-max_model_len // block_size)

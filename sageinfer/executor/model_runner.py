@@ -196,7 +196,7 @@ class ModelRunner:
         from sageinfer.executor.graph_runner import DecodeGraphs, PrefillGraphs
         self.graphs = DecodeGraphs(self.model, self.backend, self.platform, self.device, self.config.max_num_seqs,
                                    self.config.max_model_len, self.block_size,
-                                   self.num_kv_heads, self.kv_caches)
+                                   self.num_kv_heads, self.kv_caches, self.config.max_graph_batch_size)
         self.prefill_graphs = PrefillGraphs(self.model, self.backend, self.platform, self.device,
                                             self.config.max_num_batched_tokens, self.config.max_model_len,
                                             self.block_size, self.num_kv_heads, self.kv_caches)
