@@ -1,8 +1,12 @@
 """The start-up's decode-attention warm-up (attention/decode_warm_up.py): it holds every choice the
 Triton backend's plan can make for a decode batch, and a step's decode launches compile nothing that
 the warm-up did not (the same constexprs and the same specialisation of every other argument)."""
+import threading
+import types
+
 import numpy as np
 import pytest
+import torch
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend
 
@@ -87,3 +91,34 @@ def test_a_steps_decode_launches_compile_nothing_the_warm_up_did_not(model_dirs,
     assert any(dict(key[1]).get("NUM_SPLITS") not in (None, "1") for key in stepped), "no step split its decodes"
     missing = stepped - warmed
     assert not missing, f"{len(missing)} decode launches of the steps were not warmed up: {sorted(missing)[:2]}"
+
+
+def test_a_threaded_warm_up_launches_each_plan_once_from_threads_that_entered_the_device():
+    launched, entered, lock = [], [], threading.Lock()
+
+    class Backend:
+        def forward(self, layer, positions, q, k, v, cache, meta):
+            self._note(meta, True)
+
+        def _attend(self, layer, q, out, cache, meta, rope):
+            self._note(meta, False)
+
+        def _note(self, meta, whole):
+            with lock:
+                launched.append(((meta.num_splits, meta.min_split_keys, whole), threading.get_ident()))
+
+    def enter():
+        with lock:
+            entered.append(threading.get_ident())
+    plans = {(s, keys, whole) for s in (1, 2, 4, 8) for keys in (0, 1024) for whole in (False, True)
+             if not (s == 1 and keys)}
+    layer = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16)
+    cache = types.SimpleNamespace(k=torch.zeros(4, 16, 2, 16))
+    warm_up_decode_kernels(Backend(), layer, cache, plans, torch.device("cpu"), torch.float32, threads=3,
+                           enter_thread=enter)
+    assert sorted(plan for plan, _ in launched) == sorted(plans)
+    main = threading.get_ident()
+    alone = [plan for plan, ident in launched if ident == main]
+    assert {(s > 1, whole) for s, _, whole in alone} == {(False, False), (False, True), (True, False), (True, True)}
+    assert len(alone) == 4  # one of each kind first, the rest from the pool's threads, each entered
+    assert {ident for _, ident in launched if ident != main} <= set(entered)

@@ -8,6 +8,8 @@ One launch per variant, of one sequence through one layer's cache, writing nothi
 slot is -1); kernels already compiled (the graphs' own) cost a launch only."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from sageinfer.attention.backend import AttentionMetadata
@@ -47,14 +49,20 @@ def decode_plans(backend, max_num_seqs: int, max_model_len: int, num_kv_heads: i
     return plans
 
 
-@torch.inference_mode()
-def warm_up_decode_kernels(backend, layer, cache, plans, device, dtype) -> None:
+def warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, threads: int = 1,
+                           enter_thread=lambda: None) -> None:
     """Launch the decode attention of each plan once (layer: layers.attention.Attention, cache: its
     LayerKVCache, dtype: the model's), as a step would: the same constexprs and argument kinds, so the
-    same compile."""
+    same compile. With threads > 1 the launches run from that many threads, whose compiles overlap
+    (Triton's compiler leaves the interpreter lock: 4 variants in 7.5 s against 13.9 s one after the
+    other on 2 CPU cores); enter_thread() makes the rank's device current in each. One plan of each
+    kind runs first, alone, so that each kernel's per-device state is set up by one thread."""
     heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
     page = cache.k.shape[1]
-    for num_splits, min_split_keys, whole_step in sorted(plans):
+
+    @torch.inference_mode()
+    def launch(plan):
+        num_splits, min_split_keys, whole_step = plan
         meta = AttentionMetadata(
             num_actual_tokens=1, slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=device),
             query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=device),
@@ -68,3 +76,19 @@ def warm_up_decode_kernels(backend, layer, cache, plans, device, dtype) -> None:
                             cache, meta)
         else:
             backend._attend(layer, q, torch.empty_like(q), cache, meta, None)
+
+    plans = sorted(plans)
+    first = list({(s > 1, whole): (s, keys, whole) for s, keys, whole in reversed(plans)}.values())
+    for plan in first:
+        launch(plan)
+    rest = [p for p in plans if p not in first]
+    if threads <= 1:
+        for plan in rest:
+            launch(plan)
+        return
+
+    def in_thread(plan):
+        enter_thread()
+        launch(plan)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(in_thread, rest))  # raises a launch's error here

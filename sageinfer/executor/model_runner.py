@@ -185,7 +185,10 @@ class ModelRunner:
         eager_from = 1 if self.graphs is None else self.graphs.max_batch + 1
         plans = decode_plans(self.backend, self.config.max_num_seqs, self.config.max_model_len, self.num_kv_heads,
                              eager_from)
-        warm_up_decode_kernels(self.backend, layer, self.kv_caches[0], plans, self.device, self.dtype)
+        index = self.device.index
+        warm_up_decode_kernels(self.backend, layer, self.kv_caches[0], plans, self.device, self.dtype,
+                               threads=min(8, os.cpu_count() or 1),
+                               enter_thread=lambda: self.platform.set_device(index) if index is not None else None)
         self.platform.synchronize()
         return time.perf_counter() - start
 
