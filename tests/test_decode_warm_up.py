@@ -1,6 +1,7 @@
 """The start-up's decode-attention warm-up (attention/decode_warm_up.py): it holds every choice the
 Triton backend's plan can make for a decode batch, and a step's decode launches compile nothing that
 the warm-up did not (the same constexprs and the same specialisation of every other argument)."""
+import contextlib
 import threading
 import types
 
@@ -13,8 +14,9 @@ from triton.backends.compiler import BaseBackend
 from sageinfer import LLM, SamplingParams
 from sageinfer.attention import triton_backend
 from sageinfer.attention.backend import AttentionMetadata
-from sageinfer.attention.decode_warm_up import decode_plans, warm_up_decode_kernels
+from sageinfer.attention.decode_warm_up import decode_plans, graph_plans, warm_up_decode_kernels
 from sageinfer.attention.triton_backend import TritonBackend
+from sageinfer.executor.graph_runner import DecodeGraphs, graph_batch_sizes
 from sageinfer.layers.attention import Attention
 from sageinfer.ops import paged_attention as pa
 
@@ -34,10 +36,10 @@ def test_decode_plans_hold_every_choice_of_the_plan(monkeypatch, num_sms, ragged
         backend.plan(meta, kv_heads)
         choice = (meta.num_splits, meta.min_split_keys)
         if num_seqs < max_num_seqs:  # a mixed step's decodes
-            assert (*choice, False) in plans, (num_seqs, longest)
+            assert (*choice, False, False) in plans, (num_seqs, longest)
         if num_seqs >= 200:  # a decode step past the graphs
-            assert (*choice, True) in plans, (num_seqs, longest)
-    assert {whole for *_, whole in plans} == {False, True} and any(s > 1 for s, _, _ in plans)
+            assert (*choice, True, False) in plans, (num_seqs, longest)
+    assert {whole for _, _, whole, _ in plans} == {False, True} and any(s > 1 for s, _, _, _ in plans)
 
 
 def _launch_key(kernel, args, kwargs) -> tuple:
@@ -105,12 +107,12 @@ def test_a_threaded_warm_up_launches_each_plan_once_from_threads_that_entered_th
 
         def _note(self, meta, whole):
             with lock:
-                launched.append(((meta.num_splits, meta.min_split_keys, whole), threading.get_ident()))
+                launched.append(((meta.num_splits, meta.min_split_keys, whole, False), threading.get_ident()))
 
     def enter():
         with lock:
             entered.append(threading.get_ident())
-    plans = {(s, keys, whole) for s in (1, 2, 4, 8) for keys in (0, 1024) for whole in (False, True)
+    plans = {(s, keys, whole, False) for s in (1, 2, 4, 8) for keys in (0, 1024) for whole in (False, True)
              if not (s == 1 and keys)}
     layer = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16)
     cache = types.SimpleNamespace(k=torch.zeros(4, 16, 2, 16))
@@ -119,6 +121,36 @@ def test_a_threaded_warm_up_launches_each_plan_once_from_threads_that_entered_th
     assert sorted(plan for plan, _ in launched) == sorted(plans)
     main = threading.get_ident()
     alone = [plan for plan, ident in launched if ident == main]
-    assert {(s > 1, whole) for s, _, whole in alone} == {(False, False), (False, True), (True, False), (True, True)}
+    assert {(s > 1, whole) for s, _, whole, _ in alone} == {(False, False), (False, True), (True, False),
+                                                             (True, True)}
     assert len(alone) == 4  # one of each kind first, the rest from the pool's threads, each entered
     assert {ident for _, ident in launched if ident != main} <= set(entered)
+
+
+def test_the_graphs_capture_compiles_no_attention_the_warm_up_did_not(model_dirs, monkeypatch):
+    """The decode graphs' attention launches (their capture run eagerly on a stand-in platform whose
+    graphs record nothing) are among the warm-up's, ragged splits and splits by occupancy both."""
+    monkeypatch.setattr(triton_backend, "RAGGED_MIN_KEYS", 32)
+    llm = LLM(model_dirs["qwen3"], dtype="float32", attention_backend="triton", num_gpu_blocks_override=80,
+              max_model_len=1024, max_num_seqs=20, enforce_eager=True, show_progress=False)
+    runner = llm.engine.runner
+    runner.backend.num_sms = 12
+    layer = next(m for m in runner.model.modules() if isinstance(m, Attention))
+    sizes = graph_batch_sizes(20)
+    plans = graph_plans(runner.backend, sizes, 1024, runner.num_kv_heads, dependent_max=0)
+    warmed, captured = set(), set()
+    for name in ("_paged_attention_kernel", "_merge_splits_kernel"):
+        _record(monkeypatch, name, warmed)
+    warm_up_decode_kernels(runner.backend, layer, runner.kv_caches[0], plans, runner.device, runner.dtype)
+    monkeypatch.undo()
+    monkeypatch.setattr(triton_backend, "RAGGED_MIN_KEYS", 32)
+    for name in ("_paged_attention_kernel", "_merge_splits_kernel"):
+        _record(monkeypatch, name, captured)
+    platform = types.SimpleNamespace(graph_pool_handle=lambda: None, supports_dependent_launch=lambda: False,
+                                     graph_class=lambda: (lambda: None), synchronize=lambda: None,
+                                     graph_context=lambda graph, pool=None: contextlib.nullcontext())
+    DecodeGraphs(runner.model, runner.backend, platform, runner.device, 20, 1024, runner.block_size,
+                 runner.num_kv_heads, runner.kv_caches)
+    assert {dict(key[1])["NUM_SPLITS"] for key in captured if key[0] == "_paged_attention_kernel"} >= {"4", "8"}
+    missing = captured - warmed
+    assert not missing, f"{len(missing)} attention launches of the capture were not warmed up: {sorted(missing)[:2]}"

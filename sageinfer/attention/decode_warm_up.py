@@ -1,11 +1,14 @@
-"""Compile, before serving, every decode-attention launch the Triton backend's plan can choose outside
-the captured graphs: a mixed step's decodes (attended apart from its prefill chunks) and eager decode
-batches larger than the largest graph. Each choice (splits, least keys per split) is a kernel variant
-of its own, and its first launch compiles it: on an H200 a first pass of a conversation-like mix paid
-1.6 s for one such variant in the middle of serving, a second pass another 1.7 s for two more.
+"""Compile, before serving and from several threads at once, the decode-attention launches of the
+Triton backend: those of the graphs about to be captured, of a mixed step's decodes (attended apart
+from its prefill chunks) and of eager decode batches larger than the largest graph. Each choice of the
+plan (splits, least keys per split) is a kernel variant of its own whose first launch compiles it: on
+an H200 a first pass of a conversation-like mix paid 1.6 s for one such variant in the middle of
+serving, a second pass another 1.7 s for two more; the graph capture compiles its own one at a time.
 
 One launch per variant, of one sequence through one layer's cache, writing nothing to the cache (its
-slot is -1); kernels already compiled (the graphs' own) cost a launch only."""
+slot is -1); kernels already compiled cost a launch only. A plan is (num_splits, min_split_keys,
+whole_step, dependent): whole_step for a decode step (rotary inside the kernel where it can), not for
+a mixed step's decodes; dependent for launches inside graphs that launch dependently (ops/launch.py)."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from sageinfer.attention.backend import AttentionMetadata
+from sageinfer.ops import launch
 
 
 def _lengths(max_model_len: int) -> list[int]:
@@ -27,11 +31,10 @@ def _lengths(max_model_len: int) -> list[int]:
 
 
 def decode_plans(backend, max_num_seqs: int, max_model_len: int, num_kv_heads: int,
-                 eager_decode_from: int) -> set[tuple[int, int, bool]]:
-    """(num_splits, min_split_keys, whole_step) of every decode launch the backend's plan can choose:
-    whole_step False for a mixed step's decodes (1 to max_num_seqs - 1 of them: their rotary and
-    cache write done before), True for an eager decode step of eager_decode_from to max_num_seqs
-    sequences (rotary inside the kernel where it can)."""
+                 eager_decode_from: int) -> set[tuple[int, int, bool, bool]]:
+    """Every decode launch the backend's plan can choose outside graphs: for a mixed step's decodes
+    (1 to max_num_seqs - 1 of them: their rotary and cache write done before), and for an eager
+    decode step of eager_decode_from to max_num_seqs sequences."""
     from sageinfer.attention import triton_backend
     extra = {triton_backend.RAGGED_MIN_KEYS, triton_backend.RAGGED_MIN_KEYS + 1}
     lengths = sorted(set(_lengths(max_model_len)) | {x for x in extra if x <= max_model_len})
@@ -45,7 +48,22 @@ def decode_plans(backend, max_num_seqs: int, max_model_len: int, num_kv_heads: i
             meta = AttentionMetadata(0, None, None, None, None, max_query_len=1, max_seq_len=length,
                                      query_start_loc_cpu=[], seq_lens_cpu=seq_lens)
             backend.plan(meta, num_kv_heads)
-            plans.update((meta.num_splits, meta.min_split_keys, whole) for whole in kinds)
+            plans.update((meta.num_splits, meta.min_split_keys, whole, False) for whole in kinds)
+    return plans
+
+
+def graph_plans(backend, sizes: list[int], max_model_len: int, num_kv_heads: int,
+                dependent_max: int) -> set[tuple[int, int, bool, bool]]:
+    """The decode launches of the graphs of these batch sizes, planned as graph_runner.DecodeGraphs
+    plans them (every sequence may reach max_model_len; sizes up to dependent_max launch dependently).
+    Graphs that keep cascade attention are left to their capture."""
+    plans = set()
+    for size in sizes:
+        meta = AttentionMetadata(0, None, None, None, None, max_query_len=1, max_seq_len=max_model_len,
+                                 query_start_loc_cpu=[], seq_lens_cpu=[1] * size, cascade_prefix_len=True)
+        backend.plan(meta, num_kv_heads)
+        if meta.cascade_prefix_len is None:
+            plans.add((meta.num_splits, meta.min_split_keys, True, size <= dependent_max))
     return plans
 
 
@@ -61,8 +79,8 @@ def warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, threads:
     page = cache.k.shape[1]
 
     @torch.inference_mode()
-    def launch(plan):
-        num_splits, min_split_keys, whole_step = plan
+    def run(plan):
+        num_splits, min_split_keys, whole_step, _ = plan
         meta = AttentionMetadata(
             num_actual_tokens=1, slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=device),
             query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=device),
@@ -77,18 +95,23 @@ def warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, threads:
         else:
             backend._attend(layer, q, torch.empty_like(q), cache, meta, None)
 
-    plans = sorted(plans)
-    first = list({(s > 1, whole): (s, keys, whole) for s, keys, whole in reversed(plans)}.values())
-    for plan in first:
-        launch(plan)
-    rest = [p for p in plans if p not in first]
-    if threads <= 1:
-        for plan in rest:
-            launch(plan)
-        return
-
     def in_thread(plan):
         enter_thread()
-        launch(plan)
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(in_thread, rest))  # raises a launch's error here
+        run(plan)
+
+    for dependent in (False, True):  # the launch mode is process-wide: one group at a time
+        group = sorted(p for p in plans if p[3] == dependent)
+        first = {}
+        for plan in group:
+            first.setdefault((plan[0] > 1, plan[2]), plan)
+        first = list(first.values())
+        with launch.dependent_launch(dependent):
+            for plan in first:
+                run(plan)
+            rest = [p for p in group if p not in first]
+            if threads <= 1:
+                for plan in rest:
+                    run(plan)
+                continue
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(in_thread, rest))  # raises a launch's error here

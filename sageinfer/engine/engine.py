@@ -109,6 +109,11 @@ class LLMEngine:
                 f"the KV cache holds {max(capacity, 0)} tokens ({num_blocks} blocks of {config.block_size}), fewer "
                 f"than max_model_len ({config.max_model_len}): lower max_model_len or give the cache more memory")
         self.runner.allocate_kv_cache(num_blocks)
+        # Decode-attention variants compile from several threads first (no collectives: each rank
+        # warms its own); the graphs' capture then finds its attention compiled.
+        decode_seconds = self.runner.warm_up_decode_kernels()
+        if decode_seconds:
+            logger.info("decode-attention variants compiled in %.1f s", decode_seconds)
         self.graph_capture_seconds = self.runner.capture_graphs()
         warm_up = self.runner.long_prefill_warm_up(num_blocks)
         if warm_up is not None and self.workers is not None:
@@ -116,9 +121,6 @@ class LLMEngine:
         self.warm_up_seconds = self.runner.warm_up_long_prefill(*warm_up) if warm_up is not None else 0.0
         if self.warm_up_seconds:
             logger.info("long-prompt kernels warmed up in %.1f s", self.warm_up_seconds)
-        decode_seconds = self.runner.warm_up_decode_kernels()  # no collectives: each rank warms its own
-        if decode_seconds:
-            logger.info("decode-attention variants warmed up in %.1f s", decode_seconds)
         self.warm_up_seconds += decode_seconds
         if self.workers is not None:
             self.workers.started = True

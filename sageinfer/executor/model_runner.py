@@ -173,18 +173,23 @@ class ModelRunner:
         return time.perf_counter() - start
 
     def warm_up_decode_kernels(self) -> float:
-        """Compile the decode-attention launches a step can choose outside the graphs
-        (attention/decode_warm_up.py); the seconds spent. Not where kernels are interpreted (nothing
-        compiles), with other backends, or with SAGEINFER_DECODE_WARM_UP=0."""
+        """Compile, from several threads, the decode-attention launches of the graphs capture_graphs is
+        about to capture and those a step can choose outside them (attention/decode_warm_up.py); the
+        seconds spent. Not where kernels are interpreted (nothing compiles), with other backends, or
+        with SAGEINFER_DECODE_WARM_UP=0."""
         if self.backend.name != "triton" or self.device.type == "cpu" or not DECODE_WARM_UP:
             return 0.0
-        from sageinfer.attention.decode_warm_up import decode_plans, warm_up_decode_kernels
+        from sageinfer.attention.decode_warm_up import decode_plans, graph_plans, warm_up_decode_kernels
+        from sageinfer.executor.graph_runner import DEPENDENT_LAUNCH_MAX_DECODE_BATCH, graph_batch_sizes
         from sageinfer.layers.attention import Attention
         start = time.perf_counter()
-        layer = next(m for m in self.model.modules() if isinstance(m, Attention))
-        eager_from = 1 if self.graphs is None else self.graphs.max_batch + 1
+        sizes = graph_batch_sizes(self.config.max_num_seqs, self.config.max_graph_batch_size) \
+            if self._captures_graphs() else []
         plans = decode_plans(self.backend, self.config.max_num_seqs, self.config.max_model_len, self.num_kv_heads,
-                             eager_from)
+                             eager_decode_from=sizes[-1] + 1 if sizes else 1)
+        dependent_max = DEPENDENT_LAUNCH_MAX_DECODE_BATCH if self.platform.supports_dependent_launch() else 0
+        plans |= graph_plans(self.backend, sizes, self.config.max_model_len, self.num_kv_heads, dependent_max)
+        layer = next(m for m in self.model.modules() if isinstance(m, Attention))
         index = self.device.index
         warm_up_decode_kernels(self.backend, layer, self.kv_caches[0], plans, self.device, self.dtype,
                                threads=min(8, os.cpu_count() or 1),
@@ -192,9 +197,12 @@ class ModelRunner:
         self.platform.synchronize()
         return time.perf_counter() - start
 
+    def _captures_graphs(self) -> bool:
+        return not self.config.enforce_eager and self.platform.supports_graphs and self.backend.graph_capturable
+
     def capture_graphs(self) -> float:
         """Capture decode graphs if the platform can; returns the capture time in seconds."""
-        if self.config.enforce_eager or not self.platform.supports_graphs or not self.backend.graph_capturable:
+        if not self._captures_graphs():
             return 0.0
         from sageinfer.executor.graph_runner import DecodeGraphs, PrefillGraphs
         self.graphs = DecodeGraphs(self.model, self.backend, self.platform, self.device, self.config.max_num_seqs,

@@ -172,8 +172,8 @@ def run_worker(rank: int, config: EngineConfig, attention_backend: str | None, e
     if config.kv_transfer_config is not None:  # rank 0's connector reaches this rank's cache too
         from sageinfer.transport.kv_transfer_config import export_rank_cache
         export_rank_cache(config.kv_transfer_config, runner.kv_caches, platform, rank)
-    runner.capture_graphs()
     runner.warm_up_decode_kernels()  # this rank's own compiles; rank 0 warms its own alike
+    runner.capture_graphs()
     context = zmq.Context()
     socket = context.socket(zmq.PULL)
     socket.connect(address)
