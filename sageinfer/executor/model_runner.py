@@ -191,10 +191,13 @@ class ModelRunner:
         plans |= graph_plans(self.backend, sizes, self.config.max_model_len, self.num_kv_heads, dependent_max)
         layer = next(m for m in self.model.modules() if isinstance(m, Attention))
         index = self.device.index
-        warm_up_decode_kernels(self.backend, layer, self.kv_caches[0], plans, self.device, self.dtype,
-                               threads=min(8, os.cpu_count() or 1),
-                               enter_thread=lambda: self.platform.set_device(index) if index is not None else None)
-        self.platform.synchronize()
+        try:
+            warm_up_decode_kernels(self.backend, layer, self.kv_caches[0], plans, self.device, self.dtype,
+                                   threads=min(8, os.cpu_count() or 1),
+                                   enter_thread=lambda: self.platform.set_device(index) if index is not None else None)
+            self.platform.synchronize()
+        except Exception:  # a warm-up is an optimisation: serve anyway, compiling on first use as before
+            logger.warning("decode-attention warm-up failed; its kernels compile on first use", exc_info=True)
         return time.perf_counter() - start
 
     def _captures_graphs(self) -> bool:
