@@ -154,3 +154,21 @@ def test_the_graphs_capture_compiles_no_attention_the_warm_up_did_not(model_dirs
     assert {dict(key[1])["NUM_SPLITS"] for key in captured if key[0] == "_paged_attention_kernel"} >= {"4", "8"}
     missing = captured - warmed
     assert not missing, f"{len(missing)} attention launches of the capture were not warmed up: {sorted(missing)[:2]}"
+
+
+def test_a_failing_warm_up_is_logged_and_start_up_goes_on(caplog):
+    from sageinfer.executor.model_runner import ModelRunner
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("no launch today")
+    backend = TritonBackend(num_sms=4)
+    backend.forward = backend._attend = fail
+    layer = Attention(4, 2, 16, rotary_emb=None)
+    runner = types.SimpleNamespace(
+        backend=backend, device=torch.device("meta"), num_kv_heads=2, dtype=torch.float32, _captures_graphs=lambda: False,
+        config=types.SimpleNamespace(max_num_seqs=4, max_model_len=64, max_graph_batch_size=512),
+        platform=types.SimpleNamespace(supports_dependent_launch=lambda: False, synchronize=lambda: None),
+        model=torch.nn.ModuleList([layer]), kv_caches=[types.SimpleNamespace(k=torch.zeros(2, 16, 2, 16))])
+    with caplog.at_level("WARNING"):
+        seconds = ModelRunner.warm_up_decode_kernels(runner)
+    assert seconds >= 0 and "decode-attention warm-up failed" in caplog.text and "no launch today" in caplog.text
