@@ -34,7 +34,8 @@ def decode_plans(backend, max_num_seqs: int, max_model_len: int, num_kv_heads: i
                  eager_decode_from: int) -> set[tuple[int, int, bool, bool]]:
     """Every decode launch the backend's plan can choose outside graphs: for a mixed step's decodes
     (1 to max_num_seqs - 1 of them: their rotary and cache write done before), and for an eager
-    decode step of eager_decode_from to max_num_seqs sequences."""
+    decode step of eager_decode_from to max_num_seqs sequences. Not an eager step's cascade launch
+    (a shared prefix in a step past the graphs), which still compiles on first use."""
     from sageinfer.attention import triton_backend
     extra = {triton_backend.RAGGED_MIN_KEYS, triton_backend.RAGGED_MIN_KEYS + 1}
     lengths = sorted(set(_lengths(max_model_len)) | {x for x in extra if x <= max_model_len})
