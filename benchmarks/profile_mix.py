@@ -4,9 +4,9 @@ busy the device was in it.
 
   python benchmarks/profile_mix.py --mix chat-mix --num-prompts 1000 --window 200:300 [engine flags]
 
---passes 2 runs the mix twice in one process: the first pass pays the Triton compiles of shapes the
-start-up did not see (listed with their seconds), the second shows the warm engine; the window is
-profiled in the last pass.
+--passes 2 runs the mix twice in one process, the prefix cache emptied before each: the first pass pays
+the Triton compiles of shapes the start-up did not see (listed with their seconds), the second shows
+the warm engine; the window is profiled in the last pass.
 """
 from __future__ import annotations
 
@@ -145,6 +145,7 @@ class EagerDecodeProfile:
 
 
 def run_pass(engine, args, vocab, last, sched, window, label, after_step=lambda: None):
+    engine.reset_prefix_cache()  # a pass computes every prompt, as the first did (the same prompts again would hit)
     prompts, out_lens = mixed_prompts(args.mix, args.num_prompts, vocab, args.mix_seed, engine.config.max_model_len)
     tag = label.replace(" ", "").replace("/", "of")
     for i, (p, n) in enumerate(zip(prompts, out_lens)):

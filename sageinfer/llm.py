@@ -32,6 +32,11 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (e.g. between timed runs of the same prompts); False while requests
+        are in flight."""
+        return self.engine.reset_prefix_cache()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the checkpoint's generation_config.json values (generation_config="auto");
         what generate() uses when it is given none."""

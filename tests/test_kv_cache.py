@@ -206,3 +206,19 @@ def test_without_a_kv_budget_the_memory_profile_runs_and_sizes_the_cache(llama_d
         assert llm.engine.num_kv_blocks * per_block > 256 * per_block / llm.engine.config.block_size
     out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_reset_prefix_cache_forgets_prefixes_only_when_nothing_is_in_flight(llama_dir):
+    prompt = {"prompt_token_ids": _prompts([150], seed=5, prefix=[])[0]}
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    llm = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+    first = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert llm.generate(prompt, params, use_tqdm=False)[0].num_cached_tokens == 144  # 9 full blocks of 16
+    llm.engine.add_request("busy", prompt, params)
+    assert llm.reset_prefix_cache() is False  # a request holds blocks: nothing forgotten
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    assert llm.reset_prefix_cache() is True
+    again = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert again.num_cached_tokens == 0 and again.outputs[0].token_ids == first.outputs[0].token_ids
+    llm.engine.kv_manager.pool.check_accounting()

@@ -289,6 +289,14 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix on the device (vLLM's reset_prefix_cache): later prompts are computed
+        in full. False, and nothing forgotten, while requests are in flight (their blocks are in use)."""
+        if self.requests:
+            return False
+        self.kv_manager.pool.reset_prefix_cache()
+        return True
+
     def has_pending_transfers(self) -> bool:
         """KV still to be sent or loaded (a serving loop keeps stepping to move it along)."""
         return self.scheduler.has_pending_transfers
