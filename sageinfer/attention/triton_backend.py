@@ -23,7 +23,7 @@ ROTARY_IN_DECODE_ATTENTION = True
 # Decode batches large enough to fill the GPU without split-KV still wait on their longest sequence,
 # whose keys one program per KV head walks alone. Such batches are split in up to
 # SAGEINFER_RAGGED_DECODE_SPLITS splits (0: none) of at least SAGEINFER_RAGGED_MIN_KEYS keys: short
-# sequences keep one split, long ones are spread (H200, chat-mix warm: 25,490 -> 28,022 tok/s; decode
+# sequences keep one split, long ones are spread (H200, chat-mix second pass: 25,490 -> 28,022 tok/s; decode
 # graphs of <= 64 sequences 14.6 -> 8.8 ms). Where it applies, a decode graph gives up cascade
 # attention (its kernel merges a shared prefix only without splits).
 RAGGED_DECODE_SPLITS = int(os.environ.get("SAGEINFER_RAGGED_DECODE_SPLITS", "8"))
