@@ -84,7 +84,7 @@ def main():
         out = schedule(*a, **k)
         sched["seconds"] += time.perf_counter() - t
         last.append((out.num_batched_tokens, len(out.scheduled)))
-        if eager.armed and out.num_batched_tokens == len(out.scheduled) > largest_graph:
+        if eager.armed and not sched.get("window") and out.num_batched_tokens == len(out.scheduled) > largest_graph:
             eager.start()
         return out
     engine.scheduler.schedule = timed_schedule
@@ -116,6 +116,8 @@ class EagerDecodeProfile:
         self.steps, self.wall, self.kernels = 0, 0.0, collections.defaultdict(lambda: np.zeros(2))
 
     def start(self):
+        if self.prof is not None:  # already profiling this step
+            return
         sync()
         self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
         self.prof.__enter__()
@@ -160,6 +162,7 @@ def run_pass(engine, args, vocab, last, sched, window, label, after_step=lambda:
             sync()
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
             prof.__enter__()
+            sched["window"] = True  # one profiler at a time: eager decode steps are not profiled apart here
             window_start = time.perf_counter()
         last[:] = [None]
         t = time.perf_counter()
@@ -179,6 +182,7 @@ def run_pass(engine, args, vocab, last, sched, window, label, after_step=lambda:
             sync()
             window_wall = time.perf_counter() - window_start
             prof.__exit__(None, None, None)
+            sched["window"] = False
     wall = time.perf_counter() - start
     total_tokens = sum(len(p) for p in prompts) + sum(out_lens)
     print(f"\n## {args.mix}, {args.num_prompts} requests{', ' + label if label else ''}: {wall:.1f} s, "
