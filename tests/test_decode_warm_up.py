@@ -167,7 +167,8 @@ def test_a_failing_warm_up_is_logged_and_start_up_goes_on(caplog):
     runner = types.SimpleNamespace(
         backend=backend, device=torch.device("meta"), num_kv_heads=2, dtype=torch.float32, _captures_graphs=lambda: False,
         config=types.SimpleNamespace(max_num_seqs=4, max_model_len=64, max_graph_batch_size=512),
-        platform=types.SimpleNamespace(supports_dependent_launch=lambda: False, synchronize=lambda: None),
+        platform=types.SimpleNamespace(supports_triton=True, supports_dependent_launch=lambda: False,
+                                       synchronize=lambda: None),
         model=torch.nn.ModuleList([layer]), kv_caches=[types.SimpleNamespace(k=torch.zeros(2, 16, 2, 16))])
     with caplog.at_level("WARNING"):
         seconds = ModelRunner.warm_up_decode_kernels(runner)

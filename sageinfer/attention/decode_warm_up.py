@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from sageinfer.attention import triton_backend
 from sageinfer.attention.backend import AttentionMetadata
 from sageinfer.ops import launch
 
@@ -30,13 +31,20 @@ def _lengths(max_model_len: int) -> list[int]:
     return sorted(x for x in lengths if 1 <= x <= max_model_len)
 
 
+def _planned(backend, num_seqs: int, max_seq_len: int, num_kv_heads: int, cascade=None) -> AttentionMetadata:
+    """What the backend's plan makes of a decode batch of these sizes (metadata without tensors)."""
+    meta = AttentionMetadata(0, None, None, None, None, max_query_len=1, max_seq_len=max_seq_len,
+                             query_start_loc_cpu=[], seq_lens_cpu=[1] * num_seqs, cascade_prefix_len=cascade)
+    backend.plan(meta, num_kv_heads)
+    return meta
+
+
 def decode_plans(backend, max_num_seqs: int, max_model_len: int, num_kv_heads: int,
                  eager_decode_from: int) -> set[tuple[int, int, bool, bool]]:
     """Every decode launch the backend's plan can choose outside graphs: for a mixed step's decodes
     (1 to max_num_seqs - 1 of them: their rotary and cache write done before), and for an eager
     decode step of eager_decode_from to max_num_seqs sequences. Not an eager step's cascade launch
     (a shared prefix in a step past the graphs), which still compiles on first use."""
-    from sageinfer.attention import triton_backend
     extra = {triton_backend.RAGGED_MIN_KEYS, triton_backend.RAGGED_MIN_KEYS + 1}
     lengths = sorted(set(_lengths(max_model_len)) | {x for x in extra if x <= max_model_len})
     plans = set()
@@ -44,11 +52,8 @@ def decode_plans(backend, max_num_seqs: int, max_model_len: int, num_kv_heads: i
         kinds = ([False] if num_seqs < max_num_seqs else []) + ([True] if num_seqs >= eager_decode_from else [])
         if not kinds:
             continue
-        seq_lens = [1] * num_seqs
         for length in lengths:
-            meta = AttentionMetadata(0, None, None, None, None, max_query_len=1, max_seq_len=length,
-                                     query_start_loc_cpu=[], seq_lens_cpu=seq_lens)
-            backend.plan(meta, num_kv_heads)
+            meta = _planned(backend, num_seqs, length, num_kv_heads)
             plans.update((meta.num_splits, meta.min_split_keys, whole, False) for whole in kinds)
     return plans
 
@@ -60,9 +65,7 @@ def graph_plans(backend, sizes: list[int], max_model_len: int, num_kv_heads: int
     Graphs that keep cascade attention are left to their capture."""
     plans = set()
     for size in sizes:
-        meta = AttentionMetadata(0, None, None, None, None, max_query_len=1, max_seq_len=max_model_len,
-                                 query_start_loc_cpu=[], seq_lens_cpu=[1] * size, cascade_prefix_len=True)
-        backend.plan(meta, num_kv_heads)
+        meta = _planned(backend, size, max_model_len, num_kv_heads, cascade=True)  # graphs offer a prefix input
         if meta.cascade_prefix_len is None:
             plans.add((meta.num_splits, meta.min_split_keys, True, size <= dependent_max))
     return plans

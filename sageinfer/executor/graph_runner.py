@@ -51,11 +51,11 @@ def graph_batch_sizes(max_num_seqs: int, max_graph_batch: int = 512) -> list[int
     """Decode batch sizes to capture: 1, 2, 4, 8, then every 16 to 512 and every 32 beyond, up to
     max_graph_batch; the first of them that holds max_num_seqs ends the list (a batch pads up to the
     next size, so max_num_seqs = 20 runs in the graph of 32 rather than eagerly)."""
-    ladder = [1, 2, 4, 8] + list(range(16, 513, 16)) + list(range(544, max(max_graph_batch, 1) + 1, 32))
-    ladder = [s for s in ladder if s <= max(max_graph_batch, 1)]
+    ladder = [1, 2, 4, 8] + list(range(16, 513, 16)) + list(range(544, max_graph_batch + 1, 32))
+    ladder = [s for s in ladder if s <= max_graph_batch]
     sizes = [s for s in ladder if s < max_num_seqs]
     sizes += [s for s in ladder if s >= max_num_seqs][:1]
-    return sizes or [1]
+    return sizes
 
 
 class DecodeGraphs:

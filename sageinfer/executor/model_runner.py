@@ -175,9 +175,9 @@ class ModelRunner:
     def warm_up_decode_kernels(self) -> float:
         """Compile, from several threads, the decode-attention launches of the graphs capture_graphs is
         about to capture and those a step can choose outside them (attention/decode_warm_up.py); the
-        seconds spent. Not where kernels are interpreted (nothing compiles), with other backends, or
-        with SAGEINFER_DECODE_WARM_UP=0."""
-        if self.backend.name != "triton" or self.device.type == "cpu" or not DECODE_WARM_UP:
+        seconds spent. Not where the platform does not compile Triton kernels (the CPU interprets them),
+        with other backends, or with SAGEINFER_DECODE_WARM_UP=0."""
+        if self.backend.name != "triton" or not self.platform.supports_triton or not DECODE_WARM_UP:
             return 0.0
         from sageinfer.attention.decode_warm_up import decode_plans, graph_plans, warm_up_decode_kernels
         from sageinfer.executor.graph_runner import DEPENDENT_LAUNCH_MAX_DECODE_BATCH, graph_batch_sizes
