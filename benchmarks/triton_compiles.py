@@ -3,6 +3,7 @@ new shape pays its kernel's compile (or its load from the disk cache) in its own
 from __future__ import annotations
 
 import collections
+import threading
 import time
 
 import triton
@@ -10,13 +11,15 @@ import triton
 
 class CompileLog:
     """Notes each in-process kernel-cache miss (a compile, or a load from the disk cache) by kernel name,
-    with its seconds and the argument signature that missed."""
+    with its seconds and the argument signature that missed; from any thread (the start-up's warm-up
+    compiles from several: their seconds overlap, so the total can exceed the wall time)."""
 
     def __init__(self):
         self.count = collections.Counter()
         self.seconds = collections.Counter()
         self.signatures = collections.defaultdict(list)
-        self._started = None
+        self._thread = threading.local()
+        self._lock = threading.Lock()
         runtime = triton.knobs.runtime
         self._previous = (runtime.jit_cache_hook, runtime.jit_post_compile_hook)
         runtime.jit_cache_hook = self._before
@@ -27,7 +30,7 @@ class CompileLog:
             signature = self._describe(fn, compile)
         except Exception as e:  # a triton whose hook arguments differ: the count and seconds still hold
             signature = f"(not described: {e!r})"
-        self._started = (fn.name, signature, time.perf_counter())
+        self._thread.started = (fn.name, signature, time.perf_counter())
         return False  # compile as usual
 
     @staticmethod
@@ -42,13 +45,15 @@ class CompileLog:
         return f"constants {constants} attributes {attrs}"
 
     def _after(self, *, fn, **_):
-        if self._started is None or self._started[0] != fn.name:
+        started = getattr(self._thread, "started", None)
+        if started is None or started[0] != fn.name:
             return
-        name, signature, t = self._started
-        self.count[name] += 1
-        self.seconds[name] += time.perf_counter() - t
-        self.signatures[name].append(signature)
-        self._started = None
+        name, signature, t = started
+        with self._lock:
+            self.count[name] += 1
+            self.seconds[name] += time.perf_counter() - t
+            self.signatures[name].append(signature)
+        self._thread.started = None
 
     def reset(self):
         self.count.clear(), self.seconds.clear(), self.signatures.clear()

@@ -95,7 +95,11 @@ def test_a_steps_decode_launches_compile_nothing_the_warm_up_did_not(model_dirs,
     assert not missing, f"{len(missing)} decode launches of the steps were not warmed up: {sorted(missing)[:2]}"
 
 
-def test_a_threaded_warm_up_launches_each_plan_once_from_threads_that_entered_the_device():
+def test_a_threaded_warm_up_launches_each_plan_from_the_pool_then_again_from_its_own_thread():
+    """Every plan compiles in the pool (in the launch mode of its plan, which is per thread), then runs
+    once more from the caller's thread: a kernel two threads launched first together keeps one compile
+    in memory, the other's is found again there."""
+    from sageinfer.ops import launch
     launched, entered, lock = [], [], threading.Lock()
 
     class Backend:
@@ -106,25 +110,34 @@ def test_a_threaded_warm_up_launches_each_plan_once_from_threads_that_entered_th
             self._note(meta, False)
 
         def _note(self, meta, whole):
+            dependent = launch.dependent_launch_kwargs()["USE_PDL"]
             with lock:
-                launched.append(((meta.num_splits, meta.min_split_keys, whole, False), threading.get_ident()))
+                launched.append(((meta.num_splits, meta.min_split_keys, whole, dependent), threading.get_ident()))
 
     def enter():
         with lock:
             entered.append(threading.get_ident())
-    plans = {(s, keys, whole, False) for s in (1, 2, 4, 8) for keys in (0, 1024) for whole in (False, True)
-             if not (s == 1 and keys)}
+    plans = {(s, keys, whole, dependent) for s in (1, 2, 4, 8) for keys in (0, 1024) for whole in (False, True)
+             for dependent in (False, True) if not (s == 1 and keys)}
     layer = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16)
     cache = types.SimpleNamespace(k=torch.zeros(4, 16, 2, 16))
     warm_up_decode_kernels(Backend(), layer, cache, plans, torch.device("cpu"), torch.float32, threads=3,
                            enter_thread=enter)
-    assert sorted(plan for plan, _ in launched) == sorted(plans)
     main = threading.get_ident()
-    alone = [plan for plan, ident in launched if ident == main]
-    assert {(s > 1, whole) for s, _, whole, _ in alone} == {(False, False), (False, True), (True, False),
-                                                             (True, True)}
-    assert len(alone) == 4  # one of each kind first, the rest from the pool's threads, each entered
-    assert {ident for _, ident in launched if ident != main} <= set(entered)
+    pooled = [plan for plan, ident in launched if ident != main]
+    assert sorted(pooled) == sorted(plans) and {ident for _, ident in launched if ident != main} <= set(entered)
+    assert sorted(plan for plan, ident in launched if ident == main) == sorted(plans)
+    assert launch.dependent_launch_kwargs() == {"USE_PDL": False}  # the caller's mode is as it was
+
+
+def test_the_launch_mode_is_per_thread():
+    from sageinfer.ops import launch
+    seen = []
+    with launch.dependent_launch(True):
+        other = threading.Thread(target=lambda: seen.append(launch.dependent_launch_kwargs()))
+        other.start(), other.join()
+        assert launch.dependent_launch_kwargs() == {"USE_PDL": True, "launch_pdl": True}
+    assert seen == [{"USE_PDL": False}] and launch.dependent_launch_kwargs() == {"USE_PDL": False}
 
 
 def test_the_graphs_capture_compiles_no_attention_the_warm_up_did_not(model_dirs, monkeypatch):

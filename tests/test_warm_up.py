@@ -16,7 +16,7 @@ def _engine(llama_dir, **options):
 
 def test_the_long_prompt_steps_run_at_start_up_and_change_no_output(llama_dir, monkeypatch):
     plain = _engine(llama_dir)  # max_model_len under LONG_CONTEXT: nothing to warm
-    assert plain.engine.warm_up_seconds == 0.0
+    assert plain.engine.long_prompt_warm_up_seconds == 0.0
     expected = [o.outputs[0].token_ids for o in plain.generate(PROMPTS, GREEDY, use_tqdm=False)]
 
     steps = []
@@ -25,7 +25,7 @@ def test_the_long_prompt_steps_run_at_start_up_and_change_no_output(llama_dir, m
         steps.append([(r.num_computed_tokens, n) for r, n in scheduled]), original(self, scheduled, *a))[1])
     monkeypatch.setattr(paged_attention, "LONG_CONTEXT", 100)  # a tiny model's "long" prompt
     warmed = _engine(llama_dir)
-    assert warmed.engine.warm_up_seconds > 0
+    assert warmed.engine.long_prompt_warm_up_seconds > 0
     assert steps[-2:] == [[(0, 64)], [(64, 63)]]  # 128 tokens in two chunks, the second of another length
     pool = warmed.engine.kv_manager.pool
     assert pool.num_free_blocks == pool.usable_blocks and not pool.cached
@@ -36,7 +36,7 @@ def test_no_warm_up_for_a_backend_without_long_prompt_kernels(llama_dir, monkeyp
     monkeypatch.setattr(paged_attention, "LONG_CONTEXT", 100)
     llm = LLM(llama_dir, dtype="float32", attention_backend="torch_ref", max_model_len=256, max_num_batched_tokens=64,
               num_gpu_blocks_override=64, show_progress=False)
-    assert llm.engine.warm_up_seconds == 0.0
+    assert llm.engine.long_prompt_warm_up_seconds == 0.0
 
 
 @needs_ranks(2)
@@ -49,6 +49,6 @@ def test_tensor_parallel_ranks_run_the_warm_up_rank_0_chose(llama_dir, monkeypat
     expected = [o.outputs[0].token_ids for o in single.generate(PROMPTS, GREEDY, use_tqdm=False)]
     single.engine.shutdown()
     sharded = _engine(llama_dir, tensor_parallel_size=2)
-    assert sharded.engine.warm_up_seconds > 0
+    assert sharded.engine.long_prompt_warm_up_seconds > 0
     assert [o.outputs[0].token_ids for o in sharded.generate(PROMPTS, GREEDY, use_tqdm=False)] == expected
     sharded.engine.shutdown()

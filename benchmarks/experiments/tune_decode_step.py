@@ -149,12 +149,11 @@ def chain(result: dict) -> None:
     cfgs["plain"], cfgs["gated"] = GEMV_CONFIG, GATED_GEMV_CONFIG
     for name, fn in (("gemvs only", gemvs_only), ("norm kernels", with_norm_kernels), ("folded norms", folded)):
         for pdl in (False, True):
-            launch.DEPENDENT_LAUNCH = pdl
-            t = graph_time(fn)
+            with launch.dependent_launch(pdl):
+                t = graph_time(fn)
             key = f"{name}, dependent launch {pdl}"
             result[key] = {"ms": t * 1e3, "tbs": nbytes / t / 1e12}
             print(f"{key}: {t * 1e3:.3f} ms ({nbytes / t / 1e12:.2f} TB/s)", flush=True)
-    launch.DEPENDENT_LAUNCH = False
 
 
 def main():

@@ -75,16 +75,18 @@ def warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, threads:
                            enter_thread=lambda: None) -> None:
     """Launch the decode attention of each plan once (layer: layers.attention.Attention, cache: its
     LayerKVCache, dtype: the model's), as a step would: the same constexprs and argument kinds, so the
-    same compile. With threads > 1 the launches run from that many threads, whose compiles overlap
+    same compile. With threads > 1 every plan first runs from that many threads, whose compiles overlap
     (Triton's compiler leaves the interpreter lock: 4 variants in 7.5 s against 13.9 s one after the
-    other on 2 CPU cores); enter_thread() makes the rank's device current in each. One plan of each
-    kind runs first, alone, so that each kernel's per-device state is set up by one thread."""
+    other on 2 CPU cores), the launch mode (dependent or not) being per thread; enter_thread() makes
+    the rank's device current in each. Then each plan runs once more from this thread: Triton sets up
+    a kernel's per-device cache at its first launch, and where two threads first launched one kernel
+    together, the compile of the thread whose cache lost is found again, in the disk cache."""
     heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
     page = cache.k.shape[1]
 
     @torch.inference_mode()
     def run(plan):
-        num_splits, min_split_keys, whole_step, _ = plan
+        num_splits, min_split_keys, whole_step, dependent = plan
         meta = AttentionMetadata(
             num_actual_tokens=1, slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=device),
             query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=device),
@@ -92,30 +94,21 @@ def warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, threads:
             block_table=torch.zeros((1, 1), dtype=torch.int32, device=device), max_query_len=1, max_seq_len=page,
             query_start_loc_cpu=[0, 1], seq_lens_cpu=[page], num_splits=num_splits, min_split_keys=min_split_keys)
         q = torch.zeros(1, heads, dim, dtype=dtype, device=device)
-        if whole_step:
-            k = torch.zeros(1, kv_heads, dim, dtype=dtype, device=device)
-            backend.forward(layer, torch.zeros(1, dtype=torch.int64, device=device), q, k, torch.zeros_like(k),
-                            cache, meta)
-        else:
-            backend._attend(layer, q, torch.empty_like(q), cache, meta, None)
+        with launch.dependent_launch(dependent):
+            if whole_step:
+                k = torch.zeros(1, kv_heads, dim, dtype=dtype, device=device)
+                backend.forward(layer, torch.zeros(1, dtype=torch.int64, device=device), q, k, torch.zeros_like(k),
+                                cache, meta)
+            else:
+                backend._attend(layer, q, torch.empty_like(q), cache, meta, None)
 
     def in_thread(plan):
         enter_thread()
         run(plan)
 
-    for dependent in (False, True):  # the launch mode is process-wide: one group at a time
-        group = sorted(p for p in plans if p[3] == dependent)
-        first = {}
-        for plan in group:
-            first.setdefault((plan[0] > 1, plan[2]), plan)
-        first = list(first.values())
-        with launch.dependent_launch(dependent):
-            for plan in first:
-                run(plan)
-            rest = [p for p in group if p not in first]
-            if threads <= 1:
-                for plan in rest:
-                    run(plan)
-                continue
-            with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(in_thread, rest))  # raises a launch's error here
+    ordered = sorted(plans)
+    if threads > 1 and len(ordered) > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(in_thread, ordered))  # raises a launch's error here
+    for plan in ordered:
+        run(plan)

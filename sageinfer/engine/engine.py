@@ -111,17 +111,16 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks)
         # Decode-attention variants compile from several threads first (no collectives: each rank
         # warms its own); the graphs' capture then finds its attention compiled.
-        decode_seconds = self.runner.warm_up_decode_kernels()
-        if decode_seconds:
-            logger.info("decode-attention variants compiled in %.1f s", decode_seconds)
+        self.decode_warm_up_seconds = self.runner.warm_up_decode_kernels()
+        if self.decode_warm_up_seconds:
+            logger.info("decode-attention variants compiled in %.1f s", self.decode_warm_up_seconds)
         self.graph_capture_seconds = self.runner.capture_graphs()
         warm_up = self.runner.long_prefill_warm_up(num_blocks)
         if warm_up is not None and self.workers is not None:
             self.workers.send_warm_up(*warm_up)  # every rank runs the same steps, with rank 0
-        self.warm_up_seconds = self.runner.warm_up_long_prefill(*warm_up) if warm_up is not None else 0.0
-        if self.warm_up_seconds:
-            logger.info("long-prompt kernels warmed up in %.1f s", self.warm_up_seconds)
-        self.warm_up_seconds += decode_seconds
+        self.long_prompt_warm_up_seconds = self.runner.warm_up_long_prefill(*warm_up) if warm_up is not None else 0.0
+        if self.long_prompt_warm_up_seconds:
+            logger.info("long-prompt kernels warmed up in %.1f s", self.long_prompt_warm_up_seconds)
         if self.workers is not None:
             self.workers.started = True
         logger.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks, config.block_size, capacity)

@@ -14,29 +14,35 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 
 import triton
 import triton.language as tl
 
 from sageinfer.platforms.cuda_device import wait_grid_dependency_and_release_dependents
 
-DEPENDENT_LAUNCH = False
+class _LaunchMode(threading.local):
+    """Per thread: the start-up's warm-up compiles graph (dependent) and eager variants from several
+    threads at once."""
+    dependent = False
+
+
+_MODE = _LaunchMode()
 
 
 @contextlib.contextmanager
 def dependent_launch(enabled: bool):
-    """Kernels launched (or captured) inside use dependent launch if enabled."""
-    global DEPENDENT_LAUNCH
-    previous, DEPENDENT_LAUNCH = DEPENDENT_LAUNCH, enabled
+    """Kernels this thread launches (or captures) inside use dependent launch if enabled."""
+    previous, _MODE.dependent = _MODE.dependent, enabled
     try:
         yield
     finally:
-        DEPENDENT_LAUNCH = previous
+        _MODE.dependent = previous
 
 
 def dependent_launch_kwargs() -> dict:
     """Launch arguments of a kernel with a USE_PDL constexpr: the constexpr and the launch flag."""
-    return {"USE_PDL": True, "launch_pdl": True} if DEPENDENT_LAUNCH else {"USE_PDL": False}
+    return {"USE_PDL": True, "launch_pdl": True} if _MODE.dependent else {"USE_PDL": False}
 
 
 @triton.jit
