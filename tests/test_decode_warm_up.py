@@ -77,10 +77,11 @@ def test_a_steps_decode_launches_compile_nothing_the_warm_up_did_not(model_dirs,
     for name in ("_paged_attention_kernel", "_merge_splits_kernel"):
         _record(monkeypatch, name, warmed)
     layer = next(m for m in runner.model.modules() if isinstance(m, Attention))
-    before = runner.kv_caches[0].k.clone()
+    one_block = runner._layer_cache(1)  # as start-up warms: the cache's layout, before the cache exists
+    before = one_block.k.clone()
     plans = decode_plans(runner.backend, 8, 256, runner.num_kv_heads, eager_decode_from=1)
-    warm_up_decode_kernels(runner.backend, layer, runner.kv_caches[0], plans, runner.device, runner.dtype)
-    assert runner.kv_caches[0].k.equal(before), "the warm-up wrote into the cache"
+    warm_up_decode_kernels(runner.backend, layer, one_block, plans, runner.device, runner.dtype)
+    assert one_block.k.equal(before), "the warm-up wrote into the cache"
     assert len({key[:2] for key in warmed if key[0] == "_paged_attention_kernel"}) == len(plans)
     monkeypatch.undo()
     monkeypatch.setattr(triton_backend, "RAGGED_MIN_KEYS", 32)
@@ -154,7 +155,7 @@ def test_the_graphs_capture_compiles_no_attention_the_warm_up_did_not(model_dirs
     warmed, captured = set(), set()
     for name in ("_paged_attention_kernel", "_merge_splits_kernel"):
         _record(monkeypatch, name, warmed)
-    warm_up_decode_kernels(runner.backend, layer, runner.kv_caches[0], plans, runner.device, runner.dtype)
+    warm_up_decode_kernels(runner.backend, layer, runner._layer_cache(1), plans, runner.device, runner.dtype)
     monkeypatch.undo()
     monkeypatch.setattr(triton_backend, "RAGGED_MIN_KEYS", 32)
     for name in ("_paged_attention_kernel", "_merge_splits_kernel"):
@@ -182,7 +183,48 @@ def test_a_failing_warm_up_is_logged_and_start_up_goes_on(caplog):
         config=types.SimpleNamespace(max_num_seqs=4, max_model_len=64, max_graph_batch_size=512),
         platform=types.SimpleNamespace(supports_triton=True, supports_dependent_launch=lambda: False,
                                        synchronize=lambda: None),
-        model=torch.nn.ModuleList([layer]), kv_caches=[types.SimpleNamespace(k=torch.zeros(2, 16, 2, 16))])
+        model=torch.nn.ModuleList([layer]), _layer_cache=lambda blocks: types.SimpleNamespace(k=torch.zeros(blocks, 16, 2, 16)))
     with caplog.at_level("WARNING"):
-        seconds = ModelRunner.warm_up_decode_kernels(runner)
+        ModelRunner.start_decode_warm_up(runner)
+        seconds = ModelRunner.finish_decode_warm_up(runner)
     assert seconds >= 0 and "decode-attention warm-up failed" in caplog.text and "no launch today" in caplog.text
+    assert ModelRunner.finish_decode_warm_up(runner) == 0.0  # finished once
+
+
+def test_the_background_warm_up_lets_start_up_go_on_until_it_is_finished():
+    """start_in_background returns while the pool's launches are still running; finish() waits for
+    them, then launches each plan once more from the caller's thread."""
+    from sageinfer.attention.decode_warm_up import start_in_background
+    release, launched, lock = threading.Event(), [], threading.Lock()
+
+    class Backend:
+        def _attend(self, layer, q, out, cache, meta, rope):
+            if threading.get_ident() != main:
+                assert release.wait(10)
+            with lock:
+                launched.append((meta.num_splits, threading.get_ident()))
+
+    main = threading.get_ident()
+    plans = {(s, 0, False, False) for s in (1, 2, 4)}
+    layer = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16)
+    cache = types.SimpleNamespace(k=torch.zeros(1, 16, 2, 16))
+    finish = start_in_background(Backend(), layer, cache, plans, torch.device("cpu"), torch.float32, threads=2)
+    assert launched == []  # start-up goes on while the pool waits
+    release.set()
+    finish()
+    assert sorted(s for s, ident in launched if ident != main) == [1, 2, 4]
+    assert sorted(s for s, ident in launched if ident == main) == [1, 2, 4]
+
+
+def test_a_background_warm_ups_error_reaches_finish():
+    from sageinfer.attention.decode_warm_up import start_in_background
+
+    class Backend:
+        def _attend(self, *args):
+            raise RuntimeError("compile failed")
+    layer = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16)
+    finish = start_in_background(Backend(), layer, types.SimpleNamespace(k=torch.zeros(1, 16, 2, 16)),
+                                 {(1, 0, False, False), (2, 0, False, False)}, torch.device("cpu"), torch.float32,
+                                 threads=2)
+    with pytest.raises(RuntimeError, match="compile failed"):
+        finish()

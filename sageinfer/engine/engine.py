@@ -99,6 +99,9 @@ class LLMEngine:
         except BaseException:
             self.shutdown(timeout=2.0)  # the others fail the same way: stop them, raise the reason here
             raise
+        # Decode-attention variants compile in the background from here (no collectives: each rank
+        # warms its own); the graphs' capture then finds its attention compiled.
+        self.runner.start_decode_warm_up()
         num_blocks = self.runner.determine_num_blocks()
         if self.workers is not None:
             num_blocks = agree_on_num_blocks(num_blocks, self.runner.device)
@@ -109,11 +112,9 @@ class LLMEngine:
                 f"the KV cache holds {max(capacity, 0)} tokens ({num_blocks} blocks of {config.block_size}), fewer "
                 f"than max_model_len ({config.max_model_len}): lower max_model_len or give the cache more memory")
         self.runner.allocate_kv_cache(num_blocks)
-        # Decode-attention variants compile from several threads first (no collectives: each rank
-        # warms its own); the graphs' capture then finds its attention compiled.
-        self.decode_warm_up_seconds = self.runner.warm_up_decode_kernels()
+        self.decode_warm_up_seconds = self.runner.finish_decode_warm_up()
         if self.decode_warm_up_seconds:
-            logger.info("decode-attention variants compiled in %.1f s", self.decode_warm_up_seconds)
+            logger.info("start-up waited %.1f s for the decode-attention variants", self.decode_warm_up_seconds)
         self.graph_capture_seconds = self.runner.capture_graphs()
         warm_up = self.runner.long_prefill_warm_up(num_blocks)
         if warm_up is not None and self.workers is not None:

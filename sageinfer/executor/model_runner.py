@@ -125,15 +125,15 @@ class ModelRunner:
         return max(int(budget), 0)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        m = self.model_config
-        shape = (num_blocks, self.block_size, self.num_kv_heads, m.head_dim)
-        mode, store = self.config.kv_cache_dtype, self.kv_store_dtype()
+        self.kv_caches = [self._layer_cache(num_blocks) for _ in range(self.model_config.num_hidden_layers)]
 
-        def scales():
-            return torch.zeros(shape[:3], dtype=torch.float32, device=self.device) if mode == "int8" else None
-        self.kv_caches = [LayerKVCache(torch.zeros(shape, dtype=store, device=self.device),
-                                       torch.zeros(shape, dtype=store, device=self.device), mode, scales(), scales())
-                          for _ in range(m.num_hidden_layers)]
+    def _layer_cache(self, num_blocks: int) -> LayerKVCache:
+        shape = (num_blocks, self.block_size, self.num_kv_heads, self.model_config.head_dim)
+        mode, store = self.config.kv_cache_dtype, self.kv_store_dtype()
+        scales = (lambda: torch.zeros(shape[:3], dtype=torch.float32, device=self.device)) if mode == "int8" \
+            else (lambda: None)
+        return LayerKVCache(torch.zeros(shape, dtype=store, device=self.device),
+                            torch.zeros(shape, dtype=store, device=self.device), mode, scales(), scales())
 
     def release_graphs(self) -> None:
         """Drop the captured graphs. They hold the collectives' communicator: it can only be
@@ -172,31 +172,45 @@ class ModelRunner:
         self.platform.synchronize()
         return time.perf_counter() - start
 
-    def warm_up_decode_kernels(self) -> float:
-        """Compile, from several threads, the decode-attention launches of the graphs capture_graphs is
-        about to capture and those a step can choose outside them (attention/decode_warm_up.py); the
-        seconds spent. Not where the platform does not compile Triton kernels (the CPU interprets them),
-        with other backends, or with SAGEINFER_DECODE_WARM_UP=0."""
+    def start_decode_warm_up(self) -> None:
+        """Start compiling, in the background and from several threads, the decode-attention launches
+        of the graphs capture_graphs will capture and those a step can choose outside them
+        (attention/decode_warm_up.py), on a one-block cache of the cache's layout: the memory profile
+        and the cache allocation go on meanwhile. Not where the platform does not compile Triton
+        kernels (the CPU interprets them), with other backends, or with SAGEINFER_DECODE_WARM_UP=0."""
+        self._finish_decode_warm_up = None
         if self.backend.name != "triton" or not self.platform.supports_triton or not DECODE_WARM_UP:
-            return 0.0
-        from sageinfer.attention.decode_warm_up import decode_plans, graph_plans, warm_up_decode_kernels
+            return
+        from sageinfer.attention.decode_warm_up import decode_plans, graph_plans, start_in_background
         from sageinfer.executor.graph_runner import DEPENDENT_LAUNCH_MAX_DECODE_BATCH, graph_batch_sizes
         from sageinfer.layers.attention import Attention
-        start = time.perf_counter()
-        sizes = graph_batch_sizes(self.config.max_num_seqs, self.config.max_graph_batch_size) \
-            if self._captures_graphs() else []
-        plans = decode_plans(self.backend, self.config.max_num_seqs, self.config.max_model_len, self.num_kv_heads,
-                             eager_decode_from=sizes[-1] + 1 if sizes else 1)
-        dependent_max = DEPENDENT_LAUNCH_MAX_DECODE_BATCH if self.platform.supports_dependent_launch() else 0
-        plans |= graph_plans(self.backend, sizes, self.config.max_model_len, self.num_kv_heads, dependent_max)
-        layer = next(m for m in self.model.modules() if isinstance(m, Attention))
-        index = self.device.index
         try:
-            warm_up_decode_kernels(self.backend, layer, self.kv_caches[0], plans, self.device, self.dtype,
-                                   threads=min(8, os.cpu_count() or 1),
-                                   enter_thread=lambda: self.platform.set_device(index) if index is not None else None)
-            self.platform.synchronize()
+            sizes = graph_batch_sizes(self.config.max_num_seqs, self.config.max_graph_batch_size) \
+                if self._captures_graphs() else []
+            plans = decode_plans(self.backend, self.config.max_num_seqs, self.config.max_model_len,
+                                 self.num_kv_heads, eager_decode_from=sizes[-1] + 1 if sizes else 1)
+            dependent_max = DEPENDENT_LAUNCH_MAX_DECODE_BATCH if self.platform.supports_dependent_launch() else 0
+            plans |= graph_plans(self.backend, sizes, self.config.max_model_len, self.num_kv_heads, dependent_max)
+            layer = next(m for m in self.model.modules() if isinstance(m, Attention))
+            index = self.device.index
+            self._finish_decode_warm_up = start_in_background(
+                self.backend, layer, self._layer_cache(1), plans, self.device, self.dtype,
+                threads=min(8, os.cpu_count() or 1),
+                enter_thread=lambda: self.platform.set_device(index) if index is not None else None)
         except Exception:  # a warm-up is an optimisation: serve anyway, compiling on first use as before
+            logger.warning("decode-attention warm-up failed; its kernels compile on first use", exc_info=True)
+
+    def finish_decode_warm_up(self) -> float:
+        """Wait for start_decode_warm_up's compiles (before the graph capture, which launches them); the
+        seconds start-up waited."""
+        finish, self._finish_decode_warm_up = getattr(self, "_finish_decode_warm_up", None), None
+        if finish is None:
+            return 0.0
+        start = time.perf_counter()
+        try:
+            finish()
+            self.platform.synchronize()
+        except Exception:
             logger.warning("decode-attention warm-up failed; its kernels compile on first use", exc_info=True)
         return time.perf_counter() - start
 
