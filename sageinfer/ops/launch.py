@@ -21,6 +21,7 @@ import triton.language as tl
 
 from sageinfer.platforms.cuda_device import wait_grid_dependency_and_release_dependents
 
+
 class _LaunchMode(threading.local):
     """Per thread: the start-up's warm-up compiles graph (dependent) and eager variants from several
     threads at once."""
