@@ -159,6 +159,7 @@ class EngineFront:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:
@@ -178,7 +179,9 @@ class EngineFront:
                                               stream.num_prompt_tokens)
             if output.finished:
                 self._streams.pop(output.request_id, None)
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+        for loop, items in by_loop.items():  # one wake-up of a loop a step, not one a request
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _die(self, exc: BaseException, reason: str) -> None:
         """The engine can no longer step: fail everyone with the reason, then tell the server."""
@@ -190,3 +193,8 @@ class EngineFront:
             self._fail_request(request_id, dead)
         if self.on_dead is not None:
             self.on_dead(exc)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)

@@ -92,6 +92,7 @@ class EngineMetrics:
         self.model_name = model_name
         self.cache_config: dict = {}  # e.g. block_size, num_gpu_blocks, cache_dtype
         self.snapshot: tuple[dict, dict] = ({}, {})
+        self._children: dict = {}
         self.registry = CollectorRegistry()
         self.registry.register(_SnapshotCollector(self))
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes ...
@@ -130,32 +131,41 @@ class EngineMetrics:
         self.snapshot = (gauges, counters)
 
     # ---- the front end's side ----------------------------------------------------------------
+    def _labeled(self, metric, *labels: str):
+        """The metric's child for this model (and labels), kept: prometheus_client's labels() takes a
+        lock and checks its arguments, which the front end would pay per request per step."""
+        key = (id(metric), self.model_name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(self.model_name, *labels)
+        return child
+
     def observe_first_token(self, seconds: float) -> None:
-        self._ttft.labels(self.model_name).observe(seconds)
+        self._labeled(self._ttft).observe(seconds)
 
     def observe_tokens(self, seconds: float, num_tokens: int) -> None:
         """num_tokens more output tokens, seconds after the request's previous output."""
         if num_tokens > 0:
-            self._itl.labels(self.model_name).observe(seconds / num_tokens)
+            self._labeled(self._itl).observe(seconds / num_tokens)
 
     def observe_finished(self, output, arrival: float, first_token: float | None, now: float,
                          num_prompt_tokens: int) -> None:
-        name = self.model_name
-        self._e2e.labels(name).observe(now - arrival)
+        child = self._labeled
+        child(self._e2e).observe(now - arrival)
         if output.queue_time is not None:
-            self._queue.labels(name).observe(output.queue_time)
-            self._inference.labels(name).observe(max(now - arrival - output.queue_time, 0.0))
+            child(self._queue).observe(output.queue_time)
+            child(self._inference).observe(max(now - arrival - output.queue_time, 0.0))
             if first_token is not None:
-                self._prefill.labels(name).observe(max(first_token - arrival - output.queue_time, 0.0))
+                child(self._prefill).observe(max(first_token - arrival - output.queue_time, 0.0))
         if first_token is not None:
-            self._decode.labels(name).observe(now - first_token)
+            child(self._decode).observe(now - first_token)
         generated = max(len(c.token_ids) for c in output.outputs)
         if first_token is not None and generated > 1:
-            self._tpot.labels(name).observe((now - first_token) / (generated - 1))
-        self._prompt_tokens.labels(name).observe(num_prompt_tokens)
+            child(self._tpot).observe((now - first_token) / (generated - 1))
+        child(self._prompt_tokens).observe(num_prompt_tokens)
         for c in output.outputs:
-            self._generation_tokens.labels(name).observe(len(c.token_ids))
-            self._success.labels(name, c.finish_reason or "unknown").inc()
+            child(self._generation_tokens).observe(len(c.token_ids))
+            child(self._success, c.finish_reason or "unknown").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
