@@ -61,9 +61,18 @@ class RequestStream:
         self.finished = False
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        """Outputs are cumulative, so where several wait (a consumer behind the engine's steps) only
+        the latest is yielded: one chunk for all of them, as a server under load wants."""
+        queue, error = self._stream.queue, None
         try:
             while not self.finished:
-                item = await self._stream.queue.get()
+                item, error = (error, None) if error is not None else (await queue.get(), None)
+                while not isinstance(item, BaseException) and not item.finished and not queue.empty():
+                    following = queue.get_nowait()
+                    if isinstance(following, BaseException):
+                        error = following  # after the output before it
+                        break
+                    item = following
                 if isinstance(item, BaseException):
                     self.finished = True
                     raise item

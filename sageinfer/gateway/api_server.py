@@ -136,6 +136,13 @@ class OpenAIServer:
     async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, object]]:
         """Outputs of several prompts' requests as they come: (prompt index, RequestOutput). Leaving
         early (an error, a disconnect) aborts all of them."""
+        if len(streams) == 1:  # the usual request: no relay task and queue in between
+            try:
+                async for out in streams[0]:
+                    yield 0, out
+            finally:
+                streams[0].abort()
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, stream: RequestStream):

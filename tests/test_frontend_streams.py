@@ -1,0 +1,59 @@
+"""A request's output stream in the front end: outputs are cumulative, so a consumer that fell behind
+the engine's steps gets the latest of those waiting (one chunk for all of them), and an error still
+comes after the output before it."""
+import asyncio
+import types
+
+import pytest
+
+from sageinfer.engine.frontend import RequestFailed, RequestStream, _Stream
+from sageinfer.outputs import CompletionOutput, RequestOutput
+
+
+def _output(num_tokens: int, finished: bool = False) -> RequestOutput:
+    tokens = list(range(num_tokens))
+    return RequestOutput("r", None, [1, 2], [CompletionOutput(0, "x" * num_tokens, tokens)], finished)
+
+
+def _stream(items: list) -> tuple[RequestStream, list]:
+    queue = asyncio.Queue()
+    for item in items:
+        queue.put_nowait(item)
+    aborted = []
+    front = types.SimpleNamespace(abort=aborted.append)
+    return RequestStream(front, "r", _Stream(asyncio.get_running_loop(), queue, 0.0, 2, 1)), aborted
+
+
+def test_waiting_outputs_are_yielded_as_the_latest_of_them():
+    async def main():
+        stream, aborted = _stream([_output(1), _output(2), _output(3)])
+        seen = []
+        async for out in stream:
+            seen.append(len(out.outputs[0].token_ids))
+            if len(seen) == 1:  # the engine goes on: two more steps, the last one finishing
+                stream._stream.queue.put_nowait(_output(4))
+                stream._stream.queue.put_nowait(_output(5, finished=True))
+        return seen, aborted
+    seen, aborted = asyncio.run(main())
+    assert seen == [3, 5] and aborted == []  # finished: nothing to abort
+
+
+def test_an_error_comes_after_the_output_before_it():
+    async def main():
+        stream, aborted = _stream([_output(1), _output(2), RequestFailed("the request failed: boom")])
+        seen = []
+        with pytest.raises(RequestFailed, match="boom"):
+            async for out in stream:
+                seen.append(len(out.outputs[0].token_ids))
+        return seen
+    assert asyncio.run(main()) == [2]
+
+
+def test_a_consumer_that_leaves_aborts_the_request():
+    async def main():
+        stream, aborted = _stream([_output(1), _output(2)])
+        async for _ in stream:
+            break
+        await asyncio.sleep(0)  # the generator's close runs its finally
+        return aborted
+    assert asyncio.run(main()) == ["r"]
