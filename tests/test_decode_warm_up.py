@@ -228,3 +228,27 @@ def test_a_background_warm_ups_error_reaches_finish():
                                  threads=2)
     with pytest.raises(RuntimeError, match="compile failed"):
         finish()
+
+
+def test_a_cancelled_background_warm_up_skips_the_plans_not_yet_begun():
+    """A start-up that fails cancels the warm-up: the launches under way end, the rest never start, and
+    nothing is raised or launched again from the caller's thread."""
+    from sageinfer.attention.decode_warm_up import start_in_background
+    release, launched, lock = threading.Event(), [], threading.Lock()
+    entered = threading.Semaphore(0)
+
+    class Backend:
+        def _attend(self, layer, q, out, cache, meta, rope):
+            entered.release()
+            assert release.wait(10)
+            with lock:
+                launched.append(meta.num_splits)
+
+    layer = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16)
+    plans = {(s, 0, False, False) for s in (1, 2, 4, 8, 16, 32)}
+    finish = start_in_background(Backend(), layer, types.SimpleNamespace(k=torch.zeros(1, 16, 2, 16)), plans,
+                                 torch.device("cpu"), torch.float32, threads=2)
+    assert entered.acquire(timeout=10) and entered.acquire(timeout=10)  # two launches under way
+    threading.Timer(0.2, release.set).start()
+    finish(cancel=True)
+    assert len(launched) == 2

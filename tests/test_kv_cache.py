@@ -223,3 +223,15 @@ def test_reset_prefix_cache_forgets_prefixes_only_when_nothing_is_in_flight(llam
     again = llm.generate(prompt, params, use_tqdm=False)[0]
     assert again.num_cached_tokens == 0 and again.outputs[0].token_ids == first.outputs[0].token_ids
     llm.engine.kv_manager.pool.check_accounting()
+
+
+def test_a_cache_too_small_for_max_model_len_fails_start_up_and_cancels_the_warm_up(llama_dir, monkeypatch):
+    from sageinfer.executor.model_runner import ModelRunner
+    finished = []
+
+    def start(self):  # a background warm-up as on a GPU, recording how it is finished
+        self._finish_decode_warm_up = finished.append
+    monkeypatch.setattr(ModelRunner, "start_decode_warm_up", start)
+    with pytest.raises(ValueError, match=r"fewer than max_model_len \(256\): lower max_model_len"):
+        LLM(llama_dir, dtype="float32", max_model_len=256, num_gpu_blocks_override=8, show_progress=False)
+    assert finished == [True]  # cancelled, not left compiling past the failed start

@@ -74,7 +74,7 @@ def graph_plans(backend, sizes: list[int], max_model_len: int, num_kv_heads: int
 
 
 def warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, threads: int = 1,
-                           enter_thread=lambda: None, again: bool = True) -> None:
+                           enter_thread=lambda: None, again: bool = True, cancelled=None) -> None:
     """Launch the decode attention of each plan once (layer: layers.attention.Attention, cache: its
     LayerKVCache, dtype: the model's), as a step would: the same constexprs and argument kinds, so the
     same compile. With threads > 1 every plan first runs from that many threads, whose compiles overlap
@@ -84,7 +84,8 @@ def warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, threads:
     Triton sets up a kernel's per-device cache at its first launch, and where two threads first
     launched one kernel together, the compile of the thread whose cache lost is found again, in the
     disk cache. The cache may be any cache of the real one's layout (its strides do not depend on the
-    number of blocks), one block of it included."""
+    number of blocks), one block of it included. cancelled: a threading.Event; once set, plans not yet
+    begun are skipped."""
     heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
     page = cache.k.shape[1]
 
@@ -107,6 +108,8 @@ def warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, threads:
                 backend._attend(layer, q, torch.empty_like(q), cache, meta, None)
 
     def in_thread(plan):
+        if cancelled is not None and cancelled.is_set():
+            return
         enter_thread()
         run(plan)
 
@@ -121,25 +124,32 @@ def warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, threads:
 
 
 def start_in_background(backend, layer, cache, plans, device, dtype, threads: int,
-                        enter_thread=lambda: None) -> Callable[[], None]:
+                        enter_thread=lambda: None) -> Callable[[bool], None]:
     """warm_up_decode_kernels's compiles in a thread of their own, so that start-up goes on meanwhile
     (the memory profile, the cache allocation: on an H200 the warm-up took 6.8 s of a 38 s start-up
     from an empty Triton cache); the finish() returned waits for them, raises their first error, and
-    launches each plan once more from the caller's thread (a launch where the compile is in memory)."""
-    errors = []
+    launches each plan once more from the caller's thread (a launch where the compile is in memory).
+    finish(cancel=True), for a start-up that failed: plans not yet begun are skipped, nothing is raised
+    or launched again."""
+    errors, cancelled = [], threading.Event()
 
     def body():
         try:
             enter_thread()
-            warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, threads, enter_thread, again=False)
+            warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, max(threads, 2), enter_thread,
+                                   again=False, cancelled=cancelled)
         except BaseException as error:  # noqa: BLE001 - handed to finish()
             errors.append(error)
 
     thread = threading.Thread(target=body, name="decode-warm-up", daemon=True)
     thread.start()
 
-    def finish():
+    def finish(cancel: bool = False):
+        if cancel:
+            cancelled.set()
         thread.join()
+        if cancel:
+            return
         if errors:
             raise errors[0]
         warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, threads=1)

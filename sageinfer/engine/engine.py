@@ -102,16 +102,21 @@ class LLMEngine:
         # Decode-attention variants compile in the background from here (no collectives: each rank
         # warms its own); the graphs' capture then finds its attention compiled.
         self.runner.start_decode_warm_up()
-        num_blocks = self.runner.determine_num_blocks()
-        if self.workers is not None:
-            num_blocks = agree_on_num_blocks(num_blocks, self.runner.device)
-        capacity = (num_blocks - 1) * config.block_size
-        if capacity < config.max_model_len:
-            self.shutdown()
-            raise ValueError(
-                f"the KV cache holds {max(capacity, 0)} tokens ({num_blocks} blocks of {config.block_size}), fewer "
-                f"than max_model_len ({config.max_model_len}): lower max_model_len or give the cache more memory")
-        self.runner.allocate_kv_cache(num_blocks)
+        try:
+            num_blocks = self.runner.determine_num_blocks()
+            if self.workers is not None:
+                num_blocks = agree_on_num_blocks(num_blocks, self.runner.device)
+            capacity = (num_blocks - 1) * config.block_size
+            if capacity < config.max_model_len:
+                self.shutdown()
+                raise ValueError(
+                    f"the KV cache holds {max(capacity, 0)} tokens ({num_blocks} blocks of {config.block_size}), "
+                    f"fewer than max_model_len ({config.max_model_len}): lower max_model_len or give the cache "
+                    f"more memory")
+            self.runner.allocate_kv_cache(num_blocks)
+        except BaseException:
+            self.runner.finish_decode_warm_up(cancel=True)  # no compile left running past a failed start
+            raise
         self.decode_warm_up_seconds = self.runner.finish_decode_warm_up()
         if self.decode_warm_up_seconds:
             logger.info("start-up waited %.1f s for the decode-attention variants", self.decode_warm_up_seconds)

@@ -200,15 +200,15 @@ class ModelRunner:
         except Exception:  # a warm-up is an optimisation: serve anyway, compiling on first use as before
             logger.warning("decode-attention warm-up failed; its kernels compile on first use", exc_info=True)
 
-    def finish_decode_warm_up(self) -> float:
+    def finish_decode_warm_up(self, cancel: bool = False) -> float:
         """Wait for start_decode_warm_up's compiles (before the graph capture, which launches them); the
-        seconds start-up waited."""
+        seconds start-up waited. cancel: a start-up that failed: wait only for the launches under way."""
         finish, self._finish_decode_warm_up = getattr(self, "_finish_decode_warm_up", None), None
         if finish is None:
             return 0.0
         start = time.perf_counter()
         try:
-            finish()
+            finish(cancel)
             self.platform.synchronize()
         except Exception:
             logger.warning("decode-attention warm-up failed; its kernels compile on first use", exc_info=True)
