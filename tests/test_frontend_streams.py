@@ -57,3 +57,28 @@ def test_a_consumer_that_leaves_aborts_the_request():
         await asyncio.sleep(0)  # the generator's close runs its finally
         return aborted
     assert asyncio.run(main()) == ["r"]
+
+
+def test_a_steps_outputs_wake_the_event_loop_once_and_reach_each_stream_in_order():
+    from sageinfer.engine.frontend import EngineFront
+    from sageinfer.sampling_params import SamplingParams
+
+    class Front(EngineFront):
+        def _send(self, command):
+            pass
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        wake_ups = []
+        original = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *args: (wake_ups.append(args[0]), original(*args))[1]
+        front = Front(inputs=None, max_num_seqs=8, max_waiting_requests=8)
+        streams = [front.add([1, 2], SamplingParams(max_tokens=2), f"r{i}") for i in range(3)]
+
+        def output(i, n, finished=False):
+            return RequestOutput(f"r{i}", None, [1, 2], [CompletionOutput(0, "x" * n, list(range(n)))], finished)
+        front._deliver([output(i, 1) for i in range(3)])  # one step's outputs
+        front._deliver([output(i, 2, finished=True) for i in range(3)])
+        assert len(wake_ups) == 2
+        return [[len(o.outputs[0].token_ids) async for o in s] for s in streams]
+    assert asyncio.run(main()) == [[2], [2], [2]]  # both steps waited: the latest of each stream
