@@ -120,6 +120,8 @@ def warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, threads:
         if not again:
             return
     for plan in ordered:
+        if cancelled is not None and cancelled.is_set():
+            return
         run(plan)
 
 
@@ -136,8 +138,8 @@ def start_in_background(backend, layer, cache, plans, device, dtype, threads: in
     def body():
         try:
             enter_thread()
-            warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, max(threads, 2), enter_thread,
-                                   again=False, cancelled=cancelled)
+            warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, threads, enter_thread, again=False,
+                                   cancelled=cancelled)
         except BaseException as error:  # noqa: BLE001 - handed to finish()
             errors.append(error)
 

@@ -66,7 +66,10 @@ class RequestStream:
         queue, error = self._stream.queue, None
         try:
             while not self.finished:
-                item, error = (error, None) if error is not None else (await queue.get(), None)
+                if error is not None:
+                    item, error = error, None
+                else:
+                    item = await queue.get()
                 while not isinstance(item, BaseException) and not item.finished and not queue.empty():
                     following = queue.get_nowait()
                     if isinstance(following, BaseException):

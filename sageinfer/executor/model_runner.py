@@ -66,6 +66,7 @@ class ModelRunner:
         self.kv_caches: list[LayerKVCache] = []
         self.graphs = None  # executor.graph_runner.DecodeGraphs once captured
         self.prefill_graphs = None  # executor.graph_runner.PrefillGraphs once captured
+        self._finish_decode_warm_up = None  # start_decode_warm_up's, until finish_decode_warm_up
 
     def _default_backend(self) -> str:
         name = self.platform.preferred_attention_backend
@@ -178,7 +179,6 @@ class ModelRunner:
         (attention/decode_warm_up.py), on a one-block cache of the cache's layout: the memory profile
         and the cache allocation go on meanwhile. Not where the platform does not compile Triton
         kernels (the CPU interprets them), with other backends, or with SAGEINFER_DECODE_WARM_UP=0."""
-        self._finish_decode_warm_up = None
         if self.backend.name != "triton" or not self.platform.supports_triton or not DECODE_WARM_UP:
             return
         from sageinfer.attention.decode_warm_up import decode_plans, graph_plans, start_in_background
@@ -203,7 +203,7 @@ class ModelRunner:
     def finish_decode_warm_up(self, cancel: bool = False) -> float:
         """Wait for start_decode_warm_up's compiles (before the graph capture, which launches them); the
         seconds start-up waited. cancel: a start-up that failed: wait only for the launches under way."""
-        finish, self._finish_decode_warm_up = getattr(self, "_finish_decode_warm_up", None), None
+        finish, self._finish_decode_warm_up = self._finish_decode_warm_up, None
         if finish is None:
             return 0.0
         start = time.perf_counter()
