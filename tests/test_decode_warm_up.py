@@ -14,11 +14,12 @@ from triton.backends.compiler import BaseBackend
 from sageinfer import LLM, SamplingParams
 from sageinfer.attention import triton_backend
 from sageinfer.attention.backend import AttentionMetadata
-from sageinfer.attention.decode_warm_up import decode_plans, graph_plans, warm_up_decode_kernels
+from sageinfer.attention.decode_warm_up import decode_plans, graph_plans, prefill_plans, warm_up_decode_kernels
 from sageinfer.attention.triton_backend import TritonBackend
 from sageinfer.executor.graph_runner import DecodeGraphs, graph_batch_sizes
 from sageinfer.layers.attention import Attention
 from sageinfer.ops import paged_attention as pa
+from sageinfer.ops import prefill_attention as tile_prefill
 
 
 @pytest.mark.parametrize("num_sms, ragged", [(132, 8), (132, 0), (8, 8)])
@@ -52,19 +53,20 @@ def _launch_key(kernel, args, kwargs) -> tuple:
     return kernel.fn.__name__, tuple(sorted((k, str(v)) for k, v in kwargs.items())), spec
 
 
-def _record(monkeypatch, name: str, seen: set) -> None:
-    kernel = getattr(pa, name)
+def _record(monkeypatch, name: str, seen: set, module=pa, decodes_only: bool = True) -> None:
+    kernel = getattr(module, name)
 
     class Recorder:
         def __getitem__(self, grid):
             launch = kernel[grid]
 
             def run(*args, **kwargs):
-                if kwargs.get("BLOCK_Q", 1) == 1:  # decode launches (prefill chunks take wider query tiles)
+                # decode launches (prefill chunks take wider query tiles), or every launch
+                if not decodes_only or kwargs.get("BLOCK_Q", 1) == 1:
                     seen.add(_launch_key(kernel, args, kwargs))
                 return launch(*args, **kwargs)
             return run
-    monkeypatch.setattr(pa, name, Recorder())
+    monkeypatch.setattr(module, name, Recorder())
 
 
 def test_a_steps_decode_launches_compile_nothing_the_warm_up_did_not(model_dirs, monkeypatch):
@@ -94,6 +96,59 @@ def test_a_steps_decode_launches_compile_nothing_the_warm_up_did_not(model_dirs,
     assert any(dict(key[1]).get("NUM_SPLITS") not in (None, "1") for key in stepped), "no step split its decodes"
     missing = stepped - warmed
     assert not missing, f"{len(missing)} decode launches of the steps were not warmed up: {sorted(missing)[:2]}"
+
+
+def test_a_prompts_prefill_launches_compile_nothing_the_warm_up_did_not(model_dirs, monkeypatch):
+    """Prompts below and past LONG_CONTEXT (lowered here to 128 keys, so that a long prompt takes the
+    long tiles), whole or in chunks after cached context, launch only prefill-attention variants that
+    the warm-up's prefill plans compiled."""
+    def long_from_128():
+        for module in (pa, triton_backend, tile_prefill):
+            monkeypatch.setattr(module, "LONG_CONTEXT", 128)
+    long_from_128()
+    llm = LLM(model_dirs["qwen3"], dtype="float32", attention_backend="triton", block_size=128,
+              num_gpu_blocks_override=12, max_model_len=512, max_num_batched_tokens=160, enforce_eager=True,
+              show_progress=False)
+    runner = llm.engine.runner
+    layer = next(m for m in runner.model.modules() if isinstance(m, Attention))
+    plans = prefill_plans(512, runner.block_size)
+    assert {plan.max_seq_len for plan in plans} == {128}  # the page is as long as a long prompt here
+    plans.add(next(iter(plans))._replace(max_seq_len=100))  # and a short one
+    warmed, stepped = set(), set()
+    _record(monkeypatch, "_prefill_attention_kernel", warmed, tile_prefill, decodes_only=False)
+    one_block = runner._layer_cache(1)
+    before = one_block.k.clone()
+    warm_up_decode_kernels(runner.backend, layer, one_block, plans, runner.device, runner.dtype)
+    assert one_block.k.equal(before), "the warm-up wrote into the cache"
+    assert {dict(key[1])["num_warps"] for key in warmed} == {"4", "8"}  # short and long tiles
+    monkeypatch.undo()
+    long_from_128()
+    _record(monkeypatch, "_prefill_attention_kernel", stepped, tile_prefill, decodes_only=False)
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(3, 500, size=n).tolist() for n in (300, 70, 150)]  # 300: chunks of 160 and 140
+    llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=2),
+                 use_tqdm=False)
+    assert {dict(key[1])["num_warps"] for key in stepped} == {"4", "8"}
+    missing = stepped - warmed
+    assert not missing, f"{len(missing)} prefill launches of the steps were not warmed up: {sorted(missing)[:2]}"
+
+
+def test_prefill_plans_come_first_and_long_ones_only_where_prompts_reach_them():
+    assert {p.max_seq_len for p in prefill_plans(2048, 64)} == {64}
+    assert {p.max_seq_len for p in prefill_plans(32768, 64)} == {64, pa.LONG_CONTEXT}
+    launched = []
+
+    class Backend:
+        def forward(self, layer, positions, q, k, v, cache, meta):
+            launched.append("decode")
+
+        def _attend(self, layer, q, out, cache, meta, rope):
+            launched.append("prefill" if meta.max_query_len > 1 else "decode")
+    layer = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16)
+    plans = {(1, 0, True, False), (2, 0, False, False)} | prefill_plans(32768, 16)
+    warm_up_decode_kernels(Backend(), layer, types.SimpleNamespace(k=torch.zeros(1, 16, 2, 16)), plans,
+                           torch.device("cpu"), torch.float32, again=False)
+    assert launched == ["prefill", "prefill", "decode", "decode"]
 
 
 def test_a_threaded_warm_up_launches_each_plan_from_the_pool_then_again_from_its_own_thread():

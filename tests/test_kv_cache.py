@@ -233,5 +233,6 @@ def test_a_cache_too_small_for_max_model_len_fails_start_up_and_cancels_the_warm
         self._finish_decode_warm_up = finished.append
     monkeypatch.setattr(ModelRunner, "start_decode_warm_up", start)
     with pytest.raises(ValueError, match=r"fewer than max_model_len \(256\): lower max_model_len"):
-        LLM(llama_dir, dtype="float32", max_model_len=256, num_gpu_blocks_override=8, show_progress=False)
+        LLM(llama_dir, dtype="float32", max_model_len=256, block_size=16, num_gpu_blocks_override=8,
+            show_progress=False)  # 128 tokens of cache on every platform (CUDA's default block is 64)
     assert finished == [True]  # cancelled, not left compiling past the failed start

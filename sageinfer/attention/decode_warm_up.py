@@ -8,12 +8,16 @@ serving, a second pass another 1.7 s for two more; the graph capture compiles it
 One launch per variant, of one sequence through one layer's cache, writing nothing to the cache (its
 slot is -1); kernels already compiled cost a launch only. A plan is (num_splits, min_split_keys,
 whole_step, dependent): whole_step for a decode step (rotary inside the kernel where it can), not for
-a mixed step's decodes; dependent for launches inside graphs that launch dependently (ops/launch.py)."""
+a mixed step's decodes; dependent for launches inside graphs that launch dependently (ops/launch.py).
+
+The prefill-attention kernels join them (PrefillPlan): those of long prompts otherwise compiled by the
+long-prompt warm-up at the end of start-up (on an H200 the platform's Hopper kernel alone took 6.4 s of
+an 8.4 s warm-up), and the portable one the memory profile launches."""
 from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -73,6 +77,27 @@ def graph_plans(backend, sizes: list[int], max_model_len: int, num_kv_heads: int
     return plans
 
 
+class PrefillPlan(NamedTuple):
+    """A prefill launch of max_seq_len's kind (from LONG_CONTEXT keys: other tiles, and the platform's
+    long-prompt kernel where it has one) and query_len's (query tiles are sized by it)."""
+    max_seq_len: int
+    query_len: int
+
+
+def prefill_plans(max_model_len: int, page_size: int) -> set[PrefillPlan]:
+    """The prefill launches whose variants every start-up compiles: a prompt of a page (query tiles at
+    their largest size from 16 rows of each KV head's query group up, so as most prompts), short and,
+    where max_model_len reaches it, long. Shorter prompts' smaller tiles still compile on first use."""
+    from sageinfer.ops.paged_attention import LONG_CONTEXT
+    lengths = {page_size} | ({LONG_CONTEXT} if max_model_len >= LONG_CONTEXT else set())
+    return {PrefillPlan(length, page_size) for length in lengths}
+
+
+def _order(plan) -> tuple:
+    """Prefill plans first: the longest compiles (the long-prompt kernel) start at once."""
+    return (0, tuple(plan)) if isinstance(plan, PrefillPlan) else (1, tuple(plan))
+
+
 def warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, threads: int = 1,
                            enter_thread=lambda: None, again: bool = True, cancelled=None) -> None:
     """Launch the decode attention of each plan once (layer: layers.attention.Attention, cache: its
@@ -91,6 +116,17 @@ def warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, threads:
 
     @torch.inference_mode()
     def run(plan):
+        if isinstance(plan, PrefillPlan):  # the new tokens of one prompt in the cache's one page
+            n = plan.query_len
+            meta = AttentionMetadata(
+                num_actual_tokens=n, slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=device),
+                query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
+                seq_lens=torch.full((1,), n, dtype=torch.int32, device=device),
+                block_table=torch.zeros((1, 1), dtype=torch.int32, device=device), max_query_len=n,
+                max_seq_len=plan.max_seq_len, query_start_loc_cpu=[0, n], seq_lens_cpu=[n])
+            q = torch.zeros(n, heads, dim, dtype=dtype, device=device)
+            backend._attend(layer, q, torch.empty_like(q), cache, meta, None)
+            return
         num_splits, min_split_keys, whole_step, dependent = plan
         meta = AttentionMetadata(
             num_actual_tokens=1, slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=device),
@@ -113,7 +149,7 @@ def warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, threads:
         enter_thread()
         run(plan)
 
-    ordered = sorted(plans)
+    ordered = sorted(plans, key=_order)
     if threads > 1 and len(ordered) > 1:
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(in_thread, ordered))  # raises a launch's error here

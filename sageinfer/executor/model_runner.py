@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 # Compile at start-up the decode-attention variants a step can reach outside the graphs (a first
 # request must not pay a kernel's compilation); SAGEINFER_DECODE_WARM_UP=0 skips it.
 DECODE_WARM_UP = os.environ.get("SAGEINFER_DECODE_WARM_UP", "1") != "0"
+# ... the prefill-attention kernels' variants with them (SAGEINFER_PREFILL_WARM_UP=0: at first launch, as
+# in the memory profile and the long-prompt warm-up before).
+PREFILL_WARM_UP = os.environ.get("SAGEINFER_PREFILL_WARM_UP", "1") != "0"
 
 
 @dataclass
@@ -181,7 +184,7 @@ class ModelRunner:
         kernels (the CPU interprets them), with other backends, or with SAGEINFER_DECODE_WARM_UP=0."""
         if self.backend.name != "triton" or not self.platform.supports_triton or not DECODE_WARM_UP:
             return
-        from sageinfer.attention.decode_warm_up import decode_plans, graph_plans, start_in_background
+        from sageinfer.attention.decode_warm_up import decode_plans, graph_plans, prefill_plans, start_in_background
         from sageinfer.executor.graph_runner import DEPENDENT_LAUNCH_MAX_DECODE_BATCH, graph_batch_sizes
         from sageinfer.layers.attention import Attention
         try:
@@ -191,6 +194,8 @@ class ModelRunner:
                                  self.num_kv_heads, eager_decode_from=sizes[-1] + 1 if sizes else 1)
             dependent_max = DEPENDENT_LAUNCH_MAX_DECODE_BATCH if self.platform.supports_dependent_launch() else 0
             plans |= graph_plans(self.backend, sizes, self.config.max_model_len, self.num_kv_heads, dependent_max)
+            if PREFILL_WARM_UP:
+                plans |= prefill_plans(self.config.max_model_len, self.block_size)
             layer = next(m for m in self.model.modules() if isinstance(m, Attention))
             index = self.device.index
             self._finish_decode_warm_up = start_in_background(
