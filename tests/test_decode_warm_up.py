@@ -107,7 +107,7 @@ def test_a_prompts_prefill_launches_compile_nothing_the_warm_up_did_not(model_di
             monkeypatch.setattr(module, "LONG_CONTEXT", 128)
     long_from_128()
     llm = LLM(model_dirs["qwen3"], dtype="float32", attention_backend="triton", block_size=128,
-              num_gpu_blocks_override=12, max_model_len=512, max_num_batched_tokens=160, enforce_eager=True,
+              num_gpu_blocks_override=8, max_model_len=512, max_num_batched_tokens=140, enforce_eager=True,
               show_progress=False)
     runner = llm.engine.runner
     layer = next(m for m in runner.model.modules() if isinstance(m, Attention))
@@ -125,8 +125,8 @@ def test_a_prompts_prefill_launches_compile_nothing_the_warm_up_did_not(model_di
     long_from_128()
     _record(monkeypatch, "_prefill_attention_kernel", stepped, tile_prefill, decodes_only=False)
     rng = np.random.default_rng(4)
-    prompts = [rng.integers(3, 500, size=n).tolist() for n in (300, 70, 150)]  # 300: chunks of 160 and 140
-    llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=2),
+    prompts = [rng.integers(3, 500, size=n).tolist() for n in (70, 200)]  # steps: 70 + 70 (short), 130 after 70
+    llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=1),
                  use_tqdm=False)
     assert {dict(key[1])["num_warps"] for key in stepped} == {"4", "8"}
     missing = stepped - warmed
@@ -234,7 +234,8 @@ def test_a_failing_warm_up_is_logged_and_start_up_goes_on(caplog):
     backend.forward = backend._attend = fail
     layer = Attention(4, 2, 16, rotary_emb=None)
     runner = types.SimpleNamespace(
-        backend=backend, device=torch.device("meta"), num_kv_heads=2, dtype=torch.float32, _captures_graphs=lambda: False,
+        backend=backend, device=torch.device("meta"), num_kv_heads=2, dtype=torch.float32, block_size=16,
+        _captures_graphs=lambda: False,
         config=types.SimpleNamespace(max_num_seqs=4, max_model_len=64, max_graph_batch_size=512),
         platform=types.SimpleNamespace(supports_triton=True, supports_dependent_launch=lambda: False,
                                        synchronize=lambda: None),
