@@ -37,7 +37,7 @@ def pd(request, llama_dir, tmp_path_factory):
 
     def config(role):
         return json.dumps({"kv_connector": request.param, "kv_role": role,
-                           "kv_connector_extra_config": {"shm_dir": shm, "ipc_dir": shm}})
+                           "kv_connector_extra_config": {"shm_dir": shm, "ipc_dir": shm, "staging_gb": 0.03}})
     prefill = ServerProcess(llama_dir, "--kv-transfer-config", config("kv_producer"), api_key=None)
     decode = ServerProcess(llama_dir, "--kv-transfer-config", config("kv_consumer"), api_key=None)
     proxy = ProxyProcess([prefill.base_url], [decode.base_url], "router" if request.param == "NixlConnector" else "proxy")

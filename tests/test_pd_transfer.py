@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from sageinfer import LLM, SamplingParams
+from sageinfer.transport.shm_connector import ByteRanges
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -21,6 +22,7 @@ def _connector_config(connector, role, tmp_path, **extra):
     extra = dict(extra)
     if connector == "SharedMemoryConnector":
         extra.setdefault("shm_dir", str(tmp_path))
+        extra.setdefault("staging_gb", 0.03)  # a region of 30 MiB: the tiny model's prompts fit many times
     if connector == "DeviceIpcConnector":
         extra.setdefault("ipc_dir", str(tmp_path))
     return json.dumps({"kv_connector": connector, "kv_role": role, "kv_connector_extra_config": extra})
@@ -103,7 +105,58 @@ def test_decode_with_transferred_kv_equals_one_engine(llama_dir, tmp_path, refer
     _settle(prefill)
     assert _free_blocks(prefill) == free_p and _free_blocks(decode) == free_d
     if connector == "SharedMemoryConnector":
-        assert not os.listdir(tmp_path / "sageinfer-kv")  # every staged file was read and removed
+        _assert_region_all_free(prefill, tmp_path)
+
+
+def _assert_region_all_free(prefill, tmp_path):
+    """Every staged range was read and given back; only the region itself is left."""
+    producer = prefill.engine.kv_transfer
+    producer.poll_sent()
+    assert not producer.staged and producer.ranges.bytes_free == producer.ranges.size
+    assert os.listdir(tmp_path / "sageinfer-kv") == [os.path.basename(producer.region_path)]
+
+
+def test_without_a_staging_region_each_prompt_goes_through_a_file(llama_dir, tmp_path, reference):
+    prompts, expected = reference
+    prefill = _engine(llama_dir, "SharedMemoryConnector", "kv_producer", tmp_path, staging_gb=0)
+    decode = _engine(llama_dir, "SharedMemoryConnector", "kv_consumer", tmp_path)
+    params = _prefill(prefill, prompts)
+    assert all("path" in p and "region" not in p for p in params)
+    assert _decode(decode, prompts, params) == expected
+    assert decode.engine.scheduler.num_remote_kv_failures == 0
+    assert not os.listdir(tmp_path / "sageinfer-kv")  # every staged file was read and removed
+
+
+def test_a_full_region_sends_the_next_prompt_through_a_file(llama_dir, tmp_path, reference):
+    """A region too small for every prompt at once: those that find no room go through files, the
+    ranges read are reused, and the outputs are the same."""
+    prompts, expected = reference
+    prefill = _engine(llama_dir, "SharedMemoryConnector", "kv_producer", tmp_path)
+    producer = prefill.engine.kv_transfer
+    largest = max(len(p) for p in prompts) // 16 * 16 * sum(producer.token_bytes)
+    producer.ranges = ByteRanges(ByteRanges._pages(largest))  # room for one prompt at a time
+    decode = _engine(llama_dir, "SharedMemoryConnector", "kv_consumer", tmp_path)
+    params = _prefill(prefill, prompts)
+    assert any("region" in p for p in params) and any("path" in p for p in params)
+    assert _decode(decode, prompts, params) == expected
+    assert decode.engine.scheduler.num_remote_kv_failures == 0
+    _assert_region_all_free(prefill, tmp_path)
+    again = _prefill(prefill, prompts[:1])  # the range read is taken again
+    assert again[0].get("offset") == 0
+
+
+def test_byte_ranges_take_first_fit_pages_and_merge_what_is_given_back():
+    ranges = ByteRanges(4096 * 10)
+    a, b, c = ranges.take(100), ranges.take(4097), ranges.take(4096 * 3)
+    assert (a, b, c) == (0, 4096, 4096 * 3) and ranges.bytes_free == 4096 * 4
+    assert ranges.take(4096 * 5) is None
+    ranges.give(b, 4097)
+    assert ranges.take(4096 * 3) == 4096 * 6  # the hole of two pages is too small
+    ranges.give(a, 100)
+    assert ranges.free[0] == (0, 4096 * 3)  # a's page merged with b's two
+    ranges.give(c, 4096 * 3)
+    ranges.give(4096 * 6, 4096 * 3)
+    assert ranges.free == [(0, 4096 * 10)]
 
 
 def test_a_pair_on_one_device_goes_over_host_memory(llama_dir, tmp_path, reference, monkeypatch):
@@ -138,9 +191,8 @@ def test_kv_that_cannot_be_loaded_is_recomputed(llama_dir, tmp_path, reference, 
     free_p, free_d = _free_blocks(prefill), _free_blocks(decode)
     params = _prefill(prefill, prompts)
     if connector == "SharedMemoryConnector":
-        os.remove(params[0]["path"])  # the staged KV is gone
-        params[1]["path"] = params[1]["path"] + ".truncated"
-        open(params[1]["path"], "wb").write(b"\0" * 10)
+        params[0]["offset"] = 1 << 40  # past the end of the region
+        params[1]["region"] = params[1]["region"].replace("region-", "region-gone-")  # a region that is not there
     elif connector == "DeviceIpcConnector":
         params[0]["remote_key"] = "0" * 32  # an offer the prefill instance never made
         params[1]["remote_engine_id"] = "not-on-this-host"  # a prefill instance that is not there
@@ -202,11 +254,32 @@ def test_a_prompt_sampled_n_times_is_offered_once(llama_dir, tmp_path):
                                           kv_transfer_params={"do_remote_decode": True}), use_tqdm=False)[0]
     _settle(prefill)
     assert out.kv_transfer_params["remote_num_tokens"] == 48
-    assert os.listdir(tmp_path / "sageinfer-kv") == [os.path.basename(out.kv_transfer_params["path"])]
+    assert len(prefill.engine.kv_transfer.staged) == 1
+    assert [name for name in os.listdir(tmp_path / "sageinfer-kv") if name.endswith(".ready")] == [
+        f"{out.kv_transfer_params['remote_engine_id']}-{out.kv_transfer_params['key']}.ready"]
 
 
-def test_staged_kv_never_read_is_removed_after_its_ttl(llama_dir, tmp_path):
+def test_a_region_range_never_read_is_freed_after_its_ttl_and_a_late_consumer_fails_at_once(llama_dir, tmp_path):
     prefill = _engine(llama_dir, "SharedMemoryConnector", "kv_producer", tmp_path, staged_ttl_s=0.3)
+    prompts = _prompts(2)
+    params = _prefill(prefill, prompts)
+    producer = prefill.engine.kv_transfer
+    assert len(producer.staged) == 2  # no decode instance came for them
+    deadline = time.monotonic() + 5
+    while producer.staged and time.monotonic() < deadline:
+        producer.poll_sent()
+        time.sleep(0.05)
+    assert not producer.staged and producer.ranges.bytes_free == producer.ranges.size
+    decode = _engine(llama_dir, "SharedMemoryConnector", "kv_consumer", tmp_path, load_timeout_s=30)
+    free_d = _free_blocks(decode)
+    start = time.monotonic()
+    assert len(_decode(decode, prompts, params)[0]) == GREEDY.max_tokens  # computed the prompts itself
+    assert time.monotonic() - start < 20  # no wait for the load timeout
+    assert decode.engine.scheduler.num_remote_kv_failures == 2 and _free_blocks(decode) == free_d
+
+
+def test_staged_kv_files_never_read_are_removed_after_their_ttl(llama_dir, tmp_path):
+    prefill = _engine(llama_dir, "SharedMemoryConnector", "kv_producer", tmp_path, staged_ttl_s=0.3, staging_gb=0)
     _prefill(prefill, _prompts(2))
     assert len(os.listdir(tmp_path / "sageinfer-kv")) == 2  # no decode instance came for them
     deadline = time.monotonic() + 5

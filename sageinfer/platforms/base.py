@@ -188,6 +188,14 @@ class Platform:
         """Host memory that device copies can use asynchronously (pinned where the platform has it)."""
         return torch.zeros(shape, dtype=dtype)
 
+    def pin_host_memory(self, tensor: torch.Tensor) -> bool:
+        """Page-lock host memory that exists already (a shared-memory mapping), so that device copies
+        to and from it run at DMA speed; whether it was (where not, copies still work, slower)."""
+        return False
+
+    def unpin_host_memory(self, tensor: torch.Tensor) -> None:
+        """Undo pin_host_memory (before the memory is unmapped)."""
+
     def to_device(self, array, device: torch.device) -> torch.Tensor:
         """A host array (numpy or CPU tensor) on the device, without blocking the host where the
         platform allows."""

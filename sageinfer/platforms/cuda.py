@@ -230,6 +230,20 @@ class CudaPlatform(Platform):
     def host_buffer(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, pin_memory=True)
 
+    def pin_host_memory(self, tensor: torch.Tensor) -> bool:
+        # Portable (1): usable from every device's context, as a decode instance's ranks may need.
+        cudart = torch.cuda.cudart()
+        error = int(cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 1))
+        if error:
+            if hasattr(cudart, "cudaGetLastError"):
+                cudart.cudaGetLastError()  # not left behind for the next launch's check to report
+            logger.warning("page-locking %.2f GiB of host memory failed (CUDA error %d): copies through it stay slow",
+                           tensor.numel() * tensor.element_size() / 2**30, error)
+        return error == 0
+
+    def unpin_host_memory(self, tensor: torch.Tensor) -> None:
+        torch.cuda.cudart().cudaHostUnregister(tensor.data_ptr())
+
     def to_device(self, array, device: torch.device) -> torch.Tensor:
         # Pageable copies may wait for the stream; pinned ones don't. torch's caching host allocator
         # keeps each pinned buffer alive until its copy has run.

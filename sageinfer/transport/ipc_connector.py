@@ -38,6 +38,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from sageinfer.transport.marker_files import create_marker as _create
+from sageinfer.transport.marker_files import process_alive as _alive
+from sageinfer.transport.marker_files import remove_file as _remove
 from sageinfer.transport.remote_kv import RemoteKVConnector, kv_tensors
 
 logger = logging.getLogger(__name__)
@@ -47,35 +50,6 @@ _KEY = re.compile(r"[0-9a-f]{1,64}")
 
 def _default_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-
-
-def _create(path: str) -> bool:
-    """Create path if no one has: True if this call did (False too where its directory has gone: the
-    instance that offered closed)."""
-    try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-        return True
-    except (FileExistsError, FileNotFoundError):
-        return False
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _directory(config: dict) -> str:

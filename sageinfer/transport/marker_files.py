@@ -1,0 +1,35 @@
+"""Files through which two instances on one host agree without talking: created exclusively (whoever
+creates one first decides), removed whether or not they are there, and whether the process that
+named itself in one is still alive."""
+from __future__ import annotations
+
+import os
+
+
+def create_marker(path: str) -> bool:
+    """Create path if no one has: True if this call did (False too where its directory has gone: the
+    instance that offered closed)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return True
+    except (FileExistsError, FileNotFoundError):
+        return False
+
+
+def remove_file(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
