@@ -62,6 +62,8 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--connector", default="SharedMemoryConnector")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--staging-gb", type=float, default=None,
+                   help="SharedMemoryConnector's staging region (0: a file per prompt; default: the connector's)")
     p.add_argument("--result-file", default=None)
     args = p.parse_args()
     platform = get_platform()
@@ -72,6 +74,8 @@ def main() -> None:
     if args.connector == "SharedMemoryConnector":
         free_shm = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else 0
         extra["shm_dir"] = "/dev/shm" if free_shm > 1.2 * nbytes else "/tmp"
+        if args.staging_gb is not None:
+            extra["staging_gb"] = args.staging_gb
     pipe, child_end = multiprocessing.get_context("spawn").Pipe()
     child = multiprocessing.get_context("spawn").Process(target=_producer, args=(args, extra, child_end), daemon=True)
     child.start()
@@ -111,6 +115,7 @@ def main() -> None:
                for a, b in zip(src, dst))
     best = min(rows, key=lambda x: x["total_s"])
     result = {"connector": args.connector, "tokens": args.tokens, "bytes": nbytes, "staging_dir": extra.get("shm_dir"),
+              "staging_gb": extra.get("staging_gb", "default"),
               "device": platform.device_name(), "producer": "a process of its own",
               "best": best, "GBps_end_to_end": nbytes / best["total_s"] / 1e9, "identical": same, "repeats": rows}
     print(json.dumps({k: v for k, v in result.items() if k != "repeats"}), flush=True)

@@ -233,7 +233,11 @@ class CudaPlatform(Platform):
     def pin_host_memory(self, tensor: torch.Tensor) -> bool:
         # Portable (1): usable from every device's context, as a decode instance's ranks may need.
         cudart = torch.cuda.cudart()
-        error = int(cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 1))
+        try:
+            error = int(cudart.cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 1))
+        except (AttributeError, RuntimeError, TypeError) as exc:  # a build without it: stay pageable
+            logger.warning("page-locking host memory is not available here (%s): copies through it stay slow", exc)
+            return False
         if error:
             if hasattr(cudart, "cudaGetLastError"):
                 cudart.cudaGetLastError()  # not left behind for the next launch's check to report
