@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
+from sageinfer.ops.int8_values import int8_as_f32
 
 MAX_ROWS = 8
 # From benchmarks/experiments/tune_decode_step.py on an H100 (bf16, Qwen3-8B shapes at M = 1, 36 launches in one
@@ -66,13 +67,11 @@ def _normed(x, rstd, norm_w_ptr, ks, K, dtype):
 
 @triton.jit
 def weights_f32(w):
-    """Weights as fp32. INT8 through 1.5 * 2^23's bits: the integer added to them, then the float
-    subtracted, both exact and at the full rate, where I2F (one a weight before, compiled for sm_90)
-    runs at an eighth of the FP32 rate: INT8 was the one 8-bit format whose one-row decode was slower
-    than bf16 (L1 TPOT 5.23 ms on an H200 against 4.81, FP8 3.82 with as many instructions as this
-    form, all at the full rate)."""
+    """Weights as fp32, INT8 without I2F (ops/int8_values.py): INT8 was the one 8-bit format whose
+    one-row decode was slower than bf16 (L1 TPOT 5.23 ms on an H200 against 4.81, FP8 3.82 with as
+    many instructions as this form, all at the full rate)."""
     if w.dtype == tl.int8:
-        return (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        return int8_as_f32(w)
     return w.to(tl.float32)
 
 
