@@ -134,7 +134,7 @@ def test_a_full_region_sends_the_next_prompt_through_a_file(llama_dir, tmp_path,
     prefill = _engine(llama_dir, "SharedMemoryConnector", "kv_producer", tmp_path)
     producer = prefill.engine.kv_transfer
     largest = max(len(p) for p in prompts) // 16 * 16 * sum(producer.token_bytes)
-    producer.ranges = ByteRanges(ByteRanges._pages(largest))  # room for one prompt at a time
+    producer.ranges = ByteRanges(ByteRanges.round_to_pages(largest))  # room for one prompt at a time
     decode = _engine(llama_dir, "SharedMemoryConnector", "kv_consumer", tmp_path)
     params = _prefill(prefill, prompts)
     assert any("region" in p for p in params) and any("path" in p for p in params)

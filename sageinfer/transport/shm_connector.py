@@ -61,12 +61,12 @@ class ByteRanges:
         self.free = [(0, size)]  # (offset, length): sorted, disjoint, never adjacent
 
     @staticmethod
-    def _pages(n: int) -> int:
+    def round_to_pages(n: int) -> int:
         return -(-n // PAGE) * PAGE
 
     def take(self, n: int) -> int | None:
         """The offset of a free range of n bytes, now taken; None if none is large enough."""
-        n = self._pages(n)
+        n = self.round_to_pages(n)
         for i, (offset, length) in enumerate(self.free):
             if length >= n:
                 self.free[i:i + 1] = [(offset + n, length - n)] if length > n else []
@@ -74,7 +74,7 @@ class ByteRanges:
         return None
 
     def give(self, offset: int, n: int) -> None:
-        bisect.insort(self.free, (offset, self._pages(n)))
+        bisect.insort(self.free, (offset, self.round_to_pages(n)))
         merged = []
         for o, length in self.free:
             if merged and merged[-1][0] + merged[-1][1] == o:
@@ -107,7 +107,7 @@ class SharedMemoryConnector(RemoteKVConnector):
         # request -> (its blocks being filled, what releases its staged KV if the load never starts)
         self.loads: dict[str, tuple[Future, Callable[[], object]]] = {}
         self.staged: dict[str, tuple[int, int, float, Future]] = {}  # key -> (offset, bytes, deadline, staging)
-        self.mapped: dict[str, tuple[torch.Tensor, bool]] = {}  # region path -> (its mapping here, pinned)
+        self.mapped: dict[str, list] = {}  # region path -> [its mapping here, page-locked, loads using it]
         self._map_lock = threading.Lock()
         self.region = self.region_path = self.ranges = None
         self.region_pinned = False
@@ -313,7 +313,11 @@ class SharedMemoryConnector(RemoteKVConnector):
                 or not _KEY.fullmatch(key):
             return "kv_transfer_params name no staged KV"
         size = int(params["remote_num_tokens"]) * sum(self.token_bytes)
-        if not isinstance(offset, int) or offset < 0 or offset + size > os.path.getsize(region):
+        try:
+            region_size = os.path.getsize(region)
+        except OSError:
+            return "the prefill instance's staging region is not there"
+        if not isinstance(offset, int) or offset < 0 or offset + size > region_size:
             return "the staged KV lies outside the prefill instance's staging region"
         return None
 
@@ -337,25 +341,34 @@ class SharedMemoryConnector(RemoteKVConnector):
         if not create_marker(marker + ".claim"):
             raise ValueError("the prefill instance no longer holds this prompt's staged KV")
         try:
-            region = self._map(params["region"])
-            offset = params["offset"]
-            self._copy_in(region[offset:offset + total * sum(self.token_bytes)], total, first, block_ids)
+            with self._mapped_region(params["region"]) as region:
+                offset = params["offset"]
+                self._copy_in(region[offset:offset + total * sum(self.token_bytes)], total, first, block_ids)
         finally:
             create_marker(marker + ".done")  # the producer may reuse the range
 
-    def _map(self, path: str) -> torch.Tensor:
-        """A producer's region mapped here (once; page-locked where the platform can), dropping the
-        mappings of regions whose files are gone (their producers closed)."""
+    @contextlib.contextmanager
+    def _mapped_region(self, path: str):
+        """A producer's region mapped here (once; page-locked where the platform can) for the copies
+        of one load. Mappings of regions whose files are gone (their producers closed) are dropped
+        once no load uses them."""
         with self._map_lock:
-            for gone in [p for p in self.mapped if p != path and not os.path.exists(p)]:
+            for gone in [p for p, (_, _, users) in self.mapped.items()
+                         if p != path and not users and not os.path.exists(p)]:
                 self._unmap(gone)
             if path not in self.mapped:
                 region = torch.from_file(path, shared=True, size=os.path.getsize(path), dtype=torch.uint8)
-                self.mapped[path] = (region, self.platform.pin_host_memory(region))
-            return self.mapped[path][0]
+                self.mapped[path] = [region, self.platform.pin_host_memory(region), 0]
+            entry = self.mapped[path]
+            entry[2] += 1
+        try:
+            yield entry[0]
+        finally:
+            with self._map_lock:
+                entry[2] -= 1
 
     def _unmap(self, path: str) -> None:
-        region, pinned = self.mapped.pop(path)
+        region, pinned, _ = self.mapped.pop(path)
         if pinned:
             self.platform.unpin_host_memory(region)
 
