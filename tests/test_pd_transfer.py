@@ -375,3 +375,48 @@ def test_ipc_head_plans_and_token_runs():
     assert _head_plan((0, 3), [(0, 2)]) is None  # a head no prefill rank holds
     # tokens [16, 48) of a prompt in blocks [7, 3, 9] of 16, in runs of 8: block 3's two, block 9's two
     assert _runs([7, 3, 9], 16, 16, 32, 8).tolist() == [6, 7, 18, 19]
+
+
+def test_a_consumer_maps_a_region_once_and_lets_go_of_regions_whose_producer_closed(tmp_path):
+    """Connectors over bare caches: two producers in turn (the first closes), one consumer; each
+    prompt's KV arrives intact, the consumer keeps one mapping per live region."""
+    import torch
+
+    from sageinfer.attention.backend import LayerKVCache
+    from sageinfer.platforms import get_platform
+    from sageinfer.transport.kv_transfer_config import build_connector, parse_kv_transfer_config
+
+    platform = get_platform("cpu")
+
+    def connector(role, engine_id, fill):
+        caches = [LayerKVCache(*(torch.randn(9, 4, 2, 8) if fill else torch.zeros(9, 4, 2, 8) for _ in "kv"))
+                  for _ in range(2)]
+        config = parse_kv_transfer_config({"kv_connector": "SharedMemoryConnector", "kv_role": role,
+                                           "engine_id": engine_id, "kv_connector_extra_config": {
+                                               "shm_dir": str(tmp_path), "staging_gb": 0.02}})
+        return build_connector(config, caches, 4, platform), caches
+
+    consumer, target = connector("kv_consumer", "decode", False)
+
+    def transfer(producer, source, request_id):
+        held, params = producer.send(request_id, [3, 5], 8)
+        assert held and "region" in params
+        consumer.start_load(request_id, params, [1, 2], 0)
+        deadline = time.monotonic() + 10
+        while not (done := consumer.poll_loaded()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert done == [(request_id, None)]
+        for s, t in zip(source, target):
+            assert torch.equal(t.k[1:3], s.k[[3, 5]]) and torch.equal(t.v[1:3], s.v[[3, 5]])
+
+    first, source = connector("kv_producer", "prefill-a", True)
+    transfer(first, source, "r1")
+    transfer(first, source, "r2")
+    assert list(consumer.mapped) == [first.region_path]  # mapped once
+    first.close()
+    second, source = connector("kv_producer", "prefill-b", True)
+    transfer(second, source, "r3")
+    assert list(consumer.mapped) == [second.region_path]  # the closed producer's mapping let go
+    second.close()
+    consumer.close()
+    assert not consumer.mapped and not os.listdir(tmp_path / "sageinfer-kv")
