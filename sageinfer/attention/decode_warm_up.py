@@ -85,9 +85,9 @@ class PrefillPlan(NamedTuple):
 
 
 def prefill_plans(max_model_len: int, page_size: int) -> set[PrefillPlan]:
-    """The prefill launches whose variants every start-up compiles: a prompt of a page (query tiles at
-    their largest size from 16 rows of each KV head's query group up, so as most prompts), short and,
-    where max_model_len reaches it, long. Shorter prompts' smaller tiles still compile on first use."""
+    """The prefill launches whose variants every start-up compiles: a prompt of one page, short and,
+    where max_model_len reaches it, long. A page's query already takes the largest query tiles, as
+    most prompts do (CUDA's page of 64); prompts short enough for smaller tiles compile on first use."""
     from sageinfer.ops.paged_attention import LONG_CONTEXT
     lengths = {page_size} | ({LONG_CONTEXT} if max_model_len >= LONG_CONTEXT else set())
     return {PrefillPlan(length, page_size) for length in lengths}
