@@ -58,6 +58,16 @@ def test_proxy_answers_as_one_instance_with_the_kv_moved(pd):
     """Each prompt goes through the proxy first (the decode instance has never seen it, so its KV can
     only come from the prefill instance), then straight to the decode instance for the reference."""
     prefill, decode, proxy = pd
+    described = [httpx.get(s.base_url + "/kv_transfer", timeout=10).json()["kv_transfer"] for s in (prefill, decode)]
+    assert [d["kv_role"] for d in described] == ["kv_producer", "kv_consumer"]
+    assert described[0]["kv_connector"] == described[1]["kv_connector"] and described[0]["layout"]["tensors"]
+    deadline = time.monotonic() + 10
+    while True:  # both admitted (the proxy's health checks run every second), none refused
+        paired = httpx.get(proxy.base_url + "/pd/instances", timeout=10).json()
+        if all(b["healthy"] for side in paired.values() for b in side) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert all(b["healthy"] and b["refused"] is None for side in paired.values() for b in side), paired
     direct = openai.OpenAI(base_url=decode.base_url + "/v1", api_key="none", max_retries=0)
     via = openai.OpenAI(base_url=proxy.base_url + "/v1", api_key="none", max_retries=0)
     loads_before = _metrics(decode)["sageinfer:kv_transfer_loads_total"]

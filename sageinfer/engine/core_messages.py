@@ -40,6 +40,7 @@ class Ready(msgspec.Struct, tag=True):
     max_num_seqs: int
     num_kv_blocks: int
     block_size: int
+    kv_transfer: dict | None = None  # its connector's description (transport.remote_kv), for PD proxies
 
 
 class CompletionDelta(msgspec.Struct, array_like=True):

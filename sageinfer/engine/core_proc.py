@@ -40,7 +40,8 @@ def run_engine_core(config: EngineConfig, attention_backend: str | None, command
         engine = LLMEngine(config, show_progress=False, attention_backend=attention_backend, output_kind="delta")
         outputs.send(encoder.encode(msg.Ready(os.getpid(), engine.config.max_model_len,
                                               engine.model_config.vocab_size, engine.config.max_num_seqs,
-                                              engine.num_kv_blocks, engine.config.block_size)))
+                                              engine.num_kv_blocks, engine.config.block_size,
+                                              engine.kv_transfer_description())))
         code = _loop(engine, commands, outputs, encoder, parent_pid)
         engine.shutdown()
     except BaseException as exc:  # noqa: BLE001 - the engine is unusable: say why, then exit non-zero

@@ -302,6 +302,10 @@ class LLMEngine:
         self.kv_manager.pool.reset_prefix_cache()
         return True
 
+    def kv_transfer_description(self) -> dict | None:
+        """What the KV transfer connector says of itself to a PD proxy; None without one."""
+        return None if self.kv_transfer is None else self.kv_transfer.description()
+
     def has_pending_transfers(self) -> bool:
         """KV still to be sent or loaded (a serving loop keeps stepping to move it along)."""
         return self.scheduler.has_pending_transfers

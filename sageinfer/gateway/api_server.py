@@ -376,13 +376,16 @@ def _sse(payload: dict) -> str:
 
 
 def build_app(server: OpenAIServer, api_key: str | None = None, public_metrics: bool = False,
-              max_request_body_bytes: int = 32 * 2**20, kv_events: dict | None = None) -> FastAPI:
-    """kv_events: where the engine publishes its KV cache events (with its block size), for routers."""
+              max_request_body_bytes: int = 32 * 2**20, kv_events: dict | None = None,
+              kv_transfer: dict | None = None) -> FastAPI:
+    """kv_events: where the engine publishes its KV cache events (with its block size), for routers.
+    kv_transfer: its KV transfer connector's description, for PD proxies (None: it has none)."""
     app = FastAPI(title="sageInfer", docs_url=None, redoc_url=None)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_body_bytes)
     if api_key:  # added last, so it runs first: no body is read for a caller without the key
         app.add_middleware(APIKeyMiddleware, api_key=api_key,
-                           public_paths=("/health", "/metrics", "/kv_events") if public_metrics else ("/health",))
+                           public_paths=("/health", "/kv_transfer", "/metrics", "/kv_events") if public_metrics
+                           else ("/health", "/kv_transfer"))
 
     @app.exception_handler(APIError)
     async def api_error(_, exc: APIError):
@@ -417,6 +420,12 @@ def build_app(server: OpenAIServer, api_key: str | None = None, public_metrics: 
     async def health():
         healthy = server.engine.error is None and not server.engine.draining
         return Response(status_code=200 if healthy else 503)
+
+    @app.get("/kv_transfer")
+    async def kv_transfer_description():
+        # public, as /health is: a PD proxy checks it before pairing instances (nothing in it is secret:
+        # each request's kv_transfer_params carry the same)
+        return {"kv_transfer": kv_transfer}
 
     @app.get("/kv_events")
     async def kv_events_endpoints():

@@ -104,6 +104,7 @@ def _serve(args: argparse.Namespace) -> int:
         engine = LLMEngine(config, attention_backend=attention_backend)
         front = AsyncEngine(engine, max_waiting_requests=args.max_waiting_requests)
         num_blocks, block_size = engine.num_kv_blocks, engine.config.block_size
+        kv_transfer = engine.kv_transfer_description()
     else:
         from sageinfer.engine.core_client import EngineCoreClient
         try:
@@ -112,6 +113,7 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         num_blocks, block_size = front.ready.num_kv_blocks, front.ready.block_size
+        kv_transfer = front.ready.kv_transfer
         print(f"engine core: process {front.ready.pid}", flush=True)
     front.metrics.cache_config = {"block_size": block_size, "num_gpu_blocks": num_blocks - 1,
                                   "cache_dtype": config.kv_cache_dtype,
@@ -128,7 +130,8 @@ def _serve(args: argparse.Namespace) -> int:
     app = build_app(OpenAIServer(front, name, chat_template, tool_call_parser), api_key=api_key,
                     public_metrics=args.public_metrics, max_request_body_bytes=args.max_request_body_bytes,
                     kv_events=None if config.kv_events_config is None else {**config.kv_events_config,
-                                                                            "block_size": block_size})
+                                                                            "block_size": block_size},
+                    kv_transfer=kv_transfer)
     if args.allowed_origins:
         from starlette.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_methods=["*"],

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import httpx
 
@@ -26,6 +27,8 @@ class Backend:
     last_seen: float = 0.0
     served: int = 0
     failures: int = 0
+    kv_transfer: dict | None = None  # its /kv_transfer, read when it was admitted
+    refused: str | None = None       # why the pool's admission keeps it out of rotation
 
     @property
     def load(self) -> float:
@@ -41,6 +44,10 @@ class BackendPool:
     check_interval: float = 1.0
     timeout: float = 2.0
     backends: list[Backend] = field(default_factory=list)
+    # Checked each time an instance comes up, with its /kv_transfer (None: it has no connector; known:
+    # False where it has no such endpoint, as instances other than sageInfer's): why it must stay out
+    # of rotation, or None.
+    admit: Callable[[Backend, dict | None, bool], str | None] | None = None
 
     def __post_init__(self):
         self.backends = [Backend(u.rstrip("/")) for u in self.urls]
@@ -83,6 +90,14 @@ class BackendPool:
         if not up:
             return self.mark_down(backend, f"/health: {health}")
         if not backend.healthy:
+            if self.admit is not None:
+                refused = await self._admission(client, backend)
+                if refused is not None:
+                    if refused != backend.refused:
+                        logger.error("backend %s is kept out of rotation: %s", backend.url, refused)
+                    backend.refused = refused
+                    return
+                backend.refused = None
             logger.info("backend %s is up", backend.url)
         backend.healthy, backend.last_seen = True, time.monotonic()
         try:
@@ -98,6 +113,18 @@ class BackendPool:
                     self.kv_index.follow(backend.url, answer.json())
             except (httpx.HTTPError, ValueError, KeyError) as exc:
                 logger.warning("backend %s: its KV event endpoints could not be read: %s", backend.url, exc)
+
+    async def _admission(self, client: httpx.AsyncClient, backend: Backend) -> str | None:
+        try:
+            answer = await client.get(backend.url + "/kv_transfer", timeout=self.timeout)
+            known = answer.status_code != 404
+            info = answer.json().get("kv_transfer") if known else None
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            return f"/kv_transfer could not be read: {exc}"
+        refused = self.admit(backend, info, known)
+        if refused is None:
+            backend.kv_transfer = info
+        return refused
 
     async def run_checks(self) -> None:
         async with httpx.AsyncClient() as client:

@@ -10,6 +10,10 @@ through a prefill instance costs it a round trip and the transfer), so only long
 that would stall a decode batch, are separated. The count comes from a decode instance's /tokenize
 (token-id prompts are counted here); a prompt that cannot be counted takes the prefill instances.
 
+Pairing: an instance comes into rotation once its /kv_transfer shows a connector of its side's role
+whose KV pairs with the other side's instances (the same connector, cache layout and, for NIXL, block
+size); one that does not stays out, with the reason in the log and in /pd/instances.
+
 Faults: a prefill instance that cannot be reached or fails is marked down and the request goes to
 another; with none left, the decode instance computes the prompt itself (slower, same answer). A
 decode instance that cannot be reached is marked down and another one is tried. A client that goes
@@ -32,6 +36,7 @@ from sageinfer.router.backends import Backend, BackendPool
 from sageinfer.router.forwarding import CONNECT_ERRORS, add_openai_routes, forward_to_pool, json_body
 from sageinfer.router.forwarding import error as _error
 from sageinfer.router.policies import Policy
+from sageinfer.transport.kv_pairing import CONSUMER_ROLES, PRODUCER_ROLES, pairing_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +51,35 @@ def _prefill_body(body: dict) -> dict:
     out["n"] = 1
     out["kv_transfer_params"] = {"do_remote_decode": True}
     return out
+
+
+def _admission(side: str, roles: tuple[str, ...], others: BackendPool):
+    """A pool's admission of an instance (BackendPool.admit): a connector of the side's role, whose KV
+    pairs with that of every instance already admitted on the other side. Instances that say nothing
+    of their KV transfer (not sageInfer's) are taken unchecked: each request's transfer is checked
+    where its KV is loaded."""
+    warned: set[str] = set()
+
+    def admit(backend: Backend, info: dict | None, known: bool) -> str | None:
+        if not known:
+            if backend.url not in warned:
+                warned.add(backend.url)
+                logger.warning("%s instance %s has no /kv_transfer: its KV transfer is not checked before "
+                               "requests go to it", side, backend.url)
+            return None
+        if info is None:
+            return f"it has no --kv-transfer-config: a {side} instance needs a connector"
+        if info["kv_role"] not in roles:
+            return f"its kv_role is {info['kv_role']}: a {side} instance needs one of {', '.join(roles)}"
+        for other in others.healthy():
+            if other.kv_transfer is None:
+                continue
+            pair = (info, other.kv_transfer) if side == "prefill" else (other.kv_transfer, info)
+            reason = pairing_mismatch(*pair)
+            if reason is not None:
+                return f"its KV cannot go to or come from {other.url}: {reason}"
+        return None
+    return admit
 
 
 def _count(backend: Backend) -> None:
@@ -64,6 +98,8 @@ def build_pd_proxy_app(prefill: BackendPool, decode: BackendPool, max_attempts: 
     if max_local_prefill_tokens < 0:
         raise ValueError(f"max_local_prefill_tokens must be >= 0, got {max_local_prefill_tokens}")
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
+    prefill.admit = _admission("prefill", PRODUCER_ROLES, decode)
+    decode.admit = _admission("decode", CONSUMER_ROLES, prefill)
     policy = Policy("least_load")
     metrics = _Metrics()
 
@@ -173,7 +209,7 @@ def build_pd_proxy_app(prefill: BackendPool, decode: BackendPool, max_attempts: 
 
     @app.get("/pd/instances")
     async def instances():
-        return {role: [{"url": b.url, "healthy": b.healthy, "load": b.load, "served": b.served}
+        return {role: [{"url": b.url, "healthy": b.healthy, "load": b.load, "served": b.served, "refused": b.refused}
                        for b in pool.backends] for role, pool in (("prefill", prefill), ("decode", decode))}
 
     @app.get("/metrics")

@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from sageinfer.transport.kv_pairing import CONSUMER_ROLES, PRODUCER_ROLES
+
 logger = logging.getLogger(__name__)
 
 
@@ -69,11 +71,16 @@ class RemoteKVConnector:
 
     @property
     def is_producer(self) -> bool:
-        return self.role in ("kv_producer", "kv_both")
+        return self.role in PRODUCER_ROLES
 
     @property
     def is_consumer(self) -> bool:
-        return self.role in ("kv_consumer", "kv_both")
+        return self.role in CONSUMER_ROLES
+
+    def description(self) -> dict:
+        """What this instance says of its KV transfer to a PD proxy (kv_pairing.pairing_mismatch)."""
+        return {"kv_connector": self.name, "kv_role": self.role, "engine_id": self.engine_id,
+                "block_size": self.block_size, "layout": self.layout}
 
     def offer_mismatch(self, params: dict, first_token: int, num_tokens: int) -> str | None:
         """Why a prefill instance's offer can't fill these tokens here, or None."""
