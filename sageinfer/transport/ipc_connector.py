@@ -38,6 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from sageinfer.transport.kv_pairing import per_model_tensors
 from sageinfer.transport.marker_files import create_marker as _create
 from sageinfer.transport.marker_files import process_alive as _alive
 from sageinfer.transport.marker_files import remove_file as _remove
@@ -274,11 +275,8 @@ class DeviceIpcConnector(RemoteKVConnector):
         if not (isinstance(heads, list) and heads and all(
                 isinstance(h, list) and len(h) == 2 and all(isinstance(v, int) and v >= 0 for v in h) for h in heads)):
             return "kv_transfer_params carry no remote_kv_heads"
-
-        def per_model(tensors):
-            return [[dtype, shape[1:]] if isinstance(shape, list) else None for dtype, shape in tensors]
-        if per_model(theirs["tensors"]) != per_model(self.layout["tensors"]) or theirs.get("fp8_scales") != \
-                self.layout["fp8_scales"]:
+        if per_model_tensors(theirs["tensors"]) != per_model_tensors(self.layout["tensors"]) \
+                or theirs.get("fp8_scales") != self.layout["fp8_scales"]:
             return (f"the prefill instance's KV cache differs (layers, head size, kv_cache_dtype or FP8 scales): "
                     f"{len(theirs['tensors'])} tensors {(theirs['tensors'] or [None])[0]} vs "
                     f"{len(self.layout['tensors'])} tensors {self.layout['tensors'][0]} here")

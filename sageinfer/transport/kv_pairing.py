@@ -5,6 +5,12 @@ from __future__ import annotations
 PRODUCER_ROLES, CONSUMER_ROLES = ("kv_producer", "kv_both"), ("kv_consumer", "kv_both")
 
 
+def per_model_tensors(tensors: list) -> list:
+    """A KV layout's tensors (kv_layout: [dtype, shape of one token's entry]) without the KV heads of
+    one rank: what two instances of different tensor-parallel sizes share (None for a malformed entry)."""
+    return [[dtype, shape[1:]] if isinstance(shape, list) else None for dtype, shape in tensors]
+
+
 def pairing_mismatch(prefill: dict, decode: dict) -> str | None:
     """Why a decode instance can't load a prefill instance's KV, from what each describes of itself
     (RemoteKVConnector.description), or None. What a PD proxy checks before pairing them; each
@@ -15,10 +21,8 @@ def pairing_mismatch(prefill: dict, decode: dict) -> str | None:
         return (f"NixlConnector needs one block size on both sides ({prefill['block_size']} and "
                 f"{decode['block_size']}): give both the same --block-size")
     theirs, ours = prefill["layout"], decode["layout"]
-
-    def per_model(tensors):  # the device-to-device connector copies heads across tensor-parallel sizes
-        return [[dtype, shape[1:]] for dtype, shape in tensors]
-    same = per_model if prefill["kv_connector"] == "DeviceIpcConnector" else (lambda tensors: tensors)
+    # the device-to-device connector copies heads across tensor-parallel sizes
+    same = per_model_tensors if prefill["kv_connector"] == "DeviceIpcConnector" else (lambda tensors: tensors)
     if same(theirs["tensors"]) != same(ours["tensors"]) or theirs["fp8_scales"] != ours["fp8_scales"]:
         return (f"their KV caches differ (layers, KV heads, head size or kv_cache_dtype): "
                 f"{len(theirs['tensors'])} tensors {theirs['tensors'][0]} and "

@@ -134,8 +134,9 @@ class SharedMemoryConnector(RemoteKVConnector):
         logger.info("KV staging region: %.2f GiB in %s (%s, %.1f s)", size / 2**30, self.region_path,
                     "page-locked" if self.region_pinned else "pageable", time.perf_counter() - start)
 
-    def _marker(self, engine_id: str, key: str, kind: str) -> str:
-        return os.path.join(self.dir, f"{engine_id}-{key}.{kind}")
+    def _marker(self, engine_id: str, key: str) -> str:
+        """The markers' common path of a staged range (+ ".ready", ".failed", ".claim", ".done")."""
+        return os.path.join(self.dir, f"{engine_id}-{key}")
 
     # ---- copies, on a copy stream after the engine's work enqueued so far ----
     @contextlib.contextmanager
@@ -209,9 +210,9 @@ class SharedMemoryConnector(RemoteKVConnector):
     def _stage_in_region(self, block_ids: list[int], tokens: int, offset: int, key: str) -> None:
         try:
             self._copy_out(self.region[offset:offset + tokens * sum(self.token_bytes)], block_ids, tokens)
-            create_marker(self._marker(self.engine_id, key, "ready"))
+            create_marker(self._marker(self.engine_id, key) + ".ready")
         except BaseException:
-            create_marker(self._marker(self.engine_id, key, "failed"))  # a consumer waiting for it gives up
+            create_marker(self._marker(self.engine_id, key) + ".failed")  # a consumer waiting for it gives up
             raise
 
     def _stage_in_file(self, block_ids: list[int], tokens: int, path: str) -> None:
@@ -245,7 +246,7 @@ class SharedMemoryConnector(RemoteKVConnector):
         for key, (offset, n, deadline, future) in list(self.staged.items()):
             if not future.done():
                 continue
-            marker = os.path.join(self.dir, f"{self.engine_id}-{key}")
+            marker = self._marker(self.engine_id, key)
             if not os.path.exists(marker + ".done"):
                 if now <= deadline:
                     continue
@@ -297,7 +298,7 @@ class SharedMemoryConnector(RemoteKVConnector):
         total = int(params["remote_num_tokens"])
         if region is not None:
             future = self.workers.submit(self._load_from_region, params, total, first_token, block_ids)
-            marker = os.path.join(self.dir, f"{params['remote_engine_id']}-{params['key']}")
+            marker = self._marker(params["remote_engine_id"], params["key"])
             # never read: the producer may reuse the range at once (unless it has given it up)
             self.loads[request_id] = (future, lambda: create_marker(marker + ".claim") and create_marker(marker + ".done"))
         else:
@@ -336,7 +337,7 @@ class SharedMemoryConnector(RemoteKVConnector):
 
     def _load_from_region(self, params: dict, total: int, first: int, block_ids: list[int]) -> None:
         engine, key = params["remote_engine_id"], params["key"]
-        marker = os.path.join(self.dir, f"{engine}-{key}")
+        marker = self._marker(engine, key)
         self._wait_for(marker + ".ready", marker + ".failed", taken=marker + ".claim")
         if not create_marker(marker + ".claim"):
             raise ValueError("the prefill instance no longer holds this prompt's staged KV")
