@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sageinfer import LLM, SamplingParams
-from sageinfer.transport.shm_connector import ByteRanges
+from sageinfer.transport.shm_connector import ByteRanges, on_memory_filesystem
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -143,6 +143,33 @@ def test_a_full_region_sends_the_next_prompt_through_a_file(llama_dir, tmp_path,
     _assert_region_all_free(prefill, tmp_path)
     again = _prefill(prefill, prompts[:1])  # the range read is taken again
     assert again[0].get("offset") == 0
+
+
+@pytest.mark.skipif(not on_memory_filesystem("/dev/shm"), reason="no /dev/shm in memory here")
+def test_a_region_in_memory_is_page_locked_where_the_platform_can_and_carries_the_same_kv(llama_dir, reference):
+    """/dev/shm (the default directory): on a GPU the region and the consumer's mapping of it are
+    page-locked, so the copies run asynchronously on the copy streams; the outputs must not change."""
+    import tempfile
+    prompts, expected = reference
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm_dir:
+        prefill = _engine(llama_dir, "SharedMemoryConnector", "kv_producer", shm_dir, staging_gb=0.03)
+        decode = _engine(llama_dir, "SharedMemoryConnector", "kv_consumer", shm_dir)
+        producer, consumer = prefill.engine.kv_transfer, decode.engine.kv_transfer
+        params = _prefill(prefill, prompts)
+        assert all("region" in p for p in params)
+        assert _decode(decode, prompts, params) == expected
+        on_gpu = producer.tensors[0].device.type == "cuda"
+        assert producer.region_pinned == on_gpu
+        assert [pinned for _, pinned, _ in consumer.mapped.values()] == [on_gpu]
+        prefill.engine.shutdown()  # the region leaves /dev/shm with its producer
+        decode.engine.shutdown()
+
+
+def test_only_files_in_memory_count_as_page_lockable():
+    assert on_memory_filesystem("/proc/self/mounts") is False  # procfs
+    assert on_memory_filesystem("/sys") is False
+    if on_memory_filesystem("/dev/shm"):
+        assert on_memory_filesystem("/dev/shm/some/file/not/there/yet")
 
 
 def test_byte_ranges_take_first_fit_pages_and_merge_what_is_given_back():

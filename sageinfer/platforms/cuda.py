@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 
@@ -239,8 +240,7 @@ class CudaPlatform(Platform):
             logger.warning("page-locking host memory is not available here (%s): copies through it stay slow", exc)
             return False
         if error:
-            if hasattr(cudart, "cudaGetLastError"):
-                cudart.cudaGetLastError()  # not left behind for the next launch's check to report
+            _clear_last_error()
             logger.warning("page-locking %.2f GiB of host memory failed (CUDA error %d): copies through it stay slow",
                            tensor.numel() * tensor.element_size() / 2**30, error)
         return error == 0
@@ -255,3 +255,16 @@ class CudaPlatform(Platform):
 
     def copy_to_device(self, dst: torch.Tensor, array) -> None:
         dst.copy_(torch.as_tensor(array).pin_memory(), non_blocking=True)
+
+
+def _clear_last_error() -> None:
+    """Reset the runtime's last error after a call that failed harmlessly: left behind, the next kernel
+    launch's check would report it as its own. torch's cudart bindings lack cudaGetLastError; the
+    runtime library that torch loaded has it."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+        for path in paths:
+            ctypes.CDLL(path).cudaGetLastError()
+    except OSError as exc:
+        logger.warning("could not reset CUDA's last error (%s)", exc)

@@ -53,6 +53,24 @@ def _default_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
+def on_memory_filesystem(path: str) -> bool:
+    """Whether path lies on a filesystem in memory (tmpfs, hugetlbfs). Only there can a shared file's
+    pages be page-locked: Linux refuses long-term pins of pages that a disk filesystem writes back."""
+    try:
+        with open("/proc/self/mounts") as mounts:
+            entries = [line.split()[1:3] for line in mounts]
+    except OSError:
+        return False
+    path = os.path.realpath(path)
+    best, kind = "", ""
+    for mount_point, fs_type in entries:
+        mount_point = mount_point.replace("\\040", " ")
+        inside = path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, kind = mount_point, fs_type
+    return kind in ("tmpfs", "hugetlbfs", "ramfs")
+
+
 class ByteRanges:
     """First-fit allocation of page-aligned byte ranges in a region of size bytes."""
 
@@ -129,7 +147,7 @@ class SharedMemoryConnector(RemoteKVConnector):
         self.region_path = os.path.join(self.dir, f"region-{self.engine_id}-{os.getpid()}.kv")
         start = time.perf_counter()
         self.region = torch.from_file(self.region_path, shared=True, size=size, dtype=torch.uint8)
-        self.region_pinned = self.platform.pin_host_memory(self.region)
+        self.region_pinned = on_memory_filesystem(self.dir) and self.platform.pin_host_memory(self.region)
         self.ranges = ByteRanges(size)
         logger.info("KV staging region: %.2f GiB in %s (%s, %.1f s)", size / 2**30, self.region_path,
                     "page-locked" if self.region_pinned else "pageable", time.perf_counter() - start)
@@ -359,7 +377,8 @@ class SharedMemoryConnector(RemoteKVConnector):
                 self._unmap(gone)
             if path not in self.mapped:
                 region = torch.from_file(path, shared=True, size=os.path.getsize(path), dtype=torch.uint8)
-                self.mapped[path] = [region, self.platform.pin_host_memory(region), 0]
+                pinned = on_memory_filesystem(path) and self.platform.pin_host_memory(region)
+                self.mapped[path] = [region, pinned, 0]
             entry = self.mapped[path]
             entry[2] += 1
         try:
