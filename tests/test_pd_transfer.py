@@ -172,6 +172,75 @@ def test_only_files_in_memory_count_as_page_lockable():
         assert on_memory_filesystem("/dev/shm/some/file/not/there/yet")
 
 
+def _chunked_producer(llama_dir, tmp_path, **extra):
+    """A producer whose prompts compute in chunks of 32 tokens: the KV of a prompt's first chunks is
+    staged while its later chunks compute."""
+    return LLM(llama_dir, dtype="float32", num_gpu_blocks_override=96, block_size=16, max_model_len=512,
+               max_num_batched_tokens=32, show_progress=False, attention_backend="torch_ref",
+               kv_transfer_config=_connector_config("SharedMemoryConnector", "kv_producer", tmp_path, **extra))
+
+
+def test_blocks_of_a_chunked_prompt_are_staged_before_its_last_chunk_and_decode_the_same(llama_dir, tmp_path,
+                                                                                          reference):
+    prompts, expected = reference
+    prefill = _chunked_producer(llama_dir, tmp_path)
+    producer = prefill.engine.kv_transfer
+    staged_early = {}  # request -> blocks handed to copies before send(), after each chunk
+    stage_computed = producer.stage_computed
+
+    def record(request_id, *args):
+        stage_computed(request_id, *args)
+        if request_id in producer.early:
+            staged_early.setdefault(request_id, []).append(producer.early[request_id].blocks)
+    producer.stage_computed = record
+    decode = _engine(llama_dir, "SharedMemoryConnector", "kv_consumer", tmp_path)
+    free_p, free_d = _free_blocks(prefill), _free_blocks(decode)
+    params = _prefill(prefill, prompts)
+    assert all("region" in p for p in params)
+    # the steps compute 32 tokens in all: every prompt of 48 tokens or more had whole blocks staged
+    # while its later chunks computed, never the last of them
+    long_enough = [p for p in prompts if len(p) >= 48]
+    assert long_enough and len(staged_early) >= len(long_enough)
+    offered = {p["remote_request_id"]: p["remote_num_tokens"] // 16 for p in params}
+    for request_id, blocks in staged_early.items():
+        assert blocks == sorted(blocks) and 0 < blocks[-1] <= offered[request_id]
+    assert not producer.early
+    assert _decode(decode, prompts, params) == expected
+    assert decode.engine.scheduler.num_remote_kv_failures == 0
+    _settle(prefill)
+    assert _free_blocks(prefill) == free_p and _free_blocks(decode) == free_d
+    _assert_region_all_free(prefill, tmp_path)
+
+
+def test_a_prefill_aborted_or_preempted_after_early_staging_gives_its_range_back(llama_dir, tmp_path, reference):
+    prompts, _ = reference
+    prefill = _chunked_producer(llama_dir, tmp_path)
+    producer, engine = prefill.engine.kv_transfer, prefill.engine
+    free = _free_blocks(prefill)
+    params = SamplingParams(temperature=0, max_tokens=1, kv_transfer_params={"do_remote_decode": True})
+    long_prompt = list(range(3, 3 + 200))
+    engine.add_request("aborted", {"prompt_token_ids": long_prompt}, params)
+    engine.add_request("preempted", {"prompt_token_ids": long_prompt[::-1]}, params)
+    for _ in range(3):
+        engine.step()
+    assert set(producer.early) == {"aborted-0"}  # the second waits behind the first's chunks
+    engine.abort_request("aborted")
+    assert not producer.early and producer.ranges.bytes_free == producer.ranges.size
+    for _ in range(3):
+        engine.step()
+    victim = engine.requests["preempted"].children[0]
+    assert producer.early["preempted-0"].blocks > 0
+    engine.scheduler.running.remove(victim)
+    engine.scheduler._preempt(victim)  # as when the cache runs out of blocks
+    assert not producer.early and producer.ranges.bytes_free == producer.ranges.size
+    while engine.has_unfinished_requests():  # it computes its prompt again, staging it again
+        engine.step()
+    _settle(prefill)
+    assert _free_blocks(prefill) == free  # staged: the blocks are free, the range waits for a reader
+    [(offset, size, _, _)] = producer.staged.values()
+    assert producer.ranges.bytes_free == producer.ranges.size - ByteRanges.round_to_pages(size)
+
+
 def test_byte_ranges_take_first_fit_pages_and_merge_what_is_given_back():
     ranges = ByteRanges(4096 * 10)
     a, b, c = ranges.take(100), ranges.take(4097), ranges.take(4096 * 3)
@@ -436,11 +505,23 @@ def test_a_consumer_maps_a_region_once_and_lets_go_of_regions_whose_producer_clo
         for s, t in zip(source, target):
             assert torch.equal(t.k[1:3], s.k[[3, 5]]) and torch.equal(t.v[1:3], s.v[[3, 5]])
 
+    def look_for_regions():  # as the consumer's engine loop does, at most once a second
+        consumer._next_region_scan = 0.0
+        consumer.poll_loaded()
+        consumer.workers.submit(lambda: None).result()  # (a pool thread has taken the mapping by then)
+        with consumer._map_lock:
+            return list(consumer.mapped)
+
     first, source = connector("kv_producer", "prefill-a", True)
+    deadline = time.monotonic() + 10
+    while look_for_regions() != [first.region_path] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert list(consumer.mapped) == [first.region_path]  # mapped before its first load
     transfer(first, source, "r1")
     transfer(first, source, "r2")
     assert list(consumer.mapped) == [first.region_path]  # mapped once
     first.close()
+    assert look_for_regions() == []  # let go without waiting for a load
     second, source = connector("kv_producer", "prefill-b", True)
     transfer(second, source, "r3")
     assert list(consumer.mapped) == [second.region_path]  # the closed producer's mapping let go

@@ -212,12 +212,22 @@ class Scheduler:
                 self.kv.cache_full_blocks(request)  # the loaded blocks serve later prefix hits too
                 self.running.append(request)  # its remaining prompt tokens run as a prefill chunk
 
+    def _offers_kv(self, request: Request) -> bool:
+        """Whether a decode instance will read this prompt's KV from here."""
+        params = request.sampling_params.kv_transfer_params
+        return (self.kv_transfer is not None and self.kv_transfer.is_producer and bool(params)
+                and request.index == 0 and bool(params.get("do_remote_decode")))
+
+    def _drop_staged(self, request: Request) -> None:
+        """Before a producer's prefill frees its blocks without offering them (preempted, aborted)."""
+        if self._offers_kv(request):
+            self.kv_transfer.drop_staged(request.request_id)
+
     def _send_kv(self, request: Request) -> bool:
         """A finished prefill whose KV a decode instance will read: hand it to the connector and say
         whether its blocks stay held."""
-        params = request.sampling_params.kv_transfer_params
-        if (self.kv_transfer is None or not self.kv_transfer.is_producer or not params or request.index != 0
-                or not params.get("do_remote_decode") or request.finish_reason not in ("stop", "length")):
+        if not self._offers_kv(request) or request.finish_reason not in ("stop", "length"):
+            self._drop_staged(request)
             return False
         num_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)
         try:
@@ -225,6 +235,7 @@ class Scheduler:
                                                                          num_tokens)
         except Exception:  # noqa: BLE001 - the decode instance will compute the prompt itself
             logger.exception("request %s: its KV could not be offered for transfer", request.request_id)
+            self._drop_staged(request)
             return False
         if held:
             self.sending[request.request_id] = request
@@ -239,6 +250,7 @@ class Scheduler:
                 and leader.status == RequestStatus.RUNNING)
 
     def _preempt(self, request: Request) -> None:
+        self._drop_staged(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
@@ -250,6 +262,18 @@ class Scheduler:
         """Advance progress of what ran (its full blocks were registered when it was scheduled)."""
         for request, num_new in out.scheduled:
             request.num_computed_tokens += num_new
+            if request.num_computed_tokens < request.num_prompt_tokens and self._offers_kv(request):
+                self._stage_computed(request)
+
+    def _stage_computed(self, request: Request) -> None:
+        """A producer's prompt chunk has been launched: its KV may start to leave before the rest of the
+        prompt has computed (the connector decides whether it moves anything early)."""
+        try:
+            self.kv_transfer.stage_computed(request.request_id, request.block_ids, request.num_computed_tokens,
+                                            request.num_prompt_tokens)
+        except Exception:  # noqa: BLE001 - the KV goes at send() instead
+            logger.exception("request %s: staging its KV early failed", request.request_id)
+            self.kv_transfer.drop_staged(request.request_id)
 
     def finish(self, request: Request, reason: str, stop_reason=None) -> None:
         """Finish (or abort) a request wherever it is and free its blocks."""

@@ -98,6 +98,14 @@ class RemoteKVConnector:
     def send(self, request_id: str, block_ids: list[int], num_tokens: int) -> tuple[bool, dict]:
         raise NotImplementedError
 
+    def stage_computed(self, request_id: str, block_ids: list[int], num_computed: int, num_prompt: int) -> None:
+        """A prompt that will be sent has computed num_computed of its num_prompt tokens (a chunk
+        before its last): a connector that can move KV before send() starts on those blocks."""
+
+    def drop_staged(self, request_id: str) -> None:
+        """A prompt staged early will not be sent (preempted, aborted): before its blocks are freed,
+        copies still reading them end, and what was set aside for it is given back."""
+
     def poll_sent(self) -> list[str]:
         return []
 

@@ -34,6 +34,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -106,6 +107,15 @@ class ByteRanges:
         return sum(length for _, length in self.free)
 
 
+@dataclass
+class _EarlyStaging:
+    """A prompt's range of the region, taken at its first chunk, and the copies of its blocks so far."""
+    offset: int
+    tokens: int  # the prompt's whole blocks: what send() will offer
+    blocks: int = 0  # blocks handed to copies
+    parts: list = field(default_factory=list)  # their futures
+
+
 class SharedMemoryConnector(RemoteKVConnector):
     name = "SharedMemoryConnector"
 
@@ -127,10 +137,14 @@ class SharedMemoryConnector(RemoteKVConnector):
         self.staged: dict[str, tuple[int, int, float, Future]] = {}  # key -> (offset, bytes, deadline, staging)
         self.mapped: dict[str, list] = {}  # region path -> [its mapping here, page-locked, loads using it]
         self._map_lock = threading.Lock()
+        self.early: dict[str, _EarlyStaging] = {}  # request -> its prompt's blocks staged before send()
         self.region = self.region_path = self.ranges = None
         self.region_pinned = False
         if self.is_producer:
             self._open_region(float(self.extra.get("staging_gb", 8)))
+        self._next_region_scan = 0.0
+        if self.is_consumer:
+            self._map_new_regions()
 
     # ---- the staging region (producer) ----
     def _open_region(self, staging_gb: float) -> None:
@@ -158,11 +172,13 @@ class SharedMemoryConnector(RemoteKVConnector):
 
     # ---- copies, on a copy stream after the engine's work enqueued so far ----
     @contextlib.contextmanager
-    def _copy_stream(self):
+    def _copy_stream(self, after=None):
+        """A copy stream that first waits for after (an event the engine's thread recorded when it
+        handed the copy over) or, without one, for what this thread's default stream has enqueued."""
         stream = getattr(self._thread, "stream", None)
         if stream is None:
             stream = self._thread.stream = self.platform.stream(self.tensors[0].device)
-        before = self.platform.record_event()  # on this thread's default stream, the engine's
+        before = after if after is not None else self.platform.record_event()
         with self.platform.copy_stream_context(stream):
             if before is not None:
                 self.platform.wait_event(before)
@@ -173,15 +189,17 @@ class SharedMemoryConnector(RemoteKVConnector):
     def _device_ids(self, block_ids: list[int]) -> torch.Tensor:
         return self.platform.to_device(np.asarray(block_ids, dtype=np.int64), self.tensors[0].device)
 
-    def _copy_out(self, buf: torch.Tensor, block_ids: list[int], tokens: int) -> None:
-        """The blocks' tokens into buf, tensor after tensor."""
-        with self._copy_stream():
+    def _copy_out(self, buf: torch.Tensor, block_ids: list[int], first: int, total: int, after=None) -> None:
+        """The blocks' tokens, [first, first + len(block_ids) * block_size) of a staged prompt of total
+        tokens, into buf (token-major, tensor after tensor)."""
+        count = len(block_ids) * self.block_size
+        with self._copy_stream(after):
             ids, offset = self._device_ids(block_ids), 0
             for t, per_token in zip(self.tensors, self.token_bytes):
-                size = tokens * per_token
-                dst = buf[offset:offset + size].view(t.dtype).view(tokens, *t.shape[2:])
-                dst.copy_(t.index_select(0, ids).reshape(tokens, *t.shape[2:]), non_blocking=True)
-                offset += size
+                dst = buf[offset + first * per_token:offset + (first + count) * per_token]
+                dst.view(t.dtype).view(count, *t.shape[2:]).copy_(
+                    t.index_select(0, ids).reshape(count, *t.shape[2:]), non_blocking=True)
+                offset += total * per_token
 
     def _copy_in(self, buf: torch.Tensor, total: int, first: int, block_ids: list[int]) -> None:
         """Tokens [first, first + len(block_ids) * block_size) of a staged prompt of total tokens (buf)
@@ -196,13 +214,57 @@ class SharedMemoryConnector(RemoteKVConnector):
                 offset += total * per_token
 
     # ---- producer ----
+    def stage_computed(self, request_id: str, block_ids: list[int], num_computed: int, num_prompt: int) -> None:
+        """Blocks of a prompt computed before its last chunk go to the region while the rest of the
+        prompt computes; send() then copies only what is left. Where the region has no room, nothing
+        moves early (send() decides then, as without this)."""
+        if self.ranges is None:
+            return
+        early = self.early.get(request_id)
+        if early is None:
+            tokens = num_prompt // self.block_size * self.block_size
+            offset = self.ranges.take(tokens * sum(self.token_bytes)) if tokens else None
+            if offset is None:
+                return
+            early = self.early[request_id] = _EarlyStaging(offset, tokens)
+        done = min(num_computed, early.tokens) // self.block_size
+        if done > early.blocks:
+            buf = self.region[early.offset:early.offset + early.tokens * sum(self.token_bytes)]
+            early.parts.append(self.workers.submit(
+                self._copy_out, buf, list(block_ids[early.blocks:done]), early.blocks * self.block_size,
+                early.tokens, self.platform.record_event()))
+            early.blocks = done
+
+    def drop_staged(self, request_id: str) -> None:
+        """A prefill preempted or ended before send(): its copies in flight end first (its blocks are
+        about to be freed and reused), then its range is given back."""
+        early = self.early.pop(request_id, None)
+        if early is not None:
+            for part in early.parts:
+                part.exception()  # waits; a failed part needs nothing more
+            self.ranges.give(early.offset, early.tokens * sum(self.token_bytes))
+
     def send(self, request_id: str, block_ids: list[int], num_tokens: int) -> tuple[bool, dict]:
         nb = num_tokens // self.block_size
         tokens = nb * self.block_size
         params = self.base_params(request_id, tokens)
+        early = self.early.get(request_id)
+        if early is not None and early.tokens != tokens:  # not the prompt it was started for
+            self.drop_staged(request_id)
+            early = None
         if not tokens:
             return False, params
         needed = tokens * sum(self.token_bytes)
+        if early is not None:
+            del self.early[request_id]
+            key = uuid.uuid4().hex
+            params.update(region=self.region_path, offset=early.offset, key=key)
+            future = self.workers.submit(self._stage_in_region, list(block_ids[early.blocks:nb]), early.blocks
+                                         * self.block_size, tokens, early.offset, key, early.parts,
+                                         self.platform.record_event())
+            self.staged[key] = (early.offset, needed, time.monotonic() + self.ttl, future)
+            self.sending[request_id] = future
+            return True, params
         offset = None
         if self.ranges is not None:
             offset = self.ranges.take(needed)
@@ -212,7 +274,8 @@ class SharedMemoryConnector(RemoteKVConnector):
         if offset is not None:
             key = uuid.uuid4().hex
             params.update(region=self.region_path, offset=offset, key=key)
-            future = self.workers.submit(self._stage_in_region, list(block_ids[:nb]), tokens, offset, key)
+            future = self.workers.submit(self._stage_in_region, list(block_ids[:nb]), 0, tokens, offset, key, (),
+                                         self.platform.record_event())
             self.staged[key] = (offset, needed, time.monotonic() + self.ttl, future)
         else:
             path = os.path.join(self.dir, f"{self.engine_id}-{uuid.uuid4().hex}.kv")
@@ -225,9 +288,16 @@ class SharedMemoryConnector(RemoteKVConnector):
         self.sending[request_id] = future
         return True, params
 
-    def _stage_in_region(self, block_ids: list[int], tokens: int, offset: int, key: str) -> None:
+    def _stage_in_region(self, block_ids: list[int], first: int, tokens: int, offset: int, key: str,
+                         parts=(), after=None) -> None:
+        """Tokens [first, tokens) of a prompt into its range (those before first were staged early, by
+        parts), then the marker that the whole range is complete."""
         try:
-            self._copy_out(self.region[offset:offset + tokens * sum(self.token_bytes)], block_ids, tokens)
+            for part in parts:
+                part.result()
+            if block_ids:
+                self._copy_out(self.region[offset:offset + tokens * sum(self.token_bytes)], block_ids, first, tokens,
+                               after)
             create_marker(self._marker(self.engine_id, key) + ".ready")
         except BaseException:
             create_marker(self._marker(self.engine_id, key) + ".failed")  # a consumer waiting for it gives up
@@ -237,7 +307,7 @@ class SharedMemoryConnector(RemoteKVConnector):
         part = path + ".part"
         try:
             buf = torch.from_file(part, shared=True, size=tokens * sum(self.token_bytes), dtype=torch.uint8)
-            self._copy_out(buf, block_ids, tokens)
+            self._copy_out(buf, block_ids, 0, tokens)
             del buf
             os.rename(part, path)  # complete: a consumer waiting for it may read it now
         except BaseException:
@@ -366,20 +436,54 @@ class SharedMemoryConnector(RemoteKVConnector):
         finally:
             create_marker(marker + ".done")  # the producer may reuse the range
 
+    def _map_new_regions(self) -> None:
+        """Map (and page-lock) the regions of live producers that have appeared since the last look,
+        in the background: page-locking gigabytes takes about a second, which the first load from a
+        region would otherwise wait for. Looked for at most once a second."""
+        now = time.monotonic()
+        if now < self._next_region_scan:
+            return
+        self._next_region_scan = now + 1.0
+        for name in os.listdir(self.dir):
+            match = _REGION.fullmatch(name)
+            path = os.path.join(self.dir, name)
+            if match and path != self.region_path and path not in self.mapped and process_alive(int(match.group(2))):
+                self.workers.submit(self._premap, path)
+        if self._map_lock.acquire(blocking=False):  # (a load holding it drops them itself)
+            try:
+                self._unmap_gone()
+            finally:
+                self._map_lock.release()
+
+    def _premap(self, path: str) -> None:
+        with self._map_lock:
+            try:
+                self._map_region(path)
+            except OSError:  # its producer closed meanwhile
+                pass
+
+    def _unmap_gone(self, keep: str | None = None) -> None:
+        """Drop mappings of regions whose files are gone (their producers closed) and that no load
+        uses: the mapping alone would keep the region's memory; _map_lock held."""
+        for gone in [p for p, (_, _, users) in self.mapped.items()
+                     if p != keep and not users and not os.path.exists(p)]:
+            self._unmap(gone)
+
+    def _map_region(self, path: str) -> list:
+        """path's mapping here ([region, page-locked, loads using it]), made the first time; _map_lock held."""
+        if path not in self.mapped:
+            region = torch.from_file(path, shared=True, size=os.path.getsize(path), dtype=torch.uint8)
+            pinned = on_memory_filesystem(path) and self.platform.pin_host_memory(region)
+            self.mapped[path] = [region, pinned, 0]
+        return self.mapped[path]
+
     @contextlib.contextmanager
     def _mapped_region(self, path: str):
         """A producer's region mapped here (once; page-locked where the platform can) for the copies
-        of one load. Mappings of regions whose files are gone (their producers closed) are dropped
-        once no load uses them."""
+        of one load."""
         with self._map_lock:
-            for gone in [p for p, (_, _, users) in self.mapped.items()
-                         if p != path and not users and not os.path.exists(p)]:
-                self._unmap(gone)
-            if path not in self.mapped:
-                region = torch.from_file(path, shared=True, size=os.path.getsize(path), dtype=torch.uint8)
-                pinned = on_memory_filesystem(path) and self.platform.pin_host_memory(region)
-                self.mapped[path] = [region, pinned, 0]
-            entry = self.mapped[path]
+            self._unmap_gone(keep=path)
+            entry = self._map_region(path)
             entry[2] += 1
         try:
             yield entry[0]
@@ -403,6 +507,7 @@ class SharedMemoryConnector(RemoteKVConnector):
             remove_file(path)
 
     def poll_loaded(self) -> list[tuple[str, str | None]]:
+        self._map_new_regions()
         return self.take_finished(self.loads)
 
     def cancel_load(self, request_id: str) -> bool:
