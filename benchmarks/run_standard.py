@@ -53,7 +53,7 @@ def main() -> None:
     sizes = model_sizes(llm)
     print(f"startup {startup:.1f} s; KV cache {engine.num_kv_blocks} blocks = "
           f"{(engine.num_kv_blocks - 1) * engine.config.block_size} tokens; graph capture "
-          f"{engine.graph_capture_seconds:.1f} s; decode-attention warm-up waited {engine.decode_warm_up_seconds:.1f} s; "
+          f"{engine.graph_capture_seconds:.1f} s; attention-kernel warm-up waited {engine.kernel_warm_up_seconds:.1f} s; "
           f"long-prompt warm-up {engine.long_prompt_warm_up_seconds:.1f} s; device "
           f"{engine.platform.device_name()}", flush=True)
 
@@ -100,7 +100,7 @@ def main() -> None:
         record = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), **source_version(),
                   "device": engine.platform.device_name(), "date": datetime.date.today().isoformat(),
                   "startup_s": startup, "graph_capture_s": engine.graph_capture_seconds,
-                  "decode_warm_up_wait_s": engine.decode_warm_up_seconds,
+                  "kernel_warm_up_wait_s": engine.kernel_warm_up_seconds,
                   "long_prompt_warm_up_s": engine.long_prompt_warm_up_seconds,
                   "kv_cache_tokens": (engine.num_kv_blocks - 1) * engine.config.block_size,
                   "engine_config": {k: str(v) for k, v in vars(engine.config).items()}, "results": results}

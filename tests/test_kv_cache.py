@@ -230,8 +230,8 @@ def test_a_cache_too_small_for_max_model_len_fails_start_up_and_cancels_the_warm
     finished = []
 
     def start(self):  # a background warm-up as on a GPU, recording how it is finished
-        self._finish_decode_warm_up = finished.append
-    monkeypatch.setattr(ModelRunner, "start_decode_warm_up", start)
+        self._finish_kernel_warm_up = finished.append
+    monkeypatch.setattr(ModelRunner, "start_kernel_warm_up", start)
     with pytest.raises(ValueError, match=r"fewer than max_model_len \(256\): lower max_model_len"):
         LLM(llama_dir, dtype="float32", max_model_len=256, block_size=16, num_gpu_blocks_override=8,
             show_progress=False)  # 128 tokens of cache on every platform (CUDA's default block is 64)

@@ -101,7 +101,7 @@ class LLMEngine:
             raise
         # Decode-attention variants compile in the background from here (no collectives: each rank
         # warms its own); the graphs' capture then finds its attention compiled.
-        self.runner.start_decode_warm_up()
+        self.runner.start_kernel_warm_up()
         try:
             num_blocks = self.runner.determine_num_blocks()
             if self.workers is not None:
@@ -115,11 +115,11 @@ class LLMEngine:
                     f"more memory")
             self.runner.allocate_kv_cache(num_blocks)
         except BaseException:
-            self.runner.finish_decode_warm_up(cancel=True)  # no compile left running past a failed start
+            self.runner.finish_kernel_warm_up(cancel=True)  # no compile left running past a failed start
             raise
-        self.decode_warm_up_seconds = self.runner.finish_decode_warm_up()
-        if self.decode_warm_up_seconds:
-            logger.info("start-up waited %.1f s for the decode-attention variants", self.decode_warm_up_seconds)
+        self.kernel_warm_up_seconds = self.runner.finish_kernel_warm_up()
+        if self.kernel_warm_up_seconds:
+            logger.info("start-up waited %.1f s for the attention-kernel variants", self.kernel_warm_up_seconds)
         self.graph_capture_seconds = self.runner.capture_graphs()
         warm_up = self.runner.long_prefill_warm_up(num_blocks)
         if warm_up is not None and self.workers is not None:

@@ -22,7 +22,7 @@ from sageinfer.platforms.base import Platform
 from sageinfer.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-# Compile at start-up the decode-attention variants a step can reach outside the graphs (a first
+# Compile at start-up the attention-kernel variants a step can reach outside the graphs (a first
 # request must not pay a kernel's compilation); SAGEINFER_DECODE_WARM_UP=0 skips it.
 DECODE_WARM_UP = os.environ.get("SAGEINFER_DECODE_WARM_UP", "1") != "0"
 # ... the prefill-attention kernels' variants with them (SAGEINFER_PREFILL_WARM_UP=0: at first launch, as
@@ -69,7 +69,7 @@ class ModelRunner:
         self.kv_caches: list[LayerKVCache] = []
         self.graphs = None  # executor.graph_runner.DecodeGraphs once captured
         self.prefill_graphs = None  # executor.graph_runner.PrefillGraphs once captured
-        self._finish_decode_warm_up = None  # start_decode_warm_up's, until finish_decode_warm_up
+        self._finish_kernel_warm_up = None  # start_kernel_warm_up's, until finish_kernel_warm_up
 
     def _default_backend(self) -> str:
         name = self.platform.preferred_attention_backend
@@ -176,15 +176,15 @@ class ModelRunner:
         self.platform.synchronize()
         return time.perf_counter() - start
 
-    def start_decode_warm_up(self) -> None:
+    def start_kernel_warm_up(self) -> None:
         """Start compiling, in the background and from several threads, the decode-attention launches
         of the graphs capture_graphs will capture and those a step can choose outside them
-        (attention/decode_warm_up.py), on a one-block cache of the cache's layout: the memory profile
+        (attention/kernel_warm_up.py), on a one-block cache of the cache's layout: the memory profile
         and the cache allocation go on meanwhile. Not where the platform does not compile Triton
         kernels (the CPU interprets them), with other backends, or with SAGEINFER_DECODE_WARM_UP=0."""
         if self.backend.name != "triton" or not self.platform.supports_triton or not DECODE_WARM_UP:
             return
-        from sageinfer.attention.decode_warm_up import decode_plans, graph_plans, prefill_plans, start_in_background
+        from sageinfer.attention.kernel_warm_up import decode_plans, graph_plans, prefill_plans, start_in_background
         from sageinfer.executor.graph_runner import DEPENDENT_LAUNCH_MAX_DECODE_BATCH, graph_batch_sizes
         from sageinfer.layers.attention import Attention
         try:
@@ -198,17 +198,17 @@ class ModelRunner:
                 plans |= prefill_plans(self.config.max_model_len, self.block_size)
             layer = next(m for m in self.model.modules() if isinstance(m, Attention))
             index = self.device.index
-            self._finish_decode_warm_up = start_in_background(
+            self._finish_kernel_warm_up = start_in_background(
                 self.backend, layer, self._layer_cache(1), plans, self.device, self.dtype,
                 threads=min(8, os.cpu_count() or 1),
                 enter_thread=lambda: self.platform.set_device(index) if index is not None else None)
         except Exception:  # a warm-up is an optimisation: serve anyway, compiling on first use as before
-            logger.warning("decode-attention warm-up failed; its kernels compile on first use", exc_info=True)
+            logger.warning("attention-kernel warm-up failed; its kernels compile on first use", exc_info=True)
 
-    def finish_decode_warm_up(self, cancel: bool = False) -> float:
-        """Wait for start_decode_warm_up's compiles (before the graph capture, which launches them); the
+    def finish_kernel_warm_up(self, cancel: bool = False) -> float:
+        """Wait for start_kernel_warm_up's compiles (before the graph capture, which launches them); the
         seconds start-up waited. cancel: a start-up that failed: wait only for the launches under way."""
-        finish, self._finish_decode_warm_up = self._finish_decode_warm_up, None
+        finish, self._finish_kernel_warm_up = self._finish_kernel_warm_up, None
         if finish is None:
             return 0.0
         start = time.perf_counter()
@@ -216,7 +216,7 @@ class ModelRunner:
             finish(cancel)
             self.platform.synchronize()
         except Exception:
-            logger.warning("decode-attention warm-up failed; its kernels compile on first use", exc_info=True)
+            logger.warning("attention-kernel warm-up failed; its kernels compile on first use", exc_info=True)
         return time.perf_counter() - start
 
     def _captures_graphs(self) -> bool:

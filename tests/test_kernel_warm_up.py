@@ -1,4 +1,4 @@
-"""The start-up's decode-attention warm-up (attention/decode_warm_up.py): it holds every choice the
+"""The start-up's attention-kernel warm-up (attention/kernel_warm_up.py): it holds every choice the
 Triton backend's plan can make for a decode batch, and a step's decode launches compile nothing that
 the warm-up did not (the same constexprs and the same specialisation of every other argument)."""
 import contextlib
@@ -14,7 +14,7 @@ from triton.backends.compiler import BaseBackend
 from sageinfer import LLM, SamplingParams
 from sageinfer.attention import triton_backend
 from sageinfer.attention.backend import AttentionMetadata
-from sageinfer.attention.decode_warm_up import decode_plans, graph_plans, prefill_plans, warm_up_decode_kernels
+from sageinfer.attention.kernel_warm_up import decode_plans, graph_plans, prefill_plans, warm_up_kernels
 from sageinfer.attention.triton_backend import TritonBackend
 from sageinfer.executor.graph_runner import DecodeGraphs, graph_batch_sizes
 from sageinfer.layers.attention import Attention
@@ -82,7 +82,7 @@ def test_a_steps_decode_launches_compile_nothing_the_warm_up_did_not(model_dirs,
     one_block = runner._layer_cache(1)  # as start-up warms: the cache's layout, before the cache exists
     before = one_block.k.clone()
     plans = decode_plans(runner.backend, 8, 256, runner.num_kv_heads, eager_decode_from=1)
-    warm_up_decode_kernels(runner.backend, layer, one_block, plans, runner.device, runner.dtype)
+    warm_up_kernels(runner.backend, layer, one_block, plans, runner.device, runner.dtype)
     assert one_block.k.equal(before), "the warm-up wrote into the cache"
     assert len({key[:2] for key in warmed if key[0] == "_paged_attention_kernel"}) == len(plans)
     monkeypatch.undo()
@@ -118,7 +118,7 @@ def test_a_prompts_prefill_launches_compile_nothing_the_warm_up_did_not(model_di
     _record(monkeypatch, "_prefill_attention_kernel", warmed, tile_prefill, decodes_only=False)
     one_block = runner._layer_cache(1)
     before = one_block.k.clone()
-    warm_up_decode_kernels(runner.backend, layer, one_block, plans, runner.device, runner.dtype)
+    warm_up_kernels(runner.backend, layer, one_block, plans, runner.device, runner.dtype)
     assert one_block.k.equal(before), "the warm-up wrote into the cache"
     assert {dict(key[1])["num_warps"] for key in warmed} == {"4", "8"}  # short and long tiles
     monkeypatch.undo()
@@ -146,7 +146,7 @@ def test_prefill_plans_come_first_and_long_ones_only_where_prompts_reach_them():
             launched.append("prefill" if meta.max_query_len > 1 else "decode")
     layer = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16)
     plans = {(1, 0, True, False), (2, 0, False, False)} | prefill_plans(32768, 16)
-    warm_up_decode_kernels(Backend(), layer, types.SimpleNamespace(k=torch.zeros(1, 16, 2, 16)), plans,
+    warm_up_kernels(Backend(), layer, types.SimpleNamespace(k=torch.zeros(1, 16, 2, 16)), plans,
                            torch.device("cpu"), torch.float32, again=False)
     assert launched == ["prefill", "prefill", "decode", "decode"]
 
@@ -177,7 +177,7 @@ def test_a_threaded_warm_up_launches_each_plan_from_the_pool_then_again_from_its
              for dependent in (False, True) if not (s == 1 and keys)}
     layer = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16)
     cache = types.SimpleNamespace(k=torch.zeros(4, 16, 2, 16))
-    warm_up_decode_kernels(Backend(), layer, cache, plans, torch.device("cpu"), torch.float32, threads=3,
+    warm_up_kernels(Backend(), layer, cache, plans, torch.device("cpu"), torch.float32, threads=3,
                            enter_thread=enter)
     main = threading.get_ident()
     pooled = [plan for plan, ident in launched if ident != main]
@@ -210,7 +210,7 @@ def test_the_graphs_capture_compiles_no_attention_the_warm_up_did_not(model_dirs
     warmed, captured = set(), set()
     for name in ("_paged_attention_kernel", "_merge_splits_kernel"):
         _record(monkeypatch, name, warmed)
-    warm_up_decode_kernels(runner.backend, layer, runner._layer_cache(1), plans, runner.device, runner.dtype)
+    warm_up_kernels(runner.backend, layer, runner._layer_cache(1), plans, runner.device, runner.dtype)
     monkeypatch.undo()
     monkeypatch.setattr(triton_backend, "RAGGED_MIN_KEYS", 32)
     for name in ("_paged_attention_kernel", "_merge_splits_kernel"):
@@ -241,16 +241,16 @@ def test_a_failing_warm_up_is_logged_and_start_up_goes_on(caplog):
                                        synchronize=lambda: None),
         model=torch.nn.ModuleList([layer]), _layer_cache=lambda blocks: types.SimpleNamespace(k=torch.zeros(blocks, 16, 2, 16)))
     with caplog.at_level("WARNING"):
-        ModelRunner.start_decode_warm_up(runner)
-        seconds = ModelRunner.finish_decode_warm_up(runner)
-    assert seconds >= 0 and "decode-attention warm-up failed" in caplog.text and "no launch today" in caplog.text
-    assert ModelRunner.finish_decode_warm_up(runner) == 0.0  # finished once
+        ModelRunner.start_kernel_warm_up(runner)
+        seconds = ModelRunner.finish_kernel_warm_up(runner)
+    assert seconds >= 0 and "attention-kernel warm-up failed" in caplog.text and "no launch today" in caplog.text
+    assert ModelRunner.finish_kernel_warm_up(runner) == 0.0  # finished once
 
 
 def test_the_background_warm_up_lets_start_up_go_on_until_it_is_finished():
     """start_in_background returns while the pool's launches are still running; finish() waits for
     them, then launches each plan once more from the caller's thread."""
-    from sageinfer.attention.decode_warm_up import start_in_background
+    from sageinfer.attention.kernel_warm_up import start_in_background
     release, launched, lock = threading.Event(), [], threading.Lock()
 
     class Backend:
@@ -273,7 +273,7 @@ def test_the_background_warm_up_lets_start_up_go_on_until_it_is_finished():
 
 
 def test_a_background_warm_ups_error_reaches_finish():
-    from sageinfer.attention.decode_warm_up import start_in_background
+    from sageinfer.attention.kernel_warm_up import start_in_background
 
     class Backend:
         def _attend(self, *args):
@@ -289,7 +289,7 @@ def test_a_background_warm_ups_error_reaches_finish():
 def test_a_cancelled_background_warm_up_skips_the_plans_not_yet_begun():
     """A start-up that fails cancels the warm-up: the launches under way end, the rest never start, and
     nothing is raised or launched again from the caller's thread."""
-    from sageinfer.attention.decode_warm_up import start_in_background
+    from sageinfer.attention.kernel_warm_up import start_in_background
     release, launched, lock = threading.Event(), [], threading.Lock()
     entered = threading.Semaphore(0)
 

@@ -1,5 +1,5 @@
-"""Compile, before serving and from several threads at once, the decode-attention launches of the
-Triton backend: those of the graphs about to be captured, of a mixed step's decodes (attended apart
+"""Compile, before serving and from several threads at once, the attention kernels' variants: the
+Triton backend's decode launches of the graphs about to be captured, of a mixed step's decodes (attended apart
 from its prefill chunks) and of eager decode batches larger than the largest graph. Each choice of the
 plan (splits, least keys per split) is a kernel variant of its own whose first launch compiles it: on
 an H200 a first pass of a conversation-like mix paid 1.6 s for one such variant in the middle of
@@ -98,7 +98,7 @@ def _order(plan) -> tuple:
     return (0, tuple(plan)) if isinstance(plan, PrefillPlan) else (1, tuple(plan))
 
 
-def warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, threads: int = 1,
+def warm_up_kernels(backend, layer, cache, plans, device, dtype, threads: int = 1,
                            enter_thread=lambda: None, again: bool = True, cancelled=None) -> None:
     """Launch the decode attention of each plan once (layer: layers.attention.Attention, cache: its
     LayerKVCache, dtype: the model's), as a step would: the same constexprs and argument kinds, so the
@@ -163,7 +163,7 @@ def warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, threads:
 
 def start_in_background(backend, layer, cache, plans, device, dtype, threads: int,
                         enter_thread=lambda: None) -> Callable[[bool], None]:
-    """warm_up_decode_kernels's compiles in a thread of their own, so that start-up goes on meanwhile
+    """warm_up_kernels's compiles in a thread of their own, so that start-up goes on meanwhile
     (the memory profile, the cache allocation: on an H200 the warm-up took 6.8 s of a 38 s start-up
     from an empty Triton cache); the finish() returned waits for them, raises their first error, and
     launches each plan once more from the caller's thread (a launch where the compile is in memory).
@@ -174,7 +174,7 @@ def start_in_background(backend, layer, cache, plans, device, dtype, threads: in
     def body():
         try:
             enter_thread()
-            warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, threads, enter_thread, again=False,
+            warm_up_kernels(backend, layer, cache, plans, device, dtype, threads, enter_thread, again=False,
                                    cancelled=cancelled)
         except BaseException as error:  # noqa: BLE001 - handed to finish()
             errors.append(error)
@@ -190,5 +190,5 @@ def start_in_background(backend, layer, cache, plans, device, dtype, threads: in
             return
         if errors:
             raise errors[0]
-        warm_up_decode_kernels(backend, layer, cache, plans, device, dtype, threads=1)
+        warm_up_kernels(backend, layer, cache, plans, device, dtype, threads=1)
     return finish
