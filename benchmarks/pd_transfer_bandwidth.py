@@ -95,6 +95,10 @@ def main() -> None:
     consumer = build_connector(parse_kv_transfer_config({"kv_connector": args.connector, "kv_role": "kv_consumer",
                                                         "kv_connector_extra_config": extra}),
                                dst, args.block_size, platform)
+    if args.connector == "SharedMemoryConnector":  # a decode instance up for a while has mapped the region
+        deadline = time.monotonic() + 30
+        while not consumer.mapped and time.monotonic() < deadline:
+            time.sleep(0.01)
     blocks = list(range(1, nb + 1))
     rows = []
     for r in range(args.repeats):
