@@ -44,12 +44,13 @@ def _producer(args, extra, pipe) -> None:
     pipe.send("ready")
     while (message := pipe.recv()) is not None:
         kind, request_id = message
-        if kind == "early":  # the prompt's chunks before its last, staged as they compute
+        if kind == "early":  # the prompt's chunks before its last, staged layer by layer as the model would
             for k in range(1, args.early_chunks):
-                producer.stage_computed(request_id, list(range(1, nb + 1)), k * args.tokens // args.early_chunks,
-                                        args.tokens + 1)
-            for part in producer.early[request_id].parts if request_id in producer.early else []:
-                part.result()
+                after_layer = producer.stage_step([(request_id, list(range(1, nb + 1)),
+                                                    k * args.tokens // args.early_chunks, args.tokens + 1)])
+                for layer in range(args.layers):
+                    after_layer(layer)
+            producer.early[request_id].wait()
             pipe.send("staged")
         elif kind == "send":
             pipe.send(producer.send(request_id, list(range(1, nb + 1)), args.tokens))
@@ -72,9 +73,11 @@ def main() -> None:
     p.add_argument("--staging-gb", type=float, default=None,
                    help="SharedMemoryConnector's staging region (0: a file per prompt; default: the connector's)")
     p.add_argument("--early-chunks", type=int, default=1,
-                   help="the prompt computed in this many chunks, the KV of all but the last staged before the "
-                        "clock starts (as when the last chunk's compute outlasts their copies); what is timed is "
-                        "then what a request still waits after its prefill (SharedMemoryConnector's region)")
+                   help="the prompt computed in this many chunks, the KV of all but the last staged layer by layer "
+                        "before the clock starts (as when the later chunks' compute outlasts their copies), the "
+                        "last chunk's at send(): what is timed is then the most a request still waits after its "
+                        "prefill (SharedMemoryConnector's region; in the engine the last chunk's layers leave "
+                        "while it computes too)")
     p.add_argument("--result-file", default=None)
     args = p.parse_args()
     platform = get_platform()

@@ -51,7 +51,8 @@ def test_a_request_at_its_token_limit_gets_no_extra_step(llama_dir):
     llm = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
     launches = []
     execute = llm.engine.runner.execute
-    llm.engine.runner.execute = lambda scheduled, prev=None: launches.append(len(scheduled)) or execute(scheduled, prev)
+    llm.engine.runner.execute = lambda scheduled, prev=None, **kw: launches.append(len(scheduled)) or execute(
+        scheduled, prev, **kw)
     out = llm.generate({"prompt_token_ids": [3, 4, 5]}, SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 1 and launches == [1]
     launches.clear()

@@ -173,42 +173,80 @@ def test_only_files_in_memory_count_as_page_lockable():
 
 
 def _chunked_producer(llama_dir, tmp_path, **extra):
-    """A producer whose prompts compute in chunks of 32 tokens: the KV of a prompt's first chunks is
-    staged while its later chunks compute."""
+    """A producer whose steps compute 32 prompt tokens in all: prompts compute in chunks."""
     return LLM(llama_dir, dtype="float32", num_gpu_blocks_override=96, block_size=16, max_model_len=512,
                max_num_batched_tokens=32, show_progress=False, attention_backend="torch_ref",
                kv_transfer_config=_connector_config("SharedMemoryConnector", "kv_producer", tmp_path, **extra))
 
 
-def test_blocks_of_a_chunked_prompt_are_staged_before_its_last_chunk_and_decode_the_same(llama_dir, tmp_path,
-                                                                                          reference):
-    prompts, expected = reference
-    prefill = _chunked_producer(llama_dir, tmp_path)
-    producer = prefill.engine.kv_transfer
-    staged_early = {}  # request -> blocks handed to copies before send(), after each chunk
-    stage_computed = producer.stage_computed
+def _watch_staging(producer, fail_at_call=None):
+    """Record the layers each step's copies ran for, and the blocks send() still had to copy itself;
+    fail_at_call: the layer copies' n-th stream switch raises (a step whose copies break off)."""
+    seen = {"layers": [], "left_for_send": 0, "calls": 0}
+    stage_step, copy_out = producer.stage_step, producer._copy_out
 
-    def record(request_id, *args):
-        stage_computed(request_id, *args)
-        if request_id in producer.early:
-            staged_early.setdefault(request_id, []).append(producer.early[request_id].blocks)
-    producer.stage_computed = record
+    def watched_stage_step(parts):
+        hook = stage_step(parts)
+        if hook is None:
+            return None
+        layers = []
+        seen["layers"].append(layers)
+        return lambda i: (layers.append(i), hook(i))
+
+    def watched_copy_out(buf, block_ids, *args):
+        seen["left_for_send"] += len(block_ids)
+        return copy_out(buf, block_ids, *args)
+    producer.stage_step, producer._copy_out = watched_stage_step, watched_copy_out
+    if fail_at_call is not None:
+        context = producer.platform.copy_stream_context
+
+        def failing(stream):
+            seen["calls"] += 1
+            if seen["calls"] == fail_at_call:
+                raise RuntimeError("copy failed")
+            return context(stream)
+        producer.platform.copy_stream_context = failing
+    return seen
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_kv_leaves_layer_by_layer_while_the_prompt_computes_and_decodes_the_same(llama_dir, tmp_path, reference,
+                                                                                 chunked):
+    prompts, expected = reference
+    prefill = _chunked_producer(llama_dir, tmp_path) if chunked else _engine(
+        llama_dir, "SharedMemoryConnector", "kv_producer", tmp_path)
+    producer = prefill.engine.kv_transfer
+    seen = _watch_staging(producer)
     decode = _engine(llama_dir, "SharedMemoryConnector", "kv_consumer", tmp_path)
     free_p, free_d = _free_blocks(prefill), _free_blocks(decode)
     params = _prefill(prefill, prompts)
     assert all("region" in p for p in params)
-    # the steps compute 32 tokens in all: every prompt of 48 tokens or more had whole blocks staged
-    # while its later chunks computed, never the last of them
-    long_enough = [p for p in prompts if len(p) >= 48]
-    assert long_enough and len(staged_early) >= len(long_enough)
-    offered = {p["remote_request_id"]: p["remote_num_tokens"] // 16 for p in params}
-    for request_id, blocks in staged_early.items():
-        assert blocks == sorted(blocks) and 0 < blocks[-1] <= offered[request_id]
+    layers = list(range(len(producer.layer_tensors)))
+    assert seen["layers"] and all(step == layers for step in seen["layers"])  # every layer, in order
+    if chunked:  # 32 tokens a step: the prompts' blocks left over several steps
+        assert len(seen["layers"]) > len(prompts)
+    assert seen["left_for_send"] == 0  # every whole block had left by the time each prefill ended
     assert not producer.early
     assert _decode(decode, prompts, params) == expected
     assert decode.engine.scheduler.num_remote_kv_failures == 0
     _settle(prefill)
     assert _free_blocks(prefill) == free_p and _free_blocks(decode) == free_d
+    _assert_region_all_free(prefill, tmp_path)
+
+
+def test_blocks_whose_layer_copies_broke_off_are_copied_once_the_prefill_ends(llama_dir, tmp_path, reference):
+    """(A chunk's blocks whose copies broke off go with the next chunk's; here every prompt computes in
+    one step, so send() copies them.)"""
+    prompts, expected = reference
+    prefill = _engine(llama_dir, "SharedMemoryConnector", "kv_producer", tmp_path)
+    producer = prefill.engine.kv_transfer
+    seen = _watch_staging(producer, fail_at_call=2)  # the step's second layer
+    decode = _engine(llama_dir, "SharedMemoryConnector", "kv_consumer", tmp_path)
+    params = _prefill(prefill, prompts)
+    assert seen["left_for_send"] > 0
+    assert _decode(decode, prompts, params) == expected
+    assert decode.engine.scheduler.num_remote_kv_failures == 0
+    _settle(prefill)
     _assert_region_all_free(prefill, tmp_path)
 
 

@@ -15,7 +15,7 @@ def test_mirrors_follow_the_scheduler_through_preemption_and_async_steps(model_d
     execute = engine.runner.execute
     checked = 0
 
-    def mirrored_execute(scheduled, prev_tokens=None):
+    def mirrored_execute(scheduled, prev_tokens=None, **kw):
         nonlocal checked
         message = decoder.decode(encoder.encode(builder.build(scheduled, prev_tokens is not None)))
         for (request, n), (mirror, m) in zip(scheduled, mirrors.apply(message)):
@@ -26,7 +26,7 @@ def test_mirrors_follow_the_scheduler_through_preemption_and_async_steps(model_d
             assert mirror.output_token_ids == request.output_token_ids
             checked += 1
         assert set(mirrors.requests) >= {r.request_id for r, _ in scheduled}
-        return execute(scheduled, prev_tokens)
+        return execute(scheduled, prev_tokens, **kw)
 
     engine.runner.execute = mirrored_execute
     rng = np.random.default_rng(3)

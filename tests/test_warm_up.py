@@ -21,8 +21,8 @@ def test_the_long_prompt_steps_run_at_start_up_and_change_no_output(llama_dir, m
 
     steps = []
     original = ModelRunner.execute
-    monkeypatch.setattr(ModelRunner, "execute", lambda self, scheduled, *a: (
-        steps.append([(r.num_computed_tokens, n) for r, n in scheduled]), original(self, scheduled, *a))[1])
+    monkeypatch.setattr(ModelRunner, "execute", lambda self, scheduled, *a, **kw: (
+        steps.append([(r.num_computed_tokens, n) for r, n in scheduled]), original(self, scheduled, *a, **kw))[1])
     monkeypatch.setattr(paged_attention, "LONG_CONTEXT", 100)  # a tiny model's "long" prompt
     warmed = _engine(llama_dir)
     assert warmed.engine.long_prompt_warm_up_seconds > 0

@@ -12,6 +12,7 @@ tokens, the new ones last, so new token j sits at position seq_lens[i] - query_l
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -61,6 +62,9 @@ class AttentionMetadata:
     # A mixed step cut in two for a backend that attends the single-token sequences (decodes, leading
     # the batch) with its decode kernel and the rest with its prefill kernel: (decode part, rest).
     parts: tuple["AttentionMetadata", "AttentionMetadata"] | None = None
+    # Called by the model with each layer's index once that layer's kernels are enqueued (eager steps
+    # only): a KV connector's copies of the layer's new KV start behind them.
+    after_layer: Callable[[int], None] | None = None
 
     @property
     def num_seqs(self) -> int:

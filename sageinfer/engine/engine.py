@@ -333,7 +333,7 @@ class LLMEngine:
             if self.workers is not None:
                 offload = self.offload_mirror.take_ops() if self.offload_mirror is not None else None
                 self.workers.send_step(sched.scheduled, use_prev_tokens=prev_tokens is not None, offload=offload)
-            result = self.runner.execute(sched.scheduled, prev_tokens)
+            result = self.runner.execute(sched.scheduled, prev_tokens, after_layer=self.scheduler.stage_kv(sched))
             host = result.host
             self.utilization.record_step(np.diff(host.query_start_loc), host.seq_lens, len(host.logits_indices))
             self.kv_manager.step_launched()

@@ -262,18 +262,22 @@ class Scheduler:
         """Advance progress of what ran (its full blocks were registered when it was scheduled)."""
         for request, num_new in out.scheduled:
             request.num_computed_tokens += num_new
-            if request.num_computed_tokens < request.num_prompt_tokens and self._offers_kv(request):
-                self._stage_computed(request)
 
-    def _stage_computed(self, request: Request) -> None:
-        """A producer's prompt chunk has been launched: its KV may start to leave before the rest of the
-        prompt has computed (the connector decides whether it moves anything early)."""
+    def stage_kv(self, out: SchedulerOutput):
+        """Before a step launches: the prompts it computes whose KV a decode instance will read may
+        start to leave layer by layer (the connector decides). Returns what the model calls after each
+        layer, or None."""
+        if self.kv_transfer is None or not self.kv_transfer.is_producer:
+            return None
+        parts = [(r.request_id, r.block_ids, r.num_computed_tokens + n, r.num_prompt_tokens) for r, n in out.scheduled
+                 if r.num_computed_tokens < r.num_prompt_tokens and self._offers_kv(r)]
+        if not parts:
+            return None
         try:
-            self.kv_transfer.stage_computed(request.request_id, request.block_ids, request.num_computed_tokens,
-                                            request.num_prompt_tokens)
-        except Exception:  # noqa: BLE001 - the KV goes at send() instead
-            logger.exception("request %s: staging its KV early failed", request.request_id)
-            self.kv_transfer.drop_staged(request.request_id)
+            return self.kv_transfer.stage_step(parts)
+        except Exception:  # noqa: BLE001 - the KV goes once each prefill ends instead
+            logger.exception("staging KV layer by layer failed for requests %s", [p[0] for p in parts])
+            return None
 
     def finish(self, request: Request, reason: str, stop_reason=None) -> None:
         """Finish (or abort) a request wherever it is and free its blocks."""

@@ -285,7 +285,7 @@ class ModelRunner:
             rows = self.platform.to_device(host.fill_row, self.device)
             input_ids[index] = prev_token_ids[rows]
 
-    def _eager_forward(self, host: HostInputs, prev_token_ids: torch.Tensor | None) -> torch.Tensor:
+    def _eager_forward(self, host: HostInputs, prev_token_ids: torch.Tensor | None, after_layer=None) -> torch.Tensor:
         dev, to_device = self.device, self.platform.to_device
         meta = AttentionMetadata(
             num_actual_tokens=host.num_tokens,
@@ -296,7 +296,8 @@ class ModelRunner:
             max_query_len=host.max_query_len, max_seq_len=int(host.seq_lens.max()),
             query_start_loc_cpu=host.query_start_loc.tolist(), seq_lens_cpu=host.seq_lens.tolist(),
             cascade_prefix_len=(to_device(np.array([host.cascade_prefix_len], dtype=np.int32), dev)
-                                if host.cascade_prefix_len else None))
+                                if host.cascade_prefix_len else None),
+            after_layer=after_layer)
         self.backend.plan(meta, self.num_kv_heads)
         input_ids = to_device(host.input_ids, dev)
         self._fill_pending(input_ids, host, prev_token_ids)
@@ -304,17 +305,19 @@ class ModelRunner:
         return self.model(input_ids, positions, self.kv_caches, meta)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list, prev_token_ids: torch.Tensor | None = None) -> StepResult:
+    def execute(self, scheduled: list, prev_token_ids: torch.Tensor | None = None, after_layer=None) -> StepResult:
         """Launch one step. prev_token_ids: the previous step's sampled tokens, still on the device,
-        for requests whose newest token is a placeholder. Nothing here waits for the device."""
+        for requests whose newest token is a placeholder. after_layer: called after each layer is
+        enqueued (KV leaving layer by layer; the step then runs eagerly, as graphs call nothing).
+        Nothing here waits for the device."""
         scheduled = single_token_first(scheduled)
         host = self._host_inputs(scheduled)
         prompt_spans = None
         if host.wants_prompt_logprobs:
             prompt_spans = prompt_logprobs.find_spans(scheduled, host.seq_lens - np.diff(host.query_start_loc),
                                                       host.query_start_loc)
-        if prompt_spans is not None:  # needs every row's hidden state: the graphs keep only what they sample
-            hidden = self._eager_forward(host, prev_token_ids)
+        if prompt_spans is not None or after_layer is not None:  # (graphs keep only what they sample)
+            hidden = self._eager_forward(host, prev_token_ids, after_layer)
         elif self.graphs is not None and self.graphs.can_run(len(scheduled), host.max_query_len):
             hidden = self.graphs.run(host, lambda ids: self._fill_pending(ids, host, prev_token_ids))
         elif self.prefill_graphs is not None and self.prefill_graphs.can_run(scheduled, host):

@@ -104,12 +104,17 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, meta, backend):
         hidden, residual = self.embed_tokens(input_ids), None
+        after_layer = meta.after_layer
         if one_row(hidden, self.layers[0].mlp.down_proj.use_triton):
-            for layer, kv_cache in zip(self.layers, kv_caches):
+            for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
                 layer.forward_one_row(positions, hidden, kv_cache, meta, backend)  # hidden is summed in place
+                if after_layer is not None:
+                    after_layer(i)
             return self.norm(hidden)
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta, backend)
+            if after_layer is not None:
+                after_layer(i)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

@@ -98,9 +98,11 @@ class RemoteKVConnector:
     def send(self, request_id: str, block_ids: list[int], num_tokens: int) -> tuple[bool, dict]:
         raise NotImplementedError
 
-    def stage_computed(self, request_id: str, block_ids: list[int], num_computed: int, num_prompt: int) -> None:
-        """A prompt that will be sent has computed num_computed of its num_prompt tokens (a chunk
-        before its last): a connector that can move KV before send() starts on those blocks."""
+    def stage_step(self, parts: list[tuple[str, list[int], int, int]]):
+        """Prompts that will be sent compute in the step about to launch: parts are (request, its block
+        ids, its tokens computed once the step has run, its prompt's length). A connector that moves KV
+        while the prompt computes returns what the model calls after each layer (its index), else None."""
+        return None
 
     def drop_staged(self, request_id: str) -> None:
         """A prompt staged early will not be sent (preempted, aborted): before its blocks are freed,

@@ -14,8 +14,12 @@ Where it goes:
   - a file per prompt, where the region has no room (or staging_gb is 0): written under a
     temporary name, then renamed; the decode instance reads it and removes it.
 
-Both copies run in background threads on copy streams of their own, off the engine's loop and beside
-its compute: the producer holds the request's blocks until its KV is staged, the consumer waits for
+A prompt's KV leaves while it computes: the model calls stage_step's hook after each layer of a step,
+which copies that layer's KV of the blocks the step completes into the prompt's range of the region
+on a copy stream, behind the layer's kernels and beside the next layers' (chunk after chunk, for a
+prompt computed in several). What is left when the prefill ends (blocks of steps whose copies broke
+off, or a prompt that went through a file) is copied then, in background threads on copy streams of
+their own. The producer holds the request's blocks until its KV is staged, the consumer waits for
 it (up to load_timeout_s) and writes only blocks that nothing else uses yet. Staged KV is token-major
 (per cache tensor: [tokens, kv heads, head size]), so the two instances' block sizes may differ.
 Staged KV never read (a decode instance that never came) is removed by its producer after
@@ -112,8 +116,52 @@ class _EarlyStaging:
     """A prompt's range of the region, taken at its first chunk, and the copies of its blocks so far."""
     offset: int
     tokens: int  # the prompt's whole blocks: what send() will offer
-    blocks: int = 0  # blocks handed to copies
-    parts: list = field(default_factory=list)  # their futures
+    blocks: int = 0  # blocks whose copies were enqueued for every layer
+    copies: list = field(default_factory=list)  # per step, an event after its copies on the copy stream
+
+    def wait(self) -> None:
+        """Until the copies enqueued so far have run."""
+        for event in self.copies:
+            if event is not None:
+                event.synchronize()
+
+
+class _LayerCopies:
+    """Called by the model after each layer of a step (AttentionMetadata.after_layer): that layer's KV of
+    the blocks the step completes goes to the prompts' ranges on the connector's copy stream, after an
+    event that orders it behind the layer's kernels. A prompt's blocks count as staged once the last
+    layer's copies are enqueued; a step cut short (an error) leaves them to send()."""
+
+    def __init__(self, connector: "SharedMemoryConnector", plans: list):
+        self.connector, self.plans, self.failed = connector, plans, False
+        self.ids = None  # the plans' block ids on the device, made on the copy stream (which alone reads them)
+
+    def __call__(self, layer: int) -> None:
+        c = self.connector
+        if self.failed:
+            return
+        try:
+            after_layer = c.platform.record_event()
+            with c.platform.copy_stream_context(c.layer_stream()):
+                if after_layer is not None:
+                    c.platform.wait_event(after_layer)
+                if self.ids is None:
+                    self.ids = [c._device_ids(block_ids) for _, block_ids, _ in self.plans]
+                for (early, _, done), ids in zip(self.plans, self.ids):
+                    first, count = early.blocks * c.block_size, (done - early.blocks) * c.block_size
+                    for j in c.layer_tensors[layer]:
+                        t, per_token = c.tensors[j], c.token_bytes[j]
+                        start = early.offset + early.tokens * c.bytes_before[j] + first * per_token
+                        c.region[start:start + count * per_token].view(t.dtype).view(count, *t.shape[2:]).copy_(
+                            t.index_select(0, ids).reshape(count, *t.shape[2:]), non_blocking=True)
+                if layer == len(c.layer_tensors) - 1:
+                    copied = c.platform.record_event()
+                    for early, _, done in self.plans:
+                        early.copies.append(copied)
+                        early.blocks = done
+        except Exception:  # noqa: BLE001 - send() copies these blocks itself
+            logger.exception("staging KV layer by layer failed; the prompts' KV goes once their prefill ends")
+            self.failed = True
 
 
 class SharedMemoryConnector(RemoteKVConnector):
@@ -138,6 +186,13 @@ class SharedMemoryConnector(RemoteKVConnector):
         self.mapped: dict[str, list] = {}  # region path -> [its mapping here, page-locked, loads using it]
         self._map_lock = threading.Lock()
         self.early: dict[str, _EarlyStaging] = {}  # request -> its prompt's blocks staged before send()
+        self.layer_tensors = []  # per layer, the indices of its tensors in self.tensors
+        for cache in kv_caches:
+            count = sum(t is not None for t in (cache.k, cache.v, cache.k_scale, cache.v_scale))
+            start = sum(len(r) for r in self.layer_tensors)
+            self.layer_tensors.append(range(start, start + count))
+        self.bytes_before = np.cumsum([0] + self.token_bytes[:-1]).tolist()  # per tensor: a token's bytes before it
+        self._layer_stream = None
         self.region = self.region_path = self.ranges = None
         self.region_pinned = False
         if self.is_producer:
@@ -186,6 +241,12 @@ class SharedMemoryConnector(RemoteKVConnector):
         if stream is not None:
             stream.synchronize()
 
+    def layer_stream(self):
+        """The copy stream of the layer-by-layer copies, which the engine's thread enqueues."""
+        if self._layer_stream is None:
+            self._layer_stream = self.platform.stream(self.tensors[0].device)
+        return self._layer_stream
+
     def _device_ids(self, block_ids: list[int]) -> torch.Tensor:
         return self.platform.to_device(np.asarray(block_ids, dtype=np.int64), self.tensors[0].device)
 
@@ -214,34 +275,36 @@ class SharedMemoryConnector(RemoteKVConnector):
                 offset += total * per_token
 
     # ---- producer ----
-    def stage_computed(self, request_id: str, block_ids: list[int], num_computed: int, num_prompt: int) -> None:
-        """Blocks of a prompt computed before its last chunk go to the region while the rest of the
-        prompt computes; send() then copies only what is left. Where the region has no room, nothing
+    def stage_step(self, parts: list[tuple[str, list[int], int, int]]) -> Callable[[int], None] | None:
+        """This step's prompt tokens leave layer by layer: parts are (request, its block ids, its tokens
+        computed once this step has run, its prompt's length) of the prompts this step computes that
+        will be sent. Returns what the model calls after each layer (None: nothing to copy): it copies
+        that layer's KV of the blocks the step completes into each prompt's range of the region, on a
+        copy stream after the layer's kernels, while the next layers compute. send() is then left with
+        at most the blocks of steps whose layers did not all run. Where the region has no room, nothing
         moves early (send() decides then, as without this)."""
         if self.ranges is None:
-            return
-        early = self.early.get(request_id)
-        if early is None:
-            tokens = num_prompt // self.block_size * self.block_size
-            offset = self.ranges.take(tokens * sum(self.token_bytes)) if tokens else None
-            if offset is None:
-                return
-            early = self.early[request_id] = _EarlyStaging(offset, tokens)
-        done = min(num_computed, early.tokens) // self.block_size
-        if done > early.blocks:
-            buf = self.region[early.offset:early.offset + early.tokens * sum(self.token_bytes)]
-            early.parts.append(self.workers.submit(
-                self._copy_out, buf, list(block_ids[early.blocks:done]), early.blocks * self.block_size,
-                early.tokens, self.platform.record_event()))
-            early.blocks = done
+            return None
+        plans = []
+        for request_id, block_ids, num_computed, num_prompt in parts:
+            early = self.early.get(request_id)
+            if early is None:
+                tokens = num_prompt // self.block_size * self.block_size
+                offset = self.ranges.take(tokens * sum(self.token_bytes)) if tokens else None
+                if offset is None:
+                    continue
+                early = self.early[request_id] = _EarlyStaging(offset, tokens)
+            done = min(num_computed, early.tokens) // self.block_size
+            if done > early.blocks:
+                plans.append((early, list(block_ids[early.blocks:done]), done))
+        return _LayerCopies(self, plans) if plans else None
 
     def drop_staged(self, request_id: str) -> None:
         """A prefill preempted or ended before send(): its copies in flight end first (its blocks are
         about to be freed and reused), then its range is given back."""
         early = self.early.pop(request_id, None)
         if early is not None:
-            for part in early.parts:
-                part.exception()  # waits; a failed part needs nothing more
+            early.wait()
             self.ranges.give(early.offset, early.tokens * sum(self.token_bytes))
 
     def send(self, request_id: str, block_ids: list[int], num_tokens: int) -> tuple[bool, dict]:
@@ -260,7 +323,7 @@ class SharedMemoryConnector(RemoteKVConnector):
             key = uuid.uuid4().hex
             params.update(region=self.region_path, offset=early.offset, key=key)
             future = self.workers.submit(self._stage_in_region, list(block_ids[early.blocks:nb]), early.blocks
-                                         * self.block_size, tokens, early.offset, key, early.parts,
+                                         * self.block_size, tokens, early.offset, key, early.wait,
                                          self.platform.record_event())
             self.staged[key] = (early.offset, needed, time.monotonic() + self.ttl, future)
             self.sending[request_id] = future
@@ -274,7 +337,7 @@ class SharedMemoryConnector(RemoteKVConnector):
         if offset is not None:
             key = uuid.uuid4().hex
             params.update(region=self.region_path, offset=offset, key=key)
-            future = self.workers.submit(self._stage_in_region, list(block_ids[:nb]), 0, tokens, offset, key, (),
+            future = self.workers.submit(self._stage_in_region, list(block_ids[:nb]), 0, tokens, offset, key, None,
                                          self.platform.record_event())
             self.staged[key] = (offset, needed, time.monotonic() + self.ttl, future)
         else:
@@ -289,12 +352,12 @@ class SharedMemoryConnector(RemoteKVConnector):
         return True, params
 
     def _stage_in_region(self, block_ids: list[int], first: int, tokens: int, offset: int, key: str,
-                         parts=(), after=None) -> None:
-        """Tokens [first, tokens) of a prompt into its range (those before first were staged early, by
-        parts), then the marker that the whole range is complete."""
+                         staged_early: Callable[[], None] | None = None, after=None) -> None:
+        """Tokens [first, tokens) of a prompt into its range (those before first were staged layer by
+        layer: staged_early waits for those copies), then the marker that the whole range is complete."""
         try:
-            for part in parts:
-                part.result()
+            if staged_early is not None:
+                staged_early()
             if block_ids:
                 self._copy_out(self.region[offset:offset + tokens * sum(self.token_bytes)], block_ids, first, tokens,
                                after)
