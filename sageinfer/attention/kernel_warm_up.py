@@ -1,8 +1,8 @@
 """Compile, before serving and from several threads at once, the attention kernels' variants: the
-Triton backend's decode launches of the graphs about to be captured, of a mixed step's decodes (attended apart
-from its prefill chunks) and of eager decode batches larger than the largest graph. Each choice of the
-plan (splits, least keys per split) is a kernel variant of its own whose first launch compiles it: on
-an H200 a first pass of a conversation-like mix paid 1.6 s for one such variant in the middle of
+Triton backend's decode launches of the graphs about to be captured, of a mixed step's decodes
+(attended apart from its prefill chunks) and of eager decode batches larger than the largest graph.
+Each choice of the plan (splits, least keys per split) is a kernel variant of its own whose first
+launch compiles it: on an H200 a first pass of a conversation-like mix paid 1.6 s for one such variant in the middle of
 serving, a second pass another 1.7 s for two more; the graph capture compiles its own one at a time.
 
 One launch per variant, of one sequence through one layer's cache, writing nothing to the cache (its
@@ -99,7 +99,7 @@ def _order(plan) -> tuple:
 
 
 def warm_up_kernels(backend, layer, cache, plans, device, dtype, threads: int = 1,
-                           enter_thread=lambda: None, again: bool = True, cancelled=None) -> None:
+                    enter_thread=lambda: None, again: bool = True, cancelled=None) -> None:
     """Launch the decode attention of each plan once (layer: layers.attention.Attention, cache: its
     LayerKVCache, dtype: the model's), as a step would: the same constexprs and argument kinds, so the
     same compile. With threads > 1 every plan first runs from that many threads, whose compiles overlap
@@ -175,7 +175,7 @@ def start_in_background(backend, layer, cache, plans, device, dtype, threads: in
         try:
             enter_thread()
             warm_up_kernels(backend, layer, cache, plans, device, dtype, threads, enter_thread, again=False,
-                                   cancelled=cancelled)
+                            cancelled=cancelled)
         except BaseException as error:  # noqa: BLE001 - handed to finish()
             errors.append(error)
 

@@ -99,7 +99,7 @@ class LLMEngine:
         except BaseException:
             self.shutdown(timeout=2.0)  # the others fail the same way: stop them, raise the reason here
             raise
-        # Decode-attention variants compile in the background from here (no collectives: each rank
+        # Attention-kernel variants compile in the background from here (no collectives: each rank
         # warms its own); the graphs' capture then finds its attention compiled.
         self.runner.start_kernel_warm_up()
         try:
