@@ -234,13 +234,19 @@ def test_kv_leaves_layer_by_layer_while_the_prompt_computes_and_decodes_the_same
     _assert_region_all_free(prefill, tmp_path)
 
 
-def test_blocks_whose_layer_copies_broke_off_are_copied_once_the_prefill_ends(llama_dir, tmp_path, reference):
+@pytest.mark.parametrize("how", ["a copy fails", "a graph runs the step"])
+def test_blocks_whose_layer_copies_broke_off_are_copied_once_the_prefill_ends(llama_dir, tmp_path, reference, how):
     """(A chunk's blocks whose copies broke off go with the next chunk's; here every prompt computes in
-    one step, so send() copies them.)"""
+    one step, so send() copies them.) A captured graph calls no hook at all."""
     prompts, expected = reference
     prefill = _engine(llama_dir, "SharedMemoryConnector", "kv_producer", tmp_path)
-    producer = prefill.engine.kv_transfer
-    seen = _watch_staging(producer, fail_at_call=2)  # the step's second layer
+    producer, runner = prefill.engine.kv_transfer, prefill.engine.runner
+    if how == "a copy fails":
+        seen = _watch_staging(producer, fail_at_call=2)  # the step's second layer
+    else:
+        seen = _watch_staging(producer)
+        execute = runner.execute
+        runner.execute = lambda scheduled, prev=None, after_layer=None: execute(scheduled, prev)
     decode = _engine(llama_dir, "SharedMemoryConnector", "kv_consumer", tmp_path)
     params = _prefill(prefill, prompts)
     assert seen["left_for_send"] > 0

@@ -307,8 +307,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list, prev_token_ids: torch.Tensor | None = None, after_layer=None) -> StepResult:
         """Launch one step. prev_token_ids: the previous step's sampled tokens, still on the device,
-        for requests whose newest token is a placeholder. after_layer: called after each layer is
-        enqueued (KV leaving layer by layer; the step then runs eagerly, as graphs call nothing).
+        for requests whose newest token is a placeholder. after_layer: called after each layer of an
+        eager step is enqueued (KV leaving layer by layer); a step that a graph runs calls nothing (its
+        KV is then copied whole, once its prefill ends: a short prompt alone, or one decode token).
         Nothing here waits for the device."""
         scheduled = single_token_first(scheduled)
         host = self._host_inputs(scheduled)
@@ -316,14 +317,14 @@ class ModelRunner:
         if host.wants_prompt_logprobs:
             prompt_spans = prompt_logprobs.find_spans(scheduled, host.seq_lens - np.diff(host.query_start_loc),
                                                       host.query_start_loc)
-        if prompt_spans is not None or after_layer is not None:  # (graphs keep only what they sample)
+        if prompt_spans is not None:  # needs every row's hidden state: the graphs keep only what they sample
             hidden = self._eager_forward(host, prev_token_ids, after_layer)
         elif self.graphs is not None and self.graphs.can_run(len(scheduled), host.max_query_len):
             hidden = self.graphs.run(host, lambda ids: self._fill_pending(ids, host, prev_token_ids))
         elif self.prefill_graphs is not None and self.prefill_graphs.can_run(scheduled, host):
             hidden = self.prefill_graphs.run(host)
         else:
-            hidden = self._eager_forward(host, prev_token_ids)
+            hidden = self._eager_forward(host, prev_token_ids, after_layer)
         prompt_out = None if prompt_spans is None else prompt_logprobs.compute(
             self.model, hidden, prompt_spans, self.platform.to_device, self.platform.to_host_async)
         if not host.sampled_requests:

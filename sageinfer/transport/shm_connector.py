@@ -130,7 +130,8 @@ class _LayerCopies:
     """Called by the model after each layer of a step (AttentionMetadata.after_layer): that layer's KV of
     the blocks the step completes goes to the prompts' ranges on the connector's copy stream, after an
     event that orders it behind the layer's kernels. A prompt's blocks count as staged once the last
-    layer's copies are enqueued; a step cut short (an error) leaves them to send()."""
+    layer's copies are enqueued; a step cut short (an error), or one that a captured graph runs (which
+    calls nothing), leaves them to the next chunk or to send()."""
 
     def __init__(self, connector: "SharedMemoryConnector", plans: list):
         self.connector, self.plans, self.failed = connector, plans, False
