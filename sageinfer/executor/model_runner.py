@@ -179,9 +179,10 @@ class ModelRunner:
     def start_kernel_warm_up(self) -> None:
         """Start compiling, in the background and from several threads, the decode-attention launches
         of the graphs capture_graphs will capture and those a step can choose outside them, and the
-        prefill-attention kernels' variants (attention/kernel_warm_up.py), on a one-block cache of the cache's layout: the memory profile
-        and the cache allocation go on meanwhile. Not where the platform does not compile Triton
-        kernels (the CPU interprets them), with other backends, or with SAGEINFER_DECODE_WARM_UP=0."""
+        prefill-attention kernels' variants (attention/kernel_warm_up.py), on a one-block cache of the
+        cache's layout: the memory profile and the cache allocation go on meanwhile. Not where the
+        platform does not compile Triton kernels (the CPU interprets them), with other backends, or with
+        SAGEINFER_DECODE_WARM_UP=0."""
         if self.backend.name != "triton" or not self.platform.supports_triton or not DECODE_WARM_UP:
             return
         from sageinfer.attention.kernel_warm_up import decode_plans, graph_plans, prefill_plans, start_in_background

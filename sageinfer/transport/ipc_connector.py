@@ -30,7 +30,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,18 +38,12 @@ import numpy as np
 import torch
 
 from sageinfer.transport.kv_pairing import per_model_tensors
-from sageinfer.transport.marker_files import create_marker as _create
-from sageinfer.transport.marker_files import process_alive as _alive
-from sageinfer.transport.marker_files import remove_file as _remove
+from sageinfer.transport.marker_files import create_marker, default_dir, process_alive, remove_file
 from sageinfer.transport.remote_kv import RemoteKVConnector, kv_tensors
 
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"[0-9A-Za-z_.-]{1,128}")
 _KEY = re.compile(r"[0-9a-f]{1,64}")
-
-
-def _default_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
 def _directory(config: dict) -> str:
@@ -59,7 +52,7 @@ def _directory(config: dict) -> str:
     engine_id = config["engine_id"]
     if not _NAME.fullmatch(engine_id) or engine_id.startswith("."):
         raise ValueError(f"DeviceIpcConnector: engine_id {engine_id!r} must be letters, digits, '_', '.', '-'")
-    root = os.path.join(extra.get("ipc_dir") or _default_dir(), f"sageinfer-ipc-{os.getuid()}")
+    root = os.path.join(extra.get("ipc_dir") or default_dir(), f"sageinfer-ipc-{os.getuid()}")
     os.makedirs(root, mode=0o700, exist_ok=True)
     if os.stat(root).st_uid != os.getuid() or os.stat(root).st_mode & 0o077:
         raise ValueError(f"DeviceIpcConnector: {root} must be this user's alone (mode 0700)")
@@ -90,7 +83,7 @@ def _abandoned(engine_dir: str) -> bool:
     wrote them, long ago)."""
     try:
         with open(os.path.join(engine_dir, "handles.0"), "rb") as f:
-            return not _alive(int(pickle.load(f)["pid"]))
+            return not process_alive(int(pickle.load(f)["pid"]))
     except FileNotFoundError:
         return time.time() - os.path.getmtime(engine_dir) > 600
     except Exception:  # noqa: BLE001 - an unreadable file: no live owner to protect
@@ -173,11 +166,11 @@ class DeviceIpcConnector(RemoteKVConnector):
         for request_id, (key, expires) in list(self.held.items()):
             marker = self._marker(self.engine_id, key)
             if os.path.exists(marker + ".done"):
-                _remove(marker + ".done")
-                _remove(marker + ".claim")
+                remove_file(marker + ".done")
+                remove_file(marker + ".claim")
             elif now <= expires:
                 continue
-            elif _create(marker + ".claim"):  # no consumer came: this producer stops holding
+            elif create_marker(marker + ".claim"):  # no consumer came: this producer stops holding
                 logger.warning("KV of request %s was not read within %g s: its blocks are freed",
                                request_id, self.abort_timeout)
             elif now - self.claimed_at.setdefault(request_id, now) <= self.load_timeout:
@@ -185,7 +178,7 @@ class DeviceIpcConnector(RemoteKVConnector):
             else:
                 logger.warning("request %s: the decode instance that began reading its KV never finished: "
                                "its blocks are freed", request_id)
-            _remove(marker + ".offer")
+            remove_file(marker + ".offer")
             del self.held[request_id]
             self.claimed_at.pop(request_id, None)
             done.append(request_id)
@@ -210,7 +203,7 @@ class DeviceIpcConnector(RemoteKVConnector):
         for name in os.listdir(own):
             try:
                 if not name.startswith("handles.") and os.path.getmtime(os.path.join(own, name)) < cutoff:
-                    _remove(os.path.join(own, name))
+                    remove_file(os.path.join(own, name))
             except FileNotFoundError:
                 pass
 
@@ -251,13 +244,13 @@ class DeviceIpcConnector(RemoteKVConnector):
             with open(path, "rb") as f:
                 exported = pickle.load(f)  # written by a process of this user, in a directory only it may write
             pid = exported["pid"]
-            if not _alive(pid):
+            if not process_alive(pid):
                 raise ValueError(f"rank {rank} of instance {engine!r} (pid {pid}) is gone")
             # both instances in one process: no mapping needed (nor allowed, for CUDA IPC)
             tensors = _LOCAL[engine] if pid == os.getpid() else [self.platform.open_memory_handle(h)
                                                                  for h in exported["handles"]]
             cached = self.mapped[(engine, rank)] = (identity, pid, tensors)
-        elif not _alive(cached[1]):  # (its memory must not be read once it is gone)
+        elif not process_alive(cached[1]):  # (its memory must not be read once it is gone)
             raise ValueError(f"rank {rank} of instance {engine!r} (pid {cached[1]}) is gone")
         return cached[2]
 
@@ -291,7 +284,7 @@ class DeviceIpcConnector(RemoteKVConnector):
               plans: list[list[tuple[int, int, int, int]]]) -> None:
         if not os.path.exists(marker + ".offer"):
             raise ValueError("the prefill instance holds no KV under this key (never offered, or already freed)")
-        if not _create(marker + ".claim"):
+        if not create_marker(marker + ".claim"):
             raise ValueError("this prompt's KV was already read, or given up by the prefill instance")
         try:
             with open(marker + ".offer") as f:
@@ -323,7 +316,7 @@ class DeviceIpcConnector(RemoteKVConnector):
                 if stream is not None:
                     stream.synchronize()  # filled before the engine is told (and schedules a step on them)
         finally:
-            _create(marker + ".done")  # the producer may free its blocks
+            create_marker(marker + ".done")  # the producer may free its blocks
 
     def poll_loaded(self) -> list[tuple[str, str | None]]:
         return self.take_finished(self.loads)
@@ -334,8 +327,8 @@ class DeviceIpcConnector(RemoteKVConnector):
             return True
         if future.cancel():  # not started: nothing writes the blocks; the producer may free its own
             del self.loads[request_id]
-            if _create(marker + ".claim"):
-                _create(marker + ".done")
+            if create_marker(marker + ".claim"):
+                create_marker(marker + ".done")
             return True
         return False  # being copied: the blocks are freed when poll_loaded reports it
 

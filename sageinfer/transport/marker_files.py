@@ -4,6 +4,12 @@ named itself in one is still alive."""
 from __future__ import annotations
 
 import os
+import tempfile
+
+
+def default_dir() -> str:
+    """Where instances on one host meet by default: /dev/shm (memory), else the temporary directory."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
 def create_marker(path: str) -> bool:

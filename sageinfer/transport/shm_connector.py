@@ -33,7 +33,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -44,7 +43,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from sageinfer.transport.marker_files import create_marker, process_alive, remove_file
+from sageinfer.transport.marker_files import create_marker, default_dir, process_alive, remove_file
 from sageinfer.transport.remote_kv import RemoteKVConnector, kv_tensors
 
 logger = logging.getLogger(__name__)
@@ -52,10 +51,6 @@ PAGE = 4096  # ranges of the region start on pages
 _NAME = re.compile(r"[0-9A-Za-z_.-]{1,128}")
 _KEY = re.compile(r"[0-9a-f]{32}")
 _REGION = re.compile(r"region-(.+)-(\d+)\.kv")
-
-
-def _default_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
 def on_memory_filesystem(path: str) -> bool:
@@ -149,12 +144,7 @@ class _LayerCopies:
                 if self.ids is None:
                     self.ids = [c._device_ids(block_ids) for _, block_ids, _ in self.plans]
                 for (early, _, done), ids in zip(self.plans, self.ids):
-                    first, count = early.blocks * c.block_size, (done - early.blocks) * c.block_size
-                    for j in c.layer_tensors[layer]:
-                        t, per_token = c.tensors[j], c.token_bytes[j]
-                        start = early.offset + early.tokens * c.bytes_before[j] + first * per_token
-                        c.region[start:start + count * per_token].view(t.dtype).view(count, *t.shape[2:]).copy_(
-                            t.index_select(0, ids).reshape(count, *t.shape[2:]), non_blocking=True)
+                    self._copy(layer, early, ids, done)
                 if layer == len(c.layer_tensors) - 1:
                     copied = c.platform.record_event()
                     for early, _, done in self.plans:
@@ -164,13 +154,23 @@ class _LayerCopies:
             logger.exception("staging KV layer by layer failed; the prompts' KV goes once their prefill ends")
             self.failed = True
 
+    def _copy(self, layer: int, early: _EarlyStaging, ids: torch.Tensor, done: int) -> None:
+        """One layer's KV of blocks [early.blocks, done) of a prompt into their place in its range."""
+        c = self.connector
+        first, count = early.blocks * c.block_size, (done - early.blocks) * c.block_size
+        for j in c.layer_tensors[layer]:
+            t, per_token = c.tensors[j], c.token_bytes[j]
+            start = early.offset + early.tokens * c.bytes_before[j] + first * per_token
+            c.region[start:start + count * per_token].view(t.dtype).view(count, *t.shape[2:]).copy_(
+                t.index_select(0, ids).reshape(count, *t.shape[2:]), non_blocking=True)
+
 
 class SharedMemoryConnector(RemoteKVConnector):
     name = "SharedMemoryConnector"
 
     def __init__(self, config: dict, kv_caches: list, block_size: int, platform):
         super().__init__(config, kv_caches, block_size, platform)
-        self.dir = os.path.join(self.extra.get("shm_dir") or _default_dir(), "sageinfer-kv")
+        self.dir = os.path.join(self.extra.get("shm_dir") or default_dir(), "sageinfer-kv")
         os.makedirs(self.dir, exist_ok=True)
         self.ttl = float(self.extra.get("staged_ttl_s", 300))
         self.tensors = kv_tensors(kv_caches)
@@ -217,10 +217,14 @@ class SharedMemoryConnector(RemoteKVConnector):
         self.region_path = os.path.join(self.dir, f"region-{self.engine_id}-{os.getpid()}.kv")
         start = time.perf_counter()
         self.region = torch.from_file(self.region_path, shared=True, size=size, dtype=torch.uint8)
-        self.region_pinned = on_memory_filesystem(self.dir) and self.platform.pin_host_memory(self.region)
+        self.region_pinned = self._page_lock(self.region, self.region_path)
         self.ranges = ByteRanges(size)
         logger.info("KV staging region: %.2f GiB in %s (%s, %.1f s)", size / 2**30, self.region_path,
                     "page-locked" if self.region_pinned else "pageable", time.perf_counter() - start)
+
+    def _page_lock(self, mapping: torch.Tensor, path: str) -> bool:
+        """Page-lock a mapping of the file at path where it can be (a file in memory; the platform can)."""
+        return on_memory_filesystem(path) and self.platform.pin_host_memory(mapping)
 
     def _marker(self, engine_id: str, key: str) -> str:
         """The markers' common path of a staged range (+ ".ready", ".failed", ".claim", ".done")."""
@@ -537,8 +541,7 @@ class SharedMemoryConnector(RemoteKVConnector):
         """path's mapping here ([region, page-locked, loads using it]), made the first time; _map_lock held."""
         if path not in self.mapped:
             region = torch.from_file(path, shared=True, size=os.path.getsize(path), dtype=torch.uint8)
-            pinned = on_memory_filesystem(path) and self.platform.pin_host_memory(region)
-            self.mapped[path] = [region, pinned, 0]
+            self.mapped[path] = [region, self._page_lock(region, path), 0]
         return self.mapped[path]
 
     @contextlib.contextmanager
@@ -571,7 +574,8 @@ class SharedMemoryConnector(RemoteKVConnector):
             remove_file(path)
 
     def poll_loaded(self) -> list[tuple[str, str | None]]:
-        self._map_new_regions()
+        if self.is_consumer:
+            self._map_new_regions()
         return self.take_finished(self.loads)
 
     def cancel_load(self, request_id: str) -> bool:
