@@ -76,6 +76,7 @@ python3 -m sageinfer.gateway.cli proxy --prefill http://127.0.0.1:8201 --decode 
   --max-local-prefill-tokens "${LOCAL_PREFILL:-0}" \
   > "$OUT/proxy.log" 2>&1 & proxy=$!
 wait_up 8200 && bench http://127.0.0.1:8200 pd
+curl -s 127.0.0.1:8201/metrics | grep -E "^sageinfer:kv_transfer_send"
 curl -s 127.0.0.1:8202/metrics | grep -E "^sageinfer:kv_transfer"
 curl -s 127.0.0.1:8200/metrics | grep -E "^sageinfer_pd_proxy"
 kill -TERM $proxy $p $d; wait

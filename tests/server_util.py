@@ -43,6 +43,14 @@ def parse_metrics(text: str) -> dict[str, float]:
             if not s.labels.keys() - {"model_name"}}
 
 
+def labelled_counter(base_url: str, family: str, label: str) -> dict[str, float]:
+    """label value -> count, of one counter family in a server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+    text = httpx.get(base_url + "/metrics", timeout=10).text
+    return {s.labels[label]: s.value for f in text_string_to_metric_families(text)
+            if f.name == family for s in f.samples if s.name.endswith("_total")}
+
+
 class ServerProcess:
     def __init__(self, model_dir: str, *extra: str, api_key: str | None = "sk-test", env: dict | None = None,
                  startup_seconds: float = 300, entry: list[str] | None = None, port: int | None = None):
@@ -116,10 +124,7 @@ class CliProcess:
 
     def counter(self, family: str, label: str) -> dict[str, float]:
         """label value -> count, of one counter family in /metrics."""
-        from prometheus_client.parser import text_string_to_metric_families
-        text = httpx.get(self.base_url + "/metrics", timeout=10).text
-        return {s.labels[label]: s.value for f in text_string_to_metric_families(text)
-                if f.name == family for s in f.samples if s.name.endswith("_total")}
+        return labelled_counter(self.base_url, family, label)
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -11,9 +11,12 @@ import openai
 import pytest
 
 from ranks import needs_ranks
-from server_util import CliProcess, ServerProcess, free_port, free_port_run, parse_metrics
+from server_util import CliProcess, ServerProcess, free_port, free_port_run, labelled_counter, parse_metrics
 
 CONNECTORS = ["DeviceIpcConnector", "SharedMemoryConnector", "NixlConnector", "TorchDistributedConnector"]
+# The paths a prompt's KV may take with each (sageinfer:kv_transfer_sends_total's `via`).
+SEND_PATHS = {"DeviceIpcConnector": {"device_ipc"}, "SharedMemoryConnector": {"region", "region_layer_by_layer"},
+              "NixlConnector": {"nixl"}, "TorchDistributedConnector": {"torch_distributed"}}
 
 
 class ProxyProcess(CliProcess):
@@ -71,6 +74,7 @@ def test_proxy_answers_as_one_instance_with_the_kv_moved(pd):
     direct = openai.OpenAI(base_url=decode.base_url + "/v1", api_key="none", max_retries=0)
     via = openai.OpenAI(base_url=proxy.base_url + "/v1", api_key="none", max_retries=0)
     loads_before = _metrics(decode)["sageinfer:kv_transfer_loads_total"]
+    sends_before = sum(labelled_counter(prefill.base_url, "sageinfer:kv_transfer_sends", "via").values())
 
     def args(tag):
         return dict(model="tiny", prompt=f"{tag}: {PROMPT}", max_tokens=10, temperature=0,
@@ -86,7 +90,11 @@ def test_proxy_answers_as_one_instance_with_the_kv_moved(pd):
     after = _metrics(decode)
     assert after["sageinfer:kv_transfer_loads_total"] - loads_before == 3
     assert after["sageinfer:kv_transfer_load_failures_total"] == 0
+    assert after["sageinfer:kv_transfer_load_seconds_total"] > 0
     assert proxy.paths() == {"pd": 3.0}
+    sends = labelled_counter(prefill.base_url, "sageinfer:kv_transfer_sends", "via")
+    assert sum(sends.values()) - sends_before == 3, sends
+    assert set(sends) <= SEND_PATHS[described[0]["kv_connector"]], sends
     # nothing stays held: every block free again on both sides
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -96,6 +104,7 @@ def test_proxy_answers_as_one_instance_with_the_kv_moved(pd):
         time.sleep(0.2)
     for g in gauges:
         assert g["sageinfer:kv_cache_free_blocks"] == g["sageinfer:kv_cache_total_blocks"]
+    assert gauges[0]["sageinfer:kv_transfer_send_seconds_total"] > 0  # the prefill side held its blocks a while
 
 
 def test_short_prompts_may_skip_the_prefill_instances(pd):

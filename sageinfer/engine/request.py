@@ -61,10 +61,12 @@ class Request:
         self.grammar_bitmask = None
         # Prefill/decode separation: the prefill instance's kv_transfer_params, while this request's
         # prompt KV is still to be loaded from there (None once loaded, or given up and computed here);
-        # the tokens its load brings; and, on a prefill instance, the params handed to decode.
+        # the tokens its load brings; and, on a prefill instance, the params handed to decode. When its
+        # KV transfer (a load here, or the send of its blocks) began: monotonic seconds.
         self.remote_kv: dict | None = None
         self.remote_kv_tokens = 0
         self.kv_transfer_params_out: dict | None = None
+        self.kv_transfer_started = 0.0
 
     @property
     def num_tokens(self) -> int:

@@ -57,6 +57,9 @@ class Scheduler:
         self.num_remote_kv_loads = 0
         self.num_remote_kv_failures = 0
         self.num_remote_kv_tokens = 0
+        self.remote_kv_load_seconds = 0.0  # loads that succeeded, from their start to their end
+        self.num_remote_kv_sends = 0  # prompts whose blocks were held for a decode instance
+        self.remote_kv_send_seconds = 0.0  # ... from their offer until they could be freed
 
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
@@ -176,6 +179,7 @@ class Scheduler:
             self._remote_load_failed(request, f"{type(exc).__name__}: {exc}")
             return True
         request.remote_kv_tokens = usable
+        request.kv_transfer_started = time.monotonic()
         request.status = RequestStatus.WAITING_FOR_REMOTE_KV
         self.loading[request.request_id] = request
         return True
@@ -193,8 +197,10 @@ class Scheduler:
     def _poll_transfers(self) -> None:
         for request_id in self.kv_transfer.poll_sent():
             request = self.sending.pop(request_id, None)
-            if request is not None and request.block_ids:
-                self.kv.free(request)
+            if request is not None:
+                self.remote_kv_send_seconds += time.monotonic() - request.kv_transfer_started
+                if request.block_ids:
+                    self.kv.free(request)
         for request_id, error in self.kv_transfer.poll_loaded():
             request = self.loading.pop(request_id, None)
             if request is None:
@@ -206,6 +212,7 @@ class Scheduler:
             else:
                 self.num_remote_kv_loads += 1
                 self.num_remote_kv_tokens += request.remote_kv_tokens - request.num_computed_tokens
+                self.remote_kv_load_seconds += time.monotonic() - request.kv_transfer_started
                 request.num_computed_tokens = request.remote_kv_tokens
                 request.remote_kv = None
                 request.status = RequestStatus.RUNNING
@@ -238,6 +245,8 @@ class Scheduler:
             self._drop_staged(request)
             return False
         if held:
+            request.kv_transfer_started = time.monotonic()
+            self.num_remote_kv_sends += 1
             self.sending[request.request_id] = request
         return held
 

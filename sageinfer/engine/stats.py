@@ -38,7 +38,15 @@ _COUNTER_HELP = {
     "kv_transfer_load_failures_total": "Prompt KV loads from a prefill instance that failed (the prompt was "
                                        "computed here instead).",
     "kv_transfer_loaded_tokens_total": "Prompt tokens whose KV was loaded from a prefill instance.",
+    "kv_transfer_load_seconds_total": "Seconds from the start of each prompt KV load that succeeded to its end "
+                                      "(over kv_transfer_loads_total: the mean load time).",
+    "kv_transfer_sends_total": "Prompts whose KV was offered to a decode instance (PD), by the path it took.",
+    "kv_transfer_send_seconds_total": "Seconds the offered prompts' blocks stayed held until their KV was read "
+                                      "or staged (over kv_transfer_sends_total: the mean).",
 }
+# Counters with a label beyond model_name: the snapshot's key is "name/label value" (the snapshot's
+# values are plain numbers, as the engine core process sends them).
+_COUNTER_LABEL = {"kv_transfer_sends_total": "via"}
 
 
 def engine_snapshot(engine) -> tuple[dict, dict]:
@@ -54,7 +62,12 @@ def engine_snapshot(engine) -> tuple[dict, dict]:
         num_preemptions_total=engine.scheduler.num_preemptions, prefix_cache_queries_total=kv.prefix_queries,
         prefix_cache_hits_total=kv.prefix_hits, kv_transfer_loads_total=engine.scheduler.num_remote_kv_loads,
         kv_transfer_load_failures_total=engine.scheduler.num_remote_kv_failures,
-        kv_transfer_loaded_tokens_total=engine.scheduler.num_remote_kv_tokens)
+        kv_transfer_loaded_tokens_total=engine.scheduler.num_remote_kv_tokens,
+        kv_transfer_load_seconds_total=engine.scheduler.remote_kv_load_seconds,
+        kv_transfer_send_seconds_total=engine.scheduler.remote_kv_send_seconds)
+    connector = engine.scheduler.kv_transfer
+    if connector is not None:
+        counters.update({f"kv_transfer_sends_total/{via}": n for via, n in connector.sends_via.items()})
     return gauges, counters
 
 
@@ -74,8 +87,14 @@ class _SnapshotCollector:
             family.add_metric([m.model_name], float(gauges.get(name, 0)))
             yield family
         for name, help_text in _COUNTER_HELP.items():
-            family = CounterMetricFamily(f"sageinfer:{name}", help_text, labels=["model_name"])
-            family.add_metric([m.model_name], float(counters.get(name, 0)))
+            label = _COUNTER_LABEL.get(name)
+            family = CounterMetricFamily(f"sageinfer:{name}", help_text,
+                                         labels=["model_name", label] if label else ["model_name"])
+            if label is None:
+                family.add_metric([m.model_name], float(counters.get(name, 0)))
+            for key, value in counters.items() if label else ():
+                if key.startswith(f"{name}/"):
+                    family.add_metric([m.model_name, key.split("/", 1)[1]], float(value))
             yield family
         if m.cache_config:
             info = GaugeMetricFamily("sageinfer:cache_config_info", "KV cache configuration (labels).",

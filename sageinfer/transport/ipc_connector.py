@@ -157,6 +157,7 @@ class DeviceIpcConnector(RemoteKVConnector):
         os.replace(marker + ".part", marker + ".offer")
         params.update(remote_key=key, remote_tp_size=self.tp, remote_kv_heads=[list(r) for r in self.kv_heads])
         self.held[request_id] = (key, time.monotonic() + self.abort_timeout)
+        self.sends_via["device_ipc"] += 1
         return True, params
 
     def poll_sent(self) -> list[str]:

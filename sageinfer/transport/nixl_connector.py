@@ -67,6 +67,7 @@ class NixlConnector(RemoteKVConnector):
         if not nb:
             return False, params
         self.held[request_id] = time.monotonic() + self.abort_timeout
+        self.sends_via["nixl"] += 1
         return True, params
 
     def poll_sent(self) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 
 import torch
 
@@ -68,6 +69,7 @@ class RemoteKVConnector:
         # ended after load_timeout_s is given up (the request computes its prompt).
         self.abort_timeout = float(self.extra.get("abort_timeout_s", 120))
         self.load_timeout = float(self.extra.get("load_timeout_s", 60))
+        self.sends_via: Counter[str] = Counter()  # prompts offered, by the path their KV takes (metrics)
 
     @property
     def is_producer(self) -> bool:

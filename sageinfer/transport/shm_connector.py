@@ -332,6 +332,7 @@ class SharedMemoryConnector(RemoteKVConnector):
                                          self.platform.record_event())
             self.staged[key] = (early.offset, needed, time.monotonic() + self.ttl, future)
             self.sending[request_id] = future
+            self.sends_via["region_layer_by_layer"] += 1
             return True, params
         offset = None
         if self.ranges is not None:
@@ -345,6 +346,7 @@ class SharedMemoryConnector(RemoteKVConnector):
             future = self.workers.submit(self._stage_in_region, list(block_ids[:nb]), 0, tokens, offset, key, None,
                                          self.platform.record_event())
             self.staged[key] = (offset, needed, time.monotonic() + self.ttl, future)
+            self.sends_via["region"] += 1
         else:
             path = os.path.join(self.dir, f"{self.engine_id}-{uuid.uuid4().hex}.kv")
             params["path"] = path
@@ -353,6 +355,7 @@ class SharedMemoryConnector(RemoteKVConnector):
                 raise ValueError(f"{self.dir} has {free / 2**30:.2f} GiB free, {needed / 2**30:.2f} GiB needed to "
                                  f"stage this prompt's KV (give the container more /dev/shm, or set shm_dir)")
             future = self.workers.submit(self._stage_in_file, list(block_ids[:nb]), tokens, path)
+            self.sends_via["file"] += 1
         self.sending[request_id] = future
         return True, params
 

@@ -84,6 +84,7 @@ class TorchDistributedConnector(RemoteKVConnector):
         with self.lock:
             self.offers[request_id] = (list(block_ids[:tokens // self.block_size]), tokens,
                                        time.monotonic() + self.abort_timeout)
+        self.sends_via["torch_distributed"] += 1
         return True, params
 
     def poll_sent(self) -> list[str]:
