@@ -16,7 +16,7 @@ set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 MODEL=sageinfer/bench/standard/qwen3-8b
-RATES=${RATES:-8 16}
+RATES=${RATES-8 16}
 NUM=${NUM_PROMPTS:-150}
 CONNECTOR=${CONNECTOR:-DeviceIpcConnector}
 ENGINE=${ENGINE:-sageinfer}
