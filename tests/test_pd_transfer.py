@@ -7,6 +7,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -143,6 +144,35 @@ def test_a_full_region_sends_the_next_prompt_through_a_file(llama_dir, tmp_path,
     _assert_region_all_free(prefill, tmp_path)
     again = _prefill(prefill, prompts[:1])  # the range read is taken again
     assert again[0].get("offset") == 0
+
+
+def test_a_prompt_going_through_a_file_does_not_hold_up_those_through_the_region(llama_dir, tmp_path, reference):
+    """Files are written on threads of their own: with one staging thread, a prompt whose file is still
+    being written leaves the next prompt's region range to be staged and read meanwhile."""
+    prompts, expected = reference
+    prefill = _engine(llama_dir, "SharedMemoryConnector", "kv_producer", tmp_path, threads=1)
+    producer = prefill.engine.kv_transfer
+    release, stage_in_file = threading.Event(), producer._stage_in_file
+    producer._stage_in_file = lambda *a: (release.wait(30), stage_in_file(*a))
+    take = producer.ranges.take
+    producer.ranges.take = lambda n: None  # no room for the first prompt
+    params = []
+    for i, prompt in enumerate(prompts[:2]):
+        out = prefill.generate([{"prompt_token_ids": prompt}], SamplingParams(
+            temperature=0, max_tokens=1, kv_transfer_params={"do_remote_decode": True}), use_tqdm=False)
+        params.append(out[0].kv_transfer_params)
+        producer.ranges.take = take
+    assert "path" in params[0] and "region" in params[1]
+    ready = producer._marker(producer.engine_id, params[1]["key"]) + ".ready"
+    deadline = time.monotonic() + 10
+    while not os.path.exists(ready) and time.monotonic() < deadline:
+        prefill.engine.step()
+    assert os.path.exists(ready) and not os.path.exists(params[0]["path"])  # the file is still being written
+    decode = _engine(llama_dir, "SharedMemoryConnector", "kv_consumer", tmp_path)
+    assert _decode(decode, prompts[1:2], params[1:]) == expected[1:2]
+    release.set()
+    assert _decode(decode, prompts[:1], params[:1]) == expected[:1]
+    assert decode.engine.scheduler.num_remote_kv_failures == 0
 
 
 @pytest.mark.skipif(not on_memory_filesystem("/dev/shm"), reason="no /dev/shm in memory here")

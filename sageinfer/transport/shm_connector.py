@@ -177,9 +177,13 @@ class SharedMemoryConnector(RemoteKVConnector):
         self.token_bytes = [t[0, 0].numel() * t.element_size() for t in self.tensors]
         device = self.tensors[0].device
         self._thread = threading.local()  # each worker's copy stream
-        self.workers = ThreadPoolExecutor(
-            max_workers=int(self.extra.get("threads", 4)), thread_name_prefix="kv-shm",
-            initializer=(lambda: platform.set_device(device.index)) if device.index is not None else None)
+        on_device = (lambda: platform.set_device(device.index)) if device.index is not None else None
+        self.workers = ThreadPoolExecutor(max_workers=int(self.extra.get("threads", 4)), thread_name_prefix="kv-shm",
+                                          initializer=on_device)
+        # Prompts that go through files (the region had no room) on threads of their own: a file is
+        # written and read an order of magnitude slower than the region, and transfers through the
+        # region must not queue behind it (H200, long-prompt mix: 3 prompts in files held up the rest).
+        self.file_workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-shm-file", initializer=on_device)
         self.sending: dict[str, Future] = {}  # request -> its KV being staged (its blocks held)
         # request -> (its blocks being filled, what releases its staged KV if the load never starts)
         self.loads: dict[str, tuple[Future, Callable[[], object]]] = {}
@@ -354,7 +358,7 @@ class SharedMemoryConnector(RemoteKVConnector):
             if free < needed:  # writing past a full tmpfs would kill the process (SIGBUS), not raise
                 raise ValueError(f"{self.dir} has {free / 2**30:.2f} GiB free, {needed / 2**30:.2f} GiB needed to "
                                  f"stage this prompt's KV (give the container more /dev/shm, or set shm_dir)")
-            future = self.workers.submit(self._stage_in_file, list(block_ids[:nb]), tokens, path)
+            future = self.file_workers.submit(self._stage_in_file, list(block_ids[:nb]), tokens, path)
             self.sends_via["file"] += 1
         self.sending[request_id] = future
         return True, params
@@ -461,7 +465,7 @@ class SharedMemoryConnector(RemoteKVConnector):
             # never read: the producer may reuse the range at once (unless it has given it up)
             self.loads[request_id] = (future, lambda: create_marker(marker + ".claim") and create_marker(marker + ".done"))
         else:
-            future = self.workers.submit(self._load_from_file, path, total, first_token, block_ids)
+            future = self.file_workers.submit(self._load_from_file, path, total, first_token, block_ids)
             self.loads[request_id] = (future, lambda: remove_file(path))
 
     def _region_mismatch(self, params: dict) -> str | None:
@@ -593,6 +597,7 @@ class SharedMemoryConnector(RemoteKVConnector):
 
     def close(self) -> None:
         self.workers.shutdown(wait=True, cancel_futures=True)
+        self.file_workers.shutdown(wait=True, cancel_futures=True)
         with self._map_lock:
             for path in list(self.mapped):
                 self._unmap(path)
