@@ -61,6 +61,21 @@ def test_steps_that_are_not_mixed_are_not_split():
         assert meta.parts is None
 
 
+def test_one_long_sequence_takes_more_splits_and_short_ones_keep_fewer():
+    """A decode of one sequence (8 KV heads, 132 SMs) takes 32 splits below 64K keys and 64 from there;
+    planned for 64K or more (a graph plans for max_model_len), splits hold at least 1024 keys, so a
+    short sequence run by that plan is not cut in 64."""
+    from sageinfer.attention.backend import AttentionMetadata
+    plans = {}
+    for keys in (4096, 32768, 65536, 131072):
+        meta = AttentionMetadata(0, None, None, None, None, max_query_len=1, max_seq_len=keys,
+                                 query_start_loc_cpu=[], seq_lens_cpu=[keys])
+        TritonBackend(num_sms=132).plan(meta, num_kv_heads=8)
+        plans[keys] = (meta.num_splits, meta.min_split_keys)
+    assert plans == {4096: (16, 0), 32768: (32, 0), 65536: (64, triton_backend.RAGGED_MIN_KEYS),
+                     131072: (64, triton_backend.RAGGED_MIN_KEYS)}
+
+
 def test_split_parts_are_batches_of_their_own():
     *_, meta = _step([1, 1, 70, 9], [63, 5, 0, 130])
     decodes, rest = meta.split_at(2)

@@ -70,8 +70,8 @@ def test_split_kv_decode_matches_reference(num_splits):
     assert rel_err(out, ref) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("min_split_keys", [64, 128, 4096])
-def test_splits_of_a_least_size_match_reference(min_split_keys):
+@pytest.mark.parametrize("num_splits, min_split_keys", [(4, 64), (4, 128), (4, 4096), (64, 16)])
+def test_splits_of_a_least_size_match_reference(num_splits, min_split_keys):
     """Splits of at least min_split_keys: a short sequence uses one split, a long one all of them; the
     splits a sequence leaves unused write nothing (their partials stay NaN) and the merge skips them."""
     context_lens = [2, 63, 64, 299, 1000, 0]
@@ -83,7 +83,7 @@ def test_splits_of_a_least_size_match_reference(min_split_keys):
     with pytest.MonkeyPatch.context() as mp:  # the partials start as NaN, not as whatever memory held
         mp.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
         paged_attention(q, k_cache, v_cache, out, meta.block_table, meta.seq_lens, meta.query_start_loc,
-                        meta.num_seqs, 1, 32 ** -0.5, num_splits=4, min_split_keys=min_split_keys)
+                        meta.num_seqs, 1, 32 ** -0.5, num_splits=num_splits, min_split_keys=min_split_keys)
     assert rel_err(out, ref) < TOL[torch.float32]
 
 

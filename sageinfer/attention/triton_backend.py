@@ -8,7 +8,8 @@ import torch
 from sageinfer.attention.backend import AttentionBackend, AttentionMetadata
 from sageinfer.ops.cascade_attention import PREFIX_ALIGN, common_prefix_blocks, prefix_attention, prefix_splits
 from sageinfer.ops import prefill_attention as tile_prefill
-from sageinfer.ops.paged_attention import LONG_CONTEXT, choose_num_splits, paged_attention, rotary_inside_supported
+from sageinfer.ops.paged_attention import (LONG_CONTEXT, LONG_DECODE_KEYS, LONG_DECODE_SPLITS, choose_num_splits,
+                                           paged_attention, rotary_inside_supported)
 from sageinfer.ops.rope_cache import rope_and_cache
 
 # Cascade decode pays once a step has enough sequences reading a long enough common prefix.
@@ -90,6 +91,10 @@ class TritonBackend(AttentionBackend):
             meta.num_splits = choose_num_splits(meta.num_seqs, num_kv_heads, meta.max_seq_len, self.num_sms)
             if RAGGED_DECODE_SPLITS > 1 and meta.num_splits == 1 and meta.max_seq_len > RAGGED_MIN_KEYS:
                 meta.num_splits, meta.min_split_keys = RAGGED_DECODE_SPLITS, RAGGED_MIN_KEYS
+            elif meta.max_seq_len >= LONG_DECODE_KEYS and meta.num_splits == LONG_DECODE_SPLITS:
+                # Planned for a sequence of 64K keys or more (a graph plans for max_model_len): shorter
+                # sequences of the batch keep splits of 1024 keys or more, not 64 tiny ones to merge.
+                meta.min_split_keys = RAGGED_MIN_KEYS
         if meta.max_query_len != 1 or meta.num_splits != 1:
             meta.cascade_prefix_len = None  # the merge lives in the one-split decode kernel
         if meta.max_query_len > 1 and meta.parts is None:

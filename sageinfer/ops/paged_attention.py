@@ -306,6 +306,11 @@ def _merge_splits_kernel(
              mask=dims < HEAD_DIM)
 
 
+# Sequences of this many keys or more may take LONG_DECODE_SPLITS splits instead of 32.
+LONG_DECODE_KEYS = 65536
+LONG_DECODE_SPLITS = 64
+
+
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
     """Splits so that decode programs cover the GPU about twice, each split at least 256 keys."""
     programs = num_seqs * num_kv_heads
@@ -313,9 +318,12 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
         return 1
     by_occupancy = triton.next_power_of_2(max(1, (2 * num_sms) // programs))
     by_length = triton.next_power_of_2(max(1, max_seq_len // 256))
-    # 32 at most: one sequence of 640 keys takes 8.3 us per layer with 32 splits, 9.9 with 64 (the
-    # merge reads every split); at 32,000 keys 32 and 64 are equal (benchmarks/experiments/tune_decode_step.py).
-    return max(1, min(by_occupancy, by_length, 32))
+    # 32 at most below 64K keys: one sequence of 640 keys takes 8.3 us per layer with 32 splits, 9.9 with
+    # 64 (the merge reads every split); at 32,000 keys 32 and 64 are equal (tune_decode_step.py, H100).
+    # From 64K keys 64 stream the cache faster (H200, one sequence, 8 KV heads: 128K keys 142 -> 130 us
+    # per layer, 64K 75 -> 70 us; 128 and 256 were slower: experiments/tune_long_decode.py).
+    cap = LONG_DECODE_SPLITS if max_seq_len >= LONG_DECODE_KEYS else 32
+    return max(1, min(by_occupancy, by_length, cap))
 
 
 # Launch configurations of prefill tiles, from benchmarks/experiments/tune_attention.py on an H100 (bf16, head dim
