@@ -128,22 +128,77 @@ def test_without_a_staging_region_each_prompt_goes_through_a_file(llama_dir, tmp
     assert not os.listdir(tmp_path / "sageinfer-kv")  # every staged file was read and removed
 
 
-def test_a_full_region_sends_the_next_prompt_through_a_file(llama_dir, tmp_path, reference):
-    """A region too small for every prompt at once: those that find no room go through files, the
-    ranges read are reused, and the outputs are the same."""
+class _Stepping:
+    """Steps an engine in a thread of its own, as its serving loop would, while the test drives another."""
+
+    def __init__(self, engine):
+        self.engine, self.stop = engine, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.is_set():
+            if self.engine.engine.has_pending_transfers():
+                self.engine.engine.step()
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(10)
+
+
+def test_a_full_region_makes_the_next_prompts_wait_for_room_and_reuses_ranges_read(llama_dir, tmp_path, reference):
+    """A region with room for one prompt at a time: the others wait with their blocks held, each is
+    staged once the range before it has been read (its offset then in the .ready marker), and the
+    outputs are the same."""
     prompts, expected = reference
     prefill = _engine(llama_dir, "SharedMemoryConnector", "kv_producer", tmp_path)
     producer = prefill.engine.kv_transfer
     largest = max(len(p) for p in prompts) // 16 * 16 * sum(producer.token_bytes)
     producer.ranges = ByteRanges(ByteRanges.round_to_pages(largest))  # room for one prompt at a time
     decode = _engine(llama_dir, "SharedMemoryConnector", "kv_consumer", tmp_path)
-    params = _prefill(prefill, prompts)
-    assert any("region" in p for p in params) and any("path" in p for p in params)
-    assert _decode(decode, prompts, params) == expected
+    free_p = _free_blocks(prefill)
+    outs = prefill.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(
+        temperature=0, max_tokens=1, kv_transfer_params={"do_remote_decode": True}), use_tqdm=False)
+    params = [o.kv_transfer_params for o in outs]
+    assert all("region" in p for p in params) and any("offset" not in p for p in params)
+    assert producer.waiting_for_room and _free_blocks(prefill) < free_p  # held while they wait
+    with _Stepping(prefill):  # the prefill instance's loop stages each as the range before it is read
+        assert _decode(decode, prompts, params) == expected
     assert decode.engine.scheduler.num_remote_kv_failures == 0
+    assert producer.sends_via["region_after_wait"] == sum("offset" not in p for p in params)
+    _settle(prefill)
+    assert _free_blocks(prefill) == free_p
     _assert_region_all_free(prefill, tmp_path)
     again = _prefill(prefill, prompts[:1])  # the range read is taken again
     assert again[0].get("offset") == 0
+
+
+def test_a_prompt_that_waits_for_room_too_long_is_not_sent_and_its_consumer_computes_it(llama_dir, tmp_path,
+                                                                                     reference):
+    """The region held by KV no one reads: a prompt waiting for room gives up after load_timeout_s, its
+    blocks go, and the decode instance, told at once, computes the prompt itself."""
+    prompts, expected = reference
+    prefill = _engine(llama_dir, "SharedMemoryConnector", "kv_producer", tmp_path, load_timeout_s=1)
+    producer = prefill.engine.kv_transfer
+    largest = max(len(p) for p in prompts[:2]) // 16 * 16 * sum(producer.token_bytes)
+    producer.ranges = ByteRanges(ByteRanges.round_to_pages(largest))
+    free_p = _free_blocks(prefill)
+    outs = prefill.generate([{"prompt_token_ids": p} for p in prompts[:2]], SamplingParams(
+        temperature=0, max_tokens=1, kv_transfer_params={"do_remote_decode": True}), use_tqdm=False)
+    params = [o.kv_transfer_params for o in outs]
+    waiting = [i for i, p in enumerate(params) if "offset" not in p]
+    assert len(waiting) == 1
+    time.sleep(1.1)
+    _settle(prefill, seconds=2)  # the one staged (never read) and the one that gave up: both blocks free
+    assert not producer.waiting_for_room and producer.staged and _free_blocks(prefill) == free_p
+    decode = _engine(llama_dir, "SharedMemoryConnector", "kv_consumer", tmp_path)
+    i = waiting[0]
+    assert _decode(decode, prompts[i:i + 1], params[i:i + 1]) == expected[i:i + 1]
+    assert decode.engine.scheduler.num_remote_kv_failures == 1
 
 
 def test_a_prompt_going_through_a_file_does_not_hold_up_those_through_the_region(llama_dir, tmp_path, reference):
@@ -154,14 +209,14 @@ def test_a_prompt_going_through_a_file_does_not_hold_up_those_through_the_region
     producer = prefill.engine.kv_transfer
     release, stage_in_file = threading.Event(), producer._stage_in_file
     producer._stage_in_file = lambda *a: (release.wait(30), stage_in_file(*a))
-    take = producer.ranges.take
-    producer.ranges.take = lambda n: None  # no room for the first prompt
+    take, size = producer.ranges.take, producer.ranges.size
+    producer.ranges.take, producer.ranges.size = (lambda n: None), 0  # a region that could never hold it
     params = []
     for i, prompt in enumerate(prompts[:2]):
         out = prefill.generate([{"prompt_token_ids": prompt}], SamplingParams(
             temperature=0, max_tokens=1, kv_transfer_params={"do_remote_decode": True}), use_tqdm=False)
         params.append(out[0].kv_transfer_params)
-        producer.ranges.take = take
+        producer.ranges.take, producer.ranges.size = take, size
     assert "path" in params[0] and "region" in params[1]
     ready = producer._marker(producer.engine_id, params[1]["key"]) + ".ready"
     deadline = time.monotonic() + 10

@@ -22,6 +22,13 @@ def create_marker(path: str) -> bool:
         return False
 
 
+def write_marker(path: str, content: str) -> None:
+    """Create (or replace) path holding content, whole: a reader never sees it half written."""
+    with open(path + ".part", "w") as f:
+        f.write(content)
+    os.replace(path + ".part", path)
+
+
 def remove_file(path: str) -> None:
     try:
         os.remove(path)
