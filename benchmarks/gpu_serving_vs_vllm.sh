@@ -23,7 +23,7 @@ else
   if ! python3 -c "import fastapi, uvicorn, zmq, msgspec" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/ours .whl/*.whl
   fi
-  CLIENT_PATH=/tmp/ours:$PWD
+  CLIENT_PATH=/tmp/ours:$PWD${PYTHONPATH:+:$PYTHONPATH}  # where the packages already are, too
   THREAD=""; [ "$ENGINE" = sageinfer-thread ] && THREAD=--engine-in-thread
   PYTHONPATH=$CLIENT_PATH python3 -m sageinfer.gateway.cli serve $MODEL --load-format dummy --skip-tokenizer-init \
     --served-model-name m --port 8001 $LIMITS $THREAD > "/tmp/server-$ENGINE.log" 2>&1 &
