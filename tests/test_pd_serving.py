@@ -15,7 +15,8 @@ from server_util import CliProcess, ServerProcess, free_port, free_port_run, lab
 
 CONNECTORS = ["DeviceIpcConnector", "SharedMemoryConnector", "NixlConnector", "TorchDistributedConnector"]
 # The paths a prompt's KV may take with each (sageinfer:kv_transfer_sends_total's `via`).
-SEND_PATHS = {"DeviceIpcConnector": {"device_ipc"}, "SharedMemoryConnector": {"region", "region_layer_by_layer", "region_after_wait"},
+SEND_PATHS = {"DeviceIpcConnector": {"device_ipc"},
+              "SharedMemoryConnector": {"region", "region_layer_by_layer", "region_after_wait"},
               "NixlConnector": {"nixl"}, "TorchDistributedConnector": {"torch_distributed"}}
 
 

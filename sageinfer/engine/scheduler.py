@@ -58,8 +58,7 @@ class Scheduler:
         self.num_remote_kv_failures = 0
         self.num_remote_kv_tokens = 0
         self.remote_kv_load_seconds = 0.0  # loads that succeeded, from their start to their end
-        self.num_remote_kv_sends = 0  # prompts whose blocks were held for a decode instance
-        self.remote_kv_send_seconds = 0.0  # ... from their offer until they could be freed
+        self.remote_kv_send_seconds = 0.0  # blocks held for a decode instance: from the offer until freed
 
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
@@ -246,7 +245,6 @@ class Scheduler:
             return False
         if held:
             request.kv_transfer_started = time.monotonic()
-            self.num_remote_kv_sends += 1
             self.sending[request.request_id] = request
         return held
 

@@ -184,9 +184,10 @@ class SharedMemoryConnector(RemoteKVConnector):
         on_device = (lambda: platform.set_device(device.index)) if device.index is not None else None
         self.workers = ThreadPoolExecutor(max_workers=int(self.extra.get("threads", 4)), thread_name_prefix="kv-shm",
                                           initializer=on_device)
-        # Prompts that go through files (the region had no room) on threads of their own: a file is
-        # written and read an order of magnitude slower than the region, and transfers through the
-        # region must not queue behind it (H200, long-prompt mix: 3 prompts in files held up the rest).
+        # Prompts that go through files (no region, or one that could never hold them) on threads of
+        # their own: a file is written and read an order of magnitude slower than the region, and
+        # transfers through the region must not queue behind it (H200, long-prompt mix: 3 prompts in
+        # files held up the rest).
         self.file_workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-shm-file", initializer=on_device)
         self.sending: dict[str, Future] = {}  # request -> its KV being staged (its blocks held)
         # request -> (its blocks being filled, what releases its staged KV if the load never starts)
