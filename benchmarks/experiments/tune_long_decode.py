@@ -17,28 +17,12 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from sageinfer.ops.paged_attention import DECODE_CONFIG, choose_num_splits, paged_attention  # noqa: E402
+from tune_decode_step import graph_time  # noqa: E402  (this directory: the script's own)
 
 LAYERS, HQ, HKV, D, PAGE = 32, 32, 8, 128, 64
 CONFIGS = [{"block_n": bn, "num_warps": w, "num_stages": s}
            for bn, w, s in ((64, 2, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 4, 2), (128, 8, 3), (32, 2, 4))]
 SPLITS = (16, 32, 64, 128, 256)
-
-
-def graph_time(fn, reps: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps * 1e-3
 
 
 def main() -> None:
