@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sageinfer.attention.backend import LayerKVCache
+from sageinfer.attention.backend import LayerKVCache, new_kv_scales
 from sageinfer.attention.torch_ref import paged_attention_ref
 from sageinfer.ops.paged_attention import paged_attention
 from kernels_util import DEVICE, TOL, random_paged_batch, rel_err
@@ -89,11 +89,14 @@ def test_splits_of_a_least_size_match_reference(num_splits, min_split_keys):
 
 @pytest.mark.parametrize("num_splits, min_split_keys", [(1, 0), (4, 0), (4, 64)])
 @pytest.mark.parametrize("qk_norm", [False, True])
-@pytest.mark.parametrize("kv_mode", [0, 2] + ([1] if DEVICE == "cuda" else []))  # fp8 needs the GPU
+@pytest.mark.parametrize("kv_mode", [0, 2, "2 head-major"] + ([1] if DEVICE == "cuda" else []))  # fp8: GPU only
 def test_decode_with_rotary_inside_equals_rope_and_cache_then_attention(num_splits, min_split_keys, qk_norm,
                                                                         kv_mode):
-    """rope=... normalises and rotates q in registers and writes the new k/v (int8 too) from the program
-    that reads the last key; the result must equal ops.rope_cache followed by plain attention."""
+    """rope=... normalises and rotates q in registers and writes the new k/v (int8 too, its scales
+    token-major or head-major) from the program that reads the last key; the result must equal
+    ops.rope_cache followed by plain attention."""
+    head_major = kv_mode == "2 head-major"
+    kv_mode = 2 if head_major else kv_mode
     from sageinfer.layers.rotary import RotaryEmbedding
     from sageinfer.ops.rope_cache import rope_and_cache
     heads, kv_heads, head_dim, page, dtype = 8, 2, 32, 16, torch.float16
@@ -112,6 +115,8 @@ def test_decode_with_rotary_inside_equals_rope_and_cache_then_attention(num_spli
     norms = [(1 + 0.2 * torch.randn(head_dim, generator=gen)).to(dtype).to(DEVICE) for _ in range(2)]
     q_norm, k_norm = norms if qk_norm else (None, None)
     scales = [torch.rand(k_cache.shape[:3], generator=gen).to(DEVICE) for _ in range(2)] if kv_mode == 2 else [None] * 2
+    if head_major:
+        scales = [new_kv_scales(*s.shape, DEVICE).copy_(s) for s in scales]
     if kv_mode == 2:
         k_cache, v_cache = [(c.float() * 20).clamp(-127, 127).to(torch.int8) for c in (k_cache, v_cache)]
     elif kv_mode == 1:
@@ -159,3 +164,50 @@ def test_key_tiles_shrink_to_the_shared_memory_of_the_device():
     assert fit_key_tiles(128, 128, 3, 128, 4, h200) == (64, 3)
     assert fit_key_tiles(128, 128, 3, 128, 4, a100) == (32, 3)
     assert fit_key_tiles(128, 128, 3, 128, 4, None) == (128, 3)  # no limit known (the interpreter)
+
+
+def test_int8_scales_are_taken_token_major_or_head_major_and_nothing_else():
+    from sageinfer.ops.rope_cache import scales_head_major
+    token_major = torch.zeros(5, 16, 2)
+    assert scales_head_major(token_major) is False
+    assert scales_head_major(new_kv_scales(5, 16, 2, "cpu")) is True
+    with pytest.raises(ValueError, match="INT8 KV scales"):
+        scales_head_major(torch.zeros(16, 5, 2).transpose(0, 1))
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_int8_scales_stored_head_major_read_and_write_as_token_major_ones(num_splits):
+    """The same INT8 cache with its scales stored both ways: decode attention gives the same output,
+    and rope_and_cache writes the same scales (compared as indexed), token-major being the layout the
+    other tests hold against the reference."""
+    from sageinfer.layers.rotary import RotaryEmbedding
+    from sageinfer.ops.rope_cache import rope_and_cache
+    heads, kv_heads, head_dim, page = 4, 2, 32, 16
+    context_lens = [3, 40, 77]
+    k_cache, v_cache, meta = random_paged_batch([1] * 3, context_lens, kv_heads, head_dim, page, torch.float32, seed=4)
+    gen = torch.Generator().manual_seed(8)
+    k8, v8 = ((c.cpu() * 20).clamp(-127, 127).to(torch.int8).to(DEVICE) for c in (k_cache, v_cache))
+    token_major = [(torch.rand(k_cache.shape[:3], generator=gen) / 20 + 0.01).to(DEVICE) for _ in range(2)]
+    head_major = [new_kv_scales(*s.shape, DEVICE).copy_(s) for s in token_major]
+    q = torch.randn(3, heads, head_dim, generator=gen).half().to(DEVICE)
+    outs = []
+    for ks, vs in (token_major, head_major):
+        out = torch.full_like(q, float("nan"))
+        paged_attention(q, k8, v8, out, meta.block_table, meta.seq_lens, meta.query_start_loc, 3, 1,
+                        head_dim ** -0.5, num_splits=num_splits, k_scale=ks, v_scale=vs, kv_mode=2)
+        outs.append(out)
+    assert not outs[0].isnan().any() and torch.equal(outs[0], outs[1])
+    rotary = RotaryEmbedding(head_dim, 256, 10000.0, None).to(DEVICE)
+    k, v = (torch.randn(3, kv_heads, head_dim, generator=gen).half().to(DEVICE) for _ in range(2))
+    table = meta.block_table.cpu()
+    slots = torch.tensor([int(table[i, c // page]) * page + c % page for i, c in enumerate(context_lens)]).to(DEVICE)
+    written = []
+    for scales in (token_major, head_major):
+        kc, vc, ks, vs = k8.clone(), v8.clone(), scales[0].clone(memory_format=torch.preserve_format), \
+            scales[1].clone(memory_format=torch.preserve_format)
+        rope_and_cache(torch.tensor(context_lens, device=DEVICE), q.clone(), k, v, rotary.cos_sin_cache, kc, vc, slots,
+                       k_scale=ks, v_scale=vs, kv_mode=2)
+        written.append((kc, vc, ks, vs))
+    assert written[1][2].stride() == head_major[0].stride()
+    for a, b in zip(*written):
+        assert torch.equal(a, b)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sageinfer.attention.backend import LayerKVCache
+from sageinfer.attention.backend import LayerKVCache, new_kv_scales
 from sageinfer.attention.torch_ref import paged_attention_ref
 from sageinfer.ops.prefill_attention import prefill_attention, supports
 from kernels_util import DEVICE, TOL, poison_unwritten_slots, random_paged_batch, rel_err
@@ -59,10 +59,12 @@ def test_prefill_attention_reads_an_fp8_cache(case, q_dtype):
     assert rel_err(out, ref) < TOL[q_dtype]
 
 
+@pytest.mark.parametrize("head_major", [False, True])
 @pytest.mark.parametrize("case", ["prompts_of_many_lengths", "chunk_after_cached_context", "decode_rows_in_the_batch"])
-def test_prefill_attention_reads_an_int8_cache(case):
-    """INT8 values with a scale per token and KV head: the attention of the values the cache encodes;
-    the scales of rows no sequence owns are NaN, and are never read into the result."""
+def test_prefill_attention_reads_an_int8_cache(case, head_major):
+    """INT8 values with a scale per token and KV head (stored token-major or head-major): the attention
+    of the values the cache encodes; the scales of rows no sequence owns are NaN, and are never read
+    into the result."""
     query_lens, context_lens, num_heads, num_kv_heads, head_dim, page, block_n = CASES[case]
     k_cache, v_cache, meta = random_paged_batch(query_lens, context_lens, num_kv_heads, head_dim, page, torch.float32,
                                                 seed=len(case))
@@ -72,6 +74,8 @@ def test_prefill_attention_reads_an_int8_cache(case):
     nan_k, nan_v = ks[..., None].expand(k_cache.shape).clone(), vs[..., None].expand(v_cache.shape).clone()
     poison_unwritten_slots(nan_k, nan_v, meta)  # the rows no sequence owns
     ks, vs = nan_k[..., 0].contiguous(), nan_v[..., 0].contiguous()
+    if head_major:
+        ks, vs = (new_kv_scales(*s.shape, DEVICE).copy_(s) for s in (ks, vs))
     q = torch.randn(sum(query_lens), num_heads, head_dim).half().to(DEVICE)
     owned = ~ks.isnan()
     kd = torch.where(owned[..., None], k8.double() * ks.double()[..., None], 0.0)

@@ -22,11 +22,19 @@ KV_CACHE_DTYPES = ("auto", "fp8", "int8")
 KV_MODE = {"auto": 0, "fp8": 1, "int8": 2}
 
 
+def new_kv_scales(num_blocks: int, block_size: int, num_kv_heads: int, device) -> torch.Tensor:
+    """An INT8 cache's scales, indexed [blocks, block_size, KV heads] but stored head-major (a
+    transposed view of [blocks, KV heads, block_size]): a decode tile's 64 keys of one head then read
+    256 contiguous bytes, not 64 values 4 bytes each in 32-byte sectors of their own (8 KV heads)."""
+    return torch.zeros(num_blocks, num_kv_heads, block_size, dtype=torch.float32, device=device).transpose(1, 2)
+
+
 @dataclass
 class LayerKVCache:
     """One layer's paged KV cache. auto: the model dtype. fp8: e4m3 values times one per-tensor
-    scale. int8: symmetric int8 with a float32 scale per (token, kv head), in k_scale / v_scale of
-    shape [num_blocks, block_size, num_kv_heads]."""
+    scale. int8: symmetric int8 with a float32 scale per (token, kv head), in k_scale / v_scale
+    indexed [num_blocks, block_size, num_kv_heads] (stored as new_kv_scales makes them, or
+    contiguous: the kernels take either)."""
     k: torch.Tensor
     v: torch.Tensor
     dtype: str = "auto"

@@ -35,8 +35,9 @@ def write_kv_cache_ref(k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache, sl
     for values, store, scales in ((k, cache.k, cache.k_scale), (v, cache.v, cache.v_scale)):
         quantized, scale = quantize_kv_ref(values[valid], cache)
         store.view(-1, num_kv_heads, head_dim)[slots] = quantized
-        if scale is not None:
-            scales.view(-1, num_kv_heads)[slots] = scale
+        if scale is not None:  # indexed by page and slot: the scales may be stored head-major
+            page = cache.k.shape[1]
+            scales[slots // page, slots % page] = scale
 
 
 def _gather_context(store: torch.Tensor, scales: torch.Tensor | None, blocks: torch.Tensor, seq_len: int,

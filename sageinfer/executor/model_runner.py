@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sageinfer.attention.backend import AttentionMetadata, LayerKVCache, get_attention_backend
+from sageinfer.attention.backend import AttentionMetadata, LayerKVCache, get_attention_backend, new_kv_scales
 from sageinfer.config import EngineConfig
 from sageinfer.distributed.parallel_state import get_tp_group, kv_head_range
 from sageinfer.executor import prompt_logprobs
@@ -134,8 +134,8 @@ class ModelRunner:
     def _layer_cache(self, num_blocks: int) -> LayerKVCache:
         shape = (num_blocks, self.block_size, self.num_kv_heads, self.model_config.head_dim)
         mode, store = self.config.kv_cache_dtype, self.kv_store_dtype()
-        scales = (lambda: torch.zeros(shape[:3], dtype=torch.float32, device=self.device)) if mode == "int8" \
-            else (lambda: None)
+        scales = (lambda: new_kv_scales(num_blocks, self.block_size, self.num_kv_heads, self.device)) \
+            if mode == "int8" else (lambda: None)
         return LayerKVCache(torch.zeros(shape, dtype=store, device=self.device),
                             torch.zeros(shape, dtype=store, device=self.device), mode, scales(), scales())
 

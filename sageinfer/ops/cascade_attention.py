@@ -16,6 +16,7 @@ import triton.language as tl
 
 from sageinfer.ops import launch
 from sageinfer.ops.paged_attention import LOG2E, attend_tile, fp8_query_factor, query_for_cache
+from sageinfer.ops.rope_cache import scales_head_major
 
 # Rows (queries x heads of a group) per program, keys per tile; the H100 sweep in
 # benchmarks/experiments/probe_p1.py put six tile shapes within 149-161 us for prefix + suffix of 200 sequences.
@@ -33,7 +34,7 @@ def _prefix_attention_kernel(
     stride_q_tok, stride_q_head, stride_c_block, stride_c_slot, stride_c_head,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    KV_MODE: tl.constexpr, USE_PDL: tl.constexpr,
+    KV_MODE: tl.constexpr, USE_PDL: tl.constexpr, HEAD_MAJOR_SCALES: tl.constexpr = False,
 ):
     launch.wait_for_previous_kernel(USE_PDL)
     row_tile = tl.program_id(0)
@@ -66,7 +67,7 @@ def _prefix_attention_kernel(
                                      prefix_blocks_ptr, 0, kv_head, prefix_len, rows,  # rows: no mask reads it
                                      dims, dim_valid, scale_log2,
                                      stride_c_block, stride_c_slot, stride_c_head, 0, NUM_KV_HEADS, PAGE_SIZE,
-                                     BLOCK_N, False, KV_MODE, HEAD_DIM != HEAD_DIM_PAD)
+                                     BLOCK_N, False, KV_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_MAJOR_SCALES)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None] * out_scale
@@ -115,6 +116,7 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         PAGE_SIZE=page_size, BLOCK_M=cfg["block_m"], BLOCK_N=block_n, KV_MODE=kv_mode,
+        HEAD_MAJOR_SCALES=scales_head_major(k_scale) if kv_mode == 2 else False,
         num_warps=cfg["num_warps"], num_stages=num_stages,
         **launch.dependent_launch_kwargs())
     return part_out, part_lse

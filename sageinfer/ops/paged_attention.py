@@ -18,7 +18,7 @@ import triton.language as tl
 from sageinfer.ops import launch
 from sageinfer.ops.fp16_operand import fp16_operand, fp16_operand_factor
 from sageinfer.ops.int8_values import cache_values_as
-from sageinfer.ops.rope_cache import rms_norm_halves, store_kv
+from sageinfer.ops.rope_cache import rms_norm_halves, scale_offsets, scales_head_major, store_kv
 
 LOG2E = 1.4426950408889634
 
@@ -49,7 +49,8 @@ def _load_per_key(ptrs, k_valid, MASKED: tl.constexpr):
 def attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table_ptr, seq,
                 kv_head, kv_end, q_pos, dims, dim_valid, scale_log2, stride_c_block, stride_c_slot, stride_c_head,
                 stride_bt, NUM_KV_HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                MASKED: tl.constexpr, KV_MODE: tl.constexpr, DIM_PADDED: tl.constexpr):
+                MASKED: tl.constexpr, KV_MODE: tl.constexpr, DIM_PADDED: tl.constexpr,
+                HEAD_MAJOR_SCALES: tl.constexpr = False):
     """One key tile of online softmax. Unmasked tiles (every key valid and visible to every row) load
     without per-key masks and scale the scores inside one multiply-add; with K loaded key-major this
     took the 16K chunks of a 32K prompt on an H100 from 362-380 to 392-416 TFLOP/s
@@ -65,7 +66,8 @@ def attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v
     # I2F: decode attention over an INT8 cache was 17% slower than over bf16 on an H200 (chat-mix).
     s = tl.dot(q, cache_values_as(k, q.dtype).T)
     if KV_MODE == 2:
-        scale_offs = (page.to(tl.int64) * PAGE_SIZE + k_idx % PAGE_SIZE) * NUM_KV_HEADS + kv_head
+        scale_offs = scale_offsets(page.to(tl.int64), k_idx % PAGE_SIZE, kv_head, NUM_KV_HEADS, PAGE_SIZE,
+                                   HEAD_MAJOR_SCALES)
         s = s * _load_per_key(k_scale_ptr + scale_offs, k_valid, MASKED)[None, :]
     if MASKED:
         s = tl.where(k_valid[None, :] & (k_idx[None, :] <= q_pos[:, None]), s, float("-inf"))
@@ -119,7 +121,8 @@ def _rotated_query(q_ptr, q_offs, rot_offs, row_valid, q_norm_ptr, cos_sin_ptr, 
 def _write_new_kv(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, k_norm_ptr, cos_sin_ptr, pos,
                   slot, tok, kv_head, eps, fp8_inv_scale, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
                   stride_c_slot, stride_c_head, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  QK_NORM: tl.constexpr, KV_MODE: tl.constexpr):
+                  QK_NORM: tl.constexpr, KV_MODE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                  HEAD_MAJOR_SCALES: tl.constexpr):
     """One token's k (normalised, rotated) and v of one KV head into its cache slot, as ops.rope_cache."""
     half = HEAD_DIM // 2
     d = tl.arange(0, HEAD_DIM // 2)
@@ -138,7 +141,7 @@ def _write_new_kv(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_p
     v1 = tl.load(v_base, mask=mask, other=0.0).to(tl.float32)
     v2 = tl.load(v_base + half, mask=mask, other=0.0).to(tl.float32)
     c_base = slot * stride_c_slot + kh[:, None] * stride_c_head + d[None, :]
-    scale_offs = slot * NUM_KV_HEADS + kh
+    scale_offs = scale_offsets(slot // PAGE_SIZE, slot % PAGE_SIZE, kh, NUM_KV_HEADS, PAGE_SIZE, HEAD_MAJOR_SCALES)
     store_kv(k_cache_ptr, k_scale_ptr, c_base, half, scale_offs, mask, head_mask, k1 * cos - k2 * sin,
              k2 * cos + k1 * sin, fp8_inv_scale, KV_MODE)
     store_kv(v_cache_ptr, v_scale_ptr, c_base, half, scale_offs, mask, head_mask, v1, v2, fp8_inv_scale, KV_MODE)
@@ -161,6 +164,7 @@ def _paged_attention_kernel(
     PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_MODE: tl.constexpr, CASCADE: tl.constexpr,
     ROPE: tl.constexpr, QK_NORM: tl.constexpr, USE_PDL: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr = 0,
+    HEAD_MAJOR_SCALES: tl.constexpr = False,
 ):
     launch.wait_for_previous_kernel(USE_PDL)
     seq = tl.program_id(0)
@@ -212,7 +216,7 @@ def _paged_attention_kernel(
             _write_new_kv(k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, k_norm_ptr,
                           cos_sin_ptr, pos, slot, q_start, kv_head, eps, fp8_inv_scale, stride_k_tok, stride_k_head,
                           stride_v_tok, stride_v_head, stride_c_slot, stride_c_head, NUM_KV_HEADS, HEAD_DIM, QK_NORM,
-                          KV_MODE)
+                          KV_MODE, PAGE_SIZE, HEAD_MAJOR_SCALES)
         tl.debug_barrier()  # the whole program sees the new key before its tiles load it
     # Tiles wholly at or before the tile's first query position need no mask.
     num_full = (context_len + q_tile * BLOCK_Q + 1) // BLOCK_N
@@ -225,12 +229,12 @@ def _paged_attention_kernel(
         m_i, l_i, acc = attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                                      block_table_ptr, seq, kv_head, kv_end, q_pos, dims, dim_valid, scale_log2,
                                      stride_c_block, stride_c_slot, stride_c_head, stride_bt, NUM_KV_HEADS, PAGE_SIZE,
-                                     BLOCK_N, False, KV_MODE, HEAD_DIM != HEAD_DIM_PAD)
+                                     BLOCK_N, False, KV_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_MAJOR_SCALES)
     for tile in range(mid, tile_end):
         m_i, l_i, acc = attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                                      block_table_ptr, seq, kv_head, kv_end, q_pos, dims, dim_valid, scale_log2,
                                      stride_c_block, stride_c_slot, stride_c_head, stride_bt, NUM_KV_HEADS, PAGE_SIZE,
-                                     BLOCK_N, True, KV_MODE, HEAD_DIM != HEAD_DIM_PAD)
+                                     BLOCK_N, True, KV_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_MAJOR_SCALES)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None] * out_scale
     tok = q_start + q_idx
@@ -415,7 +419,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits, NUM_KV_HEADS=num_kv_heads,
         KV_MODE=kv_mode, CASCADE=prefix is not None, ROPE=rope is not None, QK_NORM=q_norm is not None,
-        MIN_SPLIT_TILES=min_split_tiles, num_warps=num_warps, num_stages=num_stages,
+        MIN_SPLIT_TILES=min_split_tiles, HEAD_MAJOR_SCALES=scales_head_major(k_scale) if kv_mode == 2 else False,
+        num_warps=num_warps, num_stages=num_stages,
         **launch.dependent_launch_kwargs())
     if num_splits > 1:
         _merge_splits_kernel[(q.shape[0], num_heads)](

@@ -22,6 +22,7 @@ except ImportError:
 from sageinfer.ops import launch
 from sageinfer.ops.int8_values import cache_values_as
 from sageinfer.ops.paged_attention import LOG2E, LONG_CONTEXT, fp8_query_factor, query_for_cache
+from sageinfer.ops.rope_cache import scale_offsets, scales_head_major
 
 
 @triton.jit
@@ -41,27 +42,31 @@ def _tile_row(block_table_ptr, tile, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _token_scales(scale_ptr, row, kv_head, valid, NUM_KV_HEADS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """An INT8 cache's scales of the tile's keys ([cache rows, KV heads]); 0 past the sequence's end
-    (rows never written: their scale may be anything)."""
-    offs = (row + tl.arange(0, BLOCK_N)).to(tl.int64) * NUM_KV_HEADS + kv_head
+def _token_scales(scale_ptr, row, kv_head, valid, NUM_KV_HEADS: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PAGE_SIZE: tl.constexpr, HEAD_MAJOR: tl.constexpr):
+    """An INT8 cache's scales of the tile's keys (cache rows from row, within one page); 0 past the
+    sequence's end (rows never written: their scale may be anything)."""
+    rows = (row + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs = scale_offsets(rows // PAGE_SIZE, rows % PAGE_SIZE, kv_head, NUM_KV_HEADS, PAGE_SIZE, HEAD_MAJOR)
     return tl.where(valid, tl.load(scale_ptr + offs), 0.0)
 
 
 @triton.jit
 def _scores(q, k_cache, k_scale_ptr, row, col, kv_head, valid, stride_row, NUM_KV_HEADS: tl.constexpr,
-            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, INT8: tl.constexpr):
+            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, INT8: tl.constexpr,
+            PAGE_SIZE: tl.constexpr, HEAD_MAJOR_SCALES: tl.constexpr):
     k = _load_tile(k_cache, row, col, stride_row, BLOCK_N, HEAD_DIM, USE_TMA)
     s = tl.dot(q, cache_values_as(k, q.dtype).T)  # (a no-op but for a quantized cache: int8 and e4m3 are exact)
     if INT8:
-        s = s * _token_scales(k_scale_ptr, row, kv_head, valid, NUM_KV_HEADS, BLOCK_N)[None, :]
+        s = s * _token_scales(k_scale_ptr, row, kv_head, valid, NUM_KV_HEADS, BLOCK_N, PAGE_SIZE,
+                              HEAD_MAJOR_SCALES)[None, :]
     return s
 
 
 @triton.jit
 def _update(s, m_i, l_i, acc, v_cache, v_scale_ptr, row, col, kv_head, tile, q_pos, kv_end, scale_log2, stride_row,
             dtype, NUM_KV_HEADS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-            USE_TMA: tl.constexpr, INT8: tl.constexpr):
+            USE_TMA: tl.constexpr, INT8: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_MAJOR_SCALES: tl.constexpr):
     if MASKED:
         k_idx = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         # Rows past the sequence's end in its last page were never written: their scores and values
@@ -77,7 +82,8 @@ def _update(s, m_i, l_i, acc, v_cache, v_scale_ptr, row, col, kv_head, tile, q_p
     pv = p
     if INT8:
         valid = tile * BLOCK_N + tl.arange(0, BLOCK_N) < kv_end
-        pv = p * _token_scales(v_scale_ptr, row, kv_head, valid, NUM_KV_HEADS, BLOCK_N)[None, :]
+        pv = p * _token_scales(v_scale_ptr, row, kv_head, valid, NUM_KV_HEADS, BLOCK_N, PAGE_SIZE,
+                               HEAD_MAJOR_SCALES)[None, :]
     acc = tl.dot(pv.to(v.dtype), v, acc * alpha[:, None])
     return m_new, l_i, acc
 
@@ -92,6 +98,7 @@ def _prefill_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, USE_PDL: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr = 1, INT8: tl.constexpr = False, FP8: tl.constexpr = False,
+    HEAD_MAJOR_SCALES: tl.constexpr = False,
 ):
     launch.wait_for_previous_kernel(USE_PDL)
     seq = tl.program_id(0)
@@ -129,16 +136,18 @@ def _prefill_attention_kernel(
     for tile in range(0, num_full):
         row = _tile_row(table, tile, PAGE_SIZE, BLOCK_N)
         s = _scores(q, k_cache, k_scale_ptr, row, col, kv_head, True, stride_row, NUM_KV_HEADS, BLOCK_N, HEAD_DIM,
-                    USE_TMA, INT8)
+                    USE_TMA, INT8, PAGE_SIZE, HEAD_MAJOR_SCALES)
         m_i, l_i, acc = _update(s, m_i, l_i, acc, v_cache, v_scale_ptr, row, col, kv_head, tile, q_pos, kv_end,
-                                scale_log2, stride_row, q.dtype, NUM_KV_HEADS, BLOCK_N, HEAD_DIM, False, USE_TMA, INT8)
+                                scale_log2, stride_row, q.dtype, NUM_KV_HEADS, BLOCK_N, HEAD_DIM, False, USE_TMA, INT8,
+                                PAGE_SIZE, HEAD_MAJOR_SCALES)
     for tile in range(num_full, num_tiles):
         row = _tile_row(table, tile, PAGE_SIZE, BLOCK_N)
         valid = tile * BLOCK_N + tl.arange(0, BLOCK_N) < kv_end
         s = _scores(q, k_cache, k_scale_ptr, row, col, kv_head, valid, stride_row, NUM_KV_HEADS, BLOCK_N, HEAD_DIM,
-                    USE_TMA, INT8)
+                    USE_TMA, INT8, PAGE_SIZE, HEAD_MAJOR_SCALES)
         m_i, l_i, acc = _update(s, m_i, l_i, acc, v_cache, v_scale_ptr, row, col, kv_head, tile, q_pos, kv_end,
-                                scale_log2, stride_row, q.dtype, NUM_KV_HEADS, BLOCK_N, HEAD_DIM, True, USE_TMA, INT8)
+                                scale_log2, stride_row, q.dtype, NUM_KV_HEADS, BLOCK_N, HEAD_DIM, True, USE_TMA, INT8,
+                                PAGE_SIZE, HEAD_MAJOR_SCALES)
     out = acc * (v_scale / l_i)[:, None]
     tl.store(out_ptr + tok[:, None] * stride_o_tok + head[:, None] * stride_o_head + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
@@ -187,9 +196,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     int8 = k_cache.dtype == torch.int8
     if int8 and (k_scale is None or v_scale is None or k_scale.shape != k_cache.shape[:3]
-                 or not k_scale.is_contiguous() or not v_scale.is_contiguous()):
+                 or k_scale.stride() != v_scale.stride()):
         raise ValueError("prefill_attention: an INT8 cache needs its k_scale and v_scale, [blocks, page, KV heads], "
-                         "contiguous")
+                         "laid out alike")
     # (bulk copies of FP8 and INT8 tiles are not measured yet: pointer loads for those)
     cfg = {**choose_config(k_cache.shape[1], max_seq_len), "use_tma": tensor_copies and long and not (fp8 or int8)
            and TensorDescriptor is not None, **(config or {})}
@@ -219,6 +228,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         1.0 / fp8_query_factor(q, fp8), k_scale if int8 else q, v_scale if int8 else q,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), stride_row, block_table.stride(0),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
-        USE_TMA=cfg["use_tma"], NUM_KV_HEADS=num_kv_heads, INT8=int8, FP8=fp8, num_warps=cfg["num_warps"],
+        USE_TMA=cfg["use_tma"], NUM_KV_HEADS=num_kv_heads, INT8=int8, FP8=fp8,
+        HEAD_MAJOR_SCALES=scales_head_major(k_scale) if int8 else False, num_warps=cfg["num_warps"],
         num_stages=num_stages, **launch.dependent_launch_kwargs())
     return out

@@ -24,6 +24,30 @@ def rms_norm_halves(x1, x2, weight_ptr, d, dmask, eps, dtype, HEAD_DIM: tl.const
 
 
 @triton.jit
+def scale_offsets(page, slot, kv_head, NUM_KV_HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_MAJOR: tl.constexpr):
+    """Where an INT8 cache keeps the scale of a key (page, slot in it) of one KV head: [blocks, page, KV
+    heads] (token-major), or [blocks, KV heads, page] (head-major: a page's scales of one head are
+    contiguous, as a key tile of one head reads them)."""
+    if HEAD_MAJOR:
+        return (page * NUM_KV_HEADS + kv_head) * PAGE_SIZE + slot
+    return (page * PAGE_SIZE + slot) * NUM_KV_HEADS + kv_head
+
+
+def scales_head_major(scale: torch.Tensor | None) -> bool:
+    """Whether an INT8 cache's scales (indexed [blocks, page, KV heads]) are stored head-major, a
+    transposed view of [blocks, KV heads, page], rather than token-major; other layouts are refused."""
+    if scale is None:
+        return False
+    _, page, heads = scale.shape
+    if scale.stride() == (page * heads, heads, 1):
+        return False
+    if scale.stride() == (page * heads, 1, page):
+        return True
+    raise ValueError(f"INT8 KV scales must be [blocks, page, KV heads] token-major or a transposed view of "
+                     f"[blocks, KV heads, page]; got strides {scale.stride()} for shape {tuple(scale.shape)}")
+
+
+@triton.jit
 def store_kv(cache_ptr, scale_ptr, c_base, half, scale_offs, mask, head_mask, x1, x2, fp8_inv_scale,
               KV_MODE: tl.constexpr):
     """Write one token's heads (two fp32 halves) in the cache dtype: 0 as is, 1 fp8 with a
@@ -53,7 +77,7 @@ def _rope_cache_kernel(
     stride_cs, stride_c_slot, stride_c_head,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_PAD: tl.constexpr,
     HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, QK_NORM: tl.constexpr, KV_MODE: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, PAGE_SIZE: tl.constexpr = 1, HEAD_MAJOR_SCALES: tl.constexpr = False,
 ):
     launch.wait_for_previous_kernel(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
@@ -92,7 +116,7 @@ def _rope_cache_kernel(
     r1, r2 = k1 * cos - k2 * sin, k2 * cos + k1 * sin
     v1 = tl.load(v_base, mask=kmask, other=0.0).to(tl.float32)
     v2 = tl.load(v_base + half, mask=kmask, other=0.0).to(tl.float32)
-    scale_offs = slot * NUM_KV_HEADS + kh  # scales: [blocks, page, kv heads], contiguous
+    scale_offs = scale_offsets(slot // PAGE_SIZE, slot % PAGE_SIZE, kh, NUM_KV_HEADS, PAGE_SIZE, HEAD_MAJOR_SCALES)
     store_kv(k_cache_ptr, k_scale_ptr, c_base, half, scale_offs, kmask, kh < NUM_KV_HEADS, r1, r2, fp8_inv_scale,
               KV_MODE)
     store_kv(v_cache_ptr, v_scale_ptr, c_base, half, scale_offs, kmask, kh < NUM_KV_HEADS, v1, v2, fp8_inv_scale,
@@ -120,5 +144,6 @@ def rope_and_cache(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         HALF_PAD=triton.next_power_of_2(head_dim // 2), HEADS_PAD=triton.next_power_of_2(num_heads),
         KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads), QK_NORM=qk_norm, KV_MODE=kv_mode,
+        PAGE_SIZE=k_cache.shape[1], HEAD_MAJOR_SCALES=scales_head_major(k_scale) if kv_mode == 2 else False,
         **launch.dependent_launch_kwargs())
     return q
