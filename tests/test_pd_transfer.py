@@ -177,6 +177,28 @@ def test_a_full_region_makes_the_next_prompts_wait_for_room_and_reuses_ranges_re
     assert again[0].get("offset") == 0
 
 
+def test_loads_waiting_for_kv_not_yet_staged_do_not_hold_up_loads_of_kv_that_is(llama_dir, tmp_path, reference):
+    """One loading thread, a region with room for one prompt: the decode instance asks first for the
+    prompt still waiting for room, then for the staged one. Only once the staged one has been read is
+    there room for the other, so the load waiting for it must not occupy the thread meanwhile."""
+    prompts, expected = reference
+    prefill = _engine(llama_dir, "SharedMemoryConnector", "kv_producer", tmp_path)
+    producer = prefill.engine.kv_transfer
+    largest = max(len(p) for p in prompts[:2]) // 16 * 16 * sum(producer.token_bytes)
+    producer.ranges = ByteRanges(ByteRanges.round_to_pages(largest))
+    outs = prefill.generate([{"prompt_token_ids": p} for p in prompts[:2]], SamplingParams(
+        temperature=0, max_tokens=1, kv_transfer_params={"do_remote_decode": True}), use_tqdm=False)
+    params = [o.kv_transfer_params for o in outs]
+    order = sorted(range(2), key=lambda i: "offset" in params[i])  # the waiting one first
+    assert "offset" not in params[order[0]] and "offset" in params[order[1]]
+    decode = _engine(llama_dir, "SharedMemoryConnector", "kv_consumer", tmp_path, threads=1)
+    start = time.monotonic()
+    with _Stepping(prefill):
+        got = _decode(decode, [prompts[i] for i in order], [params[i] for i in order])
+    assert got == [expected[i] for i in order] and decode.engine.scheduler.num_remote_kv_failures == 0
+    assert time.monotonic() - start < 30  # not after a load timeout (60 s)
+
+
 def test_a_prompt_that_waits_for_room_too_long_is_not_sent_and_its_consumer_computes_it(llama_dir, tmp_path,
                                                                                      reference):
     """The region held by KV no one reads: a prompt waiting for room gives up after load_timeout_s, its

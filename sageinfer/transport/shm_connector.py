@@ -13,7 +13,9 @@ Where it goes:
     whoever creates it first decides, so a range being read is never reused), and when it was read.
   - where the region has no room when a prompt's prefill ends, the prompt waits for room (its blocks
     held, up to load_timeout_s, behind earlier ones that wait) and is staged as ranges are read: its
-    range's offset is then in the .ready marker, not in the kv_transfer_params.
+    range's offset is then in the .ready marker, not in the kv_transfer_params. A decode instance
+    starts a load only once its KV is staged (polled), so loads that wait never hold up those that
+    could run, whose ranges, once read, make the room the waiting prompts need.
   - a file per prompt, where the region could never hold it (or staging_gb is 0): written under a
     temporary name, then renamed; the decode instance reads it and removes it.
 
@@ -192,6 +194,10 @@ class SharedMemoryConnector(RemoteKVConnector):
         self.sending: dict[str, Future] = {}  # request -> its KV being staged (its blocks held)
         # request -> (its blocks being filled, what releases its staged KV if the load never starts)
         self.loads: dict[str, tuple[Future, Callable[[], object]]] = {}
+        # request -> (params, tokens, first token, block ids, deadline): region loads whose KV is not yet
+        # staged. They wait here, not on a thread: loads waiting for KV not staged yet must not hold up
+        # the loads of KV that is (whose ranges, once read, make room for what the others wait for).
+        self.awaiting: dict[str, tuple[dict, int, int, list[int], float]] = {}
         self.staged: dict[str, tuple[int, int, float, Future]] = {}  # key -> (offset, bytes, deadline, staging)
         self.mapped: dict[str, list] = {}  # region path -> [its mapping here, page-locked, loads using it]
         self._map_lock = threading.Lock()
@@ -503,10 +509,8 @@ class SharedMemoryConnector(RemoteKVConnector):
             raise ValueError(reason)
         total = int(params["remote_num_tokens"])
         if region is not None:
-            future = self.workers.submit(self._load_from_region, params, total, first_token, block_ids)
-            marker = self._marker(params["remote_engine_id"], params["key"])
-            # never read: the producer may reuse the range at once (unless it has given it up)
-            self.loads[request_id] = (future, lambda: create_marker(marker + ".claim") and create_marker(marker + ".done"))
+            # started by poll_loaded once staged
+            self.awaiting[request_id] = (params, total, first_token, list(block_ids), time.monotonic() + self.load_timeout)
         else:
             future = self.file_workers.submit(self._load_from_file, path, total, first_token, block_ids)
             self.loads[request_id] = (future, lambda: remove_file(path))
@@ -635,12 +639,49 @@ class SharedMemoryConnector(RemoteKVConnector):
         finally:
             remove_file(path)
 
+    @staticmethod
+    def _release_unread(marker: str) -> bool:
+        """A range this consumer will not read: claimed and done, so that its producer frees it as soon
+        as it is staged (unless it has given it up already)."""
+        return create_marker(marker + ".claim") and create_marker(marker + ".done")
+
+    def _start_staged(self, failed: list | None = None) -> dict:
+        """Loads whose KV is now staged start on a thread; those whose producer failed or gave the range
+        up, or that waited past load_timeout_s, go to failed with the reason."""
+        started, now = {}, time.monotonic()
+        for request_id, (params, total, first, block_ids, deadline) in list(self.awaiting.items()):
+            marker = self._marker(params["remote_engine_id"], params["key"])
+            if os.path.exists(marker + ".ready"):
+                del self.awaiting[request_id]
+                future = self.workers.submit(self._load_from_region, params, total, first, block_ids)
+                started[request_id] = (future, lambda m=marker: self._release_unread(m))
+                continue
+            if os.path.exists(marker + ".failed"):
+                reason = "the prefill instance could not stage this prompt's KV"
+            elif os.path.exists(marker + ".claim"):
+                reason = "the prefill instance no longer holds this prompt's staged KV"
+            elif now > deadline:
+                reason = f"the staged KV did not appear within {self.load_timeout:.0f} s"
+                self._release_unread(marker)
+            else:
+                continue
+            del self.awaiting[request_id]
+            if failed is not None:
+                failed.append((request_id, f"ValueError: {reason}"))
+        return started
+
     def poll_loaded(self) -> list[tuple[str, str | None]]:
         if self.is_consumer:
             self._map_new_regions()
-        return self.take_finished(self.loads)
+        failed = []
+        self.loads.update(self._start_staged(failed))
+        return failed + self.take_finished(self.loads)
 
     def cancel_load(self, request_id: str) -> bool:
+        waiting = self.awaiting.pop(request_id, None)
+        if waiting is not None:
+            self._release_unread(self._marker(waiting[0]["remote_engine_id"], waiting[0]["key"]))
+            return True
         future, release = self.loads.get(request_id, (None, None))
         if future is None:
             return True
