@@ -92,9 +92,10 @@ class _SnapshotCollector:
                                          labels=["model_name", label] if label else ["model_name"])
             if label is None:
                 family.add_metric([m.model_name], float(counters.get(name, 0)))
-            for key, value in counters.items() if label else ():
-                if key.startswith(f"{name}/"):
-                    family.add_metric([m.model_name, key.split("/", 1)[1]], float(value))
+            else:
+                for key, value in counters.items():
+                    if key.startswith(f"{name}/"):
+                        family.add_metric([m.model_name, key.split("/", 1)[1]], float(value))
             yield family
         if m.cache_config:
             info = GaugeMetricFamily("sageinfer:cache_config_info", "KV cache configuration (labels).",

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from sageinfer.transport.kv_pairing import per_model_tensors
-from sageinfer.transport.marker_files import create_marker, default_dir, process_alive, remove_file
+from sageinfer.transport.marker_files import create_marker, default_dir, process_alive, release_unread, remove_file
 from sageinfer.transport.remote_kv import RemoteKVConnector, kv_tensors
 
 logger = logging.getLogger(__name__)
@@ -328,8 +328,7 @@ class DeviceIpcConnector(RemoteKVConnector):
             return True
         if future.cancel():  # not started: nothing writes the blocks; the producer may free its own
             del self.loads[request_id]
-            if create_marker(marker + ".claim"):
-                create_marker(marker + ".done")
+            release_unread(marker)
             return True
         return False  # being copied: the blocks are freed when poll_loaded reports it
 

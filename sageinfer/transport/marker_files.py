@@ -29,6 +29,13 @@ def write_marker(path: str, content: str) -> None:
     os.replace(path + ".part", path)
 
 
+def release_unread(marker: str) -> None:
+    """A consumer that will not read what marker (a path without its suffix) names: claimed and done,
+    so that its producer frees it (unless the producer has claimed it first, giving it up)."""
+    if create_marker(marker + ".claim"):
+        create_marker(marker + ".done")
+
+
 def remove_file(path: str) -> None:
     try:
         os.remove(path)

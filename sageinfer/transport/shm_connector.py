@@ -49,7 +49,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from sageinfer.transport.marker_files import create_marker, default_dir, process_alive, remove_file, write_marker
+from sageinfer.transport.marker_files import (create_marker, default_dir, process_alive, release_unread, remove_file,
+                                               write_marker)
 from sageinfer.transport.remote_kv import RemoteKVConnector, kv_tensors
 
 logger = logging.getLogger(__name__)
@@ -413,15 +414,15 @@ class SharedMemoryConnector(RemoteKVConnector):
             raise
 
     def poll_sent(self) -> list[str]:
-        done = self._stage_waiting(time.monotonic())
+        now = time.monotonic()
+        self._release_ranges(now)
+        done = self._stage_waiting(now)
         for request_id, future in list(self.sending.items()):
             if future.done():
                 del self.sending[request_id]
                 if future.exception() is not None:
                     logger.error("request %s: staging its KV failed: %s", request_id, future.exception())
                 done.append(request_id)  # the blocks may go: their KV is staged (or never will be)
-        now = time.monotonic()
-        self._release_ranges(now)
         self._remove_expired(now)
         return done
 
@@ -429,9 +430,6 @@ class SharedMemoryConnector(RemoteKVConnector):
         """Prompts waiting for room go to ranges freed since, oldest first (a large prompt is not passed
         by smaller ones). Returns those that waited past their deadline: their consumer is told it
         failed (it computes the prompt), and their blocks may go."""
-        if not self.waiting_for_room:
-            return []
-        self._release_ranges(now)
         gone = []
         for request_id, (block_ids, tokens, key, deadline) in list(self.waiting_for_room.items()):
             needed = tokens * sum(self.token_bytes)
@@ -536,23 +534,20 @@ class SharedMemoryConnector(RemoteKVConnector):
             return "the staged KV lies outside the prefill instance's staging region"
         return None
 
-    def _wait_for(self, ready: str, failed: str, taken: str | None = None) -> None:
+    def _wait_for(self, ready: str, failed: str) -> None:
+        """Until a file the producer is still writing is complete (region loads start once staged)."""
         deadline = time.monotonic() + self.load_timeout
-        while not os.path.exists(ready):  # the producer may still be staging it
+        while not os.path.exists(ready):
             if os.path.exists(failed):
-                if taken is None:
-                    remove_file(failed)
+                remove_file(failed)
                 raise ValueError("the prefill instance could not stage this prompt's KV")
-            if taken is not None and os.path.exists(taken):
-                raise ValueError("the prefill instance no longer holds this prompt's staged KV")
             if time.monotonic() > deadline:
                 raise ValueError(f"the staged KV did not appear within {self.load_timeout:.0f} s")
             time.sleep(0.001)
 
     def _load_from_region(self, params: dict, total: int, first: int, block_ids: list[int]) -> None:
         engine, key = params["remote_engine_id"], params["key"]
-        marker = self._marker(engine, key)
-        self._wait_for(marker + ".ready", marker + ".failed", taken=marker + ".claim")
+        marker = self._marker(engine, key)  # its .ready is there: _start_staged saw it
         if not create_marker(marker + ".claim"):
             raise ValueError("the prefill instance no longer holds this prompt's staged KV")
         try:
@@ -639,22 +634,16 @@ class SharedMemoryConnector(RemoteKVConnector):
         finally:
             remove_file(path)
 
-    @staticmethod
-    def _release_unread(marker: str) -> bool:
-        """A range this consumer will not read: claimed and done, so that its producer frees it as soon
-        as it is staged (unless it has given it up already)."""
-        return create_marker(marker + ".claim") and create_marker(marker + ".done")
-
-    def _start_staged(self, failed: list | None = None) -> dict:
-        """Loads whose KV is now staged start on a thread; those whose producer failed or gave the range
-        up, or that waited past load_timeout_s, go to failed with the reason."""
-        started, now = {}, time.monotonic()
+    def _start_staged(self) -> list[tuple[str, str]]:
+        """Loads whose KV is now staged start on a thread. Returns those whose producer failed or gave
+        the range up, or that waited past load_timeout_s, with the reason."""
+        failed, now = [], time.monotonic()
         for request_id, (params, total, first, block_ids, deadline) in list(self.awaiting.items()):
             marker = self._marker(params["remote_engine_id"], params["key"])
             if os.path.exists(marker + ".ready"):
                 del self.awaiting[request_id]
                 future = self.workers.submit(self._load_from_region, params, total, first, block_ids)
-                started[request_id] = (future, lambda m=marker: self._release_unread(m))
+                self.loads[request_id] = (future, lambda m=marker: release_unread(m))
                 continue
             if os.path.exists(marker + ".failed"):
                 reason = "the prefill instance could not stage this prompt's KV"
@@ -662,25 +651,22 @@ class SharedMemoryConnector(RemoteKVConnector):
                 reason = "the prefill instance no longer holds this prompt's staged KV"
             elif now > deadline:
                 reason = f"the staged KV did not appear within {self.load_timeout:.0f} s"
-                self._release_unread(marker)
+                release_unread(marker)
             else:
                 continue
             del self.awaiting[request_id]
-            if failed is not None:
-                failed.append((request_id, f"ValueError: {reason}"))
-        return started
+            failed.append((request_id, f"ValueError: {reason}"))
+        return failed
 
     def poll_loaded(self) -> list[tuple[str, str | None]]:
         if self.is_consumer:
             self._map_new_regions()
-        failed = []
-        self.loads.update(self._start_staged(failed))
-        return failed + self.take_finished(self.loads)
+        return self._start_staged() + self.take_finished(self.loads)
 
     def cancel_load(self, request_id: str) -> bool:
         waiting = self.awaiting.pop(request_id, None)
         if waiting is not None:
-            self._release_unread(self._marker(waiting[0]["remote_engine_id"], waiting[0]["key"]))
+            release_unread(self._marker(waiting[0]["remote_engine_id"], waiting[0]["key"]))
             return True
         future, release = self.loads.get(request_id, (None, None))
         if future is None:
