@@ -17,7 +17,6 @@ import triton.language as tl
 
 from sageinfer.ops import launch
 from sageinfer.ops.fp16_operand import fp16_operand, fp16_operand_factor
-from sageinfer.ops.int8_values import cache_values_as
 from sageinfer.ops.rope_cache import rms_norm_halves, scale_offsets, scales_head_major, store_kv
 
 LOG2E = 1.4426950408889634
@@ -62,9 +61,10 @@ def attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v
     # K is loaded key-major like V (rows of contiguous dims) and transposed for the dot.
     k = _load_key_rows(k_cache_ptr + slot_offs[:, None] + dims[None, :], k_valid, dim_valid, MASKED, DIM_PADDED)
     # Quantised caches: int8 and fp8 values are exact in the query's dtype; scales are applied to
-    # the scores (K) and the probabilities (V) instead of to every element. INT8 converts without
-    # I2F: decode attention over an INT8 cache was 17% slower than over bf16 on an H200 (chat-mix).
-    s = tl.dot(q, cache_values_as(k, q.dtype).T)
+    # the scores (K) and the probabilities (V) instead of to every element. INT8 is cast directly:
+    # through fp32's bits (ops/int8_values.py, the GEMV's way) decode took 151.5 us per layer against
+    # 138.4 cast (H200, batch 256 x 640 keys, experiments/probe_quantized_decode.py).
+    s = tl.dot(q, k.to(q.dtype).T)
     if KV_MODE == 2:
         scale_offs = scale_offsets(page.to(tl.int64), k_idx % PAGE_SIZE, kv_head, NUM_KV_HEADS, PAGE_SIZE,
                                    HEAD_MAJOR_SCALES)
@@ -80,7 +80,7 @@ def attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v
     pv = p
     if KV_MODE == 2:
         pv = p * _load_per_key(v_scale_ptr + scale_offs, k_valid, MASKED)[None, :]
-    acc = tl.dot(pv.to(q.dtype), cache_values_as(v, q.dtype), acc * alpha[:, None])
+    acc = tl.dot(pv.to(q.dtype), v.to(q.dtype), acc * alpha[:, None])
     return m_new, l_i, acc
 
 
@@ -338,10 +338,12 @@ PREFILL_CONFIG = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 
 SHORT_PREFILL_CONFIG = {"block_m": 128, "block_n": 32, "num_warps": 4, "num_stages": 3}
 LONG_CONTEXT = 4096
 # Decode programs (one query token x GROUP heads): keys per tile, warps, stages, per cache dtype mode.
-# From benchmarks/experiments/tune_decode_attention.py on an H100, batch 256 x 600 keys: bf16 2.72 TB/s (91% of
-# the copy ceiling), int8 1.75 TB/s, fp8 1.67 TB/s of cache bytes; the quantised caches are bound by
-# the per-tile latency, not bandwidth, so they gain ~1.2x in speed while holding 2x the tokens.
-DECODE_CONFIG = {mode: {"block_n": 64, "num_warps": 2, "num_stages": 3} for mode in (0, 1, 2)}
+# From benchmarks/experiments/probe_quantized_decode.py on an H200, batch 256 x 640 keys, us per layer
+# with 3 stages -> 2: bf16 163.2 -> 162.2, fp8 134.7 -> 121.9, int8 151.5 -> 142.5 (64 x 4096 keys:
+# 245.8 both, 180.2 -> 171.2, 210.5 -> 204.1); wider tiles and 4 warps were slower at these batches.
+# The quantised caches stream fewer bytes per second than bf16 (2.4-2.8 against 4.1-4.4 TB/s): they
+# are bound by each tile's latency, not by bandwidth.
+DECODE_CONFIG = {mode: {"block_n": 64, "num_warps": 2, "num_stages": 2} for mode in (0, 1, 2)}
 
 
 def rotary_inside_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
