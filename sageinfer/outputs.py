@@ -19,6 +19,8 @@ SampleLogprobs = list[dict[int, Logprob]]
 class CompletionOutput:
     index: int
     text: str
+    # A list; in an output handed out while its request runs behind the engine core process, a
+    # read-only sequence of the same values (engine/growing_list.py: no copy per step).
     token_ids: list[int]
     cumulative_logprob: float | None = None
     logprobs: SampleLogprobs | None = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
+from sageinfer.engine.growing_list import GrowingListPrefix
 from sageinfer.outputs import CompletionOutput, Logprob, RequestOutput
 from sageinfer.sampling_params import SamplingParams
 
@@ -121,14 +122,19 @@ class DeltaEncoder:
 
 
 class OutputAssembler:
-    """Front side: the cumulative RequestOutput of each request, rebuilt from its differences."""
+    """Front side: the cumulative RequestOutput of each request, rebuilt from its differences. Tokens
+    and logprobs are appended in place; an output handed out while its request runs holds
+    fixed-length views of them (engine.growing_list), so it stays as it was without a copy per step.
+    The finished output holds plain lists."""
 
     def __init__(self):
-        # request id -> [prompt, prompt token ids, samples, prompt logprobs]
+        # request id -> [prompt, prompt token ids, samples, prompt logprobs]; a sample is
+        # [text, token ids, logprobs or None, cumulative logprob, finish reason, stop reason]
         self._requests: dict[str, list] = {}
 
     def start(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], n: int) -> None:
-        self._requests[request_id] = [prompt, prompt_token_ids, [CompletionOutput(i, "", []) for i in range(n)], None]
+        self._requests[request_id] = [prompt, prompt_token_ids, [["", [], None, None, None, None] for _ in range(n)],
+                                      None]
 
     def forget(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
@@ -139,19 +145,26 @@ class OutputAssembler:
             return None
         if delta.prompt_logprobs is not None:
             entry[3] = delta.prompt_logprobs
-        prompt, prompt_ids, completions, prompt_logprobs = entry
+        prompt, prompt_ids, samples, prompt_logprobs = entry
         for d in delta.completions:
-            c = completions[d.index]
-            c.text = c.text[:d.text_keep] + d.text
-            c.token_ids = c.token_ids + d.token_ids  # a new list: outputs handed out earlier stay as they were
+            sample = samples[d.index]
+            sample[0] = sample[0][:d.text_keep] + d.text
+            sample[1].extend(d.token_ids)
             if d.logprobs is not None:
-                c.logprobs = (c.logprobs or []) + d.logprobs
-            c.cumulative_logprob, c.finish_reason, c.stop_reason = d.cumulative_logprob, d.finish_reason, d.stop_reason
+                if sample[2] is None:
+                    sample[2] = []
+                sample[2].extend(d.logprobs)
+            sample[3:] = d.cumulative_logprob, d.finish_reason, d.stop_reason
         if delta.finished:
             self.forget(delta.request_id)
+            held = list  # nothing appends to them any more; a plain list for what keeps the output
+        else:
+            def held(items):
+                return GrowingListPrefix(items, len(items))
         return RequestOutput(delta.request_id, prompt, prompt_ids,
-                             [CompletionOutput(c.index, c.text, c.token_ids, c.cumulative_logprob, c.logprobs,
-                                               c.finish_reason, c.stop_reason) for c in completions],
+                             [CompletionOutput(i, text, held(tokens), cumulative, None if logprobs is None else
+                                               held(logprobs), finish_reason, stop_reason)
+                              for i, (text, tokens, logprobs, cumulative, finish_reason, stop_reason)
+                              in enumerate(samples)],
                              delta.finished, delta.num_cached_tokens, delta.queue_time, delta.error, prompt_logprobs,
                              delta.kv_transfer_params)
-
