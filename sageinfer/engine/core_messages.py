@@ -157,14 +157,17 @@ class OutputAssembler:
             sample[3:] = d.cumulative_logprob, d.finish_reason, d.stop_reason
         if delta.finished:
             self.forget(delta.request_id)
-            held = list  # nothing appends to them any more; a plain list for what keeps the output
-        else:
-            def held(items):
-                return GrowingListPrefix(items, len(items))
         return RequestOutput(delta.request_id, prompt, prompt_ids,
-                             [CompletionOutput(i, text, held(tokens), cumulative, None if logprobs is None else
-                                               held(logprobs), finish_reason, stop_reason)
+                             [CompletionOutput(i, text, _as_output(tokens, delta.finished), cumulative,
+                                               None if logprobs is None else _as_output(logprobs, delta.finished),
+                                               finish_reason, stop_reason)
                               for i, (text, tokens, logprobs, cumulative, finish_reason, stop_reason)
                               in enumerate(samples)],
                              delta.finished, delta.num_cached_tokens, delta.queue_time, delta.error, prompt_logprobs,
                              delta.kv_transfer_params)
+
+
+def _as_output(items: list, finished: bool):
+    """A sample's list as an output holds it: a copy once the request has finished (the caller may
+    keep and change it), a view of its current length while it runs."""
+    return list(items) if finished else GrowingListPrefix(items, len(items))

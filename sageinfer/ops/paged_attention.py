@@ -339,8 +339,9 @@ SHORT_PREFILL_CONFIG = {"block_m": 128, "block_n": 32, "num_warps": 4, "num_stag
 LONG_CONTEXT = 4096
 # Decode programs (one query token x GROUP heads): keys per tile, warps, stages, per cache dtype mode.
 # From benchmarks/experiments/probe_quantized_decode.py on an H200, batch 256 x 640 keys, us per layer
-# with 3 stages -> 2: bf16 163.2 -> 162.2, fp8 134.7 -> 121.9, int8 151.5 -> 142.5 (64 x 4096 keys:
-# 245.8 both, 180.2 -> 171.2, 210.5 -> 204.1); wider tiles and 4 warps were slower at these batches.
+# with 3 stages -> 2: bf16 163.2 -> 162.2, fp8 134.7 -> 121.9, int8 151.5 -> 142.5 (133.8 with INT8 also
+# cast directly); 64 x 4096 keys: 245.8 both, 180.2 -> 171.2, 210.5 -> 204.1. Wider tiles and 4 warps
+# were slower at these batches.
 # The quantised caches stream fewer bytes per second than bf16 (2.4-2.8 against 4.1-4.4 TB/s): they
 # are bound by each tile's latency, not by bandwidth.
 DECODE_CONFIG = {mode: {"block_n": 64, "num_warps": 2, "num_stages": 2} for mode in (0, 1, 2)}
