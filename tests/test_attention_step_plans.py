@@ -72,8 +72,25 @@ def test_one_long_sequence_takes_more_splits_and_short_ones_keep_fewer():
                                  query_start_loc_cpu=[], seq_lens_cpu=[keys])
         TritonBackend(num_sms=132).plan(meta, num_kv_heads=8)
         plans[keys] = (meta.num_splits, meta.min_split_keys)
-    assert plans == {4096: (16, 0), 32768: (32, 0), 65536: (64, triton_backend.RAGGED_MIN_KEYS),
-                     131072: (64, triton_backend.RAGGED_MIN_KEYS)}
+    assert plans == {4096: (16, 0), 32768: (32, 0), 65536: (64, triton_backend.LONG_DECODE_MIN_KEYS),
+                     131072: (64, triton_backend.LONG_DECODE_MIN_KEYS)}
+
+
+def test_long_decode_threshold_and_split_floor_can_be_lowered(monkeypatch):
+    """SAGEINFER_LONG_DECODE_KEYS / _MIN_KEYS (read at import; set here on the modules): from 32K keys a
+    sequence takes 64 splits of at least 512 keys, so a 32K sequence is cut in 64 and a 4K one in 8."""
+    from sageinfer.attention.backend import AttentionMetadata
+    from sageinfer.ops import paged_attention
+    monkeypatch.setattr(paged_attention, "LONG_DECODE_KEYS", 32768)
+    monkeypatch.setattr(triton_backend, "LONG_DECODE_KEYS", 32768)
+    monkeypatch.setattr(triton_backend, "LONG_DECODE_MIN_KEYS", 512)
+    plans = {}
+    for keys in (16384, 32768):
+        meta = AttentionMetadata(0, None, None, None, None, max_query_len=1, max_seq_len=keys,
+                                 query_start_loc_cpu=[], seq_lens_cpu=[keys])
+        TritonBackend(num_sms=132).plan(meta, num_kv_heads=8)
+        plans[keys] = (meta.num_splits, meta.min_split_keys)
+    assert plans == {16384: (32, 0), 32768: (64, 512)}
 
 
 def test_split_parts_are_batches_of_their_own():

@@ -29,6 +29,10 @@ ROTARY_IN_DECODE_ATTENTION = True
 # attention (its kernel merges a shared prefix only without splits).
 RAGGED_DECODE_SPLITS = int(os.environ.get("SAGEINFER_RAGGED_DECODE_SPLITS", "8"))
 RAGGED_MIN_KEYS = int(os.environ.get("SAGEINFER_RAGGED_MIN_KEYS", "1024"))
+# The least keys of a split in a plan of LONG_DECODE_SPLITS (made for a sequence of LONG_DECODE_KEYS or
+# more): shorter sequences of the batch take fewer splits. 1024 keeps a 32K sequence at 32 splits; a
+# lower LONG_DECODE_KEYS wants a lower value here to give it 64.
+LONG_DECODE_MIN_KEYS = int(os.environ.get("SAGEINFER_LONG_DECODE_MIN_KEYS", str(RAGGED_MIN_KEYS)))
 
 
 # Widened copies of a quantized cache's pages are made for long prefills of at most this many context
@@ -92,9 +96,10 @@ class TritonBackend(AttentionBackend):
             if RAGGED_DECODE_SPLITS > 1 and meta.num_splits == 1 and meta.max_seq_len > RAGGED_MIN_KEYS:
                 meta.num_splits, meta.min_split_keys = RAGGED_DECODE_SPLITS, RAGGED_MIN_KEYS
             elif meta.max_seq_len >= LONG_DECODE_KEYS and meta.num_splits == LONG_DECODE_SPLITS:
-                # Planned for a sequence of 64K keys or more (a graph plans for max_model_len): shorter
-                # sequences of the batch keep splits of 1024 keys or more, not 64 tiny ones to merge.
-                meta.min_split_keys = RAGGED_MIN_KEYS
+                # Planned for a sequence of LONG_DECODE_KEYS or more (a graph plans for max_model_len):
+                # shorter sequences of the batch keep splits of LONG_DECODE_MIN_KEYS or more, not 64
+                # tiny ones to merge.
+                meta.min_split_keys = LONG_DECODE_MIN_KEYS
         if meta.max_query_len != 1 or meta.num_splits != 1:
             meta.cascade_prefix_len = None  # the merge lives in the one-split decode kernel
         if meta.max_query_len > 1 and meta.parts is None:

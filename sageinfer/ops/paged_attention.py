@@ -11,6 +11,8 @@ cache first, so the step needs no separate rotary + cache-write launch.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -311,7 +313,10 @@ def _merge_splits_kernel(
 
 
 # Sequences of this many keys or more may take LONG_DECODE_SPLITS splits instead of 32.
-LONG_DECODE_KEYS = 65536
+# SAGEINFER_LONG_DECODE_KEYS lowers it to compare: at one sequence of 32K keys on an H200, 64 splits
+# took 33.1 / 37.6 / 39.5 us a layer (FP8 / INT8 / bf16 caches) against 44.8 / 50.1 / 42.2 with 32
+# (experiments/probe_quantized_decode.py); through the engine (graphs plan for max_model_len) untimed.
+LONG_DECODE_KEYS = int(os.environ.get("SAGEINFER_LONG_DECODE_KEYS", "65536"))
 LONG_DECODE_SPLITS = 64
 
 
