@@ -26,20 +26,18 @@ def main() -> None:
     assembler = msg.OutputAssembler()
     for r in range(args.requests):
         assembler.start(str(r), None, [1] * 100, 1)
-    window_start, report_at = time.perf_counter(), 1024
+    window_start, window_first, report_at = time.perf_counter(), 0, 1024
     for step in tqdm(range(args.tokens), desc="steps"):
         finished = step == args.tokens - 1
         for r in range(args.requests):
             completion = msg.CompletionDelta(0, 4 * step, " tok", [step], None, None, "length" if finished else None,
                                              None)
             assembler.apply(msg.OutputDelta(str(r), [completion], finished, 0, None, None))
-        if step + 1 == report_at or finished:
-            now = time.perf_counter()
-            steps = report_at // 2 if report_at > 1024 else 1024
+        if step + 1 == report_at or finished:  # the steps since the last report, outputs doubled in length
+            now, steps = time.perf_counter(), step + 1 - window_first
             tqdm.write(f"outputs of {step + 1} tokens: {(now - window_start) / steps * 1e3:.2f} ms a step "
                        f"for {args.requests} requests (the last {steps} steps)")
-            window_start, report_at = now, report_at * 2
-
+            window_start, window_first, report_at = now, step + 1, report_at * 2
 
 if __name__ == "__main__":
     main()

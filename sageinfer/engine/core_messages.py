@@ -128,13 +128,11 @@ class OutputAssembler:
     The finished output holds plain lists."""
 
     def __init__(self):
-        # request id -> [prompt, prompt token ids, samples, prompt logprobs]; a sample is
-        # [text, token ids, logprobs or None, cumulative logprob, finish reason, stop reason]
+        # request id -> [prompt, prompt token ids, samples so far (their lists appended in place), prompt logprobs]
         self._requests: dict[str, list] = {}
 
     def start(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], n: int) -> None:
-        self._requests[request_id] = [prompt, prompt_token_ids, [["", [], None, None, None, None] for _ in range(n)],
-                                      None]
+        self._requests[request_id] = [prompt, prompt_token_ids, [CompletionOutput(i, "", []) for i in range(n)], None]
 
     def forget(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
@@ -145,24 +143,23 @@ class OutputAssembler:
             return None
         if delta.prompt_logprobs is not None:
             entry[3] = delta.prompt_logprobs
-        prompt, prompt_ids, samples, prompt_logprobs = entry
+        prompt, prompt_ids, completions, prompt_logprobs = entry
         for d in delta.completions:
-            sample = samples[d.index]
-            sample[0] = sample[0][:d.text_keep] + d.text
-            sample[1].extend(d.token_ids)
+            c = completions[d.index]
+            c.text = c.text[:d.text_keep] + d.text
+            c.token_ids.extend(d.token_ids)
             if d.logprobs is not None:
-                if sample[2] is None:
-                    sample[2] = []
-                sample[2].extend(d.logprobs)
-            sample[3:] = d.cumulative_logprob, d.finish_reason, d.stop_reason
+                if c.logprobs is None:
+                    c.logprobs = []
+                c.logprobs.extend(d.logprobs)
+            c.cumulative_logprob, c.finish_reason, c.stop_reason = d.cumulative_logprob, d.finish_reason, d.stop_reason
         if delta.finished:
             self.forget(delta.request_id)
+        done = delta.finished
         return RequestOutput(delta.request_id, prompt, prompt_ids,
-                             [CompletionOutput(i, text, _as_output(tokens, delta.finished), cumulative,
-                                               None if logprobs is None else _as_output(logprobs, delta.finished),
-                                               finish_reason, stop_reason)
-                              for i, (text, tokens, logprobs, cumulative, finish_reason, stop_reason)
-                              in enumerate(samples)],
+                             [CompletionOutput(c.index, c.text, _as_output(c.token_ids, done), c.cumulative_logprob,
+                                               None if c.logprobs is None else _as_output(c.logprobs, done),
+                                               c.finish_reason, c.stop_reason) for c in completions],
                              delta.finished, delta.num_cached_tokens, delta.queue_time, delta.error, prompt_logprobs,
                              delta.kv_transfer_params)
 

@@ -182,6 +182,7 @@ class SharedMemoryConnector(RemoteKVConnector):
         self.ttl = float(self.extra.get("staged_ttl_s", 300))
         self.tensors = kv_tensors(kv_caches)
         self.token_bytes = [t[0, 0].numel() * t.element_size() for t in self.tensors]
+        self.bytes_per_token = sum(self.token_bytes)  # one token's KV in every tensor, staged back to back
         device = self.tensors[0].device
         self._thread = threading.local()  # each worker's copy stream
         on_device = (lambda: platform.set_device(device.index)) if device.index is not None else None
@@ -313,7 +314,7 @@ class SharedMemoryConnector(RemoteKVConnector):
             early = self.early.get(request_id)
             if early is None:
                 tokens = num_prompt // self.block_size * self.block_size
-                offset = self.ranges.take(tokens * sum(self.token_bytes)) if tokens else None
+                offset = self.ranges.take(tokens * self.bytes_per_token) if tokens else None
                 if offset is None:
                     continue
                 early = self.early[request_id] = _EarlyStaging(offset, tokens)
@@ -328,7 +329,7 @@ class SharedMemoryConnector(RemoteKVConnector):
         early = self.early.pop(request_id, None)
         if early is not None:
             early.wait()
-            self.ranges.give(early.offset, early.tokens * sum(self.token_bytes))
+            self.ranges.give(early.offset, early.tokens * self.bytes_per_token)
 
     def send(self, request_id: str, block_ids: list[int], num_tokens: int) -> tuple[bool, dict]:
         nb = num_tokens // self.block_size
@@ -340,7 +341,7 @@ class SharedMemoryConnector(RemoteKVConnector):
             early = None
         if not tokens:
             return False, params
-        needed = tokens * sum(self.token_bytes)
+        needed = tokens * self.bytes_per_token
         if early is not None:
             del self.early[request_id]
             key = uuid.uuid4().hex
@@ -394,7 +395,7 @@ class SharedMemoryConnector(RemoteKVConnector):
             if staged_early is not None:
                 staged_early()
             if block_ids:
-                self._copy_out(self.region[offset:offset + tokens * sum(self.token_bytes)], block_ids, first, tokens,
+                self._copy_out(self.region[offset:offset + tokens * self.bytes_per_token], block_ids, first, tokens,
                                after)
             write_marker(self._marker(self.engine_id, key) + ".ready", json.dumps({"offset": offset}))
         except BaseException:
@@ -404,7 +405,7 @@ class SharedMemoryConnector(RemoteKVConnector):
     def _stage_in_file(self, block_ids: list[int], tokens: int, path: str) -> None:
         part = path + ".part"
         try:
-            buf = torch.from_file(part, shared=True, size=tokens * sum(self.token_bytes), dtype=torch.uint8)
+            buf = torch.from_file(part, shared=True, size=tokens * self.bytes_per_token, dtype=torch.uint8)
             self._copy_out(buf, block_ids, 0, tokens)
             del buf
             os.rename(part, path)  # complete: a consumer waiting for it may read it now
@@ -432,7 +433,7 @@ class SharedMemoryConnector(RemoteKVConnector):
         failed (it computes the prompt), and their blocks may go."""
         gone = []
         for request_id, (block_ids, tokens, key, deadline) in list(self.waiting_for_room.items()):
-            needed = tokens * sum(self.token_bytes)
+            needed = tokens * self.bytes_per_token
             offset = self.ranges.take(needed)
             if offset is None:
                 if now <= deadline:
@@ -525,7 +526,7 @@ class SharedMemoryConnector(RemoteKVConnector):
         if not isinstance(engine, str) or not _NAME.fullmatch(engine) or not isinstance(key, str) \
                 or not _KEY.fullmatch(key):
             return "kv_transfer_params name no staged KV"
-        size = int(params["remote_num_tokens"]) * sum(self.token_bytes)
+        size = int(params["remote_num_tokens"]) * self.bytes_per_token
         try:
             region_size = os.path.getsize(region)
         except OSError:
@@ -561,7 +562,7 @@ class SharedMemoryConnector(RemoteKVConnector):
                 if reason is not None:
                     raise ValueError(reason)
             with self._mapped_region(params["region"]) as region:
-                self._copy_in(region[offset:offset + total * sum(self.token_bytes)], total, first, block_ids)
+                self._copy_in(region[offset:offset + total * self.bytes_per_token], total, first, block_ids)
         finally:
             create_marker(marker + ".done")  # the producer may reuse the range
 
@@ -628,8 +629,8 @@ class SharedMemoryConnector(RemoteKVConnector):
         self._wait_for(path, path + ".failed")
         try:
             size = os.path.getsize(path)
-            if size != total * sum(self.token_bytes):
-                raise ValueError(f"the staged KV file has {size} bytes, {total * sum(self.token_bytes)} expected")
+            if size != total * self.bytes_per_token:
+                raise ValueError(f"the staged KV file has {size} bytes, {total * self.bytes_per_token} expected")
             self._copy_in(torch.from_file(path, shared=False, size=size, dtype=torch.uint8), total, first, block_ids)
         finally:
             remove_file(path)
