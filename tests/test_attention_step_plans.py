@@ -61,36 +61,32 @@ def test_steps_that_are_not_mixed_are_not_split():
         assert meta.parts is None
 
 
-def test_one_long_sequence_takes_more_splits_and_short_ones_keep_fewer():
-    """A decode of one sequence (8 KV heads, 132 SMs) takes 32 splits below 64K keys and 64 from there;
-    planned for 64K or more (a graph plans for max_model_len), splits hold at least 1024 keys, so a
-    short sequence run by that plan is not cut in 64."""
+def _one_sequence_plans(lengths):
     from sageinfer.attention.backend import AttentionMetadata
     plans = {}
-    for keys in (4096, 32768, 65536, 131072):
+    for keys in lengths:
         meta = AttentionMetadata(0, None, None, None, None, max_query_len=1, max_seq_len=keys,
                                  query_start_loc_cpu=[], seq_lens_cpu=[keys])
         TritonBackend(num_sms=132).plan(meta, num_kv_heads=8)
         plans[keys] = (meta.num_splits, meta.min_split_keys)
-    assert plans == {4096: (16, 0), 32768: (32, 0), 65536: (64, triton_backend.LONG_DECODE_MIN_KEYS),
-                     131072: (64, triton_backend.LONG_DECODE_MIN_KEYS)}
+    return plans
 
 
-def test_long_decode_threshold_and_split_floor_can_be_lowered(monkeypatch):
-    """SAGEINFER_LONG_DECODE_KEYS / _MIN_KEYS (read at import; set here on the modules): from 32K keys a
-    sequence takes 64 splits of at least 512 keys, so a 32K sequence is cut in 64 and a 4K one in 8."""
-    from sageinfer.attention.backend import AttentionMetadata
+def test_one_long_sequence_takes_more_splits():
+    """A decode of one sequence (8 KV heads, 132 SMs) takes 32 splits below 32K keys and 64 from there,
+    each of at least one key tile: planned for 32K or more (a graph plans for max_model_len), a short
+    sequence is still cut in as many splits as it has tiles, up to 64."""
+    assert _one_sequence_plans((4096, 16384, 32768, 131072)) == {
+        4096: (16, 0), 16384: (32, 0), 32768: (64, 64), 131072: (64, 64)}
+
+
+def test_long_decode_threshold_and_split_floor_can_be_moved(monkeypatch):
+    """SAGEINFER_LONG_DECODE_KEYS / _MIN_KEYS (read at import; set here on the modules)."""
     from sageinfer.ops import paged_attention
-    monkeypatch.setattr(paged_attention, "LONG_DECODE_KEYS", 32768)
-    monkeypatch.setattr(triton_backend, "LONG_DECODE_KEYS", 32768)
-    monkeypatch.setattr(triton_backend, "LONG_DECODE_MIN_KEYS", 512)
-    plans = {}
-    for keys in (16384, 32768):
-        meta = AttentionMetadata(0, None, None, None, None, max_query_len=1, max_seq_len=keys,
-                                 query_start_loc_cpu=[], seq_lens_cpu=[keys])
-        TritonBackend(num_sms=132).plan(meta, num_kv_heads=8)
-        plans[keys] = (meta.num_splits, meta.min_split_keys)
-    assert plans == {16384: (32, 0), 32768: (64, 512)}
+    monkeypatch.setattr(paged_attention, "LONG_DECODE_KEYS", 65536)
+    monkeypatch.setattr(triton_backend, "LONG_DECODE_KEYS", 65536)
+    monkeypatch.setattr(triton_backend, "LONG_DECODE_MIN_KEYS", 1024)
+    assert _one_sequence_plans((32768, 65536)) == {32768: (32, 0), 65536: (64, 1024)}
 
 
 def test_split_parts_are_batches_of_their_own():

@@ -30,9 +30,11 @@ ROTARY_IN_DECODE_ATTENTION = True
 RAGGED_DECODE_SPLITS = int(os.environ.get("SAGEINFER_RAGGED_DECODE_SPLITS", "8"))
 RAGGED_MIN_KEYS = int(os.environ.get("SAGEINFER_RAGGED_MIN_KEYS", "1024"))
 # The least keys of a split in a plan of LONG_DECODE_SPLITS (made for a sequence of LONG_DECODE_KEYS or
-# more): shorter sequences of the batch take fewer splits. 1024 keeps a 32K sequence at 32 splits; a
-# lower LONG_DECODE_KEYS wants a lower value here to give it 64.
-LONG_DECODE_MIN_KEYS = int(os.environ.get("SAGEINFER_LONG_DECODE_MIN_KEYS", str(RAGGED_MIN_KEYS)))
+# more, which a graph does for every step when max_model_len is that long): one key tile, so a short
+# sequence is cut as the plan of 32 cut it (one tile a split) and the merge reads only the splits it
+# used. 512 gave a 32K sequence the same 64 splits but cut L1's 1.3K keys in 3, too few programs
+# (H200, L1 TPOT 4.83 -> 5.25 ms bf16, 4.86 -> 5.47 FP8).
+LONG_DECODE_MIN_KEYS = int(os.environ.get("SAGEINFER_LONG_DECODE_MIN_KEYS", "64"))
 
 
 # Widened copies of a quantized cache's pages are made for long prefills of at most this many context

@@ -312,11 +312,13 @@ def _merge_splits_kernel(
              mask=dims < HEAD_DIM)
 
 
-# Sequences of this many keys or more may take LONG_DECODE_SPLITS splits instead of 32.
-# SAGEINFER_LONG_DECODE_KEYS lowers it to compare: at one sequence of 32K keys on an H200, 64 splits
-# took 33.1 / 37.6 / 39.5 us a layer (FP8 / INT8 / bf16 caches) against 44.8 / 50.1 / 42.2 with 32
-# (experiments/probe_quantized_decode.py); through the engine (graphs plan for max_model_len) untimed.
-LONG_DECODE_KEYS = int(os.environ.get("SAGEINFER_LONG_DECODE_KEYS", "65536"))
+# Sequences of this many keys or more may take LONG_DECODE_SPLITS splits instead of 32 (a graph plans for
+# max_model_len, so with max_model_len from here every single-stream decode step is planned for 64). At
+# one sequence of 32K keys on an H200, 64 splits took 33.1 / 37.6 / 39.5 us a layer (FP8 / INT8 / bf16
+# caches) against 44.8 / 50.1 / 42.2 with 32 (experiments/probe_quantized_decode.py); through the engine,
+# L2's TPOT went 6.30 -> 5.91 ms (FP8), 6.57 -> 6.01 (INT8), 6.13 -> 6.17 (bf16). SAGEINFER_LONG_DECODE_KEYS
+# moves it to compare.
+LONG_DECODE_KEYS = int(os.environ.get("SAGEINFER_LONG_DECODE_KEYS", "32768"))
 LONG_DECODE_SPLITS = 64
 
 
@@ -327,10 +329,10 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
         return 1
     by_occupancy = triton.next_power_of_2(max(1, (2 * num_sms) // programs))
     by_length = triton.next_power_of_2(max(1, max_seq_len // 256))
-    # 32 at most below 64K keys: one sequence of 640 keys takes 8.3 us per layer with 32 splits, 9.9 with
-    # 64 (the merge reads every split); at 32,000 keys 32 and 64 are equal (tune_decode_step.py, H100).
-    # From 64K keys 64 stream the cache faster (H200, one sequence, 8 KV heads: 128K keys 142 -> 130 us
-    # per layer, 64K 75 -> 70 us; 128 and 256 were slower: experiments/tune_long_decode.py).
+    # 32 at most below LONG_DECODE_KEYS: one sequence of 640 keys takes 8.3 us per layer with 32 splits,
+    # 9.9 with 64 when the merge reads every split (tune_decode_step.py, H100). From 32K keys 64 stream
+    # the cache faster (H200, one sequence, 8 KV heads: 128K keys 142 -> 130 us per layer, 64K 75 -> 70
+    # us; 128 and 256 were slower: experiments/tune_long_decode.py).
     cap = LONG_DECODE_SPLITS if max_seq_len >= LONG_DECODE_KEYS else 32
     return max(1, min(by_occupancy, by_length, cap))
 
