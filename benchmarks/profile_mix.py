@@ -1,6 +1,6 @@
 """Where a mixed-length workload's time goes: steps by the path they ran (decode graph, prefill graph,
-eager) with their share of the wall time and tokens, and the GPU kernels of a window of steps with how
-busy the device was in it.
+eager) with their share of the wall time and tokens, the requests' times to first token, and the GPU
+kernels of a window of steps with how busy the device was in it.
 
   python benchmarks/profile_mix.py --mix chat-mix --num-prompts 1000 --window 200:300 [engine flags]
 
@@ -156,6 +156,7 @@ def run_pass(engine, args, vocab, last, sched, window, label, after_step=lambda:
     first, end = (int(x) for x in window.split(":")) if window else (-1, -1)
     stats = collections.defaultdict(lambda: np.zeros(4))  # path -> steps, seconds, tokens, sequences
     prof, window_wall, step = None, 0.0, 0
+    first_token = {}  # request id -> seconds from the pass's start (every request arrives then)
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         if step == first and torch.cuda.is_available():  # kernel times need a GPU
@@ -167,6 +168,10 @@ def run_pass(engine, args, vocab, last, sched, window, label, after_step=lambda:
         last[:] = [None]
         t = time.perf_counter()
         engine.step()
+        now = time.perf_counter() - start
+        for request in engine.scheduler.running:  # a first token read back (not only launched) this step
+            if request.request_id not in first_token and request.num_output_tokens > request.num_pending_tokens:
+                first_token[request.request_id] = now
         after_step()
         seconds = time.perf_counter() - t
         tokens, seqs = last[1] if len(last) > 1 else (0, 0)
@@ -187,6 +192,9 @@ def run_pass(engine, args, vocab, last, sched, window, label, after_step=lambda:
     total_tokens = sum(len(p) for p in prompts) + sum(out_lens)
     print(f"\n## {args.mix}, {args.num_prompts} requests{', ' + label if label else ''}: {wall:.1f} s, "
           f"{total_tokens / wall:.0f} tok/s, {step} steps, schedule {sched['seconds']:.1f} s")
+    ttft = np.array(sorted(first_token.values()))
+    print(f"TTFT (all requests at once): mean {ttft.mean():.2f} s, p50 {np.percentile(ttft, 50):.2f}, "
+          f"p90 {np.percentile(ttft, 90):.2f}, p99 {np.percentile(ttft, 99):.2f}")
     print("| path | steps | wall s | share | tokens/step | seqs/step | ms/step |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for path, (n, s, tok, seqs) in sorted(stats.items(), key=lambda kv: -kv[1][1]):

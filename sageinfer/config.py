@@ -71,6 +71,11 @@ class EngineConfig:
     # 0 admits whatever fits now.
     admission_lookahead_tokens: int = _option(
         256, "admit a waiting request only while running ones keep room for this many more tokens")
+    # While requests wait, a prompt's prefill takes at most this many tokens a step, so that the step's
+    # budget also admits the prompts behind it instead of one long prompt taking it all (vLLM's option of
+    # the same name). A prompt with nobody waiting still takes the whole budget. 0: no limit.
+    long_prefill_token_threshold: int = _option(
+        0, "while requests wait, a prefill takes at most this many tokens a step (0: no limit)")
     # Most logprobs a request may ask for per token (vLLM's --max-logprobs); also capped by the vocabulary.
     max_logprobs: int = _option(20, "most logprobs a request may ask for per token")
     # Sampling values for requests that give none: "auto" (the checkpoint's generation_config.json),
@@ -131,6 +136,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.kv_cache_dtype not in ("auto", "fp8", "int8"):
             raise ValueError(f"kv_cache_dtype must be auto, fp8 or int8, got {self.kv_cache_dtype!r}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
         if self.admission_lookahead_tokens < 0:
             raise ValueError(f"admission_lookahead_tokens must be >= 0, got {self.admission_lookahead_tokens}")
         if self.max_logprobs < 0:

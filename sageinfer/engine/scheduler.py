@@ -10,7 +10,8 @@ Policy, in one screen:
    recomputation is pure waste; running a little below full memory costs less). A prefix-cache
    hit counts as computed; blocks that fill up in this step are findable at once, so requests with
    a common prefix admitted in the same step compute it once. Without chunked prefill a prompt must
-   fit the budget whole.
+   fit the budget whole. With long_prefill_token_threshold, while requests wait, each prefill takes at
+   most that many tokens a step, leaving the rest of the budget to the prompts behind it.
 Preempted requests go back to the front of the queue, so nobody starves.
 3. Prefill/decode separation (a kv_transfer connector): a request whose prompt KV is on a prefill
    instance is admitted into blocks for it and waits there, out of the batch, while it arrives; then
@@ -81,7 +82,7 @@ class Scheduler:
             if request.num_pending_tokens and request.num_output_tokens >= request.max_output_tokens:
                 i += 1  # finishes once its in-flight token is read: computing more would be wasted
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget, bool(self.waiting))
             while not self.kv.allocate_slots(request, num_new):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -97,6 +98,14 @@ class Scheduler:
             budget = self._admit_waiting(out, budget)
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         return out
+
+    def _chunk(self, num_new: int, budget: int, others_wait: bool) -> int:
+        """Tokens a request computes this step: what it has left within the budget, and no more than
+        long_prefill_token_threshold of a prefill while others wait for the rest of the budget."""
+        limit = self.config.long_prefill_token_threshold
+        if limit and others_wait and self.config.enable_chunked_prefill:
+            num_new = min(num_new, limit)
+        return min(num_new, budget)
 
     def _growth_blocks(self, request, num_tokens: int) -> int:
         """Blocks a request needs beyond those for num_tokens to go on for the admission lookahead."""
@@ -131,7 +140,7 @@ class Scheduler:
             num_new = request.num_tokens - request.num_computed_tokens - num_hit
             if not self.config.enable_chunked_prefill and num_new > budget:
                 break
-            num_new = min(num_new, budget)
+            num_new = self._chunk(num_new, budget, len(self.waiting) > 1)
             upto = request.num_computed_tokens + num_hit + num_new
             growth = self._growth_blocks(request, upto) if self.config.admission_lookahead_tokens else 0
             # With nothing running, a request too large for its lookahead still gets its turn.
