@@ -71,6 +71,9 @@ class EngineConfig:
     # 0 admits whatever fits now.
     admission_lookahead_tokens: int = _option(
         256, "admit a waiting request only while running ones keep room for this many more tokens")
+    # The waiting line: "fcfs" (arrival order) or "priority" (a request's priority, lowest value first,
+    # then arrival; preemption takes the least urgent). Requests with a priority need "priority".
+    scheduling_policy: str = _option("fcfs", "order of the waiting line", ("fcfs", "priority"))
     # While requests wait, a prompt's prefill takes at most this many tokens a step, so that the step's
     # budget also admits the prompts behind it instead of one long prompt taking it all (vLLM's option of
     # the same name). A prompt with nobody waiting still takes the whole budget. 0: no limit.

@@ -58,10 +58,16 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """priority: one per prompt, with scheduling_policy="priority" (lower values run first)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
+        for value in priorities:
+            self.engine.inputs.check_priority(value)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
@@ -82,10 +88,10 @@ class LLM:
         for request_id in list(self.engine.requests):
             self.engine.abort_request(request_id)
         order = {}
-        for prompt, params in zip(prompts, params_list):
+        for prompt, params, value in zip(prompts, params_list, priorities):
             request_id = str(next(self._ids))
             order[request_id] = len(order)
-            self.engine.add_request(request_id, prompt, params)
+            self.engine.add_request(request_id, prompt, params, priority=value)
         # A request whose own processing failed comes back finished, with finish_reason "error" and
         # output.error saying why; the others are unaffected.
         results: list[RequestOutput | None] = [None] * len(prompts)

@@ -139,6 +139,11 @@ BAD_REQUESTS = [
     ("token id out of range", "/v1/completions", {"model": "tiny", "prompt": [10 ** 7]}, 400, "prompt"),
     ("bad role", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, 400,
      "messages"),
+    ("priority under fcfs", "/v1/completions", {"model": "tiny", "prompt": "x", "priority": 1}, 400, "priority"),
+    ("chat priority under fcfs", "/v1/chat/completions",
+     {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "priority": -2}, 400, "priority"),
+    ("priority not an integer", "/v1/completions", {"model": "tiny", "prompt": "x", "priority": "high"}, 400,
+     "priority"),
 ]
 
 

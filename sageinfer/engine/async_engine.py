@@ -66,11 +66,11 @@ class AsyncEngine(EngineFront):
     def _apply(self, command: tuple) -> None:
         kind = command[0]
         if kind == "add":
-            _, request_id, prompt, params = command
+            _, request_id, prompt, params, priority = command
             stream = self._streams.get(request_id)
             if stream is None:  # gone before it started
                 return
-            error = self.engine.add_request_or_error(request_id, prompt, params, stream.arrival)
+            error = self.engine.add_request_or_error(request_id, prompt, params, stream.arrival, priority)
             if error is not None:
                 self._fail_request(request_id, error if isinstance(error, ValueError) else RequestFailed(
                     f"the request could not be started: {type(error).__name__}: {error}"))

@@ -59,7 +59,8 @@ class EngineCoreClient(EngineFront):
         if not config.skip_tokenizer_init:
             tokenizer = load_tokenizer(config.tokenizer)
         defaults = load_generation_defaults(config.model, config.generation_config)
-        super().__init__(InputProcessor(tokenizer, ready.vocab_size, ready.max_model_len, config.max_logprobs, defaults),
+        super().__init__(InputProcessor(tokenizer, ready.vocab_size, ready.max_model_len, config.max_logprobs, defaults,
+                                        config.scheduling_policy),
                          ready.max_num_seqs, max_waiting_requests, on_dead)
         self.ready = ready
         self._assembler = msg.OutputAssembler()
@@ -88,9 +89,9 @@ class EngineCoreClient(EngineFront):
         if self.error is not None:
             return
         if command[0] == "add":
-            _, request_id, prompt, params = command
+            _, request_id, prompt, params, priority = command
             self._assembler.start(request_id, prompt["prompt"], prompt["prompt_token_ids"], params.n)
-            message = msg.AddRequest(request_id, prompt["prompt_token_ids"], prompt["prompt"], params)
+            message = msg.AddRequest(request_id, prompt["prompt_token_ids"], prompt["prompt"], params, priority)
         else:
             self._assembler.forget(command[1])
             message = msg.AbortRequest(command[1])

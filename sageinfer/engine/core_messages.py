@@ -20,6 +20,7 @@ class AddRequest(msgspec.Struct, tag=True):
     prompt_token_ids: list[int]
     prompt: str | None
     params: SamplingParams
+    priority: int = 0
 
 
 class AbortRequest(msgspec.Struct, tag=True):

@@ -71,7 +71,8 @@ def _loop(engine, commands: zmq.Socket, outputs: zmq.Socket, encoder: msgspec.ms
                 changed = True
                 if isinstance(command, msg.AddRequest):
                     prompt = {"prompt_token_ids": command.prompt_token_ids, "prompt": command.prompt}
-                    error = engine.add_request_or_error(command.request_id, prompt, command.params)
+                    error = engine.add_request_or_error(command.request_id, prompt, command.params,
+                                                        priority=command.priority)
                     if error is not None:
                         bad_request = isinstance(error, ValueError)
                         message = str(error) if bad_request else (

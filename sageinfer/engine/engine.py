@@ -83,7 +83,8 @@ class LLMEngine:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, config.max_model_len,
                                      config.max_logprobs,
-                                     load_generation_defaults(config.model, config.generation_config))
+                                     load_generation_defaults(config.model, config.generation_config),
+                                     config.scheduling_policy)
         dtype = parse_dtype(config.dtype, self.model_config.dtype)
         self.workers = None  # tensor-parallel ranks 1..N-1 (this process is rank 0)
         if config.tensor_parallel_size > 1:
@@ -192,11 +193,12 @@ class LLMEngine:
         self.inputs.check_sampling_params(params)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, priority: int = 0) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
         self.check_sampling_params(params)
+        self.inputs.check_priority(priority)
         prompt_text, prompt_ids = self.tokenize_prompt(prompt)
         self.inputs.check_prompt_length(prompt_ids)
         max_len = self.config.max_model_len
@@ -209,7 +211,7 @@ class LLMEngine:
             if child_params.seed is not None:
                 generator = torch.Generator(device=self.runner.device).manual_seed(child_params.seed)
             child = Request(f"{request_id}-{index}", request_id, index, prompt_ids, child_params,
-                            self.eos_token_ids, arrival_time, generator)
+                            self.eos_token_ids, arrival_time, generator, priority)
             limit = max_len - len(prompt_ids)
             child.max_output_tokens = max(1, min(child_params.max_tokens or limit, limit))
             if grammar is not None:
@@ -257,11 +259,11 @@ class LLMEngine:
         return self.grammars.compile(params.structured_outputs)
 
     def add_request_or_error(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                             arrival_time: float | None = None) -> Exception | None:
+                             arrival_time: float | None = None, priority: int = 0) -> Exception | None:
         """add_request for the serving loops: a request that can't be added fails alone. Returns why
         (a ValueError is the request's fault), or None."""
         try:
-            self.add_request(request_id, prompt, params, arrival_time)
+            self.add_request(request_id, prompt, params, arrival_time, priority)
             return None
         except Exception as exc:  # noqa: BLE001
             self.abort_request(request_id)  # whatever part of it was added

@@ -105,7 +105,7 @@ class EngineFront:
 
     # ---- what a transport provides --------------------------------------------------------
     def _send(self, command: tuple) -> None:
-        """("add", request_id, prompt dict, params) or ("abort", request_id), to the engine."""
+        """("add", request_id, prompt dict, params, priority) or ("abort", request_id), to the engine."""
         raise NotImplementedError
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -143,14 +143,15 @@ class EngineFront:
                                    "retry later")
 
     def add(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-            prompt_text: str | None = None) -> RequestStream:
+            prompt_text: str | None = None, priority: int = 0) -> RequestStream:
         """Hand a tokenized, checked request to the engine. Call on the event loop, right after
         check_accepting and with no await in between."""
         request_id = request_id or f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic(), len(prompt_token_ids),
                          params.n)
         self._streams[request_id] = stream
-        self._send(("add", request_id, {"prompt_token_ids": prompt_token_ids, "prompt": prompt_text}, params))
+        self._send(("add", request_id, {"prompt_token_ids": prompt_token_ids, "prompt": prompt_text}, params,
+                    priority))
         return RequestStream(self, request_id, stream)
 
     def abort(self, request_id: str) -> None:

@@ -21,13 +21,21 @@ def load_tokenizer(path: str):
 
 class InputProcessor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, max_logprobs: int,
-                 sampling_defaults: dict | None = None):
+                 sampling_defaults: dict | None = None, scheduling_policy: str = "fcfs"):
         self.tokenizer = tokenizer
+        self.scheduling_policy = scheduling_policy
         # Sampling values for requests that give none (from the checkpoint's generation_config.json).
         self.sampling_defaults = sampling_defaults or {}
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_logprobs = max_logprobs
+
+    def check_priority(self, priority) -> None:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if priority != 0 and self.scheduling_policy != "priority":
+            raise ValueError(f"priority {priority}: requests have priorities only under the priority scheduling "
+                             "policy (start with --scheduling-policy priority)")
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

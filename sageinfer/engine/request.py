@@ -23,8 +23,9 @@ class RequestStatus(enum.Enum):
 class Request:
     def __init__(self, request_id: str, parent_id: str, index: int, prompt_token_ids: list[int],
                  sampling_params: SamplingParams, eos_token_ids: set[int], arrival_time: float | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, priority: int = 0):
         self.request_id = request_id
+        self.priority = priority  # with the priority scheduling policy: lower runs first
         self.parent_id = parent_id
         self.index = index
         self.prompt_token_ids = prompt_token_ids

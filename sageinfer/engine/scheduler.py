@@ -5,14 +5,17 @@ Policy, in one screen:
    decode, the next chunk for a prefill), capped by the step's token budget. If the KV cache can't
    hold them, the most recently arrived running request is preempted (blocks freed, progress reset;
    its generated tokens are kept and recomputed later as part of its prompt) until it fits.
-2. Then waiting requests, strictly FCFS, while budget, max_num_seqs and blocks allow, and while the
+2. Then waiting requests, strictly in line, while budget, max_num_seqs and blocks allow, and while the
    running requests keep room to grow by admission_lookahead_tokens each (a preempted request's
    recomputation is pure waste; running a little below full memory costs less). A prefix-cache
    hit counts as computed; blocks that fill up in this step are findable at once, so requests with
    a common prefix admitted in the same step compute it once. Without chunked prefill a prompt must
    fit the budget whole. With long_prefill_token_threshold, while requests wait, each prefill takes at
    most that many tokens a step, leaving the rest of the budget to the prompts behind it.
-Preempted requests go back to the front of the queue, so nobody starves.
+Preempted requests go back to the front of the queue, so nobody starves. The line is arrival order
+(scheduling_policy "fcfs"), or with "priority" a request's priority (lowest value first), then arrival:
+running requests are then taken most urgent first, so the one preempted is the least urgent and the
+latest of its priority. A waiting request never preempts a running one.
 3. Prefill/decode separation (a kv_transfer connector): a request whose prompt KV is on a prefill
    instance is admitted into blocks for it and waits there, out of the batch, while it arrives; then
    it runs, computing only the prompt's last tokens. A load that fails makes it compute the prompt
@@ -22,11 +25,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from sageinfer.config import EngineConfig
 from sageinfer.engine.request import Request, RequestStatus
+from sageinfer.engine.request_queue import make_queue, priority_key
 from sageinfer.kv_cache.manager import KVCacheManager, PrefixHit
 
 logger = logging.getLogger(__name__)
@@ -50,7 +53,8 @@ class Scheduler:
         self.config = config
         self.kv = kv_manager
         self.kv_transfer = kv_transfer
-        self.waiting: deque[Request] = deque()
+        self.waiting = make_queue(config.scheduling_policy)
+        self.by_priority = config.scheduling_policy == "priority"
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.loading: dict[str, Request] = {}  # consumer: prompt KV arriving into their blocks
@@ -62,7 +66,7 @@ class Scheduler:
         self.remote_kv_send_seconds = 0.0  # blocks held for a decode instance: from the offer until freed
 
     def add_request(self, request: Request) -> None:
-        self.waiting.append(request)
+        self.waiting.add(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.loading)
@@ -76,6 +80,8 @@ class Scheduler:
             self._poll_transfers()
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        if self.by_priority:  # the most urgent first: the last in line is the one preempted
+            self.running.sort(key=priority_key)
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -123,7 +129,7 @@ class Scheduler:
             this_step = {id(r): n for r, n in out.scheduled}
             reserve = sum(self._growth_blocks(r, r.num_computed_tokens + this_step.get(id(r), 0)) for r in self.running)
         while self.waiting and budget > 0 and len(self.running) + len(self.loading) < self.config.max_num_seqs:
-            request = self.waiting[0]
+            request = self.waiting.peek()
             if self._waits_for_leader(request):
                 break
             fresh = request.num_computed_tokens == 0 and not request.block_ids
@@ -147,7 +153,7 @@ class Scheduler:
             if not self.kv.allocate_slots(request, num_new, hit, reserve=reserve + growth if self.running else 0):
                 break
             reserve += growth
-            self.waiting.popleft()
+            self.waiting.pop()
             if request.status == RequestStatus.WAITING:  # first admission, not a resume
                 self.kv.record_prefix_query(request.num_prompt_tokens, num_hit)
                 request.num_cached_tokens = num_hit
@@ -174,7 +180,7 @@ class Scheduler:
             return False
         if not self.kv.allocate_slots(request, usable - start, local, reserve=reserve if self.running else 0):
             return None
-        self.waiting.popleft()
+        self.waiting.pop()
         if request.status == RequestStatus.WAITING:
             self.kv.record_prefix_query(request.num_prompt_tokens, start)
             request.num_cached_tokens = start
@@ -200,7 +206,7 @@ class Scheduler:
         request.remote_kv = None
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED  # admitted again from the front, as a resumed request
-        self.waiting.appendleft(request)
+        self.waiting.add_front(request)
 
     def _poll_transfers(self) -> None:
         for request_id in self.kv_transfer.poll_sent():
@@ -272,7 +278,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self.waiting.add_front(request)
 
     def update_after_step(self, out: SchedulerOutput) -> None:
         """Advance progress of what ran (its full blocks were registered when it was scheduled)."""

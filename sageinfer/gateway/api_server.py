@@ -124,12 +124,12 @@ class OpenAIServer:
         return self._fit(text, ids, truncate)
 
     # ---- generation -------------------------------------------------------------------------
-    def start(self, prompts: list[dict], params, request_id: str) -> list[RequestStream]:
+    def start(self, prompts: list[dict], params, request_id: str, priority: int = 0) -> list[RequestStream]:
         """Admit a request's prompts (x n) as a whole or not at all; no await in here, so no other
         request is admitted between the check and the hand-off."""
         self.inputs.check_sampling_params(params)
         self.engine.check_accepting(len(prompts) * params.n)
-        return [self.engine.add(p["prompt_token_ids"], params, f"{request_id}-{i}", p["prompt"])
+        return [self.engine.add(p["prompt_token_ids"], params, f"{request_id}-{i}", p["prompt"], priority)
                 for i, p in enumerate(prompts)]
 
     @staticmethod
@@ -176,6 +176,7 @@ class OpenAIServer:
         self.check_model(req.model)
         try:
             params = req.sampling_params(self.inputs.sampling_defaults)
+            self.inputs.check_priority(req.priority)
             raw_prompts = req.prompts()
             if params.kv_transfer_params and len(raw_prompts) > 1:
                 raise ValueError("kv_transfer_params go with a single prompt")
@@ -188,7 +189,7 @@ class OpenAIServer:
             echo_text = await self.in_tokenizer_thread(
                 lambda: [p["prompt"] or self._decode(p["prompt_token_ids"]) for p in prompts])
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        streams = self.start(prompts, params, request_id)
+        streams = self.start(prompts, params, request_id, req.priority)
         n = params.n
         k = req.logprobs or 0
         base = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": self.model_name}
@@ -247,6 +248,7 @@ class OpenAIServer:
         self.check_model(req.model)
         try:
             params = req.sampling_params(self.inputs.sampling_defaults)
+            self.inputs.check_priority(req.priority)
         except ValueError as exc:
             raise APIError(400, str(exc), _param_of(str(exc))) from exc
         tool_choice = req.effective_tool_choice
@@ -257,7 +259,7 @@ class OpenAIServer:
         self.engine.check_accepting(params.n)
         prompt = await self.in_tokenizer_thread(self.chat_prompt, req)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = self.start([prompt], params, request_id)
+        streams = self.start([prompt], params, request_id, req.priority)
         k = req.top_logprobs or 0
         base = {"id": request_id, "created": int(time.time()), "model": self.model_name}
         prompt_tokens = len(prompt["prompt_token_ids"])

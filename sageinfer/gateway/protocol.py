@@ -66,6 +66,8 @@ class _SamplingFields(_Strict):
     bad_words: list[str] | None = None
     prompt_logprobs: int | None = Field(default=None, ge=0)
     best_of: Any = None
+    # With --scheduling-policy priority: lower values are served first (vLLM's field).
+    priority: int = 0
     # Prefill/decode separation (vLLM's field): set by a PD proxy, passed through to the engine.
     kv_transfer_params: dict[str, Any] | None = None
 
