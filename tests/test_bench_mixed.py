@@ -42,3 +42,13 @@ def test_offline_throughput_runs_a_mix(llama_dir):
 def test_unknown_mix_is_refused():
     with pytest.raises(ValueError, match="unknown mix"):
         mixed_lengths("poisson", 3, 0)
+
+
+def test_serve_summary_splits_ttft_by_prompt_length():
+    from sageinfer.bench.serve import RequestResult, summarize
+    results = [RequestResult(ok=True, prompt_len=n, ttft=t, e2e=t + 1.0, output_tokens=2)
+               for n, t in ((100, 0.1), (1024, 0.3), (3000, 0.5), (20000, 2.0), (20000, 4.0))]
+    results.append(RequestResult(ok=False, prompt_len=50))
+    by_len = summarize(results, 10.0, {})["ttft_ms_by_prompt_len"]
+    assert {name: s["count"] for name, s in by_len.items()} == {"<=1024": 2, "<=4096": 1, ">16384": 2}
+    assert by_len["<=1024"]["median"] == pytest.approx(200.0) and by_len[">16384"]["median"] == pytest.approx(3000.0)

@@ -234,6 +234,7 @@ def test_bench_serve_writes_a_complete_result_file(server, tmp_path):
     for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
         assert set(r[metric]) == {"mean", "median", "p90", "p99"} and r[metric]["p99"] >= r[metric]["median"] > 0
     assert r["goodput_req_s"] == pytest.approx(r["request_throughput"])
+    assert list(r["ttft_ms_by_prompt_len"]) == ["<=1024"] and r["ttft_ms_by_prompt_len"]["<=1024"]["count"] == 16
     # a mixed-length workload: each request its own lengths, cut to the model's length
     from sageinfer.bench.mixed import mixed_lengths
     proc = subprocess.run([sys.executable, "-m", "sageinfer.gateway.cli", "bench", "serve", "--base-url",

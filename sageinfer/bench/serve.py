@@ -125,6 +125,22 @@ def _stats(values: list[float]) -> dict:
             "p99": float(np.percentile(arr, 99))}
 
 
+# Prompt lengths (tokens) whose requests' TTFT is also reported apart: on a mix sent at once, which
+# prompts go first decides the median as much as the engine's speed does.
+TTFT_PROMPT_EDGES = (1024, 4096, 16384)
+
+
+def ttft_by_prompt_len(results: list[RequestResult]) -> dict:
+    """TTFT statistics of the completed requests by prompt length: "<=1024", "<=4096", ..., ">16384"
+    (buckets without a request left out), each with its count."""
+    buckets: dict[str, list[float]] = {}
+    for r in results:
+        if r.ok:
+            edge = next((e for e in TTFT_PROMPT_EDGES if r.prompt_len <= e), None)
+            buckets.setdefault(f"<={edge}" if edge else f">{TTFT_PROMPT_EDGES[-1]}", []).append(r.ttft)
+    return {name: {"count": len(values), **_stats(values)} for name, values in buckets.items()}
+
+
 def summarize(results: list[RequestResult], duration: float, slo_ms: dict[str, float]) -> dict:
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
@@ -140,7 +156,7 @@ def summarize(results: list[RequestResult], duration: float, slo_ms: dict[str, f
         "duration_s": duration, "request_throughput": len(ok) / duration,
         "output_throughput": out_tokens / duration, "total_token_throughput": (in_tokens + out_tokens) / duration,
         "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
-        "ttft_ms": _stats([r.ttft for r in ok]), "tpot_ms": _stats([r.tpot for r in ok if r.tpot is not None]),
+        "ttft_ms": _stats([r.ttft for r in ok]), "ttft_ms_by_prompt_len": ttft_by_prompt_len(results), "tpot_ms": _stats([r.tpot for r in ok if r.tpot is not None]),
         "itl_ms": _stats([x for r in ok for x in r.itl]), "e2el_ms": _stats([r.e2e for r in ok]),
         "slo_ms": slo_ms, "goodput_req_s": sum(1 for r in ok if meets(r)) / duration if slo_ms else None,
     }
@@ -220,6 +236,9 @@ def main_from_args(args: argparse.Namespace) -> int:
         if s["mean"] is not None:
             print(f"{metric:8s} mean {s['mean']:9.2f}  median {s['median']:9.2f}  p90 {s['p90']:9.2f}  "
                   f"p99 {s['p99']:9.2f}")
+    if len(summary["ttft_ms_by_prompt_len"]) > 1:
+        for name, s in summary["ttft_ms_by_prompt_len"].items():
+            print(f"ttft_ms prompts {name:7s} ({s['count']}): median {s['median']:9.2f}  p90 {s['p90']:9.2f}")
     if summary["goodput_req_s"] is not None:
         print(f"goodput {summary['goodput_req_s']:.2f} req/s under {slo}")
     if args.result_file:
