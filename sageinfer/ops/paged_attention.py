@@ -98,10 +98,10 @@ def attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v
 
 
 @triton.jit
-def query_for_cache(q, fp8_query_scale, FP8_CACHE: tl.constexpr):
-    """The query as the tiles' dots take it: over an FP8 cache, or INT8 read as words, in fp16
-    (ops/fp16_operand.py)."""
-    if FP8_CACHE:
+def query_for_cache(q, fp8_query_scale, FP16_DOTS: tl.constexpr):
+    """The query as the tiles' dots take it: in fp16 over an FP8 cache or INT8 read as words
+    (FP16_DOTS; ops/fp16_operand.py)."""
+    if FP16_DOTS:
         q = fp16_operand(q, fp8_query_scale)
     return q
 
@@ -344,8 +344,8 @@ def _merge_splits_kernel(
 # max_model_len, so with max_model_len from here every single-stream decode step is planned for 64). At
 # one sequence of 32K keys on an H200, 64 splits took 33.1 / 37.6 / 39.5 us a layer (FP8 / INT8 / bf16
 # caches) against 44.8 / 50.1 / 42.2 with 32 (experiments/probe_quantized_decode.py); through the engine,
-# L2's TPOT went 6.30 -> 5.91 ms (FP8), 6.57 -> 6.01 (INT8), 6.13 -> 6.17 (bf16). SAGEINFER_LONG_DECODE_KEYS
-# moves it to compare.
+# L2's TPOT went 6.30 -> 5.87 ms (FP8), 6.57 -> 6.03 (INT8), 6.13 -> 6.12 (bf16), L1's 4.83 -> 4.91 (bf16;
+# benchmarks/results/2026-12-02d-h200-decode-plan-and-scheduling.md). SAGEINFER_LONG_DECODE_KEYS moves it.
 LONG_DECODE_KEYS = int(os.environ.get("SAGEINFER_LONG_DECODE_KEYS", "32768"))
 LONG_DECODE_SPLITS = 64
 
