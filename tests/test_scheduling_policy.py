@@ -97,14 +97,28 @@ def test_llm_generate_takes_priorities_only_under_the_priority_policy(llama_dir)
     assert [list(o.outputs[0].token_ids) for o in outs] == expected  # in the prompts' order, the same tokens
 
 
-def test_server_passes_priority_to_the_engine(llama_dir):
-    srv = ServerProcess(llama_dir, "--scheduling-policy", "priority", "--max-num-seqs", "4")
+def test_server_serves_waiting_requests_by_priority(llama_dir):
+    """One sequence at a time: while a first request runs, a request of priority 5 and then one of -1
+    arrive; the later one, more urgent, is served first. Both endpoints take the field."""
+    import asyncio
+    srv = ServerProcess(llama_dir, "--scheduling-policy", "priority", "--max-num-seqs", "1")
+
+    async def run():
+        done = []
+        async with httpx.AsyncClient(base_url=srv.base_url, headers=srv.headers, timeout=120) as http:
+            async def send(name, priority, max_tokens, delay):
+                await asyncio.sleep(delay)
+                resp = await http.post("/v1/completions", json={"model": "tiny", "prompt": "hello there",
+                                                                "max_tokens": max_tokens, "ignore_eos": True,
+                                                                "priority": priority})
+                assert resp.status_code == 200, resp.text
+                done.append(name)
+            await asyncio.gather(send("first", 0, 900, 0.0), send("low", 5, 4, 0.1), send("urgent", -1, 4, 0.2))
+            chat = await http.post("/v1/chat/completions", json={
+                "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "priority": 7})
+            assert chat.status_code == 200, chat.text
+        return done
     try:
-        for path, body in (("/v1/completions", {"prompt": "hello there", "max_tokens": 4, "priority": -3}),
-                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                                     "max_tokens": 4, "priority": 7})):
-            resp = httpx.post(srv.base_url + path, json={"model": "tiny", **body}, headers=srv.headers, timeout=60)
-            assert resp.status_code == 200, resp.text
-            assert resp.json()["usage"]["completion_tokens"] == 4
+        assert asyncio.run(run()) == ["first", "urgent", "low"]
     finally:
         assert srv.stop() == 0
