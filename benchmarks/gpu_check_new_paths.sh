@@ -7,7 +7,7 @@
 #   - chat-mix offline, INT8 KV with it off and on, beside bf16 (at 323974b INT8 was 0.958x of bf16);
 #   - L1/L2 with an INT8 cache and it on (1cfa732: L1 TPOT 5.09 ms, L2 6.03 ms; bf16 4.91 / 6.12).
 # Flip its default in ops/paged_attention.py only if chat-mix gains and nothing fails.
-# Carry .whl where the project's packages are missing (see benchmarks/gpu_test_suite.sh).
+# Carry .whl where the project's packages are missing (filled by scripts/device_wheels.sh).
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

@@ -8,6 +8,8 @@
 # parts side by side on GPU 0 instead (one call of about 6 minutes on an H200: the tests' models are
 # tiny and most size their KV cache explicitly, so they share one card). Logs go to $OUT; the exit
 # status is the worst part's.
+# The GPU machine lacks the test and server packages: carry .whl (scripts/device_wheels.sh) and
+# install it to /tmp/site first (the script's header says how).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
