@@ -149,7 +149,7 @@ def test_int8_cache_read_as_words_matches_reference(head_dim, q_dtype, monkeypat
     ref = paged_attention_ref(q.double(), cache, meta, scale)
     for words in (True, False):
         monkeypatch.setattr(pa, "INT8_KV_WORDS", words)
-        assert pa.int8_cache_words_dim(2, cache.k, cache.v) == (head_dim if words and head_dim % 4 == 0 else 0)
+        assert pa.cache_dot_plan(2, cache.k, cache.v)[0] == (head_dim if words and head_dim % 4 == 0 else 0)
         out = torch.full_like(q, float("nan"))
         paged_attention(q, cache.k, cache.v, out, meta.block_table, meta.seq_lens, meta.query_start_loc,
                         meta.num_seqs, meta.max_query_len, scale, k_scale=cache.k_scale, v_scale=cache.v_scale,

@@ -156,7 +156,8 @@ def summarize(results: list[RequestResult], duration: float, slo_ms: dict[str, f
         "duration_s": duration, "request_throughput": len(ok) / duration,
         "output_throughput": out_tokens / duration, "total_token_throughput": (in_tokens + out_tokens) / duration,
         "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
-        "ttft_ms": _stats([r.ttft for r in ok]), "ttft_ms_by_prompt_len": ttft_by_prompt_len(results), "tpot_ms": _stats([r.tpot for r in ok if r.tpot is not None]),
+        "ttft_ms": _stats([r.ttft for r in ok]), "ttft_ms_by_prompt_len": ttft_by_prompt_len(results),
+        "tpot_ms": _stats([r.tpot for r in ok if r.tpot is not None]),
         "itl_ms": _stats([x for r in ok for x in r.itl]), "e2el_ms": _stats([r.e2e for r in ok]),
         "slo_ms": slo_ms, "goodput_req_s": sum(1 for r in ok if meets(r)) / duration if slo_ms else None,
     }

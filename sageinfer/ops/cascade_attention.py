@@ -16,8 +16,7 @@ import triton.language as tl
 
 from sageinfer.ops import launch
 from sageinfer.ops.int8_values import int8_word_lanes
-from sageinfer.ops.paged_attention import (LOG2E, attend_tile, fp8_query_factor, int8_cache_words_dim,
-                                           query_for_cache)
+from sageinfer.ops.paged_attention import LOG2E, attend_tile, cache_dot_plan, fp8_query_factor, query_for_cache
 from sageinfer.ops.rope_cache import scales_head_major
 
 # Rows (queries x heads of a group) per program, keys per tile; the H100 sweep in
@@ -115,8 +114,7 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_n, num_stages = launch.fit_key_tiles_for(q, k_cache, cfg["block_m"], block_n, num_stages, head_dim_pad)
     grid = (triton.cdiv(num_tokens * group, cfg["block_m"]), num_kv_heads, num_splits)
     fp8 = fp8_scale if kv_mode == 1 else 1.0
-    int8_words_dim = int8_cache_words_dim(kv_mode, k_cache, v_cache)
-    fp16_dots = kv_mode == 1 or int8_words_dim > 0
+    int8_words_dim, fp16_dots = cache_dot_plan(kv_mode, k_cache, v_cache)
     _prefix_attention_kernel[grid](
         q, k_cache, v_cache, k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
         prefix_blocks, prefix_len, part_out, part_lse, num_tokens, num_splits,

@@ -111,11 +111,11 @@ def query_for_cache(q, fp8_query_scale, FP16_DOTS: tl.constexpr):
 INT8_KV_WORDS = os.environ.get("SAGEINFER_INT8_KV_WORDS", "0") == "1"
 
 
-def int8_cache_words_dim(kv_mode: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
-    """The head dim to pass as INT8_WORDS_DIM: nonzero for an INT8 cache whose rows read as words."""
-    if kv_mode != 2 or not INT8_KV_WORDS or not (int8_words_supported(k_cache) and int8_words_supported(v_cache)):
-        return 0
-    return k_cache.shape[-1]
+def cache_dot_plan(kv_mode: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, bool]:
+    """(INT8_WORDS_DIM, fp16 dots) for a launch over this cache: the head dim when an INT8 cache's rows
+    read as words (else 0), and whether the query goes to fp16 (FP8, or INT8 as words)."""
+    words = (kv_mode == 2 and INT8_KV_WORDS and int8_words_supported(k_cache) and int8_words_supported(v_cache))
+    return (k_cache.shape[-1] if words else 0), kv_mode == 1 or words
 
 
 def fp8_query_factor(q: torch.Tensor, fp8_cache: bool) -> float:
@@ -437,8 +437,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                          "contiguous cache pages")
     positions, k_new, v_new, cos_sin, slot_mapping, q_norm, k_norm, eps = rope if rope is not None else (
         seq_lens, q, q, q, seq_lens, None, None, 0.0)
-    int8_words_dim = int8_cache_words_dim(kv_mode, k_cache, v_cache)
-    fp16_dots = kv_mode == 1 or int8_words_dim > 0
+    int8_words_dim, fp16_dots = cache_dot_plan(kv_mode, k_cache, v_cache)
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
     if num_splits > 1:
         part_out = torch.empty(q.shape[0], num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=q.device)
