@@ -130,29 +130,3 @@ def test_a_quantized_cache_takes_the_tiled_prefill_and_reads_as_the_per_key_kern
         runs.append([out.prompt_logprobs[i][prompt[i]].logprob for i in range(1, len(prompt))])
         assert bool(calls) == tiled and set(calls) <= {STORE[mode]}
     np.testing.assert_allclose(runs[1], runs[0], atol=2e-3 if DEVICE == "cuda" else 1e-4)
-
-
-@pytest.mark.parametrize("head_dim", [32, 80, 30])
-@pytest.mark.parametrize("q_dtype", [torch.float32, torch.float16])
-def test_int8_cache_read_as_words_matches_reference(head_dim, q_dtype, monkeypatch):
-    """INT8 rows read as 32-bit words (ops/int8_values.py; lanes in the words' order, the query and
-    output indexed to match), a padded head dim (80 -> 128) included; a head dim that is not a whole
-    number of words (30) reads bytes as before. Both give the reference on the same cache."""
-    from sageinfer.ops import paged_attention as pa
-    query_lens, context_lens = [5, 1, 17, 1], [0, 40, 3, 60]
-    k_full, v_full, meta = random_paged_batch(query_lens, context_lens, 2, head_dim, 16, torch.float32, seed=4)
-    cache = _cache_like(k_full, v_full, "int8")
-    write_kv_cache_ref(k_full.view(-1, 2, head_dim), v_full.view(-1, 2, head_dim), cache,
-                       torch.arange(k_full.shape[0] * 16, device=DEVICE))
-    q = torch.randn(sum(query_lens), 4, head_dim, device=DEVICE).to(q_dtype)
-    scale = head_dim ** -0.5
-    ref = paged_attention_ref(q.double(), cache, meta, scale)
-    for words in (True, False):
-        monkeypatch.setattr(pa, "INT8_KV_WORDS", words)
-        assert pa.cache_dot_plan(2, cache.k, cache.v)[0] == (head_dim if words and head_dim % 4 == 0 else 0)
-        out = torch.full_like(q, float("nan"))
-        paged_attention(q, cache.k, cache.v, out, meta.block_table, meta.seq_lens, meta.query_start_loc,
-                        meta.num_seqs, meta.max_query_len, scale, k_scale=cache.k_scale, v_scale=cache.v_scale,
-                        kv_mode=2)
-        assert rel_err(out, ref) < (2e-3 if q_dtype == torch.float32 else 5e-3), (words, head_dim)
-

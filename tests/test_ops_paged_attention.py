@@ -89,16 +89,14 @@ def test_splits_of_a_least_size_match_reference(num_splits, min_split_keys):
 
 @pytest.mark.parametrize("num_splits, min_split_keys", [(1, 0), (4, 0), (4, 64)])
 @pytest.mark.parametrize("qk_norm", [False, True])
-@pytest.mark.parametrize("kv_mode", [0, 2, "2 head-major", "2 words"] + ([1] if DEVICE == "cuda" else []))  # fp8: GPU
+@pytest.mark.parametrize("kv_mode", [0, 2, "2 head-major"] + ([1] if DEVICE == "cuda" else []))  # fp8: GPU only
 def test_decode_with_rotary_inside_equals_rope_and_cache_then_attention(num_splits, min_split_keys, qk_norm,
-                                                                        kv_mode, monkeypatch):
+                                                                        kv_mode):
     """rope=... normalises and rotates q in registers and writes the new k/v (int8 too, its scales
-    token-major or head-major, its rows read as bytes or as words) from the program that reads the last
-    key; the result must equal ops.rope_cache followed by plain attention."""
-    from sageinfer.ops import paged_attention as pa
-    monkeypatch.setattr(pa, "INT8_KV_WORDS", kv_mode == "2 words")
+    token-major or head-major) from the program that reads the last key; the result must equal
+    ops.rope_cache followed by plain attention."""
     head_major = kv_mode == "2 head-major"
-    kv_mode = 2 if kv_mode in ("2 head-major", "2 words") else kv_mode
+    kv_mode = 2 if head_major else kv_mode
     from sageinfer.layers.rotary import RotaryEmbedding
     from sageinfer.ops.rope_cache import rope_and_cache
     heads, kv_heads, head_dim, page, dtype = 8, 2, 32, 16, torch.float16

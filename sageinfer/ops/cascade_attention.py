@@ -15,8 +15,7 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
-from sageinfer.ops.int8_values import int8_word_lanes
-from sageinfer.ops.paged_attention import LOG2E, attend_tile, cache_dot_plan, fp8_query_factor, query_for_cache
+from sageinfer.ops.paged_attention import LOG2E, attend_tile, fp8_query_factor, query_for_cache
 from sageinfer.ops.rope_cache import scales_head_major
 
 # Rows (queries x heads of a group) per program, keys per tile; the H100 sweep in
@@ -36,7 +35,6 @@ def _prefix_attention_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     KV_MODE: tl.constexpr, USE_PDL: tl.constexpr, HEAD_MAJOR_SCALES: tl.constexpr = False,
-    INT8_WORDS_DIM: tl.constexpr = 0,
 ):
     launch.wait_for_previous_kernel(USE_PDL)
     row_tile = tl.program_id(0)
@@ -51,12 +49,10 @@ def _prefix_attention_kernel(
     head = kv_head * GROUP + rows % GROUP
     row_valid = tok < num_tokens
     dims = tl.arange(0, HEAD_DIM_PAD)
-    if INT8_WORDS_DIM > 0:  # the K/V tiles' lane order (ops/int8_values.py)
-        dims = int8_word_lanes(dims)
     dim_valid = dims < HEAD_DIM
     q = tl.load(q_ptr + tok[:, None] * stride_q_tok + head[:, None] * stride_q_head + dims[None, :],
                 mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
-    q = query_for_cache(q, fp8_query_scale, (KV_MODE == 1) | (INT8_WORDS_DIM > 0))
+    q = query_for_cache(q, fp8_query_scale, KV_MODE == 1)
 
     # The prefix is a whole number of key tiles (PREFIX_ALIGN), so no tile needs a mask.
     num_tiles = prefix_len // BLOCK_N
@@ -71,8 +67,7 @@ def _prefix_attention_kernel(
                                      prefix_blocks_ptr, 0, kv_head, prefix_len, rows,  # rows: no mask reads it
                                      dims, dim_valid, scale_log2,
                                      stride_c_block, stride_c_slot, stride_c_head, 0, NUM_KV_HEADS, PAGE_SIZE,
-                                     BLOCK_N, False, KV_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_MAJOR_SCALES,
-                                     INT8_WORDS_DIM)
+                                     BLOCK_N, False, KV_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_MAJOR_SCALES)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None] * out_scale
@@ -114,15 +109,14 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_n, num_stages = launch.fit_key_tiles_for(q, k_cache, cfg["block_m"], block_n, num_stages, head_dim_pad)
     grid = (triton.cdiv(num_tokens * group, cfg["block_m"]), num_kv_heads, num_splits)
     fp8 = fp8_scale if kv_mode == 1 else 1.0
-    int8_words_dim, fp16_dots = cache_dot_plan(kv_mode, k_cache, v_cache)
     _prefix_attention_kernel[grid](
         q, k_cache, v_cache, k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
         prefix_blocks, prefix_len, part_out, part_lse, num_tokens, num_splits,
-        scale * LOG2E * fp8 * fp8_query_factor(q, fp16_dots), fp8, 1.0 / fp8_query_factor(q, fp16_dots),
+        scale * LOG2E * fp8 * fp8_query_factor(q, kv_mode == 1), fp8, 1.0 / fp8_query_factor(q, kv_mode == 1),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         PAGE_SIZE=page_size, BLOCK_M=cfg["block_m"], BLOCK_N=block_n, KV_MODE=kv_mode,
-        HEAD_MAJOR_SCALES=scales_head_major(k_scale) if kv_mode == 2 else False, INT8_WORDS_DIM=int8_words_dim,
+        HEAD_MAJOR_SCALES=scales_head_major(k_scale) if kv_mode == 2 else False,
         num_warps=cfg["num_warps"], num_stages=num_stages,
         **launch.dependent_launch_kwargs())
     return part_out, part_lse

@@ -19,7 +19,6 @@ import triton.language as tl
 
 from sageinfer.ops import launch
 from sageinfer.ops.fp16_operand import fp16_operand, fp16_operand_factor
-from sageinfer.ops.int8_values import int8_rows_fp16, int8_word_lanes, int8_words_supported
 from sageinfer.ops.rope_cache import rms_norm_halves, scale_offsets, scales_head_major, store_kv
 
 LOG2E = 1.4426950408889634
@@ -52,27 +51,21 @@ def attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v
                 kv_head, kv_end, q_pos, dims, dim_valid, scale_log2, stride_c_block, stride_c_slot, stride_c_head,
                 stride_bt, NUM_KV_HEADS: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASKED: tl.constexpr, KV_MODE: tl.constexpr, DIM_PADDED: tl.constexpr,
-                HEAD_MAJOR_SCALES: tl.constexpr = False, INT8_WORDS_DIM: tl.constexpr = 0):
+                HEAD_MAJOR_SCALES: tl.constexpr = False):
     """One key tile of online softmax. Unmasked tiles (every key valid and visible to every row) load
     without per-key masks and scale the scores inside one multiply-add; with K loaded key-major this
     took the 16K chunks of a 32K prompt on an H100 from 362-380 to 392-416 TFLOP/s
-    (benchmarks/experiments/probe_prefill_attention.py). INT8_WORDS_DIM > 0: an INT8 cache's rows (of
-    that many dims) come as fp16 tiles from their 32-bit words (ops/int8_values.py), and the query is
-    fp16 (query_for_cache)."""
+    (benchmarks/experiments/probe_prefill_attention.py)."""
     k_idx = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     k_valid = k_idx < kv_end
     page = _load_per_key(block_table_ptr + seq * stride_bt + k_idx // PAGE_SIZE, k_valid, MASKED)
     slot_offs = page.to(tl.int64) * stride_c_block + (k_idx % PAGE_SIZE) * stride_c_slot + kv_head * stride_c_head
     # K is loaded key-major like V (rows of contiguous dims) and transposed for the dot.
+    k = _load_key_rows(k_cache_ptr + slot_offs[:, None] + dims[None, :], k_valid, dim_valid, MASKED, DIM_PADDED)
     # Quantised caches: int8 and fp8 values are exact in the query's dtype; scales are applied to
-    # the scores (K) and the probabilities (V) instead of to every element. INT8 without INT8_WORDS_DIM
-    # is cast directly: through fp32's bits (ops/int8_values.py, the GEMV's way) decode took 151.5 us
-    # per layer against 138.4 cast (H200, batch 256 x 640 keys, experiments/probe_quantized_decode.py).
-    if INT8_WORDS_DIM > 0:
-        k = int8_rows_fp16(k_cache_ptr, slot_offs, k_valid, INT8_WORDS_DIM, dims.shape[0], MASKED)
-    else:
-        k = _load_key_rows(k_cache_ptr + slot_offs[:, None] + dims[None, :], k_valid, dim_valid, MASKED,
-                           DIM_PADDED)
+    # the scores (K) and the probabilities (V) instead of to every element. INT8 is cast directly:
+    # through fp32's bits (ops/int8_values.py, the GEMV's way) decode took 151.5 us per layer against
+    # 138.4 cast (H200, batch 256 x 640 keys, experiments/probe_quantized_decode.py).
     s = tl.dot(q, k.to(q.dtype).T)
     if KV_MODE == 2:
         scale_offs = scale_offsets(page.to(tl.int64), k_idx % PAGE_SIZE, kv_head, NUM_KV_HEADS, PAGE_SIZE,
@@ -85,11 +78,7 @@ def attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v
     p = tl.math.exp2(s * scale_log2 - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if INT8_WORDS_DIM > 0:
-        v = int8_rows_fp16(v_cache_ptr, slot_offs, k_valid, INT8_WORDS_DIM, dims.shape[0], MASKED)
-    else:
-        v = _load_key_rows(v_cache_ptr + slot_offs[:, None] + dims[None, :], k_valid, dim_valid, MASKED,
-                           DIM_PADDED)
+    v = _load_key_rows(v_cache_ptr + slot_offs[:, None] + dims[None, :], k_valid, dim_valid, MASKED, DIM_PADDED)
     pv = p
     if KV_MODE == 2:
         pv = p * _load_per_key(v_scale_ptr + scale_offs, k_valid, MASKED)[None, :]
@@ -98,24 +87,11 @@ def attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v
 
 
 @triton.jit
-def query_for_cache(q, fp8_query_scale, FP16_DOTS: tl.constexpr):
-    """The query as the tiles' dots take it: in fp16 over an FP8 cache or INT8 read as words
-    (FP16_DOTS; ops/fp16_operand.py)."""
-    if FP16_DOTS:
+def query_for_cache(q, fp8_query_scale, FP8_CACHE: tl.constexpr):
+    """The query as the tiles' dots take it: over an FP8 cache in fp16 (ops/fp16_operand.py)."""
+    if FP8_CACHE:
         q = fp16_operand(q, fp8_query_scale)
     return q
-
-
-# INT8 caches read as 32-bit words (ops/int8_values.py: a decode tile 1,470 -> 1,044 instructions for
-# sm_90) with SAGEINFER_INT8_KV_WORDS=1. Off until timed on a GPU: checked in the interpreter only.
-INT8_KV_WORDS = os.environ.get("SAGEINFER_INT8_KV_WORDS", "0") == "1"
-
-
-def cache_dot_plan(kv_mode: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, bool]:
-    """(INT8_WORDS_DIM, fp16 dots) for a launch over this cache: the head dim when an INT8 cache's rows
-    read as words (else 0), and whether the query goes to fp16 (FP8, or INT8 as words)."""
-    words = (kv_mode == 2 and INT8_KV_WORDS and int8_words_supported(k_cache) and int8_words_supported(v_cache))
-    return (k_cache.shape[-1] if words else 0), kv_mode == 1 or words
 
 
 def fp8_query_factor(q: torch.Tensor, fp8_cache: bool) -> float:
@@ -190,7 +166,7 @@ def _paged_attention_kernel(
     PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_MODE: tl.constexpr, CASCADE: tl.constexpr,
     ROPE: tl.constexpr, QK_NORM: tl.constexpr, USE_PDL: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr = 0,
-    HEAD_MAJOR_SCALES: tl.constexpr = False, INT8_WORDS_DIM: tl.constexpr = 0,
+    HEAD_MAJOR_SCALES: tl.constexpr = False,
 ):
     launch.wait_for_previous_kernel(USE_PDL)
     seq = tl.program_id(0)
@@ -210,8 +186,6 @@ def _paged_attention_kernel(
     head = kv_head * GROUP + rows % GROUP
     row_valid = (rows < BLOCK_Q * GROUP) & (q_idx < query_len)
     dims = tl.arange(0, HEAD_DIM_PAD)
-    if INT8_WORDS_DIM > 0:  # the K/V tiles' lane order (ops/int8_values.py)
-        dims = int8_word_lanes(dims)
     dim_valid = dims < HEAD_DIM
     q_offs = (q_start + q_idx)[:, None] * stride_q_tok + head[:, None] * stride_q_head + dims[None, :]
     if ROPE:  # decode (one query token): q/k/v arrive before rotary
@@ -222,7 +196,7 @@ def _paged_attention_kernel(
                            QK_NORM)
     else:
         q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
-    q = query_for_cache(q, fp8_query_scale, (KV_MODE == 1) | (INT8_WORDS_DIM > 0))
+    q = query_for_cache(q, fp8_query_scale, KV_MODE == 1)
     q_pos = context_len + q_idx  # causal: a query sees keys at positions <= its own
 
     kv_end = context_len + tl.minimum((q_tile + 1) * BLOCK_Q, query_len)
@@ -257,14 +231,12 @@ def _paged_attention_kernel(
         m_i, l_i, acc = attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                                      block_table_ptr, seq, kv_head, kv_end, q_pos, dims, dim_valid, scale_log2,
                                      stride_c_block, stride_c_slot, stride_c_head, stride_bt, NUM_KV_HEADS, PAGE_SIZE,
-                                     BLOCK_N, False, KV_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_MAJOR_SCALES,
-                                     INT8_WORDS_DIM)
+                                     BLOCK_N, False, KV_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_MAJOR_SCALES)
     for tile in range(mid, tile_end):
         m_i, l_i, acc = attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                                      block_table_ptr, seq, kv_head, kv_end, q_pos, dims, dim_valid, scale_log2,
                                      stride_c_block, stride_c_slot, stride_c_head, stride_bt, NUM_KV_HEADS, PAGE_SIZE,
-                                     BLOCK_N, True, KV_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_MAJOR_SCALES,
-                                     INT8_WORDS_DIM)
+                                     BLOCK_N, True, KV_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_MAJOR_SCALES)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None] * out_scale
     tok = q_start + q_idx
@@ -437,7 +409,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                          "contiguous cache pages")
     positions, k_new, v_new, cos_sin, slot_mapping, q_norm, k_norm, eps = rope if rope is not None else (
         seq_lens, q, q, q, seq_lens, None, None, 0.0)
-    int8_words_dim, fp16_dots = cache_dot_plan(kv_mode, k_cache, v_cache)
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
     if num_splits > 1:
         part_out = torch.empty(q.shape[0], num_heads, num_splits, head_dim_pad, dtype=torch.float32, device=q.device)
@@ -448,8 +419,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q, k_cache, v_cache, out, part_out, part_lse, block_table, seq_lens, query_start_loc,
         k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
         prefix_out, prefix_lse, prefix_len, q.shape[0], prefix_out.shape[0] if prefix is not None else 0,
-        scale * LOG2E * (fp8_scale if kv_mode == 1 else 1.0) * fp8_query_factor(q, fp16_dots),
-        fp8_scale if kv_mode == 1 else 1.0, 1.0 / fp8_query_factor(q, fp16_dots),
+        scale * LOG2E * (fp8_scale * fp8_query_factor(q, kv_mode == 1) if kv_mode == 1 else 1.0),
+        fp8_scale if kv_mode == 1 else 1.0, 1.0 / fp8_query_factor(q, kv_mode == 1),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         positions, k_new, v_new, cos_sin, slot_mapping, q_norm if q_norm is not None else q,
@@ -459,7 +430,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits, NUM_KV_HEADS=num_kv_heads,
         KV_MODE=kv_mode, CASCADE=prefix is not None, ROPE=rope is not None, QK_NORM=q_norm is not None,
         MIN_SPLIT_TILES=min_split_tiles, HEAD_MAJOR_SCALES=scales_head_major(k_scale) if kv_mode == 2 else False,
-        INT8_WORDS_DIM=int8_words_dim, num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
         **launch.dependent_launch_kwargs())
     if num_splits > 1:
         _merge_splits_kernel[(q.shape[0], num_heads)](
