@@ -9,10 +9,10 @@
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-SAGEINFER_W4A16_PAIRS=1 timeout 240 python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_quantization.py \
+SAGEINFER_W4A16_PAIRS=1 timeout ${TEST_SECONDS:-240} python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_quantization.py \
   tests/test_ops_gemv.py tests/test_ops_gemv_int4_halves.py > "$OUT/tests-w4a16-pairs.log" 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests-w4a16-pairs.log" | tail -8
-for pairs in 0 1 0 1; do
+for pairs in ${PAIRS_RUNS:-0 1 0 1}; do
   SAGEINFER_W4A16_PAIRS=$pairs timeout 100 python3 benchmarks/run_standard.py --model \
     sageinfer/bench/standard/qwen3-8b-w4a16 --workloads L1-single-stream --out "$OUT/l1-w4a16-pairs-$pairs.json" \
     > "$OUT/l1-w4a16-pairs-$pairs.log" 2>&1
