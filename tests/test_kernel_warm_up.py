@@ -201,11 +201,11 @@ def test_the_graphs_capture_compiles_no_attention_the_warm_up_did_not(model_dirs
     graphs record nothing) are among the warm-up's, ragged splits and splits by occupancy both."""
     monkeypatch.setattr(triton_backend, "RAGGED_MIN_KEYS", 32)
     llm = LLM(model_dirs["qwen3"], dtype="float32", attention_backend="triton", num_gpu_blocks_override=80,
-              max_model_len=1024, max_num_seqs=20, enforce_eager=True, show_progress=False)
+              max_model_len=1024, max_num_seqs=8, enforce_eager=True, show_progress=False)
     runner = llm.engine.runner
     runner.backend.num_sms = 12
     layer = next(m for m in runner.model.modules() if isinstance(m, Attention))
-    sizes = graph_batch_sizes(20)
+    sizes = graph_batch_sizes(8)
     plans = graph_plans(runner.backend, sizes, 1024, runner.num_kv_heads, dependent_max=0)
     warmed, captured = set(), set()
     for name in ("_paged_attention_kernel", "_merge_splits_kernel"):
@@ -218,7 +218,7 @@ def test_the_graphs_capture_compiles_no_attention_the_warm_up_did_not(model_dirs
     platform = types.SimpleNamespace(graph_pool_handle=lambda: None, supports_dependent_launch=lambda: False,
                                      graph_class=lambda: (lambda: None), synchronize=lambda: None,
                                      graph_context=lambda graph, pool=None: contextlib.nullcontext())
-    DecodeGraphs(runner.model, runner.backend, platform, runner.device, 20, 1024, runner.block_size,
+    DecodeGraphs(runner.model, runner.backend, platform, runner.device, 8, 1024, runner.block_size,
                  runner.num_kv_heads, runner.kv_caches)
     assert {dict(key[1])["NUM_SPLITS"] for key in captured if key[0] == "_paged_attention_kernel"} >= {"4", "8"}
     missing = captured - warmed
