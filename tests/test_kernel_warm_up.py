@@ -91,7 +91,7 @@ def test_a_steps_decode_launches_compile_nothing_the_warm_up_did_not(model_dirs,
         _record(monkeypatch, name, stepped)
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, 500, size=n).tolist() for n in (70, 3, 9, 40, 5, 120)]
-    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert any(dict(key[1]).get("NUM_SPLITS") not in (None, "1") for key in stepped), "no step split its decodes"
     missing = stepped - warmed
