@@ -85,3 +85,43 @@ def test_halves_fit_names_the_layouts_it_takes():
     assert not halves_fit(2, 128, 128)  # one row only
     assert not halves_fit(1, 128, 8)  # slices too narrow for four words a thread
     assert not halves_fit(1, 256, 128)  # a group of two slices, not of whole runs
+    assert not halves_fit(1, 128, 128, torch.float32)  # fp32 models keep fp32 products
+
+
+@pytest.mark.parametrize("pairs_allowed", [True, False])
+def test_a_w4a16_layer_takes_the_pair_kernel_for_one_row_where_the_platform_runs_ptx(pairs_allowed, monkeypatch):
+    """prepare() asks the platform; one row of an fp16 model then reaches the pair kernel with its PTX (run
+    here as plain Triton), more rows and fp32 inputs do not, and SAGEINFER_W4A16_PAIRS=0 keeps the fp32
+    kernel."""
+    import types
+
+    from sageinfer.layers.linear import Linear
+    from sageinfer.layers.quantization import QuantConfig, set_quant_config, w4a16
+    from sageinfer.ops import gemv_int4
+    monkeypatch.setattr(w4a16, "_PAIRS", pairs_allowed)
+    calls, pair_kernel = [], gemv_int4.int4_gemv_halves
+    monkeypatch.setattr(gemv_int4, "int4_gemv_halves",
+                        lambda *a, ptx, **k: calls.append(ptx) or pair_kernel(*a, ptx=False, **k))
+    gen = torch.Generator().manual_seed(7)
+    set_quant_config(QuantConfig("w4a16", "group", False, True, group_size=128))
+    try:
+        layer = Linear(1024, 24)
+    finally:
+        set_quant_config(None)
+    layer.weight_packed.data = pack(torch.randint(0, 16, (24, 1024), generator=gen))  # as loaded: in order
+    layer.weight_scale.data = torch.rand(24, 8, generator=gen) / 8
+    ref_weight = dequantize(layer.weight_packed.data, layer.weight_scale.data, torch.zeros(24, 8, dtype=torch.int32),
+                            128, torch.float64)
+    layer.process_after_loading()
+    layer.to(DEVICE, torch.float16).use_triton = True
+    layer.platform = types.SimpleNamespace(num_compute_units=lambda: 4, supports_ptx_half_pairs=lambda: True)
+    layer.quant.prepare(layer)
+    assert layer.quant.pairs == pairs_allowed
+    for rows in (1, 3):
+        x = torch.randn(rows, 1024, generator=gen).half()
+        out = layer(x.to(DEVICE))
+        assert out.dtype == torch.float16 and rel_err(out.float().cpu(), x.double() @ ref_weight.t()) < 2e-3
+    assert calls == ([True] if pairs_allowed else [])
+    layer.to(dtype=torch.float32)
+    layer(torch.randn(1, 1024, generator=gen).to(DEVICE))
+    assert calls == ([True] if pairs_allowed else [])

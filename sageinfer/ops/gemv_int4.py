@@ -230,7 +230,7 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     if slice_width < 2 or k % (8 * slice_width) or group % slice_width:
         raise ValueError(f"gemv: 4-bit words interleaved in slices of {slice_width} do not tile {k} input features "
                          f"in groups of {group}")
-    if pairs and halves_fit(m, group, slice_width):
+    if pairs and halves_fit(m, group, slice_width, x.dtype):
         return int4_gemv_halves(x, weight, weight_scale, weight_zero, group, slice_width, y, bias, gated,
                                 norm_weight, eps, add_to_y, ptx=True)
     block_m = max(1, triton.next_power_of_2(m))

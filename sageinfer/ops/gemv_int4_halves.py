@@ -17,6 +17,7 @@ to fp16's subnormals, less than bf16 itself keeps.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -209,10 +210,11 @@ def _int4_gemv_halves_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w
     tl.store(y_ptr + rows, y, mask=row_mask)
 
 
-def halves_fit(m: int, group: int, slice_width: int) -> bool:
-    """Whether the kernel takes this call: one row, slices of at least 16 words whose quarter is a power
-    of two, and groups that hold whole slices or whole runs."""
-    return (m == 1 and slice_width >= 16 and slice_width & (slice_width - 1) == 0
+def halves_fit(m: int, group: int, slice_width: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the kernel takes this call: one row of 16-bit inputs (fp32 models keep fp32 products),
+    slices of at least 16 words whose quarter is a power of two, and groups that hold whole slices or
+    whole runs."""
+    return (m == 1 and dtype in (torch.bfloat16, torch.float16) and slice_width >= 16 and slice_width & (slice_width - 1) == 0
             and (group % slice_width == 0 and (slice_width >= group or group % (8 * slice_width) == 0)))
 
 
