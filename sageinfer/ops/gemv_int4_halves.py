@@ -141,7 +141,8 @@ def _int4_gemv_halves_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w
     if SPLITS > 1:
         k_lo = tl.program_id(1) * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
-    words = tl.load(w_ptr + w_offs + k_lo // 8, mask=w_mask, other=0)  # no kernel writes weights
+    # Runs start at multiples of SLICE words: said, so that each thread's four words load as one.
+    words = tl.load(w_ptr + w_offs + tl.multiple_of(k_lo // 8, SLICE), mask=w_mask, other=0)  # no kernel writes weights
     launch.wait_for_previous_kernel(USE_PDL)
     rstd = 0.0
     if PRENORM:
@@ -155,10 +156,11 @@ def _int4_gemv_halves_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w
     s_rows3 = s_rows[:, :, None]
     z_rows3 = z_rows[:, :, None]
     acc = tl.zeros((BLOCK_N, QUADS), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, RUN):
+    for k_run in range(k_lo, k_hi, RUN):
+        k0 = tl.multiple_of(k_run, RUN)
         run_words = words
         if k0 + RUN < k_hi:  # the next run's words in flight while this one is used
-            words = tl.load(w_ptr + w_offs + (k0 + RUN) // 8, mask=w_mask, other=0)
+            words = tl.load(w_ptr + w_offs + tl.multiple_of((k0 + RUN) // 8, SLICE), mask=w_mask, other=0)
         w0, w1, w2, w3 = _quarters(run_words)
         cols = k0 + 4 * quads[None, :, None] + tl.arange(0, 4)[None, None, :]
         a0, b0, c0, d0, xs0 = _nibble_inputs(x_ptr, cols, K, rstd, norm_w_ptr, HAS_ZERO, GATED, PRENORM)
