@@ -74,3 +74,21 @@ def test_quantization_flag_quantizes_or_refuses_with_what_is_supported(llama_dir
     assert result.returncode == 0, result.stderr
     result = _run("generate", "--model", llama_dir, "--prompt", "x", "--quantization", "awq")
     assert result.returncode == 2 and "quantization='awq' on a full-precision checkpoint is not supported; supported:" in result.stderr
+
+
+def test_serve_with_a_tokenizer_that_does_not_load_exits_with_an_error_line(llama_dir, tmp_path):
+    """The front end loads its tokenizer while the engine core starts: a tokenizer that cannot load still
+    ends start-up with one error line and a non-zero exit, not a traceback or a hang."""
+    result = _run("serve", llama_dir, "--port", "0", "--dtype", "float32", "--num-gpu-blocks-override", "64",
+                  "--enforce-eager", "--tokenizer", str(tmp_path / "nowhere"))
+    assert result.returncode == 1
+    assert "error: the engine core failed to start" in result.stderr and "could not load a tokenizer" in result.stderr
+
+
+def test_a_background_load_returns_its_value_or_raises_its_error():
+    import pytest
+
+    from sageinfer.engine.core_client import _InBackground
+    assert _InBackground(lambda: (1, 2)).result() == (1, 2)
+    with pytest.raises(IndexError):
+        _InBackground(lambda: [][0]).result()

@@ -29,6 +29,28 @@ from sageinfer.models.generation_defaults import load_generation_defaults
 logger = logging.getLogger(__name__)
 
 
+class _InBackground:
+    """fn() run on a daemon thread (one that never holds up the process's exit); result() waits for it
+    and returns its value or raises its exception."""
+
+    def __init__(self, fn):
+        self._value = self._error = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="sageinfer-front-load", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn) -> None:
+        try:
+            self._value = fn()
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread)
+            self._error = exc
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class EngineCoreClient(EngineFront):
     # The process's entry point; replaceable (a subclass, a test that plants faults in the core).
     core_main = staticmethod(run_engine_core)
@@ -54,11 +76,12 @@ class EngineCoreClient(EngineFront):
         self.process.start()
         self._stopping = False
         atexit.register(self.shutdown)
+        # The tokenizer (seconds of imports and loading) loads while the core starts, not after it.
+        front_inputs = _InBackground(lambda: (
+            None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer),
+            load_generation_defaults(config.model, config.generation_config)))
         ready = self._wait_ready(startup_timeout)
-        tokenizer = None
-        if not config.skip_tokenizer_init:
-            tokenizer = load_tokenizer(config.tokenizer)
-        defaults = load_generation_defaults(config.model, config.generation_config)
+        tokenizer, defaults = front_inputs.result()
         super().__init__(InputProcessor(tokenizer, ready.vocab_size, ready.max_model_len, config.max_logprobs, defaults,
                                         config.scheduling_policy),
                          ready.max_num_seqs, max_waiting_requests, on_dead)
