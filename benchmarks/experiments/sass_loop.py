@@ -123,24 +123,22 @@ def gemv(args):
     return g, "_gemv_kernel", lambda: g.gemv(x, weight, weight_scale=scale)
 
 
+def _int4_one_row_call(args):
+    """ops/gemv_int4.int4_gemv's arguments at Qwen3-8B's 4096 x 4096, group 128, slices of 128, one row."""
+    n, k, group, slice_width = 4096, 4096, 128, 128
+    return (torch.randn(1, k, dtype=torch.bfloat16), torch.zeros(n, k // 8, dtype=torch.int32),
+            torch.ones(n, k // group, dtype=torch.bfloat16), None, group, slice_width,
+            torch.empty(1, n, dtype=torch.bfloat16), None, False, None, 1e-6, False)
+
+
 def int4_gemv(args):
     import sageinfer.ops.gemv_int4 as g
-    n, k, group, slice_width = 4096, 4096, 128, 128
-    weight = torch.zeros(n, k // 8, dtype=torch.int32)
-    x = torch.randn(1, k, dtype=torch.bfloat16)
-    return g, "_int4_gemv_kernel", lambda: g.int4_gemv(
-        x, weight, torch.ones(n, k // group, dtype=torch.bfloat16), None, group, slice_width,
-        torch.empty(1, n, dtype=torch.bfloat16), None, False, None, 1e-6, False, None)
+    return g, "_int4_gemv_kernel", lambda: g.int4_gemv(*_int4_one_row_call(args), None)
 
 
 def int4_gemv_halves(args):
     import sageinfer.ops.gemv_int4_halves as g
-    n, k, group, slice_width = 4096, 4096, 128, 128
-    weight = torch.zeros(n, k // 8, dtype=torch.int32)
-    x = torch.randn(1, k, dtype=torch.bfloat16)
-    return g, "_int4_gemv_halves_kernel", lambda: g.int4_gemv_halves(
-        x, weight, torch.ones(n, k // group, dtype=torch.bfloat16), None, group, slice_width,
-        torch.empty(1, n, dtype=torch.bfloat16), None, False, None, 1e-6, False, ptx=True)
+    return g, "_int4_gemv_halves_kernel", lambda: g.int4_gemv_halves(*_int4_one_row_call(args), ptx=True)
 
 
 def fp8_block_matmul(args):
