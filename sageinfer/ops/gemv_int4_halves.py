@@ -2,14 +2,15 @@
 the residual add, split K) for decode of one sequence, with the arithmetic of a weight halved.
 
 The fp32 kernel spends about 6.7 instructions a weight on an sm_90 (a mask, a subtraction and two FMAs
-at least; benchmarks/experiments/sass_loop.py int4-gemv), so it issues instructions, not bytes, at
-its limit. Here each thread takes four consecutive words of a row (32 weights: nibble j of the four
+at least; benchmarks/experiments/sass_loop.py int4-gemv); this one 2.9. Here each thread takes four consecutive words of a row (32 weights: nibble j of the four
 words is columns j S + 4 i .. 4 i + 3 of the run) and handles nibbles j and j + 4 together as one pair
 of fp16: one AND-OR makes both weights, one FMA multiplies both by their inputs and adds, and the four
 words' products stay in fp16 pairs until one conversion to fp32 per nibble; the group scales and
 zero points then apply per nibble. NVIDIA's backend does this in PTX (platforms/cuda_device.py); other
 backends and the interpreter run the same arithmetic in plain Triton (fp32), so the kernel, its
-indexing and its fusions are tested everywhere.
+indexing and its fusions are tested everywhere. On an H200 the fewer instructions bought less than
+they promised: L1 TPOT 4.71 -> 4.56 ms (benchmarks/results/2026-12-02e-h200-suite-int8-words-int4-pairs.md),
+so instructions were not all that bounded the fp32 kernel.
 
 Inputs go to fp16 scaled by 2^-6: four products of at most 8 |x| 2^-6 stay below fp16's 65504 for |x|
 up to 131,000 (activations of bf16 models stay far below), and inputs under 2^-8 lose at most 2^-19
@@ -26,9 +27,10 @@ from sageinfer.ops.gemv import rms_scaled, silu_times
 from sageinfer.ops.split_k import add_parts, split_launch
 from sageinfer.platforms.cuda_device import four_words_dot, pack_halves
 
-X_SCALE = 1.0 / 64
+X_SCALE = tl.constexpr(1.0 / 64)  # inputs times this in fp16 (see above); the sums divided by it at the end
 # Rows per program, warps, stages, and the programs that split K brings a launch to (o and down have
-# 4096 outputs: 128 programs of 32 rows on an H200's 132 processors). Untuned: a first choice.
+# 4096 outputs: 128 programs of 32 rows on an H200's 132 processors). The best of 18 timed on an H200
+# (benchmarks/experiments/tune_int4_halves.py: 5.20 ms for 36 layers' four matmuls, the times noisy).
 HALVES_CONFIG = {"block_n": 32, "num_warps": 4, "num_stages": 1, "min_programs": 256}
 
 
@@ -84,7 +86,7 @@ def _x_at(x_ptr, cols, K, rstd, norm_w_ptr, GATED: tl.constexpr, PRENORM: tl.con
         x = tl.load(x_ptr + cols)
         if PRENORM:
             x = rms_scaled(x.to(tl.float32), rstd, tl.load(norm_w_ptr + cols), x.dtype)
-    return x.to(tl.float32) * (1.0 / 64)
+    return x.to(tl.float32) * X_SCALE
 
 
 @triton.jit
@@ -199,7 +201,7 @@ def _int4_gemv_halves_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w
             if HAS_ZERO:
                 n -= tl.load(z_rows + group).to(tl.float32) * (xs0 + xs1 + xs2 + xs3 + xs4 + xs5 + xs6 + xs7)
             acc += n * tl.load(s_rows + group).to(tl.float32)
-    y_acc = tl.sum(acc, 1) * 64.0
+    y_acc = tl.sum(acc, 1) * (1.0 / X_SCALE)
     if SPLITS > 1:
         count, y_acc = add_parts(y_acc, part_ptr + rows, row_mask, counter_ptr + pid, N, tl.program_id(1), SPLITS)
         if count != SPLITS - 1:
