@@ -16,4 +16,18 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   pytest pluggy iniconfig execnet pytest-xdist \
   openai distro jiter httpx httpcore httpx2 httpcore2 truststore certifi idna \
   compressed-tensors loguru psutil importlib-metadata zipp
+# An earlier fill may hold an older version of a package: pip refuses two versions of one package
+# together, so keep each package's newest wheel only.
+python3 - <<'PY'
+import collections, os
+from packaging.utils import parse_wheel_filename
+newest = collections.defaultdict(list)
+for name in os.listdir(".whl"):
+    if name.endswith(".whl"):
+        project, version, *_ = parse_wheel_filename(name)
+        newest[project].append((version, name))
+for wheels in newest.values():
+    for _, name in sorted(wheels)[:-1]:
+        os.remove(os.path.join(".whl", name))
+PY
 ls .whl | wc -l
