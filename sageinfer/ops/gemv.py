@@ -49,6 +49,21 @@ def rms_scaled(x, rstd, norm_w, dtype):
 
 
 @triton.jit
+def fused_input(x_ptr, ms3, ks3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED: tl.constexpr, PRENORM: tl.constexpr):
+    """Input columns ks3 of rows ms3 (any shapes that broadcast) as fp32, formed as the one-row kernels
+    fuse them: silu(gate) * up for a gated input, the RMS-normalised row scaled by norm_w with PRENORM."""
+    offs = ms3 * stride_xm + ks3
+    if GATED:
+        gate = tl.load(x_ptr + offs, mask=m_mask3, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + K + offs, mask=m_mask3, other=0.0)
+        return silu_times(gate, up).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=m_mask3, other=0.0)
+    if PRENORM:
+        return rms_scaled(x.to(tl.float32), rstd3, tl.load(norm_w_ptr + ks3), x.dtype).to(tl.float32)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _x_chunk(x_ptr, ms, ks, x_mask, stride_xm, K, GATED: tl.constexpr):
     x_offs = ms[:, None] * stride_xm + ks[None, :]
     if GATED:

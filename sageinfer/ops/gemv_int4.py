@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
-from sageinfer.ops.gemv import rms_scaled, silu_times
+from sageinfer.ops.gemv import fused_input, rms_scaled, silu_times
 from sageinfer.ops.gemv_int4_halves import halves_fit, int4_gemv_halves
 from sageinfer.ops.split_k import add_parts, split_launch
 from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_times_place
@@ -37,21 +37,6 @@ from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_t
 # (time_int4_step.py's path "gemv split").
 INT4_GEMV_CONFIG = {"block_n": 32, "num_warps": 8, "num_stages": 2,
                     "min_programs": int(os.environ.get("SAGEINFER_INT4_GEMV_MIN_PROGRAMS", "0"))}
-
-
-@triton.jit
-def _x_slice(x_ptr, ms3, ks3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED: tl.constexpr, PRENORM: tl.constexpr):
-    """Input columns ks3 [1, 1, S] of rows ms3 [BLOCK_M, 1, 1] as fp32, formed as ops/gemv.py forms
-    them: silu(gate) * up for a gated input, the RMS-normalised row scaled by norm_w with PRENORM."""
-    offs = ms3 * stride_xm + ks3
-    if GATED:
-        gate = tl.load(x_ptr + offs, mask=m_mask3, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + K + offs, mask=m_mask3, other=0.0)
-        return silu_times(gate, up).to(tl.float32)
-    x = tl.load(x_ptr + offs, mask=m_mask3, other=0.0)
-    if PRENORM:
-        return rms_scaled(x.to(tl.float32), rstd3, tl.load(norm_w_ptr + ks3), x.dtype).to(tl.float32)
-    return x.to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -100,7 +85,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
         low, high = nibble_planes(run_words)
         below = 8388608.0
         for j in tl.static_range(8):
-            x = _x_slice(x_ptr, ms3, k0 + j * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED, PRENORM)
+            x = fused_input(x_ptr, ms3, k0 + j * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED, PRENORM)
             group = (k0 + j * SLICE) // GROUP
             s = tl.load(scale_ptr + rows3 * stride_sn + group, mask=row_mask3, other=0.0).to(tl.float32)
             offset = 8.0

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
-from sageinfer.ops.gemv import rms_scaled, silu_times
+from sageinfer.ops.gemv import fused_input
 from sageinfer.ops.split_k import add_parts, split_launch
 from sageinfer.platforms.cuda_device import four_words_dot, pack_halves
 
@@ -78,18 +78,6 @@ def _words_dot(w0, w1, w2, w3, x00, x01, x02, x03, x10, x11, x12, x13, x20, x21,
 
 
 @triton.jit
-def _x_at(x_ptr, cols, K, rstd, norm_w_ptr, GATED: tl.constexpr, PRENORM: tl.constexpr):
-    """Inputs at cols as the matmul sees them (ops/gemv.py's fusions), fp32, times X_SCALE."""
-    if GATED:
-        x = silu_times(tl.load(x_ptr + cols).to(tl.float32), tl.load(x_ptr + K + cols))
-    else:
-        x = tl.load(x_ptr + cols)
-        if PRENORM:
-            x = rms_scaled(x.to(tl.float32), rstd, tl.load(norm_w_ptr + cols), x.dtype)
-    return x.to(tl.float32) * X_SCALE
-
-
-@triton.jit
 def _quarters(t):
     """[..., 4] -> its four [...] parts in order."""
     even, odd = tl.split(tl.reshape(t, t.shape[:-1] + (2, 2)))
@@ -116,7 +104,7 @@ def _nibble_inputs(x_ptr, cols, K, rstd, norm_w_ptr, HAS_ZERO: tl.constexpr, GAT
                    PRENORM: tl.constexpr):
     """One nibble's inputs for the four words of each quad (cols [1, QUADS, 4], contiguous: one load),
     apart, and their sum where zero points need it."""
-    x = _x_at(x_ptr, cols, K, rstd, norm_w_ptr, GATED, PRENORM)
+    x = fused_input(x_ptr, 0, cols, True, 0, K, rstd, norm_w_ptr, GATED, PRENORM) * X_SCALE
     x_sum = tl.sum(x, 2) if HAS_ZERO else tl.zeros(x.shape[:-1], dtype=tl.float32)
     q0, q1, q2, q3 = _quarters(x)
     return q0, q1, q2, q3, x_sum
