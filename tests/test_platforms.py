@@ -82,4 +82,3 @@ def test_a_rocm_build_is_the_rocm_platform_not_cuda(monkeypatch):
     assert rocm.dist_backend == "nccl"  # RCCL answers to the nccl backend name
     assert rocm.prefill_attention() is None and not rocm.supports_dependent_launch()
     assert not rocm.supports_tensor_copies() and rocm.peak_rates() == (None, None)
-    assert not rocm.supports_ptx_half_pairs()  # PTX is NVIDIA's, though the ROCm platform builds on CUDA's

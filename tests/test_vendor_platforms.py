@@ -123,7 +123,7 @@ def test_stand_in_kunlunxin_build_is_the_kunlun_platform_not_cuda(monkeypatch, f
     k = KunlunPlatform()
     assert k.device_type == "cuda" and k.dist_backend == "nccl" and not k.supports_fp8()
     assert not k.supports_dependent_launch() and not k.supports_tensor_copies() and k.prefill_attention() is None
-    assert k.peak_rates() == (None, None) and not k.supports_ptx_half_pairs()
+    assert k.peak_rates() == (None, None)
 
 
 def test_every_platform_is_registered_through_the_entry_points():

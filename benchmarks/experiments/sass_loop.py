@@ -7,7 +7,6 @@ against 613 over bf16) and INT8 weights' I2F in the skinny GEMV.
   python benchmarks/experiments/sass_loop.py decode-attention --kv fp8
   python benchmarks/experiments/sass_loop.py gemv --weights int8
   python benchmarks/experiments/sass_loop.py int4-gemv
-  python benchmarks/experiments/sass_loop.py int4-gemv-halves
   python benchmarks/experiments/sass_loop.py fp8-block-matmul --rows 16
 
 Counts are per thread and per loop trip; what a trip covers (keys, weights) follows from the printed
@@ -136,11 +135,6 @@ def int4_gemv(args):
     return g, "_int4_gemv_kernel", lambda: g.int4_gemv(*_int4_one_row_call(args), None)
 
 
-def int4_gemv_halves(args):
-    import sageinfer.ops.gemv_int4_halves as g
-    return g, "_int4_gemv_halves_kernel", lambda: g.int4_gemv_halves(*_int4_one_row_call(args), ptx=True)
-
-
 def fp8_block_matmul(args):
     import sageinfer.ops.weight_only as wo
     weight = torch.zeros(4096, 4096, dtype=torch.float8_e4m3fn)
@@ -150,14 +144,13 @@ def fp8_block_matmul(args):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("op", choices=["decode-attention", "gemv", "int4-gemv", "int4-gemv-halves",
-                                           "fp8-block-matmul"])
+    parser.add_argument("op", choices=["decode-attention", "gemv", "int4-gemv", "fp8-block-matmul"])
     parser.add_argument("--kv", default="bf16", choices=["bf16", "fp8", "int8"])
     parser.add_argument("--weights", default="bf16", choices=["bf16", "fp8", "int8"])
     parser.add_argument("--rows", type=int, default=16)
     args = parser.parse_args()
     module, name, call = {"decode-attention": decode_attention, "gemv": gemv, "int4-gemv": int4_gemv,
-                          "int4-gemv-halves": int4_gemv_halves, "fp8-block-matmul": fp8_block_matmul}[args.op](args)
+                          "fp8-block-matmul": fp8_block_matmul}[args.op](args)
     compiled = compile_launch(module, name, call)
     opcodes = loop_opcodes(compiled["cubin"])
     print(name, {k: v for k, v in compiled["constants"].items() if k.isupper()}, compiled["options"],

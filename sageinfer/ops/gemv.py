@@ -188,15 +188,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          config: dict | None = None, gated: bool = False, norm_weight: torch.Tensor | None = None,
          eps: float = 0.0, residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
          weight_scale: torch.Tensor | None = None, weight_zero: torch.Tensor | None = None,
-         int4: bool = False, slice_width: int = 1, int4_pairs: bool = False) -> torch.Tensor:
+         int4: bool = False, slice_width: int = 1) -> torch.Tensor:
     """x: [M, K] with M <= MAX_ROWS ([M, 2K] of [gate, up] when gated), weight: [N, K] (rows
     contiguous), bias: [N] or None -> [M, N].
     weight_scale: the scale of each 8-bit weight row ([N]: output = (x @ weight.T) * scale), or of
     each row's groups of K / G consecutive input features ([N, G]: block FP8, 4-bit groups).
     int4: weight is [N, K / 8] int32, eight 4-bit values to a word along the input, interleaved in
     slices of slice_width columns (ops/weight_only.py), each stored plus 8; weight_scale [N, G] is
-    required and weight_zero [N, G] (integers, subtracted before scaling) optional. int4_pairs: one row
-    takes the fp16-pair kernel where it fits (ops/gemv_int4_halves.py; the platform runs NVIDIA's PTX).
+    required and weight_zero [N, G] (integers, subtracted before scaling) optional.
     norm_weight: x is RMS-normalised (eps) and scaled by it first, as ops.rms_norm does.
     residual: [M, N]; the result is added to it in place and residual is returned.
     out_dtype: the output's dtype (values still rounded to the input's dtype first), e.g. float32
@@ -231,7 +230,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if int4:
         from sageinfer.ops.gemv_int4 import int4_gemv
         return int4_gemv(x, weight, weight_scale, weight_zero, group, slice_width, y, bias, gated, norm_weight, eps,
-                         residual is not None, config, int4_pairs)
+                         residual is not None, config)
     cfg = config or (GATED_GEMV_CONFIG if gated else GEMV_CONFIG)
     block_m = max(1, triton.next_power_of_2(m))
     # Keep x * w tiles inside the registers as rows grow.

@@ -22,7 +22,6 @@ import triton.language as tl
 
 from sageinfer.ops import launch
 from sageinfer.ops.gemv import fused_input, rms_scaled, silu_times
-from sageinfer.ops.gemv_int4_halves import halves_fit, int4_gemv_halves
 from sageinfer.ops.split_k import add_parts, split_launch
 from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_times_place
 
@@ -207,17 +206,12 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_pt
 
 def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, weight_zero: torch.Tensor | None,
               group: int, slice_width: int, y: torch.Tensor, bias: torch.Tensor | None, gated: bool,
-              norm_weight: torch.Tensor | None, eps: float, add_to_y: bool, config: dict | None,
-              pairs: bool = False) -> torch.Tensor:
-    """Launched by ops.gemv.gemv, which has checked the shapes; writes (or adds to) y [M, N]. pairs: one
-    row in fp16 pairs through NVIDIA's PTX where the layout fits (ops/gemv_int4_halves.py)."""
+              norm_weight: torch.Tensor | None, eps: float, add_to_y: bool, config: dict | None) -> torch.Tensor:
+    """Launched by ops.gemv.gemv, which has checked the shapes; writes (or adds to) y [M, N]."""
     m, n, k = x.shape[0], weight.shape[0], weight.shape[1] * 8
     if slice_width < 2 or k % (8 * slice_width) or group % slice_width:
         raise ValueError(f"gemv: 4-bit words interleaved in slices of {slice_width} do not tile {k} input features "
                          f"in groups of {group}")
-    if pairs and halves_fit(m, group, slice_width, x.dtype):
-        return int4_gemv_halves(x, weight, weight_scale, weight_zero, group, slice_width, y, bias, gated,
-                                norm_weight, eps, add_to_y, ptx=True)
     block_m = max(1, triton.next_power_of_2(m))
     cfg = config or (INT4_GEMV_CONFIG if INT4_GEMV_CONFIG.get("mma")  # rows are padded to 16 there anyway
                      else dict(INT4_GEMV_CONFIG, block_n=max(4, INT4_GEMV_CONFIG["block_n"] // block_m)))

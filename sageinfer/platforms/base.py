@@ -52,11 +52,6 @@ class Platform:
         NVIDIA's TMA from Hopper on) instead of per-thread loads."""
         return False
 
-    def supports_ptx_half_pairs(self) -> bool:
-        """Whether kernels may run NVIDIA PTX on pairs of fp16 (fp16x2 FMAs, fp32 to fp16x2 in one
-        conversion: sm_80 on): the one-row 4-bit matmul then halves its arithmetic."""
-        return False
-
     # Whether the chip has FP8 matmuls (None: ask supports_fp8). Where it has none, 8-bit weights and
     # KV caches are INT8, and FP8 is refused at start.
     fp8: bool | None = None

@@ -85,9 +85,6 @@ class CudaPlatform(Platform):
     def supports_tensor_copies(self) -> bool:
         return torch.cuda.get_device_capability()[0] >= 9
 
-    def supports_ptx_half_pairs(self) -> bool:
-        return torch.cuda.get_device_capability()[0] >= 8
-
     # cuBLAS serves the shapes that matter; the Triton INT8 kernel is not measured here yet.
     portable_int8_kernel = False
 

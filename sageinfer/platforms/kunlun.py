@@ -32,9 +32,6 @@ class KunlunPlatform(CudaPlatform):
     def supports_tensor_copies(self) -> bool:
         return False
 
-    def supports_ptx_half_pairs(self) -> bool:
-        return False  # PTX is NVIDIA's
-
     def prefill_attention(self):
         return None  # the platform kernel is written for Hopper's tensor cores and copy engine
 

@@ -24,9 +24,6 @@ class RocmPlatform(CudaPlatform):
     def supports_tensor_copies(self) -> bool:
         return False
 
-    def supports_ptx_half_pairs(self) -> bool:
-        return False  # PTX is NVIDIA's: the one-row 4-bit matmul keeps its portable fp32 kernel
-
     def supports_fp8(self) -> bool:
         return False  # MI300's FP8 is the e4m3fnuz variant, which these kernels don't speak yet
 

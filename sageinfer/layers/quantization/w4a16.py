@@ -41,10 +41,6 @@ _MMA_MAX_ROWS = int(os.environ.get("SAGEINFER_W4A16_MMA_MAX_ROWS", "32"))
 # the processors (w4a16_mma_matmul's split_k). 1, no split, until timed on a GPU
 # (benchmarks/experiments/time_int4_step.py, path "mma split").
 _SPLIT_K = int(os.environ.get("SAGEINFER_W4A16_SPLIT_K", "1"))
-# One row in fp16 pairs where the platform runs NVIDIA's PTX (ops/gemv_int4_halves.py): L1 TPOT 4.71 ->
-# 4.56 ms on an H200; off (SAGEINFER_W4A16_PAIRS=1 turns it on) until the engine's quantization tests
-# have run on a GPU with it.
-_PAIRS = os.environ.get("SAGEINFER_W4A16_PAIRS", "0") != "0"
 
 
 _AWQ_COLUMN_OF_NIBBLE = [0, 4, 1, 5, 2, 6, 3, 7]  # column j of a word sits at nibble _AWQ_...[j]
@@ -105,7 +101,6 @@ class W4A16Method:
                        "awq": _AWQ()}[config.format]
         self.packed_name, self.scale_name, self.zero_name = self.format.names
         self.num_sms = None  # the platform's compute units, once prepare() has run
-        self.pairs = False  # the one-row kernel in fp16 pairs (NVIDIA PTX), once prepare() has run
 
     def create_weights(self, layer: nn.Module, local_out: int, local_in: int) -> None:
         c = self.config
@@ -179,10 +174,8 @@ class W4A16Method:
         layer.register_buffer(self.zero_name, torch.zeros_like(scale, dtype=torch.int32))
 
     def prepare(self, layer: nn.Module) -> None:
-        """Before serving: the platform's compute units, which the tensor-core matmul's tiles follow, and
-        whether its one-row kernel may run in fp16 pairs."""
+        """Before serving: the platform's compute units, which the tensor-core matmul's tiles follow."""
         self.num_sms = layer.platform.num_compute_units()
-        self.pairs = _PAIRS and layer.platform.supports_ptx_half_pairs()
 
     def one_row_args(self, layer: nn.Module) -> dict | None:
         """One row (decode of one sequence) reads the packed words in the skinny kernel (ops/gemv.py),
@@ -198,7 +191,7 @@ class W4A16Method:
         no_zeros = not c.from_checkpoint or (c.symmetric and c.format == "compressed-tensors")  # zeros held as 0
         return {"weight": getattr(layer, self.packed_name), "weight_scale": getattr(layer, self.scale_name),
                 "weight_zero": None if no_zeros else getattr(layer, self.zero_name), "int4": True,
-                "slice_width": self.slice_width, "int4_pairs": self.pairs}
+                "slice_width": self.slice_width}
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
