@@ -141,7 +141,7 @@ def test_gemv_scales_each_group_of_a_block_quantized_weight(mode):
         gemv(x.to(DEVICE), q.to(DEVICE), weight_scale=scale.t().contiguous().to(DEVICE), **kwargs)
 
 
-@pytest.mark.parametrize("mma", [False, True, "split"])
+@pytest.mark.parametrize("mma", [False, "per weight", True, "split"])
 @pytest.mark.parametrize("mode", ["plain", "gated", "normed", "residual"])
 @pytest.mark.parametrize("zeros, rows, k, g", [(False, 1, 640, 64), (True, 1, 640, 64), (True, 3, 768, 96)])
 def test_gemv_unpacks_4bit_weights_with_group_scales_and_zero_points(mode, zeros, rows, k, g, mma):
@@ -149,9 +149,10 @@ def test_gemv_unpacks_4bit_weights_with_group_scales_and_zero_points(mode, zeros
     with a scale and, for asymmetric schemes, a zero point per row and group: the weights
     ops/weight_only.dequantize gives, with the gated input, the folded norm and the residual add;
     a group of several slices (k 640: slices of 16 in groups of 64) and groups that are not a power
-    of two (k 768: slices of 32 in groups of 96). Both kernels: on the CUDA cores (also split over K
-    in 3 parts, the last shorter at k 640, the part that finishes last completing the output), and on
-    the tensor cores (weights rounded to fp16 as the reference's dequantized fp16 weights are)."""
+    of two (k 768: slices of 32 in groups of 96). Both kernels: on the CUDA cores (each thread's four
+    columns summed before their scale, or each weight scaled on its own; also split over K in 3 parts,
+    the last shorter at k 640, the part that finishes last completing the output), and on the tensor
+    cores (weights rounded to fp16 as the reference's dequantized fp16 weights are)."""
     from sageinfer.ops.weight_only import dequantize, pack, slice_width_for
     gen = torch.Generator().manual_seed(13 + rows)
     n = 24
@@ -165,7 +166,7 @@ def test_gemv_unpacks_4bit_weights_with_group_scales_and_zero_points(mode, zeros
     norm_w = (torch.rand(k, generator=gen) + 0.5).half()
     residual = torch.randn(rows, n, generator=gen).half()
     cfg = {"block_n": 16 if mma is True else 8, "num_warps": 4, "num_stages": 1, "mma": mma is True,
-           "min_programs": 12 if mma == "split" else 0}
+           "min_programs": 12 if mma == "split" else 0, "quad_sums": mma != "per weight"}
     kwargs = ({"gated": True} if mode == "gated" else {"norm_weight": norm_w.to(DEVICE), "eps": 1e-6}
               if mode == "normed" else {"residual": residual.clone().to(DEVICE)} if mode == "residual" else {})
     out = gemv(x.to(DEVICE), packed.to(DEVICE), config=cfg, weight_scale=scale.to(DEVICE),

@@ -34,8 +34,101 @@ from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_t
 # "min_programs": split K too where the output tiles are fewer (o and down: 128 programs on an H200's
 # 132 processors); SAGEINFER_INT4_GEMV_MIN_PROGRAMS sets it, 0 (no split) until timed on a GPU
 # (time_int4_step.py's path "gemv split").
+# "quad_sums": each thread sums its four consecutive columns' products before the group scale, which
+# then costs one FMA per four weights instead of one per weight (sm_90 loop 855 -> 759 instructions).
+# On an H200 (2026-12-02f-h200-w4a16-one-row-graphs.md) qkv, o and gate_up got 7-13% faster and down
+# (gated) 50% slower, so gated inputs keep the per-weight loop; that mix has not run end to end yet:
+# off until it has (SAGEINFER_INT4_QUAD_SUMS=1 turns it on).
 INT4_GEMV_CONFIG = {"block_n": 32, "num_warps": 8, "num_stages": 2,
-                    "min_programs": int(os.environ.get("SAGEINFER_INT4_GEMV_MIN_PROGRAMS", "0"))}
+                    "min_programs": int(os.environ.get("SAGEINFER_INT4_GEMV_MIN_PROGRAMS", "0")),
+                    "quad_sums": os.environ.get("SAGEINFER_INT4_QUAD_SUMS", "0") != "0"}
+
+
+@triton.jit
+def _quarters(t):
+    """[..., 4 Q] -> its four [..., Q] parts: part i holds elements 4 j + i (each thread's four
+    consecutive elements, loaded as one vector, split in registers)."""
+    even, odd = tl.split(tl.reshape(t, t.shape[:-1] + (t.shape[-1] // 4, 2, 2)))
+    q0, q2 = tl.split(even)
+    q1, q3 = tl.split(odd)
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def _per_weight_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3, row_mask3, ms3, m_mask3, ws3, rstd3,
+                     k_lo, k_hi, K, stride_xm, stride_sn, GROUP: tl.constexpr, SLICE: tl.constexpr,
+                     HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr,
+                     PRENORM: tl.constexpr):
+    """The run loop with each weight scaled on its own: x * w accumulated element-wise, [M, N, S]."""
+    RUN: tl.constexpr = 8 * SLICE
+    acc = tl.zeros((BLOCK_M, BLOCK_N, SLICE), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, RUN):
+        run_words = words
+        # K is a whole number of runs: the next run's words, if any, in flight while this one is used.
+        next_words = k0 // 8 + SLICE + ws3
+        words = tl.load(w_rows + next_words, mask=row_mask3 & (next_words < K // 8), other=0)
+        low, high = nibble_planes(run_words)
+        below = 8388608.0
+        for j in tl.static_range(8):
+            x = fused_input(x_ptr, ms3, k0 + j * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED, PRENORM)
+            group = (k0 + j * SLICE) // GROUP
+            s = tl.load(scale_ptr + rows3 * stride_sn + group, mask=row_mask3, other=0.0).to(tl.float32)
+            offset = 8.0
+            if HAS_ZERO:
+                offset += tl.load(zero_ptr + rows3 * stride_sn + group, mask=row_mask3, other=0).to(tl.float32)
+            if j == 5:
+                below = 8388608.0
+            upto, place = nibble_times_place(low, high, j), 4 * (j % 5)
+            # (nibble * 16^place) * (scale / 16^place) - (8 + zero) * scale: one subtraction, one FMA
+            acc += x * ((upto - below) * (s * (1.0 / (1 << place))) - offset * s)
+            below = upto
+    return acc
+
+
+@triton.jit
+def _quad_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3, row_mask3, ms3, m_mask3, ws3, rstd3,
+                    k_lo, k_hi, K, stride_xm, stride_sn, GROUP: tl.constexpr, SLICE: tl.constexpr,
+                    HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr,
+                    PRENORM: tl.constexpr):
+    """The run loop with a thread's four consecutive columns summed before their group's scale: per
+    nibble, quad = sum of x n 16^p - (8 + zero) 16^p sum of x, then acc += quad * scale / 16^p. One
+    mask, one subtraction and one FMA a weight; the scale and the offset once per four (the offset's
+    x sum is shared by every row a thread holds). Accumulates [M, N, S / 4]."""
+    RUN: tl.constexpr = 8 * SLICE
+    acc = tl.zeros((BLOCK_M, BLOCK_N, SLICE // 4), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, RUN):
+        w0, w1, w2, w3 = _quarters(words)
+        # K is a whole number of runs: the next run's words, if any, in flight while this one is used.
+        next_words = k0 // 8 + SLICE + ws3
+        words = tl.load(w_rows + next_words, mask=row_mask3 & (next_words < K // 8), other=0)
+        low0, high0 = nibble_planes(w0)
+        low1, high1 = nibble_planes(w1)
+        low2, high2 = nibble_planes(w2)
+        low3, high3 = nibble_planes(w3)
+        below0, below1, below2, below3 = 8388608.0, 8388608.0, 8388608.0, 8388608.0
+        for j in tl.static_range(8):
+            x = fused_input(x_ptr, ms3, k0 + j * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED, PRENORM)
+            x0, x1, x2, x3 = _quarters(x)
+            group = (k0 + j * SLICE) // GROUP
+            s = tl.load(scale_ptr + rows3 * stride_sn + group, mask=row_mask3, other=0.0).to(tl.float32)
+            offset = 8.0
+            if HAS_ZERO:
+                offset += tl.load(zero_ptr + rows3 * stride_sn + group, mask=row_mask3, other=0).to(tl.float32)
+            if j == 5:
+                below0, below1, below2, below3 = 8388608.0, 8388608.0, 8388608.0, 8388608.0
+            place = 1 << (4 * (j % 5))
+            up0 = nibble_times_place(low0, high0, j)
+            up1 = nibble_times_place(low1, high1, j)
+            up2 = nibble_times_place(low2, high2, j)
+            up3 = nibble_times_place(low3, high3, j)
+            quad = (x0 + x1 + x2 + x3) * (-offset * place)
+            quad += x0 * (up0 - below0)
+            quad += x1 * (up1 - below1)
+            quad += x2 * (up2 - below2)
+            quad += x3 * (up3 - below3)
+            acc += quad * (s * (1.0 / place))
+            below0, below1, below2, below3 = up0, up1, up2, up3
+    return acc
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -43,7 +136,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
                       stride_ym, stride_sn, eps, GROUP: tl.constexpr, SLICE: tl.constexpr, HAS_ZERO: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr,
                       PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr, USE_PDL: tl.constexpr,
-                      part_ptr, counter_ptr, k_per_split, SPLITS: tl.constexpr):
+                      part_ptr, counter_ptr, k_per_split, SPLITS: tl.constexpr, QUAD_SUMS: tl.constexpr):
     """SPLITS > 1: programs over parts of K too (program_id(1)); each stores its fp32 sums in its own
     [M, N] plane of part_ptr and counts itself in counter_ptr[program_id(0)]; the part that counts
     last adds the planes, finishes the output as one program would, and sets the count back to 0."""
@@ -75,27 +168,14 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
             xr = tl.load(x_ptr + ms3 * stride_xm + kr, mask=m_mask3, other=0.0).to(tl.float32)
             sum_sq += tl.sum(xr * xr, 2, keep_dims=True)
         rstd3 = 1.0 / tl.sqrt(sum_sq / K + eps)
-    acc = tl.zeros((BLOCK_M, BLOCK_N, SLICE), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, RUN):
-        run_words = words
-        # K is a whole number of runs: the next run's words, if any, in flight while this one is used.
-        next_words = k0 // 8 + SLICE + ws3
-        words = tl.load(w_rows + next_words, mask=row_mask3 & (next_words < K // 8), other=0)
-        low, high = nibble_planes(run_words)
-        below = 8388608.0
-        for j in tl.static_range(8):
-            x = fused_input(x_ptr, ms3, k0 + j * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED, PRENORM)
-            group = (k0 + j * SLICE) // GROUP
-            s = tl.load(scale_ptr + rows3 * stride_sn + group, mask=row_mask3, other=0.0).to(tl.float32)
-            offset = 8.0
-            if HAS_ZERO:
-                offset += tl.load(zero_ptr + rows3 * stride_sn + group, mask=row_mask3, other=0).to(tl.float32)
-            if j == 5:
-                below = 8388608.0
-            upto, place = nibble_times_place(low, high, j), 4 * (j % 5)
-            # (nibble * 16^place) * (scale / 16^place) - (8 + zero) * scale: one subtraction, one FMA
-            acc += x * ((upto - below) * (s * (1.0 / (1 << place))) - offset * s)
-            below = upto
+    if QUAD_SUMS:
+        acc = _quad_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3, row_mask3, ms3, m_mask3,
+                              ws3, rstd3, k_lo, k_hi, K, stride_xm, stride_sn, GROUP, SLICE, HAS_ZERO, BLOCK_M,
+                              BLOCK_N, GATED, PRENORM)
+    else:
+        acc = _per_weight_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3, row_mask3, ms3, m_mask3,
+                               ws3, rstd3, k_lo, k_hi, K, stride_xm, stride_sn, GROUP, SLICE, HAS_ZERO, BLOCK_M,
+                               BLOCK_N, GATED, PRENORM)
     y_acc = tl.sum(acc, 2)
     y_mask = (ms < M)[:, None] & row_mask[None, :]
     if SPLITS > 1:
@@ -230,7 +310,11 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     else:
         tiles = triton.cdiv(n, cfg["block_n"])
         parts, split = split_launch(tiles, 8 * slice_width, k, m, n, min_programs, y)
-        _int4_gemv_kernel[(tiles, parts)](*args, BLOCK_M=block_m, **split, **flags)
+        # Not for a gated input (down: its four SiLU products a quad spilled, 29 -> 44 us on an H200) nor
+        # for a split launch (the split variant compiled to a pathological kernel there).
+        quad_sums = (cfg.get("quad_sums", INT4_GEMV_CONFIG["quad_sums"]) and slice_width % 4 == 0 and not gated
+                     and parts == 1)
+        _int4_gemv_kernel[(tiles, parts)](*args, BLOCK_M=block_m, QUAD_SUMS=quad_sums, **split, **flags)
     return y
 
 
