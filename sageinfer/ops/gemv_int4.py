@@ -55,6 +55,16 @@ def _quarters(t):
 
 
 @triton.jit
+def _scale_and_offset(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, group, HAS_ZERO: tl.constexpr):
+    """A group's scale of each row and the value its nibbles are stored above (8, plus the zero point)."""
+    s = tl.load(scale_ptr + rows3 * stride_sn + group, mask=row_mask3, other=0.0).to(tl.float32)
+    offset = 8.0
+    if HAS_ZERO:
+        offset += tl.load(zero_ptr + rows3 * stride_sn + group, mask=row_mask3, other=0).to(tl.float32)
+    return s, offset
+
+
+@triton.jit
 def _per_weight_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3, row_mask3, ms3, m_mask3, ws3, rstd3,
                      k_lo, k_hi, K, stride_xm, stride_sn, GROUP: tl.constexpr, SLICE: tl.constexpr,
                      HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr,
@@ -71,11 +81,8 @@ def _per_weight_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows
         below = 8388608.0
         for j in tl.static_range(8):
             x = fused_input(x_ptr, ms3, k0 + j * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED, PRENORM)
-            group = (k0 + j * SLICE) // GROUP
-            s = tl.load(scale_ptr + rows3 * stride_sn + group, mask=row_mask3, other=0.0).to(tl.float32)
-            offset = 8.0
-            if HAS_ZERO:
-                offset += tl.load(zero_ptr + rows3 * stride_sn + group, mask=row_mask3, other=0).to(tl.float32)
+            s, offset = _scale_and_offset(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, (k0 + j * SLICE) // GROUP,
+                                          HAS_ZERO)
             if j == 5:
                 below = 8388608.0
             upto, place = nibble_times_place(low, high, j), 4 * (j % 5)
@@ -109,11 +116,8 @@ def _quad_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3
         for j in tl.static_range(8):
             x = fused_input(x_ptr, ms3, k0 + j * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED, PRENORM)
             x0, x1, x2, x3 = _quarters(x)
-            group = (k0 + j * SLICE) // GROUP
-            s = tl.load(scale_ptr + rows3 * stride_sn + group, mask=row_mask3, other=0.0).to(tl.float32)
-            offset = 8.0
-            if HAS_ZERO:
-                offset += tl.load(zero_ptr + rows3 * stride_sn + group, mask=row_mask3, other=0).to(tl.float32)
+            s, offset = _scale_and_offset(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, (k0 + j * SLICE) // GROUP,
+                                          HAS_ZERO)
             if j == 5:
                 below0, below1, below2, below3 = 8388608.0, 8388608.0, 8388608.0, 8388608.0
             place = 1 << (4 * (j % 5))
