@@ -3,6 +3,7 @@ words in L2), every call in a CUDA graph (no launch cost on the host), on the GP
 
   python benchmarks/experiments/graph_int4_one_row.py [--out result.json] [--sweep]
   python benchmarks/experiments/graph_int4_one_row.py --eager gate_up   # a few plain launches, for ncu
+  python benchmarks/experiments/graph_int4_one_row.py --down-plain      # down without SiLU-and-mul in it
 
 Per kernel: microseconds a call per layer kind (a graph of its 36 calls) and the step's 144 calls in
 one graph, with the bytes read over that time. Beside them: bf16 weights through the skinny kernel and
@@ -82,6 +83,8 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--sweep", action="store_true", help="also the pair kernel's tiles and split targets")
     parser.add_argument("--eager", default=None, choices=list(SHAPES), help="only launch this layer a few times")
+    parser.add_argument("--down-plain", action="store_true",
+                        help="down's input already activated (what forming SiLU(gate) * up in every program costs)")
     args = parser.parse_args()
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
@@ -90,6 +93,9 @@ def main():
     scales = {name: [(torch.rand(n, k // GROUP, device=dev) * 0.002 + 0.0005).to(dt) for _ in range(LAYERS)]
               for name, (n, k) in SHAPES.items()}
     calls = {name: step_call(name, 1, k, dev, dt) for name, (n, k) in SHAPES.items()}
+    if args.down_plain:
+        n, k = SHAPES["down"]
+        calls["down"] = (torch.randn(1, k, device=dev, dtype=dt), {"residual": torch.zeros(1, n, device=dev, dtype=dt)})
     outs = {name: torch.empty(1, n, device=dev, dtype=dt) for name, (n, k) in SHAPES.items()}
 
     def fp32_kernel(name, i):
