@@ -237,3 +237,38 @@ def test_4bit_tensor_core_matmul_split_over_input_features(split_k, num_sms):
     assert all(not c.any() for c in _COUNTERS.values())  # left at zero for the next launch
     assert torch.equal(out, w4a16_mma_matmul(x.to(DEVICE), packed.to(DEVICE), scale.to(DEVICE), zero.to(DEVICE), g,
                                              s, num_sms=num_sms, split_k=split_k))
+
+
+@pytest.mark.parametrize("weights", ["fp16", "int8", "fp8", "int4", "int4 per weight", "int4 split"])
+@pytest.mark.parametrize("normed", [False, True])
+def test_gemv_hands_out_silu_of_gate_times_up(weights, normed):
+    """activate=True: the [gate, up] projection returns silu(gate) * up, each program holding gate rows
+    beside their up rows, equal to the projection followed by SiLU-and-mul (what the down projection's
+    gated input forms now); with the folded norm too, for every weight kind, the 4-bit one also split."""
+    from sageinfer.ops.activation import silu_and_mul
+    from sageinfer.ops.weight_only import pack
+    gen = torch.Generator().manual_seed(7 + normed)
+    half, k = 22, 640  # 22 outputs, 4 a program: the last program's pairs past them are masked
+    x = torch.randn(1, k, generator=gen).half().to(DEVICE)
+    kwargs = {"norm_weight": (torch.rand(k, generator=gen) + 0.5).half().to(DEVICE), "eps": 1e-6} if normed else {}
+    if weights.startswith("int4"):
+        q = torch.randint(0, 16, (2 * half, k), generator=gen)
+        scale = ((torch.rand(2 * half, k // 64, generator=gen) + 0.1) / 8).half()
+        kwargs.update(weight=pack(q, 16).to(DEVICE), weight_scale=scale.to(DEVICE), int4=True, slice_width=16,
+                      config={"block_n": 8, "num_warps": 4, "num_stages": 1, "min_programs": 12 if "split" in weights
+                              else 0, "quad_sums": weights == "int4"})
+    elif weights in ("int8", "fp8"):
+        w = torch.randn(2 * half, k, generator=gen)
+        scale = w.abs().amax(1) / (127.0 if weights == "int8" else 448.0)
+        q = (w / scale[:, None]).round().to(torch.int8) if weights == "int8" else (w / scale[:, None]).to(torch.float8_e4m3fn)
+        kwargs.update(weight=q.to(DEVICE), weight_scale=scale.to(DEVICE),
+                      config={"block_n": 8, "block_k": 128, "num_warps": 4, "num_stages": 2})
+    else:
+        kwargs.update(weight=(torch.randn(2 * half, k, generator=gen) / 8).half().to(DEVICE),
+                      config={"block_n": 8, "block_k": 128, "num_warps": 4, "num_stages": 2})
+    gate_up = gemv(x, **kwargs)
+    out = gemv(x, activate=True, **kwargs)
+    assert out.shape == (1, half) and out.dtype == x.dtype
+    assert torch.equal(out.cpu(), silu_and_mul(gate_up).cpu())
+    with pytest.raises(ValueError, match="activate"):
+        gemv(x, activate=True, residual=torch.zeros(1, 2 * half, dtype=x.dtype, device=DEVICE), **kwargs)

@@ -6,12 +6,20 @@ costs no init time and no second copy.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from sageinfer.distributed.parallel_state import get_tp_group, kv_head_range
 from sageinfer.layers.quantization.config import get_quant_config
+
+# One row: the MLP's gate_up matmul hands out silu(gate) * up itself (each program pairs gate rows with
+# their up rows), instead of every program of the down projection forming it from [gate, up] (a
+# W4A16 down's sm_90 loop: 1,312 instructions a trip against 855 with a plain input). Off until timed
+# on a GPU (benchmarks/gpu_next_w4a16.sh); SAGEINFER_ONE_ROW_ACTIVATE=1 turns it on.
+ONE_ROW_ACTIVATE = os.environ.get("SAGEINFER_ONE_ROW_ACTIVATE", "0") != "0"
 
 
 class Linear(nn.Module):
@@ -124,6 +132,14 @@ class Linear(nn.Module):
         if fused is not None:
             return _gemv(gate_up, bias=self.bias, gated=True, residual=residual, **fused)
         return self.add_into(act(gate_up), residual) if residual is not None else self.forward(act(gate_up))
+
+    def forward_normed_activated(self, x: torch.Tensor, norm: nn.Module, act: nn.Module) -> torch.Tensor:
+        """act(self(norm(x))) for an MLP's [gate, up] projection with a SiLU-and-mul act; one row
+        normalises and activates inside the matmul."""
+        fused = self.fused_one_row(x)
+        if fused is not None:
+            return _gemv(x, bias=self.bias, norm_weight=norm.weight, eps=norm.eps, activate=True, **fused)
+        return act(self.forward_normed(x, norm))
 
     def forward_normed(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         """self(norm(x)) for an RMSNorm; one row normalises inside the matmul (no norm launch)."""

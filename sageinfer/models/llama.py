@@ -14,6 +14,7 @@ from sageinfer.distributed.parallel_state import get_tp_group, kv_head_range
 from sageinfer.layers.activation import SiluAndMul
 from sageinfer.layers.attention import Attention
 from sageinfer.layers.embedding import LMHead, VocabEmbedding
+from sageinfer.layers import linear as linear_layers
 from sageinfer.layers.linear import Linear, MergedLinear, QKVLinear, one_row
 from sageinfer.layers.norm import RMSNorm
 from sageinfer.layers.rotary import RotaryEmbedding
@@ -91,6 +92,10 @@ class LlamaDecoderLayer(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         qkv = attn.qkv_proj.forward_normed(residual, self.input_layernorm)
         attn.o_proj.add_into(attn.attend(positions, qkv, kv_cache, meta, backend), residual)
+        if linear_layers.ONE_ROW_ACTIVATE:
+            mlp.down_proj.add_into(mlp.gate_up_proj.forward_normed_activated(
+                residual, self.post_attention_layernorm, mlp.act), residual)
+            return
         gate_up = mlp.gate_up_proj.forward_normed(residual, self.post_attention_layernorm)
         mlp.down_proj.forward_gated(gate_up, mlp.act, residual=residual)
 

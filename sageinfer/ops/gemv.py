@@ -5,6 +5,9 @@ memory's rate: each program owns BLOCK_N output features, walks K in BLOCK_K chu
 in flight), and reduces x * w on the CUDA cores in fp32; no split-K pass, no second kernel.
 With gated=True the input is an MLP's [gate, up] projection and x = silu(gate) * up is formed on
 the fly (rounded as ops.activation rounds it), so the down projection needs no SiLU-and-mul launch.
+With activate=True the gate_up projection hands out that input itself: each program takes gate rows
+and their up rows side by side and stores silu(gate) * up, formed once per output instead of once
+per program of the down projection.
 
 Weights may be 8-bit (FP8 e4m3 or INT8) with a scale per output feature, or per output feature and
 group of input features (block FP8's tiles spread over their rows): the kernel reads them as they
@@ -64,6 +67,25 @@ def fused_input(x_ptr, ms3, ks3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED
 
 
 @triton.jit
+def paired_rows(pid, N, BLOCK_N: tl.constexpr):
+    """A program's rows when its outputs are silu(gate) * up over the [gate, up] halves of N: gate row
+    i and up row N / 2 + i side by side (BLOCK_N / 2 outputs); and which of them exist."""
+    i = tl.arange(0, BLOCK_N)
+    out = pid * (BLOCK_N // 2) + i // 2
+    return out + (i % 2) * (N // 2), out < N // 2
+
+
+@triton.jit
+def store_activated(y_ptr, y, ms, m_mask, stride_ym, pid, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """silu(gate) * up of paired_rows' outputs y [BLOCK_M, BLOCK_N] (in the model's dtype, as the
+    projection would have stored them), into y_ptr [M, N / 2]."""
+    gate, up = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_N // 2, 2)))
+    outs = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    tl.store(y_ptr + ms[:, None] * stride_ym + outs[None, :], silu_times(gate.to(tl.float32), up),
+             mask=m_mask[:, None] & (outs < N // 2)[None, :])
+
+
+@triton.jit
 def _x_chunk(x_ptr, ms, ks, x_mask, stride_xm, K, GATED: tl.constexpr):
     x_offs = ms[:, None] * stride_xm + ks[None, :]
     if GATED:
@@ -116,10 +138,13 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, 
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, GATED: tl.constexpr, PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr,
-                 USE_PDL: tl.constexpr):
+                 USE_PDL: tl.constexpr, ACTIVATE: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+    if ACTIVATE:
+        rows, row_mask = paired_rows(pid, N, BLOCK_N)
+    else:
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     scale_rows = scale_ptr + rows[:, None].to(tl.int64) * stride_sn
     ms = tl.arange(0, BLOCK_M)
@@ -176,9 +201,12 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, 
         acc *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+    y = acc.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)  # rounded as the model's dtype rounds
+    if ACTIVATE:
+        store_activated(y_ptr, y, ms, m_mask, stride_ym, pid, N, BLOCK_M, BLOCK_N)
+        return
     y_ptrs = y_ptr + ms[:, None] * stride_ym + rows[None, :]
     y_mask = m_mask[:, None] & row_mask[None, :]
-    y = acc.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)  # rounded as the model's dtype rounds
     if ADD_TO_Y:  # residual + layer output, rounded as two tensors of the model's dtype add
         y = y + tl.load(y_ptrs, mask=y_mask, other=0.0)
     tl.store(y_ptrs, y, mask=y_mask)
@@ -188,7 +216,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          config: dict | None = None, gated: bool = False, norm_weight: torch.Tensor | None = None,
          eps: float = 0.0, residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
          weight_scale: torch.Tensor | None = None, weight_zero: torch.Tensor | None = None,
-         int4: bool = False, slice_width: int = 1) -> torch.Tensor:
+         int4: bool = False, slice_width: int = 1, activate: bool = False) -> torch.Tensor:
     """x: [M, K] with M <= MAX_ROWS ([M, 2K] of [gate, up] when gated), weight: [N, K] (rows
     contiguous), bias: [N] or None -> [M, N].
     weight_scale: the scale of each 8-bit weight row ([N]: output = (x @ weight.T) * scale), or of
@@ -198,6 +226,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     required and weight_zero [N, G] (integers, subtracted before scaling) optional.
     norm_weight: x is RMS-normalised (eps) and scaled by it first, as ops.rms_norm does.
     residual: [M, N]; the result is added to it in place and residual is returned.
+    activate: the N outputs are an MLP's [gate, up]; returns silu(gate) * up [M, N / 2] instead.
     out_dtype: the output's dtype (values still rounded to the input's dtype first), e.g. float32
     logits without a separate cast."""
     m = x.shape[0]
@@ -226,11 +255,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if weight_zero is not None and (weight_zero.shape != weight_scale.shape
                                     or weight_zero.stride() != weight_scale.stride() or not group):
         raise ValueError(f"gemv: weight_zero {tuple(weight_zero.shape)} must match the grouped weight_scale's layout")
-    y = residual if residual is not None else torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    if activate and (gated or residual is not None or out_dtype is not None or n % 2):
+        raise ValueError("gemv: activate takes an even number of outputs, without a gated input, residual or "
+                         "out_dtype")
+    y = residual if residual is not None else torch.empty(m, n // 2 if activate else n, dtype=out_dtype or x.dtype,
+                                                          device=x.device)
     if int4:
         from sageinfer.ops.gemv_int4 import int4_gemv
         return int4_gemv(x, weight, weight_scale, weight_zero, group, slice_width, y, bias, gated, norm_weight, eps,
-                         residual is not None, config)
+                         residual is not None, config, activate)
     cfg = config or (GATED_GEMV_CONFIG if gated else GEMV_CONFIG)
     block_m = max(1, triton.next_power_of_2(m))
     # Keep x * w tiles inside the registers as rows grow.
@@ -246,6 +279,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         HAS_SCALE=weight_scale is not None, SCALE_GROUP=group,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=block_k,
         EVEN_K=k % block_k == 0, GATED=gated, PRENORM=norm_weight is not None, ADD_TO_Y=residual is not None,
+        ACTIVATE=activate,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"], **launch.dependent_launch_kwargs())
     return y

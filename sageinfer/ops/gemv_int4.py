@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
-from sageinfer.ops.gemv import fused_input, rms_scaled, silu_times
+from sageinfer.ops.gemv import fused_input, paired_rows, rms_scaled, silu_times, store_activated
 from sageinfer.ops.split_k import add_parts, split_launch
 from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_times_place
 
@@ -140,15 +140,19 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
                       stride_ym, stride_sn, eps, GROUP: tl.constexpr, SLICE: tl.constexpr, HAS_ZERO: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr,
                       PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr, USE_PDL: tl.constexpr,
-                      part_ptr, counter_ptr, k_per_split, SPLITS: tl.constexpr, QUAD_SUMS: tl.constexpr):
+                      part_ptr, counter_ptr, k_per_split, SPLITS: tl.constexpr, QUAD_SUMS: tl.constexpr,
+                      ACTIVATE: tl.constexpr):
     """SPLITS > 1: programs over parts of K too (program_id(1)); each stores its fp32 sums in its own
     [M, N] plane of part_ptr and counts itself in counter_ptr[program_id(0)]; the part that counts
     last adds the planes, finishes the output as one program would, and sets the count back to 0."""
     # Every tensor is made in the accumulator's 3-D shape [rows of x, output features, slice] from
     # its pointers, so no value changes layout inside the loop.
     pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+    if ACTIVATE:
+        rows, row_mask = paired_rows(pid, N, BLOCK_N)
+    else:
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
     rows3 = rows[None, :, None].to(tl.int64)
     row_mask3 = row_mask[None, :, None]
     ms = tl.arange(0, BLOCK_M)
@@ -189,8 +193,11 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
             return
     if HAS_BIAS:
         y_acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + ms[:, None] * stride_ym + rows[None, :]
     y = y_acc.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)  # rounded as the model's dtype rounds
+    if ACTIVATE:
+        store_activated(y_ptr, y, ms, ms < M, stride_ym, pid, N, BLOCK_M, BLOCK_N)
+        return
+    y_ptrs = y_ptr + ms[:, None] * stride_ym + rows[None, :]
     if ADD_TO_Y:  # residual + layer output, rounded as two tensors of the model's dtype add
         y = y + tl.load(y_ptrs, mask=y_mask, other=0.0)
     tl.store(y_ptrs, y, mask=y_mask)
@@ -290,8 +297,10 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_pt
 
 def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, weight_zero: torch.Tensor | None,
               group: int, slice_width: int, y: torch.Tensor, bias: torch.Tensor | None, gated: bool,
-              norm_weight: torch.Tensor | None, eps: float, add_to_y: bool, config: dict | None) -> torch.Tensor:
-    """Launched by ops.gemv.gemv, which has checked the shapes; writes (or adds to) y [M, N]."""
+              norm_weight: torch.Tensor | None, eps: float, add_to_y: bool, config: dict | None,
+              activate: bool = False) -> torch.Tensor:
+    """Launched by ops.gemv.gemv, which has checked the shapes; writes (or adds to) y [M, N], or with
+    activate silu(gate) * up of the [gate, up] halves of N into y [M, N / 2]."""
     m, n, k = x.shape[0], weight.shape[0], weight.shape[1] * 8
     if slice_width < 2 or k % (8 * slice_width) or group % slice_width:
         raise ValueError(f"gemv: 4-bit words interleaved in slices of {slice_width} do not tile {k} input features "
@@ -307,8 +316,9 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                  BLOCK_N=cfg["block_n"], GATED=gated, PRENORM=norm_weight is not None, ADD_TO_Y=add_to_y,
                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch.dependent_launch_kwargs())
     if cfg.get("mma"):
-        if cfg["block_n"] < 16 or slice_width < 16:
-            raise ValueError("gemv: the tensor-core 4-bit kernel takes blocks of at least 16 features and slices of 16")
+        if cfg["block_n"] < 16 or slice_width < 16 or activate:
+            raise ValueError("gemv: the tensor-core 4-bit kernel takes blocks of at least 16 features and slices of 16, "
+                             "and no activation out")
         _, no_split = split_launch(1, k, k, m, n, 0, y)
         _int4_gemv_mma_kernel[(triton.cdiv(n, cfg["block_n"]),)](*args, **no_split, **flags)
     else:
@@ -318,7 +328,8 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
         # for a split launch (the split variant compiled to a pathological kernel there).
         quad_sums = (cfg.get("quad_sums", INT4_GEMV_CONFIG["quad_sums"]) and slice_width % 4 == 0 and not gated
                      and parts == 1)
-        _int4_gemv_kernel[(tiles, parts)](*args, BLOCK_M=block_m, QUAD_SUMS=quad_sums, **split, **flags)
+        _int4_gemv_kernel[(tiles, parts)](*args, BLOCK_M=block_m, QUAD_SUMS=quad_sums, ACTIVATE=activate, **split,
+                                          **flags)
     return y
 
 
