@@ -86,16 +86,6 @@ def store_activated(y_ptr, y, ms, m_mask, stride_ym, pid, N, BLOCK_M: tl.constex
 
 
 @triton.jit
-def _x_chunk(x_ptr, ms, ks, x_mask, stride_xm, K, GATED: tl.constexpr):
-    x_offs = ms[:, None] * stride_xm + ks[None, :]
-    if GATED:
-        gate = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32)
-        up = tl.load(x_ptr + K + x_offs, mask=x_mask, other=0.0)
-        return silu_times(gate, up).to(tl.float32)
-    return tl.load(x_ptr + x_offs, mask=x_mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _normed(x, rstd, norm_w_ptr, ks, K, dtype):
     """RMSNorm of raw fp32 input values (rms_scaled), in fp32."""
     norm_w = tl.load(norm_w_ptr + ks, mask=ks < K, other=0.0)
@@ -185,7 +175,8 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, 
                          other=0.0).to(tl.float32)
             acc += _dot_rows(_normed(xr, rstd, norm_w_ptr, kr, K, dtype), w)
     else:
-        acc = _dot_rows(_x_chunk(x_ptr, ms, ks, m_mask[:, None] & k_mask[None, :], stride_xm, K, GATED), w)
+        acc = _dot_rows(fused_input(x_ptr, ms[:, None], ks[None, :], m_mask[:, None] & k_mask[None, :], stride_xm, K,
+                                    0.0, x_ptr, GATED, False), w)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             if EVEN_K:
@@ -196,7 +187,8 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, 
                 w_mask = row_mask[:, None] & k_mask[None, :]
                 x_mask = m_mask[:, None] & k_mask[None, :]
             w = _load_w(w_rows, ks, w_mask, scale_rows, k0, row_mask, K, BLOCK_N, BLOCK_K, SCALE_GROUP)
-            acc += _dot_rows(_x_chunk(x_ptr, ms, ks, x_mask, stride_xm, K, GATED), w)
+            acc += _dot_rows(fused_input(x_ptr, ms[:, None], ks[None, :], x_mask, stride_xm, K, 0.0, x_ptr, GATED, False),
+                             w)
     if HAS_SCALE and not SCALE_GROUP:
         acc *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:

@@ -324,8 +324,8 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     else:
         tiles = triton.cdiv(n, cfg["block_n"])
         parts, split = split_launch(tiles, 8 * slice_width, k, m, n, min_programs, y)
-        # Not for a gated input (down: its four SiLU products a quad spilled, 29 -> 44 us on an H200) nor
-        # for a split launch (the split variant compiled to a pathological kernel there).
+        # Not for a gated input (down got slower with it: 29 -> 44 us on an H200) nor for a split launch
+        # (that variant compiled to 32 registers and 1,162 spilled there).
         quad_sums = (cfg.get("quad_sums", INT4_GEMV_CONFIG["quad_sums"]) and slice_width % 4 == 0 and not gated
                      and parts == 1)
         _int4_gemv_kernel[(tiles, parts)](*args, BLOCK_M=block_m, QUAD_SUMS=quad_sums, ACTIVATE=activate, **split,
