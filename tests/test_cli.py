@@ -92,3 +92,24 @@ def test_a_background_load_returns_its_value_or_raises_its_error():
     assert _InBackground(lambda: (1, 2)).result() == (1, 2)
     with pytest.raises(IndexError):
         _InBackground(lambda: [][0]).result()
+
+
+def test_a_taken_port_fails_at_once_with_the_address_named(llama_dir):
+    """serve, router and launch bind their port before the slow part of start-up (the engine's load,
+    the instances, Ray, whose processes take free ports of their own meanwhile): a taken port is an
+    error line before any of it, not a crash after it."""
+    import socket
+    import time
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for args in (["serve", llama_dir, "--dtype", "float32", "--num-gpu-blocks-override", "64"],
+                     ["router", "--backend", "http://127.0.0.1:1"],
+                     ["launch", llama_dir, "--instances", "1", "--policy", "round_robin"]):
+            start = time.monotonic()
+            result = _run(*args, "--host", "127.0.0.1", "--port", port)
+            assert result.returncode == 2, (args[0], result.stdout, result.stderr)
+            assert f"error: cannot listen on 127.0.0.1:{port}" in result.stderr, result.stderr
+            assert "launched" not in result.stdout and "KV cache" not in result.stdout
+            assert time.monotonic() - start < 60

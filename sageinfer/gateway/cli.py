@@ -79,6 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
     from sageinfer.config import EngineConfig
     from sageinfer.gateway.api_server import OpenAIServer, build_app
     from sageinfer.gateway.http_server import EngineServer
+    from sageinfer.gateway.uvicorn_server import listening_socket
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.model_positional:
@@ -98,6 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
     kwargs = engine_kwargs(args)
     attention_backend = kwargs.pop("attention_backend")
     config = EngineConfig(**kwargs)
+    listener = listening_socket(args.host, args.port)  # before the engine's load, which takes a while
     if args.engine_in_thread:
         from sageinfer.engine.async_engine import AsyncEngine
         from sageinfer.engine.engine import LLMEngine
@@ -145,7 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
         server.stop_on_dead_engine(front.error)
     scheme = "https" if args.ssl_certfile else "http"
     print(f"serving {name!r} on {scheme}://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
-    server.run()
+    server.run(sockets=[listener])
     front.shutdown()
     return server.exit_code
 
@@ -161,7 +163,7 @@ def _router(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from sageinfer.gateway.uvicorn_server import CleanExitServer
+    from sageinfer.gateway.uvicorn_server import CleanExitServer, listening_socket
     from sageinfer.router.app import build_router_app
     from sageinfer.router.backends import BackendPool
     from sageinfer.router.policies import Policy
@@ -186,7 +188,8 @@ def _router(args: argparse.Namespace) -> int:
                                Policy(args.policy, kv_events=args.kv_events, tokenizer=args.tokenizer))
         print(f"routing ({args.policy}) over {len(args.backend)} instance(s) on http://{args.host}:{args.port}",
               flush=True)
-    CleanExitServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
+    listener = listening_socket(args.host, args.port)
+    CleanExitServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run(sockets=[listener])
     return 0
 
 

@@ -195,7 +195,7 @@ def run(args) -> int:
 
     import uvicorn
 
-    from sageinfer.gateway.uvicorn_server import CleanExitServer
+    from sageinfer.gateway.uvicorn_server import CleanExitServer, listening_socket
     from sageinfer.router.app import build_router_app
     from sageinfer.router.backends import BackendPool
     from sageinfer.router.policies import Policy
@@ -205,6 +205,7 @@ def run(args) -> int:
     instances = len(roles) if roles else args.instances
     if instances < 1:
         raise ValueError(f"--instances must be >= 1, got {instances}")
+    listener = listening_socket(args.host, args.port)  # before Ray and the instances take ports of their own
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="sageinfer-launch-")
     os.makedirs(log_dir, exist_ok=True)
     instance_args = None
@@ -252,7 +253,7 @@ def run(args) -> int:
           f"http://{args.host}:{args.port}", flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
     try:
-        CleanExitServer(config).run()  # returns on SIGTERM / SIGINT
+        CleanExitServer(config).run(sockets=[listener])  # returns on SIGTERM / SIGINT
     finally:
         launcher.stop()
     return 0
