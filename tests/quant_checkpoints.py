@@ -122,11 +122,13 @@ def write_w4a16(src: str, dst: str, group_size: int | None = 32, symmetric: bool
 _AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of an AWQ word holds column 8 c + _AWQ_PACK_ORDER[i]
 
 
-def write_gptq_or_awq(src: str, dst: str, method: str, group_size: int = 32, desc_act: bool = False,
-                      seed: int = 0) -> tuple[str, str]:
-    """GPTQ (original format) or AWQ (GEMM) 4-bit checkpoint, asymmetric groups, written by hand to the
-    formats' specification (their producing libraries need a GPU), and beside it (dst + "-dense") the
-    weights it encodes in float32."""
+def write_4bit_by_hand(src: str, dst: str, method: str, group_size: int = 32, desc_act: bool = False,
+                       seed: int = 0) -> tuple[str, str]:
+    """GPTQ (original format), AWQ (GEMM) or compressed-tensors pack-quantized 4-bit checkpoint,
+    asymmetric groups, written by hand to the formats' specification (GPTQ's and AWQ's producing
+    libraries need a GPU; compressed-tensors' act-order groups, actorder "group" with `weight_g_idx`,
+    were removed from its library in 2026 but are in checkpoints made before), and beside it
+    (dst + "-dense") the weights it encodes in float32."""
     from sageinfer.ops.weight_only import pack
     shutil.copytree(src, dst)
     os.remove(os.path.join(dst, "model.safetensors"))
@@ -158,7 +160,14 @@ def write_gptq_or_awq(src: str, dst: str, method: str, group_size: int = 32, des
         s_full, z_full = scale[:, g_idx.long()], zero[:, g_idx.long()]
         q = (w / s_full + z_full).round().clamp(0, 15)
         dense[name] = (q - z_full) * s_full
-        if method == "gptq":
+        if method == "compressed-tensors":  # values and zero points stored plus 8, as signed int4
+            out[layer + ".weight_packed"] = pack(q.to(torch.int32))                   # [N, K / 8]
+            out[layer + ".weight_zero_point"] = pack(zero.t().to(torch.int32)).t().contiguous()  # [N / 8, G]
+            out[layer + ".weight_scale"] = scale
+            out[layer + ".weight_shape"] = torch.tensor([n, k])
+            if desc_act:
+                out[layer + ".weight_g_idx"] = g_idx
+        elif method == "gptq":
             out[layer + ".qweight"] = pack(q.to(torch.int32)).t().contiguous()       # [K / 8, N]
             out[layer + ".qzeros"] = pack((zero - 1).t().to(torch.int32))            # [G, N / 8]
             out[layer + ".scales"] = scale.t().contiguous().to(torch.float16)
@@ -175,10 +184,16 @@ def write_gptq_or_awq(src: str, dst: str, method: str, group_size: int = 32, des
     save_file(out, os.path.join(dst, "model.safetensors"))
     with open(os.path.join(dst, "config.json")) as f:
         config = json.load(f)
-    config["quantization_config"] = (
-        {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": desc_act, "sym": False,
-         "checkpoint_format": "gptq"} if method == "gptq" else
-        {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"})
+    config["quantization_config"] = {
+        "gptq": {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": desc_act, "sym": False,
+                 "checkpoint_format": "gptq"},
+        "awq": {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"},
+        "compressed-tensors": {
+            "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "ignore": ["lm_head"], "config_groups": {"group_0": {
+                "targets": ["Linear"], "input_activations": None, "output_activations": None,
+                "weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
+                            "group_size": group_size, "actorder": "group" if desc_act else None}}}}}[method]
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
     shutil.copytree(src, dst + "-dense")

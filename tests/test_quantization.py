@@ -186,6 +186,17 @@ def _ct_config(kind, strategy, dynamic, bits=8, symmetric=True, act_bits=8):
                               "strategy": "token" if dynamic else "tensor"}}}}
 
 
+def _with_weights(raw, **weights):
+    raw["config_groups"]["g"]["weights"].update(weights)
+    return raw
+
+
+def _with_4_bit_weights(**weights):
+    raw = _with_weights(_ct_config("int", "group", False, bits=4), **weights)
+    raw["config_groups"]["g"]["input_activations"] = None
+    return raw
+
+
 @pytest.mark.parametrize("raw, option, says", [
     ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, None, "AWQ version 'gemv'"),
     ({"quant_method": "gptq", "bits": 8, "group_size": 128}, None, "gptq with 8 bits"),
@@ -196,6 +207,10 @@ def _ct_config(kind, strategy, dynamic, bits=8, symmetric=True, act_bits=8):
     (_ct_config("int", "tensor", True), None, "strategy 'tensor'"),
     (None, "int8", "full-precision checkpoint"),
     (_ct_config("float", "channel", True), "fp8", "does not match"),
+    (_with_weights(_ct_config("float", "block", True), block_structure=[128, 64]), None, r"blocks \[128, 64\]"),
+    (_with_weights(_ct_config("float", "block", False), block_structure=[128, 128]), None, "dynamic False"),
+    (_with_4_bit_weights(strategy="channel", actorder="group"), None, "actorder 'group'"),
+    (_with_4_bit_weights(strategy="group", group_size=128, actorder="random"), None, "actorder 'random'"),
 ])
 def test_what_is_not_supported_is_refused_at_start_naming_what_is(raw, option, says):
     with pytest.raises(ValueError, match=says) as info:
@@ -315,29 +330,32 @@ def test_quantized_weights_combine_with_a_quantized_kv_cache(checkpoints, w4a16)
         assert len(int8_out) == 4 and int8_out[0] in plain_first and plain_first[int8_out[0]].logprob > best - 0.15
 
 
-@pytest.mark.parametrize("method, desc_act", [("gptq", False), ("gptq", True), ("awq", False)])
-def test_gptq_and_awq_checkpoints_run_the_weights_they_encode(llama_dir, tmp_path, method, desc_act):
-    """Written by hand to the formats' layouts (their producing libraries need a GPU): 4-bit
-    asymmetric groups of 32 (scattered over the input columns with desc_act)."""
+@pytest.mark.parametrize("method, desc_act", [("gptq", False), ("gptq", True), ("awq", False),
+                                              ("compressed-tensors", True)])
+def test_4_bit_checkpoints_written_by_hand_run_the_weights_they_encode(llama_dir, tmp_path, method, desc_act):
+    """Written by hand to the formats' layouts (GPTQ's and AWQ's producing libraries need a GPU;
+    compressed-tensors' act-order groups left its library): 4-bit asymmetric groups of 32 (scattered
+    over the input columns with desc_act / actorder "group")."""
     from oracle import hf_logits
-    from quant_checkpoints import write_gptq_or_awq
-    quantized, dense = write_gptq_or_awq(llama_dir, str(tmp_path / method), method, desc_act=desc_act)
+    from quant_checkpoints import write_4bit_by_hand
+    quantized, dense = write_4bit_by_hand(llama_dir, str(tmp_path / method), method, desc_act=desc_act)
     ours, tokens = _prompt_logprobs(quantized)
     ref = hf_logits(dense, PROMPT).log_softmax(-1)
     np.testing.assert_allclose(ours, [ref[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))], atol=1e-4)
     layer = LLM(quantized, dtype="float32", num_gpu_blocks_override=128, show_progress=False
                 ).engine.runner.model.model.layers[0].self_attn.qkv_proj
-    assert layer.qweight.dtype == torch.int32 and hasattr(layer, "input_order") == desc_act
+    packed = layer.weight_packed if method == "compressed-tensors" else layer.qweight
+    assert packed.dtype == torch.int32 and hasattr(layer, "input_order") == desc_act
 
 
 @needs_ranks(2)
 def test_tp2_gptq_and_awq_as_tp1_and_act_order_refused(llama_dir, tmp_path):
-    from quant_checkpoints import write_gptq_or_awq
+    from quant_checkpoints import write_4bit_by_hand
     for method in ("gptq", "awq"):
-        quantized, _ = write_gptq_or_awq(llama_dir, str(tmp_path / method), method)
+        quantized, _ = write_4bit_by_hand(llama_dir, str(tmp_path / method), method)
         one, two = (_prompt_logprobs(quantized, tensor_parallel_size=tp) for tp in (1, 2))
         np.testing.assert_allclose(one[0], two[0], atol=1e-4)
-    act_order, _ = write_gptq_or_awq(llama_dir, str(tmp_path / "act-order"), "gptq", desc_act=True)
+    act_order, _ = write_4bit_by_hand(llama_dir, str(tmp_path / "act-order"), "gptq", desc_act=True)
     with pytest.raises(Exception, match="desc_act"):
         _prompt_logprobs(act_order, tensor_parallel_size=2)
 

@@ -96,6 +96,11 @@ class Linear(nn.Module):
             return loaded.narrow(1, self.tp.rank * param.shape[1], param.shape[1])
         return loaded
 
+    def whole_rows(self, shard_id=None) -> int:
+        """Rows of the whole checkpoint tensor that this layer (a merged one: its projection shard_id)
+        loads its part of."""
+        return self.out_features
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         loaded = self._rank_part(param, loaded)
         if param.shape != loaded.shape:
@@ -182,16 +187,21 @@ class MergedLinear(Linear):
 
     def __init__(self, in_features: int, shard_sizes: dict, bias: bool = False, parallel: str | None = None):
         tp = get_tp_group()
+        whole = dict(shard_sizes)
         if parallel == "column" and tp.size > 1:
             shard_sizes = {k: tp.split(v) for k, v in shard_sizes.items()}
         else:
             parallel = None
         super().__init__(in_features, sum(shard_sizes.values()), bias)
+        self.whole_shard_rows = whole
         self.split_shards = parallel == "column"
         offset = 0
         for shard_id, size in shard_sizes.items():
             self.shard_offsets[shard_id] = (offset, size)
             offset += size
+
+    def whole_rows(self, shard_id=None) -> int:
+        return sum(self.whole_shard_rows.values()) if shard_id is None else self.whole_shard_rows[shard_id]
 
     def _shard_part(self, shard_id, loaded: torch.Tensor) -> torch.Tensor:
         """This rank's part of one projection's whole checkpoint tensor."""
@@ -224,6 +234,7 @@ class QKVLinear(MergedLinear):
         self.q_size = local_heads * head_dim
         self.kv_size = local_kv * head_dim
         self.head_rows = {"q": tp.rank * self.q_size, "k": first_kv * head_dim, "v": first_kv * head_dim}
+        self.whole_shard_rows = {"q": num_heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim}
 
     def _shard_part(self, shard_id, loaded: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

@@ -2,8 +2,9 @@
 the checkpoint), or `quantization="fp8"` on a full-precision checkpoint (quantized at load time).
 
 Supported: compressed-tensors FP8 W8A8 (per-tensor or per-channel weight scales; dynamic per-token
-or static per-tensor activation scales), INT8 W8A8 (per-channel symmetric weights, dynamic per-token
-activations) and W4A16 (pack-quantized, per group or channel, symmetric or asymmetric); online FP8
+or static per-tensor activation scales; or square weight blocks with activations per token and block
+width), INT8 W8A8 (per-channel symmetric weights, dynamic per-token activations) and W4A16
+(pack-quantized, per group or channel, symmetric or asymmetric, any actorder); online FP8
 (per-channel weights, dynamic per-token activations). Anything else is refused at start with what is
 supported.
 """
@@ -15,9 +16,10 @@ import os
 import re
 from dataclasses import dataclass, field
 
-SUPPORTED = ("compressed-tensors: FP8 W8A8 (weights per tensor or per channel, activations dynamic per token "
-             "or static per tensor), INT8 W8A8 (symmetric weights per channel, activations dynamic per token), "
-             "W4A16 pack-quantized (4-bit weights per group or channel, symmetric or asymmetric); GPTQ 4-bit "
+SUPPORTED = ("compressed-tensors: FP8 W8A8 (weights per tensor, per channel or in square blocks; activations "
+             "dynamic per token (per token and block for blocks) or static per tensor), INT8 W8A8 (symmetric "
+             "weights per channel, activations dynamic per token), W4A16 pack-quantized (4-bit weights per group "
+             "or channel, symmetric or asymmetric, actorder weight/static/group); GPTQ 4-bit "
              "(groups or channel-wise, desc_act true or false); AWQ 4-bit GEMM; fp8 (block-quantized weights, or "
              "per tensor with static or dynamic activations); "
              "quantization='fp8' on a bf16/fp16/fp32 checkpoint")
@@ -32,8 +34,8 @@ class QuantConfig:
     ignore: list[str] = field(default_factory=list)  # layer names kept in full precision
     group_size: int | None = None   # w4a16: columns per scale (None: one per output channel)
     symmetric: bool = True          # w4a16: False when the checkpoint has zero points
-    format: str = "compressed-tensors"  # w4a16: the checkpoint's layout (compressed-tensors, gptq, awq)
-    desc_act: bool = False          # gptq: input columns out of group order (act-order)
+    format: str = "compressed-tensors"  # w4a16, fp8-block: the checkpoint's layout (compressed-tensors, gptq, awq, fp8)
+    desc_act: bool = False          # gptq, compressed-tensors: input columns out of group order (act-order, g_idx)
     gptq_v2: bool = False           # gptq: zero points stored as they are (not minus one)
 
     @property
@@ -89,6 +91,8 @@ def parse_quant_config(raw: dict | None, option: str | None) -> QuantConfig | No
     if not weights.get("symmetric", True) or (acts and not acts.get("symmetric", True)):
         raise _refuse("asymmetric 8-bit compressed-tensors")
     strategy = weights.get("strategy")
+    if strategy == "block" and kind == "float":
+        return _parse_ct_fp8_block(raw, weights, acts)
     if strategy not in ("tensor", "channel") or (kind == "int" and strategy != "channel"):
         raise _refuse(f"compressed-tensors {kind} weights with strategy {strategy!r}")
     dynamic = bool(acts.get("dynamic"))
@@ -97,6 +101,18 @@ def parse_quant_config(raw: dict | None, option: str | None) -> QuantConfig | No
     if not dynamic and (kind == "int" or acts.get("strategy") != "tensor"):
         raise _refuse(f"static {kind} activations with strategy {acts.get('strategy')!r}")
     return QuantConfig("fp8" if kind == "float" else "int8", strategy, dynamic, True, list(raw.get("ignore") or []))
+
+
+def _parse_ct_fp8_block(raw: dict, weights: dict, acts: dict) -> QuantConfig:
+    """compressed-tensors FP8 with b x b weight tiles (llm-compressor's FP8_BLOCK): the same tensors as
+    quant_method "fp8" with weight_block_size, the tiles' scales named `weight_scale`."""
+    block = weights.get("block_structure") or []
+    if len(block) != 2 or block[0] != block[1] or block[0] % 32 or not acts.get("dynamic") \
+            or acts.get("strategy") != "group" or acts.get("group_size") != block[0]:
+        raise _refuse(f"compressed-tensors FP8 blocks {block} with activations "
+                      f"{acts.get('strategy')!r} group_size {acts.get('group_size')!r} dynamic {acts.get('dynamic')!r} "
+                      "(square blocks, a multiple of 32, activations dynamic per group of the block's width)")
+    return QuantConfig("fp8-block", "block", True, True, list(raw.get("ignore") or []), group_size=block[0])
 
 
 def _parse_fp8(raw: dict) -> QuantConfig:
@@ -111,7 +127,7 @@ def _parse_fp8(raw: dict) -> QuantConfig:
         return QuantConfig("fp8", "tensor", scheme == "dynamic", True, ignore)
     if len(block) != 2 or block[0] != block[1] or block[0] % 32 or scheme != "dynamic":
         raise _refuse(f"fp8 weight_block_size {block} with {scheme} activations (square blocks, a multiple of 32)")
-    return QuantConfig("fp8-block", "block", True, True, ignore, group_size=block[0])
+    return QuantConfig("fp8-block", "block", True, True, ignore, group_size=block[0], format="fp8")
 
 
 def _parse_gptq_awq(raw: dict, method: str) -> QuantConfig:
@@ -138,15 +154,18 @@ def _parse_gptq_awq(raw: dict, method: str) -> QuantConfig:
 def _parse_w4a16(raw: dict, weights: dict) -> QuantConfig:
     if raw.get("format") not in (None, "pack-quantized"):
         raise _refuse(f"compressed-tensors 4-bit format {raw.get('format')!r}")
-    strategy = weights.get("strategy")
-    if strategy not in ("group", "channel") or weights.get("actorder") not in (None, False, "static"):
-        raise _refuse(f"4-bit weights with strategy {strategy!r} and actorder {weights.get('actorder')!r}")
+    strategy, actorder = weights.get("strategy"), weights.get("actorder")
+    # "weight" / "static": the order GPTQ quantized in, groups still in column order; "group" / "dynamic":
+    # groups in activation order, each column's group in `weight_g_idx` (as GPTQ's desc_act)
+    if strategy not in ("group", "channel") or actorder not in (None, False, "static", "weight", "group", "dynamic") \
+            or (strategy == "channel" and actorder in ("group", "dynamic")):
+        raise _refuse(f"4-bit weights with strategy {strategy!r} and actorder {actorder!r}")
     group = weights.get("group_size") if strategy == "group" else None
     if strategy == "group" and (not isinstance(group, int) or group % 32):
         raise _refuse(f"4-bit weights with group_size {group!r} (a multiple of 32)")
     return QuantConfig("w4a16", strategy, activation_dynamic=False, from_checkpoint=True,
                        ignore=list(raw.get("ignore") or []), group_size=group,
-                       symmetric=bool(weights.get("symmetric", True)))
+                       symmetric=bool(weights.get("symmetric", True)), desc_act=actorder in ("group", "dynamic"))
 
 
 def load_quant_config(model_dir: str, option: str | None) -> QuantConfig | None:

@@ -1,6 +1,7 @@
 """Block-quantized FP8 checkpoints (`quant_method: "fp8"` with `weight_block_size`, as the official
 FP8 releases of Qwen3 and DeepSeek hold them): FP8 e4m3 `weight` [out, in] and `weight_scale_inv`
-[out / b, in / b], the multiplier of each b x b tile.
+[out / b, in / b], the multiplier of each b x b tile; compressed-tensors' FP8 blocks (llm-compressor's
+FP8_BLOCK) hold the same tensors, the scales named `weight_scale`.
 
 Kept as FP8 (one byte a weight) with each tile's scale spread over its rows, so tensor-parallel
 splits and merged q/k/v or gate/up parts cut the scales exactly as the weight. One row (decode of one
@@ -45,17 +46,26 @@ class Fp8BlockMethod:
         layer.new_weight(torch.float8_e4m3fn if self.config.from_checkpoint else None)
         if not self.config.from_checkpoint:
             return
-        layer.weight_scale_inv = nn.Parameter(torch.empty(local_out, local_in // b, dtype=torch.float32),
-                                              requires_grad=False)
+        scales = nn.Parameter(torch.empty(local_out, local_in // b, dtype=torch.float32), requires_grad=False)
+        setattr(layer, self.scale_name, scales)
 
         def load_scales(param, loaded, shard_id=None):
-            # each tile's scale on each of its rows (output sizes are whole blocks in these checkpoints;
-            # one that is not fails the shape check of the rows it loads into)
-            layer.weight_loader(param, loaded.float().repeat_interleave(b, 0).contiguous(), shard_id)
-        layer.weight_scale_inv.weight_loader = load_scales
+            # each tile's scale on each of its rows; the last tile of a projection whose rows are not
+            # whole blocks (k and v of small models) covers only the rows there are
+            rows = loaded.float().repeat_interleave(b, 0)[:layer.whole_rows(shard_id)]
+            layer.weight_loader(param, rows.contiguous(), shard_id)
+        scales.weight_loader = load_scales
+
+    @property
+    def scale_name(self) -> str:
+        """The tiles' scales as the checkpoint names them; the layer holds them as weight_scale_inv."""
+        return "weight_scale" if self.config.format == "compressed-tensors" else "weight_scale_inv"
 
     def process_after_loading(self, layer: nn.Module) -> None:
         if self.config.from_checkpoint:
+            if self.scale_name != "weight_scale_inv":
+                layer.weight_scale_inv = getattr(layer, self.scale_name)
+                delattr(layer, self.scale_name)
             return
         b = self.block
         dtype_weight = layer.weight.data.float()

@@ -2,7 +2,8 @@
 
 - compressed-tensors pack-quantized (llm-compressor's W4A16): `weight_packed` [out, in / 8] int32
   packed along the input, `weight_scale` [out, groups], for asymmetric schemes `weight_zero_point`
-  [out / 8, groups] packed along the output, every 4-bit value stored with an offset of 8;
+  [out / 8, groups] packed along the output, every 4-bit value stored with an offset of 8; with
+  actorder "group", `weight_g_idx` [in] as GPTQ's g_idx;
 - GPTQ: `qweight` [in / 8, out] packed along the input, `scales` [groups, out], `qzeros` [groups,
   out / 8] packed along the output (stored minus one in the original format), `g_idx` [in] (the group
   of each input column: out of order with desc_act);
@@ -121,11 +122,21 @@ class W4A16Method:
             self._param(layer, self.zero_name, torch.zeros(local_out, groups, dtype=torch.int32), f.zeros)
         if c.format == "compressed-tensors":
             self._param(layer, "weight_shape", torch.zeros(2, dtype=torch.int64), None)
-        if c.format == "gptq":
-            if c.desc_act and layer.parallel == "row":
-                raise ValueError("GPTQ with desc_act (act-order) cannot split a layer's input over tensor-parallel "
-                                 "ranks yet; use tensor_parallel_size=1 or a checkpoint without desc_act")
-            self._param(layer, "g_idx", torch.zeros(local_in, dtype=torch.int32), None if not c.desc_act else "keep")
+        if c.desc_act and layer.parallel == "row":
+            raise ValueError("4-bit weights in act-order (GPTQ desc_act, compressed-tensors actorder 'group') cannot "
+                             "split a layer's input over tensor-parallel ranks yet; use tensor_parallel_size=1 or a "
+                             "checkpoint without act-order groups")
+        if self.g_idx_name is not None:
+            self._param(layer, self.g_idx_name, torch.zeros(local_in, dtype=torch.int32),
+                        "keep" if c.desc_act else None)
+
+    @property
+    def g_idx_name(self) -> str | None:
+        """Each input column's group, as the checkpoint names it (GPTQ always holds one; compressed-tensors
+        only for groups in activation order)."""
+        if self.config.format == "gptq":
+            return "g_idx"
+        return "weight_g_idx" if self.config.format == "compressed-tensors" and self.config.desc_act else None
 
     @staticmethod
     def _param(layer, name, tensor, convert) -> None:
@@ -137,7 +148,7 @@ class W4A16Method:
         elif convert == "keep":  # g_idx: parts of a merged layer read one input, so one order
             def keep(p, loaded, shard_id=None):
                 if getattr(p, "loaded", False) and not torch.equal(p.data, loaded.to(p.device, p.dtype)):
-                    raise ValueError("GPTQ g_idx differs between parts of a merged layer (q/k/v or gate/up)")
+                    raise ValueError("g_idx differs between parts of a merged layer (q/k/v or gate/up)")
                 p.data.copy_(loaded)
                 p.loaded = True
             param.weight_loader = keep
@@ -151,11 +162,11 @@ class W4A16Method:
             return self._quantize(layer)
         packed = getattr(layer, self.packed_name)
         columns = unpack(packed.data)
-        if c.format == "gptq" and c.desc_act:  # put each group's columns together; inputs follow at run time
-            g_idx = layer.g_idx.data.long()
+        if c.desc_act:  # put each group's columns together; inputs follow at run time
+            g_idx = getattr(layer, self.g_idx_name).data.long()
             order = torch.argsort(g_idx, stable=True)
             if bool((torch.bincount(g_idx) != self.group).any()):
-                raise ValueError("GPTQ g_idx does not give every group the same number of columns")
+                raise ValueError(f"{self.g_idx_name} does not give every group the same number of columns")
             if not torch.equal(order, torch.arange(len(order), device=order.device)):
                 columns = columns[:, order]
                 layer.register_buffer("input_order", order)

@@ -1,0 +1,147 @@
+"""Checkpoints made by llm-compressor itself, the library most compressed-tensors checkpoints come from:
+a tiny llama trained on the tokenizer's corpus, quantized with the schemes a user picks (W4A16 by
+round-to-nearest and by GPTQ in act-order, symmetric and asymmetric; FP8 dynamic, static and in
+blocks; INT8 W8A8 through SmoothQuant then GPTQ), calibrated on the corpus where the scheme needs data.
+Oracles: transformers running the same checkpoint (compressed-tensors decompresses it and quantizes
+activations as the scheme says), and the corpus's perplexity against the full-precision model."""
+
+import numpy as np
+import pytest
+import torch
+
+from sageinfer import LLM, SamplingParams
+
+pytest.importorskip("llmcompressor")
+
+# name: (recipe, calibrated on the corpus)
+def _recipes():
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+
+    def rtn(scheme):
+        return QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
+    return {
+        "w4a16": (rtn("W4A16"), False),
+        "w4a16-asym": (rtn("W4A16_ASYM"), False),
+        "w4a16-gptq-actorder": (GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"], actorder="weight"),
+                                True),
+        "fp8-dynamic": (rtn("FP8_DYNAMIC"), False),
+        "fp8-static": (rtn("FP8"), True),
+        "fp8-block": (rtn("FP8_BLOCK"), False),
+        "int8-smoothquant-gptq": ([SmoothQuantModifier(smoothing_strength=0.8),
+                                   GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])], True),
+    }
+
+
+SCHEMES = ["w4a16", "w4a16-asym", "w4a16-gptq-actorder", "fp8-dynamic", "fp8-static", "fp8-block",
+           "int8-smoothquant-gptq"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """hidden size 128: the W4A16 schemes' groups of 128 columns fit every layer."""
+    from trained_model import build_trained_model, corpus_token_ids
+    path = build_trained_model(str(tmp_path_factory.mktemp("trained") / "dense"), steps=10, hidden_size=128)
+    return path, corpus_token_ids(path)
+
+
+@pytest.fixture(scope="module")
+def compressed(trained, tmp_path_factory):
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, ids = trained
+    width = 64
+    chunks = [ids[i:i + width] for i in range(0, len(ids) - width + 1, width // 2)]
+    calibration = Dataset.from_dict({"input_ids": chunks, "attention_mask": [[1] * width] * len(chunks)})
+    root = tmp_path_factory.mktemp("llm-compressor")
+    out = {}
+    for name, (recipe, calibrated) in _recipes().items():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        data = dict(dataset=calibration, num_calibration_samples=len(chunks), max_seq_length=width) if calibrated else {}
+        oneshot(model=model, recipe=recipe, **data)
+        out[name] = str(root / name)
+        model.save_pretrained(out[name], save_compressed=True)
+        AutoTokenizer.from_pretrained(path).save_pretrained(out[name])
+    return out
+
+
+def _prompt_logprobs(path, ids, **options):
+    llm = LLM(path, dtype="float32", num_gpu_blocks_override=128, show_progress=False,
+              attention_backend="torch_ref", **options)
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    llm.engine.shutdown()
+    return np.array([out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))])
+
+
+def _encoded_block_weights(path: str, dst: str, block: int = 128) -> str:
+    """The weights an FP8-block checkpoint encodes (each tile times its scale) in a plain float32
+    checkpoint: the oracle where transformers would also quantize activations that our path keeps whole."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(path, dst)
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(".weight_scale"):
+            continue
+        scale = tensors.get(name + "_scale")
+        if scale is not None:
+            rows, cols = t.shape
+            t = t.float() * scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+        out[name] = t
+    save_file(out, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(dst, "config.json")) as f:
+        config = json.load(f)
+    del config["quantization_config"]
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f)
+    return dst
+
+
+# FP8 blocks: transformers quantizes activations per 128 columns, our path only above 64 rows on a
+# chip with a block GEMM (on the CPU never: 0.07 apart on a token here), so the oracle is the weights
+# the checkpoint encodes. INT8: activations on either side of a rounding edge (tests/test_quantization.py).
+# On a GPU, sums in another order move more of them.
+_GPU = torch.cuda.is_available()
+TOLERANCE = {"w4a16": 1e-4, "w4a16-asym": 1e-4, "w4a16-gptq-actorder": 1e-4, "fp8-dynamic": 5e-2 if _GPU else 1e-4,
+             "fp8-static": 5e-2 if _GPU else 1e-4, "fp8-block": 5e-2 if _GPU else 1e-4,
+             "int8-smoothquant-gptq": 5e-2 if _GPU else 1e-2}
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_llm_compressor_checkpoint_matches_transformers(trained, compressed, name, tmp_path):
+    from oracle import hf_logits
+    ids = trained[1][:40]
+    ours = _prompt_logprobs(compressed[name], ids)
+    oracle = _encoded_block_weights(compressed[name], str(tmp_path / "encoded")) if name == "fp8-block" \
+        else compressed[name]
+    ref = hf_logits(oracle, ids).log_softmax(-1)
+    np.testing.assert_allclose(ours, [ref[i - 1, ids[i]].item() for i in range(1, len(ids))],
+                               atol=TOLERANCE[name])
+
+
+def test_perplexity_of_each_scheme_against_full_precision(trained, compressed):
+    """The corpus's perplexity through each checkpoint over the trained model's (2.34). Measured on the
+    CPU: W4A16 round-to-nearest +11.6% (symmetric) / +8.6% (asymmetric), GPTQ in act-order +6.4%;
+    FP8 dynamic +1.2%, static +1.3%, blocks +0.4%; INT8 SmoothQuant + GPTQ +0.2%. The increase is the
+    scheme's on a model this small (groups of 128 are whole rows at hidden size 128), not the engine's:
+    the test above finds our logprobs equal to transformers' on the same checkpoints."""
+    path, ids = trained
+
+    def perplexity(p):
+        return float(np.exp(-_prompt_logprobs(p, ids).mean()))
+
+    base = perplexity(path)
+    assert 1.5 < base < 4, base  # learned something, not memorised
+    ratios = {name: perplexity(compressed[name]) / base for name in SCHEMES}
+    assert all(ratios[name] < BOUNDS[name] for name in SCHEMES), ratios
+    assert ratios["w4a16-gptq-actorder"] < ratios["w4a16"], ratios  # calibration reached GPTQ
+
+
+BOUNDS = {"w4a16": 1.15, "w4a16-asym": 1.12, "w4a16-gptq-actorder": 1.09, "fp8-dynamic": 1.02, "fp8-static": 1.02,
+          "fp8-block": 1.02, "int8-smoothquant-gptq": 1.01}
