@@ -129,15 +129,17 @@ class ModelRunner:
         return max(int(budget), 0)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.kv_caches = [self._layer_cache(num_blocks) for _ in range(self.model_config.num_hidden_layers)]
+        self.kv_caches = [self._layer_cache(num_blocks, i) for i in range(self.model_config.num_hidden_layers)]
 
-    def _layer_cache(self, num_blocks: int) -> LayerKVCache:
+    def _layer_cache(self, num_blocks: int, layer: int = 0) -> LayerKVCache:
         shape = (num_blocks, self.block_size, self.num_kv_heads, self.model_config.head_dim)
         mode, store = self.config.kv_cache_dtype, self.kv_store_dtype()
         scales = (lambda: new_kv_scales(num_blocks, self.block_size, self.num_kv_heads, self.device)) \
             if mode == "int8" else (lambda: None)
+        fp8_scale = self.model.model.layers[layer].self_attn.fp8_kv_scale if mode == "fp8" else 1.0
         return LayerKVCache(torch.zeros(shape, dtype=store, device=self.device),
-                            torch.zeros(shape, dtype=store, device=self.device), mode, scales(), scales())
+                            torch.zeros(shape, dtype=store, device=self.device), mode, scales(), scales(),
+                            fp8_scale=fp8_scale)
 
     def release_graphs(self) -> None:
         """Drop the captured graphs. They hold the collectives' communicator: it can only be

@@ -38,6 +38,15 @@ class LlamaAttention(nn.Module):
         k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         rotary = RotaryEmbedding(self.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, rotary, q_norm, k_norm)
+        # The checkpoint's calibrated FP8 KV scales ("k" and "v": compressed-tensors' kv_cache_scheme,
+        # per tensor or per head; "kv": older FP8 checkpoints' one scale for both)
+        self.kv_scales: dict[str, float] = {}
+
+    @property
+    def fp8_kv_scale(self) -> float:
+        """What an FP8 cache's values are multiplied by: the larger of the checkpoint's K and V scales
+        (the kernels take one a layer; a larger one loses no range), 1.0 without them (as vLLM)."""
+        return max(self.kv_scales.values()) if self.kv_scales else 1.0
 
     def forward(self, positions, hidden, kv_cache: KVCache, meta: AttentionMetadata, backend: AttentionBackend):
         return self.o_proj(self.attend(positions, self.qkv_proj(hidden), kv_cache, meta, backend))
@@ -158,6 +167,10 @@ class LlamaForCausalLM(nn.Module):
             name = name.replace(".self_attn.q_norm.", ".self_attn.attn.q_norm.").replace(
                 ".self_attn.k_norm.", ".self_attn.attn.k_norm.")
             if self.config.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            if name.endswith((".self_attn.k_scale", ".self_attn.v_scale", ".self_attn.kv_scale")):
+                owner, _, which = name.rpartition(".")
+                self.get_submodule(owner).kv_scales[which[:-len("_scale")]] = float(tensor.float().max())
                 continue
             shard_id = None
             for hf_part, our_part, shard in _STACKED:
