@@ -211,6 +211,10 @@ def _with_4_bit_weights(**weights):
     (_with_weights(_ct_config("float", "block", False), block_structure=[128, 128]), None, "dynamic False"),
     (_with_4_bit_weights(strategy="channel", actorder="group"), None, "actorder 'group'"),
     (_with_4_bit_weights(strategy="group", group_size=128, actorder="random"), None, "actorder 'random'"),
+    ({**_ct_config("float", "channel", True), "sparsity_config": {"format": "sparse-24-bitmask"}}, None,
+     "sparsity format 'sparse-24-bitmask'"),
+    ({**_ct_config("float", "channel", True), "transform_config": {"config_groups": {"u": {"apply": [
+        {"location": "weight_input"}, {"location": "output"}]}}}}, None, "transform 'u' applied at run time"),
 ])
 def test_what_is_not_supported_is_refused_at_start_naming_what_is(raw, option, says):
     with pytest.raises(ValueError, match=says) as info:

@@ -74,6 +74,10 @@ def parse_quant_config(raw: dict | None, option: str | None) -> QuantConfig | No
         return _parse_fp8(raw)
     if method != "compressed-tensors":
         raise _refuse(f"quant_method {method!r}")
+    _refuse_run_time_transforms(raw.get("transform_config"))
+    sparsity = (raw.get("sparsity_config") or {}).get("format")
+    if sparsity not in (None, "dense"):
+        raise _refuse(f"compressed-tensors sparsity format {sparsity!r}")
     groups = list((raw.get("config_groups") or {}).values())
     if len(groups) != 1:
         raise _refuse(f"compressed-tensors with {len(groups)} config groups")
@@ -101,6 +105,17 @@ def parse_quant_config(raw: dict | None, option: str | None) -> QuantConfig | No
     if not dynamic and (kind == "int" or acts.get("strategy") != "tensor"):
         raise _refuse(f"static {kind} activations with strategy {acts.get('strategy')!r}")
     return QuantConfig("fp8" if kind == "float" else "int8", strategy, dynamic, True, list(raw.get("ignore") or []))
+
+
+def _refuse_run_time_transforms(transforms: dict | None) -> None:
+    """Rotations fused into the weights (SpinQuant's R1 / R2: locations weight_input / weight_output)
+    need nothing at run time; ones applied to activations as the model runs (QuIP's online Hadamard
+    transforms: input, output, attention, cache) are not supported: without them the answer is wrong."""
+    for name, scheme in ((transforms or {}).get("config_groups") or {}).items():
+        for args in scheme.get("apply") or []:
+            if args.get("location") not in ("weight_input", "weight_output"):
+                raise _refuse(f"compressed-tensors transform {name!r} applied at run time (location "
+                              f"{args.get('location')!r}; transforms fused into the weights are)")
 
 
 def _parse_ct_fp8_block(raw: dict, weights: dict, acts: dict) -> QuantConfig:
