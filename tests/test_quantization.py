@@ -425,7 +425,7 @@ def _block_fp8_layer(in_features: int, out_features: int, block: int, gen: torch
     """A block-FP8 linear layer with random FP8 weights and a random scale per block x block tile."""
     from sageinfer.layers.linear import Linear
     from sageinfer.layers.quantization import QuantConfig, set_quant_config
-    set_quant_config(QuantConfig("fp8-block", "block", True, True, group_size=block))
+    set_quant_config(QuantConfig("fp8-block", "block", True, True, group_size=block, format="fp8"))
     try:
         layer = Linear(in_features, out_features)
     finally:
