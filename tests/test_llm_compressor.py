@@ -22,6 +22,13 @@ def _recipes():
 
     def rtn(scheme):
         return QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])
+
+    def mixed(**targets):
+        """A scheme per group of layers: {preset: [targets]}."""
+        from compressed_tensors.quantization import preset_name_to_scheme
+        return QuantizationModifier(config_groups={
+            f"group_{i}": preset_name_to_scheme(preset, layers) for i, (preset, layers) in enumerate(targets.items())},
+            ignore=["lm_head"])
     return {
         "w4a16": (rtn("W4A16"), False),
         "w4a16-asym": (rtn("W4A16_ASYM"), False),
@@ -35,6 +42,10 @@ def _recipes():
         # rotations fused into the weights (nothing to do at run time) / applied to inputs as the model runs
         "w4a16-spinquant": ([SpinQuantModifier(rotations=["R1", "R2"]), rtn("W4A16")], False),
         "w4a16-quip": ([QuIPModifier(targets="Linear", ignore=["lm_head"]), rtn("W4A16")], False),
+        # mixed precision: FP8 attention, 4-bit MLP (llm-compressor writes two config groups)
+        "mixed-fp8-attention-w4a16-mlp": (mixed(FP8_DYNAMIC=["re:.*self_attn.*_proj$"], W4A16=["re:.*mlp.*_proj$"]),
+                                          False),
+        "mixed-split-qkv": (mixed(FP8_DYNAMIC=["re:.*q_proj$"], W4A16=["re:.*[kv]_proj$"]), False),
         "fp8-dynamic-kv": (QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"],
                                                 kv_cache_scheme={"num_bits": 8, "type": "float", "strategy": "tensor",
                                                                  "dynamic": False, "symmetric": True}), True),
@@ -42,7 +53,7 @@ def _recipes():
 
 
 SCHEMES = ["w4a16", "w4a16-asym", "w4a16-gptq-actorder", "w4a16-spinquant", "fp8-dynamic", "fp8-static", "fp8-block",
-           "int8-smoothquant-gptq"]
+           "int8-smoothquant-gptq", "mixed-fp8-attention-w4a16-mlp"]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +129,7 @@ def _encoded_block_weights(path: str, dst: str, block: int = 128) -> str:
 _GPU = torch.cuda.is_available()
 TOLERANCE = {"w4a16": 1e-4, "w4a16-asym": 1e-4, "w4a16-gptq-actorder": 1e-4, "w4a16-spinquant": 1e-4, "fp8-dynamic": 5e-2 if _GPU else 1e-4,
              "fp8-static": 5e-2 if _GPU else 1e-4, "fp8-block": 5e-2 if _GPU else 1e-4,
-             "int8-smoothquant-gptq": 5e-2 if _GPU else 1e-2}
+             "int8-smoothquant-gptq": 5e-2 if _GPU else 1e-2, "mixed-fp8-attention-w4a16-mlp": 5e-2 if _GPU else 1e-4}
 
 
 @pytest.mark.parametrize("name", SCHEMES)
@@ -137,7 +148,8 @@ def test_perplexity_of_each_scheme_against_full_precision(trained, compressed):
     """The corpus's perplexity through each checkpoint over the trained model's (2.34). Measured on the
     CPU: W4A16 round-to-nearest +11.6% (symmetric) / +8.6% (asymmetric), GPTQ in act-order +6.4%,
     after SpinQuant's rotations +16.1% (rotations do not help a model this small);
-    FP8 dynamic +1.2%, static +1.3%, blocks +0.4%; INT8 SmoothQuant + GPTQ +0.2%. The increase is the
+    FP8 dynamic +1.2%, static +1.3%, blocks +0.4%; INT8 SmoothQuant + GPTQ +0.2%; FP8 attention with a
+    4-bit MLP +5.5%. The increase is the
     scheme's on a model this small (groups of 128 are whole rows at hidden size 128), not the engine's:
     the test above finds our logprobs equal to transformers' on the same checkpoints."""
     path, ids = trained
@@ -153,7 +165,7 @@ def test_perplexity_of_each_scheme_against_full_precision(trained, compressed):
 
 
 BOUNDS = {"w4a16": 1.15, "w4a16-asym": 1.12, "w4a16-gptq-actorder": 1.09, "w4a16-spinquant": 1.2, "fp8-dynamic": 1.02, "fp8-static": 1.02,
-          "fp8-block": 1.02, "int8-smoothquant-gptq": 1.01}
+          "fp8-block": 1.02, "int8-smoothquant-gptq": 1.01, "mixed-fp8-attention-w4a16-mlp": 1.08}
 
 
 def test_calibrated_kv_cache_scales_reach_an_fp8_cache(trained, compressed):
@@ -180,3 +192,23 @@ def test_rotations_applied_at_run_time_are_refused_at_start(compressed):
     answer would be wrong, so the checkpoint is refused before any weight loads, naming why."""
     with pytest.raises(ValueError, match="transform 'v' applied at run time .location 'input'.*supported"):
         LLM(compressed["w4a16-quip"], dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+
+
+def test_a_mixed_precision_checkpoint_gives_each_layer_its_group(compressed):
+    """Two config groups: attention's projections FP8 W8A8, the MLP's 4-bit (its logprobs equal
+    transformers' above); a merged layer whose parts fall in different groups is refused at start."""
+    llm = LLM(compressed["mixed-fp8-attention-w4a16-mlp"], dtype="float32", num_gpu_blocks_override=128,
+              show_progress=False)
+    layer = llm.engine.runner.model.model.layers[0]
+    assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+    assert layer.self_attn.o_proj.weight.dtype == torch.float8_e4m3fn
+    assert layer.mlp.gate_up_proj.weight_packed.dtype == torch.int32 and not hasattr(layer.mlp.gate_up_proj, "weight")
+    assert llm.engine.runner.model.lm_head.weight.dtype == torch.float32  # ignored
+    llm.engine.shutdown()
+    dummy = LLM(compressed["mixed-fp8-attention-w4a16-mlp"], dtype="float32", num_gpu_blocks_override=128,
+                show_progress=False, load_format="dummy")  # benchmarks: random weights, each group's scheme
+    layer = dummy.engine.runner.model.model.layers[0]
+    assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn and hasattr(layer.mlp.down_proj, "weight_packed")
+    dummy.engine.shutdown()
+    with pytest.raises(ValueError, match="with different schemes; they are one layer here"):
+        LLM(compressed["mixed-split-qkv"], dtype="float32", num_gpu_blocks_override=128, show_progress=False)

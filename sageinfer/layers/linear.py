@@ -41,14 +41,9 @@ class Linear(nn.Module):
         quant = get_quant_config()
         self.quant = None  # the quantization method (layers/quantization), None: full precision
         self.local_shape = (local_out, local_in)
-        if quant is not None:
-            from sageinfer.layers.quantization.fp8_block import Fp8BlockMethod
-            from sageinfer.layers.quantization.w4a16 import W4A16Method
-            from sageinfer.layers.quantization.w8a8 import W8A8Method
-            method = {"w4a16": W4A16Method, "fp8-block": Fp8BlockMethod}.get(quant.scheme, W8A8Method)
-            self.quant = method(quant)
-            self.quant.create_weights(self, local_out, local_in)
-        else:
+        if quant is not None and not quant.groups:
+            self._create_quantized(quant)
+        else:  # full precision, or a mixed checkpoint's layer until its name picks its group (set_quantization)
             self.new_weight()
         if bias:
             self.bias = nn.Parameter(torch.empty(local_out), requires_grad=False)
@@ -57,6 +52,21 @@ class Linear(nn.Module):
             self.register_parameter("bias", None)
         self.use_triton = False  # set by the model runner from the platform's kernel choice
         self.platform = None  # set by the model runner: the chip's library GEMMs (8-bit layers)
+
+    def _create_quantized(self, quant) -> None:
+        from sageinfer.layers.quantization.fp8_block import Fp8BlockMethod
+        from sageinfer.layers.quantization.w4a16 import W4A16Method
+        from sageinfer.layers.quantization.w8a8 import W8A8Method
+        method = {"w4a16": W4A16Method, "fp8-block": Fp8BlockMethod}.get(quant.scheme, W8A8Method)
+        self.quant = method(quant)
+        self.quant.create_weights(self, *self.local_shape)
+
+    def set_quantization(self, quant) -> None:
+        """A full-precision layer of a mixed checkpoint takes its group's scheme: its tensors made anew."""
+        device = self.weight.device
+        del self.weight
+        with torch.device(device):
+            self._create_quantized(quant)
 
     def drop_quantization(self) -> None:
         """Keep this layer in full precision (a checkpoint's ignore list)."""

@@ -68,8 +68,10 @@ def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.
                show_progress: bool = True, quantization: str | None = None) -> torch.nn.Module:
     quant = load_quant_config(model_dir, quantization)
     if quant is not None and load_format == "dummy":  # random full-precision weights, quantized as loaded
-        quant = dataclasses.replace(quant, from_checkpoint=False, weight_strategy="channel", activation_dynamic=True,
-                                    symmetric=True)
+        def at_load(q):
+            return dataclasses.replace(q, from_checkpoint=False, weight_strategy="channel", activation_dynamic=True,
+                                       symmetric=True)
+        quant = dataclasses.replace(at_load(quant), groups=[at_load(g) for g in quant.groups])
     model_cls = get_model_class(cfg.architecture)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -78,7 +80,7 @@ def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.
         with torch.device(device):
             model = model_cls(cfg, backend)
             if quant is not None:
-                _keep_ignored_layers_whole(model, quant)
+                _quantize_layers_by_name(model, quant)
     finally:
         set_quant_config(None)
         torch.set_default_dtype(previous)
@@ -99,12 +101,23 @@ def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.
 _MERGED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
-def _keep_ignored_layers_whole(model: torch.nn.Module, quant) -> None:
+def _quantize_layers_by_name(model: torch.nn.Module, quant) -> None:
+    """What the checkpoint says of each layer by its name: the ignored stay in full precision; in a
+    mixed checkpoint each takes the scheme of the group whose targets name it."""
     for name, module in model.named_modules():
-        if not isinstance(module, Linear) or module.quant is None:
+        if not isinstance(module, Linear):
             continue
         head, _, last = name.rpartition(".")
         parts = [f"{head}.{p}" for p in _MERGED_PARTS.get(last, (last,))]
+        if quant.groups:
+            chosen = [quant.group_for(p) for p in parts]
+            if any(c is not chosen[0] for c in chosen):
+                raise ValueError(f"the checkpoint quantizes {parts} with different schemes; they are one layer here")
+            if chosen[0] is not None:
+                module.set_quantization(chosen[0])
+            continue
+        if module.quant is None:
+            continue
         ignored = [quant.ignores(p) for p in parts]
         if all(ignored):
             module.drop_quantization()

@@ -5,11 +5,12 @@ Supported: compressed-tensors FP8 W8A8 (per-tensor or per-channel weight scales;
 or static per-tensor activation scales; or square weight blocks with activations per token and block
 width), INT8 W8A8 (per-channel symmetric weights, dynamic per-token activations) and W4A16
 (pack-quantized, per group or channel, symmetric or asymmetric, any actorder); online FP8
-(per-channel weights, dynamic per-token activations). Anything else is refused at start with what is
-supported.
+(per-channel weights, dynamic per-token activations); several compressed-tensors config groups, each
+scheme for the layers its targets name. Anything else is refused at start with what is supported.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import os
@@ -22,7 +23,8 @@ SUPPORTED = ("compressed-tensors: FP8 W8A8 (weights per tensor, per channel or i
              "or channel, symmetric or asymmetric, actorder weight/static/group); GPTQ 4-bit "
              "(groups or channel-wise, desc_act true or false); AWQ 4-bit GEMM; fp8 (block-quantized weights, or "
              "per tensor with static or dynamic activations); "
-             "quantization='fp8' on a bf16/fp16/fp32 checkpoint")
+             "quantization='fp8' on a bf16/fp16/fp32 checkpoint; compressed-tensors config groups of these schemes "
+             "for different layers (mixed precision), a merged layer's parts (q/k/v, gate/up) in one group")
 
 
 @dataclass
@@ -37,10 +39,25 @@ class QuantConfig:
     format: str = "compressed-tensors"  # w4a16, fp8-block: the checkpoint's layout (compressed-tensors, gptq, awq, fp8)
     desc_act: bool = False          # gptq, compressed-tensors: input columns out of group order (act-order, g_idx)
     gptq_v2: bool = False           # gptq: zero points stored as they are (not minus one)
+    targets: list[str] = field(default_factory=lambda: ["Linear"])  # a compressed-tensors group: its layers
+    groups: list[QuantConfig] = field(default_factory=list)  # "mixed": each group's scheme (group_for)
 
     @property
     def name(self) -> str:
         return f"{self.scheme} W8A8 ({'checkpoint' if self.from_checkpoint else 'quantized at load time'})"
+
+    def group_for(self, layer_name: str) -> QuantConfig | None:
+        """A mixed checkpoint: the first group whose targets name the checkpoint layer (compressed-tensors'
+        rules: "Linear" any linear layer, "re:" a regular expression matched from the name's start, else
+        the name or its last parts); None where none does or the layer is ignored (full precision)."""
+        if self.ignores(layer_name):
+            return None
+        for group in self.groups:
+            for target in group.targets:
+                if target == "Linear" or (re.match(target[3:], layer_name) if target.startswith("re:") else
+                                          layer_name == target or layer_name.endswith("." + target)):
+                    return group
+        return None
 
     def ignores(self, layer_name: str) -> bool:
         for pattern in self.ignore:
@@ -79,15 +96,21 @@ def parse_quant_config(raw: dict | None, option: str | None) -> QuantConfig | No
     if sparsity not in (None, "dense"):
         raise _refuse(f"compressed-tensors sparsity format {sparsity!r}")
     groups = list((raw.get("config_groups") or {}).values())
-    if len(groups) != 1:
-        raise _refuse(f"compressed-tensors with {len(groups)} config groups")
-    group = groups[0]
-    if [t for t in group.get("targets", []) if t != "Linear"]:
-        raise _refuse(f"compressed-tensors targets {group.get('targets')}")
+    if not groups:
+        raise _refuse("compressed-tensors without config groups")
+    if len(groups) == 1 and groups[0].get("targets") == ["Linear"]:
+        return _parse_ct_group(raw, groups[0])
+    # mixed precision, or some layers only: each group its scheme, for the layers its targets name
+    parsed = [dataclasses.replace(_parse_ct_group(raw, g), targets=list(g.get("targets") or [])) for g in groups]
+    return QuantConfig("mixed", "mixed", False, True, list(raw.get("ignore") or []), groups=parsed)
+
+
+def _parse_ct_group(raw: dict, group: dict) -> QuantConfig:
+    """One compressed-tensors config group's scheme."""
     weights, acts = group.get("weights") or {}, group.get("input_activations")
     kind, bits = weights.get("type"), weights.get("num_bits")
     if bits == 4 and kind == "int" and acts is None:
-        return _parse_w4a16(raw, weights)
+        return _parse_w4a16(raw, group, weights)
     if bits != 8 or kind not in ("float", "int") or acts is None or acts.get("num_bits") != 8 \
             or acts.get("type") != kind:
         raise _refuse(f"compressed-tensors weights {kind} {bits} bit with activations "
@@ -166,9 +189,10 @@ def _parse_gptq_awq(raw: dict, method: str) -> QuantConfig:
                        format="gptq", desc_act=bool(raw.get("desc_act", False)), gptq_v2=fmt == "gptq_v2")
 
 
-def _parse_w4a16(raw: dict, weights: dict) -> QuantConfig:
-    if raw.get("format") not in (None, "pack-quantized"):
-        raise _refuse(f"compressed-tensors 4-bit format {raw.get('format')!r}")
+def _parse_w4a16(raw: dict, group: dict, weights: dict) -> QuantConfig:
+    fmt = group.get("format") or raw.get("format")  # a mixed-precision checkpoint names it per group
+    if fmt not in (None, "pack-quantized"):
+        raise _refuse(f"compressed-tensors 4-bit format {fmt!r}")
     strategy, actorder = weights.get("strategy"), weights.get("actorder")
     # "weight" / "static": the order GPTQ quantized in, groups still in column order; "group" / "dynamic":
     # groups in activation order, each column's group in `weight_g_idx` (as GPTQ's desc_act)
