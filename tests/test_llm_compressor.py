@@ -2,7 +2,8 @@
 a tiny llama trained on the tokenizer's corpus, quantized with the schemes a user picks (W4A16 by
 round-to-nearest and by GPTQ in act-order, symmetric and asymmetric, after SpinQuant's rotations; FP8
 dynamic, static and in blocks, with a calibrated FP8 KV cache; INT8 W8A8 through SmoothQuant then
-GPTQ), calibrated on the corpus where the scheme needs data.
+GPTQ; FP8 attention with a 4-bit MLP), calibrated on the corpus where the scheme needs data; and
+Qwen2 (biases) and Qwen3 (q/k norms) as llm-compressor writes them.
 Oracles: transformers running the same checkpoint (compressed-tensors decompresses it and quantizes
 activations as the scheme says), and the corpus's perplexity against the full-precision model."""
 
@@ -13,6 +14,7 @@ import torch
 from sageinfer import LLM, SamplingParams
 
 pytest.importorskip("llmcompressor")
+
 
 def _recipes():
     """name: (recipe, calibrated on the corpus)"""
@@ -212,3 +214,26 @@ def test_a_mixed_precision_checkpoint_gives_each_layer_its_group(compressed):
     dummy.engine.shutdown()
     with pytest.raises(ValueError, match="with different schemes; they are one layer here"):
         LLM(compressed["mixed-split-qkv"], dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("scheme", ["W4A16_ASYM", "FP8_DYNAMIC"])
+def test_other_architectures_as_llm_compressor_writes_them(tmp_path, arch, scheme):
+    """Qwen2's q/k/v biases and Qwen3's q/k norms beside quantized projections (random weights,
+    hidden size 128 for the groups of 128): logprobs equal transformers' on the same file."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from oracle import hf_logits
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sageinfer.models.tiny import build_tiny_model
+    src = build_tiny_model(str(tmp_path / "src"), arch, hidden_size=128, num_heads=4, num_kv_heads=2)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"]))
+    path = str(tmp_path / "quantized")
+    model.save_pretrained(path, save_compressed=True)
+    AutoTokenizer.from_pretrained(src).save_pretrained(path)
+    ids = list(range(3, 43))
+    ref = hf_logits(path, ids).log_softmax(-1)
+    np.testing.assert_allclose(_prompt_logprobs(path, ids), [ref[i - 1, ids[i]].item() for i in range(1, len(ids))],
+                               atol=5e-2 if _GPU else 1e-4)
