@@ -3,7 +3,7 @@ the checkpoint), or `quantization="fp8"` on a full-precision checkpoint (quantiz
 
 Supported: compressed-tensors FP8 W8A8 (per-tensor or per-channel weight scales; dynamic per-token
 or static per-tensor activation scales; or square weight blocks with activations per token and block
-width), INT8 W8A8 (per-channel symmetric weights, dynamic per-token activations) and W4A16
+width), INT8 W8A8 (per-channel symmetric weights, dynamic per-token or static per-tensor activations) and W4A16
 (pack-quantized, per group or channel, symmetric or asymmetric, any actorder); online FP8
 (per-channel weights, dynamic per-token activations); several compressed-tensors config groups, each
 scheme for the layers its targets name. Anything else is refused at start with what is supported.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 SUPPORTED = ("compressed-tensors: FP8 W8A8 (weights per tensor, per channel or in square blocks; activations "
              "dynamic per token (per token and block for blocks) or static per tensor), INT8 W8A8 (symmetric "
-             "weights per channel, activations dynamic per token), W4A16 pack-quantized (4-bit weights per group "
+             "weights per channel, activations dynamic per token or static per tensor), W4A16 pack-quantized (4-bit weights per group "
              "or channel, symmetric or asymmetric, actorder weight/static/group); GPTQ 4-bit "
              "(groups or channel-wise, desc_act true or false); AWQ 4-bit GEMM; fp8 (block-quantized weights, or "
              "per tensor with static or dynamic activations); "
@@ -125,7 +125,7 @@ def _parse_ct_group(raw: dict, group: dict) -> QuantConfig:
     dynamic = bool(acts.get("dynamic"))
     if dynamic and acts.get("strategy") != "token":
         raise _refuse(f"dynamic activation strategy {acts.get('strategy')!r}")
-    if not dynamic and (kind == "int" or acts.get("strategy") != "tensor"):
+    if not dynamic and acts.get("strategy") != "tensor":
         raise _refuse(f"static {kind} activations with strategy {acts.get('strategy')!r}")
     return QuantConfig("fp8" if kind == "float" else "int8", strategy, dynamic, True, list(raw.get("ignore") or []))
 
