@@ -245,3 +245,17 @@ def test_other_architectures_as_llm_compressor_writes_them(tmp_path, arch, schem
     ref = hf_logits(path, ids).log_softmax(-1)
     np.testing.assert_allclose(_prompt_logprobs(path, ids), [ref[i - 1, ids[i]].item() for i in range(1, len(ids))],
                                atol=5e-2 if _GPU else 1e-4)
+
+
+def test_a_quantized_lm_head_is_refused_at_start_naming_it(trained, tmp_path):
+    """A recipe that leaves lm_head out of its ignore list quantizes it too: refused with why, not a
+    tensor with no place."""
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(trained[0], dtype=torch.float32)
+    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=[]))
+    model.save_pretrained(str(tmp_path / "q"), save_compressed=True)
+    with pytest.raises(ValueError, match=r"quantizes lm_head \('lm_head.weight_scale'\), which is not supported"):
+        LLM(str(tmp_path / "q"), dtype="float32", num_gpu_blocks_override=128, show_progress=False,
+            skip_tokenizer_init=True)

@@ -168,6 +168,9 @@ class LlamaForCausalLM(nn.Module):
                 ".self_attn.k_norm.", ".self_attn.attn.k_norm.")
             if self.config.tie_word_embeddings and name == "lm_head.weight":
                 continue
+            if name.startswith("lm_head.") and name not in ("lm_head.weight", "lm_head.bias"):
+                raise ValueError(f"the checkpoint quantizes lm_head ({name!r}), which is not supported: the LM head "
+                                 "runs in full precision here (quantization configs list it in their ignore list)")
             if name.endswith((".self_attn.k_scale", ".self_attn.v_scale", ".self_attn.kv_scale")):
                 owner, _, which = name.rpartition(".")
                 self.get_submodule(owner).kv_scales[which[:-len("_scale")]] = float(tensor.float().max())
