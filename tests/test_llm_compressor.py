@@ -197,6 +197,31 @@ def test_calibrated_kv_cache_scales_reach_an_fp8_cache(trained, compressed):
     assert np.abs(fp8 - whole).mean() < 0.05 and np.exp(whole.mean() - fp8.mean()) < 1.01
 
 
+def test_older_fp8_checkpoints_name_their_kv_scales_otherwise(compressed, tmp_path):
+    """The first FP8 checkpoints held the scales as k_proj / v_proj output scales, a later format as
+    one self_attn.kv_scale: the same scales reach the cache."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    path = compressed["fp8-dynamic-kv"]
+    tensors = load_file(f"{path}/model.safetensors")
+    expected = [max(float(tensors[f"model.layers.{i}.self_attn.{w}_scale"]) for w in "kv") for i in range(2)]
+    for style in ("output_scale", "kv_scale"):
+        renamed = {}
+        for name, t in tensors.items():
+            head, _, last = name.rpartition(".")
+            if last in ("k_scale", "v_scale"):
+                name = f"{head}.{last[0]}_proj.output_scale" if style == "output_scale" else f"{head}.kv_scale"
+                t = torch.maximum(t, renamed.get(name, t))
+            renamed[name] = t
+        dst = str(tmp_path / style)
+        shutil.copytree(path, dst)
+        save_file(renamed, f"{dst}/model.safetensors")
+        llm = LLM(dst, dtype="float32", num_gpu_blocks_override=128, show_progress=False, kv_cache_dtype="fp8")
+        assert [c.fp8_scale for c in llm.engine.runner.kv_caches] == pytest.approx(expected), style
+        llm.engine.shutdown()
+
+
 def test_rotations_applied_at_run_time_are_refused_at_start(compressed):
     """QuIP's online Hadamard transforms act on each layer's input as the model runs: without them the
     answer would be wrong, so the checkpoint is refused before any weight loads, naming why."""

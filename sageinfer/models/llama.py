@@ -4,6 +4,7 @@ Plain PyTorch; the cleverness lives in layers/ and the attention backend.
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 import torch
@@ -140,6 +141,11 @@ _STACKED = [
 ]
 
 
+# Calibrated KV cache scales: compressed-tensors' self_attn.k_scale / v_scale, an older FP8 format's one
+# self_attn.kv_scale, or the k_proj / v_proj output scales of the first FP8 checkpoints
+_KV_SCALE = re.compile(r"(.*\.self_attn)\.(?:(k|v|kv)_scale|(k|v)_proj\.output_scale)")
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend):
         super().__init__()
@@ -171,9 +177,10 @@ class LlamaForCausalLM(nn.Module):
             if name.startswith("lm_head.") and name not in ("lm_head.weight", "lm_head.bias"):
                 raise ValueError(f"the checkpoint quantizes lm_head ({name!r}), which is not supported: the LM head "
                                  "runs in full precision here (quantization configs list it in their ignore list)")
-            if name.endswith((".self_attn.k_scale", ".self_attn.v_scale", ".self_attn.kv_scale")):
-                owner, _, which = name.rpartition(".")
-                self.get_submodule(owner).kv_scales[which[:-len("_scale")]] = float(tensor.float().max())
+            kv_scale = _KV_SCALE.fullmatch(name)
+            if kv_scale is not None:
+                owner, which = kv_scale.group(1), kv_scale.group(2) or kv_scale.group(3)
+                self.get_submodule(owner).kv_scales[which] = float(tensor.float().max())
                 continue
             shard_id = None
             for hf_part, our_part, shard in _STACKED:
