@@ -59,9 +59,10 @@ def write_compressed_tensors(src: str, dst: str, scheme: str = "fp8", weight_str
     return dst
 
 
-def dequantized_copy(quantized: str, dst: str) -> str:
+def dequantized_copy(quantized: str, dst: str, block: int | None = None) -> str:
     """The same model with every 8-bit weight multiplied out in float32 and no quantization_config:
-    what transformers runs as the oracle."""
+    what transformers runs as the oracle. block: the scales are per block x block tile (the last tiles
+    of a weight may cover fewer rows or columns)."""
     shutil.copytree(quantized, dst)
     tensors = load_file(os.path.join(dst, "model.safetensors"))
     out = {}
@@ -69,7 +70,11 @@ def dequantized_copy(quantized: str, dst: str) -> str:
         if name.endswith(".weight_scale") or name.endswith(".input_scale"):
             continue
         scale = tensors.get(name[:-len("weight")] + "weight_scale") if name.endswith(".weight") else None
-        out[name] = t.float() * (scale.view(-1, 1) if scale.numel() > 1 else scale) if scale is not None else t
+        if scale is not None and block is not None:
+            scale = scale.repeat_interleave(block, 0)[:t.shape[0]].repeat_interleave(block, 1)[:, :t.shape[1]]
+        elif scale is not None and scale.numel() > 1:
+            scale = scale.view(-1, 1)
+        out[name] = t.float() * scale if scale is not None else t
     save_file(out, os.path.join(dst, "model.safetensors"))
     with open(os.path.join(dst, "config.json")) as f:
         config = json.load(f)

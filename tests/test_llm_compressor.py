@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from quant_checkpoints import dequantized_copy
 from sageinfer import LLM, SamplingParams
 
 pytest.importorskip("llmcompressor")
@@ -102,34 +103,6 @@ def _prompt_logprobs(path, ids, **options):
     return np.array([out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))])
 
 
-def _encoded_block_weights(path: str, dst: str, block: int = 128) -> str:
-    """The weights an FP8-block checkpoint encodes (each tile times its scale) in a plain float32
-    checkpoint: the oracle where transformers would also quantize activations that our path keeps whole."""
-    import json
-    import os
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-    shutil.copytree(path, dst)
-    tensors = load_file(os.path.join(path, "model.safetensors"))
-    out = {}
-    for name, t in tensors.items():
-        if name.endswith(".weight_scale"):
-            continue
-        scale = tensors.get(name + "_scale")
-        if scale is not None:
-            rows, cols = t.shape
-            t = t.float() * scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
-        out[name] = t
-    save_file(out, os.path.join(dst, "model.safetensors"))
-    with open(os.path.join(dst, "config.json")) as f:
-        config = json.load(f)
-    del config["quantization_config"]
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(config, f)
-    return dst
-
-
 # FP8 blocks: transformers quantizes activations per 128 columns, our path only above 64 rows on a
 # chip with a block GEMM (on the CPU never: 0.07 apart on a token here), so the oracle is the weights
 # the checkpoint encodes. INT8: activations on either side of a rounding edge (tests/test_quantization.py).
@@ -146,7 +119,7 @@ def test_llm_compressor_checkpoint_matches_transformers(trained, compressed, nam
     from oracle import hf_logits
     ids = trained[1][:40]
     ours = _prompt_logprobs(compressed[name], ids)
-    oracle = _encoded_block_weights(compressed[name], str(tmp_path / "encoded")) if name == "fp8-block" \
+    oracle = dequantized_copy(compressed[name], str(tmp_path / "encoded"), block=128) if name == "fp8-block" \
         else compressed[name]
     ref = hf_logits(oracle, ids).log_softmax(-1)
     np.testing.assert_allclose(ours, [ref[i - 1, ids[i]].item() for i in range(1, len(ids))],

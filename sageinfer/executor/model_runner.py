@@ -136,7 +136,7 @@ class ModelRunner:
         mode, store = self.config.kv_cache_dtype, self.kv_store_dtype()
         scales = (lambda: new_kv_scales(num_blocks, self.block_size, self.num_kv_heads, self.device)) \
             if mode == "int8" else (lambda: None)
-        fp8_scale = self.model.model.layers[layer].self_attn.fp8_kv_scale if mode == "fp8" else 1.0
+        fp8_scale = self.model.fp8_kv_scale(layer) if mode == "fp8" else 1.0
         return LayerKVCache(torch.zeros(shape, dtype=store, device=self.device),
                             torch.zeros(shape, dtype=store, device=self.device), mode, scales(), scales(),
                             fp8_scale=fp8_scale)

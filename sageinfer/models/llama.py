@@ -160,6 +160,10 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta, self.backend)
 
+    def fp8_kv_scale(self, layer: int) -> float:
+        """What layer's FP8 cache values are multiplied by (the checkpoint's calibrated scales, or 1.0)."""
+        return self.model.layers[layer].self_attn.fp8_kv_scale
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 

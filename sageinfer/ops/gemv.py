@@ -67,17 +67,20 @@ def fused_input(x_ptr, ms3, ks3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED
 
 
 @triton.jit
-def paired_rows(pid, N, BLOCK_N: tl.constexpr):
-    """A program's rows when its outputs are silu(gate) * up over the [gate, up] halves of N: gate row
-    i and up row N / 2 + i side by side (BLOCK_N / 2 outputs); and which of them exist."""
+def program_rows(pid, N, BLOCK_N: tl.constexpr, ACTIVATE: tl.constexpr):
+    """A program's BLOCK_N weight rows and which of them exist. ACTIVATE (outputs silu(gate) * up over
+    the [gate, up] halves of N): gate row i and up row N / 2 + i side by side, BLOCK_N / 2 outputs."""
     i = tl.arange(0, BLOCK_N)
-    out = pid * (BLOCK_N // 2) + i // 2
-    return out + (i % 2) * (N // 2), out < N // 2
+    if ACTIVATE:
+        out = pid * (BLOCK_N // 2) + i // 2
+        return out + (i % 2) * (N // 2), out < N // 2
+    rows = pid * BLOCK_N + i
+    return rows, rows < N
 
 
 @triton.jit
 def store_activated(y_ptr, y, ms, m_mask, stride_ym, pid, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """silu(gate) * up of paired_rows' outputs y [BLOCK_M, BLOCK_N] (in the model's dtype, as the
+    """silu(gate) * up of program_rows' paired outputs y [BLOCK_M, BLOCK_N] (in the model's dtype, as the
     projection would have stored them), into y_ptr [M, N / 2]."""
     gate, up = tl.split(tl.reshape(y, (BLOCK_M, BLOCK_N // 2, 2)))
     outs = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
@@ -130,11 +133,7 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, 
                  EVEN_K: tl.constexpr, GATED: tl.constexpr, PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr,
                  USE_PDL: tl.constexpr, ACTIVATE: tl.constexpr):
     pid = tl.program_id(0)
-    if ACTIVATE:
-        rows, row_mask = paired_rows(pid, N, BLOCK_N)
-    else:
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
+    rows, row_mask = program_rows(pid, N, BLOCK_N, ACTIVATE)
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     scale_rows = scale_ptr + rows[:, None].to(tl.int64) * stride_sn
     ms = tl.arange(0, BLOCK_M)

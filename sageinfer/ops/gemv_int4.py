@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
-from sageinfer.ops.gemv import fused_input, paired_rows, rms_scaled, silu_times, store_activated
+from sageinfer.ops.gemv import fused_input, program_rows, rms_scaled, silu_times, store_activated
 from sageinfer.ops.split_k import add_parts, split_launch
 from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_times_place
 
@@ -148,11 +148,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
     # Every tensor is made in the accumulator's 3-D shape [rows of x, output features, slice] from
     # its pointers, so no value changes layout inside the loop.
     pid = tl.program_id(0)
-    if ACTIVATE:
-        rows, row_mask = paired_rows(pid, N, BLOCK_N)
-    else:
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
+    rows, row_mask = program_rows(pid, N, BLOCK_N, ACTIVATE)
     rows3 = rows[None, :, None].to(tl.int64)
     row_mask3 = row_mask[None, :, None]
     ms = tl.arange(0, BLOCK_M)
