@@ -77,8 +77,9 @@ def test_one_row_reads_quantized_weights_as_the_model_they_encode(checkpoints, l
     """At one row the 8- and 4-bit layers go through the skinny kernel with their scales (and zero
     points; 16-bit activations, the norm, activation and residual folded in): a one-token prompt and
     its decode steps equal the dequantized model's, which takes the same kernel with whole weights.
-    Beside W4A16 the dequantized model runs with SAGEINFER_ONE_ROW_ACTIVATE (its gate_up matmul hands
-    out silu(gate) * up, its down projection takes a plain input): the same tokens either way."""
+    A W4A16 model's gate_up matmul hands out silu(gate) * up (its down projection takes a plain
+    input) where its dequantized copy, forced the other way (SAGEINFER_ONE_ROW_ACTIVATE=0), forms the
+    activation in down: the same tokens either way."""
     from sageinfer.layers import linear as linear_layers
     from sageinfer.ops import gemv as gemv_module
     calls, original = [], gemv_module.gemv
@@ -93,8 +94,8 @@ def test_one_row_reads_quantized_weights_as_the_model_they_encode(checkpoints, l
     else:
         quantized, dense = checkpoints[name], dequantized_copy(checkpoints[name], str(tmp_path / "dense"))
     for which, path in (("quantized", quantized), ("dense", dense)):
-        activate = which == "dense" and name.startswith("w4a16")
-        monkeypatch.setattr(linear_layers, "ONE_ROW_ACTIVATE", activate)
+        activate = which == "quantized" and name.startswith("w4a16")
+        monkeypatch.setattr(linear_layers, "ONE_ROW_ACTIVATE", None if which == "quantized" else False)
         calls.clear()
         llm = LLM(path, dtype="float32", num_gpu_blocks_override=128, attention_backend="triton", enforce_eager=True,
                   show_progress=False)
@@ -103,10 +104,11 @@ def test_one_row_reads_quantized_weights_as_the_model_they_encode(checkpoints, l
         llm.engine.shutdown()
         if which == "quantized":
             scaled = [k for k in calls if k.get("weight_scale") is not None]
-            assert any("norm_weight" in k for k in scaled) and any(k.get("gated") for k in scaled)
-            assert any(k.get("residual") is not None for k in scaled)
+            assert any("norm_weight" in k for k in scaled) and any(k.get("residual") is not None for k in scaled)
         if activate:
             assert any(k.get("activate") for k in calls) and not any(k.get("gated") for k in calls)
+        else:
+            assert any(k.get("gated") for k in calls) and not any(k.get("activate") for k in calls)
     assert outs["quantized"][0] == outs["dense"][0]
     np.testing.assert_allclose(outs["quantized"][1], outs["dense"][1], atol=1e-4)
 

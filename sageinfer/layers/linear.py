@@ -15,11 +15,20 @@ import torch.nn.functional as F
 from sageinfer.distributed.parallel_state import get_tp_group, kv_head_range
 from sageinfer.layers.quantization.config import get_quant_config
 
-# One row: the MLP's gate_up matmul hands out silu(gate) * up itself (each program pairs gate rows with
-# their up rows), instead of every program of the down projection forming it from [gate, up] (a
-# W4A16 down's sm_90 loop: 1,312 instructions a trip against 855 with a plain input). Off until timed
-# on a GPU (benchmarks/gpu_next_w4a16.sh); SAGEINFER_ONE_ROW_ACTIVATE=1 turns it on.
-ONE_ROW_ACTIVATE = os.environ.get("SAGEINFER_ONE_ROW_ACTIVATE", "0") != "0"
+# One row: the MLP's gate_up matmul can hand out silu(gate) * up itself (each program pairs gate rows
+# with their up rows), instead of every program of the down projection forming it from [gate, up] (a
+# W4A16 down's sm_90 loop: 1,312 instructions a trip against 855 with a plain input). Qwen3-8B L1 on an
+# H200 (2026-12-02g-h200-w4a16-one-row-defaults.md): W4A16 TPOT 4.51 -> 3.92 ms (with quad sums), bf16
+# 4.91 -> 4.97 (slower), so it is on where the down projection's method asks for a plain input
+# (plain_one_row_input); SAGEINFER_ONE_ROW_ACTIVATE=1 or 0 forces it on or off for every layer.
+ONE_ROW_ACTIVATE = {"1": True, "0": False}.get(os.environ.get("SAGEINFER_ONE_ROW_ACTIVATE", "auto"))
+
+
+def one_row_activates_before(down: "Linear") -> bool:
+    """Whether a one-row MLP activates in its gate_up matmul (down takes a plain input) or in down."""
+    if ONE_ROW_ACTIVATE is not None:
+        return ONE_ROW_ACTIVATE
+    return getattr(down.quant, "plain_one_row_input", False)
 
 
 class Linear(nn.Module):

@@ -36,12 +36,13 @@ from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_t
 # (time_int4_step.py's path "gemv split").
 # "quad_sums": each thread sums its four consecutive columns' products before the group scale, which
 # then costs one FMA per four weights instead of one per weight (sm_90 loop 855 -> 759 instructions).
-# On an H200 (2026-12-02f-h200-w4a16-one-row-graphs.md) qkv, o and gate_up got 7-13% faster and down
-# (gated) 50% slower, so gated inputs keep the per-weight loop; that mix has not run end to end yet:
-# off until it has (SAGEINFER_INT4_QUAD_SUMS=1 turns it on).
+# On an H200 qkv, o and gate_up got 7-13% faster and a gated down 50% slower, so gated inputs keep the
+# per-weight loop (W4A16 layers hand down a plain input: layers/linear.py); Qwen3-8B W4A16 L1 TPOT
+# 4.72 -> 4.51 ms, 4.38 -> 3.92 with the plain input (2026-12-02g-h200-w4a16-one-row-defaults.md).
+# SAGEINFER_INT4_QUAD_SUMS=0 turns it off.
 INT4_GEMV_CONFIG = {"block_n": 32, "num_warps": 8, "num_stages": 2,
                     "min_programs": int(os.environ.get("SAGEINFER_INT4_GEMV_MIN_PROGRAMS", "0")),
-                    "quad_sums": os.environ.get("SAGEINFER_INT4_QUAD_SUMS", "0") != "0"}
+                    "quad_sums": os.environ.get("SAGEINFER_INT4_QUAD_SUMS", "1") != "0"}
 
 
 @triton.jit
