@@ -196,6 +196,47 @@ def test_gemv_unpacks_4bit_weights_with_group_scales_and_zero_points(mode, zeros
                  int4=True, slice_width=s, **kwargs)
 
 
+@pytest.mark.parametrize("mode", ["plain", "normed", "residual", "activate"])
+@pytest.mark.parametrize("zeros, rows, k, g", [(False, 1, 256, 16), (True, 1, 256, 16), (True, 2, 512, 512),
+                                                (False, 1, 512, 128)])
+def test_4bit_scales_read_once_a_run_give_the_same_output(mode, zeros, rows, k, g):
+    """run_scales: where a group is one slice (k 256 in groups of 16: each row's eight scales and zero
+    points in one load a run, split to slices) or a whole number of runs (channel-wise, k 512), the
+    quad-sum loop reads them once a run; the output equals the per-slice reads exactly and the
+    dequantized reference within fp16's rounding. Groups of several slices (k 512 in groups of 128,
+    slices of 64) keep the per-slice reads."""
+    from sageinfer.ops.weight_only import dequantize, pack, slice_width_for
+    gen = torch.Generator().manual_seed(29 + rows + zeros)
+    n, s = 24, slice_width_for(k, g)
+    assert (g == s or g % (8 * s) == 0) == ((k, g) != (512, 128))
+    q = torch.randint(0, 16, (n, k), generator=gen)
+    scale = ((torch.rand(n, k // g, generator=gen) + 0.1) / 8).half()
+    zero = torch.randint(-3, 4, (n, k // g), generator=gen, dtype=torch.int32) if zeros else None
+    packed = pack(q, s)
+    x = torch.randn(rows, k, generator=gen).half()
+    norm_w = (torch.rand(k, generator=gen) + 0.5).half()
+    residual = torch.randn(rows, n, generator=gen).half()
+    outs = []
+    for run_scales in (False, True):
+        cfg = {"block_n": 8, "num_warps": 4, "num_stages": 1, "min_programs": 0, "quad_sums": True,
+               "run_scales": run_scales}
+        kwargs = ({"norm_weight": norm_w.to(DEVICE), "eps": 1e-6} if mode == "normed" else
+                  {"residual": residual.clone().to(DEVICE)} if mode == "residual" else
+                  {"activate": True} if mode == "activate" else {})
+        outs.append(gemv(x.to(DEVICE), packed.to(DEVICE), config=cfg, weight_scale=scale.to(DEVICE),
+                         weight_zero=zero.to(DEVICE) if zeros else None, int4=True, slice_width=s, **kwargs).cpu())
+    assert torch.equal(outs[0], outs[1])
+    inp = _mode_input(x, k, "normed" if mode == "normed" else "plain", norm_w)
+    weight = dequantize(packed, scale.float(), zero if zeros else torch.zeros_like(scale, dtype=torch.int32), g,
+                        torch.float64, s)
+    ref = inp.double() @ weight.t()
+    if mode == "residual":
+        ref = ref + residual.double()
+    if mode == "activate":
+        ref = torch.nn.functional.silu(ref[:, :n // 2]) * ref[:, n // 2:]
+    assert rel_err(outs[1].float(), ref) < 4e-3
+
+
 @pytest.mark.parametrize("rows", [5, 20, 70])
 def test_4bit_tensor_core_matmul_takes_any_number_of_rows(rows):
     """Beyond the skinny kernel's rows: tiles of 16 or 32 rows of x over the packed words, equal to the

@@ -40,9 +40,14 @@ from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_t
 # per-weight loop (W4A16 layers hand down a plain input: layers/linear.py); Qwen3-8B W4A16 L1 TPOT
 # 4.72 -> 4.51 ms, 4.38 -> 3.92 with the plain input (2026-12-02g-h200-w4a16-one-row-defaults.md).
 # SAGEINFER_INT4_QUAD_SUMS=0 turns it off.
+# "run_scales": the quad-sum loop reads a run's scales (and zero points) once where the groups allow
+# (_run_scales; 759 -> 630 instructions a trip): the step's 4-bit matmuls 2.92 -> 2.85 ms in CUDA
+# graphs, L1 TPOT 3.92 -> 3.74 ms on an H200, twice each, alternating (same results file).
+# SAGEINFER_INT4_RUN_SCALES=0 turns it off.
 INT4_GEMV_CONFIG = {"block_n": 32, "num_warps": 8, "num_stages": 2,
                     "min_programs": int(os.environ.get("SAGEINFER_INT4_GEMV_MIN_PROGRAMS", "0")),
-                    "quad_sums": os.environ.get("SAGEINFER_INT4_QUAD_SUMS", "1") != "0"}
+                    "quad_sums": os.environ.get("SAGEINFER_INT4_QUAD_SUMS", "1") != "0",
+                    "run_scales": os.environ.get("SAGEINFER_INT4_RUN_SCALES", "1") != "0"}
 
 
 @triton.jit
@@ -63,6 +68,39 @@ def _scale_and_offset(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, group, H
     if HAS_ZERO:
         offset += tl.load(zero_ptr + rows3 * stride_sn + group, mask=row_mask3, other=0).to(tl.float32)
     return s, offset
+
+
+@triton.jit
+def _eighths(t):
+    """[A, B, 8] -> its eight [A, B, 1] parts, in order."""
+    even, odd = tl.split(tl.reshape(t, t.shape[:-1] + (4, 2)))
+    e0, e2 = tl.split(tl.reshape(even, even.shape[:-1] + (2, 2)))
+    e1, e3 = tl.split(tl.reshape(odd, odd.shape[:-1] + (2, 2)))
+    p0, p4 = tl.split(e0)
+    p2, p6 = tl.split(e2)
+    p1, p5 = tl.split(e1)
+    p3, p7 = tl.split(e3)
+    return (p0[:, :, None], p1[:, :, None], p2[:, :, None], p3[:, :, None], p4[:, :, None], p5[:, :, None],
+            p6[:, :, None], p7[:, :, None])
+
+
+@triton.jit
+def _run_scales(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, k0, GROUP: tl.constexpr, SLICE: tl.constexpr,
+                HAS_ZERO: tl.constexpr):
+    """The eight slices' scales of the run at k0 and the values their nibbles are stored above, where
+    the groups let them be read once a run: a group a slice (each row's eight scales in one load; the
+    split to slices costs a small layout change in shared memory), or groups of whole runs (one
+    value). Per slice they would be eight loads a row, each with its 64-bit address."""
+    if GROUP == SLICE:
+        g3 = k0 // GROUP + tl.arange(0, 8)[None, None, :]
+        scales = _eighths(tl.load(scale_ptr + rows3 * stride_sn + g3, mask=row_mask3, other=0.0).to(tl.float32))
+        offsets = (8.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0)
+        if HAS_ZERO:
+            zeros = tl.load(zero_ptr + rows3 * stride_sn + g3, mask=row_mask3, other=0).to(tl.float32) + 8.0
+            offsets = _eighths(zeros)
+        return scales, offsets
+    s, offset = _scale_and_offset(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, k0 // GROUP, HAS_ZERO)
+    return (s, s, s, s, s, s, s, s), (offset, offset, offset, offset, offset, offset, offset, offset)
 
 
 @triton.jit
@@ -97,12 +135,13 @@ def _per_weight_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows
 def _quad_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3, row_mask3, ms3, m_mask3, ws3, rstd3,
                     k_lo, k_hi, K, stride_xm, stride_sn, GROUP: tl.constexpr, SLICE: tl.constexpr,
                     HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr,
-                    PRENORM: tl.constexpr):
+                    PRENORM: tl.constexpr, RUN_SCALES: tl.constexpr):
     """The run loop with a thread's four consecutive columns summed before their group's scale: per
     nibble, quad = sum of x n 16^p - (8 + zero) 16^p sum of x, then acc += quad * scale / 16^p. One
     mask, one subtraction and one FMA a weight; the scale and the offset once per four (the offset's
     x sum is shared by every row a thread holds). Accumulates [M, N, S / 4]."""
     RUN: tl.constexpr = 8 * SLICE
+    ONCE_A_RUN: tl.constexpr = RUN_SCALES and (GROUP == SLICE or GROUP % RUN == 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N, SLICE // 4), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, RUN):
         w0, w1, w2, w3 = _quarters(words)
@@ -114,11 +153,16 @@ def _quad_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3
         low2, high2 = nibble_planes(w2)
         low3, high3 = nibble_planes(w3)
         below0, below1, below2, below3 = 8388608.0, 8388608.0, 8388608.0, 8388608.0
+        if ONCE_A_RUN:
+            scales, offsets = _run_scales(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, k0, GROUP, SLICE, HAS_ZERO)
         for j in tl.static_range(8):
             x = fused_input(x_ptr, ms3, k0 + j * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED, PRENORM)
             x0, x1, x2, x3 = _quarters(x)
-            s, offset = _scale_and_offset(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, (k0 + j * SLICE) // GROUP,
-                                          HAS_ZERO)
+            if ONCE_A_RUN:
+                s, offset = scales[j], offsets[j]
+            else:
+                s, offset = _scale_and_offset(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn,
+                                              (k0 + j * SLICE) // GROUP, HAS_ZERO)
             if j == 5:
                 below0, below1, below2, below3 = 8388608.0, 8388608.0, 8388608.0, 8388608.0
             place = 1 << (4 * (j % 5))
@@ -142,7 +186,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr,
                       PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr, USE_PDL: tl.constexpr,
                       part_ptr, counter_ptr, k_per_split, SPLITS: tl.constexpr, QUAD_SUMS: tl.constexpr,
-                      ACTIVATE: tl.constexpr):
+                      ACTIVATE: tl.constexpr, RUN_SCALES: tl.constexpr):
     """SPLITS > 1: programs over parts of K too (program_id(1)); each stores its fp32 sums in its own
     [M, N] plane of part_ptr and counts itself in counter_ptr[program_id(0)]; the part that counts
     last adds the planes, finishes the output as one program would, and sets the count back to 0."""
@@ -176,7 +220,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
     if QUAD_SUMS:
         acc = _quad_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3, row_mask3, ms3, m_mask3,
                               ws3, rstd3, k_lo, k_hi, K, stride_xm, stride_sn, GROUP, SLICE, HAS_ZERO, BLOCK_M,
-                              BLOCK_N, GATED, PRENORM)
+                              BLOCK_N, GATED, PRENORM, RUN_SCALES)
     else:
         acc = _per_weight_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3, row_mask3, ms3, m_mask3,
                                ws3, rstd3, k_lo, k_hi, K, stride_xm, stride_sn, GROUP, SLICE, HAS_ZERO, BLOCK_M,
@@ -325,7 +369,8 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
         # (that variant compiled to 32 registers and 1,162 spilled there).
         quad_sums = (cfg.get("quad_sums", INT4_GEMV_CONFIG["quad_sums"]) and slice_width % 4 == 0 and not gated
                      and parts == 1)
-        _int4_gemv_kernel[(tiles, parts)](*args, BLOCK_M=block_m, QUAD_SUMS=quad_sums, ACTIVATE=activate, **split,
+        _int4_gemv_kernel[(tiles, parts)](*args, BLOCK_M=block_m, QUAD_SUMS=quad_sums, ACTIVATE=activate,
+                                          RUN_SCALES=cfg.get("run_scales", INT4_GEMV_CONFIG["run_scales"]), **split,
                                           **flags)
     return y
 
