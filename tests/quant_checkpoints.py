@@ -206,6 +206,62 @@ def write_4bit_by_hand(src: str, dst: str, method: str, group_size: int = 32, de
     return dst, dst + "-dense"
 
 
+def _pack_bytes(values: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] integers in [0, 255] -> [rows, cols / 4] int32, the first in the lowest byte."""
+    b = values.to(torch.int64).view(values.shape[0], -1, 4)
+    words = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def write_gptq_8bit(src: str, dst: str, group_size: int = 32, desc_act: bool = False, v2: bool = False,
+                    zero: int = 128) -> tuple[str, str]:
+    """GPTQ 8-bit, symmetric (the layout of Qwen's GPTQ-Int8 releases), written by hand to the format's
+    specification: `qweight` [K / 4, N] four bytes a word along the input, each value stored plus 128,
+    `qzeros` [G, N / 4] (128, or 127 in the original format that stores zero - 1), `scales` [G, N]
+    fp16, `g_idx` [K] (a scattered set of columns a group with desc_act). zero: another zero point
+    writes an asymmetric checkpoint. Beside it (dst + "-dense") the weights it encodes in float32."""
+    shutil.copytree(src, dst)
+    os.remove(os.path.join(dst, "model.safetensors"))
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    gen = torch.Generator().manual_seed(8)
+    out, dense, orders = {}, {}, {}
+    for name, t in tensors.items():
+        layer = name.rsplit(".", 1)[0]
+        if not (name.endswith(".weight") and layer.split(".")[-1] in _LINEARS):
+            out[name] = dense[name] = t
+            continue
+        w = t.float()
+        n, k = w.shape
+        g_idx = torch.arange(k, dtype=torch.int32) // group_size
+        if desc_act:  # layers reading one input share its order
+            key = (layer.rsplit(".", 1)[0], layer.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
+                   layer.split(".")[-1] in ("gate_proj", "up_proj"))
+            if key not in orders:
+                orders[key] = torch.randperm(k, generator=gen)
+            g_idx[orders[key]] = torch.arange(k, dtype=torch.int32) // group_size
+        amax = torch.stack([w[:, g_idx == g].abs().amax(1) for g in range(k // group_size)], 1)   # [N, G]
+        scale = (amax / 127).clamp(min=1e-8).half().float()
+        s_full = scale[:, g_idx.long()]
+        q = (w / s_full).round().clamp(-128, 127)
+        dense[name] = q * s_full
+        out[layer + ".qweight"] = _pack_bytes(q + 128).t().contiguous()                         # [K / 4, N]
+        zeros = torch.full((k // group_size, n), zero - (0 if v2 else 1))
+        out[layer + ".qzeros"] = _pack_bytes(zeros)                                              # [G, N / 4]
+        out[layer + ".scales"] = scale.t().contiguous().half()
+        out[layer + ".g_idx"] = g_idx
+    save_file(out, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(dst, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 8, "group_size": group_size,
+                                     "desc_act": desc_act, "sym": True,
+                                     "checkpoint_format": "gptq_v2" if v2 else "gptq"}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    shutil.copytree(src, dst + "-dense")
+    save_file(dense, os.path.join(dst + "-dense", "model.safetensors"))
+    return dst, dst + "-dense"
+
+
 def write_fp8_blocks(src: str, dst: str, block: int = 32) -> tuple[str, str]:
     """quant_method "fp8" with weight_block_size [b, b] (the layout of Qwen3's and DeepSeek's FP8
     releases): FP8 `weight` and `weight_scale_inv` per tile; beside it the weights it encodes."""

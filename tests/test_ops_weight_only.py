@@ -40,15 +40,23 @@ def test_packed_shapes_that_do_not_fit_are_refused():
                           128, torch.float32, slice_width=64)
 
 
+def _8bit_weight(kind: str, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    if kind == "int8":
+        return torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    return (torch.randn(n, k, generator=gen) * 50).to(torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
 @pytest.mark.parametrize("min_programs", [0, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m, n, k, block", [(1, 64, 128, 32), (20, 96, 64, 64), (3, 40, 96, 32)])
-def test_fp8_block_matmul_matches_the_dequantized_weights(m, n, k, block, dtype, min_programs):
-    """16-bit inputs take the fp16 dot on the raw FP8 values (bf16 ones scaled by 2^-8: here past
-    fp16's range too); min_programs 8 splits K in 2-3 parts (ops/split_k.py)."""
-    from sageinfer.ops.weight_only import dequantize_fp8_blocks, w8a16_block_matmul
+def test_8bit_weight_matmul_matches_the_dequantized_weights(m, n, k, block, dtype, min_programs, kind):
+    """FP8 blocks (each row carrying its tiles' scales) and INT8 groups: 16-bit inputs take the fp16
+    dot on the raw 8-bit values (bf16 ones scaled by 2^-8: here past fp16's range too); min_programs 8
+    splits K in 2-3 parts (ops/split_k.py)."""
+    from sageinfer.ops.weight_only import dequantize_8bit_groups, w8a16_block_matmul
     gen = torch.Generator().manual_seed(m * n + k)
-    weight = (torch.randn(n, k, generator=gen) * 50).to(torch.float8_e4m3fn).to(DEVICE)
+    weight = _8bit_weight(kind, n, k, gen).to(DEVICE)
     tiles = torch.rand((n + block - 1) // block, (k + block - 1) // block, generator=gen) * 0.01
     scale = tiles.repeat_interleave(block, 0)[:n].to(DEVICE)  # each row carries its tiles' scales
     x = torch.randn(m, k, generator=gen)
@@ -56,7 +64,7 @@ def test_fp8_block_matmul_matches_the_dequantized_weights(m, n, k, block, dtype,
         x[0, :3] = torch.tensor([9e4, -1e-4, 2e-6])
     x = x.to(dtype).to(DEVICE)
     y = w8a16_block_matmul(x, weight, scale, block, block_k=32, min_programs=min_programs)
-    ref = x.double() @ dequantize_fp8_blocks(weight, scale, block, torch.float64).t()
+    ref = x.double() @ dequantize_8bit_groups(weight, scale, block, torch.float64).t()
     assert y.dtype == dtype and rel_err(y, ref) < (1e-5 if dtype == torch.float32 else TOL[dtype])
 
 
@@ -87,12 +95,13 @@ def test_one_pass_dequantization_is_the_reference(n, k, group, asymmetric, slice
         _same_weight(got.cpu(), dequantize(packed, scales, zeros, group, dtype, slice_width))
 
 
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
 @pytest.mark.parametrize("n, k, block", [(64, 128, 32), (100, 200, 64)])
-def test_one_pass_fp8_block_dequantization_is_the_reference(n, k, block):
-    from sageinfer.ops.weight_only import dequantize_fp8_blocks, dequantize_fp8_blocks_kernel
+def test_one_pass_8bit_dequantization_is_the_reference(n, k, block, kind):
+    from sageinfer.ops.weight_only import dequantize_8bit_groups, dequantize_8bit_groups_kernel
     gen = torch.Generator().manual_seed(n * k)
-    weight = (torch.randn(n, k, generator=gen) * 50).to(torch.float8_e4m3fn)
+    weight = _8bit_weight(kind, n, k, gen)
     scale = torch.rand(n, (k + block - 1) // block, generator=gen) * 0.01
     for dtype in (torch.float32, torch.bfloat16):
-        got = dequantize_fp8_blocks_kernel(weight.to(DEVICE), scale.to(DEVICE), block, dtype)
-        _same_weight(got.cpu(), dequantize_fp8_blocks(weight, scale, block, dtype))
+        got = dequantize_8bit_groups_kernel(weight.to(DEVICE), scale.to(DEVICE), block, dtype)
+        _same_weight(got.cpu(), dequantize_8bit_groups(weight, scale, block, dtype))

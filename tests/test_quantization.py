@@ -71,7 +71,7 @@ def test_fp8_at_load_time_equals_the_per_channel_checkpoint(checkpoints, tmp_pat
     assert from_checkpoint[1] == at_load[1]
 
 
-@pytest.mark.parametrize("name", ["fp8-channel", "fp8-block", "w4a16-group-asym"])  # INT8: tests/test_ops_gemv.py
+@pytest.mark.parametrize("name", ["fp8-channel", "fp8-block", "w4a16-group-asym", "gptq-8bit"])  # INT8: test_ops_gemv.py
 def test_one_row_reads_quantized_weights_as_the_model_they_encode(checkpoints, llama_dir, tmp_path, monkeypatch,
                                                                     request, name):
     """At one row the 8- and 4-bit layers go through the skinny kernel with their scales (and zero
@@ -91,6 +91,9 @@ def test_one_row_reads_quantized_weights_as_the_model_they_encode(checkpoints, l
         quantized, dense = write_fp8_blocks(llama_dir, str(tmp_path / "fp8-blocks"))
     elif name.startswith("w4a16"):
         quantized, dense = request.getfixturevalue("w4a16")[name.removeprefix("w4a16-")]
+    elif name == "gptq-8bit":
+        from quant_checkpoints import write_gptq_8bit
+        quantized, dense = write_gptq_8bit(llama_dir, str(tmp_path / "gptq-8bit"))
     else:
         quantized, dense = checkpoints[name], dequantized_copy(checkpoints[name], str(tmp_path / "dense"))
     for which, path in (("quantized", quantized), ("dense", dense)):
@@ -201,7 +204,11 @@ def _with_4_bit_weights(**weights):
 
 @pytest.mark.parametrize("raw, option, says", [
     ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, None, "AWQ version 'gemv'"),
-    ({"quant_method": "gptq", "bits": 8, "group_size": 128}, None, "gptq with 8 bits"),
+    ({"quant_method": "gptq", "bits": 3, "group_size": 128}, None, "gptq with 3 bits"),
+    ({"quant_method": "gptq", "bits": 8, "group_size": 128, "sym": False}, None, "asymmetric 8-bit GPTQ"),
+    ({"quant_method": "awq", "bits": 8, "group_size": 128}, None, "awq with 8 bits"),
+    (_with_weights(_with_4_bit_weights(), num_bits=8, symmetric=False, group_size=128), None,
+     "asymmetric 8-bit compressed-tensors"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 100}, None, "group_size 100"),
     ({"quant_method": "bitsandbytes"}, None, "quant_method 'bitsandbytes'"),
     (_ct_config("int", "group", True, bits=4), None, "int 4 bit"),
@@ -366,6 +373,74 @@ def test_tp2_gptq_and_awq_as_tp1_and_act_order_refused(llama_dir, tmp_path):
         _prompt_logprobs(act_order, tensor_parallel_size=2)
 
 
+@needs_ranks(2)
+def test_tp2_8_bit_gptq_as_tp1(llama_dir, tmp_path):
+    from quant_checkpoints import write_gptq_8bit
+    quantized, _ = write_gptq_8bit(llama_dir, str(tmp_path / "gptq8"))
+    one, two = (_prompt_logprobs(quantized, tensor_parallel_size=tp) for tp in (1, 2))
+    np.testing.assert_allclose(one[0], two[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("desc_act, v2", [(False, False), (True, False), (False, True)])
+def test_8_bit_gptq_runs_the_weights_it_encodes(llama_dir, tmp_path, desc_act, v2):
+    """GPTQ 8-bit (Qwen's GPTQ-Int8 layout), written by hand: symmetric groups of 32 (scattered over the
+    input columns with desc_act; zero points stored minus one in the original format, as they are in
+    v2). The layers hold INT8 weights with their group scales; an asymmetric checkpoint is refused."""
+    from oracle import hf_logits
+    from quant_checkpoints import write_gptq_8bit
+    quantized, dense = write_gptq_8bit(llama_dir, str(tmp_path / "gptq8"), desc_act=desc_act, v2=v2)
+    ours, tokens = _prompt_logprobs(quantized)
+    ref = hf_logits(dense, PROMPT).log_softmax(-1)
+    np.testing.assert_allclose(ours, [ref[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))], atol=1e-4)
+    llm = LLM(quantized, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+    layer = llm.engine.runner.model.model.layers[0].self_attn.qkv_proj
+    assert layer.weight.dtype == torch.int8 and layer.weight_scale.shape == (layer.weight.shape[0], 2)
+    assert hasattr(layer, "input_order") == desc_act and not hasattr(layer, "qweight")
+    llm.engine.shutdown()
+    if not desc_act and not v2:
+        asymmetric, _ = write_gptq_8bit(llama_dir, str(tmp_path / "asym"), zero=120)
+        with pytest.raises(ValueError, match="zero points other than 128"):
+            LLM(asymmetric, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40, 80])
+@pytest.mark.parametrize("group", [64, None])
+def test_an_8_bit_weight_only_layer_with_kernels_is_its_dequantized_weight(rows, group, monkeypatch):
+    """An INT8 weight-only layer where the platform runs Triton: one row through the skinny kernel
+    (group scales in registers, or a scale per row applied to the sums), up to 64 rows through the
+    8-bit weight-only kernel, more through the weight expanded in one pass; each the product with the
+    weights the bytes encode."""
+    from kernels_util import DEVICE
+    from quant_checkpoints import _pack_bytes
+    from sageinfer.layers.linear import Linear
+    from sageinfer.layers.quantization import QuantConfig, set_quant_config, w8a16
+    from sageinfer.ops import gemv as gemv_module
+    kernel_calls, one_row_calls = [], []
+    kernel = w8a16.w8a16_block_matmul
+    monkeypatch.setattr(w8a16, "w8a16_block_matmul", lambda *a, **k: kernel_calls.append(a) or kernel(*a, **k))
+    one_row = gemv_module.gemv
+    monkeypatch.setattr(gemv_module, "gemv", lambda *a, **k: one_row_calls.append(k) or one_row(*a, **k))
+    gen = torch.Generator().manual_seed(rows)
+    set_quant_config(QuantConfig("w8a16", "group" if group else "channel", False, True, group_size=group))
+    try:
+        layer = Linear(256, 48)
+    finally:
+        set_quant_config(None)
+    q = torch.randint(-128, 128, (48, 256), generator=gen)
+    scales = torch.rand(48, 256 // (group or 256), generator=gen) / 50
+    layer.weight_packed.data = _pack_bytes(q + 128)  # as compressed-tensors stores them
+    layer.weight_scale.data = scales
+    layer.process_after_loading()
+    assert layer.weight.dtype == torch.int8 and torch.equal(layer.weight, q.to(torch.int8))
+    layer.to(DEVICE).use_triton = True
+    x = torch.randn(rows, 256, generator=gen)
+    ref = x.double() @ (q.double() * scales.double().repeat_interleave(group or 256, 1)).t()
+    tol = 1e-2 if DEVICE != "cpu" else 1e-4  # (tf32 dots on a GPU)
+    torch.testing.assert_close(layer(x.to(DEVICE)).double().cpu(), ref, rtol=tol, atol=tol)
+    assert len(kernel_calls) == (1 if 2 <= rows <= 64 else 0)
+    assert len(one_row_calls) == (rows == 1)
+
+
 def test_block_fp8_checkpoint_runs_the_weights_it_encodes(llama_dir, tmp_path):
     from oracle import hf_logits
     from quant_checkpoints import write_fp8_blocks
@@ -444,12 +519,12 @@ def test_a_block_fp8_layer_with_kernels_is_its_dequantized_weight(rows):
     """A block-FP8 layer where the platform runs Triton: up to 64 rows through the kernel that scales
     the FP8 tiles in registers, more through the weight expanded in one pass."""
     from kernels_util import DEVICE
-    from sageinfer.ops.weight_only import dequantize_fp8_blocks
+    from sageinfer.ops.weight_only import dequantize_8bit_groups
     gen = torch.Generator().manual_seed(rows)
     layer = _block_fp8_layer(128, 64, 32, gen)
     layer.to(DEVICE).use_triton = True
     x = torch.randn(rows, 128, generator=gen)
-    ref = x.double() @ dequantize_fp8_blocks(layer.weight.cpu(), layer.weight_scale_inv.cpu(), 32, torch.float64).t()
+    ref = x.double() @ dequantize_8bit_groups(layer.weight.cpu(), layer.weight_scale_inv.cpu(), 32, torch.float64).t()
     tol = 1e-2 if DEVICE != "cpu" else 1e-4  # (tf32 dots on a GPU)
     torch.testing.assert_close(layer(x.to(DEVICE)).double().cpu(), ref, rtol=tol, atol=tol)
 
@@ -470,13 +545,13 @@ def test_a_block_fp8_layer_above_64_rows_takes_the_platforms_block_gemm(monkeypa
     checked once against the dequantized product), layers of 128 x 128 tiles give it their activations
     per token and 128 columns and one scale per tile; the product is the expanded layer's within what
     quantizing the activations costs. Here a stand-in GEMM computes the block-scaled product itself."""
-    from sageinfer.ops.weight_only import dequantize_fp8_blocks
+    from sageinfer.ops.weight_only import dequantize_8bit_groups
     from sageinfer.platforms.cpu import CpuPlatform
     calls = []
 
     def block_gemm(self, xq, x_scale, wq, w_scale, out_dtype):
         calls.append((tuple(x_scale.shape), tuple(w_scale.shape)))
-        w = dequantize_fp8_blocks(wq, w_scale.repeat_interleave(128, 0), 128, torch.float32)
+        w = dequantize_8bit_groups(wq, w_scale.repeat_interleave(128, 0), 128, torch.float32)
         return ((xq.float() * x_scale.repeat_interleave(128, 1)) @ w.t()).to(out_dtype)
     monkeypatch.setattr(CpuPlatform, "supports_fp8_block_gemm", lambda self: True)
     monkeypatch.setattr(CpuPlatform, "fp8_block_matmul", block_gemm)
@@ -485,7 +560,7 @@ def test_a_block_fp8_layer_above_64_rows_takes_the_platforms_block_gemm(monkeypa
     layer.platform = CpuPlatform()
     layer.quant.prepare(layer)
     x = torch.randn(80, 256, generator=gen)
-    ref = x @ dequantize_fp8_blocks(layer.weight, layer.weight_scale_inv, 128, torch.float32).t()
+    ref = x @ dequantize_8bit_groups(layer.weight, layer.weight_scale_inv, 128, torch.float32).t()
     y = layer(x)
     assert calls == [((80, 2), (3, 2))]
     assert float((y - ref).abs().max()) < 0.05 * float(ref.abs().max())

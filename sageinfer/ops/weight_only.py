@@ -9,7 +9,8 @@ devices without Triton).
   j S + w. A kernel then unpacks nibble j of a row of words into S consecutive columns with one
   operation for all (no regrouping of registers); S = 1 is the plain order (nibble j of word w is
   column 8 w + j), what checkpoints store.
-- 8-bit FP8 (e4m3) with a scale per block x block tile, as block-quantized FP8 checkpoints hold them.
+- 8-bit FP8 (e4m3) with a scale per block x block tile, as block-quantized FP8 checkpoints hold them,
+  or INT8 with a scale per row and group of columns (GPTQ's 8-bit, llm-compressor's W8A16).
 """
 from __future__ import annotations
 
@@ -86,8 +87,17 @@ def nibble_times_place(low, high, J: tl.constexpr):
 
 
 @triton.jit
+def _bytes_as(raw, INT8: tl.constexpr, dtype: tl.constexpr):
+    """8-bit weights loaded as bytes, as dtype: INT8 integers (exact in fp16 and fp32), else FP8 e4m3."""
+    if INT8:
+        return raw.to(tl.int8, bitcast=True).to(dtype)
+    return raw.to(tl.float8e4nv, bitcast=True).to(dtype)
+
+
+@triton.jit
 def _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, stride_sn,
-                 INT4: tl.constexpr, GROUP: tl.constexpr, SLICE: tl.constexpr, BLOCK_K: tl.constexpr):
+                 INT4: tl.constexpr, GROUP: tl.constexpr, SLICE: tl.constexpr, BLOCK_K: tl.constexpr,
+                 INT8: tl.constexpr = False):
     """Rows ns x columns ks (one group: k0 // GROUP) of the weight, expanded to fp32 and scaled."""
     w_mask = n_mask[:, None] & k_mask[None, :]
     s = tl.load(s_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
@@ -104,7 +114,7 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, str
         q = q - z[:, None]
     else:
         raw = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :], mask=w_mask, other=0)
-        q = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        q = _bytes_as(raw, INT8, tl.float32)
     return q * s[:, None]
 
 
@@ -112,9 +122,10 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, str
 def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
                         x_scale, part_ptr, counter_ptr, k_per_split, INT4: tl.constexpr, GROUP: tl.constexpr,
                         SLICE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PRECISION: tl.constexpr, FP16_DOT: tl.constexpr = False, SPLITS: tl.constexpr = 1):
-    """INT4: packed words, a scale and zero point per GROUP columns; else FP8 bytes with the scale
-    of each GROUP-wide tile of the row. BLOCK_K divides GROUP: one scale column per K tile.
+                        PRECISION: tl.constexpr, FP16_DOT: tl.constexpr = False, SPLITS: tl.constexpr = 1,
+                        INT8: tl.constexpr = False):
+    """INT4: packed words, a scale and zero point per GROUP columns; else 8-bit weights (FP8 bytes,
+    or INT8 ones) with the scale of each GROUP-wide part of the row. BLOCK_K divides GROUP: one scale column per K tile.
     FP16_DOT (FP8 with 16-bit x): the dot in fp16 on the raw FP8 values and x (ops/fp16_operand.py;
     widening each weight to fp32, scaling and narrowing it took three instructions more a weight),
     each K tile's product then times its scale and 1 / x_scale.
@@ -137,12 +148,12 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, s
             x = fp16_operand(x, x_scale)
             raw = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :], mask=n_mask[:, None] & k_mask[None, :],
                           other=0)
-            w = raw.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+            w = _bytes_as(raw, INT8, tl.float16)
             s = tl.load(s_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
             acc += tl.dot(x, tl.trans(w)) * (s / x_scale)[None, :]
         else:
             w = _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, stride_sn, INT4, GROUP, SLICE,
-                             BLOCK_K).to(x.dtype)
+                             BLOCK_K, INT8).to(x.dtype)
             acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     if SPLITS > 1:
         count, acc = add_parts(acc, part_ptr + ms[:, None] * N + ns[None, :], m_mask[:, None] & n_mask[None, :],
@@ -156,13 +167,13 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, s
 @triton.jit
 def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
                        INT4: tl.constexpr, GROUP: tl.constexpr, SLICE: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+                       BLOCK_K: tl.constexpr, INT8: tl.constexpr = False):
     ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     ks = k0 + tl.arange(0, BLOCK_K)
     n_mask, k_mask = ns < N, ks < K
     w = _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, stride_sn, INT4, GROUP, SLICE,
-                     BLOCK_K)
+                     BLOCK_K, INT8)
     tl.store(out_ptr + ns.to(tl.int64)[:, None] * stride_on + ks[None, :], w.to(out_ptr.dtype.element_ty),
              mask=n_mask[:, None] & k_mask[None, :])
 
@@ -192,7 +203,7 @@ _MIN_RUN_SLICE = 16
 
 
 def _dequantize_launch(w, scales, zeros, int4: bool, group: int, n: int, k: int, dtype: torch.dtype,
-                       slice_width: int = 1) -> torch.Tensor:
+                       slice_width: int = 1, int8: bool = False) -> torch.Tensor:
     """The whole weight expanded in one pass (reads its bytes once, writes dtype once): what larger
     batches multiply with the library GEMM, instead of the torch reference's several fp32 passes."""
     out = torch.empty(n, k, dtype=dtype, device=w.device)
@@ -205,7 +216,7 @@ def _dequantize_launch(w, scales, zeros, int4: bool, group: int, n: int, k: int,
     block_n, block_k = 32, min(128, group & -group)  # a power of two that divides the group
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     _dequantize_kernel[grid](w, scales, zeros, out, n, k, w.stride(0), scales.stride(0), out.stride(0),
-                             INT4=int4, GROUP=group, SLICE=slice_width, BLOCK_N=block_n, BLOCK_K=block_k)
+                             INT4=int4, GROUP=group, SLICE=slice_width, BLOCK_N=block_n, BLOCK_K=block_k, INT8=int8)
     return out
 
 
@@ -225,19 +236,20 @@ def dequantize_kernel(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.T
                               packed.shape[1] * 8, dtype, slice_width)
 
 
-def dequantize_fp8_blocks_kernel(weight: torch.Tensor, scale: torch.Tensor, block: int,
+def dequantize_8bit_groups_kernel(weight: torch.Tensor, scale: torch.Tensor, block: int,
                                  dtype: torch.dtype) -> torch.Tensor:
-    """`dequantize_fp8_blocks` in one Triton pass."""
+    """`dequantize_8bit_groups` in one Triton pass."""
     n, k = weight.shape
     if scale.shape != (n, (k + block - 1) // block):
-        raise ValueError(f"dequantize_fp8_blocks: weight {tuple(weight.shape)}, scale {tuple(scale.shape)} and "
+        raise ValueError(f"dequantize_8bit_groups: weight {tuple(weight.shape)}, scale {tuple(scale.shape)} and "
                          f"block {block} do not fit")
     scale = scale.float().contiguous()
-    return _dequantize_launch(weight.view(torch.uint8), scale, scale, False, block, n, k, dtype)
+    return _dequantize_launch(weight.view(torch.uint8), scale, scale, False, block, n, k, dtype,
+                              int8=weight.dtype == torch.int8)
 
 
-def _launch_fp8_blocks(x, w, scales, group: int, n: int, block_m: int, block_n: int, block_k: int,
-                       min_programs: int = 0):
+def _launch_8bit_groups(x, w, scales, group: int, n: int, block_m: int, block_n: int, block_k: int,
+                        min_programs: int = 0, int8: bool = False):
     m, k = x.shape
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
@@ -247,21 +259,22 @@ def _launch_fp8_blocks(x, w, scales, group: int, n: int, block_m: int, block_n: 
         x, w, scales, scales, y, m, n, k, x.stride(0), w.stride(0), scales.stride(0), y.stride(0),
         1.0 / fp16_operand_factor(x), INT4=False, GROUP=group, SLICE=1, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 models: exact sums
-        FP16_DOT=fp16_dot, **split)
+        FP16_DOT=fp16_dot, INT8=int8, **split)
     return y
 
 
-def dequantize_fp8_blocks(weight: torch.Tensor, scale: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
-    """FP8 weight [N, K] with the scale of each row's block x block tiles, [N, ceil(K / b)] -> [N, K]."""
+def dequantize_8bit_groups(weight: torch.Tensor, scale: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
+    """8-bit weight [N, K] (FP8 e4m3 or INT8) with the scale of each row's groups of `block` columns
+    (FP8's block x block tiles given per row), [N, ceil(K / b)] -> [N, K]."""
     k = weight.shape[1]
     return (weight.float() * scale.float().repeat_interleave(block, 1)[:, :k]).to(dtype)
 
 
 def w8a16_block_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: int,
                        block_m: int = 16, block_n: int = 64, block_k: int = 64, min_programs: int = 0) -> torch.Tensor:
-    """x [M, K] @ (FP8 weight [N, K] x its block scales, given per row: [N, ceil(K / block)])^T -> [M, N]
-    in x's dtype: the weights stream at one byte each and are scaled in registers. min_programs: split
-    K too where the output tiles are fewer (0: never)."""
+    """x [M, K] @ (8-bit weight [N, K], FP8 e4m3 or INT8, x its scales per row and group of `block`
+    columns: [N, ceil(K / block)])^T -> [M, N] in x's dtype: the weights stream at one byte each and are
+    scaled in registers. min_programs: split K too where the output tiles are fewer (0: never)."""
     m, k = x.shape
     n = weight.shape[0]
     block_k = min(block_k, block)
@@ -269,5 +282,5 @@ def w8a16_block_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
         raise ValueError(f"w8a16: x {tuple(x.shape)}, weight {tuple(weight.shape)}, scale {tuple(scale.shape)} "
                          f"and block {block} do not fit")
     scale = scale.float().contiguous()
-    return _launch_fp8_blocks(x.contiguous(), weight.view(torch.uint8), scale, block, n, block_m, block_n, block_k,
-                              min_programs)
+    return _launch_8bit_groups(x.contiguous(), weight.view(torch.uint8), scale, block, n, block_m, block_n, block_k,
+                               min_programs, int8=weight.dtype == torch.int8)

@@ -4,7 +4,8 @@ the checkpoint), or `quantization="fp8"` on a full-precision checkpoint (quantiz
 Supported: compressed-tensors FP8 W8A8 (per-tensor or per-channel weight scales; dynamic per-token
 or static per-tensor activation scales; or square weight blocks with activations per token and block
 width), INT8 W8A8 (per-channel symmetric weights, dynamic per-token or static per-tensor activations) and W4A16
-(pack-quantized, per group or channel, symmetric or asymmetric, any actorder); online FP8
+(pack-quantized, per group or channel, symmetric or asymmetric, any actorder), W8A16 (pack-quantized,
+symmetric); GPTQ 4- and 8-bit, AWQ 4-bit; online FP8
 (per-channel weights, dynamic per-token activations); several compressed-tensors config groups, each
 scheme for the layers its targets name. Anything else is refused at start with what is supported.
 """
@@ -20,8 +21,9 @@ from dataclasses import dataclass, field
 SUPPORTED = ("compressed-tensors: FP8 W8A8 (weights per tensor, per channel or in square blocks; activations "
              "dynamic per token (per token and block for blocks) or static per tensor), INT8 W8A8 (symmetric "
              "weights per channel, activations dynamic per token or static per tensor), W4A16 pack-quantized (4-bit weights per group "
-             "or channel, symmetric or asymmetric, actorder weight/static/group); GPTQ 4-bit "
-             "(groups or channel-wise, desc_act true or false); AWQ 4-bit GEMM; fp8 (block-quantized weights, or "
+             "or channel, symmetric or asymmetric, actorder weight/static/group), W8A16 pack-quantized (8-bit weights "
+             "per group or channel, symmetric); GPTQ 4-bit (groups or channel-wise, desc_act true or false) and "
+             "8-bit (symmetric); AWQ 4-bit GEMM; fp8 (block-quantized weights, or "
              "per tensor with static or dynamic activations); "
              "quantization='fp8' on a bf16/fp16/fp32 checkpoint; compressed-tensors config groups of these schemes "
              "for different layers (mixed precision), a merged layer's parts (q/k/v, gate/up) in one group")
@@ -29,14 +31,14 @@ SUPPORTED = ("compressed-tensors: FP8 W8A8 (weights per tensor, per channel or i
 
 @dataclass
 class QuantConfig:
-    scheme: str                     # "fp8" or "int8" (W8A8), "w4a16"
+    scheme: str                     # "fp8" or "int8" (W8A8), "w4a16", "w8a16" (integer weights only)
     weight_strategy: str            # "tensor" or "channel": the checkpoint's weight scales
     activation_dynamic: bool        # per-token scales at run time; else one static scale per layer
     from_checkpoint: bool           # the checkpoint holds quantized tensors (else: quantize at load)
     ignore: list[str] = field(default_factory=list)  # layer names kept in full precision
-    group_size: int | None = None   # w4a16: columns per scale (None: one per output channel)
+    group_size: int | None = None   # w4a16, w8a16: columns per scale (None: one per output channel)
     symmetric: bool = True          # w4a16: False when the checkpoint has zero points
-    format: str = "compressed-tensors"  # w4a16, fp8-block: the checkpoint's layout (compressed-tensors, gptq, awq, fp8)
+    format: str = "compressed-tensors"  # w4a16, w8a16, fp8-block: the checkpoint's layout (compressed-tensors, gptq, awq, fp8)
     desc_act: bool = False          # gptq, compressed-tensors: input columns out of group order (act-order, g_idx)
     gptq_v2: bool = False           # gptq: zero points stored as they are (not minus one)
     targets: list[str] = field(default_factory=lambda: ["Linear"])  # a compressed-tensors group: its layers
@@ -109,8 +111,8 @@ def _parse_ct_group(raw: dict, group: dict) -> QuantConfig:
     """One compressed-tensors config group's scheme."""
     weights, acts = group.get("weights") or {}, group.get("input_activations")
     kind, bits = weights.get("type"), weights.get("num_bits")
-    if bits == 4 and kind == "int" and acts is None:
-        return _parse_w4a16(raw, group, weights)
+    if bits in (4, 8) and kind == "int" and acts is None:
+        return _parse_weight_only(raw, group, weights, bits)
     if bits != 8 or kind not in ("float", "int") or acts is None or acts.get("num_bits") != 8 \
             or acts.get("type") != kind:
         raise _refuse(f"compressed-tensors weights {kind} {bits} bit with activations "
@@ -170,8 +172,10 @@ def _parse_fp8(raw: dict) -> QuantConfig:
 
 def _parse_gptq_awq(raw: dict, method: str) -> QuantConfig:
     bits, group = raw.get("bits", raw.get("w_bit")), raw.get("group_size", raw.get("q_group_size"))
-    if bits != 4:
+    if bits != 4 and (method, bits) != ("gptq", 8):
         raise _refuse(f"{method} with {bits} bits")
+    if bits == 8 and not raw.get("sym", True):
+        raise _refuse("asymmetric 8-bit GPTQ")
     if group in (-1, None):
         group = None
     elif not isinstance(group, int) or group % 32:
@@ -185,24 +189,28 @@ def _parse_gptq_awq(raw: dict, method: str) -> QuantConfig:
     fmt = raw.get("checkpoint_format", "gptq")
     if fmt not in ("gptq", "gptq_v2"):
         raise _refuse(f"GPTQ checkpoint_format {fmt!r}")
-    return QuantConfig("w4a16", "group", False, True, group_size=group, symmetric=bool(raw.get("sym", True)),
-                       format="gptq", desc_act=bool(raw.get("desc_act", False)), gptq_v2=fmt == "gptq_v2")
+    return QuantConfig("w4a16" if bits == 4 else "w8a16", "group", False, True, group_size=group,
+                       symmetric=bool(raw.get("sym", True)), format="gptq", desc_act=bool(raw.get("desc_act", False)),
+                       gptq_v2=fmt == "gptq_v2")
 
 
-def _parse_w4a16(raw: dict, group: dict, weights: dict) -> QuantConfig:
+def _parse_weight_only(raw: dict, group: dict, weights: dict, bits: int) -> QuantConfig:
+    """pack-quantized integer weights with 16-bit activations: W4A16, or W8A16 (symmetric only)."""
     fmt = group.get("format") or raw.get("format")  # a mixed-precision checkpoint names it per group
     if fmt not in (None, "pack-quantized"):
-        raise _refuse(f"compressed-tensors 4-bit format {fmt!r}")
+        raise _refuse(f"compressed-tensors {bits}-bit format {fmt!r}")
+    if bits == 8 and not weights.get("symmetric", True):
+        raise _refuse("asymmetric 8-bit compressed-tensors")
     strategy, actorder = weights.get("strategy"), weights.get("actorder")
     # "weight" / "static": the order GPTQ quantized in, groups still in column order; "group" / "dynamic":
     # groups in activation order, each column's group in `weight_g_idx` (as GPTQ's desc_act)
     if strategy not in ("group", "channel") or actorder not in (None, False, "static", "weight", "group", "dynamic") \
             or (strategy == "channel" and actorder in ("group", "dynamic")):
-        raise _refuse(f"4-bit weights with strategy {strategy!r} and actorder {actorder!r}")
+        raise _refuse(f"{bits}-bit weights with strategy {strategy!r} and actorder {actorder!r}")
     group = weights.get("group_size") if strategy == "group" else None
     if strategy == "group" and (not isinstance(group, int) or group % 32):
-        raise _refuse(f"4-bit weights with group_size {group!r} (a multiple of 32)")
-    return QuantConfig("w4a16", strategy, activation_dynamic=False, from_checkpoint=True,
+        raise _refuse(f"{bits}-bit weights with group_size {group!r} (a multiple of 32)")
+    return QuantConfig("w4a16" if bits == 4 else "w8a16", strategy, activation_dynamic=False, from_checkpoint=True,
                        ignore=list(raw.get("ignore") or []), group_size=group,
                        symmetric=bool(weights.get("symmetric", True)), desc_act=actorder in ("group", "dynamic"))
 

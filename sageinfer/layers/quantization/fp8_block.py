@@ -21,7 +21,7 @@ from torch import nn
 from sageinfer.layers.quantization.config import QuantConfig
 from sageinfer.layers.quantization.w8a8 import quantize_rows
 from sageinfer.ops.quantize import quantize_rows_kernel
-from sageinfer.ops.weight_only import dequantize_fp8_blocks, dequantize_fp8_blocks_kernel
+from sageinfer.ops.weight_only import dequantize_8bit_groups, dequantize_8bit_groups_kernel
 
 _KERNEL_MAX_ROWS = 64
 # Those rows' matmuls as few as 64 programs (o and down at Qwen3-8B shapes, 16 rows) leave most
@@ -106,7 +106,7 @@ class Fp8BlockMethod:
             xq, x_scale = quantize_groups(x2, 128, layer.use_triton)
             y = layer.platform.fp8_block_matmul(xq, x_scale, layer.weight, layer.weight_scale_block, x.dtype)
         if y is None:  # the weight expanded (in one pass where kernels run) for the library GEMM
-            expand = dequantize_fp8_blocks_kernel if layer.use_triton else dequantize_fp8_blocks
+            expand = dequantize_8bit_groups_kernel if layer.use_triton else dequantize_8bit_groups
             y = nn.functional.linear(x2, expand(layer.weight, layer.weight_scale_inv, self.block, x.dtype))
         return y.reshape(*shape[:-1], y.shape[-1])
 

@@ -24,6 +24,7 @@ import os
 import torch
 from torch import nn
 
+from sageinfer.layers.quantization.checkpoint_params import checkpoint_param, group_order
 from sageinfer.layers.quantization.config import QuantConfig
 from sageinfer.ops.gemv import gemv
 from sageinfer.ops.gemv_int4 import w4a16_mma_matmul
@@ -118,20 +119,20 @@ class W4A16Method:
         if not c.from_checkpoint:  # full-precision weights (dummy ones), quantized after loading
             return layer.new_weight()
         f = self.format
-        self._param(layer, self.packed_name, torch.empty(local_out, local_in // 8, dtype=torch.int32), f.packed)
-        self._param(layer, self.scale_name, torch.empty(local_out, groups), f.scales)
+        checkpoint_param(layer, self.packed_name, torch.empty(local_out, local_in // 8, dtype=torch.int32), f.packed)
+        checkpoint_param(layer, self.scale_name, torch.empty(local_out, groups), f.scales)
         if c.symmetric and c.format == "compressed-tensors":
             layer.register_buffer(self.zero_name, torch.zeros(local_out, groups, dtype=torch.int32))
         else:
-            self._param(layer, self.zero_name, torch.zeros(local_out, groups, dtype=torch.int32), f.zeros)
+            checkpoint_param(layer, self.zero_name, torch.zeros(local_out, groups, dtype=torch.int32), f.zeros)
         if c.format == "compressed-tensors":
-            self._param(layer, "weight_shape", torch.zeros(2, dtype=torch.int64), None)
+            checkpoint_param(layer, "weight_shape", torch.zeros(2, dtype=torch.int64), None)
         if c.desc_act and layer.parallel == "row":
             raise ValueError("4-bit weights in act-order (GPTQ desc_act, compressed-tensors actorder 'group') cannot "
                              "split a layer's input over tensor-parallel ranks yet; use tensor_parallel_size=1 or a "
                              "checkpoint without act-order groups")
         if self.g_idx_name is not None:
-            self._param(layer, self.g_idx_name, torch.zeros(local_in, dtype=torch.int32),
+            checkpoint_param(layer, self.g_idx_name, torch.zeros(local_in, dtype=torch.int32),
                         "keep" if c.desc_act else None)
 
     @property
@@ -142,24 +143,6 @@ class W4A16Method:
             return "g_idx"
         return "weight_g_idx" if self.config.format == "compressed-tensors" and self.config.desc_act else None
 
-    @staticmethod
-    def _param(layer, name, tensor, convert) -> None:
-        """A parameter under the checkpoint's name whose loader converts the checkpoint's layout."""
-        param = nn.Parameter(tensor, requires_grad=False)
-        setattr(layer, name, param)
-        if convert is None:  # known already (weight_shape) or not needed (g_idx in order)
-            param.weight_loader = lambda p, loaded, shard_id=None: None
-        elif convert == "keep":  # g_idx: parts of a merged layer read one input, so one order
-            def keep(p, loaded, shard_id=None):
-                if getattr(p, "loaded", False) and not torch.equal(p.data, loaded.to(p.device, p.dtype)):
-                    raise ValueError("g_idx differs between parts of a merged layer (q/k/v or gate/up)")
-                p.data.copy_(loaded)
-                p.loaded = True
-            param.weight_loader = keep
-        else:
-            param.weight_loader = lambda p, loaded, shard_id=None: layer.weight_loader(
-                p, convert(loaded).contiguous().to(p.dtype), shard_id)
-
     def process_after_loading(self, layer: nn.Module) -> None:
         c = self.config
         if not c.from_checkpoint:
@@ -167,11 +150,8 @@ class W4A16Method:
         packed = getattr(layer, self.packed_name)
         columns = unpack(packed.data)
         if c.desc_act:  # put each group's columns together; inputs follow at run time
-            g_idx = getattr(layer, self.g_idx_name).data.long()
-            order = torch.argsort(g_idx, stable=True)
-            if bool((torch.bincount(g_idx) != self.group).any()):
-                raise ValueError(f"{self.g_idx_name} does not give every group the same number of columns")
-            if not torch.equal(order, torch.arange(len(order), device=order.device)):
+            order = group_order(getattr(layer, self.g_idx_name).data, self.group, self.g_idx_name)
+            if order is not None:
                 columns = columns[:, order]
                 layer.register_buffer("input_order", order)
         packed.data = pack(columns, self.slice_width)

@@ -1,0 +1,36 @@
+"""What the weight-only methods share: tensors registered under a checkpoint's names whose loaders
+convert the checkpoint's layout, and the column order of groups in activation order (g_idx)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def checkpoint_param(layer: nn.Module, name: str, tensor: torch.Tensor, convert) -> None:
+    """A parameter under the checkpoint's name whose loader converts the checkpoint's layout. convert:
+    a function of the whole checkpoint tensor; None: nothing to load (known already, or not needed);
+    "keep": loaded as it is, the same for every part of a merged layer (g_idx: parts read one input)."""
+    param = nn.Parameter(tensor, requires_grad=False)
+    setattr(layer, name, param)
+    if convert is None:
+        param.weight_loader = lambda p, loaded, shard_id=None: None
+    elif convert == "keep":
+        def keep(p, loaded, shard_id=None):
+            if getattr(p, "loaded", False) and not torch.equal(p.data, loaded.to(p.device, p.dtype)):
+                raise ValueError("g_idx differs between parts of a merged layer (q/k/v or gate/up)")
+            p.data.copy_(loaded)
+            p.loaded = True
+        param.weight_loader = keep
+    else:
+        param.weight_loader = lambda p, loaded, shard_id=None: layer.weight_loader(
+            p, convert(loaded).contiguous().to(p.dtype), shard_id)
+
+
+def group_order(g_idx: torch.Tensor, group: int, name: str) -> torch.Tensor | None:
+    """The input columns ordered by group (each group's columns together), or None where they are
+    in order already; every group must hold `group` columns."""
+    g_idx = g_idx.long()
+    if bool((torch.bincount(g_idx) != group).any()):
+        raise ValueError(f"{name} does not give every group the same number of columns")
+    order = torch.argsort(g_idx, stable=True)
+    return None if torch.equal(order, torch.arange(len(order), device=order.device)) else order

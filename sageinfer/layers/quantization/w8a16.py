@@ -1,0 +1,119 @@
+"""8-bit integer weights, 16-bit activations, symmetric, from the checkpoint formats that carry them:
+
+- compressed-tensors pack-quantized (llm-compressor's W8A16): `weight_packed` [out, in / 4] int32,
+  four bytes a word along the input, each value stored plus 128; `weight_scale` [out, groups]; with
+  actorder "group", `weight_g_idx` [in];
+- GPTQ 8-bit (as Qwen's GPTQ-Int8 releases): `qweight` [in / 4, out] packed along the input the same
+  way, `scales` [groups, out], `qzeros` [groups, out / 4] (128 for every symmetric group; stored minus
+  one in the original format), `g_idx` [in].
+
+Each loads into one layout: INT8 [out, in] (the value less 128) with scales [out, groups]. One row
+goes through the skinny kernel with the group scales applied to the weight chunks in registers
+(ops/gemv.py, the norm, activation and residual fusions of 16-bit layers); up to 64 rows through the
+8-bit weight-only kernel (ops/weight_only.py: the bytes and scales read once, the dot in fp16 on the
+raw integers); more rows expand the weight in one pass for the library GEMM.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sageinfer.layers.quantization.checkpoint_params import checkpoint_param, group_order
+from sageinfer.layers.quantization.config import QuantConfig
+from sageinfer.ops.weight_only import dequantize_8bit_groups, dequantize_8bit_groups_kernel, w8a16_block_matmul
+
+# Above this many rows the weight is expanded for the library GEMM (fp8_block.py's limit).
+_KERNEL_MAX_ROWS = 64
+
+
+def unpack_bytes(words: torch.Tensor) -> torch.Tensor:
+    """[rows, cols / 4] int32, four values stored plus 128 a word (the first in the lowest byte) ->
+    [rows, cols] int8 values."""
+    shifts = torch.arange(0, 32, 8, dtype=torch.int32, device=words.device)
+    values = ((words.unsqueeze(-1) >> shifts) & 0xFF) - 128
+    return values.reshape(words.shape[0], -1).to(torch.int8)
+
+
+class W8A16Method:
+    def __init__(self, config: QuantConfig):
+        self.config = config
+        self.gptq = config.format == "gptq"
+        self.packed_name, self.scale_name = ("qweight", "scales") if self.gptq else ("weight_packed", "weight_scale")
+        self.g_idx_name = "g_idx" if self.gptq else ("weight_g_idx" if config.desc_act else None)
+
+    def create_weights(self, layer: nn.Module, local_out: int, local_in: int) -> None:
+        c = self.config
+        self.group = c.group_size or local_in
+        if local_in % 4 or local_in % self.group:
+            raise ValueError(f"8-bit weights: {local_in} input features per rank do not hold whole groups of "
+                             f"{self.group}")
+        if not c.from_checkpoint:
+            raise ValueError("8-bit weight-only quantization is read from a checkpoint (GPTQ or compressed-tensors), "
+                             "not made at load time")
+        groups = local_in // self.group
+        transpose = (lambda t: t.t()) if self.gptq else (lambda t: t)
+        checkpoint_param(layer, self.packed_name, torch.empty(local_out, local_in // 4, dtype=torch.int32), transpose)
+        checkpoint_param(layer, self.scale_name, torch.empty(local_out, groups), transpose)
+        if self.gptq:
+            offset = 0 if c.gptq_v2 else 1  # the original format stores each zero point minus one
+            checkpoint_param(layer, "qzeros", torch.zeros(local_out, groups, dtype=torch.int32),
+                             lambda t: _symmetric_zeros(t, offset))
+        else:
+            checkpoint_param(layer, "weight_shape", torch.zeros(2, dtype=torch.int64), None)
+        if c.desc_act and layer.parallel == "row":
+            raise ValueError("8-bit weights in act-order (GPTQ desc_act, compressed-tensors actorder 'group') cannot "
+                             "split a layer's input over tensor-parallel ranks yet; use tensor_parallel_size=1 or a "
+                             "checkpoint without act-order groups")
+        if self.g_idx_name is not None:
+            checkpoint_param(layer, self.g_idx_name, torch.zeros(local_in, dtype=torch.int32),
+                             "keep" if c.desc_act else None)
+
+    def process_after_loading(self, layer: nn.Module) -> None:
+        q = unpack_bytes(getattr(layer, self.packed_name).data)
+        if self.config.desc_act:  # put each group's columns together; inputs follow at run time
+            order = group_order(getattr(layer, self.g_idx_name).data, self.group, self.g_idx_name)
+            if order is not None:
+                q = q[:, order].contiguous()
+                layer.register_buffer("input_order", order)
+        scale = getattr(layer, self.scale_name).data
+        for name in (self.packed_name, self.scale_name, "qzeros", "weight_shape", self.g_idx_name):
+            if name is not None and hasattr(layer, name):
+                delattr(layer, name)
+        layer.weight = nn.Parameter(q, requires_grad=False)
+        layer.weight_scale = nn.Parameter(scale.float(), requires_grad=False)  # as the kernels read them
+
+    def one_row_args(self, layer: nn.Module) -> dict | None:
+        """One row reads the bytes in the skinny kernel, each group's scale applied to the weight chunk
+        in registers (a scale per row: applied to the sums); not where the inputs must be reordered
+        first (act-order) or groups are not a power of two (the kernel's chunks hold whole groups)."""
+        if hasattr(layer, "input_order"):
+            return None
+        scale = layer.weight_scale
+        if scale.shape[1] == 1:
+            return {"weight": layer.weight, "weight_scale": scale[:, 0]}
+        if self.group & (self.group - 1):
+            return None
+        return {"weight": layer.weight, "weight_scale": scale}
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        order = getattr(layer, "input_order", None)
+        if order is not None:
+            x2 = x2.index_select(1, order)
+        block_k = min(64, self.group & -self.group)  # a power of two that divides the group
+        if layer.use_triton and x2.shape[0] <= _KERNEL_MAX_ROWS and block_k >= 16:
+            y = w8a16_block_matmul(x2, layer.weight, layer.weight_scale, self.group, block_k=block_k)
+        else:  # the weight expanded (in one pass where kernels run) for the library GEMM
+            expand = dequantize_8bit_groups_kernel if layer.use_triton else dequantize_8bit_groups
+            y = nn.functional.linear(x2, expand(layer.weight, layer.weight_scale, self.group, x.dtype))
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def _symmetric_zeros(qzeros: torch.Tensor, offset: int) -> torch.Tensor:
+    """GPTQ's zero points [groups, out / 4] -> [out, groups]; 8-bit weights are read as symmetric, so
+    every zero point must be 128 (an asymmetric checkpoint is refused, naming why)."""
+    zeros = unpack_bytes(qzeros).to(torch.int32) + 128 + offset
+    if bool((zeros != 128).any()):
+        raise ValueError("8-bit GPTQ checkpoint with zero points other than 128 (asymmetric): not supported")
+    return zeros.t()
