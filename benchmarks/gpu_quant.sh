@@ -19,3 +19,4 @@ run fp8-w8a8-kv8 --quantization fp8 --kv-cache-dtype fp8
 run fp8-block --model $S/qwen3-8b-fp8-block
 run int8-w8a8 --model $S/qwen3-8b-int8-w8a8
 run w4a16 --model $S/qwen3-8b-w4a16
+run w8a16 --model $S/qwen3-8b-w8a16

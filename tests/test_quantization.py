@@ -321,13 +321,42 @@ def test_w4a16_with_dummy_weights(w4a16):
                             use_tqdm=False)[0].outputs[0].token_ids) == 3
 
 
-def test_quantized_weights_combine_with_a_quantized_kv_cache(checkpoints, w4a16):
+def test_w8a16_with_dummy_weights(llama_dir, tmp_path):
+    """A W8A16 config over random weights (what the benchmarks' qwen3-8b-w8a16 runs): quantized to INT8
+    in groups as they load, equal within one step of a group's scale to the full-precision weight."""
+    import json
+    import shutil
+    quantized = str(tmp_path / "w8a16-dummy")
+    shutil.copytree(llama_dir, quantized)
+    with open(f"{quantized}/config.json") as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                     "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None,
+                                                                   "weights": {"num_bits": 8, "type": "int",
+                                                                               "symmetric": True, "strategy": "group",
+                                                                               "group_size": 32}}}}
+    with open(f"{quantized}/config.json", "w") as f:
+        json.dump(config, f)
+    llm = LLM(quantized, dtype="float32", load_format="dummy", num_gpu_blocks_override=128, show_progress=False)
+    proj = llm.engine.runner.model.model.layers[0].self_attn.o_proj
+    assert proj.weight.dtype == torch.int8 and proj.weight_scale.shape == (proj.weight.shape[0], proj.weight.shape[1] // 32)
+    whole = LLM(llama_dir, dtype="float32", load_format="dummy", num_gpu_blocks_override=128, show_progress=False)
+    dense = whole.engine.runner.model.model.layers[0].self_attn.o_proj.weight
+    step = proj.weight_scale.repeat_interleave(32, 1)
+    assert bool(((proj.weight.float() * step - dense).abs() <= step / 2 + 1e-9).all())
+    assert len(llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(max_tokens=3, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0].token_ids) == 3
+
+
+def test_quantized_weights_combine_with_a_quantized_kv_cache(checkpoints, w4a16, llama_dir, tmp_path):
     """INT8 K/V under quantized weights moves the prompt's logprobs by a few hundredths (means of
     0.007-0.033 and at most 0.11 on a token, on the CPU; a broken cache or scale moves them by units).
     The random model's first two candidates lie 0.02-0.09 apart (measured on an H200), so greedy may
     take the other one of the pair: it must be one the plain cache rates close to the best."""
     sampling = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=5, prompt_logprobs=0)
-    for path in (checkpoints["fp8-channel"], checkpoints["int8-channel"], w4a16["group-sym"][0]):
+    from quant_checkpoints import write_gptq_8bit
+    gptq_8bit, _ = write_gptq_8bit(llama_dir, str(tmp_path / "gptq8"))
+    for path in (checkpoints["fp8-channel"], checkpoints["int8-channel"], w4a16["group-sym"][0], gptq_8bit):
         runs = {}
         for kv in ("auto", "int8"):
             llm = LLM(path, dtype="float32", num_gpu_blocks_override=128, kv_cache_dtype=kv, show_progress=False)

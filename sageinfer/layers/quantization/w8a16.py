@@ -47,9 +47,8 @@ class W8A16Method:
         if local_in % 4 or local_in % self.group:
             raise ValueError(f"8-bit weights: {local_in} input features per rank do not hold whole groups of "
                              f"{self.group}")
-        if not c.from_checkpoint:
-            raise ValueError("8-bit weight-only quantization is read from a checkpoint (GPTQ or compressed-tensors), "
-                             "not made at load time")
+        if not c.from_checkpoint:  # full-precision weights (dummy ones), quantized after loading
+            return layer.new_weight()
         groups = local_in // self.group
         transpose = (lambda t: t.t()) if self.gptq else (lambda t: t)
         checkpoint_param(layer, self.packed_name, torch.empty(local_out, local_in // 4, dtype=torch.int32), transpose)
@@ -69,6 +68,8 @@ class W8A16Method:
                              "keep" if c.desc_act else None)
 
     def process_after_loading(self, layer: nn.Module) -> None:
+        if not self.config.from_checkpoint:
+            return self._quantize(layer)
         q = unpack_bytes(getattr(layer, self.packed_name).data)
         if self.config.desc_act:  # put each group's columns together; inputs follow at run time
             order = group_order(getattr(layer, self.g_idx_name).data, self.group, self.g_idx_name)
@@ -81,6 +82,15 @@ class W8A16Method:
                 delattr(layer, name)
         layer.weight = nn.Parameter(q, requires_grad=False)
         layer.weight_scale = nn.Parameter(scale.float(), requires_grad=False)  # as the kernels read them
+
+    def _quantize(self, layer: nn.Module) -> None:
+        """Symmetric INT8 per group of the layer's full-precision weight (dummy weights for benchmarks)."""
+        w = layer.weight.data.float()
+        grouped = w.view(w.shape[0], -1, self.group)
+        scale = grouped.abs().amax(dim=-1).clamp(min=1e-12) / 127
+        q = (grouped / scale.unsqueeze(-1)).round().clamp(-128, 127).to(torch.int8).view(w.shape)
+        layer.weight = nn.Parameter(q, requires_grad=False)
+        layer.weight_scale = nn.Parameter(scale, requires_grad=False)
 
     def one_row_args(self, layer: nn.Module) -> dict | None:
         """One row reads the bytes in the skinny kernel, each group's scale applied to the weight chunk
