@@ -40,7 +40,8 @@ def _recipes():
                                 True),
         "w8a16": (rtn("W8A16"), False),
         "w8a16-channel": (QuantizationModifier(config_groups={"group_0": {
-            "targets": ["Linear"], "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}}},
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}}},
             ignore=["lm_head"]), False),
         "w8a16-gptq": (GPTQModifier(targets="Linear", scheme="W8A16", ignore=["lm_head"], actorder="weight"), True),
         "fp8-dynamic": (rtn("FP8_DYNAMIC"), False),

@@ -71,7 +71,8 @@ def test_fp8_at_load_time_equals_the_per_channel_checkpoint(checkpoints, tmp_pat
     assert from_checkpoint[1] == at_load[1]
 
 
-@pytest.mark.parametrize("name", ["fp8-channel", "fp8-block", "w4a16-group-asym", "gptq-8bit"])  # INT8: test_ops_gemv.py
+# INT8 W8A8: tests/test_ops_gemv.py
+@pytest.mark.parametrize("name", ["fp8-channel", "fp8-block", "w4a16-group-asym", "gptq-8bit"])
 def test_one_row_reads_quantized_weights_as_the_model_they_encode(checkpoints, llama_dir, tmp_path, monkeypatch,
                                                                     request, name):
     """At one row the 8- and 4-bit layers go through the skinny kernel with their scales (and zero
@@ -339,7 +340,8 @@ def test_w8a16_with_dummy_weights(llama_dir, tmp_path):
         json.dump(config, f)
     llm = LLM(quantized, dtype="float32", load_format="dummy", num_gpu_blocks_override=128, show_progress=False)
     proj = llm.engine.runner.model.model.layers[0].self_attn.o_proj
-    assert proj.weight.dtype == torch.int8 and proj.weight_scale.shape == (proj.weight.shape[0], proj.weight.shape[1] // 32)
+    assert proj.weight.dtype == torch.int8
+    assert proj.weight_scale.shape == (proj.weight.shape[0], proj.weight.shape[1] // 32)
     whole = LLM(llama_dir, dtype="float32", load_format="dummy", num_gpu_blocks_override=128, show_progress=False)
     dense = whole.engine.runner.model.model.layers[0].self_attn.o_proj.weight
     step = proj.weight_scale.repeat_interleave(32, 1)
