@@ -120,23 +120,37 @@ def _mode_input(x: torch.Tensor, k: int, mode: str, norm_w: torch.Tensor) -> tor
     return inp
 
 
-@pytest.mark.parametrize("mode", ["plain", "gated", "normed"])
-def test_gemv_scales_each_group_of_a_block_quantized_weight(mode):
-    """Block FP8: a scale per row and group of 64 input features, applied to the weight chunks in
-    registers; every path that reads weights (the norm's first two chunks and the rest too)."""
-    gen = torch.Generator().manual_seed(11)
-    m, n, k, g = 1, 24, 512, 64
+@pytest.mark.parametrize("kernel", ["reshaping", "grouped"])
+@pytest.mark.parametrize("weights, rows", [("fp8", 1), ("int8", 1), ("fp8", 3)])
+@pytest.mark.parametrize("mode", ["plain", "gated", "normed", "residual", "activate"])
+def test_gemv_scales_each_group_of_a_block_quantized_weight(mode, weights, rows, kernel):
+    """Block FP8 and W8A16's INT8: a scale per row and group of 64 input features, in both kernels
+    (ops/gemv.py's, which reshapes each weight chunk to its groups, and ops/gemv_grouped.py's, which
+    walks K a group at a time); every path that reads weights (the norm's first two chunks and the
+    rest too), with each fusion."""
+    gen = torch.Generator().manual_seed(11 + rows)
+    n, k, g = 24, 512, 64
     full = torch.randn(n, k, generator=gen)
-    scale = full.view(n, k // g, g).abs().amax(2) / 448.0
-    q = (full / scale.repeat_interleave(g, 1)).to(torch.float8_e4m3fn)
-    x = torch.randn(m, 2 * k if mode == "gated" else k, generator=gen).half()
+    top = 448.0 if weights == "fp8" else 127.0
+    scale = full.view(n, k // g, g).abs().amax(2) / top
+    q = full / scale.repeat_interleave(g, 1)
+    q = q.to(torch.float8_e4m3fn) if weights == "fp8" else q.round().to(torch.int8)
+    x = torch.randn(rows, 2 * k if mode == "gated" else k, generator=gen).half()
     norm_w = (torch.rand(k, generator=gen) + 0.5).half()
-    cfg = {"block_n": 8, "block_k": 128, "num_warps": 4, "num_stages": 2}
-    kwargs = {"gated": True} if mode == "gated" else {"norm_weight": norm_w.to(DEVICE), "eps": 1e-6} if mode == "normed" else {}
+    residual = torch.randn(rows, n, generator=gen).half()
+    cfg = ({"block_n": 8, "num_warps": 4, "num_stages": 2, "grouped": True} if kernel == "grouped" else
+           {"block_n": 8, "block_k": 128, "num_warps": 4, "num_stages": 2, "grouped": False})
+    kwargs = ({"gated": True} if mode == "gated" else {"norm_weight": norm_w.to(DEVICE), "eps": 1e-6}
+              if mode == "normed" else {"residual": residual.clone().to(DEVICE)} if mode == "residual" else
+              {"activate": True} if mode == "activate" else {})
     out = gemv(x.to(DEVICE), q.to(DEVICE), config=cfg, weight_scale=scale.to(DEVICE), **kwargs)
-    inp = _mode_input(x, k, mode, norm_w)
+    inp = _mode_input(x, k, "plain" if mode in ("residual", "activate") else mode, norm_w)
     ref = inp.double() @ (q.double() * scale.double().repeat_interleave(g, 1)).t()
-    assert rel_err(out.float().cpu(), ref) < 2e-3
+    if mode == "residual":
+        ref = ref + residual.double()
+    if mode == "activate":
+        ref = torch.nn.functional.silu(ref[:, :n // 2]) * ref[:, n // 2:]
+    assert rel_err(out.float().cpu(), ref) < 3e-3
     with pytest.raises(ValueError, match="weight_scale"):
         gemv(x.to(DEVICE), q.to(DEVICE), weight_scale=scale.t().contiguous().to(DEVICE), **kwargs)
 

@@ -6,6 +6,7 @@ against 613 over bf16) and INT8 weights' I2F in the skinny GEMV.
 
   python benchmarks/experiments/sass_loop.py decode-attention --kv fp8
   python benchmarks/experiments/sass_loop.py gemv --weights int8
+  python benchmarks/experiments/sass_loop.py gemv --weights fp8 --group 128
   python benchmarks/experiments/sass_loop.py int4-gemv
   python benchmarks/experiments/sass_loop.py fp8-block-matmul --rows 16
 
@@ -117,8 +118,11 @@ def gemv(args):
     import sageinfer.ops.gemv as g
     dtype = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[args.weights]
     weight = torch.zeros(4096, 4096, dtype=dtype)
-    scale = None if args.weights == "bf16" else torch.ones(4096)
+    scale = None if args.weights == "bf16" else torch.ones(4096, 4096 // args.group) if args.group else torch.ones(4096)
     x = torch.randn(1, 4096, dtype=torch.bfloat16)
+    if args.group and os.environ.get("SAGEINFER_GROUPED_GEMV", "0") != "0":  # ops/gemv_grouped.py's kernel
+        import sageinfer.ops.gemv_grouped as grouped
+        return grouped, "_grouped_gemv_kernel", lambda: g.gemv(x, weight, weight_scale=scale)
     return g, "_gemv_kernel", lambda: g.gemv(x, weight, weight_scale=scale)
 
 
@@ -148,6 +152,8 @@ def main():
     parser.add_argument("--kv", default="bf16", choices=["bf16", "fp8", "int8"])
     parser.add_argument("--weights", default="bf16", choices=["bf16", "fp8", "int8"])
     parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--group", type=int, default=0, help="gemv: a scale per row and group of this many columns "
+                        "(block FP8, W8A16), else per row")
     args = parser.parse_args()
     module, name, call = {"decode-attention": decode_attention, "gemv": gemv, "int4-gemv": int4_gemv,
                           "fp8-block-matmul": fp8_block_matmul}[args.op](args)

@@ -255,6 +255,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         from sageinfer.ops.gemv_int4 import int4_gemv
         return int4_gemv(x, weight, weight_scale, weight_zero, group, slice_width, y, bias, gated, norm_weight, eps,
                          residual is not None, config, activate)
+    if group and group & (group - 1) == 0 and group >= 16:
+        from sageinfer.ops import gemv_grouped
+        if (config or {}).get("grouped", gemv_grouped.GROUPED_GEMV):
+            return gemv_grouped.grouped_gemv(x, weight, weight_scale, group, y, bias, gated, norm_weight, eps,
+                                             residual is not None, activate, config)
     cfg = config or (GATED_GEMV_CONFIG if gated else GEMV_CONFIG)
     block_m = max(1, triton.next_power_of_2(m))
     # Keep x * w tiles inside the registers as rows grow.
