@@ -127,6 +127,18 @@ def write_w4a16(src: str, dst: str, group_size: int | None = 32, symmetric: bool
 _AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of an AWQ word holds column 8 c + _AWQ_PACK_ORDER[i]
 
 
+def _g_idx(layer: str, k: int, group_size: int, orders: dict, gen: torch.Generator) -> torch.Tensor:
+    """Act-order groups: each a scattered set of the k input columns, the same for layers that read
+    the same input (GPTQ orders by that input's statistics); orders keeps each input's."""
+    key = (layer.rsplit(".", 1)[0], layer.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
+           layer.split(".")[-1] in ("gate_proj", "up_proj"))
+    if key not in orders:
+        orders[key] = torch.randperm(k, generator=gen)
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[orders[key]] = torch.arange(k, dtype=torch.int32) // group_size
+    return g_idx
+
+
 def write_4bit_by_hand(src: str, dst: str, method: str, group_size: int = 32, desc_act: bool = False,
                        seed: int = 0) -> tuple[str, str]:
     """GPTQ (original format), AWQ (GEMM) or compressed-tensors pack-quantized 4-bit checkpoint,
@@ -147,16 +159,7 @@ def write_4bit_by_hand(src: str, dst: str, method: str, group_size: int = 32, de
             continue
         w = t.float()                                   # [N, K]
         n, k = w.shape
-        if desc_act:  # act-order: each group is a scattered set of input columns, the same for layers
-            # that read the same input (GPTQ orders by that input's statistics)
-            key = (layer.rsplit(".", 1)[0], layer.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
-                   layer.split(".")[-1] in ("gate_proj", "up_proj"))
-            if key not in orders:
-                orders[key] = torch.randperm(k, generator=gen)
-            g_idx = torch.empty(k, dtype=torch.int32)
-            g_idx[orders[key]] = torch.arange(k, dtype=torch.int32) // group_size
-        else:
-            g_idx = torch.arange(k, dtype=torch.int32) // group_size
+        g_idx = _g_idx(layer, k, group_size, orders, gen) if desc_act else torch.arange(k, dtype=torch.int32) // group_size
         groups = k // group_size
         lo = torch.stack([w[:, g_idx == g].amin(1) for g in range(groups)], 1).clamp(max=0)   # [N, G]
         hi = torch.stack([w[:, g_idx == g].amax(1) for g in range(groups)], 1).clamp(min=0)
@@ -232,13 +235,7 @@ def write_gptq_8bit(src: str, dst: str, group_size: int = 32, desc_act: bool = F
             continue
         w = t.float()
         n, k = w.shape
-        g_idx = torch.arange(k, dtype=torch.int32) // group_size
-        if desc_act:  # layers reading one input share its order
-            key = (layer.rsplit(".", 1)[0], layer.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
-                   layer.split(".")[-1] in ("gate_proj", "up_proj"))
-            if key not in orders:
-                orders[key] = torch.randperm(k, generator=gen)
-            g_idx[orders[key]] = torch.arange(k, dtype=torch.int32) // group_size
+        g_idx = _g_idx(layer, k, group_size, orders, gen) if desc_act else torch.arange(k, dtype=torch.int32) // group_size
         amax = torch.stack([w[:, g_idx == g].abs().amax(1) for g in range(k // group_size)], 1)   # [N, G]
         scale = (amax / 127).clamp(min=1e-8).half().float()
         s_full = scale[:, g_idx.long()]

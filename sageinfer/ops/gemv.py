@@ -79,6 +79,16 @@ def program_rows(pid, N, BLOCK_N: tl.constexpr, ACTIVATE: tl.constexpr):
 
 
 @triton.jit
+def program_tile_3d(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACTIVATE: tl.constexpr):
+    """program_rows, and the indices of a 3-D tile [rows of x, output features, columns]: the weight
+    rows and their mask as [1, BLOCK_N, 1] (int64 offsets), x's rows as [BLOCK_M, 1, 1] and theirs."""
+    rows, row_mask = program_rows(pid, N, BLOCK_N, ACTIVATE)
+    ms = tl.arange(0, BLOCK_M)
+    ms3 = ms[:, None, None]
+    return rows, row_mask, rows[None, :, None].to(tl.int64), row_mask[None, :, None], ms, ms3, ms3 < M
+
+
+@triton.jit
 def store_activated(y_ptr, y, ms, m_mask, stride_ym, pid, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """silu(gate) * up of program_rows' paired outputs y [BLOCK_M, BLOCK_N] (in the model's dtype, as the
     projection would have stored them), into y_ptr [M, N / 2]."""
@@ -86,6 +96,27 @@ def store_activated(y_ptr, y, ms, m_mask, stride_ym, pid, N, BLOCK_M: tl.constex
     outs = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
     tl.store(y_ptr + ms[:, None] * stride_ym + outs[None, :], silu_times(gate.to(tl.float32), up),
              mask=m_mask[:, None] & (outs < N // 2)[None, :])
+
+
+@triton.jit
+def finish_rows(y_acc, x_ptr, bias_ptr, y_ptr, ms, m_mask, rows, row_mask, stride_ym, pid, N,
+                HAS_BIAS: tl.constexpr, ACTIVATE: tl.constexpr, ADD_TO_Y: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """A program's fp32 sums [BLOCK_M, BLOCK_N] for its rows' outputs, finished as every one-row kernel
+    finishes them: the bias added, rounded as the model's dtype rounds, then silu(gate) * up stored
+    (ACTIVATE), or stored into y, or added to it (ADD_TO_Y: the residual, as two tensors of the
+    model's dtype add)."""
+    if HAS_BIAS:
+        y_acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+    y = y_acc.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)
+    if ACTIVATE:
+        store_activated(y_ptr, y, ms, m_mask, stride_ym, pid, N, BLOCK_M, BLOCK_N)
+    else:
+        y_ptrs = y_ptr + ms[:, None] * stride_ym + rows[None, :]
+        y_mask = m_mask[:, None] & row_mask[None, :]
+        if ADD_TO_Y:
+            y = y + tl.load(y_ptrs, mask=y_mask, other=0.0)
+        tl.store(y_ptrs, y, mask=y_mask)
 
 
 @triton.jit
@@ -190,17 +221,8 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, 
                              w)
     if HAS_SCALE and not SCALE_GROUP:
         acc *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-    y = acc.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)  # rounded as the model's dtype rounds
-    if ACTIVATE:
-        store_activated(y_ptr, y, ms, m_mask, stride_ym, pid, N, BLOCK_M, BLOCK_N)
-        return
-    y_ptrs = y_ptr + ms[:, None] * stride_ym + rows[None, :]
-    y_mask = m_mask[:, None] & row_mask[None, :]
-    if ADD_TO_Y:  # residual + layer output, rounded as two tensors of the model's dtype add
-        y = y + tl.load(y_ptrs, mask=y_mask, other=0.0)
-    tl.store(y_ptrs, y, mask=y_mask)
+    finish_rows(acc, x_ptr, bias_ptr, y_ptr, ms, m_mask, rows, row_mask, stride_ym, pid, N, HAS_BIAS, ACTIVATE,
+                ADD_TO_Y, BLOCK_M, BLOCK_N)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
-from sageinfer.ops.gemv import fused_input, program_rows, store_activated, weights_f32
+from sageinfer.ops.gemv import finish_rows, fused_input, program_tile_3d, weights_f32
 
 # Off until timed on a GPU against ops/gemv.py's reshaping path (sm_90 loops counted by
 # benchmarks/experiments/sass_loop.py gemv --weights fp8 --group 128, with SAGEINFER_GROUPED_GEMV=1);
@@ -42,12 +42,7 @@ def _grouped_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_w_ptr, y_ptr, M
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr, PRENORM: tl.constexpr,
                          ADD_TO_Y: tl.constexpr, USE_PDL: tl.constexpr, ACTIVATE: tl.constexpr):
     pid = tl.program_id(0)
-    rows, row_mask = program_rows(pid, N, BLOCK_N, ACTIVATE)
-    rows3 = rows[None, :, None].to(tl.int64)
-    row_mask3 = row_mask[None, :, None]
-    ms = tl.arange(0, BLOCK_M)
-    ms3 = ms[:, None, None]
-    m_mask3 = ms3 < M
+    rows, row_mask, rows3, row_mask3, ms, ms3, m_mask3 = program_tile_3d(pid, M, N, BLOCK_M, BLOCK_N, ACTIVATE)
     cs3 = tl.arange(0, GROUP)[None, None, :]
     w_rows = w_ptr + rows3 * stride_wn
     scale_rows = scale_ptr + rows3 * stride_sn
@@ -71,18 +66,8 @@ def _grouped_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_w_ptr, y_ptr, M
         x = fused_input(x_ptr, ms3, k0 + cs3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED, PRENORM)
         s = tl.load(scale_rows + k0 // GROUP, mask=row_mask3, other=0.0).to(tl.float32)
         acc += _quarter_sums(x * weights_f32(current)) * s
-    y_acc = tl.sum(acc, 2)
-    y_mask = (ms < M)[:, None] & row_mask[None, :]
-    if HAS_BIAS:
-        y_acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-    y = y_acc.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)  # rounded as the model's dtype rounds
-    if ACTIVATE:
-        store_activated(y_ptr, y, ms, ms < M, stride_ym, pid, N, BLOCK_M, BLOCK_N)
-        return
-    y_ptrs = y_ptr + ms[:, None] * stride_ym + rows[None, :]
-    if ADD_TO_Y:  # residual + layer output, rounded as two tensors of the model's dtype add
-        y = y + tl.load(y_ptrs, mask=y_mask, other=0.0)
-    tl.store(y_ptrs, y, mask=y_mask)
+    finish_rows(tl.sum(acc, 2), x_ptr, bias_ptr, y_ptr, ms, ms < M, rows, row_mask, stride_ym, pid, N, HAS_BIAS,
+                ACTIVATE, ADD_TO_Y, BLOCK_M, BLOCK_N)
 
 
 def grouped_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, group: int, y: torch.Tensor,

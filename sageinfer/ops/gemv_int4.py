@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
-from sageinfer.ops.gemv import fused_input, program_rows, rms_scaled, silu_times, store_activated
+from sageinfer.ops.gemv import finish_rows, fused_input, program_tile_3d, rms_scaled, silu_times
 from sageinfer.ops.split_k import add_parts, split_launch
 from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_times_place
 
@@ -193,12 +193,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
     # Every tensor is made in the accumulator's 3-D shape [rows of x, output features, slice] from
     # its pointers, so no value changes layout inside the loop.
     pid = tl.program_id(0)
-    rows, row_mask = program_rows(pid, N, BLOCK_N, ACTIVATE)
-    rows3 = rows[None, :, None].to(tl.int64)
-    row_mask3 = row_mask[None, :, None]
-    ms = tl.arange(0, BLOCK_M)
-    ms3 = ms[:, None, None]
-    m_mask3 = ms3 < M
+    rows, row_mask, rows3, row_mask3, ms, ms3, m_mask3 = program_tile_3d(pid, M, N, BLOCK_M, BLOCK_N, ACTIVATE)
     ws3 = tl.arange(0, SLICE)[None, None, :]
     w_rows = w_ptr + rows3 * stride_wn
     RUN: tl.constexpr = 8 * SLICE
@@ -232,16 +227,8 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
                                   M * N, tl.program_id(1), SPLITS)
         if count != SPLITS - 1:
             return
-    if HAS_BIAS:
-        y_acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-    y = y_acc.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty)  # rounded as the model's dtype rounds
-    if ACTIVATE:
-        store_activated(y_ptr, y, ms, ms < M, stride_ym, pid, N, BLOCK_M, BLOCK_N)
-        return
-    y_ptrs = y_ptr + ms[:, None] * stride_ym + rows[None, :]
-    if ADD_TO_Y:  # residual + layer output, rounded as two tensors of the model's dtype add
-        y = y + tl.load(y_ptrs, mask=y_mask, other=0.0)
-    tl.store(y_ptrs, y, mask=y_mask)
+    finish_rows(y_acc, x_ptr, bias_ptr, y_ptr, ms, ms < M, rows, row_mask, stride_ym, pid, N, HAS_BIAS, ACTIVATE,
+                ADD_TO_Y, BLOCK_M, BLOCK_N)
 
 
 @triton.jit

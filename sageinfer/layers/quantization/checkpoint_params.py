@@ -26,6 +26,17 @@ def checkpoint_param(layer: nn.Module, name: str, tensor: torch.Tensor, convert)
             p, convert(loaded).contiguous().to(p.dtype), shard_id)
 
 
+def g_idx_param(layer: nn.Module, name: str | None, desc_act: bool, local_in: int, what: str) -> None:
+    """Each input column's group under the checkpoint's name (None: the checkpoint holds none). Only
+    groups in activation order are read; those cannot yet split a layer's input over ranks."""
+    if desc_act and layer.parallel == "row":
+        raise ValueError(f"{what} in act-order (GPTQ desc_act, compressed-tensors actorder 'group') cannot split a "
+                         "layer's input over tensor-parallel ranks yet; use tensor_parallel_size=1 or a checkpoint "
+                         "without act-order groups")
+    if name is not None:
+        checkpoint_param(layer, name, torch.zeros(local_in, dtype=torch.int32), "keep" if desc_act else None)
+
+
 def group_order(g_idx: torch.Tensor, group: int, name: str) -> torch.Tensor | None:
     """The input columns ordered by group (each group's columns together), or None where they are
     in order already; every group must hold `group` columns."""
@@ -34,3 +45,10 @@ def group_order(g_idx: torch.Tensor, group: int, name: str) -> torch.Tensor | No
         raise ValueError(f"{name} does not give every group the same number of columns")
     order = torch.argsort(g_idx, stable=True)
     return None if torch.equal(order, torch.arange(len(order), device=order.device)) else order
+
+
+def ordered_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, features], its columns in the layer's group order where act-order moved them."""
+    x2 = x.reshape(-1, x.shape[-1])
+    order = getattr(layer, "input_order", None)
+    return x2 if order is None else x2.index_select(1, order)

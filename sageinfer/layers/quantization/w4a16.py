@@ -24,7 +24,8 @@ import os
 import torch
 from torch import nn
 
-from sageinfer.layers.quantization.checkpoint_params import checkpoint_param, group_order
+from sageinfer.layers.quantization.checkpoint_params import (checkpoint_param, g_idx_param, group_order,
+                                                               ordered_input)
 from sageinfer.layers.quantization.config import QuantConfig
 from sageinfer.ops.gemv import gemv
 from sageinfer.ops.gemv_int4 import w4a16_mma_matmul
@@ -127,13 +128,7 @@ class W4A16Method:
             checkpoint_param(layer, self.zero_name, torch.zeros(local_out, groups, dtype=torch.int32), f.zeros)
         if c.format == "compressed-tensors":
             checkpoint_param(layer, "weight_shape", torch.zeros(2, dtype=torch.int64), None)
-        if c.desc_act and layer.parallel == "row":
-            raise ValueError("4-bit weights in act-order (GPTQ desc_act, compressed-tensors actorder 'group') cannot "
-                             "split a layer's input over tensor-parallel ranks yet; use tensor_parallel_size=1 or a "
-                             "checkpoint without act-order groups")
-        if self.g_idx_name is not None:
-            checkpoint_param(layer, self.g_idx_name, torch.zeros(local_in, dtype=torch.int32),
-                        "keep" if c.desc_act else None)
+        g_idx_param(layer, self.g_idx_name, c.desc_act, local_in, "4-bit weights")
 
     @property
     def g_idx_name(self) -> str | None:
@@ -190,10 +185,7 @@ class W4A16Method:
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        order = getattr(layer, "input_order", None)
-        if order is not None:
-            x2 = x2.index_select(1, order)
+        x2 = ordered_input(layer, x)
         packed, scales, zeros = (getattr(layer, n) for n in (self.packed_name, self.scale_name, self.zero_name))
         kernels = layer.use_triton  # the platform's kernel choice (Triton)
         rows = x2.shape[0]

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sageinfer.layers.quantization.checkpoint_params import checkpoint_param, group_order
+from sageinfer.layers.quantization.checkpoint_params import (checkpoint_param, g_idx_param, group_order,
+                                                               ordered_input)
 from sageinfer.layers.quantization.config import QuantConfig
 from sageinfer.ops.weight_only import dequantize_8bit_groups, dequantize_8bit_groups_kernel, w8a16_block_matmul
 
@@ -59,13 +60,7 @@ class W8A16Method:
                              lambda t: _symmetric_zeros(t, offset))
         else:
             checkpoint_param(layer, "weight_shape", torch.zeros(2, dtype=torch.int64), None)
-        if c.desc_act and layer.parallel == "row":
-            raise ValueError("8-bit weights in act-order (GPTQ desc_act, compressed-tensors actorder 'group') cannot "
-                             "split a layer's input over tensor-parallel ranks yet; use tensor_parallel_size=1 or a "
-                             "checkpoint without act-order groups")
-        if self.g_idx_name is not None:
-            checkpoint_param(layer, self.g_idx_name, torch.zeros(local_in, dtype=torch.int32),
-                             "keep" if c.desc_act else None)
+        g_idx_param(layer, self.g_idx_name, c.desc_act, local_in, "8-bit weights")
 
     def process_after_loading(self, layer: nn.Module) -> None:
         if not self.config.from_checkpoint:
@@ -107,10 +102,7 @@ class W8A16Method:
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        order = getattr(layer, "input_order", None)
-        if order is not None:
-            x2 = x2.index_select(1, order)
+        x2 = ordered_input(layer, x)
         block_k = min(64, self.group & -self.group)  # a power of two that divides the group
         if layer.use_triton and x2.shape[0] <= _KERNEL_MAX_ROWS and block_k >= 16:
             y = w8a16_block_matmul(x2, layer.weight, layer.weight_scale, self.group, block_k=block_k)
