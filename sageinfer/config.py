@@ -86,8 +86,9 @@ class EngineConfig:
     generation_config: str = _option("auto", "default sampling values: auto (the model's), vllm (none), or a directory")
     # Weight quantization: None follows the checkpoint (its config.json's quantization_config);
     # "fp8" quantizes a full-precision checkpoint at load time (layers/quantization/config.py).
-    quantization: str | None = _option(None, "weight quantization: fp8 (at load time), or the checkpoint's "
-                                             "(compressed-tensors FP8/INT8 W8A8) when not given")
+    quantization: str | None = _option(None, "weight quantization: fp8 (at load time), or the checkpoint's method "
+                                             "(compressed-tensors, gptq, awq, fp8; also vLLM's gptq_marlin and "
+                                             "awq_marlin) when not given")
     # Ranks the model is split over (heads, MLP columns, vocabulary), one process and device each.
     tensor_parallel_size: int = _option(1, "ranks the model is split over, one device each")
     # How ranks 1..N-1 start: "mp" (processes on this host) or "ray" (Ray actors, on any host of a
@@ -145,8 +146,8 @@ class EngineConfig:
             raise ValueError(f"admission_lookahead_tokens must be >= 0, got {self.admission_lookahead_tokens}")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
-        if self.quantization not in (None, "fp8", "compressed-tensors", "gptq", "awq"):
-            from sageinfer.layers.quantization.config import SUPPORTED
+        from sageinfer.layers.quantization.config import OPTIONS, SUPPORTED
+        if self.quantization not in OPTIONS:
             raise ValueError(f"quantization={self.quantization!r} is not supported; supported: {SUPPORTED}")
         if self.distributed_executor_backend not in ("mp", "ray"):
             raise ValueError(f"distributed_executor_backend must be mp or ray, got {self.distributed_executor_backend!r}")

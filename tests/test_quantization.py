@@ -239,6 +239,21 @@ def test_what_is_not_supported_is_refused_at_start_naming_what_is(raw, option, s
     assert "supported" in str(info.value) or "does not match" in str(info.value)
 
 
+def test_vllm_names_of_a_checkpoints_method_are_accepted():
+    """vLLM's users pass its kernels' names (gptq_marlin, awq_marlin) as the method of GPTQ and AWQ
+    checkpoints: the same config; another method's name still does not match."""
+    from sageinfer.config import EngineConfig
+    gptq = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    awq = {"quant_method": "awq", "bits": 4, "group_size": 128}
+    assert parse_quant_config(gptq, "gptq_marlin") == parse_quant_config(gptq, None)
+    assert parse_quant_config(awq, "awq_marlin") == parse_quant_config(awq, "awq")
+    with pytest.raises(ValueError, match="does not match"):
+        parse_quant_config(gptq, "awq_marlin")
+    assert EngineConfig(model="m", quantization="gptq_marlin").quantization == "gptq_marlin"
+    with pytest.raises(ValueError, match="quantization='bitsandbytes' is not supported"):
+        EngineConfig(model="m", quantization="bitsandbytes")
+
+
 def test_dummy_weights_with_a_quantization_method(llama_dir):
     llm = LLM(llama_dir, dtype="float32", load_format="dummy", quantization="fp8", num_gpu_blocks_override=128,
               show_progress=False)

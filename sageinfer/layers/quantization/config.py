@@ -71,6 +71,11 @@ class QuantConfig:
         return False
 
 
+# vLLM's names for its kernels of a checkpoint's method, which its users pass as --quantization.
+OPTION_ALIASES = {"gptq_marlin": "gptq", "awq_marlin": "awq"}
+OPTIONS = (None, "fp8", "compressed-tensors", "gptq", "awq", *OPTION_ALIASES)
+
+
 def _refuse(what: str) -> ValueError:
     return ValueError(f"{what} is not supported; supported: {SUPPORTED}")
 
@@ -85,6 +90,7 @@ def parse_quant_config(raw: dict | None, option: str | None) -> QuantConfig | No
             return QuantConfig("fp8", "channel", True, from_checkpoint=False)
         raise _refuse(f"quantization={option!r} on a full-precision checkpoint")
     method = raw.get("quant_method")
+    option = OPTION_ALIASES.get(option, option)
     if option is not None and option != method:
         raise ValueError(f"the checkpoint is quantized with {method!r}; quantization={option!r} does not match it")
     if method in ("gptq", "awq"):
