@@ -8,7 +8,7 @@ against 613 over bf16) and INT8 weights' I2F in the skinny GEMV.
   python benchmarks/experiments/sass_loop.py gemv --weights int8
   python benchmarks/experiments/sass_loop.py gemv --weights fp8 --group 128
   python benchmarks/experiments/sass_loop.py int4-gemv
-  python benchmarks/experiments/sass_loop.py fp8-block-matmul --rows 16
+  python benchmarks/experiments/sass_loop.py fp8-block-matmul --rows 16 [--weights int8]
 
 Counts are per thread and per loop trip; what a trip covers (keys, weights) follows from the printed
 tile sizes and warps. Fewer instructions is not the same as faster: time on a GPU before deciding.
@@ -141,7 +141,7 @@ def int4_gemv(args):
 
 def fp8_block_matmul(args):
     import sageinfer.ops.weight_only as wo
-    weight = torch.zeros(4096, 4096, dtype=torch.float8_e4m3fn)
+    weight = torch.zeros(4096, 4096, dtype=torch.int8 if args.weights == "int8" else torch.float8_e4m3fn)
     x = torch.randn(args.rows, 4096, dtype=torch.bfloat16)
     return wo, "_weight_only_kernel", lambda: wo.w8a16_block_matmul(x, weight, torch.ones(4096, 32), 128)
 

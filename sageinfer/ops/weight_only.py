@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops.fp16_operand import fp16_operand, fp16_operand_factor
+from sageinfer.ops.int8_values import int8_as_f32
 from sageinfer.ops.split_k import add_parts, split_launch
 
 
@@ -88,9 +89,10 @@ def nibble_times_place(low, high, J: tl.constexpr):
 
 @triton.jit
 def _bytes_as(raw, INT8: tl.constexpr, dtype: tl.constexpr):
-    """8-bit weights loaded as bytes, as dtype: INT8 integers (exact in fp16 and fp32), else FP8 e4m3."""
+    """8-bit weights loaded as bytes, as dtype: INT8 integers (exact in fp16 and fp32; through fp32's
+    bits, not I2F, which runs at an eighth of the FP32 rate on sm_90: ops/int8_values.py), else FP8 e4m3."""
     if INT8:
-        return raw.to(tl.int8, bitcast=True).to(dtype)
+        return int8_as_f32(raw.to(tl.int8, bitcast=True)).to(dtype)
     return raw.to(tl.float8e4nv, bitcast=True).to(dtype)
 
 
