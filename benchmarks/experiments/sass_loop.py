@@ -7,7 +7,7 @@ against 613 over bf16) and INT8 weights' I2F in the skinny GEMV.
   python benchmarks/experiments/sass_loop.py decode-attention --kv fp8
   python benchmarks/experiments/sass_loop.py gemv --weights int8
   python benchmarks/experiments/sass_loop.py gemv --weights fp8 --group 128
-  python benchmarks/experiments/sass_loop.py int4-gemv
+  python benchmarks/experiments/sass_loop.py int4-gemv [--norm]
   python benchmarks/experiments/sass_loop.py fp8-block-matmul --rows 16 [--weights int8]
 
 Counts are per thread and per loop trip; what a trip covers (keys, weights) follows from the printed
@@ -129,9 +129,10 @@ def gemv(args):
 def _int4_one_row_call(args):
     """ops/gemv_int4.int4_gemv's arguments at Qwen3-8B's 4096 x 4096, group 128, slices of 128, one row."""
     n, k, group, slice_width = 4096, 4096, 128, 128
+    norm = torch.ones(k, dtype=torch.bfloat16) if args.norm else None
     return (torch.randn(1, k, dtype=torch.bfloat16), torch.zeros(n, k // 8, dtype=torch.int32),
             torch.ones(n, k // group, dtype=torch.bfloat16), None, group, slice_width,
-            torch.empty(1, n, dtype=torch.bfloat16), None, False, None, 1e-6, False)
+            torch.empty(1, n, dtype=torch.bfloat16), None, False, norm, 1e-6, False)
 
 
 def int4_gemv(args):
@@ -152,6 +153,7 @@ def main():
     parser.add_argument("--kv", default="bf16", choices=["bf16", "fp8", "int8"])
     parser.add_argument("--weights", default="bf16", choices=["bf16", "fp8", "int8"])
     parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--norm", action="store_true", help="int4-gemv: with the RMSNorm folded in (qkv, gate_up)")
     parser.add_argument("--group", type=int, default=0, help="gemv: a scale per row and group of this many columns "
                         "(block FP8, W8A16), else per row")
     args = parser.parse_args()
