@@ -127,6 +127,17 @@ def write_w4a16(src: str, dst: str, group_size: int | None = 32, symmetric: bool
 _AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of an AWQ word holds column 8 c + _AWQ_PACK_ORDER[i]
 
 
+def _linear_weights(tensors: dict, out: dict, dense: dict):
+    """(name, layer, tensor) of each linear layer's weight; every other tensor copied as it is into both
+    checkpoints being written (out: the quantized one, dense: the weights it encodes)."""
+    for name, t in tensors.items():
+        layer = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and layer.split(".")[-1] in _LINEARS:
+            yield name, layer, t
+        else:
+            out[name] = dense[name] = t
+
+
 def _g_idx(layer: str, k: int, group_size: int, orders: dict, gen: torch.Generator) -> torch.Tensor:
     """Act-order groups: each a scattered set of the k input columns, the same for layers that read
     the same input (GPTQ orders by that input's statistics); orders keeps each input's."""
@@ -152,11 +163,7 @@ def write_4bit_by_hand(src: str, dst: str, method: str, group_size: int = 32, de
     tensors = load_file(os.path.join(src, "model.safetensors"))
     gen = torch.Generator().manual_seed(seed)
     out, dense, orders = {}, {}, {}
-    for name, t in tensors.items():
-        layer = name.rsplit(".", 1)[0]
-        if not (name.endswith(".weight") and layer.split(".")[-1] in _LINEARS):
-            out[name] = dense[name] = t
-            continue
+    for name, layer, t in _linear_weights(tensors, out, dense):
         w = t.float()                                   # [N, K]
         n, k = w.shape
         g_idx = _g_idx(layer, k, group_size, orders, gen) if desc_act else torch.arange(k, dtype=torch.int32) // group_size
@@ -228,11 +235,7 @@ def write_gptq_8bit(src: str, dst: str, group_size: int = 32, desc_act: bool = F
     tensors = load_file(os.path.join(src, "model.safetensors"))
     gen = torch.Generator().manual_seed(8)
     out, dense, orders = {}, {}, {}
-    for name, t in tensors.items():
-        layer = name.rsplit(".", 1)[0]
-        if not (name.endswith(".weight") and layer.split(".")[-1] in _LINEARS):
-            out[name] = dense[name] = t
-            continue
+    for name, layer, t in _linear_weights(tensors, out, dense):
         w = t.float()
         n, k = w.shape
         g_idx = _g_idx(layer, k, group_size, orders, gen) if desc_act else torch.arange(k, dtype=torch.int32) // group_size
@@ -265,11 +268,7 @@ def write_fp8_blocks(src: str, dst: str, block: int = 32) -> tuple[str, str]:
     shutil.copytree(src, dst)
     tensors = load_file(os.path.join(src, "model.safetensors"))
     out, dense = {}, {}
-    for name, t in tensors.items():
-        layer = name.rsplit(".", 1)[0]
-        if not (name.endswith(".weight") and layer.split(".")[-1] in _LINEARS):
-            out[name] = dense[name] = t
-            continue
+    for name, layer, t in _linear_weights(tensors, out, dense):
         w = t.float()
         n, k = w.shape
         tiles = w.view(n // block, block, k // block, block)
