@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
-from sageinfer.ops.int8_values import int8_as_f32
+from sageinfer.ops.int8_values import values_as
 
 MAX_ROWS = 8
 # From benchmarks/experiments/tune_decode_step.py on an H100 (bf16, Qwen3-8B shapes at M = 1, 36 launches in one
@@ -76,6 +76,16 @@ def program_rows(pid, N, BLOCK_N: tl.constexpr, ACTIVATE: tl.constexpr):
         return out + (i % 2) * (N // 2), out < N // 2
     rows = pid * BLOCK_N + i
     return rows, rows < N
+
+
+@triton.jit
+def quarters(t):
+    """[..., 4 Q] -> its four [..., Q] parts: part i holds elements 4 j + i (each thread's four
+    consecutive elements, loaded as one vector, split in registers)."""
+    even, odd = tl.split(tl.reshape(t, t.shape[:-1] + (t.shape[-1] // 4, 2, 2)))
+    q0, q2 = tl.split(even)
+    q1, q3 = tl.split(odd)
+    return q0, q1, q2, q3
 
 
 @triton.jit
@@ -131,9 +141,7 @@ def weights_f32(w):
     """Weights as fp32, INT8 without I2F (ops/int8_values.py): INT8 was the one 8-bit format whose
     one-row decode was slower than bf16 (L1 TPOT 5.23 ms on an H200 against 4.81, FP8 3.82 with as
     many instructions as this form, all at the full rate)."""
-    if w.dtype == tl.int8:
-        return int8_as_f32(w)
-    return w.to(tl.float32)
+    return values_as(w, tl.float32)
 
 
 @triton.jit

@@ -18,22 +18,13 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
-from sageinfer.ops.gemv import finish_rows, fused_input, program_tile_3d, weights_f32
+from sageinfer.ops.gemv import finish_rows, fused_input, program_tile_3d, quarters, weights_f32
 
 # Off until timed on a GPU against ops/gemv.py's reshaping path (sm_90 loops counted by
 # benchmarks/experiments/sass_loop.py gemv --weights fp8 --group 128, with SAGEINFER_GROUPED_GEMV=1);
 # block FP8's one-row decode measured L1 TPOT 5.96 ms on an H200, against 3.82 ms for per-channel FP8.
 GROUPED_GEMV = os.environ.get("SAGEINFER_GROUPED_GEMV", "0") != "0"
 GROUPED_GEMV_CONFIG = {"block_n": 32, "num_warps": 4, "num_stages": 2}
-
-
-@triton.jit
-def _quarter_sums(t):
-    """[..., 4 Q] -> [..., Q]: each thread's four consecutive elements summed in registers."""
-    even, odd = tl.split(tl.reshape(t, t.shape[:-1] + (t.shape[-1] // 4, 2, 2)))
-    q0, q2 = tl.split(even)
-    q1, q3 = tl.split(odd)
-    return (q0 + q1) + (q2 + q3)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -65,7 +56,8 @@ def _grouped_gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_w_ptr, y_ptr, M
         w = tl.load(w_rows + (k0 + GROUP) + cs3, mask=row_mask3 & (k0 + GROUP + cs3 < K), other=0.0)
         x = fused_input(x_ptr, ms3, k0 + cs3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED, PRENORM)
         s = tl.load(scale_rows + k0 // GROUP, mask=row_mask3, other=0.0).to(tl.float32)
-        acc += _quarter_sums(x * weights_f32(current)) * s
+        q0, q1, q2, q3 = quarters(x * weights_f32(current))
+        acc += ((q0 + q1) + (q2 + q3)) * s
     finish_rows(tl.sum(acc, 2), x_ptr, bias_ptr, y_ptr, ms, ms < M, rows, row_mask, stride_ym, pid, N, HAS_BIAS,
                 ACTIVATE, ADD_TO_Y, BLOCK_M, BLOCK_N)
 

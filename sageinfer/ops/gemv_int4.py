@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
-from sageinfer.ops.gemv import finish_rows, fused_input, program_tile_3d, rms_scaled, silu_times
+from sageinfer.ops.gemv import finish_rows, fused_input, program_tile_3d, quarters, rms_scaled, silu_times
 from sageinfer.ops.split_k import add_parts, split_launch
 from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_times_place
 
@@ -51,16 +51,6 @@ INT4_GEMV_CONFIG = {"block_n": 32, "num_warps": 8, "num_stages": 2,
 
 
 @triton.jit
-def _quarters(t):
-    """[..., 4 Q] -> its four [..., Q] parts: part i holds elements 4 j + i (each thread's four
-    consecutive elements, loaded as one vector, split in registers)."""
-    even, odd = tl.split(tl.reshape(t, t.shape[:-1] + (t.shape[-1] // 4, 2, 2)))
-    q0, q2 = tl.split(even)
-    q1, q3 = tl.split(odd)
-    return q0, q1, q2, q3
-
-
-@triton.jit
 def _scale_and_offset(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, group, HAS_ZERO: tl.constexpr):
     """A group's scale of each row and the value its nibbles are stored above (8, plus the zero point)."""
     s = tl.load(scale_ptr + rows3 * stride_sn + group, mask=row_mask3, other=0.0).to(tl.float32)
@@ -73,13 +63,11 @@ def _scale_and_offset(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, group, H
 @triton.jit
 def _eighths(t):
     """[A, B, 8] -> its eight [A, B, 1] parts, in order."""
-    even, odd = tl.split(tl.reshape(t, t.shape[:-1] + (4, 2)))
-    e0, e2 = tl.split(tl.reshape(even, even.shape[:-1] + (2, 2)))
-    e1, e3 = tl.split(tl.reshape(odd, odd.shape[:-1] + (2, 2)))
-    p0, p4 = tl.split(e0)
-    p2, p6 = tl.split(e2)
-    p1, p5 = tl.split(e1)
-    p3, p7 = tl.split(e3)
+    q0, q1, q2, q3 = quarters(t)  # [A, B, 2]: elements i and 4 + i
+    p0, p4 = tl.split(q0)
+    p1, p5 = tl.split(q1)
+    p2, p6 = tl.split(q2)
+    p3, p7 = tl.split(q3)
     return (p0[:, :, None], p1[:, :, None], p2[:, :, None], p3[:, :, None], p4[:, :, None], p5[:, :, None],
             p6[:, :, None], p7[:, :, None])
 
@@ -144,7 +132,7 @@ def _quad_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3
     ONCE_A_RUN: tl.constexpr = RUN_SCALES and (GROUP == SLICE or GROUP % RUN == 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N, SLICE // 4), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, RUN):
-        w0, w1, w2, w3 = _quarters(words)
+        w0, w1, w2, w3 = quarters(words)
         # K is a whole number of runs: the next run's words, if any, in flight while this one is used.
         next_words = k0 // 8 + SLICE + ws3
         words = tl.load(w_rows + next_words, mask=row_mask3 & (next_words < K // 8), other=0)
@@ -157,7 +145,7 @@ def _quad_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3
             scales, offsets = _run_scales(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, k0, GROUP, SLICE, HAS_ZERO)
         for j in tl.static_range(8):
             x = fused_input(x_ptr, ms3, k0 + j * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED, PRENORM)
-            x0, x1, x2, x3 = _quarters(x)
+            x0, x1, x2, x3 = quarters(x)
             if ONCE_A_RUN:
                 s, offset = scales[j], offsets[j]
             else:

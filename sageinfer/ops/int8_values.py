@@ -13,9 +13,9 @@ def int8_as_f32(x):
 
 
 @triton.jit
-def cache_values_as(x, dtype):
-    """A cache tile's values in the dot's dtype: INT8 through int8_as_f32 (integers of 8 bits are exact
-    in bf16 and fp16), others (16-bit, e4m3) converted directly."""
+def values_as(x, dtype):
+    """A tile's values (cached keys or values, weights) in dtype: INT8 through int8_as_f32 (integers of 8
+    bits are exact in bf16 and fp16), others (16-bit, e4m3) converted directly."""
     if x.dtype == tl.int8:
         return int8_as_f32(x).to(dtype)
     return x.to(dtype)

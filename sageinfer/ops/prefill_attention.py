@@ -20,7 +20,7 @@ except ImportError:
     TensorDescriptor = None
 
 from sageinfer.ops import launch
-from sageinfer.ops.int8_values import cache_values_as
+from sageinfer.ops.int8_values import values_as
 from sageinfer.ops.paged_attention import LOG2E, LONG_CONTEXT, fp8_query_factor, query_for_cache
 from sageinfer.ops.rope_cache import scale_offsets, scales_head_major
 
@@ -56,7 +56,7 @@ def _scores(q, k_cache, k_scale_ptr, row, col, kv_head, valid, stride_row, NUM_K
             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, INT8: tl.constexpr,
             PAGE_SIZE: tl.constexpr, HEAD_MAJOR_SCALES: tl.constexpr):
     k = _load_tile(k_cache, row, col, stride_row, BLOCK_N, HEAD_DIM, USE_TMA)
-    s = tl.dot(q, cache_values_as(k, q.dtype).T)  # (a no-op but for a quantized cache: int8 and e4m3 are exact)
+    s = tl.dot(q, values_as(k, q.dtype).T)  # (a no-op but for a quantized cache: int8 and e4m3 are exact)
     if INT8:
         s = s * _token_scales(k_scale_ptr, row, kv_head, valid, NUM_KV_HEADS, BLOCK_N, PAGE_SIZE,
                               HEAD_MAJOR_SCALES)[None, :]
@@ -76,7 +76,7 @@ def _update(s, m_i, l_i, acc, v_cache, v_scale_ptr, row, col, kv_head, tile, q_p
     p = tl.math.exp2(s * scale_log2 - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = cache_values_as(_load_tile(v_cache, row, col, stride_row, BLOCK_N, HEAD_DIM, USE_TMA), dtype)
+    v = values_as(_load_tile(v_cache, row, col, stride_row, BLOCK_N, HEAD_DIM, USE_TMA), dtype)
     if MASKED:
         v = tl.where((tile * BLOCK_N + tl.arange(0, BLOCK_N) < kv_end)[:, None], v, 0.0)
     pv = p

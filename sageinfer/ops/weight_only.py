@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops.fp16_operand import fp16_operand, fp16_operand_factor
-from sageinfer.ops.int8_values import int8_as_f32
+from sageinfer.ops.int8_values import values_as
 from sageinfer.ops.split_k import add_parts, split_launch
 
 
@@ -89,11 +89,9 @@ def nibble_times_place(low, high, J: tl.constexpr):
 
 @triton.jit
 def _bytes_as(raw, INT8: tl.constexpr, dtype: tl.constexpr):
-    """8-bit weights loaded as bytes, as dtype: INT8 integers (exact in fp16 and fp32; through fp32's
-    bits, not I2F, which runs at an eighth of the FP32 rate on sm_90: ops/int8_values.py), else FP8 e4m3."""
-    if INT8:
-        return int8_as_f32(raw.to(tl.int8, bitcast=True)).to(dtype)
-    return raw.to(tl.float8e4nv, bitcast=True).to(dtype)
+    """8-bit weights loaded as bytes, as dtype: INT8 integers (through fp32's bits, not I2F, which runs at
+    an eighth of the FP32 rate on sm_90: ops/int8_values.py), else FP8 e4m3."""
+    return values_as(raw.to(tl.int8 if INT8 else tl.float8e4nv, bitcast=True), dtype)
 
 
 @triton.jit
@@ -239,7 +237,7 @@ def dequantize_kernel(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.T
 
 
 def dequantize_8bit_groups_kernel(weight: torch.Tensor, scale: torch.Tensor, block: int,
-                                 dtype: torch.dtype) -> torch.Tensor:
+                                  dtype: torch.dtype) -> torch.Tensor:
     """`dequantize_8bit_groups` in one Triton pass."""
     n, k = weight.shape
     if scale.shape != (n, (k + block - 1) // block):
@@ -270,6 +268,11 @@ def dequantize_8bit_groups(weight: torch.Tensor, scale: torch.Tensor, block: int
     (FP8's block x block tiles given per row), [N, ceil(K / b)] -> [N, K]."""
     k = weight.shape[1]
     return (weight.float() * scale.float().repeat_interleave(block, 1)[:, :k]).to(dtype)
+
+
+# Up to this many rows the 8-bit weight-only layers (block FP8, W8A16) take w8a16_block_matmul; above it
+# their weights are expanded for the library GEMM (or, block FP8, go to a block-scaled GEMM).
+W8A16_MAX_ROWS = 64
 
 
 def w8a16_block_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: int,

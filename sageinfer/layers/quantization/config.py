@@ -195,7 +195,7 @@ def _parse_gptq_awq(raw: dict, method: str) -> QuantConfig:
     fmt = raw.get("checkpoint_format", "gptq")
     if fmt not in ("gptq", "gptq_v2"):
         raise _refuse(f"GPTQ checkpoint_format {fmt!r}")
-    return QuantConfig("w4a16" if bits == 4 else "w8a16", "group", False, True, group_size=group,
+    return QuantConfig(f"w{bits}a16", "group", False, True, group_size=group,
                        symmetric=bool(raw.get("sym", True)), format="gptq", desc_act=bool(raw.get("desc_act", False)),
                        gptq_v2=fmt == "gptq_v2")
 
@@ -216,7 +216,7 @@ def _parse_weight_only(raw: dict, group: dict, weights: dict, bits: int) -> Quan
     group = weights.get("group_size") if strategy == "group" else None
     if strategy == "group" and (not isinstance(group, int) or group % 32):
         raise _refuse(f"{bits}-bit weights with group_size {group!r} (a multiple of 32)")
-    return QuantConfig("w4a16" if bits == 4 else "w8a16", strategy, activation_dynamic=False, from_checkpoint=True,
+    return QuantConfig(f"w{bits}a16", strategy, activation_dynamic=False, from_checkpoint=True,
                        ignore=list(raw.get("ignore") or []), group_size=group,
                        symmetric=bool(weights.get("symmetric", True)), desc_act=actorder in ("group", "dynamic"))
 

@@ -21,9 +21,8 @@ from torch import nn
 from sageinfer.layers.quantization.config import QuantConfig
 from sageinfer.layers.quantization.w8a8 import quantize_rows
 from sageinfer.ops.quantize import quantize_rows_kernel
-from sageinfer.ops.weight_only import dequantize_8bit_groups, dequantize_8bit_groups_kernel
+from sageinfer.ops.weight_only import W8A16_MAX_ROWS, dequantize_8bit_groups, dequantize_8bit_groups_kernel
 
-_KERNEL_MAX_ROWS = 64
 # Those rows' matmuls as few as 64 programs (o and down at Qwen3-8B shapes, 16 rows) leave most
 # processors idle: the kernel splits K too, up to twice the platform's compute units of programs (H200,
 # T2 at 32 sequences: 3,764 -> 5,074 tok/s). SAGEINFER_FP8_BLOCK_MIN_PROGRAMS=n sets the programs
@@ -98,7 +97,7 @@ class Fp8BlockMethod:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         y = None
-        if layer.use_triton and x2.shape[0] <= _KERNEL_MAX_ROWS:  # the platform runs Triton kernels
+        if layer.use_triton and x2.shape[0] <= W8A16_MAX_ROWS:  # the platform runs Triton kernels
             from sageinfer.ops.weight_only import w8a16_block_matmul
             y = w8a16_block_matmul(x2, layer.weight, layer.weight_scale_inv, self.block,
                                    min_programs=self.min_programs)

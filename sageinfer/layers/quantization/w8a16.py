@@ -21,10 +21,8 @@ from torch import nn
 from sageinfer.layers.quantization.checkpoint_params import (checkpoint_param, g_idx_param, group_order,
                                                                ordered_input)
 from sageinfer.layers.quantization.config import QuantConfig
-from sageinfer.ops.weight_only import dequantize_8bit_groups, dequantize_8bit_groups_kernel, w8a16_block_matmul
-
-# Above this many rows the weight is expanded for the library GEMM (fp8_block.py's limit).
-_KERNEL_MAX_ROWS = 64
+from sageinfer.ops.weight_only import (W8A16_MAX_ROWS, dequantize_8bit_groups, dequantize_8bit_groups_kernel,
+                                       w8a16_block_matmul)
 
 
 def unpack_bytes(words: torch.Tensor) -> torch.Tensor:
@@ -45,6 +43,7 @@ class W8A16Method:
     def create_weights(self, layer: nn.Module, local_out: int, local_in: int) -> None:
         c = self.config
         self.group = c.group_size or local_in
+        self.block_k = min(64, self.group & -self.group)  # the kernel's K tile: a power of two dividing the group
         if local_in % 4 or local_in % self.group:
             raise ValueError(f"8-bit weights: {local_in} input features per rank do not hold whole groups of "
                              f"{self.group}")
@@ -103,9 +102,8 @@ class W8A16Method:
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = ordered_input(layer, x)
-        block_k = min(64, self.group & -self.group)  # a power of two that divides the group
-        if layer.use_triton and x2.shape[0] <= _KERNEL_MAX_ROWS and block_k >= 16:
-            y = w8a16_block_matmul(x2, layer.weight, layer.weight_scale, self.group, block_k=block_k)
+        if layer.use_triton and x2.shape[0] <= W8A16_MAX_ROWS and self.block_k >= 16:
+            y = w8a16_block_matmul(x2, layer.weight, layer.weight_scale, self.group, block_k=self.block_k)
         else:  # the weight expanded (in one pass where kernels run) for the library GEMM
             expand = dequantize_8bit_groups_kernel if layer.use_triton else dequantize_8bit_groups
             y = nn.functional.linear(x2, expand(layer.weight, layer.weight_scale, self.group, x.dtype))
