@@ -120,16 +120,14 @@ def _mode_input(x: torch.Tensor, k: int, mode: str, norm_w: torch.Tensor) -> tor
     return inp
 
 
-@pytest.mark.parametrize("kernel", ["reshaping", "grouped"])
 @pytest.mark.parametrize("weights, rows", [("fp8", 1), ("int8", 1), ("fp8", 3)])
 @pytest.mark.parametrize("mode", ["plain", "gated", "normed", "residual", "activate"])
-def test_gemv_scales_each_group_of_a_block_quantized_weight(mode, weights, rows, kernel):
-    """Block FP8 and W8A16's INT8: a scale per row and group of 64 input features, in both kernels
-    (ops/gemv.py's, which reshapes each weight chunk to its groups, and ops/gemv_grouped.py's, which
-    walks K a group at a time); every path that reads weights (the norm's first two chunks and the
-    rest too), with each fusion."""
+def test_gemv_scales_each_group_of_a_block_quantized_weight(mode, weights, rows):
+    """Block FP8 and W8A16's INT8: a scale per row and group of 64 input features through
+    ops/gemv_grouped.py's kernel, walking K two groups at a time where K holds ten (the norm's pass
+    over x too), with each fusion; groups of other than a power of two from 16 are refused."""
     gen = torch.Generator().manual_seed(11 + rows)
-    n, k, g = 24, 512, 64
+    n, k, g = 24, 640, 64
     full = torch.randn(n, k, generator=gen)
     top = 448.0 if weights == "fp8" else 127.0
     scale = full.view(n, k // g, g).abs().amax(2) / top
@@ -138,8 +136,7 @@ def test_gemv_scales_each_group_of_a_block_quantized_weight(mode, weights, rows,
     x = torch.randn(rows, 2 * k if mode == "gated" else k, generator=gen).half()
     norm_w = (torch.rand(k, generator=gen) + 0.5).half()
     residual = torch.randn(rows, n, generator=gen).half()
-    cfg = ({"block_n": 8, "num_warps": 4, "num_stages": 2, "grouped": True} if kernel == "grouped" else
-           {"block_n": 8, "block_k": 128, "num_warps": 4, "num_stages": 2, "grouped": False})
+    cfg = {"block_n": 8, "groups": 4, "num_warps": 4, "num_stages": 2}
     kwargs = ({"gated": True} if mode == "gated" else {"norm_weight": norm_w.to(DEVICE), "eps": 1e-6}
               if mode == "normed" else {"residual": residual.clone().to(DEVICE)} if mode == "residual" else
               {"activate": True} if mode == "activate" else {})
@@ -153,6 +150,8 @@ def test_gemv_scales_each_group_of_a_block_quantized_weight(mode, weights, rows,
     assert rel_err(out.float().cpu(), ref) < 3e-3
     with pytest.raises(ValueError, match="weight_scale"):
         gemv(x.to(DEVICE), q.to(DEVICE), weight_scale=scale.t().contiguous().to(DEVICE), **kwargs)
+    with pytest.raises(ValueError, match="powers of two"):
+        gemv(x.to(DEVICE), q.to(DEVICE), weight_scale=scale[:, :8].contiguous().to(DEVICE), **kwargs)
 
 
 @pytest.mark.parametrize("mma", [False, "per weight", True, "split"])

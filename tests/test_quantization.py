@@ -72,8 +72,7 @@ def test_fp8_at_load_time_equals_the_per_channel_checkpoint(checkpoints, tmp_pat
 
 
 # INT8 W8A8: tests/test_ops_gemv.py
-@pytest.mark.parametrize("name", ["fp8-channel", "fp8-block", "w4a16-group-asym", "gptq-8bit", "fp8-block grouped",
-                                  "gptq-8bit grouped"])
+@pytest.mark.parametrize("name", ["fp8-channel", "fp8-block", "w4a16-group-asym", "gptq-8bit"])
 def test_one_row_reads_quantized_weights_as_the_model_they_encode(checkpoints, llama_dir, tmp_path, monkeypatch,
                                                                     request, name):
     """At one row the 8- and 4-bit layers go through the skinny kernel with their scales (and zero
@@ -81,12 +80,11 @@ def test_one_row_reads_quantized_weights_as_the_model_they_encode(checkpoints, l
     its decode steps equal the dequantized model's, which takes the same kernel with whole weights.
     A W4A16 model's gate_up matmul hands out silu(gate) * up (its down projection takes a plain
     input) where its dequantized copy, forced the other way (SAGEINFER_ONE_ROW_ACTIVATE=0), forms the
-    activation in down: the same tokens either way."""
+    activation in down: the same tokens either way. Group-scaled 8-bit weights (block FP8, GPTQ 8-bit)
+    take ops/gemv_grouped.py's kernel."""
     from sageinfer.layers import linear as linear_layers
     from sageinfer.ops import gemv as gemv_module
     from sageinfer.ops import gemv_grouped
-    name, _, grouped = name.partition(" ")  # "grouped": group scales through ops/gemv_grouped.py's kernel
-    monkeypatch.setattr(gemv_grouped, "GROUPED_GEMV", bool(grouped))
     grouped_calls, grouped_kernel = [], gemv_grouped.grouped_gemv
     monkeypatch.setattr(gemv_grouped, "grouped_gemv", lambda *a: grouped_calls.append(a) or grouped_kernel(*a))
     calls, original = [], gemv_module.gemv
@@ -121,7 +119,7 @@ def test_one_row_reads_quantized_weights_as_the_model_they_encode(checkpoints, l
             assert any(k.get("gated") for k in calls) and not any(k.get("activate") for k in calls)
     assert outs["quantized"][0] == outs["dense"][0]
     np.testing.assert_allclose(outs["quantized"][1], outs["dense"][1], atol=1e-4)
-    assert bool(grouped_calls) == bool(grouped) or name.startswith(("w4a16", "fp8-channel"))
+    assert bool(grouped_calls) == (name in ("fp8-block", "gptq-8bit"))
 
 
 def test_layers_hold_8_bit_weights_and_the_ignored_stay_whole(checkpoints, llama_dir, tmp_path):

@@ -120,7 +120,7 @@ def gemv(args):
     weight = torch.zeros(4096, 4096, dtype=dtype)
     scale = None if args.weights == "bf16" else torch.ones(4096, 4096 // args.group) if args.group else torch.ones(4096)
     x = torch.randn(1, 4096, dtype=torch.bfloat16)
-    if args.group and os.environ.get("SAGEINFER_GROUPED_GEMV", "0") != "0":  # ops/gemv_grouped.py's kernel
+    if args.group:  # ops/gemv_grouped.py's kernel
         import sageinfer.ops.gemv_grouped as grouped
         return grouped, "_grouped_gemv_kernel", lambda: g.gemv(x, weight, weight_scale=scale)
     return g, "_gemv_kernel", lambda: g.gemv(x, weight, weight_scale=scale)

@@ -9,11 +9,11 @@ With activate=True the gate_up projection hands out that input itself: each prog
 and their up rows side by side and stores silu(gate) * up, formed once per output instead of once
 per program of the down projection.
 
-Weights may be 8-bit (FP8 e4m3 or INT8) with a scale per output feature, or per output feature and
-group of input features (block FP8's tiles spread over their rows): the kernel reads them as they
-are stored, half the bytes of 16-bit ones, and scales the outputs (or each group of a weight chunk in
-registers), so quantized layers decode at the memory's rate with 16-bit activations (weight-only
-arithmetic, no activation quantization). 4-bit integers packed eight to an int32 (ops/weight_only.py's
+Weights may be 8-bit (FP8 e4m3 or INT8) with a scale per output feature: the kernel reads them as
+they are stored, half the bytes of 16-bit ones, and scales the outputs, so quantized layers decode at
+the memory's rate with 16-bit activations (weight-only arithmetic, no activation quantization). A
+scale per output feature and group of input features (block FP8's tiles spread over their rows,
+W8A16's groups) takes ops/gemv_grouped.py's kernel under the same contract; 4-bit integers packed eight to an int32 (ops/weight_only.py's
 interleaved layout) take their own kernel under the same contract (ops/gemv_int4.py).
 
 The residual stream's add and RMSNorm fold in the same way, so a decoder layer at one row needs no
@@ -149,24 +149,9 @@ def _dot_rows(x, w):
     return tl.sum(x[:, None, :] * weights_f32(w)[None, :, :], axis=2)
 
 
-@triton.jit
-def _load_w(w_rows, ks, mask, scale_rows, k0, row_mask, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-            SCALE_GROUP: tl.constexpr):
-    """A weight chunk [BLOCK_N, BLOCK_K] from column k0; with SCALE_GROUP, each group of that many
-    columns multiplied by its row's scale."""
-    w = tl.load(w_rows + ks[None, :], mask=mask, other=0.0)
-    if SCALE_GROUP:
-        groups = k0 // SCALE_GROUP + tl.arange(0, BLOCK_K // SCALE_GROUP)
-        group_mask = row_mask[:, None] & (groups < K // SCALE_GROUP)[None, :]
-        s = tl.load(scale_rows + groups[None, :], mask=group_mask, other=0.0).to(tl.float32)
-        w = tl.reshape(weights_f32(w), (BLOCK_N, BLOCK_K // SCALE_GROUP, SCALE_GROUP))
-        w = tl.reshape(w * s[:, :, None], (BLOCK_N, BLOCK_K))
-    return w
-
-
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, stride_xm, stride_wn,
-                 stride_ym, stride_sn, eps, HAS_SCALE: tl.constexpr, SCALE_GROUP: tl.constexpr,
+                 stride_ym, eps, HAS_SCALE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, GATED: tl.constexpr, PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr,
@@ -174,15 +159,13 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, 
     pid = tl.program_id(0)
     rows, row_mask = program_rows(pid, N, BLOCK_N, ACTIVATE)
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
-    scale_rows = scale_ptr + rows[:, None].to(tl.int64) * stride_sn
     ms = tl.arange(0, BLOCK_M)
     m_mask = ms < M
     ks = tl.arange(0, BLOCK_K)
     k_mask = ks < K
     # Under dependent launch the first weight chunk (no kernel writes weights) is requested before
     # waiting for the kernel that produces x.
-    w = _load_w(w_rows, ks, row_mask[:, None] & k_mask[None, :], scale_rows, 0, row_mask, K, BLOCK_N,
-                BLOCK_K, SCALE_GROUP)
+    w = tl.load(w_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
     launch.wait_for_previous_kernel(USE_PDL)
     if PRENORM:
         # The first two chunks of x are fetched together and kept: the norm's sum of squares costs
@@ -202,13 +185,11 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, 
             sum_sq += tl.sum(xr * xr, 1)
         rstd = 1.0 / tl.sqrt(sum_sq / K + eps)
         acc = _dot_rows(_normed(x0, rstd, norm_w_ptr, ks, K, dtype), w)
-        w = _load_w(w_rows, ks1, row_mask[:, None] & (ks1 < K)[None, :], scale_rows, BLOCK_K, row_mask,
-                    K, BLOCK_N, BLOCK_K, SCALE_GROUP)
+        w = tl.load(w_rows + ks1[None, :], mask=row_mask[:, None] & (ks1 < K)[None, :], other=0.0)
         acc += _dot_rows(_normed(x1, rstd, norm_w_ptr, ks1, K, dtype), w)
         for k0 in range(2 * BLOCK_K, K, BLOCK_K):
             kr = k0 + ks
-            w = _load_w(w_rows, kr, row_mask[:, None] & (kr < K)[None, :], scale_rows, k0, row_mask, K,
-                        BLOCK_N, BLOCK_K, SCALE_GROUP)
+            w = tl.load(w_rows + kr[None, :], mask=row_mask[:, None] & (kr < K)[None, :], other=0.0)
             xr = tl.load(x_ptr + ms[:, None] * stride_xm + kr[None, :], mask=m_mask[:, None] & (kr < K)[None, :],
                          other=0.0).to(tl.float32)
             acc += _dot_rows(_normed(xr, rstd, norm_w_ptr, kr, K, dtype), w)
@@ -224,10 +205,10 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, 
                 k_mask = ks < K
                 w_mask = row_mask[:, None] & k_mask[None, :]
                 x_mask = m_mask[:, None] & k_mask[None, :]
-            w = _load_w(w_rows, ks, w_mask, scale_rows, k0, row_mask, K, BLOCK_N, BLOCK_K, SCALE_GROUP)
+            w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0)
             acc += _dot_rows(fused_input(x_ptr, ms[:, None], ks[None, :], x_mask, stride_xm, K, 0.0, x_ptr, GATED, False),
                              w)
-    if HAS_SCALE and not SCALE_GROUP:
+    if HAS_SCALE:
         acc *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
     finish_rows(acc, x_ptr, bias_ptr, y_ptr, ms, m_mask, rows, row_mask, stride_ym, pid, N, HAS_BIAS, ACTIVATE,
                 ADD_TO_Y, BLOCK_M, BLOCK_N)
@@ -285,24 +266,21 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         from sageinfer.ops.gemv_int4 import int4_gemv
         return int4_gemv(x, weight, weight_scale, weight_zero, group, slice_width, y, bias, gated, norm_weight, eps,
                          residual is not None, config, activate)
-    if group and group & (group - 1) == 0 and group >= 16:
-        from sageinfer.ops import gemv_grouped
-        if (config or {}).get("grouped", gemv_grouped.GROUPED_GEMV):
-            return gemv_grouped.grouped_gemv(x, weight, weight_scale, group, y, bias, gated, norm_weight, eps,
-                                             residual is not None, activate, config)
+    if group:
+        if group & (group - 1) or group < 16:
+            raise ValueError(f"gemv: scale groups of {group} input features; powers of two from 16 only")
+        from sageinfer.ops.gemv_grouped import grouped_gemv
+        return grouped_gemv(x, weight, weight_scale, group, y, bias, gated, norm_weight, eps, residual is not None,
+                            activate, config)
     cfg = config or (GATED_GEMV_CONFIG if gated else GEMV_CONFIG)
     block_m = max(1, triton.next_power_of_2(m))
     # Keep x * w tiles inside the registers as rows grow.
     block_k = max(64, cfg["block_k"] // block_m)
-    if group:
-        if group & (group - 1):
-            raise ValueError(f"gemv: scale groups of {group} input features; powers of two only")
-        block_k = max(block_k, group)  # whole groups in each chunk
     _gemv_kernel[(triton.cdiv(n, cfg["block_n"]),)](
         x, weight, weight_scale if weight_scale is not None else x,
         bias if bias is not None else x, norm_weight if norm_weight is not None else x, y,
-        m, n, k, x.stride(0), weight.stride(0), y.stride(0), weight_scale.stride(0) if group else 0, eps,
-        HAS_SCALE=weight_scale is not None, SCALE_GROUP=group,
+        m, n, k, x.stride(0), weight.stride(0), y.stride(0), eps,
+        HAS_SCALE=weight_scale is not None,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_K=block_k,
         EVEN_K=k % block_k == 0, GATED=gated, PRENORM=norm_weight is not None, ADD_TO_Y=residual is not None,
         ACTIVATE=activate,

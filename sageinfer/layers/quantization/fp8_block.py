@@ -13,22 +13,14 @@ the activations' dtype for the library GEMM.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from sageinfer.layers.quantization.config import QuantConfig
+from sageinfer.layers.quantization.w8a16 import split_k_programs
 from sageinfer.layers.quantization.w8a8 import quantize_rows
 from sageinfer.ops.quantize import quantize_rows_kernel
 from sageinfer.ops.weight_only import W8A16_MAX_ROWS, dequantize_8bit_groups, dequantize_8bit_groups_kernel
-
-# Those rows' matmuls as few as 64 programs (o and down at Qwen3-8B shapes, 16 rows) leave most
-# processors idle: the kernel splits K too, up to twice the platform's compute units of programs (H200,
-# T2 at 32 sequences: 3,764 -> 5,074 tok/s). SAGEINFER_FP8_BLOCK_MIN_PROGRAMS=n sets the programs
-# instead (0: no split).
-_MIN_PROGRAMS = os.environ.get("SAGEINFER_FP8_BLOCK_MIN_PROGRAMS")
-
 
 class Fp8BlockMethod:
     def __init__(self, config: QuantConfig):
@@ -80,10 +72,7 @@ class Fp8BlockMethod:
         """Before serving (outside graphs): the tiles' scales one per tile, for the platform's
         block-scaled GEMM where it has one for 128 x 128 tiles."""
         platform = layer.platform
-        if _MIN_PROGRAMS is not None:
-            self.min_programs = int(_MIN_PROGRAMS)
-        elif platform is not None:
-            self.min_programs = 2 * platform.num_compute_units()
+        self.min_programs = split_k_programs(layer)
         if self.block == 128 and layer.weight.shape[0] % 128 == 0 and platform is not None \
                 and platform.supports_fp8_block_gemm():
             layer.weight_scale_block = layer.weight_scale_inv[::128].contiguous()
