@@ -224,12 +224,13 @@ def _pack_bytes(values: torch.Tensor) -> torch.Tensor:
 
 
 def write_gptq_8bit(src: str, dst: str, group_size: int = 32, desc_act: bool = False, v2: bool = False,
-                    zero: int = 128) -> tuple[str, str]:
-    """GPTQ 8-bit, symmetric (the layout of Qwen's GPTQ-Int8 releases), written by hand to the format's
-    specification: `qweight` [K / 4, N] four bytes a word along the input, each value stored plus 128,
-    `qzeros` [G, N / 4] (128, or 127 in the original format that stores zero - 1), `scales` [G, N]
-    fp16, `g_idx` [K] (a scattered set of columns a group with desc_act). zero: another zero point
-    writes an asymmetric checkpoint. Beside it (dst + "-dense") the weights it encodes in float32."""
+                    zero: int = 128, symmetric: bool = True) -> tuple[str, str]:
+    """GPTQ 8-bit (the layout of Qwen's GPTQ-Int8 releases), written by hand to the format's
+    specification: `qweight` [K / 4, N] four bytes a word along the input, each value q in [0, 255],
+    `qzeros` [G, N / 4] (the zero point z, stored z - 1 in the original format), `scales` [G, N] fp16,
+    `g_idx` [K] (a scattered set of columns a group with desc_act); w = scale * (q - z). Symmetric: z
+    is 128 (zero: another value, written under sym true, a mislabelled checkpoint); else each group's
+    range maps onto [0, 255]. Beside it (dst + "-dense") the weights it encodes in float32."""
     shutil.copytree(src, dst)
     os.remove(os.path.join(dst, "model.safetensors"))
     tensors = load_file(os.path.join(src, "model.safetensors"))
@@ -239,13 +240,21 @@ def write_gptq_8bit(src: str, dst: str, group_size: int = 32, desc_act: bool = F
         w = t.float()
         n, k = w.shape
         g_idx = _g_idx(layer, k, group_size, orders, gen) if desc_act else torch.arange(k, dtype=torch.int32) // group_size
-        amax = torch.stack([w[:, g_idx == g].abs().amax(1) for g in range(k // group_size)], 1)   # [N, G]
-        scale = (amax / 127).clamp(min=1e-8).half().float()
-        s_full = scale[:, g_idx.long()]
-        q = (w / s_full).round().clamp(-128, 127)
-        dense[name] = q * s_full
-        out[layer + ".qweight"] = _pack_bytes(q + 128).t().contiguous()                         # [K / 4, N]
-        zeros = torch.full((k // group_size, n), zero - (0 if v2 else 1))
+        groups = [w[:, g_idx == g] for g in range(k // group_size)]
+        if symmetric:
+            amax = torch.stack([c.abs().amax(1) for c in groups], 1)                              # [N, G]
+            scale = (amax / 127).clamp(min=1e-8).half().float()
+            z = torch.full_like(scale, zero)
+        else:
+            low = torch.stack([c.amin(1) for c in groups], 1).clamp(max=0)
+            high = torch.stack([c.amax(1) for c in groups], 1).clamp(min=0)
+            scale = ((high - low) / 255).clamp(min=1e-8).half().float()
+            z = (-low / scale).round().clamp(0, 255)
+        s_full, z_full = scale[:, g_idx.long()], z[:, g_idx.long()]
+        q = ((w / s_full).round() + z_full).clamp(0, 255)
+        dense[name] = (q - z_full) * s_full
+        out[layer + ".qweight"] = _pack_bytes(q).t().contiguous()                               # [K / 4, N]
+        zeros = (z.t() - (0 if v2 else 1)).contiguous()
         out[layer + ".qzeros"] = _pack_bytes(zeros)                                              # [G, N / 4]
         out[layer + ".scales"] = scale.t().contiguous().half()
         out[layer + ".g_idx"] = g_idx
@@ -253,7 +262,7 @@ def write_gptq_8bit(src: str, dst: str, group_size: int = 32, desc_act: bool = F
     with open(os.path.join(dst, "config.json")) as f:
         config = json.load(f)
     config["quantization_config"] = {"quant_method": "gptq", "bits": 8, "group_size": group_size,
-                                     "desc_act": desc_act, "sym": True,
+                                     "desc_act": desc_act, "sym": symmetric,
                                      "checkpoint_format": "gptq_v2" if v2 else "gptq"}
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(config, f, indent=1)

@@ -211,14 +211,11 @@ def _with_4_bit_weights(**weights):
 @pytest.mark.parametrize("raw, option, says", [
     ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, None, "AWQ version 'gemv'"),
     ({"quant_method": "gptq", "bits": 3, "group_size": 128}, None, "gptq with 3 bits"),
-    ({"quant_method": "gptq", "bits": 8, "group_size": 128, "sym": False}, None, "asymmetric 8-bit GPTQ"),
     ({"quant_method": "awq", "bits": 8, "group_size": 128}, None, "awq with 8 bits"),
-    (_with_weights(_with_4_bit_weights(), num_bits=8, symmetric=False, group_size=128), None,
-     "asymmetric 8-bit compressed-tensors"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 100}, None, "group_size 100"),
     ({"quant_method": "bitsandbytes"}, None, "quant_method 'bitsandbytes'"),
     (_ct_config("int", "group", True, bits=4), None, "int 4 bit"),
-    (_ct_config("int", "channel", True, symmetric=False), None, "asymmetric"),
+    (_ct_config("int", "channel", True, symmetric=False), None, "asymmetric W8A8"),
     (_ct_config("int", "tensor", True), None, "strategy 'tensor'"),
     (None, "int8", "full-precision checkpoint"),
     (_ct_config("float", "channel", True), "fp8", "does not match"),
@@ -342,9 +339,11 @@ def test_w4a16_with_dummy_weights(w4a16):
                             use_tqdm=False)[0].outputs[0].token_ids) == 3
 
 
-def test_w8a16_with_dummy_weights(llama_dir, tmp_path):
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_w8a16_with_dummy_weights(llama_dir, tmp_path, symmetric):
     """A W8A16 config over random weights (what the benchmarks' qwen3-8b-w8a16 runs): quantized to INT8
-    in groups as they load, equal within one step of a group's scale to the full-precision weight."""
+    in groups as they load (with zero points where asymmetric), equal within one step of a group's
+    scale to the full-precision weight."""
     import json
     import shutil
     quantized = str(tmp_path / "w8a16-dummy")
@@ -354,7 +353,7 @@ def test_w8a16_with_dummy_weights(llama_dir, tmp_path):
     config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized",
                                      "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None,
                                                                    "weights": {"num_bits": 8, "type": "int",
-                                                                               "symmetric": True, "strategy": "group",
+                                                                               "symmetric": symmetric, "strategy": "group",
                                                                                "group_size": 32}}}}
     with open(f"{quantized}/config.json", "w") as f:
         json.dump(config, f)
@@ -365,7 +364,9 @@ def test_w8a16_with_dummy_weights(llama_dir, tmp_path):
     whole = LLM(llama_dir, dtype="float32", load_format="dummy", num_gpu_blocks_override=128, show_progress=False)
     dense = whole.engine.runner.model.model.layers[0].self_attn.o_proj.weight
     step = proj.weight_scale.repeat_interleave(32, 1)
-    assert bool(((proj.weight.float() * step - dense).abs() <= step / 2 + 1e-9).all())
+    offset = proj.weight_offset.repeat_interleave(32, 1) if not symmetric else 0
+    assert hasattr(proj, "weight_offset") != symmetric
+    assert bool(((proj.weight.float() * step - offset - dense).abs() <= step / 2 + 1e-6).all())
     assert len(llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(max_tokens=3, ignore_eos=True),
                             use_tqdm=False)[0].outputs[0].token_ids) == 3
 
@@ -425,21 +426,27 @@ def test_tp2_gptq_and_awq_as_tp1_and_act_order_refused(llama_dir, tmp_path):
 
 
 @needs_ranks(2)
-def test_tp2_8_bit_gptq_as_tp1(llama_dir, tmp_path):
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_tp2_8_bit_gptq_as_tp1(llama_dir, tmp_path, symmetric):
+    """Zero points split over ranks as the scales do (by output for column-parallel layers, by group
+    for row-parallel ones)."""
     from quant_checkpoints import write_gptq_8bit
-    quantized, _ = write_gptq_8bit(llama_dir, str(tmp_path / "gptq8"))
+    quantized, _ = write_gptq_8bit(llama_dir, str(tmp_path / "gptq8"), symmetric=symmetric)
     one, two = (_prompt_logprobs(quantized, tensor_parallel_size=tp) for tp in (1, 2))
     np.testing.assert_allclose(one[0], two[0], atol=1e-4)
 
 
-@pytest.mark.parametrize("desc_act, v2", [(False, False), (True, False), (False, True)])
-def test_8_bit_gptq_runs_the_weights_it_encodes(llama_dir, tmp_path, desc_act, v2):
-    """GPTQ 8-bit (Qwen's GPTQ-Int8 layout), written by hand: symmetric groups of 32 (scattered over the
-    input columns with desc_act; zero points stored minus one in the original format, as they are in
-    v2). The layers hold INT8 weights with their group scales; an asymmetric checkpoint is refused."""
+@pytest.mark.parametrize("desc_act, v2, symmetric", [(False, False, True), (True, False, True), (False, True, True),
+                                                     (False, False, False), (True, False, False)])
+def test_8_bit_gptq_runs_the_weights_it_encodes(llama_dir, tmp_path, desc_act, v2, symmetric):
+    """GPTQ 8-bit (Qwen's GPTQ-Int8 layout), written by hand: groups of 32 (scattered over the input
+    columns with desc_act; zero points stored minus one in the original format, as they are in v2),
+    symmetric or each group's range onto [0, 255] with its zero point. The layers hold INT8 weights with
+    their group scales; a checkpoint that says sym true but holds other zero points is refused."""
     from oracle import hf_logits
     from quant_checkpoints import write_gptq_8bit
-    quantized, dense = write_gptq_8bit(llama_dir, str(tmp_path / "gptq8"), desc_act=desc_act, v2=v2)
+    quantized, dense = write_gptq_8bit(llama_dir, str(tmp_path / "gptq8"), desc_act=desc_act, v2=v2,
+                                       symmetric=symmetric)
     ours, tokens = _prompt_logprobs(quantized)
     ref = hf_logits(dense, PROMPT).log_softmax(-1)
     np.testing.assert_allclose(ours, [ref[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))], atol=1e-4)
@@ -447,20 +454,22 @@ def test_8_bit_gptq_runs_the_weights_it_encodes(llama_dir, tmp_path, desc_act, v
     layer = llm.engine.runner.model.model.layers[0].self_attn.qkv_proj
     assert layer.weight.dtype == torch.int8 and layer.weight_scale.shape == (layer.weight.shape[0], 2)
     assert hasattr(layer, "input_order") == desc_act and not hasattr(layer, "qweight")
+    assert hasattr(layer, "weight_offset") != symmetric
     llm.engine.shutdown()
-    if not desc_act and not v2:
-        asymmetric, _ = write_gptq_8bit(llama_dir, str(tmp_path / "asym"), zero=120)
+    if not desc_act and not v2 and symmetric:
+        mislabelled, _ = write_gptq_8bit(llama_dir, str(tmp_path / "mislabelled"), zero=120)
         with pytest.raises(ValueError, match="zero points other than 128"):
-            LLM(asymmetric, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+            LLM(mislabelled, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 40, 80])
-@pytest.mark.parametrize("group", [64, None])
-def test_an_8_bit_weight_only_layer_with_kernels_is_its_dequantized_weight(rows, group, monkeypatch):
+@pytest.mark.parametrize("group, symmetric", [(64, True), (None, True), (64, False)])
+def test_an_8_bit_weight_only_layer_with_kernels_is_its_dequantized_weight(rows, group, symmetric, monkeypatch):
     """An INT8 weight-only layer where the platform runs Triton: one row through the skinny kernel
     (group scales in registers, or a scale per row applied to the sums), up to 64 rows through the
     8-bit weight-only kernel, more through the weight expanded in one pass; each the product with the
-    weights the bytes encode."""
+    weights the bytes encode. With zero points (compressed-tensors' asymmetric W8A16) every row count
+    takes the general path and subtracts each group's zero times the input's sum over it."""
     from kernels_util import DEVICE
     from quant_checkpoints import _pack_bytes
     from sageinfer.layers.linear import Linear
@@ -472,7 +481,8 @@ def test_an_8_bit_weight_only_layer_with_kernels_is_its_dequantized_weight(rows,
     one_row = gemv_module.gemv
     monkeypatch.setattr(gemv_module, "gemv", lambda *a, **k: one_row_calls.append(k) or one_row(*a, **k))
     gen = torch.Generator().manual_seed(rows)
-    set_quant_config(QuantConfig("w8a16", "group" if group else "channel", False, True, group_size=group))
+    set_quant_config(QuantConfig("w8a16", "group" if group else "channel", False, True, group_size=group,
+                                 symmetric=symmetric))
     try:
         layer = Linear(256, 48)
     finally:
@@ -481,15 +491,21 @@ def test_an_8_bit_weight_only_layer_with_kernels_is_its_dequantized_weight(rows,
     scales = torch.rand(48, 256 // (group or 256), generator=gen) / 50
     layer.weight_packed.data = _pack_bytes(q + 128)  # as compressed-tensors stores them
     layer.weight_scale.data = scales
+    zeros = torch.zeros_like(scales)
+    if not symmetric:  # packed along the output, four a word
+        zeros = torch.randint(-20, 20, scales.shape, generator=gen).float()
+        layer.weight_zero_point.weight_loader(layer.weight_zero_point, _pack_bytes(zeros.t() + 128).t())
     layer.process_after_loading()
     assert layer.weight.dtype == torch.int8 and torch.equal(layer.weight, q.to(torch.int8))
     layer.to(DEVICE).use_triton = True
     x = torch.randn(rows, 256, generator=gen)
-    ref = x.double() @ (q.double() * scales.double().repeat_interleave(group or 256, 1)).t()
+    encoded = (q.double() - zeros.double().repeat_interleave(group or 256, 1)) \
+        * scales.double().repeat_interleave(group or 256, 1)
+    ref = x.double() @ encoded.t()
     tol = 1e-2 if DEVICE != "cpu" else 1e-4  # (tf32 dots on a GPU)
     torch.testing.assert_close(layer(x.to(DEVICE)).double().cpu(), ref, rtol=tol, atol=tol)
-    assert len(kernel_calls) == (1 if 2 <= rows <= 64 else 0)
-    assert len(one_row_calls) == (rows == 1)
+    assert len(kernel_calls) == (1 if 2 <= rows <= 64 or (rows == 1 and not symmetric) else 0)
+    assert len(one_row_calls) == (rows == 1 and symmetric)
 
 
 def test_block_fp8_checkpoint_runs_the_weights_it_encodes(llama_dir, tmp_path):

@@ -68,9 +68,9 @@ def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.
                show_progress: bool = True, quantization: str | None = None) -> torch.nn.Module:
     quant = load_quant_config(model_dir, quantization)
     if quant is not None and load_format == "dummy":  # random full-precision weights, quantized as loaded
-        def at_load(q):
+        def at_load(q):  # (8-bit weight-only keeps its zero points: W8A16's _quantize makes them)
             return dataclasses.replace(q, from_checkpoint=False, weight_strategy="channel", activation_dynamic=True,
-                                       symmetric=True)
+                                       symmetric=q.symmetric if q.scheme == "w8a16" else True)
         quant = dataclasses.replace(at_load(quant), groups=[at_load(g) for g in quant.groups])
     model_cls = get_model_class(cfg.architecture)
     previous = torch.get_default_dtype()

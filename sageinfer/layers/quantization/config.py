@@ -5,7 +5,7 @@ Supported: compressed-tensors FP8 W8A8 (per-tensor or per-channel weight scales;
 or static per-tensor activation scales; or square weight blocks with activations per token and block
 width), INT8 W8A8 (per-channel symmetric weights, dynamic per-token or static per-tensor activations) and W4A16
 (pack-quantized, per group or channel, symmetric or asymmetric, any actorder), W8A16 (pack-quantized,
-symmetric); GPTQ 4- and 8-bit, AWQ 4-bit; online FP8
+symmetric or asymmetric); GPTQ 4- and 8-bit, AWQ 4-bit; online FP8
 (per-channel weights, dynamic per-token activations); several compressed-tensors config groups, each
 scheme for the layers its targets name. Anything else is refused at start with what is supported.
 """
@@ -22,8 +22,8 @@ SUPPORTED = ("compressed-tensors: FP8 W8A8 (weights per tensor, per channel or i
              "dynamic per token (per token and block for blocks) or static per tensor), INT8 W8A8 (symmetric "
              "weights per channel, activations dynamic per token or static per tensor), W4A16 pack-quantized (4-bit weights per group "
              "or channel, symmetric or asymmetric, actorder weight/static/group), W8A16 pack-quantized (8-bit weights "
-             "per group or channel, symmetric); GPTQ 4-bit (groups or channel-wise, desc_act true or false) and "
-             "8-bit (symmetric); AWQ 4-bit GEMM; fp8 (block-quantized weights, or "
+             "per group or channel, symmetric or asymmetric); GPTQ 4- and 8-bit (groups or channel-wise, desc_act "
+             "true or false, symmetric or asymmetric); AWQ 4-bit GEMM; fp8 (block-quantized weights, or "
              "per tensor with static or dynamic activations); "
              "quantization='fp8' on a bf16/fp16/fp32 checkpoint; compressed-tensors config groups of these schemes "
              "for different layers (mixed precision), a merged layer's parts (q/k/v, gate/up) in one group")
@@ -37,7 +37,7 @@ class QuantConfig:
     from_checkpoint: bool           # the checkpoint holds quantized tensors (else: quantize at load)
     ignore: list[str] = field(default_factory=list)  # layer names kept in full precision
     group_size: int | None = None   # w4a16, w8a16: columns per scale (None: one per output channel)
-    symmetric: bool = True          # w4a16: False when the checkpoint has zero points
+    symmetric: bool = True          # w4a16, w8a16: False when the checkpoint has zero points
     format: str = "compressed-tensors"  # w4a16, w8a16, fp8-block: the checkpoint's layout (compressed-tensors, gptq, awq, fp8)
     desc_act: bool = False          # gptq, compressed-tensors: input columns out of group order (act-order, g_idx)
     gptq_v2: bool = False           # gptq: zero points stored as they are (not minus one)
@@ -124,7 +124,7 @@ def _parse_ct_group(raw: dict, group: dict) -> QuantConfig:
         raise _refuse(f"compressed-tensors weights {kind} {bits} bit with activations "
                       f"{None if acts is None else (acts.get('type'), acts.get('num_bits'))}")
     if not weights.get("symmetric", True) or (acts and not acts.get("symmetric", True)):
-        raise _refuse("asymmetric 8-bit compressed-tensors")
+        raise _refuse("asymmetric W8A8 compressed-tensors")
     strategy = weights.get("strategy")
     if strategy == "block" and kind == "float":
         return _parse_ct_fp8_block(raw, weights, acts)
@@ -180,8 +180,6 @@ def _parse_gptq_awq(raw: dict, method: str) -> QuantConfig:
     bits, group = raw.get("bits", raw.get("w_bit")), raw.get("group_size", raw.get("q_group_size"))
     if bits != 4 and (method, bits) != ("gptq", 8):
         raise _refuse(f"{method} with {bits} bits")
-    if bits == 8 and not raw.get("sym", True):
-        raise _refuse("asymmetric 8-bit GPTQ")
     if group in (-1, None):
         group = None
     elif not isinstance(group, int) or group % 32:
@@ -201,12 +199,10 @@ def _parse_gptq_awq(raw: dict, method: str) -> QuantConfig:
 
 
 def _parse_weight_only(raw: dict, group: dict, weights: dict, bits: int) -> QuantConfig:
-    """pack-quantized integer weights with 16-bit activations: W4A16, or W8A16 (symmetric only)."""
+    """pack-quantized integer weights with 16-bit activations: W4A16 or W8A16."""
     fmt = group.get("format") or raw.get("format")  # a mixed-precision checkpoint names it per group
     if fmt not in (None, "pack-quantized"):
         raise _refuse(f"compressed-tensors {bits}-bit format {fmt!r}")
-    if bits == 8 and not weights.get("symmetric", True):
-        raise _refuse("asymmetric 8-bit compressed-tensors")
     strategy, actorder = weights.get("strategy"), weights.get("actorder")
     # "weight" / "static": the order GPTQ quantized in, groups still in column order; "group" / "dynamic":
     # groups in activation order, each column's group in `weight_g_idx` (as GPTQ's desc_act)

@@ -1,17 +1,23 @@
-"""8-bit integer weights, 16-bit activations, symmetric, from the checkpoint formats that carry them:
+"""8-bit integer weights, 16-bit activations, from the checkpoint formats that carry them:
 
 - compressed-tensors pack-quantized (llm-compressor's W8A16): `weight_packed` [out, in / 4] int32,
   four bytes a word along the input, each value stored plus 128; `weight_scale` [out, groups]; with
-  actorder "group", `weight_g_idx` [in];
+  actorder "group", `weight_g_idx` [in]; asymmetric: `weight_zero_point` [out / 4, groups] packed
+  along the output the same way;
 - GPTQ 8-bit (as Qwen's GPTQ-Int8 releases): `qweight` [in / 4, out] packed along the input the same
   way, `scales` [groups, out], `qzeros` [groups, out / 4] (128 for every symmetric group; stored minus
   one in the original format), `g_idx` [in].
 
 Each loads into one layout: INT8 [out, in] (the value less 128) with scales [out, groups]. One row
-goes through the skinny kernel with the group scales applied to the weight chunks in registers
-(ops/gemv.py, the norm, activation and residual fusions of 16-bit layers); up to 64 rows through the
-8-bit weight-only kernel (ops/weight_only.py: the bytes and scales read once, the dot in fp16 on the
-raw integers); more rows expand the weight in one pass for the library GEMM.
+goes through the skinny kernel with the group scales applied to the weights in registers
+(ops/gemv_grouped.py, the norm, activation and residual fusions of 16-bit layers); up to 64 rows
+through the 8-bit weight-only kernel (ops/weight_only.py: the bytes and scales read once, the dot in
+fp16 on the raw integers); more rows expand the weight in one pass for the library GEMM.
+
+Asymmetric weights, w = scale * (q - zero), run the same kernels on scale * q and subtract each
+group's scale * zero times the sum of the input over that group: one [rows, groups] x [groups, out]
+matmul beside the kernel (the result is rounded to the activations' dtype before the subtraction;
+one row takes the general path, without the norm and residual fusions).
 """
 from __future__ import annotations
 
@@ -70,12 +76,14 @@ class W8A16Method:
         transpose = (lambda t: t.t()) if self.gptq else (lambda t: t)
         checkpoint_param(layer, self.packed_name, torch.empty(local_out, local_in // 4, dtype=torch.int32), transpose)
         checkpoint_param(layer, self.scale_name, torch.empty(local_out, groups), transpose)
+        zeros = torch.zeros(local_out, groups, dtype=torch.int32)
         if self.gptq:
             offset = 0 if c.gptq_v2 else 1  # the original format stores each zero point minus one
-            checkpoint_param(layer, "qzeros", torch.zeros(local_out, groups, dtype=torch.int32),
-                             lambda t: _symmetric_zeros(t, offset))
+            checkpoint_param(layer, "qzeros", zeros, lambda t: _gptq_zeros(t, offset, c.symmetric))
         else:
             checkpoint_param(layer, "weight_shape", torch.zeros(2, dtype=torch.int64), None)
+            if not c.symmetric:  # packed along the output: [out / 4, groups]
+                checkpoint_param(layer, "weight_zero_point", zeros, lambda t: unpack_bytes(t.t().contiguous()).t())
         g_idx_param(layer, self.g_idx_name, c.desc_act, local_in, "8-bit weights")
 
     def process_after_loading(self, layer: nn.Module) -> None:
@@ -87,20 +95,32 @@ class W8A16Method:
             if order is not None:
                 q = q[:, order].contiguous()
                 layer.register_buffer("input_order", order)
-        scale = getattr(layer, self.scale_name).data
-        for name in (self.packed_name, self.scale_name, "qzeros", "weight_shape", self.g_idx_name):
+        scale = getattr(layer, self.scale_name).data.float()  # as the kernels read them
+        if not self.config.symmetric:
+            zeros = getattr(layer, "qzeros" if self.gptq else "weight_zero_point").data
+            layer.register_buffer("weight_offset", scale * zeros)
+        for name in (self.packed_name, self.scale_name, "qzeros", "weight_zero_point", "weight_shape",
+                     self.g_idx_name):
             if name is not None and hasattr(layer, name):
                 delattr(layer, name)
         layer.weight = nn.Parameter(q, requires_grad=False)
-        layer.weight_scale = nn.Parameter(scale.float(), requires_grad=False)  # as the kernels read them
+        layer.weight_scale = nn.Parameter(scale, requires_grad=False)
 
     def _quantize(self, layer: nn.Module) -> None:
-        """Symmetric INT8 per group of the layer's full-precision weight (dummy weights for benchmarks)."""
+        """INT8 per group of the layer's full-precision weight (dummy weights for benchmarks), with zero
+        points where the config is asymmetric."""
         w = layer.weight.data.float()
         grouped = w.view(w.shape[0], -1, self.group)
-        scale = grouped.abs().amax(dim=-1).clamp(min=1e-12) / 127
-        q = (grouped / scale.unsqueeze(-1)).round().clamp(-128, 127).to(torch.int8).view(w.shape)
-        layer.weight = nn.Parameter(q, requires_grad=False)
+        if self.config.symmetric:
+            scale = grouped.abs().amax(dim=-1).clamp(min=1e-12) / 127
+            zeros = torch.zeros_like(scale)
+        else:  # the group's range onto [-128, 127]
+            low, high = grouped.amin(dim=-1).clamp(max=0), grouped.amax(dim=-1).clamp(min=0)
+            scale = ((high - low) / 255).clamp(min=1e-12)
+            zeros = (-128 - (low / scale).round()).clamp(-128, 127)
+            layer.register_buffer("weight_offset", scale * zeros)
+        q = ((grouped / scale.unsqueeze(-1)).round() + zeros.unsqueeze(-1)).clamp(-128, 127)
+        layer.weight = nn.Parameter(q.to(torch.int8).view(w.shape), requires_grad=False)
         layer.weight_scale = nn.Parameter(scale, requires_grad=False)
 
     def prepare(self, layer: nn.Module) -> None:
@@ -110,8 +130,9 @@ class W8A16Method:
     def one_row_args(self, layer: nn.Module) -> dict | None:
         """One row reads the bytes in the skinny kernel, each group's scale applied to the weight chunk
         in registers (a scale per row: applied to the sums); not where the inputs must be reordered
-        first (act-order) or groups are not a power of two (the kernel's chunks hold whole groups)."""
-        if hasattr(layer, "input_order"):
+        first (act-order), groups are not a power of two (the kernel walks whole groups) or zero points
+        must be subtracted."""
+        if hasattr(layer, "input_order") or hasattr(layer, "weight_offset"):
             return None
         scale = layer.weight_scale
         if scale.shape[1] == 1:
@@ -129,13 +150,18 @@ class W8A16Method:
         else:  # the weight expanded (in one pass where kernels run) for the library GEMM
             expand = dequantize_8bit_groups_kernel if layer.use_triton else dequantize_8bit_groups
             y = nn.functional.linear(x2, expand(layer.weight, layer.weight_scale, self.group, x.dtype))
+        offset = getattr(layer, "weight_offset", None)
+        if offset is not None:  # each group's scale * zero times the input's sum over the group
+            sums = x2.float().view(x2.shape[0], -1, self.group).sum(-1)
+            y = (y.float() - sums @ offset.t()).to(y.dtype)
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
-def _symmetric_zeros(qzeros: torch.Tensor, offset: int) -> torch.Tensor:
-    """GPTQ's zero points [groups, out / 4] -> [out, groups]; 8-bit weights are read as symmetric, so
-    every zero point must be 128 (an asymmetric checkpoint is refused, naming why)."""
-    zeros = unpack_bytes(qzeros).to(torch.int32) + 128 + offset
-    if bool((zeros != 128).any()):
-        raise ValueError("8-bit GPTQ checkpoint with zero points other than 128 (asymmetric): not supported")
+def _gptq_zeros(qzeros: torch.Tensor, offset: int, symmetric: bool) -> torch.Tensor:
+    """GPTQ's zero points [groups, out / 4] -> [out, groups], less 128 (as the weights are held). A
+    checkpoint that says it is symmetric must hold 128 in every one."""
+    zeros = unpack_bytes(qzeros).to(torch.int32) + offset
+    if symmetric and bool((zeros != 0).any()):
+        raise ValueError("8-bit GPTQ checkpoint with sym true but zero points other than 128: its "
+                         "quantization_config should say sym false")
     return zeros.t()
