@@ -127,12 +127,13 @@ def write_w4a16(src: str, dst: str, group_size: int | None = 32, symmetric: bool
 _AWQ_PACK_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of an AWQ word holds column 8 c + _AWQ_PACK_ORDER[i]
 
 
-def _linear_weights(tensors: dict, out: dict, dense: dict):
-    """(name, layer, tensor) of each linear layer's weight; every other tensor copied as it is into both
-    checkpoints being written (out: the quantized one, dense: the weights it encodes)."""
+def _linear_weights(tensors: dict, out: dict, dense: dict, lm_head: bool = False):
+    """(name, layer, tensor) of each linear layer's weight (and the LM head's with lm_head); every other
+    tensor copied as it is into both checkpoints being written (out: the quantized one, dense: the
+    weights it encodes)."""
     for name, t in tensors.items():
         layer = name.rsplit(".", 1)[0]
-        if name.endswith(".weight") and layer.split(".")[-1] in _LINEARS:
+        if name.endswith(".weight") and (layer.split(".")[-1] in _LINEARS or (lm_head and layer == "lm_head")):
             yield name, layer, t
         else:
             out[name] = dense[name] = t
@@ -151,19 +152,20 @@ def _g_idx(layer: str, k: int, group_size: int, orders: dict, gen: torch.Generat
 
 
 def write_4bit_by_hand(src: str, dst: str, method: str, group_size: int = 32, desc_act: bool = False,
-                       seed: int = 0) -> tuple[str, str]:
+                       seed: int = 0, lm_head: bool = False) -> tuple[str, str]:
     """GPTQ (original format), AWQ (GEMM) or compressed-tensors pack-quantized 4-bit checkpoint,
     asymmetric groups, written by hand to the formats' specification (GPTQ's and AWQ's producing
     libraries need a GPU; compressed-tensors' act-order groups, actorder "group" with `weight_g_idx`,
     were removed from its library in 2026 but are in checkpoints made before), and beside it
-    (dst + "-dense") the weights it encodes in float32."""
+    (dst + "-dense") the weights it encodes in float32. lm_head: the LM head quantized too (GPTQ's
+    lm_head true, compressed-tensors without it in the ignore list)."""
     from sageinfer.ops.weight_only import pack
     shutil.copytree(src, dst)
     os.remove(os.path.join(dst, "model.safetensors"))
     tensors = load_file(os.path.join(src, "model.safetensors"))
     gen = torch.Generator().manual_seed(seed)
     out, dense, orders = {}, {}, {}
-    for name, layer, t in _linear_weights(tensors, out, dense):
+    for name, layer, t in _linear_weights(tensors, out, dense, lm_head):
         w = t.float()                                   # [N, K]
         n, k = w.shape
         g_idx = _g_idx(layer, k, group_size, orders, gen) if desc_act else torch.arange(k, dtype=torch.int32) // group_size
@@ -201,11 +203,11 @@ def write_4bit_by_hand(src: str, dst: str, method: str, group_size: int = 32, de
         config = json.load(f)
     config["quantization_config"] = {
         "gptq": {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": desc_act, "sym": False,
-                 "checkpoint_format": "gptq"},
+                 "checkpoint_format": "gptq", "lm_head": lm_head},
         "awq": {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"},
         "compressed-tensors": {
             "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "ignore": ["lm_head"], "config_groups": {"group_0": {
+            "ignore": [] if lm_head else ["lm_head"], "config_groups": {"group_0": {
                 "targets": ["Linear"], "input_activations": None, "output_activations": None,
                 "weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
                             "group_size": group_size, "actorder": "group" if desc_act else None}}}}}[method]
@@ -224,19 +226,20 @@ def _pack_bytes(values: torch.Tensor) -> torch.Tensor:
 
 
 def write_gptq_8bit(src: str, dst: str, group_size: int = 32, desc_act: bool = False, v2: bool = False,
-                    zero: int = 128, symmetric: bool = True) -> tuple[str, str]:
+                    zero: int = 128, symmetric: bool = True, lm_head: bool = False) -> tuple[str, str]:
     """GPTQ 8-bit (the layout of Qwen's GPTQ-Int8 releases), written by hand to the format's
     specification: `qweight` [K / 4, N] four bytes a word along the input, each value q in [0, 255],
     `qzeros` [G, N / 4] (the zero point z, stored z - 1 in the original format), `scales` [G, N] fp16,
     `g_idx` [K] (a scattered set of columns a group with desc_act); w = scale * (q - z). Symmetric: z
     is 128 (zero: another value, written under sym true, a mislabelled checkpoint); else each group's
-    range maps onto [0, 255]. Beside it (dst + "-dense") the weights it encodes in float32."""
+    range maps onto [0, 255]. lm_head: the LM head quantized too (lm_head true). Beside it
+    (dst + "-dense") the weights it encodes in float32."""
     shutil.copytree(src, dst)
     os.remove(os.path.join(dst, "model.safetensors"))
     tensors = load_file(os.path.join(src, "model.safetensors"))
     gen = torch.Generator().manual_seed(8)
     out, dense, orders = {}, {}, {}
-    for name, layer, t in _linear_weights(tensors, out, dense):
+    for name, layer, t in _linear_weights(tensors, out, dense, lm_head):
         w = t.float()
         n, k = w.shape
         g_idx = _g_idx(layer, k, group_size, orders, gen) if desc_act else torch.arange(k, dtype=torch.int32) // group_size
@@ -262,7 +265,7 @@ def write_gptq_8bit(src: str, dst: str, group_size: int = 32, desc_act: bool = F
     with open(os.path.join(dst, "config.json")) as f:
         config = json.load(f)
     config["quantization_config"] = {"quant_method": "gptq", "bits": 8, "group_size": group_size,
-                                     "desc_act": desc_act, "sym": symmetric,
+                                     "desc_act": desc_act, "sym": symmetric, "lm_head": lm_head,
                                      "checkpoint_format": "gptq_v2" if v2 else "gptq"}
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(config, f, indent=1)

@@ -262,15 +262,26 @@ def test_other_architectures_as_llm_compressor_writes_them(tmp_path, arch, schem
                                atol=5e-2 if _GPU else 1e-4)
 
 
-def test_a_quantized_lm_head_is_refused_at_start_naming_it(trained, tmp_path):
-    """A recipe that leaves lm_head out of its ignore list quantizes it too: refused with why, not a
-    tensor with no place."""
+@pytest.mark.parametrize("scheme", ["FP8_DYNAMIC", "W4A16", "W8A16"])
+def test_a_quantized_lm_head_runs_as_transformers_runs_it(trained, tmp_path, scheme):
+    """A recipe that leaves lm_head out of its ignore list quantizes it too: the head then runs its
+    scheme's method over the vocabulary rows (logits in float32), equal to transformers on the files."""
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
-    from transformers import AutoModelForCausalLM
+    from oracle import hf_logits
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from sageinfer.layers.embedding import QuantizedLMHead
     model = AutoModelForCausalLM.from_pretrained(trained[0], dtype=torch.float32)
-    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=[]))
-    model.save_pretrained(str(tmp_path / "q"), save_compressed=True)
-    with pytest.raises(ValueError, match=r"quantizes lm_head \('lm_head.weight_scale'\), which is not supported"):
-        LLM(str(tmp_path / "q"), dtype="float32", num_gpu_blocks_override=128, show_progress=False,
-            skip_tokenizer_init=True)
+    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=[]))
+    path = str(tmp_path / "q")
+    model.save_pretrained(path, save_compressed=True)
+    AutoTokenizer.from_pretrained(trained[0]).save_pretrained(path)
+    llm = LLM(path, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+    head = llm.engine.runner.model.lm_head
+    method = {"FP8_DYNAMIC": "W8A8Method", "W4A16": "W4A16Method", "W8A16": "W8A16Method"}[scheme]
+    assert isinstance(head, QuantizedLMHead) and type(head.quant).__name__ == method
+    llm.engine.shutdown()
+    ids = trained[1][:40]
+    ref = hf_logits(path, ids).log_softmax(-1)
+    np.testing.assert_allclose(_prompt_logprobs(path, ids), [ref[i - 1, ids[i]].item() for i in range(1, len(ids))],
+                               atol=5e-2 if _GPU and scheme.startswith("FP8") else 1e-4)

@@ -413,6 +413,40 @@ def test_4_bit_checkpoints_written_by_hand_run_the_weights_they_encode(llama_dir
     assert packed.dtype == torch.int32 and hasattr(layer, "input_order") == desc_act
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_with_a_quantized_lm_head_runs_the_weights_it_encodes(llama_dir, tmp_path, bits):
+    """GPTQ's lm_head: true (GPTQModel's option): the LM head's qweight / scales / qzeros run through
+    the method of the other layers (where kernels run, one row through its skinny kernel); logits as the weights the
+    files encode give them. The same files, their config no longer naming the head, are refused with
+    why; a head quantized under tied word embeddings too."""
+    import json
+    from oracle import hf_logits
+    from quant_checkpoints import write_4bit_by_hand, write_gptq_8bit
+    from sageinfer.layers.embedding import QuantizedLMHead
+    path = str(tmp_path / "gptq")
+    quantized, dense = (write_4bit_by_hand(llama_dir, path, "gptq", lm_head=True) if bits == 4 else
+                        write_gptq_8bit(llama_dir, path, lm_head=True))
+    ours, tokens = _prompt_logprobs(quantized)
+    ref = hf_logits(dense, PROMPT).log_softmax(-1)
+    np.testing.assert_allclose(ours, [ref[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))], atol=1e-4)
+    llm = LLM(quantized, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+    assert isinstance(llm.engine.runner.model.lm_head, QuantizedLMHead)
+    out = llm.generate({"prompt_token_ids": PROMPT[:1]}, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]  # one row a step
+    assert len(out.token_ids) == 3
+    llm.engine.shutdown()
+    with open(f"{quantized}/config.json") as f:
+        config = json.load(f)
+    for change, says in (({"lm_head": False}, "does not name"),
+                         ({"tie_word_embeddings": True}, "tied word embeddings")):
+        edited = {**config, "quantization_config": {**config["quantization_config"], **change}} \
+            if "lm_head" in change else {**config, **change}
+        with open(f"{quantized}/config.json", "w") as f:
+            json.dump(edited, f)
+        with pytest.raises(ValueError, match=says):
+            LLM(quantized, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+
+
 @needs_ranks(2)
 def test_tp2_gptq_and_awq_as_tp1_and_act_order_refused(llama_dir, tmp_path):
     from quant_checkpoints import write_4bit_by_hand
@@ -426,12 +460,12 @@ def test_tp2_gptq_and_awq_as_tp1_and_act_order_refused(llama_dir, tmp_path):
 
 
 @needs_ranks(2)
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_tp2_8_bit_gptq_as_tp1(llama_dir, tmp_path, symmetric):
+@pytest.mark.parametrize("symmetric, lm_head", [(True, False), (False, True)])
+def test_tp2_8_bit_gptq_as_tp1(llama_dir, tmp_path, symmetric, lm_head):
     """Zero points split over ranks as the scales do (by output for column-parallel layers, by group
-    for row-parallel ones)."""
+    for row-parallel ones); a quantized LM head by vocabulary rows, its logits gathered."""
     from quant_checkpoints import write_gptq_8bit
-    quantized, _ = write_gptq_8bit(llama_dir, str(tmp_path / "gptq8"), symmetric=symmetric)
+    quantized, _ = write_gptq_8bit(llama_dir, str(tmp_path / "gptq8"), symmetric=symmetric, lm_head=lm_head)
     one, two = (_prompt_logprobs(quantized, tensor_parallel_size=tp) for tp in (1, 2))
     np.testing.assert_allclose(one[0], two[0], atol=1e-4)
 

@@ -1,10 +1,11 @@
-"""Token embedding and LM head, split over the tensor-parallel ranks by vocabulary rows."""
+"""Token embedding and LM head, split over the tensor-parallel ranks by vocabulary rows; an LM head that
+the checkpoint quantizes is a column-parallel linear layer of its method."""
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from sageinfer.distributed.parallel_state import get_tp_group
-from sageinfer.layers.linear import linear
+from sageinfer.layers.linear import Linear, linear
 
 
 class _VocabRows(nn.Module):
@@ -51,3 +52,16 @@ class LMHead(_VocabRows):
         if self.tp.size == 1:
             return logits
         return self.tp.all_gather_last_dim(logits)[..., :self.vocab_size]
+
+
+class QuantizedLMHead(Linear):
+    """The LM head as a quantized checkpoint holds it (GPTQ's lm_head: true, a compressed-tensors recipe
+    that does not ignore it): the layer's method over [vocab, hidden], vocabulary rows split over the
+    ranks (evenly), logits in float32 gathered whole."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__(hidden_size, vocab_size, parallel="column")
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self._matmul(hidden).float()
+        return logits if self.tp.size == 1 else self.tp.all_gather_last_dim(logits)

@@ -14,10 +14,11 @@ from sageinfer.attention.backend import AttentionBackend, AttentionMetadata, Lay
 from sageinfer.distributed.parallel_state import get_tp_group, kv_head_range
 from sageinfer.layers.activation import SiluAndMul
 from sageinfer.layers.attention import Attention
-from sageinfer.layers.embedding import LMHead, VocabEmbedding
+from sageinfer.layers.embedding import LMHead, QuantizedLMHead, VocabEmbedding
 from sageinfer.layers import linear as linear_layers
 from sageinfer.layers.linear import Linear, MergedLinear, QKVLinear, one_row
 from sageinfer.layers.norm import RMSNorm
+from sageinfer.layers.quantization.config import get_quant_config
 from sageinfer.layers.rotary import RotaryEmbedding
 from sageinfer.models.model_config import ModelConfig
 
@@ -152,9 +153,16 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.backend = backend
         self.model = LlamaModel(cfg)
-        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        quant = get_quant_config()
+        if quant is not None and quant.lm_head:  # the checkpoint quantizes the head (with its own tensors)
+            if cfg.tie_word_embeddings:
+                raise ValueError("the checkpoint quantizes lm_head of a model with tied word embeddings: not "
+                                 "supported (the head would no longer be the embedding table)")
+            self.lm_head = QuantizedLMHead(cfg.vocab_size, cfg.hidden_size)
+        else:
+            self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size)
+            if cfg.tie_word_embeddings:
+                self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -178,9 +186,10 @@ class LlamaForCausalLM(nn.Module):
                 ".self_attn.k_norm.", ".self_attn.attn.k_norm.")
             if self.config.tie_word_embeddings and name == "lm_head.weight":
                 continue
-            if name.startswith("lm_head.") and name not in ("lm_head.weight", "lm_head.bias"):
-                raise ValueError(f"the checkpoint quantizes lm_head ({name!r}), which is not supported: the LM head "
-                                 "runs in full precision here (quantization configs list it in their ignore list)")
+            if name.startswith("lm_head.") and name not in ("lm_head.weight", "lm_head.bias") \
+                    and isinstance(self.lm_head, LMHead):
+                raise ValueError(f"the checkpoint holds a quantized lm_head ({name!r}) that its quantization_config "
+                                 "does not name (GPTQ: lm_head true; compressed-tensors: lm_head not in ignore)")
             kv_scale = _KV_SCALE.fullmatch(name)
             if kv_scale is not None:
                 owner, which = kv_scale.group(1), kv_scale.group(2) or kv_scale.group(3)

@@ -45,6 +45,16 @@ def iterate_safetensors(model_dir: str, show_progress: bool = True) -> Iterator[
                     bar.update(1)
 
 
+def _holds_quantized_lm_head(model_dir: str) -> bool:
+    """Whether the checkpoint holds LM head tensors other than a full-precision weight and bias (names
+    only: no tensor is read)."""
+    for path in _safetensors_files(model_dir):
+        with safe_open(path, framework="pt") as f:
+            if any(n.startswith("lm_head.") and n not in ("lm_head.weight", "lm_head.bias") for n in f.keys()):
+                return True
+    return False
+
+
 def dummy_checkpoint(model_dir: str, architecture: str, seed: int,
                      device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     """Random tensors under the checkpoint's own names and shapes (those of the transformers model
@@ -67,6 +77,9 @@ def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.
                device: torch.device, backend: AttentionBackend, seed: int = 0,
                show_progress: bool = True, quantization: str | None = None) -> torch.nn.Module:
     quant = load_quant_config(model_dir, quantization)
+    if quant is not None and quant.lm_head and not (
+            _holds_quantized_lm_head(model_dir) if load_format != "dummy" else not cfg.tie_word_embeddings):
+        quant = dataclasses.replace(quant, lm_head=False)  # the config names the head; the checkpoint kept it whole
     if quant is not None and load_format == "dummy":  # random full-precision weights, quantized as loaded
         def at_load(q):  # (8-bit weight-only keeps its zero points: W8A16's _quantize makes them)
             return dataclasses.replace(q, from_checkpoint=False, weight_strategy="channel", activation_dynamic=True,

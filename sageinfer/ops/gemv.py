@@ -13,8 +13,8 @@ Weights may be 8-bit (FP8 e4m3 or INT8) with a scale per output feature: the ker
 they are stored, half the bytes of 16-bit ones, and scales the outputs, so quantized layers decode at
 the memory's rate with 16-bit activations (weight-only arithmetic, no activation quantization). A
 scale per output feature and group of input features (block FP8's tiles spread over their rows,
-W8A16's groups) takes ops/gemv_grouped.py's kernel under the same contract; 4-bit integers packed eight to an int32 (ops/weight_only.py's
-interleaved layout) take their own kernel under the same contract (ops/gemv_int4.py).
+W8A16's groups) takes ops/gemv_grouped.py's kernel under the same contract; 4-bit integers packed
+eight to an int32 (ops/weight_only.py's interleaved layout) take ops/gemv_int4.py's.
 
 The residual stream's add and RMSNorm fold in the same way, so a decoder layer at one row needs no
 norm launch: with norm_weight the input is the (already summed) residual stream and every program

@@ -43,6 +43,7 @@ class QuantConfig:
     gptq_v2: bool = False           # gptq: zero points stored as they are (not minus one)
     targets: list[str] = field(default_factory=lambda: ["Linear"])  # a compressed-tensors group: its layers
     groups: list[QuantConfig] = field(default_factory=list)  # "mixed": each group's scheme (group_for)
+    lm_head: bool = False           # the checkpoint quantizes the LM head too (head_config says how)
 
     @property
     def name(self) -> str:
@@ -60,6 +61,12 @@ class QuantConfig:
                                           layer_name == target or layer_name.endswith("." + target)):
                     return group
         return None
+
+    def head_config(self) -> QuantConfig | None:
+        """How the LM head is quantized (its own group in a mixed checkpoint), or None: full precision."""
+        if not self.lm_head:
+            return None
+        return self.group_for("lm_head") if self.groups else self
 
     def ignores(self, layer_name: str) -> bool:
         for pattern in self.ignore:
@@ -107,10 +114,13 @@ def parse_quant_config(raw: dict | None, option: str | None) -> QuantConfig | No
     if not groups:
         raise _refuse("compressed-tensors without config groups")
     if len(groups) == 1 and groups[0].get("targets") == ["Linear"]:
-        return _parse_ct_group(raw, groups[0])
+        single = _parse_ct_group(raw, groups[0])
+        # "Linear" names the LM head too, unless the ignore list keeps it whole
+        return dataclasses.replace(single, lm_head=not single.ignores("lm_head"))
     # mixed precision, or some layers only: each group its scheme, for the layers its targets name
     parsed = [dataclasses.replace(_parse_ct_group(raw, g), targets=list(g.get("targets") or [])) for g in groups]
-    return QuantConfig("mixed", "mixed", False, True, list(raw.get("ignore") or []), groups=parsed)
+    mixed = QuantConfig("mixed", "mixed", False, True, list(raw.get("ignore") or []), groups=parsed)
+    return dataclasses.replace(mixed, lm_head=mixed.group_for("lm_head") is not None)
 
 
 def _parse_ct_group(raw: dict, group: dict) -> QuantConfig:
@@ -195,7 +205,7 @@ def _parse_gptq_awq(raw: dict, method: str) -> QuantConfig:
         raise _refuse(f"GPTQ checkpoint_format {fmt!r}")
     return QuantConfig(f"w{bits}a16", "group", False, True, group_size=group,
                        symmetric=bool(raw.get("sym", True)), format="gptq", desc_act=bool(raw.get("desc_act", False)),
-                       gptq_v2=fmt == "gptq_v2")
+                       gptq_v2=fmt == "gptq_v2", lm_head=bool(raw.get("lm_head", False)))
 
 
 def _parse_weight_only(raw: dict, group: dict, weights: dict, bits: int) -> QuantConfig:
