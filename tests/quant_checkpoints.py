@@ -84,6 +84,31 @@ def dequantized_copy(quantized: str, dst: str, block: int | None = None) -> str:
     return dst
 
 
+def nvfp4_dense_copy(quantized: str, dst: str) -> str:
+    """An NVFP4 checkpoint's weights multiplied out in float32 (compressed-tensors' own FP4 unpacking,
+    w = e2m1 * weight_scale / weight_global_scale), without quantization_config: what transformers runs
+    as the oracle (it cannot run these files in float32 itself), activations in full precision."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    shutil.copytree(quantized, dst)
+    tensors = load_file(os.path.join(dst, "model.safetensors"))
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(".weight_packed"):
+            layer = name[:-len(".weight_packed")]
+            values = unpack_fp4_from_uint8(t, t.shape[0], 2 * t.shape[1], dtype=torch.float32)
+            scale = tensors[layer + ".weight_scale"].float() / tensors[layer + ".weight_global_scale"].float()
+            out[layer + ".weight"] = values * scale.repeat_interleave(16, 1)
+        elif not name.endswith(("_scale", "_global_scale")):
+            out[name] = t
+    save_file(out, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(dst, "config.json")) as f:
+        config = json.load(f)
+    config.pop("quantization_config")
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    return dst
+
+
 def write_w4a16(src: str, dst: str, group_size: int | None = 32, symmetric: bool = True) -> tuple[str, str]:
     """compressed-tensors W4A16 (pack-quantized) made by the compressed-tensors library itself, and
     beside it (dst + "-dense") the same model with the weights it encodes, in float32."""

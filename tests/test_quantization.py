@@ -213,6 +213,8 @@ def _with_4_bit_weights(**weights):
     ({"quant_method": "gptq", "bits": 3, "group_size": 128}, None, "gptq with 3 bits"),
     ({"quant_method": "awq", "bits": 8, "group_size": 128}, None, "awq with 8 bits"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 100}, None, "group_size 100"),
+    ({**_with_weights(_with_4_bit_weights(), type="float", strategy="group", group_size=32),
+      "format": "mxfp4-pack-quantized"}, None, "FP4 weights in format 'mxfp4-pack-quantized'"),
     ({"quant_method": "bitsandbytes"}, None, "quant_method 'bitsandbytes'"),
     (_ct_config("int", "group", True, bits=4), None, "int 4 bit"),
     (_ct_config("int", "channel", True, symmetric=False), None, "asymmetric W8A8"),
@@ -540,6 +542,67 @@ def test_an_8_bit_weight_only_layer_with_kernels_is_its_dequantized_weight(rows,
     torch.testing.assert_close(layer(x.to(DEVICE)).double().cpu(), ref, rtol=tol, atol=tol)
     assert len(kernel_calls) == (1 if 2 <= rows <= 64 or (rows == 1 and not symmetric) else 0)
     assert len(one_row_calls) == (rows == 1 and symmetric)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 80])
+def test_an_nvfp4_layer_runs_the_weights_it_encodes(rows):
+    """NVFP4 (compressed-tensors nvfp4-pack-quantized): each e2m1 value doubled is held as INT8 with its
+    group's FP8 scale over the tensor's global scale, halved; one row, a few and many rows through the
+    8-bit weight-only kernels (groups of 16), each the product with the weights compressed-tensors'
+    own unpacking gives."""
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from kernels_util import DEVICE
+    from sageinfer.layers.linear import Linear
+    from sageinfer.layers.quantization import QuantConfig, set_quant_config
+    gen = torch.Generator().manual_seed(rows)
+    set_quant_config(QuantConfig("nvfp4", "group", False, True, group_size=16, format="nvfp4"))
+    try:
+        layer = Linear(128, 48)
+    finally:
+        set_quant_config(None)
+    packed = torch.randint(0, 256, (48, 64), generator=gen).to(torch.uint8)
+    scale = (torch.rand(48, 8, generator=gen) * 400 + 8).to(torch.float8_e4m3fn)
+    for name, tensor in (("weight_packed", packed), ("weight_scale", scale),
+                         ("weight_global_scale", torch.tensor([900.0]))):
+        getattr(layer, name).weight_loader(getattr(layer, name), tensor)
+    layer.process_after_loading()
+    encoded = unpack_fp4_from_uint8(packed, 48, 128, dtype=torch.float32) \
+        * (scale.float() / 900.0).repeat_interleave(16, 1)
+    assert layer.weight.dtype == torch.int8
+    torch.testing.assert_close(layer.weight.float() * layer.weight_scale.repeat_interleave(16, 1), encoded)
+    layer.to(DEVICE).use_triton = True
+    x = torch.randn(rows, 128, generator=gen)
+    tol = 1e-2 if DEVICE != "cpu" else 1e-4
+    torch.testing.assert_close(layer(x.to(DEVICE)).double().cpu(), x.double() @ encoded.double().t(), rtol=tol,
+                               atol=tol)
+
+
+def test_nvfp4_with_dummy_weights(llama_dir, tmp_path):
+    """An NVFP4 config over random weights (benchmarks at 8B shapes): quantized as llm-compressor
+    quantizes, each weight within one e2m1 step of its full-precision value."""
+    import json
+    import shutil
+    quantized = str(tmp_path / "nvfp4-dummy")
+    shutil.copytree(llama_dir, quantized)
+    with open(f"{quantized}/config.json") as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
+                                     "ignore": ["lm_head"], "config_groups": {"group_0": {
+                                         "targets": ["Linear"], "input_activations": None, "weights": {
+                                             "num_bits": 4, "type": "float", "symmetric": True,
+                                             "strategy": "tensor_group", "group_size": 16}}}}
+    with open(f"{quantized}/config.json", "w") as f:
+        json.dump(config, f)
+    llm = LLM(quantized, dtype="float32", load_format="dummy", num_gpu_blocks_override=128, show_progress=False)
+    proj = llm.engine.runner.model.model.layers[0].mlp.down_proj
+    assert proj.weight.dtype == torch.int8
+    assert proj.weight_scale.shape == (proj.weight.shape[0], proj.weight.shape[1] // 16)
+    whole = LLM(llama_dir, dtype="float32", load_format="dummy", num_gpu_blocks_override=128, show_progress=False)
+    dense = whole.engine.runner.model.model.layers[0].mlp.down_proj.weight
+    step = proj.weight_scale.repeat_interleave(16, 1)  # half the unit of the doubled values
+    assert bool(((proj.weight.float() * step - dense).abs() <= 2 * step + 1e-9).all())
+    assert len(llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(max_tokens=3, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0].token_ids) == 3
 
 
 def test_block_fp8_checkpoint_runs_the_weights_it_encodes(llama_dir, tmp_path):

@@ -101,7 +101,7 @@ def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.
         else iterate_safetensors(model_dir, show_progress)
     with torch.no_grad():
         loaded = model.load_weights(weights)
-        missing = {n for n, _ in model.named_parameters()} - loaded
+        missing = {n for n, p in model.named_parameters() if not getattr(p, "optional", False)} - loaded
         if missing:
             raise ValueError(f"checkpoint in {model_dir!r} lacks weights: {sorted(missing)[:5]}...")
         for module in model.modules():

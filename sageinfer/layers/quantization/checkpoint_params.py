@@ -8,12 +8,14 @@ from torch import nn
 
 def checkpoint_param(layer: nn.Module, name: str, tensor: torch.Tensor, convert) -> None:
     """A parameter under the checkpoint's name whose loader converts the checkpoint's layout. convert:
-    a function of the whole checkpoint tensor; None: nothing to load (known already, or not needed);
-    "keep": loaded as it is, the same for every part of a merged layer (g_idx: parts read one input)."""
+    a function of the whole checkpoint tensor; None: nothing to load (known already, or not needed;
+    the checkpoint may lack it); "keep": loaded as it is, the same for every part of a merged layer
+    (g_idx: parts read one input)."""
     param = nn.Parameter(tensor, requires_grad=False)
     setattr(layer, name, param)
-    if convert is None:
+    if convert is None:  # (a checkpoint may lack it too)
         param.weight_loader = lambda p, loaded, shard_id=None: None
+        param.optional = True
     elif convert == "keep":
         def keep(p, loaded, shard_id=None):
             if getattr(p, "loaded", False) and not torch.equal(p.data, loaded.to(p.device, p.dtype)):

@@ -42,6 +42,19 @@ def dequantized_matmul(xq, x_scale, wq, w_scale, out_dtype):
     return ((xq.float() * x_scale) @ (wq.float() * w_scale.view(-1, 1)).t()).to(out_dtype)
 
 
+def per_row_scale_loader(layer: nn.Module):
+    """The loader of a scale held per output row: one scale for a tensor (or for this part of a merged
+    layer) spread over its rows; a scale per output channel split and stacked like the weight's rows."""
+    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        loaded = loaded.float()
+        if loaded.numel() == 1:
+            rows = param.data if shard_id is None else param.data.narrow(0, *layer.shard_offsets[shard_id])
+            rows.fill_(loaded.item())
+        else:
+            layer.weight_loader(param, loaded.reshape(-1), shard_id)
+    return load
+
+
 class W8A8Method:
     def __init__(self, config: QuantConfig):
         self.config = config
@@ -53,20 +66,10 @@ class W8A8Method:
         layer.new_weight(_QDTYPE[self.scheme] if c.from_checkpoint else None)
         if c.from_checkpoint:
             layer.weight_scale = nn.Parameter(torch.zeros(local_out, dtype=torch.float32), requires_grad=False)
-            layer.weight_scale.weight_loader = self._scale_loader(layer)
+            layer.weight_scale.weight_loader = per_row_scale_loader(layer)
             if not c.activation_dynamic:
                 layer.input_scale = nn.Parameter(torch.zeros(1, dtype=torch.float32), requires_grad=False)
                 layer.input_scale.weight_loader = _max_loader
-
-    def _scale_loader(self, layer):
-        def load(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-            loaded = loaded.float()
-            if loaded.numel() == 1:  # one scale for the tensor (or this shard of a merged layer): its rows
-                rows = param.data if shard_id is None else param.data.narrow(0, *layer.shard_offsets[shard_id])
-                rows.fill_(loaded.item())
-            else:  # a scale per output channel: split and stacked like the weight's rows
-                layer.weight_loader(param, loaded.reshape(-1), shard_id)
-        return load
 
     def process_after_loading(self, layer: nn.Module) -> None:
         if not self.config.from_checkpoint:  # quantize the full-precision weights now
