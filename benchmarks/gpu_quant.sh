@@ -20,3 +20,4 @@ run fp8-block --model $S/qwen3-8b-fp8-block
 run int8-w8a8 --model $S/qwen3-8b-int8-w8a8
 run w4a16 --model $S/qwen3-8b-w4a16
 run w8a16 --model $S/qwen3-8b-w8a16
+run nvfp4 --model $S/qwen3-8b-nvfp4
