@@ -59,6 +59,17 @@ def write_compressed_tensors(src: str, dst: str, scheme: str = "fp8", weight_str
     return dst
 
 
+def _save_dense(tensors: dict, dst: str) -> str:
+    """Write a copy's multiplied-out tensors and drop its quantization_config."""
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(dst, "config.json")) as f:
+        config = json.load(f)
+    config.pop("quantization_config")
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    return dst
+
+
 def dequantized_copy(quantized: str, dst: str, block: int | None = None) -> str:
     """The same model with every 8-bit weight multiplied out in float32 and no quantization_config:
     what transformers runs as the oracle. block: the scales are per block x block tile (the last tiles
@@ -75,13 +86,7 @@ def dequantized_copy(quantized: str, dst: str, block: int | None = None) -> str:
         elif scale is not None and scale.numel() > 1:
             scale = scale.view(-1, 1)
         out[name] = t.float() * scale if scale is not None else t
-    save_file(out, os.path.join(dst, "model.safetensors"))
-    with open(os.path.join(dst, "config.json")) as f:
-        config = json.load(f)
-    config.pop("quantization_config")
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-    return dst
+    return _save_dense(out, dst)
 
 
 def nvfp4_dense_copy(quantized: str, dst: str) -> str:
@@ -100,13 +105,7 @@ def nvfp4_dense_copy(quantized: str, dst: str) -> str:
             out[layer + ".weight"] = values * scale.repeat_interleave(16, 1)
         elif not name.endswith(("_scale", "_global_scale")):
             out[name] = t
-    save_file(out, os.path.join(dst, "model.safetensors"))
-    with open(os.path.join(dst, "config.json")) as f:
-        config = json.load(f)
-    config.pop("quantization_config")
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-    return dst
+    return _save_dense(out, dst)
 
 
 def write_w4a16(src: str, dst: str, group_size: int | None = 32, symmetric: bool = True) -> tuple[str, str]:

@@ -341,30 +341,38 @@ def test_w4a16_with_dummy_weights(w4a16):
                             use_tqdm=False)[0].outputs[0].token_ids) == 3
 
 
+def _dummy_layer_and_dense(llama_dir: str, tmp_path, config_groups: dict, fmt: str, layer: str):
+    """Dummy weights under a compressed-tensors config (ignore lm_head): an engine's layer 0 `layer`
+    (after loading: quantized), the same layer's full-precision dummy weight, and the engine."""
+    import json
+    import shutil
+    quantized = str(tmp_path / "dummy")
+    shutil.copytree(llama_dir, quantized)
+    with open(f"{quantized}/config.json") as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": fmt, "ignore": ["lm_head"],
+                                     "config_groups": config_groups}
+    with open(f"{quantized}/config.json", "w") as f:
+        json.dump(config, f)
+    llm = LLM(quantized, dtype="float32", load_format="dummy", num_gpu_blocks_override=128, show_progress=False)
+    whole = LLM(llama_dir, dtype="float32", load_format="dummy", num_gpu_blocks_override=128, show_progress=False)
+    get = lambda engine: engine.engine.runner.model.model.layers[0].get_submodule(layer)  # noqa: E731
+    dense = get(whole).weight.detach().clone()
+    whole.engine.shutdown()
+    return get(llm), dense, llm
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_w8a16_with_dummy_weights(llama_dir, tmp_path, symmetric):
     """A W8A16 config over random weights (what the benchmarks' qwen3-8b-w8a16 runs): quantized to INT8
     in groups as they load (with zero points where asymmetric), equal within one step of a group's
     scale to the full-precision weight."""
-    import json
-    import shutil
-    quantized = str(tmp_path / "w8a16-dummy")
-    shutil.copytree(llama_dir, quantized)
-    with open(f"{quantized}/config.json") as f:
-        config = json.load(f)
-    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized",
-                                     "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None,
-                                                                   "weights": {"num_bits": 8, "type": "int",
-                                                                               "symmetric": symmetric, "strategy": "group",
-                                                                               "group_size": 32}}}}
-    with open(f"{quantized}/config.json", "w") as f:
-        json.dump(config, f)
-    llm = LLM(quantized, dtype="float32", load_format="dummy", num_gpu_blocks_override=128, show_progress=False)
-    proj = llm.engine.runner.model.model.layers[0].self_attn.o_proj
+    proj, dense, llm = _dummy_layer_and_dense(llama_dir, tmp_path, {"group_0": {
+        "targets": ["Linear"], "input_activations": None, "weights": {
+            "num_bits": 8, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": 32}}},
+        "pack-quantized", "self_attn.o_proj")
     assert proj.weight.dtype == torch.int8
     assert proj.weight_scale.shape == (proj.weight.shape[0], proj.weight.shape[1] // 32)
-    whole = LLM(llama_dir, dtype="float32", load_format="dummy", num_gpu_blocks_override=128, show_progress=False)
-    dense = whole.engine.runner.model.model.layers[0].self_attn.o_proj.weight
     step = proj.weight_scale.repeat_interleave(32, 1)
     offset = proj.weight_offset.repeat_interleave(32, 1) if not symmetric else 0
     assert hasattr(proj, "weight_offset") != symmetric
@@ -580,25 +588,12 @@ def test_an_nvfp4_layer_runs_the_weights_it_encodes(rows):
 def test_nvfp4_with_dummy_weights(llama_dir, tmp_path):
     """An NVFP4 config over random weights (benchmarks at 8B shapes): quantized as llm-compressor
     quantizes, each weight within one e2m1 step of its full-precision value."""
-    import json
-    import shutil
-    quantized = str(tmp_path / "nvfp4-dummy")
-    shutil.copytree(llama_dir, quantized)
-    with open(f"{quantized}/config.json") as f:
-        config = json.load(f)
-    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
-                                     "ignore": ["lm_head"], "config_groups": {"group_0": {
-                                         "targets": ["Linear"], "input_activations": None, "weights": {
-                                             "num_bits": 4, "type": "float", "symmetric": True,
-                                             "strategy": "tensor_group", "group_size": 16}}}}
-    with open(f"{quantized}/config.json", "w") as f:
-        json.dump(config, f)
-    llm = LLM(quantized, dtype="float32", load_format="dummy", num_gpu_blocks_override=128, show_progress=False)
-    proj = llm.engine.runner.model.model.layers[0].mlp.down_proj
+    proj, dense, llm = _dummy_layer_and_dense(llama_dir, tmp_path, {"group_0": {
+        "targets": ["Linear"], "input_activations": None, "weights": {
+            "num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16}}},
+        "nvfp4-pack-quantized", "mlp.down_proj")
     assert proj.weight.dtype == torch.int8
     assert proj.weight_scale.shape == (proj.weight.shape[0], proj.weight.shape[1] // 16)
-    whole = LLM(llama_dir, dtype="float32", load_format="dummy", num_gpu_blocks_override=128, show_progress=False)
-    dense = whole.engine.runner.model.model.layers[0].mlp.down_proj.weight
     step = proj.weight_scale.repeat_interleave(16, 1)  # half the unit of the doubled values
     assert bool(((proj.weight.float() * step - dense).abs() <= 2 * step + 1e-9).all())
     assert len(llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(max_tokens=3, ignore_eos=True),
