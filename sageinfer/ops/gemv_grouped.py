@@ -20,10 +20,12 @@ import triton.language as tl
 from sageinfer.ops import launch
 from sageinfer.ops.gemv import finish_rows, fused_input, program_tile_3d, quarters, weights_f32
 
-# benchmarks/experiments/time_8bit_step.py's sweep on an H200 (a one-row step's 144 matmuls, FP8): 4.05-4.21
-# ms for 8-16 rows and 4-8 groups a program at 4 warps, 4.5-16 ms elsewhere; end to end (L1 TPOT) 8 rows
-# and 8 groups came out ahead of 8 and 4 (block FP8 4.82 / 4.91 ms, W8A16 5.15 / 5.22).
-GROUPED_GEMV_CONFIG = {"block_n": 8, "groups": 8, "num_warps": 4, "num_stages": 2}
+# benchmarks/experiments/time_8bit_step.py's sweep on an H200 (a one-row step's 144 matmuls, FP8, groups of
+# 128): 4.05-4.21 ms for 8-16 rows and 4-8 groups a program at 4 warps, 4.5-16 ms elsewhere; end to end
+# (L1 TPOT) 8 rows and 8 groups came out ahead of 8 and 4 (block FP8 4.82 / 4.91 ms, W8A16 5.15 / 5.22).
+# A trip covers `columns` inputs whatever the group: NVFP4's groups of 16, 8 a trip (128 columns), took
+# 9.40 ms (L1 TPOT); at 1,024 columns a trip it is not yet timed.
+GROUPED_GEMV_CONFIG = {"block_n": 8, "columns": 1024, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -72,7 +74,8 @@ def grouped_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
     block_m = max(1, triton.next_power_of_2(m))
     cfg = {**GROUPED_GEMV_CONFIG, "block_n": max(2, GROUPED_GEMV_CONFIG["block_n"] // block_m), **(config or {})}
-    groups = min(cfg["groups"], (k // group) & -(k // group))  # chunks of a power of two of groups dividing K
+    # chunks of a power of two of groups dividing K
+    groups = min(cfg.get("groups", max(1, cfg["columns"] // group)), (k // group) & -(k // group))
     _grouped_gemv_kernel[(triton.cdiv(n, cfg["block_n"]),)](
         x, weight, weight_scale, bias if bias is not None else x, norm_weight if norm_weight is not None else x, y,
         m, n, k, x.stride(0), weight.stride(0), y.stride(0), weight_scale.stride(0), eps, GROUP=group, GROUPS=groups,
