@@ -89,10 +89,12 @@ def dequantized_copy(quantized: str, dst: str, block: int | None = None) -> str:
     return _save_dense(out, dst)
 
 
-def nvfp4_dense_copy(quantized: str, dst: str) -> str:
-    """An NVFP4 checkpoint's weights multiplied out in float32 (compressed-tensors' own FP4 unpacking,
-    w = e2m1 * weight_scale / weight_global_scale), without quantization_config: what transformers runs
-    as the oracle (it cannot run these files in float32 itself), activations in full precision."""
+def fp4_dense_copy(quantized: str, dst: str) -> str:
+    """An NVFP4 or MXFP4 checkpoint's weights multiplied out in float32 (compressed-tensors' own FP4
+    unpacking; NVFP4: w = e2m1 * weight_scale / weight_global_scale in groups of 16, MXFP4: w = e2m1 *
+    2^(weight_scale - 127) in groups of 32), without quantization_config: what transformers runs as the
+    oracle (it cannot run these files in float32 itself), activations in full precision."""
+    from compressed_tensors.compressors.mx_utils import decompress_mx_scale
     from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
     shutil.copytree(quantized, dst)
     tensors = load_file(os.path.join(dst, "model.safetensors"))
@@ -101,8 +103,12 @@ def nvfp4_dense_copy(quantized: str, dst: str) -> str:
         if name.endswith(".weight_packed"):
             layer = name[:-len(".weight_packed")]
             values = unpack_fp4_from_uint8(t, t.shape[0], 2 * t.shape[1], dtype=torch.float32)
-            scale = tensors[layer + ".weight_scale"].float() / tensors[layer + ".weight_global_scale"].float()
-            out[layer + ".weight"] = values * scale.repeat_interleave(16, 1)
+            scale = tensors[layer + ".weight_scale"]
+            if layer + ".weight_global_scale" in tensors:
+                scale = scale.float() / tensors[layer + ".weight_global_scale"].float()
+            else:
+                scale = decompress_mx_scale(scale).float()
+            out[layer + ".weight"] = values * scale.repeat_interleave(values.shape[1] // scale.shape[1], 1)
         elif not name.endswith(("_scale", "_global_scale")):
             out[name] = t
     return _save_dense(out, dst)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from quant_checkpoints import dequantized_copy, nvfp4_dense_copy
+from quant_checkpoints import dequantized_copy, fp4_dense_copy
 from sageinfer import LLM, SamplingParams
 
 pytest.importorskip("llmcompressor")
@@ -50,6 +50,7 @@ def _recipes():
         "w8a16-gptq": (GPTQModifier(targets="Linear", scheme="W8A16", ignore=["lm_head"], actorder="weight"), True),
         "nvfp4a16": (rtn("NVFP4A16"), False),
         "nvfp4": (rtn("NVFP4"), True),  # FP4 activations too (a calibrated global scale)
+        "mxfp4a16": (rtn("MXFP4A16"), False),
         "fp8-dynamic": (rtn("FP8_DYNAMIC"), False),
         "fp8-static": (rtn("FP8"), True),
         "fp8-block": (rtn("FP8_BLOCK"), False),
@@ -77,7 +78,7 @@ def _recipes():
 
 
 SCHEMES = ["w4a16", "w4a16-asym", "w4a16-gptq-actorder", "w4a16-spinquant", "w8a16", "w8a16-channel", "w8a16-asym",
-           "w8a16-gptq", "nvfp4a16", "nvfp4", "fp8-dynamic", "fp8-static", "fp8-block",
+           "w8a16-gptq", "nvfp4a16", "nvfp4", "mxfp4a16", "fp8-dynamic", "fp8-static", "fp8-block",
            "int8-smoothquant-gptq", "int8-static", "mixed-fp8-attention-w4a16-mlp", "mixed-fp8-attention-w8a16-mlp"]
 
 
@@ -124,7 +125,7 @@ def _prompt_logprobs(path, ids, **options):
 # the checkpoint encodes. INT8: activations on either side of a rounding edge (tests/test_quantization.py).
 # On a GPU, sums in another order move more of them.
 _GPU = torch.cuda.is_available()
-TOLERANCE = {"nvfp4a16": 1e-4, "nvfp4": 1e-4, "w8a16": 1e-4, "w8a16-channel": 1e-4, "w8a16-asym": 1e-4, "w8a16-gptq": 1e-4, "w4a16": 1e-4, "w4a16-asym": 1e-4, "w4a16-gptq-actorder": 1e-4, "w4a16-spinquant": 1e-4, "fp8-dynamic": 5e-2 if _GPU else 1e-4,
+TOLERANCE = {"nvfp4a16": 1e-4, "nvfp4": 1e-4, "mxfp4a16": 1e-4, "w8a16": 1e-4, "w8a16-channel": 1e-4, "w8a16-asym": 1e-4, "w8a16-gptq": 1e-4, "w4a16": 1e-4, "w4a16-asym": 1e-4, "w4a16-gptq-actorder": 1e-4, "w4a16-spinquant": 1e-4, "fp8-dynamic": 5e-2 if _GPU else 1e-4,
              "fp8-static": 5e-2 if _GPU else 1e-4, "fp8-block": 5e-2 if _GPU else 1e-4,
              "int8-smoothquant-gptq": 5e-2 if _GPU else 1e-2, "int8-static": 5e-2 if _GPU else 1e-2,
              "mixed-fp8-attention-w4a16-mlp": 5e-2 if _GPU else 1e-4,
@@ -136,12 +137,12 @@ def test_llm_compressor_checkpoint_matches_transformers(trained, compressed, nam
     from oracle import hf_logits
     ids = trained[1][:40]
     ours = _prompt_logprobs(compressed[name], ids)
-    # The oracle for FP8 blocks and NVFP4: the weights the checkpoint encodes (transformers cannot run NVFP4's
-    # files in float32; NVFP4's FP4 activations run in 16 bits here, as on every chip without FP4 matmuls)
+    # The oracle for FP8 blocks and FP4: the weights the checkpoint encodes (transformers cannot run FP4
+    # files in float32; FP4 activations run in 16 bits here, as on every chip without FP4 matmuls)
     if name == "fp8-block":
         oracle = dequantized_copy(compressed[name], str(tmp_path / "encoded"), block=128)
-    elif name.startswith("nvfp4"):
-        oracle = nvfp4_dense_copy(compressed[name], str(tmp_path / "encoded"))
+    elif name.startswith(("nvfp4", "mxfp4")):
+        oracle = fp4_dense_copy(compressed[name], str(tmp_path / "encoded"))
     else:
         oracle = compressed[name]
     ref = hf_logits(oracle, ids).log_softmax(-1)
@@ -154,7 +155,7 @@ def test_perplexity_of_each_scheme_against_full_precision(trained, compressed):
     CPU: W4A16 round-to-nearest +11.6% (symmetric) / +8.6% (asymmetric), GPTQ in act-order +6.4%,
     after SpinQuant's rotations +16.1% (rotations do not help a model this small); W8A16 in groups of
     128 +0.007%, per channel +0.013%, asymmetric in groups of 128 -0.03%, by GPTQ +0.03%; NVFP4A16 +8.4%
-    (NVFP4 the same: its FP4 activations run in 16 bits here);
+    (NVFP4 the same: its FP4 activations run in 16 bits here), MXFP4A16 +10.6%;
     FP8 dynamic +1.2%, static +1.3%, blocks +0.4%; INT8 SmoothQuant + GPTQ +0.2%, SmoothQuant with
     static activation scales +0.2%; FP8 attention with a 4-bit MLP +5.5%, with an 8-bit one +0.56%.
     The increase is the
@@ -172,7 +173,7 @@ def test_perplexity_of_each_scheme_against_full_precision(trained, compressed):
     assert ratios["w4a16-gptq-actorder"] < ratios["w4a16"], ratios  # calibration reached GPTQ
 
 
-BOUNDS = {"nvfp4a16": 1.1, "nvfp4": 1.1, "w8a16": 1.002, "w8a16-channel": 1.002, "w8a16-asym": 1.002, "w8a16-gptq": 1.002, "w4a16": 1.15, "w4a16-asym": 1.12, "w4a16-gptq-actorder": 1.09, "w4a16-spinquant": 1.2, "fp8-dynamic": 1.02, "fp8-static": 1.02,
+BOUNDS = {"nvfp4a16": 1.1, "nvfp4": 1.1, "mxfp4a16": 1.15, "w8a16": 1.002, "w8a16-channel": 1.002, "w8a16-asym": 1.002, "w8a16-gptq": 1.002, "w4a16": 1.15, "w4a16-asym": 1.12, "w4a16-gptq-actorder": 1.09, "w4a16-spinquant": 1.2, "fp8-dynamic": 1.02, "fp8-static": 1.02,
           "fp8-block": 1.02, "int8-smoothquant-gptq": 1.01, "int8-static": 1.01, "mixed-fp8-attention-w4a16-mlp": 1.08,
           "mixed-fp8-attention-w8a16-mlp": 1.01}
 

@@ -213,7 +213,7 @@ def _with_4_bit_weights(**weights):
     ({"quant_method": "gptq", "bits": 3, "group_size": 128}, None, "gptq with 3 bits"),
     ({"quant_method": "awq", "bits": 8, "group_size": 128}, None, "awq with 8 bits"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 100}, None, "group_size 100"),
-    ({**_with_weights(_with_4_bit_weights(), type="float", strategy="group", group_size=32),
+    ({**_with_weights(_with_4_bit_weights(), type="float", strategy="group", group_size=16),
       "format": "mxfp4-pack-quantized"}, None, "FP4 weights in format 'mxfp4-pack-quantized'"),
     ({"quant_method": "bitsandbytes"}, None, "quant_method 'bitsandbytes'"),
     (_ct_config("int", "group", True, bits=4), None, "int 4 bit"),
@@ -552,32 +552,40 @@ def test_an_8_bit_weight_only_layer_with_kernels_is_its_dequantized_weight(rows,
     assert len(one_row_calls) == (rows == 1 and symmetric)
 
 
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("rows", [1, 3, 80])
-def test_an_nvfp4_layer_runs_the_weights_it_encodes(rows):
-    """NVFP4 (compressed-tensors nvfp4-pack-quantized): each e2m1 value doubled is held as INT8 with its
-    group's FP8 scale over the tensor's global scale, halved; one row, a few and many rows through the
-    8-bit weight-only kernels (groups of 16), each the product with the weights compressed-tensors'
-    own unpacking gives."""
+def test_an_fp4_layer_runs_the_weights_it_encodes(rows, fmt):
+    """FP4 (compressed-tensors nvfp4- and mxfp4-pack-quantized): each e2m1 value doubled is held as INT8
+    with its group's scale (NVFP4: FP8 over the tensor's global scale; MXFP4: a power of two), halved;
+    one row, a few and many rows through the 8-bit weight-only kernels (groups of 16 or 32), each the
+    product with the weights compressed-tensors' own unpacking gives."""
+    from compressed_tensors.compressors.mx_utils import decompress_mx_scale
     from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
     from kernels_util import DEVICE
     from sageinfer.layers.linear import Linear
     from sageinfer.layers.quantization import QuantConfig, set_quant_config
     gen = torch.Generator().manual_seed(rows)
-    set_quant_config(QuantConfig("nvfp4", "group", False, True, group_size=16, format="nvfp4"))
+    group = 16 if fmt == "nvfp4" else 32
+    set_quant_config(QuantConfig("fp4", "group", False, True, group_size=group, format=fmt))
     try:
         layer = Linear(128, 48)
     finally:
         set_quant_config(None)
     packed = torch.randint(0, 256, (48, 64), generator=gen).to(torch.uint8)
-    scale = (torch.rand(48, 8, generator=gen) * 400 + 8).to(torch.float8_e4m3fn)
-    for name, tensor in (("weight_packed", packed), ("weight_scale", scale),
-                         ("weight_global_scale", torch.tensor([900.0]))):
+    if fmt == "nvfp4":
+        scale = (torch.rand(48, 8, generator=gen) * 400 + 8).to(torch.float8_e4m3fn)
+        tensors = {"weight_packed": packed, "weight_scale": scale, "weight_global_scale": torch.tensor([900.0])}
+        group_scale = scale.float() / 900.0
+    else:
+        scale = torch.randint(115, 130, (48, 4), generator=gen).to(torch.uint8)
+        tensors = {"weight_packed": packed, "weight_scale": scale}
+        group_scale = decompress_mx_scale(scale).float()
+    for name, tensor in tensors.items():
         getattr(layer, name).weight_loader(getattr(layer, name), tensor)
     layer.process_after_loading()
-    encoded = unpack_fp4_from_uint8(packed, 48, 128, dtype=torch.float32) \
-        * (scale.float() / 900.0).repeat_interleave(16, 1)
+    encoded = unpack_fp4_from_uint8(packed, 48, 128, dtype=torch.float32) * group_scale.repeat_interleave(group, 1)
     assert layer.weight.dtype == torch.int8
-    torch.testing.assert_close(layer.weight.float() * layer.weight_scale.repeat_interleave(16, 1), encoded)
+    torch.testing.assert_close(layer.weight.float() * layer.weight_scale.repeat_interleave(group, 1), encoded)
     layer.to(DEVICE).use_triton = True
     x = torch.randn(rows, 128, generator=gen)
     tol = 1e-2 if DEVICE != "cpu" else 1e-4
@@ -585,17 +593,21 @@ def test_an_nvfp4_layer_runs_the_weights_it_encodes(rows):
                                atol=tol)
 
 
-def test_nvfp4_with_dummy_weights(llama_dir, tmp_path):
-    """An NVFP4 config over random weights (benchmarks at 8B shapes): quantized as llm-compressor
-    quantizes, each weight within one e2m1 step of its full-precision value."""
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fp4_with_dummy_weights(llama_dir, tmp_path, fmt):
+    """An NVFP4 or MXFP4 config over random weights (benchmarks at 8B shapes): quantized as llm-compressor
+    quantizes, each weight within one e2m1 unit of its full-precision value (MXFP4's power-of-two
+    scales leave the largest values of a group up to 8 units, saturated at 6: within two units)."""
+    group, strategy = (16, "tensor_group") if fmt == "nvfp4" else (32, "group")
     proj, dense, llm = _dummy_layer_and_dense(llama_dir, tmp_path, {"group_0": {
         "targets": ["Linear"], "input_activations": None, "weights": {
-            "num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16}}},
-        "nvfp4-pack-quantized", "mlp.down_proj")
+            "num_bits": 4, "type": "float", "symmetric": True, "strategy": strategy, "group_size": group}}},
+        f"{fmt}-pack-quantized", "mlp.down_proj")
     assert proj.weight.dtype == torch.int8
-    assert proj.weight_scale.shape == (proj.weight.shape[0], proj.weight.shape[1] // 16)
-    step = proj.weight_scale.repeat_interleave(16, 1)  # half the unit of the doubled values
-    assert bool(((proj.weight.float() * step - dense).abs() <= 2 * step + 1e-9).all())
+    assert proj.weight_scale.shape == (proj.weight.shape[0], proj.weight.shape[1] // group)
+    step = proj.weight_scale.repeat_interleave(group, 1)  # half the unit of the doubled values
+    bound = 2 * step if fmt == "nvfp4" else 2 * step * 2
+    assert bool(((proj.weight.float() * step - dense).abs() <= bound + 1e-9).all())
     assert len(llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(max_tokens=3, ignore_eos=True),
                             use_tqdm=False)[0].outputs[0].token_ids) == 3
 

@@ -5,7 +5,7 @@ Supported: compressed-tensors FP8 W8A8 (per-tensor or per-channel weight scales;
 or static per-tensor activation scales; or square weight blocks with activations per token and block
 width), INT8 W8A8 (per-channel symmetric weights, dynamic per-token or static per-tensor activations) and W4A16
 (pack-quantized, per group or channel, symmetric or asymmetric, any actorder), W8A16 (pack-quantized,
-symmetric or asymmetric), NVFP4 (its FP4 activations run in 16 bits); GPTQ 4- and 8-bit, AWQ 4-bit; online FP8
+symmetric or asymmetric), NVFP4 and MXFP4 (their FP4 activations run in 16 bits); GPTQ 4- and 8-bit, AWQ 4-bit; online FP8
 (per-channel weights, dynamic per-token activations); several compressed-tensors config groups, each
 scheme for the layers its targets name. Anything else is refused at start with what is supported.
 """
@@ -23,8 +23,8 @@ SUPPORTED = ("compressed-tensors: FP8 W8A8 (weights per tensor, per channel or i
              "weights per channel, activations dynamic per token or static per tensor), W4A16 pack-quantized (4-bit weights per group "
              "or channel, symmetric or asymmetric, actorder weight/static/group), W8A16 pack-quantized (8-bit weights "
              "per group or channel, symmetric or asymmetric); GPTQ 4- and 8-bit (groups or channel-wise, desc_act "
-             "true or false, symmetric or asymmetric); NVFP4 (nvfp4-pack-quantized: NVFP4A16, and NVFP4 whose "
-             "activations then run in 16 bits); AWQ 4-bit GEMM; fp8 (block-quantized weights, or "
+             "true or false, symmetric or asymmetric); FP4 (nvfp4-pack-quantized and mxfp4-pack-quantized: "
+             "NVFP4A16, MXFP4A16, and NVFP4 / MXFP4 whose activations then run in 16 bits); AWQ 4-bit GEMM; fp8 (block-quantized weights, or "
              "per tensor with static or dynamic activations); "
              "quantization='fp8' on a bf16/fp16/fp32 checkpoint; compressed-tensors config groups of these schemes "
              "for different layers (mixed precision), a merged layer's parts (q/k/v, gate/up) in one group")
@@ -131,7 +131,7 @@ def _parse_ct_group(raw: dict, group: dict) -> QuantConfig:
     if bits in (4, 8) and kind == "int" and acts is None:
         return _parse_weight_only(raw, group, weights, bits)
     if bits == 4 and kind == "float":
-        return _parse_nvfp4(raw, group, weights, acts)
+        return _parse_fp4(raw, group, weights, acts)
     if bits != 8 or kind not in ("float", "int") or acts is None or acts.get("num_bits") != 8 \
             or acts.get("type") != kind:
         raise _refuse(f"compressed-tensors weights {kind} {bits} bit with activations "
@@ -230,18 +230,19 @@ def _parse_weight_only(raw: dict, group: dict, weights: dict, bits: int) -> Quan
                        symmetric=bool(weights.get("symmetric", True)), desc_act=actorder in ("group", "dynamic"))
 
 
-def _parse_nvfp4(raw: dict, group: dict, weights: dict, acts: dict | None) -> QuantConfig:
-    """FP4 e2m1 weights in groups of 16 with FP8 scales and a global scale (NVFP4A16; NVFP4's FP4
-    activations run in 16 bits: layers/quantization/nvfp4.py)."""
+def _parse_fp4(raw: dict, group: dict, weights: dict, acts: dict | None) -> QuantConfig:
+    """FP4 e2m1 weights: NVFP4 (groups of 16, FP8 scales, a global scale) or MXFP4 (groups of 32, E8M0
+    scales); their FP4 activations run in 16 bits (layers/quantization/fp4.py)."""
     fmt = group.get("format") or raw.get("format")
-    if fmt != "nvfp4-pack-quantized" or weights.get("strategy") != "tensor_group" \
-            or weights.get("group_size") != 16 or not weights.get("symmetric", True):
+    expected = {"nvfp4-pack-quantized": ("tensor_group", 16), "mxfp4-pack-quantized": ("group", 32)}.get(fmt)
+    if expected is None or (weights.get("strategy"), weights.get("group_size")) != expected \
+            or not weights.get("symmetric", True):
         raise _refuse(f"compressed-tensors FP4 weights in format {fmt!r} with strategy {weights.get('strategy')!r} "
                       f"and group_size {weights.get('group_size')!r}")
     if acts is not None and (acts.get("type"), acts.get("num_bits")) != ("float", 4):
-        raise _refuse(f"NVFP4 weights with activations {(acts.get('type'), acts.get('num_bits'))}")
-    return QuantConfig("nvfp4", "group", False, True, ignore=list(raw.get("ignore") or []), group_size=16,
-                       format="nvfp4")
+        raise _refuse(f"FP4 weights with activations {(acts.get('type'), acts.get('num_bits'))}")
+    return QuantConfig("fp4", "group", False, True, ignore=list(raw.get("ignore") or []), group_size=expected[1],
+                       format=fmt.split("-")[0])
 
 
 def load_quant_config(model_dir: str, option: str | None) -> QuantConfig | None:
