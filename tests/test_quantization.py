@@ -457,6 +457,24 @@ def test_gptq_with_a_quantized_lm_head_runs_the_weights_it_encodes(llama_dir, tm
             LLM(quantized, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
 
 
+def test_the_start_up_log_says_what_is_quantized_and_how(llama_dir, tmp_path, caplog):
+    """One line names the scheme, the checkpoint's format and its options; FP4 activations that run in
+    16 bits are warned of."""
+    import logging
+    from quant_checkpoints import write_gptq_8bit
+    quantized, _ = write_gptq_8bit(llama_dir, str(tmp_path / "gptq8"), symmetric=False, lm_head=True)
+    caplog.set_level(logging.INFO, logger="sageinfer.models.loader")
+    LLM(quantized, dtype="float32", num_gpu_blocks_override=128, show_progress=False).engine.shutdown()
+    assert "quantization: w8a16, gptq, groups of 32, asymmetric, LM head quantized" in caplog.text
+    fp4 = parse_quant_config({"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
+                              "ignore": ["lm_head"], "config_groups": {"g": {
+                                  "targets": ["Linear"], "weights": {"num_bits": 4, "type": "float",
+                                                                     "strategy": "tensor_group", "group_size": 16},
+                                  "input_activations": {"num_bits": 4, "type": "float", "dynamic": "local"}}}},
+                             None)
+    assert fp4.unquantized_activations and fp4.describe() == "fp4, nvfp4, groups of 16"
+
+
 @needs_ranks(2)
 def test_tp2_gptq_and_awq_as_tp1_and_act_order_refused(llama_dir, tmp_path):
     from quant_checkpoints import write_4bit_by_hand

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import logging
 import os
 from typing import Iterator
 
@@ -16,6 +17,8 @@ from sageinfer.layers.linear import Linear
 from sageinfer.layers.quantization.config import load_quant_config, set_quant_config
 from sageinfer.models.model_config import ModelConfig
 from sageinfer.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
 
 
 def _safetensors_files(model_dir: str) -> list[str]:
@@ -80,6 +83,11 @@ def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.
     if quant is not None and quant.lm_head and not (
             _holds_quantized_lm_head(model_dir) if load_format != "dummy" else not cfg.tie_word_embeddings):
         quant = dataclasses.replace(quant, lm_head=False)  # the config names the head; the checkpoint kept it whole
+    if quant is not None:
+        logger.info("quantization: %s", quant.describe())
+        if any(q.unquantized_activations for q in [quant, *quant.groups]):
+            logger.warning("the checkpoint's FP4 activations run in 16 bits here (no FP4 matmul on this engine's "
+                           "chips): its weights run as they are, its activations are not rounded to FP4")
     if quant is not None and load_format == "dummy":  # random full-precision weights, quantized as loaded
         def at_load(q):  # (8-bit weight-only keeps its zero points: W8A16's _quantize makes them)
             return dataclasses.replace(q, from_checkpoint=False, weight_strategy="channel", activation_dynamic=True,

@@ -45,10 +45,22 @@ class QuantConfig:
     targets: list[str] = field(default_factory=lambda: ["Linear"])  # a compressed-tensors group: its layers
     groups: list[QuantConfig] = field(default_factory=list)  # "mixed": each group's scheme (group_for)
     lm_head: bool = False           # the checkpoint quantizes the LM head too (head_config says how)
+    unquantized_activations: bool = False  # fp4: the checkpoint's FP4 activations run in 16 bits here
 
-    @property
-    def name(self) -> str:
-        return f"{self.scheme} W8A8 ({'checkpoint' if self.from_checkpoint else 'quantized at load time'})"
+    def describe(self) -> str:
+        """One line for the start-up log."""
+        if self.groups:
+            return "mixed: " + "; ".join(f"{g.targets} {g.describe()}" for g in self.groups)
+        parts = [self.scheme, self.format if self.from_checkpoint else "quantized at load time"]
+        if self.group_size:
+            parts.append(f"groups of {self.group_size}")
+        if not self.symmetric:
+            parts.append("asymmetric")
+        if self.desc_act:
+            parts.append("act-order")
+        if self.lm_head:
+            parts.append("LM head quantized")
+        return ", ".join(parts)
 
     def group_for(self, layer_name: str) -> QuantConfig | None:
         """A mixed checkpoint: the first group whose targets name the checkpoint layer (compressed-tensors'
@@ -242,7 +254,7 @@ def _parse_fp4(raw: dict, group: dict, weights: dict, acts: dict | None) -> Quan
     if acts is not None and (acts.get("type"), acts.get("num_bits")) != ("float", 4):
         raise _refuse(f"FP4 weights with activations {(acts.get('type'), acts.get('num_bits'))}")
     return QuantConfig("fp4", "group", False, True, ignore=list(raw.get("ignore") or []), group_size=expected[1],
-                       format=fmt.split("-")[0])
+                       format=fmt.split("-")[0], unquantized_activations=acts is not None)
 
 
 def load_quant_config(model_dir: str, option: str | None) -> QuantConfig | None:
