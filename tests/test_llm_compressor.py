@@ -272,23 +272,29 @@ def test_other_architectures_as_llm_compressor_writes_them(tmp_path, arch, schem
                                atol=5e-2 if _GPU else 1e-4)
 
 
-@pytest.mark.parametrize("scheme", ["FP8_DYNAMIC", "W4A16", "W8A16"])
+@pytest.mark.parametrize("scheme", ["FP8_DYNAMIC", "W4A16", "W8A16", "mixed"])
 def test_a_quantized_lm_head_runs_as_transformers_runs_it(trained, tmp_path, scheme):
-    """A recipe that leaves lm_head out of its ignore list quantizes it too: the head then runs its
-    scheme's method over the vocabulary rows (logits in float32), equal to transformers on the files."""
+    """A recipe that leaves lm_head out of its ignore list quantizes it too (in a mixed recipe, the
+    group that names it): the head then runs its scheme's method over the vocabulary rows (logits in
+    float32), equal to transformers on the files."""
+    from compressed_tensors.quantization import preset_name_to_scheme
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from oracle import hf_logits
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from sageinfer.layers.embedding import QuantizedLMHead
     model = AutoModelForCausalLM.from_pretrained(trained[0], dtype=torch.float32)
-    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=scheme, ignore=[]))
+    recipe = QuantizationModifier(targets="Linear", scheme=scheme, ignore=[]) if scheme != "mixed" else \
+        QuantizationModifier(config_groups={
+            "group_0": preset_name_to_scheme("FP8_DYNAMIC", ["re:.*self_attn.*_proj$"]),
+            "group_1": preset_name_to_scheme("W4A16", ["re:.*mlp.*_proj$", "lm_head"])})
+    oneshot(model=model, recipe=recipe)
     path = str(tmp_path / "q")
     model.save_pretrained(path, save_compressed=True)
     AutoTokenizer.from_pretrained(trained[0]).save_pretrained(path)
     llm = LLM(path, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
     head = llm.engine.runner.model.lm_head
-    method = {"FP8_DYNAMIC": "W8A8Method", "W4A16": "W4A16Method", "W8A16": "W8A16Method"}[scheme]
+    method = {"FP8_DYNAMIC": "W8A8Method", "W4A16": "W4A16Method", "W8A16": "W8A16Method", "mixed": "W4A16Method"}[scheme]
     assert isinstance(head, QuantizedLMHead) and type(head.quant).__name__ == method
     llm.engine.shutdown()
     ids = trained[1][:40]

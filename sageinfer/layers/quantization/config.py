@@ -44,7 +44,7 @@ class QuantConfig:
     gptq_v2: bool = False           # gptq: zero points stored as they are (not minus one)
     targets: list[str] = field(default_factory=lambda: ["Linear"])  # a compressed-tensors group: its layers
     groups: list[QuantConfig] = field(default_factory=list)  # "mixed": each group's scheme (group_for)
-    lm_head: bool = False           # the checkpoint quantizes the LM head too (head_config says how)
+    lm_head: bool = False           # the checkpoint quantizes the LM head too (mixed: the group naming it)
     unquantized_activations: bool = False  # fp4: the checkpoint's FP4 activations run in 16 bits here
 
     def describe(self) -> str:
@@ -74,12 +74,6 @@ class QuantConfig:
                                           layer_name == target or layer_name.endswith("." + target)):
                     return group
         return None
-
-    def head_config(self) -> QuantConfig | None:
-        """How the LM head is quantized (its own group in a mixed checkpoint), or None: full precision."""
-        if not self.lm_head:
-            return None
-        return self.group_for("lm_head") if self.groups else self
 
     def ignores(self, layer_name: str) -> bool:
         for pattern in self.ignore:
