@@ -294,7 +294,8 @@ def test_a_quantized_lm_head_runs_as_transformers_runs_it(trained, tmp_path, sch
     AutoTokenizer.from_pretrained(trained[0]).save_pretrained(path)
     llm = LLM(path, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
     head = llm.engine.runner.model.lm_head
-    method = {"FP8_DYNAMIC": "W8A8Method", "W4A16": "W4A16Method", "W8A16": "W8A16Method", "mixed": "W4A16Method"}[scheme]
+    method = {"FP8_DYNAMIC": "W8A8Method", "W4A16": "W4A16Method", "W8A16": "W8A16Method",
+              "mixed": "W4A16Method"}[scheme]
     assert isinstance(head, QuantizedLMHead) and type(head.quant).__name__ == method
     llm.engine.shutdown()
     ids = trained[1][:40]
