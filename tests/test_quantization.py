@@ -476,15 +476,17 @@ def test_the_start_up_log_says_what_is_quantized_and_how(llama_dir, tmp_path, ca
 
 
 @needs_ranks(2)
-def test_tp2_gptq_and_awq_as_tp1_and_act_order_refused(llama_dir, tmp_path):
-    from quant_checkpoints import write_4bit_by_hand
-    for method in ("gptq", "awq"):
-        quantized, _ = write_4bit_by_hand(llama_dir, str(tmp_path / method), method)
-        one, two = (_prompt_logprobs(quantized, tensor_parallel_size=tp) for tp in (1, 2))
-        np.testing.assert_allclose(one[0], two[0], atol=1e-4)
-    act_order, _ = write_4bit_by_hand(llama_dir, str(tmp_path / "act-order"), "gptq", desc_act=True)
-    with pytest.raises(Exception, match="desc_act"):
-        _prompt_logprobs(act_order, tensor_parallel_size=2)
+@pytest.mark.parametrize("method, desc_act", [("gptq", False), ("awq", False), ("gptq", True),
+                                              ("compressed-tensors", True), ("gptq-8bit", True)])
+def test_tp2_gptq_and_awq_as_tp1(llama_dir, tmp_path, method, desc_act):
+    """Act-order groups scatter over the input columns, so o_proj and down_proj split their outputs
+    instead of their inputs at tp=2 (gathering input and output): the same logprobs as tp=1."""
+    from quant_checkpoints import write_4bit_by_hand, write_gptq_8bit
+    quantized, _ = (write_gptq_8bit(llama_dir, str(tmp_path / method), desc_act=desc_act) if method == "gptq-8bit"
+                    else write_4bit_by_hand(llama_dir, str(tmp_path / method), method, desc_act=desc_act))
+    one, two = (_prompt_logprobs(quantized, tensor_parallel_size=tp) for tp in (1, 2))
+    np.testing.assert_allclose(one[0], two[0], atol=1e-4)
+    assert one[1] == two[1]
 
 
 @needs_ranks(2)

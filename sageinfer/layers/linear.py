@@ -41,13 +41,19 @@ class Linear(nn.Module):
         super().__init__()
         self.tp = get_tp_group()
         self.parallel = parallel if self.tp.size > 1 else None
-        # Whether the output is a sum over ranks (an all-reduce ends the layer).
-        self.reduces = self.parallel == "row"
+        quant = get_quant_config()
+        # Act-order groups (GPTQ desc_act) scatter each group's input columns over every rank's share: a
+        # row-parallel layer of them splits its outputs instead (whole groups on every rank, exact),
+        # gathering its input from the ranks before the matmul and its output to them after.
+        self.gathers = self.parallel == "row" and quant is not None and quant.desc_act
+        if self.gathers:
+            self.parallel = "column"
+        # Whether the ranks' results must be combined (an all-reduce, or the gathers, ends the layer).
+        self.reduces = self.parallel == "row" or self.gathers
         self.in_features, self.out_features = in_features, out_features
         local_in = self.tp.split(in_features) if self.parallel == "row" else in_features
         local_out = self.tp.split(out_features) if self.parallel == "column" else out_features
         self.shard_offsets: dict = {}  # merged layers: shard id -> (first row, rows)
-        quant = get_quant_config()
         self.quant = None  # the quantization method (layers/quantization), None: full precision
         self.local_shape = (local_out, local_in)
         if quant is not None and not quant.groups:
@@ -132,6 +138,9 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.reduces and self.quant is None:
             return linear(x, self.weight, self.bias, self.use_triton)
+        if self.gathers:  # this rank's outputs from every rank's inputs
+            y = self._matmul(self.tp.all_gather_last_dim(x))
+            return self.tp.all_gather_last_dim(y if self.bias is None else y + self.bias)
         y = self._matmul(x)
         if self.reduces:
             y = self.tp.all_reduce(y)
