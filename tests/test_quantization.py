@@ -477,13 +477,27 @@ def test_the_start_up_log_says_what_is_quantized_and_how(llama_dir, tmp_path, ca
 
 @needs_ranks(2)
 @pytest.mark.parametrize("method, desc_act", [("gptq", False), ("awq", False), ("gptq", True),
-                                              ("compressed-tensors", True), ("gptq-8bit", True)])
+                                              ("compressed-tensors", True), ("gptq-8bit", True), ("mixed", True)])
 def test_tp2_gptq_and_awq_as_tp1(llama_dir, tmp_path, method, desc_act):
     """Act-order groups scatter over the input columns, so o_proj and down_proj split their outputs
-    instead of their inputs at tp=2 (gathering input and output): the same logprobs as tp=1."""
+    instead of their inputs at tp=2 (gathering input and output): the same logprobs as tp=1. "mixed":
+    compressed-tensors act-order in two config groups (attention, MLP), whose layers learn their scheme
+    after they are built."""
+    import json
     from quant_checkpoints import write_4bit_by_hand, write_gptq_8bit
-    quantized, _ = (write_gptq_8bit(llama_dir, str(tmp_path / method), desc_act=desc_act) if method == "gptq-8bit"
-                    else write_4bit_by_hand(llama_dir, str(tmp_path / method), method, desc_act=desc_act))
+    if method == "gptq-8bit":
+        quantized, _ = write_gptq_8bit(llama_dir, str(tmp_path / method), desc_act=desc_act)
+    else:
+        quantized, _ = write_4bit_by_hand(llama_dir, str(tmp_path / method),
+                                          "compressed-tensors" if method == "mixed" else method, desc_act=desc_act)
+    if method == "mixed":
+        with open(f"{quantized}/config.json") as f:
+            config = json.load(f)
+        scheme = config["quantization_config"]["config_groups"].pop("group_0")
+        config["quantization_config"]["config_groups"] = {
+            "attention": {**scheme, "targets": ["re:.*self_attn.*"]}, "mlp": {**scheme, "targets": ["re:.*mlp.*"]}}
+        with open(f"{quantized}/config.json", "w") as f:
+            json.dump(config, f)
     one, two = (_prompt_logprobs(quantized, tensor_parallel_size=tp) for tp in (1, 2))
     np.testing.assert_allclose(one[0], two[0], atol=1e-4)
     assert one[1] == two[1]

@@ -42,31 +42,34 @@ class Linear(nn.Module):
         self.tp = get_tp_group()
         self.parallel = parallel if self.tp.size > 1 else None
         quant = get_quant_config()
-        # Act-order groups (GPTQ desc_act) scatter each group's input columns over every rank's share: a
-        # row-parallel layer of them splits its outputs instead (whole groups on every rank, exact),
-        # gathering its input from the ranks before the matmul and its output to them after.
-        self.gathers = self.parallel == "row" and quant is not None and quant.desc_act
-        if self.gathers:
-            self.parallel = "column"
-        # Whether the ranks' results must be combined (an all-reduce, or the gathers, ends the layer).
-        self.reduces = self.parallel == "row" or self.gathers
         self.in_features, self.out_features = in_features, out_features
-        local_in = self.tp.split(in_features) if self.parallel == "row" else in_features
-        local_out = self.tp.split(out_features) if self.parallel == "column" else out_features
+        self._split(quant)
         self.shard_offsets: dict = {}  # merged layers: shard id -> (first row, rows)
         self.quant = None  # the quantization method (layers/quantization), None: full precision
-        self.local_shape = (local_out, local_in)
         if quant is not None and not quant.groups:
             self._create_quantized(quant)
         else:  # full precision, or a mixed checkpoint's layer until its name picks its group (set_quantization)
             self.new_weight()
         if bias:
-            self.bias = nn.Parameter(torch.empty(local_out), requires_grad=False)
+            self.bias = nn.Parameter(torch.empty(self.local_shape[0]), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
         self.use_triton = False  # set by the model runner from the platform's kernel choice
         self.platform = None  # set by the model runner: the chip's library GEMMs (8-bit layers)
+
+    def _split(self, quant) -> None:
+        """This rank's share of the layer (local_shape) and how the ranks' results combine (reduces).
+        Act-order groups (GPTQ desc_act) scatter each group's input columns over every rank's share: a
+        row-parallel layer of them splits its outputs instead (whole groups on every rank, exact),
+        gathering its input from the ranks before the matmul and its output to them after."""
+        self.gathers = self.parallel == "row" and quant is not None and quant.desc_act
+        if self.gathers:
+            self.parallel = "column"
+        self.reduces = self.parallel == "row" or self.gathers  # (an all-reduce, or the gathers, ends the layer)
+        local_in = self.tp.split(self.in_features) if self.parallel == "row" else self.in_features
+        local_out = self.tp.split(self.out_features) if self.parallel == "column" else self.out_features
+        self.local_shape = (local_out, local_in)
 
     def _create_quantized(self, quant) -> None:
         from sageinfer.layers.quantization.fp8_block import Fp8BlockMethod
@@ -80,10 +83,16 @@ class Linear(nn.Module):
         self.quant.create_weights(self, *self.local_shape)
 
     def set_quantization(self, quant) -> None:
-        """A full-precision layer of a mixed checkpoint takes its group's scheme: its tensors made anew."""
+        """A full-precision layer of a mixed checkpoint takes its group's scheme: its tensors made anew
+        (an act-order group's row-parallel layer split by outputs instead, with its bias)."""
         device = self.weight.device
         del self.weight
         with torch.device(device):
+            if self.parallel == "row" and quant.desc_act:
+                self._split(quant)
+                if self.bias is not None:
+                    self.bias = nn.Parameter(torch.empty(self.local_shape[0]), requires_grad=False)
+                    self.bias.weight_loader = self.weight_loader
             self._create_quantized(quant)
 
     def drop_quantization(self) -> None:

@@ -31,12 +31,9 @@ def checkpoint_param(layer: nn.Module, name: str, tensor: torch.Tensor, convert)
 def g_idx_param(layer: nn.Module, name: str | None, desc_act: bool, local_in: int, what: str) -> None:
     """Each input column's group under the checkpoint's name (None: the checkpoint holds none). Only
     groups in activation order are read; those never split a layer's input over ranks (a row-parallel
-    layer splits its outputs instead, layers/linear.py), except in a mixed checkpoint, whose layers
-    learn their scheme after they are split."""
-    if desc_act and layer.parallel == "row":
-        raise ValueError(f"{what} in act-order (GPTQ desc_act, compressed-tensors actorder 'group') in one config "
-                         "group of several cannot split a layer's input over tensor-parallel ranks yet; use "
-                         "tensor_parallel_size=1")
+    layer splits its outputs instead: layers/linear.py)."""
+    if desc_act and layer.parallel == "row":  # (layers/linear.py's _split sees to it)
+        raise AssertionError(f"{what} in act-order on a layer whose input is split over ranks")
     if name is not None:
         checkpoint_param(layer, name, torch.zeros(local_in, dtype=torch.int32), "keep" if desc_act else None)
 
