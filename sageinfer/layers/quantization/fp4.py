@@ -21,7 +21,6 @@ from sageinfer.layers.quantization.checkpoint_params import checkpoint_param
 from sageinfer.layers.quantization.w8a16 import W8A16Method
 from sageinfer.layers.quantization.w8a8 import per_row_scale_loader
 
-GROUP = {"nvfp4": 16, "mxfp4": 32}
 # e2m1 magnitudes (the low three bits of a value) doubled: all integers
 _DOUBLED = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12], dtype=torch.int8)
 _E2M1_MAX = 6.0
@@ -39,7 +38,7 @@ def doubled_values(packed: torch.Tensor) -> torch.Tensor:
 class Fp4Method(W8A16Method):
     def create_weights(self, layer: nn.Module, local_out: int, local_in: int) -> None:
         self.mx = self.config.format == "mxfp4"
-        self.group = self.block_k = GROUP[self.config.format]
+        self.group = self.block_k = self.config.group_size  # (16 for NVFP4, 32 for MXFP4: config.py)
         if local_in % self.group:
             raise ValueError(f"FP4 weights: {local_in} input features per rank do not hold whole groups of "
                              f"{self.group}")
