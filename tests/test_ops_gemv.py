@@ -250,6 +250,87 @@ def test_4bit_scales_read_once_a_run_give_the_same_output(mode, zeros, rows, k, 
     assert rel_err(outs[1].float(), ref) < 4e-3
 
 
+def _ptx_or_skip(path: str) -> bool:
+    from sageinfer.ops.launch import ptx_arch
+    if path == "ptx" and ptx_arch() < 80:
+        pytest.skip("inline PTX runs on NVIDIA GPUs from sm_80 only")
+    return path == "ptx"
+
+
+@pytest.mark.parametrize("path", ["triton", "ptx"])
+@pytest.mark.parametrize("mode", ["plain", "normed", "residual", "activate"])
+@pytest.mark.parametrize("zeros, rows, k, g, dtype", [(False, 1, 256, 16, torch.float16),
+                                                      (True, 1, 256, 16, torch.bfloat16),
+                                                      (True, 2, 512, 512, torch.float16),
+                                                      (False, 1, 512, 128, torch.bfloat16),
+                                                      (True, 3, 768, 96, torch.float16)])
+def test_4bit_half_sums_match_the_dequantized_weights(path, mode, zeros, rows, k, g, dtype):
+    """half_sums: nibbles as fp16 1024 + n, a thread's four columns summed in fp16 before the group's
+    scale, on every kind of group the quad-sum loop reads (one slice, a whole number of runs, several
+    slices, not a power of two), with zero points, the folded norm, the residual add and the activation
+    out; in Triton (any backend, here the interpreter where there is no GPU) and in NVIDIA's packed
+    fp16x2 instructions. Within fp16's rounding of the dequantized reference."""
+    from sageinfer.ops.weight_only import dequantize, pack, slice_width_for
+    ptx = _ptx_or_skip(path)
+    if DEVICE == "cpu" and dtype == torch.bfloat16 and mode != "plain":
+        pytest.skip("the interpreter adds bf16 tensors loaded from memory wrongly (the fp32 kernels too)")
+    gen = torch.Generator().manual_seed(31 + rows + zeros + k)
+    n, s = 24, slice_width_for(k, g)
+    q = torch.randint(0, 16, (n, k), generator=gen)
+    scale = ((torch.rand(n, k // g, generator=gen) + 0.1) / 8).to(dtype)
+    zero = torch.randint(-3, 4, (n, k // g), generator=gen, dtype=torch.int32) if zeros else None
+    packed = pack(q, s)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    norm_w = (torch.rand(k, generator=gen) + 0.5).to(dtype)
+    residual = torch.randn(rows, n, generator=gen).to(dtype)
+    cfg = {"block_n": 8, "num_warps": 4, "num_stages": 1, "min_programs": 0, "quad_sums": True,
+           "run_scales": True, "half_sums": True, "ptx": ptx}
+    kwargs = ({"norm_weight": norm_w.to(DEVICE), "eps": 1e-6} if mode == "normed" else
+              {"residual": residual.clone().to(DEVICE)} if mode == "residual" else
+              {"activate": True} if mode == "activate" else {})
+    out = gemv(x.to(DEVICE), packed.to(DEVICE), config=cfg, weight_scale=scale.to(DEVICE),
+               weight_zero=zero.to(DEVICE) if zeros else None, int4=True, slice_width=s, **kwargs).cpu()
+    inp = x.float()
+    if mode == "normed":
+        inp = ((inp * torch.rsqrt(inp.pow(2).mean(1, keepdim=True) + 1e-6)).to(dtype) * norm_w).float()
+    weight = dequantize(packed, scale.float(), zero if zeros else torch.zeros_like(scale, dtype=torch.int32), g,
+                        torch.float64, s)
+    ref = inp.double() @ weight.t()
+    if mode == "residual":
+        ref = ref + residual.double()
+    if mode == "activate":
+        ref = torch.nn.functional.silu(ref[:, :n // 2]) * ref[:, n // 2:]
+    assert rel_err(out.float(), ref) < (4e-3 if dtype == torch.float16 else 1.5e-2)
+
+
+@pytest.mark.parametrize("path", ["triton", "ptx"])
+@pytest.mark.parametrize("size", [3e4, 1e-6])
+def test_4bit_half_sums_keep_large_and_small_inputs(path, size):
+    """Inputs far outside fp16's comfortable range (30,000: four products would overflow it; 1e-6:
+    below its normal range once multiplied by small nibbles) are brought to it by a power of two per
+    row before the fp16 sums, and the output keeps the reference's relative accuracy. In the second
+    row one input 200 times the others sets that power of two while its weights are zero: the
+    ordinary inputs alone make the output and are not lost to fp16's range."""
+    from sageinfer.ops.weight_only import dequantize, pack, slice_width_for
+    ptx = _ptx_or_skip(path)
+    gen = torch.Generator().manual_seed(37)
+    n, k, g = 16, 512, 128
+    s = slice_width_for(k, g)
+    q = torch.randint(0, 16, (n, k), generator=gen)
+    q[:, 5] = 8  # stored plus 8: weight 0
+    scale = ((torch.rand(n, k // g, generator=gen) + 0.1) / 8).to(torch.bfloat16)
+    x = (torch.randn(2, k, generator=gen) * size).to(torch.bfloat16)
+    x[1, 5] = size * 200
+    cfg = {"block_n": 8, "num_warps": 4, "num_stages": 1, "min_programs": 0, "quad_sums": True,
+           "run_scales": True, "half_sums": True, "ptx": ptx}
+    out = gemv(x.to(DEVICE), pack(q, s).to(DEVICE), config=cfg, weight_scale=scale.to(DEVICE), int4=True,
+               slice_width=s).cpu()
+    weight = dequantize(pack(q, s), scale.float(), torch.zeros_like(scale, dtype=torch.int32), g, torch.float64, s)
+    ref = x.double() @ weight.t()
+    assert torch.isfinite(out).all()
+    assert rel_err(out[0].float(), ref[0]) < 1.5e-2 and rel_err(out[1].float(), ref[1]) < 1.5e-2
+
+
 @pytest.mark.parametrize("rows", [5, 20, 70])
 def test_4bit_tensor_core_matmul_takes_any_number_of_rows(rows):
     """Beyond the skinny kernel's rows: tiles of 16 or 32 rows of x over the packed words, equal to the

@@ -4,6 +4,7 @@ words in L2), every call in a CUDA graph (no launch cost on the host), on the GP
   python benchmarks/experiments/graph_int4_one_row.py [--out result.json] [--sweep]
   python benchmarks/experiments/graph_int4_one_row.py --eager gate_up   # a few plain launches, for ncu
   python benchmarks/experiments/graph_int4_one_row.py --down-plain      # down without SiLU-and-mul in it
+  python benchmarks/experiments/graph_int4_one_row.py --down-plain --half-sums   # also the fp16-pair loop
 
 Per kernel: microseconds a call per layer kind (a graph of its 36 calls) and the step's 144 calls in
 one graph, with the bytes read over that time. Beside them: bf16 weights through the skinny kernel and
@@ -83,6 +84,8 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--sweep", action="store_true", help="also the pair kernel's tiles and split targets")
     parser.add_argument("--eager", default=None, choices=list(SHAPES), help="only launch this layer a few times")
+    parser.add_argument("--half-sums", action="store_true",
+                        help="also the fp16-pair loop (half_sums): NVIDIA's packed instructions at a few tiles, and Triton's")
     parser.add_argument("--down-plain", action="store_true",
                         help="down's input already activated (what forming SiLU(gate) * up in every program costs)")
     args = parser.parse_args()
@@ -126,6 +129,12 @@ def main():
         ref = gemv(x, dense, **fresh)
         fresh = {key: (v.clone() if key == "residual" else v) for key, v in kw.items()}
         checked[name] = rel_err(gemv(x, packed, weight_scale=sc, int4=True, slice_width=128, **fresh), ref)
+        if args.half_sums and not kw.get("gated"):
+            for ptx in (True, False):
+                fresh = {key: (v.clone() if key == "residual" else v) for key, v in kw.items()}
+                half = dict(INT4_GEMV_CONFIG, half_sums=True, ptx=ptx)
+                checked[f"{name} half sums{' ptx' if ptx else ''}"] = rel_err(
+                    gemv(x, packed, weight_scale=sc, int4=True, slice_width=128, config=half, **fresh), ref)
         del packed, sc, dense
     print("error against dequantized weights:", checked, flush=True)
 
@@ -151,6 +160,11 @@ def main():
 
     measure("read the words only (528 programs)", read_only)
     measure("fp32 kernel (engine default)", fp32_kernel, gemv_int4._int4_gemv_kernel)
+    if args.half_sums:
+        for bn, warps, ptx in ((32, 8, True), (64, 8, True), (32, 4, True), (16, 4, True), (32, 8, False)):
+            cfg = dict(INT4_GEMV_CONFIG, block_n=bn, num_warps=warps, half_sums=True, ptx=ptx)
+            measure(f"half sums {'ptx' if ptx else 'triton'} block_n {bn} warps {warps}", fp32_config(cfg),
+                    gemv_int4._int4_gemv_kernel)
     if args.sweep:
         for bn, warps, stages, programs in itertools.product((16, 32, 64), (4, 8), (1, 2), (0, 528)):
             cfg = dict(INT4_GEMV_CONFIG, block_n=bn, num_warps=warps, num_stages=stages, min_programs=programs)

@@ -24,6 +24,7 @@ from sageinfer.ops import launch
 from sageinfer.ops.gemv import finish_rows, fused_input, program_tile_3d, quarters, rms_scaled, silu_times
 from sageinfer.ops.split_k import add_parts, split_launch
 from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_times_place
+from sageinfer.platforms.cuda_device import nibble_pair_sums, pack_half2
 
 # The best of 20 tried on an H200 at Qwen3-8B shapes, one row, each layer with its decode-step fusions
 # (benchmarks/experiments/tune_int4_gemv.py; 5.0 ms for 36 layers' four matmuls against 5.5 for bf16
@@ -47,7 +48,8 @@ from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_t
 INT4_GEMV_CONFIG = {"block_n": 32, "num_warps": 8, "num_stages": 2,
                     "min_programs": int(os.environ.get("SAGEINFER_INT4_GEMV_MIN_PROGRAMS", "0")),
                     "quad_sums": os.environ.get("SAGEINFER_INT4_QUAD_SUMS", "1") != "0",
-                    "run_scales": os.environ.get("SAGEINFER_INT4_RUN_SCALES", "1") != "0"}
+                    "run_scales": os.environ.get("SAGEINFER_INT4_RUN_SCALES", "1") != "0",
+                    "half_sums": os.environ.get("SAGEINFER_INT4_HALF_SUMS", "0") == "1"}
 
 
 @triton.jit
@@ -168,13 +170,118 @@ def _quad_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3
     return acc
 
 
+@triton.jit
+def _half_pair(words, J: tl.constexpr):
+    """Nibbles J and J + 4 of each word as fp16, 1024 + nibble each: the two nibbles land in the low
+    bits of the word's two halves (one shift, one AND-OR), each half then fp16's bits of 1024 + n."""
+    t = ((words >> (4 * J)) & 0x000F000F) | 0x64006400
+    return t.to(tl.int16).to(tl.float16, bitcast=True), (t >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _input_scale(x_ptr, norm_w_ptr, ms3, m_mask3, stride_xm, K, rstd3, RUN: tl.constexpr, PRENORM: tl.constexpr):
+    """A power of two per row of x that brings its largest input value to (256, 512]: partial sums of
+    four products of 16-bit values with nibbles less 8 (at most 8) stay under 16,384, far from fp16's
+    65,504, and small values keep fp16's precision relative to the row's largest. With PRENORM the
+    largest |x w| of the raw row times its rstd bounds the normalised values (rounded twice to the
+    model's dtype: a factor of 1 + 2^-7 at most, inside the margin)."""
+    amax = tl.zeros(rstd3.shape, dtype=tl.float32)
+    for k0 in range(0, K, RUN):
+        kr = k0 + tl.arange(0, RUN)[None, None, :]
+        xr = tl.load(x_ptr + ms3 * stride_xm + kr, mask=m_mask3, other=0.0).to(tl.float32)
+        if PRENORM:
+            xr = xr * tl.load(norm_w_ptr + kr).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(xr), 2, keep_dims=True))
+    if PRENORM:
+        amax = amax * rstd3
+    return tl.exp2(tl.floor(tl.log2(512.0 / tl.maximum(amax, 1e-30))))
+
+
+@triton.jit
+def _pair_sums(w0, w1, w2, w3, v0, v1, v2, v3, xa, xb, J: tl.constexpr, PTX: tl.constexpr):
+    """Over a thread's four consecutive columns (the quarters of xa, xb: fp32 inputs of slices J and
+    J + 4): sum of (n - 8) x for nibble J of words w_i, and for nibble J + 4, each as fp32 after
+    summing in fp16. v_i: the words shifted down by 8 (nibbles 2, 3, 6, 7 where 0, 1, 4, 5 were).
+    With PTX and an odd J the inputs come divided by 16 (see _half_sums_loop).
+    PTX: NVIDIA's packed fp16x2 arithmetic (platforms/cuda_device.py), two weights an instruction;
+    else the same arithmetic in Triton (any backend, and the interpreter)."""
+    a0, a1, a2, a3 = quarters(xa)
+    b0, b1, b2, b3 = quarters(xb)
+    if PTX:  # for odd J, xa and xb come a sixteenth of their size: nibbles 1 and 3 of a byte give 16 (n - 8)
+        x0, x1, x2, x3 = pack_half2(a0, b0), pack_half2(a1, b1), pack_half2(a2, b2), pack_half2(a3, b3)
+        if J < 2:
+            return nibble_pair_sums(w0, w1, w2, w3, x0, x1, x2, x3, J % 2 == 1)
+        return nibble_pair_sums(v0, v1, v2, v3, x0, x1, x2, x3, J % 2 == 1)
+    n0, m0 = _half_pair(w0, J)
+    n1, m1 = _half_pair(w1, J)
+    n2, m2 = _half_pair(w2, J)
+    n3, m3 = _half_pair(w3, J)
+    pa = ((n0 - 1032.0) * a0.to(tl.float16) + (n1 - 1032.0) * a1.to(tl.float16) + (n2 - 1032.0) * a2.to(tl.float16)
+          + (n3 - 1032.0) * a3.to(tl.float16))
+    pb = ((m0 - 1032.0) * b0.to(tl.float16) + (m1 - 1032.0) * b1.to(tl.float16) + (m2 - 1032.0) * b2.to(tl.float16)
+          + (m3 - 1032.0) * b3.to(tl.float16))
+    return pa.to(tl.float32), pb.to(tl.float32)
+
+
+@triton.jit
+def _less_zero(part, x, x_size, offset, HAS_ZERO: tl.constexpr):
+    """A slice's sums less the zero point times the input's sum over the thread's four columns (x
+    given at x_size times its size)."""
+    if HAS_ZERO:
+        x0, x1, x2, x3 = quarters(x)
+        part -= ((offset - 8.0) / x_size) * (x0 + x1 + x2 + x3)
+    return part
+
+
+@triton.jit
+def _half_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3, row_mask3, ms3, m_mask3, ws3, rstd3,
+                    x_mult, k_lo, k_hi, K, stride_xm, stride_sn, GROUP: tl.constexpr, SLICE: tl.constexpr,
+                    HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRENORM: tl.constexpr,
+                    RUN_SCALES: tl.constexpr, PTX: tl.constexpr):
+    """The quad-sum loop in 16-bit pairs: a word's nibbles j and j + 4 become fp16 1024 + n in its two
+    halves with one AND-OR, the nibble less 8 is one exact fp16 subtraction, and a thread's four
+    consecutive columns of a slice are summed in fp16 (x times x_mult, a power of two that keeps those
+    sums far from overflow) before the group's scale in fp32. Accumulates [M, N, S / 4] in fp32
+    (x_mult's inverse applied by the caller)."""
+    RUN: tl.constexpr = 8 * SLICE
+    ONCE_A_RUN: tl.constexpr = RUN_SCALES and (GROUP == SLICE or GROUP % RUN == 0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, SLICE // 4), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, RUN):
+        w0, w1, w2, w3 = quarters(words)
+        v0, v1, v2, v3 = w0 >> 8, w1 >> 8, w2 >> 8, w3 >> 8
+        # K is a whole number of runs: the next run's words, if any, in flight while this one is used.
+        next_words = k0 // 8 + SLICE + ws3
+        words = tl.load(w_rows + next_words, mask=row_mask3 & (next_words < K // 8), other=0)
+        if ONCE_A_RUN:
+            scales, offsets = _run_scales(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, k0, GROUP, SLICE, HAS_ZERO)
+        for j in tl.static_range(4):
+            # NVIDIA's loop reads nibbles 1 and 3 of a byte as 16 (n - 8): their inputs a sixteenth as large
+            x_size = 0.0625 if PTX and j % 2 == 1 else 1.0
+            xa = fused_input(x_ptr, ms3, k0 + j * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, False,
+                             PRENORM) * (x_mult * x_size)
+            xb = fused_input(x_ptr, ms3, k0 + (j + 4) * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, False,
+                             PRENORM) * (x_mult * x_size)
+            if ONCE_A_RUN:
+                sa, offset_a, sb, offset_b = scales[j], offsets[j], scales[j + 4], offsets[j + 4]
+            else:
+                sa, offset_a = _scale_and_offset(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn,
+                                                 (k0 + j * SLICE) // GROUP, HAS_ZERO)
+                sb, offset_b = _scale_and_offset(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn,
+                                                 (k0 + (j + 4) * SLICE) // GROUP, HAS_ZERO)
+            pa, pb = _pair_sums(w0, w1, w2, w3, v0, v1, v2, v3, xa, xb, j, PTX)
+            acc += _less_zero(pa, xa, x_size, offset_a, HAS_ZERO) * sa
+            acc += _less_zero(pb, xb, x_size, offset_b, HAS_ZERO) * sb
+    return acc
+
+
 @triton.jit(do_not_specialize=["M"])
 def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, stride_xm, stride_wn,
                       stride_ym, stride_sn, eps, GROUP: tl.constexpr, SLICE: tl.constexpr, HAS_ZERO: tl.constexpr,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr,
                       PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr, USE_PDL: tl.constexpr,
                       part_ptr, counter_ptr, k_per_split, SPLITS: tl.constexpr, QUAD_SUMS: tl.constexpr,
-                      ACTIVATE: tl.constexpr, RUN_SCALES: tl.constexpr):
+                      ACTIVATE: tl.constexpr, RUN_SCALES: tl.constexpr, HALF_SUMS: tl.constexpr = False,
+                      PTX: tl.constexpr = False):
     """SPLITS > 1: programs over parts of K too (program_id(1)); each stores its fp32 sums in its own
     [M, N] plane of part_ptr and counts itself in counter_ptr[program_id(0)]; the part that counts
     last adds the planes, finishes the output as one program would, and sets the count back to 0."""
@@ -200,7 +307,12 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
             xr = tl.load(x_ptr + ms3 * stride_xm + kr, mask=m_mask3, other=0.0).to(tl.float32)
             sum_sq += tl.sum(xr * xr, 2, keep_dims=True)
         rstd3 = 1.0 / tl.sqrt(sum_sq / K + eps)
-    if QUAD_SUMS:
+    if HALF_SUMS:
+        x_mult = _input_scale(x_ptr, norm_w_ptr, ms3, m_mask3, stride_xm, K, rstd3, RUN, PRENORM)
+        acc = _half_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3, row_mask3, ms3, m_mask3,
+                              ws3, rstd3, x_mult, k_lo, k_hi, K, stride_xm, stride_sn, GROUP, SLICE, HAS_ZERO, BLOCK_M,
+                              BLOCK_N, PRENORM, RUN_SCALES, PTX) / x_mult
+    elif QUAD_SUMS:
         acc = _quad_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3, row_mask3, ms3, m_mask3,
                               ws3, rstd3, k_lo, k_hi, K, stride_xm, stride_sn, GROUP, SLICE, HAS_ZERO, BLOCK_M,
                               BLOCK_N, GATED, PRENORM, RUN_SCALES)
@@ -344,7 +456,11 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
         # (that variant compiled to 32 registers and 1,162 spilled there).
         quad_sums = (cfg.get("quad_sums", INT4_GEMV_CONFIG["quad_sums"]) and slice_width % 4 == 0 and not gated
                      and parts == 1)
-        _int4_gemv_kernel[(tiles, parts)](*args, BLOCK_M=block_m, QUAD_SUMS=quad_sums, ACTIVATE=activate,
+        half_sums = quad_sums and cfg.get("half_sums", INT4_GEMV_CONFIG["half_sums"])
+        ptx = cfg.get("ptx")
+        ptx = launch.ptx_arch() >= 80 if ptx is None else ptx  # fp16x2 FMA and cvt.rn.f16x2.f32
+        _int4_gemv_kernel[(tiles, parts)](*args, BLOCK_M=block_m, QUAD_SUMS=quad_sums, HALF_SUMS=half_sums,
+                                          PTX=half_sums and ptx, ACTIVATE=activate,
                                           RUN_SCALES=cfg.get("run_scales", INT4_GEMV_CONFIG["run_scales"]), **split,
                                           **flags)
     return y
