@@ -85,7 +85,8 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="also the pair kernel's tiles and split targets")
     parser.add_argument("--eager", default=None, choices=list(SHAPES), help="only launch this layer a few times")
     parser.add_argument("--half-sums", action="store_true",
-                        help="also the fp16-pair loop (half_sums): NVIDIA's packed instructions at a few tiles, and Triton's")
+                        help="also the fp16-pair loop (half_sums, NVIDIA's packed instructions) and two runs "
+                        "of words in flight, at a few tiles")
     parser.add_argument("--down-plain", action="store_true",
                         help="down's input already activated (what forming SiLU(gate) * up in every program costs)")
     args = parser.parse_args()
@@ -161,10 +162,11 @@ def main():
     measure("read the words only (528 programs)", read_only)
     measure("fp32 kernel (engine default)", fp32_kernel, gemv_int4._int4_gemv_kernel)
     if args.half_sums:
-        for bn, warps, ptx in ((32, 8, True), (64, 8, True), (32, 4, True), (16, 4, True), (32, 8, False)):
-            cfg = dict(INT4_GEMV_CONFIG, block_n=bn, num_warps=warps, half_sums=True, ptx=ptx)
-            measure(f"half sums {'ptx' if ptx else 'triton'} block_n {bn} warps {warps}", fp32_config(cfg),
-                    gemv_int4._int4_gemv_kernel)
+        for half, bn, warps, ahead in ((False, 32, 8, 2), (True, 32, 8, 1), (True, 32, 8, 2), (True, 16, 4, 1),
+                                       (True, 16, 4, 2), (False, 16, 4, 2)):
+            cfg = dict(INT4_GEMV_CONFIG, block_n=bn, num_warps=warps, half_sums=half, ptx=True, ahead=ahead)
+            measure(f"{'half sums ptx' if half else 'fp32'} block_n {bn} warps {warps} ahead {ahead}",
+                    fp32_config(cfg), gemv_int4._int4_gemv_kernel)
     if args.sweep:
         for bn, warps, stages, programs in itertools.product((16, 32, 64), (4, 8), (1, 2), (0, 528)):
             cfg = dict(INT4_GEMV_CONFIG, block_n=bn, num_warps=warps, num_stages=stages, min_programs=programs)

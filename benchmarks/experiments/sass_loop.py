@@ -137,7 +137,7 @@ def _int4_one_row_call(args):
 
 def int4_gemv(args):
     import sageinfer.ops.gemv_int4 as g
-    cfg = dict(g.INT4_GEMV_CONFIG, half_sums=args.half_sums != "off", ptx=args.half_sums == "ptx")
+    cfg = dict(g.INT4_GEMV_CONFIG, half_sums=args.half_sums != "off", ptx=args.half_sums == "ptx", ahead=args.ahead)
     return g, "_int4_gemv_kernel", lambda: g.int4_gemv(*_int4_one_row_call(args), cfg)
 
 
@@ -157,6 +157,7 @@ def main():
     parser.add_argument("--norm", action="store_true", help="int4-gemv: with the RMSNorm folded in (qkv, gate_up)")
     parser.add_argument("--half-sums", default="off", choices=["off", "triton", "ptx"],
                         help="int4-gemv: the fp16 pair loop, in Triton or in NVIDIA's packed instructions")
+    parser.add_argument("--ahead", type=int, default=1, help="int4-gemv with --half-sums: runs of words in flight")
     parser.add_argument("--group", type=int, default=0, help="gemv: a scale per row and group of this many columns "
                         "(block FP8, W8A16), else per row")
     args = parser.parse_args()

@@ -49,7 +49,8 @@ INT4_GEMV_CONFIG = {"block_n": 32, "num_warps": 8, "num_stages": 2,
                     "min_programs": int(os.environ.get("SAGEINFER_INT4_GEMV_MIN_PROGRAMS", "0")),
                     "quad_sums": os.environ.get("SAGEINFER_INT4_QUAD_SUMS", "1") != "0",
                     "run_scales": os.environ.get("SAGEINFER_INT4_RUN_SCALES", "1") != "0",
-                    "half_sums": os.environ.get("SAGEINFER_INT4_HALF_SUMS", "0") == "1"}
+                    "half_sums": os.environ.get("SAGEINFER_INT4_HALF_SUMS", "0") == "1",
+                    "ahead": int(os.environ.get("SAGEINFER_INT4_AHEAD", "1"))}
 
 
 @triton.jit
@@ -122,22 +123,31 @@ def _per_weight_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows
 
 
 @triton.jit
+def _next_runs(w_rows, ws3, row_mask3, k0, K, ahead, SLICE: tl.constexpr, AHEAD: tl.constexpr):
+    """While the run at k0 is used: request the words AHEAD runs on (K is a whole number of runs; past
+    it, none), and return the next run's words and the run after it (AHEAD 2) or them again (AHEAD 1)."""
+    later = k0 // 8 + AHEAD * SLICE + ws3
+    loaded = tl.load(w_rows + later, mask=row_mask3 & (later < K // 8), other=0)
+    if AHEAD == 2:
+        return ahead, loaded
+    return loaded, loaded
+
+
+@triton.jit
 def _quad_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3, row_mask3, ms3, m_mask3, ws3, rstd3,
                     k_lo, k_hi, K, stride_xm, stride_sn, GROUP: tl.constexpr, SLICE: tl.constexpr,
                     HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr,
-                    PRENORM: tl.constexpr, RUN_SCALES: tl.constexpr):
+                    PRENORM: tl.constexpr, RUN_SCALES: tl.constexpr, ahead, AHEAD: tl.constexpr):
     """The run loop with a thread's four consecutive columns summed before their group's scale: per
     nibble, quad = sum of x n 16^p - (8 + zero) 16^p sum of x, then acc += quad * scale / 16^p. One
     mask, one subtraction and one FMA a weight; the scale and the offset once per four (the offset's
-    x sum is shared by every row a thread holds). Accumulates [M, N, S / 4]."""
+    x sum is shared by every row a thread holds). AHEAD: as _half_sums_loop's. Accumulates [M, N, S / 4]."""
     RUN: tl.constexpr = 8 * SLICE
     ONCE_A_RUN: tl.constexpr = RUN_SCALES and (GROUP == SLICE or GROUP % RUN == 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N, SLICE // 4), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, RUN):
         w0, w1, w2, w3 = quarters(words)
-        # K is a whole number of runs: the next run's words, if any, in flight while this one is used.
-        next_words = k0 // 8 + SLICE + ws3
-        words = tl.load(w_rows + next_words, mask=row_mask3 & (next_words < K // 8), other=0)
+        words, ahead = _next_runs(w_rows, ws3, row_mask3, k0, K, ahead, SLICE, AHEAD)
         low0, high0 = nibble_planes(w0)
         low1, high1 = nibble_planes(w1)
         low2, high2 = nibble_planes(w2)
@@ -179,39 +189,26 @@ def _half_pair(words, J: tl.constexpr):
 
 
 @triton.jit
-def _input_scale(x_ptr, norm_w_ptr, ms3, m_mask3, stride_xm, K, rstd3, RUN: tl.constexpr, PRENORM: tl.constexpr):
-    """A power of two per row of x that brings its largest input value to (256, 512]: partial sums of
-    four products of 16-bit values with nibbles less 8 (at most 8) stay under 16,384, far from fp16's
-    65,504, and small values keep fp16's precision relative to the row's largest. With PRENORM the
-    largest |x w| of the raw row times its rstd bounds the normalised values (rounded twice to the
-    model's dtype: a factor of 1 + 2^-7 at most, inside the margin)."""
-    amax = tl.zeros(rstd3.shape, dtype=tl.float32)
-    for k0 in range(0, K, RUN):
-        kr = k0 + tl.arange(0, RUN)[None, None, :]
-        xr = tl.load(x_ptr + ms3 * stride_xm + kr, mask=m_mask3, other=0.0).to(tl.float32)
-        if PRENORM:
-            xr = xr * tl.load(norm_w_ptr + kr).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(xr), 2, keep_dims=True))
-    if PRENORM:
-        amax = amax * rstd3
-    return tl.exp2(tl.floor(tl.log2(512.0 / tl.maximum(amax, 1e-30))))
-
-
-@triton.jit
-def _pair_sums(w0, w1, w2, w3, v0, v1, v2, v3, xa, xb, J: tl.constexpr, PTX: tl.constexpr):
-    """Over a thread's four consecutive columns (the quarters of xa, xb: fp32 inputs of slices J and
-    J + 4): sum of (n - 8) x for nibble J of words w_i, and for nibble J + 4, each as fp32 after
-    summing in fp16. v_i: the words shifted down by 8 (nibbles 2, 3, 6, 7 where 0, 1, 4, 5 were).
-    With PTX and an odd J the inputs come divided by 16 (see _half_sums_loop).
-    PTX: NVIDIA's packed fp16x2 arithmetic (platforms/cuda_device.py), two weights an instruction;
-    else the same arithmetic in Triton (any backend, and the interpreter)."""
+def _pair_sums(w0, w1, w2, w3, v0, v1, v2, v3, xa, xb, mult, J: tl.constexpr, PTX: tl.constexpr):
+    """Over a thread's four consecutive columns (the quarters of xa, xb: fp32 inputs [M, 1, S] of
+    slices J and J + 4, each quarter times mult [M, 1, S / 4]): sum of (n - 8) x for nibble J of words
+    w_i and for nibble J + 4, each summed in fp16, and the two inputs' sums (what a zero point takes
+    away), all as fp32. v_i: the words shifted down by 8 (nibbles 2, 3, 6, 7 where 0, 1, 4, 5 were).
+    PTX: NVIDIA's packed fp16x2 arithmetic (platforms/cuda_device.py), two weights an instruction,
+    where odd nibbles J come out 16 times larger (mult is then a sixteenth as large); else the same
+    arithmetic in Triton (any backend, and the interpreter)."""
     a0, a1, a2, a3 = quarters(xa)
     b0, b1, b2, b3 = quarters(xb)
-    if PTX:  # for odd J, xa and xb come a sixteenth of their size: nibbles 1 and 3 of a byte give 16 (n - 8)
+    a0, a1, a2, a3 = a0 * mult, a1 * mult, a2 * mult, a3 * mult
+    b0, b1, b2, b3 = b0 * mult, b1 * mult, b2 * mult, b3 * mult
+    sum_a, sum_b = a0 + a1 + a2 + a3, b0 + b1 + b2 + b3
+    if PTX:
         x0, x1, x2, x3 = pack_half2(a0, b0), pack_half2(a1, b1), pack_half2(a2, b2), pack_half2(a3, b3)
         if J < 2:
-            return nibble_pair_sums(w0, w1, w2, w3, x0, x1, x2, x3, J % 2 == 1)
-        return nibble_pair_sums(v0, v1, v2, v3, x0, x1, x2, x3, J % 2 == 1)
+            pa, pb = nibble_pair_sums(w0, w1, w2, w3, x0, x1, x2, x3, J % 2 == 1)
+        else:
+            pa, pb = nibble_pair_sums(v0, v1, v2, v3, x0, x1, x2, x3, J % 2 == 1)
+        return pa, pb, sum_a, sum_b
     n0, m0 = _half_pair(w0, J)
     n1, m1 = _half_pair(w1, J)
     n2, m2 = _half_pair(w2, J)
@@ -220,47 +217,64 @@ def _pair_sums(w0, w1, w2, w3, v0, v1, v2, v3, xa, xb, J: tl.constexpr, PTX: tl.
           + (n3 - 1032.0) * a3.to(tl.float16))
     pb = ((m0 - 1032.0) * b0.to(tl.float16) + (m1 - 1032.0) * b1.to(tl.float16) + (m2 - 1032.0) * b2.to(tl.float16)
           + (m3 - 1032.0) * b3.to(tl.float16))
-    return pa.to(tl.float32), pb.to(tl.float32)
+    return pa.to(tl.float32), pb.to(tl.float32), sum_a, sum_b
 
 
 @triton.jit
-def _less_zero(part, x, x_size, offset, HAS_ZERO: tl.constexpr):
-    """A slice's sums less the zero point times the input's sum over the thread's four columns (x
-    given at x_size times its size)."""
-    if HAS_ZERO:
-        x0, x1, x2, x3 = quarters(x)
-        part -= ((offset - 8.0) / x_size) * (x0 + x1 + x2 + x3)
-    return part
+def _power_of_two_bits(biased):
+    """The fp32 with this biased exponent (1..254) and a zero mantissa: 2^(biased - 127), exact."""
+    return (biased << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _half_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3, row_mask3, ms3, m_mask3, ws3, rstd3,
-                    x_mult, k_lo, k_hi, K, stride_xm, stride_sn, GROUP: tl.constexpr, SLICE: tl.constexpr,
+def _quad_range(x):
+    """Each thread's largest |x| over its four consecutive columns of x [M, 1, S] -> [M, 1, S / 4]."""
+    x0, x1, x2, x3 = quarters(x)
+    return tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3)))
+
+
+@triton.jit
+def _half_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, ahead, rows3, row_mask3, ms3, m_mask3, ws3,
+                    rstd3, k_lo, k_hi, K, stride_xm, stride_sn, GROUP: tl.constexpr, SLICE: tl.constexpr,
                     HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRENORM: tl.constexpr,
-                    RUN_SCALES: tl.constexpr, PTX: tl.constexpr):
+                    RUN_SCALES: tl.constexpr, PTX: tl.constexpr, AHEAD: tl.constexpr):
     """The quad-sum loop in 16-bit pairs: a word's nibbles j and j + 4 become fp16 1024 + n in its two
     halves with one AND-OR, the nibble less 8 is one exact fp16 subtraction, and a thread's four
-    consecutive columns of a slice are summed in fp16 (x times x_mult, a power of two that keeps those
-    sums far from overflow) before the group's scale in fp32. Accumulates [M, N, S / 4] in fp32
-    (x_mult's inverse applied by the caller)."""
+    consecutive columns of a slice are summed in fp16 before the group's scale in fp32. Each thread
+    brings its run's 32 inputs to (256, 512] by a power of two of its own (no pass over x first, no
+    exchange between threads), which keeps those fp16 sums far below overflow and small inputs at
+    fp16's precision relative to the largest; a run's sums are scaled back once. AHEAD: runs of
+    words in flight beyond the one in use (1, or 2 with `ahead` the second). Accumulates [M, N, S / 4]."""
     RUN: tl.constexpr = 8 * SLICE
     ONCE_A_RUN: tl.constexpr = RUN_SCALES and (GROUP == SLICE or GROUP % RUN == 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N, SLICE // 4), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, RUN):
         w0, w1, w2, w3 = quarters(words)
         v0, v1, v2, v3 = w0 >> 8, w1 >> 8, w2 >> 8, w3 >> 8
-        # K is a whole number of runs: the next run's words, if any, in flight while this one is used.
-        next_words = k0 // 8 + SLICE + ws3
-        words = tl.load(w_rows + next_words, mask=row_mask3 & (next_words < K // 8), other=0)
+        words, ahead = _next_runs(w_rows, ws3, row_mask3, k0, K, ahead, SLICE, AHEAD)
         if ONCE_A_RUN:
             scales, offsets = _run_scales(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, k0, GROUP, SLICE, HAS_ZERO)
+        xs = (fused_input(x_ptr, ms3, k0 + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, False, PRENORM),
+              fused_input(x_ptr, ms3, k0 + SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, False, PRENORM),
+              fused_input(x_ptr, ms3, k0 + 2 * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, False, PRENORM),
+              fused_input(x_ptr, ms3, k0 + 3 * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, False, PRENORM),
+              fused_input(x_ptr, ms3, k0 + 4 * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, False, PRENORM),
+              fused_input(x_ptr, ms3, k0 + 5 * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, False, PRENORM),
+              fused_input(x_ptr, ms3, k0 + 6 * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, False, PRENORM),
+              fused_input(x_ptr, ms3, k0 + 7 * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, False, PRENORM))
+        largest = tl.maximum(tl.maximum(tl.maximum(_quad_range(xs[0]), _quad_range(xs[1])),
+                                        tl.maximum(_quad_range(xs[2]), _quad_range(xs[3]))),
+                             tl.maximum(tl.maximum(_quad_range(xs[4]), _quad_range(xs[5])),
+                                        tl.maximum(_quad_range(xs[6]), _quad_range(xs[7]))))
+        # largest in [2^(e - 127), 2^(e - 126)) times 2^(135 - e): in [256, 512); e at least 9 (inputs of
+        # all zeros or below 2^-118 take 2^126), so the inverse 2^(e - 135) is a normal float too.
+        e = tl.maximum((largest.to(tl.int32, bitcast=True) >> 23) & 0xFF, 9)
+        x_mult, x_mult16 = _power_of_two_bits(262 - e), _power_of_two_bits(258 - e)
+        run = tl.zeros((BLOCK_M, BLOCK_N, SLICE // 4), dtype=tl.float32)
         for j in tl.static_range(4):
             # NVIDIA's loop reads nibbles 1 and 3 of a byte as 16 (n - 8): their inputs a sixteenth as large
             x_size = 0.0625 if PTX and j % 2 == 1 else 1.0
-            xa = fused_input(x_ptr, ms3, k0 + j * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, False,
-                             PRENORM) * (x_mult * x_size)
-            xb = fused_input(x_ptr, ms3, k0 + (j + 4) * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, False,
-                             PRENORM) * (x_mult * x_size)
+            mult = x_mult16 if PTX and j % 2 == 1 else x_mult
             if ONCE_A_RUN:
                 sa, offset_a, sb, offset_b = scales[j], offsets[j], scales[j + 4], offsets[j + 4]
             else:
@@ -268,9 +282,13 @@ def _half_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3
                                                  (k0 + j * SLICE) // GROUP, HAS_ZERO)
                 sb, offset_b = _scale_and_offset(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn,
                                                  (k0 + (j + 4) * SLICE) // GROUP, HAS_ZERO)
-            pa, pb = _pair_sums(w0, w1, w2, w3, v0, v1, v2, v3, xa, xb, j, PTX)
-            acc += _less_zero(pa, xa, x_size, offset_a, HAS_ZERO) * sa
-            acc += _less_zero(pb, xb, x_size, offset_b, HAS_ZERO) * sb
+            pa, pb, sum_a, sum_b = _pair_sums(w0, w1, w2, w3, v0, v1, v2, v3, xs[j], xs[j + 4], mult, j, PTX)
+            if HAS_ZERO:  # the zero point times the four columns' input sum
+                pa -= ((offset_a - 8.0) / x_size) * sum_a
+                pb -= ((offset_b - 8.0) / x_size) * sum_b
+            run += pa * sa
+            run += pb * sb
+        acc += run * _power_of_two_bits(e - 8)
     return acc
 
 
@@ -281,7 +299,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
                       PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr, USE_PDL: tl.constexpr,
                       part_ptr, counter_ptr, k_per_split, SPLITS: tl.constexpr, QUAD_SUMS: tl.constexpr,
                       ACTIVATE: tl.constexpr, RUN_SCALES: tl.constexpr, HALF_SUMS: tl.constexpr = False,
-                      PTX: tl.constexpr = False):
+                      PTX: tl.constexpr = False, AHEAD: tl.constexpr = 1):
     """SPLITS > 1: programs over parts of K too (program_id(1)); each stores its fp32 sums in its own
     [M, N] plane of part_ptr and counts itself in counter_ptr[program_id(0)]; the part that counts
     last adds the planes, finishes the output as one program would, and sets the count back to 0."""
@@ -298,6 +316,10 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
         k_hi = tl.minimum(k_lo + k_per_split, K)
     # The first run's words (no kernel writes weights) are requested before waiting for x's producer.
     words = tl.load(w_rows + k_lo // 8 + ws3, mask=row_mask3, other=0)
+    ahead = words
+    if AHEAD == 2:
+        second = k_lo // 8 + SLICE + ws3
+        ahead = tl.load(w_rows + second, mask=row_mask3 & (second < k_hi // 8), other=0)
     launch.wait_for_previous_kernel(USE_PDL)
     rstd3 = tl.zeros((BLOCK_M, 1, 1), dtype=tl.float32)
     if PRENORM:
@@ -308,14 +330,13 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
             sum_sq += tl.sum(xr * xr, 2, keep_dims=True)
         rstd3 = 1.0 / tl.sqrt(sum_sq / K + eps)
     if HALF_SUMS:
-        x_mult = _input_scale(x_ptr, norm_w_ptr, ms3, m_mask3, stride_xm, K, rstd3, RUN, PRENORM)
-        acc = _half_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3, row_mask3, ms3, m_mask3,
-                              ws3, rstd3, x_mult, k_lo, k_hi, K, stride_xm, stride_sn, GROUP, SLICE, HAS_ZERO, BLOCK_M,
-                              BLOCK_N, PRENORM, RUN_SCALES, PTX) / x_mult
+        acc = _half_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, ahead, rows3, row_mask3, ms3,
+                              m_mask3, ws3, rstd3, k_lo, k_hi, K, stride_xm, stride_sn, GROUP, SLICE, HAS_ZERO,
+                              BLOCK_M, BLOCK_N, PRENORM, RUN_SCALES, PTX, AHEAD)
     elif QUAD_SUMS:
         acc = _quad_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3, row_mask3, ms3, m_mask3,
                               ws3, rstd3, k_lo, k_hi, K, stride_xm, stride_sn, GROUP, SLICE, HAS_ZERO, BLOCK_M,
-                              BLOCK_N, GATED, PRENORM, RUN_SCALES)
+                              BLOCK_N, GATED, PRENORM, RUN_SCALES, ahead, AHEAD)
     else:
         acc = _per_weight_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3, row_mask3, ms3, m_mask3,
                                ws3, rstd3, k_lo, k_hi, K, stride_xm, stride_sn, GROUP, SLICE, HAS_ZERO, BLOCK_M,
@@ -460,7 +481,8 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
         ptx = cfg.get("ptx")
         ptx = launch.ptx_arch() >= 80 if ptx is None else ptx  # fp16x2 FMA and cvt.rn.f16x2.f32
         _int4_gemv_kernel[(tiles, parts)](*args, BLOCK_M=block_m, QUAD_SUMS=quad_sums, HALF_SUMS=half_sums,
-                                          PTX=half_sums and ptx, ACTIVATE=activate,
+                                          PTX=half_sums and ptx, AHEAD=cfg.get("ahead", 1) if quad_sums else 1,
+                                          ACTIVATE=activate,
                                           RUN_SCALES=cfg.get("run_scales", INT4_GEMV_CONFIG["run_scales"]), **split,
                                           **flags)
     return y
