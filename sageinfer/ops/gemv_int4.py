@@ -49,8 +49,8 @@ INT4_GEMV_CONFIG = {"block_n": 32, "num_warps": 8, "num_stages": 2,
                     "min_programs": int(os.environ.get("SAGEINFER_INT4_GEMV_MIN_PROGRAMS", "0")),
                     "quad_sums": os.environ.get("SAGEINFER_INT4_QUAD_SUMS", "1") != "0",
                     "run_scales": os.environ.get("SAGEINFER_INT4_RUN_SCALES", "1") != "0",
-                    "half_sums": os.environ.get("SAGEINFER_INT4_HALF_SUMS", "0") == "1",
-                    "ahead": int(os.environ.get("SAGEINFER_INT4_AHEAD", "1"))}
+                    "half_sums": {"0": False, "1": True}.get(os.environ.get("SAGEINFER_INT4_HALF_SUMS", "")),
+                    "ahead": int(os.environ.get("SAGEINFER_INT4_AHEAD", "0"))}
 
 
 @triton.jit
@@ -477,11 +477,13 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
         # (that variant compiled to 32 registers and 1,162 spilled there).
         quad_sums = (cfg.get("quad_sums", INT4_GEMV_CONFIG["quad_sums"]) and slice_width % 4 == 0 and not gated
                      and parts == 1)
-        half_sums = quad_sums and cfg.get("half_sums", INT4_GEMV_CONFIG["half_sums"])
         ptx = cfg.get("ptx")
         ptx = launch.ptx_arch() >= 80 if ptx is None else ptx  # fp16x2 FMA and cvt.rn.f16x2.f32
+        half_sums = cfg.get("half_sums", INT4_GEMV_CONFIG["half_sums"])
+        half_sums = quad_sums and (ptx if half_sums is None else half_sums)  # by default where PTX runs it
+        ahead = cfg.get("ahead", INT4_GEMV_CONFIG["ahead"]) or (2 if half_sums else 1)
         _int4_gemv_kernel[(tiles, parts)](*args, BLOCK_M=block_m, QUAD_SUMS=quad_sums, HALF_SUMS=half_sums,
-                                          PTX=half_sums and ptx, AHEAD=cfg.get("ahead", 1) if quad_sums else 1,
+                                          PTX=half_sums and ptx, AHEAD=ahead if quad_sums else 1,
                                           ACTIVATE=activate,
                                           RUN_SCALES=cfg.get("run_scales", INT4_GEMV_CONFIG["run_scales"]), **split,
                                           **flags)
