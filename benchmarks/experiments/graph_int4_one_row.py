@@ -85,8 +85,8 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="also the pair kernel's tiles and split targets")
     parser.add_argument("--eager", default=None, choices=list(SHAPES), help="only launch this layer a few times")
     parser.add_argument("--half-sums", action="store_true",
-                        help="also the fp16-pair loop (half_sums, NVIDIA's packed instructions) and two runs "
-                        "of words in flight, at a few tiles")
+                        help="also the fp32 loop, and the fp16-pair loop (half_sums, NVIDIA's packed "
+                        "instructions) with one or two runs of words in flight, split over K or not")
     parser.add_argument("--down-plain", action="store_true",
                         help="down's input already activated (what forming SiLU(gate) * up in every program costs)")
     args = parser.parse_args()
@@ -102,11 +102,11 @@ def main():
         calls["down"] = (torch.randn(1, k, device=dev, dtype=dt), {"residual": torch.zeros(1, n, device=dev, dtype=dt)})
     outs = {name: torch.empty(1, n, device=dev, dtype=dt) for name, (n, k) in SHAPES.items()}
 
-    def fp32_kernel(name, i):
+    def default_kernel(name, i):
         x, kw = calls[name]
         return lambda: gemv(x, words[name][i], weight_scale=scales[name][i], int4=True, slice_width=128, **kw)
 
-    def fp32_config(cfg):
+    def configured_kernel(cfg):
         def call(name, i):
             x, kw = calls[name]
             y = kw["residual"] if "residual" in kw else outs[name]
@@ -117,7 +117,7 @@ def main():
 
     if args.eager:
         for i in range(5):
-            fp32_kernel(args.eager, i)()
+            default_kernel(args.eager, i)()
         torch.cuda.synchronize()
         return
 
@@ -160,18 +160,17 @@ def main():
         return lambda: _read_kernel[(528,)](w, out, w.numel(), BLOCK=1024, num_warps=4)
 
     measure("read the words only (528 programs)", read_only)
-    measure("fp32 kernel (engine default)", fp32_kernel, gemv_int4._int4_gemv_kernel)
+    measure("engine default", default_kernel, gemv_int4._int4_gemv_kernel)
     if args.half_sums:
-        for half, bn, warps, ahead in ((False, 32, 8, 2), (True, 32, 8, 1), (True, 32, 8, 2), (True, 16, 4, 1),
-                                       (True, 16, 4, 2), (False, 16, 4, 2)):
-            cfg = dict(INT4_GEMV_CONFIG, block_n=bn, num_warps=warps, half_sums=half, ptx=True, ahead=ahead)
-            measure(f"{'half sums ptx' if half else 'fp32'} block_n {bn} warps {warps} ahead {ahead}",
-                    fp32_config(cfg), gemv_int4._int4_gemv_kernel)
+        for half, ahead, programs in ((False, 1, 0), (True, 1, 0), (True, 2, 264), (True, 1, 264)):
+            cfg = dict(INT4_GEMV_CONFIG, half_sums=half, ptx=True, ahead=ahead, min_programs=programs)
+            measure(f"{'half sums ptx' if half else 'fp32'} ahead {ahead} min programs {programs}",
+                    configured_kernel(cfg), gemv_int4._int4_gemv_kernel)
     if args.sweep:
         for bn, warps, stages, programs in itertools.product((16, 32, 64), (4, 8), (1, 2), (0, 528)):
             cfg = dict(INT4_GEMV_CONFIG, block_n=bn, num_warps=warps, num_stages=stages, min_programs=programs)
             try:
-                measure(f"fp32 {cfg}", fp32_config(cfg), gemv_int4._int4_gemv_kernel)
+                measure(f"fp32 {cfg}", configured_kernel(cfg), gemv_int4._int4_gemv_kernel)
             except Exception as exc:  # noqa: BLE001  (resources exceeded for this tile)
                 print(cfg, "failed", type(exc).__name__, str(exc)[:200], flush=True)
     words.clear()  # room for the bf16 weights

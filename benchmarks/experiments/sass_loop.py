@@ -99,6 +99,15 @@ def loop_opcodes(cubin: bytes) -> collections.Counter:
     return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in best)
 
 
+def spills(cubin: bytes) -> int:
+    """Local-memory stores and loads anywhere in the kernel (spilled registers)."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with open("/tmp/sass_loop.cubin", "wb") as f:
+        f.write(cubin)
+    sass = subprocess.run([cuobjdump, "-sass", "/tmp/sass_loop.cubin"], capture_output=True, text=True).stdout
+    return len(re.findall(r"\b(STL|LDL)\b", sass))
+
+
 def decode_attention(args):
     import sageinfer.ops.paged_attention as pa
     dtype = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[args.kv]
@@ -137,7 +146,8 @@ def _int4_one_row_call(args):
 
 def int4_gemv(args):
     import sageinfer.ops.gemv_int4 as g
-    cfg = dict(g.INT4_GEMV_CONFIG, half_sums=args.half_sums != "off", ptx=args.half_sums == "ptx", ahead=args.ahead)
+    cfg = dict(g.INT4_GEMV_CONFIG, half_sums=args.half_sums != "off", ptx=args.half_sums == "ptx", ahead=args.ahead,
+               min_programs=args.min_programs)
     return g, "_int4_gemv_kernel", lambda: g.int4_gemv(*_int4_one_row_call(args), cfg)
 
 
@@ -157,6 +167,7 @@ def main():
     parser.add_argument("--norm", action="store_true", help="int4-gemv: with the RMSNorm folded in (qkv, gate_up)")
     parser.add_argument("--half-sums", default="off", choices=["off", "triton", "ptx"],
                         help="int4-gemv: the fp16 pair loop, in Triton or in NVIDIA's packed instructions")
+    parser.add_argument("--min-programs", type=int, default=0, help="int4-gemv: split K up to this many programs")
     parser.add_argument("--ahead", type=int, default=1, help="int4-gemv with --half-sums: runs of words in flight")
     parser.add_argument("--group", type=int, default=0, help="gemv: a scale per row and group of this many columns "
                         "(block FP8, W8A16), else per row")
@@ -168,6 +179,7 @@ def main():
     print(name, {k: v for k, v in compiled["constants"].items() if k.isupper()}, compiled["options"],
           f"shared {compiled['shared']} B")
     print(f"loop: {sum(opcodes.values())} instructions a thread a trip;", dict(opcodes.most_common(20)))
+    print("spilled to local memory (STL / LDL in the whole kernel):", spills(compiled["cubin"]))
 
 
 if __name__ == "__main__":

@@ -473,14 +473,14 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     else:
         tiles = triton.cdiv(n, cfg["block_n"])
         parts, split = split_launch(tiles, 8 * slice_width, k, m, n, min_programs, y)
-        # Not for a gated input (down got slower with it: 29 -> 44 us on an H200) nor for a split launch
-        # (that variant compiled to 32 registers and 1,162 spilled there).
-        quad_sums = (cfg.get("quad_sums", INT4_GEMV_CONFIG["quad_sums"]) and slice_width % 4 == 0 and not gated
-                     and parts == 1)
+        # Not for a gated input (down got slower with it: 29 -> 44 us on an H200); the fp32 loop not for a
+        # split launch either (that variant compiled to 32 registers and 1,162 spilled there).
+        quad_sums = cfg.get("quad_sums", INT4_GEMV_CONFIG["quad_sums"]) and slice_width % 4 == 0 and not gated
         ptx = cfg.get("ptx")
         ptx = launch.ptx_arch() >= 80 if ptx is None else ptx  # fp16x2 FMA and cvt.rn.f16x2.f32
         half_sums = cfg.get("half_sums", INT4_GEMV_CONFIG["half_sums"])
         half_sums = quad_sums and (ptx if half_sums is None else half_sums)  # by default where PTX runs it
+        quad_sums = quad_sums and (parts == 1 or half_sums)
         ahead = cfg.get("ahead", INT4_GEMV_CONFIG["ahead"]) or (2 if half_sums else 1)
         _int4_gemv_kernel[(tiles, parts)](*args, BLOCK_M=block_m, QUAD_SUMS=quad_sums, HALF_SUMS=half_sums,
                                           PTX=half_sums and ptx, AHEAD=ahead if quad_sums else 1,
