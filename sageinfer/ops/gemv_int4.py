@@ -189,35 +189,41 @@ def _half_pair(words, J: tl.constexpr):
 
 
 @triton.jit
-def _pair_sums(w0, w1, w2, w3, v0, v1, v2, v3, xa, xb, mult, J: tl.constexpr, PTX: tl.constexpr):
+def _pair_sums(w0, w1, w2, w3, v0, v1, v2, v3, xa, xb, mult, offset_a, offset_b, J: tl.constexpr,
+               PTX: tl.constexpr, HAS_ZERO: tl.constexpr):
     """Over a thread's four consecutive columns (the quarters of xa, xb: fp32 inputs [M, 1, S] of
-    slices J and J + 4, each quarter times mult [M, 1, S / 4]): sum of (n - 8) x for nibble J of words
-    w_i and for nibble J + 4, each summed in fp16, and the two inputs' sums (what a zero point takes
-    away), all as fp32. v_i: the words shifted down by 8 (nibbles 2, 3, 6, 7 where 0, 1, 4, 5 were).
-    PTX: NVIDIA's packed fp16x2 arithmetic (platforms/cuda_device.py), two weights an instruction,
-    where odd nibbles J come out 16 times larger (mult is then a sixteenth as large); else the same
-    arithmetic in Triton (any backend, and the interpreter)."""
+    slices J and J + 4, each quarter times mult [M, 1, S / 4]): sum of (n - offset) x for nibble J of
+    words w_i and for nibble J + 4, each summed in fp16 (offset_a, offset_b: 8 plus the zero point,
+    subtracted from 1024 + n exactly in fp16), as fp32. v_i: the words shifted down by 8 (nibbles 2,
+    3, 6, 7 where 0, 1, 4, 5 were). PTX: NVIDIA's packed fp16x2 arithmetic (platforms/cuda_device.py),
+    two weights an instruction, where odd nibbles J come out 16 times larger (mult is then a
+    sixteenth as large); else the same arithmetic in Triton (any backend, and the interpreter)."""
     a0, a1, a2, a3 = quarters(xa)
     b0, b1, b2, b3 = quarters(xb)
     a0, a1, a2, a3 = a0 * mult, a1 * mult, a2 * mult, a3 * mult
     b0, b1, b2, b3 = b0 * mult, b1 * mult, b2 * mult, b3 * mult
-    sum_a, sum_b = a0 + a1 + a2 + a3, b0 + b1 + b2 + b3
     if PTX:
+        place = 16.0 if J % 2 == 1 else 1.0
+        if HAS_ZERO:
+            less = pack_half2(1024.0 + offset_a * place, 1024.0 + offset_b * place)
+        else:  # fp16 1032 twice (1152 twice for odd nibbles)
+            less = tl.full((1, 1, 1), 0x64806480 if J % 2 == 1 else 0x64086408, tl.int32)
         x0, x1, x2, x3 = pack_half2(a0, b0), pack_half2(a1, b1), pack_half2(a2, b2), pack_half2(a3, b3)
         if J < 2:
-            pa, pb = nibble_pair_sums(w0, w1, w2, w3, x0, x1, x2, x3, J % 2 == 1)
-        else:
-            pa, pb = nibble_pair_sums(v0, v1, v2, v3, x0, x1, x2, x3, J % 2 == 1)
-        return pa, pb, sum_a, sum_b
+            return nibble_pair_sums(w0, w1, w2, w3, x0, x1, x2, x3, less, J % 2 == 1)
+        return nibble_pair_sums(v0, v1, v2, v3, x0, x1, x2, x3, less, J % 2 == 1)
+    less_a, less_b = 1032.0, 1032.0
+    if HAS_ZERO:
+        less_a, less_b = (1024.0 + offset_a).to(tl.float16), (1024.0 + offset_b).to(tl.float16)
     n0, m0 = _half_pair(w0, J)
     n1, m1 = _half_pair(w1, J)
     n2, m2 = _half_pair(w2, J)
     n3, m3 = _half_pair(w3, J)
-    pa = ((n0 - 1032.0) * a0.to(tl.float16) + (n1 - 1032.0) * a1.to(tl.float16) + (n2 - 1032.0) * a2.to(tl.float16)
-          + (n3 - 1032.0) * a3.to(tl.float16))
-    pb = ((m0 - 1032.0) * b0.to(tl.float16) + (m1 - 1032.0) * b1.to(tl.float16) + (m2 - 1032.0) * b2.to(tl.float16)
-          + (m3 - 1032.0) * b3.to(tl.float16))
-    return pa.to(tl.float32), pb.to(tl.float32), sum_a, sum_b
+    pa = ((n0 - less_a) * a0.to(tl.float16) + (n1 - less_a) * a1.to(tl.float16)
+          + (n2 - less_a) * a2.to(tl.float16) + (n3 - less_a) * a3.to(tl.float16))
+    pb = ((m0 - less_b) * b0.to(tl.float16) + (m1 - less_b) * b1.to(tl.float16)
+          + (m2 - less_b) * b2.to(tl.float16) + (m3 - less_b) * b3.to(tl.float16))
+    return pa.to(tl.float32), pb.to(tl.float32)
 
 
 @triton.jit
@@ -272,8 +278,7 @@ def _half_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, ahead
         x_mult, x_mult16 = _power_of_two_bits(262 - e), _power_of_two_bits(258 - e)
         run = tl.zeros((BLOCK_M, BLOCK_N, SLICE // 4), dtype=tl.float32)
         for j in tl.static_range(4):
-            # NVIDIA's loop reads nibbles 1 and 3 of a byte as 16 (n - 8): their inputs a sixteenth as large
-            x_size = 0.0625 if PTX and j % 2 == 1 else 1.0
+            # NVIDIA's loop reads nibbles 1 and 3 of a byte 16 times larger: their inputs a sixteenth as large
             mult = x_mult16 if PTX and j % 2 == 1 else x_mult
             if ONCE_A_RUN:
                 sa, offset_a, sb, offset_b = scales[j], offsets[j], scales[j + 4], offsets[j + 4]
@@ -282,10 +287,8 @@ def _half_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, ahead
                                                  (k0 + j * SLICE) // GROUP, HAS_ZERO)
                 sb, offset_b = _scale_and_offset(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn,
                                                  (k0 + (j + 4) * SLICE) // GROUP, HAS_ZERO)
-            pa, pb, sum_a, sum_b = _pair_sums(w0, w1, w2, w3, v0, v1, v2, v3, xs[j], xs[j + 4], mult, j, PTX)
-            if HAS_ZERO:  # the zero point times the four columns' input sum
-                pa -= ((offset_a - 8.0) / x_size) * sum_a
-                pb -= ((offset_b - 8.0) / x_size) * sum_b
+            pa, pb = _pair_sums(w0, w1, w2, w3, v0, v1, v2, v3, xs[j], xs[j + 4], mult, offset_a, offset_b, j, PTX,
+                                HAS_ZERO)
             run += pa * sa
             run += pb * sb
         acc += run * _power_of_two_bits(e - 8)
@@ -473,14 +476,16 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     else:
         tiles = triton.cdiv(n, cfg["block_n"])
         parts, split = split_launch(tiles, 8 * slice_width, k, m, n, min_programs, y)
-        # Not for a gated input (down got slower with it: 29 -> 44 us on an H200); the fp32 loop not for a
-        # split launch either (that variant compiled to 32 registers and 1,162 spilled there).
-        quad_sums = cfg.get("quad_sums", INT4_GEMV_CONFIG["quad_sums"]) and slice_width % 4 == 0 and not gated
+        # Not for a gated input (down got slower with it: 29 -> 44 us on an H200) nor for a split launch
+        # (the fp32 loop compiled to 32 registers and 1,162 spilled there; the fp16-pair loop with the norm
+        # folded in spilled 82 and took 4x as long, benchmarks/results/2026-12-03b-h200-w4a16-half-sums.md).
+        quad_sums = (cfg.get("quad_sums", INT4_GEMV_CONFIG["quad_sums"]) and slice_width % 4 == 0 and not gated
+                     and parts == 1)
         ptx = cfg.get("ptx")
         ptx = launch.ptx_arch() >= 80 if ptx is None else ptx  # fp16x2 FMA and cvt.rn.f16x2.f32
         half_sums = cfg.get("half_sums", INT4_GEMV_CONFIG["half_sums"])
-        half_sums = quad_sums and (ptx if half_sums is None else half_sums)  # by default where PTX runs it
-        quad_sums = quad_sums and (parts == 1 or half_sums)
+        # By default where PTX runs it; never for fp32 inputs, whose model asks for more than fp16's precision.
+        half_sums = quad_sums and x.dtype != torch.float32 and (ptx if half_sums is None else half_sums)
         ahead = cfg.get("ahead", INT4_GEMV_CONFIG["ahead"]) or (2 if half_sums else 1)
         _int4_gemv_kernel[(tiles, parts)](*args, BLOCK_M=block_m, QUAD_SUMS=quad_sums, HALF_SUMS=half_sums,
                                           PTX=half_sums and ptx, AHEAD=ahead if quad_sums else 1,
