@@ -9,6 +9,10 @@ multiplies them by their group's scale less the zero point, and accumulates x * 
 reduction at the end. No int-to-float conversion, no regrouping of registers: at one row that is
 what held the plain layout's kernel to a fifth of the memory's rate.
 
+Where NVIDIA's PTX runs and the inputs are 16-bit, the same loop works in fp16 pairs instead
+(_half_sums_loop): one AND-OR makes a word's nibbles j and j + 4 fp16 1024 + n, and the arithmetic runs
+two weights an instruction, each thread's inputs brought to fp16's range by a power of two of its own.
+
 A second kernel does the same on the tensor cores (rows padded to 16, the weights dequantized in
 registers as the MMA's first operand): fewer instructions a weight, and 2-8 rows cost what one does.
 """
@@ -45,6 +49,13 @@ from sageinfer.platforms.cuda_device import nibble_pair_sums, pack_half2
 # (_run_scales; 759 -> 630 instructions a trip): the step's 4-bit matmuls 2.92 -> 2.85 ms in CUDA
 # graphs, L1 TPOT 3.92 -> 3.74 ms on an H200, twice each, alternating (same results file).
 # SAGEINFER_INT4_RUN_SCALES=0 turns it off.
+# "half_sums": the quad-sum loop in fp16 pairs (_half_sums_loop; sm_90 loop 630 -> 519 instructions a trip
+# with NVIDIA's packed instructions), None: where Triton compiles PTX for sm_80 on and the inputs are 16-bit.
+# "ahead": runs of words in flight beyond the one in use, 0: two for the fp16-pair loop, one for the fp32
+# one. On an H200 the step's 144 one-row 4-bit matmuls 2.84 -> 2.70 ms in CUDA graphs, W4A16 L1 TPOT 3.74 ->
+# 3.50 ms with one run ahead, 3.45 with two; the fp32 loop got slower with two (3.86 ms)
+# (benchmarks/results/2026-12-03b-h200-w4a16-half-sums.md). SAGEINFER_INT4_HALF_SUMS=0|1 and
+# SAGEINFER_INT4_AHEAD=1|2 force them.
 INT4_GEMV_CONFIG = {"block_n": 32, "num_warps": 8, "num_stages": 2,
                     "min_programs": int(os.environ.get("SAGEINFER_INT4_GEMV_MIN_PROGRAMS", "0")),
                     "quad_sums": os.environ.get("SAGEINFER_INT4_QUAD_SUMS", "1") != "0",
