@@ -209,6 +209,20 @@ def test_gemv_unpacks_4bit_weights_with_group_scales_and_zero_points(mode, zeros
                  int4=True, slice_width=s, **kwargs)
 
 
+def _4bit_reference(inp, packed, scale, zero, g, s, mode, residual):
+    """What a one-row 4-bit matmul should give for the input it multiplies (inp, float): the dequantized
+    weights in float64, then the residual added or silu(gate) * up taken as the mode asks."""
+    from sageinfer.ops.weight_only import dequantize
+    zeros = zero if zero is not None else torch.zeros_like(scale, dtype=torch.int32)
+    ref = inp.double() @ dequantize(packed, scale.float(), zeros, g, torch.float64, s).t()
+    if mode == "residual":
+        ref = ref + residual.double()
+    if mode == "activate":
+        half = ref.shape[1] // 2
+        ref = torch.nn.functional.silu(ref[:, :half]) * ref[:, half:]
+    return ref
+
+
 @pytest.mark.parametrize("mode", ["plain", "normed", "residual", "activate"])
 @pytest.mark.parametrize("zeros, rows, k, g", [(False, 1, 256, 16), (True, 1, 256, 16), (True, 2, 512, 512),
                                                 (False, 1, 512, 128)])
@@ -218,7 +232,7 @@ def test_4bit_scales_read_once_a_run_give_the_same_output(mode, zeros, rows, k, 
     quad-sum loop reads them once a run; the output equals the per-slice reads exactly and the
     dequantized reference within fp16's rounding. Groups of several slices (k 512 in groups of 128,
     slices of 64) keep the per-slice reads."""
-    from sageinfer.ops.weight_only import dequantize, pack, slice_width_for
+    from sageinfer.ops.weight_only import pack, slice_width_for
     gen = torch.Generator().manual_seed(29 + rows + zeros)
     n, s = 24, slice_width_for(k, g)
     assert (g == s or g % (8 * s) == 0) == ((k, g) != (512, 128))
@@ -240,13 +254,7 @@ def test_4bit_scales_read_once_a_run_give_the_same_output(mode, zeros, rows, k, 
                          weight_zero=zero.to(DEVICE) if zeros else None, int4=True, slice_width=s, **kwargs).cpu())
     assert torch.equal(outs[0], outs[1])
     inp = _mode_input(x, k, "normed" if mode == "normed" else "plain", norm_w)
-    weight = dequantize(packed, scale.float(), zero if zeros else torch.zeros_like(scale, dtype=torch.int32), g,
-                        torch.float64, s)
-    ref = inp.double() @ weight.t()
-    if mode == "residual":
-        ref = ref + residual.double()
-    if mode == "activate":
-        ref = torch.nn.functional.silu(ref[:, :n // 2]) * ref[:, n // 2:]
+    ref = _4bit_reference(inp, packed, scale, zero, g, s, mode, residual)
     assert rel_err(outs[1].float(), ref) < 4e-3
 
 
@@ -271,7 +279,7 @@ def test_4bit_half_sums_match_the_dequantized_weights(path, ahead, mode, zeros, 
     out; in Triton (any backend, here the interpreter where there is no GPU) and in NVIDIA's packed
     fp16x2 instructions, with one or two runs of words in flight (also the fp32 quad-sum loop with
     two). Within fp16's rounding of the dequantized reference."""
-    from sageinfer.ops.weight_only import dequantize, pack, slice_width_for
+    from sageinfer.ops.weight_only import pack, slice_width_for
     ptx = _ptx_or_skip(path)
     if DEVICE == "cpu" and dtype == torch.bfloat16 and mode != "plain":
         pytest.skip("the interpreter adds bf16 tensors loaded from memory wrongly (the fp32 kernels too)")
@@ -294,13 +302,7 @@ def test_4bit_half_sums_match_the_dequantized_weights(path, ahead, mode, zeros, 
     inp = x.float()
     if mode == "normed":
         inp = ((inp * torch.rsqrt(inp.pow(2).mean(1, keepdim=True) + 1e-6)).to(dtype) * norm_w).float()
-    weight = dequantize(packed, scale.float(), zero if zeros else torch.zeros_like(scale, dtype=torch.int32), g,
-                        torch.float64, s)
-    ref = inp.double() @ weight.t()
-    if mode == "residual":
-        ref = ref + residual.double()
-    if mode == "activate":
-        ref = torch.nn.functional.silu(ref[:, :n // 2]) * ref[:, n // 2:]
+    ref = _4bit_reference(inp, packed, scale, zero, g, s, mode, residual)
     assert rel_err(out.float(), ref) < (4e-3 if dtype == torch.float16 else 1.5e-2)
 
 
