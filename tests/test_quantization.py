@@ -472,7 +472,7 @@ def test_the_start_up_log_says_what_is_quantized_and_how(llama_dir, tmp_path, ca
                                                                      "strategy": "tensor_group", "group_size": 16},
                                   "input_activations": {"num_bits": 4, "type": "float", "dynamic": "local"}}}},
                              None)
-    assert fp4.unquantized_activations and fp4.describe() == "fp4, nvfp4, groups of 16"
+    assert fp4.unquantized_activations and fp4.describe() == "fp4, nvfp4, groups of 16, held as 8-bit integers (a byte a weight)"
 
 
 @needs_ranks(2)
