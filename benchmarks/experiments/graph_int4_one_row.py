@@ -86,7 +86,7 @@ def main():
     parser.add_argument("--eager", default=None, choices=list(SHAPES), help="only launch this layer a few times")
     parser.add_argument("--half-sums", action="store_true",
                         help="also the fp32 loop, and the fp16-pair loop (half_sums, NVIDIA's packed "
-                        "instructions) with one or two runs of words in flight, split over K or not")
+                        "instructions) with one or two runs of words in flight, the inputs requested a run early or not")
     parser.add_argument("--down-plain", action="store_true",
                         help="down's input already activated (what forming SiLU(gate) * up in every program costs)")
     args = parser.parse_args()
@@ -162,9 +162,10 @@ def main():
     measure("read the words only (528 programs)", read_only)
     measure("engine default", default_kernel, gemv_int4._int4_gemv_kernel)
     if args.half_sums:
-        for half, ahead, programs in ((False, 1, 0), (True, 1, 0), (True, 2, 264), (True, 1, 264)):
-            cfg = dict(INT4_GEMV_CONFIG, half_sums=half, ptx=True, ahead=ahead, min_programs=programs)
-            measure(f"{'half sums ptx' if half else 'fp32'} ahead {ahead} min programs {programs}",
+        for half, ahead, inputs_ahead in ((False, 1, False), (True, 1, False), (True, 2, False), (True, 2, True),
+                                          (True, 1, True)):
+            cfg = dict(INT4_GEMV_CONFIG, half_sums=half, ptx=True, ahead=ahead, inputs_ahead=inputs_ahead)
+            measure(f"{'half sums ptx' if half else 'fp32'} ahead {ahead}{' inputs ahead' if inputs_ahead else ''}",
                     configured_kernel(cfg), gemv_int4._int4_gemv_kernel)
     if args.sweep:
         for bn, warps, stages, programs in itertools.product((16, 32, 64), (4, 8), (1, 2), (0, 528)):

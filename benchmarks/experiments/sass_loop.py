@@ -147,7 +147,7 @@ def _int4_one_row_call(args):
 def int4_gemv(args):
     import sageinfer.ops.gemv_int4 as g
     cfg = dict(g.INT4_GEMV_CONFIG, half_sums=args.half_sums != "off", ptx=args.half_sums == "ptx", ahead=args.ahead,
-               min_programs=args.min_programs)
+               min_programs=args.min_programs, inputs_ahead=args.inputs_ahead)
     return g, "_int4_gemv_kernel", lambda: g.int4_gemv(*_int4_one_row_call(args), cfg)
 
 
@@ -168,6 +168,8 @@ def main():
     parser.add_argument("--half-sums", default="off", choices=["off", "triton", "ptx"],
                         help="int4-gemv: the fp16 pair loop, in Triton or in NVIDIA's packed instructions")
     parser.add_argument("--min-programs", type=int, default=0, help="int4-gemv: split K up to this many programs")
+    parser.add_argument("--inputs-ahead", action="store_true",
+                        help="int4-gemv with --half-sums: the next run's inputs and scales requested a run early")
     parser.add_argument("--ahead", type=int, default=1, help="int4-gemv with --half-sums: runs of words in flight")
     parser.add_argument("--group", type=int, default=0, help="gemv: a scale per row and group of this many columns "
                         "(block FP8, W8A16), else per row")

@@ -56,12 +56,17 @@ from sageinfer.platforms.cuda_device import nibble_pair_sums, pack_half2
 # 3.50 ms with one run ahead, 3.45 with two; the fp32 loop got slower with two (3.86 ms)
 # (benchmarks/results/2026-12-03b-h200-w4a16-half-sums.md). SAGEINFER_INT4_HALF_SUMS=0|1 and
 # SAGEINFER_INT4_AHEAD=1|2 force them.
+# "inputs_ahead": the fp16-pair loop requests the next run's inputs, norm weights and scales while this
+# run is used, as its words are (on sm_90 the loop issues its eight input loads at the top of each trip
+# and waits for them before its first fp16 instruction; 519 -> 536 instructions a trip, 651 -> 650 with
+# the norm). Not timed on a GPU yet: off (SAGEINFER_INT4_INPUTS_AHEAD=1 turns it on).
 INT4_GEMV_CONFIG = {"block_n": 32, "num_warps": 8, "num_stages": 2,
                     "min_programs": int(os.environ.get("SAGEINFER_INT4_GEMV_MIN_PROGRAMS", "0")),
                     "quad_sums": os.environ.get("SAGEINFER_INT4_QUAD_SUMS", "1") != "0",
                     "run_scales": os.environ.get("SAGEINFER_INT4_RUN_SCALES", "1") != "0",
                     "half_sums": {"0": False, "1": True}.get(os.environ.get("SAGEINFER_INT4_HALF_SUMS", "")),
-                    "ahead": int(os.environ.get("SAGEINFER_INT4_AHEAD", "0"))}
+                    "ahead": int(os.environ.get("SAGEINFER_INT4_AHEAD", "0")),
+                    "inputs_ahead": os.environ.get("SAGEINFER_INT4_INPUTS_AHEAD", "0") == "1"}
 
 
 @triton.jit
@@ -87,22 +92,47 @@ def _eighths(t):
 
 
 @triton.jit
+def _load_run_scales(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, k0, GROUP: tl.constexpr,
+                     SLICE: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """_run_scales' loads: each row's eight scales and zero points of the run at k0 where a group is one
+    slice, else the one group's."""
+    if GROUP == SLICE:
+        g3 = k0 // GROUP + tl.arange(0, 8)[None, None, :]
+    else:
+        g3 = k0 // GROUP + tl.zeros((1, 1, 1), dtype=tl.int32)
+    s = tl.load(scale_ptr + rows3 * stride_sn + g3, mask=row_mask3, other=0.0).to(tl.float32)
+    z = s
+    if HAS_ZERO:
+        z = tl.load(zero_ptr + rows3 * stride_sn + g3, mask=row_mask3, other=0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def _split_run_scales(s, z, GROUP: tl.constexpr, SLICE: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """The eight slices' scales and the values their nibbles are stored above, from _load_run_scales'."""
+    if GROUP == SLICE:
+        scales = _eighths(s)
+        offsets = (8.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0)
+        if HAS_ZERO:
+            offsets = _eighths(z + 8.0)
+    else:
+        scales = (s, s, s, s, s, s, s, s)
+        offset = 8.0
+        if HAS_ZERO:
+            offset = z + 8.0
+        offsets = (offset, offset, offset, offset, offset, offset, offset, offset)
+    return scales, offsets
+
+
+@triton.jit
 def _run_scales(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, k0, GROUP: tl.constexpr, SLICE: tl.constexpr,
                 HAS_ZERO: tl.constexpr):
     """The eight slices' scales of the run at k0 and the values their nibbles are stored above, where
     the groups let them be read once a run: a group a slice (each row's eight scales in one load; the
     split to slices costs a small layout change in shared memory), or groups of whole runs (one
     value). Per slice they would be eight loads a row, each with its 64-bit address."""
-    if GROUP == SLICE:
-        g3 = k0 // GROUP + tl.arange(0, 8)[None, None, :]
-        scales = _eighths(tl.load(scale_ptr + rows3 * stride_sn + g3, mask=row_mask3, other=0.0).to(tl.float32))
-        offsets = (8.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0)
-        if HAS_ZERO:
-            zeros = tl.load(zero_ptr + rows3 * stride_sn + g3, mask=row_mask3, other=0).to(tl.float32) + 8.0
-            offsets = _eighths(zeros)
-        return scales, offsets
-    s, offset = _scale_and_offset(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, k0 // GROUP, HAS_ZERO)
-    return (s, s, s, s, s, s, s, s), (offset, offset, offset, offset, offset, offset, offset, offset)
+    s, z = _load_run_scales(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, k0, GROUP, SLICE, HAS_ZERO)
+    return _split_run_scales(s, z, GROUP, SLICE, HAS_ZERO)
 
 
 @triton.jit
@@ -251,34 +281,77 @@ def _quad_range(x):
 
 
 @triton.jit
+def _slice_raw(x_ptr, norm_w_ptr, ms3, m_mask3, ks3, stride_xm, PRENORM: tl.constexpr):
+    """A slice's inputs as stored and, with PRENORM, the norm's weights for them (else the inputs again)."""
+    x = tl.load(x_ptr + ms3 * stride_xm + ks3, mask=m_mask3, other=0.0)
+    return x, (tl.load(norm_w_ptr + ks3) if PRENORM else x)
+
+
+@triton.jit
+def _run_raw(x_ptr, norm_w_ptr, ms3, m_mask3, ws3, k0, stride_xm, SLICE: tl.constexpr, PRENORM: tl.constexpr):
+    """_slice_raw for the eight slices of the run at k0."""
+    return (_slice_raw(x_ptr, norm_w_ptr, ms3, m_mask3, k0 + ws3, stride_xm, PRENORM),
+            _slice_raw(x_ptr, norm_w_ptr, ms3, m_mask3, k0 + SLICE + ws3, stride_xm, PRENORM),
+            _slice_raw(x_ptr, norm_w_ptr, ms3, m_mask3, k0 + 2 * SLICE + ws3, stride_xm, PRENORM),
+            _slice_raw(x_ptr, norm_w_ptr, ms3, m_mask3, k0 + 3 * SLICE + ws3, stride_xm, PRENORM),
+            _slice_raw(x_ptr, norm_w_ptr, ms3, m_mask3, k0 + 4 * SLICE + ws3, stride_xm, PRENORM),
+            _slice_raw(x_ptr, norm_w_ptr, ms3, m_mask3, k0 + 5 * SLICE + ws3, stride_xm, PRENORM),
+            _slice_raw(x_ptr, norm_w_ptr, ms3, m_mask3, k0 + 6 * SLICE + ws3, stride_xm, PRENORM),
+            _slice_raw(x_ptr, norm_w_ptr, ms3, m_mask3, k0 + 7 * SLICE + ws3, stride_xm, PRENORM))
+
+
+@triton.jit
+def _formed(raw, rstd3, PRENORM: tl.constexpr):
+    """A slice's inputs as fp32 from _slice_raw's pair, RMS-normalised as fused_input forms them."""
+    x, norm_w = raw
+    if PRENORM:
+        return rms_scaled(x.to(tl.float32), rstd3, norm_w, x.dtype).to(tl.float32)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _half_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, ahead, rows3, row_mask3, ms3, m_mask3, ws3,
                     rstd3, k_lo, k_hi, K, stride_xm, stride_sn, GROUP: tl.constexpr, SLICE: tl.constexpr,
                     HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRENORM: tl.constexpr,
-                    RUN_SCALES: tl.constexpr, PTX: tl.constexpr, AHEAD: tl.constexpr):
+                    RUN_SCALES: tl.constexpr, PTX: tl.constexpr, AHEAD: tl.constexpr,
+                    INPUTS_AHEAD: tl.constexpr):
     """The quad-sum loop in 16-bit pairs: a word's nibbles j and j + 4 become fp16 1024 + n in its two
     halves with one AND-OR, the nibble less 8 is one exact fp16 subtraction, and a thread's four
     consecutive columns of a slice are summed in fp16 before the group's scale in fp32. Each thread
     brings its run's 32 inputs to (256, 512] by a power of two of its own (no pass over x first, no
     exchange between threads), which keeps those fp16 sums far below overflow and small inputs at
     fp16's precision relative to the largest; a run's sums are scaled back once. AHEAD: runs of
-    words in flight beyond the one in use (1, or 2 with `ahead` the second). Accumulates [M, N, S / 4]."""
+    words in flight beyond the one in use (1, or 2 with `ahead` the second). INPUTS_AHEAD: the next run's
+    inputs (and norm weights) and scales are requested while this one is used, as its words are, instead
+    of at the start of its own trip. Accumulates [M, N, S / 4]."""
     RUN: tl.constexpr = 8 * SLICE
     ONCE_A_RUN: tl.constexpr = RUN_SCALES and (GROUP == SLICE or GROUP % RUN == 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N, SLICE // 4), dtype=tl.float32)
+    if INPUTS_AHEAD:
+        next_raw = _run_raw(x_ptr, norm_w_ptr, ms3, m_mask3, ws3, k_lo, stride_xm, SLICE, PRENORM)
+        if ONCE_A_RUN:
+            next_s, next_z = _load_run_scales(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, k_lo, GROUP, SLICE,
+                                              HAS_ZERO)
     for k0 in range(k_lo, k_hi, RUN):
         w0, w1, w2, w3 = quarters(words)
         v0, v1, v2, v3 = w0 >> 8, w1 >> 8, w2 >> 8, w3 >> 8
         words, ahead = _next_runs(w_rows, ws3, row_mask3, k0, K, ahead, SLICE, AHEAD)
-        if ONCE_A_RUN:
-            scales, offsets = _run_scales(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, k0, GROUP, SLICE, HAS_ZERO)
-        xs = (fused_input(x_ptr, ms3, k0 + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, False, PRENORM),
-              fused_input(x_ptr, ms3, k0 + SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, False, PRENORM),
-              fused_input(x_ptr, ms3, k0 + 2 * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, False, PRENORM),
-              fused_input(x_ptr, ms3, k0 + 3 * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, False, PRENORM),
-              fused_input(x_ptr, ms3, k0 + 4 * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, False, PRENORM),
-              fused_input(x_ptr, ms3, k0 + 5 * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, False, PRENORM),
-              fused_input(x_ptr, ms3, k0 + 6 * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, False, PRENORM),
-              fused_input(x_ptr, ms3, k0 + 7 * SLICE + ws3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, False, PRENORM))
+        if INPUTS_AHEAD:
+            raw = next_raw
+            later = tl.minimum(k0 + RUN, k_hi - RUN)  # the last run again past the end: no masks
+            next_raw = _run_raw(x_ptr, norm_w_ptr, ms3, m_mask3, ws3, later, stride_xm, SLICE, PRENORM)
+            if ONCE_A_RUN:
+                scales, offsets = _split_run_scales(next_s, next_z, GROUP, SLICE, HAS_ZERO)
+                next_s, next_z = _load_run_scales(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, later, GROUP,
+                                                  SLICE, HAS_ZERO)
+        else:
+            raw = _run_raw(x_ptr, norm_w_ptr, ms3, m_mask3, ws3, k0, stride_xm, SLICE, PRENORM)
+            if ONCE_A_RUN:
+                scales, offsets = _run_scales(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, k0, GROUP, SLICE,
+                                              HAS_ZERO)
+        xs = (_formed(raw[0], rstd3, PRENORM), _formed(raw[1], rstd3, PRENORM), _formed(raw[2], rstd3, PRENORM),
+              _formed(raw[3], rstd3, PRENORM), _formed(raw[4], rstd3, PRENORM), _formed(raw[5], rstd3, PRENORM),
+              _formed(raw[6], rstd3, PRENORM), _formed(raw[7], rstd3, PRENORM))
         largest = tl.maximum(tl.maximum(tl.maximum(_quad_range(xs[0]), _quad_range(xs[1])),
                                         tl.maximum(_quad_range(xs[2]), _quad_range(xs[3]))),
                              tl.maximum(tl.maximum(_quad_range(xs[4]), _quad_range(xs[5])),
@@ -313,7 +386,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
                       PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr, USE_PDL: tl.constexpr,
                       part_ptr, counter_ptr, k_per_split, SPLITS: tl.constexpr, QUAD_SUMS: tl.constexpr,
                       ACTIVATE: tl.constexpr, RUN_SCALES: tl.constexpr, HALF_SUMS: tl.constexpr = False,
-                      PTX: tl.constexpr = False, AHEAD: tl.constexpr = 1):
+                      PTX: tl.constexpr = False, AHEAD: tl.constexpr = 1, INPUTS_AHEAD: tl.constexpr = False):
     """SPLITS > 1: programs over parts of K too (program_id(1)); each stores its fp32 sums in its own
     [M, N] plane of part_ptr and counts itself in counter_ptr[program_id(0)]; the part that counts
     last adds the planes, finishes the output as one program would, and sets the count back to 0."""
@@ -346,7 +419,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
     if HALF_SUMS:
         acc = _half_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, ahead, rows3, row_mask3, ms3,
                               m_mask3, ws3, rstd3, k_lo, k_hi, K, stride_xm, stride_sn, GROUP, SLICE, HAS_ZERO,
-                              BLOCK_M, BLOCK_N, PRENORM, RUN_SCALES, PTX, AHEAD)
+                              BLOCK_M, BLOCK_N, PRENORM, RUN_SCALES, PTX, AHEAD, INPUTS_AHEAD)
     elif QUAD_SUMS:
         acc = _quad_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3, row_mask3, ms3, m_mask3,
                               ws3, rstd3, k_lo, k_hi, K, stride_xm, stride_sn, GROUP, SLICE, HAS_ZERO, BLOCK_M,
@@ -500,6 +573,8 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
         ahead = cfg.get("ahead", INT4_GEMV_CONFIG["ahead"]) or (2 if half_sums else 1)
         _int4_gemv_kernel[(tiles, parts)](*args, BLOCK_M=block_m, QUAD_SUMS=quad_sums, HALF_SUMS=half_sums,
                                           PTX=half_sums and ptx, AHEAD=ahead if quad_sums else 1,
+                                          INPUTS_AHEAD=half_sums and bool(cfg.get("inputs_ahead",
+                                                                                  INT4_GEMV_CONFIG["inputs_ahead"])),
                                           ACTIVATE=activate,
                                           RUN_SCALES=cfg.get("run_scales", INT4_GEMV_CONFIG["run_scales"]), **split,
                                           **flags)
