@@ -136,7 +136,7 @@ def test_gemv_scales_each_group_of_a_block_quantized_weight(mode, weights, rows)
     x = torch.randn(rows, 2 * k if mode == "gated" else k, generator=gen).half()
     norm_w = (torch.rand(k, generator=gen) + 0.5).half()
     residual = torch.randn(rows, n, generator=gen).half()
-    cfg = {"block_n": 8, "groups": 4, "num_warps": 4, "num_stages": 2}
+    cfg = {"block_n": 8, "columns": 4 * g, "num_warps": 4, "num_stages": 2}
     kwargs = ({"gated": True} if mode == "gated" else {"norm_weight": norm_w.to(DEVICE), "eps": 1e-6}
               if mode == "normed" else {"residual": residual.clone().to(DEVICE)} if mode == "residual" else
               {"activate": True} if mode == "activate" else {})
@@ -259,7 +259,7 @@ def test_4bit_scales_read_once_a_run_give_the_same_output(mode, zeros, rows, k, 
 
 
 def _ptx_or_skip(path: str) -> bool:
-    from sageinfer.ops.launch import ptx_arch
+    from sageinfer.platforms.cuda_device import ptx_arch
     if path == "ptx" and ptx_arch() < 80:
         pytest.skip("inline PTX runs on NVIDIA GPUs from sm_80 only")
     return path == "ptx"

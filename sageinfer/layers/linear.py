@@ -51,8 +51,7 @@ class Linear(nn.Module):
         else:  # full precision, or a mixed checkpoint's layer until its name picks its group (set_quantization)
             self.new_weight()
         if bias:
-            self.bias = nn.Parameter(torch.empty(self.local_shape[0]), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
+            self._new_bias()
         else:
             self.register_parameter("bias", None)
         self.use_triton = False  # set by the model runner from the platform's kernel choice
@@ -70,6 +69,10 @@ class Linear(nn.Module):
         local_in = self.tp.split(self.in_features) if self.parallel == "row" else self.in_features
         local_out = self.tp.split(self.out_features) if self.parallel == "column" else self.out_features
         self.local_shape = (local_out, local_in)
+
+    def _new_bias(self) -> None:
+        self.bias = nn.Parameter(torch.empty(self.local_shape[0]), requires_grad=False)
+        self.bias.weight_loader = self.weight_loader
 
     def _create_quantized(self, quant) -> None:
         from sageinfer.layers.quantization.fp8_block import Fp8BlockMethod
@@ -91,8 +94,7 @@ class Linear(nn.Module):
             if self.parallel == "row" and quant.desc_act:
                 self._split(quant)
                 if self.bias is not None:
-                    self.bias = nn.Parameter(torch.empty(self.local_shape[0]), requires_grad=False)
-                    self.bias.weight_loader = self.weight_loader
+                    self._new_bias()
             self._create_quantized(quant)
 
     def drop_quantization(self) -> None:

@@ -52,18 +52,32 @@ def rms_scaled(x, rstd, norm_w, dtype):
 
 
 @triton.jit
+def raw_input(x_ptr, norm_w_ptr, ms3, ks3, m_mask3, stride_xm, PRENORM: tl.constexpr):
+    """Input columns ks3 of rows ms3 as stored, and with PRENORM the norm's weights for them (else the
+    inputs again): what formed_input takes, loadable ahead of its use."""
+    x = tl.load(x_ptr + ms3 * stride_xm + ks3, mask=m_mask3, other=0.0)
+    return x, (tl.load(norm_w_ptr + ks3) if PRENORM else x)
+
+
+@triton.jit
+def formed_input(x, norm_w, rstd3, PRENORM: tl.constexpr):
+    """raw_input's values as fp32, the RMS-normalised row scaled by norm_w with PRENORM."""
+    if PRENORM:
+        return rms_scaled(x.to(tl.float32), rstd3, norm_w, x.dtype).to(tl.float32)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def fused_input(x_ptr, ms3, ks3, m_mask3, stride_xm, K, rstd3, norm_w_ptr, GATED: tl.constexpr, PRENORM: tl.constexpr):
     """Input columns ks3 of rows ms3 (any shapes that broadcast) as fp32, formed as the one-row kernels
     fuse them: silu(gate) * up for a gated input, the RMS-normalised row scaled by norm_w with PRENORM."""
-    offs = ms3 * stride_xm + ks3
     if GATED:
+        offs = ms3 * stride_xm + ks3
         gate = tl.load(x_ptr + offs, mask=m_mask3, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + K + offs, mask=m_mask3, other=0.0)
         return silu_times(gate, up).to(tl.float32)
-    x = tl.load(x_ptr + offs, mask=m_mask3, other=0.0)
-    if PRENORM:
-        return rms_scaled(x.to(tl.float32), rstd3, tl.load(norm_w_ptr + ks3), x.dtype).to(tl.float32)
-    return x.to(tl.float32)
+    x, norm_w = raw_input(x_ptr, norm_w_ptr, ms3, ks3, m_mask3, stride_xm, PRENORM)
+    return formed_input(x, norm_w, rstd3, PRENORM)
 
 
 @triton.jit

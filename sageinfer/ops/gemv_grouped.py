@@ -75,7 +75,7 @@ def grouped_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     block_m = max(1, triton.next_power_of_2(m))
     cfg = {**GROUPED_GEMV_CONFIG, "block_n": max(2, GROUPED_GEMV_CONFIG["block_n"] // block_m), **(config or {})}
     # chunks of a power of two of groups dividing K
-    groups = min(cfg.get("groups", max(1, cfg["columns"] // group)), (k // group) & -(k // group))
+    groups = min(max(1, cfg["columns"] // group), (k // group) & -(k // group))
     _grouped_gemv_kernel[(triton.cdiv(n, cfg["block_n"]),)](
         x, weight, weight_scale, bias if bias is not None else x, norm_weight if norm_weight is not None else x, y,
         m, n, k, x.stride(0), weight.stride(0), y.stride(0), weight_scale.stride(0), eps, GROUP=group, GROUPS=groups,

@@ -25,10 +25,11 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
-from sageinfer.ops.gemv import finish_rows, fused_input, program_tile_3d, quarters, rms_scaled, silu_times
+from sageinfer.ops.gemv import (finish_rows, formed_input, fused_input, program_tile_3d, quarters, raw_input,
+                                rms_scaled, silu_times)
 from sageinfer.ops.split_k import add_parts, split_launch
 from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_times_place
-from sageinfer.platforms.cuda_device import nibble_pair_sums, pack_half2
+from sageinfer.platforms.cuda_device import nibble_pair_sums, pack_half2, ptx_arch
 
 # The best of 20 tried on an H200 at Qwen3-8B shapes, one row, each layer with its decode-step fusions
 # (benchmarks/experiments/tune_int4_gemv.py; 5.0 ms for 36 layers' four matmuls against 5.5 for bf16
@@ -281,32 +282,16 @@ def _quad_range(x):
 
 
 @triton.jit
-def _slice_raw(x_ptr, norm_w_ptr, ms3, m_mask3, ks3, stride_xm, PRENORM: tl.constexpr):
-    """A slice's inputs as stored and, with PRENORM, the norm's weights for them (else the inputs again)."""
-    x = tl.load(x_ptr + ms3 * stride_xm + ks3, mask=m_mask3, other=0.0)
-    return x, (tl.load(norm_w_ptr + ks3) if PRENORM else x)
-
-
-@triton.jit
 def _run_raw(x_ptr, norm_w_ptr, ms3, m_mask3, ws3, k0, stride_xm, SLICE: tl.constexpr, PRENORM: tl.constexpr):
-    """_slice_raw for the eight slices of the run at k0."""
-    return (_slice_raw(x_ptr, norm_w_ptr, ms3, m_mask3, k0 + ws3, stride_xm, PRENORM),
-            _slice_raw(x_ptr, norm_w_ptr, ms3, m_mask3, k0 + SLICE + ws3, stride_xm, PRENORM),
-            _slice_raw(x_ptr, norm_w_ptr, ms3, m_mask3, k0 + 2 * SLICE + ws3, stride_xm, PRENORM),
-            _slice_raw(x_ptr, norm_w_ptr, ms3, m_mask3, k0 + 3 * SLICE + ws3, stride_xm, PRENORM),
-            _slice_raw(x_ptr, norm_w_ptr, ms3, m_mask3, k0 + 4 * SLICE + ws3, stride_xm, PRENORM),
-            _slice_raw(x_ptr, norm_w_ptr, ms3, m_mask3, k0 + 5 * SLICE + ws3, stride_xm, PRENORM),
-            _slice_raw(x_ptr, norm_w_ptr, ms3, m_mask3, k0 + 6 * SLICE + ws3, stride_xm, PRENORM),
-            _slice_raw(x_ptr, norm_w_ptr, ms3, m_mask3, k0 + 7 * SLICE + ws3, stride_xm, PRENORM))
-
-
-@triton.jit
-def _formed(raw, rstd3, PRENORM: tl.constexpr):
-    """A slice's inputs as fp32 from _slice_raw's pair, RMS-normalised as fused_input forms them."""
-    x, norm_w = raw
-    if PRENORM:
-        return rms_scaled(x.to(tl.float32), rstd3, norm_w, x.dtype).to(tl.float32)
-    return x.to(tl.float32)
+    """ops/gemv.raw_input for the eight slices of the run at k0."""
+    return (raw_input(x_ptr, norm_w_ptr, ms3, k0 + ws3, m_mask3, stride_xm, PRENORM),
+            raw_input(x_ptr, norm_w_ptr, ms3, k0 + SLICE + ws3, m_mask3, stride_xm, PRENORM),
+            raw_input(x_ptr, norm_w_ptr, ms3, k0 + 2 * SLICE + ws3, m_mask3, stride_xm, PRENORM),
+            raw_input(x_ptr, norm_w_ptr, ms3, k0 + 3 * SLICE + ws3, m_mask3, stride_xm, PRENORM),
+            raw_input(x_ptr, norm_w_ptr, ms3, k0 + 4 * SLICE + ws3, m_mask3, stride_xm, PRENORM),
+            raw_input(x_ptr, norm_w_ptr, ms3, k0 + 5 * SLICE + ws3, m_mask3, stride_xm, PRENORM),
+            raw_input(x_ptr, norm_w_ptr, ms3, k0 + 6 * SLICE + ws3, m_mask3, stride_xm, PRENORM),
+            raw_input(x_ptr, norm_w_ptr, ms3, k0 + 7 * SLICE + ws3, m_mask3, stride_xm, PRENORM))
 
 
 @triton.jit
@@ -349,9 +334,10 @@ def _half_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, ahead
             if ONCE_A_RUN:
                 scales, offsets = _run_scales(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, k0, GROUP, SLICE,
                                               HAS_ZERO)
-        xs = (_formed(raw[0], rstd3, PRENORM), _formed(raw[1], rstd3, PRENORM), _formed(raw[2], rstd3, PRENORM),
-              _formed(raw[3], rstd3, PRENORM), _formed(raw[4], rstd3, PRENORM), _formed(raw[5], rstd3, PRENORM),
-              _formed(raw[6], rstd3, PRENORM), _formed(raw[7], rstd3, PRENORM))
+        xs = (formed_input(*raw[0], rstd3, PRENORM), formed_input(*raw[1], rstd3, PRENORM),
+              formed_input(*raw[2], rstd3, PRENORM), formed_input(*raw[3], rstd3, PRENORM),
+              formed_input(*raw[4], rstd3, PRENORM), formed_input(*raw[5], rstd3, PRENORM),
+              formed_input(*raw[6], rstd3, PRENORM), formed_input(*raw[7], rstd3, PRENORM))
         largest = tl.maximum(tl.maximum(tl.maximum(_quad_range(xs[0]), _quad_range(xs[1])),
                                         tl.maximum(_quad_range(xs[2]), _quad_range(xs[3]))),
                              tl.maximum(tl.maximum(_quad_range(xs[4]), _quad_range(xs[5])),
@@ -566,7 +552,7 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
         quad_sums = (cfg.get("quad_sums", INT4_GEMV_CONFIG["quad_sums"]) and slice_width % 4 == 0 and not gated
                      and parts == 1)
         ptx = cfg.get("ptx")
-        ptx = launch.ptx_arch() >= 80 if ptx is None else ptx  # fp16x2 FMA and cvt.rn.f16x2.f32
+        ptx = ptx_arch() >= 80 if ptx is None else ptx  # fp16x2 FMA and cvt.rn.f16x2.f32
         half_sums = cfg.get("half_sums", INT4_GEMV_CONFIG["half_sums"])
         # By default where PTX runs it; never for fp32 inputs, whose model asks for more than fp16's precision.
         half_sums = quad_sums and x.dtype != torch.float32 and (ptx if half_sums is None else half_sums)

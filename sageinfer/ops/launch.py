@@ -53,19 +53,6 @@ def wait_for_previous_kernel(USE_PDL: tl.constexpr):
 
 
 @functools.lru_cache(maxsize=None)
-def ptx_arch() -> int:
-    """The NVIDIA compute capability Triton compiles for here (e.g. 90); 0 on other backends and in the
-    interpreter. Kernels take inline PTX (platforms/cuda_device.py) only where it is high enough."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return 0
-    try:
-        target = triton.runtime.driver.active.get_current_target()
-    except Exception:  # noqa: BLE001 - no driver (a machine without a GPU)
-        return 0
-    return target.arch if target.backend == "cuda" and isinstance(target.arch, int) else 0
-
-
-@functools.lru_cache(maxsize=None)
 def shared_memory_limit(device_index: int) -> int | None:
     """Bytes of shared memory one program may take on this device, from Triton's driver; None where
     no driver says (the interpreter)."""

@@ -2,8 +2,24 @@
 constexpr the platform decides (see ops/launch.py), so other backends never compile them."""
 from __future__ import annotations
 
+import functools
+import os
+
 import triton
 import triton.language as tl
+
+
+@functools.lru_cache(maxsize=None)
+def ptx_arch() -> int:
+    """The NVIDIA compute capability Triton compiles for here (e.g. 90); 0 on other backends and in the
+    interpreter. Kernels take this module's inline PTX only where it is high enough."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return 0
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except Exception:  # noqa: BLE001 - no driver (a machine without a GPU)
+        return 0
+    return target.arch if target.backend == "cuda" and isinstance(target.arch, int) else 0
 
 
 @triton.jit
