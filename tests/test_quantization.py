@@ -472,7 +472,7 @@ def test_the_start_up_log_says_what_is_quantized_and_how(llama_dir, tmp_path, ca
                                                                      "strategy": "tensor_group", "group_size": 16},
                                   "input_activations": {"num_bits": 4, "type": "float", "dynamic": "local"}}}},
                              None)
-    assert fp4.unquantized_activations and fp4.describe() == "fp4, nvfp4, groups of 16, held as 8-bit integers (a byte a weight)"
+    assert fp4.unquantized_activations and fp4.describe() == "fp4, nvfp4, groups of 16"
 
 
 @needs_ranks(2)
@@ -589,15 +589,16 @@ def test_an_8_bit_weight_only_layer_with_kernels_is_its_dequantized_weight(rows,
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("rows", [1, 3, 80])
 def test_an_fp4_layer_runs_the_weights_it_encodes(rows, fmt):
-    """FP4 (compressed-tensors nvfp4- and mxfp4-pack-quantized): each e2m1 value doubled is held as INT8
-    with its group's scale (NVFP4: FP8 over the tensor's global scale; MXFP4: a power of two), halved;
-    one row, a few and many rows through the 8-bit weight-only kernels (groups of 16 or 32), each the
+    """FP4 (compressed-tensors nvfp4- and mxfp4-pack-quantized) held at four bits with the checkpoint's scale
+    bytes (NVFP4: FP8 over the tensor's global scale; MXFP4: a power of two); one row (the one-row kernel's
+    fp16-pair loop), a few rows (its tensor-core kernel) and many (the weights expanded), each the
     product with the weights compressed-tensors' own unpacking gives."""
     from compressed_tensors.compressors.mx_utils import decompress_mx_scale
     from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
-    from kernels_util import DEVICE
+    from kernels_util import DEVICE, rel_err
     from sageinfer.layers.linear import Linear
     from sageinfer.layers.quantization import QuantConfig, set_quant_config
+    from sageinfer.ops.fp4_weights import fp4_dequantize
     gen = torch.Generator().manual_seed(rows)
     group = 16 if fmt == "nvfp4" else 32
     set_quant_config(QuantConfig("fp4", "group", False, True, group_size=group, format=fmt))
@@ -618,11 +619,16 @@ def test_an_fp4_layer_runs_the_weights_it_encodes(rows, fmt):
         getattr(layer, name).weight_loader(getattr(layer, name), tensor)
     layer.process_after_loading()
     encoded = unpack_fp4_from_uint8(packed, 48, 128, dtype=torch.float32) * group_scale.repeat_interleave(group, 1)
-    assert layer.weight.dtype == torch.int8
-    torch.testing.assert_close(layer.weight.float() * layer.weight_scale.repeat_interleave(group, 1), encoded)
+    assert layer.weight.dtype == torch.int32 and layer.weight.shape == (48, 16)  # four bits a weight
+    torch.testing.assert_close(fp4_dequantize(layer.weight, layer.weight_scale, layer.weight_row_scale, group,
+                                              fmt == "mxfp4", torch.float32, layer.quant.slice_width), encoded)
     layer.to(DEVICE).use_triton = True
     x = torch.randn(rows, 128, generator=gen)
     tol = 1e-2 if DEVICE != "cpu" else 1e-4
+    if rows == 1:  # a 16-bit model's row: sums in fp16, within fp16's precision of the whole
+        x = x.half()
+        assert rel_err(layer(x.to(DEVICE)).double().cpu(), x.double() @ encoded.double().t()) < 3e-3
+        return
     torch.testing.assert_close(layer(x.to(DEVICE)).double().cpu(), x.double() @ encoded.double().t(), rtol=tol,
                                atol=tol)
 
@@ -637,11 +643,14 @@ def test_fp4_with_dummy_weights(llama_dir, tmp_path, fmt):
         "targets": ["Linear"], "input_activations": None, "weights": {
             "num_bits": 4, "type": "float", "symmetric": True, "strategy": strategy, "group_size": group}}},
         f"{fmt}-pack-quantized", "mlp.down_proj")
-    assert proj.weight.dtype == torch.int8
-    assert proj.weight_scale.shape == (proj.weight.shape[0], proj.weight.shape[1] // group)
-    step = proj.weight_scale.repeat_interleave(group, 1)  # half the unit of the doubled values
-    bound = 2 * step if fmt == "nvfp4" else 2 * step * 2
-    assert bool(((proj.weight.float() * step - dense).abs() <= bound + 1e-9).all())
+    from sageinfer.ops.fp4_weights import fp4_dequantize, group_scale_values
+    mx = fmt == "mxfp4"
+    assert proj.weight.dtype == torch.int32 and proj.weight.shape[1] * 8 == dense.shape[1]
+    assert proj.weight_scale.dtype == torch.uint8 and proj.weight_scale.shape == (dense.shape[0], dense.shape[1] // group)
+    unit = (group_scale_values(proj.weight_scale, mx) * proj.weight_row_scale[:, None]).repeat_interleave(group, 1)
+    weights = fp4_dequantize(proj.weight, proj.weight_scale, proj.weight_row_scale, group, mx, torch.float32,
+                             proj.quant.slice_width)
+    assert bool(((weights - dense).abs() <= (2 * unit if mx else unit) + 1e-9).all())
     assert len(llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(max_tokens=3, ignore_eos=True),
                             use_tqdm=False)[0].outputs[0].token_ids) == 3
 

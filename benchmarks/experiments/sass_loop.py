@@ -8,6 +8,7 @@ against 613 over bf16) and INT8 weights' I2F in the skinny GEMV.
   python benchmarks/experiments/sass_loop.py gemv --weights int8
   python benchmarks/experiments/sass_loop.py gemv --weights fp8 --group 128
   python benchmarks/experiments/sass_loop.py int4-gemv [--norm]
+  python benchmarks/experiments/sass_loop.py int4-gemv --half-sums ptx --ahead 2 --fp4 e4m3
   python benchmarks/experiments/sass_loop.py fp8-block-matmul --rows 16 [--weights int8]
 
 Counts are per thread and per loop trip; what a trip covers (keys, weights) follows from the printed
@@ -136,19 +137,22 @@ def gemv(args):
 
 
 def _int4_one_row_call(args):
-    """ops/gemv_int4.int4_gemv's arguments at Qwen3-8B's 4096 x 4096, group 128, slices of 128, one row."""
-    n, k, group, slice_width = 4096, 4096, 128, 128
+    """ops/gemv_int4.int4_gemv's arguments at Qwen3-8B's 4096 x 4096, group 128 (FP4: NVFP4's 16 or MXFP4's
+    32, scale bytes and row scales), slices of 128, one row."""
+    n, k, slice_width = 4096, 4096, 128
+    group = {"e4m3": 16, "e8m0": 32}.get(args.fp4, 128)
     norm = torch.ones(k, dtype=torch.bfloat16) if args.norm else None
-    return (torch.randn(1, k, dtype=torch.bfloat16), torch.zeros(n, k // 8, dtype=torch.int32),
-            torch.ones(n, k // group, dtype=torch.bfloat16), None, group, slice_width,
-            torch.empty(1, n, dtype=torch.bfloat16), None, False, norm, 1e-6, False)
+    scale = torch.ones(n, k // group, dtype=torch.uint8 if args.fp4 else torch.bfloat16)
+    return (torch.randn(1, k, dtype=torch.bfloat16), torch.zeros(n, k // 8, dtype=torch.int32), scale, None, group,
+            slice_width, torch.empty(1, n, dtype=torch.bfloat16), None, False, norm, 1e-6, False)
 
 
 def int4_gemv(args):
     import sageinfer.ops.gemv_int4 as g
     cfg = dict(g.INT4_GEMV_CONFIG, half_sums=args.half_sums != "off", ptx=args.half_sums == "ptx", ahead=args.ahead,
                min_programs=args.min_programs, inputs_ahead=args.inputs_ahead)
-    return g, "_int4_gemv_kernel", lambda: g.int4_gemv(*_int4_one_row_call(args), cfg)
+    fp4 = {"fp4": args.fp4, "row_scale": torch.ones(4096)} if args.fp4 else {}
+    return g, "_int4_gemv_kernel", lambda: g.int4_gemv(*_int4_one_row_call(args), cfg, **fp4)
 
 
 def fp8_block_matmul(args):
@@ -171,6 +175,8 @@ def main():
     parser.add_argument("--inputs-ahead", action="store_true",
                         help="int4-gemv with --half-sums: the next run's inputs and scales requested a run early")
     parser.add_argument("--ahead", type=int, default=1, help="int4-gemv with --half-sums: runs of words in flight")
+    parser.add_argument("--fp4", choices=["e4m3", "e8m0"], help="int4-gemv: FP4 e2m1 words with NVFP4's (e4m3) or "
+                        "MXFP4's (e8m0) scale bytes (the fp16-pair loop; --half-sums ptx for NVIDIA's)")
     parser.add_argument("--group", type=int, default=0, help="gemv: a scale per row and group of this many columns "
                         "(block FP8, W8A16), else per row")
     args = parser.parse_args()

@@ -232,7 +232,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          config: dict | None = None, gated: bool = False, norm_weight: torch.Tensor | None = None,
          eps: float = 0.0, residual: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
          weight_scale: torch.Tensor | None = None, weight_zero: torch.Tensor | None = None,
-         int4: bool = False, slice_width: int = 1, activate: bool = False) -> torch.Tensor:
+         int4: bool = False, slice_width: int = 1, activate: bool = False, fp4: str | None = None,
+         row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, K] with M <= MAX_ROWS ([M, 2K] of [gate, up] when gated), weight: [N, K] (rows
     contiguous), bias: [N] or None -> [M, N].
     weight_scale: the scale of each 8-bit weight row ([N]: output = (x @ weight.T) * scale), or of
@@ -240,6 +241,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     int4: weight is [N, K / 8] int32, eight 4-bit values to a word along the input, interleaved in
     slices of slice_width columns (ops/weight_only.py), each stored plus 8; weight_scale [N, G] is
     required and weight_zero [N, G] (integers, subtracted before scaling) optional.
+    fp4 ("e4m3" or "e8m0", with int4): the words hold FP4 e2m1 values (ops/fp4_weights.py), weight_scale
+    is their [N, G] scale bytes of that kind and row_scale [N] float32 multiplies each output.
     norm_weight: x is RMS-normalised (eps) and scaled by it first, as ops.rms_norm does.
     residual: [M, N]; the result is added to it in place and residual is returned.
     activate: the N outputs are an MLP's [gate, up]; returns silu(gate) * up [M, N / 2] instead.
@@ -279,7 +282,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if int4:
         from sageinfer.ops.gemv_int4 import int4_gemv
         return int4_gemv(x, weight, weight_scale, weight_zero, group, slice_width, y, bias, gated, norm_weight, eps,
-                         residual is not None, config, activate)
+                         residual is not None, config, activate, fp4, row_scale)
     if group:
         if group & (group - 1) or group < 16:
             raise ValueError(f"gemv: scale groups of {group} input features; powers of two from 16 only")

@@ -29,7 +29,8 @@ from sageinfer.ops.gemv import (finish_rows, formed_input, fused_input, program_
                                 rms_scaled, silu_times)
 from sageinfer.ops.split_k import add_parts, split_launch
 from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_times_place
-from sageinfer.platforms.cuda_device import nibble_pair_sums, pack_half2, ptx_arch
+from sageinfer.ops.fp4_weights import check_fp4_layout, fp4_halves, fp4_value, group_scales, scale_in_word, scale_offsets
+from sageinfer.platforms.cuda_device import fp4_pair_sums, nibble_pair_sums, pack_half2, ptx_arch
 
 # The best of 20 tried on an H200 at Qwen3-8B shapes, one row, each layer with its decode-step fusions
 # (benchmarks/experiments/tune_int4_gemv.py; 5.0 ms for 36 layers' four matmuls against 5.5 for bf16
@@ -232,18 +233,30 @@ def _half_pair(words, J: tl.constexpr):
 
 @triton.jit
 def _pair_sums(w0, w1, w2, w3, v0, v1, v2, v3, xa, xb, mult, offset_a, offset_b, J: tl.constexpr,
-               PTX: tl.constexpr, HAS_ZERO: tl.constexpr):
+               PTX: tl.constexpr, HAS_ZERO: tl.constexpr, FP4: tl.constexpr = False):
     """Over a thread's four consecutive columns (the quarters of xa, xb: fp32 inputs [M, 1, S] of
     slices J and J + 4, each quarter times mult [M, 1, S / 4]): sum of (n - offset) x for nibble J of
     words w_i and for nibble J + 4, each summed in fp16 (offset_a, offset_b: 8 plus the zero point,
     subtracted from 1024 + n exactly in fp16), as fp32. v_i: the words shifted down by 8 (nibbles 2,
     3, 6, 7 where 0, 1, 4, 5 were). PTX: NVIDIA's packed fp16x2 arithmetic (platforms/cuda_device.py),
     two weights an instruction, where odd nibbles J come out 16 times larger (mult is then a
-    sixteenth as large); else the same arithmetic in Triton (any backend, and the interpreter)."""
+    sixteenth as large); else the same arithmetic in Triton (any backend, and the interpreter).
+    FP4: the words hold e2m1 values (ops/fp4_weights.py), each coming out times 2^-14; no offsets."""
     a0, a1, a2, a3 = quarters(xa)
     b0, b1, b2, b3 = quarters(xb)
     a0, a1, a2, a3 = a0 * mult, a1 * mult, a2 * mult, a3 * mult
     b0, b1, b2, b3 = b0 * mult, b1 * mult, b2 * mult, b3 * mult
+    if FP4:
+        if PTX:
+            return fp4_pair_sums(w0, w1, w2, w3, pack_half2(a0, b0), pack_half2(a1, b1), pack_half2(a2, b2),
+                                 pack_half2(a3, b3), J)
+        n0, m0 = fp4_halves(w0, J)
+        n1, m1 = fp4_halves(w1, J)
+        n2, m2 = fp4_halves(w2, J)
+        n3, m3 = fp4_halves(w3, J)
+        pa = n0 * a0.to(tl.float16) + n1 * a1.to(tl.float16) + n2 * a2.to(tl.float16) + n3 * a3.to(tl.float16)
+        pb = m0 * b0.to(tl.float16) + m1 * b1.to(tl.float16) + m2 * b2.to(tl.float16) + m3 * b3.to(tl.float16)
+        return pa.to(tl.float32), pb.to(tl.float32)
     if PTX:
         place = 16.0 if J % 2 == 1 else 1.0
         if HAS_ZERO:
@@ -295,11 +308,39 @@ def _run_raw(x_ptr, norm_w_ptr, ms3, m_mask3, ws3, k0, stride_xm, SLICE: tl.cons
 
 
 @triton.jit
+def _fp4_run_scales(scale_ptr, rows3, row_mask3, stride_sn, k0, GROUP: tl.constexpr, SLICE: tl.constexpr,
+                    E8M0: tl.constexpr):
+    """The scales of each thread's four consecutive columns in the run at k0's eight slices, [1, N, S / 4]
+    each: where slices hold whole groups, two words a row (ops/fp4_weights.py's run-major order), else a
+    byte a column and slice."""
+    quads = tl.arange(0, SLICE // 4)[None, None, :]
+    if SLICE % GROUP == 0:
+        T: tl.constexpr = SLICE // GROUP
+        first = (rows3 * stride_sn + (k0 // (8 * SLICE)) * (8 * T) + (quads // (GROUP // 4)) * 8) // 4
+        words = scale_ptr.to(tl.pointer_type(tl.int32))
+        low = tl.load(words + first, mask=row_mask3, other=0)
+        high = tl.load(words + first + 1, mask=row_mask3, other=0)
+        return (scale_in_word(low, 0, E8M0), scale_in_word(low, 1, E8M0), scale_in_word(low, 2, E8M0),
+                scale_in_word(low, 3, E8M0), scale_in_word(high, 0, E8M0), scale_in_word(high, 1, E8M0),
+                scale_in_word(high, 2, E8M0), scale_in_word(high, 3, E8M0))
+    row = rows3 * stride_sn
+    at = k0 + 4 * quads  # (a slice lies in one group here)
+    return (group_scales(scale_ptr, row + at // GROUP, row_mask3, E8M0),
+            group_scales(scale_ptr, row + (at + SLICE) // GROUP, row_mask3, E8M0),
+            group_scales(scale_ptr, row + (at + 2 * SLICE) // GROUP, row_mask3, E8M0),
+            group_scales(scale_ptr, row + (at + 3 * SLICE) // GROUP, row_mask3, E8M0),
+            group_scales(scale_ptr, row + (at + 4 * SLICE) // GROUP, row_mask3, E8M0),
+            group_scales(scale_ptr, row + (at + 5 * SLICE) // GROUP, row_mask3, E8M0),
+            group_scales(scale_ptr, row + (at + 6 * SLICE) // GROUP, row_mask3, E8M0),
+            group_scales(scale_ptr, row + (at + 7 * SLICE) // GROUP, row_mask3, E8M0))
+
+
+@triton.jit
 def _half_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, ahead, rows3, row_mask3, ms3, m_mask3, ws3,
                     rstd3, k_lo, k_hi, K, stride_xm, stride_sn, GROUP: tl.constexpr, SLICE: tl.constexpr,
                     HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRENORM: tl.constexpr,
                     RUN_SCALES: tl.constexpr, PTX: tl.constexpr, AHEAD: tl.constexpr,
-                    INPUTS_AHEAD: tl.constexpr):
+                    INPUTS_AHEAD: tl.constexpr, FP4: tl.constexpr = False, E8M0: tl.constexpr = False):
     """The quad-sum loop in 16-bit pairs: a word's nibbles j and j + 4 become fp16 1024 + n in its two
     halves with one AND-OR, the nibble less 8 is one exact fp16 subtraction, and a thread's four
     consecutive columns of a slice are summed in fp16 before the group's scale in fp32. Each thread
@@ -308,9 +349,12 @@ def _half_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, ahead
     fp16's precision relative to the largest; a run's sums are scaled back once. AHEAD: runs of
     words in flight beyond the one in use (1, or 2 with `ahead` the second). INPUTS_AHEAD: the next run's
     inputs (and norm weights) and scales are requested while this one is used, as its words are, instead
-    of at the start of its own trip. Accumulates [M, N, S / 4]."""
+    of at the start of its own trip. FP4: e2m1 values (ops/fp4_weights.py) with a scale byte per group of
+    GROUP columns (E8M0 exponents or FP8 e4m3), each of a thread's four columns' scale read (groups of
+    four columns at least); the values come out times 2^-14, so the inputs are brought to [2^14, 2^15)
+    instead. Accumulates [M, N, S / 4]."""
     RUN: tl.constexpr = 8 * SLICE
-    ONCE_A_RUN: tl.constexpr = RUN_SCALES and (GROUP == SLICE or GROUP % RUN == 0)
+    ONCE_A_RUN: tl.constexpr = RUN_SCALES and not FP4 and (GROUP == SLICE or GROUP % RUN == 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N, SLICE // 4), dtype=tl.float32)
     if INPUTS_AHEAD:
         next_raw = _run_raw(x_ptr, norm_w_ptr, ms3, m_mask3, ws3, k_lo, stride_xm, SLICE, PRENORM)
@@ -346,11 +390,20 @@ def _half_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, ahead
         # all zeros or below 2^-118 take 2^126), so the inverse 2^(e - 135) is a normal float too.
         e = tl.maximum((largest.to(tl.int32, bitcast=True) >> 23) & 0xFF, 9)
         x_mult, x_mult16 = _power_of_two_bits(262 - e), _power_of_two_bits(258 - e)
+        back = _power_of_two_bits(e - 8)
+        if FP4:  # largest to [2^14, 2^15) (e at least 15); the values' 2^-14 undone as the sums come back
+            e = tl.maximum(e, 15)
+            x_mult = _power_of_two_bits(268 - e)
+            back = _power_of_two_bits(e)
         run = tl.zeros((BLOCK_M, BLOCK_N, SLICE // 4), dtype=tl.float32)
+        if FP4:
+            fp4_scales = _fp4_run_scales(scale_ptr, rows3, row_mask3, stride_sn, k0, GROUP, SLICE, E8M0)
         for j in tl.static_range(4):
             # NVIDIA's loop reads nibbles 1 and 3 of a byte 16 times larger: their inputs a sixteenth as large
-            mult = x_mult16 if PTX and j % 2 == 1 else x_mult
-            if ONCE_A_RUN:
+            mult = x_mult16 if PTX and j % 2 == 1 and not FP4 else x_mult
+            if FP4:
+                sa, sb, offset_a, offset_b = fp4_scales[j], fp4_scales[j + 4], 0.0, 0.0
+            elif ONCE_A_RUN:
                 sa, offset_a, sb, offset_b = scales[j], offsets[j], scales[j + 4], offsets[j + 4]
             else:
                 sa, offset_a = _scale_and_offset(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn,
@@ -358,10 +411,10 @@ def _half_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, ahead
                 sb, offset_b = _scale_and_offset(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn,
                                                  (k0 + (j + 4) * SLICE) // GROUP, HAS_ZERO)
             pa, pb = _pair_sums(w0, w1, w2, w3, v0, v1, v2, v3, xs[j], xs[j + 4], mult, offset_a, offset_b, j, PTX,
-                                HAS_ZERO)
+                                HAS_ZERO, FP4)
             run += pa * sa
             run += pb * sb
-        acc += run * _power_of_two_bits(e - 8)
+        acc += run * back
     return acc
 
 
@@ -372,10 +425,12 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
                       PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr, USE_PDL: tl.constexpr,
                       part_ptr, counter_ptr, k_per_split, SPLITS: tl.constexpr, QUAD_SUMS: tl.constexpr,
                       ACTIVATE: tl.constexpr, RUN_SCALES: tl.constexpr, HALF_SUMS: tl.constexpr = False,
-                      PTX: tl.constexpr = False, AHEAD: tl.constexpr = 1, INPUTS_AHEAD: tl.constexpr = False):
+                      PTX: tl.constexpr = False, AHEAD: tl.constexpr = 1, INPUTS_AHEAD: tl.constexpr = False,
+                      FP4: tl.constexpr = False, E8M0: tl.constexpr = False):
     """SPLITS > 1: programs over parts of K too (program_id(1)); each stores its fp32 sums in its own
     [M, N] plane of part_ptr and counts itself in counter_ptr[program_id(0)]; the part that counts
-    last adds the planes, finishes the output as one program would, and sets the count back to 0."""
+    last adds the planes, finishes the output as one program would, and sets the count back to 0.
+    FP4 (the fp16-pair loop only): e2m1 words, scale bytes, and zero_ptr holds each row's float32 scale."""
     # Every tensor is made in the accumulator's 3-D shape [rows of x, output features, slice] from
     # its pointers, so no value changes layout inside the loop.
     pid = tl.program_id(0)
@@ -405,7 +460,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
     if HALF_SUMS:
         acc = _half_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, ahead, rows3, row_mask3, ms3,
                               m_mask3, ws3, rstd3, k_lo, k_hi, K, stride_xm, stride_sn, GROUP, SLICE, HAS_ZERO,
-                              BLOCK_M, BLOCK_N, PRENORM, RUN_SCALES, PTX, AHEAD, INPUTS_AHEAD)
+                              BLOCK_M, BLOCK_N, PRENORM, RUN_SCALES, PTX, AHEAD, INPUTS_AHEAD, FP4, E8M0)
     elif QUAD_SUMS:
         acc = _quad_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3, row_mask3, ms3, m_mask3,
                               ws3, rstd3, k_lo, k_hi, K, stride_xm, stride_sn, GROUP, SLICE, HAS_ZERO, BLOCK_M,
@@ -415,6 +470,8 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
                                ws3, rstd3, k_lo, k_hi, K, stride_xm, stride_sn, GROUP, SLICE, HAS_ZERO, BLOCK_M,
                                BLOCK_N, GATED, PRENORM)
     y_acc = tl.sum(acc, 2)
+    if FP4:
+        y_acc *= tl.load(zero_ptr + rows, mask=row_mask, other=0.0)[None, :]
     y_mask = (ms < M)[:, None] & row_mask[None, :]
     if SPLITS > 1:
         count, y_acc = add_parts(y_acc, part_ptr + ms[:, None] * N + rows[None, :], y_mask, counter_ptr + pid,
@@ -438,12 +495,68 @@ def _xt_slice(x_ptr, ks, ms, m_mask, stride_xm, K, rstd, norm_w_ptr, GATED: tl.c
     return x
 
 
+@triton.jit
+def _int4_mma_run(acc, x_ptr, w_rows, scale_ptr, zero_ptr, rows, row_mask, k0, ms, m_mask, stride_xm, stride_sn, K,
+                  rstd, norm_w_ptr, GROUP: tl.constexpr, SLICE: tl.constexpr, HAS_ZERO: tl.constexpr,
+                  GATED: tl.constexpr, PRENORM: tl.constexpr):
+    """_int4_gemv_mma_kernel's run at k0 over 4-bit integers: acc + W x^T for its 8 SLICE columns."""
+    ws = tl.arange(0, SLICE)
+    dtype = x_ptr.dtype.element_ty
+    run_words = tl.load(w_rows + (k0 // 8 + ws)[None, :], mask=row_mask[:, None], other=0)
+    low, high = nibble_planes(run_words)
+    below = 8388608.0
+    for j in tl.static_range(8):
+        if j == 5:
+            below = 8388608.0
+        upto, place = nibble_times_place(low, high, j), 4 * (j % 5)
+        group = (k0 + j * SLICE) // GROUP
+        s = tl.load(scale_ptr + rows * stride_sn + group, mask=row_mask, other=0.0)
+        # (nibble - 8 - zero) * 16^place, exact, then times scale / 16^place (exact in any float)
+        if HAS_ZERO:
+            zero = tl.load(zero_ptr + rows * stride_sn + group, mask=row_mask, other=0).to(tl.float32)
+            q = upto - below - ((8.0 + zero) * (1 << place))[:, None]
+        else:
+            q = upto - (below + 8.0 * (1 << place))
+        below = upto
+        if dtype == tl.float16:  # 16^place would overflow fp16: unscaled first (in fp32, exact)
+            w = (q * (1.0 / (1 << place))).to(dtype) * s.to(dtype)[:, None]
+        else:
+            w = q.to(dtype) * (s.to(tl.float32) * (1.0 / (1 << place))).to(dtype)[:, None]
+        xt = _xt_slice(x_ptr, (k0 + j * SLICE + ws)[:, None], ms, m_mask, stride_xm, K, rstd, norm_w_ptr, GATED,
+                       PRENORM)
+        acc = tl.dot(w, xt, acc, input_precision="ieee" if dtype == tl.float32 else "tf32")
+    return acc
+
+
+@triton.jit
+def _fp4_mma_run(acc, x_ptr, w_rows, scale_ptr, rows, row_mask, k0, ms, m_mask, stride_xm, stride_sn, K, rstd,
+                 norm_w_ptr, GROUP: tl.constexpr, SLICE: tl.constexpr, E8M0: tl.constexpr, GATED: tl.constexpr,
+                 PRENORM: tl.constexpr):
+    """_int4_gemv_mma_kernel's run at k0 over FP4 words: where slices hold whole groups, in parts of one
+    group's columns of each slice (one scale a row each: read per row, not per weight), else by slices
+    (each inside one group). Weights are their value times the group's scale, rounded to x's dtype
+    (exact: e2m1 times an FP8 or a power of two); the row scale comes after the sums."""
+    WIDTH: tl.constexpr = GROUP if SLICE % GROUP == 0 else SLICE
+    ws = tl.arange(0, WIDTH)
+    dtype = x_ptr.dtype.element_ty
+    for t in tl.static_range(SLICE // WIDTH):
+        words = tl.load(w_rows + (k0 // 8 + t * WIDTH + ws)[None, :], mask=row_mask[:, None], other=0)
+        for j in tl.static_range(8):
+            first = k0 + j * SLICE + t * WIDTH
+            s = group_scales(scale_ptr, rows * stride_sn + scale_offsets(first, GROUP, SLICE), row_mask, E8M0)
+            w = (fp4_value(words, j) * (s * 16384.0)[:, None]).to(dtype)  # (values come out times 2^-14)
+            xt = _xt_slice(x_ptr, (first + ws)[:, None], ms, m_mask, stride_xm, K, rstd, norm_w_ptr, GATED, PRENORM)
+            acc = tl.dot(w, xt, acc, input_precision="ieee" if dtype == tl.float32 else "tf32")
+    return acc
+
+
 @triton.jit(do_not_specialize=["M"])
 def _int4_gemv_mma_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y_ptr, M, N, K, stride_xm,
                           stride_wn, stride_ym, stride_sn, eps, GROUP: tl.constexpr, SLICE: tl.constexpr,
                           HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                           GATED: tl.constexpr, PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr, USE_PDL: tl.constexpr,
-                          part_ptr, counter_ptr, k_per_split, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr = 16):
+                          part_ptr, counter_ptr, k_per_split, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr = 16,
+                          FP4: tl.constexpr = False, E8M0: tl.constexpr = False):
     """The same contract on the tensor cores: y^T [BLOCK_N, BLOCK_M] = W x^T for BLOCK_M rows of x
     (16 or 32: rows past M are zeros; more than MAX_ROWS through w4a16_mma_matmul, without fusions),
     with SPLITS > 1 over input features k_per_split at a time (program_id(2)) as _int4_gemv_kernel
@@ -452,12 +565,12 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_pt
     masking under the exponent of 2^23 (the word's low 20 bits, then its high 12): float j minus
     float j - 1 is nibble j times 16^j exactly, so one mask and one subtraction a weight, no shifts;
     the power of 16 is folded into the group's scale. Weights are rounded to x's dtype as the
-    dequantized reference rounds them."""
+    dequantized reference rounds them. FP4: e2m1 words (ops/fp4_weights.py), each weight its value times
+    its group's scale byte; zero_ptr holds each row's float32 scale, applied to the sums."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
-    ws = tl.arange(0, SLICE)
     ms = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M))[None, :]
     m_mask = ms < M
     RUN: tl.constexpr = 8 * SLICE
@@ -477,36 +590,20 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_pt
         k_lo = tl.program_id(2) * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
     for k0 in range(k_lo, k_hi, RUN):
-        run_words = tl.load(w_rows + (k0 // 8 + ws)[None, :], mask=row_mask[:, None], other=0)
-        low, high = nibble_planes(run_words)
-        below = 8388608.0
-        for j in tl.static_range(8):
-            if j == 5:
-                below = 8388608.0
-            upto, place = nibble_times_place(low, high, j), 4 * (j % 5)
-            group = (k0 + j * SLICE) // GROUP
-            s = tl.load(scale_ptr + rows * stride_sn + group, mask=row_mask, other=0.0)
-            # (nibble - 8 - zero) * 16^place, exact, then times scale / 16^place (exact in any float)
-            if HAS_ZERO:
-                zero = tl.load(zero_ptr + rows * stride_sn + group, mask=row_mask, other=0).to(tl.float32)
-                q = upto - below - ((8.0 + zero) * (1 << place))[:, None]
-            else:
-                q = upto - (below + 8.0 * (1 << place))
-            below = upto
-            dtype = x_ptr.dtype.element_ty
-            if dtype == tl.float16:  # 16^place would overflow fp16: unscaled first (in fp32, exact)
-                w = (q * (1.0 / (1 << place))).to(dtype) * s.to(dtype)[:, None]
-            else:
-                w = q.to(dtype) * (s.to(tl.float32) * (1.0 / (1 << place))).to(dtype)[:, None]
-            xt = _xt_slice(x_ptr, (k0 + j * SLICE + ws)[:, None], ms, m_mask, stride_xm, K, rstd, norm_w_ptr,
-                           GATED, PRENORM)
-            acc = tl.dot(w, xt, acc, input_precision="ieee" if x_ptr.dtype.element_ty == tl.float32 else "tf32")
+        if FP4:
+            acc = _fp4_mma_run(acc, x_ptr, w_rows, scale_ptr, rows, row_mask, k0, ms, m_mask, stride_xm, stride_sn, K,
+                               rstd, norm_w_ptr, GROUP, SLICE, E8M0, GATED, PRENORM)
+        else:
+            acc = _int4_mma_run(acc, x_ptr, w_rows, scale_ptr, zero_ptr, rows, row_mask, k0, ms, m_mask, stride_xm,
+                                stride_sn, K, rstd, norm_w_ptr, GROUP, SLICE, HAS_ZERO, GATED, PRENORM)
     if SPLITS > 1:
         tile = pid + tl.program_id(1) * tl.num_programs(0)
         count, acc = add_parts(acc, part_ptr + ms * N + rows[:, None], m_mask & row_mask[:, None],
                                 counter_ptr + tile, M * N, tl.program_id(2), SPLITS)
         if count != SPLITS - 1:
             return
+    if FP4:
+        acc *= tl.load(zero_ptr + rows, mask=row_mask, other=0.0)[:, None]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     y_ptrs = y_ptr + ms * stride_ym + rows[:, None]
@@ -520,11 +617,16 @@ def _int4_gemv_mma_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_pt
 def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, weight_zero: torch.Tensor | None,
               group: int, slice_width: int, y: torch.Tensor, bias: torch.Tensor | None, gated: bool,
               norm_weight: torch.Tensor | None, eps: float, add_to_y: bool, config: dict | None,
-              activate: bool = False) -> torch.Tensor:
+              activate: bool = False, fp4: str | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Launched by ops.gemv.gemv, which has checked the shapes; writes (or adds to) y [M, N], or with
-    activate silu(gate) * up of the [gate, up] halves of N into y [M, N / 2]."""
+    activate silu(gate) * up of the [gate, up] halves of N into y [M, N / 2]. fp4 ("e4m3" or "e8m0"):
+    the words hold FP4 e2m1 values with scale bytes of that kind and row_scale [N] (ops/fp4_weights.py),
+    run by the fp16-pair loop (sums in fp16 for any input dtype) or the tensor-core kernel."""
     m, n, k = x.shape[0], weight.shape[0], weight.shape[1] * 8
-    if slice_width < 2 or k % (8 * slice_width) or group % slice_width:
+    if fp4:
+        check_fp4_layout(weight, weight_scale, row_scale, group, slice_width, "gemv")
+        weight_zero = row_scale  # (the kernels read each row's scale where zero points would be)
+    elif slice_width < 2 or k % (8 * slice_width) or group % slice_width:
         raise ValueError(f"gemv: 4-bit words interleaved in slices of {slice_width} do not tile {k} input features "
                          f"in groups of {group}")
     block_m = max(1, triton.next_power_of_2(m))
@@ -534,9 +636,10 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     args = (x, weight, weight_scale, weight_zero if weight_zero is not None else weight_scale,
             bias if bias is not None else x, norm_weight if norm_weight is not None else x, y,
             m, n, k, x.stride(0), weight.stride(0), y.stride(0), weight_scale.stride(0), eps)
-    flags = dict(GROUP=group, SLICE=slice_width, HAS_ZERO=weight_zero is not None, HAS_BIAS=bias is not None,
-                 BLOCK_N=cfg["block_n"], GATED=gated, PRENORM=norm_weight is not None, ADD_TO_Y=add_to_y,
-                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch.dependent_launch_kwargs())
+    flags = dict(GROUP=group, SLICE=slice_width, HAS_ZERO=weight_zero is not None and not fp4,
+                 HAS_BIAS=bias is not None, BLOCK_N=cfg["block_n"], GATED=gated, PRENORM=norm_weight is not None,
+                 ADD_TO_Y=add_to_y, FP4=bool(fp4), E8M0=fp4 == "e8m0", num_warps=cfg["num_warps"],
+                 num_stages=cfg["num_stages"], **launch.dependent_launch_kwargs())
     if cfg.get("mma"):
         if cfg["block_n"] < 16 or slice_width < 16 or activate:
             raise ValueError("gemv: the tensor-core 4-bit kernel takes blocks of at least 16 features and slices of 16, "
@@ -545,7 +648,7 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
         _int4_gemv_mma_kernel[(triton.cdiv(n, cfg["block_n"]),)](*args, **no_split, **flags)
     else:
         tiles = triton.cdiv(n, cfg["block_n"])
-        parts, split = split_launch(tiles, 8 * slice_width, k, m, n, min_programs, y)
+        parts, split = split_launch(tiles, 8 * slice_width, k, m, n, 0 if fp4 else min_programs, y)
         # Not for a gated input (down got slower with it: 29 -> 44 us on an H200) nor for a split launch
         # (the fp32 loop compiled to 32 registers and 1,162 spilled there; the fp16-pair loop with the norm
         # folded in spilled 82 and took 4x as long, benchmarks/results/2026-12-03b-h200-w4a16-half-sums.md).
@@ -556,6 +659,10 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
         half_sums = cfg.get("half_sums", INT4_GEMV_CONFIG["half_sums"])
         # By default where PTX runs it; never for fp32 inputs, whose model asks for more than fp16's precision.
         half_sums = quad_sums and x.dtype != torch.float32 and (ptx if half_sums is None else half_sums)
+        if fp4:  # FP4 values have the fp16-pair loop only
+            if not quad_sums:
+                raise ValueError("gemv: FP4 weights take a plain (not gated) input and slices of a multiple of 4")
+            half_sums = True
         ahead = cfg.get("ahead", INT4_GEMV_CONFIG["ahead"]) or (2 if half_sums else 1)
         _int4_gemv_kernel[(tiles, parts)](*args, BLOCK_M=block_m, QUAD_SUMS=quad_sums, HALF_SUMS=half_sums,
                                           PTX=half_sums and ptx, AHEAD=ahead if quad_sums else 1,
@@ -569,16 +676,22 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
 
 def w4a16_mma_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      weight_zero: torch.Tensor | None, group: int, slice_width: int,
-                     config: dict | None = None, num_sms: int | None = None, split_k: int = 1) -> torch.Tensor:
+                     config: dict | None = None, num_sms: int | None = None, split_k: int = 1,
+                     fp4: str | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ the 4-bit weight [N, K / 8] (interleaved words, scales and zero points [N, K / group])
     -> [M, N] in x's dtype, on the tensor cores for any M: rows in tiles of 16 or 32, each tile reading
     the packed words once. W4A16 layers take it for 2 to 32 rows (w4a16.py). num_sms: the platform's
     compute units (num_compute_units), which the tile width follows. split_k: programs over parts of
     the input features too, the last part of a tile adding the others' fp32 sums (1: none; 0: as many
-    parts as bring the programs to twice the compute units, where num_sms is known)."""
+    parts as bring the programs to twice the compute units, where num_sms is known). fp4, row_scale: FP4
+    words and scale bytes, as int4_gemv takes them."""
     m, k = x.shape
     n = weight.shape[0]
-    check_int4_layout(weight, weight_scale, group, slice_width, "w4a16")
+    if fp4:
+        check_fp4_layout(weight, weight_scale, row_scale, group, slice_width, "w4a16")
+        weight_zero = row_scale
+    else:
+        check_int4_layout(weight, weight_scale, group, slice_width, "w4a16")
     if weight.dtype != torch.int32 or weight.shape[1] * 8 != k or slice_width < 16:
         raise ValueError(f"w4a16: x {tuple(x.shape)}, packed {tuple(weight.shape)} {weight.dtype} and slices of "
                          f"{slice_width} (16 at least) do not fit")
@@ -598,7 +711,7 @@ def w4a16_mma_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     _int4_gemv_mma_kernel[grid + (parts,)](
         x, weight, weight_scale, weight_zero.contiguous() if weight_zero is not None else weight_scale, x, x, y,
         m, n, k, x.stride(0), weight.stride(0), y.stride(0), weight_scale.stride(0), 0.0,
-        GROUP=group, SLICE=slice_width, HAS_ZERO=weight_zero is not None, HAS_BIAS=False, BLOCK_N=cfg["block_n"],
-        GATED=False, PRENORM=False, ADD_TO_Y=False, USE_PDL=False, BLOCK_M=block_m, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"], **split)
+        GROUP=group, SLICE=slice_width, HAS_ZERO=weight_zero is not None and not fp4, HAS_BIAS=False,
+        BLOCK_N=cfg["block_n"], GATED=False, PRENORM=False, ADD_TO_Y=False, USE_PDL=False, BLOCK_M=block_m,
+        FP4=bool(fp4), E8M0=fp4 == "e8m0", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **split)
     return y

@@ -68,3 +68,49 @@ def nibble_pair_sums(w0, w1, w2, w3, x0, x1, x2, x3, less, HIGH: tl.constexpr):
     return tl.inline_asm_elementwise(_LOW_NIBBLE_PAIR_SUMS, "=f,=f,r,r,r,r,r,r,r,r,r",
                                      [w0, w1, w2, w3, x0, x1, x2, x3, less], dtype=(tl.float32, tl.float32),
                                      is_pure=True, pack=1)
+
+
+# ops/fp4_weights.py's layout: the instructions that move value J and J + 4 of word $w to the fp16 bits of
+# the value times 2^-14 in t (bits 9-11 of each half its magnitude, 15 its sign).
+_FP4_VALUE_BITS = (
+    ["shl.b32 t, {w}, 9;", "and.b32 t, t, 0x8E008E00;"],
+    ["shl.b32 t, {w}, 6;", "shl.b32 u, {w}, 8;", "and.b32 u, u, 0x80008000;", "lop3.b32 t, t, 0x0E000E00, u, 0xea;"],
+    ["shl.b32 t, {w}, 1;", "and.b32 t, t, 0x8E008E00;"],
+    ["shr.b32 t, {w}, 2;", "and.b32 u, {w}, 0x80008000;", "lop3.b32 t, t, 0x0E000E00, u, 0xea;"],
+)
+
+
+def _fp4_pair_sums_ptx(j: int) -> str:
+    """Four words' values J and J + 4 as fp16 (ops/fp4_weights.py's layout), times their packed pair of
+    inputs, summed in fp16x2; the two halves' sums out as fp32."""
+    body = [".reg .b32 t, u, acc;", ".reg .b16 lo, hi;"]
+    for i in range(4):
+        body += [line.format(w=f"${2 + i}") for line in _FP4_VALUE_BITS[j]]
+        body.append(f"mul.rn.f16x2 acc, t, ${6 + i};" if i == 0 else f"fma.rn.f16x2 acc, t, ${6 + i}, acc;")
+    body += ["mov.b32 {lo, hi}, acc;", "cvt.f32.f16 $0, lo;", "cvt.f32.f16 $1, hi;"]
+    return "{\n" + "\n".join(body) + "\n}"
+
+
+_FP4_PAIR_SUMS_0 = tl.constexpr(_fp4_pair_sums_ptx(0))
+_FP4_PAIR_SUMS_1 = tl.constexpr(_fp4_pair_sums_ptx(1))
+_FP4_PAIR_SUMS_2 = tl.constexpr(_fp4_pair_sums_ptx(2))
+_FP4_PAIR_SUMS_3 = tl.constexpr(_fp4_pair_sums_ptx(3))
+
+
+@triton.jit
+def fp4_pair_sums(w0, w1, w2, w3, x0, x1, x2, x3, J: tl.constexpr):
+    """For each element, sum over i of v_i * x_i in fp16x2, where v_i are values J and J + 4 of word w_i
+    in ops/fp4_weights.py's layout (each the e2m1 value times 2^-14) and x_i their inputs packed as
+    pack_half2 packs them; the two sums (value J's, value J + 4's) as fp32."""
+    args = [w0, w1, w2, w3, x0, x1, x2, x3]
+    if J == 0:
+        return tl.inline_asm_elementwise(_FP4_PAIR_SUMS_0, "=f,=f,r,r,r,r,r,r,r,r", args,
+                                         dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    if J == 1:
+        return tl.inline_asm_elementwise(_FP4_PAIR_SUMS_1, "=f,=f,r,r,r,r,r,r,r,r", args,
+                                         dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    if J == 2:
+        return tl.inline_asm_elementwise(_FP4_PAIR_SUMS_2, "=f,=f,r,r,r,r,r,r,r,r", args,
+                                         dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(_FP4_PAIR_SUMS_3, "=f,=f,r,r,r,r,r,r,r,r", args,
+                                     dtype=(tl.float32, tl.float32), is_pure=True, pack=1)

@@ -60,8 +60,6 @@ class QuantConfig:
             parts.append("act-order")
         if self.lm_head:
             parts.append("LM head quantized")
-        if self.scheme == "fp4":  # layers/quantization/fp4.py: twice the checkpoint's weight memory
-            parts.append("held as 8-bit integers (a byte a weight)")
         return ", ".join(parts)
 
     def group_for(self, layer_name: str) -> QuantConfig | None:

@@ -6,11 +6,13 @@
 - MXFP4 (mxfp4-pack-quantized: MXFP4A16 and MXFP4): a power of two per 32 inputs, its biased
   exponent in a byte (`weight_scale` uint8, E8M0): w = e2m1 * 2^(scale - 127).
 
-No chip this engine runs on multiplies FP4. Each e2m1 value doubled is an integer in [-12, 12], so the
-weights load exactly into the 8-bit weight-only layout (INT8 [out, in], float32 scales per group
-halved) and W8A16's kernels run them: one byte a weight instead of half a byte, 16-bit activations.
-The FP4 activations of NVFP4 and MXFP4 (W4A4) are not quantized: the layer runs its weights with 16-bit
-activations, as vLLM does on GPUs without FP4 matmuls.
+The weights stay at four bits (ops/fp4_weights.py's layout: `weight` int32 [out, in / 8]), with the
+checkpoint's scale bytes (`weight_scale` uint8 [out, groups], in the layout's order) and a float32 scale per output row
+(`weight_row_scale`: NVFP4's 1 / global scale, MXFP4's 1). One row runs the 4-bit one-row kernel's
+fp16-pair loop (ops/gemv_int4.py, with its norm, activation and residual folds), 2 to 32 rows its
+tensor-core kernel, more rows the weights expanded in one pass for the library GEMM, as W4A16 layers do.
+The FP4 activations of NVFP4 and MXFP4 (W4A4) are not quantized: no chip this engine runs on multiplies
+FP4, so the layer runs its weights with 16-bit activations, as vLLM does on GPUs without FP4 matmuls.
 """
 from __future__ import annotations
 
@@ -18,36 +20,55 @@ import torch
 from torch import nn
 
 from sageinfer.layers.quantization.checkpoint_params import checkpoint_param
-from sageinfer.layers.quantization.w8a16 import W8A16Method
+from sageinfer.layers.quantization.config import QuantConfig
+from sageinfer.layers.quantization.w4a16 import MMA_MAX_ROWS
 from sageinfer.layers.quantization.w8a8 import per_row_scale_loader
+from sageinfer.ops.fp4_weights import fp4_dequantize, fp4_dequantize_kernel, fp4_pack, scales_run_major
+from sageinfer.ops.gemv import gemv
+from sageinfer.ops.gemv_int4 import w4a16_mma_matmul
 
-# e2m1 magnitudes (the low three bits of a value) doubled: all integers
-_DOUBLED = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12], dtype=torch.int8)
 _E2M1_MAX = 6.0
 _FP8_MAX = 448.0
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 
-def doubled_values(packed: torch.Tensor) -> torch.Tensor:
-    """[rows, cols / 2] uint8, two e2m1 values a byte (the first in the low nibble) -> [rows, cols] int8
-    holding each value times two."""
-    nibbles = torch.stack((packed & 0xF, packed >> 4), -1).reshape(packed.shape[0], -1).long()
-    magnitude = _DOUBLED.to(packed.device)[nibbles & 7]
-    return torch.where(nibbles >= 8, -magnitude, magnitude)
+def fp4_slice_width(k: int) -> int:
+    """The widest slice (a power of two from 4 to 128) whose runs of 8 S columns tile k; 0 if none."""
+    s = 128
+    while s >= 4 and k % (8 * s):
+        s //= 2
+    return s if s >= 4 else 0
 
 
-class Fp4Method(W8A16Method):
+def checkpoint_codes(packed: torch.Tensor) -> torch.Tensor:
+    """[rows, cols / 2] uint8, two e2m1 codes a byte (the first in the low nibble) -> [rows, cols] codes."""
+    return torch.stack((packed & 0xF, packed >> 4), -1).reshape(packed.shape[0], -1).to(torch.int32)
+
+
+class Fp4Method:
+    # The one-row loop takes a plain input: the MLP activates in its gate_up matmul (layers/linear.py).
+    plain_one_row_input = True
+
+    def __init__(self, config: QuantConfig):
+        self.config = config
+        self.mx = config.format == "mxfp4"
+        self.kind = "e8m0" if self.mx else "e4m3"
+        self.num_sms = None  # the platform's compute units, once prepare() has run
+
     def create_weights(self, layer: nn.Module, local_out: int, local_in: int) -> None:
-        self.mx = self.config.format == "mxfp4"
-        self.group = self.block_k = self.config.group_size  # (16 for NVFP4, 32 for MXFP4: config.py)
-        if local_in % self.group:
+        self.group = self.config.group_size  # (16 for NVFP4, 32 for MXFP4: config.py)
+        self.slice_width = fp4_slice_width(local_in)
+        if local_in % self.group or not self.slice_width:
             raise ValueError(f"FP4 weights: {local_in} input features per rank do not hold whole groups of "
-                             f"{self.group}")
+                             f"{self.group} in runs of 32 columns")
+        self.dtype = torch.get_default_dtype()  # the model's activations
         if not self.config.from_checkpoint:  # full-precision weights (dummy ones), quantized after loading
             return layer.new_weight()
         checkpoint_param(layer, "weight_packed", torch.empty(local_out, local_in // 2, dtype=torch.uint8),
                          lambda t: t)
-        scale = (lambda t: 2.0 ** (t.to(torch.int32) - 127).float()) if self.mx else (lambda t: t.float())
-        checkpoint_param(layer, "weight_scale", torch.empty(local_out, local_in // self.group), scale)
+        as_bytes = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # noqa: E731
+        checkpoint_param(layer, "weight_scale", torch.empty(local_out, local_in // self.group, dtype=torch.uint8),
+                         as_bytes)
         if not self.mx:
             layer.weight_global_scale = nn.Parameter(torch.zeros(local_out), requires_grad=False)
             layer.weight_global_scale.weight_loader = per_row_scale_loader(layer)  # one a tensor (a merged part)
@@ -56,18 +77,26 @@ class Fp4Method(W8A16Method):
     def process_after_loading(self, layer: nn.Module) -> None:
         if not self.config.from_checkpoint:
             return self._quantize(layer)
-        scale = layer.weight_scale.data / 2  # (halved: the values are doubled)
-        if not self.mx:
+        scale = layer.weight_scale.data
+        if self.mx:
+            if bool((scale == 255).any()):
+                raise ValueError("an MXFP4 layer's weight_scale holds 255 (E8M0's NaN)")
+            row_scale = torch.ones(scale.shape[0], device=scale.device)
+        else:
             global_scale = layer.weight_global_scale.data
             if not bool((global_scale > 0).all()):
                 raise ValueError("an NVFP4 layer's weight_global_scale is missing or not positive")
-            scale = scale / global_scale[:, None]
-        q = doubled_values(layer.weight_packed.data)
-        for name in ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale"):
+            row_scale = 1.0 / global_scale.float()
+        words = fp4_pack(checkpoint_codes(layer.weight_packed.data), self.slice_width)
+        for name in ("weight_packed", "weight_global_scale", "input_global_scale"):
             if hasattr(layer, name):
                 delattr(layer, name)
-        layer.weight = nn.Parameter(q, requires_grad=False)
-        layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+        self._hold(layer, words, scale, row_scale)
+
+    def _hold(self, layer: nn.Module, words: torch.Tensor, scale: torch.Tensor, row_scale: torch.Tensor) -> None:
+        layer.weight = nn.Parameter(words, requires_grad=False)
+        layer.weight_scale = nn.Parameter(scales_run_major(scale, self.group, self.slice_width), requires_grad=False)
+        layer.register_buffer("weight_row_scale", row_scale.float())
 
     def _quantize(self, layer: nn.Module) -> None:
         """FP4 of the layer's full-precision weight as llm-compressor makes it (dummy weights for
@@ -78,15 +107,45 @@ class Fp4Method(W8A16Method):
         grouped = w.view(w.shape[0], -1, self.group)
         amax = grouped.abs().amax(-1).clamp(min=1e-30)
         if self.mx:
-            scale = 2.0 ** (torch.floor(torch.log2(amax)) - 2)  # (the OCP MX rule: e2m1's top exponent is 2)
+            exponent = (torch.floor(torch.log2(amax)) - 2 + 127).clamp(1, 254)  # (OCP MX: e2m1's top exponent is 2)
+            scale = exponent.to(torch.uint8)
+            values = torch.ldexp(torch.ones_like(amax), exponent.to(torch.int32) - 127)
+            row_scale = torch.ones(w.shape[0], device=w.device)
         else:
             global_scale = _FP8_MAX * _E2M1_MAX / w.abs().amax().clamp(min=1e-12)
-            scale = (amax / _E2M1_MAX * global_scale).clamp(max=_FP8_MAX).to(torch.float8_e4m3fn)
-            scale = scale.float().clamp(min=2 ** -9) / global_scale  # (the smallest FP8 subnormal)
-        x = grouped / scale.unsqueeze(-1)
-        bounds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], device=w.device)  # midpoints of e2m1
-        magnitude = _DOUBLED.to(w.device)[torch.bucketize(x.abs(), bounds)]
-        q = torch.where(x < 0, -magnitude, magnitude).view(w.shape)
-        layer.weight = nn.Parameter(q, requires_grad=False)
-        layer.weight_scale = nn.Parameter(scale / 2, requires_grad=False)
+            fp8 = (amax / _E2M1_MAX * global_scale).clamp(min=2 ** -9, max=_FP8_MAX).to(torch.float8_e4m3fn)
+            scale = fp8.view(torch.uint8)
+            values = fp8.float() / global_scale
+            row_scale = torch.full((w.shape[0],), 1.0 / global_scale.item(), device=w.device)
+        x = grouped / values.unsqueeze(-1)
+        bounds = torch.tensor(_E2M1_MIDPOINTS, device=w.device)
+        codes = torch.bucketize(x.abs(), bounds).to(torch.int32) | torch.where(x < 0, 8, 0).to(torch.int32)
+        del layer.weight
+        self._hold(layer, fp4_pack(codes.view(w.shape), self.slice_width), scale.contiguous(), row_scale)
 
+    def prepare(self, layer: nn.Module) -> None:
+        """Before serving: the platform's compute units, which the tensor-core matmul's tiles follow."""
+        self.num_sms = layer.platform.num_compute_units()
+
+    def one_row_args(self, layer: nn.Module) -> dict | None:
+        """The one-row kernel's fp16-pair loop (sums in fp16: not for float32 models)."""
+        return None if self.dtype == torch.float32 else self._gemv_args(layer)
+
+    def _gemv_args(self, layer: nn.Module) -> dict:
+        return {"weight": layer.weight, "weight_scale": layer.weight_scale, "row_scale": layer.weight_row_scale,
+                "int4": True, "fp4": self.kind, "slice_width": self.slice_width}
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        rows = x2.shape[0]
+        weights = (layer.weight, layer.weight_scale, layer.weight_row_scale)
+        if layer.use_triton and rows == 1 and x.dtype != torch.float32:
+            y = gemv(x2.contiguous(), **self._gemv_args(layer))
+        elif layer.use_triton and rows <= MMA_MAX_ROWS and self.slice_width >= 16:
+            y = w4a16_mma_matmul(x2, layer.weight, layer.weight_scale, None, self.group, self.slice_width,
+                                 num_sms=self.num_sms, fp4=self.kind, row_scale=layer.weight_row_scale)
+        else:  # the weight expanded (in one pass where kernels run) for the library GEMM
+            expand = fp4_dequantize_kernel if layer.use_triton else fp4_dequantize
+            y = nn.functional.linear(x2, expand(*weights, self.group, self.mx, x.dtype, self.slice_width))
+        return y.reshape(*shape[:-1], y.shape[-1])
