@@ -5,6 +5,7 @@ words in L2), every call in a CUDA graph (no launch cost on the host), on the GP
   python benchmarks/experiments/graph_int4_one_row.py --eager gate_up   # a few plain launches, for ncu
   python benchmarks/experiments/graph_int4_one_row.py --down-plain      # down without SiLU-and-mul in it
   python benchmarks/experiments/graph_int4_one_row.py --down-plain --half-sums   # also the fp16-pair loop
+  python benchmarks/experiments/graph_int4_one_row.py --down-plain --fp4         # also FP4 words (NVFP4, MXFP4)
 
 Per kernel: microseconds a call per layer kind (a graph of its 36 calls) and the step's 144 calls in
 one graph, with the bytes read over that time. Beside them: bf16 weights through the skinny kernel and
@@ -87,9 +88,14 @@ def main():
     parser.add_argument("--half-sums", action="store_true",
                         help="also the fp32 loop, and the fp16-pair loop (half_sums, NVIDIA's packed "
                         "instructions) with one or two runs of words in flight, the inputs requested a run early or not")
+    parser.add_argument("--fp4", action="store_true",
+                        help="also FP4 e2m1 words with NVFP4's scale bytes (groups of 16) and MXFP4's (32), in "
+                        "NVIDIA's packed instructions and in plain Triton")
     parser.add_argument("--down-plain", action="store_true",
                         help="down's input already activated (what forming SiLU(gate) * up in every program costs)")
     args = parser.parse_args()
+    if args.fp4 and not args.down_plain:
+        parser.error("--fp4 takes --down-plain (FP4 layers take a plain input)")
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
     words = {name: [torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, device=dev) for _ in range(LAYERS)]
@@ -167,6 +173,25 @@ def main():
             cfg = dict(INT4_GEMV_CONFIG, half_sums=half, ptx=True, ahead=ahead, inputs_ahead=inputs_ahead)
             measure(f"{'half sums ptx' if half else 'fp32'} ahead {ahead}{' inputs ahead' if inputs_ahead else ''}",
                     configured_kernel(cfg), gemv_int4._int4_gemv_kernel)
+    if args.fp4:
+        for kind, group in (("e4m3", 16), ("e8m0", 32)):
+            fp4_scales = {name: [torch.randint(100, 120, (n, k // group), dtype=torch.uint8, device=dev)
+                                 for _ in range(LAYERS)] for name, (n, k) in SHAPES.items()}
+            row_scale = {name: torch.full((n,), 1e-3, device=dev) for name, (n, k) in SHAPES.items()}
+
+            def fp4_call(cfg, kind=kind, group=group, fp4_scales=fp4_scales, row_scale=row_scale):
+                def call(name, i):
+                    x, kw = calls[name]
+                    y = kw["residual"] if "residual" in kw else outs[name]
+                    return lambda: int4_gemv(x, words[name][i], fp4_scales[name][i], None, group, 128, y, None,
+                                             False, kw.get("norm_weight"), kw.get("eps", 0.0), "residual" in kw, cfg,
+                                             fp4=kind, row_scale=row_scale[name])
+                return call
+            for ptx, ahead in ((True, 2), (True, 1), (False, 2)):
+                cfg = dict(INT4_GEMV_CONFIG, ptx=ptx, ahead=ahead)
+                measure(f"fp4 {kind} {'ptx' if ptx else 'triton'} ahead {ahead}", fp4_call(cfg),
+                        gemv_int4._int4_gemv_kernel)
+            del fp4_scales
     if args.sweep:
         for bn, warps, stages, programs in itertools.product((16, 32, 64), (4, 8), (1, 2), (0, 528)):
             cfg = dict(INT4_GEMV_CONFIG, block_n=bn, num_warps=warps, num_stages=stages, min_programs=programs)

@@ -29,7 +29,7 @@ from sageinfer.ops.gemv import (finish_rows, formed_input, fused_input, program_
                                 rms_scaled, silu_times)
 from sageinfer.ops.split_k import add_parts, split_launch
 from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_times_place
-from sageinfer.ops.fp4_weights import check_fp4_layout, fp4_halves, fp4_value, group_scales, scale_in_word, scale_offsets
+from sageinfer.ops.fp4_weights import check_fp4_layout, fp4_halves, fp4_value, group_scales, scale_offsets
 from sageinfer.platforms.cuda_device import fp4_pair_sums, nibble_pair_sums, pack_half2, ptx_arch
 
 # The best of 20 tried on an H200 at Qwen3-8B shapes, one row, each layer with its decode-step fusions
@@ -308,31 +308,37 @@ def _run_raw(x_ptr, norm_w_ptr, ms3, m_mask3, ws3, k0, stride_xm, SLICE: tl.cons
 
 
 @triton.jit
-def _fp4_run_scales(scale_ptr, rows3, row_mask3, stride_sn, k0, GROUP: tl.constexpr, SLICE: tl.constexpr,
+def _fp4_scale_byte(v, BYTE: tl.constexpr, E8M0: tl.constexpr):
+    """Byte BYTE (0 or 1) of 16-bit scale pairs held in int32, as float32 (ops/fp4_weights.scale_in_word)."""
+    if E8M0:
+        return ((v << (23 - 8 * BYTE)) & 0x7F800000).to(tl.float32, bitcast=True)
+    return ((v >> (8 * BYTE)) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _fp4_run_scales(scale_ptr, rows3, row_mask3, ws3, stride_sn, k0, GROUP: tl.constexpr, SLICE: tl.constexpr,
                     E8M0: tl.constexpr):
     """The scales of each thread's four consecutive columns in the run at k0's eight slices, [1, N, S / 4]
-    each: where slices hold whole groups, two words a row (ops/fp4_weights.py's run-major order), else a
-    byte a column and slice."""
-    quads = tl.arange(0, SLICE // 4)[None, None, :]
+    each, loaded in the words' own [1, N, S] shape and split as they are (quarters), so they come in
+    the layout of the pair sums (Triton 3.6 gave scales loaded in a shape of their own a round trip
+    through shared memory each: 1,034 instructions a trip against 527 without scales). Where slices hold
+    whole groups (ops/fp4_weights.py's run-major order) a thread's four columns load their group's
+    eight bytes of the run as four 16-bit pairs, slices 2 i and 2 i + 1 in pair i; else each of the four
+    loads slice i's byte, and slice i + 4's from a second load."""
+    row = rows3 * stride_sn
+    within = ws3 % 4
     if SLICE % GROUP == 0:
         T: tl.constexpr = SLICE // GROUP
-        first = (rows3 * stride_sn + (k0 // (8 * SLICE)) * (8 * T) + (quads // (GROUP // 4)) * 8) // 4
-        words = scale_ptr.to(tl.pointer_type(tl.int32))
-        low = tl.load(words + first, mask=row_mask3, other=0)
-        high = tl.load(words + first + 1, mask=row_mask3, other=0)
-        return (scale_in_word(low, 0, E8M0), scale_in_word(low, 1, E8M0), scale_in_word(low, 2, E8M0),
-                scale_in_word(low, 3, E8M0), scale_in_word(high, 0, E8M0), scale_in_word(high, 1, E8M0),
-                scale_in_word(high, 2, E8M0), scale_in_word(high, 3, E8M0))
-    row = rows3 * stride_sn
-    at = k0 + 4 * quads  # (a slice lies in one group here)
-    return (group_scales(scale_ptr, row + at // GROUP, row_mask3, E8M0),
-            group_scales(scale_ptr, row + (at + SLICE) // GROUP, row_mask3, E8M0),
-            group_scales(scale_ptr, row + (at + 2 * SLICE) // GROUP, row_mask3, E8M0),
-            group_scales(scale_ptr, row + (at + 3 * SLICE) // GROUP, row_mask3, E8M0),
-            group_scales(scale_ptr, row + (at + 4 * SLICE) // GROUP, row_mask3, E8M0),
-            group_scales(scale_ptr, row + (at + 5 * SLICE) // GROUP, row_mask3, E8M0),
-            group_scales(scale_ptr, row + (at + 6 * SLICE) // GROUP, row_mask3, E8M0),
-            group_scales(scale_ptr, row + (at + 7 * SLICE) // GROUP, row_mask3, E8M0))
+        pairs = scale_ptr.to(tl.pointer_type(tl.int16))
+        at = (row + (k0 // (8 * SLICE)) * (8 * T)) // 2 + (ws3 // GROUP) * 4 + within
+        p0, p1, p2, p3 = quarters(tl.load(pairs + at, mask=row_mask3, other=0).to(tl.int32))
+        return (_fp4_scale_byte(p0, 0, E8M0), _fp4_scale_byte(p0, 1, E8M0), _fp4_scale_byte(p1, 0, E8M0),
+                _fp4_scale_byte(p1, 1, E8M0), _fp4_scale_byte(p2, 0, E8M0), _fp4_scale_byte(p2, 1, E8M0),
+                _fp4_scale_byte(p3, 0, E8M0), _fp4_scale_byte(p3, 1, E8M0))
+    # (a slice lies in one group here)
+    s0, s1, s2, s3 = quarters(group_scales(scale_ptr, row + (k0 + within * SLICE) // GROUP, row_mask3, E8M0))
+    s4, s5, s6, s7 = quarters(group_scales(scale_ptr, row + (k0 + (within + 4) * SLICE) // GROUP, row_mask3, E8M0))
+    return s0, s1, s2, s3, s4, s5, s6, s7
 
 
 @triton.jit
@@ -397,7 +403,7 @@ def _half_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, ahead
             back = _power_of_two_bits(e)
         run = tl.zeros((BLOCK_M, BLOCK_N, SLICE // 4), dtype=tl.float32)
         if FP4:
-            fp4_scales = _fp4_run_scales(scale_ptr, rows3, row_mask3, stride_sn, k0, GROUP, SLICE, E8M0)
+            fp4_scales = _fp4_run_scales(scale_ptr, rows3, row_mask3, ws3, stride_sn, k0, GROUP, SLICE, E8M0)
         for j in tl.static_range(4):
             # NVIDIA's loop reads nibbles 1 and 3 of a byte 16 times larger: their inputs a sixteenth as large
             mult = x_mult16 if PTX and j % 2 == 1 and not FP4 else x_mult
