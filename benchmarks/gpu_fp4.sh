@@ -2,9 +2,9 @@
 # FP4 weights at four bits on one GPU (about 8 minutes on an H200), after carrying .whl and installing it
 # as benchmarks/gpu_test_suite.sh's header says:
 #   0. the FP4 and one-row 4-bit kernel tests (NVIDIA's PTX for FP4 values runs only on a GPU);
-#   1. L1 on qwen3-8b-nvfp4 twice (9.40 ms a token when FP4 was held as INT8, 2026-12-03), then T2 once
-#      (2 to 32 rows through the tensor-core kernel, more through the expansion);
-#   2. W4A16 L1 with the next run's inputs requested a run early (SAGEINFER_INT4_INPUTS_AHEAD) off and on.
+#   1. L1 on qwen3-8b-nvfp4 twice (9.40 ms a token when FP4 was held as INT8; 3.58 at four bits), then T2
+#      once (2 to 32 rows through the tensor-core kernel, more through the expansion; 11,790 tok/s).
+# (benchmarks/results/2026-12-03c-h200-fp4-four-bits.md)
 # Key numbers go to stdout, the JSONs to $OUT.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-}:$PWD
@@ -25,9 +25,3 @@ done
 timeout 150 python3 benchmarks/run_standard.py --model "$S/qwen3-8b-nvfp4" --workloads T2-decode-heavy \
   --out "$OUT/t2-nvfp4.json" > "$OUT/run.log" 2>&1 && report "$OUT/t2-nvfp4.json" T2-decode-heavy nvfp4 \
   || tail -5 "$OUT/run.log"
-for early in 0 1; do
-  SAGEINFER_INT4_INPUTS_AHEAD=$early timeout 100 python3 benchmarks/run_standard.py --model "$S/qwen3-8b-w4a16" \
-    --workloads L1-single-stream --out "$OUT/l1-w4a16-inputs-ahead-$early.json" > "$OUT/run.log" 2>&1 \
-    && report "$OUT/l1-w4a16-inputs-ahead-$early.json" L1-single-stream "w4a16 inputs ahead $early" \
-    || tail -5 "$OUT/run.log"
-done

@@ -87,7 +87,7 @@ def main():
     parser.add_argument("--eager", default=None, choices=list(SHAPES), help="only launch this layer a few times")
     parser.add_argument("--half-sums", action="store_true",
                         help="also the fp32 loop, and the fp16-pair loop (half_sums, NVIDIA's packed "
-                        "instructions) with one or two runs of words in flight, the inputs requested a run early or not")
+                        "instructions) with one or two runs of words in flight")
     parser.add_argument("--fp4", action="store_true",
                         help="also FP4 e2m1 words with NVFP4's scale bytes (groups of 16) and MXFP4's (32), in "
                         "NVIDIA's packed instructions and in plain Triton")
@@ -168,10 +168,9 @@ def main():
     measure("read the words only (528 programs)", read_only)
     measure("engine default", default_kernel, gemv_int4._int4_gemv_kernel)
     if args.half_sums:
-        for half, ahead, inputs_ahead in ((False, 1, False), (True, 1, False), (True, 2, False), (True, 2, True),
-                                          (True, 1, True)):
-            cfg = dict(INT4_GEMV_CONFIG, half_sums=half, ptx=True, ahead=ahead, inputs_ahead=inputs_ahead)
-            measure(f"{'half sums ptx' if half else 'fp32'} ahead {ahead}{' inputs ahead' if inputs_ahead else ''}",
+        for half, ahead in ((False, 1), (True, 1), (True, 2)):
+            cfg = dict(INT4_GEMV_CONFIG, half_sums=half, ptx=True, ahead=ahead)
+            measure(f"{'half sums ptx' if half else 'fp32'} ahead {ahead}",
                     configured_kernel(cfg), gemv_int4._int4_gemv_kernel)
     if args.fp4:
         for kind, group in (("e4m3", 16), ("e8m0", 32)):

@@ -150,7 +150,7 @@ def _int4_one_row_call(args):
 def int4_gemv(args):
     import sageinfer.ops.gemv_int4 as g
     cfg = dict(g.INT4_GEMV_CONFIG, half_sums=args.half_sums != "off", ptx=args.half_sums == "ptx", ahead=args.ahead,
-               min_programs=args.min_programs, inputs_ahead=args.inputs_ahead)
+               min_programs=args.min_programs)
     fp4 = {"fp4": args.fp4, "row_scale": torch.ones(4096)} if args.fp4 else {}
     return g, "_int4_gemv_kernel", lambda: g.int4_gemv(*_int4_one_row_call(args), cfg, **fp4)
 
@@ -172,8 +172,6 @@ def main():
     parser.add_argument("--half-sums", default="off", choices=["off", "triton", "ptx"],
                         help="int4-gemv: the fp16 pair loop, in Triton or in NVIDIA's packed instructions")
     parser.add_argument("--min-programs", type=int, default=0, help="int4-gemv: split K up to this many programs")
-    parser.add_argument("--inputs-ahead", action="store_true",
-                        help="int4-gemv with --half-sums: the next run's inputs and scales requested a run early")
     parser.add_argument("--ahead", type=int, default=1, help="int4-gemv with --half-sums: runs of words in flight")
     parser.add_argument("--fp4", choices=["e4m3", "e8m0"], help="int4-gemv: FP4 e2m1 words with NVFP4's (e4m3) or "
                         "MXFP4's (e8m0) scale bytes (the fp16-pair loop; --half-sums ptx for NVIDIA's)")

@@ -57,18 +57,15 @@ from sageinfer.platforms.cuda_device import fp4_pair_sums, nibble_pair_sums, pac
 # one. On an H200 the step's 144 one-row 4-bit matmuls 2.84 -> 2.70 ms in CUDA graphs, W4A16 L1 TPOT 3.74 ->
 # 3.50 ms with one run ahead, 3.45 with two; the fp32 loop got slower with two (3.86 ms)
 # (benchmarks/results/2026-12-03b-h200-w4a16-half-sums.md). SAGEINFER_INT4_HALF_SUMS=0|1 and
-# SAGEINFER_INT4_AHEAD=1|2 force them.
-# "inputs_ahead": the fp16-pair loop requests the next run's inputs, norm weights and scales while this
-# run is used, as its words are (on sm_90 the loop issues its eight input loads at the top of each trip
-# and waits for them before its first fp16 instruction; 519 -> 536 instructions a trip, 651 -> 650 with
-# the norm). Not timed on a GPU yet: off (SAGEINFER_INT4_INPUTS_AHEAD=1 turns it on).
+# SAGEINFER_INT4_AHEAD=1|2 force them. Requesting the next run's inputs and scales a run early as well
+# (the loop waits on them at the top of each trip) measured 3.33 against 3.28 ms and was removed
+# (benchmarks/results/2026-12-03c-h200-fp4-four-bits.md).
 INT4_GEMV_CONFIG = {"block_n": 32, "num_warps": 8, "num_stages": 2,
                     "min_programs": int(os.environ.get("SAGEINFER_INT4_GEMV_MIN_PROGRAMS", "0")),
                     "quad_sums": os.environ.get("SAGEINFER_INT4_QUAD_SUMS", "1") != "0",
                     "run_scales": os.environ.get("SAGEINFER_INT4_RUN_SCALES", "1") != "0",
                     "half_sums": {"0": False, "1": True}.get(os.environ.get("SAGEINFER_INT4_HALF_SUMS", "")),
-                    "ahead": int(os.environ.get("SAGEINFER_INT4_AHEAD", "0")),
-                    "inputs_ahead": os.environ.get("SAGEINFER_INT4_INPUTS_AHEAD", "0") == "1"}
+                    "ahead": int(os.environ.get("SAGEINFER_INT4_AHEAD", "0"))}
 
 
 @triton.jit
@@ -345,45 +342,28 @@ def _fp4_run_scales(scale_ptr, rows3, row_mask3, ws3, stride_sn, k0, GROUP: tl.c
 def _half_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, ahead, rows3, row_mask3, ms3, m_mask3, ws3,
                     rstd3, k_lo, k_hi, K, stride_xm, stride_sn, GROUP: tl.constexpr, SLICE: tl.constexpr,
                     HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRENORM: tl.constexpr,
-                    RUN_SCALES: tl.constexpr, PTX: tl.constexpr, AHEAD: tl.constexpr,
-                    INPUTS_AHEAD: tl.constexpr, FP4: tl.constexpr = False, E8M0: tl.constexpr = False):
+                    RUN_SCALES: tl.constexpr, PTX: tl.constexpr, AHEAD: tl.constexpr, FP4: tl.constexpr = False,
+                    E8M0: tl.constexpr = False):
     """The quad-sum loop in 16-bit pairs: a word's nibbles j and j + 4 become fp16 1024 + n in its two
     halves with one AND-OR, the nibble less 8 is one exact fp16 subtraction, and a thread's four
     consecutive columns of a slice are summed in fp16 before the group's scale in fp32. Each thread
     brings its run's 32 inputs to (256, 512] by a power of two of its own (no pass over x first, no
     exchange between threads), which keeps those fp16 sums far below overflow and small inputs at
     fp16's precision relative to the largest; a run's sums are scaled back once. AHEAD: runs of
-    words in flight beyond the one in use (1, or 2 with `ahead` the second). INPUTS_AHEAD: the next run's
-    inputs (and norm weights) and scales are requested while this one is used, as its words are, instead
-    of at the start of its own trip. FP4: e2m1 values (ops/fp4_weights.py) with a scale byte per group of
-    GROUP columns (E8M0 exponents or FP8 e4m3), each of a thread's four columns' scale read (groups of
-    four columns at least); the values come out times 2^-14, so the inputs are brought to [2^14, 2^15)
-    instead. Accumulates [M, N, S / 4]."""
+    words in flight beyond the one in use (1, or 2 with `ahead` the second). FP4: e2m1 values
+    (ops/fp4_weights.py) with a scale byte per group of GROUP columns (E8M0 exponents or FP8 e4m3), read
+    for each thread's four columns (_fp4_run_scales); the values come out times 2^-14, so the inputs are
+    brought to [2^14, 2^15) instead. Accumulates [M, N, S / 4]."""
     RUN: tl.constexpr = 8 * SLICE
     ONCE_A_RUN: tl.constexpr = RUN_SCALES and not FP4 and (GROUP == SLICE or GROUP % RUN == 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N, SLICE // 4), dtype=tl.float32)
-    if INPUTS_AHEAD:
-        next_raw = _run_raw(x_ptr, norm_w_ptr, ms3, m_mask3, ws3, k_lo, stride_xm, SLICE, PRENORM)
-        if ONCE_A_RUN:
-            next_s, next_z = _load_run_scales(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, k_lo, GROUP, SLICE,
-                                              HAS_ZERO)
     for k0 in range(k_lo, k_hi, RUN):
         w0, w1, w2, w3 = quarters(words)
         v0, v1, v2, v3 = w0 >> 8, w1 >> 8, w2 >> 8, w3 >> 8
         words, ahead = _next_runs(w_rows, ws3, row_mask3, k0, K, ahead, SLICE, AHEAD)
-        if INPUTS_AHEAD:
-            raw = next_raw
-            later = tl.minimum(k0 + RUN, k_hi - RUN)  # the last run again past the end: no masks
-            next_raw = _run_raw(x_ptr, norm_w_ptr, ms3, m_mask3, ws3, later, stride_xm, SLICE, PRENORM)
-            if ONCE_A_RUN:
-                scales, offsets = _split_run_scales(next_s, next_z, GROUP, SLICE, HAS_ZERO)
-                next_s, next_z = _load_run_scales(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, later, GROUP,
-                                                  SLICE, HAS_ZERO)
-        else:
-            raw = _run_raw(x_ptr, norm_w_ptr, ms3, m_mask3, ws3, k0, stride_xm, SLICE, PRENORM)
-            if ONCE_A_RUN:
-                scales, offsets = _run_scales(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, k0, GROUP, SLICE,
-                                              HAS_ZERO)
+        raw = _run_raw(x_ptr, norm_w_ptr, ms3, m_mask3, ws3, k0, stride_xm, SLICE, PRENORM)
+        if ONCE_A_RUN:
+            scales, offsets = _run_scales(scale_ptr, zero_ptr, rows3, row_mask3, stride_sn, k0, GROUP, SLICE, HAS_ZERO)
         xs = (formed_input(*raw[0], rstd3, PRENORM), formed_input(*raw[1], rstd3, PRENORM),
               formed_input(*raw[2], rstd3, PRENORM), formed_input(*raw[3], rstd3, PRENORM),
               formed_input(*raw[4], rstd3, PRENORM), formed_input(*raw[5], rstd3, PRENORM),
@@ -431,8 +411,8 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
                       PRENORM: tl.constexpr, ADD_TO_Y: tl.constexpr, USE_PDL: tl.constexpr,
                       part_ptr, counter_ptr, k_per_split, SPLITS: tl.constexpr, QUAD_SUMS: tl.constexpr,
                       ACTIVATE: tl.constexpr, RUN_SCALES: tl.constexpr, HALF_SUMS: tl.constexpr = False,
-                      PTX: tl.constexpr = False, AHEAD: tl.constexpr = 1, INPUTS_AHEAD: tl.constexpr = False,
-                      FP4: tl.constexpr = False, E8M0: tl.constexpr = False):
+                      PTX: tl.constexpr = False, AHEAD: tl.constexpr = 1, FP4: tl.constexpr = False,
+                      E8M0: tl.constexpr = False):
     """SPLITS > 1: programs over parts of K too (program_id(1)); each stores its fp32 sums in its own
     [M, N] plane of part_ptr and counts itself in counter_ptr[program_id(0)]; the part that counts
     last adds the planes, finishes the output as one program would, and sets the count back to 0.
@@ -466,7 +446,7 @@ def _int4_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, norm_w_ptr, y
     if HALF_SUMS:
         acc = _half_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, ahead, rows3, row_mask3, ms3,
                               m_mask3, ws3, rstd3, k_lo, k_hi, K, stride_xm, stride_sn, GROUP, SLICE, HAS_ZERO,
-                              BLOCK_M, BLOCK_N, PRENORM, RUN_SCALES, PTX, AHEAD, INPUTS_AHEAD, FP4, E8M0)
+                              BLOCK_M, BLOCK_N, PRENORM, RUN_SCALES, PTX, AHEAD, FP4, E8M0)
     elif QUAD_SUMS:
         acc = _quad_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3, row_mask3, ms3, m_mask3,
                               ws3, rstd3, k_lo, k_hi, K, stride_xm, stride_sn, GROUP, SLICE, HAS_ZERO, BLOCK_M,
@@ -672,8 +652,6 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
         ahead = cfg.get("ahead", INT4_GEMV_CONFIG["ahead"]) or (2 if half_sums else 1)
         _int4_gemv_kernel[(tiles, parts)](*args, BLOCK_M=block_m, QUAD_SUMS=quad_sums, HALF_SUMS=half_sums,
                                           PTX=half_sums and ptx, AHEAD=ahead if quad_sums else 1,
-                                          INPUTS_AHEAD=half_sums and bool(cfg.get("inputs_ahead",
-                                                                                  INT4_GEMV_CONFIG["inputs_ahead"])),
                                           ACTIVATE=activate,
                                           RUN_SCALES=cfg.get("run_scales", INT4_GEMV_CONFIG["run_scales"]), **split,
                                           **flags)
