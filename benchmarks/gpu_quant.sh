@@ -21,3 +21,4 @@ run int8-w8a8 --model $S/qwen3-8b-int8-w8a8
 run w4a16 --model $S/qwen3-8b-w4a16
 run w8a16 --model $S/qwen3-8b-w8a16
 run nvfp4 --model $S/qwen3-8b-nvfp4
+run mxfp4 --model $S/qwen3-8b-mxfp4

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from quant_checkpoints import dequantized_copy, fp4_dense_copy
+from ranks import needs_ranks
 from sageinfer import LLM, SamplingParams
 
 pytest.importorskip("llmcompressor")
@@ -302,3 +303,13 @@ def test_a_quantized_lm_head_runs_as_transformers_runs_it(trained, tmp_path, sch
     ref = hf_logits(path, ids).log_softmax(-1)
     np.testing.assert_allclose(_prompt_logprobs(path, ids), [ref[i - 1, ids[i]].item() for i in range(1, len(ids))],
                                atol=5e-2 if _GPU and scheme.startswith("FP8") else 1e-4)
+
+
+@needs_ranks(2)
+@pytest.mark.parametrize("name", ["nvfp4a16", "mxfp4a16"])
+def test_fp4_at_two_ranks_gives_one_ranks_logprobs(trained, compressed, name):
+    """FP4 held at four bits split over two ranks (row-parallel layers: half the input columns, their
+    scale bytes and groups; each part of a merged layer its own global scale): tp=1's logprobs."""
+    ids = trained[1][:40]
+    one, two = (_prompt_logprobs(compressed[name], ids, tensor_parallel_size=tp) for tp in (1, 2))
+    np.testing.assert_allclose(one, two, atol=1e-4)

@@ -10,6 +10,7 @@ against 613 over bf16) and INT8 weights' I2F in the skinny GEMV.
   python benchmarks/experiments/sass_loop.py int4-gemv [--norm]
   python benchmarks/experiments/sass_loop.py int4-gemv --half-sums ptx --ahead 2 --fp4 e4m3
   python benchmarks/experiments/sass_loop.py fp8-block-matmul --rows 16 [--weights int8]
+  python benchmarks/experiments/sass_loop.py int4-mma --rows 16 [--fp4 e4m3]
 
 Counts are per thread and per loop trip; what a trip covers (keys, weights) follows from the printed
 tile sizes and warps. Fewer instructions is not the same as faster: time on a GPU before deciding.
@@ -155,6 +156,17 @@ def int4_gemv(args):
     return g, "_int4_gemv_kernel", lambda: g.int4_gemv(*_int4_one_row_call(args), cfg, **fp4)
 
 
+def int4_mma(args):
+    """ops/gemv_int4.w4a16_mma_matmul at 4096 x 4096, --rows rows, slices of 128: W4A16 groups of 128, or FP4."""
+    import sageinfer.ops.gemv_int4 as g
+    n, k, group = 4096, 4096, {"e4m3": 16, "e8m0": 32}.get(args.fp4, 128)
+    scale = torch.ones(n, k // group, dtype=torch.uint8 if args.fp4 else torch.bfloat16)
+    fp4 = {"fp4": args.fp4, "row_scale": torch.ones(n)} if args.fp4 else {}
+    x = torch.randn(args.rows, k, dtype=torch.bfloat16)
+    return g, "_int4_gemv_mma_kernel", lambda: g.w4a16_mma_matmul(x, torch.zeros(n, k // 8, dtype=torch.int32), scale,
+                                                                  None, group, 128, **fp4)
+
+
 def fp8_block_matmul(args):
     import sageinfer.ops.weight_only as wo
     weight = torch.zeros(4096, 4096, dtype=torch.int8 if args.weights == "int8" else torch.float8_e4m3fn)
@@ -164,7 +176,7 @@ def fp8_block_matmul(args):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("op", choices=["decode-attention", "gemv", "int4-gemv", "fp8-block-matmul"])
+    parser.add_argument("op", choices=["decode-attention", "gemv", "int4-gemv", "int4-mma", "fp8-block-matmul"])
     parser.add_argument("--kv", default="bf16", choices=["bf16", "fp8", "int8"])
     parser.add_argument("--weights", default="bf16", choices=["bf16", "fp8", "int8"])
     parser.add_argument("--rows", type=int, default=16)
@@ -173,13 +185,13 @@ def main():
                         help="int4-gemv: the fp16 pair loop, in Triton or in NVIDIA's packed instructions")
     parser.add_argument("--min-programs", type=int, default=0, help="int4-gemv: split K up to this many programs")
     parser.add_argument("--ahead", type=int, default=1, help="int4-gemv with --half-sums: runs of words in flight")
-    parser.add_argument("--fp4", choices=["e4m3", "e8m0"], help="int4-gemv: FP4 e2m1 words with NVFP4's (e4m3) or "
+    parser.add_argument("--fp4", choices=["e4m3", "e8m0"], help="int4-gemv, int4-mma: FP4 e2m1 words with NVFP4's (e4m3) or "
                         "MXFP4's (e8m0) scale bytes (the fp16-pair loop; --half-sums ptx for NVIDIA's)")
     parser.add_argument("--group", type=int, default=0, help="gemv: a scale per row and group of this many columns "
                         "(block FP8, W8A16), else per row")
     args = parser.parse_args()
     module, name, call = {"decode-attention": decode_attention, "gemv": gemv, "int4-gemv": int4_gemv,
-                          "fp8-block-matmul": fp8_block_matmul}[args.op](args)
+                          "int4-mma": int4_mma, "fp8-block-matmul": fp8_block_matmul}[args.op](args)
     compiled = compile_launch(module, name, call)
     opcodes = loop_opcodes(compiled["cubin"])
     print(name, {k: v for k, v in compiled["constants"].items() if k.isupper()}, compiled["options"],
