@@ -273,11 +273,11 @@ def test_other_architectures_as_llm_compressor_writes_them(tmp_path, arch, schem
                                atol=5e-2 if _GPU else 1e-4)
 
 
-@pytest.mark.parametrize("scheme", ["FP8_DYNAMIC", "W4A16", "W8A16", "mixed"])
+@pytest.mark.parametrize("scheme", ["FP8_DYNAMIC", "W4A16", "W8A16", "NVFP4A16", "mixed"])
 def test_a_quantized_lm_head_runs_as_transformers_runs_it(trained, tmp_path, scheme):
     """A recipe that leaves lm_head out of its ignore list quantizes it too (in a mixed recipe, the
     group that names it): the head then runs its scheme's method over the vocabulary rows (logits in
-    float32), equal to transformers on the files."""
+    float32), equal to transformers on the files (NVFP4A16: on the weights they encode)."""
     from compressed_tensors.quantization import preset_name_to_scheme
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -295,12 +295,13 @@ def test_a_quantized_lm_head_runs_as_transformers_runs_it(trained, tmp_path, sch
     AutoTokenizer.from_pretrained(trained[0]).save_pretrained(path)
     llm = LLM(path, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
     head = llm.engine.runner.model.lm_head
-    method = {"FP8_DYNAMIC": "W8A8Method", "W4A16": "W4A16Method", "W8A16": "W8A16Method",
+    method = {"FP8_DYNAMIC": "W8A8Method", "W4A16": "W4A16Method", "W8A16": "W8A16Method", "NVFP4A16": "Fp4Method",
               "mixed": "W4A16Method"}[scheme]
     assert isinstance(head, QuantizedLMHead) and type(head.quant).__name__ == method
     llm.engine.shutdown()
     ids = trained[1][:40]
-    ref = hf_logits(path, ids).log_softmax(-1)
+    oracle = fp4_dense_copy(path, str(tmp_path / "encoded")) if scheme == "NVFP4A16" else path
+    ref = hf_logits(oracle, ids).log_softmax(-1)
     np.testing.assert_allclose(_prompt_logprobs(path, ids), [ref[i - 1, ids[i]].item() for i in range(1, len(ids))],
                                atol=5e-2 if _GPU and scheme.startswith("FP8") else 1e-4)
 
