@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sageinfer.ops.weight_only import expansion_run
+
 _MAGNITUDE = (0, 3, 8, 11)
 _SIGN = (6, 7, 14, 15)
 # e2m1 of a code's low three bits
@@ -162,14 +164,8 @@ def _fp4_dequantize_kernel(w_ptr, s_ptr, row_s_ptr, out_ptr, N, stride_wn, strid
                            SLICE: tl.constexpr, BLOCK_N: tl.constexpr, E8M0: tl.constexpr):
     """One run of 8 SLICE columns of BLOCK_N rows: each word read once, its eight values written as
     eight slices of consecutive columns."""
-    ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    run = tl.program_id(1)
-    n_mask = ns < N
-    ws = tl.arange(0, SLICE)
-    words = tl.load(w_ptr + ns.to(tl.int64)[:, None] * stride_wn + (run * SLICE + ws)[None, :],
-                    mask=n_mask[:, None], other=0)
+    ns, n_mask, run, ws, words, out_rows = expansion_run(w_ptr, out_ptr, N, stride_wn, stride_on, SLICE, BLOCK_N)
     row_s = tl.load(row_s_ptr + ns, mask=n_mask, other=0.0) * 16384.0  # (values come out times 2^-14)
-    out_rows = out_ptr + ns.to(tl.int64)[:, None] * stride_on
     for j in tl.static_range(8):
         ks = (run * 8 + j) * SLICE + ws
         s = group_scales(s_ptr, ns[:, None] * stride_sn + scale_offsets(ks, GROUP, SLICE)[None, :], n_mask[:, None],

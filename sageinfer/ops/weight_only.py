@@ -179,17 +179,25 @@ def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn,
 
 
 @triton.jit
-def _int4_dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, stride_wn, stride_sn, stride_on, GROUP: tl.constexpr,
-                            SLICE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One run of 8 SLICE columns of BLOCK_N rows: each word read once, its eight nibbles written as
-    eight slices of consecutive columns."""
+def expansion_run(w_ptr, out_ptr, N, stride_wn, stride_on, SLICE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """An expansion program's BLOCK_N rows (program_id(0)) and run of 8 SLICE columns (program_id(1)): the
+    rows and their mask, the run, a slice's offsets, the run's words [BLOCK_N, SLICE] (each read once)
+    and the output rows."""
     ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     run = tl.program_id(1)
     n_mask = ns < N
     ws = tl.arange(0, SLICE)
     words = tl.load(w_ptr + ns.to(tl.int64)[:, None] * stride_wn + (run * SLICE + ws)[None, :],
                     mask=n_mask[:, None], other=0)
-    out_rows = out_ptr + ns.to(tl.int64)[:, None] * stride_on
+    return ns, n_mask, run, ws, words, out_ptr + ns.to(tl.int64)[:, None] * stride_on
+
+
+@triton.jit
+def _int4_dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, stride_wn, stride_sn, stride_on, GROUP: tl.constexpr,
+                            SLICE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One run of 8 SLICE columns of BLOCK_N rows: each word read once, its eight nibbles written as
+    eight slices of consecutive columns."""
+    ns, n_mask, run, ws, words, out_rows = expansion_run(w_ptr, out_ptr, N, stride_wn, stride_on, SLICE, BLOCK_N)
     for j in tl.static_range(8):
         k0 = (run * 8 + j) * SLICE
         s = tl.load(s_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)

@@ -45,6 +45,11 @@ def checkpoint_codes(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0xF, packed >> 4), -1).reshape(packed.shape[0], -1).to(torch.int32)
 
 
+def _scale_bytes(scale: torch.Tensor) -> torch.Tensor:
+    """A checkpoint's group scales as bytes: NVFP4's FP8 e4m3 viewed as uint8, MXFP4's E8M0 as they are."""
+    return scale.view(torch.uint8) if scale.dtype == torch.float8_e4m3fn else scale
+
+
 class Fp4Method:
     # The one-row loop takes a plain input: the MLP activates in its gate_up matmul (layers/linear.py).
     plain_one_row_input = True
@@ -66,9 +71,8 @@ class Fp4Method:
             return layer.new_weight()
         checkpoint_param(layer, "weight_packed", torch.empty(local_out, local_in // 2, dtype=torch.uint8),
                          lambda t: t)
-        as_bytes = lambda t: t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # noqa: E731
         checkpoint_param(layer, "weight_scale", torch.empty(local_out, local_in // self.group, dtype=torch.uint8),
-                         as_bytes)
+                         _scale_bytes)
         if not self.mx:
             layer.weight_global_scale = nn.Parameter(torch.zeros(local_out), requires_grad=False)
             layer.weight_global_scale.weight_loader = per_row_scale_loader(layer)  # one a tensor (a merged part)
