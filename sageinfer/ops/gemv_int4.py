@@ -15,6 +15,9 @@ two weights an instruction, each thread's inputs brought to fp16's range by a po
 
 A second kernel does the same on the tensor cores (rows padded to 16, the weights dequantized in
 registers as the MMA's first operand): fewer instructions a weight, and 2-8 rows cost what one does.
+
+Both also run FP4 e2m1 words (ops/fp4_weights.py, FP4=True): the fp16-pair loop with its own decode and
+the scale bytes of each thread's columns, the tensor-core kernel a group's columns a dot.
 """
 from __future__ import annotations
 
