@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sageinfer.ops.weight_only import expansion_run
+from sageinfer.ops.weight_only import expansion_run, fp16_halves
 
 _MAGNITUDE = (0, 3, 8, 11)
 _SIGN = (6, 7, 14, 15)
@@ -118,17 +118,14 @@ def fp4_half_bits(words, J: tl.constexpr):
 @triton.jit
 def fp4_halves(words, J: tl.constexpr):
     """Values J and J + 4 of int32 words as fp16, each the value times 2^-14."""
-    t = fp4_half_bits(words, J)
-    return t.to(tl.int16).to(tl.float16, bitcast=True), (t >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return fp16_halves(fp4_half_bits(words, J))
 
 
 @triton.jit
 def fp4_value(words, j: tl.constexpr):
     """Value j of int32 words as float32, times 2^-14."""
-    t = fp4_half_bits(words, j % 4)
-    if j >= 4:
-        t = t >> 16
-    return t.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    low, high = fp4_halves(words, j % 4)
+    return (high if j >= 4 else low).to(tl.float32)
 
 
 @triton.jit
@@ -153,10 +150,7 @@ def scale_in_word(word, BYTE: tl.constexpr, E8M0: tl.constexpr):
 @triton.jit
 def group_scales(scale_ptr, offsets, mask, E8M0: tl.constexpr):
     """Scale bytes at offsets as float32: E8M0 exponents (2^(e - 127); e = 0 reads 0) or FP8 e4m3."""
-    raw = tl.load(scale_ptr + offsets, mask=mask, other=0)
-    if E8M0:
-        return (raw.to(tl.int32) << 23).to(tl.float32, bitcast=True)
-    return raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return scale_in_word(tl.load(scale_ptr + offsets, mask=mask, other=0).to(tl.int32), 0, E8M0)
 
 
 @triton.jit

@@ -31,8 +31,9 @@ from sageinfer.ops import launch
 from sageinfer.ops.gemv import (finish_rows, formed_input, fused_input, program_tile_3d, quarters, raw_input,
                                 rms_scaled, silu_times)
 from sageinfer.ops.split_k import add_parts, split_launch
-from sageinfer.ops.weight_only import check_int4_layout, nibble_planes, nibble_times_place
-from sageinfer.ops.fp4_weights import check_fp4_layout, fp4_halves, fp4_value, group_scales, scale_offsets
+from sageinfer.ops.weight_only import check_int4_layout, fp16_halves, nibble_planes, nibble_times_place
+from sageinfer.ops.fp4_weights import (check_fp4_layout, fp4_halves, fp4_value, group_scales, scale_in_word,
+                                        scale_offsets)
 from sageinfer.platforms.cuda_device import fp4_pair_sums, nibble_pair_sums, pack_half2, ptx_arch
 
 # The best of 20 tried on an H200 at Qwen3-8B shapes, one row, each layer with its decode-step fusions
@@ -227,8 +228,7 @@ def _quad_sums_loop(x_ptr, w_rows, scale_ptr, zero_ptr, norm_w_ptr, words, rows3
 def _half_pair(words, J: tl.constexpr):
     """Nibbles J and J + 4 of each word as fp16, 1024 + nibble each: the two nibbles land in the low
     bits of the word's two halves (one shift, one AND-OR), each half then fp16's bits of 1024 + n."""
-    t = ((words >> (4 * J)) & 0x000F000F) | 0x64006400
-    return t.to(tl.int16).to(tl.float16, bitcast=True), (t >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return fp16_halves(((words >> (4 * J)) & 0x000F000F) | 0x64006400)
 
 
 @triton.jit
@@ -308,14 +308,6 @@ def _run_raw(x_ptr, norm_w_ptr, ms3, m_mask3, ws3, k0, stride_xm, SLICE: tl.cons
 
 
 @triton.jit
-def _fp4_scale_byte(v, BYTE: tl.constexpr, E8M0: tl.constexpr):
-    """Byte BYTE (0 or 1) of 16-bit scale pairs held in int32, as float32 (ops/fp4_weights.scale_in_word)."""
-    if E8M0:
-        return ((v << (23 - 8 * BYTE)) & 0x7F800000).to(tl.float32, bitcast=True)
-    return ((v >> (8 * BYTE)) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
-
-
-@triton.jit
 def _fp4_run_scales(scale_ptr, rows3, row_mask3, ws3, stride_sn, k0, GROUP: tl.constexpr, SLICE: tl.constexpr,
                     E8M0: tl.constexpr):
     """The scales of each thread's four consecutive columns in the run at k0's eight slices, [1, N, S / 4]
@@ -332,9 +324,9 @@ def _fp4_run_scales(scale_ptr, rows3, row_mask3, ws3, stride_sn, k0, GROUP: tl.c
         pairs = scale_ptr.to(tl.pointer_type(tl.int16))
         at = (row + (k0 // (8 * SLICE)) * (8 * T)) // 2 + (ws3 // GROUP) * 4 + within
         p0, p1, p2, p3 = quarters(tl.load(pairs + at, mask=row_mask3, other=0).to(tl.int32))
-        return (_fp4_scale_byte(p0, 0, E8M0), _fp4_scale_byte(p0, 1, E8M0), _fp4_scale_byte(p1, 0, E8M0),
-                _fp4_scale_byte(p1, 1, E8M0), _fp4_scale_byte(p2, 0, E8M0), _fp4_scale_byte(p2, 1, E8M0),
-                _fp4_scale_byte(p3, 0, E8M0), _fp4_scale_byte(p3, 1, E8M0))
+        return (scale_in_word(p0, 0, E8M0), scale_in_word(p0, 1, E8M0), scale_in_word(p1, 0, E8M0),
+                scale_in_word(p1, 1, E8M0), scale_in_word(p2, 0, E8M0), scale_in_word(p2, 1, E8M0),
+                scale_in_word(p3, 0, E8M0), scale_in_word(p3, 1, E8M0))
     # (a slice lies in one group here)
     s0, s1, s2, s3 = quarters(group_scales(scale_ptr, row + (k0 + within * SLICE) // GROUP, row_mask3, E8M0))
     s4, s5, s6, s7 = quarters(group_scales(scale_ptr, row + (k0 + (within + 4) * SLICE) // GROUP, row_mask3, E8M0))

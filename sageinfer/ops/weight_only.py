@@ -61,6 +61,12 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
 
 
 @triton.jit
+def fp16_halves(t):
+    """int32 words holding fp16 bits in each half -> the two halves as fp16 tensors (low, high)."""
+    return t.to(tl.int16).to(tl.float16, bitcast=True), (t >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
 def nibbles_as_float(words, shift):
     """The 4-bit values at `shift` of int32 words as exact fp32 in [0, 15]: the nibble is placed
     under the exponent of 2^23 and 2^23 subtracted (two integer-free ops instead of a slow int to

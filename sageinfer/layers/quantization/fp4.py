@@ -26,6 +26,7 @@ from sageinfer.layers.quantization.w8a8 import per_row_scale_loader
 from sageinfer.ops.fp4_weights import fp4_dequantize, fp4_dequantize_kernel, fp4_pack, scales_run_major
 from sageinfer.ops.gemv import gemv
 from sageinfer.ops.gemv_int4 import w4a16_mma_matmul
+from sageinfer.ops.weight_only import slice_width_for
 
 _E2M1_MAX = 6.0
 _FP8_MAX = 448.0
@@ -33,10 +34,9 @@ _E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 
 def fp4_slice_width(k: int) -> int:
-    """The widest slice (a power of two from 4 to 128) whose runs of 8 S columns tile k; 0 if none."""
-    s = 128
-    while s >= 4 and k % (8 * s):
-        s //= 2
+    """The widest slice (a power of two from 4 to 128) whose runs of 8 S columns tile k; 0 if none
+    (the slices need not lie in one group: the FP4 kernels read a scale per four columns)."""
+    s = slice_width_for(k, 128)
     return s if s >= 4 else 0
 
 
