@@ -23,9 +23,14 @@ gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 SERVING="tests/test_server.py tests/test_server_faults.py"
 ROUTING="tests/test_router.py tests/test_pd_serving.py"
 ENGINE=$(ls tests/test_*.py | grep -v -E "test_(server|server_faults|router|pd_serving|tensor_parallel)\.py")
-half=$(( $(echo "$ENGINE" | wc -l) / 2 ))
-ENGINE_A=$(echo "$ENGINE" | head -n "$half")
-ENGINE_B=$(echo "$ENGINE" | tail -n +"$((half + 1))")
+# The engine's files dealt out in turn (the kernel tests, the slowest on a GPU, sit together by name):
+# two parts for two GPUs, three when the parts share one (GROUP=shared).
+deal() { echo "$ENGINE" | awk -v n="$1" -v i="$2" 'NR % n == i'; }
+ENGINE_PARTS=2; [ "$GROUP" = shared ] && ENGINE_PARTS=3
+ENGINE_A=$(deal $ENGINE_PARTS 1)
+ENGINE_B=$(deal $ENGINE_PARTS $(( 2 % ENGINE_PARTS )))
+ENGINE_C=$(deal 3 0)
+# ONLY="tests/a.py tests/b.py" runs just those files, as one part (e.g. what a cut-short part left).
 worst=0
 part() {  # name, gpu, tests... (in the background when there are two GPUs)
   local name=$1 gpu=$2; shift 2
@@ -42,14 +47,18 @@ pair() {  # two parts side by side on two GPUs, or one after the other
   worst=$(( worst > a ? worst : a )); worst=$(( worst > b ? worst : b ))
 }
 ran=""
+if [ -n "${ONLY:-}" ]; then
+  part only 0 $ONLY; worst=$?; ran=only; GROUP=none
+fi
 if [ "$GROUP" = shared ]; then
   part engine_a 0 $ENGINE_A & p1=$!
   part engine_b 0 $ENGINE_B & p2=$!
+  part engine_c 0 $ENGINE_C & p6=$!
   part routing 0 tests/test_router.py tests/test_tensor_parallel.py & p3=$!
   part server 0 $SERVING & p4=$!
   part pd 0 tests/test_pd_serving.py & p5=$!  # its instances start slowly on a GPU: a part of its own
-  for p in $p1 $p2 $p3 $p4 $p5; do wait $p; rc=$?; worst=$(( worst > rc ? worst : rc )); done
-  ran="engine_a engine_b routing server pd"
+  for p in $p1 $p2 $p6 $p3 $p4 $p5; do wait $p; rc=$?; worst=$(( worst > rc ? worst : rc )); done
+  ran="engine_a engine_b engine_c routing server pd"
 fi
 if [ "$GROUP" = 1 ] || [ "$GROUP" = all ]; then
   pair engine_a "$ENGINE_A" engine_b "$ENGINE_B"; ran="$ran engine_a engine_b"

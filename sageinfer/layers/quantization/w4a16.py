@@ -37,8 +37,8 @@ _ONE_ROW_MIN_SLICE = 16
 # 2 to 32 rows take the tensor-core kernel: on an H200 at Qwen3-8B shapes it held gate_up at ~50 us
 # from 1 to 16 rows, where the CUDA-core kernel took 98-212 us and the expansion 134 us; at 64 rows
 # (two tiles of 32) it equalled the expansion (benchmarks/results/2026-12-01-h200-w4a16-rows.md).
-# SAGEINFER_W4A16MMA_MAX_ROWS=0 sends those rows to the expansion instead, to compare.
-MMA_MAX_ROWS = int(os.environ.get("SAGEINFER_W4A16MMA_MAX_ROWS", "32"))
+# SAGEINFER_W4A16_MMA_MAX_ROWS=0 sends those rows to the expansion instead, to compare.
+MMA_MAX_ROWS = int(os.environ.get("SAGEINFER_W4A16_MMA_MAX_ROWS", "32"))
 # Those rows' matmuls as few as 64-96 programs (o, down and qkv at Qwen3-8B shapes) leave an H200's 132
 # processors half idle; SAGEINFER_W4A16_SPLIT_K=0 splits them over input features too, to fill twice
 # the processors (w4a16_mma_matmul's split_k). 1, no split, until timed on a GPU
