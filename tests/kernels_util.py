@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import torch
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend
 
 from sageinfer.attention.backend import AttentionMetadata
 
@@ -51,3 +53,16 @@ def poison_unwritten_slots(k_cache, v_cache, meta):
     owned = owned.to(k_cache.device)
     k_cache[~owned] = float("nan")
     v_cache[~owned] = float("nan")
+
+
+def launch_key(kernel, args, kwargs) -> tuple:
+    """What a Triton launch compiles by: its constexprs and launch options, and the specialisation of
+    every other argument (as Triton's JIT computes it, with the kernel's do_not_specialize); tensors
+    passed by name (split-K's planes) by their specialisation too, other named values as they are."""
+    names = kernel.arg_names
+    unspecialised = set(getattr(kernel, "do_not_specialize", None) or kernel.kwargs.get("do_not_specialize") or [])
+    values = {**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}}
+    spec = tuple((n, native_specialize_impl(BaseBackend, v, False, n not in unspecialised, True))
+                 for n, v in values.items())
+    options = tuple(sorted((k, str(v)) for k, v in kwargs.items() if not isinstance(v, torch.Tensor)))
+    return kernel.fn.__name__, options, spec

@@ -8,8 +8,6 @@ import types
 import numpy as np
 import pytest
 import torch
-from triton._C.libtriton import native_specialize_impl
-from triton.backends.compiler import BaseBackend
 
 from sageinfer import LLM, SamplingParams
 from sageinfer.attention import triton_backend
@@ -20,6 +18,7 @@ from sageinfer.executor.graph_runner import DecodeGraphs, graph_batch_sizes
 from sageinfer.layers.attention import Attention
 from sageinfer.ops import paged_attention as pa
 from sageinfer.ops import prefill_attention as tile_prefill
+from kernels_util import launch_key
 
 
 @pytest.mark.parametrize("num_sms, ragged", [(132, 8), (132, 0), (8, 8)])
@@ -43,16 +42,6 @@ def test_decode_plans_hold_every_choice_of_the_plan(monkeypatch, num_sms, ragged
     assert {whole for _, _, whole, _ in plans} == {False, True} and any(s > 1 for s, _, _, _ in plans)
 
 
-def _launch_key(kernel, args, kwargs) -> tuple:
-    """What a launch compiles by: its constexprs and launch options, and the specialisation of every
-    other argument (as Triton's JIT computes it, with the kernel's do_not_specialize)."""
-    names = kernel.arg_names
-    unspecialised = set(getattr(kernel, "do_not_specialize", None) or kernel.kwargs.get("do_not_specialize") or [])
-    spec = tuple(native_specialize_impl(BaseBackend, a, False, n not in unspecialised, True)
-                 for n, a in zip(names, args))
-    return kernel.fn.__name__, tuple(sorted((k, str(v)) for k, v in kwargs.items())), spec
-
-
 def _record(monkeypatch, name: str, seen: set, module=pa, decodes_only: bool = True) -> None:
     kernel = getattr(module, name)
 
@@ -63,7 +52,7 @@ def _record(monkeypatch, name: str, seen: set, module=pa, decodes_only: bool = T
             def run(*args, **kwargs):
                 # decode launches (prefill chunks take wider query tiles), or every launch
                 if not decodes_only or kwargs.get("BLOCK_Q", 1) == 1:
-                    seen.add(_launch_key(kernel, args, kwargs))
+                    seen.add(launch_key(kernel, args, kwargs))
                 return launch(*args, **kwargs)
             return run
     monkeypatch.setattr(module, name, Recorder())
@@ -243,7 +232,7 @@ def test_a_failing_warm_up_is_logged_and_start_up_goes_on(caplog):
     with caplog.at_level("WARNING"):
         ModelRunner.start_kernel_warm_up(runner)
         seconds = ModelRunner.finish_kernel_warm_up(runner)
-    assert seconds >= 0 and "attention-kernel warm-up failed" in caplog.text and "no launch today" in caplog.text
+    assert seconds >= 0 and "kernel warm-up failed" in caplog.text and "no launch today" in caplog.text
     assert ModelRunner.finish_kernel_warm_up(runner) == 0.0  # finished once
 
 

@@ -100,8 +100,8 @@ class LLMEngine:
         except BaseException:
             self.shutdown(timeout=2.0)  # the others fail the same way: stop them, raise the reason here
             raise
-        # Attention-kernel variants compile in the background from here (no collectives: each rank
-        # warms its own); the graphs' capture then finds its attention compiled.
+        # Attention-kernel variants and the quantized layers' kernels compile in the background from here
+        # (no collectives: each rank warms its own); the graphs' capture then finds them compiled.
         self.runner.start_kernel_warm_up()
         try:
             num_blocks = self.runner.determine_num_blocks()
@@ -120,7 +120,8 @@ class LLMEngine:
             raise
         self.kernel_warm_up_seconds = self.runner.finish_kernel_warm_up()
         if self.kernel_warm_up_seconds:
-            logger.info("start-up waited %.1f s for the attention-kernel variants", self.kernel_warm_up_seconds)
+            logger.info("start-up waited %.1f s for the kernel warm-up (attention, quantized layers)",
+                        self.kernel_warm_up_seconds)
         self.graph_capture_seconds = self.runner.capture_graphs()
         warm_up = self.runner.long_prefill_warm_up(num_blocks)
         if warm_up is not None and self.workers is not None:

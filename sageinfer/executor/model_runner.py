@@ -1,6 +1,7 @@
 """Tensors in, tokens out: builds the flat batch, runs the model, samples on the device."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -28,6 +29,22 @@ DECODE_WARM_UP = os.environ.get("SAGEINFER_DECODE_WARM_UP", "1") != "0"
 # ... the prefill-attention kernels' variants with them (SAGEINFER_PREFILL_WARM_UP=0: at first launch, as
 # in the memory profile and the long-prompt warm-up before).
 PREFILL_WARM_UP = os.environ.get("SAGEINFER_PREFILL_WARM_UP", "1") != "0"
+# ... and the quantized layers' own kernels for small batches (executor/linear_warm_up.py;
+# SAGEINFER_LINEAR_WARM_UP=0: at first launch, in the graphs' capture).
+LINEAR_WARM_UP = os.environ.get("SAGEINFER_LINEAR_WARM_UP", "1") != "0"
+
+
+def _finish_all(finishes: list, cancel: bool = False) -> None:
+    """Wait for every background warm-up (none may still launch when the graphs' capture starts), then
+    raise the first one's error."""
+    errors = []
+    for finish in finishes:
+        try:
+            finish(cancel)
+        except Exception as error:  # noqa: BLE001 - raised after the others have finished
+            errors.append(error)
+    if errors:
+        raise errors[0]
 
 
 @dataclass
@@ -182,17 +199,28 @@ class ModelRunner:
         """Start compiling, in the background and from several threads, the decode-attention launches
         of the graphs capture_graphs will capture and those a step can choose outside them, and the
         prefill-attention kernels' variants (attention/kernel_warm_up.py), on a one-block cache of the
-        cache's layout: the memory profile and the cache allocation go on meanwhile. Not where the
-        platform does not compile Triton kernels (the CPU interprets them), with other backends, or with
-        SAGEINFER_DECODE_WARM_UP=0."""
+        cache's layout, and beside them the quantized layers' kernels for small batches
+        (executor/linear_warm_up.py): the memory profile and the cache allocation go on meanwhile. Not
+        where the platform does not compile Triton kernels (the CPU interprets them), with other
+        backends, or with SAGEINFER_DECODE_WARM_UP=0."""
         if self.backend.name != "triton" or not self.platform.supports_triton or not DECODE_WARM_UP:
             return
         from sageinfer.attention.kernel_warm_up import decode_plans, graph_plans, prefill_plans, start_in_background
         from sageinfer.executor.graph_runner import DEPENDENT_LAUNCH_MAX_DECODE_BATCH, graph_batch_sizes
+        from sageinfer.executor.linear_warm_up import linear_warm_up_calls
+        from sageinfer.executor.linear_warm_up import start_in_background as start_linear_in_background
         from sageinfer.layers.attention import Attention
+        finishes = []
         try:
             sizes = graph_batch_sizes(self.config.max_num_seqs, self.config.max_graph_batch_size) \
                 if self._captures_graphs() else []
+            index = self.device.index
+            enter_thread = (lambda: self.platform.set_device(index)) if index is not None else (lambda: None)
+            threads = min(8, os.cpu_count() or 1)
+            if LINEAR_WARM_UP:
+                calls = linear_warm_up_calls(self.model, self.dtype, self.device)
+                if calls:
+                    finishes.append(start_linear_in_background(calls, threads, enter_thread))
             plans = decode_plans(self.backend, self.config.max_num_seqs, self.config.max_model_len,
                                  self.num_kv_heads, eager_decode_from=sizes[-1] + 1 if sizes else 1)
             dependent_max = DEPENDENT_LAUNCH_MAX_DECODE_BATCH if self.platform.supports_dependent_launch() else 0
@@ -200,13 +228,12 @@ class ModelRunner:
             if PREFILL_WARM_UP:
                 plans |= prefill_plans(self.config.max_model_len, self.block_size)
             layer = next(m for m in self.model.modules() if isinstance(m, Attention))
-            index = self.device.index
-            self._finish_kernel_warm_up = start_in_background(
-                self.backend, layer, self._layer_cache(1), plans, self.device, self.dtype,
-                threads=min(8, os.cpu_count() or 1),
-                enter_thread=lambda: self.platform.set_device(index) if index is not None else None)
+            finishes.append(start_in_background(self.backend, layer, self._layer_cache(1), plans, self.device,
+                                                self.dtype, threads=threads, enter_thread=enter_thread))
         except Exception:  # a warm-up is an optimisation: serve anyway, compiling on first use as before
-            logger.warning("attention-kernel warm-up failed; its kernels compile on first use", exc_info=True)
+            logger.warning("kernel warm-up failed; its kernels compile on first use", exc_info=True)
+        if finishes:
+            self._finish_kernel_warm_up = functools.partial(_finish_all, finishes)
 
     def finish_kernel_warm_up(self, cancel: bool = False) -> float:
         """Wait for start_kernel_warm_up's compiles (before the graph capture, which launches them); the
@@ -219,7 +246,7 @@ class ModelRunner:
             finish(cancel)
             self.platform.synchronize()
         except Exception:
-            logger.warning("attention-kernel warm-up failed; its kernels compile on first use", exc_info=True)
+            logger.warning("kernel warm-up failed; its kernels compile on first use", exc_info=True)
         return time.perf_counter() - start
 
     def _captures_graphs(self) -> bool:

@@ -131,6 +131,10 @@ class Fp4Method:
         """Before serving: the platform's compute units, which the tensor-core matmul's tiles follow."""
         self.num_sms = layer.platform.num_compute_units()
 
+    def kernel_rows(self, layer: nn.Module) -> int:
+        """The most rows on this method's own Triton kernels (what a start-up compiles ahead)."""
+        return MMA_MAX_ROWS if self.slice_width >= 16 else 0
+
     def one_row_args(self, layer: nn.Module) -> dict | None:
         """The one-row kernel's fp16-pair loop (sums in fp16: not for float32 models)."""
         return None if self.dtype == torch.float32 else self._gemv_args(layer)

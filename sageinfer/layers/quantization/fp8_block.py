@@ -77,6 +77,10 @@ class Fp8BlockMethod:
                 and platform.supports_fp8_block_gemm():
             layer.weight_scale_block = layer.weight_scale_inv[::128].contiguous()
 
+    def kernel_rows(self, layer: nn.Module) -> int:
+        """The most rows on this method's own Triton kernels (what a start-up compiles ahead)."""
+        return W8A16_MAX_ROWS
+
     def one_row_args(self, layer: nn.Module) -> dict:
         """One row goes through the skinny kernel with each tile's scale applied to the weight chunks
         in registers (ops/gemv.py), with the norm and residual fusions of 16-bit layers."""

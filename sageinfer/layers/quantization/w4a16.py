@@ -167,6 +167,11 @@ class W4A16Method:
         """Before serving: the platform's compute units, which the tensor-core matmul's tiles follow."""
         self.num_sms = layer.platform.num_compute_units()
 
+    def kernel_rows(self, layer: nn.Module) -> int:
+        """The most rows whose matmul runs this method's own Triton kernels (where the platform runs
+        Triton): what a start-up compiles ahead (executor/linear_warm_up.py)."""
+        return MMA_MAX_ROWS if self.slice_width >= _ONE_ROW_MIN_SLICE else 0
+
     def one_row_args(self, layer: nn.Module) -> dict | None:
         """One row (decode of one sequence) reads the packed words in the skinny kernel (ops/gemv.py),
         unpacking and scaling each group in registers, with the norm and residual fusions of 16-bit

@@ -127,6 +127,10 @@ class W8A16Method:
         """Before serving (outside graphs): the platform's programs for small batches."""
         self.min_programs = split_k_programs(layer)
 
+    def kernel_rows(self, layer: nn.Module) -> int:
+        """The most rows on this method's own Triton kernels (what a start-up compiles ahead)."""
+        return W8A16_MAX_ROWS if self.block_k >= 16 else 0
+
     def one_row_args(self, layer: nn.Module) -> dict | None:
         """One row reads the bytes in the skinny kernel, each group's scale applied to the weight chunk
         in registers (a scale per row: applied to the sums); not where the inputs must be reordered
