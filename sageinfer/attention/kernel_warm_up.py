@@ -16,7 +16,6 @@ long-prompt warm-up at the end of start-up (on an H200 the platform's Hopper ker
 an 8.4 s warm-up), and the portable one the memory profile launches."""
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple
 
@@ -24,6 +23,7 @@ import torch
 
 from sageinfer.attention import triton_backend
 from sageinfer.attention.backend import AttentionMetadata
+from sageinfer.background_warm_up import in_background
 from sageinfer.ops import launch
 
 
@@ -170,26 +170,8 @@ def start_in_background(backend, layer, cache, plans, device, dtype, threads: in
     launches each plan once more from the caller's thread (a launch where the compile is in memory).
     finish(cancel=True), for a start-up that failed: plans not yet begun are skipped, nothing is raised
     or launched again."""
-    errors, cancelled = [], threading.Event()
-
-    def body():
-        try:
-            enter_thread()
-            warm_up_kernels(backend, layer, cache, plans, device, dtype, threads, enter_thread, again=False,
-                            cancelled=cancelled)
-        except BaseException as error:  # noqa: BLE001 - handed to finish()
-            errors.append(error)
-
-    thread = threading.Thread(target=body, name="decode-warm-up", daemon=True)
-    thread.start()
-
-    def finish(cancel: bool = False):
-        if cancel:
-            cancelled.set()
-        thread.join()
-        if cancel:
-            return
-        if errors:
-            raise errors[0]
-        warm_up_kernels(backend, layer, cache, plans, device, dtype, threads=1)
-    return finish
+    return in_background(
+        lambda cancelled: warm_up_kernels(backend, layer, cache, plans, device, dtype, threads, enter_thread,
+                                          again=False, cancelled=cancelled),
+        lambda: warm_up_kernels(backend, layer, cache, plans, device, dtype, threads=1), "decode-warm-up",
+        enter_thread)

@@ -9,12 +9,13 @@ other on a 2-core machine)."""
 from __future__ import annotations
 
 import functools
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
 from torch import nn
+
+from sageinfer.background_warm_up import in_background
 
 
 def linear_warm_up_calls(model: nn.Module, dtype: torch.dtype, device: torch.device) -> list[Callable[[], None]]:
@@ -50,32 +51,16 @@ def start_in_background(calls: list[Callable[[], None]], threads: int,
     kernels are now compiled). finish(cancel=True): calls not yet begun are skipped, nothing raised.
     The calls launch on the device's default stream, as the engine's steps do before the graphs: the
     split-K counts (ops/split_k.py) are never used by two launches at once."""
-    errors, cancelled = [], threading.Event()
 
-    def one(call):
-        if not cancelled.is_set():
-            enter_thread()
-            call()
+    def work(cancelled):
+        def one(call):
+            if not cancelled.is_set():
+                enter_thread()
+                call()
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            list(pool.map(one, calls))
 
-    def body():
-        try:
-            enter_thread()
-            with ThreadPoolExecutor(max(1, threads)) as pool:
-                list(pool.map(one, calls))
-        except BaseException as error:  # noqa: BLE001 - handed to finish()
-            errors.append(error)
-
-    thread = threading.Thread(target=body, name="linear-warm-up", daemon=True)
-    thread.start()
-
-    def finish(cancel: bool = False):
-        if cancel:
-            cancelled.set()
-        thread.join()
-        if cancel:
-            return
-        if errors:
-            raise errors[0]
+    def again():
         for call in calls:
             call()
-    return finish
+    return in_background(work, again, "linear-warm-up", enter_thread)
