@@ -4,12 +4,14 @@ one CUDA graph and replayed. Single-layer timings of these kernels vary up to 2x
 step replayed is what TPOT sees.
 
   python benchmarks/experiments/time_int4_step.py [--rows 1,2,8,16,32] [--out result.json]
+  python benchmarks/experiments/time_int4_step.py --rows 48,64,128,256 --paths tiled,tiled 128x128x128w8,expand,bf16
 
 Paths, per row count: "gemv" (ops/gemv_int4.py's CUDA-core kernel; at one row with the decode step's
 fusions: RMSNorm into qkv and gate_up, the residual into o, SiLU-and-mul and the residual into down;
 "gemv split" over parts of K too, for twice the processors' programs),
 "mma bnN" (the tensor-core matmul with N features a program; "mma" the engine's choice; "mma split"
-with programs over parts of K too, as many as fill twice the processors), "expand"
+with programs over parts of K too, as many as fill twice the processors), "tiled" (the tiled GEMM for
+33+ rows, ops/weight_only.w4a16_tiled_matmul; "tiled 128x128x64w8": its tile M x N x K on 8 warps), "expand"
 (one-pass expansion + library GEMM), and bf16 weights through the engine's path for them (gemv at one
 row, the library GEMM above).
 """
@@ -26,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from sageinfer.ops.gemv import gemv  # noqa: E402
 from sageinfer.ops.gemv_int4 import INT4_GEMV_CONFIG, w4a16_mma_matmul  # noqa: E402
-from sageinfer.ops.weight_only import dequantize_kernel, pack  # noqa: E402
+from sageinfer.ops.weight_only import dequantize_kernel, pack, w4a16_tiled_matmul  # noqa: E402
 from sageinfer.platforms import get_platform  # noqa: E402
 from tune_decode_step import graph_time  # noqa: E402  (this folder: the same timing of one graph)
 
@@ -72,6 +74,13 @@ def layer_calls(path: str, rows: int, layer: dict, dev: str, num_sms: int | None
             split = 0 if path == "mma split" else 1
             calls.append(lambda x=x, p=packed, s=scales, c=cfg, sk=split: w4a16_mma_matmul(
                 x, p, s, None, GROUP, SLICE, c, num_sms, split_k=sk))
+        elif path.startswith("tiled"):  # "tiled" the default tiles, "tiled 128x128x64w8" a given one
+            cfg = {}
+            if path != "tiled":
+                tile, warps = path[6:].split("w")
+                cfg = dict(zip(("block_m", "block_n", "block_k"), map(int, tile.split("x"))), num_warps=int(warps))
+            calls.append(lambda x=x, p=packed, s=scales, z=zeros, c=cfg: w4a16_tiled_matmul(x, p, s, z, GROUP, SLICE,
+                                                                                            **c))
         elif path == "expand":
             calls.append(lambda x=x, p=packed, s=scales, z=zeros: torch.nn.functional.linear(
                 x, dequantize_kernel(p, s, z, GROUP, dt, SLICE)))

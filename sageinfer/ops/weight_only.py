@@ -115,9 +115,10 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, str
             word = (ks // (8 * SLICE)) * SLICE + ks % SLICE
             shift = (((ks // SLICE) % 8) * 4)[None, :]
         words = tl.load(w_ptr + ns[:, None] * stride_wn + word[None, :], mask=w_mask, other=0)
-        q = nibbles_as_float(words, shift) - 8.0
         z = tl.load(z_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0).to(tl.float32)
-        q = q - z[:, None]
+        # the nibble under 2^23's exponent, less 2^23 + 8 + zero in one exact subtraction (integers < 2^24)
+        bits = ((words >> shift) & 0xF) | 0x4B000000
+        q = bits.to(tl.float32, bitcast=True) - (8388616.0 + z)[:, None]
     else:
         raw = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :], mask=w_mask, other=0)
         q = _bytes_as(raw, INT8, tl.float32)
@@ -282,6 +283,37 @@ def dequantize_8bit_groups(weight: torch.Tensor, scale: torch.Tensor, block: int
     (FP8's block x block tiles given per row), [N, ceil(K / b)] -> [N, K]."""
     k = weight.shape[1]
     return (weight.float() * scale.float().repeat_interleave(block, 1)[:, :k]).to(dtype)
+
+
+def w4a16_tiled_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                       group: int, slice_width: int, block_m: int | None = None, block_n: int | None = None,
+                       block_k: int | None = None, num_warps: int | None = None, num_stages: int = 3) -> torch.Tensor:
+    """x [M, K] @ the 4-bit weight (words interleaved in slices [N, K / 8], scales and zero points
+    [N, K / group])^T -> [M, N] in x's dtype: a tiled GEMM whose K tiles each lie in one slice (one shift
+    unpacks a tile's words), the weights dequantized in registers for the tensor cores. For batches past
+    the tensor-core skinny kernel's 32 rows, in place of expanding the whole weight every step. Each
+    word is read once per K tile of its slice (8 times a row tile, from cache after the first)."""
+    check_int4_layout(packed, scales, group, slice_width, "w4a16 tiled")
+    m, k = x.shape
+    n = packed.shape[0]
+    # Compiled for sm_90 (Triton 3.6, benchmarks/experiments/sass_loop.py int4-tiled): 64 x 64 tiles on 4
+    # warps and 128 x 128 on 8 fit without spills (64 x 128 on 4 warps spilled); not yet timed on a GPU.
+    block_m = block_m or (64 if m <= 64 else 128)
+    block_n = block_n or block_m
+    num_warps = num_warps or (4 if block_m * block_n <= 64 * 64 else 8)
+    block_k = block_k or min(64, slice_width)
+    if packed.shape[1] * 8 != k or slice_width % block_k or block_k < 16:
+        raise ValueError(f"w4a16 tiled: x {tuple(x.shape)}, packed {tuple(packed.shape)} and slices of {slice_width} "
+                         f"(K tiles of {block_k}, 16 at least, within a slice) do not fit")
+    x = x.contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), 1)
+    _weight_only_kernel[grid](
+        x, packed, scales.contiguous(), zeros.contiguous(), y, m, n, k, x.stride(0), packed.stride(0),
+        scales.stride(0), y.stride(0), 1.0, y, y, k, INT4=True, GROUP=group, SLICE=slice_width, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", FP16_DOT=False,
+        SPLITS=1, INT8=False, num_warps=num_warps, num_stages=num_stages)
+    return y
 
 
 # Up to this many rows the 8-bit weight-only layers (block FP8, W8A16) take w8a16_block_matmul; above it
