@@ -109,7 +109,8 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, str
     s = tl.load(s_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
     if INT4:
         if SLICE % BLOCK_K == 0:  # the tile lies in one slice: contiguous words, one shift
-            word = (k0 // (8 * SLICE)) * SLICE + k0 % SLICE + tl.arange(0, BLOCK_K)
+            # (k0 and SLICE are multiples of BLOCK_K: said, so that the words load in 16-byte vectors)
+            word = tl.multiple_of((k0 // (8 * SLICE)) * SLICE + k0 % SLICE, BLOCK_K) + tl.arange(0, BLOCK_K)
             shift = ((k0 // SLICE) % 8) * 4
         else:  # column c: word (c // 8 S) S + c % S, nibble (c // S) % 8
             word = (ks // (8 * SLICE)) * SLICE + ks % SLICE
@@ -130,7 +131,7 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, s
                         x_scale, part_ptr, counter_ptr, k_per_split, INT4: tl.constexpr, GROUP: tl.constexpr,
                         SLICE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PRECISION: tl.constexpr, FP16_DOT: tl.constexpr = False, SPLITS: tl.constexpr = 1,
-                        INT8: tl.constexpr = False):
+                        INT8: tl.constexpr = False, EVEN_NK: tl.constexpr = False):
     """INT4: packed words, a scale and zero point per GROUP columns; else 8-bit weights (FP8 bytes,
     or INT8 ones) with the scale of each GROUP-wide part of the row. BLOCK_K divides GROUP: one scale column per K tile.
     FP16_DOT (FP8 with 16-bit x): the dot in fp16 on the raw FP8 values and x (ops/fp16_operand.py;
@@ -142,6 +143,8 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, s
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = ms < M, ns < N
+    if EVEN_NK:  # the tiles divide N and K: no masks but the rows' (fewer instructions a tile)
+        n_mask = tl.full((BLOCK_N,), 1, tl.int1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo, k_hi = 0, K
     if SPLITS > 1:
@@ -149,7 +152,7 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, s
         k_hi = tl.minimum(k_lo + k_per_split, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
+        k_mask = tl.full((BLOCK_K,), 1, tl.int1) if EVEN_NK else ks < K
         x = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if FP16_DOT:
             x = fp16_operand(x, x_scale)
@@ -312,7 +315,7 @@ def w4a16_tiled_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tens
         x, packed, scales.contiguous(), zeros.contiguous(), y, m, n, k, x.stride(0), packed.stride(0),
         scales.stride(0), y.stride(0), 1.0, y, y, k, INT4=True, GROUP=group, SLICE=slice_width, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", FP16_DOT=False,
-        SPLITS=1, INT8=False, num_warps=num_warps, num_stages=num_stages)
+        SPLITS=1, INT8=False, EVEN_NK=n % block_n == 0 and k % block_k == 0, num_warps=num_warps, num_stages=num_stages)
     return y
 
 
