@@ -45,7 +45,7 @@ def main() -> None:
               "long_prompt_warm_up_s": engine.long_prompt_warm_up_seconds,
               "start_up_compiles": at_start_up[0], "start_up_compile_s": at_start_up[1],
               "start_up_compiles_by_kernel": {k: [compiles.count[k], compiles.seconds[k]] for k in compiles.count}}
-    print(f"start-up {startup:.1f} s: waited {engine.kernel_warm_up_seconds:.1f} s for the attention-kernel warm-up, "
+    print(f"start-up {startup:.1f} s: waited {engine.kernel_warm_up_seconds:.1f} s for the kernel warm-up, "
           f"graph capture {engine.graph_capture_seconds:.1f} s, long-prompt warm-up {engine.long_prompt_warm_up_seconds:.1f} s; "
           f"{at_start_up[0]} compiles or disk-cache loads, {at_start_up[1]:.1f} s of them (threads overlap)", flush=True)
     print(compiles.table(15), flush=True)
