@@ -35,3 +35,16 @@ def in_background(work: Callable[[threading.Event], None], again: Callable[[], N
             raise errors[0]
         again()
     return finish
+
+
+def finish_all(finishes: list[Callable[[bool], None]], cancel: bool = False) -> None:
+    """Wait for every background warm-up's finish (none may still launch when the graphs' capture
+    starts), then raise the first one's error."""
+    errors = []
+    for finish in finishes:
+        try:
+            finish(cancel)
+        except Exception as error:  # noqa: BLE001 - raised after the others have finished
+            errors.append(error)
+    if errors:
+        raise errors[0]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sageinfer import LLM, SamplingParams
-from sageinfer.executor.linear_warm_up import linear_warm_up_calls, start_in_background
+from sageinfer.executor.linear_warm_up import linear_warm_up_calls, start_linear_warm_up
 from sageinfer.models.tiny import build_tiny_model
 from sageinfer.ops import gemv_int4, weight_only
 from kernels_util import launch_key
@@ -112,7 +112,7 @@ def test_the_calls_cover_each_distinct_layer_once_within_its_methods_rows(tiny_d
 
 def test_the_background_runs_each_call_in_the_pool_then_again_in_the_callers_thread():
     threads = []
-    finish = start_in_background([lambda: threads.append(threading.current_thread().name)] * 3, threads=2)
+    finish = start_linear_warm_up([lambda: threads.append(threading.current_thread().name)] * 3, threads=2)
     finish()
     assert len(threads) == 6 and threads[-3:] == [threading.current_thread().name] * 3
     assert all(name != threading.current_thread().name for name in threads[:3])
@@ -122,9 +122,9 @@ def test_the_background_raises_a_calls_error_at_finish_and_a_cancel_skips_the_re
     def fail():
         raise RuntimeError("no compile today")
     with pytest.raises(RuntimeError, match="no compile today"):
-        start_in_background([fail], threads=2)()
+        start_linear_warm_up([fail], threads=2)()
     gate, ran = threading.Event(), []
-    finish = start_in_background([gate.wait] + [lambda: ran.append(1)] * 4, threads=1)
+    finish = start_linear_warm_up([gate.wait] + [lambda: ran.append(1)] * 4, threads=1)
     timer = threading.Timer(0.2, gate.set)
     timer.start()
     finish(cancel=True)  # the first call is under way; the others are skipped

@@ -34,19 +34,6 @@ PREFILL_WARM_UP = os.environ.get("SAGEINFER_PREFILL_WARM_UP", "1") != "0"
 LINEAR_WARM_UP = os.environ.get("SAGEINFER_LINEAR_WARM_UP", "1") != "0"
 
 
-def _finish_all(finishes: list, cancel: bool = False) -> None:
-    """Wait for every background warm-up (none may still launch when the graphs' capture starts), then
-    raise the first one's error."""
-    errors = []
-    for finish in finishes:
-        try:
-            finish(cancel)
-        except Exception as error:  # noqa: BLE001 - raised after the others have finished
-            errors.append(error)
-    if errors:
-        raise errors[0]
-
-
 @dataclass
 class StepResult:
     sampled_requests: list           # requests that produced a token this step
@@ -206,9 +193,9 @@ class ModelRunner:
         if self.backend.name != "triton" or not self.platform.supports_triton or not DECODE_WARM_UP:
             return
         from sageinfer.attention.kernel_warm_up import decode_plans, graph_plans, prefill_plans, start_in_background
+        from sageinfer.background_warm_up import finish_all
         from sageinfer.executor.graph_runner import DEPENDENT_LAUNCH_MAX_DECODE_BATCH, graph_batch_sizes
-        from sageinfer.executor.linear_warm_up import linear_warm_up_calls
-        from sageinfer.executor.linear_warm_up import start_in_background as start_linear_in_background
+        from sageinfer.executor.linear_warm_up import linear_warm_up_calls, start_linear_warm_up
         from sageinfer.layers.attention import Attention
         finishes = []
         try:
@@ -220,7 +207,7 @@ class ModelRunner:
             if LINEAR_WARM_UP:
                 calls = linear_warm_up_calls(self.model, self.dtype, self.device)
                 if calls:
-                    finishes.append(start_linear_in_background(calls, threads, enter_thread))
+                    finishes.append(start_linear_warm_up(calls, threads, enter_thread))
             plans = decode_plans(self.backend, self.config.max_num_seqs, self.config.max_model_len,
                                  self.num_kv_heads, eager_decode_from=sizes[-1] + 1 if sizes else 1)
             dependent_max = DEPENDENT_LAUNCH_MAX_DECODE_BATCH if self.platform.supports_dependent_launch() else 0
@@ -233,7 +220,7 @@ class ModelRunner:
         except Exception:  # a warm-up is an optimisation: serve anyway, compiling on first use as before
             logger.warning("kernel warm-up failed; its kernels compile on first use", exc_info=True)
         if finishes:
-            self._finish_kernel_warm_up = functools.partial(_finish_all, finishes)
+            self._finish_kernel_warm_up = functools.partial(finish_all, finishes)
 
     def finish_kernel_warm_up(self, cancel: bool = False) -> float:
         """Wait for start_kernel_warm_up's compiles (before the graph capture, which launches them); the
