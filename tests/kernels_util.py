@@ -60,7 +60,10 @@ def launch_key(kernel, args, kwargs) -> tuple:
     every other argument (as Triton's JIT computes it, with the kernel's do_not_specialize); tensors
     passed by name (split-K's planes) by their specialisation too, other named values as they are."""
     names = kernel.arg_names
-    unspecialised = set(getattr(kernel, "do_not_specialize", None) or kernel.kwargs.get("do_not_specialize") or [])
+    unspecialised = getattr(kernel, "do_not_specialize", None)
+    if unspecialised is None:  # the interpreter's function keeps its decorator's arguments
+        unspecialised = kernel.kwargs.get("do_not_specialize") or []
+    unspecialised = set(unspecialised)
     values = {**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}}
     spec = tuple((n, native_specialize_impl(BaseBackend, v, False, n not in unspecialised, True))
                  for n, v in values.items())

@@ -290,12 +290,14 @@ def dequantize_8bit_groups(weight: torch.Tensor, scale: torch.Tensor, block: int
 
 def w4a16_tiled_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                        group: int, slice_width: int, block_m: int | None = None, block_n: int | None = None,
-                       block_k: int | None = None, num_warps: int | None = None, num_stages: int = 3) -> torch.Tensor:
+                       block_k: int | None = None, num_warps: int | None = None, num_stages: int = 3,
+                       min_programs: int = 0) -> torch.Tensor:
     """x [M, K] @ the 4-bit weight (words interleaved in slices [N, K / 8], scales and zero points
     [N, K / group])^T -> [M, N] in x's dtype: a tiled GEMM whose K tiles each lie in one slice (one shift
     unpacks a tile's words), the weights dequantized in registers for the tensor cores. For batches past
     the tensor-core skinny kernel's 32 rows, in place of expanding the whole weight every step. Each
-    word is read once per K tile of its slice (8 times a row tile, from cache after the first)."""
+    word is read once per K tile of its slice (8 times a row tile, from cache after the first).
+    min_programs: split K too where the output tiles are fewer (0: never)."""
     check_int4_layout(packed, scales, group, slice_width, "w4a16 tiled")
     m, k = x.shape
     n = packed.shape[0]
@@ -310,12 +312,13 @@ def w4a16_tiled_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tens
                          f"(K tiles of {block_k}, 16 at least, within a slice) do not fit")
     x = x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), 1)
-    _weight_only_kernel[grid](
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    parts, split = split_launch(grid[0] * grid[1], block_k, k, m, n, min_programs, y)
+    _weight_only_kernel[grid + (parts,)](
         x, packed, scales.contiguous(), zeros.contiguous(), y, m, n, k, x.stride(0), packed.stride(0),
-        scales.stride(0), y.stride(0), 1.0, y, y, k, INT4=True, GROUP=group, SLICE=slice_width, BLOCK_M=block_m,
+        scales.stride(0), y.stride(0), 1.0, INT4=True, GROUP=group, SLICE=slice_width, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", FP16_DOT=False,
-        SPLITS=1, INT8=False, EVEN_NK=n % block_n == 0 and k % block_k == 0, num_warps=num_warps, num_stages=num_stages)
+        INT8=False, EVEN_NK=n % block_n == 0 and k % block_k == 0, num_warps=num_warps, num_stages=num_stages, **split)
     return y
 
 
