@@ -95,39 +95,6 @@ def test_one_pass_dequantization_is_the_reference(n, k, group, asymmetric, slice
         _same_weight(got.cpu(), dequantize(packed, scales, zeros, group, dtype, slice_width))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m, n, k, group, asymmetric, slice_width, block_m, programs", [
-    (33, 72, 256, 32, True, 16, None, 0), (70, 128, 512, 128, False, 32, None, 0), (40, 96, 256, 64, True, 32, 16, 0),
-    (40, 96, 256, 64, True, 32, 16, 64)])
-def test_tiled_4bit_matmul_matches_the_dequantized_weights(m, n, k, group, asymmetric, slice_width, block_m, programs,
-                                                           dtype):
-    """Batches past the skinny kernels' rows: the tiled GEMM on the interleaved words (K tiles within a
-    slice; row tiles of 64 or 128 by default, partial tiles of rows and outputs; K split in 8 parts for
-    64 programs over 6 tiles) against x times the weight the words encode. (tl.dot in bf16 is wrong in
-    the interpreter: fp32 and fp16 here.)"""
-    from sageinfer.ops.weight_only import w4a16_tiled_matmul
-    gen = torch.Generator().manual_seed(m + n + k)
-    packed = pack(torch.randint(0, 16, (n, k), generator=gen), slice_width)
-    scales = torch.rand(n, k // group, generator=gen) * 0.02 + 0.001
-    zeros = (torch.randint(-3, 4, (n, k // group), generator=gen) if asymmetric
-             else torch.zeros(n, k // group, dtype=torch.int64)).to(torch.int32)
-    x = torch.randn(m, k, generator=gen).to(dtype)
-    y = w4a16_tiled_matmul(x.to(DEVICE), packed.to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE), group, slice_width,
-                           block_m=block_m, block_n=64 if block_m else 128, block_k=16 if block_m else None,
-                           min_programs=programs)
-    ref = x.double() @ dequantize(packed, scales, zeros, group, dtype, slice_width).double().t()
-    assert y.dtype == dtype and y.shape == (m, n)
-    assert rel_err(y.cpu(), ref) < (1e-6 if dtype == torch.float32 and DEVICE == "cpu" else TOL[dtype])
-
-
-def test_tiled_4bit_matmul_refuses_tiles_across_slices():
-    from sageinfer.ops.weight_only import w4a16_tiled_matmul
-    packed = pack(torch.randint(0, 16, (8, 128)), 16)
-    with pytest.raises(ValueError, match="within a slice"):
-        w4a16_tiled_matmul(torch.zeros(40, 128), packed, torch.ones(8, 4), torch.zeros(8, 4, dtype=torch.int32),
-                           32, 16, block_k=32)
-
-
 @pytest.mark.parametrize("kind", ["fp8", "int8"])
 @pytest.mark.parametrize("n, k, block", [(64, 128, 32), (100, 200, 64)])
 def test_one_pass_8bit_dequantization_is_the_reference(n, k, block, kind):

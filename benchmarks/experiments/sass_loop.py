@@ -11,7 +11,6 @@ against 613 over bf16) and INT8 weights' I2F in the skinny GEMV.
   python benchmarks/experiments/sass_loop.py int4-gemv --half-sums ptx --ahead 2 --fp4 e4m3
   python benchmarks/experiments/sass_loop.py fp8-block-matmul --rows 16 [--weights int8]
   python benchmarks/experiments/sass_loop.py int4-mma --rows 16 [--fp4 e4m3]
-  python benchmarks/experiments/sass_loop.py int4-tiled --rows 128
 
 Counts are per thread and per loop trip; what a trip covers (keys, weights) follows from the printed
 tile sizes and warps. Fewer instructions is not the same as faster: time on a GPU before deciding.
@@ -175,20 +174,9 @@ def fp8_block_matmul(args):
     return wo, "_weight_only_kernel", lambda: wo.w8a16_block_matmul(x, weight, torch.ones(4096, 32), 128)
 
 
-def int4_tiled(args):
-    """ops/weight_only.w4a16_tiled_matmul at 4096 x 4096, --rows rows, group 128, slices of 128."""
-    import sageinfer.ops.weight_only as wo
-    n, k = 4096, 4096
-    x = torch.randn(args.rows, k, dtype=torch.bfloat16)
-    return wo, "_weight_only_kernel", lambda: wo.w4a16_tiled_matmul(
-        x, torch.zeros(n, k // 8, dtype=torch.int32), torch.ones(n, k // 128, dtype=torch.bfloat16),
-        torch.zeros(n, k // 128, dtype=torch.int32), 128, 128)
-
-
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("op", choices=["decode-attention", "gemv", "int4-gemv", "int4-mma", "int4-tiled",
-                                       "fp8-block-matmul"])
+    parser.add_argument("op", choices=["decode-attention", "gemv", "int4-gemv", "int4-mma", "fp8-block-matmul"])
     parser.add_argument("--kv", default="bf16", choices=["bf16", "fp8", "int8"])
     parser.add_argument("--weights", default="bf16", choices=["bf16", "fp8", "int8"])
     parser.add_argument("--rows", type=int, default=16)
@@ -203,8 +191,7 @@ def main():
                         "(block FP8, W8A16), else per row")
     args = parser.parse_args()
     module, name, call = {"decode-attention": decode_attention, "gemv": gemv, "int4-gemv": int4_gemv,
-                          "int4-mma": int4_mma, "int4-tiled": int4_tiled,
-                          "fp8-block-matmul": fp8_block_matmul}[args.op](args)
+                          "int4-mma": int4_mma, "fp8-block-matmul": fp8_block_matmul}[args.op](args)
     compiled = compile_launch(module, name, call)
     opcodes = loop_opcodes(compiled["cubin"])
     print(name, {k: v for k, v in compiled["constants"].items() if k.isupper()}, compiled["options"],

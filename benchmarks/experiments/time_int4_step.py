@@ -4,15 +4,12 @@ one CUDA graph and replayed. Single-layer timings of these kernels vary up to 2x
 step replayed is what TPOT sees.
 
   python benchmarks/experiments/time_int4_step.py [--rows 1,2,8,16,32] [--out result.json]
-  python benchmarks/experiments/time_int4_step.py --rows 48,64,128,256 --paths tiled,tiled 128x128x128w8,expand,bf16
 
 Paths, per row count: "gemv" (ops/gemv_int4.py's CUDA-core kernel; at one row with the decode step's
 fusions: RMSNorm into qkv and gate_up, the residual into o, SiLU-and-mul and the residual into down;
 "gemv split" over parts of K too, for twice the processors' programs),
 "mma bnN" (the tensor-core matmul with N features a program; "mma" the engine's choice; "mma split"
-with programs over parts of K too, as many as fill twice the processors), "tiled" (the tiled GEMM for
-33+ rows, ops/weight_only.w4a16_tiled_matmul; "tiled 128x128x64w8s3p264": its tile M x N x K on 8 warps, 3 stages, K split
-to 264 programs where the tiles are fewer), "expand"
+with programs over parts of K too, as many as fill twice the processors), "expand"
 (one-pass expansion + library GEMM), and bf16 weights through the engine's path for them (gemv at one
 row, the library GEMM above).
 """
@@ -21,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 
 import torch
@@ -30,8 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from sageinfer.ops.gemv import gemv  # noqa: E402
 from sageinfer.ops.gemv_int4 import INT4_GEMV_CONFIG, w4a16_mma_matmul  # noqa: E402
-from sageinfer.ops.int4_gemm import int4_gemm  # noqa: E402
-from sageinfer.ops.weight_only import dequantize_kernel, pack, w4a16_tiled_matmul  # noqa: E402
+from sageinfer.ops.weight_only import dequantize_kernel, pack  # noqa: E402
 from sageinfer.platforms import get_platform  # noqa: E402
 from tune_decode_step import graph_time  # noqa: E402  (this folder: the same timing of one graph)
 
@@ -77,25 +72,6 @@ def layer_calls(path: str, rows: int, layer: dict, dev: str, num_sms: int | None
             split = 0 if path == "mma split" else 1
             calls.append(lambda x=x, p=packed, s=scales, c=cfg, sk=split: w4a16_mma_matmul(
                 x, p, s, None, GROUP, SLICE, c, num_sms, split_k=sk))
-        elif path.startswith("tiled"):  # "tiled" the default tiles, "tiled 128x128x64w8s3p264" given ones
-            cfg = {}
-            if path != "tiled":
-                spec = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)(?:s(\d+))?(?:p(\d+))?", path[6:])
-                if spec is None:
-                    raise SystemExit(f"--paths: {path!r} is not 'tiled MxNxKwW[sS][pP]'")
-                m_, n_, k_, warps, stages, programs = spec.groups()
-                cfg = dict(block_m=int(m_), block_n=int(n_), block_k=int(k_), num_warps=int(warps),
-                           num_stages=int(stages or 3), min_programs=int(programs or 0))
-            calls.append(lambda x=x, p=packed, s=scales, z=zeros, c=cfg: w4a16_tiled_matmul(x, p, s, z, GROUP, SLICE,
-                                                                                            **c))
-        elif path.startswith("gemm"):  # "gemm 128x128w8s3p264": ops/int4_gemm.py, N x M tile, warps, stages, split
-            spec = re.fullmatch(r"(\d+)x(\d+)w(\d+)(?:s(\d+))?(?:p(\d+))?", path[5:])
-            if spec is None:
-                raise SystemExit(f"--paths: {path!r} is not 'gemm NxMwW[sS][pP]'")
-            n_, m_, warps, stages, programs = spec.groups()
-            cfg = dict(block_n=int(n_), block_m=int(m_), num_warps=int(warps), num_stages=int(stages or 3),
-                       min_programs=int(programs or 0))
-            calls.append(lambda x=x, p=packed, s=scales, z=zeros, c=cfg: int4_gemm(x, p, s, z, GROUP, SLICE, **c))
         elif path == "expand":
             calls.append(lambda x=x, p=packed, s=scales, z=zeros: torch.nn.functional.linear(
                 x, dequantize_kernel(p, s, z, GROUP, dt, SLICE)))

@@ -21,9 +21,9 @@ from sageinfer.background_warm_up import in_background
 def linear_warm_up_calls(model: nn.Module, dtype: torch.dtype, device: torch.device) -> list[Callable[[], None]]:
     """One call per distinct quantized layer (its method and its tensors' shapes and dtypes): the layer's
     matmul on zeros at every row count from 2 to what its method runs on kernels of its own
-    (quant.kernel_rows: 32 or 64; more with W4A16's tiled GEMM on), on its own kernels only (no bias, no
-    all-reduce). Every count, not a few: a kernel's tile, its split over K and the specialisation of the
-    row count follow the rows, and the repeats of a variant are launches of a compiled kernel."""
+    (quant.kernel_rows: 32 or 64), on its own kernels only (no bias, no all-reduce). Every count, not a
+    few: a kernel's tile, its split over K and the specialisation of the row count follow the rows, and
+    the repeats of a variant are launches of a compiled kernel."""
     calls, seen = [], set()
     for module in model.modules():
         quant = getattr(module, "quant", None)

@@ -127,13 +127,12 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, str
 
 
 @triton.jit
-def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                        x_scale, part_ptr, counter_ptr, k_per_split, INT4: tl.constexpr, GROUP: tl.constexpr,
-                        SLICE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PRECISION: tl.constexpr, FP16_DOT: tl.constexpr = False, SPLITS: tl.constexpr = 1,
-                        INT8: tl.constexpr = False, EVEN_NK: tl.constexpr = False):
-    """INT4: packed words, a scale and zero point per GROUP columns; else 8-bit weights (FP8 bytes,
-    or INT8 ones) with the scale of each GROUP-wide part of the row. BLOCK_K divides GROUP: one scale column per K tile.
+def _weight_only_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+                        x_scale, part_ptr, counter_ptr, k_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                        FP16_DOT: tl.constexpr = False, SPLITS: tl.constexpr = 1, INT8: tl.constexpr = False):
+    """8-bit weights (FP8 bytes, or INT8 ones) with the scale of each GROUP-wide part of the row; BLOCK_K
+    divides GROUP: one scale column per K tile.
     FP16_DOT (FP8 with 16-bit x): the dot in fp16 on the raw FP8 values and x (ops/fp16_operand.py;
     widening each weight to fp32, scaling and narrowing it took three instructions more a weight),
     each K tile's product then times its scale and 1 / x_scale.
@@ -143,8 +142,6 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, s
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = ms < M, ns < N
-    if EVEN_NK:  # the tiles divide N and K: no masks but the rows' (fewer instructions a tile)
-        n_mask = tl.full((BLOCK_N,), 1, tl.int1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo, k_hi = 0, K
     if SPLITS > 1:
@@ -152,7 +149,7 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, s
         k_hi = tl.minimum(k_lo + k_per_split, K)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = tl.full((BLOCK_K,), 1, tl.int1) if EVEN_NK else ks < K
+        k_mask = ks < K
         x = tl.load(x_ptr + ms[:, None] * stride_xm + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if FP16_DOT:
             x = fp16_operand(x, x_scale)
@@ -162,8 +159,8 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, s
             s = tl.load(s_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
             acc += tl.dot(x, tl.trans(w)) * (s / x_scale)[None, :]
         else:
-            w = _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, stride_sn, INT4, GROUP, SLICE,
-                             BLOCK_K, INT8).to(x.dtype)
+            w = _weight_tile(w_ptr, s_ptr, s_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, stride_sn, False, GROUP, 1,
+                             BLOCK_K, INT8).to(x.dtype)  # (8-bit: no zero points, no slices)
             acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     if SPLITS > 1:
         count, acc = add_parts(acc, part_ptr + ms[:, None] * N + ns[None, :], m_mask[:, None] & n_mask[None, :],
@@ -274,8 +271,8 @@ def _launch_8bit_groups(x, w, scales, group: int, n: int, block_m: int, block_n:
     parts, split = split_launch(grid[0] * grid[1], block_k, k, m, n, min_programs, y)
     fp16_dot = x.dtype in (torch.bfloat16, torch.float16)
     _weight_only_kernel[grid + (parts,)](
-        x, w, scales, scales, y, m, n, k, x.stride(0), w.stride(0), scales.stride(0), y.stride(0),
-        1.0 / fp16_operand_factor(x), INT4=False, GROUP=group, SLICE=1, BLOCK_M=block_m, BLOCK_N=block_n,
+        x, w, scales, y, m, n, k, x.stride(0), w.stride(0), scales.stride(0), y.stride(0),
+        1.0 / fp16_operand_factor(x), GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 models: exact sums
         FP16_DOT=fp16_dot, INT8=int8, **split)
     return y
@@ -286,40 +283,6 @@ def dequantize_8bit_groups(weight: torch.Tensor, scale: torch.Tensor, block: int
     (FP8's block x block tiles given per row), [N, ceil(K / b)] -> [N, K]."""
     k = weight.shape[1]
     return (weight.float() * scale.float().repeat_interleave(block, 1)[:, :k]).to(dtype)
-
-
-def w4a16_tiled_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                       group: int, slice_width: int, block_m: int | None = None, block_n: int | None = None,
-                       block_k: int | None = None, num_warps: int | None = None, num_stages: int = 3,
-                       min_programs: int = 0) -> torch.Tensor:
-    """x [M, K] @ the 4-bit weight (words interleaved in slices [N, K / 8], scales and zero points
-    [N, K / group])^T -> [M, N] in x's dtype: a tiled GEMM whose K tiles each lie in one slice (one shift
-    unpacks a tile's words), the weights dequantized in registers for the tensor cores. For batches past
-    the tensor-core skinny kernel's 32 rows, in place of expanding the whole weight every step. Each
-    word is read once per K tile of its slice (8 times a row tile, from cache after the first).
-    min_programs: split K too where the output tiles are fewer (0: never)."""
-    check_int4_layout(packed, scales, group, slice_width, "w4a16 tiled")
-    m, k = x.shape
-    n = packed.shape[0]
-    # Compiled for sm_90 (Triton 3.6, benchmarks/experiments/sass_loop.py int4-tiled): 64 x 64 tiles on 4
-    # warps and 128 x 128 on 8 fit without spills (64 x 128 on 4 warps spilled); not yet timed on a GPU.
-    block_m = block_m or (64 if m <= 64 else 128)
-    block_n = block_n or block_m
-    num_warps = num_warps or (4 if block_m * block_n <= 64 * 64 else 8)
-    block_k = block_k or min(64, slice_width)
-    if packed.shape[1] * 8 != k or slice_width % block_k or block_k < 16:
-        raise ValueError(f"w4a16 tiled: x {tuple(x.shape)}, packed {tuple(packed.shape)} and slices of {slice_width} "
-                         f"(K tiles of {block_k}, 16 at least, within a slice) do not fit")
-    x = x.contiguous()
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    parts, split = split_launch(grid[0] * grid[1], block_k, k, m, n, min_programs, y)
-    _weight_only_kernel[grid + (parts,)](
-        x, packed, scales.contiguous(), zeros.contiguous(), y, m, n, k, x.stride(0), packed.stride(0),
-        scales.stride(0), y.stride(0), 1.0, INT4=True, GROUP=group, SLICE=slice_width, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", FP16_DOT=False,
-        INT8=False, EVEN_NK=n % block_n == 0 and k % block_k == 0, num_warps=num_warps, num_stages=num_stages, **split)
-    return y
 
 
 # Up to this many rows the 8-bit weight-only layers (block FP8, W8A16) take w8a16_block_matmul; above it

@@ -15,7 +15,8 @@ slices of up to 128 columns, scales and signed zero points [out, groups]; ops/we
 one kernel serves all. One row (decode of one sequence) reads the packed words in the skinny kernel
 (ops/gemv_int4.py), 2 to 32 rows in its tensor-core form; more rows expand the layer's weights in one
 pass and use the library GEMM (on an H200 at Qwen3-8B shapes the tiled Triton kernel took 5x the
-expansion's time at 16 to 64 rows: benchmarks/results/2026-12-01-h200-w4a16.md).
+expansion's time at 16 to 64 rows: benchmarks/results/2026-12-01-h200-w4a16.md; two Triton GEMMs that
+dequantize in registers took 1.1-3x its time at 48 to 256 rows: 2026-12-03e-h200-w4a16-gemm.md).
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ from sageinfer.layers.quantization.checkpoint_params import (checkpoint_param, g
 from sageinfer.layers.quantization.config import QuantConfig
 from sageinfer.ops.gemv import gemv
 from sageinfer.ops.gemv_int4 import w4a16_mma_matmul
-from sageinfer.ops.int4_gemm import int4_gemm
 from sageinfer.ops.weight_only import dequantize, dequantize_kernel, pack, slice_width_for, unpack
 
 # The one-row kernel unpacks a slice of columns at a time: narrower slices (odd input sizes) take
@@ -45,11 +45,6 @@ MMA_MAX_ROWS = int(os.environ.get("SAGEINFER_W4A16_MMA_MAX_ROWS", "32"))
 # the processors (w4a16_mma_matmul's split_k). 1, no split, until timed on a GPU
 # (benchmarks/experiments/time_int4_step.py, path "mma split").
 _SPLIT_K = int(os.environ.get("SAGEINFER_W4A16_SPLIT_K", "1"))
-# Past MMA_MAX_ROWS and up to this many rows, the GEMM on the 4-bit words (ops/int4_gemm.py) instead of
-# expanding the weight every step, which took 27% of a 256-sequence decode step on an H200
-# (benchmarks/results/2026-12-03d-h200-quant-vs-vllm.md). 0 (off) until timed on a GPU:
-# SAGEINFER_W4A16_GEMM_MAX_ROWS=512 turns it on.
-GEMM_MAX_ROWS = int(os.environ.get("SAGEINFER_W4A16_GEMM_MAX_ROWS", "0"))
 
 
 _AWQ_COLUMN_OF_NIBBLE = [0, 4, 1, 5, 2, 6, 3, 7]  # column j of a word sits at nibble _AWQ_...[j]
@@ -176,7 +171,7 @@ class W4A16Method:
     def kernel_rows(self, layer: nn.Module) -> int:
         """The most rows whose matmul runs this method's own Triton kernels (where the platform runs
         Triton): what a start-up compiles ahead (executor/linear_warm_up.py)."""
-        return max(MMA_MAX_ROWS, GEMM_MAX_ROWS) if self.slice_width >= _ONE_ROW_MIN_SLICE else 0
+        return MMA_MAX_ROWS if self.slice_width >= _ONE_ROW_MIN_SLICE else 0
 
     def one_row_args(self, layer: nn.Module) -> dict | None:
         """One row (decode of one sequence) reads the packed words in the skinny kernel (ops/gemv.py),
@@ -206,9 +201,6 @@ class W4A16Method:
         elif gemv_args is not None:
             y = w4a16_mma_matmul(x2, gemv_args["weight"], gemv_args["weight_scale"], gemv_args["weight_zero"],
                                  self.group, self.slice_width, num_sms=self.num_sms, split_k=_SPLIT_K)
-        elif kernels and rows <= GEMM_MAX_ROWS and self.slice_width >= _ONE_ROW_MIN_SLICE:
-            y = int4_gemm(x2, packed, scales, zeros, self.group, self.slice_width, block_m=64 if rows <= 64 else 128,
-                          min_programs=2 * (self.num_sms or 0))
         else:  # the weight expanded (in one pass where kernels run) for the library GEMM
             expand = dequantize_kernel if kernels else dequantize
             y = torch.nn.functional.linear(x2, expand(packed, scales, zeros, self.group, x.dtype, self.slice_width))
