@@ -103,8 +103,8 @@ def test_fp4_one_row_matches_the_dequantized_weights(e8m0, k, fold):
 @pytest.mark.parametrize("rows", [2, 17])
 @pytest.mark.parametrize("k", [512, 1024])
 def test_fp4_tensor_core_matmul_matches_the_dequantized_weights(e8m0, dtype, rows, k):
-    """Slices of 16 (MXFP4's group of 32 spans two) or 128 columns (whole groups: a slice's scales spread over
-    their groups' columns in registers)."""
+    """Slices of 16 (MXFP4's group of 32 spans two) or 128 columns (whole groups: 64 columns a dot, their
+    groups' scales spread over them in registers)."""
     from sageinfer.ops.gemv_int4 import w4a16_mma_matmul
     group = 32 if e8m0 else 16
     x, dense, on = _fp4_case(80, k, group, e8m0, dtype, rows=rows)
