@@ -45,7 +45,7 @@ def _matmuls(layer: nn.Module, rows: list[int], dtype: torch.dtype, device: torc
 
 
 def start_linear_warm_up(calls: list[Callable[[], None]], threads: int,
-                        enter_thread=lambda: None) -> Callable[[bool], None]:
+                         enter_thread=lambda: None) -> Callable[[bool], None]:
     """Run calls in a pool of `threads` from a thread of their own; the finish() returned waits for
     them, raises their first error and runs each once more from the caller's thread (where its
     kernels are now compiled). finish(cancel=True): calls not yet begun are skipped, nothing raised.

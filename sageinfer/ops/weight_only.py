@@ -109,17 +109,14 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, str
     s = tl.load(s_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
     if INT4:
         if SLICE % BLOCK_K == 0:  # the tile lies in one slice: contiguous words, one shift
-            # (k0 and SLICE are multiples of BLOCK_K: said, so that the words load in 16-byte vectors)
-            word = tl.multiple_of((k0 // (8 * SLICE)) * SLICE + k0 % SLICE, BLOCK_K) + tl.arange(0, BLOCK_K)
+            word = (k0 // (8 * SLICE)) * SLICE + k0 % SLICE + tl.arange(0, BLOCK_K)
             shift = ((k0 // SLICE) % 8) * 4
         else:  # column c: word (c // 8 S) S + c % S, nibble (c // S) % 8
             word = (ks // (8 * SLICE)) * SLICE + ks % SLICE
             shift = (((ks // SLICE) % 8) * 4)[None, :]
         words = tl.load(w_ptr + ns[:, None] * stride_wn + word[None, :], mask=w_mask, other=0)
         z = tl.load(z_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0).to(tl.float32)
-        # the nibble under 2^23's exponent, less 2^23 + 8 + zero in one exact subtraction (integers < 2^24)
-        bits = ((words >> shift) & 0xF) | 0x4B000000
-        q = bits.to(tl.float32, bitcast=True) - (8388616.0 + z)[:, None]
+        q = nibbles_as_float(words, shift) - (8.0 + z)[:, None]
     else:
         raw = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :], mask=w_mask, other=0)
         q = _bytes_as(raw, INT8, tl.float32)
