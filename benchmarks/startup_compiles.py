@@ -41,11 +41,14 @@ def main() -> None:
     record = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), **source_version(),
               "device": engine.platform.device_name(), "date": datetime.date.today().isoformat(),
               "triton_cache_dir": os.environ.get("TRITON_CACHE_DIR", "(default)"), "startup_s": startup,
+              "model_load_s": engine.model_load_seconds, "memory_profile_s": engine.memory_profile_seconds,
               "kernel_warm_up_wait_s": engine.kernel_warm_up_seconds, "graph_capture_s": engine.graph_capture_seconds,
               "long_prompt_warm_up_s": engine.long_prompt_warm_up_seconds,
               "start_up_compiles": at_start_up[0], "start_up_compile_s": at_start_up[1],
               "start_up_compiles_by_kernel": {k: [compiles.count[k], compiles.seconds[k]] for k in compiles.count}}
-    print(f"start-up {startup:.1f} s: waited {engine.kernel_warm_up_seconds:.1f} s for the kernel warm-up, "
+    print(f"start-up {startup:.1f} s: model load {engine.model_load_seconds:.1f} s, memory profile "
+          f"{engine.memory_profile_seconds:.1f} s, then waited {engine.kernel_warm_up_seconds:.1f} s "
+          f"for the kernel warm-up, "
           f"graph capture {engine.graph_capture_seconds:.1f} s, long-prompt warm-up {engine.long_prompt_warm_up_seconds:.1f} s; "
           f"{at_start_up[0]} compiles or disk-cache loads, {at_start_up[1]:.1f} s of them (threads overlap)", flush=True)
     print(compiles.table(15), flush=True)

@@ -94,6 +94,7 @@ class LLMEngine:
                                  f"{visible} {self.platform.name} device(s) visible")
             self.workers = TensorParallelWorkers(config, attention_backend, self.eos_token_ids)
             init_tensor_parallel(0, config.tensor_parallel_size, self.platform.dist_backend, self.workers.init_method)
+        started = time.perf_counter()
         try:
             self.runner = ModelRunner(config, self.model_config, self.platform, dtype, attention_backend,
                                       show_progress)
@@ -102,7 +103,10 @@ class LLMEngine:
             raise
         # Attention-kernel variants and the quantized layers' kernels compile in the background from here
         # (no collectives: each rank warms its own); the graphs' capture then finds them compiled.
+        self.model_load_seconds = time.perf_counter() - started
+        logger.info("model loaded in %.1f s", self.model_load_seconds)
         self.runner.start_kernel_warm_up()
+        started = time.perf_counter()
         try:
             num_blocks = self.runner.determine_num_blocks()
             if self.workers is not None:
@@ -118,6 +122,9 @@ class LLMEngine:
         except BaseException:
             self.runner.finish_kernel_warm_up(cancel=True)  # no compile left running past a failed start
             raise
+        # The memory profile's step runs beside the background compiles: its own kernels compile here.
+        self.memory_profile_seconds = time.perf_counter() - started
+        logger.info("memory profile and KV cache allocation took %.1f s", self.memory_profile_seconds)
         self.kernel_warm_up_seconds = self.runner.finish_kernel_warm_up()
         if self.kernel_warm_up_seconds:
             logger.info("start-up waited %.1f s for the kernel warm-up (attention, quantized layers)",
