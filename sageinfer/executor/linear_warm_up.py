@@ -19,15 +19,12 @@ from sageinfer.background_warm_up import in_background
 
 
 def linear_warm_up_calls(model: nn.Module, dtype: torch.dtype, device: torch.device) -> list[Callable[[], None]]:
-    """Calls that run each distinct quantized layer's matmul (its method and its tensors' shapes and
-    dtypes) on zeros at every row count from 2 to what its method runs on kernels of its own
+    """One call per distinct quantized layer (its method and its tensors' shapes and dtypes): the layer's
+    matmul on zeros at every row count from 2 to what its method runs on kernels of its own
     (quant.kernel_rows: 32 or 64), on its own kernels only (no bias, no all-reduce). Every count, not a
     few: a kernel's tile, its split over K and the specialisation of the row count follow the rows, and
-    the repeats of a variant are launches of a compiled kernel. One call per layer and kind of row count
-    (row_kinds), taken layer by layer across kinds, so that threads taking them in turn start on
-    different compiles: with one call per layer, four layers kept four threads busy and two of them often
-    compiled the same variant at once (an NVFP4 Qwen3-8B compiled 8 variants where 5 differ)."""
-    per_layer, seen = [], set()
+    the repeats of a variant are launches of a compiled kernel."""
+    calls, seen = [], set()
     for module in model.modules():
         quant = getattr(module, "quant", None)
         if quant is None or not getattr(module, "use_triton", False) or not hasattr(quant, "kernel_rows"):
@@ -37,20 +34,8 @@ def linear_warm_up_calls(model: nn.Module, dtype: torch.dtype, device: torch.dev
         key = (type(quant), tuple((name, tuple(t.shape), t.dtype) for name, t in tensors if name != "bias"))
         if rows and key not in seen:
             seen.add(key)
-            per_layer.append([functools.partial(_matmuls, module, kind, dtype, device) for kind in row_kinds(rows)])
-    calls = []
-    for turn in range(max(map(len, per_layer), default=0)):
-        calls += [kinds[(i + turn) % len(kinds)] for i, kinds in enumerate(per_layer) if turn < len(kinds)]
+            calls.append(functools.partial(_matmuls, module, rows, dtype, device))
     return calls
-
-
-def row_kinds(rows: list[int]) -> list[list[int]]:
-    """Row counts by what their launches likely share: the power of two a tile of rows rounds them to,
-    and Triton's specialisation of an integer divisible by 16."""
-    kinds: dict[tuple[int, bool], list[int]] = {}
-    for n in rows:
-        kinds.setdefault((1 << (n - 1).bit_length(), n % 16 == 0), []).append(n)
-    return list(kinds.values())
 
 
 @torch.no_grad()
