@@ -222,22 +222,18 @@ def test_a_failing_warm_up_is_logged_and_start_up_goes_on(caplog):
     backend = TritonBackend(num_sms=4)
     backend.forward = backend._attend = fail
     layer = Attention(4, 2, 16, rotary_emb=None)
-    runner = ModelRunner.__new__(ModelRunner)  # the warm-up's inputs only, no model load
-    runner.__dict__.update(
+    runner = types.SimpleNamespace(
         backend=backend, device=torch.device("meta"), num_kv_heads=2, dtype=torch.float32, block_size=16,
-        _captures_graphs=lambda: False, _warm_ups=[], _attention_warm_up_started=False,
+        _captures_graphs=lambda: False,
         config=types.SimpleNamespace(max_num_seqs=4, max_model_len=64, max_graph_batch_size=512),
         platform=types.SimpleNamespace(supports_triton=True, supports_dependent_launch=lambda: False,
                                        synchronize=lambda: None),
-        model=torch.nn.ModuleList([layer]),
-        _layer_cache=lambda blocks: types.SimpleNamespace(k=torch.zeros(blocks, 16, 2, 16)))
+        model=torch.nn.ModuleList([layer]), _layer_cache=lambda blocks: types.SimpleNamespace(k=torch.zeros(blocks, 16, 2, 16)))
     with caplog.at_level("WARNING"):
-        runner.start_attention_warm_up()
-        runner.start_kernel_warm_up()  # the attention's already started: not again
-        assert len(runner._warm_ups) == 1
-        seconds = runner.finish_kernel_warm_up()
+        ModelRunner.start_kernel_warm_up(runner)
+        seconds = ModelRunner.finish_kernel_warm_up(runner)
     assert seconds >= 0 and "kernel warm-up failed" in caplog.text and "no launch today" in caplog.text
-    assert runner.finish_kernel_warm_up() == 0.0  # finished once
+    assert ModelRunner.finish_kernel_warm_up(runner) == 0.0  # finished once
 
 
 def test_the_background_warm_up_lets_start_up_go_on_until_it_is_finished():

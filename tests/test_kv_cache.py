@@ -230,28 +230,9 @@ def test_a_cache_too_small_for_max_model_len_fails_start_up_and_cancels_the_warm
     finished = []
 
     def start(self):  # a background warm-up as on a GPU, recording how it is finished
-        self._warm_ups = [finished.append]
+        self._finish_kernel_warm_up = finished.append
     monkeypatch.setattr(ModelRunner, "start_kernel_warm_up", start)
     with pytest.raises(ValueError, match=r"fewer than max_model_len \(256\): lower max_model_len"):
         LLM(llama_dir, dtype="float32", max_model_len=256, block_size=16, num_gpu_blocks_override=8,
             show_progress=False)  # 128 tokens of cache on every platform (CUDA's default block is 64)
     assert finished == [True]  # cancelled, not left compiling past the failed start
-
-
-def test_a_weight_load_that_fails_cancels_the_attention_warm_up_started_before_it(llama_dir, monkeypatch):
-    """The attention kernels compile while the weights load (ModelRunner.__init__): a load that fails
-    leaves nothing compiling behind it, and its own error is the one raised."""
-    from sageinfer.executor import model_runner
-    finished = []
-
-    def start(self):  # a background warm-up as on a GPU, recording how it is finished
-        self._attention_warm_up_started = True
-        self._warm_ups.append(finished.append)
-
-    def fail(*args, **kwargs):
-        raise OSError("the disk went away")
-    monkeypatch.setattr(model_runner.ModelRunner, "start_attention_warm_up", start)
-    monkeypatch.setattr(model_runner, "load_weights", fail)
-    with pytest.raises(OSError, match="the disk went away"):
-        LLM(llama_dir, dtype="float32", num_gpu_blocks_override=8, show_progress=False)
-    assert finished == [True]

@@ -1,11 +1,11 @@
 """Tensors in, tokens out: builds the flat batch, runs the model, samples on the device."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from sageinfer.executor import prompt_logprobs
 from sageinfer.executor.prompt_logprobs import PromptLogprobsOutput
 from sageinfer.executor.sampling_inputs import build_sampling_batch
 from sageinfer.layers.sampler import Sampler, SamplerOutput
-from sageinfer.models.loader import build_model, load_weights
+from sageinfer.models.loader import load_model
 from sageinfer.models.model_config import ModelConfig
 from sageinfer.platforms.base import Platform
 from sageinfer.sampling_params import SamplingParams
@@ -58,22 +58,9 @@ class ModelRunner:
         # KV heads this rank holds (all of them without tensor parallelism): the cache's shape and size.
         self.num_kv_heads = kv_head_range(model_config.num_key_value_heads)[1]
         self.backend = get_attention_backend(attention_backend or self._default_backend(), platform)
-        self.model = build_model(model_config, config.model, config.load_format, dtype, self.device, self.backend,
-                                 quantization=config.quantization)
-        self.sampler = Sampler()
-        self.kv_caches: list[LayerKVCache] = []
-        self.graphs = None  # executor.graph_runner.DecodeGraphs once captured
-        self.prefill_graphs = None  # executor.graph_runner.PrefillGraphs once captured
-        self._warm_ups = []  # the background warm-ups' finishes, until finish_kernel_warm_up
-        self._attention_warm_up_started = False
-        # The attention kernels need the model's shapes, not its weights: they compile while the weights load.
-        self.start_attention_warm_up()
-        try:
-            load_weights(self.model, model_config, config.model, config.load_format, self.device, seed=config.seed,
-                         show_progress=show_progress)
-        except BaseException:
-            self.finish_kernel_warm_up(cancel=True)  # no compile left running past a failed load
-            raise
+        self.model = load_model(model_config, config.model, config.load_format, dtype, self.device,
+                                self.backend, seed=config.seed, show_progress=show_progress,
+                                quantization=config.quantization)
         use_triton = self.backend.name == "triton"
         for module in self.model.modules():
             if hasattr(module, "use_triton"):
@@ -82,6 +69,11 @@ class ModelRunner:
                 module.platform = platform
                 if hasattr(getattr(module, "quant", None), "prepare"):
                     module.quant.prepare(module)  # (the platform's choices, made before any graph)
+        self.sampler = Sampler()
+        self.kv_caches: list[LayerKVCache] = []
+        self.graphs = None  # executor.graph_runner.DecodeGraphs once captured
+        self.prefill_graphs = None  # executor.graph_runner.PrefillGraphs once captured
+        self._finish_kernel_warm_up = None  # start_kernel_warm_up's, until finish_kernel_warm_up
 
     def _default_backend(self) -> str:
         name = self.platform.preferred_attention_backend
@@ -190,34 +182,32 @@ class ModelRunner:
         self.platform.synchronize()
         return time.perf_counter() - start
 
-    def _warms_up(self) -> bool:
-        """Whether start-up compiles kernels ahead: not where the platform does not compile Triton kernels
-        (the CPU interprets them), with other backends, or with SAGEINFER_DECODE_WARM_UP=0."""
-        return self.backend.name == "triton" and self.platform.supports_triton and DECODE_WARM_UP
-
-    def _warm_up_thread_setup(self) -> tuple[int, Callable[[], None]]:
-        """The warm-ups' threads, and what makes the rank's device current in each."""
-        index = self.device.index
-        enter_thread = (lambda: self.platform.set_device(index)) if index is not None else (lambda: None)
-        return min(8, os.cpu_count() or 1), enter_thread
-
-    def start_attention_warm_up(self) -> None:
+    def start_kernel_warm_up(self) -> None:
         """Start compiling, in the background and from several threads, the decode-attention launches
         of the graphs capture_graphs will capture and those a step can choose outside them, and the
         prefill-attention kernels' variants (attention/kernel_warm_up.py), on a one-block cache of the
-        cache's layout. They need the model's shapes only: __init__ starts them before the weights load,
-        so that the load, then the memory profile (whose prefill finds its kernel compiled), go on
-        meanwhile. Once only."""
-        if not self._warms_up() or self._attention_warm_up_started:
+        cache's layout, and beside them the quantized layers' kernels for small batches
+        (executor/linear_warm_up.py): the memory profile and the cache allocation go on meanwhile. Not
+        where the platform does not compile Triton kernels (the CPU interprets them), with other
+        backends, or with SAGEINFER_DECODE_WARM_UP=0."""
+        if self.backend.name != "triton" or not self.platform.supports_triton or not DECODE_WARM_UP:
             return
-        self._attention_warm_up_started = True
         from sageinfer.attention.kernel_warm_up import decode_plans, graph_plans, prefill_plans, start_in_background
+        from sageinfer.background_warm_up import finish_all
         from sageinfer.executor.graph_runner import DEPENDENT_LAUNCH_MAX_DECODE_BATCH, graph_batch_sizes
+        from sageinfer.executor.linear_warm_up import linear_warm_up_calls, start_linear_warm_up
         from sageinfer.layers.attention import Attention
+        finishes = []
         try:
             sizes = graph_batch_sizes(self.config.max_num_seqs, self.config.max_graph_batch_size) \
                 if self._captures_graphs() else []
-            threads, enter_thread = self._warm_up_thread_setup()
+            index = self.device.index
+            enter_thread = (lambda: self.platform.set_device(index)) if index is not None else (lambda: None)
+            threads = min(8, os.cpu_count() or 1)
+            if LINEAR_WARM_UP:
+                calls = linear_warm_up_calls(self.model, self.dtype, self.device)
+                if calls:
+                    finishes.append(start_linear_warm_up(calls, threads, enter_thread))
             plans = decode_plans(self.backend, self.config.max_num_seqs, self.config.max_model_len,
                                  self.num_kv_heads, eager_decode_from=sizes[-1] + 1 if sizes else 1)
             dependent_max = DEPENDENT_LAUNCH_MAX_DECODE_BATCH if self.platform.supports_dependent_launch() else 0
@@ -225,39 +215,22 @@ class ModelRunner:
             if PREFILL_WARM_UP:
                 plans |= prefill_plans(self.config.max_model_len, self.block_size)
             layer = next(m for m in self.model.modules() if isinstance(m, Attention))
-            self._warm_ups.append(start_in_background(self.backend, layer, self._layer_cache(1), plans, self.device,
-                                                      self.dtype, threads=threads, enter_thread=enter_thread))
+            finishes.append(start_in_background(self.backend, layer, self._layer_cache(1), plans, self.device,
+                                                self.dtype, threads=threads, enter_thread=enter_thread))
         except Exception:  # a warm-up is an optimisation: serve anyway, compiling on first use as before
             logger.warning("kernel warm-up failed; its kernels compile on first use", exc_info=True)
-
-    def start_kernel_warm_up(self) -> None:
-        """The attention warm-up if not started yet (start_attention_warm_up), and beside it, in the
-        background too, the quantized layers' kernels for small batches (executor/linear_warm_up.py),
-        which need the loaded layers' tensors: the memory profile and the cache allocation go on
-        meanwhile."""
-        if not self._warms_up():
-            return
-        self.start_attention_warm_up()
-        if not LINEAR_WARM_UP:
-            return
-        from sageinfer.executor.linear_warm_up import linear_warm_up_calls, start_linear_warm_up
-        try:
-            calls = linear_warm_up_calls(self.model, self.dtype, self.device)
-            if calls:
-                self._warm_ups.append(start_linear_warm_up(calls, *self._warm_up_thread_setup()))
-        except Exception:
-            logger.warning("kernel warm-up failed; its kernels compile on first use", exc_info=True)
+        if finishes:
+            self._finish_kernel_warm_up = functools.partial(finish_all, finishes)
 
     def finish_kernel_warm_up(self, cancel: bool = False) -> float:
-        """Wait for the warm-ups' compiles (before the graph capture, which launches them); the seconds
-        start-up waited. cancel: a start-up that failed: wait only for the launches under way."""
-        from sageinfer.background_warm_up import finish_all
-        finishes, self._warm_ups = self._warm_ups, []
-        if not finishes:
+        """Wait for start_kernel_warm_up's compiles (before the graph capture, which launches them); the
+        seconds start-up waited. cancel: a start-up that failed: wait only for the launches under way."""
+        finish, self._finish_kernel_warm_up = self._finish_kernel_warm_up, None
+        if finish is None:
             return 0.0
         start = time.perf_counter()
         try:
-            finish_all(finishes, cancel)
+            finish(cancel)
             self.platform.synchronize()
         except Exception:
             logger.warning("kernel warm-up failed; its kernels compile on first use", exc_info=True)

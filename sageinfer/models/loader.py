@@ -79,14 +79,6 @@ def dummy_checkpoint(model_dir: str, architecture: str, seed: int,
 def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.dtype,
                device: torch.device, backend: AttentionBackend, seed: int = 0,
                show_progress: bool = True, quantization: str | None = None) -> torch.nn.Module:
-    model = build_model(cfg, model_dir, load_format, dtype, device, backend, quantization)
-    return load_weights(model, cfg, model_dir, load_format, device, seed, show_progress)
-
-
-def build_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.dtype, device: torch.device,
-                backend: AttentionBackend, quantization: str | None = None) -> torch.nn.Module:
-    """The model on its device with its layers' tensors allocated and not yet filled (load_weights
-    fills them): its shapes are known, so start-up can compile kernels while the weights load."""
     quant = load_quant_config(model_dir, quantization)
     if quant is not None and quant.lm_head and not (
             _holds_quantized_lm_head(model_dir) if load_format != "dummy" else not cfg.tie_word_embeddings):
@@ -113,13 +105,6 @@ def build_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch
     finally:
         set_quant_config(None)
         torch.set_default_dtype(previous)
-    return model
-
-
-def load_weights(model: torch.nn.Module, cfg: ModelConfig, model_dir: str, load_format: str, device: torch.device,
-                 seed: int = 0, show_progress: bool = True) -> torch.nn.Module:
-    """Fill build_model's model from the checkpoint (or randomly), then convert each linear layer's
-    tensors to the layouts its method runs."""
     weights = dummy_checkpoint(model_dir, cfg.architecture, seed, device) if load_format == "dummy" \
         else iterate_safetensors(model_dir, show_progress)
     with torch.no_grad():
