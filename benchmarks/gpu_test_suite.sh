@@ -25,8 +25,8 @@ ROUTING="tests/test_router.py tests/test_pd_serving.py"
 ALL_ENGINE=$(ls tests/test_*.py | grep -v -E "test_(server|server_faults|router|pd_serving|tensor_parallel)\.py")
 # The slowest files on a GPU first, so that dealing in turn spreads them over the parts.
 SLOW="tests/test_ops_fp4.py tests/test_hopper_attention.py tests/test_quantization.py tests/test_cli.py
-tests/test_ops_gemv.py tests/test_llm_compressor.py tests/test_generation_vs_transformers.py tests/test_ops_prefill_attention.py
-tests/test_ops_paged_attention.py"
+tests/test_ops_gemv.py tests/test_llm_compressor.py tests/test_generation_vs_transformers.py
+tests/test_ops_prefill_attention.py tests/test_ops_paged_attention.py"
 ENGINE=$( (for f in $SLOW; do echo "$ALL_ENGINE" | grep -x "$f"; done; echo "$ALL_ENGINE" | grep -v -x -F "$(echo $SLOW | tr ' ' '\n')") )
 # The engine's files dealt out in turn:
 # two parts for two GPUs, five when the parts share one (GROUP=shared; with four, the part that drew both the

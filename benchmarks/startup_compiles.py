@@ -48,8 +48,8 @@ def main() -> None:
               "start_up_compiles_by_kernel": {k: [compiles.count[k], compiles.seconds[k]] for k in compiles.count}}
     print(f"start-up {startup:.1f} s: model load {engine.model_load_seconds:.1f} s, memory profile "
           f"{engine.memory_profile_seconds:.1f} s, then waited {engine.kernel_warm_up_seconds:.1f} s "
-          f"for the kernel warm-up, "
-          f"graph capture {engine.graph_capture_seconds:.1f} s, long-prompt warm-up {engine.long_prompt_warm_up_seconds:.1f} s; "
+          f"for the kernel warm-up, graph capture {engine.graph_capture_seconds:.1f} s, "
+          f"long-prompt warm-up {engine.long_prompt_warm_up_seconds:.1f} s; "
           f"{at_start_up[0]} compiles or disk-cache loads, {at_start_up[1]:.1f} s of them (threads overlap)", flush=True)
     print(compiles.table(15), flush=True)
 

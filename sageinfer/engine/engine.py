@@ -101,10 +101,10 @@ class LLMEngine:
         except BaseException:
             self.shutdown(timeout=2.0)  # the others fail the same way: stop them, raise the reason here
             raise
-        # Attention-kernel variants and the quantized layers' kernels compile in the background from here
-        # (no collectives: each rank warms its own); the graphs' capture then finds them compiled.
         self.model_load_seconds = time.perf_counter() - started
         logger.info("model loaded in %.1f s", self.model_load_seconds)
+        # Attention-kernel variants and the quantized layers' kernels compile in the background from here
+        # (no collectives: each rank warms its own); the graphs' capture then finds them compiled.
         self.runner.start_kernel_warm_up()
         started = time.perf_counter()
         try:
