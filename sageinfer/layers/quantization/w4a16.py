@@ -15,8 +15,9 @@ slices of up to 128 columns, scales and signed zero points [out, groups]; ops/we
 one kernel serves all. One row (decode of one sequence) reads the packed words in the skinny kernel
 (ops/gemv_int4.py), 2 to 32 rows in its tensor-core form; more rows expand the layer's weights in one
 pass and use the library GEMM (on an H200 at Qwen3-8B shapes the tiled Triton kernel took 5x the
-expansion's time at 16 to 64 rows: benchmarks/results/2026-12-01-h200-w4a16.md; two Triton GEMMs that
-dequantize in registers took 1.1-3x its time at 48 to 256 rows: 2026-12-03e-h200-w4a16-gemm.md).
+expansion's time at 16 to 64 rows: benchmarks/results/2026-12-01-h200-w4a16.md; three Triton GEMMs that
+dequantize in registers took 1.1-7x its time at 48 to 256 rows: 2026-12-03e-h200-w4a16-gemm.md,
+2026-12-03f-h200-suite-fp4-start-up.md).
 """
 from __future__ import annotations
 
