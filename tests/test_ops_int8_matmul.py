@@ -4,7 +4,7 @@ import torch
 
 from kernels_util import DEVICE, rel_err
 from sageinfer.layers.quantization.w8a8 import dequantized_matmul
-from sageinfer.ops.int8_matmul import int8_matmul
+from sageinfer.ops.int8_matmul import FAST_CONFIGS, fast_config, int8_matmul
 
 
 @pytest.mark.parametrize("m, n, k", [(1, 40, 96), (70, 130, 200), (5, 64, 64)])
@@ -20,6 +20,41 @@ def test_int8_matmul_matches_the_exact_product(m, n, k, out_dtype):
     assert y.dtype == out_dtype and y.shape == (m, n)
     assert rel_err(y.cpu(), exact) < (1e-6 if out_dtype == torch.float32 else 1e-2)
     assert rel_err(y.cpu().float(), dequantized_matmul(xq, x_scale, wq, w_scale, torch.float32)) < 1e-2
+
+
+def _exact_case(m, n, k):
+    gen = torch.Generator().manual_seed(m + n * k)
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
+    wq = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    x_scale = torch.rand(m, 1, generator=gen) * 0.01 + 1e-3
+    w_scale = torch.rand(n, generator=gen) * 0.01 + 1e-3
+    return xq, x_scale, wq, w_scale, (xq.double() @ wq.double().t()) * x_scale.double() * w_scale.double().view(1, -1)
+
+
+@pytest.mark.parametrize("m, n, k", [(200, 100, 96), (200, 100, 100), (129, 64, 64)])
+def test_row_tiles_taken_in_groups_cover_every_tile_once(m, n, k):
+    """Small tiles over many row tiles: more than one group of GROUP_M row tiles (the last one short),
+    partial row, column and K tiles; every output element is the exact product's."""
+    xq, x_scale, wq, w_scale, exact = _exact_case(m, n, k)
+    cfg = {"block_m": 16, "block_n": 32, "block_k": 32, "num_warps": 4}
+    y = int8_matmul(xq.to(DEVICE), x_scale.to(DEVICE), wq.to(DEVICE), w_scale.to(DEVICE), torch.float32, cfg)
+    assert rel_err(y.cpu(), exact) < 1e-6
+    assert (y.cpu() - exact).abs().max() < 1e-5 * exact.abs().max()
+
+
+@pytest.mark.parametrize("m", [3, 100])
+def test_the_fast_configurations_give_the_exact_product(m):
+    """The tiles chosen by row count where the kernel runs for speed, each of them on the same inputs."""
+    xq, x_scale, wq, w_scale, exact = _exact_case(m, 300, 256)
+    for _, cfg in FAST_CONFIGS:
+        y = int8_matmul(xq.to(DEVICE), x_scale.to(DEVICE), wq.to(DEVICE), w_scale.to(DEVICE), torch.bfloat16, cfg)
+        assert rel_err(y.cpu(), exact) < 1e-2, cfg
+
+
+def test_the_fast_configuration_follows_the_row_count():
+    assert fast_config(2) is fast_config(64) is FAST_CONFIGS[0][1]
+    assert fast_config(65) is fast_config(512) is FAST_CONFIGS[1][1]
+    assert fast_config(513) is fast_config(16384) is FAST_CONFIGS[2][1]
 
 
 def test_what_it_cannot_take_is_refused():
@@ -39,3 +74,7 @@ def test_chips_without_a_library_int8_gemm_take_the_kernel():
     assert CpuPlatform().int8_matmul(x, w) is not None  # the library GEMM
     assert CudaPlatform().int8_matmul(x, w) is None and not CudaPlatform.portable_int8_kernel  # the reference
     assert Platform().int8_matmul(x, w) is None and Platform.portable_int8_kernel  # other chips: the kernel
+    # The kernel in preference to a library GEMM: Hopper only (measured there), never on the CPU.
+    assert not Platform().prefers_int8_kernel() and not CpuPlatform().prefers_int8_kernel()
+    if not torch.cuda.is_available():
+        assert not CudaPlatform().prefers_int8_kernel()

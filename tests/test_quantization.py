@@ -148,26 +148,32 @@ def test_layers_hold_8_bit_weights_and_the_ignored_stay_whole(checkpoints, llama
 
 def test_int8_checkpoint_on_the_portable_kernel_scores_as_the_library_gemm(checkpoints, monkeypatch):
     """A chip without a library INT8 GEMM runs the Triton INT8 kernel (ops/int8_matmul.py) in every W8A8
-    layer (forced here, kernels through the platform's Triton choice): the model scores the prompt as
+    layer (forced here, kernels through the platform's Triton choice), and so does a chip that prefers it
+    to its library GEMM (Hopper): the model scores the prompt as
     with torch._int_mm (itself checked against transformers above); the int32 sums are exact, so only
     float rounding of the scaling may differ."""
     platform_class = type(get_platform())  # the CPU's, or the GPU's when the suite runs there
     runs = {}
     kernel, library = w8a8.int8_matmul, platform_class.int8_matmul
-    for path in ("library", "triton"):
+    # "preferred": a library GEMM is there but the platform prefers the kernel (Hopper), in its fast tiles
+    for path in ("library", "triton", "preferred"):
         seen = []
 
         def int8_matmul(self, xq, wq, path=path, seen=seen):
             seen.append(path)
-            return library(self, xq, wq) if path == "library" else None  # None: no library GEMM here
+            return library(self, xq, wq) if path != "triton" else None  # None: no library GEMM here
         monkeypatch.setattr(platform_class, "int8_matmul", int8_matmul)
         monkeypatch.setattr(platform_class, "portable_int8_kernel", True)  # (NVIDIA's platform keeps cuBLAS)
+        monkeypatch.setattr(platform_class, "prefers_int8_kernel", lambda self, path=path: path == "preferred")
         kernel_calls = []
-        monkeypatch.setattr(w8a8, "int8_matmul", lambda *a, calls=kernel_calls, **k: calls.append(1) or kernel(*a, **k))
+        monkeypatch.setattr(w8a8, "int8_matmul", lambda *a, calls=kernel_calls, **k: calls.append(a[-1]) or kernel(*a, **k))
         runs[path] = _prompt_logprobs(checkpoints["int8-channel"], attention_backend="triton", enforce_eager=True)
-        assert seen and bool(kernel_calls) == (path == "triton")
-    np.testing.assert_allclose(runs["triton"][0], runs["library"][0], atol=1e-5)
-    assert runs["triton"][1] == runs["library"][1]
+        assert bool(seen) == (path != "preferred") and bool(kernel_calls) == (path != "library")
+        # the preferred kernel launches with the tiles for its row count
+        assert all(isinstance(cfg, dict) == (path == "preferred") for cfg in kernel_calls)
+    for path in ("triton", "preferred"):
+        np.testing.assert_allclose(runs[path][0], runs["library"][0], atol=1e-5)
+        assert runs[path][1] == runs["library"][1]
 
 
 @pytest.mark.parametrize("scheme", ["fp8", "int8"])

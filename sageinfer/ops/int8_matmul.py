@@ -1,9 +1,10 @@
 """INT8 x INT8 matmul with int32 accumulation and the scales applied in the epilogue, in Triton.
 
-y[m, n] = (sum_k xq[m, k] * wq[n, k]) * x_scale[m] * w_scale[n]: the W8A8 layers' INT8 product for
-chips where no library INT8 GEMM is at hand (INT8 is what the domestic accelerators share; on NVIDIA
-and the CPU the layers keep torch._int_mm). The accumulation is exact, so it equals the library path
-up to the float rounding of the scaling.
+y[m, n] = (sum_k xq[m, k] * wq[n, k]) * x_scale[m] * w_scale[n]: the W8A8 layers' INT8 product where the
+platform prefers it to its library's (Hopper: torch._int_mm runs an sm_80 kernel and leaves an int32
+product that three more passes scale and round) or has no library INT8 GEMM at all (INT8 is what the
+domestic accelerators share). The accumulation is exact, so it equals the library path up to the float
+rounding of the scaling.
 """
 from __future__ import annotations
 
@@ -12,14 +13,39 @@ import triton
 import triton.language as tl
 
 # Tiles every Triton backend takes (int8 dots want K tiles of 32 or more on most chips).
-CONFIG = {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 4}
+CONFIG = {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 2}
+# Tiles by row count where the platform runs this kernel for speed (Hopper's warpgroup MMA on int8): few
+# rows are bound by reading the weights (narrow column tiles so that the programs fill the processors),
+# many by the tensor cores (wide tiles). Three kinds, so three compiles (the row count is not specialised).
+FAST_CONFIGS = (
+    (64, {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}),
+    (512, {"block_m": 64, "block_n": 128, "block_k": 128, "num_warps": 4, "num_stages": 4}),
+    (None, {"block_m": 128, "block_n": 256, "block_k": 128, "num_warps": 8, "num_stages": 3}),
+)
+# Row tiles that share their column tiles run side by side, so a column tile of the weights is read from
+# L2 by several row tiles instead of from memory by each.
+GROUP_M = 8
 
 
-@triton.jit
+def fast_config(m: int) -> dict:
+    """The launch configuration of FAST_CONFIGS for m rows."""
+    return next(cfg for rows, cfg in FAST_CONFIGS if rows is None or m <= rows)
+
+
+@triton.jit(do_not_specialize=["m"])
 def _int8_matmul_kernel(x_ptr, w_ptr, y_ptr, x_scale_ptr, w_scale_ptr, m, n, k, stride_x, stride_w, stride_y,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP: tl.constexpr):
+    # Programs walk row tiles GROUP at a time down each column tile.
+    pid = tl.program_id(0)
+    row_tiles, col_tiles = tl.cdiv(m, BLOCK_M), tl.cdiv(n, BLOCK_N)
+    per_group = GROUP * col_tiles
+    first_row_tile = (pid // per_group) * GROUP
+    group_rows = tl.minimum(row_tiles - first_row_tile, GROUP)
+    row_tile = first_row_tile + (pid % per_group) % group_rows
+    col_tile = (pid % per_group) // group_rows
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok, col_ok = rows < m, cols < n
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x
@@ -40,7 +66,7 @@ def _int8_matmul_kernel(x_ptr, w_ptr, y_ptr, x_scale_ptr, w_scale_ptr, m, n, k, 
 def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                 out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
     """xq [M, K] int8 with x_scale [M, 1] (or [M]); wq [N, K] int8 with w_scale [N]; rows contiguous.
-    Returns [M, N] in out_dtype."""
+    Returns [M, N] in out_dtype. config: the launch's tiles (CONFIG's keys; fast_config(M) for speed)."""
     if xq.dtype != torch.int8 or wq.dtype != torch.int8 or xq.shape[1] != wq.shape[1]:
         raise ValueError(f"int8_matmul takes int8 [M, K] and [N, K], got {xq.dtype} {tuple(xq.shape)} and "
                          f"{wq.dtype} {tuple(wq.shape)}")
@@ -54,8 +80,8 @@ def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_sca
         return y
     x_scale = x_scale.reshape(-1).float().contiguous()
     w_scale = w_scale.reshape(-1).float().contiguous()
-    grid = (triton.cdiv(m, cfg["block_m"]), triton.cdiv(n, cfg["block_n"]))
+    grid = (triton.cdiv(m, cfg["block_m"]) * triton.cdiv(n, cfg["block_n"]),)
     _int8_matmul_kernel[grid](xq, wq, y, x_scale, w_scale, m, n, k, xq.stride(0), wq.stride(0), y.stride(0),
-                              BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"],
-                              num_warps=cfg["num_warps"])
+                              BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP=GROUP_M,
+                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y

@@ -70,6 +70,11 @@ class Platform:
     # Whether W8A8 layers may run the portable Triton INT8 kernel where int8_matmul has no library GEMM.
     portable_int8_kernel: bool = True
 
+    def prefers_int8_kernel(self) -> bool:
+        """Whether W8A8 layers run the Triton INT8 kernel (ops/int8_matmul.py, scales in its epilogue,
+        tiles for speed) even where int8_matmul has a library GEMM: where that is measured faster."""
+        return False
+
     def int8_matmul(self, xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor | None:
         """xq [M, K] @ wq [N, K]^T in int32 through the chip's library INT8 GEMM, or None where it has
         none for these shapes (the layers then run the Triton kernel or the reference)."""

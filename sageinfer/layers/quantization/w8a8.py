@@ -1,11 +1,11 @@
 """8-bit weights and activations (FP8 e4m3 or INT8): weights with a scale per output channel,
 activations with a scale per token computed at run time (or one static scale from the checkpoint).
 
-The matmul runs on the 8-bit inputs: `torch._scaled_mm` (FP8, rowwise scales) or `torch._int_mm`
-(INT8, int32 accumulation, scales applied after; on other Triton chips the Triton kernel of
-ops/int8_matmul.py), with a dequantizing fallback for shapes those refuse. A checkpoint's per-tensor
-weight scales are spread over their rows at load time, so one per-channel kernel serves both
-strategies, and a merged q/k/v or gate/up layer keeps each part's scale.
+The matmul runs on the 8-bit inputs: `torch._scaled_mm` (FP8, rowwise scales) or for INT8 the Triton
+kernel of ops/int8_matmul.py (int32 accumulation, scales in its epilogue: Hopper and chips without a
+library INT8 GEMM) or `torch._int_mm` (scales applied after), with a dequantizing fallback for shapes
+those refuse. A checkpoint's per-tensor weight scales are spread over their rows at load time, so one
+per-channel kernel serves both strategies, and a merged q/k/v or gate/up layer keeps each part's scale.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sageinfer.layers.quantization.config import QuantConfig
-from sageinfer.ops.int8_matmul import int8_matmul
+from sageinfer.ops.int8_matmul import fast_config, int8_matmul
 from sageinfer.ops.quantize import quantize_rows_kernel
 from sageinfer.platforms import get_platform
 
@@ -106,10 +106,13 @@ class W8A8Method:
 
     def _matmul(self, xq, x_scale, wq, w_scale, out_dtype, platform, use_triton: bool = False):
         """The chip's library 8-bit GEMM (the platform's), else for INT8 the Triton kernel where kernels
-        run (ops/int8_matmul.py: the domestic accelerators), else the dequantized reference."""
+        run (ops/int8_matmul.py: Hopper, where it is faster, and the domestic accelerators), else the
+        dequantized reference."""
         if self.scheme == "fp8":
             y = platform.fp8_scaled_matmul(xq, wq, x_scale, w_scale, out_dtype)
             return y if y is not None else dequantized_matmul(xq, x_scale, wq, w_scale, out_dtype)
+        if use_triton and platform.prefers_int8_kernel():
+            return int8_matmul(xq, x_scale, wq, w_scale, out_dtype, fast_config(xq.shape[0]))
         acc = platform.int8_matmul(xq, wq)
         if acc is not None:
             return (acc.float() * x_scale * w_scale.view(1, -1)).to(out_dtype)
