@@ -17,10 +17,13 @@ CONFIG = {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stag
 # Tiles by row count where the platform runs this kernel for speed (Hopper's warpgroup MMA on int8): few
 # rows are bound by reading the weights (narrow column tiles so that the programs fill the processors),
 # many by the tensor cores (wide tiles). Three kinds, so three compiles (the row count is not specialised).
+# A Qwen3-8B layer's four matmuls on an H200 (benchmarks/experiments/time_int8_gemm.py), ms against
+# torch._int_mm with the scales after it: 32 rows 0.085 against 0.117, 256 rows 0.139 against 0.293, 2048
+# rows 0.595 against 1.689, 16,000 rows 5.39 against 12.85 (1,146 INT8 TOP/s; 128 x 256 tiles 5.83).
 FAST_CONFIGS = (
     (64, {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}),
     (512, {"block_m": 64, "block_n": 128, "block_k": 128, "num_warps": 4, "num_stages": 4}),
-    (None, {"block_m": 128, "block_n": 256, "block_k": 128, "num_warps": 8, "num_stages": 3}),
+    (None, {"block_m": 128, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 3}),
 )
 # Row tiles that share their column tiles run side by side, so a column tile of the weights is read from
 # L2 by several row tiles instead of from memory by each.
