@@ -10,7 +10,7 @@ import torch
 from sageinfer import LLM, SamplingParams
 from sageinfer.executor.linear_warm_up import linear_warm_up_calls, start_linear_warm_up
 from sageinfer.models.tiny import build_tiny_model
-from sageinfer.ops import gemv_int4, weight_only
+from sageinfer.ops import gemv_int4, int8_matmul, weight_only
 from kernels_util import launch_key
 
 SCHEMES = {  # compressed-tensors weight schemes whose dummy weights are quantized at load
@@ -18,8 +18,12 @@ SCHEMES = {  # compressed-tensors weight schemes whose dummy weights are quantiz
                                  "group_size": 32}),
     "w8a16": ("pack-quantized", {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "group",
                                  "group_size": 32}),
+    # INT8 W8A8: its kernel warmed up only where the platform prefers it to the library GEMM (Hopper)
+    "int8-w8a8": ("int-quantized", {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+                  {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token"}),
 }
-KERNELS = {"w4a16": (gemv_int4, "_int4_gemv_mma_kernel"), "w8a16": (weight_only, "_weight_only_kernel")}
+KERNELS = {"w4a16": (gemv_int4, "_int4_gemv_mma_kernel"), "w8a16": (weight_only, "_weight_only_kernel"),
+           "int8-w8a8": (int8_matmul, "_int8_matmul_kernel")}
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +39,12 @@ def _quantized(tiny_dir: str, tmp_path, scheme: str) -> str:
     shutil.copytree(tiny_dir, path)
     with open(f"{path}/config.json") as f:
         config = json.load(f)
-    fmt, weights = SCHEMES[scheme]
+    fmt, weights, *activations = SCHEMES[scheme]
+    group = {"targets": ["Linear"], "weights": weights}
+    if activations:
+        group["input_activations"] = activations[0]
     config["quantization_config"] = {"quant_method": "compressed-tensors", "format": fmt, "ignore": ["lm_head"],
-                                     "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
+                                     "config_groups": {"group_0": group}}
     with open(f"{path}/config.json", "w") as f:
         json.dump(config, f)
     return path
@@ -55,14 +62,16 @@ def _record(monkeypatch, module, name: str, seen: set) -> None:
     monkeypatch.setattr(module, name, Recorder())
 
 
-@pytest.mark.parametrize("scheme", ["w4a16", "w8a16"])
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a16", "int8-w8a8"])
 def test_small_batch_steps_compile_nothing_the_warm_up_did_not(tiny_dir, tmp_path, monkeypatch, scheme):
     """Prefill chunks, mixed steps and decodes of 2 to 20 rows through the layers' own kernels (their
     row limit lowered to 20, to keep the interpreter's launches few): every launch's compile key
     (constexprs, launch options, specialisation of the other arguments) was launched by the warm-up."""
     from sageinfer.layers.quantization import w4a16, w8a16
+    from sageinfer.platforms import get_platform
     monkeypatch.setattr(w4a16, "MMA_MAX_ROWS", 20)  # (both tile heights of the tensor-core matmul: 16, 32)
     monkeypatch.setattr(w8a16, "W8A16_MAX_ROWS", 20)
+    monkeypatch.setattr(type(get_platform()), "prefers_int8_kernel", lambda self: True)
     llm = LLM(_quantized(tiny_dir, tmp_path, scheme), dtype="float32", load_format="dummy",
               attention_backend="triton", num_gpu_blocks_override=64, max_model_len=256, max_num_seqs=6,
               max_num_batched_tokens=20, enforce_eager=True, show_progress=False)
@@ -76,6 +85,8 @@ def test_small_batch_steps_compile_nothing_the_warm_up_did_not(tiny_dir, tmp_pat
         assert len(calls) == 4
         for call in calls:
             call()
+    if scheme == "int8-w8a8":  # both decode tile kinds (up to 64 rows, up to 512), not only what these steps take
+        assert len(warmed) == 2
     _record(monkeypatch, module, name, stepped)
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, 500, size=n).tolist() for n in (17, 3, 9, 14, 5, 30)]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sageinfer.layers.quantization.config import QuantConfig
-from sageinfer.ops.int8_matmul import fast_config, int8_matmul
+from sageinfer.ops.int8_matmul import FAST_CONFIGS, fast_config, int8_matmul
 from sageinfer.ops.quantize import quantize_rows_kernel
 from sageinfer.platforms import get_platform
 
@@ -80,6 +80,15 @@ class W8A8Method:
             raise ValueError("a quantized layer's weight_scale is missing or not positive")
 
     # ---- the matmul --------------------------------------------------------------------------------
+    def kernel_rows(self, layer: nn.Module) -> int:
+        """Where the platform prefers the Triton INT8 kernel: the rows a start-up warms it up at
+        (executor/linear_warm_up.py), one past its smallest tiles' limit so that both decode tile kinds
+        compile beside the memory profile (the row count is not specialised; the large tiles compile in
+        the profile's own pass). Elsewhere 0: the library GEMMs compile nothing."""
+        if self.scheme != "int8" or not (layer.platform or get_platform()).prefers_int8_kernel():
+            return 0
+        return FAST_CONFIGS[0][0] + 1
+
     def one_row_args(self, layer: nn.Module) -> dict | None:
         """One row (decode of one sequence) reads the 8-bit weights in the skinny kernel with 16-bit
         activations and the per-row scales (ops/gemv.py): half the bytes of a 16-bit layer, no
