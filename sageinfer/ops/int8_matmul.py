@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 # Tiles every Triton backend takes (int8 dots want K tiles of 32 or more on most chips).
-CONFIG = {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": 2}
+CONFIG = {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 4}  # pipeline stages: the backend's default
 # Tiles by row count where the platform runs this kernel for speed (Hopper's warpgroup MMA on int8): few
 # rows are bound by reading the weights (narrow column tiles so that the programs fill the processors),
 # many by the tensor cores (wide tiles). Three kinds, so three compiles (the row count is not specialised).
@@ -83,8 +83,9 @@ def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_sca
         return y
     x_scale = x_scale.reshape(-1).float().contiguous()
     w_scale = w_scale.reshape(-1).float().contiguous()
+    stages = {"num_stages": cfg["num_stages"]} if "num_stages" in cfg else {}
     grid = (triton.cdiv(m, cfg["block_m"]) * triton.cdiv(n, cfg["block_n"]),)
     _int8_matmul_kernel[grid](xq, wq, y, x_scale, w_scale, m, n, k, xq.stride(0), wq.stride(0), y.stride(0),
                               BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP=GROUP_M,
-                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                              num_warps=cfg["num_warps"], **stages)
     return y
