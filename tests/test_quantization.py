@@ -195,6 +195,49 @@ def test_the_8_bit_matmul_is_its_dequantized_reference(scheme):
     assert rel < (0.05 if scheme == "fp8" else 0.02), rel
 
 
+def _fp4_config(fmt, strategy, group_size):
+    return {"quant_method": "compressed-tensors", "format": fmt, "ignore": ["lm_head"], "config_groups": {"g": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "float", "symmetric": True, "strategy": strategy,
+                                           "group_size": group_size}}}}
+
+
+def test_which_schemes_take_fp8_values():
+    """What a device without FP8 must refuse: FP8 weights (per channel, per tensor, in blocks, at load
+    time) and NVFP4's FP8 group scales; not INT8, integer weight-only or MXFP4 (E8M0 scales)."""
+    needs = lambda raw, option=None: parse_quant_config(raw, option).needs_fp8()  # noqa: E731
+    assert needs(_ct_config("float", "channel", True)) and needs(None, "fp8")
+    assert needs({"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"})
+    assert needs(_fp4_config("nvfp4-pack-quantized", "tensor_group", 16))
+    assert not needs(_fp4_config("mxfp4-pack-quantized", "group", 32))
+    assert not needs(_ct_config("int", "channel", True))
+    assert not needs({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True})
+    mixed = _ct_config("int", "channel", True)
+    mixed["config_groups"] = {"int8": {**mixed["config_groups"]["g"], "targets": ["re:.*mlp.*"]},
+                              "fp8": {**_ct_config("float", "channel", True)["config_groups"]["g"],
+                                      "targets": ["re:.*self_attn.*"]}}
+    assert needs(mixed)
+
+
+def test_a_device_without_fp8_refuses_fp8_checkpoints_at_start_and_runs_int8(checkpoints, monkeypatch):
+    """An A100 has no FP8 e4m3 (Triton refuses the type in a kernel): an FP8 checkpoint is refused when
+    the engine starts, with what runs there named, instead of failing in the first forward pass."""
+    monkeypatch.setattr(type(get_platform()), "supports_fp8", lambda self: False)
+    with pytest.raises(ValueError, match="needs FP8 .* INT8 W8A8 and integer weight-only checkpoints"):
+        LLM(checkpoints["fp8-channel"], dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+    with pytest.raises(ValueError, match="use int8"):
+        LLM(checkpoints["int8-channel"], dtype="float32", kv_cache_dtype="fp8", num_gpu_blocks_override=128,
+            show_progress=False)
+    assert len(_prompt_logprobs(checkpoints["int8-channel"])[0]) == len(PROMPT) - 1
+
+
+def test_nvidia_gpus_have_fp8_from_ada_on(monkeypatch):
+    from sageinfer.platforms.cuda import CudaPlatform
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, fp8 in (((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert CudaPlatform().supports_fp8() == fp8, capability
+
+
 def _ct_config(kind, strategy, dynamic, bits=8, symmetric=True, act_bits=8):
     return {"quant_method": "compressed-tensors", "ignore": ["lm_head"], "config_groups": {"g": {
         "targets": ["Linear"],

@@ -18,6 +18,7 @@ from sageinfer.distributed.parallel_state import destroy_tensor_parallel, init_t
 from sageinfer.executor.model_runner import ModelRunner
 from sageinfer.executor.workers import TensorParallelWorkers, agree_on_num_blocks
 from sageinfer.kv_cache.manager import KVCacheManager
+from sageinfer.layers.quantization.config import load_quant_config
 from sageinfer.models.generation_defaults import load_generation_defaults
 from sageinfer.models.model_config import load_model_config
 from sageinfer.outputs import CompletionOutput, Logprob, RequestOutput
@@ -70,6 +71,7 @@ class LLMEngine:
         if config.block_size is None:
             config.block_size = self.platform.kv_block_size
         self.model_config = load_model_config(config.model)
+        self._check_quantization(config)
         model_max_len = self.model_config.max_model_len
         if self.model_config.sliding_window:  # no sliding-window attention yet: stay inside the window
             model_max_len = min(model_max_len, self.model_config.sliding_window)
@@ -192,6 +194,15 @@ class LLMEngine:
         self.utilization = UtilizationMeter(self.model_config, rank_weight_bytes * tp,
                                             self.runner.kv_bytes_per_block() / config.block_size * tp, tp,
                                             *self.platform.peak_rates())
+
+    def _check_quantization(self, config: EngineConfig) -> None:
+        """Refuse at start a checkpoint whose kernels take FP8 values on a device without FP8 (its kernels
+        would fail to compile in the first forward pass instead)."""
+        quant = load_quant_config(config.model, config.quantization)
+        if quant is not None and quant.needs_fp8() and not self.platform.supports_fp8():
+            raise ValueError(f"the checkpoint's quantization ({quant.describe()}) needs FP8 (e4m3) values, which the "
+                             f"{self.platform.name} platform does not have on this device; INT8 W8A8 and integer "
+                             f"weight-only checkpoints (W4A16, W8A16: GPTQ, AWQ, compressed-tensors) run here")
 
     # ---- requests --------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:

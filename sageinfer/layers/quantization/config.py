@@ -47,6 +47,13 @@ class QuantConfig:
     lm_head: bool = False           # the checkpoint quantizes the LM head too (mixed: the group naming it)
     unquantized_activations: bool = False  # fp4: the checkpoint's FP4 activations run in 16 bits here
 
+    def needs_fp8(self) -> bool:
+        """Whether the kernels of this scheme (or of one of its groups) take FP8 e4m3 values: FP8 weights,
+        block FP8, and NVFP4's FP8 group scales."""
+        if self.groups:
+            return any(group.needs_fp8() for group in self.groups)
+        return self.scheme in ("fp8", "fp8-block") or (self.scheme == "fp4" and self.format == "nvfp4")
+
     def describe(self) -> str:
         """One line for the start-up log."""
         if self.groups:
