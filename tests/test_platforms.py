@@ -82,3 +82,6 @@ def test_a_rocm_build_is_the_rocm_platform_not_cuda(monkeypatch):
     assert rocm.dist_backend == "nccl"  # RCCL answers to the nccl backend name
     assert rocm.prefill_attention() is None and not rocm.supports_dependent_launch()
     assert not rocm.supports_tensor_copies() and rocm.peak_rates() == (None, None)
+    # an MI250 answers capability 9.0 as a Hopper does: the Hopper-tuned INT8 tiles stay NVIDIA's
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert not rocm.prefers_int8_kernel() and not rocm.supports_fp8()

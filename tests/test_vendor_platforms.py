@@ -123,6 +123,9 @@ def test_stand_in_kunlunxin_build_is_the_kunlun_platform_not_cuda(monkeypatch, f
     k = KunlunPlatform()
     assert k.device_type == "cuda" and k.dist_backend == "nccl" and not k.supports_fp8()
     assert not k.supports_dependent_launch() and not k.supports_tensor_copies() and k.prefill_attention() is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert not k.prefers_int8_kernel() and not k.supports_fp8()
+    assert CudaPlatform().prefers_int8_kernel() and CudaPlatform().supports_fp8()  # a Hopper
     assert k.peak_rates() == (None, None)
 
 

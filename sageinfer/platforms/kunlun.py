@@ -32,6 +32,9 @@ class KunlunPlatform(CudaPlatform):
     def supports_tensor_copies(self) -> bool:
         return False
 
+    def prefers_int8_kernel(self) -> bool:
+        return False  # the fast INT8 tiles are Hopper's
+
     def prefill_attention(self):
         return None  # the platform kernel is written for Hopper's tensor cores and copy engine
 

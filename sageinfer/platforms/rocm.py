@@ -24,6 +24,9 @@ class RocmPlatform(CudaPlatform):
     def supports_tensor_copies(self) -> bool:
         return False
 
+    def prefers_int8_kernel(self) -> bool:
+        return False  # the fast INT8 tiles are Hopper's (an MI250 also answers 9.0)
+
     def supports_fp8(self) -> bool:
         return False  # MI300's FP8 is the e4m3fnuz variant, which these kernels don't speak yet
 
