@@ -1,6 +1,9 @@
 """Where a step's time goes: wall time per engine step vs GPU kernel time, host phases, top kernels.
 
   python benchmarks/profile_steps.py --batches 1,256 --input-len 512 [engine flags]
+  python benchmarks/profile_steps.py --batches "" --prefill-len 1024 --prefill-prompts 16       (T1's prefill)
+  python benchmarks/profile_steps.py --batches "" --prefill-len 2200 --prefill-prompts 7 --shared-prefix 2000
+                                                                                           (P1's, prefix cached)
 """
 from __future__ import annotations
 
@@ -39,6 +42,9 @@ def main():
     parser.add_argument("--batches", default="1,256")
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--prefill-len", type=int, default=0, help="also profile one prefill of this length")
+    parser.add_argument("--prefill-prompts", type=int, default=1, help="prompts of --prefill-len prefilled at once")
+    parser.add_argument("--shared-prefix", type=int, default=0,
+                        help="the prompts share their first tokens, cached before the profile")
     add_standard_engine_args(parser)
     args = parser.parse_args()
     llm = LLM(**engine_kwargs(args))
@@ -49,7 +55,7 @@ def main():
     timed(runner, "execute", "execute")
     timed(model_runner, "build_sampling_batch", "sampling_batch")
     vocab = engine.model_config.vocab_size
-    for batch in [int(b) for b in args.batches.split(",")]:
+    for batch in [int(b) for b in args.batches.split(",") if b]:
         gen = torch.Generator().manual_seed(batch)
         for i in range(batch):
             ids = torch.randint(1000, vocab - 1000, (args.input_len,), generator=gen).tolist()
@@ -82,22 +88,32 @@ def main():
         for rid in [f"b{batch}-{i}" for i in range(batch)]:
             engine.abort_request(rid)
     if args.prefill_len:
-        ids = torch.randint(1000, vocab - 1000, (args.prefill_len,)).tolist()
-        engine.add_request("warm", {"prompt_token_ids": ids[:-1]}, SamplingParams(max_tokens=1))
-        while engine.has_unfinished_requests():
-            engine.step()
+        prefix = torch.randint(1000, vocab - 1000, (args.shared_prefix,)).tolist()
+        prompts = [prefix + torch.randint(1000, vocab - 1000, (args.prefill_len - len(prefix),)).tolist()
+                   for _ in range(args.prefill_prompts)]
+        # The same shapes once first (kernels compiled), then from an empty prefix cache but the shared prefix
+        run_prompts(engine, [p[:-1] for p in prompts], "warm")
         engine.kv_manager.pool.reset_prefix_cache()
+        if prefix:
+            run_prompts(engine, [prefix], "prefix")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            engine.add_request("p", {"prompt_token_ids": ids}, SamplingParams(max_tokens=1))
-            while engine.has_unfinished_requests():
-                engine.step()
+            run_prompts(engine, prompts, "p")
             torch.cuda.synchronize()
         events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
         total = sum(e.self_device_time_total for e in events) / 1e3
-        print(f"\n### prefill {args.prefill_len} tokens: GPU kernels {total:.1f} ms")
+        shared = f", the first {len(prefix)} shared and cached" if prefix else ""
+        print(f"\n### prefill {len(prompts)} x {args.prefill_len} tokens{shared}: GPU kernels {total:.1f} ms")
         print("| kernel | ms | share |\n| --- | --- | --- |")
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
             print(f"| {e.key[:90]} | {e.self_device_time_total / 1e3:.2f} | {100 * e.self_device_time_total / 1e3 / total:.1f}% |")
+
+
+def run_prompts(engine, prompts: list[list[int]], name: str) -> None:
+    """Prefill the prompts (one token out each) and run the engine until they finish."""
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"{name}-{i}", {"prompt_token_ids": ids}, SamplingParams(max_tokens=1))
+    while engine.has_unfinished_requests():
+        engine.step()
 
 
 if __name__ == "__main__":
