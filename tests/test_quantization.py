@@ -202,12 +202,17 @@ def _fp4_config(fmt, strategy, group_size):
 
 
 def test_which_schemes_take_fp8_values():
-    """What a device without FP8 must refuse: FP8 weights (per channel, per tensor, in blocks, at load
+    """What takes FP8 values in its kernels: FP8 weights (per channel, per tensor, in blocks, at load
     time) and NVFP4's FP8 group scales; not INT8, integer weight-only or MXFP4 (E8M0 scales)."""
     needs = lambda raw, option=None: parse_quant_config(raw, option).needs_fp8()  # noqa: E731
+    dequantizes = lambda raw: parse_quant_config(raw, None).dequantizes_without_fp8()  # noqa: E731
     assert needs(_ct_config("float", "channel", True)) and needs(None, "fp8")
     assert needs({"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"})
     assert needs(_fp4_config("nvfp4-pack-quantized", "tensor_group", 16))
+    # what runs multiplied out to 16 bits there: FP8 weights, not NVFP4's packed codes
+    assert dequantizes(_ct_config("float", "channel", True))
+    assert dequantizes({"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"})
+    assert not dequantizes(_fp4_config("nvfp4-pack-quantized", "tensor_group", 16))
     assert not needs(_fp4_config("mxfp4-pack-quantized", "group", 32))
     assert not needs(_ct_config("int", "channel", True))
     assert not needs({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True})
@@ -218,16 +223,43 @@ def test_which_schemes_take_fp8_values():
     assert needs(mixed)
 
 
-def test_a_device_without_fp8_refuses_fp8_checkpoints_at_start_and_runs_int8(checkpoints, monkeypatch):
-    """An A100 has no FP8 e4m3 (Triton refuses the type in a kernel): an FP8 checkpoint is refused when
-    the engine starts, with what runs there named, instead of failing in the first forward pass."""
+def test_a_device_without_fp8_runs_fp8_weights_multiplied_out_and_refuses_the_rest(checkpoints, llama_dir, tmp_path,
+                                                                                     monkeypatch, caplog):
+    """An A100 has no FP8 e4m3 (Triton refuses the type in a kernel): FP8 and block FP8 weights are
+    multiplied out to 16 bits after loading (transformers on the dequantized files is the oracle: no
+    activation is quantized then); NVFP4 and an FP8 cache are refused at start, naming what runs there."""
+    import json
+    import shutil
+    from oracle import hf_logits
+    from quant_checkpoints import write_fp8_blocks
     monkeypatch.setattr(type(get_platform()), "supports_fp8", lambda self: False)
+    blocks, blocks_dense = write_fp8_blocks(llama_dir, str(tmp_path / "fp8-blocks"))
+    for quantized, dense in ((checkpoints["fp8-channel"], dequantized_copy(checkpoints["fp8-channel"],
+                                                                           str(tmp_path / "dense"))),
+                             (blocks, blocks_dense)):
+        llm = LLM(quantized, dtype="float32", num_gpu_blocks_override=128, show_progress=False,
+                  attention_backend="torch_ref")
+        layers = [m for m in llm.engine.runner.model.modules() if hasattr(m, "quant")]
+        assert layers and all(m.quant is None and m.weight.dtype == torch.float32 for m in layers)
+        out = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0),
+                           use_tqdm=False)[0]
+        llm.engine.shutdown()
+        ours = [out.prompt_logprobs[i][PROMPT[i]].logprob for i in range(1, len(PROMPT))]
+        ref = hf_logits(dense, PROMPT).log_softmax(-1)
+        np.testing.assert_allclose(ours, [ref[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))], atol=1e-4)
+    assert "multiplied out" in caplog.text
+    nvfp4 = str(tmp_path / "nvfp4")
+    shutil.copytree(llama_dir, nvfp4)
+    with open(f"{nvfp4}/config.json") as f:
+        config = json.load(f)
+    config["quantization_config"] = _fp4_config("nvfp4-pack-quantized", "tensor_group", 16)
+    with open(f"{nvfp4}/config.json", "w") as f:
+        json.dump(config, f)
     with pytest.raises(ValueError, match="needs FP8 .* INT8 W8A8 and integer weight-only checkpoints"):
-        LLM(checkpoints["fp8-channel"], dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+        LLM(nvfp4, dtype="float32", load_format="dummy", num_gpu_blocks_override=128, show_progress=False)
     with pytest.raises(ValueError, match="use int8"):
         LLM(checkpoints["int8-channel"], dtype="float32", kv_cache_dtype="fp8", num_gpu_blocks_override=128,
             show_progress=False)
-    assert len(_prompt_logprobs(checkpoints["int8-channel"])[0]) == len(PROMPT) - 1
 
 
 def test_nvidia_gpus_have_fp8_from_ada_on(monkeypatch):

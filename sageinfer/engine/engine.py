@@ -196,13 +196,19 @@ class LLMEngine:
                                             *self.platform.peak_rates())
 
     def _check_quantization(self, config: EngineConfig) -> None:
-        """Refuse at start a checkpoint whose kernels take FP8 values on a device without FP8 (its kernels
-        would fail to compile in the first forward pass instead)."""
+        """A checkpoint whose kernels take FP8 values, on a device without FP8 (its kernels would fail to
+        compile in the first forward pass): FP8 weights run multiplied out to 16 bits (the model runner
+        does it after loading), the rest is refused at start."""
         quant = load_quant_config(config.model, config.quantization)
-        if quant is not None and quant.needs_fp8() and not self.platform.supports_fp8():
+        if quant is None or not quant.needs_fp8() or self.platform.supports_fp8():
+            return
+        if not quant.dequantizes_without_fp8():
             raise ValueError(f"the checkpoint's quantization ({quant.describe()}) needs FP8 (e4m3) values, which the "
-                             f"{self.platform.name} platform does not have on this device; INT8 W8A8 and integer "
-                             f"weight-only checkpoints (W4A16, W8A16: GPTQ, AWQ, compressed-tensors) run here")
+                             f"{self.platform.name} platform does not have on this device; FP8 and block FP8, INT8 "
+                             f"W8A8 and integer weight-only checkpoints (W4A16, W8A16: GPTQ, AWQ, compressed-tensors) "
+                             f"run here")
+        logger.warning("the %s platform has no FP8 on this device: the checkpoint's FP8 weights (%s) run multiplied "
+                       "out to %s, twice their memory", self.platform.name, quant.describe(), config.dtype)
 
     # ---- requests --------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:

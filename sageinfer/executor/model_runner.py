@@ -67,7 +67,11 @@ class ModelRunner:
                 module.use_triton = use_triton
             if hasattr(module, "platform"):
                 module.platform = platform
-                if hasattr(getattr(module, "quant", None), "prepare"):
+                quant = getattr(module, "quant", None)
+                if quant is not None and quant.config.needs_fp8() and not platform.supports_fp8():
+                    # FP8 weights on a device without FP8 (the engine refused the schemes that cannot)
+                    module.drop_quantization(quant.dequantized_weight(module).to(dtype))
+                elif hasattr(quant, "prepare"):
                     module.quant.prepare(module)  # (the platform's choices, made before any graph)
         self.sampler = Sampler()
         self.kv_caches: list[LayerKVCache] = []

@@ -97,16 +97,21 @@ class Linear(nn.Module):
                     self._new_bias()
             self._create_quantized(quant)
 
-    def drop_quantization(self) -> None:
-        """Keep this layer in full precision (a checkpoint's ignore list)."""
+    def drop_quantization(self, weight: torch.Tensor | None = None) -> None:
+        """Keep this layer in full precision: a checkpoint's ignore list (an empty weight, loaded as any
+        other), or `weight`, multiplied out of the quantized one (FP8 on a device without FP8)."""
         if self.quant is not None:
             device = next(iter(self.parameters())).device
             quantized = [n for n, _ in [*self.named_parameters(recurse=False), *self.named_buffers(recurse=False)]
                          if n != "bias"]
             for name in quantized:
                 delattr(self, name)
-            self.new_weight(torch.get_default_dtype(), device)
+            self.new_weight(torch.get_default_dtype(), device) if weight is None else self._set_weight(weight)
             self.quant = None
+
+    def _set_weight(self, weight: torch.Tensor) -> None:
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
 
     def new_weight(self, dtype: torch.dtype | None = None, device=None) -> None:
         """The layer's [out, in] weight for this rank, empty, loaded like a checkpoint tensor (a

@@ -54,6 +54,11 @@ class QuantConfig:
             return any(group.needs_fp8() for group in self.groups)
         return self.scheme in ("fp8", "fp8-block") or (self.scheme == "fp4" and self.format == "nvfp4")
 
+    def dequantizes_without_fp8(self) -> bool:
+        """Whether a device without FP8 runs this checkpoint with its FP8 weights multiplied out to 16 bits at
+        load (FP8 and block FP8 weights: twice their memory); NVFP4's packed codes are not."""
+        return not any(part.scheme == "fp4" and part.format == "nvfp4" for part in (self.groups or [self]))
+
     def describe(self) -> str:
         """One line for the start-up log."""
         if self.groups:

@@ -68,6 +68,10 @@ class Fp8BlockMethod:
         layer.weight = nn.Parameter(q, requires_grad=False)
         layer.weight_scale_inv = nn.Parameter(rows.contiguous(), requires_grad=False)
 
+    def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
+        """The weight the FP8 tiles and their scales encode, in float32."""
+        return dequantize_8bit_groups(layer.weight, layer.weight_scale_inv, self.block, torch.float32)
+
     def prepare(self, layer: nn.Module) -> None:
         """Before serving (outside graphs): the tiles' scales one per tile, for the platform's
         block-scaled GEMM where it has one for 128 x 128 tiles."""

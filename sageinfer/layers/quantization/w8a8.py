@@ -79,6 +79,10 @@ class W8A8Method:
         elif not bool((layer.weight_scale > 0).all()):
             raise ValueError("a quantized layer's weight_scale is missing or not positive")
 
+    def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
+        """The weight the 8-bit one and its scales encode, in float32."""
+        return layer.weight.float() * layer.weight_scale.view(-1, 1)
+
     # ---- the matmul --------------------------------------------------------------------------------
     def kernel_rows(self, layer: nn.Module) -> int:
         """Where the platform prefers the Triton INT8 kernel: the rows a start-up warms it up at
