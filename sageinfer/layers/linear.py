@@ -106,12 +106,12 @@ class Linear(nn.Module):
                          if n != "bias"]
             for name in quantized:
                 delattr(self, name)
-            self.new_weight(torch.get_default_dtype(), device) if weight is None else self._set_weight(weight)
+            if weight is None:
+                self.new_weight(torch.get_default_dtype(), device)
+            else:
+                self.weight = nn.Parameter(weight, requires_grad=False)
+                self.weight.weight_loader = self.weight_loader
             self.quant = None
-
-    def _set_weight(self, weight: torch.Tensor) -> None:
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
 
     def new_weight(self, dtype: torch.dtype | None = None, device=None) -> None:
         """The layer's [out, in] weight for this rank, empty, loaded like a checkpoint tensor (a
