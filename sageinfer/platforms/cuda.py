@@ -27,14 +27,9 @@ class CudaPlatform(Platform):
     ray_device_resource = "GPU"
     visible_devices_env = "CUDA_VISIBLE_DEVICES"  # ROCm honours it too
 
-    # FP8 e4m3 from Ada and Hopper on (supports_fp8 asks the GPU).
-    fp8 = True
-
     def supports_fp8(self) -> bool:
-        # Before sm_89 (A100, A800) Triton refuses the e4m3 type in a kernel and torch._scaled_mm the call:
-        # FP8 would fail in the first forward pass with their messages, so it is refused at start instead.
-        if not torch.cuda.is_available():
-            return bool(self.fp8)
+        # FP8 e4m3 from Ada and Hopper on. Before sm_89 (A100, A800) Triton refuses the type in a kernel and
+        # torch._scaled_mm the call: FP8 would fail in the first forward pass with their messages.
         return torch.cuda.get_device_capability() >= (8, 9)
 
     @classmethod

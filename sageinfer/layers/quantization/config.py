@@ -50,14 +50,15 @@ class QuantConfig:
     def needs_fp8(self) -> bool:
         """Whether the kernels of this scheme (or of one of its groups) take FP8 e4m3 values: FP8 weights,
         block FP8, and NVFP4's FP8 group scales."""
-        if self.groups:
-            return any(group.needs_fp8() for group in self.groups)
-        return self.scheme in ("fp8", "fp8-block") or (self.scheme == "fp4" and self.format == "nvfp4")
+        return any(part.scheme in ("fp8", "fp8-block") or part._nvfp4() for part in self.groups or [self])
 
     def dequantizes_without_fp8(self) -> bool:
         """Whether a device without FP8 runs this checkpoint with its FP8 weights multiplied out to 16 bits at
         load (FP8 and block FP8 weights: twice their memory); NVFP4's packed codes are not."""
-        return not any(part.scheme == "fp4" and part.format == "nvfp4" for part in (self.groups or [self]))
+        return not any(part._nvfp4() for part in self.groups or [self])
+
+    def _nvfp4(self) -> bool:
+        return self.scheme == "fp4" and self.format == "nvfp4"
 
     def describe(self) -> str:
         """One line for the start-up log."""
