@@ -5,6 +5,7 @@ opcode with cuobjdump. What found FP8 attention's per-element F2F (1,453 instruc
 against 613 over bf16) and INT8 weights' I2F in the skinny GEMV.
 
   python benchmarks/experiments/sass_loop.py decode-attention --kv fp8
+  python benchmarks/experiments/sass_loop.py prefill-attention --kv int8
   python benchmarks/experiments/sass_loop.py gemv --weights int8
   python benchmarks/experiments/sass_loop.py gemv --weights fp8 --group 128
   python benchmarks/experiments/sass_loop.py int4-gemv [--norm]
@@ -125,6 +126,21 @@ def decode_attention(args):
         max_seq_len=keys, k_scale=scales, v_scale=scales, kv_mode=mode)
 
 
+def prefill_attention(args):
+    """T1's prefill: 16 prompts of 1,024 tokens, pages of 64, ops/prefill_attention's short-prompt tiles."""
+    import sageinfer.ops.prefill_attention as pf
+    dtype = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[args.kv]
+    seqs, heads, kv_heads, dim, page, keys = 16, 32, 8, 128, 64, 1024
+    blocks = seqs * keys // page
+    k_cache = torch.zeros(blocks, page, kv_heads, dim, dtype=dtype)
+    q = torch.randn(seqs * keys, heads, dim, dtype=torch.bfloat16)
+    scales = torch.ones(blocks, page, kv_heads) if args.kv == "int8" else None
+    return pf, "_prefill_attention_kernel", lambda: pf.prefill_attention(
+        q, k_cache, k_cache.clone(), torch.empty_like(q), torch.arange(blocks, dtype=torch.int32).view(seqs, -1),
+        torch.full((seqs,), keys, dtype=torch.int32), torch.arange(0, seqs * keys + 1, keys, dtype=torch.int32),
+        seqs, keys, 0.08, max_seq_len=keys, k_scale=scales, v_scale=scales)
+
+
 def gemv(args):
     import sageinfer.ops.gemv as g
     dtype = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[args.weights]
@@ -176,7 +192,8 @@ def fp8_block_matmul(args):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("op", choices=["decode-attention", "gemv", "int4-gemv", "int4-mma", "fp8-block-matmul"])
+    parser.add_argument("op", choices=["decode-attention", "prefill-attention", "gemv", "int4-gemv", "int4-mma",
+                                       "fp8-block-matmul"])
     parser.add_argument("--kv", default="bf16", choices=["bf16", "fp8", "int8"])
     parser.add_argument("--weights", default="bf16", choices=["bf16", "fp8", "int8"])
     parser.add_argument("--rows", type=int, default=16)
@@ -190,8 +207,9 @@ def main():
     parser.add_argument("--group", type=int, default=0, help="gemv: a scale per row and group of this many columns "
                         "(block FP8, W8A16), else per row")
     args = parser.parse_args()
-    module, name, call = {"decode-attention": decode_attention, "gemv": gemv, "int4-gemv": int4_gemv,
-                          "int4-mma": int4_mma, "fp8-block-matmul": fp8_block_matmul}[args.op](args)
+    module, name, call = {"decode-attention": decode_attention, "prefill-attention": prefill_attention, "gemv": gemv,
+                          "int4-gemv": int4_gemv, "int4-mma": int4_mma,
+                          "fp8-block-matmul": fp8_block_matmul}[args.op](args)
     compiled = compile_launch(module, name, call)
     opcodes = loop_opcodes(compiled["cubin"])
     print(name, {k: v for k, v in compiled["constants"].items() if k.isupper()}, compiled["options"],
