@@ -1,0 +1,55 @@
+"""The workload floors of sageinfer/bench/floors.py: the model's counts against transformers' own
+model, and the rooflines worked by hand on a small shape."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sageinfer.bench.floors import ModelShape, fraction_of_floor, workload_floor
+
+SMALL = ModelShape(layers=2, hidden=8, intermediate=16, heads=2, kv_heads=1, head_dim=4, vocab=10)
+# 1 TFLOP/s in 16 bits, 2 in FP8, 1 GB/s: a card where decode is bound by bytes
+CARD = {"bf16_matmul_tflops": 1.0, "fp8_matmul_tflops": 2.0, "copy_bandwidth_gbs": 1.0}
+
+
+def test_counts_are_those_of_the_transformers_model():
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,
+                      num_key_value_heads=2, head_dim=16, vocab_size=100, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    linear = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    shape = ModelShape.from_config(cfg.to_dict())
+    assert shape.layer_params() == linear
+    assert shape.head_params() == model.lm_head.weight.numel()
+    assert shape.kv_elements_per_token() == 2 * 3 * 2 * 16  # K and V, every layer, every KV head
+
+
+def test_a_latency_workload_by_hand():
+    w = {"kind": "latency", "input_len": 4, "output_len": 2, "batch": 1}
+    floor = workload_floor(SMALL, "bf16", CARD, w)
+    # layers' weights 2 x (8 x 4 x 4 + 2 x 4 x 8 + 3 x 8 x 16) = 1,152; causal pairs of 4 tokens: 10
+    assert floor["ttft_s"] == pytest.approx((2 * 1152 * 4 + 4 * 2 * 2 * 4 * 10) / 1e12)
+    # one step reads the 16-bit weights and LM head and 5 keys' K and V (16 elements a token)
+    assert floor["tpot_s"] == pytest.approx((1152 * 2 + 80 * 2 + 5 * 16 * 2) / 1e9)
+    fp8 = workload_floor(SMALL, "fp8-kv8", CARD, w)
+    assert fp8["ttft_s"] == pytest.approx((2 * 1152 * 4 / 2 + 4 * 2 * 2 * 4 * 10) / 1e12)  # FP8 matmuls, bf16 attention
+    assert fp8["tpot_s"] == pytest.approx((1152 + 80 * 2 + 5 * 16) / 1e9)  # the LM head stays 16-bit
+
+
+def test_a_shared_prefix_is_computed_once_and_decode_is_bound_by_the_slower_side():
+    w = {"kind": "throughput", "num_prompts": 3, "input_len": 4, "output_len": 3, "shared_prefix_len": 2}
+    floor = workload_floor(SMALL, "bf16", CARD, w)
+    tokens = 2 + 3 * 2  # the prefix once, each prompt's own two
+    pairs = 3 + 3 * (2 * 2 + 3)  # the prefix causally; each prompt's two after it
+    assert floor["prefill_s"] == pytest.approx((2 * 1152 * tokens + 4 * 2 * 2 * 4 * pairs) / 1e12)
+    step_bytes = 1152 * 2 + 80 * 2 + 3 * 5.5 * 16 * 2  # three sequences at 4 + 3 / 2 keys on average
+    assert floor["decode_s"] == pytest.approx(2 * step_bytes / 1e9)
+    assert floor["seconds"] == pytest.approx(floor["prefill_s"] + floor["decode_s"])
+    fast_memory = dict(CARD, copy_bandwidth_gbs=1e9)
+    step_flops = 2 * 1152 * 3 + 2 * 80 * 3
+    assert workload_floor(SMALL, "bf16", fast_memory, w)["decode_s"] == pytest.approx(2 * step_flops / 1e12)
+
+
+def test_the_fraction_is_floor_over_measured_for_what_both_report():
+    assert fraction_of_floor({"seconds": 2.0, "prefill_s": 1.0}, {"seconds": 4.0, "total_tok_s": 9.0}) == \
+        {"seconds": 0.5}
+    assert fraction_of_floor({"ttft_s": 1.0, "tpot_s": 3.0}, {"ttft_s": 2.0, "tpot_s": 4.0}) == \
+        {"ttft_s": 0.5, "tpot_s": 0.75}
