@@ -7,6 +7,8 @@
 # SCHEMES: bf16, fp8-kv8 (fp8 at load time + FP8 KV cache) or a config under sageinfer/bench/standard
 # (w4a16, nvfp4, mxfp4, w8a16, int8-w8a8, fp8-block). WORKLOADS: engine_bench's --only.
 # Results: $OUT/quant-<engine>-<scheme>.json, one line a workload printed.
+# CEILINGS=1 (ENGINE=sageinfer): the card's ceilings first (benchmarks/ceilings.py, $OUT/ceilings.json), and
+# each run's workloads as fractions of their floors after it (benchmarks/fraction_of_ceilings.py).
 set -u
 ENGINE=${ENGINE:-sageinfer}; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 S=sageinfer/bench/standard
@@ -17,6 +19,7 @@ if [ "$ENGINE" = vllm ]; then
 else
   [ -d /tmp/ours ] || python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/ours .whl/*.whl
   export PYTHONPATH=/tmp/ours:$PWD
+  if [ "${CEILINGS:-0}" = 1 ]; then python3 benchmarks/ceilings.py --out "$OUT/ceilings.json"; fi
 fi
 for scheme in ${SCHEMES:-w4a16 nvfp4}; do
   case $scheme in
@@ -32,4 +35,7 @@ for scheme in ${SCHEMES:-w4a16 nvfp4}; do
   echo "exit $?"
   grep -E "^(startup|T1|T2|L1|L2|P1)" "/tmp/quant-$ENGINE-$scheme.log" | cut -c1-220
   grep -E "Error|error:" "/tmp/quant-$ENGINE-$scheme.log" | grep -v -i warn | tail -3
+  if [ -f "$OUT/ceilings.json" ] && [ -f "$OUT/quant-$ENGINE-$scheme.json" ] && [ "$ENGINE" = sageinfer ]; then
+    python3 benchmarks/fraction_of_ceilings.py --ceilings "$OUT/ceilings.json" "$scheme:$OUT/quant-$ENGINE-$scheme.json"
+  fi
 done
