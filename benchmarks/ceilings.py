@@ -1,6 +1,6 @@
 """The card's ceilings, measured: what its matmul kernels reach per operand type on a large square
 product, and its device copy bandwidth. The quantized workloads' tables divide by these
-(sageinfer/bench/roofline.py's floors).
+(sageinfer/bench/floors.py, benchmarks/fraction_of_ceilings.py).
 
   python benchmarks/ceilings.py --out ceilings.json [--size 8192]
 

@@ -152,7 +152,8 @@ def sass(kv: str, num_warps: int, num_stages: int) -> None:
     opcodes = loop_opcodes(compiled["cubin"])
     per_sm = min(233472 // (compiled["shared"] + 1024), 65536 // ((regs * 32 + 255) // 256 * 256 * num_warps),
                  64 // num_warps, 32)
-    print(f"{kv} cache, {num_warps} warps, {num_stages} stages: {regs} registers, {compiled['shared']} B shared, {per_sm} programs an SM "
+    print(f"{kv} cache, {num_warps} warps, {num_stages} stages: {regs} registers, {compiled['shared']} B shared, "
+          f"{per_sm} programs an SM "
           f"(2,048 programs: {2048 / (132 * per_sm):.2f} waves on 132 SMs); spills {spills(compiled['cubin'])}")
     print(f"loop: {sum(opcodes.values())} instructions a thread a tile;", dict(opcodes.most_common(16)))
 
