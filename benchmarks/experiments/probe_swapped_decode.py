@@ -32,8 +32,9 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _swapped_tile(qt, m_i, l_i, acc_t, k_cache, v_cache, page, kv_head, keys, seq_len, scale_log2, dims,
-                  stride_c_block, stride_c_slot, stride_c_head, MASKED: tl.constexpr):
+def _swapped_tile(qt, m_i, l_i, acc_t, k_cache, v_cache, k_scale_ptr, v_scale_ptr, page, kv_head, keys, seq_len,
+                  scale_log2, dims, stride_c_block, stride_c_slot, stride_c_head, NUM_KV_HEADS: tl.constexpr,
+                  MASKED: tl.constexpr, INT8: tl.constexpr):
     offs = page.to(tl.int64) * stride_c_block + (keys % 64)[:, None] * stride_c_slot + kv_head * stride_c_head \
         + dims[None, :]
     if MASKED:
@@ -41,6 +42,9 @@ def _swapped_tile(qt, m_i, l_i, acc_t, k_cache, v_cache, page, kv_head, keys, se
     else:
         k = tl.load(k_cache + offs)
     s_t = tl.dot(k.to(qt.dtype), qt)  # [keys, heads]
+    if INT8:  # scales stored head-major (attention/backend.new_kv_scales): a page's keys of one head together
+        scale_offs = (page.to(tl.int64) * NUM_KV_HEADS + kv_head) * 64 + keys % 64
+        s_t = s_t * tl.load(k_scale_ptr + scale_offs)[:, None]
     if MASKED:
         s_t = tl.where((keys < seq_len)[:, None], s_t, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s_t, 0) * scale_log2)
@@ -51,16 +55,20 @@ def _swapped_tile(qt, m_i, l_i, acc_t, k_cache, v_cache, page, kv_head, keys, se
         v = tl.load(v_cache + offs, mask=(keys < seq_len)[:, None], other=0.0)
     else:
         v = tl.load(v_cache + offs)
-    acc_t = tl.dot(tl.trans(v.to(qt.dtype)), p_t.to(qt.dtype), acc_t * alpha[None, :])  # [dims, heads]
+    pv_t = p_t
+    if INT8:
+        pv_t = p_t * tl.where(keys < seq_len, tl.load(v_scale_ptr + scale_offs), 0.0)[:, None]
+    acc_t = tl.dot(tl.trans(v.to(qt.dtype)), pv_t.to(qt.dtype), acc_t * alpha[None, :])  # [dims, heads]
     return m_new, l_i, acc_t
 
 
 @triton.jit
-def _swapped_decode_kernel(q_ptr, k_cache, v_cache, out_ptr, block_table_ptr, seq_lens_ptr, scale_log2,
+def _swapped_decode_kernel(q_ptr, k_cache, v_cache, k_scale_ptr, v_scale_ptr, out_ptr, block_table_ptr, seq_lens_ptr,
+                           scale_log2,
                            out_scale, q_scale, stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
                            stride_c_block, stride_c_slot, stride_c_head, stride_bt,
                            GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                           FP16_QUERY: tl.constexpr):
+                           NUM_KV_HEADS: tl.constexpr, FP16_QUERY: tl.constexpr, INT8: tl.constexpr):
     """One program: one sequence's one query token, one KV head's GROUP query heads; pages of BLOCK_N keys."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -80,70 +88,85 @@ def _swapped_decode_kernel(q_ptr, k_cache, v_cache, out_ptr, block_table_ptr, se
     for tile in range(0, full):
         page = tl.load(block_table_ptr + seq * stride_bt + tile)
         keys = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_i, l_i, acc_t = _swapped_tile(qt, m_i, l_i, acc_t, k_cache, v_cache, page, kv_head, keys, seq_len,
-                                        scale_log2, dims, stride_c_block, stride_c_slot, stride_c_head, False)
+        m_i, l_i, acc_t = _swapped_tile(qt, m_i, l_i, acc_t, k_cache, v_cache, k_scale_ptr, v_scale_ptr, page, kv_head,
+                                        keys, seq_len, scale_log2, dims, stride_c_block, stride_c_slot, stride_c_head,
+                                        NUM_KV_HEADS, False, INT8)
     if full * BLOCK_N < seq_len:
         page = tl.load(block_table_ptr + seq * stride_bt + full)
         keys = full * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_i, l_i, acc_t = _swapped_tile(qt, m_i, l_i, acc_t, k_cache, v_cache, page, kv_head, keys, seq_len,
-                                        scale_log2, dims, stride_c_block, stride_c_slot, stride_c_head, True)
+        m_i, l_i, acc_t = _swapped_tile(qt, m_i, l_i, acc_t, k_cache, v_cache, k_scale_ptr, v_scale_ptr, page, kv_head,
+                                        keys, seq_len, scale_log2, dims, stride_c_block, stride_c_slot, stride_c_head,
+                                        NUM_KV_HEADS, True, INT8)
     out_t = acc_t / l_i[None, :] * out_scale
     tl.store(out_ptr + seq * stride_o_tok + head[None, :] * stride_o_head + dims[:, None],
              out_t.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[None, :])
 
 
-def swapped_decode(q, k_cache, v_cache, out, block_table, seq_lens, scale, fp8_scale=1.0, num_warps=4, num_stages=2):
-    """q, out: [seqs, Hq, D] (one token each); caches [blocks, 64, Hkv, D] (bf16, fp16, fp32 or FP8 e4m3)."""
+def swapped_decode(q, k_cache, v_cache, out, block_table, seq_lens, scale, fp8_scale=1.0, num_warps=4, num_stages=2,
+                   k_scale=None, v_scale=None):
+    """q, out: [seqs, Hq, D] (one token each); caches [blocks, 64, Hkv, D] (bf16, fp16, fp32, FP8 e4m3, or INT8
+    with its head-major scales k_scale / v_scale from attention/backend.new_kv_scales)."""
     seqs, num_heads, head_dim = q.shape
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if page != 64:
         raise ValueError("the prototype takes pages of 64 keys")
     group = num_heads // num_kv_heads
     fp8 = k_cache.dtype == torch.float8_e4m3fn
+    int8 = k_cache.dtype == torch.int8
+    if int8 and (k_scale is None or k_scale.stride(2) != 64):
+        raise ValueError("an INT8 cache takes its scales head-major, as attention/backend.new_kv_scales makes them")
     factor = fp16_operand_factor(q) if fp8 else 1.0
     _swapped_decode_kernel[(seqs, num_kv_heads)](
-        q, k_cache, v_cache, out, block_table, seq_lens, scale * LOG2E * (fp8_scale * factor if fp8 else 1.0),
+        q, k_cache, v_cache, k_scale if int8 else q, v_scale if int8 else q, out, block_table, seq_lens,
+        scale * LOG2E * (fp8_scale * factor if fp8 else 1.0),
         fp8_scale if fp8 else 1.0, 1.0 / factor, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=page,
-        FP16_QUERY=fp8, num_warps=num_warps, num_stages=num_stages)
+        NUM_KV_HEADS=num_kv_heads, FP16_QUERY=fp8, INT8=int8, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
 def check() -> None:
-    """The interpreter against the torch reference over random pages (fp32 and an FP8 cache)."""
-    from sageinfer.attention.backend import LayerKVCache
+    """The interpreter against the torch reference over random pages (fp32, FP8 and INT8 caches)."""
+    from sageinfer.attention.backend import LayerKVCache, new_kv_scales
     from sageinfer.attention.torch_ref import paged_attention_ref
     from tests.kernels_util import random_paged_batch, rel_err
-    for dtype, fp8 in ((torch.float32, False), (torch.float16, True)):
+    for dtype, kv in ((torch.float32, "fp32"), (torch.float16, "fp8"), (torch.float32, "int8")):
         lens = [1, 63, 64, 150]
         k, v, meta = random_paged_batch([1] * len(lens), [n - 1 for n in lens], 2, 32, 64, torch.float32,
                                         device="cpu", seed=3)
-        fp8_scale = 0.05
-        if fp8:
+        fp8_scale, scales = 0.05, (None, None)
+        if kv == "fp8":
             k, v = ((c / fp8_scale).to(torch.float8_e4m3fn) for c in (k, v))
             cache = LayerKVCache(k.double() * fp8_scale, v.double() * fp8_scale)
+        elif kv == "int8":
+            scales = tuple(new_kv_scales(k.shape[0], 64, 2, "cpu").uniform_(0.01, 0.05) for _ in range(2))
+            k, v = (torch.randint(-127, 128, k.shape, dtype=torch.int8) for _ in range(2))
+            cache = LayerKVCache(*(c.double() * sc.double().unsqueeze(-1) for c, sc in zip((k, v), scales)))
         else:
             cache = LayerKVCache(k.double(), v.double())
         q = torch.randn(len(lens), 8, 32).to(dtype)
         ref = paged_attention_ref(q.double(), cache, meta, 32 ** -0.5)
         out = swapped_decode(q, k, v, torch.empty_like(q), meta.block_table, meta.seq_lens, 32 ** -0.5,
-                             fp8_scale if fp8 else 1.0)
-        print(f"{'fp8 cache' if fp8 else 'fp32'}: relative error {rel_err(out, ref):.1e}")
+                             fp8_scale if kv == "fp8" else 1.0, k_scale=scales[0], v_scale=scales[1])
+        print(f"{kv} cache: relative error {rel_err(out, ref):.1e}")
 
 
 def sass(kv: str, num_warps: int, num_stages: int) -> None:
     from sass_loop import compile_launch, loop_opcodes, spills
     import subprocess
     import re
-    dtype = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[kv]
+    from sageinfer.attention.backend import new_kv_scales
+    dtype = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[kv]
     seqs, blocks = 256, 256 * 10
     k_cache = torch.zeros(blocks, 64, 8, 128, dtype=dtype)
+    scales = new_kv_scales(blocks, 64, 8, "cpu") if kv == "int8" else None
     q = torch.randn(seqs, 32, 128, dtype=torch.bfloat16)
     module = sys.modules[__name__]
     compiled = compile_launch(module, "_swapped_decode_kernel", lambda: swapped_decode(
         q, k_cache, k_cache.clone(), torch.empty_like(q), torch.arange(blocks, dtype=torch.int32).view(seqs, -1),
-        torch.full((seqs,), 640, dtype=torch.int32), 0.08, num_warps=num_warps, num_stages=num_stages))
+        torch.full((seqs,), 640, dtype=torch.int32), 0.08, num_warps=num_warps, num_stages=num_stages,
+        k_scale=scales, v_scale=scales))
     with open("/tmp/swapped.cubin", "wb") as f:
         f.write(compiled["cubin"])
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -159,10 +182,18 @@ def sass(kv: str, num_warps: int, num_stages: int) -> None:
 
 
 def time_on_gpu(modes: list[str], warps: list[int], stages: list[int]) -> None:
+    from sageinfer.attention.backend import new_kv_scales
     from sageinfer.ops import paged_attention as pa
     from tune_decode_step import graph_time
     layers, dev = 16, "cuda"
-    store = {"auto": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+    store = {"auto": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}
+
+    def layer_cache(mode, blocks):
+        """K, V and (INT8) their scales of one layer."""
+        if mode == "int8":
+            return [*(torch.randint(-127, 128, (blocks, 64, 8, 128), device=dev, dtype=torch.int8) for _ in range(2)),
+                    *(new_kv_scales(blocks, 64, 8, dev).uniform_(0.001, 0.01) for _ in range(2))]
+        return [(torch.randn(blocks, 64, 8, 128, device=dev) * 0.5).to(store[mode]) for _ in range(2)] + [None, None]
     print("| case | cache | kernel | us/layer | TB/s | max diff / max |")
     for (batch, keys), mode in itertools.product(((256, 640), (64, 4096), (32, 1024)), modes):
         pages = -(-keys // 64)
@@ -171,24 +202,27 @@ def time_on_gpu(modes: list[str], warps: list[int], stages: list[int]) -> None:
         seq_lens = torch.full((batch,), keys, dtype=torch.int32, device=dev)
         qsl = torch.arange(batch + 1, dtype=torch.int32, device=dev)
         q = torch.randn(batch, 32, 128, device=dev, dtype=torch.bfloat16)
-        caches = [[(torch.randn(blocks, 64, 8, 128, device=dev) * 0.5).to(store[mode]) for _ in range(2)]
-                  for _ in range(layers)]
-        nbytes = batch * keys * 8 * 2 * 128 * store[mode].itemsize
-        kv_mode = 1 if mode == "fp8" else 0
+        caches = [layer_cache(mode, blocks) for _ in range(layers)]
+        nbytes = batch * keys * 8 * 2 * (128 * store[mode].itemsize + (4 if mode == "int8" else 0))
+        kv_mode = {"auto": 0, "fp8": 1, "int8": 2}[mode]
         base = torch.empty_like(q)
         splits = pa.choose_num_splits(batch, 8, keys, torch.cuda.get_device_properties(0).multi_processor_count)
-        pa.paged_attention(q, *caches[0], base, table, seq_lens, qsl, batch, 1, 0.088, splits, kv_mode=kv_mode)
+        k, v, ks, vs = caches[0]
+        pa.paged_attention(q, k, v, base, table, seq_lens, qsl, batch, 1, 0.088, splits, kv_mode=kv_mode,
+                           k_scale=ks, v_scale=vs)
         t = graph_time(lambda: [pa.paged_attention(q, k, v, base, table, seq_lens, qsl, batch, 1, 0.088,  # noqa
-                                                   splits, kv_mode=kv_mode) for k, v in caches])
+                                                   splits, kv_mode=kv_mode, k_scale=ks, v_scale=vs)
+                                for k, v, ks, vs in caches])
         us = t / layers * 1e6
         print(f"| {batch}x{keys} | {mode} | decode kernel ({splits} splits) | {us:.1f} | "
               f"{nbytes / us / 1e6:.2f} | |", flush=True)
         for w, st in itertools.product(warps, stages):
             out = torch.empty_like(q)
-            swapped_decode(q, *caches[0], out, table, seq_lens, 0.088, num_warps=w, num_stages=st)
+            swapped_decode(q, k, v, out, table, seq_lens, 0.088, num_warps=w, num_stages=st, k_scale=ks, v_scale=vs)
             diff = ((out.float() - base.float()).abs().max() / base.float().abs().max()).item()
             t = graph_time(lambda: [swapped_decode(q, k, v, out, table, seq_lens, 0.088, num_warps=w,  # noqa
-                                                   num_stages=st) for k, v in caches])  # noqa
+                                                   num_stages=st, k_scale=ks, v_scale=vs)  # noqa
+                                    for k, v, ks, vs in caches])
             us = t / layers * 1e6
             print(f"| {batch}x{keys} | {mode} | swapped, {w} warps, {st} stages | {us:.1f} | "
                   f"{nbytes / us / 1e6:.2f} | {diff:.1e} |", flush=True)
@@ -198,8 +232,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--sass", action="store_true")
-    parser.add_argument("--kv", default="fp8", choices=["bf16", "fp8"])
-    parser.add_argument("--modes", default="auto,fp8")
+    parser.add_argument("--kv", default="fp8", choices=["bf16", "fp8", "int8"])
+    parser.add_argument("--modes", default="auto,fp8,int8")
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--stages", default="1,2")
     args = parser.parse_args()
