@@ -25,6 +25,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 
 from sageinfer.ops.fp16_operand import fp16_operand, fp16_operand_factor  # noqa: E402
 
@@ -130,7 +131,7 @@ def check() -> None:
     """The interpreter against the torch reference over random pages (fp32, FP8 and INT8 caches)."""
     from sageinfer.attention.backend import LayerKVCache, new_kv_scales
     from sageinfer.attention.torch_ref import paged_attention_ref
-    from tests.kernels_util import random_paged_batch, rel_err
+    from kernels_util import random_paged_batch, rel_err
     for dtype, kv in ((torch.float32, "fp32"), (torch.float16, "fp8"), (torch.float32, "int8")):
         lens = [1, 63, 64, 150]
         k, v, meta = random_paged_batch([1] * len(lens), [n - 1 for n in lens], 2, 32, 64, torch.float32,
@@ -153,9 +154,7 @@ def check() -> None:
 
 
 def sass(kv: str, num_warps: int, num_stages: int) -> None:
-    from sass_loop import compile_launch, loop_opcodes, spills
-    import subprocess
-    import re
+    from sass_loop import compile_launch, loop_opcodes, programs_per_sm, registers, spills
     from sageinfer.attention.backend import new_kv_scales
     dtype = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[kv]
     seqs, blocks = 256, 256 * 10
@@ -167,14 +166,9 @@ def sass(kv: str, num_warps: int, num_stages: int) -> None:
         q, k_cache, k_cache.clone(), torch.empty_like(q), torch.arange(blocks, dtype=torch.int32).view(seqs, -1),
         torch.full((seqs,), 640, dtype=torch.int32), 0.08, num_warps=num_warps, num_stages=num_stages,
         k_scale=scales, v_scale=scales))
-    with open("/tmp/swapped.cubin", "wb") as f:
-        f.write(compiled["cubin"])
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    usage = subprocess.run([cuobjdump, "-res-usage", "/tmp/swapped.cubin"], capture_output=True, text=True).stdout
-    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    regs = registers(compiled["cubin"])
     opcodes = loop_opcodes(compiled["cubin"])
-    per_sm = min(233472 // (compiled["shared"] + 1024), 65536 // ((regs * 32 + 255) // 256 * 256 * num_warps),
-                 64 // num_warps, 32)
+    per_sm = programs_per_sm(regs, compiled["shared"], num_warps)
     print(f"{kv} cache, {num_warps} warps, {num_stages} stages: {regs} registers, {compiled['shared']} B shared, "
           f"{per_sm} programs an SM "
           f"(2,048 programs: {2048 / (132 * per_sm):.2f} waves on 132 SMs); spills {spills(compiled['cubin'])}")
@@ -182,18 +176,12 @@ def sass(kv: str, num_warps: int, num_stages: int) -> None:
 
 
 def time_on_gpu(modes: list[str], warps: list[int], stages: list[int]) -> None:
-    from sageinfer.attention.backend import new_kv_scales
+    """Qwen3-8B's decode shapes (32 query heads, 8 KV heads, head dim 128, pages of 64) over LAYERS distinct
+    caches in a CUDA graph, as probe_quantized_decode.py times the decode kernel."""
+    from probe_quantized_decode import LAYERS as layers, MODE, STORE as store, make_layer
     from sageinfer.ops import paged_attention as pa
     from tune_decode_step import graph_time
-    layers, dev = 16, "cuda"
-    store = {"auto": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}
-
-    def layer_cache(mode, blocks):
-        """K, V and (INT8) their scales of one layer."""
-        if mode == "int8":
-            return [*(torch.randint(-127, 128, (blocks, 64, 8, 128), device=dev, dtype=torch.int8) for _ in range(2)),
-                    *(new_kv_scales(blocks, 64, 8, dev).uniform_(0.001, 0.01) for _ in range(2))]
-        return [(torch.randn(blocks, 64, 8, 128, device=dev) * 0.5).to(store[mode]) for _ in range(2)] + [None, None]
+    dev = "cuda"
     print("| case | cache | kernel | us/layer | TB/s | max diff / max |")
     for (batch, keys), mode in itertools.product(((256, 640), (64, 4096), (32, 1024)), modes):
         pages = -(-keys // 64)
@@ -202,9 +190,9 @@ def time_on_gpu(modes: list[str], warps: list[int], stages: list[int]) -> None:
         seq_lens = torch.full((batch,), keys, dtype=torch.int32, device=dev)
         qsl = torch.arange(batch + 1, dtype=torch.int32, device=dev)
         q = torch.randn(batch, 32, 128, device=dev, dtype=torch.bfloat16)
-        caches = [layer_cache(mode, blocks) for _ in range(layers)]
+        caches = [make_layer(mode, blocks, dev) for _ in range(layers)]
         nbytes = batch * keys * 8 * 2 * (128 * store[mode].itemsize + (4 if mode == "int8" else 0))
-        kv_mode = {"auto": 0, "fp8": 1, "int8": 2}[mode]
+        kv_mode = MODE[mode]
         base = torch.empty_like(q)
         splits = pa.choose_num_splits(batch, 8, keys, torch.cuda.get_device_properties(0).multi_processor_count)
         k, v, ks, vs = caches[0]

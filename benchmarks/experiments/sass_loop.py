@@ -84,13 +84,19 @@ def compile_launch(module, kernel_name: str, call) -> dict:
             "constants": {names[i[0]]: v for i, v in constants.items()}}
 
 
-def loop_opcodes(cubin: bytes) -> collections.Counter:
-    """Opcodes of the largest loop (a backward branch and the instructions back to its target)."""
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """What Triton's own cuobjdump prints for a compiled kernel (-sass: its instructions, -res-usage: its
+    registers and shared memory)."""
     path = "/tmp/sass_loop.cubin"
     with open(path, "wb") as f:
         f.write(cubin)
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return subprocess.run([tool, flag, path], capture_output=True, text=True, check=True).stdout
+
+
+def loop_opcodes(cubin: bytes) -> collections.Counter:
+    """Opcodes of the largest loop (a backward branch and the instructions back to its target)."""
+    sass = cuobjdump(cubin, "-sass")
     code = [(int(m.group(1), 16), m.group(2).strip())
             for m in (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if m]
     best = []
@@ -104,11 +110,18 @@ def loop_opcodes(cubin: bytes) -> collections.Counter:
 
 def spills(cubin: bytes) -> int:
     """Local-memory stores and loads anywhere in the kernel (spilled registers)."""
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with open("/tmp/sass_loop.cubin", "wb") as f:
-        f.write(cubin)
-    sass = subprocess.run([cuobjdump, "-sass", "/tmp/sass_loop.cubin"], capture_output=True, text=True).stdout
-    return len(re.findall(r"\b(STL|LDL)\b", sass))
+    return len(re.findall(r"\b(STL|LDL)\b", cuobjdump(cubin, "-sass")))
+
+
+def registers(cubin: bytes) -> int:
+    """Registers a thread of the kernel takes."""
+    return int(re.search(r"REG:(\d+)", cuobjdump(cubin, "-res-usage")).group(1))
+
+
+def programs_per_sm(regs: int, shared: int, num_warps: int) -> int:
+    """Programs of a kernel an sm_90 processor holds at once: by its 64K registers (allocated 256 a warp at
+    a time), its 228 KB of shared memory (1 KB reserved a program), 64 warps and 32 programs."""
+    return min(233472 // (shared + 1024), 65536 // ((regs * 32 + 255) // 256 * 256 * num_warps), 64 // num_warps, 32)
 
 
 def decode_attention(args):
