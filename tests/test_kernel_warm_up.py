@@ -210,7 +210,9 @@ def test_the_graphs_capture_compiles_no_attention_the_warm_up_did_not(model_dirs
     DecodeGraphs(runner.model, runner.backend, platform, runner.device, 8, 1024, runner.block_size,
                  runner.num_kv_heads, runner.kv_caches)
     assert {dict(key[1])["NUM_SPLITS"] for key in captured if key[0] == "_paged_attention_kernel"} >= {"4", "8"}
-    missing = captured - warmed
+    # Graphs that offer a shared prefix compile their cascade launches at capture (graph_plans leaves them).
+    assert any(dict(key[1]).get("CASCADE") == "True" for key in captured)
+    missing = {key for key in captured - warmed if dict(key[1]).get("CASCADE") != "True"}
     assert not missing, f"{len(missing)} attention launches of the capture were not warmed up: {sorted(missing)[:2]}"
 
 

@@ -122,6 +122,18 @@ class AttentionBackend:
         sequence lengths), to attend once for all; 0 if the backend would not use a shared prefix."""
         return 0
 
+    def decode_graph_variants(self, num_seqs: int, num_kv_heads: int, max_model_len: int) -> list[tuple[int, bool]]:
+        """The decode graphs of num_seqs sequences, one per (longest context planned for, whether a shared
+        prefix input is offered to the plan): a graph's launch plan is fixed at capture, so a backend whose
+        best plan depends on the step's lengths has several. The last is planned for max_model_len."""
+        return [(max_model_len, True)]
+
+    def decode_graph_choice(self, variants: list[tuple[int, bool]], seq_lens, cascade_prefix_len: int,
+                            num_kv_heads: int) -> int:
+        """Which of decode_graph_variants' graphs runs a step of these context lengths (numpy) and
+        shared prefix (cascade_prefix_tokens')."""
+        return len(variants) - 1
+
 
 def get_attention_backend(name: str, platform=None) -> AttentionBackend:
     if name == "torch_ref":

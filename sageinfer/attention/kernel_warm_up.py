@@ -68,13 +68,14 @@ def decode_plans(backend, max_num_seqs: int, max_model_len: int, num_kv_heads: i
 def graph_plans(backend, sizes: list[int], max_model_len: int, num_kv_heads: int,
                 dependent_max: int) -> set[tuple[int, int, bool, bool]]:
     """The decode launches of the graphs of these batch sizes, planned as graph_runner.DecodeGraphs
-    plans them (every sequence may reach max_model_len; sizes up to dependent_max launch dependently).
+    plans them (each of the backend's decode_graph_variants; sizes up to dependent_max launch dependently).
     Graphs that keep cascade attention are left to their capture."""
     plans = set()
     for size in sizes:
-        meta = _planned(backend, size, max_model_len, num_kv_heads, cascade=True)  # graphs offer a prefix input
-        if meta.cascade_prefix_len is None:
-            plans.add((meta.num_splits, meta.min_split_keys, True, size <= dependent_max))
+        for length, cascade in backend.decode_graph_variants(size, num_kv_heads, max_model_len):
+            meta = _planned(backend, size, length, num_kv_heads, cascade=cascade or None)
+            if meta.cascade_prefix_len is None:
+                plans.add((meta.num_splits, meta.min_split_keys, True, size <= dependent_max))
     return plans
 
 

@@ -28,21 +28,26 @@ def capture(platform, pool, model, args: tuple):
     return graph, output
 
 
-def capture_ladder(sizes: list[int], make_meta, model, backend, platform, num_kv_heads: int, input_ids: torch.Tensor,
+def _batch_size(key) -> int:
+    return key[0] if isinstance(key, tuple) else key
+
+
+def capture_ladder(keys: list, make_meta, model, backend, platform, num_kv_heads: int, input_ids: torch.Tensor,
                    positions: torch.Tensor, kv_caches, dependent_launch_max: int = 0) -> tuple[dict, dict, float]:
-    """Capture one graph per size, largest first so smaller graphs reuse its memory.
-    make_meta(size) -> AttentionMetadata built on buffers that outlive the graphs.
-    Returns (graphs, outputs, seconds)."""
+    """Capture one graph per key (a batch size, or a tuple that starts with one), largest batch first so
+    smaller graphs reuse its memory. make_meta(key) -> AttentionMetadata built on buffers that outlive
+    the graphs. Returns (graphs, outputs, seconds), keyed alike."""
     graphs, outputs = {}, {}
     start = time.perf_counter()
     pool = platform.graph_pool_handle()
     dependent = platform.supports_dependent_launch() and backend.name == "triton"
-    for size in reversed(sizes):
-        meta = make_meta(size)
+    for key in sorted(keys, key=_batch_size, reverse=True):
+        size = _batch_size(key)
+        meta = make_meta(key)
         backend.plan(meta, num_kv_heads)
         with launch.dependent_launch(dependent and size <= dependent_launch_max):
-            graphs[size], outputs[size] = capture(platform, pool, model,
-                                                  (input_ids[:size], positions[:size], kv_caches, meta))
+            graphs[key], outputs[key] = capture(platform, pool, model,
+                                                (input_ids[:size], positions[:size], kv_caches, meta))
     platform.synchronize()
     return graphs, outputs, time.perf_counter() - start
 
@@ -78,21 +83,27 @@ class DecodeGraphs:
         self.cascade_prefix_len = self.int32_inputs[n:]
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_table = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
-        metas: dict[int, AttentionMetadata] = {}
+        metas: dict[tuple[int, int, bool], AttentionMetadata] = {}
+        # A batch size may have several graphs, each planned for a longest context and with or without
+        # a shared-prefix input (the backend's variants); a step replays the one the backend picks.
+        self.backend, self.num_kv_heads = backend, num_kv_heads
+        self.variants = {bs: backend.decode_graph_variants(bs, num_kv_heads, max_model_len) for bs in self.sizes}
 
-        def make_meta(bs: int) -> AttentionMetadata:  # views of the persistent buffers above
-            meta = metas[bs] = AttentionMetadata(
+        def make_meta(key: tuple[int, int, bool]) -> AttentionMetadata:  # views of the persistent buffers above
+            bs, max_seq_len, cascade = key
+            meta = metas[key] = AttentionMetadata(
                 num_actual_tokens=bs, slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[:bs + 1],
                 seq_lens=self.seq_lens[:bs], block_table=self.block_table[:bs], max_query_len=1,
-                max_seq_len=max_model_len, query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs,
-                cascade_prefix_len=self.cascade_prefix_len)
+                max_seq_len=max_seq_len, query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs,
+                cascade_prefix_len=self.cascade_prefix_len if cascade else None)
             return meta
+        keys = [(bs, *variant) for bs in self.sizes for variant in self.variants[bs]]
         self.graphs, self.outputs, self.capture_seconds = capture_ladder(
-            self.sizes, make_meta, model, backend, platform, num_kv_heads, self.input_ids, self.positions, kv_caches,
+            keys, make_meta, model, backend, platform, num_kv_heads, self.input_ids, self.positions, kv_caches,
             DEPENDENT_LAUNCH_MAX_DECODE_BATCH)
         # The backend's plan keeps the cascade input only where its kernels can merge a prefix.
-        self.cascade_sizes = {bs for bs, meta in metas.items() if meta.cascade_prefix_len is not None}
-        logger.info("captured %d decode graphs (batch 1..%d) in %.1f s", len(self.sizes), n, self.capture_seconds)
+        self.cascade_keys = {key for key, meta in metas.items() if meta.cascade_prefix_len is not None}
+        logger.info("captured %d decode graphs (batch 1..%d) in %.1f s", len(keys), n, self.capture_seconds)
 
     def can_run(self, num_seqs: int, max_query_len: int) -> bool:
         return max_query_len == 1 and num_seqs <= self.max_batch
@@ -102,18 +113,21 @@ class DecodeGraphs:
         tokens still on the device into the input buffer. Returns hidden [num_seqs, H]."""
         num = host.num_tokens
         bs = next(s for s in self.sizes if s >= num)
+        variants = self.variants[bs]
+        key = (bs, *variants[self.backend.decode_graph_choice(variants, host.seq_lens, host.cascade_prefix_len,
+                                                               self.num_kv_heads)])
         n = self.max_batch
         int64_inputs = np.zeros((3, n), dtype=np.int64)
         int64_inputs[0, :num], int64_inputs[1, :num] = host.input_ids, host.positions
         int64_inputs[2, :num], int64_inputs[2, num:] = host.slot_mapping, -1
         int32_inputs = np.ones(n + 1, dtype=np.int32)
-        int32_inputs[:num], int32_inputs[n] = host.seq_lens, host.cascade_prefix_len if bs in self.cascade_sizes else 0
+        int32_inputs[:num], int32_inputs[n] = host.seq_lens, host.cascade_prefix_len if key in self.cascade_keys else 0
         self.platform.copy_to_device(self.int64_inputs, int64_inputs)
         fill_pending(self.input_ids)
         self.platform.copy_to_device(self.int32_inputs, int32_inputs)
         self.platform.copy_to_device(self.block_table[:num, :host.block_table.shape[1]], host.block_table)
-        self.graphs[bs].replay()
-        return self.outputs[bs][:num]
+        self.graphs[key].replay()
+        return self.outputs[key][:num]
 
 
 def prefill_buckets(max_num_batched_tokens: int, max_model_len: int) -> list[int]:
