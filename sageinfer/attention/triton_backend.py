@@ -30,12 +30,15 @@ ROTARY_IN_DECODE_ATTENTION = True
 RAGGED_DECODE_SPLITS = int(os.environ.get("SAGEINFER_RAGGED_DECODE_SPLITS", "8"))
 RAGGED_MIN_KEYS = int(os.environ.get("SAGEINFER_RAGGED_MIN_KEYS", "1024"))
 # A decode graph is planned for max_model_len, so every step of a large batch took the ragged splits. Such
-# batch sizes get a second graph with one split, run when the step's lengths are even (the longest under
+# batch sizes also get a graph with one split, run when the step's lengths are even (the longest under
 # RAGGED_MIN_SKEW times the mean) and its programs fill the GPU: there the splits only multiplied the
-# programs by 8 and added a merge (H200, FP8 W+KV, 256 sequences at ~690 keys: attention 6.70 -> 4.98 ms
-# a step, the step 12.5 -> 10.8 ms; bf16 13.9 -> 13.2).
+# programs by 8 and added a merge, and dropped cascade attention (H200, FP8 W+KV, 256 sequences at ~690
+# keys: attention 6.70 -> 4.98 ms a step, the step 12.5 -> 10.8 ms). SAGEINFER_EVEN_DECODE_GRAPHS: 0 none,
+# 1 one such graph (it offers a shared-prefix input; a step without a prefix gives it length 0), 2 two
+# (without and with the prefix input: no rotary kernel and empty prefix launch for steps without one, at
+# the cost of more graphs to capture at start-up).
+EVEN_DECODE_GRAPHS = int(os.environ.get("SAGEINFER_EVEN_DECODE_GRAPHS", "1"))
 RAGGED_MIN_SKEW = float(os.environ.get("SAGEINFER_RAGGED_MIN_SKEW", "2"))
-EVEN_DECODE_GRAPHS = os.environ.get("SAGEINFER_EVEN_DECODE_GRAPHS", "1") == "1"  # 0: the ragged graphs alone
 # Decode programs an SM holds at once (ops/paged_attention.DECODE_CONFIG on sm_90: registers allow 4).
 DECODE_PROGRAMS_PER_SM = 4
 # The least keys of a split in a plan of LONG_DECODE_SPLITS (made for a sequence of LONG_DECODE_KEYS or
@@ -129,8 +132,10 @@ class TritonBackend(AttentionBackend):
     def decode_graph_variants(self, num_seqs, num_kv_heads, max_model_len):
         if EVEN_DECODE_GRAPHS and self._takes_ragged_splits(
                 choose_num_splits(num_seqs, num_kv_heads, max_model_len, self.num_sms), max_model_len):
-            # One split without and with a shared prefix, then the ragged splits (which drop the prefix).
-            return [(RAGGED_MIN_KEYS, False), (RAGGED_MIN_KEYS, True), (max_model_len, True)]
+            # Planned for RAGGED_MIN_KEYS: one split (the prefix input kept where offered), then the ragged
+            # splits (which drop it).
+            one_split = [(RAGGED_MIN_KEYS, False)] if EVEN_DECODE_GRAPHS >= 2 else []
+            return one_split + [(RAGGED_MIN_KEYS, True), (max_model_len, True)]
         return [(max_model_len, True)]
 
     def decode_graph_choice(self, variants, seq_lens, cascade_prefix_len, num_kv_heads):
@@ -140,8 +145,10 @@ class TritonBackend(AttentionBackend):
         fills_gpu = len(seq_lens) * num_kv_heads >= DECODE_PROGRAMS_PER_SM * self.num_sms
         even = longest < RAGGED_MIN_SKEW * float(seq_lens.mean())
         if longest > RAGGED_MIN_KEYS and not (even and fills_gpu):
-            return 2
-        return 1 if cascade_prefix_len else 0
+            return len(variants) - 1
+        # One split: the graph whose prefix input matches the step's, else one that takes length 0.
+        matching = [i for i, (_, cascade) in enumerate(variants[:-1]) if cascade == bool(cascade_prefix_len)]
+        return matching[0] if matching else next(i for i, (_, cascade) in enumerate(variants[:-1]) if cascade)
 
     def cascade_prefix_tokens(self, block_table, seq_lens, block_size, max_query_len):
         if max_query_len != 1 or len(seq_lens) < CASCADE_MIN_SEQS:

@@ -15,6 +15,8 @@ from sageinfer.ops import launch
 # Decode graphs of up to this many sequences, and all whole-prompt prefill graphs, launch their Triton
 # kernels dependently (ops/launch.py); larger decode batches measured slightly slower with it.
 DEPENDENT_LAUNCH_MAX_DECODE_BATCH = 16
+# Decode batch sizes that have all of the attention backend's graph variants (DecodeGraphs).
+VARIANT_SIZES_EVERY = 32
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +87,15 @@ class DecodeGraphs:
         self.block_table = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
         metas: dict[tuple[int, int, bool], AttentionMetadata] = {}
         # A batch size may have several graphs, each planned for a longest context and with or without
-        # a shared-prefix input (the backend's variants); a step replays the one the backend picks.
+        # a shared-prefix input (the backend's variants); a step replays the one the backend picks. Only
+        # every VARIANT_SIZES_EVERY-th size (and the largest) has them all, each costing start-up a
+        # capture; a step of a size between borrows the next one's, padded (up to 16 rows more).
         self.backend, self.num_kv_heads = backend, num_kv_heads
-        self.variants = {bs: backend.decode_graph_variants(bs, num_kv_heads, max_model_len) for bs in self.sizes}
+        planned = {bs: backend.decode_graph_variants(bs, num_kv_heads, max_model_len) for bs in self.sizes}
+        self.variants = {bs: v if bs % VARIANT_SIZES_EVERY == 0 or bs == self.max_batch else v[-1:]
+                         for bs, v in planned.items()}
+        self.variant_size = {bs: next(s for s in self.sizes if s >= bs and len(self.variants[s]) == len(v))
+                             for bs, v in planned.items() if len(v) > 1}
 
         def make_meta(key: tuple[int, int, bool]) -> AttentionMetadata:  # views of the persistent buffers above
             bs, max_seq_len, cascade = key
@@ -113,9 +121,13 @@ class DecodeGraphs:
         tokens still on the device into the input buffer. Returns hidden [num_seqs, H]."""
         num = host.num_tokens
         bs = next(s for s in self.sizes if s >= num)
-        variants = self.variants[bs]
-        key = (bs, *variants[self.backend.decode_graph_choice(variants, host.seq_lens, host.cascade_prefix_len,
-                                                               self.num_kv_heads)])
+        key = (bs, *self.variants[bs][-1])
+        if bs in self.variant_size:
+            variants = self.variants[self.variant_size[bs]]
+            choice = self.backend.decode_graph_choice(variants, host.seq_lens, host.cascade_prefix_len,
+                                                      self.num_kv_heads)
+            if choice != len(variants) - 1:
+                key = (self.variant_size[bs], *variants[choice])
         n = self.max_batch
         int64_inputs = np.zeros((3, n), dtype=np.int64)
         int64_inputs[0, :num], int64_inputs[1, :num] = host.input_ids, host.positions

@@ -180,6 +180,12 @@ def _paged_attention_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - query_len
+    kv_end = context_len + tl.minimum((q_tile + 1) * BLOCK_Q, query_len)
+    num_tiles = tl.cdiv(kv_end, BLOCK_N)
+    tiles_per_split = _tiles_per_split(num_tiles, NUM_SPLITS, MIN_SPLIT_TILES)
+    if MIN_SPLIT_TILES > 0:
+        if split * tiles_per_split >= num_tiles:  # a short sequence's unused split: the merge does not read it
+            return  # (before the query's loads and rotary: most programs of an even batch's ragged plan)
 
     rows = tl.arange(0, BLOCK_M)
     q_idx = q_tile * BLOCK_Q + rows // GROUP
@@ -199,9 +205,6 @@ def _paged_attention_kernel(
     q = query_for_cache(q, fp8_query_scale, KV_MODE == 1)
     q_pos = context_len + q_idx  # causal: a query sees keys at positions <= its own
 
-    kv_end = context_len + tl.minimum((q_tile + 1) * BLOCK_Q, query_len)
-    num_tiles = tl.cdiv(kv_end, BLOCK_N)
-    tiles_per_split = _tiles_per_split(num_tiles, NUM_SPLITS, MIN_SPLIT_TILES)
     prefix_len = 0
     if CASCADE:  # cascade decode: the shared prefix was attended by prefix_attention
         prefix_len = tl.load(prefix_len_ptr)
@@ -209,9 +212,6 @@ def _paged_attention_kernel(
     else:
         tile_start = split * tiles_per_split
     tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
-    if MIN_SPLIT_TILES > 0:
-        if tile_start >= tile_end:  # a short sequence's unused split: the merge does not read it
-            return
     if ROPE:
         slot = tl.load(slot_mapping_ptr + q_start)
         if (tile_end == num_tiles) & (tile_start < tile_end) & (slot >= 0):  # this program reads the new key
