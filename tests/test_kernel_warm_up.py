@@ -16,6 +16,7 @@ from sageinfer.attention.kernel_warm_up import decode_plans, graph_plans, prefil
 from sageinfer.attention.triton_backend import TritonBackend
 from sageinfer.executor.graph_runner import DecodeGraphs, graph_batch_sizes
 from sageinfer.layers.attention import Attention
+from sageinfer.ops import cascade_attention
 from sageinfer.ops import paged_attention as pa
 from sageinfer.ops import prefill_attention as tile_prefill
 from kernels_util import launch_key
@@ -199,20 +200,22 @@ def test_the_graphs_capture_compiles_no_attention_the_warm_up_did_not(model_dirs
     warmed, captured = set(), set()
     for name in ("_paged_attention_kernel", "_merge_splits_kernel"):
         _record(monkeypatch, name, warmed)
+    _record(monkeypatch, "_prefix_attention_kernel", warmed, module=cascade_attention)
     warm_up_kernels(runner.backend, layer, runner._layer_cache(1), plans, runner.device, runner.dtype)
     monkeypatch.undo()
     monkeypatch.setattr(triton_backend, "RAGGED_MIN_KEYS", 32)
     for name in ("_paged_attention_kernel", "_merge_splits_kernel"):
         _record(monkeypatch, name, captured)
+    _record(monkeypatch, "_prefix_attention_kernel", captured, module=cascade_attention)
     platform = types.SimpleNamespace(graph_pool_handle=lambda: None, supports_dependent_launch=lambda: False,
                                      graph_class=lambda: (lambda: None), synchronize=lambda: None,
                                      graph_context=lambda graph, pool=None: contextlib.nullcontext())
     DecodeGraphs(runner.model, runner.backend, platform, runner.device, 8, 1024, runner.block_size,
                  runner.num_kv_heads, runner.kv_caches)
     assert {dict(key[1])["NUM_SPLITS"] for key in captured if key[0] == "_paged_attention_kernel"} >= {"4", "8"}
-    # Graphs that offer a shared prefix compile their cascade launches at capture (graph_plans leaves them).
-    assert any(dict(key[1]).get("CASCADE") == "True" for key in captured)
-    missing = {key for key in captured - warmed if dict(key[1]).get("CASCADE") != "True"}
+    assert any(dict(key[1]).get("CASCADE") == "True" for key in captured)  # a graph with the prefix input
+    assert any(key[0] == "_prefix_attention_kernel" for key in captured)
+    missing = captured - warmed
     assert not missing, f"{len(missing)} attention launches of the capture were not warmed up: {sorted(missing)[:2]}"
 
 

@@ -11,6 +11,10 @@ slot is -1); kernels already compiled cost a launch only. A plan is (num_splits,
 whole_step, dependent): whole_step for a decode step (rotary inside the kernel where it can), not for
 a mixed step's decodes; dependent for launches inside graphs that launch dependently (ops/launch.py).
 
+Decode graphs that offer a shared-prefix input launch the prefix kernel and the decode kernel that merges
+its partials (CascadePlan): compiled at capture, one after the other, they took about 6 s of an H200's
+start-up.
+
 The prefill-attention kernels join them (PrefillPlan): those of long prompts otherwise compiled by the
 long-prompt warm-up at the end of start-up (on an H200 the platform's Hopper kernel alone took 6.4 s of
 an 8.4 s warm-up), and the portable one the memory profile launches."""
@@ -69,13 +73,15 @@ def graph_plans(backend, sizes: list[int], max_model_len: int, num_kv_heads: int
                 dependent_max: int) -> set[tuple[int, int, bool, bool]]:
     """The decode launches of the graphs of these batch sizes, planned as graph_runner.DecodeGraphs
     plans them (each of the backend's decode_graph_variants; sizes up to dependent_max launch dependently).
-    Graphs that keep cascade attention are left to their capture."""
+    Graphs that keep the shared-prefix input take a CascadePlan."""
     plans = set()
     for size in sizes:
         for length, cascade in backend.decode_graph_variants(size, num_kv_heads, max_model_len):
             meta = _planned(backend, size, length, num_kv_heads, cascade=cascade or None)
             if meta.cascade_prefix_len is None:
                 plans.add((meta.num_splits, meta.min_split_keys, True, size <= dependent_max))
+            else:
+                plans.add(CascadePlan(size <= dependent_max))
     return plans
 
 
@@ -84,6 +90,12 @@ class PrefillPlan(NamedTuple):
     long-prompt kernel where it has one) and query_len's (query tiles are sized by it)."""
     max_seq_len: int
     query_len: int
+
+
+class CascadePlan(NamedTuple):
+    """A decode step that attends a shared prefix apart (cascade): the prefix kernel, then the decode
+    kernel that merges its partials, after a rotary kernel of their own."""
+    dependent: bool
 
 
 def prefill_plans(max_model_len: int, page_size: int) -> set[PrefillPlan]:
@@ -97,7 +109,8 @@ def prefill_plans(max_model_len: int, page_size: int) -> set[PrefillPlan]:
 
 def _order(plan) -> tuple:
     """Prefill plans first: the longest compiles (the long-prompt kernel) start at once."""
-    return (0, tuple(plan)) if isinstance(plan, PrefillPlan) else (1, tuple(plan))
+    kind = 0 if isinstance(plan, PrefillPlan) else 1 if isinstance(plan, CascadePlan) else 2
+    return (kind, tuple(plan))
 
 
 def warm_up_kernels(backend, layer, cache, plans, device, dtype, threads: int = 1,
@@ -128,6 +141,20 @@ def warm_up_kernels(backend, layer, cache, plans, device, dtype, threads: int = 
                 max_seq_len=plan.max_seq_len, query_start_loc_cpu=[0, n], seq_lens_cpu=[n])
             q = torch.zeros(n, heads, dim, dtype=dtype, device=device)
             backend._attend(layer, q, torch.empty_like(q), cache, meta, None)
+            return
+        if isinstance(plan, CascadePlan):  # a prefix of length 0: its kernel runs and exits
+            meta = AttentionMetadata(
+                num_actual_tokens=1, slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=device),
+                query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=device),
+                seq_lens=torch.full((1,), page, dtype=torch.int32, device=device),
+                block_table=torch.zeros((1, 1), dtype=torch.int32, device=device), max_query_len=1, max_seq_len=page,
+                query_start_loc_cpu=[0, 1], seq_lens_cpu=[page],
+                cascade_prefix_len=torch.zeros(1, dtype=torch.int32, device=device))
+            q = torch.zeros(1, heads, dim, dtype=dtype, device=device)
+            k = torch.zeros(1, kv_heads, dim, dtype=dtype, device=device)
+            with launch.dependent_launch(plan.dependent):
+                backend.forward(layer, torch.zeros(1, dtype=torch.int64, device=device), q, k, torch.zeros_like(k),
+                                cache, meta)
             return
         num_splits, min_split_keys, whole_step, dependent = plan
         meta = AttentionMetadata(
