@@ -6,7 +6,8 @@
 - Decode: one step per generated token after the first (every sequence of the workload decodes in one
   batch: the standard workloads have fewer prompts than the engines' 1,024 sequences); a step takes at
   least the longer of its matmul FLOPs at the scheme's rate (the LM head at bf16's) and its bytes at
-  the copy bandwidth: every weight once, and each sequence's KV cache at the step's mean context.
+  the copy bandwidth: every weight once, and each sequence's KV cache at the step's mean context (a
+  shared prefix's once: cascade attention reads it once for the batch).
 - A latency workload: TTFT the prefill of one prompt, TPOT one decode step of one sequence.
 
 Layer weights and the KV cache are counted in the scheme's bytes; the LM head stays 16-bit (it is
@@ -73,12 +74,15 @@ def prefill_seconds(shape: ModelShape, scheme: str, ceilings: dict, tokens: int,
     return 2.0 * shape.layer_params() * tokens / matmul + attention_flops / _rate(ceilings, "bf16_matmul_tflops")
 
 
-def decode_step_seconds(shape: ModelShape, scheme: str, ceilings: dict, batch: int, context: float) -> float:
+def decode_step_seconds(shape: ModelShape, scheme: str, ceilings: dict, batch: int, context: float,
+                        shared: int = 0) -> float:
+    """One step of `batch` sequences at `context` keys each, the first `shared` of them common to all."""
     weight_bytes, rate_key = SCHEMES[scheme]
     flops_time = (2.0 * shape.layer_params() * batch / _rate(ceilings, rate_key)
                   + 2.0 * shape.head_params() * batch / _rate(ceilings, "bf16_matmul_tflops"))
+    keys = shared + batch * (context - shared)
     step_bytes = (shape.layer_params() * weight_bytes + shape.head_params() * 2
-                  + batch * context * shape.kv_elements_per_token() * KV_BYTES.get(scheme, 2))
+                  + keys * shape.kv_elements_per_token() * KV_BYTES.get(scheme, 2))
     return max(flops_time, step_bytes / (ceilings["copy_bandwidth_gbs"] * 1e9))
 
 
@@ -94,7 +98,7 @@ def workload_floor(shape: ModelShape, scheme: str, ceilings: dict, w: dict) -> d
     tokens = shared + n * unique
     attention = shape.attention_flops(shared, 0) + n * shape.attention_flops(unique, shared)
     prefill = prefill_seconds(shape, scheme, ceilings, tokens, attention)
-    decode = (out - 1) * decode_step_seconds(shape, scheme, ceilings, n, context)
+    decode = (out - 1) * decode_step_seconds(shape, scheme, ceilings, n, context, shared)
     return {"seconds": prefill + decode, "prefill_s": prefill, "decode_s": decode}
 
 
