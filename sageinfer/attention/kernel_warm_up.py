@@ -12,8 +12,8 @@ whole_step, dependent): whole_step for a decode step (rotary inside the kernel w
 a mixed step's decodes; dependent for launches inside graphs that launch dependently (ops/launch.py).
 
 Decode graphs that offer a shared-prefix input launch the prefix kernel and the decode kernel that merges
-its partials (CascadePlan): compiled at capture, one after the other, they took about 6 s of an H200's
-start-up.
+its partials (CascadePlan): left to the capture, they were compiled there one after the other (about 6 s
+of compiling on an H200, from an empty Triton cache).
 
 The prefill-attention kernels join them (PrefillPlan): those of long prompts otherwise compiled by the
 long-prompt warm-up at the end of start-up (on an H200 the platform's Hopper kernel alone took 6.4 s of
@@ -70,7 +70,7 @@ def decode_plans(backend, max_num_seqs: int, max_model_len: int, num_kv_heads: i
 
 
 def graph_plans(backend, sizes: list[int], max_model_len: int, num_kv_heads: int,
-                dependent_max: int) -> set[tuple[int, int, bool, bool]]:
+                dependent_max: int) -> set:
     """The decode launches of the graphs of these batch sizes, planned as graph_runner.DecodeGraphs
     plans them (each of the backend's decode_graph_variants; sizes up to dependent_max launch dependently).
     Graphs that keep the shared-prefix input take a CascadePlan."""

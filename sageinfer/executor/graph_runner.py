@@ -94,14 +94,14 @@ class DecodeGraphs:
         planned = {bs: backend.decode_graph_variants(bs, num_kv_heads, max_model_len) for bs in self.sizes}
         self.variants = {bs: v if bs % VARIANT_SIZES_EVERY == 0 or bs == self.max_batch else v[-1:]
                          for bs, v in planned.items()}
-        self.variant_size = {bs: next(s for s in self.sizes if s >= bs and len(self.variants[s]) == len(v))
+        self.variant_size = {bs: next((s for s in self.sizes if s >= bs and len(self.variants[s]) == len(v)), bs)
                              for bs, v in planned.items() if len(v) > 1}
 
         def make_meta(key: tuple[int, int, bool]) -> AttentionMetadata:  # views of the persistent buffers above
             bs, max_seq_len, cascade = key
             meta = metas[key] = AttentionMetadata(
-                num_actual_tokens=bs, slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[:bs + 1],
-                seq_lens=self.seq_lens[:bs], block_table=self.block_table[:bs], max_query_len=1,
+                num_actual_tokens=bs, slot_mapping=self.slot_mapping[:bs],
+                query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs], block_table=self.block_table[:bs], max_query_len=1,
                 max_seq_len=max_seq_len, query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs,
                 cascade_prefix_len=self.cascade_prefix_len if cascade else None)
             return meta
