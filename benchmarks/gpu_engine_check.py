@@ -36,13 +36,13 @@ def main() -> None:
         # One at a time: whole-prompt prefills run as captured graphs.
         outs = [fast.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0] for p in prompts]
         failures += count_mismatches(path, prompts, outs, f"{arch} single-prompt (prefill graph) vs transformers")
-        # 72 prompts on one 300-token prefix: decode steps replay the batch-80 graph, which attends
-        # the shared prefix once (cascade) since 80 sequences x 2 KV heads need no KV splits.
+        # 72 prompts on one 300-token prefix: decode steps replay a graph of 80 or more sequences that
+        # attends the shared prefix once (cascade): 80 sequences x 2 KV heads need no KV splits.
         shared = rng.integers(3, 500, size=300).tolist()
         group = [shared + rng.integers(3, 500, size=n).tolist() for n in range(1, 73)]
         casc = LLM(path, dtype="float32", num_gpu_blocks_override=1024, show_progress=False)
         outs = casc.generate([{"prompt_token_ids": p} for p in group], params, use_tqdm=False)
-        assert any(key[0] == 80 for key in casc.engine.runner.graphs.cascade_keys), casc.engine.runner.graphs.cascade_keys
+        assert any(key[0] >= 80 for key in casc.engine.runner.graphs.cascade_keys), casc.engine.runner.graphs.cascade_keys
         failures += count_mismatches(path, group, outs,
                                      f"{arch} shared-prefix batch (cascade decode graph) vs transformers")
         bf_fast = LLM(path, dtype="bfloat16", num_gpu_blocks_override=256, show_progress=False)
