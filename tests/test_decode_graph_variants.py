@@ -5,6 +5,7 @@ import types
 
 import numpy as np
 import pytest
+import torch
 
 from sageinfer import LLM
 from sageinfer.attention import triton_backend
@@ -100,3 +101,28 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_eager_and_mixed_steps_plan_one_split_for_even_lengths_they_know(monkeypatch):
+    from sageinfer.attention.backend import AttentionMetadata
+    backend = TritonBackend(num_sms=132)
+
+    def planned(lengths, max_seq_len=None, query_lens=None):
+        query_lens = query_lens or [1] * len(lengths)
+        starts = np.concatenate([[0], np.cumsum(query_lens)]).tolist()
+        meta = AttentionMetadata(sum(query_lens), torch.zeros(starts[-1]), torch.tensor(starts),
+                                 torch.tensor(lengths), torch.zeros(len(lengths), 1), max_query_len=max(query_lens),
+                                 max_seq_len=max_seq_len or max(lengths), query_start_loc_cpu=starts,
+                                 seq_lens_cpu=list(lengths))
+        backend.plan(meta, 8)
+        return meta
+    even = [1100 + i for i in range(256)]
+    assert planned(even).num_splits == 1
+    assert planned([500] * 255 + [8000]).num_splits == triton_backend.RAGGED_DECODE_SPLITS  # skewed
+    assert planned([1100] * 32).num_splits == triton_backend.RAGGED_DECODE_SPLITS  # too few programs
+    # a graph's placeholder lengths under the max_seq_len it is planned for: the ragged plan
+    assert planned([1] * 256, max_seq_len=40960).num_splits == triton_backend.RAGGED_DECODE_SPLITS
+    mixed = planned(even + [3000], query_lens=[1] * 256 + [512])  # the decodes of a mixed step
+    assert mixed.parts[0].num_splits == 1
+    monkeypatch.setattr(triton_backend, "EVEN_DECODE_GRAPHS", 0)
+    assert planned(even).num_splits == triton_backend.RAGGED_DECODE_SPLITS

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from sageinfer.attention.backend import AttentionBackend, AttentionMetadata
@@ -36,7 +37,8 @@ RAGGED_MIN_KEYS = int(os.environ.get("SAGEINFER_RAGGED_MIN_KEYS", "1024"))
 # keys: attention 6.70 -> 4.98 ms a step, the step 12.5 -> 10.8 ms). SAGEINFER_EVEN_DECODE_GRAPHS: 0 none,
 # 1 one such graph (it offers a shared-prefix input; a step without a prefix gives it length 0), 2 two
 # (without and with the prefix input: no rotary kernel and empty prefix launch for steps without one, at
-# the cost of more graphs to capture at start-up).
+# the cost of more graphs to capture at start-up). Eager decode steps and a mixed step's decodes, whose
+# lengths the plan sees, take one split by the same rule (not timed on its own; 0 turns it off too).
 EVEN_DECODE_GRAPHS = int(os.environ.get("SAGEINFER_EVEN_DECODE_GRAPHS", "1"))
 RAGGED_MIN_SKEW = float(os.environ.get("SAGEINFER_RAGGED_MIN_SKEW", "2"))
 # Decode programs an SM holds at once (ops/paged_attention.DECODE_CONFIG on sm_90: registers allow 4).
@@ -107,7 +109,8 @@ class TritonBackend(AttentionBackend):
     def plan(self, meta: AttentionMetadata, num_kv_heads: int) -> None:
         if meta.max_query_len == 1:
             meta.num_splits = choose_num_splits(meta.num_seqs, num_kv_heads, meta.max_seq_len, self.num_sms)
-            if self._takes_ragged_splits(meta.num_splits, meta.max_seq_len):
+            if (self._takes_ragged_splits(meta.num_splits, meta.max_seq_len)
+                    and not self._known_and_even(meta, num_kv_heads)):
                 meta.num_splits, meta.min_split_keys = RAGGED_DECODE_SPLITS, RAGGED_MIN_KEYS
             elif meta.max_seq_len >= LONG_DECODE_KEYS and meta.num_splits == LONG_DECODE_SPLITS:
                 # Planned for a sequence of LONG_DECODE_KEYS or more (a graph plans for max_model_len):
@@ -138,13 +141,24 @@ class TritonBackend(AttentionBackend):
             return one_split + [(RAGGED_MIN_KEYS, True), (max_model_len, True)]
         return [(max_model_len, True)]
 
+    def _one_split_pays(self, seq_lens: np.ndarray, num_kv_heads: int) -> bool:
+        """Whether one split serves a decode batch of these lengths at least as well as the ragged splits:
+        no sequence past RAGGED_MIN_KEYS, or even lengths whose programs fill the GPU."""
+        longest = int(seq_lens.max())
+        fills_gpu = len(seq_lens) * num_kv_heads >= DECODE_PROGRAMS_PER_SM * self.num_sms
+        return longest <= RAGGED_MIN_KEYS or (fills_gpu and longest < RAGGED_MIN_SKEW * float(seq_lens.mean()))
+
+    def _known_and_even(self, meta: AttentionMetadata, num_kv_heads: int) -> bool:
+        """An eager decode step or a mixed step's decodes (their lengths are the batch's; a graph's are
+        placeholders below the max_seq_len it is planned for) that one split serves (_one_split_pays)."""
+        lengths = meta.seq_lens_cpu
+        return (EVEN_DECODE_GRAPHS > 0 and len(lengths) > 0 and max(lengths) == meta.max_seq_len
+                and self._one_split_pays(np.asarray(lengths), num_kv_heads))
+
     def decode_graph_choice(self, variants, seq_lens, cascade_prefix_len, num_kv_heads):
         if len(variants) == 1:
             return 0
-        longest = int(seq_lens.max())
-        fills_gpu = len(seq_lens) * num_kv_heads >= DECODE_PROGRAMS_PER_SM * self.num_sms
-        even = longest < RAGGED_MIN_SKEW * float(seq_lens.mean())
-        if longest > RAGGED_MIN_KEYS and not (even and fills_gpu):
+        if not self._one_split_pays(seq_lens, num_kv_heads):
             return len(variants) - 1
         # One split: the graph whose prefix input matches the step's, else one that takes length 0.
         matching = [i for i, (_, cascade) in enumerate(variants[:-1]) if cascade == bool(cascade_prefix_len)]
