@@ -1,6 +1,7 @@
 """Decode graphs of one batch size planned several ways (attention backend's decode_graph_variants): a
 step replays the graph whose plan suits its lengths and shared prefix, not always the plan made for
 max_model_len."""
+import contextlib
 import types
 
 import numpy as np
@@ -68,7 +69,7 @@ def test_a_step_replays_the_chosen_graph_with_the_prefix_input_only_where_offere
     copies = []
     platform = types.SimpleNamespace(
         graph_pool_handle=lambda: None, supports_dependent_launch=lambda: False, graph_class=lambda: _Graph,
-        synchronize=lambda: None, graph_context=lambda graph, pool=None: _nothing(),
+        synchronize=lambda: None, graph_context=lambda graph, pool=None: contextlib.nullcontext(),
         copy_to_device=lambda dst, src: copies.append(np.array(src)))
     graphs = graph_runner.DecodeGraphs(runner.model, runner.backend, platform, runner.device, 8, 1024,
                                        runner.block_size, runner.num_kv_heads, runner.kv_caches)
@@ -93,14 +94,6 @@ def test_a_step_replays_the_chosen_graph_with_the_prefix_input_only_where_offere
     assert step([40] * 3, 0) == ((8, 32, False), 0)  # the graph of 8's one split, padded
     assert step([20] * 3 + [300], 16) == ((4, 1024, True), 0)  # ragged: its own size
     assert step([20], 16) == ((1, 1024, True), 0)  # one variant, planned with splits: no prefix
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_eager_and_mixed_steps_plan_one_split_for_even_lengths_they_know(monkeypatch):

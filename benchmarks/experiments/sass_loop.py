@@ -229,6 +229,9 @@ def main():
           f"shared {compiled['shared']} B")
     print(f"loop: {sum(opcodes.values())} instructions a thread a trip;", dict(opcodes.most_common(20)))
     print("spilled to local memory (STL / LDL in the whole kernel):", spills(compiled["cubin"]))
+    regs = registers(compiled["cubin"])
+    print(f"registers a thread: {regs}; programs an SM at once:",
+          programs_per_sm(regs, compiled["shared"], compiled["options"].get("num_warps", 4)))
 
 
 if __name__ == "__main__":

@@ -142,27 +142,16 @@ def warm_up_kernels(backend, layer, cache, plans, device, dtype, threads: int = 
             q = torch.zeros(n, heads, dim, dtype=dtype, device=device)
             backend._attend(layer, q, torch.empty_like(q), cache, meta, None)
             return
-        if isinstance(plan, CascadePlan):  # a prefix of length 0: its kernel runs and exits
-            meta = AttentionMetadata(
-                num_actual_tokens=1, slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=device),
-                query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=device),
-                seq_lens=torch.full((1,), page, dtype=torch.int32, device=device),
-                block_table=torch.zeros((1, 1), dtype=torch.int32, device=device), max_query_len=1, max_seq_len=page,
-                query_start_loc_cpu=[0, 1], seq_lens_cpu=[page],
-                cascade_prefix_len=torch.zeros(1, dtype=torch.int32, device=device))
-            q = torch.zeros(1, heads, dim, dtype=dtype, device=device)
-            k = torch.zeros(1, kv_heads, dim, dtype=dtype, device=device)
-            with launch.dependent_launch(plan.dependent):
-                backend.forward(layer, torch.zeros(1, dtype=torch.int64, device=device), q, k, torch.zeros_like(k),
-                                cache, meta)
-            return
-        num_splits, min_split_keys, whole_step, dependent = plan
+        # One decode token over one page; a CascadePlan's with a shared prefix of length 0 (its kernel runs and exits).
+        cascade = isinstance(plan, CascadePlan)
+        num_splits, min_split_keys, whole_step, dependent = (1, 0, True, plan.dependent) if cascade else plan
         meta = AttentionMetadata(
             num_actual_tokens=1, slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=device),
             query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=device),
             seq_lens=torch.full((1,), page, dtype=torch.int32, device=device),
             block_table=torch.zeros((1, 1), dtype=torch.int32, device=device), max_query_len=1, max_seq_len=page,
-            query_start_loc_cpu=[0, 1], seq_lens_cpu=[page], num_splits=num_splits, min_split_keys=min_split_keys)
+            query_start_loc_cpu=[0, 1], seq_lens_cpu=[page], num_splits=num_splits, min_split_keys=min_split_keys,
+            cascade_prefix_len=torch.zeros(1, dtype=torch.int32, device=device) if cascade else None)
         q = torch.zeros(1, heads, dim, dtype=dtype, device=device)
         with launch.dependent_launch(dependent):
             if whole_step:

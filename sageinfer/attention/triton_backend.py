@@ -151,9 +151,10 @@ class TritonBackend(AttentionBackend):
     def _known_and_even(self, meta: AttentionMetadata, num_kv_heads: int) -> bool:
         """An eager decode step or a mixed step's decodes (their lengths are the batch's; a graph's are
         placeholders below the max_seq_len it is planned for) that one split serves (_one_split_pays)."""
-        lengths = meta.seq_lens_cpu
-        return (EVEN_DECODE_GRAPHS > 0 and len(lengths) > 0 and max(lengths) == meta.max_seq_len
-                and self._one_split_pays(np.asarray(lengths), num_kv_heads))
+        if not EVEN_DECODE_GRAPHS or not meta.seq_lens_cpu:
+            return False
+        lengths = np.asarray(meta.seq_lens_cpu)
+        return int(lengths.max()) == meta.max_seq_len and self._one_split_pays(lengths, num_kv_heads)
 
     def decode_graph_choice(self, variants, seq_lens, cascade_prefix_len, num_kv_heads):
         if len(variants) == 1:
