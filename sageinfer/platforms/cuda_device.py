@@ -114,3 +114,27 @@ def fp4_pair_sums(w0, w1, w2, w3, x0, x1, x2, x3, J: tl.constexpr):
                                          dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
     return tl.inline_asm_elementwise(_FP4_PAIR_SUMS_3, "=f,=f,r,r,r,r,r,r,r,r", args,
                                      dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+
+
+# Four e4m3 bytes of a word to fp32: two packed e4m3 -> fp16x2 conversions (sm_89 on), then each half widened.
+_E4M3_WORD_VALUES = tl.constexpr("""{
+.reg .b16 lo, hi, a, b;
+.reg .b32 p, q;
+mov.b32 {lo, hi}, $4;
+cvt.rn.f16x2.e4m3x2 p, lo;
+cvt.rn.f16x2.e4m3x2 q, hi;
+mov.b32 {a, b}, p;
+cvt.f32.f16 $0, a;
+cvt.f32.f16 $1, b;
+mov.b32 {a, b}, q;
+cvt.f32.f16 $2, a;
+cvt.f32.f16 $3, b;
+}""")
+
+
+@triton.jit
+def e4m3_word_values(words):
+    """The four FP8 e4m3 values packed in each int32 word (byte i -> value i) as fp32, exactly: two
+    pairs an instruction where Triton's own conversion regroups bytes of different words first."""
+    return tl.inline_asm_elementwise(_E4M3_WORD_VALUES, "=f,=f,=f,=f,r", [words],
+                                     dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
