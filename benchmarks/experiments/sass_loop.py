@@ -163,11 +163,11 @@ def gemv(args):
     if args.group:  # ops/gemv_grouped.py's kernel
         import sageinfer.ops.gemv_grouped as grouped
         return grouped, "_grouped_gemv_kernel", lambda: g.gemv(x, weight, weight_scale=scale)
-    if args.weights == "fp8" and not args.group and not args.elements:  # ops/gemv_fp8.py's kernel, sm_90's path
-        import sageinfer.ops.gemv_fp8 as f
-        config = dict(f.FP8_GEMV_CONFIG, ptx=True)
-        return f, "_fp8_gemv_kernel", lambda: g.gemv(x, weight, weight_scale=scale, config=config)
-    config = {"words": False} if args.weights == "fp8" else None
+    if not args.group and not args.elements:  # ops/gemv_words.py's kernel, sm_90's path
+        import sageinfer.ops.gemv_words as f
+        config = dict(f.WORDS_CONFIGS[f.KINDS[dtype]], ptx=True)
+        return f, "_gemv_words_kernel", lambda: g.gemv(x, weight, weight_scale=scale, config=config)
+    config = {"elements": True}
     return g, "_gemv_kernel", lambda: g.gemv(x, weight, weight_scale=scale, config=config)
 
 
@@ -222,7 +222,7 @@ def main():
     parser.add_argument("--ahead", type=int, default=1, help="int4-gemv with --half-sums: runs of words in flight")
     parser.add_argument("--fp4", choices=["e4m3", "e8m0"], help="int4-gemv, int4-mma: FP4 e2m1 words with NVFP4's (e4m3) or "
                         "MXFP4's (e8m0) scale bytes (the fp16-pair loop; --half-sums ptx for NVIDIA's)")
-    parser.add_argument("--elements", action="store_true", help="gemv --weights fp8: ops/gemv.py's element-wise kernel")
+    parser.add_argument("--elements", action="store_true", help="gemv: ops/gemv.py's element-wise kernel (else ops/gemv_words.py's)")
     parser.add_argument("--group", type=int, default=0, help="gemv: a scale per row and group of this many columns "
                         "(block FP8, W8A16), else per row")
     args = parser.parse_args()

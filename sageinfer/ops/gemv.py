@@ -289,11 +289,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         from sageinfer.ops.gemv_grouped import grouped_gemv
         return grouped_gemv(x, weight, weight_scale, group, y, bias, gated, norm_weight, eps, residual is not None,
                             activate, config)
-    from sageinfer.ops.gemv_fp8 import FP8_WORDS, fp8_gemv, fp8_words_fit
-    if (weight.dtype == torch.float8_e4m3fn and weight_scale is not None
-            and (config or {}).get("words", FP8_WORDS) and fp8_words_fit(x, weight, norm_weight)):
-        return fp8_gemv(x, weight, weight_scale, y, bias, gated, norm_weight, eps, residual is not None, activate,
-                        config if config and "words" in config else None)
+    from sageinfer.ops.gemv_words import GEMV_WORDS, gemv_words, words_fit
+    # config {"elements": True}: this kernel even where the word kernel reads the tensors.
+    if not (config or {}).get("elements", not GEMV_WORDS) and words_fit(x, weight, weight_scale, norm_weight):
+        return gemv_words(x, weight, weight_scale, y, bias, gated, norm_weight, eps, residual is not None, activate,
+                          config if config and "words" in config else None)
     cfg = {**(GATED_GEMV_CONFIG if gated else GEMV_CONFIG), **(config or {})}
     block_m = max(1, triton.next_power_of_2(m))
     # Keep x * w tiles inside the registers as rows grow.

@@ -138,3 +138,31 @@ def e4m3_word_values(words):
     pairs an instruction where Triton's own conversion regroups bytes of different words first."""
     return tl.inline_asm_elementwise(_E4M3_WORD_VALUES, "=f,=f,=f,=f,r", [words],
                                      dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+
+
+# Four INT8 bytes of a word to fp32: the word's sign bits flipped (n + 128, unsigned), two bytes at a time
+# placed under fp16's 1024 (0x64: 1024 + n + 128, exact), 1152 subtracted in pairs, each half widened.
+_INT8_WORD_VALUES = tl.constexpr("""{
+.reg .b32 u, p, q, c;
+.reg .b16 a, b;
+xor.b32 u, $4, 0x80808080;
+mov.b32 c, 0x64806480;
+prmt.b32 p, u, 0x64646464, 0x5140;
+prmt.b32 q, u, 0x64646464, 0x5342;
+sub.f16x2 p, p, c;
+sub.f16x2 q, q, c;
+mov.b32 {a, b}, p;
+cvt.f32.f16 $0, a;
+cvt.f32.f16 $1, b;
+mov.b32 {a, b}, q;
+cvt.f32.f16 $2, a;
+cvt.f32.f16 $3, b;
+}""")
+
+
+@triton.jit
+def int8_word_values(words):
+    """The four INT8 values packed in each int32 word (byte i -> value i) as fp32, exactly, two at a time
+    through fp16 pairs (no I2F, no per-byte sign extension)."""
+    return tl.inline_asm_elementwise(_INT8_WORD_VALUES, "=f,=f,=f,=f,r", [words],
+                                     dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
