@@ -92,7 +92,7 @@ def test_words_hand_out_silu_of_gate_times_up(normed, kind):
     if normed:
         kwargs.update(norm_weight=(torch.rand(k, generator=gen) + 0.5).to(FUSED_DTYPE).to(DEVICE), eps=1e-6)
     activated = _call(x, q, scale, WORDS_CONFIG, activate=True, **kwargs)
-    assert torch.equal(activated, silu_and_mul(_call(x, q, scale, WORDS_CONFIG, **kwargs)))
+    assert torch.equal(activated, silu_and_mul(_call(x, q, scale, WORDS_CONFIG, **kwargs).to(DEVICE)).cpu())
 
 
 def test_words_take_the_norm_over_several_trips():
