@@ -14,7 +14,10 @@ they are stored, half the bytes of 16-bit ones, and scales the outputs, so quant
 the memory's rate with 16-bit activations (weight-only arithmetic, no activation quantization). A
 scale per output feature and group of input features (block FP8's tiles spread over their rows,
 W8A16's groups) takes ops/gemv_grouped.py's kernel under the same contract; 4-bit integers packed
-eight to an int32 (ops/weight_only.py's interleaved layout) take ops/gemv_int4.py's.
+eight to an int32 (ops/weight_only.py's interleaved layout) take ops/gemv_int4.py's. 16-bit weights and
+8-bit ones with a scale per row go to ops/gemv_words.py's kernel (the same contract, weights read as
+words of four) wherever it reads the tensors: 16-bit inputs, rows aligned to 8 bytes; this kernel keeps
+the rest (fp32 models, unaligned rows) and {"elements": True} in config.
 
 The residual stream's add and RMSNorm fold in the same way, so a decoder layer at one row needs no
 norm launch: with norm_weight the input is the (already summed) residual stream and every program
