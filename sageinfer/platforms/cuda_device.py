@@ -116,20 +116,23 @@ def fp4_pair_sums(w0, w1, w2, w3, x0, x1, x2, x3, J: tl.constexpr):
                                      dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
 
 
-# Four e4m3 bytes of a word to fp32: two packed e4m3 -> fp16x2 conversions (sm_89 on), then each half widened.
-_E4M3_WORD_VALUES = tl.constexpr("""{
-.reg .b16 lo, hi, a, b;
-.reg .b32 p, q;
-mov.b32 {lo, hi}, $4;
-cvt.rn.f16x2.e4m3x2 p, lo;
-cvt.rn.f16x2.e4m3x2 q, hi;
-mov.b32 {a, b}, p;
-cvt.f32.f16 $0, a;
-cvt.f32.f16 $1, b;
-mov.b32 {a, b}, q;
-cvt.f32.f16 $2, a;
-cvt.f32.f16 $3, b;
-}""")
+def _word_values_ptx(pairs: list[str]) -> str:
+    """Inline PTX for a word's four values as fp32 ($0-$3 from the word $4): `pairs` leave the values as
+    two fp16x2 registers p (values 0, 1) and q (values 2, 3), each half then widened."""
+    body = [".reg .b32 u, p, q, c;", ".reg .b16 lo, hi, a, b;"] + pairs
+    body += ["mov.b32 {a, b}, p;", "cvt.f32.f16 $0, a;", "cvt.f32.f16 $1, b;",
+             "mov.b32 {a, b}, q;", "cvt.f32.f16 $2, a;", "cvt.f32.f16 $3, b;"]
+    return "{\n" + "\n".join(body) + "\n}"
+
+
+# e4m3 bytes: two packed e4m3 -> fp16x2 conversions (sm_89 on).
+_E4M3_WORD_VALUES = tl.constexpr(_word_values_ptx(
+    ["mov.b32 {lo, hi}, $4;", "cvt.rn.f16x2.e4m3x2 p, lo;", "cvt.rn.f16x2.e4m3x2 q, hi;"]))
+# INT8 bytes: the word's sign bits flipped (n + 128, unsigned), two bytes at a time placed under fp16's
+# 1024 (0x64: 1024 + n + 128, exact), 1152 subtracted in pairs.
+_INT8_WORD_VALUES = tl.constexpr(_word_values_ptx(
+    ["xor.b32 u, $4, 0x80808080;", "mov.b32 c, 0x64806480;", "prmt.b32 p, u, 0x64646464, 0x5140;",
+     "prmt.b32 q, u, 0x64646464, 0x5342;", "sub.f16x2 p, p, c;", "sub.f16x2 q, q, c;"]))
 
 
 @triton.jit
@@ -138,26 +141,6 @@ def e4m3_word_values(words):
     pairs an instruction where Triton's own conversion regroups bytes of different words first."""
     return tl.inline_asm_elementwise(_E4M3_WORD_VALUES, "=f,=f,=f,=f,r", [words],
                                      dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
-
-
-# Four INT8 bytes of a word to fp32: the word's sign bits flipped (n + 128, unsigned), two bytes at a time
-# placed under fp16's 1024 (0x64: 1024 + n + 128, exact), 1152 subtracted in pairs, each half widened.
-_INT8_WORD_VALUES = tl.constexpr("""{
-.reg .b32 u, p, q, c;
-.reg .b16 a, b;
-xor.b32 u, $4, 0x80808080;
-mov.b32 c, 0x64806480;
-prmt.b32 p, u, 0x64646464, 0x5140;
-prmt.b32 q, u, 0x64646464, 0x5342;
-sub.f16x2 p, p, c;
-sub.f16x2 q, q, c;
-mov.b32 {a, b}, p;
-cvt.f32.f16 $0, a;
-cvt.f32.f16 $1, b;
-mov.b32 {a, b}, q;
-cvt.f32.f16 $2, a;
-cvt.f32.f16 $3, b;
-}""")
 
 
 @triton.jit
