@@ -238,3 +238,57 @@ class _Dropping:
 
     def send_multipart(self, frames):
         self.dropped += 1
+
+
+def test_the_router_index_follows_an_instance_anew_when_its_endpoints_change():
+    """An instance started again by a launcher publishes on ports chosen at that start: the same answer
+    keeps the subscription, other endpoints replace it (and what the index knew of the instance)."""
+    import asyncio
+
+    async def scenario():
+        index = KVEventIndex()
+        url = "http://127.0.0.1:1"
+        first = {"endpoint": f"tcp://127.0.0.1:{_free_port()}", "replay_endpoint": f"tcp://127.0.0.1:{_free_port()}",
+                 "block_size": 16}
+        index.follow(url, first)
+        task, state = index._tasks[url], index.instances[url]
+        index.follow(url, dict(first))
+        assert index._tasks[url] is task and index.instances[url] is state
+        moved = dict(first, endpoint=f"tcp://127.0.0.1:{_free_port()}")
+        index.follow(url, moved)
+        await asyncio.sleep(0)
+        assert task.cancelled() and index._tasks[url] is not task and index.instances[url] is not state
+        assert index.is_following(url)
+        await index.close()
+        assert not index.instances
+
+    asyncio.run(scenario())
+
+
+def test_launched_instances_take_new_event_ports_at_each_start(monkeypatch, tmp_path):
+    """A local instance's --kv-events-config is chosen when it starts, so a start after an exit does
+    not ask again for ports another process may have bound meanwhile (the case that kept an instance
+    down: another instance's snapshot socket had taken the port chosen for its events)."""
+    from sageinfer.router import launcher
+
+    started = []
+
+    class FakeProcess:
+        pid = 1
+
+        def __init__(self, args, **kwargs):
+            started.append(args)
+
+        def poll(self):
+            return None
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", FakeProcess)
+    instance = launcher.Instance(["serve", "model"], 9000, None, str(tmp_path), kv_events=True)
+    instance.start()
+    instance.start()
+    configs = [json.loads(args[args.index("--kv-events-config") + 1]) for args in started]
+    assert all(c["enable_kv_cache_events"] and c["endpoint"].startswith("tcp://127.0.0.1:") for c in configs)
+    assert configs[0] != configs[1]  # fresh ports (the chance of drawing the same two again is negligible)
+    plain = launcher.Instance(["serve", "model"], 9001, None, str(tmp_path))
+    plain.start()
+    assert "--kv-events-config" not in started[-1]

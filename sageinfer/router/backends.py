@@ -106,13 +106,16 @@ class BackendPool:
             backend.in_flight_at_report = backend.in_flight
         except (httpx.HTTPError, ValueError):
             pass  # a server without readable metrics is still served by round robin
-        if self.kv_index is not None and not self.kv_index.is_following(backend.url):
+        if self.kv_index is not None:
+            # Read at every check, not once: an instance started again (by a launcher) may publish its
+            # events on other ports, and the index then follows those instead.
             try:
                 answer = await client.get(backend.url + "/kv_events", timeout=self.timeout)
                 if answer.status_code == 200:
                     self.kv_index.follow(backend.url, answer.json())
             except (httpx.HTTPError, ValueError, KeyError) as exc:
-                logger.warning("backend %s: its KV event endpoints could not be read: %s", backend.url, exc)
+                if not self.kv_index.is_following(backend.url):
+                    logger.warning("backend %s: its KV event endpoints could not be read: %s", backend.url, exc)
 
     async def _admission(self, client: httpx.AsyncClient, backend: Backend) -> str | None:
         try:

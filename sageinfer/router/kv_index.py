@@ -59,6 +59,7 @@ class KVEventIndex:
     def __init__(self):
         self.instances: dict[str, InstanceBlocks] = {}
         self._tasks: dict[str, asyncio.Task] = {}
+        self._followed: dict[str, tuple] = {}  # url -> the endpoints and topic its subscription uses
 
     def match(self, token_ids: list[int], urls: list[str]) -> dict[str, int]:
         """Tokens of the prompt's leading blocks that each synced instance holds (instances without
@@ -86,20 +87,26 @@ class KVEventIndex:
 
     # ---- subscriptions ---------------------------------------------------------------------------
     def follow(self, url: str, info: dict) -> None:
-        """Subscribe to an instance's events (info: its GET /kv_events answer), once."""
-        if self.is_following(url):
-            return
+        """Subscribe to an instance's events (info: its GET /kv_events answer), once; again from the
+        start (a new snapshot) where the answer names other endpoints than the subscription's: an
+        instance started again may publish on other ports."""
         host = urlparse(url).hostname or "127.0.0.1"
         endpoints = [_reachable(info[k], host) for k in ("endpoint", "replay_endpoint")]
+        topic = str(info.get("topic", "")).encode()
+        if self.is_following(url):
+            if self._followed.get(url) == (*endpoints, topic):
+                return
+            self.forget(url)
         self.instances[url] = InstanceBlocks(block_size=info.get("block_size"))
-        self._tasks[url] = asyncio.get_running_loop().create_task(
-            self._subscribe(url, *endpoints, str(info.get("topic", "")).encode()))
+        self._followed[url] = (*endpoints, topic)
+        self._tasks[url] = asyncio.get_running_loop().create_task(self._subscribe(url, *endpoints, topic))
 
     def forget(self, url: str) -> None:
         task = self._tasks.pop(url, None)
         if task is not None:
             task.cancel()
         self.instances.pop(url, None)
+        self._followed.pop(url, None)
 
     def mark_stale(self, url: str) -> None:
         """The instance stopped answering: what it held no longer counts (it resyncs when back)."""

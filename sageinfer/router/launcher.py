@@ -52,8 +52,12 @@ def child_devices(devices: str, inherited: str | None) -> str:
 
 
 class Instance:
-    def __init__(self, args: list[str], port: int, devices: str | None, log_dir: str, devices_env: str | None = None):
-        self.port, self.devices, self.devices_env = port, devices, devices_env
+    def __init__(self, args: list[str], port: int, devices: str | None, log_dir: str, devices_env: str | None = None,
+                 kv_events: bool = False):
+        """kv_events: publish KV events on ports of this host chosen at each start (the router reads
+        them from the instance's /kv_events), so a port another process took meanwhile is never
+        asked for again."""
+        self.port, self.devices, self.devices_env, self.kv_events = port, devices, devices_env, kv_events
         self.url = f"http://127.0.0.1:{port}"
         self.args = args
         self.log_path = os.path.join(log_dir, f"instance-{port}.log")
@@ -67,8 +71,9 @@ class Instance:
         env = dict(os.environ)
         if self.devices is not None and self.devices_env:
             env[self.devices_env] = child_devices(self.devices, os.environ.get(self.devices_env))
+        args = self.args + (kv_events_args("127.0.0.1") if self.kv_events else [])
         with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.started_at, self.restart_at = time.monotonic(), None
         logger.info("instance on port %d (devices %s): process %d, log %s", self.port, self.devices,
                     self.proc.pid, self.log_path)
@@ -118,7 +123,7 @@ class Launcher:
             share = max(groups.count(g) for g in set(groups))
             extra += ["--gpu-memory-utilization", f"{0.9 / share:.3f}"]  # instances on one device split it
         self.instances = [Instance(base + ["--port", str(first_port + i)] + extra + own[i], first_port + i, g, log_dir,
-                                   devices_env) for i, g in enumerate(groups)]
+                                   devices_env, kv_events) for i, g in enumerate(groups)]
 
     def start(self) -> None:
         for instance in self.instances:
@@ -224,8 +229,6 @@ def run(args) -> int:
         except ValueError as exc:  # (a model directory of dummy weights, say)
             logger.warning("no tokenizer in %s (%s): the router measures token-id prompts only", args.model, exc)
             policy = Policy("prefix", kv_events=True)
-        if not ray_mode:  # (Ray actors choose their ports on their own nodes)
-            instance_args = [kv_events_args("127.0.0.1") for _ in range(instances)]
     from sageinfer.platforms import get_platform
     platform = get_platform()
     router_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host  # how this host reaches it

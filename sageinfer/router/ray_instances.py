@@ -26,15 +26,18 @@ class _ServeProcess:
 
     def start(self, args: list[str], kv_events: bool, log_name: str) -> tuple[str, str]:
         """Start the process; again after an exit, on the same port (the router knows that URL)."""
+        import ray
+        host = ray.util.get_node_ip_address()
         if self.placed is None:
-            import ray
-            host = ray.util.get_node_ip_address()
             port = free_port(host)
             args = args + ["--host", host, "--port", str(port)]
-            if kv_events:  # published on this node's address, where the router subscribes
-                args += kv_events_args(host)
             self.placed = (args, f"http://{host}:{port}", os.path.join(tempfile.gettempdir(), log_name))
         args, url, log_path = self.placed
+        if kv_events:
+            # Published on this node's address, where the router subscribes, on ports chosen at each
+            # start: another instance on the node may have bound the last ones meanwhile (a free port is
+            # only free until someone binds it), and the router reads them from /kv_events anew.
+            args = args + kv_events_args(host)
         with open(log_path, "a") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         return url, log_path
