@@ -47,11 +47,11 @@ def main() -> None:
                 launched = len(LAUNCHES)
                 b, lb = greedy(path, dtype, prompt, params, False)
                 first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-                same = [i for i in range(len(a)) if i < (first if first is not None else len(a))]
-                gap = max((abs(la[i] - lb[i]) for i in same), default=0.0)
-                print(f"{arch} {dtype} prompt {n}: words vs elements agree on {np.mean([x == y for x, y in zip(a, b)]):.3f}"
-                      f" of tokens, first divergence {first}, largest top-logprob gap before it {gap:.4f} (word kernel "
-                      f"launched or captured {launched} times)", flush=True)
+                gap = max((abs(la[i] - lb[i]) for i in range(len(a) if first is None else first)), default=0.0)
+                agree = np.mean([x == y for x, y in zip(a, b)])
+                print(f"{arch} {dtype} prompt {n}: words vs elements agree on {agree:.3f} of tokens, first divergence "
+                      f"{first}, largest top-logprob gap before it {gap:.4f} (word kernel launched or captured "
+                      f"{launched} times)", flush=True)
 
 
 if __name__ == "__main__":

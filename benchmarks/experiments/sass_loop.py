@@ -163,7 +163,7 @@ def gemv(args):
     if args.group:  # ops/gemv_grouped.py's kernel
         import sageinfer.ops.gemv_grouped as grouped
         return grouped, "_grouped_gemv_kernel", lambda: g.gemv(x, weight, weight_scale=scale)
-    if not args.group and not args.elements:  # ops/gemv_words.py's kernel, sm_90's path
+    if not args.elements:  # ops/gemv_words.py's kernel, sm_90's path
         import sageinfer.ops.gemv_words as f
         config = dict(f.WORDS_CONFIGS[f.KINDS[dtype]], ptx=True)
         return f, "_gemv_words_kernel", lambda: g.gemv(x, weight, weight_scale=scale, config=config)

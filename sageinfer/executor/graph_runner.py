@@ -100,8 +100,8 @@ class DecodeGraphs:
         def make_meta(key: tuple[int, int, bool]) -> AttentionMetadata:  # views of the persistent buffers above
             bs, max_seq_len, cascade = key
             meta = metas[key] = AttentionMetadata(
-                num_actual_tokens=bs, slot_mapping=self.slot_mapping[:bs],
-                query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs], block_table=self.block_table[:bs], max_query_len=1,
+                num_actual_tokens=bs, slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[:bs + 1],
+                seq_lens=self.seq_lens[:bs], block_table=self.block_table[:bs], max_query_len=1,
                 max_seq_len=max_seq_len, query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs,
                 cascade_prefix_len=self.cascade_prefix_len if cascade else None)
             return meta
