@@ -3,6 +3,7 @@ eager) with their share of the wall time and tokens, the requests' times to firs
 kernels of a window of steps with how busy the device was in it.
 
   python benchmarks/profile_mix.py --mix chat-mix --num-prompts 1000 --window 200:300 [engine flags]
+  python benchmarks/profile_mix.py --workload P1-shared-prefix --window 20:60 [engine flags]   (a standard one)
 
 --passes 2 runs the mix twice in one process, the prefix cache emptied before each: the first pass pays
 the Triton compiles of shapes the start-up did not see (listed with their seconds), the second shows
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sageinfer import LLM, SamplingParams  # noqa: E402
 from sageinfer.bench.mixed import MIXES, mixed_prompts  # noqa: E402
+from sageinfer.bench.workloads import load_workloads, make_prompts  # noqa: E402
 from sageinfer.gateway.engine_args import engine_kwargs  # noqa: E402
 from standard_args import add_standard_engine_args  # noqa: E402
 from triton_compiles import CompileLog  # noqa: E402
@@ -51,6 +53,9 @@ def sync():
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--mix", default="chat-mix", choices=sorted(MIXES))
+    throughput = sorted(name for name, w in load_workloads().items() if w["kind"] == "throughput")
+    parser.add_argument("--workload", choices=throughput,
+                        help="a standard throughput workload instead of a mix (its own prompts and lengths)")
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--mix-seed", type=int, default=0)
     parser.add_argument("--window", default="200:300", help="steps whose GPU kernels are profiled")
@@ -148,7 +153,13 @@ class EagerDecodeProfile:
 
 def run_pass(engine, args, vocab, last, sched, window, label, after_step=lambda: None):
     engine.reset_prefix_cache()  # a pass computes every prompt, as the first did (the same prompts again would hit)
-    prompts, out_lens = mixed_prompts(args.mix, args.num_prompts, vocab, args.mix_seed, engine.config.max_model_len)
+    if args.workload:
+        workload = load_workloads()[args.workload]
+        prompts = make_prompts(workload, vocab)
+        out_lens = [workload["output_len"]] * len(prompts)
+    else:
+        prompts, out_lens = mixed_prompts(args.mix, args.num_prompts, vocab, args.mix_seed,
+                                          engine.config.max_model_len)
     tag = label.replace(" ", "").replace("/", "of")
     for i, (p, n) in enumerate(zip(prompts, out_lens)):
         engine.add_request(f"m{tag}-{i}", {"prompt_token_ids": p},
@@ -190,7 +201,7 @@ def run_pass(engine, args, vocab, last, sched, window, label, after_step=lambda:
             sched["window"] = False
     wall = time.perf_counter() - start
     total_tokens = sum(len(p) for p in prompts) + sum(out_lens)
-    print(f"\n## {args.mix}, {args.num_prompts} requests{', ' + label if label else ''}: {wall:.1f} s, "
+    print(f"\n## {args.workload or args.mix}, {len(prompts)} requests{', ' + label if label else ''}: {wall:.1f} s, "
           f"{total_tokens / wall:.0f} tok/s, {step} steps, schedule {sched['seconds']:.1f} s")
     ttft = np.array(sorted(first_token.values()))
     print(f"TTFT (all requests at once): mean {ttft.mean():.2f} s, p50 {np.percentile(ttft, 50):.2f}, "

@@ -133,3 +133,30 @@ def test_single_stream_decode_with_folded_norms_matches_transformers(model_dirs,
     _, outs = _generate(model_dirs[arch], [prompt], max_tokens=4, attention_backend="triton")
     assert sum(folded) >= 4 * 4, "decode steps did not fold norms into the matmuls"
     assert_greedy_matches_hf(model_dirs[arch], prompt, outs[0].outputs[0].token_ids)
+
+
+def test_single_stream_mlp_activates_in_gate_up_where_down_reads_words(model_dirs, monkeypatch):
+    """A 16-bit model's one-row down projection reads its weights as words (ops/gemv_words.py), so the
+    gate_up matmul hands out silu(gate) * up and down takes a plain input; a float32 model's down forms
+    the activation itself. The 16-bit model decodes the same tokens, with close log-probabilities, when
+    forced to the other order (SAGEINFER_ONE_ROW_ACTIVATE=0)."""
+    from sageinfer.layers import linear as linear_layers
+    from sageinfer.ops import gemv as gemv_module
+    calls, original = [], gemv_module.gemv
+    monkeypatch.setattr(gemv_module, "gemv", lambda *a, **k: (calls.append(k), original(*a, **k))[1])
+    prompt = _prompts([9], seed=19)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=0)
+    outs = {}
+    for dtype, forced in (("float16", None), ("float16", False), ("float32", None)):
+        monkeypatch.setattr(linear_layers, "ONE_ROW_ACTIVATE", forced)
+        calls.clear()
+        llm = LLM(model_dirs["qwen3"], dtype=dtype, num_gpu_blocks_override=128, attention_backend="triton",
+                  show_progress=False)
+        out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0]
+        llm.engine.shutdown()
+        outs[dtype, forced] = (out.token_ids, [lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids)])
+        activates = dtype == "float16" and forced is None
+        assert any(k.get("activate") for k in calls) == activates
+        assert any(k.get("gated") for k in calls) != activates
+    assert outs["float16", None][0] == outs["float16", False][0]
+    np.testing.assert_allclose(outs["float16", None][1], outs["float16", False][1], atol=2e-2)

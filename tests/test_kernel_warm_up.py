@@ -37,10 +37,12 @@ def test_decode_plans_hold_every_choice_of_the_plan(monkeypatch, num_sms, ragged
         backend.plan(meta, kv_heads)
         choice = (meta.num_splits, meta.min_split_keys)
         if num_seqs < max_num_seqs:  # a mixed step's decodes
-            assert (*choice, False, False) in plans, (num_seqs, longest)
+            assert (*choice, False, False, meta.wide_decode) in plans, (num_seqs, longest)
         if num_seqs >= 200:  # a decode step past the graphs
-            assert (*choice, True, False) in plans, (num_seqs, longest)
-    assert {whole for _, _, whole, _ in plans} == {False, True} and any(s > 1 for s, _, _, _ in plans)
+            assert (*choice, True, False, meta.wide_decode) in plans, (num_seqs, longest)
+        assert meta.wide_decode == (meta.num_splits == 1 and num_seqs * kv_heads >= 8 * num_sms)
+    assert {whole for _, _, whole, _, _ in plans} == {False, True} and any(s > 1 for s, *_ in plans)
+    assert {wide for *_, wide in plans} == {False, True}
 
 
 def _record(monkeypatch, name: str, seen: set, module=pa, decodes_only: bool = True) -> None:
@@ -86,6 +88,42 @@ def test_a_steps_decode_launches_compile_nothing_the_warm_up_did_not(model_dirs,
     assert any(dict(key[1]).get("NUM_SPLITS") not in (None, "1") for key in stepped), "no step split its decodes"
     missing = stepped - warmed
     assert not missing, f"{len(missing)} decode launches of the steps were not warmed up: {sorted(missing)[:2]}"
+
+
+def test_wide_decode_batches_over_an_fp8_cache_take_warmed_narrow_tiles(model_dirs, monkeypatch):
+    """A decode batch whose programs fill the GPU many times over (here: every SM once, on 4 SMs) reads an
+    FP8 cache in the narrow tiles of ops/paged_attention.WIDE_DECODE_CONFIGS, in decode steps and in mixed
+    steps' decodes alike; the warm-up compiled those launches too, and the tokens are those of the
+    batch's usual tiles."""
+    def wide_from_one_program_an_sm():
+        monkeypatch.setattr(triton_backend, "WIDE_DECODE_PROGRAMS_PER_SM", 1)
+    wide_from_one_program_an_sm()
+    llm = LLM(model_dirs["qwen3"], dtype="float32", attention_backend="triton", num_gpu_blocks_override=64,
+              max_model_len=256, max_num_seqs=8, max_num_batched_tokens=24, enforce_eager=True,
+              kv_cache_dtype="fp8", show_progress=False)
+    runner = llm.engine.runner
+    runner.backend.num_sms = 4
+    warmed, stepped = set(), set()
+    _record(monkeypatch, "_paged_attention_kernel", warmed)
+    layer = next(m for m in runner.model.modules() if isinstance(m, Attention))
+    plans = decode_plans(runner.backend, 8, 256, runner.num_kv_heads, eager_decode_from=1)
+    warm_up_kernels(runner.backend, layer, runner._layer_cache(1), plans, runner.device, runner.dtype)
+    monkeypatch.undo()
+    wide_from_one_program_an_sm()
+    _record(monkeypatch, "_paged_attention_kernel", stepped)
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 500, size=n).tolist() for n in (30, 3, 9, 40, 5, 20, 7, 12)]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    wide = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                          use_tqdm=False)]
+    narrow_tiles = {"num_warps": str(pa.WIDE_DECODE_CONFIGS[1]["num_warps"])}
+    assert any(narrow_tiles.items() <= dict(key[1]).items() for key in stepped), "no step took the narrow tiles"
+    missing = stepped - warmed
+    assert not missing, f"{len(missing)} decode launches of the steps were not warmed up: {sorted(missing)[:2]}"
+    monkeypatch.setattr(triton_backend, "WIDE_DECODE_PROGRAMS_PER_SM", 10 ** 6)  # never wide
+    usual = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                           use_tqdm=False)]
+    assert wide == usual
 
 
 def test_a_prompts_prefill_launches_compile_nothing_the_warm_up_did_not(model_dirs, monkeypatch):
@@ -135,7 +173,7 @@ def test_prefill_plans_come_first_and_long_ones_only_where_prompts_reach_them():
         def _attend(self, layer, q, out, cache, meta, rope):
             launched.append("prefill" if meta.max_query_len > 1 else "decode")
     layer = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16)
-    plans = {(1, 0, True, False), (2, 0, False, False)} | prefill_plans(32768, 16)
+    plans = {(1, 0, True, False, False), (2, 0, False, False, False)} | prefill_plans(32768, 16)
     warm_up_kernels(Backend(), layer, types.SimpleNamespace(k=torch.zeros(1, 16, 2, 16)), plans,
                            torch.device("cpu"), torch.float32, again=False)
     assert launched == ["prefill", "prefill", "decode", "decode"]
@@ -158,13 +196,14 @@ def test_a_threaded_warm_up_launches_each_plan_from_the_pool_then_again_from_its
         def _note(self, meta, whole):
             dependent = launch.dependent_launch_kwargs()["USE_PDL"]
             with lock:
-                launched.append(((meta.num_splits, meta.min_split_keys, whole, dependent), threading.get_ident()))
+                launched.append(((meta.num_splits, meta.min_split_keys, whole, dependent, meta.wide_decode),
+                                 threading.get_ident()))
 
     def enter():
         with lock:
             entered.append(threading.get_ident())
-    plans = {(s, keys, whole, dependent) for s in (1, 2, 4, 8) for keys in (0, 1024) for whole in (False, True)
-             for dependent in (False, True) if not (s == 1 and keys)}
+    plans = {(s, keys, whole, dependent, s == 1 and whole) for s in (1, 2, 4, 8) for keys in (0, 1024)
+             for whole in (False, True) for dependent in (False, True) if not (s == 1 and keys)}
     layer = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16)
     cache = types.SimpleNamespace(k=torch.zeros(4, 16, 2, 16))
     warm_up_kernels(Backend(), layer, cache, plans, torch.device("cpu"), torch.float32, threads=3,
@@ -255,7 +294,7 @@ def test_the_background_warm_up_lets_start_up_go_on_until_it_is_finished():
                 launched.append((meta.num_splits, threading.get_ident()))
 
     main = threading.get_ident()
-    plans = {(s, 0, False, False) for s in (1, 2, 4)}
+    plans = {(s, 0, False, False, False) for s in (1, 2, 4)}
     layer = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16)
     cache = types.SimpleNamespace(k=torch.zeros(1, 16, 2, 16))
     finish = start_in_background(Backend(), layer, cache, plans, torch.device("cpu"), torch.float32, threads=2)
@@ -274,8 +313,8 @@ def test_a_background_warm_ups_error_reaches_finish():
             raise RuntimeError("compile failed")
     layer = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16)
     finish = start_in_background(Backend(), layer, types.SimpleNamespace(k=torch.zeros(1, 16, 2, 16)),
-                                 {(1, 0, False, False), (2, 0, False, False)}, torch.device("cpu"), torch.float32,
-                                 threads=2)
+                                 {(1, 0, False, False, False), (2, 0, False, False, False)}, torch.device("cpu"),
+                                 torch.float32, threads=2)
     with pytest.raises(RuntimeError, match="compile failed"):
         finish()
 
@@ -295,7 +334,7 @@ def test_a_cancelled_background_warm_up_skips_the_plans_not_yet_begun():
                 launched.append(meta.num_splits)
 
     layer = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16)
-    plans = {(s, 0, False, False) for s in (1, 2, 4, 8, 16, 32)}
+    plans = {(s, 0, False, False, False) for s in (1, 2, 4, 8, 16, 32)}
     finish = start_in_background(Backend(), layer, types.SimpleNamespace(k=torch.zeros(1, 16, 2, 16)), plans,
                                  torch.device("cpu"), torch.float32, threads=2)
     assert entered.acquire(timeout=10) and entered.acquire(timeout=10)  # two launches under way

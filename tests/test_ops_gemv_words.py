@@ -136,3 +136,24 @@ def test_words_leave_what_they_cannot_read_to_the_element_wise_kernel(monkeypatc
     assert not launched
     gemv(wide[:, 4:132], q.to(DEVICE), weight_scale=scale.to(DEVICE))
     assert launched == [1]
+
+
+def test_reads_words_answers_by_dtypes_and_scales(monkeypatch):
+    """The model's question (does a one-row matmul of these weights take the word kernel?) follows the
+    kernel's own rules: per-row scales only for 8-bit weights, none for 16-bit ones of the input's dtype,
+    16-bit inputs, rows of whole words; SAGEINFER_GEMV_WORDS=0 answers no."""
+    fp8 = torch.zeros(8, 64, dtype=torch.float8_e4m3fn)
+    row_scale, group_scale = torch.ones(8), torch.ones(8, 2)
+    assert gemv_words.reads_words(fp8, row_scale, torch.bfloat16)
+    assert gemv_words.reads_words(fp8.view(torch.int8), row_scale, torch.float16)
+    assert not gemv_words.reads_words(fp8, group_scale, torch.bfloat16)
+    assert not gemv_words.reads_words(fp8, None, torch.bfloat16)
+    assert not gemv_words.reads_words(fp8, row_scale, torch.float32)
+    assert not gemv_words.reads_words(fp8[:, :62], row_scale, torch.bfloat16)
+    bf16 = torch.zeros(8, 64, dtype=torch.bfloat16)
+    assert gemv_words.reads_words(bf16, None, torch.bfloat16)
+    assert not gemv_words.reads_words(bf16, None, torch.float16)
+    assert not gemv_words.reads_words(bf16, row_scale, torch.bfloat16)
+    assert not gemv_words.reads_words(torch.zeros(8, 8, dtype=torch.int32), group_scale, torch.bfloat16)
+    monkeypatch.setattr(gemv_words, "GEMV_WORDS", False)
+    assert not gemv_words.reads_words(bf16, None, torch.bfloat16)

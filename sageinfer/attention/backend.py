@@ -61,6 +61,7 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     num_splits: int = 1             # split-KV factor for decode batches (Triton backend)
     min_split_keys: int = 0         # ... each split at least this many keys (0: every sequence cut in num_splits)
+    wide_decode: bool = False       # a decode batch of one split whose programs fill every SM many times over
     # Cascade decode: tokens at the start of every sequence held in the same blocks (those of row 0
     # of block_table), as an int32 device tensor [1]; None when the step does not use it.
     cascade_prefix_len: torch.Tensor | None = None

@@ -8,8 +8,9 @@ compiles its own one at a time.
 
 One launch per variant, of one sequence through one layer's cache, writing nothing to the cache (its
 slot is -1); kernels already compiled cost a launch only. A plan is (num_splits, min_split_keys,
-whole_step, dependent): whole_step for a decode step (rotary inside the kernel where it can), not for
-a mixed step's decodes; dependent for launches inside graphs that launch dependently (ops/launch.py).
+whole_step, dependent, wide): whole_step for a decode step (rotary inside the kernel where it can), not
+for a mixed step's decodes; dependent for launches inside graphs that launch dependently (ops/launch.py);
+wide as the backend's plan marks a batch whose programs fill the GPU many times over (its own tiles).
 
 Decode graphs that offer a shared-prefix input launch the prefix kernel and the decode kernel that merges
 its partials (CascadePlan): left to the capture, they were compiled there one after the other (about 6 s
@@ -51,7 +52,7 @@ def _planned(backend, num_seqs: int, max_seq_len: int, num_kv_heads: int, cascad
 
 
 def decode_plans(backend, max_num_seqs: int, max_model_len: int, num_kv_heads: int,
-                 eager_decode_from: int) -> set[tuple[int, int, bool, bool]]:
+                 eager_decode_from: int) -> set[tuple[int, int, bool, bool, bool]]:
     """Every decode launch the backend's plan can choose outside graphs: for a mixed step's decodes
     (1 to max_num_seqs - 1 of them: their rotary and cache write done before), and for an eager
     decode step of eager_decode_from to max_num_seqs sequences. Not an eager step's cascade launch
@@ -65,7 +66,7 @@ def decode_plans(backend, max_num_seqs: int, max_model_len: int, num_kv_heads: i
             continue
         for length in lengths:
             meta = _planned(backend, num_seqs, length, num_kv_heads)
-            plans.update((meta.num_splits, meta.min_split_keys, whole, False) for whole in kinds)
+            plans.update((meta.num_splits, meta.min_split_keys, whole, False, meta.wide_decode) for whole in kinds)
     return plans
 
 
@@ -79,9 +80,9 @@ def graph_plans(backend, sizes: list[int], max_model_len: int, num_kv_heads: int
         for length, cascade in backend.decode_graph_variants(size, num_kv_heads, max_model_len):
             meta = _planned(backend, size, length, num_kv_heads, cascade=cascade or None)
             if meta.cascade_prefix_len is None:
-                plans.add((meta.num_splits, meta.min_split_keys, True, size <= dependent_max))
+                plans.add((meta.num_splits, meta.min_split_keys, True, size <= dependent_max, meta.wide_decode))
             else:
-                plans.add(CascadePlan(size <= dependent_max))
+                plans.add(CascadePlan(size <= dependent_max, meta.wide_decode))
     return plans
 
 
@@ -96,6 +97,7 @@ class CascadePlan(NamedTuple):
     """A decode step that attends a shared prefix apart (cascade): the prefix kernel, then the decode
     kernel that merges its partials, after a rotary kernel of their own."""
     dependent: bool
+    wide: bool = False
 
 
 def prefill_plans(max_model_len: int, page_size: int) -> set[PrefillPlan]:
@@ -144,14 +146,14 @@ def warm_up_kernels(backend, layer, cache, plans, device, dtype, threads: int = 
             return
         # One decode token over one page; a CascadePlan's with a shared prefix of length 0 (its kernel runs and exits).
         cascade = isinstance(plan, CascadePlan)
-        num_splits, min_split_keys, whole_step, dependent = (1, 0, True, plan.dependent) if cascade else plan
+        num_splits, min_split_keys, whole_step, dependent, wide = (1, 0, True, *plan) if cascade else plan
         meta = AttentionMetadata(
             num_actual_tokens=1, slot_mapping=torch.full((1,), -1, dtype=torch.int64, device=device),
             query_start_loc=torch.tensor([0, 1], dtype=torch.int32, device=device),
             seq_lens=torch.full((1,), page, dtype=torch.int32, device=device),
             block_table=torch.zeros((1, 1), dtype=torch.int32, device=device), max_query_len=1, max_seq_len=page,
             query_start_loc_cpu=[0, 1], seq_lens_cpu=[page], num_splits=num_splits, min_split_keys=min_split_keys,
-            cascade_prefix_len=torch.zeros(1, dtype=torch.int32, device=device) if cascade else None)
+            wide_decode=wide, cascade_prefix_len=torch.zeros(1, dtype=torch.int32, device=device) if cascade else None)
         q = torch.zeros(1, heads, dim, dtype=dtype, device=device)
         with launch.dependent_launch(dependent):
             if whole_step:

@@ -9,8 +9,8 @@ import torch
 from sageinfer.attention.backend import AttentionBackend, AttentionMetadata
 from sageinfer.ops.cascade_attention import PREFIX_ALIGN, common_prefix_blocks, prefix_attention, prefix_splits
 from sageinfer.ops import prefill_attention as tile_prefill
-from sageinfer.ops.paged_attention import (LONG_CONTEXT, LONG_DECODE_KEYS, LONG_DECODE_SPLITS, choose_num_splits,
-                                           paged_attention, rotary_inside_supported)
+from sageinfer.ops.paged_attention import (LONG_CONTEXT, LONG_DECODE_KEYS, LONG_DECODE_SPLITS, WIDE_DECODE_CONFIGS,
+                                           choose_num_splits, paged_attention, rotary_inside_supported)
 from sageinfer.ops.rope_cache import rope_and_cache
 
 # Cascade decode pays once a step has enough sequences reading a long enough common prefix.
@@ -43,6 +43,9 @@ EVEN_DECODE_GRAPHS = int(os.environ.get("SAGEINFER_EVEN_DECODE_GRAPHS", "1"))
 RAGGED_MIN_SKEW = float(os.environ.get("SAGEINFER_RAGGED_MIN_SKEW", "2"))
 # Decode programs an SM holds at once (ops/paged_attention.DECODE_CONFIG on sm_90: registers allow 4).
 DECODE_PROGRAMS_PER_SM = 4
+# A decode batch of one split with this many programs (sequences x KV heads) an SM or more is wide: its
+# cache's kernel may take narrower tiles of fewer warps (ops/paged_attention.WIDE_DECODE_CONFIGS).
+WIDE_DECODE_PROGRAMS_PER_SM = 8
 # The least keys of a split in a plan of LONG_DECODE_SPLITS (made for a sequence of LONG_DECODE_KEYS or
 # more, which a graph does for every step when max_model_len is that long): one key tile, so a short
 # sequence is cut as the plan of 32 cut it (one tile a split) and the merge reads only the splits it
@@ -117,6 +120,8 @@ class TritonBackend(AttentionBackend):
                 # shorter sequences of the batch keep splits of LONG_DECODE_MIN_KEYS or more, not 64
                 # tiny ones to merge.
                 meta.min_split_keys = LONG_DECODE_MIN_KEYS
+            meta.wide_decode = (meta.num_splits == 1
+                                and meta.num_seqs * num_kv_heads >= WIDE_DECODE_PROGRAMS_PER_SM * self.num_sms)
         if meta.max_query_len != 1 or meta.num_splits != 1:
             meta.cascade_prefix_len = None  # the merge lives in the one-split decode kernel
         if meta.max_query_len > 1 and meta.parts is None:
@@ -237,8 +242,9 @@ class TritonBackend(AttentionBackend):
             prefix = (*prefix_attention(q, cache.k, cache.v, meta.block_table[0], meta.cascade_prefix_len,
                                         layer.scale, splits, k_scale=cache.k_scale, v_scale=cache.v_scale,
                                         kv_mode=cache.mode, fp8_scale=cache.fp8_scale), meta.cascade_prefix_len)
+        config = WIDE_DECODE_CONFIGS.get(cache.mode) if meta.max_query_len == 1 and meta.wide_decode else None
         return paged_attention(q, cache.k, cache.v, out, meta.block_table, meta.seq_lens, meta.query_start_loc,
-                               meta.num_seqs, meta.max_query_len, layer.scale, meta.num_splits,
+                               meta.num_seqs, meta.max_query_len, layer.scale, meta.num_splits, config=config,
                                max_seq_len=meta.max_seq_len, k_scale=cache.k_scale, v_scale=cache.v_scale,
                                kv_mode=cache.mode, fp8_scale=cache.fp8_scale, prefix=prefix, rope=rope,
                                min_split_keys=meta.min_split_keys)

@@ -19,16 +19,25 @@ from sageinfer.layers.quantization.config import get_quant_config
 # with their up rows), instead of every program of the down projection forming it from [gate, up] (a
 # W4A16 down's sm_90 loop: 1,312 instructions a trip against 855 with a plain input). Qwen3-8B L1 on an
 # H200 (2026-12-02g-h200-w4a16-one-row-defaults.md): W4A16 TPOT 4.51 -> 3.92 ms (with quad sums), bf16
-# 4.91 -> 4.97 (slower), so it is on where the down projection's method asks for a plain input
-# (plain_one_row_input); SAGEINFER_ONE_ROW_ACTIVATE=1 or 0 forces it on or off for every layer.
+# 4.91 -> 4.97 through ops/gemv.py's element-wise kernel (slower). Through the word kernel
+# (ops/gemv_words.py) it is the faster order: bf16 TPOT 4.47 -> 4.30 ms, FP8 W+KV 3.09 -> 3.03
+# (2026-12-04c-h200-one-row-activate-words.md). So it is on where the down projection's method asks for a
+# plain input (plain_one_row_input) or its one-row matmul reads words; SAGEINFER_ONE_ROW_ACTIVATE=1 or 0
+# forces it on or off for every layer.
 ONE_ROW_ACTIVATE = {"1": True, "0": False}.get(os.environ.get("SAGEINFER_ONE_ROW_ACTIVATE", "auto"))
 
 
-def one_row_activates_before(down: "Linear") -> bool:
-    """Whether a one-row MLP activates in its gate_up matmul (down takes a plain input) or in down."""
+def one_row_activates_before(down: "Linear", x: torch.Tensor) -> bool:
+    """Whether a one-row MLP on x activates in its gate_up matmul (down takes a plain input) or in down."""
     if ONE_ROW_ACTIVATE is not None:
         return ONE_ROW_ACTIVATE
-    return getattr(down.quant, "plain_one_row_input", False)
+    if getattr(down.quant, "plain_one_row_input", False):
+        return True
+    args = down._one_row_weight(x)
+    if args is None:
+        return False
+    from sageinfer.ops.gemv_words import reads_words  # Triton only where a one-row path is taken
+    return reads_words(args["weight"], args.get("weight_scale"), x.dtype)
 
 
 class Linear(nn.Module):

@@ -103,7 +103,7 @@ class LlamaDecoderLayer(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         qkv = attn.qkv_proj.forward_normed(residual, self.input_layernorm)
         attn.o_proj.add_into(attn.attend(positions, qkv, kv_cache, meta, backend), residual)
-        if linear_layers.one_row_activates_before(mlp.down_proj):
+        if linear_layers.one_row_activates_before(mlp.down_proj, residual):
             mlp.down_proj.add_into(mlp.gate_up_proj.forward_normed_activated(
                 residual, self.post_attention_layernorm, mlp.act), residual)
             return

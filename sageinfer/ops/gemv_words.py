@@ -26,6 +26,8 @@ from sageinfer.ops.int8_values import int8_as_f32
 from sageinfer.platforms.cuda_device import e4m3_word_values, int8_word_values, ptx_arch
 
 # Per weight kind: output features a program owns, words of four weights it reads a trip per feature.
+# 16 features measured 2-4% faster in the isolated step's matmuls but slower end to end (H200 L1 TPOT bf16
+# 4.33 against 4.29 ms, FP8 W+KV 3.07 against 3.03: 2026-12-04c-h200-one-row-activate-words.md).
 WORDS_CONFIGS = {
     "e4m3": {"block_n": 8, "words": 256, "num_warps": 4, "num_stages": 2},
     "int8": {"block_n": 8, "words": 256, "num_warps": 4, "num_stages": 2},
@@ -163,19 +165,32 @@ def _gemv_words_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, norm_w_ptr, y_ptr, M, 
                 ADD_TO_Y, BLOCK_M, BLOCK_N)
 
 
+def _kinds_fit(weight: torch.Tensor, weight_scale: torch.Tensor | None, x_dtype: torch.dtype) -> bool:
+    """16-bit inputs; FP8 or INT8 weights with a scale per row, or 16-bit weights of the input's dtype;
+    rows of whole words."""
+    kind = KINDS.get(weight.dtype)
+    if kind is None or x_dtype not in (torch.bfloat16, torch.float16) or weight.shape[1] % 4:
+        return False
+    if kind == "16":
+        return weight_scale is None and weight.dtype == x_dtype
+    return weight_scale is not None and weight_scale.dim() == 1
+
+
+def reads_words(weight: torch.Tensor, weight_scale: torch.Tensor | None, x_dtype: torch.dtype) -> bool:
+    """Whether one-row matmuls of these weights and inputs of x_dtype take this kernel by default (the
+    model's choices that depend on the kernel ask this; each launch also checks words_fit)."""
+    return GEMV_WORDS and _kinds_fit(weight, weight_scale, x_dtype)
+
+
 def words_fit(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None,
               norm_weight: torch.Tensor | None) -> bool:
-    """Whether this kernel reads these tensors: 16-bit inputs whose every four columns are one 8-byte
-    load (a norm's weights too); FP8 or INT8 weights with a scale per row, or 16-bit weights of the
-    input's dtype, each row in whole words."""
-    k = weight.shape[1]
-    kind = KINDS.get(weight.dtype)
-    if kind is None or (kind == "16") != (weight_scale is None) or (kind == "16" and weight.dtype != x.dtype):
+    """Whether this kernel reads these tensors: _kinds_fit, and inputs whose every four columns are one
+    8-byte load (a norm's weights too)."""
+    if not _kinds_fit(weight, weight_scale, x.dtype):
         return False
     tensors = [x] + ([norm_weight] if norm_weight is not None else [])
-    return (x.dtype in (torch.bfloat16, torch.float16) and k % 4 == 0 and weight.stride(0) % 4 == 0
-            and weight.data_ptr() % (4 * weight.element_size()) == 0 and x.stride(0) % 4 == 0
-            and all(t.data_ptr() % 8 == 0 and t.stride(-1) == 1 for t in tensors))
+    return (weight.stride(0) % 4 == 0 and weight.data_ptr() % (4 * weight.element_size()) == 0
+            and x.stride(0) % 4 == 0 and all(t.data_ptr() % 8 == 0 and t.stride(-1) == 1 for t in tensors))
 
 
 def gemv_words(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None, y: torch.Tensor,
