@@ -45,7 +45,8 @@ RAGGED_MIN_SKEW = float(os.environ.get("SAGEINFER_RAGGED_MIN_SKEW", "2"))
 DECODE_PROGRAMS_PER_SM = 4
 # A decode batch of one split with this many programs (sequences x KV heads) an SM or more is wide: its
 # cache's kernel may take narrower tiles of fewer warps (ops/paged_attention.WIDE_DECODE_CONFIGS).
-WIDE_DECODE_PROGRAMS_PER_SM = 8
+# SAGEINFER_WIDE_DECODE_PROGRAMS_PER_SM moves the bound; 0: no batch is wide.
+WIDE_DECODE_PROGRAMS_PER_SM = int(os.environ.get("SAGEINFER_WIDE_DECODE_PROGRAMS_PER_SM", "8"))
 # The least keys of a split in a plan of LONG_DECODE_SPLITS (made for a sequence of LONG_DECODE_KEYS or
 # more, which a graph does for every step when max_model_len is that long): one key tile, so a short
 # sequence is cut as the plan of 32 cut it (one tile a split) and the merge reads only the splits it
@@ -120,7 +121,7 @@ class TritonBackend(AttentionBackend):
                 # shorter sequences of the batch keep splits of LONG_DECODE_MIN_KEYS or more, not 64
                 # tiny ones to merge.
                 meta.min_split_keys = LONG_DECODE_MIN_KEYS
-            meta.wide_decode = (meta.num_splits == 1
+            meta.wide_decode = (meta.num_splits == 1 and WIDE_DECODE_PROGRAMS_PER_SM > 0
                                 and meta.num_seqs * num_kv_heads >= WIDE_DECODE_PROGRAMS_PER_SM * self.num_sms)
         if meta.max_query_len != 1 or meta.num_splits != 1:
             meta.cascade_prefix_len = None  # the merge lives in the one-split decode kernel
