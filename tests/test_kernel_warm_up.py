@@ -90,9 +90,10 @@ def test_a_steps_decode_launches_compile_nothing_the_warm_up_did_not(model_dirs,
     assert not missing, f"{len(missing)} decode launches of the steps were not warmed up: {sorted(missing)[:2]}"
 
 
-def test_wide_decode_batches_over_an_fp8_cache_take_warmed_narrow_tiles(model_dirs, monkeypatch):
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "int8"])
+def test_wide_decode_batches_over_an_8_bit_cache_take_warmed_narrow_tiles(model_dirs, monkeypatch, kv_cache_dtype):
     """A decode batch whose programs fill the GPU many times over (here: every SM once, on 4 SMs) reads an
-    FP8 cache in the narrow tiles of ops/paged_attention.WIDE_DECODE_CONFIGS, in decode steps and in mixed
+    FP8 or INT8 cache in the narrow tiles of ops/paged_attention.WIDE_DECODE_CONFIGS, in decode steps and in mixed
     steps' decodes alike; the warm-up compiled those launches too, and the tokens are those of the
     batch's usual tiles."""
     def wide_from_one_program_an_sm():
@@ -100,7 +101,7 @@ def test_wide_decode_batches_over_an_fp8_cache_take_warmed_narrow_tiles(model_di
     wide_from_one_program_an_sm()
     llm = LLM(model_dirs["qwen3"], dtype="float32", attention_backend="triton", num_gpu_blocks_override=64,
               max_model_len=256, max_num_seqs=8, max_num_batched_tokens=24, enforce_eager=True,
-              kv_cache_dtype="fp8", show_progress=False)
+              kv_cache_dtype=kv_cache_dtype, show_progress=False)
     runner = llm.engine.runner
     runner.backend.num_sms = 4
     warmed, stepped = set(), set()
@@ -116,7 +117,7 @@ def test_wide_decode_batches_over_an_fp8_cache_take_warmed_narrow_tiles(model_di
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     wide = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                                           use_tqdm=False)]
-    narrow_tiles = {"num_warps": str(pa.WIDE_DECODE_CONFIGS[1]["num_warps"])}
+    narrow_tiles = {"num_warps": str(pa.WIDE_DECODE_CONFIGS[runner.kv_caches[0].mode]["num_warps"])}
     assert any(narrow_tiles.items() <= dict(key[1]).items() for key in stepped), "no step took the narrow tiles"
     missing = stepped - warmed
     assert not missing, f"{len(missing)} decode launches of the steps were not warmed up: {sorted(missing)[:2]}"

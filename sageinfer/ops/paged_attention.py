@@ -352,12 +352,13 @@ LONG_CONTEXT = 4096
 # The quantised caches stream fewer bytes per second than bf16 (2.4-2.8 against 4.1-4.4 TB/s): they
 # are bound by each tile's latency, not by bandwidth.
 DECODE_CONFIG = {mode: {"block_n": 64, "num_warps": 2, "num_stages": 2} for mode in (0, 1, 2)}
-# Wide decode batches (the Triton backend's plan: one split, programs for 8 or more an SM) over an FP8
-# cache: 32-key tiles of one warp, twice the programs an SM holds. H200, us a layer (probe_quantized_decode.py,
-# 2026-12-04c-h200-one-row-activate-words.md): 256 sequences x 640 keys 121.7 -> 100.8; with 512 programs
-# (64 x 4096 keys) it lost, 171.9 -> 222.5 (hence the plan's bound). bf16 gained 3% (162.0 -> 157.7), within
-# what a rerun moves, and keeps its tiles; INT8 was not timed.
-WIDE_DECODE_CONFIGS = {1: {"block_n": 32, "num_warps": 1, "num_stages": 2}}
+# Wide decode batches (the Triton backend's plan: one split, programs for 8 or more an SM) over an FP8 or
+# INT8 cache: 32-key tiles of one warp, twice the programs an SM holds. H200, us a layer
+# (probe_quantized_decode.py, 2026-12-04c-h200-one-row-activate-words.md): 256 sequences x 640 keys FP8
+# 121.7 -> 100.8, INT8 133.5 -> 113.2; with 512 programs (64 x 4096 keys) they lost, FP8 171.9 -> 222.5,
+# INT8 196.1 -> 245.4 (hence the plan's bound). bf16 gained 3% (162.0 -> 157.7), within what a rerun moves,
+# and keeps its tiles.
+WIDE_DECODE_CONFIGS = {mode: {"block_n": 32, "num_warps": 1, "num_stages": 2} for mode in (1, 2)}
 
 
 def rotary_inside_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
