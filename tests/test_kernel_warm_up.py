@@ -206,7 +206,7 @@ def test_a_threaded_warm_up_launches_each_plan_from_the_pool_then_again_from_its
     plans = {(s, keys, whole, dependent, s == 1 and whole) for s in (1, 2, 4, 8) for keys in (0, 1024)
              for whole in (False, True) for dependent in (False, True) if not (s == 1 and keys)}
     layer = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16)
-    cache = types.SimpleNamespace(k=torch.zeros(4, 16, 2, 16))
+    cache = types.SimpleNamespace(k=torch.zeros(4, 16, 2, 16), mode=1)  # an FP8 cache: wide plans of their own
     warm_up_kernels(Backend(), layer, cache, plans, torch.device("cpu"), torch.float32, threads=3,
                            enter_thread=enter)
     main = threading.get_ident()
@@ -279,6 +279,21 @@ def test_a_failing_warm_up_is_logged_and_start_up_goes_on(caplog):
         seconds = ModelRunner.finish_kernel_warm_up(runner)
     assert seconds >= 0 and "kernel warm-up failed" in caplog.text and "no launch today" in caplog.text
     assert ModelRunner.finish_kernel_warm_up(runner) == 0.0  # finished once
+
+
+def test_a_cache_without_wide_tiles_launches_each_plan_once():
+    """Over a cache whose wide decode batches keep the usual tiles (bf16), a wide plan and its usual twin are
+    one kernel: the warm-up launches it once (two threads would compile it twice)."""
+    launched = []
+
+    class Backend:
+        def _attend(self, layer, q, out, cache, meta, rope):
+            launched.append((meta.num_splits, meta.wide_decode))
+    plans = {(1, 0, False, False, wide) for wide in (False, True)} | {(2, 0, False, False, False)}
+    layer = types.SimpleNamespace(num_heads=4, num_kv_heads=2, head_dim=16)
+    warm_up_kernels(Backend(), layer, types.SimpleNamespace(k=torch.zeros(1, 16, 2, 16), mode=0), plans,
+                    torch.device("cpu"), torch.float32, again=False)
+    assert sorted(launched) == [(1, False), (2, False)]
 
 
 def test_the_background_warm_up_lets_start_up_go_on_until_it_is_finished():

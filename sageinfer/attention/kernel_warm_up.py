@@ -30,6 +30,7 @@ from sageinfer.attention import triton_backend
 from sageinfer.attention.backend import AttentionMetadata
 from sageinfer.background_warm_up import in_background
 from sageinfer.ops import launch
+from sageinfer.ops.paged_attention import WIDE_DECODE_CONFIGS
 
 
 def _lengths(max_model_len: int) -> list[int]:
@@ -109,6 +110,15 @@ def prefill_plans(max_model_len: int, page_size: int) -> set[PrefillPlan]:
     return {PrefillPlan(length, page_size) for length in lengths}
 
 
+def _without_wide(plan):
+    """The plan as a cache whose wide decode batches take the usual tiles launches it."""
+    if isinstance(plan, CascadePlan):
+        return plan._replace(wide=False)
+    if isinstance(plan, PrefillPlan):
+        return plan
+    return (*plan[:4], False)
+
+
 def _order(plan) -> tuple:
     """Prefill plans first: the longest compiles (the long-prompt kernel) start at once."""
     kind = 0 if isinstance(plan, PrefillPlan) else 1 if isinstance(plan, CascadePlan) else 2
@@ -169,6 +179,8 @@ def warm_up_kernels(backend, layer, cache, plans, device, dtype, threads: int = 
         enter_thread()
         run(plan)
 
+    if getattr(cache, "mode", 0) not in WIDE_DECODE_CONFIGS:  # the wide plans' kernels are the others': once each
+        plans = {_without_wide(plan) for plan in plans}
     ordered = sorted(plans, key=_order)
     if threads > 1 and len(ordered) > 1:
         with ThreadPoolExecutor(threads) as pool:
