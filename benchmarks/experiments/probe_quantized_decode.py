@@ -4,7 +4,7 @@ graph over LAYERS layers whose K and V caches are all distinct tensors (so no ti
 for a chat-like decode batch, a mid-length one and one long sequence. Prints microseconds per layer and
 the cache bytes streamed per second (values and INT8 scales).
 
-  python benchmarks/experiments/probe_quantized_decode.py [--modes auto,int8] [--configs 64:2:2,3] [--cases 256x640]
+  python benchmarks/experiments/probe_quantized_decode.py [--modes auto,int8] [--configs 64:2:2,3] [--cases 128x1024]
 """
 from __future__ import annotations
 
@@ -41,16 +41,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--modes", default="auto,fp8,int8")
     parser.add_argument("--configs", default="32,64,128:2,4:2,3,4", help="block_n list:warps list:stages list")
-    parser.add_argument("--cases", default="", help="batch x keys to run, e.g. 256x640,64x4096 (default all)")
+    parser.add_argument("--cases", default="", help="batch x keys to run instead of CASES, e.g. 128x1024,192x1024 "
+                                                    "(splits as the plan chooses them)")
     args = parser.parse_args()
     dev = "cuda"
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     grids = [[int(x) for x in part.split(",")] for part in args.configs.split(":")]
     configs = [{"block_n": bn, "num_warps": w, "num_stages": st} for bn, w, st in itertools.product(*grids)]
     print("| case | cache | block_n | warps | stages | us/layer | TB/s |")
-    for batch, keys, splits in CASES:
-        if args.cases and f"{batch}x{keys}" not in args.cases.split(","):
-            continue
+    cases = [(*map(int, case.split("x")), None) for case in args.cases.split(",")] if args.cases else CASES
+    for batch, keys, splits in cases:
         pages = -(-keys // PAGE)
         blocks = batch * pages
         table = torch.randperm(blocks, device=dev).to(torch.int32).view(batch, pages)

@@ -44,8 +44,10 @@ RAGGED_MIN_SKEW = float(os.environ.get("SAGEINFER_RAGGED_MIN_SKEW", "2"))
 # Decode programs an SM holds at once (ops/paged_attention.DECODE_CONFIG on sm_90: registers allow 4).
 DECODE_PROGRAMS_PER_SM = 4
 # A decode batch of one split with this many programs (sequences x KV heads) an SM or more is wide: its
-# cache's kernel may take narrower tiles of fewer warps (ops/paged_attention.WIDE_DECODE_CONFIGS).
-# SAGEINFER_WIDE_DECODE_PROGRAMS_PER_SM moves the bound; 0: no batch is wide.
+# cache's kernel may take narrower tiles of fewer warps (ops/paged_attention.WIDE_DECODE_CONFIGS). On an
+# H200 those tiles lost at 3.9 programs an SM and gained at 15.5; 8 lies between, not swept
+# (benchmarks/experiments/probe_quantized_decode.py --cases). SAGEINFER_WIDE_DECODE_PROGRAMS_PER_SM moves
+# the bound; 0: no batch is wide.
 WIDE_DECODE_PROGRAMS_PER_SM = int(os.environ.get("SAGEINFER_WIDE_DECODE_PROGRAMS_PER_SM", "8"))
 # The least keys of a split in a plan of LONG_DECODE_SPLITS (made for a sequence of LONG_DECODE_KEYS or
 # more, which a graph does for every step when max_model_len is that long): one key tile, so a short
