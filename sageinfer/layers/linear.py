@@ -166,10 +166,34 @@ class Linear(nn.Module):
         if self.gathers:  # this rank's outputs from every rank's inputs
             y = self._matmul(self.tp.all_gather_last_dim(x))
             return self.tp.all_gather_last_dim(y if self.bias is None else y + self.bias)
-        y = self._matmul(x)
+        return self._finish(self._matmul(x))
+
+    def _finish(self, y: torch.Tensor) -> torch.Tensor:
+        """This rank's product summed over the ranks where the layer reduces, plus the bias."""
         if self.reduces:
             y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
+
+    def _quantized_input(self, x: torch.Tensor) -> tuple[str, float] | None:
+        """(scheme, half range) where this layer would quantize the rows x per row itself, so that the
+        kernel before it may write them in 8 bits instead (ops/quantize_fused.py); else None."""
+        if self.quant is None or self.gathers or self._one_row_weight(x) is not None:
+            return None
+        return getattr(self.quant, "fused_input", lambda layer: None)(self)
+
+    def forward_after_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module):
+        """(self(norm(x + residual)), x + residual), or without residual (the first layer) (self(norm(x)), x).
+        Where this layer quantizes its input per row, the norm kernel writes it in 8 bits."""
+        quantized = self._quantized_input(x) if norm.use_triton else None
+        if quantized is None:
+            if residual is None:
+                return self(norm(x)), x
+            hidden, residual = norm(x, residual)
+            return self(hidden), residual
+        from sageinfer.ops.quantize_fused import rms_norm_quantize  # Triton only where kernels run
+        xq, x_scale, new_residual = rms_norm_quantize(x, norm.weight, norm.eps, *quantized, residual)
+        y = self._finish(self.quant.apply_quantized(self, xq, x_scale, x.dtype))
+        return y, x if new_residual is None else new_residual
 
     def _one_row_weight(self, x: torch.Tensor) -> dict | None:
         """The one-row kernel's weight arguments for x (ops/gemv.py), or None: x is not one row, or
@@ -187,11 +211,18 @@ class Linear(nn.Module):
         return None if self.reduces else self._one_row_weight(x)
 
     def forward_gated(self, gate_up: torch.Tensor, act: nn.Module, residual: torch.Tensor | None = None):
-        """self(act(gate_up)) for an MLP's down projection; one row fuses the activation in.
-        With residual: adds the result to it in place and returns it."""
+        """self(act(gate_up)) for an MLP's down projection (act: SiLU-and-mul); one row fuses the activation
+        into the matmul, and a layer that quantizes its input per row takes it from the activation kernel
+        in 8 bits. With residual: adds the result to it in place and returns it."""
         fused = self.fused_one_row(gate_up)
         if fused is not None:
             return _gemv(gate_up, bias=self.bias, gated=True, residual=residual, **fused)
+        quantized = self._quantized_input(gate_up) if act.use_triton else None
+        if quantized is not None:  # the activation kernel writes this layer's 8-bit input
+            from sageinfer.ops.quantize_fused import silu_and_mul_quantize  # Triton only where kernels run
+            xq, x_scale = silu_and_mul_quantize(gate_up, *quantized)
+            y = self._finish(self.quant.apply_quantized(self, xq, x_scale, gate_up.dtype))
+            return y if residual is None else residual.add_(y)
         return self.add_into(act(gate_up), residual) if residual is not None else self.forward(act(gate_up))
 
     def forward_normed_activated(self, x: torch.Tensor, norm: nn.Module, act: nn.Module) -> torch.Tensor:

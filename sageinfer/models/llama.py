@@ -86,14 +86,13 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, positions, hidden, residual, kv_cache, meta, backend):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, meta, backend)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        """Each norm goes through the matmul after it (forward_after_norm), so that an 8-bit layer
+        takes its input from the norm kernel already quantized."""
+        attn, mlp = self.self_attn, self.mlp
+        qkv, residual = attn.qkv_proj.forward_after_norm(hidden, residual, self.input_layernorm)
+        hidden = attn.o_proj(attn.attend(positions, qkv, kv_cache, meta, backend))
+        gate_up, residual = mlp.gate_up_proj.forward_after_norm(hidden, residual, self.post_attention_layernorm)
+        return mlp.down_proj.forward_gated(gate_up, mlp.act), residual
 
     def forward_one_row(self, positions, residual, kv_cache, meta, backend) -> None:
         """One token (single-stream decode): the residual stream is summed in place by the matmuls

@@ -9,6 +9,8 @@ per-channel kernel serves both strategies, and a merged q/k/v or gate/up layer k
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -22,6 +24,9 @@ _QDTYPE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 # INT8 activations span the whole range [-128, 127], as compressed-tensors (llm-compressor) calibrates
 # them: absmax maps to 127.5.
 _ACT_HALF_RANGE = {"fp8": 448.0, "int8": 127.5}
+# SAGEINFER_FUSED_QUANTIZE=0: the norm and activation kernels write 16-bit rows and the layers quantize
+# them apart (to compare the two paths).
+FUSED_QUANTIZE = os.environ.get("SAGEINFER_FUSED_QUANTIZE", "1") != "0"
 
 
 def quantize_rows(x: torch.Tensor, scheme: str, activations: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +105,20 @@ class W8A8Method:
         if layer.weight.dtype not in (torch.float8_e4m3fn, torch.int8):
             return None
         return {"weight": layer.weight, "weight_scale": layer.weight_scale}
+
+    def fused_input(self, layer: nn.Module) -> tuple[str, float] | None:
+        """(scheme, half range) where the kernel before this layer may write its input as 8-bit rows with
+        their scales (ops/quantize_fused.py): dynamic per-row activations through the platform's kernels."""
+        dynamic = self.config.activation_dynamic or not hasattr(layer, "input_scale")
+        if FUSED_QUANTIZE and layer.use_triton and dynamic:
+            return self.scheme, _ACT_HALF_RANGE[self.scheme]
+        return None
+
+    def apply_quantized(self, layer: nn.Module, xq: torch.Tensor, x_scale: torch.Tensor,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+        """The matmul of rows already quantized as fused_input says: xq [M, K] with x_scale [M, 1]."""
+        return self._matmul(xq, x_scale, layer.weight, layer.weight_scale, out_dtype,
+                            layer.platform or get_platform(), layer.use_triton)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

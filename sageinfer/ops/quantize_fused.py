@@ -1,0 +1,115 @@
+"""The element-wise kernels before a W8A8 matmul, writing its 8-bit input and per-row scales directly:
+RMSNorm (with the residual add before it) and SiLU-and-mul. Unfused, each wrote a 16-bit row that
+ops/quantize.py then read back (twice: absmax, then the values); a 16,000-token chunk's MLP wrote and
+reread 390 MB that way per layer. The rows are the ones the unfused kernels store, rounded to the
+activation dtype, and they are quantized by ops/quantize.py's arithmetic, so the 8-bit values and
+scales are the same bits as the two launches' (tests/test_quantize_fused.py).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sageinfer.ops import launch
+from sageinfer.ops.quantize import _QDTYPE, _round_to_e4m3
+
+
+@triton.jit
+def _to_8_bits(y, scale, INT8: tl.constexpr):
+    """fp32 values over their row's scale, rounded and clamped as ops/quantize.py does."""
+    y = tl.math.div_rn(y, scale)
+    if INT8:
+        y = (y + 12582912.0) - 12582912.0  # 1.5 * 2**23: rounds to an integer, half to even
+        return tl.minimum(tl.maximum(y, -128.0), 127.0).to(tl.int8)
+    return _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0)).to(tl.float8e4nv)
+
+
+@triton.jit
+def _rms_norm_quantize_kernel(x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, residual_out_ptr, stride_x,
+                              stride_r, stride_q, hidden, eps, half_range, HAS_RESIDUAL: tl.constexpr,
+                              INT8: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    launch.wait_for_previous_kernel(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        x = x + tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        tl.store(residual_out_ptr + row * stride_r + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / hidden + eps)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    # ops/rms_norm.py's row, in the activation dtype, then quantized
+    y = ((xf * rstd).to(x.dtype) * w).to(x.dtype).to(tl.float32)
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12), half_range)
+    tl.store(scale_ptr + row, scale)
+    tl.store(q_ptr + row * stride_q + cols, _to_8_bits(y, scale, INT8), mask=mask)
+
+
+@triton.jit
+def _silu_and_mul(x_row, cols, mask, d):
+    """ops/activation.py's silu(gate) * up for these columns, in the activation dtype, as fp32."""
+    gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_row + d + cols, mask=mask, other=0.0)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+    return (silu * up).to(up.dtype).to(tl.float32)
+
+
+@triton.jit
+def _silu_and_mul_quantize_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, d, half_range,
+                                  INT8: tl.constexpr, BLOCK: tl.constexpr):
+    # Two passes over the row: its absmax, then the values (recomputed: the row's [gate, up] is still in
+    # the cache, and a wide row would not fit in registers).
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, d, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        amax = tl.maximum(amax, tl.abs(_silu_and_mul(x_row, cols, cols < d, d)))
+    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), half_range)
+    tl.store(scale_ptr + row, scale)
+    for start in range(0, d, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < d
+        tl.store(q_ptr + row * stride_q + cols, _to_8_bits(_silu_and_mul(x_row, cols, mask, d), scale, INT8),
+                 mask=mask)
+
+
+def rms_norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, scheme: str, half_range: float,
+                      residual: torch.Tensor | None = None):
+    """RMSNorm of x [rows, hidden] (after adding residual) quantized per row: (8-bit rows, fp32 scales
+    [rows, 1], x + residual or None without residual)."""
+    hidden = x.shape[-1]
+    x2 = x.reshape(-1, hidden)
+    rows = x2.shape[0]
+    q = torch.empty(rows, hidden, dtype=_QDTYPE[scheme], device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    new_residual = None
+    if residual is not None:
+        r2 = residual.reshape(-1, hidden)
+        new_residual = torch.empty_like(r2)
+        assert r2.stride(0) == new_residual.stride(0)
+    if rows == 0:
+        return q, scale, new_residual
+    block = triton.next_power_of_2(hidden)
+    r_in, r_out = (r2, new_residual) if residual is not None else (x2, x2)
+    _rms_norm_quantize_kernel[(rows,)](x2, r_in, weight, q, scale, r_out, x2.stride(0), r_in.stride(0), q.stride(0),
+                                       hidden, eps, float(half_range), HAS_RESIDUAL=residual is not None,
+                                       INT8=scheme == "int8", BLOCK=block, num_warps=min(16, max(1, block // 256)),
+                                       **launch.dependent_launch_kwargs())
+    return q, scale, None if new_residual is None else new_residual.view(residual.shape)
+
+
+def silu_and_mul_quantize(x: torch.Tensor, scheme: str, half_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu(gate) * up of x [rows, 2 * d] quantized per row: (8-bit [rows, d], fp32 scales [rows, 1])."""
+    d = x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * d)
+    rows = x2.shape[0]
+    q = torch.empty(rows, d, dtype=_QDTYPE[scheme], device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    if rows:
+        _silu_and_mul_quantize_kernel[(rows,)](x2, q, scale, x2.stride(0), q.stride(0), d, float(half_range),
+                                               INT8=scheme == "int8", BLOCK=min(2048, triton.next_power_of_2(d)),
+                                               num_warps=4)
+    return q, scale
