@@ -17,12 +17,15 @@ from sageinfer.ops.quantize import _QDTYPE, _round_to_e4m3
 
 @triton.jit
 def _to_8_bits(y, scale, INT8: tl.constexpr):
-    """fp32 values over their row's scale, rounded and clamped as ops/quantize.py does."""
+    """fp32 values over their row's scale, rounded and clamped as ops/quantize.py does: still fp32, but on
+    the 8-bit grid, so the store's conversion is exact (one return type for both schemes, as Triton needs)."""
     y = tl.math.div_rn(y, scale)
     if INT8:
         y = (y + 12582912.0) - 12582912.0  # 1.5 * 2**23: rounds to an integer, half to even
-        return tl.minimum(tl.maximum(y, -128.0), 127.0).to(tl.int8)
-    return _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0)).to(tl.float8e4nv)
+        y = tl.minimum(tl.maximum(y, -128.0), 127.0)
+    else:
+        y = _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
+    return y
 
 
 @triton.jit
@@ -44,7 +47,7 @@ def _rms_norm_quantize_kernel(x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr,
     y = ((xf * rstd).to(x.dtype) * w).to(x.dtype).to(tl.float32)
     scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12), half_range)
     tl.store(scale_ptr + row, scale)
-    tl.store(q_ptr + row * stride_q + cols, _to_8_bits(y, scale, INT8), mask=mask)
+    tl.store(q_ptr + row * stride_q + cols, _to_8_bits(y, scale, INT8).to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -72,8 +75,8 @@ def _silu_and_mul_quantize_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, d
     for start in range(0, d, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < d
-        tl.store(q_ptr + row * stride_q + cols, _to_8_bits(_silu_and_mul(x_row, cols, mask, d), scale, INT8),
-                 mask=mask)
+        q = _to_8_bits(_silu_and_mul(x_row, cols, mask, d), scale, INT8)
+        tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, scheme: str, half_range: float,
