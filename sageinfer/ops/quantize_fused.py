@@ -13,6 +13,7 @@ import triton.language as tl
 
 from sageinfer.ops import launch
 from sageinfer.ops.quantize import _QDTYPE, _round_to_e4m3
+from sageinfer.ops.rms_norm import normed_row
 
 
 @triton.jit
@@ -36,15 +37,9 @@ def _rms_norm_quantize_kernel(x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr,
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        x = x + tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        tl.store(residual_out_ptr + row * stride_r + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / hidden + eps)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     # ops/rms_norm.py's row, in the activation dtype, then quantized
-    y = ((xf * rstd).to(x.dtype) * w).to(x.dtype).to(tl.float32)
+    y = normed_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, row, stride_x, stride_r, hidden, eps,
+                   HAS_RESIDUAL, BLOCK).to(tl.float32)
     scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12), half_range)
     tl.store(scale_ptr + row, scale)
     tl.store(q_ptr + row * stride_q + cols, _to_8_bits(y, scale, INT8).to(q_ptr.dtype.element_ty), mask=mask)

@@ -9,10 +9,10 @@ from sageinfer.ops import launch
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, stride_x, stride_r, stride_o,
-                     hidden, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    launch.wait_for_previous_kernel(USE_PDL)
-    row = tl.program_id(0).to(tl.int64)
+def normed_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, row, stride_x, stride_r, hidden, eps,
+               HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """One row's RMSNorm in the activation dtype, over columns arange(BLOCK) (those past hidden are 0); with
+    the residual added first, and that sum stored."""
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
@@ -23,8 +23,18 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / hidden + eps)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     # Normalise in fp32, round to the input dtype, then scale: as transformers does.
-    y = (xf * rstd).to(x.dtype) * w
-    tl.store(out_ptr + row * stride_o + cols, y, mask=mask)
+    return ((xf * rstd).to(x.dtype) * w).to(x.dtype)
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, stride_x, stride_r, stride_o,
+                     hidden, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    launch.wait_for_previous_kernel(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    y = normed_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, row, stride_x, stride_r, hidden, eps,
+                   HAS_RESIDUAL, BLOCK)
+    cols = tl.arange(0, BLOCK)
+    tl.store(out_ptr + row * stride_o + cols, y, mask=cols < hidden)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
