@@ -9,7 +9,7 @@ from sageinfer.ops.quantize import quantize_rows_kernel
 
 @pytest.mark.parametrize("scheme", ["fp8", "int8"])
 @pytest.mark.parametrize("m, k, dtype", [(1, 4096, torch.bfloat16), (7, 3000, torch.bfloat16), (33, 64, torch.float32),
-                                         (0, 128, torch.bfloat16)])
+                                         (0, 128, torch.bfloat16), (3, 20000, torch.bfloat16)])
 def test_dynamic_rows_match_the_reference(scheme, m, k, dtype):
     gen = torch.Generator().manual_seed(m * k)
     x = (torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 8).to(dtype)
@@ -23,9 +23,10 @@ def test_dynamic_rows_match_the_reference(scheme, m, k, dtype):
 
 
 @pytest.mark.parametrize("scheme", ["fp8", "int8"])
-def test_a_static_scale_serves_every_row(scheme):
+@pytest.mark.parametrize("k", [256, 20000])  # a row held whole; a wide one in blocks
+def test_a_static_scale_serves_every_row(scheme, k):
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(5, 256, generator=gen).to(torch.bfloat16) * 4
+    x = torch.randn(5, k, generator=gen).to(torch.bfloat16) * 4
     static = torch.tensor([0.05])
     q, scale = quantize_rows_kernel(x.to(DEVICE), scheme, _ACT_HALF_RANGE[scheme], static.to(DEVICE))
     assert torch.equal(scale.cpu(), torch.full((5, 1), 0.05))

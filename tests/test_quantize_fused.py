@@ -51,7 +51,7 @@ def test_norm_writes_the_bits_of_norm_then_quantization(scheme, dtype, hidden, w
 
 @pytest.mark.parametrize("scheme", ["fp8", "int8"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", [96, 2048 + 40])  # one block; several, with a partial last one
+@pytest.mark.parametrize("d", [96, 2048 + 40, 16384 + 40])  # rows held whole; a wide row read in blocks
 def test_activation_writes_the_bits_of_activation_then_quantization(scheme, dtype, d):
     gate_up = _rows(5, 2 * d, dtype, d)
     q, scale = silu_and_mul_quantize(gate_up, scheme, _ACT_HALF_RANGE[scheme])

@@ -28,33 +28,68 @@ def _round_to_e4m3(y):
 
 
 @triton.jit
+def _quantized(y, scale, INT8: tl.constexpr):
+    """fp32 values over their row's scale, rounded and clamped: still fp32, but on the 8-bit grid, so the
+    store's conversion is exact (one return type for both schemes, as Triton's compiler needs)."""
+    # IEEE division, as torch: the default one is approximate on NVIDIA and moves rounding ties
+    y = tl.math.div_rn(y, scale)
+    if INT8:
+        y = (y + 12582912.0) - 12582912.0  # 1.5 * 2**23: rounds to an integer, half to even
+        y = tl.minimum(tl.maximum(y, -128.0), 127.0)
+    else:
+        y = _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
+    return y
+
+
+@triton.jit
+def row_scale(amax, half_range):
+    """A row's scale from its largest magnitude."""
+    return tl.math.div_rn(tl.maximum(amax, 1e-12), half_range)
+
+
+@triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, static_scale_ptr, k, stride_x, stride_q, half_range,
-                          INT8: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr):
+                          INT8: tl.constexpr, STATIC: tl.constexpr, BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q
-    if STATIC:
-        scale = tl.load(static_scale_ptr).to(tl.float32)
-    else:
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
+    if WHOLE_ROW:  # the row in registers: read once
+        cols = tl.arange(0, BLOCK)
+        mask = cols < k
+        v = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if STATIC:
+            scale = tl.load(static_scale_ptr).to(tl.float32)
+        else:
+            scale = row_scale(tl.max(tl.abs(v), axis=0), half_range)
+        tl.store(scale_ptr + row, scale)
+        tl.store(q_row + cols, _quantized(v, scale, INT8).to(q_ptr.dtype.element_ty), mask=mask)
+    else:  # a wide row: its absmax, then its values
+        if STATIC:
+            scale = tl.load(static_scale_ptr).to(tl.float32)
+        else:
+            amax = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, k, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                v = tl.load(x_row + cols, mask=cols < k, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(v))
+            scale = row_scale(tl.max(amax, axis=0), half_range)
+        tl.store(scale_ptr + row, scale)
         for start in range(0, k, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            v = tl.load(x_row + cols, mask=cols < k, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(v))
-        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), half_range)
-    tl.store(scale_ptr + row, scale)
-    for start in range(0, k, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < k
-        # IEEE division, as torch: the default one is approximate on NVIDIA and moves rounding ties
-        y = tl.math.div_rn(tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32), scale)
-        if INT8:
-            y = (y + 12582912.0) - 12582912.0  # 1.5 * 2**23: rounds to an integer, half to even
-            y = tl.minimum(tl.maximum(y, -128.0), 127.0)
-            tl.store(q_row + cols, y.to(tl.int8), mask=mask)
-        else:
-            y = _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
-            tl.store(q_row + cols, y.to(tl.float8e4nv), mask=mask)
+            mask = cols < k
+            v = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(q_row + cols, _quantized(v, scale, INT8).to(q_ptr.dtype.element_ty), mask=mask)
+
+
+# Rows up to this wide are held in registers (16 warps: 32 values a thread) and read once.
+WHOLE_ROW_MAX = 16384
+
+
+def row_launch(k: int) -> dict:
+    """Block and warps of a per-row kernel over k columns, and whether the row is read once."""
+    whole = triton.next_power_of_2(k) <= WHOLE_ROW_MAX
+    block = triton.next_power_of_2(k) if whole else 2048
+    return {"BLOCK": block, "WHOLE_ROW": whole, "num_warps": max(4, min(16, block // 1024)) if whole else 4}
 
 
 def quantize_rows_kernel(x: torch.Tensor, scheme: str, half_range: float,
@@ -68,8 +103,7 @@ def quantize_rows_kernel(x: torch.Tensor, scheme: str, half_range: float,
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m == 0:
         return q, scale
-    block = min(2048, triton.next_power_of_2(k))
     static = static_scale if static_scale is not None else scale
     _quantize_rows_kernel[(m,)](x, q, scale, static, k, x.stride(0), q.stride(0), float(half_range),
-                                INT8=scheme == "int8", STATIC=static_scale is not None, BLOCK=block, num_warps=4)
+                                INT8=scheme == "int8", STATIC=static_scale is not None, **row_launch(k))
     return q, scale

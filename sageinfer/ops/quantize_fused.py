@@ -1,7 +1,6 @@
 """The element-wise kernels before a W8A8 matmul, writing its 8-bit input and per-row scales directly:
 RMSNorm (with the residual add before it) and SiLU-and-mul. Unfused, each wrote a 16-bit row that
-ops/quantize.py then read back (twice: absmax, then the values); a 16,000-token chunk's MLP wrote and
-reread 390 MB that way per layer. The rows are the ones the unfused kernels store, rounded to the
+ops/quantize.py then read back: a 16,000-token chunk's MLP wrote and reread 390 MB that way per layer. The rows are the ones the unfused kernels store, rounded to the
 activation dtype, and they are quantized by ops/quantize.py's arithmetic, so the 8-bit values and
 scales are the same bits as the two launches' (tests/test_quantize_fused.py).
 """
@@ -12,21 +11,8 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
-from sageinfer.ops.quantize import _QDTYPE, _round_to_e4m3
+from sageinfer.ops.quantize import _QDTYPE, _quantized, row_launch, row_scale
 from sageinfer.ops.rms_norm import normed_row
-
-
-@triton.jit
-def _to_8_bits(y, scale, INT8: tl.constexpr):
-    """fp32 values over their row's scale, rounded and clamped as ops/quantize.py does: still fp32, but on
-    the 8-bit grid, so the store's conversion is exact (one return type for both schemes, as Triton needs)."""
-    y = tl.math.div_rn(y, scale)
-    if INT8:
-        y = (y + 12582912.0) - 12582912.0  # 1.5 * 2**23: rounds to an integer, half to even
-        y = tl.minimum(tl.maximum(y, -128.0), 127.0)
-    else:
-        y = _round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))
-    return y
 
 
 @triton.jit
@@ -40,9 +26,9 @@ def _rms_norm_quantize_kernel(x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr,
     # ops/rms_norm.py's row, in the activation dtype, then quantized
     y = normed_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, row, stride_x, stride_r, hidden, eps,
                    HAS_RESIDUAL, BLOCK).to(tl.float32)
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12), half_range)
+    scale = row_scale(tl.max(tl.abs(y), axis=0), half_range)
     tl.store(scale_ptr + row, scale)
-    tl.store(q_ptr + row * stride_q + cols, _to_8_bits(y, scale, INT8).to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(q_ptr + row * stride_q + cols, _quantized(y, scale, INT8).to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -56,22 +42,29 @@ def _silu_and_mul(x_row, cols, mask, d):
 
 @triton.jit
 def _silu_and_mul_quantize_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, d, half_range,
-                                  INT8: tl.constexpr, BLOCK: tl.constexpr):
-    # Two passes over the row: its absmax, then the values (recomputed: the row's [gate, up] is still in
-    # the cache, and a wide row would not fit in registers).
+                                  INT8: tl.constexpr, BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, d, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        amax = tl.maximum(amax, tl.abs(_silu_and_mul(x_row, cols, cols < d, d)))
-    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), half_range)
-    tl.store(scale_ptr + row, scale)
-    for start in range(0, d, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
+    q_row = q_ptr + row * stride_q
+    if WHOLE_ROW:  # the row in registers: [gate, up] read once
+        cols = tl.arange(0, BLOCK)
         mask = cols < d
-        q = _to_8_bits(_silu_and_mul(x_row, cols, mask, d), scale, INT8)
-        tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        y = _silu_and_mul(x_row, cols, mask, d)
+        scale = row_scale(tl.max(tl.abs(y), axis=0), half_range)
+        tl.store(scale_ptr + row, scale)
+        tl.store(q_row + cols, _quantized(y, scale, INT8).to(q_ptr.dtype.element_ty), mask=mask)
+    else:  # a wide row: its absmax, then its values recomputed (its [gate, up] still in the cache)
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, d, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            amax = tl.maximum(amax, tl.abs(_silu_and_mul(x_row, cols, cols < d, d)))
+        scale = row_scale(tl.max(amax, axis=0), half_range)
+        tl.store(scale_ptr + row, scale)
+        for start in range(0, d, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < d
+            q = _quantized(_silu_and_mul(x_row, cols, mask, d), scale, INT8)
+            tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, scheme: str, half_range: float,
@@ -108,6 +101,5 @@ def silu_and_mul_quantize(x: torch.Tensor, scheme: str, half_range: float) -> tu
     scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     if rows:
         _silu_and_mul_quantize_kernel[(rows,)](x2, q, scale, x2.stride(0), q.stride(0), d, float(half_range),
-                                               INT8=scheme == "int8", BLOCK=min(2048, triton.next_power_of_2(d)),
-                                               num_warps=4)
+                                               INT8=scheme == "int8", **row_launch(d))
     return q, scale
