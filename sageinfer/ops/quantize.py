@@ -81,14 +81,20 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, static_scale_ptr, k, stride_x
             tl.store(q_row + cols, _quantized(v, scale, INT8).to(q_ptr.dtype.element_ty), mask=mask)
 
 
-# Rows up to this wide are held in registers (16 warps: 32 values a thread) and read once.
+# A batch of up to WHOLE_ROW_MAX_ROWS rows, each up to WHOLE_ROW_MAX wide, is held in registers (16 warps:
+# 32 values a thread) and read once; more rows go in blocks of 2,048 with 4 warps, two passes, the second
+# from the cache. H200s, bf16 to FP8, Qwen3-8B widths (benchmarks/experiments/time_fused_quantize.py: a
+# layer's two norms and activation, fused; two machines, 2026-12-04d-h200-fused-quantize.md): whole rows
+# 12.0 against 16.2 us at 64 rows and 18.5 against 20.2 at 200, but 32.1 against 30.6 at 492 and 807
+# against 722 at 16,384 (programs of 16 warps: fewer of them an SM, fewer loads in flight).
 WHOLE_ROW_MAX = 16384
+WHOLE_ROW_MAX_ROWS = 256
 
 
-def row_launch(k: int) -> dict:
-    """Block and warps of a per-row kernel over k columns, and whether the row is read once."""
-    whole = triton.next_power_of_2(k) <= WHOLE_ROW_MAX
-    block = triton.next_power_of_2(k) if whole else 2048
+def row_launch(k: int, rows: int) -> dict:
+    """Block and warps of a per-row kernel over rows x k, and whether each row is read once."""
+    whole = triton.next_power_of_2(k) <= WHOLE_ROW_MAX and rows <= WHOLE_ROW_MAX_ROWS
+    block = triton.next_power_of_2(k) if whole else min(2048, triton.next_power_of_2(k))
     return {"BLOCK": block, "WHOLE_ROW": whole, "num_warps": max(4, min(16, block // 1024)) if whole else 4}
 
 
@@ -105,5 +111,5 @@ def quantize_rows_kernel(x: torch.Tensor, scheme: str, half_range: float,
         return q, scale
     static = static_scale if static_scale is not None else scale
     _quantize_rows_kernel[(m,)](x, q, scale, static, k, x.stride(0), q.stride(0), float(half_range),
-                                INT8=scheme == "int8", STATIC=static_scale is not None, **row_launch(k))
+                                INT8=scheme == "int8", STATIC=static_scale is not None, **row_launch(k, m))
     return q, scale

@@ -101,5 +101,5 @@ def silu_and_mul_quantize(x: torch.Tensor, scheme: str, half_range: float) -> tu
     scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     if rows:
         _silu_and_mul_quantize_kernel[(rows,)](x2, q, scale, x2.stride(0), q.stride(0), d, float(half_range),
-                                               INT8=scheme == "int8", **row_launch(d))
+                                               INT8=scheme == "int8", **row_launch(d, rows))
     return q, scale
