@@ -1,8 +1,9 @@
 """The element-wise kernels before a W8A8 matmul, writing its 8-bit input and per-row scales directly:
 RMSNorm (with the residual add before it) and SiLU-and-mul. Unfused, each wrote a 16-bit row that
-ops/quantize.py then read back: a 16,000-token chunk's MLP wrote and reread 390 MB that way per layer. The rows are the ones the unfused kernels store, rounded to the
-activation dtype, and they are quantized by ops/quantize.py's arithmetic, so the 8-bit values and
-scales are the same bits as the two launches' (tests/test_quantize_fused.py).
+ops/quantize.py then read back: a 16,000-token chunk's MLP wrote and reread 390 MB that way per layer.
+The rows are the ones the unfused kernels store, rounded to the activation dtype, and they are quantized
+by ops/quantize.py's arithmetic, so the 8-bit values and scales are the same bits as the two launches'
+(tests/test_quantize_fused.py).
 """
 from __future__ import annotations
 
