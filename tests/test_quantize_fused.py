@@ -87,8 +87,8 @@ def test_a_w8a8_model_takes_its_8_bit_inputs_from_the_norm_and_activation_kernel
                                 lambda *a, name=name, original=original, **k: calls.append(name) or original(*a, **k))
         if not fused:
             monkeypatch.setattr(W8A8Method, "fused_input", lambda self, layer: None)
-        llm = LLM(path, dtype=str(DTYPES[-1]).removeprefix("torch."), num_gpu_blocks_override=128, attention_backend="triton", enforce_eager=True,
-                  show_progress=False)
+        llm = LLM(path, dtype=str(DTYPES[-1]).removeprefix("torch."), num_gpu_blocks_override=128,
+                  attention_backend="triton", enforce_eager=True, show_progress=False)
         out = llm.generate({"prompt_token_ids": prompt},
                            SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=0, ignore_eos=True),
                            use_tqdm=False)[0]
