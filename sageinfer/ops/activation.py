@@ -7,14 +7,20 @@ import triton.language as tl
 
 
 @triton.jit
+def silu_and_mul_row(x_row, cols, mask, d):
+    """silu(gate) * up for these columns of a row whose [gate, up] starts at x_row, in the input dtype."""
+    gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_row + d + cols, mask=mask, other=0.0)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+    return (silu * up).to(up.dtype)
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
-    tl.store(out_ptr + row * stride_o + cols, silu * up, mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, silu_and_mul_row(x_ptr + row * stride_x, cols, mask, d), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

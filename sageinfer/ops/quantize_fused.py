@@ -12,8 +12,9 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
+from sageinfer.ops.activation import silu_and_mul_row
 from sageinfer.ops.quantize import _QDTYPE, _quantized, row_launch, row_scale
-from sageinfer.ops.rms_norm import normed_row
+from sageinfer.ops.rms_norm import norm_launch, normed_row
 
 
 @triton.jit
@@ -33,15 +34,6 @@ def _rms_norm_quantize_kernel(x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr,
 
 
 @triton.jit
-def _silu_and_mul(x_row, cols, mask, d):
-    """ops/activation.py's silu(gate) * up for these columns, in the activation dtype, as fp32."""
-    gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_row + d + cols, mask=mask, other=0.0)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
-    return (silu * up).to(up.dtype).to(tl.float32)
-
-
-@triton.jit
 def _silu_and_mul_quantize_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, d, half_range,
                                   INT8: tl.constexpr, BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -50,7 +42,7 @@ def _silu_and_mul_quantize_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, d
     if WHOLE_ROW:  # the row in registers: [gate, up] read once
         cols = tl.arange(0, BLOCK)
         mask = cols < d
-        y = _silu_and_mul(x_row, cols, mask, d)
+        y = silu_and_mul_row(x_row, cols, mask, d).to(tl.float32)
         scale = row_scale(tl.max(tl.abs(y), axis=0), half_range)
         tl.store(scale_ptr + row, scale)
         tl.store(q_row + cols, _quantized(y, scale, INT8).to(q_ptr.dtype.element_ty), mask=mask)
@@ -58,13 +50,13 @@ def _silu_and_mul_quantize_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, d
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, d, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            amax = tl.maximum(amax, tl.abs(_silu_and_mul(x_row, cols, cols < d, d)))
+            amax = tl.maximum(amax, tl.abs(silu_and_mul_row(x_row, cols, cols < d, d).to(tl.float32)))
         scale = row_scale(tl.max(amax, axis=0), half_range)
         tl.store(scale_ptr + row, scale)
         for start in range(0, d, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < d
-            q = _quantized(_silu_and_mul(x_row, cols, mask, d), scale, INT8)
+            q = _quantized(silu_and_mul_row(x_row, cols, mask, d).to(tl.float32), scale, INT8)
             tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
@@ -84,12 +76,10 @@ def rms_norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, scheme:
         assert r2.stride(0) == new_residual.stride(0)
     if rows == 0:
         return q, scale, new_residual
-    block = triton.next_power_of_2(hidden)
     r_in, r_out = (r2, new_residual) if residual is not None else (x2, x2)
     _rms_norm_quantize_kernel[(rows,)](x2, r_in, weight, q, scale, r_out, x2.stride(0), r_in.stride(0), q.stride(0),
                                        hidden, eps, float(half_range), HAS_RESIDUAL=residual is not None,
-                                       INT8=scheme == "int8", BLOCK=block, num_warps=min(16, max(1, block // 256)),
-                                       **launch.dependent_launch_kwargs())
+                                       INT8=scheme == "int8", **norm_launch(hidden), **launch.dependent_launch_kwargs())
     return q, scale, None if new_residual is None else new_residual.view(residual.shape)
 
 

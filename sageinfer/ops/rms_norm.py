@@ -37,23 +37,26 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     tl.store(out_ptr + row * stride_o + cols, y, mask=cols < hidden)
 
 
+def norm_launch(hidden: int) -> dict:
+    """Block and warps of a kernel that normalises one row of hidden values a program."""
+    block = triton.next_power_of_2(hidden)
+    return {"BLOCK": block, "num_warps": min(16, max(1, block // 256))}
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """norm(x) or, with residual, (norm(x + residual), x + residual). x: [rows, hidden]."""
     hidden = x.shape[-1]
     x2 = x.reshape(-1, hidden)
     out = torch.empty_like(x2)
-    block = triton.next_power_of_2(hidden)
-    warps = min(16, max(1, block // 256))
     if residual is None:
         _rms_norm_kernel[(x2.shape[0],)](x2, x2, weight, out, out, x2.stride(0), 0, out.stride(0), hidden, eps,
-                                         HAS_RESIDUAL=False, BLOCK=block, num_warps=warps,
-                                         **launch.dependent_launch_kwargs())
+                                         HAS_RESIDUAL=False, **norm_launch(hidden), **launch.dependent_launch_kwargs())
         return out.view(x.shape)
     r2 = residual.reshape(-1, hidden)
     new_residual = torch.empty_like(r2)
     assert r2.stride(0) == new_residual.stride(0)
     _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, new_residual, x2.stride(0), r2.stride(0), out.stride(0),
-                                     hidden, eps, HAS_RESIDUAL=True, BLOCK=block, num_warps=warps,
+                                     hidden, eps, HAS_RESIDUAL=True, **norm_launch(hidden),
                                      **launch.dependent_launch_kwargs())
     return out.view(x.shape), new_residual.view(x.shape)
