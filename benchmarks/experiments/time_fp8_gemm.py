@@ -20,89 +20,67 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+from sageinfer.ops.int8_matmul import grouped_tile  # noqa: E402
 from sageinfer.platforms import get_platform  # noqa: E402
 from tune_decode_step import graph_time  # noqa: E402  (this folder: the same timing of one graph)
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}
 
 
-@triton.jit(do_not_specialize=["m"])
-def _fp8_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, m, n, k, stride_x, stride_w, stride_y,
-                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, SWAP: tl.constexpr):
-    pid = tl.program_id(0)
-    row_tiles, col_tiles = tl.cdiv(m, BM), tl.cdiv(n, BN)
-    per_group = GROUP * col_tiles
-    first = (pid // per_group) * GROUP
-    group_rows = tl.minimum(row_tiles - first, GROUP)
-    row_tile = first + (pid % per_group) % group_rows
-    col_tile = (pid % per_group) // group_rows
+@triton.jit
+def _scaled_store(acc, y_ptr, xs_ptr, ws_ptr, row_tile, col_tile, m, n, stride_y, BM: tl.constexpr,
+                  BN: tl.constexpr, SWAP: tl.constexpr):
+    """acc ([BM, BN], or [BN, BM] when SWAP) times both scales, stored into its tile of y."""
     rows = row_tile * BM + tl.arange(0, BM)
     cols = col_tile * BN + tl.arange(0, BN)
-    ks = tl.arange(0, BK)
     row_ok, col_ok = rows < m, cols < n
+    xs = tl.load(xs_ptr + rows, mask=row_ok, other=0.0)
+    ws = tl.load(ws_ptr + cols, mask=col_ok, other=0.0)
     if SWAP:
-        acc = tl.zeros([BN, BM], dtype=tl.float32)
-        for start in range(0, k, BK):
-            w = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_w + (start + ks)[None, :],
-                        mask=col_ok[:, None], other=0.0)
-            x = tl.load(x_ptr + rows.to(tl.int64)[None, :] * stride_x + (start + ks)[:, None],
-                        mask=row_ok[None, :], other=0.0)
-            acc = tl.dot(w, x, acc)
-        xs = tl.load(xs_ptr + rows, mask=row_ok, other=0.0)
-        ws = tl.load(ws_ptr + cols, mask=col_ok, other=0.0)
         y = acc * ws[:, None] * xs[None, :]
         tl.store(y_ptr + rows.to(tl.int64)[None, :] * stride_y + cols[:, None], y.to(y_ptr.dtype.element_ty),
                  mask=col_ok[:, None] & row_ok[None, :])
     else:
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for start in range(0, k, BK):
-            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + (start + ks)[None, :],
-                        mask=row_ok[:, None], other=0.0)
-            w = tl.load(w_ptr + cols.to(tl.int64)[None, :] * stride_w + (start + ks)[:, None],
-                        mask=col_ok[None, :], other=0.0)
-            acc = tl.dot(x, w, acc)
-        xs = tl.load(xs_ptr + rows, mask=row_ok, other=0.0)
-        ws = tl.load(ws_ptr + cols, mask=col_ok, other=0.0)
         y = acc * xs[:, None] * ws[None, :]
         tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["m"])
+def _fp8_kernel(x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, m, n, k, stride_x, stride_w, stride_y,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, SWAP: tl.constexpr):
+    row_tile, col_tile = grouped_tile(tl.program_id(0), m, n, BM, BN, GROUP)
+    rows = row_tile * BM + tl.arange(0, BM)
+    cols = col_tile * BN + tl.arange(0, BN)
+    ks = tl.arange(0, BK)
+    x_rows = x_ptr + rows.to(tl.int64) * stride_x
+    w_rows = w_ptr + cols.to(tl.int64) * stride_w
+    acc = tl.zeros([BN, BM] if SWAP else [BM, BN], dtype=tl.float32)
+    for start in range(0, k, BK):
+        if SWAP:  # weight rows as the MMA's rows
+            w = tl.load(w_rows[:, None] + (start + ks)[None, :], mask=(cols < n)[:, None], other=0.0)
+            x = tl.load(x_rows[None, :] + (start + ks)[:, None], mask=(rows < m)[None, :], other=0.0)
+            acc = tl.dot(w, x, acc)
+        else:
+            x = tl.load(x_rows[:, None] + (start + ks)[None, :], mask=(rows < m)[:, None], other=0.0)
+            w = tl.load(w_rows[None, :] + (start + ks)[:, None], mask=(cols < n)[None, :], other=0.0)
+            acc = tl.dot(x, w, acc)
+    _scaled_store(acc, y_ptr, xs_ptr, ws_ptr, row_tile, col_tile, m, n, stride_y, BM, BN, SWAP)
 
 
 @triton.jit(do_not_specialize=["m"])
 def _fp8_tma_kernel(x_desc, w_desc, y_ptr, xs_ptr, ws_ptr, m, n, k, stride_y,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, SWAP: tl.constexpr):
-    pid = tl.program_id(0)
-    row_tiles, col_tiles = tl.cdiv(m, BM), tl.cdiv(n, BN)
-    per_group = GROUP * col_tiles
-    first = (pid // per_group) * GROUP
-    group_rows = tl.minimum(row_tiles - first, GROUP)
-    row_tile = first + (pid % per_group) % group_rows
-    col_tile = (pid % per_group) // group_rows
-    rows = row_tile * BM + tl.arange(0, BM)
-    cols = col_tile * BN + tl.arange(0, BN)
-    row_ok, col_ok = rows < m, cols < n
-    if SWAP:
-        acc = tl.zeros([BN, BM], dtype=tl.float32)
-        for start in range(0, k, BK):
-            w = w_desc.load([col_tile * BN, start])
-            x = x_desc.load([row_tile * BM, start])
+    row_tile, col_tile = grouped_tile(tl.program_id(0), m, n, BM, BN, GROUP)
+    acc = tl.zeros([BN, BM] if SWAP else [BM, BN], dtype=tl.float32)
+    for start in range(0, k, BK):
+        x = x_desc.load([row_tile * BM, start])
+        w = w_desc.load([col_tile * BN, start])
+        if SWAP:
             acc = tl.dot(w, x.T, acc)
-        xs = tl.load(xs_ptr + rows, mask=row_ok, other=0.0)
-        ws = tl.load(ws_ptr + cols, mask=col_ok, other=0.0)
-        y = acc * ws[:, None] * xs[None, :]
-        tl.store(y_ptr + rows.to(tl.int64)[None, :] * stride_y + cols[:, None], y.to(y_ptr.dtype.element_ty),
-                 mask=col_ok[:, None] & row_ok[None, :])
-    else:
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for start in range(0, k, BK):
-            x = x_desc.load([row_tile * BM, start])
-            w = w_desc.load([col_tile * BN, start])
+        else:
             acc = tl.dot(x, w.T, acc)
-        xs = tl.load(xs_ptr + rows, mask=row_ok, other=0.0)
-        ws = tl.load(ws_ptr + cols, mask=col_ok, other=0.0)
-        y = acc * xs[:, None] * ws[None, :]
-        tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+    _scaled_store(acc, y_ptr, xs_ptr, ws_ptr, row_tile, col_tile, m, n, stride_y, BM, BN, SWAP)
 
 
 def triton_fp8(xq, xs, wq, ws, cfg):

@@ -35,18 +35,22 @@ def fast_config(m: int) -> dict:
     return next(cfg for rows, cfg in FAST_CONFIGS if rows is None or m <= rows)
 
 
-@triton.jit(do_not_specialize=["m"])
-def _int8_matmul_kernel(x_ptr, w_ptr, y_ptr, x_scale_ptr, w_scale_ptr, m, n, k, stride_x, stride_w, stride_y,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP: tl.constexpr):
-    # Programs walk row tiles GROUP at a time down each column tile.
-    pid = tl.program_id(0)
+@triton.jit
+def grouped_tile(pid, m, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """The (row tile, column tile) of program pid when programs walk row tiles GROUP at a time down each
+    column tile."""
     row_tiles, col_tiles = tl.cdiv(m, BLOCK_M), tl.cdiv(n, BLOCK_N)
     per_group = GROUP * col_tiles
     first_row_tile = (pid // per_group) * GROUP
     group_rows = tl.minimum(row_tiles - first_row_tile, GROUP)
-    row_tile = first_row_tile + (pid % per_group) % group_rows
-    col_tile = (pid % per_group) // group_rows
+    return first_row_tile + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
+@triton.jit(do_not_specialize=["m"])
+def _int8_matmul_kernel(x_ptr, w_ptr, y_ptr, x_scale_ptr, w_scale_ptr, m, n, k, stride_x, stride_w, stride_y,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP: tl.constexpr):
+    row_tile, col_tile = grouped_tile(tl.program_id(0), m, n, BLOCK_M, BLOCK_N, GROUP)
     rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
