@@ -1,7 +1,9 @@
-"""Short-prompt prefill attention over an FP8 cache, three ways, through the engine's own entry points and
-default tiles: the page-tiled kernel on a bf16 cache (the bar), on the FP8 cache (values widened per tile
-in registers, what a step runs now), and the step's pages widened to bf16 first (attention/triton_backend's
-widened_pages, as long prompts do) then the bf16 kernel, the widening timed with it. Cases: T1's mixed
+"""Short-prompt prefill attention over an FP8 cache, through the engine's own entry points and default tiles:
+the page-tiled kernel on a bf16 cache (the bar), on the FP8 cache (values widened per tile in registers,
+what a step runs now), and the step's pages widened to bf16 first (attention/triton_backend's
+widened_pages, as long prompts do) then the bf16 kernel, the widening timed with it; on Hopper also the
+platform's warp-specialised kernel (platforms/hopper_attention.py, now taken for long prompts only) on the
+bf16 cache and on the widened pages. Cases: T1's mixed
 step (16 new prompts of 1,024) and P1's (75 prompts of 200 after 2,000 cached tokens). Prints us a layer
 and TFLOP/s, and each FP8 path's error against the bf16 cache's output.
 
@@ -26,23 +28,33 @@ from sageinfer.attention.backend import LayerKVCache  # noqa: E402
 from sageinfer.attention.triton_backend import widened_pages  # noqa: E402
 from sageinfer.ops.prefill_attention import prefill_attention  # noqa: E402
 
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+if HOPPER:
+    from sageinfer.platforms import hopper_attention  # noqa: E402
+
 HQ, HKV, D, PAGE = 32, 8, 128, 64
 CASES = {"T1 mixed: 16 x 1024 new": ([1024] * 16, [0] * 16),
-         "P1 mixed: 75 x 200 after 2000": ([200] * 75, [2000] * 75)}
+         "P1 mixed: 75 x 200 after 2000": ([200] * 75, [2000] * 75),
+         "chat: 12 new prompts of 100-2000": ([100, 2000, 350, 800, 1500, 120, 600, 900, 250, 1800, 450, 1100],
+                                              [0] * 12),
+         "chunk: 2 x 2048 after 2048": ([2048] * 2, [2048] * 2)}
 SMALL = {"2 x 64 new": ([64] * 2, [0] * 2), "2 x 32 after 64": ([32] * 2, [64] * 2)}
 
 
-def attend(q, k_cache, v_cache, meta, kv_scale=1.0, block_table=None):
+def attend(q, k_cache, v_cache, meta, kv_scale=1.0, block_table=None, kernel=None):
     out = torch.empty_like(q)
+    if kernel is not None:
+        return kernel(q, k_cache, v_cache, out, meta.block_table if block_table is None else block_table,
+                      meta.seq_lens, meta.query_start_loc, meta.num_seqs, meta.max_query_len, D ** -0.5)
     return prefill_attention(q, k_cache, v_cache, out, meta.block_table if block_table is None else block_table,
                              meta.seq_lens, meta.query_start_loc, meta.num_seqs, meta.max_query_len, D ** -0.5,
                              max_seq_len=meta.max_seq_len, kv_scale=kv_scale)
 
 
-def widened(q, cache, meta):
+def widened(q, cache, meta, kernel=None):
     meta.packed_pages = None  # built anew each step, as the backend does
     k, v, table = widened_pages(cache, meta, q.dtype)
-    return attend(q, k, v, meta, block_table=table)
+    return attend(q, k, v, meta, block_table=table, kernel=kernel)
 
 
 def seconds(fn, reps: int) -> float:
@@ -78,6 +90,10 @@ def main() -> None:
         paths = {"bf16 cache": lambda: attend(q, k16, v16, meta),
                  "fp8 cache, tiles widened in registers": lambda: attend(q, cache.k, cache.v, meta),
                  "fp8 cache, pages widened first": lambda: widened(q, cache, meta)}
+        if HOPPER:
+            kernel = hopper_attention.prefill_attention
+            paths["Hopper kernel, bf16 cache"] = lambda: attend(q, k16, v16, meta, kernel=kernel)
+            paths["Hopper kernel, fp8 pages widened first"] = lambda: widened(q, cache, meta, kernel=kernel)
         bar = paths["bf16 cache"]()
         print(f"== {name}: {flops / 1e9:.1f} GFLOP a layer")
         for label, fn in paths.items():

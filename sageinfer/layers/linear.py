@@ -191,8 +191,10 @@ class Linear(nn.Module):
             hidden, residual = norm(x, residual)
             return self(hidden), residual
         from sageinfer.ops.quantize_fused import rms_norm_quantize  # Triton only where kernels run
-        xq, x_scale, new_residual = rms_norm_quantize(x, norm.weight, norm.eps, *quantized, residual)
-        y = self._finish(self.quant.apply_quantized(self, xq, x_scale, x.dtype))
+        rows = x.numel() // x.shape[-1]
+        xq, x_scale, new_residual = rms_norm_quantize(x, norm.weight, norm.eps, *quantized, residual,
+                                                      rows_out=self.quant.input_rows(self, rows))
+        y = self._finish(self.quant.apply_quantized(self, xq, x_scale, x.dtype, rows))
         return y, x if new_residual is None else new_residual
 
     def _one_row_weight(self, x: torch.Tensor) -> dict | None:
@@ -220,8 +222,9 @@ class Linear(nn.Module):
         quantized = self._quantized_input(gate_up) if act.use_triton else None
         if quantized is not None:  # the activation kernel writes this layer's 8-bit input
             from sageinfer.ops.quantize_fused import silu_and_mul_quantize  # Triton only where kernels run
-            xq, x_scale = silu_and_mul_quantize(gate_up, *quantized)
-            y = self._finish(self.quant.apply_quantized(self, xq, x_scale, gate_up.dtype))
+            rows = gate_up.numel() // gate_up.shape[-1]
+            xq, x_scale = silu_and_mul_quantize(gate_up, *quantized, rows_out=self.quant.input_rows(self, rows))
+            y = self._finish(self.quant.apply_quantized(self, xq, x_scale, gate_up.dtype, rows))
             return y if residual is None else residual.add_(y)
         return self.add_into(act(gate_up), residual) if residual is not None else self.forward(act(gate_up))
 

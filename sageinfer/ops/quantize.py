@@ -98,15 +98,25 @@ def row_launch(k: int, rows: int) -> dict:
     return {"BLOCK": block, "WHOLE_ROW": whole, "num_warps": max(4, min(16, block // 1024)) if whole else 4}
 
 
+def quantized_rows_out(rows: int, k: int, scheme: str, device, rows_out: int | None = None):
+    """The 8-bit rows and their fp32 scales to write `rows` rows into: (q [R, k], scale [R, 1]) with R
+    the larger of rows and rows_out (a GEMM that is faster on a taller input; rows past `rows` are
+    left unwritten, and their products are dropped)."""
+    total = max(rows, rows_out or 0)
+    return (torch.empty(total, k, dtype=_QDTYPE[scheme], device=device),
+            torch.empty(total, 1, dtype=torch.float32, device=device))
+
+
 def quantize_rows_kernel(x: torch.Tensor, scheme: str, half_range: float,
-                         static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         static_scale: torch.Tensor | None = None,
+                         rows_out: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (rows contiguous) -> (8-bit x [M, K], fp32 scale [M, 1]). With static_scale (one
-    element), every row takes that scale; otherwise each row's absmax / half_range."""
+    element), every row takes that scale; otherwise each row's absmax / half_range. rows_out: the
+    outputs' rows, if more than M (quantized_rows_out)."""
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError("quantize_rows_kernel takes a 2-D tensor with contiguous rows")
     m, k = x.shape
-    q = torch.empty(m, k, dtype=_QDTYPE[scheme], device=x.device)
-    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    q, scale = quantized_rows_out(m, k, scheme, x.device, rows_out)
     if m == 0:
         return q, scale
     static = static_scale if static_scale is not None else scale

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from sageinfer.ops import launch
 from sageinfer.ops.activation import silu_and_mul_row
-from sageinfer.ops.quantize import _QDTYPE, _quantized, row_launch, row_scale
+from sageinfer.ops.quantize import _quantized, quantized_rows_out, row_launch, row_scale
 from sageinfer.ops.rms_norm import norm_launch, normed_row
 
 
@@ -61,14 +61,14 @@ def _silu_and_mul_quantize_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, d
 
 
 def rms_norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, scheme: str, half_range: float,
-                      residual: torch.Tensor | None = None):
+                      residual: torch.Tensor | None = None, rows_out: int | None = None):
     """RMSNorm of x [rows, hidden] (after adding residual) quantized per row: (8-bit rows, fp32 scales
-    [rows, 1], x + residual or None without residual)."""
+    [rows, 1], x + residual or None without residual). rows_out: the 8-bit outputs' rows, if more
+    (ops/quantize.quantized_rows_out)."""
     hidden = x.shape[-1]
     x2 = x.reshape(-1, hidden)
     rows = x2.shape[0]
-    q = torch.empty(rows, hidden, dtype=_QDTYPE[scheme], device=x.device)
-    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    q, scale = quantized_rows_out(rows, hidden, scheme, x.device, rows_out)
     new_residual = None
     if residual is not None:
         r2 = residual.reshape(-1, hidden)
@@ -83,13 +83,14 @@ def rms_norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, scheme:
     return q, scale, None if new_residual is None else new_residual.view(residual.shape)
 
 
-def silu_and_mul_quantize(x: torch.Tensor, scheme: str, half_range: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """silu(gate) * up of x [rows, 2 * d] quantized per row: (8-bit [rows, d], fp32 scales [rows, 1])."""
+def silu_and_mul_quantize(x: torch.Tensor, scheme: str, half_range: float,
+                          rows_out: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu(gate) * up of x [rows, 2 * d] quantized per row: (8-bit [rows, d], fp32 scales [rows, 1]).
+    rows_out: the outputs' rows, if more (ops/quantize.quantized_rows_out)."""
     d = x.shape[-1] // 2
     x2 = x.reshape(-1, 2 * d)
     rows = x2.shape[0]
-    q = torch.empty(rows, d, dtype=_QDTYPE[scheme], device=x.device)
-    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    q, scale = quantized_rows_out(rows, d, scheme, x.device, rows_out)
     if rows:
         _silu_and_mul_quantize_kernel[(rows,)](x2, q, scale, x2.stride(0), q.stride(0), d, float(half_range),
                                                INT8=scheme == "int8", **row_launch(d, rows))

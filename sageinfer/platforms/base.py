@@ -86,6 +86,12 @@ class Platform:
         with rowwise scales, or None where it has none for these shapes and dtype."""
         return None
 
+    def fp8_gemm_rows(self, rows: int) -> int:
+        """The rows to give fp8_scaled_matmul for an input of `rows` rows: more where the library is faster
+        on a taller input. The layers then allocate their 8-bit input that tall (the rows past `rows` are
+        left unwritten) and drop the extra rows of the product."""
+        return rows
+
     def supports_fp8_block_gemm(self) -> bool:
         """Whether fp8_block_matmul runs here (asked once per layer before serving, outside graphs)."""
         return False

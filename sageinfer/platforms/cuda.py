@@ -11,6 +11,13 @@ from sageinfer.platforms.base import Platform
 logger = logging.getLogger(__name__)
 
 
+# cuBLAS's rowwise-scaled FP8 GEMM is slowest just past each multiple of 128 rows, where it takes another
+# kernel: on an H200, a Qwen3-8B layer's four GEMMs take 150 us at 136 rows against 111 at 256, 199 at 264
+# against 149 at 384 (benchmarks/experiments/sweep_gemm_rows.py). So the layers' 8-bit inputs are padded
+# to a multiple of FP8_GEMM_ROW_ALIGN rows (SAGEINFER_FP8_GEMM_ROW_ALIGN; 1 pads nothing).
+FP8_GEMM_ROW_ALIGN = int(os.environ.get("SAGEINFER_FP8_GEMM_ROW_ALIGN", "128"))
+
+
 class CudaPlatform(Platform):
     name = "cuda"
     device_type = "cuda"
@@ -106,6 +113,11 @@ class CudaPlatform(Platform):
         if m <= 16:  # and more than 16 rows
             xq = torch.cat([xq, xq.new_zeros(17 - m, k)])
         return torch._int_mm(xq, wq.t())[:m]
+
+    def fp8_gemm_rows(self, rows):
+        if FP8_GEMM_ROW_ALIGN <= 1:
+            return rows
+        return -(-rows // FP8_GEMM_ROW_ALIGN) * FP8_GEMM_ROW_ALIGN
 
     def fp8_scaled_matmul(self, xq, wq, x_scale, w_scale, out_dtype):
         # Rowwise-scaled FP8 GEMMs take shapes in steps of 16 and write bf16 only.

@@ -114,11 +114,20 @@ class W8A8Method:
             return self.scheme, _ACT_HALF_RANGE[self.scheme]
         return None
 
+    def input_rows(self, layer: nn.Module, rows: int) -> int:
+        """The rows to allocate for this layer's 8-bit input of `rows` rows: more where the platform's FP8
+        GEMM is faster on a taller input (platform.fp8_gemm_rows; the extra rows' products are dropped)."""
+        if self.scheme != "fp8" or rows == 0:
+            return rows
+        return (layer.platform or get_platform()).fp8_gemm_rows(rows)
+
     def apply_quantized(self, layer: nn.Module, xq: torch.Tensor, x_scale: torch.Tensor,
-                        out_dtype: torch.dtype) -> torch.Tensor:
-        """The matmul of rows already quantized as fused_input says: xq [M, K] with x_scale [M, 1]."""
-        return self._matmul(xq, x_scale, layer.weight, layer.weight_scale, out_dtype,
-                            layer.platform or get_platform(), layer.use_triton)
+                        out_dtype: torch.dtype, rows: int | None = None) -> torch.Tensor:
+        """The matmul of rows already quantized as fused_input says: xq [M, K] with x_scale [M, 1], of
+        which the first `rows` are the input's (input_rows may have made M larger)."""
+        y = self._matmul(xq, x_scale, layer.weight, layer.weight_scale, out_dtype,
+                         layer.platform or get_platform(), layer.use_triton)
+        return y if rows is None or rows == y.shape[0] else y[:rows]
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -126,14 +135,15 @@ class W8A8Method:
         dynamic = self.config.activation_dynamic or not hasattr(layer, "input_scale")
         if layer.use_triton:  # the platform's kernel choice: one fused quantization launch
             xq, x_scale = quantize_rows_kernel(x2.contiguous(), self.scheme, _ACT_HALF_RANGE[self.scheme],
-                                               None if dynamic else layer.input_scale)
+                                               None if dynamic else layer.input_scale,
+                                               rows_out=self.input_rows(layer, x2.shape[0]))
         elif dynamic:
             xq, x_scale = quantize_rows(x2, self.scheme, activations=True)
         else:
             x_scale = layer.input_scale.view(1, 1).expand(x2.shape[0], 1).contiguous()
             xq = quantize_with(x2, x_scale, self.scheme)
         y = self._matmul(xq, x_scale, layer.weight, layer.weight_scale, x.dtype, layer.platform or get_platform(),
-                         layer.use_triton)
+                         layer.use_triton)[:x2.shape[0]]
         return y.reshape(*shape[:-1], y.shape[-1])
 
     def _matmul(self, xq, x_scale, wq, w_scale, out_dtype, platform, use_triton: bool = False):
