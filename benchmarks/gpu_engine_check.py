@@ -85,7 +85,7 @@ def check_long_prompts(root, rng) -> int:
     for chunk in (8192, 2048):
         llm = LLM(path, dtype="float16", num_gpu_blocks_override=512, max_num_batched_tokens=chunk,
                   max_model_len=8192, show_progress=False)
-        kernel = llm.engine.runner.backend.long_prefill
+        kernel = llm.engine.runner.backend.platform_prefill
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         failures += count_mismatches(path, prompts, outs, f"long prompts in chunks of {chunk} vs transformers")
         print(f"long prompts in chunks of {chunk}: platform prefill kernel "

@@ -117,7 +117,7 @@ class _PlatformPrefill:
 def test_the_platform_long_prompt_kernel_gets_only_the_prefills():
     layer, positions, q, k, v, cache, meta = _step([1, 1, 40, 8], [30, LONG_CONTEXT, 25, 3])
     platform = _PlatformPrefill()
-    backend = TritonBackend(num_sms=8, long_prefill=platform)
+    backend = TritonBackend(num_sms=8, platform_prefill=platform)
     backend.plan(meta, num_kv_heads=2)
     meta.parts[1].max_seq_len = LONG_CONTEXT  # as if a prompt were long: the kernel's threshold
     out = backend.forward(layer, positions, q, k, v, cache, meta)

@@ -98,7 +98,7 @@ def _prefill_step(max_seq_len):
 def test_long_prompts_go_to_the_platform_kernel():
     fake = _FakeLongPrefill(answer=7.0)
     layer, positions, q, k, v, cache, meta = _prefill_step(LONG_CONTEXT)
-    out = TritonBackend(long_prefill=fake).forward(layer, positions, q, k, v, cache, meta)
+    out = TritonBackend(platform_prefill=fake).forward(layer, positions, q, k, v, cache, meta)
     assert fake.calls == 1 and torch.all(out == 7.0)
 
 
@@ -106,11 +106,23 @@ def test_short_prompts_and_refusals_use_the_portable_kernel():
     for max_seq_len, answer in ((LONG_CONTEXT - 1, 7.0), (LONG_CONTEXT, None)):
         fake = _FakeLongPrefill(answer=answer)
         layer, positions, q, k, v, cache, meta = _prefill_step(max_seq_len)
-        out = TritonBackend(long_prefill=fake).forward(layer, positions, q, k, v, cache, meta)
+        out = TritonBackend(platform_prefill=fake).forward(layer, positions, q, k, v, cache, meta)
         # q was rotated in place and the chunk's k/v written to the cache: the reference reads both.
         ref = paged_attention_ref(q, cache, meta, layer.scale)
         assert fake.calls == (answer is None)
         assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_steps_of_many_new_tokens_go_to_the_platform_kernel(monkeypatch):
+    """A short-context step reaches the platform kernel once its prefills hold PLATFORM_PREFILL_MIN_TOKENS
+    new tokens (5 here), not below, and not when the bound is 0."""
+    import sageinfer.attention.triton_backend as tb
+    for bound, taken in ((5, True), (6, False), (0, False)):
+        monkeypatch.setattr(tb, "PLATFORM_PREFILL_MIN_TOKENS", bound)
+        fake = _FakeLongPrefill(answer=7.0)
+        layer, positions, q, k, v, cache, meta = _prefill_step(LONG_CONTEXT - 1)
+        out = TritonBackend(platform_prefill=fake).forward(layer, positions, q, k, v, cache, meta)
+        assert fake.calls == taken and bool(torch.all(out == 7.0)) == taken
 
 
 class _WidenedPrefill:
@@ -131,15 +143,20 @@ class _WidenedPrefill:
 
 
 @pytest.mark.parametrize("fp8_scale", [1.0, 0.5, "int8"])
-def test_an_fp8_cache_reaches_the_platform_kernel_on_widened_pages(monkeypatch, fp8_scale):
+@pytest.mark.parametrize("host_table", [False, True])
+def test_an_fp8_cache_reaches_the_platform_kernel_on_widened_pages(monkeypatch, fp8_scale, host_table):
     """Long prefills over an FP8 (or INT8) cache copy the step's pages into the model dtype and run the
-    platform kernel on them: the same attention as the reference over the quantized cache, two
-    sequences of several pages (INT8: the scales of rows nothing wrote are NaN)."""
+    platform kernel on them: the same attention as the reference over the quantized cache, three
+    sequences of several pages (INT8: the scales of rows nothing wrote are NaN). With the host's block
+    table (eager steps), a page that two sequences read (a shared prefix) is copied once."""
     import sageinfer.attention.triton_backend as tb
     monkeypatch.setattr(tb, "LONG_CONTEXT", 64)
     head_dim, heads, kv_heads, page = 16, 4, 2, 64
-    query_lens, context_lens = [40, 9], [100, 70]
+    query_lens, context_lens = [40, 9, 20], [100, 70, 80]
     k32, v32, meta = random_paged_batch(query_lens, context_lens, kv_heads, head_dim, page, torch.float32, seed=6)
+    meta.block_table[2, 0] = meta.block_table[1, 0]  # the last two sequences share their first page
+    if host_table:
+        meta.block_table_cpu = meta.block_table.cpu().numpy()
     if fp8_scale == "int8":
         scales = [c.abs().amax(-1).clamp(min=1e-6) / 127.0 for c in (k32, v32)]
         k8, v8 = ((c / s.unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8) for c, s in zip((k32, v32), scales))
@@ -165,9 +182,12 @@ def test_an_fp8_cache_reaches_the_platform_kernel_on_widened_pages(monkeypatch, 
         monkeypatch.setattr(tb, "WIDEN_MAX_TOKENS", limit)
         platform_kernel.dtypes, meta.packed_pages = [], None
         q_step = q.clone()  # rotated in place by the step
-        out = TritonBackend(long_prefill=platform_kernel).forward(layer, positions, q_step, k.clone(), v.clone(),
-                                                                  cache, meta)
+        out = TritonBackend(platform_prefill=platform_kernel).forward(layer, positions, q_step, k.clone(),
+                                                                      v.clone(), cache, meta)
         assert platform_kernel.dtypes == widened
+        pages = meta.packed_pages[0].tolist()
+        # pages of 140, 79 and 100 tokens: 3 + 2 + 2, one of them read twice
+        assert len(pages) == (6 if host_table else 7) and len(set(pages)) == 6
         assert rel_err(out, paged_attention_ref(q_step.double(), cache, meta, layer.scale)) < TOL[torch.float32]
 
 

@@ -165,6 +165,11 @@ def test_a_prompts_prefill_launches_compile_nothing_the_warm_up_did_not(model_di
 def test_prefill_plans_come_first_and_long_ones_only_where_prompts_reach_them():
     assert {p.max_seq_len for p in prefill_plans(2048, 64)} == {64}
     assert {p.max_seq_len for p in prefill_plans(32768, 64)} == {64, pa.LONG_CONTEXT}
+    # a short max_model_len whose steps may still hold enough new tokens for the platform's kernel
+    from sageinfer.attention.triton_backend import PLATFORM_PREFILL_MIN_TOKENS
+    assert PLATFORM_PREFILL_MIN_TOKENS > 0
+    assert {p.max_seq_len for p in prefill_plans(2048, 64, PLATFORM_PREFILL_MIN_TOKENS)} == {64, pa.LONG_CONTEXT}
+    assert {p.max_seq_len for p in prefill_plans(2048, 64, PLATFORM_PREFILL_MIN_TOKENS - 1)} == {64}
     launched = []
 
     class Backend:
@@ -270,7 +275,8 @@ def test_a_failing_warm_up_is_logged_and_start_up_goes_on(caplog):
     runner = types.SimpleNamespace(
         backend=backend, device=torch.device("meta"), num_kv_heads=2, dtype=torch.float32, block_size=16,
         _captures_graphs=lambda: False,
-        config=types.SimpleNamespace(max_num_seqs=4, max_model_len=64, max_graph_batch_size=512),
+        config=types.SimpleNamespace(max_num_seqs=4, max_model_len=64, max_graph_batch_size=512,
+                                      max_num_batched_tokens=64),
         platform=types.SimpleNamespace(supports_triton=True, supports_dependent_launch=lambda: False,
                                        synchronize=lambda: None),
         model=torch.nn.ModuleList([layer]), _layer_cache=lambda blocks: types.SimpleNamespace(k=torch.zeros(blocks, 16, 2, 16)))

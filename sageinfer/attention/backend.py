@@ -12,7 +12,7 @@ tokens, the new ones last, so new token j sits at position seq_lens[i] - query_l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -65,8 +65,11 @@ class AttentionMetadata:
     # Cascade decode: tokens at the start of every sequence held in the same blocks (those of row 0
     # of block_table), as an int32 device tensor [1]; None when the step does not use it.
     cascade_prefix_len: torch.Tensor | None = None
-    # The step's pages packed for a backend that copies them (source positions in block_table, a table
-    # over the copies); filled by the backend on first use in a step.
+    # The host's block table (numpy), where the step was built from one (eager steps): a backend may plan
+    # on it without reading the device's.
+    block_table_cpu: Any = None
+    # The step's pages packed for a backend that copies them (the cache pages to copy, a table over the
+    # copies); filled by the backend on first use in a step.
     packed_pages: tuple[torch.Tensor, torch.Tensor] | None = None
     # A mixed step cut in two for a backend that attends the single-token sequences (decodes, leading
     # the batch) with its decode kernel and the rest with its prefill kernel: (decode part, rest).
@@ -101,7 +104,8 @@ class AttentionMetadata:
                 block_table=self.block_table[lo:hi],
                 max_query_len=max(b - a for a, b in zip(starts, starts[1:])),
                 max_seq_len=max(self.seq_lens_cpu[lo:hi]), query_start_loc_cpu=[x - rebase for x in starts],
-                seq_lens_cpu=self.seq_lens_cpu[lo:hi])
+                seq_lens_cpu=self.seq_lens_cpu[lo:hi],
+                block_table_cpu=None if self.block_table_cpu is None else self.block_table_cpu[lo:hi])
         return part(0, n, 0), part(n, self.num_seqs, t)
 
 
@@ -145,5 +149,5 @@ def get_attention_backend(name: str, platform=None) -> AttentionBackend:
         if platform is None:
             return TritonBackend()
         return TritonBackend(num_sms=platform.num_compute_units(), tensor_copies=platform.supports_tensor_copies(),
-                             long_prefill=platform.prefill_attention())
+                             platform_prefill=platform.prefill_attention())
     raise ValueError(f"attention backend must be 'torch_ref' or 'triton', got {name!r}")

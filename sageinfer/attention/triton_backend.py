@@ -57,9 +57,16 @@ WIDE_DECODE_PROGRAMS_PER_SM = int(os.environ.get("SAGEINFER_WIDE_DECODE_PROGRAMS
 LONG_DECODE_MIN_KEYS = int(os.environ.get("SAGEINFER_LONG_DECODE_MIN_KEYS", "64"))
 
 
-# Widened copies of a quantized cache's pages are made for long prefills of at most this many context
-# tokens in the step (Qwen3-8B shapes: 256 MB per layer at 64K tokens, freed after the layer).
+# Widened copies of a quantized cache's pages are made for prefills whose sequences read at most this many
+# distinct context tokens in the step (Qwen3-8B shapes: 256 MB per layer at 64K tokens, freed after the layer).
 WIDEN_MAX_TOKENS = 65536
+# The platform's prefill kernel (Hopper's warp-specialised one) serves long prompts, and also steps with at
+# least this many new tokens in their prefills (0: long prompts only). H200, a layer of Qwen3-8B shapes
+# (benchmarks/experiments/probe_fp8_prefill.py), the platform's kernel against the portable one, bf16 cache:
+# 16 new prompts of 1,024: 364 against 473 us; 75 prompts of 200 after a shared 2,000: 1,255 against 1,684.
+# Each launch encodes two tensor maps on the host (46-87 us), which a step of this many tokens hides
+# behind its GPU work.
+PLATFORM_PREFILL_MIN_TOKENS = int(os.environ.get("SAGEINFER_PLATFORM_PREFILL_MIN_TOKENS", "4096"))
 
 
 def _times_token_scales(values: torch.Tensor, scales: torch.Tensor, dtype, pages_at_once: int = 64) -> torch.Tensor:
@@ -74,23 +81,38 @@ def _times_token_scales(values: torch.Tensor, scales: torch.Tensor, dtype, pages
     return out
 
 
-def widened_pages(cache, meta, dtype):
-    """The pages that the step's sequences read, copied out of an FP8 or INT8 cache into `dtype`
-    (times the cache's scales) and packed: (keys, values, a block table over the packed pages). The
-    page list is built once per step."""
-    page_size = cache.k.shape[1]
+def packed_pages(meta, page_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache pages that the step's sequences read and a block table over their copies: (page ids [P]
+    int64, table [seqs, pages] int32), on the device, built once a step. From the host's block table
+    each page is taken once, however many sequences read it (a shared prefix is copied once); without
+    one, every sequence's pages apart."""
     if meta.packed_pages is None:
-        counts = torch.tensor([-(-n // page_size) for n in meta.seq_lens_cpu])
-        width = meta.block_table.shape[1]
-        starts = torch.cumsum(counts, 0) - counts
-        within = torch.arange(int(counts.sum())) - torch.repeat_interleave(starts, counts)
-        rows = torch.repeat_interleave(torch.arange(len(counts)), counts)
-        table = torch.zeros(len(counts), int(counts.max()), dtype=torch.int32)
-        table[rows, within] = torch.arange(int(counts.sum()), dtype=torch.int32)
-        device = cache.k.device
-        meta.packed_pages = ((rows * width + within).to(device), table.to(device))
-    index, table = meta.packed_pages
-    pages = meta.block_table.reshape(-1)[index].long()
+        counts = np.array([-(-n // page_size) for n in meta.seq_lens_cpu])
+        width = int(counts.max())
+        if meta.block_table_cpu is not None:
+            table = np.asarray(meta.block_table_cpu)[:, :width]
+            used = np.arange(width)[None, :] < counts[:, None]
+            pages, inverse = np.unique(table[used], return_inverse=True)
+            packed = np.zeros(table.shape, dtype=np.int32)
+            packed[used] = inverse
+            meta.packed_pages = (torch.from_numpy(pages.astype(np.int64)).to(device),
+                                 torch.from_numpy(packed).to(device))
+        else:
+            counts = torch.from_numpy(counts)
+            starts = torch.cumsum(counts, 0) - counts
+            within = torch.arange(int(counts.sum())) - torch.repeat_interleave(starts, counts)
+            rows = torch.repeat_interleave(torch.arange(len(counts)), counts)
+            table = torch.zeros(len(counts), width, dtype=torch.int32)
+            table[rows, within] = torch.arange(int(counts.sum()), dtype=torch.int32)
+            index = (rows * meta.block_table.shape[1] + within).to(device)
+            meta.packed_pages = (meta.block_table.reshape(-1)[index].long(), table.to(device))
+    return meta.packed_pages
+
+
+def widened_pages(cache, meta, dtype):
+    """The pages that the step's sequences read (packed_pages), copied out of an FP8 or INT8 cache into
+    `dtype` (times the cache's scales): (keys, values, a block table over them)."""
+    pages, table = packed_pages(meta, cache.k.shape[1], cache.k.device)
     if cache.mode == 2:
         return (_times_token_scales(cache.k[pages], cache.k_scale[pages], dtype),
                 _times_token_scales(cache.v[pages], cache.v_scale[pages], dtype), table)
@@ -104,13 +126,14 @@ def widened_pages(cache, meta, dtype):
 class TritonBackend(AttentionBackend):
     name = "triton"
 
-    def __init__(self, num_sms: int | None = None, tensor_copies: bool = False, long_prefill=None):
+    def __init__(self, num_sms: int | None = None, tensor_copies: bool = False, platform_prefill=None):
         if num_sms is None:  # the current platform's (an H100 has 132 SMs)
             from sageinfer.platforms import get_platform
             num_sms = get_platform().num_compute_units()
         self.num_sms = num_sms
         self.tensor_copies = tensor_copies  # the platform has a tensor copy engine
-        self.long_prefill = long_prefill  # the platform's own prefill kernel for long prompts, if any
+        # the platform's own prefill kernel, if any (long prompts, and steps of PLATFORM_PREFILL_MIN_TOKENS)
+        self.platform_prefill = platform_prefill
 
     def plan(self, meta: AttentionMetadata, num_kv_heads: int) -> None:
         if meta.max_query_len == 1:
@@ -179,22 +202,26 @@ class TritonBackend(AttentionBackend):
         tokens = common_prefix_blocks(block_table, seq_lens, block_size) * block_size // PREFIX_ALIGN * PREFIX_ALIGN
         return tokens if tokens >= CASCADE_MIN_PREFIX else 0
 
-    def _long_prefill(self, q, cache, out, meta, scale):
-        """The platform's long-prompt kernel (H100, 16K chunks of a 32K prompt: 613-654 against 460-487
-        TFLOP/s for the portable kernel; long prompts only: each launch encodes two tensor maps on the
-        host). It reads 16-bit pages: an FP8 or INT8 cache's pages of the step are widened first, when
-        they are few enough (H200, a 16K chunk after 16K cached tokens: the portable kernel reading FP8
-        took 332 ms of attention against 135 for this kernel on 16-bit pages; widening costs one copy
-        per layer; INT8 widened the same way, not timed)."""
+    @staticmethod
+    def _platform_prefill_pays(meta: AttentionMetadata) -> bool:
+        return meta.max_seq_len >= LONG_CONTEXT or 0 < PLATFORM_PREFILL_MIN_TOKENS <= meta.num_actual_tokens
+
+    def _platform_prefill(self, q, cache, out, meta, scale):
+        """The platform's prefill kernel (H100, 16K chunks of a 32K prompt: 613-654 against 460-487
+        TFLOP/s for the portable kernel). It reads 16-bit pages: an FP8 or INT8 cache's pages of the step
+        are widened first, when they are few enough (H200, a 16K chunk after 16K cached tokens: the
+        portable kernel reading FP8 took 332 ms of attention against 135 for this kernel on 16-bit pages;
+        widening costs one copy per layer; INT8 widened the same way, not timed)."""
         k_cache, v_cache, block_table = cache.k, cache.v, meta.block_table
         if cache.mode in (1, 2):
-            if sum(meta.seq_lens_cpu) > WIDEN_MAX_TOKENS:
+            pages, _ = packed_pages(meta, cache.k.shape[1], cache.k.device)
+            if pages.numel() * cache.k.shape[1] > WIDEN_MAX_TOKENS:
                 return None
             k_cache, v_cache, block_table = widened_pages(cache, meta, q.dtype)
         elif cache.k.dtype != q.dtype:
             return None
-        return self.long_prefill(q, k_cache, v_cache, out, block_table, meta.seq_lens, meta.query_start_loc,
-                                 meta.num_seqs, meta.max_query_len, scale)
+        return self.platform_prefill(q, k_cache, v_cache, out, block_table, meta.seq_lens, meta.query_start_loc,
+                                     meta.num_seqs, meta.max_query_len, scale)
 
     def forward(self, layer, positions, q, k, v, cache, meta):
         q_norm = layer.q_norm.weight if layer.q_norm is not None else None
@@ -225,9 +252,9 @@ class TritonBackend(AttentionBackend):
         num_tokens = q.shape[0]
         if meta.max_query_len > 1:
             page_size, head_dim = cache.k.shape[1], q.shape[2]
-            if (meta.max_seq_len >= LONG_CONTEXT and self.long_prefill is not None
-                    and self.long_prefill.supports(page_size, head_dim, q.shape[1], cache.k.shape[2], q.dtype)):
-                done = self._long_prefill(q, cache, out, meta, layer.scale)
+            if (self._platform_prefill_pays(meta) and self.platform_prefill is not None
+                    and self.platform_prefill.supports(page_size, head_dim, q.shape[1], cache.k.shape[2], q.dtype)):
+                done = self._platform_prefill(q, cache, out, meta, layer.scale)
                 if done is not None:
                     return done
             if tile_prefill.supports(page_size, head_dim, cache.k.dtype):

@@ -217,7 +217,7 @@ class ModelRunner:
             dependent_max = DEPENDENT_LAUNCH_MAX_DECODE_BATCH if self.platform.supports_dependent_launch() else 0
             plans |= graph_plans(self.backend, sizes, self.config.max_model_len, self.num_kv_heads, dependent_max)
             if PREFILL_WARM_UP:
-                plans |= prefill_plans(self.config.max_model_len, self.block_size)
+                plans |= prefill_plans(self.config.max_model_len, self.block_size, self.config.max_num_batched_tokens)
             layer = next(m for m in self.model.modules() if isinstance(m, Attention))
             finishes.append(start_in_background(self.backend, layer, self._layer_cache(1), plans, self.device,
                                                 self.dtype, threads=threads, enter_thread=enter_thread))
@@ -316,6 +316,7 @@ class ModelRunner:
             block_table=to_device(host.block_table, dev),
             max_query_len=host.max_query_len, max_seq_len=int(host.seq_lens.max()),
             query_start_loc_cpu=host.query_start_loc.tolist(), seq_lens_cpu=host.seq_lens.tolist(),
+            block_table_cpu=host.block_table,
             cascade_prefix_len=(to_device(np.array([host.cascade_prefix_len], dtype=np.int32), dev)
                                 if host.cascade_prefix_len else None),
             after_layer=after_layer)
