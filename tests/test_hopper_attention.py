@@ -189,13 +189,3 @@ def test_an_fp8_cache_reaches_the_platform_kernel_on_widened_pages(monkeypatch, 
         # pages of 140, 79 and 100 tokens: 3 + 2 + 2, one of them read twice
         assert len(pages) == (6 if host_table else 7) and len(set(pages)) == 6
         assert rel_err(out, paged_attention_ref(q_step.double(), cache, meta, layer.scale)) < TOL[torch.float32]
-
-
-def test_int8_pages_widen_a_few_at_a_time_as_all_at_once():
-    from sageinfer.attention.triton_backend import _times_token_scales
-    gen = torch.Generator().manual_seed(3)
-    values = torch.randint(-128, 128, (7, 4, 2, 8), generator=gen, dtype=torch.int8)
-    scales = torch.rand(7, 4, 2, generator=gen)
-    scales[6, 3] = float("nan")  # a row no write set
-    expected = (values.float() * torch.nan_to_num(scales).unsqueeze(-1)).to(torch.bfloat16)
-    assert torch.equal(_times_token_scales(values, scales, torch.bfloat16, pages_at_once=2), expected)

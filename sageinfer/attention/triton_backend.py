@@ -12,6 +12,7 @@ from sageinfer.ops import prefill_attention as tile_prefill
 from sageinfer.ops.paged_attention import (LONG_CONTEXT, LONG_DECODE_KEYS, LONG_DECODE_SPLITS, WIDE_DECODE_CONFIGS,
                                            choose_num_splits, paged_attention, rotary_inside_supported)
 from sageinfer.ops.rope_cache import rope_and_cache
+from sageinfer.ops.widen_pages import widen_pages
 
 # Cascade decode pays once a step has enough sequences reading a long enough common prefix.
 CASCADE_MIN_SEQS = 16
@@ -69,18 +70,6 @@ WIDEN_MAX_TOKENS = 65536
 PLATFORM_PREFILL_MIN_TOKENS = int(os.environ.get("SAGEINFER_PLATFORM_PREFILL_MIN_TOKENS", "4096"))
 
 
-def _times_token_scales(values: torch.Tensor, scales: torch.Tensor, dtype, pages_at_once: int = 64) -> torch.Tensor:
-    """INT8 pages [pages, page, heads, dim] times their per-token-head scales, in fp32 a few pages at a
-    time (no fp32 copy of them all beside the result), as `dtype`; a scale no write has set (rows past
-    a sequence's end) counts as 0, so that those rows, masked in the attention, hold no NaN to poison
-    it (0 * NaN)."""
-    out = torch.empty(values.shape, dtype=dtype, device=values.device)
-    for i in range(0, values.shape[0], pages_at_once):
-        part = torch.nan_to_num(scales[i:i + pages_at_once].float(), nan=0.0, posinf=0.0, neginf=0.0)
-        out[i:i + pages_at_once] = values[i:i + pages_at_once].float() * part.unsqueeze(-1)
-    return out
-
-
 def packed_pages(meta, page_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The cache pages that the step's sequences read and a block table over their copies: (page ids [P]
     int64, table [seqs, pages] int32), on the device, built once a step. From the host's block table
@@ -113,14 +102,8 @@ def widened_pages(cache, meta, dtype):
     """The pages that the step's sequences read (packed_pages), copied out of an FP8 or INT8 cache into
     `dtype` (times the cache's scales): (keys, values, a block table over them)."""
     pages, table = packed_pages(meta, cache.k.shape[1], cache.k.device)
-    if cache.mode == 2:
-        return (_times_token_scales(cache.k[pages], cache.k_scale[pages], dtype),
-                _times_token_scales(cache.v[pages], cache.v_scale[pages], dtype), table)
-    k, v = cache.k[pages].to(dtype), cache.v[pages].to(dtype)
-    if cache.fp8_scale != 1.0:
-        k.mul_(cache.fp8_scale)
-        v.mul_(cache.fp8_scale)
-    return k, v, table
+    return (widen_pages(cache.k, pages, dtype, cache.fp8_scale, cache.k_scale),
+            widen_pages(cache.v, pages, dtype, cache.fp8_scale, cache.v_scale), table)
 
 
 class TritonBackend(AttentionBackend):
