@@ -49,7 +49,7 @@ def test_cuda_pads_to_the_row_alignment(monkeypatch):
 def test_an_fp8_model_scores_the_same_with_padded_gemm_inputs(llama_dir, tmp_path, monkeypatch):
     """Every FP8 layer of a prompt's step (q/k/v and gate/up from the norm kernel, the down projection from
     the activation kernel, o_proj from the quantization kernel) gets a padded input, and the prompt's scores
-    and tokens are exactly those of unpadded inputs."""
+    and tokens are those of unpadded inputs (exactly, where the matmul does not depend on the row count)."""
     from quant_checkpoints import write_compressed_tensors
     from sageinfer import LLM, SamplingParams
     from sageinfer.layers.quantization.w8a8 import W8A8Method
@@ -75,4 +75,8 @@ def test_an_fp8_model_scores_the_same_with_padded_gemm_inputs(llama_dir, tmp_pat
         assert gemm_rows[:4 * layers] == [20 if align == 1 else 32] * (4 * layers)
         runs[align] = ([out.prompt_logprobs[i][prompt[i]].logprob for i in range(1, len(prompt))],
                        out.outputs[0].token_ids)
-    assert runs[1] == runs[32]
+    if DEVICE == "cuda":  # the library may pick another kernel for 32 rows, summing in another order
+        assert runs[1][1] == runs[32][1]
+        assert np.allclose(runs[1][0], runs[32][0], atol=2e-2)
+    else:
+        assert runs[1] == runs[32]
