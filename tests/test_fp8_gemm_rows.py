@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kernels_util import DEVICE
+from prompt_scores import prompt_scores
 from sageinfer.layers.quantization.w8a8 import _ACT_HALF_RANGE
 from sageinfer.ops.quantize import quantize_rows_kernel
 from sageinfer.ops.quantize_fused import rms_norm_quantize, silu_and_mul_quantize
@@ -51,7 +52,6 @@ def test_an_fp8_model_scores_the_same_with_padded_gemm_inputs(llama_dir, tmp_pat
     the activation kernel, o_proj from the quantization kernel) gets a padded input, and the prompt's scores
     and tokens are those of unpadded inputs (exactly, where the matmul does not depend on the row count)."""
     from quant_checkpoints import write_compressed_tensors
-    from sageinfer import LLM, SamplingParams
     from sageinfer.layers.quantization.w8a8 import W8A8Method
     from sageinfer.platforms import get_platform
     path = write_compressed_tensors(llama_dir, str(tmp_path / "fp8"), "fp8", "channel", True)
@@ -64,17 +64,11 @@ def test_an_fp8_model_scores_the_same_with_padded_gemm_inputs(llama_dir, tmp_pat
     for align in (1, 32):
         monkeypatch.setattr(type(get_platform()), "fp8_gemm_rows", lambda self, rows: -(-rows // align) * align)
         gemm_rows.clear()
-        llm = LLM(path, dtype="bfloat16" if DEVICE == "cuda" else "float16", num_gpu_blocks_override=128,
-                  attention_backend="triton", enforce_eager=True, show_progress=False)
-        out = llm.generate({"prompt_token_ids": prompt},
-                           SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=0, ignore_eos=True),
-                           use_tqdm=False)[0]
-        llm.engine.shutdown()
+        scores, tokens, llm = prompt_scores(path, prompt, "bfloat16" if DEVICE == "cuda" else "float16")
         layers = len(llm.engine.runner.model.model.layers)
         # the prompt's step: four GEMMs a layer, padded from 20 rows to 32 where the platform asks
         assert gemm_rows[:4 * layers] == [20 if align == 1 else 32] * (4 * layers)
-        runs[align] = ([out.prompt_logprobs[i][prompt[i]].logprob for i in range(1, len(prompt))],
-                       out.outputs[0].token_ids)
+        runs[align] = (scores, tokens)
     if DEVICE == "cuda":  # the library may pick another kernel for 32 rows, summing in another order
         assert runs[1][1] == runs[32][1]
         assert np.allclose(runs[1][0], runs[32][0], atol=2e-2)

@@ -114,13 +114,16 @@ def test_short_prompts_and_refusals_use_the_portable_kernel():
 
 
 def test_steps_of_many_new_tokens_go_to_the_platform_kernel(monkeypatch):
-    """A short-context step reaches the platform kernel once its prefills hold PLATFORM_PREFILL_MIN_TOKENS
-    new tokens (5 here), not below, and not when the bound is 0."""
+    """A short-context eager step reaches the platform kernel once its prefills hold PLATFORM_PREFILL_MIN_TOKENS
+    new tokens (5 here), not below, not when the bound is 0, and not without the host's block table (a
+    step a graph captures)."""
     import sageinfer.attention.triton_backend as tb
-    for bound, taken in ((5, True), (6, False), (0, False)):
+    for bound, eager, taken in ((5, True, True), (6, True, False), (0, True, False), (5, False, False)):
         monkeypatch.setattr(tb, "PLATFORM_PREFILL_MIN_TOKENS", bound)
         fake = _FakeLongPrefill(answer=7.0)
         layer, positions, q, k, v, cache, meta = _prefill_step(LONG_CONTEXT - 1)
+        if eager:
+            meta.block_table_cpu = meta.block_table.cpu().numpy()
         out = TritonBackend(platform_prefill=fake).forward(layer, positions, q, k, v, cache, meta)
         assert fake.calls == taken and bool(torch.all(out == 7.0)) == taken
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kernels_util import DEVICE
+from prompt_scores import prompt_scores
 from ranks import needs_ranks
 from sageinfer.layers.quantization.w8a8 import _ACT_HALF_RANGE
 from sageinfer.ops.activation import silu_and_mul
@@ -74,7 +75,6 @@ def test_a_w8a8_model_takes_its_8_bit_inputs_from_the_norm_and_activation_kernel
     norm kernel and the down projection from the activation kernel, already quantized; the prompt scores
     exactly as with the norm, the activation and the quantization launched apart."""
     from quant_checkpoints import write_compressed_tensors
-    from sageinfer import LLM, SamplingParams
     from sageinfer.ops import quantize_fused
     from sageinfer.layers.quantization.w8a8 import W8A8Method
     path = write_compressed_tensors(llama_dir, str(tmp_path / scheme), scheme, "channel", True)
@@ -88,19 +88,13 @@ def test_a_w8a8_model_takes_its_8_bit_inputs_from_the_norm_and_activation_kernel
                                 lambda *a, name=name, original=original, **k: calls.append(name) or original(*a, **k))
         if not fused:
             monkeypatch.setattr(W8A8Method, "fused_input", lambda self, layer: None)
-        llm = LLM(path, dtype=str(DTYPES[-1]).removeprefix("torch."), num_gpu_blocks_override=128,
-                  attention_backend="triton", enforce_eager=True, show_progress=False)
-        out = llm.generate({"prompt_token_ids": prompt},
-                           SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=0, ignore_eos=True),
-                           use_tqdm=False)[0]
-        llm.engine.shutdown()
+        scores, tokens, llm = prompt_scores(path, prompt, str(DTYPES[-1]).removeprefix("torch."))
         layers = len(llm.engine.runner.model.model.layers)
         if fused:  # the prompt's step: two norms and one activation a layer
             assert calls.count("rms_norm_quantize") == 2 * layers and calls.count("silu_and_mul_quantize") == layers
         else:
             assert not calls
-        runs[fused] = ([out.prompt_logprobs[i][prompt[i]].logprob for i in range(1, len(prompt))],
-                       out.outputs[0].token_ids)
+        runs[fused] = (scores, tokens)
     assert runs[True] == runs[False]
 
 
@@ -110,7 +104,6 @@ def test_tp2_w8a8_takes_fused_inputs_as_unfused(llama_dir, tmp_path, monkeypatch
     row-parallel down projection its part of the activation, quantized by that rank: the same scores as the
     separate launches on each rank."""
     from quant_checkpoints import write_compressed_tensors
-    from sageinfer import LLM, SamplingParams
     from sageinfer.layers.quantization import w8a8
     path = write_compressed_tensors(llama_dir, str(tmp_path / "int8"), "int8", "channel", True)
     prompt = np.random.default_rng(2).integers(3, 500, size=16).tolist()
@@ -118,12 +111,7 @@ def test_tp2_w8a8_takes_fused_inputs_as_unfused(llama_dir, tmp_path, monkeypatch
     for fused in (True, False):
         monkeypatch.setenv("SAGEINFER_FUSED_QUANTIZE", "1" if fused else "0")  # the ranks' own processes
         monkeypatch.setattr(w8a8, "FUSED_QUANTIZE", fused)  # a rank in this one
-        llm = LLM(path, dtype=str(DTYPES[-1]).removeprefix("torch."), num_gpu_blocks_override=128,
-                  attention_backend="triton", enforce_eager=True, tensor_parallel_size=2, show_progress=False)
-        out = llm.generate({"prompt_token_ids": prompt},
-                           SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0, ignore_eos=True),
-                           use_tqdm=False)[0]
-        llm.engine.shutdown()
-        runs[fused] = ([out.prompt_logprobs[i][prompt[i]].logprob for i in range(1, len(prompt))],
-                       out.outputs[0].token_ids)
+        scores, tokens, _ = prompt_scores(path, prompt, str(DTYPES[-1]).removeprefix("torch."), max_tokens=2,
+                                          tensor_parallel_size=2)
+        runs[fused] = (scores, tokens)
     assert runs[True] == runs[False]

@@ -187,7 +187,10 @@ class TritonBackend(AttentionBackend):
 
     @staticmethod
     def _platform_prefill_pays(meta: AttentionMetadata) -> bool:
-        return meta.max_seq_len >= LONG_CONTEXT or 0 < PLATFORM_PREFILL_MIN_TOKENS <= meta.num_actual_tokens
+        """Long prompts, and eager steps (those with the host's block table: never inside a graph's
+        capture, where the host's work would be baked in) of PLATFORM_PREFILL_MIN_TOKENS new tokens."""
+        return meta.max_seq_len >= LONG_CONTEXT or (
+            meta.block_table_cpu is not None and 0 < PLATFORM_PREFILL_MIN_TOKENS <= meta.num_actual_tokens)
 
     def _platform_prefill(self, q, cache, out, meta, scale):
         """The platform's prefill kernel (H100, 16K chunks of a 32K prompt: 613-654 against 460-487
