@@ -106,10 +106,10 @@ def prefill_plans(max_model_len: int, page_size: int, max_num_batched_tokens: in
     where max_model_len reaches it, long. A page's query already takes the largest query tiles, as
     most prompts do (CUDA's page of 64); prompts short enough for smaller tiles compile on first use.
     A long prompt's launch also compiles the platform's kernel, which steps of many new tokens take too
-    (triton_backend.PLATFORM_PREFILL_MIN_TOKENS): it is warmed where such steps fit the token budget."""
+    (triton_backend.many_new_tokens): it is warmed where such steps fit the token budget."""
     from sageinfer.ops.paged_attention import LONG_CONTEXT
-    many_tokens = 0 < triton_backend.PLATFORM_PREFILL_MIN_TOKENS <= max_num_batched_tokens
-    lengths = {page_size} | ({LONG_CONTEXT} if max_model_len >= LONG_CONTEXT or many_tokens else set())
+    long_launch = max_model_len >= LONG_CONTEXT or triton_backend.many_new_tokens(max_num_batched_tokens)
+    lengths = {page_size} | ({LONG_CONTEXT} if long_launch else set())
     return {PrefillPlan(length, page_size) for length in lengths}
 
 

@@ -70,6 +70,11 @@ WIDEN_MAX_TOKENS = 65536
 PLATFORM_PREFILL_MIN_TOKENS = int(os.environ.get("SAGEINFER_PLATFORM_PREFILL_MIN_TOKENS", "4096"))
 
 
+def many_new_tokens(num_tokens: int) -> bool:
+    """Whether a step's prefills hold enough new tokens for the platform's prefill kernel (long prompts aside)."""
+    return 0 < PLATFORM_PREFILL_MIN_TOKENS <= num_tokens
+
+
 def packed_pages(meta, page_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The cache pages that the step's sequences read and a block table over their copies: (page ids [P]
     int64, table [seqs, pages] int32), on the device, built once a step. From the host's block table
@@ -189,8 +194,8 @@ class TritonBackend(AttentionBackend):
     def _platform_prefill_pays(meta: AttentionMetadata) -> bool:
         """Long prompts, and eager steps (those with the host's block table: never inside a graph's
         capture, where the host's work would be baked in) of PLATFORM_PREFILL_MIN_TOKENS new tokens."""
-        return meta.max_seq_len >= LONG_CONTEXT or (
-            meta.block_table_cpu is not None and 0 < PLATFORM_PREFILL_MIN_TOKENS <= meta.num_actual_tokens)
+        return meta.max_seq_len >= LONG_CONTEXT or (meta.block_table_cpu is not None
+                                                     and many_new_tokens(meta.num_actual_tokens))
 
     def _platform_prefill(self, q, cache, out, meta, scale):
         """The platform's prefill kernel (H100, 16K chunks of a 32K prompt: 613-654 against 460-487

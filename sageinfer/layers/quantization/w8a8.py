@@ -106,11 +106,14 @@ class W8A8Method:
             return None
         return {"weight": layer.weight, "weight_scale": layer.weight_scale}
 
+    def _dynamic(self, layer: nn.Module) -> bool:
+        """Whether the activations take a scale per row at run time (no static scale from the checkpoint)."""
+        return self.config.activation_dynamic or not hasattr(layer, "input_scale")
+
     def fused_input(self, layer: nn.Module) -> tuple[str, float] | None:
         """(scheme, half range) where the kernel before this layer may write its input as 8-bit rows with
         their scales (ops/quantize_fused.py): dynamic per-row activations through the platform's kernels."""
-        dynamic = self.config.activation_dynamic or not hasattr(layer, "input_scale")
-        if FUSED_QUANTIZE and layer.use_triton and dynamic:
+        if FUSED_QUANTIZE and layer.use_triton and self._dynamic(layer):
             return self.scheme, _ACT_HALF_RANGE[self.scheme]
         return None
 
@@ -122,17 +125,16 @@ class W8A8Method:
         return (layer.platform or get_platform()).fp8_gemm_rows(rows)
 
     def apply_quantized(self, layer: nn.Module, xq: torch.Tensor, x_scale: torch.Tensor,
-                        out_dtype: torch.dtype, rows: int | None = None) -> torch.Tensor:
+                        out_dtype: torch.dtype, rows: int) -> torch.Tensor:
         """The matmul of rows already quantized as fused_input says: xq [M, K] with x_scale [M, 1], of
         which the first `rows` are the input's (input_rows may have made M larger)."""
-        y = self._matmul(xq, x_scale, layer.weight, layer.weight_scale, out_dtype,
-                         layer.platform or get_platform(), layer.use_triton)
-        return y if rows is None or rows == y.shape[0] else y[:rows]
+        return self._matmul(xq, x_scale, layer.weight, layer.weight_scale, out_dtype,
+                            layer.platform or get_platform(), layer.use_triton)[:rows]
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        dynamic = self.config.activation_dynamic or not hasattr(layer, "input_scale")
+        dynamic = self._dynamic(layer)
         if layer.use_triton:  # the platform's kernel choice: one fused quantization launch
             xq, x_scale = quantize_rows_kernel(x2.contiguous(), self.scheme, _ACT_HALF_RANGE[self.scheme],
                                                None if dynamic else layer.input_scale,
