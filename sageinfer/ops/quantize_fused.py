@@ -13,14 +13,15 @@ import triton.language as tl
 
 from sageinfer.ops import launch
 from sageinfer.ops.activation import silu_and_mul_row
-from sageinfer.ops.quantize import _quantized, quantized_rows_out, row_launch, row_scale
+from sageinfer.ops.quantize import _quantized, kernel_rounds_by_hand, quantized_rows_out, row_launch, row_scale
 from sageinfer.ops.rms_norm import norm_launch, normed_row
 
 
 @triton.jit
 def _rms_norm_quantize_kernel(x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, residual_out_ptr, stride_x,
                               stride_r, stride_q, hidden, eps, half_range, HAS_RESIDUAL: tl.constexpr,
-                              INT8: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+                              INT8: tl.constexpr, BLOCK: tl.constexpr, ROUND_BY_HAND: tl.constexpr,
+                              USE_PDL: tl.constexpr):
     launch.wait_for_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -30,12 +31,14 @@ def _rms_norm_quantize_kernel(x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr,
                    HAS_RESIDUAL, BLOCK).to(tl.float32)
     scale = row_scale(tl.max(tl.abs(y), axis=0), half_range)
     tl.store(scale_ptr + row, scale)
-    tl.store(q_ptr + row * stride_q + cols, _quantized(y, scale, INT8).to(q_ptr.dtype.element_ty), mask=mask)
+    q = _quantized(y, scale, tl.math.div_rn(1.0, scale), INT8, ROUND_BY_HAND)
+    tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _silu_and_mul_quantize_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, d, half_range,
-                                  INT8: tl.constexpr, BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr):
+                                  INT8: tl.constexpr, BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr,
+                                  ROUND_BY_HAND: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q
@@ -45,7 +48,8 @@ def _silu_and_mul_quantize_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, d
         y = silu_and_mul_row(x_row, cols, mask, d).to(tl.float32)
         scale = row_scale(tl.max(tl.abs(y), axis=0), half_range)
         tl.store(scale_ptr + row, scale)
-        tl.store(q_row + cols, _quantized(y, scale, INT8).to(q_ptr.dtype.element_ty), mask=mask)
+        q = _quantized(y, scale, tl.math.div_rn(1.0, scale), INT8, ROUND_BY_HAND)
+        tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     else:  # a wide row: its absmax, then its values recomputed (its [gate, up] still in the cache)
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, d, BLOCK):
@@ -53,10 +57,12 @@ def _silu_and_mul_quantize_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, d
             amax = tl.maximum(amax, tl.abs(silu_and_mul_row(x_row, cols, cols < d, d).to(tl.float32)))
         scale = row_scale(tl.max(amax, axis=0), half_range)
         tl.store(scale_ptr + row, scale)
+        inv_scale = tl.math.div_rn(1.0, scale)
         for start in range(0, d, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < d
-            q = _quantized(silu_and_mul_row(x_row, cols, mask, d).to(tl.float32), scale, INT8)
+            q = _quantized(silu_and_mul_row(x_row, cols, mask, d).to(tl.float32), scale, inv_scale, INT8,
+                           ROUND_BY_HAND)
             tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
@@ -79,7 +85,8 @@ def rms_norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, scheme:
     r_in, r_out = (r2, new_residual) if residual is not None else (x2, x2)
     _rms_norm_quantize_kernel[(rows,)](x2, r_in, weight, q, scale, r_out, x2.stride(0), r_in.stride(0), q.stride(0),
                                        hidden, eps, float(half_range), HAS_RESIDUAL=residual is not None,
-                                       INT8=scheme == "int8", **norm_launch(hidden), **launch.dependent_launch_kwargs())
+                                       INT8=scheme == "int8", ROUND_BY_HAND=kernel_rounds_by_hand(),
+                                       **norm_launch(hidden), **launch.dependent_launch_kwargs())
     return q, scale, None if new_residual is None else new_residual.view(residual.shape)
 
 
@@ -93,5 +100,6 @@ def silu_and_mul_quantize(x: torch.Tensor, scheme: str, half_range: float,
     q, scale = quantized_rows_out(rows, d, scheme, x.device, rows_out)
     if rows:
         _silu_and_mul_quantize_kernel[(rows,)](x2, q, scale, x2.stride(0), q.stride(0), d, float(half_range),
-                                               INT8=scheme == "int8", **row_launch(d, rows))
+                                               INT8=scheme == "int8", ROUND_BY_HAND=kernel_rounds_by_hand(),
+                                               **row_launch(d))
     return q, scale
