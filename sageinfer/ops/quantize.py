@@ -34,7 +34,7 @@ def _round_to_e4m3(y):
 def quotient(y, scale, inv_scale):
     """y / scale rounded once, as IEEE division (and torch) gives it, from the row's inverse (inv_scale, itself
     rounded once): the product is within two ulps and two fma corrections on its exact remainder round it
-    (Markstein). A third of the instructions of a division by each element, with no slow-path branch: the
+    (Markstein). Five instructions an element against about twelve and a slow-path branch for a division: the
     per-row kernels were bound by their arithmetic, not by memory (benchmarks/experiments/time_row_kernels.py).
     A zero keeps its sign (FP8 stores it): its correction term is +0 times -inv_scale, -0, which leaves either
     zero as it is (the correction as rem * inv_scale + q would turn -0 into +0)."""
@@ -64,8 +64,9 @@ def _quantized(y, scale, inv_scale, INT8: tl.constexpr, ROUND_BY_HAND: tl.conste
 
 def kernel_rounds_by_hand() -> bool:
     """Whether the kernels round FP8 values themselves before the cast: under the Triton interpreter, whose
-    conversion truncates. A GPU's cast rounds as torch's does (checked over every magnitude in
-    benchmarks/experiments/time_row_kernels.py) in one instruction."""
+    conversion truncates. Elsewhere the cast rounds, in one instruction a pair on an H200, as torch's does
+    (checked there over every magnitude by benchmarks/experiments/time_row_kernels.py; the bit-for-bit
+    tests check it on any backend that runs them)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
