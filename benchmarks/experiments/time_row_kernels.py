@@ -6,12 +6,14 @@ what the card's memory allows (a copy of as many bytes), and whether the cast ro
 Prints us a launch, GB/s of the bytes a launch must move, and whether the bits are production's.
 
   python benchmarks/experiments/time_row_kernels.py [--rows 492,2048,16384] [--out FILE.json]
+  python benchmarks/experiments/time_row_kernels.py --after-gemm --rows 16384   (not yet run on a GPU)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 
 import torch
@@ -142,13 +144,55 @@ def _time(fn, launches: int) -> float:
     return graph_time(lambda: [fn() for _ in range(launches)]) / launches * 1e6
 
 
+def _sm_clock() -> str:
+    """The SM clock now, as nvidia-smi reports it (MHz), or '?' where it cannot."""
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def after_gemm(rows: int, dev) -> dict:
+    """SiLU-and-mul's quantization timed as a layer runs it, right after the FP8 gate_up GEMM that writes its
+    input (a graph of 8 GEMMs, then of 8 GEMMs each followed by the kernel: the difference over 8), against
+    the kernel alone: whether the GEMMs' power draw slows a kernel bound by its arithmetic."""
+    x = torch.randn(rows, HIDDEN, device=dev).to(torch.float8_e4m3fn)
+    w = torch.randn(2 * INTERMEDIATE, HIDDEN, device=dev).to(torch.float8_e4m3fn)
+    x_scale = torch.full((rows, 1), 0.01, device=dev)
+    w_scale = torch.full((1, 2 * INTERMEDIATE), 0.01, device=dev)
+    gate_up = torch.empty(rows, 2 * INTERMEDIATE, device=dev, dtype=torch.bfloat16)
+
+    def gemm():
+        torch._scaled_mm(x, w.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16, out=gate_up)
+    gemm()
+    gemms = _time(gemm, 8)
+    clock_gemm = _sm_clock()
+    both = _time(lambda: (gemm(), silu_and_mul_quantize(gate_up, "fp8", 448.0)), 8)
+    clock_both = _sm_clock()
+    alone = _time(lambda: silu_and_mul_quantize(gate_up, "fp8", 448.0), 8)
+    clock_alone = _sm_clock()
+    out = {"rows": rows, "gemm_us": round(gemms, 1), "silu_after_gemm_us": round(both - gemms, 1),
+           "silu_alone_us": round(alone, 1), "sm_clock_mhz": [clock_gemm, clock_both, clock_alone]}
+    print(f"after gemm: {out}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="492,2048,16384")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--after-gemm", action="store_true",
+                        help="only SiLU-and-mul after the FP8 GEMM that writes its input, against it alone")
     args = parser.parse_args()
     dev, dt = "cuda", torch.bfloat16
     results = []
+    if args.after_gemm:
+        results = [after_gemm(int(r), dev) for r in args.rows.split(",")]
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(0), "after_gemm": results}, f, indent=1)
+        return
 
     def record(kind, rows, variant, us, nbytes, ref=None, got=None):
         same = None if ref is None else bool(torch.equal(ref[0].view(torch.uint8), got[0][:rows].view(torch.uint8))
