@@ -27,7 +27,8 @@ import triton.language as tl
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from sageinfer.ops.activation import silu_and_mul_row  # noqa: E402
-from sageinfer.ops.quantize import _quantized, _round_to_e4m3, quantize_rows_kernel, row_scale  # noqa: E402
+from sageinfer.ops.quantize import (_quantized, _round_to_e4m3, quantize_rows_kernel, quotient,  # noqa: E402
+                                    row_scale)
 from sageinfer.ops.quantize_fused import rms_norm_quantize, silu_and_mul_quantize  # noqa: E402
 from sageinfer.ops.rms_norm import normed_row  # noqa: E402
 from tune_decode_step import graph_time  # noqa: E402
@@ -40,7 +41,7 @@ QUOTIENTS = {0: "div_rn", 1: "inv_rn", 2: "inv_approx", 3: "fma"}
 def _to_fp8(y, amax, scale, half_range, QUOTIENT: tl.constexpr, HAND: tl.constexpr):
     """y on the e4m3 grid (fp32) over its row's scale. QUOTIENT: 0 y / scale by div_rn (ops/quantize.py),
     1 y times half_range / amax by div_rn once a row, 2 y times the approximate 1 / scale, 3 the product
-    corrected twice by its remainder (fma; IEEE y / scale but for the sign of a zero). HAND: rounded by
+    corrected twice by its remainder (ops/quantize.quotient: IEEE y / scale). HAND: rounded by
     ops/quantize._round_to_e4m3, else left to the cast."""
     if QUOTIENT == 0:
         q = tl.math.div_rn(y, scale)
@@ -49,10 +50,7 @@ def _to_fp8(y, amax, scale, half_range, QUOTIENT: tl.constexpr, HAND: tl.constex
     elif QUOTIENT == 2:
         q = y * (1.0 / scale)
     else:
-        inv = tl.math.div_rn(1.0, scale)
-        q = y * inv
-        q = tl.fma(tl.fma(-q, scale, y), inv, q)
-        q = tl.fma(tl.fma(-q, scale, y), inv, q)
+        q = quotient(y, scale, tl.math.div_rn(1.0, scale))
     q = tl.minimum(tl.maximum(q, -448.0), 448.0)
     if HAND:
         q = _round_to_e4m3(q)

@@ -53,10 +53,17 @@ def wait_for_previous_kernel(USE_PDL: tl.constexpr):
 
 
 @functools.lru_cache(maxsize=None)
+def interpreting() -> bool:
+    """Whether kernels run in the Triton interpreter (CPU tests): fixed for the process, as Triton reads it
+    when the kernels are defined."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
 def shared_memory_limit(device_index: int) -> int | None:
     """Bytes of shared memory one program may take on this device, from Triton's driver; None where
     no driver says (the interpreter)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         return None
     try:
         return int(triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"])

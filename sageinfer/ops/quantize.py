@@ -8,11 +8,11 @@ backend stores the values the reference does.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from sageinfer.ops import launch
 
 _QDTYPE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 
@@ -67,7 +67,7 @@ def kernel_rounds_by_hand() -> bool:
     conversion truncates. Elsewhere the cast rounds, in one instruction a pair on an H200, as torch's does
     (checked there over every magnitude by benchmarks/experiments/time_row_kernels.py; the bit-for-bit
     tests check it on any backend that runs them)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return launch.interpreting()
 
 
 @triton.jit
