@@ -10,8 +10,8 @@ from prompt_scores import prompt_scores
 from ranks import needs_ranks
 from sageinfer.layers.quantization.w8a8 import _ACT_HALF_RANGE
 from sageinfer.ops.activation import silu_and_mul
-from sageinfer.ops.quantize import quantize_rows_kernel
-from sageinfer.ops.quantize_fused import rms_norm_quantize, silu_and_mul_quantize
+from sageinfer.ops.quantize import quantize_rows_kernel, row_launch
+from sageinfer.ops.quantize_fused import rms_norm_quantize, silu_and_mul_quantize, silu_launch
 from sageinfer.ops.rms_norm import rms_norm
 
 
@@ -53,11 +53,20 @@ def test_norm_writes_the_bits_of_norm_then_quantization(scheme, dtype, hidden, w
 
 @pytest.mark.parametrize("scheme", ["fp8", "int8"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", [96, 2048 + 40, 16384 + 40])  # rows held whole; a wide row read in blocks
+# rows held whole as three blocks (96, 2,088), as one (100); a wide row read in blocks
+@pytest.mark.parametrize("d", [96, 100, 2048 + 40, 16384 + 40])
 def test_activation_writes_the_bits_of_activation_then_quantization(scheme, dtype, d):
     gate_up = _rows(5, 2 * d, dtype, d)
     q, scale = silu_and_mul_quantize(gate_up, scheme, _ACT_HALF_RANGE[scheme])
     _same_bits(q, scale, *quantize_rows_kernel(silu_and_mul(gate_up), scheme, _ACT_HALF_RANGE[scheme]))
+
+
+def test_activation_rows_take_three_blocks_where_they_cover_them():
+    assert silu_launch(12288) == {"BLOCK": 4096, "WHOLE_ROW": True, "THIRDS": True, "num_warps": 16}
+    assert silu_launch(96)["THIRDS"] and silu_launch(96)["BLOCK"] == 32
+    assert silu_launch(100) == {**row_launch(100), "THIRDS": False}
+    assert silu_launch(16384) == {**row_launch(16384), "THIRDS": False}
+    assert silu_launch(20000) == {**row_launch(20000), "THIRDS": False}
 
 
 def test_no_rows_give_empty_outputs():
