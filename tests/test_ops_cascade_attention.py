@@ -15,10 +15,12 @@ SMALL = {"block_m": 16, "block_n": 32, "num_warps": 4, "num_stages": 1}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("prefix_tokens,num_splits,config", [(128, 1, SMALL), (256, 3, SMALL), (0, 2, SMALL),
-                                                              (256, 2, None)])
-def test_cascade_decode_matches_reference(dtype, prefix_tokens, num_splits, config):
-    page, num_heads, num_kv_heads, head_dim = 16, 8, 2, 32
+# pages of 64 hold whole key tiles (ops/paged_attention.ONE_PAGE_TILES), pages of 16 do not
+@pytest.mark.parametrize("prefix_tokens,num_splits,config,page", [(128, 1, SMALL, 16), (256, 3, SMALL, 16),
+                                                                   (0, 2, SMALL, 16), (256, 2, None, 16),
+                                                                   (128, 1, SMALL, 64), (256, 2, None, 64)])
+def test_cascade_decode_matches_reference(dtype, prefix_tokens, num_splits, config, page):
+    num_heads, num_kv_heads, head_dim = 8, 2, 32
     context = [prefix_tokens + n for n in (1, 30, 77, 64, 130)]
     k_cache, v_cache, meta = random_paged_batch([1] * len(context), context, num_kv_heads, head_dim, page, dtype,
                                                 seed=prefix_tokens + num_splits)

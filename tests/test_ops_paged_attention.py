@@ -58,6 +58,43 @@ def test_fp8_cache_matches_the_reference_over_its_values(case, dtype):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("block_n,page", [(16, 32), (32, 64), (64, 64)])
+@pytest.mark.parametrize("kv_mode", [0, 2] + ([1] if DEVICE == "cuda" else []))  # fp8: GPU only
+def test_key_tiles_within_one_page_match_reference(block_n, page, kv_mode):
+    """Key tiles that lie in one page take its id once (ops/paged_attention.ONE_PAGE_TILES): decodes whose
+    keys end mid-page and mid-tile, and a mixed step's prefill tiles, over pages scattered in the cache."""
+    heads, kv_heads, head_dim = 8, 2, 32
+    gen = torch.Generator().manual_seed(block_n + page + 3 * kv_mode)
+    cases = (([1] * 5, [1, page - 1, page, 2 * page + 22, 5 * page - 9], {"block_n": block_n, "num_warps": 1,
+                                                                            "num_stages": 2}),
+             ([5, 1, 17, 1], [0, 2 * page + 12, page + 6, 3 * page], None))
+    for query_lens, context_lens, config in cases:
+        k_cache, v_cache, meta = random_paged_batch(query_lens, context_lens, kv_heads, head_dim, page, torch.float32,
+                                                    seed=block_n + page)
+        scales = [None, None]
+        if kv_mode == 2:
+            k_cache, v_cache = ((c * 20).clamp(-127, 127).round() for c in (k_cache, v_cache))
+            scales = [(torch.rand(k_cache.shape[:3], generator=gen) / 20 + 0.01).to(DEVICE) for _ in range(2)]
+            values = [c * s[..., None] for c, s in zip((k_cache, v_cache), scales)]
+            stored = [c.to(torch.int8) for c in (k_cache, v_cache)]
+        elif kv_mode == 1:
+            values = [c.to(torch.float8_e4m3fn).float() for c in (k_cache, v_cache)]
+            stored = [c.to(torch.float8_e4m3fn) for c in (k_cache, v_cache)]
+        else:
+            values = stored = [k_cache, v_cache]
+        q = torch.randn(sum(query_lens), heads, head_dim, generator=gen).to(DEVICE)
+        if kv_mode == 1:
+            q = q.half()
+        ref = paged_attention_ref(q.double(), LayerKVCache(values[0].double(), values[1].double()), meta,
+                                  head_dim ** -0.5)
+        out = torch.full_like(q, float("nan"))
+        paged_attention(q, stored[0], stored[1], out, meta.block_table, meta.seq_lens, meta.query_start_loc,
+                        meta.num_seqs, meta.max_query_len, head_dim ** -0.5, config=config, k_scale=scales[0],
+                        v_scale=scales[1], kv_mode=kv_mode, max_seq_len=meta.max_seq_len)
+        assert not out.isnan().any()
+        assert rel_err(out, ref) < TOL[q.dtype]
+
+
 @pytest.mark.parametrize("num_splits", [2, 4])
 def test_split_kv_decode_matches_reference(num_splits):
     query_lens, context_lens = [1, 1, 1], [3, 90, 150]

@@ -22,6 +22,12 @@ from sageinfer.ops.fp16_operand import fp16_operand, fp16_operand_factor
 from sageinfer.ops.rope_cache import rms_norm_halves, scale_offsets, scales_head_major, store_kv
 
 LOG2E = 1.4426950408889634
+# Key tiles that lie in one page take its id in one load and their rows as a scalar base plus offsets that are
+# the same every tile, instead of a page id, a slot and a 64-bit address per key. H200, decode batches, us a
+# layer (benchmarks/experiments/probe_quantized_decode.py, 2026-12-04g, two runs each): FP8 cache 492 x 1,152
+# keys 328.5 -> 320.7, 256 x 640 100.2 -> 96.3; INT8 382.2 -> 376.9, 114.4 -> 110.9; bf16 256 x 640 160.1 ->
+# 157.5. SAGEINFER_ONE_PAGE_TILES=0 turns it off.
+ONE_PAGE_TILES = tl.constexpr(os.environ.get("SAGEINFER_ONE_PAGE_TILES", "1") != "0")
 
 
 @triton.jit
@@ -58,18 +64,27 @@ def attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v
     (benchmarks/experiments/probe_prefill_attention.py)."""
     k_idx = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     k_valid = k_idx < kv_end
-    page = _load_per_key(block_table_ptr + seq * stride_bt + k_idx // PAGE_SIZE, k_valid, MASKED)
-    slot_offs = page.to(tl.int64) * stride_c_block + (k_idx % PAGE_SIZE) * stride_c_slot + kv_head * stride_c_head
+    if ONE_PAGE_TILES and PAGE_SIZE % BLOCK_N == 0:  # the tile's page is one load, its rows one offset
+        first = tile * BLOCK_N
+        page = tl.load(block_table_ptr + seq * stride_bt + first // PAGE_SIZE)
+        slot = first % PAGE_SIZE + tl.arange(0, BLOCK_N)
+        tile_base = page.to(tl.int64) * stride_c_block + (first % PAGE_SIZE) * stride_c_slot + kv_head * stride_c_head
+        row_offs = (tl.arange(0, BLOCK_N) * stride_c_slot)[:, None] + dims[None, :]  # the same every tile
+    else:
+        page = _load_per_key(block_table_ptr + seq * stride_bt + k_idx // PAGE_SIZE, k_valid, MASKED)
+        slot = k_idx % PAGE_SIZE
+        tile_base = 0
+        row_offs = (page.to(tl.int64) * stride_c_block + slot * stride_c_slot + kv_head * stride_c_head)[:, None] + \
+            dims[None, :]
     # K is loaded key-major like V (rows of contiguous dims) and transposed for the dot.
-    k = _load_key_rows(k_cache_ptr + slot_offs[:, None] + dims[None, :], k_valid, dim_valid, MASKED, DIM_PADDED)
+    k = _load_key_rows(k_cache_ptr + tile_base + row_offs, k_valid, dim_valid, MASKED, DIM_PADDED)
     # Quantised caches: int8 and fp8 values are exact in the query's dtype; scales are applied to
     # the scores (K) and the probabilities (V) instead of to every element. INT8 is cast directly:
     # through fp32's bits (ops/int8_values.py, the GEMV's way) decode took 151.5 us per layer against
     # 138.4 cast (H200, batch 256 x 640 keys, experiments/probe_quantized_decode.py).
     s = tl.dot(q, k.to(q.dtype).T)
     if KV_MODE == 2:
-        scale_offs = scale_offsets(page.to(tl.int64), k_idx % PAGE_SIZE, kv_head, NUM_KV_HEADS, PAGE_SIZE,
-                                   HEAD_MAJOR_SCALES)
+        scale_offs = scale_offsets(page.to(tl.int64), slot, kv_head, NUM_KV_HEADS, PAGE_SIZE, HEAD_MAJOR_SCALES)
         s = s * _load_per_key(k_scale_ptr + scale_offs, k_valid, MASKED)[None, :]
     if MASKED:
         s = tl.where(k_valid[None, :] & (k_idx[None, :] <= q_pos[:, None]), s, float("-inf"))
@@ -78,7 +93,7 @@ def attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v
     p = tl.math.exp2(s * scale_log2 - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_key_rows(v_cache_ptr + slot_offs[:, None] + dims[None, :], k_valid, dim_valid, MASKED, DIM_PADDED)
+    v = _load_key_rows(v_cache_ptr + tile_base + row_offs, k_valid, dim_valid, MASKED, DIM_PADDED)
     pv = p
     if KV_MODE == 2:
         pv = p * _load_per_key(v_scale_ptr + scale_offs, k_valid, MASKED)[None, :]
