@@ -9,8 +9,9 @@ Prints us a launch, GB/s of the bytes a launch must move, and whether the bits a
   python benchmarks/experiments/time_row_kernels.py --after-gemm --rows 16384
 
 On an H200 (2026-12-04g), the GEMM before SiLU-and-mul did not slow it (426.8 us after it, 455.6 alone, 16,384
-rows), and the variant over 3 blocks of 4,096 columns (`_silu_quantize_chunks`) took 314 us against the 16,384-wide
-block's 418, with the same bits: production's form since (ops/quantize_fused.silu_launch).
+rows), and the variant over 3 blocks of 4,096 columns took 314 us against the 16,384-wide
+block's 418, with the same bits: production's form since (ops/quantize_fused.silu_launch), so "production"
+below is that form.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from sageinfer.ops.activation import silu_and_mul_row  # noqa: E402
-from sageinfer.ops.quantize import (_quantized, _round_to_e4m3, quantize_rows_kernel, quotient,  # noqa: E402
+from sageinfer.ops.quantize import (_round_to_e4m3, quantize_rows_kernel, quotient,  # noqa: E402
                                     row_scale)
 from sageinfer.ops.quantize_fused import rms_norm_quantize, silu_and_mul_quantize  # noqa: E402
 from sageinfer.ops.rms_norm import normed_row  # noqa: E402
@@ -86,46 +87,6 @@ def _silu_quantize_variant(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, d, half_
             q = _to_fp8(silu_and_mul_row(x_row, cols, mask, d).to(tl.float32), amax, scale, half_range, QUOTIENT,
                         HAND)
             tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _silu_chunk(x_row, c, d, amax):
-    y = silu_and_mul_row(x_row, c, c < d, d).to(tl.float32)
-    return y, tl.maximum(amax, tl.max(tl.abs(y), axis=0))
-
-
-@triton.jit
-def _store_chunk(q_row, c, d, y, scale, inv_scale, HAND: tl.constexpr):
-    tl.store(q_row + c, _quantized(y, scale, inv_scale, False, HAND).to(q_row.dtype.element_ty), mask=c < d)
-
-
-@triton.jit
-def _silu_quantize_chunks(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, d, half_range, CHUNK: tl.constexpr,
-                          NCHUNK: tl.constexpr, HAND: tl.constexpr):
-    """The production whole-row kernel with the row in NCHUNK (up to 4) register blocks of CHUNK columns
-    instead of one power-of-two block: 12,288 columns as 3 x 4,096 leave no lane masked, where a block of
-    16,384 masks a quarter of them (and the kernel is bound by its instructions)."""
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_x
-    q_row = q_ptr + row * stride_q
-    c = tl.arange(0, CHUNK)
-    y0, amax = _silu_chunk(x_row, c, d, 0.0)
-    if NCHUNK > 1:
-        y1, amax = _silu_chunk(x_row, c + CHUNK, d, amax)
-    if NCHUNK > 2:
-        y2, amax = _silu_chunk(x_row, c + 2 * CHUNK, d, amax)
-    if NCHUNK > 3:
-        y3, amax = _silu_chunk(x_row, c + 3 * CHUNK, d, amax)
-    scale = row_scale(amax, half_range)
-    tl.store(scale_ptr + row, scale)
-    inv_scale = tl.math.div_rn(1.0, scale)
-    _store_chunk(q_row, c, d, y0, scale, inv_scale, HAND)
-    if NCHUNK > 1:
-        _store_chunk(q_row, c + CHUNK, d, y1, scale, inv_scale, HAND)
-    if NCHUNK > 2:
-        _store_chunk(q_row, c + 2 * CHUNK, d, y2, scale, inv_scale, HAND)
-    if NCHUNK > 3:
-        _store_chunk(q_row, c + 3 * CHUNK, d, y3, scale, inv_scale, HAND)
 
 
 @triton.jit
@@ -276,13 +237,6 @@ def main() -> None:
                 us = _time(run, launches)
                 run()
                 record("silu", m, name, us, silu_bytes, ref, (q, s))
-        for warps in (8, 16):  # the row in 3 blocks of 4,096: no lane masked
-            def run(warps=warps):
-                _silu_quantize_chunks[(m,)](gate_up, q, s, gate_up.stride(0), q.stride(0), INTERMEDIATE, 448.0,
-                                            CHUNK=4096, NCHUNK=3, HAND=False, num_warps=warps)
-            us = _time(run, launches)
-            run()
-            record("silu", m, f"whole 3x4096/{warps}w fma", us, silu_bytes, ref, (q, s))
         del gate_up
 
         quant_bytes = m * HIDDEN * 3
