@@ -59,11 +59,13 @@ def test_fp8_cache_matches_the_reference_over_its_values(case, dtype):
 
 
 @pytest.mark.parametrize("block_n,page", [(16, 32), (32, 64), (64, 64)])
-@pytest.mark.parametrize("kv_mode", [0, 2] + ([1] if DEVICE == "cuda" else []))  # fp8: GPU only
+@pytest.mark.parametrize("kv_mode", [0, 2, "2 head-major"] + ([1] if DEVICE == "cuda" else []))  # fp8: GPU only
 def test_key_tiles_within_one_page_match_reference(block_n, page, kv_mode):
     """Key tiles that lie in one page take its id once (ops/paged_attention.ONE_PAGE_TILES): decodes whose
     keys end mid-page and mid-tile, and a mixed step's prefill tiles, over pages scattered in the cache."""
     heads, kv_heads, head_dim = 8, 2, 32
+    head_major = kv_mode == "2 head-major"
+    kv_mode = 2 if head_major else kv_mode
     gen = torch.Generator().manual_seed(block_n + page + 3 * kv_mode)
     cases = (([1] * 5, [1, page - 1, page, 2 * page + 22, 5 * page - 9], {"block_n": block_n, "num_warps": 1,
                                                                             "num_stages": 2}),
@@ -76,6 +78,8 @@ def test_key_tiles_within_one_page_match_reference(block_n, page, kv_mode):
             k_cache, v_cache = ((c * 20).clamp(-127, 127).round() for c in (k_cache, v_cache))
             scales = [(torch.rand(k_cache.shape[:3], generator=gen) / 20 + 0.01).to(DEVICE) for _ in range(2)]
             values = [c * s[..., None] for c, s in zip((k_cache, v_cache), scales)]
+            if head_major:
+                scales = [new_kv_scales(*s.shape, DEVICE).copy_(s) for s in scales]
             stored = [c.to(torch.int8) for c in (k_cache, v_cache)]
         elif kv_mode == 1:
             values = [c.to(torch.float8_e4m3fn).float() for c in (k_cache, v_cache)]
