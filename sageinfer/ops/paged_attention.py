@@ -67,8 +67,9 @@ def attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v
     if ONE_PAGE_TILES and PAGE_SIZE % BLOCK_N == 0:  # the tile's page is one load, its rows one offset
         first = tile * BLOCK_N
         page = tl.load(block_table_ptr + seq * stride_bt + first // PAGE_SIZE)
-        slot = first % PAGE_SIZE + tl.arange(0, BLOCK_N)
-        tile_base = page.to(tl.int64) * stride_c_block + (first % PAGE_SIZE) * stride_c_slot + kv_head * stride_c_head
+        in_page = first % PAGE_SIZE
+        slot = in_page + tl.arange(0, BLOCK_N)
+        tile_base = page.to(tl.int64) * stride_c_block + in_page * stride_c_slot + kv_head * stride_c_head
         row_offs = (tl.arange(0, BLOCK_N) * stride_c_slot)[:, None] + dims[None, :]  # the same every tile
     else:
         page = _load_per_key(block_table_ptr + seq * stride_bt + k_idx // PAGE_SIZE, k_valid, MASKED)

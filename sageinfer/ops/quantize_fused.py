@@ -18,6 +18,13 @@ from sageinfer.ops.rms_norm import norm_launch, normed_row
 
 
 @triton.jit
+def _store_quantized(q_row, cols, n, y, scale, inv_scale, INT8: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
+    """y's values at these columns of a row of n, quantized with the row's scale, stored at q_row."""
+    q = _quantized(y, scale, inv_scale, INT8, ROUND_BY_HAND)
+    tl.store(q_row + cols, q.to(q_row.dtype.element_ty), mask=cols < n)
+
+
+@triton.jit
 def _rms_norm_quantize_kernel(x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, residual_out_ptr, stride_x,
                               stride_r, stride_q, hidden, eps, half_range, HAS_RESIDUAL: tl.constexpr,
                               INT8: tl.constexpr, BLOCK: tl.constexpr, ROUND_BY_HAND: tl.constexpr,
@@ -25,14 +32,12 @@ def _rms_norm_quantize_kernel(x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr,
     launch.wait_for_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    mask = cols < hidden
     # ops/rms_norm.py's row, in the activation dtype, then quantized
     y = normed_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, row, stride_x, stride_r, hidden, eps,
                    HAS_RESIDUAL, BLOCK).to(tl.float32)
     scale = row_scale(tl.max(tl.abs(y), axis=0), half_range)
     tl.store(scale_ptr + row, scale)
-    q = _quantized(y, scale, tl.math.div_rn(1.0, scale), INT8, ROUND_BY_HAND)
-    tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    _store_quantized(q_ptr + row * stride_q, cols, hidden, y, scale, tl.math.div_rn(1.0, scale), INT8, ROUND_BY_HAND)
 
 
 @triton.jit
@@ -40,12 +45,6 @@ def _silu_and_mul_block(x_row, cols, d, amax):
     """silu(gate) * up for these columns of a row (fp32), and amax raised to their largest magnitude."""
     y = silu_and_mul_row(x_row, cols, cols < d, d).to(tl.float32)
     return y, tl.maximum(amax, tl.max(tl.abs(y), axis=0))
-
-
-@triton.jit
-def _store_quantized(q_row, cols, d, y, scale, inv_scale, INT8: tl.constexpr, ROUND_BY_HAND: tl.constexpr):
-    q = _quantized(y, scale, inv_scale, INT8, ROUND_BY_HAND)
-    tl.store(q_row + cols, q.to(q_row.dtype.element_ty), mask=cols < d)
 
 
 @triton.jit
@@ -78,10 +77,8 @@ def _silu_and_mul_quantize_kernel(x_ptr, q_ptr, scale_ptr, stride_x, stride_q, d
         inv_scale = tl.math.div_rn(1.0, scale)
         for start in range(0, d, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            mask = cols < d
-            q = _quantized(silu_and_mul_row(x_row, cols, mask, d).to(tl.float32), scale, inv_scale, INT8,
-                           ROUND_BY_HAND)
-            tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+            y = silu_and_mul_row(x_row, cols, cols < d, d).to(tl.float32)
+            _store_quantized(q_row, cols, d, y, scale, inv_scale, INT8, ROUND_BY_HAND)
 
 
 def silu_launch(d: int) -> dict:
@@ -90,11 +87,9 @@ def silu_launch(d: int) -> dict:
     by its instructions. Qwen3-8B's 12,288 as 3 x 4,096 rather than 16,384 (a quarter of the lanes idle): on an
     H200, 418 -> 314 us at 16,384 rows, 13.4 -> 10.4 at 492 (benchmarks/experiments/time_row_kernels.py,
     2026-12-04g)."""
-    launch = row_launch(d)
-    thirds = launch["WHOLE_ROW"] and launch["BLOCK"] >= 4 and 4 * d <= 3 * launch["BLOCK"]
-    if thirds:
-        launch["BLOCK"] //= 4
-    return {**launch, "THIRDS": thirds}
+    cfg = row_launch(d)
+    thirds = cfg["WHOLE_ROW"] and cfg["BLOCK"] >= 4 and 4 * d <= 3 * cfg["BLOCK"]
+    return {**cfg, "BLOCK": cfg["BLOCK"] // 4 if thirds else cfg["BLOCK"], "THIRDS": thirds}
 
 
 def rms_norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float, scheme: str, half_range: float,
