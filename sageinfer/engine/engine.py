@@ -132,6 +132,7 @@ class LLMEngine:
             logger.info("start-up waited %.1f s for the kernel warm-up (attention, quantized layers)",
                         self.kernel_warm_up_seconds)
         self.graph_capture_seconds = self.runner.capture_graphs()
+        self.runner.warm_up_logits()
         warm_up = self.runner.long_prefill_warm_up(num_blocks)
         if warm_up is not None and self.workers is not None:
             self.workers.send_warm_up(*warm_up)  # every rank runs the same steps, with rank 0

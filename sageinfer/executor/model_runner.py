@@ -1,6 +1,7 @@
 """Tensors in, tokens out: builds the flat batch, runs the model, samples on the device."""
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import os
@@ -14,6 +15,7 @@ from sageinfer.attention.backend import AttentionMetadata, LayerKVCache, get_att
 from sageinfer.config import EngineConfig
 from sageinfer.distributed.parallel_state import get_tp_group, kv_head_range
 from sageinfer.executor import prompt_logprobs
+from sageinfer.executor.graph_runner import graph_batch_sizes
 from sageinfer.executor.prompt_logprobs import PromptLogprobsOutput
 from sageinfer.executor.sampling_inputs import build_sampling_batch
 from sageinfer.layers.sampler import Sampler, SamplerOutput
@@ -74,6 +76,8 @@ class ModelRunner:
                 elif hasattr(quant, "prepare"):
                     module.quant.prepare(module)  # (the platform's choices, made before any graph)
         self.sampler = Sampler()
+        # The LM head's row counts (_logit_rows): the decode graphs' batch sizes, to one past max_num_seqs.
+        self.logit_row_counts = graph_batch_sizes(config.max_num_seqs, config.max_num_seqs + 32)
         self.kv_caches: list[LayerKVCache] = []
         self.graphs = None  # executor.graph_runner.DecodeGraphs once captured
         self.prefill_graphs = None  # executor.graph_runner.PrefillGraphs once captured
@@ -198,7 +202,7 @@ class ModelRunner:
             return
         from sageinfer.attention.kernel_warm_up import decode_plans, graph_plans, prefill_plans, start_in_background
         from sageinfer.background_warm_up import finish_all
-        from sageinfer.executor.graph_runner import DEPENDENT_LAUNCH_MAX_DECODE_BATCH, graph_batch_sizes
+        from sageinfer.executor.graph_runner import DEPENDENT_LAUNCH_MAX_DECODE_BATCH
         from sageinfer.executor.linear_warm_up import linear_warm_up_calls, start_linear_warm_up
         from sageinfer.layers.attention import Attention
         finishes = []
@@ -239,6 +243,28 @@ class ModelRunner:
         except Exception:
             logger.warning("kernel warm-up failed; its kernels compile on first use", exc_info=True)
         return time.perf_counter() - start
+
+    def _logit_rows(self, hidden: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """The rows of hidden to sample, repeated at the end up to the next of logit_row_counts: the LM head
+        then runs at the row counts warm_up_logits ran. A library matmul at a row count new to it may load
+        a kernel, which waits for the device to drain first (CUDA's lazy module loading: on an H200, P1's
+        eager steps waited about 200 ms each for the LM head, and the host prepared the next step with the
+        device idle)."""
+        rows = self.logit_row_counts[bisect.bisect_left(self.logit_row_counts, len(indices))]
+        if rows == len(indices) == hidden.shape[0] and indices[-1] == rows - 1:
+            return hidden  # every row is sampled (a decode step): no gather, no index copy
+        index = np.full(rows, indices[-1], dtype=np.int64)
+        index[:len(indices)] = indices
+        return hidden[self.platform.to_device(index, self.device)]
+
+    @torch.inference_mode()
+    def warm_up_logits(self) -> None:
+        """Run the LM head once at each of logit_row_counts (every rank: under tensor parallelism it gathers)."""
+        hidden = torch.zeros(self.logit_row_counts[-1], self.model_config.hidden_size, dtype=self.dtype,
+                             device=self.device)
+        for rows in self.logit_row_counts:
+            self.model.compute_logits(hidden[:rows])
+        self.platform.synchronize()
 
     def _captures_graphs(self) -> bool:
         return not self.config.enforce_eager and self.platform.supports_graphs and self.backend.graph_capturable
@@ -351,11 +377,7 @@ class ModelRunner:
             self.model, hidden, prompt_spans, self.platform.to_device, self.platform.to_host_async)
         if not host.sampled_requests:
             return StepResult([], None, prompt_out, host)
-        if len(host.logits_indices) == hidden.shape[0] and host.logits_indices[-1] == hidden.shape[0] - 1:
-            sampled_hidden = hidden  # every row is sampled (a decode step): no gather, no index copy
-        else:
-            sampled_hidden = hidden[self.platform.to_device(np.array(host.logits_indices, dtype=np.int64), self.device)]
-        logits = self.model.compute_logits(sampled_hidden)
+        logits = self.model.compute_logits(self._logit_rows(hidden, host.logits_indices))[:len(host.logits_indices)]
         batch = build_sampling_batch(host.sampled_requests, self.model_config.vocab_size, self.device,
                                      self.platform.to_device)
         out = self.sampler(logits, batch)

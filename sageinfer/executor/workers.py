@@ -175,6 +175,7 @@ def run_worker(rank: int, config: EngineConfig, attention_backend: str | None, e
         export_rank_cache(config.kv_transfer_config, runner.kv_caches, platform, rank)
     runner.finish_kernel_warm_up()
     runner.capture_graphs()
+    runner.warm_up_logits()
     context = zmq.Context()
     socket = context.socket(zmq.PULL)
     socket.connect(address)

@@ -1,0 +1,49 @@
+"""The LM head runs only at the row counts the start-up ran it at (ModelRunner.logit_row_counts): a library
+matmul at a row count new to it may load a kernel, and on CUDA that waits for the device to drain."""
+import numpy as np
+
+from sageinfer import LLM, SamplingParams
+
+
+def _workload():
+    rng = np.random.default_rng(3)
+    prompts = [{"prompt_token_ids": rng.integers(3, 400, size=int(n)).tolist()} for n in rng.integers(2, 90, size=37)]
+    params = [SamplingParams(temperature=0.0, max_tokens=int(m), ignore_eos=True, logprobs=2)
+              for m in rng.integers(1, 12, size=37)]
+    return prompts, params
+
+
+def _outputs(outs):
+    """Each request's tokens, and its top logprobs as (token, value) pairs."""
+    return [(o.outputs[0].token_ids, [[(t, lp.logprob) for t, lp in sorted(e.items())] for e in o.outputs[0].logprobs])
+            for o in outs]
+
+
+def _engine(model_dir):
+    return LLM(model_dir, dtype="float32", num_gpu_blocks_override=256, max_num_seqs=40, max_num_batched_tokens=256,
+               show_progress=False)
+
+
+def test_the_lm_head_runs_at_the_warmed_row_counts_only(llama_dir):
+    llm = _engine(llama_dir)
+    runner = llm.engine.runner
+    assert runner.logit_row_counts == [1, 2, 4, 8, 16, 32, 48]  # the graphs' ladder, past max_num_seqs
+    counts = []
+    compute = runner.model.compute_logits
+    runner.model.compute_logits = lambda hidden: counts.append(hidden.shape[0]) or compute(hidden)
+    runner.warm_up_logits()
+    assert counts == runner.logit_row_counts
+    counts.clear()
+    padded = _outputs(llm.generate(*_workload(), use_tqdm=False))
+    assert set(counts) <= set(runner.logit_row_counts) and len(set(counts)) > 3
+
+    # The same run with every row count its own (nothing padded) samples the same tokens and logprobs (up to
+    # the rounding of a matmul over another number of rows).
+    plain = _engine(llama_dir)
+    plain.engine.runner.logit_row_counts = list(range(1, 41))
+    unpadded = _outputs(plain.generate(*_workload(), use_tqdm=False))
+    assert [tokens for tokens, _ in unpadded] == [tokens for tokens, _ in padded]
+    for (_, a), (_, b) in zip(unpadded, padded):
+        assert [[t for t, _ in step] for step in a] == [[t for t, _ in step] for step in b]
+        np.testing.assert_allclose([[v for _, v in step] for step in a], [[v for _, v in step] for step in b],
+                                   rtol=0, atol=1e-5)
