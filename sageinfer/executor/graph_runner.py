@@ -118,7 +118,8 @@ class DecodeGraphs:
 
     def run(self, host, fill_pending) -> torch.Tensor:
         """host: executor.model_runner.HostInputs of a decode-only batch; fill_pending(input_ids) writes
-        tokens still on the device into the input buffer. Returns hidden [num_seqs, H]."""
+        tokens still on the device into the input buffer. Returns hidden [size, H]: the batch's num_seqs
+        rows, then the captured size's padding rows (whatever they computed: rows of a matmul do not mix)."""
         num = host.num_tokens
         bs = next(s for s in self.sizes if s >= num)
         key = (bs, *self.variants[bs][-1])
@@ -139,7 +140,7 @@ class DecodeGraphs:
         self.platform.copy_to_device(self.int32_inputs, int32_inputs)
         self.platform.copy_to_device(self.block_table[:num, :host.block_table.shape[1]], host.block_table)
         self.graphs[key].replay()
-        return self.outputs[key][:num]
+        return self.outputs[key][:bs]
 
 
 def prefill_buckets(max_num_batched_tokens: int, max_model_len: int) -> list[int]:

@@ -245,14 +245,14 @@ class ModelRunner:
         return time.perf_counter() - start
 
     def _logit_rows(self, hidden: torch.Tensor, indices: list[int]) -> torch.Tensor:
-        """The rows of hidden to sample, repeated at the end up to the next of logit_row_counts: the LM head
-        then runs at the row counts warm_up_logits ran. A library matmul at a row count new to it may load
-        a kernel, which waits for the device to drain first (CUDA's lazy module loading: on an H200, P1's
-        eager steps waited about 200 ms each for the LM head, and the host prepared the next step with the
-        device idle)."""
+        """The rows of hidden to sample, padded up to the next of logit_row_counts (the last one repeated, or
+        a decode graph's own padding rows): the LM head then runs at the row counts warm_up_logits ran. A
+        library matmul at a row count new to it may load a kernel, and that waits for the device to drain
+        (CUDA's lazy module loading: on an H200 the host waited in the LM head of each of P1's first eager
+        steps, about 200 ms, then prepared the next step while the device stood idle, 12-13 ms a step)."""
         rows = self.logit_row_counts[bisect.bisect_left(self.logit_row_counts, len(indices))]
-        if rows == len(indices) == hidden.shape[0] and indices[-1] == rows - 1:
-            return hidden  # every row is sampled (a decode step): no gather, no index copy
+        if indices[-1] == len(indices) - 1 and hidden.shape[0] >= rows:
+            return hidden[:rows]  # every row is sampled (a decode step): no gather, no index copy
         index = np.full(rows, indices[-1], dtype=np.int64)
         index[:len(indices)] = indices
         return hidden[self.platform.to_device(index, self.device)]
