@@ -60,3 +60,23 @@ def test_a_decode_graphs_padding_rows_fill_the_count_and_other_steps_repeat_thei
     mixed = runner._logit_rows(graph_out, [4, 9, 30])  # a mixed step samples some rows: 3 to 4
     assert torch.equal(mixed, graph_out[[4, 9, 30, 30]])
     assert runner._logit_rows(graph_out[:32], list(range(32))).shape[0] == 32  # already a count: as it is
+
+
+def test_the_memory_profile_holds_the_lm_heads_largest_count_before_the_cache_is_sized(llama_dir, monkeypatch):
+    """The profiled step samples one row a sequence; a full decode batch's logits (and the start-up's warm-up of
+    them) must fit beside the KV cache too, so the profile runs the LM head at its largest count."""
+    from sageinfer.executor.model_runner import ModelRunner
+    from sageinfer.models.llama import LlamaForCausalLM
+    from sageinfer.platforms.cpu import CpuPlatform
+    monkeypatch.setattr(CpuPlatform, "default_kv_cache_bytes", lambda self: None)  # profile, as GPUs do
+    monkeypatch.setattr(CpuPlatform, "mem_get_info", lambda self: (1 << 30, 1 << 30))
+    events = []
+    compute, allocate = LlamaForCausalLM.compute_logits, ModelRunner.allocate_kv_cache
+    monkeypatch.setattr(LlamaForCausalLM, "compute_logits",
+                        lambda self, hidden: events.append(("logits", hidden.shape[0])) or compute(self, hidden))
+    monkeypatch.setattr(ModelRunner, "allocate_kv_cache",
+                        lambda self, n: events.append(("cache", n)) or allocate(self, n))
+    LLM(llama_dir, max_model_len=256, max_num_seqs=40, max_num_batched_tokens=256, gpu_memory_utilization=0.5,
+        show_progress=False)
+    sized = max(i for i, e in enumerate(events) if e[0] == "cache")  # the cache the profile sized (then the warm-up)
+    assert ("logits", 48) in events[:sized] and ("logits", 48) in events[sized:]

@@ -129,6 +129,10 @@ class ModelRunner:
         scheduled = [(_ProfileSequence(n, list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq))), n)
                      for i, n in enumerate(seq_lens)]
         self.execute(scheduled)
+        # The LM head at its largest row count (a full decode batch's logits, which warm_up_logits also makes):
+        # the profiled step samples one row a sequence.
+        self.model.compute_logits(torch.zeros(self.logit_row_counts[-1], self.model_config.hidden_size,
+                                              dtype=self.dtype, device=self.device))
         self.platform.synchronize()
         peak = self.platform.peak_memory_allocated() - dummy_kv_bytes
         self.kv_caches = []
