@@ -8,6 +8,10 @@ kernels of a window of steps with how busy the device was in it.
 --passes 2 runs the mix twice in one process, the prefix cache emptied before each: the first pass pays
 the Triton compiles of shapes the start-up did not see (listed with their seconds), the second shows
 the warm engine; the window is profiled in the last pass.
+
+--gaps MS also records the host (CPU activities, the engine's phases marked) in the window and in the eager
+decode steps, and lists the device's idle gaps of MS or more with what the host did meanwhile (gpu_gaps.py).
+The eager decode steps are then profiled as one run of consecutive steps, with no synchronize between them.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from sageinfer.bench.mixed import MIXES, mixed_prompts  # noqa: E402
 from sageinfer.bench.workloads import load_workloads, make_prompts  # noqa: E402
 from sageinfer.gateway.engine_args import engine_kwargs  # noqa: E402
 from standard_args import add_standard_engine_args  # noqa: E402
+from gpu_gaps import mark_phases, print_gaps  # noqa: E402
 from triton_compiles import CompileLog  # noqa: E402
 
 
@@ -64,6 +69,8 @@ def main():
     parser.add_argument("--profile-eager-decode", type=int, default=0, metavar="N",
                         help="also profile the GPU kernels of the last pass's first N decode steps past the "
                              "largest graph, one step at a time")
+    parser.add_argument("--gaps", type=float, default=0.0, metavar="MS",
+                        help="also record the host and list the device's idle gaps of MS or more (0: off)")
     add_standard_engine_args(parser)
     args = parser.parse_args()
     llm = LLM(**engine_kwargs(args))
@@ -82,7 +89,9 @@ def main():
     schedule = engine.scheduler.schedule
 
     largest_graph = runner.graphs.max_batch if runner.graphs is not None else 0
-    eager = EagerDecodeProfile(args.profile_eager_decode)
+    eager = EagerDecodeProfile(args.profile_eager_decode, args.gaps)
+    if args.gaps:
+        mark_phases(engine)
 
     def timed_schedule(*a, **k):
         t = time.perf_counter()
@@ -114,26 +123,36 @@ def main():
 
 class EagerDecodeProfile:
     """GPU kernels of the first N decode steps that run eagerly (more sequences than the largest graph),
-    each profiled alone: the profiler starts once such a step is scheduled and stops when it is done."""
+    each profiled alone: the profiler starts once such a step is scheduled and stops when it is done. With
+    gaps_ms, N consecutive steps from the first such one instead, in one profile with the host recorded and no
+    synchronize before or between them (the separate profiles' synchronize leaves the device idle while the
+    host prepares each step, so their busy share is the profile's own)."""
 
-    def __init__(self, wanted: int):
-        self.wanted, self.armed, self.prof = wanted, False, None
+    def __init__(self, wanted: int, gaps_ms: float = 0.0):
+        self.wanted, self.armed, self.prof, self.gaps_ms = wanted, False, None, gaps_ms
+        self.events = []
         self.steps, self.wall, self.kernels = 0, 0.0, collections.defaultdict(lambda: np.zeros(2))
 
     def start(self):
-        if self.prof is not None:  # already profiling this step
+        if self.prof is not None:  # already profiling this step (or, with gaps, this run of steps)
             return
-        sync()
-        self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        if not self.gaps_ms:
+            sync()
+        self.prof = torch.profiler.profile(activities=profiled_activities(self.gaps_ms))
         self.prof.__enter__()
         self.t = time.perf_counter()
 
     def stop(self):
         if self.prof is None:
             return
+        if self.gaps_ms and self.steps + 1 < self.wanted:  # one profile over the run of steps: no synchronize
+            self.steps += 1
+            return
         sync()
         self.wall += time.perf_counter() - self.t
         self.prof.__exit__(None, None, None)
+        if self.gaps_ms:
+            self.events = self.prof.events()
         for e in self.prof.key_averages():
             if e.device_type == torch.autograd.DeviceType.CUDA:
                 self.kernels[e.key] += (e.self_device_time_total / 1e6, e.count)
@@ -144,11 +163,20 @@ class EagerDecodeProfile:
         if not self.steps:
             return
         gpu = sum(s for s, _ in self.kernels.values())
-        print(f"\n### {self.steps} eager decode steps: wall {self.wall:.2f} s, GPU kernels {gpu:.2f} s "
+        what = "steps from the first eager decode step" if self.gaps_ms else "eager decode steps"
+        print(f"\n### {self.steps} {what}: wall {self.wall:.2f} s, GPU kernels {gpu:.2f} s "
               f"({100 * gpu / self.wall:.0f}% busy)")
         print("| kernel | s | share | calls |\n| --- | --- | --- | --- |")
         for name, (s, count) in sorted(self.kernels.items(), key=lambda kv: -kv[1][0])[:16]:
             print(f"| {name[:90]} | {s:.3f} | {100 * s / gpu:.1f}% | {count:.0f} |")
+        if self.gaps_ms:
+            print_gaps(self.events, self.gaps_ms)
+
+
+def profiled_activities(gaps_ms: float) -> list:
+    """CUDA kernels; with gaps, the host's calls too."""
+    cpu = [torch.profiler.ProfilerActivity.CPU] if gaps_ms else []
+    return [torch.profiler.ProfilerActivity.CUDA, *cpu]
 
 
 def run_pass(engine, args, vocab, last, sched, window, label, after_step=lambda: None):
@@ -172,7 +200,7 @@ def run_pass(engine, args, vocab, last, sched, window, label, after_step=lambda:
     while engine.has_unfinished_requests():
         if step == first and torch.cuda.is_available():  # kernel times need a GPU
             sync()
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            prof = torch.profiler.profile(activities=profiled_activities(args.gaps))
             prof.__enter__()
             sched["window"] = True  # one profiler at a time: eager decode steps are not profiled apart here
             window_start = time.perf_counter()
@@ -220,6 +248,8 @@ def run_pass(engine, args, vocab, last, sched, window, label, after_step=lambda:
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:16]:
             s = e.self_device_time_total / 1e6
             print(f"| {e.key[:90]} | {s:.3f} | {100 * s / gpu:.1f}% | {e.count} |")
+        if args.gaps:
+            print_gaps(prof.events(), args.gaps)
 
 
 if __name__ == "__main__":
