@@ -3,6 +3,7 @@ next size). Inputs live in persistent buffers that each step overwrites in place
 one-token sequences on the null block whose KV writes are skipped (slot -1)."""
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 
@@ -54,14 +55,17 @@ def capture_ladder(keys: list, make_meta, model, backend, platform, num_kv_heads
     return graphs, outputs, time.perf_counter() - start
 
 
-def graph_batch_sizes(max_num_seqs: int, max_graph_batch: int = 512) -> list[int]:
+def graph_batch_sizes(max_num_seqs: int, max_graph_batch: int | None = 512) -> list[int]:
     """Decode batch sizes to capture: 1, 2, 4, 8, then every 16 to 512 and every 32 beyond, up to
-    max_graph_batch; the first of them that holds max_num_seqs ends the list (a batch pads up to the
-    next size, so max_num_seqs = 20 runs in the graph of 32 rather than eagerly)."""
-    ladder = [1, 2, 4, 8] + list(range(16, 513, 16)) + list(range(544, max_graph_batch + 1, 32))
-    ladder = [s for s in ladder if s <= max_graph_batch]
-    sizes = [s for s in ladder if s < max_num_seqs]
-    sizes += [s for s in ladder if s >= max_num_seqs][:1]
+    max_graph_batch (None: no cap); the first of them that holds max_num_seqs ends the list (a batch pads up
+    to the next size, so max_num_seqs = 20 runs in the graph of 32 rather than eagerly)."""
+    sizes = []
+    for size in itertools.chain((1, 2, 4, 8), range(16, 513, 16), itertools.count(544, 32)):
+        if max_graph_batch is not None and size > max_graph_batch:
+            break
+        sizes.append(size)
+        if size >= max_num_seqs:
+            break
     return sizes
 
 

@@ -76,9 +76,9 @@ class ModelRunner:
                 elif hasattr(quant, "prepare"):
                     module.quant.prepare(module)  # (the platform's choices, made before any graph)
         self.sampler = Sampler()
-        # The LM head's row counts (_logit_rows): the decode graphs' ladder of batch sizes, up to the first that holds
-        # max_num_seqs (also where the graphs stop at a smaller max_graph_batch_size).
-        self.logit_row_counts = graph_batch_sizes(config.max_num_seqs, config.max_num_seqs + 32)
+        # The LM head's row counts (_logit_rows): the decode graphs' ladder of batch sizes, uncapped, to the first
+        # that holds max_num_seqs.
+        self.logit_row_counts = graph_batch_sizes(config.max_num_seqs, max_graph_batch=None)
         self.kv_caches: list[LayerKVCache] = []
         self.graphs = None  # executor.graph_runner.DecodeGraphs once captured
         self.prefill_graphs = None  # executor.graph_runner.PrefillGraphs once captured
