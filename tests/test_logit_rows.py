@@ -52,13 +52,14 @@ def test_the_lm_head_runs_at_the_warmed_row_counts_only(llama_dir):
 
 def test_a_decode_graphs_padding_rows_fill_the_count_and_other_steps_repeat_their_last_row(llama_dir):
     runner = _engine(llama_dir).engine.runner
-    graph_out = torch.arange(48 * 3, dtype=torch.float32).reshape(48, 3)  # a graph of 48: 37 rows, then padding
+    # a graph of 48: 37 rows, then padding
+    graph_out = torch.arange(48 * 3, dtype=torch.float32, device=runner.device).reshape(48, 3)
     rows = runner._logit_rows(graph_out[:48], list(range(37)))
     assert rows.shape == (48, 3) and rows.data_ptr() == graph_out.data_ptr()  # the graph's own rows, no gather
     eager = graph_out[:37]  # an eager decode step's 37 rows: gathered, the last repeated up to 48
     assert torch.equal(runner._logit_rows(eager, list(range(37))), torch.cat([eager, eager[36:].expand(11, 3)]))
     mixed = runner._logit_rows(graph_out, [4, 9, 30])  # a mixed step samples some rows: 3 to 4
-    assert torch.equal(mixed, graph_out[[4, 9, 30, 30]])
+    assert torch.equal(mixed, graph_out[torch.tensor([4, 9, 30, 30], device=runner.device)])
     assert runner._logit_rows(graph_out[:32], list(range(32))).shape[0] == 32  # already a count: as it is
 
 
