@@ -32,7 +32,7 @@ from sageinfer.bench.mixed import MIXES, mixed_prompts  # noqa: E402
 from sageinfer.bench.workloads import load_workloads, make_prompts  # noqa: E402
 from sageinfer.gateway.engine_args import engine_kwargs  # noqa: E402
 from standard_args import add_standard_engine_args  # noqa: E402
-from gpu_gaps import mark_phases, print_gaps  # noqa: E402
+from gpu_gaps import PHASE, mark_phases, print_gaps  # noqa: E402
 from triton_compiles import CompileLog  # noqa: E402
 
 
@@ -154,7 +154,7 @@ class EagerDecodeProfile:
         if self.gaps_ms:
             self.events = self.prof.events()
         for e in self.prof.key_averages():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
+            if e.device_type == torch.autograd.DeviceType.CUDA and not e.key.startswith(PHASE):
                 self.kernels[e.key] += (e.self_device_time_total / 1e6, e.count)
         self.prof, self.steps = None, self.steps + 1
         self.armed = self.steps < self.wanted
@@ -222,9 +222,9 @@ def run_pass(engine, args, vocab, last, sched, window, label, after_step=lambda:
             path += f" <={bucket}" if bucket else " >256"
         stats[path] += (1, seconds, tokens, seqs)
         step += 1
-        if step == end and prof is not None:
+        if (step == end or not engine.has_unfinished_requests()) and prof is not None and sched["window"]:
             sync()
-            window_wall = time.perf_counter() - window_start
+            window_wall, end = time.perf_counter() - window_start, step  # the pass may end inside the window
             prof.__exit__(None, None, None)
             sched["window"] = False
     wall = time.perf_counter() - start
@@ -240,12 +240,13 @@ def run_pass(engine, args, vocab, last, sched, window, label, after_step=lambda:
         print(f"| {path} | {n:.0f} | {s:.1f} | {100 * s / wall:.0f}% | {tok / n:.0f} | {seqs / n:.0f} "
               f"| {1e3 * s / n:.2f} |")
     if window_wall:
-        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
+                  and not e.key.startswith(PHASE)]  # the phase marks' device-side ranges overlap the kernels
         gpu = sum(e.self_device_time_total for e in events) / 1e6
         print(f"\n### steps {first}-{end}: wall {window_wall:.2f} s, GPU kernels {gpu:.2f} s "
               f"({100 * gpu / window_wall:.0f}% busy)")
         print("| kernel | s | share | calls |\n| --- | --- | --- | --- |")
-        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:16]:
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:24]:
             s = e.self_device_time_total / 1e6
             print(f"| {e.key[:90]} | {s:.3f} | {100 * s / gpu:.1f}% | {e.count} |")
         if args.gaps:

@@ -279,12 +279,41 @@ def test_a_failing_warm_up_is_logged_and_start_up_goes_on(caplog):
                                       max_num_batched_tokens=64),
         platform=types.SimpleNamespace(supports_triton=True, supports_dependent_launch=lambda: False,
                                        synchronize=lambda: None),
-        model=torch.nn.ModuleList([layer]), _layer_cache=lambda blocks: types.SimpleNamespace(k=torch.zeros(blocks, 16, 2, 16)))
+        model=torch.nn.ModuleList([layer]), _layer_cache=lambda blocks: types.SimpleNamespace(k=torch.zeros(blocks, 16, 2, 16)),
+        _finish_kernel_warm_up=None)
     with caplog.at_level("WARNING"):
         ModelRunner.start_kernel_warm_up(runner)
         seconds = ModelRunner.finish_kernel_warm_up(runner)
     assert seconds >= 0 and "kernel warm-up failed" in caplog.text and "no launch today" in caplog.text
     assert ModelRunner.finish_kernel_warm_up(runner) == 0.0  # finished once
+
+
+def test_the_attention_warm_up_starts_before_the_weights_load_and_a_failed_load_cancels_it(llama_dir, monkeypatch):
+    """The attention kernels need the layers' shapes only: their compiles start once the model is built, beside
+    the weights' load; the quantized layers' start after it (their kernels take the converted weights)."""
+    from sageinfer.executor.model_runner import ModelRunner
+    from sageinfer.models.llama import LlamaForCausalLM
+    events = []
+
+    def start(self, attention=True, linear=True):  # as on a GPU: a background warm-up, recording its finish
+        assert isinstance(self.model, LlamaForCausalLM)  # the layers exist
+        events.append(("start", attention, linear))
+        self._finish_kernel_warm_up = lambda cancel=False: events.append(("finish", cancel))
+    monkeypatch.setattr(ModelRunner, "start_kernel_warm_up", start)
+    load = LlamaForCausalLM.load_weights
+    monkeypatch.setattr(LlamaForCausalLM, "load_weights",
+                        lambda model, weights: events.append(("load",)) or load(model, weights))
+    LLM(llama_dir, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+    assert events == [("start", True, False), ("load",), ("start", False, True), ("finish", False)]
+
+    def fail(model, weights):
+        events.append(("load",))
+        raise ValueError("a broken checkpoint")
+    events.clear()
+    monkeypatch.setattr(LlamaForCausalLM, "load_weights", fail)
+    with pytest.raises(ValueError, match="a broken checkpoint"):
+        LLM(llama_dir, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+    assert events == [("start", True, False), ("load",), ("finish", True)]  # cancelled, not left compiling
 
 
 def test_a_cache_without_wide_tiles_launches_each_plan_once():

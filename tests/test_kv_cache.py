@@ -229,7 +229,7 @@ def test_a_cache_too_small_for_max_model_len_fails_start_up_and_cancels_the_warm
     from sageinfer.executor.model_runner import ModelRunner
     finished = []
 
-    def start(self):  # a background warm-up as on a GPU, recording how it is finished
+    def start(self, attention=True, linear=True):  # a background warm-up as on a GPU, recording how it is finished
         self._finish_kernel_warm_up = finished.append
     monkeypatch.setattr(ModelRunner, "start_kernel_warm_up", start)
     with pytest.raises(ValueError, match=r"fewer than max_model_len \(256\): lower max_model_len"):

@@ -105,9 +105,10 @@ class LLMEngine:
             raise
         self.model_load_seconds = time.perf_counter() - started
         logger.info("model loaded in %.1f s", self.model_load_seconds)
-        # Attention-kernel variants and the quantized layers' kernels compile in the background from here
-        # (no collectives: each rank warms its own); the graphs' capture then finds them compiled.
-        self.runner.start_kernel_warm_up()
+        # The quantized layers' kernels compile in the background from here, beside the attention kernels'
+        # variants the runner started while the weights loaded (no collectives: each rank warms its own);
+        # the graphs' capture then finds them compiled.
+        self.runner.start_kernel_warm_up(attention=False)
         started = time.perf_counter()
         try:
             num_blocks = self.runner.determine_num_blocks()

@@ -60,9 +60,15 @@ class ModelRunner:
         # KV heads this rank holds (all of them without tensor parallelism): the cache's shape and size.
         self.num_kv_heads = kv_head_range(model_config.num_key_value_heads)[1]
         self.backend = get_attention_backend(attention_backend or self._default_backend(), platform)
-        self.model = load_model(model_config, config.model, config.load_format, dtype, self.device,
-                                self.backend, seed=config.seed, show_progress=show_progress,
-                                quantization=config.quantization)
+        self._finish_kernel_warm_up = None  # start_kernel_warm_up's, until finish_kernel_warm_up
+        self.model = None
+        try:
+            self.model = load_model(model_config, config.model, config.load_format, dtype, self.device,
+                                    self.backend, seed=config.seed, show_progress=show_progress,
+                                    quantization=config.quantization, on_built=self._warm_up_while_loading)
+        except BaseException:
+            self.finish_kernel_warm_up(cancel=True)  # no compile left running past a failed load
+            raise
         use_triton = self.backend.name == "triton"
         for module in self.model.modules():
             if hasattr(module, "use_triton"):
@@ -82,7 +88,6 @@ class ModelRunner:
         self.kv_caches: list[LayerKVCache] = []
         self.graphs = None  # executor.graph_runner.DecodeGraphs once captured
         self.prefill_graphs = None  # executor.graph_runner.PrefillGraphs once captured
-        self._finish_kernel_warm_up = None  # start_kernel_warm_up's, until finish_kernel_warm_up
 
     def _default_backend(self) -> str:
         name = self.platform.preferred_attention_backend
@@ -195,14 +200,22 @@ class ModelRunner:
         self.platform.synchronize()
         return time.perf_counter() - start
 
-    def start_kernel_warm_up(self) -> None:
+    def _warm_up_while_loading(self, model: torch.nn.Module) -> None:
+        """The attention kernels' variants compile while the weights load: they need the layers' shapes,
+        not their values (from an empty Triton cache on an H200 the memory profile after the load waited
+        for them, 9.5-10.7 s against 1.0 s from a full cache)."""
+        self.model = model
+        self.start_kernel_warm_up(linear=False)
+
+    def start_kernel_warm_up(self, attention: bool = True, linear: bool = True) -> None:
         """Start compiling, in the background and from several threads, the decode-attention launches
         of the graphs capture_graphs will capture and those a step can choose outside them, and the
         prefill-attention kernels' variants (attention/kernel_warm_up.py), on a one-block cache of the
-        cache's layout, and beside them the quantized layers' kernels for small batches
-        (executor/linear_warm_up.py): the memory profile and the cache allocation go on meanwhile. Not
-        where the platform does not compile Triton kernels (the CPU interprets them), with other
-        backends, or with SAGEINFER_DECODE_WARM_UP=0."""
+        cache's layout (attention: the runner starts these while the weights load), and the quantized
+        layers' kernels for small batches (executor/linear_warm_up.py; linear: once the weights are loaded
+        and converted). The memory profile and the cache allocation go on meanwhile. Not where the platform
+        does not compile Triton kernels (the CPU interprets them), with other backends, or with
+        SAGEINFER_DECODE_WARM_UP=0."""
         if self.backend.name != "triton" or not self.platform.supports_triton or not DECODE_WARM_UP:
             return
         from sageinfer.attention.kernel_warm_up import decode_plans, graph_plans, prefill_plans, start_in_background
@@ -217,22 +230,26 @@ class ModelRunner:
             index = self.device.index
             enter_thread = (lambda: self.platform.set_device(index)) if index is not None else (lambda: None)
             threads = min(8, os.cpu_count() or 1)
-            if LINEAR_WARM_UP:
+            if linear and LINEAR_WARM_UP:
                 calls = linear_warm_up_calls(self.model, self.dtype, self.device)
                 if calls:
                     finishes.append(start_linear_warm_up(calls, threads, enter_thread))
-            plans = decode_plans(self.backend, self.config.max_num_seqs, self.config.max_model_len,
-                                 self.num_kv_heads, eager_decode_from=sizes[-1] + 1 if sizes else 1)
-            dependent_max = DEPENDENT_LAUNCH_MAX_DECODE_BATCH if self.platform.supports_dependent_launch() else 0
-            plans |= graph_plans(self.backend, sizes, self.config.max_model_len, self.num_kv_heads, dependent_max)
-            if PREFILL_WARM_UP:
-                plans |= prefill_plans(self.config.max_model_len, self.block_size, self.config.max_num_batched_tokens)
-            layer = next(m for m in self.model.modules() if isinstance(m, Attention))
-            finishes.append(start_in_background(self.backend, layer, self._layer_cache(1), plans, self.device,
-                                                self.dtype, threads=threads, enter_thread=enter_thread))
+            if attention:
+                plans = decode_plans(self.backend, self.config.max_num_seqs, self.config.max_model_len,
+                                     self.num_kv_heads, eager_decode_from=sizes[-1] + 1 if sizes else 1)
+                dependent_max = DEPENDENT_LAUNCH_MAX_DECODE_BATCH if self.platform.supports_dependent_launch() else 0
+                plans |= graph_plans(self.backend, sizes, self.config.max_model_len, self.num_kv_heads, dependent_max)
+                if PREFILL_WARM_UP:
+                    plans |= prefill_plans(self.config.max_model_len, self.block_size,
+                                           self.config.max_num_batched_tokens)
+                layer = next(m for m in self.model.modules() if isinstance(m, Attention))
+                finishes.append(start_in_background(self.backend, layer, self._layer_cache(1), plans, self.device,
+                                                    self.dtype, threads=threads, enter_thread=enter_thread))
         except Exception:  # a warm-up is an optimisation: serve anyway, compiling on first use as before
             logger.warning("kernel warm-up failed; its kernels compile on first use", exc_info=True)
         if finishes:
+            if self._finish_kernel_warm_up is not None:  # the attention kernels', started while loading
+                finishes.insert(0, self._finish_kernel_warm_up)
             self._finish_kernel_warm_up = functools.partial(finish_all, finishes)
 
     def finish_kernel_warm_up(self, cancel: bool = False) -> float:

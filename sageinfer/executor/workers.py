@@ -168,7 +168,7 @@ def run_worker(rank: int, config: EngineConfig, attention_backend: str | None, e
     model_config = load_model_config(config.model)
     runner = ModelRunner(config, model_config, platform, parse_dtype(config.dtype, model_config.dtype),
                          attention_backend, show_progress=False)
-    runner.start_kernel_warm_up()  # this rank's own compiles; rank 0 warms its own alike
+    runner.start_kernel_warm_up(attention=False)  # the quantized layers; attention started while loading
     runner.allocate_kv_cache(agree_on_num_blocks(runner.determine_num_blocks(), runner.device))
     if config.kv_transfer_config is not None:  # rank 0's connector reaches this rank's cache too
         from sageinfer.transport.kv_transfer_config import export_rank_cache

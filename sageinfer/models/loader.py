@@ -6,7 +6,7 @@ import glob
 import json
 import logging
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -78,7 +78,10 @@ def dummy_checkpoint(model_dir: str, architecture: str, seed: int,
 
 def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.dtype,
                device: torch.device, backend: AttentionBackend, seed: int = 0,
-               show_progress: bool = True, quantization: str | None = None) -> torch.nn.Module:
+               show_progress: bool = True, quantization: str | None = None,
+               on_built: Callable[[torch.nn.Module], None] | None = None) -> torch.nn.Module:
+    """The model of cfg with its weights (on_built(model): called once its layers exist, before their
+    weights load)."""
     quant = load_quant_config(model_dir, quantization)
     if quant is not None and quant.lm_head and not (
             _holds_quantized_lm_head(model_dir) if load_format != "dummy" else not cfg.tie_word_embeddings):
@@ -105,6 +108,8 @@ def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.
     finally:
         set_quant_config(None)
         torch.set_default_dtype(previous)
+    if on_built is not None:
+        on_built(model)
     weights = dummy_checkpoint(model_dir, cfg.architecture, seed, device) if load_format == "dummy" \
         else iterate_safetensors(model_dir, show_progress)
     with torch.no_grad():
