@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from sageinfer import LLM, SamplingParams
+from sageinfer.layers.sampler import Sampler
 
 
 def _workload():
@@ -65,7 +66,8 @@ def test_a_decode_graphs_padding_rows_fill_the_count_and_other_steps_repeat_thei
 
 def test_the_memory_profile_holds_the_lm_heads_largest_count_before_the_cache_is_sized(llama_dir, monkeypatch):
     """The profiled step samples one row a sequence; a full decode batch's logits (and the start-up's warm-up of
-    them) must fit beside the KV cache too, so the profile runs the LM head at its largest count."""
+    them) must fit beside the KV cache too, so the profile runs the LM head at its largest count, and the
+    sampler over a full batch with its costliest options."""
     from sageinfer.executor.model_runner import ModelRunner
     from sageinfer.models.llama import LlamaForCausalLM
     from sageinfer.platforms.cpu import CpuPlatform
@@ -77,7 +79,17 @@ def test_the_memory_profile_holds_the_lm_heads_largest_count_before_the_cache_is
                         lambda self, hidden: events.append(("logits", hidden.shape[0])) or compute(self, hidden))
     monkeypatch.setattr(ModelRunner, "allocate_kv_cache",
                         lambda self, n: events.append(("cache", n)) or allocate(self, n))
+    sample = Sampler.__call__
+
+    def sampler(self, logits, b):
+        costly = (not b.all_greedy and b.needs_filter and b.presence_penalty is not None
+                  and b.allowed_mask is not None and b.grammar_bitmask is not None)
+        events.append(("sample", logits.shape[0], costly, b.max_num_logprobs))
+        return sample(self, logits, b)
+    monkeypatch.setattr(Sampler, "__call__", sampler)
     LLM(llama_dir, max_model_len=256, max_num_seqs=40, max_num_batched_tokens=256, gpu_memory_utilization=0.5,
-        show_progress=False)
+        max_logprobs=7, show_progress=False)
     sized = max(i for i, e in enumerate(events) if e[0] == "cache")  # the cache the profile sized (then the warm-up)
     assert ("logits", 48) in events[:sized] and ("logits", 48) in events[sized:]
+    # ... and the sampler over a full batch (max_num_seqs rows) with every option that takes memory
+    assert ("sample", 40, True, 7) in events[:sized]

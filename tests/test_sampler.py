@@ -125,3 +125,47 @@ def test_logit_bias_and_allowed_token_ids_steer_the_draw():
     b.allowed_mask[2, [4, 5]] = True
     out = Sampler()(logits, b)
     assert out.token_ids.tolist() == [1, 7, 4]  # argmax banned; a token forced; the best allowed one
+
+
+def _every_option_batch(rows, seed):
+    """Rows of every kind: greedy and seeded draws, top-k / top-p / min-p, penalties, bans, bias, allowed
+    tokens, a grammar's bitmask and logprobs."""
+    rng = torch.Generator().manual_seed(seed)
+    b = _batch(rows, temperature=0.8, top_k=6, top_p=0.9, min_p=0.02,
+               generators=[torch.Generator().manual_seed(100 + r) for r in range(rows)])
+    b.temperature[::3] = 0.0  # greedy rows among the drawn ones
+    b.all_greedy = False
+    b.presence_penalty, b.frequency_penalty = torch.rand(rows, generator=rng), torch.rand(rows, generator=rng)
+    b.repetition_penalty = 1.0 + torch.rand(rows, generator=rng)
+    b.output_token_counts = torch.randint(0, 3, (rows, V), generator=rng).float()
+    b.prompt_token_mask = torch.rand(rows, V, generator=rng) < 0.3
+    b.banned_rows, b.banned_tokens = torch.tensor([9, 0, 4, 4, 10]), torch.tensor([1, 2, 3, 0, 5])  # unsorted rows
+    b.bias_rows, b.bias_tokens = torch.tensor([5, 1, 8]), torch.tensor([7, 7, 2])
+    b.bias_values = torch.tensor([3.0, -2.0, 50.0])
+    b.allowed_mask = torch.ones(rows, V, dtype=torch.bool)
+    b.allowed_mask[2, :5] = False
+    b.grammar_bitmask = torch.full((rows, 1), -1, dtype=torch.int32)
+    b.grammar_bitmask[7] = 0b1100  # row 7 may draw tokens 2 and 3 only
+    b.max_num_logprobs = 3
+    return b
+
+
+def test_a_batch_sampled_in_chunks_of_rows_samples_what_it_samples_whole(monkeypatch):
+    from sageinfer.layers import sampler
+    rows = 11
+    logits = torch.randn(rows, V, generator=torch.Generator().manual_seed(3))
+    whole = Sampler()(logits, _every_option_batch(rows, 0))
+    monkeypatch.setattr(sampler, "SAMPLE_CHUNK_ROWS", 4)
+    calls = []
+    sample = Sampler._sample
+    monkeypatch.setattr(Sampler, "_sample", lambda self, lg, b: calls.append(lg.shape[0]) or sample(self, lg, b))
+    chunked = Sampler()(logits, _every_option_batch(rows, 0))
+    assert calls == [4, 4, 3]
+    for name in ("token_ids", "logprobs", "logprob_token_ids", "sampled_ranks"):
+        assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
+    assert chunked.token_ids[7].item() in (2, 3) and chunked.token_ids[8].item() == 2  # the grammar; the bias
+    assert chunked.token_ids[2].item() >= 5  # allowed tokens only
+
+    calls.clear()  # a plain greedy batch makes no [rows, vocab] buffers: one argmax, whole
+    assert torch.equal(Sampler()(logits, _batch(rows, temperature=0.0)).token_ids, logits.argmax(-1))
+    assert calls == [rows]

@@ -18,7 +18,7 @@ from sageinfer.executor import prompt_logprobs
 from sageinfer.executor.graph_runner import graph_batch_sizes
 from sageinfer.executor.prompt_logprobs import PromptLogprobsOutput
 from sageinfer.executor.sampling_inputs import build_sampling_batch
-from sageinfer.layers.sampler import Sampler, SamplerOutput
+from sageinfer.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from sageinfer.models.loader import load_model
 from sageinfer.models.model_config import ModelConfig
 from sageinfer.platforms.base import Platform
@@ -134,10 +134,13 @@ class ModelRunner:
         scheduled = [(_ProfileSequence(n, list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq))), n)
                      for i, n in enumerate(seq_lens)]
         self.execute(scheduled)
-        # The LM head at its largest row count (a full decode batch's logits, which warm_up_logits also makes):
-        # the profiled step samples one row a sequence.
-        self.model.compute_logits(torch.zeros(self.logit_row_counts[-1], self.model_config.hidden_size,
-                                              dtype=self.dtype, device=self.device))
+        # The LM head at its largest row count (a full decode batch's logits, which warm_up_logits also makes),
+        # and the sampler over a full batch with every option that takes memory: the profiled step samples
+        # one greedy row a sequence.
+        logits = self.model.compute_logits(torch.zeros(self.logit_row_counts[-1], self.model_config.hidden_size,
+                                                       dtype=self.dtype, device=self.device))
+        self.sampler(logits[:self.config.max_num_seqs], self._costliest_sampling(self.config.max_num_seqs))
+        del logits
         self.platform.synchronize()
         peak = self.platform.peak_memory_allocated() - dummy_kv_bytes
         self.kv_caches = []
@@ -149,6 +152,24 @@ class ModelRunner:
         logger.info("memory profile: peak %.2f GiB of %.2f GiB (%.2f GiB free), KV budget %.2f GiB",
                     peak / 2**30, total / 2**30, free / 2**30, budget / 2**30)
         return max(int(budget), 0)
+
+    def _costliest_sampling(self, rows: int) -> SamplingBatch:
+        """Sampling options for `rows` rows that each take [rows, vocab] buffers: penalties with their counts
+        and prompt masks, allowed tokens, a grammar's bitmask, temperature with top-k, top-p and min-p (a
+        sort of the vocabulary) and max_logprobs (vLLM's memory profile samples a full batch so too)."""
+        vocab, device = self.model_config.vocab_size, self.device
+
+        def per_row(value, dtype=torch.float32):
+            return torch.full((rows,), value, dtype=dtype, device=device)
+        return SamplingBatch(
+            temperature=per_row(0.7), top_k=per_row(max(1, vocab // 2), torch.int64), top_p=per_row(0.9),
+            min_p=per_row(0.05), generators=[None] * rows, all_greedy=False, needs_filter=True,
+            presence_penalty=per_row(0.5), frequency_penalty=per_row(0.5), repetition_penalty=per_row(1.1),
+            output_token_counts=torch.zeros(rows, vocab, device=device),
+            prompt_token_mask=torch.zeros(rows, vocab, dtype=torch.bool, device=device),
+            allowed_mask=torch.ones(rows, vocab, dtype=torch.bool, device=device),
+            grammar_bitmask=torch.full((rows, -(-vocab // 32)), -1, dtype=torch.int32, device=device),
+            max_num_logprobs=self.config.max_logprobs)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = [self._layer_cache(num_blocks, i) for i in range(self.model_config.num_hidden_layers)]

@@ -7,9 +7,20 @@ Logprobs are of the raw model distribution (before penalties and temperature).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+# Rows sampled at once: a batch that needs [rows, vocab] buffers (a draw, penalties, masks, logprobs) is
+# sampled this many rows at a time, so those buffers stay a fraction of the whole batch's. With every option
+# on, 1,024 rows of Qwen3's 151,936-token vocabulary took 5.0 GB at once (measured on a CPU); the memory
+# profile samples such a batch (ModelRunner._costliest_sampling). Rows are independent: the tokens are the
+# same, the unseeded rows' noise aside (drawn in another order from the same generator).
+SAMPLE_CHUNK_ROWS = 256
+# Per-row fields of a SamplingBatch (the first dimension is the row).
+_ROW_FIELDS = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+               "repetition_penalty", "output_token_counts", "prompt_token_mask", "allowed_mask", "grammar_bitmask")
 
 
 @dataclass
@@ -30,6 +41,7 @@ class SamplingBatch:
     # Rows under min_tokens: token ids to ban this step, as (row, token) index pairs
     banned_rows: torch.Tensor | None = None
     banned_tokens: torch.Tensor | None = None
+    banned_values: torch.Tensor | None = None  # added to the pairs' logits (-inf, or 0 for another chunk's); None: set -inf
     # logit_bias as (row, token, bias) triples; allowed_token_ids as a [B, V] mask (True: may be sampled)
     bias_rows: torch.Tensor | None = None
     bias_tokens: torch.Tensor | None = None
@@ -39,6 +51,32 @@ class SamplingBatch:
     # (all bits set in rows without a grammar)
     grammar_bitmask: torch.Tensor | None = None
     max_num_logprobs: int = -1         # -1: no row wants logprobs
+
+    def needs_vocab_buffers(self) -> bool:
+        """Whether sampling makes [rows, vocab] tensors (all but a plain greedy batch's argmax do)."""
+        return not self.all_greedy or self.max_num_logprobs >= 0 or any(
+            getattr(self, name) is not None for name in ("presence_penalty", "banned_rows", "bias_rows",
+                                                          "allowed_mask", "grammar_bitmask"))
+
+    def rows(self, start: int, stop: int) -> "SamplingBatch":
+        """The batch of rows start..stop-1 (the batch-wide flags kept: a row they do not concern is
+        sampled as it would be alone)."""
+        part = dataclasses.replace(self, generators=self.generators[start:stop], **{
+            name: getattr(self, name)[start:stop] for name in _ROW_FIELDS if getattr(self, name) is not None})
+        # (row, token) pairs: every pair stays, another chunk's moved into this one's rows and made to add 0
+        # (selecting this chunk's pairs on the device would wait for it).
+        last = len(part.generators) - 1
+        if self.banned_rows is not None:
+            inside = (self.banned_rows >= start) & (self.banned_rows < stop)
+            banned = self.banned_values if self.banned_values is not None else torch.full(
+                self.banned_rows.shape, float("-inf"), device=self.banned_rows.device)
+            part.banned_rows = (self.banned_rows - start).clamp(0, last)
+            part.banned_values = torch.where(inside, banned, torch.zeros_like(banned))
+        if self.bias_rows is not None:
+            inside = (self.bias_rows >= start) & (self.bias_rows < stop)
+            part.bias_rows = (self.bias_rows - start).clamp(0, last)
+            part.bias_values = torch.where(inside, self.bias_values, torch.zeros_like(self.bias_values))
+        return part
 
 
 @dataclass
@@ -94,10 +132,22 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
+        num_rows = logits.shape[0]
+        if num_rows <= SAMPLE_CHUNK_ROWS or not b.needs_vocab_buffers():
+            return self._sample(logits, b)
+        parts = [self._sample(logits[start:start + SAMPLE_CHUNK_ROWS], b.rows(start, start + SAMPLE_CHUNK_ROWS))
+                 for start in range(0, num_rows, SAMPLE_CHUNK_ROWS)]
+        return SamplerOutput(**{field.name: torch.cat([getattr(p, field.name) for p in parts])
+                                for field in dataclasses.fields(SamplerOutput) if getattr(parts[0], field.name) is not None
+                                and field.name != "host_copy"})
+
+    def _sample(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
         raw_logits = logits
         if b.presence_penalty is not None:
             logits = apply_penalties(logits, b)
-        if b.banned_rows is not None:
+        if b.banned_rows is not None and b.banned_values is not None:
+            logits = logits.index_put((b.banned_rows, b.banned_tokens), b.banned_values, accumulate=True)
+        elif b.banned_rows is not None:
             logits = logits.index_put((b.banned_rows, b.banned_tokens),
                                       torch.full((), float("-inf"), device=logits.device))
         if b.bias_rows is not None:
