@@ -9,6 +9,10 @@ kernels of a window of steps with how busy the device was in it.
 the Triton compiles of shapes the start-up did not see (listed with their seconds), the second shows
 the warm engine; the window is profiled in the last pass.
 
+A path's ms/step is the host's time in engine.step(): with asynchronous scheduling a step waits there for the
+device's work of the step before it (an eager decode step after a mixed one shows the mixed step's time), so the
+window's kernels, not that column, say what a path costs the device.
+
 --gaps MS also records the host (CPU activities, the engine's phases marked) in the window and in the eager
 decode steps, and lists the device's idle gaps of MS or more with what the host did meanwhile (gpu_gaps.py).
 The eager decode steps are then profiled as one run of consecutive steps, with no synchronize between them.
@@ -63,7 +67,8 @@ def main():
                         help="a standard throughput workload instead of a mix (its own prompts and lengths)")
     parser.add_argument("--num-prompts", type=int, default=1000)
     parser.add_argument("--mix-seed", type=int, default=0)
-    parser.add_argument("--window", default="200:300", help="steps whose GPU kernels are profiled")
+    parser.add_argument("--window", default="200:300", help="steps whose GPU kernels are profiled (0:100000: all)")
+    parser.add_argument("--kernels", type=int, default=24, help="rows of the window's kernel table")
     parser.add_argument("--passes", type=int, default=1, help="runs of the mix in one process")
     parser.add_argument("--compiles-out", help="JSON file of each pass's compiles with the signatures that missed")
     parser.add_argument("--profile-eager-decode", type=int, default=0, metavar="N",
@@ -246,7 +251,7 @@ def run_pass(engine, args, vocab, last, sched, window, label, after_step=lambda:
         print(f"\n### steps {first}-{end}: wall {window_wall:.2f} s, GPU kernels {gpu:.2f} s "
               f"({100 * gpu / window_wall:.0f}% busy)")
         print("| kernel | s | share | calls |\n| --- | --- | --- | --- |")
-        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:24]:
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.kernels]:
             s = e.self_device_time_total / 1e6
             print(f"| {e.key[:90]} | {s:.3f} | {100 * s / gpu:.1f}% | {e.count} |")
         if args.gaps:
