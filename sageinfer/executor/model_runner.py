@@ -16,6 +16,7 @@ from sageinfer.config import EngineConfig
 from sageinfer.distributed.parallel_state import get_tp_group, kv_head_range
 from sageinfer.executor import prompt_logprobs
 from sageinfer.executor.graph_runner import graph_batch_sizes
+from sageinfer.executor.penalty_state import PenaltyState
 from sageinfer.executor.prompt_logprobs import PromptLogprobsOutput
 from sageinfer.executor.sampling_inputs import build_sampling_batch
 from sageinfer.layers.sampler import Sampler, SamplerOutput, SamplingBatch
@@ -82,6 +83,7 @@ class ModelRunner:
                 elif hasattr(quant, "prepare"):
                     module.quant.prepare(module)  # (the platform's choices, made before any graph)
         self.sampler = Sampler()
+        self.penalties = PenaltyState(model_config.vocab_size, self.device, platform.to_device)
         # The LM head's row counts (_logit_rows): the decode graphs' ladder of batch sizes, uncapped, to the first
         # that holds max_num_seqs.
         self.logit_row_counts = graph_batch_sizes(config.max_num_seqs, max_graph_batch=None)
@@ -165,7 +167,7 @@ class ModelRunner:
             temperature=per_row(0.7), top_k=per_row(max(1, vocab // 2), torch.int64), top_p=per_row(0.9),
             min_p=per_row(0.05), generators=[None] * rows, all_greedy=False, needs_filter=True,
             presence_penalty=per_row(0.5), frequency_penalty=per_row(0.5), repetition_penalty=per_row(1.1),
-            output_token_counts=torch.zeros(rows, vocab, device=device),
+            output_token_counts=torch.zeros(rows, vocab, dtype=torch.int32, device=device),
             prompt_token_mask=torch.zeros(rows, vocab, dtype=torch.bool, device=device),
             allowed_mask=torch.ones(rows, vocab, dtype=torch.bool, device=device),
             grammar_bitmask=torch.full((rows, -(-vocab // 32)), -1, dtype=torch.int32, device=device),
@@ -422,7 +424,7 @@ class ModelRunner:
             return StepResult([], None, prompt_out, host)
         logits = self.model.compute_logits(self._logit_rows(hidden, host.logits_indices))[:len(host.logits_indices)]
         batch = build_sampling_batch(host.sampled_requests, self.model_config.vocab_size, self.device,
-                                     self.platform.to_device)
+                                     self.platform.to_device, self.penalties)
         out = self.sampler(logits, batch)
         tensors = [out.token_ids]
         if out.logprobs is not None:

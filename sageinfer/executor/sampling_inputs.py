@@ -4,11 +4,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from sageinfer.executor.penalty_state import PenaltyState
 from sageinfer.layers.sampler import SamplingBatch
 
 
-def build_sampling_batch(requests: list, vocab_size: int, device: torch.device, to_device) -> SamplingBatch:
-    """to_device(host_tensor, device): the platform's non-blocking host->device copy."""
+def build_sampling_batch(requests: list, vocab_size: int, device: torch.device, to_device,
+                         penalties: PenaltyState) -> SamplingBatch:
+    """to_device(host_tensor, device): the platform's non-blocking host->device copy; penalties: the rows
+    penalties read, kept on the device between steps."""
     params = [r.sampling_params for r in requests]
     num = len(requests)
     top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
@@ -27,16 +30,7 @@ def build_sampling_batch(requests: list, vocab_size: int, device: torch.device, 
         batch.presence_penalty = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32)
         batch.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32)
         batch.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32)
-        counts = torch.zeros(num, vocab_size, dtype=torch.float32)
-        prompt_mask = torch.zeros(num, vocab_size, dtype=torch.bool)
-        for row, r in enumerate(requests):
-            if not r.sampling_params.uses_penalties:
-                continue  # neutral penalties; its newest tokens may still be placeholders
-            if r.output_token_ids:
-                out_ids = torch.tensor(r.output_token_ids, dtype=torch.int64)
-                counts[row].index_add_(0, out_ids, torch.ones(len(out_ids)))
-            prompt_mask[row, torch.tensor(r.prompt_token_ids, dtype=torch.int64)] = True
-        batch.output_token_counts, batch.prompt_token_mask = counts, prompt_mask
+        batch.output_token_counts, batch.prompt_token_mask = penalties.batch_rows(requests)
     banned = [(row, t) for row, r in enumerate(requests)
               if r.num_output_tokens < r.sampling_params.min_tokens
               for t in sorted(r.sampling_params.all_stop_token_ids | (set() if r.sampling_params.ignore_eos else r.eos_token_ids))
@@ -70,7 +64,7 @@ def build_sampling_batch(requests: list, vocab_size: int, device: torch.device, 
                  "repetition_penalty", "output_token_counts", "prompt_token_mask", "banned_rows", "banned_tokens",
                  "bias_rows", "bias_tokens", "bias_values", "allowed_mask", "grammar_bitmask"):
         value = getattr(batch, name)
-        if value is not None:
+        if value is not None and value.device.type == "cpu":  # (the penalties' rows are there already)
             setattr(batch, name, to_device(value, device))
     return batch
 

@@ -36,7 +36,7 @@ class SamplingBatch:
     presence_penalty: torch.Tensor | None = None     # [B]
     frequency_penalty: torch.Tensor | None = None    # [B]
     repetition_penalty: torch.Tensor | None = None   # [B]
-    output_token_counts: torch.Tensor | None = None  # [B, V] counts of generated tokens
+    output_token_counts: torch.Tensor | None = None  # [B, V] counts of generated tokens (int32)
     prompt_token_mask: torch.Tensor | None = None    # [B, V] bool
     # Rows under min_tokens: token ids to ban this step, as (row, token) index pairs
     banned_rows: torch.Tensor | None = None
