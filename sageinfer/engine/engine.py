@@ -348,7 +348,7 @@ class LLMEngine:
         outputs = []
         if self._in_flight is not None and any(r.sampling_params.needs_output_tokens
                                                for r in self._in_flight.sampled_requests):
-            outputs += self._process(self._take_in_flight())  # penalties and bad words need the real token ids
+            outputs += self._process(self._take_in_flight())  # bad words and grammars need the real token ids
         sched = self.scheduler.schedule()
         self.kv_manager.flush_transfers()  # offload-tier copies, ordered before this step's forward
         launched = None

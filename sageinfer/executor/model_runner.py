@@ -424,7 +424,7 @@ class ModelRunner:
             return StepResult([], None, prompt_out, host)
         logits = self.model.compute_logits(self._logit_rows(hidden, host.logits_indices))[:len(host.logits_indices)]
         batch = build_sampling_batch(host.sampled_requests, self.model_config.vocab_size, self.device,
-                                     self.platform.to_device, self.penalties)
+                                     self.platform.to_device, self.penalties, prev_token_ids)
         out = self.sampler(logits, batch)
         tensors = [out.token_ids]
         if out.logprobs is not None:

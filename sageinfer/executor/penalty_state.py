@@ -32,14 +32,16 @@ class PenaltyState:
         """Requests holding a slot."""
         return len(self._slots)
 
-    def batch_rows(self, requests: list) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch_rows(self, requests: list, prev_token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """[rows, vocab] output-token counts (int32) and prompt-token masks (bool) of the batch's rows (zeros
-        for rows without penalties), their tokens being known on the host."""
+        for rows without penalties). prev_token_ids: the previous step's samples, still on the device: a request
+        whose newest token is one of them (async scheduling) has it counted from there."""
         present = {r.request_id for r in requests if r.sampling_params.uses_penalties}
         for gone in [rid for rid in self._slots if rid not in present]:
             self._free.append(self._slots.pop(gone)[0])
         self._reserve(len(present) + 1)
         index, cleared, prompt_rows, prompt_tokens, count_rows, count_tokens = [], [], [], [], [], []
+        pending_slots, pending_rows = [], []  # newest tokens on the device: slot, row of prev_token_ids
         for r in requests:
             if not r.sampling_params.uses_penalties:
                 index.append(0)
@@ -53,11 +55,16 @@ class PenaltyState:
                 prompt_rows.append(np.full(len(tokens), entry[0]))
                 prompt_tokens.append(tokens)
             added = output[entry[1]:]
+            pending = prev_token_ids is not None and r.num_pending_tokens == 1 and added and added[-1] == -1
+            if pending:  # the newest token is the previous step's sample at last_sampled_row: count it there
+                pending_slots.append(entry[0])
+                pending_rows.append(r.last_sampled_row)
+                added = added[:-1]
             if -1 in added:  # a token still on its way to the host (PLACEHOLDER): counted once it is there
                 added = added[:added.index(-1)]
             count_rows += [entry[0]] * len(added)
             count_tokens += added
-            entry[1] += len(added)
+            entry[1] += len(added) + pending
             index.append(entry[0])
         if cleared:
             slots = self._on_device(cleared)
@@ -69,6 +76,10 @@ class PenaltyState:
         if count_rows:
             rows, tokens = self._on_device(count_rows), self._on_device(count_tokens)
             self._counts.index_put_((rows, tokens), torch.ones_like(rows, dtype=torch.int32), accumulate=True)
+        if pending_slots:
+            slots, rows = self._on_device(pending_slots), self._on_device(pending_rows)
+            self._counts.index_put_((slots, prev_token_ids[rows]), torch.ones_like(slots, dtype=torch.int32),
+                                    accumulate=True)
         index = self._on_device(index)
         return self._counts[index], self._prompt[index]
 

@@ -9,9 +9,10 @@ from sageinfer.layers.sampler import SamplingBatch
 
 
 def build_sampling_batch(requests: list, vocab_size: int, device: torch.device, to_device,
-                         penalties: PenaltyState) -> SamplingBatch:
+                         penalties: PenaltyState, prev_token_ids: torch.Tensor | None = None) -> SamplingBatch:
     """to_device(host_tensor, device): the platform's non-blocking host->device copy; penalties: the rows
-    penalties read, kept on the device between steps."""
+    penalties read, kept on the device between steps; prev_token_ids: the previous step's samples, still on
+    the device (the newest tokens of requests that sampled there)."""
     params = [r.sampling_params for r in requests]
     num = len(requests)
     top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
@@ -30,7 +31,7 @@ def build_sampling_batch(requests: list, vocab_size: int, device: torch.device, 
         batch.presence_penalty = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32)
         batch.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32)
         batch.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32)
-        batch.output_token_counts, batch.prompt_token_mask = penalties.batch_rows(requests)
+        batch.output_token_counts, batch.prompt_token_mask = penalties.batch_rows(requests, prev_token_ids)
     banned = [(row, t) for row, r in enumerate(requests)
               if r.num_output_tokens < r.sampling_params.min_tokens
               for t in sorted(r.sampling_params.all_stop_token_ids | (set() if r.sampling_params.ignore_eos else r.eos_token_ids))
