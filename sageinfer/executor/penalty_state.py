@@ -32,7 +32,8 @@ class PenaltyState:
         """Requests holding a slot."""
         return len(self._slots)
 
-    def batch_rows(self, requests: list, prev_token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch_rows(self, requests: list,
+                   prev_token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """[rows, vocab] output-token counts (int32) and prompt-token masks (bool) of the batch's rows (zeros
         for rows without penalties). prev_token_ids: the previous step's samples, still on the device: a request
         whose newest token is one of them (async scheduling) has it counted from there."""

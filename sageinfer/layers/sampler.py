@@ -41,7 +41,8 @@ class SamplingBatch:
     # Rows under min_tokens: token ids to ban this step, as (row, token) index pairs
     banned_rows: torch.Tensor | None = None
     banned_tokens: torch.Tensor | None = None
-    banned_values: torch.Tensor | None = None  # added to the pairs' logits (-inf, or 0 for another chunk's); None: set -inf
+    # added to the pairs' logits (-inf, or 0 for another chunk's pairs); None: each pair's logit set to -inf
+    banned_values: torch.Tensor | None = None
     # logit_bias as (row, token, bias) triples; allowed_token_ids as a [B, V] mask (True: may be sampled)
     bias_rows: torch.Tensor | None = None
     bias_tokens: torch.Tensor | None = None
@@ -137,9 +138,9 @@ class Sampler:
             return self._sample(logits, b)
         parts = [self._sample(logits[start:start + SAMPLE_CHUNK_ROWS], b.rows(start, start + SAMPLE_CHUNK_ROWS))
                  for start in range(0, num_rows, SAMPLE_CHUNK_ROWS)]
-        return SamplerOutput(**{field.name: torch.cat([getattr(p, field.name) for p in parts])
-                                for field in dataclasses.fields(SamplerOutput) if getattr(parts[0], field.name) is not None
-                                and field.name != "host_copy"})
+        names = [f.name for f in dataclasses.fields(SamplerOutput)
+                 if f.name != "host_copy" and getattr(parts[0], f.name) is not None]
+        return SamplerOutput(**{name: torch.cat([getattr(p, name) for p in parts]) for name in names})
 
     def _sample(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
         raw_logits = logits
