@@ -87,9 +87,10 @@ def test_the_memory_profile_holds_the_lm_heads_largest_count_before_the_cache_is
         events.append(("sample", logits.shape[0], costly, b.max_num_logprobs))
         return sample(self, logits, b)
     monkeypatch.setattr(Sampler, "__call__", sampler)
-    LLM(llama_dir, max_model_len=256, max_num_seqs=40, max_num_batched_tokens=256, gpu_memory_utilization=0.5,
-        max_logprobs=7, show_progress=False)
+    llm = LLM(llama_dir, max_model_len=256, max_num_seqs=40, max_num_batched_tokens=256, gpu_memory_utilization=0.5,
+              max_logprobs=7, show_progress=False)
     sized = max(i for i, e in enumerate(events) if e[0] == "cache")  # the cache the profile sized (then the warm-up)
     assert ("logits", 48) in events[:sized] and ("logits", 48) in events[sized:]
     # ... and the sampler over a full batch (max_num_seqs rows) with every option that takes memory
     assert ("sample", 40, True, 7) in events[:sized]
+    assert llm.engine.runner.penalties.num_slots == 0  # its penalty slots given back once measured

@@ -143,6 +143,7 @@ class ModelRunner:
                                                        dtype=self.dtype, device=self.device))
         self.sampler(logits[:self.config.max_num_seqs], self._costliest_sampling(self.config.max_num_seqs))
         del logits
+        self.penalties.release()  # its slots for a full batch of penalty requests were part of the peak
         self.platform.synchronize()
         peak = self.platform.peak_memory_allocated() - dummy_kv_bytes
         self.kv_caches = []
@@ -157,18 +158,21 @@ class ModelRunner:
 
     def _costliest_sampling(self, rows: int) -> SamplingBatch:
         """Sampling options for `rows` rows that each take [rows, vocab] buffers: penalties with their counts
-        and prompt masks, allowed tokens, a grammar's bitmask, temperature with top-k, top-p and min-p (a
-        sort of the vocabulary) and max_logprobs (vLLM's memory profile samples a full batch so too)."""
+        and prompt masks (through the penalties' slots, which it fills), allowed tokens, a grammar's bitmask,
+        temperature with top-k, top-p and min-p (a sort of the vocabulary) and max_logprobs (vLLM's memory
+        profile samples a full batch so too)."""
         vocab, device = self.model_config.vocab_size, self.device
 
         def per_row(value, dtype=torch.float32):
             return torch.full((rows,), value, dtype=dtype, device=device)
+        params = SamplingParams(repetition_penalty=1.1)
+        counts, prompt_mask = self.penalties.batch_rows(
+            [_ProfileSequence(1, [], request_id=f"profile-{i}", sampling_params=params) for i in range(rows)])
         return SamplingBatch(
             temperature=per_row(0.7), top_k=per_row(max(1, vocab // 2), torch.int64), top_p=per_row(0.9),
             min_p=per_row(0.05), generators=[None] * rows, all_greedy=False, needs_filter=True,
             presence_penalty=per_row(0.5), frequency_penalty=per_row(0.5), repetition_penalty=per_row(1.1),
-            output_token_counts=torch.zeros(rows, vocab, dtype=torch.int32, device=device),
-            prompt_token_mask=torch.zeros(rows, vocab, dtype=torch.bool, device=device),
+            output_token_counts=counts, prompt_token_mask=prompt_mask,
             allowed_mask=torch.ones(rows, vocab, dtype=torch.bool, device=device),
             grammar_bitmask=torch.full((rows, -(-vocab // 32)), -1, dtype=torch.int32, device=device),
             max_num_logprobs=self.config.max_logprobs)
@@ -465,13 +469,15 @@ class _ProfileSequence:
     """A stand-in request for the memory-profiling run and the warm-up: greedy, the tokens after
     num_computed_tokens new."""
 
-    def __init__(self, num_tokens: int, block_ids: list[int], num_computed_tokens: int = 0):
+    def __init__(self, num_tokens: int, block_ids: list[int], num_computed_tokens: int = 0,
+                 request_id: str = "profile", sampling_params: SamplingParams | None = None):
+        self.request_id = request_id
         self.all_token_ids = [0] * num_tokens
         self.prompt_token_ids = self.all_token_ids
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = num_computed_tokens
         self.block_ids = block_ids
-        self.sampling_params = SamplingParams(temperature=0.0)
+        self.sampling_params = sampling_params or SamplingParams(temperature=0.0)
         self.generator = None
         self.eos_token_ids: set[int] = set()
         self.num_pending_tokens = 0

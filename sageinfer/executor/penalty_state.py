@@ -18,10 +18,9 @@ class PenaltyState:
 
     def __init__(self, vocab_size: int, device: torch.device, to_device):
         self.vocab_size, self.device, self.to_device = vocab_size, device, to_device
-        self._counts = torch.zeros(0, vocab_size, dtype=torch.int32, device=device)
-        self._prompt = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)
         self._slots: dict[str, list[int]] = {}  # request id -> [slot, output tokens counted]
         self._free: list[int] = []
+        self.release()
 
     @property
     def num_slots(self) -> int:
@@ -83,6 +82,13 @@ class PenaltyState:
                                     accumulate=True)
         index = self._on_device(index)
         return self._counts[index], self._prompt[index]
+
+    def release(self) -> None:
+        """Give every slot and the rows' memory back (after the memory profile's full batch)."""
+        self._counts = torch.zeros(0, self.vocab_size, dtype=torch.int32, device=self.device)
+        self._prompt = torch.zeros(0, self.vocab_size, dtype=torch.bool, device=self.device)
+        self._slots.clear()
+        self._free.clear()
 
     def _on_device(self, values) -> torch.Tensor:
         return self.to_device(np.asarray(values, dtype=np.int64), self.device)
