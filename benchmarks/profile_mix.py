@@ -37,6 +37,7 @@ from sageinfer.bench.workloads import load_workloads, make_prompts  # noqa: E402
 from sageinfer.gateway.engine_args import engine_kwargs  # noqa: E402
 from standard_args import add_standard_engine_args  # noqa: E402
 from gpu_gaps import PHASE, mark_phases, print_gaps  # noqa: E402
+from kernel_kinds import seconds_by_kind  # noqa: E402
 from triton_compiles import CompileLog  # noqa: E402
 
 
@@ -254,6 +255,9 @@ def run_pass(engine, args, vocab, last, sched, window, label, after_step=lambda:
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.kernels]:
             s = e.self_device_time_total / 1e6
             print(f"| {e.key[:90]} | {s:.3f} | {100 * s / gpu:.1f}% | {e.count} |")
+        kinds = seconds_by_kind({e.key: e.self_device_time_total / 1e6 for e in events})
+        print("by kind, every kernel: " + ", ".join(f"{kind} {s:.3f} s ({100 * s / gpu:.1f}%)"
+                                                    for kind, s in kinds.items()))
         if args.gaps:
             print_gaps(prof.events(), args.gaps)
 
