@@ -42,8 +42,9 @@ def test_rows_kept_on_the_device_are_the_rows_the_tokens_make():
         rng.shuffle(batch)
         for r in batch:
             r.output_token_ids += rng.integers(0, V, int(rng.integers(0, 3))).tolist()
-            if step % 7 == 3:
-                r.output_token_ids.append(-1)  # a token still on the device (a placeholder): counted once resolved
+            if step % 7 == 3:  # a token still on the device (a placeholder) and no samples handed over: counted
+                r.output_token_ids.append(-1)  # once resolved
+                r.num_pending_tokens = 1
             if step == 30 and r.request_id == "r5":
                 r.output_token_ids = r.output_token_ids[:2]  # cut back: its slot is made again
         prev = torch.from_numpy(rng.integers(0, V, len(batch) + 5))  # the previous step's samples
@@ -52,7 +53,7 @@ def test_rows_kept_on_the_device_are_the_rows_the_tokens_make():
                 r.last_sampled_row = int(rng.integers(0, len(prev)))
                 r.output_token_ids.append(-1)
                 r.num_pending_tokens, r.pending = 1, int(prev[r.last_sampled_row])
-        counts, prompt = state.batch_rows(batch, prev)
+        counts, prompt = state.batch_rows(batch, None if step % 7 == 3 else prev)
         want_counts, want_prompt = _expected(batch)
         assert torch.equal(counts, want_counts), step
         assert torch.equal(prompt, want_prompt), step

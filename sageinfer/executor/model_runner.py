@@ -157,25 +157,17 @@ class ModelRunner:
         return max(int(budget), 0)
 
     def _costliest_sampling(self, rows: int) -> SamplingBatch:
-        """Sampling options for `rows` rows that each take [rows, vocab] buffers: penalties with their counts
-        and prompt masks (through the penalties' slots, which it fills), allowed tokens, a grammar's bitmask,
-        temperature with top-k, top-p and min-p (a sort of the vocabulary) and max_logprobs (vLLM's memory
-        profile samples a full batch so too)."""
-        vocab, device = self.model_config.vocab_size, self.device
-
-        def per_row(value, dtype=torch.float32):
-            return torch.full((rows,), value, dtype=dtype, device=device)
-        params = SamplingParams(repetition_penalty=1.1)
-        counts, prompt_mask = self.penalties.batch_rows(
-            [_ProfileSequence(1, [], request_id=f"profile-{i}", sampling_params=params) for i in range(rows)])
-        return SamplingBatch(
-            temperature=per_row(0.7), top_k=per_row(max(1, vocab // 2), torch.int64), top_p=per_row(0.9),
-            min_p=per_row(0.05), generators=[None] * rows, all_greedy=False, needs_filter=True,
-            presence_penalty=per_row(0.5), frequency_penalty=per_row(0.5), repetition_penalty=per_row(1.1),
-            output_token_counts=counts, prompt_token_mask=prompt_mask,
-            allowed_mask=torch.ones(rows, vocab, dtype=torch.bool, device=device),
-            grammar_bitmask=torch.full((rows, -(-vocab // 32)), -1, dtype=torch.int32, device=device),
-            max_num_logprobs=self.config.max_logprobs)
+        """The sampling batch of `rows` requests whose options each take [rows, vocab] buffers: penalties (through
+        the penalties' slots, which it fills), allowed tokens, a grammar's bitmask, temperature with top-k, top-p
+        and min-p (a sort of the vocabulary) and max_logprobs (vLLM's memory profile samples a full batch so too)."""
+        vocab = self.model_config.vocab_size
+        params = SamplingParams(temperature=0.7, top_k=max(1, vocab // 2), top_p=0.9, min_p=0.05, presence_penalty=0.5,
+                                frequency_penalty=0.5, repetition_penalty=1.1, logprobs=self.config.max_logprobs,
+                                allowed_token_ids=[0])
+        requests = [_ProfileSequence(1, [], request_id=f"profile-{i}", sampling_params=params) for i in range(rows)]
+        for request in requests:
+            request.grammar_bitmask = np.full(-(-vocab // 32), -1, dtype=np.int32)
+        return build_sampling_batch(requests, vocab, self.device, self.platform.to_device, self.penalties)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = [self._layer_cache(num_blocks, i) for i in range(self.model_config.num_hidden_layers)]

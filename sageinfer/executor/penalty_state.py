@@ -54,17 +54,17 @@ class PenaltyState:
                 tokens = np.unique(np.asarray(r.prompt_token_ids, dtype=np.int64))
                 prompt_rows.append(np.full(len(tokens), entry[0]))
                 prompt_tokens.append(tokens)
-            added = output[entry[1]:]
-            pending = prev_token_ids is not None and r.num_pending_tokens == 1 and added and added[-1] == -1
-            if pending:  # the newest token is the previous step's sample at last_sampled_row: count it there
-                pending_slots.append(entry[0])
-                pending_rows.append(r.last_sampled_row)
-                added = added[:-1]
-            if -1 in added:  # a token still on its way to the host (PLACEHOLDER): counted once it is there
-                added = added[:added.index(-1)]
+            known = len(output) - r.num_pending_tokens  # the tail is still on the device (async scheduling)
+            added = output[entry[1]:known]
             count_rows += [entry[0]] * len(added)
             count_tokens += added
-            entry[1] += len(added) + pending
+            if r.num_pending_tokens == 1 and prev_token_ids is not None and entry[1] < len(output):
+                # the previous step's sample at last_sampled_row: counted there
+                pending_slots.append(entry[0])
+                pending_rows.append(r.last_sampled_row)
+                entry[1] = len(output)
+            else:  # any others still on the device (more than one, or no samples handed over): once on the host
+                entry[1] = max(entry[1], known)
             index.append(entry[0])
         if cleared:
             slots = self._on_device(cleared)

@@ -41,7 +41,7 @@ class SamplingBatch:
     # Rows under min_tokens: token ids to ban this step, as (row, token) index pairs
     banned_rows: torch.Tensor | None = None
     banned_tokens: torch.Tensor | None = None
-    # added to the pairs' logits (-inf, or 0 for another chunk's pairs); None: each pair's logit set to -inf
+    # added to the pairs' logits (-inf, or 0 for another chunk's pairs); None: -inf added to each pair's logit
     banned_values: torch.Tensor | None = None
     # logit_bias as (row, token, bias) triples; allowed_token_ids as a [B, V] mask (True: may be sampled)
     bias_rows: torch.Tensor | None = None
@@ -146,11 +146,10 @@ class Sampler:
         raw_logits = logits
         if b.presence_penalty is not None:
             logits = apply_penalties(logits, b)
-        if b.banned_rows is not None and b.banned_values is not None:
-            logits = logits.index_put((b.banned_rows, b.banned_tokens), b.banned_values, accumulate=True)
-        elif b.banned_rows is not None:
-            logits = logits.index_put((b.banned_rows, b.banned_tokens),
-                                      torch.full((), float("-inf"), device=logits.device))
+        if b.banned_rows is not None:  # -inf added (finite logits: as set), another chunk's pairs adding 0
+            banned = b.banned_values if b.banned_values is not None else torch.full((), float("-inf"),
+                                                                                    device=logits.device)
+            logits = logits.index_put((b.banned_rows, b.banned_tokens), banned, accumulate=True)
         if b.bias_rows is not None:
             logits = logits.index_put((b.bias_rows, b.bias_tokens), b.bias_values, accumulate=True)
         if b.allowed_mask is not None:
