@@ -11,7 +11,8 @@ On the GPU machine with vLLM carried (../shared/bench/vllm-on-device.md), one en
 Prompts are cut to --max-model-len (default Qwen3-8B's 40,960, vLLM's default for it). --passes 2 runs
 each mix twice in a row, the prefix cache emptied before each (the same prompts again would hit it): a
 first pass may pay kernel compiles that a warm engine does not (either engine's), the second shows the
-warm one; each pass is recorded.
+warm one; each pass is recorded. Requests are greedy unless --temperature is above 0 (then --top-k and --top-p
+apply, the same on both engines; Qwen3's generation config: --temperature 0.6 --top-k 20 --top-p 0.95).
 """
 from __future__ import annotations
 
@@ -29,19 +30,19 @@ MAX_MODEL_LEN = 40960
 LIMITS = {"max_num_seqs": 1024, "max_num_batched_tokens": 16384}  # vLLM 0.26's H100 defaults
 
 
-def make_llm(engine: str, model: str, kv_cache_dtype: str, max_model_len: int):
+def make_llm(engine: str, model: str, kv_cache_dtype: str, max_model_len: int, sampling: dict):
     kwargs = dict(model=model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
                   gpu_memory_utilization=0.90, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len, **LIMITS)
     if engine == "vllm":
         from vllm import LLM, SamplingParams
 
         def params(n):
-            return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, detokenize=False)
+            return SamplingParams(max_tokens=n, ignore_eos=True, detokenize=False, **sampling)
     else:
         from sageinfer import LLM, SamplingParams
 
         def params(n):
-            return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+            return SamplingParams(max_tokens=n, ignore_eos=True, **sampling)
     return LLM(**kwargs), params
 
 
@@ -54,12 +55,17 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN)
     parser.add_argument("--passes", type=int, default=1, help="runs of each mix, one after the other")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0: none")
+    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
     vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
     start = time.perf_counter()
-    llm, params = make_llm(args.engine, args.model, args.kv_cache_dtype, args.max_model_len)
+    llm, params = make_llm(args.engine, args.model, args.kv_cache_dtype, args.max_model_len, sampling)
     record = {"engine": args.engine, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
+              "sampling": sampling,
               "startup_s": time.perf_counter() - start, "kv_cache_dtype": args.kv_cache_dtype, "mixes": {}}
     if args.engine == "sageinfer":
         sys.path.insert(0, os.path.dirname(__file__))

@@ -1,17 +1,28 @@
-"""The sampler alone: filters, penalties and seeded draws on hand-made logits."""
+"""The sampler alone: filters, penalties and seeded draws on hand-made logits, on both of its paths (a draw
+among each row's top-k, and over the sorted vocabulary)."""
+import pytest
 import torch
 
+from sageinfer.layers import sampler
 from sageinfer.layers.sampler import Sampler, SamplingBatch, apply_penalties
 
 V = 10
 
 
-def _batch(rows, temperature=1.0, top_k=V, top_p=1.0, min_p=0.0, generators=None):
+@pytest.fixture(params=["top-k", "sorted"])
+def path(request, monkeypatch):
+    """Each test of the draw on both paths: with a bound of 0 no row's top-k is small enough to draw among."""
+    monkeypatch.setattr(sampler, "TOP_K_DRAW_MAX", 1024 if request.param == "top-k" else 0)
+    return request.param
+
+
+def _batch(rows, temperature=1.0, top_k=V, top_p=1.0, min_p=0.0, generators=None, vocab=V):
     return SamplingBatch(
         temperature=torch.full((rows,), temperature), top_k=torch.full((rows,), top_k, dtype=torch.int64),
         top_p=torch.full((rows,), top_p), min_p=torch.full((rows,), min_p),
         generators=generators or [None] * rows, all_greedy=temperature == 0.0,
-        needs_filter=top_k < V or top_p < 1.0 or min_p > 0.0)
+        top_k_host=[0 if temperature == 0.0 else top_k] * rows,
+        needs_filter=top_k < vocab or top_p < 1.0 or min_p > 0.0)
 
 
 def _draw_counts(logits_row, draws=4000, **kwargs):
@@ -29,12 +40,12 @@ def test_greedy_takes_the_argmax():
     assert torch.equal(Sampler()(logits, _batch(5, temperature=0.0)).token_ids, logits.argmax(-1))
 
 
-def test_top_k_samples_only_the_k_most_likely():
+def test_top_k_samples_only_the_k_most_likely(path):
     counts = _draw_counts(LOGITS, top_k=3)
     assert counts[3:].sum() == 0 and (counts[:3] > 0).all()
 
 
-def test_top_p_samples_only_the_nucleus():
+def test_top_p_samples_only_the_nucleus(path):
     probs = LOGITS.softmax(-1)
     # Smallest prefix whose mass reaches 0.8
     nucleus = int((probs.cumsum(-1) < 0.8).sum()) + 1
@@ -42,26 +53,26 @@ def test_top_p_samples_only_the_nucleus():
     assert counts[nucleus:].sum() == 0 and (counts[:nucleus] > 0).all()
 
 
-def test_min_p_drops_tokens_below_the_fraction_of_the_top():
+def test_min_p_drops_tokens_below_the_fraction_of_the_top(path):
     probs = LOGITS.softmax(-1)
     allowed = probs >= 0.2 * probs[0]
     counts = _draw_counts(LOGITS, min_p=0.2)
     assert counts[~allowed].sum() == 0 and (counts[allowed] > 0).all()
 
 
-def test_unfiltered_sampling_follows_the_softmax():
+def test_unfiltered_sampling_follows_the_softmax(path):
     counts = _draw_counts(LOGITS, draws=20000)
     freq = counts.float() / counts.sum()
     assert torch.allclose(freq, LOGITS.softmax(-1), atol=0.015)
 
 
-def test_temperature_flattens_the_distribution():
+def test_temperature_flattens_the_distribution(path):
     hot = _draw_counts(LOGITS, temperature=5.0)
     cold = _draw_counts(LOGITS, temperature=0.3)
     assert hot[0] < cold[0] and hot[5:].sum() > cold[5:].sum()
 
 
-def test_seeded_rows_draw_the_same_tokens_in_any_batch():
+def test_seeded_rows_draw_the_same_tokens_in_any_batch(path):
     logits = torch.randn(1, V)
     alone = [Sampler()(logits, _batch(1, generators=[torch.Generator().manual_seed(7)])).token_ids.item()
              for _ in range(1)]
@@ -169,3 +180,72 @@ def test_a_batch_sampled_in_chunks_of_rows_samples_what_it_samples_whole(monkeyp
     calls.clear()  # a plain greedy batch makes no [rows, vocab] buffers: one argmax, whole
     assert torch.equal(Sampler()(logits, _batch(rows, temperature=0.0)).token_ids, logits.argmax(-1))
     assert calls == [rows]
+
+
+def _old_style_draw(logits, temperature, top_k, top_p, min_p, gen):
+    """The draw over the vocabulary in token order (the sampler before a small top-k drew among its tokens):
+    filtered probabilities scattered back to token order, one noise value per token from the generator."""
+    probs = (logits / temperature).softmax(-1)
+    sorted_probs, order = probs.sort(descending=True)
+    ranks = torch.arange(probs.shape[-1])
+    sorted_probs = sorted_probs * (ranks < top_k)
+    cum_before = (sorted_probs.cumsum(-1) - sorted_probs) / sorted_probs.sum()
+    keep = (ranks < top_k) & (cum_before < top_p) & (sorted_probs >= min_p * sorted_probs[0])
+    keep[0] = True
+    filtered = torch.zeros_like(probs).scatter_(0, order, sorted_probs * keep)
+    return int((filtered / torch.empty_like(probs).exponential_(generator=gen)).argmax())
+
+
+def test_seeded_rows_draw_the_same_tokens_on_either_path(monkeypatch):
+    """A seeded row with a small top-k draws the same tokens among its top-k as in a batch that sorts the
+    vocabulary (another row has no top-k); a seeded row without one draws as the vocabulary-order draw did."""
+    vocab, steps = 64, 25
+    monkeypatch.setattr(sampler, "TOP_K_DRAW_MAX", 16)
+    rng = torch.Generator().manual_seed(5)
+    logits = [torch.randn(vocab, generator=rng) * 2 for _ in range(steps)]
+
+    def run(top_k, companion_top_k):
+        gen = torch.Generator().manual_seed(11)
+        tokens = []
+        for step_logits in logits:
+            b = _batch(2, temperature=0.9, top_p=0.85, min_p=0.02, generators=[gen, None], vocab=vocab)
+            b.top_k = torch.tensor([top_k, companion_top_k])
+            b.top_k_host = [top_k, companion_top_k]
+            tokens.append(Sampler()(torch.stack([step_logits, torch.randn(vocab)]), b).token_ids[0].item())
+        return tokens
+
+    among_top_k = run(12, 8)  # both rows' top-k at most 16: drawn among 12 tokens
+    sorted_vocab = run(12, vocab)  # the other row has none: the vocabulary sorted
+    assert among_top_k == sorted_vocab
+    assert len(set(among_top_k)) > 3  # draws, not the argmax each step
+    gen = torch.Generator().manual_seed(11)
+    old = [_old_style_draw(step, 0.9, vocab, 0.85, 0.02, gen) for step in logits]
+    assert run(vocab, 8) == old  # no top-k: token order, as before
+
+
+def test_a_batch_of_small_top_ks_sorts_no_vocabulary(monkeypatch):
+    """Drawing among the top-k takes one top-k of the logits; with a larger top-k the vocabulary is sorted."""
+    vocab = 4096
+    sorts = []
+    sort = torch.Tensor.sort
+    monkeypatch.setattr(torch.Tensor, "sort", lambda self, *a, **k: sorts.append(self.shape) or sort(self, *a, **k))
+    logits = torch.randn(8, vocab)
+    tokens = Sampler()(logits, _batch(8, top_k=20, top_p=0.95, vocab=vocab)).token_ids
+    assert sorts == [] and (logits.gather(1, tokens[:, None]) >= logits.topk(20).values[:, -1:]).all()
+    Sampler()(logits, _batch(8, top_k=sampler.TOP_K_DRAW_MAX + 1, top_p=0.95, vocab=vocab))
+    assert sorts == [torch.Size([8, vocab])]
+
+
+def test_the_batch_holds_each_drawing_rows_top_k_on_the_host():
+    """What the sampler decides its path by, without reading the device: each drawing row's top-k (the
+    vocabulary when it has none or one past it), 0 for greedy rows."""
+    import types
+
+    from sageinfer.executor.sampling_inputs import build_sampling_batch
+    from sageinfer.sampling_params import SamplingParams
+    params = [SamplingParams(temperature=0.0, top_k=5), SamplingParams(temperature=0.7, top_k=20),
+              SamplingParams(temperature=0.7), SamplingParams(temperature=0.7, top_k=45)]
+    requests = [types.SimpleNamespace(sampling_params=p, generator=None, num_output_tokens=1, eos_token_ids=set(),
+                                      output_token_ids=[0], grammar_bitmask=None) for p in params]
+    b = build_sampling_batch(requests, 40, torch.device("cpu"), lambda a, d: torch.as_tensor(a).to(d), None)
+    assert b.top_k_host == [0, 20, 40, 40] and b.top_k.tolist() == [5, 20, 40, 40]

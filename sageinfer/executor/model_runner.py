@@ -158,10 +158,11 @@ class ModelRunner:
 
     def _costliest_sampling(self, rows: int) -> SamplingBatch:
         """The sampling batch of `rows` requests whose options each take [rows, vocab] buffers: penalties (through
-        the penalties' slots, which it fills), allowed tokens, a grammar's bitmask, temperature with top-k, top-p
-        and min-p (a sort of the vocabulary) and max_logprobs (vLLM's memory profile samples a full batch so too)."""
+        the penalties' slots, which it fills), allowed tokens, a grammar's bitmask, temperature with top-p and min-p
+        but no top-k (a sort of the vocabulary; a small top-k draws among its tokens alone) and max_logprobs
+        (vLLM's memory profile samples a full batch so too)."""
         vocab = self.model_config.vocab_size
-        params = SamplingParams(temperature=0.7, top_k=max(1, vocab // 2), top_p=0.9, min_p=0.05, presence_penalty=0.5,
+        params = SamplingParams(temperature=0.7, top_k=0, top_p=0.9, min_p=0.05, presence_penalty=0.5,
                                 frequency_penalty=0.5, repetition_penalty=1.1, logprobs=self.config.max_logprobs,
                                 allowed_token_ids=[0])
         requests = [_ProfileSequence(1, [], request_id=f"profile-{i}", sampling_params=params) for i in range(rows)]

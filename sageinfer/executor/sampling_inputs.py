@@ -23,6 +23,7 @@ def build_sampling_batch(requests: list, vocab_size: int, device: torch.device, 
         min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32),
         generators=[r.generator for r in requests],
         all_greedy=all(p.is_greedy for p in params),
+        top_k_host=[0 if p.is_greedy else k for p, k in zip(params, top_k)],
         needs_filter=any(not p.is_greedy and (k < vocab_size or p.top_p < 1.0 or p.min_p > 0.0)
                          for p, k in zip(params, top_k)),
         max_num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),

@@ -3,6 +3,8 @@
 Order, as in vLLM: penalties -> temperature -> top-k / top-p / min-p -> draw. A draw is
 argmax(probs / Exp(1) noise), which equals sampling from probs; each seeded request draws its noise
 from its own generator, so its tokens do not depend on the batch it runs in.
+When every drawing row has a top-k of at most TOP_K_DRAW_MAX, the batch draws among its rows' k best
+tokens only: one top-k of the logits in place of a softmax, a sort and noise over the whole vocabulary.
 Logprobs are of the raw model distribution (before penalties and temperature).
 """
 from __future__ import annotations
@@ -19,6 +21,11 @@ import torch
 # same, the unseeded rows' noise aside (drawn in another order from the same generator).
 SAMPLE_CHUNK_ROWS = 256
 # Per-row fields of a SamplingBatch (the first dimension is the row).
+# Rows with a top-k of at most this many tokens draw among them alone (Qwen3's generation config asks 20):
+# a batch whose drawing rows all have one takes the top-k of its logits instead of sorting the vocabulary.
+# A seeded row of such a top-k draws its k noise values in rank order on either path (so its tokens do not
+# depend on which path its batch took); other drawing seeded rows draw one per token, in token order.
+TOP_K_DRAW_MAX = 1024
 _ROW_FIELDS = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                "repetition_penalty", "output_token_counts", "prompt_token_mask", "allowed_mask", "grammar_bitmask")
 
@@ -32,6 +39,8 @@ class SamplingBatch:
     generators: list                   # [B] torch.Generator or None
     all_greedy: bool
     needs_filter: bool                 # any row with top-k, top-p or min-p
+    # [B] each drawing row's top_k as an int, 0 for greedy rows (None: not known, the vocabulary is sorted)
+    top_k_host: list | None = None
     # Penalties (None when no row uses them)
     presence_penalty: torch.Tensor | None = None     # [B]
     frequency_penalty: torch.Tensor | None = None    # [B]
@@ -62,7 +71,8 @@ class SamplingBatch:
     def rows(self, start: int, stop: int) -> "SamplingBatch":
         """The batch of rows start..stop-1 (the batch-wide flags kept: a row they do not concern is
         sampled as it would be alone)."""
-        part = dataclasses.replace(self, generators=self.generators[start:stop], **{
+        top_k_host = None if self.top_k_host is None else self.top_k_host[start:stop]
+        part = dataclasses.replace(self, generators=self.generators[start:stop], top_k_host=top_k_host, **{
             name: getattr(self, name)[start:stop] for name in _ROW_FIELDS if getattr(self, name) is not None})
         # (row, token) pairs: every pair stays, another chunk's moved into this one's rows and made to add 0
         # (selecting this chunk's pairs on the device would wait for it).
@@ -78,6 +88,18 @@ class SamplingBatch:
             part.bias_rows = (self.bias_rows - start).clamp(0, last)
             part.bias_values = torch.where(inside, self.bias_values, torch.zeros_like(self.bias_values))
         return part
+
+    def seeded_draw(self, row: int) -> int | None:
+        """How a seeded row draws its noise: None, over the vocabulary in token order; k > 0, k values in rank
+        order (a drawing row whose top-k is at most TOP_K_DRAW_MAX); 0, not at all (a greedy row)."""
+        k = self.top_k_host[row] if self.top_k_host is not None else None
+        return k if k is not None and k <= TOP_K_DRAW_MAX else None
+
+    def top_k_draw(self) -> int:
+        """The tokens a batch may draw among (the largest top-k of its drawing rows), or 0 when some drawing
+        row's top-k is over TOP_K_DRAW_MAX (or unknown): the batch then sorts the vocabulary."""
+        largest = max(self.top_k_host, default=0) if self.top_k_host is not None else 0
+        return largest if largest <= TOP_K_DRAW_MAX else 0
 
 
 @dataclass
@@ -109,10 +131,10 @@ def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return logits
 
 
-def filter_probs(probs: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
-    """Zero the probabilities outside each row's top-k / top-p / min-p set (not renormalised)."""
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    ranks = torch.arange(probs.shape[-1], device=probs.device).unsqueeze(0)
+def filter_sorted(sorted_probs: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """Zero each row's probabilities (sorted, descending; the row's best tokens or all of them) outside its
+    top-k / top-p / min-p set (not renormalised)."""
+    ranks = torch.arange(sorted_probs.shape[-1], device=sorted_probs.device).unsqueeze(0)
     keep = ranks < b.top_k.unsqueeze(1)
     sorted_probs = sorted_probs * keep
     # top-p over the top-k survivors, renormalised, keeping the token that crosses the threshold.
@@ -121,7 +143,7 @@ def filter_probs(probs: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     keep &= cum_before < b.top_p.unsqueeze(1)
     keep &= sorted_probs >= b.min_p.unsqueeze(1) * sorted_probs[:, :1]
     keep[:, 0] = True
-    return torch.zeros_like(probs).scatter_(1, order, sorted_probs * keep)
+    return sorted_probs * keep
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -160,23 +182,47 @@ class Sampler:
         if b.all_greedy:
             tokens = greedy_tokens
         else:
-            temperature = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
-            probs = (logits / temperature.unsqueeze(1)).softmax(dim=-1)
-            if b.needs_filter:
-                probs = filter_probs(probs, b)
-            noise = self._exponential_noise(probs, b.generators)
-            sampled = (probs / noise).argmax(dim=-1)
+            temperature = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature)).unsqueeze(1)
+            k = b.top_k_draw()
+            sampled = self._draw_among_top_k(logits, temperature, b, k) if k else self._draw(logits, temperature, b)
             tokens = torch.where(b.temperature > 0, sampled, greedy_tokens)
         out = SamplerOutput(token_ids=tokens)
         if b.max_num_logprobs >= 0:
             self._add_logprobs(out, raw_logits, tokens, b.max_num_logprobs)
         return out
 
+    def _draw_among_top_k(self, logits: torch.Tensor, temperature: torch.Tensor, b: SamplingBatch,
+                          k: int) -> torch.Tensor:
+        """Each row drawn among its batch's k best tokens (k: every drawing row's top-k or more); the
+        softmax over those k is the top-k survivors' distribution, which top-p and min-p read."""
+        values, token_ids = logits.topk(k, dim=-1)  # sorted, best first
+        probs = filter_sorted((values / temperature).softmax(dim=-1), b)
+        ranks = (probs / self._noise(probs, b, ranked=True)).argmax(dim=-1, keepdim=True)
+        return token_ids.gather(1, ranks).squeeze(1)
+
+    def _draw(self, logits: torch.Tensor, temperature: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+        """Each row drawn over the whole vocabulary, sorted first when some row filters."""
+        probs = (logits / temperature).softmax(dim=-1)
+        if not b.needs_filter:
+            return (probs / self._noise(probs, b, ranked=False)).argmax(dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        noise = self._noise(sorted_probs, b, ranked=True, order=order)
+        ranks = (filter_sorted(sorted_probs, b) / noise).argmax(dim=-1, keepdim=True)
+        return order.gather(1, ranks).squeeze(1)
+
     @staticmethod
-    def _exponential_noise(probs: torch.Tensor, generators: list) -> torch.Tensor:
+    def _noise(probs: torch.Tensor, b: SamplingBatch, ranked: bool, order: torch.Tensor | None = None):
+        """Exp(1) noise over probs' columns (ranks when `ranked`, else tokens), seeded rows' from their own
+        generators as SamplingBatch.seeded_draw says: token-order values are moved to rank order through
+        `order` (a sorted vocabulary's)."""
         noise = torch.empty_like(probs).exponential_()
-        for row, gen in enumerate(generators):
-            if gen is not None:
+        for row, gen in enumerate(b.generators):
+            k = b.seeded_draw(row) if gen is not None else 0
+            if k:
+                noise[row, :k].exponential_(generator=gen)
+            elif k is None and ranked:
+                noise[row] = torch.empty_like(noise[row]).exponential_(generator=gen)[order[row]]
+            elif k is None:
                 noise[row].exponential_(generator=gen)
         return noise
 
