@@ -1,4 +1,7 @@
 """Launching step N+1 before reading step N's tokens must not change any output."""
+import json
+import re
+
 import numpy as np
 
 from sageinfer import LLM, SamplingParams
@@ -58,3 +61,49 @@ def test_a_request_at_its_token_limit_gets_no_extra_step(llama_dir):
     launches.clear()
     llm.generate({"prompt_token_ids": [3, 4, 6]}, SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False)
     assert launches == [1] * 5
+
+
+def test_grammars_and_bad_words_keep_steps_async_and_outputs_identical(llama_dir):
+    """Requests with a grammar or bad words read their tokens on the host: the next step's forward is launched
+    before the step in flight is read, and only its draw waits for their masks. The outputs, theirs and their
+    batch neighbours', are those of synchronous steps."""
+    from sageinfer.sampling_params import StructuredOutputsParams
+    schema = {"type": "object", "required": ["ok", "n"], "additionalProperties": False,
+              "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 22, 333]}}}
+    prompts, params = _workload()
+    words = _two_token_words(llama_dir, prompts[0])  # that greedy decoding would write: the bans bite
+    assert words
+    params = params + [
+        SamplingParams(temperature=1.0, seed=3, max_tokens=60, structured_outputs=StructuredOutputsParams(json=schema)),
+        SamplingParams(temperature=0.8, seed=4, max_tokens=20, structured_outputs=StructuredOutputsParams(
+            regex=r"[0-9]{2}-[a-c]{2,5}")),
+        SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, bad_words=words[:2] + ["e"]),
+        SamplingParams(temperature=0.9, seed=6, max_tokens=30, ignore_eos=True, bad_words=["the", "a b"],
+                       min_tokens=4)]
+    prompts = prompts + [prompts[1], prompts[3], prompts[0], prompts[2]]
+    runs, deferred = [], []
+    for async_scheduling in (False, True):
+        llm = LLM(llama_dir, dtype="float32", async_scheduling=async_scheduling, show_progress=False,
+                  num_gpu_blocks_override=256, max_model_len=200)
+        sample_pending = llm.engine.runner.sample_pending
+        llm.engine.runner.sample_pending = lambda result: deferred.append(result.pending is not None) or \
+            sample_pending(result)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs.append([[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in outs])
+        assert llm.engine.kv_manager.pool.num_free_blocks == llm.engine.kv_manager.pool.usable_blocks
+    sync, asyn = runs
+    assert asyn == sync
+    assert deferred and all(deferred)  # async steps drew after the step in flight was read; sync steps never wait
+    assert sync[8][0][2] == "stop" and set(json.loads(sync[8][0][1])) == {"ok", "n"}
+    assert re.fullmatch(r"[0-9]{2}-[a-c]{2,5}", sync[9][0][1])
+    assert not any(word in sync[10][0][1] for word in words[:2])
+
+
+def _two_token_words(model_dir, prompt) -> list[str]:
+    """Words of two tokens, as the tokenizer reads them back, in the greedy continuation of the prompt."""
+    llm = LLM(model_dir, dtype="float32", show_progress=False, num_gpu_blocks_override=64, max_model_len=200)
+    tokens = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+                          use_tqdm=False)[0].outputs[0].token_ids
+    tok = llm.get_tokenizer()
+    words = [tok.decode(tokens[i:i + 2]) for i in range(len(tokens) - 1)]
+    return [w for w in dict.fromkeys(words) if w.strip() and len(tok.encode(w, add_special_tokens=False)) == 2]

@@ -344,25 +344,30 @@ class LLMEngine:
     # host's work hides behind the device's. Tokens of step N are placeholders on the host until
     # then; the runner takes them from the device. A request that turns out to have finished at step
     # N computed one wasted token in step N+1, which is dropped.
+    # Bad words and grammars read a request's tokens on the host. When the step in flight holds such a request,
+    # the next step's forward is launched all the same; its sampling waits until the step in flight's tokens
+    # are read and applied (its masks made meanwhile, while the device runs the forward). Tensor-parallel
+    # ranks are sent the masks with the step, so there the step in flight is read first.
     def step(self) -> list[RequestOutput]:
         outputs = []
-        if self._in_flight is not None and any(r.sampling_params.needs_output_tokens
-                                               for r in self._in_flight.sampled_requests):
-            outputs += self._process(self._take_in_flight())  # bad words and grammars need the real token ids
+        masks_wait = self._in_flight is not None and any(r.sampling_params.needs_output_tokens
+                                                         for r in self._in_flight.sampled_requests)
+        if masks_wait and self.workers is not None:
+            outputs += self._process(self._take_in_flight())
+            masks_wait = False
         sched = self.scheduler.schedule()
         self.kv_manager.flush_transfers()  # offload-tier copies, ordered before this step's forward
         launched = None
         if not sched.is_empty:
             prev = self._in_flight
             prev_tokens = prev.sampler_output.token_ids if prev is not None and prev.sampler_output else None
-            if self.grammars is not None:  # some request has had a grammar: fill the rows of those scheduled
-                for request, _ in sched.scheduled:
-                    if request.grammar is not None:  # its tokens so far are known: a grammar needs them
-                        request.grammar_bitmask = request.grammar.next_bitmask()
+            if not masks_wait:
+                self._fill_grammar_bitmasks(sched.scheduled)
             if self.workers is not None:
                 offload = self.offload_mirror.take_ops() if self.offload_mirror is not None else None
                 self.workers.send_step(sched.scheduled, use_prev_tokens=prev_tokens is not None, offload=offload)
-            result = self.runner.execute(sched.scheduled, prev_tokens, after_layer=self.scheduler.stage_kv(sched))
+            result = self.runner.execute(sched.scheduled, prev_tokens, after_layer=self.scheduler.stage_kv(sched),
+                                         defer_token_masks=masks_wait)
             host = result.host
             self.utilization.record_step(np.diff(host.query_start_loc), host.seq_lens, len(host.logits_indices))
             self.kv_manager.step_launched()
@@ -372,6 +377,10 @@ class LLMEngine:
             launched = _InFlight(result.sampled_requests, result.sampler_output,
                                  [r.append_placeholder(row) for row, r in enumerate(result.sampled_requests)],
                                  result.prompt_logprobs)
+            if masks_wait:  # the step in flight's tokens first (the forward runs meanwhile), then this step's draw
+                outputs += self._process(self._take_in_flight())
+                self._fill_grammar_bitmasks(sched.scheduled)
+                launched.sampler_output = self.runner.sample_pending(result)
         elif self.scheduler.has_pending_transfers and self._in_flight is None:
             time.sleep(0.0005)  # only KV transfers to wait for: poll them without spinning a core
         previous, self._in_flight = self._in_flight, launched
@@ -382,6 +391,15 @@ class LLMEngine:
         if self.kv_events is not None:
             self.kv_events.publish(self.kv_manager.take_events())
         return outputs
+
+    def _fill_grammar_bitmasks(self, scheduled: list) -> None:
+        """The allowed tokens of each scheduled request with a grammar, from the tokens it has accepted (a
+        request that finished meanwhile keeps its old row: its token is dropped)."""
+        if self.grammars is None:  # no request has had a grammar
+            return
+        for request, _ in scheduled:
+            if request.grammar is not None and not request.is_finished:
+                request.grammar_bitmask = request.grammar.next_bitmask()
 
     def _take_in_flight(self) -> "_InFlight":
         step, self._in_flight = self._in_flight, None

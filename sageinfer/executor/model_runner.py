@@ -18,7 +18,7 @@ from sageinfer.executor import prompt_logprobs
 from sageinfer.executor.graph_runner import graph_batch_sizes
 from sageinfer.executor.penalty_state import PenaltyState
 from sageinfer.executor.prompt_logprobs import PromptLogprobsOutput
-from sageinfer.executor.sampling_inputs import build_sampling_batch
+from sageinfer.executor.sampling_inputs import add_token_masks, build_sampling_batch
 from sageinfer.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from sageinfer.models.loader import load_model
 from sageinfer.models.model_config import ModelConfig
@@ -43,6 +43,8 @@ class StepResult:
     sampler_output: SamplerOutput | None
     prompt_logprobs: PromptLogprobsOutput | None = None
     host: HostInputs | None = None  # the step's shapes (for the engine's utilisation gauges)
+    # (logits, sampling batch) of a step whose sampling waits for its token masks (sample_pending draws it)
+    pending: tuple | None = None
 
 
 class ModelRunner:
@@ -395,12 +397,14 @@ class ModelRunner:
         return self.model(input_ids, positions, self.kv_caches, meta)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list, prev_token_ids: torch.Tensor | None = None, after_layer=None) -> StepResult:
+    def execute(self, scheduled: list, prev_token_ids: torch.Tensor | None = None, after_layer=None,
+                defer_token_masks: bool = False) -> StepResult:
         """Launch one step. prev_token_ids: the previous step's sampled tokens, still on the device,
         for requests whose newest token is a placeholder. after_layer: called after each layer of an
         eager step is enqueued (KV leaving layer by layer); a step that a graph runs calls nothing (its
         KV is then copied whole, once its prefill ends: a short prompt alone, or one decode token).
-        Nothing here waits for the device."""
+        defer_token_masks: the forward and the logits only; sample_pending draws once the masks that read
+        the host's tokens (bad words, grammars' bitmasks) can be made. Nothing here waits for the device."""
         scheduled = single_token_first(scheduled)
         host = self._host_inputs(scheduled)
         prompt_spans = None
@@ -421,13 +425,29 @@ class ModelRunner:
             return StepResult([], None, prompt_out, host)
         logits = self.model.compute_logits(self._logit_rows(hidden, host.logits_indices))[:len(host.logits_indices)]
         batch = build_sampling_batch(host.sampled_requests, self.model_config.vocab_size, self.device,
-                                     self.platform.to_device, self.penalties, prev_token_ids)
+                                     self.platform.to_device, self.penalties, prev_token_ids,
+                                     token_masks=not defer_token_masks)
+        if defer_token_masks:
+            return StepResult(host.sampled_requests, None, prompt_out, host, pending=(logits, batch))
+        return StepResult(host.sampled_requests, self._sample(logits, batch), prompt_out, host)
+
+    def sample_pending(self, result: StepResult) -> SamplerOutput | None:
+        """Draw the tokens of a step launched with defer_token_masks, its requests' bad words and grammar
+        bitmasks now read from their tokens; sets and returns result.sampler_output."""
+        if result.pending is not None:
+            (logits, batch), result.pending = result.pending, None
+            add_token_masks(batch, result.sampled_requests, self.model_config.vocab_size, self.device,
+                            self.platform.to_device)
+            result.sampler_output = self._sample(logits, batch)
+        return result.sampler_output
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         out = self.sampler(logits, batch)
         tensors = [out.token_ids]
         if out.logprobs is not None:
             tensors += [out.logprobs, out.logprob_token_ids, out.sampled_ranks]
         out.host_copy = self.platform.to_host_async(tensors)
-        return StepResult(host.sampled_requests, out, prompt_out, host)
+        return out
 
 
 def single_token_first(scheduled: list) -> list:

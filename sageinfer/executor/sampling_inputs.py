@@ -9,10 +9,12 @@ from sageinfer.layers.sampler import SamplingBatch
 
 
 def build_sampling_batch(requests: list, vocab_size: int, device: torch.device, to_device,
-                         penalties: PenaltyState, prev_token_ids: torch.Tensor | None = None) -> SamplingBatch:
+                         penalties: PenaltyState, prev_token_ids: torch.Tensor | None = None,
+                         token_masks: bool = True) -> SamplingBatch:
     """to_device(host_tensor, device): the platform's non-blocking host->device copy; penalties: the rows
     penalties read, kept on the device between steps; prev_token_ids: the previous step's samples, still on
-    the device (the newest tokens of requests that sampled there)."""
+    the device (the newest tokens of requests that sampled there). token_masks=False leaves out what reads
+    the tokens generated so far on the host (bad words, grammars): add_token_masks adds it once they are known."""
     params = [r.sampling_params for r in requests]
     num = len(requests)
     top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
@@ -37,7 +39,6 @@ def build_sampling_batch(requests: list, vocab_size: int, device: torch.device, 
               if r.num_output_tokens < r.sampling_params.min_tokens
               for t in sorted(r.sampling_params.all_stop_token_ids | (set() if r.sampling_params.ignore_eos else r.eos_token_ids))
               if t < vocab_size]
-    banned += [(row, t) for row, r in enumerate(requests) for t in _bad_word_endings(r)]
     if banned:
         rows, tokens = zip(*banned)
         batch.banned_rows = torch.tensor(rows, dtype=torch.int64)
@@ -55,26 +56,49 @@ def build_sampling_batch(requests: list, vocab_size: int, device: torch.device, 
                 mask[row] = False
                 mask[row, torch.tensor(p.allowed_token_ids, dtype=torch.int64)] = True
         batch.allowed_mask = mask
+    _to_device(batch, ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                       "repetition_penalty", "output_token_counts", "prompt_token_mask", "banned_rows", "banned_tokens",
+                       "bias_rows", "bias_tokens", "bias_values", "allowed_mask"), device, to_device)
+    if token_masks:
+        add_token_masks(batch, requests, vocab_size, device, to_device)
+    return batch
+
+
+def add_token_masks(batch: SamplingBatch, requests: list, vocab_size: int, device: torch.device, to_device) -> None:
+    """What reads the tokens generated so far on the host: each bad word's last token banned where the request
+    has just generated the word's other tokens, and the allowed tokens of requests with a grammar (its bitmask
+    row, filled by the engine)."""
+    banned = [(row, t) for row, r in enumerate(requests) for t in _bad_word_endings(r)]
+    if banned:
+        rows, tokens = (torch.tensor(column, dtype=torch.int64) for column in zip(*banned))
+        if batch.banned_rows is not None:  # after the min_tokens bans, already on the device
+            rows, tokens = to_device(rows, device), to_device(tokens, device)
+            batch.banned_rows = torch.cat([batch.banned_rows, rows])
+            batch.banned_tokens = torch.cat([batch.banned_tokens, tokens])
+        else:
+            batch.banned_rows, batch.banned_tokens = rows, tokens
     if any(r.grammar_bitmask is not None for r in requests):
-        rows = [r.grammar_bitmask for r in requests if r.grammar_bitmask is not None]
-        mask = np.full((num, len(rows[0])), -1, dtype=np.int32)  # all bits set: every token allowed
+        masks = [r.grammar_bitmask for r in requests if r.grammar_bitmask is not None]
+        mask = np.full((len(requests), len(masks[0])), -1, dtype=np.int32)  # all bits set: every token allowed
         for row, r in enumerate(requests):
             if r.grammar_bitmask is not None:
                 mask[row] = r.grammar_bitmask
         batch.grammar_bitmask = torch.from_numpy(mask)
-    for name in ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty", "output_token_counts", "prompt_token_mask", "banned_rows", "banned_tokens",
-                 "bias_rows", "bias_tokens", "bias_values", "allowed_mask", "grammar_bitmask"):
+    _to_device(batch, ("banned_rows", "banned_tokens", "grammar_bitmask"), device, to_device)
+
+
+def _to_device(batch: SamplingBatch, names: tuple, device: torch.device, to_device) -> None:
+    for name in names:
         value = getattr(batch, name)
-        if value is not None and value.device.type == "cpu":  # (the penalties' rows are there already)
-            setattr(batch, name, to_device(value, device))
-    return batch
+        if value is not None and value.device.type == "cpu":
+            setattr(batch, name, to_device(value, device))  # (the penalties' rows are on the device already)
 
 
 def _bad_word_endings(request) -> set[int]:
-    """The last token of each bad word whose other tokens the request has just generated."""
+    """The last token of each bad word whose other tokens the request has just generated (its known tokens:
+    a sample still on the device, the one this draw follows when masks wait for it, is left out)."""
     words = request.sampling_params.bad_words_token_ids
     if not words:
         return set()
-    output = request.output_token_ids
+    output = request.output_token_ids[:len(request.output_token_ids) - request.num_pending_tokens]
     return {w[-1] for w in words if len(w) <= len(output) + 1 and (len(w) == 1 or output[len(output) - len(w) + 1:] == w[:-1])}
