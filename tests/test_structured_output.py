@@ -102,13 +102,36 @@ def test_unpack_bitmask_is_bit_t_of_word_t_over_32():
 
 @needs_ranks(2)
 def test_tp2_follows_the_grammar_as_tp1(llama_dir):
+    """Each rank draws the tokens rank 0 draws: the grammars' masks and the bad words' bans reach the workers
+    after the step in flight is read (the draws are deferred until then)."""
+    words = _greedy_words(llama_dir, "Hello, my name is", 16)  # that the bad-words request would write
     params = [SamplingParams(temperature=0.8, seed=s, max_tokens=60, structured_outputs=StructuredOutputsParams(json=SCHEMA))
-              for s in range(3)] + [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)]
+              for s in range(3)] + [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                                    SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, bad_words=words)]
+    # Choices of two-letter tokens past the first rank's half of the vocabulary (a wrong draw there would show)
+    params += [SamplingParams(temperature=1.0, seed=s, max_tokens=20, structured_outputs=StructuredOutputsParams(
+        choice=["angeelerinisat", "heatisangeel", "erinheatan"])) for s in (8, 9)]
     texts = {}
     for tp in (1, 2):
         engine = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=256, tensor_parallel_size=tp,
                      show_progress=False)
-        texts[tp] = _texts(engine, params)
+        outs = engine.generate(["The answer:"] * 4 + ["Hello, my name is"] + ["Pick:"] * 2, params, use_tqdm=False)
+        texts[tp] = [(o.outputs[0].text, o.outputs[0].finish_reason, o.outputs[0].token_ids) for o in outs]
         engine.engine.shutdown()
     assert texts[2] == texts[1]
-    assert all(_valid(json.loads(t)) for t, _ in texts[2][:3])
+    assert all(_valid(json.loads(t)) for t, _, _ in texts[2][:3])
+    assert not any(word in texts[2][4][0] for word in words)
+    assert all(t in ("angeelerinisat", "heatisangeel", "erinheatan") for t, _, _ in texts[2][5:])
+
+
+def _greedy_words(model_dir, prompt, max_tokens) -> list[str]:
+    """Words of two tokens (as the tokenizer reads them back) that greedy decoding writes after the prompt."""
+    engine = LLM(model_dir, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+    tokens = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                             use_tqdm=False)[0].outputs[0].token_ids
+    tok = engine.get_tokenizer()
+    words = [tok.decode(tokens[i:i + 2]) for i in range(len(tokens) - 1)
+             if tok.encode(tok.decode(tokens[i:i + 2]), add_special_tokens=False) == tokens[i:i + 2]]
+    words = [w for w in dict.fromkeys(words) if w.strip()]
+    assert words
+    return words[:3]

@@ -346,15 +346,12 @@ class LLMEngine:
     # N computed one wasted token in step N+1, which is dropped.
     # Bad words and grammars read a request's tokens on the host. When the step in flight holds such a request,
     # the next step's forward is launched all the same; its sampling waits until the step in flight's tokens
-    # are read and applied (its masks made meanwhile, while the device runs the forward). Tensor-parallel
-    # ranks are sent the masks with the step, so there the step in flight is read first.
+    # are read and applied (its masks made meanwhile, while the device runs the forward; tensor-parallel ranks
+    # are sent them then).
     def step(self) -> list[RequestOutput]:
         outputs = []
         masks_wait = self._in_flight is not None and any(r.sampling_params.needs_output_tokens
                                                          for r in self._in_flight.sampled_requests)
-        if masks_wait and self.workers is not None:
-            outputs += self._process(self._take_in_flight())
-            masks_wait = False
         sched = self.scheduler.schedule()
         self.kv_manager.flush_transfers()  # offload-tier copies, ordered before this step's forward
         launched = None
@@ -365,7 +362,8 @@ class LLMEngine:
                 self._fill_grammar_bitmasks(sched.scheduled)
             if self.workers is not None:
                 offload = self.offload_mirror.take_ops() if self.offload_mirror is not None else None
-                self.workers.send_step(sched.scheduled, use_prev_tokens=prev_tokens is not None, offload=offload)
+                self.workers.send_step(sched.scheduled, use_prev_tokens=prev_tokens is not None, offload=offload,
+                                       defer_token_masks=masks_wait)
             result = self.runner.execute(sched.scheduled, prev_tokens, after_layer=self.scheduler.stage_kv(sched),
                                          defer_token_masks=masks_wait)
             host = result.host
@@ -380,6 +378,8 @@ class LLMEngine:
             if masks_wait:  # the step in flight's tokens first (the forward runs meanwhile), then this step's draw
                 outputs += self._process(self._take_in_flight())
                 self._fill_grammar_bitmasks(sched.scheduled)
+                if self.workers is not None:
+                    self.workers.send_token_masks(result.sampled_requests)
                 launched.sampler_output = self.runner.sample_pending(result)
         elif self.scheduler.has_pending_transfers and self._in_flight is None:
             time.sleep(0.0005)  # only KV transfers to wait for: poll them without spinning a core

@@ -42,6 +42,19 @@ class StepMessage(msgspec.Struct, tag=True):
     scheduled: list[ScheduledRequest]
     use_prev_tokens: bool     # the step takes device-side inputs from the previous step's samples
     offload: list[OffloadOp] = []  # the offload tier's copies rank 0 made since the last step, in order
+    defer_token_masks: bool = False  # the step's draw waits for a TokenMasks message
+
+
+class MaskRow(msgspec.Struct, array_like=True):
+    request_id: str
+    token_start: int          # the worker's tokens from here on are replaced by `tokens` (all now known)
+    tokens: list[int]
+    grammar_bitmask: bytes | None
+
+
+class TokenMasks(msgspec.Struct, tag=True):
+    """What a deferred draw reads of the tokens (bad words, grammars), for the requests whose draw does."""
+    rows: list[MaskRow]
 
 
 class Shutdown(msgspec.Struct, tag=True):
@@ -54,7 +67,7 @@ class WarmUp(msgspec.Struct, tag=True):
     rest: int
 
 
-WorkerCommand = StepMessage | Shutdown | WarmUp
+WorkerCommand = StepMessage | TokenMasks | Shutdown | WarmUp
 
 
 class StepMessageBuilder:
@@ -64,7 +77,8 @@ class StepMessageBuilder:
         # request id -> [request, tokens known to the workers, blocks sent, preemptions seen]
         self._sent: dict[str, list] = {}
 
-    def build(self, scheduled: list, use_prev_tokens: bool, offload: list | None = None) -> StepMessage:
+    def build(self, scheduled: list, use_prev_tokens: bool, offload: list | None = None,
+              defer_token_masks: bool = False) -> StepMessage:
         finished = [rid for rid, entry in self._sent.items() if entry[0].is_finished]
         for rid in finished:
             del self._sent[rid]
@@ -83,7 +97,20 @@ class StepMessageBuilder:
                                           request.last_sampled_row,
                                           None if request.grammar_bitmask is None else request.grammar_bitmask.tobytes()))
             entry[1:] = [request.num_known_tokens, len(request.block_ids), request.num_preemptions]
-        return StepMessage(new, finished, items, use_prev_tokens, offload or [])
+        return StepMessage(new, finished, items, use_prev_tokens, offload or [], defer_token_masks)
+
+    def build_token_masks(self, sampled_requests: list) -> TokenMasks:
+        """For a step built with defer_token_masks, once the step before it is read: the tokens since those
+        the step's message carried (the placeholders since resolved) and the grammar bitmask of each request
+        whose draw reads them."""
+        rows = []
+        for request in sampled_requests:
+            if request.sampling_params.needs_output_tokens:
+                start = self._sent[request.request_id][1]
+                bitmask = None if request.grammar_bitmask is None else request.grammar_bitmask.tobytes()
+                rows.append(MaskRow(request.request_id, start, request.all_token_ids[start:request.num_known_tokens],
+                                    bitmask))
+        return TokenMasks(rows)
 
 
 class WorkerRequest:
@@ -128,6 +155,13 @@ class WorkerRequest:
         self.last_sampled_row = s.last_sampled_row
         self.grammar_bitmask = None if s.grammar_bitmask is None else np.frombuffer(s.grammar_bitmask, dtype=np.int32)
 
+    def update_masks(self, row: MaskRow) -> None:
+        del self.all_token_ids[row.token_start:]
+        self.all_token_ids += row.tokens
+        self.num_pending_tokens = 0  # every token the draw follows is known (the drawn one is not here yet)
+        self.grammar_bitmask = None if row.grammar_bitmask is None else np.frombuffer(row.grammar_bitmask,
+                                                                                       dtype=np.int32)
+
 
 class WorkerRequests:
     """A worker's mirrors, updated by each step message; returns the step's (request, tokens) batch."""
@@ -147,3 +181,7 @@ class WorkerRequests:
             request.update(s)
             scheduled.append((request, s.num_new_tokens))
         return scheduled
+
+    def apply_masks(self, message: TokenMasks) -> None:
+        for row in message.rows:
+            self.requests[row.request_id].update_masks(row)

@@ -76,8 +76,13 @@ class TensorParallelWorkers:
         threading.Thread(target=self._watch, name="sageinfer-tp-watchdog", daemon=True).start()
         atexit.register(self.shutdown)  # before multiprocessing ends the daemons, so the watchdog stays quiet
 
-    def send_step(self, scheduled: list, use_prev_tokens: bool, offload: list | None = None) -> None:
-        self._send(self.builder.build(scheduled, use_prev_tokens, offload))
+    def send_step(self, scheduled: list, use_prev_tokens: bool, offload: list | None = None,
+                  defer_token_masks: bool = False) -> None:
+        self._send(self.builder.build(scheduled, use_prev_tokens, offload, defer_token_masks))
+
+    def send_token_masks(self, sampled_requests: list) -> None:
+        """The masks a step sent with defer_token_masks waits for (its ranks then draw)."""
+        self._send(self.builder.build_token_masks(sampled_requests))
 
     def send_warm_up(self, first: int, rest: int) -> None:
         self._send(sm.WarmUp(first, rest))
@@ -181,7 +186,7 @@ def run_worker(rank: int, config: EngineConfig, attention_backend: str | None, e
     socket.connect(address)
     decoder = msgspec.msgpack.Decoder(sm.WorkerCommand)
     requests = sm.WorkerRequests(set(eos_token_ids), runner.device)
-    prev_tokens = None
+    prev_tokens = pending = None  # pending: a step launched with its draw deferred (until TokenMasks)
     offload = None  # this rank's offload tier, built at rank 0's first copy
     while True:
         if not socket.poll(1000):
@@ -195,10 +200,17 @@ def run_worker(rank: int, config: EngineConfig, attention_backend: str | None, e
         if isinstance(message, sm.WarmUp):
             runner.warm_up_long_prefill(message.first, message.rest)
             continue
+        if isinstance(message, sm.TokenMasks):  # the draw of the step launched before it
+            requests.apply_masks(message)
+            output = runner.sample_pending(pending)
+            prev_tokens = output.token_ids if output is not None else None
+            continue
         if message.offload:  # rank 0's offload copies, before this step as there
             offload = replay(offload, message.offload, runner.kv_caches, platform)
         scheduled = requests.apply(message)
-        result = runner.execute(scheduled, prev_tokens if message.use_prev_tokens else None)
+        result = runner.execute(scheduled, prev_tokens if message.use_prev_tokens else None,
+                                defer_token_masks=message.defer_token_masks)
+        pending = result
         prev_tokens = result.sampler_output.token_ids if result.sampler_output is not None else None
     socket.close(linger=0)
     context.term()
