@@ -12,7 +12,8 @@ Prompts are cut to --max-model-len (default Qwen3-8B's 40,960, vLLM's default fo
 each mix twice in a row, the prefix cache emptied before each (the same prompts again would hit it): a
 first pass may pay kernel compiles that a warm engine does not (either engine's), the second shows the
 warm one; each pass is recorded. Requests are greedy unless --temperature is above 0 (then --top-k and --top-p
-apply, the same on both engines; Qwen3's generation config: --temperature 0.6 --top-k 20 --top-p 0.95).
+apply, the same on both engines; Qwen3's generation config: --temperature 0.6 --top-k 20 --top-p 0.95);
+--repetition-penalty applies to either.
 """
 from __future__ import annotations
 
@@ -58,9 +59,12 @@ def main():
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0: none")
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1: none (Qwen2.5's config asks 1.05)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty}
+    if args.top_k > 0:  # (left out when off: the engines spell "none" differently across versions)
+        sampling["top_k"] = args.top_k
     vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
     start = time.perf_counter()
     llm, params = make_llm(args.engine, args.model, args.kv_cache_dtype, args.max_model_len, sampling)
