@@ -353,7 +353,7 @@ def test_blocks_whose_layer_copies_broke_off_are_copied_once_the_prefill_ends(ll
     else:
         seen = _watch_staging(producer)
         execute = runner.execute
-        runner.execute = lambda scheduled, prev=None, after_layer=None: execute(scheduled, prev)
+        runner.execute = lambda scheduled, prev=None, after_layer=None, **kw: execute(scheduled, prev, **kw)
     decode = _engine(llama_dir, "SharedMemoryConnector", "kv_consumer", tmp_path)
     params = _prefill(prefill, prompts)
     assert seen["left_for_send"] > 0
