@@ -13,7 +13,10 @@ each mix twice in a row, the prefix cache emptied before each (the same prompts 
 first pass may pay kernel compiles that a warm engine does not (either engine's), the second shows the
 warm one; each pass is recorded. Requests are greedy unless --temperature is above 0 (then --top-k and --top-p
 apply, the same on both engines; Qwen3's generation config: --temperature 0.6 --top-k 20 --top-p 0.95);
---repetition-penalty applies to either.
+--repetition-penalty applies to either. --json-every N (sageInfer only) gives every Nth request a JSON-object
+grammar, for an A/B of how grammar requests share steps with the others: the model directory is copied with a
+small byte-level tokenizer (grammars need one), and such a request ends where its grammar does, so its output
+tokens are counted as generated, not as asked.
 """
 from __future__ import annotations
 
@@ -31,8 +34,9 @@ MAX_MODEL_LEN = 40960
 LIMITS = {"max_num_seqs": 1024, "max_num_batched_tokens": 16384}  # vLLM 0.26's H100 defaults
 
 
-def make_llm(engine: str, model: str, kv_cache_dtype: str, max_model_len: int, sampling: dict):
-    kwargs = dict(model=model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", seed=0,
+def make_llm(engine: str, model: str, kv_cache_dtype: str, max_model_len: int, sampling: dict,
+             with_tokenizer: bool = False):
+    kwargs = dict(model=model, load_format="dummy", skip_tokenizer_init=not with_tokenizer, dtype="bfloat16", seed=0,
                   gpu_memory_utilization=0.90, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len, **LIMITS)
     if engine == "vllm":
         from vllm import LLM, SamplingParams
@@ -42,9 +46,24 @@ def make_llm(engine: str, model: str, kv_cache_dtype: str, max_model_len: int, s
     else:
         from sageinfer import LLM, SamplingParams
 
-        def params(n):
-            return SamplingParams(max_tokens=n, ignore_eos=True, **sampling)
+        from sageinfer.sampling_params import StructuredOutputsParams
+
+        def params(n, json_object=False):
+            grammar = StructuredOutputsParams(json_object=True) if json_object else None
+            return SamplingParams(max_tokens=n, ignore_eos=True, structured_outputs=grammar, **sampling)
     return LLM(**kwargs), params
+
+
+def with_small_tokenizer(model: str) -> str:
+    """A copy of the model directory (its config) with a small byte-level tokenizer saved beside it."""
+    import shutil
+    import tempfile
+
+    from sageinfer.models.tiny import build_tokenizer
+    path = tempfile.mkdtemp(prefix="mix-model-")
+    shutil.copy(os.path.join(model, "config.json"), path)
+    build_tokenizer().save_pretrained(path)
+    return path
 
 
 def main():
@@ -60,16 +79,22 @@ def main():
     parser.add_argument("--top-k", type=int, default=0, help="0: none")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1: none (Qwen2.5's config asks 1.05)")
+    parser.add_argument("--json-every", type=int, default=0, help="every Nth request with a JSON-object grammar "
+                        "(sageInfer only; 0: none)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.json_every and args.engine != "sageinfer":
+        parser.error("--json-every runs on sageInfer only (dummy weights write different JSON in each engine)")
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty}
     if args.top_k > 0:  # (left out when off: the engines spell "none" differently across versions)
         sampling["top_k"] = args.top_k
     vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
     start = time.perf_counter()
-    llm, params = make_llm(args.engine, args.model, args.kv_cache_dtype, args.max_model_len, sampling)
+    model = with_small_tokenizer(args.model) if args.json_every else args.model
+    llm, params = make_llm(args.engine, model, args.kv_cache_dtype, args.max_model_len, sampling,
+                           with_tokenizer=bool(args.json_every))
     record = {"engine": args.engine, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
-              "sampling": sampling,
+              "sampling": sampling, "json_every": args.json_every,
               "startup_s": time.perf_counter() - start, "kv_cache_dtype": args.kv_cache_dtype, "mixes": {}}
     if args.engine == "sageinfer":
         sys.path.insert(0, os.path.dirname(__file__))
@@ -89,11 +114,14 @@ def main():
         for n in range(1, args.passes + 1):
             llm.reset_prefix_cache()  # each pass computes every prompt (both engines have it)
             t = time.perf_counter()
-            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], [params(k) for k in out_lens],
-                                use_tqdm=False)
+            grammar = [bool(args.json_every) and i % args.json_every == 0 for i in range(len(prompts))]
+            request_params = [params(k, True) if g else params(k) for k, g in zip(out_lens, grammar)]
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], request_params, use_tqdm=False)
             seconds = time.perf_counter() - t
             generated = sum(len(o.outputs[0].token_ids) for o in outs)
-            assert generated == sum(out_lens), "a request stopped early"
+            asked = sum(k for k, g in zip(out_lens, grammar) if not g)
+            assert sum(len(o.outputs[0].token_ids) for o, g in zip(outs, grammar) if not g) == asked, \
+                "a request stopped early"
             tokens = sum(len(p) for p in prompts) + generated
             passes.append({"seconds": seconds, "total_tok_s": tokens / seconds, "output_tok_s": generated / seconds})
             print(f"| {args.engine} | {name} | {n} | {num} | {seconds:.1f} | {tokens / seconds:.0f} | "
