@@ -1,8 +1,8 @@
 """The sampler's time a step for batches of R rows over a vocabulary of V tokens (Qwen3's 151,936 by default),
 for the sampling settings users serve with: greedy, Qwen3's generation config (temperature 0.6, top-k 20,
-top-p 0.95), top-p alone (Llama 3's: temperature 0.6, top-p 0.9), and Qwen3's settings on the path that sorts
-the vocabulary (the sampler before a small top-k drew among its tokens alone: TOP_K_DRAW_MAX 0). Prints a
-table of milliseconds a step (the median of --repeats, after a warm-up), on the GPU when there is one.
+top-p 0.95), top-p alone (Llama 3's: temperature 0.6, top-p 0.9), min-p alone, and Qwen3's settings on the
+path that sorts the vocabulary (the sampler before a small top-k drew among its tokens alone: TOP_K_DRAW_MAX 0).
+Prints a table of milliseconds a step (the median of --repeats, after a warm-up), on the GPU when there is one.
 
   python benchmarks/sampler_speed.py [--rows 1,64,256,1024] [--vocab 151936] [--repeats 20]
 """
@@ -30,6 +30,7 @@ SETTINGS = {  # name: (sampling parameters, the sampler's bound on drawing among
     "qwen3 (k20 p0.95)": (dict(temperature=0.6, top_k=20, top_p=0.95), sampler.TOP_K_DRAW_MAX),
     "qwen3, vocabulary sorted": (dict(temperature=0.6, top_k=20, top_p=0.95), 0),
     "top-p 0.9 alone": (dict(temperature=0.6, top_p=0.9), sampler.TOP_K_DRAW_MAX),
+    "min-p 0.1 alone": (dict(temperature=0.8, min_p=0.1), sampler.TOP_K_DRAW_MAX),
 }
 
 

@@ -22,7 +22,7 @@ def _batch(rows, temperature=1.0, top_k=V, top_p=1.0, min_p=0.0, generators=None
         top_p=torch.full((rows,), top_p), min_p=torch.full((rows,), min_p),
         generators=generators or [None] * rows, all_greedy=temperature == 0.0,
         top_k_host=[0 if temperature == 0.0 else top_k] * rows,
-        needs_filter=top_k < vocab or top_p < 1.0 or min_p > 0.0)
+        needs_filter=top_k < vocab or top_p < 1.0 or min_p > 0.0, needs_sort=top_k < vocab or top_p < 1.0)
 
 
 def _draw_counts(logits_row, draws=4000, **kwargs):
@@ -243,9 +243,38 @@ def test_the_batch_holds_each_drawing_rows_top_k_on_the_host():
 
     from sageinfer.executor.sampling_inputs import build_sampling_batch
     from sageinfer.sampling_params import SamplingParams
-    params = [SamplingParams(temperature=0.0, top_k=5), SamplingParams(temperature=0.7, top_k=20),
-              SamplingParams(temperature=0.7), SamplingParams(temperature=0.7, top_k=45)]
-    requests = [types.SimpleNamespace(sampling_params=p, generator=None, num_output_tokens=1, eos_token_ids=set(),
-                                      output_token_ids=[0], grammar_bitmask=None) for p in params]
-    b = build_sampling_batch(requests, 40, torch.device("cpu"), lambda a, d: torch.as_tensor(a).to(d), None)
-    assert b.top_k_host == [0, 20, 40, 40] and b.top_k.tolist() == [5, 20, 40, 40]
+    def batch(params):
+        requests = [types.SimpleNamespace(sampling_params=p, generator=None, num_output_tokens=1, eos_token_ids=set(),
+                                          output_token_ids=[0], grammar_bitmask=None, num_pending_tokens=0)
+                    for p in params]
+        return build_sampling_batch(requests, 40, torch.device("cpu"), lambda a, d: torch.as_tensor(a).to(d), None)
+
+    b = batch([SamplingParams(temperature=0.0, top_k=5), SamplingParams(temperature=0.7, top_k=20),
+               SamplingParams(temperature=0.7), SamplingParams(temperature=0.7, top_k=45)])
+    assert b.top_k_host == [0, 20, 40, 40] and b.top_k.tolist() == [5, 20, 40, 40] and b.needs_sort
+    b = batch([SamplingParams(temperature=0.0, top_k=5), SamplingParams(temperature=0.7, min_p=0.1),
+               SamplingParams(temperature=0.7)])  # min-p alone among the drawing rows: no sort
+    assert b.needs_filter and not b.needs_sort
+
+
+def test_min_p_alone_draws_what_the_sorted_draw_draws_without_sorting(monkeypatch):
+    """Min-p keeps a fraction of each row's top probability: a threshold, so a batch whose drawing rows filter by
+    min-p alone sorts nothing, and its seeded rows draw the tokens they draw when the vocabulary is sorted."""
+    vocab = 2048
+    sorts = []
+    sort = torch.Tensor.sort
+    monkeypatch.setattr(torch.Tensor, "sort", lambda self, *a, **k: sorts.append(self.shape) or sort(self, *a, **k))
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(2)) * 3
+
+    def draws(needs_sort):
+        b = _batch(6, temperature=0.8, top_k=vocab, min_p=0.05, vocab=vocab,
+                   generators=[torch.Generator().manual_seed(20 + r) for r in range(6)])
+        b.needs_sort = needs_sort
+        return Sampler()(logits, b).token_ids.tolist()
+
+    by_threshold = draws(False)
+    assert sorts == []
+    assert draws(True) == by_threshold and sorts == [torch.Size([6, vocab])]
+    probs = (logits / 0.8).softmax(-1)
+    allowed = probs >= 0.05 * probs.amax(-1, keepdim=True)
+    assert allowed[torch.arange(6), torch.tensor(by_threshold)].all() and (allowed.sum(-1) < vocab // 10).all()

@@ -28,6 +28,7 @@ def build_sampling_batch(requests: list, vocab_size: int, device: torch.device, 
         top_k_host=[0 if p.is_greedy else k for p, k in zip(params, top_k)],
         needs_filter=any(not p.is_greedy and (k < vocab_size or p.top_p < 1.0 or p.min_p > 0.0)
                          for p, k in zip(params, top_k)),
+        needs_sort=any(not p.is_greedy and (k < vocab_size or p.top_p < 1.0) for p, k in zip(params, top_k)),
         max_num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
     )
     if any(p.uses_penalties for p in params):

@@ -5,6 +5,7 @@ argmax(probs / Exp(1) noise), which equals sampling from probs; each seeded requ
 from its own generator, so its tokens do not depend on the batch it runs in.
 When every drawing row has a top-k of at most TOP_K_DRAW_MAX, the batch draws among its rows' k best
 tokens only: one top-k of the logits in place of a softmax, a sort and noise over the whole vocabulary.
+Min-p alone is a threshold on each row's probabilities: it sorts nothing either.
 Logprobs are of the raw model distribution (before penalties and temperature).
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ class SamplingBatch:
     generators: list                   # [B] torch.Generator or None
     all_greedy: bool
     needs_filter: bool                 # any row with top-k, top-p or min-p
+    needs_sort: bool = True            # any drawing row with top-k or top-p (min-p alone is a threshold)
     # [B] each drawing row's top_k as an int, 0 for greedy rows (None: not known, the vocabulary is sorted)
     top_k_host: list | None = None
     # Penalties (None when no row uses them)
@@ -201,9 +203,11 @@ class Sampler:
         return token_ids.gather(1, ranks).squeeze(1)
 
     def _draw(self, logits: torch.Tensor, temperature: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
-        """Each row drawn over the whole vocabulary, sorted first when some row filters."""
+        """Each row drawn over the whole vocabulary, sorted first when some row has a top-k or top-p."""
         probs = (logits / temperature).softmax(dim=-1)
-        if not b.needs_filter:
+        if not b.needs_sort:  # min-p alone: a fraction of each row's top probability, no order needed
+            if b.needs_filter:
+                probs = probs * (probs >= b.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True))
             return (probs / self._noise(probs, b, ranked=False)).argmax(dim=-1)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         noise = self._noise(sorted_probs, b, ranked=True, order=order)
