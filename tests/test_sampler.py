@@ -40,6 +40,15 @@ def test_greedy_takes_the_argmax():
     assert torch.equal(Sampler()(logits, _batch(5, temperature=0.0)).token_ids, logits.argmax(-1))
 
 
+def test_greedy_rows_among_drawing_ones_take_the_argmax(path):
+    logits = torch.randn(6, V) * 3
+    b = _batch(6, temperature=1.0, top_k=4)
+    b.temperature[::2] = 0.0
+    b.top_k_host = [0, 4, 0, 4, 0, 4]
+    tokens = Sampler()(logits, b).token_ids
+    assert torch.equal(tokens[::2], logits[::2].argmax(-1))
+
+
 def test_top_k_samples_only_the_k_most_likely(path):
     counts = _draw_counts(LOGITS, top_k=3)
     assert counts[3:].sum() == 0 and (counts[:3] > 0).all()
@@ -145,6 +154,7 @@ def _every_option_batch(rows, seed):
     b = _batch(rows, temperature=0.8, top_k=6, top_p=0.9, min_p=0.02,
                generators=[torch.Generator().manual_seed(100 + r) for r in range(rows)])
     b.temperature[::3] = 0.0  # greedy rows among the drawn ones
+    b.top_k_host = [0 if row % 3 == 0 else 6 for row in range(rows)]
     b.all_greedy = False
     b.presence_penalty, b.frequency_penalty = torch.rand(rows, generator=rng), torch.rand(rows, generator=rng)
     b.repetition_penalty = 1.0 + torch.rand(rows, generator=rng)

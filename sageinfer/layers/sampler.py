@@ -180,14 +180,14 @@ class Sampler:
             logits = logits.masked_fill(~b.allowed_mask, float("-inf"))
         if b.grammar_bitmask is not None:
             logits = logits.masked_fill(~unpack_bitmask(b.grammar_bitmask, logits.shape[-1]), float("-inf"))
-        greedy_tokens = logits.argmax(dim=-1)
         if b.all_greedy:
-            tokens = greedy_tokens
+            tokens = logits.argmax(dim=-1)
         else:
             temperature = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature)).unsqueeze(1)
             k = b.top_k_draw()
             sampled = self._draw_among_top_k(logits, temperature, b, k) if k else self._draw(logits, temperature, b)
-            tokens = torch.where(b.temperature > 0, sampled, greedy_tokens)
+            all_draw = b.top_k_host is not None and 0 not in b.top_k_host  # no greedy row: no argmax to take
+            tokens = sampled if all_draw else torch.where(b.temperature > 0, sampled, logits.argmax(dim=-1))
         out = SamplerOutput(token_ids=tokens)
         if b.max_num_logprobs >= 0:
             self._add_logprobs(out, raw_logits, tokens, b.max_num_logprobs)
