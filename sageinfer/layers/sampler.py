@@ -21,12 +21,12 @@ import torch
 # profile samples such a batch (ModelRunner._costliest_sampling). Rows are independent: the tokens are the
 # same, the unseeded rows' noise aside (drawn in another order from the same generator).
 SAMPLE_CHUNK_ROWS = 256
-# Per-row fields of a SamplingBatch (the first dimension is the row).
 # Rows with a top-k of at most this many tokens draw among them alone (Qwen3's generation config asks 20):
 # a batch whose drawing rows all have one takes the top-k of its logits instead of sorting the vocabulary.
 # A seeded row of such a top-k draws its k noise values in rank order on either path (so its tokens do not
 # depend on which path its batch took); other drawing seeded rows draw one per token, in token order.
 TOP_K_DRAW_MAX = 1024
+# Per-row fields of a SamplingBatch (the first dimension is the row).
 _ROW_FIELDS = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                "repetition_penalty", "output_token_counts", "prompt_token_mask", "allowed_mask", "grammar_bitmask")
 
