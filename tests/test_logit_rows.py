@@ -83,7 +83,9 @@ def test_the_memory_profile_holds_the_lm_heads_largest_count_before_the_cache_is
 
     def sampler(self, logits, b):
         costly = (not b.all_greedy and b.needs_filter and b.presence_penalty is not None
-                  and b.allowed_mask is not None and b.grammar_bitmask is not None)
+                  and b.allowed_mask is not None and b.grammar_bitmask is not None
+                  # the whole vocabulary in order: sorted, or as a top-k of all of it (a vocabulary under 1,024)
+                  and b.needs_sort and b.top_k_draw() in (0, logits.shape[-1]))
         events.append(("sample", logits.shape[0], costly, b.max_num_logprobs))
         return sample(self, logits, b)
     monkeypatch.setattr(Sampler, "__call__", sampler)
