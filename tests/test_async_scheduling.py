@@ -107,3 +107,25 @@ def _two_token_words(model_dir, prompt) -> list[str]:
     tok = llm.get_tokenizer()
     words = [tok.decode(tokens[i:i + 2]) for i in range(len(tokens) - 1)]
     return [w for w in dict.fromkeys(words) if w.strip() and len(tok.encode(w, add_special_tokens=False)) == 2]
+
+
+def test_deferred_draws_through_preemption_and_tiny_chunks(llama_dir):
+    """Grammar and bad-words requests in a cache too small for them all: preempted and recomputed in chunks of
+    24 tokens, their deferred draws still give the synchronous run's tokens."""
+    from sageinfer.sampling_params import StructuredOutputsParams
+    schema = {"type": "object", "required": ["ok", "n"], "additionalProperties": False,
+              "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 22, 333]}}}
+    kwargs = dict(num_gpu_blocks_override=16, block_size=16, max_model_len=200, max_num_batched_tokens=24,
+                  admission_lookahead_tokens=0)
+    prompts = ["The answer:", "Hello, my name is", "Pick one of these", "x " * 30, "y " * 20, "z"]
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=60, structured_outputs=StructuredOutputsParams(
+        json=schema)) for s in range(3)]
+    params += [SamplingParams(temperature=0.9, seed=9, max_tokens=40, ignore_eos=True, bad_words=["an", "e t"])] * 3
+    runs = []
+    for async_scheduling in (False, True):
+        llm = LLM(llama_dir, dtype="float32", async_scheduling=async_scheduling, show_progress=False, **kwargs)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs.append([(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs])
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert llm.engine.kv_manager.pool.num_free_blocks == llm.engine.kv_manager.pool.usable_blocks
+    assert runs[1] == runs[0]
