@@ -160,9 +160,9 @@ class SamplingParams:
 
     @property
     def needs_output_tokens(self) -> bool:
-        """Whether sampling reads the tokens generated so far on the host (bad words, a grammar): then a
-        step can't be launched before the previous one's tokens are known. (Penalties count them on the
-        device: executor/penalty_state.py.)"""
+        """Whether sampling reads the tokens generated so far on the host (bad words, a grammar): then the
+        draw of a step launched before the previous one's tokens are read waits for them (the forward does
+        not). (Penalties count them on the device: executor/penalty_state.py.)"""
         return bool(self.bad_words_token_ids) or self.structured_outputs is not None
 
     @property

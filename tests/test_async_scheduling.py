@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 
+from greedy_words import two_token_words
 from sageinfer import LLM, SamplingParams
 
 
@@ -71,7 +72,7 @@ def test_grammars_and_bad_words_keep_steps_async_and_outputs_identical(llama_dir
     schema = {"type": "object", "required": ["ok", "n"], "additionalProperties": False,
               "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 22, 333]}}}
     prompts, params = _workload()
-    words = _two_token_words(llama_dir, prompts[0])  # that greedy decoding would write: the bans bite
+    words = two_token_words(llama_dir, prompts[0], 30)  # that greedy decoding would write: the bans bite
     assert words
     params = params + [
         SamplingParams(temperature=1.0, seed=3, max_tokens=60, structured_outputs=StructuredOutputsParams(json=schema)),
@@ -97,16 +98,6 @@ def test_grammars_and_bad_words_keep_steps_async_and_outputs_identical(llama_dir
     assert sync[8][0][2] == "stop" and set(json.loads(sync[8][0][1])) == {"ok", "n"}
     assert re.fullmatch(r"[0-9]{2}-[a-c]{2,5}", sync[9][0][1])
     assert not any(word in sync[10][0][1] for word in words[:2])
-
-
-def _two_token_words(model_dir, prompt) -> list[str]:
-    """Words of two tokens, as the tokenizer reads them back, in the greedy continuation of the prompt."""
-    llm = LLM(model_dir, dtype="float32", show_progress=False, num_gpu_blocks_override=64, max_model_len=200)
-    tokens = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
-                          use_tqdm=False)[0].outputs[0].token_ids
-    tok = llm.get_tokenizer()
-    words = [tok.decode(tokens[i:i + 2]) for i in range(len(tokens) - 1)]
-    return [w for w in dict.fromkeys(words) if w.strip() and len(tok.encode(w, add_special_tokens=False)) == 2]
 
 
 def test_deferred_draws_through_preemption_and_tiny_chunks(llama_dir):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from greedy_words import two_token_words
 from ranks import needs_ranks
 from sageinfer import LLM, SamplingParams
 from sageinfer.layers.sampler import unpack_bitmask
@@ -104,7 +105,8 @@ def test_unpack_bitmask_is_bit_t_of_word_t_over_32():
 def test_tp2_follows_the_grammar_as_tp1(llama_dir):
     """Each rank draws the tokens rank 0 draws: the grammars' masks and the bad words' bans reach the workers
     after the step in flight is read (the draws are deferred until then)."""
-    words = _greedy_words(llama_dir, "Hello, my name is", 16)  # that the bad-words request would write
+    words = two_token_words(llama_dir, "Hello, my name is", 16)[:3]  # that the bad-words request would write
+    assert words
     params = [SamplingParams(temperature=0.8, seed=s, max_tokens=60, structured_outputs=StructuredOutputsParams(json=SCHEMA))
               for s in range(3)] + [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
                                     SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, bad_words=words)]
@@ -122,16 +124,3 @@ def test_tp2_follows_the_grammar_as_tp1(llama_dir):
     assert all(_valid(json.loads(t)) for t, _, _ in texts[2][:3])
     assert not any(word in texts[2][4][0] for word in words)
     assert all(t in ("angeelerinisat", "heatisangeel", "erinheatan") for t, _, _ in texts[2][5:])
-
-
-def _greedy_words(model_dir, prompt, max_tokens) -> list[str]:
-    """Words of two tokens (as the tokenizer reads them back) that greedy decoding writes after the prompt."""
-    engine = LLM(model_dir, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
-    tokens = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
-                             use_tqdm=False)[0].outputs[0].token_ids
-    tok = engine.get_tokenizer()
-    words = [tok.decode(tokens[i:i + 2]) for i in range(len(tokens) - 1)
-             if tok.encode(tok.decode(tokens[i:i + 2]), add_special_tokens=False) == tokens[i:i + 2]]
-    words = [w for w in dict.fromkeys(words) if w.strip()]
-    assert words
-    return words[:3]

@@ -436,8 +436,7 @@ class ModelRunner:
         bitmasks now read from their tokens; sets and returns result.sampler_output."""
         if result.pending is not None:
             (logits, batch), result.pending = result.pending, None
-            add_token_masks(batch, result.sampled_requests, self.model_config.vocab_size, self.device,
-                            self.platform.to_device)
+            add_token_masks(batch, result.sampled_requests, self.device, self.platform.to_device)
             result.sampler_output = self._sample(logits, batch)
         return result.sampler_output
 

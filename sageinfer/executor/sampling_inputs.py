@@ -57,42 +57,35 @@ def build_sampling_batch(requests: list, vocab_size: int, device: torch.device, 
                 mask[row] = False
                 mask[row, torch.tensor(p.allowed_token_ids, dtype=torch.int64)] = True
         batch.allowed_mask = mask
-    _to_device(batch, ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                       "repetition_penalty", "output_token_counts", "prompt_token_mask", "banned_rows", "banned_tokens",
-                       "bias_rows", "bias_tokens", "bias_values", "allowed_mask"), device, to_device)
+    for name in ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "output_token_counts", "prompt_token_mask", "banned_rows", "banned_tokens",
+                 "bias_rows", "bias_tokens", "bias_values", "allowed_mask"):
+        value = getattr(batch, name)
+        if value is not None and value.device.type == "cpu":  # (the penalties' rows are there already)
+            setattr(batch, name, to_device(value, device))
     if token_masks:
-        add_token_masks(batch, requests, vocab_size, device, to_device)
+        add_token_masks(batch, requests, device, to_device)
     return batch
 
 
-def add_token_masks(batch: SamplingBatch, requests: list, vocab_size: int, device: torch.device, to_device) -> None:
+def add_token_masks(batch: SamplingBatch, requests: list, device: torch.device, to_device) -> None:
     """What reads the tokens generated so far on the host: each bad word's last token banned where the request
     has just generated the word's other tokens, and the allowed tokens of requests with a grammar (its bitmask
     row, filled by the engine)."""
     banned = [(row, t) for row, r in enumerate(requests) for t in _bad_word_endings(r)]
     if banned:
-        rows, tokens = (torch.tensor(column, dtype=torch.int64) for column in zip(*banned))
-        if batch.banned_rows is not None:  # after the min_tokens bans, already on the device
-            rows, tokens = to_device(rows, device), to_device(tokens, device)
-            batch.banned_rows = torch.cat([batch.banned_rows, rows])
-            batch.banned_tokens = torch.cat([batch.banned_tokens, tokens])
-        else:
-            batch.banned_rows, batch.banned_tokens = rows, tokens
-    if any(r.grammar_bitmask is not None for r in requests):
-        masks = [r.grammar_bitmask for r in requests if r.grammar_bitmask is not None]
-        mask = np.full((len(requests), len(masks[0])), -1, dtype=np.int32)  # all bits set: every token allowed
-        for row, r in enumerate(requests):
-            if r.grammar_bitmask is not None:
-                mask[row] = r.grammar_bitmask
-        batch.grammar_bitmask = torch.from_numpy(mask)
-    _to_device(batch, ("banned_rows", "banned_tokens", "grammar_bitmask"), device, to_device)
-
-
-def _to_device(batch: SamplingBatch, names: tuple, device: torch.device, to_device) -> None:
-    for name in names:
-        value = getattr(batch, name)
-        if value is not None and value.device.type == "cpu":
-            setattr(batch, name, to_device(value, device))  # (the penalties' rows are on the device already)
+        rows, tokens = (to_device(torch.tensor(column, dtype=torch.int64), device) for column in zip(*banned))
+        if batch.banned_rows is not None:  # after the min_tokens bans
+            rows, tokens = torch.cat([batch.banned_rows, rows]), torch.cat([batch.banned_tokens, tokens])
+        batch.banned_rows, batch.banned_tokens = rows, tokens
+    bitmasks = [r.grammar_bitmask for r in requests]
+    width = next((len(m) for m in bitmasks if m is not None), 0)
+    if width:
+        mask = np.full((len(requests), width), -1, dtype=np.int32)  # all bits set: every token allowed
+        for row, m in enumerate(bitmasks):
+            if m is not None:
+                mask[row] = m
+        batch.grammar_bitmask = to_device(torch.from_numpy(mask), device)
 
 
 def _bad_word_endings(request) -> set[int]:

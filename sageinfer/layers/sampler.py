@@ -26,9 +26,10 @@ SAMPLE_CHUNK_ROWS = 256
 # A seeded row of such a top-k draws its k noise values in rank order on either path (so its tokens do not
 # depend on which path its batch took); other drawing seeded rows draw one per token, in token order.
 TOP_K_DRAW_MAX = 1024
-# Per-row fields of a SamplingBatch (the first dimension is the row).
+# Per-row fields of a SamplingBatch (the first dimension is the row; the host's lists among them).
 _ROW_FIELDS = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-               "repetition_penalty", "output_token_counts", "prompt_token_mask", "allowed_mask", "grammar_bitmask")
+               "repetition_penalty", "output_token_counts", "prompt_token_mask", "allowed_mask", "grammar_bitmask",
+               "generators", "top_k_host")
 
 
 @dataclass
@@ -73,8 +74,7 @@ class SamplingBatch:
     def rows(self, start: int, stop: int) -> "SamplingBatch":
         """The batch of rows start..stop-1 (the batch-wide flags kept: a row they do not concern is
         sampled as it would be alone)."""
-        top_k_host = None if self.top_k_host is None else self.top_k_host[start:stop]
-        part = dataclasses.replace(self, generators=self.generators[start:stop], top_k_host=top_k_host, **{
+        part = dataclasses.replace(self, **{
             name: getattr(self, name)[start:stop] for name in _ROW_FIELDS if getattr(self, name) is not None})
         # (row, token) pairs: every pair stays, another chunk's moved into this one's rows and made to add 0
         # (selecting this chunk's pairs on the device would wait for it).
