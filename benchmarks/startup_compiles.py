@@ -1,6 +1,8 @@
 """Start-up with the Triton cache there is (point TRITON_CACHE_DIR at an empty folder for a machine's
 first start): its phases, the kernels it compiles, and whether anything compiles after it, while
-serving a first 32K-token prompt, a conversation-like mix, then another 32K prompt (the warm TTFT).
+serving a first 32K-token prompt, a conversation-like mix, then another 32K prompt (the warm TTFT). The mix's
+requests take turns: greedy, Llama 3's sampling (top-p alone) and Qwen3's (top-k 20, top-p 0.95), so that the
+sampler's kernels are served too.
 
   TRITON_CACHE_DIR=$(mktemp -d) python benchmarks/startup_compiles.py --out startup.json [engine flags]
 """
@@ -69,8 +71,10 @@ def main() -> None:
     record["first_long_prompt_s"] = long_prompt(1)
     prompts, out_lens = mixed_prompts("chat-mix", args.mix_prompts, vocab, 0, engine.config.max_model_len)
     t = time.perf_counter()
+    settings = [dict(temperature=0.0), dict(temperature=0.6, top_p=0.9), dict(temperature=0.6, top_k=20, top_p=0.95)]
     llm.generate([{"prompt_token_ids": p} for p in prompts],
-                 [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens], use_tqdm=False)
+                 [SamplingParams(max_tokens=n, ignore_eos=True, **settings[i % 3]) for i, n in enumerate(out_lens)],
+                 use_tqdm=False)
     record["mix_s"] = time.perf_counter() - t
     record["second_long_prompt_s"] = long_prompt(2)
     after = compiles.total()

@@ -288,3 +288,39 @@ def test_min_p_alone_draws_what_the_sorted_draw_draws_without_sorting(monkeypatc
     probs = (logits / 0.8).softmax(-1)
     allowed = probs >= 0.05 * probs.amax(-1, keepdim=True)
     assert allowed[torch.arange(6), torch.tensor(by_threshold)].all() and (allowed.sum(-1) < vocab // 10).all()
+
+
+def test_the_threshold_kernel_draws_the_sorted_draws_seeded_tokens_and_sorts_nothing(monkeypatch):
+    """With the threshold kernel (the Triton platforms' path) a batch that has a top-p or a large top-k sorts
+    nothing, and its seeded rows draw what they draw when the vocabulary is sorted: a row without a top-k as
+    the token-order draw, a small top-k's row its noise in rank order on its k best tokens. A batch of fewer
+    rows than THRESHOLD_KERNEL_MIN_ROWS still sorts."""
+    vocab, steps = 700, 4
+    monkeypatch.setattr(sampler, "TOP_K_DRAW_MAX", 16)
+    monkeypatch.setattr(sampler, "THRESHOLD_KERNEL_MIN_ROWS", 5)
+    rng = torch.Generator().manual_seed(8)
+    logits = [torch.randn(5, vocab, generator=rng) * 3 for _ in range(steps)]
+    top_k, top_p = [vocab, 12, 300, vocab, 5], [0.9, 0.8, 1.0, 1.0, 1.0]
+
+    def run(threshold_kernel):
+        gens = [torch.Generator().manual_seed(30 + r) for r in range(5)]
+        tokens = []
+        for step_logits in logits:
+            b = _batch(5, temperature=0.7, generators=list(gens), vocab=vocab)
+            b.top_k, b.top_p, b.top_k_host = torch.tensor(top_k), torch.tensor(top_p), top_k[:4] + [0]
+            b.min_p[3] = 0.05
+            b.temperature[4] = 0.0  # a greedy row among them
+            b.needs_filter = b.needs_sort = True
+            tokens.append(Sampler(threshold_kernel=threshold_kernel)(step_logits, b).token_ids.tolist())
+        return tokens
+
+    by_sort = run(False)
+    sorts = []
+    sort = torch.Tensor.sort
+    monkeypatch.setattr(torch.Tensor, "sort", lambda self, *a, **k: sorts.append(self.shape) or sort(self, *a, **k))
+    by_threshold = run(True)
+    assert sorts == [] and by_threshold == by_sort
+    monkeypatch.setattr(sampler, "THRESHOLD_KERNEL_MIN_ROWS", 6)
+    assert run(True) == by_sort and sorts == [torch.Size([5, vocab])] * steps
+    assert [row[4] for row in by_threshold] == [int(step[4].argmax()) for step in logits]
+    assert len({row[0] for row in by_threshold}) > 1  # draws, not the argmax each step

@@ -84,7 +84,7 @@ class ModelRunner:
                     module.drop_quantization(quant.dequantized_weight(module).to(dtype))
                 elif hasattr(quant, "prepare"):
                     module.quant.prepare(module)  # (the platform's choices, made before any graph)
-        self.sampler = Sampler()
+        self.sampler = Sampler(threshold_kernel=use_triton)
         self.penalties = PenaltyState(model_config.vocab_size, self.device, platform.to_device)
         # The LM head's row counts (_logit_rows): the decode graphs' ladder of batch sizes, uncapped, to the first
         # that holds max_num_seqs.
@@ -161,7 +161,8 @@ class ModelRunner:
     def _costliest_sampling(self, rows: int) -> SamplingBatch:
         """The sampling batch of `rows` requests whose options each take [rows, vocab] buffers: penalties (through
         the penalties' slots, which it fills), allowed tokens, a grammar's bitmask, temperature with top-p and min-p
-        but no top-k (a sort of the vocabulary; a small top-k draws among its tokens alone) and max_logprobs
+        but no top-k (a draw over the whole vocabulary: the threshold kernel, which this first launch compiles, or a
+        sort where the platform does not run it; a small top-k draws among its tokens alone) and max_logprobs
         (vLLM's memory profile samples a full batch so too)."""
         vocab = self.model_config.vocab_size
         params = SamplingParams(temperature=0.7, top_k=0, top_p=0.9, min_p=0.05, presence_penalty=0.5,

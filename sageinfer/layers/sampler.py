@@ -5,12 +5,15 @@ argmax(probs / Exp(1) noise), which equals sampling from probs; each seeded requ
 from its own generator, so its tokens do not depend on the batch it runs in.
 When every drawing row has a top-k of at most TOP_K_DRAW_MAX, the batch draws among its rows' k best
 tokens only: one top-k of the logits in place of a softmax, a sort and noise over the whole vocabulary.
-Min-p alone is a threshold on each row's probabilities: it sorts nothing either.
+Min-p alone is a threshold on each row's probabilities: it sorts nothing either. Where the platform runs
+Triton kernels, top-p and larger top-ks are thresholds too (ops/sampling_thresholds.py searches each row's
+threshold and draws in one kernel); elsewhere the vocabulary is sorted.
 Logprobs are of the raw model distribution (before penalties and temperature).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +29,10 @@ SAMPLE_CHUNK_ROWS = 256
 # A seeded row of such a top-k draws its k noise values in rank order on either path (so its tokens do not
 # depend on which path its batch took); other drawing seeded rows draw one per token, in token order.
 TOP_K_DRAW_MAX = 1024
+# Rows from which a batch drawn over the whole vocabulary takes the threshold kernel, where the platform runs it:
+# it searches a row in one program, so a few rows leave most of the device idle, where a sort may be quicker.
+# Not yet timed on a GPU (vLLM's own pivot kernel starts at 8 rows). SAGEINFER_THRESHOLD_KERNEL_MIN_ROWS.
+THRESHOLD_KERNEL_MIN_ROWS = int(os.environ.get("SAGEINFER_THRESHOLD_KERNEL_MIN_ROWS", "16"))
 # Per-row fields of a SamplingBatch (the first dimension is the row; the host's lists among them).
 _ROW_FIELDS = ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                "repetition_penalty", "output_token_counts", "prompt_token_mask", "allowed_mask", "grammar_bitmask",
@@ -156,6 +163,14 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 class Sampler:
+    # The platform's kernel choice (the model runner's): a batch drawn over the whole vocabulary keeps each row's
+    # tokens at or above a threshold that a Triton kernel searches, instead of sorting the vocabulary.
+    threshold_kernel = False
+
+    def __init__(self, threshold_kernel: bool | None = None):
+        if threshold_kernel is not None:
+            self.threshold_kernel = threshold_kernel
+
     def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
         num_rows = logits.shape[0]
         if num_rows <= SAMPLE_CHUNK_ROWS or not b.needs_vocab_buffers():
@@ -203,8 +218,12 @@ class Sampler:
         return token_ids.gather(1, ranks).squeeze(1)
 
     def _draw(self, logits: torch.Tensor, temperature: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
-        """Each row drawn over the whole vocabulary, sorted first when some row has a top-k or top-p."""
+        """Each row drawn over the whole vocabulary: its kept tokens found by a threshold kernel, or by sorting
+        the vocabulary when some row has a top-k or top-p."""
         probs = (logits / temperature).softmax(dim=-1)
+        if self.threshold_kernel and probs.shape[0] >= THRESHOLD_KERNEL_MIN_ROWS:
+            from sageinfer.ops.sampling_thresholds import threshold_draw
+            return threshold_draw(probs, self._noise(probs, b, ranked=False), b.top_k, b.top_p, b.min_p)[0]
         if not b.needs_sort:  # min-p alone: a fraction of each row's top probability, no order needed
             if b.needs_filter:
                 probs = probs * (probs >= b.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True))
@@ -218,12 +237,17 @@ class Sampler:
     def _noise(probs: torch.Tensor, b: SamplingBatch, ranked: bool, order: torch.Tensor | None = None):
         """Exp(1) noise over probs' columns (ranks when `ranked`, else tokens), seeded rows' from their own
         generators as SamplingBatch.seeded_draw says: token-order values are moved to rank order through
-        `order` (a sorted vocabulary's)."""
+        `order` (a sorted vocabulary's); in token order, a row that draws k values in rank order puts them on its
+        k most likely tokens, and infinite noise (a score of 0, never drawn) on the others."""
         noise = torch.empty_like(probs).exponential_()
         for row, gen in enumerate(b.generators):
             k = b.seeded_draw(row) if gen is not None else 0
-            if k:
+            if k and ranked:
                 noise[row, :k].exponential_(generator=gen)
+            elif k:
+                noise[row] = float("inf")
+                noise[row, probs[row].topk(k).indices] = torch.empty(k, device=probs.device).exponential_(
+                    generator=gen)
             elif k is None and ranked:
                 noise[row] = torch.empty_like(noise[row]).exponential_(generator=gen)[order[row]]
             elif k is None:
