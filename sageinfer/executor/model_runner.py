@@ -304,11 +304,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up_logits(self) -> None:
-        """Run the LM head once at each of logit_row_counts (every rank: under tensor parallelism it gathers)."""
+        """Run the LM head once at each of logit_row_counts (every rank: under tensor parallelism it gathers), and
+        the sampler's threshold kernel once, so that no request compiles it (where no memory profile ran)."""
         hidden = torch.zeros(self.logit_row_counts[-1], self.model_config.hidden_size, dtype=self.dtype,
                              device=self.device)
         for rows in self.logit_row_counts:
-            self.model.compute_logits(hidden[:rows])
+            logits = self.model.compute_logits(hidden[:rows])
+        rows = self.sampler.threshold_kernel_min_rows()
+        if rows is not None and rows <= self.config.max_num_seqs:
+            # Top-p without a top-k: a draw over the whole vocabulary, the kernel's one launch signature.
+            params = SamplingParams(temperature=0.7, top_p=0.9)
+            requests = [_ProfileSequence(1, [], request_id=f"warm-up-{i}", sampling_params=params)
+                        for i in range(rows)]
+            self.sampler(logits[:rows], build_sampling_batch(requests, self.model_config.vocab_size, self.device,
+                                                             self.platform.to_device, None))
         self.platform.synchronize()
 
     def _captures_graphs(self) -> bool:

@@ -171,6 +171,11 @@ class Sampler:
         if threshold_kernel is not None:
             self.threshold_kernel = threshold_kernel
 
+    def threshold_kernel_min_rows(self) -> int | None:
+        """The fewest rows with which a batch drawn over the whole vocabulary takes the threshold kernel (None:
+        it never does)."""
+        return max(THRESHOLD_KERNEL_MIN_ROWS, 1) if self.threshold_kernel else None
+
     def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
         num_rows = logits.shape[0]
         if num_rows <= SAMPLE_CHUNK_ROWS or not b.needs_vocab_buffers():
