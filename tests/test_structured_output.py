@@ -124,3 +124,34 @@ def test_tp2_follows_the_grammar_as_tp1(llama_dir):
     assert all(_valid(json.loads(t)) for t, _, _ in texts[2][:3])
     assert not any(word in texts[2][4][0] for word in words)
     assert all(t in ("angeelerinisat", "heatisangeel", "erinheatan") for t, _, _ in texts[2][5:])
+
+
+def test_a_steps_bitmasks_filled_by_threads_are_each_grammars_own(llm, monkeypatch):
+    """Many grammar rows are filled by xgrammar's threads in one call: each row is what that grammar alone
+    allows (matchers walked to different states by their own greedy tokens), and generation is unchanged."""
+    from sageinfer.structured_output import grammar as grammar_module
+    specs = [StructuredOutputsParams(json=SCHEMA), StructuredOutputsParams(regex=r"[0-9]{3}-[a-c]{2,4}"),
+             StructuredOutputsParams(json_object=True)]
+    llm.engine._compile_grammar(SamplingParams(structured_outputs=specs[0]))  # the engine's compiler made
+    compiler = llm.engine.grammars
+    rng = np.random.default_rng(0)
+    grammars = []
+    for i in range(40):
+        g = compiler.matcher(compiler.compile(specs[i % 3]))
+        for _ in range(i % 7):  # walk each to its own state: random allowed tokens
+            allowed = np.nonzero(unpack_bitmask(torch.from_numpy(compiler.next_bitmasks([g])), compiler.vocab_size)[0])[0]
+            allowed = [t for t in allowed.tolist() if t not in llm.engine.eos_token_ids]
+            if not allowed:
+                break
+            g.accept(int(rng.choice(allowed)))
+        grammars.append(g)
+    alone = np.stack([compiler.next_bitmasks([g])[0] for g in grammars])
+    monkeypatch.setattr(grammar_module, "THREADED_FILL_MIN_ROWS", 8)
+    compiler._fill_threaded = __import__("xgrammar").BatchGrammarMatcher(max_threads=3)
+    together = compiler.next_bitmasks(grammars)
+    assert np.array_equal(together, alone) and len({row.tobytes() for row in alone}) > 3
+
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=40, structured_outputs=specs[s % 3]) for s in range(12)]
+    threaded = _texts(llm, params)
+    monkeypatch.setattr(grammar_module, "THREADED_FILL_MIN_ROWS", 1 << 30)
+    assert _texts(llm, params) == threaded

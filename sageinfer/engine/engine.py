@@ -397,9 +397,10 @@ class LLMEngine:
         request that finished meanwhile keeps its old row: its token is dropped)."""
         if self.grammars is None:  # no request has had a grammar
             return
-        for request, _ in scheduled:
-            if request.grammar is not None and not request.is_finished:
-                request.grammar_bitmask = request.grammar.next_bitmask()
+        bound = [request for request, _ in scheduled if request.grammar is not None and not request.is_finished]
+        if bound:
+            for request, row in zip(bound, self.grammars.next_bitmasks([r.grammar for r in bound])):
+                request.grammar_bitmask = row
 
     def _take_in_flight(self) -> "_InFlight":
         step, self._in_flight = self._in_flight, None
