@@ -78,3 +78,37 @@ def test_a_slow_tokenizer_decodes_windows(tokenizer):
         detok.add_token(token, check_stop=False)
     detok.flush()
     assert detok.text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _wordpiece_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]", "[SEP]"], show_progress=False)
+    tok.train_from_iterator(["it's done. isn't it? yes, we're here! i'm sure they've gone ."] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[SEP]",
+                                   clean_up_tokenization_spaces=True)
+
+
+def test_a_tokenizer_set_to_clean_up_spaces_streams_only_where_its_decode_cleans_nothing():
+    """Llama 3's tokenizer config asks for the clean-up of spaces, which transformers skips for a BPE model: such a
+    tokenizer streams in Rust, and its text is the tokenizer's decode. A WordPiece one does clean up: it decodes
+    windows through its own decode, never the Rust one."""
+    text = "it's done. isn't it? yes, we're here! i'm sure they've gone ."
+    bpe = build_tokenizer()
+    bpe.clean_up_tokenization_spaces = True
+    ids = bpe.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(bpe, ids[:3], True, [], False)
+    assert detok.stream is not None and detok.rust is not None
+    for token in ids[3:]:
+        detok.add_token(token, check_stop=False)
+    detok.flush()
+    assert detok.text == bpe.decode(ids[3:], skip_special_tokens=True)
+
+    wordpiece = _wordpiece_tokenizer()
+    ids = wordpiece.encode(text, add_special_tokens=False)
+    assert wordpiece.decode(ids) != wordpiece.backend_tokenizer.decode(ids)  # it does clean up: "done." not "done ."
+    detok = IncrementalDetokenizer(wordpiece, ids[:3], True, [], False)
+    assert detok.stream is None and detok.rust is None

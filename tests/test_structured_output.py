@@ -139,7 +139,8 @@ def test_a_steps_bitmasks_filled_by_threads_are_each_grammars_own(llm, monkeypat
     for i in range(40):
         g = compiler.matcher(compiler.compile(specs[i % 3]))
         for _ in range(i % 7):  # walk each to its own state: random allowed tokens
-            allowed = np.nonzero(unpack_bitmask(torch.from_numpy(compiler.next_bitmasks([g])), compiler.vocab_size)[0])[0]
+            bits = unpack_bitmask(torch.from_numpy(compiler.next_bitmasks([g])), compiler.vocab_size)
+            allowed = np.nonzero(bits[0])[0]
             allowed = [t for t in allowed.tolist() if t not in llm.engine.eos_token_ids]
             if not allowed:
                 break
@@ -151,7 +152,8 @@ def test_a_steps_bitmasks_filled_by_threads_are_each_grammars_own(llm, monkeypat
     together = compiler.next_bitmasks(grammars)
     assert np.array_equal(together, alone) and len({row.tobytes() for row in alone}) > 3
 
-    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=40, structured_outputs=specs[s % 3]) for s in range(12)]
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=40, structured_outputs=specs[s % 3])
+              for s in range(12)]
     threaded = _texts(llm, params)
     monkeypatch.setattr(grammar_module, "THREADED_FILL_MIN_ROWS", 1 << 30)
     assert _texts(llm, params) == threaded

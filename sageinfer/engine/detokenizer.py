@@ -11,6 +11,8 @@ passes here on the engine's loop.
 """
 from __future__ import annotations
 
+import weakref
+
 try:
     from tokenizers import Tokenizer as _RustTokenizer
     from tokenizers.decoders import DecodeStream
@@ -19,6 +21,11 @@ except ImportError:  # pragma: no cover - tokenizers is a dependency; a build wi
 
 # Tokens of context kept before the unread ones, so that merges at the seam decode as in full text.
 _CONTEXT_TOKENS = 5
+# Text whose decoded form a tokenizer's clean-up of spaces changes (" ." -> ".", " 's" -> "'s", ...): where the
+# Hugging Face decode gives the Rust decode's text for it, that tokenizer cleans nothing up.
+_CLEAN_UP_PROBE = "a . b , c ? d ! e 's f n't g 're h 've i 'm j ' k"
+# Per tokenizer: its Rust tokenizer, or None (worked out once, not per request)
+_RUST_BEHIND = weakref.WeakKeyDictionary()
 
 
 class IncrementalDetokenizer:
@@ -41,6 +48,8 @@ class IncrementalDetokenizer:
             self.stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
 
     def _decode(self, ids: list[int]) -> str:
+        if self.rust is not None:  # the same text without the Hugging Face decode's per-call overhead
+            return self.rust.decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add_token(self, token_id: int, check_stop: bool) -> str | None:
@@ -91,14 +100,28 @@ class IncrementalDetokenizer:
         return stop
 
     def decode_token(self, token_id: int) -> str:
+        if self.rust is not None:
+            return self.rust.decode([token_id], skip_special_tokens=False)
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
 def _rust_tokenizer(tokenizer):
-    """The Rust tokenizer behind a fast Hugging Face one, where DecodeStream gives the text its own
-    decode would (no clean-up of spaces around punctuation, which DecodeStream does not do)."""
+    """The Rust tokenizer behind a fast Hugging Face one, where its decode (and DecodeStream) gives the text the
+    Hugging Face decode would: no clean-up of spaces around punctuation. A tokenizer configured to clean up may
+    still do none: transformers skips it for BPE models (Llama 3's config asks for it), which the probe sees."""
+    try:
+        return _RUST_BEHIND[tokenizer]
+    except (KeyError, TypeError):  # not yet worked out, or an object no weak reference can key
+        pass
     rust = getattr(tokenizer, "_tokenizer", None)
-    if DecodeStream is None or not isinstance(rust, _RustTokenizer) or getattr(
-            tokenizer, "clean_up_tokenization_spaces", False):
-        return None
+    if DecodeStream is None or not isinstance(rust, _RustTokenizer):
+        rust = None
+    elif getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        ids = rust.encode(_CLEAN_UP_PROBE, add_special_tokens=False).ids
+        if tokenizer.decode(ids) != rust.decode(ids, skip_special_tokens=False):
+            rust = None
+    try:
+        _RUST_BEHIND[tokenizer] = rust
+    except TypeError:
+        pass
     return rust
