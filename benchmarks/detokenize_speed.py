@@ -2,7 +2,8 @@
 there on the engine's loop), for a byte-level BPE tokenizer (as Qwen's and Llama 3's), by each of its methods:
 the Rust stream (DecodeStream), windows decoded by the Rust tokenizer, and windows decoded by the Hugging Face
 tokenizer (what a tokenizer whose config asks for the clean-up of spaces, as Llama 3's does, took before the
-detokenizer saw that transformers cleans nothing up for a BPE model).
+detokenizer saw that transformers cleans nothing up for a BPE model); and a logprob token's text, decoded each time
+(by the Hugging Face tokenizer, as before, or the Rust one) or read from the tokenizer's cache of single tokens.
 
   python benchmarks/detokenize_speed.py [--tokens 20000]
 """
@@ -48,6 +49,17 @@ def main() -> None:
     print("| --- | --- |")
     for method in ("stream", "windows, Rust decode", "windows, Hugging Face decode"):
         print(f"| {method} | {min(_per_token_us(tokenizer, ids, method) for _ in range(3)):.2f} |")
+    # Logprobs: each position names its sampled and top tokens, decoded alone (cached per tokenizer now).
+    detok = IncrementalDetokenizer(tokenizer, [], True, [], False)
+    for name, run in (("a logprob token's text, Hugging Face decode", lambda t: tokenizer.decode([t])),
+                      ("a logprob token's text, Rust decode", lambda t: detok.rust.decode([t])),
+                      ("a logprob token's text, cached", detok.decode_token)):
+        for t in ids:  # every token seen once (the cache's first fills)
+            run(t)
+        start = time.perf_counter()
+        for t in ids:
+            run(t)
+        print(f"| {name} | {(time.perf_counter() - start) / len(ids) * 1e6:.2f} |")
 
 
 if __name__ == "__main__":

@@ -112,3 +112,18 @@ def test_a_tokenizer_set_to_clean_up_spaces_streams_only_where_its_decode_cleans
     assert wordpiece.decode(ids) != wordpiece.backend_tokenizer.decode(ids)  # it does clean up: "done." not "done ."
     detok = IncrementalDetokenizer(wordpiece, ids[:3], True, [], False)
     assert detok.stream is None and detok.rust is None
+
+
+def test_a_tokens_text_alone_is_its_decode_and_is_decoded_once_per_tokenizer(tokenizer, monkeypatch):
+    """Logprobs name each top token of each position: a token's text is decoded once per tokenizer and then read
+    back, by every request's detokenizer."""
+    ids = list(range(0, len(tokenizer), 7))
+    expected = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    first = IncrementalDetokenizer(tokenizer, [], True, [], False)
+    assert [first.decode_token(t) for t in ids] == expected
+    calls = []
+    decode = type(tokenizer).decode
+    monkeypatch.setattr(type(tokenizer), "decode", lambda self, *a, **k: calls.append(a) or decode(self, *a, **k))
+    second = IncrementalDetokenizer(tokenizer, [], True, [], False)
+    second.rust = None  # a decode would now go through the spied Hugging Face one
+    assert [second.decode_token(t) for t in ids] == expected and calls == []

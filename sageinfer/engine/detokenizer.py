@@ -26,6 +26,8 @@ _CONTEXT_TOKENS = 5
 _CLEAN_UP_PROBE = "a . b , c ? d ! e 's f n't g 're h 've i 'm j ' k"
 # Per tokenizer: its Rust tokenizer, or None (worked out once, not per request)
 _RUST_BEHIND = weakref.WeakKeyDictionary()
+# Per tokenizer: the text of each token decoded alone so far (logprobs name every top token of every position)
+_TOKEN_TEXTS = weakref.WeakKeyDictionary()
 
 
 class IncrementalDetokenizer:
@@ -41,6 +43,7 @@ class IncrementalDetokenizer:
         self.include_stop = include_stop_str_in_output
         self.max_stop_len = max((len(s) for s in stop), default=0)
         self.rust = _rust_tokenizer(tokenizer)
+        self.token_texts = _token_texts(tokenizer)
         self.stream = None
         context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         # (a prompt that ends inside a character: the stream would repeat its text; windows do not)
@@ -100,9 +103,21 @@ class IncrementalDetokenizer:
         return stop
 
     def decode_token(self, token_id: int) -> str:
-        if self.rust is not None:
-            return self.rust.decode([token_id], skip_special_tokens=False)
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        """A token's text alone (special tokens included), decoded once per tokenizer."""
+        text = self.token_texts.get(token_id)
+        if text is None:
+            decode = self.rust.decode if self.rust is not None else self.tokenizer.decode
+            text = self.token_texts[token_id] = decode([token_id], skip_special_tokens=False)
+        return text
+
+
+def _token_texts(tokenizer) -> dict:
+    """The tokenizer's cache of single tokens' texts (a cache of this detokenizer's own where no weak reference
+    can key the tokenizer)."""
+    try:
+        return _TOKEN_TEXTS.setdefault(tokenizer, {})
+    except TypeError:
+        return {}
 
 
 def _rust_tokenizer(tokenizer):
