@@ -17,6 +17,7 @@ from sageinfer.engine.utilization import UtilizationMeter
 from sageinfer.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
 from sageinfer.executor.model_runner import ModelRunner
 from sageinfer.executor.workers import TensorParallelWorkers, agree_on_num_blocks
+from sageinfer.frozen_heap import freeze_start_up_heap, thaw_heap
 from sageinfer.kv_cache.manager import KVCacheManager
 from sageinfer.layers.quantization.config import load_quant_config
 from sageinfer.models.generation_defaults import load_generation_defaults
@@ -65,6 +66,7 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig, show_progress: bool = True, attention_backend: str | None = None,
                  output_kind: str = "cumulative"):
+        thaw_heap()  # an engine built before this one may be garbage by now: collectable again
         self.config = config
         self.platform = get_platform(config.device)
         self.platform.check_config(config)
@@ -196,6 +198,7 @@ class LLMEngine:
         self.utilization = UtilizationMeter(self.model_config, rank_weight_bytes * tp,
                                             self.runner.kv_bytes_per_block() / config.block_size * tp, tp,
                                             *self.platform.peak_rates())
+        freeze_start_up_heap()  # kept out of the collector's full passes while serving
 
     def _check_quantization(self, config: EngineConfig) -> None:
         """A checkpoint whose kernels take FP8 values, on a device without FP8 (its kernels would fail to

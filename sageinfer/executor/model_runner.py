@@ -191,6 +191,7 @@ class ModelRunner:
         destroyed (an engine's shutdown at tp > 1) once no graph refers to it."""
         import gc
         self.graphs = self.prefill_graphs = None
+        gc.unfreeze()  # start-up's objects, the graphs among them, were frozen out of the collector's passes
         gc.collect()
         self.platform.synchronize()
 

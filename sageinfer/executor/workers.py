@@ -163,6 +163,7 @@ def run_worker(rank: int, config: EngineConfig, attention_backend: str | None, e
     from sageinfer.config import parse_dtype
     from sageinfer.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
     from sageinfer.executor.model_runner import ModelRunner
+    from sageinfer.frozen_heap import freeze_start_up_heap
     from sageinfer.models.model_config import load_model_config
     from sageinfer.platforms import get_platform
 
@@ -181,6 +182,7 @@ def run_worker(rank: int, config: EngineConfig, attention_backend: str | None, e
     runner.finish_kernel_warm_up()
     runner.capture_graphs()
     runner.warm_up_logits()
+    freeze_start_up_heap()  # kept out of the collector's full passes while serving
     context = zmq.Context()
     socket = context.socket(zmq.PULL)
     socket.connect(address)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sageinfer.frozen_heap import freeze_start_up_heap
 from sageinfer.gateway.engine_args import add_engine_args, engine_kwargs
 
 
@@ -147,6 +148,7 @@ def _serve(args: argparse.Namespace) -> int:
         server.stop_on_dead_engine(front.error)
     scheme = "https" if args.ssl_certfile else "http"
     print(f"serving {name!r} on {scheme}://{args.host}:{args.port} (OpenAI API under /v1)", flush=True)
+    freeze_start_up_heap()  # the server's start-up objects kept out of the collector's full passes
     server.run(sockets=[listener])
     front.shutdown()
     return server.exit_code
@@ -189,6 +191,7 @@ def _router(args: argparse.Namespace) -> int:
         print(f"routing ({args.policy}) over {len(args.backend)} instance(s) on http://{args.host}:{args.port}",
               flush=True)
     listener = listening_socket(args.host, args.port)
+    freeze_start_up_heap()
     CleanExitServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run(sockets=[listener])
     return 0
 
