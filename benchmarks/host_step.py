@@ -8,7 +8,6 @@ Runs on a CPU; the tiny model's vocabulary is 512, so the sampler's share is far
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import sys
 import tempfile
@@ -20,18 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from sageinfer import LLM, SamplingParams  # noqa: E402
 from sageinfer.models.tiny import build_tiny_model  # noqa: E402
-
-
-def _timed(obj, name: str, totals: dict) -> None:
-    inner = getattr(obj, name)
-
-    def run(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            totals[name] += time.perf_counter() - start
-    setattr(obj, name, run)
+from profile_steps import host_time, timed  # noqa: E402
 
 
 def main() -> None:
@@ -48,22 +36,21 @@ def main() -> None:
     engine, runner = llm.engine, llm.engine.runner
     hidden_size = runner.model_config.hidden_size
     runner._eager_forward = lambda host, prev, after: torch.zeros(len(host.input_ids), hidden_size)
-    totals = collections.defaultdict(float)
     for obj, name in ((engine.scheduler, "schedule"), (runner, "_host_inputs"), (runner, "_sample"),
                       (engine, "_process")):
-        _timed(obj, name, totals)
+        timed(obj, name, name)
     prompts = [{"prompt_token_ids": [(7 * i + j) % 500 + 3 for j in range(args.prompt_len)]} for i in range(args.seqs)]
     params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=True,
                             logprobs=args.logprobs)
     llm.generate(prompts[:8], params, use_tqdm=False)  # warm-up
-    totals.clear()
+    host_time.clear()
     steps = args.output_len + 1  # the prefill step, then a decode step a token (every prompt fits one step)
     start = time.perf_counter()
     llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - start
     print(f"{args.seqs} sequences, {args.output_len} tokens, temperature {args.temperature}, logprobs {args.logprobs}: "
           f"{wall * 1e3 / steps:.2f} ms a step; of it " +
-          ", ".join(f"{name} {t * 1e3 / steps:.2f}" for name, t in totals.items()))
+          ", ".join(f"{name} {t * 1e3 / steps:.2f}" for name, t in host_time.items()))
 
 
 if __name__ == "__main__":
