@@ -20,7 +20,9 @@ from sageinfer.sampling_params import StructuredOutputsParams
 # 151,936-token vocabulary: 16.1 ms a step in one thread, 9.8 in two, on a 2-core CPU; benchmarks/grammar_fill.py);
 # fewer rows fill in the engine's thread, where starting threads costs more than it saves.
 THREADED_FILL_MIN_ROWS = 32
-FILL_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
+# Half the CPUs this process may run on (at most 8): the rest stay with the engine's loop and the other processes.
+FILL_THREADS = max(1, min(8, len(os.sched_getaffinity(0)) // 2 if hasattr(os, "sched_getaffinity")
+                          else (os.cpu_count() or 2) // 2))
 
 
 def bitmask_width(vocab_size: int) -> int:
