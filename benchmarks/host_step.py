@@ -35,7 +35,8 @@ def main() -> None:
               max_num_seqs=args.seqs, max_num_batched_tokens=16384, show_progress=False)
     engine, runner = llm.engine, llm.engine.runner
     hidden_size = runner.model_config.hidden_size
-    runner._eager_forward = lambda host, prev, after: torch.zeros(len(host.input_ids), hidden_size)
+    runner._eager_forward = lambda host, prev, after: torch.zeros(len(host.input_ids), hidden_size,
+                                                                  dtype=runner.dtype, device=runner.device)
     for obj, name in ((engine.scheduler, "schedule"), (runner, "_host_inputs"), (runner, "_sample"),
                       (engine, "_process")):
         timed(obj, name, name)

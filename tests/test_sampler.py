@@ -295,15 +295,16 @@ def test_the_threshold_kernel_draws_the_sorted_draws_seeded_tokens_and_sorts_not
     nothing, and its seeded rows draw what they draw when the vocabulary is sorted: a row without a top-k as
     the token-order draw, a small top-k's row its noise in rank order on its k best tokens. A batch of fewer
     rows than THRESHOLD_KERNEL_MIN_ROWS still sorts."""
+    from kernels_util import DEVICE  # the kernel runs compiled on a GPU, in the interpreter on a CPU
     vocab, steps = 700, 4
     monkeypatch.setattr(sampler, "TOP_K_DRAW_MAX", 16)
     monkeypatch.setattr(sampler, "THRESHOLD_KERNEL_MIN_ROWS", 5)
     rng = torch.Generator().manual_seed(8)
-    logits = [torch.randn(5, vocab, generator=rng) * 3 for _ in range(steps)]
+    logits = [(torch.randn(5, vocab, generator=rng) * 3).to(DEVICE) for _ in range(steps)]
     top_k, top_p = [vocab, 12, 300, vocab, 5], [0.9, 0.8, 1.0, 1.0, 1.0]
 
     def run(threshold_kernel):
-        gens = [torch.Generator().manual_seed(30 + r) for r in range(5)]
+        gens = [torch.Generator(device=DEVICE).manual_seed(30 + r) for r in range(5)]
         tokens = []
         for step_logits in logits:
             b = _batch(5, temperature=0.7, generators=list(gens), vocab=vocab)
@@ -311,6 +312,8 @@ def test_the_threshold_kernel_draws_the_sorted_draws_seeded_tokens_and_sorts_not
             b.min_p[3] = 0.05
             b.temperature[4] = 0.0  # a greedy row among them
             b.needs_filter = b.needs_sort = True
+            for name in ("temperature", "top_k", "top_p", "min_p"):
+                setattr(b, name, getattr(b, name).to(DEVICE))
             tokens.append(Sampler(threshold_kernel=threshold_kernel)(step_logits, b).token_ids.tolist())
         return tokens
 
