@@ -164,13 +164,10 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 class Sampler:
-    # The platform's kernel choice (the model runner's): a batch drawn over the whole vocabulary keeps each row's
-    # tokens at or above a threshold that a Triton kernel searches, instead of sorting the vocabulary.
-    threshold_kernel = False
-
-    def __init__(self, threshold_kernel: bool | None = None):
-        if threshold_kernel is not None:
-            self.threshold_kernel = threshold_kernel
+    def __init__(self, threshold_kernel: bool = False):
+        # The platform's kernel choice (the model runner's): a batch drawn over the whole vocabulary keeps each
+        # row's tokens at or above a threshold that a Triton kernel searches, instead of sorting the vocabulary.
+        self.threshold_kernel = threshold_kernel
 
     def threshold_kernel_min_rows(self) -> int | None:
         """The fewest rows with which a batch drawn over the whole vocabulary takes the threshold kernel (None:
@@ -227,7 +224,8 @@ class Sampler:
         """Each row drawn over the whole vocabulary: its kept tokens found by a threshold kernel, or by sorting
         the vocabulary when some row has a top-k or top-p."""
         probs = (logits / temperature).softmax(dim=-1)
-        if self.threshold_kernel and probs.shape[0] >= THRESHOLD_KERNEL_MIN_ROWS:
+        min_rows = self.threshold_kernel_min_rows()
+        if min_rows is not None and probs.shape[0] >= min_rows:
             from sageinfer.ops.sampling_thresholds import threshold_draw
             return threshold_draw(probs, self._noise(probs, b, ranked=False), b.top_k, b.top_p, b.min_p)[0]
         if not b.needs_sort:  # min-p alone: a fraction of each row's top probability, no order needed
