@@ -111,10 +111,11 @@ def test_split_kv_decode_matches_reference(num_splits):
     assert rel_err(out, ref) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("num_splits, min_split_keys", [(4, 64), (4, 128), (4, 4096), (64, 16)])
+@pytest.mark.parametrize("num_splits, min_split_keys", [(4, 64), (4, 128), (4, 4096), (64, 16), (4, 0), (64, 0)])
 def test_splits_of_a_least_size_match_reference(num_splits, min_split_keys):
     """Splits of at least min_split_keys: a short sequence uses one split, a long one all of them; the
-    splits a sequence leaves unused write nothing (their partials stay NaN) and the merge skips them."""
+    splits a sequence leaves unused write nothing (their partials stay NaN) and the merge skips them.
+    Without a least size (0) a sequence of fewer key tiles than splits leaves the rest unused too."""
     context_lens = [2, 63, 64, 299, 1000, 0]
     k_cache, v_cache, meta = random_paged_batch([1] * 6, context_lens, 2, 32, 16, torch.float32, seed=6)
     q = torch.randn(6, 4, 32, device=DEVICE)

@@ -1,10 +1,10 @@
 """Compile, before serving and from several threads at once, the attention kernels' variants: the
 Triton backend's decode launches of the graphs about to be captured, of a mixed step's decodes
 (attended apart from its prefill chunks) and of eager decode batches larger than the largest graph.
-Each choice of the plan (splits, least keys per split) is a kernel variant of its own whose first
-launch compiles it: on an H200 a first pass of a conversation-like mix paid 1.6 s for one such
-variant in the middle of serving, a second pass another 1.7 s for two more; the graph capture
-compiles its own one at a time.
+A launch that compiles in the middle of serving stalls it: on an H200 a first pass of a
+conversation-like mix paid 1.6 s for one such variant, a second pass another 1.7 s for two more; the
+graph capture compiles its own one at a time. Plans that split share one attention compile (the split
+count and least split are arguments); each split count has a merge of its own.
 
 One launch per variant, of one sequence through one layer's cache, writing nothing to the cache (its
 slot is -1); kernels already compiled cost a launch only. A plan is (num_splits, min_split_keys,

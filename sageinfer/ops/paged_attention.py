@@ -3,8 +3,9 @@
 Each program takes BLOCK_Q query tokens of one sequence and all GROUP query heads that share one KV
 head, packed as BLOCK_M = BLOCK_Q * GROUP rows, so every KV block is read once for the whole group.
 Keys are walked BLOCK_N at a time through the block table (online softmax in fp32, exp2 domain).
-With NUM_SPLITS > 1 (decode of few, long sequences) the KV range is cut into splits whose partial
-results a second small kernel merges ("flash-decoding"), so one sequence still fills the GPU.
+With splits (decode of few, long sequences) the KV range is cut into splits whose partial results a
+second small kernel merges ("flash-decoding"), so one sequence still fills the GPU. The split count is
+an argument, not a constant of the compile: every plan that splits shares one compile.
 Decode steps may hand over q/k/v before rotary (rope=...): each program then normalises and rotates
 its own query rows, and the program that holds a sequence's last key writes the new k/v into the
 cache first, so the step needs no separate rotary + cache-write launch.
@@ -168,11 +169,11 @@ def _write_new_kv(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_p
 # Sizes that change from step to step are not specialised on (value 1, divisibility by 16): each
 # new specialisation is a compilation in the middle of serving.
 @triton.jit(do_not_specialize=["num_tokens", "prefix_splits", "stride_bt", "block_table_ptr", "seq_lens_ptr",
-                                "query_start_loc_ptr"])
+                                "query_start_loc_ptr", "num_splits", "min_split_tiles"])
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_table_ptr, seq_lens_ptr, query_start_loc_ptr, k_scale_ptr, v_scale_ptr,
-    prefix_out_ptr, prefix_lse_ptr, prefix_len_ptr, num_tokens, prefix_splits,
+    prefix_out_ptr, prefix_lse_ptr, prefix_len_ptr, num_tokens, prefix_splits, num_splits, min_split_tiles,
     scale_log2, out_scale, fp8_query_scale,
     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head,
     stride_c_block, stride_c_slot, stride_c_head, stride_bt,
@@ -180,15 +181,18 @@ def _paged_attention_kernel(
     stride_k_tok, stride_k_head, stride_v_tok, stride_v_head, stride_cs,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_MODE: tl.constexpr, CASCADE: tl.constexpr,
-    ROPE: tl.constexpr, QK_NORM: tl.constexpr, USE_PDL: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr = 0,
-    HEAD_MAJOR_SCALES: tl.constexpr = False,
+    SPLIT: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_MODE: tl.constexpr, CASCADE: tl.constexpr,
+    ROPE: tl.constexpr, QK_NORM: tl.constexpr, USE_PDL: tl.constexpr, HEAD_MAJOR_SCALES: tl.constexpr = False,
 ):
     launch.wait_for_previous_kernel(USE_PDL)
     seq = tl.program_id(0)
     q_tile = tl.program_id(1)
-    kv_head = tl.program_id(2) // NUM_SPLITS
-    split = tl.program_id(2) % NUM_SPLITS
+    if SPLIT:  # the split count and least split are arguments: one compile serves every plan that splits
+        kv_head = tl.program_id(2) // num_splits
+        split = tl.program_id(2) % num_splits
+    else:
+        kv_head = tl.program_id(2)
+        split = 0
 
     q_start = tl.load(query_start_loc_ptr + seq)
     query_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -198,10 +202,12 @@ def _paged_attention_kernel(
     context_len = seq_len - query_len
     kv_end = context_len + tl.minimum((q_tile + 1) * BLOCK_Q, query_len)
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
-    tiles_per_split = _tiles_per_split(num_tiles, NUM_SPLITS, MIN_SPLIT_TILES)
-    if MIN_SPLIT_TILES > 0:
+    if SPLIT:
+        tiles_per_split = _tiles_per_split(num_tiles, num_splits, min_split_tiles)
         if split * tiles_per_split >= num_tiles:  # a short sequence's unused split: the merge does not read it
             return  # (before the query's loads and rotary: most programs of an even batch's ragged plan)
+    else:
+        tiles_per_split = num_tiles
 
     rows = tl.arange(0, BLOCK_M)
     q_idx = q_tile * BLOCK_Q + rows // GROUP
@@ -274,50 +280,47 @@ def _paged_attention_kernel(
             out += part * w[:, None]
             total += w
         out = out / tl.where(total == 0.0, 1.0, total)[:, None]
-    # Splits of a least size: a sequence that one split covers writes its output itself and the merge
-    # passes it by (a batch whose sequences are all short then costs little more than no split).
-    whole = (MIN_SPLIT_TILES > 0) & (tiles_per_split >= num_tiles)
-    if NUM_SPLITS == 1 or whole:
+    # A sequence that one split covers writes its output itself and the merge passes it by (a batch whose
+    # sequences are all short then costs little more than no split).
+    whole = True
+    if SPLIT:
+        whole = tiles_per_split >= num_tiles
+    if whole:
         o_offs = tok[:, None] * stride_o_tok + head[:, None] * stride_o_head + dims[None, :]
         tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
     else:
         # part_out: [tokens, heads, splits, HEAD_DIM_PAD] fp32; part_lse: [tokens, heads, splits]
-        base = (tok * NUM_HEADS + head) * NUM_SPLITS + split
+        base = (tok * NUM_HEADS + head) * num_splits + split
         tl.store(part_out_ptr + base[:, None] * HEAD_DIM_PAD + dims[None, :], out, mask=row_valid[:, None])
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
         tl.store(part_lse_ptr + base, lse, mask=row_valid)
 
 
 @triton.jit
-def _tiles_per_split(num_tiles, NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr):
-    """Key tiles of each split: the sequence cut evenly in NUM_SPLITS, or with MIN_SPLIT_TILES > 0 in
-    splits of at least that many tiles (a short sequence then uses fewer splits than the batch's)."""
-    per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    if MIN_SPLIT_TILES > 0:
-        per_split = tl.maximum(per_split, MIN_SPLIT_TILES)
-    return per_split
+def _tiles_per_split(num_tiles, num_splits, min_split_tiles):
+    """Key tiles of each split: the sequence cut evenly in num_splits, and with min_split_tiles > 0 in
+    splits of at least that many tiles (a short sequence then uses fewer splits than the batch's); at
+    least one (a sequence of no keys uses no split)."""
+    return tl.maximum(tl.maximum(tl.cdiv(num_tiles, num_splits), min_split_tiles), 1)
 
 
-@triton.jit(do_not_specialize=["seq_lens_ptr"])
+@triton.jit(do_not_specialize=["seq_lens_ptr", "min_split_tiles"])
 def _merge_splits_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, seq_lens_ptr, stride_o_tok, stride_o_head,
+    part_out_ptr, part_lse_ptr, out_ptr, seq_lens_ptr, stride_o_tok, stride_o_head, min_split_tiles,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_N: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     launch.wait_for_previous_kernel(USE_PDL)
-    tok = tl.program_id(0)
+    tok = tl.program_id(0)  # decode: token tok is sequence tok
     head = tl.program_id(1)
     splits = tl.arange(0, NUM_SPLITS)
     dims = tl.arange(0, HEAD_DIM_PAD)
     base = (tok * NUM_HEADS + head) * NUM_SPLITS
-    if MIN_SPLIT_TILES > 0:  # decode: token tok is sequence tok; its unused splits wrote nothing
-        num_tiles = tl.cdiv(tl.load(seq_lens_ptr + tok), BLOCK_N)
-        num_used = tl.cdiv(num_tiles, _tiles_per_split(num_tiles, NUM_SPLITS, MIN_SPLIT_TILES))
-        if num_used <= 1:  # its one split wrote the output
-            return
-        used = splits < num_used
-    else:
-        used = splits < NUM_SPLITS
+    num_tiles = tl.cdiv(tl.load(seq_lens_ptr + tok), BLOCK_N)
+    num_used = tl.cdiv(num_tiles, _tiles_per_split(num_tiles, NUM_SPLITS, min_split_tiles))
+    if num_used <= 1:  # its one split wrote the output
+        return
+    used = splits < num_used  # the unused splits wrote nothing
     lse = tl.load(part_lse_ptr + base + splits, mask=used, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.where(lse == float("-inf"), 0.0, tl.math.exp2(lse - m))
@@ -442,6 +445,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q, k_cache, v_cache, out, part_out, part_lse, block_table, seq_lens, query_start_loc,
         k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
         prefix_out, prefix_lse, prefix_len, q.shape[0], prefix_out.shape[0] if prefix is not None else 0,
+        num_splits, min_split_tiles,
         scale * LOG2E * (fp8_scale * fp8_query_factor(q, kv_mode == 1) if kv_mode == 1 else 1.0),
         fp8_scale if kv_mode == 1 else 1.0, 1.0 / fp8_query_factor(q, kv_mode == 1),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -450,15 +454,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k_norm if k_norm is not None else q, eps, 1.0 / fp8_scale,
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos_sin.stride(0),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
-        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits, NUM_KV_HEADS=num_kv_heads,
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=num_splits > 1, NUM_KV_HEADS=num_kv_heads,
         KV_MODE=kv_mode, CASCADE=prefix is not None, ROPE=rope is not None, QK_NORM=q_norm is not None,
-        MIN_SPLIT_TILES=min_split_tiles, HEAD_MAJOR_SCALES=scales_head_major(k_scale) if kv_mode == 2 else False,
+        HEAD_MAJOR_SCALES=scales_head_major(k_scale) if kv_mode == 2 else False,
         num_warps=num_warps, num_stages=num_stages,
         **launch.dependent_launch_kwargs())
     if num_splits > 1:
         _merge_splits_kernel[(q.shape[0], num_heads)](
-            part_out, part_lse, out, seq_lens, out.stride(0), out.stride(1),
+            part_out, part_lse, out, seq_lens, out.stride(0), out.stride(1), min_split_tiles,
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=num_splits,
-            BLOCK_N=block_n, MIN_SPLIT_TILES=min_split_tiles,
+            BLOCK_N=block_n,
             **launch.dependent_launch_kwargs())
     return out
