@@ -4,6 +4,7 @@ import torch
 
 from sageinfer.attention.backend import LayerKVCache, new_kv_scales
 from sageinfer.attention.torch_ref import paged_attention_ref
+from sageinfer.ops import paged_attention as pa
 from sageinfer.ops.paged_attention import paged_attention
 from kernels_util import DEVICE, TOL, random_paged_batch, rel_err
 
@@ -123,6 +124,25 @@ def test_splits_of_a_least_size_match_reference(num_splits, min_split_keys):
     out = torch.full_like(q, float("nan"))
     empty = torch.empty
     with pytest.MonkeyPatch.context() as mp:  # the partials start as NaN, not as whatever memory held
+        mp.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+        paged_attention(q, k_cache, v_cache, out, meta.block_table, meta.seq_lens, meta.query_start_loc,
+                        meta.num_seqs, 1, 32 ** -0.5, num_splits=num_splits, min_split_keys=min_split_keys)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("merge_heads", [2, 4, 8])
+@pytest.mark.parametrize("num_splits, min_split_keys", [(4, 0), (8, 16)])
+def test_merges_of_several_heads_a_program_match_the_reference(monkeypatch, merge_heads, num_splits, min_split_keys):
+    """SAGEINFER_MERGE_HEADS: a merge program takes several heads (6 here: the last program's extra heads
+    masked where 4 or 8 do not divide them), unused splits' NaN partials skipped as with one head."""
+    monkeypatch.setattr(pa, "MERGE_HEADS", merge_heads)
+    context_lens = [2, 63, 299, 1000, 0]
+    k_cache, v_cache, meta = random_paged_batch([1] * 5, context_lens, 2, 32, 16, torch.float32, seed=8)
+    q = torch.randn(5, 6, 32, device=DEVICE)
+    ref = paged_attention_ref(q.double(), LayerKVCache(k_cache.double(), v_cache.double()), meta, 32 ** -0.5)
+    out = torch.full_like(q, float("nan"))
+    empty = torch.empty
+    with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
         paged_attention(q, k_cache, v_cache, out, meta.block_table, meta.seq_lens, meta.query_start_loc,
                         meta.num_seqs, 1, 32 ** -0.5, num_splits=num_splits, min_split_keys=min_split_keys)
