@@ -191,6 +191,20 @@ def test_prefix_keys_are_chained_sha256_that_any_process_recomputes():
     assert other.stdout.strip() == second.hex()
 
 
+def test_hashes_of_a_run_of_blocks_chain_hash_block():
+    """hash_blocks packs the tokens once: the same keys as hash_block a block at a time, from a given
+    parent, the trailing partial block left out."""
+    from sageinfer.kv_cache.manager import hash_block, hash_blocks
+    tokens = list(range(1000, 1000 + 70))
+    expected, parent = [], b"p" * 32
+    for start in range(0, 64, 16):
+        parent = hash_block(parent, tokens[start:start + 16])
+        expected.append(parent)
+    assert hash_blocks(b"p" * 32, tokens, 16) == expected
+    assert hash_blocks(None, tokens[:16], 16) == [hash_block(None, tokens[:16])]
+    assert hash_blocks(None, tokens[:15], 16) == []
+
+
 def test_without_a_kv_budget_the_memory_profile_runs_and_sizes_the_cache(llama_dir, monkeypatch):
     """GPUs size the KV cache by profiling the largest batch (CPUs have a fixed budget): the profile
     run goes through the same step path as requests, grammar rows and all."""

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
-from sageinfer.kv_cache.manager import hash_block
+from sageinfer.kv_cache.manager import hash_blocks
 from sageinfer.transport.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch, decode_batch
 
 logger = logging.getLogger(__name__)
@@ -48,11 +48,7 @@ class InstanceBlocks:
 
 def prompt_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
     """The prefix-cache keys of a prompt's blocks that a hit can cover (never the last token's)."""
-    hashes, parent = [], None
-    for start in range(0, (len(token_ids) - 1) // block_size * block_size, block_size):
-        parent = hash_block(parent, token_ids[start:start + block_size])
-        hashes.append(parent)
-    return hashes
+    return hash_blocks(None, token_ids[:(len(token_ids) - 1) // block_size * block_size], block_size)
 
 
 class KVEventIndex:
