@@ -22,13 +22,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tests"))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from kernels_util import DEVICE, random_paged_batch, rel_err  # noqa: E402
+from kernels_util import rel_err  # noqa: E402
 from sageinfer.attention.backend import AttentionMetadata  # noqa: E402
-from sageinfer.attention.torch_ref import paged_attention_ref  # noqa: E402
 from sageinfer.attention.triton_backend import TritonBackend  # noqa: E402
 from sageinfer.ops import paged_attention as current  # noqa: E402
-from probe_ragged_decode import chat_like  # noqa: E402
-from tune_decode_attention import make_cache  # noqa: E402
+from probe_ragged_decode import chat_like, decode_case  # noqa: E402
 
 CASES = {
     "1 x 1,000": [1000],
@@ -61,11 +59,7 @@ def main():
           f" | rel err |  (KV cache {args.kv_cache_dtype})")
     print("| --- | --- | " + " | ".join("---" for _ in variants) + " | --- |")
     for name, lens in CASES.items():
-        k, v, meta = random_paged_batch([1] * len(lens), [n - 1 for n in lens], 8, 128, 64, torch.bfloat16,
-                                        device=DEVICE, seed=3)
-        cache = make_cache(k, v, args.kv_cache_dtype)
-        q = torch.randn(len(lens), 32, 128, device=DEVICE, dtype=torch.bfloat16)
-        ref = paged_attention_ref(q.float(), cache, meta, 128 ** -0.5)
+        meta, cache, q, ref = decode_case(lens, args.kv_cache_dtype)
         plan = AttentionMetadata(0, None, None, None, None, max_query_len=1, max_seq_len=max(lens),
                                  query_start_loc_cpu=[], seq_lens_cpu=lens)
         backend.plan(plan, 8)

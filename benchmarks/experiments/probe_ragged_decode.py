@@ -33,6 +33,16 @@ def chat_like(n: int, seed: int) -> list[int]:
     return np.rint(prompts + answered).astype(int).tolist()
 
 
+def decode_case(lens: list[int], kv_cache_dtype: str):
+    """One decode token a sequence of these lengths (Qwen3-8B's heads, pages of 64), its cache in the given
+    dtype, and the reference output: (meta, cache, q, ref)."""
+    k, v, meta = random_paged_batch([1] * len(lens), [n - 1 for n in lens], 8, 128, 64, torch.bfloat16,
+                                    device=DEVICE, seed=3)
+    cache = make_cache(k, v, kv_cache_dtype)
+    q = torch.randn(len(lens), 32, 128, device=DEVICE, dtype=torch.bfloat16)
+    return meta, cache, q, paged_attention_ref(q.float(), cache, meta, 128 ** -0.5)
+
+
 CASES = {
     "chat-like x128": chat_like(128, 0),
     "chat-like x384": chat_like(384, 1),
@@ -49,11 +59,7 @@ def main():
     print(f"| case | variant | us | GB/s | rel err |  (KV cache {args.kv_cache_dtype})")
     print("| --- | --- | --- | --- | --- |")
     for name, lens in CASES.items():
-        k, v, meta = random_paged_batch([1] * len(lens), [n - 1 for n in lens], 8, 128, 64, torch.bfloat16,
-                                        device=DEVICE, seed=3)
-        cache = make_cache(k, v, args.kv_cache_dtype)
-        q = torch.randn(len(lens), 32, 128, device=DEVICE, dtype=torch.bfloat16)
-        ref = paged_attention_ref(q.float(), cache, meta, 128 ** -0.5)
+        meta, cache, q, ref = decode_case(lens, args.kv_cache_dtype)
         nbytes = sum(lens) * 8 * 2 * 128 * cache.k.element_size()
         for label, splits, min_keys in VARIANTS:
             out = torch.empty_like(q)
