@@ -4,9 +4,8 @@
 count a constant of the compile). Prints microseconds per case and variant and the error against the
 reference.
 
-  git show 106e967:sageinfer/ops/paged_attention.py > /tmp/paged_attention_106e967.py
-  python benchmarks/experiments/probe_decode_splits.py --baseline /tmp/paged_attention_106e967.py \
-      [--kv-cache-dtype auto|fp8|int8]
+  git show 106e967:sageinfer/ops/paged_attention.py > pa_old_106e967.py   (here: it travels with the tree)
+  python benchmarks/experiments/probe_decode_splits.py --baseline pa_old_106e967.py [--kv-cache-dtype auto|fp8|int8]
 """
 from __future__ import annotations
 
