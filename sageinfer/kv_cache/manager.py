@@ -65,7 +65,7 @@ class KVCacheManager:
         known = request.num_known_tokens  # placeholders of in-flight steps are never hashed
         if (done + 1) * bs <= known:
             request.block_hashes += hash_blocks(request.block_hashes[-1] if done else None,
-                                                request.all_token_ids[done * bs:known // bs * bs], bs)
+                                                request.all_token_ids[done * bs:known], bs)
 
     def get_computed_blocks(self, request) -> PrefixHit:
         """Longest cached prefix of the request, in whole blocks; never all of its tokens, since

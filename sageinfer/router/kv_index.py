@@ -48,7 +48,7 @@ class InstanceBlocks:
 
 def prompt_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
     """The prefix-cache keys of a prompt's blocks that a hit can cover (never the last token's)."""
-    return hash_blocks(None, token_ids[:(len(token_ids) - 1) // block_size * block_size], block_size)
+    return hash_blocks(None, token_ids[:len(token_ids) - 1], block_size)
 
 
 class KVEventIndex:

@@ -47,7 +47,8 @@ class GrammarCompiler:
                 schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
                 # Fixed separators: free whitespace lets a weak model loop on blanks until max_tokens.
                 return self._compiler.compile_json_schema(schema, any_whitespace=False)
-            if spec.json_object:  # an object, as OpenAI's json_object mode promises (the built-in grammar takes any value)
+            # An object, as OpenAI's json_object mode promises (xgrammar's built-in JSON grammar takes any value).
+            if spec.json_object:
                 return self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
             if spec.regex is not None:
                 return self._compiler.compile_regex(spec.regex)
