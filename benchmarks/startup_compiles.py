@@ -5,6 +5,9 @@ requests take turns: greedy, Llama 3's sampling (top-p alone) and Qwen3's (top-k
 sampler's kernels are served too.
 
   TRITON_CACHE_DIR=$(mktemp -d) python benchmarks/startup_compiles.py --out startup.json [engine flags]
+
+With SAGEINFER_COMPILE_WORKERS=auto (or a count) start-up compiles in worker processes (ops/compile_workers.py);
+a kernel's seconds then include its wait for the worker.
 """
 from __future__ import annotations
 
@@ -42,7 +45,8 @@ def main() -> None:
     at_start_up = compiles.total()
     record = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), **source_version(),
               "device": engine.platform.device_name(), "date": datetime.date.today().isoformat(),
-              "triton_cache_dir": os.environ.get("TRITON_CACHE_DIR", "(default)"), "startup_s": startup,
+              "triton_cache_dir": os.environ.get("TRITON_CACHE_DIR", "(default)"),
+              "compile_workers": os.environ.get("SAGEINFER_COMPILE_WORKERS", "0"), "startup_s": startup,
               "model_load_s": engine.model_load_seconds, "memory_profile_s": engine.memory_profile_seconds,
               "kernel_warm_up_wait_s": engine.kernel_warm_up_seconds, "graph_capture_s": engine.graph_capture_seconds,
               "long_prompt_warm_up_s": engine.long_prompt_warm_up_seconds,

@@ -107,41 +107,10 @@ class LLMEngine:
             raise
         self.model_load_seconds = time.perf_counter() - started
         logger.info("model loaded in %.1f s", self.model_load_seconds)
-        # The quantized layers' kernels compile in the background from here, beside the attention kernels'
-        # variants the runner started while the weights loaded (no collectives: each rank warms its own);
-        # the graphs' capture then finds them compiled.
-        self.runner.start_kernel_warm_up(attention=False)
-        started = time.perf_counter()
         try:
-            num_blocks = self.runner.determine_num_blocks()
-            if self.workers is not None:
-                num_blocks = agree_on_num_blocks(num_blocks, self.runner.device)
-            capacity = (num_blocks - 1) * config.block_size
-            if capacity < config.max_model_len:
-                self.shutdown()
-                raise ValueError(
-                    f"the KV cache holds {max(capacity, 0)} tokens ({num_blocks} blocks of {config.block_size}), "
-                    f"fewer than max_model_len ({config.max_model_len}): lower max_model_len or give the cache "
-                    f"more memory")
-            self.runner.allocate_kv_cache(num_blocks)
-        except BaseException:
-            self.runner.finish_kernel_warm_up(cancel=True)  # no compile left running past a failed start
-            raise
-        # The memory profile's step runs beside the background compiles: its own kernels compile here.
-        self.memory_profile_seconds = time.perf_counter() - started
-        logger.info("memory profile and KV cache allocation took %.1f s", self.memory_profile_seconds)
-        self.kernel_warm_up_seconds = self.runner.finish_kernel_warm_up()
-        if self.kernel_warm_up_seconds:
-            logger.info("start-up waited %.1f s for the kernel warm-up (attention, quantized layers)",
-                        self.kernel_warm_up_seconds)
-        self.graph_capture_seconds = self.runner.capture_graphs()
-        self.runner.warm_up_logits()
-        warm_up = self.runner.long_prefill_warm_up(num_blocks)
-        if warm_up is not None and self.workers is not None:
-            self.workers.send_warm_up(*warm_up)  # every rank runs the same steps, with rank 0
-        self.long_prompt_warm_up_seconds = self.runner.warm_up_long_prefill(*warm_up) if warm_up is not None else 0.0
-        if self.long_prompt_warm_up_seconds:
-            logger.info("long-prompt kernels warmed up in %.1f s", self.long_prompt_warm_up_seconds)
+            num_blocks, capacity = self._warm_up_and_size_cache(config)
+        finally:
+            self.runner.end_start_up_compiles()  # the compile workers serve start-up only
         if self.workers is not None:
             self.workers.started = True
         logger.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks, config.block_size, capacity)
@@ -306,6 +275,46 @@ class LLMEngine:
         if parent is not None:
             for child in parent.children:
                 self.scheduler.finish(child, "abort")
+
+    def _warm_up_and_size_cache(self, config: EngineConfig) -> tuple[int, int]:
+        """Start-up after the model's load: the kernel warm-ups, the memory profile and the cache, the
+        graphs, the long-prompt warm-up; the cache's blocks and tokens."""
+        # The quantized layers' kernels compile in the background from here, beside the attention kernels'
+        # variants the runner started while the weights loaded (no collectives: each rank warms its own);
+        # the graphs' capture then finds them compiled.
+        self.runner.start_kernel_warm_up(attention=False)
+        started = time.perf_counter()
+        try:
+            num_blocks = self.runner.determine_num_blocks()
+            if self.workers is not None:
+                num_blocks = agree_on_num_blocks(num_blocks, self.runner.device)
+            capacity = (num_blocks - 1) * config.block_size
+            if capacity < config.max_model_len:
+                self.shutdown()
+                raise ValueError(
+                    f"the KV cache holds {max(capacity, 0)} tokens ({num_blocks} blocks of {config.block_size}), "
+                    f"fewer than max_model_len ({config.max_model_len}): lower max_model_len or give the cache "
+                    f"more memory")
+            self.runner.allocate_kv_cache(num_blocks)
+        except BaseException:
+            self.runner.finish_kernel_warm_up(cancel=True)  # no compile left running past a failed start
+            raise
+        # The memory profile's step runs beside the background compiles: its own kernels compile here.
+        self.memory_profile_seconds = time.perf_counter() - started
+        logger.info("memory profile and KV cache allocation took %.1f s", self.memory_profile_seconds)
+        self.kernel_warm_up_seconds = self.runner.finish_kernel_warm_up()
+        if self.kernel_warm_up_seconds:
+            logger.info("start-up waited %.1f s for the kernel warm-up (attention, quantized layers)",
+                        self.kernel_warm_up_seconds)
+        self.graph_capture_seconds = self.runner.capture_graphs()
+        self.runner.warm_up_logits()
+        warm_up = self.runner.long_prefill_warm_up(num_blocks)
+        if warm_up is not None and self.workers is not None:
+            self.workers.send_warm_up(*warm_up)  # every rank runs the same steps, with rank 0
+        self.long_prompt_warm_up_seconds = self.runner.warm_up_long_prefill(*warm_up) if warm_up is not None else 0.0
+        if self.long_prompt_warm_up_seconds:
+            logger.info("long-prompt kernels warmed up in %.1f s", self.long_prompt_warm_up_seconds)
+        return num_blocks, capacity
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the tensor-parallel workers, if any (they also stop when this process exits), and
