@@ -62,6 +62,7 @@ def test_a_variant_no_worker_can_compile_is_left_to_the_launch():
         assert (pool.compiled, pool.failed) == (0, 1)
         # a kernel defined inside a function cannot be imported by a worker: not sent at all
         _returns(lambda: pool.compile_before_launch(_info(name="build.<locals>._kernel"), VARIANT))
+        _returns(lambda: pool.compile_before_launch(_info(module="__main__"), VARIANT))  # nor a script's
         assert (pool.compiled, pool.failed) == (0, 1)
     finally:
         pool.close()

@@ -175,7 +175,7 @@ class CompileWorkers:
 def _job(fn, compile: dict) -> tuple | None:
     """(module, qualname, specialization, target) of a variant, None where a worker cannot rebuild it."""
     specialization = compile.get("specialization_data")
-    if specialization is None or "<locals>" in fn.name:
+    if specialization is None or "<locals>" in fn.name or fn.module == "__main__":  # not importable by name
         return None
     target = json.loads(specialization).get("target")  # newer Tritons write it; older ones keep it per device
     if target is None:
