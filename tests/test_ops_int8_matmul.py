@@ -42,6 +42,40 @@ def test_row_tiles_taken_in_groups_cover_every_tile_once(m, n, k):
     assert (y.cpu() - exact).abs().max() < 1e-5 * exact.abs().max()
 
 
+@pytest.mark.parametrize("m, n, k", [(200, 96, 96), (129, 64, 208), (3, 304, 256)])
+@pytest.mark.parametrize("programs", [1, 3, 40])
+def test_the_persistent_descriptor_kernel_covers_every_tile_once(m, n, k, programs):
+    """The descriptor kernel (one program walking several output tiles, row tiles in groups): partial row,
+    column and K tiles (zero-filled by the copies, the output's edge clipped), one program for every tile or
+    more programs than tiles; every element the exact product's, in both output types."""
+    xq, x_scale, wq, w_scale, exact = _exact_case(m, n, k)
+    cfg = {"block_m": 16, "block_n": 32, "block_k": 32, "num_warps": 4, "programs": programs}
+    for out_dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        y = int8_matmul(xq.to(DEVICE), x_scale.to(DEVICE), wq.to(DEVICE), w_scale.to(DEVICE), out_dtype, cfg)
+        assert y.dtype == out_dtype and rel_err(y.cpu().double(), exact) < tol
+        assert (y.cpu().double() - exact).abs().max() < 8 * tol * exact.abs().max()
+
+
+def test_operands_the_copy_engine_cannot_take_go_to_the_pointer_kernel(monkeypatch):
+    """Rows of K = 100 int8 bytes (not a multiple of 16): no descriptor; the pointer kernel gives the product."""
+    from sageinfer.ops import int8_matmul as module
+    xq, x_scale, wq, w_scale, exact = _exact_case(70, 64, 100)
+    assert not module.tma_applies(xq, wq, torch.float32)
+    xq_96, _, wq_96, _, _ = _exact_case(70, 64, 96)
+    assert module.tma_applies(xq_96, wq_96, torch.float32)
+    launched = []
+    kernel = module._int8_matmul_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+    monkeypatch.setattr(module, "_int8_matmul_kernel", Recorder())
+    cfg = {"block_m": 16, "block_n": 32, "block_k": 32, "num_warps": 4, "programs": 2}
+    y = int8_matmul(xq.to(DEVICE), x_scale.to(DEVICE), wq.to(DEVICE), w_scale.to(DEVICE), torch.float32, cfg)
+    assert launched and rel_err(y.cpu(), exact) < 1e-6
+
+
 @pytest.mark.parametrize("m", [3, 100])
 def test_the_fast_configurations_give_the_exact_product(m):
     """The tiles chosen by row count where the kernel runs for speed, each of them on the same inputs."""
@@ -78,3 +112,21 @@ def test_chips_without_a_library_int8_gemm_take_the_kernel():
     assert not Platform().prefers_int8_kernel() and not CpuPlatform().prefers_int8_kernel()
     if not torch.cuda.is_available():
         assert not CudaPlatform().prefers_int8_kernel()
+
+
+@pytest.mark.parametrize("copies", [True, False])
+def test_a_persistent_configuration_gets_one_program_a_processor_where_the_chip_copies_tiles(monkeypatch, copies):
+    """W8A8's INT8 matmul (SAGEINFER_INT8_TMA=1 marks the many-row tiles persistent): the layer asks for the
+    descriptor kernel with the platform's processor count, only where the platform has a tensor copy engine."""
+    import types
+    from sageinfer.layers.quantization import w8a8
+    seen = []
+    monkeypatch.setattr(w8a8, "fast_config", lambda m: {"block_m": 16, "block_n": 32, "block_k": 32, "num_warps": 4,
+                                                       "persistent": True})
+    monkeypatch.setattr(w8a8, "int8_matmul", lambda *args: seen.append(args[-1]))
+    platform = types.SimpleNamespace(prefers_int8_kernel=lambda: True, supports_tensor_copies=lambda: copies,
+                                     num_compute_units=lambda: 7)
+    xq, x_scale, wq, w_scale, _ = _exact_case(40, 64, 96)
+    w8a8.W8A8Method._matmul(types.SimpleNamespace(scheme="int8"), xq, x_scale, wq, w_scale, torch.float32, platform,
+                            use_triton=True)
+    assert seen[0].get("programs") == (7 if copies else None)

@@ -1,8 +1,8 @@
 """A layer's four INT8 W8A8 matmuls (Qwen3-8B shapes) at several row counts on the GPU: the library path
 (torch._int_mm through the platform, then the scales in torch, as W8A8 layers ran it on NVIDIA) against
 the Triton kernel of ops/int8_matmul.py in several tiles, each captured in a CUDA graph over distinct
-layers' weights and replayed. Prints ms per layer and INT8 TOP/s, and checks every path against the
-library's result.
+layers' weights and replayed (candidates marked tma: the descriptor kernel in one persistent program an
+SM). Prints ms per layer and INT8 TOP/s, and checks every path against the library's result.
 
   python benchmarks/experiments/time_int8_gemm.py [--rows 32,256,2048,16000] [--out result.json]
 """
@@ -22,9 +22,11 @@ from sageinfer.platforms import get_platform  # noqa: E402
 from tune_decode_step import graph_time  # noqa: E402  (this folder: the same timing of one graph)
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}
-# (block_m, block_n, block_k, warps, stages)
+# (block_m, block_n, block_k, warps, stages[, "tma": the descriptor kernel, one persistent program an SM])
 CANDIDATES = [(64, 64, 128, 4, 4), (64, 32, 128, 4, 4), (64, 128, 128, 4, 4), (128, 128, 128, 8, 3),
-              (128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 256, 64, 8, 4)]
+              (128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 256, 64, 8, 4),
+              (64, 128, 128, 4, 4, "tma"), (128, 128, 128, 8, 3, "tma"), (128, 128, 128, 8, 4, "tma"),
+              (128, 256, 128, 8, 3, "tma"), (128, 256, 64, 8, 4, "tma")]
 
 
 def main() -> None:
@@ -34,7 +36,9 @@ def main() -> None:
     args = parser.parse_args()
     dev, platform = "cuda", get_platform()
     result = {"device": torch.cuda.get_device_name(), "rows": {}}
-    fast = {tuple(cfg.values()) for _, cfg in FAST_CONFIGS}
+    fast = {tuple(cfg[key] for key in ("block_m", "block_n", "block_k", "num_warps", "num_stages"))
+            for _, cfg in FAST_CONFIGS}
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for m in (int(r) for r in args.rows.split(",")):
         layers = 36 if m <= 512 else 2  # small row counts read the weights: not from L2
         weights = [{name: (torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8),
@@ -51,9 +55,10 @@ def main() -> None:
                         acc = platform.int8_matmul(xq, wq)
                         y = (acc.float() * x_scale * w_scale.view(1, -1)).to(torch.bfloat16)
                     else:
-                        bm, bn, bk, w, s = path
+                        bm, bn, bk, w, s, *tma = path
                         y = int8_matmul(xq, x_scale, wq, w_scale, torch.bfloat16,
-                                        {"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": w, "num_stages": s})
+                                        {"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": w, "num_stages": s,
+                                         **({"programs": sms} if tma else {})})
                     if keep is not None:
                         keep[name] = y
         reference = {}

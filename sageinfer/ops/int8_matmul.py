@@ -8,9 +8,16 @@ rounding of the scaling.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+try:  # host-side tensor descriptors (Triton 3.3 on); a vendor's older Triton has none: no bulk copies there
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 # Tiles every Triton backend takes (int8 dots want K tiles of 32 or more on most chips).
 CONFIG = {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 4}  # pipeline stages: the backend's default
@@ -23,8 +30,13 @@ CONFIG = {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 4}  # pipeli
 FAST_CONFIGS = (
     (64, {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}),
     (512, {"block_m": 64, "block_n": 128, "block_k": 128, "num_warps": 4, "num_stages": 4}),
-    (None, {"block_m": 128, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 3}),
+    (None, {"block_m": 128, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 3,
+            "persistent": os.environ.get("SAGEINFER_INT8_TMA", "0") == "1"}),
 )
+# "persistent": the caller gives the launch one program a processor ("programs") for the descriptor kernel,
+# where the platform has a tensor copy engine. Compiled for sm_90 it takes the operands straight from the
+# copies' shared memory (no per-thread loads, no transposing pass over the weight tile, which the pointer
+# kernel makes) and stores through the copy engine; not yet timed on a GPU, so off unless SAGEINFER_INT8_TMA=1.
 # Row tiles that share their column tiles run side by side, so a column tile of the weights is read from
 # L2 by several row tiles instead of from memory by each.
 GROUP_M = 8
@@ -70,10 +82,43 @@ def _int8_matmul_kernel(x_ptr, w_ptr, y_ptr, x_scale_ptr, w_scale_ptr, m, n, k, 
              mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit(do_not_specialize=["m", "programs"])
+def _int8_matmul_tma_kernel(x_desc, w_desc, y_desc, x_scale_ptr, w_scale_ptr, m, n, k, programs,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            GROUP: tl.constexpr):
+    """The same product, tiles moved by the tensor copy engine (descriptors: no per-thread addresses, the
+    edges of M, N and K zero-filled and clipped by the copies) and `programs` persistent programs walking
+    the output tiles, so that one tile's epilogue overlaps the next tile's first loads."""
+    tiles = tl.cdiv(m, BLOCK_M) * tl.cdiv(n, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), tiles, programs, flatten=True):
+        row_tile, col_tile = grouped_tile(tile, m, n, BLOCK_M, BLOCK_N, GROUP)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for start in range(0, k, BLOCK_K):
+            x = x_desc.load([row_tile * BLOCK_M, start])
+            w = w_desc.load([col_tile * BLOCK_N, start])
+            acc += tl.dot(x, w.T)
+        rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        x_scale = tl.load(x_scale_ptr + rows, mask=rows < m, other=0.0)
+        w_scale = tl.load(w_scale_ptr + cols, mask=cols < n, other=0.0)
+        y = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
+        y_desc.store([row_tile * BLOCK_M, col_tile * BLOCK_N], y.to(y_desc.dtype))
+
+
+def tma_applies(xq: torch.Tensor, wq: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether the descriptor kernel can take these operands: a Triton with host descriptors, and rows whose
+    byte strides are multiples of 16 (the copy engine's rule: K of the int8 operands, N of the output)."""
+    elem = torch.tensor([], dtype=out_dtype).element_size()
+    return (TensorDescriptor is not None and xq.stride(0) % 16 == 0 and wq.stride(0) % 16 == 0
+            and (wq.shape[0] * elem) % 16 == 0 and xq.data_ptr() % 16 == 0 and wq.data_ptr() % 16 == 0)
+
+
 def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                 out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
     """xq [M, K] int8 with x_scale [M, 1] (or [M]); wq [N, K] int8 with w_scale [N]; rows contiguous.
-    Returns [M, N] in out_dtype. config: the launch's tiles (CONFIG's keys; fast_config(M) for speed)."""
+    Returns [M, N] in out_dtype. config: the launch's tiles (CONFIG's keys; fast_config(M) for speed); with
+    "programs": P, the descriptor kernel in P persistent programs where the operands allow it (tma_applies),
+    else the pointer kernel."""
     if xq.dtype != torch.int8 or wq.dtype != torch.int8 or xq.shape[1] != wq.shape[1]:
         raise ValueError(f"int8_matmul takes int8 [M, K] and [N, K], got {xq.dtype} {tuple(xq.shape)} and "
                          f"{wq.dtype} {tuple(wq.shape)}")
@@ -88,7 +133,16 @@ def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_sca
     x_scale = x_scale.reshape(-1).float().contiguous()
     w_scale = w_scale.reshape(-1).float().contiguous()
     stages = {"num_stages": cfg["num_stages"]} if "num_stages" in cfg else {}
-    grid = (triton.cdiv(m, cfg["block_m"]) * triton.cdiv(n, cfg["block_n"]),)
+    tiles = triton.cdiv(m, cfg["block_m"]) * triton.cdiv(n, cfg["block_n"])
+    if cfg.get("programs") and tma_applies(xq, wq, out_dtype):
+        bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
+        programs = min(cfg["programs"], tiles)
+        _int8_matmul_tma_kernel[(programs,)](
+            TensorDescriptor.from_tensor(xq, [bm, bk]), TensorDescriptor.from_tensor(wq, [bn, bk]),
+            TensorDescriptor.from_tensor(y, [bm, bn]), x_scale, w_scale, m, n, k, programs,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP=GROUP_M, num_warps=cfg["num_warps"], **stages)
+        return y
+    grid = (tiles,)
     _int8_matmul_kernel[grid](xq, wq, y, x_scale, w_scale, m, n, k, xq.stride(0), wq.stride(0), y.stride(0),
                               BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], GROUP=GROUP_M,
                               num_warps=cfg["num_warps"], **stages)

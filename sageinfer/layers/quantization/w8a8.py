@@ -156,7 +156,10 @@ class W8A8Method:
             y = platform.fp8_scaled_matmul(xq, wq, x_scale, w_scale, out_dtype)
             return y if y is not None else dequantized_matmul(xq, x_scale, wq, w_scale, out_dtype)
         if use_triton and platform.prefers_int8_kernel():
-            return int8_matmul(xq, x_scale, wq, w_scale, out_dtype, fast_config(xq.shape[0]))
+            cfg = fast_config(xq.shape[0])
+            if cfg.get("persistent") and platform.supports_tensor_copies():
+                cfg = {**cfg, "programs": platform.num_compute_units()}
+            return int8_matmul(xq, x_scale, wq, w_scale, out_dtype, cfg)
         acc = platform.int8_matmul(xq, wq)
         if acc is not None:
             return (acc.float() * x_scale * w_scale.view(1, -1)).to(out_dtype)
