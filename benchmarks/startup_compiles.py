@@ -47,12 +47,14 @@ def main() -> None:
               "device": engine.platform.device_name(), "date": datetime.date.today().isoformat(),
               "triton_cache_dir": os.environ.get("TRITON_CACHE_DIR", "(default)"),
               "compile_workers": os.environ.get("SAGEINFER_COMPILE_WORKERS", "0"), "startup_s": startup,
-              "model_load_s": engine.model_load_seconds, "memory_profile_s": engine.memory_profile_seconds,
+              "model_load_s": engine.model_load_seconds, "model_load_phases": engine.runner.load_phases,
+              "memory_profile_s": engine.memory_profile_seconds,
               "kernel_warm_up_wait_s": engine.kernel_warm_up_seconds, "graph_capture_s": engine.graph_capture_seconds,
               "long_prompt_warm_up_s": engine.long_prompt_warm_up_seconds,
               "start_up_compiles": at_start_up[0], "start_up_compile_s": at_start_up[1],
               "start_up_compiles_by_kernel": {k: [compiles.count[k], compiles.seconds[k]] for k in compiles.count}}
-    print(f"start-up {startup:.1f} s: model load {engine.model_load_seconds:.1f} s, memory profile "
+    print(f"start-up {startup:.1f} s: model load {engine.model_load_seconds:.1f} s "
+          f"({', '.join(f'{k[:-2]} {v:.1f}' for k, v in engine.runner.load_phases.items())}), memory profile "
           f"{engine.memory_profile_seconds:.1f} s, then waited {engine.kernel_warm_up_seconds:.1f} s "
           f"for the kernel warm-up, graph capture {engine.graph_capture_seconds:.1f} s, "
           f"long-prompt warm-up {engine.long_prompt_warm_up_seconds:.1f} s; "

@@ -320,6 +320,21 @@ def test_the_attention_warm_up_starts_before_the_weights_load_and_a_failed_load_
     assert events == [("start", True, False), ("load",), ("finish", True)]  # cancelled, not left compiling
 
 
+def test_the_model_loads_phases_are_timed_where_they_happen(llama_dir, monkeypatch):
+    """Start-up's timings of the model load (ModelRunner.load_phases): a slow weights' load shows in its own
+    phase, not in the layers' building, and the phases together fit in the load's time."""
+    import time
+    from sageinfer.models.llama import LlamaForCausalLM
+    load = LlamaForCausalLM.load_weights
+    monkeypatch.setattr(LlamaForCausalLM, "load_weights",
+                        lambda model, weights: time.sleep(0.3) or load(model, weights))
+    engine = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=128, show_progress=False).engine
+    phases = engine.runner.load_phases
+    assert list(phases) == ["backend_s", "built_s", "weights_s", "converted_s"]
+    assert phases["weights_s"] >= 0.3 > phases["built_s"] and phases["converted_s"] < 0.3
+    assert sum(phases.values()) <= engine.model_load_seconds
+
+
 def test_a_cache_without_wide_tiles_launches_each_plan_once():
     """Over a cache whose wide decode batches keep the usual tiles (bf16), a wide plan and its usual twin are
     one kernel: the warm-up launches it once (two threads would compile it twice)."""

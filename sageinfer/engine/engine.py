@@ -106,7 +106,8 @@ class LLMEngine:
             self.shutdown(timeout=2.0)  # the others fail the same way: stop them, raise the reason here
             raise
         self.model_load_seconds = time.perf_counter() - started
-        logger.info("model loaded in %.1f s", self.model_load_seconds)
+        logger.info("model loaded in %.1f s (%s)", self.model_load_seconds,
+                    ", ".join(f"{name[:-2]} {seconds:.1f} s" for name, seconds in self.runner.load_phases.items()))
         try:
             num_blocks, capacity = self._warm_up_and_size_cache(config)
         finally:

@@ -50,6 +50,7 @@ class StepResult:
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, platform: Platform,
                  dtype: torch.dtype, attention_backend: str | None = None, show_progress: bool = True):
+        started = time.perf_counter()
         self.config = config
         self.model_config = model_config
         self.platform = platform
@@ -67,10 +68,20 @@ class ModelRunner:
         # Processes that compile start-up's Triton kernels, until end_start_up_compiles.
         self._compile_workers = self._start_compile_workers()
         self.model = None
+        # Seconds of the model load's phases (the engine logs them; start-up's benchmark records them): the
+        # backend's setup, building the layers, filling their weights, converting them (device work included).
+        self.load_phases: dict[str, float] = {"backend_s": time.perf_counter() - started}
+        marks = [time.perf_counter()]
+
+        def phase(name: str) -> None:
+            platform.synchronize()
+            marks.append(time.perf_counter())
+            self.load_phases[f"{name}_s"] = marks[-1] - marks[-2]
         try:
             self.model = load_model(model_config, config.model, config.load_format, dtype, self.device,
                                     self.backend, seed=config.seed, show_progress=show_progress,
-                                    quantization=config.quantization, on_built=self._warm_up_while_loading)
+                                    quantization=config.quantization, on_built=self._warm_up_while_loading,
+                                    phases=phase)
         except BaseException:
             self.finish_kernel_warm_up(cancel=True)  # no compile left running past a failed load
             self.end_start_up_compiles()

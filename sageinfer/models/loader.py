@@ -79,9 +79,11 @@ def dummy_checkpoint(model_dir: str, architecture: str, seed: int,
 def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.dtype,
                device: torch.device, backend: AttentionBackend, seed: int = 0,
                show_progress: bool = True, quantization: str | None = None,
-               on_built: Callable[[torch.nn.Module], None] | None = None) -> torch.nn.Module:
+               on_built: Callable[[torch.nn.Module], None] | None = None,
+               phases: Callable[[str], None] | None = None) -> torch.nn.Module:
     """The model of cfg with its weights (on_built(model): called once its layers exist, before their
-    weights load)."""
+    weights load; phases(name): called as "built", "weights" and "converted" end, for start-up's timings)."""
+    phases = phases or (lambda name: None)
     quant = load_quant_config(model_dir, quantization)
     if quant is not None and quant.lm_head and not (
             _holds_quantized_lm_head(model_dir) if load_format != "dummy" else not cfg.tie_word_embeddings):
@@ -108,6 +110,7 @@ def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.
     finally:
         set_quant_config(None)
         torch.set_default_dtype(previous)
+    phases("built")
     if on_built is not None:
         on_built(model)
     weights = dummy_checkpoint(model_dir, cfg.architecture, seed, device) if load_format == "dummy" \
@@ -117,9 +120,11 @@ def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.
         missing = {n for n, p in model.named_parameters() if not getattr(p, "optional", False)} - loaded
         if missing:
             raise ValueError(f"checkpoint in {model_dir!r} lacks weights: {sorted(missing)[:5]}...")
+        phases("weights")
         for module in model.modules():
             if isinstance(module, Linear):
                 module.process_after_loading()
+        phases("converted")
     return model.eval()
 
 
