@@ -121,20 +121,35 @@ def test_the_count_is_named_or_leaves_a_cpu_to_each_rank_and_none_to_small_machi
     assert default_workers() == 0
 
 
-def test_the_cpu_engine_starts_no_workers(monkeypatch):
-    """A platform that interprets the kernels compiles nothing: no pool even where workers are asked for, and
-    ending start-up's compiles twice is harmless."""
-    monkeypatch.setenv(compile_workers.COMPILE_WORKERS_ENV, "4")
+@pytest.fixture(scope="module")
+def tiny_engine():
+    import tempfile
     from sageinfer import LLM
     from sageinfer.models.tiny import build_tiny_model
-    import tempfile
     with tempfile.TemporaryDirectory() as root:
-        llm = LLM(build_tiny_model(os.path.join(root, "m"), "qwen3", seed=1), dtype="float32",
-                  attention_backend="triton", num_gpu_blocks_override=16, max_model_len=64, enforce_eager=True,
-                  show_progress=False)
-        assert llm.engine.runner._compile_workers is None
-        llm.engine.runner.end_start_up_compiles()
+        os.environ[compile_workers.COMPILE_WORKERS_ENV] = "2"
+        try:
+            yield LLM(build_tiny_model(os.path.join(root, "m"), "qwen3", seed=1), dtype="float32",
+                      attention_backend="triton", num_gpu_blocks_override=16, max_model_len=64, enforce_eager=True,
+                      show_progress=False).engine
+        finally:
+            del os.environ[compile_workers.COMPILE_WORKERS_ENV]
+
+
+def test_the_engine_ends_its_workers_with_its_start_up(tiny_engine):
+    """Asked for two workers: once started, the engine holds no pool and Triton no hook (a GPU's engine had one
+    through start-up); ending start-up's compiles again is harmless."""
+    assert tiny_engine.runner._compile_workers is None and not compile_workers._pools
     assert knobs.runtime.jit_cache_hook is None
+    tiny_engine.runner.end_start_up_compiles()
+
+
+@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter's case")
+def test_kernels_run_by_the_interpreter_get_no_workers(tiny_engine, monkeypatch):
+    """Even on a platform that says it runs Triton (so only the interpreter stops it): nothing compiles."""
+    monkeypatch.setenv(compile_workers.COMPILE_WORKERS_ENV, "4")
+    monkeypatch.setattr(type(tiny_engine.platform), "supports_triton", True)
+    assert tiny_engine.runner._start_compile_workers() is None
 
 
 @pytest.fixture(autouse=True)

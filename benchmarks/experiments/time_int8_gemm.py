@@ -22,11 +22,13 @@ from sageinfer.platforms import get_platform  # noqa: E402
 from tune_decode_step import graph_time  # noqa: E402  (this folder: the same timing of one graph)
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}
-# (block_m, block_n, block_k, warps, stages[, "tma": the descriptor kernel, one persistent program an SM])
+# (block_m, block_n, block_k, warps, stages[, the descriptor kernel: "tma" one persistent program an SM,
+# "tma-tiles" a program a tile])
 CANDIDATES = [(64, 64, 128, 4, 4), (64, 32, 128, 4, 4), (64, 128, 128, 4, 4), (128, 128, 128, 8, 3),
               (128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3), (128, 256, 64, 8, 4),
-              (64, 128, 128, 4, 4, "tma"), (128, 128, 128, 8, 3, "tma"), (128, 128, 128, 8, 4, "tma"),
-              (128, 256, 128, 8, 3, "tma"), (128, 256, 64, 8, 4, "tma")]
+              (64, 64, 128, 4, 4, "tma-tiles"), (64, 128, 128, 4, 4, "tma-tiles"), (64, 128, 128, 4, 4, "tma"),
+              (128, 128, 128, 8, 3, "tma"), (128, 128, 128, 8, 4, "tma"), (128, 256, 128, 8, 3, "tma"),
+              (128, 256, 64, 8, 4, "tma")]
 
 
 def main() -> None:
@@ -58,7 +60,7 @@ def main() -> None:
                         bm, bn, bk, w, s, *tma = path
                         y = int8_matmul(xq, x_scale, wq, w_scale, torch.bfloat16,
                                         {"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": w, "num_stages": s,
-                                         **({"programs": sms} if tma else {})})
+                                         **({"programs": sms if tma == ["tma"] else 2 ** 31} if tma else {})})
                     if keep is not None:
                         keep[name] = y
         reference = {}
