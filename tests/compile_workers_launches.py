@@ -53,6 +53,26 @@ def fp8_decode_launch():
         pass
 
 
+def gluon_prefill_launch() -> bool:
+    """The platform's Gluon prefill kernel (Hopper), where this Triton's Gluon is the one it is written for
+    (3.6): a Gluon kernel compiles from a source class of its own, which a worker must use too. Whether it ran."""
+    try:
+        from sageinfer.platforms import hopper_attention
+    except Exception:  # noqa: BLE001 - another Triton's Gluon API
+        return False
+    pages, page, kv_heads, dim, tokens = 4, 64, 2, 128, 64
+    cache = torch.zeros(pages, page, kv_heads, dim, dtype=torch.bfloat16)
+    q = torch.zeros(tokens, 8, dim, dtype=torch.bfloat16)
+    try:
+        hopper_attention.prefill_attention(q, cache, cache.clone(), torch.empty_like(q),
+                                           torch.arange(pages, dtype=torch.int32).view(1, -1),
+                                           torch.tensor([tokens], dtype=torch.int32),
+                                           torch.tensor([0, tokens], dtype=torch.int32), 1, tokens, 0.1)
+    except AttributeError:  # the stand-in driver loads no kernel
+        pass
+    return True
+
+
 def main():
     workers = int(sys.argv[1])
     saved = driver._active
@@ -65,12 +85,14 @@ def main():
         for thread in threads:
             thread.join()
         fp8_decode_launch()
+        variants = 2 + gluon_prefill_launch()
     finally:
         if pool is not None:
             pool.close()
         driver._active = saved
     from triton import knobs
-    print(json.dumps({"compiled": pool.compiled if pool else 0, "failed": pool.failed if pool else 0,
+    print(json.dumps({"variants": variants, "compiled": pool.compiled if pool else 0,
+                      "failed": pool.failed if pool else 0,
                       "cache": sorted(os.listdir(os.environ["TRITON_CACHE_DIR"])),
                       "hook_left": knobs.runtime.jit_cache_hook is not None}))
 

@@ -28,13 +28,14 @@ def _launches(tmp_path, workers: int) -> dict:
 
 
 def test_the_launches_find_in_the_disk_cache_what_the_workers_compiled(tmp_path):
-    """An RMS norm variant launched from three threads at once and an FP8-cache decode attention: with two
-    workers, each variant compiled once, in a worker; the launches' own compiles then found the workers' entries
-    (the disk cache holds exactly the entries of the same launches compiled without workers, not two of each)."""
+    """An RMS norm variant launched from three threads at once, an FP8-cache decode attention and, under the
+    Triton the Hopper kernel is written for, its Gluon prefill kernel: with two workers, each variant compiled
+    once, in a worker; the launches' own compiles then found the workers' entries (the disk cache holds exactly
+    the entries of the same launches compiled without workers, not two of each)."""
     alone = _launches(tmp_path, 0)
     pooled = _launches(tmp_path, 2)
-    assert len(alone["cache"]) == 2
-    assert pooled["compiled"] == 2 and pooled["failed"] == 0
+    assert len(alone["cache"]) == alone["variants"] == pooled["variants"] >= 2
+    assert pooled["compiled"] == pooled["variants"] and pooled["failed"] == 0
     assert pooled["cache"] == alone["cache"]
     assert not pooled["hook_left"]
 

@@ -46,22 +46,36 @@ def _constexpr(value):
     return value
 
 
-def compile_variant(module: str, qualname: str, specialization: str, target: list) -> float:
+def _source_class(fn, kind: str):
+    """The source class the launch compiles fn from (kind: its name there): Triton's, or Gluon's. Both hash
+    alike, so a kernel compiled from the other's would be found under the launch's key: refused."""
+    from triton.compiler import ASTSource
+    if kind == "ASTSource" and not fn.is_gluon():
+        return ASTSource
+    if kind == "GluonASTSource" and fn.is_gluon():
+        from triton.experimental.gluon._runtime import GluonASTSource
+        return GluonASTSource
+    raise TypeError(f"{fn} is not compiled from a {kind}")
+
+
+def compile_variant(module: str, qualname: str, specialization: str, target: list,
+                    source: str = "ASTSource") -> float:
     """Compile the variant a launch would (Triton's serialized specialization: signature, constexprs,
     attributes, options) for target [backend, arch, warp size] into the disk cache, as Triton's own preload
-    rebuilds one, without a device; the seconds it took."""
+    rebuilds one, without a device (source: the name of the launch's source class); the seconds it took."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import make_backend
     start = time.perf_counter()
     data = json.loads(specialization)
     fn = _jit_function(module, qualname)
+    source_class = _source_class(fn, source)
     constexprs = {tuple(k): _constexpr(v) for k, v in zip(data["constant_keys"], data["constant_vals"])}
     attrs = {tuple(k): v for k, v in zip(data["attrs_keys"], data["attrs_vals"])}
     signature = {k: _tuples(v) for k, v in data["signature"].items()}
     gpu = GPUTarget(*target)
     options = make_backend(gpu).parse_options({k: _tuples(v) for k, v in data["options"].items()})
-    triton.compile(ASTSource(fn, signature, constexprs, attrs), target=gpu, options=options.__dict__)
+    triton.compile(source_class(fn, signature, constexprs, attrs), target=gpu, options=options.__dict__)
     return time.perf_counter() - start
 
 
@@ -78,7 +92,7 @@ def main() -> None:
         job = json.loads(line)
         try:
             answer = {"seconds": compile_variant(job["module"], job["qualname"], job["specialization"],
-                                                 job["target"])}
+                                                 job["target"], job["source"])}
         except Exception as error:  # noqa: BLE001 - the launch compiles it itself, and raises its own error
             answer = {"error": f"{type(error).__name__}: {error}"[:2000]}
         answers.write(json.dumps(answer) + "\n")

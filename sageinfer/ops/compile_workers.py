@@ -124,8 +124,8 @@ class CompileWorkers:
                 if job is None:
                     return
                 try:
-                    module, qualname, specialization, target = job
-                    process.stdin.write(json.dumps({"module": module, "qualname": qualname,
+                    module, qualname, specialization, target, source = job
+                    process.stdin.write(json.dumps({"module": module, "qualname": qualname, "source": source,
                                                     "specialization": specialization, "target": target}) + "\n")
                     answer = process.stdout.readline()
                 except OSError:  # the worker is gone
@@ -172,10 +172,18 @@ class CompileWorkers:
                 future.set_exception(RuntimeError("no compile worker is left"))
 
 
+# The source classes a worker rebuilds a variant from (compile_worker._source_class): Triton's and Gluon's.
+_SOURCES = ("ASTSource", "GluonASTSource")
+
+
 def _job(fn, compile: dict) -> tuple | None:
-    """(module, qualname, specialization, target) of a variant, None where a worker cannot rebuild it."""
+    """(module, qualname, specialization, target, source class) of a variant, None where a worker cannot
+    rebuild it."""
     specialization = compile.get("specialization_data")
     if specialization is None or "<locals>" in fn.name or fn.module == "__main__":  # not importable by name
+        return None
+    source = getattr(getattr(fn.jit_function, "ASTSource", None), "__name__", "ASTSource")
+    if source not in _SOURCES:
         return None
     target = json.loads(specialization).get("target")  # newer Tritons write it; older ones keep it per device
     if target is None:
@@ -183,7 +191,7 @@ def _job(fn, compile: dict) -> tuple | None:
         if compile.get("device") not in caches:
             return None
         target = caches[compile["device"]][2].__dict__
-    return fn.module, fn.name, specialization, (target["backend"], target["arch"], target["warp_size"])
+    return fn.module, fn.name, specialization, (target["backend"], target["arch"], target["warp_size"]), source
 
 
 # ---- Triton's hook, installed while any pool is open ----------------------------------------------------
