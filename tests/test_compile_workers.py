@@ -83,6 +83,22 @@ def test_workers_that_die_at_start_leave_every_compile_to_the_launches():
         pool.close()
 
 
+def test_a_stuck_worker_leaves_the_compile_to_the_launch_after_the_wait(monkeypatch):
+    """A worker that never answers (it reads the variant and sleeps): the launch waits WAIT_SECONDS, then goes on."""
+    monkeypatch.setattr(compile_workers, "WAIT_SECONDS", 1.0)
+    stuck = [sys.executable, "-c", "import sys, time; print('{\"ready\": true}', flush=True); "
+                                   "sys.stdin.readline(); time.sleep(60)"]
+    pool = CompileWorkers(1, command=stuck)
+    try:
+        start = time.monotonic()
+        _returns(lambda: pool.compile_before_launch(_info(), VARIANT), seconds=30)
+        assert 1.0 <= time.monotonic() - start < 30
+    finally:
+        pool.close()
+    process = pool._processes[0]  # ended by close(), not left sleeping
+    assert process.wait(timeout=10) != 0
+
+
 def test_the_hook_goes_to_the_newest_open_pool_and_leaves_with_the_last(monkeypatch):
     earlier = []
 

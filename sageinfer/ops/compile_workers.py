@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 COMPILE_WORKERS_ENV = "SAGEINFER_COMPILE_WORKERS"
 WORKER_COMMAND = [sys.executable, "-m", "sageinfer.ops.compile_worker"]
+# The longest a launch waits for its worker before compiling the variant itself (a stuck worker must not
+# stall start-up for good; one compile takes seconds, an FP4 tensor-core variant about 20 s on one core).
+WAIT_SECONDS = 300.0
 
 
 def default_workers(ranks_on_host: int = 1) -> int:
@@ -60,6 +63,7 @@ class CompileWorkers:
         self.compiled = 0  # variants the workers compiled
         self.failed = 0  # variants they did not: the launch compiled those itself
         self.compile_seconds = 0.0  # the workers' compile time, summed
+        self._processes: list[subprocess.Popen] = []
         _open(self)
 
     def _start(self) -> None:
@@ -73,17 +77,22 @@ class CompileWorkers:
                 logger.warning("a compile worker did not start", exc_info=True)
                 self._live -= 1
                 continue
+            self._processes.append(process)
             threading.Thread(target=self._serve, args=(process,), name=f"compile-worker-{i}", daemon=True).start()
 
     def close(self) -> None:
-        """End the hook's use of this pool and the workers (each after the compile it is running)."""
+        """End the hook's use of this pool and the workers. Start-up has waited for every compile it asked for
+        (or given up on it), so a worker still busy is stuck: each is ended at once."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            processes = list(self._processes)
         _close(self)
-        for _ in range(self.workers):  # (to threads that serve no worker, if none started: harmless)
+        for _ in range(self.workers):  # to the idle workers' threads (harmless where none started)
             self._queue.put((2, next(self._order), None, None))
+        for process in processes:
+            process.kill()
         if self.compiled or self.failed:
             logger.info("start-up compiled %d Triton kernel variants in %d worker processes (%.1f s of compiling)%s",
                         self.compiled, self.workers, self.compile_seconds,
@@ -109,7 +118,7 @@ class CompileWorkers:
                 first = 0 if threading.current_thread() is threading.main_thread() else 1
                 self._queue.put((first, next(self._order), job, future))
         try:
-            future.result()
+            future.result(timeout=WAIT_SECONDS)
         except Exception:  # noqa: BLE001 - the launch compiles it itself, and raises its own error if any
             pass
 
