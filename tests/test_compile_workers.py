@@ -99,6 +99,19 @@ def test_a_stuck_worker_leaves_the_compile_to_the_launch_after_the_wait(monkeypa
     assert process.wait(timeout=10) != 0
 
 
+def test_a_worker_answering_nonsense_leaves_the_compile_to_the_launch_at_once():
+    """A worker whose answer is not the protocol's (a stray line): the launch does not wait for the timeout."""
+    garbled = [sys.executable, "-c", "import sys; print('{\"ready\": true}', flush=True); sys.stdin.readline(); "
+                                     "print('compiling...', flush=True); sys.stdin.readline()"]
+    pool = CompileWorkers(1, command=garbled)
+    try:
+        start = time.monotonic()
+        _returns(lambda: pool.compile_before_launch(_info(), VARIANT), seconds=30)
+        assert time.monotonic() - start < 10 and pool.compiled == 0
+    finally:
+        pool.close()
+
+
 def test_the_hook_goes_to_the_newest_open_pool_and_leaves_with_the_last(monkeypatch):
     earlier = []
 

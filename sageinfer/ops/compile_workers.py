@@ -1,6 +1,8 @@
-"""Start-up's Triton compiles in worker processes. A compile runs partly in Python (the kernel's code
-generation holds the interpreter lock), so the start-up's compiling threads slowed the thread that loads
-the weights as much as they helped each other (benchmarks/results/2026-12-03f-h200-suite-fp4-start-up.md).
+"""Start-up's Triton compiles in worker processes: more compiles at once than the engine's warm-up threads, and
+none of the compiler's Python in the engine's process (12-03f read a slower weights' load beside eight
+compiling threads as the interpreter lock; on a CPU, one compiling thread left a Python loop 98% of its speed:
+benchmarks/results/2026-12-05c-cpu-compile-workers-int8-descriptors.md). Off unless SAGEINFER_COMPILE_WORKERS
+asks for it, until a GPU machine's start-up has timed it.
 
 While start-up runs, Triton's pre-compile hook (knobs.runtime.jit_cache_hook) hands each new kernel variant
 to a pool of processes (ops/compile_worker.py): one of them compiles it into the shared disk cache while
@@ -125,28 +127,29 @@ class CompileWorkers:
     def _serve(self, process: subprocess.Popen) -> None:
         """One worker's thread: hands it queued variants one at a time until close() or its end."""
         try:
-            ready = process.stdout.readline()
-            if not ready or not json.loads(ready).get("ready"):
+            if not _answer(process).get("ready"):
                 return
             while True:
                 _, _, job, future = self._queue.get()
                 if job is None:
                     return
+                module, qualname, specialization, target, source = job
                 try:
-                    module, qualname, specialization, target, source = job
                     process.stdin.write(json.dumps({"module": module, "qualname": qualname, "source": source,
                                                     "specialization": specialization, "target": target}) + "\n")
-                    answer = process.stdout.readline()
-                except OSError:  # the worker is gone
-                    answer = ""
+                except OSError:
+                    pass  # the worker is gone: no answer follows
+                answer = _answer(process)
                 if not answer:
                     future.set_exception(RuntimeError("the compile worker ended"))
                     return
-                self._settle(future, json.loads(answer))
+                self._settle(future, answer)
         finally:
             self._worker_ended(process)
 
     def _settle(self, future: Future, answer: dict) -> None:
+        if "seconds" not in answer:
+            answer = {"error": answer.get("error", f"an answer without a result: {answer}")}
         with self._lock:
             if "error" in answer:
                 self.failed += 1
@@ -179,6 +182,16 @@ class CompileWorkers:
                 with self._lock:
                     self.failed += 1
                 future.set_exception(RuntimeError("no compile worker is left"))
+
+
+def _answer(process: subprocess.Popen) -> dict:
+    """A worker's next line, parsed; {} where it ended or wrote something else."""
+    try:
+        line = process.stdout.readline()
+        answer = json.loads(line) if line else {}
+    except (OSError, ValueError):
+        return {}
+    return answer if isinstance(answer, dict) else {}
 
 
 # The source classes a worker rebuilds a variant from (compile_worker._source_class): Triton's and Gluon's.
