@@ -34,9 +34,9 @@ FAST_CONFIGS = (
             "persistent": os.environ.get("SAGEINFER_INT8_TMA", "0") == "1"}),
 )
 # "persistent": the caller gives the launch one program a processor ("programs") for the descriptor kernel,
-# where the platform has a tensor copy engine. Compiled for sm_90 it takes the operands straight from the
-# copies' shared memory (no per-thread loads, no transposing pass over the weight tile, which the pointer
-# kernel makes) and stores through the copy engine; not yet timed on a GPU, so off unless SAGEINFER_INT8_TMA=1.
+# where the platform has a tensor copy engine. Compiled for sm_90 its operands arrive by tensor copies (6
+# UTMALDG, where the pointer kernel issues 24 LDGSTS and 25 LDSM / LDS / STS) and it stores through the copy
+# engine (2026-12-05c); not yet timed on a GPU, so off unless SAGEINFER_INT8_TMA=1.
 # Row tiles that share their column tiles run side by side, so a column tile of the weights is read from
 # L2 by several row tiles instead of from memory by each.
 GROUP_M = 8
@@ -108,9 +108,8 @@ def _int8_matmul_tma_kernel(x_desc, w_desc, y_desc, x_scale_ptr, w_scale_ptr, m,
 def tma_applies(xq: torch.Tensor, wq: torch.Tensor, out_dtype: torch.dtype) -> bool:
     """Whether the descriptor kernel can take these operands: a Triton with host descriptors, and rows whose
     byte strides are multiples of 16 (the copy engine's rule: K of the int8 operands, N of the output)."""
-    elem = torch.tensor([], dtype=out_dtype).element_size()
     return (TensorDescriptor is not None and xq.stride(0) % 16 == 0 and wq.stride(0) % 16 == 0
-            and (wq.shape[0] * elem) % 16 == 0 and xq.data_ptr() % 16 == 0 and wq.data_ptr() % 16 == 0)
+            and (wq.shape[0] * out_dtype.itemsize) % 16 == 0 and xq.data_ptr() % 16 == 0 and wq.data_ptr() % 16 == 0)
 
 
 def int8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
