@@ -83,33 +83,31 @@ def test_workers_that_die_at_start_leave_every_compile_to_the_launches():
         pool.close()
 
 
-def test_a_stuck_worker_leaves_the_compile_to_the_launch_after_the_wait(monkeypatch):
-    """A worker that never answers (it reads the variant and sleeps): the launch waits WAIT_SECONDS, then goes on."""
-    monkeypatch.setattr(compile_workers, "WAIT_SECONDS", 1.0)
-    stuck = [sys.executable, "-c", "import sys, time; print('{\"ready\": true}', flush=True); "
-                                   "sys.stdin.readline(); time.sleep(60)"]
-    pool = CompileWorkers(1, command=stuck)
+def _one_variant_through(after_ready: str) -> tuple[CompileWorkers, float]:
+    """One variant sent to a stand-in worker (a Python script that says it is ready, then runs after_ready);
+    the closed pool and the seconds the launch waited."""
+    command = [sys.executable, "-c", f"import sys, time; print('{{\"ready\": true}}', flush=True); {after_ready}"]
+    pool = CompileWorkers(1, command=command)
     try:
         start = time.monotonic()
         _returns(lambda: pool.compile_before_launch(_info(), VARIANT), seconds=30)
-        assert 1.0 <= time.monotonic() - start < 30
+        return pool, time.monotonic() - start
     finally:
         pool.close()
-    process = pool._processes[0]  # ended by close(), not left sleeping
-    assert process.wait(timeout=10) != 0
+
+
+def test_a_stuck_worker_leaves_the_compile_to_the_launch_after_the_wait(monkeypatch):
+    """A worker that never answers (it reads the variant and sleeps): the launch waits WAIT_SECONDS, then goes on."""
+    monkeypatch.setattr(compile_workers, "WAIT_SECONDS", 1.0)
+    pool, waited = _one_variant_through("sys.stdin.readline(); time.sleep(60)")
+    assert 1.0 <= waited < 30
+    assert pool._processes[0].wait(timeout=10) != 0  # ended by close(), not left sleeping
 
 
 def test_a_worker_answering_nonsense_leaves_the_compile_to_the_launch_at_once():
     """A worker whose answer is not the protocol's (a stray line): the launch does not wait for the timeout."""
-    garbled = [sys.executable, "-c", "import sys; print('{\"ready\": true}', flush=True); sys.stdin.readline(); "
-                                     "print('compiling...', flush=True); sys.stdin.readline()"]
-    pool = CompileWorkers(1, command=garbled)
-    try:
-        start = time.monotonic()
-        _returns(lambda: pool.compile_before_launch(_info(), VARIANT), seconds=30)
-        assert time.monotonic() - start < 10 and pool.compiled == 0
-    finally:
-        pool.close()
+    pool, waited = _one_variant_through("sys.stdin.readline(); print('compiling...', flush=True); sys.stdin.readline()")
+    assert waited < 10 and pool.compiled == 0
 
 
 def test_the_hook_goes_to_the_newest_open_pool_and_leaves_with_the_last(monkeypatch):
