@@ -185,6 +185,17 @@ def test_bad_prompt_ids_are_rejected(llm):
         llm.generate({"prompt_token_ids": []}, use_tqdm=False)
 
 
+def test_text_that_is_not_unicode_is_rejected_with_its_field(llm):
+    """A lone UTF-16 surrogate (what JSON's "\\ud800" decodes to): a ValueError naming the field, not the
+    tokenizer's TypeError."""
+    with pytest.raises(ValueError, match="prompt holds a lone surrogate \\(U\\+D800\\) at character 2"):
+        llm.generate("ab\ud800", use_tqdm=False)
+    with pytest.raises(ValueError, match="bad_words holds a lone surrogate"):
+        llm.generate("ab", SamplingParams(bad_words=["\udfff"]), use_tqdm=False)
+    with pytest.raises(ValueError, match="messages holds a lone surrogate"):
+        llm.chat([{"role": "user", "content": "x\udc00"}], use_tqdm=False)
+
+
 def test_generate_after_an_interrupted_call_returns_only_its_own_outputs(llama_dir):
     llm = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
     step = llm.engine.step

@@ -158,6 +158,27 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(server, name,
     assert ok.status_code == 200
 
 
+LONE_SURROGATES = [  # JSON's "\ud800" escapes decode to strings that are no Unicode text; tokenizers refuse them
+    ("/v1/completions", {"model": "tiny", "prompt": "\ud800", "max_tokens": 2}, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": ["ok", "a\udfffb"], "max_tokens": 2, "stream": True}, "prompt"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "\ud800"}]}, "messages"),
+    ("/v1/completions", {"model": "tiny", "prompt": "ok", "bad_words": ["\udc00"]}, "bad_words"),
+    ("/tokenize", {"model": "tiny", "prompt": "x\ud800"}, "prompt"),
+]
+
+
+@pytest.mark.parametrize("path, body, param", LONE_SURROGATES, ids=[f"{p[0]}-{p[2]}" for p in LONE_SURROGATES])
+def test_text_with_a_lone_surrogate_gets_400_naming_the_field(server, path, body, param):
+    resp = httpx.post(server.base_url + path, content=json.dumps(body).encode(), timeout=30,
+                      headers={**server.headers, "Content-Type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == param and "surrogate" in error["message"]
+    ok = httpx.post(server.base_url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
+                    headers=server.headers, timeout=30)
+    assert ok.status_code == 200
+
+
 def test_invalid_json_and_wrong_key(server):
     resp = httpx.post(server.base_url + "/v1/completions", content=b"{not json", timeout=30,
                       headers={**server.headers, "Content-Type": "application/json"})

@@ -5,9 +5,21 @@ limits but no model.
 """
 from __future__ import annotations
 
+import re
+
 from sageinfer.sampling_params import SamplingParams
 
 PromptType = str | dict
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: str, name: str) -> None:
+    """Text a tokenizer can encode. A Python string may hold a lone UTF-16 surrogate (JSON's "\\ud800" decodes to
+    one), which is no Unicode character: the tokenizer would fail with a TypeError, here a ValueError names it."""
+    found = _SURROGATE.search(text)
+    if found:
+        raise ValueError(f"{name} holds a lone surrogate (U+{ord(found.group()):04X}) at character {found.start()}, "
+                         "which is not valid Unicode text")
 
 
 def load_tokenizer(path: str):
@@ -42,6 +54,7 @@ class InputProcessor:
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer: pass {'prompt_token_ids': [...]} "
                                  "when skip_tokenizer_init=True")
+            check_text(prompt, "prompt")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
@@ -65,6 +78,7 @@ class InputProcessor:
                                                       add_generation_prompt=add_generation_prompt, tools=tools)
         except Exception as exc:  # a template error is the conversation's fault (e.g. roles out of order)
             raise ValueError(f"the chat template could not render these messages: {exc}") from exc
+        check_text(text, "messages")
         return text, self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def check_prompt_length(self, prompt_ids: list[int]) -> None:
@@ -80,6 +94,8 @@ class InputProcessor:
         if params.bad_words:
             if self.tokenizer is None:
                 raise ValueError("bad_words needs a tokenizer; the engine runs with skip_tokenizer_init")
+            for word in params.bad_words:
+                check_text(word, "bad_words")
             variants = {tuple(self.tokenizer.encode(text, add_special_tokens=False))
                         for word in params.bad_words for text in (word, " " + word.lstrip())}
             params.bad_words_token_ids = sorted(list(v) for v in variants if v)
