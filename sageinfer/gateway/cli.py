@@ -97,6 +97,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes)")
     tool_call_parser = args.tool_call_parser if args.enable_auto_tool_choice else None
+    chat_template = None  # read before the engine's load, so that a wrong path fails at once
+    if args.chat_template:
+        if not os.path.isfile(args.chat_template):
+            raise ValueError(f"--chat-template: no such file {args.chat_template!r}")
+        with open(args.chat_template) as f:
+            chat_template = f.read()
     kwargs = engine_kwargs(args)
     attention_backend = kwargs.pop("attention_backend")
     config = EngineConfig(**kwargs)
@@ -123,12 +129,6 @@ def _serve(args: argparse.Namespace) -> int:
                                   "enable_prefix_caching": config.enable_prefix_caching}
     print(f"KV cache: {num_blocks - 1} blocks of {block_size} tokens; "
           f"max_model_len {front.inputs.max_model_len}", flush=True)
-    chat_template = None
-    if args.chat_template:
-        if not os.path.isfile(args.chat_template):
-            raise ValueError(f"--chat-template: no such file {args.chat_template!r}")
-        with open(args.chat_template) as f:
-            chat_template = f.read()
     name = args.served_model_name or os.path.basename(os.path.normpath(kwargs["model"]))
     app = build_app(OpenAIServer(front, name, chat_template, tool_call_parser), api_key=api_key,
                     public_metrics=args.public_metrics, max_request_body_bytes=args.max_request_body_bytes,
@@ -201,6 +201,17 @@ def _launch(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def port_number(text: str) -> int:
+    """--port: a TCP port (0: any free one), refused with argparse's error line otherwise."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is in 0-65535, got {port}")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sageinfer import __version__
     parser = argparse.ArgumentParser(prog="sageinfer", description="sageInfer LLM inference engine")
@@ -214,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     serve.add_argument("model_positional", nargs="?", default=None, metavar="MODEL")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=port_number, default=8000)
     serve.add_argument("--api-key", default=None,
                        help="require this key on every route but /health (default: $SAGEINFER_API_KEY)")
     serve.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
@@ -259,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the instances' tokenizer (their model directory), to measure text prompts and chats "
                              "against their KV events (implies --kv-events; token-id prompts need none)")
     router.add_argument("--host", default="127.0.0.1")
-    router.add_argument("--port", type=int, default=8000)
+    router.add_argument("--port", type=port_number, default=8000)
     router.add_argument("--health-check-interval", type=float, default=1.0, help="seconds between checks")
     _local_prefill_option(router)
     router.set_defaults(func=_router)
@@ -269,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--decode", nargs="+", action="extend", required=True, metavar="URL",
                        help="decode instances (served with --kv-transfer-config ... kv_consumer)")
     proxy.add_argument("--host", default="127.0.0.1")
-    proxy.add_argument("--port", type=int, default=8000)
+    proxy.add_argument("--port", type=port_number, default=8000)
     proxy.add_argument("--health-check-interval", type=float, default=1.0, help="seconds between checks")
     _local_prefill_option(proxy)
     proxy.set_defaults(func=_router, backend=[], policy="least_load", tokenizer=None, kv_events=False)  # the router over PD pools
@@ -279,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="devices per instance")
     launch.add_argument("--policy", default="prefix", choices=["round_robin", "least_load", "session", "prefix"])
     launch.add_argument("--host", default="127.0.0.1")
-    launch.add_argument("--port", type=int, default=8000, help="the router's; instances take the ports after it")
+    launch.add_argument("--port", type=port_number, default=8000, help="the router's; instances take the ports after it")
     launch.add_argument("--first-instance-port", type=int, default=None)
     launch.add_argument("--log-dir", default=None, help="where each instance's log goes (default: a new temp dir)")
     launch.add_argument("--ray", action="store_true",
