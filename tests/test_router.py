@@ -228,6 +228,51 @@ def test_instances_join_and_leave_at_run_time(instances):
         router.stop()
 
 
+BAD_INSTANCE_URLS = ["http://[::1", "http://\ud800", "http://a b", "http://", "http://:80", "http://h\x00x",
+                     "http://127.0.0.1:99999", "ftp://x", 5]
+
+
+def test_urls_that_name_no_instance_are_refused_and_routing_goes_on(instances):
+    """The admin endpoint refuses what is not an instance URL with a 400 naming why (such URLs had entered the
+    pool; their health checks raised errors the loop did not expect, and the router then answered 503 to every
+    request); a valid URL of nothing is taken, marked down, and the others serve on."""
+    router = RouterProcess([instances[0].base_url], "round_robin")
+    try:
+        for url in BAD_INSTANCE_URLS:
+            answer = httpx.post(router.base_url + "/router/backends", content=json.dumps({"url": url}).encode(),
+                                headers={"Content-Type": "application/json"})
+            assert answer.status_code == 400 and "http(s)://host:port" in answer.json()["error"]["message"], url
+        assert httpx.post(router.base_url + "/router/backends", json={"url": "http://127.0.0.1:1"}).status_code == 200
+        time.sleep(1.0)  # a few health checks
+        listed = {b["url"]: b["healthy"] for b in httpx.get(router.base_url + "/router/backends").json()}
+        assert listed == {instances[0].base_url: True, "http://127.0.0.1:1": False}
+        _complete(router.base_url, "still served")
+        assert httpx.get(router.base_url + "/health").status_code == 200
+    finally:
+        router.stop()
+
+
+def test_a_health_check_that_raises_marks_its_instance_down_and_the_loop_goes_on():
+    """Whatever one instance's check raises, that instance is down and the others' checks go on."""
+    import asyncio
+    from sageinfer.router.backends import BackendPool
+
+    class Client:
+        async def get(self, url, timeout=None):
+            if url.startswith("http://odd"):
+                raise OverflowError("port out of range")
+            return httpx.Response(200, text="", request=httpx.Request("GET", url))
+
+    pool = BackendPool(["http://odd:1", "http://fine:2"])
+    pool.backends[0].healthy = True
+
+    async def checks():
+        results = await asyncio.gather(*(pool.check(Client(), b) for b in pool.backends), return_exceptions=True)
+        assert not any(isinstance(r, Exception) for r in results)
+    asyncio.run(checks())
+    assert [b.healthy for b in pool.backends] == [False, True]
+
+
 def test_an_instance_moved_to_another_node_replaces_its_old_url_in_the_router(instances, monkeypatch):
     """A Ray instance whose node was lost starts again elsewhere: the launcher's on_moved takes the old
     URL out of the router's pool and puts the new one in (Ray and the move are stand-ins here)."""

@@ -167,15 +167,16 @@ def _router(args: argparse.Namespace) -> int:
 
     from sageinfer.gateway.uvicorn_server import CleanExitServer, listening_socket
     from sageinfer.router.app import build_router_app
-    from sageinfer.router.backends import BackendPool
+    from sageinfer.router.backends import BackendPool, instance_url_error
     from sageinfer.router.policies import Policy
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if bool(args.prefill) != bool(args.decode) or not (args.backend or args.prefill):
         raise ValueError("give --backend URLs, or PD pools: --prefill URLs and --decode URLs")
     for url in args.backend + args.prefill + args.decode:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"--backend, --prefill and --decode take http(s) URLs, got {url!r}")
+        why = instance_url_error(url)
+        if why is not None:
+            raise ValueError(f"--backend, --prefill and --decode take instance URLs: {why}")
     if args.prefill:  # PD pools: the PD flow across them, each side by load
         from sageinfer.router.pd_proxy import build_pd_proxy_app
         if args.backend:

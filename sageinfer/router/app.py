@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
-from sageinfer.router.backends import Backend, BackendPool
+from sageinfer.router.backends import Backend, BackendPool, instance_url_error
 from sageinfer.router.forwarding import error as _error
 from sageinfer.router.forwarding import add_openai_routes, forward_to_pool, json_body
 from sageinfer.router.policies import Policy
@@ -149,6 +149,7 @@ async def _url_of(raw: Request):
         url = (await raw.json()).get("url")
     except (ValueError, AttributeError):
         url = None
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        return _error(400, "send {\"url\": \"http(s)://host:port\"}", "BadRequestError")
+    why = instance_url_error(url)
+    if why is not None:
+        return _error(400, f"send {{\"url\": \"http(s)://host:port\"}}: {why}", "BadRequestError")
     return url

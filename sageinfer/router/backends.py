@@ -38,6 +38,24 @@ class Backend:
         return self.in_flight + max(0.0, self.reported_load - self.in_flight_at_report)
 
 
+def instance_url_error(url) -> str | None:
+    """Why url cannot name an instance (an http(s) URL with a host, ASCII without spaces), or None. An
+    unparsable URL taken into the pool had failed its health checks with errors the loop did not expect."""
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        return "an instance is an http(s) URL, such as http://host:port"
+    if not url.isascii() or any(c.isspace() or not c.isprintable() for c in url):
+        return f"an instance URL is printable ASCII without spaces, got {ascii(url)[:200]}"
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        return f"{ascii(url)[:200]} is not a URL: {exc}"
+    if not parsed.host:
+        return f"{url[:200]!r} names no host"
+    if parsed.port is not None and not 0 < parsed.port <= 65535:
+        return f"{url[:200]!r} names port {parsed.port}, outside 1-65535"
+    return None
+
+
 @dataclass
 class BackendPool:
     urls: list[str]
@@ -85,7 +103,7 @@ class BackendPool:
         try:
             health = await client.get(backend.url + "/health", timeout=self.timeout)
             up = health.status_code == 200
-        except httpx.HTTPError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever fails, this instance is down, the others unaffected
             up, health = False, exc
         if not up:
             return self.mark_down(backend, f"/health: {health}")
@@ -132,7 +150,11 @@ class BackendPool:
     async def run_checks(self) -> None:
         async with httpx.AsyncClient() as client:
             while True:
-                await asyncio.gather(*(self.check(client, b) for b in self.backends))
+                # One instance's unexpected error is logged; the loop, and the others' checks, go on.
+                results = await asyncio.gather(*(self.check(client, b) for b in self.backends), return_exceptions=True)
+                for backend, result in zip(list(self.backends), results):
+                    if isinstance(result, Exception):
+                        logger.error("health check of %s failed: %r", backend.url, result)
                 await asyncio.sleep(self.check_interval)
 
     def start(self) -> None:
