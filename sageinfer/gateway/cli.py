@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="devices per instance")
     launch.add_argument("--policy", default="prefix", choices=["round_robin", "least_load", "session", "prefix"])
     launch.add_argument("--host", default="127.0.0.1")
-    launch.add_argument("--port", type=port_number, default=8000, help="the router's; instances take the ports after it")
+    launch.add_argument("--port", type=port_number, default=8000,
+                        help="the router's; instances take the ports after it")
     launch.add_argument("--first-instance-port", type=int, default=None)
     launch.add_argument("--log-dir", default=None, help="where each instance's log goes (default: a new temp dir)")
     launch.add_argument("--ray", action="store_true",
