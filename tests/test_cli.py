@@ -117,13 +117,18 @@ def test_a_taken_port_fails_at_once_with_the_address_named(llama_dir):
 
 def test_a_port_out_of_range_and_a_missing_chat_template_fail_before_start_up(llama_dir):
     """A port outside 0-65535 is argparse's error line (it was bind()'s OverflowError traceback), for every
-    command that listens; a chat template file that is not there fails before the engine loads."""
+    command that listens, as are instance ports that would pass 65535; a chat template file that is not there
+    fails before the engine loads."""
     for args in (["serve", llama_dir], ["router", "--backend", "http://127.0.0.1:1"], ["proxy"],
                  ["launch", llama_dir, "--instances", "1"]):
         for port in ("99999", "-1", "http"):
             result = _run(*args, "--port", port)
             assert result.returncode == 2 and "Traceback" not in result.stderr, (args[0], port, result.stderr)
             assert "argument --port:" in result.stderr, result.stderr
+    for ports in (["--port", "65535"], ["--port", "65000", "--first-instance-port", "65535"], ["--port", "0"]):
+        result = _run("launch", llama_dir, "--instances", "2", *ports)  # the instances' ports, checked first
+        assert result.returncode == 2 and ("past 65535" in result.stderr or "--first-instance-port" in result.stderr)
+        assert "Traceback" not in result.stderr and "launched" not in result.stdout, result.stderr
     result = _run("serve", llama_dir, "--port", "0", "--dtype", "float32", "--num-gpu-blocks-override", "64",
                   "--chat-template", "/nowhere/template.jinja")
     assert result.returncode == 2 and "error: --chat-template: no such file" in result.stderr

@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--host", default="127.0.0.1")
     launch.add_argument("--port", type=port_number, default=8000,
                         help="the router's; instances take the ports after it")
-    launch.add_argument("--first-instance-port", type=int, default=None)
+    launch.add_argument("--first-instance-port", type=port_number, default=None)
     launch.add_argument("--log-dir", default=None, help="where each instance's log goes (default: a new temp dir)")
     launch.add_argument("--ray", action="store_true",
                         help="start the instances as Ray actors on the hosts of the Ray cluster RAY_ADDRESS names "

@@ -195,6 +195,20 @@ def pd_roles(spec: str) -> list[str]:
     return ["kv_producer"] * prefill + ["kv_consumer"] * decode
 
 
+def instance_ports(router_port: int, first: int | None, instances: int) -> int:
+    """The first instance's port (the others follow it): --first-instance-port, else the router's plus one,
+    checked to fit below 65536 before anything starts (an instance refused its port, and was started again)."""
+    if first is None:
+        if router_port == 0:
+            raise ValueError("--port 0 (any free port) gives the instances no ports to follow: "
+                             "give --first-instance-port")
+        first = router_port + 1
+    if first < 1 or first + instances - 1 > 65535:
+        raise ValueError(f"{instances} instance(s) from port {first} need ports up to {first + instances - 1}, "
+                         "past 65535: lower --port or --first-instance-port")
+    return first
+
+
 def run(args) -> int:
     import tempfile
 
@@ -210,6 +224,7 @@ def run(args) -> int:
     instances = len(roles) if roles else args.instances
     if instances < 1:
         raise ValueError(f"--instances must be >= 1, got {instances}")
+    first_port = instance_ports(args.port, args.first_instance_port, instances)
     listener = listening_socket(args.host, args.port)  # before Ray and the instances take ports of their own
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="sageinfer-launch-")
     os.makedirs(log_dir, exist_ok=True)
@@ -232,7 +247,7 @@ def run(args) -> int:
     from sageinfer.platforms import get_platform
     platform = get_platform()
     router_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host  # how this host reaches it
-    launcher = Launcher(args.model, instances, args.first_instance_port or args.port + 1,
+    launcher = Launcher(args.model, instances, first_port,
                         args.tensor_parallel_size, args.serve_args, log_dir, platform.device_count() or 0,
                         instance_args, platform.visible_devices_env,
                         ray_devices=(platform.ray_device_resource or "") if ray_mode else None,
