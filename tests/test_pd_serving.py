@@ -138,6 +138,13 @@ def test_bad_requests_get_the_instances_own_400(pd):
                       timeout=30)
     assert resp.status_code == 400 and "temperature" in resp.json()["error"]["message"]
     assert httpx.post(proxy.base_url + "/v1/completions", content=b"{not json", timeout=30).status_code == 400
+    # A lone surrogate and a NaN reach the instance as the client wrote them (the proxy's own encoding had
+    # raised on both: a 500), and the instance refuses them.
+    for body, param in ((b'{"model": "tiny", "prompt": "x\\ud800", "max_tokens": 2}', "prompt"),
+                        (b'{"model": "tiny", "prompt": "x", "temperature": NaN}', "temperature")):
+        resp = httpx.post(proxy.base_url + "/v1/completions", content=body, timeout=30,
+                          headers={"Content-Type": "application/json"})
+        assert resp.status_code == 400 and param in resp.text, resp.text
 
 
 def test_a_dead_prefill_instance_leaves_decode_computing_the_prompt(pd):

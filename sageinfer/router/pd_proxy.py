@@ -53,6 +53,22 @@ def _prefill_body(body: dict) -> dict:
     return out
 
 
+async def _post_json(client: httpx.AsyncClient, url: str, obj: dict, headers: dict) -> httpx.Response:
+    """POST obj as the client sent it: JSON's own escapes (httpx's encoder writes UTF-8 and refuses NaN, so a
+    lone surrogate or a NaN in the client's body raised here, a 500, instead of the instance's 400)."""
+    return await client.post(url, content=json.dumps(obj).encode(), headers={**headers, "content-type":
+                                                                              "application/json"})
+
+
+def _json_field(resp: httpx.Response, name: str):
+    """A field of an instance's JSON answer; None where the answer is no JSON object."""
+    try:
+        answer = resp.json()
+    except ValueError:
+        return None
+    return answer.get(name) if isinstance(answer, dict) else None
+
+
 def _admission(side: str, roles: tuple[str, ...], others: BackendPool):
     """A pool's admission of an instance (BackendPool.admit): a connector of the side's role, whose KV
     pairs with that of every instance already admitted on the other side. Instances that say nothing
@@ -129,7 +145,7 @@ def build_pd_proxy_app(prefill: BackendPool, decode: BackendPool, max_attempts: 
             tried.add(backend.url)
             backend.in_flight += 1
             try:
-                resp = await client.post(backend.url + path, json=_prefill_body(body), headers=headers)
+                resp = await _post_json(client, backend.url + path, _prefill_body(body), headers)
             except CONNECT_ERRORS as exc:
                 prefill.mark_down(backend, f"{type(exc).__name__}: {exc}")
                 continue
@@ -141,7 +157,7 @@ def build_pd_proxy_app(prefill: BackendPool, decode: BackendPool, max_attempts: 
                 logger.warning("prefill instance %s answered %d; trying another", backend.url, resp.status_code)
                 continue
             backend.served += 1
-            params = resp.json().get("kv_transfer_params")
+            params = _json_field(resp, "kv_transfer_params")
             if not isinstance(params, dict):
                 logger.warning("prefill instance %s returned no kv_transfer_params (is it a kv_producer?)",
                                backend.url)
@@ -166,10 +182,10 @@ def build_pd_proxy_app(prefill: BackendPool, decode: BackendPool, max_attempts: 
         if backend is None:
             return None
         try:
-            resp = await client.post(backend.url + "/tokenize", json=query, headers=headers)
+            resp = await _post_json(client, backend.url + "/tokenize", query, headers)
         except CONNECT_ERRORS:
             return None
-        count = resp.json().get("count") if resp.status_code == 200 else None
+        count = _json_field(resp, "count") if resp.status_code == 200 else None
         return count if isinstance(count, int) else None
 
     async def forward(path: str, raw: Request):
