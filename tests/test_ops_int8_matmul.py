@@ -127,6 +127,7 @@ def test_a_persistent_configuration_gets_one_program_a_processor_where_the_chip_
     platform = types.SimpleNamespace(prefers_int8_kernel=lambda: True, supports_tensor_copies=lambda: copies,
                                      num_compute_units=lambda: 7)
     xq, x_scale, wq, w_scale, _ = _exact_case(40, 64, 96)
-    w8a8.W8A8Method._matmul(types.SimpleNamespace(scheme="int8"), xq, x_scale, wq, w_scale, torch.float32, platform,
-                            use_triton=True)
+    method = types.SimpleNamespace(scheme="int8")
+    w8a8.W8A8Method.prepare(method, types.SimpleNamespace(platform=platform))  # as the runner does before serving
+    w8a8.W8A8Method._matmul(method, xq, x_scale, wq, w_scale, torch.float32, platform, use_triton=True)
     assert seen[0].get("programs") == (7 if copies else None)

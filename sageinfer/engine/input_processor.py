@@ -54,8 +54,7 @@ class InputProcessor:
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer: pass {'prompt_token_ids': [...]} "
                                  "when skip_tokenizer_init=True")
-            check_text(prompt, "prompt")
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.encode(prompt, "prompt")
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
             if not isinstance(ids, (list, tuple)) or any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
@@ -65,6 +64,11 @@ class InputProcessor:
                 raise ValueError(f"prompt_token_ids has ids outside [0, {self.vocab_size}): {bad[:5]}")
             return prompt.get("prompt"), list(ids)
         raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}")
+
+    def encode(self, text: str, name: str, add_special_tokens: bool = True) -> list[int]:
+        """The token ids of a request's text (name: its field, for the error of text no tokenizer takes)."""
+        check_text(text, name)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     chat_template: str | None = None, tools: list[dict] | None = None) -> tuple[str, list[int]]:
@@ -94,9 +98,7 @@ class InputProcessor:
         if params.bad_words:
             if self.tokenizer is None:
                 raise ValueError("bad_words needs a tokenizer; the engine runs with skip_tokenizer_init")
-            for word in params.bad_words:
-                check_text(word, "bad_words")
-            variants = {tuple(self.tokenizer.encode(text, add_special_tokens=False))
+            variants = {tuple(self.encode(text, "bad_words", add_special_tokens=False))
                         for word in params.bad_words for text in (word, " " + word.lstrip())}
             params.bad_words_token_ids = sorted(list(v) for v in variants if v)
         for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or [])):

@@ -16,7 +16,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sageinfer.engine.frontend import (EngineDead, EngineFront, EngineOverloaded, RequestFailed, RequestStream,
                                        ServerShuttingDown)
-from sageinfer.engine.input_processor import check_text
 from sageinfer.gateway import openai_format as fmt
 from sageinfer.gateway.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, error_body
 from sageinfer.gateway.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -465,9 +464,8 @@ def build_app(server: OpenAIServer, api_key: str | None = None, public_metrics: 
             ids = (await server.in_tokenizer_thread(server.chat_prompt, chat_request))["prompt_token_ids"]
         elif req.prompt is not None:
             server._check_text_length(len(req.prompt), "prompt")
-            check_text(req.prompt, "prompt")
             ids = await server.in_tokenizer_thread(
-                lambda: server.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+                lambda: server.inputs.encode(req.prompt, "prompt", add_special_tokens=req.add_special_tokens))
         else:
             raise APIError(400, "give prompt or messages", "prompt")
         return {"tokens": ids, "count": len(ids), "max_model_len": server.max_model_len}

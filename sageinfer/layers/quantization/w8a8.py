@@ -84,6 +84,12 @@ class W8A8Method:
         elif not bool((layer.weight_scale > 0).all()):
             raise ValueError("a quantized layer's weight_scale is missing or not positive")
 
+    def prepare(self, layer: nn.Module) -> None:
+        """Before serving: the INT8 descriptor kernel's programs, one a processor where the platform copies tiles
+        (0: the pointer kernel), asked of the platform once rather than at every matmul of every step."""
+        platform = layer.platform
+        self.copy_programs = platform.num_compute_units() if platform.supports_tensor_copies() else 0
+
     def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
         """The weight the 8-bit one and its scales encode, in float32."""
         return layer.weight.float() * layer.weight_scale.view(-1, 1)
@@ -157,8 +163,9 @@ class W8A8Method:
             return y if y is not None else dequantized_matmul(xq, x_scale, wq, w_scale, out_dtype)
         if use_triton and platform.prefers_int8_kernel():
             cfg = fast_config(xq.shape[0])
-            if cfg.get("persistent") and platform.supports_tensor_copies():
-                cfg = {**cfg, "programs": platform.num_compute_units()}
+            programs = getattr(self, "copy_programs", 0)
+            if cfg.get("persistent") and programs:
+                cfg = {**cfg, "programs": programs}
             return int8_matmul(xq, x_scale, wq, w_scale, out_dtype, cfg)
         acc = platform.int8_matmul(xq, wq)
         if acc is not None:
