@@ -19,12 +19,15 @@ def _is_int(value) -> bool:
 @dataclass
 class StructuredOutputsParams:
     """What the output must be, exactly one of: a JSON schema (text or a dict), any JSON object, a
-    regular expression, one of a list of strings, or an EBNF grammar (vLLM's StructuredOutputsParams)."""
+    regular expression, one of a list of strings, or an EBNF grammar (vLLM's StructuredOutputsParams).
+    after_token_id: the output runs free until it generates this token, and is held to the spec after it (a
+    reasoning model's end of thinking: it thinks, then answers in the format)."""
     json: str | dict | None = None
     json_object: bool = False
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    after_token_id: int | None = None
 
     def __post_init__(self) -> None:
         given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
@@ -41,6 +44,8 @@ class StructuredOutputsParams:
         if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
                                         or any(not isinstance(c, str) for c in self.choice)):
             raise ValueError("structured outputs: choice must be a non-empty list of strings")
+        if self.after_token_id is not None and not (_is_int(self.after_token_id) and self.after_token_id >= 0):
+            raise ValueError("structured outputs: after_token_id must be a token id (an integer >= 0)")
 
 
 @dataclass

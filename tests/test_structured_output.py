@@ -74,6 +74,32 @@ def test_n_samples_each_follow_the_grammar(llm):
     assert [c.text in ("x", "yy", "zzz") for c in out.outputs] == [True] * 3
 
 
+def test_a_grammar_after_a_token_lets_the_output_run_free_until_that_token(llm):
+    """A reasoning model's thinking runs free and its answer follows the format: the grammar binds from the
+    token after after_token_id, and not at all while that token has not come."""
+    plain = llm.generate("The answer:", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                         use_tqdm=False)[0].outputs[0].token_ids
+    k = next(i for i in range(3, len(plain)) if plain[i] not in plain[:i])
+    choices = ["yes", "no", "it depends"]
+    spec = StructuredOutputsParams(choice=choices, after_token_id=plain[k])
+    out = llm.generate("The answer:", SamplingParams(temperature=0, max_tokens=40, structured_outputs=spec),
+                       use_tqdm=False)[0].outputs[0]
+    assert list(out.token_ids[:k + 1]) == list(plain[:k + 1])  # free: the plain greedy tokens, the token itself
+    answer = llm.get_tokenizer().decode(out.token_ids[k + 1:], skip_special_tokens=True)
+    assert answer in choices and out.finish_reason == "stop"
+    never = next(t for t in range(llm.get_tokenizer().vocab_size) if t not in plain)
+    free = llm.generate("The answer:", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                      structured_outputs=StructuredOutputsParams(
+                                                          regex="[0-9]+", after_token_id=never)),
+                        use_tqdm=False)[0].outputs[0]
+    assert list(free.token_ids) == list(plain)
+    with pytest.raises(ValueError, match="after_token_id"):
+        StructuredOutputsParams(regex="a", after_token_id=-1)
+    with pytest.raises(ValueError, match="after_token_id"):
+        llm.generate("x", SamplingParams(structured_outputs=StructuredOutputsParams(regex="a", after_token_id=10**6)),
+                     use_tqdm=False)
+
+
 def test_bad_specs_are_value_errors(llm):
     for spec in ({"regex": "[0-9"}, {"json": {"type": "objec"}}, {"grammar": "root ::= undefined_rule"}):
         with pytest.raises(ValueError, match="could not be compiled"):

@@ -215,7 +215,7 @@ class LLMEngine:
             limit = max_len - len(prompt_ids)
             child.max_output_tokens = max(1, min(child_params.max_tokens or limit, limit))
             if grammar is not None:
-                child.grammar = self.grammars.matcher(grammar)
+                child.grammar = self.grammars.matcher(grammar, params.structured_outputs.after_token_id)
             if index > 0:
                 child.leader = children[0]  # and shares the prompt's blocks, loaded or computed by the leader
             else:
@@ -411,6 +411,10 @@ class LLMEngine:
         if self.grammars is None:  # no request has had a grammar
             return
         bound = [request for request, _ in scheduled if request.grammar is not None and not request.is_finished]
+        for request in bound:
+            if request.grammar.waiting_for is not None:  # not bound yet: any token may come
+                request.grammar_bitmask = None
+        bound = [request for request in bound if request.grammar.waiting_for is None]
         if bound:
             for request, row in zip(bound, self.grammars.next_bitmasks([r.grammar for r in bound])):
                 request.grammar_bitmask = row

@@ -22,6 +22,26 @@ def check_text(text: str, name: str) -> None:
                          "which is not valid Unicode text")
 
 
+# apply_chat_template's own arguments, and the names it gives the template itself: a request's template
+# variables may not take them.
+_TEMPLATE_RESERVED = {"conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+                      "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                      "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs"}
+
+
+def check_template_kwargs(kwargs) -> None:
+    """ValueError naming chat_template_kwargs unless it is an object of template variables."""
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, dict):
+        raise ValueError("chat_template_kwargs must be an object of template variables")
+    for key in kwargs:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ValueError(f"chat_template_kwargs: {key!r} is not a template variable's name")
+        if key in _TEMPLATE_RESERVED:
+            raise ValueError(f"chat_template_kwargs: {key!r} is set by the request itself, not a template variable")
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
     try:
@@ -71,15 +91,19 @@ class InputProcessor:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    chat_template: str | None = None, tools: list[dict] | None = None) -> tuple[str, list[int]]:
-        """A conversation through the chat template: (text, token ids). ValueError if it can't be."""
+                    chat_template: str | None = None, tools: list[dict] | None = None,
+                    template_kwargs: dict | None = None) -> tuple[str, list[int]]:
+        """A conversation through the chat template: (text, token ids). ValueError if it can't be.
+        template_kwargs: more variables for the template (chat_template_kwargs, e.g. enable_thinking)."""
+        check_template_kwargs(template_kwargs)
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer; the engine runs with skip_tokenizer_init")
         if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("the model has no chat template; pass one (--chat-template FILE, or chat_template=...)")
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template,
-                                                      add_generation_prompt=add_generation_prompt, tools=tools)
+                                                      add_generation_prompt=add_generation_prompt, tools=tools,
+                                                      **(template_kwargs or {}))
         except Exception as exc:  # a template error is the conversation's fault (e.g. roles out of order)
             raise ValueError(f"the chat template could not render these messages: {exc}") from exc
         check_text(text, "messages")
@@ -104,6 +128,9 @@ class InputProcessor:
         for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or [])):
             if any(t >= self.vocab_size for t in ids):
                 raise ValueError(f"{name} has token ids outside [0, {self.vocab_size})")
+        after = params.structured_outputs.after_token_id if params.structured_outputs is not None else None
+        if after is not None and after >= self.vocab_size:
+            raise ValueError(f"structured outputs: after_token_id {after} is outside [0, {self.vocab_size})")
         limit = min(self.max_logprobs, self.vocab_size)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -16,10 +17,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sageinfer.engine.frontend import (EngineDead, EngineFront, EngineOverloaded, RequestFailed, RequestStream,
                                        ServerShuttingDown)
+from sageinfer.engine.input_processor import check_template_kwargs
 from sageinfer.gateway import openai_format as fmt
 from sageinfer.gateway.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, error_body
 from sageinfer.gateway.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                         TokenizeRequest)
+from sageinfer.gateway.reasoning import REASONING_PARSERS
 from sageinfer.gateway.tool_calls import TOOL_PARSERS, ToolCallOutput
 
 # Exceptions that end a request with an OpenAI error: (HTTP status, error type).
@@ -46,10 +49,12 @@ def _param_of(message: str) -> str | None:
 
 class OpenAIServer:
     def __init__(self, engine: EngineFront, served_model_name: str, chat_template: str | None = None,
-                 tool_call_parser: str | None = None):
+                 tool_call_parser: str | None = None, reasoning_parser: str | None = None):
         self.engine = engine
         # tool_choice "auto" reads tool calls out of the text with this parser (None: refused)
         self.tool_parser = TOOL_PARSERS[tool_call_parser]() if tool_call_parser else None
+        # a reasoning model's thinking, split from its answer (None: all of it is the content)
+        self.reasoning_parser = REASONING_PARSERS[reasoning_parser]() if reasoning_parser else None
         self.inputs = engine.inputs
         self.max_model_len = engine.inputs.max_model_len
         self.tokenizer = self.inputs.tokenizer
@@ -112,16 +117,22 @@ class OpenAIServer:
             raise APIError(400, f"This model's maximum context length is {limit} tokens, but the prompt has "
                                 f"{len(ids)} tokens.", "prompt")
 
-    def chat_prompt(self, req: ChatCompletionRequest) -> dict:
+    def chat_prompt(self, req: ChatCompletionRequest) -> tuple[dict, str]:
+        """The engine prompt of a conversation, and its text as rendered (before any truncation)."""
         messages = [m.for_template() for m in req.messages]
         truncate = req.truncate_prompt_tokens
         if truncate is None:
             self._check_text_length(sum(len(m["content"]) for m in messages), "messages")
         try:
-            text, ids = self.inputs.render_chat(messages, req.add_generation_prompt, tools=req.tool_schemas())
+            check_template_kwargs(req.chat_template_kwargs)
+        except ValueError as exc:
+            raise APIError(400, str(exc), "chat_template_kwargs") from exc
+        try:
+            text, ids = self.inputs.render_chat(messages, req.add_generation_prompt, tools=req.tool_schemas(),
+                                                template_kwargs=req.chat_template_kwargs)
         except ValueError as exc:
             raise APIError(400, str(exc), "messages") from exc
-        return self._fit(text, ids, truncate)
+        return self._fit(text, ids, truncate), text
 
     # ---- generation -------------------------------------------------------------------------
     def start(self, prompts: list[dict], params, request_id: str, priority: int = 0) -> list[RequestStream]:
@@ -257,7 +268,8 @@ class OpenAIServer:
                                 '--tool-call-parser', "tool_choice")
         tools = ToolCallOutput(tool_choice, self.tool_parser)
         self.engine.check_accepting(params.n)
-        prompt = await self.in_tokenizer_thread(self.chat_prompt, req)
+        prompt, prompt_text = await self.in_tokenizer_thread(self.chat_prompt, req)
+        thinking = self._thinking_of(prompt_text, params, req.include_reasoning)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = self.start([prompt], params, request_id, req.priority)
         k = req.top_logprobs or 0
@@ -274,6 +286,7 @@ class OpenAIServer:
                         {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None}]})
                 splitters = [tools.stream() for _ in range(params.n)]
+                thoughts = [thinking.stream() for _ in range(params.n)]
                 async for _, out in self.merged(streams):
                     for c in out.outputs:
                         d = tracker.delta(c.index, c)
@@ -282,7 +295,9 @@ class OpenAIServer:
                         text, start, end, finished = d
                         if finished:
                             completion_tokens += len(c.token_ids)
+                        reasoning, text = thoughts[c.index].feed(text, finished)
                         delta, finish_reason = splitters[c.index].delta(text, finished, c.finish_reason)
+                        delta = {**thinking.fields(reasoning), **delta}
                         yield _sse({**base, "object": "chat.completion.chunk", "choices": [{
                             "index": c.index, "delta": delta,
                             "logprobs": fmt.chat_logprobs(c, start, end, k) if req.logprobs else None,
@@ -296,7 +311,11 @@ class OpenAIServer:
         (out,) = await self._collect(streams, raw)
         choices = []
         for c in out.outputs:
-            message, finish_reason = tools.message(c.text, c.finish_reason)
+            reasoning, content = thinking.split(c.text)
+            message, finish_reason = tools.message(content or "", c.finish_reason)
+            if content is None and message["content"] == "":
+                message["content"] = None  # all of it was thinking
+            message.update(thinking.fields(reasoning))
             choices.append({"index": c.index, "message": message,
                             "logprobs": fmt.chat_logprobs(c, 0, len(c.token_ids), k) if req.logprobs else None,
                             "finish_reason": finish_reason, "stop_reason": c.stop_reason})
@@ -307,6 +326,22 @@ class OpenAIServer:
         if out.kv_transfer_params is not None:
             body["kv_transfer_params"] = out.kv_transfer_params  # for the decode instance (PD)
         return body
+
+    def _thinking_of(self, prompt_text: str, params, include: bool) -> "_Thinking":
+        """How a chat reply's thinking is told apart: with a reasoning parser, the output begins in it where the
+        prompt leaves a block open; a grammar then binds only after the block's end (the thinking runs free)."""
+        parser = self.reasoning_parser
+        if parser is None:
+            return _Thinking(None, False, include)
+        in_reasoning = parser.starts_in_reasoning(prompt_text)
+        spec = params.structured_outputs
+        if in_reasoning and spec is not None:
+            end = parser.end_token_id(self.tokenizer)
+            if end is None:  # the format binds from the first token: no thinking comes
+                in_reasoning = False
+            else:
+                params.structured_outputs = dataclasses.replace(spec, after_token_id=end)
+        return _Thinking(parser, in_reasoning, include)
 
     async def _collect(self, streams: list[RequestStream], raw: Request) -> list:
         """Final outputs of all prompts; aborted as soon as the client disconnects."""
@@ -352,6 +387,39 @@ class _EngineStream(StreamingResponse):
         finally:
             for stream in self.streams:
                 stream.abort()
+
+
+class _Thinking:
+    """One chat reply's split of thinking from answer (with no parser: all answer), and the fields it adds."""
+
+    def __init__(self, parser, in_reasoning: bool, include: bool):
+        self.parser, self.in_reasoning, self.include = parser, in_reasoning, include
+
+    def split(self, text: str) -> tuple[str | None, str | None]:
+        return (None, text) if self.parser is None else self.parser.split(text, self.in_reasoning)
+
+    def stream(self) -> "_ThinkingStream":
+        return _ThinkingStream(None if self.parser is None else self.parser.stream(self.in_reasoning))
+
+    def fields(self, reasoning: str | None) -> dict:
+        """The message's (or delta's) thinking under vLLM's name and its older one, which other servers use."""
+        if not reasoning or not self.include:
+            return {}
+        return {"reasoning": reasoning, "reasoning_content": reasoning}
+
+
+class _ThinkingStream:
+    def __init__(self, stream):
+        self.stream = stream
+
+    def feed(self, text: str, finished: bool) -> tuple[str, str]:
+        if self.stream is None:
+            return "", text
+        reasoning, content = self.stream.feed(text)
+        if finished:
+            more_reasoning, more_content = self.stream.finish()
+            reasoning, content = reasoning + more_reasoning, content + more_content
+        return reasoning, content
 
 
 def _status_of(exc: BaseException) -> tuple[int, str]:
@@ -460,8 +528,8 @@ def build_app(server: OpenAIServer, api_key: str | None = None, public_metrics: 
         if server.tokenizer is None:
             raise APIError(400, "the server runs without a tokenizer", "prompt")
         if req.messages is not None:
-            chat_request = ChatCompletionRequest(messages=req.messages)
-            ids = (await server.in_tokenizer_thread(server.chat_prompt, chat_request))["prompt_token_ids"]
+            chat_request = ChatCompletionRequest(messages=req.messages, chat_template_kwargs=req.chat_template_kwargs)
+            ids = (await server.in_tokenizer_thread(server.chat_prompt, chat_request))[0]["prompt_token_ids"]
         elif req.prompt is not None:
             server._check_text_length(len(req.prompt), "prompt")
             ids = await server.in_tokenizer_thread(

@@ -194,6 +194,8 @@ class ChatMessage(_Strict):
     name: str | None = None
     tool_calls: list[MessageToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None                 # a tool's answer to one of them
+    reasoning_content: str | None = None            # an assistant's earlier thinking (templates may show it)
+    reasoning: str | None = None                    # the same, by vLLM's newer name
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -206,6 +208,9 @@ class ChatMessage(_Strict):
         for key in ("name", "tool_call_id"):
             if getattr(self, key) is not None:
                 message[key] = getattr(self, key)
+        thinking = self.reasoning_content if self.reasoning_content is not None else self.reasoning
+        if thinking is not None:
+            message["reasoning_content"] = thinking  # the name Qwen3's and DeepSeek-R1's templates read
         if self.tool_calls:
             message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
                 "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}} for c in self.tool_calls]
@@ -251,6 +256,8 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = None
     # OpenAI's default: "auto" when tools are given, else "none"
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    chat_template_kwargs: dict | None = None  # more variables for the template, e.g. {"enable_thinking": false}
+    include_reasoning: bool = True            # with --reasoning-parser: send the thinking, or leave it out
 
     @property
     def effective_tool_choice(self) -> str | NamedToolChoice:
@@ -296,6 +303,7 @@ class TokenizeRequest(_Strict):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    chat_template_kwargs: dict | None = None
     add_special_tokens: bool = True
 
 

@@ -76,7 +76,7 @@ class ToolCallStream:
             if not self.in_call:
                 i = self.pending.find(start)
                 if i < 0:
-                    keep = _partial_suffix(self.pending, start)  # may be the beginning of a tag
+                    keep = partial_tag_suffix(self.pending, start)  # may be the beginning of a tag
                     content += self.pending[:len(self.pending) - keep]
                     self.pending = self.pending[len(self.pending) - keep:]
                     return content, calls
@@ -108,7 +108,7 @@ class ToolCallStream:
         return content, calls
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_tag_suffix(text: str, tag: str) -> int:
     """Length of the longest end of text that begins tag."""
     for n in range(min(len(text), len(tag) - 1), 0, -1):
         if tag.startswith(text[-n:]):

@@ -18,16 +18,21 @@ _CORPUS = [
     "def hello():\n    return 'world'\n",
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Symbols: ! ? , . ; : - + = ( ) [ ] { }",
 ]
-# Qwen's shape, tools included: tools listed in a system turn, calls as Hermes <tool_call> blocks.
+# Qwen's shape, tools and thinking included: tools listed in a system turn, calls as Hermes <tool_call> blocks,
+# an assistant's earlier thinking as a <think> block; enable_thinking true opens a block for the reply, false
+# closes an empty one (Qwen3's switch), and unset leaves the reply as it is.
 CHAT_TEMPLATE = (
     "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n</tools><|im_end|>\n"
     "{% endif %}"
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m.get('reasoning_content') %}<think>\n{{ m['reasoning_content'] }}\n</think>\n\n{% endif %}{{ m['content'] }}"
     "{% for c in m.get('tool_calls', []) %}<tool_call>\n{{ {'name': c['function']['name'], "
     "'arguments': c['function']['arguments']} | tojson }}\n</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined %}"
+    "{% if enable_thinking %}<think>\n{% else %}<think>\n\n</think>\n\n{% endif %}{% endif %}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+THINK_TOKENS = ["<think>", "</think>"]  # one token each, not special (kept in the text), as in Qwen3's vocabulary
 
 
 def build_tokenizer(vocab_size: int = 384):
@@ -41,6 +46,7 @@ def build_tokenizer(vocab_size: int = 384):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_CORPUS * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.add_tokens(THINK_TOKENS)
     fast.chat_template = CHAT_TEMPLATE
     return fast
 

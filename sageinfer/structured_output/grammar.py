@@ -61,8 +61,8 @@ class GrammarCompiler:
             reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(exc)).strip()  # xgrammar's time and source line
             raise ValueError(f"structured outputs: the {kind} could not be compiled: {reason}") from None
 
-    def matcher(self, compiled) -> "RequestGrammar":
-        return RequestGrammar(self._xgr, compiled)
+    def matcher(self, compiled, after_token_id: int | None = None) -> "RequestGrammar":
+        return RequestGrammar(self._xgr, compiled, after_token_id)
 
     def next_bitmasks(self, grammars: list["RequestGrammar"]) -> np.ndarray:
         """[len(grammars), width] int32: bit t of row i set where token t may follow grammars[i]'s tokens, the
@@ -74,15 +74,20 @@ class GrammarCompiler:
 
 
 class RequestGrammar:
-    """One sample's position in its grammar."""
+    """One sample's position in its grammar; with after_token_id, free (waiting) until it generates that token."""
 
-    def __init__(self, xgr, compiled):
+    def __init__(self, xgr, compiled, after_token_id: int | None = None):
         self._matcher = xgr.GrammarMatcher(compiled)  # its bitmasks: GrammarCompiler.next_bitmasks
+        self.waiting_for = after_token_id
 
     def accept(self, token: int) -> None:
+        if self.waiting_for is not None:
+            if token == self.waiting_for:
+                self.waiting_for = None
+            return
         if not self._matcher.accept_token(token):
             raise RuntimeError(f"token {token} does not follow the request's grammar")
 
     @property
     def is_terminated(self) -> bool:
-        return self._matcher.is_terminated()
+        return self.waiting_for is None and self._matcher.is_terminated()
