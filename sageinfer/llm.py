@@ -45,16 +45,18 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
              chat_template: str | None = None, add_generation_prompt: bool = True,
-             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
+             continue_final_message: bool = False) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of {"role", "content"} messages) or to several
         (a list of them), rendered with the tokenizer's chat template or the one given; `tools`
         (OpenAI function definitions) go to the template, which shows them to the model, and
-        chat_template_kwargs are more of its variables (e.g. {"enable_thinking": False})."""
+        chat_template_kwargs are more of its variables (e.g. {"enable_thinking": False}); with
+        continue_final_message (and add_generation_prompt=False) the reply continues the last, assistant message."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = []
         for conversation in conversations:
             text, ids = self.engine.inputs.render_chat(conversation, add_generation_prompt, chat_template, tools,
-                                                       chat_template_kwargs)
+                                                       chat_template_kwargs, continue_final_message)
             prompts.append({"prompt_token_ids": ids, "prompt": text})
         return self.generate(prompts, sampling_params, use_tqdm)
 

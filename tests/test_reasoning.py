@@ -160,3 +160,20 @@ def test_offline_chat_takes_template_kwargs_and_refuses_bad_ones(offline):
     assert on.endswith("<think>\n") and off.endswith("</think>\n\n")
     with pytest.raises(ValueError, match="chat_template_kwargs"):
         offline.chat(QUESTION, use_tqdm=False, chat_template_kwargs={"add_generation_prompt": False})
+
+
+def test_a_reply_continues_the_final_assistant_message(client, offline):
+    """continue_final_message: the prompt ends inside the assistant's words, which the reply goes on from."""
+    partial = QUESTION + [{"role": "assistant", "content": "The capital is"}]
+    params = SamplingParams(temperature=0, max_tokens=8)
+    (expected,) = offline.chat(partial, params, use_tqdm=False, add_generation_prompt=False,
+                               continue_final_message=True)
+    assert expected.prompt.endswith("The capital is")
+    out = client.chat.completions.create(model="tiny", messages=partial, max_tokens=8, temperature=0,
+                                         extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    assert out.choices[0].message.content == expected.outputs[0].text
+    for body, wrong in (({"continue_final_message": True}, "both"), ({"add_generation_prompt": False,
+                                                                      "continue_final_message": True}, "assistant")):
+        with pytest.raises(openai.BadRequestError, match=wrong):
+            client.chat.completions.create(model="tiny", messages=partial if wrong == "both" else QUESTION,
+                                           max_tokens=2, extra_body=body)

@@ -92,10 +92,15 @@ class InputProcessor:
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     chat_template: str | None = None, tools: list[dict] | None = None,
-                    template_kwargs: dict | None = None) -> tuple[str, list[int]]:
+                    template_kwargs: dict | None = None, continue_final_message: bool = False) -> tuple[str, list[int]]:
         """A conversation through the chat template: (text, token ids). ValueError if it can't be.
-        template_kwargs: more variables for the template (chat_template_kwargs, e.g. enable_thinking)."""
+        template_kwargs: more variables for the template (chat_template_kwargs, e.g. enable_thinking);
+        continue_final_message: the prompt ends inside the last (assistant) message, which the reply continues."""
         check_template_kwargs(template_kwargs)
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        if continue_final_message and (not messages or messages[-1].get("role") != "assistant"):
+            raise ValueError("continue_final_message needs the last message to be the assistant's")
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer; the engine runs with skip_tokenizer_init")
         if chat_template is None and not getattr(self.tokenizer, "chat_template", None):
@@ -103,6 +108,7 @@ class InputProcessor:
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=chat_template,
                                                       add_generation_prompt=add_generation_prompt, tools=tools,
+                                                      continue_final_message=continue_final_message,
                                                       **(template_kwargs or {}))
         except Exception as exc:  # a template error is the conversation's fault (e.g. roles out of order)
             raise ValueError(f"the chat template could not render these messages: {exc}") from exc

@@ -62,6 +62,9 @@ class OpenAIServer:
         engine.metrics.model_name = served_model_name
         if chat_template is not None and self.tokenizer is not None:
             self.tokenizer.chat_template = chat_template
+        # the block's closing token, after which a grammar binds (None: not one token, so a grammar binds at once)
+        self.reasoning_end_id = self.reasoning_parser.end_token_id(self.tokenizer) \
+            if self.reasoning_parser is not None and self.tokenizer is not None else None
         self.created = int(time.time())
         # Tokenizing, chat templates and decoding run here, off the event loop (a long prompt must not
         # stall /health or other requests). One thread: HF tokenizers are not safe to share between
@@ -129,7 +132,8 @@ class OpenAIServer:
             raise APIError(400, str(exc), "chat_template_kwargs") from exc
         try:
             text, ids = self.inputs.render_chat(messages, req.add_generation_prompt, tools=req.tool_schemas(),
-                                                template_kwargs=req.chat_template_kwargs)
+                                                template_kwargs=req.chat_template_kwargs,
+                                                continue_final_message=req.continue_final_message)
         except ValueError as exc:
             raise APIError(400, str(exc), "messages") from exc
         return self._fit(text, ids, truncate), text
@@ -336,11 +340,10 @@ class OpenAIServer:
         in_reasoning = parser.starts_in_reasoning(prompt_text)
         spec = params.structured_outputs
         if in_reasoning and spec is not None:
-            end = parser.end_token_id(self.tokenizer)
-            if end is None:  # the format binds from the first token: no thinking comes
+            if self.reasoning_end_id is None:  # the format binds from the first token: no thinking comes
                 in_reasoning = False
             else:
-                params.structured_outputs = dataclasses.replace(spec, after_token_id=end)
+                params.structured_outputs = dataclasses.replace(spec, after_token_id=self.reasoning_end_id)
         return _Thinking(parser, in_reasoning, include)
 
     async def _collect(self, streams: list[RequestStream], raw: Request) -> list:

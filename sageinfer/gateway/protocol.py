@@ -253,6 +253,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the reply continues the last (assistant) message, as written
     tools: list[Tool] | None = None
     # OpenAI's default: "auto" when tools are given, else "none"
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
