@@ -47,6 +47,21 @@ def test_streamed_completion_concatenates_to_the_full_text_and_reports_usage(cli
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
 
 
+def test_continuous_usage_stats_count_the_tokens_so_far_in_every_chunk(client):
+    for create, body in ((client.completions.create, {"prompt": "Once upon a time", "n": 2}),
+                         (client.chat.completions.create, {"messages": [{"role": "user", "content": "Hi"}]})):
+        chunks = list(create(model="tiny", max_tokens=12, temperature=0, stream=True, extra_body={"ignore_eos": True},
+                             stream_options={"include_usage": True, "continuous_usage_stats": True}, **body))
+        per_choice = [c for c in chunks if c.choices and c.usage is not None]
+        assert per_choice and all(c.usage is not None for c in chunks)
+        counts = [c.usage.completion_tokens for c in per_choice]
+        assert counts == sorted(counts) and counts[-1] == chunks[-1].usage.completion_tokens
+        assert chunks[-1].usage.completion_tokens == 12 * body.get("n", 1)
+        assert {c.usage.prompt_tokens for c in per_choice} == {chunks[-1].usage.prompt_tokens}
+    plain = list(client.completions.create(model="tiny", prompt="x", max_tokens=3, stream=True))
+    assert all(c.usage is None for c in plain)
+
+
 def test_chat_completion_streamed_and_not(client, offline):
     messages = [{"role": "user", "content": "你好，世界"}]
     full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
@@ -187,6 +202,13 @@ def test_invalid_json_and_wrong_key(server):
                       headers={"Authorization": "Bearer nope"})
     assert resp.status_code == 401
     assert httpx.get(server.base_url + "/health", timeout=30).status_code == 200
+
+
+def test_ping_and_version_answer_without_the_key(server):
+    import sageinfer
+    for method in ("GET", "POST"):
+        assert httpx.request(method, server.base_url + "/ping", timeout=30).status_code == 200
+    assert httpx.get(server.base_url + "/version", timeout=30).json() == {"version": sageinfer.__version__}
 
 
 def test_models_tokenize_detokenize(server, offline):

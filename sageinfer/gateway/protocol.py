@@ -16,6 +16,7 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # the usage so far in every chunk (vLLM's)
 
 
 # Fields that OpenAI and vLLM clients send for features this server does not have yet: a request
