@@ -450,6 +450,25 @@ def test_tool_calls_auto_parsed_from_the_text_streamed_and_not(client):
     assert follow.choices[0].message.tool_calls is None
 
 
+def test_parallel_tool_calls_false_keeps_one_call(client):
+    messages = [{"role": "user", "content": "Weather in Paris and Rome?"}]
+    two = CALL_REGEX.replace("(Paris|Rome)", "Paris") + CALL_REGEX.replace("(Paris|Rome)", "Rome")[len("Checking\\."):]
+    for parallel, cities in ((True, ["Paris", "Rome"]), (False, ["Paris"])):
+        body = {"guided_regex": two, "parallel_tool_calls": parallel}
+        out = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, max_tokens=300, seed=1,
+                                             extra_body=body)
+        assert [json.loads(c.function.arguments)["city"] for c in out.choices[0].message.tool_calls] == cities
+        stream = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, max_tokens=300,
+                                                seed=1, stream=True, extra_body=body)
+        calls = [c for chunk in stream for c in (chunk.choices[0].delta.tool_calls or [])]
+        assert [(c.index, json.loads(c.function.arguments)["city"]) for c in calls] == list(enumerate(cities))
+    for seed in range(3):  # "required": the grammar's list holds one call
+        out = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice="required",
+                                             max_tokens=400, temperature=1.0, seed=seed,
+                                             extra_body={"parallel_tool_calls": False})
+        assert len(out.choices[0].message.tool_calls) == 1
+
+
 def test_tool_choice_required_and_named_follow_the_schemas(client):
     messages = [{"role": "user", "content": "Anything"}]
     for seed in range(3):  # a call is about 50 tokens, and the random model may write several

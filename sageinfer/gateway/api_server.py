@@ -274,7 +274,7 @@ class OpenAIServer:
         if tool_choice == "auto" and self.tool_parser is None:
             raise APIError(400, 'tool_choice "auto" needs the server started with --enable-auto-tool-choice and '
                                 '--tool-call-parser', "tool_choice")
-        tools = ToolCallOutput(tool_choice, self.tool_parser)
+        tools = ToolCallOutput(tool_choice, self.tool_parser, req.parallel_tool_calls)
         self.engine.check_accepting(params.n)
         prompt, prompt_text = await self.in_tokenizer_thread(self.chat_prompt, req)
         thinking = self._thinking_of(prompt_text, params, req.include_reasoning)

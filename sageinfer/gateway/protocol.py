@@ -258,6 +258,7 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = None
     # OpenAI's default: "auto" when tools are given, else "none"
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool = True          # false: at most one call a reply
     chat_template_kwargs: dict | None = None  # more variables for the template, e.g. {"enable_thinking": false}
     include_reasoning: bool = True            # with --reasoning-parser: send the thinking, or leave it out
 
@@ -290,7 +291,8 @@ class ChatCompletionRequest(_SamplingFields):
         calls = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
                   "properties": {"name": {"enum": [f.name]}, "parameters": f.parameters or {"type": "object"}}}
                  for f in by_name.values()]
-        return StructuredOutputsParams(json={"type": "array", "minItems": 1, "items": {"anyOf": calls}})
+        bounds = {"minItems": 1} if self.parallel_tool_calls else {"minItems": 1, "maxItems": 1}
+        return StructuredOutputsParams(json={"type": "array", **bounds, "items": {"anyOf": calls}})
 
     def sampling_params(self, defaults: dict | None = None) -> SamplingParams:
         """Without max_tokens a reply may run to the end of the context (or the checkpoint's max_new_tokens)."""

@@ -124,8 +124,9 @@ class ToolCallOutput:
     the text; "required" a JSON list of {name, parameters} (held to it by a grammar); a named
     function its arguments (likewise)."""
 
-    def __init__(self, tool_choice, parser):
+    def __init__(self, tool_choice, parser, parallel: bool = True):
         self.choice, self.parser = tool_choice, parser
+        self.max_calls = None if parallel else 1  # parallel_tool_calls false: the first call only
 
     def _forced_calls(self, text: str) -> list[ToolCall] | None:
         try:
@@ -145,6 +146,7 @@ class ToolCallOutput:
             calls = self._forced_calls(text)
             content = None if calls else text
             calls = calls or []
+        calls = calls[:self.max_calls]
         message = {"role": "assistant", "content": content}
         if calls:
             message["tool_calls"] = [c.to_openai() for c in calls]
@@ -179,6 +181,8 @@ class _ToolCallDeltas:
             if finished:
                 rest, more = self.splitter.finish()
                 text, calls = text + rest, calls + more
+            if self.output.max_calls is not None:
+                calls = calls[:max(0, self.output.max_calls - self.num_calls)]
         self.num_calls += len(calls)
         delta = {}
         if text:
