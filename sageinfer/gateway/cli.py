@@ -95,7 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.max_request_body_bytes < 1024:
         raise ValueError(f"--max-request-body-bytes must be >= 1024, got {args.max_request_body_bytes}")
     if args.enable_auto_tool_choice and not args.tool_call_parser:
-        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes)")
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
     tool_call_parser = args.tool_call_parser if args.enable_auto_tool_choice else None
     chat_template = None  # read before the engine's load, so that a wrong path fails at once
     if args.chat_template:
@@ -236,8 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--chat-template", default=None, help="a Jinja chat template file")
     serve.add_argument("--enable-auto-tool-choice", action="store_true",
                        help='answer tool_choice "auto" by parsing tool calls out of the output (needs --tool-call-parser)')
-    serve.add_argument("--tool-call-parser", default=None, choices=["hermes"],
-                       help="the model's tool call format: hermes (Qwen 2.5 / 3, Hermes)")
+    serve.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                       help="the model's tool call format: hermes (Qwen 2.5 / 3, Hermes), "
+                            "llama3_json (Llama 3.1 / 3.2 / 3.3)")
     serve.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
                        help="send a reasoning model's <think> block as the chat message's reasoning "
                             "(qwen3: Qwen3, QwQ; deepseek_r1: DeepSeek-R1 and its distillations)")

@@ -4,6 +4,7 @@
 Hermes format, used by Qwen 2.5 / 3, Hermes 2 / 3 and others: each call is a JSON object
 {"name": ..., "arguments": {...}} between <tool_call> and </tool_call>; text before the first call
 is the message's content. A block that is not such JSON is left in the content, as text.
+Llama 3's JSON format (llama3_json): the reply is the calls themselves, {"name": ..., "parameters": ...}.
 """
 from __future__ import annotations
 
@@ -116,7 +117,108 @@ def partial_tag_suffix(text: str, tag: str) -> int:
     return 0
 
 
-TOOL_PARSERS = {"hermes": HermesToolParser}
+class Llama3JsonToolParser:
+    """Llama 3.1 / 3.2 / 3.3's JSON format: the whole reply is the call(s), {"name": ..., "parameters": {...}},
+    several separated by ";", after <|python_tag|> where special tokens are kept. A reply that does not begin
+    with one is content."""
+    tag = "<|python_tag|>"
+
+    def call_of(self, obj) -> ToolCall | None:
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            return None
+        return new_tool_call(obj["name"], obj.get("parameters", obj.get("arguments", {})))
+
+    def body(self, text: str) -> str | None:
+        """The text the calls are in, or None where the reply is not calls."""
+        head = text.lstrip()
+        if head.startswith(self.tag):
+            head = head[len(self.tag):].lstrip()
+        return head if head.startswith("{") else None
+
+    def next_call(self, text: str) -> tuple[object, int] | None:
+        """(the JSON value that text begins with, its length), or None while it is not whole."""
+        try:
+            return json.JSONDecoder().raw_decode(text)
+        except json.JSONDecodeError:
+            return None
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        rest = self.body(text)
+        if rest is None:
+            return text, []
+        calls = []
+        while rest:
+            found = self.next_call(rest)
+            call = found and self.call_of(found[0])
+            if call is None:
+                return text, []  # not calls after all: the text as it came
+            calls.append(call)
+            rest = rest[found[1]:].lstrip().removeprefix(";").lstrip()
+        return None, calls
+
+    def stream(self) -> "Llama3JsonStream":
+        return Llama3JsonStream(self)
+
+
+class Llama3JsonStream:
+    """The same over a streamed reply: content as it comes where it is not calls; each call once its JSON is
+    whole. Calls that turn out not to parse are sent as content at the end, as parse() leaves them."""
+
+    def __init__(self, parser: Llama3JsonToolParser):
+        self.parser = parser
+        self.text = ""        # the whole reply so far
+        self.mode = None      # None: undecided (blanks, part of the tag); "content"; "calls"
+        self.consumed = 0     # characters of the calls' body already sent as calls
+        self.calls: list[dict] = []
+        self.broken = False
+
+    def feed(self, delta: str) -> tuple[str, list[dict]]:
+        self.text += delta
+        if self.mode is None:
+            head = self.text.lstrip()
+            if not head or self.parser.tag.startswith(head) or (head.startswith(self.parser.tag)
+                                                                and not head[len(self.parser.tag):].strip()):
+                return "", []
+            self.mode = "calls" if self.parser.body(self.text) is not None else "content"
+            if self.mode == "content":
+                return self.text, []
+        elif self.mode == "content":
+            return delta, []
+        return "", self._whole_calls()
+
+    def _whole_calls(self) -> list[dict]:
+        out = []
+        body = self.parser.body(self.text)
+        while not self.broken:
+            rest = body[self.consumed:]
+            stripped = rest.lstrip().removeprefix(";").lstrip()
+            if not stripped:
+                break
+            found = self.parser.next_call(stripped)
+            if found is None:
+                break  # not whole yet
+            call = self.parser.call_of(found[0])
+            if call is None:
+                self.broken = True
+                break
+            self.consumed += len(rest) - len(stripped) + found[1]
+            out.append(call.to_openai(len(self.calls)))
+            self.calls.append(out[-1])
+        return out
+
+    def finish(self) -> tuple[str, list[dict]]:
+        if self.mode is None:
+            return self.text, []
+        if self.mode == "content":
+            return "", []
+        body = self.parser.body(self.text)
+        if self.broken or body[self.consumed:].strip(" \n;"):
+            # What is left does not parse: the calls already sent stand, and the rest goes as text.
+            return body[self.consumed:], []
+        return "", []
+
+
+TOOL_PARSERS = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser}
 
 
 class ToolCallOutput:
