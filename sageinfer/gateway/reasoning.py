@@ -79,4 +79,39 @@ class ReasoningStream:
         return "", (rest if self.state != "after" else "")
 
 
+class ReplyThinking:
+    """One chat reply's split of thinking from answer (with no parser: all answer), and the fields it adds."""
+
+    def __init__(self, parser, in_reasoning: bool, include: bool):
+        self.parser, self.in_reasoning, self.include = parser, in_reasoning, include
+
+    def split(self, text: str) -> tuple[str | None, str | None]:
+        return (None, text) if self.parser is None else self.parser.split(text, self.in_reasoning)
+
+    def stream(self) -> "ReplyThinkingStream":
+        return ReplyThinkingStream(None if self.parser is None else self.parser.stream(self.in_reasoning))
+
+    def fields(self, reasoning: str | None) -> dict:
+        """The message's (or delta's) thinking under vLLM's name and its older one, which other servers use."""
+        if not reasoning or not self.include:
+            return {}
+        return {"reasoning": reasoning, "reasoning_content": reasoning}
+
+
+class ReplyThinkingStream:
+    """One streamed choice's split (with no parser: every delta is content)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def feed(self, text: str, finished: bool) -> tuple[str, str]:
+        if self.stream is None:
+            return "", text
+        reasoning, content = self.stream.feed(text)
+        if finished:
+            more_reasoning, more_content = self.stream.finish()
+            reasoning, content = reasoning + more_reasoning, content + more_content
+        return reasoning, content
+
+
 REASONING_PARSERS = {"qwen3": ThinkTagReasoningParser, "deepseek_r1": ThinkTagReasoningParser}
