@@ -13,7 +13,8 @@ from server_util import ServerProcess
 
 @pytest.fixture(scope="module")
 def server(llama_dir):
-    srv = ServerProcess(llama_dir, "--max-num-seqs", "32", "--enable-auto-tool-choice", "--tool-call-parser", "hermes")
+    srv = ServerProcess(llama_dir, "--max-num-seqs", "32", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                        "--enable-prompt-tokens-details")
     yield srv
     assert srv.stop() == 0
 
@@ -60,6 +61,24 @@ def test_continuous_usage_stats_count_the_tokens_so_far_in_every_chunk(client):
         assert {c.usage.prompt_tokens for c in per_choice} == {chunks[-1].usage.prompt_tokens}
     plain = list(client.completions.create(model="tiny", prompt="x", max_tokens=3, stream=True))
     assert all(c.usage is None for c in plain)
+
+
+def test_prompt_tokens_served_from_the_cache_are_reported(client):
+    """--enable-prompt-tokens-details: a repeated prompt's whole blocks come from the prefix cache, and the usage
+    says how many tokens, streamed and not."""
+    prompt = "The capital of France is Paris. " * 12
+    first = client.completions.create(model="tiny", prompt=prompt, max_tokens=2)
+    again = client.completions.create(model="tiny", prompt=prompt, max_tokens=2)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < again.usage.prompt_tokens and cached % 16 == 0
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=2, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+    messages = [{"role": "user", "content": prompt}]
+    client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+    assert chat.usage.prompt_tokens_details.cached_tokens > 0
 
 
 def test_chat_completion_streamed_and_not(client, offline):

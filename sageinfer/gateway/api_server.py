@@ -50,8 +50,12 @@ def _param_of(message: str) -> str | None:
 
 class OpenAIServer:
     def __init__(self, engine: EngineFront, served_model_name: str, chat_template: str | None = None,
-                 tool_call_parser: str | None = None, reasoning_parser: str | None = None):
+                 tool_call_parser: str | None = None, reasoning_parser: str | None = None,
+                 prompt_tokens_details: bool = False):
         self.engine = engine
+        # usage.prompt_tokens_details.cached_tokens in answers (off by default, as vLLM: it tells one client
+        # what other clients' prompts left in the cache)
+        self.prompt_tokens_details = prompt_tokens_details
         # tool_choice "auto" reads tool calls out of the text with this parser (None: refused)
         self.tool_parser = TOOL_PARSERS[tool_call_parser]() if tool_call_parser else None
         # a reasoning model's thinking, split from its answer (None: all of it is the content)
@@ -232,7 +236,9 @@ class OpenAIServer:
                                            req.logprobs is not None or self.tokenizer is None)
                 completion_tokens = 0
                 usage = fmt.RunningUsage(req.stream_options, prompt_tokens)
+                cached = [0] * len(prompts)
                 async for i, out in self.merged(streams):
+                    cached[i] = out.num_cached_tokens
                     for c in out.outputs:
                         index = i * n + c.index
                         first = index not in tracker.sent_tokens
@@ -246,7 +252,8 @@ class OpenAIServer:
                         yield _sse({**base, "choices": [choice(i, out, c, text, start, end, finished, first)],
                                     **usage.of(index, end)})
                 if req.stream_options and req.stream_options.include_usage:
-                    yield _sse({**base, "choices": [], "usage": fmt.usage(prompt_tokens, completion_tokens)})
+                    yield _sse({**base, "choices": [], "usage": fmt.usage(prompt_tokens, completion_tokens,
+                                                                          self._cached(sum(cached)))})
                 yield "data: [DONE]\n\n"
             return _EngineStream(_with_error_event(events()), streams)
 
@@ -257,7 +264,8 @@ class OpenAIServer:
                 completion_tokens += len(c.token_ids)
                 choices.append(choice(i, out, c, echo_text[i] + c.text, 0, len(c.token_ids), True, True))
         body = {**base, "choices": sorted(choices, key=lambda x: x["index"]),
-                "usage": fmt.usage(prompt_tokens, completion_tokens)}
+                "usage": fmt.usage(prompt_tokens, completion_tokens,
+                                   self._cached(sum(out.num_cached_tokens for out in finals)))}
         if len(finals) == 1 and finals[0].kv_transfer_params is not None:
             body["kv_transfer_params"] = finals[0].kv_transfer_params  # for the decode instance (PD)
         return body
@@ -295,7 +303,9 @@ class OpenAIServer:
                          "finish_reason": None}], **usage.of(index, 0)})
                 splitters = [tools.stream() for _ in range(params.n)]
                 thoughts = [thinking.stream() for _ in range(params.n)]
+                cached = 0
                 async for _, out in self.merged(streams):
+                    cached = out.num_cached_tokens
                     for c in out.outputs:
                         d = tracker.delta(c.index, c)
                         if d is None:
@@ -312,7 +322,7 @@ class OpenAIServer:
                             "finish_reason": finish_reason}], **usage.of(c.index, end)})
                 if req.stream_options and req.stream_options.include_usage:
                     yield _sse({**base, "object": "chat.completion.chunk", "choices": [],
-                                "usage": fmt.usage(prompt_tokens, completion_tokens)})
+                                "usage": fmt.usage(prompt_tokens, completion_tokens, self._cached(cached))})
                 yield "data: [DONE]\n\n"
             return _EngineStream(_with_error_event(events()), streams)
 
@@ -328,12 +338,16 @@ class OpenAIServer:
                             "logprobs": fmt.chat_logprobs(c, 0, len(c.token_ids), k) if req.logprobs else None,
                             "finish_reason": finish_reason, "stop_reason": c.stop_reason})
         body = {**base, "object": "chat.completion", "choices": choices,
-                "usage": fmt.usage(prompt_tokens, sum(len(c.token_ids) for c in out.outputs))}
+                "usage": fmt.usage(prompt_tokens, sum(len(c.token_ids) for c in out.outputs),
+                                   self._cached(out.num_cached_tokens))}
         if req.prompt_logprobs is not None:
             body["prompt_logprobs"] = fmt.prompt_logprobs(out.prompt_logprobs)
         if out.kv_transfer_params is not None:
             body["kv_transfer_params"] = out.kv_transfer_params  # for the decode instance (PD)
         return body
+
+    def _cached(self, num_tokens: int) -> int | None:
+        return num_tokens if self.prompt_tokens_details else None
 
     def _thinking_of(self, prompt_text: str, params, include: bool) -> ReplyThinking:
         """How a chat reply's thinking is told apart: with a reasoning parser, the output begins in it where the

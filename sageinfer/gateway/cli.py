@@ -130,7 +130,8 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"KV cache: {num_blocks - 1} blocks of {block_size} tokens; "
           f"max_model_len {front.inputs.max_model_len}", flush=True)
     name = args.served_model_name or os.path.basename(os.path.normpath(kwargs["model"]))
-    app = build_app(OpenAIServer(front, name, chat_template, tool_call_parser, args.reasoning_parser), api_key=api_key,
+    app = build_app(OpenAIServer(front, name, chat_template, tool_call_parser, args.reasoning_parser,
+                                 args.enable_prompt_tokens_details), api_key=api_key,
                     public_metrics=args.public_metrics, max_request_body_bytes=args.max_request_body_bytes,
                     kv_events=None if config.kv_events_config is None else {**config.kv_events_config,
                                                                             "block_size": block_size},
@@ -239,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
                        help="the model's tool call format: hermes (Qwen 2.5 / 3, Hermes), "
                             "llama3_json (Llama 3.1 / 3.2 / 3.3)")
+    serve.add_argument("--enable-prompt-tokens-details", action="store_true",
+                       help="report the prompt tokens served from the prefix cache "
+                            "(usage.prompt_tokens_details.cached_tokens)")
     serve.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
                        help="send a reasoning model's <think> block as the chat message's reasoning "
                             "(qwen3: Qwen3, QwQ; deepseek_r1: DeepSeek-R1 and its distillations)")
