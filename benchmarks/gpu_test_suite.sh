@@ -13,9 +13,6 @@
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-# Start-ups compile in two worker processes each (ops/compile_workers.py), so that the suite covers them;
-# more would crowd the machine, with the parts side by side.
-export SAGEINFER_COMPILE_WORKERS=${SAGEINFER_COMPILE_WORKERS:-2}
 # A test stuck for 4 minutes prints every thread's stack (where it hangs), and no part outlives
 # PART_SECONDS: a hang costs one part, not the device call. The limit interrupts pytest (SIGINT), so a
 # part cut short still lists its failures; -v logs each test as it ends.

@@ -5,9 +5,6 @@ requests take turns: greedy, Llama 3's sampling (top-p alone) and Qwen3's (top-k
 sampler's kernels are served too.
 
   TRITON_CACHE_DIR=$(mktemp -d) python benchmarks/startup_compiles.py --out startup.json [engine flags]
-
-With SAGEINFER_COMPILE_WORKERS=auto (or a count) start-up compiles in worker processes (ops/compile_workers.py);
-a kernel's seconds then include its wait for the worker.
 """
 from __future__ import annotations
 
@@ -46,7 +43,7 @@ def main() -> None:
     record = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), **source_version(),
               "device": engine.platform.device_name(), "date": datetime.date.today().isoformat(),
               "triton_cache_dir": os.environ.get("TRITON_CACHE_DIR", "(default)"),
-              "compile_workers": os.environ.get("SAGEINFER_COMPILE_WORKERS", "0"), "startup_s": startup,
+              "startup_s": startup,
               "model_load_s": engine.model_load_seconds, "model_load_phases": engine.runner.load_phases,
               "memory_profile_s": engine.memory_profile_seconds,
               "kernel_warm_up_wait_s": engine.kernel_warm_up_seconds, "graph_capture_s": engine.graph_capture_seconds,

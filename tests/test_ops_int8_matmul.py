@@ -116,7 +116,7 @@ def test_chips_without_a_library_int8_gemm_take_the_kernel():
 
 @pytest.mark.parametrize("copies", [True, False])
 def test_a_persistent_configuration_gets_one_program_a_processor_where_the_chip_copies_tiles(monkeypatch, copies):
-    """W8A8's INT8 matmul (SAGEINFER_INT8_TMA=1 marks the many-row tiles persistent): the layer asks for the
+    """W8A8's INT8 matmul (SAGEINFER_INT8_TMA=1 makes the tiles past 8,192 rows persistent): the layer asks for the
     descriptor kernel with the platform's processor count, only where the platform has a tensor copy engine."""
     import types
     from sageinfer.layers.quantization import w8a8

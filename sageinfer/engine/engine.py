@@ -108,10 +108,7 @@ class LLMEngine:
         self.model_load_seconds = time.perf_counter() - started
         logger.info("model loaded in %.1f s (%s)", self.model_load_seconds,
                     ", ".join(f"{name[:-2]} {seconds:.1f} s" for name, seconds in self.runner.load_phases.items()))
-        try:
-            num_blocks, capacity = self._warm_up_and_size_cache(config)
-        finally:
-            self.runner.end_start_up_compiles()  # the compile workers serve start-up only
+        num_blocks, capacity = self._warm_up_and_size_cache(config)
         if self.workers is not None:
             self.workers.started = True
         logger.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks, config.block_size, capacity)

@@ -18,15 +18,12 @@ from torch import nn
 from sageinfer.background_warm_up import in_background
 
 
-def linear_warm_up_calls(model: nn.Module, dtype: torch.dtype, device: torch.device,
-                         by_row: bool = False) -> list[Callable[[], None]]:
+def linear_warm_up_calls(model: nn.Module, dtype: torch.dtype, device: torch.device) -> list[Callable[[], None]]:
     """One call per distinct quantized layer (its method and its tensors' shapes and dtypes): the layer's
     matmul on zeros at every row count from 2 to what its method runs on kernels of its own
     (quant.kernel_rows: 32 or 64), on its own kernels only (no bias, no all-reduce). Every count, not a
     few: a kernel's tile, its split over K and the specialisation of the row count follow the rows, and
-    the repeats of a variant are launches of a compiled kernel. by_row: a call per layer and row count,
-    for compile workers (ops/compile_workers.py), which compile a variant that several calls launch at
-    once only once; without them each such call would compile it again."""
+    the repeats of a variant are launches of a compiled kernel."""
     calls, seen = [], set()
     for module in model.modules():
         quant = getattr(module, "quant", None)
@@ -37,8 +34,7 @@ def linear_warm_up_calls(model: nn.Module, dtype: torch.dtype, device: torch.dev
         key = (type(quant), tuple((name, tuple(t.shape), t.dtype) for name, t in tensors if name != "bias"))
         if rows and key not in seen:
             seen.add(key)
-            calls.extend(functools.partial(_matmuls, module, part, dtype, device)
-                         for part in ([[n] for n in rows] if by_row else [rows]))
+            calls.append(functools.partial(_matmuls, module, rows, dtype, device))
     return calls
 
 

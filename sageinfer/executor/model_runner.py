@@ -65,8 +65,6 @@ class ModelRunner:
         self.num_kv_heads = kv_head_range(model_config.num_key_value_heads)[1]
         self.backend = get_attention_backend(attention_backend or self._default_backend(), platform)
         self._finish_kernel_warm_up = None  # start_kernel_warm_up's, until finish_kernel_warm_up
-        # Processes that compile start-up's Triton kernels, until end_start_up_compiles.
-        self._compile_workers = self._start_compile_workers()
         self.model = None
         # Seconds of the model load's phases (the engine logs them; start-up's benchmark records them): the
         # backend's setup, building the layers, filling their weights, converting them (device work included).
@@ -84,7 +82,6 @@ class ModelRunner:
                                     phases=phase)
         except BaseException:
             self.finish_kernel_warm_up(cancel=True)  # no compile left running past a failed load
-            self.end_start_up_compiles()
             raise
         use_triton = self.backend.name == "triton"
         for module in self.model.modules():
@@ -238,22 +235,6 @@ class ModelRunner:
         self.platform.synchronize()
         return time.perf_counter() - start
 
-    def _start_compile_workers(self):
-        """ops/compile_workers.py's pool (SAGEINFER_COMPILE_WORKERS), where this engine compiles Triton kernels:
-        not on platforms that interpret them (the CPU) nor with other attention backends."""
-        from sageinfer.ops import launch
-        if self.backend.name != "triton" or not self.platform.supports_triton or launch.interpreting():
-            return None
-        from sageinfer.ops.compile_workers import CompileWorkers, default_workers
-        workers = default_workers(ranks_on_host=get_tp_group().size)
-        return CompileWorkers(workers) if workers else None
-
-    def end_start_up_compiles(self) -> None:
-        """Start-up is over: later compiles (a variant no warm-up foresaw) run in the launching thread."""
-        workers, self._compile_workers = self._compile_workers, None
-        if workers is not None:
-            workers.close()
-
     def _warm_up_while_loading(self, model: torch.nn.Module) -> None:
         """The attention kernels' variants compile while the weights load: they need the layers' shapes,
         not their values (from an empty Triton cache on an H200 the memory profile after the load waited
@@ -284,11 +265,8 @@ class ModelRunner:
             index = self.device.index
             enter_thread = (lambda: self.platform.set_device(index)) if index is not None else (lambda: None)
             threads = min(8, os.cpu_count() or 1)
-            if self._compile_workers is not None:  # threads that wait on the workers: as many as they are
-                threads = max(threads, self._compile_workers.workers)
             if linear and LINEAR_WARM_UP:
-                calls = linear_warm_up_calls(self.model, self.dtype, self.device,
-                                             by_row=self._compile_workers is not None)
+                calls = linear_warm_up_calls(self.model, self.dtype, self.device)
                 if calls:
                     finishes.append(start_linear_warm_up(calls, threads, enter_thread))
             if attention:

@@ -182,7 +182,6 @@ def run_worker(rank: int, config: EngineConfig, attention_backend: str | None, e
     runner.finish_kernel_warm_up()
     runner.capture_graphs()
     runner.warm_up_logits()
-    runner.end_start_up_compiles()  # (the long-prompt warm-up rank 0 sends later compiles in this thread)
     freeze_start_up_heap()  # kept out of the collector's full passes while serving
     context = zmq.Context()
     socket = context.socket(zmq.PULL)
