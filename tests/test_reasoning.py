@@ -177,3 +177,12 @@ def test_a_reply_continues_the_final_assistant_message(client, offline):
         with pytest.raises(openai.BadRequestError, match=wrong):
             client.chat.completions.create(model="tiny", messages=partial if wrong == "both" else QUESTION,
                                            max_tokens=2, extra_body=body)
+
+
+def test_earlier_thinking_counts_toward_the_texts_length_limit(server):
+    """A prompt's text is bounded before it is tokenized, earlier thinking included."""
+    history = QUESTION + [{"role": "assistant", "content": "Paris.", "reasoning_content": "x " * 500_000},
+                          {"role": "user", "content": "And Italy?"}]
+    r = httpx.post(server.base_url + "/v1/chat/completions", headers=server.headers, timeout=60,
+                   json={"model": "tiny", "messages": history, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text

@@ -130,7 +130,8 @@ class OpenAIServer:
         messages = [m.for_template() for m in req.messages]
         truncate = req.truncate_prompt_tokens
         if truncate is None:
-            self._check_text_length(sum(len(m["content"]) for m in messages), "messages")
+            self._check_text_length(sum(len(m["content"]) + len(m.get("reasoning_content") or "")
+                                        for m in messages), "messages")
         try:
             check_template_kwargs(req.chat_template_kwargs)
         except ValueError as exc:
