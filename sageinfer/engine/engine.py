@@ -407,11 +407,14 @@ class LLMEngine:
         request that finished meanwhile keeps its old row: its token is dropped)."""
         if self.grammars is None:  # no request has had a grammar
             return
-        bound = [request for request, _ in scheduled if request.grammar is not None and not request.is_finished]
-        for request in bound:
-            if request.grammar.waiting_for is not None:  # not bound yet: any token may come
+        bound = []
+        for request, _ in scheduled:
+            if request.grammar is None or request.is_finished:
+                continue
+            if request.grammar.waiting_for is None:
+                bound.append(request)
+            else:  # not bound yet (after_token_id): any token may come
                 request.grammar_bitmask = None
-        bound = [request for request in bound if request.grammar.waiting_for is None]
         if bound:
             for request, row in zip(bound, self.grammars.next_bitmasks([r.grammar for r in bound])):
                 request.grammar_bitmask = row

@@ -29,7 +29,7 @@ _TEMPLATE_RESERVED = {"conversation", "messages", "tools", "documents", "chat_te
                       "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs"}
 
 
-def check_template_kwargs(kwargs) -> None:
+def _check_template_kwargs(kwargs) -> None:
     """ValueError naming chat_template_kwargs unless it is an object of template variables."""
     if kwargs is None:
         return
@@ -96,7 +96,7 @@ class InputProcessor:
         """A conversation through the chat template: (text, token ids). ValueError if it can't be.
         template_kwargs: more variables for the template (chat_template_kwargs, e.g. enable_thinking);
         continue_final_message: the prompt ends inside the last (assistant) message, which the reply continues."""
-        check_template_kwargs(template_kwargs)
+        _check_template_kwargs(template_kwargs)
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         if continue_final_message and (not messages or messages[-1].get("role") != "assistant"):

@@ -18,7 +18,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import sageinfer
 from sageinfer.engine.frontend import (EngineDead, EngineFront, EngineOverloaded, RequestFailed, RequestStream,
                                        ServerShuttingDown)
-from sageinfer.engine.input_processor import check_template_kwargs
 from sageinfer.gateway import openai_format as fmt
 from sageinfer.gateway.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, error_body
 from sageinfer.gateway.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -133,15 +132,12 @@ class OpenAIServer:
             self._check_text_length(sum(len(m["content"]) + len(m.get("reasoning_content") or "")
                                         for m in messages), "messages")
         try:
-            check_template_kwargs(req.chat_template_kwargs)
-        except ValueError as exc:
-            raise APIError(400, str(exc), "chat_template_kwargs") from exc
-        try:
             text, ids = self.inputs.render_chat(messages, req.add_generation_prompt, tools=req.tool_schemas(),
                                                 template_kwargs=req.chat_template_kwargs,
                                                 continue_final_message=req.continue_final_message)
         except ValueError as exc:
-            raise APIError(400, str(exc), "messages") from exc
+            kwargs_fault = str(exc).startswith("chat_template_kwargs")  # (render_chat checks them first)
+            raise APIError(400, str(exc), "chat_template_kwargs" if kwargs_fault else "messages") from exc
         return self._fit(text, ids, truncate), text
 
     # ---- generation -------------------------------------------------------------------------

@@ -168,8 +168,8 @@ class Llama3JsonStream:
         self.parser = parser
         self.text = ""        # the whole reply so far
         self.mode = None      # None: undecided (blanks, part of the tag); "content"; "calls"
-        self.consumed = 0     # characters of the calls' body already sent as calls
-        self.calls: list[dict] = []
+        self.consumed = 0     # where in text the calls not yet sent begin
+        self.num_calls = 0
         self.broken = False
 
     def feed(self, delta: str) -> tuple[str, list[dict]]:
@@ -179,18 +179,19 @@ class Llama3JsonStream:
             if not head or self.parser.tag.startswith(head) or (head.startswith(self.parser.tag)
                                                                 and not head[len(self.parser.tag):].strip()):
                 return "", []
-            self.mode = "calls" if self.parser.body(self.text) is not None else "content"
-            if self.mode == "content":
+            body = self.parser.body(self.text)
+            if body is None:
+                self.mode = "content"
                 return self.text, []
+            self.mode, self.consumed = "calls", len(self.text) - len(body)
         elif self.mode == "content":
             return delta, []
         return "", self._whole_calls()
 
     def _whole_calls(self) -> list[dict]:
         out = []
-        body = self.parser.body(self.text)
         while not self.broken:
-            rest = body[self.consumed:]
+            rest = self.text[self.consumed:]
             stripped = rest.lstrip().removeprefix(";").lstrip()
             if not stripped:
                 break
@@ -202,19 +203,17 @@ class Llama3JsonStream:
                 self.broken = True
                 break
             self.consumed += len(rest) - len(stripped) + found[1]
-            out.append(call.to_openai(len(self.calls)))
-            self.calls.append(out[-1])
+            out.append(call.to_openai(self.num_calls))
+            self.num_calls += 1
         return out
 
     def finish(self) -> tuple[str, list[dict]]:
         if self.mode is None:
             return self.text, []
-        if self.mode == "content":
-            return "", []
-        body = self.parser.body(self.text)
-        if self.broken or body[self.consumed:].strip(" \n;"):
+        rest = self.text[self.consumed:]
+        if self.mode == "calls" and (self.broken or rest.strip(" \n;")):
             # What is left does not parse: the calls already sent stand, and the rest goes as text.
-            return body[self.consumed:], []
+            return rest, []
         return "", []
 
 
