@@ -5,6 +5,8 @@ requests take turns: greedy, Llama 3's sampling (top-p alone) and Qwen3's (top-k
 sampler's kernels are served too.
 
   TRITON_CACHE_DIR=$(mktemp -d) python benchmarks/startup_compiles.py --out startup.json [engine flags]
+
+--sample-stacks adds where the start-up thread's wall time went (benchmarks/stack_sampler.py).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from provenance import source_version  # noqa: E402
+from stack_sampler import StackSampler  # noqa: E402
 from standard_args import add_standard_engine_args  # noqa: E402
 from triton_compiles import CompileLog  # noqa: E402
 
@@ -31,19 +34,29 @@ def main() -> None:
     parser.add_argument("--long-prompt", type=int, default=32000, help="tokens of the long prompts")
     parser.add_argument("--mix-prompts", type=int, default=300, help="chat-mix requests served between them")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--sample-stacks", action="store_true",
+                        help="sample the start-up thread's stack every 2 ms and print where its time went")
     add_standard_engine_args(parser)
+    parser.add_argument("--switch-interval", type=float, default=None,
+                        help="the interpreter's thread switch interval during start-up, in seconds (default 0.005)")
     args = parser.parse_args()
 
     compiles = CompileLog()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
+    sampler = StackSampler().start() if args.sample_stacks else None
     start = time.perf_counter()
     llm = LLM(**engine_kwargs(args))
     startup = time.perf_counter() - start
+    sys.setswitchinterval(0.005)
+    if sampler is not None:
+        sampler.stop()
     engine = llm.engine
     at_start_up = compiles.total()
     record = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), **source_version(),
               "device": engine.platform.device_name(), "date": datetime.date.today().isoformat(),
               "triton_cache_dir": os.environ.get("TRITON_CACHE_DIR", "(default)"),
-              "startup_s": startup,
+              "switch_interval_s": args.switch_interval or 0.005, "startup_s": startup,
               "model_load_s": engine.model_load_seconds, "model_load_phases": engine.runner.load_phases,
               "memory_profile_s": engine.memory_profile_seconds,
               "kernel_warm_up_wait_s": engine.kernel_warm_up_seconds, "graph_capture_s": engine.graph_capture_seconds,
@@ -57,6 +70,9 @@ def main() -> None:
           f"long-prompt warm-up {engine.long_prompt_warm_up_seconds:.1f} s; "
           f"{at_start_up[0]} compiles or disk-cache loads, {at_start_up[1]:.1f} s of them (threads overlap)", flush=True)
     print(compiles.table(15), flush=True)
+    if sampler is not None:
+        record["start_up_stacks"] = sampler.record()
+        print(sampler.table(), flush=True)
 
     compiles.reset()
     vocab = engine.model_config.vocab_size
