@@ -77,6 +77,46 @@ def test_dummy_weights_need_no_checkpoint(tmp_path):
     assert len(out.token_ids) == 4
 
 
+_TINY_CONFIGS = {"LlamaConfig": {}, "MistralConfig": {"sliding_window": None}, "Qwen2Config": {},
+                 "Qwen3Config": {"head_dim": 24}}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("config_name", sorted(_TINY_CONFIGS))
+def test_dummy_checkpoint_names_and_shapes_are_transformers_state_dict(tmp_path, config_name, tied):
+    """Dummy weights take the checkpoint's names and shapes from the config; transformers' model for the same
+    config (built on the meta device) holds exactly those tensors, in the same order."""
+    import torch
+    import transformers
+
+    from sageinfer.models.registry import get_model_class
+    config = getattr(transformers, config_name)(
+        vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=tied, architectures=[config_name.replace("Config", "ForCausalLM")],
+        **_TINY_CONFIGS[config_name])
+    config.save_pretrained(tmp_path)
+    cfg = load_model_config(str(tmp_path))
+    with torch.device("meta"):
+        reference = transformers.AutoModelForCausalLM.from_config(config)
+    expected = [(name, tuple(t.shape)) for name, t in reference.state_dict().items()]
+    assert list(get_model_class(cfg.architecture).checkpoint_shapes(cfg).items()) == expected
+
+
+@pytest.mark.parametrize("model", ["qwen3-8b", "llama-3.1-8b"])
+def test_dummy_checkpoint_of_the_benchmark_configs_is_transformers_state_dict(model):
+    import torch
+    import transformers
+
+    from sageinfer.bench.workloads import STANDARD_DIR
+    from sageinfer.models.registry import get_model_class
+    path = os.path.join(STANDARD_DIR, model)
+    cfg = load_model_config(path)
+    with torch.device("meta"):
+        reference = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(path))
+    expected = [(name, tuple(t.shape)) for name, t in reference.state_dict().items()]
+    assert list(get_model_class(cfg.architecture).checkpoint_shapes(cfg).items()) == expected
+
+
 def _small_config(d):
     cfg = {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 32, "intermediate_size": 64,
            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,

@@ -163,6 +163,30 @@ class LlamaForCausalLM(nn.Module):
             if cfg.tie_word_embeddings:
                 self.lm_head.weight = self.model.embed_tokens.weight
 
+    @staticmethod
+    def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """The checkpoint's tensors for cfg, whole (before any tensor-parallel split), by the names and in the
+        order of transformers' state dict for its model: what dummy weights fill. Read from the config, not from
+        transformers' model class, whose import took 6-20 s of an 8B start-up (2026-12-05e)."""
+        h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+        q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+        for i in range(cfg.num_hidden_layers):
+            layer = f"model.layers.{i}"
+            for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+                shapes[f"{layer}.self_attn.{name}.weight"] = (rows, h)
+                if cfg.attention_bias:
+                    shapes[f"{layer}.self_attn.{name}.bias"] = (rows,)
+            shapes[f"{layer}.self_attn.o_proj.weight"] = (h, q)
+            if cfg.qk_norm:
+                shapes[f"{layer}.self_attn.q_norm.weight"] = shapes[f"{layer}.self_attn.k_norm.weight"] = (d,)
+            shapes[f"{layer}.mlp.gate_proj.weight"] = shapes[f"{layer}.mlp.up_proj.weight"] = (inter, h)
+            shapes[f"{layer}.mlp.down_proj.weight"] = (h, inter)
+            shapes[f"{layer}.input_layernorm.weight"] = shapes[f"{layer}.post_attention_layernorm.weight"] = (h,)
+        shapes["model.norm.weight"] = (h,)
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)  # also when tied: the state dict names both
+        return shapes
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta, self.backend)

@@ -58,22 +58,16 @@ def _holds_quantized_lm_head(model_dir: str) -> bool:
     return False
 
 
-def dummy_checkpoint(model_dir: str, architecture: str, seed: int,
-                     device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """Random tensors under the checkpoint's own names and shapes (those of the transformers model
-    for the config, built without memory), each drawn whole from a generator seeded by its name.
-    They go through the same loaders as real weights, so every tensor-parallel size holds shards of
-    the same model and generates the same tokens."""
+def dummy_checkpoint(cfg: ModelConfig, seed: int, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random tensors under the checkpoint's own names and shapes (the model class's checkpoint_shapes), each
+    drawn whole from a generator seeded by its name. They go through the same loaders as real weights, so every
+    tensor-parallel size holds shards of the same model and generates the same tokens."""
     import zlib
 
-    import transformers
-    reference_cls = getattr(transformers, architecture)  # by architecture: a config.json may lack model_type
-    with torch.device("meta"):
-        reference = reference_cls(reference_cls.config_class.from_pretrained(model_dir))
-    for name, param in reference.state_dict().items():
+    for name, shape in get_model_class(cfg.architecture).checkpoint_shapes(cfg).items():
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         # Small uniform values keep activations finite through many layers, like real checkpoints.
-        yield name, torch.empty(param.shape, dtype=torch.float32, device=device).uniform_(-1e-3, 1e-3, generator=gen)
+        yield name, torch.empty(shape, dtype=torch.float32, device=device).uniform_(-1e-3, 1e-3, generator=gen)
 
 
 def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.dtype,
@@ -113,7 +107,7 @@ def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.
     phases("built")
     if on_built is not None:
         on_built(model)
-    weights = dummy_checkpoint(model_dir, cfg.architecture, seed, device) if load_format == "dummy" \
+    weights = dummy_checkpoint(cfg, seed, device) if load_format == "dummy" \
         else iterate_safetensors(model_dir, show_progress)
     with torch.no_grad():
         loaded = model.load_weights(weights)
