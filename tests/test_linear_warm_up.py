@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from sageinfer import LLM, SamplingParams
-from sageinfer.executor.linear_warm_up import linear_warm_up_calls, start_linear_warm_up
+from sageinfer.executor.linear_warm_up import linear_warm_up_calls, one_row_warm_up_calls, start_linear_warm_up
 from sageinfer.models.tiny import build_tiny_model
-from sageinfer.ops import gemv_int4, int8_matmul, weight_only
+from sageinfer.ops import gemv, gemv_int4, gemv_words, int8_matmul, weight_only
 from kernels_util import launch_key
 
 SCHEMES = {  # compressed-tensors weight schemes whose dummy weights are quantized at load
@@ -95,6 +95,32 @@ def test_small_batch_steps_compile_nothing_the_warm_up_did_not(tiny_dir, tmp_pat
     assert stepped, "no step ran the layers' own kernels"
     missing = stepped - warmed
     assert not missing, f"{len(missing)} launches of the steps were not warmed up: {sorted(missing)[:1]}"
+
+
+@pytest.mark.parametrize("scheme", [None, "w4a16"])
+def test_a_single_streams_decode_compiles_no_one_row_kernel_the_warm_up_did_not(tiny_dir, tmp_path, monkeypatch,
+                                                                                 scheme):
+    """One sequence's decode steps (the one-row path: norms, activation and residual adds folded into the
+    matmuls, then the LM head) launch only one-row kernels that the one-row warm-up launched."""
+    path = _quantized(tiny_dir, tmp_path, scheme) if scheme else tiny_dir
+    llm = LLM(path, dtype="float32", load_format="dummy", attention_backend="triton", num_gpu_blocks_override=64,
+              max_model_len=256, enforce_eager=True, show_progress=False)
+    runner = llm.engine.runner
+    kernels = [(gemv, "_gemv_kernel"), (gemv_words, "_gemv_words_kernel"), (gemv_int4, "_int4_gemv_kernel")]
+    warmed, stepped = set(), set()
+    with monkeypatch.context() as patch:
+        for module, name in kernels:
+            _record(patch, module, name, warmed)
+        calls = one_row_warm_up_calls(runner.model, runner.dtype, runner.device)
+        assert len(calls) == 1
+        calls[0]()
+    for module, name in kernels:
+        _record(monkeypatch, module, name, stepped)
+    llm.generate({"prompt_token_ids": [5, 9, 14]}, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+                 use_tqdm=False)
+    assert len(stepped) >= 4, "the decode steps did not take the one-row path"  # qkv, o, gate_up, down, head
+    missing = stepped - warmed
+    assert not missing, f"{len(missing)} one-row launches were not warmed up: {sorted(missing)[:1]}"
 
 
 def test_the_calls_cover_each_distinct_layer_once_within_its_methods_rows(tiny_dir, tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """Start-up compiles of the quantized linear layers' own Triton kernels for small batches (the 4-bit and
-FP4 tensor-core matmul, the 8-bit weight-only kernel), from several threads beside the memory profile,
-as attention/kernel_warm_up.py does for attention. Left to the decode graphs' capture, they compiled
+FP4 tensor-core matmul, the 8-bit weight-only kernel) and of the one-row path's, from several threads beside
+the memory profile, as attention/kernel_warm_up.py does for attention. Left to the decode graphs' capture, they compiled
 one after another: a variant of the FP4 tensor-core matmul takes about 20 s to compile for sm_90 on
 one core, and an NVFP4 Qwen3-8B took 100 s to start on an H200 where bf16 took 20 s
 (benchmarks/results/2026-12-03d-h200-quant-vs-vllm.md). Compiles run in parallel from threads
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from sageinfer.background_warm_up import in_background
+from sageinfer.distributed.parallel_state import get_tp_group
 
 
 def linear_warm_up_calls(model: nn.Module, dtype: torch.dtype, device: torch.device) -> list[Callable[[], None]]:
@@ -36,6 +37,25 @@ def linear_warm_up_calls(model: nn.Module, dtype: torch.dtype, device: torch.dev
             seen.add(key)
             calls.append(functools.partial(_matmuls, module, rows, dtype, device))
     return calls
+
+
+def one_row_warm_up_calls(model: nn.Module, dtype: torch.dtype, device: torch.device) -> list[Callable[[], None]]:
+    """The one-row path's kernels (single-stream decode: the matmuls with the norms, activation and residual
+    adds folded into them, then the LM head), for one decoder layer: every layer has its shapes. Left to the
+    first decode graph's capture, they compiled in the start-up's own thread (4 variants of the bf16 one-row
+    matmul, 1.7 s of an 8B start on an H100, 2026-12-05e). Not with tensor parallelism, where the one-row path
+    all-reduces: no collective may run beside the caller's."""
+    layer = next((m for m in model.modules() if hasattr(m, "one_row_matmuls")), None)
+    if layer is None or get_tp_group().size != 1:
+        return []
+    return [functools.partial(_one_row, model, layer, dtype, device)]
+
+
+@torch.no_grad()
+def _one_row(model: nn.Module, layer: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    residual = torch.zeros(1, model.config.hidden_size, dtype=dtype, device=device)
+    layer.one_row_matmuls(residual)
+    model.compute_logits(residual)
 
 
 @torch.no_grad()

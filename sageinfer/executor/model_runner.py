@@ -256,7 +256,7 @@ class ModelRunner:
         from sageinfer.attention.kernel_warm_up import decode_plans, graph_plans, prefill_plans, start_in_background
         from sageinfer.background_warm_up import finish_all
         from sageinfer.executor.graph_runner import DEPENDENT_LAUNCH_MAX_DECODE_BATCH
-        from sageinfer.executor.linear_warm_up import linear_warm_up_calls, start_linear_warm_up
+        from sageinfer.executor.linear_warm_up import linear_warm_up_calls, one_row_warm_up_calls, start_linear_warm_up
         from sageinfer.layers.attention import Attention
         finishes = []
         try:
@@ -266,7 +266,8 @@ class ModelRunner:
             enter_thread = (lambda: self.platform.set_device(index)) if index is not None else (lambda: None)
             threads = min(8, os.cpu_count() or 1)
             if linear and LINEAR_WARM_UP:
-                calls = linear_warm_up_calls(self.model, self.dtype, self.device)
+                calls = linear_warm_up_calls(self.model, self.dtype, self.device) + \
+                    one_row_warm_up_calls(self.model, self.dtype, self.device)
                 if calls:
                     finishes.append(start_linear_warm_up(calls, threads, enter_thread))
             if attention:

@@ -99,9 +99,15 @@ class LlamaDecoderLayer(nn.Module):
         that end each block, and each norm is folded into the matmul after it, so the layer launches
         no norm kernel. Qwen3-8B on an H100: 6.08 -> 5.92 ms per token with rotary still launched
         apart, 5.87 with both fusions (benchmarks/experiments/probe_single_stream.py)."""
+        attn = self.self_attn
+        self.one_row_matmuls(residual, lambda qkv: attn.attend(positions, qkv, kv_cache, meta, backend))
+
+    def one_row_matmuls(self, residual, attend=None) -> None:
+        """forward_one_row around attend(qkv) -> the attention's [1, Hq * D] output; without attend, zeros
+        stand for it (start-up's warm-up of the one-row kernels: executor/linear_warm_up.py)."""
         attn, mlp = self.self_attn, self.mlp
         qkv = attn.qkv_proj.forward_normed(residual, self.input_layernorm)
-        attn.o_proj.add_into(attn.attend(positions, qkv, kv_cache, meta, backend), residual)
+        attn.o_proj.add_into(attend(qkv) if attend is not None else qkv.new_zeros(1, attn.qkv_proj.q_size), residual)
         if linear_layers.one_row_activates_before(mlp.down_proj, residual):
             mlp.down_proj.add_into(mlp.gate_up_proj.forward_normed_activated(
                 residual, self.post_attention_layernorm, mlp.act), residual)
