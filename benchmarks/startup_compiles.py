@@ -37,18 +37,13 @@ def main() -> None:
     parser.add_argument("--sample-stacks", action="store_true",
                         help="sample the start-up thread's stack every 2 ms and print where its time went")
     add_standard_engine_args(parser)
-    parser.add_argument("--switch-interval", type=float, default=None,
-                        help="the interpreter's thread switch interval during start-up, in seconds (default 0.005)")
     args = parser.parse_args()
 
     compiles = CompileLog()
-    if args.switch_interval is not None:
-        sys.setswitchinterval(args.switch_interval)
     sampler = StackSampler().start() if args.sample_stacks else None
     start = time.perf_counter()
     llm = LLM(**engine_kwargs(args))
     startup = time.perf_counter() - start
-    sys.setswitchinterval(0.005)
     if sampler is not None:
         sampler.stop()
     engine = llm.engine
@@ -56,7 +51,7 @@ def main() -> None:
     record = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), **source_version(),
               "device": engine.platform.device_name(), "date": datetime.date.today().isoformat(),
               "triton_cache_dir": os.environ.get("TRITON_CACHE_DIR", "(default)"),
-              "switch_interval_s": args.switch_interval or 0.005, "startup_s": startup,
+              "startup_s": startup,
               "model_load_s": engine.model_load_seconds, "model_load_phases": engine.runner.load_phases,
               "memory_profile_s": engine.memory_profile_seconds,
               "kernel_warm_up_wait_s": engine.kernel_warm_up_seconds, "graph_capture_s": engine.graph_capture_seconds,

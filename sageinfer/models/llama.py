@@ -172,8 +172,9 @@ class LlamaForCausalLM(nn.Module):
     @staticmethod
     def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         """The checkpoint's tensors for cfg, whole (before any tensor-parallel split), by the names and in the
-        order of transformers' state dict for its model: what dummy weights fill. Read from the config, not from
-        transformers' model class, whose import took 6-20 s of an 8B start-up (2026-12-05e)."""
+        order of transformers' state dict for its model (q/k/v biases where the config has them; this model holds
+        no o_proj or MLP bias): what dummy weights fill. Read from the config, not from transformers' model class,
+        whose import took 6-20 s of an 8B start-up (2026-12-05e)."""
         h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
         q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
         shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
