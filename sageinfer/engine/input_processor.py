@@ -29,17 +29,22 @@ _TEMPLATE_RESERVED = {"conversation", "messages", "tools", "documents", "chat_te
                       "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs"}
 
 
+class TemplateKwargsError(ValueError):
+    """chat_template_kwargs is not an object of template variables (the server names that field)."""
+
+
 def _check_template_kwargs(kwargs) -> None:
-    """ValueError naming chat_template_kwargs unless it is an object of template variables."""
+    """TemplateKwargsError unless kwargs is an object of template variables."""
     if kwargs is None:
         return
     if not isinstance(kwargs, dict):
-        raise ValueError("chat_template_kwargs must be an object of template variables")
+        raise TemplateKwargsError("chat_template_kwargs must be an object of template variables")
     for key in kwargs:
         if not isinstance(key, str) or not key.isidentifier():
-            raise ValueError(f"chat_template_kwargs: {key!r} is not a template variable's name")
+            raise TemplateKwargsError(f"chat_template_kwargs: {key!r} is not a template variable's name")
         if key in _TEMPLATE_RESERVED:
-            raise ValueError(f"chat_template_kwargs: {key!r} is set by the request itself, not a template variable")
+            raise TemplateKwargsError(
+                f"chat_template_kwargs: {key!r} is set by the request itself, not a template variable")
 
 
 def load_tokenizer(path: str):

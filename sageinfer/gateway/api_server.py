@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import sageinfer
 from sageinfer.engine.frontend import (EngineDead, EngineFront, EngineOverloaded, RequestFailed, RequestStream,
                                        ServerShuttingDown)
+from sageinfer.engine.input_processor import TemplateKwargsError
 from sageinfer.gateway import openai_format as fmt
 from sageinfer.gateway.middleware import APIKeyMiddleware, BodySizeLimitMiddleware, error_body
 from sageinfer.gateway.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -135,9 +136,10 @@ class OpenAIServer:
             text, ids = self.inputs.render_chat(messages, req.add_generation_prompt, tools=req.tool_schemas(),
                                                 template_kwargs=req.chat_template_kwargs,
                                                 continue_final_message=req.continue_final_message)
+        except TemplateKwargsError as exc:
+            raise APIError(400, str(exc), "chat_template_kwargs") from exc
         except ValueError as exc:
-            kwargs_fault = str(exc).startswith("chat_template_kwargs")  # (render_chat checks them first)
-            raise APIError(400, str(exc), "chat_template_kwargs" if kwargs_fault else "messages") from exc
+            raise APIError(400, str(exc), "messages") from exc
         return self._fit(text, ids, truncate), text
 
     # ---- generation -------------------------------------------------------------------------
