@@ -4,7 +4,7 @@ import torch
 
 from kernels_util import DEVICE, rel_err
 from sageinfer.layers.quantization.w8a8 import dequantized_matmul
-from sageinfer.ops.int8_matmul import FAST_CONFIGS, fast_config, int8_matmul
+from sageinfer.ops.int8_matmul import FAST_CONFIGS, INT8_TMA, MANY_ROWS, fast_config, int8_matmul
 
 
 @pytest.mark.parametrize("m, n, k", [(1, 40, 96), (70, 130, 200), (5, 64, 64)])
@@ -88,7 +88,12 @@ def test_the_fast_configurations_give_the_exact_product(m):
 def test_the_fast_configuration_follows_the_row_count():
     assert fast_config(2) is fast_config(64) is FAST_CONFIGS[0][1]
     assert fast_config(65) is fast_config(512) is FAST_CONFIGS[1][1]
-    assert fast_config(513) is fast_config(16384) is FAST_CONFIGS[2][1]
+    if INT8_TMA:  # the largest batches in the descriptor kernel's tiles
+        assert fast_config(513) is fast_config(8192) is FAST_CONFIGS[2][1] is MANY_ROWS
+        assert fast_config(8193) is fast_config(16384) is FAST_CONFIGS[3][1]
+        assert FAST_CONFIGS[3][1].get("persistent")
+    else:
+        assert fast_config(513) is fast_config(16384) is FAST_CONFIGS[2][1] is MANY_ROWS
 
 
 def test_what_it_cannot_take_is_refused():
@@ -116,8 +121,9 @@ def test_chips_without_a_library_int8_gemm_take_the_kernel():
 
 @pytest.mark.parametrize("copies", [True, False])
 def test_a_persistent_configuration_gets_one_program_a_processor_where_the_chip_copies_tiles(monkeypatch, copies):
-    """W8A8's INT8 matmul (SAGEINFER_INT8_TMA=1 makes the tiles past 8,192 rows persistent): the layer asks for the
-    descriptor kernel with the platform's processor count, only where the platform has a tensor copy engine."""
+    """W8A8's INT8 matmul (the tiles past 8,192 rows are persistent unless SAGEINFER_INT8_TMA=0): the layer asks for
+    the descriptor kernel with the platform's processor count where the platform has a tensor copy engine, and for
+    the pointer kernel's wide tiles where it has none."""
     import types
     from sageinfer.layers.quantization import w8a8
     seen = []
@@ -131,3 +137,4 @@ def test_a_persistent_configuration_gets_one_program_a_processor_where_the_chip_
     w8a8.W8A8Method.prepare(method, types.SimpleNamespace(platform=platform))  # as the runner does before serving
     w8a8.W8A8Method._matmul(method, xq, x_scale, wq, w_scale, torch.float32, platform, use_triton=True)
     assert seen[0].get("programs") == (7 if copies else None)
+    assert copies or seen[0] is w8a8.MANY_ROWS

@@ -22,7 +22,8 @@ from sageinfer.distributed.parallel_state import get_tp_group
 def linear_warm_up_calls(model: nn.Module, dtype: torch.dtype, device: torch.device) -> list[Callable[[], None]]:
     """One call per distinct quantized layer (its method and its tensors' shapes and dtypes): the layer's
     matmul on zeros at every row count from 2 to what its method runs on kernels of its own
-    (quant.kernel_rows: 32 or 64), on its own kernels only (no bias, no all-reduce). Every count, not a
+    (quant.kernel_rows: 32 or 64), and at the counts of quant.extra_warm_up_rows, where a method has more tile
+    kinds, on its own kernels only (no bias, no all-reduce). Every count, not a
     few: a kernel's tile, its split over K and the specialisation of the row count follow the rows, and
     the repeats of a variant are launches of a compiled kernel."""
     calls, seen = [], set()
@@ -31,6 +32,8 @@ def linear_warm_up_calls(model: nn.Module, dtype: torch.dtype, device: torch.dev
         if quant is None or not getattr(module, "use_triton", False) or not hasattr(quant, "kernel_rows"):
             continue
         rows = list(range(2, quant.kernel_rows(module) + 1))
+        if rows and hasattr(quant, "extra_warm_up_rows"):
+            rows += quant.extra_warm_up_rows(module)
         tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
         key = (type(quant), tuple((name, tuple(t.shape), t.dtype) for name, t in tensors if name != "bias"))
         if rows and key not in seen:

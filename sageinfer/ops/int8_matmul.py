@@ -27,19 +27,20 @@ CONFIG = {"block_m": 64, "block_n": 64, "block_k": 64, "num_warps": 4}  # pipeli
 # A Qwen3-8B layer's four matmuls on an H200 (benchmarks/experiments/time_int8_gemm.py), ms against
 # torch._int_mm with the scales after it: 32 rows 0.085 against 0.117, 256 rows 0.139 against 0.293, 2048
 # rows 0.595 against 1.689, 16,000 rows 5.39 against 12.85 (1,146 INT8 TOP/s; 128 x 256 tiles 5.83).
-_MANY_ROWS = {"block_m": 128, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 3}
+MANY_ROWS = {"block_m": 128, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 3}
 # "persistent": the caller gives the launch one program a processor ("programs") for the descriptor kernel,
 # where the platform has a tensor copy engine (its operands arrive by tensor copies, its output leaves by one).
 # On an H200 its 128 x 256 tiles beat the pointer kernel's best at 16,000 rows, 4.97 against 5.25 ms a layer
-# (1,241 INT8 TOP/s), and lose at 2,048, 0.64 against 0.60 (2026-12-05d). SAGEINFER_INT8_TMA=1 takes them past
-# 8,192 rows; off until a whole prefill-heavy run has measured it (a fourth compile at start-up).
+# (1,241 INT8 TOP/s), and lose at 2,048, 0.64 against 0.60 (2026-12-05d). So they take batches past 8,192
+# rows: INT8 W8A8 T1 on an H100 +4.2% and +3.7% in two runs of opposite order (2026-12-05e, 12-05f; a fourth
+# compile at start-up). SAGEINFER_INT8_TMA=0 leaves every large batch to the pointer kernel.
+INT8_TMA = os.environ.get("SAGEINFER_INT8_TMA", "1") != "0"
 _DESCRIPTOR_ROWS = {"block_m": 128, "block_n": 256, "block_k": 128, "num_warps": 8, "num_stages": 3,
                     "persistent": True}
 FAST_CONFIGS = (
     (64, {"block_m": 64, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4}),
     (512, {"block_m": 64, "block_n": 128, "block_k": 128, "num_warps": 4, "num_stages": 4}),
-    *(((8192, _MANY_ROWS), (None, _DESCRIPTOR_ROWS)) if os.environ.get("SAGEINFER_INT8_TMA", "0") == "1"
-      else ((None, _MANY_ROWS),)),
+    *(((8192, MANY_ROWS), (None, _DESCRIPTOR_ROWS)) if INT8_TMA else ((None, MANY_ROWS),)),
 )
 # Row tiles that share their column tiles run side by side, so a column tile of the weights is read from
 # L2 by several row tiles instead of from memory by each.

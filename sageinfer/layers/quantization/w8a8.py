@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from sageinfer.layers.quantization.config import QuantConfig
-from sageinfer.ops.int8_matmul import FAST_CONFIGS, fast_config, int8_matmul
+from sageinfer.ops.int8_matmul import FAST_CONFIGS, MANY_ROWS, fast_config, int8_matmul
 from sageinfer.ops.quantize import quantize_rows_kernel
 from sageinfer.platforms import get_platform
 
@@ -104,6 +104,14 @@ class W8A8Method:
             return 0
         return FAST_CONFIGS[0][0] + 1
 
+    def extra_warm_up_rows(self, layer: nn.Module) -> list[int]:
+        """Row counts past kernel_rows that start-up warms too: the first of each tile kind between the decode
+        kinds and the largest batches' kind, which the memory profile's own pass compiles (with the descriptor
+        kernel on, the pointer kernel's wide tiles of 513 to 8,192 rows would otherwise compile while serving)."""
+        if not self.kernel_rows(layer):
+            return []
+        return [FAST_CONFIGS[i - 1][0] + 1 for i in range(2, len(FAST_CONFIGS) - 1)]
+
     def one_row_args(self, layer: nn.Module) -> dict | None:
         """One row (decode of one sequence) reads the 8-bit weights in the skinny kernel with 16-bit
         activations and the per-row scales (ops/gemv.py): half the bytes of a 16-bit layer, no
@@ -164,8 +172,8 @@ class W8A8Method:
         if use_triton and platform.prefers_int8_kernel():
             cfg = fast_config(xq.shape[0])
             programs = getattr(self, "copy_programs", 0)
-            if cfg.get("persistent") and programs:
-                cfg = {**cfg, "programs": programs}
+            if cfg.get("persistent"):  # without a tile copy engine, the pointer kernel's wide tiles
+                cfg = {**cfg, "programs": programs} if programs else MANY_ROWS
             return int8_matmul(xq, x_scale, wq, w_scale, out_dtype, cfg)
         acc = platform.int8_matmul(xq, wq)
         if acc is not None:
