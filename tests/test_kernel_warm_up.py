@@ -61,9 +61,7 @@ def _record(monkeypatch, name: str, seen: set, module=pa, decodes_only: bool = T
     monkeypatch.setattr(module, name, Recorder())
 
 
-@pytest.mark.parametrize("last_split_merges", [True, False])
-def test_a_steps_decode_launches_compile_nothing_the_warm_up_did_not(model_dirs, monkeypatch, last_split_merges):
-    monkeypatch.setattr(pa, "LAST_SPLIT_MERGES", last_split_merges)
+def test_a_steps_decode_launches_compile_nothing_the_warm_up_did_not(model_dirs, monkeypatch):
     monkeypatch.setattr(triton_backend, "RAGGED_MIN_KEYS", 32)
     llm = LLM(model_dirs["qwen3"], dtype="float32", attention_backend="triton", num_gpu_blocks_override=64,
               max_model_len=256, max_num_seqs=8, max_num_batched_tokens=24, enforce_eager=True, show_progress=False)
@@ -81,10 +79,9 @@ def test_a_steps_decode_launches_compile_nothing_the_warm_up_did_not(model_dirs,
     # Plans that split share one attention compile (the split count is an argument) and differ in their merges.
     attention_compiles = {key[:2] for key in warmed if key[0] == "_paged_attention_kernel"}
     assert len(attention_compiles) == len({(splits > 1, *rest) for splits, _, *rest in plans})
-    merge_kernels = {str(splits) for splits, *_ in plans if splits > 1} if not pa.LAST_SPLIT_MERGES else set()
-    assert {dict(key[1])["NUM_SPLITS"] for key in warmed if key[0] == "_merge_splits_kernel"} == merge_kernels
+    assert ({dict(key[1])["NUM_SPLITS"] for key in warmed if key[0] == "_merge_splits_kernel"}
+            == {str(splits) for splits, *_ in plans if splits > 1})
     monkeypatch.undo()
-    monkeypatch.setattr(pa, "LAST_SPLIT_MERGES", last_split_merges)
     monkeypatch.setattr(triton_backend, "RAGGED_MIN_KEYS", 32)
     for name in ("_paged_attention_kernel", "_merge_splits_kernel"):
         _record(monkeypatch, name, stepped)
@@ -264,9 +261,7 @@ def test_the_graphs_capture_compiles_no_attention_the_warm_up_did_not(model_dirs
                                      graph_context=lambda graph, pool=None: contextlib.nullcontext())
     DecodeGraphs(runner.model, runner.backend, platform, runner.device, 8, 1024, runner.block_size,
                  runner.num_kv_heads, runner.kv_caches)
-    assert {dict(key[1])["NUM_SPLITS"] for key in captured if key[0] == "_merge_splits_kernel"} >= (
-        {"4", "8"} if not pa.LAST_SPLIT_MERGES else set())
-    assert any(dict(key[1]).get("SPLIT") == "True" for key in captured)
+    assert {dict(key[1])["NUM_SPLITS"] for key in captured if key[0] == "_merge_splits_kernel"} >= {"4", "8"}
     assert any(dict(key[1]).get("CASCADE") == "True" for key in captured)  # a graph with the prefix input
     assert any(key[0] == "_prefix_attention_kernel" for key in captured)
     missing = captured - warmed

@@ -100,10 +100,8 @@ def test_key_tiles_within_one_page_match_reference(block_n, page, kv_mode):
         assert rel_err(out, ref) < TOL[q.dtype]
 
 
-@pytest.mark.parametrize("last_split_merges", [True, False])
 @pytest.mark.parametrize("num_splits", [2, 4])
-def test_split_kv_decode_matches_reference(monkeypatch, num_splits, last_split_merges):
-    monkeypatch.setattr(pa, "LAST_SPLIT_MERGES", last_split_merges)
+def test_split_kv_decode_matches_reference(num_splits):
     query_lens, context_lens = [1, 1, 1], [3, 90, 150]
     k_cache, v_cache, meta = random_paged_batch(query_lens, context_lens, 2, 32, 16, torch.float32, seed=5)
     q = torch.randn(3, 4, 32, device=DEVICE)
@@ -114,14 +112,11 @@ def test_split_kv_decode_matches_reference(monkeypatch, num_splits, last_split_m
     assert rel_err(out, ref) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("last_split_merges", [True, False])
 @pytest.mark.parametrize("num_splits, min_split_keys", [(4, 64), (4, 128), (4, 4096), (64, 16), (4, 0), (64, 0)])
-def test_splits_of_a_least_size_match_reference(monkeypatch, num_splits, min_split_keys, last_split_merges):
+def test_splits_of_a_least_size_match_reference(num_splits, min_split_keys):
     """Splits of at least min_split_keys: a short sequence uses one split, a long one all of them; the
     splits a sequence leaves unused write nothing (their partials stay NaN) and the merge skips them.
-    Without a least size (0) a sequence of fewer key tiles than splits leaves the rest unused too. The
-    merge is the last split's own (the default) or a second kernel's."""
-    monkeypatch.setattr(pa, "LAST_SPLIT_MERGES", last_split_merges)
+    Without a least size (0) a sequence of fewer key tiles than splits leaves the rest unused too."""
     context_lens = [2, 63, 64, 299, 1000, 0]
     k_cache, v_cache, meta = random_paged_batch([1] * 6, context_lens, 2, 32, 16, torch.float32, seed=6)
     q = torch.randn(6, 4, 32, device=DEVICE)
@@ -135,40 +130,12 @@ def test_splits_of_a_least_size_match_reference(monkeypatch, num_splits, min_spl
     assert rel_err(out, ref) < TOL[torch.float32]
 
 
-def test_the_last_split_merges_without_a_merge_launch_and_leaves_its_counts_whole(monkeypatch):
-    """The default merge: no second kernel, every sequence and KV head of more than one used split counted
-    once per used split (the counts the launch zeroed), and the output whole; a second launch on the same
-    inputs gives the same output."""
-    monkeypatch.setattr(pa, "LAST_SPLIT_MERGES", True)
-    merges, counts = [], []
-    monkeypatch.setattr(pa, "_merge_splits_kernel", type("NoMerge", (), {"__getitem__": lambda s, g: merges.append})())
-    zeros = torch.zeros
-    context_lens = [2, 63, 299, 1000]
-    k_cache, v_cache, meta = random_paged_batch([1] * 4, context_lens, 2, 32, 16, torch.float32, seed=11)
-    q = torch.randn(4, 4, 32, device=DEVICE)
-    ref = paged_attention_ref(q.double(), LayerKVCache(k_cache.double(), v_cache.double()), meta, 32 ** -0.5)
-    monkeypatch.setattr(torch, "zeros", lambda *a, **k: counts.append(zeros(*a, **k)) or counts[-1])
-    outs = []
-    for _ in range(2):
-        outs.append(torch.full_like(q, float("nan")))
-        paged_attention(q, k_cache, v_cache, outs[-1], meta.block_table, meta.seq_lens, meta.query_start_loc,
-                        meta.num_seqs, 1, 32 ** -0.5, num_splits=8, min_split_keys=128,
-                        config={"block_n": 32, "num_warps": 1, "num_stages": 2})
-    assert not merges
-    assert rel_err(outs[0], ref) < TOL[torch.float32] and outs[1].equal(outs[0])
-    # 128-key splits of 32-key tiles: 1, 1, 3 and 8 splits used; one count per sequence and KV head
-    used = [min(8, -(-(n + 1) // 128)) for n in context_lens]
-    assert len(counts) == 2 and all(c.dtype == torch.int32 for c in counts)
-    assert counts[0].tolist() == counts[1].tolist() == [u if u > 1 else 0 for u in used for _ in range(2)]
-
-
 @pytest.mark.parametrize("merge_heads", [2, 4, 8])
 @pytest.mark.parametrize("num_splits, min_split_keys", [(4, 0), (8, 16)])
 def test_merges_of_several_heads_a_program_match_the_reference(monkeypatch, merge_heads, num_splits, min_split_keys):
     """SAGEINFER_MERGE_HEADS: a merge program takes several heads (6 here: the last program's extra heads
     masked where 4 or 8 do not divide them), unused splits' NaN partials skipped as with one head."""
     monkeypatch.setattr(pa, "MERGE_HEADS", merge_heads)
-    monkeypatch.setattr(pa, "LAST_SPLIT_MERGES", False)
     context_lens = [2, 63, 299, 1000, 0]
     k_cache, v_cache, meta = random_paged_batch([1] * 5, context_lens, 2, 32, 16, torch.float32, seed=8)
     q = torch.randn(5, 6, 32, device=DEVICE)

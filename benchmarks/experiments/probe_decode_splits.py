@@ -1,11 +1,11 @@
 """Decode attention as the engine plans it (Qwen3-8B shapes: 32 query / 8 KV heads, head dim 128, pages of
-64), one layer in a CUDA graph, on the GPU: the current kernel's split merges (the last split's own,
-SAGEINFER_LAST_SPLIT_MERGES; a merge kernel of 1 or 4 heads a program, SAGEINFER_MERGE_HEADS), and
-optionally a baseline copy of ops/paged_attention.py (an earlier commit's). Prints microseconds per case
-and variant and the error against the reference.
+64), one layer in a CUDA graph, on the GPU: the current kernel with 1, 4 and 32 heads a merge program
+(SAGEINFER_MERGE_HEADS) against a baseline copy of ops/paged_attention.py (an earlier commit's: the split
+count a constant of the compile). Prints microseconds per case and variant and the error against the
+reference.
 
   git show 106e967:sageinfer/ops/paged_attention.py > pa_old_106e967.py   (here: it travels with the tree)
-  python benchmarks/experiments/probe_decode_splits.py [--baseline pa_old_106e967.py] [--kv-cache-dtype auto|fp8|int8]
+  python benchmarks/experiments/probe_decode_splits.py --baseline pa_old_106e967.py [--kv-cache-dtype auto|fp8|int8]
 """
 from __future__ import annotations
 
@@ -48,13 +48,12 @@ def load_baseline(path: str):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--baseline", default=None, help="an earlier commit's ops/paged_attention.py")
+    parser.add_argument("--baseline", required=True, help="an earlier commit's ops/paged_attention.py")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "int8"])
     args = parser.parse_args()
+    baseline = load_baseline(args.baseline)
     backend = TritonBackend()
-    variants = [("baseline", load_baseline(args.baseline), None)] if args.baseline else []
-    variants += [("last split merges", current, (True, 1))] + [(f"merge kernel, {h} heads", current, (False, h))
-                                                               for h in (1, 4)]
+    variants = [("baseline", baseline, None)] + [(f"merge heads {h}", current, h) for h in (1, 4, 32)]
     print("| case | plan (splits, least keys) | " + " | ".join(f"{label} us" for label, *_ in variants) +
           f" | rel err |  (KV cache {args.kv_cache_dtype})")
     print("| --- | --- | " + " | ".join("---" for _ in variants) + " | --- |")
@@ -64,9 +63,9 @@ def main():
                                  query_start_loc_cpu=[], seq_lens_cpu=lens)
         backend.plan(plan, 8)
         times, worst = [], 0.0
-        for label, module, merges in variants:
-            if merges is not None:
-                module.LAST_SPLIT_MERGES, module.MERGE_HEADS = merges
+        for label, module, heads in variants:
+            if heads is not None:
+                module.MERGE_HEADS = heads
             out = torch.empty_like(q)
 
             def run():

@@ -4,8 +4,7 @@ Triton backend's decode launches of the graphs about to be captured, of a mixed 
 A launch that compiles in the middle of serving stalls it: on an H200 a first pass of a
 conversation-like mix paid 1.6 s for one such variant, a second pass another 1.7 s for two more; the
 graph capture compiles its own one at a time. Plans that split share one attention compile (the split
-count and least split are arguments); with SAGEINFER_LAST_SPLIT_MERGES=0 each split count has a merge
-kernel of its own.
+count and least split are arguments); each split count has a merge of its own.
 
 One launch per variant, of one sequence through one layer's cache, writing nothing to the cache (its
 slot is -1); kernels already compiled cost a launch only. A plan is (num_splits, min_split_keys,

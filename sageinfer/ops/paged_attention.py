@@ -4,9 +4,8 @@ Each program takes BLOCK_Q query tokens of one sequence and all GROUP query head
 head, packed as BLOCK_M = BLOCK_Q * GROUP rows, so every KV block is read once for the whole group.
 Keys are walked BLOCK_N at a time through the block table (online softmax in fp32, exp2 domain).
 With splits (decode of few, long sequences) the KV range is cut into splits whose partial results a
-sequence's last split to finish merges ("flash-decoding", without a second launch), so one sequence still
-fills the GPU. The split count is an argument, not a constant of the compile: every plan that splits shares
-one compile.
+second small kernel merges ("flash-decoding"), so one sequence still fills the GPU. The split count is
+an argument, not a constant of the compile: every plan that splits shares one compile.
 Decode steps may hand over q/k/v before rotary (rope=...): each program then normalises and rotates
 its own query rows, and the program that holds a sequence's last key writes the new k/v into the
 cache first, so the step needs no separate rotary + cache-write launch.
@@ -30,12 +29,6 @@ LOG2E = 1.4426950408889634
 # keys 328.5 -> 320.7, 256 x 640 100.2 -> 96.3; INT8 382.2 -> 376.9, 114.4 -> 110.9; bf16 256 x 640 160.1 ->
 # 157.5. SAGEINFER_ONE_PAGE_TILES=0 turns it off.
 ONE_PAGE_TILES = tl.constexpr(os.environ.get("SAGEINFER_ONE_PAGE_TILES", "1") != "0")
-# A decode's splits are merged by whichever of its split programs stores its partials last (a count per
-# sequence and KV head says which), instead of by a second kernel of one program a head: a batch of 559
-# sequences x 32 heads launched 17,888 merge programs, most of which read a length and returned, and
-# chat-mix's merges took 0.90 s of its 47 s on an H200 (2026-12-05b). SAGEINFER_LAST_SPLIT_MERGES=0 brings
-# the merge kernel back.
-LAST_SPLIT_MERGES = os.environ.get("SAGEINFER_LAST_SPLIT_MERGES", "1") != "0"
 
 
 @triton.jit
@@ -178,7 +171,7 @@ def _write_new_kv(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_p
 @triton.jit(do_not_specialize=["num_tokens", "prefix_splits", "stride_bt", "block_table_ptr", "seq_lens_ptr",
                                 "query_start_loc_ptr", "num_splits", "min_split_tiles"])
 def _paged_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, split_count_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_table_ptr, seq_lens_ptr, query_start_loc_ptr, k_scale_ptr, v_scale_ptr,
     prefix_out_ptr, prefix_lse_ptr, prefix_len_ptr, num_tokens, prefix_splits, num_splits, min_split_tiles,
     scale_log2, out_scale, fp8_query_scale,
@@ -190,7 +183,6 @@ def _paged_attention_kernel(
     PAGE_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, NUM_KV_HEADS: tl.constexpr, KV_MODE: tl.constexpr, CASCADE: tl.constexpr,
     ROPE: tl.constexpr, QK_NORM: tl.constexpr, USE_PDL: tl.constexpr, HEAD_MAJOR_SCALES: tl.constexpr = False,
-    LAST_MERGES: tl.constexpr = False,
 ):
     launch.wait_for_previous_kernel(USE_PDL)
     seq = tl.program_id(0)
@@ -302,37 +294,6 @@ def _paged_attention_kernel(
         tl.store(part_out_ptr + base[:, None] * HEAD_DIM_PAD + dims[None, :], out, mask=row_valid[:, None])
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
         tl.store(part_lse_ptr + base, lse, mask=row_valid)
-        if LAST_MERGES:
-            # Every thread's partials are stored before the count (released at GPU scope) says so; the
-            # program that counts the sequence's last used split merges them all.
-            tl.debug_barrier()
-            stored = tl.atomic_add(split_count_ptr + q_start * NUM_KV_HEADS + kv_head, 1, sem="acq_rel", scope="gpu")
-            if stored == tl.cdiv(num_tiles, tiles_per_split) - 1:
-                _merge_own_splits(part_out_ptr, part_lse_ptr, out_ptr, base - split, tok, head, dims, row_valid,
-                                  dim_valid, tl.cdiv(num_tiles, tiles_per_split), stride_o_tok, stride_o_head,
-                                  BLOCK_M, HEAD_DIM_PAD)
-
-
-@triton.jit
-def _merge_own_splits(part_out_ptr, part_lse_ptr, out_ptr, base, tok, head, dims, row_valid, dim_valid, num_used,
-                      stride_o_tok, stride_o_head, BLOCK_M: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
-    """The rows' splits 0..num_used-1 (partials at base + split) merged by their log-sum-exps into out. The
-    loads bypass the SM's L1 (.cg): other SMs wrote the partials during this launch."""
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for s in range(num_used):
-        m = tl.maximum(m, tl.load(part_lse_ptr + base + s, mask=row_valid, other=float("-inf"), cache_modifier=".cg"))
-    m = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    for s in range(num_used):
-        w = tl.math.exp2(tl.load(part_lse_ptr + base + s, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
-                         - m)
-        acc += tl.load(part_out_ptr + (base + s)[:, None] * HEAD_DIM_PAD + dims[None, :], mask=row_valid[:, None],
-                       other=0.0, cache_modifier=".cg") * w[:, None]
-        total += w
-    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-    tl.store(out_ptr + tok[:, None] * stride_o_tok + head[:, None] * stride_o_head + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
 
 
 @triton.jit
@@ -396,6 +357,9 @@ def _merge_splits_kernel(
 # 20 us a launch (2026-12-05b). More heads a program launch fewer programs but walk the splits in turn. On an
 # H200 (2026-12-05d) four heads took a layer's decode attention of 64-559 chat-like sequences 2.2-2.6% lower
 # and one sequence's 2-16% higher: one stays the default, since a per-batch choice is a second compile.
+# Merging in the split program that stores its partials last (an atomic count per sequence and KV head, no
+# merge launch) lost on an H100 (2026-12-05f): one sequence of 8,000 keys 21.6 against 14.1 us a layer, as
+# one program walks the 32 splits in turn; chat-like batches level; chat-mix +0.3%.
 MERGE_HEADS = int(os.environ.get("SAGEINFER_MERGE_HEADS", "1"))
 
 
@@ -509,13 +473,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         part_lse = torch.empty(q.shape[0], num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
-    last_merges = num_splits > 1 and LAST_SPLIT_MERGES
-    # Zeroed by each launch (a memset node in a graph): a count left over from a launch on another stream
-    # could otherwise send a merge to the wrong program.
-    split_count = (torch.zeros(q.shape[0] * num_kv_heads, dtype=torch.int32, device=q.device) if last_merges
-                   else seq_lens)
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, part_out, part_lse, split_count, block_table, seq_lens, query_start_loc,
+        q, k_cache, v_cache, out, part_out, part_lse, block_table, seq_lens, query_start_loc,
         k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
         prefix_out, prefix_lse, prefix_len, q.shape[0], prefix_out.shape[0] if prefix is not None else 0,
         num_splits, min_split_tiles,
@@ -529,10 +488,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PAGE_SIZE=page_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=num_splits > 1, NUM_KV_HEADS=num_kv_heads,
         KV_MODE=kv_mode, CASCADE=prefix is not None, ROPE=rope is not None, QK_NORM=q_norm is not None,
-        HEAD_MAJOR_SCALES=scales_head_major(k_scale) if kv_mode == 2 else False, LAST_MERGES=last_merges,
+        HEAD_MAJOR_SCALES=scales_head_major(k_scale) if kv_mode == 2 else False,
         num_warps=num_warps, num_stages=num_stages,
         **launch.dependent_launch_kwargs())
-    if num_splits > 1 and not last_merges:
+    if num_splits > 1:
         heads = min(triton.next_power_of_2(max(1, MERGE_HEADS)), triton.next_power_of_2(num_heads))
         _merge_splits_kernel[(q.shape[0], triton.cdiv(num_heads, heads))](
             part_out, part_lse, out, seq_lens, out.stride(0), out.stride(1), min_split_tiles,
