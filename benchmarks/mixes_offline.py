@@ -13,7 +13,8 @@ each mix twice in a row, the prefix cache emptied before each (the same prompts 
 first pass may pay kernel compiles that a warm engine does not (either engine's), the second shows the
 warm one; each pass is recorded. Requests are greedy unless --temperature is above 0 (then --top-k and --top-p
 apply, the same on both engines; Qwen3's generation config: --temperature 0.6 --top-k 20 --top-p 0.95);
---repetition-penalty applies to either. --json-every N (sageInfer only) gives every Nth request a JSON-object
+--repetition-penalty applies to either. --admission-lookahead-tokens N (sageInfer only) sets the scheduler's
+admission lookahead (benchmarks/schedule_replay.py counts what each value does to the steps). --json-every N (sageInfer only) gives every Nth request a JSON-object
 grammar, for an A/B of how grammar requests share steps with the others: the model directory is copied with a
 small byte-level tokenizer (grammars need one), and such a request ends where its grammar does, so its output
 tokens are counted as generated, not as asked.
@@ -35,9 +36,10 @@ LIMITS = {"max_num_seqs": 1024, "max_num_batched_tokens": 16384}  # vLLM 0.26's 
 
 
 def make_llm(engine: str, model: str, kv_cache_dtype: str, max_model_len: int, sampling: dict,
-             with_tokenizer: bool = False):
+             with_tokenizer: bool = False, engine_options: dict | None = None):
     kwargs = dict(model=model, load_format="dummy", skip_tokenizer_init=not with_tokenizer, dtype="bfloat16", seed=0,
-                  gpu_memory_utilization=0.90, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len, **LIMITS)
+                  gpu_memory_utilization=0.90, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len, **LIMITS,
+                  **(engine_options or {}))
     if engine == "vllm":
         from vllm import LLM, SamplingParams
 
@@ -81,8 +83,14 @@ def main():
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1: none (Qwen2.5's config asks 1.05)")
     parser.add_argument("--json-every", type=int, default=0, help="every Nth request with a JSON-object grammar "
                         "(sageInfer only; 0: none)")
+    parser.add_argument("--admission-lookahead-tokens", type=int, default=None,
+                        help="sageInfer only: the scheduler's admission lookahead (default: the engine's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.admission_lookahead_tokens is not None and args.engine != "sageinfer":
+        parser.error("--admission-lookahead-tokens is a sageInfer scheduler option")
+    engine_options = ({"admission_lookahead_tokens": args.admission_lookahead_tokens}
+                      if args.admission_lookahead_tokens is not None else {})
     if args.json_every and args.engine != "sageinfer":
         parser.error("--json-every runs on sageInfer only (dummy weights write different JSON in each engine)")
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty}
@@ -92,9 +100,9 @@ def main():
     start = time.perf_counter()
     model = with_small_tokenizer(args.model) if args.json_every else args.model
     llm, params = make_llm(args.engine, model, args.kv_cache_dtype, args.max_model_len, sampling,
-                           with_tokenizer=bool(args.json_every))
+                           with_tokenizer=bool(args.json_every), engine_options=engine_options)
     record = {"engine": args.engine, "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
-              "sampling": sampling, "json_every": args.json_every,
+              "sampling": sampling, "json_every": args.json_every, "engine_options": engine_options,
               "startup_s": time.perf_counter() - start, "kv_cache_dtype": args.kv_cache_dtype, "mixes": {}}
     if args.engine == "sageinfer":
         sys.path.insert(0, os.path.dirname(__file__))

@@ -1,0 +1,96 @@
+"""A mixed-length workload through the engine's own scheduler and KV-cache manager, without a model, on the CPU:
+every scheduled token is computed, one token is sampled when a request's known tokens are all computed. Prints,
+per admission lookahead, what the steps would hold: how many, how many decode only, the batch sizes, how full
+the KV cache ran, preemptions and recomputed tokens. Counts, not times: which lookahead is faster is for a GPU
+run to say (benchmarks/mixes_offline.py with --admission-lookahead-tokens).
+
+  python benchmarks/schedule_replay.py --mix chat-mix:1000 --kv-tokens 382800 [--lookaheads 0,64,256]
+
+--kv-tokens: the KV cache's size in tokens, as an engine start logs it (382,800 for Qwen3-8B bf16 on an H100 at
+0.9 of its memory, 2026-11-24).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from sageinfer.config import EngineConfig  # noqa: E402
+from sageinfer.engine.request import Request  # noqa: E402
+from sageinfer.engine.scheduler import Scheduler  # noqa: E402
+from sageinfer.kv_cache.manager import KVCacheManager  # noqa: E402
+from sageinfer.sampling_params import SamplingParams  # noqa: E402
+from sageinfer.bench.mixed import mixed_prompts  # noqa: E402
+
+LIMITS = {"max_num_seqs": 1024, "max_num_batched_tokens": 16384}  # as benchmarks/mixes_offline.py
+
+
+def replay(prompts: list[list[int]], outputs: list[int], kv_tokens: int, block_size: int, lookahead: int,
+           max_model_len: int) -> dict:
+    """Drive the scheduler over the requests, all arriving at once; the steps' counts."""
+    config = EngineConfig(model="unused", admission_lookahead_tokens=lookahead, block_size=block_size, **LIMITS)
+    config.max_model_len = max_model_len
+    kv = KVCacheManager(kv_tokens // block_size, block_size, enable_caching=True)
+    sched = Scheduler(config, kv)
+    for i, (prompt, n) in enumerate(zip(prompts, outputs)):
+        request = Request(f"r{i}", f"r{i}", 0, prompt, SamplingParams(max_tokens=n, ignore_eos=True), set())
+        request.max_output_tokens = n
+        sched.add_request(request)
+    steps = decode_only = computed = last_admission = 0
+    decode_rows, step_tokens, used = [], [], []
+    while sched.has_unfinished():
+        out = sched.schedule()
+        if out.is_empty:
+            raise RuntimeError("the scheduler scheduled nothing with requests left: they cannot fit this cache")
+        steps += 1
+        if any(r.num_computed_tokens == 0 for r, _ in out.scheduled):
+            last_admission = steps
+        decodes = sum(1 for r, n in out.scheduled if n == 1 and r.num_computed_tokens >= r.num_prompt_tokens)
+        decode_only += decodes == len(out.scheduled)
+        decode_rows.append(decodes)
+        step_tokens.append(out.num_batched_tokens)
+        used.append(kv.pool.usage())
+        computed += out.num_batched_tokens
+        sched.update_after_step(out)
+        for request, _ in out.scheduled:
+            if request.num_computed_tokens == request.num_tokens:
+                request.resolve_placeholder(request.append_placeholder(0), 7)
+                if request.num_output_tokens >= request.max_output_tokens:
+                    sched.finish(request, "length")
+    needed = sum(len(p) for p in prompts) + sum(outputs) - len(outputs)  # the last token of each is not computed
+    return {"lookahead": lookahead, "steps": steps, "decode_only_steps": decode_only, "last_admission": last_admission,
+            "mean_decode_rows": float(np.mean(decode_rows)), "mean_step_tokens": float(np.mean(step_tokens)),
+            "mean_kv_used": float(np.mean(used)), "preemptions": sched.num_preemptions,
+            "recomputed_tokens": computed - needed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mix", default="chat-mix:1000", help="name:requests (sageinfer/bench/mixed.py)")
+    parser.add_argument("--kv-tokens", type=int, required=True)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--lookaheads", default="0,32,64,128,256")
+    parser.add_argument("--max-model-len", type=int, default=40960)
+    parser.add_argument("--vocab-size", type=int, default=151936)
+    args = parser.parse_args()
+    name, num = args.mix.split(":")
+    prompts, outputs = mixed_prompts(name, int(num), args.vocab_size, 0, args.max_model_len)
+    print(f"{args.mix}: {sum(map(len, prompts)):,} prompt tokens, {sum(outputs):,} output tokens; KV cache "
+          f"{args.kv_tokens:,} tokens in blocks of {args.block_size}")
+    print("| lookahead | steps | decode-only steps | steps after the last admission | mean decode rows | "
+          "mean tokens a step | mean KV used | preemptions | recomputed tokens |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for lookahead in (int(x) for x in args.lookaheads.split(",")):
+        r = replay(prompts, outputs, args.kv_tokens, args.block_size, lookahead, args.max_model_len)
+        print(f"| {lookahead} | {r['steps']} | {r['decode_only_steps']} | {r['steps'] - r['last_admission']} | "
+              f"{r['mean_decode_rows']:.0f} | "
+              f"{r['mean_step_tokens']:.0f} | {100 * r['mean_kv_used']:.1f}% | {r['preemptions']} | "
+              f"{r['recomputed_tokens']:,} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

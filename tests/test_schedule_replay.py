@@ -1,0 +1,25 @@
+"""benchmarks/schedule_replay.py: a mix through the real scheduler without a model, its steps counted."""
+import os
+import sys
+
+from sageinfer.bench.mixed import mixed_prompts
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from schedule_replay import replay  # noqa: E402
+
+
+def test_the_replay_serves_every_request_and_counts_the_recomputation_of_preemptions():
+    prompts, outputs = mixed_prompts("chat-mix", 60, 4096, seed=0)
+    tight = sum(map(len, prompts)) // 4  # a quarter of the prompts fit at once
+    greedy = replay(prompts, outputs, tight, 16, lookahead=0, max_model_len=40960)
+    reserved = replay(prompts, outputs, tight, 16, lookahead=256, max_model_len=40960)
+    roomy = replay(prompts, outputs, 10 * sum(map(len, prompts)), 16, lookahead=256, max_model_len=40960)
+    # every request ran to its length: at least its output's steps, no more tokens than asked unless recomputed
+    assert min(r["steps"] for r in (greedy, reserved, roomy)) >= max(outputs)
+    assert greedy["preemptions"] > 0 and greedy["recomputed_tokens"] > 0
+    assert reserved["preemptions"] == 0 and reserved["recomputed_tokens"] == 0
+    # a cache that holds the whole mix admits everything in the first steps and needs fewer of them
+    assert roomy["steps"] < reserved["steps"] and roomy["mean_kv_used"] < 1.0
+    assert 1 <= roomy["last_admission"] <= -(-sum(map(len, prompts)) // 16384) + 1  # the step's budget: 16,384
+    assert reserved["last_admission"] > roomy["last_admission"]  # a tight cache admits the last requests later
+    assert 0 < reserved["decode_only_steps"] < reserved["steps"]
