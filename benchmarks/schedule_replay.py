@@ -5,6 +5,7 @@ the KV cache ran, preemptions and recomputed tokens. Counts, not times: which lo
 run to say (benchmarks/mixes_offline.py with --admission-lookahead-tokens).
 
   python benchmarks/schedule_replay.py --mix chat-mix:1000 --kv-tokens 382800 [--lookaheads 0,64,256]
+  python benchmarks/schedule_replay.py --workload T1-prefill-heavy --kv-tokens 382800   (a standard workload)
 
 --kv-tokens: the KV cache's size in tokens, as an engine start logs it (382,800 for Qwen3-8B bf16 on an H100 at
 0.9 of its memory, 2026-11-24).
@@ -25,6 +26,7 @@ from sageinfer.engine.scheduler import Scheduler  # noqa: E402
 from sageinfer.kv_cache.manager import KVCacheManager  # noqa: E402
 from sageinfer.sampling_params import SamplingParams  # noqa: E402
 from sageinfer.bench.mixed import mixed_prompts  # noqa: E402
+from sageinfer.bench.workloads import load_workloads, make_prompts  # noqa: E402
 
 LIMITS = {"max_num_seqs": 1024, "max_num_batched_tokens": 16384}  # as benchmarks/mixes_offline.py
 
@@ -71,15 +73,23 @@ def replay(prompts: list[list[int]], outputs: list[int], kv_tokens: int, block_s
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mix", default="chat-mix:1000", help="name:requests (sageinfer/bench/mixed.py)")
+    parser.add_argument("--workload", default=None, help="a standard workload instead of a mix (its prompts, "
+                        "shared prefix and output length; sageinfer/bench/standard/workloads.json)")
     parser.add_argument("--kv-tokens", type=int, required=True)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--lookaheads", default="0,32,64,128,256")
     parser.add_argument("--max-model-len", type=int, default=40960)
     parser.add_argument("--vocab-size", type=int, default=151936)
     args = parser.parse_args()
-    name, num = args.mix.split(":")
-    prompts, outputs = mixed_prompts(name, int(num), args.vocab_size, 0, args.max_model_len)
-    print(f"{args.mix}: {sum(map(len, prompts)):,} prompt tokens, {sum(outputs):,} output tokens; KV cache "
+    if args.workload:
+        workload = load_workloads()[args.workload]
+        prompts = make_prompts(workload, args.vocab_size)
+        outputs, label = [workload["output_len"]] * len(prompts), args.workload
+    else:
+        name, num = args.mix.split(":")
+        prompts, outputs = mixed_prompts(name, int(num), args.vocab_size, 0, args.max_model_len)
+        label = args.mix
+    print(f"{label}: {sum(map(len, prompts)):,} prompt tokens, {sum(outputs):,} output tokens; KV cache "
           f"{args.kv_tokens:,} tokens in blocks of {args.block_size}")
     print("| lookahead | steps | decode-only steps | steps after the last admission | mean decode rows | "
           "mean tokens a step | mean KV used | preemptions | recomputed tokens |")
