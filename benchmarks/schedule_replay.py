@@ -38,10 +38,12 @@ def replay(prompts: list[list[int]], outputs: list[int], kv_tokens: int, block_s
     config.max_model_len = max_model_len
     kv = KVCacheManager(kv_tokens // block_size, block_size, enable_caching=True)
     sched = Scheduler(config, kv)
+    requests = []
     for i, (prompt, n) in enumerate(zip(prompts, outputs)):
         request = Request(f"r{i}", f"r{i}", 0, prompt, SamplingParams(max_tokens=n, ignore_eos=True), set())
         request.max_output_tokens = n
         sched.add_request(request)
+        requests.append(request)
     steps = decode_only = computed = last_admission = 0
     decode_rows, step_tokens, used = [], [], []
     while sched.has_unfinished():
@@ -63,7 +65,8 @@ def replay(prompts: list[list[int]], outputs: list[int], kv_tokens: int, block_s
                 request.resolve_placeholder(request.append_placeholder(0), 7)
                 if request.num_output_tokens >= request.max_output_tokens:
                     sched.finish(request, "length")
-    needed = sum(len(p) for p in prompts) + sum(outputs) - len(outputs)  # the last token of each is not computed
+    # the last token of each is not computed; prompt tokens found in the prefix cache at admission are not either
+    needed = sum(len(p) for p in prompts) + sum(outputs) - len(outputs) - sum(r.num_cached_tokens for r in requests)
     return {"lookahead": lookahead, "steps": steps, "decode_only_steps": decode_only, "last_admission": last_admission,
             "mean_decode_rows": float(np.mean(decode_rows)), "mean_step_tokens": float(np.mean(step_tokens)),
             "mean_kv_used": float(np.mean(used)), "preemptions": sched.num_preemptions,

@@ -23,3 +23,21 @@ def test_the_replay_serves_every_request_and_counts_the_recomputation_of_preempt
     assert 1 <= roomy["last_admission"] <= -(-sum(map(len, prompts)) // 16384) + 1  # the step's budget: 16,384
     assert reserved["last_admission"] > roomy["last_admission"]  # a tight cache admits the last requests later
     assert 0 < reserved["decode_only_steps"] < reserved["steps"]
+
+
+def test_blocks_that_ending_requests_give_back_admit_the_next_ones_sooner_without_preempting(monkeypatch):
+    """The reserve of engine/admission_reserve.py against holding back every request's whole growth (the same
+    function told that no request is decoding, so none counts as ending): on a tight cache, fewer steps and
+    still no preemption."""
+    import numpy as np
+
+    from sageinfer.engine import scheduler
+    prompts, outputs = mixed_prompts("chat-mix", 80, 4096, seed=1)
+    tight = sum(map(len, prompts)) // 4
+    counted = replay(prompts, outputs, tight, 16, lookahead=256, max_model_len=40960)
+    whole = scheduler.reserve_blocks
+    monkeypatch.setattr(scheduler, "reserve_blocks", lambda n, end, held, decoding, lookahead, bs: whole(
+        n, end, held, np.zeros_like(decoding), lookahead, bs))
+    held_back = replay(prompts, outputs, tight, 16, lookahead=256, max_model_len=40960)
+    assert counted["preemptions"] == held_back["preemptions"] == 0
+    assert counted["steps"] < held_back["steps"] and counted["last_admission"] < held_back["last_admission"]

@@ -7,7 +7,8 @@ Policy, in one screen:
    its generated tokens are kept and recomputed later as part of its prompt) until it fits.
 2. Then waiting requests, strictly in line, while budget, max_num_seqs and blocks allow, and while the
    running requests keep room to grow by admission_lookahead_tokens each (a preempted request's
-   recomputation is pure waste; running a little below full memory costs less). A prefix-cache
+   recomputation is pure waste; running a little below full memory costs less), less the blocks that
+   requests reaching their max_tokens within the lookahead give back first. A prefix-cache
    hit counts as computed; blocks that fill up in this step are findable at once, so requests with
    a common prefix admitted in the same step compute it once. Without chunked prefill a prompt must
    fit the budget whole. With long_prefill_token_threshold, while requests wait, each prefill takes at
@@ -27,7 +28,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from sageinfer.config import EngineConfig
+from sageinfer.engine.admission_reserve import reserve_blocks
 from sageinfer.engine.request import Request, RequestStatus
 from sageinfer.engine.request_queue import make_queue, priority_key
 from sageinfer.kv_cache.manager import KVCacheManager, PrefixHit
@@ -120,14 +124,27 @@ class Scheduler:
         bs = self.kv.block_size
         return max(0, -(-target // bs) - -(-num_tokens // bs))
 
+    def _running_reserve(self, out: SchedulerOutput) -> int:
+        """Blocks held back for the running requests to grow by the lookahead, less what those that reach their
+        max_tokens within it give back first (engine/admission_reserve.py)."""
+        this_step = {id(r): n for r, n in out.scheduled}
+        running = self.running
+        return reserve_blocks(
+            np.fromiter((r.num_tokens for r in running), np.int64, len(running)),
+            np.fromiter((min(r.num_prompt_tokens + r.max_output_tokens, 1 << 60) for r in running), np.int64,
+                        len(running)),
+            np.fromiter((len(r.block_ids) for r in running), np.int64, len(running)),
+            np.fromiter((r.num_computed_tokens + this_step.get(id(r), 0) >= r.num_prompt_tokens for r in running),
+                        bool, len(running)),
+            self.config.admission_lookahead_tokens, self.kv.block_size)
+
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         if not self.waiting:
             return budget
         # Blocks held back for the running requests' next tokens (their slots for this step are taken).
         reserve = 0
         if self.config.admission_lookahead_tokens:
-            this_step = {id(r): n for r, n in out.scheduled}
-            reserve = sum(self._growth_blocks(r, r.num_computed_tokens + this_step.get(id(r), 0)) for r in self.running)
+            reserve = self._running_reserve(out)
         while self.waiting and budget > 0 and len(self.running) + len(self.loading) < self.config.max_num_seqs:
             request = self.waiting.peek()
             if self._waits_for_leader(request):
