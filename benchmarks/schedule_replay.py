@@ -45,14 +45,16 @@ def replay(prompts: list[list[int]], outputs: list[int], kv_tokens: int, block_s
         sched.add_request(request)
         requests.append(request)
     steps = decode_only = computed = last_admission = 0
+    admitted = set()
     decode_rows, step_tokens, used = [], [], []
     while sched.has_unfinished():
         out = sched.schedule()
         if out.is_empty:
             raise RuntimeError("the scheduler scheduled nothing with requests left: they cannot fit this cache")
         steps += 1
-        if any(r.num_computed_tokens == 0 for r, _ in out.scheduled):
+        if any(id(r) not in admitted for r, _ in out.scheduled):
             last_admission = steps
+            admitted.update(id(r) for r, _ in out.scheduled)
         decodes = sum(1 for r, n in out.scheduled if n == 1 and r.num_computed_tokens >= r.num_prompt_tokens)
         decode_only += decodes == len(out.scheduled)
         decode_rows.append(decodes)

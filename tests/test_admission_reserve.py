@@ -42,6 +42,10 @@ def test_a_request_that_ends_soon_gives_its_blocks_back_before_another_grows_int
     # ending right at the lookahead's edge still counts; past it, not
     assert reserve_blocks(np.array([640, 64]), np.array([640 + 256, 10_000]), held, np.array([True, True]), 256,
                           64) == _whole_growth(np.array([640, 64]), np.array([896, 10_000]), held, 256, 64)
+    # A's 10 blocks shared with other requests (a common prefix): its end frees only its extra block, so B's growth
+    # past it is held back too (4 blocks, the most at once, after A's end)
+    assert reserve_blocks(n, end, held, np.array([True, True]), 256, 64, freed_blocks=np.array([0, 1])) == 4
+    assert reserve_blocks(n, end, held, np.array([True, True]), 256, 64, freed_blocks=np.array([4, 1])) == 2
     assert reserve_blocks(n, end, held, np.array([True, True]), 0, 64) == 0
     assert reserve_blocks(n[:0], end[:0], held[:0], np.array([], bool), 256, 64) == 0
 
@@ -61,7 +65,7 @@ def test_the_engine_with_asynchronous_steps_admits_sooner_and_never_preempts(mod
     whole = scheduler.reserve_blocks
     for kind in ("counted", "held back"):
         if kind == "held back":
-            monkeypatch.setattr(scheduler, "reserve_blocks", lambda n, end, held, decoding, lookahead, bs: whole(
+            monkeypatch.setattr(scheduler, "reserve_blocks", lambda n, end, held, decoding, lookahead, bs, **_: whole(
                 n, end, held, np.zeros_like(decoding), lookahead, bs))
         llm = LLM(model_dirs["qwen3"], dtype="float32", num_gpu_blocks_override=int(sum(lens)) // 16 // 6 + 20,
                   block_size=16, max_model_len=512, max_num_seqs=64, max_num_batched_tokens=256, show_progress=False)

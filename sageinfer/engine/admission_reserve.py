@@ -20,12 +20,14 @@ RELEASE_DELAY = 2  # steps from a request's last token until its blocks are free
 
 
 def reserve_blocks(num_tokens: np.ndarray, end_tokens: np.ndarray, held_blocks: np.ndarray, decoding: np.ndarray,
-                   lookahead: int, block_size: int) -> int:
+                   lookahead: int, block_size: int, freed_blocks: np.ndarray | None = None) -> int:
     """Blocks to hold back beyond those the requests hold now.
 
     num_tokens: each request's known tokens (prompt, outputs and the one in flight); end_tokens: its prompt plus
     max_tokens; held_blocks: the blocks it holds now (this step's slots included); decoding: whether its prompt is
-    computed (a prefill's chunks may take several steps, so only decoding requests count as ending)."""
+    computed (a prefill's chunks may take several steps, so only decoding requests count as ending);
+    freed_blocks: of those, the ones its end frees (a prefix-cache block that other requests share stays in use;
+    default: all)."""
     if len(num_tokens) == 0 or lookahead <= 0:
         return 0
     target = np.minimum(end_tokens, num_tokens + lookahead)  # the most each may grow to within the lookahead
@@ -37,5 +39,8 @@ def reserve_blocks(num_tokens: np.ndarray, end_tokens: np.ndarray, held_blocks: 
     tokens = np.minimum(target[None, :], num_tokens[None, :] + np.maximum(step, 1) - 1)
     blocks = np.maximum(held_blocks[None, :], -(-tokens // block_size))
     active = freed_at[None, :] > interval_ends - GRID
-    need = (blocks * active).sum(axis=1) - held_blocks.sum()
+    freed = held_blocks if freed_blocks is None else freed_blocks
+    # an active request's blocks past those it holds, less what the ended ones freed (their growth, and their
+    # own blocks)
+    need = ((blocks - held_blocks[None, :]) * active).sum(axis=1) - (freed[None, :] * ~active).sum(axis=1)
     return max(0, int(need.max()))

@@ -128,15 +128,18 @@ class Scheduler:
         """Blocks held back for the running requests to grow by the lookahead, less what those that reach their
         max_tokens within it give back first (engine/admission_reserve.py)."""
         this_step = {id(r): n for r, n in out.scheduled}
-        running = self.running
-        return reserve_blocks(
-            np.fromiter((r.num_tokens for r in running), np.int64, len(running)),
-            np.fromiter((min(r.num_prompt_tokens + r.max_output_tokens, 1 << 60) for r in running), np.int64,
-                        len(running)),
-            np.fromiter((len(r.block_ids) for r in running), np.int64, len(running)),
-            np.fromiter((r.num_computed_tokens + this_step.get(id(r), 0) >= r.num_prompt_tokens for r in running),
-                        bool, len(running)),
-            self.config.admission_lookahead_tokens, self.kv.block_size)
+        lookahead = self.config.admission_lookahead_tokens
+        blocks = self.kv.pool.blocks
+        rows = np.zeros((len(self.running), 5), dtype=np.int64)  # tokens, end, held, decoding, freed at its end
+        for i, r in enumerate(self.running):
+            end = min(r.num_prompt_tokens + r.max_output_tokens, 1 << 60)
+            decoding = r.num_computed_tokens + this_step.get(id(r), 0) >= r.num_prompt_tokens
+            freed = 0
+            if decoding and end <= r.num_tokens + lookahead:  # may end within the lookahead: what its end frees
+                freed = sum(1 for b in r.block_ids if blocks[b].ref_count == 1)
+            rows[i] = (r.num_tokens, end, len(r.block_ids), decoding, freed)
+        return reserve_blocks(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3].astype(bool), lookahead,
+                              self.kv.block_size, freed_blocks=rows[:, 4])
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         if not self.waiting:
