@@ -19,19 +19,24 @@ GRID = 16
 RELEASE_DELAY = 2  # steps from a request's last token until its blocks are free to the scheduler
 
 
+def ends_within(num_tokens, end_tokens, decoding, lookahead: int):
+    """Whether a request may end within the lookahead (elementwise on arrays): its max_tokens is reached by then,
+    and its prompt is computed (a prefill's chunks may take several steps)."""
+    return decoding & (end_tokens <= num_tokens + lookahead)
+
+
 def reserve_blocks(num_tokens: np.ndarray, end_tokens: np.ndarray, held_blocks: np.ndarray, decoding: np.ndarray,
                    lookahead: int, block_size: int, freed_blocks: np.ndarray | None = None) -> int:
     """Blocks to hold back beyond those the requests hold now.
 
     num_tokens: each request's known tokens (prompt, outputs and the one in flight); end_tokens: its prompt plus
     max_tokens; held_blocks: the blocks it holds now (this step's slots included); decoding: whether its prompt is
-    computed (a prefill's chunks may take several steps, so only decoding requests count as ending);
-    freed_blocks: of those, the ones its end frees (a prefix-cache block that other requests share stays in use;
-    default: all)."""
+    computed (ends_within); freed_blocks: of those, the ones its end frees (a prefix-cache block that other
+    requests share stays in use; default: all)."""
     if len(num_tokens) == 0 or lookahead <= 0:
         return 0
     target = np.minimum(end_tokens, num_tokens + lookahead)  # the most each may grow to within the lookahead
-    ends = decoding & (end_tokens <= num_tokens + lookahead)
+    ends = ends_within(num_tokens, end_tokens, decoding, lookahead)
     # its last token is computed at step end - num_tokens; its blocks are free RELEASE_DELAY steps later
     freed_at = np.where(ends, end_tokens - num_tokens + RELEASE_DELAY, np.iinfo(np.int64).max)
     interval_ends = np.arange(GRID, lookahead + RELEASE_DELAY + GRID, GRID)[:, None]  # steps b of [b - GRID, b)

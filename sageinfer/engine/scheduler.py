@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sageinfer.config import EngineConfig
-from sageinfer.engine.admission_reserve import reserve_blocks
+from sageinfer.engine.admission_reserve import ends_within, reserve_blocks
 from sageinfer.engine.request import Request, RequestStatus
 from sageinfer.engine.request_queue import make_queue, priority_key
 from sageinfer.kv_cache.manager import KVCacheManager, PrefixHit
@@ -130,16 +130,18 @@ class Scheduler:
         this_step = {id(r): n for r, n in out.scheduled}
         lookahead = self.config.admission_lookahead_tokens
         blocks = self.kv.pool.blocks
-        rows = np.zeros((len(self.running), 5), dtype=np.int64)  # tokens, end, held, decoding, freed at its end
-        for i, r in enumerate(self.running):
-            end = min(r.num_prompt_tokens + r.max_output_tokens, 1 << 60)
-            decoding = r.num_computed_tokens + this_step.get(id(r), 0) >= r.num_prompt_tokens
-            freed = 0
-            if decoding and end <= r.num_tokens + lookahead:  # may end within the lookahead: what its end frees
-                freed = sum(1 for b in r.block_ids if blocks[b].ref_count == 1)
-            rows[i] = (r.num_tokens, end, len(r.block_ids), decoding, freed)
-        return reserve_blocks(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3].astype(bool), lookahead,
-                              self.kv.block_size, freed_blocks=rows[:, 4])
+        tokens, ends, held, decoding, freed = [], [], [], [], []
+        for r in self.running:
+            tokens.append(r.num_tokens)
+            ends.append(min(r.num_prompt_tokens + r.max_output_tokens, 1 << 60))
+            held.append(len(r.block_ids))
+            decoding.append(r.num_computed_tokens + this_step.get(id(r), 0) >= r.num_prompt_tokens)
+            # what its end frees, counted only where it may end: blocks no other request holds
+            freed.append(sum(1 for b in r.block_ids if blocks[b].ref_count == 1)
+                         if ends_within(tokens[-1], ends[-1], decoding[-1], lookahead) else 0)
+        return reserve_blocks(np.array(tokens, np.int64), np.array(ends, np.int64), np.array(held, np.int64),
+                              np.array(decoding, bool), lookahead, self.kv.block_size,
+                              freed_blocks=np.array(freed, np.int64))
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         if not self.waiting:

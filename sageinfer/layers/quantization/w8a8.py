@@ -107,9 +107,8 @@ class W8A8Method:
     def extra_warm_up_rows(self, layer: nn.Module) -> list[int]:
         """Row counts past kernel_rows that start-up warms too: the first of each tile kind between the decode
         kinds and the largest batches' kind, which the memory profile's own pass compiles (with the descriptor
-        kernel on, the pointer kernel's wide tiles of 513 to 8,192 rows would otherwise compile while serving)."""
-        if not self.kernel_rows(layer):
-            return []
+        kernel on, the pointer kernel's wide tiles of 513 to 8,192 rows would otherwise compile while serving).
+        Asked only where kernel_rows is not 0 (executor/linear_warm_up.py)."""
         return [FAST_CONFIGS[i - 1][0] + 1 for i in range(2, len(FAST_CONFIGS) - 1)]
 
     def one_row_args(self, layer: nn.Module) -> dict | None:
