@@ -5,7 +5,7 @@ time the workload cannot go below at the measured ceilings, over the time it too
       fp8-kv8:quant-sageinfer-fp8-kv8.json fp8-kv8:quant-vllm-fp8-kv8.json
 
 Each run is SCHEME:FILE, a result of ../shared/bench/engine_bench.py (benchmarks/gpu_quant_vs_vllm.sh)
-and the scheme it ran (floors.SCHEMES). Prints one markdown row per run and workload.
+or of benchmarks/run_standard.py, and the scheme it ran (floors.SCHEMES). Prints one markdown row per run and workload.
 """
 from __future__ import annotations
 
@@ -39,8 +39,9 @@ def main() -> None:
             raise SystemExit(f"unknown scheme {scheme!r}; one of {', '.join(SCHEMES)}")
         with open(path) as f:
             result = json.load(f)
-        name = f"{result.get('engine', '?')} {scheme}"
-        for workload, measured in result["workloads"].items():
+        name = f"{result.get('engine', 'sageinfer')} {scheme}"
+        # engine_bench.py writes "workloads"; benchmarks/run_standard.py writes "results"
+        for workload, measured in result.get("workloads", result.get("results", {})).items():
             floor = workload_floor(shape, scheme, ceilings, workloads[workload])
             frac = fraction_of_floor(floor, measured)
             if "seconds" in frac:

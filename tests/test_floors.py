@@ -54,3 +54,25 @@ def test_the_fraction_is_floor_over_measured_for_what_both_report():
         {"seconds": 0.5}
     assert fraction_of_floor({"ttft_s": 1.0, "tpot_s": 3.0}, {"ttft_s": 2.0, "tpot_s": 4.0}) == \
         {"ttft_s": 0.5, "tpot_s": 0.75}
+
+
+def test_an_8bit_cache_under_16bit_weights_halves_only_the_keys_bytes():
+    w = {"kind": "latency", "input_len": 4, "output_len": 2, "batch": 1}
+    floor = workload_floor(SMALL, "bf16-kv8", CARD, w)
+    assert floor["ttft_s"] == pytest.approx((2 * 1152 * 4 + 4 * 2 * 2 * 4 * 10) / 1e12)
+    assert floor["tpot_s"] == pytest.approx((1152 * 2 + 80 * 2 + 5 * 16) / 1e9)
+
+
+@pytest.mark.parametrize("key", ["workloads", "results"])  # engine_bench.py's JSON, run_standard.py's
+def test_the_fraction_script_reads_either_benchmark_json(tmp_path, key):
+    import json
+    import subprocess
+    import sys
+    ceilings = tmp_path / "ceilings.json"
+    ceilings.write_text(json.dumps({"bf16_matmul_tflops": 800.0, "copy_bandwidth_gbs": 3000.0}))
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({key: {"T1-prefill-heavy": {"seconds": 20.0, "total_tok_s": 32000.0}}}))
+    out = subprocess.run([sys.executable, "benchmarks/fraction_of_ceilings.py", "--ceilings", str(ceilings),
+                          f"bf16:{run}"], capture_output=True, text=True, check=True).stdout
+    row = [line for line in out.splitlines() if "T1-prefill-heavy" in line]
+    assert len(row) == 1 and "20.00 s" in row[0] and row[0].rstrip().endswith("% |")

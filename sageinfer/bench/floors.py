@@ -21,6 +21,7 @@ from dataclasses import dataclass
 # matmul ceiling its prefill runs at (weight-only schemes multiply in 16 bits).
 SCHEMES = {
     "bf16": (2.0, "bf16_matmul_tflops"),
+    "bf16-kv8": (2.0, "bf16_matmul_tflops"),  # 16-bit weights over an 8-bit KV cache
     "fp8-kv8": (1.0, "fp8_matmul_tflops"),
     "fp8-block": (1.0, "fp8_matmul_tflops"),
     "int8-w8a8": (1.0, "int8_matmul_tops"),
@@ -29,7 +30,7 @@ SCHEMES = {
     "nvfp4": (0.5 + 1 / 16, "bf16_matmul_tflops"),
     "mxfp4": (0.5 + 1 / 32, "bf16_matmul_tflops"),
 }
-KV_BYTES = {"fp8-kv8": 1}  # bytes a cached element takes (2: bf16)
+KV_BYTES = {"fp8-kv8": 1, "bf16-kv8": 1}  # bytes a cached element takes (2: bf16)
 
 
 @dataclass
