@@ -2,10 +2,14 @@
 every scheduled token is computed, one token is sampled when a request's known tokens are all computed. Prints,
 per admission lookahead, what the steps would hold: how many, how many decode only, the batch sizes, how full
 the KV cache ran, preemptions and recomputed tokens. Counts, not times: which lookahead is faster is for a GPU
-run to say (benchmarks/mixes_offline.py with --admission-lookahead-tokens).
+run to say (benchmarks/mixes_offline.py with --admission-lookahead-tokens). With --ceilings (benchmarks/ceilings.py's
+JSON) it also prints the schedule's floor: each step's kernels one after another at the card's ceilings
+(sageinfer/bench/floors.py: scheduled_step_seconds), what no engine running this schedule can go below.
 
   python benchmarks/schedule_replay.py --mix chat-mix:1000 --kv-tokens 382800 [--lookaheads 0,64,256]
   python benchmarks/schedule_replay.py --workload T1-prefill-heavy --kv-tokens 382800   (a standard workload)
+  python benchmarks/schedule_replay.py --mix chat-mix:1000 --kv-tokens 382800 --lookaheads 256 \
+      --ceilings benchmarks/results/2026-12-05g-h100-ceilings.json [--scheme bf16] [--model DIR]
 
 --kv-tokens: the KV cache's size in tokens, as an engine start logs it (382,800 for Qwen3-8B bf16 on an H100 at
 0.9 of its memory, 2026-11-24).
@@ -13,6 +17,7 @@ run to say (benchmarks/mixes_offline.py with --admission-lookahead-tokens).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -25,15 +30,17 @@ from sageinfer.engine.request import Request  # noqa: E402
 from sageinfer.engine.scheduler import Scheduler  # noqa: E402
 from sageinfer.kv_cache.manager import KVCacheManager  # noqa: E402
 from sageinfer.sampling_params import SamplingParams  # noqa: E402
+from sageinfer.bench.floors import SCHEMES, ModelShape, causal_pairs, scheduled_step_seconds  # noqa: E402
 from sageinfer.bench.mixed import mixed_prompts  # noqa: E402
-from sageinfer.bench.workloads import load_workloads, make_prompts  # noqa: E402
+from sageinfer.bench.workloads import STANDARD_DIR, load_workloads, make_prompts  # noqa: E402
 
 LIMITS = {"max_num_seqs": 1024, "max_num_batched_tokens": 16384}  # as benchmarks/mixes_offline.py
 
 
 def replay(prompts: list[list[int]], outputs: list[int], kv_tokens: int, block_size: int, lookahead: int,
            max_model_len: int) -> dict:
-    """Drive the scheduler over the requests, all arriving at once; the steps' counts."""
+    """Drive the scheduler over the requests, all arriving at once; the steps' counts, and each step's load
+    (step_loads: rows, rows sampled, prefill (query, key) pairs, cached keys the decodes read)."""
     config = EngineConfig(model="unused", admission_lookahead_tokens=lookahead, block_size=block_size, **LIMITS)
     config.max_model_len = max_model_len
     kv = KVCacheManager(kv_tokens // block_size, block_size, enable_caching=True)
@@ -46,7 +53,7 @@ def replay(prompts: list[list[int]], outputs: list[int], kv_tokens: int, block_s
         requests.append(request)
     steps = decode_only = computed = last_admission = 0
     admitted = set()
-    decode_rows, step_tokens, used = [], [], []
+    decode_rows, step_tokens, used, loads = [], [], [], []
     while sched.has_unfinished():
         out = sched.schedule()
         if out.is_empty:
@@ -55,7 +62,16 @@ def replay(prompts: list[list[int]], outputs: list[int], kv_tokens: int, block_s
         if any(id(r) not in admitted for r, _ in out.scheduled):
             last_admission = steps
             admitted.update(id(r) for r, _ in out.scheduled)
-        decodes = sum(1 for r, n in out.scheduled if n == 1 and r.num_computed_tokens >= r.num_prompt_tokens)
+        decodes = sampled = decode_keys = pairs = 0
+        for r, n in out.scheduled:
+            before = r.num_computed_tokens
+            sampled += before + n == r.num_tokens
+            if n == 1 and before >= r.num_prompt_tokens:
+                decodes += 1
+                decode_keys += before + 1  # its own new key too
+            else:
+                pairs += causal_pairs(n, before)
+        loads.append((out.num_batched_tokens, sampled, pairs, decode_keys))
         decode_only += decodes == len(out.scheduled)
         decode_rows.append(decodes)
         step_tokens.append(out.num_batched_tokens)
@@ -72,7 +88,7 @@ def replay(prompts: list[list[int]], outputs: list[int], kv_tokens: int, block_s
     return {"lookahead": lookahead, "steps": steps, "decode_only_steps": decode_only, "last_admission": last_admission,
             "mean_decode_rows": float(np.mean(decode_rows)), "mean_step_tokens": float(np.mean(step_tokens)),
             "mean_kv_used": float(np.mean(used)), "preemptions": sched.num_preemptions,
-            "recomputed_tokens": computed - needed}
+            "recomputed_tokens": computed - needed, "step_loads": loads}
 
 
 def main() -> None:
@@ -85,7 +101,18 @@ def main() -> None:
     parser.add_argument("--lookaheads", default="0,32,64,128,256")
     parser.add_argument("--max-model-len", type=int, default=40960)
     parser.add_argument("--vocab-size", type=int, default=151936)
+    parser.add_argument("--ceilings", default=None, help="benchmarks/ceilings.py's JSON: print the schedule's floor")
+    parser.add_argument("--scheme", default="bf16", choices=sorted(SCHEMES), help="weights and KV bytes (floors)")
+    parser.add_argument("--model", default=os.path.join(STANDARD_DIR, "qwen3-8b"), help="the model's shapes")
     args = parser.parse_args()
+    floor = None
+    if args.ceilings:
+        with open(args.ceilings) as f:
+            ceilings = json.load(f)
+        with open(os.path.join(args.model, "config.json")) as f:
+            shape = ModelShape.from_config(json.load(f))
+        floor = lambda loads: sum(scheduled_step_seconds(shape, args.scheme, ceilings, *load)  # noqa: E731
+                                  for load in loads)
     if args.workload:
         workload = load_workloads()[args.workload]
         prompts = make_prompts(workload, args.vocab_size)
@@ -97,14 +124,14 @@ def main() -> None:
     print(f"{label}: {sum(map(len, prompts)):,} prompt tokens, {sum(outputs):,} output tokens; KV cache "
           f"{args.kv_tokens:,} tokens in blocks of {args.block_size}")
     print("| lookahead | steps | decode-only steps | steps after the last admission | mean decode rows | "
-          "mean tokens a step | mean KV used | preemptions | recomputed tokens |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "mean tokens a step | mean KV used | preemptions | recomputed tokens |" + (" floor |" if floor else ""))
+    print("| --- " * (10 if floor else 9) + "|")
     for lookahead in (int(x) for x in args.lookaheads.split(",")):
         r = replay(prompts, outputs, args.kv_tokens, args.block_size, lookahead, args.max_model_len)
         print(f"| {lookahead} | {r['steps']} | {r['decode_only_steps']} | {r['steps'] - r['last_admission']} | "
               f"{r['mean_decode_rows']:.0f} | "
               f"{r['mean_step_tokens']:.0f} | {100 * r['mean_kv_used']:.1f}% | {r['preemptions']} | "
-              f"{r['recomputed_tokens']:,} |", flush=True)
+              f"{r['recomputed_tokens']:,} |" + (f" {floor(r['step_loads']):.2f} s |" if floor else ""), flush=True)
 
 
 if __name__ == "__main__":

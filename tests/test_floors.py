@@ -76,3 +76,20 @@ def test_the_fraction_script_reads_either_benchmark_json(tmp_path, key):
                           f"bf16:{run}"], capture_output=True, text=True, check=True).stdout
     row = [line for line in out.splitlines() if "T1-prefill-heavy" in line]
     assert len(row) == 1 and "20.00 s" in row[0] and row[0].rstrip().endswith("% |")
+
+
+def test_a_scheduled_step_runs_its_kernels_one_after_another_each_at_its_ceiling():
+    from sageinfer.bench.floors import causal_pairs, scheduled_step_seconds
+    # 100 rows on a card of fast memory: the layers' and the head's FLOPs outlast their bytes
+    fast_memory = dict(CARD, copy_bandwidth_gbs=1e6)
+    prefill = scheduled_step_seconds(SMALL, "bf16", fast_memory, tokens=100, sampled_rows=1,
+                                     prefill_pairs=causal_pairs(100, 0), decode_keys=0)
+    assert prefill == pytest.approx((2 * 1152 * 100 + 2 * 80 + 4 * 2 * 2 * 4 * 5050) / 1e12)
+    # the same rows on the slow card: the weights' bytes (1,152 x 2 at 1 GB/s) outlast their FLOPs
+    slow = scheduled_step_seconds(SMALL, "bf16", CARD, 100, 1, causal_pairs(100, 0), 0)
+    assert slow == pytest.approx((1152 * 2 + 80 * 2) / 1e9 + 4 * 2 * 2 * 4 * 5050 / 1e12)
+    # two decodes over 7 and 9 keys: the weights' bytes, then the keys' K and V (16 elements a token)
+    decode = scheduled_step_seconds(SMALL, "bf16-kv8", CARD, tokens=2, sampled_rows=2, prefill_pairs=0,
+                                    decode_keys=16)
+    assert decode == pytest.approx(1152 * 2 / 1e9 + 80 * 2 / 1e9 + 16 * 16 * 1 / 1e9)
+    assert scheduled_step_seconds(SMALL, "bf16", CARD, 2, 0, 0, 16) == pytest.approx((1152 * 2 + 16 * 16 * 2) / 1e9)

@@ -56,3 +56,20 @@ def test_requests_that_share_a_prefix_free_only_their_own_blocks_when_they_end()
         result = replay(prompts, outputs, kv_tokens, 16, lookahead=256, max_model_len=40960)
         assert result["preemptions"] == 0 and result["recomputed_tokens"] == 0
         assert result["last_admission"] > 1  # the cache admitted them over many steps
+
+
+def test_each_steps_load_adds_up_to_the_work_of_the_requests():
+    """Without preemption or shared prefixes, the steps' loads sum to what the requests ask: every prompt
+    token and every output token but the last computed once, each output token sampled once, a prompt's causal
+    (query, key) pairs, and each decode reading its whole context."""
+    import numpy as np
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 4000, int(n)).tolist() for n in rng.integers(5, 3000, 40)]  # some over a step
+    outputs = rng.integers(1, 90, 40).tolist()
+    result = replay(prompts, outputs, 10 * sum(map(len, prompts)), 16, lookahead=256, max_model_len=40960)
+    tokens, sampled, pairs, keys = (sum(load[i] for load in result["step_loads"]) for i in range(4))
+    assert len(result["step_loads"]) == result["steps"] and result["preemptions"] == 0
+    assert tokens == sum(map(len, prompts)) + sum(outputs) - len(outputs)
+    assert sampled == sum(outputs)
+    assert pairs == sum(len(p) * (len(p) + 1) / 2 for p in prompts)
+    assert keys == sum((o - 1) * len(p) + (o - 1) * o // 2 for p, o in zip(prompts, outputs))

@@ -62,8 +62,16 @@ class ModelShape:
 
     def attention_flops(self, queries: int, keys_before: int) -> float:
         """QK and PV of `queries` new tokens after `keys_before` cached ones, causal."""
-        pairs = queries * keys_before + queries * (queries + 1) / 2
+        return self.attention_flops_of_pairs(causal_pairs(queries, keys_before))
+
+    def attention_flops_of_pairs(self, pairs: float) -> float:
+        """QK and PV over `pairs` (query, key) pairs, every layer and head."""
         return 4.0 * self.layers * self.heads * self.head_dim * pairs
+
+
+def causal_pairs(queries: int, keys_before: int) -> float:
+    """The (query, key) pairs `queries` new tokens attend after `keys_before` cached ones, themselves causally."""
+    return queries * keys_before + queries * (queries + 1) / 2
 
 
 def _rate(ceilings: dict, key: str) -> float:
@@ -85,6 +93,24 @@ def decode_step_seconds(shape: ModelShape, scheme: str, ceilings: dict, batch: i
     step_bytes = (shape.layer_params() * weight_bytes + shape.head_params() * 2
                   + keys * shape.kv_elements_per_token() * KV_BYTES.get(scheme, 2))
     return max(flops_time, step_bytes / (ceilings["copy_bandwidth_gbs"] * 1e9))
+
+
+def scheduled_step_seconds(shape: ModelShape, scheme: str, ceilings: dict, tokens: int, sampled_rows: int,
+                           prefill_pairs: float, decode_keys: int) -> float:
+    """One step of an engine's schedule, its kernels one after another, each at its ceiling: the decoder layers'
+    matmuls over `tokens` rows (the longer of their FLOPs and their weights' bytes), the LM head over the
+    `sampled_rows`, prefill attention over `prefill_pairs` at the bf16 rate, and the decodes' `decode_keys`
+    cached keys read at the copy bandwidth. Tighter than workload_floor, which lets every sequence decode in one
+    batch: a cache too small for that, or a mix, takes more steps, each reading the weights again."""
+    weight_bytes, rate_key = SCHEMES[scheme]
+    bandwidth, bf16 = ceilings["copy_bandwidth_gbs"] * 1e9, _rate(ceilings, "bf16_matmul_tflops")
+    layers = max(2.0 * shape.layer_params() * tokens / _rate(ceilings, rate_key),
+                 shape.layer_params() * weight_bytes / bandwidth)
+    head = max(2.0 * shape.head_params() * sampled_rows / bf16, shape.head_params() * 2 / bandwidth) \
+        if sampled_rows else 0.0
+    attention = (shape.attention_flops_of_pairs(prefill_pairs) / bf16
+                 + decode_keys * shape.kv_elements_per_token() * KV_BYTES.get(scheme, 2) / bandwidth)
+    return layers + head + attention
 
 
 def workload_floor(shape: ModelShape, scheme: str, ceilings: dict, w: dict) -> dict:
