@@ -5,7 +5,8 @@ time the workload cannot go below at the measured ceilings, over the time it too
       fp8-kv8:quant-sageinfer-fp8-kv8.json fp8-kv8:quant-vllm-fp8-kv8.json
 
 Each run is SCHEME:FILE, a result of ../shared/bench/engine_bench.py (benchmarks/gpu_quant_vs_vllm.sh)
-or of benchmarks/run_standard.py, and the scheme it ran (floors.SCHEMES). Prints one markdown row per run and workload.
+or of benchmarks/run_standard.py, and the scheme it ran (floors.SCHEMES). Prints one markdown row per run and
+workload.
 """
 from __future__ import annotations
 
