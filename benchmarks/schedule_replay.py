@@ -40,7 +40,7 @@ LIMITS = {"max_num_seqs": 1024, "max_num_batched_tokens": 16384}  # as benchmark
 def replay(prompts: list[list[int]], outputs: list[int], kv_tokens: int, block_size: int, lookahead: int,
            max_model_len: int) -> dict:
     """Drive the scheduler over the requests, all arriving at once; the steps' counts, and each step's load
-    (step_loads: rows, rows sampled, prefill (query, key) pairs, cached keys the decodes read)."""
+    (step_loads: rows, rows sampled, prefill (query, key) pairs, distinct cached keys the decodes read)."""
     config = EngineConfig(model="unused", admission_lookahead_tokens=lookahead, block_size=block_size, **LIMITS)
     config.max_model_len = max_model_len
     kv = KVCacheManager(kv_tokens // block_size, block_size, enable_caching=True)
@@ -62,16 +62,19 @@ def replay(prompts: list[list[int]], outputs: list[int], kv_tokens: int, block_s
         if any(id(r) not in admitted for r, _ in out.scheduled):
             last_admission = steps
             admitted.update(id(r) for r, _ in out.scheduled)
-        decodes = sampled = decode_keys = pairs = 0
+        decodes = sampled = pairs = 0
+        keys_in_block: dict[int, int] = {}  # a block that decodes share (a prefix) is read once, as cascade reads it
         for r, n in out.scheduled:
             before = r.num_computed_tokens
             sampled += before + n == r.num_tokens
             if n == 1 and before >= r.num_prompt_tokens:
                 decodes += 1
-                decode_keys += before + 1  # its own new key too
+                context = before + 1  # its own new key too
+                for j, block in enumerate(r.block_ids[:-(-context // block_size)]):
+                    keys_in_block[block] = max(keys_in_block.get(block, 0), min(block_size, context - j * block_size))
             else:
                 pairs += causal_pairs(n, before)
-        loads.append((out.num_batched_tokens, sampled, pairs, decode_keys))
+        loads.append((out.num_batched_tokens, sampled, pairs, sum(keys_in_block.values())))
         decode_only += decodes == len(out.scheduled)
         decode_rows.append(decodes)
         step_tokens.append(out.num_batched_tokens)

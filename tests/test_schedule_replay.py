@@ -73,3 +73,17 @@ def test_each_steps_load_adds_up_to_the_work_of_the_requests():
     assert sampled == sum(outputs)
     assert pairs == sum(len(p) * (len(p) + 1) / 2 for p in prompts)
     assert keys == sum((o - 1) * len(p) + (o - 1) * o // 2 for p, o in zip(prompts, outputs))
+
+
+def test_decodes_that_share_a_prefix_read_it_once_a_step():
+    """Ten prompts on one 64-token prefix (four blocks of 16): the first step computes the prefix once, and each
+    decode step reads it once (as cascade attention does) plus each sequence's own keys."""
+    import numpy as np
+    rng = np.random.default_rng(4)
+    prefix = rng.integers(3, 4000, 64).tolist()
+    prompts = [prefix + rng.integers(3, 4000, 8).tolist() for _ in range(10)]
+    result = replay(prompts, [5] * 10, 100_000, 16, lookahead=256, max_model_len=40960)
+    first, *decodes = result["step_loads"]
+    assert first == (64 + 10 * 8, 10, 64 * 65 / 2 + 10 * (8 * 64 + 8 * 9 / 2), 0)
+    # the step's contexts are 73, 74, 75, 76 keys: the prefix's 64 once, each sequence's other keys
+    assert [load[3] for load in decodes] == [64 + 10 * (context - 64) for context in (73, 74, 75, 76)]
