@@ -114,8 +114,12 @@ def main() -> None:
             ceilings = json.load(f)
         with open(os.path.join(args.model, "config.json")) as f:
             shape = ModelShape.from_config(json.load(f))
-        floor = lambda loads: sum(scheduled_step_seconds(shape, args.scheme, ceilings, *load)  # noqa: E731
-                                  for load in loads)
+
+        def floor(loads) -> str:
+            """The schedule's floor, and its share in steps that prefill and in decode-only ones."""
+            seconds = [scheduled_step_seconds(shape, args.scheme, ceilings, *load) for load in loads]
+            prefill = sum(s for s, load in zip(seconds, loads) if load[2] > 0)
+            return f"{sum(seconds):.2f} s ({prefill:.2f} + {sum(seconds) - prefill:.2f})"
     if args.workload:
         workload = load_workloads()[args.workload]
         prompts = make_prompts(workload, args.vocab_size)
@@ -127,14 +131,15 @@ def main() -> None:
     print(f"{label}: {sum(map(len, prompts)):,} prompt tokens, {sum(outputs):,} output tokens; KV cache "
           f"{args.kv_tokens:,} tokens in blocks of {args.block_size}")
     print("| lookahead | steps | decode-only steps | steps after the last admission | mean decode rows | "
-          "mean tokens a step | mean KV used | preemptions | recomputed tokens |" + (" floor |" if floor else ""))
+          "mean tokens a step | mean KV used | preemptions | recomputed tokens |"
+          + (" floor (steps that prefill + decode-only steps) |" if floor else ""))
     print("| --- " * (10 if floor else 9) + "|")
     for lookahead in (int(x) for x in args.lookaheads.split(",")):
         r = replay(prompts, outputs, args.kv_tokens, args.block_size, lookahead, args.max_model_len)
         print(f"| {lookahead} | {r['steps']} | {r['decode_only_steps']} | {r['steps'] - r['last_admission']} | "
               f"{r['mean_decode_rows']:.0f} | "
               f"{r['mean_step_tokens']:.0f} | {100 * r['mean_kv_used']:.1f}% | {r['preemptions']} | "
-              f"{r['recomputed_tokens']:,} |" + (f" {floor(r['step_loads']):.2f} s |" if floor else ""), flush=True)
+              f"{r['recomputed_tokens']:,} |" + (f" {floor(r['step_loads'])} |" if floor else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -87,3 +87,16 @@ def test_decodes_that_share_a_prefix_read_it_once_a_step():
     assert first == (64 + 10 * 8, 10, 64 * 65 / 2 + 10 * (8 * 64 + 8 * 9 / 2), 0)
     # the step's contexts are 73, 74, 75, 76 keys: the prefix's 64 once, each sequence's other keys
     assert [load[3] for load in decodes] == [64 + 10 * (context - 64) for context in (73, 74, 75, 76)]
+
+
+def test_the_command_prints_the_schedules_floor_split_into_prefilling_and_decode_only_steps(tmp_path):
+    import json
+    import re
+    import subprocess
+    ceilings = tmp_path / "ceilings.json"
+    ceilings.write_text(json.dumps({"bf16_matmul_tflops": 800.0, "copy_bandwidth_gbs": 3000.0}))
+    out = subprocess.run([sys.executable, "benchmarks/schedule_replay.py", "--mix", "chat-mix:30", "--kv-tokens",
+                          "200000", "--lookaheads", "256", "--ceilings", str(ceilings)],
+                         capture_output=True, text=True, check=True).stdout
+    total, prefill, decode = map(float, re.search(r"\| ([\d.]+) s \(([\d.]+) \+ ([\d.]+)\) \|", out).groups())
+    assert total > 0 and prefill > 0 and decode > 0 and abs(prefill + decode - total) <= 0.011
