@@ -26,7 +26,8 @@ run() {  # label, PYTHONPATH, mixes_offline arguments...
   echo "$label: $(grep -E '^\| (vllm|sageinfer) ' "$OUT/mix-$label.log" | tail -1)"
 }
 if [ "${VLLM:-1}" != 0 ]; then
-  HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 run "vllm-$SAMPLING" "/tmp/site:$PWD" --engine vllm
+  HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 \
+    run "vllm-$SAMPLING" "/tmp/site:$PWD" --engine vllm
 fi
 [ -d /tmp/ours ] || python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/ours .whl/*.whl
 for lookahead in $LOOKAHEADS; do

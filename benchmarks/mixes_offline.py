@@ -14,10 +14,10 @@ first pass may pay kernel compiles that a warm engine does not (either engine's)
 warm one; each pass is recorded. Requests are greedy unless --temperature is above 0 (then --top-k and --top-p
 apply, the same on both engines; Qwen3's generation config: --temperature 0.6 --top-k 20 --top-p 0.95);
 --repetition-penalty applies to either. --admission-lookahead-tokens N (sageInfer only) sets the scheduler's
-admission lookahead (benchmarks/schedule_replay.py counts what each value does to the steps). --json-every N (sageInfer only) gives every Nth request a JSON-object
-grammar, for an A/B of how grammar requests share steps with the others: the model directory is copied with a
-small byte-level tokenizer (grammars need one), and such a request ends where its grammar does, so its output
-tokens are counted as generated, not as asked.
+admission lookahead (benchmarks/schedule_replay.py counts what each value does to the steps). --json-every N
+(sageInfer only) gives every Nth request a JSON-object grammar, for an A/B of how grammar requests share steps
+with the others: the model directory is copied with a small byte-level tokenizer (grammars need one), and such a
+request ends where its grammar does, so its output tokens are counted as generated, not as asked.
 """
 from __future__ import annotations
 
