@@ -7,7 +7,7 @@ import torch
 from sageinfer.attention.backend import LayerKVCache
 from sageinfer.attention.torch_ref import paged_attention_ref
 from sageinfer.ops.cascade_attention import common_prefix_blocks, prefix_attention
-from sageinfer.ops.paged_attention import paged_attention
+from sageinfer.ops.paged_attention import PREFIX_ALIGN, paged_attention
 from kernels_util import DEVICE, TOL, random_paged_batch, rel_err
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -18,7 +18,8 @@ SMALL = {"block_m": 16, "block_n": 32, "num_warps": 4, "num_stages": 1}
 # pages of 64 hold whole key tiles (ops/paged_attention.ONE_PAGE_TILES), pages of 16 do not
 @pytest.mark.parametrize("prefix_tokens,num_splits,config,page", [(128, 1, SMALL, 16), (256, 3, SMALL, 16),
                                                                    (0, 2, SMALL, 16), (256, 2, None, 16),
-                                                                   (128, 1, SMALL, 64), (256, 2, None, 64)])
+                                                                   (128, 1, SMALL, 64), (256, 2, None, 64),
+                                                                   (192, 2, None, 64)])
 def test_cascade_decode_matches_reference(dtype, prefix_tokens, num_splits, config, page):
     num_heads, num_kv_heads, head_dim = 8, 2, 32
     context = [prefix_tokens + n for n in (1, 30, 77, 64, 130)]
@@ -45,6 +46,11 @@ def test_cascade_refuses_what_it_cannot_merge():
     with pytest.raises(ValueError, match="decode batches"):
         paged_attention(q, k_cache, v_cache, torch.empty_like(q), meta.block_table, meta.seq_lens,
                         meta.query_start_loc, 1, 3, 0.25, prefix=(q, q, zero))
+    wide = {"block_n": 2 * PREFIX_ALIGN, "num_warps": 4, "num_stages": 1}  # a suffix would start mid-tile
+    k_cache, v_cache, meta = random_paged_batch([1], [300], 1, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="key tiles that divide"):
+        paged_attention(q[:1], k_cache, v_cache, torch.empty_like(q[:1]), meta.block_table, meta.seq_lens,
+                        meta.query_start_loc, 1, 1, 0.25, config=wide, prefix=(q, q, zero))
 
 
 def test_common_prefix_blocks_stops_at_the_first_difference_and_before_the_newest_token():
@@ -56,7 +62,7 @@ def test_common_prefix_blocks_stops_at_the_first_difference_and_before_the_newes
 
 
 def test_engine_decodes_a_shared_prefix_batch_with_cascade_and_matches_transformers(llama_dir, monkeypatch):
-    """16 prompts on one 300-token prefix: their decode steps attend the prefix once (cascade), and
+    """16 prompts on one 330-token prefix: their decode steps attend the prefix once (cascade), and
     every greedy token is transformers' argmax."""
     import sageinfer.attention.triton_backend as triton_backend
     from oracle import assert_greedy_matches_hf
@@ -67,14 +73,14 @@ def test_engine_decodes_a_shared_prefix_batch_with_cascade_and_matches_transform
     monkeypatch.setattr(triton_backend, "prefix_attention",
                         lambda *a, **k: calls.append(int(a[4].item())) or real(*a, **k))
     rng = np.random.default_rng(7)
-    prefix = rng.integers(3, 500, size=300).tolist()
+    prefix = rng.integers(3, 500, size=330).tolist()
     prompts = [prefix + rng.integers(3, 500, size=n).tolist() for n in range(1, 17)]
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     llm = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=512, show_progress=False,
               attention_backend="triton", enforce_eager=True)  # eager: the spy sees every step
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     llm.engine.kv_manager.pool.check_accounting()
-    assert calls and set(calls) == {256}  # 18 shared blocks of 16, used in whole 128-token tiles
+    assert calls and set(calls) == {320}  # 20 shared blocks of 16, all of them: a multiple of PREFIX_ALIGN
     for p, o in zip(prompts, outs):  # on a GPU, float32 dots run as tf32: allow near-ties there
         assert_greedy_matches_hf(llama_dir, p, o.outputs[0].token_ids, tie_tol=2e-2 if DEVICE == "cuda" else 1e-4)
 

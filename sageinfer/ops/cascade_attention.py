@@ -15,17 +15,15 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
-from sageinfer.ops.paged_attention import LOG2E, attend_tile, fp8_query_factor, query_for_cache
+from sageinfer.ops.paged_attention import LOG2E, PREFIX_ALIGN, attend_tile, fp8_query_factor, query_for_cache
 from sageinfer.ops.rope_cache import scales_head_major
 
 # Rows (queries x heads of a group) per program, keys per tile. benchmarks/experiments/probe_p1.py, prefix +
 # suffix of P1's 200 sequences (1,920 prefix keys, pages of 64), each shape at its prefix_splits: H200 FP8
 # cache 124 us against 138 for the 128-row tiles of 8 warps (4 splits) used before, bf16 122 against 135
 # (2026-12-04c-h200-one-row-activate-words.md); the H100 sweep had put six shapes within 149-161 us.
-# PREFIX_ALIGN: the shared prefix is used in whole multiples of it, so prefix tiles are full and the
-# decode kernel's suffix starts on one of its key-tile boundaries.
+# The shared prefix is used in whole multiples of PREFIX_ALIGN (ops.paged_attention), so prefix tiles are full.
 PREFIX_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3}
-PREFIX_ALIGN = 128
 MAX_PREFIX_SPLITS = 16
 
 

@@ -23,6 +23,10 @@ from sageinfer.ops.fp16_operand import fp16_operand, fp16_operand_factor
 from sageinfer.ops.rope_cache import rms_norm_halves, scale_offsets, scales_head_major, store_kv
 
 LOG2E = 1.4426950408889634
+# A cascade's shared prefix is a whole multiple of this many keys, so the decode kernel's suffix starts on one of
+# its key-tile boundaries (its tiles are 64 or 32 keys). It was 128: P1's 2,000 shared tokens (31 pages of 64)
+# then gave the prefix 1,920 and left 64 more keys to every sequence's suffix.
+PREFIX_ALIGN = 64
 # Key tiles that lie in one page take its id in one load and their rows as a scalar base plus offsets that are
 # the same every tile, instead of a page id, a slot and a 64-bit address per key. H200, decode batches, us a
 # layer (benchmarks/experiments/probe_quantized_decode.py, 2026-12-04g, two runs each): FP8 cache 492 x 1,152
@@ -461,6 +465,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     min_split_tiles = triton.cdiv(min_split_keys, block_n) if num_splits > 1 else 0
     if prefix is not None and (max_query_len != 1 or num_splits != 1):
         raise ValueError("cascade attention takes decode batches with one split")
+    if prefix is not None and PREFIX_ALIGN % block_n:  # the suffix would start inside a tile the prefix holds
+        raise ValueError(f"cascade attention needs key tiles that divide {PREFIX_ALIGN}, got {block_n}")
     prefix_out, prefix_lse, prefix_len = prefix if prefix is not None else (q, q, seq_lens)
     if rope is not None and (max_query_len != 1 or prefix is not None or not rotary_inside_supported(q, k_cache)):
         raise ValueError("rotary inside attention takes decode batches without cascade, power-of-two head dims and "
