@@ -96,7 +96,7 @@ class PrefillPlan(NamedTuple):
 
 class CascadePlan(NamedTuple):
     """A decode step that attends a shared prefix apart (cascade): the prefix kernel, then the decode
-    kernel that merges its partials, after a rotary kernel of their own."""
+    kernel that merges its partials (both rotating the query where the step's decodes do)."""
     dependent: bool
     wide: bool = False
 

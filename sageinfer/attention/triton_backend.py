@@ -17,9 +17,10 @@ from sageinfer.ops.widen_pages import widen_pages
 # Cascade decode pays once a step has enough sequences reading a long enough common prefix.
 CASCADE_MIN_SEQS = 16
 CASCADE_MIN_PREFIX = 256
-# Decode steps without cascade rotate q/k and write the new k/v inside the attention kernel: one launch
-# per layer fewer. Single-stream Qwen3-8B on an H100: 6.02 -> 5.87 ms per token with the norms folded
-# into the matmuls too (benchmarks/experiments/probe_single_stream.py).
+# Decode steps rotate q/k and write the new k/v inside the attention kernel: one launch per layer fewer.
+# Single-stream Qwen3-8B on an H100: 6.02 -> 5.87 ms per token with the norms folded into the matmuls too
+# (benchmarks/experiments/probe_single_stream.py). With cascade, the prefix kernel rotates the query rows it
+# reads too.
 ROTARY_IN_DECODE_ATTENTION = True
 
 
@@ -222,8 +223,7 @@ class TritonBackend(AttentionBackend):
         q, k, v = q[:num_tokens], k[:num_tokens], v[:num_tokens]
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         rope = None
-        if (ROTARY_IN_DECODE_ATTENTION and meta.max_query_len == 1 and meta.cascade_prefix_len is None
-                and rotary_inside_supported(q, cache.k)):
+        if ROTARY_IN_DECODE_ATTENTION and meta.max_query_len == 1 and rotary_inside_supported(q, cache.k):
             rope = (positions[:num_tokens], k, v, layer.rotary_emb.cos_sin_cache, meta.slot_mapping, q_norm, k_norm,
                     eps)
         else:
@@ -260,9 +260,14 @@ class TritonBackend(AttentionBackend):
         if meta.cascade_prefix_len is not None:
             num_kv_heads = cache.k.shape[2]
             splits = prefix_splits(num_tokens, q.shape[1] // num_kv_heads, num_kv_heads, self.num_sms)
+            prefix_rope = None
+            if rope is not None:  # the query's part: the decode kernel writes the new keys
+                positions, _, _, cos_sin, _, q_norm, _, eps = rope
+                prefix_rope = (positions, cos_sin, q_norm, eps)
             prefix = (*prefix_attention(q, cache.k, cache.v, meta.block_table[0], meta.cascade_prefix_len,
                                         layer.scale, splits, k_scale=cache.k_scale, v_scale=cache.v_scale,
-                                        kv_mode=cache.mode, fp8_scale=cache.fp8_scale), meta.cascade_prefix_len)
+                                        kv_mode=cache.mode, fp8_scale=cache.fp8_scale, rope=prefix_rope),
+                      meta.cascade_prefix_len)
         config = WIDE_DECODE_CONFIGS.get(cache.mode) if meta.max_query_len == 1 and meta.wide_decode else None
         return paged_attention(q, cache.k, cache.v, out, meta.block_table, meta.seq_lens, meta.query_start_loc,
                                meta.num_seqs, meta.max_query_len, layer.scale, meta.num_splits, config=config,

@@ -6,7 +6,8 @@ the queries of every sequence that share a KV head are packed as rows of one mat
 (batch x GROUP rows), so each prefix tile is loaded once per row tile and multiplied on the tensor
 cores, like a prefill. The result per (token, head) is a partial output with its log-sum-exp, per
 KV split; the decode kernel then attends each sequence's own suffix and merges the two
-(paged_attention with `prefix=`).
+(paged_attention with `prefix=`). In a decode step both may take the query before rotary (rope=): each
+rotates its own rows, and the decode kernel writes the new key and value, so the step launches no rotary kernel.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import triton
 import triton.language as tl
 
 from sageinfer.ops import launch
-from sageinfer.ops.paged_attention import LOG2E, PREFIX_ALIGN, attend_tile, fp8_query_factor, query_for_cache
+from sageinfer.ops.paged_attention import (LOG2E, PREFIX_ALIGN, attend_tile, fp8_query_factor, query_for_cache,
+                                          rotary_inside_supported, rotated_query)
 from sageinfer.ops.rope_cache import scales_head_major
 
 # Rows (queries x heads of a group) per program, keys per tile. benchmarks/experiments/probe_p1.py, prefix +
@@ -32,9 +34,11 @@ def _prefix_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, prefix_blocks_ptr, prefix_len_ptr,
     part_out_ptr, part_lse_ptr, num_tokens, num_splits, scale_log2, out_scale, fp8_query_scale,
     stride_q_tok, stride_q_head, stride_c_block, stride_c_slot, stride_c_head,
+    positions_ptr, cos_sin_ptr, q_norm_ptr, eps, stride_cs,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     KV_MODE: tl.constexpr, USE_PDL: tl.constexpr, HEAD_MAJOR_SCALES: tl.constexpr = False,
+    ROPE: tl.constexpr = False, QK_NORM: tl.constexpr = False,
 ):
     launch.wait_for_previous_kernel(USE_PDL)
     row_tile = tl.program_id(0)
@@ -50,8 +54,15 @@ def _prefix_attention_kernel(
     row_valid = tok < num_tokens
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_valid = dims < HEAD_DIM
-    q = tl.load(q_ptr + tok[:, None] * stride_q_tok + head[:, None] * stride_q_head + dims[None, :],
-                mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+    q_offs = tok[:, None] * stride_q_tok + head[:, None] * stride_q_head + dims[None, :]
+    if ROPE:  # each row its own token's position
+        pos = tl.load(positions_ptr + tok, mask=row_valid, other=0) * stride_cs
+        partner = (dims + HEAD_DIM // 2) % HEAD_DIM
+        rot_offs = tok[:, None] * stride_q_tok + head[:, None] * stride_q_head + partner[None, :]
+        q = rotated_query(q_ptr, q_offs, rot_offs, row_valid, q_norm_ptr, cos_sin_ptr, pos[:, None], dims, eps,
+                          HEAD_DIM, QK_NORM)
+    else:
+        q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
     q = query_for_cache(q, fp8_query_scale, KV_MODE == 1)
 
     # The prefix is a whole number of key tiles (PREFIX_ALIGN), so no tile needs a mask.
@@ -88,12 +99,14 @@ def prefix_splits(num_tokens: int, group: int, num_kv_heads: int, num_sms: int,
 def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_blocks: torch.Tensor,
                      prefix_len: torch.Tensor, scale: float, num_splits: int, config: dict | None = None,
                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, kv_mode: int = 0,
-                     fp8_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                     fp8_scale: float = 1.0, rope: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query token (one per sequence) over the shared prefix, without a mask.
 
     q: [T, Hq, D]; caches: [blocks, page, Hkv, D] in any cache dtype (kv_mode and scales as in
     ops.paged_attention); prefix_blocks: the prefix's block ids (int32, any row of the shared block
     table); prefix_len: int32 tensor [1], tokens, a multiple of PREFIX_ALIGN (0 = none).
+    rope: (positions, cos_sin_cache, q_norm_weight or None, eps) for a query not yet rotated (as
+    ops.paged_attention's rope=, whose decode kernel then writes the new keys; q is not written back).
     Returns (part_out [splits, T, Hq, D_pad] fp32, part_lse [splits, T, Hq] fp32 in log2 units)."""
     cfg = config or PREFIX_CONFIG
     if PREFIX_ALIGN % cfg["block_n"]:
@@ -109,15 +122,19 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_n, num_stages = launch.fit_key_tiles_for(q, k_cache, cfg["block_m"], block_n, num_stages, head_dim_pad)
     grid = (triton.cdiv(num_tokens * group, cfg["block_m"]), num_kv_heads, num_splits)
     fp8 = fp8_scale if kv_mode == 1 else 1.0
+    if rope is not None and not rotary_inside_supported(q, k_cache):
+        raise ValueError("rotary inside prefix attention takes power-of-two head dims and contiguous cache pages")
+    positions, cos_sin, q_norm, eps = rope if rope is not None else (prefix_len, q, None, 0.0)
     _prefix_attention_kernel[grid](
         q, k_cache, v_cache, k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
         prefix_blocks, prefix_len, part_out, part_lse, num_tokens, num_splits,
         scale * LOG2E * fp8 * fp8_query_factor(q, kv_mode == 1), fp8, 1.0 / fp8_query_factor(q, kv_mode == 1),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        positions, cos_sin, q_norm if q_norm is not None else q, eps, cos_sin.stride(0),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         PAGE_SIZE=page_size, BLOCK_M=cfg["block_m"], BLOCK_N=block_n, KV_MODE=kv_mode,
         HEAD_MAJOR_SCALES=scales_head_major(k_scale) if kv_mode == 2 else False,
-        num_warps=cfg["num_warps"], num_stages=num_stages,
+        ROPE=rope is not None, QK_NORM=q_norm is not None, num_warps=cfg["num_warps"], num_stages=num_stages,
         **launch.dependent_launch_kwargs())
     return part_out, part_lse
 

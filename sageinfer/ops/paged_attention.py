@@ -121,10 +121,11 @@ def fp8_query_factor(q: torch.Tensor, fp8_cache: bool) -> float:
 
 
 @triton.jit
-def _rotated_query(q_ptr, q_offs, rot_offs, row_valid, q_norm_ptr, cos_sin_ptr, pos, dims, eps,
+def rotated_query(q_ptr, q_offs, rot_offs, row_valid, q_norm_ptr, cos_sin_ptr, pos, dims, eps,
                    HEAD_DIM: tl.constexpr, QK_NORM: tl.constexpr):
     """Query rows normalised (Qwen3's q norm) and rotated as ops.rope_cache does it, in registers.
-    Each element pairs with the one half a head away: out = x cos + partner sin (-sin in the first half)."""
+    Each element pairs with the one half a head away: out = x cos + partner sin (-sin in the first half).
+    pos: the rows' offset into cos_sin (position x its stride), one for all or one a row ([rows, 1])."""
     half = HEAD_DIM // 2
     partner = (dims + half) % HEAD_DIM
     x = tl.load(q_ptr + q_offs, mask=row_valid[:, None], other=0.0)
@@ -135,9 +136,9 @@ def _rotated_query(q_ptr, q_offs, rot_offs, row_valid, q_norm_ptr, cos_sin_ptr, 
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / HEAD_DIM + eps)[:, None]
         x = ((x * rstd).to(dtype) * tl.load(q_norm_ptr + dims)[None, :]).to(tl.float32)
         y = ((y * rstd).to(dtype) * tl.load(q_norm_ptr + partner)[None, :]).to(tl.float32)
-    cos = tl.load(cos_sin_ptr + pos + dims % half)[None, :]
-    sin = tl.load(cos_sin_ptr + pos + half + dims % half)[None, :]
-    return (x * cos + y * tl.where(dims < half, -sin, sin)).to(dtype)
+    cos = tl.load(cos_sin_ptr + pos + (dims % half)[None, :])
+    sin = tl.load(cos_sin_ptr + pos + half + (dims % half)[None, :])
+    return (x * cos + y * tl.where((dims < half)[None, :], -sin, sin)).to(dtype)
 
 
 @triton.jit
@@ -224,7 +225,7 @@ def _paged_attention_kernel(
         pos = tl.load(positions_ptr + q_start) * stride_cs
         rot_offs = (q_start + q_idx)[:, None] * stride_q_tok + head[:, None] * stride_q_head + \
             ((dims + HEAD_DIM // 2) % HEAD_DIM)[None, :]
-        q = _rotated_query(q_ptr, q_offs, rot_offs, row_valid, q_norm_ptr, cos_sin_ptr, pos, dims, eps, HEAD_DIM,
+        q = rotated_query(q_ptr, q_offs, rot_offs, row_valid, q_norm_ptr, cos_sin_ptr, pos, dims, eps, HEAD_DIM,
                            QK_NORM)
     else:
         q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
@@ -435,7 +436,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q, out: [T, Hq, D]; caches: [blocks, page, Hkv, D]. Writes out and returns it.
     prefix: (part_out, part_lse, prefix_len) from ops.cascade_attention.prefix_attention for a decode
     batch with one split: keys before prefix_len, a multiple of the key tile, are taken from there
-    instead of the cache.
+    instead of the cache (with rope, prefix_attention must have rotated the query the same way).
     rope: (positions, k, v, cos_sin_cache, slot_mapping, q_norm_weight, k_norm_weight, eps) for a decode
     batch whose q, k, v ([T, H, D] views) are not yet rotated nor cached: done here, as
     ops.rope_cache.rope_and_cache would (q is not written back).
@@ -468,9 +469,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if prefix is not None and PREFIX_ALIGN % block_n:  # the suffix would start inside a tile the prefix holds
         raise ValueError(f"cascade attention needs key tiles that divide {PREFIX_ALIGN}, got {block_n}")
     prefix_out, prefix_lse, prefix_len = prefix if prefix is not None else (q, q, seq_lens)
-    if rope is not None and (max_query_len != 1 or prefix is not None or not rotary_inside_supported(q, k_cache)):
-        raise ValueError("rotary inside attention takes decode batches without cascade, power-of-two head dims and "
-                         "contiguous cache pages")
+    if rope is not None and (max_query_len != 1 or not rotary_inside_supported(q, k_cache)):
+        raise ValueError("rotary inside attention takes decode batches, power-of-two head dims and contiguous "
+                         "cache pages")
     positions, k_new, v_new, cos_sin, slot_mapping, q_norm, k_norm, eps = rope if rope is not None else (
         seq_lens, q, q, q, seq_lens, None, None, 0.0)
     grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads * num_splits)
