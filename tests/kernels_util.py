@@ -69,3 +69,23 @@ def launch_key(kernel, args, kwargs) -> tuple:
                  for n, v in values.items())
     options = tuple(sorted((k, str(v)) for k, v in kwargs.items() if not isinstance(v, torch.Tensor)))
     return kernel.fn.__name__, options, spec
+
+
+def decode_step_before_rotary(meta, context_lens, heads, kv_heads, head_dim, page, dtype, gen, qk_norm):
+    """A decode step's q, k, v ([T, H, D] views of one qkv row each) before rotary, and what
+    ops.paged_attention's rope= takes with them: (positions, k, v, cos_sin_cache, slots, q_norm, k_norm,
+    eps). Each sequence's new token goes to the slot after its context in meta's block table; the last
+    row is a graph's padding (slot -1, nothing written)."""
+    from sageinfer.layers.rotary import RotaryEmbedding
+    num = len(context_lens)
+    rotary = RotaryEmbedding(head_dim, 512, 10000.0, None).to(DEVICE)
+    qkv = torch.randn(num, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype).to(DEVICE)
+    q, k, v = [t.view(num, -1, head_dim) for t in qkv.split([heads * head_dim, kv_heads * head_dim,
+                                                             kv_heads * head_dim], dim=-1)]
+    table = meta.block_table.cpu()
+    slots = torch.tensor([int(table[i, c // page]) * page + c % page for i, c in enumerate(context_lens)])
+    slots[-1] = -1
+    norms = [(1 + 0.2 * torch.randn(head_dim, generator=gen)).to(dtype).to(DEVICE) for _ in range(2)]
+    q_norm, k_norm = norms if qk_norm else (None, None)
+    positions = torch.tensor(context_lens, device=DEVICE)
+    return q, k, v, (positions, k, v, rotary.cos_sin_cache, slots.to(DEVICE), q_norm, k_norm, 1e-6)

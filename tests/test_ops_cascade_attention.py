@@ -8,7 +8,7 @@ from sageinfer.attention.backend import LayerKVCache
 from sageinfer.attention.torch_ref import paged_attention_ref
 from sageinfer.ops.cascade_attention import common_prefix_blocks, prefix_attention
 from sageinfer.ops.paged_attention import PREFIX_ALIGN, paged_attention
-from kernels_util import DEVICE, TOL, random_paged_batch, rel_err
+from kernels_util import DEVICE, TOL, decode_step_before_rotary, random_paged_batch, rel_err
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 SMALL = {"block_m": 16, "block_n": 32, "num_warps": 4, "num_stages": 1}
@@ -124,24 +124,14 @@ def test_cascade_decode_on_a_quantised_cache_matches_reference(mode, q_dtype):
 def test_cascade_decode_with_rotary_inside_equals_rope_and_cache_then_cascade(qk_norm, kv_mode):
     """rope=... given to both cascade kernels: each rotates (and q-normalises) its own query rows, the
     decode kernel writes the new k/v; the result must equal ops.rope_cache followed by the cascade."""
-    from sageinfer.layers.rotary import RotaryEmbedding
     from sageinfer.ops.rope_cache import rope_and_cache
     heads, kv_heads, head_dim, page, dtype = 8, 2, 32, 16, torch.float16
     context_lens = [128 + n for n in (1, 30, 77)] + [0]  # the last row is a graph's padding: slot -1
     k_cache, v_cache, meta = random_paged_batch([1] * 4, context_lens, kv_heads, head_dim, page, dtype, seed=12)
     meta.block_table[:3, :8] = meta.block_table[0, :8].clone()  # 128 shared tokens
     gen = torch.Generator().manual_seed(5)
-    rotary = RotaryEmbedding(head_dim, 512, 10000.0, None).to(DEVICE)
-    qkv = torch.randn(4, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype).to(DEVICE)
-    q, k, v = [t.view(4, -1, head_dim) for t in qkv.split([heads * head_dim, kv_heads * head_dim,
-                                                           kv_heads * head_dim], dim=-1)]
-    positions = torch.tensor(context_lens, device=DEVICE)
-    table = meta.block_table.cpu()
-    slots = torch.tensor([int(table[i, c // page]) * page + c % page for i, c in enumerate(context_lens)])
-    slots[3] = -1
-    slots = slots.to(DEVICE)
-    norms = [(1 + 0.2 * torch.randn(head_dim, generator=gen)).to(dtype).to(DEVICE) for _ in range(2)]
-    q_norm, k_norm = norms if qk_norm else (None, None)
+    q, k, v, rope = decode_step_before_rotary(meta, context_lens, heads, kv_heads, head_dim, page, dtype, gen, qk_norm)
+    positions, _, _, cos_sin, slots, q_norm, k_norm, _ = rope
     scales = [torch.rand(k_cache.shape[:3], generator=gen).to(DEVICE) for _ in range(2)] if kv_mode == 2 else [None] * 2
     if kv_mode == 2:
         k_cache, v_cache = [(c.float() * 20).clamp(-127, 127).to(torch.int8) for c in (k_cache, v_cache)]
@@ -159,15 +149,14 @@ def test_cascade_decode_with_rotary_inside_equals_rope_and_cache_then_cascade(qk
         paged_attention(q, kc, vc, out, meta.block_table, meta.seq_lens, meta.query_start_loc, 4, 1,
                         head_dim ** -0.5, prefix=(*parts, prefix_len), rope=rope, **quant)
     kc, vc, ks, vs = caches()
-    q_rot = rope_and_cache(positions, q.clone(), k, v, rotary.cos_sin_cache, kc, vc, slots, q_norm, k_norm, 1e-6,
+    q_rot = rope_and_cache(positions, q.clone(), k, v, cos_sin, kc, vc, slots, q_norm, k_norm, 1e-6,
                            ks, vs, kv_mode)
     ref = torch.empty_like(q)
     cascade(q_rot, kc, vc, ks, vs, ref)
     kc2, vc2, ks2, vs2 = caches()
     out = torch.full_like(q, float("nan"))
     q_before = q.clone()
-    cascade(q, kc2, vc2, ks2, vs2, out, prefix_rope=(positions, rotary.cos_sin_cache, q_norm, 1e-6),
-            rope=(positions, k, v, rotary.cos_sin_cache, slots, q_norm, k_norm, 1e-6))
+    cascade(q, kc2, vc2, ks2, vs2, out, prefix_rope=(positions, cos_sin, q_norm, 1e-6), rope=rope)
     assert torch.equal(q, q_before)  # q itself is not rotated in place
     for new, old in ((kc2, kc), (vc2, vc)):  # compared as bytes: fp8 has no equality kernel everywhere
         assert torch.equal(new.view(torch.uint8), old.view(torch.uint8))

@@ -6,7 +6,7 @@ from sageinfer.attention.backend import LayerKVCache, new_kv_scales
 from sageinfer.attention.torch_ref import paged_attention_ref
 from sageinfer.ops import paged_attention as pa
 from sageinfer.ops.paged_attention import paged_attention
-from kernels_util import DEVICE, TOL, random_paged_batch, rel_err
+from kernels_util import DEVICE, TOL, decode_step_before_rotary, random_paged_batch, rel_err
 
 CASES = {
     # name: (query_lens, context_lens, num_heads, num_kv_heads, head_dim, page_size)
@@ -159,23 +159,13 @@ def test_decode_with_rotary_inside_equals_rope_and_cache_then_attention(num_spli
     ops.rope_cache followed by plain attention."""
     head_major = kv_mode == "2 head-major"
     kv_mode = 2 if head_major else kv_mode
-    from sageinfer.layers.rotary import RotaryEmbedding
     from sageinfer.ops.rope_cache import rope_and_cache
     heads, kv_heads, head_dim, page, dtype = 8, 2, 32, 16, torch.float16
     context_lens = [4, 70, 130, 0]  # the last sequence is a graph's padding row: slot -1, nothing written
     k_cache, v_cache, meta = random_paged_batch([1] * 4, context_lens, kv_heads, head_dim, page, dtype, seed=9)
     gen = torch.Generator().manual_seed(3)
-    rotary = RotaryEmbedding(head_dim, 512, 10000.0, None).to(DEVICE)
-    qkv = torch.randn(4, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype).to(DEVICE)
-    q, k, v = [t.view(4, -1, head_dim) for t in qkv.split([heads * head_dim, kv_heads * head_dim,
-                                                           kv_heads * head_dim], dim=-1)]
-    positions = torch.tensor(context_lens, device=DEVICE)
-    table = meta.block_table.cpu()
-    slots = torch.tensor([int(table[i, c // page]) * page + c % page for i, c in enumerate(context_lens)])
-    slots[3] = -1
-    slots = slots.to(DEVICE)
-    norms = [(1 + 0.2 * torch.randn(head_dim, generator=gen)).to(dtype).to(DEVICE) for _ in range(2)]
-    q_norm, k_norm = norms if qk_norm else (None, None)
+    q, k, v, rope = decode_step_before_rotary(meta, context_lens, heads, kv_heads, head_dim, page, dtype, gen, qk_norm)
+    positions, _, _, cos_sin, slots, q_norm, k_norm, _ = rope
     scales = [torch.rand(k_cache.shape[:3], generator=gen).to(DEVICE) for _ in range(2)] if kv_mode == 2 else [None] * 2
     if head_major:
         scales = [new_kv_scales(*s.shape, DEVICE).copy_(s) for s in scales]
@@ -187,7 +177,7 @@ def test_decode_with_rotary_inside_equals_rope_and_cache_then_attention(num_spli
     def caches():
         return [t.clone() if t is not None else None for t in (k_cache, v_cache, *scales)]
     kc, vc, ks, vs = caches()
-    q_rot = rope_and_cache(positions, q.clone(), k, v, rotary.cos_sin_cache, kc, vc, slots, q_norm, k_norm, 1e-6,
+    q_rot = rope_and_cache(positions, q.clone(), k, v, cos_sin, kc, vc, slots, q_norm, k_norm, 1e-6,
                            ks, vs, kv_mode)
     ref = torch.empty_like(q)
     paged_attention(q_rot, kc, vc, ref, meta.block_table, meta.seq_lens, meta.query_start_loc, 4, 1,
@@ -197,7 +187,7 @@ def test_decode_with_rotary_inside_equals_rope_and_cache_then_attention(num_spli
     q_before = q.clone()
     paged_attention(q, kc2, vc2, out, meta.block_table, meta.seq_lens, meta.query_start_loc, 4, 1, head_dim ** -0.5,
                     num_splits=num_splits, k_scale=ks2, v_scale=vs2, kv_mode=kv_mode,
-                    rope=(positions, k, v, rotary.cos_sin_cache, slots, q_norm, k_norm, 1e-6),
+                    rope=rope,
                     min_split_keys=min_split_keys)
     assert torch.equal(q, q_before)  # q itself is not rotated in place
     for new, old in ((kc2, kc), (vc2, vc)):  # compared as bytes: fp8 has no equality kernel everywhere
