@@ -46,6 +46,10 @@ def test_cascade_refuses_what_it_cannot_merge():
     with pytest.raises(ValueError, match="decode batches"):
         paged_attention(q, k_cache, v_cache, torch.empty_like(q), meta.block_table, meta.seq_lens,
                         meta.query_start_loc, 1, 3, 0.25, prefix=(q, q, zero))
+    odd = torch.randn(3, 2, 24, device=DEVICE)  # rotary pairs need power-of-two head dims
+    rope = (zero.long(), torch.zeros(8, 24, device=DEVICE), None, 1e-6)
+    with pytest.raises(ValueError, match="power-of-two head dims"):
+        prefix_attention(odd, odd.new_zeros(4, 16, 1, 24), odd.new_zeros(4, 16, 1, 24), zero, zero, 0.2, 1, rope=rope)
     wide = {"block_n": 2 * PREFIX_ALIGN, "num_warps": 4, "num_stages": 1}  # a suffix would start mid-tile
     k_cache, v_cache, meta = random_paged_batch([1], [300], 1, 16, 16, torch.float32)
     with pytest.raises(ValueError, match="key tiles that divide"):

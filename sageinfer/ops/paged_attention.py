@@ -122,7 +122,7 @@ def fp8_query_factor(q: torch.Tensor, fp8_cache: bool) -> float:
 
 @triton.jit
 def rotated_query(q_ptr, q_offs, rot_offs, row_valid, q_norm_ptr, cos_sin_ptr, pos, dims, eps,
-                   HEAD_DIM: tl.constexpr, QK_NORM: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, QK_NORM: tl.constexpr):
     """Query rows normalised (Qwen3's q norm) and rotated as ops.rope_cache does it, in registers.
     Each element pairs with the one half a head away: out = x cos + partner sin (-sin in the first half).
     pos: the rows' offset into cos_sin (position x its stride), one for all or one a row ([rows, 1])."""
@@ -226,7 +226,7 @@ def _paged_attention_kernel(
         rot_offs = (q_start + q_idx)[:, None] * stride_q_tok + head[:, None] * stride_q_head + \
             ((dims + HEAD_DIM // 2) % HEAD_DIM)[None, :]
         q = rotated_query(q_ptr, q_offs, rot_offs, row_valid, q_norm_ptr, cos_sin_ptr, pos, dims, eps, HEAD_DIM,
-                           QK_NORM)
+                          QK_NORM)
     else:
         q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
     q = query_for_cache(q, fp8_query_scale, KV_MODE == 1)
