@@ -23,7 +23,8 @@ from sageinfer.ops.rope_cache import scales_head_major
 # Rows (queries x heads of a group) per program, keys per tile. benchmarks/experiments/probe_p1.py, prefix +
 # suffix of P1's 200 sequences (1,920 prefix keys, pages of 64), each shape at its prefix_splits: H200 FP8
 # cache 124 us against 138 for the 128-row tiles of 8 warps (4 splits) used before, bf16 122 against 135
-# (2026-12-04c-h200-one-row-activate-words.md); the H100 sweep had put six shapes within 149-161 us.
+# (2026-12-04c-h200-one-row-activate-words.md); the H100 sweep had put six shapes within 149-161 us. With the
+# prefix at 1,984 keys on an H100 (2026-12-05h): FP8 115.1 us, bf16 130.8, no shape of the sweep faster.
 # The shared prefix is used in whole multiples of PREFIX_ALIGN (ops.paged_attention), so prefix tiles are full.
 PREFIX_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3}
 MAX_PREFIX_SPLITS = 16
