@@ -55,15 +55,13 @@ def _prefix_attention_kernel(
     row_valid = tok < num_tokens
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_valid = dims < HEAD_DIM
-    q_offs = tok[:, None] * stride_q_tok + head[:, None] * stride_q_head + dims[None, :]
+    row_offs = tok[:, None] * stride_q_tok + head[:, None] * stride_q_head
     if ROPE:  # each row its own token's position
         pos = tl.load(positions_ptr + tok, mask=row_valid, other=0) * stride_cs
-        partner = (dims + HEAD_DIM // 2) % HEAD_DIM
-        rot_offs = tok[:, None] * stride_q_tok + head[:, None] * stride_q_head + partner[None, :]
-        q = rotated_query(q_ptr, q_offs, rot_offs, row_valid, q_norm_ptr, cos_sin_ptr, pos[:, None], dims, eps,
-                          HEAD_DIM, QK_NORM)
+        q = rotated_query(q_ptr, row_offs, row_valid, q_norm_ptr, cos_sin_ptr, pos[:, None], dims, eps, HEAD_DIM,
+                          QK_NORM)
     else:
-        q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+        q = tl.load(q_ptr + row_offs + dims[None, :], mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
     q = query_for_cache(q, fp8_query_scale, KV_MODE == 1)
 
     # The prefix is a whole number of key tiles (PREFIX_ALIGN), so no tile needs a mask.

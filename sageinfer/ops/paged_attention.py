@@ -121,17 +121,18 @@ def fp8_query_factor(q: torch.Tensor, fp8_cache: bool) -> float:
 
 
 @triton.jit
-def rotated_query(q_ptr, q_offs, rot_offs, row_valid, q_norm_ptr, cos_sin_ptr, pos, dims, eps,
+def rotated_query(q_ptr, row_offs, row_valid, q_norm_ptr, cos_sin_ptr, pos, dims, eps,
                   HEAD_DIM: tl.constexpr, QK_NORM: tl.constexpr):
     """Query rows normalised (Qwen3's q norm) and rotated as ops.rope_cache does it, in registers.
     Each element pairs with the one half a head away: out = x cos + partner sin (-sin in the first half).
-    pos: the rows' offset into cos_sin (position x its stride), one for all or one a row ([rows, 1])."""
+    row_offs: [rows, 1], where each row's head starts in q; pos: the rows' offset into cos_sin (position x its
+    stride), one for all or one a row ([rows, 1])."""
     half = HEAD_DIM // 2
     partner = (dims + half) % HEAD_DIM
-    x = tl.load(q_ptr + q_offs, mask=row_valid[:, None], other=0.0)
+    x = tl.load(q_ptr + row_offs + dims[None, :], mask=row_valid[:, None], other=0.0)
     dtype = x.dtype
     x = x.to(tl.float32)
-    y = tl.load(q_ptr + rot_offs, mask=row_valid[:, None], other=0.0).to(tl.float32)
+    y = tl.load(q_ptr + row_offs + partner[None, :], mask=row_valid[:, None], other=0.0).to(tl.float32)
     if QK_NORM:
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / HEAD_DIM + eps)[:, None]
         x = ((x * rstd).to(dtype) * tl.load(q_norm_ptr + dims)[None, :]).to(tl.float32)
@@ -220,15 +221,12 @@ def _paged_attention_kernel(
     row_valid = (rows < BLOCK_Q * GROUP) & (q_idx < query_len)
     dims = tl.arange(0, HEAD_DIM_PAD)
     dim_valid = dims < HEAD_DIM
-    q_offs = (q_start + q_idx)[:, None] * stride_q_tok + head[:, None] * stride_q_head + dims[None, :]
+    row_offs = (q_start + q_idx)[:, None] * stride_q_tok + head[:, None] * stride_q_head
     if ROPE:  # decode (one query token): q/k/v arrive before rotary
         pos = tl.load(positions_ptr + q_start) * stride_cs
-        rot_offs = (q_start + q_idx)[:, None] * stride_q_tok + head[:, None] * stride_q_head + \
-            ((dims + HEAD_DIM // 2) % HEAD_DIM)[None, :]
-        q = rotated_query(q_ptr, q_offs, rot_offs, row_valid, q_norm_ptr, cos_sin_ptr, pos, dims, eps, HEAD_DIM,
-                          QK_NORM)
+        q = rotated_query(q_ptr, row_offs, row_valid, q_norm_ptr, cos_sin_ptr, pos, dims, eps, HEAD_DIM, QK_NORM)
     else:
-        q = tl.load(q_ptr + q_offs, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+        q = tl.load(q_ptr + row_offs + dims[None, :], mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
     q = query_for_cache(q, fp8_query_scale, KV_MODE == 1)
     q_pos = context_len + q_idx  # causal: a query sees keys at positions <= its own
 
