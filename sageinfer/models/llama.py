@@ -148,8 +148,9 @@ _STACKED = [
 
 
 # Calibrated KV cache scales: compressed-tensors' self_attn.k_scale / v_scale, an older FP8 format's one
-# self_attn.kv_scale, or the k_proj / v_proj output scales of the first FP8 checkpoints
-_KV_SCALE = re.compile(r"(.*\.self_attn)\.(?:(k|v|kv)_scale|(k|v)_proj\.output_scale)")
+# self_attn.kv_scale, the k_proj / v_proj output scales of the first FP8 checkpoints, or ModelOpt's
+# k_proj.k_scale / v_proj.v_scale
+_KV_SCALE = re.compile(r"(.*\.self_attn)\.(?:(k|v|kv)_scale|(k|v)_proj\.(?:output|\3)_scale)")
 
 
 class LlamaForCausalLM(nn.Module):

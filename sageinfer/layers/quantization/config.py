@@ -7,7 +7,9 @@ width), INT8 W8A8 (per-channel symmetric weights, dynamic per-token or static pe
 (pack-quantized, per group or channel, symmetric or asymmetric, any actorder), W8A16 (pack-quantized,
 symmetric or asymmetric), NVFP4 and MXFP4 (their FP4 activations run in 16 bits); GPTQ 4- and 8-bit, AWQ 4-bit; online FP8
 (per-channel weights, dynamic per-token activations); several compressed-tensors config groups, each
-scheme for the layers its targets name. Anything else is refused at start with what is supported.
+scheme for the layers its targets name; NVIDIA ModelOpt's FP8 (per tensor, static activations),
+FP8_PER_CHANNEL_PER_TOKEN, NVFP4 and W4A16_NVFP4 exports, with their FP8 KV cache scales (from config.json
+or, in older exports, hf_quant_config.json). Anything else is refused at start with what is supported.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ SUPPORTED = ("compressed-tensors: FP8 W8A8 (weights per tensor, per channel or i
              "true or false, symmetric or asymmetric); FP4 (nvfp4-pack-quantized and mxfp4-pack-quantized: "
              "NVFP4A16, MXFP4A16, and NVFP4 / MXFP4 whose activations then run in 16 bits); AWQ 4-bit GEMM; fp8 (block-quantized weights, or "
              "per tensor with static or dynamic activations); "
+             "modelopt: FP8, FP8_PER_CHANNEL_PER_TOKEN, NVFP4, W4A16_NVFP4 (KV cache FP8 or none); "
              "quantization='fp8' on a bf16/fp16/fp32 checkpoint; compressed-tensors config groups of these schemes "
              "for different layers (mixed precision), a merged layer's parts (q/k/v, gate/up) in one group")
 
@@ -46,6 +49,7 @@ class QuantConfig:
     groups: list[QuantConfig] = field(default_factory=list)  # "mixed": each group's scheme (group_for)
     lm_head: bool = False           # the checkpoint quantizes the LM head too (mixed: the group naming it)
     unquantized_activations: bool = False  # fp4: the checkpoint's FP4 activations run in 16 bits here
+    tensor_names: str = "compressed-tensors"  # fp4: "modelopt" for ModelOpt's (weight, weight_scale_2)
 
     def needs_fp8(self) -> bool:
         """Whether the kernels of this scheme (or of one of its groups) take FP8 e4m3 values: FP8 weights,
@@ -99,8 +103,8 @@ class QuantConfig:
 
 
 # vLLM's names for its kernels of a checkpoint's method, which its users pass as --quantization.
-OPTION_ALIASES = {"gptq_marlin": "gptq", "awq_marlin": "awq"}
-OPTIONS = (None, "fp8", "compressed-tensors", "gptq", "awq", *OPTION_ALIASES)
+OPTION_ALIASES = {"gptq_marlin": "gptq", "awq_marlin": "awq", "modelopt_fp4": "modelopt"}
+OPTIONS = (None, "fp8", "compressed-tensors", "gptq", "awq", "modelopt", *OPTION_ALIASES)
 
 
 def _refuse(what: str) -> ValueError:
@@ -124,6 +128,8 @@ def parse_quant_config(raw: dict | None, option: str | None) -> QuantConfig | No
         return _parse_gptq_awq(raw, method)
     if method == "fp8":
         return _parse_fp8(raw)
+    if method == "modelopt":
+        return _parse_modelopt(raw)
     if method != "compressed-tensors":
         raise _refuse(f"quant_method {method!r}")
     _refuse_run_time_transforms(raw.get("transform_config"))
@@ -264,9 +270,44 @@ def _parse_fp4(raw: dict, group: dict, weights: dict, acts: dict | None) -> Quan
                        format=fmt.split("-")[0], unquantized_activations=acts is not None)
 
 
+# ModelOpt's quant_algo -> (scheme, weight strategy, activations dynamic), for the algorithms served here
+_MODELOPT = {"FP8": ("fp8", "tensor", False), "FP8_PER_CHANNEL_PER_TOKEN": ("fp8", "channel", True),
+             "NVFP4": ("fp4", "group", False), "W4A16_NVFP4": ("fp4", "group", False)}
+
+
+def _parse_modelopt(raw: dict) -> QuantConfig:
+    """An NVIDIA ModelOpt export (quant_method "modelopt", or hf_quant_config.json's "quantization"):
+    - FP8: `weight` e4m3 with one `weight_scale` and one static `input_scale` a layer;
+    - FP8_PER_CHANNEL_PER_TOKEN: a `weight_scale` per output row, activations scaled per token at run time;
+    - NVFP4 / W4A16_NVFP4: `weight` uint8 of two e2m1 a byte, an FP8 `weight_scale` per 16 inputs and a
+      `weight_scale_2` a tensor (w = e2m1 * scale * scale_2); NVFP4's FP4 activations run in 16 bits, as
+      compressed-tensors' NVFP4 do (layers/quantization/fp4.py).
+    A KV cache quantized to FP8 leaves `k_proj.k_scale` / `v_proj.v_scale` a layer (models/llama.py)."""
+    algo = str(raw.get("quant_algo")).upper()
+    kv = raw.get("kv_cache_quant_algo")
+    if algo not in _MODELOPT or kv not in (None, "FP8"):
+        raise _refuse(f"modelopt quant_algo {raw.get('quant_algo')!r} with kv_cache_quant_algo {kv!r}")
+    scheme, strategy, dynamic = _MODELOPT[algo]
+    ignore = list(raw.get("exclude_modules") or raw.get("ignore") or [])
+    if scheme != "fp4":
+        config = QuantConfig(scheme, strategy, dynamic, True, ignore, format="modelopt")
+    else:
+        if raw.get("group_size", 16) != 16:
+            raise _refuse(f"modelopt {algo} with group_size {raw.get('group_size')!r} (16)")
+        config = QuantConfig("fp4", "group", False, True, ignore, group_size=16, format="nvfp4",
+                             unquantized_activations=algo == "NVFP4", tensor_names="modelopt")
+    return dataclasses.replace(config, lm_head=not config.ignores("lm_head"))
+
+
 def load_quant_config(model_dir: str, option: str | None) -> QuantConfig | None:
+    """config.json's quantization_config, or an older ModelOpt export's hf_quant_config.json where the
+    config has none."""
     with open(os.path.join(model_dir, "config.json")) as f:
         raw = json.load(f).get("quantization_config")
+    modelopt = os.path.join(model_dir, "hf_quant_config.json")
+    if raw is None and os.path.exists(modelopt):
+        with open(modelopt) as f:
+            raw = {"quant_method": "modelopt", **(json.load(f).get("quantization") or {})}
     return parse_quant_config(raw, option)
 
 

@@ -5,6 +5,8 @@
   merged q/k/v or gate/up its own): w = e2m1 * scale / global_scale;
 - MXFP4 (mxfp4-pack-quantized: MXFP4A16 and MXFP4): a power of two per 32 inputs, its biased
   exponent in a byte (`weight_scale` uint8, E8M0): w = e2m1 * 2^(scale - 127).
+ModelOpt's NVFP4 exports hold the same codes and group scales as `weight` and `weight_scale`, with the
+reciprocal of the global scale as `weight_scale_2` (w = e2m1 * scale * scale_2) and `input_scale`.
 
 The weights stay at four bits (ops/fp4_weights.py's layout: `weight` int32 [out, in / 8]), with the
 checkpoint's scale bytes (`weight_scale` uint8 [out, groups], in the layout's order) and a float32 scale per output row
@@ -69,30 +71,36 @@ class Fp4Method:
         self.dtype = torch.get_default_dtype()  # the model's activations
         if not self.config.from_checkpoint:  # full-precision weights (dummy ones), quantized after loading
             return layer.new_weight()
-        checkpoint_param(layer, "weight_packed", torch.empty(local_out, local_in // 2, dtype=torch.uint8),
-                         lambda t: t)
+        names = self._names()
+        checkpoint_param(layer, names["codes"], torch.empty(local_out, local_in // 2, dtype=torch.uint8), lambda t: t)
         checkpoint_param(layer, "weight_scale", torch.empty(local_out, local_in // self.group, dtype=torch.uint8),
                          _scale_bytes)
-        if not self.mx:
-            layer.weight_global_scale = nn.Parameter(torch.zeros(local_out), requires_grad=False)
-            layer.weight_global_scale.weight_loader = per_row_scale_loader(layer)  # one a tensor (a merged part)
-        checkpoint_param(layer, "input_global_scale", torch.zeros(1), None)  # FP4 activations: unused
+        if not self.mx:  # one a tensor (each part of a merged layer its own)
+            setattr(layer, names["global"], nn.Parameter(torch.zeros(local_out), requires_grad=False))
+            getattr(layer, names["global"]).weight_loader = per_row_scale_loader(layer)
+        checkpoint_param(layer, names["input"], torch.zeros(1), None)  # FP4 activations: unused
+
+    def _names(self) -> dict[str, str]:
+        """The checkpoint's names of the codes, the global scale and the activations' scale."""
+        if self.config.tensor_names == "modelopt":
+            return {"codes": "weight", "global": "weight_scale_2", "input": "input_scale"}
+        return {"codes": "weight_packed", "global": "weight_global_scale", "input": "input_global_scale"}
 
     def process_after_loading(self, layer: nn.Module) -> None:
         if not self.config.from_checkpoint:
             return self._quantize(layer)
-        scale = layer.weight_scale.data
+        scale, names = layer.weight_scale.data, self._names()
         if self.mx:
             if bool((scale == 255).any()):
                 raise ValueError("an MXFP4 layer's weight_scale holds 255 (E8M0's NaN)")
             row_scale = torch.ones(scale.shape[0], device=scale.device)
         else:
-            global_scale = layer.weight_global_scale.data
+            global_scale = getattr(layer, names["global"]).data.float()
             if not bool((global_scale > 0).all()):
-                raise ValueError("an NVFP4 layer's weight_global_scale is missing or not positive")
-            row_scale = 1.0 / global_scale.float()
-        words = fp4_pack(checkpoint_codes(layer.weight_packed.data), self.slice_width)
-        for name in ("weight_packed", "weight_global_scale", "input_global_scale"):
+                raise ValueError(f"an NVFP4 layer's {names['global']} is missing or not positive")
+            row_scale = global_scale if names["global"] == "weight_scale_2" else 1.0 / global_scale
+        words = fp4_pack(checkpoint_codes(getattr(layer, names["codes"]).data), self.slice_width)
+        for name in names.values():
             if hasattr(layer, name):
                 delattr(layer, name)
         self._hold(layer, words, scale, row_scale)
