@@ -29,6 +29,7 @@ SUPPORTED = ("compressed-tensors: FP8 W8A8 (weights per tensor, per channel or i
              "NVFP4A16, MXFP4A16, and NVFP4 / MXFP4 whose activations then run in 16 bits); AWQ 4-bit GEMM; fp8 (block-quantized weights, or "
              "per tensor with static or dynamic activations); "
              "modelopt: FP8, FP8_PER_CHANNEL_PER_TOKEN, NVFP4, W4A16_NVFP4 (KV cache FP8 or none); "
+             "auto-round: integer 4- or 8-bit weights packed as auto_gptq, 4-bit as auto_awq; "
              "quantization='fp8' on a bf16/fp16/fp32 checkpoint; compressed-tensors config groups of these schemes "
              "for different layers (mixed precision), a merged layer's parts (q/k/v, gate/up) in one group")
 
@@ -104,7 +105,7 @@ class QuantConfig:
 
 # vLLM's names for its kernels of a checkpoint's method, which its users pass as --quantization.
 OPTION_ALIASES = {"gptq_marlin": "gptq", "awq_marlin": "awq", "modelopt_fp4": "modelopt"}
-OPTIONS = (None, "fp8", "compressed-tensors", "gptq", "awq", "modelopt", *OPTION_ALIASES)
+OPTIONS = (None, "fp8", "compressed-tensors", "gptq", "awq", "modelopt", "auto-round", *OPTION_ALIASES)
 
 
 def _refuse(what: str) -> ValueError:
@@ -130,6 +131,8 @@ def parse_quant_config(raw: dict | None, option: str | None) -> QuantConfig | No
         return _parse_fp8(raw)
     if method == "modelopt":
         return _parse_modelopt(raw)
+    if method == "auto-round":
+        return _parse_auto_round(raw)
     if method != "compressed-tensors":
         raise _refuse(f"quant_method {method!r}")
     _refuse_run_time_transforms(raw.get("transform_config"))
@@ -224,8 +227,9 @@ def _parse_gptq_awq(raw: dict, method: str) -> QuantConfig:
         raise _refuse(f"{method} with group_size {group!r} (a multiple of 32, or -1)")
     if method == "awq":
         version = str(raw.get("version", "gemm")).lower()
-        if version != "gemm" or not raw.get("zero_point", True):
-            raise _refuse(f"AWQ version {version!r} with zero_point {raw.get('zero_point')!r} (GEMM with zero points)")
+        if version != "gemm":
+            raise _refuse(f"AWQ version {version!r} (GEMM)")
+        # (zero_point false, as AutoRound's symmetric export: its qzeros hold 8, read as they are)
         return QuantConfig("w4a16", "group", False, True, ignore=list(raw.get("modules_to_not_convert") or []),
                            group_size=group, symmetric=False, format="awq")
     fmt = raw.get("checkpoint_format", "gptq")
@@ -297,6 +301,30 @@ def _parse_modelopt(raw: dict) -> QuantConfig:
         config = QuantConfig("fp4", "group", False, True, ignore, group_size=16, format="nvfp4",
                              unquantized_activations=algo == "NVFP4", tensor_names="modelopt")
     return dataclasses.replace(config, lm_head=not config.ignores("lm_head"))
+
+
+def _parse_auto_round(raw: dict) -> QuantConfig:
+    """Intel AutoRound's own format (quant_method "auto-round"): integer weights packed as GPTQ packs them
+    (packing_format auto_round:auto_gptq, zero points stored minus one, no g_idx) or as AWQ does
+    (auto_round:auto_awq); 4 or 8 bits (AWQ: 4), groups or channel-wise, symmetric or not; 16-bit
+    activations. Layers extra_config leaves at 16 bits stay in full precision; other per-layer schemes are
+    refused."""
+    packing = raw.get("packing_format", "auto_round:auto_gptq")
+    bits, act_bits = raw.get("bits"), raw.get("act_bits", 16)
+    method = {"auto_round:auto_gptq": "gptq", "auto_round:auto_awq": "awq"}.get(packing)
+    if method is None or raw.get("data_type", "int") != "int" or act_bits < 16 or bits not in (4, 8) \
+            or (method, bits) == ("awq", 8):
+        raise _refuse(f"auto-round {raw.get('data_type', 'int')} {bits}-bit weights with {act_bits}-bit activations "
+                      f"packed as {packing!r} (int 4 or 8 bits as auto_gptq, 4 as auto_awq, 16-bit activations)")
+    full_precision = []
+    for layer, scheme in (raw.get("extra_config") or {}).items():
+        if scheme.get("bits", bits) < 16:
+            raise _refuse(f"auto-round extra_config giving {layer!r} a scheme of its own ({scheme})")
+        full_precision.append(layer)
+    sym = bool(raw.get("sym", True))
+    gptq = _parse_gptq_awq({"bits": bits, "group_size": raw.get("group_size"), "sym": sym,
+                            "zero_point": not sym}, method)
+    return dataclasses.replace(gptq, ignore=gptq.ignore + full_precision, lm_head=False)
 
 
 def load_quant_config(model_dir: str, option: str | None) -> QuantConfig | None:
