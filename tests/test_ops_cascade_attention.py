@@ -89,6 +89,38 @@ def test_engine_decodes_a_shared_prefix_batch_with_cascade_and_matches_transform
         assert_greedy_matches_hf(llama_dir, p, o.outputs[0].token_ids, tie_tol=2e-2 if DEVICE == "cuda" else 1e-4)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="decode graphs are captured on GPUs only")
+def test_cascade_inside_decode_graphs_matches_transformers(llama_dir, monkeypatch):
+    """The same 16 prompts with decode steps replayed from CUDA graphs: the graph takes the shared prefix's
+    length as an input each replay. The platform is said to have 4 processors, so that 16 sequences x 2 KV
+    heads plan one split (as a large batch does on a whole GPU) and the graph keeps its cascade input."""
+    from oracle import assert_greedy_matches_hf
+    from sageinfer import LLM, SamplingParams
+    from sageinfer.executor import graph_runner
+    from sageinfer.platforms import get_platform
+
+    monkeypatch.setattr(type(get_platform()), "num_compute_units", lambda self: 4)
+    given = []
+    replay = graph_runner.DecodeGraphs.run
+
+    def run(self, host, fill_pending):
+        out = replay(self, host, fill_pending)
+        given.append(int(self.cascade_prefix_len.item()))  # the prefix length this replay read
+        return out
+    monkeypatch.setattr(graph_runner.DecodeGraphs, "run", run)
+    rng = np.random.default_rng(7)
+    prefix = rng.integers(3, 500, size=330).tolist()
+    prompts = [prefix + rng.integers(3, 500, size=n).tolist() for n in range(1, 17)]
+    llm = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=512, show_progress=False,
+              attention_backend="triton")
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    llm.engine.shutdown()
+    assert 320 in given, given  # some decode steps replayed a graph with the 320 shared tokens
+    for p, o in zip(prompts, outs):  # float32 dots run as tf32 on a GPU: near-ties allowed
+        assert_greedy_matches_hf(llama_dir, p, o.outputs[0].token_ids, tie_tol=2e-2)
+
+
 QUANT_MODES = ["int8", "fp8"]
 
 
