@@ -1,10 +1,10 @@
 """Checkpoints exported by NVIDIA ModelOpt itself (nvidia-modelopt's mtq.quantize then export_hf_checkpoint,
 the format of NVIDIA's -FP8 and -FP4 releases): a tiny llama trained on the tokenizer's corpus, quantized
 and calibrated on the corpus, exported as FP8 (static activation scales, with and without an FP8 KV cache),
-FP8_PER_CHANNEL_PER_TOKEN, NVFP4 and W4A16_NVFP4. Oracles: ModelOpt's own forward of the quantized model
-(its quantizers in torch) where it runs on a CPU (the FP8 schemes), else transformers running the weights
-ModelOpt's NVFP4QTensor decodes from the files (FP4 activations run in 16 bits here, as for
-compressed-tensors' NVFP4)."""
+FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO (128 x 128 tiles, weight-only), NVFP4 and W4A16_NVFP4. Oracles:
+ModelOpt's own forward of the quantized model (its quantizers in torch) where it runs on a CPU and the
+export keeps its weights (FP8, FP8 per channel), else transformers running the weights ModelOpt's QTensors
+decode from the files (FP4 activations run in 16 bits here, as for compressed-tensors' NVFP4)."""
 import copy
 import json
 import os
@@ -20,11 +20,14 @@ from sageinfer import LLM, SamplingParams
 pytest.importorskip("modelopt.torch.quantization")
 
 _GPU = torch.cuda.is_available()
-# name: (ModelOpt config, its KV config, whether its own forward runs on this machine: NVFP4's fake
-# quantization of activations needs CUDA)
+# name: (ModelOpt config, its KV config, whether its own forward is the oracle: NVFP4's fake quantization
+# of activations needs CUDA, and FP8_PB_WO's export quantizes a merged layer's parts (q/k/v, gate/up) again
+# with one shared scale a tile, so its files are not the weights its forward ran)
 ALGOS = {"fp8": ("FP8_DEFAULT_CFG", None, True), "fp8-kv": ("FP8_DEFAULT_CFG", "FP8_KV_CFG", True),
          "fp8-per-channel-per-token": ("FP8_PER_CHANNEL_PER_TOKEN_CFG", None, True),
+         "fp8-pb-wo": ("FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG", None, False),
          "nvfp4": ("NVFP4_DEFAULT_CFG", None, False), "w4a16-nvfp4": ("W4A16_NVFP4_CFG", None, False)}
+UNMERGED = ("model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj")
 
 
 def _logprobs_of(logits: torch.Tensor, ids: list[int]) -> np.ndarray:
@@ -50,7 +53,8 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
-    """name: (export directory, ModelOpt's own logprobs of the first 40 corpus tokens or None)."""
+    """name: (export directory, ModelOpt's own logprobs of the first 40 corpus tokens or None, FP8_PB_WO's
+    fake-quantized weights of two layers no export merges)."""
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -67,11 +71,13 @@ def exported(trained, tmp_path_factory):
         model = mtq.quantize(model, config, lambda m: [m(c) for c in chunks])
         if kv_name is not None:
             _one_kv_scale_a_layer(model)
-        reference = None
-        if runs_here:
-            with torch.no_grad():
+        reference, fake = None, {}
+        with torch.no_grad():
+            if runs_here:
                 reference = _logprobs_of(model(torch.tensor([ids[:40]])).logits[0], ids[:40])
-        out[name] = (str(root / name), reference)
+            if name == "fp8-pb-wo":
+                fake = {n: model.get_submodule(n).weight_quantizer(model.get_submodule(n).weight) for n in UNMERGED}
+        out[name] = (str(root / name), reference, fake)
         with torch.inference_mode():  # (export turns the model's own weights into the files' codes)
             export_hf_checkpoint(model, export_dir=out[name][0], dtype=torch.float32)
         AutoTokenizer.from_pretrained(path).save_pretrained(out[name][0])
@@ -86,22 +92,33 @@ def _prompt_logprobs(path, ids, **options):
     return np.array([out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))])
 
 
-def _nvfp4_dense_copy(quantized: str, dst: str) -> str:
-    """The export's NVFP4 weights decoded by ModelOpt's own NVFP4QTensor (e2m1 * weight_scale *
-    weight_scale_2 in groups of 16) into a float32 checkpoint without quantization configs: what
-    transformers runs as the oracle, activations in full precision."""
-    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+def _decoded(tensors: dict, layer: str, codes: torch.Tensor) -> torch.Tensor:
+    """A layer's weight decoded by ModelOpt's own QTensors: NVFP4 (uint8 codes, e2m1 * weight_scale *
+    weight_scale_2 in groups of 16) or FP8 in 128 x 128 tiles (weight_scale [out / 128, 1, in / 128, 1])."""
+    from modelopt.torch.quantization.qtensor import FP8QTensor, NVFP4QTensor
+    scale = tensors[layer + ".weight_scale"]
+    if codes.dtype == torch.uint8:
+        shape = torch.Size([codes.shape[0], 2 * codes.shape[1]])
+        return NVFP4QTensor(shape, torch.float32, codes).dequantize(
+            torch.float32, scale=scale, double_scale=tensors[layer + ".weight_scale_2"], block_sizes={-1: 16})
+    tiles = [-(-n // 128) for n in codes.shape]  # (a projection's last tile may hold fewer rows)
+    padded = torch.zeros(tiles[0] * 128, tiles[1] * 128, dtype=codes.dtype)
+    padded[:codes.shape[0], :codes.shape[1]] = codes
+    return FP8QTensor(codes.shape, torch.float32, padded).dequantize(
+        torch.float32, scale=scale.float().reshape(tiles), block_sizes={0: 128, 1: 128})
+
+
+def _decoded_copy(quantized: str, dst: str) -> str:
+    """The export's weights decoded (_decoded) into a float32 checkpoint without quantization configs:
+    what transformers runs as the oracle, activations in full precision."""
     from safetensors.torch import load_file, save_file
     shutil.copytree(quantized, dst)
     tensors = load_file(os.path.join(dst, "model.safetensors"))
     dense = {}
     for name, t in tensors.items():
         layer, _, last = name.rpartition(".")
-        if last == "weight" and t.dtype == torch.uint8:
-            shape = torch.Size([t.shape[0], 2 * t.shape[1]])
-            dense[name] = NVFP4QTensor(shape, torch.float32, t).dequantize(
-                torch.float32, scale=tensors[layer + ".weight_scale"], double_scale=tensors[layer + ".weight_scale_2"],
-                block_sizes={-1: 16})
+        if last == "weight" and t.dtype in (torch.uint8, torch.float8_e4m3fn):
+            dense[name] = _decoded(tensors, layer, t)
         elif last not in ("weight_scale", "weight_scale_2", "input_scale"):
             dense[name] = t
     save_file(dense, os.path.join(dst, "model.safetensors"))
@@ -114,23 +131,39 @@ def _nvfp4_dense_copy(quantized: str, dst: str) -> str:
     return dst
 
 
-@pytest.mark.parametrize("name", ["fp8", "fp8-per-channel-per-token", "nvfp4", "w4a16-nvfp4"])
+@pytest.mark.parametrize("name", ["fp8", "fp8-per-channel-per-token", "fp8-pb-wo", "nvfp4", "w4a16-nvfp4"])
 def test_modelopt_export_matches_its_oracle(trained, exported, name, tmp_path):
     """FP8 (one weight scale and one calibrated activation scale a layer) and FP8 per channel with
-    activations per token: ModelOpt's own forward of the quantized model; NVFP4 and W4A16_NVFP4: the
-    weights ModelOpt decodes from the files, run by transformers. Measured on the CPU: at most 2e-6 apart."""
+    activations per token: ModelOpt's own forward of the quantized model; FP8_PB_WO, NVFP4 and W4A16_NVFP4:
+    the weights ModelOpt decodes from the files, run by transformers. Measured on the CPU: at most 2e-6 apart."""
     from oracle import hf_logits
     ids = trained[1][:40]
-    path, reference = exported[name]
+    path, reference, _ = exported[name]
     if reference is None:
-        reference = _logprobs_of(hf_logits(_nvfp4_dense_copy(path, str(tmp_path / "decoded")), ids), ids)
+        reference = _logprobs_of(hf_logits(_decoded_copy(path, str(tmp_path / "decoded")), ids), ids)
     np.testing.assert_allclose(_prompt_logprobs(path, ids), reference, atol=5e-2 if _GPU else 1e-4)
+
+
+def test_fp8_pb_wo_tiles_are_read_as_modelopt_quantized_them(exported):
+    """The layers no export merges hold, tile for tile, the weights ModelOpt's quantizer made, to float32's
+    last bit (the order of the [out / 128, 1, in / 128, 1] scales: down_proj has two tiles along its input)."""
+    from safetensors.torch import load_file
+    path, _, fake = exported["fp8-pb-wo"]
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    for layer, weight in fake.items():
+        torch.testing.assert_close(_decoded(tensors, layer, tensors[layer + ".weight"]), weight, rtol=1e-6, atol=0)
+    llm = LLM(path, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+    down = llm.engine.runner.model.model.layers[0].mlp.down_proj
+    torch.testing.assert_close(down.quant.dequantized_weight(down), fake["model.layers.0.mlp.down_proj"],
+                               rtol=1e-6, atol=0)
+    llm.engine.shutdown()
 
 
 def test_modelopt_layers_hold_their_scheme(exported):
     """Each export's layers are held as its scheme says; the excluded LM head stays whole."""
     expected = {"fp8": torch.float8_e4m3fn, "fp8-per-channel-per-token": torch.float8_e4m3fn,
-                "nvfp4": torch.int32, "w4a16-nvfp4": torch.int32}  # FP4: eight e2m1 codes a word
+                "fp8-pb-wo": torch.float8_e4m3fn, "nvfp4": torch.int32,
+                "w4a16-nvfp4": torch.int32}  # FP4: eight e2m1 codes a word
     for name, dtype in expected.items():
         llm = LLM(exported[name][0], dtype="float32", num_gpu_blocks_override=128, show_progress=False)
         model = llm.engine.runner.model
@@ -148,7 +181,7 @@ def test_modelopt_fp8_kv_cache_scales_reach_the_cache(trained, exported):
     ModelOpt's forward with its K and V quantizers on (measured on the CPU: 2e-3 apart at most: this engine
     attends a prompt's own new keys before they are rounded into the cache); a bf16 cache ignores them."""
     from safetensors import safe_open
-    path, reference = exported["fp8-kv"]
+    path, reference, _ = exported["fp8-kv"]
     ids = trained[1][:40]
     with safe_open(f"{path}/model.safetensors", "pt") as f:
         expected = [max(float(f.get_tensor(f"model.layers.{i}.self_attn.{w}_proj.{w}_scale")) for w in "kv")
@@ -178,8 +211,8 @@ def test_an_older_export_with_only_hf_quant_config_json(trained, exported, tmp_p
 
 def test_perplexity_of_each_modelopt_scheme_against_full_precision(trained, exported):
     """The corpus's perplexity through each export over the trained model's. Measured on the CPU: FP8
-    +1.44%, with the FP8 cache +1.43%, per channel and token +1.26%, NVFP4 and W4A16_NVFP4 +8.4% (the same
-    weights; NVFP4's activations run in 16 bits)."""
+    +1.44%, with the FP8 cache +1.43%, per channel and token +1.26%, FP8_PB_WO +0.60% (its activations stay
+    16-bit), NVFP4 and W4A16_NVFP4 +8.4% (the same weights; NVFP4's activations run in 16 bits)."""
     path, ids = trained
 
     def perplexity(p, **options):
@@ -191,7 +224,8 @@ def test_perplexity_of_each_modelopt_scheme_against_full_precision(trained, expo
     assert all(ratios[name] < BOUNDS[name] for name in ALGOS), ratios
 
 
-BOUNDS = {"fp8": 1.02, "fp8-kv": 1.02, "fp8-per-channel-per-token": 1.02, "nvfp4": 1.1, "w4a16-nvfp4": 1.1}
+BOUNDS = {"fp8": 1.02, "fp8-kv": 1.02, "fp8-per-channel-per-token": 1.02, "fp8-pb-wo": 1.02, "nvfp4": 1.1,
+          "w4a16-nvfp4": 1.1}
 
 
 @pytest.mark.parametrize("algo,kv", [("W4A16_AWQ", None), ("W8A8_SQ_PER_CHANNEL", None), ("MIXED_PRECISION", None),

@@ -88,8 +88,10 @@ def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.
             logger.warning("the checkpoint's FP4 activations run in 16 bits here (no FP4 matmul on this engine's "
                            "chips): its weights run as they are, its activations are not rounded to FP4")
     if quant is not None and load_format == "dummy":  # random full-precision weights, quantized as loaded
-        def at_load(q):  # (8-bit weight-only keeps its zero points: W8A16's _quantize makes them)
-            return dataclasses.replace(q, from_checkpoint=False, weight_strategy="channel", activation_dynamic=True,
+        def at_load(q):  # (8-bit weight-only keeps its zero points: W8A16's _quantize makes them; block FP8
+            # whether its activations are quantized)
+            return dataclasses.replace(q, from_checkpoint=False, weight_strategy="channel",
+                                       activation_dynamic=q.activation_dynamic if q.scheme == "fp8-block" else True,
                                        symmetric=q.symmetric if q.scheme == "w8a16" else True)
         quant = dataclasses.replace(at_load(quant), groups=[at_load(g) for g in quant.groups])
     model_cls = get_model_class(cfg.architecture)

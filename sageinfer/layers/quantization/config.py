@@ -8,7 +8,7 @@ width), INT8 W8A8 (per-channel symmetric weights, dynamic per-token or static pe
 symmetric or asymmetric), NVFP4 and MXFP4 (their FP4 activations run in 16 bits); GPTQ 4- and 8-bit, AWQ 4-bit; online FP8
 (per-channel weights, dynamic per-token activations); several compressed-tensors config groups, each
 scheme for the layers its targets name; NVIDIA ModelOpt's FP8 (per tensor, static activations),
-FP8_PER_CHANNEL_PER_TOKEN, NVFP4 and W4A16_NVFP4 exports, with their FP8 KV cache scales (from config.json
+FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4 and W4A16_NVFP4 exports, with their FP8 KV cache scales (from config.json
 or, in older exports, hf_quant_config.json). Anything else is refused at start with what is supported.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ SUPPORTED = ("compressed-tensors: FP8 W8A8 (weights per tensor, per channel or i
              "true or false, symmetric or asymmetric); FP4 (nvfp4-pack-quantized and mxfp4-pack-quantized: "
              "NVFP4A16, MXFP4A16, and NVFP4 / MXFP4 whose activations then run in 16 bits); AWQ 4-bit GEMM; fp8 (block-quantized weights, or "
              "per tensor with static or dynamic activations); "
-             "modelopt: FP8, FP8_PER_CHANNEL_PER_TOKEN, NVFP4, W4A16_NVFP4 (KV cache FP8 or none); "
+             "modelopt: FP8, FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4 (KV cache FP8 or none); "
              "auto-round: integer 4- or 8-bit weights packed as auto_gptq, 4-bit as auto_awq; "
              "quantization='fp8' on a bf16/fp16/fp32 checkpoint; compressed-tensors config groups of these schemes "
              "for different layers (mixed precision), a merged layer's parts (q/k/v, gate/up) in one group")
@@ -276,13 +276,15 @@ def _parse_fp4(raw: dict, group: dict, weights: dict, acts: dict | None) -> Quan
 
 # ModelOpt's quant_algo -> (scheme, weight strategy, activations dynamic), for the algorithms served here
 _MODELOPT = {"FP8": ("fp8", "tensor", False), "FP8_PER_CHANNEL_PER_TOKEN": ("fp8", "channel", True),
-             "NVFP4": ("fp4", "group", False), "W4A16_NVFP4": ("fp4", "group", False)}
+             "FP8_PB_WO": ("fp8-block", "block", False), "NVFP4": ("fp4", "group", False),
+             "W4A16_NVFP4": ("fp4", "group", False)}
 
 
 def _parse_modelopt(raw: dict) -> QuantConfig:
     """An NVIDIA ModelOpt export (quant_method "modelopt", or hf_quant_config.json's "quantization"):
     - FP8: `weight` e4m3 with one `weight_scale` and one static `input_scale` a layer;
     - FP8_PER_CHANNEL_PER_TOKEN: a `weight_scale` per output row, activations scaled per token at run time;
+    - FP8_PB_WO: a `weight_scale` per 128 x 128 tile ([out / 128, 1, in / 128, 1]), activations left in 16 bits;
     - NVFP4 / W4A16_NVFP4: `weight` uint8 of two e2m1 a byte, an FP8 `weight_scale` per 16 inputs and a
       `weight_scale_2` a tensor (w = e2m1 * scale * scale_2); NVFP4's FP4 activations run in 16 bits, as
       compressed-tensors' NVFP4 do (layers/quantization/fp4.py).
@@ -293,7 +295,9 @@ def _parse_modelopt(raw: dict) -> QuantConfig:
         raise _refuse(f"modelopt quant_algo {raw.get('quant_algo')!r} with kv_cache_quant_algo {kv!r}")
     scheme, strategy, dynamic = _MODELOPT[algo]
     ignore = list(raw.get("exclude_modules") or raw.get("ignore") or [])
-    if scheme != "fp4":
+    if scheme == "fp8-block":  # the tiles' scales named as compressed-tensors names them
+        config = QuantConfig(scheme, strategy, dynamic, True, ignore, group_size=128)
+    elif scheme != "fp4":
         config = QuantConfig(scheme, strategy, dynamic, True, ignore, format="modelopt")
     else:
         if raw.get("group_size", 16) != 16:

@@ -8,8 +8,9 @@ splits and merged q/k/v or gate/up parts cut the scales exactly as the weight. O
 sequence) takes the skinny GEMV with the tiles' scales and the 16-bit layers' fusions; small batches
 a Triton kernel that scales the FP8 tiles in registers (half the bytes of bf16 per decode step).
 Larger ones go to the chip's block-scaled FP8 GEMM where the platform has one (activations quantized
-per token and 128 columns, as these checkpoints were made for); elsewhere the layer is expanded to
-the activations' dtype for the library GEMM.
+per token and 128 columns, as these checkpoints were made for); elsewhere, and for ModelOpt's weight-only
+tiles (FP8_PB_WO: activations stay 16-bit), the layer is expanded to the activations' dtype for the
+library GEMM.
 """
 from __future__ import annotations
 
@@ -42,8 +43,10 @@ class Fp8BlockMethod:
 
         def load_scales(param, loaded, shard_id=None):
             # each tile's scale on each of its rows; the last tile of a projection whose rows are not
-            # whole blocks (k and v of small models) covers only the rows there are
-            rows = loaded.float().repeat_interleave(b, 0)[:layer.whole_rows(shard_id)]
+            # whole blocks (k and v of small models) covers only the rows there are. (ModelOpt's tiles
+            # come as [out / b, 1, in / b, 1], one tile's as a scalar.)
+            tiles = loaded.float().reshape(loaded.shape[0] if loaded.dim() else 1, -1)
+            rows = tiles.repeat_interleave(b, 0)[:layer.whole_rows(shard_id)]
             layer.weight_loader(param, rows.contiguous(), shard_id)
         scales.weight_loader = load_scales
 
@@ -98,7 +101,7 @@ class Fp8BlockMethod:
             from sageinfer.ops.weight_only import w8a16_block_matmul
             y = w8a16_block_matmul(x2, layer.weight, layer.weight_scale_inv, self.block,
                                    min_programs=self.min_programs)
-        elif layer.weight_scale_block is not None:
+        elif layer.weight_scale_block is not None and self.config.activation_dynamic:  # (not weight-only)
             xq, x_scale = quantize_groups(x2, 128, layer.use_triton)
             y = layer.platform.fp8_block_matmul(xq, x_scale, layer.weight, layer.weight_scale_block, x.dtype)
         if y is None:  # the weight expanded (in one pass where kernels run) for the library GEMM
