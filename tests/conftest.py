@@ -33,3 +33,12 @@ def model_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama_dir(model_dirs):
     return model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A tiny llama trained briefly on the corpus (tests/trained_model.py) and the corpus's token ids, for the
+    quantization formats' tests; hidden size 128: groups of 128 columns fit every layer."""
+    from trained_model import build_trained_model, corpus_token_ids
+    path = build_trained_model(str(tmp_path_factory.mktemp("trained") / "dense"), steps=10, hidden_size=128)
+    return path, corpus_token_ids(path)

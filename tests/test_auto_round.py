@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from sageinfer import LLM, SamplingParams
+from trained_model import prompt_logprobs
+from sageinfer import LLM
 
 pytest.importorskip("auto_round")
 
@@ -20,13 +21,6 @@ _GPU = torch.cuda.is_available()
 # name: (bits, symmetric, formats written)
 SCHEMES = {"w4-sym": (4, True, ("auto_round", "auto_gptq", "auto_awq")),
            "w4-asym": (4, False, ("auto_round", "auto_gptq")), "w8-sym": (8, True, ("auto_round",))}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from trained_model import build_trained_model, corpus_token_ids
-    path = build_trained_model(str(tmp_path_factory.mktemp("trained") / "dense"), steps=10, hidden_size=128)
-    return path, corpus_token_ids(path)
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +94,6 @@ def _multiplied_out(quantized_dir: str, dst: str) -> str:
     return dst
 
 
-def _prompt_logprobs(path, ids, **options):
-    llm = LLM(path, dtype="float32", num_gpu_blocks_override=128, show_progress=False,
-              attention_backend="torch_ref", **options)
-    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
-    llm.engine.shutdown()
-    return np.array([out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))])
-
-
 def _hf_logprobs(path, ids):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu").eval()
@@ -125,7 +111,7 @@ def test_auto_round_checkpoint_matches_its_oracles(trained, quantized, key, tmp_
     itself, whose kernel rounds each weight to fp16 (3.3e-3 apart at 4 bits, 3.6e-3 at 8)."""
     ids = trained[1][:40]
     native = quantized[key[0], "auto_round"]
-    ours = _prompt_logprobs(quantized[key], ids)
+    ours = prompt_logprobs(quantized[key], ids)
     dense = _hf_logprobs(_multiplied_out(native, str(tmp_path / "dense")), ids)
     np.testing.assert_allclose(ours, dense, atol=5e-2 if _GPU else 1e-4)
     with open(os.path.join(native, "config.json")) as f:
@@ -155,7 +141,7 @@ def test_perplexity_of_each_auto_round_scheme(trained, quantized):
     path, ids = trained
 
     def perplexity(p):
-        return float(np.exp(-_prompt_logprobs(p, ids).mean()))
+        return float(np.exp(-prompt_logprobs(p, ids).mean()))
 
     base = perplexity(path)
     ratios = {name: perplexity(quantized[name, "auto_round"]) / base for name in SCHEMES}

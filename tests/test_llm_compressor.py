@@ -14,7 +14,8 @@ import torch
 
 from quant_checkpoints import dequantized_copy, fp4_dense_copy
 from ranks import needs_ranks
-from sageinfer import LLM, SamplingParams
+from trained_model import prompt_logprobs
+from sageinfer import LLM
 
 pytest.importorskip("llmcompressor")
 
@@ -84,14 +85,6 @@ SCHEMES = ["w4a16", "w4a16-asym", "w4a16-gptq-actorder", "w4a16-spinquant", "w8a
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """hidden size 128: the W4A16 schemes' groups of 128 columns fit every layer."""
-    from trained_model import build_trained_model, corpus_token_ids
-    path = build_trained_model(str(tmp_path_factory.mktemp("trained") / "dense"), steps=10, hidden_size=128)
-    return path, corpus_token_ids(path)
-
-
-@pytest.fixture(scope="module")
 def compressed(trained, tmp_path_factory):
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -113,14 +106,6 @@ def compressed(trained, tmp_path_factory):
     return out
 
 
-def _prompt_logprobs(path, ids, **options):
-    llm = LLM(path, dtype="float32", num_gpu_blocks_override=128, show_progress=False,
-              attention_backend="torch_ref", **options)
-    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
-    llm.engine.shutdown()
-    return np.array([out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))])
-
-
 # FP8 blocks: transformers quantizes activations per 128 columns, our path only above 64 rows on a
 # chip with a block GEMM (on the CPU never: 0.07 apart on a token here), so the oracle is the weights
 # the checkpoint encodes. INT8: activations on either side of a rounding edge (tests/test_quantization.py).
@@ -137,7 +122,7 @@ TOLERANCE = {"nvfp4a16": 1e-4, "nvfp4": 1e-4, "mxfp4a16": 1e-4, "w8a16": 1e-4, "
 def test_llm_compressor_checkpoint_matches_transformers(trained, compressed, name, tmp_path):
     from oracle import hf_logits
     ids = trained[1][:40]
-    ours = _prompt_logprobs(compressed[name], ids)
+    ours = prompt_logprobs(compressed[name], ids)
     # The oracle for FP8 blocks and FP4: the weights the checkpoint encodes (transformers cannot run FP4
     # files in float32; FP4 activations run in 16 bits here, as on every chip without FP4 matmuls)
     if name == "fp8-block":
@@ -165,7 +150,7 @@ def test_perplexity_of_each_scheme_against_full_precision(trained, compressed):
     path, ids = trained
 
     def perplexity(p):
-        return float(np.exp(-_prompt_logprobs(p, ids).mean()))
+        return float(np.exp(-prompt_logprobs(p, ids).mean()))
 
     base = perplexity(path)
     assert 1.5 < base < 4, base  # learned something, not memorised
@@ -194,7 +179,7 @@ def test_calibrated_kv_cache_scales_reach_an_fp8_cache(trained, compressed):
               attention_backend="torch_ref")
     assert [c.fp8_scale for c in llm.engine.runner.kv_caches] == pytest.approx(expected)
     llm.engine.shutdown()
-    whole, fp8 = _prompt_logprobs(path, ids), _prompt_logprobs(path, ids, kv_cache_dtype="fp8")
+    whole, fp8 = prompt_logprobs(path, ids), prompt_logprobs(path, ids, kv_cache_dtype="fp8")
     assert np.abs(fp8 - whole).mean() < 0.05 and np.exp(whole.mean() - fp8.mean()) < 1.01
 
 
@@ -269,7 +254,7 @@ def test_other_architectures_as_llm_compressor_writes_them(tmp_path, arch, schem
     AutoTokenizer.from_pretrained(src).save_pretrained(path)
     ids = list(range(3, 43))
     ref = hf_logits(path, ids).log_softmax(-1)
-    np.testing.assert_allclose(_prompt_logprobs(path, ids), [ref[i - 1, ids[i]].item() for i in range(1, len(ids))],
+    np.testing.assert_allclose(prompt_logprobs(path, ids), [ref[i - 1, ids[i]].item() for i in range(1, len(ids))],
                                atol=5e-2 if _GPU else 1e-4)
 
 
@@ -302,7 +287,7 @@ def test_a_quantized_lm_head_runs_as_transformers_runs_it(trained, tmp_path, sch
     ids = trained[1][:40]
     oracle = fp4_dense_copy(path, str(tmp_path / "encoded")) if scheme == "NVFP4A16" else path
     ref = hf_logits(oracle, ids).log_softmax(-1)
-    np.testing.assert_allclose(_prompt_logprobs(path, ids), [ref[i - 1, ids[i]].item() for i in range(1, len(ids))],
+    np.testing.assert_allclose(prompt_logprobs(path, ids), [ref[i - 1, ids[i]].item() for i in range(1, len(ids))],
                                atol=5e-2 if _GPU and scheme.startswith("FP8") else 1e-4)
 
 
@@ -312,5 +297,5 @@ def test_fp4_at_two_ranks_gives_one_ranks_logprobs(trained, compressed, name):
     """FP4 held at four bits split over two ranks (row-parallel layers: half the input columns, their
     scale bytes and groups; each part of a merged layer its own global scale): tp=1's logprobs."""
     ids = trained[1][:40]
-    one, two = (_prompt_logprobs(compressed[name], ids, tensor_parallel_size=tp) for tp in (1, 2))
+    one, two = (prompt_logprobs(compressed[name], ids, tensor_parallel_size=tp) for tp in (1, 2))
     np.testing.assert_allclose(one, two, atol=1e-4)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ranks import needs_ranks
+from trained_model import prompt_logprobs
 from sageinfer import LLM, SamplingParams
 
 pytest.importorskip("modelopt.torch.quantization")
@@ -42,13 +43,6 @@ def _one_kv_scale_a_layer(model) -> None:
         if hasattr(module, "k_bmm_quantizer"):
             both = torch.maximum(module.k_bmm_quantizer.amax, module.v_bmm_quantizer.amax)
             module.k_bmm_quantizer.amax, module.v_bmm_quantizer.amax = both.clone(), both.clone()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from trained_model import build_trained_model, corpus_token_ids
-    path = build_trained_model(str(tmp_path_factory.mktemp("trained") / "dense"), steps=10, hidden_size=128)
-    return path, corpus_token_ids(path)
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +76,6 @@ def exported(trained, tmp_path_factory):
             export_hf_checkpoint(model, export_dir=out[name][0], dtype=torch.float32)
         AutoTokenizer.from_pretrained(path).save_pretrained(out[name][0])
     return out
-
-
-def _prompt_logprobs(path, ids, **options):
-    llm = LLM(path, dtype="float32", num_gpu_blocks_override=128, show_progress=False,
-              attention_backend="torch_ref", **options)
-    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
-    llm.engine.shutdown()
-    return np.array([out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))])
 
 
 def _decoded(tensors: dict, layer: str, codes: torch.Tensor) -> torch.Tensor:
@@ -141,7 +127,7 @@ def test_modelopt_export_matches_its_oracle(trained, exported, name, tmp_path):
     path, reference, _ = exported[name]
     if reference is None:
         reference = _logprobs_of(hf_logits(_decoded_copy(path, str(tmp_path / "decoded")), ids), ids)
-    np.testing.assert_allclose(_prompt_logprobs(path, ids), reference, atol=5e-2 if _GPU else 1e-4)
+    np.testing.assert_allclose(prompt_logprobs(path, ids), reference, atol=5e-2 if _GPU else 1e-4)
 
 
 def test_fp8_pb_wo_tiles_are_read_as_modelopt_quantized_them(exported):
@@ -190,8 +176,8 @@ def test_modelopt_fp8_kv_cache_scales_reach_the_cache(trained, exported):
     llm = LLM(path, dtype="float32", num_gpu_blocks_override=128, show_progress=False, kv_cache_dtype="fp8")
     assert [c.fp8_scale for c in llm.engine.runner.kv_caches] == pytest.approx(expected)
     llm.engine.shutdown()
-    np.testing.assert_allclose(_prompt_logprobs(path, ids, kv_cache_dtype="fp8"), reference, atol=5e-2 if _GPU else 5e-3)
-    np.testing.assert_allclose(_prompt_logprobs(path, ids), exported["fp8"][1], atol=5e-2 if _GPU else 1e-4)
+    np.testing.assert_allclose(prompt_logprobs(path, ids, kv_cache_dtype="fp8"), reference, atol=5e-2 if _GPU else 5e-3)
+    np.testing.assert_allclose(prompt_logprobs(path, ids), exported["fp8"][1], atol=5e-2 if _GPU else 1e-4)
 
 
 def test_an_older_export_with_only_hf_quant_config_json(trained, exported, tmp_path):
@@ -206,7 +192,7 @@ def test_an_older_export_with_only_hf_quant_config_json(trained, exported, tmp_p
         with open(f"{dst}/config.json", "w") as f:
             json.dump(config, f)
         ids = trained[1][:24]
-        np.testing.assert_allclose(_prompt_logprobs(dst, ids), _prompt_logprobs(exported[name][0], ids), atol=1e-6)
+        np.testing.assert_allclose(prompt_logprobs(dst, ids), prompt_logprobs(exported[name][0], ids), atol=1e-6)
 
 
 def test_perplexity_of_each_modelopt_scheme_against_full_precision(trained, exported):
@@ -216,7 +202,7 @@ def test_perplexity_of_each_modelopt_scheme_against_full_precision(trained, expo
     path, ids = trained
 
     def perplexity(p, **options):
-        return float(np.exp(-_prompt_logprobs(p, ids, **options).mean()))
+        return float(np.exp(-prompt_logprobs(p, ids, **options).mean()))
 
     base = perplexity(path)
     ratios = {name: perplexity(exported[name][0]) / base for name in ALGOS if name != "fp8-kv"}
@@ -248,9 +234,9 @@ def test_quantization_option_names_for_modelopt(trained, exported):
     """vLLM's names for a ModelOpt checkpoint (modelopt, modelopt_fp4) are taken; another method is refused
     as not the checkpoint's."""
     ids = trained[1][:16]
-    same = _prompt_logprobs(exported["nvfp4"][0], ids)
+    same = prompt_logprobs(exported["nvfp4"][0], ids)
     for option in ("modelopt", "modelopt_fp4"):
-        np.testing.assert_allclose(_prompt_logprobs(exported["nvfp4"][0], ids, quantization=option), same, atol=1e-6)
+        np.testing.assert_allclose(prompt_logprobs(exported["nvfp4"][0], ids, quantization=option), same, atol=1e-6)
     with pytest.raises(ValueError, match="quantized with 'modelopt'; quantization='fp8' does not match"):
         LLM(exported["fp8"][0], dtype="float32", num_gpu_blocks_override=128, show_progress=False,
             quantization="fp8")
@@ -271,5 +257,5 @@ def test_dummy_weights_with_a_modelopt_config(exported, name):
 @needs_ranks(2)
 def test_modelopt_nvfp4_at_two_ranks_gives_one_ranks_logprobs(trained, exported):
     ids = trained[1][:40]
-    one, two = (_prompt_logprobs(exported["nvfp4"][0], ids, tensor_parallel_size=tp) for tp in (1, 2))
+    one, two = (prompt_logprobs(exported["nvfp4"][0], ids, tensor_parallel_size=tp) for tp in (1, 2))
     np.testing.assert_allclose(one, two, atol=1e-4)

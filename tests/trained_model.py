@@ -32,3 +32,16 @@ def corpus_token_ids(path: str) -> list[int]:
 
     from sageinfer.models.tiny import _CORPUS
     return transformers.AutoTokenizer.from_pretrained(path).encode("\n".join(_CORPUS))
+
+
+def prompt_logprobs(path: str, ids: list[int], **options):
+    """The engine's logprob of each token of ids after its prefix (float32, the torch reference attention),
+    as a numpy array of len(ids) - 1."""
+    import numpy as np
+
+    from sageinfer import LLM, SamplingParams
+    llm = LLM(path, dtype="float32", num_gpu_blocks_override=128, show_progress=False,
+              attention_backend="torch_ref", **options)
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    llm.engine.shutdown()
+    return np.array([out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))])
