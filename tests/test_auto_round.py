@@ -83,7 +83,8 @@ def _multiplied_out(quantized_dir: str, dst: str) -> str:
             else:
                 q, zeros = _unpack(t, bits, 0).float(), _unpack(tensors[layer + ".qzeros"], bits, 1).float() + 1
             group = q.shape[0] // scales.shape[0]
-            dense[layer + ".weight"] = ((q - zeros.repeat_interleave(group, 0)) * scales.repeat_interleave(group, 0)).t()
+            weight = (q - zeros.repeat_interleave(group, 0)) * scales.repeat_interleave(group, 0)
+            dense[layer + ".weight"] = weight.t()
         elif last not in ("qzeros", "scales", "g_idx"):
             dense[name] = t
     save_file({k: v.contiguous() for k, v in dense.items()}, os.path.join(dst, "model.safetensors"))
@@ -148,7 +149,8 @@ def test_perplexity_of_each_auto_round_scheme(trained, quantized):
     assert ratios["w4-sym"] < 1.12 and ratios["w4-asym"] < 1.12 and ratios["w8-sym"] < 1.002, ratios
 
 
-@pytest.mark.parametrize("change,what", [({"packing_format": "auto_round:gptqmodel"}, "packed as 'auto_round:gptqmodel'"),
+@pytest.mark.parametrize("change,what", [({"packing_format": "auto_round:gptqmodel"},
+                                          "packed as 'auto_round:gptqmodel'"),
                                          ({"data_type": "nv_fp"}, "auto-round nv_fp"),
                                          ({"act_bits": 8}, "with 8-bit activations"),
                                          ({"extra_config": {"model.layers.0.mlp.down_proj": {"bits": 8}}},

@@ -71,6 +71,19 @@ def test_fp8_at_load_time_equals_the_per_channel_checkpoint(checkpoints, tmp_pat
     assert from_checkpoint[1] == at_load[1]
 
 
+def test_int8_at_load_time_equals_the_per_channel_checkpoint(checkpoints, tmp_path):
+    """quantization="int8" (INT8 W8A8 for chips without FP8 matmuls): quantizing the INT8 checkpoint's own
+    dequantized weights per channel gives back its integers and scales, so the two agree exactly on the CPU."""
+    dense = dequantized_copy(checkpoints["int8-channel"], str(tmp_path / "dense"))
+    from_checkpoint = _prompt_logprobs(checkpoints["int8-channel"])
+    at_load = _prompt_logprobs(dense, quantization="int8")
+    np.testing.assert_allclose(from_checkpoint[0], at_load[0], atol=_INT8 if torch.cuda.is_available() else 0)
+    assert from_checkpoint[1] == at_load[1]
+    llm = LLM(dense, dtype="float32", num_gpu_blocks_override=128, show_progress=False, quantization="int8")
+    assert llm.engine.runner.model.model.layers[0].mlp.down_proj.weight.dtype == torch.int8
+    llm.engine.shutdown()
+
+
 # INT8 W8A8: tests/test_ops_gemv.py
 @pytest.mark.parametrize("name", ["fp8-channel", "fp8-block", "w4a16-group-asym", "gptq-8bit"])
 def test_one_row_reads_quantized_weights_as_the_model_they_encode(checkpoints, llama_dir, tmp_path, monkeypatch,
@@ -260,6 +273,11 @@ def test_a_device_without_fp8_runs_fp8_weights_multiplied_out_and_refuses_the_re
     with pytest.raises(ValueError, match="use int8"):
         LLM(checkpoints["int8-channel"], dtype="float32", kv_cache_dtype="fp8", num_gpu_blocks_override=128,
             show_progress=False)
+    with pytest.raises(ValueError, match="quantization='fp8' needs FP8 matmuls.*quantization='int8'"):
+        LLM(llama_dir, dtype="float32", quantization="fp8", num_gpu_blocks_override=128, show_progress=False)
+    llm = LLM(llama_dir, dtype="float32", quantization="int8", num_gpu_blocks_override=128, show_progress=False)
+    assert llm.engine.runner.model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.int8  # what runs there
+    llm.engine.shutdown()
 
 
 def test_nvidia_gpus_have_fp8_from_ada_on(monkeypatch):
@@ -356,7 +374,8 @@ def test_tp2_runs_the_quantized_checkpoint_as_tp1(checkpoints):
 
 def test_perplexity_of_a_trained_model_barely_moves(tmp_path):
     """A tiny llama trained 25 steps on the tokenizer's corpus (perplexity about 2.5 there): measured
-    increases FP8 +0.8% (per channel and per tensor), INT8 +0.01%; bounds 2% and 1%."""
+    increases FP8 +0.8% (per channel and per tensor, and quantized at load), INT8 +0.01% (per channel, and
+    quantized at load); bounds 2% and 1%."""
     from trained_model import build_trained_model, corpus_token_ids
     dense = build_trained_model(str(tmp_path / "trained"), steps=25, hidden_size=64)
     ids = corpus_token_ids(dense)
@@ -369,7 +388,8 @@ def test_perplexity_of_a_trained_model_barely_moves(tmp_path):
 
     base = perplexity(dense)
     assert 1.5 < base < 4, base  # learned something, not memorised
-    ratios = {"fp8 at load": perplexity(dense, quantization="fp8") / base}
+    ratios = {"fp8 at load": perplexity(dense, quantization="fp8") / base,
+              "int8 at load": perplexity(dense, quantization="int8") / base}
     for scheme, strategy in (("fp8", "channel"), ("fp8", "tensor"), ("int8", "channel")):
         path = write_compressed_tensors(dense, str(tmp_path / f"{scheme}-{strategy}"), scheme, strategy)
         ratios[f"{scheme} {strategy}"] = perplexity(path) / base

@@ -1,15 +1,17 @@
 """What quantization a model is built with: from config.json's `quantization_config` (the format of
-the checkpoint), or `quantization="fp8"` on a full-precision checkpoint (quantized at load time).
+the checkpoint), or `quantization="fp8"` / `"int8"` on a full-precision checkpoint (quantized at load
+time).
 
 Supported: compressed-tensors FP8 W8A8 (per-tensor or per-channel weight scales; dynamic per-token
 or static per-tensor activation scales; or square weight blocks with activations per token and block
-width), INT8 W8A8 (per-channel symmetric weights, dynamic per-token or static per-tensor activations) and W4A16
-(pack-quantized, per group or channel, symmetric or asymmetric, any actorder), W8A16 (pack-quantized,
-symmetric or asymmetric), NVFP4 and MXFP4 (their FP4 activations run in 16 bits); GPTQ 4- and 8-bit, AWQ 4-bit; online FP8
-(per-channel weights, dynamic per-token activations); several compressed-tensors config groups, each
-scheme for the layers its targets name; NVIDIA ModelOpt's FP8 (per tensor, static activations),
-FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4 and W4A16_NVFP4 exports, with their FP8 KV cache scales (from config.json
-or, in older exports, hf_quant_config.json). Anything else is refused at start with what is supported.
+width), INT8 W8A8 (per-channel symmetric weights, dynamic per-token or static per-tensor activations)
+and W4A16 (pack-quantized, per group or channel, symmetric or asymmetric, any actorder), W8A16
+(pack-quantized, symmetric or asymmetric), NVFP4 and MXFP4 (their FP4 activations run in 16 bits);
+GPTQ 4- and 8-bit, AWQ 4-bit; online FP8 or INT8 (per-channel weights, dynamic per-token activations);
+several compressed-tensors config groups, each scheme for the layers its targets name; NVIDIA ModelOpt's
+FP8 (per tensor, static activations), FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4 and W4A16_NVFP4
+exports, with their FP8 KV cache scales (from config.json or, in older exports, hf_quant_config.json);
+Intel AutoRound's own format. Anything else is refused at start with what is supported.
 """
 from __future__ import annotations
 
@@ -20,18 +22,18 @@ import os
 import re
 from dataclasses import dataclass, field
 
-SUPPORTED = ("compressed-tensors: FP8 W8A8 (weights per tensor, per channel or in square blocks; activations "
-             "dynamic per token (per token and block for blocks) or static per tensor), INT8 W8A8 (symmetric "
-             "weights per channel, activations dynamic per token or static per tensor), W4A16 pack-quantized (4-bit weights per group "
-             "or channel, symmetric or asymmetric, actorder weight/static/group), W8A16 pack-quantized (8-bit weights "
-             "per group or channel, symmetric or asymmetric); GPTQ 4- and 8-bit (groups or channel-wise, desc_act "
-             "true or false, symmetric or asymmetric); FP4 (nvfp4-pack-quantized and mxfp4-pack-quantized: "
-             "NVFP4A16, MXFP4A16, and NVFP4 / MXFP4 whose activations then run in 16 bits); AWQ 4-bit GEMM; fp8 (block-quantized weights, or "
-             "per tensor with static or dynamic activations); "
-             "modelopt: FP8, FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4 (KV cache FP8 or none); "
-             "auto-round: integer 4- or 8-bit weights packed as auto_gptq, 4-bit as auto_awq; "
-             "quantization='fp8' on a bf16/fp16/fp32 checkpoint; compressed-tensors config groups of these schemes "
-             "for different layers (mixed precision), a merged layer's parts (q/k/v, gate/up) in one group")
+SUPPORTED = ("compressed-tensors: FP8 W8A8 (weights per tensor, per channel or in square blocks; activations dynamic "
+             "per token (per token and block for blocks) or static per tensor), INT8 W8A8 (symmetric weights per "
+             "channel, activations dynamic per token or static per tensor), W4A16 pack-quantized (4-bit weights per "
+             "group or channel, symmetric or asymmetric, actorder weight/static/group), W8A16 pack-quantized (8-bit "
+             "weights per group or channel, symmetric or asymmetric); GPTQ 4- and 8-bit (groups or channel-wise, "
+             "desc_act true or false, symmetric or asymmetric); FP4 (nvfp4-pack-quantized and mxfp4-pack-quantized: "
+             "NVFP4A16, MXFP4A16, and NVFP4 / MXFP4 whose activations then run in 16 bits); AWQ 4-bit GEMM; fp8 "
+             "(block-quantized weights, or per tensor with static or dynamic activations); modelopt: FP8, "
+             "FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4 (KV cache FP8 or none); auto-round: integer 4- "
+             "or 8-bit weights packed as auto_gptq, 4-bit as auto_awq; quantization='fp8' or 'int8' on a "
+             "bf16/fp16/fp32 checkpoint; compressed-tensors config groups of these schemes for different layers (mixed"
+             " precision), a merged layer's parts (q/k/v, gate/up) in one group")
 
 
 @dataclass
@@ -43,7 +45,8 @@ class QuantConfig:
     ignore: list[str] = field(default_factory=list)  # layer names kept in full precision
     group_size: int | None = None   # w4a16, w8a16: columns per scale (None: one per output channel)
     symmetric: bool = True          # w4a16, w8a16: False when the checkpoint has zero points
-    format: str = "compressed-tensors"  # w4a16, w8a16, fp8-block: the checkpoint's layout (compressed-tensors, gptq, awq, fp8)
+    # w4a16, w8a16, fp8-block: the checkpoint's layout (compressed-tensors, gptq, awq, fp8)
+    format: str = "compressed-tensors"
     desc_act: bool = False          # gptq, compressed-tensors: input columns out of group order (act-order, g_idx)
     gptq_v2: bool = False           # gptq: zero points stored as they are (not minus one)
     targets: list[str] = field(default_factory=lambda: ["Linear"])  # a compressed-tensors group: its layers
@@ -105,7 +108,7 @@ class QuantConfig:
 
 # vLLM's names for its kernels of a checkpoint's method, which its users pass as --quantization.
 OPTION_ALIASES = {"gptq_marlin": "gptq", "awq_marlin": "awq", "modelopt_fp4": "modelopt"}
-OPTIONS = (None, "fp8", "compressed-tensors", "gptq", "awq", "modelopt", "auto-round", *OPTION_ALIASES)
+OPTIONS = (None, "fp8", "int8", "compressed-tensors", "gptq", "awq", "modelopt", "auto-round", *OPTION_ALIASES)
 
 
 def _refuse(what: str) -> ValueError:
@@ -118,8 +121,8 @@ def parse_quant_config(raw: dict | None, option: str | None) -> QuantConfig | No
     if raw is None:
         if option is None:
             return None
-        if option == "fp8":
-            return QuantConfig("fp8", "channel", True, from_checkpoint=False)
+        if option in ("fp8", "int8"):  # INT8 for chips without FP8 matmuls (the domestic ones, A100s)
+            return QuantConfig(option, "channel", True, from_checkpoint=False)
         raise _refuse(f"quantization={option!r} on a full-precision checkpoint")
     method = raw.get("quant_method")
     option = OPTION_ALIASES.get(option, option)
