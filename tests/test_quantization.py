@@ -813,11 +813,13 @@ def test_a_w4a16_layer_with_kernels_is_its_dequantized_weight(rows, monkeypatch)
     assert len(tensor_core_calls) == (1 if 2 <= rows <= 32 else 0)
 
 
-def _block_fp8_layer(in_features: int, out_features: int, block: int, gen: torch.Generator):
-    """A block-FP8 linear layer with random FP8 weights and a random scale per block x block tile."""
+def _block_fp8_layer(in_features: int, out_features: int, block: int, gen: torch.Generator,
+                     activations: bool = True):
+    """A block-FP8 linear layer with random FP8 weights and a random scale per block x block tile
+    (activations False: weight-only tiles, as ModelOpt's FP8_PB_WO)."""
     from sageinfer.layers.linear import Linear
     from sageinfer.layers.quantization import QuantConfig, set_quant_config
-    set_quant_config(QuantConfig("fp8-block", "block", True, True, group_size=block, format="fp8"))
+    set_quant_config(QuantConfig("fp8-block", "block", activations, True, group_size=block, format="fp8"))
     try:
         layer = Linear(in_features, out_features)
     finally:
@@ -879,3 +881,9 @@ def test_a_block_fp8_layer_above_64_rows_takes_the_platforms_block_gemm(monkeypa
     y = layer(x)
     assert calls == [((80, 2), (3, 2))]
     assert float((y - ref).abs().max()) < 0.05 * float(ref.abs().max())
+    weight_only = _block_fp8_layer(256, 384, 128, gen, activations=False)  # its activations stay 16-bit
+    weight_only.platform = CpuPlatform()
+    weight_only.quant.prepare(weight_only)
+    ref = x @ dequantize_8bit_groups(weight_only.weight, weight_only.weight_scale_inv, 128, torch.float32).t()
+    torch.testing.assert_close(weight_only(x), ref)
+    assert len(calls) == 1

@@ -45,7 +45,8 @@ class QuantConfig:
     ignore: list[str] = field(default_factory=list)  # layer names kept in full precision
     group_size: int | None = None   # w4a16, w8a16: columns per scale (None: one per output channel)
     symmetric: bool = True          # w4a16, w8a16: False when the checkpoint has zero points
-    # w4a16, w8a16, fp8-block: the checkpoint's layout (compressed-tensors, gptq, awq, fp8)
+    # w4a16, w8a16, fp8-block: the checkpoint's layout (compressed-tensors, gptq, awq, fp8); fp4: nvfp4 or
+    # mxfp4; ModelOpt's FP8 W8A8: "modelopt" (its tensors are compressed-tensors' names; the log says which)
     format: str = "compressed-tensors"
     desc_act: bool = False          # gptq, compressed-tensors: input columns out of group order (act-order, g_idx)
     gptq_v2: bool = False           # gptq: zero points stored as they are (not minus one)

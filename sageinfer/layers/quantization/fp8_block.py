@@ -77,11 +77,11 @@ class Fp8BlockMethod:
 
     def prepare(self, layer: nn.Module) -> None:
         """Before serving (outside graphs): the tiles' scales one per tile, for the platform's
-        block-scaled GEMM where it has one for 128 x 128 tiles."""
+        block-scaled GEMM where it has one for 128 x 128 tiles and the activations may be quantized."""
         platform = layer.platform
         self.min_programs = split_k_programs(layer)
-        if self.block == 128 and layer.weight.shape[0] % 128 == 0 and platform is not None \
-                and platform.supports_fp8_block_gemm():
+        if self.config.activation_dynamic and self.block == 128 and layer.weight.shape[0] % 128 == 0 \
+                and platform is not None and platform.supports_fp8_block_gemm():  # (weight-only tiles: never)
             layer.weight_scale_block = layer.weight_scale_inv[::128].contiguous()
 
     def kernel_rows(self, layer: nn.Module) -> int:
@@ -101,7 +101,7 @@ class Fp8BlockMethod:
             from sageinfer.ops.weight_only import w8a16_block_matmul
             y = w8a16_block_matmul(x2, layer.weight, layer.weight_scale_inv, self.block,
                                    min_programs=self.min_programs)
-        elif layer.weight_scale_block is not None and self.config.activation_dynamic:  # (not weight-only)
+        elif layer.weight_scale_block is not None:
             xq, x_scale = quantize_groups(x2, 128, layer.use_triton)
             y = layer.platform.fp8_block_matmul(xq, x_scale, layer.weight, layer.weight_scale_block, x.dtype)
         if y is None:  # the weight expanded (in one pass where kernels run) for the library GEMM
