@@ -85,12 +85,13 @@ class Linear(nn.Module):
 
     def _create_quantized(self, quant) -> None:
         from sageinfer.layers.quantization.fp8_block import Fp8BlockMethod
+        from sageinfer.layers.quantization.bnb4 import Bnb4Method
         from sageinfer.layers.quantization.fp4 import Fp4Method
         from sageinfer.layers.quantization.w4a16 import W4A16Method
         from sageinfer.layers.quantization.w8a8 import W8A8Method
         from sageinfer.layers.quantization.w8a16 import W8A16Method
         method = {"w4a16": W4A16Method, "w8a16": W8A16Method, "fp8-block": Fp8BlockMethod,
-                  "fp4": Fp4Method}.get(quant.scheme, W8A8Method)
+                  "fp4": Fp4Method, "bnb4": Bnb4Method}.get(quant.scheme, W8A8Method)
         self.quant = method(quant)
         self.quant.create_weights(self, *self.local_shape)
 

@@ -11,7 +11,7 @@ GPTQ 4- and 8-bit, AWQ 4-bit; online FP8 or INT8 (per-channel weights, dynamic p
 several compressed-tensors config groups, each scheme for the layers its targets name; NVIDIA ModelOpt's
 FP8 (per tensor, static activations), FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4 and W4A16_NVFP4
 exports, with their FP8 KV cache scales (from config.json or, in older exports, hf_quant_config.json);
-Intel AutoRound's own format. Anything else is refused at start with what is supported.
+Intel AutoRound's own format; bitsandbytes 4-bit (NF4 or FP4). Anything else is refused at start with what is supported.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ SUPPORTED = ("compressed-tensors: FP8 W8A8 (weights per tensor, per channel or i
              "NVFP4A16, MXFP4A16, and NVFP4 / MXFP4 whose activations then run in 16 bits); AWQ 4-bit GEMM; fp8 "
              "(block-quantized weights, or per tensor with static or dynamic activations); modelopt: FP8, "
              "FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4 (KV cache FP8 or none); auto-round: integer 4- "
-             "or 8-bit weights packed as auto_gptq, 4-bit as auto_awq; quantization='fp8' or 'int8' on a "
+             "or 8-bit weights packed as auto_gptq, 4-bit as auto_awq; bitsandbytes: 4-bit NF4 or FP4; "
+             "quantization='fp8' or 'int8' on a "
              "bf16/fp16/fp32 checkpoint; compressed-tensors config groups of these schemes for different layers (mixed"
              " precision), a merged layer's parts (q/k/v, gate/up) in one group")
 
@@ -109,7 +110,8 @@ class QuantConfig:
 
 # vLLM's names for its kernels of a checkpoint's method, which its users pass as --quantization.
 OPTION_ALIASES = {"gptq_marlin": "gptq", "awq_marlin": "awq", "modelopt_fp4": "modelopt"}
-OPTIONS = (None, "fp8", "int8", "compressed-tensors", "gptq", "awq", "modelopt", "auto-round", *OPTION_ALIASES)
+OPTIONS = (None, "fp8", "int8", "compressed-tensors", "gptq", "awq", "modelopt", "auto-round", "bitsandbytes",
+           *OPTION_ALIASES)
 
 
 def _refuse(what: str) -> ValueError:
@@ -137,6 +139,8 @@ def parse_quant_config(raw: dict | None, option: str | None) -> QuantConfig | No
         return _parse_modelopt(raw)
     if method == "auto-round":
         return _parse_auto_round(raw)
+    if method == "bitsandbytes":
+        return _parse_bitsandbytes(raw)
     if method != "compressed-tensors":
         raise _refuse(f"quant_method {method!r}")
     _refuse_run_time_transforms(raw.get("transform_config"))
@@ -333,6 +337,18 @@ def _parse_auto_round(raw: dict) -> QuantConfig:
     gptq = _parse_gptq_awq({"bits": bits, "group_size": raw.get("group_size"), "sym": sym,
                             "zero_point": not sym}, method)
     return dataclasses.replace(gptq, ignore=gptq.ignore + full_precision, lm_head=False)
+
+
+def _parse_bitsandbytes(raw: dict) -> QuantConfig:
+    """bitsandbytes checkpoints saved 4-bit (NF4 or FP4, with or without double quantization; their 16
+    values come with each layer: layers/quantization/bnb4.py); the layers it skips stay in full precision."""
+    if not raw.get("load_in_4bit") or raw.get("bnb_4bit_quant_type", "fp4") not in ("nf4", "fp4") \
+            or raw.get("bnb_4bit_quant_storage", "uint8") != "uint8":
+        raise _refuse(f"bitsandbytes with load_in_4bit {raw.get('load_in_4bit')!r}, quant type "
+                      f"{raw.get('bnb_4bit_quant_type')!r} and storage {raw.get('bnb_4bit_quant_storage')!r} "
+                      "(4-bit NF4 or FP4 in uint8)")
+    return QuantConfig("bnb4", "group", False, True, ignore=list(raw.get("llm_int8_skip_modules") or []),
+                       group_size=64, format="bitsandbytes")
 
 
 def load_quant_config(model_dir: str, option: str | None) -> QuantConfig | None:
