@@ -314,11 +314,12 @@ def _with_4_bit_weights(**weights):
     ({"quant_method": "gptq", "bits": 4, "group_size": 100}, None, "group_size 100"),
     ({**_with_weights(_with_4_bit_weights(), type="float", strategy="group", group_size=16),
       "format": "mxfp4-pack-quantized"}, None, "FP4 weights in format 'mxfp4-pack-quantized'"),
-    ({"quant_method": "bitsandbytes"}, None, "quant_method 'bitsandbytes'"),
+    ({"quant_method": "hqq"}, None, "quant_method 'hqq'"),
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True}, None, "bitsandbytes with load_in_4bit None"),
     (_ct_config("int", "group", True, bits=4), None, "int 4 bit"),
     (_ct_config("int", "channel", True, symmetric=False), None, "asymmetric W8A8"),
     (_ct_config("int", "tensor", True), None, "strategy 'tensor'"),
-    (None, "int8", "full-precision checkpoint"),
+    (None, "gptq", "full-precision checkpoint"),
     (_ct_config("float", "channel", True), "fp8", "does not match"),
     (_with_weights(_ct_config("float", "block", True), block_structure=[128, 64]), None, r"blocks \[128, 64\]"),
     (_with_weights(_ct_config("float", "block", False), block_structure=[128, 128]), None, "dynamic False"),
@@ -346,8 +347,8 @@ def test_vllm_names_of_a_checkpoints_method_are_accepted():
     with pytest.raises(ValueError, match="does not match"):
         parse_quant_config(gptq, "awq_marlin")
     assert EngineConfig(model="m", quantization="gptq_marlin").quantization == "gptq_marlin"
-    with pytest.raises(ValueError, match="quantization='bitsandbytes' is not supported"):
-        EngineConfig(model="m", quantization="bitsandbytes")
+    with pytest.raises(ValueError, match="quantization='hqq' is not supported"):
+        EngineConfig(model="m", quantization="hqq")
 
 
 def test_dummy_weights_with_a_quantization_method(llama_dir):

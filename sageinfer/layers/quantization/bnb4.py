@@ -84,7 +84,6 @@ class Bnb4Method:
         if local_in % BLOCK:
             raise ValueError(f"bitsandbytes 4-bit weights: {local_in} input features per rank do not hold whole "
                              f"blocks of {BLOCK}")
-        self.dtype = torch.get_default_dtype()
         if not self.config.from_checkpoint:  # full-precision weights (dummy ones), quantized after loading
             return layer.new_weight()
         checkpoint_param(layer, "weight", torch.empty(local_out, local_in // 2, dtype=torch.uint8), lambda t: t)
