@@ -27,3 +27,14 @@ def assert_greedy_matches_hf(model_dir: str, prompt_ids: list[int], output_ids: 
         best = int(row.argmax())
         assert token == best or row[token] >= row[best] - tie_tol, (
             f"step {step}: generated {token} (logit {row[token]:.5f}), transformers' argmax {best} ({row[best]:.5f})")
+
+
+@torch.no_grad()
+def hf_prompt_logprobs(model_dir: str, token_ids: list[int]):
+    """transformers' logprob of each token after its prefix (numpy, len - 1), the model loaded afresh on the
+    CPU (quantized checkpoints run through their library's own layers there)."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map="cpu").eval()
+    lp = model(torch.tensor([token_ids])).logits[0].float().log_softmax(-1)
+    return np.array([lp[i - 1, token_ids[i]].item() for i in range(1, len(token_ids))])

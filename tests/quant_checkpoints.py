@@ -59,7 +59,7 @@ def write_compressed_tensors(src: str, dst: str, scheme: str = "fp8", weight_str
     return dst
 
 
-def _save_dense(tensors: dict, dst: str) -> str:
+def save_dense(tensors: dict, dst: str) -> str:
     """Write a copy's multiplied-out tensors and drop its quantization_config."""
     save_file(tensors, os.path.join(dst, "model.safetensors"))
     with open(os.path.join(dst, "config.json")) as f:
@@ -86,7 +86,7 @@ def dequantized_copy(quantized: str, dst: str, block: int | None = None) -> str:
         elif scale is not None and scale.numel() > 1:
             scale = scale.view(-1, 1)
         out[name] = t.float() * scale if scale is not None else t
-    return _save_dense(out, dst)
+    return save_dense(out, dst)
 
 
 def fp4_dense_copy(quantized: str, dst: str) -> str:
@@ -111,7 +111,7 @@ def fp4_dense_copy(quantized: str, dst: str) -> str:
             out[layer + ".weight"] = values * scale.repeat_interleave(values.shape[1] // scale.shape[1], 1)
         elif not name.endswith(("_scale", "_global_scale")):
             out[name] = t
-    return _save_dense(out, dst)
+    return save_dense(out, dst)
 
 
 def write_w4a16(src: str, dst: str, group_size: int | None = 32, symmetric: bool = True) -> tuple[str, str]:
@@ -329,3 +329,26 @@ def write_fp8_blocks(src: str, dst: str, block: int = 32) -> tuple[str, str]:
     shutil.copytree(src, dst + "-dense")
     save_file(dense, os.path.join(dst + "-dense", "model.safetensors"))
     return dst, dst + "-dense"
+
+
+def dummy_weights_dtype(path: str) -> torch.dtype:
+    """load_format='dummy' with a quantized checkpoint's config (benchmarks: random weights held as its
+    scheme): four tokens generate; the dtype layer 0's q/k/v weight is held in."""
+    from sageinfer import LLM, SamplingParams
+    llm = LLM(path, dtype="float32", num_gpu_blocks_override=128, show_progress=False, load_format="dummy")
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    dtype = llm.engine.runner.model.model.layers[0].self_attn.qkv_proj.weight.dtype
+    llm.engine.shutdown()
+    return dtype
+
+
+def changed_quant_config(src: str, dst: str, change: dict) -> str:
+    """A copy of a quantized checkpoint whose quantization_config has these fields changed."""
+    shutil.copytree(src, dst)
+    with open(os.path.join(dst, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"].update(change)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f)
+    return dst

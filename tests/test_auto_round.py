@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from oracle import hf_prompt_logprobs
+from quant_checkpoints import changed_quant_config
 from trained_model import prompt_logprobs
 from sageinfer import LLM
 
@@ -95,14 +97,6 @@ def _multiplied_out(quantized_dir: str, dst: str) -> str:
     return dst
 
 
-def _hf_logprobs(path, ids):
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu").eval()
-    with torch.no_grad():
-        lp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
-    return np.array([lp[i - 1, ids[i]].item() for i in range(1, len(ids))])
-
-
 @pytest.mark.parametrize("key", [(name, fmt) for name, (_, _, formats) in SCHEMES.items() for fmt in formats],
                          ids=lambda key: "-".join(key))
 def test_auto_round_checkpoint_matches_its_oracles(trained, quantized, key, tmp_path):
@@ -113,13 +107,13 @@ def test_auto_round_checkpoint_matches_its_oracles(trained, quantized, key, tmp_
     ids = trained[1][:40]
     native = quantized[key[0], "auto_round"]
     ours = prompt_logprobs(quantized[key], ids)
-    dense = _hf_logprobs(_multiplied_out(native, str(tmp_path / "dense")), ids)
+    dense = hf_prompt_logprobs(_multiplied_out(native, str(tmp_path / "dense")), ids)
     np.testing.assert_allclose(ours, dense, atol=5e-2 if _GPU else 1e-4)
     with open(os.path.join(native, "config.json")) as f:
         packing = json.load(f)["quantization_config"]["packing_format"]
     if packing == "auto_round:auto_gptq":  # (AutoRound writes asymmetric weights packed as AWQ; transformers
         # runs those only with auto-round-lib, a 58 MB binary package the tests do without)
-        np.testing.assert_allclose(ours, _hf_logprobs(native, ids), atol=5e-2 if _GPU else 1e-2)
+        np.testing.assert_allclose(ours, hf_prompt_logprobs(native, ids), atol=5e-2 if _GPU else 1e-2)
 
 
 def test_auto_round_config_is_read_as_written(quantized):
@@ -156,13 +150,7 @@ def test_perplexity_of_each_auto_round_scheme(trained, quantized):
                                          ({"extra_config": {"model.layers.0.mlp.down_proj": {"bits": 8}}},
                                           "giving 'model.layers.0.mlp.down_proj' a scheme of its own")])
 def test_auto_round_schemes_not_served_are_refused_at_start(quantized, tmp_path, change, what):
-    dst = str(tmp_path / "other")
-    shutil.copytree(quantized["w4-sym", "auto_round"], dst)
-    with open(f"{dst}/config.json") as f:
-        config = json.load(f)
-    config["quantization_config"].update(change)
-    with open(f"{dst}/config.json", "w") as f:
-        json.dump(config, f)
+    dst = changed_quant_config(quantized["w4-sym", "auto_round"], str(tmp_path / "other"), change)
     with pytest.raises(ValueError, match=f"{what}.*supported: "):
         LLM(dst, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
 

@@ -2,7 +2,6 @@
 save_pretrained): a tiny llama trained on the tokenizer's corpus, in NF4 with double quantization and in
 FP4 without. Oracles: transformers on the weights bitsandbytes' own dequantize_4bit decodes from the
 files, and transformers running the files through bitsandbytes (whose CPU matmul rounds its operands)."""
-import json
 import os
 import shutil
 
@@ -11,8 +10,10 @@ import pytest
 import torch
 
 from ranks import needs_ranks
+from oracle import hf_prompt_logprobs
+from quant_checkpoints import changed_quant_config, save_dense
 from trained_model import prompt_logprobs
-from sageinfer import LLM, SamplingParams
+from sageinfer import LLM
 from sageinfer.layers.quantization.bnb4 import BLOCK, checkpoint_stream
 from sageinfer.ops.lut4_weights import lut4_expand, lut4_expand_kernel
 
@@ -48,7 +49,7 @@ def _decoded_copy(quantized: str, dst: str) -> str:
     """The files' weights decoded by bitsandbytes' dequantize_4bit into a float32 checkpoint without its
     quantization config."""
     from bitsandbytes.functional import dequantize_4bit
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     shutil.copytree(quantized, dst)
     tensors = load_file(os.path.join(dst, "model.safetensors"))
     dense = {}
@@ -57,21 +58,7 @@ def _decoded_copy(quantized: str, dst: str) -> str:
             dense[name] = dequantize_4bit(t, _quant_state(tensors, name[:-len(".weight")])).float()
         elif ".weight." not in name:
             dense[name] = t
-    save_file(dense, os.path.join(dst, "model.safetensors"))
-    with open(os.path.join(dst, "config.json")) as f:
-        config = json.load(f)
-    config.pop("quantization_config")
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(config, f)
-    return dst
-
-
-def _hf_logprobs(path, ids):
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu").eval()
-    with torch.no_grad():
-        lp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
-    return np.array([lp[i - 1, ids[i]].item() for i in range(1, len(ids))])
+    return save_dense(dense, dst)
 
 
 @pytest.mark.parametrize("name", SCHEMES)
@@ -80,9 +67,9 @@ def test_bitsandbytes_checkpoint_matches_its_oracles(trained, saved, name, tmp_p
     own forward (its CPU matmul is not float32's: on one layer it is 9e-3 from x @ the weights it decodes)."""
     ids = trained[1][:40]
     ours = prompt_logprobs(saved[name], ids)
-    np.testing.assert_allclose(ours, _hf_logprobs(_decoded_copy(saved[name], str(tmp_path / "decoded")), ids),
+    np.testing.assert_allclose(ours, hf_prompt_logprobs(_decoded_copy(saved[name], str(tmp_path / "decoded")), ids),
                                atol=5e-2 if _GPU else 1e-4)
-    np.testing.assert_allclose(ours, _hf_logprobs(saved[name], ids), atol=3e-2)
+    np.testing.assert_allclose(ours, hf_prompt_logprobs(saved[name], ids), atol=3e-2)
 
 
 def test_bitsandbytes_layers_stay_at_four_bits(saved):
@@ -137,24 +124,14 @@ def test_perplexity_of_each_bitsandbytes_scheme(trained, saved):
 @pytest.mark.parametrize("change,what", [({"load_in_4bit": False, "load_in_8bit": True}, "load_in_4bit False"),
                                          ({"bnb_4bit_quant_storage": "bfloat16"}, "storage 'bfloat16'")])
 def test_bitsandbytes_schemes_not_served_are_refused_at_start(saved, tmp_path, change, what):
-    dst = str(tmp_path / "other")
-    shutil.copytree(saved["nf4-double"], dst)
-    with open(f"{dst}/config.json") as f:
-        config = json.load(f)
-    config["quantization_config"].update(change)
-    with open(f"{dst}/config.json", "w") as f:
-        json.dump(config, f)
+    dst = changed_quant_config(saved["nf4-double"], str(tmp_path / "other"), change)
     with pytest.raises(ValueError, match=f"bitsandbytes with .*{what}.*supported: "):
         LLM(dst, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
 
 
 def test_dummy_weights_with_a_bitsandbytes_config(saved):
-    llm = LLM(saved["nf4-double"], dtype="float32", num_gpu_blocks_override=128, show_progress=False,
-              load_format="dummy")
-    assert llm.engine.runner.model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.uint8
-    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
-    assert len(out[0].outputs[0].token_ids) == 4
-    llm.engine.shutdown()
+    from quant_checkpoints import dummy_weights_dtype
+    assert dummy_weights_dtype(saved["nf4-double"]) == torch.uint8
 
 
 @needs_ranks(2)

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from quant_checkpoints import changed_quant_config, save_dense
 from ranks import needs_ranks
 from trained_model import prompt_logprobs
-from sageinfer import LLM, SamplingParams
+from sageinfer import LLM
 
 pytest.importorskip("modelopt.torch.quantization")
 
@@ -97,7 +98,7 @@ def _decoded(tensors: dict, layer: str, codes: torch.Tensor) -> torch.Tensor:
 def _decoded_copy(quantized: str, dst: str) -> str:
     """The export's weights decoded (_decoded) into a float32 checkpoint without quantization configs:
     what transformers runs as the oracle, activations in full precision."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     shutil.copytree(quantized, dst)
     tensors = load_file(os.path.join(dst, "model.safetensors"))
     dense = {}
@@ -107,14 +108,8 @@ def _decoded_copy(quantized: str, dst: str) -> str:
             dense[name] = _decoded(tensors, layer, t)
         elif last not in ("weight_scale", "weight_scale_2", "input_scale"):
             dense[name] = t
-    save_file(dense, os.path.join(dst, "model.safetensors"))
     os.remove(os.path.join(dst, "hf_quant_config.json"))
-    with open(os.path.join(dst, "config.json")) as f:
-        config = json.load(f)
-    config.pop("quantization_config")
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(config, f)
-    return dst
+    return save_dense(dense, dst)
 
 
 @pytest.mark.parametrize("name", ["fp8", "fp8-per-channel-per-token", "fp8-pb-wo", "nvfp4", "w4a16-nvfp4"])
@@ -219,13 +214,8 @@ BOUNDS = {"fp8": 1.02, "fp8-kv": 1.02, "fp8-per-channel-per-token": 1.02, "fp8-p
 def test_modelopt_schemes_not_served_are_refused_at_start(exported, tmp_path, algo, kv):
     """Another ModelOpt algorithm, or a KV cache quantized otherwise than to FP8, is refused before any
     weight loads, with what is supported."""
-    dst = str(tmp_path / "other")
-    shutil.copytree(exported["fp8"][0], dst)
-    with open(f"{dst}/config.json") as f:
-        config = json.load(f)
-    config["quantization_config"].update(quant_algo=algo, kv_cache_quant_algo=kv)
-    with open(f"{dst}/config.json", "w") as f:
-        json.dump(config, f)
+    dst = changed_quant_config(exported["fp8"][0], str(tmp_path / "other"),
+                               {"quant_algo": algo, "kv_cache_quant_algo": kv})
     with pytest.raises(ValueError, match=f"modelopt quant_algo '{algo}' with kv_cache_quant_algo .*supported: "):
         LLM(dst, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
 
@@ -245,13 +235,8 @@ def test_quantization_option_names_for_modelopt(trained, exported):
 @pytest.mark.parametrize("name", ["fp8", "nvfp4"])
 def test_dummy_weights_with_a_modelopt_config(exported, name):
     """load_format='dummy' for benchmarks: random weights held as the export's scheme."""
-    llm = LLM(exported[name][0], dtype="float32", num_gpu_blocks_override=128, show_progress=False,
-              load_format="dummy")
-    layer = llm.engine.runner.model.model.layers[0]
-    assert layer.self_attn.qkv_proj.weight.dtype == (torch.float8_e4m3fn if name == "fp8" else torch.int32)
-    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
-    assert len(out[0].outputs[0].token_ids) == 4
-    llm.engine.shutdown()
+    from quant_checkpoints import dummy_weights_dtype
+    assert dummy_weights_dtype(exported[name][0]) == (torch.float8_e4m3fn if name == "fp8" else torch.int32)
 
 
 @needs_ranks(2)
