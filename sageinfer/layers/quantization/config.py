@@ -11,7 +11,8 @@ GPTQ 4- and 8-bit, AWQ 4-bit; online FP8 or INT8 (per-channel weights, dynamic p
 several compressed-tensors config groups, each scheme for the layers its targets name; NVIDIA ModelOpt's
 FP8 (per tensor, static activations), FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4 and W4A16_NVFP4
 exports, with their FP8 KV cache scales (from config.json or, in older exports, hf_quant_config.json);
-Intel AutoRound's own format; bitsandbytes 4-bit (NF4 or FP4). Anything else is refused at start with what is supported.
+Intel AutoRound's own format; bitsandbytes 4-bit (NF4 or FP4): the last three read in tool_formats.py.
+Anything else is refused at start with what is supported.
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ OPTIONS = (None, "fp8", "int8", "compressed-tensors", "gptq", "awq", "modelopt",
            *OPTION_ALIASES)
 
 
-def _refuse(what: str) -> ValueError:
+def refuse(what: str) -> ValueError:
     return ValueError(f"{what} is not supported; supported: {SUPPORTED}")
 
 
@@ -126,30 +127,27 @@ def parse_quant_config(raw: dict | None, option: str | None) -> QuantConfig | No
             return None
         if option in ("fp8", "int8"):  # INT8 for chips without FP8 matmuls (the domestic ones, A100s)
             return QuantConfig(option, "channel", True, from_checkpoint=False)
-        raise _refuse(f"quantization={option!r} on a full-precision checkpoint")
+        raise refuse(f"quantization={option!r} on a full-precision checkpoint")
     method = raw.get("quant_method")
     option = OPTION_ALIASES.get(option, option)
     if option is not None and option != method:
         raise ValueError(f"the checkpoint is quantized with {method!r}; quantization={option!r} does not match it")
     if method in ("gptq", "awq"):
-        return _parse_gptq_awq(raw, method)
+        return parse_gptq_awq(raw, method)
     if method == "fp8":
         return _parse_fp8(raw)
-    if method == "modelopt":
-        return _parse_modelopt(raw)
-    if method == "auto-round":
-        return _parse_auto_round(raw)
-    if method == "bitsandbytes":
-        return _parse_bitsandbytes(raw)
+    if method in ("modelopt", "auto-round", "bitsandbytes"):
+        from sageinfer.layers.quantization.tool_formats import parse_tool_format
+        return parse_tool_format(raw, method)
     if method != "compressed-tensors":
-        raise _refuse(f"quant_method {method!r}")
+        raise refuse(f"quant_method {method!r}")
     _refuse_run_time_transforms(raw.get("transform_config"))
     sparsity = (raw.get("sparsity_config") or {}).get("format")
     if sparsity not in (None, "dense"):
-        raise _refuse(f"compressed-tensors sparsity format {sparsity!r}")
+        raise refuse(f"compressed-tensors sparsity format {sparsity!r}")
     groups = list((raw.get("config_groups") or {}).values())
     if not groups:
-        raise _refuse("compressed-tensors without config groups")
+        raise refuse("compressed-tensors without config groups")
     if len(groups) == 1 and groups[0].get("targets") == ["Linear"]:
         single = _parse_ct_group(raw, groups[0])
         # "Linear" names the LM head too, unless the ignore list keeps it whole
@@ -170,20 +168,20 @@ def _parse_ct_group(raw: dict, group: dict) -> QuantConfig:
         return _parse_fp4(raw, group, weights, acts)
     if bits != 8 or kind not in ("float", "int") or acts is None or acts.get("num_bits") != 8 \
             or acts.get("type") != kind:
-        raise _refuse(f"compressed-tensors weights {kind} {bits} bit with activations "
+        raise refuse(f"compressed-tensors weights {kind} {bits} bit with activations "
                       f"{None if acts is None else (acts.get('type'), acts.get('num_bits'))}")
     if not weights.get("symmetric", True) or (acts and not acts.get("symmetric", True)):
-        raise _refuse("asymmetric W8A8 compressed-tensors")
+        raise refuse("asymmetric W8A8 compressed-tensors")
     strategy = weights.get("strategy")
     if strategy == "block" and kind == "float":
         return _parse_ct_fp8_block(raw, weights, acts)
     if strategy not in ("tensor", "channel") or (kind == "int" and strategy != "channel"):
-        raise _refuse(f"compressed-tensors {kind} weights with strategy {strategy!r}")
+        raise refuse(f"compressed-tensors {kind} weights with strategy {strategy!r}")
     dynamic = bool(acts.get("dynamic"))
     if dynamic and acts.get("strategy") != "token":
-        raise _refuse(f"dynamic activation strategy {acts.get('strategy')!r}")
+        raise refuse(f"dynamic activation strategy {acts.get('strategy')!r}")
     if not dynamic and acts.get("strategy") != "tensor":
-        raise _refuse(f"static {kind} activations with strategy {acts.get('strategy')!r}")
+        raise refuse(f"static {kind} activations with strategy {acts.get('strategy')!r}")
     return QuantConfig("fp8" if kind == "float" else "int8", strategy, dynamic, True, list(raw.get("ignore") or []))
 
 
@@ -194,7 +192,7 @@ def _refuse_run_time_transforms(transforms: dict | None) -> None:
     for name, scheme in ((transforms or {}).get("config_groups") or {}).items():
         for args in scheme.get("apply") or []:
             if args.get("location") not in ("weight_input", "weight_output"):
-                raise _refuse(f"compressed-tensors transform {name!r} applied at run time (location "
+                raise refuse(f"compressed-tensors transform {name!r} applied at run time (location "
                               f"{args.get('location')!r}; transforms fused into the weights are)")
 
 
@@ -204,7 +202,7 @@ def _parse_ct_fp8_block(raw: dict, weights: dict, acts: dict) -> QuantConfig:
     block = weights.get("block_structure") or []
     if len(block) != 2 or block[0] != block[1] or block[0] % 32 or not acts.get("dynamic") \
             or acts.get("strategy") != "group" or acts.get("group_size") != block[0]:
-        raise _refuse(f"compressed-tensors FP8 blocks {block} with activations "
+        raise refuse(f"compressed-tensors FP8 blocks {block} with activations "
                       f"{acts.get('strategy')!r} group_size {acts.get('group_size')!r} dynamic {acts.get('dynamic')!r} "
                       "(square blocks, a multiple of 32, activations dynamic per group of the block's width)")
     return QuantConfig("fp8-block", "block", True, True, list(raw.get("ignore") or []), group_size=block[0])
@@ -215,34 +213,34 @@ def _parse_fp8(raw: dict) -> QuantConfig:
     static or dynamic activation scales (the older FP8 checkpoints)."""
     scheme = raw.get("activation_scheme", "dynamic")
     if scheme not in ("dynamic", "static") or raw.get("fmt", "e4m3") != "e4m3":
-        raise _refuse(f"fp8 with activation_scheme {scheme!r} and fmt {raw.get('fmt')!r}")
+        raise refuse(f"fp8 with activation_scheme {scheme!r} and fmt {raw.get('fmt')!r}")
     ignore = list(raw.get("ignored_layers") or raw.get("modules_to_not_convert") or [])
     block = raw.get("weight_block_size")
     if block is None:
         return QuantConfig("fp8", "tensor", scheme == "dynamic", True, ignore)
     if len(block) != 2 or block[0] != block[1] or block[0] % 32 or scheme != "dynamic":
-        raise _refuse(f"fp8 weight_block_size {block} with {scheme} activations (square blocks, a multiple of 32)")
+        raise refuse(f"fp8 weight_block_size {block} with {scheme} activations (square blocks, a multiple of 32)")
     return QuantConfig("fp8-block", "block", True, True, ignore, group_size=block[0], format="fp8")
 
 
-def _parse_gptq_awq(raw: dict, method: str) -> QuantConfig:
+def parse_gptq_awq(raw: dict, method: str) -> QuantConfig:
     bits, group = raw.get("bits", raw.get("w_bit")), raw.get("group_size", raw.get("q_group_size"))
     if bits != 4 and (method, bits) != ("gptq", 8):
-        raise _refuse(f"{method} with {bits} bits")
+        raise refuse(f"{method} with {bits} bits")
     if group in (-1, None):
         group = None
     elif not isinstance(group, int) or group % 32:
-        raise _refuse(f"{method} with group_size {group!r} (a multiple of 32, or -1)")
+        raise refuse(f"{method} with group_size {group!r} (a multiple of 32, or -1)")
     if method == "awq":
         version = str(raw.get("version", "gemm")).lower()
         if version != "gemm":
-            raise _refuse(f"AWQ version {version!r} (GEMM)")
+            raise refuse(f"AWQ version {version!r} (GEMM)")
         # (zero_point false, as AutoRound's symmetric export: its qzeros hold 8, read as they are)
         return QuantConfig("w4a16", "group", False, True, ignore=list(raw.get("modules_to_not_convert") or []),
                            group_size=group, symmetric=False, format="awq")
     fmt = raw.get("checkpoint_format", "gptq")
     if fmt not in ("gptq", "gptq_v2"):
-        raise _refuse(f"GPTQ checkpoint_format {fmt!r}")
+        raise refuse(f"GPTQ checkpoint_format {fmt!r}")
     return QuantConfig(f"w{bits}a16", "group", False, True, group_size=group,
                        symmetric=bool(raw.get("sym", True)), format="gptq", desc_act=bool(raw.get("desc_act", False)),
                        gptq_v2=fmt == "gptq_v2", lm_head=bool(raw.get("lm_head", False)))
@@ -252,16 +250,16 @@ def _parse_weight_only(raw: dict, group: dict, weights: dict, bits: int) -> Quan
     """pack-quantized integer weights with 16-bit activations: W4A16 or W8A16."""
     fmt = group.get("format") or raw.get("format")  # a mixed-precision checkpoint names it per group
     if fmt not in (None, "pack-quantized"):
-        raise _refuse(f"compressed-tensors {bits}-bit format {fmt!r}")
+        raise refuse(f"compressed-tensors {bits}-bit format {fmt!r}")
     strategy, actorder = weights.get("strategy"), weights.get("actorder")
     # "weight" / "static": the order GPTQ quantized in, groups still in column order; "group" / "dynamic":
     # groups in activation order, each column's group in `weight_g_idx` (as GPTQ's desc_act)
     if strategy not in ("group", "channel") or actorder not in (None, False, "static", "weight", "group", "dynamic") \
             or (strategy == "channel" and actorder in ("group", "dynamic")):
-        raise _refuse(f"{bits}-bit weights with strategy {strategy!r} and actorder {actorder!r}")
+        raise refuse(f"{bits}-bit weights with strategy {strategy!r} and actorder {actorder!r}")
     group = weights.get("group_size") if strategy == "group" else None
     if strategy == "group" and (not isinstance(group, int) or group % 32):
-        raise _refuse(f"{bits}-bit weights with group_size {group!r} (a multiple of 32)")
+        raise refuse(f"{bits}-bit weights with group_size {group!r} (a multiple of 32)")
     return QuantConfig(f"w{bits}a16", strategy, activation_dynamic=False, from_checkpoint=True,
                        ignore=list(raw.get("ignore") or []), group_size=group,
                        symmetric=bool(weights.get("symmetric", True)), desc_act=actorder in ("group", "dynamic"))
@@ -274,81 +272,12 @@ def _parse_fp4(raw: dict, group: dict, weights: dict, acts: dict | None) -> Quan
     expected = {"nvfp4-pack-quantized": ("tensor_group", 16), "mxfp4-pack-quantized": ("group", 32)}.get(fmt)
     if expected is None or (weights.get("strategy"), weights.get("group_size")) != expected \
             or not weights.get("symmetric", True):
-        raise _refuse(f"compressed-tensors FP4 weights in format {fmt!r} with strategy {weights.get('strategy')!r} "
+        raise refuse(f"compressed-tensors FP4 weights in format {fmt!r} with strategy {weights.get('strategy')!r} "
                       f"and group_size {weights.get('group_size')!r}")
     if acts is not None and (acts.get("type"), acts.get("num_bits")) != ("float", 4):
-        raise _refuse(f"FP4 weights with activations {(acts.get('type'), acts.get('num_bits'))}")
+        raise refuse(f"FP4 weights with activations {(acts.get('type'), acts.get('num_bits'))}")
     return QuantConfig("fp4", "group", False, True, ignore=list(raw.get("ignore") or []), group_size=expected[1],
                        format=fmt.split("-")[0], unquantized_activations=acts is not None)
-
-
-# ModelOpt's quant_algo -> (scheme, weight strategy, activations dynamic), for the algorithms served here
-_MODELOPT = {"FP8": ("fp8", "tensor", False), "FP8_PER_CHANNEL_PER_TOKEN": ("fp8", "channel", True),
-             "FP8_PB_WO": ("fp8-block", "block", False), "NVFP4": ("fp4", "group", False),
-             "W4A16_NVFP4": ("fp4", "group", False)}
-
-
-def _parse_modelopt(raw: dict) -> QuantConfig:
-    """An NVIDIA ModelOpt export (quant_method "modelopt", or hf_quant_config.json's "quantization"):
-    - FP8: `weight` e4m3 with one `weight_scale` and one static `input_scale` a layer;
-    - FP8_PER_CHANNEL_PER_TOKEN: a `weight_scale` per output row, activations scaled per token at run time;
-    - FP8_PB_WO: a `weight_scale` per 128 x 128 tile ([out / 128, 1, in / 128, 1]), activations left in 16 bits;
-    - NVFP4 / W4A16_NVFP4: `weight` uint8 of two e2m1 a byte, an FP8 `weight_scale` per 16 inputs and a
-      `weight_scale_2` a tensor (w = e2m1 * scale * scale_2); NVFP4's FP4 activations run in 16 bits, as
-      compressed-tensors' NVFP4 do (layers/quantization/fp4.py).
-    A KV cache quantized to FP8 leaves `k_proj.k_scale` / `v_proj.v_scale` a layer (models/llama.py)."""
-    algo = str(raw.get("quant_algo")).upper()
-    kv = raw.get("kv_cache_quant_algo")
-    if algo not in _MODELOPT or kv not in (None, "FP8"):
-        raise _refuse(f"modelopt quant_algo {raw.get('quant_algo')!r} with kv_cache_quant_algo {kv!r}")
-    scheme, strategy, dynamic = _MODELOPT[algo]
-    ignore = list(raw.get("exclude_modules") or raw.get("ignore") or [])
-    if scheme == "fp8-block":  # the tiles' scales named as compressed-tensors names them
-        config = QuantConfig(scheme, strategy, dynamic, True, ignore, group_size=128)
-    elif scheme != "fp4":
-        config = QuantConfig(scheme, strategy, dynamic, True, ignore, format="modelopt")
-    else:
-        if raw.get("group_size", 16) != 16:
-            raise _refuse(f"modelopt {algo} with group_size {raw.get('group_size')!r} (16)")
-        config = QuantConfig("fp4", "group", False, True, ignore, group_size=16, format="nvfp4",
-                             unquantized_activations=algo == "NVFP4", tensor_names="modelopt")
-    return dataclasses.replace(config, lm_head=not config.ignores("lm_head"))
-
-
-def _parse_auto_round(raw: dict) -> QuantConfig:
-    """Intel AutoRound's own format (quant_method "auto-round"): integer weights packed as GPTQ packs them
-    (packing_format auto_round:auto_gptq, zero points stored minus one, no g_idx) or as AWQ does
-    (auto_round:auto_awq); 4 or 8 bits (AWQ: 4), groups or channel-wise, symmetric or not; 16-bit
-    activations. Layers extra_config leaves at 16 bits stay in full precision; other per-layer schemes are
-    refused."""
-    packing = raw.get("packing_format", "auto_round:auto_gptq")
-    bits, act_bits = raw.get("bits"), raw.get("act_bits", 16)
-    method = {"auto_round:auto_gptq": "gptq", "auto_round:auto_awq": "awq"}.get(packing)
-    if method is None or raw.get("data_type", "int") != "int" or act_bits < 16 or bits not in (4, 8) \
-            or (method, bits) == ("awq", 8):
-        raise _refuse(f"auto-round {raw.get('data_type', 'int')} {bits}-bit weights with {act_bits}-bit activations "
-                      f"packed as {packing!r} (int 4 or 8 bits as auto_gptq, 4 as auto_awq, 16-bit activations)")
-    full_precision = []
-    for layer, scheme in (raw.get("extra_config") or {}).items():
-        if scheme.get("bits", bits) < 16:
-            raise _refuse(f"auto-round extra_config giving {layer!r} a scheme of its own ({scheme})")
-        full_precision.append(layer)
-    sym = bool(raw.get("sym", True))
-    gptq = _parse_gptq_awq({"bits": bits, "group_size": raw.get("group_size"), "sym": sym,
-                            "zero_point": not sym}, method)
-    return dataclasses.replace(gptq, ignore=gptq.ignore + full_precision, lm_head=False)
-
-
-def _parse_bitsandbytes(raw: dict) -> QuantConfig:
-    """bitsandbytes checkpoints saved 4-bit (NF4 or FP4, with or without double quantization; their 16
-    values come with each layer: layers/quantization/bnb4.py); the layers it skips stay in full precision."""
-    if not raw.get("load_in_4bit") or raw.get("bnb_4bit_quant_type", "fp4") not in ("nf4", "fp4") \
-            or raw.get("bnb_4bit_quant_storage", "uint8") != "uint8":
-        raise _refuse(f"bitsandbytes with load_in_4bit {raw.get('load_in_4bit')!r}, quant type "
-                      f"{raw.get('bnb_4bit_quant_type')!r} and storage {raw.get('bnb_4bit_quant_storage')!r} "
-                      "(4-bit NF4 or FP4 in uint8)")
-    return QuantConfig("bnb4", "group", False, True, ignore=list(raw.get("llm_int8_skip_modules") or []),
-                       group_size=64, format="bitsandbytes")
 
 
 def load_quant_config(model_dir: str, option: str | None) -> QuantConfig | None:
