@@ -22,3 +22,5 @@ run w4a16 --model $S/qwen3-8b-w4a16
 run w8a16 --model $S/qwen3-8b-w8a16
 run nvfp4 --model $S/qwen3-8b-nvfp4
 run mxfp4 --model $S/qwen3-8b-mxfp4
+run int8-w8a8-at-load --quantization int8
+run bnb-nf4 --model $S/qwen3-8b-bnb-nf4

@@ -4,6 +4,8 @@ pack-quantized, GPTQ, AWQ) and block-quantized FP8. Oracles: transformers runnin
 checkpoint through compressed-tensors where it can (it quantizes the activations as the scheme
 says), else transformers running the weights the checkpoint encodes."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -888,3 +890,13 @@ def test_a_block_fp8_layer_above_64_rows_takes_the_platforms_block_gemm(monkeypa
     ref = x @ dequantize_8bit_groups(weight_only.weight, weight_only.weight_scale_inv, 128, torch.float32).t()
     torch.testing.assert_close(weight_only(x), ref)
     assert len(calls) == 1
+
+
+def test_the_benchmarks_quantized_configs_read_as_their_schemes():
+    """benchmarks/gpu_quant.sh runs these Qwen3-8B configs with dummy weights: each names its method."""
+    from sageinfer.bench.workloads import STANDARD_DIR
+    from sageinfer.layers.quantization.config import load_quant_config
+    expected = {"qwen3-8b-fp8-block": "fp8-block", "qwen3-8b-int8-w8a8": "int8", "qwen3-8b-w4a16": "w4a16",
+                "qwen3-8b-w8a16": "w8a16", "qwen3-8b-nvfp4": "fp4", "qwen3-8b-mxfp4": "fp4",
+                "qwen3-8b-bnb-nf4": "bnb4"}
+    assert {name: load_quant_config(os.path.join(STANDARD_DIR, name), None).scheme for name in expected} == expected
