@@ -88,6 +88,9 @@ def main():
     parser.add_argument("--half-sums", action="store_true",
                         help="also the fp32 loop, and the fp16-pair loop (half_sums, NVIDIA's packed "
                         "instructions) with one or two runs of words in flight")
+    parser.add_argument("--tiles", action="store_true",
+                        help="the fp16-pair loop at 256 weights a thread a trip beside today's 128 (block_n / warps; "
+                             "sm_90 counts: benchmarks/results/2026-12-05i-cpu-modelopt-autoround-int8.md)")
     parser.add_argument("--fp4", action="store_true",
                         help="also FP4 e2m1 words with NVFP4's scale bytes (groups of 16) and MXFP4's (32), in "
                         "NVIDIA's packed instructions and in plain Triton")
@@ -171,6 +174,11 @@ def main():
         for half, ahead in ((False, 1), (True, 1), (True, 2)):
             cfg = dict(INT4_GEMV_CONFIG, half_sums=half, ptx=True, ahead=ahead)
             measure(f"{'half sums ptx' if half else 'fp32'} ahead {ahead}",
+                    configured_kernel(cfg), gemv_int4._int4_gemv_kernel)
+    if args.tiles:
+        for block_n, warps, ahead in ((32, 8, 2), (32, 8, 1), (64, 8, 1), (32, 4, 1), (16, 2, 1)):
+            cfg = dict(INT4_GEMV_CONFIG, half_sums=True, ptx=True, ahead=ahead, block_n=block_n, num_warps=warps)
+            measure(f"half sums ptx block_n {block_n} x {warps} warps ahead {ahead}",
                     configured_kernel(cfg), gemv_int4._int4_gemv_kernel)
     if args.fp4:
         for kind, group in (("e4m3", 16), ("e8m0", 32)):
