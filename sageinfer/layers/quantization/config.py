@@ -169,7 +169,7 @@ def _parse_ct_group(raw: dict, group: dict) -> QuantConfig:
     if bits != 8 or kind not in ("float", "int") or acts is None or acts.get("num_bits") != 8 \
             or acts.get("type") != kind:
         raise refuse(f"compressed-tensors weights {kind} {bits} bit with activations "
-                      f"{None if acts is None else (acts.get('type'), acts.get('num_bits'))}")
+                     f"{None if acts is None else (acts.get('type'), acts.get('num_bits'))}")
     if not weights.get("symmetric", True) or (acts and not acts.get("symmetric", True)):
         raise refuse("asymmetric W8A8 compressed-tensors")
     strategy = weights.get("strategy")
@@ -193,7 +193,7 @@ def _refuse_run_time_transforms(transforms: dict | None) -> None:
         for args in scheme.get("apply") or []:
             if args.get("location") not in ("weight_input", "weight_output"):
                 raise refuse(f"compressed-tensors transform {name!r} applied at run time (location "
-                              f"{args.get('location')!r}; transforms fused into the weights are)")
+                             f"{args.get('location')!r}; transforms fused into the weights are)")
 
 
 def _parse_ct_fp8_block(raw: dict, weights: dict, acts: dict) -> QuantConfig:
@@ -203,8 +203,8 @@ def _parse_ct_fp8_block(raw: dict, weights: dict, acts: dict) -> QuantConfig:
     if len(block) != 2 or block[0] != block[1] or block[0] % 32 or not acts.get("dynamic") \
             or acts.get("strategy") != "group" or acts.get("group_size") != block[0]:
         raise refuse(f"compressed-tensors FP8 blocks {block} with activations "
-                      f"{acts.get('strategy')!r} group_size {acts.get('group_size')!r} dynamic {acts.get('dynamic')!r} "
-                      "(square blocks, a multiple of 32, activations dynamic per group of the block's width)")
+                     f"{acts.get('strategy')!r} group_size {acts.get('group_size')!r} dynamic {acts.get('dynamic')!r} "
+                     "(square blocks, a multiple of 32, activations dynamic per group of the block's width)")
     return QuantConfig("fp8-block", "block", True, True, list(raw.get("ignore") or []), group_size=block[0])
 
 
@@ -273,7 +273,7 @@ def _parse_fp4(raw: dict, group: dict, weights: dict, acts: dict | None) -> Quan
     if expected is None or (weights.get("strategy"), weights.get("group_size")) != expected \
             or not weights.get("symmetric", True):
         raise refuse(f"compressed-tensors FP4 weights in format {fmt!r} with strategy {weights.get('strategy')!r} "
-                      f"and group_size {weights.get('group_size')!r}")
+                     f"and group_size {weights.get('group_size')!r}")
     if acts is not None and (acts.get("type"), acts.get("num_bits")) != ("float", 4):
         raise refuse(f"FP4 weights with activations {(acts.get('type'), acts.get('num_bits'))}")
     return QuantConfig("fp4", "group", False, True, ignore=list(raw.get("ignore") or []), group_size=expected[1],

@@ -58,7 +58,7 @@ def _parse_auto_round(raw: dict) -> QuantConfig:
     if method is None or raw.get("data_type", "int") != "int" or act_bits < 16 or bits not in (4, 8) \
             or (method, bits) == ("awq", 8):
         raise refuse(f"auto-round {raw.get('data_type', 'int')} {bits}-bit weights with {act_bits}-bit activations "
-                      f"packed as {packing!r} (int 4 or 8 bits as auto_gptq, 4 as auto_awq, 16-bit activations)")
+                     f"packed as {packing!r} (int 4 or 8 bits as auto_gptq, 4 as auto_awq, 16-bit activations)")
     full_precision = []
     for layer, scheme in (raw.get("extra_config") or {}).items():
         if scheme.get("bits", bits) < 16:
@@ -66,7 +66,7 @@ def _parse_auto_round(raw: dict) -> QuantConfig:
         full_precision.append(layer)
     sym = bool(raw.get("sym", True))
     gptq = parse_gptq_awq({"bits": bits, "group_size": raw.get("group_size"), "sym": sym,
-                            "zero_point": not sym}, method)
+                          "zero_point": not sym}, method)
     return dataclasses.replace(gptq, ignore=gptq.ignore + full_precision, lm_head=False)
 
 
@@ -76,7 +76,7 @@ def _parse_bitsandbytes(raw: dict) -> QuantConfig:
     if not raw.get("load_in_4bit") or raw.get("bnb_4bit_quant_type", "fp4") not in ("nf4", "fp4") \
             or raw.get("bnb_4bit_quant_storage", "uint8") != "uint8":
         raise refuse(f"bitsandbytes with load_in_4bit {raw.get('load_in_4bit')!r}, quant type "
-                      f"{raw.get('bnb_4bit_quant_type')!r} and storage {raw.get('bnb_4bit_quant_storage')!r} "
-                      "(4-bit NF4 or FP4 in uint8)")
+                     f"{raw.get('bnb_4bit_quant_type')!r} and storage {raw.get('bnb_4bit_quant_storage')!r} "
+                     "(4-bit NF4 or FP4 in uint8)")
     return QuantConfig("bnb4", "group", False, True, ignore=list(raw.get("llm_int8_skip_modules") or []),
                        group_size=64, format="bitsandbytes")
