@@ -65,8 +65,8 @@ class Platform:
             for field, value in (("kv_cache_dtype", config.kv_cache_dtype), ("quantization", config.quantization)):
                 if value == "fp8":
                     raise ValueError(f"{field}='fp8' needs FP8 matmuls, which the {self.name} platform does not have "
-                                     f"on this device; use int8 (kv_cache_dtype='int8', quantization='int8', or an INT8 W8A8 "
-                                     "checkpoint)")
+                                     "on this device; use int8 (kv_cache_dtype='int8', quantization='int8', or an INT8 "
+                                     "W8A8 checkpoint)")
 
     # Whether W8A8 layers may run the portable Triton INT8 kernel where int8_matmul has no library GEMM.
     portable_int8_kernel: bool = True

@@ -61,6 +61,10 @@ class Fp4Method:
         self.mx = config.format == "mxfp4"
         self.kind = "e8m0" if self.mx else "e4m3"
         self.num_sms = None  # the platform's compute units, once prepare() has run
+        # the checkpoint's names of the codes, the global scale and the activations' scale
+        self.names = ({"codes": "weight", "global": "weight_scale_2", "input": "input_scale"}
+                      if config.tensor_names == "modelopt" else
+                      {"codes": "weight_packed", "global": "weight_global_scale", "input": "input_global_scale"})
 
     def create_weights(self, layer: nn.Module, local_out: int, local_in: int) -> None:
         self.group = self.config.group_size  # (16 for NVFP4, 32 for MXFP4: config.py)
@@ -71,7 +75,7 @@ class Fp4Method:
         self.dtype = torch.get_default_dtype()  # the model's activations
         if not self.config.from_checkpoint:  # full-precision weights (dummy ones), quantized after loading
             return layer.new_weight()
-        names = self._names()
+        names = self.names
         checkpoint_param(layer, names["codes"], torch.empty(local_out, local_in // 2, dtype=torch.uint8), lambda t: t)
         checkpoint_param(layer, "weight_scale", torch.empty(local_out, local_in // self.group, dtype=torch.uint8),
                          _scale_bytes)
@@ -80,16 +84,10 @@ class Fp4Method:
             getattr(layer, names["global"]).weight_loader = per_row_scale_loader(layer)
         checkpoint_param(layer, names["input"], torch.zeros(1), None)  # FP4 activations: unused
 
-    def _names(self) -> dict[str, str]:
-        """The checkpoint's names of the codes, the global scale and the activations' scale."""
-        if self.config.tensor_names == "modelopt":
-            return {"codes": "weight", "global": "weight_scale_2", "input": "input_scale"}
-        return {"codes": "weight_packed", "global": "weight_global_scale", "input": "input_global_scale"}
-
     def process_after_loading(self, layer: nn.Module) -> None:
         if not self.config.from_checkpoint:
             return self._quantize(layer)
-        scale, names = layer.weight_scale.data, self._names()
+        scale, names = layer.weight_scale.data, self.names
         if self.mx:
             if bool((scale == 255).any()):
                 raise ValueError("an MXFP4 layer's weight_scale holds 255 (E8M0's NaN)")
