@@ -14,7 +14,7 @@ import triton.language as tl
 _BLOCK_ROWS, _BLOCK_PAIRS = 16, 64
 
 
-def _check(codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, block: int) -> None:
+def check_lut4_layout(codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, block: int) -> None:
     n, half = codes.shape
     if codes.dtype != torch.uint8 or table.numel() != 16 or (2 * half) % block \
             or absmax.shape != (n, 2 * half // block):
@@ -25,7 +25,7 @@ def _check(codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, block
 def lut4_expand(codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, block: int,
                 dtype: torch.dtype) -> torch.Tensor:
     """The weight [out, in] in dtype (the reference, in torch)."""
-    _check(codes, absmax, table, block)
+    check_lut4_layout(codes, absmax, table, block)
     values = torch.stack((codes >> 4, codes & 0xF), -1).reshape(codes.shape[0], -1).long()
     return (table.float()[values] * absmax.float().repeat_interleave(block, 1)).to(dtype)
 
@@ -49,7 +49,7 @@ def _lut4_expand_kernel(codes_ptr, absmax_ptr, table_ptr, out_ptr, n, half, stri
 def lut4_expand_kernel(codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, block: int,
                        dtype: torch.dtype) -> torch.Tensor:
     """`lut4_expand` in one Triton pass."""
-    _check(codes, absmax, table, block)
+    check_lut4_layout(codes, absmax, table, block)
     n, half = codes.shape
     out = torch.empty(n, 2 * half, dtype=dtype, device=codes.device)
     grid = (triton.cdiv(n, _BLOCK_ROWS), triton.cdiv(half, _BLOCK_PAIRS))

@@ -1,0 +1,72 @@
+"""Skinny matmul of 4-bit table weights (ops/lut4_weights.py's layout: bitsandbytes' NF4 and FP4) for decode
+of a few sequences: y [M, N] = x [M, K] @ (table[code] * absmax)^T, read at four bits.
+
+Expanding the weight for the library GEMM writes and reads it again at 16 bits (about 4.5 bytes a weight
+against 2 for bf16 weights), which at a handful of rows costs more than the GEMM itself. Here each
+program owns BLOCK_N output features and walks K BLOCKS scale blocks at a time: it loads the codes,
+looks both nibbles of each byte up in the 16-value table (one 64-byte line, so the lookups hit the
+first-level cache), multiplies by the inputs and by the block's absmax, and accumulates element-wise;
+one reduction at the end. Portable Triton, no vendor instructions: every backend runs it.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sageinfer.ops.lut4_weights import check_lut4_layout
+
+# Rows up to which layers take this kernel rather than expanding the weight; more rows share one
+# expansion. Tiles per row count: the [M, BLOCK_N, BLOCKS, block / 2] accumulator stays in registers.
+LUT4_GEMV_MAX_ROWS = 8
+_TILES = {1: (16, 4), 2: (16, 2), 4: (8, 2), 8: (4, 2)}  # BLOCK_M: (BLOCK_N, BLOCKS)
+_NUM_WARPS = 4
+
+
+@triton.jit(do_not_specialize=["M"])
+def _lut4_gemv_kernel(x_ptr, codes_ptr, absmax_ptr, table_ptr, y_ptr, M, N, K, stride_xm, stride_c, stride_a,
+                      stride_ym, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCKS: tl.constexpr):
+    HALF: tl.constexpr = BLOCK // 2  # bytes of a scale block
+    ms = tl.arange(0, BLOCK_M)[:, None, None, None]
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None, None]
+    bs = tl.arange(0, BLOCKS)[None, None, :, None]
+    ps = tl.arange(0, HALF)[None, None, None, :]
+    row_mask, m_mask = rows < N, ms < M
+    n_blocks = K // BLOCK
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCKS, HALF), dtype=tl.float32)
+    for b0 in range(0, n_blocks, BLOCKS):
+        block = b0 + bs
+        in_k = block < n_blocks
+        byte = tl.load(codes_ptr + rows * stride_c + block * HALF + ps, mask=row_mask & in_k, other=0).to(tl.int32)
+        scale = tl.load(absmax_ptr + rows * stride_a + block, mask=row_mask & in_k, other=0.0)
+        first = tl.load(table_ptr + (byte >> 4))  # the high nibble holds the even input's code
+        second = tl.load(table_ptr + (byte & 0xF))
+        k = block * BLOCK + 2 * ps
+        x_even = tl.load(x_ptr + ms * stride_xm + k, mask=m_mask & in_k, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_ptr + ms * stride_xm + k + 1, mask=m_mask & in_k, other=0.0).to(tl.float32)
+        acc += (x_even * first + x_odd * second) * scale
+    y = tl.sum(tl.sum(acc, 3), 2)  # [BLOCK_M, BLOCK_N]
+    ms2 = tl.arange(0, BLOCK_M)[:, None]
+    rows2 = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(y_ptr + ms2 * stride_ym + rows2, y.to(y_ptr.dtype.element_ty), mask=(ms2 < M) & (rows2 < N))
+
+
+def lut4_gemv(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
+              block: int, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] (M at most LUT4_GEMV_MAX_ROWS) times the weight the codes encode, transposed: [M, N] in x's
+    dtype. tile: (BLOCK_N, BLOCKS, warps) instead of the row count's (for timing)."""
+    check_lut4_layout(codes, absmax, table, block)
+    m, k = x.shape
+    n = codes.shape[0]
+    if m > LUT4_GEMV_MAX_ROWS or k != 2 * codes.shape[1] or block % 2:
+        raise ValueError(f"4-bit table matmul: x {tuple(x.shape)} against codes {tuple(codes.shape)} in blocks of "
+                         f"{block} (at most {LUT4_GEMV_MAX_ROWS} rows)")
+    x = x.contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_m = triton.next_power_of_2(m)
+    block_n, blocks, warps = tile or (*_TILES[block_m], _NUM_WARPS)
+    _lut4_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, codes, absmax, table, y, m, n, k, x.stride(0), codes.stride(0), absmax.stride(0), y.stride(0),
+        BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, BLOCKS=blocks, num_warps=warps)
+    return y
