@@ -2,8 +2,9 @@
 input (the first in the high nibble, as bitsandbytes packs them), [out, in / 2] uint8, each block of
 `block` inputs of a row scaled by its absmax, [out, in / block] float32: w = table[code] * absmax.
 
-The table's values are not evenly spaced, so the affine 4-bit kernels (ops/gemv_int4.py) cannot run them;
-a layer expands its weight in one Triton pass (the table read from memory by code) for the library GEMM.
+The table's values are not evenly spaced, so the affine 4-bit kernels (ops/gemv_int4.py) cannot run them: up
+to a few rows ops/gemv_lut4.py reads the codes as they are; above, a layer expands its weight in one Triton pass
+(the table read from memory by code) for the library GEMM.
 """
 from __future__ import annotations
 
