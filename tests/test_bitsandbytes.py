@@ -1,7 +1,9 @@
-"""bitsandbytes 4-bit checkpoints as transformers saves them (BitsAndBytesConfig(load_in_4bit=True), then
-save_pretrained): a tiny llama trained on the tokenizer's corpus, in NF4 with double quantization and in
-FP4 without. Oracles: transformers on the weights bitsandbytes' own dequantize_4bit decodes from the
-files, and transformers running the files through bitsandbytes (whose CPU matmul rounds its operands)."""
+"""bitsandbytes checkpoints as transformers saves them (BitsAndBytesConfig(load_in_4bit=True) or
+load_in_8bit=True, then save_pretrained): a tiny llama trained on the tokenizer's corpus, in NF4 with double
+quantization, in FP4 without, and in LLM.int8's 8-bit rows. Oracles: transformers on the weights
+bitsandbytes' own dequantize_4bit / int8_vectorwise_dequant decodes from the files, and transformers running
+the files through bitsandbytes (whose CPU matmul rounds its operands; at 8 bits it also rounds the
+activations to int8)."""
 import os
 import shutil
 
@@ -20,7 +22,7 @@ from sageinfer.ops.lut4_weights import lut4_expand, lut4_expand_kernel
 bnb = pytest.importorskip("bitsandbytes")
 
 _GPU = torch.cuda.is_available()
-SCHEMES = {"nf4-double": ("nf4", True), "fp4": ("fp4", False)}
+SCHEMES = {"nf4-double": ("nf4", True), "fp4": ("fp4", False), "int8": ("int8", False)}
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +31,9 @@ def saved(trained, tmp_path_factory):
     root = tmp_path_factory.mktemp("bitsandbytes")
     out = {}
     for name, (kind, double) in SCHEMES.items():
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=double,
-                                    bnb_4bit_compute_dtype=torch.float32)
+        config = BitsAndBytesConfig(load_in_8bit=True) if kind == "int8" else BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=double,
+            bnb_4bit_compute_dtype=torch.float32)
         model = AutoModelForCausalLM.from_pretrained(trained[0], quantization_config=config, device_map="cpu",
                                                      dtype=torch.float32)
         out[name] = str(root / name)
@@ -46,9 +49,9 @@ def _quant_state(tensors: dict, layer: str):
 
 
 def _decoded_copy(quantized: str, dst: str) -> str:
-    """The files' weights decoded by bitsandbytes' dequantize_4bit into a float32 checkpoint without its
-    quantization config."""
-    from bitsandbytes.functional import dequantize_4bit
+    """The files' weights decoded by bitsandbytes' dequantize_4bit (int8_vectorwise_dequant at 8 bits) into a
+    float32 checkpoint without its quantization config."""
+    from bitsandbytes.functional import dequantize_4bit, int8_vectorwise_dequant
     from safetensors.torch import load_file
     shutil.copytree(quantized, dst)
     tensors = load_file(os.path.join(dst, "model.safetensors"))
@@ -56,15 +59,18 @@ def _decoded_copy(quantized: str, dst: str) -> str:
     for name, t in tensors.items():
         if name.endswith(".weight") and t.dtype == torch.uint8:
             dense[name] = dequantize_4bit(t, _quant_state(tensors, name[:-len(".weight")])).float()
-        elif ".weight." not in name:
+        elif name.endswith(".weight") and t.dtype == torch.int8:
+            dense[name] = int8_vectorwise_dequant(t, tensors[name[:-len("weight")] + "SCB"]).float()
+        elif ".weight." not in name and not name.endswith((".SCB", ".weight_format")):
             dense[name] = t
     return save_dense(dense, dst)
 
 
 @pytest.mark.parametrize("name", SCHEMES)
 def test_bitsandbytes_checkpoint_matches_its_oracles(trained, saved, name, tmp_path):
-    """Measured on the CPU: 2e-6 from the decoded weights, 1.0e-2 (NF4) and 1.4e-2 (FP4) from bitsandbytes'
-    own forward (its CPU matmul is not float32's: on one layer it is 9e-3 from x @ the weights it decodes)."""
+    """Measured on the CPU: 2e-6 from the decoded weights, 1.0e-2 (NF4), 1.4e-2 (FP4) and 2.6e-2 (8-bit) from
+    bitsandbytes' own forward (its CPU matmul is not float32's: on one layer it is 9e-3 from x @ the weights
+    it decodes; at 8 bits it rounds the activations to int8 too)."""
     ids = trained[1][:40]
     ours = prompt_logprobs(saved[name], ids)
     np.testing.assert_allclose(ours, hf_prompt_logprobs(_decoded_copy(saved[name], str(tmp_path / "decoded")), ids),
@@ -79,6 +85,17 @@ def test_bitsandbytes_layers_stay_at_four_bits(saved):
     assert qkv.weight.dtype == torch.uint8 and qkv.weight.shape == (256, 64)  # q 128 + k 64 + v 64 rows
     assert down.weight.shape == (128, 128) and down.weight_absmax.shape == (128, 256 // BLOCK)
     assert model.lm_head.weight.dtype == torch.float32  # transformers keeps the head whole
+    llm.engine.shutdown()
+
+
+def test_bitsandbytes_8_bit_layers_hold_the_files_int8_rows(saved):
+    from safetensors.torch import load_file
+    tensors = load_file(os.path.join(saved["int8"], "model.safetensors"))
+    llm = LLM(saved["int8"], dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+    down = llm.engine.runner.model.model.layers[1].mlp.down_proj
+    assert down.weight.dtype == torch.int8
+    assert torch.equal(down.weight, tensors["model.layers.1.mlp.down_proj.weight"])
+    torch.testing.assert_close(down.weight_scale.squeeze(1), tensors["model.layers.1.mlp.down_proj.SCB"] / 127)
     llm.engine.shutdown()
 
 
@@ -110,7 +127,7 @@ def test_the_expansion_kernel_equals_its_reference(n, k):
 
 def test_perplexity_of_each_bitsandbytes_scheme(trained, saved):
     """The corpus's perplexity through each checkpoint over the trained model's. Measured on the CPU:
-    NF4 with double quantization +7.4%, FP4 +14.3% (blocks of 64, round-to-nearest)."""
+    NF4 with double quantization +7.4%, FP4 +14.3% (blocks of 64, round-to-nearest), 8-bit rows +0.05%."""
     path, ids = trained
 
     def perplexity(p):
@@ -119,9 +136,12 @@ def test_perplexity_of_each_bitsandbytes_scheme(trained, saved):
     base = perplexity(path)
     ratios = {name: perplexity(saved[name]) / base for name in SCHEMES}
     assert ratios["nf4-double"] < 1.1 and ratios["fp4"] < 1.18 and ratios["nf4-double"] < ratios["fp4"], ratios
+    assert ratios["int8"] < 1.005, ratios
 
 
-@pytest.mark.parametrize("change,what", [({"load_in_4bit": False, "load_in_8bit": True}, "load_in_4bit False"),
+@pytest.mark.parametrize("change,what", [({"load_in_4bit": False, "load_in_8bit": False}, "load_in_4bit False"),
+                                         ({"load_in_4bit": False, "load_in_8bit": True,
+                                           "llm_int8_has_fp16_weight": True}, "16-bit weights kept: True"),
                                          ({"bnb_4bit_quant_storage": "bfloat16"}, "storage 'bfloat16'")])
 def test_bitsandbytes_schemes_not_served_are_refused_at_start(saved, tmp_path, change, what):
     dst = changed_quant_config(saved["nf4-double"], str(tmp_path / "other"), change)
@@ -129,13 +149,26 @@ def test_bitsandbytes_schemes_not_served_are_refused_at_start(saved, tmp_path, c
         LLM(dst, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
 
 
+def test_bitsandbytes_8_bit_tile_layouts_are_refused_at_start(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+    dst = str(tmp_path / "col-turing")
+    shutil.copytree(saved["int8"], dst)
+    tensors = load_file(os.path.join(dst, "model.safetensors"))
+    tensors["model.layers.0.mlp.down_proj.weight_format"] = torch.tensor(1, dtype=torch.uint8)
+    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="layout 1 .*supported: the row layout"):
+        LLM(dst, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
+
+
 def test_dummy_weights_with_a_bitsandbytes_config(saved):
     from quant_checkpoints import dummy_weights_dtype
     assert dummy_weights_dtype(saved["nf4-double"]) == torch.uint8
+    assert dummy_weights_dtype(saved["int8"]) == torch.int8
 
 
 @needs_ranks(2)
-def test_bitsandbytes_at_two_ranks_gives_one_ranks_logprobs(trained, saved):
+@pytest.mark.parametrize("name", ["nf4-double", "int8"])
+def test_bitsandbytes_at_two_ranks_gives_one_ranks_logprobs(trained, saved, name):
     ids = trained[1][:40]
-    one, two = (prompt_logprobs(saved["nf4-double"], ids, tensor_parallel_size=tp) for tp in (1, 2))
+    one, two = (prompt_logprobs(saved[name], ids, tensor_parallel_size=tp) for tp in (1, 2))
     np.testing.assert_allclose(one, two, atol=1e-4)

@@ -72,11 +72,16 @@ def _parse_auto_round(raw: dict) -> QuantConfig:
 
 def _parse_bitsandbytes(raw: dict) -> QuantConfig:
     """bitsandbytes checkpoints saved 4-bit (NF4 or FP4, with or without double quantization; their 16
-    values come with each layer: layers/quantization/bnb4.py); the layers it skips stay in full precision."""
+    values come with each layer: layers/quantization/bnb4.py) or 8-bit (LLM.int8's int8 rows with their
+    absmax: read as 8-bit weight-only, layers/quantization/w8a16.py); the layers it skips stay in full
+    precision."""
+    ignore = list(raw.get("llm_int8_skip_modules") or [])
+    if raw.get("load_in_8bit") and not raw.get("load_in_4bit") and not raw.get("llm_int8_has_fp16_weight"):
+        return QuantConfig("w8a16", "channel", False, True, ignore=ignore, format="bitsandbytes")
     if not raw.get("load_in_4bit") or raw.get("bnb_4bit_quant_type", "fp4") not in ("nf4", "fp4") \
             or raw.get("bnb_4bit_quant_storage", "uint8") != "uint8":
-        raise refuse(f"bitsandbytes with load_in_4bit {raw.get('load_in_4bit')!r}, quant type "
-                     f"{raw.get('bnb_4bit_quant_type')!r} and storage {raw.get('bnb_4bit_quant_storage')!r} "
-                     "(4-bit NF4 or FP4 in uint8)")
-    return QuantConfig("bnb4", "group", False, True, ignore=list(raw.get("llm_int8_skip_modules") or []),
-                       group_size=64, format="bitsandbytes")
+        raise refuse(f"bitsandbytes with load_in_4bit {raw.get('load_in_4bit')!r}, load_in_8bit "
+                     f"{raw.get('load_in_8bit')!r} (16-bit weights kept: {raw.get('llm_int8_has_fp16_weight')!r}), "
+                     f"quant type {raw.get('bnb_4bit_quant_type')!r} and storage {raw.get('bnb_4bit_quant_storage')!r} "
+                     "(4-bit NF4 or FP4 in uint8, or 8-bit int8 rows)")
+    return QuantConfig("bnb4", "group", False, True, ignore=ignore, group_size=64, format="bitsandbytes")

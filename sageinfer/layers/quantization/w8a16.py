@@ -58,8 +58,9 @@ def unpack_bytes(words: torch.Tensor) -> torch.Tensor:
 class W8A16Method:
     def __init__(self, config: QuantConfig):
         self.config = config
-        self.gptq = config.format == "gptq"
-        self.packed_name, self.scale_name = ("qweight", "scales") if self.gptq else ("weight_packed", "weight_scale")
+        self.gptq, self.bnb = config.format == "gptq", config.format == "bitsandbytes"
+        self.packed_name, self.scale_name = {"gptq": ("qweight", "scales"), "bitsandbytes": ("weight", "SCB")}.get(
+            config.format, ("weight_packed", "weight_scale"))
         self.g_idx_name = "g_idx" if self.gptq else ("weight_g_idx" if config.desc_act else None)
         self.min_programs = 0  # split K up to this many programs (prepare sets it for the platform)
 
@@ -72,6 +73,8 @@ class W8A16Method:
                              f"{self.group}")
         if not c.from_checkpoint:  # full-precision weights (dummy ones), quantized after loading
             return layer.new_weight()
+        if self.bnb:
+            return self._bnb_weights(layer, local_out, local_in)
         groups = local_in // self.group
         transpose = (lambda t: t.t()) if self.gptq else (lambda t: t)
         checkpoint_param(layer, self.packed_name, torch.empty(local_out, local_in // 4, dtype=torch.int32), transpose)
@@ -86,9 +89,25 @@ class W8A16Method:
                 checkpoint_param(layer, "weight_zero_point", zeros, lambda t: unpack_bytes(t.t().contiguous()).t())
         g_idx_param(layer, self.g_idx_name, c.desc_act, local_in, "8-bit weights")
 
+    def _bnb_weights(self, layer: nn.Module, local_out: int, local_in: int) -> None:
+        checkpoint_param(layer, "weight", torch.empty(local_out, local_in, dtype=torch.int8), lambda t: t)
+        checkpoint_param(layer, "SCB", torch.empty(local_out), lambda t: t)  # (one a row: whole on a row split)
+        checkpoint_param(layer, "weight_format", torch.zeros((), dtype=torch.uint8), "keep")
+        layer.weight_format.optional = True  # (older files lack it: the row layout)
+
+    def _bnb_after_loading(self, layer: nn.Module) -> None:
+        if int(layer.weight_format) != 0:
+            raise ValueError(f"bitsandbytes 8-bit weights in layout {int(layer.weight_format)} (a GPU-specific "
+                             "tile order); supported: the row layout (0), which bitsandbytes saves since 0.45")
+        scale = layer.SCB.data.float().unsqueeze(1) / 127
+        del layer.SCB, layer.weight_format
+        layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+
     def process_after_loading(self, layer: nn.Module) -> None:
         if not self.config.from_checkpoint:
             return self._quantize(layer)
+        if self.bnb:
+            return self._bnb_after_loading(layer)
         q = unpack_bytes(getattr(layer, self.packed_name).data)
         if self.config.desc_act:  # put each group's columns together; inputs follow at run time
             order = group_order(getattr(layer, self.g_idx_name).data, self.group, self.g_idx_name)
