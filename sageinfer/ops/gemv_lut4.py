@@ -6,10 +6,7 @@ against 2 for bf16 weights), which at a handful of rows costs more than the GEMM
 program owns BLOCK_N output features and walks K BLOCKS scale blocks at a time: it loads the codes,
 looks both nibbles of each byte up in the 16-value table (one 64-byte line, so the lookups hit the
 first-level cache), multiplies by the inputs and by the block's absmax, and accumulates element-wise;
-one reduction at the end. From LUT4_GEMV_MAX_ROWS rows to LUT4_DOT_MAX_ROWS a second kernel does the
-same lookups a scale block at a time into a [BLOCK_N, block] tile of x's dtype for a dot on the tensor
-cores, and scales the block's product by its absmax. Portable Triton, no vendor instructions: every backend
-runs them.
+one reduction at the end. Portable Triton, no vendor instructions: every backend runs it.
 """
 from __future__ import annotations
 
@@ -19,12 +16,9 @@ import triton.language as tl
 
 from sageinfer.ops.lut4_weights import check_lut4_layout
 
-# Rows up to which the element-wise kernel runs, and up to which the dot kernel does; more rows share one
-# expansion for the library GEMM. Element-wise tiles per row count: the [M, BLOCK_N, BLOCKS, block / 2]
-# accumulator stays in registers.
+# Rows up to which layers take this kernel rather than expanding the weight; more rows share one
+# expansion. Tiles per row count: the [M, BLOCK_N, BLOCKS, block / 2] accumulator stays in registers.
 LUT4_GEMV_MAX_ROWS = 8
-LUT4_DOT_MAX_ROWS = 64
-_DOT_TILE = (64, 4)  # BLOCK_N, warps (BLOCK_M: the rows, 16 at least)
 _TILES = {1: (16, 4), 2: (16, 2), 4: (8, 2), 8: (4, 2)}  # BLOCK_M: (BLOCK_N, BLOCKS)
 _NUM_WARPS = 4
 
@@ -58,49 +52,18 @@ def _lut4_gemv_kernel(x_ptr, codes_ptr, absmax_ptr, table_ptr, y_ptr, M, N, K, s
     tl.store(y_ptr + ms2 * stride_ym + rows2, y.to(y_ptr.dtype.element_ty), mask=(ms2 < M) & (rows2 < N))
 
 
-@triton.jit(do_not_specialize=["M"])
-def _lut4_dot_kernel(x_ptr, codes_ptr, absmax_ptr, table_ptr, y_ptr, M, N, K, stride_xm, stride_c, stride_a,
-                     stride_ym, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     PRECISION: tl.constexpr):
-    HALF: tl.constexpr = BLOCK // 2
-    ms = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask, n_mask = ms < M, ns < N
-    ps, ks = tl.arange(0, HALF), tl.arange(0, BLOCK)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for b in range(0, K // BLOCK):
-        byte = tl.load(codes_ptr + ns[:, None] * stride_c + b * HALF + ps[None, :], mask=n_mask[:, None],
-                       other=0).to(tl.int32)
-        scale = tl.load(absmax_ptr + ns * stride_a + b, mask=n_mask, other=0.0)
-        # the high nibble holds the even input's code: joined and flattened, the values come in input order
-        w = tl.join(tl.load(table_ptr + (byte >> 4)), tl.load(table_ptr + (byte & 0xF))).reshape(BLOCK_N, BLOCK)
-        x = tl.load(x_ptr + ms[:, None] * stride_xm + b * BLOCK + ks[None, :], mask=m_mask[:, None], other=0.0)
-        acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION) * scale[None, :]
-    tl.store(y_ptr + ms[:, None] * stride_ym + ns[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
-
-
 def lut4_gemv(x: torch.Tensor, codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
               block: int, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """x [M, K] (M at most LUT4_DOT_MAX_ROWS) times the weight the codes encode, transposed: [M, N] in x's
-    dtype. Above LUT4_GEMV_MAX_ROWS rows the dot kernel. tile: for the element-wise kernel (BLOCK_N, BLOCKS,
-    warps), for the dot kernel (BLOCK_N, warps), instead of the defaults (for timing)."""
+    """x [M, K] (M at most LUT4_GEMV_MAX_ROWS) times the weight the codes encode, transposed: [M, N] in x's
+    dtype. tile: (BLOCK_N, BLOCKS, warps) instead of the row count's (for timing)."""
     check_lut4_layout(codes, absmax, table, block)
     m, k = x.shape
     n = codes.shape[0]
-    if m > LUT4_DOT_MAX_ROWS or k != 2 * codes.shape[1] or block % 2:
+    if m > LUT4_GEMV_MAX_ROWS or k != 2 * codes.shape[1] or block % 2:
         raise ValueError(f"4-bit table matmul: x {tuple(x.shape)} against codes {tuple(codes.shape)} in blocks of "
-                         f"{block} (at most {LUT4_DOT_MAX_ROWS} rows)")
+                         f"{block} (at most {LUT4_GEMV_MAX_ROWS} rows)")
     x = x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m > LUT4_GEMV_MAX_ROWS:
-        block_n, warps = tile or _DOT_TILE
-        block_m = max(16, triton.next_power_of_2(m))
-        _lut4_dot_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-            x, codes, absmax, table, y, m, n, k, x.stride(0), codes.stride(0), absmax.stride(0), y.stride(0),
-            BLOCK=block, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-            PRECISION="ieee" if x.dtype == torch.float32 else "tf32")  # fp32 models: exact sums
-        return y
     block_m = triton.next_power_of_2(m)
     block_n, blocks, warps = tile or (*_TILES[block_m], _NUM_WARPS)
     _lut4_gemv_kernel[(triton.cdiv(n, block_n),)](

@@ -10,7 +10,7 @@ transformers saves them and as many pre-quantized releases hold them). Each laye
 
 checkpoint_stream gathers a layer's pieces as they load and yields them in the layout the layer holds:
 `weight` uint8 [out, in / 2], `weight_absmax` float32 [out, in / 64] (a larger block's scale repeated) and
-`weight_table` [16]. The weights stay at four bits in memory: up to LUT4_DOT_MAX_ROWS rows the layer reads
+`weight_table` [16]. The weights stay at four bits in memory: up to LUT4_GEMV_MAX_ROWS rows the layer reads
 them as they are (ops/gemv_lut4.py), above it expands them for the library GEMM (ops/lut4_weights.py).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 
 from sageinfer.layers.quantization.checkpoint_params import checkpoint_param
 from sageinfer.layers.quantization.config import QuantConfig
-from sageinfer.ops.gemv_lut4 import LUT4_DOT_MAX_ROWS, lut4_gemv
+from sageinfer.ops.gemv_lut4 import LUT4_GEMV_MAX_ROWS, lut4_gemv
 from sageinfer.ops.lut4_weights import lut4_expand, lut4_expand_kernel, lut4_quantize
 
 BLOCK = 64  # the held scales' block: bitsandbytes' default for 4-bit; its larger blocks are repeated to it
@@ -104,12 +104,12 @@ class Bnb4Method:
 
     def kernel_rows(self, layer: nn.Module) -> int:
         """The most rows on this method's own Triton kernel (what a start-up compiles ahead)."""
-        return LUT4_DOT_MAX_ROWS
+        return LUT4_GEMV_MAX_ROWS
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         weights = (layer.weight, layer.weight_absmax, layer.weight_table)
         x2 = x.reshape(-1, x.shape[-1])
-        if layer.use_triton and x2.shape[0] <= LUT4_DOT_MAX_ROWS:
+        if layer.use_triton and x2.shape[0] <= LUT4_GEMV_MAX_ROWS:
             return lut4_gemv(x2, *weights, BLOCK).reshape(*x.shape[:-1], -1)
         expand = lut4_expand_kernel if layer.use_triton else lut4_expand
         return nn.functional.linear(x, expand(*weights, BLOCK, x.dtype))
