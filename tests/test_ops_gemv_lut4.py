@@ -15,7 +15,7 @@ def _weights(n: int, k: int, gen: torch.Generator, table: torch.Tensor = NF4):
     return codes, absmax, table
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
 @pytest.mark.parametrize("n,k", [(48, 256), (37, 192), (16, 704)])
 def test_the_table_matmul_is_x_times_the_expanded_weight(rows, n, k):
     """Ragged output tiles (37), K past the last whole step of scale blocks (192, 704), every row count."""
@@ -41,7 +41,7 @@ def test_more_rows_than_the_kernel_takes_are_refused():
         lut4_gemv(torch.zeros(1, 64), codes, absmax, table, BLOCK)
 
 
-@pytest.mark.parametrize("rows", [1, 4, LUT4_GEMV_MAX_ROWS, LUT4_GEMV_MAX_ROWS + 1, 40])
+@pytest.mark.parametrize("rows", [1, 2, LUT4_GEMV_MAX_ROWS, LUT4_GEMV_MAX_ROWS + 1, 40])
 def test_a_bitsandbytes_layer_takes_the_table_matmul_up_to_its_rows(rows, monkeypatch):
     from sageinfer.layers.linear import Linear
     from sageinfer.layers.quantization import QuantConfig, set_quant_config

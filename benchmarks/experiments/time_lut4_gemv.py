@@ -49,7 +49,7 @@ def graph_us(calls, reps: int = 10) -> float:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", default="1,2,4,8,16")
+    parser.add_argument("--rows", default="1,2,4,8")
     parser.add_argument("--tiles", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

@@ -18,8 +18,8 @@ from sageinfer.ops.lut4_weights import check_lut4_layout
 
 # Rows up to which layers take this kernel rather than expanding the weight; more rows share one
 # expansion. Tiles per row count: the [M, BLOCK_N, BLOCKS, block / 2] accumulator stays in registers.
-LUT4_GEMV_MAX_ROWS = 8
-_TILES = {1: (16, 4), 2: (16, 2), 4: (8, 2), 8: (4, 2)}  # BLOCK_M: (BLOCK_N, BLOCKS)
+LUT4_GEMV_MAX_ROWS = 4
+_TILES = {1: (8, 8), 2: (16, 2), 4: (8, 2)}  # BLOCK_M: (BLOCK_N, BLOCKS)
 _NUM_WARPS = 4
 
 
