@@ -32,6 +32,16 @@ def test_the_table_matmul_is_x_times_the_expanded_weight(rows, n, k):
                                                                            torch.float32).double().t()) < 8e-3
 
 
+@pytest.mark.parametrize("tile", [(8, 2, 4, 1), (4, 8, 2, 1), (16, 4, 4, 0)])
+def test_each_tile_and_the_codes_requested_a_step_ahead_give_the_same_product(tile):
+    gen = torch.Generator().manual_seed(7)
+    codes, absmax, table = _weights(40, 704, gen)
+    x = torch.randn(3, 704, generator=gen)
+    ref = x.double() @ lut4_expand(codes, absmax, table, BLOCK, torch.float32).double().t()
+    out = lut4_gemv(x.to(DEVICE), codes.to(DEVICE), absmax.to(DEVICE), table.to(DEVICE), BLOCK, tile)
+    assert rel_err(out.cpu(), ref) < (1e-6 if DEVICE == "cpu" else 1e-5)
+
+
 def test_more_rows_than_the_kernel_takes_are_refused():
     gen = torch.Generator().manual_seed(0)
     codes, absmax, table = _weights(16, 128, gen)

@@ -4,7 +4,7 @@ replaces (the weight expanded for the library GEMM) and bf16 weights through the
 
   python benchmarks/experiments/time_lut4_gemv.py [--rows 1,2,4,8,16] [--tiles] [--out result.json]
 
-Prints microseconds for the step's 144 matmuls per row count, and (--tiles) one row's tile sweep.
+Prints milliseconds for the step's 144 matmuls per row count, and (--tiles) a tile sweep at 1, 2 and 4 rows.
 """
 from __future__ import annotations
 
@@ -99,15 +99,18 @@ def main():
         print(f"rows {m:3d}: " + "  ".join(f"{key} {us / 1e3:.3f} ms" for key, us in row.items())
               + (f"  (kernel {weight_bytes / row['kernel'] / 1e6:.2f} TB/s)" if "kernel" in row else ""), flush=True)
     if args.tiles:
-        for tile in ((16, 4, 4), (16, 2, 4), (32, 2, 4), (32, 4, 8), (8, 4, 4), (16, 8, 8), (64, 2, 8), (8, 8, 4)):
-            try:
-                us = step("kernel", 1, tile)
-            except Exception as exc:  # noqa: BLE001  (resources exceeded for this tile)
-                print(tile, "failed", type(exc).__name__, str(exc)[:160], flush=True)
-                continue
-            result["tiles"][str(tile)] = us
-            print(f"one row, tile (BLOCK_N, BLOCKS, warps) {tile}: {us / 1e3:.3f} ms "
-                  f"{weight_bytes / us / 1e6:.2f} TB/s", flush=True)
+        for m, tiles in ((1, ((8, 8, 4, 0), (8, 8, 4, 1), (8, 4, 4, 1), (8, 16, 4, 1), (4, 16, 4, 1), (16, 8, 8, 1))),
+                         (2, ((16, 2, 4, 0), (8, 8, 4, 0), (8, 8, 4, 1), (8, 4, 4, 1))),
+                         (4, ((8, 2, 4, 0), (8, 4, 4, 0), (8, 4, 4, 1), (4, 8, 4, 1)))):
+            for tile in tiles:
+                try:
+                    us = step("kernel", m, tile)
+                except Exception as exc:  # noqa: BLE001  (resources exceeded for this tile)
+                    print(m, tile, "failed", type(exc).__name__, str(exc)[:160], flush=True)
+                    continue
+                result["tiles"][f"{m} rows {tile}"] = us
+                print(f"{m} rows, tile (BLOCK_N, BLOCKS, warps, AHEAD) {tile}: {us / 1e3:.3f} ms "
+                      f"{weight_bytes / us / 1e6:.2f} TB/s", flush=True)
     layers.clear()
     torch.cuda.empty_cache()
     dense = {name: [torch.randn(n, k, device=dev, dtype=dt) * 0.01 for _ in range(LAYERS)]
