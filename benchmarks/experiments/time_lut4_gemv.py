@@ -17,34 +17,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
+from graph_int4_one_row import graph_us  # noqa: E402
+from tune_int4_gemv import LAYERS, SHAPES  # noqa: E402
+
 from sageinfer.layers.quantization.bnb4 import BLOCK, NF4  # noqa: E402
 from sageinfer.ops.gemv_lut4 import LUT4_GEMV_MAX_ROWS, lut4_gemv  # noqa: E402
 from sageinfer.ops.lut4_weights import lut4_expand, lut4_expand_kernel  # noqa: E402
-
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}
-LAYERS = 36
-
-
-def graph_us(calls, reps: int = 10) -> float:
-    """Microseconds a replay of one CUDA graph of the calls."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for call in calls:  # compile and warm outside the capture
-            call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
 
 
 def main():
