@@ -52,9 +52,6 @@ def _lut4_gemv_kernel(x_ptr, codes_ptr, absmax_ptr, table_ptr, y_ptr, M, N, K, s
         if AHEAD:
             next_byte, next_scale = _codes_and_scales(codes_ptr, absmax_ptr, rows, row_mask, stride_c, stride_a,
                                                       block + BLOCKS, n_blocks, HALF)
-        else:
-            byte, scale = _codes_and_scales(codes_ptr, absmax_ptr, rows, row_mask, stride_c, stride_a, block,
-                                            n_blocks, HALF)
         first = tl.load(table_ptr + (byte >> 4))  # the high nibble holds the even input's code
         second = tl.load(table_ptr + (byte & 0xF))
         k = block * BLOCK + 2 * ps
@@ -64,6 +61,9 @@ def _lut4_gemv_kernel(x_ptr, codes_ptr, absmax_ptr, table_ptr, y_ptr, M, N, K, s
         acc += (x_even * first + x_odd * second) * scale
         if AHEAD:
             byte, scale = next_byte, next_scale
+        else:  # requested only once this step's are used
+            byte, scale = _codes_and_scales(codes_ptr, absmax_ptr, rows, row_mask, stride_c, stride_a, block + BLOCKS,
+                                            n_blocks, HALF)
     y = tl.sum(tl.sum(acc, 3), 2)  # [BLOCK_M, BLOCK_N]
     ms2 = tl.arange(0, BLOCK_M)[:, None]
     rows2 = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]

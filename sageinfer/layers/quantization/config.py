@@ -32,8 +32,8 @@ SUPPORTED = ("compressed-tensors: FP8 W8A8 (weights per tensor, per channel or i
              "NVFP4A16, MXFP4A16, and NVFP4 / MXFP4 whose activations then run in 16 bits); AWQ 4-bit GEMM; fp8 "
              "(block-quantized weights, or per tensor with static or dynamic activations); modelopt: FP8, "
              "FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4 (KV cache FP8 or none); auto-round: integer 4- "
-             "or 8-bit weights packed as auto_gptq, 4-bit as auto_awq; bitsandbytes: 4-bit NF4 or FP4, 8-bit int8 rows; "
-             "quantization='fp8' or 'int8' on a "
+             "or 8-bit weights packed as auto_gptq, 4-bit as auto_awq; bitsandbytes: 4-bit NF4 or FP4, 8-bit int8 "
+             "rows; quantization='fp8' or 'int8' on a "
              "bf16/fp16/fp32 checkpoint; compressed-tensors config groups of these schemes for different layers (mixed"
              " precision), a merged layer's parts (q/k/v, gate/up) in one group")
 
