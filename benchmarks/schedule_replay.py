@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--ceilings", default=None, help="benchmarks/ceilings.py's JSON: print the schedule's floor")
     parser.add_argument("--scheme", default="bf16", choices=sorted(SCHEMES), help="weights and KV bytes (floors)")
     parser.add_argument("--model", default=os.path.join(STANDARD_DIR, "qwen3-8b"), help="the model's shapes")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the mix's seed (mixes_offline.py's 0; a served run's --seed)")
     args = parser.parse_args()
     floor = None
     if args.ceilings:
@@ -126,7 +128,7 @@ def main() -> None:
         outputs, label = [workload["output_len"]] * len(prompts), args.workload
     else:
         name, num = args.mix.split(":")
-        prompts, outputs = mixed_prompts(name, int(num), args.vocab_size, 0, args.max_model_len)
+        prompts, outputs = mixed_prompts(name, int(num), args.vocab_size, args.seed, args.max_model_len)
         label = args.mix
     print(f"{label}: {sum(map(len, prompts)):,} prompt tokens, {sum(outputs):,} output tokens; KV cache "
           f"{args.kv_tokens:,} tokens in blocks of {args.block_size}")
