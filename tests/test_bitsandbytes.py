@@ -99,6 +99,26 @@ def test_bitsandbytes_8_bit_layers_hold_the_files_int8_rows(saved):
     llm.engine.shutdown()
 
 
+def test_bitsandbytes_at_load_time_holds_what_bitsandbytes_quantizes(trained):
+    """quantization="bitsandbytes" on a full-precision checkpoint (vLLM's in-flight 4-bit): each layer's codes
+    and block scales are what bitsandbytes' own quantize_4bit gives (NF4, blocks of 64, no double
+    quantization); the LM head stays whole."""
+    from bitsandbytes.functional import quantize_4bit
+    from safetensors.torch import load_file
+    tensors = load_file(os.path.join(trained[0], "model.safetensors"))
+    llm = LLM(trained[0], dtype="float32", num_gpu_blocks_override=128, show_progress=False,
+              quantization="bitsandbytes")
+    model = llm.engine.runner.model
+    for name in ("mlp.down_proj", "self_attn.o_proj"):
+        layer = model.model.layers[1].get_submodule(name)
+        codes, state = quantize_4bit(tensors[f"model.layers.1.{name}.weight"].float(), blocksize=BLOCK,
+                                     compress_statistics=False, quant_type="nf4")
+        assert torch.equal(layer.weight, codes.reshape(layer.weight.shape))
+        torch.testing.assert_close(layer.weight_absmax, state.absmax.reshape(layer.weight_absmax.shape))
+    assert model.lm_head.weight.dtype == torch.float32
+    llm.engine.shutdown()
+
+
 def test_a_larger_block_is_read_as_bitsandbytes_decodes_it():
     """bitsandbytes' quantize_4bit with blocks of 256 (double quantization on): the stream's held tensors
     expand to what its dequantize_4bit gives."""
@@ -127,7 +147,8 @@ def test_the_expansion_kernel_equals_its_reference(n, k):
 
 def test_perplexity_of_each_bitsandbytes_scheme(trained, saved):
     """The corpus's perplexity through each checkpoint over the trained model's. Measured on the CPU:
-    NF4 with double quantization +7.4%, FP4 +14.3% (blocks of 64, round-to-nearest), 8-bit rows +0.05%."""
+    NF4 with double quantization +7.4%, FP4 +14.3% (blocks of 64, round-to-nearest), 8-bit rows +0.05%, NF4
+    quantized at load time +7.4%."""
     path, ids = trained
 
     def perplexity(p):
@@ -135,8 +156,9 @@ def test_perplexity_of_each_bitsandbytes_scheme(trained, saved):
 
     base = perplexity(path)
     ratios = {name: perplexity(saved[name]) / base for name in SCHEMES}
+    ratios["nf4 at load"] = float(np.exp(-prompt_logprobs(path, ids, quantization="bitsandbytes").mean())) / base
     assert ratios["nf4-double"] < 1.1 and ratios["fp4"] < 1.18 and ratios["nf4-double"] < ratios["fp4"], ratios
-    assert ratios["int8"] < 1.005, ratios
+    assert ratios["int8"] < 1.005 and ratios["nf4 at load"] < 1.1, ratios
 
 
 @pytest.mark.parametrize("change,what", [({"load_in_4bit": False, "load_in_8bit": False}, "load_in_4bit False"),

@@ -33,7 +33,7 @@ SUPPORTED = ("compressed-tensors: FP8 W8A8 (weights per tensor, per channel or i
              "(block-quantized weights, or per tensor with static or dynamic activations); modelopt: FP8, "
              "FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4 (KV cache FP8 or none); auto-round: integer 4- "
              "or 8-bit weights packed as auto_gptq, 4-bit as auto_awq; bitsandbytes: 4-bit NF4 or FP4, 8-bit int8 "
-             "rows; quantization='fp8' or 'int8' on a "
+             "rows; quantization='fp8', 'int8' or 'bitsandbytes' (NF4) on a "
              "bf16/fp16/fp32 checkpoint; compressed-tensors config groups of these schemes for different layers (mixed"
              " precision), a merged layer's parts (q/k/v, gate/up) in one group")
 
@@ -127,6 +127,8 @@ def parse_quant_config(raw: dict | None, option: str | None) -> QuantConfig | No
             return None
         if option in ("fp8", "int8"):  # INT8 for chips without FP8 matmuls (the domestic ones, A100s)
             return QuantConfig(option, "channel", True, from_checkpoint=False)
+        if option == "bitsandbytes":  # NF4 in blocks of 64 at load time, as vLLM's in-flight bitsandbytes
+            return QuantConfig("bnb4", "group", False, from_checkpoint=False, group_size=64, format="bitsandbytes")
         raise refuse(f"quantization={option!r} on a full-precision checkpoint")
     method = raw.get("quant_method")
     option = OPTION_ALIASES.get(option, option)
