@@ -111,9 +111,9 @@ def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.
         on_built(model)
     weights = dummy_checkpoint(cfg, seed, device) if load_format == "dummy" \
         else iterate_safetensors(model_dir, show_progress)
-    if quant is not None and quant.format == "bitsandbytes" and quant.from_checkpoint:
+    if quant is not None and quant.scheme == "bnb4" and quant.from_checkpoint:  # (8-bit ones load as they are)
         from sageinfer.layers.quantization.bnb4 import checkpoint_stream
-        weights = checkpoint_stream(weights)  # each layer's pieces as the layer holds them
+        weights = checkpoint_stream(weights)  # each 4-bit layer's pieces as the layer holds them
     with torch.no_grad():
         loaded = model.load_weights(weights)
         missing = {n for n, p in model.named_parameters() if not getattr(p, "optional", False)} - loaded

@@ -1,6 +1,6 @@
 """What quantization a model is built with: from config.json's `quantization_config` (the format of
-the checkpoint), or `quantization="fp8"` / `"int8"` on a full-precision checkpoint (quantized at load
-time).
+the checkpoint), or `quantization="fp8"` / `"int8"` / `"bitsandbytes"` (NF4) on a full-precision checkpoint
+(quantized at load time).
 
 Supported: compressed-tensors FP8 W8A8 (per-tensor or per-channel weight scales; dynamic per-token
 or static per-tensor activation scales; or square weight blocks with activations per token and block
@@ -11,7 +11,8 @@ GPTQ 4- and 8-bit, AWQ 4-bit; online FP8 or INT8 (per-channel weights, dynamic p
 several compressed-tensors config groups, each scheme for the layers its targets name; NVIDIA ModelOpt's
 FP8 (per tensor, static activations), FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4 and W4A16_NVFP4
 exports, with their FP8 KV cache scales (from config.json or, in older exports, hf_quant_config.json);
-Intel AutoRound's own format; bitsandbytes 4-bit (NF4 or FP4): the last three read in tool_formats.py.
+Intel AutoRound's own format; bitsandbytes 4-bit (NF4 or FP4) and 8-bit: the last three read in
+tool_formats.py.
 Anything else is refused at start with what is supported.
 """
 from __future__ import annotations

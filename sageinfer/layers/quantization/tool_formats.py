@@ -1,6 +1,6 @@
 """Quantization configs that other tools write, each read as the scheme of this package it equals (the
 layers then take that scheme's methods and kernels): NVIDIA ModelOpt's exports, Intel AutoRound's own
-format, bitsandbytes' 4-bit checkpoints. config.parse_quant_config sends them here by quant_method."""
+format, bitsandbytes' 4- and 8-bit checkpoints. config.parse_quant_config sends them here by quant_method."""
 from __future__ import annotations
 
 import dataclasses

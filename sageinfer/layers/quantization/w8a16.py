@@ -59,8 +59,7 @@ class W8A16Method:
     def __init__(self, config: QuantConfig):
         self.config = config
         self.gptq, self.bnb = config.format == "gptq", config.format == "bitsandbytes"
-        self.packed_name, self.scale_name = {"gptq": ("qweight", "scales"), "bitsandbytes": ("weight", "SCB")}.get(
-            config.format, ("weight_packed", "weight_scale"))
+        self.packed_name, self.scale_name = ("qweight", "scales") if self.gptq else ("weight_packed", "weight_scale")
         self.g_idx_name = "g_idx" if self.gptq else ("weight_g_idx" if config.desc_act else None)
         self.min_programs = 0  # split K up to this many programs (prepare sets it for the platform)
 
