@@ -29,6 +29,18 @@ def offline(llama_dir):
     return LLM(llama_dir, dtype="float32", num_gpu_blocks_override=400, show_progress=False)
 
 
+def test_a_streamed_event_whose_text_holds_unicode_line_breaks_stays_one_line():
+    """Token text may hold U+0085, U+2028 or U+2029, which JSON leaves raw but line readers (httpx's
+    aiter_lines, Python's splitlines) split on: the event escapes them and decodes back to its text."""
+    from httpx._decoders import LineDecoder
+
+    from sageinfer.gateway.api_server import _sse
+    payload = {"choices": [{"index": 0, "text": "a\x85b\u2028c\u2029d\x1c\u00e9\u4e2d"}]}
+    lines = [line for line in LineDecoder().decode(_sse(payload)) if line]
+    assert len(lines) == 1 and json.loads(lines[0][len("data: "):]) == payload
+    assert "\u00e9\u4e2d" in lines[0]  # other characters stay as UTF-8
+
+
 def test_completion_equals_offline_generate(client, offline):
     out = client.completions.create(model="tiny", prompt="Hello, my name is", max_tokens=12, temperature=0)
     ref = offline.generate("Hello, my name is", SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]

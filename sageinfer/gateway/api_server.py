@@ -428,8 +428,13 @@ async def _with_error_event(events: AsyncIterator[str]) -> AsyncIterator[str]:
         yield "data: [DONE]\n\n"
 
 
+# Characters JSON leaves raw in strings that line readers (Python's splitlines, httpx's aiter_lines) take
+# for line ends: escaped, an event whose text holds one stays on its one line.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(payload, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
 
 def build_app(server: OpenAIServer, api_key: str | None = None, public_metrics: bool = False,
