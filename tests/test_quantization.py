@@ -73,6 +73,36 @@ def test_fp8_at_load_time_equals_the_per_channel_checkpoint(checkpoints, tmp_pat
     assert from_checkpoint[1] == at_load[1]
 
 
+@pytest.mark.parametrize("quantization", ["fp8", "int8"])
+def test_quantization_at_load_time_never_holds_the_whole_model_in_full_precision(llama_dir, monkeypatch,
+                                                                                quantization):
+    """A layer quantized at load time takes memory for its full-precision weight only as its rows arrive, and
+    converts as soon as they are all in: after every checkpoint tensor, at most the layers being filled hold
+    one (loading the whole model first would need it all in full precision: a 32B model in bf16 on a
+    48 GB card, where FP8 fits)."""
+    import sageinfer.models.loader as loader
+    from sageinfer.layers.linear import Linear
+    layers, held = [], []
+    build = Linear.__init__
+
+    def init(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        layers.append(self)
+    monkeypatch.setattr(Linear, "__init__", init)
+    read = loader.iterate_safetensors
+
+    def stream(*args, **kwargs):
+        for item in read(*args, **kwargs):
+            yield item
+            held.append(sum(1 for layer in layers if layer.quant is not None and not layer.weight.is_meta
+                            and layer.weight.dtype == torch.float32))
+    monkeypatch.setattr(loader, "iterate_safetensors", stream)
+    _prompt_logprobs(llama_dir, quantization=quantization)
+    quantized = [layer for layer in layers if layer.quant is not None]
+    assert len(quantized) > 4 and all(layer.weight.dtype != torch.float32 for layer in quantized)
+    assert held and max(held) <= 2, held
+
+
 def test_int8_at_load_time_equals_the_per_channel_checkpoint(checkpoints, tmp_path):
     """quantization="int8" (INT8 W8A8 for chips without FP8 matmuls): quantizing the INT8 checkpoint's own
     dequantized weights per channel gives back its integers and scales, so the two agree exactly on the CPU."""

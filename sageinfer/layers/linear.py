@@ -55,6 +55,7 @@ class Linear(nn.Module):
         self._split(quant)
         self.shard_offsets: dict = {}  # merged layers: shard id -> (first row, rows)
         self.quant = None  # the quantization method (layers/quantization), None: full precision
+        self._rows_in, self._full_precision, self._meta_weight = 0, None, None  # (quantized after loading: new_weight)
         if quant is not None and not quant.groups:
             self._create_quantized(quant)
         else:  # full precision, or a mixed checkpoint's layer until its name picks its group (set_quantization)
@@ -125,13 +126,46 @@ class Linear(nn.Module):
 
     def new_weight(self, dtype: torch.dtype | None = None, device=None) -> None:
         """The layer's [out, in] weight for this rank, empty, loaded like a checkpoint tensor (a
-        quantization method passes its 8-bit dtype, or none for weights it quantizes after loading)."""
+        quantization method passes its 8-bit dtype, or none for weights it quantizes after loading).
+        Weights quantized after loading take memory only from their first rows' arrival (a meta tensor until
+        then), and the layer converts once all its rows are in (_rows_arrived): a load never holds the whole
+        model in full precision."""
+        self._rows_in, self._full_precision, self._meta_weight = 0, None, None
+        if self.quant is not None and not self.quant.config.from_checkpoint:
+            self._full_precision = (dtype or torch.get_default_dtype(), device or torch.empty(0).device)
+            device = "meta"
         self.weight = nn.Parameter(torch.empty(self.local_shape, dtype=dtype, device=device), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        if self._full_precision is not None:
+            self._meta_weight = self.weight
+
+    def _materialize(self, param: nn.Parameter) -> nn.Parameter:
+        """The parameter a checkpoint tensor goes to: a weight to be quantized after loading (the loader's
+        table names its meta tensor) gets its memory as its first rows arrive."""
+        if param is not self._meta_weight:
+            return param
+        if self._full_precision is None:
+            raise ValueError("a layer quantized at load time was given its weight's rows twice")
+        if self.weight is param:
+            dtype, device = self._full_precision
+            self.weight = nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device), requires_grad=False)
+            self.weight.weight_loader = self.weight_loader
+        return self.weight
+
+    def _rows_arrived(self, param: nn.Parameter, rows: int) -> None:
+        """Once every row of a weight quantized after loading is in, quantize it (which replaces the
+        full-precision weight, freed with it)."""
+        if self._full_precision is None or param is not self.weight:
+            return
+        self._rows_in += rows
+        if self._rows_in >= self.local_shape[0]:
+            self.quant.process_after_loading(self)
+            self._full_precision = None
 
     def process_after_loading(self) -> None:
-        if self.quant is not None:
-            self.quant.process_after_loading(self)
+        if self.quant is not None and self._full_precision is None:
+            if self.quant.config.from_checkpoint:  # (quantized after loading: already, as its last rows arrived)
+                self.quant.process_after_loading(self)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ weight.T (no bias), in x's dtype."""
@@ -159,7 +193,9 @@ class Linear(nn.Module):
         loaded = self._rank_part(param, loaded)
         if param.shape != loaded.shape:
             raise ValueError(f"weight shape {tuple(loaded.shape)} does not match {tuple(param.shape)}")
+        param = self._materialize(param)
         param.data.copy_(loaded)
+        self._rows_arrived(param, param.shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.reduces and self.quant is None:
@@ -306,10 +342,12 @@ class MergedLinear(Linear):
             return super().weight_loader(param, loaded)
         loaded = self._shard_part(shard_id, loaded)
         offset, size = self.shard_offsets[shard_id]
+        param = self._materialize(param)
         target = param.data.narrow(0, offset, size)
         if target.shape != loaded.shape:
             raise ValueError(f"shard {shard_id!r}: weight shape {tuple(loaded.shape)} does not match {tuple(target.shape)}")
         target.copy_(loaded)
+        self._rows_arrived(param, size)
 
 
 class QKVLinear(MergedLinear):

@@ -114,9 +114,11 @@ def load_model(cfg: ModelConfig, model_dir: str, load_format: str, dtype: torch.
     if quant is not None and quant.scheme == "bnb4" and quant.from_checkpoint:  # (8-bit ones load as they are)
         from sageinfer.layers.quantization.bnb4 import checkpoint_stream
         weights = checkpoint_stream(weights)  # each 4-bit layer's pieces as the layer holds them
+    # (named before loading: layers quantized after loading convert, and rename their tensors, as they load)
+    expected = {n for n, p in model.named_parameters() if not getattr(p, "optional", False)}
     with torch.no_grad():
         loaded = model.load_weights(weights)
-        missing = {n for n, p in model.named_parameters() if not getattr(p, "optional", False)} - loaded
+        missing = expected - loaded
         if missing:
             raise ValueError(f"checkpoint in {model_dir!r} lacks weights: {sorted(missing)[:5]}...")
         phases("weights")
