@@ -476,6 +476,22 @@ def test_w4a16_with_dummy_weights(w4a16):
                             use_tqdm=False)[0].outputs[0].token_ids) == 3
 
 
+def test_dummy_weights_keep_a_layer_the_config_ignores_whole(checkpoints, llama_dir, tmp_path):
+    """Dummy weights quantize as they load; a layer the checkpoint's ignore list names stays in full precision,
+    its weight the full-precision dummy one."""
+    from quant_checkpoints import changed_quant_config
+    ignored = changed_quant_config(checkpoints["fp8-channel"], str(tmp_path / "ignored"),
+                                   {"ignore": ["lm_head", "model.layers.0.mlp.down_proj"]})
+    llm = LLM(ignored, dtype="float32", load_format="dummy", num_gpu_blocks_override=128, show_progress=False)
+    whole = LLM(llama_dir, dtype="float32", load_format="dummy", num_gpu_blocks_override=128, show_progress=False)
+    layers = [engine.engine.runner.model.model.layers[0].mlp for engine in (llm, whole)]
+    assert layers[0].down_proj.quant is None and torch.equal(layers[0].down_proj.weight, layers[1].down_proj.weight)
+    assert layers[0].gate_up_proj.weight.dtype == torch.float8_e4m3fn
+    whole.engine.shutdown()
+    assert len(llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(max_tokens=3, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0].token_ids) == 3
+
+
 def _dummy_layer_and_dense(llama_dir: str, tmp_path, config_groups: dict, fmt: str, layer: str):
     """Dummy weights under a compressed-tensors config (ignore lm_head): an engine's layer 0 `layer`
     (after loading: quantized), the same layer's full-precision dummy weight, and the engine."""

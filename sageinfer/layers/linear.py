@@ -112,17 +112,18 @@ class Linear(nn.Module):
         """Keep this layer in full precision: a checkpoint's ignore list (an empty weight, loaded as any
         other), or `weight`, multiplied out of the quantized one (FP8 on a device without FP8)."""
         if self.quant is not None:
-            device = next(iter(self.parameters())).device
+            device = self._full_precision[1] if self._full_precision is not None else \
+                next(iter(self.parameters())).device  # (a weight quantized after loading is a meta tensor yet)
             quantized = [n for n, _ in [*self.named_parameters(recurse=False), *self.named_buffers(recurse=False)]
                          if n != "bias"]
             for name in quantized:
                 delattr(self, name)
+            self.quant = None
             if weight is None:
                 self.new_weight(torch.get_default_dtype(), device)
             else:
                 self.weight = nn.Parameter(weight, requires_grad=False)
                 self.weight.weight_loader = self.weight_loader
-            self.quant = None
 
     def new_weight(self, dtype: torch.dtype | None = None, device=None) -> None:
         """The layer's [out, in] weight for this rank, empty, loaded like a checkpoint tensor (a
