@@ -39,30 +39,6 @@ def test_cascade_decode_matches_reference(dtype, prefix_tokens, num_splits, conf
     assert rel_err(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("prefix_tokens,num_splits", [(256, 3), (256, 4), (128, 5), (0, 4)])
-def test_prefix_splits_merged_by_their_own_kernel_give_the_same_decode(prefix_tokens, num_splits):
-    """merge=True hands the decode kernel one partial for all of the prefix's splits (an empty split and an
-    empty prefix included): the output equals the reference, and the merged log-sum-exp is the splits'."""
-    num_heads, num_kv_heads, head_dim, page, dtype = 8, 2, 32, 16, torch.float32
-    context = [prefix_tokens + n for n in (1, 30, 77)]
-    k_cache, v_cache, meta = random_paged_batch([1] * len(context), context, num_kv_heads, head_dim, page, dtype,
-                                                seed=num_splits)
-    meta.block_table[:, :256 // page] = meta.block_table[0, :256 // page].clone()
-    q = torch.randn(len(context), num_heads, head_dim).to(DEVICE)
-    ref = paged_attention_ref(q.double(), LayerKVCache(k_cache.double(), v_cache.double()), meta, head_dim ** -0.5)
-    prefix_len = torch.tensor([prefix_tokens], dtype=torch.int32, device=DEVICE)
-    args = (q, k_cache, v_cache, meta.block_table[0], prefix_len, head_dim ** -0.5, num_splits, SMALL)
-    parts, lse = prefix_attention(*args)
-    merged, merged_lse = prefix_attention(*args, merge=True)
-    assert merged.shape[0] == 1 and merged_lse.shape[0] == 1
-    if prefix_tokens:  # with no prefix neither kernel writes partials, and the decode kernel reads none
-        assert torch.allclose(merged_lse[0], torch.logsumexp(lse * np.log(2), 0) / np.log(2), atol=1e-5)
-    out = torch.full_like(q, float("nan"))
-    paged_attention(q, k_cache, v_cache, out, meta.block_table, meta.seq_lens, meta.query_start_loc, meta.num_seqs,
-                    1, head_dim ** -0.5, prefix=(merged, merged_lse, prefix_len))
-    assert rel_err(out, ref) < TOL[dtype]
-
-
 def test_cascade_refuses_what_it_cannot_merge():
     k_cache, v_cache, meta = random_paged_batch([3], [0], 1, 16, 16, torch.float32)
     q = torch.randn(3, 2, 16, device=DEVICE)

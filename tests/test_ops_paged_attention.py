@@ -161,8 +161,8 @@ def test_decode_with_rotary_inside_equals_rope_and_cache_then_attention(num_spli
     kv_mode = 2 if head_major else kv_mode
     from sageinfer.ops.rope_cache import rope_and_cache
     heads, kv_heads, head_dim, page, dtype = 8, 2, 32, 16, torch.float16
-    # 127: the new key ends a key tile (the masked tiles' loop must still take it); the last sequence is a graph's
-    # padding row: slot -1, nothing written
+    # 127: the new key ends a key tile, which the unmasked loop reads after the write; the last sequence is a
+    # graph's padding row: slot -1, nothing written
     context_lens = [4, 70, 127, 130, 0]
     k_cache, v_cache, meta = random_paged_batch([1] * 5, context_lens, kv_heads, head_dim, page, dtype, seed=9)
     gen = torch.Generator().manual_seed(3)

@@ -100,6 +100,7 @@ def test_quantization_at_load_time_never_holds_the_whole_model_in_full_precision
     _prompt_logprobs(llama_dir, quantization=quantization)
     quantized = [layer for layer in layers if layer.quant is not None]
     assert len(quantized) > 4 and all(layer.weight.dtype != torch.float32 for layer in quantized)
+    assert not any(p.is_meta for layer in layers for p in layer.parameters())  # no placeholder left registered
     assert held and max(held) <= 2, held
 
 

@@ -1,6 +1,6 @@
 """P1's decode attention as the engine launches it (FP8 cache, cascade prefix, rotary and the new key's write
 inside the decode kernel, the wide-batch tiles), split into what each part costs: the suffix kernel by suffix
-length (a fixed cost a program against a cost a key tile), without rotary, without the prefix merge, and by
+length (a fixed cost a program against a cost a key tile), without rotary, and by
 launch configuration. CUDA graphs over LAYERS layers whose caches are distinct tensors. Prints us a layer,
 and each config's registers and shared memory (how many programs an SM holds).
 
@@ -64,7 +64,7 @@ def build(suffix: int, dev: str):
                 qr=q.contiguous())
 
 
-def step(b, config, rotary=True, prefix_kernel=True, splits=None, prefix_config=None, merge=False):
+def step(b, config, rotary=True, prefix_kernel=True, splits=None, prefix_config=None):
     """One layer after another: the prefix kernel (optional), then the suffix kernel."""
     splits = splits or prefix_splits(BATCH, HQ // HKV, HKV, 132)
     parts = {}
@@ -76,7 +76,7 @@ def step(b, config, rotary=True, prefix_kernel=True, splits=None, prefix_config=
             if prefix_kernel or i not in parts:
                 prefix_rope = (rope[0], rope[3], rope[5], rope[7]) if rotary else None
                 parts[i] = prefix_attention(q, k, v, b["table"][0], b["prefix_len"], D ** -0.5, splits,
-                                            prefix_config, kv_mode=KV_MODE, rope=prefix_rope, merge=merge)
+                                            prefix_config, kv_mode=KV_MODE, rope=prefix_rope)
             prefix = (*parts[i], b["prefix_len"])
             pa.paged_attention(q, k, v, b["out"], b["table"], b["seq_lens"], b["qsl"], BATCH, 1, D ** -0.5, 1,
                                config=config, kv_mode=KV_MODE, prefix=prefix, rope=rope)
@@ -98,7 +98,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--suffixes", default="24,88,152,280,408")
     parser.add_argument("--no-sweep", action="store_true", help="no launch configs at 280 keys")
-    parser.add_argument("--merged-splits", default="", help="prefix splits merged by their own kernel, e.g. 2,4,8")
     parser.add_argument("--out")
     args = parser.parse_args()
     dev = "cuda"
@@ -110,8 +109,6 @@ def main() -> None:
         variants = {"prefix + suffix (engine)": step(b, wide),
                     "suffix only": step(b, wide, prefix_kernel=False),
                     "suffix only, no rotary": step(b, wide, rotary=False, prefix_kernel=False)}
-        for splits in (int(x) for x in args.merged_splits.split(",") if x):
-            variants[f"prefix splits {splits} merged + suffix"] = step(b, wide, splits=splits, merge=True)
         if suffix == 280 and not args.no_sweep:
             for bn, w, st, regs in CONFIGS:
                 cfg = {"block_n": bn, "num_warps": w, "num_stages": st, "maxnreg": regs}

@@ -22,9 +22,6 @@ CASCADE_MIN_PREFIX = 256
 # (benchmarks/experiments/probe_single_stream.py). With cascade, the prefix kernel rotates the query rows it
 # reads too.
 ROTARY_IN_DECODE_ATTENTION = True
-# SAGEINFER_PREFIX_SPLITS_MERGED=N (0: off) cuts a cascade's shared prefix in N splits and merges them in a kernel of
-# their own (ops/cascade_attention.merge_prefix_splits), so that the decode kernel reads one partial whatever N is.
-PREFIX_SPLITS_MERGED = int(os.environ.get("SAGEINFER_PREFIX_SPLITS_MERGED", "0"))
 
 
 # Decode batches large enough to fill the GPU without split-KV still wait on their longest sequence,
@@ -262,16 +259,14 @@ class TritonBackend(AttentionBackend):
         prefix = None
         if meta.cascade_prefix_len is not None:
             num_kv_heads = cache.k.shape[2]
-            splits = PREFIX_SPLITS_MERGED or prefix_splits(num_tokens, q.shape[1] // num_kv_heads, num_kv_heads,
-                                                           self.num_sms)
+            splits = prefix_splits(num_tokens, q.shape[1] // num_kv_heads, num_kv_heads, self.num_sms)
             prefix_rope = None
             if rope is not None:  # the query's part: the decode kernel writes the new keys
                 positions, _, _, cos_sin, _, q_norm, _, eps = rope
                 prefix_rope = (positions, cos_sin, q_norm, eps)
             prefix = (*prefix_attention(q, cache.k, cache.v, meta.block_table[0], meta.cascade_prefix_len,
                                         layer.scale, splits, k_scale=cache.k_scale, v_scale=cache.v_scale,
-                                        kv_mode=cache.mode, fp8_scale=cache.fp8_scale, rope=prefix_rope,
-                                        merge=PREFIX_SPLITS_MERGED > 0),
+                                        kv_mode=cache.mode, fp8_scale=cache.fp8_scale, rope=prefix_rope),
                       meta.cascade_prefix_len)
         config = WIDE_DECODE_CONFIGS.get(cache.mode) if meta.max_query_len == 1 and meta.wide_decode else None
         return paged_attention(q, cache.k, cache.v, out, meta.block_table, meta.seq_lens, meta.query_start_loc,

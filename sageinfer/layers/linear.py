@@ -137,8 +137,8 @@ class Linear(nn.Module):
             device = "meta"
         self.weight = nn.Parameter(torch.empty(self.local_shape, dtype=dtype, device=device), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
-        if self._full_precision is not None:
-            self._meta_weight = self.weight
+        if self._full_precision is not None:  # (held unregistered: not a parameter of the layer)
+            self.__dict__["_meta_weight"] = self.weight
 
     def _materialize(self, param: nn.Parameter) -> nn.Parameter:
         """The parameter a checkpoint tensor goes to: a weight to be quantized after loading (the loader's

@@ -28,8 +28,6 @@ from sageinfer.ops.rope_cache import scales_head_major
 # The shared prefix is used in whole multiples of PREFIX_ALIGN (ops.paged_attention), so prefix tiles are full.
 PREFIX_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3}
 MAX_PREFIX_SPLITS = 16
-# (token, head) rows a program of merge_prefix_splits takes.
-MERGE_ROWS = 4
 
 
 @triton.jit(do_not_specialize=["num_tokens", "num_splits"])
@@ -90,45 +88,6 @@ def _prefix_attention_kernel(
     tl.store(part_lse_ptr + base, lse, mask=row_valid)
 
 
-@triton.jit(do_not_specialize=["num_rows", "num_splits"])
-def _merge_prefix_splits_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, num_rows, num_splits,
-                                HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, ROWS: tl.constexpr,
-                                USE_PDL: tl.constexpr):
-    """ROWS (token, head) rows of the prefix's split partials merged into one partial and its log-sum-exp,
-    so that the decode kernel reads one partial however many splits the prefix took."""
-    launch.wait_for_previous_kernel(USE_PDL)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < num_rows
-    splits = tl.arange(0, SPLITS_PAD)
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    ok = row_ok[:, None] & (splits < num_splits)[None, :]
-    # partials: [splits, rows, HEAD_DIM_PAD] and [splits, rows]
-    lse = tl.load(part_lse_ptr + splits[None, :] * num_rows + rows[:, None], mask=ok, other=float("-inf"))
-    m = tl.max(lse, 1)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.where(lse == float("-inf"), 0.0, tl.math.exp2(lse - m_safe[:, None]))
-    total = tl.sum(w, 1)
-    parts = tl.load(part_out_ptr + (splits[None, :, None] * num_rows + rows[:, None, None]) * HEAD_DIM_PAD
-                    + dims[None, None, :], mask=ok[:, :, None], other=0.0)
-    out = tl.sum(parts * w[:, :, None], 1) / tl.where(total == 0.0, 1.0, total)[:, None]
-    tl.store(out_ptr + rows[:, None] * HEAD_DIM_PAD + dims[None, :], out, mask=row_ok[:, None])
-    tl.store(lse_ptr + rows, tl.where(total == 0.0, float("-inf"), m_safe + tl.math.log2(total)), mask=row_ok)
-
-
-def merge_prefix_splits(part_out: torch.Tensor, part_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """prefix_attention's partials of several splits as one split's ([1, T, Hq, D_pad], [1, T, Hq])."""
-    num_splits, num_tokens, num_heads, head_dim_pad = part_out.shape
-    out = torch.empty(1, num_tokens, num_heads, head_dim_pad, dtype=torch.float32, device=part_out.device)
-    lse = torch.empty(1, num_tokens, num_heads, dtype=torch.float32, device=part_out.device)
-    num_rows = num_tokens * num_heads
-    rows = MERGE_ROWS
-    _merge_prefix_splits_kernel[(triton.cdiv(num_rows, rows),)](
-        part_out, part_lse, out, lse, num_rows, num_splits, HEAD_DIM_PAD=head_dim_pad,
-        SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), ROWS=rows, num_warps=4,
-        **launch.dependent_launch_kwargs())
-    return out, lse
-
-
 def prefix_splits(num_tokens: int, group: int, num_kv_heads: int, num_sms: int,
                   block_m: int | None = None) -> int:
     """KV splits so that the prefix programs cover the GPU about twice."""
@@ -139,8 +98,7 @@ def prefix_splits(num_tokens: int, group: int, num_kv_heads: int, num_sms: int,
 def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_blocks: torch.Tensor,
                      prefix_len: torch.Tensor, scale: float, num_splits: int, config: dict | None = None,
                      k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, kv_mode: int = 0,
-                     fp8_scale: float = 1.0, rope: tuple | None = None,
-                     merge: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     fp8_scale: float = 1.0, rope: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query token (one per sequence) over the shared prefix, without a mask.
 
     q: [T, Hq, D]; caches: [blocks, page, Hkv, D] in any cache dtype (kv_mode and scales as in
@@ -148,7 +106,6 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     table); prefix_len: int32 tensor [1], tokens, a multiple of PREFIX_ALIGN (0 = none).
     rope: (positions, cos_sin_cache, q_norm_weight or None, eps) for a query not yet rotated (as
     ops.paged_attention's rope=, whose decode kernel then writes the new keys; q is not written back).
-    merge: the splits' partials merged into one (merge_prefix_splits) before they are returned.
     Returns (part_out [splits, T, Hq, D_pad] fp32, part_lse [splits, T, Hq] fp32 in log2 units)."""
     cfg = config or PREFIX_CONFIG
     if PREFIX_ALIGN % cfg["block_n"]:
@@ -178,8 +135,6 @@ def prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         HEAD_MAJOR_SCALES=scales_head_major(k_scale) if kv_mode == 2 else False,
         ROPE=rope is not None, QK_NORM=q_norm is not None, num_warps=cfg["num_warps"], num_stages=num_stages,
         **launch.dependent_launch_kwargs())
-    if merge and num_splits > 1:
-        return merge_prefix_splits(part_out, part_lse)
     return part_out, part_lse
 
 

@@ -244,9 +244,9 @@ def _paged_attention_kernel(
                           cos_sin_ptr, pos, slot, q_start, kv_head, eps, fp8_inv_scale, stride_k_tok, stride_k_head,
                           stride_v_tok, stride_v_head, stride_c_slot, stride_c_head, NUM_KV_HEADS, HEAD_DIM, QK_NORM,
                           KV_MODE, PAGE_SIZE, HEAD_MAJOR_SCALES)
-    # Tiles wholly at or before the tile's first query position need no mask. With rope, the tile that holds the
-    # new key is left to the masked loop, so that the unmasked tiles' loads need not wait for its write.
-    num_full = (context_len + q_tile * BLOCK_Q + (0 if ROPE else 1)) // BLOCK_N
+        tl.debug_barrier()  # the whole program sees the new key before its tiles load it
+    # Tiles wholly at or before the tile's first query position need no mask.
+    num_full = (context_len + q_tile * BLOCK_Q + 1) // BLOCK_N
     mid = tl.maximum(tl.minimum(tile_end, num_full), tile_start)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -257,8 +257,6 @@ def _paged_attention_kernel(
                                      block_table_ptr, seq, kv_head, kv_end, q_pos, dims, dim_valid, scale_log2,
                                      stride_c_block, stride_c_slot, stride_c_head, stride_bt, NUM_KV_HEADS, PAGE_SIZE,
                                      BLOCK_N, False, KV_MODE, HEAD_DIM != HEAD_DIM_PAD, HEAD_MAJOR_SCALES)
-    if ROPE:
-        tl.debug_barrier()  # the whole program sees the new key before the masked tiles load it
     for tile in range(mid, tile_end):
         m_i, l_i, acc = attend_tile(q, m_i, l_i, acc, tile, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
                                      block_table_ptr, seq, kv_head, kv_end, q_pos, dims, dim_valid, scale_log2,
