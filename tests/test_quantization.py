@@ -223,6 +223,20 @@ def test_int8_checkpoint_on_the_portable_kernel_scores_as_the_library_gemm(check
 
 
 @pytest.mark.parametrize("scheme", ["fp8", "int8"])
+def test_weights_quantized_in_row_chunks_equal_the_whole_weight_at_once(scheme, monkeypatch):
+    """Load-time quantization goes a few rows at a time (bounded temporaries); every value and scale is the one
+    the whole weight at once gives, whether the chunks divide the rows or not."""
+    torch.manual_seed(1)
+    w = torch.randn(37, 64) * torch.rand(37, 1) * 5
+    whole_q, whole_scale = quantize_rows(w, scheme)
+    for elements in (64 * 5, 64 * 37, 1):  # 5 rows a chunk (the last one 2), all at once, one row a chunk
+        monkeypatch.setattr(w8a8, "WEIGHT_CHUNK_ELEMENTS", elements)
+        q, scale = w8a8.quantize_weight_rows(w, scheme)
+        assert q.dtype == whole_q.dtype and torch.equal(q.view(torch.uint8), whole_q.view(torch.uint8))
+        assert torch.equal(scale, whole_scale)
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
 def test_the_8_bit_matmul_is_its_dequantized_reference(scheme):
     """On a GPU the 8-bit GEMMs themselves (bf16 out for FP8), on the CPU the reference path."""
     torch.manual_seed(0)

@@ -36,6 +36,21 @@ def quantize_rows(x: torch.Tensor, scheme: str, activations: bool = False) -> tu
     return quantize_with(x, scale, scheme), scale
 
 
+# Weights quantized at load time go a few rows at a time, so that their float32 temporaries stay near 64 MB a
+# chunk (a 70B layer's whole gate_up took three of 1.9 GB each, which fragmented the device's memory mid-load).
+WEIGHT_CHUNK_ELEMENTS = 1 << 24
+
+
+def quantize_weight_rows(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows of a weight [N, K], the same values, row chunks of about WEIGHT_CHUNK_ELEMENTS at a time."""
+    wq = torch.empty(w.shape, dtype=_QDTYPE[scheme], device=w.device)
+    scale = torch.empty(w.shape[0], 1, dtype=torch.float32, device=w.device)
+    rows = max(1, WEIGHT_CHUNK_ELEMENTS // max(1, w.shape[1]))
+    for start in range(0, w.shape[0], rows):
+        wq[start:start + rows], scale[start:start + rows] = quantize_rows(w[start:start + rows], scheme)
+    return wq, scale
+
+
 def quantize_with(x: torch.Tensor, scale: torch.Tensor, scheme: str) -> torch.Tensor:
     if scheme == "int8":
         return (x.float() / scale).round().clamp(-128, 127).to(torch.int8)
@@ -78,7 +93,7 @@ class W8A8Method:
 
     def process_after_loading(self, layer: nn.Module) -> None:
         if not self.config.from_checkpoint:  # quantize the full-precision weights now
-            wq, scale = quantize_rows(layer.weight.data, self.scheme)
+            wq, scale = quantize_weight_rows(layer.weight.data, self.scheme)
             layer.weight = nn.Parameter(wq, requires_grad=False)
             layer.weight_scale = nn.Parameter(scale.view(-1), requires_grad=False)
         elif not bool((layer.weight_scale > 0).all()):
