@@ -37,7 +37,8 @@ def quantize_rows(x: torch.Tensor, scheme: str, activations: bool = False) -> tu
 
 
 # Weights quantized at load time go a few rows at a time, so that their float32 temporaries stay near 64 MB a
-# chunk (a 70B layer's whole gate_up took three of 1.9 GB each, which fragmented the device's memory mid-load).
+# chunk. A 70B layer's whole gate_up took three of 1.9 GB each: transients of that size are the likely cause of
+# the 9.8 GiB the allocator held unused when a 70B FP8 load ran out of memory on an 80 GB card (2026-12-06).
 WEIGHT_CHUNK_ELEMENTS = 1 << 24
 
 
