@@ -40,17 +40,14 @@ def make_layer(mode: str, blocks: int, dev: str):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--modes", default="auto,fp8,int8")
-    parser.add_argument("--configs", default="32,64,128:2,4:2,3,4",
-                        help="block_n list:warps list:stages list[:registers a thread list, 0 the compiler's]")
+    parser.add_argument("--configs", default="32,64,128:2,4:2,3,4", help="block_n list:warps list:stages list")
     parser.add_argument("--cases", default="", help="batch x keys to run instead of CASES, e.g. 128x1024,192x1024 "
                                                     "(splits as the plan chooses them)")
     args = parser.parse_args()
     dev = "cuda"
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     grids = [[int(x) for x in part.split(",")] for part in args.configs.split(":")]
-    grids += [[0]] * (4 - len(grids))
-    configs = [{"block_n": bn, "num_warps": w, "num_stages": st, "maxnreg": regs}
-               for bn, w, st, regs in itertools.product(*grids)]
+    configs = [{"block_n": bn, "num_warps": w, "num_stages": st} for bn, w, st in itertools.product(*grids)]
     print("| case | cache | block_n | warps | stages | us/layer | TB/s |")
     cases = [(*map(int, case.split("x")), None) for case in args.cases.split(",")] if args.cases else CASES
     for batch, keys, splits in cases:
@@ -77,8 +74,8 @@ def main() -> None:
                     print(f"| {case} | {mode} | {cfg} failed: {type(exc).__name__}")
                     continue
                 us = t / LAYERS * 1e6
-                print(f"| {case} | {mode} | {cfg['block_n']} | {cfg['num_warps']} | {cfg['num_stages']} "
-                      f"r{cfg['maxnreg']} | {us:.1f} | {nbytes / (us * 1e-6) / 1e12:.2f} |", flush=True)
+                print(f"| {case} | {mode} | {cfg['block_n']} | {cfg['num_warps']} | {cfg['num_stages']} | "
+                      f"{us:.1f} | {nbytes / (us * 1e-6) / 1e12:.2f} |", flush=True)
                 if best is None or us < best[0]:
                     best = (us, cfg)
             print(f"BEST {case} {mode}: {best[0]:.1f} us {best[1]}  (default {pa.DECODE_CONFIG[MODE[mode]]})",

@@ -133,7 +133,7 @@ class Linear(nn.Module):
         model in full precision."""
         self._rows_in, self._full_precision, self._meta_weight = 0, None, None
         if self.quant is not None and not self.quant.config.from_checkpoint:
-            self._full_precision = (dtype or torch.get_default_dtype(), device or torch.empty(0).device)
+            self._full_precision = (dtype or torch.get_default_dtype(), device or torch.get_default_device())
             device = "meta"
         self.weight = nn.Parameter(torch.empty(self.local_shape, dtype=dtype, device=device), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
@@ -164,9 +164,9 @@ class Linear(nn.Module):
             self._full_precision = None
 
     def process_after_loading(self) -> None:
-        if self.quant is not None and self._full_precision is None:
-            if self.quant.config.from_checkpoint:  # (quantized after loading: already, as its last rows arrived)
-                self.quant.process_after_loading(self)
+        # (a layer quantized after loading did so as its last rows arrived: _rows_arrived)
+        if self.quant is not None and self.quant.config.from_checkpoint:
+            self.quant.process_after_loading(self)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ weight.T (no bias), in x's dtype."""

@@ -451,12 +451,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     else:
         block_q = max(1, min(cfg["block_m"] // group, triton.next_power_of_2(max_query_len)))
     block_m = max(16, triton.next_power_of_2(block_q * group))
-    register_cap = {}
     if max_query_len == 1:
         dcfg = config or DECODE_CONFIG[kv_mode]
         block_n, num_warps, num_stages = dcfg["block_n"], dcfg["num_warps"], dcfg["num_stages"]
-        if dcfg.get("maxnreg"):  # registers a thread, so that more programs fit on a processor at once
-            register_cap = {"maxnreg": dcfg["maxnreg"]}
     else:
         block_n = cfg["block_n"] if block_m >= 64 else 32
         num_warps = cfg["num_warps"] if block_m >= 128 else 4
@@ -497,7 +494,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=num_splits > 1, NUM_KV_HEADS=num_kv_heads,
         KV_MODE=kv_mode, CASCADE=prefix is not None, ROPE=rope is not None, QK_NORM=q_norm is not None,
         HEAD_MAJOR_SCALES=scales_head_major(k_scale) if kv_mode == 2 else False,
-        num_warps=num_warps, num_stages=num_stages, **register_cap,
+        num_warps=num_warps, num_stages=num_stages,
         **launch.dependent_launch_kwargs())
     if num_splits > 1:
         heads = min(triton.next_power_of_2(max(1, MERGE_HEADS)), triton.next_power_of_2(num_heads))
