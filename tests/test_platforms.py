@@ -85,3 +85,43 @@ def test_a_rocm_build_is_the_rocm_platform_not_cuda(monkeypatch):
     # an MI250 answers capability 9.0 as a Hopper does: the Hopper-tuned INT8 tiles stay NVIDIA's
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert not rocm.prefers_int8_kernel() and not rocm.supports_fp8()
+
+
+def test_a_cuda_load_takes_expandable_segments_then_gives_them_back(monkeypatch):
+    """The load alone runs with expandable segments (a load quantized as it goes fragments fixed ones); the
+    allocator is set back after it, even when the load fails, and a user's own setting is left alone."""
+    import sageinfer.platforms.cuda as cuda_module
+    settings = []
+    monkeypatch.setattr(cuda_module, "_set_allocator_settings", settings.append)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    with CudaPlatform().loading_allocations():
+        assert settings == ["expandable_segments:True"]
+    assert settings == ["expandable_segments:True", "expandable_segments:False"]
+    settings.clear()
+    with pytest.raises(RuntimeError, match="load failed"):
+        with CudaPlatform().loading_allocations():
+            raise RuntimeError("load failed")
+    assert settings == ["expandable_segments:True", "expandable_segments:False"]
+    settings.clear()
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False,max_split_size_mb:512")
+    with CudaPlatform().loading_allocations():
+        pass
+    assert settings == []
+
+
+@pytest.mark.skipif(not CudaPlatform.is_available(), reason="needs an NVIDIA GPU")
+def test_the_load_s_allocations_are_expandable_and_later_ones_are_not(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+
+    def segment_of(tensor):
+        start = tensor.data_ptr()
+        return next(s for s in torch.cuda.memory._snapshot()["segments"]
+                    if s["address"] <= start < s["address"] + s["total_size"])
+    torch.cuda.empty_cache()
+    with CudaPlatform().loading_allocations():
+        during = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    torch.cuda.empty_cache()
+    after = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    assert segment_of(during)["is_expandable"] and not segment_of(after)["is_expandable"]

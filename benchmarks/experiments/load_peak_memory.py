@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from sageinfer.attention.backend import get_attention_backend  # noqa: E402
 from sageinfer.models.loader import load_model  # noqa: E402
 from sageinfer.models.model_config import load_model_config  # noqa: E402
+from sageinfer.platforms import get_platform  # noqa: E402
 
 
 def main() -> None:
@@ -28,8 +29,9 @@ def main() -> None:
     device = torch.device("cuda")
     cfg = load_model_config(args.model)
     started = time.perf_counter()
-    model = load_model(cfg, args.model, args.load_format, torch.bfloat16, device, get_attention_backend("triton"),
-                       show_progress=False, quantization=args.quantization)
+    with get_platform("cuda").loading_allocations():  # as the engine loads
+        model = load_model(cfg, args.model, args.load_format, torch.bfloat16, device, get_attention_backend("triton"),
+                           show_progress=False, quantization=args.quantization)
     torch.cuda.synchronize()
     held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     print(f"{os.path.basename(args.model)} quantization={args.quantization}: load {time.perf_counter() - started:.1f} s, "

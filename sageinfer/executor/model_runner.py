@@ -76,10 +76,11 @@ class ModelRunner:
             marks.append(time.perf_counter())
             self.load_phases[f"{name}_s"] = marks[-1] - marks[-2]
         try:
-            self.model = load_model(model_config, config.model, config.load_format, dtype, self.device,
-                                    self.backend, seed=config.seed, show_progress=show_progress,
-                                    quantization=config.quantization, on_built=self._warm_up_while_loading,
-                                    phases=phase)
+            with platform.loading_allocations():
+                self.model = load_model(model_config, config.model, config.load_format, dtype, self.device,
+                                        self.backend, seed=config.seed, show_progress=show_progress,
+                                        quantization=config.quantization, on_built=self._warm_up_while_loading,
+                                        phases=phase)
         except BaseException:
             self.finish_kernel_warm_up(cancel=True)  # no compile left running past a failed load
             raise

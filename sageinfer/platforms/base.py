@@ -1,6 +1,8 @@
 """The questions the engine asks of a chip family. One subclass per family."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -143,6 +145,11 @@ class Platform:
 
     def empty_cache(self) -> None:
         pass
+
+    def loading_allocations(self):
+        """A context for the model load: how the device's allocator should place the weights and the load's
+        temporaries (nothing changes by default)."""
+        return contextlib.nullcontext()
 
     def default_kv_cache_bytes(self) -> int | None:
         """Bytes for the KV cache when the user gives none and no profiling is done (None: profile)."""

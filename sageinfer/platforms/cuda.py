@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -16,6 +17,14 @@ logger = logging.getLogger(__name__)
 # against 149 at 384 (benchmarks/experiments/sweep_gemm_rows.py). So the layers' 8-bit inputs are padded
 # to a multiple of FP8_GEMM_ROW_ALIGN rows (SAGEINFER_FP8_GEMM_ROW_ALIGN; 1 pads nothing).
 FP8_GEMM_ROW_ALIGN = int(os.environ.get("SAGEINFER_FP8_GEMM_ROW_ALIGN", "128"))
+
+
+def _set_allocator_settings(settings: str) -> None:
+    """The caching allocator's options changed at run time (as PYTORCH_CUDA_ALLOC_CONF sets them at start)."""
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if setter is None:  # torch before 2.9
+        setter = torch.cuda.memory._set_allocator_settings
+    setter(settings)
 
 
 class CudaPlatform(Platform):
@@ -214,6 +223,23 @@ class CudaPlatform(Platform):
 
     def empty_cache(self) -> None:
         torch.cuda.empty_cache()
+
+    @contextlib.contextmanager
+    def loading_allocations(self):
+        # A load quantized as it goes frees and takes blocks of many sizes (full-precision rows, their float32
+        # temporaries, the 8-bit results), which the caching allocator's fixed segments fragment: Llama-3.1-70B
+        # to FP8 (72.7 GiB held) ran out of an 80 GB H100 with 6.8 GiB reserved but unallocated, and loads with
+        # expandable segments at a 76.6 GiB peak. The load alone takes them (the user's own setting stands);
+        # the KV cache and the graphs' pools after it take the allocator as configured.
+        configured = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + os.environ.get("PYTORCH_ALLOC_CONF", "")
+        if "expandable_segments" in configured:
+            yield
+            return
+        _set_allocator_settings("expandable_segments:True")
+        try:
+            yield
+        finally:
+            _set_allocator_settings("expandable_segments:False")
 
     def graph_class(self):
         return torch.cuda.CUDAGraph
