@@ -93,3 +93,35 @@ def test_a_scheduled_step_runs_its_kernels_one_after_another_each_at_its_ceiling
                                     decode_keys=16)
     assert decode == pytest.approx(1152 * 2 / 1e9 + 80 * 2 / 1e9 + 16 * 16 * 1 / 1e9)
     assert scheduled_step_seconds(SMALL, "bf16", CARD, 2, 0, 0, 16) == pytest.approx((1152 * 2 + 16 * 16 * 2) / 1e9)
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_run_rooflines_count_the_bytes_the_engine_holds(llama_dir, quantization):
+    """A run's decode bandwidth counts each weight at the width the engine keeps it (INT8 one byte and a scale
+    per output feature), the KV cache at its own width; the multiply-adds are the model's, whatever the scheme."""
+    import json
+    import os
+
+    from sageinfer import LLM
+    from sageinfer.bench.roofline import model_sizes
+    with open(os.path.join(llama_dir, "config.json")) as f:
+        shape = ModelShape.from_config(json.load(f))
+    llm = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=80, show_progress=False, quantization=quantization,
+              kv_cache_dtype="int8" if quantization else "auto")
+    try:
+        sizes = model_sizes(llm)
+        model = llm.engine.runner.model
+        norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+        assert sizes["matmul_params"] == shape.layer_params()
+        linear_outputs = shape.layers * (2 * shape.hidden + (shape.heads + 2 * shape.kv_heads) * shape.head_dim
+                                         + 2 * shape.intermediate)  # o, down; qkv; gate_up
+        if quantization is None:  # float32 everything
+            expected = 4 * (shape.layer_params() + shape.head_params() + norms)
+            per_token = 4 * shape.kv_elements_per_token()
+        else:  # one byte a weight, a float32 scale an output feature; one byte a cached value, a float32 scale a head
+            expected = shape.layer_params() + 4 * linear_outputs + 4 * (shape.head_params() + norms)
+            per_token = shape.kv_elements_per_token() + 4 * 2 * shape.layers * shape.kv_heads
+        assert sizes["weight_bytes_per_step"] == expected
+        assert sizes["kv_bytes_per_token"] == per_token
+    finally:
+        llm.engine.shutdown()

@@ -3,15 +3,24 @@ from __future__ import annotations
 
 
 def model_sizes(llm) -> dict:
+    """What a decode step reads and a token costs, from the tensors the engine holds: quantized weights,
+    their scales and zero points at their own widths, the KV cache at its own (an 8-bit cache's scales
+    included); the linear layers' multiply-adds (the LM head apart) from their whole shapes."""
+    from sageinfer.layers.linear import Linear
+    from sageinfer.layers.embedding import LMHead
+
     cfg = llm.engine.model_config
-    model = llm.engine.runner.model
-    elem = next(model.parameters()).element_size()
-    total = sum(p.numel() for p in model.parameters())
-    embed = cfg.vocab_size * cfg.hidden_size
-    matmul_params = total - embed - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
-    kv_bytes_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
-    return {"weight_bytes_per_step": (total - embed) * elem + (embed * elem if cfg.tie_word_embeddings else 0),
-            "matmul_params": matmul_params, "kv_bytes_per_token": kv_bytes_per_token,
+    runner = llm.engine.runner
+    model = runner.model
+    read = [t for m in model.modules() if isinstance(m, (Linear, LMHead))
+            for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]]
+    norms = [p for n, p in model.named_parameters() if "norm" in n]
+    head = getattr(model, "lm_head", None)
+    matmul_params = sum(m.in_features * m.out_features for m in model.modules()
+                        if isinstance(m, Linear) and m is not head)
+    once = {id(t): t for t in read + norms}.values()  # a tied head is the embedding table, read once
+    return {"weight_bytes_per_step": sum(t.numel() * t.element_size() for t in once),
+            "matmul_params": matmul_params, "kv_bytes_per_token": runner.kv_bytes_per_block() / runner.block_size,
             "attn_width": cfg.num_attention_heads * cfg.head_dim, "layers": cfg.num_hidden_layers}
 
 
