@@ -469,6 +469,8 @@ def test_w4a16_checkpoint_runs_the_weights_it_encodes(w4a16, name):
     llm = LLM(quantized, dtype="float32", num_gpu_blocks_override=128, show_progress=False)
     proj = llm.engine.runner.model.model.layers[0].mlp.gate_up_proj
     assert proj.weight_packed.dtype == torch.int32 and proj.weight_packed.shape[1] * 8 == 128
+    # symmetric weights hold no zero points (an int32 a group would be a 16th of the 4-bit weight's bytes)
+    assert hasattr(proj, "weight_zero_point") == name.endswith("asym")
     if name == "group-sym":  # transformers itself, through compressed-tensors, on the packed checkpoint
         ref = hf_logits(quantized, PROMPT).log_softmax(-1)
         np.testing.assert_allclose(ours, [ref[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))], atol=1e-4)
@@ -487,6 +489,7 @@ def test_w4a16_with_dummy_weights(w4a16):
     llm = LLM(quantized, dtype="float32", load_format="dummy", num_gpu_blocks_override=128, show_progress=False)
     proj = llm.engine.runner.model.model.layers[0].self_attn.o_proj
     assert proj.weight_packed.dtype == torch.int32 and not hasattr(proj, "weight")
+    assert not hasattr(proj, "weight_zero_point")  # quantized symmetrically at load
     assert len(llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(max_tokens=3, ignore_eos=True),
                             use_tqdm=False)[0].outputs[0].token_ids) == 3
 

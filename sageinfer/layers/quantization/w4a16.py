@@ -124,9 +124,7 @@ class W4A16Method:
         f = self.format
         checkpoint_param(layer, self.packed_name, torch.empty(local_out, local_in // 8, dtype=torch.int32), f.packed)
         checkpoint_param(layer, self.scale_name, torch.empty(local_out, groups), f.scales)
-        if c.symmetric and c.format == "compressed-tensors":
-            layer.register_buffer(self.zero_name, torch.zeros(local_out, groups, dtype=torch.int32))
-        else:
+        if not (c.symmetric and c.format == "compressed-tensors"):  # (symmetric ones hold no zero points)
             checkpoint_param(layer, self.zero_name, torch.zeros(local_out, groups, dtype=torch.int32), f.zeros)
         if c.format == "compressed-tensors":
             checkpoint_param(layer, "weight_shape", torch.zeros(2, dtype=torch.int64), None)
@@ -163,7 +161,6 @@ class W4A16Method:
         packed = pack(q.view(w.shape[0], -1), self.slice_width)
         setattr(layer, self.packed_name, nn.Parameter(packed, requires_grad=False))
         setattr(layer, self.scale_name, nn.Parameter(scale.to(dtype), requires_grad=False))
-        layer.register_buffer(self.zero_name, torch.zeros_like(scale, dtype=torch.int32))
 
     def prepare(self, layer: nn.Module) -> None:
         """Before serving: the platform's compute units, which the tensor-core matmul's tiles follow."""
@@ -184,16 +181,13 @@ class W4A16Method:
     def _gemv_args(self, layer: nn.Module) -> dict | None:
         if self.slice_width < _ONE_ROW_MIN_SLICE:
             return None
-        c = self.config
-        no_zeros = not c.from_checkpoint or (c.symmetric and c.format == "compressed-tensors")  # zeros held as 0
         return {"weight": getattr(layer, self.packed_name), "weight_scale": getattr(layer, self.scale_name),
-                "weight_zero": None if no_zeros else getattr(layer, self.zero_name), "int4": True,
-                "slice_width": self.slice_width}
+                "weight_zero": getattr(layer, self.zero_name, None), "int4": True, "slice_width": self.slice_width}
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = ordered_input(layer, x)
-        packed, scales, zeros = (getattr(layer, n) for n in (self.packed_name, self.scale_name, self.zero_name))
+        packed, scales = getattr(layer, self.packed_name), getattr(layer, self.scale_name)
         kernels = layer.use_triton  # the platform's kernel choice (Triton)
         rows = x2.shape[0]
         gemv_args = self._gemv_args(layer) if kernels and rows <= max(1, MMA_MAX_ROWS) else None
@@ -204,5 +198,8 @@ class W4A16Method:
                                  self.group, self.slice_width, num_sms=self.num_sms, split_k=_SPLIT_K)
         else:  # the weight expanded (in one pass where kernels run) for the library GEMM
             expand = dequantize_kernel if kernels else dequantize
+            zeros = getattr(layer, self.zero_name, None)
+            if zeros is None:  # symmetric: made for the call (a 64th of the weight it expands), not held
+                zeros = torch.zeros(scales.shape, dtype=torch.int32, device=scales.device)
             y = torch.nn.functional.linear(x2, expand(packed, scales, zeros, self.group, x.dtype, self.slice_width))
         return y.reshape(*shape[:-1], y.shape[-1])
