@@ -107,6 +107,11 @@ def test_a_cuda_load_takes_expandable_segments_then_gives_them_back(monkeypatch)
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False,max_split_size_mb:512")
     with CudaPlatform().loading_allocations():
         pass
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    from sageinfer.platforms.kunlun import KunlunPlatform
+    for unmeasured in (RocmPlatform, KunlunPlatform):  # CUDA's children keep their allocators as they are
+        with unmeasured().loading_allocations():
+            pass
     assert settings == []
 
 

@@ -11,6 +11,7 @@ import importlib.util
 
 import torch
 
+from sageinfer.platforms.base import Platform
 from sageinfer.platforms.cuda import CudaPlatform
 
 
@@ -40,3 +41,6 @@ class KunlunPlatform(CudaPlatform):
 
     def peak_rates(self) -> tuple[float | None, float | None]:
         return None, None
+
+    def loading_allocations(self):
+        return Platform.loading_allocations(self)  # expandable segments: measured on NVIDIA only

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from sageinfer.platforms.base import Platform
 from sageinfer.platforms.cuda import CudaPlatform
 
 
@@ -35,3 +36,6 @@ class RocmPlatform(CudaPlatform):
 
     def peak_rates(self) -> tuple[float | None, float | None]:
         return None, None
+
+    def loading_allocations(self):
+        return Platform.loading_allocations(self)  # expandable segments: measured on NVIDIA only
