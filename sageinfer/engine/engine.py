@@ -289,10 +289,12 @@ class LLMEngine:
             capacity = (num_blocks - 1) * config.block_size
             if capacity < config.max_model_len:
                 self.shutdown()
+                halves = "; kv_cache_dtype=fp8 or int8 halves a token" if config.kv_cache_dtype == "auto" else ""
                 raise ValueError(
                     f"the KV cache holds {max(capacity, 0)} tokens ({num_blocks} blocks of {config.block_size}), "
                     f"fewer than max_model_len ({config.max_model_len}): lower max_model_len or give the cache "
-                    f"more memory")
+                    f"more memory (gpu_memory_utilization, now {config.gpu_memory_utilization}; "
+                    f"kv_cache_memory_bytes{halves})")
             self.runner.allocate_kv_cache(num_blocks)
         except BaseException:
             self.runner.finish_kernel_warm_up(cancel=True)  # no compile left running past a failed start
