@@ -6,8 +6,10 @@ import types
 
 import pytest
 
-from sageinfer.engine.frontend import RequestFailed, RequestStream, _Stream
+from sageinfer.engine.frontend import EngineFront, RequestFailed, RequestStream, _Stream
+from sageinfer.gateway.api_server import OpenAIServer
 from sageinfer.outputs import CompletionOutput, RequestOutput
+from sageinfer.sampling_params import SamplingParams
 
 
 def _output(num_tokens: int, finished: bool = False) -> RequestOutput:
@@ -82,3 +84,36 @@ def test_a_steps_outputs_wake_the_event_loop_once_and_reach_each_stream_in_order
         assert len(wake_ups) == 2
         return [[len(o.outputs[0].token_ids) async for o in s] for s in streams]
     assert asyncio.run(main()) == [[2], [2], [2]]  # both steps waited: the latest of each stream
+
+
+class _HandOffFails(EngineFront):
+    """A transport that cannot hand over the requests whose id ends in -1 (as the engine core's wire encoding
+    refuses a lone surrogate)."""
+
+    def __init__(self):
+        super().__init__(inputs=None, max_num_seqs=8, max_waiting_requests=8)
+        self.sent = []
+
+    def _send(self, command):
+        if command[0] == "add" and command[1].endswith("-1"):
+            raise ValueError("the request holds text that is not valid Unicode")
+        self.sent.append(command[:2])
+
+
+def test_a_request_the_engine_never_took_is_not_left_open():
+    """Left open, it would count against admission until the server answered 503 to everyone, and hold a
+    shutdown for its whole grace period."""
+    async def main():
+        front = _HandOffFails()
+        with pytest.raises(ValueError, match="not valid Unicode"):
+            front.add([1, 2], SamplingParams(), "r-1")
+        assert front.num_unfinished == 0 and front.sent == []
+        # two prompts, the second not handed over: the first, already with the engine, is aborted
+        server = types.SimpleNamespace(inputs=types.SimpleNamespace(check_sampling_params=lambda params: None),
+                                       engine=front)
+        prompts = [{"prompt_token_ids": [1], "prompt": "a"}, {"prompt_token_ids": [2], "prompt": "b"}]
+        with pytest.raises(ValueError, match="not valid Unicode"):
+            OpenAIServer.start(server, prompts, SamplingParams(), "cmpl")
+        return front
+    front = asyncio.run(main())
+    assert front.num_unfinished == 0 and front.sent == [("add", "cmpl-0"), ("abort", "cmpl-0")]

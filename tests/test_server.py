@@ -209,6 +209,9 @@ LONE_SURROGATES = [  # JSON's "\ud800" escapes decode to strings that are no Uni
     ("/v1/completions", {"model": "tiny", "prompt": ["ok", "a\udfffb"], "max_tokens": 2, "stream": True}, "prompt"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "\ud800"}]}, "messages"),
     ("/v1/completions", {"model": "tiny", "prompt": "ok", "bad_words": ["\udc00"]}, "bad_words"),
+    ("/v1/completions", {"model": "tiny", "prompt": "ok", "max_tokens": 2, "stop": ["\ud800"]}, "stop"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": "x\udbff"},
+     "stop"),
     ("/tokenize", {"model": "tiny", "prompt": "x\ud800"}, "prompt"),
 ]
 

@@ -113,12 +113,16 @@ class EngineCoreClient(EngineFront):
             return
         if command[0] == "add":
             _, request_id, prompt, params, priority = command
+            try:
+                encoded = self._encoder.encode(
+                    msg.AddRequest(request_id, prompt["prompt_token_ids"], prompt["prompt"], params, priority))
+            except UnicodeEncodeError as exc:  # (the one text msgspec refuses: a lone surrogate)
+                raise ValueError(f"the request holds text that is not valid Unicode: {exc}") from exc
             self._assembler.start(request_id, prompt["prompt"], prompt["prompt_token_ids"], params.n)
-            message = msg.AddRequest(request_id, prompt["prompt_token_ids"], prompt["prompt"], params, priority)
         else:
             self._assembler.forget(command[1])
-            message = msg.AbortRequest(command[1])
-        self._commands.send(self._encoder.encode(message))
+            encoded = self._encoder.encode(msg.AbortRequest(command[1]))
+        self._commands.send(encoded)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         if self._context.closed:

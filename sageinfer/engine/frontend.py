@@ -149,9 +149,13 @@ class EngineFront:
         request_id = request_id or f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic(), len(prompt_token_ids),
                          params.n)
-        self._streams[request_id] = stream
-        self._send(("add", request_id, {"prompt_token_ids": prompt_token_ids, "prompt": prompt_text}, params,
-                    priority))
+        self._streams[request_id] = stream  # before the engine can answer (it may, from another thread)
+        try:
+            self._send(("add", request_id, {"prompt_token_ids": prompt_token_ids, "prompt": prompt_text}, params,
+                        priority))
+        except BaseException:
+            self._streams.pop(request_id, None)  # never handed over: nothing to abort, nothing left open
+            raise
         return RequestStream(self, request_id, stream)
 
     def abort(self, request_id: str) -> None:

@@ -25,6 +25,7 @@ from sageinfer.gateway.protocol import (ChatCompletionRequest, CompletionRequest
                                         TokenizeRequest)
 from sageinfer.gateway.reasoning import REASONING_PARSERS, ReplyThinking
 from sageinfer.gateway.tool_calls import TOOL_PARSERS, ToolCallOutput
+from sageinfer.sampling_params import SamplingParams
 
 # Exceptions that end a request with an OpenAI error: (HTTP status, error type).
 _ERROR_STATUS: dict[type, tuple[int, str]] = {
@@ -42,10 +43,15 @@ class APIError(Exception):
         self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
+# The names a parameter error may start with (other messages may start with any word).
+_PARAMETERS = ({f.name for f in dataclasses.fields(SamplingParams)} | set(CompletionRequest.model_fields)
+               | set(ChatCompletionRequest.model_fields))
+
+
 def _param_of(message: str) -> str | None:
-    """SamplingParams errors start with the parameter's name."""
-    first = message.split(" ", 1)[0]
-    return first if first.isidentifier() else None
+    """SamplingParams' and the requests' errors start with the parameter's name."""
+    first = message.split(" ", 1)[0].rstrip(":")
+    return first if first in _PARAMETERS else None
 
 
 class OpenAIServer:
@@ -148,8 +154,16 @@ class OpenAIServer:
         request is admitted between the check and the hand-off."""
         self.inputs.check_sampling_params(params)
         self.engine.check_accepting(len(prompts) * params.n)
-        return [self.engine.add(p["prompt_token_ids"], params, f"{request_id}-{i}", p["prompt"], priority)
-                for i, p in enumerate(prompts)]
+        streams = []
+        try:
+            for i, p in enumerate(prompts):
+                streams.append(self.engine.add(p["prompt_token_ids"], params, f"{request_id}-{i}", p["prompt"],
+                                               priority))
+        except BaseException:
+            for stream in streams:  # the prompts already handed over would run for nobody
+                stream.abort()
+            raise
+        return streams
 
     @staticmethod
     async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, object]]:
