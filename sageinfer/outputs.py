@@ -47,3 +47,6 @@ class RequestOutput:
     # Prefill/decode separation: on a prefill instance, what a decode instance needs to load this
     # request's prompt KV (set on the finished output).
     kv_transfer_params: dict | None = None
+    # With error: the request asked for what cannot be met (say, a grammar that no token its other limits leave
+    # can follow): a server answers 400, not 500.
+    bad_request: bool = False

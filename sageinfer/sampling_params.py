@@ -12,6 +12,11 @@ _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency
 _INT_FIELDS = ("n", "top_k", "min_tokens")
 
 
+class UnsatisfiableRequest(ValueError):
+    """Found while the request runs: what its parameters ask together cannot be met (a grammar that no token
+    its other limits leave can follow). The request's fault, not the engine's: a server answers 400."""
+
+
 def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

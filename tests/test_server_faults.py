@@ -110,6 +110,8 @@ BAD_BODIES = [
     ("tokenize number part", "/tokenize", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
      "messages"),
     ("string max_tokens", "/v1/completions", {"prompt": "hi", "max_tokens": "10"}, "max_tokens"),
+    ("grammar no allowed token follows", "/v1/completions",  # found by the engine at the first step
+     {"prompt": "hi", "max_tokens": 4, "allowed_token_ids": [1, 2, 3], "guided_choice": ["a"]}, "structured outputs"),
     ("bool n", "/v1/completions", {"prompt": "hi", "n": True}, "n"),
     ("seed beyond 64 bits", "/v1/completions", {"prompt": "hi", "seed": 2 ** 70}, "seed"),
     ("n that can never fit", "/v1/completions", {"prompt": "hi", "n": 13}, "n"),

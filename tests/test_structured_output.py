@@ -110,6 +110,21 @@ def test_bad_specs_are_value_errors(llm):
     assert llm.generate("still serving", SamplingParams(max_tokens=3), use_tqdm=False)[0].outputs[0].token_ids
 
 
+def test_a_grammar_the_other_limits_leave_no_token_for_fails_that_request_alone_as_its_own_fault(llm):
+    """allowed_token_ids that hold no token the grammar allows: the request ends with an error saying so, marked
+    as the request's fault (a server answers 400), and the request beside it is served."""
+    plain = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    alone = llm.generate("beside", plain, use_tqdm=False)[0].outputs[0].token_ids
+    token_ids = llm.get_tokenizer().encode("a", add_special_tokens=False)
+    no_a = [t for t in range(1, 40) if t not in token_ids]
+    conflicted = SamplingParams(max_tokens=4, allowed_token_ids=no_a,
+                                structured_outputs=StructuredOutputsParams(choice=["a"]))
+    failed, served = llm.generate(["x", "beside"], [conflicted, plain], use_tqdm=False)
+    assert failed.outputs[0].finish_reason == "error" and failed.bad_request
+    assert "no token it allows was left by the request's other limits" in failed.error
+    assert served.outputs[0].token_ids == alone and served.error is None and not served.bad_request
+
+
 def test_a_grammar_needs_a_tokenizer(llama_dir):
     bare = LLM(llama_dir, dtype="float32", num_gpu_blocks_override=128, skip_tokenizer_init=True, show_progress=False)
     with pytest.raises(ValueError, match="tokenizer"):

@@ -65,6 +65,7 @@ class OutputDelta(msgspec.Struct, array_like=True):
     error: str | None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # sent once, when complete
     kv_transfer_params: dict | None = None  # prefill/decode separation: set on a finished prefill
+    bad_request: bool = False  # RequestOutput.bad_request
 
 
 class StepOutputs(msgspec.Struct, tag=True):
@@ -115,7 +116,8 @@ class DeltaEncoder:
         else:
             self._sent[output.request_id] = now_sent
         return OutputDelta(output.request_id, completions, output.finished, output.num_cached_tokens,
-                           output.queue_time, output.error, prompt_logprobs, output.kv_transfer_params)
+                           output.queue_time, output.error, prompt_logprobs, output.kv_transfer_params,
+                           output.bad_request)
 
     def forget(self, request_id: str) -> None:
         self._sent.pop(request_id, None)
@@ -162,7 +164,7 @@ class OutputAssembler:
                                                None if c.logprobs is None else _as_output(c.logprobs, done),
                                                c.finish_reason, c.stop_reason) for c in completions],
                              delta.finished, delta.num_cached_tokens, delta.queue_time, delta.error, prompt_logprobs,
-                             delta.kv_transfer_params)
+                             delta.kv_transfer_params, delta.bad_request)
 
 
 def _as_output(items: list, finished: bool):

@@ -24,7 +24,7 @@ from sageinfer.models.generation_defaults import load_generation_defaults
 from sageinfer.models.model_config import load_model_config
 from sageinfer.outputs import CompletionOutput, Logprob, RequestOutput
 from sageinfer.platforms import get_platform
-from sageinfer.sampling_params import SamplingParams
+from sageinfer.sampling_params import SamplingParams, UnsatisfiableRequest
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class _ParentRequest:
     detokenizers: list[IncrementalDetokenizer | None]
     arrival_time: float = field(default_factory=time.monotonic)
     error: str | None = None  # set when its own processing failed
+    bad_request: bool = False  # ... on UnsatisfiableRequest: the request asked for what cannot be met
     prompt_logprobs: list | None = None  # with prompt_logprobs: an entry per prompt position (None first)
     num_prompt_logprobs: int = 0         # positions filled so far
 
@@ -488,8 +489,12 @@ class LLMEngine:
 
     def _fail(self, parent: _ParentRequest, exc: BaseException) -> None:
         """End every sample of a request whose own processing raised; the engine goes on."""
-        logger.exception("request %s failed", parent.request_id, exc_info=exc)
+        if isinstance(exc, UnsatisfiableRequest):  # no fault of the engine's
+            logger.warning("request %s failed: %s", parent.request_id, exc)
+        else:
+            logger.exception("request %s failed", parent.request_id, exc_info=exc)
         parent.error = f"{type(exc).__name__}: {exc}"
+        parent.bad_request = isinstance(exc, UnsatisfiableRequest)
         for child in parent.children:
             self.scheduler.finish(child, "error")
 
@@ -533,7 +538,8 @@ class LLMEngine:
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs, finished,
                              num_cached_tokens=first.num_cached_tokens, queue_time=queue_time, error=parent.error,
                              prompt_logprobs=parent.prompt_logprobs if complete else None,
-                             kv_transfer_params=first.kv_transfer_params_out if finished else None)
+                             kv_transfer_params=first.kv_transfer_params_out if finished else None,
+                             bad_request=parent.bad_request)
 
     def get_stats(self) -> EngineStats:
         return EngineStats(

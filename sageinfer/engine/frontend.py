@@ -190,7 +190,8 @@ class EngineFront:
             stream.last_output_time, stream.num_tokens_seen = now, num_tokens
             item: RequestOutput | BaseException = output
             if output.error is not None:
-                item = RequestFailed(f"the request failed: {output.error}")
+                item = ValueError(output.error.split(": ", 1)[-1]) if output.bad_request else \
+                    RequestFailed(f"the request failed: {output.error}")
             elif output.finished:
                 self.metrics.observe_finished(output, stream.arrival, stream.first_token_time, now,
                                               stream.num_prompt_tokens)

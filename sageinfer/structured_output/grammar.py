@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from sageinfer.sampling_params import StructuredOutputsParams
+from sageinfer.sampling_params import StructuredOutputsParams, UnsatisfiableRequest
 
 
 # A step's bitmasks are filled by xgrammar's threads from this many grammar rows (256 JSON-mode rows of a
@@ -86,7 +86,10 @@ class RequestGrammar:
                 self.waiting_for = None
             return
         if not self._matcher.accept_token(token):
-            raise RuntimeError(f"token {token} does not follow the request's grammar")
+            # The sampler draws only tokens the grammar allows, unless the request's other limits left none of them
+            raise UnsatisfiableRequest(f"structured outputs: token {token} does not follow the grammar: no token it allows "
+                             "was left by the request's other limits (allowed_token_ids, min_tokens, bad_words, "
+                             "a logit_bias of -100)")
 
     @property
     def is_terminated(self) -> bool:
