@@ -87,9 +87,9 @@ class RequestGrammar:
             return
         if not self._matcher.accept_token(token):
             # The sampler draws only tokens the grammar allows, unless the request's other limits left none of them
-            raise UnsatisfiableRequest(f"structured outputs: token {token} does not follow the grammar: no token it allows "
-                             "was left by the request's other limits (allowed_token_ids, min_tokens, bad_words, "
-                             "a logit_bias of -100)")
+            raise UnsatisfiableRequest(
+                f"structured outputs: token {token} does not follow the grammar: no token it allows was left by the "
+                "request's other limits (allowed_token_ids, min_tokens, bad_words, a logit_bias of -100)")
 
     @property
     def is_terminated(self) -> bool:
