@@ -89,7 +89,7 @@ class RequestGrammar:
             # The sampler draws only tokens the grammar allows, unless the request's other limits left none of them
             raise UnsatisfiableRequest(
                 f"structured outputs: token {token} does not follow the grammar: no token it allows was left by the "
-                "request's other limits (allowed_token_ids, min_tokens, bad_words, a logit_bias of -100)")
+                "request's other limits (allowed_token_ids, min_tokens, bad_words)")
 
     @property
     def is_terminated(self) -> bool:
