@@ -21,16 +21,6 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_text(value) -> bool:
-    """A str that is Unicode text: JSON's "\\ud800" escapes decode to lone surrogates, which no tokenizer, regex
-    compiler or wire encoding takes."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 @dataclass
 class StructuredOutputsParams:
     """What the output must be, exactly one of: a JSON schema (text or a dict), any JSON object, a
@@ -59,9 +49,6 @@ class StructuredOutputsParams:
         if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
                                         or any(not isinstance(c, str) for c in self.choice)):
             raise ValueError("structured outputs: choice must be a non-empty list of strings")
-        texts = [self.json if isinstance(self.json, str) else None, self.regex, self.grammar, *(self.choice or [])]
-        if any(t is not None and not _is_text(t) for t in texts):
-            raise ValueError("structured outputs: text with a lone surrogate (not valid Unicode)")
         if self.after_token_id is not None and not (_is_int(self.after_token_id) and self.after_token_id >= 0):
             raise ValueError("structured outputs: after_token_id must be a token id (an integer >= 0)")
 
@@ -156,8 +143,6 @@ class SamplingParams:
             raise bad("seed", self.seed, f"an integer in [{_INT64_MIN}, {_INT64_MAX - self.n + 1}]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", self.stop, "non-empty strings")
-        if not all(_is_text(s) for s in self.stop):
-            raise bad("stop", self.stop, "Unicode text (no lone surrogate)")
         if self.logit_bias is not None:
             try:
                 self.logit_bias = {int(t): float(v) for t, v in self.logit_bias.items()}

@@ -489,12 +489,12 @@ class LLMEngine:
 
     def _fail(self, parent: _ParentRequest, exc: BaseException) -> None:
         """End every sample of a request whose own processing raised; the engine goes on."""
-        if isinstance(exc, UnsatisfiableRequest):  # no fault of the engine's
+        parent.bad_request = isinstance(exc, UnsatisfiableRequest)
+        if parent.bad_request:  # no fault of the engine's
             logger.warning("request %s failed: %s", parent.request_id, exc)
         else:
             logger.exception("request %s failed", parent.request_id, exc_info=exc)
         parent.error = f"{type(exc).__name__}: {exc}"
-        parent.bad_request = isinstance(exc, UnsatisfiableRequest)
         for child in parent.children:
             self.scheduler.finish(child, "error")
 

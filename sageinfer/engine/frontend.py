@@ -190,7 +190,7 @@ class EngineFront:
             stream.last_output_time, stream.num_tokens_seen = now, num_tokens
             item: RequestOutput | BaseException = output
             if output.error is not None:
-                item = ValueError(output.error.split(": ", 1)[-1]) if output.bad_request else \
+                item = ValueError(output.error) if output.bad_request else \
                     RequestFailed(f"the request failed: {output.error}")
             elif output.finished:
                 self.metrics.observe_finished(output, stream.arrival, stream.first_token_time, now,

@@ -128,8 +128,17 @@ class InputProcessor:
                              f"({self.max_model_len})")
 
     def check_sampling_params(self, params: SamplingParams) -> None:
-        """Limits that depend on the engine and the model, beyond SamplingParams' own checks; also
-        tokenizes bad_words (each as written and after a space, as it reads inside a text)."""
+        """Limits that depend on the engine and the model, beyond SamplingParams' own checks: texts a tokenizer and
+        the wire take (check_text); also tokenizes bad_words (each as written and after a space, as it reads inside
+        a text)."""
+        for text in params.stop:
+            check_text(text, "stop")
+        spec = params.structured_outputs
+        if spec is not None:
+            for text in (spec.json if isinstance(spec.json, str) else None, spec.regex, spec.grammar,
+                         *(spec.choice or [])):
+                if text is not None:
+                    check_text(text, "structured outputs")
         if params.bad_words:
             if self.tokenizer is None:
                 raise ValueError("bad_words needs a tokenizer; the engine runs with skip_tokenizer_init")

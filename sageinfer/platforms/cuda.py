@@ -38,6 +38,8 @@ class CudaPlatform(Platform):
     # on an H100, 455-468 against 399-415 TFLOP/s on the 16K chunks of a 32K prompt and 304 against
     # 275 on 16 prompts of 1024, at a prefix-cache granularity of 64 tokens instead of 16.
     kv_block_size = 64
+    # The model load with the allocator's expandable segments (loading_allocations)
+    load_with_expandable_segments = True
 
     priority = 10
     ray_device_resource = "GPU"
@@ -232,7 +234,7 @@ class CudaPlatform(Platform):
         # expandable segments at a 76.6 GiB peak. The load alone takes them (the user's own setting stands);
         # the KV cache and the graphs' pools after it take the allocator as configured.
         configured = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + os.environ.get("PYTORCH_ALLOC_CONF", "")
-        if "expandable_segments" in configured:
+        if not self.load_with_expandable_segments or "expandable_segments" in configured:
             yield
             return
         _set_allocator_settings("expandable_segments:True")

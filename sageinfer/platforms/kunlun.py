@@ -11,7 +11,6 @@ import importlib.util
 
 import torch
 
-from sageinfer.platforms.base import Platform
 from sageinfer.platforms.cuda import CudaPlatform
 
 
@@ -19,6 +18,7 @@ class KunlunPlatform(CudaPlatform):
     name = "kunlun"
     priority = 30
     kv_block_size = 16
+    load_with_expandable_segments = False  # measured on NVIDIA only
 
     @classmethod
     def is_available(cls) -> bool:
@@ -41,6 +41,3 @@ class KunlunPlatform(CudaPlatform):
 
     def peak_rates(self) -> tuple[float | None, float | None]:
         return None, None
-
-    def loading_allocations(self):
-        return Platform.loading_allocations(self)  # expandable segments: measured on NVIDIA only

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from sageinfer.platforms.base import Platform
 from sageinfer.platforms.cuda import CudaPlatform
 
 
 class RocmPlatform(CudaPlatform):
     name = "rocm"
     priority = 20
+    load_with_expandable_segments = False  # measured on NVIDIA only
 
     @classmethod
     def is_available(cls) -> bool:
@@ -36,6 +36,3 @@ class RocmPlatform(CudaPlatform):
 
     def peak_rates(self) -> tuple[float | None, float | None]:
         return None, None
-
-    def loading_allocations(self):
-        return Platform.loading_allocations(self)  # expandable segments: measured on NVIDIA only
