@@ -103,6 +103,8 @@ def main() -> None:
                   "kernel_warm_up_wait_s": engine.kernel_warm_up_seconds,
                   "long_prompt_warm_up_s": engine.long_prompt_warm_up_seconds,
                   "kv_cache_tokens": (engine.num_kv_blocks - 1) * engine.config.block_size,
+                  "graph_memory_bytes": engine.runner.graph_memory_bytes,
+                  "graph_memory_estimate": engine.runner.graph_memory._asdict() if engine.runner.graph_memory else None,
                   "engine_config": {k: str(v) for k, v in vars(engine.config).items()}, "results": results}
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)

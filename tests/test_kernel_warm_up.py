@@ -284,7 +284,7 @@ def test_a_failing_warm_up_is_logged_and_start_up_goes_on(caplog):
         platform=types.SimpleNamespace(supports_triton=True, supports_dependent_launch=lambda: False,
                                        synchronize=lambda: None),
         model=torch.nn.ModuleList([layer]), _layer_cache=lambda blocks: types.SimpleNamespace(k=torch.zeros(blocks, 16, 2, 16)),
-        _finish_kernel_warm_up=None)
+        _finish_kernel_warm_up=None, kernel_warm_up_wait_seconds=0.0)
     with caplog.at_level("WARNING"):
         ModelRunner.start_kernel_warm_up(runner)
         seconds = ModelRunner.finish_kernel_warm_up(runner)

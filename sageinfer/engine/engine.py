@@ -300,10 +300,12 @@ class LLMEngine:
         except BaseException:
             self.runner.finish_kernel_warm_up(cancel=True)  # no compile left running past a failed start
             raise
-        # The memory profile's step runs beside the background compiles: its own kernels compile here.
-        self.memory_profile_seconds = time.perf_counter() - started
+        # The memory profile's step runs beside the background compiles: its own kernels compile here. It
+        # may wait for them (before it measures the graphs): that wait counts as the warm-up's.
+        self.memory_profile_seconds = time.perf_counter() - started - self.runner.kernel_warm_up_wait_seconds
         logger.info("memory profile and KV cache allocation took %.1f s", self.memory_profile_seconds)
-        self.kernel_warm_up_seconds = self.runner.finish_kernel_warm_up()
+        self.runner.finish_kernel_warm_up()
+        self.kernel_warm_up_seconds = self.runner.kernel_warm_up_wait_seconds
         if self.kernel_warm_up_seconds:
             logger.info("start-up waited %.1f s for the kernel warm-up (attention, quantized layers)",
                         self.kernel_warm_up_seconds)

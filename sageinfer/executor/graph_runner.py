@@ -36,10 +36,12 @@ def _batch_size(key) -> int:
 
 
 def capture_ladder(keys: list, make_meta, model, backend, platform, num_kv_heads: int, input_ids: torch.Tensor,
-                   positions: torch.Tensor, kv_caches, dependent_launch_max: int = 0) -> tuple[dict, dict, float]:
+                   positions: torch.Tensor, kv_caches, dependent_launch_max: int = 0,
+                   after_each=None) -> tuple[dict, dict, float]:
     """Capture one graph per key (a batch size, or a tuple that starts with one), largest batch first so
     smaller graphs reuse its memory. make_meta(key) -> AttentionMetadata built on buffers that outlive
-    the graphs. Returns (graphs, outputs, seconds), keyed alike."""
+    the graphs; after_each(key), if given, once a key's graph is captured. Returns (graphs, outputs,
+    seconds), keyed alike."""
     graphs, outputs = {}, {}
     start = time.perf_counter()
     pool = platform.graph_pool_handle()
@@ -51,6 +53,8 @@ def capture_ladder(keys: list, make_meta, model, backend, platform, num_kv_heads
         with launch.dependent_launch(dependent and size <= dependent_launch_max):
             graphs[key], outputs[key] = capture(platform, pool, model,
                                                 (input_ids[:size], positions[:size], kv_caches, meta))
+        if after_each is not None:
+            after_each(key)
     platform.synchronize()
     return graphs, outputs, time.perf_counter() - start
 
@@ -70,8 +74,12 @@ def graph_batch_sizes(max_num_seqs: int, max_graph_batch: int | None = 512) -> l
 
 
 class DecodeGraphs:
+    """capture_only(keys) -> the keys to capture, and after_each: for executor/graph_memory.py, which
+    captures a few of the ladder's graphs to measure what all of them will hold (self.keys)."""
+
     def __init__(self, model, backend, platform, device, max_num_seqs: int, max_model_len: int,
-                 block_size: int, num_kv_heads: int, kv_caches, max_graph_batch: int = 512):
+                 block_size: int, num_kv_heads: int, kv_caches, max_graph_batch: int = 512, capture_only=None,
+                 after_each=None):
         self.sizes = graph_batch_sizes(max_num_seqs, max_graph_batch)
         self.platform, self.device = platform, device
         self.max_batch = self.sizes[-1]
@@ -109,13 +117,13 @@ class DecodeGraphs:
                 max_seq_len=max_seq_len, query_start_loc_cpu=list(range(bs + 1)), seq_lens_cpu=[1] * bs,
                 cascade_prefix_len=self.cascade_prefix_len if cascade else None)
             return meta
-        keys = [(bs, *variant) for bs in self.sizes for variant in self.variants[bs]]
+        keys = self.keys = [(bs, *variant) for bs in self.sizes for variant in self.variants[bs]]
         self.graphs, self.outputs, self.capture_seconds = capture_ladder(
-            keys, make_meta, model, backend, platform, num_kv_heads, self.input_ids, self.positions, kv_caches,
-            DEPENDENT_LAUNCH_MAX_DECODE_BATCH)
+            capture_only(keys) if capture_only else keys, make_meta, model, backend, platform, num_kv_heads,
+            self.input_ids, self.positions, kv_caches, DEPENDENT_LAUNCH_MAX_DECODE_BATCH, after_each)
         # The backend's plan keeps the cascade input only where its kernels can merge a prefix.
         self.cascade_keys = {key for key, meta in metas.items() if meta.cascade_prefix_len is not None}
-        logger.info("captured %d decode graphs (batch 1..%d) in %.1f s", len(keys), n, self.capture_seconds)
+        logger.info("captured %d decode graphs (batch 1..%d) in %.1f s", len(self.graphs), n, self.capture_seconds)
 
     def can_run(self, num_seqs: int, max_query_len: int) -> bool:
         return max_query_len == 1 and num_seqs <= self.max_batch
@@ -157,11 +165,11 @@ class PrefillGraphs:
     bucket. A short prompt's eager prefill is bound by the host launching ~10 kernels per layer;
     replaying a graph makes time to first token the device's time. The prompt is padded up to the
     bucket: padded rows come after the real ones, so causality keeps them out of the real rows, and
-    their KV writes are skipped (slot -1)."""
+    their KV writes are skipped (slot -1). capture_only, after_each: as DecodeGraphs takes them."""
 
     def __init__(self, model, backend, platform, device, max_num_batched_tokens: int, max_model_len: int,
-                 block_size: int, num_kv_heads: int, kv_caches):
-        self.sizes = prefill_buckets(max_num_batched_tokens, max_model_len)
+                 block_size: int, num_kv_heads: int, kv_caches, capture_only=None, after_each=None):
+        self.sizes = self.keys = prefill_buckets(max_num_batched_tokens, max_model_len)
         self.platform, self.device = platform, device
         n = self.sizes[-1] if self.sizes else 0
         max_blocks = -(-max_model_len // block_size)
@@ -181,9 +189,9 @@ class PrefillGraphs:
                 max_query_len=bs, max_seq_len=bs, query_start_loc_cpu=[0, bs], seq_lens_cpu=[bs])
             return meta
         self.graphs, self.outputs, self.capture_seconds = capture_ladder(
-            self.sizes, make_meta, model, backend, platform, num_kv_heads, self.input_ids, self.positions, kv_caches,
-            max(self.sizes, default=0))
-        logger.info("captured %d prefill graphs (up to %d tokens) in %.1f s", len(self.sizes), n, self.capture_seconds)
+            capture_only(self.sizes) if capture_only else self.sizes, make_meta, model, backend, platform,
+            num_kv_heads, self.input_ids, self.positions, kv_caches, max(self.sizes, default=0), after_each)
+        logger.info("captured %d prefill graphs (up to %d tokens) in %.1f s", len(self.graphs), n, self.capture_seconds)
 
     def can_run(self, scheduled: list, host) -> bool:
         if len(scheduled) != 1 or not self.sizes:

@@ -14,7 +14,7 @@ import torch
 from sageinfer.attention.backend import AttentionMetadata, LayerKVCache, get_attention_backend, new_kv_scales
 from sageinfer.config import EngineConfig
 from sageinfer.distributed.parallel_state import get_tp_group, kv_head_range
-from sageinfer.executor import prompt_logprobs
+from sageinfer.executor import graph_memory, prompt_logprobs
 from sageinfer.executor.graph_runner import graph_batch_sizes
 from sageinfer.executor.penalty_state import PenaltyState
 from sageinfer.executor.prompt_logprobs import PromptLogprobsOutput
@@ -65,6 +65,7 @@ class ModelRunner:
         self.num_kv_heads = kv_head_range(model_config.num_key_value_heads)[1]
         self.backend = get_attention_backend(attention_backend or self._default_backend(), platform)
         self._finish_kernel_warm_up = None  # start_kernel_warm_up's, until finish_kernel_warm_up
+        self.kernel_warm_up_wait_seconds = 0.0  # start-up's waits for the background warm-up, all of them
         self.model = None
         # Seconds of the model load's phases (the engine logs them; start-up's benchmark records them): the
         # backend's setup, building the layers, filling their weights, converting them (device work included).
@@ -104,6 +105,8 @@ class ModelRunner:
         self.kv_caches: list[LayerKVCache] = []
         self.graphs = None  # executor.graph_runner.DecodeGraphs once captured
         self.prefill_graphs = None  # executor.graph_runner.PrefillGraphs once captured
+        self.graph_memory: graph_memory.GraphMemory | None = None  # the memory profile's estimate for them
+        self.graph_memory_bytes = 0  # what their capture took from the device
 
     def _default_backend(self) -> str:
         name = self.platform.preferred_attention_backend
@@ -160,15 +163,34 @@ class ModelRunner:
         self.penalties.release()  # its slots for a full batch of penalty requests were part of the peak
         self.platform.synchronize()
         peak = self.platform.peak_memory_allocated() - dummy_kv_bytes
+        graphs = self._measure_graph_memory()
         self.kv_caches = []
         self.platform.empty_cache()
         free, total = self.platform.mem_get_info()
         # gpu_memory_utilization is this instance's share (as in vLLM): another instance on the same
         # device (a prefill beside a decode) does not shrink it, but no budget exceeds what is free.
-        budget = min(total * self.config.gpu_memory_utilization - peak, free - 0.02 * total)
-        logger.info("memory profile: peak %.2f GiB of %.2f GiB (%.2f GiB free), KV budget %.2f GiB",
-                    peak / 2**30, total / 2**30, free / 2**30, budget / 2**30)
+        # The graphs, captured after the cache, take their part of either.
+        budget = min(total * self.config.gpu_memory_utilization - peak, free - 0.02 * total) - graphs
+        logger.info("memory profile: peak %.2f GiB of %.2f GiB (%.2f GiB free), graphs %.2f GiB, KV budget %.2f GiB",
+                    peak / 2**30, total / 2**30, free / 2**30, graphs / 2**30, budget / 2**30)
+        if graphs:
+            share = graphs / total
+            logger.info("the graphs' %.2f GiB are held back from the KV cache (measured on %d of their %d: %.2f GiB, "
+                        "%.1f MiB a graph more): gpu_memory_utilization %.3f gives the cache what %.3f gave without "
+                        "it (SAGEINFER_GRAPH_MEMORY_ESTIMATE=0)", graphs / 2**30, self.graph_memory.captured,
+                        self.graph_memory.graphs, self.graph_memory.measured_bytes / 2**30,
+                        self.graph_memory.per_graph_bytes / 2**20, self.config.gpu_memory_utilization + share,
+                        self.config.gpu_memory_utilization)
         return max(int(budget), 0)
+
+    def _measure_graph_memory(self) -> int:
+        """The bytes the graphs will hold (executor/graph_memory.py), measured on the memory profile's
+        throw-away cache once the background compiles are done: a capture must not meet their launches."""
+        if not self._captures_graphs() or not graph_memory.GRAPH_MEMORY_ESTIMATE:
+            return 0
+        self.finish_kernel_warm_up()
+        self.graph_memory = graph_memory.measure(self.platform, self._graph_ladders)
+        return self.graph_memory.bytes
 
     def _costliest_sampling(self, rows: int) -> SamplingBatch:
         """The sampling batch of `rows` requests whose options each take [rows, vocab] buffers: penalties (through
@@ -290,8 +312,9 @@ class ModelRunner:
             self._finish_kernel_warm_up = functools.partial(finish_all, finishes)
 
     def finish_kernel_warm_up(self, cancel: bool = False) -> float:
-        """Wait for start_kernel_warm_up's compiles (before the graph capture, which launches them); the
-        seconds start-up waited. cancel: a start-up that failed: wait only for the launches under way."""
+        """Wait for start_kernel_warm_up's compiles (before a graph capture, which launches them); the
+        seconds start-up waited in this call (kernel_warm_up_wait_seconds sums them). cancel: a start-up
+        that failed: wait only for the launches under way."""
         finish, self._finish_kernel_warm_up = self._finish_kernel_warm_up, None
         if finish is None:
             return 0.0
@@ -301,7 +324,9 @@ class ModelRunner:
             self.platform.synchronize()
         except Exception:
             logger.warning("kernel warm-up failed; its kernels compile on first use", exc_info=True)
-        return time.perf_counter() - start
+        waited = time.perf_counter() - start
+        self.kernel_warm_up_wait_seconds += waited
+        return waited
 
     def _logit_rows(self, hidden: torch.Tensor, indices: list[int]) -> torch.Tensor:
         """The rows of hidden to sample, padded up to the next of logit_row_counts (the last one repeated, or
@@ -337,17 +362,29 @@ class ModelRunner:
     def _captures_graphs(self) -> bool:
         return not self.config.enforce_eager and self.platform.supports_graphs and self.backend.graph_capturable
 
+    def _graph_ladders(self, capture_only=None, after_each=None) -> list:
+        """The decode and prefill graphs on the current cache (capture_only, after_each: graph_runner's)."""
+        from sageinfer.executor.graph_runner import DecodeGraphs, PrefillGraphs
+        c = self.config
+        return [DecodeGraphs(self.model, self.backend, self.platform, self.device, c.max_num_seqs, c.max_model_len,
+                             self.block_size, self.num_kv_heads, self.kv_caches, c.max_graph_batch_size, capture_only,
+                             after_each),
+                PrefillGraphs(self.model, self.backend, self.platform, self.device, c.max_num_batched_tokens,
+                              c.max_model_len, self.block_size, self.num_kv_heads, self.kv_caches, capture_only,
+                              after_each)]
+
     def capture_graphs(self) -> float:
         """Capture decode graphs if the platform can; returns the capture time in seconds."""
         if not self._captures_graphs():
             return 0.0
-        from sageinfer.executor.graph_runner import DecodeGraphs, PrefillGraphs
-        self.graphs = DecodeGraphs(self.model, self.backend, self.platform, self.device, self.config.max_num_seqs,
-                                   self.config.max_model_len, self.block_size,
-                                   self.num_kv_heads, self.kv_caches, self.config.max_graph_batch_size)
-        self.prefill_graphs = PrefillGraphs(self.model, self.backend, self.platform, self.device,
-                                            self.config.max_num_batched_tokens, self.config.max_model_len,
-                                            self.block_size, self.num_kv_heads, self.kv_caches)
+        self.platform.synchronize()
+        free = self.platform.mem_get_info()[0]
+        self.graphs, self.prefill_graphs = self._graph_ladders()
+        self.platform.synchronize()
+        self.graph_memory_bytes = free - self.platform.mem_get_info()[0]
+        if self.graph_memory is not None:
+            logger.info("the graphs took %.2f GiB of the device (estimated %.2f GiB)", self.graph_memory_bytes / 2**30,
+                        self.graph_memory.bytes / 2**30)
         return self.graphs.capture_seconds + self.prefill_graphs.capture_seconds
 
     # ---- one step (hot path: keep per-token Python work out of here) ---------------------

@@ -1,0 +1,99 @@
+"""The memory profile holds the graphs' memory back from the KV cache (executor/graph_memory.py): on a CPU
+through stand-in graphs that each take a MiB of a stand-in device, and on a GPU against the real capture."""
+import contextlib
+
+import pytest
+import torch
+
+from sageinfer import LLM
+from sageinfer.executor import graph_memory
+from sageinfer.executor.model_runner import ModelRunner
+from sageinfer.platforms.cpu import CpuPlatform
+
+MIB = 1 << 20
+
+
+class _Device:
+    """A device of 1 GiB from which every live stand-in graph takes a MiB (as the driver's own memory does)."""
+    live = 0
+    events: list = []
+
+
+class _Graph:
+    def __init__(self):
+        _Device.live += 1
+        _Device.events.append("capture")
+
+    def __del__(self):
+        _Device.live -= 1
+
+    def replay(self):
+        pass
+
+
+def _stand_in_graphs(monkeypatch):
+    _Device.live, _Device.events = 0, []
+    monkeypatch.setattr(CpuPlatform, "default_kv_cache_bytes", lambda self: None)  # profile, as GPUs do
+    monkeypatch.setattr(CpuPlatform, "mem_get_info", lambda self: ((1 << 30) - _Device.live * MIB, 1 << 30))
+    monkeypatch.setattr(CpuPlatform, "graph_class", lambda self: _Graph, raising=False)
+    monkeypatch.setattr(CpuPlatform, "graph_context", lambda self, graph, pool=None, stream=None:
+                        contextlib.nullcontext(), raising=False)
+    monkeypatch.setattr(CpuPlatform, "graph_pool_handle", lambda self: None, raising=False)
+    monkeypatch.setattr(ModelRunner, "_captures_graphs", lambda self: True)
+
+    def start(self, attention=True, linear=True):  # a background warm-up, recording when it is waited for
+        self._finish_kernel_warm_up = lambda cancel: _Device.events.append("warm-up finished")
+    monkeypatch.setattr(ModelRunner, "start_kernel_warm_up", start)
+
+
+def test_the_graphs_memory_is_measured_on_a_few_and_held_back_from_the_cache(llama_dir, monkeypatch):
+    _stand_in_graphs(monkeypatch)
+    llm = LLM(llama_dir, dtype="float32", max_model_len=256, max_num_seqs=40, max_num_batched_tokens=256,
+              gpu_memory_utilization=0.5, show_progress=False)
+    runner = llm.engine.runner
+    decode_sizes, prefill_sizes = runner.graphs.sizes, runner.prefill_graphs.sizes
+    assert decode_sizes == [1, 2, 4, 8, 16, 32, 48] and prefill_sizes == [64, 128, 256]
+    estimate = runner.graph_memory
+    # Measured on the largest and smallest of each ladder (4 MiB), then a MiB and the output's rows for each other.
+    row_bytes = runner.model_config.hidden_size * 4
+    rest = [2, 4, 8, 16, 32, 128]
+    assert (estimate.captured, estimate.graphs) == (4, 10)
+    assert estimate.measured_bytes == 4 * MIB and estimate.per_graph_bytes == MIB
+    assert estimate.bytes == 4 * MIB + len(rest) * MIB + sum(rest) * row_bytes
+    # ... released before the cache is sized; the real capture then took what the estimate said, less the rows
+    # of outputs that the stand-in device does not count.
+    assert runner.graph_memory_bytes == 10 * MIB == _Device.live * MIB
+    per_block = runner.kv_bytes_per_block()
+    assert llm.engine.num_kv_blocks == ((1 << 29) - estimate.bytes) // per_block
+    # The background compiles were waited for before the first capture, not only before the real one.
+    assert _Device.events.index("warm-up finished") < _Device.events.index("capture")
+
+
+def test_without_the_estimate_the_cache_takes_the_graphs_share_as_before(llama_dir, monkeypatch):
+    _stand_in_graphs(monkeypatch)
+    monkeypatch.setattr(graph_memory, "GRAPH_MEMORY_ESTIMATE", False)
+    llm = LLM(llama_dir, dtype="float32", max_model_len=256, max_num_seqs=40, max_num_batched_tokens=256,
+              gpu_memory_utilization=0.5, show_progress=False)
+    assert llm.engine.runner.graph_memory is None
+    assert llm.engine.num_kv_blocks == (1 << 29) // llm.engine.runner.kv_bytes_per_block()
+    assert _Device.events == ["warm-up finished"] + ["capture"] * 10  # the real ladders only
+
+
+def test_the_keys_measured_are_the_largest_batchs_variants_and_the_smallest():
+    assert graph_memory.largest_and_smallest([(1, 9, True), (8, 9, True), (8, 4, False), (4, 9, True)]) == \
+        [(8, 9, True), (8, 4, False), (1, 9, True)]
+    assert graph_memory.largest_and_smallest([64, 128, 256]) == [256, 64]
+    assert graph_memory.largest_and_smallest([256]) == [256]
+    assert graph_memory.largest_and_smallest([]) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the real capture needs a GPU")
+def test_on_a_gpu_the_estimate_covers_the_real_capture(llama_dir):
+    llm = LLM(llama_dir, max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=2048,
+              gpu_memory_utilization=0.5, show_progress=False)
+    runner = llm.engine.runner
+    estimate = runner.graph_memory
+    assert estimate is not None and estimate.captured < estimate.graphs
+    # Over, not under (a few MiB of slack for the allocator's segments), and not wildly over.
+    assert runner.graph_memory_bytes <= estimate.bytes + 4 * MIB
+    assert estimate.bytes <= 2 * runner.graph_memory_bytes + 64 * MIB
