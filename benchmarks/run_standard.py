@@ -56,6 +56,11 @@ def main() -> None:
           f"{engine.graph_capture_seconds:.1f} s; attention-kernel warm-up waited {engine.kernel_warm_up_seconds:.1f} s; "
           f"long-prompt warm-up {engine.long_prompt_warm_up_seconds:.1f} s; device "
           f"{engine.platform.device_name()}", flush=True)
+    estimate = engine.runner.graph_memory
+    print(f"graphs took {engine.runner.graph_memory_bytes / 2**30:.3f} GiB of the device"
+          + (f" (estimated {estimate.bytes / 2**30:.3f} GiB from {estimate.captured} of {estimate.graphs}: "
+             f"{estimate.measured_bytes / 2**30:.3f} GiB, {estimate.per_graph_bytes / 2**20:.1f} MiB a graph more)"
+             if estimate else ""), flush=True)
 
     # Warm-up: compile kernels for the prefill and decode shapes outside the timed runs.
     warm = {"seed": 99, "num_prompts": 8, "input_len": 300, "output_len": 8}
