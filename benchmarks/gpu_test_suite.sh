@@ -4,7 +4,7 @@
 #   group 1: the engine tests, split in two halves by file, one half per GPU
 #   group 2: the server tests on GPU 0 beside the router and PD-serving tests on GPU 1, then the
 #            tensor-parallel tests across all GPUs
-# With one GPU the parts of a group run one after the other; GROUP=shared runs the whole suite as eight
+# With one GPU the parts of a group run one after the other; GROUP=shared runs the whole suite as nine
 # parts side by side on GPU 0 instead (one call of about 6 minutes on an H200: the tests' models are
 # tiny and most size their KV cache explicitly, so they share one card). Logs go to $OUT; the exit
 # status is the worst part's.
@@ -29,11 +29,13 @@ tests/test_ops_gemv.py tests/test_llm_compressor.py tests/test_generation_vs_tra
 tests/test_ops_prefill_attention.py tests/test_ops_paged_attention.py"
 ENGINE=$( (for f in $SLOW; do echo "$ALL_ENGINE" | grep -x "$f"; done; echo "$ALL_ENGINE" | grep -v -x -F "$(echo $SLOW | tr ' ' '\n')") )
 # The engine's files dealt out in turn:
-# two parts for two GPUs, five when the parts share one (GROUP=shared; with four, the part that drew both the
-# quantization and the GEMV tests ran 415 s on an H200 while the others ended in 270-300 s).
+# two parts for two GPUs, six when the parts share one (GROUP=shared; with four, the part that drew both the
+# quantization and the GEMV tests ran 415 s on an H200 while the others ended in 270-300 s; with five, two parts
+# passed 420 s on an H100 on 12-06).
 deal() { echo "$ENGINE" | awk -v n="$1" -v i="$2" 'NR % n == i'; }
 if [ "$GROUP" = shared ]; then
-  ENGINE_A=$(deal 5 1); ENGINE_B=$(deal 5 2); ENGINE_C=$(deal 5 3); ENGINE_D=$(deal 5 4); ENGINE_E=$(deal 5 0)
+  ENGINE_A=$(deal 6 1); ENGINE_B=$(deal 6 2); ENGINE_C=$(deal 6 3); ENGINE_D=$(deal 6 4); ENGINE_E=$(deal 6 5)
+  ENGINE_F=$(deal 6 0)
 else
   ENGINE_A=$(deal 2 1); ENGINE_B=$(deal 2 0)
 fi
@@ -63,11 +65,12 @@ if [ "$GROUP" = shared ]; then
   part engine_c 0 $ENGINE_C & p6=$!
   part engine_d 0 $ENGINE_D & p7=$!
   part engine_e 0 $ENGINE_E & p8=$!
+  part engine_f 0 $ENGINE_F & p9=$!
   part routing 0 tests/test_router.py tests/test_tensor_parallel.py & p3=$!
   part server 0 $SERVING & p4=$!
   part pd 0 tests/test_pd_serving.py & p5=$!  # its instances start slowly on a GPU: a part of its own
-  for p in $p1 $p2 $p6 $p7 $p8 $p3 $p4 $p5; do wait $p; rc=$?; worst=$(( worst > rc ? worst : rc )); done
-  ran="engine_a engine_b engine_c engine_d engine_e routing server pd"
+  for p in $p1 $p2 $p6 $p7 $p8 $p9 $p3 $p4 $p5; do wait $p; rc=$?; worst=$(( worst > rc ? worst : rc )); done
+  ran="engine_a engine_b engine_c engine_d engine_e engine_f routing server pd"
 fi
 if [ "$GROUP" = 1 ] || [ "$GROUP" = all ]; then
   pair engine_a "$ENGINE_A" engine_b "$ENGINE_B"; ran="$ran engine_a engine_b"
@@ -83,6 +86,9 @@ if [ "$GROUP" = 2 ] || [ "$GROUP" = all ]; then
 fi
 for name in $ran; do
   echo "== $name"; grep -E "^(FAILED|ERROR)" "$OUT/tests_$name.log" | head -20
+  if grep -q "KeyboardInterrupt" "$OUT/tests_$name.log"; then  # pytest's summary then reads like a whole part's
+    echo "CUT SHORT after $PART s: the tests after the last one logged did not run"; worst=$(( worst > 1 ? worst : 1 ))
+  fi
   grep -E "^=+ .*(passed|failed|error)" "$OUT/tests_$name.log" | tail -1
 done
 exit $worst

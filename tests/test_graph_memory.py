@@ -89,7 +89,7 @@ def test_the_keys_measured_are_the_largest_batchs_variants_and_the_smallest():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the real capture needs a GPU")
 def test_on_a_gpu_the_estimate_covers_the_real_capture(llama_dir):
-    llm = LLM(llama_dir, max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=2048,
+    llm = LLM(llama_dir, max_model_len=1024, max_num_seqs=256, max_num_batched_tokens=1024,
               gpu_memory_utilization=0.5, show_progress=False)
     runner = llm.engine.runner
     estimate = runner.graph_memory
