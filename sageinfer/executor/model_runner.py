@@ -169,8 +169,10 @@ class ModelRunner:
         free, total = self.platform.mem_get_info()
         # gpu_memory_utilization is this instance's share (as in vLLM): another instance on the same
         # device (a prefill beside a decode) does not shrink it, but no budget exceeds what is free.
-        # The graphs, captured after the cache, take their part of either.
-        budget = min(total * self.config.gpu_memory_utilization - peak, free - 0.02 * total) - graphs
+        # The graphs, captured after the cache, take their part of either (what their measurement left
+        # taken is already out of what is free).
+        kept = self.graph_memory.kept_bytes if graphs else 0
+        budget = min(total * self.config.gpu_memory_utilization - peak - graphs, free - 0.02 * total - (graphs - kept))
         logger.info("memory profile: peak %.2f GiB of %.2f GiB (%.2f GiB free), graphs %.2f GiB, KV budget %.2f GiB",
                     peak / 2**30, total / 2**30, free / 2**30, graphs / 2**30, budget / 2**30)
         if graphs:
