@@ -14,9 +14,11 @@ MIB = 1 << 20
 
 
 class _Device:
-    """A device of 1 GiB from which every live stand-in graph takes a MiB (as the driver's own memory does),
-    and the first capture `first_keeps` MiB for good (as a capture stream's library workspace does)."""
-    live = kept = first_keeps = 0
+    """A device of 1 GiB from which every live stand-in graph takes a MiB, the first capture `first_keeps` MiB
+    for good (as a capture stream's library workspace does), both through this process's allocator, and another
+    process `others_take` MiB at the second capture (the free memory shows it, the allocator does not)."""
+    live = kept = first_keeps = others = others_take = 0
+    total = 1 << 30
     events: list = []
 
 
@@ -24,6 +26,8 @@ class _Graph:
     def __init__(self):
         _Device.live += 1
         _Device.kept, _Device.first_keeps = _Device.kept + _Device.first_keeps, 0
+        if _Device.events.count("capture") == 1:
+            _Device.others, _Device.others_take = _Device.others + _Device.others_take, 0
         _Device.events.append("capture")
 
     def __del__(self):
@@ -33,11 +37,14 @@ class _Graph:
         pass
 
 
-def _stand_in_graphs(monkeypatch, first_keeps: int = 0):
+def _stand_in_graphs(monkeypatch, first_keeps: int = 0, others_take: int = 0, total: int = 1 << 30):
     _Device.live, _Device.kept, _Device.first_keeps, _Device.events = 0, 0, first_keeps, []
+    _Device.others, _Device.others_take, _Device.total = 0, others_take, total
     monkeypatch.setattr(CpuPlatform, "default_kv_cache_bytes", lambda self: None)  # profile, as GPUs do
     monkeypatch.setattr(CpuPlatform, "mem_get_info",
-                        lambda self: ((1 << 30) - (_Device.live + _Device.kept) * MIB, 1 << 30))
+                        lambda self: (_Device.total - (_Device.live + _Device.kept + _Device.others) * MIB,
+                                      _Device.total))
+    monkeypatch.setattr(CpuPlatform, "memory_reserved", lambda self: (_Device.live + _Device.kept) * MIB)
     monkeypatch.setattr(CpuPlatform, "graph_class", lambda self: _Graph, raising=False)
     monkeypatch.setattr(CpuPlatform, "graph_context", lambda self, graph, pool=None, stream=None:
                         contextlib.nullcontext(), raising=False)
@@ -86,6 +93,25 @@ def test_what_the_first_capture_keeps_is_counted_once_where_the_free_memory_boun
     assert budget < 0.99 * (1 << 30) - estimate.bytes
     assert llm.engine.num_kv_blocks == int(budget) // runner.kv_bytes_per_block()
     assert runner.graph_memory_bytes == 10 * MIB  # the real capture: the graphs alone (the 3 MiB were kept before)
+
+
+def test_another_process_allocating_meanwhile_counts_no_more_than_the_allocator_and_driver_explain(
+        llama_dir, monkeypatch, caplog):
+    """2 GiB taken by another process on a 4 GiB device during the measurement (between the decode ladder's two
+    captures): the graphs count what this process's allocator reserved for them plus the driver's allowance, one
+    more graph at most its limit, none of it as kept; the cache is not starved."""
+    _stand_in_graphs(monkeypatch, others_take=2048, total=4 << 30)
+    with caplog.at_level("WARNING"):
+        llm = LLM(llama_dir, dtype="float32", max_model_len=256, max_num_seqs=40, max_num_batched_tokens=256,
+                  gpu_memory_utilization=0.5, device="cpu", show_progress=False)
+    runner = llm.engine.runner
+    estimate = runner.graph_memory
+    assert estimate.measured_bytes == 4 * MIB + graph_memory.DRIVER_ALLOWANCE_BYTES < 2052 * MIB
+    assert estimate.per_graph_bytes == graph_memory.PER_GRAPH_LIMIT_BYTES and estimate.kept_bytes == 0
+    assert "another process on it?" in caplog.text
+    # The other process's 2 GiB leave less free than half the device: that bound, less the whole estimate.
+    budget = min(0.5 * (4 << 30) - estimate.bytes, (4 << 30) - 2048 * MIB - 0.02 * (4 << 30) - estimate.bytes)
+    assert llm.engine.num_kv_blocks == int(budget) // runner.kv_bytes_per_block()
 
 
 def test_without_the_estimate_the_cache_takes_the_graphs_share_as_before(llama_dir, monkeypatch):

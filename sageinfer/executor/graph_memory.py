@@ -17,14 +17,29 @@ capture stream's library workspaces, kernels loaded for it): the estimate includ
 (kept_bytes), since it is already gone from the free memory read after it. On an H100 (Qwen3-8B, 34 graphs)
 the estimate came to 517 MiB, of which 104 kept; capturing the whole ladders again took 414 MiB.
 
+The free memory is the device's: another process on it (instances that `sageinfer launch` starts on a shared
+device) may allocate while the graphs are measured. Where the platform tells what this process's allocator
+reserved, the measurement counts that plus an allowance for the driver's own part, no more; one more graph
+counts at most PER_GRAPH_LIMIT_BYTES; and what stays taken counts only what this process's allocator holds
+after such a measurement (the free memory read after it lacks the other process's share, not the graphs').
+
 SAGEINFER_GRAPH_MEMORY_ESTIMATE=0 leaves the graphs out of the budget, as before."""
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from typing import Callable, NamedTuple
 
 GRAPH_MEMORY_ESTIMATE = os.environ.get("SAGEINFER_GRAPH_MEMORY_ESTIMATE", "1") != "0"
+# The driver's part of the captured graphs beyond the allocator's (their launches, the kernels loaded for
+# them), generously: not yet measured apart on a GPU, where the 5 graphs of Qwen3-8B or Llama-3.1-70B took
+# 480-670 MiB in all on an H100, 104 MiB of it kept, and one more graph 0-2 MiB. It bounds what another
+# process's allocations (a weight load: gigabytes) can add to the estimate.
+DRIVER_ALLOWANCE_BYTES = 512 << 20
+PER_GRAPH_LIMIT_BYTES = 8 << 20
+
+logger = logging.getLogger(__name__)
 
 
 class GraphMemory(NamedTuple):
@@ -59,19 +74,29 @@ def measure(platform, build_ladders: Callable) -> GraphMemory:
         return platform.mem_get_info()[0]
     marks: list[int] = []
     platform.empty_cache()
-    start = free()
+    start, reserved = free(), platform.memory_reserved()
     ladders = build_ladders(largest_and_smallest, lambda key: marks.append(free()))
-    measured = start - free()
+    measured = lost = start - free()
+    if reserved is not None:
+        measured = min(lost, platform.memory_reserved() - reserved + DRIVER_ALLOWANCE_BYTES)
+        if measured < lost:
+            logger.warning("the device lost %.2f GiB while this process's graphs were measured, %.2f GiB more than "
+                           "they can explain (another process on it?): counting %.2f GiB", lost / 2**30,
+                           (lost - measured) / 2**30, measured / 2**30)
     decode = ladders[0]
     # The decode ladder's last capture (its smallest graph, after the largest batch's): what one more graph adds.
     per_graph = max(marks[len(decode.graphs) - 2] - marks[len(decode.graphs) - 1], 0) if len(decode.graphs) > 1 else 0
+    per_graph = min(per_graph, PER_GRAPH_LIMIT_BYTES)
     estimate = measured + sum(_not_captured(ladder, per_graph) for ladder in ladders)
     captured, total = sum(len(ladder.graphs) for ladder in ladders), sum(len(ladder.keys) for ladder in ladders)
     del ladders, decode
     gc.collect()
     platform.synchronize()
     platform.empty_cache()
-    return GraphMemory(estimate, measured, captured, total, per_graph, start - free())
+    kept = start - free()
+    if measured < lost:  # what another process took is not this one's to keep: only what its allocator holds
+        kept = min(kept, max(platform.memory_reserved() - reserved, 0))
+    return GraphMemory(estimate, measured, captured, total, per_graph, min(kept, measured))
 
 
 def _not_captured(ladder, per_graph: int) -> int:

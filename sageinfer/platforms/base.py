@@ -143,6 +143,11 @@ class Platform:
     def memory_allocated(self) -> int:
         return 0
 
+    def memory_reserved(self) -> int | None:
+        """Bytes this process's allocator holds on the device (None where it cannot tell): unlike
+        mem_get_info's free memory, another process's allocations leave it alone."""
+        return None
+
     def empty_cache(self) -> None:
         pass
 

@@ -223,6 +223,9 @@ class CudaPlatform(Platform):
     def memory_allocated(self) -> int:
         return torch.cuda.memory_allocated()
 
+    def memory_reserved(self) -> int | None:
+        return torch.cuda.memory_reserved()
+
     def empty_cache(self) -> None:
         torch.cuda.empty_cache()
 

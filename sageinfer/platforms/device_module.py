@@ -60,6 +60,10 @@ class DeviceModulePlatform(Platform):
     def memory_allocated(self) -> int:
         return self.api.memory_allocated()
 
+    def memory_reserved(self) -> int | None:
+        reserved = getattr(self.api, "memory_reserved", None)
+        return reserved() if reserved is not None else None
+
     def empty_cache(self) -> None:
         self.api.empty_cache()
 
