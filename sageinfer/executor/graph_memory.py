@@ -31,6 +31,8 @@ import logging
 import os
 from typing import Callable, NamedTuple
 
+from sageinfer.executor.graph_runner import batch_size_of
+
 GRAPH_MEMORY_ESTIMATE = os.environ.get("SAGEINFER_GRAPH_MEMORY_ESTIMATE", "1") != "0"
 # The driver's part of the captured graphs beyond the allocator's (their launches, the kernels loaded for
 # them), generously: not yet measured apart on a GPU, where the 5 graphs of Qwen3-8B or Llama-3.1-70B took
@@ -51,17 +53,13 @@ class GraphMemory(NamedTuple):
     kept_bytes: int       # what stayed taken once they were released (a first capture's state: not again)
 
 
-def _size(key) -> int:
-    return key[0] if isinstance(key, tuple) else key
-
-
 def largest_and_smallest(keys: list) -> list:
     """The keys of the largest batch size (a decode batch's variants), then the smallest key."""
     if not keys:
         return []
-    largest = max(_size(k) for k in keys)
-    chosen = [k for k in keys if _size(k) == largest]
-    smallest = min(keys, key=_size)
+    largest = max(batch_size_of(k) for k in keys)
+    chosen = [k for k in keys if batch_size_of(k) == largest]
+    smallest = min(keys, key=batch_size_of)
     return chosen + ([smallest] if smallest not in chosen else [])
 
 
@@ -104,5 +102,5 @@ def _not_captured(ladder, per_graph: int) -> int:
     if not ladder.graphs:
         return 0
     key = next(iter(ladder.outputs))
-    row_bytes = ladder.outputs[key].nbytes // max(_size(key), 1)
-    return sum(per_graph + _size(k) * row_bytes for k in ladder.keys if k not in ladder.graphs)
+    row_bytes = ladder.outputs[key].nbytes // max(batch_size_of(key), 1)
+    return sum(per_graph + batch_size_of(k) * row_bytes for k in ladder.keys if k not in ladder.graphs)

@@ -31,7 +31,8 @@ def capture(platform, pool, model, args: tuple):
     return graph, output
 
 
-def _batch_size(key) -> int:
+def batch_size_of(key) -> int:
+    """A ladder key's batch size: the key itself, or a tuple key's first element."""
     return key[0] if isinstance(key, tuple) else key
 
 
@@ -46,8 +47,8 @@ def capture_ladder(keys: list, make_meta, model, backend, platform, num_kv_heads
     start = time.perf_counter()
     pool = platform.graph_pool_handle()
     dependent = platform.supports_dependent_launch() and backend.name == "triton"
-    for key in sorted(keys, key=_batch_size, reverse=True):
-        size = _batch_size(key)
+    for key in sorted(keys, key=batch_size_of, reverse=True):
+        size = batch_size_of(key)
         meta = make_meta(key)
         backend.plan(meta, num_kv_heads)
         with launch.dependent_launch(dependent and size <= dependent_launch_max):

@@ -52,12 +52,15 @@ def pack(q: torch.Tensor, slice_width: int = 1) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
                dtype: torch.dtype, slice_width: int = 1) -> torch.Tensor:
+    """4-bit values above 8 plus their group's zero point (zeros None: symmetric, above 8), times the group's
+    scale."""
     q = unpack(packed, slice_width).float() - 8.0
-    z = zeros.float().repeat_interleave(group_size, dim=1)
+    if zeros is not None:
+        q = q - zeros.float().repeat_interleave(group_size, dim=1)
     s = scales.float().repeat_interleave(group_size, dim=1)
-    return ((q - z) * s).to(dtype)
+    return (q * s).to(dtype)
 
 
 @triton.jit
@@ -103,8 +106,9 @@ def _bytes_as(raw, INT8: tl.constexpr, dtype: tl.constexpr):
 @triton.jit
 def _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, stride_sn,
                  INT4: tl.constexpr, GROUP: tl.constexpr, SLICE: tl.constexpr, BLOCK_K: tl.constexpr,
-                 INT8: tl.constexpr = False):
-    """Rows ns x columns ks (one group: k0 // GROUP) of the weight, expanded to fp32 and scaled."""
+                 INT8: tl.constexpr = False, HAS_ZERO: tl.constexpr = True):
+    """Rows ns x columns ks (one group: k0 // GROUP) of the weight, expanded to fp32 and scaled; 4-bit
+    values sit above 8 plus their zero point (HAS_ZERO), else above 8."""
     w_mask = n_mask[:, None] & k_mask[None, :]
     s = tl.load(s_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
     if INT4:
@@ -115,8 +119,9 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, str
             word = (ks // (8 * SLICE)) * SLICE + ks % SLICE
             shift = (((ks // SLICE) % 8) * 4)[None, :]
         words = tl.load(w_ptr + ns[:, None] * stride_wn + word[None, :], mask=w_mask, other=0)
-        z = tl.load(z_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0).to(tl.float32)
-        q = nibbles_as_float(words, shift) - (8.0 + z)[:, None]
+        q = nibbles_as_float(words, shift) - 8.0  # (small integers: exact in either order)
+        if HAS_ZERO:
+            q -= tl.load(z_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0).to(tl.float32)[:, None]
     else:
         raw = tl.load(w_ptr + ns[:, None] * stride_wn + ks[None, :], mask=w_mask, other=0)
         q = _bytes_as(raw, INT8, tl.float32)
@@ -171,13 +176,13 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_w
 @triton.jit
 def _dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
                        INT4: tl.constexpr, GROUP: tl.constexpr, SLICE: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, INT8: tl.constexpr = False):
+                       BLOCK_K: tl.constexpr, INT8: tl.constexpr = False, HAS_ZERO: tl.constexpr = True):
     ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     ks = k0 + tl.arange(0, BLOCK_K)
     n_mask, k_mask = ns < N, ks < K
     w = _weight_tile(w_ptr, s_ptr, z_ptr, ns, ks, k0, n_mask, k_mask, stride_wn, stride_sn, INT4, GROUP, SLICE,
-                     BLOCK_K, INT8)
+                     BLOCK_K, INT8, HAS_ZERO)
     tl.store(out_ptr + ns.to(tl.int64)[:, None] * stride_on + ks[None, :], w.to(out_ptr.dtype.element_ty),
              mask=n_mask[:, None] & k_mask[None, :])
 
@@ -198,15 +203,17 @@ def expansion_run(w_ptr, out_ptr, N, stride_wn, stride_on, SLICE: tl.constexpr, 
 
 @triton.jit
 def _int4_dequantize_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, stride_wn, stride_sn, stride_on, GROUP: tl.constexpr,
-                            SLICE: tl.constexpr, BLOCK_N: tl.constexpr):
+                            SLICE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ZERO: tl.constexpr = True):
     """One run of 8 SLICE columns of BLOCK_N rows: each word read once, its eight nibbles written as
-    eight slices of consecutive columns."""
+    eight slices of consecutive columns (above 8 plus their zero points with HAS_ZERO, else above 8)."""
     ns, n_mask, run, ws, words, out_rows = expansion_run(w_ptr, out_ptr, N, stride_wn, stride_on, SLICE, BLOCK_N)
     for j in tl.static_range(8):
         k0 = (run * 8 + j) * SLICE
         s = tl.load(s_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0).to(tl.float32)
-        w = (nibbles_as_float(words, 4 * j) - (8.0 + z)[:, None]) * s[:, None]
+        q = nibbles_as_float(words, 4 * j) - 8.0  # (small integers: exact in either order)
+        if HAS_ZERO:
+            q -= tl.load(z_ptr + ns * stride_sn + k0 // GROUP, mask=n_mask, other=0).to(tl.float32)[:, None]
+        w = q * s[:, None]
         tl.store(out_rows + (k0 + ws)[None, :], w.to(out_ptr.dtype.element_ty), mask=n_mask[:, None])
 
 
@@ -217,18 +224,22 @@ _MIN_RUN_SLICE = 16
 def _dequantize_launch(w, scales, zeros, int4: bool, group: int, n: int, k: int, dtype: torch.dtype,
                        slice_width: int = 1, int8: bool = False) -> torch.Tensor:
     """The whole weight expanded in one pass (reads its bytes once, writes dtype once): what larger
-    batches multiply with the library GEMM, instead of the torch reference's several fp32 passes."""
+    batches multiply with the library GEMM, instead of the torch reference's several fp32 passes.
+    zeros None: 4-bit values without zero points (symmetric)."""
+    has_zero = zeros is not None
+    zeros = zeros if has_zero else scales  # (a pointer the kernels do not read)
     out = torch.empty(n, k, dtype=dtype, device=w.device)
     if int4 and slice_width >= _MIN_RUN_SLICE:
         block_n = 16
         _int4_dequantize_kernel[(triton.cdiv(n, block_n), k // (8 * slice_width))](
             w, scales, zeros, out, n, w.stride(0), scales.stride(0), out.stride(0), GROUP=group, SLICE=slice_width,
-            BLOCK_N=block_n)
+            BLOCK_N=block_n, HAS_ZERO=has_zero)
         return out
     block_n, block_k = 32, min(128, group & -group)  # a power of two that divides the group
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     _dequantize_kernel[grid](w, scales, zeros, out, n, k, w.stride(0), scales.stride(0), out.stride(0),
-                             INT4=int4, GROUP=group, SLICE=slice_width, BLOCK_N=block_n, BLOCK_K=block_k, INT8=int8)
+                             INT4=int4, GROUP=group, SLICE=slice_width, BLOCK_N=block_n, BLOCK_K=block_k, INT8=int8,
+                             HAS_ZERO=has_zero)
     return out
 
 
@@ -240,12 +251,12 @@ def check_int4_layout(packed, scales, group_size, slice_width, what: str) -> Non
                          f"and slice width {slice_width} do not fit")
 
 
-def dequantize_kernel(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+def dequantize_kernel(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
                       dtype: torch.dtype, slice_width: int = 1) -> torch.Tensor:
     """`dequantize` in one Triton pass."""
     check_int4_layout(packed, scales, group_size, slice_width, "dequantize")
-    return _dequantize_launch(packed, scales.contiguous(), zeros.contiguous(), True, group_size, packed.shape[0],
-                              packed.shape[1] * 8, dtype, slice_width)
+    return _dequantize_launch(packed, scales.contiguous(), zeros.contiguous() if zeros is not None else None, True,
+                              group_size, packed.shape[0], packed.shape[1] * 8, dtype, slice_width)
 
 
 def dequantize_8bit_groups_kernel(weight: torch.Tensor, scale: torch.Tensor, block: int,

@@ -198,8 +198,6 @@ class W4A16Method:
                                  self.group, self.slice_width, num_sms=self.num_sms, split_k=_SPLIT_K)
         else:  # the weight expanded (in one pass where kernels run) for the library GEMM
             expand = dequantize_kernel if kernels else dequantize
-            zeros = getattr(layer, self.zero_name, None)
-            if zeros is None:  # symmetric: made for the call (a 64th of the weight it expands), not held
-                zeros = torch.zeros(scales.shape, dtype=torch.int32, device=scales.device)
+            zeros = getattr(layer, self.zero_name, None)  # (symmetric layers hold none)
             y = torch.nn.functional.linear(x2, expand(packed, scales, zeros, self.group, x.dtype, self.slice_width))
         return y.reshape(*shape[:-1], y.shape[-1])
