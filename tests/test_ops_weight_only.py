@@ -105,24 +105,3 @@ def test_one_pass_8bit_dequantization_is_the_reference(n, k, block, kind):
     for dtype in (torch.float32, torch.bfloat16):
         got = dequantize_8bit_groups_kernel(weight.to(DEVICE), scale.to(DEVICE), block, dtype)
         _same_weight(got.cpu(), dequantize_8bit_groups(weight, scale, block, dtype))
-
-
-@pytest.mark.parametrize("asymmetric", [False, True])
-def test_the_chunked_expansion_multiplies_as_the_whole_expanded_weight(asymmetric):
-    """Past the tensor-core kernel's rows: each chunk of output rows expanded into one reused buffer and
-    multiplied as it is expanded gives the product of the whole expanded weight, the last chunk shorter."""
-    from sageinfer.ops.weight_only import chunked_expansion_matmul
-    gen = torch.Generator().manual_seed(7)
-    n, k, group = 300, 1024, 128
-    packed = pack(torch.randint(0, 16, (n, k), generator=gen), 128)
-    scales = torch.rand(n, k // group, generator=gen) * 0.02 + 0.001
-    zeros = torch.randint(-3, 4, (n, k // group), generator=gen).to(torch.int32) if asymmetric else None
-    x = torch.randn(5, k, generator=gen)
-    scratch = torch.full((128 * k + 100,), float("nan"), device=DEVICE)  # 128 rows a chunk: three chunks
-    got = chunked_expansion_matmul(x.to(DEVICE), packed.to(DEVICE), scales.to(DEVICE),
-                                   zeros.to(DEVICE) if asymmetric else None, group, 128, scratch)
-    want = x @ dequantize(packed, scales, zeros, group, torch.float32, 128).t()
-    assert rel_err(got.cpu(), want) < TOL[torch.float32]
-    with pytest.raises(ValueError, match="do not fit"):  # a buffer short of one 128-row chunk
-        chunked_expansion_matmul(x.to(DEVICE), packed.to(DEVICE), scales.to(DEVICE), None, group, 128,
-                                 scratch[:127 * k])

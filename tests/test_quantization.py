@@ -846,20 +846,16 @@ def test_tp2_block_fp8_as_tp1(llama_dir, tmp_path):
     np.testing.assert_allclose(one[0], two[0], atol=1e-4)
 
 
-@pytest.mark.parametrize("chunk_mb", [0, 1])
 @pytest.mark.parametrize("rows", [1, 3, 8, 20, 32, 33, 80])
-def test_a_w4a16_layer_with_kernels_is_its_dequantized_weight(rows, chunk_mb, monkeypatch):
+def test_a_w4a16_layer_with_kernels_is_its_dequantized_weight(rows, monkeypatch):
     """A 4-bit layer where the platform runs Triton: one row through the skinny kernel, 2 to 32 rows
-    through its tensor-core form, more through the weight expanded in one pass (chunk_mb 0) or a chunk at a
-    time into a reused buffer, each the product with the weights the packed words encode."""
+    through its tensor-core form, more through the weight expanded in one pass, each the product with
+    the weights the packed words encode."""
     from sageinfer.layers.quantization import w4a16
-    tensor_core_calls, chunked_calls = [], []
-    tensor_core, chunked = w4a16.w4a16_mma_matmul, w4a16.chunked_expansion_matmul
+    tensor_core_calls = []
+    tensor_core = w4a16.w4a16_mma_matmul
     monkeypatch.setattr(w4a16, "w4a16_mma_matmul",
                         lambda *a, **k: tensor_core_calls.append(a) or tensor_core(*a, **k))
-    monkeypatch.setattr(w4a16, "chunked_expansion_matmul", lambda *a, **k: chunked_calls.append(a) or chunked(*a, **k))
-    monkeypatch.setattr(w4a16, "CHUNK_MB", chunk_mb)
-    monkeypatch.setattr(w4a16, "_scratch", {})
     from sageinfer.layers.linear import Linear
     from sageinfer.layers.quantization import QuantConfig, set_quant_config
     from sageinfer.ops.weight_only import dequantize, pack
@@ -883,7 +879,6 @@ def test_a_w4a16_layer_with_kernels_is_its_dequantized_weight(rows, chunk_mb, mo
     tol = 1e-2 if DEVICE != "cpu" else 1e-4
     torch.testing.assert_close(layer(x.to(DEVICE)).double().cpu(), ref, rtol=tol, atol=tol)
     assert len(tensor_core_calls) == (1 if 2 <= rows <= 32 else 0)
-    assert len(chunked_calls) == (1 if rows > 32 and chunk_mb else 0)
 
 
 def _block_fp8_layer(in_features: int, out_features: int, block: int, gen: torch.Generator,

@@ -251,32 +251,6 @@ def check_int4_layout(packed, scales, group_size, slice_width, what: str) -> Non
                          f"and slice width {slice_width} do not fit")
 
 
-def chunked_expansion_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                             group_size: int, slice_width: int, scratch: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ W^T for 4-bit W, expanded a chunk of output rows at a time into `scratch` (a flat buffer of
-    x's dtype that every chunk and layer reuses) and multiplied by the library GEMM: the expanded bytes go to
-    the cache and come back from it instead of a whole 16-bit weight written to memory and read again.
-    Needs slice widths of at least _MIN_RUN_SLICE (the one-pass expansion)."""
-    check_int4_layout(packed, scales, group_size, slice_width, "chunked expansion")
-    scales, zeros = scales.contiguous(), zeros.contiguous() if zeros is not None else None  # (one row stride)
-    n, k = packed.shape[0], packed.shape[1] * 8
-    step = scratch.numel() // k // 128 * 128  # whole 128-row tiles a chunk
-    if slice_width < _MIN_RUN_SLICE or step == 0 or x.shape[1] != k:
-        raise ValueError(f"chunked expansion: slice width {slice_width}, {scratch.numel()} scratch elements and "
-                         f"x {tuple(x.shape)} do not fit k {k}")
-    has_zero = zeros is not None
-    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
-    for n0 in range(0, n, step):
-        rows = min(step, n - n0)
-        w = scratch[:rows * k].view(rows, k)
-        s = scales[n0:n0 + rows]
-        _int4_dequantize_kernel[(triton.cdiv(rows, 16), k // (8 * slice_width))](
-            packed[n0:n0 + rows], s, zeros[n0:n0 + rows] if has_zero else s, w, rows, packed.stride(0),
-            scales.stride(0), w.stride(0), GROUP=group_size, SLICE=slice_width, BLOCK_N=16, HAS_ZERO=has_zero)
-        torch.mm(x, w.t(), out=y[:, n0:n0 + rows])
-    return y
-
-
 def dequantize_kernel(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
                       dtype: torch.dtype, slice_width: int = 1) -> torch.Tensor:
     """`dequantize` in one Triton pass."""

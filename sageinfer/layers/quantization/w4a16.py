@@ -31,8 +31,7 @@ from sageinfer.layers.quantization.checkpoint_params import (checkpoint_param, g
 from sageinfer.layers.quantization.config import QuantConfig
 from sageinfer.ops.gemv import gemv
 from sageinfer.ops.gemv_int4 import w4a16_mma_matmul
-from sageinfer.ops.weight_only import (chunked_expansion_matmul, dequantize, dequantize_kernel, pack, slice_width_for,
-                                       unpack)
+from sageinfer.ops.weight_only import dequantize, dequantize_kernel, pack, slice_width_for, unpack
 
 # The one-row kernel unpacks a slice of columns at a time: narrower slices (odd input sizes) take
 # the expansion.
@@ -47,20 +46,6 @@ MMA_MAX_ROWS = int(os.environ.get("SAGEINFER_W4A16_MMA_MAX_ROWS", "32"))
 # the processors (w4a16_mma_matmul's split_k). 1, no split, until timed on a GPU
 # (benchmarks/experiments/time_int4_step.py, path "mma split").
 _SPLIT_K = int(os.environ.get("SAGEINFER_W4A16_SPLIT_K", "1"))
-# Past those rows, up to CHUNK_MAX_ROWS, the weight is expanded CHUNK_MB at a time into one buffer that every
-# layer reuses, each chunk multiplied as it is expanded (ops/weight_only.chunked_expansion_matmul); 0 expands
-# the whole weight first.
-CHUNK_MB = int(os.environ.get("SAGEINFER_W4A16_CHUNK_MB", "0"))
-CHUNK_MAX_ROWS = int(os.environ.get("SAGEINFER_W4A16_CHUNK_MAX_ROWS", "1024"))
-_scratch: dict[tuple, torch.Tensor] = {}
-
-
-def _expansion_scratch(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The buffer every 4-bit layer of this device and dtype expands its chunks into."""
-    key = (str(device), dtype)
-    if key not in _scratch:
-        _scratch[key] = torch.empty(CHUNK_MB * 2**20 // dtype.itemsize, dtype=dtype, device=device)
-    return _scratch[key]
 
 
 _AWQ_COLUMN_OF_NIBBLE = [0, 4, 1, 5, 2, 6, 3, 7]  # column j of a word sits at nibble _AWQ_...[j]
@@ -211,9 +196,6 @@ class W4A16Method:
         elif gemv_args is not None:
             y = w4a16_mma_matmul(x2, gemv_args["weight"], gemv_args["weight_scale"], gemv_args["weight_zero"],
                                  self.group, self.slice_width, num_sms=self.num_sms, split_k=_SPLIT_K)
-        elif kernels and CHUNK_MB and rows <= CHUNK_MAX_ROWS and self.slice_width >= _ONE_ROW_MIN_SLICE:
-            y = chunked_expansion_matmul(x2.contiguous(), packed, scales, getattr(layer, self.zero_name, None),
-                                         self.group, self.slice_width, _expansion_scratch(x.device, x.dtype))
         else:  # the weight expanded (in one pass where kernels run) for the library GEMM
             expand = dequantize_kernel if kernels else dequantize
             zeros = getattr(layer, self.zero_name, None)  # (symmetric layers hold none)
