@@ -17,7 +17,9 @@ one kernel serves all. One row (decode of one sequence) reads the packed words i
 pass and use the library GEMM (on an H200 at Qwen3-8B shapes the tiled Triton kernel took 5x the
 expansion's time at 16 to 64 rows: benchmarks/results/2026-12-01-h200-w4a16.md; three Triton GEMMs that
 dequantize in registers took 1.1-7x its time at 48 to 256 rows: 2026-12-03e-h200-w4a16-gemm.md,
-2026-12-03f-h200-suite-fp4-start-up.md).
+2026-12-03f-h200-suite-fp4-start-up.md; expanding a chunk of output rows at a time into one reused buffer,
+so that the expanded bytes stay in L2, took 1.06-1.85x the whole expansion at 256 rows on an H100, its
+narrower GEMMs filling fewer processors: 2026-12-06d-h100-suite-w4a16-chunked-expansion.md).
 """
 from __future__ import annotations
 
